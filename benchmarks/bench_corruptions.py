@@ -1,0 +1,99 @@
+"""Side-by-side speed of tttlab.core.corruptions vs imagecorruptions-imaug on the same 224 px images.
+
+Both run in this one process on the same machine, interleaved per corruption, so the ratio is robust to
+machine noise.  Ours corrupts the whole batch in one call (its design); the reference, which takes one
+image at a time, is called per image.  Severity cycles 1..5 over repeats.
+
+    python benchmarks/bench_corruptions.py --images 16 --repeats 3 [--corruptions fog,frost] [--out BENCH.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+
+def load_photos(n: int) -> np.ndarray:
+    from PIL import Image
+    from skimage import data as skdata
+
+    from tttlab.core.data import resize_center_crop
+
+    names = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
+             "retina", "colorwheel", "cat", "logo"]  # fmt: skip
+    transform = resize_center_crop(256, 224)
+    photos = []
+    for name in names:
+        try:
+            img = getattr(skdata, name)()
+        except Exception:  # noqa: BLE001 - a photo missing from this skimage version
+            continue
+        if img.ndim == 2:
+            img = np.stack([img] * 3, -1)
+        photos.append(np.asarray(transform(Image.fromarray(img[..., :3]).convert("RGB"))))
+    return np.stack([photos[i % len(photos)] for i in range(n)])
+
+
+def reference(ref, images, name, severity, seed):
+    out = []
+    for i, img in enumerate(images):
+        np.random.seed(seed + i)
+        kwargs = {"seed": seed + i} if name in ("impulse_noise", "glass_blur") else {}
+        out.append(ref.corrupt(img, corruption_name=name, severity=severity, **kwargs))
+    return np.stack(out)
+
+
+def main(argv=None) -> list[dict]:
+    import imagecorruptions as ref
+
+    from tttlab.core import corruptions as C
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--corruptions", default="all")
+    p.add_argument("--out", default=None, help="write the markdown table here too")
+    args = p.parse_args(argv)
+
+    images = load_photos(args.images)
+    names = C.resolve(args.corruptions.split(",") if "," in args.corruptions else args.corruptions)
+    rows = []
+    # warm-up (numba compilation in the reference, lazy caches in ours)
+    for name in names:
+        reference(ref, images[:1], name, 1, 0)
+        C.corrupt(images[:1], name, 1, seed=0)
+    for name in names:
+        t_ours, t_ref = [], []
+        for r in range(args.repeats):
+            sev = 1 + r % 5
+            t0 = time.perf_counter()
+            C.corrupt(images, name, sev, seed=r, family="imagenet")
+            t1 = time.perf_counter()
+            reference(ref, images, name, sev, r)
+            t2 = time.perf_counter()
+            t_ours.append(t1 - t0)
+            t_ref.append(t2 - t1)
+        ours = len(images) / statistics.median(t_ours)
+        theirs = len(images) / statistics.median(t_ref)
+        rows.append({"corruption": name, "ours_img_s": ours, "ref_img_s": theirs, "speedup": ours / theirs})
+        print(f"{name:18s} ours {ours:8.1f} img/s   ref {theirs:8.1f} img/s   x{ours / theirs:6.2f}", flush=True)
+    mean_speedup = statistics.mean(r["speedup"] for r in rows)
+    geo = float(np.exp(np.mean(np.log([r["speedup"] for r in rows]))))
+    lines = ["| corruption | ours (img/s) | imagecorruptions-imaug (img/s) | speed-up |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['corruption']} | {r['ours_img_s']:.1f} | {r['ref_img_s']:.1f} | {r['speedup']:.2f}x |" for r in rows]
+    lines.append(f"| **mean (arithmetic / geometric)** | | | **{mean_speedup:.2f}x / {geo:.2f}x** |")
+    lines.append(f"| slowest ratio | | | {min(r['speedup'] for r in rows):.2f}x |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(table + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

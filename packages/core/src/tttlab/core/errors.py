@@ -1,0 +1,63 @@
+"""Errors a user can cause.
+
+Every error raised on bad user input is a :class:`TTTLabError`; the message names the offending path or
+value and says what was expected.  The subclasses also derive from the matching builtin exception so
+that ``except FileNotFoundError`` / ``except ValueError`` keep working for callers that use them.
+"""
+
+from __future__ import annotations
+
+
+class TTTLabError(Exception):
+    """Base class of every error tttlab raises on bad user input."""
+
+
+class DatasetNotFoundError(TTTLabError, FileNotFoundError):
+    """A dataset path does not exist."""
+
+
+class DatasetLayoutError(TTTLabError, ValueError):
+    """A dataset path exists but its files are not laid out as the format requires."""
+
+
+class InvalidInputError(TTTLabError, ValueError):
+    """An array has the wrong dtype, shape, range, or contains NaN/inf."""
+
+
+class UnknownNameError(TTTLabError, KeyError):
+    """A name (corruption, dataset, benchmark, setting, method, metric) is not known.
+
+    ``KeyError`` quotes its message in ``str()``; we override ``__str__`` to keep it readable.
+    """
+
+    def __str__(self) -> str:  # pragma: no cover - trivial
+        return str(self.args[0]) if self.args else ""
+
+
+class SeverityError(TTTLabError, ValueError):
+    """A corruption severity outside 1..5."""
+
+
+class ConfigError(TTTLabError, ValueError):
+    """A configuration has an unknown key or a value of the wrong type."""
+
+
+class CheckpointError(TTTLabError, ValueError):
+    """A checkpoint is missing, unreadable, or does not match the model."""
+
+
+class MissingDependencyError(TTTLabError, ImportError):
+    """An optional dependency is not installed; the message gives the install command."""
+
+
+def require(module: str, extra: str, package: str = "tttlab-core"):
+    """Import ``module`` or raise :class:`MissingDependencyError` naming the install command."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise MissingDependencyError(
+            f"{module!r} is required for this feature but is not installed; "
+            f"install it with: pip install '{package}[{extra}]'"
+        ) from exc

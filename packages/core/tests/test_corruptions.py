@@ -1,0 +1,108 @@
+"""Contract of every corruption, parametrized over the registry (timm-style), plus reference checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tttlab.core import corruptions as C
+from tttlab.core.errors import InvalidInputError, SeverityError, TTTLabError, UnknownNameError
+
+ALL = list(C.ALL)
+
+
+def reference_corrupt(ref, image, name, severity, seed):
+    """imagecorruptions-imaug on one uint8 HWC image; only two of its functions take a seed, the rest
+    draw from numpy's global generator, which we seed."""
+    np.random.seed(seed)
+    kwargs = {"seed": seed} if name in ("impulse_noise", "glass_blur") else {}
+    return ref.corrupt(image, corruption_name=name, severity=severity, **kwargs)
+
+
+def test_registry_complete():
+    assert len(C.COMMON) == 15 and len(C.HELDOUT) == 4
+    assert set(C.FUNCTIONS) == set(C.ALL)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("shape", [(3, 28, 28, 1), (2, 32, 32, 3), (1, 64, 48, 3)])
+def test_shape_dtype_and_determinism(name, shape):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    a = C.corrupt(x, name, 3, seed=7)
+    b = C.corrupt(x, name, 3, seed=7)
+    assert a.dtype == np.uint8 and a.shape == x.shape
+    assert np.array_equal(a, b), "same seed must give identical bytes"
+    assert not np.array_equal(a, x), "a corruption must change the image"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_batch_equals_images_with_same_rng_stream_shape(name, digits28):
+    # A single image (H, W, C) and a batch of one give the same result under the same seed.
+    one = C.corrupt(digits28[0], name, 2, seed=3)
+    batch = C.corrupt(digits28[:1], name, 2, seed=3)
+    assert np.array_equal(one, batch[0])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_severity_increases_change(name, photos224):
+    """Mean absolute change from the clean image grows (weakly) from severity 1 to severity 5."""
+    x = photos224[:2]
+    change = [
+        np.abs(C.corrupt(x, name, s, seed=0).astype(np.float64) - x).mean() for s in C.SEVERITIES
+    ]
+    assert change[4] > change[0], change
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("severity", C.SEVERITIES)
+def test_imagenet_constants_match_reference(name, severity, photos224):
+    """Mean |corrupted - clean| agrees with imagecorruptions-imaug (ImageNet constants) within 10%."""
+    ref = pytest.importorskip("imagecorruptions")
+    x = photos224
+    ours = C.corrupt(x, name, severity, seed=0, family="imagenet").astype(np.float64)
+    theirs = np.stack([reference_corrupt(ref, img, name, severity, seed=i) for i, img in enumerate(x)])
+    theirs = theirs.astype(np.float64)
+    d_ours = np.abs(ours - x).mean()
+    d_ref = np.abs(theirs - x).mean()
+    assert abs(d_ours - d_ref) <= 0.10 * d_ref, (d_ours, d_ref)
+
+
+def test_seed_changes_output(photos224):
+    a = C.corrupt(photos224[:1], "gaussian_noise", 3, seed=0)
+    b = C.corrupt(photos224[:1], "gaussian_noise", 3, seed=1)
+    assert not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs, err",
+    [
+        ({"corruption": "gaussian_nose", "severity": 1}, UnknownNameError),
+        ({"corruption": "fog", "severity": 0}, SeverityError),
+        ({"corruption": "fog", "severity": 6}, SeverityError),
+        ({"corruption": "fog", "severity": 2.5}, SeverityError),
+        ({"corruption": "fog", "severity": 1, "family": "svhn"}, UnknownNameError),
+    ],
+)
+def test_bad_arguments(kwargs, err):
+    x = np.zeros((1, 32, 32, 3), np.uint8)
+    with pytest.raises(err) as info:
+        C.corrupt(x, **kwargs)
+    assert isinstance(info.value, TTTLabError)
+    bad = kwargs.get("family") or kwargs["corruption"] if "family" in kwargs or err is UnknownNameError else kwargs["severity"]
+    assert str(bad) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "x", [np.zeros((1, 32, 32, 3), np.float32), np.zeros((1, 32, 32, 4), np.uint8), np.zeros((2, 3, 32, 32, 3), np.uint8)]
+)
+def test_bad_images(x):
+    with pytest.raises(InvalidInputError) as info:
+        C.corrupt(x, "fog", 1)
+    assert str(x.dtype) in str(info.value) or str(x.shape) in str(info.value)
+
+
+def test_aliases():
+    assert C.canonical_name("JPEG") == "jpeg_compression"
+    assert C.resolve("heldout") == C.HELDOUT
+    assert C.resolve(["gauss", "fog"]) == ("gaussian_noise", "fog")
