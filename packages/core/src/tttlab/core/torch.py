@@ -1,0 +1,118 @@
+"""PyTorch adapter: numpy uint8 NHWC batches -> float NCHW tensors, datasets -> ``torch.utils.data``.
+
+Needs the ``[torch]`` extra (``pip install 'tttlab-core[torch]'``).  Only this module imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .data import ImageDataset
+from .errors import InvalidInputError, require
+
+torch = require("torch", "torch")
+
+#: Normalisation constants people use.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MNIST_MEAN = (0.1307,)
+MNIST_STD = (0.3081,)
+
+
+def check_finite(x, what: str = "input"):
+    """Raise ``InvalidInputError`` if a tensor or array holds NaN or inf."""
+    bad = (~torch.isfinite(x)).any().item() if isinstance(x, torch.Tensor) else not np.isfinite(x).all()
+    if bad:
+        raise InvalidInputError(f"{what} contains NaN or inf values; expected finite numbers")
+    return x
+
+
+def to_tensor(
+    images: np.ndarray,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    device=None,
+    dtype=None,
+    channels_last: bool = False,
+):
+    """uint8 (N, H, W, C) -> float (N, C, H, W) in [0, 1], then ``(x - mean) / std`` if given.
+
+    Float input is accepted when already in [0, 1] and finite (NaN/inf raise ``InvalidInputError``).
+    """
+    if not isinstance(images, np.ndarray) or images.ndim != 4:
+        raise InvalidInputError(
+            f"images must be a numpy array of shape (N, H, W, C), got {getattr(images, 'shape', type(images))}"
+        )
+    t = torch.from_numpy(np.ascontiguousarray(images))
+    if device is not None:
+        t = t.to(device, non_blocking=True)
+    dtype = dtype or torch.float32
+    if images.dtype == np.uint8:
+        t = t.to(dtype).div_(255.0)
+    elif np.issubdtype(images.dtype, np.floating):
+        check_finite(t, "images")
+        t = t.to(dtype)
+    else:
+        raise InvalidInputError(f"images must be uint8 or float in [0, 1], got dtype {images.dtype}")
+    t = t.permute(0, 3, 1, 2)
+    if mean is not None or std is not None:
+        c = t.shape[1]
+        m = torch.as_tensor(mean if mean is not None else (0.0,) * c, dtype=dtype, device=t.device)
+        s = torch.as_tensor(std if std is not None else (1.0,) * c, dtype=dtype, device=t.device)
+        if m.numel() not in (1, c) or s.numel() not in (1, c):
+            raise InvalidInputError(f"mean/std need 1 or {c} values, got {m.numel()} and {s.numel()}")
+        t = (t - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1)
+    t = t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return t
+
+
+class TorchDataset(torch.utils.data.Dataset):
+    """A core ``ImageDataset`` as a map-style torch dataset of ``(float CHW tensor, int label)``."""
+
+    def __init__(self, dataset: ImageDataset, transform=None, mean=None, std=None):
+        self.dataset, self.transform, self.mean, self.std = dataset, transform, mean, std
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        if self.transform is not None:
+            return self.transform(image), label
+        return to_tensor(image[None], mean=self.mean, std=self.std)[0], label
+
+
+def make_loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    distributed: bool = False,
+    transform=None,
+    mean=None,
+    std=None,
+):
+    """A ``DataLoader`` over a core dataset; ``distributed=True`` shards it with ``DistributedSampler``."""
+    ds = TorchDataset(dataset, transform=transform, mean=mean, std=std)
+    generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if distributed:
+        sampler = torch.utils.data.DistributedSampler(ds, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        shuffle = False
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
+        drop_last=drop_last, generator=generator, persistent_workers=num_workers > 0,
+    )  # fmt: skip
+
+
+def batch_to_torch(batch, *, mean=None, std=None, device=None):
+    """A ``tttlab.core.benchmark.Batch`` -> ``(images tensor, labels tensor)``."""
+    x = to_tensor(batch.images, mean=mean, std=std, device=device)
+    y = torch.from_numpy(np.asarray(batch.labels, dtype=np.int64))
+    return x, (y.to(device) if device is not None else y)

@@ -1,0 +1,72 @@
+"""torch / jax adapters (skipped in the core-only environment, which has neither)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from tttlab.core.data import ArrayDataset
+from tttlab.core.errors import InvalidInputError
+
+
+def images(n=4, c=3):
+    return np.random.default_rng(0).integers(0, 256, size=(n, 8, 10, c), dtype=np.uint8)
+
+
+def test_torch_to_tensor_layout_and_normalisation():
+    torch = pytest.importorskip("torch")
+    from tttlab.core import torch as T
+
+    x = images()
+    t = T.to_tensor(x, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert t.shape == (4, 3, 8, 10) and t.dtype == torch.float32
+    want = (x.transpose(0, 3, 1, 2).astype(np.float32) / 255 - 0.5) / 0.25
+    assert np.allclose(t.numpy(), want, atol=1e-6)
+    with pytest.raises(InvalidInputError, match="NaN"):
+        T.to_tensor(np.full((1, 4, 4, 1), np.nan, np.float32))
+    with pytest.raises(InvalidInputError, match=r"\(4, 4\)"):
+        T.to_tensor(np.zeros((4, 4), np.uint8))
+
+
+def test_torch_loader_and_distributed_sampler_cover_dataset():
+    pytest.importorskip("torch")
+    from tttlab.core import torch as T
+
+    ds = ArrayDataset(images(10, 1), np.arange(10))
+    seen = [int(y) for _, ys in T.make_loader(ds, 4, shuffle=True, seed=3) for y in ys]
+    assert sorted(seen) == list(range(10))
+    again = [int(y) for _, ys in T.make_loader(ds, 4, shuffle=True, seed=3) for y in ys]
+    assert seen == again
+
+
+def test_jax_shard_on_two_host_devices():
+    pytest.importorskip("jax")
+    code = textwrap.dedent(
+        """
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+        import numpy as np, jax
+        from tttlab.core import jax as J
+        from tttlab.core.errors import InvalidInputError
+        mesh = J.data_mesh()
+        assert mesh.shape["data"] == 2, mesh
+        x = np.arange(4 * 2 * 2 * 1, dtype=np.uint8).reshape(4, 2, 2, 1)
+        xs = J.shard(J.to_float(x), mesh)
+        assert len(xs.addressable_shards) == 2
+        assert xs.addressable_shards[0].data.shape == (2, 2, 2, 1)
+        assert np.allclose(np.asarray(xs), x / 255.0)
+        try:
+            J.shard(np.zeros((3, 1)), mesh)
+        except InvalidInputError as e:
+            assert "3" in str(e)
+        else:
+            raise SystemExit("odd batch accepted")
+        print("ok")
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

