@@ -1,0 +1,276 @@
+"""The engine protocol every test-time method follows (the torch-ttt API, corrected).
+
+An engine is an ``nn.Module`` wrapping a model.
+
+* ``engine.train()``: ``engine(x)`` returns ``(outputs, ssl_loss)`` with the graph attached, for joint
+  training (``loss = task_loss + alpha * ssl_loss``).  Every auxiliary head exists from construction, so an
+  optimizer built with ``optimizer(engine.parameters())`` before the first call trains it (upstream built
+  heads lazily at the first call, so the tutorial's rotation head was never trained).
+* ``engine.eval()``: ``engine(x)`` adapts the *adapted parameters* for ``num_steps`` steps of the
+  self-supervised loss, then predicts; returns ``(outputs, last_ssl_loss)``.  ``num_steps=0`` is exactly the
+  wrapped model's forward (plus whatever normalisation change the method defines, e.g. TENT/BN use test
+  batch statistics).
+
+State and resets.  Only the adapted state (the parameters the method updates, plus buffers it may change)
+is snapshotted, once, at the first adaptation after construction or after ``engine.train()``; the model is
+never deep-copied.  ``optimization_parameters["reset"]`` is a :class:`Reset`:
+
+* ``per_batch``  (upstream's default ``copy_model=True``): every batch starts from the snapshot (episodic).
+* ``per_domain``: the state carries over batches until ``engine.reset()`` (the evaluator calls it when the
+  domain changes).
+* ``never``: continual adaptation; ``engine.reset()`` still restores the snapshot if called explicitly.
+
+Restoring copies the snapshot back in place, bit for bit, and drops the optimizer state.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from tttlab.core.errors import ConfigError, InvalidInputError
+
+OPTIMIZERS = ("adam", "sgd", "adamw")
+
+
+class Reset(str, enum.Enum):
+    """When the adapted state returns to the source model's."""
+
+    PER_BATCH = "per_batch"
+    PER_DOMAIN = "per_domain"
+    NEVER = "never"
+
+    @classmethod
+    def parse(cls, value: "Reset | str | bool") -> "Reset":
+        if isinstance(value, Reset):
+            return value
+        if isinstance(value, bool):  # upstream's copy_model flag
+            return cls.PER_BATCH if value else cls.NEVER
+        try:
+            return cls(str(value))
+        except ValueError:
+            raise ConfigError(
+                f"reset={value!r} is not a reset policy; expected one of {[r.value for r in cls]}"
+            ) from None
+
+
+DEFAULT_OPTIMIZATION: dict[str, Any] = {
+    "num_steps": 3,
+    "lr": 1e-2,
+    "optimizer_name": "adam",
+    "reset": Reset.PER_BATCH,
+    "momentum": 0.9,
+    "weight_decay": 0.0,
+    "betas": (0.9, 0.999),
+}
+
+
+class OptimizationParameters(dict):
+    """``dict`` of the adaptation settings that validates every key and value it is given.
+
+    Keeps upstream's dict interface (``engine.optimization_parameters["num_steps"] = 1``) while turning a
+    typo (``"num_step"``) or a bad value into a ``ConfigError`` instead of a silently ignored setting.
+    Upstream's ``copy_model`` flag is accepted and translated to ``reset``.
+    """
+
+    def __init__(self, values: Mapping[str, Any] | None = None, defaults: Mapping[str, Any] | None = None):
+        super().__init__()
+        for key, value in {**DEFAULT_OPTIMIZATION, **(defaults or {})}.items():
+            super().__setitem__(key, value)
+        for key, value in (values or {}).items():
+            self[key] = value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key == "copy_model":  # upstream name
+            key, value = "reset", Reset.parse(value)
+        if key not in DEFAULT_OPTIMIZATION:
+            raise ConfigError(
+                f"unknown optimization parameter {key!r}; expected one of {sorted(DEFAULT_OPTIMIZATION)}"
+            )
+        if key == "num_steps" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigError(f"num_steps must be an integer >= 0, got {value!r}")
+        if key == "lr" and (not isinstance(value, (int, float)) or value < 0):
+            raise ConfigError(f"lr must be a number >= 0, got {value!r}")
+        if key == "optimizer_name" and str(value).lower() not in OPTIMIZERS:
+            raise ConfigError(f"optimizer_name={value!r}; expected one of {OPTIMIZERS}")
+        if key == "optimizer_name":
+            value = str(value).lower()
+        if key == "reset":
+            value = Reset.parse(value)
+        super().__setitem__(key, value)
+
+    def update(self, other=(), **kwargs) -> None:  # route through __setitem__
+        for key, value in dict(other, **kwargs).items():
+            self[key] = value
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+
+def build_optimizer(params: list[torch.Tensor], settings: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """Adam / SGD (momentum) / AdamW over ``params`` with the engine's settings (foreach kernels)."""
+    name, lr, wd = settings["optimizer_name"], float(settings["lr"]), float(settings["weight_decay"])
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=tuple(settings["betas"]), weight_decay=wd, foreach=True)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(settings["betas"]), weight_decay=wd, foreach=True)
+    return torch.optim.SGD(params, lr=lr, momentum=float(settings["momentum"]), weight_decay=wd, foreach=True)
+
+
+def find_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name``; an error listing the available names otherwise."""
+    modules = dict(model.named_modules())
+    if name not in modules or name == "":
+        available = [n for n in modules if n]
+        raise InvalidInputError(
+            f"features layer {name!r} not found in {type(model).__name__}; available layers: {available}"
+        )
+    return modules[name]
+
+
+def check_batch(inputs: Any, *, min_batch: int = 1, what: str = "inputs") -> None:
+    """NaN/inf inputs and too-small batches are user errors, reported before any adaptation."""
+    if isinstance(inputs, torch.Tensor):
+        if inputs.is_floating_point() and not torch.isfinite(inputs).all():
+            raise InvalidInputError(f"{what} contain NaN or inf values; expected finite numbers")
+        if inputs.ndim == 0 or inputs.shape[0] < min_batch:
+            raise InvalidInputError(
+                f"{what}: batch of size {inputs.shape[0] if inputs.ndim else 0}; this engine estimates "
+                f"statistics over the batch and needs at least {min_batch} samples"
+            )
+
+
+class FeatureHook:
+    """Forward hook that keeps the output of one module (``hook.output``); use as a context manager."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.output, self._handle = module, None, None
+
+    def __enter__(self) -> "FeatureHook":
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def _hook(self, module, args, output):
+        self.output = output
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+        self._handle = None
+
+
+class BaseEngine(nn.Module):
+    """Base of every engine: optimization settings, snapshot/reset, the adapt-then-predict loop.
+
+    Subclasses implement :meth:`ttt_forward` and may override :meth:`adapted_parameters`,
+    :meth:`adapted_buffers`, :meth:`adapt_step` (one optimisation step; default: ``ttt_forward`` + backward
+    + step) and :meth:`predict` (default: the wrapped model's forward in :meth:`inference_context`).
+    """
+
+    #: Minimum batch size the self-supervised loss needs (statistics over the batch need 2).
+    min_batch: int = 1
+    #: Per-engine defaults layered over DEFAULT_OPTIMIZATION (e.g. TENT: 1 step, lr 1e-3).
+    optimization_defaults: dict[str, Any] = {}
+
+    def __init__(self, model: nn.Module, optimization_parameters: Mapping[str, Any] | None = None):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.optimization_parameters = OptimizationParameters(
+            optimization_parameters, defaults=self.optimization_defaults
+        )
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._snapshot: dict[str, torch.Tensor] | None = None
+
+    # -- what adapts --------------------------------------------------------------------------------
+    def adapted_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` pairs updated at test time. Default: every trainable model parameter."""
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                yield f"model.{name}", p
+
+    def adapted_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Buffers adaptation may change (restored on reset). Default: none."""
+        return iter(())
+
+    # -- the method ---------------------------------------------------------------------------------
+    def ttt_forward(self, inputs, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(outputs, ssl_loss)`` of the wrapped model on ``inputs`` (graph attached)."""
+        raise NotImplementedError
+
+    def adapt_loss(self, inputs, **kwargs) -> torch.Tensor:
+        """The loss one adaptation step minimises. Default: the ``ttt_forward`` loss."""
+        return self.ttt_forward(inputs, **kwargs)[1]
+
+    def inference_context(self):
+        """Context in which the final prediction (and adaptation) runs; e.g. batch-statistics BN."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def predict(self, inputs, **kwargs) -> torch.Tensor:
+        with torch.no_grad(), self.inference_context():
+            return self.model(**inputs) if isinstance(inputs, dict) else self.model(inputs)
+
+    # -- state --------------------------------------------------------------------------------------
+    def _state(self) -> dict[str, torch.Tensor]:
+        state = {name: p for name, p in self.adapted_parameters()}
+        state.update({f"buffer:{name}": b for name, b in self.adapted_buffers()})
+        return state
+
+    def take_snapshot(self) -> None:
+        """Remember the current adapted state as the one :meth:`reset` returns to."""
+        self._snapshot = {name: t.detach().clone() for name, t in self._state().items()}
+        self.optimizer = None
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Restore the adapted state from the snapshot (bit for bit) and forget the optimizer state."""
+        if self._snapshot is not None:
+            for name, t in self._state().items():
+                t.copy_(self._snapshot[name])
+        self.optimizer = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:  # weights are about to change: the next evaluation takes a fresh snapshot
+            self._snapshot, self.optimizer = None, None
+        return self
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def adapt_step(self, inputs, **kwargs) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.inference_context():
+            loss = self.adapt_loss(inputs, **kwargs)
+        if loss.requires_grad:
+            loss.backward()
+            self.optimizer.step()
+        return loss.detach()
+
+    def forward(self, inputs, **kwargs):
+        if self.training:
+            return self.ttt_forward(inputs, **kwargs)
+        check_batch(inputs, min_batch=self.min_batch if self.optimization_parameters["num_steps"] else 1)
+        settings = self.optimization_parameters
+        num_steps, reset = settings["num_steps"], settings["reset"]
+        loss = torch.zeros(())
+        if num_steps > 0:
+            if self._snapshot is None:
+                self.take_snapshot()
+            params = [p for _, p in self.adapted_parameters()]
+            if not params:
+                raise InvalidInputError(f"{type(self).__name__}: the model has no parameters to adapt")
+            if self.optimizer is None:
+                self.optimizer = build_optimizer(params, settings)
+            with torch.enable_grad():
+                for _ in range(num_steps):
+                    loss = self.adapt_step(inputs, **kwargs)
+        outputs = self.predict(inputs, **kwargs)
+        if num_steps > 0 and reset is Reset.PER_BATCH:
+            self.reset()
+        return outputs, loss

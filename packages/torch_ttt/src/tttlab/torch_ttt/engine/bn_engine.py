@@ -1,0 +1,54 @@
+"""``bn``: test-batch normalisation statistics, no gradient step.
+
+Paper: Schneider et al., "Improving robustness against common corruptions by covariate shift adaptation"
+(NeurIPS 2020), bibtex ``schneider2020improving``; also Nado et al. 2020 ("prediction-time BN").
+With ``prior_strength=None`` (default) every BatchNorm layer normalises with the test batch's statistics
+only (N=0); with ``prior_strength=N`` the source statistics are mixed in with weight N/(N+1).
+No upstream torch-ttt engine exists; this is the "BN" baseline of the TTA literature.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tttlab.core.errors import InvalidInputError
+
+from ..engine_registry import EngineRegistry
+from ..norm import batch_statistics, batchnorm_layers, prior_mixed_statistics
+from .base_engine import BaseEngine
+
+__all__ = ["BNEngine"]
+
+
+@EngineRegistry.register("bn")
+class BNEngine(BaseEngine):
+    optimization_defaults = {"num_steps": 0}
+    min_batch = 2
+
+    def __init__(self, model, optimization_parameters=None, prior_strength: float | None = None):
+        super().__init__(model, optimization_parameters)
+        if not batchnorm_layers(model):
+            raise InvalidInputError(
+                f"BNEngine needs a model with BatchNorm layers; {type(model).__name__} has none"
+            )
+        self.prior_strength = prior_strength
+
+    def inference_context(self):
+        if self.prior_strength is None:
+            return batch_statistics(self.model)
+        return prior_mixed_statistics(self.model, self.prior_strength)
+
+    def ttt_forward(self, inputs, **kwargs):
+        outputs = self.model(inputs)
+        return outputs, outputs.new_zeros(())
+
+    def adapted_parameters(self):
+        return iter(())
+
+    def forward(self, inputs, **kwargs):
+        if self.training:
+            return self.ttt_forward(inputs, **kwargs)
+        from .base_engine import check_batch
+
+        check_batch(inputs, min_batch=self.min_batch)
+        return self.predict(inputs, **kwargs), torch.zeros(())

@@ -1,0 +1,71 @@
+"""TENT: fully test-time adaptation by entropy minimisation.
+
+Paper: Wang, Shelhamer, Liu, Olshausen, Darrell, "Tent: Fully Test-Time Adaptation by Entropy
+Minimization", ICLR 2021 (bibtex ``wang2021tent``); upstream DequanWang/tent; API of torch-ttt's TentEngine.
+
+Algorithm: normalisation layers use the statistics of the test batch; only their affine parameters
+(BatchNorm, GroupNorm, LayerNorm, InstanceNorm) are updated, by minimising the mean prediction entropy.
+
+Deviations from torch-ttt 0.0.2 (all fixes): test-batch statistics (upstream kept the stored training
+statistics because it only set ``track_running_stats=False`` with buffers still present); every norm
+type (upstream: BatchNorm2d only); nothing in the model is mutated permanently (``requires_grad`` and
+running statistics are left alone; the engine selects what it optimises), so ``reset`` is exact.
+As in upstream the returned prediction is made after the update steps (the official TENT code returns the
+logits of the forward that computed the loss, i.e. before its update: ``predict_before_update=True``).
+"""
+
+from __future__ import annotations
+
+from tttlab.core.errors import InvalidInputError
+
+from ..engine_registry import EngineRegistry
+from ..norm import batch_statistics, entropy, norm_affine_parameters, norm_layers
+from .base_engine import BaseEngine, check_batch
+
+__all__ = ["TentEngine"]
+
+
+@EngineRegistry.register("tent")
+class TentEngine(BaseEngine):
+    """Args: model; optimization_parameters (defaults: 1 step, Adam lr 1e-3, as in the TENT paper's
+    ImageNet/CIFAR setting ... upstream torch-ttt's generic defaults were 3 steps at 1e-2)."""
+
+    optimization_defaults = {"num_steps": 1, "lr": 1e-3}
+    min_batch = 2
+
+    def __init__(self, model, optimization_parameters=None, predict_before_update: bool = False):
+        super().__init__(model, optimization_parameters)
+        if not norm_layers(model):
+            raise InvalidInputError(
+                f"TentEngine needs normalisation layers (BatchNorm/GroupNorm/LayerNorm) to adapt; "
+                f"{type(model).__name__} has none"
+            )
+        self.predict_before_update = predict_before_update
+        self._first_outputs = None
+
+    def adapted_parameters(self):
+        return norm_affine_parameters(self.model)
+
+    def inference_context(self):
+        return batch_statistics(self.model)
+
+    def ttt_forward(self, inputs, **kwargs):
+        outputs = self.model(inputs)
+        return outputs, entropy(outputs).mean()
+
+    def adapt_loss(self, inputs, **kwargs):
+        outputs, loss = self.ttt_forward(inputs, **kwargs)
+        if self._first_outputs is None:
+            self._first_outputs = outputs.detach()
+        return loss
+
+    def forward(self, inputs, **kwargs):
+        if self.training:
+            return self.ttt_forward(inputs, **kwargs)
+        check_batch(inputs, min_batch=self.min_batch)
+        self._first_outputs = None
+        outputs, loss = super().forward(inputs, **kwargs)
+        if self.predict_before_update and self._first_outputs is not None:
+            outputs = self._first_outputs
+        self._first_outputs = None
+        return outputs, loss

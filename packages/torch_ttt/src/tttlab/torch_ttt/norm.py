@@ -1,0 +1,112 @@
+"""Normalisation-layer helpers shared by the entropy-style engines (BN, TENT, EATA, DeYO, MEMO).
+
+Upstream torch-ttt switched the whole model to train mode and only looked at ``BatchNorm2d``, so TENT
+normalised with the training statistics it had stored, and models with BatchNorm1d/3d, GroupNorm or
+LayerNorm were not adapted at all.  Here:
+
+* :func:`batch_statistics` is a context in which every BatchNorm layer (1d/2d/3d, SyncBatchNorm)
+  normalises with the statistics of the current batch and leaves its running statistics untouched
+  (``training=True, track_running_stats=False`` for the duration), while dropout and every other layer
+  stay in eval mode.  Nothing is mutated permanently, so resets are exact.
+* :func:`norm_affine_parameters` lists the affine weight/bias of BatchNorm, GroupNorm, LayerNorm and
+  InstanceNorm layers: the parameters TENT-style methods adapt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+if hasattr(nn, "RMSNorm"):
+    NORM_TYPES = NORM_TYPES + (nn.RMSNorm,)
+
+
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, NORM_TYPES)]
+
+
+def norm_affine_parameters(model: nn.Module, prefix: str = "model.") -> Iterator[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of the affine weights and biases of every normalisation layer."""
+    for name, module in norm_layers(model):
+        for pname, p in module.named_parameters(recurse=False):
+            if pname in ("weight", "bias"):
+                yield f"{prefix}{name}.{pname}" if name else f"{prefix}{pname}", p
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module, enabled: bool = True):
+    """BatchNorm layers use the current batch's mean/variance; running statistics stay as they are."""
+    if not enabled:
+        yield
+        return
+    saved = []
+    for _, bn in batchnorm_layers(model):
+        saved.append((bn, bn.training, bn.track_running_stats))
+        bn.training, bn.track_running_stats = True, False
+    try:
+        yield
+    finally:
+        for bn, training, track in saved:
+            bn.training, bn.track_running_stats = training, track
+
+
+@contextlib.contextmanager
+def prior_mixed_statistics(model: nn.Module, prior_strength: float):
+    """MEMO's BN adaptation (the prior of Schneider et al. 2020): normalise with
+    ``w * source + (1 - w) * test`` mean and variance, ``w = N / (N + 1)``, N = ``prior_strength``
+    (MEMO uses N = 16), test statistics from the current batch (for MEMO: the augmented views).
+
+    Implemented by temporarily replacing each BatchNorm layer's forward; running buffers are untouched.
+    ``prior_strength=inf`` keeps the source statistics; ``0`` uses the test batch only.
+    """
+    import math
+
+    patched = []
+
+    def make_forward(bn):
+        def forward(x):
+            dims = [0] + list(range(2, x.ndim))
+            batch_mean = x.mean(dim=dims)
+            batch_var = x.var(dim=dims, unbiased=False)
+            if bn.running_mean is None or math.isinf(prior_strength):
+                mean, var = (bn.running_mean, bn.running_var) if bn.running_mean is not None else (batch_mean, batch_var)
+            else:
+                w = prior_strength / (prior_strength + 1.0)
+                mean = w * bn.running_mean + (1 - w) * batch_mean
+                var = w * bn.running_var + (1 - w) * batch_var
+            return nn.functional.batch_norm(x, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+        return forward
+
+    for _, bn in batchnorm_layers(model):
+        patched.append(bn)
+        bn.forward = make_forward(bn)
+    try:
+        yield
+    finally:
+        for bn in patched:
+            del bn.forward
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample Shannon entropy of ``softmax(logits)`` (natural log), computed stably."""
+    logp = logits.log_softmax(dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the mean predictive distribution over the leading (view) axis: MEMO's loss.
+
+    ``logits`` (V, ..., C); the average of probabilities is formed in log space with logsumexp.
+    """
+    logp = logits.log_softmax(dim=-1)
+    avg = torch.logsumexp(logp, dim=0) - torch.log(torch.tensor(float(logits.shape[0]), device=logits.device))
+    return -(avg.exp() * avg).sum(dim=-1)
