@@ -15,12 +15,17 @@ LayerNorm were not adapted at all.  Here:
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+NORM_TYPES = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
 if hasattr(nn, "RMSNorm"):
     NORM_TYPES = NORM_TYPES + (nn.RMSNorm,)
 
@@ -77,7 +82,11 @@ def prior_mixed_statistics(model: nn.Module, prior_strength: float):
             batch_mean = x.mean(dim=dims)
             batch_var = x.var(dim=dims, unbiased=False)
             if bn.running_mean is None or math.isinf(prior_strength):
-                mean, var = (bn.running_mean, bn.running_var) if bn.running_mean is not None else (batch_mean, batch_var)
+                mean, var = (
+                    (bn.running_mean, bn.running_var)
+                    if bn.running_mean is not None
+                    else (batch_mean, batch_var)
+                )
             else:
                 w = prior_strength / (prior_strength + 1.0)
                 mean = w * bn.running_mean + (1 - w) * batch_mean

@@ -26,7 +26,8 @@ Restoring copies the snapshot back in place, bit for bit, and drops the optimize
 from __future__ import annotations
 
 import enum
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,7 +45,7 @@ class Reset(str, enum.Enum):
     NEVER = "never"
 
     @classmethod
-    def parse(cls, value: "Reset | str | bool") -> "Reset":
+    def parse(cls, value: Reset | str | bool) -> Reset:
         if isinstance(value, Reset):
             return value
         if isinstance(value, bool):  # upstream's copy_model flag
@@ -151,7 +152,7 @@ class FeatureHook:
     def __init__(self, module: nn.Module):
         self.module, self.output, self._handle = module, None, None
 
-    def __enter__(self) -> "FeatureHook":
+    def __enter__(self) -> FeatureHook:
         self._handle = self.module.register_forward_hook(self._hook)
         return self
 
