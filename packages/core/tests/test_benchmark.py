@@ -30,7 +30,7 @@ def per_domain(batches) -> dict:
     out: dict = {}
     for b in batches:
         out.setdefault(b.domain, []).append((b.images, b.labels))
-    return {d: (np.concatenate([i for i, _ in v]), np.concatenate([l for _, l in v])) for d, v in out.items()}
+    return {d: (np.concatenate([i for i, _ in v]), np.concatenate([lab for _, lab in v])) for d, v in out.items()}
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
@@ -53,7 +53,9 @@ def test_reset_flags_follow_the_setting(source, setting):
 
 def test_unpacks_as_domain_images_labels(source):
     domain, images, labels = next(iter(bench(source)))
-    assert domain == Domain("gaussian_noise", 3) and images.dtype == np.uint8 and images.shape[1:] == (28, 28, 1)
+    assert (
+        domain == Domain("gaussian_noise", 3) and images.dtype == np.uint8 and images.shape[1:] == (28, 28, 1)
+    )
     assert labels.dtype == np.int64 and len(images) == len(labels) == 16
 
 
@@ -164,7 +166,9 @@ def test_cifar10_c_files_and_generated(tmp_path):
     from tttlab.core import testing
 
     files_root = testing.make_cifar10_c(tmp_path / "c", corruptions=("fog", "snow"), n_per_severity=6)
-    b = make_benchmark("cifar10_c", root=files_root, corruptions=("fog",), severities=(2,), batch_size=4, setting="continual")
+    b = make_benchmark(
+        "cifar10_c", root=files_root, corruptions=("fog",), severities=(2,), batch_size=4, setting="continual"
+    )
     got = per_domain(b)[Domain("fog", 2)]
     raw = np.load(next(files_root.rglob("fog.npy")))[6:12]
     assert sorted(map(bytes, got[0].reshape(6, -1))) == sorted(map(bytes, raw.reshape(6, -1)))

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -83,7 +83,9 @@ class Batch:
 
 def check_setting(setting: str) -> str:
     if setting not in SETTINGS:
-        raise UnknownNameError(f"unknown benchmark setting {setting!r}; expected one of {', '.join(SETTINGS)}")
+        raise UnknownNameError(
+            f"unknown benchmark setting {setting!r}; expected one of {', '.join(SETTINGS)}"
+        )
     return setting
 
 

@@ -18,7 +18,9 @@ import numpy as np
 from . import corruptions as C
 
 
-def corruption_grid(image: np.ndarray, title: str, out: Path, seed: int = 0, family: str | None = None) -> Path:
+def corruption_grid(
+    image: np.ndarray, title: str, out: Path, seed: int = 0, family: str | None = None
+) -> Path:
     """Render clean + severities 1..5 for all 19 corruptions of one uint8 HWC image to a PNG."""
     import matplotlib
 
@@ -65,16 +67,26 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     digits = mnist("test")
     image, label = digits[0]
-    paths = [corruption_grid(image, f"MNIST test[0] (label {label}), mnist constants", out / "corruptions_mnist.png", args.seed)]
+    paths = [
+        corruption_grid(
+            image, f"MNIST test[0] (label {label}), mnist constants", out / "corruptions_mnist.png", args.seed
+        )
+    ]
     try:
         from PIL import Image
         from skimage import data as skdata
 
         photo = np.asarray(resize_center_crop(256, 224)(Image.fromarray(skdata.chelsea())))
-        paths.append(corruption_grid(photo, "scikit-image 'chelsea', ImageNet constants", out / "corruptions_photo.png", args.seed))
+        paths.append(
+            corruption_grid(
+                photo, "scikit-image 'chelsea', ImageNet constants", out / "corruptions_photo.png", args.seed
+            )
+        )
     except ImportError:
         print("scikit-image is not installed: skipping the photo grid (pip install 'tttlab-core[datasets]')")
-    bench = make_benchmark("mnist_c", corruptions="common", severities=5, setting="reset_each_shift", batch_size=64)
+    bench = make_benchmark(
+        "mnist_c", corruptions="common", severities=5, setting="reset_each_shift", batch_size=64
+    )
     print(bench.describe())
     full = make_benchmark("mnist_c", corruptions="all", severities=[1, 2, 3, 4, 5], batch_size=64)
     print(f"all 19 corruptions x 5 severities: {len(full.domains)} domains, {full.num_images} images")

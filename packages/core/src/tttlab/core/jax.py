@@ -6,7 +6,8 @@ stay NHWC (the layout Flax convolutions use).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -5,7 +5,7 @@ Needs the ``[torch]`` extra (``pip install 'tttlab-core[torch]'``).  Only this m
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

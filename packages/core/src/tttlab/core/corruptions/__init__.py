@@ -14,7 +14,7 @@ bundled photos, no downloads.  Deviations from the original scripts are listed i
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -7,9 +7,9 @@ folders) with a fixed-size transform so that batches stack.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -53,7 +53,7 @@ class ImageDataset:
         for start in range(0, stop, batch_size):
             yield self.take(order[start : start + batch_size])
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "ImageDataset":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> ImageDataset:
         return _Subset(self, np.asarray(indices, dtype=np.int64))
 
 
