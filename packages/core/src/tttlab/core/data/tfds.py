@@ -1,0 +1,99 @@
+"""TFDS prepared datasets through ``tfds.data_source`` (array_record files, no TensorFlow needed).
+
+``tfds(name, data_dir, split)`` opens ``<data_dir>/<name>/<version>/`` (the newest version unless
+``name`` is ``"name:1.2.3"``) with ``tfds.builder_from_directory(...).as_data_source(split)``: random
+access, decoding with NumPy/Pillow, so TensorFlow is not imported.  Needs the ``[tfds]`` extra.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DatasetLayoutError, DatasetNotFoundError, InvalidInputError, require
+from ._base import ImageDataset
+
+
+def _version_key(v: str):
+    return tuple(int(p) if p.isdigit() else p for p in v.split("."))
+
+
+def prepared_dir(name: str, data_dir) -> Path:
+    """``<data_dir>/<name>/<version>`` holding ``dataset_info.json``."""
+    base, _, version = name.partition(":")
+    root = Path(data_dir)
+    if not root.exists():
+        raise DatasetNotFoundError(f"TFDS data_dir {root} does not exist")
+    ds_dir = root / base
+    if not ds_dir.is_dir():
+        have = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise DatasetNotFoundError(f"{ds_dir} does not exist; {root} holds {have}")
+    if version:
+        path = ds_dir / version
+    else:
+        versions = sorted(
+            (p.name for p in ds_dir.iterdir() if (p / "dataset_info.json").exists()), key=_version_key
+        )
+        if not versions:
+            raise DatasetLayoutError(f"{ds_dir} has no prepared version (<version>/dataset_info.json)")
+        path = ds_dir / versions[-1]
+    if not (path / "dataset_info.json").exists():
+        raise DatasetLayoutError(f"{path} has no dataset_info.json; expected a prepared TFDS dataset")
+    return path
+
+
+class TFDSDataset(ImageDataset):
+    """Random-access view of one split; ``image`` -> uint8 NHWC, ``label`` -> int64."""
+
+    def __init__(self, source, name: str, image_key: str, label_key: str, classes: tuple[str, ...]):
+        self.source, self.name, self.image_key, self.label_key = source, name, image_key, label_key
+        self.classes = classes
+        self.class_indices = None
+        self._labels = None
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def labels(self) -> np.ndarray:
+        if self._labels is None:
+            self._labels = np.asarray(
+                [int(self.source[i][self.label_key]) for i in range(len(self))], np.int64
+            )
+        return self._labels
+
+    def take(self, indices):
+        idx = [int(i) for i in np.asarray(indices, dtype=np.int64)]
+        records = (
+            self.source.__getitems__(idx)
+            if hasattr(self.source, "__getitems__")
+            else [self.source[i] for i in idx]
+        )
+        images = [np.asarray(r[self.image_key], np.uint8) for r in records]
+        images = [im[..., None] if im.ndim == 2 else im for im in images]
+        if len({im.shape for im in images}) > 1:
+            raise InvalidInputError(
+                f"{self.name}: images of different sizes cannot be stacked; resize them first"
+            )
+        labels = np.asarray([int(r[self.label_key]) for r in records], np.int64)
+        return (np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8)), labels
+
+
+def tfds(
+    name: str, data_dir, split: str = "train", image_key: str = "image", label_key: str = "label"
+) -> TFDSDataset:
+    """A prepared TFDS split read without TensorFlow (array_record file format)."""
+    tfds_mod = require("tensorflow_datasets", "tfds")
+    path = prepared_dir(name, data_dir)
+    if not any(path.glob("*.array_record*")):
+        raise DatasetLayoutError(
+            f"{path} holds no .array_record files; prepare the dataset with file_format='array_record'"
+        )
+    builder = tfds_mod.builder_from_directory(str(path))
+    if split not in builder.info.splits:
+        raise InvalidInputError(f"{path}: no split {split!r}; available: {sorted(builder.info.splits)}")
+    source = builder.as_data_source(split=split)
+    feature = builder.info.features[label_key] if label_key in builder.info.features else None
+    classes = tuple(feature.names) if feature is not None and hasattr(feature, "names") else ()
+    return TFDSDataset(source, f"tfds/{name}/{split}", image_key, label_key, classes)

@@ -1,0 +1,177 @@
+"""Tiny fixtures in the exact on-disk formats the readers of ``tttlab.core.data`` accept.
+
+Every generator writes random (seeded) images into ``root`` and returns the path to hand to the reader.
+Used by the test suites of every subpackage; also handy to try a pipeline without the real data.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ._io import atomic_write_bytes
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def make_cifar10(root, n_train: int = 10, n_test: int = 10, seed: int = 0) -> Path:
+    """``<root>/cifar-10-batches-py`` with 5 train batches (``n_train`` images in all) and a test batch."""
+    rng = _rng(seed)
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = np.array_split(np.arange(n_train), 5)
+    for i, part in enumerate(splits, start=1):
+        _write_batch(folder / f"data_batch_{i}", rng, len(part), f"training batch {i} of 5")
+    _write_batch(folder / "test_batch", rng, n_test, "testing batch 1 of 1")
+    meta = {b"label_names": [n.encode() for n in _cifar_classes()], b"num_cases_per_batch": 10000}
+    atomic_write_bytes(folder / "batches.meta", pickle.dumps(meta))
+    return Path(root)
+
+
+def _cifar_classes():
+    from .data.cifar import CIFAR10_CLASSES
+
+    return CIFAR10_CLASSES
+
+
+def _write_batch(path: Path, rng, n: int, label: str) -> None:
+    data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+    labels = [int(v) for v in rng.integers(0, 10, size=n)]
+    d = {b"batch_label": label.encode(), b"labels": labels, b"data": data,
+         b"filenames": [f"img_{i}.png".encode() for i in range(n)]}  # fmt: skip
+    atomic_write_bytes(path, pickle.dumps(d, protocol=2))
+
+
+def make_cifar10_c(
+    root, corruptions: Sequence[str] = ("gaussian_noise",), n_per_severity: int = 4, seed: int = 0
+) -> Path:
+    """``<root>/CIFAR-10-C/{<corruption>.npy, labels.npy}``: 5 x ``n_per_severity`` images per file."""
+    rng = _rng(seed)
+    folder = Path(root) / "CIFAR-10-C"
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = np.tile(rng.integers(0, 10, size=n_per_severity).astype(np.uint8), 5)
+    np.save(folder / "labels.npy", labels)
+    for name in corruptions:
+        np.save(
+            folder / f"{name}.npy", rng.integers(0, 256, size=(5 * n_per_severity, 32, 32, 3), dtype=np.uint8)
+        )
+    return folder
+
+
+def _write_jpeg_tree(folder: Path, classes: Sequence[str], n_per_class: int, size, rng, suffix=".JPEG"):
+    from PIL import Image
+
+    for c in classes:
+        d = folder / c
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            h, w = size if isinstance(size, tuple) else (size, size)
+            img = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            Image.fromarray(img).save(d / f"{c}_{i}{suffix}", quality=95)
+
+
+def default_wnids(k: int = 3) -> list[str]:
+    from .data import imagenet_wnids
+
+    w = imagenet_wnids()
+    return [w[0], w[500], w[999]][:k]
+
+
+def make_imagenet(
+    root, wnids=None, n_per_class: int = 2, split: str = "val", size=(40, 48), seed: int = 0
+) -> Path:
+    """``<root>/<split>/<wnid>/*.JPEG``; returns ``root``."""
+    _write_jpeg_tree(Path(root) / split, wnids or default_wnids(), n_per_class, size, _rng(seed))
+    return Path(root)
+
+
+def make_imagenet_c(root, corruptions=("fog",), severities=(1, 2, 3, 4, 5), wnids=None, n_per_class: int = 1,
+                    size: int = 224, seed: int = 0) -> Path:  # fmt: skip
+    """``<root>/<corruption>/<severity>/<wnid>/*.JPEG`` (224 px)."""
+    rng = _rng(seed)
+    for c in corruptions:
+        for s in severities:
+            _write_jpeg_tree(Path(root) / c / str(s), wnids or default_wnids(), n_per_class, size, rng)
+    return Path(root)
+
+
+def _make_subset(root, which: str, k: int, n_per_class: int, seed: int) -> Path:
+    from .data import imagenet_a_wnids, imagenet_r_wnids
+
+    wn = imagenet_a_wnids() if which == "a" else imagenet_r_wnids()
+    _write_jpeg_tree(Path(root), [wn[0], wn[100], wn[199]][:k], n_per_class, (30, 36), _rng(seed), ".jpg")
+    return Path(root)
+
+
+def make_imagenet_a(root, k: int = 3, n_per_class: int = 2, seed: int = 0) -> Path:
+    return _make_subset(root, "a", k, n_per_class, seed)
+
+
+def make_imagenet_r(root, k: int = 3, n_per_class: int = 2, seed: int = 0) -> Path:
+    return _make_subset(root, "r", k, n_per_class, seed)
+
+
+def make_imagenet_v2(root, classes=(0, 2, 9, 10, 100), n_per_class: int = 1, seed: int = 0) -> Path:
+    """``<root>/imagenetv2-matched-frequency-format-val/<class index>/*.jpeg``; returns that folder."""
+    folder = Path(root) / "imagenetv2-matched-frequency-format-val"
+    _write_jpeg_tree(folder, [str(c) for c in classes], n_per_class, (30, 30), _rng(seed), ".jpeg")
+    return folder
+
+
+def make_tfds(root, name: str = "tttlab_fixture", splits=None, image_shape=(8, 8, 3), num_classes: int = 3,
+              seed: int = 0) -> Path:  # fmt: skip
+    """A prepared TFDS dataset in array_record format, written without TensorFlow.
+
+    Images are PNG-encoded with Pillow before they reach TFDS (its own encoder would need TensorFlow).
+    Returns the ``data_dir``; the dataset is ``<data_dir>/<name>/1.0.0``.
+    Also returns nothing else: the arrays written are ``expected_tfds_arrays(name, splits, ...)``.
+    """
+    import io
+
+    import tensorflow_datasets as tfds_mod
+    from PIL import Image
+
+    splits = dict(splits or {"train": 5, "validation": 3})
+    arrays = expected_tfds_arrays(splits, image_shape, num_classes, seed)
+
+    class _Fixture(tfds_mod.core.GeneratorBasedBuilder):
+        VERSION = tfds_mod.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds_mod.core.DatasetInfo(
+                builder=self,
+                features=tfds_mod.features.FeaturesDict({
+                    "image": tfds_mod.features.Image(shape=image_shape),
+                    "label": tfds_mod.features.ClassLabel(num_classes=num_classes),
+                }),
+            )  # fmt: skip
+
+        def _split_generators(self, dl_manager):
+            return {s: self._generate_examples(s) for s in splits}
+
+        def _generate_examples(self, split):
+            images, labels = arrays[split]
+            for i, (img, lab) in enumerate(zip(images, labels)):
+                buf = io.BytesIO()
+                Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, "PNG")
+                yield i, {"image": buf.getvalue(), "label": int(lab)}
+
+    _Fixture.name = name
+    builder = _Fixture(data_dir=str(root), file_format="array_record")
+    builder.download_and_prepare(download_config=tfds_mod.download.DownloadConfig(verify_ssl=False))
+    return Path(root)
+
+
+def expected_tfds_arrays(splits: dict, image_shape=(8, 8, 3), num_classes: int = 3, seed: int = 0) -> dict:
+    """The (images, labels) that :func:`make_tfds` writes for each split."""
+    rng = _rng(seed)
+    out = {}
+    for s, n in splits.items():
+        out[s] = (rng.integers(0, 256, size=(n, *image_shape), dtype=np.uint8),
+                  rng.integers(0, num_classes, size=n).astype(np.int64))  # fmt: skip
+    return out
