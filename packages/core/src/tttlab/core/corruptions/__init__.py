@@ -163,8 +163,11 @@ def corrupt(
         rng = np.random.default_rng(seed)
     elif seed is not None:
         raise InvalidInputError("pass either rng or seed, not both")
+    fn = FUNCTIONS[name]
+    if getattr(fn, "native_uint8", False):  # JPEG, pixelate: work on bytes, no float round trip
+        return fn(np.ascontiguousarray(batch), severity, rng, family).reshape(shape)
     x = batch.astype(np.float32) * np.float32(1 / 255)
-    y = FUNCTIONS[name](x, severity, rng, family)
+    y = fn(x, severity, rng, family)
     if y.shape != x.shape:  # pragma: no cover - guards the function contract
         raise AssertionError(f"{name} returned shape {y.shape} for input {x.shape}")
     # Truncation as in Hendrycks' scripts; the 1e-3 only undoes float error (k/255*255 = k - 1e-5).

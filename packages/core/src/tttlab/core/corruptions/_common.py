@@ -8,6 +8,7 @@ Contract of every corruption function (``noise.py``, ``blur.py``, ``weather.py``
 * ``severity``: int in 1..5 (already validated).
 * ``rng``: the only source of randomness (no ``np.random`` global state, no ``random``).
 * ``family``: one of :data:`FAMILIES`; selects the per-resolution constants.
+* functions marked ``fn.native_uint8 = True`` (JPEG, pixelate) instead take and return the uint8 batch.
 * returns float32 (or float64) array of the same shape, *not necessarily clipped*; the caller clips to
   [0, 1] and converts to uint8 by truncation, as Hendrycks' scripts do (``np.uint8(np.clip(x, 0, 1) * 255)``).
 """

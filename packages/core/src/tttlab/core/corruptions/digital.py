@@ -118,7 +118,7 @@ def saturate(x, severity, rng, family):
 
 def jpeg_compression(x, severity, rng, family):
     quality = pick(JPEG, family, severity)
-    u8 = _to_uint8(x)
+    u8 = x if x.dtype == np.uint8 else _to_uint8(x)
     out = np.empty_like(u8)
     for i, img in enumerate(u8):
         buf = io.BytesIO()
@@ -126,12 +126,12 @@ def jpeg_compression(x, severity, rng, family):
         buf.seek(0)
         dec = np.asarray(Image.open(buf))
         out[i] = dec[..., None] if dec.ndim == 2 else dec
-    return out.astype(np.float32) / 255.0
+    return out if x.dtype == np.uint8 else out.astype(np.float32) / 255.0
 
 
 def pixelate(x, severity, rng, family):
     c = pick(PIXELATE, family, severity)
-    u8 = _to_uint8(x)
+    u8 = x if x.dtype == np.uint8 else _to_uint8(x)
     n, h, w, ch = u8.shape
     small = (max(1, int(w * c)), max(1, int(h * c)))
     out = np.empty_like(u8)
@@ -139,7 +139,11 @@ def pixelate(x, severity, rng, family):
         pil = Image.fromarray(img[..., 0] if ch == 1 else img)
         dec = np.asarray(pil.resize(small, Image.BOX).resize((w, h), Image.NEAREST))
         out[i] = dec[..., None] if dec.ndim == 2 else dec
-    return out.astype(np.float32) / 255.0
+    return out if x.dtype == np.uint8 else out.astype(np.float32) / 255.0
+
+
+jpeg_compression.native_uint8 = True
+pixelate.native_uint8 = True
 
 
 def _affine_from_points(src: np.ndarray, dst: np.ndarray) -> np.ndarray:

@@ -97,13 +97,20 @@ def fog(x, severity, rng, family):
 def frost_texture(n: int, h: int, w: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
     """Procedural frost, (n, h, w, 3) float32 in [0, 1]: density field x ridged crystal noise, blue tint."""
     s = max(scale, 0.05)
-    density = ndi.gaussian_filter(rng.standard_normal((n, h, w)), (0, 24 * s, 24 * s), mode="wrap")
+    sigma = 24 * s
+    # the low-frequency density field is smooth: draw it on a coarse grid and upsample (bilinear)
+    step = max(1, int(sigma // 3))
+    coarse = rng.standard_normal((n, -(-h // step) + 1, -(-w // step) + 1), dtype=np.float32)
+    coarse = ndi.gaussian_filter(coarse, (0, sigma / step, sigma / step), mode="wrap")
+    density = ndi.zoom(coarse, (1, step, step), order=1)[:, :h, :w]
     density = (density - density.mean(axis=(1, 2), keepdims=True)) / (
         density.std(axis=(1, 2), keepdims=True) + 1e-8
     )
-    ridges = np.zeros((n, h, w))
-    for sigma, weight in ((1.0, 0.5), (2.5, 0.3), (6.0, 0.2)):
-        band = ndi.gaussian_filter(rng.standard_normal((n, h, w)), (0, sigma * s, sigma * s), mode="wrap")
+    ridges = np.zeros((n, h, w), np.float32)
+    for band_sigma, weight in ((1.0, 0.5), (2.5, 0.3), (6.0, 0.2)):
+        band = ndi.gaussian_filter(
+            rng.standard_normal((n, h, w), dtype=np.float32), (0, band_sigma * s, band_sigma * s), mode="wrap"
+        )
         band /= band.std(axis=(1, 2), keepdims=True) + 1e-8
         ridges += weight * np.clip(1 - np.abs(band), 0, 1) ** 3
     tex = 0.55 * density + 1.6 * (ridges - ridges.mean(axis=(1, 2), keepdims=True)) / (
