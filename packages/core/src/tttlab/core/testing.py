@@ -6,6 +6,7 @@ Used by the test suites of every subpackage; also handy to try a pipeline withou
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,20 +101,23 @@ def make_imagenet_c(root, corruptions=("fog",), severities=(1, 2, 3, 4, 5), wnid
     return Path(root)
 
 
-def _make_subset(root, which: str, k: int, n_per_class: int, seed: int) -> Path:
+def _make_subset(root, which: str, wnids, k: int, n_per_class: int, seed: int) -> Path:
     from .data import imagenet_a_wnids, imagenet_r_wnids
 
     wn = imagenet_a_wnids() if which == "a" else imagenet_r_wnids()
-    _write_jpeg_tree(Path(root), [wn[0], wn[100], wn[199]][:k], n_per_class, (30, 36), _rng(seed), ".jpg")
+    chosen = list(wnids) if wnids is not None else [wn[0], wn[100], wn[199]][:k]
+    _write_jpeg_tree(Path(root), chosen, n_per_class, (30, 36), _rng(seed), ".jpg")
     return Path(root)
 
 
-def make_imagenet_a(root, k: int = 3, n_per_class: int = 2, seed: int = 0) -> Path:
-    return _make_subset(root, "a", k, n_per_class, seed)
+def make_imagenet_a(root, wnids=None, n_per_class: int = 2, k: int = 3, seed: int = 0) -> Path:
+    """ImageNet-A layout ``<root>/<wnid>/*.jpg`` for ``wnids`` (default: 3 of its 200); returns ``root``."""
+    return _make_subset(root, "a", wnids, k, n_per_class, seed)
 
 
-def make_imagenet_r(root, k: int = 3, n_per_class: int = 2, seed: int = 0) -> Path:
-    return _make_subset(root, "r", k, n_per_class, seed)
+def make_imagenet_r(root, wnids=None, n_per_class: int = 2, k: int = 3, seed: int = 0) -> Path:
+    """ImageNet-R layout ``<root>/<wnid>/*.jpg`` for ``wnids`` (default: 3 of its 200); returns ``root``."""
+    return _make_subset(root, "r", wnids, k, n_per_class, seed)
 
 
 def make_imagenet_v2(root, classes=(0, 2, 9, 10, 100), n_per_class: int = 1, seed: int = 0) -> Path:
@@ -123,30 +127,37 @@ def make_imagenet_v2(root, classes=(0, 2, 9, 10, 100), n_per_class: int = 1, see
     return folder
 
 
-def make_tfds(root, name: str = "tttlab_fixture", splits=None, image_shape=(8, 8, 3), num_classes: int = 3,
+def make_tfds(root, name: str = "tttlab_fixture", n=5, image_shape=(8, 8, 3), num_classes: int = 3,
               seed: int = 0) -> Path:  # fmt: skip
-    """A prepared TFDS dataset in array_record format, written without TensorFlow.
+    """A prepared TFDS dataset ``<root>/<name>/1.0.0/`` in array_record format, written without TensorFlow.
 
-    Images are PNG-encoded with Pillow before they reach TFDS (its own encoder would need TensorFlow).
-    Returns the ``data_dir``; the dataset is ``<data_dir>/<name>/1.0.0``.
-    Also returns nothing else: the arrays written are ``expected_tfds_arrays(name, splits, ...)``.
+    ``n`` is the number of examples per split: an int (splits ``train`` and ``test``) or a dict
+    ``{split: count}``.  Features: ``image`` (``image_shape`` uint8, PNG-encoded with Pillow here, since
+    TFDS' own encoder would need TensorFlow) and ``label`` (``ClassLabel(num_classes)``).  The files are
+    written by TFDS' own builder/writer (``GeneratorBasedBuilder.download_and_prepare``), which runs on
+    NumPy alone for pre-encoded images: ``dataset_info.json``, ``features.json`` and
+    ``<name>-<split>.array_record-00000-of-00001``.  TFDS orders records by a hash of their keys, so the
+    file order differs from the generation order; :func:`expected_tfds_arrays` returns what was written.
+    Returns the ``data_dir`` (``root``).
     """
     import io
 
-    import tensorflow_datasets as tfds_mod
+    from .errors import require
+
+    tfds_mod = require("tensorflow_datasets", "tfds")
     from PIL import Image
 
-    splits = dict(splits or {"train": 5, "validation": 3})
-    arrays = expected_tfds_arrays(splits, image_shape, num_classes, seed)
+    splits = _tfds_splits(n)
+    arrays = expected_tfds_arrays(n, image_shape, num_classes, seed)
 
-    class _Fixture(tfds_mod.core.GeneratorBasedBuilder):
+    class _Fixture(tfds_mod.core.GeneratorBasedBuilder, skip_registration=True):
         VERSION = tfds_mod.core.Version("1.0.0")
 
         def _info(self):
             return tfds_mod.core.DatasetInfo(
                 builder=self,
                 features=tfds_mod.features.FeaturesDict({
-                    "image": tfds_mod.features.Image(shape=image_shape),
+                    "image": tfds_mod.features.Image(shape=tuple(image_shape)),
                     "label": tfds_mod.features.ClassLabel(num_classes=num_classes),
                 }),
             )  # fmt: skip
@@ -163,15 +174,36 @@ def make_tfds(root, name: str = "tttlab_fixture", splits=None, image_shape=(8, 8
 
     _Fixture.name = name
     builder = _Fixture(data_dir=str(root), file_format="array_record")
-    builder.download_and_prepare(download_config=tfds_mod.download.DownloadConfig(verify_ssl=False))
+    with _quiet_tfds(tfds_mod):
+        builder.download_and_prepare(download_config=tfds_mod.download.DownloadConfig(verify_ssl=False))
     return Path(root)
 
 
-def expected_tfds_arrays(splits: dict, image_shape=(8, 8, 3), num_classes: int = 3, seed: int = 0) -> dict:
-    """The (images, labels) that :func:`make_tfds` writes for each split."""
+def _tfds_splits(n) -> dict:
+    return dict(n) if isinstance(n, dict) else {"train": int(n), "test": int(n)}
+
+
+@contextlib.contextmanager
+def _quiet_tfds(tfds_mod):
+    """Hide TFDS' progress bars while the fixture is written, then restore the previous setting."""
+    try:
+        from tensorflow_datasets.core.utils import tqdm_utils
+
+        was = bool(getattr(tqdm_utils, "_active", True))
+    except ImportError:  # pragma: no cover - layout of other TFDS versions
+        was = True
+    tfds_mod.display_progress_bar(False)
+    try:
+        yield
+    finally:
+        tfds_mod.display_progress_bar(was)
+
+
+def expected_tfds_arrays(n=5, image_shape=(8, 8, 3), num_classes: int = 3, seed: int = 0) -> dict:
+    """``{split: (images uint8, labels int64)}`` that :func:`make_tfds` writes with the same arguments."""
     rng = _rng(seed)
     out = {}
-    for s, n in splits.items():
-        out[s] = (rng.integers(0, 256, size=(n, *image_shape), dtype=np.uint8),
-                  rng.integers(0, num_classes, size=n).astype(np.int64))  # fmt: skip
+    for s, count in _tfds_splits(n).items():
+        out[s] = (rng.integers(0, 256, size=(count, *image_shape), dtype=np.uint8),
+                  rng.integers(0, num_classes, size=count).astype(np.int64))  # fmt: skip
     return out

@@ -7,7 +7,7 @@ Embedded (offline): :func:`mnist`, :func:`digits`.  On disk: :func:`cifar10`, :f
 
 from __future__ import annotations
 
-from ..errors import UnknownNameError
+from ..errors import DatasetNotFoundError, InvalidInputError, UnknownNameError
 from ._base import ArrayDataset, FileDataset, ImageDataset, resize_center_crop
 from .cifar import CIFAR10_CLASSES, cifar10, cifar10_c
 from .embedded import digits, mnist
@@ -22,7 +22,7 @@ from .imagenet import (
     imagenet_v2,
     imagenet_wnids,
 )
-from .tfds import tfds
+from .tfds import TFDSDataset, tfds
 
 READERS = {
     "mnist": mnist, "digits": digits, "cifar10": cifar10, "cifar10_c": cifar10_c, "imagenet": imagenet,
@@ -31,16 +31,52 @@ READERS = {
 }  # fmt: skip
 
 
-def load(name: str, *args, **kwargs) -> ImageDataset:
-    """``load("cifar10", root, split="test")`` == ``cifar10(root, split="test")``."""
+#: Readers that take no ``root`` (the data ships inside Python packages).
+EMBEDDED = ("mnist", "digits")
+#: Readers with a ``split`` argument; the others read one fixed set (or one corruption domain).
+_SPLIT_READERS = ("mnist", "digits", "cifar10", "imagenet", "tfds")
+
+
+def load(name: str, root=None, split: str | None = None, **kwargs) -> ImageDataset:
+    """Open a dataset by name: ``load("cifar10", root, split="test")`` == ``cifar10(root, split="test")``.
+
+    ``mnist``/``digits`` take no ``root``.  ``cifar10_c``/``imagenet_c`` need ``corruption=`` and
+    ``severity=``.  TFDS datasets are ``"tfds/<name>"`` (or ``"tfds/<name>:<version>"``) with
+    ``root`` = the TFDS ``data_dir``.  Unknown names raise :class:`UnknownNameError`.
+    """
+    if not isinstance(name, str):
+        raise UnknownNameError(
+            f"dataset name must be a string, got {name!r}; expected one of {sorted(READERS)}"
+        )
+    if name.startswith("tfds/") and len(name) > 5:
+        kwargs["name"] = name[5:]
+        name = "tfds"
     if name not in READERS:
-        raise UnknownNameError(f"unknown dataset {name!r}; expected one of {sorted(READERS)}")
-    return READERS[name](*args, **kwargs)
+        raise UnknownNameError(
+            f"unknown dataset {name!r}; expected one of {sorted(READERS)} or 'tfds/<tfds name>'"
+        )
+    if split is not None:
+        if name not in _SPLIT_READERS:
+            raise InvalidInputError(f"dataset {name!r} has no splits; got split={split!r}")
+        kwargs["split"] = split
+    if name in EMBEDDED:
+        if root is not None:
+            raise InvalidInputError(f"dataset {name!r} is embedded and takes no root; got root={root!r}")
+        return READERS[name](**kwargs)
+    if root is None:
+        raise DatasetNotFoundError(f"dataset {name!r} is read from disk: give root=<path>")
+    if name == "tfds":
+        if "name" not in kwargs:
+            raise InvalidInputError(
+                "load('tfds', ...) needs the TFDS dataset: use load('tfds/<name>', data_dir)"
+            )
+        return tfds(kwargs.pop("name"), root, **kwargs)
+    return READERS[name](root, **kwargs)
 
 
 __all__ = [
-    "ArrayDataset", "CIFAR10_CLASSES", "FileDataset", "ImageDataset", "READERS", "cifar10", "cifar10_c",
-    "digits", "imagenet", "imagenet_a", "imagenet_a_wnids", "imagenet_c", "imagenet_class_names",
+    "ArrayDataset", "CIFAR10_CLASSES", "EMBEDDED", "FileDataset", "ImageDataset", "READERS", "TFDSDataset",
+    "cifar10", "cifar10_c", "digits", "imagenet", "imagenet_a", "imagenet_a_wnids", "imagenet_c", "imagenet_class_names",
     "imagenet_r", "imagenet_r_wnids", "imagenet_v2", "imagenet_wnids", "load", "mnist",
     "resize_center_crop", "tfds",
 ]  # fmt: skip

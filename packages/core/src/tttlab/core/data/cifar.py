@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DatasetLayoutError, DatasetNotFoundError, InvalidInputError, SeverityError
+from ..errors import DatasetLayoutError, DatasetNotFoundError, InvalidInputError
 from ._base import ArrayDataset
 
 CIFAR10_CLASSES = (
@@ -61,8 +61,8 @@ def cifar10(root, split: str = "test") -> ArrayDataset:
     """CIFAR-10 ``train`` (data_batch_1..5) or ``test`` (test_batch) as uint8 (N, 32, 32, 3)."""
     if split not in ("train", "test"):
         raise InvalidInputError(f"CIFAR-10 split {split!r}; expected 'train' or 'test'")
-    folder = _find(Path(root), "test_batch", "cifar-10-batches-py", CIFAR10_LAYOUT)
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    folder = _find(Path(root), names[0], "cifar-10-batches-py", CIFAR10_LAYOUT)
     missing = [n for n in names if not (folder / n).exists()]
     if missing:
         raise DatasetLayoutError(f"{folder} lacks {missing}; expected {CIFAR10_LAYOUT}")
@@ -78,11 +78,7 @@ def cifar10_c(root, corruption: str, severity: int) -> ArrayDataset:
     """One CIFAR-10-C domain: rows ``[(severity-1) n, severity n)`` of ``<corruption>.npy``, n = len / 5."""
     from ..corruptions import canonical_name, check_severity
 
-    corruption = canonical_name(corruption)
-    try:
-        severity = check_severity(severity)
-    except SeverityError:
-        raise
+    corruption, severity = canonical_name(corruption), check_severity(severity)
     folder = _find(Path(root), "labels.npy", "CIFAR-10-C", CIFAR10C_LAYOUT)
     path = folder / f"{corruption}.npy"
     if not path.exists():
@@ -91,16 +87,16 @@ def cifar10_c(root, corruption: str, severity: int) -> ArrayDataset:
     try:
         images = np.load(path, mmap_mode="r")
         labels = np.load(folder / "labels.npy")
-    except ValueError as exc:
-        raise DatasetLayoutError(f"{path}: not a .npy array: {exc}") from exc
+    except (ValueError, OSError, EOFError) as exc:
+        raise DatasetLayoutError(f"{path} or its labels.npy: not a readable .npy array: {exc}") from exc
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3) or len(images) % 5:
         raise DatasetLayoutError(
             f"{path}: array {images.dtype} {images.shape}; expected uint8 (5 x n, 32, 32, 3)"
         )
     n = len(images) // 5
-    if labels.shape[0] not in (n, 5 * n):
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or labels.shape[0] not in (n, 5 * n):
         raise DatasetLayoutError(
-            f"{folder / 'labels.npy'} has {labels.shape[0]} labels; expected {n} or {5 * n}"
+            f"{folder / 'labels.npy'}: {labels.dtype} {labels.shape}; expected {5 * n} (or {n}) integer labels"
         )
     lab = labels[(severity - 1) * n : severity * n] if labels.shape[0] == 5 * n else labels
     return ArrayDataset(

