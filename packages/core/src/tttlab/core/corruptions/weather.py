@@ -17,7 +17,9 @@ Deviations (documented):
 * frost: the original blends one of six bundled frost photographs.  We bundle no photos: the texture is
   generated procedurally from ``rng`` (a low-frequency density field plus ridged multi-scale noise that
   looks like ice crystals, with a slight blue tint), calibrated so that its mean and contrast match the
-  six photos' average (RGB mean about (133, 155, 167) of 255).  The ``cifar``/``mnist`` texture is
+  six photos' average (RGB mean about (133, 155, 167) of 255, raised 6% so that the mean absolute change
+  over 10 draws matches the reference's).  As the original crops one of six photos,
+  each image gets a random (flipped) crop of one sheet generated per call.  The ``cifar``/``mnist`` texture is
   5x finer, as the original shrinks the photos by 0.2 for 32 px images.
 * snow: ImageMagick's motion blur of the snow layer is the numpy line blur of ``blur.py``.
 """
@@ -52,7 +54,7 @@ for _table in (FOG, FROST, SNOW):
     _table["mnist"] = _table["cifar"]
 
 #: Average RGB of the six frost photographs of the original benchmark (0-1 scale).
-FROST_MEAN = np.asarray([133.4, 155.3, 167.2], np.float32) / 255.0
+FROST_MEAN = np.asarray([133.4, 155.3, 167.2], np.float32) / 255.0 * 1.06  # x1.06: calibrated, see docstring
 FROST_STD = 0.14
 
 
@@ -124,7 +126,18 @@ def frost_texture(n: int, h: int, w: int, rng: np.random.Generator, scale: float
 def frost(x, severity, rng, family):
     w_img, w_frost = pick(FROST, family, severity)
     n, h, w, _ = x.shape
-    tex = frost_texture(n, h, w, rng, scale=1.0 if family == "imagenet" else 0.2)
+    # Like the original (random crops of 6 stored photos), every image takes a random crop, possibly
+    # flipped, of one texture sheet 1.5x the image size, generated per call: one texture per batch.
+    sheet = frost_texture(
+        1, (3 * h + 1) // 2, (3 * w + 1) // 2, rng, scale=1.0 if family == "imagenet" else 0.2
+    )[0]
+    top = rng.integers(0, sheet.shape[0] - h + 1, size=n)
+    left = rng.integers(0, sheet.shape[1] - w + 1, size=n)
+    flips = rng.integers(0, 2, size=(n, 2))
+    tex = np.empty((n, h, w, 3), np.float32)
+    for i in range(n):
+        crop = sheet[top[i] : top[i] + h, left[i] : left[i] + w]
+        tex[i] = crop[:: -1 if flips[i, 0] else 1, :: -1 if flips[i, 1] else 1]
     return to_gray_like(w_img * to_rgb(x) + w_frost * tex, x)
 
 
