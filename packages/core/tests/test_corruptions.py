@@ -56,6 +56,8 @@ def test_severity_increases_change(name, photos224):
 #: spatter severity 1, where the water layer is normalised by its single brightest pixel and the
 #: reference's chamfer distance transform (OpenCV, 5x5 mask) shifts that maximum; severities 2-5 agree.
 KNOWN_DEVIATIONS = {("spatter", 1)}
+#: Spatter's low severities change few pixels, so one draw's mean change varies by +-30%: average more.
+DRAWS = {"spatter": 8}
 
 
 def mean_abs_change(images, corrupted) -> float:
@@ -67,7 +69,7 @@ def mean_abs_change(images, corrupted) -> float:
 def test_imagenet_constants_match_reference(name, severity, photos224, request):
     """Mean |corrupted - clean| agrees with imagecorruptions-imaug (ImageNet constants) within 10%.
 
-    Both sides are averaged over 3 independent draws, so that the comparison is between the
+    Both sides are averaged over 3 independent draws (8 for spatter), so that the comparison is between the
     corruptions' distributions rather than between two single random draws (fog's plasma alone moves
     one draw's change by +-10%)."""
     ref = pytest.importorskip("imagecorruptions")
@@ -76,7 +78,7 @@ def test_imagenet_constants_match_reference(name, severity, photos224, request):
             pytest.mark.xfail(reason="documented deviation, see KNOWN_DEVIATIONS", strict=False)
         )
     x = photos224
-    draws = range(3)
+    draws = range(DRAWS.get(name, 3))
     d_ours = np.mean(
         [mean_abs_change(x, C.corrupt(x, name, severity, seed=d, family="imagenet")) for d in draws]
     )
@@ -141,3 +143,15 @@ def test_aliases():
     assert C.canonical_name("JPEG") == "jpeg_compression"
     assert C.resolve("heldout") == C.HELDOUT
     assert C.resolve(["gauss", "fog"]) == ("gaussian_noise", "fog")
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "spatter", "motion_blur", "jpeg_compression"])
+def test_threads_do_not_change_bytes(name, photos224):
+    """Chunks get their own child generators: 1 thread and 3 threads give identical bytes."""
+    x = np.concatenate([photos224] * 4)  # 16 images of 224 px: 3 chunks
+    assert C.chunk_size(x.shape) < len(x)
+    one = C.corrupt(x, name, 3, seed=5, threads=1)
+    many = C.corrupt(x, name, 3, seed=5, threads=3)
+    assert np.array_equal(one, many)
+    if name != "jpeg_compression":  # deterministic: the 4 copies of the photos give the same bytes
+        assert not np.array_equal(one[:4], one[4:8]), "chunks must not repeat the same noise"

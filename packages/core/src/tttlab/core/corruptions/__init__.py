@@ -145,12 +145,15 @@ def corrupt(
     rng: np.random.Generator | None = None,
     seed: int | None = None,
     family: str | None = None,
+    threads: int | None = None,
 ) -> np.ndarray:
     """Corrupt uint8 images; returns uint8 of the same shape.
 
     ``images`` may be one image or a batch (see :func:`_as_batch`).  Randomness comes only from ``rng``
     (or ``numpy.random.default_rng(seed)``): the same seed gives identical bytes.  ``family`` picks the
-    constants (``mnist``, ``cifar``, ``imagenet``); by default it follows the image size.
+    constants (``mnist``, ``cifar``, ``imagenet``); by default it follows the image size.  Large batches
+    are split into fixed-size chunks corrupted on ``threads`` threads (default :func:`default_threads`);
+    the output does not depend on the number of threads.
     """
     name = canonical_name(corruption)
     severity = check_severity(severity)
@@ -164,18 +167,62 @@ def corrupt(
     elif seed is not None:
         raise InvalidInputError("pass either rng or seed, not both")
     fn = FUNCTIONS[name]
+    size = chunk_size(batch.shape, getattr(fn, "chunk_pixels", CHUNK_PIXELS))
+    starts = list(range(0, batch.shape[0], size))
+    # One child generator per fixed-size chunk: the bytes depend on the seed and the image shape only,
+    # never on the number of threads.
+    rngs = [rng] if len(starts) == 1 else rng.spawn(len(starts))
+
+    def run(i: int) -> np.ndarray:
+        return _corrupt_chunk(fn, batch[starts[i] : starts[i] + size], severity, rngs[i], family, name)
+
+    workers = min(len(starts), threads if threads is not None else default_threads())
+    if workers <= 1:
+        parts = [run(i) for i in range(len(starts))]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            parts = list(pool.map(run, range(len(starts))))
+    out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return out.reshape(shape)
+
+
+#: Pixels (H x W x C x N) per chunk: chunks are corrupted in parallel threads (numpy, scipy and Pillow
+#: release the GIL), each with its own child generator.  Frost shares one texture sheet per call and
+#: runs unchunked; JPEG/pixelate use 4x larger chunks (their per-image work is small).
+CHUNK_PIXELS = 1 << 18
+
+
+def chunk_size(batch_shape, chunk_pixels: int | None = None) -> int:
+    """Images per chunk for a batch shape; a function may set ``fn.chunk_pixels`` (0: whole batch)."""
+    n, h, w, c = batch_shape
+    pixels = CHUNK_PIXELS if chunk_pixels is None else chunk_pixels
+    return max(1, n) if pixels == 0 else max(1, pixels // (h * w * c))
+
+
+def default_threads() -> int:
+    """``TTTLAB_CORRUPTION_THREADS`` if set, else the number of CPUs (at most 8)."""
+    import os
+
+    env = os.environ.get("TTTLAB_CORRUPTION_THREADS")
+    if env:
+        return max(1, int(env))
+    return min(8, os.cpu_count() or 1)
+
+
+def _corrupt_chunk(fn, batch, severity, rng, family, name) -> np.ndarray:
     if getattr(fn, "native_uint8", False):  # JPEG, pixelate: work on bytes, no float round trip
-        return fn(np.ascontiguousarray(batch), severity, rng, family).reshape(shape)
+        return fn(np.ascontiguousarray(batch), severity, rng, family)
     x = batch.astype(np.float32) * np.float32(1 / 255)
     y = fn(x, severity, rng, family)
     if y.shape != x.shape:  # pragma: no cover - guards the function contract
         raise AssertionError(f"{name} returned shape {y.shape} for input {x.shape}")
     # Truncation as in Hendrycks' scripts; the 1e-3 only undoes float error (k/255*255 = k - 1e-5).
-    out = (np.clip(y, 0, 1) * 255 + 1e-3).astype(np.uint8)
-    return out.reshape(shape)
+    return (np.clip(y, 0, 1) * 255 + 1e-3).astype(np.uint8)
 
 
 __all__ = [
     "ALIASES", "ALL", "COMMON", "FAMILIES", "FUNCTIONS", "HELDOUT", "SEVERITIES", "SUBSETS",
-    "canonical_name", "check_severity", "corrupt", "resolve",
+    "CHUNK_PIXELS", "canonical_name", "check_severity", "chunk_size", "corrupt", "default_threads", "resolve",
 ]  # fmt: skip

@@ -144,6 +144,7 @@ def pixelate(x, severity, rng, family):
 
 jpeg_compression.native_uint8 = True
 pixelate.native_uint8 = True
+jpeg_compression.chunk_pixels = pixelate.chunk_pixels = 1 << 20
 
 
 def _affine_from_points(src: np.ndarray, dst: np.ndarray) -> np.ndarray:

@@ -156,3 +156,6 @@ def snow(x, severity, rng, family):
     rgb = weight * rgb + (1 - weight) * np.maximum(rgb, gray * 1.5 + 0.5)
     out = rgb + layer + layer[:, ::-1, ::-1]
     return to_gray_like(out, x)
+
+
+frost.chunk_pixels = 0  # one texture sheet per call: do not split the batch
