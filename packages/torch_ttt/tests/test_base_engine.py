@@ -1,0 +1,166 @@
+"""The engine protocol on the engines that exist: settings validation, reset policies, exact restores,
+TENT's test-batch statistics, BN, source."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tttlab.core.errors import ConfigError, InvalidInputError, TTTLabError
+from tttlab.torch_ttt import OptimizationParameters, Reset, get_engine
+from tttlab.torch_ttt.norm import batch_statistics, entropy, marginal_entropy
+
+
+def bn_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):  # give the BN layer non-trivial running statistics
+            m(torch.randn(16, 1, 8, 8))
+    return m.eval()
+
+
+def ln_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 5)
+    ).eval()
+
+
+def state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def x_batch(n: int = 8, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g) * 2 + 0.5
+
+
+def test_optimization_parameters_validate():
+    p = OptimizationParameters({"num_steps": 2, "copy_model": False})
+    assert p["num_steps"] == 2 and p["reset"] is Reset.NEVER and p["optimizer_name"] == "adam"
+    p["reset"] = "per_domain"
+    assert p["reset"] is Reset.PER_DOMAIN
+    with pytest.raises(ConfigError, match="num_step"):
+        p["num_step"] = 1
+    with pytest.raises(ConfigError, match="optimizer_name"):
+        p["optimizer_name"] = "rmsprop"
+    with pytest.raises(ConfigError, match="reset"):
+        p["reset"] = "sometimes"
+    with pytest.raises(ConfigError, match="num_steps"):
+        OptimizationParameters({"num_steps": -1})
+
+
+def test_tent_uses_test_batch_statistics_and_restores_exactly():
+    m = bn_model()
+    before = state(m)
+    engine = get_engine("tent")(m)
+    engine.eval()
+    x = x_batch()
+    engine.optimization_parameters["num_steps"] = 0
+    out0, _ = engine(x)
+    with torch.no_grad(), batch_statistics(m):
+        expected = m(x)
+    assert torch.equal(out0, expected)
+    assert not torch.allclose(out0, m(x)), "training statistics would give a different output"
+    engine.optimization_parameters["num_steps"] = 1
+    out1, loss = engine(x)
+    assert loss.item() > 0 and not torch.allclose(out1, out0)
+    assert same(before, state(m)), "per_batch reset restores every tensor bit for bit"
+
+
+def test_tent_step_changes_only_norm_affine_parameters():
+    m = bn_model()
+    before = state(m)
+    engine = get_engine("tent")(m, {"reset": "per_domain"})
+    engine.eval()
+    engine(x_batch())
+    after = state(m)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"1.weight", "1.bias"}
+    engine.reset()
+    assert same(before, state(m))
+
+
+def test_reset_policies():
+    x = x_batch()
+    outs = {}
+    for policy in ("per_batch", "per_domain", "never"):
+        m = bn_model()
+        engine = get_engine("tent")(m, {"reset": policy, "lr": 1e-2})
+        engine.eval()
+        first, _ = engine(x)
+        second, _ = engine(x)
+        outs[policy] = (first, second)
+        if policy == "per_batch":
+            assert torch.equal(first, second), "each batch starts from the source model"
+        else:
+            assert not torch.equal(first, second), "adaptation carries over to the next batch"
+    assert torch.equal(outs["per_domain"][1], outs["never"][1])
+
+
+def test_deterministic_under_seed():
+    outs = []
+    for _ in range(2):
+        engine = get_engine("tent")(bn_model(3), {"num_steps": 2})
+        engine.eval()
+        outs.append(engine(x_batch(seed=4))[0])
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_tent_on_layernorm_model():
+    m = ln_model()
+    before = state(m)
+    engine = get_engine("tent")(m, {"reset": "per_domain"})
+    engine.eval()
+    engine(x_batch())
+    after = state(m)
+    assert {k for k in before if not torch.equal(before[k], after[k])} == {"2.weight", "2.bias"}
+
+
+def test_bad_inputs():
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+    with pytest.raises(InvalidInputError, match="normalisation"):
+        get_engine("tent")(plain)
+    with pytest.raises(InvalidInputError, match="BatchNorm"):
+        get_engine("bn")(plain)
+    engine = get_engine("tent")(bn_model())
+    engine.eval()
+    with pytest.raises(InvalidInputError, match="NaN"):
+        engine(torch.full((4, 1, 8, 8), float("nan")))
+    with pytest.raises(InvalidInputError, match="at least 2"):
+        engine(x_batch(n=1))
+    with pytest.raises(TTTLabError, match="unknown engine"):
+        get_engine("tnet")
+
+
+def test_bn_and_source_engines():
+    m = bn_model()
+    before = state(m)
+    x = x_batch()
+    out, _ = get_engine("bn")(m).eval()(x)
+    with torch.no_grad(), batch_statistics(m):
+        assert torch.equal(out, m(x))
+    assert same(before, state(m))
+    src = get_engine("source")(m).eval()
+    with torch.no_grad():
+        assert torch.equal(src(x)[0], m(x))
+    src.train()
+    outputs, loss = src(x)
+    assert loss.item() == 0.0 and outputs.shape == (8, 5)
+
+
+def test_entropy_helpers_match_float64_hand_computation():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3, 6) * 3  # 4 views, 3 samples, 6 classes
+    p = logits.double().softmax(-1)
+    ent = -(p * p.log()).sum(-1)
+    assert torch.allclose(entropy(logits), ent.float(), atol=1e-5)
+    avg = p.mean(0)
+    assert torch.allclose(marginal_entropy(logits), (-(avg * avg.log()).sum(-1)).float(), atol=1e-5)
