@@ -91,7 +91,11 @@ def prior_mixed_statistics(model: nn.Module, prior_strength: float):
                 w = prior_strength / (prior_strength + 1.0)
                 mean = w * bn.running_mean + (1 - w) * batch_mean
                 var = w * bn.running_var + (1 - w) * batch_var
-            return nn.functional.batch_norm(x, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
+            shape = [1, -1] + [1] * (x.ndim - 2)
+            y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+            if bn.weight is not None:
+                y = y * bn.weight.view(shape) + bn.bias.view(shape)
+            return y  # gradients flow through the batch statistics, as in train-mode BatchNorm
 
         return forward
 

@@ -1,0 +1,156 @@
+"""MEMO: test-time robustness via adaptation and augmentation (marginal entropy minimisation).
+
+Paper: Zhang, Levine, Finn, "MEMO: Test Time Robustness via Adaptation and Augmentation", NeurIPS 2022
+(bibtex ``zhang2022memo``); upstream zhangmarvin/memo; API of torch-ttt's
+``MemoEngine(model, optimization_parameters, augmentations, n_augmentations, prior_strength)``.
+
+For every test image, ``n_augmentations`` augmented views are classified and the entropy of the *average*
+predictive distribution (the marginal) is minimised; models with BatchNorm normalise with MEMO's prior
+mix of source and test statistics, ``w = N/(N+1)`` on the source (N = ``prior_strength``, 16 in the
+paper); then the original image is classified.  Episodic: ``reset="per_batch"`` by default.
+
+Differences from torch-ttt 0.0.2 and why:
+
+* models with BatchNorm work (upstream crashed) and use the paper's BN prior; BN-free models work too;
+* ``per_sample=True`` (default) is the paper's setting: each image is adapted on its own views, predicted,
+  and the model restored before the next image.  ``per_sample=False`` adapts once per batch on all
+  images' views in ONE forward (loss = mean over images of each image's marginal entropy, in log space;
+  with BatchNorm the test statistics are then shared across the batch): much faster, not the paper;
+* default augmentation: an AugMix-style mixture of random geometric chains (rotate, shear, translate,
+  zoom) written with ``affine_grid``/``grid_sample`` so it runs batched on any device; intensity
+  operations of AugMix (posterize, solarize, equalize) need [0, 255] images and are left to a user
+  ``augmentations`` callable (a function ``(x, generator) -> views`` or a per-image transform).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..engine_registry import EngineRegistry
+from ..norm import batchnorm_layers, marginal_entropy, prior_mixed_statistics
+from .base_engine import BaseEngine
+
+__all__ = ["MemoEngine", "augmix_geometric"]
+
+
+def _random_affine(n: int, generator: torch.Generator | None, device, dtype, severity: float = 1.0):
+    """(n, 2, 3) affine matrices: rotation +-30 deg, shear +-0.3, translation +-0.15, zoom 0.9-1.1."""
+
+    def u(lo, hi):
+        return lo + (hi - lo) * torch.rand(n, generator=generator).to(device=device, dtype=dtype)
+
+    angle = u(-30, 30) * severity * math.pi / 180
+    shear = u(-0.3, 0.3) * severity
+    zoom = 1 + u(-0.1, 0.1) * severity
+    tx, ty = u(-0.15, 0.15) * severity, u(-0.15, 0.15) * severity
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack(
+        [torch.stack([cos, -sin + shear, tx], -1), torch.stack([sin, cos, ty], -1)], dim=1
+    )  # fmt: skip
+    return theta
+
+
+def augmix_geometric(x: torch.Tensor, n_views: int, generator: torch.Generator | None = None,
+                     width: int = 3) -> torch.Tensor:  # fmt: skip
+    """``n_views`` AugMix-style views of each NCHW image: (n_views, N, C, H, W).
+
+    Each view mixes ``width`` chains of one random affine warp with Dirichlet(1) weights, then blends the
+    mixture with the original by Beta(1, 1), as AugMix does with its default alpha = 1.
+    """
+    n = x.shape[0]
+    rep = x.unsqueeze(0).expand(n_views * width, *x.shape).reshape(-1, *x.shape[1:])
+    theta = _random_affine(rep.shape[0], generator, x.device, x.dtype)
+    grid = F.affine_grid(theta, list(rep.shape), align_corners=False)
+    fill = x.amin(dim=(1, 2, 3), keepdim=True).repeat(n_views * width, 1, 1, 1)
+    warped = (
+        F.grid_sample(rep - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+    )
+    warped = warped.reshape(n_views, width, n, *x.shape[1:])
+    # Dirichlet(1, ..., 1) = normalised standard exponentials; Beta(1, 1) = uniform
+    gamma = -torch.log1p(-torch.rand((n_views, width, n), generator=generator)).to(x.dtype)
+    w = (gamma / gamma.sum(1, keepdim=True)).to(device=x.device, dtype=x.dtype)
+    mix = (w[..., None, None, None] * warped).sum(1)
+    m = torch.rand((n_views, n), generator=generator).to(device=x.device, dtype=x.dtype)
+    m = m[..., None, None, None]
+    return m * x.unsqueeze(0) + (1 - m) * mix
+
+
+@EngineRegistry.register("memo")
+class MemoEngine(BaseEngine):
+    optimization_defaults = {"num_steps": 1, "lr": 1e-3, "optimizer_name": "sgd", "momentum": 0.9}
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimization_parameters=None,
+        augmentations: Callable | None = None,
+        n_augmentations: int = 8,
+        prior_strength: float = 16,
+        *,
+        per_sample: bool = True,
+        seed: int | None = None,
+    ):
+        super().__init__(model, optimization_parameters)
+        if n_augmentations < 1:
+            from tttlab.core.errors import InvalidInputError
+
+            raise InvalidInputError(f"n_augmentations must be >= 1, got {n_augmentations}")
+        self.augmentations = augmentations
+        self.n_augmentations = int(n_augmentations)
+        self.prior_strength = prior_strength
+        self.per_sample = per_sample
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self._has_bn = bool(batchnorm_layers(model))
+
+    def inference_context(self):
+        if self._has_bn and self.prior_strength is not None:
+            return prior_mixed_statistics(self.model, float(self.prior_strength))
+        return contextlib.nullcontext()
+
+    def views(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C, H, W) augmented views of the batch."""
+        if self.augmentations is None:
+            return augmix_geometric(x, self.n_augmentations, self.generator)
+        out = self.augmentations(x, self.generator) if _takes_generator(self.augmentations) else None
+        if out is None:
+            out = torch.stack(
+                [torch.stack([self.augmentations(img) for img in x]) for _ in range(self.n_augmentations)]
+            )
+        return out
+
+    def _marginal_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v = self.views(x)
+        b, n = v.shape[:2]
+        logits = self.model(v.reshape(b * n, *v.shape[2:])).reshape(b, n, -1)
+        return logits.mean(0), marginal_entropy(logits).mean()
+
+    def ttt_forward(self, inputs, **kwargs):
+        """Train mode: ``(model(inputs), marginal entropy of the views)``."""
+        outputs = self.model(inputs)
+        return outputs, self._marginal_loss(inputs)[1]
+
+    def adapt_loss(self, inputs, **kwargs):
+        return self._marginal_loss(inputs)[1]
+
+    def forward(self, inputs, **kwargs):
+        if self.training or not self.per_sample or inputs.shape[0] == 1:
+            return super().forward(inputs, **kwargs)
+        results = [
+            super(MemoEngine, self).forward(inputs[i : i + 1], **kwargs) for i in range(inputs.shape[0])
+        ]
+        return torch.cat([r[0] for r in results]), torch.stack([r[1] for r in results]).mean()
+
+
+def _takes_generator(fn) -> bool:
+    import inspect
+
+    try:
+        return len(inspect.signature(fn).parameters) >= 2
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,85 @@
+"""MEMO: runs on BatchNorm and BN-free models, the BN prior, episodic restores, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tttlab.core.errors import InvalidInputError
+from tttlab.torch_ttt import get_engine
+from tttlab.torch_ttt.engine.memo_engine import augmix_geometric
+from tttlab.torch_ttt.norm import prior_mixed_statistics
+
+
+def bn_model():
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 5)
+    )
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(16, 1, 16, 16))
+    return m.eval()
+
+
+def plain_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 5)).eval()
+
+
+def x_batch(n=3):
+    return torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def snapshot(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("make", [bn_model, plain_model])
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_memo_adapts_and_restores(make, per_sample):
+    m = make()
+    before = snapshot(m)
+    engine = get_engine("memo")(m, n_augmentations=4, per_sample=per_sample, seed=0)
+    engine.eval()
+    x = x_batch()
+    out, loss = engine(x)
+    assert out.shape == (3, 5) and torch.isfinite(loss) and loss.item() > 0
+    assert all(torch.equal(before[k], m.state_dict()[k]) for k in before), "episodic: restored exactly"
+    engine.optimization_parameters["num_steps"] = 0
+    out0, _ = engine(x)
+    ctx = prior_mixed_statistics(m, 16.0) if make is bn_model else torch.no_grad()
+    with torch.no_grad(), ctx:
+        ref = torch.cat([m(x[i : i + 1]) for i in range(3)]) if per_sample else m(x)
+    assert torch.allclose(out0, ref, atol=1e-6)
+    assert not torch.allclose(out, out0), "one step changes the prediction"
+
+
+def test_bn_prior_mixes_source_and_test_statistics():
+    m = bn_model()
+    bn = m[1]
+    x = torch.randn(8, 1, 16, 16) * 3 + 1
+    feats = m[0](x)
+    with torch.no_grad(), prior_mixed_statistics(m, 16.0):
+        got = bn(feats)
+    w = 16.0 / 17.0
+    mean = w * bn.running_mean + (1 - w) * feats.mean((0, 2, 3))
+    var = w * bn.running_var + (1 - w) * feats.var((0, 2, 3), unbiased=False)
+    expected = (feats - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + bn.eps)
+    expected = expected * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not hasattr(bn, "forward") or "forward" not in bn.__dict__, "the patch is removed afterwards"
+
+
+def test_memo_deterministic_with_seed_and_views_shape():
+    outs = []
+    for _ in range(2):
+        engine = get_engine("memo")(bn_model(), n_augmentations=4, seed=3).eval()
+        outs.append(engine(x_batch())[0])
+    assert torch.equal(outs[0], outs[1])
+    v = augmix_geometric(x_batch(2), 5, torch.Generator().manual_seed(0))
+    assert v.shape == (5, 2, 1, 16, 16) and torch.isfinite(v).all()
+    with pytest.raises(InvalidInputError, match="n_augmentations"):
+        get_engine("memo")(bn_model(), n_augmentations=0)
