@@ -1,0 +1,65 @@
+"""EATA: Fisher calibration works, the regulariser vanishes at the anchor, the sample filters."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tttlab.torch_ttt import get_engine
+
+
+def bn_model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(16, 1, 8, 8))
+    return m.eval()
+
+
+def batches(n_batches=3, n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 1, 8, 8, generator=g) for _ in range(n_batches)]
+
+
+def test_fisher_calibration_and_penalty():
+    m = bn_model()
+    engine = get_engine("eata")(m, fisher_alpha=10.0)
+    fishers = engine.compute_fishers(batches())
+    assert set(fishers) == {"model.1.weight", "model.1.bias"}
+    assert all((f >= 0).all() and f.sum() > 0 for f, _ in fishers.values())
+    assert engine.fisher_penalty().item() == 0.0
+    with torch.no_grad():
+        m[1].weight += 0.1
+    assert engine.fisher_penalty().item() > 0
+
+
+def test_selection_filters_hand_case():
+    engine = get_engine("eata")(bn_model(), e_margin=0.5, d_margin=0.9)
+    confident = torch.tensor([[10.0, 0, 0, 0, 0], [0, 10.0, 0, 0, 0]])
+    uncertain = torch.zeros(1, 5)  # entropy ln 5 > 0.5
+    keep, ent, weights, _ = engine.select(torch.cat([confident, uncertain]))
+    assert keep.tolist() == [0, 1]
+    assert torch.allclose(weights, torch.exp(-(ent - 0.5)))
+    engine.current_model_probs = torch.tensor([1.0, 0, 0, 0, 0])  # sample 0 is redundant with the average
+    keep, *_ = engine.select(confident)
+    assert keep.tolist() == [1]
+    assert get_engine("eata")(bn_model()).margin(1000) == 0.4 * math.log(1000)
+
+
+def test_eata_step_and_reset():
+    m = bn_model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    engine = get_engine("eata")(m, {"reset": "per_domain", "lr": 0.05}, e_margin=10.0).eval()
+    engine.compute_fishers(batches())
+    x = batches(1, seed=5)[0]
+    engine(x)
+    after = m.state_dict()
+    assert {k for k in before if not torch.equal(before[k], after[k])} == {"1.weight", "1.bias"}
+    assert engine.current_model_probs is not None and engine.num_selected == 8
+    engine.reset()
+    assert all(torch.equal(before[k], m.state_dict()[k]) for k in before)
+    assert engine.current_model_probs is None
