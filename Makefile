@@ -53,7 +53,10 @@ test-full: $(VENV)/.installed
 test: test-core test-full
 
 bench: $(VENV)/.installed
+	@# bench-only: upstream torch-ttt (declares no dependencies; einops is its only extra import)
+	$(PY) -m $(PIP_INSTALL) --no-deps torch-ttt einops
 	$(PY) benchmarks/bench_corruptions.py --images 16 --repeats 3 --out benchmarks/corruptions.md
+	$(PY) benchmarks/bench_torch_ttt.py --batches 30 --repeats 3 --out benchmarks/torch_ttt.md
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -1,0 +1,161 @@
+"""Side-by-side: upstream torch-ttt 0.0.2 vs tttlab.torch_ttt, same model, data and steps, one run.
+
+    .venv/bin/pip install --no-deps torch-ttt==0.0.2 einops     # bench-only (it declares no dependencies)
+    .venv/bin/python benchmarks/bench_torch_ttt.py --batches 40 --repeats 3 --out benchmarks/torch_ttt.md
+
+Data: embedded MNIST test images with the tutorial's noise (x + 2 N(0, 1) after normalisation), batch 32.
+Models: seed 004's network trained jointly with the rotation head (TTT, MEMO: BatchNorm-free, where
+upstream MEMO works) and the same network with BatchNorm after each convolution (TENT), trained briefly
+here (a few hundred steps) with our engine; upstream receives the same weights (and the same trained
+rotation head).  Settings on both sides: Adam, the same lr and num_steps, reset every batch (upstream's
+default copy_model).  Times are the median over repeats of the seconds per adapted batch, interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, bn: bool = False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
+        self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
+        self.bn1 = nn.BatchNorm2d(10) if bn else nn.Identity()
+        self.bn2 = nn.BatchNorm2d(20) if bn else nn.Identity()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(320, 50), nn.Linear(50, 50), nn.Linear(50, 10)
+        self.activation = nn.LeakyReLU()
+
+    def forward(self, x):
+        x = self.activation(F.max_pool2d(self.bn1(self.conv1(x)), 2))
+        x = self.activation(F.max_pool2d(self.bn2(self.conv2(x)), 2)).flatten(1)
+        x = self.activation(self.fc2(self.activation(self.fc1(x))))
+        return F.log_softmax(self.fc3(x), dim=-1)
+
+
+def mnist_tensors(split, n=None):
+    from tttlab.core import data
+
+    ds = data.mnist(split)
+    x, y = ds.take(np.arange(n or len(ds)))
+    return (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 - 0.1307) / 0.3081, torch.from_numpy(y)
+
+
+def train(bn: bool, steps: int):
+    from tttlab.torch_ttt.engine.ttt_engine import TTTEngine
+
+    torch.manual_seed(7)
+    x, y = mnist_tensors("train", steps * 64)
+    net = Net(bn)
+    engine = TTTEngine(net, "fc2")
+    opt = torch.optim.Adam(engine.parameters(), lr=0.01)
+    engine.train()
+    for i in range(0, len(x), 64):
+        opt.zero_grad()
+        out, ssl = engine(x[i : i + 64])
+        (F.nll_loss(out, y[i : i + 64]) + 0.35 * ssl).backward()
+        opt.step()
+    return net.eval(), engine.angle_head
+
+
+def make_engines(name, net, head, settings):
+    import copy
+
+    import torch_ttt.engine.memo_engine as up_memo
+    import torch_ttt.engine.tent_engine as up_tent
+    import torch_ttt.engine.ttt_engine as up_ttt
+
+    from tttlab.torch_ttt import get_engine
+
+    ours_net, up_net = copy.deepcopy(net), copy.deepcopy(net)
+    if name == "ttt":
+        ours = get_engine("ttt")(
+            ours_net, "fc2", angle_head=copy.deepcopy(head), optimization_parameters=settings
+        )
+        up = up_ttt.TTTEngine(
+            up_net, "fc2", angle_head=copy.deepcopy(head), optimization_parameters=dict(settings)
+        )
+    elif name == "tent":
+        ours = get_engine("tent")(ours_net, settings)
+        up = up_tent.TentEngine(up_net, dict(settings))
+    else:
+        ours = get_engine("memo")(ours_net, settings, n_augmentations=8, per_sample=False, seed=0)
+        up = up_memo.MemoEngine(up_net, dict(settings), n_augmentations=8)
+    return ours.eval(), up.eval()
+
+
+def run(engine, batches, labels, quiet=False):
+    correct, t0 = 0, time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        for x, y in zip(batches, labels):
+            out, _ = engine(x)
+            correct += (out.argmax(1) == y).sum().item()
+    return (time.perf_counter() - t0) / len(batches), correct / sum(len(y) for y in labels)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--train-steps", type=int, default=400)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    x, y = mnist_tensors("test", args.batches * 32)
+    noisy = x + 2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    batches, labels = list(noisy.split(32)), list(y.split(32))
+    models = {False: train(False, args.train_steps), True: train(True, args.train_steps)}
+    settings = {"num_steps": 1, "lr": 1e-3, "optimizer_name": "adam"}
+    rows = []
+    for name, bn in (("ttt", False), ("tent", True), ("memo", False)):
+        net, head = models[bn]
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            for xb in batches:
+                net(xb)
+            t_forward = (time.perf_counter() - t0) / len(batches)
+        t_ours, t_up = [], []
+        for _ in range(args.repeats):
+            ours, up = make_engines(name, net, head, settings)
+            t, acc_ours = run(ours, batches, labels)
+            t_ours.append(t)
+            try:
+                t, acc_up = run(up, batches, labels, quiet=True)
+                t_up.append(t)
+            except Exception as exc:  # noqa: BLE001 - report upstream's failure in the table
+                acc_up, t_up = f"fails: {type(exc).__name__}", []
+        ours_s = statistics.median(t_ours)
+        up_s = statistics.median(t_up) if t_up else float("nan")
+        rows.append(
+            (name, "BN" if bn else "no BN", up_s, ours_s, ours_s / up_s, acc_up, acc_ours, ours_s / t_forward)
+        )
+        print(rows[-1], flush=True)
+    lines = [
+        "| engine | model | torch-ttt 0.0.2 (s/batch) | tttlab (s/batch) | time ratio ours/upstream "
+        "| accuracy torch-ttt | accuracy tttlab | tttlab cost in plain forwards |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, model, up_s, ours_s, ratio, acc_up, acc_ours, fwd in rows:
+        acc_up_s = f"{100 * acc_up:.2f}" if isinstance(acc_up, float) else acc_up
+        lines.append(
+            f"| {name} | {model} | {up_s:.4f} | {ours_s:.4f} | {ratio:.2f} | {acc_up_s} | {100 * acc_ours:.2f} | {fwd:.1f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
