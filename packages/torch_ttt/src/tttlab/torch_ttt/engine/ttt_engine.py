@@ -70,7 +70,9 @@ def rotate_batch(x: torch.Tensor, rotation_type: str = "expand", generator: torc
     if not isinstance(x, torch.Tensor) or x.ndim < 3:
         raise InvalidInputError(f"rotation needs images (N, C, H, W), got {getattr(x, 'shape', type(x))}")
     if x.shape[-1] != x.shape[-2]:
-        raise InvalidInputError(f"rotation by 90 degrees needs square images, got H x W = {tuple(x.shape[-2:])}")
+        raise InvalidInputError(
+            f"rotation by 90 degrees needs square images, got H x W = {tuple(x.shape[-2:])}"
+        )
     dims = (x.ndim - 2, x.ndim - 1)
     if rotation_type == "expand":
         rotated = torch.cat([torch.rot90(x, k, dims=dims) for k in range(4)])
@@ -97,6 +99,11 @@ class TTTEngine(BaseEngine):
     layer type does not tell the shape); generator (for ``"rand"``).
     """
 
+    @property
+    def target_module(self) -> nn.Module:
+        """The features layer (a reference into ``model``)."""
+        return self._target[0]
+
     def __init__(
         self,
         model: nn.Module,
@@ -112,7 +119,8 @@ class TTTEngine(BaseEngine):
     ) -> None:
         super().__init__(model, optimization_parameters)
         self.features_layer_name = features_layer_name
-        self.target_module = find_module(model, features_layer_name)
+        # a tuple, so the layer is not registered twice (engine.state_dict() keeps one copy)
+        self._target = (find_module(model, features_layer_name),)
         if rotation_type not in ROTATION_TYPES:
             raise InvalidInputError(f"rotation_type={rotation_type!r}; expected one of {ROTATION_TYPES}")
         self.rotation_type = rotation_type

@@ -1,0 +1,176 @@
+"""ActMAD: test-time training by matching activation statistics of several layers to the training data's.
+
+Paper: Mirza, Soneira, Lin, Kozinski, Possegger, Bischof, "ActMAD: Activation Matching to Align
+Distributions for Test-Time Training", CVPR 2023 (bibtex ``mirza2023actmad``); upstream
+jmiemirza/ActMAD; API of torch-ttt's ``ActMADEngine(model, features_layer_names,
+optimization_parameters)``.
+
+Statistics are pixel-wise, as in the paper: for every chosen layer the mean and the (unbiased) variance
+over the batch of every activation element (channel x position), not per channel.  The test-time loss
+is ``sum over layers of L1(mean_test, mean_train) + L1(var_test, var_train)`` (element-mean L1, as
+torch-ttt; the official CIFAR script multiplies the sum by 0.5, which only rescales the step size for SGD
+and is invisible to Adam).  All model parameters adapt (as the paper and upstream); the model stays in
+eval mode, so BatchNorm layers normalise with their stored statistics (the official script sets every
+BatchNorm layer to eval during adaptation) and dropout is off.
+
+Training statistics: ``engine.compute_statistics(batches)`` (eval mode, float64 pairwise accumulation,
+no stacking of all activations as upstream did); train-mode forwards also accumulate them (model in
+train mode, changing weights: an approximation), restarting whenever the engine goes from eval to train
+mode and stored at ``engine.eval()`` unless ``compute_statistics`` was called after them.
+
+Differences from torch-ttt 0.0.2: no ``print`` in the loss, statistics on the model's device, memory
+O(activation size) instead of the whole training set's activations, the forward stops once the deepest
+chosen layer has run, a missing layer name lists the available names, adapting without statistics is a
+clear error, no deep copy per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from tttlab.core.errors import InvalidInputError
+
+from ..engine_registry import EngineRegistry
+from ..heads import RunningMoments, features_only, run_model
+from .base_engine import BaseEngine, check_batch, find_module
+from .ttt_pp_engine import iterate_inputs
+
+__all__ = ["ActMADEngine"]
+
+
+class _Capture:
+    """Forward hooks keeping the last output of each of several modules."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.modules, self.outputs, self.handles = list(modules), [None] * len(modules), []
+
+    def __enter__(self):
+        for i, m in enumerate(self.modules):
+            self.handles.append(m.register_forward_hook(self._make(i)))
+        return self
+
+    def _make(self, i):
+        def hook(module, args, output):
+            self.outputs[i] = output
+
+        return hook
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+@EngineRegistry.register("actmad")
+class ActMADEngine(BaseEngine):
+    """Args: model; features_layer_names (a name or a list of names); optimization_parameters (defaults:
+    3 Adam steps at lr 1e-2, reset per batch, as torch-ttt)."""
+
+    min_batch = 2
+
+    def __init__(
+        self, model: nn.Module, features_layer_names: str | Sequence[str], optimization_parameters=None
+    ):
+        super().__init__(model, optimization_parameters)
+        names = (
+            [features_layer_names] if isinstance(features_layer_names, str) else list(features_layer_names)
+        )
+        if not names:
+            raise InvalidInputError("features_layer_names is empty; give at least one layer name")
+        self.features_layer_names = names
+        self.target_modules = [find_module(model, n) for n in names]
+        self.reference_mean: list[torch.Tensor] | None = None
+        self.reference_var: list[torch.Tensor] | None = None
+        self._new_accumulators()
+
+    # -- statistics ---------------------------------------------------------------------------------
+    def _new_accumulators(self) -> None:
+        self._moments = [RunningMoments() for _ in self.target_modules]
+
+    def _features(self, outputs: list) -> list[torch.Tensor]:
+        for name, out in zip(self.features_layer_names, outputs):
+            if not isinstance(out, torch.Tensor):
+                raise InvalidInputError(f"layer {name!r} returns {type(out).__name__}; ActMAD needs tensors")
+        return outputs
+
+    def _accumulate(self, features: list[torch.Tensor]) -> None:
+        for moments, f in zip(self._moments, features):
+            moments.update(f)
+
+    def _store_accumulated(self) -> None:
+        self.reference_mean = [m.mean.to(torch.float32) for m in self._moments]
+        self.reference_var = [m.var.to(torch.float32) for m in self._moments]
+        self._new_accumulators()
+
+    def train(self, mode: bool = True):
+        was = self.training
+        super().train(mode)
+        if hasattr(self, "_moments"):
+            if mode and not was:
+                self._new_accumulators()
+            elif not mode and was and self._moments[0].count >= 2:
+                self._store_accumulated()
+        return self
+
+    @torch.no_grad()
+    def compute_statistics(self, batches: Iterable) -> None:
+        """Clean statistics from ``batches`` (e.g. the training loader), model in eval mode."""
+        device = next(self.model.parameters()).device
+        was = self.model.training
+        self.model.eval()
+        self._new_accumulators()
+        try:
+            for x in iterate_inputs(batches, device):
+                self._accumulate(self._features(self._layer_outputs(x)))
+        finally:
+            self.model.train(was)
+        if self._moments[0].count < 2:
+            raise InvalidInputError("compute_statistics needs at least 2 samples; the batches gave fewer")
+        self._store_accumulated()
+
+    # -- losses -------------------------------------------------------------------------------------
+    def _layer_outputs(self, inputs) -> list[torch.Tensor]:
+        return features_only(self.model, self.target_modules, inputs, self.features_layer_names)
+
+    def alignment_loss(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Sum over layers of L1(batch mean, clean mean) + L1(batch variance, clean variance)."""
+        if self.reference_mean is None:
+            raise InvalidInputError(
+                "ActMADEngine has no clean statistics: call engine.compute_statistics(train_batches) "
+                "(or run train-mode forwards) before adapting"
+            )
+        loss = features[0].new_zeros(())
+        for f, mean, var, name in zip(
+            features, self.reference_mean, self.reference_var, self.features_layer_names
+        ):
+            if f.shape[1:] != mean.shape:
+                raise InvalidInputError(
+                    f"layer {name!r}: activations of shape {tuple(f.shape[1:])}, but the clean statistics "
+                    f"have shape {tuple(mean.shape)} (pixel-wise statistics need the training input size)"
+                )
+            mean, var = mean.to(f.device, f.dtype), var.to(f.device, f.dtype)
+            loss = loss + (f.mean(dim=0) - mean).abs().mean() + (f.var(dim=0) - var).abs().mean()
+        return loss
+
+    def ttt_forward(self, inputs, **kwargs):
+        """Train mode: ``(model(inputs), 0)`` and the clean statistics accumulate; eval: the ActMAD loss."""
+        with _Capture(self.target_modules) as capture:
+            outputs = run_model(self.model, inputs)
+        features = self._features(capture.outputs)
+        if self.training:
+            self._accumulate(features)
+            return outputs, outputs.new_zeros(())
+        return outputs, self.alignment_loss(features)
+
+    def adapt_loss(self, inputs, **kwargs):
+        return self.alignment_loss(self._features(self._layer_outputs(inputs)))
+
+    def forward(self, inputs, **kwargs):
+        if not self.training and self.optimization_parameters["num_steps"] > 0:
+            check_batch(inputs, min_batch=self.min_batch)
+            if self.reference_mean is None:
+                self.alignment_loss([torch.zeros(1)])  # raises the explanatory error before any change
+        return super().forward(inputs, **kwargs)

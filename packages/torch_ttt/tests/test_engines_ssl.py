@@ -1,0 +1,407 @@
+"""The self-supervised engines (TTT, TTT++, ActMAD, IT3, masked TTT): the maths each one relies on,
+checked against direct computations, plus the adaptation contract on tiny models with and without
+BatchNorm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tttlab.core.errors import InvalidInputError
+from tttlab.torch_ttt import get_engine
+from tttlab.torch_ttt.augment import random_resized_crop_flip, simclr_views
+from tttlab.torch_ttt.engine.actmad_engine import ActMADEngine
+from tttlab.torch_ttt.engine.base_engine import FeatureHook
+from tttlab.torch_ttt.engine.it3_engine import IT3Engine
+from tttlab.torch_ttt.engine.masked_ttt_engine import MaskedTTTEngine, mask_patches, masked_mse
+from tttlab.torch_ttt.engine.ttt_engine import TTTEngine, rotate_batch
+from tttlab.torch_ttt.engine.ttt_pp_engine import TTTPPEngine, nt_xent
+from tttlab.torch_ttt.heads import RunningMoments, features_only
+
+
+class ConvNet(nn.Module):
+    """12x12 single-channel images -> 5 classes; optional BatchNorm after the first convolution."""
+
+    def __init__(self, bn: bool = False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4) if bn else nn.Identity()
+        self.conv2 = nn.Conv2d(4, 8, 3, padding=1, stride=2)
+        self.fc1 = nn.Linear(8 * 6 * 6, 16)
+        self.fc2 = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.relu(self.norm(self.conv1(x)))
+        x = F.relu(self.conv2(x)).flatten(1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class TokenNet(nn.Module):
+    """Token ids (N, L) -> per-token vocabulary logits (N, L, 20) (a BERT-style masked-LM head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.mlm = nn.Linear(8, 20)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.mlm(torch.tanh(self.embed(input_ids)))
+
+
+def images(n: int = 8, seed: int = 0, shift: float = 0.0) -> torch.Tensor:
+    return torch.randn(n, 1, 12, 12, generator=torch.Generator().manual_seed(seed)) + shift
+
+
+def conv_net(bn: bool = False, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = ConvNet(bn)
+    if bn:
+        net.train()
+        with torch.no_grad():
+            for i in range(3):
+                net(images(16, seed=100 + i))
+    return net.eval()
+
+
+def make_engine(name: str, net: nn.Module, **settings):
+    """Each engine on ConvNet with its typical layer; statistics from a training-like batch."""
+    opt = {"num_steps": 1, "lr": 1e-2, **settings}
+    if name == "ttt":
+        engine = TTTEngine(net, "conv2", optimization_parameters=opt)
+    elif name == "ttt_pp":
+        engine = TTTPPEngine(net, "fc1", optimization_parameters=opt)  # global RNG: torch.manual_seed
+        engine.compute_statistics([images(16, seed=5)])
+    elif name == "actmad":
+        engine = ActMADEngine(net, ["conv1", "fc1"], optimization_parameters=opt)
+        engine.compute_statistics([(images(16, seed=5), None)])
+    elif name == "ittt":
+        engine = IT3Engine(net, "fc1", optimization_parameters=opt)
+    else:
+        engine = MaskedTTTEngine(net, features_layer_name="conv2", optimization_parameters=opt)
+    return engine.eval()
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+ENGINES = ["ttt", "ttt_pp", "actmad", "ittt", "masked_ttt"]
+
+
+# -- the adaptation contract, on a plain and a BatchNorm model -------------------------------------
+@pytest.mark.parametrize("bn", [False, True], ids=["plain", "batchnorm"])
+@pytest.mark.parametrize("name", ENGINES)
+def test_adaptation_contract(name, bn):
+    net = conv_net(bn)
+    engine = make_engine(name, net, num_steps=0)
+    assert get_engine(name) is type(engine)
+    x = images(8, seed=1, shift=0.7)
+    with torch.no_grad():
+        expected = net(x)
+    assert torch.equal(engine(x)[0], expected)  # num_steps=0: exactly the wrapped model
+
+    before_engine = snapshot(engine)
+    adapted = {name for name, _ in engine.adapted_parameters()}
+    engine.optimization_parameters.update(num_steps=1, reset="per_domain")
+    outputs, loss = engine(x)
+    assert torch.isfinite(loss) and loss.item() != 0
+    after = snapshot(engine)
+    changed = {k for k in before_engine if not torch.equal(before_engine[k], after[k])}
+    assert changed and changed <= adapted, f"changed outside the adapted parameters: {changed - adapted}"
+    with torch.no_grad():
+        assert torch.equal(outputs, net(x)), "the prediction is the adapted model's"
+    engine.reset()
+    restored = snapshot(engine)
+    assert all(torch.equal(before_engine[k], restored[k]) for k in before_engine)
+
+    engine.optimization_parameters["reset"] = "per_batch"  # episodic: two calls agree bit for bit
+    torch.manual_seed(3)
+    first = engine(x)[0]
+    torch.manual_seed(3)
+    assert torch.equal(first, engine(x)[0])
+    assert all(torch.equal(before_engine[k], v) for k, v in snapshot(engine).items())
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_heads_exist_before_first_call_and_are_trained(name):
+    net = conv_net(bn=True)
+    engine = make_engine(name, net)
+    head_names = [n for n, _ in engine.named_parameters() if not n.startswith("model.")]
+    if name == "actmad":
+        assert head_names == []
+        return
+    assert head_names, "the auxiliary head must exist at construction"
+    optimizer = torch.optim.Adam(engine.parameters(), lr=1e-2)  # built before the first call
+    heads = {n: p.detach().clone() for n, p in engine.named_parameters() if n in head_names}
+    engine.train()
+    x = images(8, seed=2)
+    kwargs = {"target": F.one_hot(torch.arange(8) % 5, 5).float()} if name == "ittt" else {}
+    outputs, ssl = engine(x, **kwargs)
+    assert outputs.shape == (8, 5)
+    (F.cross_entropy(outputs, torch.arange(8) % 5) + 0.35 * ssl).backward()
+    optimizer.step()
+    params = dict(engine.named_parameters())
+    assert all(not torch.equal(heads[n], params[n]) for n in head_names if params[n].grad is not None)
+    assert sum(params[n].grad is not None for n in head_names) >= 2
+
+
+def test_bad_layer_names_list_the_available_ones():
+    net = conv_net()
+    for make in (
+        lambda: TTTEngine(net, "conv9"),
+        lambda: TTTPPEngine(net, "conv9"),
+        lambda: ActMADEngine(net, ["conv1", "conv9"]),
+        lambda: IT3Engine(net, "conv9"),
+        lambda: MaskedTTTEngine(net, features_layer_name="conv9"),
+    ):
+        with pytest.raises(InvalidInputError, match=r"available layers.*fc1"):
+            make()
+    with pytest.raises(InvalidInputError, match="feature_shape"):
+        TTTEngine(net, "norm")  # an Identity: its output shape is unknown without a dry run
+    engine = TTTEngine(net, "norm", example_input=images(2))
+    assert engine.angle_head[0].in_channels == 4
+
+
+# -- TTT ---------------------------------------------------------------------------------------------
+def test_rotations_are_exact_and_labelled():
+    x = images(3)
+    r, labels = rotate_batch(x, "expand")
+    assert labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    for k in range(4):
+        block = r[3 * k : 3 * k + 3]
+        assert torch.equal(torch.rot90(block, 4 - k if k else 0, dims=(2, 3)), x)
+    y = x
+    for _ in range(4):
+        y = torch.rot90(y, 1, dims=(2, 3))
+    assert torch.equal(y, x)
+    gen = torch.Generator().manual_seed(0)
+    r, labels = rotate_batch(images(16), "rand", generator=gen)
+    again, labels_again = rotate_batch(images(16), "rand", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(r, again) and torch.equal(labels, labels_again) and len(set(labels.tolist())) > 1
+    for i, k in enumerate(labels.tolist()):
+        assert torch.equal(r[i], torch.rot90(images(16)[i], k, dims=(1, 2)))
+    with pytest.raises(InvalidInputError, match="square"):
+        rotate_batch(torch.zeros(2, 1, 4, 6))
+
+
+def test_ttt_early_exit_features_equal_full_forward_and_skip_later_layers():
+    net = conv_net(bn=True)
+    engine = TTTEngine(net, "conv2")
+    x = images(4)
+    calls = []
+    handle = net.fc2.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        with FeatureHook(net.conv2) as hook:
+            net(x)
+        assert len(calls) == 1
+        early = engine._features_only(x)
+    handle.remove()
+    assert len(calls) == 1, "layers after the features layer must not run"
+    assert torch.equal(early, hook.output)
+
+
+def test_ttt_single_forward_equals_two_forwards_without_batchnorm():
+    net = conv_net(bn=False)
+    for rotation_type in ("expand", "rand"):
+        engine = TTTEngine(net, "fc1", rotation_type=rotation_type).train()
+        x = images(6)
+        engine.generator = torch.Generator().manual_seed(1)
+        outputs, loss = engine(x)
+        engine.generator = torch.Generator().manual_seed(1)
+        rotated, labels = rotate_batch(x, rotation_type, engine.generator)
+        with FeatureHook(net.fc1) as hook:
+            net(rotated)
+        reference = F.cross_entropy(engine.angle_head(hook.output), labels)
+        torch.testing.assert_close(outputs, net(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+
+
+# -- TTT++ -------------------------------------------------------------------------------------------
+def test_nt_xent_matches_direct_formula():
+    z = torch.randn(5, 2, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rows = F.normalize(torch.cat([z[:, 0], z[:, 1]]), dim=1)
+    total = 0.0
+    for i in range(10):
+        positive = (i + 5) % 10
+        sims = [float(rows[i] @ rows[j]) / 0.07 for j in range(10) if j != i]
+        log_denominator = torch.logsumexp(torch.tensor(sims, dtype=torch.float64), 0)
+        total += -(float(rows[i] @ rows[positive]) / 0.07 - float(log_denominator))
+    torch.testing.assert_close(nt_xent(z), torch.tensor(total / 10, dtype=torch.float64))
+
+
+def test_running_moments_equal_the_concatenated_batch():
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, 6, generator=g) * 3 + 1 for n in (5, 1, 9)]
+    full = torch.cat(parts).double()
+    acc, cov_acc = RunningMoments(), RunningMoments(covariance=True)
+    for p in parts:
+        acc.update(p)
+        cov_acc.update(p)
+    torch.testing.assert_close(acc.mean, full.mean(0))
+    torch.testing.assert_close(acc.var, full.var(0))
+    torch.testing.assert_close(cov_acc.cov, torch.cov(full.T))
+
+
+def test_ttt_pp_alignment_is_zero_on_the_statistics_batch_and_positive_when_shifted():
+    net = conv_net(bn=True)
+    for layer in ("fc1", "conv2"):  # vector features and pooled feature maps
+        engine = TTTPPEngine(net, layer).eval()
+        x = images(16, seed=5)
+        engine.compute_statistics([x[:7], x[7:]])
+        with torch.no_grad():
+            same = engine.alignment_loss(features_only(net, engine.target_module, x))
+            shifted = engine.alignment_loss(
+                features_only(net, engine.target_module, images(16, seed=6, shift=2.0))
+            )
+        assert same.item() < 1e-10
+        assert shifted.item() > 1e-4
+
+
+def test_ttt_pp_train_forwards_accumulate_the_statistics():
+    net = conv_net(bn=False)
+    engine = TTTPPEngine(net, "fc1", generator=torch.Generator().manual_seed(0))
+    batches = [images(6, seed=s) for s in (1, 2)]
+    engine.train()
+    with torch.no_grad():
+        for b in batches:
+            engine(b)
+    engine.eval()  # the accumulated statistics become the reference
+    accumulated = (engine.reference_mean, engine.reference_cov, engine.reference_c_cov)
+    engine.compute_statistics(batches)
+    for a, b in zip(accumulated, (engine.reference_mean, engine.reference_cov, engine.reference_c_cov)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_engines_refuse_to_adapt_without_statistics():
+    net = conv_net()
+    for engine in (TTTPPEngine(net, "fc1").eval(), ActMADEngine(net, "fc1").eval()):
+        with pytest.raises(InvalidInputError, match="compute_statistics"):
+            engine(images(4))
+
+
+def test_simclr_views_are_seeded_per_image_and_keep_shape():
+    x = images(4)
+    a = simclr_views(x, generator=torch.Generator().manual_seed(0))
+    b = simclr_views(x, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (8, 1, 12, 12) and torch.equal(a, b)
+    assert not torch.allclose(a[:4], a[4:])
+    full = random_resized_crop_flip(x, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0)
+    torch.testing.assert_close(full, x, rtol=1e-5, atol=1e-5)  # the whole image, unflipped: identity
+
+
+# -- ActMAD ------------------------------------------------------------------------------------------
+def test_actmad_loss_zero_on_its_statistics_batch_and_positive_when_shifted():
+    net = conv_net(bn=True)
+    engine = ActMADEngine(net, ["conv1", "conv2", "fc1"]).eval()
+    x = images(16, seed=5)
+    engine.compute_statistics([x[:5], x[5:]])
+    assert [tuple(m.shape) for m in engine.reference_mean] == [(4, 12, 12), (8, 6, 6), (16,)]  # pixel-wise
+    with torch.no_grad():
+        assert engine.adapt_loss(x).item() < 1e-5
+        assert engine.adapt_loss(images(16, seed=6, shift=1.5)).item() > 1e-2
+    engine.optimization_parameters.update(num_steps=1, reset="never", lr=1e-3)
+    shifted = images(16, seed=6, shift=1.5)
+    losses = [engine(shifted)[1].item() for _ in range(5)]
+    assert losses[-1] < losses[0]
+
+
+def test_actmad_stops_after_the_deepest_layer():
+    net = conv_net()
+    engine = ActMADEngine(net, ["conv2", "conv1"])
+    calls = []
+    handle = net.fc1.register_forward_hook(lambda *a: calls.append(1))
+    engine._layer_outputs(images(3))
+    handle.remove()
+    assert calls == []
+
+
+# -- IT3 ---------------------------------------------------------------------------------------------
+def test_it3_training_scheme_and_shapes():
+    net = conv_net(bn=False)
+    engine = IT3Engine(net, "conv2")  # 2-D outputs embedded into 4-D features (per-channel offset)
+    assert isinstance(engine.embeder[0], nn.Linear) and engine.embeder[0].in_features == 5
+    engine.train()
+    x, target = images(6), F.one_hot(torch.arange(6) % 5, 5).float()
+    y0, loss = engine(x, target=target)
+    assert y0.shape == (6, 5)
+    torch.testing.assert_close(y0, net(x), rtol=1e-5, atol=1e-6)
+    emb = engine.embeder(target)
+    handle = net.conv2.register_forward_hook(lambda m, a, out: out + emb[:, :, None, None])
+    y1 = net(x)
+    handle.remove()
+    torch.testing.assert_close(loss, F.mse_loss(y1, target), rtol=1e-5, atol=1e-7)
+    with pytest.raises(InvalidInputError, match="output_shape"):
+        IT3Engine(
+            nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(200, 3), nn.Conv1d(1, 1, 1)), "0"
+        )(images(2))
+
+
+def test_it3_idempotence_loss_decreases_on_a_fixed_batch():
+    net = conv_net(bn=True)
+    engine = IT3Engine(
+        net, "fc1", optimization_parameters={"num_steps": 1, "lr": 1e-2, "reset": "never"}
+    ).eval()
+    x = images(8, seed=4, shift=1.0)
+    losses = [engine(x)[1].item() for _ in range(8)]
+    assert losses[-1] < losses[0]
+
+
+# -- masked TTT --------------------------------------------------------------------------------------
+def test_patch_masks_are_whole_patches_of_a_fixed_count():
+    x = images(5)
+    masked, mask = mask_patches(x, 4, 0.5, mask_value=-3.0, generator=torch.Generator().manual_seed(0))
+    assert mask.shape == (5, 1, 12, 12)
+    grid = mask.view(5, 3, 4, 3, 4)
+    assert torch.equal(grid.amin(dim=(2, 4)), grid.amax(dim=(2, 4)))  # constant within each patch
+    assert grid[:, :, 0, :, 0].sum(dim=(1, 2)).tolist() == [round(0.5 * 9)] * 5
+    assert torch.equal(masked[mask.expand_as(x)], torch.full((int(mask.sum()),), -3.0))
+    assert torch.equal(masked[~mask.expand_as(x)], x[~mask.expand_as(x)])
+
+
+def test_masked_loss_depends_only_on_masked_pixels():
+    net = conv_net(bn=True)
+    engine = MaskedTTTEngine(net, features_layer_name="conv2", mask_prob=0.5).eval()
+    x = images(4)
+    engine.generator = torch.Generator().manual_seed(0)
+    _, mask = engine.mask(x)
+    # (1) the loss ignores the reconstruction and the target outside the mask
+    pred = torch.randn_like(x)
+    noise = torch.randn_like(x) * (~mask)
+    assert torch.equal(masked_mse(pred, x, mask), masked_mse(pred + noise, x + 2 * noise, mask))
+    # (2) end to end: the model only sees the visible pixels, so changing the masked ones changes only the target
+    x2 = torch.where(mask, x + 5.0, x)
+    engine.generator = torch.Generator().manual_seed(0)
+    masked2, mask2 = engine.mask(x2)
+    engine.generator = torch.Generator().manual_seed(0)
+    masked1, _ = engine.mask(x)
+    assert torch.equal(mask, mask2) and torch.equal(masked1, masked2)
+    with torch.no_grad():
+        engine.generator = torch.Generator().manual_seed(0)
+        loss2 = engine.adapt_loss(x2)
+        recon = engine.reconstruct(features_only(net, engine.target_module, masked1), (12, 12))
+    assert recon.shape == x.shape
+    torch.testing.assert_close(loss2, masked_mse(recon, x2, mask))
+
+
+def test_masked_ttt_token_mode():
+    torch.manual_seed(0)
+    net = TokenNet().eval()
+    engine = MaskedTTTEngine(
+        net, 0, "mlm", mask_prob=1.0, skip_tokens=[1, 2], optimization_parameters={"num_steps": 1}
+    )
+    assert engine.decoder is None and list(engine.parameters()) == list(net.parameters())
+    ids = torch.randint(1, 20, (3, 7), generator=torch.Generator().manual_seed(0))
+    masked, mask = engine._mask_tokens(ids)
+    assert torch.equal(mask, (ids != 1) & (ids != 2)) and (masked[mask] == 0).all()
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        reference = net(**batch)
+    engine.optimization_parameters["num_steps"] = 0
+    assert torch.equal(engine(batch)[0], reference)
+    engine.optimization_parameters["num_steps"] = 1
+    out, loss = engine(batch)
+    assert out.shape == (3, 7, 20) and loss.item() > 0
+    with pytest.raises(InvalidInputError, match="integer input_ids"):
+        engine.adapt_loss(torch.randn(3, 7))
