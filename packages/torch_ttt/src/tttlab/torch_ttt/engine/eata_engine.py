@@ -4,152 +4,277 @@ Paper: Niu, Wu, Zhang, Chen, Zheng, Zhao, Tan, "Efficient Test-Time Model Adapta
 ICML 2022 (bibtex ``niu2022eata``); upstream mr-eggplant/EATA; API of torch-ttt's
 ``EataEngine(model, optimization_parameters, e_margin, d_margin, fisher_alpha, fishers)``.
 
-Like TENT (test-batch normalisation statistics, normalisation affine parameters adapted), with:
+Algorithm (one adaptation step, normalisation layers using the test batch's statistics):
 
-* sample selection: only samples whose prediction entropy is below ``e_margin`` (default
-  0.4 ln C, the paper's E0, with C the number of classes of the model's output) and whose probability
-  vector is not redundant with the moving average of past selected predictions (|cos| < ``d_margin``);
-* reweighting by ``1 / exp(entropy - e_margin)``;
-* an anti-forgetting regulariser ``fisher_alpha * sum_i F_i (theta_i - theta0_i)^2`` with diagonal Fisher
-  information ``F`` from :meth:`EataEngine.compute_fishers` (upstream's calibration raised an error).
+1. entropy filter: keep samples with prediction entropy ``H(x) < e_margin``;
+2. redundancy filter: of those, keep samples whose probability vector has ``|cos(p(x), m)| < d_margin``,
+   ``m`` being a moving average of the kept samples' mean probabilities (``m <- 0.9 m + 0.1 mean(p)``;
+   no filter before ``m`` exists);
+3. loss = mean over kept samples of ``H(x) / exp(H(x) - e_margin)`` (the weight is not differentiated)
+   plus the anti-forgetting term ``fisher_alpha * sum_i F_i (theta_i - theta0_i)^2`` when Fisher
+   information has been computed (:meth:`EataEngine.compute_fishers`) or given (``fishers``);
+4. no step at all when no sample is kept (as the official code).
 
-The moving average of probabilities is part of the adapted state: ``reset`` forgets it.
+Only the affine parameters of the normalisation layers (BatchNorm, GroupNorm, LayerNorm, InstanceNorm)
+are adapted; the moving average ``m`` is an adapted buffer (``current_model_probs``), so ``reset()``
+restores it with the parameters.
+
+Differences from torch-ttt 0.0.2 and why:
+
+* ``compute_fishers(batches_or_loader)`` works (upstream iterated over ``enumerate(loader)`` and called
+  ``.to`` on the batch index, and re-configured the model with a function that returns ``None``).  As the
+  paper, the Fisher diagonal is the mean over batches of the squared gradients of the cross-entropy to the
+  model's own pseudo-labels (``use_labels=True`` uses the labels of ``(x, y)`` batches instead), computed
+  with test-batch statistics, w.r.t. the adapted parameters only, on clean (source) data, or on unlabeled
+  test data as in the paper's 2,000-sample variant; ``theta0`` is the parameters at calibration time.
+* test-batch normalisation statistics (upstream kept the stored training statistics) and every norm type
+  (upstream: ``BatchNorm2d`` only); the model is never mutated permanently, so ``reset`` is exact.
+* ``e_margin=None`` (default) is the paper's ``0.4 * ln(C)``, ``C`` read from the model's output at the
+  first call; upstream's default was the constant ``ln(1000) / 2 - 1`` (about 2.45, tuned for 1000
+  classes, :data:`UPSTREAM_E_MARGIN`); pass it explicitly to reproduce upstream.
+* ``d_margin`` filters samples *similar* to the moving average (``|cos| < d_margin`` are kept), as the
+  paper and both upstreams; the moving average is updated with the finally kept samples only.
+* defaults: the paper's ImageNet setting, one SGD step, lr 2.5e-4, momentum 0.9 (upstream: its generic
+  3 Adam steps at 1e-2).  EATA is meant to run over a stream (``reset="per_domain"`` or ``"never"``); the
+  default ``"per_batch"`` (upstream's ``copy_model=True``) makes the moving average and the Fisher term
+  act only within one batch's steps.
+* ``fishers`` keys are the engine's parameter names (``model.<name>``, what :meth:`compute_fishers`
+  returns); upstream's keys (the model's own names) are accepted too.
+* the prediction is made after the update steps, as upstream torch-ttt (the official code returns the
+  outputs of the forward that computed the loss: ``predict_before_update=True``, which also saves that
+  forward).
+* train mode returns ``(outputs, entropy-filtered weighted entropy)`` without touching the moving average.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from tttlab.core.errors import InvalidInputError
 
 from ..engine_registry import EngineRegistry
-from ..norm import batch_statistics, entropy, norm_affine_parameters, norm_layers
+from ..norm import batch_statistics, batchnorm_layers, entropy, norm_affine_parameters, norm_layers
 from .base_engine import BaseEngine, check_batch
 
-__all__ = ["EataEngine"]
+__all__ = ["EataEngine", "EATAEngine", "UPSTREAM_E_MARGIN", "eata_selection", "update_model_probs"]
+
+#: torch-ttt 0.0.2's default ``e_margin`` (a constant for 1000 classes).
+UPSTREAM_E_MARGIN = math.log(1000) / 2 - 1
+#: momentum of the moving average of probabilities (paper and official code).
+PROBS_MOMENTUM = 0.9
+
+
+def eata_selection(
+    ent: torch.Tensor, probs: torch.Tensor, model_probs: torch.Tensor | None, e_margin: float, d_margin
+) -> torch.Tensor:
+    """Boolean mask of the samples EATA adapts on: ``ent < e_margin`` and, when a moving average
+    ``model_probs`` exists and ``d_margin`` is not None, ``|cos(probs, model_probs)| < d_margin``."""
+    keep = ent < e_margin
+    if model_probs is not None and model_probs.numel() and d_margin is not None:
+        cos = F.cosine_similarity(model_probs.unsqueeze(0), probs, dim=1)
+        keep = keep & (cos.abs() < d_margin)
+    return keep
+
+
+def update_model_probs(model_probs: torch.Tensor | None, new_probs: torch.Tensor) -> torch.Tensor | None:
+    """``0.9 * m + 0.1 * mean(new_probs)``; ``mean(new_probs)`` if there is no ``m`` yet; ``m`` unchanged
+    when ``new_probs`` is empty."""
+    if new_probs.shape[0] == 0:
+        return model_probs
+    mean = new_probs.detach().mean(0)
+    if model_probs is None or model_probs.numel() == 0:
+        return mean
+    return PROBS_MOMENTUM * model_probs + (1 - PROBS_MOMENTUM) * mean
 
 
 @EngineRegistry.register("eata")
 class EataEngine(BaseEngine):
+    """Args: ``model``; ``optimization_parameters``; ``e_margin`` (None: ``0.4 ln C``); ``d_margin``
+    (cosine threshold, None disables the redundancy filter); ``fisher_alpha``; ``fishers`` (``{name:
+    (fisher, theta0)}``, e.g. from :meth:`compute_fishers`; names as ``engine.named_parameters()``
+    (``model.<name>``) or, as upstream, as ``model.named_parameters()``); ``predict_before_update``."""
+
     optimization_defaults = {"num_steps": 1, "lr": 2.5e-4, "optimizer_name": "sgd", "momentum": 0.9}
-    min_batch = 2
 
     def __init__(
         self,
-        model,
-        optimization_parameters=None,
+        model: nn.Module,
+        optimization_parameters: Mapping | None = None,
         e_margin: float | None = None,
-        d_margin: float = 0.05,
+        d_margin: float | None = 0.05,
         fisher_alpha: float = 2000.0,
-        fishers: dict | None = None,
+        fishers: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        *,
+        predict_before_update: bool = False,
     ):
         super().__init__(model, optimization_parameters)
         if not norm_layers(model):
             raise InvalidInputError(
-                f"EataEngine needs normalisation layers (BatchNorm/GroupNorm/LayerNorm); {type(model).__name__} has none"
+                f"EataEngine adapts normalisation layers (BatchNorm/GroupNorm/LayerNorm); "
+                f"{type(model).__name__} has none"
             )
-        self.e_margin, self.d_margin, self.fisher_alpha = e_margin, d_margin, fisher_alpha
-        self.fishers = fishers
-        self.current_model_probs: torch.Tensor | None = None
-        self._saved_probs: torch.Tensor | None = None
-        self.num_selected = 0
+        self.e_margin = e_margin
+        self.d_margin = d_margin
+        self.fisher_alpha = float(fisher_alpha)
+        self.fishers = dict(fishers) if fishers is not None else None
+        self.predict_before_update = predict_before_update
+        # batch statistics need two samples (a LayerNorm/GroupNorm-only model works per sample)
+        self.min_batch = 2 if batchnorm_layers(model) else 1
+        # moving average of probabilities: None until the first kept sample (its size C is unknown before)
+        self.register_buffer("current_model_probs", None, persistent=False)
+        self._first_outputs: torch.Tensor | None = None
+        self.num_selected = 0  # samples adapted on since construction (all steps, as the official counters)
+        self.last_selected = 0  # samples the last step adapted on (0: no step)
 
+    # -- what adapts --------------------------------------------------------------------------------
     def adapted_parameters(self):
         return norm_affine_parameters(self.model)
+
+    def adapted_buffers(self):
+        if self.current_model_probs is not None:
+            yield "current_model_probs", self.current_model_probs
 
     def inference_context(self):
         return batch_statistics(self.model)
 
-    def take_snapshot(self) -> None:
-        super().take_snapshot()
-        self._saved_probs = None if self.current_model_probs is None else self.current_model_probs.clone()
-
-    def reset(self) -> None:
-        super().reset()
-        self.current_model_probs = None if self._saved_probs is None else self._saved_probs.clone()
-
     def margin(self, num_classes: int) -> float:
-        return self.e_margin if self.e_margin is not None else 0.4 * math.log(num_classes)
+        """The entropy threshold: ``e_margin`` if given, else the paper's ``0.4 * ln(num_classes)``."""
+        return float(self.e_margin) if self.e_margin is not None else 0.4 * math.log(num_classes)
 
+    @torch.no_grad()
+    def reset(self) -> None:
+        if self._snapshot is not None:  # the average may have appeared (or not) since the snapshot
+            saved = self._snapshot.get("buffer:current_model_probs")
+            self.current_model_probs = None if saved is None else saved.clone()
+        super().reset()
+
+    # -- Fisher regulariser -------------------------------------------------------------------------
+    def compute_fishers(
+        self,
+        data: Iterable,
+        loss_fn: Callable | None = None,
+        lr: float | None = None,
+        *,
+        use_labels: bool = False,
+        num_batches: int | None = None,
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Diagonal Fisher information of the adapted parameters, stored in ``self.fishers`` and returned
+        as ``{"model.<name>": (fisher, theta0)}``.
+
+        ``data``: an iterable of batches (a ``DataLoader``, a list of tensors or of ``(x, y, ...)``
+        tuples); at most ``num_batches`` are read.  ``loss_fn(outputs, targets)`` defaults to
+        cross-entropy; targets are the model's argmax pseudo-labels (paper) unless ``use_labels=True``.
+        ``lr`` is accepted for upstream compatibility and unused (upstream built a throwaway optimizer).
+        The model's parameters, buffers and ``.grad`` fields are left untouched.
+        """
+        del lr
+        loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+        params = dict(self.adapted_parameters())
+        names, tensors = list(params), list(params.values())
+        sums = [torch.zeros_like(p) for p in tensors]
+        count = 0
+        with torch.enable_grad(), batch_statistics(self.model):
+            for batch in data:
+                if num_batches is not None and count >= num_batches:
+                    break
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                if not isinstance(x, torch.Tensor):
+                    raise InvalidInputError(
+                        f"compute_fishers expects batches of tensors or (x, y) tuples, got {type(x).__name__}"
+                    )
+                check_batch(x, min_batch=self.min_batch, what="Fisher calibration batch")
+                outputs = self.model(x.to(tensors[0].device))
+                if use_labels:
+                    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                        raise InvalidInputError("compute_fishers(use_labels=True) needs (x, y) batches")
+                    targets = batch[1].to(outputs.device)
+                else:
+                    targets = outputs.detach().argmax(dim=-1)
+                grads = torch.autograd.grad(loss_fn(outputs, targets), tensors, allow_unused=True)
+                for total, g in zip(sums, grads):
+                    if g is not None:
+                        total.add_(g.detach().square())
+                count += 1
+        if count == 0:
+            raise InvalidInputError("compute_fishers got no batches; expected at least one")
+        self.fishers = {n: (s / count, p.detach().clone()) for n, s, p in zip(names, sums, tensors)}
+        return self.fishers
+
+    def fisher_regularizer(self) -> torch.Tensor:
+        """``fisher_alpha * sum_i F_i (theta_i - theta0_i)^2`` over the parameters with Fisher information
+        (0 at the calibrated parameters)."""
+        params = dict(self.named_parameters())
+        terms = []
+        for name, (fisher, theta0) in (self.fishers or {}).items():
+            p = params.get(name, params.get(f"model.{name}"))
+            if p is not None:
+                terms.append((fisher.to(p) * (p - theta0.to(p)).square()).sum())
+        if not terms:
+            return torch.zeros((), device=self.current_device())
+        return self.fisher_alpha * torch.stack(terms).sum()
+
+    fisher_penalty = fisher_regularizer  # the name used in earlier tttlab versions
+
+    def current_device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    # -- the method ---------------------------------------------------------------------------------
     def select(self, outputs: torch.Tensor):
-        """Indices kept by the entropy and redundancy filters, their entropies and the weights."""
+        """``(kept indices, their entropies, their weights 1/exp(H - e_margin), their probabilities)``
+        after the entropy and redundancy filters; the moving average is not changed."""
         ent = entropy(outputs)
         e_margin = self.margin(outputs.shape[-1])
-        keep = torch.nonzero(ent < e_margin, as_tuple=True)[0]
-        probs = outputs[keep].softmax(-1)
-        if self.current_model_probs is not None and keep.numel():
-            cos = F.cosine_similarity(self.current_model_probs.unsqueeze(0), probs, dim=1)
-            redundant = cos.abs() >= self.d_margin
-            keep, probs = keep[~redundant], probs[~redundant]
-        weights = torch.exp(-(ent[keep].detach() - e_margin))
-        return keep, ent[keep], weights, probs
-
-    def fisher_penalty(self) -> torch.Tensor:
-        if not self.fishers:
-            return torch.zeros(())
-        total = torch.zeros(())
-        for name, p in self.adapted_parameters():
-            if name in self.fishers:
-                fisher, anchor = self.fishers[name]
-                total = total + (fisher * (p - anchor) ** 2).sum()
-        return self.fisher_alpha * total
+        probs = outputs.softmax(dim=-1)
+        keep = eata_selection(ent.detach(), probs.detach(), self.current_model_probs, e_margin, self.d_margin)
+        idx = keep.nonzero().squeeze(1)
+        return idx, ent[idx], torch.exp(-(ent[idx].detach() - e_margin)), probs[idx]
 
     def ttt_forward(self, inputs, **kwargs):
+        """Train mode: ``(outputs, weighted entropy of the samples under e_margin)``; no state changes."""
         outputs = self.model(inputs)
-        return outputs, entropy(outputs).mean()
+        ent = entropy(outputs)
+        e_margin = self.margin(outputs.shape[-1])
+        keep = ent.detach() < e_margin
+        coeff = torch.exp(-(ent.detach() - e_margin)) * keep
+        return outputs, (ent * coeff).sum() / keep.sum().clamp_min(1)
 
     def adapt_loss(self, inputs, **kwargs):
         outputs = self.model(inputs)
-        keep, ent, weights, probs = self.select(outputs)
-        self.num_selected += int(keep.numel())
-        if keep.numel():
-            mean_probs = probs.detach().mean(0)
-            self.current_model_probs = (
-                mean_probs
-                if self.current_model_probs is None
-                else 0.9 * self.current_model_probs + 0.1 * mean_probs
-            )
-            loss = (ent * weights).mean()
-        else:
-            loss = outputs.sum() * 0.0  # nothing selected: no update from entropy, only the regulariser
-        return loss + self.fisher_penalty()
+        if self._first_outputs is None:
+            self._first_outputs = outputs.detach()
+        idx, ent, weights, probs = self.select(outputs)
+        with torch.no_grad():
+            self.current_model_probs = update_model_probs(self.current_model_probs, probs.detach())
+        self.last_selected = int(idx.numel())
+        self.num_selected += self.last_selected
+        if self.last_selected == 0:  # no reliable, non-redundant sample: no step (official code)
+            return outputs.new_zeros(())
+        loss = (ent * weights).mean()
+        if self.fishers:
+            loss = loss + self.fisher_regularizer()
+        return loss
 
-    def compute_fishers(self, batches: Iterable, num_batches: int | None = None) -> dict:
-        """Diagonal Fisher information of the adapted parameters at their current values.
-
-        ``batches`` yields input tensors (or ``(inputs, labels)``; labels are ignored: the model's own
-        predictions are the targets, as in EATA's unlabeled calibration on in-distribution samples).
-        Returns and stores ``{name: (fisher, anchor)}``.
-        """
-        params = dict(self.adapted_parameters())
-        sums = {n: torch.zeros_like(p) for n, p in params.items()}
-        count = 0
-        for i, batch in enumerate(batches):
-            if num_batches is not None and i >= num_batches:
-                break
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            check_batch(x, min_batch=self.min_batch)
-            for p in params.values():
-                p.grad = None
-            with torch.enable_grad(), self.inference_context():
-                outputs = self.model(x)
-                F.cross_entropy(outputs, outputs.argmax(-1).detach()).backward()
-            for n, p in params.items():
-                if p.grad is not None:
-                    sums[n] += p.grad.detach() ** 2
-            count += 1
-        if count == 0:
-            raise InvalidInputError("compute_fishers needs at least one batch")
-        for p in params.values():
-            p.grad = None
-        self.fishers = {n: (s / count, params[n].detach().clone()) for n, s in sums.items()}
-        return self.fishers
+    def predict(self, inputs, **kwargs):
+        if self.predict_before_update and self._first_outputs is not None:
+            return self._first_outputs
+        return super().predict(inputs, **kwargs)
 
     def forward(self, inputs, **kwargs):
-        if not self.training:
-            check_batch(inputs, min_batch=self.min_batch)
-        return super().forward(inputs, **kwargs)
+        if self.training:
+            return self.ttt_forward(inputs, **kwargs)
+        check_batch(inputs, min_batch=self.min_batch)
+        self._first_outputs = None
+        try:
+            return super().forward(inputs, **kwargs)
+        finally:
+            self._first_outputs = None
+
+
+#: the name torch-ttt 0.0.2 exported in ``__all__`` (its class is ``EataEngine``).
+EATAEngine = EataEngine

@@ -11,15 +11,23 @@ paper); then the original image is classified.  Episodic: ``reset="per_batch"`` 
 
 Differences from torch-ttt 0.0.2 and why:
 
-* models with BatchNorm work (upstream crashed) and use the paper's BN prior; BN-free models work too;
+* models with BatchNorm work (upstream crashed) and use the paper's BN prior, during adaptation and for
+  the final prediction; BN-free models work too;
 * ``per_sample=True`` (default) is the paper's setting: each image is adapted on its own views, predicted,
-  and the model restored before the next image.  ``per_sample=False`` adapts once per batch on all
-  images' views in ONE forward (loss = mean over images of each image's marginal entropy, in log space;
-  with BatchNorm the test statistics are then shared across the batch): much faster, not the paper;
+  and (``reset="per_batch"``) restored before the next image, so the BN test statistics are those of the
+  image's own views.  ``per_sample=False`` (upstream's computation, much faster) builds the n*B views of
+  a batch of n images and runs ONE forward; the loss is the mean over images of each image's marginal
+  entropy (in log space), one shared update for the batch; with BatchNorm the test statistics are then
+  those of all images' views together.  ``per_sample_bn`` is accepted as another name for ``per_sample``;
+* every view has its own random augmentation (upstream applied one random transform to the whole batch);
+* all parameters adapt (the paper), one SGD step by default (lr 1e-3, momentum 0.9; the paper used lr
+  2.5e-4 for ResNet-50 with 64 views), no ``print``, no deep copy;
 * default augmentation: an AugMix-style mixture of random geometric chains (rotate, shear, translate,
   zoom) written with ``affine_grid``/``grid_sample`` so it runs batched on any device; intensity
   operations of AugMix (posterize, solarize, equalize) need [0, 255] images and are left to a user
-  ``augmentations`` callable (a function ``(x, generator) -> views`` or a per-image transform).
+  ``augmentations`` callable (a function ``(x, generator) -> views`` or a per-image transform);
+* ``seed`` gives the engine its own ``torch.Generator`` for the augmentations (otherwise the global RNG,
+  deterministic under ``torch.manual_seed``).
 """
 
 from __future__ import annotations
@@ -95,6 +103,7 @@ class MemoEngine(BaseEngine):
         *,
         per_sample: bool = True,
         seed: int | None = None,
+        per_sample_bn: bool | None = None,
     ):
         super().__init__(model, optimization_parameters)
         if n_augmentations < 1:
@@ -104,7 +113,7 @@ class MemoEngine(BaseEngine):
         self.augmentations = augmentations
         self.n_augmentations = int(n_augmentations)
         self.prior_strength = prior_strength
-        self.per_sample = per_sample
+        self.per_sample = bool(per_sample if per_sample_bn is None else per_sample_bn)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self._has_bn = bool(batchnorm_layers(model))
 

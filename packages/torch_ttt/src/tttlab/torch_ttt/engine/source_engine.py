@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..engine_registry import EngineRegistry
-from .base_engine import BaseEngine
+from .base_engine import BaseEngine, check_batch
 
 __all__ = ["SourceEngine"]
 
@@ -29,4 +29,5 @@ class SourceEngine(BaseEngine):
     def forward(self, inputs, **kwargs):
         if self.training:
             return self.ttt_forward(inputs, **kwargs)
+        check_batch(inputs)  # NaN/inf inputs are user errors here too
         return self.predict(inputs, **kwargs), torch.zeros(())

@@ -1,0 +1,284 @@
+"""The engine contract, checked on every registered engine (one parametrized module, timm-style).
+
+Each engine wraps the same tiny BatchNorm CNN on 1x16x16 inputs.  An engine whose module does not exist
+yet is skipped, so its checks switch on by themselves when it lands.  Checked for every engine:
+``num_steps=0`` is exactly the wrapped model's prediction (under test-batch statistics for bn/tent/eata/
+deyo, MEMO's prior-mixed statistics for memo); one step changes the adapted parameters and nothing else of
+``model.state_dict()`` (running statistics included); ``reset()`` restores bit for bit; ``per_batch``
+leaves the engine as it was; ``per_domain`` carries the state over calls until ``reset()``; runs repeat
+exactly under ``torch.manual_seed``; auxiliary heads exist before the first call; train mode returns
+``(outputs, loss)`` with a graph; NaN inputs, too-small batches and unknown settings are ``TTTLabError``s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+from tttlab.core.errors import ConfigError, TTTLabError
+from tttlab.torch_ttt import ENGINE_MODULES, EngineRegistry, get_engine
+from tttlab.torch_ttt.norm import batch_statistics, prior_mixed_statistics
+
+ALL_ENGINES = EngineRegistry.names()
+#: engines that never change the model (no adapted parameters)
+STATIC = {"source", "bn"}
+#: engines that normalise with / compute statistics over the test batch: a batch of one is an error
+NEEDS_BATCH_STATS = {"bn", "tent", "eata", "deyo", "actmad", "ttt_pp"}
+#: engines whose prediction uses test-batch BatchNorm statistics
+BATCH_STATS_PREDICTION = {"bn", "tent", "eata", "deyo"}
+#: engines with an auxiliary head / decoder that must exist from construction
+HEADED = {"ttt", "ttt_pp", "ittt", "masked_ttt"}
+#: engines whose train-mode self-supervised loss is a constant (no graph)
+NO_TRAIN_LOSS = {"source", "bn", "actmad"}
+
+
+class TinyNet(nn.Module):
+    """conv-BN-ReLU x2 -> pooled 32 features -> fc1 (16) -> fc (5 classes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc1 = nn.Linear(32, 16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(torch.relu(self.fc1(self.pool(x).flatten(1))))
+
+
+def tiny_model(seed: int = 0) -> TinyNet:
+    torch.manual_seed(seed)
+    model = TinyNet().train()
+    with torch.no_grad():  # non-trivial running statistics, different from any test batch's
+        for _ in range(3):
+            model(torch.randn(16, 1, 16, 16) * 0.5 + 0.2)
+    return model.eval()
+
+
+def x_batch(n: int = 8, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 16, 16, generator=g) * 1.5 - 0.3
+
+
+def require(name: str) -> type:
+    if importlib.util.find_spec(f"tttlab.torch_ttt.engine.{ENGINE_MODULES[name]}") is None:
+        pytest.skip(f"engine {name!r} is not implemented yet")
+    return get_engine(name)
+
+
+def _accepted(cls, **candidates):
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in candidates.items() if k in params}
+
+
+def make_engine(name: str, settings: dict | None = None, seed: int = 0):
+    """``(engine, model)`` for ``name`` on a fresh tiny model; every filter opened so a step happens."""
+    cls = require(name)
+    model = tiny_model(seed)
+    settings = dict(settings or {})
+    x = x_batch()
+    if name in ("source", "bn", "tent"):
+        engine = cls(model, settings)
+    elif name == "eata":
+        engine = cls(model, settings, e_margin=10.0, d_margin=2.0)
+    elif name == "deyo":
+        engine = cls(model, settings, e_margin=10.0, plpd_thresh=-2.0)
+    elif name == "memo":
+        engine = cls(model, settings, n_augmentations=3)
+    elif name == "actmad":
+        engine = cls(model, features_layer_names=["bn1", "fc1"], optimization_parameters=settings)
+    elif name == "masked_ttt":
+        extra = _accepted(cls, example_input=x, image_shape=(1, 16, 16))
+        engine = cls(model, features_layer_name="conv2", optimization_parameters=settings, **extra)
+    else:  # ttt, ttt_pp, ittt
+        layer = "conv2" if name == "ttt" else "fc1"
+        extra = _accepted(cls, example_input=x)
+        engine = cls(model, features_layer_name=layer, optimization_parameters=settings, **extra)
+    if hasattr(engine, "compute_statistics"):  # TTT++ / ActMAD: reference statistics from training data
+        engine.compute_statistics([(x_batch(16, seed=s), None) for s in (11, 12)])
+    return engine.eval(), model
+
+
+def reference_output(name: str, engine, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The wrapped model's own prediction, in the normalisation the engine defines."""
+    if name == "memo":
+        prior = float(engine.prior_strength)
+        with torch.no_grad(), prior_mixed_statistics(model, prior):
+            if engine.per_sample:
+                return torch.cat([model(x[i : i + 1]) for i in range(x.shape[0])])
+            return model(x)
+    ctx = batch_statistics(model) if name in BATCH_STATS_PREDICTION else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        return model(x)
+
+
+def clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed_keys(a: dict, b: dict) -> set[str]:
+    assert a.keys() == b.keys()
+    return {k for k in a if not torch.equal(a[k], b[k])}
+
+
+def model_names(engine) -> set[str]:
+    return {n.removeprefix("model.") for n, _ in engine.adapted_parameters() if n.startswith("model.")}
+
+
+def test_every_upstream_name_is_registered():
+    assert set(ALL_ENGINES) == {
+        "source", "bn", "ttt", "ttt_pp", "tent", "eata", "memo", "actmad", "deyo", "ittt", "masked_ttt"
+    }  # fmt: skip
+    for name in ALL_ENGINES:
+        if importlib.util.find_spec(f"tttlab.torch_ttt.engine.{ENGINE_MODULES[name]}") is not None:
+            assert get_engine(name).registry_name == name
+
+
+@pytest.mark.parametrize("name", ALL_ENGINES)
+def test_zero_steps_is_the_model(name):
+    engine, model = make_engine(name, {"num_steps": 0})
+    before = clone_state(engine)
+    x = x_batch()
+    out, _ = engine(x)
+    assert torch.equal(out, reference_output(name, engine, model, x))
+    assert not changed_keys(before, clone_state(engine))
+    if name in BATCH_STATS_PREDICTION:  # test-batch statistics, not the stored ones
+        with torch.no_grad():
+            assert not torch.allclose(out, model(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ALL_ENGINES)
+def test_one_step_changes_the_adapted_parameters_and_nothing_else(name):
+    engine, model = make_engine(name, {"num_steps": 1, "lr": 0.05, "reset": "per_domain"})
+    before = clone_state(model)
+    torch.manual_seed(0)
+    engine(x_batch())
+    changed = changed_keys(before, clone_state(model))
+    if name in STATIC:
+        assert not changed
+    else:
+        assert changed, "one step changed nothing"
+        assert changed <= model_names(engine), f"changed outside the adapted parameters: {changed}"
+
+
+@pytest.mark.parametrize("name", ALL_ENGINES)
+def test_per_domain_carries_state_until_reset_restores_bit_for_bit(name):
+    engine, model = make_engine(name, {"num_steps": 1, "lr": 0.05, "reset": "per_domain"})
+    before, x = clone_state(engine), x_batch()
+    torch.manual_seed(3)
+    first, loss1 = engine(x)
+    after_first = clone_state(engine)
+    torch.manual_seed(3)
+    second, _ = engine(x)
+    if name not in STATIC:
+        assert changed_keys(before, after_first)
+        assert changed_keys(after_first, clone_state(engine)), "the second call started over"
+        assert not torch.equal(first, second)
+    engine.reset()
+    assert not changed_keys(before, clone_state(engine)), "reset is not bit-exact"
+    torch.manual_seed(3)
+    again, loss_again = engine(x)
+    assert torch.equal(again, first) and torch.equal(loss_again, loss1)
+
+
+@pytest.mark.parametrize("name", ALL_ENGINES)
+def test_per_batch_leaves_the_engine_as_it_was(name):
+    engine, model = make_engine(name, {"num_steps": 2, "lr": 0.05, "reset": "per_batch"})
+    engine.optimization_parameters["num_steps"] = 0
+    x = x_batch()
+    plain, _ = engine(x)
+    engine.optimization_parameters["num_steps"] = 2
+    before = clone_state(engine)
+    adapted, loss = engine(x)
+    assert not changed_keys(before, clone_state(engine))
+    assert adapted.shape == plain.shape and torch.isfinite(adapted).all() and torch.isfinite(loss).all()
+    if name not in STATIC:
+        assert not torch.equal(adapted, plain), "adaptation did not affect the prediction"
+    again, _ = engine(x)
+    assert not changed_keys(before, clone_state(engine))
+
+
+@pytest.mark.parametrize("name", ALL_ENGINES)
+def test_deterministic_under_a_seed(name):
+    results = []
+    for _ in range(2):
+        engine, _ = make_engine(name, {"num_steps": 1, "reset": "never"})
+        torch.manual_seed(5)
+        outs = [engine(x_batch(seed=s)) for s in (1, 2)]
+        results.append(outs)
+    for (o1, l1), (o2, l2) in zip(*results):
+        assert torch.equal(o1, o2) and torch.equal(l1, l2)
+
+
+@pytest.mark.parametrize("name", ALL_ENGINES)
+def test_heads_exist_before_the_first_call(name):
+    engine, model = make_engine(name, {"num_steps": 1})
+    params = {id(p) for p in engine.parameters()}
+    model_params = {id(p) for p in model.parameters()}
+    assert model_params <= params
+    if name in HEADED:
+        assert params - model_params, "the auxiliary head is missing before the first call"
+    optimizer = torch.optim.SGD(engine.parameters(), lr=0.1)  # what a training script does first
+    engine.train()
+    outputs, loss = engine(x_batch())
+    optimizer.zero_grad()
+    (outputs.square().mean() + loss).backward()
+    optimizer.step()
+    engine.eval()
+    engine(x_batch())
+    assert {id(p) for p in engine.parameters()} == params, "parameters were created after construction"
+
+
+@pytest.mark.parametrize("name", ALL_ENGINES)
+def test_train_mode_returns_outputs_and_loss_with_graph(name):
+    engine, model = make_engine(name)
+    engine.train()
+    assert model.training
+    outputs, loss = engine(x_batch())
+    assert outputs.shape == (8, 5) and outputs.requires_grad
+    assert isinstance(loss, torch.Tensor) and loss.ndim == 0 and torch.isfinite(loss)
+    if name not in NO_TRAIN_LOSS:
+        assert loss.requires_grad
+        loss.backward()
+
+
+@pytest.mark.parametrize("name", ALL_ENGINES)
+def test_nan_input_is_an_error(name):
+    engine, _ = make_engine(name)
+    x = x_batch()
+    x[2, 0, 3, 4] = float("nan")
+    with pytest.raises(TTTLabError, match="NaN"):
+        engine(x)
+
+
+@pytest.mark.parametrize("name", ALL_ENGINES)
+def test_batch_of_one(name):
+    engine, _ = make_engine(name, {"num_steps": 1})
+    if name in NEEDS_BATCH_STATS:
+        with pytest.raises(TTTLabError, match="batch of size 1"):
+            engine(x_batch(1))
+    else:
+        out, loss = engine(x_batch(1))
+        assert out.shape == (1, 5) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ALL_ENGINES)
+def test_bad_optimization_key_is_a_config_error(name):
+    require(name)
+    with pytest.raises(ConfigError, match="num_step"):
+        make_engine(name, {"num_step": 1})
+    engine, _ = make_engine(name)
+    with pytest.raises(ConfigError, match="learning_rate"):
+        engine.optimization_parameters["learning_rate"] = 0.1
+    with pytest.raises(ConfigError):
+        engine.optimization_parameters["optimizer_name"] = "lbfgs"
