@@ -405,3 +405,23 @@ def test_masked_ttt_token_mode():
     assert out.shape == (3, 7, 20) and loss.item() > 0
     with pytest.raises(InvalidInputError, match="integer input_ids"):
         engine.adapt_loss(torch.randn(3, 7))
+
+
+def test_statistics_and_heads_follow_the_engine_to_another_dtype():
+    net = conv_net(bn=True)
+    actmad, ttt_pp = ActMADEngine(net, ["conv1", "fc1"]), TTTPPEngine(net, "fc1")
+    for engine in (actmad, ttt_pp):
+        engine.compute_statistics([images(8, seed=5)])
+    for engine in (actmad, ttt_pp):
+        engine.to(torch.float64)
+    assert all(t.dtype == torch.float64 for t in actmad.reference_mean + actmad.reference_var)
+    assert ttt_pp.reference_cov.dtype == torch.float64
+    assert actmad.adapt_loss(images(8, seed=5).double()).item() < 1e-5
+    head = TTTEngine(net, "conv2").angle_head  # built on the model's (now float64) dtype
+    assert next(head.parameters()).dtype == torch.float64
+
+
+def test_it3_rejects_a_target_of_the_wrong_shape():
+    engine = IT3Engine(conv_net(), "fc1").train()
+    with pytest.raises(InvalidInputError, match="one-hot"):
+        engine(images(4), target=torch.arange(4))

@@ -34,7 +34,7 @@ from torch import nn
 from tttlab.core.errors import InvalidInputError
 
 from ..engine_registry import EngineRegistry
-from ..heads import RunningMoments, features_only, run_model
+from ..heads import RunningMoments, features_only, model_device_dtype, run_model
 from .base_engine import BaseEngine, check_batch, find_module
 from .ttt_pp_engine import iterate_inputs
 
@@ -92,6 +92,8 @@ class ActMADEngine(BaseEngine):
 
     def _features(self, outputs: list) -> list[torch.Tensor]:
         for name, out in zip(self.features_layer_names, outputs):
+            if out is None:
+                raise InvalidInputError(f"layer {name!r} was not called by the model's forward")
             if not isinstance(out, torch.Tensor):
                 raise InvalidInputError(f"layer {name!r} returns {type(out).__name__}; ActMAD needs tensors")
         return outputs
@@ -101,9 +103,17 @@ class ActMADEngine(BaseEngine):
             moments.update(f)
 
     def _store_accumulated(self) -> None:
-        self.reference_mean = [m.mean.to(torch.float32) for m in self._moments]
-        self.reference_var = [m.var.to(torch.float32) for m in self._moments]
+        _, dtype = model_device_dtype(self.model)
+        self.reference_mean = [m.mean.to(dtype) for m in self._moments]
+        self.reference_var = [m.var.to(dtype) for m in self._moments]
         self._new_accumulators()
+
+    def _apply(self, fn, recurse=True):  # engine.to(device/dtype) moves the statistics too
+        super()._apply(fn, recurse)
+        if self.reference_mean is not None:
+            self.reference_mean = [fn(t) for t in self.reference_mean]
+            self.reference_var = [fn(t) for t in self.reference_var]
+        return self
 
     def train(self, mode: bool = True):
         was = self.training

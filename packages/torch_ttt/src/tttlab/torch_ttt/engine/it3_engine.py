@@ -164,6 +164,12 @@ class IT3Engine(BaseEngine):
         """``(f(x, 0), loss)``: with ``target`` the training loss ``distance(f(x, target), target)``, else
         the idempotence loss ``distance(f(x, f(x, 0)), f(x, 0))``."""
         if target is not None:
+            k = self._expected_output_channels
+            if k is not None and (target.ndim < 2 or target.shape[1] != k):
+                raise InvalidInputError(
+                    f"target of shape {tuple(target.shape)}: expected the model output's shape (N, {k}, ...), "
+                    "e.g. one-hot labels"
+                )
             embedding = self.embeder(target)
             if isinstance(inputs, torch.Tensor) and not has_training_batchnorm(self.model):
                 n = inputs.shape[0]

@@ -193,6 +193,13 @@ class TTTPPEngine(BaseEngine):
         self.reference_c_cov = self._c_moments.cov.to(device, dtype)
         self._new_accumulators()
 
+    def _apply(self, fn, recurse=True):  # engine.to(device/dtype) moves the statistics too
+        super()._apply(fn, recurse)
+        for name in ("reference_mean", "reference_cov", "reference_c_mean", "reference_c_cov"):
+            if getattr(self, name, None) is not None:
+                setattr(self, name, fn(getattr(self, name)))
+        return self
+
     def train(self, mode: bool = True):
         was = self.training
         super().train(mode)
