@@ -1,0 +1,327 @@
+"""The maths of the entropy-style engines (TENT, EATA, DeYO, MEMO) against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tttlab.core.errors import InvalidInputError, TTTLabError
+from tttlab.torch_ttt import get_engine
+from tttlab.torch_ttt.engine.deyo_engine import deyo_weights, patch_shuffle, plpd
+from tttlab.torch_ttt.engine.eata_engine import UPSTREAM_E_MARGIN, eata_selection, update_model_probs
+from tttlab.torch_ttt.norm import batch_statistics, entropy, marginal_entropy, prior_mixed_statistics
+
+
+def bn_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(3), nn.Flatten(),
+        nn.Linear(36, 5),
+    )  # fmt: skip
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(16, 1, 12, 12) * 0.5)
+    return m.eval()
+
+
+def plain_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 10 * 10, 5)).eval()
+
+
+def x_batch(n: int = 8, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 12, 12, generator=g) * 2 + 0.5
+
+
+def state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def entropy64(logits: torch.Tensor) -> torch.Tensor:
+    p = logits.double().softmax(-1)
+    return -(p * p.log()).sum(-1)
+
+
+# -- TENT --------------------------------------------------------------------------------------------
+def test_tent_predicts_with_test_batch_statistics_after_its_step():
+    m = bn_model()
+    x = x_batch()
+    with torch.no_grad():
+        train_stats = m(x)
+        with batch_statistics(m):
+            test_stats = m(x)
+    engine = get_engine("tent")(m, {"num_steps": 0}).eval()
+    out0, _ = engine(x)
+    assert torch.equal(out0, test_stats) and not torch.allclose(out0, train_stats, atol=1e-3)
+    engine.optimization_parameters.update(num_steps=1, reset="per_domain", lr=0.01)
+    out1, loss = engine(x)
+    with torch.no_grad(), batch_statistics(m):
+        adapted = m(x)
+    assert torch.equal(out1, adapted) and not torch.allclose(out1, test_stats)
+    assert torch.allclose(loss.double(), entropy64(test_stats).mean(), atol=1e-5)  # the loss before the step
+
+
+def test_tent_without_normalisation_layers_is_an_error():
+    with pytest.raises(TTTLabError, match="normalisation"):
+        get_engine("tent")(plain_model())
+    for name in ("eata", "deyo"):
+        with pytest.raises(InvalidInputError, match="normalisation"):
+            get_engine(name)(plain_model())
+
+
+# -- EATA --------------------------------------------------------------------------------------------
+def hand_fisher(m: nn.Module, batches) -> dict[str, torch.Tensor]:
+    bn = m[1]
+    total = {"weight": torch.zeros(4, dtype=torch.float64), "bias": torch.zeros(4, dtype=torch.float64)}
+    for x in batches:
+        with batch_statistics(m):
+            out = m(x)
+        loss = nn.functional.cross_entropy(out, out.argmax(-1))
+        gw, gb = torch.autograd.grad(loss, [bn.weight, bn.bias])
+        total["weight"] += gw.double() ** 2
+        total["bias"] += gb.double() ** 2
+    return {k: v / len(batches) for k, v in total.items()}
+
+
+def test_eata_fisher_calibration_and_regulariser():
+    m = bn_model()
+    batches = [x_batch(8, seed=s) for s in (20, 21, 22)]
+    expected = hand_fisher(m, batches)
+    engine = get_engine("eata")(m, fisher_alpha=3.0)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.cat(batches), torch.zeros(24, dtype=torch.long)), batch_size=8
+    )
+    fishers = engine.compute_fishers(loader)  # a DataLoader of (x, y) batches (upstream raised here)
+    assert set(fishers) == {"model.1.weight", "model.1.bias"}
+    assert torch.allclose(fishers["model.1.weight"][0].double(), expected["weight"], rtol=1e-4, atol=1e-10)
+    assert torch.allclose(fishers["model.1.bias"][0].double(), expected["bias"], rtol=1e-4, atol=1e-10)
+    assert all(p.grad is None for p in m.parameters()), "calibration leaves .grad alone"
+    assert engine.compute_fishers(batches).keys() == fishers.keys()  # a plain list of tensors works too
+    assert engine.fisher_regularizer().item() == 0.0
+    with torch.no_grad():
+        m[1].weight[0] += 0.5
+    reg = engine.fisher_regularizer()
+    f_w0 = engine.fishers["model.1.weight"][0][0]
+    assert reg.item() > 0 and torch.allclose(reg, 3.0 * f_w0 * 0.25)
+    # upstream-style keys (the model's own parameter names) are understood too
+    upstream_keys = {k.removeprefix("model."): v for k, v in engine.fishers.items()}
+    other = get_engine("eata")(m, fisher_alpha=3.0, fishers=upstream_keys)
+    assert torch.equal(other.fisher_regularizer(), reg)
+    with pytest.raises(InvalidInputError, match="no batches"):
+        engine.compute_fishers([])
+
+
+def test_eata_loss_is_weighted_entropy_plus_regulariser():
+    m = bn_model()
+    engine = get_engine("eata")(m, e_margin=10.0, fisher_alpha=5.0).eval()
+    engine.compute_fishers([x_batch(8, seed=30)])
+    with torch.no_grad():
+        m[1].bias += 0.1
+    x = x_batch()
+    with torch.no_grad(), batch_statistics(m):
+        ent = entropy64(m(x))
+    expected = (ent * torch.exp(-(ent - 10.0))).mean() + engine.fisher_regularizer().double()
+    with engine.inference_context():
+        loss = engine.adapt_loss(x)
+    assert torch.allclose(loss.double(), expected, rtol=1e-5)
+    assert engine.last_selected == 8 and engine.current_model_probs.shape == (5,)
+
+
+def test_eata_selection_hand_case():
+    ent = torch.tensor([0.1, 0.3, 0.9, 0.2])
+    probs = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.6, 0.8, 0.0]])
+    # entropy filter only (no moving average yet)
+    assert eata_selection(ent, probs, None, 0.5, 0.05).tolist() == [True, True, False, True]
+    # cosines to m = (1, 0, 0): 1, 0, 0, 0.6 -> |cos| < 0.7 keeps samples 1 and 3 (2 fails the entropy test)
+    m = torch.tensor([1.0, 0.0, 0.0])
+    assert eata_selection(ent, probs, m, 0.5, 0.7).tolist() == [False, True, False, True]
+    assert eata_selection(ent, probs, m, 0.5, 0.5).tolist() == [False, True, False, False]
+    assert eata_selection(ent, probs, m, 0.5, None).tolist() == [True, True, False, True]
+    # moving average: first mean, then 0.9 m + 0.1 mean, unchanged by an empty selection
+    first = update_model_probs(None, probs[:2])
+    assert torch.equal(first, torch.tensor([0.5, 0.5, 0.0]))
+    assert torch.allclose(update_model_probs(first, probs[2:3]), torch.tensor([0.45, 0.45, 0.1]))
+    assert update_model_probs(first, probs[:0]) is first and update_model_probs(None, probs[:0]) is None
+
+
+def test_eata_select_weights_and_default_margin():
+    engine = get_engine("eata")(bn_model(), e_margin=0.5, d_margin=0.9)
+    confident = torch.tensor([[10.0, 0, 0, 0, 0], [0, 10.0, 0, 0, 0]])
+    keep, ent, weights, _ = engine.select(torch.cat([confident, torch.zeros(1, 5)]))  # ln 5 > 0.5
+    assert keep.tolist() == [0, 1] and torch.allclose(weights, 1 / torch.exp(ent - 0.5))
+    default = get_engine("eata")(bn_model())
+    assert default.margin(5) == 0.4 * math.log(5) and default.margin(1000) == 0.4 * math.log(1000)
+    assert get_engine("eata")(bn_model(), e_margin=UPSTREAM_E_MARGIN).margin(5) == UPSTREAM_E_MARGIN
+
+
+def test_eata_no_step_without_selected_samples_and_moving_average_reset():
+    m = bn_model()
+    before = state(m)
+    engine = get_engine("eata")(m, {"reset": "per_domain", "lr": 0.1, "optimizer_name": "adam"}, e_margin=0.0)
+    engine.eval()(x_batch())
+    assert engine.last_selected == 0 and same(before, state(m)), "nothing selected: no step"
+    assert engine.current_model_probs is None
+    engine.e_margin = 10.0
+    engine(x_batch())
+    assert engine.last_selected == 8 and engine.current_model_probs is not None
+    assert not same(before, state(m))
+    engine.reset()
+    assert same(before, state(m)) and engine.current_model_probs is None
+
+
+def test_eata_predict_before_update_returns_the_loss_forward():
+    m = bn_model()
+    x = x_batch()
+    with torch.no_grad(), batch_statistics(m):
+        before = m(x)
+    engine = get_engine("eata")(m, {"lr": 0.1}, e_margin=10.0, predict_before_update=True).eval()
+    out, _ = engine(x)
+    assert torch.equal(out, before)
+
+
+# -- DeYO --------------------------------------------------------------------------------------------
+def test_plpd_and_weights_hand_case():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
+    destroyed = torch.tensor([[0.3, 0.5, 0.2], [0.2, 0.2, 0.6]])
+    assert torch.allclose(plpd(probs, destroyed), torch.tensor([0.4, 0.0]))
+    ent, values = torch.tensor([0.5, 1.0]), torch.tensor([0.4, 0.0])
+    expected = 2.0 * torch.exp(-(ent - 0.8)) + 3.0 * torch.exp(values)
+    assert torch.allclose(deyo_weights(ent, values, 0.8, 2.0, 3.0), expected)
+    assert torch.equal(deyo_weights(ent, values, 0.8, 0.0, 0.0), torch.ones(2))
+
+
+def test_patch_shuffle_permutes_patches():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    y = patch_shuffle(x, 4, torch.Generator().manual_seed(0))
+
+    def patches(t):  # (B, 16 patches, 3*2*2 values)
+        return t.reshape(2, 3, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 16, 12)
+
+    px, py = patches(x), patches(y)
+    assert not torch.equal(x, y)
+    for b in range(2):  # same patches, other order
+        assert torch.equal(px[b][px[b, :, 0].argsort()], py[b][py[b, :, 0].argsort()])
+    assert torch.equal(patch_shuffle(x, 1), x)
+    odd = torch.randn(2, 1, 10, 10)
+    assert patch_shuffle(odd, 4).shape == odd.shape
+    with pytest.raises(InvalidInputError, match="NCHW"):
+        patch_shuffle(torch.randn(4, 10), 2)
+
+
+def test_deyo_loss_hand_case():
+    m = bn_model()
+    x = x_batch()
+    engine = get_engine("deyo")(
+        m, e_margin=10.0, plpd_thresh=-2.0, ent_norm=0.7, reweight_ent=1.0, reweight_plpd=2.0,
+        generator=torch.Generator().manual_seed(4),
+    ).eval()  # fmt: skip
+    with torch.no_grad(), batch_statistics(m):
+        out = m(x)
+        shuffled = m(patch_shuffle(x, 4, torch.Generator().manual_seed(4)))
+    ent = entropy64(out)
+    values = plpd(out.double().softmax(-1), shuffled.double().softmax(-1))
+    expected = (ent * (torch.exp(-(ent - 0.7)) + 2.0 * torch.exp(values))).mean()
+    with engine.inference_context():
+        loss = engine.adapt_loss(x)
+    assert torch.allclose(loss.double(), expected, rtol=1e-5)
+    assert engine.last_selected == (8, 8)
+
+
+def test_deyo_filters_and_defaults():
+    m = bn_model()
+    before = state(m)
+    engine = get_engine("deyo")(m, {"reset": "per_domain", "lr": 0.1}, e_margin=10.0, plpd_thresh=1.0)
+    engine.eval()(x_batch())
+    assert engine.last_selected == (8, 0) and same(before, state(m)), "PLPD filter keeps nothing: no step"
+    engine.plpd_thresh = -2.0
+    engine(x_batch())
+    assert engine.last_selected == (8, 8) and not same(before, state(m))
+    engine.reset()
+    assert same(before, state(m))
+    e_margin, ent_norm = get_engine("deyo")(bn_model()).margins(1000)
+    assert e_margin == 0.5 * math.log(1000) and ent_norm == 0.4 * math.log(1000)
+    # one kept sample on a BatchNorm model: the whole batch is shuffled, no error
+    one = get_engine("deyo")(bn_model(), e_margin=10.0, plpd_thresh=-2.0).eval()
+    x = x_batch(4)
+    ents = entropy(one.predict(x))
+    one.e_margin = float(ents.min()) + 1e-6
+    with one.inference_context():
+        one.adapt_loss(x)
+    assert one.last_selected == (1, 1)
+
+
+# -- MEMO --------------------------------------------------------------------------------------------
+def fixed_views(x: torch.Tensor, generator=None) -> torch.Tensor:
+    """Three deterministic views per image: (3, N, C, H, W)."""
+    return torch.stack([x, x.flip(-1), 0.5 * x.roll(2, dims=-2)])
+
+
+def test_marginal_entropy_matches_float64():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 4, 7, generator=g) * 5
+    p = logits.double().softmax(-1).mean(0)
+    expected = -(p * p.log()).sum(-1)
+    assert torch.allclose(marginal_entropy(logits).double(), expected, atol=1e-6)
+    extreme = torch.tensor([[[1000.0, 0.0]], [[0.0, 1000.0]]])  # two confident, opposite views
+    assert torch.allclose(marginal_entropy(extreme), torch.tensor([math.log(2)]))
+
+
+@pytest.mark.parametrize("make", [bn_model, plain_model])
+def test_memo_loss_is_mean_marginal_entropy(make):
+    m = make()
+    x = x_batch(3)
+    engine = get_engine("memo")(m, augmentations=fixed_views, per_sample=False).eval()
+    views = fixed_views(x).reshape(9, 1, 12, 12)
+    ctx = prior_mixed_statistics(m, 16.0) if make is bn_model else torch.no_grad()
+    with torch.no_grad(), ctx:
+        logits = m(views).reshape(3, 3, 5).double()
+    p = logits.softmax(-1).mean(0)
+    expected = (-(p * p.log()).sum(-1)).mean()
+    with engine.inference_context():
+        loss = engine.adapt_loss(x)
+    assert torch.allclose(loss.double(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [bn_model, plain_model])
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_memo_runs_and_restores(make, per_sample):
+    m = make()
+    before = state(m)
+    x = x_batch(3)
+    engine = get_engine("memo")(m, {"lr": 0.05}, n_augmentations=4, per_sample_bn=per_sample, seed=0)
+    out, loss = engine.eval()(x)
+    assert out.shape == (3, 5) and torch.isfinite(loss) and loss.item() > 0
+    assert same(before, state(m)), "episodic by default: restored exactly"
+    engine.optimization_parameters["num_steps"] = 0
+    assert not torch.allclose(engine(x)[0], out), "the step changed the prediction"
+
+
+def test_memo_bn_prior_strength_16():
+    m = bn_model()
+    x = x_batch(4)
+    engine = get_engine("memo")(m, {"num_steps": 0}, per_sample=False).eval()
+    assert engine.prior_strength == 16
+    out, _ = engine(x)
+    bn = m[1]
+    feats = m[0](x)
+    w = 16.0 / 17.0
+    mean = w * bn.running_mean + (1 - w) * feats.mean((0, 2, 3))
+    var = w * bn.running_var + (1 - w) * feats.var((0, 2, 3), unbiased=False)
+    with torch.no_grad():
+        normed = (feats - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + bn.eps)
+        h = normed * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
+        expected = m[5](m[4](m[3](m[2](h))))
+        train_stats, test_stats = m(x), None
+        with batch_statistics(m):
+            test_stats = m(x)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert not torch.allclose(out, train_stats, atol=1e-4) and not torch.allclose(out, test_stats, atol=1e-4)
