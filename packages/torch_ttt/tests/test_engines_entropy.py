@@ -325,3 +325,45 @@ def test_memo_bn_prior_strength_16():
             test_stats = m(x)
     assert torch.allclose(out, expected, atol=1e-5)
     assert not torch.allclose(out, train_stats, atol=1e-4) and not torch.allclose(out, test_stats, atol=1e-4)
+
+
+def test_augmix_views():
+    from tttlab.torch_ttt.memo_augment import AUGMIX_OPS, _equalize, augmix
+
+    x = x_batch(3) * 0.7 - 1.0
+    v = augmix(x, 5, torch.Generator().manual_seed(0))
+    assert v.shape == (5, 3, 1, 12, 12) and torch.isfinite(v).all()
+    assert torch.equal(v, augmix(x, 5, torch.Generator().manual_seed(0)))
+    lo, hi = x.amin((1, 2, 3)), x.amax((1, 2, 3))  # every view stays in its image's own range
+    assert (v.amin((2, 3, 4)) >= lo - 1e-5).all() and (v.amax((2, 3, 4)) <= hi + 1e-5).all()
+    for op in AUGMIX_OPS:  # each operation alone runs and changes some image
+        assert not torch.equal(
+            augmix(x, 2, torch.Generator().manual_seed(1), ops=(op,)), x.expand(2, -1, -1, -1, -1)
+        )
+    u = torch.zeros(1, 1, 4, 4)
+    u[0, 0, 0, :2], u[0, 0, 1] = 0.5, 1.0  # 10 pixels at 0, 2 at 0.5, 4 at 1
+    eq = _equalize(u)
+    assert torch.allclose(eq[0, 0, 0, :2], torch.tensor([1 / 3, 1 / 3])) and (eq[0, 0, 1] == 1).all()
+    assert (eq[0, 0, 2:] == 0).all(), "equal pixels stay equal (the background is not spread)"
+    with pytest.raises(ValueError, match="unknown AugMix"):
+        augmix(x, 2, ops=("blur",))
+
+
+def test_memo_augmentation_options():
+    m = bn_model()
+    x = x_batch(2)
+    out, loss = get_engine("memo")(m, augmentations="augmix", n_augmentations=3, seed=0).eval()(x)
+    assert out.shape == (2, 5) and torch.isfinite(loss)
+
+    def n_view_fn(x, n_views, generator=None):
+        return x.unsqueeze(0).repeat(n_views, 1, 1, 1, 1)
+
+    engine = get_engine("memo")(m, augmentations=n_view_fn, n_augmentations=4).eval()
+    assert engine.views(x).shape == (4, 2, 1, 12, 12)
+    per_image = get_engine("memo")(m, augmentations=lambda img: img.flip(-1), n_augmentations=3).eval()
+    assert torch.equal(per_image.views(x)[1], x.flip(-1))
+    with pytest.raises(InvalidInputError, match="augmentations"):
+        get_engine("memo")(m, augmentations="cutout")
+    bad = get_engine("memo")(m, augmentations=lambda x, g: x).eval()
+    with pytest.raises(InvalidInputError, match="views shaped"):
+        bad(x)

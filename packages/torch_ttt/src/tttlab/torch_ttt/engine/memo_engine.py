@@ -22,10 +22,13 @@ Differences from torch-ttt 0.0.2 and why:
 * every view has its own random augmentation (upstream applied one random transform to the whole batch);
 * all parameters adapt (the paper), one SGD step by default (lr 1e-3, momentum 0.9; the paper used lr
   2.5e-4 for ResNet-50 with 64 views), no ``print``, no deep copy;
-* default augmentation: an AugMix-style mixture of random geometric chains (rotate, shear, translate,
-  zoom) written with ``affine_grid``/``grid_sample`` so it runs batched on any device; intensity
-  operations of AugMix (posterize, solarize, equalize) need [0, 255] images and are left to a user
-  ``augmentations`` callable (a function ``(x, generator) -> views`` or a per-image transform);
+* augmentations (``augmentations=``): ``None``/``"geometric"`` (default) an AugMix-style mixture of random
+  geometric chains (rotate, shear, translate, zoom) written with ``affine_grid``/``grid_sample`` so it
+  runs batched on any device; ``"augmix"`` AugMix's full operation set (intensity operations too, on
+  each image's own range: :func:`tttlab.torch_ttt.memo_augment.augmix`), what the paper used (it also
+  random-resized-cropped and flipped ImageNet images first); or a callable: ``fn(x, n_views=,
+  generator=)`` or ``fn(x, generator)`` giving (V, N, C, H, W) views, or a per-image transform
+  ``fn(image)`` (torchvision style) called ``n_augmentations`` times per image;
 * ``seed`` gives the engine its own ``torch.Generator`` for the augmentations (otherwise the global RNG,
   deterministic under ``torch.manual_seed``).
 """
@@ -97,7 +100,7 @@ class MemoEngine(BaseEngine):
         self,
         model: nn.Module,
         optimization_parameters=None,
-        augmentations: Callable | None = None,
+        augmentations: Callable | str | None = None,
         n_augmentations: int = 8,
         prior_strength: float = 16,
         *,
@@ -110,6 +113,12 @@ class MemoEngine(BaseEngine):
             from tttlab.core.errors import InvalidInputError
 
             raise InvalidInputError(f"n_augmentations must be >= 1, got {n_augmentations}")
+        if isinstance(augmentations, str) and augmentations not in ("geometric", "augmix"):
+            from tttlab.core.errors import InvalidInputError
+
+            raise InvalidInputError(
+                f"augmentations={augmentations!r}; expected 'geometric', 'augmix' or a callable"
+            )
         self.augmentations = augmentations
         self.n_augmentations = int(n_augmentations)
         self.prior_strength = prior_strength
@@ -123,13 +132,27 @@ class MemoEngine(BaseEngine):
         return contextlib.nullcontext()
 
     def views(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, C, H, W) augmented views of the batch."""
-        if self.augmentations is None:
+        """(V, N, C, H, W) augmented views of the batch (V = ``n_augmentations`` for the built-in ones)."""
+        aug = self.augmentations
+        if aug is None or aug == "geometric":
             return augmix_geometric(x, self.n_augmentations, self.generator)
-        out = self.augmentations(x, self.generator) if _takes_generator(self.augmentations) else None
-        if out is None:
-            out = torch.stack(
-                [torch.stack([self.augmentations(img) for img in x]) for _ in range(self.n_augmentations)]
+        if aug == "augmix":
+            from ..memo_augment import augmix
+
+            return augmix(x, self.n_augmentations, self.generator)
+        kind = _augmentation_kind(aug)
+        if kind == "n_views":
+            out = aug(x, n_views=self.n_augmentations, generator=self.generator)
+        elif kind == "generator":
+            out = aug(x, self.generator)
+        else:  # a per-image transform (torchvision style)
+            out = torch.stack([torch.stack([aug(img) for img in x]) for _ in range(self.n_augmentations)])
+        if not isinstance(out, torch.Tensor) or out.ndim != x.ndim + 1 or out.shape[1:] != x.shape:
+            from tttlab.core.errors import InvalidInputError
+
+            raise InvalidInputError(
+                f"augmentations must give views shaped (V, *{tuple(x.shape)}), got "
+                f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
             )
         return out
 
@@ -156,10 +179,15 @@ class MemoEngine(BaseEngine):
         return torch.cat([r[0] for r in results]), torch.stack([r[1] for r in results]).mean()
 
 
-def _takes_generator(fn) -> bool:
+def _augmentation_kind(fn) -> str:
+    """``"n_views"``: ``fn(x, n_views=, generator=)`` (like :func:`augmix_geometric`); ``"generator"``:
+    ``fn(x, generator)`` giving all views; ``"per_image"``: ``fn(image)`` giving one view."""
     import inspect
 
     try:
-        return len(inspect.signature(fn).parameters) >= 2
+        params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
-        return False
+        return "per_image"
+    if "n_views" in params:
+        return "n_views"
+    return "generator" if len(params) >= 2 else "per_image"
