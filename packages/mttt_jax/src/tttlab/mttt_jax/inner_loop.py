@@ -1,0 +1,484 @@
+"""Token mixers of MTTT: the TTT layer, linear attention and softmax self-attention (JAX / Flax linen).
+
+Paper: Sun, Li, Dalal et al., "Learning to (Learn at Test Time)", 2023 (bibtex ``sun2023learning``).
+Upstream: github.com/test-time-training/mttt (``inner_loop.py``).  Facts carried over, code rewritten.
+
+TTT layer, per head h (``d_h = d / H``), tokens ``x_i`` (N x d):
+
+* keys ``k_i = phi_h(x_i)``, queries ``q_j = psi_h(x_i)`` (d -> d_h, with bias);
+* inner encoder ``f(.; W)``: ``mlp_1`` (one Dense d_h -> d_h) or ``mlp_2`` (d_h -> 4 d_h, GELU, 4 d_h -> d_h);
+* decoder ``g_h`` (d_h -> d, no bias) plus a shared ``g_bias``, optionally a per-head LayerNorm over d;
+* inner loss ``l(W) = 1/2 * H * mean_{i,c} (dec(f(k_i; W)) - x_i)_c^2`` (sum / (N d / H));
+* T steps ``W <- W - eta_t grad_W l`` (full batch, or ``SGD``: tokens permuted per head, T minibatches);
+* output ``z_j = sum_h h_h(f(q_j; W_T)) + h_bias``.
+
+What differs from upstream (and why):
+
+* Any number of inner steps (``lax.scan``; upstream unrolls by hand and silently stops at 4).
+* Heads are batched into einsums instead of ``vmap``-ed Dense modules, and the inner gradient is written
+  in closed form (hand-derived backward of Dense / GELU / LayerNorm / decoder) instead of a nested
+  ``jax.grad``.  The outer gradient is still plain autodiff through the unrolled steps (second-order terms
+  included): the closed form is made of ordinary differentiable ops.  Without the decoder LayerNorm the
+  reconstruction residual is never formed: ``||z g + b - x||^2 = z (g g^T) z^T - 2 z.v + ||x - b||^2``
+  with ``v = (x - b) g^T`` computed once, so each inner step costs O(N d_h^2) instead of O(N d d_h).
+* ``train_init=False`` stops the gradient into W0 inside the layer (upstream only masks the optimizer
+  update); the training script also freezes it in the optimizer, so both behaviours coincide.
+* Parameters are stored per head as stacked arrays (``psi_kernel`` is (H, d, d_h), ...); the names differ
+  from upstream's, so upstream checkpoints do not load.
+* The SGD token permutation is drawn per head (same for every sequence of the batch, as upstream) from
+  the ``idx`` RNG stream; without that stream it falls back to a fixed key (deterministic evaluation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .errors import MTTTConfigError
+
+Array = jax.Array
+
+LAYER_TYPES = ("TTT", "linear_attention", "self_attention")
+INNER_ENCODERS = ("mlp_1", "mlp_2")
+INNER_INITS = ("xavier_uniform", "zero")
+NORMALIZERS = ("constant", "adaptive")
+LN_EPS = 1e-6  # flax.linen.LayerNorm's default, as upstream
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+@dataclass(frozen=True)
+class TTTConfig:
+    """The ``inner.TTT`` options of upstream's configs (same names, same defaults: MTTT-MLP)."""
+
+    inner_encoder: str = "mlp_2"
+    inner_itr: int = 1
+    inner_lr: Sequence[float] = (1.0,)
+    train_init: bool = True
+    inner_encoder_init: str = "xavier_uniform"
+    inner_encoder_bias: bool = True
+    decoder_LN: bool = True
+    SGD: bool = False
+
+    def __post_init__(self):
+        if self.inner_encoder not in INNER_ENCODERS:
+            raise MTTTConfigError(
+                f"inner.TTT.inner_encoder={self.inner_encoder!r}; expected one of {INNER_ENCODERS}"
+            )
+        if self.inner_encoder_init not in INNER_INITS:
+            raise MTTTConfigError(
+                f"inner.TTT.inner_encoder_init={self.inner_encoder_init!r}; expected one of {INNER_INITS}"
+            )
+        if not isinstance(self.inner_itr, int) or isinstance(self.inner_itr, bool) or self.inner_itr < 1:
+            raise MTTTConfigError(f"inner.TTT.inner_itr={self.inner_itr!r}; expected an integer >= 1")
+        object.__setattr__(self, "inner_lr", tuple(float(v) for v in _as_tuple(self.inner_lr)))
+        if len(self.inner_lr) not in (1, self.inner_itr):
+            raise MTTTConfigError(
+                f"inner.TTT.inner_lr has {len(self.inner_lr)} entries for inner_itr={self.inner_itr}; "
+                "give one learning rate per inner step, or one for all steps"
+            )
+
+    @property
+    def lrs(self) -> tuple[float, ...]:
+        """One inner learning rate per step (a single value is broadcast)."""
+        return self.inner_lr * self.inner_itr if len(self.inner_lr) == 1 else self.inner_lr
+
+    @classmethod
+    def mttt_linear(cls, **kw) -> TTTConfig:
+        """The paper's MTTT-Linear flags."""
+        base = dict(inner_encoder="mlp_1", inner_encoder_init="zero", inner_encoder_bias=False,
+                    decoder_LN=False, train_init=False)  # fmt: skip
+        return cls(**{**base, **kw})
+
+
+@dataclass(frozen=True)
+class LinearAttentionConfig:
+    """The ``inner.linear_attention`` options (upstream defaults: Katharopoulos et al.)."""
+
+    elu: bool = True
+    normalizer: str = "adaptive"
+
+    def __post_init__(self):
+        if self.normalizer not in NORMALIZERS:
+            raise MTTTConfigError(
+                f"inner.linear_attention.normalizer={self.normalizer!r}; expected one of {NORMALIZERS}"
+            )
+
+
+@dataclass(frozen=True)
+class InnerConfig:
+    """``inner``: which token mixer, and its options."""
+
+    layer_type: str = "TTT"
+    TTT: TTTConfig = field(default_factory=TTTConfig)
+    linear_attention: LinearAttentionConfig = field(default_factory=LinearAttentionConfig)
+
+    def __post_init__(self):
+        if self.layer_type not in LAYER_TYPES:
+            raise MTTTConfigError(f"inner.layer_type={self.layer_type!r}; expected one of {LAYER_TYPES}")
+
+    @property
+    def num_inner_losses(self) -> int:
+        """Length of the inner-loss vector a block reports (T+1 for TTT, 2 ``inf`` for the baselines)."""
+        return self.TTT.inner_itr + 1 if self.layer_type == "TTT" else 2
+
+    @classmethod
+    def from_dict(cls, d: Any) -> InnerConfig:
+        if isinstance(d, InnerConfig):
+            return d
+        d = dict(d or {})
+        ttt = d.pop("TTT", {}) or {}
+        la = d.pop("linear_attention", {}) or {}
+        ttt = ttt if isinstance(ttt, TTTConfig) else TTTConfig(**dict(ttt))
+        la = la if isinstance(la, LinearAttentionConfig) else LinearAttentionConfig(**dict(la))
+        return cls(TTT=ttt, linear_attention=la, **d)
+
+
+def _as_tuple(v) -> tuple:
+    if isinstance(v, (int, float)):
+        return (v,)
+    return tuple(v)
+
+
+# --------------------------------------------------------------------------------------------------
+# Closed-form pieces of the inner loop (pure functions, batched over (B, H))
+# --------------------------------------------------------------------------------------------------
+
+
+def gelu(x: Array) -> Array:
+    """Tanh-approximate GELU (``flax.linen.gelu``'s default)."""
+    return 0.5 * x * (1.0 + jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3)))
+
+
+def gelu_grad(x: Array) -> Array:
+    u = _SQRT_2_OVER_PI * (x + 0.044715 * x**3)
+    t = jnp.tanh(u)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
+
+
+def encoder_apply(w: dict, z: Array, kind: str) -> tuple[Array, tuple]:
+    """Inner encoder f(z; W) for every (batch, head): z (..., n, d_h) -> (..., n, d_h), plus a cache.
+
+    ``w`` leaves carry the same leading dims as ``z`` minus the token/feature axes (kernels
+    (..., in, out), biases (..., out)); missing biases mean ``inner_encoder_bias=False``.
+    """
+    y = jnp.einsum("...ni,...io->...no", z, w["kernel_0"])
+    if "bias_0" in w:
+        y = y + w["bias_0"][..., None, :]
+    if kind == "mlp_1":
+        return y, (z,)
+    a = gelu(y)
+    out = jnp.einsum("...ni,...io->...no", a, w["kernel_1"])
+    if "bias_1" in w:
+        out = out + w["bias_1"][..., None, :]
+    return out, (z, y, a)
+
+
+def encoder_grad(w: dict, cache: tuple, dout: Array, kind: str) -> dict:
+    """d loss / d W of the inner encoder from ``dout`` = d loss / d f(z) (closed form)."""
+    if kind == "mlp_1":
+        (z,) = cache
+        grads = {"kernel_0": jnp.einsum("...ni,...no->...io", z, dout)}
+        if "bias_0" in w:
+            grads["bias_0"] = dout.sum(-2)
+        return grads
+    z, y, a = cache
+    grads = {"kernel_1": jnp.einsum("...ni,...no->...io", a, dout)}
+    if "bias_1" in w:
+        grads["bias_1"] = dout.sum(-2)
+    dy = jnp.einsum("...no,...io->...ni", dout, w["kernel_1"]) * gelu_grad(y)
+    grads["kernel_0"] = jnp.einsum("...ni,...no->...io", z, dy)
+    if "bias_0" in w:
+        grads["bias_0"] = dy.sum(-2)
+    return grads
+
+
+def layer_norm_fwd(o: Array, scale: Array, bias: Array) -> tuple[Array, tuple]:
+    mu = o.mean(-1, keepdims=True)
+    xc = o - mu
+    var = (xc * xc).mean(-1, keepdims=True)
+    rstd = jax.lax.rsqrt(var + LN_EPS)
+    xhat = xc * rstd
+    return xhat * scale + bias, (xhat, rstd)
+
+
+def layer_norm_bwd(dy: Array, scale: Array, cache: tuple) -> Array:
+    xhat, rstd = cache
+    g = dy * scale
+    return rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """The reconstruction part of the inner loss, for per-head tokens of one step.
+
+    Two forms with the same value and gradient: with ``decoder_LN`` the residual
+    ``LN(z g + g_bias) - x`` is formed (O(n d d_h)); without it the loss is expanded with the Gram matrix
+    ``G = g g^T`` and ``v = (x - g_bias) g^T`` (O(n d_h^2) per step).
+    """
+
+    g_kernel: Array  # (H, d_h, d)
+    g_bias: Array  # (d,)
+    ln_scale: Array | None  # (H, d) or None
+    ln_bias: Array | None
+    num_heads: int
+
+    @property
+    def use_ln(self) -> bool:
+        return self.ln_scale is not None
+
+    def gram(self) -> Array:
+        return jnp.einsum("hed,hfd->hef", self.g_kernel, self.g_kernel)
+
+    def targets(self, x: Array) -> dict:
+        """Per-token targets of the inner loss from the block input ``x`` (B, N, d).
+
+        Returned arrays are indexed (B, H, N, ...) or broadcastable to it, ready to be permuted/split.
+        """
+        if self.use_ln:
+            return {"x": x[:, None]}  # (B, 1, N, d)
+        xc = x - self.g_bias
+        return {
+            "v": jnp.einsum("bnd,hed->bhne", xc, self.g_kernel),  # (B, H, N, d_h)
+            "sq": (xc * xc).sum(-1)[:, None],  # (B, 1, N)
+        }
+
+    def loss_and_grad(self, z: Array, tgt: dict, gram: Array | None) -> tuple[Array, Array]:
+        """Inner loss per (B, H) and its gradient with respect to the encoder output ``z``."""
+        n, d = z.shape[-2], self.g_kernel.shape[-1]
+        c = self.num_heads / (n * d)  # 1 / (n d / H): upstream's normalizer
+        if self.use_ln:
+            o = jnp.einsum("bhne,hed->bhnd", z, self.g_kernel) + self.g_bias
+            y, cache = layer_norm_fwd(o, self.ln_scale[:, None, :], self.ln_bias[:, None, :])
+            r = y - tgt["x"]
+            loss = 0.5 * c * (r * r).sum((-2, -1))
+            do = layer_norm_bwd(c * r, self.ln_scale[:, None, :], cache)
+            return loss, jnp.einsum("bhnd,hed->bhne", do, self.g_kernel)
+        zg = jnp.einsum("bhne,hef->bhnf", z, gram)
+        v = tgt["v"]
+        sq = jnp.broadcast_to(tgt["sq"], z.shape[:-1]).sum(-1)
+        loss = 0.5 * c * ((z * zg).sum((-2, -1)) - 2.0 * (z * v).sum((-2, -1)) + sq)
+        return loss, c * (zg - v)
+
+
+def init_encoder_weights(key, kind: str, init: str, bias: bool, num_heads: int, d_h: int, dtype=jnp.float32):
+    """Per-head W0: kernels (H, in, out) xavier-uniform (fans per head) or zero, biases zero."""
+    dims = [(d_h, d_h)] if kind == "mlp_1" else [(d_h, 4 * d_h), (4 * d_h, d_h)]
+    w = {}
+    keys = jax.random.split(key, len(dims))
+    for i, ((fi, fo), k) in enumerate(zip(dims, keys)):
+        if init == "zero":
+            w[f"kernel_{i}"] = jnp.zeros((num_heads, fi, fo), dtype)
+        else:
+            w[f"kernel_{i}"] = nn.initializers.xavier_uniform(batch_axis=(0,))(k, (num_heads, fi, fo), dtype)
+        if bias:
+            w[f"bias_{i}"] = jnp.zeros((num_heads, fo), dtype)
+    return w
+
+
+def ttt_inner_loop(
+    x: Array,
+    *,
+    phi_kernel: Array,
+    phi_bias: Array,
+    psi_kernel: Array,
+    psi_bias: Array,
+    w0: dict,
+    decoder: Decoder,
+    cfg: TTTConfig,
+    perm_key: Array | None = None,
+) -> tuple[Array, Array, dict]:
+    """Run the inner loop for a batch of sequences.
+
+    Args:
+        x: block input after the pre-LN, (B, N, d).
+        w0: per-head initial inner-encoder weights (kernels (H, in, out), biases (H, out)).
+        perm_key: PRNG key for the SGD token permutation (per head).
+
+    Returns:
+        ``(f_q, losses, w_T)``: the encoder applied to the queries with the final weights (B, H, N, d_h),
+        the T+1 inner losses (each summed over heads, per sequence: (B, T+1)), and the final weights.
+    """
+    b, n, _ = x.shape
+    h = phi_kernel.shape[0]
+    steps = cfg.inner_itr
+    kind = cfg.inner_encoder
+    if not cfg.train_init:
+        w0 = jax.tree_util.tree_map(jax.lax.stop_gradient, w0)
+    keys = jnp.einsum("bnd,hde->bhne", x, phi_kernel) + phi_bias[None, :, None, :]
+    tgt = decoder.targets(x)
+    gram = None if decoder.use_ln else decoder.gram()
+    w = jax.tree_util.tree_map(lambda p: jnp.broadcast_to(p, (b, *p.shape)), w0)
+    lrs = jnp.asarray(cfg.lrs, dtype=x.dtype)
+
+    def step(w, k_t, tgt_t, lr):
+        z, cache = encoder_apply(w, k_t, kind)
+        loss, dz = decoder.loss_and_grad(z, tgt_t, gram)
+        grads = encoder_grad(w, cache, dz, kind)
+        w = jax.tree_util.tree_map(lambda p, g: p - lr * g, w, grads)
+        return w, loss
+
+    if cfg.SGD and steps > 1:
+        if n % steps:
+            raise MTTTConfigError(
+                f"inner.TTT.SGD splits the N={n} tokens into inner_itr={steps} minibatches; "
+                "N must be divisible by inner_itr"
+            )
+        if perm_key is None:
+            perm_key = jax.random.PRNGKey(0)
+        order = jnp.argsort(jax.random.uniform(perm_key, (h, n)), axis=-1)  # (H, N)
+
+        def split(a):  # (B, H or 1, N, ...) -> (T, B, H, N/T, ...)
+            a = jnp.broadcast_to(a, (b, h, *a.shape[2:]))
+            idx = order.reshape(1, h, n, *([1] * (a.ndim - 3)))
+            a = jnp.take_along_axis(a, idx, axis=2)
+            a = a.reshape(b, h, steps, n // steps, *a.shape[3:])
+            return jnp.moveaxis(a, 2, 0)
+
+        xs = (split(keys), jax.tree_util.tree_map(split, tgt), lrs)
+    elif cfg.SGD or steps == 1:
+        # one minibatch = the whole sequence
+        xs = (keys[None], jax.tree_util.tree_map(lambda a: a[None], tgt), lrs)
+    else:
+        xs = None
+
+    if xs is not None:
+
+        def body(w, inp):
+            k_t, tgt_t, lr = inp
+            return step(w, k_t, tgt_t, lr)
+
+        w, losses = jax.lax.scan(body, w, xs, unroll=steps <= 4)
+    else:
+
+        def body(w, lr):
+            return step(w, keys, tgt, lr)
+
+        w, losses = jax.lax.scan(body, w, lrs, unroll=steps <= 4)
+
+    # final full-batch inner loss (reported only)
+    z, _ = encoder_apply(w, keys, kind)
+    final, _ = decoder.loss_and_grad(z, tgt, gram)
+    losses = jnp.concatenate([losses, final[None]], axis=0)  # (T+1, B, H)
+
+    queries = jnp.einsum("bnd,hde->bhne", x, psi_kernel) + psi_bias[None, :, None, :]
+    f_q, _ = encoder_apply(w, queries, kind)
+    return f_q, losses.sum(-1).T, w
+
+
+# --------------------------------------------------------------------------------------------------
+# Flax modules
+# --------------------------------------------------------------------------------------------------
+
+
+def _vs(mode: str):
+    return nn.initializers.variance_scaling(1.0, mode, "uniform", batch_axis=(0,))
+
+
+class TTTLayer(nn.Module):
+    """The TTT layer: returns ``(output (B, N, d), inner losses (T+1,) averaged over the batch)``."""
+
+    width: int
+    num_heads: int
+    config: TTTConfig = field(default_factory=TTTConfig)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> tuple[Array, Array]:
+        cfg = self.config
+        d, h = self.width, self.num_heads
+        if d % h:
+            raise MTTTConfigError(f"width {d} is not divisible by num_heads {h}")
+        dh = d // h
+        p = self.param
+        psi_k = p("psi_kernel", _vs("fan_in"), (h, d, dh))
+        psi_b = p("psi_bias", nn.initializers.zeros, (h, dh))
+        phi_k = p("phi_kernel", _vs("fan_in"), (h, d, dh))
+        phi_b = p("phi_bias", nn.initializers.zeros, (h, dh))
+        g_k = p("g_kernel", _vs("fan_out"), (h, dh, d))
+        g_b = p("g_bias", nn.initializers.zeros, (d,))
+        h_k = p("h_kernel", _vs("fan_out"), (h, dh, d))
+        h_b = p("h_bias", nn.initializers.zeros, (d,))
+        w0 = p(
+            "inner",
+            lambda key: init_encoder_weights(
+                key, cfg.inner_encoder, cfg.inner_encoder_init, cfg.inner_encoder_bias, h, dh
+            ),
+        )
+        if cfg.decoder_LN:
+            ln_s = p("decoder_LN_scale", nn.initializers.ones, (h, d))
+            ln_b = p("decoder_LN_bias", nn.initializers.zeros, (h, d))
+        else:
+            ln_s = ln_b = None
+        cast = lambda a: None if a is None else jnp.asarray(a, self.dtype)  # noqa: E731
+        decoder = Decoder(cast(g_k), cast(g_b), cast(ln_s), cast(ln_b), h)
+        perm_key = self.make_rng("idx") if (cfg.SGD and self.has_rng("idx")) else None
+        f_q, losses, _ = ttt_inner_loop(
+            jnp.asarray(x, self.dtype),
+            phi_kernel=cast(phi_k), phi_bias=cast(phi_b), psi_kernel=cast(psi_k), psi_bias=cast(psi_b),
+            w0=jax.tree_util.tree_map(cast, w0), decoder=decoder, cfg=cfg, perm_key=perm_key,
+        )  # fmt: skip
+        out = jnp.einsum("bhne,hed->bnd", f_q, cast(h_k)) + cast(h_b)
+        return out, losses.mean(0).astype(jnp.float32)
+
+
+class LinearAttention(nn.Module):
+    """Linear attention: ``elu`` feature map (Katharopoulos et al.) or identity; normalizer
+    ``adaptive`` (q . sum_k k) or ``constant`` (N d / H).  Q/K/V/out projections xavier-uniform with bias."""
+
+    width: int
+    num_heads: int
+    config: LinearAttentionConfig = field(default_factory=LinearAttentionConfig)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> tuple[Array, Array]:
+        d, h = self.width, self.num_heads
+        dense = lambda name: nn.Dense(  # noqa: E731
+            d, kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype, name=name
+        )
+        b, n, _ = x.shape
+        split = lambda a: a.reshape(b, n, h, d // h)  # noqa: E731
+        v, q, k = split(dense("value")(x)), split(dense("query")(x)), split(dense("key")(x))
+        if self.config.elu:
+            q = jax.nn.elu(q) + 1.0
+            k = jax.nn.elu(k) + 1.0
+        kv = jnp.einsum("bnhk,bnhv->bhkv", k, v)
+        num = jnp.einsum("bnhk,bhkv->bnhv", q, kv)
+        if self.config.normalizer == "adaptive":
+            den = jnp.einsum("bnhk,bhk->bnh", q, k.sum(1))[..., None]
+        else:
+            den = n * (d // h)
+        y = (num / den).reshape(b, n, d)
+        return dense("proj")(y), jnp.full((2,), jnp.inf, jnp.float32)
+
+
+class SelfAttention(nn.Module):
+    """Softmax multi-head self-attention (``flax.linen.MultiHeadDotProductAttention``, xavier-uniform)."""
+
+    width: int
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> tuple[Array, Array]:
+        y = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(), deterministic=True,
+            dtype=self.dtype, name="MultiHeadDotProductAttention_0",
+        )(x, x)  # fmt: skip
+        return y, jnp.full((2,), jnp.inf, jnp.float32)
+
+
+def make_mixer(config: InnerConfig, width: int, num_heads: int, dtype=jnp.float32, name: str | None = None):
+    """The token mixer chosen by ``config.layer_type``."""
+    if config.layer_type == "TTT":
+        return TTTLayer(width, num_heads, config.TTT, dtype, name=name)
+    if config.layer_type == "linear_attention":
+        return LinearAttention(width, num_heads, config.linear_attention, dtype, name=name)
+    return SelfAttention(width, num_heads, dtype, name=name)

@@ -1,0 +1,249 @@
+"""The maths of the TTT layer: equivalences, inner-loop behaviour, gradients."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tttlab.mttt_jax.errors import MTTTConfigError
+from tttlab.mttt_jax.inner_loop import (
+    Decoder,
+    LinearAttention,
+    LinearAttentionConfig,
+    TTTConfig,
+    TTTLayer,
+    encoder_apply,
+    encoder_grad,
+)
+from tttlab.mttt_jax.reference import inner_loss, ttt_reference
+
+B, N, D, H = 2, 8, 8, 2
+
+
+def _randomize(params, key, scale=0.3):
+    """Every parameter (biases included) random, so that no term vanishes by initialisation."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    leaves = [scale * jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves)]
+    return jax.tree_util.tree_unflatten(tree, leaves)
+
+
+def _layer(cfg, key=0, x=None, randomize=True):
+    layer = TTTLayer(D, H, cfg)
+    x = jax.random.normal(jax.random.PRNGKey(100 + key), (B, N, D)) if x is None else x
+    params = layer.init({"params": jax.random.PRNGKey(key)}, x)["params"]
+    if randomize:
+        params = _randomize(params, jax.random.PRNGKey(200 + key))
+        if cfg.decoder_LN:
+            params["decoder_LN_scale"] = params["decoder_LN_scale"] + 1.0
+    return layer, params, x
+
+
+CONFIGS = {
+    "mlp_2_ln": TTTConfig(),
+    "mlp_2_nobias_noln": TTTConfig(inner_encoder_bias=False, decoder_LN=False),
+    "mlp_1_ln": TTTConfig(inner_encoder="mlp_1"),
+    "mlp_1_bias_noln": TTTConfig(inner_encoder="mlp_1", decoder_LN=False),
+    "linear": TTTConfig.mttt_linear(),
+}
+
+
+def test_mttt_linear_one_step_equals_constant_normalizer_linear_attention():
+    cfg = TTTConfig.mttt_linear(inner_itr=1, inner_lr=(1.0,))
+    layer, p, x = _layer(cfg)
+    # W0 stays zero (MTTT-Linear): only the outer parameters are random, biases included
+    p["inner"] = jax.tree_util.tree_map(jnp.zeros_like, p["inner"])
+    out, losses = layer.apply({"params": p}, x)
+
+    la = LinearAttention(D, H, LinearAttentionConfig(elu=False, normalizer="constant"))
+    lp = la.init(jax.random.PRNGKey(0), x)["params"]
+    cat = lambda a: jnp.concatenate(list(a), axis=-1)  # noqa: E731  (H, d, dh) -> (d, H*dh)
+    g_t = jnp.transpose(p["g_kernel"], (0, 2, 1))  # value_h = (x - g_bias) g_h^T
+    lp = {
+        "query": {"kernel": cat(p["psi_kernel"]), "bias": p["psi_bias"].reshape(-1)},
+        "key": {"kernel": cat(p["phi_kernel"]), "bias": p["phi_bias"].reshape(-1)},
+        "value": {"kernel": cat(g_t), "bias": -(p["g_bias"] @ cat(g_t))},
+        "proj": {"kernel": p["h_kernel"].reshape(H * (D // H), D), "bias": p["h_bias"]},
+    }
+    expected, _ = la.apply({"params": lp}, x)
+    assert float(jnp.abs(p["g_bias"]).min()) > 0 and float(jnp.abs(p["phi_bias"]).min()) > 0
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-5, rtol=1e-5)
+    assert losses.shape == (2,)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_closed_form_inner_gradient_equals_autodiff(name):
+    cfg = CONFIGS[name]
+    layer, p, x = _layer(cfg, key=3)
+    d_h = D // H
+    keys = jnp.einsum("bnd,hde->bhne", x, p["phi_kernel"]) + p["phi_bias"][None, :, None]
+    w = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (B, *a.shape)), p["inner"])
+    dec = Decoder(p["g_kernel"], p["g_bias"], p.get("decoder_LN_scale"), p.get("decoder_LN_bias"), H)
+    z, cache = encoder_apply(w, keys, cfg.inner_encoder)
+    loss, dz = dec.loss_and_grad(z, dec.targets(x), None if dec.use_ln else dec.gram())
+    grads = encoder_grad(w, cache, dz, cfg.inner_encoder)
+    for b in range(B):
+        for h in range(H):
+            ph = {k: (v[h] if k not in ("g_bias",) else v) for k, v in p.items() if k != "inner"}
+            wh = {k: v[h] for k, v in p["inner"].items()}
+            ref_loss, ref_grad = jax.value_and_grad(inner_loss)(wh, ph, x[b], x[b], cfg, H)
+            np.testing.assert_allclose(loss[b, h], ref_loss, rtol=1e-5, atol=1e-6)
+            for k in ref_grad:
+                np.testing.assert_allclose(grads[k][b, h], ref_grad[k], rtol=1e-4, atol=1e-5)
+    assert z.shape == (B, H, N, d_h)
+
+
+@pytest.mark.parametrize(
+    "name,sgd", [("mlp_2_ln", False), ("mlp_2_nobias_noln", True), ("mlp_1_ln", True), ("linear", False)]
+)
+def test_layer_matches_literal_reference(name, sgd):
+    """Forward output and T+1 inner losses equal the nested-autodiff reference (GD and SGD, T=4)."""
+    cfg = TTTConfig(
+        **{**CONFIGS[name].__dict__, "inner_itr": 4, "inner_lr": (0.5, 0.4, 0.3, 0.2), "SGD": sgd}
+    )
+    layer, p, x = _layer(cfg, key=5)
+    key = jax.random.PRNGKey(7)
+    out, losses = layer.apply({"params": p}, x, rngs={"idx": key})
+    ref_out, ref_losses = ttt_reference(p, x, cfg, perm_key=_layer_perm_key(layer, p, x, key))
+    np.testing.assert_allclose(out, ref_out, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(losses, ref_losses.mean(0), rtol=2e-4, atol=2e-5)
+
+
+def _layer_perm_key(layer, p, x, key):
+    """The key the layer's ``make_rng('idx')`` returns for this call."""
+    import flax.linen as nn
+
+    class Probe(nn.Module):
+        @nn.compact
+        def __call__(self):
+            return self.make_rng("idx")
+
+    # make_rng depends on the module path; the layer is the top-level module, like the probe
+    return Probe().apply({}, rngs={"idx": key})
+
+
+def test_sgd_equals_explicit_per_minibatch_loop():
+    cfg = TTTConfig(inner_itr=4, inner_lr=(1.0,), SGD=True)
+    layer, p, x = _layer(cfg, key=11)
+    key = jax.random.PRNGKey(3)
+    out, losses = layer.apply({"params": p}, x, rngs={"idx": key})
+    # explicit loop: same permutation, one minibatch of N/T tokens per step, plain autodiff
+    order = jnp.argsort(jax.random.uniform(_layer_perm_key(layer, p, x, key), (H, N)), axis=-1)
+    outs, step_losses = [], []
+    for b in range(B):
+        total = 0.0
+        per_step = np.zeros(cfg.inner_itr + 1)
+        for h in range(H):
+            ph = {k: (v[h] if k not in ("g_bias", "h_bias") else v) for k, v in p.items() if k != "inner"}
+            w = {k: v[h] for k, v in p["inner"].items()}
+            toks = x[b][order[h]]
+            for t in range(cfg.inner_itr):
+                mb = toks[t * (N // 4) : (t + 1) * (N // 4)]
+                loss, g = jax.value_and_grad(inner_loss)(w, ph, mb, mb, cfg, H)
+                per_step[t] += float(loss)
+                w = {k: w[k] - 1.0 * g[k] for k in w}
+            per_step[-1] += float(inner_loss(w, ph, x[b], x[b], cfg, H))
+            q = x[b] @ ph["psi_kernel"] + ph["psi_bias"]
+            z = jax.nn.gelu(q @ w["kernel_0"] + w["bias_0"], approximate=True) @ w["kernel_1"] + w["bias_1"]
+            total = total + z @ ph["h_kernel"]
+        outs.append(total + p["h_bias"])
+        step_losses.append(per_step)
+    np.testing.assert_allclose(out, jnp.stack(outs), rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(losses, np.mean(step_losses, 0), rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["mlp_2_ln", "linear"])
+def test_inner_loss_falls_over_steps(name):
+    cfg = TTTConfig(**{**CONFIGS[name].__dict__, "inner_itr": 5, "inner_lr": (0.5,)})
+    layer, p, x = _layer(cfg, key=13, randomize=False)
+    _, losses = layer.apply({"params": p}, x)
+    losses = np.asarray(losses)
+    assert losses.shape == (6,)
+    assert np.all(np.diff(losses) < 0), losses
+
+
+def test_six_steps_report_seven_losses():
+    cfg = TTTConfig(inner_itr=6, inner_lr=(0.5,))
+    layer, p, x = _layer(cfg, key=17, randomize=False)
+    out, losses = jax.jit(lambda p, x: layer.apply({"params": p}, x))(p, x)
+    assert out.shape == (B, N, D) and losses.shape == (7,)
+    assert np.all(np.isfinite(losses))
+    sgd = TTTConfig(inner_itr=8, inner_lr=(0.5,), SGD=True)
+    layer, p, x = _layer(sgd, key=17, randomize=False)
+    assert layer.apply({"params": p}, x)[1].shape == (9,)
+
+
+def test_inner_lr_per_step_and_validation():
+    assert TTTConfig(inner_itr=3, inner_lr=(1.0,)).lrs == (1.0, 1.0, 1.0)
+    assert TTTConfig(inner_itr=2, inner_lr=[0.5, 0.25]).lrs == (0.5, 0.25)
+    with pytest.raises(MTTTConfigError, match="inner_lr"):
+        TTTConfig(inner_itr=3, inner_lr=(1.0, 1.0))
+    with pytest.raises(MTTTConfigError, match="inner_encoder"):
+        TTTConfig(inner_encoder="mlp_3")
+    with pytest.raises(MTTTConfigError, match="divisible"):
+        _layer(TTTConfig(inner_itr=3, SGD=True), randomize=False)
+
+
+@pytest.mark.parametrize("train_init", [False, True])
+def test_train_init_false_gives_w0_no_gradient(train_init):
+    cfg = TTTConfig(inner_itr=2, train_init=train_init)
+    layer, p, x = _layer(cfg, key=19)
+    g = jax.grad(lambda p: layer.apply({"params": p}, x)[0].sum())(p)
+    norms = [float(jnp.abs(v).max()) for v in jax.tree_util.tree_leaves(g["inner"])]
+    assert (max(norms) == 0.0) == (not train_init), norms
+    assert float(jnp.abs(g["phi_kernel"]).max()) > 0
+
+
+_FD_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    from tttlab.mttt_jax.inner_loop import TTTConfig, TTTLayer
+    cfg = TTTConfig(**json.loads(sys.argv[1]))
+    layer = TTTLayer(4, 2, cfg, dtype=jnp.float64)
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 4), jnp.float64)
+    p = layer.init({"params": jax.random.PRNGKey(1)}, x)["params"]
+    p = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), p)
+    f = jax.jit(lambda p: jnp.sum(jnp.sin(layer.apply({"params": p}, x, rngs={"idx": jax.random.PRNGKey(2)})[0])))
+    g = jax.grad(f)(p)
+    leaves, tree = jax.tree_util.tree_flatten(p)
+    gl = jax.tree_util.tree_leaves(g)
+    worst, eps = 0.0, 1e-6
+    key = jax.random.PRNGKey(3)
+    for i, (a, ga) in enumerate(zip(leaves, gl)):
+        key, sub = jax.random.split(key)
+        v = jax.random.normal(sub, a.shape, jnp.float64)
+        plus = leaves[:i] + [a + eps * v] + leaves[i + 1:]
+        minus = leaves[:i] + [a - eps * v] + leaves[i + 1:]
+        fd = (f(jax.tree_util.tree_unflatten(tree, plus)) - f(jax.tree_util.tree_unflatten(tree, minus))) / (2 * eps)
+        an = jnp.sum(ga * v)
+        worst = max(worst, float(abs(fd - an) / (abs(an) + 1e-8)))
+    print(json.dumps({"worst": worst}))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(inner_itr=3, inner_lr=[0.5, 0.3, 0.2]),
+        dict(inner_itr=2, SGD=True, inner_encoder="mlp_1", decoder_LN=False),
+    ],
+)
+def test_outer_gradient_matches_finite_differences_float64(cfg):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", _FD_SCRIPT, json.dumps(cfg)], capture_output=True, text=True,
+                         env=env, timeout=240)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    worst = json.loads(res.stdout.strip().splitlines()[-1])["worst"]
+    assert worst < 1e-5, worst
