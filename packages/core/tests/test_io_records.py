@@ -8,105 +8,205 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
+import numpy as np
 import pytest
 
 from tttlab.core import records as R
-from tttlab.core._io import atomic_write_bytes, atomic_write_json
+from tttlab.core._io import atomic_path, atomic_save_npy, atomic_write_bytes, atomic_write_json
 from tttlab.core.errors import InvalidInputError
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     p = tmp_path / "a.json"
-    atomic_write_json(p, {"v": 1})
+    atomic_write_json(p, {"v": 1, "x": np.float32(0.5), "inf": float("inf")})
+    assert json.loads(p.read_text()) == {"v": 1, "x": 0.5, "inf": float("inf")}
 
+    # the rename fails: the old content stays, no temporary file is left behind
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
-        atomic_write_bytes(p, b"new")
-    assert json.loads(p.read_text()) == {"v": 1}
-    assert [f.name for f in tmp_path.iterdir()] == ["a.json"]  # no temp file left behind
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", boom)
+        with pytest.raises(OSError, match="disk full"):
+            atomic_write_bytes(p, b"new")
+    assert json.loads(p.read_text())["v"] == 1
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["a.json"]
+
+    # the writer fails half-way through: same
+    with pytest.raises(RuntimeError):
+        with atomic_path(p) as tmp:
+            tmp.write_bytes(b"{half")
+            raise RuntimeError("killed")
+    assert json.loads(p.read_text())["v"] == 1
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["a.json"]
 
 
-def test_records_roundtrip_and_fsync_per_record(tmp_path, monkeypatch):
+def test_atomic_save_npy_and_permissions(tmp_path):
+    p = atomic_save_npy(tmp_path / "x.npy", np.arange(6, dtype=np.uint8).reshape(2, 3))
+    np.testing.assert_array_equal(np.load(p), np.arange(6).reshape(2, 3))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0o600
+
+
+def test_run_dir_layout_and_records_roundtrip(tmp_path, monkeypatch):
     calls = []
     real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
-    run = R.RunDir(tmp_path / "run", config={"lr": 0.1})
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    run = R.RunDir(tmp_path / "run", config={"lr": 0.1, "model": {"depth": 2}})
+    names = sorted(p.name for p in run.path.iterdir())
+    assert names == ["checkpoints", "config.yaml", "env.json", "records.jsonl", "stats.json"]
+    calls.clear()
     with run.writer(method="torch_ttt.tent", package="torch_ttt", framework="torch", seed=0) as w:
         for s in (1, 2, 3):
             w.write(corruption="fog", severity=s, metric="accuracy", value=0.5 + s / 10, n=100)
-    assert len(calls) >= 3
+        w.write(metric="accuracy", value=np.float64(0.9), n=np.int64(100), extra={"note": "clean"})
+    assert len(calls) == 4  # one fsync per record
+
     df = run.records()
-    assert list(df["severity"]) == [1, 2, 3] and df["value"].tolist() == pytest.approx([0.6, 0.7, 0.8])
-    assert set(df.columns) == set(R.COLUMNS)
-    assert (tmp_path / "run" / "config.yaml").read_text().strip() == "lr: 0.1"
-    env = json.loads((tmp_path / "run" / "env.json").read_text())
-    assert env["python"] and "numpy" in env["packages"]
-    assert len(R.load_records(tmp_path / "run", severity=[1, 3])) == 2
+    assert list(df.columns) == list(R.COLUMNS)
+    assert df["severity"].tolist()[:3] == [1, 2, 3] and df["severity"].isna().tolist()[3]
+    assert df["value"].tolist() == pytest.approx([0.6, 0.7, 0.8, 0.9])
+    assert df["git_sha"].iloc[0] == run.env["git_sha"]
+    assert df["config_hash"].iloc[0] == R.config_hash({"model": {"depth": 2}, "lr": 0.1})
+    assert df["extra"].iloc[3] == {"note": "clean"}
+    assert len(R.load_records(run.path, severity=[1, 3])) == 2
+    assert len(R.load_records(run.path, corruption=None)) == 1
+    assert (run.path / "config.yaml").read_text() == "lr: 0.1\nmodel:\n  depth: 2\n"
+
+    env = json.loads((run.path / "env.json").read_text())
+    for key in ("python", "platform", "hostname", "cpu_count", "packages", "git_sha"):
+        assert key in env
+    assert "numpy" in env["packages"] and env["cpu_count"] >= 1
+    assert env["git_sha"] is None or len(env["git_sha"]) == 40
+
+    # reopening a run keeps its records and stats
+    run.append_stats({"train/loss": 2.0, "val/inner_loss": [[3.0, 2.0], [2.5, float("inf")]]})
+    run2 = R.RunDir(tmp_path / "run")
+    assert len(run2.records()) == 4
+    run2.append_stats({"train/loss": np.float32(1.5), "val/inner_loss": np.array([[2.0, 1.0], [2.0, 1.5]])})
+    stats = run2.read_stats()
+    assert stats["train/loss"] == [2.0, 1.5]
+    assert stats["val/inner_loss"][0][1][1] == float("inf") and stats["val/inner_loss"][1][1] == [2.0, 1.5]
+
+
+def test_git_sha_outside_a_repository(tmp_path):
+    R.git_sha.cache_clear()
+    assert R.git_sha(tmp_path) is None
 
 
 def test_schema_errors(tmp_path):
     w = R.RecordWriter(tmp_path / "r.jsonl")
     with pytest.raises(InvalidInputError, match="acuracy"):
         w.write(method="m", metric="accuracy", value=1.0, acuracy=1)
-    with pytest.raises(InvalidInputError, match="severity"):
+    with pytest.raises(InvalidInputError, match="'severity'='5'.*str"):
         w.write(method="m", metric="accuracy", value=1.0, severity="5")
-    with pytest.raises(InvalidInputError, match="value"):
+    with pytest.raises(InvalidInputError, match="'severity'=7"):
+        w.write(method="m", metric="accuracy", value=1.0, severity=7)
+    with pytest.raises(InvalidInputError, match="'step'=True"):
+        w.write(method="m", metric="accuracy", value=1.0, step=True)
+    with pytest.raises(InvalidInputError, match="required field 'value'"):
         w.write(method="m", metric="accuracy")
+    with pytest.raises(InvalidInputError, match="extra"):
+        w.write(method="m", metric="accuracy", value=1.0, extra={"f": object()})
+    with pytest.raises(InvalidInputError, match="defaults"):
+        R.RecordWriter(tmp_path / "r.jsonl", {"mehtod": "m"})
     w.close()
+    assert (tmp_path / "r.jsonl").read_text() == ""  # nothing half-valid was written
+    # an unknown field inside a file is an error naming file and line
+    (tmp_path / "bad.jsonl").write_text('{"method": "m", "metric": "a", "value": 1, "colour": "red"}\n')
+    with pytest.raises(InvalidInputError, match=r"bad.jsonl:1: unknown record field\(s\) \['colour'\]"):
+        R.load_records(tmp_path / "bad.jsonl")
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        R.load_records(tmp_path / "missing")
 
 
 def test_config_hash_stable():
+    from omegaconf import OmegaConf
+
+    from tttlab.core.config import BenchmarkConfig
+
     assert R.config_hash({"a": 1, "b": [1, 2]}) == R.config_hash({"b": [1, 2], "a": 1})
     assert R.config_hash({"a": 1}) != R.config_hash({"a": 2})
+    assert R.config_hash(OmegaConf.create({"a": 1, "b": "${a}"})) == R.config_hash({"a": 1, "b": 1})
+    assert R.config_hash(BenchmarkConfig()) == R.config_hash(OmegaConf.structured(BenchmarkConfig))
+    assert len(R.config_hash({})) == 12
+
+
+WRITER = """
+import sys, time
+from tttlab.core.records import RecordWriter
+w = RecordWriter(sys.argv[1], {"method": "m", "metric": "accuracy"})
+i = 0
+while True:
+    w.write(value=float(i), step=i)
+    if i == 200:
+        # a record torn by the kill: part of a line reached the file, the rest never will
+        w._file.write(b'{"method": "m", "metr'); w._file.flush()
+        print("torn", flush=True)
+        time.sleep(60)
+    i += 1
+"""
 
 
 def test_killed_writer_leaves_complete_lines(tmp_path):
     path = tmp_path / "records.jsonl"
-    code = textwrap.dedent(f"""
-        import sys
-        from tttlab.core.records import RecordWriter
-        w = RecordWriter({str(path)!r})
-        i = 0
-        while True:
-            w.write(method="m", metric="accuracy", value=float(i), step=i)
-            if i == 50:
-                print("ready", flush=True)
-            # a torn record: half a line written, flushed, never finished
-            if i == 200:
-                w._file.write('{{"method": "m", "metr'); w._file.flush()
-                print("torn", flush=True)
-                import time; time.sleep(60)
-            i += 1
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    assert proc.stdout.readline().strip() == "torn"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(WRITER), str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "torn"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
     with pytest.warns(UserWarning, match="torn"):
         df = R.load_records(path)
     assert df["step"].tolist() == list(range(201))
+
+    # a resumed writer cuts the torn tail before appending, so the file stays readable
+    with pytest.warns(UserWarning, match="torn"):
+        w = R.RecordWriter(path, {"method": "m", "metric": "accuracy"})
+    w.write(value=-1.0, step=201)
+    w.close()
+    assert R.load_records(path)["step"].tolist() == list(range(202))
+
     # a malformed line in the middle is an error, not silently skipped
     lines = path.read_text().split("\n")
-    lines[5] = "{broken"
-    path.write_text("\n".join(lines[:-1]) + "\n")
-    with pytest.raises(InvalidInputError, match=":6:"):
+    lines[5] = '{"method": "m", "metr'
+    path.write_text("\n".join(lines))
+    with pytest.raises(InvalidInputError, match=r"records.jsonl:6: malformed"):
         R.load_records(path)
 
 
-def test_merge_rank_files(tmp_path):
+def test_rank_files_merge_and_resume_keys(tmp_path):
     for rank in (0, 1, 2):
-        run = R.RunDir(tmp_path, rank=rank)
-        with run.writer(method="m", metric="accuracy") as w:
-            w.write(value=float(rank), step=rank)
+        run = R.RunDir(tmp_path, config={"seed": 0}, rank=rank)
+        with run.writer(method="m", metric="accuracy", corruption="fog") as w:
+            w.write(value=float(rank), severity=rank + 1, step=rank)
+    assert sorted(p.name for p in tmp_path.glob("records*.jsonl")) == [
+        "records-rank0.jsonl", "records-rank1.jsonl", "records-rank2.jsonl",
+    ]  # fmt: skip
+    assert len(R.load_records(tmp_path)) == 3  # readable before the merge too
+    with pytest.raises(InvalidInputError, match=r"rank\(s\) \[3\]"):
+        R.merge_records(tmp_path, world_size=4)
     R.merge_records(tmp_path, world_size=3)
+    assert not list(tmp_path.glob("records-rank*.jsonl"))
     df = R.load_records(tmp_path)
     assert df["step"].tolist() == [0, 1, 2]
-    assert not list(tmp_path.glob("records-rank*.jsonl"))
-    assert R.done_keys(df, ["method", "step"]) == {("m", 0), ("m", 1), ("m", 2)}
-    time.sleep(0)
+    assert R.done_keys(df, ["method", "corruption", "severity"]) == {("m", "fog", 1), ("m", "fog", 2),
+                                                                     ("m", "fog", 3)}  # fmt: skip
+    assert R.done_keys(df, ["severity"], step=0) == {(1,)}
+    assert R.done_keys(df.iloc[:0], ["method"]) == set()
+
+
+def test_load_many_runs(tmp_path):
+    for name in ("a", "b"):
+        with R.RunDir(tmp_path / "sweep" / name).writer(method=name, metric="accuracy") as w:
+            w.write(value=0.5)
+    df = R.load_records(tmp_path / "sweep", with_source=True)
+    assert sorted(df["method"]) == ["a", "b"] and df["source"].str.endswith("records.jsonl").all()
+    df2 = R.load_records([tmp_path / "sweep" / "a", tmp_path / "sweep" / "b" / "records.jsonl"])
+    assert sorted(df2["method"]) == ["a", "b"]
+    assert len(R.load_records(tmp_path / "sweep", method=["b"])) == 1

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from tttlab.core import metrics as M
-from tttlab.core.errors import InvalidInputError
+from tttlab.core.errors import InvalidInputError, SeverityError, UnknownNameError
 
 
 def test_accuracy_topk():
     scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.4, 0.35, 0.25]])
     y = np.array([1, 1, 2, 2])
     assert M.accuracy(scores, y) == 0.5 and M.error(scores, y) == 0.5
+    assert M.accuracy(np.log(scores), y) == 0.5  # logits and probabilities give the same arg-max
     assert M.accuracy(np.array([1, 0, 2, 0]), y) == 0.5
-    assert M.topk_accuracy(scores, y, k=2) == 0.75  # sample 4 has label 2 in 3rd place
+    assert M.topk_accuracy(scores, y, k=1) == 0.5
+    assert M.topk_accuracy(scores, y, k=2) == 0.75  # sample 4 has its label in 3rd place
     assert M.topk_accuracy(scores, y, k=3) == 1.0
+    # ties: the lower class index wins, as in argmax
+    assert M.topk_accuracy(np.array([[1.0, 1.0, 0.0]]), np.array([1]), k=1) == 0.0
+    assert M.topk_accuracy(np.array([[1.0, 1.0, 0.0]]), np.array([1]), k=2) == 1.0
 
 
 def test_ece_hand_values():
@@ -27,34 +33,98 @@ def test_ece_hand_values():
     p = np.tile([[0.9, 0.1]], (4, 1))
     y = np.array([0, 0, 1, 1])
     assert M.expected_calibration_error(p, y) == pytest.approx(0.4)
-    # two bins: 0.6 (all right) and 0.95 (half right): (2/4)*0.4 + (2/4)*0.45
+    # two bins: 0.6 (all right) and 0.95 (half right): (2/4) * 0.4 + (2/4) * 0.45
     p = np.array([[0.6, 0.4], [0.6, 0.4], [0.95, 0.05], [0.95, 0.05]])
     y = np.array([0, 0, 0, 1])
     assert M.ece(p, y) == pytest.approx(0.5 * 0.4 + 0.5 * 0.45)
+    # with one bin, ECE is |mean confidence - accuracy| = |0.775 - 0.75|
+    assert M.ece(p, y, n_bins=1) == pytest.approx(0.025)
+    # from logits: log-probabilities give the same value
+    assert M.ece(np.log(p), y, logits=True) == pytest.approx(0.5 * 0.4 + 0.5 * 0.45)
+    r = M.reliability(p, y, n_bins=10)
+    assert r["count"].tolist() == [0, 0, 0, 0, 0, 2, 0, 0, 0, 2]  # 0.6 falls in (0.5, 0.6]
+    assert r["accuracy"][9] == 0.5 and r["confidence"][5] == pytest.approx(0.6)
+
+
+def test_alexnet_table():
+    assert len(M.ALEXNET_ERRORS_BY_SEVERITY) == 19 and len(M.ALEXNET_ERRORS) == 19
+    # the "Average" column published upstream, to its 6 digits
+    assert M.ALEXNET_ERRORS["gaussian_noise"] == 0.886428
+    assert M.ALEXNET_ERRORS["jpeg_compression"] == 0.6065
+    assert M.ALEXNET_ERRORS["saturate"] == 0.658248
+    assert M.ALEXNET_ERRORS_BY_SEVERITY["fog"][4] == 0.945
 
 
 def test_mce_of_alexnet_is_100_percent():
-    assert M.mce(M.ALEXNET_ERRORS) == pytest.approx(1.0)
-    per_sev = {c: [e] * 5 for c, e in M.ALEXNET_ERRORS.items()}
-    assert M.mce(per_sev) == pytest.approx(1.0)
-    assert M.relative_mce(M.ALEXNET_ERRORS, M.ALEXNET_CLEAN_ERROR) == pytest.approx(1.0)
+    assert 100 * M.mce(M.ALEXNET_ERRORS) == pytest.approx(100.0, abs=1e-9)
+    assert 100 * M.mce(M.ALEXNET_ERRORS_BY_SEVERITY) == pytest.approx(100.0, abs=1e-9)
+    sev5 = {c: {5: e[4]} for c, e in M.ALEXNET_ERRORS_BY_SEVERITY.items()}
+    assert M.mce(sev5) == pytest.approx(1.0, abs=1e-12)
+    assert M.relative_mce(M.ALEXNET_ERRORS, M.ALEXNET_CLEAN_ERROR) == pytest.approx(1.0, abs=1e-12)
+    assert M.corruption_error({"gauss": 0.886428 / 2})["gaussian_noise"] == pytest.approx(0.5)  # alias
+
+
+def test_ce_subset_of_severities_uses_matching_baseline():
+    # fog at severities 1 and 5: (0.3 + 0.5) / (0.67474 + 0.945)
+    ce = M.corruption_error({"fog": {1: 0.3, 5: 0.5}})["fog"]
+    assert ce == pytest.approx(0.8 / (0.67474 + 0.945))
 
 
 def test_relative_mce_hand_example():
     base = {"fog": 0.8, "snow": 0.6}
-    errs = {"fog": [0.3, 0.5], "snow": 0.35}  # fog mean 0.4
-    # CE: 0.4/0.8 = 0.5, 0.35/0.6; relative: (0.4-0.2)/(0.8-0.4)=0.5, (0.35-0.2)/(0.6-0.4)=0.75
+    errs = {"fog": [0.3, 0.5, 0.4, 0.4, 0.4], "snow": 0.35}  # fog mean 0.4
+    # CE: 0.4/0.8 = 0.5, 0.35/0.6; relative: (0.4-0.2)/(0.8-0.4) = 0.5, (0.35-0.2)/(0.6-0.4) = 0.75
     assert M.mce(errs, base) == pytest.approx((0.5 + 0.35 / 0.6) / 2)
     assert M.relative_mce(errs, 0.2, base, 0.4) == pytest.approx(0.625)
     assert M.mean_error(errs) == pytest.approx(0.375)
+    # with per-severity baselines: sum_s (E_s - E_clean) / sum_s (A_s - A_clean)
+    base5 = {"fog": [0.5, 0.6, 0.7, 0.8, 0.9]}
+    rel = M.relative_ce({"fog": {2: 0.3, 4: 0.5}}, 0.1, base5, 0.4)["fog"]
+    assert rel == pytest.approx(((0.3 - 0.1) + (0.5 - 0.1)) / ((0.6 - 0.4) + (0.8 - 0.4)))
+
+
+def test_errors_from_records():
+    df = pd.DataFrame(
+        {
+            "method": ["a"] * 5,
+            "metric": ["accuracy"] * 4 + ["loss"],
+            "corruption": ["fog", "fog", "snow", None, "fog"],
+            "severity": [5, 5, 5, None, 5],
+            "value": [0.5, 0.8, 0.6, 0.9, 3.0],
+            "n": [100, 300, 10, 50, 1],
+        }
+    )
+    e = M.domain_errors(df, method="a")
+    assert e == {"fog": {5: pytest.approx(1 - (50 + 240) / 400)}, "snow": {5: pytest.approx(0.4)}}
+    assert M.clean_error(df) == pytest.approx(0.1)
+    table = M.per_domain_error(df)
+    assert table.to_dict("list")["corruption"] == ["fog", "snow"]
 
 
 def test_bad_inputs():
     with pytest.raises(InvalidInputError, match="NaN"):
         M.accuracy(np.array([[np.nan, 1.0]]), np.array([0]))
+    with pytest.raises(InvalidInputError, match="NaN"):
+        M.ece(np.array([[np.inf, 0.0]]), np.array([0]), logits=True)
+    with pytest.raises(InvalidInputError, match="NaN"):
+        M.mce({"fog": float("nan")})
     with pytest.raises(InvalidInputError, match="predictions for"):
         M.accuracy(np.array([0, 1]), np.array([0]))
-    with pytest.raises(InvalidInputError, match="baseline"):
+    with pytest.raises(InvalidInputError, match="integer"):
+        M.accuracy(np.array([0, 1]), np.array([0.0, 1.0]))
+    with pytest.raises(InvalidInputError, match="empty"):
+        M.accuracy(np.zeros((0, 3)), np.zeros(0, int))
+    with pytest.raises(InvalidInputError, match="k=4"):
+        M.topk_accuracy(np.eye(3), np.arange(3), k=4)
+    with pytest.raises(UnknownNameError, match="not_a_corruption"):
         M.mce({"not_a_corruption": 0.3})
     with pytest.raises(InvalidInputError, match="summing to 1"):
         M.ece(np.array([[2.0, 0.0]]), np.array([0]))
+    with pytest.raises(InvalidInputError, match=r"\[0, 1\]"):
+        M.mce({"fog": 45.0})  # a percentage
+    with pytest.raises(SeverityError, match="6"):
+        M.mce({"fog": {6: 0.4}})
+    with pytest.raises(InvalidInputError, match="3 values"):
+        M.mce({"fog": [0.1, 0.2, 0.3]})
+    with pytest.raises(InvalidInputError, match="n_bins"):
+        M.ece(np.eye(2), np.arange(2), n_bins=0)

@@ -1,6 +1,9 @@
 """Atomic writes: a temporary file in the destination's directory, fsync, then ``os.replace``.
 
 A reader (or a run killed mid-write) sees either the old file or the complete new one, never a part.
+The temporary file lives next to the destination so that the rename never crosses a file system; it is
+removed when the write fails.  The new file gets the usual ``0o666 & ~umask`` permissions (``mkstemp``
+would leave it ``0o600``), and the directory is fsync'ed after the rename where the OS allows it.
 """
 
 from __future__ import annotations
@@ -14,9 +17,31 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse directory fsync
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path``, on error it is removed."""
+    """Yield a temporary path next to ``path``; on success it replaces ``path``, on error it is removed.
+
+    Write the content to the yielded path (with any library: ``np.save``, ``torch.save``, ``savefig``...).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
@@ -26,38 +51,56 @@ def atomic_path(path, suffix: str = "") -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; return ``path``."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"atomic_write_bytes takes bytes, got {type(data).__name__}")
     with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            f.write(data)
     return Path(path)
 
 
-def atomic_write_text(path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically; return ``path``."""
+    return atomic_write_bytes(path, text.encode(encoding))
 
 
-def atomic_write_json(path, obj: Any, indent: int = 2) -> Path:
-    return atomic_write_text(
-        path, json.dumps(obj, indent=indent, sort_keys=True, default=_json_default) + "\n"
-    )
+def atomic_write_json(path, obj: Any, indent: int | None = 2) -> Path:
+    """Write ``obj`` as JSON (sorted keys; numpy scalars/arrays and paths converted) atomically.
+
+    Non-finite floats (e.g. the ``inf`` inner losses of attention baselines) are written as JSON's common
+    extension ``NaN`` / ``Infinity``, which Python's ``json`` reads back.
+    """
+    return atomic_write_text(path, dumps(obj, indent=indent) + "\n")
+
+
+def dumps(obj: Any, indent: int | None = None) -> str:
+    """``json.dumps`` that also takes numpy scalars/arrays, paths, sets and dataclasses."""
+    return json.dumps(obj, indent=indent, sort_keys=True, default=_json_default)
 
 
 def atomic_save_npy(path, array) -> Path:
+    """``numpy.save`` to ``path`` atomically (no ``.npy`` is appended)."""
     import numpy as np
 
     with atomic_path(path, suffix=".npy") as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, array)
+            np.save(f, np.asarray(array), allow_pickle=False)
     return Path(path)
 
 
 def _json_default(obj):
+    import dataclasses
+
     import numpy as np
 
     if isinstance(obj, np.generic):
@@ -66,4 +109,18 @@ def _json_default(obj):
         return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=str)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+__all__ = [
+    "atomic_path",
+    "atomic_save_npy",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "dumps",
+]

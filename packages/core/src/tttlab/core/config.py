@@ -1,29 +1,38 @@
 """Hydra structured-config schemas shared by every subpackage; unknown keys are errors.
 
 ``RunConfig`` (seed, out_dir, device, data, benchmark, logging) is the common part of every
-``train.py``/``evaluate.py`` config.  :func:`validate` merges a dict / OmegaConf config into a schema and
-turns OmegaConf's errors into :class:`~tttlab.core.errors.ConfigError` naming the key (with a
-did-you-mean suggestion) or the bad value.
+``train.py`` / ``evaluate.py`` config; a subpackage extends it by subclassing (``@dataclass class
+TrainConfig(RunConfig): lr: float = 1e-3 ...``).  :func:`validate` merges a dict / YAML / OmegaConf
+config into a schema and turns OmegaConf's errors into :class:`~tttlab.core.errors.ConfigError` that
+names the key, with a did-you-mean suggestion for a misspelt one, or the value and the expected type.
+:func:`to_structured` does the same and returns the dataclass instance.  :func:`register_configs` stores
+the schemas in Hydra's ``ConfigStore`` so that a ``conf/*.yaml`` can start with
+``defaults: [tttlab_run, _self_]`` and Hydra itself rejects unknown keys.
 """
 
 from __future__ import annotations
 
 import difflib
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from .errors import ConfigError
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 @dataclass
 class BenchmarkConfig:
-    name: str = "mnist_c"
-    root: str | None = None
-    corruptions: Any = "common"  # a subset name ("common", "heldout", "all") or a list of names
-    severities: list = field(default_factory=lambda: [5])
-    setting: str = "reset_each_shift"
+    """What ``tttlab.core.benchmark.from_config`` builds: dataset x corruptions x severities x setting."""
+
+    name: str = "mnist_c"  # mnist_c | digits_c | cifar10_c | imagenet_c
+    root: str | None = None  # dataset folder (on-disk benchmarks)
+    corruptions: Any = "common"  # "common" | "heldout" | "all" | one name | a list of names
+    severities: list[int] = field(default_factory=lambda: [5])
+    setting: str = "reset_each_shift"  # episodic | reset_each_shift | continual | mixed | gradual
     batch_size: int = 64
-    num_examples: int | None = None
+    num_examples: int | None = None  # per domain; None: all
     seed: int = 0
     cache_dir: str | None = None
     include_clean: bool = False
@@ -31,6 +40,8 @@ class BenchmarkConfig:
 
 @dataclass
 class DataConfig:
+    """A dataset of ``tttlab.core.data`` (training or source data)."""
+
     name: str = "mnist"
     root: str | None = None
     split: str = "train"
@@ -40,7 +51,7 @@ class DataConfig:
 
 @dataclass
 class LoggingConfig:
-    progress: bool = True
+    progress: bool = True  # progress bars (also off when stderr is not a TTY)
     level: str = "INFO"
 
 
@@ -48,55 +59,150 @@ class LoggingConfig:
 class RunConfig:
     seed: int = 0
     out_dir: str = "runs/default"
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | gpu | tpu
     data: DataConfig = field(default_factory=DataConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-def _known_keys(schema, path: list[str]):
-    obj = schema
+SCHEMAS: dict[str, type] = {
+    "run": RunConfig, "benchmark": BenchmarkConfig, "data": DataConfig, "logging": LoggingConfig,
+}  # fmt: skip
+
+
+def _schema_type(schema) -> type:
+    if isinstance(schema, type) and is_dataclass(schema):
+        return schema
+    if is_dataclass(schema):
+        return type(schema)
+    raise ConfigError(f"schema must be a dataclass (e.g. RunConfig), got {schema!r}")
+
+
+def _field_type(cls: type, name: str):
+    hints = typing.get_type_hints(cls)
+    return hints.get(name)
+
+
+def _known_keys(schema: type, path: list[str]) -> list[str]:
+    """Field names of the (nested) dataclass at ``path`` in ``schema``."""
+    cls: Any = schema
     for part in path:
-        if not is_dataclass(obj):
+        if not (isinstance(cls, type) and is_dataclass(cls)):
             return []
-        types = {f.name: f for f in fields(obj)}
-        if part not in types:
+        if part not in {f.name for f in fields(cls)}:
             return []
-        default = (
-            types[part].default_factory() if callable(types[part].default_factory) else types[part].default
-        )
-        obj = default
-    return [f.name for f in fields(obj)] if is_dataclass(obj) else []
+        t = _field_type(cls, part)
+        cls = next((a for a in typing.get_args(t) if is_dataclass(a)), t) if typing.get_args(t) else t
+    return [f.name for f in fields(cls)] if isinstance(cls, type) and is_dataclass(cls) else []
+
+
+def _full_key(exc) -> str:
+    full = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    return str(full) if full is not None else ""
 
 
 def validate(cfg, schema=RunConfig):
-    """Merge ``cfg`` (dict or OmegaConf) into the structured ``schema``; return a typed OmegaConf."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import ConfigKeyError, ValidationError
+    """Merge ``cfg`` (dict, OmegaConf or a YAML string) into ``schema``; return a typed ``DictConfig``.
 
-    base = OmegaConf.structured(schema)
+    Raises :class:`ConfigError` naming an unknown key (with a suggestion) or a value of the wrong type.
+    """
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    cls = _schema_type(schema)
+    if cfg is None:
+        cfg = {}
+    if isinstance(cfg, str):
+        try:
+            cfg = OmegaConf.create(cfg)
+        except Exception as exc:  # noqa: BLE001 - YAML errors have many types
+            raise ConfigError(f"config is not valid YAML: {exc}") from None
+    if is_dataclass(cfg) and not isinstance(cfg, type):
+        cfg = OmegaConf.structured(cfg)
+    if not isinstance(cfg, (dict, DictConfig)):
+        raise ConfigError(f"a config must be a mapping, got {type(cfg).__name__}: {cfg!r}")
+    base = OmegaConf.structured(cls)
     try:
-        return OmegaConf.merge(base, cfg)
+        merged = OmegaConf.merge(base, cfg)
     except ConfigKeyError as exc:
-        key = getattr(exc, "key", None) or str(exc)
-        full = getattr(exc, "full_key", None) or str(key)
-        parts = str(full).split(".")
-        known = _known_keys(schema if isinstance(schema, type) else type(schema), parts[:-1])
-        close = difflib.get_close_matches(parts[-1], known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown config key {full!r}{hint} expected one of {known}") from None
+        full = _full_key(exc)
+        parts = full.split(".") if full else [str(getattr(exc, "key", "?"))]
+        known = _known_keys(cls, parts[:-1])
+        close = difflib.get_close_matches(parts[-1], known, n=1, cutoff=0.6)
+        hint = f"; did you mean {'.'.join([*parts[:-1], close[0]])!r}?" if close else ""
+        where = f" in {'.'.join(parts[:-1])!r}" if len(parts) > 1 else ""
+        raise ConfigError(
+            f"unknown config key {full!r}{hint} (known keys{where}: {', '.join(known)})"
+        ) from None
     except ValidationError as exc:
-        raise ConfigError(f"invalid config value: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+        full = _full_key(exc)
+        value = getattr(exc, "value", None)
+        msg = (getattr(exc, "msg", None) or str(exc)).strip().splitlines()[0]
+        if not full:
+            raise ConfigError(f"invalid config: {msg}") from None
+        raise ConfigError(f"config key {full!r} has an invalid value {value!r}: {msg}") from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid config: {exc}") from None
+    _check_values(merged)
+    return merged
+
+
+def _check_values(cfg) -> None:
+    """Checks a type cannot express: severities 1..5, positive sizes, log level names."""
+    nodes = {"": cfg}
+    for key in ("benchmark", "data", "logging"):
+        if key in cfg and hasattr(cfg[key], "keys"):
+            nodes[f"{key}."] = cfg[key]
+    for prefix, node in nodes.items():
+        sev = node.get("severities")
+        if sev is not None and "severities" in node:
+            sev = list(sev)
+            if not sev or any(not 1 <= s <= 5 for s in sev):
+                raise ConfigError(f"config key '{prefix}severities'={sev}: expected severities in 1..5")
+        for key in ("batch_size", "num_examples"):
+            v = node.get(key)
+            if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+                raise ConfigError(f"config key '{prefix}{key}'={v}: expected a positive integer")
+        level = node.get("level") if prefix == "logging." else None
+        if isinstance(level, str) and level.upper() not in LOG_LEVELS:
+            raise ConfigError(
+                f"config key 'logging.level'={level!r}: expected one of {', '.join(LOG_LEVELS)}"
+            )
 
 
 def to_structured(cfg, schema=RunConfig):
-    return validate(cfg, schema)
+    """:func:`validate`, then return an instance of the ``schema`` dataclass (nested ones included)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(validate(cfg, schema))
 
 
-def register_configs() -> None:
-    """Store the schemas in Hydra's ConfigStore (``defaults: [base_run]`` etc.)."""
+def defaults(schema=RunConfig) -> dict[str, Any]:
+    """The schema's defaults as a plain dict."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(_schema_type(schema)))
+
+
+def register_configs(schemas: dict[str, type] | None = None, prefix: str = "tttlab_") -> list[str]:
+    """Store schemas in Hydra's ``ConfigStore``: ``tttlab_run`` and the groups ``benchmark``, ``data``,
+    ``logging`` (``tttlab_benchmark`` ...), or ``schemas`` {name: dataclass}.  Returns the stored names."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    cs.store(name="base_run", node=RunConfig)
-    cs.store(group="benchmark", name="base_benchmark", node=BenchmarkConfig)
+    stored = []
+    for name, node in (schemas or SCHEMAS).items():
+        cls = _schema_type(node)
+        if name in ("benchmark", "data", "logging"):
+            cs.store(group=name, name=f"{prefix}{name}", node=cls)
+            stored.append(f"{name}/{prefix}{name}")
+        else:
+            cs.store(name=f"{prefix}{name}", node=cls)
+            stored.append(f"{prefix}{name}")
+    return stored
+
+
+__all__ = [
+    "BenchmarkConfig", "DataConfig", "LoggingConfig", "RunConfig", "SCHEMAS", "defaults",
+    "register_configs", "to_structured", "validate",
+]  # fmt: skip

