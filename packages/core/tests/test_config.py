@@ -76,3 +76,17 @@ def test_benchmark_from_config():
     assert batches[0].domain.corruption == "fog" and batches[0].domain.severity == 5
     b2 = from_config(BenchmarkConfig(corruptions=["fog"], num_examples=16, batch_size=8))
     assert (next(iter(b2)).images == batches[0].images).all()  # same seed: same bytes
+
+
+def test_hydra_composition_rejects_unknown_keys(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    register_configs()
+    (tmp_path / "run.yaml").write_text("defaults:\n  - tttlab_run\n  - _self_\nseed: 7\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        cfg = compose("run", overrides=["benchmark.severities=[1,2]"])
+        assert cfg.seed == 7 and list(cfg.benchmark.severities) == [1, 2]
+        assert validate(cfg).benchmark.severities == [1, 2]
+        with pytest.raises(ConfigCompositionException):
+            compose("run", overrides=["benchmark.batch_sise=3"])

@@ -17,9 +17,10 @@ A writer killed mid-record leaves at most one unterminated last line: :func:`loa
 a warning and :class:`RecordWriter` truncates it before appending again, so a resumed run never glues a
 new record onto a torn one.  A malformed line anywhere else is an error naming the file and line.
 
-Distributed runs: each rank writes ``records-rank<r>.jsonl`` (``RunDir(path, rank=r)``);
-:func:`load_records` reads all ``records*.jsonl`` of a run directory, and :func:`merge_records` folds the
-rank files into ``records.jsonl`` when the run ends.
+Distributed runs: ``RunDir(path, rank=r)``; rank 0 writes ``records.jsonl``, rank r > 0
+``records-rank<r>.jsonl``.  :func:`load_records` reads all ``records*.jsonl`` of a run directory, and
+:func:`merge_records` folds the rank files (``records-rank0.jsonl`` too, if a launcher wrote one) into
+``records.jsonl`` when the run ends.
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ def validate_record(record: Mapping[str, Any]) -> dict[str, Any]:
                 f"record field {key!r}={value!r} has type {type(value).__name__}; expected "
                 f"{' or '.join(t.__name__ for t in types)} or None"
             )
-        if key == "severity" and not 0 <= value <= 5:
-            raise InvalidInputError(f"record field 'severity'={value} must be in 1..5 (0 or None: clean)")
+        if key == "severity" and not 1 <= value <= 5:
+            raise InvalidInputError(f"record field 'severity'={value} must be in 1..5 (None for clean data)")
         if key in ("n", "wall_time_s") and value < 0:
             raise InvalidInputError(f"record field {key!r}={value} must be >= 0")
         if key == "extra":
@@ -348,8 +349,9 @@ def append_stats(path, values: Mapping[str, Any] | None = None, **kw) -> dict[st
 class RunDir:
     """A run directory (see the module docstring); creates what is missing, never clobbers results.
 
-    ``rank``: in a distributed run every rank passes its rank and writes ``records-rank<r>.jsonl``; only
-    rank 0 (or a run without ranks) writes ``config.yaml``, ``env.json`` and ``stats.json``.
+    ``rank``: in a distributed run every rank passes its rank; rank 0 (like a run without ranks) writes
+    ``records.jsonl``, ``config.yaml``, ``env.json`` and ``stats.json``, rank r > 0 only
+    ``records-rank<r>.jsonl``.
     """
 
     def __init__(self, path, config: Any = None, *, rank: int | None = None):
@@ -392,7 +394,7 @@ class RunDir:
 
     @property
     def records_path(self) -> Path:
-        return self.path / ("records.jsonl" if self.rank is None else f"records-rank{self.rank}.jsonl")
+        return self.path / ("records.jsonl" if self.is_main else f"records-rank{self.rank}.jsonl")
 
     def checkpoint_path(self, name: str = "last", suffix: str = ".ckpt") -> Path:
         return self.checkpoints / f"{name}{suffix}"
@@ -550,8 +552,9 @@ def load_records(*sources, with_source: bool = False, **filters):
 def merge_records(run_dir, world_size: int | None = None, remove: bool = True) -> Path:
     """Fold every ``records-rank<r>.jsonl`` of a run directory into ``records.jsonl`` (in rank order).
 
-    The merged file is written atomically (existing ``records.jsonl`` lines first), then the rank files
-    are removed.  ``world_size`` checks that ranks 0..world_size-1 are all there.
+    The merged file is written atomically (the lines already in ``records.jsonl``, i.e. rank 0's, first),
+    then the rank files are removed.  ``world_size`` checks that every rank 1..world_size-1 left a file
+    (rank 0 writes ``records.jsonl`` or ``records-rank0.jsonl``).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -565,7 +568,8 @@ def merge_records(run_dir, world_size: int | None = None, remove: bool = True) -
 
     parts = sorted(run_dir.glob("records-rank*.jsonl"), key=rank_of)
     if world_size is not None:
-        missing = sorted(set(range(world_size)) - {rank_of(p) for p in parts})
+        have = {rank_of(p) for p in parts} | ({0} if (run_dir / "records.jsonl").exists() else set())
+        missing = sorted(set(range(world_size)) - have)
         if missing:
             raise InvalidInputError(
                 f"{run_dir}: no records of rank(s) {missing}; found {[p.name for p in parts]}"
