@@ -358,3 +358,10 @@ def test_grey_rgb_stays_grey_where_hue_is_undefined(name):
         y = C.corrupt(x, name, severity, seed=0, family="cifar").astype(int)
         tol = 3 if name == "jpeg_compression" else 0  # chroma quantisation
         assert np.abs(y[..., 0] - y[..., 1]).max() <= tol and np.abs(y[..., 1] - y[..., 2]).max() <= tol
+
+
+def test_impulse_noise_uint8_path_equals_float_path():
+    x8 = (random_rgb(shape=(2, 32, 32, 3)) * 255).astype(np.uint8)
+    native = N.impulse_noise(x8, 4, np.random.default_rng(0), "cifar")
+    via_float = N.impulse_noise(x8.astype(np.float32) / np.float32(255), 4, np.random.default_rng(0), "cifar")
+    assert np.array_equal(native, (np.clip(via_float, 0, 1) * 255 + 1e-3).astype(np.uint8))

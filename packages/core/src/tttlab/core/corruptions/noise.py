@@ -22,7 +22,7 @@ Deviations from the original scripts (the distributions are the same, the random
   normals.
 * impulse noise draws one uniform per value: below ``amount / 2`` it becomes 0 (pepper), below ``amount`` it
   becomes 1 (salt), as scikit-image's ``random_noise(mode="s&p", amount=...)`` with its default even salt
-  to pepper ratio does with two Bernoulli draws.
+  to pepper ratio does with two Bernoulli draws.  It works on uint8 directly (same bytes as in float).
 * shot noise: for images on the 1/255 grid (every image that :func:`~tttlab.core.corruptions.corrupt`
   passes in), the Poisson variate of each of the 256 levels is drawn by table inversion of its exact CDF
   (log-pmf cumulated, ``scipy.special.pdtr`` for the
@@ -68,9 +68,14 @@ def impulse_noise(x, severity, rng, family):
     amount = pick(IMPULSE, family, severity)
     u = rng.random(size=x.shape, dtype=np.float32)
     out = x.copy()
-    out[u < np.float32(amount)] = 1.0
-    out[u < np.float32(amount / 2)] = 0.0
+    out[u < np.float32(amount)] = 255 if x.dtype == np.uint8 else 1.0
+    out[u < np.float32(amount / 2)] = 0
     return out
+
+
+# Salt and pepper only sets values to 0 or 1: on uint8 (0 or 255) it gives the very bytes of the float
+# path and the caller's truncation, without the float round trip.
+impulse_noise.native_uint8 = True
 
 
 def shot_noise(x, severity, rng, family):
