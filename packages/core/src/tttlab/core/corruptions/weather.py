@@ -144,6 +144,18 @@ def fog(x, severity, rng, family):
 # -------------------------------------------------------------------------------------------- frost
 
 
+def _upsample_linear(planes: np.ndarray, step: int) -> np.ndarray:
+    """``scipy.ndimage.zoom(planes, (1, step, step), order=1)`` (corner-aligned) with Pillow's resize."""
+    n, h, w = planes.shape
+    oh, ow = h * step, w * step
+    ay, ax = (h - 1) / (oh - 1), (w - 1) / (ow - 1)
+    box = (0.5 - 0.5 * ax, 0.5 - 0.5 * ay, 0.5 - 0.5 * ax + ax * ow, 0.5 - 0.5 * ay + ay * oh)
+    out = np.empty((n, oh, ow), np.float32)
+    for i in range(n):
+        out[i] = np.asarray(Image.fromarray(planes[i]).resize((ow, oh), Image.Resampling.BILINEAR, box=box))
+    return out
+
+
 def frost_texture(n: int, h: int, w: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
     """Procedural frost, (n, h, w, 3) float32 in [0, 1]: density field x ridged crystal noise, blue tint.
 
@@ -154,7 +166,7 @@ def frost_texture(n: int, h: int, w: int, rng: np.random.Generator, scale: float
     step = max(1, int(sigma // 3))
     coarse = rng.standard_normal((n, -(-h // step) + 1, -(-w // step) + 1), dtype=np.float32)
     coarse = ndi.gaussian_filter(coarse, (0, sigma / step, sigma / step), mode="wrap")
-    density = ndi.zoom(coarse, (1, step, step), order=1)[:, :h, :w]
+    density = _upsample_linear(coarse, step)[:, :h, :w]
     density = (density - density.mean(axis=(1, 2), keepdims=True)) / (
         density.std(axis=(1, 2), keepdims=True) + 1e-8
     )
