@@ -1,0 +1,259 @@
+"""Input pipelines: datasets from ``tttlab.core.data`` -> float32 NHWC batches in [-1, 1] (numpy).
+
+* ``mnist`` (embedded, 28x28x1): no augmentation, as the MNIST proxies of this package.
+* ``tfds/<name>`` (e.g. ``tfds/imagenet2012`` prepared as array_record, read without TensorFlow):
+  upstream's big_vision preprocessing re-implemented with Pillow/numpy: train = inception crop
+  (area 5%-100%, aspect 3/4-4/3, bilinear resize) + horizontal flip + RandAugment(2, 10) (16 ops,
+  magnitude 10 of 10, fill 128; upstream's TF ops, ported); eval = resize the short side to 256 +
+  central crop 224.  ``value_range(-1, 1)`` on both.
+
+Determinism: the order of an epoch is a permutation seeded by ``(seed, epoch)`` and every image's
+augmentation by ``(seed, epoch, position)``, so a resumed run sees exactly the batches an uninterrupted
+one would, whatever the number of workers.  With several processes each takes its slice of every
+global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InvalidInputError, MTTTConfigError
+
+# --------------------------------------------------------------------------------------------------
+# Per-image ops (uint8 HWC numpy <-> PIL)
+# --------------------------------------------------------------------------------------------------
+
+
+def _pil(img: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+
+
+def _np(pil, channels: int) -> np.ndarray:
+    a = np.asarray(pil, np.uint8)
+    return a[..., None] if a.ndim == 2 else a[..., :channels]
+
+
+def inception_crop(img: np.ndarray, size: int, rng: np.random.Generator, area=(0.05, 1.0),
+                   ratio=(3 / 4, 4 / 3)) -> np.ndarray:  # fmt: skip
+    """Random crop of random area/aspect (10 tries, else the whole image), resized to ``size`` (bilinear)."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    box = (0, 0, w, h)
+    for _ in range(10):
+        a = rng.uniform(*area) * h * w
+        r = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = int(round(math.sqrt(a * r))), int(round(math.sqrt(a / r)))
+        if 0 < cw <= w and 0 < ch <= h:
+            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            box = (x0, y0, x0 + cw, y0 + ch)
+            break
+    out = _pil(img).resize((size, size), Image.BILINEAR, box=box)
+    return _np(out, img.shape[-1])
+
+
+def resize_small_center_crop(img: np.ndarray, resize: int, crop: int) -> np.ndarray:
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    s = resize / min(h, w)
+    nh, nw = max(crop, int(round(h * s))), max(crop, int(round(w * s)))
+    pil = _pil(img).resize((nw, nh), Image.BILINEAR)
+    top, left = (nh - crop) // 2, (nw - crop) // 2
+    return _np(pil.crop((left, top, left + crop, top + crop)), img.shape[-1])
+
+
+_MAX_LEVEL = 10.0
+RANDAUG_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "Color", "Contrast",
+               "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY", "Cutout", "SolarizeAdd")  # fmt: skip
+
+
+def _randaug_op(pil, name: str, level: float, rng: np.random.Generator):
+    from PIL import Image, ImageEnhance, ImageOps
+
+    fill = (128,) * len(pil.getbands())
+    sign = 1.0 if rng.random() < 0.5 else -1.0
+    enhance = (level / _MAX_LEVEL) * 1.8 + 0.1
+    if name == "AutoContrast":
+        return ImageOps.autocontrast(pil)
+    if name == "Equalize":
+        return ImageOps.equalize(pil)
+    if name == "Invert":
+        return ImageOps.invert(pil)
+    if name == "Rotate":
+        return pil.rotate(sign * level / _MAX_LEVEL * 30.0, resample=Image.NEAREST, fillcolor=fill)
+    if name == "Posterize":
+        return ImageOps.posterize(pil, max(1, 8 - int(level / _MAX_LEVEL * 4)))
+    if name == "Solarize":
+        return ImageOps.solarize(pil, int(level / _MAX_LEVEL * 256))
+    if name == "SolarizeAdd":
+        a = np.asarray(pil).astype(np.int32)
+        added = np.clip(a + int(level / _MAX_LEVEL * 110), 0, 255)
+        return Image.fromarray(np.where(a < 128, added, a).astype(np.uint8))
+    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
+        return getattr(ImageEnhance, name)(pil).enhance(enhance)
+    if name in ("ShearX", "ShearY"):
+        s = sign * level / _MAX_LEVEL * 0.3
+        m = (1, s, 0, 0, 1, 0) if name == "ShearX" else (1, 0, 0, s, 1, 0)
+        return pil.transform(pil.size, Image.AFFINE, m, resample=Image.NEAREST, fillcolor=fill)
+    if name in ("TranslateX", "TranslateY"):
+        t = sign * level / _MAX_LEVEL * 100.0
+        m = (1, 0, -t, 0, 1, 0) if name == "TranslateX" else (1, 0, 0, 0, 1, -t)
+        return pil.transform(pil.size, Image.AFFINE, m, resample=Image.NEAREST, fillcolor=fill)
+    if name == "Cutout":
+        pad = int(level / _MAX_LEVEL * 40)
+        a = np.array(pil)
+        h, w = a.shape[:2]
+        cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+        a[max(0, cy - pad) : cy + pad, max(0, cx - pad) : cx + pad] = 128
+        return Image.fromarray(a)
+    raise InvalidInputError(f"unknown RandAugment op {name!r}")
+
+
+def randaugment(img: np.ndarray, num_layers: int, magnitude: float, rng: np.random.Generator) -> np.ndarray:
+    """RandAugment as upstream's ``randaug(N, M)``: N ops drawn uniformly from 16, each always applied."""
+    pil = _pil(img)
+    for _ in range(int(num_layers)):
+        pil = _randaug_op(pil, RANDAUG_OPS[int(rng.integers(len(RANDAUG_OPS)))], float(magnitude), rng)
+    return _np(pil, img.shape[-1])
+
+
+def value_range(images: np.ndarray, lo: float = -1.0, hi: float = 1.0) -> np.ndarray:
+    return images.astype(np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo)
+
+
+# --------------------------------------------------------------------------------------------------
+# Datasets and batch iterators
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """A dataset plus how to turn its images into model inputs."""
+
+    dataset: object  # tttlab.core.data.ImageDataset
+    train: bool
+    image_size: int
+    augment: dict
+    eval_resize: int = 256
+    per_image: bool = False  # images of varying size (ImageNet): processed one by one
+    workers: int = 8
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    def _one(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        aug = self.augment
+        if self.train:
+            if aug.get("inception_crop", False):
+                img = inception_crop(img, self.image_size, rng)
+            elif img.shape[0] != self.image_size or img.shape[1] != self.image_size:
+                img = resize_small_center_crop(img, self.image_size, self.image_size)
+            if aug.get("flip", False) and rng.random() < 0.5:
+                img = img[:, ::-1]
+            ra = aug.get("randaug")
+            if ra:
+                img = randaugment(img, ra[0], ra[1], rng)
+        elif img.shape[0] != self.image_size or img.shape[1] != self.image_size:
+            img = resize_small_center_crop(img, self.eval_resize, self.image_size)
+        return img
+
+    def load(self, indices: np.ndarray, seeds: list | None, pool: ThreadPoolExecutor | None) -> np.ndarray:
+        """uint8 images -> float32 NHWC in the configured value range."""
+        needs_work = self.per_image or (
+            self.train and any(self.augment.get(k) for k in ("inception_crop", "flip", "randaug"))
+        )
+        if not needs_work:
+            images, _ = self.dataset.take(indices)
+        else:
+
+            def work(j):
+                img, _ = self.dataset.take(indices[j : j + 1])
+                rng = np.random.default_rng(seeds[j]) if seeds is not None else None
+                return self._one(img[0], rng)
+
+            rng_ok = seeds is not None or not self.train
+            if not rng_ok:
+                raise InvalidInputError("training batches need per-image seeds")
+            images = np.stack(
+                list(pool.map(work, range(len(indices))) if pool else map(work, range(len(indices))))
+            )
+        lo, hi = self.augment.get("value_range", (-1.0, 1.0))
+        return value_range(images, lo, hi)
+
+    def labels(self, indices: np.ndarray) -> np.ndarray:
+        return np.asarray(self.dataset.labels[indices], np.int32)
+
+
+def open_source(name: str, split: str, *, data_dir=None, train: bool, image_size: int, augment: dict | None = None,
+                num_examples: int | None = None, eval_resize: int = 256, workers: int = 8) -> Source:  # fmt: skip
+    """``mnist`` / ``digits`` (embedded) or ``tfds/<name>`` (array_record under ``data_dir``)."""
+    from tttlab.core import data as core_data
+
+    if name in ("mnist", "digits"):
+        ds = core_data.load(name, split=split)
+        per_image = False
+    elif name.startswith("tfds/"):
+        if not data_dir:
+            raise MTTTConfigError(
+                f"dataset {name!r} needs the TFDS data directory: set tfds_path=/YOUR/TFDS/PATH "
+                "(prepared with file_format='array_record')"
+            )
+        ds = core_data.load(name, data_dir, split=split)
+        per_image = True
+    else:
+        raise MTTTConfigError(f"input dataset {name!r}; expected 'mnist', 'digits' or 'tfds/<name>'")
+    if num_examples is not None and num_examples < len(ds):
+        ds = ds.subset(np.arange(int(num_examples)))
+    return Source(ds, train, int(image_size), dict(augment or {}), eval_resize, per_image, workers)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
+
+
+def train_batches(src: Source, batch_size: int, seed: int, epoch: int, start_step: int = 0,
+                  process_index: int = 0, process_count: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    """This process's part of every global training batch of ``epoch``, from ``start_step`` on."""
+    order = epoch_order(len(src), seed, epoch)
+    steps = len(src) // batch_size
+    local = batch_size // process_count
+    pool = ThreadPoolExecutor(src.workers) if src.workers > 1 and src.per_image else None
+    try:
+        for step in range(start_step, steps):
+            pos = np.arange(
+                step * batch_size + process_index * local, step * batch_size + (process_index + 1) * local
+            )
+            idx = order[pos]
+            seeds = [[seed, epoch, int(p)] for p in pos]
+            yield src.load(idx, seeds, pool), src.labels(idx)
+    finally:
+        if pool:
+            pool.shutdown()
+
+
+def eval_batches(src: Source, batch_size: int, process_index: int = 0, process_count: int = 1):
+    """``(images, labels, mask)``: every example once, the last batch padded (mask 0) to full size."""
+    n = len(src)
+    local = batch_size // process_count
+    pool = ThreadPoolExecutor(src.workers) if src.workers > 1 and src.per_image else None
+    try:
+        for start in range(0, n, batch_size):
+            pos = np.arange(start + process_index * local, start + (process_index + 1) * local)
+            mask = (pos < n).astype(np.float32)
+            idx = np.where(pos < n, pos, 0)
+            yield src.load(idx, None, pool), src.labels(idx), mask
+    finally:
+        if pool:
+            pool.shutdown()

@@ -1,0 +1,514 @@
+"""Train a ViT with TTT layers (or attention baselines): ``tttlab-mttt-train experiment=<name> [overrides]``.
+
+Upstream: ``train.py --config config_patch.py --config.inner.TTT.inner_itr=4 --workdir ./exp/x``; here
+``tttlab-mttt-train experiment=paper_patch inner.TTT.inner_itr=4 'inner.TTT.inner_lr=[1.,1.,1.,1.]' name=_x``.
+
+Per epoch the run directory (``out_dir``) gets ``stats.json`` (upstream's ``all_stat_dict``: ``train/loss``,
+``val/loss``, ``val/prec@1`` as a fraction, ``train/inner_loss`` and ``val/inner_loss`` indexed
+[epoch][layer][inner step] -- upstream indexes [layer][step][epoch] --, plus ``epoch_time_s``), one
+record per metric in ``records.jsonl`` and an orbax checkpoint (``checkpoints/<step>``) holding
+parameters, optimizer state and the partial-epoch accumulators, so a killed run resumes where the last
+checkpoint left off and ends with the same numbers as an uninterrupted one (bitwise on CPU).
+
+Data parallelism: one ``jax.sharding.Mesh`` over all devices (``data`` axis); batches are sharded along
+it, parameters replicated; XLA inserts the gradient all-reduce.  Gradient accumulation (``accum_time``)
+scans over micro-batches that are each split evenly over the devices.  ``distributed=true`` calls
+``jax.distributed.initialize()`` first (one process per host; each reads its slice of every batch).
+The model's random stream (SGD token order) does not depend on the device count, so a step on 2
+devices equals a step on 1 up to float reassociation.
+
+Optimizer (big_vision, as upstream): global-norm clipping, Adam (first moment in ``optax.mu_dtype``),
+* lr, + wd * param on kernels (decoupled; ``wd_mults``), * schedule (linear warm-up then cosine to 0;
+the first step has lr 0 as upstream), frozen inner W0 when ``train_init=false``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from tttlab.core.jax import DATA_AXIS, data_mesh
+from tttlab.core.records import RunDir, config_hash
+
+from . import data as mdata
+from .errors import CheckpointError, MTTTConfigError
+from .inner_loop import InnerConfig
+from .model import build_model
+
+log = logging.getLogger("tttlab.mttt_jax.train")
+
+
+class SimulatedKill(RuntimeError):
+    """Raised by ``_kill_at_step`` (tests): the run stops as if killed, without a final checkpoint."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Config helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def to_dict(cfg) -> dict:
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(cfg):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+def method_name(inner: InnerConfig) -> str:
+    """``mttt_mlp`` / ``mttt_linear`` / ``linear_attention[_elu]`` / ``self_attention`` (+ T and SGD)."""
+    if inner.layer_type == "self_attention":
+        return "self_attention"
+    if inner.layer_type == "linear_attention":
+        la = inner.linear_attention
+        return (
+            "linear_attention"
+            + ("_katharopoulos" if la.elu and la.normalizer == "adaptive" else "")
+            + (
+                ""
+                if (la.elu, la.normalizer) in ((True, "adaptive"), (False, "constant"))
+                else f"_{la.normalizer}"
+            )
+        )
+    t = inner.TTT
+    base = "mttt_linear" if t.inner_encoder == "mlp_1" else "mttt_mlp"
+    return (
+        base + (f"_T{t.inner_itr}" if t.inner_itr > 1 else "") + ("_sgd" if t.SGD and t.inner_itr > 1 else "")
+    )
+
+
+def model_from_config(c: dict):
+    return build_model(
+        model=c["model"], tokens=c["tokens"], inner=c["inner"], num_classes=c["num_classes"],
+        image_size=c["image_size"], patch_size=c.get("patch_size"), posemb=c.get("posemb"),
+        remat=c.get("remat", False), dtype=c.get("dtype", "float32"), arch=c.get("arch"),
+    )  # fmt: skip
+
+
+def _path(keys) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in keys)
+
+
+def param_mask(params, pattern: str):
+    rx = re.compile(pattern)
+    return jax.tree_util.tree_map_with_path(lambda p, _: bool(rx.fullmatch(_path(p))), params)
+
+
+def schedule_fn(total_steps: int, warmup_steps: int, decay_type: str = "cosine"):
+    """big_vision's schedule with base 1: linear warm-up (0 at step 0), then cosine (or linear) to 0."""
+    warmup_steps = min(int(warmup_steps), max(total_steps - 1, 0))
+
+    def fn(step):
+        step = jnp.asarray(step, jnp.float32)
+        progress = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+        if decay_type == "cosine":
+            lr = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        elif decay_type == "linear":
+            lr = 1.0 - progress
+        else:
+            raise MTTTConfigError(f"decay_type={decay_type!r}; expected 'cosine' or 'linear'")
+        if warmup_steps:
+            lr = lr * jnp.minimum(1.0, step / warmup_steps)
+        return lr
+
+    return fn
+
+
+def make_optimizer(c: dict, params, total_steps: int):
+    inner = InnerConfig.from_dict(c["inner"])
+    frozen = (
+        param_mask(params, r".*/inner/.*")
+        if (inner.layer_type == "TTT" and not inner.TTT.train_init)
+        else None
+    )
+    txs = []
+    if c.get("grad_clip_norm"):
+        txs.append(optax.clip_by_global_norm(float(c["grad_clip_norm"])))
+    opt_kw = dict(c.get("optax") or {})
+    if c.get("optax_name", "scale_by_adam") != "scale_by_adam":
+        raise MTTTConfigError(f"optax_name={c['optax_name']!r}; only scale_by_adam (upstream's) is supported")
+    txs.append(optax.scale_by_adam(**opt_kw))
+    txs.append(optax.scale(float(c["lr"])))
+    if c.get("wd"):
+        for pattern, mult in c.get("wd_mults") or []:
+            txs.append(optax.add_decayed_weights(float(c["wd"]) * float(mult), param_mask(params, pattern)))
+    txs.append(
+        optax.scale_by_schedule(schedule_fn(total_steps, c["warmup_steps"], c.get("decay_type", "cosine")))
+    )
+    if frozen is not None:
+        txs.append(optax.masked(optax.set_to_zero(), frozen))
+    txs.append(optax.scale(-1.0))
+    return optax.chain(*txs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------------
+
+
+def mixup(rng, images, labels_onehot, p: float):
+    """big_vision mixup (n=2, one coefficient per batch, sorted so the image itself dominates)."""
+    alpha = jax.random.dirichlet(rng, jnp.array([p, p]), (1,))
+    alpha = -jnp.sort(-alpha, axis=-1)
+    mix = lambda x: alpha[0, 0] * x + alpha[0, 1] * jnp.roll(x, 1, axis=0)  # noqa: E731
+    return mix(images), mix(labels_onehot)
+
+
+def softmax_xent(logits, labels_onehot):
+    return -jnp.mean(jnp.sum(labels_onehot * jax.nn.log_softmax(logits), axis=-1))
+
+
+def make_train_step(model, tx, c: dict, mesh, base_key):
+    num_classes = int(c["num_classes"])
+    accum = int(c["input"].get("accum_time", 1))
+    mix_p = float((c.get("mixup") or {}).get("p", 0.0) or 0.0)
+    repl = NamedSharding(mesh, PartitionSpec())
+    micro = NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
+
+    def loss_fn(params, images, onehot, key):
+        logits, inner = model.apply({"params": params}, images, rngs={"idx": key})
+        return softmax_xent(logits, onehot), inner
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step_fn(state, images, labels, step):
+        params, opt_state = state["params"], state["opt_state"]
+        key = jax.random.fold_in(base_key, step)
+        k_mix, k_model = jax.random.split(key)
+        onehot = jax.nn.one_hot(labels, num_classes)
+        if mix_p > 0:
+            images, onehot = mixup(k_mix, images, onehot, mix_p)
+        if accum == 1:
+            (loss, inner), grads = grad_fn(params, images, onehot, k_model)
+        else:
+            # micro-batch a = rows a, a+accum, ...: every micro-batch is spread evenly over the devices
+            def split(x):
+                x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+                return jax.lax.with_sharding_constraint(x, micro)
+
+            xs = (split(images), split(onehot), jax.random.split(k_model, accum))
+
+            def body(g_sum, inp):
+                (l_, inner_), g = grad_fn(params, *inp)
+                return jax.tree_util.tree_map(jnp.add, g_sum, g), (l_, inner_)
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+            grads, (losses, inners) = jax.lax.scan(body, zeros, xs)
+            grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
+            loss, inner = losses.mean(), inners.mean(0)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return {"params": params, "opt_state": opt_state}, {"loss": loss, "inner": inner}
+
+    return (
+        jax.jit(step_fn, out_shardings=(repl, repl), donate_argnums=(0,)) if c.get("jit", True) else step_fn
+    )
+
+
+def make_eval_step(model, c: dict, mesh, key):
+    repl = NamedSharding(mesh, PartitionSpec())
+
+    def eval_fn(params, images, labels, mask):
+        logits, inner = model.apply({"params": params}, images, rngs={"idx": key})
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        return {
+            "loss": jnp.sum(nll * mask),
+            "correct": jnp.sum(correct * mask),
+            "n": jnp.sum(mask),
+            "inner": inner,
+        }
+
+    return jax.jit(eval_fn, out_shardings=repl) if c.get("jit", True) else eval_fn
+
+
+def shard_batch(mesh, *arrays):
+    from tttlab.core.jax import shard
+
+    return shard(tuple(arrays), mesh)
+
+
+def evaluate_split(eval_step, params, src, batch_size: int, mesh) -> dict:
+    tot = {"loss": 0.0, "correct": 0.0, "n": 0.0}
+    inner_sum, inner_w = None, 0.0
+    for images, labels, mask in mdata.eval_batches(src, batch_size, jax.process_index(), jax.process_count()):
+        out = jax.device_get(eval_step(params, *shard_batch(mesh, images, labels, mask)))
+        for k in tot:
+            tot[k] += float(out[k])
+        w = float(out["n"])
+        inner = np.asarray(out["inner"], np.float64)
+        inner_sum = inner * w if inner_sum is None else inner_sum + inner * w
+        inner_w += w
+    n = max(tot["n"], 1.0)
+    return {"val/loss": tot["loss"] / n, "val/prec@1": tot["correct"] / n,
+            "val/inner_loss": (inner_sum / max(inner_w, 1.0)).tolist()}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints (orbax)
+# --------------------------------------------------------------------------------------------------
+
+
+def checkpoint_manager(directory: Path, keep: int):
+    import orbax.checkpoint as ocp
+
+    opts = ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=True, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=opts, item_names=("state", "meta"))
+
+
+def save_checkpoint(mngr, step: int, state, meta: dict) -> None:
+    import orbax.checkpoint as ocp
+
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+              force=True)  # fmt: skip
+    mngr.wait_until_finished()
+
+
+def restore_checkpoint(mngr, step: int, abstract_state):
+    import orbax.checkpoint as ocp
+
+    try:
+        out = mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            ),
+        )
+    except Exception as exc:  # noqa: BLE001 - orbax raises many types; the user needs the path
+        raise CheckpointError(
+            f"cannot restore checkpoint {mngr.directory}/{step}: {exc}. It was written by a different "
+            "configuration (model/inner flags) or is damaged; start a fresh out_dir or set resume=false"
+        ) from exc
+    return out["state"], out["meta"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+def _empty_stats() -> dict:
+    keys = (
+        "train/loss",
+        "train/inner_loss",
+        "val/loss",
+        "val/prec@1",
+        "val/inner_loss",
+        "epoch_time_s",
+        "step",
+    )
+    return {k: [] for k in keys}
+
+
+def quiet_absl() -> None:
+    """orbax logs every checkpoint step at INFO through absl; keep warnings only."""
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def train(cfg, *, mesh=None, _kill_at_step: int | None = None) -> dict:
+    """Run (or resume) a training run; returns the stats dict also written to ``stats.json``."""
+    c = to_dict(cfg)
+    quiet_absl()
+    if c.get("distributed"):
+        jax.distributed.initialize()
+    mesh = mesh or data_mesh()
+    n_dev = mesh.devices.size
+    inner = InnerConfig.from_dict(c["inner"])
+    c["inner"]["TTT"]["inner_lr"] = list(inner.TTT.inner_lr)
+    bs, accum = int(c["input"]["batch_size"]), int(c["input"].get("accum_time", 1))
+    if bs % (n_dev * accum):
+        raise MTTTConfigError(
+            f"input.batch_size={bs} must be divisible by devices x accum_time = {n_dev} x {accum}"
+        )
+    is_main = jax.process_index() == 0
+    run = RunDir(c["out_dir"], c if is_main else None, rank=None if is_main else jax.process_index())
+    aug = {**(c["input"].get("augment") or {})}
+    train_src = mdata.open_source(
+        c["input"]["dataset"], c["input"].get("split", "train"), data_dir=c.get("tfds_path") or None, train=True,
+        image_size=c["image_size"], augment=aug, num_examples=c["input"].get("num_examples"),
+        workers=int(c["input"].get("workers", 8)),
+    )  # fmt: skip
+    ev = c.get("evals") or {}
+    val_src = mdata.open_source(
+        ev.get("dataset", c["input"]["dataset"]), ev.get("split", "validation"), data_dir=c.get("tfds_path") or None,
+        train=False, image_size=c["image_size"], augment={"value_range": aug.get("value_range", (-1.0, 1.0))},
+        num_examples=ev.get("num_examples"), eval_resize=int(ev.get("resize_small", 256)),
+        workers=int(c["input"].get("workers", 8)),
+    )  # fmt: skip
+    eval_bs = int(ev.get("batch_size") or bs)
+    eval_bs = max(n_dev, eval_bs - eval_bs % n_dev)
+    steps_per_epoch = int(c.get("steps_per_epoch") or len(train_src) // bs)
+    if steps_per_epoch < 1:
+        raise MTTTConfigError(f"{len(train_src)} training images give no full batch of {bs}")
+    total_steps = steps_per_epoch * int(c["total_epochs"])
+
+    model = model_from_config(c)
+    seed = int(c.get("seed", 0))
+    root = jax.random.PRNGKey(seed)
+    k_init, k_train, k_eval = jax.random.split(root, 3)
+    dummy = jnp.zeros((1, *model.image_size, train_src.dataset.take([0])[0].shape[-1]), jnp.float32)
+    params = jax.jit(model.init)({"params": k_init, "idx": k_init}, dummy)["params"]
+    tx = make_optimizer(c, params, total_steps)
+    repl = NamedSharding(mesh, PartitionSpec())
+    state = jax.device_put({"params": params, "opt_state": tx.init(params)}, repl)
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+
+    mngr = checkpoint_manager(run.checkpoints, c.get("keep_checkpoints", 2))
+    stats, step = _empty_stats(), 0
+    acc = {"loss": 0.0, "inner": None, "count": 0, "time": 0.0}
+    latest = mngr.latest_step() if c.get("resume", True) else None
+    if latest is not None:
+        abstract = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state
+        )
+        state, meta = restore_checkpoint(mngr, latest, abstract)
+        stats, step, acc = meta["stats"], int(meta["step"]), meta["acc"]
+        log.info("resumed from %s at step %d", run.checkpoints / str(latest), step)
+
+    method = method_name(inner)
+    writer = run.writer(
+        method=f"mttt_jax.{method}", package="mttt_jax", framework="jax", model=f"vit-{c['model']}-{c['tokens']}",
+        dataset=c["input"]["dataset"], seed=seed, config_hash=config_hash(c),
+    )  # fmt: skip
+    _rewrite_missing_records(run, writer, stats)
+    train_step = make_train_step(model, tx, c, mesh, k_train)
+    eval_step = make_eval_step(model, c, mesh, k_eval)
+    max_steps = c.get("max_steps")
+    ckpt_every = c.get("checkpoint_every_steps")
+    progress = bool((c.get("logging") or {}).get("progress", True)) and sys.stderr.isatty() and is_main
+    if is_main:
+        log.info("%s: %d params, %d devices, %d steps/epoch, %d epochs", method, n_params, n_dev, steps_per_epoch,
+                 c["total_epochs"])  # fmt: skip
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc=method, dynamic_ncols=True)
+    try:
+        while step < total_steps:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            t0 = time.perf_counter()
+            batches = mdata.train_batches(
+                train_src, bs, seed, epoch, in_epoch, jax.process_index(), jax.process_count()
+            )
+            for images, labels in batches:
+                images, labels = shard_batch(mesh, images, labels)
+                state, m = train_step(state, images, labels, jnp.asarray(step, jnp.int32))
+                m = jax.device_get(m)
+                step += 1
+                acc["loss"] += float(m["loss"])
+                inner_m = np.asarray(m["inner"], np.float64)
+                acc["inner"] = (
+                    inner_m.tolist()
+                    if acc["inner"] is None
+                    else (np.asarray(acc["inner"]) + inner_m).tolist()
+                )
+                acc["count"] += 1
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(m['loss']):.4f}")
+                if _kill_at_step is not None and step >= _kill_at_step:
+                    raise SimulatedKill(f"killed at step {step}")
+                end_of_epoch = step % steps_per_epoch == 0
+                stop = max_steps is not None and step >= int(max_steps)
+                if end_of_epoch:
+                    acc["time"] += time.perf_counter() - t0
+                    _finish_epoch(stats, acc, step, eval_step, state, val_src, eval_bs, mesh)
+                    acc = {"loss": 0.0, "inner": None, "count": 0, "time": 0.0}
+                if end_of_epoch or stop or (ckpt_every and step % int(ckpt_every) == 0):
+                    if not end_of_epoch:
+                        acc["time"] += time.perf_counter() - t0
+                        t0 = time.perf_counter()
+                    save_checkpoint(mngr, step, state, {"step": step, "stats": stats, "acc": acc})
+                if end_of_epoch and is_main:
+                    run.write_stats(stats)
+                    _write_epoch_records(writer, stats, len(stats["step"]) - 1)
+                    log.info(
+                        "epoch %d: %s",
+                        len(stats["step"]),
+                        {k: stats[k][-1] for k in ("train/loss", "val/loss", "val/prec@1")},
+                    )
+                if stop:
+                    break
+            if max_steps is not None and step >= int(max_steps):
+                break
+    finally:
+        if bar:
+            bar.close()
+        writer.close()
+        mngr.close()
+    return stats
+
+
+def _finish_epoch(stats, acc, step, eval_step, state, val_src, eval_bs, mesh):
+    n = max(acc["count"], 1)
+    stats["train/loss"].append(acc["loss"] / n)
+    stats["train/inner_loss"].append((np.asarray(acc["inner"]) / n).tolist())
+    stats["epoch_time_s"].append(acc["time"])
+    stats["step"].append(step)
+    for k, v in evaluate_split(eval_step, state["params"], val_src, eval_bs, mesh).items():
+        stats[k].append(v)
+
+
+def _write_epoch_records(writer, stats, e: int) -> None:
+    for metric in ("val/prec@1", "val/loss", "train/loss", "epoch_time_s"):
+        v = float(stats[metric][e])
+        if math.isfinite(v):
+            writer.write(metric=metric, value=v, step=int(stats["step"][e]), extra={"epoch": e + 1})
+
+
+def _rewrite_missing_records(run, writer, stats) -> None:
+    """After a resume: records of epochs that finished before the kill but whose lines were lost."""
+    if not stats["step"] or jax.process_index() != 0:
+        return
+    have = set()
+    if run.records_path.exists():
+        from tttlab.core.records import read_jsonl
+
+        have = {(r.get("metric"), r.get("step")) for r in read_jsonl(run.records_path)}
+    for e, s in enumerate(stats["step"]):
+        if ("val/prec@1", s) not in have:
+            _write_epoch_records(writer, stats, e)
+    run.write_stats(stats)
+
+
+def main() -> None:
+    import hydra
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    quiet_absl()
+
+    @hydra.main(config_path="conf", config_name="config", version_base=None)
+    def _main(cfg) -> None:
+        stats = train(cfg)
+        if stats["val/prec@1"]:
+            print(f"final val/prec@1 = {stats['val/prec@1'][-1]:.4f}")
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["train", "make_optimizer", "make_train_step", "method_name", "model_from_config", "schedule_fn"]

@@ -1,0 +1,175 @@
+"""train.py: the real Hydra config, one step of the paper config on a TFDS fixture, resume after a kill,
+frozen W0, and data parallelism (2 host devices equal 1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tttlab.mttt_jax import train as T
+
+# a one-block ViT of width 8 on 16 MNIST images: compiles in seconds
+TINY = [
+    "experiment=smoke", "model=smoke", "arch.depth=1", "arch.width=8", "arch.mlp_dim=16", "arch.num_heads=2",
+    "input.batch_size=4", "input.num_examples=16", "evals.batch_size=8", "evals.num_examples=8",
+    "logging.progress=false",
+]  # fmt: skip
+
+
+def compose(overrides):
+    from hydra import compose as hcompose
+    from hydra import initialize_config_module
+
+    with initialize_config_module(config_module="tttlab.mttt_jax.conf", version_base=None):
+        return hcompose("config", overrides=list(overrides), return_hydra_config=False)
+
+
+def test_paper_patch_config_and_one_step_on_tfds_fixture(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    from tttlab.core.testing import make_tfds
+
+    cfg = compose(["experiment=paper_patch"])
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.to_container(cfg, resolve=False)
+    # upstream config_patch.py, value by value
+    assert (c["model"], c["tokens"], c["total_epochs"], c["lr"], c["wd"]) == (
+        "small",
+        "patch",
+        90,
+        0.001,
+        0.0001,
+    )
+    assert (
+        c["grad_clip_norm"] == 1.0 and c["optax"] == {"mu_dtype": "bfloat16"} and c["warmup_steps"] == 10000
+    )
+    assert c["input"]["batch_size"] == 1024 and c["input"]["accum_time"] == 1 and c["mixup"]["p"] == 0.2
+    assert c["input"]["augment"]["randaug"] == [2, 10] and c["input"]["augment"]["flip"] is True
+    assert c["inner"]["TTT"] == dict(inner_encoder="mlp_2", inner_itr=1, inner_lr=[1.0], train_init=True,
+                                     inner_encoder_init="xavier_uniform", inner_encoder_bias=True,
+                                     decoder_LN=True, SGD=False)  # fmt: skip
+    pix = OmegaConf.to_container(compose(["experiment=paper_pixel"]), resolve=False)
+    assert (pix["model"], pix["tokens"], pix["input"]["accum_time"], pix["inner"]["TTT"]["SGD"]) == (
+        "tiny",
+        "pixel",
+        2,
+        True,
+    )
+    assert pix["mixup"]["p"] == 0.0 and pix["input"]["augment"]["randaug"] is None
+
+    data_dir = make_tfds(tmp_path / "tfds", name="imagenet_fixture", n={"train": 8, "validation": 4},
+                         image_shape=(20, 24, 3), num_classes=3)  # fmt: skip
+    small = compose([
+        "experiment=paper_patch", f"tfds_path={data_dir}", "input.dataset=tfds/imagenet_fixture", "image_size=16",
+        "patch_size=4", "model=smoke", "arch.depth=1", "arch.width=8", "arch.num_heads=2", "arch.mlp_dim=16",
+        "num_classes=3", "input.batch_size=4", "input.workers=2", "evals.resize_small=18", "total_epochs=1",
+        "warmup_steps=1", f"out_dir={tmp_path / 'run'}", "logging.progress=false", "inner.TTT.inner_itr=2",
+    ])  # fmt: skip
+    stats = T.train(small)
+    assert len(stats["val/prec@1"]) == 1 and 0.0 <= stats["val/prec@1"][0] <= 1.0
+    assert np.asarray(stats["train/inner_loss"]).shape == (1, 1, 3)  # [epoch][layer][T+1]
+    assert (tmp_path / "run" / "stats.json").exists() and (tmp_path / "run" / "records.jsonl").exists()
+
+
+def test_killed_run_resumes_to_the_same_metrics(tmp_path):
+    base = TINY + [
+        "total_epochs=2",
+        "checkpoint_every_steps=1",
+        "inner.TTT.inner_itr=2",
+        "inner.TTT.SGD=true",
+    ]
+    full = T.train(compose(base + [f"out_dir={tmp_path / 'full'}"]))
+    killed_cfg = compose(base + [f"out_dir={tmp_path / 'killed'}"])
+    with pytest.raises(T.SimulatedKill):
+        T.train(
+            killed_cfg, _kill_at_step=7
+        )  # 4 steps per epoch: dies in epoch 2, after the step-6 checkpoint
+    assert len(json.loads((tmp_path / "killed" / "stats.json").read_text())["step"]) == 1
+    resumed = T.train(killed_cfg)
+    timing = ("epoch_time_s",)
+    assert {k: v for k, v in resumed.items() if k not in timing} == {
+        k: v for k, v in full.items() if k not in timing
+    }
+    from tttlab.core.records import load_records
+
+    df = load_records(tmp_path / "killed")
+    assert sorted(df[df.metric == "val/prec@1"].step.tolist()) == [4, 8]
+
+
+def test_mttt_linear_keeps_w0_zero_and_trains_the_rest():
+    cfg = T.to_dict(compose(TINY + [
+        "inner.TTT.inner_encoder=mlp_1", "inner.TTT.inner_encoder_init=zero", "inner.TTT.inner_encoder_bias=false",
+        "inner.TTT.decoder_LN=false", "inner.TTT.train_init=false", "warmup_steps=0",
+    ]))  # fmt: skip
+    assert T.method_name(T.InnerConfig.from_dict(cfg["inner"])) == "mttt_linear"
+    model = T.model_from_config(cfg)
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 28, 28, 1)), jnp.float32)
+    params = model.init({"params": jax.random.PRNGKey(0)}, x)["params"]
+    tx = T.make_optimizer(cfg, params, 10)
+    from tttlab.core.jax import data_mesh
+
+    mesh = data_mesh()
+    step = T.make_train_step(model, tx, cfg, mesh, jax.random.PRNGKey(1))
+    state = {"params": params, "opt_state": tx.init(params)}
+    new, m = step(jax.tree_util.tree_map(jnp.copy, state), x, jnp.arange(4) % 10, jnp.asarray(1))
+    w0 = new["params"]["encoderblock_0"]["mixer"]["inner"]["kernel_0"]
+    assert float(jnp.abs(w0).max()) == 0.0
+    assert not np.allclose(new["params"]["encoderblock_0"]["mixer"]["phi_kernel"],
+                           params["encoderblock_0"]["mixer"]["phi_kernel"])  # fmt: skip
+    assert m["inner"].shape == (1, 2)
+
+
+_TWO_DEVICES = textwrap.dedent(
+    """
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from tttlab.core.jax import data_mesh, shard
+    from tttlab.mttt_jax import train as T
+    from hydra import compose, initialize_config_module
+    assert jax.device_count() == 2, jax.devices()
+    with initialize_config_module(config_module="tttlab.mttt_jax.conf", version_base=None):
+        cfg = T.to_dict(compose("config", overrides=sys.argv[1:]))
+    model = T.model_from_config(cfg)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (8, 28, 28, 1)).astype(np.float32)
+    y = (np.arange(8) % 10).astype(np.int32)
+    params = model.init({"params": jax.random.PRNGKey(0), "idx": jax.random.PRNGKey(0)}, jnp.asarray(x[:1]))["params"]
+    out = {}
+    for name, devs, accum in (("one", jax.devices()[:1], 1), ("two", jax.devices(), 1), ("two_accum", jax.devices(), 2)):
+        cfg["input"]["accum_time"] = accum
+        mesh = data_mesh(devs)
+        tx = T.make_optimizer(cfg, params, 10)
+        step = T.make_train_step(model, tx, cfg, mesh, jax.random.PRNGKey(1))
+        state = jax.device_put(jax.tree_util.tree_map(np.array, {"params": params, "opt_state": tx.init(params)}), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        xs, ys = shard((x, y), mesh)
+        assert len(xs.sharding.device_set) == len(devs)
+        new, m = step(state, xs, ys, jnp.asarray(1))
+        out[name] = (jax.tree_util.tree_map(np.asarray, new["params"]), float(m["loss"]))
+    def diff(a, b):
+        return max(float(np.max(np.abs(np.asarray(p) - np.asarray(q)))) for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    moved = diff(out["one"][0], params)
+    print(json.dumps({"two": diff(out["one"][0], out["two"][0]), "accum": diff(out["one"][0], out["two_accum"][0]),
+                      "moved": moved, "loss": [out[k][1] for k in out]}))
+    """
+)
+
+
+@pytest.mark.parametrize("inner", [[], ["inner.layer_type=linear_attention"]])
+def test_step_on_two_devices_equals_one(inner):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    args = TINY + ["warmup_steps=0", "input.batch_size=8"] + inner
+    res = subprocess.run([sys.executable, "-c", _TWO_DEVICES, *args], capture_output=True, text=True, env=env,
+                         timeout=240)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert r["moved"] > 1e-4
+    assert r["two"] < 1e-6 and r["accum"] < 1e-6, r
+    np.testing.assert_allclose(r["loss"], r["loss"][0], rtol=1e-6)
