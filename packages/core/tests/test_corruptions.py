@@ -52,9 +52,9 @@ def test_severity_increases_change(name, photos224):
     assert change[4] > change[0], change
 
 
-#: Known disagreement, measured over 10 draws of 4 photos: ours 0.99 vs reference 0.83 (of 255) at
-#: spatter severity 1, where the water layer is normalised by its single brightest pixel and the
-#: reference's chamfer distance transform (OpenCV, 5x5 mask) shifts that maximum; severities 2-5 agree.
+#: Spatter severity 1 changes few pixels and is normalised by its single brightest value: over 8 draws
+#: the mean change still varies by about +-10% (over 40 draws ours is -3% +- 3.6% from the reference), so
+#: this cell is allowed to miss (non-strict) rather than flake.
 KNOWN_DEVIATIONS = {("spatter", 1)}
 #: Spatter's low severities change few pixels, so one draw's mean change varies by +-30%: average more.
 DRAWS = {"spatter": 8}
