@@ -125,6 +125,20 @@ def randaugment(img: np.ndarray, num_layers: int, magnitude: float, rng: np.rand
     return _np(pil, img.shape[-1])
 
 
+def downsample(images: np.ndarray, size: int) -> np.ndarray:
+    """Mean-pool NHWC uint8 images whose side is an integer multiple of ``size`` (28 px MNIST -> 14 px)."""
+    h, w = images.shape[1:3]
+    if (h, w) == (size, size):
+        return images
+    if h % size or w % size:
+        raise MTTTConfigError(f"image_size={size} must divide the dataset's {h}x{w} images (mean pooling)")
+    fh, fw = h // size, w // size
+    pooled = (
+        images.reshape(images.shape[0], size, fh, size, fw, images.shape[-1]).astype(np.float32).mean((2, 4))
+    )
+    return np.rint(pooled).astype(np.uint8)
+
+
 def value_range(images: np.ndarray, lo: float = -1.0, hi: float = 1.0) -> np.ndarray:
     return images.astype(np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo)
 
@@ -176,6 +190,7 @@ class Source:
         )
         if not needs_work:
             images, _ = self.dataset.take(indices)
+            images = downsample(images, self.image_size)
         else:
 
             def work(j):
