@@ -102,7 +102,13 @@ def test_closed_form_inner_gradient_equals_autodiff(name):
 
 
 @pytest.mark.parametrize(
-    "name,sgd", [("mlp_2_ln", False), ("mlp_2_nobias_noln", True), ("mlp_1_ln", True), ("linear", False)]
+    "name,sgd",
+    [
+        ("mlp_2_ln", False),
+        ("mlp_2_nobias_noln", True),
+        pytest.param("mlp_1_ln", True, marks=pytest.mark.slow),
+        pytest.param("linear", False, marks=pytest.mark.slow),
+    ],
 )
 def test_layer_matches_literal_reference(name, sgd):
     """Forward output and T+1 inner losses equal the nested-autodiff reference (GD and SGD, T=4)."""
@@ -237,7 +243,9 @@ _FD_SCRIPT = textwrap.dedent(
     "cfg",
     [
         dict(inner_itr=3, inner_lr=[0.5, 0.3, 0.2]),
-        dict(inner_itr=2, SGD=True, inner_encoder="mlp_1", decoder_LN=False),
+        pytest.param(
+            dict(inner_itr=2, SGD=True, inner_encoder="mlp_1", decoder_LN=False), marks=pytest.mark.slow
+        ),
     ],
 )
 def test_outer_gradient_matches_finite_differences_float64(cfg):

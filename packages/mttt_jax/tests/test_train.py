@@ -162,7 +162,9 @@ _TWO_DEVICES = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("inner", [[], ["inner.layer_type=linear_attention"]])
+@pytest.mark.parametrize(
+    "inner", [[], pytest.param(["inner.layer_type=linear_attention"], marks=pytest.mark.slow)]
+)
 def test_step_on_two_devices_equals_one(inner):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     args = TINY + ["warmup_steps=0", "input.batch_size=8"] + inner
