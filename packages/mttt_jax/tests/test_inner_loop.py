@@ -79,16 +79,18 @@ def test_mttt_linear_one_step_equals_constant_normalizer_linear_attention():
     assert losses.shape == (2,)
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_closed_form_inner_gradient_equals_autodiff(name):
+@pytest.mark.parametrize(
+    "name,expand", [(n, True) for n in sorted(CONFIGS)] + [("mlp_2_ln", False), ("mlp_1_ln", False)]
+)
+def test_closed_form_inner_gradient_equals_autodiff(name, expand):
     cfg = CONFIGS[name]
     layer, p, x = _layer(cfg, key=3)
     d_h = D // H
     keys = jnp.einsum("bnd,hde->bhne", x, p["phi_kernel"]) + p["phi_bias"][None, :, None]
     w = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (B, *a.shape)), p["inner"])
-    dec = Decoder(p["g_kernel"], p["g_bias"], p.get("decoder_LN_scale"), p.get("decoder_LN_bias"), H)
+    dec = Decoder(p["g_kernel"], p["g_bias"], p.get("decoder_LN_scale"), p.get("decoder_LN_bias"), H, expand)
     z, cache = encoder_apply(w, keys, cfg.inner_encoder)
-    loss, dz = dec.loss_and_grad(z, dec.targets(x), None if dec.use_ln else dec.gram())
+    loss, dz = dec.loss_and_grad(z, dec.targets(x), dec.gram())
     grads = encoder_grad(w, cache, dz, cfg.inner_encoder)
     for b in range(B):
         for h in range(H):

@@ -218,9 +218,20 @@ def layer_norm_bwd(dy: Array, scale: Array, cache: tuple) -> Array:
 class Decoder:
     """The reconstruction part of the inner loss, for per-head tokens of one step.
 
-    Two forms with the same value and gradient: with ``decoder_LN`` the residual
-    ``LN(z g + g_bias) - x`` is formed (O(n d d_h)); without it the loss is expanded with the Gram matrix
-    ``G = g g^T`` and ``v = (x - g_bias) g^T`` (O(n d_h^2) per step).
+    The loss ``1/2 c sum_i |dec(z_i) - x_i|^2`` (``c = H / (n d)``) and its gradient with respect to the
+    encoder output ``z`` (n x d_h per head) are computed without forming the n x d reconstruction:
+
+    * without LayerNorm, ``|z g + b - x|^2 = z G z^T - 2 z.v + |x - b|^2`` with ``G = g g^T`` and
+      ``v = (x - b) g^T`` precomputed once per layer;
+    * with the per-head LayerNorm (scale s, bias beta), its mean and variance over the d features are
+      ``z.(g 1)/d + mean(b)`` and ``(z G z^T + 2 z.(g b) + |b|^2)/d - mu^2``, and
+      ``|LN(o) - x|^2 = rstd^2 |z g_s + (b - mu) s|^2 + 2 rstd (z.w + (b s).(beta - x) - mu s.(beta - x))
+      + |beta - x|^2`` with ``g_s = g diag(s)`` and ``w = (beta - x) g_s^T`` precomputed;
+
+    so an inner step costs O(n d_h^2) per head instead of O(n d d_h).  The gradient with respect to z of
+    this per-token expression is taken with ``jax.grad`` (cheap elementwise/d_h-sized ops); the gradient
+    with respect to the inner weights is the closed form of :func:`encoder_grad`.  ``expand=False`` forms
+    the residual directly (O(n d d_h); the tests check both forms against each other).
     """
 
     g_kernel: Array  # (H, d_h, d)
@@ -228,31 +239,82 @@ class Decoder:
     ln_scale: Array | None  # (H, d) or None
     ln_bias: Array | None
     num_heads: int
+    expand: bool = True
 
     @property
     def use_ln(self) -> bool:
         return self.ln_scale is not None
 
-    def gram(self) -> Array:
-        return jnp.einsum("hed,hfd->hef", self.g_kernel, self.g_kernel)
+    def gram(self) -> dict:
+        """Per-head constants of the expanded loss (computed once per layer call)."""
+        g, b = self.g_kernel, self.g_bias
+        out = {"G": jnp.einsum("hed,hfd->hef", g, g)}
+        if self.use_ln and self.expand:
+            s = self.ln_scale
+            gs = g * s[:, None, :]
+            bs = b * s
+            out.update(
+                Gs=jnp.einsum("hed,hfd->hef", gs, gs), u=g.mean(-1), gb=jnp.einsum("hed,d->he", g, b),
+                p=jnp.einsum("hed,hd->he", gs, bs), q=jnp.einsum("hed,hd->he", gs, s), bbar=b.mean(),
+                bsq=(b * b).sum(), bs2=(bs * bs).sum(-1), bss=(bs * s).sum(-1), ss=(s * s).sum(-1),
+            )  # fmt: skip
+        return out
 
     def targets(self, x: Array) -> dict:
         """Per-token targets of the inner loss from the block input ``x`` (B, N, d).
 
         Returned arrays are indexed (B, H, N, ...) or broadcastable to it, ready to be permuted/split.
         """
-        if self.use_ln:
+        if self.use_ln and not self.expand:
             return {"x": x[:, None]}  # (B, 1, N, d)
+        if self.use_ln:
+            s, beta, b = self.ln_scale, self.ln_bias, self.g_bias
+            gs = self.g_kernel * s[:, None, :]
+            w = jnp.einsum("hd,hed->he", beta, gs)[None, :, None, :] - jnp.einsum("bnd,hed->bhne", x, gs)
+            vecs = jnp.stack([b * s, s, beta], 0)  # (3, H, d)
+            xv = jnp.einsum("bnd,khd->kbhn", x, vecs)  # x.(b s), x.s, x.beta
+            const = jnp.einsum("khd,hd->kh", vecs, beta)  # (b s).beta, s.beta, |beta|^2
+            sq = (x * x).sum(-1)[:, None]  # (B, 1, N)
+            return {
+                "w": w,
+                "e": const[0][None, :, None] - xv[0],
+                "f": const[1][None, :, None] - xv[1],
+                "h": const[2][None, :, None] - 2.0 * xv[2] + sq,
+            }
         xc = x - self.g_bias
         return {
             "v": jnp.einsum("bnd,hed->bhne", xc, self.g_kernel),  # (B, H, N, d_h)
             "sq": (xc * xc).sum(-1)[:, None],  # (B, 1, N)
         }
 
-    def loss_and_grad(self, z: Array, tgt: dict, gram: Array | None) -> tuple[Array, Array]:
+    def _ln_token_losses(self, z: Array, tgt: dict, k: dict) -> Array:
+        """|LN(z g + b) - x|^2 per token, (B, H, n), from the expansion."""
+        d = self.g_kernel.shape[-1]
+        hv = lambda a: a[None, :, None, :]  # noqa: E731  (H, e) -> (1, H, 1, e)
+        hs = lambda a: a[None, :, None]  # noqa: E731  (H,) -> (1, H, 1)
+        zG = jnp.einsum("bhne,hef->bhnf", z, k["G"])
+        zGs = jnp.einsum("bhne,hef->bhnf", z, k["Gs"])
+        mu = (z * hv(k["u"])).sum(-1) + k["bbar"]
+        eo2 = ((z * zG).sum(-1) + 2.0 * (z * hv(k["gb"])).sum(-1) + k["bsq"]) / d
+        rstd = jax.lax.rsqrt(jnp.maximum(eo2 - mu * mu, 0.0) + LN_EPS)
+        zq = (z * hv(k["q"])).sum(-1)
+        a = (z * zGs).sum(-1) + 2.0 * (z * hv(k["p"])).sum(-1) - 2.0 * mu * zq
+        a = a + hs(k["bs2"]) - 2.0 * mu * hs(k["bss"]) + mu * mu * hs(k["ss"])
+        cross = (z * tgt["w"]).sum(-1) + tgt["e"] - mu * tgt["f"]
+        return rstd * rstd * a + 2.0 * rstd * cross + jnp.broadcast_to(tgt["h"], mu.shape)
+
+    def loss_and_grad(self, z: Array, tgt: dict, k: dict) -> tuple[Array, Array]:
         """Inner loss per (B, H) and its gradient with respect to the encoder output ``z``."""
         n, d = z.shape[-2], self.g_kernel.shape[-1]
         c = self.num_heads / (n * d)  # 1 / (n d / H): upstream's normalizer
+        if self.use_ln and self.expand:
+
+            def total(z):
+                per = 0.5 * c * self._ln_token_losses(z, tgt, k).sum(-1)
+                return per.sum(), per
+
+            dz, loss = jax.grad(total, has_aux=True)(z)
+            return loss, dz
         if self.use_ln:
             o = jnp.einsum("bhne,hed->bhnd", z, self.g_kernel) + self.g_bias
             y, cache = layer_norm_fwd(o, self.ln_scale[:, None, :], self.ln_bias[:, None, :])
@@ -260,7 +322,7 @@ class Decoder:
             loss = 0.5 * c * (r * r).sum((-2, -1))
             do = layer_norm_bwd(c * r, self.ln_scale[:, None, :], cache)
             return loss, jnp.einsum("bhnd,hed->bhne", do, self.g_kernel)
-        zg = jnp.einsum("bhne,hef->bhnf", z, gram)
+        zg = jnp.einsum("bhne,hef->bhnf", z, k["G"])
         v = tgt["v"]
         sq = jnp.broadcast_to(tgt["sq"], z.shape[:-1]).sum(-1)
         loss = 0.5 * c * ((z * zg).sum((-2, -1)) - 2.0 * (z * v).sum((-2, -1)) + sq)
@@ -313,7 +375,7 @@ def ttt_inner_loop(
         w0 = jax.tree_util.tree_map(jax.lax.stop_gradient, w0)
     keys = jnp.einsum("bnd,hde->bhne", x, phi_kernel) + phi_bias[None, :, None, :]
     tgt = decoder.targets(x)
-    gram = None if decoder.use_ln else decoder.gram()
+    gram = decoder.gram()
     w = jax.tree_util.tree_map(lambda p: jnp.broadcast_to(p, (b, *p.shape)), w0)
     lrs = jnp.asarray(cfg.lrs, dtype=x.dtype)
 
