@@ -183,32 +183,29 @@ class Source:
             img = resize_small_center_crop(img, self.eval_resize, self.image_size)
         return img
 
-    def load(self, indices: np.ndarray, seeds: list | None, pool: ThreadPoolExecutor | None) -> np.ndarray:
-        """uint8 images -> float32 NHWC in the configured value range."""
-        needs_work = self.per_image or (
-            self.train and any(self.augment.get(k) for k in ("inception_crop", "flip", "randaug"))
-        )
-        if not needs_work:
-            images, _ = self.dataset.take(indices)
+    def load(self, indices: np.ndarray, seeds: list | None, pool: ThreadPoolExecutor | None):
+        """``(float32 NHWC images in the configured value range, int32 labels)`` of ``indices``.
+
+        Labels come from the same records as the images (reading ``dataset.labels`` of a TFDS source
+        would decode every example once)."""
+        augmenting = self.train and any(self.augment.get(k) for k in ("inception_crop", "flip", "randaug"))
+        if not (self.per_image or augmenting):
+            images, labels = self.dataset.take(indices)
             images = downsample(images, self.image_size)
         else:
+            if self.train and seeds is None:
+                raise InvalidInputError("training batches need per-image seeds")
 
             def work(j):
-                img, _ = self.dataset.take(indices[j : j + 1])
+                img, lab = self.dataset.take(indices[j : j + 1])
                 rng = np.random.default_rng(seeds[j]) if seeds is not None else None
-                return self._one(img[0], rng)
+                return self._one(img[0], rng), int(lab[0])
 
-            rng_ok = seeds is not None or not self.train
-            if not rng_ok:
-                raise InvalidInputError("training batches need per-image seeds")
-            images = np.stack(
-                list(pool.map(work, range(len(indices))) if pool else map(work, range(len(indices))))
-            )
+            out = list(pool.map(work, range(len(indices))) if pool else map(work, range(len(indices))))
+            images = np.stack([o[0] for o in out])
+            labels = np.asarray([o[1] for o in out])
         lo, hi = self.augment.get("value_range", (-1.0, 1.0))
-        return value_range(images, lo, hi)
-
-    def labels(self, indices: np.ndarray) -> np.ndarray:
-        return np.asarray(self.dataset.labels[indices], np.int32)
+        return value_range(images, lo, hi), np.asarray(labels, np.int32)
 
 
 def open_source(name: str, split: str, *, data_dir=None, train: bool, image_size: int, augment: dict | None = None,
@@ -252,7 +249,7 @@ def train_batches(src: Source, batch_size: int, seed: int, epoch: int, start_ste
             )
             idx = order[pos]
             seeds = [[seed, epoch, int(p)] for p in pos]
-            yield src.load(idx, seeds, pool), src.labels(idx)
+            yield src.load(idx, seeds, pool)
     finally:
         if pool:
             pool.shutdown()
@@ -268,7 +265,7 @@ def eval_batches(src: Source, batch_size: int, process_index: int = 0, process_c
             pos = np.arange(start + process_index * local, start + (process_index + 1) * local)
             mask = (pos < n).astype(np.float32)
             idx = np.where(pos < n, pos, 0)
-            yield src.load(idx, None, pool), src.labels(idx), mask
+            yield (*src.load(idx, None, pool), mask)
     finally:
         if pool:
             pool.shutdown()
