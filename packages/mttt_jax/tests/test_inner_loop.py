@@ -257,3 +257,14 @@ def test_outer_gradient_matches_finite_differences_float64(cfg):
     assert res.returncode == 0, res.stderr[-3000:]
     worst = json.loads(res.stdout.strip().splitlines()[-1])["worst"]
     assert worst < 1e-5, worst
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    cfg = TTTConfig(inner_itr=2, inner_lr=(0.5,))
+    layer, p, x = _layer(cfg, key=23, randomize=False)
+    out32, l32 = layer.apply({"params": p}, x)
+    out16, l16 = TTTLayer(D, H, cfg, dtype=jnp.bfloat16).apply({"params": p}, x)
+    assert out16.dtype == jnp.bfloat16 and l16.dtype == jnp.float32
+    scale = float(jnp.abs(out32).max())
+    assert float(jnp.abs(out16.astype(jnp.float32) - out32).max()) < 0.05 * scale
+    np.testing.assert_allclose(l16, l32, rtol=0.05)

@@ -307,6 +307,9 @@ class Decoder:
         """Inner loss per (B, H) and its gradient with respect to the encoder output ``z``."""
         n, d = z.shape[-2], self.g_kernel.shape[-1]
         c = self.num_heads / (n * d)  # 1 / (n d / H): upstream's normalizer
+        if z.dtype != self.g_kernel.dtype:  # low-precision compute: the loss and dz in the decoder's dtype
+            loss, dz = self.loss_and_grad(z.astype(self.g_kernel.dtype), tgt, k)
+            return loss, dz.astype(z.dtype)
         if self.use_ln and self.expand:
 
             def total(z):
@@ -374,7 +377,7 @@ def ttt_inner_loop(
     if not cfg.train_init:
         w0 = jax.tree_util.tree_map(jax.lax.stop_gradient, w0)
     keys = jnp.einsum("bnd,hde->bhne", x, phi_kernel) + phi_bias[None, :, None, :]
-    tgt = decoder.targets(x)
+    tgt = decoder.targets(x.astype(decoder.g_kernel.dtype))
     gram = decoder.gram()
     w = jax.tree_util.tree_map(lambda p: jnp.broadcast_to(p, (b, *p.shape)), w0)
     lrs = jnp.asarray(cfg.lrs, dtype=x.dtype)
@@ -479,7 +482,10 @@ class TTTLayer(nn.Module):
         else:
             ln_s = ln_b = None
         cast = lambda a: None if a is None else jnp.asarray(a, self.dtype)  # noqa: E731
-        decoder = Decoder(cast(g_k), cast(g_b), cast(ln_s), cast(ln_b), h)
+        # the reconstruction loss (expanded, with cancellations) is computed in at least float32
+        f32 = jnp.promote_types(self.dtype, jnp.float32)
+        up = lambda a: None if a is None else jnp.asarray(a, f32)  # noqa: E731
+        decoder = Decoder(up(g_k), up(g_b), up(ln_s), up(ln_b), h)
         perm_key = self.make_rng("idx") if (cfg.SGD and self.has_rng("idx")) else None
         f_q, losses, _ = ttt_inner_loop(
             jnp.asarray(x, self.dtype),
