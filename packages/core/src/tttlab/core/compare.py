@@ -1,0 +1,1118 @@
+"""Every chosen method of every installed subpackage side by side on one corruption benchmark.
+
+    tttlab-compare                                            # the demo set, profile full, out_dir compare_out
+    tttlab-compare profile=quick jobs=2 out_dir=runs/cmp
+    tttlab-compare 'methods=[torch_ttt.*,mttt_jax.mttt_mlp]' seeds=[0,1,2] setting=[reset_each_shift,continual]
+    python tools/compare.py --list                            # the installed methods
+
+Configuration: ``conf/compare.yaml`` (Hydra; ``key=value`` overrides, ``--key value`` also works;
+schema :class:`CompareConfig`, unknown keys are errors).  ``profiles`` in that file is the profile table:
+per profile the corruptions, images per domain and batch size compare asks of the benchmark, a timeout,
+and the ``profile`` name every evaluate receives (which sizes the model it trains).
+
+How it runs (the core imports no subpackage and no framework):
+
+1. ``methods`` (names or globs) are resolved through :mod:`tttlab.core.registry`; a method of a known
+   subpackage that is not installed is listed with its install command, never a crash.
+2. One task per method x setting x seed.  Its records live in
+   ``<out_dir>/runs/<benchmark>-<profile>-<key>/<method>/<setting>/seed<k>/part-<hash>/`` (``key``
+   hashes what changes the numbers: benchmark, images, batch size, device, overrides).  Domains already
+   recorded there are not recomputed (:func:`tttlab.core.records.done_keys`): in the ``episodic`` and
+   ``reset_each_shift`` settings per domain (a new part evaluates only the missing corruptions); in the
+   stream settings (``continual``, ``mixed``, ``gradual``) the whole stream is one unit.
+3. Each task runs the spec's ``evaluate`` (``module:function``) in a subprocess of its own
+   (``python -c`` :data:`RUNNER`, config as JSON, the evaluate contract of the subpackages), ``jobs`` at
+   a time, so that JAX and torch never share a process and a crash loses nothing else.  The first task
+   of each subpackage runs before its siblings so that they reuse the models it trains (``cache_dir``).
+   The corrupted domains are generated once, here, into ``<cache_dir>/benchmark``.
+4. A failed task (exit status, timeout, or no records) is reported with the tail of its stderr.
+5. The records are read back and summarised: per method (x setting) the accuracy per corruption (mean
+   over severities and seeds), the mean over corruptions (mean +- sample std over seeds when there are
+   several), the gain over the subpackage's baseline (``baselines``) and the adaptation cost in seconds
+   per image; printed (rich if installed) and written as ``report.md``, ``results.csv`` (one row per
+   method x setting x seed x domain: the records themselves), ``summary.csv``, ``heatmap.png/.svg`` and
+   ``bars.png/.svg``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._io import atomic_write_json, atomic_write_text
+from .errors import ConfigError, UnknownNameError
+from .records import config_hash, load_records
+
+#: settings whose domains are independent (the method is reset at every domain): resumable per domain.
+INDEPENDENT_SETTINGS = ("episodic", "reset_each_shift")
+PROFILES = ("smoke", "quick", "full")
+STDERR_TAIL_LINES = 25
+
+#: The subprocess: import ``evaluate`` and call it with the JSON config in argv[1]; write argv[2].
+RUNNER = """\
+import importlib, json, sys, time
+job = json.load(open(sys.argv[1]))
+module, _, attr = job["evaluate"].partition(":")
+fn = importlib.import_module(module)
+for part in attr.split("."):
+    fn = getattr(fn, part)
+t0 = time.perf_counter()
+path = fn(job["config"])
+tmp = sys.argv[2] + ".tmp"
+with open(tmp, "w") as f:
+    json.dump({"records": None if path is None else str(path), "seconds": time.perf_counter() - t0}, f)
+import os
+os.replace(tmp, sys.argv[2])
+"""
+
+SHORT_NAMES = {
+    "gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul", "defocus_blur": "defoc",
+    "glass_blur": "glass", "motion_blur": "motn", "zoom_blur": "zoom", "snow": "snow", "frost": "frost",
+    "fog": "fog", "brightness": "brit", "contrast": "contr", "elastic_transform": "elast",
+    "pixelate": "pixel", "jpeg_compression": "jpeg", "speckle_noise": "speck", "gaussian_blur": "gblur",
+    "spatter": "spatt", "saturate": "satur",
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class CompareConfig:
+    """``conf/compare.yaml``; see the comments there."""
+
+    methods: Any = field(default_factory=list)  # names or globs (a list or one string)
+    benchmark: str = "mnist_c"
+    root: str | None = None
+    setting: Any = "reset_each_shift"  # a setting or a list of them
+    corruptions: Any = None  # None: the profile's
+    severities: Any = field(default_factory=lambda: [5])
+    seeds: Any = field(default_factory=lambda: [0])
+    profile: str = "full"
+    num_examples: Any = None  # None: the profile's; "all"
+    batch_size: int | None = None
+    jobs: int = 1
+    threads: int | None = None
+    out_dir: str = "compare_out"
+    cache_dir: str | None = None
+    device: str = "cpu"
+    timeout_s: float | None = None
+    progress: bool = True
+    python: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    baselines: dict[str, str] = field(default_factory=dict)
+    profiles: dict[str, Any] = field(default_factory=dict)
+
+
+def _split_argv(argv: Sequence[str]) -> list[str]:
+    """``--key value`` / ``--key=value`` -> ``key=value`` (Hydra overrides pass through unchanged)."""
+    out, i = [], 0
+    argv = list(argv)
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--") and len(a) > 2:
+            key = a[2:].replace("-", "_")
+            if "=" in key:
+                out.append(key)
+            elif i + 1 < len(argv) and "=" not in argv[i + 1] and not argv[i + 1].startswith("--"):
+                out.append(f"{key}={argv[i + 1]}")
+                i += 1
+            else:
+                out.append(f"{key}=true")
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
+def load_config(overrides: Sequence[str] = (), values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``conf/compare.yaml`` + Hydra ``overrides`` (``key=value``) + ``values``, validated; a plain dict."""
+    values = dict(values or {})
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from .config import validate
+
+    overrides = _split_argv(overrides)
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="tttlab.core.conf", version_base=None):
+            cfg = compose("compare", overrides=[o for o in overrides if not _unknown_key(o)])
+    except Exception as exc:  # noqa: BLE001 - Hydra's override errors have many types
+        raise ConfigError(f"bad override in {list(overrides)}: {str(exc).splitlines()[0]}") from None
+    unknown = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if _unknown_key(o)}
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in values:
+        if key not in {f.name for f in dataclasses.fields(CompareConfig)}:
+            unknown[key] = values[key]
+    data.update({k: v for k, v in values.items() if k not in unknown})
+    data.update(unknown)  # validate() names them, with a did-you-mean
+    c = OmegaConf.to_container(validate(data, CompareConfig), resolve=True)
+    return check_config(c)
+
+
+def _unknown_key(override: str) -> bool:
+    key = override.split("=", 1)[0].lstrip("+~")
+    top = key.split(".", 1)[0]
+    return "=" in override and top not in {f.name for f in dataclasses.fields(CompareConfig)}
+
+
+def _as_list(value, name: str) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise ConfigError(f"config key {name!r}={value!r}: expected a value or a list of values")
+
+
+def check_config(c: dict[str, Any]) -> dict[str, Any]:
+    """Fill the profile's values, normalise lists, check names and ranges; raises ConfigError."""
+    from . import corruptions as C
+    from .benchmark import BENCHMARKS, SETTINGS
+
+    profiles = c.get("profiles") or {}
+    if c["profile"] not in profiles:
+        raise ConfigError(f"config key 'profile'={c['profile']!r}: expected one of {sorted(profiles)}")
+    prof = dict(profiles[c["profile"]])
+    c["methods"] = [str(m) for m in _as_list(c["methods"], "methods")]
+    if not c["methods"]:
+        raise ConfigError(
+            "config key 'methods' is empty: name at least one method or glob (e.g. torch_ttt.*)"
+        )
+    if c["benchmark"] not in BENCHMARKS:
+        raise ConfigError(
+            f"config key 'benchmark'={c['benchmark']!r}: expected one of {', '.join(BENCHMARKS)}"
+        )
+    c["setting"] = [str(s) for s in _as_list(c["setting"], "setting")]
+    for s in c["setting"]:
+        if s not in SETTINGS:
+            raise ConfigError(f"config key 'setting' has {s!r}: expected one of {', '.join(SETTINGS)}")
+    corr = c["corruptions"] if c["corruptions"] is not None else prof.get("corruptions", "common")
+    try:
+        c["corruptions"] = list(C.resolve(corr if isinstance(corr, str) else list(corr)))
+    except Exception as exc:  # noqa: BLE001 - UnknownNameError / InvalidInputError from resolve
+        raise ConfigError(f"config key 'corruptions'={corr!r}: {exc}") from None
+    sev = _as_list(c["severities"], "severities")
+    if not sev or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 5 for s in sev):
+        raise ConfigError(f"config key 'severities'={c['severities']!r}: expected severities in 1..5")
+    c["severities"] = sorted(set(int(s) for s in sev))
+    seeds = _as_list(c["seeds"], "seeds")
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise ConfigError(f"config key 'seeds'={c['seeds']!r}: expected a list of integers")
+    c["seeds"] = list(dict.fromkeys(int(s) for s in seeds))
+    n = c["num_examples"] if c["num_examples"] is not None else prof.get("num_examples")
+    if n == "all":
+        n = None
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError(f"config key 'num_examples'={n!r}: expected a positive integer, null or 'all'")
+    c["num_examples"] = n
+    bs = c["batch_size"] if c["batch_size"] is not None else prof.get("batch_size", 64)
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise ConfigError(f"config key 'batch_size'={bs!r}: expected a positive integer")
+    c["batch_size"] = bs
+    if c["timeout_s"] is None:
+        c["timeout_s"] = prof.get("timeout_s")
+    for key in ("jobs", "threads"):
+        v = c[key]
+        if v is not None and (isinstance(v, bool) or v < 1):
+            raise ConfigError(f"config key {key!r}={v!r}: expected a positive integer")
+    if c["cache_dir"] is None:
+        c["cache_dir"] = str(Path(c["out_dir"]) / "cache")
+    return c
+
+
+# ----------------------------------------------------------------------------------------------------------
+# methods
+
+
+@dataclass
+class Unavailable:
+    """A requested method that cannot run here: ``reason`` is ``not installed`` or ``unknown``."""
+
+    name: str
+    reason: str
+    message: str
+
+
+def resolve_methods(patterns: Sequence[str], strict: bool = False):
+    """``(specs, unavailable)`` for names or globs; ``strict``: unknown names raise UnknownNameError.
+
+    A name or glob of a known subpackage that is not installed is *unavailable* with the install command
+    (never an error); a name nothing matches is unavailable as ``unknown`` (an error when ``strict``).
+    """
+    from . import registry
+
+    installed, problems = installed_methods()
+    by_name = {s.name: s for s in installed}
+    packages = {s.package for s in installed}
+    chosen: dict[str, Any] = {}
+    unavailable: list[Unavailable] = []
+    for pattern in patterns:
+        package = pattern.split(".", 1)[0]
+        if any(ch in pattern for ch in "*?["):
+            hits = [s for s in installed if fnmatch.fnmatchcase(s.name, pattern)]
+        else:
+            hits = [by_name[pattern]] if pattern in by_name else []
+            if not hits:
+                suffix = [s for s in installed if s.name.endswith("." + pattern)]
+                hits = suffix if len(suffix) == 1 else []
+        if hits:
+            for s in hits:
+                chosen.setdefault(s.name, s)
+            continue
+        if package in registry.KNOWN_PACKAGES and package not in packages and _dist_installed(package):
+            unavailable.append(
+                Unavailable(
+                    pattern,
+                    "broken",
+                    f"{registry.KNOWN_PACKAGES[package]} is installed but its "
+                    f"method specs could not be loaded: {problems.get(package, '?')}",
+                )  # fmt: skip
+            )
+            continue
+        if package in registry.KNOWN_PACKAGES and package not in packages:
+            unavailable.append(
+                Unavailable(pattern, "not installed", registry.missing_package_message(package))
+            )
+            continue
+        try:
+            registry.get_method(pattern)  # raises with a did-you-mean and the installed methods
+            msg = f"no installed method matches {pattern!r}"
+        except UnknownNameError as exc:
+            msg = str(exc)
+        if strict:
+            raise UnknownNameError(msg)
+        unavailable.append(Unavailable(pattern, "unknown", msg))
+    return list(chosen.values()), unavailable
+
+
+def installed_methods() -> tuple[list[Any], dict[str, str]]:
+    """``(specs, problems)``: the registry's methods, and per entry point that failed to load its warning."""
+    from . import registry
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        specs = registry.list_methods()
+    problems = {}
+    for w in caught:
+        msg = str(w.message)
+        if msg.startswith("skipping the methods of entry point "):
+            problems[msg.split("entry point ", 1)[1].split(" ", 1)[0]] = msg
+        else:
+            warnings.warn(msg, stacklevel=2)
+    return specs, problems
+
+
+def _dist_installed(package: str) -> bool:
+    from importlib import metadata
+
+    from . import registry
+
+    try:
+        metadata.distribution(registry.KNOWN_PACKAGES[package])
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tasks
+
+
+@dataclass(eq=False)
+class Task:
+    """One evaluate subprocess: a method x setting x seed over ``corruptions`` x ``severities``."""
+
+    spec: Any  # registry.MethodSpec
+    setting: str
+    seed: int
+    root: Path  # <run root>/<method>/<setting>/seed<k>
+    corruptions: list[str]
+    severities: list[int]
+    todo: list[tuple[str, int]]  # domains to compute; empty: all done (resumed)
+    part: Path | None = None  # the run directory evaluate writes (None when nothing is left to do)
+    status: str = "pending"  # pending | running | ok | failed | resumed
+    seconds: float = 0.0
+    returncode: int | None = None
+    error: str = ""
+    stderr_tail: str = ""
+    started: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.spec.name} [{self.setting}, seed {self.seed}]"
+
+
+def run_key(c: dict[str, Any], spec_name: str | None = None) -> str:
+    """What changes a method's numbers apart from the domains: the folder name under ``runs/``."""
+    key = {
+        "benchmark": c["benchmark"], "root": c["root"], "num_examples": c["num_examples"],
+        "batch_size": c["batch_size"], "profile": c["profile"], "device": c["device"],
+    }  # fmt: skip
+    return f"{c['benchmark']}-{c['profile']}-{config_hash(key)[:8]}"
+
+
+def _method_overrides(c: dict[str, Any], name: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pattern, extra in (c.get("overrides") or {}).items():
+        if fnmatch.fnmatchcase(name, pattern):
+            if not isinstance(extra, Mapping):
+                raise ConfigError(f"config key 'overrides.{pattern}' must be a mapping of evaluate keys")
+            out = _deep_merge(out, extra)
+    return out
+
+
+def _deep_merge(a: Mapping, b: Mapping) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def _parts(root: Path) -> list[Path]:
+    """The part run directories of a task root, oldest records first."""
+    if not root.is_dir():
+        return []
+    parts = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("part-")]
+    return sorted(parts, key=lambda p: ((p / "records.jsonl").stat().st_mtime if (p / "records.jsonl").exists()
+                                        else 0.0, p.name))  # fmt: skip
+
+
+def _part_name(corruptions: Sequence[str], severities: Sequence[int]) -> str:
+    return "part-" + config_hash({"corruptions": list(corruptions), "severities": list(severities)})[:8]
+
+
+def _status(part: Path) -> dict[str, Any]:
+    f = part / "compare_status.json"
+    try:
+        return json.loads(f.read_text()) if f.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def task_records(task: Task, c: dict[str, Any]):
+    """The per-domain records of a task (latest wins per domain and metric), as a DataFrame.
+
+    Columns: the records schema.  ``method``/``setting``/``seed`` are the task's (what compare asked
+    for); clean rows and the evaluate's own ``mean`` rows are dropped.
+    """
+    import pandas as pd
+
+    if task.setting in INDEPENDENT_SETTINGS:
+        parts = _parts(task.root)
+    else:  # a stream is one unit: only a finished run of exactly this stream counts
+        part = task.root / _part_name(task.corruptions, task.severities)
+        parts = [part] if part.is_dir() and _status(part).get("ok") else []
+    frames = []
+    for order, part in enumerate(parts):
+        sources = [part] if any(part.glob("records*.jsonl")) else []
+        other = _status(part).get("records")
+        if other and Path(other).exists() and Path(other).resolve().parent != part.resolve():
+            sources.append(Path(other))
+        if not sources:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            df = load_records(*sources)
+        df["_order"] = order
+        frames.append(df)
+    if not frames:
+        from .records import records_frame
+
+        return records_frame([])
+    df = pd.concat(frames, ignore_index=True)
+    corr = df["corruption"].astype(object)
+    corr = corr.where(~corr.isin(["clean", "none", ""]), None)
+    df["corruption"] = corr
+    df = df[df["corruption"].notna() & (df["corruption"] != "mean")]
+    df = df[df["metric"].isin(["accuracy", "s_per_image"])]
+    df["reported_method"] = df["method"]
+    df["method"] = task.spec.name
+    df["setting"] = task.setting
+    df["seed"] = task.seed
+    if len(df) == 0:
+        return df
+    df = df.sort_values("_order", kind="stable")
+    df = df.drop_duplicates(["corruption", "severity", "metric"], keep="last")
+    return df.drop(columns=["_order"]).reset_index(drop=True)
+
+
+def plan(c: dict[str, Any], specs: Sequence[Any]) -> list[Task]:
+    """The tasks of a comparison, with the domains each still has to compute."""
+    from .records import done_keys
+
+    base = Path(c["out_dir"]) / "runs"
+    wanted = [(cr, s) for cr in c["corruptions"] for s in c["severities"]]
+    tasks = []
+    for spec in specs:
+        for setting in c["setting"]:
+            for seed in c["seeds"]:
+                key = run_key(c) + ("-" + config_hash(_method_overrides(c, spec.name))[:6]
+                                    if _method_overrides(c, spec.name) else "")  # fmt: skip
+                root = base / key / spec.name / setting / f"seed{seed}"
+                t = Task(spec, setting, seed, root, list(c["corruptions"]), list(c["severities"]), [])
+                df = task_records(t, c)
+                have = done_keys(df, ["corruption", "severity"], metric="accuracy") if len(df) else set()
+                todo = [d for d in wanted if d not in have]
+                if todo and setting not in INDEPENDENT_SETTINGS:
+                    todo = list(wanted)
+                t.todo = todo
+                if not todo:
+                    t.status = "resumed"
+                else:
+                    corr = [cr for cr in c["corruptions"] if any(d[0] == cr for d in todo)]
+                    sev = sorted({d[1] for d in todo})
+                    if setting in INDEPENDENT_SETTINGS:
+                        # a product corruptions x severities that covers the missing domains only where
+                        # possible; otherwise (rare: a ragged set) the missing corruptions at all severities
+                        if {(cr, s) for cr in corr for s in sev} != set(todo):
+                            sev = list(c["severities"])
+                        t.corruptions, t.severities = corr, sev
+                    t.part = root / _part_name(t.corruptions, t.severities)
+                tasks.append(t)
+    return tasks
+
+
+def evaluate_config(task: Task, c: dict[str, Any]) -> dict[str, Any]:
+    """The mapping the spec's ``evaluate`` receives (the evaluate contract)."""
+    bench = {
+        "name": c["benchmark"], "corruptions": list(task.corruptions), "severities": list(task.severities),
+        "setting": task.setting, "num_examples": c["num_examples"], "batch_size": c["batch_size"],
+        "seed": task.seed, "cache_dir": str(Path(c["cache_dir"]).resolve() / "benchmark"),
+    }  # fmt: skip
+    if c["root"]:
+        bench["root"] = c["root"]
+    cfg = {
+        "method": task.spec.name, "out_dir": str(task.part.resolve()), "benchmark": bench,
+        "profile": c["profile"], "cache_dir": str(Path(c["cache_dir"]).resolve()), "seed": task.seed,
+        "device": c["device"], "progress": False,
+    }  # fmt: skip
+    return _deep_merge(cfg, _method_overrides(c, task.spec.name))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# running
+
+
+def _child_env(c: dict[str, Any]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("MPLBACKEND", "Agg")
+    env["PYTHONUNBUFFERED"] = "1"
+    threads = c["threads"] or max(1, (os.cpu_count() or 1) // max(1, c["jobs"]))
+    if c["threads"] or c["jobs"] > 1:
+        for var in (
+            "OMP_NUM_THREADS",
+            "MKL_NUM_THREADS",
+            "OPENBLAS_NUM_THREADS",
+            "TTTLAB_CORRUPTION_THREADS",
+        ):
+            env.setdefault(var, str(threads))
+        if threads == 1 and "XLA_FLAGS" not in env:
+            env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    return env
+
+
+def _tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    text = text.replace("\r", "\n")
+    return "\n".join([ln for ln in text.splitlines() if ln.strip()][-lines:])
+
+
+def run_task(task: Task, c: dict[str, Any], stop: threading.Event | None = None) -> Task:
+    """Run one task's evaluate in a subprocess; set its status, seconds, error and stderr tail."""
+    part = task.part
+    part.mkdir(parents=True, exist_ok=True)
+    cfg = evaluate_config(task, c)
+    job = part / "compare_job.json"
+    result = part / "compare_result.json"
+    result.unlink(missing_ok=True)
+    atomic_write_json(job, {"evaluate": task.spec.evaluate, "config": cfg})
+    cmd = [c["python"] or sys.executable, "-c", RUNNER, str(job), str(result)]
+    task.started = time.perf_counter()
+    task.status = "running"
+    with open(part / "stdout.log", "wb") as out, open(part / "stderr.log", "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=_child_env(c), start_new_session=True)
+        timeout = c["timeout_s"]
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=0.2)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if stop is not None and stop.is_set():
+                    _kill(proc)
+                    task.error = "interrupted"
+                    break
+                if timeout and time.perf_counter() - task.started > timeout:
+                    _kill(proc)
+                    task.error = f"timed out after {timeout:g} s (config key timeout_s)"
+                    break
+        except BaseException:
+            _kill(proc)
+            raise
+    task.seconds = time.perf_counter() - task.started
+    task.returncode = proc.returncode
+    info: dict[str, Any] = {}
+    if result.exists():
+        try:
+            info = json.loads(result.read_text())
+        except json.JSONDecodeError:
+            info = {}
+    ok = proc.returncode == 0 and not task.error and bool(info)
+    if ok:
+        status = {"ok": True, "records": info.get("records"), "seconds": task.seconds}
+        atomic_write_json(part / "compare_status.json", status)
+        df = task_records(task, c)
+        have = {(r.corruption, int(r.severity)) for r in df[df["metric"] == "accuracy"].itertuples()
+                if r.severity is not None and not _isna(r.severity)}  # fmt: skip
+        missing = [d for d in task.todo if d not in have]
+        if missing:
+            ok = False
+            task.error = (f"evaluate returned {info.get('records')} but no accuracy records for "
+                          f"{', '.join(f'{a}-{b}' for a, b in missing[:4])}{' ...' if len(missing) > 4 else ''}")  # fmt: skip
+    elif not task.error:
+        task.error = f"exit status {proc.returncode}"
+    if not ok:
+        atomic_write_json(part / "compare_status.json", {"ok": False, "error": task.error})
+    task.stderr_tail = "" if ok else _tail(part / "stderr.log")
+    task.status = "ok" if ok else "failed"
+    return task
+
+
+def _isna(v) -> bool:
+    try:
+        import pandas as pd
+
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    import signal
+
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+
+
+def run_tasks(tasks: Sequence[Task], c: dict[str, Any], echo=print) -> None:
+    """Run the pending tasks, ``jobs`` at a time; the first task of each subpackage goes before its
+    siblings (they reuse the models it caches).  A progress bar counts tasks and shows the running ones."""
+    pending = [t for t in tasks if t.status == "pending"]
+    if not pending:
+        return
+    from tqdm.auto import tqdm
+
+    first: dict[str, Task] = {}
+    for t in pending:
+        first.setdefault(t.spec.package, t)
+    jobs = max(1, int(c["jobs"]))
+    stop = threading.Event()
+    running: dict[Task, threading.Thread] = {}
+    queue = list(pending)
+    bar = tqdm(total=len(pending), desc="methods", unit="run", disable=not c["progress"] or None,
+               dynamic_ncols=True)  # fmt: skip
+
+    def ready(t: Task) -> bool:
+        head = first[t.spec.package]
+        return head is t or head.status in ("ok", "failed")
+
+    def worker(t: Task) -> None:
+        try:
+            run_task(t, c, stop)
+        except Exception as exc:  # noqa: BLE001 - a task's failure must not stop the others
+            t.status, t.error = "failed", f"{type(exc).__name__}: {exc}"
+
+    try:
+        while queue or running:
+            for t, th in list(running.items()):
+                if not th.is_alive():
+                    th.join()
+                    del running[t]
+                    bar.update(1)
+                    mark = "ok" if t.status == "ok" else f"FAILED ({t.error})"
+                    msg = f"{t.label}: {mark} in {t.seconds:.0f} s"
+                    bar.write(msg) if not bar.disable else echo(msg)
+            while queue and len(running) < jobs:
+                nxt = next((t for t in queue if ready(t)), None)
+                if nxt is None:
+                    break
+                queue.remove(nxt)
+                th = threading.Thread(target=worker, args=(nxt,), daemon=True)
+                nxt.status, nxt.started = "running", time.perf_counter()
+                th.start()
+                running[nxt] = th
+            now = time.perf_counter()
+            bar.set_postfix_str(
+                ", ".join(f"{t.spec.name} {now - t.started:.0f}s" for t in running), refresh=True
+            )
+            time.sleep(0.2)
+    except BaseException:
+        stop.set()
+        for th in running.values():
+            th.join(timeout=10)
+        raise
+    finally:
+        bar.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# results
+
+
+def collect(tasks: Sequence[Task], c: dict[str, Any]):
+    """One row per method x setting x seed x domain with ``accuracy``, ``n``, ``wall_time_s`` and
+    ``s_per_image`` (the record's, or ``wall_time_s / n``); exactly what ``results.csv`` holds."""
+    import pandas as pd
+
+    rows = []
+    wanted = {(cr, s) for cr in c["corruptions"] for s in c["severities"]}
+    for t in tasks:
+        df = task_records(t, c)
+        if len(df) == 0:
+            continue
+        acc = df[df["metric"] == "accuracy"]
+        spi = df[df["metric"] == "s_per_image"]
+        spi_by = {
+            (r.corruption, int(r.severity)): float(r.value) for r in spi.itertuples() if not _isna(r.severity)
+        }
+        for r in acc.itertuples():
+            if _isna(r.severity):
+                continue
+            dom = (r.corruption, int(r.severity))
+            if dom not in wanted:
+                continue
+            n = None if _isna(r.n) else int(r.n)
+            wall = None if _isna(r.wall_time_s) else float(r.wall_time_s)
+            s = spi_by.get(dom, (wall / n) if wall is not None and n else math.nan)
+            rows.append({
+                "method": t.spec.name, "package": t.spec.package, "framework": t.spec.framework,
+                "setting": t.setting, "seed": t.seed, "corruption": dom[0], "severity": dom[1],
+                "accuracy": float(r.value), "n": n, "wall_time_s": wall, "s_per_image": s,
+                "model": None if _isna(r.model) else r.model,
+            })  # fmt: skip
+    cols = ["method", "package", "framework", "setting", "seed", "corruption", "severity", "accuracy", "n",
+            "wall_time_s", "s_per_image", "model"]  # fmt: skip
+    df = pd.DataFrame(rows, columns=cols)
+    order = {m: i for i, m in enumerate(dict.fromkeys(t.spec.name for t in tasks))}
+    corder = {cr: i for i, cr in enumerate(c["corruptions"])}
+    if len(df):
+        df = df.assign(_m=df["method"].map(order), _c=df["corruption"].map(corder))
+        df = df.sort_values(["_m", "setting", "seed", "_c", "severity"]).drop(columns=["_m", "_c"])
+    return df.reset_index(drop=True)
+
+
+def summarize(results, c: dict[str, Any]):
+    """The table: one row per method x setting; per corruption the mean accuracy over severities and
+    seeds; ``mean`` over corruptions (seed-wise, then averaged), ``std`` its sample std over seeds,
+    ``seeds`` their count, ``s_per_image`` the mean of the rows' ``s_per_image``, ``delta`` the gain of
+    ``mean`` over the subpackage's baseline in the same setting.  Accuracies are fractions."""
+    import numpy as np
+    import pandas as pd
+
+    corrs = list(c["corruptions"])
+    out = []
+    if len(results) == 0:
+        return pd.DataFrame(columns=["method", "package", "setting", *corrs, "mean", "std", "seeds",
+                                     "s_per_image", "delta", "n"])  # fmt: skip
+    for (method, setting), g in results.groupby(["method", "setting"], sort=False):
+        row: dict[str, Any] = {"method": method, "package": g["package"].iloc[0], "setting": setting}
+        per_corr = g.groupby(["seed", "corruption"])["accuracy"].mean().unstack("corruption")
+        for cr in corrs:
+            row[cr] = float(per_corr[cr].mean()) if cr in per_corr.columns else math.nan
+        complete = per_corr.reindex(columns=corrs).dropna(axis=0, how="any")
+        seed_means = complete.mean(axis=1)
+        row["mean"] = float(seed_means.mean()) if len(seed_means) else math.nan
+        row["std"] = float(seed_means.std(ddof=1)) if len(seed_means) > 1 else math.nan
+        row["seeds"] = int(len(seed_means))
+        spi = g["s_per_image"].astype("float64")
+        row["s_per_image"] = float(spi.mean()) if spi.notna().any() else math.nan
+        row["n"] = int(g["n"].fillna(0).sum()) if g["n"].notna().any() else None
+        out.append(row)
+    table = pd.DataFrame(out)
+    table["delta"] = np.nan
+    for i, row in table.iterrows():
+        base = (c.get("baselines") or {}).get(row["package"])
+        if not base or base == row["method"]:
+            continue
+        ref = table[(table["method"] == base) & (table["setting"] == row["setting"])]
+        if len(ref):
+            table.loc[i, "delta"] = row["mean"] - float(ref["mean"].iloc[0])
+    return table
+
+
+def _fmt(v, scale: float = 100.0, digits: int = 1, sign: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v * scale:+.{digits}f}" if sign else f"{v * scale:.{digits}f}"
+
+
+def _fmt_cost(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v:.2g}" if v < 0.01 else f"{v:.3f}"
+
+
+def _row_label(row, several_settings: bool) -> str:
+    return f"{row['method']} · {row['setting']}" if several_settings else str(row["method"])
+
+
+def table_rows(table, c: dict[str, Any], short: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted cells of the table (accuracy in %, one decimal): shared by print and report."""
+    several = len(c["setting"]) > 1
+    corrs = list(c["corruptions"])
+    header = ["method", *[SHORT_NAMES.get(cr, cr) if short else cr for cr in corrs], "mean",
+              "Δ baseline", "s/image"]  # fmt: skip
+    rows = []
+    for _, row in table.iterrows():
+        mean = _fmt(row["mean"])
+        if row["seeds"] > 1 and not math.isnan(row["std"]):
+            mean += f" ± {_fmt(row['std'])}"
+        rows.append([_row_label(row, several), *[_fmt(row[cr]) for cr in corrs], mean,
+                     _fmt(row["delta"], sign=True), _fmt_cost(row["s_per_image"])])  # fmt: skip
+    return header, rows
+
+
+def format_table(table, c: dict[str, Any], width: int | None = None) -> str:
+    """The table as text: a rich table when rich is installed, aligned plain text otherwise."""
+    header, rows = table_rows(table, c, short=True)
+    try:
+        from rich import box
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+        lines = [
+            "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))
+        ]
+        lines.append("  ".join("-" * w for w in widths))
+        for r in rows:
+            lines.append(
+                "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+            )
+        return "\n".join(lines)
+    import io
+
+    t = Table(box=box.SIMPLE_HEAD, title=f"accuracy (%) on {_bench_title(c)}", title_justify="left",
+              pad_edge=False)  # fmt: skip
+    for i, h in enumerate(header):
+        t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0,
+                     style="bold" if h == "mean" else None)  # fmt: skip
+    for r in rows:
+        t.add_row(*r)
+    buf = io.StringIO()
+    console = Console(file=buf, width=width or max(120, 12 + 7 * len(header)), force_terminal=False,
+                      color_system=None)  # fmt: skip
+    console.print(t)
+    return buf.getvalue().rstrip()
+
+
+def _bench_title(c: dict[str, Any]) -> str:
+    sev = ",".join(map(str, c["severities"]))
+    n = "all" if c["num_examples"] is None else c["num_examples"]
+    return (f"{c['benchmark']} severity {sev}, {n} images per corruption, setting {'/'.join(c['setting'])}, "
+            f"profile {c['profile']}, seeds {c['seeds']}")  # fmt: skip
+
+
+def write_plots(results, table, c: dict[str, Any], out: Path) -> list[Path]:
+    """``heatmap`` (method x corruption, + mean) and ``bars`` (mean accuracy, s/image beside it)."""
+    import pandas as pd
+
+    from .plots import plot_bars, plot_heatmap
+
+    if len(results) == 0:
+        return []
+    several = len(c["setting"]) > 1
+    lab = results.apply(lambda r: f"{r['method']} · {r['setting']}" if several else r["method"], axis=1)
+    heat = pd.DataFrame({"method": lab, "corruption": results["corruption"], "value": results["accuracy"],
+                         "metric": "accuracy"})  # fmt: skip
+    corder = {cr: i for i, cr in enumerate(c["corruptions"])}
+    heat = heat.assign(_c=heat["corruption"].map(corder)).sort_values("_c", kind="stable").drop(columns="_c")
+    labels = list(dict.fromkeys(_row_label(r, several) for _, r in table.iterrows()))
+    heat = heat.assign(_m=heat["method"].map({m: i for i, m in enumerate(labels)}))
+    heat = heat.sort_values(["_m"], kind="stable").drop(columns="_m")
+    paths = [
+        plot_heatmap(
+            heat,
+            out / "heatmap",
+            metric="accuracy",
+            title=f"accuracy (%) on {c['benchmark']}, severity {','.join(map(str, c['severities']))}",
+        )
+    ]
+    # one bar row per method x seed: the bar is the mean over seeds, the error bar their std
+    g = results.assign(label=lab)
+    per_seed = g.groupby(["label", "seed", "corruption"], sort=False)["accuracy"].mean().groupby(
+        ["label", "seed"], sort=False).mean().reset_index()  # fmt: skip
+    costs = {_row_label(r, several): r["s_per_image"] for _, r in table.iterrows()}
+    bars = pd.DataFrame({"method": per_seed["label"], "value": per_seed["accuracy"], "metric": "accuracy",
+                         "s_per_image": per_seed["label"].map(costs)})  # fmt: skip
+    if bars["s_per_image"].isna().all():
+        bars = bars.drop(columns="s_per_image")
+    paths.append(plot_bars(bars, out / "bars", metric="accuracy", cost="s_per_image"))
+    return paths
+
+
+def _md_escape(s: str) -> str:
+    return s.replace("|", "\\|")
+
+
+def write_report(out: Path, c: dict[str, Any], tasks, table, unavailable, command: str, plots) -> Path:
+    header, rows = table_rows(table, c)
+    lines = [f"# Test-time methods compared on {c['benchmark']}", ""]
+    lines += [
+        f"Accuracy (%) per corruption at severity {', '.join(map(str, c['severities']))}, "
+        f"{'all' if c['num_examples'] is None else c['num_examples']} images per corruption, "
+        f"setting {', '.join(c['setting'])}, profile `{c['profile']}`, seed(s) {', '.join(map(str, c['seeds']))}. "
+        "`mean` is the mean over corruptions"
+        + (" (± sample standard deviation over seeds)" if len(c["seeds"]) > 1 else "")
+        + "; `Δ baseline` its gain over the baseline of the same subpackage; `s/image` the adaptation + "
+        "prediction time per image.",
+        "",
+    ]
+    if rows:
+        best = {}
+        for j in range(1, len(header) - 2):
+            vals = [float(r[j].split(" ")[0]) for r in rows if r[j] != "—"]
+            best[j] = max(vals) if vals else None
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("| --- " + "| ---: " * (len(header) - 1) + "|")
+        for r in rows:
+            cells = [f"**{v}**" if j in best and v != "—" and float(v.split(" ")[0]) == best[j]
+                     and len(rows) > 1 else _md_escape(v) for j, v in enumerate(r)]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    else:
+        lines += ["No method produced results.", ""]
+    for p in plots:
+        lines += [f"![{p.stem}]({p.name})", ""]
+    failed = [t for t in tasks if t.status == "failed"]
+    if failed:
+        lines += ["## Failed", ""]
+        for t in failed:
+            lines += [f"### {t.label}", "", f"{t.error}; log: `{t.part / 'stderr.log'}`", ""]
+            if t.stderr_tail:
+                lines += ["```", t.stderr_tail, "```", ""]
+    if unavailable:
+        lines += ["## Not run", ""]
+        for u in unavailable:
+            lines.append(f"- `{u.name}` ({u.reason}): {u.message}")
+        lines.append("")
+    lines += ["## Runs", "", "| method | setting | seed | status | seconds | run directory |",
+              "| --- | --- | ---: | --- | ---: | --- |"]  # fmt: skip
+    for t in tasks:
+        secs = f"{t.seconds:.0f}" if t.status in ("ok", "failed") else "—"
+        lines.append(f"| {t.spec.name} | {t.setting} | {t.seed} | {t.status} | {secs} | `{t.root}` |")
+    lines += ["", "## Command", "", "```", command, "```", "",
+              "Files: `results.csv` (one row per method x setting x seed x domain, from the records), "
+              "`summary.csv` (this table, accuracies as fractions), `heatmap.png/.svg`, `bars.png/.svg`.", ""]  # fmt: skip
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def equivalent_command(c: dict[str, Any]) -> str:
+    """A ``tttlab-compare`` command line that reproduces this comparison."""
+
+    def v(x):
+        if isinstance(x, (list, tuple)):
+            return "[" + ",".join(map(str, x)) + "]"
+        return "null" if x is None else str(x)
+
+    parts = ["tttlab-compare", f"methods={v(c['methods'])}", f"benchmark={c['benchmark']}",
+             f"setting={v(c['setting'])}", f"corruptions={v(c['corruptions'])}", f"severities={v(c['severities'])}",
+             f"seeds={v(c['seeds'])}", f"profile={c['profile']}", f"num_examples={v(c['num_examples'])}",
+             f"batch_size={c['batch_size']}", f"jobs={c['jobs']}", f"device={c['device']}",
+             f"out_dir={c['out_dir']}"]  # fmt: skip
+    if c["root"]:
+        parts.append(f"root={c['root']}")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the comparison
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare` returns."""
+
+    config: dict[str, Any]
+    tasks: list[Task]
+    unavailable: list[Unavailable]
+    results: Any  # DataFrame, one row per method x setting x seed x domain (results.csv)
+    table: Any  # DataFrame, one row per method x setting (summary.csv)
+    text: str  # the printed table
+    out_dir: Path
+    report: Path | None = None
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[Task]:
+        return [t for t in self.tasks if t.status == "failed"]
+
+
+def prepare_benchmark(c: dict[str, Any], echo=print) -> None:
+    """Generate the corrupted domains once, into ``<cache_dir>/benchmark``, for every evaluate to read."""
+    from .benchmark import make_benchmark
+
+    if c["benchmark"] not in ("mnist_c", "digits_c"):
+        return
+    t0 = time.perf_counter()
+    for seed in c["seeds"]:
+        bench = make_benchmark(
+            c["benchmark"], corruptions=c["corruptions"], severities=c["severities"], batch_size=c["batch_size"],
+            num_examples=c["num_examples"], seed=seed, cache_dir=Path(c["cache_dir"]).resolve() / "benchmark",
+        )  # fmt: skip
+        for d in bench.domains:
+            bench.domain_dataset(d)
+    if time.perf_counter() - t0 > 2:
+        echo(f"corrupted {len(c['corruptions']) * len(c['severities'])} domains x {len(c['seeds'])} seed(s) "
+             f"in {time.perf_counter() - t0:.0f} s")  # fmt: skip
+
+
+def compare(config: Mapping[str, Any] | None = None, *, overrides: Sequence[str] = (), command: str | None = None,
+            strict: bool | None = None, echo=print) -> Comparison:  # fmt: skip
+    """Run a comparison (see the module docstring) and write its files; returns a :class:`Comparison`.
+
+    ``config``: keys of ``conf/compare.yaml`` (or a full config from :func:`load_config`); ``overrides``:
+    Hydra ``key=value`` strings.  ``strict``: unknown method names are errors (default: when ``methods``
+    was given rather than the demo set).
+    """
+    config = dict(config or {})
+    if "profiles" in config and "baselines" in config and not overrides:
+        c = check_config(dict(config))
+    else:
+        c = load_config(overrides, config)
+    if strict is None:
+        strict = "methods" in config or any(o.split("=", 1)[0].lstrip("-+") == "methods" for o in overrides)
+    out = Path(c["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    specs, unavailable = resolve_methods(c["methods"], strict=strict)
+    for u in unavailable:
+        echo(f"skipping {u.name}: {u.message}")
+    tasks = plan(c, specs)
+    todo = [t for t in tasks if t.status == "pending"]
+    echo(f"{len(specs)} method(s) x {len(c['setting'])} setting(s) x {len(c['seeds'])} seed(s) on "
+         f"{_bench_title(c)}: {len(todo)} run(s) to do, {len(tasks) - len(todo)} already done")  # fmt: skip
+    atomic_write_text(out / "compare.yaml", _yaml(c))
+    if todo:
+        prepare_benchmark(c, echo)
+    run_tasks(tasks, c, echo)
+    results = collect(tasks, c)
+    table = summarize(results, c)
+    files = []
+    results.to_csv(out / "results.csv.tmp", index=False)
+    os.replace(out / "results.csv.tmp", out / "results.csv")
+    table.to_csv(out / "summary.csv.tmp", index=False)
+    os.replace(out / "summary.csv.tmp", out / "summary.csv")
+    files += [out / "results.csv", out / "summary.csv"]
+    plots = []
+    try:
+        plots = write_plots(results, table, c, out)
+    except Exception as exc:  # noqa: BLE001 - a plotting problem must not lose the table
+        echo(f"could not draw the plots: {type(exc).__name__}: {exc}")
+    files += plots
+    if command is None:
+        command = (
+            " ".join(shlex.quote(a) for a in sys.argv) if sys.argv and sys.argv[0] else equivalent_command(c)
+        )
+    if command != equivalent_command(c):
+        command = f"{command}\n# equivalent to:\n{equivalent_command(c)}"
+    report = write_report(out, c, tasks, table, unavailable, command, plots)
+    text = format_table(table, c) if len(table) else "no results"
+    return Comparison(c, tasks, unavailable, results, table, text, out, report, [report, *files])
+
+
+def _yaml(c: dict[str, Any]) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(c))
+
+
+def list_text() -> str:
+    from . import registry
+
+    lines = []
+    specs, problems = installed_methods()
+    for s in specs:
+        lines.append(f"{s.name:40s} {s.framework:6s} {s.paper or s.description}")
+    installed = {s.package for s in specs}
+    for pkg in registry.KNOWN_PACKAGES:
+        if pkg in problems:
+            lines.append(f"{pkg + '.*':40s} broken: {problems[pkg]}")
+        elif pkg not in installed:
+            lines.append(f"{pkg + '.*':40s} not installed: {registry.missing_package_message(pkg)}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "tttlab-compare") -> int:
+    """CLI: Hydra-style ``key=value`` overrides of ``conf/compare.yaml`` (``--key value`` also works).
+
+    Exit status: 0 when every run succeeded, 1 when some failed (their results are still reported),
+    2 on a configuration error or when nothing could run."""
+    from .errors import TTTLabError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.split("How it runs")[0].rstrip())
+        print(f"\nconfiguration ({prog} key=value ...):\n")
+        from importlib import resources
+
+        print(resources.files("tttlab.core.conf").joinpath("compare.yaml").read_text())
+        return 0
+    if "--list" in argv:
+        print(list_text())
+        return 0
+    command = " ".join([prog, *(shlex.quote(a) for a in argv)])
+    try:
+        result = compare(overrides=argv, command=command)
+    except TTTLabError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(result.text)
+    for t in result.failed:
+        print(f"FAILED {t.label}: {t.error} (log: {t.part / 'stderr.log'})")
+    print(f"\nreport: {result.report}")
+    if not len(result.table):
+        return 2
+    return 1 if result.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Hydra configuration shipped with tttlab-core (``compare.yaml``: the ``tttlab-compare`` tool)."""

@@ -1,0 +1,241 @@
+"""tttlab.core.compare with fake methods (compare_fake_methods.run, in evaluate subprocesses).
+
+Checks that every method yields records, that the printed table, results.csv, summary.csv and report.md
+agree with the records, that a resumed run recomputes nothing (evaluate calls are counted), that a
+crashing method is reported with its stderr while the others' results stay, that several seeds give a
+mean and a sample std, that the continual and mixed settings work (a stream is resumed as a whole), and
+that a method of a subpackage that is not installed gives its install command.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tttlab.core import compare as cmp
+from tttlab.core import registry
+from tttlab.core.errors import ConfigError, UnknownNameError
+from tttlab.core.records import load_records
+
+HERE = Path(__file__).resolve().parent
+FAKE = ["fake.alpha", "fake.beta", "fake.crash", "fake.empty"]
+CORR = ["gaussian_noise", "fog"]
+
+sys.path.insert(0, str(HERE))  # the subprocesses get it through PYTHONPATH (fixture env)
+import compare_fake_methods as fm  # noqa: E402
+
+sys.path.remove(str(HERE))
+
+
+def _spec(name: str):
+    return registry.register(dict(name=name, package="fake", framework="numpy",
+                                  evaluate="compare_fake_methods:run", paper="a fake"))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Fake methods registered, the fake module importable by subprocesses, a call counter."""
+    tmp = tmp_path_factory.mktemp("compare")
+    calls = tmp / "calls.jsonl"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+        mp.setenv("TTTLAB_FAKE_CALLS", str(calls))
+        mp.setitem(registry.KNOWN_PACKAGES, "notapkg", "tttlab-notapkg")
+        for name in FAKE:
+            _spec(name)
+        yield {"tmp": tmp, "calls": calls}
+        for name in FAKE:
+            registry.unregister(name)
+
+
+def base_config(out: Path, **kw):
+    c = {
+        "methods": ["fake.*", "notapkg.method"], "benchmark": "digits_c", "profile": "smoke",
+        "corruptions": CORR, "num_examples": 40, "batch_size": 20, "out_dir": str(out), "jobs": 2,
+        "progress": False,
+        "overrides": {"fake.crash": {"fake": {"crash": True}}, "fake.empty": {"fake": {"no_records": True}}},
+    }  # fmt: skip
+    c.update(kw)
+    return c
+
+
+def calls(env) -> list[dict]:
+    f = env["calls"]
+    return [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
+
+
+@pytest.fixture(scope="module")
+def first(env):
+    out = env["tmp"] / "cmp"
+    n0 = len(calls(env))
+    result = cmp.compare(base_config(out), echo=lambda *a: None)
+    return result, calls(env)[n0:]
+
+
+def test_every_method_yields_records_and_failures_are_reported(first):
+    result, made = first
+    assert sorted(c["method"] for c in made) == sorted(FAKE)
+    status = {t.spec.name: t.status for t in result.tasks}
+    assert status == {"fake.alpha": "ok", "fake.beta": "ok", "fake.crash": "failed", "fake.empty": "failed"}
+    assert set(result.results["method"]) == {"fake.alpha", "fake.beta"}
+    for m in ("fake.alpha", "fake.beta"):
+        rows = result.results[result.results["method"] == m]
+        assert sorted(rows["corruption"]) == sorted(CORR) and (rows["n"] == 40).all()
+    crash = next(t for t in result.tasks if t.spec.name == "fake.crash")
+    assert "boom in fake.crash" in crash.stderr_tail and "about to fail" in crash.stderr_tail
+    empty = next(t for t in result.tasks if t.spec.name == "fake.empty")
+    assert "no accuracy records" in empty.error
+    report = result.report.read_text()
+    assert "## Failed" in report and "RuntimeError: boom in fake.crash" in report
+    assert "fake.empty" in report.split("## Failed")[1]
+    # the package that is not installed: its install command, not a crash
+    (u,) = result.unavailable
+    assert u.name == "notapkg.method" and u.reason == "not installed"
+    assert "pip install -c constraints.txt -e packages/notapkg" in u.message
+    assert "pip install -c constraints.txt -e packages/notapkg" in report
+
+
+def test_files_agree_with_the_records(first):
+    result, _ = first
+    out = result.out_dir
+    csv = pd.read_csv(out / "results.csv")
+    # results.csv holds exactly the accuracy records of the run directories
+    recs = []
+    for t in result.tasks:
+        if t.status == "ok":
+            df = load_records(t.root, metric="accuracy")
+            recs += [(r.method, r.corruption, int(r.severity), r.value, int(r.n)) for r in df.itertuples()
+                     if r.corruption != "mean"]  # fmt: skip
+    got = [(r.method, r.corruption, int(r.severity), r.accuracy, int(r.n)) for r in csv.itertuples()]
+    assert sorted(got) == sorted(recs)
+    for r in csv.itertuples():  # and they are what the fake evaluate computed
+        assert r.accuracy == fm.accuracy(r.method, r.setting, r.seed, r.corruption, r.severity)
+        assert r.s_per_image == pytest.approx(0.001)
+    summary = pd.read_csv(out / "summary.csv")
+    report = result.report.read_text()
+    for row in summary.itertuples():
+        mine = csv[csv["method"] == row.method]
+        assert row.mean == pytest.approx(mine["accuracy"].mean())
+        assert row.gaussian_noise == pytest.approx(
+            mine.loc[mine["corruption"] == "gaussian_noise", "accuracy"].item()
+        )
+        assert row.s_per_image == pytest.approx(mine["s_per_image"].mean())
+        cells = [f"{100 * mine.loc[mine['corruption'] == c, 'accuracy'].item():.1f}" for c in CORR]
+        mean = f"{100 * mine['accuracy'].mean():.1f}"
+        line = next(ln for ln in report.splitlines() if ln.startswith(f"| {row.method} |"))
+        assert [c.strip().strip("*") for c in line.strip("|").split("|")] == [
+            row.method, *cells, mean, "—", "0.001",
+        ]  # fmt: skip
+        printed = next(ln for ln in result.text.splitlines() if ln.strip().startswith(row.method))
+        assert printed.split() == [row.method, *cells, mean, "—", "0.001"]
+    for name in ("heatmap", "bars"):
+        assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.svg").stat().st_size > 0
+    assert "tttlab-compare" in report.split("## Command")[1]
+
+
+def test_resumed_run_recomputes_nothing(env, first):
+    result, _ = first
+    n0 = len(calls(env))
+    cfg = base_config(result.out_dir, methods=["fake.alpha", "fake.beta"])
+    again = cmp.compare(cfg, echo=lambda *a: None)
+    assert calls(env)[n0:] == []
+    assert {t.status for t in again.tasks} == {"resumed"}
+    pd.testing.assert_frame_equal(again.results, result.results[result.results["method"] != "x"])
+    # one more corruption: only that domain is computed, the others are reused
+    cfg["corruptions"] = [*CORR, "contrast"]
+    more = cmp.compare(cfg, echo=lambda *a: None)
+    made = calls(env)[n0:]
+    assert sorted(c["method"] for c in made) == ["fake.alpha", "fake.beta"]
+    assert all(c["corruptions"] == ["contrast"] for c in made)
+    assert len(more.results) == 2 * 3
+    old = more.results[more.results["corruption"] != "contrast"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(old, result.results.reset_index(drop=True))
+
+
+def test_several_seeds_give_mean_and_spread(env):
+    out = env["tmp"] / "seeds"
+    cfg = base_config(out, methods=["fake.alpha"], seeds=[0, 1, 2], overrides={})
+    result = cmp.compare(cfg, echo=lambda *a: None)
+    per_seed = [
+        np.mean([fm.accuracy("fake.alpha", "reset_each_shift", s, c, 5) for c in CORR]) for s in (0, 1, 2)
+    ]
+    (row,) = result.table.to_dict("records")
+    assert row["seeds"] == 3
+    assert row["mean"] == pytest.approx(np.mean(per_seed))
+    assert row["std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert (
+        f"{100 * np.mean(per_seed):.1f} ± {100 * np.std(per_seed, ddof=1):.1f}" in result.report.read_text()
+    )
+    assert sorted(result.results["seed"].unique()) == [0, 1, 2]
+
+
+def test_continual_and_mixed_settings(env):
+    out = env["tmp"] / "settings"
+    cfg = base_config(out, methods=["fake.alpha"], setting=["continual", "mixed"], overrides={})
+    n0 = len(calls(env))
+    result = cmp.compare(cfg, echo=lambda *a: None)
+    assert [(c["setting"], c["corruptions"]) for c in calls(env)[n0:]] == [
+        ("continual", CORR),
+        ("mixed", CORR),
+    ]
+    assert list(result.table["setting"]) == ["continual", "mixed"]
+    for r in result.results.itertuples():
+        assert r.accuracy == fm.accuracy("fake.alpha", r.setting, 0, r.corruption, 5)
+    assert "fake.alpha · continual" in result.text and "fake.alpha · mixed" in result.text
+    # resumed: nothing; a longer stream: the whole stream again (its domains are not independent)
+    n1 = len(calls(env))
+    cmp.compare(cfg, echo=lambda *a: None)
+    assert calls(env)[n1:] == []
+    cfg["corruptions"] = [*CORR, "contrast"]
+    longer = cmp.compare(cfg, echo=lambda *a: None)
+    assert [c["corruptions"] for c in calls(env)[n1:]] == [[*CORR, "contrast"]] * 2
+    assert len(longer.results) == 2 * 3
+
+
+def test_timeout_is_a_failure(env):
+    cfg = base_config(env["tmp"] / "timeout", methods=["fake.alpha"], timeout_s=0.5,
+                      overrides={"fake.alpha": {"fake": {"sleep": 30}}})  # fmt: skip
+    result = cmp.compare(cfg, echo=lambda *a: None)
+    (t,) = result.tasks
+    assert t.status == "failed" and "timed out" in t.error and t.seconds < 20
+    assert result.text == "no results"
+
+
+def test_config_errors_and_method_names(env, tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'seeds'"):
+        cmp.load_config(["seds=[1]"])
+    with pytest.raises(ConfigError, match="setting"):
+        cmp.load_config(["setting=sideways"])
+    with pytest.raises(ConfigError, match="profile"):
+        cmp.load_config(["profile=huge"])
+    with pytest.raises(ConfigError, match="severities"):
+        cmp.load_config(["severities=[6]"])
+    c = cmp.load_config(["--jobs", "3", "methods=fake.*", "profile=quick", "seeds=[2,1,2]"])
+    assert c["jobs"] == 3 and c["methods"] == ["fake.*"] and c["seeds"] == [2, 1]
+    assert c["num_examples"] == c["profiles"]["quick"]["num_examples"] and len(c["corruptions"]) == 15
+    specs, missing = cmp.resolve_methods(["fake.alpha", "fake.b*", "alpha"])
+    assert [s.name for s in specs] == ["fake.alpha", "fake.beta"] and missing == []
+    with pytest.raises(UnknownNameError, match="did you mean 'fake.alpha'"):
+        cmp.resolve_methods(["fake.alpah"], strict=True)
+    assert cmp.resolve_methods(["fake.alpah"])[1][0].reason == "unknown"
+    # the CLI: a configuration error is exit status 2 with the message, no traceback
+    assert cmp.main(["seds=[1]", f"out_dir={tmp_path}"]) == 2
+
+
+def test_plain_table_without_rich(first, monkeypatch):
+    result, _ = first
+    monkeypatch.setitem(__import__("sys").modules, "rich", None)
+    text = cmp.format_table(result.table, result.config)
+    assert "─" not in text
+    header, rows = cmp.table_rows(result.table, result.config, short=True)
+    for r in rows:
+        assert re.search(r"\s+".join(map(re.escape, r)), text)
+    assert not math.isnan(result.table["mean"].iloc[0])
