@@ -1,0 +1,118 @@
+"""Seed 002's ensemble of test-time adapted models (MEMO and TPT members, any mix).
+
+Seed 002 (DavidC001/MEMO-TPT-DL2024, ``Ensemble``); no paper of its own (it combines zhang2022memo and
+shu2022tpt).  For member i with temperature T_i and its (selected) view logits z_i (n_i, classes):
+
+    a_i = (logsumexp_views log_softmax(z_i) - log n_i) / T_i        log p_i = log_softmax(a_i)
+    H_i = entropy(p_i)        w_i = (sum_j H_j) / H_i, normalised to sum 1
+    m = sum_i w_i log p_i     loss = -sum_c exp(m_c) m_c
+
+One backward of the loss and a step of every member's optimizer (``steps`` times, fresh views each time
+for MEMO members, TPT members' views fixed per image as in TPT); prediction: the same combination of the
+members' logits on their original view (n = 1).  ``simple=True`` is the "simple ensemble": the combination
+over the views with no backpropagation, argmax of m.
+
+Deviations: the weights w_i are treated as constants in the backward pass (detached); seed 002 leaves them
+attached.  Each member draws its own views (its own resolution and normalisation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from tttlab.core.errors import ConfigError
+
+from .memo import Memo
+from .tpt import TPT
+
+__all__ = ["Ensemble", "combine"]
+
+
+def combine(
+    logits: Sequence[torch.Tensor], temperatures: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, weights)`` of the formula above for per-member view logits (n_i, classes)."""
+    sizes = {int(z.shape[-1]) for z in logits}
+    if len(sizes) != 1:
+        raise ConfigError(
+            f"ensemble members predict different numbers of classes {sorted(sizes)}; expected one"
+        )
+    logps, ents = [], []
+    for z, t in zip(logits, temperatures):
+        logp_views = z.float().log_softmax(-1)
+        a = (torch.logsumexp(logp_views, 0) - math.log(z.shape[0])) / float(t)
+        logp = a.log_softmax(-1)
+        logps.append(logp)
+        ents.append(-(logp.exp() * logp).sum())
+    h = torch.stack(ents).detach()
+    w = h.sum() / h.clamp_min(1e-12)
+    w = w / w.sum()
+    m = sum(wi * lp for wi, lp in zip(w, logps))
+    return m, w
+
+
+def ensemble_loss(m: torch.Tensor) -> torch.Tensor:
+    return -(m.exp() * m).sum()
+
+
+class Ensemble:
+    """Members (:class:`Memo` / :class:`TPT`) adapted together on one image per call."""
+
+    def __init__(self, members: Sequence[Memo | TPT], temperatures: Sequence[float] | None = None,
+                 steps: int = 1, simple: bool = False):  # fmt: skip
+        if not members:
+            raise ConfigError("an ensemble needs at least one member")
+        temperatures = [1.0] * len(members) if temperatures is None else list(temperatures)
+        if len(temperatures) != len(members):
+            raise ConfigError(
+                f"{len(temperatures)} temperatures for {len(members)} members; expected one each"
+            )
+        if any(t <= 0 for t in temperatures):
+            raise ConfigError(f"temperatures must be > 0, got {temperatures}")
+        self.members, self.temperatures, self.steps, self.simple = (
+            list(members),
+            temperatures,
+            int(steps),
+            simple,
+        )
+        self.last_weights: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        for m in self.members:
+            m.reset()
+
+    def _member_logits(self, member, views) -> torch.Tensor:
+        logits = member.logits(views)
+        return logits[member.select(logits)]
+
+    def __call__(self, image, reset: bool = True) -> torch.Tensor:
+        """Log-weights ``m`` (1, classes) after adapting every member on ``image``."""
+        if reset:
+            self.reset()
+        tpt_views = {id(m): m.views(image) for m in self.members if isinstance(m, TPT)}
+
+        def views_of(member):
+            return tpt_views[id(member)] if isinstance(member, TPT) else member.views(image)
+
+        if self.simple:
+            with torch.no_grad():
+                m, self.last_weights = combine([self._member_logits(mb, views_of(mb)) for mb in self.members],
+                                               self.temperatures)  # fmt: skip
+            return m[None]
+        for _ in range(self.steps):
+            logits = [self._member_logits(mb, views_of(mb)) for mb in self.members]
+            m, self.last_weights = combine(logits, self.temperatures)
+            loss = ensemble_loss(m)
+            for mb in self.members:
+                mb.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for mb in self.members:
+                mb.optimizer.step()
+        with torch.no_grad():
+            originals = [mb.logits(mb.original(image)) if isinstance(mb, Memo) else mb.logits(tpt_views[id(mb)][:1])
+                         for mb in self.members]  # fmt: skip
+            m, _ = combine(originals, self.temperatures)
+        return m[None]

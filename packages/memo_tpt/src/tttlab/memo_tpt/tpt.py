@@ -1,0 +1,326 @@
+"""TPT: test-time prompt tuning of CLIP (CoOp-style context), for any open_clip CLIP model.
+
+Paper: Shu, Nie, Huang, Yu, Goldstein, Anandkumar, Xiao, "Test-Time Prompt Tuning for Zero-Shot
+Generalization in Vision-Language Models", NeurIPS 2022 (bibtex ``shu2022tpt``).  Upstream:
+https://github.com/azshue/TPT; seed 002 (DavidC001/MEMO-TPT-DL2024, ``EasyTPT``) adds the view-ensemble
+mode and ``align_steps``.
+
+Per test image: reset the context (and optimizer); 64 views = the original (shorter side to the model's
+resolution, bicubic, centre crop) + 63 random resized crops with flips (AugMix on top for fine-grained
+sets: ``augmix=True``); logits ``exp(logit_scale) * <img, text>`` with text from the prompt
+``"{ctx} {class}."`` whose context tokens are learnable and initialised from the word embeddings of
+``base_prompt`` ("a photo of a", 4 tokens); keep the 10% lowest-entropy views (chosen at step 0); loss =
+entropy of their average probability (logsumexp); ``tts`` AdamW steps (lr 5e-3, wd 0.01) on the context,
+with AMP + GradScaler(init_scale=1000) on CUDA; predict the original view with the tuned prompt.
+``class_specific_context``: one context per class (CoOp's CSC) instead of one shared context.
+
+Seed 002 additions: ``ensemble=True`` (view-ensemble): no tuning, argmax of the mean softmax over the
+selected views; ``align_steps=k``: before prompt tuning, k AdamW steps (lr 1e-4) on the visual encoder
+(all its parameters except a ResNet's ``attnpool``) minimising ``1 - mean pairwise cosine similarity``
+of the selected views' embeddings; the visual encoder is restored after each image.
+
+Deviations: image features of the views are computed once per image (the visual encoder is frozen during
+prompt tuning, so this equals upstream's per-step recomputation and saves tts - 1 image passes); views
+are built batched on the device (:mod:`tttlab.memo_tpt.augment`).  No pretrained CLIP is downloaded:
+``pretrained`` is a local file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tttlab.core.errors import ConfigError, InvalidInputError
+
+from . import augment as A
+from .losses import marginal_entropy, marginal_log_probs, select_confident
+
+__all__ = ["TPT", "PromptLearner", "tokenizer_for"]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def tokenizer_for(model) -> callable:
+    """open_clip's BPE tokenizer (its vocabulary ships in the wheel) at the model's context length."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=int(model.context_length))
+
+
+def _sot_eot(tok) -> tuple[int, int]:
+    return tok.sot_token_id, tok.eot_token_id
+
+
+class PromptLearner(nn.Module):
+    """Learnable context vectors in CLIP's token-embedding space.
+
+    Prompts are tokenised as ``"{base_prompt} {class}."``; the embeddings of ``base_prompt``'s tokens
+    become the initial context (shared: (n_ctx, d); class-specific: (n_classes, n_ctx, d)); the start
+    token's and the class tokens' embeddings are fixed buffers.
+    """
+
+    def __init__(self, model, classnames: Sequence[str], base_prompt: str = "a photo of a",
+                 class_specific: bool = False):  # fmt: skip
+        super().__init__()
+        if not classnames:
+            raise InvalidInputError("classnames is empty; expected one name per class")
+        tok = tokenizer_for(model)
+        n_ctx = len(tok.encode(base_prompt))
+        if n_ctx < 1:
+            raise ConfigError(f"base_prompt={base_prompt!r} has no tokens; expected e.g. 'a photo of a'")
+        self.n_ctx, self.base_prompt, self.class_specific = n_ctx, base_prompt, class_specific
+        self.classnames = [str(c).replace("_", " ") for c in classnames]
+        tokens = tok([f"{base_prompt} {name}." for name in self.classnames])
+        emb_layer = model.token_embedding
+        with torch.no_grad():
+            emb = emb_layer(tokens.to(emb_layer.weight.device)).detach()
+        init = emb[0, 1 : 1 + n_ctx].clone()
+        if class_specific:
+            init = init.unsqueeze(0).expand(len(self.classnames), -1, -1).clone()
+        self.register_buffer("tokens", tokens.to(emb.device), persistent=False)
+        self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)
+        self.register_buffer("suffix", emb[:, 1 + n_ctx :].clone(), persistent=False)
+        self.register_buffer("ctx_init", init.clone(), persistent=False)
+        self.ctx = nn.Parameter(init)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        self.ctx.copy_(self.ctx_init)
+
+    def forward(self) -> torch.Tensor:
+        ctx = self.ctx if self.class_specific else self.ctx.unsqueeze(0).expand(self.prefix.shape[0], -1, -1)
+        return torch.cat([self.prefix, ctx.to(self.prefix.dtype), self.suffix], dim=1)
+
+
+def encode_prompts(model, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip ``CLIP.encode_text`` from prompt embeddings (n, L, d) instead of token ids."""
+    from open_clip.transformer import text_global_pool
+
+    cast = model.transformer.get_cast_dtype()
+    x = prompts.to(cast) + model.positional_embedding.to(cast)
+    x = model.transformer(x, attn_mask=model.attn_mask)
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        x = (
+            model.text_projection(x)
+            if isinstance(model.text_projection, nn.Linear)
+            else x @ model.text_projection
+        )
+    return x
+
+
+class TPT:
+    """TPT around an open_clip CLIP ``model`` (frozen except the context; the visual encoder too when
+    ``align_steps > 0``, restored per image).
+
+    Args:
+        classnames: one name per class, in label order.
+        base_prompt: initial context ("a photo of a").
+        n_views: views per image including the original (64).
+        selection: fraction of lowest-entropy views kept (0.1).
+        tts: prompt-tuning steps (1); 0 = zero-shot CLIP with ``base_prompt``.
+        lr, weight_decay: AdamW on the context (5e-3, 0.01).
+        class_specific_context: CoOp's class-specific context (seed 002's ``single_context=False``).
+        augmix: AugMix on the augmented views (TPT: only for fine-grained sets).
+        ensemble: seed 002's view-ensemble mode (no tuning).
+        align_steps, align_lr: seed 002's visual alignment (0 steps; lr 1e-4).
+        amp: ``auto`` (CUDA only), ``true``/``false``.
+    """
+
+    def __init__(
+        self,
+        model,
+        classnames: Sequence[str],
+        *,
+        base_prompt: str = "a photo of a",
+        n_views: int = 64,
+        selection: float | int | None = 0.1,
+        tts: int = 1,
+        lr: float = 5e-3,
+        weight_decay: float = 0.01,
+        class_specific_context: bool = False,
+        augmix: bool = False,
+        ensemble: bool = False,
+        align_steps: int = 0,
+        align_lr: float = 1e-4,
+        amp: str | bool = "auto",
+        image_size: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        flip: bool = True,
+        scale: tuple[float, float] = (0.08, 1.0),
+        severity: float = 1.0,
+        seed: int = 0,
+    ):
+        if n_views < 1 or tts < 0 or align_steps < 0:
+            raise ConfigError(f"n_views={n_views} must be >= 1, tts={tts} and align_steps={align_steps} >= 0")
+        self.model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.device = next(model.parameters()).device
+        self.prompts = PromptLearner(model, classnames, base_prompt, class_specific_context).to(self.device)
+        self.n_views, self.selection, self.tts = int(n_views), selection, int(tts)
+        self.lr, self.weight_decay = float(lr), float(weight_decay)
+        self.ensemble, self.augmix, self.flip, self.scale, self.severity = (
+            ensemble,
+            augmix,
+            flip,
+            scale,
+            severity,
+        )
+        self.align_steps, self.align_lr = int(align_steps), float(align_lr)
+        visual = model.visual
+        size = image_size or visual.image_size
+        self.size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        pp = getattr(visual, "preprocess_cfg", {}) or {}
+        mean = mean or pp.get("mean") or CLIP_MEAN
+        std = std or pp.get("std") or CLIP_STD
+        self.mean = torch.tensor(mean, device=self.device, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=self.device, dtype=torch.float32).view(1, -1, 1, 1)
+        self.amp = (self.device.type == "cuda") if amp == "auto" else bool(amp) and self.device.type == "cuda"
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self._visual_params = [p for n, p in visual.named_parameters() if "attnpool" not in n]
+        self._visual_snapshot = (
+            {k: v.detach().clone() for k, v in visual.state_dict().items()} if self.align_steps else None
+        )
+        self.reset()
+
+    # -- state -------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Context back to its initialisation, fresh optimizer and GradScaler, visual encoder restored."""
+        self.prompts.reset()
+        self.optimizer = torch.optim.AdamW([self.prompts.ctx], lr=self.lr, weight_decay=self.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", init_scale=1000) if self.amp else None
+        if self._visual_snapshot is not None:
+            with torch.no_grad():
+                for k, v in self.model.visual.state_dict().items():
+                    v.copy_(self._visual_snapshot[k])
+
+    def parameters(self):
+        return [self.prompts.ctx]
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
+
+    # -- pieces ------------------------------------------------------------------------------------------
+    def views(self, image) -> torch.Tensor:
+        return A.make_views(
+            image, self.n_views, self.size, include_original=True, augmix_views=self.augmix, flip=self.flip,
+            scale=self.scale, severity=self.severity, generator=self.generator, device=self.device,
+        )  # fmt: skip
+
+    def image_features(self, views: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            f = self.model.encode_image((views - self.mean) / self.std)
+        return F.normalize(f.float(), dim=-1)
+
+    def text_features(self) -> torch.Tensor:
+        with self._autocast():
+            t = encode_prompts(self.model, self.prompts(), self.prompts.tokens)
+        return F.normalize(t.float(), dim=-1)
+
+    def logits_from(self, image_features: torch.Tensor, text_features: torch.Tensor | None = None):
+        text = self.text_features() if text_features is None else text_features
+        return self.model.logit_scale.exp().float() * image_features @ text.t()
+
+    def logits(self, views: torch.Tensor) -> torch.Tensor:
+        """Logits of views with the current prompt (gradient to the context only)."""
+        with torch.no_grad():
+            feats = self.image_features(views)
+        return self.logits_from(feats)
+
+    def select(self, logits: torch.Tensor) -> torch.Tensor:
+        return select_confident(logits, self.selection)
+
+    # -- seed 002: visual alignment ------------------------------------------------------------------------
+    def align(self, views: torch.Tensor, selected: torch.Tensor) -> list[float]:
+        if not self.align_steps:
+            return []
+        for p in self._visual_params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(self._visual_params, lr=self.align_lr)
+        losses = []
+        try:
+            for _ in range(self.align_steps):
+                f = self.image_features(views[selected])
+                n = f.shape[0]
+                sim = f @ f.t()
+                mean_sim = (sim.sum() - sim.diagonal().sum()) / max(n * (n - 1), 1)
+                loss = 1 - mean_sim
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+        finally:
+            for p in self._visual_params:
+                p.requires_grad_(False)
+        return losses
+
+    # -- TPT ----------------------------------------------------------------------------------------------
+    def adapt(self, views: torch.Tensor) -> list[float]:
+        """Prompt tuning on the views (original first); returns the losses."""
+        if self.align_steps:
+            with torch.no_grad():
+                sel = self.select(self.logits(views))
+            losses = self.align(views, sel)
+            if self.ensemble:
+                return losses
+        with torch.no_grad():
+            feats = self.image_features(views)
+        selected, losses = None, []
+        for step in range(self.tts):
+            with self._autocast():
+                logits = self.logits_from(feats)
+            if step == 0:
+                selected = self.select(logits)
+            loss = marginal_entropy(logits[selected])
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            losses.append(float(loss.detach()))
+        return losses
+
+    @torch.no_grad()
+    def predict(self, views: torch.Tensor) -> torch.Tensor:
+        """Logits (1, classes) of the original view (``views[0]``) with the current prompt; in view-ensemble
+        mode, log of the mean softmax over the selected views."""
+        feats = self.image_features(views if self.ensemble else views[:1])
+        logits = self.logits_from(feats)
+        if self.ensemble:
+            return marginal_log_probs(logits[self.select(logits)])[None]
+        return logits
+
+    def __call__(self, image, reset: bool = True) -> torch.Tensor:
+        """Episodic TPT on one image: reset, views, (align,) tune, predict."""
+        if reset:
+            self.reset()
+        if self.ensemble and not self.align_steps:
+            return self.predict(self.views(image))
+        if not self.ensemble and self.tts == 0 and not self.align_steps:
+            return self.predict(self.original(image))
+        views = self.views(image)
+        self.adapt(views)
+        return self.predict(views)
+
+    def original(self, image) -> torch.Tensor:
+        return A.resize_center_crop(A.as_image(image, self.device), self.size)[None]
+
+    @torch.no_grad()
+    def zero_shot(self, images: torch.Tensor) -> torch.Tensor:
+        """Plain CLIP logits of a batch of [0, 1] images (N, C, S, S) with the current prompt."""
+        return self.logits_from(self.image_features(images))
+
+
+def n_selected(n_views: int, selection) -> int:
+    return max(1, int(n_views * selection)) if isinstance(selection, float) else int(selection or n_views)
