@@ -1,0 +1,42 @@
+"""Hydra entry points: ``pretrain``, ``probe``, ``ttt``, ``baseline`` (console scripts and ``python -m``)."""
+
+from __future__ import annotations
+
+import torch
+
+from .common import init_distributed, register_configs, setup_logging, to_dict
+
+
+def execute(entry: str, cfg) -> str:
+    from tttlab.core.config import validate
+
+    from .common import SCHEMAS
+
+    schema = SCHEMAS[f"tttlab_ttt_mae_{'ttt' if entry == 'baseline' else entry}"]
+    c = to_dict(validate(to_dict(cfg), schema))
+    setup_logging(c["logging"]["level"])
+    if entry in ("pretrain", "probe"):
+        from . import train
+
+        return str(train.run(c, entry))
+    from .evaluate import run_benchmark
+
+    return str(run_benchmark(c, "ttt_mae.ttt" if entry == "ttt" else "ttt_mae.baseline"))
+
+
+def hydra_main(entry: str) -> None:
+    import hydra
+
+    register_configs()
+
+    @hydra.main(config_path="conf", config_name=entry, version_base=None)
+    def _main(cfg) -> None:
+        path = execute(entry, cfg)
+        if init_distributed().rank == 0:
+            print(path)
+
+    try:
+        _main()
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,236 @@
+"""Config schemas (Hydra structured configs over core ``RunConfig``), config composition, devices,
+``torch.distributed`` set-up and progress bars shared by the four entry points.
+
+Flag names follow the upstream README (seed 001): ``model``, ``input_size``, ``batch_size``,
+``accum_iter``, ``epochs``, ``warmup_epochs``, ``blr``, ``lr``, ``min_lr``, ``weight_decay``,
+``mask_ratio``, ``norm_pix_loss``, ``head_type``, ``classifier_depth``, ``finetune``, ``smoothing``,
+``steps_per_example``, ``optimizer_type``, ``optimizer_momentum``, ``finetune_mode``, ``single_crop``,
+``resume_model``, ``resume_finetune``.  As upstream, ``lr = blr * effective batch / 256`` when ``lr`` is
+null (effective batch: ``batch_size * accum_iter * world_size`` for training, ``batch_size`` copies for
+TTT, which runs one image per process).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tttlab.core.config import RunConfig
+from tttlab.core.errors import ConfigError
+
+log = logging.getLogger("tttlab.ttt_mae")
+
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class AugConfig:
+    enabled: bool = True
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop scale
+    flip: bool = True
+
+
+@dataclass
+class ModelConfig:
+    model: str = "mae_vit_large_patch16"
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # MAEConfig fields
+    input_size: int = 224
+    norm_pix_loss: bool = True
+    head_type: str = "vit_head"  # linear | vit_head
+    classifier_depth: int = 12
+    fused_attn: bool = True  # scaled_dot_product_attention
+    amp: str = "none"  # none | bf16
+    normalize: str = "auto"  # auto (by dataset) | imagenet | mnist | none
+
+
+@dataclass
+class PretrainConfig(RunConfig, ModelConfig):
+    experiment_name: str = "pretrain"
+    mask_ratio: float = 0.75
+    batch_size: int = 64  # per process
+    accum_iter: int = 1
+    epochs: int = 800
+    warmup_epochs: int = 40
+    blr: float = 1e-3
+    lr: float | None = None
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    aug: AugConfig = field(default_factory=AugConfig)
+    save_ckpt_freq: int = 1  # epochs between checkpoints
+
+
+@dataclass
+class ProbeConfig(PretrainConfig):
+    experiment_name: str = "probe"
+    finetune: str = ""  # the MAE pretraining checkpoint (encoder used, decoder dropped)
+    epochs: int = 20
+    warmup_epochs: int = 5
+    blr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.2
+    smoothing: float = 0.1
+    drop_path: float = 0.0
+
+
+@dataclass
+class TTTConfig(RunConfig, ModelConfig):
+    experiment_name: str = "ttt"
+    resume_model: str = ""  # MAE pretraining checkpoint (encoder + decoder)
+    resume_finetune: str = ""  # head checkpoint (probe)
+    steps_per_example: int = 20
+    batch_size: int = 128  # copies of the test image per step
+    mask_ratio: float = 0.75
+    blr: float = 1e-2
+    lr: float | None = None
+    optimizer_type: str = "sgd"  # sgd | adam | adam_w
+    optimizer_momentum: float = 0.9
+    finetune_mode: str = "encoder"  # encoder | all | encoder_no_cls_no_msk
+    single_crop: bool = True
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    flip: bool = True
+    compile: bool = False
+    group_size: int = 1  # images adapted at once (vmap); 1: the one-image loop
+    per_image_records: bool = True
+
+
+@dataclass
+class EvalConfig(TTTConfig):
+    """``tttlab.ttt_mae.evaluate.run``: TTT or the baseline on a benchmark, with a cached trained model."""
+
+    method: str = "ttt_mae.ttt"
+    profile: str = "full"  # smoke | quick | full
+    cache_dir: str = "runs/ttt_mae/models"
+    progress: bool | None = None  # shortcut for logging.progress
+
+
+SCHEMAS = {
+    "tttlab_ttt_mae_pretrain": PretrainConfig, "tttlab_ttt_mae_probe": ProbeConfig,
+    "tttlab_ttt_mae_ttt": TTTConfig, "tttlab_ttt_mae_eval": EvalConfig,
+}  # fmt: skip
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for name, node in SCHEMAS.items():
+        cs.store(name=name, node=node)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    if cfg is None:
+        return {}
+    if OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if hasattr(cfg, "__dataclass_fields__"):
+        return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return dict(cfg)
+
+
+def conf_yaml(relative: str) -> dict[str, Any]:
+    """A shipped YAML of ``conf/`` without its ``defaults``/``hydra`` keys (``# @package _global_``)."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    path = resources.files("tttlab.ttt_mae.conf").joinpath(relative)
+    if not path.is_file():
+        raise ConfigError(f"no config {relative!r} in tttlab.ttt_mae.conf")
+    cfg = OmegaConf.to_container(OmegaConf.create(path.read_text(encoding="utf-8")), resolve=False)
+    for key in ("defaults", "hydra"):
+        cfg.pop(key, None)
+    return cfg
+
+
+def compose(entry: str, experiment: str | None = None, cfg=None, overrides: list[str] | None = None,
+            schema=None) -> dict[str, Any]:  # fmt: skip
+    """``conf/<entry>.yaml`` + ``conf/experiment/<experiment>.yaml`` + ``cfg`` + dotlist overrides,
+    validated against the entry's schema (unknown keys are errors)."""
+    from omegaconf import OmegaConf
+
+    from tttlab.core.config import validate
+
+    schema = schema or {"pretrain": PretrainConfig, "probe": ProbeConfig, "ttt": TTTConfig,
+                        "baseline": TTTConfig}[entry]  # fmt: skip
+    parts = [conf_yaml(f"{entry}.yaml")]
+    if experiment:
+        parts.append(conf_yaml(f"experiment/{experiment}.yaml"))
+    parts.append(to_dict(cfg))
+    merged = OmegaConf.merge(
+        *[OmegaConf.create(p) for p in parts], OmegaConf.from_dotlist(list(overrides or []))
+    )
+    return to_dict(validate(OmegaConf.to_container(merged, resolve=True), schema))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in ("auto", "gpu"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r}; expected auto, cpu, cuda or cuda:N") from None
+
+
+def normalization(c: dict[str, Any], dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    mode = c.get("normalize", "auto")
+    if mode == "auto":
+        mode = "mnist" if dataset in ("mnist", "mnist_c", "digits", "digits_c") else "imagenet"
+    if mode == "mnist":
+        return MNIST_MEAN, MNIST_STD
+    if mode == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    if mode == "none":
+        return None
+    raise ConfigError(f"normalize={mode!r}; expected auto, imagenet, mnist or none")
+
+
+def model_overrides(c: dict[str, Any], **extra) -> dict[str, Any]:
+    return {
+        "img_size": int(c["input_size"]), "norm_pix_loss": bool(c["norm_pix_loss"]),
+        "head_type": c["head_type"], "classifier_depth": int(c["classifier_depth"]),
+        **(c.get("model_overrides") or {}), **extra,
+    }  # fmt: skip
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    initialized: bool = False
+
+    def barrier(self) -> None:
+        if self.initialized:
+            torch.distributed.barrier()
+
+
+def init_distributed() -> Dist:
+    """Rank/world size from ``torchrun``'s environment (NCCL with CUDA, gloo on CPU); else one process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), True)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Dist()
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), True)
+
+
+def progress_bar(total: int | None, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=not (enabled and sys.stderr.isatty()))
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO), format="%(asctime)s %(name)s: %(message)s"
+    )

@@ -1,0 +1,302 @@
+"""TTT-MAE and its baseline on a core corruption benchmark, writing core records; the evaluate contract.
+
+Paper: Gandelsman et al. 2022 (``gandelsman2022testtime``); upstream ``main_test_time_training.py`` and
+``test_without_adaptation.py`` (github.com/yossigandelsman/test_time_training_mae).
+
+:func:`run_benchmark` (behind ``tttlab-ttt-mae-ttt`` / ``tttlab-ttt-mae-baseline``) loads the model from
+``resume_model`` + ``resume_finetune`` (official files or this package's ``checkpoint.pth``), streams every
+domain of ``benchmark`` (any number of images), adapts each image from the base weights
+(:mod:`tttlab.ttt_mae.ttt`; the baseline is 0 steps) and writes
+
+- ``<out_dir>/images/records.jsonl``: one record per image (``metric="correct"`` after the last step,
+  ``extra``: image index, label, the prediction after every step, the MAE loss of every step) -- upstream's
+  ``results_*.npy`` / ``losses_*.npy``; a run started again skips the images already recorded under the
+  same config and ends with the same numbers (per-image random numbers depend on the seed, the domain and
+  the image index only);
+- ``<out_dir>/records.jsonl``: per domain ``accuracy`` (after ``steps_per_example`` steps; ``n`` images,
+  ``wall_time_s`` of adaptation + prediction), ``s_per_image``, ``accuracy_curve`` (``step`` k = 0..steps:
+  the accuracy after k steps, upstream's ``accuracy.txt`` with k = line + 1, plus the unadapted k = 0),
+  ``mae_loss`` per step, and the mean ``accuracy`` over corruptions (``corruption="mean"``).
+
+TTT resets per image whatever ``benchmark.setting`` says (the method is episodic by construction); the
+setting is only copied into the records.  ``torchrun``: rank r adapts images ``r, r + W, ...`` of every
+domain and writes ``images/records-rank<r>.jsonl``; rank 0 merges them (core ``merge_records``) and
+writes the summary from all images, equal to a one-process run.
+
+:func:`run` is the contract of ``tools/compare.py`` (methods ``ttt_mae.ttt`` and ``ttt_mae.baseline``):
+with no checkpoints given it pretrains + probes a small MAE on MNIST (profile ``smoke`` | ``quick`` |
+``full``), caches it under ``cache_dir`` keyed by the hash of the training configs, then evaluates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tttlab.core.errors import ConfigError, DatasetNotFoundError, InvalidInputError
+from tttlab.core.records import RunDir, config_hash, load_records, merge_records
+
+from .checkpoint import load_official
+from .common import (
+    EvalConfig,
+    compose,
+    init_distributed,
+    model_overrides,
+    normalization,
+    progress_bar,
+    resolve_device,
+    to_dict,
+)  # fmt: skip
+from .model import build_model
+from .ttt import BatchedTTT, TTTAdapter, TTTSettings, image_generator
+from .views import Normalizer, to_unit
+
+log = logging.getLogger("tttlab.ttt_mae.evaluate")
+METHODS = ("ttt_mae.ttt", "ttt_mae.baseline")
+
+
+def settings_of(c: dict[str, Any]) -> TTTSettings:
+    lr = float(c["lr"]) if c["lr"] is not None else float(c["blr"]) * int(c["batch_size"]) / 256
+    return TTTSettings(
+        steps_per_example=int(c["steps_per_example"]), batch_size=int(c["batch_size"]),
+        mask_ratio=float(c["mask_ratio"]), lr=lr, optimizer_type=c["optimizer_type"],
+        optimizer_momentum=float(c["optimizer_momentum"]), finetune_mode=c["finetune_mode"],
+        single_crop=bool(c["single_crop"]), crop_scale=tuple(float(s) for s in c["crop_scale"]),
+        flip=bool(c["flip"]), amp=c["amp"], compile=bool(c["compile"]),
+    ).check()  # fmt: skip
+
+
+def load_model(c: dict[str, Any], device: torch.device):
+    model = build_model(c["model"], fused_attn=bool(c["fused_attn"]), **model_overrides(c))
+    if not c["resume_model"]:
+        raise ConfigError("resume_model=<path> is required (the MAE pretraining checkpoint)")
+    load_official(model, c["resume_model"], c["resume_finetune"] or None)
+    return model.to(device).eval()
+
+
+def make_bench(c: dict[str, Any]):
+    from tttlab.core.benchmark import make_benchmark
+
+    b = c["benchmark"]
+    return make_benchmark(
+        b["name"], root=b.get("root"), corruptions=b["corruptions"], severities=list(b["severities"]),
+        setting=b["setting"], batch_size=int(b["batch_size"]), num_examples=b["num_examples"],
+        seed=int(b["seed"]), cache_dir=b["cache_dir"], include_clean=bool(b["include_clean"]),
+    )  # fmt: skip
+
+
+def _done(images_dir: Path, chash: str) -> set[tuple]:
+    if not images_dir.exists():
+        return set()
+    df = load_records(images_dir, metric="correct")
+    if len(df) == 0:
+        return set()
+    df = df[df["config_hash"] == chash]
+    return {(str(r.corruption), int(r.severity) if r.severity == r.severity else None, int(r.extra["index"]))
+            for r in df.itertuples(index=False)}  # fmt: skip
+
+
+def run_benchmark(c: dict[str, Any], method: str = "ttt_mae.ttt") -> Path:
+    """Evaluate per the composed TTT config ``c``; returns ``<out_dir>/records.jsonl`` (rank 0)."""
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r}; expected one of {METHODS}")
+    if method == "ttt_mae.baseline":
+        c = {**c, "steps_per_example": 0}
+    s = settings_of(c)
+    dist = init_distributed()
+    device = resolve_device(c["device"])
+    if device.type == "cuda" and dist.world_size > 1:
+        device = torch.device(
+            "cuda", int(os.environ.get("LOCAL_RANK", dist.rank)) % torch.cuda.device_count()
+        )
+    model = load_model(c, device)
+    if int(c["input_size"]) % model.cfg.patch_size:
+        raise InvalidInputError(
+            f"input_size={c['input_size']} is not divisible by patch {model.cfg.patch_size}"
+        )
+    bench = make_bench(c)
+    stats = normalization(c, c["benchmark"]["name"])
+    norm = Normalizer(*stats) if stats else (lambda x: x)
+    group = max(int(c["group_size"]), 1)
+    adapter = BatchedTTT(model, s, device) if group > 1 else TTTAdapter(model, s, device)
+    out = Path(c["out_dir"])
+    ident = {k: v for k, v in c.items() if k not in ("out_dir", "logging", "device", "group_size", "compile")}
+    chash = config_hash({**ident, "method": method})
+    images_dir = out / "images"
+    img_run = RunDir(images_dir, {**c, "method": method}, rank=dist.rank if dist.world_size > 1 else None)
+    done = _done(images_dir, chash) if dist.rank == 0 or dist.world_size > 1 else set()
+    defaults = dict(method=method, package="ttt_mae", framework="torch", model=c["model"],
+                    dataset=c["benchmark"]["name"], setting=c["benchmark"]["setting"], seed=int(c["seed"]),
+                    config_hash=chash)  # fmt: skip
+    progress = bool(c["logging"]["progress"]) and dist.rank == 0
+    domains = bench.domains
+    with img_run.writer(**defaults) as writer, progress_bar(None, method, progress) as bar:
+        for d_idx, dom in enumerate(domains):
+            ds = bench.domain_dataset(dom)
+            mine = [i for i in range(dist.rank, len(ds), dist.world_size)
+                    if (str(dom.corruption), dom.severity, i) not in done]  # fmt: skip
+            for start in range(0, len(mine), group):
+                idx = mine[start : start + group]
+                images, labels = ds.take(np.asarray(idx))
+                raws = list(to_unit(images))
+                gens = [image_generator(int(c["seed"]), d_idx, i) for i in idx]
+                t0 = time.perf_counter()
+                if group > 1:
+                    results = adapter.adapt(raws, gens, norm)
+                else:
+                    results = [adapter.adapt(raws[0], gens[0], norm)]
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                secs = (time.perf_counter() - t0) / len(idx)
+                for i, label, r in zip(idx, np.asarray(labels).tolist(), results):
+                    correct = [int(p == label) for p in r.predictions]
+                    extra = {"index": int(i), "label": int(label), "predictions": r.predictions}
+                    if c["per_image_records"]:
+                        extra["losses"] = [round(x, 6) for x in r.losses]
+                    writer.write(metric="correct", value=correct[-1], corruption=dom.corruption,
+                                 severity=dom.severity, step=s.steps_per_example, n=1, wall_time_s=secs,
+                                 extra=extra)  # fmt: skip
+                bar.update(len(idx))
+    dist.barrier()
+    if dist.world_size > 1 and dist.rank == 0:
+        merge_records(images_dir, world_size=dist.world_size)
+    if dist.rank == 0:
+        summarize(out, c, method, chash, domains, s.steps_per_example, defaults)
+    dist.barrier()
+    return out / "records.jsonl"
+
+
+def summarize(out: Path, c: dict[str, Any], method: str, chash: str, domains, steps: int, defaults) -> None:
+    """Per-domain accuracy, s/image, accuracy-vs-step curve and loss curve, then the mean accuracy."""
+    import pandas as pd
+
+    df = load_records(out / "images", metric="correct")
+    df = df[df["config_hash"] == chash]
+    rd = RunDir(out, {**c, "method": method})
+    accs, n_all, t_all = [], 0, 0.0
+    with rd.writer(**defaults) as w:
+        for dom in domains:
+            sev = dom.severity
+            sel = df[
+                (df["corruption"] == dom.corruption)
+                if dom.corruption is not None
+                else df["corruption"].isna()
+            ]
+            sel = sel[(sel["severity"] == sev) if sev is not None else sel["severity"].isna()]
+            seen = {}
+            for r in sel.itertuples(index=False):
+                seen[int(r.extra["index"])] = r
+            if not seen:
+                continue
+            rows = list(seen.values())
+            n = len(rows)
+            curve = np.mean(
+                [[int(p == r.extra["label"]) for p in r.extra["predictions"]] for r in rows], axis=0
+            )
+            secs = float(sum(float(r.wall_time_s) for r in rows))
+            fields = dict(corruption=dom.corruption, severity=sev, n=n)
+            extra = {"steps_per_example": steps, "batch_size": int(c["batch_size"]), "reset": "per_image"}
+            w.write(
+                metric="accuracy", value=float(curve[-1]), step=steps, wall_time_s=secs, extra=extra, **fields
+            )
+            w.write(metric="s_per_image", value=secs / n, step=steps, wall_time_s=secs, **fields)
+            for k, v in enumerate(curve.tolist()):
+                w.write(metric="accuracy_curve", value=float(v), step=k, **fields)
+            if steps > 0 and all("losses" in r.extra for r in rows):
+                losses = np.mean([r.extra["losses"] for r in rows], axis=0)
+                for k, v in enumerate(losses.tolist()):
+                    w.write(metric="mae_loss", value=float(v), step=k + 1, **fields)
+            if dom.corruption is not None:
+                accs.append(float(curve[-1]))
+            n_all, t_all = n_all + n, t_all + secs
+        if len(accs) > 1:
+            sevs = {d.severity for d in domains if d.corruption is not None}
+            w.write(metric="accuracy", value=float(np.mean(accs)), corruption="mean",
+                    severity=sevs.pop() if len(sevs) == 1 else None, n=n_all, wall_time_s=t_all, step=steps,
+                    extra={"domains": len(accs)})  # fmt: skip
+    del pd
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the evaluate contract
+
+#: profile -> (pretrain overrides, probe overrides, TTT overrides, default images per domain)
+PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": dict(experiment="smoke", num_examples=3),
+    "quick": dict(experiment="quick", num_examples=16),
+    "full": dict(experiment="mnist", num_examples=48),
+}
+
+
+def trained_model(profile: str, cache_dir: str | os.PathLike, seed: int, device: str, progress: bool,
+                  dist=None) -> tuple[Path, Path]:  # fmt: skip
+    """``(pretrain checkpoint, probe checkpoint)`` of the profile's MNIST model, trained on first use and
+    cached under ``cache_dir/<model>-<hash>`` (atomic files; a finished run is reused)."""
+    from . import train as T
+
+    exp = PROFILES[profile]["experiment"]
+    pre = compose("pretrain", f"{exp}_pretrain", {"seed": seed, "device": device})
+    key = config_hash(
+        {k: v for k, v in pre.items() if k not in ("out_dir", "logging", "device", "experiment_name")}
+    )
+    root = Path(cache_dir) / f"{pre['model']}-{key}"
+    pre["out_dir"], pre["logging"]["progress"] = str(root / "pretrain"), progress
+    pre_ckpt = root / "pretrain" / T.FINAL
+    probe = compose("probe", f"{exp}_probe", {"seed": seed, "device": device, "finetune": str(pre_ckpt),
+                                              "out_dir": str(root / "probe")})  # fmt: skip
+    probe["logging"]["progress"] = progress
+    probe_ckpt = root / "probe" / T.FINAL
+    rank = dist.rank if dist is not None else 0
+    if rank == 0:
+        if not pre_ckpt.exists():
+            log.info("pretraining the %s MAE into %s (cached)", profile, root)
+            T.run(pre, "pretrain")
+        if not probe_ckpt.exists():
+            T.run(probe, "probe")
+    if dist is not None:
+        dist.barrier()
+    return pre_ckpt, probe_ckpt
+
+
+def eval_config(cfg: Mapping | None = None, **overrides) -> dict[str, Any]:
+    user = {**to_dict(cfg), **overrides}
+    profile = user.get("profile", "full")
+    if profile not in PROFILES:
+        raise ConfigError(f"profile={profile!r}; expected one of {list(PROFILES)}")
+    method = user.get("method", "ttt_mae.ttt")
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r}; expected one of {METHODS}")
+    c = compose("ttt", f"{PROFILES[profile]['experiment']}_ttt", user, schema=EvalConfig)
+    if c["benchmark"]["num_examples"] is None and "num_examples" not in (user.get("benchmark") or {}):
+        c["benchmark"]["num_examples"] = PROFILES[profile]["num_examples"]
+    if c["progress"] is not None:
+        c["logging"]["progress"] = bool(c["progress"])
+    return c
+
+
+def run(cfg: Mapping | None = None, **overrides) -> Path:
+    """The evaluate contract: ``method`` (``ttt_mae.ttt`` | ``ttt_mae.baseline``), ``out_dir``,
+    ``benchmark``, ``profile``, ``cache_dir``, ``seed``, ``device``, ``progress``; returns the records
+    file.  Without ``resume_model`` the profile's MNIST model is trained (or taken from the cache)."""
+    c = eval_config(cfg, **overrides)
+    dist = init_distributed()
+    if not c["resume_model"]:
+        if c["benchmark"]["name"] not in ("mnist_c", "digits_c"):
+            raise DatasetNotFoundError(
+                f"benchmark {c['benchmark']['name']!r} needs resume_model/resume_finetune (the cached models "
+                "are MNIST models)"
+            )
+        pre, probe = trained_model(c["profile"], c["cache_dir"], int(c["seed"]), c["device"],
+                                   bool(c["logging"]["progress"]), dist)  # fmt: skip
+        c["resume_model"], c["resume_finetune"] = str(pre), str(probe)
+    method = c.pop("method")
+    for k in ("profile", "cache_dir", "progress"):
+        c.pop(k)
+    return run_benchmark(c, method)

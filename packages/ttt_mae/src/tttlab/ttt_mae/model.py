@@ -1,0 +1,338 @@
+"""The Y-shaped model of TTT-MAE: a MAE ViT encoder, the MAE decoder and a classification head.
+
+Paper: Gandelsman, Sun, Chen, Efros, "Test-Time Training with Masked Autoencoders", NeurIPS 2022
+(bibtex key ``gandelsman2022testtime``).  Upstream: github.com/yossigandelsman/test_time_training_mae
+(``models_mae_shared.py``), itself built on facebookresearch/mae.
+
+Structure (parameter names equal upstream's, so the official checkpoints load; see ``checkpoint.py``):
+
+- encoder: ``patch_embed.proj`` (conv, kernel = stride = patch), ``cls_token``, fixed 2-D sin-cos
+  ``pos_embed`` (1, L+1, D), ``blocks.<i>`` (timm ``Block``: ``norm1``, ``attn.qkv``, ``attn.proj``,
+  ``norm2``, ``mlp.fc1``, ``mlp.fc2``; qkv bias, LayerNorm eps 1e-6, MLP ratio 4), ``norm``;
+- decoder: ``decoder_embed`` (D -> Dd), ``mask_token``, fixed ``decoder_pos_embed``, ``decoder_blocks.<i>``,
+  ``decoder_norm``, ``decoder_pred`` (Dd -> patch**2 * channels);
+- head ``vit_head``: ``classifier_embed`` (D -> Dc), fixed ``classifier_pos_embed``, ``classifier_depth``
+  ``classifier_blocks``, ``classifier_norm``, ``classifier_pred`` on the CLS token; head ``linear``:
+  ``bn`` (BatchNorm1d without affine, eps 1e-6) then ``head`` on the encoder's CLS token.
+
+Random masking keeps ``int(L * (1 - mask_ratio))`` patches per sample, chosen by argsort of uniform noise
+(the noise may be passed in, so that a batched run and a sequential run see the same masks).  The MAE
+loss is the mean squared error over masked patches, targets normalised per patch (mean, unbiased
+variance + 1e-6) with ``norm_pix_loss``.  Classification runs the encoder with mask ratio 0 (all tokens).
+
+Attention is timm's, which calls ``torch.nn.functional.scaled_dot_product_attention`` (``fused_attn=True``,
+our default) or the explicit softmax(QK^T)V (``fused_attn=False``, used by the upstream-style reference
+path of the benchmark).  Differences from upstream: any number of input channels (MNIST has one), the
+decoder is optional (``no_decoder``, as upstream's probing model), and ``forward`` also takes ``mode`` so
+that ``torch.func.functional_call`` can reach the MAE loss and the classifier (batched adaptation).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+
+import numpy as np
+import torch
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from tttlab.core.errors import ConfigError, InvalidInputError
+
+HEAD_TYPES = ("linear", "vit_head")
+
+
+@dataclass(frozen=True)
+class MAEConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    classifier_embed_dim: int = 768
+    classifier_depth: int = 12
+    classifier_num_heads: int = 12
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    head_type: str = "vit_head"
+    norm_pix_loss: bool = True
+    no_decoder: bool = False
+    drop_path_rate: float = 0.0
+
+
+#: Named architectures.  ``large``/``base`` are upstream's ``mae_vit_large_patch16`` /
+#: ``mae_vit_base_patch16`` (decoder 512-d, 8 blocks, 16 heads) with the ViT-B-like head upstream pairs
+#: with ViT-L; ``tiny`` is the DeiT-Ti shape (192-d, 12 blocks, 3 heads); the ``mnist``/``smoke`` ones are
+#: our CPU proxies on 28x28 single-channel images.
+ARCHS: dict[str, dict] = {
+    "mae_vit_large_patch16": dict(embed_dim=1024, depth=24, num_heads=16),
+    "mae_vit_base_patch16": dict(embed_dim=768, depth=12, num_heads=12),
+    "mae_vit_tiny_patch16": dict(
+        embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4,
+        classifier_embed_dim=192, classifier_num_heads=3,
+    ),
+    "mae_vit_mnist_patch7": dict(
+        img_size=28, patch_size=7, in_chans=1, embed_dim=64, depth=4, num_heads=4, decoder_embed_dim=64,
+        decoder_depth=2, decoder_num_heads=4, classifier_embed_dim=64, classifier_depth=1,
+        classifier_num_heads=4, mlp_ratio=2.0, num_classes=10,
+    ),
+    "mae_vit_smoke_patch7": dict(
+        img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16,
+        decoder_depth=1, decoder_num_heads=2, classifier_embed_dim=16, classifier_depth=1,
+        classifier_num_heads=2, mlp_ratio=2.0, num_classes=10,
+    ),
+}  # fmt: skip
+
+
+def model_config(name: str, **overrides) -> MAEConfig:
+    """The :class:`MAEConfig` of a named architecture, with ``overrides`` (``None`` values ignored)."""
+    if name not in ARCHS:
+        raise ConfigError(f"model={name!r}; expected one of {sorted(ARCHS)}")
+    fields = set(MAEConfig.__dataclass_fields__)
+    bad = sorted(k for k in overrides if k not in fields)
+    if bad:
+        raise ConfigError(f"unknown model option(s) {bad}; expected some of {sorted(fields)}")
+    cfg = replace(MAEConfig(), **ARCHS[name])
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def sincos_pos_embed(dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos embedding, ``(grid_size**2 + cls, dim)``: the first ``dim/2`` channels
+    encode the column index, the last ``dim/2`` the row index, each as ``[sin(pos w), cos(pos w)]`` with
+    ``w_k = 10000**(-k / (dim/4))``; the CLS row is zero."""
+    if dim % 4:
+        raise ConfigError(f"embedding dim {dim} must be divisible by 4 for the 2-D sin-cos embedding")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+
+    def one_d(pos: np.ndarray) -> np.ndarray:
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
+    emb = np.concatenate([one_d(cols.astype(np.float64)), one_d(rows.astype(np.float64))], axis=1)
+    if cls_token:
+        emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
+    return torch.from_numpy(emb).float()
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """MAE encoder + decoder + classification head (see the module docstring)."""
+
+    def __init__(self, cfg: MAEConfig, fused_attn: bool = True):
+        super().__init__()
+        if cfg.img_size % cfg.patch_size:
+            raise InvalidInputError(
+                f"img_size={cfg.img_size} is not divisible by patch_size={cfg.patch_size}"
+            )
+        if cfg.head_type not in HEAD_TYPES:
+            raise ConfigError(f"head_type={cfg.head_type!r}; expected one of {HEAD_TYPES}")
+        self.cfg = cfg
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        D = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D)
+        L = self.patch_embed.num_patches
+        self.num_patches = L
+        gs = cfg.img_size // cfg.patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.register_buffer("pos_embed", sincos_pos_embed(D, gs)[None])
+        self.blocks = nn.ModuleList(
+            [Block(D, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(cfg.depth)]
+        )
+        self.norm = norm(D)
+        if not cfg.no_decoder:
+            Dd = cfg.decoder_embed_dim
+            self.decoder_embed = nn.Linear(D, Dd)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+            self.register_buffer("decoder_pos_embed", sincos_pos_embed(Dd, gs)[None])
+            self.decoder_blocks = nn.ModuleList(
+                [Block(Dd, cfg.decoder_num_heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=norm)
+                 for _ in range(cfg.decoder_depth)]
+            )  # fmt: skip
+            self.decoder_norm = norm(Dd)
+            self.decoder_pred = nn.Linear(Dd, cfg.patch_size**2 * cfg.in_chans)
+        if cfg.head_type == "vit_head":
+            Dc = cfg.classifier_embed_dim
+            self.classifier_embed = nn.Linear(D, Dc)
+            self.register_buffer("classifier_pos_embed", sincos_pos_embed(Dc, gs)[None])
+            dpr = torch.linspace(0, cfg.drop_path_rate, max(cfg.classifier_depth, 1)).tolist()
+            self.classifier_blocks = nn.ModuleList(
+                [Block(Dc, cfg.classifier_num_heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=norm,
+                       drop_path=dpr[i]) for i in range(cfg.classifier_depth)]
+            )  # fmt: skip
+            self.classifier_norm = norm(Dc)
+            self.classifier_pred = nn.Linear(Dc, cfg.num_classes)
+        else:
+            self.bn = nn.BatchNorm1d(D, affine=False, eps=1e-6)
+            self.head = nn.Linear(D, cfg.num_classes)
+        self._init_weights()
+        self.set_fused_attn(fused_attn)
+
+    # ------------------------------------------------------------------ set-up
+    def _init_weights(self) -> None:
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        if hasattr(self, "mask_token"):
+            nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def set_fused_attn(self, fused: bool) -> MaskedAutoencoderViT:
+        """``True``: ``scaled_dot_product_attention``; ``False``: explicit softmax(QK^T / sqrt(d)) V."""
+        for m in self.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = bool(fused)
+        return self
+
+    @property
+    def patch_size(self) -> int:
+        return self.cfg.patch_size
+
+    # ------------------------------------------------------------------ patches
+    def check_images(self, imgs: torch.Tensor) -> None:
+        c = self.cfg
+        if (
+            imgs.ndim != 4
+            or imgs.shape[1] != c.in_chans
+            or imgs.shape[2] != c.img_size
+            or imgs.shape[3] != c.img_size
+        ):
+            raise InvalidInputError(
+                f"images of shape {tuple(imgs.shape)}; expected (N, {c.in_chans}, {c.img_size}, {c.img_size})"
+            )
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, L, p*p*C), pixel order (row, col, channel) inside a patch, as upstream."""
+        p = self.cfg.patch_size
+        n, c, h, w = imgs.shape
+        x = imgs.reshape(n, c, h // p, p, w // p, p)
+        x = torch.einsum("nchpwq->nhwpqc", x)
+        return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        p, c = self.cfg.patch_size, self.cfg.in_chans
+        h = w = int(math.isqrt(x.shape[1]))
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def mask_noise(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """Uniform noise (n, L) whose argsort picks the kept patches."""
+        return torch.rand(n, self.num_patches, generator=generator, device=device)
+
+    @staticmethod
+    def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        """Keep ``int(L * (1 - mask_ratio))`` tokens per sample: ``(kept, mask (1 = removed), ids_restore)``."""
+        n, L, d = x.shape
+        keep = int(L * (1 - mask_ratio))
+        if noise is None:
+            noise = torch.rand(n, L, device=x.device)
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :keep]
+        kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
+        mask = torch.ones(n, L, device=x.device, dtype=x.dtype)
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+        return kept, mask, ids_restore
+
+    # ------------------------------------------------------------------ forward parts
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        x = self.patch_embed(imgs)
+        x = x + self.pos_embed[:, 1:, :]
+        if mask_ratio != 0:
+            x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+        else:
+            mask = ids_restore = None
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(latent)
+        n, t, d = x.shape
+        masked = ids_restore.shape[1] + 1 - t
+        tokens = torch.cat([x[:, 1:, :], self.mask_token.expand(n, masked, -1)], dim=1)
+        tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))
+        x = torch.cat([x[:, :1, :], tokens], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+        return self.decoder_pred(x)[:, 1:, :]
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        target = self.patchify(imgs)
+        if self.cfg.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        loss = (pred.float() - target.float()) ** 2
+        loss = loss.mean(dim=-1)
+        return (loss * mask).sum() / mask.sum()
+
+    def forward_head(self, latent: torch.Tensor) -> torch.Tensor:
+        """Logits from the encoder's tokens (all of them: classification uses mask ratio 0)."""
+        if self.cfg.head_type == "linear":
+            return self.head(self.bn(latent[:, 0]))
+        x = self.classifier_embed(latent)
+        if x.shape[1] != 1 + self.num_patches:
+            raise InvalidInputError(
+                f"vit_head needs all {self.num_patches} patch tokens + CLS, got {x.shape[1]} (mask ratio must be 0)"
+            )
+        x = x + self.classifier_pos_embed
+        for blk in self.classifier_blocks:
+            x = blk(x)
+        x = self.classifier_norm(x)
+        return self.classifier_pred(x[:, 0])
+
+    def mae_loss(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
+        if not 0 < mask_ratio < 1:
+            raise InvalidInputError(f"mask_ratio={mask_ratio}; the MAE loss needs 0 < mask_ratio < 1")
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(imgs, pred, mask)
+
+    def classify(self, imgs: torch.Tensor) -> torch.Tensor:
+        latent, _, _ = self.forward_encoder(imgs, 0.0)
+        return self.forward_head(latent)
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
+                mode: str = "mae"):  # fmt: skip
+        """``mode="mae"``: the MAE loss (scalar); ``"classify"``: logits with mask ratio 0; ``"both"``:
+        ``(mae loss, logits)`` from two encoder passes."""
+        if mode == "mae":
+            return self.mae_loss(imgs, mask_ratio, noise)
+        if mode == "classify":
+            return self.classify(imgs)
+        if mode == "both":
+            return self.mae_loss(imgs, mask_ratio, noise), self.classify(imgs)
+        raise InvalidInputError(f"mode={mode!r}; expected 'mae', 'classify' or 'both'")
+
+
+def build_model(name: str, fused_attn: bool = True, **overrides) -> MaskedAutoencoderViT:
+    """A named architecture (see :data:`ARCHS`) with :class:`MAEConfig` overrides."""
+    return MaskedAutoencoderViT(model_config(name, **overrides), fused_attn=fused_attn)
+
+
+def config_dict(cfg: MAEConfig) -> dict:
+    return asdict(cfg)
+
+
+def check_mask_ratio(mask_ratio: float) -> float:
+    if not 0 <= float(mask_ratio) < 1:
+        raise InvalidInputError(f"mask_ratio={mask_ratio}; expected a value in [0, 1)")
+    return float(mask_ratio)

@@ -1,0 +1,282 @@
+"""MAE pretraining and head probing (upstream ``main_pretrain.py`` / ``main_prob.py``), one loop for both.
+
+- pretrain: the MAE loss (``mask_ratio``, ``norm_pix_loss``) on RandomResizedCrop(0.2, 1) + flip views;
+  AdamW (0.9, 0.95), weight decay on weights only (not on biases, norms, tokens);
+- probe: the encoder frozen (checkpoint ``finetune``, decoder and mask token dropped, as upstream), only the
+  ``classifier*`` parameters (``vit_head``) or ``head``/``bn`` (``linear``) train with label-smoothed
+  cross-entropy (``smoothing``) on the encoder's tokens at mask ratio 0; AdamW (0.9, 0.999), weight decay
+  ``weight_decay`` on all head parameters (upstream passes them all to AdamW).
+
+Both: ``lr = blr * batch_size * accum_iter * world_size / 256`` unless ``lr`` is set, linear warm-up over
+``warmup_epochs`` then half-cosine to ``min_lr``, adjusted every iteration (fractional epoch), as upstream.
+
+Run directory (``out_dir``, core ``RunDir``): ``config.yaml``, ``env.json``, ``stats.json`` (per-epoch
+loss/lr), ``records.jsonl`` (per-epoch ``train_loss`` records, ``probe`` also ``accuracy`` on the clean
+test split), ``checkpoints/last.ckpt`` (model, optimizer, epoch: written atomically every
+``save_ckpt_freq`` epochs and at the end) and ``checkpoint.pth`` = ``{"model": state dict}`` (upstream's
+layout: the pretraining file is a ``resume_model``, the probe file a ``resume_finetune``).  Random numbers
+(data order, views, masks) come from generators seeded by ``(seed, epoch, rank)``, so a run killed
+mid-epoch and started again in the same directory resumes from the last checkpoint and ends bitwise equal
+(CPU) to an uninterrupted one.  ``torchrun``: DistributedDataParallel, each rank a disjoint shard of
+each epoch's permutation (padded to equal length, as DistributedSampler).
+
+Differences from upstream: data come from ``tttlab.core.data`` as fixed-size uint8 arrays (ImageNet
+already resized 256 / centre-cropped 224 by the core reader, so RandomResizedCrop works on that crop
+instead of the full JPEG); the crop is resized bicubically on tensors (``views.py``).  Probing evaluates
+the clean test split at the end only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tttlab.core.errors import CheckpointError, ConfigError, InvalidInputError
+from tttlab.core.records import RunDir
+
+from .checkpoint import atomic_save, read_checkpoint, state_dict_of
+from .common import Dist, init_distributed, model_overrides, normalization, progress_bar, resolve_device
+from .model import MaskedAutoencoderViT, build_model, check_mask_ratio
+from .views import Normalizer, random_resized_crop_views, to_unit
+
+log = logging.getLogger("tttlab.ttt_mae.train")
+FINAL = "checkpoint.pth"
+
+
+def load_dataset(c: dict[str, Any], split: str | None = None):
+    """The training (or ``split``) dataset of ``c['data']`` from ``tttlab.core.data``."""
+    from tttlab.core import data
+
+    d = c["data"]
+    name, split = d["name"], split or d["split"]
+    if name == "mnist":
+        ds = data.mnist(split)
+    elif name == "digits":
+        ds = data.digits(split)
+    elif name in ("imagenet", "cifar10"):
+        if not d.get("root"):
+            raise ConfigError(f"data.name={name!r} needs data.root=<path to the dataset>")
+        ds = (
+            data.imagenet(d["root"], split=split)
+            if name == "imagenet"
+            else data.cifar10(d["root"], split=split)
+        )
+    else:
+        raise ConfigError(f"data.name={name!r}; expected mnist, digits, imagenet or cifar10")
+    if d.get("num_examples") is not None and int(d["num_examples"]) < len(ds):
+        ds = ds.subset(np.arange(int(d["num_examples"])))
+    return ds
+
+
+def lr_at(c: dict[str, Any], epoch_float: float, base_lr: float) -> float:
+    """Linear warm-up then half-cosine to ``min_lr`` (upstream's ``adjust_learning_rate``)."""
+    warm, total, min_lr = float(c["warmup_epochs"]), float(c["epochs"]), float(c["min_lr"])
+    if epoch_float < warm:
+        return base_lr * epoch_float / warm
+    span = max(total - warm, 1e-12)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch_float - warm) / span))
+
+
+def build(c: dict[str, Any], kind: str) -> MaskedAutoencoderViT:
+    extra = {"no_decoder": True, "drop_path_rate": float(c["drop_path"])} if kind == "probe" else {}
+    model = build_model(c["model"], fused_attn=bool(c["fused_attn"]), **model_overrides(c, **extra))
+    if kind == "probe":
+        if not c["finetune"]:
+            raise ConfigError("probe needs finetune=<path of the MAE pretraining checkpoint>")
+        sd = state_dict_of(read_checkpoint(c["finetune"], "finetune"), c["finetune"])
+        sd = {k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token")}
+        sd = {k: v for k, v in sd.items() if not k.startswith(("classifier", "head.", "bn."))}
+        expected = model.state_dict()
+        body = [k for k in expected if not k.startswith(("classifier", "head.", "bn."))]
+        missing = [k for k in body if k not in sd]
+        unexpected = [k for k in sd if k not in expected]
+        bad = [f"{k} {tuple(sd[k].shape)} != {tuple(expected[k].shape)}" for k in sd
+               if k in expected and sd[k].shape != expected[k].shape]  # fmt: skip
+        if missing or unexpected or bad:
+            raise CheckpointError(
+                f"finetune={c['finetune']}: does not fit model {c['model']}: missing {missing[:8]}, "
+                f"unexpected {unexpected[:8]}, shape mismatch {bad[:8]}"
+            )
+        model.load_state_dict(sd, strict=False)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(("classifier", "head.", "bn.")))
+    return model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, kind: str):
+    if kind == "probe":
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name.endswith("_token") else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def epoch_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(int(seed) * 7919 + int(epoch) * 104_729 + int(rank) * 15_485_863 + 17)
+    return g
+
+
+def shard_indices(n: int, seed: int, epoch: int, rank: int, world: int) -> np.ndarray:
+    """This rank's part of the epoch's permutation (padded by wrapping so all ranks get the same count)."""
+    perm = np.random.default_rng([int(seed), int(epoch), 0xDA7A]).permutation(n)
+    per = math.ceil(n / world)
+    perm = np.concatenate([perm, perm[: per * world - n]])
+    return perm[rank::world]
+
+
+def augment(x: torch.Tensor, c: dict[str, Any], g: torch.Generator) -> torch.Tensor:
+    aug = c["aug"]
+    if not aug["enabled"]:
+        return x
+    size = int(c["input_size"])
+    scale = tuple(float(s) for s in aug["crop_scale"])
+    return torch.cat(
+        [random_resized_crop_views(im, 1, size, g, scale=scale, flip=bool(aug["flip"])) for im in x]
+    )
+
+
+def _autocast(device: torch.device, amp: str):
+    import contextlib
+
+    if amp == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Path:
+    """Train per the composed config ``c`` (``kind``: ``pretrain`` | ``probe``); returns ``checkpoint.pth``.
+
+    ``stop_after_steps``: return after that many optimizer steps without saving (simulates a kill)."""
+    if kind not in ("pretrain", "probe"):
+        raise ConfigError(f"kind={kind!r}")
+    check_mask_ratio(c["mask_ratio"])
+    dist: Dist = init_distributed()
+    device = resolve_device(c["device"])
+    if device.type == "cuda" and dist.world_size > 1:
+        device = torch.device("cuda", dist.rank % torch.cuda.device_count())
+    out = Path(c["out_dir"])
+    rd = RunDir(out, c, rank=dist.rank if dist.world_size > 1 else None)
+    ds = load_dataset(c)
+    stats = normalization(c, c["data"]["name"])
+    norm = Normalizer(*stats) if stats else (lambda x: x)
+    seed = int(c["seed"])
+    torch.manual_seed(seed)
+    model = build(c, kind).to(device)
+    if any(s % model.cfg.patch_size for s in (int(c["input_size"]),)):
+        raise InvalidInputError(f"input_size={c['input_size']} not divisible by patch {model.cfg.patch_size}")
+    eff = int(c["batch_size"]) * int(c["accum_iter"]) * dist.world_size
+    base_lr = float(c["lr"]) if c["lr"] is not None else float(c["blr"]) * eff / 256
+    betas = (0.9, 0.95) if kind == "pretrain" else (0.9, 0.999)
+    opt = torch.optim.AdamW(param_groups(model, float(c["weight_decay"]), kind), lr=base_lr, betas=betas)
+    start_epoch, history = 0, []
+    ckpt_path = rd.checkpoint_path("last")
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start_epoch, history = int(ck["epoch"]) + 1, list(ck.get("history", []))
+        log.info("resuming %s from %s (epoch %d)", kind, ckpt_path, start_epoch)
+    net = model
+    if dist.world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    bs, accum = int(c["batch_size"]), int(c["accum_iter"])
+    progress = bool(c["logging"]["progress"]) and dist.rank == 0
+    steps_done = 0
+    epochs = int(c["epochs"])
+    for epoch in range(start_epoch, epochs):
+        g = epoch_generator(seed, epoch, dist.rank)
+        idx = shard_indices(len(ds), seed, epoch, dist.rank, dist.world_size)
+        n_iter = max(len(idx) // bs, 1)
+        model.train()
+        total, count, t0 = 0.0, 0, time.perf_counter()
+        with progress_bar(n_iter, f"{kind} epoch {epoch}", progress) as bar:
+            for it in range(n_iter):
+                sel = idx[it * bs : (it + 1) * bs]
+                images, labels = ds.take(sel)
+                x = norm(augment(to_unit(images), c, g)).to(device)
+                if it % accum == 0:
+                    for group in opt.param_groups:
+                        group["lr"] = lr_at(c, epoch + it / n_iter, base_lr)
+                with _autocast(device, c["amp"]):
+                    if kind == "pretrain":
+                        noise = model.mask_noise(len(x), g).to(device)
+                        loss = net(x, mask_ratio=float(c["mask_ratio"]), noise=noise, mode="mae")
+                    else:
+                        y = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
+                        logits = net(x, mode="classify")
+                        loss = F.cross_entropy(logits.float(), y, label_smoothing=float(c["smoothing"]))
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise InvalidInputError(f"{kind}: loss is {value} at epoch {epoch} iteration {it}")
+                (loss / accum).backward()
+                if (it + 1) % accum == 0 or it + 1 == n_iter:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    steps_done += 1
+                    if stop_after_steps is not None and steps_done >= stop_after_steps:
+                        return ckpt_path
+                total, count = total + value * len(x), count + len(x)
+                bar.update(1)
+        entry = {"epoch": epoch, "train_loss": total / max(count, 1), "lr": opt.param_groups[-1]["lr"],
+                 "seconds": time.perf_counter() - t0}  # fmt: skip
+        history.append(entry)
+        log.info("%s epoch %d: loss %.4f (%.1f s)", kind, epoch, entry["train_loss"], entry["seconds"])
+        last = epoch + 1 == epochs
+        if dist.rank == 0 and (last or (epoch + 1) % max(int(c["save_ckpt_freq"]), 1) == 0):
+            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                         "history": history, "config": c}, ckpt_path)  # fmt: skip
+            rd.append_stats({"epoch": epoch, "train_loss": entry["train_loss"], "lr": entry["lr"]})
+            with rd.writer(method=f"ttt_mae.{kind}", package="ttt_mae", framework="torch", model=c["model"],
+                           dataset=c["data"]["name"], seed=seed) as w:  # fmt: skip
+                w.write(metric="train_loss", value=entry["train_loss"], step=epoch, n=count * dist.world_size,
+                        wall_time_s=entry["seconds"])  # fmt: skip
+        dist.barrier()
+    final = out / FINAL
+    if dist.rank == 0:
+        if kind == "probe" and not (final.exists() and _has_accuracy(rd)):
+            acc, n = clean_accuracy(model, c, device, norm)
+            with rd.writer(method="ttt_mae.probe", package="ttt_mae", framework="torch", model=c["model"],
+                           dataset=c["data"]["name"], seed=seed) as w:  # fmt: skip
+                w.write(metric="accuracy", value=acc, n=n, step=epochs, extra={"split": "test"})
+            log.info("probe: clean test accuracy %.4f on %d images", acc, n)
+        atomic_save({"model": model.state_dict(), "epoch": epochs - 1, "config": c}, final)
+    dist.barrier()
+    return final
+
+
+def _has_accuracy(rd: RunDir) -> bool:
+    try:
+        return len(rd.records(metric="accuracy")) > 0
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@torch.no_grad()
+def clean_accuracy(model: MaskedAutoencoderViT, c: dict[str, Any], device, norm, limit: int = 2000):
+    try:
+        ds = load_dataset({**c, "data": {**c["data"], "num_examples": None}}, split="test")
+    except Exception:  # noqa: BLE001 - no test split (e.g. an ImageNet folder with train only)
+        return float("nan"), 0
+    n = min(len(ds), limit)
+    model.eval()
+    correct = 0
+    for s in range(0, n, 256):
+        images, labels = ds.take(np.arange(s, min(s + 256, n)))
+        x = norm(to_unit(images)).to(device)
+        with _autocast(device, c["amp"]):
+            pred = model.classify(x).argmax(1).cpu().numpy()
+        correct += int((pred == np.asarray(labels)).sum())
+    return correct / n, n

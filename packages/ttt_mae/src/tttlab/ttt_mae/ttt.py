@@ -1,0 +1,283 @@
+"""Test-time training with masked autoencoders, per image, as upstream's ``engine_test_time.py`` does it.
+
+Paper: Gandelsman et al., "Test-Time Training with Masked Autoencoders", NeurIPS 2022
+(``gandelsman2022testtime``); upstream github.com/yossigandelsman/test_time_training_mae.
+
+Per test image (:meth:`TTTAdapter.adapt`):
+
+1. reset the trainable parameters to the base weights and start a fresh optimizer (SGD, momentum 0.9,
+   weight decay 0, ``lr = blr * batch_size / 256``);
+2. ``steps_per_example`` times: build a batch of ``batch_size`` views of the image (identical copies with
+   ``single_crop``, else RandomResizedCrop(0.2, 1) + flip), each with its own random mask
+   (``mask_ratio``), take one optimizer step on the MAE loss (train mode), then classify the image
+   (eval mode, mask ratio 0) and record the prediction after that step.
+
+``finetune_mode`` (upstream's rule): ``encoder`` freezes parameters whose name starts with ``decoder``
+(cls token, mask token and patch embedding still train); ``all`` trains everything;
+``encoder_no_cls_no_msk`` also freezes ``cls_token`` and ``mask_token``.  The head's parameters are
+trainable in upstream's optimizer but never receive a gradient from the MAE loss, so SGD leaves them
+untouched; we leave them out of the optimizer (same result, less work).
+
+What differs from upstream and why:
+
+- *no deep copy per image*: the trainable tensors are restored in place from one snapshot
+  (``torch._foreach_copy_``) and the optimizer state is cleared (a fresh optimizer has none); upstream
+  deep-copies the full state dict into a second model for every image;
+- upstream wraps the fp32 step in a ``GradScaler`` (scale 2**16, unscaled before the step): power-of-two
+  scaling is exact in fp32 unless a gradient overflows, so plain ``loss.backward()`` is the same step;
+- options: ``amp="bf16"`` autocast, ``scaled_dot_product_attention`` (default) or the explicit softmax
+  attention (``fused_attn=False``), a foreach/fused optimizer, ``torch.compile`` of the MAE loss;
+- random numbers come from a per-image generator seeded by ``(seed, domain, image index)``, so a result
+  does not depend on the order, the number of processes or batching;
+- :class:`BatchedTTT` adapts ``G`` images at once, each with its own weights and momentum
+  (``torch.func.functional_call`` + ``vmap`` + ``grad``), for small models whose one-image batch leaves
+  the machine idle; it equals :class:`TTTAdapter` up to float rounding (tested).
+
+Step indexing: ``predictions[k]`` is the prediction after ``k`` steps (``k = 0``: no adaptation, the
+baseline); upstream's ``accuracy.txt`` line ``i`` is our step ``i + 1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from tttlab.core.errors import ConfigError, InvalidInputError
+
+from .model import MaskedAutoencoderViT, check_mask_ratio
+from .views import make_views
+
+FINETUNE_MODES = ("encoder", "all", "encoder_no_cls_no_msk")
+OPTIMIZERS = ("sgd", "adam", "adam_w")
+HEAD_PREFIXES = ("classifier", "head.", "bn.")
+
+
+@dataclass
+class TTTSettings:
+    steps_per_example: int = 20
+    batch_size: int = 128  # copies of the image per step
+    mask_ratio: float = 0.75
+    lr: float = 5e-3  # absolute: blr * batch_size / 256
+    optimizer_type: str = "sgd"
+    optimizer_momentum: float = 0.9
+    finetune_mode: str = "encoder"
+    single_crop: bool = True
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    flip: bool = True
+    amp: str = "none"  # none | bf16
+    compile: bool = False
+    foreach: bool | None = True  # None: torch's default; False: the plain per-tensor loop
+
+    def check(self) -> TTTSettings:
+        if int(self.steps_per_example) < 0:
+            raise InvalidInputError(f"steps_per_example={self.steps_per_example}; expected >= 0")
+        if int(self.batch_size) < 1:
+            raise InvalidInputError(f"batch_size={self.batch_size}; expected >= 1")
+        if self.steps_per_example > 0 and not 0 < float(self.mask_ratio) < 1:
+            raise InvalidInputError(f"mask_ratio={self.mask_ratio}; TTT needs a value in (0, 1)")
+        check_mask_ratio(self.mask_ratio)
+        if self.finetune_mode not in FINETUNE_MODES:
+            raise ConfigError(f"finetune_mode={self.finetune_mode!r}; expected one of {FINETUNE_MODES}")
+        if self.optimizer_type not in OPTIMIZERS:
+            raise ConfigError(f"optimizer_type={self.optimizer_type!r}; expected one of {OPTIMIZERS}")
+        if self.amp not in ("none", "bf16"):
+            raise ConfigError(f"amp={self.amp!r}; expected 'none' or 'bf16'")
+        return self
+
+
+def trainable_names(model: MaskedAutoencoderViT, finetune_mode: str) -> list[str]:
+    """Parameters the TTT optimizer updates (upstream's rule, minus the head, which gets no gradient)."""
+    if finetune_mode not in FINETUNE_MODES:
+        raise ConfigError(f"finetune_mode={finetune_mode!r}; expected one of {FINETUNE_MODES}")
+    names = []
+    for name, _ in model.named_parameters():
+        if name.startswith(HEAD_PREFIXES):
+            continue
+        if finetune_mode in ("encoder", "encoder_no_cls_no_msk") and name.startswith("decoder"):
+            continue
+        if finetune_mode == "encoder_no_cls_no_msk" and name in ("cls_token", "mask_token"):
+            continue
+        names.append(name)
+    return names
+
+
+def image_generator(seed: int, domain_index: int, image_index: int) -> torch.Generator:
+    """The per-image generator (views, then masks, step by step)."""
+    g = torch.Generator()
+    g.manual_seed(int(seed) * 1_000_003 + int(domain_index) * 100_000_007 + int(image_index) + 1)
+    return g
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class ImageResult:
+    predictions: list[int]  # after 0..steps steps
+    losses: list[float]  # MAE loss of each step (before its update)
+
+
+class TTTAdapter:
+    """Per-image test-time training of one model (see the module docstring)."""
+
+    def __init__(self, model: MaskedAutoencoderViT, settings: TTTSettings, device: torch.device | str = "cpu",
+                 input_size: int | None = None):  # fmt: skip
+        self.s = settings.check()
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.size = input_size or model.cfg.img_size
+        if self.s.steps_per_example > 0 and not hasattr(model, "decoder_pred"):
+            raise ConfigError("test-time training needs the MAE decoder; the model was built with no_decoder")
+        names = set(trainable_names(model, self.s.finetune_mode))
+        self.params = []
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in names)
+            if name in names:
+                self.params.append(p)
+        self.snapshot = [p.detach().clone() for p in self.params]
+        self.optimizer = self._make_optimizer()
+        self._loss = self.model.mae_loss
+        if self.s.compile:
+            self._loss = torch.compile(self.model.mae_loss)
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        s = self.s
+        kw = {}
+        if s.foreach is not None:
+            kw["foreach"] = bool(s.foreach)
+        if s.optimizer_type == "sgd":
+            return torch.optim.SGD(self.params, lr=s.lr, momentum=s.optimizer_momentum, **kw)
+        cls = torch.optim.Adam if s.optimizer_type == "adam" else torch.optim.AdamW
+        return cls(self.params, lr=s.lr, betas=(0.9, 0.95), **kw)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Base weights back, optimizer state dropped (= a fresh optimizer)."""
+        torch._foreach_copy_(self.params, self.snapshot)
+        self.optimizer.state.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        with autocast(self.device, self.s.amp):
+            return self.model.classify(images.to(self.device)).float()
+
+    def step(self, views: torch.Tensor, noise: torch.Tensor) -> float:
+        self.model.train()
+        with autocast(self.device, self.s.amp):
+            loss = self._loss(views, self.s.mask_ratio, noise)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def draw(
+        self, raw: torch.Tensor, generator: torch.Generator, normalize
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step's views (normalised) and mask noise of an image, drawn from its generator."""
+        views = make_views(raw, self.s.batch_size, single_crop=self.s.single_crop, size=self.size,
+                           generator=generator, scale=self.s.crop_scale, flip=self.s.flip)  # fmt: skip
+        noise = self.model.mask_noise(self.s.batch_size, generator)
+        return normalize(views), noise
+
+    def adapt(self, raw: torch.Tensor, generator: torch.Generator, normalize) -> ImageResult:
+        """TTT on one image ``raw`` (C, H, W) in [0, 1]; the model is reset first (and left adapted)."""
+        if raw.shape[-1] != self.size or raw.shape[-2] != self.size:
+            raise InvalidInputError(
+                f"image of size {tuple(raw.shape[-2:])}; expected {self.size}x{self.size}"
+            )
+        self.reset()
+        test = normalize(raw[None]).to(self.device)
+        preds = [int(self.predict(test).argmax(1))]
+        losses = []
+        for _ in range(self.s.steps_per_example):
+            views, noise = self.draw(raw, generator, normalize)
+            losses.append(self.step(views.to(self.device), noise.to(self.device)))
+            preds.append(int(self.predict(test).argmax(1)))
+        return ImageResult(preds, losses)
+
+
+class BatchedTTT:
+    """``G`` images adapted at once, each with its own copy of the trainable weights and its own SGD
+    momentum (``vmap`` over ``functional_call``); equal to :class:`TTTAdapter` image by image."""
+
+    def __init__(self, model: MaskedAutoencoderViT, settings: TTTSettings, device: torch.device | str = "cpu",
+                 input_size: int | None = None):  # fmt: skip
+        self.s = settings.check()
+        if self.s.optimizer_type != "sgd":
+            raise ConfigError(
+                f"batched adaptation supports optimizer_type='sgd', got {self.s.optimizer_type!r}"
+            )
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.size = input_size or model.cfg.img_size
+        self.names = trainable_names(model, self.s.finetune_mode)
+        named = dict(model.named_parameters())
+        self.base = {n: named[n].detach() for n in self.names}
+        self.frozen = {n: p.detach() for n, p in named.items() if n not in self.base}
+        self.frozen.update(dict(model.named_buffers()))
+        self._helper = TTTAdapter.__new__(TTTAdapter)
+        self._helper.s, self._helper.model, self._helper.size = self.s, model, self.size
+
+    def _loss(self, params, views, noise):
+        from torch.func import functional_call
+
+        with autocast(self.device, self.s.amp):
+            loss = functional_call(self.model, (params, self.frozen), (views,),
+                                   {"mask_ratio": self.s.mask_ratio, "noise": noise, "mode": "mae"})  # fmt: skip
+        return loss.float(), loss.detach().float()
+
+    def _logits(self, params, image):
+        from torch.func import functional_call
+
+        with autocast(self.device, self.s.amp):
+            return functional_call(self.model, (params, self.frozen), (image[None],), {"mode": "classify"})[
+                0
+            ].float()
+
+    def adapt(
+        self, raws: list[torch.Tensor], generators: list[torch.Generator], normalize
+    ) -> list[ImageResult]:
+        from torch.func import grad, vmap
+
+        G = len(raws)
+        test = normalize(torch.stack(raws)).to(self.device)
+        params = {n: b.unsqueeze(0).repeat(G, *([1] * b.dim())) for n, b in self.base.items()}
+        bufs: dict[str, torch.Tensor] | None = None
+        logits_fn = vmap(self._logits)
+        grad_fn = vmap(grad(self._loss, has_aux=True))
+        self.model.eval()
+        with torch.no_grad():
+            preds = [logits_fn(params, test).argmax(-1).tolist()]
+        losses: list[list[float]] = []
+        lr, mom = self.s.lr, self.s.optimizer_momentum
+        keys = list(params)
+        for _ in range(self.s.steps_per_example):
+            drawn = [self._helper.draw(r, g, normalize) for r, g in zip(raws, generators)]
+            views = torch.stack([d[0] for d in drawn]).to(self.device)
+            noise = torch.stack([d[1] for d in drawn]).to(self.device)
+            self.model.train()
+            grads, loss = grad_fn(params, views, noise)
+            with torch.no_grad():
+                g_list = [grads[k] for k in keys]
+                p_list = [params[k] for k in keys]
+                if mom != 0:
+                    if bufs is None:
+                        bufs = {k: grads[k].clone() for k in keys}
+                    else:
+                        b_list = [bufs[k] for k in keys]
+                        torch._foreach_mul_(b_list, mom)
+                        torch._foreach_add_(b_list, g_list)
+                    g_list = [bufs[k] for k in keys]
+                torch._foreach_add_(p_list, g_list, alpha=-lr)
+            losses.append(loss.tolist())
+            self.model.eval()
+            with torch.no_grad():
+                preds.append(logits_fn(params, test).argmax(-1).tolist())
+        return [ImageResult([p[i] for p in preds], [float(row[i]) for row in losses]) for i in range(G)]
