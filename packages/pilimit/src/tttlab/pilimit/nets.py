@@ -1,0 +1,225 @@
+"""Pi-net MLPs: the infinite-width :class:`InfMLP`, finite pi-nets sampled from it (:class:`FinPiMLP`)
+and the muP baseline (a :class:`FinPiMLP` with ``gaussian_init=True`` trained without Gproj).
+
+Paper: Yang, Santacroce, Hu, ICLR 2022 (``yang2022pinets``); upstream ``experiments/networks/networks.py``
+(``InfMLP``, ``FinPiMLPSample``) and ``pilimit_lib/inf/layers.py`` of github.com/santacml/pilim (facts).
+
+InfMLP: input layer -> ``depth`` hidden pi-layers -> output pi-layer; the input layer's output is
+multiplied by ``first_layer_alpha``, the output by ``last_layer_alpha``.  The ReLU lives inside the next
+layer (outputs are pre-activations).
+
+Finite sample at width n, with ``Omega_l ~ N(0,1)^{n x r}`` per non-output layer:
+input ``W = n^-1/2 Omega_0 A^T``; hidden ``W = n^-1 Omega_l (Amult A)^T relu(Omega_{l-1} B^T)^T``; output
+``W = n^-1/2 (Amult A)^T relu(Omega_L B^T)^T``; hidden biases ``n^-1/2 Omega_l b``.  Gproj projects the
+gradient of every non-output weight/bias onto the column space of its Omega,
+``Omega (Omega^T Omega)^-1 Omega^T grad``.  As n grows the finite net's outputs and training approach the
+infinite net's (tested).
+
+Deviations: the finite output bias is copied from the infinite net (upstream leaves it at zero; both are
+zero at initialisation); Omega is drawn from a ``torch.Generator`` seeded by ``seed``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tttlab.core.errors import InvalidInputError
+
+from .layers import InfPiInput, InfPiLinear, check_positive_int, resolve_dtype
+
+
+class InfMLP(nn.Module):
+    """Infinite-width pi-MLP ``d_in -> r (x depth hidden pi-layers) -> d_out``.
+
+    >>> net = InfMLP(784, 10, r=64, depth=2, first_layer_alpha=1.0, last_layer_alpha=0.5, bias_alpha=0.5)
+    >>> opt = PiSGD(net, lr=1.0)            # tttlab.pilimit.optim
+    >>> loss = F.cross_entropy(net(x), y); loss.backward(); opt.step(); opt.zero_grad()   # M += batch
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        r: int = 400,
+        depth: int = 2,
+        first_layer_alpha: float = 1.0,
+        last_layer_alpha: float = 1.0,
+        bias_alpha: float = 1.0,
+        last_bias_alpha: float | None = None,
+        chunk_size: int | None = 16384,
+        impl: str = "chunked",
+        dtype="float32",
+        device=None,
+    ):
+        super().__init__()
+        self.d_in = check_positive_int("d_in", d_in)
+        self.d_out = check_positive_int("d_out", d_out)
+        self.r = check_positive_int("r", r)
+        self.depth = check_positive_int("depth", depth, minimum=0)
+        self.first_layer_alpha = float(first_layer_alpha)
+        self.last_layer_alpha = float(last_layer_alpha)
+        self.bias_alpha = float(bias_alpha)
+        self.last_bias_alpha = float(bias_alpha if last_bias_alpha is None else last_bias_alpha)
+        dt = resolve_dtype(dtype)
+        self.input_layer = InfPiInput(self.d_in, self.r, bias_alpha=self.bias_alpha, device=device)
+        kw = dict(chunk_size=chunk_size, impl=impl, device=device, dtype=dt)
+        self.hidden = nn.ModuleList(
+            [InfPiLinear(self.r, bias_alpha=self.bias_alpha, **kw) for _ in range(self.depth)]
+        )
+        self.output_layer = InfPiLinear(
+            self.r, self.d_out, bias_alpha=self.last_bias_alpha, output_layer=True, **kw
+        )
+
+    # the layers an optimizer treats differently
+    @property
+    def pi_layers(self) -> list[InfPiLinear]:
+        return [*self.hidden, self.output_layer]
+
+    def config(self) -> dict:
+        return dict(
+            d_in=self.d_in, d_out=self.d_out, r=self.r, depth=self.depth,
+            first_layer_alpha=self.first_layer_alpha, last_layer_alpha=self.last_layer_alpha,
+            bias_alpha=self.bias_alpha, last_bias_alpha=self.last_bias_alpha,
+        )  # fmt: skip
+
+    @property
+    def M(self) -> int:
+        return self.output_layer.M
+
+    def set_chunk_size(self, chunk_size: int | None) -> None:
+        for layer in self.pi_layers:
+            layer.chunk_size = chunk_size
+
+    def reserve(self, rows: int) -> None:
+        """Pre-allocate ``rows`` rows per pi-layer (e.g. r + steps x batch) so appends never copy."""
+        for layer in self.pi_layers:
+            layer.reserve(rows)
+
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() > 2:
+            x = x.flatten(1)
+        if x.dim() != 2 or x.shape[1] != self.d_in:
+            raise InvalidInputError(
+                f"input of shape {tuple(x.shape)} (flattened); expected (batch, {self.d_in}) = d_in features"
+            )
+        return x
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden representation ``g_L`` (batch x r), the readout's input."""
+        g = self.input_layer(self._flat(x)) * self.first_layer_alpha
+        for layer in self.hidden:
+            g = layer(g)
+        return g
+
+    def readout(self, g: torch.Tensor) -> torch.Tensor:
+        return self.output_layer(g) * self.last_layer_alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.readout(self.features(x))
+
+    def zero_pi_grad(self) -> None:
+        for layer in self.pi_layers:
+            layer.zero_pi_grad()
+
+    def sample(self, width: int, seed: int = 0, gaussian_init: bool = False) -> FinPiMLP:
+        """A finite pi-net of ``width`` sampled from this one (see :class:`FinPiMLP`)."""
+        return FinPiMLP(self, width, seed=seed, gaussian_init=gaussian_init)
+
+
+def _relu(x):
+    return torch.relu(x)
+
+
+class FinPiMLP(nn.Module):
+    """Finite pi-MLP of hidden width ``width`` sampled from an :class:`InfMLP` (see the module docstring).
+
+    ``gaussian_init=True`` re-draws every weight ``N(0, 2 / fan_in)`` (the muP baseline of the paper,
+    trained with ``PiSGD(gproj=False)``).  Parameters: ``weights[l]``, ``biases[l]`` for l = 0 (input) ..
+    depth + 1 (output); ``omegas[l]`` buffers for l = 0..depth.
+    """
+
+    def __init__(self, inf: InfMLP, width: int, seed: int = 0, gaussian_init: bool = False):
+        super().__init__()
+        n = check_positive_int("width", width)
+        self.width, self.d_in, self.d_out, self.r, self.depth = n, inf.d_in, inf.d_out, inf.r, inf.depth
+        self.first_layer_alpha, self.last_layer_alpha = inf.first_layer_alpha, inf.last_layer_alpha
+        self.bias_alpha, self.last_bias_alpha = inf.bias_alpha, inf.last_bias_alpha
+        self.gaussian_init = bool(gaussian_init)
+        dev = inf.input_layer.A.device
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        omegas = [torch.randn(n, self.r, generator=gen).to(dev) for _ in range(self.depth + 1)]
+        weights, biases = [], []
+        with torch.no_grad():
+            A0 = inf.input_layer.A.float()
+            weights.append(n**-0.5 * omegas[0] @ A0.T)
+            b0 = inf.input_layer.bias
+            biases.append(n**-0.5 * omegas[0] @ b0.float() if b0 is not None else None)
+            for i, layer in enumerate(inf.pi_layers):
+                A = layer.A.float() * layer.Amult[:, None]
+                act = _relu(omegas[i] @ layer.B.float().T)  # n x M
+                if layer.output_layer:
+                    weights.append(n**-0.5 * A.T @ act.T)
+                    biases.append(layer.bias.detach().float().clone() if layer.bias is not None else None)
+                else:
+                    weights.append(n**-1.0 * omegas[i + 1] @ (A.T @ act.T))
+                    biases.append(
+                        n**-0.5 * omegas[i + 1] @ layer.bias.float() if layer.bias is not None else None
+                    )
+            if self.gaussian_init:
+                for w in weights:
+                    w.copy_(torch.randn(w.shape, generator=gen).to(dev) * (2.0 / w.shape[1]) ** 0.5)
+        self.weights = nn.ParameterList([nn.Parameter(w) for w in weights])
+        self.has_bias = [b is not None for b in biases]
+        self.biases = nn.ParameterList(
+            [nn.Parameter(b if b is not None else torch.zeros(0, device=dev)) for b in biases]
+        )
+        for i, om in enumerate(omegas):
+            self.register_buffer(f"omega{i}", om)
+            self.register_buffer(f"gcovinv{i}", torch.linalg.inv(om.T @ om))
+
+    def config(self) -> dict:
+        return dict(width=self.width, gaussian_init=self.gaussian_init)
+
+    def _bias(self, i: int):
+        if not self.has_bias[i]:
+            return None
+        alpha = self.last_bias_alpha if i == self.depth + 1 else self.bias_alpha
+        return alpha * self.biases[i]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """relu of the last hidden pre-activations (batch x width), the readout's input."""
+        if x.dim() > 2:
+            x = x.flatten(1)
+        if x.dim() != 2 or x.shape[1] != self.d_in:
+            raise InvalidInputError(f"input of shape {tuple(x.shape)}; expected (batch, {self.d_in})")
+        h = (
+            nn.functional.linear(x.to(self.weights[0].dtype), self.weights[0], self._bias(0))
+            * self.first_layer_alpha
+        )
+        for i in range(1, self.depth + 1):
+            h = nn.functional.linear(_relu(h), self.weights[i], self._bias(i))
+        return _relu(h)
+
+    def readout(self, f: torch.Tensor) -> torch.Tensor:
+        i = self.depth + 1
+        return nn.functional.linear(f, self.weights[i], self._bias(i)) * self.last_layer_alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.readout(self.features(x))
+
+    @torch.no_grad()
+    def project_gradients_(self) -> None:
+        """Gproj: grad <- Omega (Omega^T Omega)^-1 Omega^T grad for every non-output weight and bias."""
+        for i in range(self.depth + 1):
+            om, gi = getattr(self, f"omega{i}"), getattr(self, f"gcovinv{i}")
+            for p in (self.weights[i], self.biases[i] if self.has_bias[i] else None):
+                if p is None or p.grad is None:
+                    continue
+                g = p.grad.reshape(p.shape[0], -1).float()
+                p.grad.copy_((om @ (gi @ (om.T @ g))).reshape(p.shape).to(p.grad.dtype))
+
+
+def mup_baseline(inf: InfMLP, width: int, seed: int = 0) -> FinPiMLP:
+    """The muP baseline of the paper: Gaussian-initialised finite net (train with ``gproj=False``)."""
+    return FinPiMLP(inf, width, seed=seed, gaussian_init=True)
