@@ -160,7 +160,7 @@ class MaskedAutoencoderViT(nn.Module):
             Dc = cfg.classifier_embed_dim
             self.classifier_embed = nn.Linear(D, Dc)
             self.register_buffer("classifier_pos_embed", sincos_pos_embed(Dc, gs)[None])
-            dpr = torch.linspace(0, cfg.drop_path_rate, max(cfg.classifier_depth, 1)).tolist()
+            dpr = np.linspace(0, cfg.drop_path_rate, max(cfg.classifier_depth, 1)).tolist()
             self.classifier_blocks = nn.ModuleList(
                 [Block(Dc, cfg.classifier_num_heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=norm,
                        drop_path=dpr[i]) for i in range(cfg.classifier_depth)]

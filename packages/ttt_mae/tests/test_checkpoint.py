@@ -1,0 +1,86 @@
+"""Official checkpoint layouts (upstream key names), as synthetic files with tiny dims."""
+
+import argparse
+
+import pytest
+import torch
+
+from tttlab.core.errors import CheckpointError
+from tttlab.ttt_mae.checkpoint import load_official
+from tttlab.ttt_mae.model import build_model
+
+
+def official_files(tmp_path, tiny, head_type="vit_head"):
+    """A ``mae_pretrain_vit_large_full.pth``-like file (encoder + decoder) and a
+    ``prob_lr1e-3_wd.2_blk12_ep20.pth``-like file (encoder copy + classifier*, no decoder, training
+    state with an argparse Namespace), built from another seed so loading visibly changes the weights."""
+    src = tiny(seed=1, head_type=head_type)
+    sd = src.state_dict()
+    pre = {k: v.clone() for k, v in sd.items() if not k.startswith(("classifier", "head.", "bn."))}
+    if head_type == "vit_head":
+        head = {k: v.clone() for k, v in sd.items() if not k.startswith("decoder") and k != "mask_token"}
+    else:  # upstream's linear probe: head = Sequential(BatchNorm1d(affine=False), Linear)
+        head = {k: v.clone() for k, v in sd.items() if not k.startswith(("decoder", "head.", "bn."))}
+        head.update({"head.0.running_mean": torch.randn_like(sd["bn.running_mean"]),
+                     "head.0.running_var": torch.rand_like(sd["bn.running_var"]) + 0.5,
+                     "head.1.weight": sd["head.weight"].clone(), "head.1.bias": sd["head.bias"].clone()})  # fmt: skip
+    torch.save({"model": pre}, tmp_path / "mae_pretrain_vit_large_full.pth")
+    torch.save({"model": head, "optimizer": {}, "epoch": 19, "scaler": {}, "args": argparse.Namespace(blr=1e-3)},
+               tmp_path / "prob_lr1e-3_wd.2_blk12_ep20.pth")  # fmt: skip
+    return (
+        tmp_path / "mae_pretrain_vit_large_full.pth",
+        tmp_path / "prob_lr1e-3_wd.2_blk12_ep20.pth",
+        src,
+        head,
+    )
+
+
+@pytest.mark.parametrize("head_type", ["vit_head", "linear"])
+def test_load_official_layout(tmp_path, tiny, head_type):
+    pre, head_path, src, head = official_files(tmp_path, tiny, head_type)
+    m = load_official(tiny(seed=2, head_type=head_type), pre, head_path)
+    for k, v in m.state_dict().items():
+        if k == "bn.running_mean":
+            assert torch.equal(v, head["head.0.running_mean"])
+        elif k == "bn.running_var":
+            assert torch.equal(v, head["head.0.running_var"])
+        elif k != "bn.num_batches_tracked":
+            assert torch.equal(v, src.state_dict()[k]), k
+
+
+def test_head_taken_from_head_file_only(tmp_path, tiny):
+    pre, head_path, src, _ = official_files(tmp_path, tiny)
+    other = tiny(seed=3).state_dict()
+    sd = torch.load(pre)["model"]
+    sd["classifier_pred.weight"] = other["classifier_pred.weight"]  # ignored: the head file wins
+    torch.save({"model": sd}, pre)
+    m = load_official(tiny(seed=2), pre, head_path)
+    assert torch.equal(m.classifier_pred.weight, src.classifier_pred.weight)
+
+
+def test_missing_and_mismatched_keys_are_named(tmp_path, tiny):
+    pre, head_path, _, head = official_files(tmp_path, tiny)
+    sd = torch.load(pre)["model"]
+    del sd["decoder_pred.bias"]
+    sd["blocks.0.attn.qkv.weight"] = torch.zeros(5, 5)
+    torch.save({"model": sd}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"decoder_pred\.bias") as e:
+        load_official(tiny(), tmp_path / "bad.pth", head_path)
+    assert "blocks.0.attn.qkv.weight (5, 5) != (96, 32)" in str(e.value)
+    head = {k: v for k, v in head.items() if k != "classifier_norm.weight"}
+    torch.save({"model": head}, tmp_path / "head.pth")
+    with pytest.raises(CheckpointError, match=r"missing in .*head\.pth: classifier_norm\.weight"):
+        load_official(tiny(), pre, tmp_path / "head.pth")
+
+
+def test_wrong_architecture_and_missing_file(tmp_path, tiny):
+    pre, head_path, _, _ = official_files(tmp_path, tiny)
+    bigger = build_model("mae_vit_smoke_patch7", depth=3)
+    torch.save({"model": bigger.state_dict()}, tmp_path / "deeper.pth")
+    with pytest.raises(CheckpointError, match=r"blocks\.2\."):
+        load_official(tiny(), tmp_path / "deeper.pth", head_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_official(tiny(), tmp_path / "nope.pth", head_path)
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="expected a dict"):
+        load_official(tiny(), tmp_path / "list.pth", head_path)

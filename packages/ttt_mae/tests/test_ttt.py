@@ -1,0 +1,121 @@
+import pytest
+import torch
+
+from tttlab.core.errors import ConfigError, InvalidInputError
+from tttlab.ttt_mae.reference import ReferenceTTT
+from tttlab.ttt_mae.ttt import BatchedTTT, TTTAdapter, TTTSettings, image_generator, trainable_names
+from tttlab.ttt_mae.views import crop_params, make_views
+
+
+def settings(**kw):
+    base = dict(steps_per_example=3, batch_size=4, lr=0.05, single_crop=False)
+    return TTTSettings(**{**base, **kw})
+
+
+def images(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(1, 28, 28, generator=g) for _ in range(n)]
+
+
+def params_of(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["encoder", "all", "encoder_no_cls_no_msk"])
+def test_finetune_modes_and_exact_reset(tiny, norm, mode):
+    m = tiny()
+    before = params_of(m)
+    a = TTTAdapter(m, settings(finetune_mode=mode))
+    a.adapt(images(1)[0], image_generator(0, 0, 0), norm)
+    after = params_of(m)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "blocks.0.attn.qkv.weight" in changed
+    assert not any(k.startswith("classifier") for k in changed)
+    assert any(k.startswith("decoder") for k in changed) == (mode == "all")
+    assert ("cls_token" in changed) == (mode != "encoder_no_cls_no_msk")
+    assert ("mask_token" in changed) == (mode != "encoder_no_cls_no_msk")
+    assert a.optimizer.state  # momentum buffers exist after the steps
+    a.reset()
+    assert all(torch.equal(before[k], v) for k, v in params_of(m).items())  # bitwise
+    assert not a.optimizer.state
+
+
+@pytest.mark.parametrize("single_crop", [True, False])
+def test_equals_upstream_style_reference(tiny, norm, single_crop):
+    """Snapshot restore + foreach SGD + SDPA == deepcopy per image + plain SGD + explicit attention."""
+    s = settings(single_crop=single_crop)
+    ref_model = tiny().set_fused_attn(False)
+    ref = ReferenceTTT(ref_model, s)
+    ours = TTTAdapter(tiny(), s)
+    for i, x in enumerate(images(3)):
+        r = ref.adapt(x, image_generator(0, 0, i), norm)
+        o = ours.adapt(x, image_generator(0, 0, i), norm)
+        assert r.predictions == o.predictions
+        assert r.losses == pytest.approx(o.losses, rel=1e-4, abs=1e-5)
+    # the reference never touches its base model
+    assert all(torch.equal(v, tiny().state_dict()[k]) for k, v in ref_model.state_dict().items())
+
+
+def test_batched_equals_loop_and_is_order_free(tiny, norm):
+    s = settings()
+    xs = images(3)
+    loop = TTTAdapter(tiny(), s)
+    want = [loop.adapt(x, image_generator(0, 1, i), norm) for i, x in enumerate(xs)]
+    last_params = params_of(loop.model)
+    b = BatchedTTT(tiny(), s)
+    got = b.adapt(xs[::-1], [image_generator(0, 1, i) for i in (2, 1, 0)], norm)[::-1]
+    for w, g in zip(want, got):
+        assert w.predictions == g.predictions
+        assert w.losses == pytest.approx(g.losses, rel=1e-4, abs=1e-5)
+    # the batched base weights are untouched
+    assert all(torch.equal(v, tiny().state_dict()[k]) for k, v in b.model.state_dict().items())
+    del last_params
+
+
+def test_steps_zero_is_the_baseline(tiny, norm):
+    m = tiny()
+    a = TTTAdapter(m, settings(steps_per_example=0))
+    xs = images(4)
+    preds = [a.adapt(x, image_generator(0, 0, i), norm).predictions for i, x in enumerate(xs)]
+    with torch.no_grad():
+        want = m.eval().classify(norm(torch.stack(xs))).argmax(1).tolist()
+    assert [p[0] for p in preds] == want and all(len(p) == 1 for p in preds)
+
+
+def test_trainable_names_upstream_rule(tiny):
+    m = tiny()
+    enc = trainable_names(m, "encoder")
+    assert "mask_token" in enc and "patch_embed.proj.weight" in enc and "cls_token" in enc
+    assert not any(n.startswith(("decoder", "classifier")) for n in enc)
+    with pytest.raises(ConfigError, match="finetune_mode"):
+        trainable_names(m, "head")
+
+
+def test_views():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 32, 32)
+    v = make_views(x, 5, single_crop=True, size=32, generator=g)
+    assert v.shape == (5, 3, 32, 32) and all(torch.equal(v[i], x) for i in range(5))
+    a = make_views(x, 6, single_crop=False, size=32, generator=torch.Generator().manual_seed(1))
+    b = make_views(x, 6, single_crop=False, size=32, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
+    assert not torch.equal(a[0], a[1])
+    for seed in range(20):
+        top, left, h, w = crop_params(32, 32, (0.2, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(seed))
+        assert 0.2 * 1024 * 0.9 <= h * w <= 1024 and 0 <= top <= 32 - h and 0 <= left <= 32 - w
+        assert 3 / 4 * 0.8 <= w / h <= 4 / 3 * 1.2
+
+
+def test_bad_settings(tiny):
+    with pytest.raises(InvalidInputError, match="steps_per_example"):
+        settings(steps_per_example=-1).check()
+    with pytest.raises(InvalidInputError, match="mask_ratio"):
+        settings(mask_ratio=1.0).check()
+    with pytest.raises(InvalidInputError, match="mask_ratio"):
+        settings(mask_ratio=-0.1).check()
+    with pytest.raises(ConfigError, match="optimizer_type"):
+        settings(optimizer_type="lion").check()
+    with pytest.raises(ConfigError, match="sgd"):
+        BatchedTTT(tiny(), settings(optimizer_type="adam"))
+    with pytest.raises(ConfigError, match="decoder"):
+        TTTAdapter(tiny(no_decoder=True), settings())
