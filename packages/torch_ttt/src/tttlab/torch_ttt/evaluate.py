@@ -1,0 +1,471 @@
+"""Any registered engine on any core benchmark, or on the tutorial's noisy stream, writing core records.
+
+    tttlab-torch-ttt-evaluate engine=tent                                  # mnist_c, severity 5
+    tttlab-torch-ttt-evaluate engine=eata benchmark.setting=continual benchmark.num_examples=1000
+    tttlab-torch-ttt-evaluate engine=ttt stream=noisy train_run=runs/torch_ttt/mnist_tutorial
+    torchrun --nproc_per_node=2 -m tttlab.torch_ttt.evaluate engine=tent benchmark.setting=episodic
+
+The model comes from ``train_run`` (a ``tttlab-torch-ttt-train`` run directory) or, when that is null,
+from a run of ``train_experiment`` trained on first use and cached under ``cache_dir`` (keyed by the hash
+of its training config).  Engines with a jointly trained auxiliary head (``ttt``, ``ttt_pp``, ``ittt``,
+``masked_ttt``) get a model trained with that engine; the others the model trained with TTT (its
+rotation head is unused by them).  TTT++/ActMAD reference statistics and EATA's Fisher information are
+computed on ``calibration.num_examples`` clean training images.
+
+Reset policy: ``engine.optimization.reset`` or, when null, from the benchmark setting (``episodic`` ->
+``per_batch``, ``reset_each_shift`` -> ``per_domain``, ``continual``/``mixed``/``gradual`` -> ``never``).
+With ``per_domain`` the engine is reset whenever the stream's domain changes or a batch asks for it
+(``Batch.reset``); with ``never`` it is not reset.
+
+Records (core schema, ``<out_dir>/records.jsonl``): per domain ``accuracy`` (``n`` images, ``wall_time_s``
+of adaptation + prediction) and ``s_per_image`` (adaptation + prediction seconds per image), plus the
+mean accuracy over corruptions (``corruption="mean"``); ``step`` is the engine's ``num_steps``.
+
+Distributed (``torchrun``): ``torch.distributed`` (gloo on CPU, NCCL with CUDA) is used only to learn the
+rank and world size and for barriers.  Rank r evaluates ``benchmark.batches(rank=r, world_size=W)`` and
+writes its per-domain partial records to ``<out_dir>/shards/records-rank<r>.jsonl`` (rank 0:
+``records.jsonl``); after a barrier rank 0 folds them with core ``merge_records`` and writes the summary
+records from the summed counts, so that the accuracy equals a single-process run's whenever batches are
+independent (``episodic``).  In the other settings each rank adapts on its own subsequence of the stream,
+which changes the result (as any sharded continual adaptation does).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tttlab.core.config import RunConfig
+from tttlab.core.errors import CheckpointError, ConfigError
+from tttlab.core.records import RunDir, config_hash, load_records, merge_records
+
+from . import train as T
+from .engine.base_engine import Reset
+from .engine_registry import EngineRegistry
+
+log = logging.getLogger("tttlab.torch_ttt.evaluate")
+
+RESET_FOR_SETTING = {
+    "episodic": Reset.PER_BATCH, "reset_each_shift": Reset.PER_DOMAIN, "continual": Reset.NEVER,
+    "mixed": Reset.NEVER, "gradual": Reset.NEVER,
+}  # fmt: skip
+STREAMS = ("benchmark", "noisy")
+
+#: ``profile=`` of the compare contract (``tools/compare.py``): defaults that the caller's own keys override.
+#: smoke: seconds (CI); quick: ``make demo profile=quick``; full: ``make demo`` (the mnist_bn model trained
+#: one epoch on all 50,000 training images).  The trained model is cached in ``cache_dir`` either way.
+PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": {"train_overrides": ["data.num_examples=512", "train.checkpoint_every=8"],
+              "benchmark": {"num_examples": 64, "batch_size": 32}, "calibration": {"num_examples": 128}},
+    "quick": {"train_overrides": ["data.num_examples=10000"],
+              "benchmark": {"num_examples": 300}, "calibration": {"num_examples": 512}},
+    "full": {"train_overrides": [], "benchmark": {"num_examples": 1000}, "calibration": {"num_examples": 2048}},
+}  # fmt: skip
+
+
+@dataclass
+class EngineConfig:
+    name: str = "tent"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    optimization: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NoisyStreamConfig:
+    batch_size: int = 32
+    noise_std: float = 2.0
+    noise_seed: int = 0
+    num_examples: int | None = None
+
+
+@dataclass
+class CalibrationConfig:
+    num_examples: int = 2048
+    batch_size: int = 64
+
+
+@dataclass
+class EvalConfig(RunConfig):
+    experiment_name: str = "eval"
+    stream: str = "benchmark"
+    train_run: str | None = None
+    train_experiment: str = "mnist_bn"
+    train_overrides: list[str] = field(default_factory=list)
+    train_engine: str = "auto"
+    cache_dir: str = "runs/torch_ttt/models"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    noisy: NoisyStreamConfig = field(default_factory=NoisyStreamConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="tttlab_torch_ttt_evaluate", node=EvalConfig)
+
+
+def eval_config(cfg: Mapping | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """``conf/evaluate.yaml`` + ``conf/engine/<engine>.yaml`` + ``cfg`` (a possibly partial mapping, with
+    ``engine`` a name or a mapping) + ``key=value`` overrides, validated against :class:`EvalConfig`."""
+    from omegaconf import OmegaConf
+
+    from tttlab.core.config import validate
+
+    user = contract_keys(T.to_dict(cfg) if cfg is not None else {})
+    engine = user.get("engine", "tent")
+    name = engine if isinstance(engine, str) else (engine or {}).get("name", "tent")
+    if name not in EngineRegistry.names():
+        raise ConfigError(f"engine={name!r}; expected one of {EngineRegistry.names()}")
+    base = T.conf_yaml("evaluate.yaml")
+    base["engine"] = T.conf_yaml(f"engine/{name}.yaml")
+    if isinstance(engine, str):
+        user = {**user, "engine": {"name": engine}}
+    profile = user.pop("profile", None)
+    merged = OmegaConf.merge(base, PROFILES[profile] if profile else {}, user,
+                             OmegaConf.from_dotlist(list(overrides or [])))  # fmt: skip
+    c = T.to_dict(validate(OmegaConf.to_container(merged, resolve=True), EvalConfig))
+    if c["stream"] not in STREAMS:
+        raise ConfigError(f"stream={c['stream']!r}; expected one of {STREAMS}")
+    if c["engine"]["name"] not in EngineRegistry.names():
+        raise ConfigError(f"engine.name={c['engine']['name']!r}; expected one of {EngineRegistry.names()}")
+    return c
+
+
+def contract_keys(user: dict[str, Any]) -> dict[str, Any]:
+    """Translate the keys every subpackage's evaluate takes from ``tools/compare.py`` (``method`` =
+    ``"torch_ttt.<engine>"``, ``profile``, ``progress``) into this config's keys."""
+    user = dict(user)
+    method = user.pop("method", None)
+    if method is not None:
+        name = str(method).removeprefix("torch_ttt.")
+        if name not in EngineRegistry.names():
+            raise ConfigError(
+                f"method={method!r}; expected torch_ttt.<engine> with <engine> one of {EngineRegistry.names()}"
+            )
+        engine = user.get("engine")
+        if isinstance(engine, Mapping):
+            user["engine"] = {**engine, "name": name}
+        else:
+            user["engine"] = name
+    if "progress" in user:
+        user["logging"] = {**(user.get("logging") or {}), "progress": bool(user.pop("progress"))}
+    profile = user.get("profile")
+    if profile is not None and profile not in PROFILES:
+        raise ConfigError(f"profile={profile!r}; expected one of {list(PROFILES)}")
+    return user
+
+
+# ----------------------------------------------------------------------------------------------------------
+# distribution
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    initialized: bool = False
+
+    def barrier(self) -> None:
+        if self.initialized:
+            torch.distributed.barrier()
+
+
+def init_distributed() -> Dist:
+    """Rank and world size from ``torchrun``'s environment (gloo on CPU); a single process otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model
+
+
+def reset_policy(c: dict[str, Any]) -> Reset:
+    override = (c["engine"]["optimization"] or {}).get("reset")
+    if override is not None:
+        return Reset.parse(override)
+    return RESET_FOR_SETTING[c["benchmark"]["setting"]]
+
+
+def training_run(c: dict[str, Any], dist: Dist) -> Path:
+    """The train run directory to load: ``train_run``, or the cached run (trained now, by rank 0, if
+    absent or unfinished)."""
+    if c["train_run"]:
+        path = Path(c["train_run"])
+        if not (path / "checkpoints" / f"{T.CHECKPOINT}.ckpt").exists():
+            raise CheckpointError(
+                f"train_run={path}: no checkpoints/{T.CHECKPOINT}.ckpt; expected a tttlab-torch-ttt-train run"
+            )
+        return path
+    engine = c["engine"]["name"]
+    train_engine = c["train_engine"]
+    if train_engine == "auto":
+        train_engine = engine if engine in T.HEADED else "ttt"
+    overrides = [f"train.engine={train_engine}", "eval.enabled=false", *c["train_overrides"]]
+    tc = T.train_config(c["train_experiment"], overrides)
+    key = config_hash(T._training_part(tc))
+    path = Path(c["cache_dir"]) / f"{tc['model']['name']}-{train_engine}-{key}"
+    tc["out_dir"], tc["logging"] = str(path), c["logging"]
+    if dist.rank == 0:
+        ckpt = path / "checkpoints" / f"{T.CHECKPOINT}.ckpt"
+        if not (ckpt.exists() and T.load_checkpoint(ckpt).get("done")):
+            log.info("training %s with %s into %s (cached for later evaluations)", tc["model"]["name"],
+                     train_engine, path)  # fmt: skip
+            T.run(tc)
+    dist.barrier()
+    return path
+
+
+def load_engine(c: dict[str, Any], run_dir: Path, device: torch.device, example: torch.Tensor):
+    """``(engine, model_name, train_engine)``: the evaluated engine around the trained model; its head
+    (if the run trained the same engine) loaded from the checkpoint."""
+    ck = T.load_checkpoint(run_dir / "checkpoints" / f"{T.CHECKPOINT}.ckpt")
+    if not ck.get("done"):
+        raise CheckpointError(f"{run_dir}: training did not finish; run tttlab-torch-ttt-train there again")
+    name, model_name = c["engine"]["name"], ck["model_name"]
+    torch.manual_seed(int(c["seed"]))
+    model = T.build_model(model_name)
+    model.load_state_dict(ck["model_state"])
+    model.to(device).eval()
+    kwargs = dict(c["engine"]["kwargs"] or {})
+    optimization = {k: v for k, v in (c["engine"]["optimization"] or {}).items() if k != "reset"}
+    if name == ck["engine_name"]:
+        kwargs = {**(ck["engine_kwargs"] or {}), **kwargs}
+    engine = T.build_engine(name, model, model_name, kwargs, optimization, example)
+    if name == ck["engine_name"]:
+        engine.load_state_dict(ck["engine_state"])
+    elif name in T.HEADED:
+        log.warning("%s's head was not trained with the model (the run trained %s): it is random",
+                    name, ck["engine_name"])  # fmt: skip
+    engine.to(device)
+    engine.optimization_parameters["reset"] = reset_policy(c)
+    return engine.eval(), model_name, ck["engine_name"]
+
+
+def calibrate(engine, c: dict[str, Any], device: torch.device) -> None:
+    """TTT++ / ActMAD reference statistics and EATA's Fisher information on clean training images."""
+    needs = [m for m in ("compute_statistics", "compute_fishers") if hasattr(engine, m)]
+    if not needs:
+        return
+    cal = c["calibration"]
+    x, y = T.load_mnist("train", int(cal["num_examples"]))
+    batches = [
+        (xb.to(device), yb.to(device))
+        for xb, yb in zip(x.split(cal["batch_size"]), y.split(cal["batch_size"]))
+    ]
+    for method in needs:
+        getattr(engine, method)(batches)
+    engine.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# streams
+
+
+@dataclass
+class StreamBatch:
+    domain: Any  # tttlab.core.benchmark.Domain or None (mixed)
+    x: torch.Tensor
+    y: torch.Tensor
+    reset: bool
+    domain_ids: np.ndarray
+
+
+def make_stream(c: dict[str, Any], dist: Dist):
+    """``(batches iterator, domains list, dataset name)`` of this rank's shard."""
+    from tttlab.core.benchmark import Domain, make_benchmark
+    from tttlab.core.torch import MNIST_MEAN, MNIST_STD, to_tensor
+
+    if c["stream"] == "noisy":
+        nz = c["noisy"]
+        x, y = T.load_mnist("test", nz["num_examples"])
+        xn = T.noisy(x, float(nz["noise_std"]), int(nz["noise_seed"]))
+        domain = Domain(T.TUTORIAL_NOISE, None)
+
+        def noisy_batches() -> Iterator[StreamBatch]:
+            for i, (xb, yb) in enumerate(zip(xn.split(nz["batch_size"]), y.split(nz["batch_size"]))):
+                if i % dist.world_size == dist.rank:
+                    yield StreamBatch(domain, xb, yb, i == 0 or c["benchmark"]["setting"] == "episodic",
+                                      np.zeros(len(yb), np.int64))  # fmt: skip
+
+        return noisy_batches(), [domain], "mnist"
+    b = c["benchmark"]
+    bench = make_benchmark(
+        b["name"], root=b.get("root"), corruptions=b["corruptions"], severities=list(b["severities"]),
+        setting=b["setting"], batch_size=int(b["batch_size"]), num_examples=b["num_examples"],
+        seed=int(b["seed"]), cache_dir=b["cache_dir"], include_clean=bool(b["include_clean"]),
+    )  # fmt: skip
+    mean, std = (MNIST_MEAN, MNIST_STD) if b["name"] in ("mnist_c", "digits_c") else (None, None)
+
+    def bench_batches() -> Iterator[StreamBatch]:
+        for batch in bench.batches(rank=dist.rank, world_size=dist.world_size):
+            x = to_tensor(batch.images, mean=mean, std=std)
+            y = torch.from_numpy(np.asarray(batch.labels, np.int64))
+            yield StreamBatch(batch.domain, x, y, batch.reset, batch.domain_ids)
+
+    return bench_batches(), bench.domains, b["name"]
+
+
+def adapt_stream(engine, batches, domains, device, policy: Reset, progress: bool) -> dict[Any, list]:
+    """Run the engine over the stream; ``{domain: [correct, n, seconds]}`` (seconds: adaptation and
+    prediction only, split over the domains of a mixed batch by their share of its images)."""
+    totals: dict[Any, list] = {d: [0, 0, 0.0] for d in domains}
+    previous = None
+    with T.progress_bar(None, f"{type(engine).__name__}", progress) as bar:
+        for batch in batches:
+            changed = batch.domain is not None and batch.domain != previous
+            if policy is not Reset.NEVER and (batch.reset or (policy is Reset.PER_DOMAIN and changed)):
+                engine.reset()
+            previous = batch.domain
+            x, y = batch.x.to(device), batch.y.to(device)
+            t0 = time.perf_counter()
+            out, _ = engine(x)
+            pred = out.argmax(1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            secs = time.perf_counter() - t0
+            hit = (pred == y).cpu().numpy()
+            for i in np.unique(batch.domain_ids):
+                sel = batch.domain_ids == i
+                acc = totals[domains[int(i)]]
+                acc[0] += int(hit[sel].sum())
+                acc[1] += int(sel.sum())
+                acc[2] += secs * float(sel.sum()) / len(hit)
+            bar.update(1)
+    return totals
+
+
+# ----------------------------------------------------------------------------------------------------------
+# records
+
+
+def write_summary(writer, totals: dict[Any, list], extra: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per domain ``accuracy`` and ``s_per_image``, then the mean accuracy over corruptions."""
+    out, accs, n_all, t_all = [], [], 0, 0.0
+    for dom, (correct, n, secs) in totals.items():
+        if n == 0:
+            continue
+        acc = correct / n
+        fields = dict(
+            corruption=dom.corruption, severity=dom.severity, n=n, extra={**extra, "correct": correct}
+        )
+        out.append(writer.write(metric="accuracy", value=acc, wall_time_s=secs, **fields))
+        out.append(writer.write(metric="s_per_image", value=secs / n, wall_time_s=secs, **fields))
+        if dom.corruption is not None:
+            accs.append(acc)
+        n_all, t_all = n_all + n, t_all + secs
+    if len(accs) > 1:
+        sev = {d.severity for d in totals if d.corruption is not None}
+        out.append(
+            writer.write(
+                metric="accuracy", value=float(np.mean(accs)), corruption="mean",
+                severity=sev.pop() if len(sev) == 1 else None, n=n_all, wall_time_s=t_all,
+                extra={**extra, "domains": len(accs)},
+            )
+        )  # fmt: skip
+    return out
+
+
+def totals_from_records(path: Path, domains) -> dict[Any, list]:
+    """Sum the ranks' partial ``accuracy`` records back into ``{domain: [correct, n, seconds]}``."""
+    import pandas as pd
+
+    df = load_records(path, metric="accuracy")
+    by_name = {(d.corruption, d.severity): d for d in domains}
+    totals: dict[Any, list] = {d: [0, 0, 0.0] for d in domains}
+    for row in df.itertuples(index=False):
+        sev = None if pd.isna(row.severity) else int(row.severity)
+        corr = None if pd.isna(row.corruption) else str(row.corruption)
+        if corr == "mean":
+            continue
+        acc = totals[by_name[(corr, sev)]]
+        acc[0] += int(row.extra["correct"])
+        acc[1] += int(row.n)
+        acc[2] += float(row.wall_time_s)
+    return totals
+
+
+def run(cfg: Mapping | None = None, **overrides) -> Path:
+    """Evaluate per ``cfg`` (a mapping with keys of ``conf/evaluate.yaml``; partial is fine); returns the
+    records file.  Under ``torchrun`` every rank calls it; rank 0 returns the merged records."""
+    c = eval_config({**(T.to_dict(cfg) if cfg is not None else {}), **overrides})
+    dist = init_distributed()
+    device = T.resolve_device(c["device"])
+    if device.type == "cuda" and dist.world_size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    out = Path(c["out_dir"])
+    if dist.rank == 0 and (out / "shards").exists():  # partial records of an earlier interrupted run
+        import shutil
+
+        shutil.rmtree(out / "shards")
+    run_dir = training_run(c, dist)
+    x_example, _ = T.load_mnist("train", 2)
+    engine, model_name, train_engine = load_engine(c, run_dir, device, x_example.to(device))
+    calibrate(engine, c, device)
+    policy = engine.optimization_parameters["reset"]
+    batches, domains, dataset = make_stream(c, dist)
+    torch.manual_seed(int(c["seed"]) + dist.rank)
+    progress = bool(c["logging"]["progress"]) and dist.rank == 0
+    totals = adapt_stream(engine, batches, domains, device, policy, progress)
+    setting = c["benchmark"]["setting"]
+    defaults = dict(
+        method=f"torch_ttt.{c['engine']['name']}", package="torch_ttt", framework="torch", model=model_name,
+        dataset=dataset, setting=setting, step=int(engine.optimization_parameters["num_steps"]),
+        seed=int(c["seed"]),
+    )  # fmt: skip
+    extra = {"reset": policy.value, "train_engine": train_engine, "train_run": str(run_dir),
+             "world_size": dist.world_size}  # fmt: skip
+    if dist.world_size == 1:
+        rd = RunDir(out, c)
+        with rd.writer(**defaults) as writer:
+            write_summary(writer, totals, extra)
+        return rd.records_path
+    shards = RunDir(out / "shards", c, rank=dist.rank)
+    with shards.writer(**defaults) as writer:
+        write_summary(writer, totals, {**extra, "rank": dist.rank, "shard": True})
+    dist.barrier()
+    if dist.rank == 0:
+        merge_records(shards.path, world_size=dist.world_size)
+        merged = totals_from_records(shards.path / "records.jsonl", domains)
+        rd = RunDir(out, c)
+        with rd.writer(**defaults) as writer:
+            write_summary(writer, merged, extra)
+    dist.barrier()
+    return out / "records.jsonl"
+
+
+def main() -> None:
+    import hydra
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    register_configs()
+
+    @hydra.main(config_path="conf", config_name="evaluate", version_base=None)
+    def _main(cfg) -> None:
+        path = run(cfg)
+        if init_distributed().rank == 0:
+            print(path)
+
+    try:
+        _main()
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Small MNIST models for the tutorial and the ``mnist_c`` comparisons, and a registry by name.
+
+* ``tutorial_net`` (:class:`Net`): seed 004's network, unchanged: conv 10 / 20 (kernel 5, max-pool 2)
+  -> fc 320-50-50-10, LeakyReLU, ``log_softmax`` output.  It has no normalisation layer, so TENT, EATA,
+  DeYO and BN adaptation do not apply to it.
+* ``mnist_bn`` (:class:`MnistBNNet`): the same shape of network with BatchNorm after each convolution and
+  after fc1, logits output.  Every engine applies to it (the normalisation-based ones adapt its BatchNorm
+  layers); it is the model of the ``mnist_c`` comparisons.
+
+Each entry of :data:`MODELS` also names the layers the engines hook by default (``features_layer`` for
+TTT / TTT++ / IT3 / masked TTT, ``actmad_layers`` for ActMAD), so that an evaluation config only needs the
+model's name.  Both models take normalised ``(N, 1, 28, 28)`` images (``MNIST_MEAN`` / ``MNIST_STD``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tttlab.core.errors import UnknownNameError
+
+__all__ = ["MODELS", "MnistBNNet", "ModelInfo", "Net", "build_model", "model_info"]
+
+
+class Net(nn.Module):
+    """Seed 004's tutorial CNN (torch-ttt's ``01_mnist_TTT.py``), layer names kept (``fc2`` is hooked)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
+        self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
+        self.fc1 = nn.Linear(320, 50)
+        self.fc2 = nn.Linear(50, 50)
+        self.fc3 = nn.Linear(50, 10)
+        self.activation = nn.LeakyReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.activation(F.max_pool2d(self.conv1(x), 2))
+        x = self.activation(F.max_pool2d(self.conv2(x), 2))
+        x = x.flatten(1)
+        x = self.activation(self.fc1(x))
+        x = self.activation(self.fc2(x))
+        return F.log_softmax(self.fc3(x), dim=-1)
+
+
+class MnistBNNet(nn.Module):
+    """conv(1->16, 3)-BN-ReLU-pool -> conv(16->32, 3)-BN-ReLU-pool -> fc 1568-64 -BN-ReLU -> fc 64-10.
+
+    A small BatchNorm CNN (about 110k parameters) for the normalisation-based engines; returns logits.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.fc1 = nn.Linear(2 * width * 7 * 7, 64, bias=False)
+        self.bn3 = nn.BatchNorm1d(64)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        x = F.relu(self.bn3(self.fc1(x.flatten(1))))
+        return self.fc(x)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A registered model: how to build it and which layers the engines hook by default."""
+
+    name: str
+    builder: Callable[[], nn.Module]
+    features_layer: str
+    actmad_layers: tuple[str, ...]
+    #: per-engine features layer where it differs from ``features_layer``
+    engine_layers: dict[str, str] = field(default_factory=dict)
+    has_norm: bool = False
+    description: str = ""
+
+    def layer_for(self, engine: str) -> str:
+        return self.engine_layers.get(engine, self.features_layer)
+
+
+MODELS: dict[str, ModelInfo] = {
+    "tutorial_net": ModelInfo(
+        "tutorial_net", Net, features_layer="fc2", actmad_layers=("conv1", "conv2", "fc1", "fc2"),
+        engine_layers={"masked_ttt": "conv2"}, has_norm=False,
+        description="seed 004's CNN (conv 10/20 k5, fc 320-50-50-10, LeakyReLU, log_softmax)",
+    ),
+    "mnist_bn": ModelInfo(
+        "mnist_bn", MnistBNNet, features_layer="fc1", actmad_layers=("bn1", "bn2", "bn3"),
+        engine_layers={"masked_ttt": "conv2"}, has_norm=True,
+        description="small BatchNorm CNN (conv 16/32 k3 + BN, fc 1568-64 + BN, 10 logits)",
+    ),
+}  # fmt: skip
+
+
+def model_info(name: str) -> ModelInfo:
+    if name not in MODELS:
+        raise UnknownNameError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+    return MODELS[name]
+
+
+def build_model(name: str) -> nn.Module:
+    """A freshly initialised model (draws from the global torch RNG: seed before calling)."""
+    return model_info(name).builder()

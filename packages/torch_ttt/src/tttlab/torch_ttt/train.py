@@ -1,0 +1,474 @@
+"""Joint training of a model and an engine's self-supervised head, then the seed 004 noisy evaluation.
+
+    tttlab-torch-ttt-train +experiment=mnist_tutorial          # seed 004's tutorial (~1-2 min, 2 cores)
+    python -m tttlab.torch_ttt.train +experiment=smoke         # seconds
+    tttlab-torch-ttt-train +experiment=mnist_bn                # the BatchNorm model of the mnist_c runs
+
+Flow (each step a small function): :func:`load_mnist` (embedded MNIST, normalised as the tutorial) ->
+:func:`build_model_and_engine` (the auxiliary head exists before the optimizer is made, so it is trained)
+-> :func:`train_epoch` (``loss = task + ssl_weight * ssl``; atomic checkpoints every
+``train.checkpoint_every`` steps and at each epoch end) -> :func:`evaluate_noisy` (clean accuracy, the
+tutorial's ``x + 2 N(0, 1)`` test stream without TTT, and with TTT after each of ``eval.num_steps``).
+
+Run directory (``out_dir``, core ``RunDir``): ``config.yaml``, ``env.json``, ``records.jsonl`` (core
+schema), ``stats.json`` (per-epoch training curves and the evaluation summary), ``checkpoints/last.ckpt``
+(model, engine incl. heads, optimizer, RNG state, position in the epoch).  A run started again in the same
+directory resumes from ``last.ckpt`` and ends with the same records (bitwise on CPU); evaluation records
+already written are not written twice.  ``train.stop_after_steps`` stops the process after that many
+optimisation steps *without* a checkpoint, as a kill would (used by the resume test).
+
+Differences from the tutorial: the noise is drawn once from ``eval.noise_seed`` and the same noisy images
+serve every evaluation (no TTT and TTT after 0..3 steps are paired; the tutorial drew fresh noise in each
+pass); the embedded MNIST has 50,000 training images (torchvision's has 60,000).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tttlab.core._io import atomic_path
+from tttlab.core.config import DataConfig, RunConfig
+from tttlab.core.errors import CheckpointError, ConfigError
+from tttlab.core.records import RunDir, config_hash, done_keys, load_records
+
+from .engine.base_engine import BaseEngine
+from .engine_registry import EngineRegistry, get_engine
+from .models import build_model, model_info
+
+log = logging.getLogger("tttlab.torch_ttt.train")
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+#: engines whose auxiliary head (or decoder / embedder) must be trained jointly with the model
+HEADED = ("ttt", "ttt_pp", "ittt", "masked_ttt")
+CHECKPOINT = "last"
+#: the corruption name of the tutorial's noise in records (it is not a Hendrycks corruption)
+TUTORIAL_NOISE = "tutorial_noise"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# config schema (unknown keys are errors; conf/config.yaml fills it)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tutorial_net"  # see tttlab.torch_ttt.models.MODELS
+
+
+@dataclass
+class TrainSection:
+    engine: str = "ttt"  # engine trained jointly (its head); "source" = plain supervised training
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    ssl_weight: float = 0.35
+    epochs: int = 1
+    lr: float = 0.01
+    optimizer: str = "adam"  # adam | sgd | adamw
+    shuffle: bool = False  # the tutorial does not shuffle; True: a permutation per (seed, epoch)
+    checkpoint_every: int = 200  # optimisation steps between checkpoints (and at every epoch end)
+    resume: bool = True
+    stop_after_steps: int | None = None  # simulate a kill after this many steps (tests)
+
+
+@dataclass
+class NoisyEvalConfig:
+    enabled: bool = True
+    batch_size: int = 32
+    noise_std: float = 2.0
+    noise_seed: int = 0
+    num_examples: int | None = None  # test images (first N); None: all 10,000
+    num_steps: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    lr: float | None = None  # None: the engine's default (TTT: 1e-2, as upstream)
+    optimizer_name: str | None = None
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    experiment_name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: NoisyEvalConfig = field(default_factory=NoisyEvalConfig)
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="tttlab_torch_ttt_train", node=TrainConfig)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    """A plain dict of an OmegaConf / dataclass / mapping config."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if hasattr(cfg, "__dataclass_fields__"):
+        return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return dict(cfg)
+
+
+def conf_yaml(relative: str) -> dict[str, Any]:
+    """A YAML file of the shipped ``conf/`` (``defaults`` and ``hydra`` keys dropped), unresolved."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    path = resources.files("tttlab.torch_ttt.conf").joinpath(relative)
+    if not path.is_file():
+        raise ConfigError(f"no config {relative!r} in tttlab.torch_ttt.conf")
+    cfg = OmegaConf.to_container(OmegaConf.create(path.read_text(encoding="utf-8")), resolve=False)
+    for key in ("defaults", "hydra"):
+        cfg.pop(key, None)
+    return cfg
+
+
+def train_config(experiment: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The training config as Hydra composes it (``config.yaml``, then ``experiment/<experiment>.yaml``,
+    then ``key=value`` overrides), without Hydra (usable inside a running Hydra app), validated."""
+    from omegaconf import OmegaConf
+
+    parts = [conf_yaml("config.yaml")]
+    if experiment:
+        parts.append(conf_yaml(f"experiment/{experiment}.yaml"))
+    merged = OmegaConf.merge(*parts, OmegaConf.from_dotlist(list(overrides or [])))
+    return _validate(OmegaConf.to_container(merged, resolve=True))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building blocks
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in ("auto", "gpu"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def normalise(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, 28, 28, 1) -> float (N, 1, 28, 28), ``(x / 255 - 0.1307) / 0.3081`` as the tutorial."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    return (x - MNIST_MEAN) / MNIST_STD
+
+
+def load_mnist(split: str, num_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``num_examples`` images of an embedded MNIST split, normalised, and their labels."""
+    from tttlab.core import data
+
+    ds = data.mnist(split)
+    n = len(ds) if num_examples is None else min(int(num_examples), len(ds))
+    images, labels = ds.take(np.arange(n))
+    return normalise(images), torch.from_numpy(np.asarray(labels, dtype=np.int64))
+
+
+def noisy(x: torch.Tensor, std: float, seed: int) -> torch.Tensor:
+    """The tutorial's corruption ``x + std * N(0, 1)`` (after normalisation), from its own generator."""
+    return x + std * torch.randn(x.shape, generator=torch.Generator().manual_seed(int(seed)))
+
+
+def _accepted(cls: type, **candidates) -> dict[str, Any]:
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in candidates.items() if k in params}
+
+
+def build_engine(
+    name: str,
+    model: nn.Module,
+    model_name: str,
+    kwargs: dict[str, Any] | None = None,
+    optimization: dict[str, Any] | None = None,
+    example_input: torch.Tensor | None = None,
+) -> BaseEngine:
+    """Engine ``name`` around ``model`` with the layers the model registry names (unless ``kwargs`` do)."""
+    cls = get_engine(name)
+    info = model_info(model_name)
+    kwargs = dict(kwargs or {})
+    optimization = {k: v for k, v in (optimization or {}).items() if v is not None}
+    if name == "actmad":
+        layers = kwargs.pop("features_layer_names", None) or list(info.actmad_layers)
+        return cls(model, features_layer_names=list(layers), optimization_parameters=optimization, **kwargs)
+    if "features_layer_name" in inspect.signature(cls.__init__).parameters:
+        kwargs.setdefault("features_layer_name", info.layer_for(name))
+        extra = _accepted(cls, example_input=example_input) if example_input is not None else {}
+        extra = {k: v for k, v in extra.items() if k not in kwargs}
+        return cls(model, optimization_parameters=optimization, **extra, **kwargs)
+    return cls(model, optimization, **kwargs)
+
+
+def build_model_and_engine(cfg: dict[str, Any], example_input: torch.Tensor, device: torch.device):
+    """Model (seeded init), its training engine with the head built now, and the optimizer over both."""
+    torch.manual_seed(int(cfg["seed"]))
+    model = build_model(cfg["model"]["name"]).to(device)
+    t = cfg["train"]
+    engine = build_engine(t["engine"], model, cfg["model"]["name"], t["engine_kwargs"], None, example_input)
+    engine.to(device)
+    name, lr = str(t["optimizer"]).lower(), float(t["lr"])
+    if name == "adam":
+        opt = torch.optim.Adam(engine.parameters(), lr=lr)
+    elif name == "adamw":
+        opt = torch.optim.AdamW(engine.parameters(), lr=lr)
+    elif name == "sgd":
+        opt = torch.optim.SGD(engine.parameters(), lr=lr, momentum=0.9)
+    else:
+        raise ConfigError(f"train.optimizer={name!r}; expected adam, adamw or sgd")
+    return model, engine, opt
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary file next to ``path``, fsync, rename: never a half-written file."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise CheckpointError(f"{path} is not a readable tttlab-torch-ttt checkpoint: {exc}") from None
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=not (enabled and sys.stderr.isatty()))
+
+
+def train_epoch(
+    engine: BaseEngine,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    state: dict[str, Any],
+    cfg: dict[str, Any],
+    on_checkpoint,
+    device: torch.device,
+) -> bool:
+    """One epoch from ``state["batch"]`` on (a resumed epoch skips the batches already done).
+
+    ``state`` holds ``epoch``, ``batch``, ``step`` and the running sums; ``on_checkpoint()`` is called every
+    ``checkpoint_every`` steps.  Returns False when ``stop_after_steps`` ended the process early.
+    """
+    t, bs = cfg["train"], int(cfg["data"]["batch_size"])
+    n = len(x)
+    if t["shuffle"]:
+        order = torch.from_numpy(np.random.default_rng([int(cfg["seed"]), state["epoch"]]).permutation(n))
+    else:
+        order = torch.arange(n)
+    num_batches = -(-n // bs)
+    engine.train()
+    with progress_bar(num_batches, f"epoch {state['epoch'] + 1}", cfg["logging"]["progress"]) as bar:
+        bar.update(state["batch"])
+        for b in range(state["batch"], num_batches):
+            idx = order[b * bs : (b + 1) * bs]
+            xb, yb = x[idx].to(device), y[idx].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            out, ssl = engine(xb)
+            task = F.cross_entropy(out, yb)
+            loss = task + float(t["ssl_weight"]) * ssl
+            loss.backward()
+            optimizer.step()
+            state["correct"] += int((out.detach().argmax(1) == yb).sum())
+            state["seen"] += len(yb)
+            state["task_loss"] += float(task.detach()) * len(yb)
+            state["ssl_loss"] += float(ssl.detach()) * len(yb)
+            state["batch"], state["step"] = b + 1, state["step"] + 1
+            bar.update(1)
+            if t["stop_after_steps"] is not None and state["step"] >= int(t["stop_after_steps"]):
+                log.warning("stopping after %d steps (train.stop_after_steps), no checkpoint", state["step"])
+                return False
+            if state["batch"] < num_batches and state["step"] % int(t["checkpoint_every"]) == 0:
+                on_checkpoint()
+    return True
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device) -> float:
+    model.eval()
+    correct = 0
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+        correct += int((model(xb.to(device)).argmax(1) == yb.to(device)).sum())
+    return correct / max(len(y), 1)
+
+
+def evaluate_noisy(
+    engine: BaseEngine,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_steps: int,
+    batch_size: int,
+    device,
+    *,
+    lr: float | None = None,
+    optimizer_name: str | None = None,
+    progress: bool = False,
+) -> tuple[float, int, float]:
+    """``(accuracy, n, seconds)`` of ``engine`` adapting ``num_steps`` steps per batch, reset per batch."""
+    engine.eval()
+    settings = engine.optimization_parameters
+    settings["num_steps"], settings["reset"] = int(num_steps), "per_batch"
+    if lr is not None:
+        settings["lr"] = float(lr)
+    if optimizer_name is not None:
+        settings["optimizer_name"] = optimizer_name
+    correct, t0 = 0, time.perf_counter()
+    batches = list(zip(x.split(batch_size), y.split(batch_size)))
+    with progress_bar(len(batches), f"TTT {num_steps} steps", progress) as bar:
+        for xb, yb in batches:
+            out, _ = engine(xb.to(device))
+            correct += int((out.argmax(1) == yb.to(device)).sum())
+            bar.update(1)
+    return correct / max(len(y), 1), len(y), time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the run
+
+
+def _validate(cfg) -> dict[str, Any]:
+    from tttlab.core.config import validate
+
+    c = to_dict(validate(to_dict(cfg), TrainConfig))
+    if c["train"]["engine"] not in EngineRegistry.names():
+        raise ConfigError(f"train.engine={c['train']['engine']!r}; expected one of {EngineRegistry.names()}")
+    model_info(c["model"]["name"])
+    if int(c["train"]["checkpoint_every"]) < 1:
+        raise ConfigError(f"train.checkpoint_every={c['train']['checkpoint_every']}: expected >= 1")
+    return c
+
+
+def run(cfg, **overrides) -> Path:
+    """Train (or resume) and evaluate; returns the run directory."""
+    c = _validate({**to_dict(cfg), **overrides})
+    device = resolve_device(c["device"])
+    out = RunDir(c["out_dir"], c)
+    ckpt_path = out.checkpoint_path(CHECKPOINT)
+    d: DataConfig | dict = c["data"]
+    x, y = load_mnist(d.get("split") or "train", d.get("num_examples"))
+    model, engine, opt = build_model_and_engine(c, x[:2].to(device), device)
+    state = {"epoch": 0, "batch": 0, "step": 0, "correct": 0, "seen": 0, "task_loss": 0.0, "ssl_loss": 0.0}
+    history: dict[str, list] = {}
+    if c["train"]["resume"] and ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path)
+        if ck.get("config_hash") != config_hash(_training_part(c)):
+            raise CheckpointError(
+                f"{ckpt_path} was written by a run with another model/training config; use another out_dir "
+                "or train.resume=false"
+            )
+        engine.load_state_dict(ck["engine_state"])
+        opt.load_state_dict(ck["optimizer"])
+        state, history = ck["state"], ck["history"]
+        torch.set_rng_state(ck["rng"])
+        log.info("resumed from %s at epoch %d, batch %d", ckpt_path, state["epoch"], state["batch"])
+
+    def checkpoint(done: bool = False) -> None:
+        save_checkpoint(
+            ckpt_path,
+            {
+                "format": "tttlab.torch_ttt/1", "model_name": c["model"]["name"],
+                "engine_name": c["train"]["engine"], "engine_kwargs": c["train"]["engine_kwargs"],
+                "model_state": model.state_dict(), "engine_state": engine.state_dict(),
+                "optimizer": opt.state_dict(), "state": dict(state), "history": history,
+                "rng": torch.get_rng_state(), "done": done, "config_hash": config_hash(_training_part(c)),
+            },
+        )  # fmt: skip
+
+    defaults = dict(
+        package="torch_ttt", framework="torch", model=c["model"]["name"], seed=int(c["seed"]),
+        extra={"train_engine": c["train"]["engine"]},
+    )  # fmt: skip
+    with out.writer(**defaults) as writer:
+        have = done_keys(load_records(out.path), ["method", "metric", "corruption", "step"])
+        epochs = int(c["train"]["epochs"])
+        while state["epoch"] < epochs:
+            t0 = time.perf_counter()
+            if not train_epoch(engine, opt, x, y, state, c, checkpoint, device):
+                return out.path
+            n = max(state["seen"], 1)
+            epoch_stats = {
+                "train/accuracy": state["correct"] / n, "train/task_loss": state["task_loss"] / n,
+                "train/ssl_loss": state["ssl_loss"] / n, "train/steps": state["step"],
+            }  # fmt: skip
+            for k, v in epoch_stats.items():
+                history.setdefault(k, []).append(v)
+            epoch = state["epoch"] + 1
+            state.update(epoch=epoch, batch=0, correct=0, seen=0, task_loss=0.0, ssl_loss=0.0)
+            checkpoint(done=epoch == epochs)
+            out.write_stats(history)
+            method = f"torch_ttt.{c['train']['engine']}"
+            if (method, "train_accuracy", None, epoch) not in have:
+                writer.write(
+                    method=method, dataset="mnist", metric="train_accuracy", step=epoch,
+                    value=epoch_stats["train/accuracy"], n=n, wall_time_s=time.perf_counter() - t0,
+                )  # fmt: skip
+            log.info("epoch %d: %s", epoch, epoch_stats)
+        if c["eval"]["enabled"]:
+            summary = _noisy_evaluation(c, model, engine, writer, have, device)
+            out.write_stats({**history, "eval": summary})
+    return out.path
+
+
+def _training_part(c: dict[str, Any]) -> dict[str, Any]:
+    """What the weights depend on (a checkpoint only resumes a run with the same)."""
+    t = {k: v for k, v in c["train"].items() if k not in ("stop_after_steps", "checkpoint_every", "resume")}
+    return {"seed": c["seed"], "model": c["model"], "train": t, "data": c["data"]}
+
+
+def _noisy_evaluation(c, model, engine, writer, have, device) -> dict[str, Any]:
+    e = c["eval"]
+    xt, yt = load_mnist("test", e["num_examples"])
+    xn = noisy(xt, float(e["noise_std"]), int(e["noise_seed"]))
+    bs, progress = int(e["batch_size"]), c["logging"]["progress"]
+    summary: dict[str, Any] = {}
+    common = dict(dataset="mnist", setting="episodic", n=len(yt))
+    for key, corruption, images in (("clean", None, xt), ("noisy", TUTORIAL_NOISE, xn)):
+        t0 = time.perf_counter()
+        acc = accuracy(model, images, yt, bs, device)
+        summary[f"{key}/accuracy"] = acc
+        if ("torch_ttt.source", "accuracy", corruption, 0) not in have:
+            writer.write(
+                method="torch_ttt.source", corruption=corruption, metric="accuracy", step=0, value=acc,
+                wall_time_s=time.perf_counter() - t0, **common,
+            )  # fmt: skip
+        log.info("%s accuracy without TTT: %.4f", key, acc)
+    method = f"torch_ttt.{c['train']['engine']}"
+    if c["train"]["engine"] in ("source", "bn"):
+        return summary
+    for k in e["num_steps"]:
+        if (method, "accuracy", TUTORIAL_NOISE, int(k)) in have:
+            continue
+        acc, n, secs = evaluate_noisy(
+            engine, xn, yt, int(k), bs, device, lr=e["lr"], optimizer_name=e["optimizer_name"],
+            progress=progress,
+        )  # fmt: skip
+        summary[f"ttt/{k}_steps/accuracy"] = acc
+        writer.write(
+            method=method, corruption=TUTORIAL_NOISE, metric="accuracy", step=int(k), value=acc,
+            wall_time_s=secs, **common,
+        )  # fmt: skip
+        log.info("noisy accuracy with %s after %d steps: %.4f (%.1f s)", method, k, acc, secs)
+    return summary
+
+
+def main() -> None:
+    import hydra
+
+    register_configs()
+
+    @hydra.main(config_path="conf", config_name="config", version_base=None)
+    def _main(cfg) -> None:
+        print(run(cfg))
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

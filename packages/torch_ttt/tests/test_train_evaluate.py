@@ -1,0 +1,236 @@
+"""train.py / evaluate.py end to end on the real Hydra config, shrunk (lightning-hydra-template style).
+
+One smoke training run (320 MNIST images, seconds) is shared by the module; on top of it: the run
+directory and record schema, resume after a simulated kill (bitwise the same records and weights), an
+evaluation on mnist_c, the same evaluation through ``torchrun --nproc_per_node=2`` (gloo, CPU) whose
+merged records equal the single-process ones, the reset policy at domain boundaries, the method specs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tttlab.core.errors import CheckpointError, ConfigError
+from tttlab.core.records import SCHEMA, load_records, read_jsonl, read_stats
+from tttlab.torch_ttt import evaluate as E
+from tttlab.torch_ttt import train as T
+from tttlab.torch_ttt.engine.base_engine import Reset
+
+VOLATILE = ("wall_time_s", "config_hash", "git_sha")
+
+
+def hydra_compose(config_name: str, overrides: list[str]) -> dict:
+    """The config exactly as ``@hydra.main`` composes it."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    T.register_configs()
+    E.register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module("tttlab.torch_ttt.conf", version_base=None):
+        cfg = compose(config_name=config_name, overrides=overrides)
+    GlobalHydra.instance().clear()
+    return T.to_dict(cfg)
+
+
+def smoke_config(out_dir: Path, *extra: str) -> dict:
+    return hydra_compose("config", ["+experiment=smoke", f"out_dir={out_dir}", *extra])
+
+
+def stable(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    return T.run(smoke_config(out))
+
+
+def test_hydra_composes_the_experiments_and_rejects_unknown_keys(tmp_path):
+    tutorial = hydra_compose("config", ["+experiment=mnist_tutorial"])
+    assert tutorial["seed"] == 7 and tutorial["model"]["name"] == "tutorial_net"
+    assert tutorial["train"]["engine_kwargs"] == {"features_layer_name": "fc2"}
+    assert (tutorial["train"]["lr"], tutorial["train"]["ssl_weight"], tutorial["data"]["batch_size"]) == (
+        0.01, 0.35, 64,
+    )  # fmt: skip
+    assert tutorial["eval"]["num_steps"] == [0, 1, 2, 3] and tutorial["eval"]["noise_std"] == 2.0
+    # the loader evaluate.py uses inside a running Hydra app composes the same config
+    assert T.train_config("mnist_tutorial") == T._validate(tutorial)
+    with pytest.raises(Exception, match="lrr"):
+        hydra_compose("config", ["+experiment=smoke", "train.lrr=1"])
+    with pytest.raises(ConfigError, match="lrr"):
+        T.train_config("smoke", ["train.lrr=1"])
+    ev = hydra_compose("evaluate", ["engine=eata"])
+    assert ev["engine"]["name"] == "eata" and ev["benchmark"]["name"] == "mnist_c"
+    assert ev["benchmark"]["severities"] == [5]
+    assert E.eval_config({"engine": "eata"})["engine"] == ev["engine"]
+    with pytest.raises(ConfigError, match="engine"):
+        E.eval_config({"engine": "tentt"})
+
+
+def test_train_writes_the_run_directory_in_the_core_schema(smoke_run):
+    for name in ("config.yaml", "env.json", "records.jsonl", "stats.json", "checkpoints/last.ckpt"):
+        assert (smoke_run / name).exists(), name
+    records = read_jsonl(smoke_run / "records.jsonl")  # validates every record against the schema
+    assert all(set(r) == set(SCHEMA) for r in records)
+    got = {(r["method"], r["metric"], r["corruption"], r["step"]): r for r in records}
+    assert set(got) == {
+        ("torch_ttt.ttt", "train_accuracy", None, 1),
+        ("torch_ttt.source", "accuracy", None, 0),
+        ("torch_ttt.source", "accuracy", T.TUTORIAL_NOISE, 0),
+        ("torch_ttt.ttt", "accuracy", T.TUTORIAL_NOISE, 0),
+        ("torch_ttt.ttt", "accuracy", T.TUTORIAL_NOISE, 1),
+    }
+    # 0 TTT steps is the plain model on the same noisy images
+    assert got[("torch_ttt.ttt", "accuracy", T.TUTORIAL_NOISE, 0)]["value"] == pytest.approx(
+        got[("torch_ttt.source", "accuracy", T.TUTORIAL_NOISE, 0)]["value"], abs=0
+    )
+    assert all(r["n"] == 128 for r in records if r["metric"] == "accuracy")
+    stats = read_stats(smoke_run)
+    assert stats["train/steps"] == [10] and "eval" in stats
+    ck = T.load_checkpoint(smoke_run / "checkpoints" / "last.ckpt")
+    assert ck["done"] and ck["state"]["step"] == 10
+    assert any(k.startswith("angle_head.") for k in ck["engine_state"]), "the rotation head is saved"
+
+
+def test_killed_run_resumes_to_identical_records_and_weights(smoke_run, tmp_path):
+    out = tmp_path / "killed"
+    # checkpoints every 4 steps; "killed" after step 6: steps 5-6 are lost and redone on resume
+    T.run(smoke_config(out, "train.stop_after_steps=6"))
+    ck = T.load_checkpoint(out / "checkpoints" / "last.ckpt")
+    assert not ck["done"] and ck["state"]["step"] == 4
+    assert read_jsonl(out / "records.jsonl") == []
+    T.run(smoke_config(out))
+    assert stable(read_jsonl(out / "records.jsonl")) == stable(read_jsonl(smoke_run / "records.jsonl"))
+    a = T.load_checkpoint(out / "checkpoints" / "last.ckpt")["engine_state"]
+    b = T.load_checkpoint(smoke_run / "checkpoints" / "last.ckpt")["engine_state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a finished run started again writes nothing twice
+    T.run(smoke_config(out))
+    assert len(read_jsonl(out / "records.jsonl")) == 5
+
+
+def test_a_checkpoint_of_another_config_is_not_resumed(smoke_run, tmp_path):
+    out = tmp_path / "other"
+    shutil.copytree(smoke_run, out)
+    with pytest.raises(CheckpointError, match="another model/training config"):
+        T.run(smoke_config(out, "train.lr=0.5"))
+
+
+def eval_overrides(run_dir: Path, out: Path) -> list[str]:
+    return [
+        "engine=ttt", f"train_run={run_dir}", f"out_dir={out}", "benchmark.setting=episodic",
+        "benchmark.num_examples=48", "benchmark.batch_size=16", "benchmark.corruptions=[gaussian_noise,fog]",
+        "engine.optimization.num_steps=1", "logging.progress=false", "calibration.num_examples=64",
+    ]  # fmt: skip
+
+
+def eval_records(path: Path) -> dict:
+    return {
+        (r["corruption"], r["metric"]): (r["value"], r["n"], r["extra"].get("correct"))
+        for r in read_jsonl(path)
+        if r["metric"] == "accuracy"
+    }
+
+
+def test_evaluate_single_process_and_torchrun_agree(smoke_run, tmp_path):
+    single = E.run(hydra_compose("evaluate", eval_overrides(smoke_run, tmp_path / "single")))
+    records = read_jsonl(single)
+    assert {r["metric"] for r in records} == {"accuracy", "s_per_image"}
+    assert {r["corruption"] for r in records} == {"gaussian_noise", "fog", "mean"}
+    for r in records:
+        assert r["method"] == "torch_ttt.ttt" and r["dataset"] == "mnist_c" and r["severity"] == 5
+        assert r["setting"] == "episodic" and r["step"] == 1 and r["extra"]["reset"] == "per_batch"
+        assert r["n"] == (96 if r["corruption"] == "mean" else 48) and r["wall_time_s"] > 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+        "-m", "tttlab.torch_ttt.evaluate", *eval_overrides(smoke_run, tmp_path / "dist"),
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    merged = tmp_path / "dist" / "records.jsonl"
+    assert eval_records(merged) == eval_records(single)
+    assert {r["extra"]["world_size"] for r in read_jsonl(merged)} == {2}
+    shards = load_records(tmp_path / "dist" / "shards", metric="accuracy")
+    assert sorted(shards["extra"].map(lambda e: e["rank"]).unique()) == [0, 1]
+    assert not list((tmp_path / "dist" / "shards").glob("records-rank*.jsonl")), "rank files were merged"
+
+
+def test_reset_policy_follows_the_setting_and_domain_boundaries():
+    def cfg(setting, reset=None):
+        return {"benchmark": {"setting": setting}, "engine": {"optimization": {"reset": reset}}}
+
+    assert E.reset_policy(cfg("episodic")) is Reset.PER_BATCH
+    assert E.reset_policy(cfg("reset_each_shift")) is Reset.PER_DOMAIN
+    for setting in ("continual", "mixed", "gradual"):
+        assert E.reset_policy(cfg(setting)) is Reset.NEVER
+    assert E.reset_policy(cfg("continual", "per_domain")) is Reset.PER_DOMAIN
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.resets = []
+
+        def reset(self):
+            self.resets.append(self.seen)
+
+        def forward(self, x):
+            self.seen += 1
+            return torch.zeros(len(x), 3), torch.zeros(())
+
+    from tttlab.core.benchmark import Domain
+
+    a, b = Domain("fog", 5), Domain("snow", 5)
+    # a sharded stream: the rank never sees the batch flagged reset of domain b
+    stream = [(a, True), (a, False), (b, False), (b, False)]
+
+    def batches():
+        for dom, reset in stream:
+            yield E.StreamBatch(dom, torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long), reset,
+                                np.full(2, [a, b].index(dom)))  # fmt: skip
+
+    for policy, expected in ((Reset.PER_DOMAIN, [0, 2]), (Reset.NEVER, []), (Reset.PER_BATCH, [0])):
+        engine = Counting()
+        engine.seen = 0
+        totals = E.adapt_stream(engine, batches(), [a, b], torch.device("cpu"), policy, False)
+        assert engine.resets == expected, policy
+        assert totals[a][:2] == [4, 4] and totals[b][:2] == [4, 4]
+
+
+def test_evaluate_needs_a_finished_training_run(tmp_path):
+    with pytest.raises(CheckpointError, match="train_run"):
+        E.run({"engine": "ttt", "train_run": str(tmp_path), "out_dir": str(tmp_path / "e")})
+
+
+def test_every_engine_is_a_registered_method():
+    from tttlab.core.registry import get_method, list_methods
+    from tttlab.torch_ttt import EngineRegistry
+
+    specs = list_methods(package="torch_ttt")
+    assert sorted(s.name for s in specs) == sorted(f"torch_ttt.{n}" for n in EngineRegistry.names())
+    for s in specs:
+        assert s.framework == "torch" and s.load_evaluate() is E.run
+    assert get_method("torch_ttt.tent").evaluate == "tttlab.torch_ttt.evaluate:run"
+
+
+def test_compare_contract_keys_map_onto_the_config():
+    c = E.eval_config({"method": "torch_ttt.eata", "profile": "smoke", "progress": False,
+                       "benchmark": {"num_examples": 10}})  # fmt: skip
+    assert c["engine"]["name"] == "eata" and c["logging"]["progress"] is False
+    assert c["benchmark"]["num_examples"] == 10, "the caller's keys win over the profile's"
+    assert c["calibration"]["num_examples"] == E.PROFILES["smoke"]["calibration"]["num_examples"]
+    assert c["train_overrides"] == E.PROFILES["smoke"]["train_overrides"]
+    with pytest.raises(ConfigError, match="torch_ttt.<engine>"):
+        E.eval_config({"method": "torch_ttt.nope"})
+    with pytest.raises(ConfigError, match="profile='huge'"):
+        E.eval_config({"profile": "huge"})
