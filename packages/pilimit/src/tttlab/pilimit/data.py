@@ -1,0 +1,166 @@
+"""Flattened image datasets for pi-net MLPs, read through ``tttlab.core.data`` where the core has a reader.
+
+* ``mnist`` (embedded, 784 features, normalised with the MNIST mean/std), ``digits`` (embedded);
+* ``cifar10`` from a local path (core reader; 3072 features in CHW order, normalised with the upstream
+  per-channel mean/std, no augmentation, as the paper);
+* ``imagenet32`` from a local path: the downsampled-ImageNet 32x32 batch files (``train_data_batch_1``
+  .. ``train_data_batch_10`` and ``val_data``, each a pickle or ``.npz`` with ``data`` (N x 3072, CHW
+  uint8) and ``labels`` (1..1000)); the core has no reader for this format, so it is read here;
+* Omniglot from a local path (see :func:`omniglot_classes`).
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tttlab.core.errors import DatasetLayoutError, DatasetNotFoundError, InvalidInputError
+
+#: per-channel mean / std of CIFAR-10 used by upstream's transform
+CIFAR_MEAN = (0.49137255, 0.48235294, 0.44666667)
+CIFAR_STD = (0.24705882, 0.24352941, 0.26156863)
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+
+DATASETS = ("mnist", "digits", "cifar10", "imagenet32")
+NUM_CLASSES = {"mnist": 10, "digits": 10, "cifar10": 10, "imagenet32": 1000}
+
+
+def flatten_images(images: np.ndarray, mean, std) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float32 (N, C*H*W) in CHW order, ``(x/255 - mean) / std``."""
+    x = torch.from_numpy(np.array(images, copy=True)).permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return ((x - m) / s).flatten(1)
+
+
+def _subset(images, labels, num_examples):
+    if num_examples is not None:
+        if int(num_examples) < 1:
+            raise InvalidInputError(f"num_examples={num_examples!r}: expected a positive integer or null")
+        images, labels = images[: int(num_examples)], labels[: int(num_examples)]
+    return images, labels
+
+
+def load_flat(name: str, split: str, root=None, num_examples: int | None = None):
+    """``(x float32 (N, D), y int64 (N,))`` of a dataset split, flattened and normalised."""
+    from tttlab.core import data as D
+
+    if name in ("mnist", "digits"):
+        ds = getattr(D, name)(split)
+        images, labels = _subset(ds.images, ds.labels, num_examples)
+        return flatten_images(np.asarray(images), MNIST_MEAN, MNIST_STD), torch.as_tensor(
+            np.array(labels), dtype=torch.long
+        )
+    if name == "cifar10":
+        if root is None:
+            raise DatasetNotFoundError(
+                "cifar10 is read from disk: set data.root to the CIFAR-10 python folder"
+            )
+        ds = D.cifar10(root, split=split)
+        images, labels = _subset(ds.images, ds.labels, num_examples)
+        return flatten_images(np.asarray(images), CIFAR_MEAN, CIFAR_STD), torch.as_tensor(
+            np.array(labels), dtype=torch.long
+        )
+    if name == "imagenet32":
+        images, labels = imagenet32(root, split)
+        images, labels = _subset(images, labels, num_examples)
+        return flatten_images(images, CIFAR_MEAN, CIFAR_STD), torch.as_tensor(labels, dtype=torch.long)
+    raise InvalidInputError(f"dataset {name!r}; expected one of {DATASETS}")
+
+
+IMAGENET32_LAYOUT = "<root>/train_data_batch_1[.npz] .. train_data_batch_10[.npz], <root>/val_data[.npz]"
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as z:
+                data, labels = z["data"], z["labels"]
+        else:
+            with open(path, "rb") as f:
+                d = pickle.load(f, encoding="latin1")
+            data, labels = d["data"], d["labels"]
+    except Exception as exc:  # noqa: BLE001 - foreign or truncated file
+        raise DatasetLayoutError(
+            f"{path}: not an ImageNet32 batch file ({exc}); expected {IMAGENET32_LAYOUT}"
+        ) from None
+    data = np.asarray(data, dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3072:
+        raise DatasetLayoutError(f"{path}: data of shape {data.shape}; expected (N, 3072) uint8 CHW rows")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, np.asarray(labels, dtype=np.int64) - 1
+
+
+def imagenet32(root, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Downsampled ImageNet 32x32: uint8 (N, 32, 32, 3) and labels 0..999."""
+    if root is None:
+        raise DatasetNotFoundError(f"imagenet32 is read from disk: set its root ({IMAGENET32_LAYOUT})")
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"{root} does not exist; expected {IMAGENET32_LAYOUT}")
+    stems = [f"train_data_batch_{i}" for i in range(1, 11)] if split == "train" else ["val_data"]
+    files = []
+    for stem in stems:
+        hit = [p for p in (root / stem, root / f"{stem}.npz") if p.exists()]
+        if hit:
+            files.append(hit[0])
+    if not files:
+        raise DatasetLayoutError(f"{root} has none of {stems[:2]}...; expected {IMAGENET32_LAYOUT}")
+    parts = [_read_batch(p) for p in files]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# few-shot sources: {class id: uint8 images (n, 28, 28)}
+
+OMNIGLOT_LAYOUT = (
+    "<root>/images_background/<alphabet>/<character>/*.png (meta-train) and "
+    "<root>/images_evaluation/<alphabet>/<character>/*.png (meta-test), as in the original Omniglot zips"
+)
+
+
+def omniglot_classes(root, split: str = "train", image_size: int = 28) -> list[np.ndarray]:
+    """Omniglot characters as classes: a list of uint8 arrays (n, image_size, image_size), strokes bright.
+
+    ``split="train"``: ``images_background`` (964 characters), ``"test"``: ``images_evaluation`` (659).
+    """
+    from PIL import Image
+
+    if root is None:
+        raise DatasetNotFoundError(f"omniglot is read from disk: set maml.root ({OMNIGLOT_LAYOUT})")
+    folder = Path(root) / ("images_background" if split == "train" else "images_evaluation")
+    if not folder.is_dir():
+        raise DatasetNotFoundError(f"{folder} does not exist; expected {OMNIGLOT_LAYOUT}")
+    classes = []
+    for alphabet in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for char in sorted(p for p in alphabet.iterdir() if p.is_dir()):
+            files = sorted(char.glob("*.png"))
+            if not files:
+                continue
+            imgs = []
+            for f in files:
+                with Image.open(f) as im:
+                    im = im.convert("L").resize((image_size, image_size), Image.BILINEAR)
+                    imgs.append(255 - np.asarray(im, dtype=np.uint8))
+            classes.append(np.stack(imgs))
+    if not classes:
+        raise DatasetLayoutError(
+            f"{folder} holds no <alphabet>/<character>/*.png; expected {OMNIGLOT_LAYOUT}"
+        )
+    return classes
+
+
+def mnist_classes(split: str, digits, per_class: int | None = None) -> list[np.ndarray]:
+    """MNIST digits as few-shot classes (the embedded proxy): one uint8 array (n, 28, 28) per digit."""
+    from tttlab.core.data import mnist
+
+    ds = mnist(split)
+    images, labels = np.asarray(ds.images)[..., 0], np.asarray(ds.labels)
+    out = []
+    for d in digits:
+        sel = images[labels == d]
+        out.append(sel[:per_class] if per_class else sel)
+    return out

@@ -1,0 +1,181 @@
+"""Pi-net classifiers on a core corruption benchmark (default ``mnist_c``), writing core records.
+
+    tttlab-pilimit-evaluate method=pilimit.inf_pinet profile=quick
+    python -c "from tttlab.pilimit.evaluate import run; print(run({'method': 'pilimit.mup'}))"
+
+Paper: Yang, Santacroce, Hu, ICLR 2022 (``yang2022pinets``); upstream github.com/santacml/pilim.  A
+plain classifier has no test-time adaptation: evaluation is prediction with the trained net (the
+paper's test-time adaptation is the few-shot MAML readout adaptation, ``train.task=maml``).  Methods:
+``pilimit.inf_pinet`` (infinite-width pi-net), ``pilimit.finite_pinet`` (finite pi-net sampled from it,
+trained with Gproj), ``pilimit.mup`` / ``pilimit.baseline`` (Gaussian-initialised finite net, no Gproj).
+
+The model is ``train_run`` (a ``tttlab-pilimit-train`` run directory) or, when that is null, the
+``mnist`` experiment sized by ``profile`` (smoke / quick / full), trained on first use and cached under
+``cache_dir`` keyed by the hash of its training config (atomic checkpoint writes; a second process reuses
+the finished run).  Records per domain: ``accuracy`` (``n``, ``wall_time_s`` = prediction time) and
+``s_per_image``; then the mean accuracy over corruptions (``corruption="mean"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tttlab.core.errors import CheckpointError, ConfigError
+from tttlab.core.records import RunDir, config_hash
+
+from . import train as T
+from .data import MNIST_MEAN, MNIST_STD, flatten_images
+
+log = logging.getLogger("tttlab.pilimit.evaluate")
+
+METHODS = {
+    "pilimit.inf_pinet": "inf",
+    "pilimit.finite_pinet": "finite",
+    "pilimit.mup": "mup",
+    "pilimit.baseline": "mup",
+}
+
+#: training overrides of the ``mnist`` experiment per profile (threads=1: small ops, shared CPUs)
+PROFILES = {
+    "smoke": ["model.r=16", "model.depth=1", "model.width=128", "data.num_examples=320", "data.batch_size=16",
+              "train.num_test=200", "model.chunk_size=512"],
+    "quick": ["model.r=48", "model.depth=2", "model.width=512", "data.num_examples=2400", "data.batch_size=16",
+              "train.num_test=1000"],
+    "full": ["model.r=96", "model.depth=2", "model.width=1024", "data.num_examples=6000", "data.batch_size=16",
+             "train.num_test=2000"],
+}  # fmt: skip
+#: images per domain when the caller does not say (keeps ``full`` under 90 s on 2 cores)
+DEFAULT_NUM_EXAMPLES = {"smoke": 64, "quick": 200, "full": 500}
+KNOWN = {"method", "out_dir", "benchmark", "profile", "cache_dir", "seed", "device", "progress", "train_run",
+         "train_overrides", "threads", "batch_size"}  # fmt: skip
+
+
+def _config(cfg: Mapping | None, overrides: dict) -> dict[str, Any]:
+    c = {**(T.to_dict(cfg) if cfg is not None else {}), **overrides}
+    unknown = sorted(set(c) - KNOWN)
+    if unknown:
+        raise ConfigError(f"unknown evaluate keys {unknown}; expected some of {sorted(KNOWN)}")
+    c.setdefault("method", "pilimit.inf_pinet")
+    if c["method"] not in METHODS:
+        raise ConfigError(f"method={c['method']!r}; expected one of {sorted(METHODS)}")
+    c.setdefault("profile", "full")
+    if c["profile"] not in PROFILES:
+        raise ConfigError(f"profile={c['profile']!r}; expected one of {sorted(PROFILES)}")
+    c.setdefault("out_dir", f"runs/pilimit/eval/{c['method'].split('.')[1]}")
+    c.setdefault("cache_dir", "runs/pilimit/models")
+    c.setdefault("seed", 0)
+    c.setdefault("device", "cpu")
+    c.setdefault("progress", True)
+    c.setdefault("threads", 1 if c["device"] == "cpu" else None)
+    b = dict(c.get("benchmark") or {})
+    b.setdefault("name", "mnist_c")
+    b.setdefault("corruptions", "common")
+    b.setdefault("severities", [5])
+    b.setdefault("setting", "reset_each_shift")
+    b.setdefault("batch_size", 64)
+    b.setdefault("seed", int(c["seed"]))
+    if b.get("num_examples") is None:
+        b["num_examples"] = DEFAULT_NUM_EXAMPLES[c["profile"]]
+    if b.get("num_examples") == "all":
+        b["num_examples"] = None
+    c["benchmark"] = b
+    return c
+
+
+def training_run(c: dict[str, Any]) -> Path:
+    """The train run directory: ``train_run``, or the cached profile-sized ``mnist`` run (trained now)."""
+    if c.get("train_run"):
+        return Path(c["train_run"])
+    kind = METHODS[c["method"]]
+    overrides = [*PROFILES[c["profile"]], f"model.kind={kind}", f"seed={int(c['seed'])}",
+                 *(c.get("train_overrides") or [])]  # fmt: skip
+    if c.get("threads"):
+        overrides.append(f"threads={int(c['threads'])}")
+    tc = T.train_config("mnist", overrides)
+    key = config_hash(T.training_part(tc))
+    path = Path(c["cache_dir"]) / f"pilimit-{kind}-{key}"
+    tc["out_dir"] = str(path)
+    tc["logging"]["progress"] = bool(c["progress"])
+    tc["device"] = c["device"]
+    ckpt = path / "checkpoints" / f"{T.CHECKPOINT}.ckpt"
+    if not (ckpt.exists() and T.load_checkpoint(ckpt).get("done")):
+        log.info("training %s into %s (cached for later evaluations)", c["method"], path)
+        T.run(tc)
+    return path
+
+
+def run(cfg: Mapping | None = None, **overrides) -> Path:
+    """Evaluate per ``cfg`` (the evaluate contract's keys); returns the records file."""
+    from tttlab.core.benchmark import from_config
+
+    c = _config(cfg, overrides)
+    if c.get("threads") and str(c["device"]) == "cpu":
+        torch.set_num_threads(int(c["threads"]))
+    device = T.resolve_device(str(c["device"]))
+    run_dir = training_run(c)
+    net, tc, ck = T.load_trained(run_dir, device)
+    if not ck.get("done"):
+        raise CheckpointError(f"{run_dir}: training did not finish; run tttlab-pilimit-train there again")
+    if tc["train"]["task"] != "classify" or tc["data"]["name"] not in ("mnist", "digits"):
+        raise ConfigError(f"{run_dir} trained task={tc['train']['task']} on {tc['data']['name']}; expected a "
+                          "classifier on mnist (the benchmark's images are 28x28 digits)")  # fmt: skip
+    bench = from_config(c["benchmark"])
+    totals: dict[Any, list] = {d: [0, 0, 0.0] for d in bench.domains}
+    with torch.no_grad(), T.progress_bar(None, c["method"], bool(c["progress"])) as bar:
+        for batch in bench.batches():
+            x = flatten_images(np.asarray(batch.images), MNIST_MEAN, MNIST_STD).to(device)
+            t0 = time.perf_counter()
+            pred = net(x).argmax(1).cpu().numpy()
+            secs = time.perf_counter() - t0
+            hit = pred == np.asarray(batch.labels)
+            ids = np.asarray(batch.domain_ids)
+            for i in np.unique(ids):
+                sel = ids == i
+                acc = totals[bench.domains[int(i)]]
+                acc[0] += int(hit[sel].sum())
+                acc[1] += int(sel.sum())
+                acc[2] += secs * float(sel.sum()) / len(hit)
+            bar.update(1)
+    rd = RunDir(c["out_dir"], c)
+    defaults = dict(method=c["method"], package="pilimit", framework="torch", model=f"{tc['model']['kind']}_pinet_mlp",
+                    dataset=bench.name, setting=c["benchmark"]["setting"], step=0, seed=int(c["seed"]))  # fmt: skip
+    extra = {"train_run": str(run_dir), "adaptation": "none (prediction)", "rows": int(getattr(net, "M", 0))}
+    accs, n_all, t_all = [], 0, 0.0
+    with rd.writer(**defaults) as writer:
+        for dom, (correct, n, secs) in totals.items():
+            if n == 0:
+                continue
+            fields = dict(
+                corruption=dom.corruption, severity=dom.severity, n=n, extra={**extra, "correct": correct}
+            )
+            writer.write(metric="accuracy", value=correct / n, wall_time_s=secs, **fields)
+            writer.write(metric="s_per_image", value=secs / n, wall_time_s=secs, **fields)
+            if dom.corruption is not None:
+                accs.append(correct / n)
+            n_all, t_all = n_all + n, t_all + secs
+        if accs:
+            sev = {d.severity for d in totals if d.corruption is not None}
+            writer.write(metric="accuracy", value=float(np.mean(accs)), corruption="mean",
+                         severity=sev.pop() if len(sev) == 1 else None, n=n_all, wall_time_s=t_all,
+                         extra={**extra, "domains": len(accs)})  # fmt: skip
+    return rd.records_path
+
+
+def main() -> None:
+    import sys
+
+    from omegaconf import OmegaConf
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    print(run(OmegaConf.to_container(OmegaConf.from_dotlist(sys.argv[1:]), resolve=True)))
+
+
+if __name__ == "__main__":
+    main()

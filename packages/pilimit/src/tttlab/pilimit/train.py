@@ -1,0 +1,561 @@
+"""Train pi-nets (infinite, finite sampled, muP) on flattened images, ImageNet32 transfer, or MAML.
+
+    tttlab-pilimit-train +experiment=mnist                      # CPU proxy, minutes
+    tttlab-pilimit-train +experiment=mnist model.kind=finite model.width=1024
+    tttlab-pilimit-train +experiment=mnist model.kind=mup model.width=1024
+    tttlab-pilimit-train +experiment=paper_cifar10 data.root=/data/cifar-10-batches-py device=cuda
+    tttlab-pilimit-train +experiment=paper_transfer data.root=/data/imagenet32 transfer.root=/data/cifar10
+    tttlab-pilimit-train +experiment=maml_mnist                 # few-shot proxy on MNIST digits
+    tttlab-pilimit-train +experiment=paper_omniglot maml.root=/data/omniglot device=cuda
+    tttlab-pilimit-train +experiment=smoke                      # seconds
+
+Paper: Yang, Santacroce, Hu, ICLR 2022 (``yang2022pinets``); upstream ``experiments/cifar10/cifar10mlp.py``,
+``experiments/imagenet/transfer_imagenet.py``, ``experiments/meta`` of github.com/santacml/pilim (facts:
+the commands' hyperparameters).  Run directory (core ``RunDir``): ``config.yaml``, ``records.jsonl``
+(``test_accuracy``/``train_loss``/``train_accuracy`` per epoch, ``transfer_accuracy``,
+``fewshot_accuracy``), ``stats.json``, ``checkpoints/last.ckpt`` (atomic; written every
+``train.checkpoint_every`` steps; a killed run started again with the same config resumes and ends with
+the same numbers, bitwise on CPU).
+
+Deviations: ``transfer`` fits kernel ridge regression on the trained net's last-layer kernel
+``|g||g'| V(gbar . gbar')`` of ``transfer.num_train`` CIFAR-10 images (upstream: the saved kernel
+output of the whole training set); data order comes from ``numpy.random.default_rng((seed, epoch))``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tttlab.core._io import atomic_path
+from tttlab.core.config import RunConfig
+from tttlab.core.errors import CheckpointError, ConfigError
+from tttlab.core.records import RunDir, config_hash, done_keys, load_records
+
+from .data import NUM_CLASSES, load_flat, mnist_classes, omniglot_classes
+from .maml import check_maml_config, evaluate_fewshot, meta_loss, sample_episode
+from .nets import FinPiMLP, InfMLP
+from .optim import PiSGD, make_scheduler
+
+log = logging.getLogger("tttlab.pilimit.train")
+CHECKPOINT = "last"
+KINDS = {"inf": "pilimit.inf_pinet", "finite": "pilimit.finite_pinet", "mup": "pilimit.mup"}
+TASKS = ("classify", "transfer", "maml")
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "inf"  # inf | finite | mup
+    r: int = 400
+    depth: int = 2
+    width: int = 1024  # finite / mup hidden width (ignored for inf)
+    first_layer_alpha: float = 1.0
+    last_layer_alpha: float = 1.0
+    bias_alpha: float = 1.0
+    last_bias_alpha: float | None = None
+    chunk_size: int | None = 16384
+    impl: str = "chunked"  # chunked | reference
+    dtype: str = "float32"  # storage of A/B: float32 | bfloat16 | float16
+    sample_seed: int = 0  # Omega of finite nets
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.0
+    wd: float = 0.0
+    first_layer_lr_mult: float = 1.0
+    last_layer_lr_mult: float = 1.0
+    bias_lr_mult: float = 0.5  # upstream's default
+    apply_lr_mult_to_wd: bool = True
+    gclip: float = 0.0
+    gclip_per_param: bool = False
+    gproj: bool = True  # finite nets only; mup forces false
+    scheduler: str = "none"  # none | multistep | cosine
+    lr_drop_ratio: float = 0.5
+    lr_drop_milestones: list[float] = field(default_factory=list)  # in epochs
+
+
+@dataclass
+class TrainSection:
+    task: str = "classify"  # classify | transfer | maml
+    epochs: int = 1
+    test_split: str = "test"
+    num_test: int | None = None
+    test_batch_size: int = 256
+    checkpoint_every: int = 200
+    resume: bool = True
+    stop_after_steps: int | None = None  # simulate a kill (tests)
+
+
+@dataclass
+class TransferConfig:
+    dataset: str = "cifar10"
+    root: str | None = None
+    num_train: int = 10000
+    num_test: int | None = None
+    ridge: float = 1e-4
+
+
+@dataclass
+class MamlConfig:
+    dataset: str = "mnist"  # mnist (digits 0-4 train, 5-9 test) | omniglot
+    root: str | None = None
+    image_size: int = 28
+    num_ways: int = 5
+    num_shots: int = 1
+    num_shots_test: int = 1
+    step_size: float = 0.5
+    num_inner_steps: int = 1
+    meta_batch_size: int = 8
+    num_batches: int = 1000  # outer steps per epoch
+    num_test_batches: int = 500
+    adapt_readout_only: bool = True
+    gproj_inner: bool = True
+    gproj_outer: bool = True
+    readout_zero_init: bool = True
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    experiment_name: str = "default"
+    threads: int | None = None  # torch intra-op threads on CPU; null: torch's default
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    maml: MamlConfig = field(default_factory=MamlConfig)
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="tttlab_pilimit_train", node=TrainConfig)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if hasattr(cfg, "__dataclass_fields__"):
+        return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return dict(cfg)
+
+
+def conf_yaml(relative: str) -> dict[str, Any]:
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    path = resources.files("tttlab.pilimit.conf").joinpath(relative)
+    if not path.is_file():
+        raise ConfigError(f"no config {relative!r} in tttlab.pilimit.conf")
+    cfg = OmegaConf.to_container(OmegaConf.create(path.read_text(encoding="utf-8")), resolve=False)
+    for key in ("defaults", "hydra"):
+        cfg.pop(key, None)
+    return cfg
+
+
+def train_config(experiment: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """``config.yaml`` + ``experiment/<experiment>.yaml`` + ``key=value`` overrides, validated (no Hydra)."""
+    from omegaconf import OmegaConf
+
+    parts = [conf_yaml("config.yaml")]
+    if experiment:
+        parts.append(conf_yaml(f"experiment/{experiment}.yaml"))
+    merged = OmegaConf.merge(*parts, OmegaConf.from_dotlist(list(overrides or [])))
+    return validate(OmegaConf.to_container(merged, resolve=True))
+
+
+def validate(cfg) -> dict[str, Any]:
+    from tttlab.core.config import validate as core_validate
+
+    c = to_dict(core_validate(to_dict(cfg), TrainConfig))
+    if c["model"]["kind"] not in KINDS:
+        raise ConfigError(f"model.kind={c['model']['kind']!r}; expected one of {sorted(KINDS)}")
+    if c["train"]["task"] not in TASKS:
+        raise ConfigError(f"train.task={c['train']['task']!r}; expected one of {TASKS}")
+    if int(c["train"]["checkpoint_every"]) < 1:
+        raise ConfigError(f"train.checkpoint_every={c['train']['checkpoint_every']}: expected >= 1")
+    if c["train"]["task"] == "maml":
+        check_maml_config(c["maml"])
+    return c
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building blocks
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in ("auto", "gpu"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model(c: dict[str, Any], d_in: int, d_out: int, device) -> torch.nn.Module:
+    """The configured net, initialised from ``torch.manual_seed(seed)`` (finite nets: sampled from it)."""
+    m = c["model"]
+    torch.manual_seed(int(c["seed"]))
+    inf = InfMLP(
+        d_in, d_out, r=m["r"], depth=m["depth"], first_layer_alpha=m["first_layer_alpha"],
+        last_layer_alpha=m["last_layer_alpha"], bias_alpha=m["bias_alpha"], last_bias_alpha=m["last_bias_alpha"],
+        chunk_size=m["chunk_size"], impl=m["impl"], dtype=m["dtype"], device=device,
+    )  # fmt: skip
+    if m["kind"] == "inf":
+        return inf
+    return FinPiMLP(inf, m["width"], seed=int(m["sample_seed"]), gaussian_init=m["kind"] == "mup")
+
+
+def build_optimizer(c: dict[str, Any], net, steps_per_epoch: int, total_steps: int):
+    o = c["optim"]
+    opt = PiSGD(
+        net, lr=o["lr"], weight_decay=o["wd"], first_layer_lr_mult=o["first_layer_lr_mult"],
+        last_layer_lr_mult=o["last_layer_lr_mult"], bias_lr_mult=o["bias_lr_mult"],
+        apply_lr_mult_to_wd=o["apply_lr_mult_to_wd"], gclip=o["gclip"], gclip_per_param=o["gclip_per_param"],
+        gproj=bool(o["gproj"]) and c["model"]["kind"] == "finite",
+    )  # fmt: skip
+    milestones = [int(float(e) * steps_per_epoch) for e in o["lr_drop_milestones"]]
+    sched = make_scheduler(opt, o["scheduler"], total_steps, milestones, o["lr_drop_ratio"])
+    return opt, sched
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - truncated or foreign file
+        raise CheckpointError(f"{path} is not a readable tttlab-pilimit checkpoint: {exc}") from None
+    if not isinstance(ck, dict) or ck.get("format") != "tttlab.pilimit/1":
+        raise CheckpointError(f"{path}: not a tttlab.pilimit/1 checkpoint")
+    return ck
+
+
+def progress_bar(total: int | None, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=not (enabled and sys.stderr.isatty()))
+
+
+def training_part(c: dict[str, Any]) -> dict[str, Any]:
+    """What the trained weights depend on (a checkpoint resumes only a run with the same)."""
+    keys = ("seed", "data", "model", "optim")
+    part = {k: c[k] for k in keys}
+    part["train"] = {k: c["train"][k] for k in ("task", "epochs")}
+    if c["train"]["task"] == "maml":
+        part["maml"] = c["maml"]
+    part["model"] = {k: v for k, v in c["model"].items() if k not in ("chunk_size", "impl")}
+    return part
+
+
+@torch.no_grad()
+def accuracy(net, x: torch.Tensor, y: torch.Tensor, batch_size: int, device) -> tuple[float, float]:
+    correct, loss = 0, 0.0
+    for i in range(0, len(x), batch_size):
+        out = net(x[i : i + batch_size].to(device)).float()
+        yb = y[i : i + batch_size].to(device)
+        correct += int((out.argmax(1) == yb).sum())
+        loss += float(F.cross_entropy(out, yb, reduction="sum"))
+    return correct / max(len(x), 1), loss / max(len(x), 1)
+
+
+def method_name(c: dict[str, Any]) -> str:
+    return KINDS[c["model"]["kind"]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# runs
+
+
+class _Run:
+    """Shared checkpoint/resume machinery of the three tasks."""
+
+    def __init__(self, c: dict[str, Any]):
+        self.c = c
+        self.device = resolve_device(c["device"])
+        self.out = RunDir(c["out_dir"], c)
+        self.ckpt_path = self.out.checkpoint_path(CHECKPOINT)
+        self.key = config_hash(training_part(c))
+
+    def try_resume(self, net, opt, sched) -> dict[str, Any] | None:
+        if not (self.c["train"]["resume"] and self.ckpt_path.exists()):
+            return None
+        ck = load_checkpoint(self.ckpt_path)
+        if ck.get("config_hash") != self.key:
+            raise CheckpointError(
+                f"{self.ckpt_path} was written by a run with another model/training config; use another "
+                "out_dir or train.resume=false"
+            )
+        net.load_state_dict(ck["model_state"])
+        opt.load_state_dict(ck["optimizer"])
+        if sched is not None and ck.get("scheduler"):
+            sched.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["rng"])
+        log.info("resumed from %s at %s", self.ckpt_path, ck["state"])
+        return ck
+
+    def save(self, net, opt, sched, state, history, done: bool) -> None:
+        save_checkpoint(
+            self.ckpt_path,
+            {
+                "format": "tttlab.pilimit/1", "model_kind": self.c["model"]["kind"], "config": self.c,
+                "model_state": net.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict() if sched is not None else None, "state": dict(state),
+                "history": history, "rng": torch.get_rng_state(), "done": done, "config_hash": self.key,
+            },
+        )  # fmt: skip
+
+
+def run(cfg, **overrides) -> Path:
+    """Train (or resume) per ``cfg``; returns the run directory."""
+    c = validate({**to_dict(cfg), **overrides})
+    if c.get("threads"):
+        torch.set_num_threads(int(c["threads"]))
+    if c["train"]["task"] == "maml":
+        return _run_maml(c)
+    return _run_classify(c)
+
+
+def _run_classify(c: dict[str, Any]) -> Path:
+    R = _Run(c)
+    d = c["data"]
+    if d["name"] not in NUM_CLASSES:
+        raise ConfigError(f"data.name={d['name']!r}; expected one of {sorted(NUM_CLASSES)}")
+    x, y = load_flat(d["name"], d.get("split") or "train", d.get("root"), d.get("num_examples"))
+    xt, yt = load_flat(d["name"], c["train"]["test_split"], d.get("root"), c["train"]["num_test"])
+    bs, epochs = int(d["batch_size"]), int(c["train"]["epochs"])
+    steps_per_epoch = len(x) // bs
+    if steps_per_epoch < 1:
+        raise ConfigError(f"data.batch_size={bs} exceeds the {len(x)} training examples")
+    net = build_model(c, x.shape[1], NUM_CLASSES[d["name"]], R.device)
+    opt, sched = build_optimizer(c, net, steps_per_epoch, steps_per_epoch * epochs)
+    state = {"epoch": 0, "batch": 0, "step": 0, "loss": 0.0, "correct": 0, "seen": 0}
+    history: dict[str, list] = {}
+    ck = R.try_resume(net, opt, sched)
+    if ck is not None:
+        state, history = ck["state"], ck["history"]
+    if isinstance(net, InfMLP):
+        net.reserve(net.r + steps_per_epoch * epochs * bs)
+    method, seed = method_name(c), int(c["seed"])
+    defaults = dict(package="pilimit", framework="torch", model=f"{c['model']['kind']}_pinet_mlp", seed=seed,
+                    dataset=d["name"], method=method)  # fmt: skip
+    stop = c["train"]["stop_after_steps"]
+    every = int(c["train"]["checkpoint_every"])
+    with R.out.writer(**defaults) as writer:
+        have = done_keys(load_records(R.out.path), ["metric", "step"])
+        while state["epoch"] < epochs:
+            t0 = time.perf_counter()
+            perm = np.random.default_rng((seed, state["epoch"])).permutation(len(x))
+            net.train()
+            with progress_bar(
+                steps_per_epoch, f"epoch {state['epoch'] + 1}", c["logging"]["progress"]
+            ) as bar:
+                bar.update(state["batch"])
+                while state["batch"] < steps_per_epoch:
+                    idx = torch.from_numpy(perm[state["batch"] * bs : (state["batch"] + 1) * bs])
+                    xb, yb = x[idx].to(R.device), y[idx].to(R.device)
+                    out = net(xb).float()
+                    loss = F.cross_entropy(out, yb)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+                    if sched is not None:
+                        sched.step()
+                    state["loss"] += float(loss.detach()) * len(yb)
+                    state["correct"] += int((out.argmax(1) == yb).sum())
+                    state["seen"] += len(yb)
+                    state["batch"] += 1
+                    state["step"] += 1
+                    bar.update(1)
+                    if state["step"] % every == 0:
+                        R.save(net, opt, sched, state, history, done=False)
+                    if stop is not None and state["step"] >= int(stop):
+                        R.save(net, opt, sched, state, history, done=False)
+                        return R.out.path
+            epoch = state["epoch"] + 1
+            acc, tloss = accuracy(net, xt, yt, int(c["train"]["test_batch_size"]), R.device)
+            n = max(state["seen"], 1)
+            stats = {"train_loss": state["loss"] / n, "train_accuracy": state["correct"] / n,
+                     "test_accuracy": acc, "test_loss": tloss, "rows": int(getattr(net, "M", 0)),
+                     "epoch_time_s": time.perf_counter() - t0}  # fmt: skip
+            for k, v in stats.items():
+                history.setdefault(k, []).append(v)
+            for metric in ("test_accuracy", "train_loss", "train_accuracy"):
+                if (metric, epoch) not in have:
+                    nn_ = len(yt) if metric == "test_accuracy" else n
+                    writer.write(metric=metric, step=epoch, value=stats[metric], n=nn_,
+                                 wall_time_s=stats["epoch_time_s"], extra={"rows": stats["rows"]})  # fmt: skip
+            log.info("epoch %d: %s", epoch, stats)
+            state.update(epoch=epoch, batch=0, loss=0.0, correct=0, seen=0)
+            R.save(net, opt, sched, state, history, done=epoch == epochs and c["train"]["task"] == "classify")
+            R.out.write_stats(history)
+        if c["train"]["task"] == "transfer":
+            res = transfer_eval(c, net, R.device)
+            if ("transfer_accuracy", epochs) not in have:
+                writer.write(metric="transfer_accuracy", step=epochs, value=res["accuracy"], n=res["n"],
+                             dataset=c["transfer"]["dataset"], extra={"num_train": res["num_train"]})  # fmt: skip
+            R.out.write_stats({**history, "transfer": res})
+            R.save(net, opt, sched, state, history, done=True)
+    return R.out.path
+
+
+@torch.no_grad()
+def _features(net, x, bs, device) -> torch.Tensor:
+    return torch.cat([net.features(x[i : i + bs].to(device)).double() for i in range(0, len(x), bs)])
+
+
+@torch.no_grad()
+def transfer_eval(c: dict[str, Any], net, device) -> dict[str, Any]:
+    """Kernel ridge regression on the trained net's last-layer kernel (one-hot targets minus 0.1)."""
+    from .maml import _kernel
+
+    t = c["transfer"]
+    x, y = load_flat(t["dataset"], "train", t["root"], t["num_train"])
+    xt, yt = load_flat(t["dataset"], "test", t["root"], t["num_test"])
+    bs = int(c["train"]["test_batch_size"])
+    f, ft = _features(net, x, bs, device), _features(net, xt, bs, device)
+    k = _kernel(net, f, f)
+    kt = _kernel(net, ft, f)
+    targets = F.one_hot(y.to(device), int(y.max()) + 1).double() - 0.1
+    k.diagonal().add_(float(t["ridge"]) * k.diagonal().mean())
+    alpha = torch.linalg.solve(k, targets)
+    pred = (kt @ alpha).argmax(1).cpu()
+    return {"accuracy": float((pred == yt).float().mean()), "n": len(yt), "num_train": len(y)}
+
+
+def _maml_classes(m: dict[str, Any]):
+    if m["dataset"] == "mnist":
+        return mnist_classes("train", range(5)), mnist_classes("test", range(5, 10))
+    if m["dataset"] == "omniglot":
+        return omniglot_classes(m["root"], "train", m["image_size"]), omniglot_classes(
+            m["root"], "test", m["image_size"]
+        )
+    raise ConfigError(f"maml.dataset={m['dataset']!r}; expected mnist or omniglot")
+
+
+def _run_maml(c: dict[str, Any]) -> Path:
+    R = _Run(c)
+    m = c["maml"]
+    train_classes, test_classes = _maml_classes(m)
+    d_in = int(train_classes[0][0].size)
+    epochs, steps_per_epoch = int(c["train"]["epochs"]), int(m["num_batches"])
+    net = build_model(c, d_in, int(m["num_ways"]), R.device)
+    if c["model"]["kind"] != "inf" and not m["gproj_outer"]:
+        c["optim"]["gproj"] = False
+    if c["model"]["kind"] == "finite":
+        c["optim"]["gproj"] = bool(m["gproj_outer"])
+    if not m["readout_zero_init"] and isinstance(net, InfMLP):
+        with torch.no_grad():
+            net.output_layer.A_store.normal_().mul_(net.r**-0.5)
+    opt, sched = build_optimizer(c, net, steps_per_epoch, steps_per_epoch * epochs)
+    state = {"epoch": 0, "batch": 0, "step": 0, "loss": 0.0, "acc": 0.0}
+    history: dict[str, list] = {}
+    ck = R.try_resume(net, opt, sched)
+    if ck is not None:
+        state, history = ck["state"], ck["history"]
+    rows_per_step = (
+        int(m["meta_batch_size"]) * int(m["num_ways"]) * (int(m["num_shots"]) + int(m["num_shots_test"]))
+    )
+    if isinstance(net, InfMLP):
+        net.reserve(net.r + 2 * rows_per_step * steps_per_epoch * epochs)
+    seed = int(c["seed"])
+    defaults = dict(package="pilimit", framework="torch", model=f"{c['model']['kind']}_pinet_mlp", seed=seed,
+                    dataset=f"{m['dataset']}_fewshot", method=method_name(c))  # fmt: skip
+    stop, every = c["train"]["stop_after_steps"], int(c["train"]["checkpoint_every"])
+    args = (int(m["num_ways"]), int(m["num_shots"]), int(m["num_shots_test"]))
+    with R.out.writer(**defaults) as writer:
+        have = done_keys(load_records(R.out.path), ["metric", "step"])
+        while state["epoch"] < epochs:
+            t0 = time.perf_counter()
+            with progress_bar(
+                steps_per_epoch, f"meta-epoch {state['epoch'] + 1}", c["logging"]["progress"]
+            ) as bar:
+                bar.update(state["batch"])
+                while state["batch"] < steps_per_epoch:
+                    rng = np.random.default_rng((seed, state["epoch"], state["batch"]))
+                    eps = [
+                        sample_episode(train_classes, *args, rng) for _ in range(int(m["meta_batch_size"]))
+                    ]
+                    eps = [type(e)(*(t.to(R.device) for t in (e.xs, e.ys, e.xq, e.yq))) for e in eps]
+                    loss, acc = meta_loss(net, eps, float(m["step_size"]), int(m["num_inner_steps"]))
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+                    if sched is not None:
+                        sched.step()
+                    state["loss"] += float(loss.detach())
+                    state["acc"] += acc
+                    state["batch"] += 1
+                    state["step"] += 1
+                    bar.update(1)
+                    if state["step"] % every == 0:
+                        R.save(net, opt, sched, state, history, done=False)
+                    if stop is not None and state["step"] >= int(stop):
+                        R.save(net, opt, sched, state, history, done=False)
+                        return R.out.path
+            epoch = state["epoch"] + 1
+            res = evaluate_fewshot(
+                net, test_classes, m, int(m["num_test_batches"]), seed=10_000 + seed, device=R.device
+            )
+            stats = {"meta_train_loss": state["loss"] / steps_per_epoch, "meta_train_accuracy": state["acc"] / steps_per_epoch,
+                     "fewshot_accuracy": res["accuracy"], "fewshot_ci95": res["ci95"],
+                     "rows": int(getattr(net, "M", 0)), "epoch_time_s": time.perf_counter() - t0}  # fmt: skip
+            for k, v in stats.items():
+                history.setdefault(k, []).append(v)
+            if ("fewshot_accuracy", epoch) not in have:
+                writer.write(metric="fewshot_accuracy", step=epoch, value=res["accuracy"],
+                             n=res["episodes"] * args[0] * args[2], wall_time_s=stats["epoch_time_s"],
+                             extra={"ci95": res["ci95"], "ways": args[0], "shots": args[1], "rows": stats["rows"]})  # fmt: skip
+            log.info("meta-epoch %d: %s", epoch, stats)
+            state.update(epoch=epoch, batch=0, loss=0.0, acc=0.0)
+            R.save(net, opt, sched, state, history, done=epoch == epochs)
+            R.out.write_stats(history)
+    return R.out.path
+
+
+def load_trained(run_dir, device="cpu"):
+    """``(net, config)`` of a finished run directory."""
+    path = Path(run_dir) / "checkpoints" / f"{CHECKPOINT}.ckpt"
+    if not path.exists():
+        raise CheckpointError(
+            f"{run_dir}: no checkpoints/{CHECKPOINT}.ckpt; expected a tttlab-pilimit-train run"
+        )
+    ck = load_checkpoint(path)
+    c = ck["config"]
+    if c["train"]["task"] == "maml":
+        m = c["maml"]
+        d_in, d_out = int(m["image_size"]) ** 2, int(m["num_ways"])
+    else:
+        d_in = {"mnist": 784, "digits": 784, "cifar10": 3072, "imagenet32": 3072}[c["data"]["name"]]
+        d_out = NUM_CLASSES[c["data"]["name"]]
+    net = build_model(c, d_in, d_out, resolve_device(device) if isinstance(device, str) else device)
+    net.load_state_dict(ck["model_state"])
+    return net.eval(), c, ck
+
+
+def main() -> None:
+    import hydra
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    register_configs()
+
+    @hydra.main(config_path="conf", config_name="config", version_base=None)
+    def _main(cfg) -> None:
+        print(run(cfg))
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()
