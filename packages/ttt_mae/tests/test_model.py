@@ -21,7 +21,7 @@ def test_official_shapes(name):
     assert sd["patch_embed.proj.weight"].shape == (D, 3, 16, 16)
     assert sd[f"blocks.{depth - 1}.attn.qkv.weight"].shape == (3 * D, D)
     assert f"blocks.{depth}.norm1.weight" not in sd
-    assert sd[f"blocks.0.mlp.fc1.weight"].shape == (4 * D, D)
+    assert sd["blocks.0.mlp.fc1.weight"].shape == (4 * D, D)
     assert all(b.attn.num_heads == heads for b in m.blocks)
     Dd = m.cfg.decoder_embed_dim
     assert sd["decoder_pred.weight"].shape == (16 * 16 * 3, Dd)
@@ -29,7 +29,7 @@ def test_official_shapes(name):
         assert Dd == 512 and m.cfg.decoder_depth == 8 and m.cfg.decoder_num_heads == 16
         assert sd["classifier_embed.weight"].shape == (768, D)
         assert sd["classifier_pred.weight"].shape == (1000, 768)
-        assert f"classifier_blocks.11.attn.qkv.weight" in sd and "classifier_blocks.12.norm1.weight" not in sd
+        assert "classifier_blocks.11.attn.qkv.weight" in sd and "classifier_blocks.12.norm1.weight" not in sd
 
 
 def test_sincos_formula():

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tttlab.core.errors import ConfigError, DatasetNotFoundError, InvalidInputError
+from tttlab.core.errors import ConfigError, DatasetNotFoundError
 from tttlab.core.records import RunDir, config_hash, load_records, merge_records
 
 from .checkpoint import load_official
@@ -116,12 +116,8 @@ def run_benchmark(c: dict[str, Any], method: str = "ttt_mae.ttt") -> Path:
         device = torch.device(
             "cuda", int(os.environ.get("LOCAL_RANK", dist.rank)) % torch.cuda.device_count()
         )
-    model = load_model(c, device)
-    if int(c["input_size"]) % model.cfg.patch_size:
-        raise InvalidInputError(
-            f"input_size={c['input_size']} is not divisible by patch {model.cfg.patch_size}"
-        )
     bench = make_bench(c)
+    model = load_model(c, device)
     stats = normalization(c, c["benchmark"]["name"])
     norm = Normalizer(*stats) if stats else (lambda x: x)
     group = max(int(c["group_size"]), 1)
@@ -180,6 +176,7 @@ def summarize(out: Path, c: dict[str, Any], method: str, chash: str, domains, st
     df = load_records(out / "images", metric="correct")
     df = df[df["config_hash"] == chash]
     rd = RunDir(out, {**c, "method": method})
+    _drop_summary(rd.records_path, chash)
     accs, n_all, t_all = [], 0, 0.0
     with rd.writer(**defaults) as w:
         for dom in domains:
@@ -222,6 +219,27 @@ def summarize(out: Path, c: dict[str, Any], method: str, chash: str, domains, st
                     severity=sevs.pop() if len(sevs) == 1 else None, n=n_all, wall_time_s=t_all, step=steps,
                     extra={"domains": len(accs)})  # fmt: skip
     del pd
+
+
+def _drop_summary(path: Path, chash: str) -> None:
+    """Remove an earlier summary of the same config (a rerun rewrites it instead of appending twice)."""
+    import json
+
+    from tttlab.core._io import atomic_write_text
+
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line).get("config_hash") == chash:
+                continue
+        except json.JSONDecodeError:
+            continue  # a torn last line
+        keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        atomic_write_text(path, "".join(keep))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -244,6 +244,20 @@ class BatchedTTT:
     def adapt(
         self, raws: list[torch.Tensor], generators: list[torch.Generator], normalize
     ) -> list[ImageResult]:
+        """Adapt ``len(raws)`` images at once.  On CPU, attention under ``vmap`` uses the explicit softmax
+        form (``vmap`` has no batching rule for the CPU flash kernel and would loop over the images)."""
+        flags = [(m, m.fused_attn) for m in self.model.modules() if hasattr(m, "fused_attn")]
+        if self.device.type == "cpu":
+            self.model.set_fused_attn(False)
+        try:
+            return self._adapt(raws, generators, normalize)
+        finally:
+            for m, f in flags:
+                m.fused_attn = f
+
+    def _adapt(
+        self, raws: list[torch.Tensor], generators: list[torch.Generator], normalize
+    ) -> list[ImageResult]:
         from torch.func import grad, vmap
 
         G = len(raws)

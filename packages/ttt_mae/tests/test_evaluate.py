@@ -1,0 +1,112 @@
+import json
+
+import pytest
+
+from tttlab.core.errors import CheckpointError, ConfigError, DatasetNotFoundError, InvalidInputError
+from tttlab.core.records import load_records
+from tttlab.ttt_mae import evaluate as E
+
+METHODS = ["ttt_mae.baseline", "ttt_mae.ttt"]
+BENCH = {"corruptions": ["gaussian_noise", "brightness"], "num_examples": 3}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("models"))
+
+
+def run(tmp_path, cache, method, **kw):
+    return E.run({"method": method, "profile": "smoke", "out_dir": str(tmp_path / method), "cache_dir": cache,
+                  "progress": False, "benchmark": dict(BENCH), **kw})  # fmt: skip
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_contract_records(tmp_path, cache, method):
+    path = run(tmp_path, cache, method)
+    df = load_records(path)
+    acc = df[(df.metric == "accuracy") & (df.corruption != "mean")]
+    assert sorted(acc.corruption) == ["brightness", "gaussian_noise"] and set(acc.n) == {3}
+    assert set(acc.severity) == {5} and (acc.wall_time_s > 0).all()
+    assert len(df[df.metric == "s_per_image"]) == 2
+    mean = df[(df.metric == "accuracy") & (df.corruption == "mean")]
+    assert mean.value.iloc[0] == pytest.approx(acc.value.mean())
+    steps = 0 if method == "ttt_mae.baseline" else 2
+    curve = df[(df.metric == "accuracy_curve") & (df.corruption == "brightness")].sort_values("step")
+    assert curve.step.tolist() == list(range(steps + 1))
+    assert curve.value.iloc[-1] == pytest.approx(acc[acc.corruption == "brightness"].value.iloc[0])
+    images = load_records(path.parent / "images", metric="correct")
+    assert len(images) == 6 and all(len(e["predictions"]) == steps + 1 for e in images.extra)
+    assert set(df.method) == {method}
+
+
+def test_ttt_step0_is_the_baseline_and_resume(tmp_path, cache):
+    base = load_records(run(tmp_path, cache, "ttt_mae.baseline"))
+    path = run(tmp_path, cache, "ttt_mae.ttt")
+    ttt = load_records(path)
+    b = base[base.metric == "accuracy"].set_index("corruption").value
+    t0 = ttt[(ttt.metric == "accuracy_curve") & (ttt.step == 0)].set_index("corruption").value
+    assert all(b[k] == pytest.approx(t0[k]) for k in t0.index)
+    # kill: drop the last two per-image records and the summary; the rerun redoes only those
+    img = path.parent / "images" / "records.jsonl"
+    lines = img.read_text().splitlines(keepends=True)
+    img.write_text("".join(lines[:-2]))
+    path.write_text(path.read_text())  # the summary is rewritten, not appended
+    again = load_records(run(tmp_path, cache, "ttt_mae.ttt"))
+    assert len(img.read_text().splitlines()) == 6
+    key = ["metric", "corruption", "step", "value"]
+    again, ttt = again[again.metric != "s_per_image"], ttt[ttt.metric != "s_per_image"]
+    assert again[key].sort_values(key).values.tolist() == ttt[key].sort_values(key).values.tolist()
+
+
+def test_batched_group_equals_loop(tmp_path, cache):
+    a = load_records(run(tmp_path / "a", cache, "ttt_mae.ttt", group_size=1).parent / "images")
+    b = load_records(run(tmp_path / "b", cache, "ttt_mae.ttt", group_size=3).parent / "images")
+    pa = sorted((r.corruption, r.extra["index"], tuple(r.extra["predictions"])) for r in a.itertuples())
+    pb = sorted((r.corruption, r.extra["index"], tuple(r.extra["predictions"])) for r in b.itertuples())
+    assert pa == pb
+
+
+def test_bad_inputs(tmp_path, cache):
+    with pytest.raises(ConfigError, match="method"):
+        E.eval_config({"method": "ttt_mae.tent"})
+    with pytest.raises(ConfigError, match="profile"):
+        E.eval_config({"profile": "huge"})
+    with pytest.raises(InvalidInputError, match="steps_per_example"):
+        run(tmp_path, cache, "ttt_mae.ttt", steps_per_example=-1)
+    with pytest.raises(InvalidInputError, match="mask_ratio"):
+        run(tmp_path, cache, "ttt_mae.ttt", mask_ratio=1.5)
+    with pytest.raises(InvalidInputError, match="not divisible"):
+        run(tmp_path, cache, "ttt_mae.ttt", input_size=30)
+    with pytest.raises(DatasetNotFoundError):
+        run(
+            tmp_path,
+            cache,
+            "ttt_mae.ttt",
+            benchmark={"name": "imagenet_c", "root": str(tmp_path / "missing")},
+            resume_model=str(tmp_path / "x.pth"),
+        )
+    with pytest.raises(CheckpointError, match="x.pth"):
+        run(tmp_path, cache, "ttt_mae.ttt", resume_model=str(tmp_path / "x.pth"))
+    with pytest.raises(ConfigError, match="unknown config key"):
+        run(tmp_path, cache, "ttt_mae.ttt", steps=3)
+
+
+def test_hydra_configs_compose():
+    from hydra import compose, initialize_config_module
+
+    from tttlab.ttt_mae.common import register_configs
+
+    register_configs()
+    with initialize_config_module("tttlab.ttt_mae.conf", version_base=None):
+        for entry, exp in [("pretrain", "paper_pretrain"), ("probe", "paper_probe"), ("ttt", "paper_ttt"),
+                           ("baseline", "paper_baseline"), ("ttt", "mnist_ttt"), ("pretrain", "smoke_pretrain")]:  # fmt: skip
+            cfg = compose(entry, overrides=[f"+experiment={exp}"])
+            assert cfg.experiment_name == exp
+        ttt = compose("ttt", overrides=["+experiment=paper_ttt"])
+        assert (ttt.steps_per_example, ttt.batch_size, ttt.blr, ttt.finetune_mode) == (
+            20,
+            128,
+            1e-2,
+            "encoder",
+        )
+        assert json.loads(json.dumps(ttt.benchmark.severities, default=list)) == [5]
