@@ -410,9 +410,13 @@ def _pil_op(op: str, img, level: float, sign: float):
     return img.transform(img.size, Image.AFFINE, data, resample=Image.BILINEAR)
 
 
-def pil_augmix(img, rng: np.random.Generator, severity: float = 1.0, width: int = 3, ops=AUGMIX_OPS):
-    """AugMix on one PIL image, per chain converted to a tensor (as upstream does); (C, H, W) in [0, 1]."""
+def pil_augmix(img, rng: np.random.Generator, severity: float = 1.0, width: int = 3, ops=AUGMIX_OPS,
+               preprocess=None):  # fmt: skip
+    """AugMix on one PIL image, each chain converted by ``preprocess`` (default ``to_tensor``; upstream:
+    ``to_tensor`` + ``Normalize``) and mixed as tensors, as upstream does."""
     from torchvision.transforms.functional import to_tensor
+
+    to_tensor = preprocess or to_tensor
 
     w = rng.dirichlet([1.0] * width).astype(np.float32)
     m = np.float32(rng.beta(1.0, 1.0))
@@ -428,9 +432,10 @@ def pil_augmix(img, rng: np.random.Generator, severity: float = 1.0, width: int 
 
 
 def pil_views(image, n_views: int, size: int, *, include_original=True, augmix_views=False, flip=True,
-              scale=(0.08, 1.0), severity: float = 1.0, seed: int = 0) -> torch.Tensor:  # fmt: skip
+              scale=(0.08, 1.0), severity: float = 1.0, seed: int = 0, normalize=None) -> torch.Tensor:  # fmt: skip
     """The same views as :func:`make_views`, one PIL view at a time (torchvision ``RandomResizedCrop`` +
-    ``RandomHorizontalFlip`` on the PIL image, PIL AugMix, ``to_tensor``): the upstream-style reference."""
+    ``RandomHorizontalFlip`` on the PIL image, PIL AugMix, ``to_tensor`` per chain, and ``Normalize(*normalize)``
+    per chain when given, as upstream's ``preprocess``): the upstream-style reference."""
     from PIL import Image
     from torchvision import transforms as T
 
@@ -441,8 +446,9 @@ def pil_views(image, n_views: int, size: int, *, include_original=True, augmix_v
     torch.manual_seed(seed)
     base = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)])
     crop = T.Compose([T.RandomResizedCrop(size, scale=scale)] + ([T.RandomHorizontalFlip()] if flip else []))
-    out = [T.functional.to_tensor(base(image))] if include_original else []
+    pre = T.ToTensor() if normalize is None else T.Compose([T.ToTensor(), T.Normalize(*normalize)])
+    out = [pre(base(image))] if include_original else []
     for _ in range(n_views - len(out)):
         v = crop(image)
-        out.append(pil_augmix(v, rng, severity) if augmix_views else T.functional.to_tensor(v))
+        out.append(pil_augmix(v, rng, severity, preprocess=pre) if augmix_views else pre(v))
     return torch.stack(out)

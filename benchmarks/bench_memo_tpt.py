@@ -1,0 +1,178 @@
+"""Batched on-device test-time views vs the per-view PIL reference, and end-to-end TPT / MEMO images/s.
+
+    .venv/bin/python benchmarks/bench_memo_tpt.py --out benchmarks/memo_tpt.md            # CPU, ~3 min
+    python benchmarks/bench_memo_tpt.py --device cuda --tpt-arch ViT-B-16 --classes 200   # GPU shapes
+
+Views: 64 views at 224 px of scikit-image photos (astronaut 512x512, chelsea 300x451), two pipelines:
+``tpt`` (original + 63 random resized crops with flips: TPT on ImageNet variants) and ``memo`` (64 crops +
+flips + AugMix severity 1, width 3, depth 1-3: MEMO), each ready for the model (normalised).  Reference:
+``tttlab.memo_tpt.augment.pil_views`` (torchvision PIL crop/flip, PIL AugMix operations, ToTensor +
+Normalize per chain, as upstream's loops).  Batched: ``make_views`` + one normalisation, on ``--device``.
+Timing: the two alternate, ``--repeats`` times; medians.  Threads: ``torch.set_num_threads(--threads)``
+for both (PIL runs single-threaded, as upstream).
+
+End to end (seconds per image, median): TPT on an open_clip model with random weights (``--tpt-arch``;
+default a small custom CLIP ViT at 224 px on CPU) with ``--classes`` ImageNet class names, 64 views, 1 step,
+and MEMO (torchvision MobileNetV2, 64 AugMix views, BN prior 16, 1 SGD step), each with batched views and
+with PIL-reference views.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tttlab.memo_tpt import augment as A  # noqa: E402
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SMALL_CLIP = dict(
+    embed_dim=256,
+    vision_cfg=dict(image_size=224, layers=4, width=256, patch_size=32, head_width=64),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=256, heads=4, layers=4),
+)
+
+
+def photos():
+    try:
+        import skimage.data
+
+        return {"astronaut": skimage.data.astronaut(), "chelsea": skimage.data.chelsea()}
+    except ImportError:  # a bare GPU machine: random photos of the same sizes
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        return {"astronaut": rng.integers(0, 256, (512, 512, 3), dtype=np.uint8),
+                "chelsea": rng.integers(0, 256, (300, 451, 3), dtype=np.uint8)}  # fmt: skip
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def bench_views(device, repeats, n_views):
+    rows = []
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    for pipeline, aug, orig in (("tpt (crop+flip)", False, True), ("memo (crop+flip+AugMix)", True, False)):
+        batched, pil = [], []
+        g = torch.Generator().manual_seed(0)
+        for r in range(repeats + 1):
+            for name, img in photos().items():
+                tb, _ = timed(lambda img=img: (A.make_views(img, n_views, 224, include_original=orig, augmix_views=aug,
+                                                            generator=g, device=device) - mean) / std, device)  # fmt: skip
+                tp, _ = timed(lambda img=img: A.pil_views(img, n_views, 224, include_original=orig, augmix_views=aug,
+                                                          seed=r, normalize=(MEAN, STD)).to(device), device)  # fmt: skip
+                if r:  # the first round warms up
+                    batched.append(tb)
+                    pil.append(tp)
+        b, p = statistics.median(batched), statistics.median(pil)
+        rows.append((pipeline, n_views / p, n_views / b, p / b))
+    return rows
+
+
+def bench_end_to_end(device, repeats, tpt_arch, classes, n_views):
+    from tttlab.core.data.imagenet import imagenet_class_names
+    from tttlab.memo_tpt.memo import Memo
+    from tttlab.memo_tpt.models import build_classifier, build_clip
+    from tttlab.memo_tpt.tpt import TPT
+
+    torch.manual_seed(0)
+    names = list(imagenet_class_names())[:classes]
+    if tpt_arch == "small":
+        clip = build_clip("small-vit-32", config=SMALL_CLIP, device=device)
+    else:
+        clip = build_clip(tpt_arch, device=device)
+    tpt = TPT(clip, names, n_views=n_views, tts=1)
+    net = build_classifier("mobilenet_v2").to(device)
+    memo = Memo(net, arch="mobilenet_v2", n_augmentations=n_views)
+    imgs = list(photos().values())
+
+    def tpt_pil(img, seed):
+        tpt.reset()
+        views = A.pil_views(img, n_views, tpt.size, include_original=True, seed=seed).to(device)
+        tpt.adapt(views)
+        return tpt.predict(views)
+
+    def memo_pil(img, seed):
+        memo.reset()
+        memo.views = lambda image, seed=seed: A.pil_views(image, n_views, 224, include_original=False,
+                                                          augmix_views=True, seed=seed).to(device)  # fmt: skip
+        out = memo.adapt(img), memo.predict(img)
+        del memo.views
+        return out
+
+    rows = []
+    for label, ours, ref in (
+        (f"TPT {tpt_arch} ({classes} classes)", lambda img, s: tpt(img), tpt_pil),
+        ("MEMO mobilenet_v2", lambda img, s: memo(img), memo_pil),
+    ):
+        t_ours, t_ref = [], []
+        for r in range(repeats + 1):
+            for img in imgs:
+                a, _ = timed(lambda img=img: ours(img, r), device)
+                b, _ = timed(lambda img=img: ref(img, r), device)
+                if r:
+                    t_ours.append(a)
+                    t_ref.append(b)
+        rows.append((label, 1 / statistics.median(t_ref), 1 / statistics.median(t_ours)))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--e2e-repeats", type=int, default=2)
+    ap.add_argument("--views", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tpt-arch", default="small", help="open_clip name (random weights) or 'small'")
+    ap.add_argument("--classes", type=int, default=200)
+    ap.add_argument("--skip-views", action="store_true")
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    lines = [
+        f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}),"
+        f" torch {torch.__version__}, threads {args.threads}, {args.views} views at 224 px",
+        "",
+    ]
+    if not args.skip_views:
+        lines += ["| pipeline | PIL reference views/s | batched views/s | ratio |", "|---|---:|---:|---:|"]
+        for name, p, b, ratio in bench_views(device, args.repeats, args.views):
+            lines.append(f"| {name} | {p:.1f} | {b:.1f} | {ratio:.1f}x |")
+            print(lines[-1], flush=True)
+        lines.append("")
+    if not args.skip_e2e:
+        lines += ["| end to end (1 step, 64 views) | images/s with PIL views | images/s batched | ratio |",
+                  "|---|---:|---:|---:|"]  # fmt: skip
+        for name, p, b in bench_end_to_end(device, args.e2e_repeats, args.tpt_arch, args.classes, args.views):
+            lines.append(f"| {name} | {p:.3f} | {b:.3f} | {b / p:.1f}x |")
+            print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tttlab.memo_tpt import augment as A
+from tttlab.memo_tpt.ensemble import Ensemble, combine
+from tttlab.memo_tpt.losses import bn_prior, entropy, marginal_entropy, select_confident
+from tttlab.memo_tpt.memo import Memo
+from tttlab.memo_tpt.tpt import TPT, tokenizer_for
+
+NAMES = ["zero", "one", "two", "three", "four"]
+
+
+# ---------------------------------------------------------------- losses
+def test_marginal_entropy_equals_direct_float64():
+    z = torch.randn(64, 10, dtype=torch.float64) * 3
+    p = z.softmax(-1).mean(0)
+    direct = -(p * p.log()).sum()
+    torch.testing.assert_close(marginal_entropy(z).double(), direct, atol=1e-5, rtol=1e-5)
+
+
+def test_marginal_entropy_stable_for_huge_logits():
+    z = torch.tensor([[1e4, 0.0, 0.0], [0.0, 1e4, 0.0]])
+    h = marginal_entropy(z)
+    assert torch.isfinite(h) and abs(float(h) - np.log(2)) < 1e-5
+    z.requires_grad_(True)
+    marginal_entropy(z).backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_select_confident_picks_lowest_entropy():
+    ent_order = torch.tensor([5.0, 0.1, 3.0, 0.0, 8.0, 1.0])  # scale of a one-hot logit: confidence
+    z = torch.zeros(6, 4)
+    z[:, 0] = ent_order
+    idx = select_confident(z, 0.5)
+    assert sorted(idx.tolist()) == [0, 2, 4]
+    h = entropy(z)
+    assert torch.equal(idx, torch.argsort(h)[:3])
+    assert select_confident(torch.zeros(64, 3), 0.1).numel() == 6  # TPT: int(64 * 0.1)
+    assert select_confident(z, None).tolist() == list(range(6))
+
+
+@torch.no_grad()
+def test_bn_prior_limits(bn_net):
+    x = torch.randn(7, 3, 6, 6)
+    with bn_prior(bn_net, 1.0):
+        src = bn_net(x)
+    torch.testing.assert_close(src, bn_net(x))
+    with bn_prior(bn_net, 0.0):
+        test = bn_net(x)
+    h = bn_net.conv(x)
+    ref = F.batch_norm(h, h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=True), bn_net.bn.weight, bn_net.bn.bias,
+                       False, 0.0, bn_net.bn.eps)  # fmt: skip
+    torch.testing.assert_close(test, bn_net.fc(torch.relu(ref).mean((2, 3))))
+    p = 16 / 17
+    with bn_prior(bn_net, p):
+        mixed = bn_net(x)
+    mean = p * bn_net.bn.running_mean + (1 - p) * h.mean((0, 2, 3))
+    var = p * bn_net.bn.running_var + (1 - p) * h.var((0, 2, 3), unbiased=True)
+    ref = F.batch_norm(h, mean, var, bn_net.bn.weight, bn_net.bn.bias, False, 0.0, bn_net.bn.eps)
+    torch.testing.assert_close(mixed, bn_net.fc(torch.relu(ref).mean((2, 3))))
+    assert "forward" not in vars(bn_net.bn)  # patch removed
+
+
+# ---------------------------------------------------------------- MEMO
+def make_memo(net, **kw):
+    kw = {"n_augmentations": 8, "size": 16, "seed": 0, "optimizer": "sgd", "lr": 0.1, **kw}
+    return Memo(net, **kw)
+
+
+def test_memo_reset_bit_exact(bn_net, image):
+    before = copy.deepcopy(bn_net.state_dict())
+    memo = make_memo(bn_net)
+    memo.adapt(image)
+    assert any(not torch.equal(before[k], v) for k, v in bn_net.state_dict().items())
+    memo.reset()
+    assert all(torch.equal(before[k], v) for k, v in bn_net.state_dict().items())
+
+
+def test_memo_zero_steps_is_plain_model(bn_net, image):
+    memo = make_memo(bn_net, steps=0, prior_strength=None)
+    x = A.resize_center_crop(A.as_image(image), 16)[None]
+    ref = bn_net((x - memo.mean) / memo.std)
+    torch.testing.assert_close(memo(image), ref)
+
+
+def test_memo_step_is_marginal_entropy_sgd(bn_net, image):
+    """One MEMO step = one SGD step on the marginal entropy of the views under the BN prior."""
+    memo = make_memo(bn_net, top_k=0.5)
+    ref_net = copy.deepcopy(bn_net)
+    views = make_memo(copy.deepcopy(bn_net), top_k=0.5).views(image)  # same seed -> same views
+    with bn_prior(ref_net, 16 / 17):
+        z = ref_net((views - memo.mean) / memo.std)
+    loss = marginal_entropy(z[select_confident(z, 0.5)])
+    grads = torch.autograd.grad(loss, list(ref_net.parameters()))
+    memo.adapt(image)
+    for p, p0, g in zip(bn_net.parameters(), ref_net.parameters(), grads):
+        torch.testing.assert_close(p, p0 - 0.1 * g)
+
+
+def test_memo_deterministic_and_class_subset(bn_net, image):
+    a = make_memo(copy.deepcopy(bn_net), class_indices=[4, 1])(image)
+    b = make_memo(copy.deepcopy(bn_net), class_indices=[4, 1])(image)
+    assert a.shape == (1, 2) and torch.equal(a, b)
+
+
+def test_memo_optimizer_families(bn_net):
+    assert make_memo(bn_net, optimizer="auto", lr=None, arch="resnet50").opt_args["name"] == "sgd"
+    m = Memo(bn_net, arch="timm:resnext101_32x8d")
+    assert m.opt_args == {"name": "adamw", "lr": 1e-5, "weight_decay": 0.01, "momentum": 0.0}
+    assert Memo(bn_net, arch="resnet50").opt_args["lr"] == 2.5e-4
+
+
+# ---------------------------------------------------------------- TPT
+def test_context_init_equals_base_prompt_embedding(tiny_clip):
+    tpt = TPT(tiny_clip, NAMES, base_prompt="a photo of a")
+    tok = tokenizer_for(tiny_clip)
+    ids = torch.tensor(tok.encode("a photo of a"))
+    assert tpt.prompts.n_ctx == 4 == len(ids)
+    torch.testing.assert_close(tpt.prompts.ctx.detach(), tiny_clip.token_embedding(ids))
+    csc = TPT(tiny_clip, NAMES, class_specific_context=True)
+    assert csc.prompts.ctx.shape == (5, 4, 16)
+    torch.testing.assert_close(csc.prompts.ctx[3].detach(), tiny_clip.token_embedding(ids))
+
+
+def test_zero_steps_is_plain_clip(tiny_clip, image):
+    """tts=0: CLIP zero-shot with the text "a photo of a {class}." through open_clip's own encode_text."""
+    tpt = TPT(tiny_clip, NAMES, tts=0)
+    out = tpt(image)
+    tok = tokenizer_for(tiny_clip)
+    with torch.no_grad():
+        text = F.normalize(tiny_clip.encode_text(tok([f"a photo of a {n}." for n in NAMES])), dim=-1)
+        x = (tpt.original(image) - tpt.mean) / tpt.std
+        img = F.normalize(tiny_clip.encode_image(x), dim=-1)
+        ref = tiny_clip.logit_scale.exp() * img @ text.t()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_tpt_step_reset_and_selection(tiny_clip, image):
+    tpt = TPT(tiny_clip, NAMES, n_views=20, selection=0.25, tts=1, seed=1)
+    init = tpt.prompts.ctx.detach().clone()
+    views = tpt.views(image)
+    with torch.no_grad():
+        z = tpt.logits(views)
+    sel = select_confident(z, 0.25)
+    assert sel.numel() == 5
+    ctx = init.clone().requires_grad_(True)
+    ref_opt = torch.optim.AdamW([ctx], lr=5e-3, weight_decay=0.01)
+    tpt.prompts.ctx.data = ctx.data  # compute the reference loss through the learner with ctx
+    loss = marginal_entropy(tpt.logits(views)[sel])
+    (g,) = torch.autograd.grad(loss, [tpt.prompts.ctx])
+    tpt.prompts.ctx.data = init.clone()
+    ctx.grad = g
+    ref_opt.step()
+    tpt.reset()
+    losses = tpt.adapt(views)
+    torch.testing.assert_close(tpt.prompts.ctx.detach(), ctx.detach())
+    torch.testing.assert_close(torch.tensor(losses[0]), loss.detach())
+    tpt.reset()
+    assert torch.equal(tpt.prompts.ctx.detach(), init)
+    assert not tpt.optimizer.state
+
+
+def test_view_ensemble_mode(tiny_clip, image):
+    tpt = TPT(tiny_clip, NAMES, n_views=16, ensemble=True, seed=2)
+    ref = TPT(tiny_clip, NAMES, n_views=16, tts=0, seed=2)
+    out = tpt(image)
+    views = ref.views(image)
+    with torch.no_grad():
+        z = ref.logits(views)
+    p = z[select_confident(z, 0.1)].softmax(-1).mean(0)
+    torch.testing.assert_close(out[0].exp(), p, atol=1e-5, rtol=1e-5)
+
+
+def test_align_steps_restore_visual(tiny_clip, image):
+    before = copy.deepcopy(tiny_clip.visual.state_dict())
+    tpt = TPT(tiny_clip, NAMES, n_views=16, align_steps=2, selection=0.5)
+    tpt.adapt(tpt.views(image))
+    assert any(not torch.equal(before[k], v) for k, v in tiny_clip.visual.state_dict().items())
+    tpt.reset()
+    assert all(torch.equal(before[k], v) for k, v in tiny_clip.visual.state_dict().items())
+    assert not any(p.requires_grad for p in tiny_clip.visual.parameters())
+
+
+# ---------------------------------------------------------------- ensemble
+def test_combine_formula():
+    z1, z2 = torch.randn(6, 5), torch.randn(4, 5) * 3
+    m, w = combine([z1, z2], [1.55, 0.7])
+    lp = []
+    for z, t in ((z1, 1.55), (z2, 0.7)):
+        a = (z.softmax(-1).mean(0)).log() / t
+        lp.append(a.log_softmax(-1))
+    h = torch.stack([-(x.exp() * x).sum() for x in lp])
+    wr = (h.sum() / h) / (h.sum() / h).sum()
+    torch.testing.assert_close(w, wr)
+    torch.testing.assert_close(m, wr[0] * lp[0] + wr[1] * lp[1])
+    # one member, T = 1: m is the member's log marginal
+    m1, w1 = combine([z1], [1.0])
+    torch.testing.assert_close(m1, z1.softmax(-1).mean(0).log())
+    assert float(w1) == 1.0
+
+
+def test_ensemble_steps_every_member_and_simple_does_not(tiny_clip, bn_net, image):
+    tpt = TPT(tiny_clip, NAMES, n_views=8, selection=0.5)
+    memo = Memo(bn_net, n_augmentations=8, size=16, top_k=0.5, optimizer="sgd", lr=0.1)
+    w0 = bn_net.fc.weight.detach().clone()
+    c0 = tpt.prompts.ctx.detach().clone()
+    simple = Ensemble([memo, tpt], [1.55, 0.7], simple=True)
+    out = simple(image)
+    assert out.shape == (1, 5) and torch.equal(bn_net.fc.weight, w0) and torch.equal(tpt.prompts.ctx, c0)
+    ens = Ensemble([memo, tpt], [1.55, 0.7])
+    out = ens(image)
+    assert out.shape == (1, 5) and torch.isfinite(out).all()
+    assert not torch.equal(bn_net.fc.weight, w0) and not torch.equal(tpt.prompts.ctx, c0)
+    ens.reset()
+    assert torch.equal(bn_net.fc.weight, w0) and torch.equal(tpt.prompts.ctx, c0)
