@@ -57,12 +57,20 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device):
+def timed(fn, device, *args, **kwargs):
     sync(device)
     t0 = time.perf_counter()
-    out = fn()
+    out = fn(*args, **kwargs)
     sync(device)
     return time.perf_counter() - t0, out
+
+
+def batched_views(img, n_views, kw, g, mean, std):
+    return (A.make_views(img, n_views, 224, generator=g, device=mean.device, **kw) - mean) / std
+
+
+def reference_views(img, n_views, kw, seed, device):
+    return A.pil_views(img, n_views, 224, seed=seed, normalize=(MEAN, STD), **kw).to(device)
 
 
 def bench_views(device, repeats, n_views):
@@ -73,11 +81,10 @@ def bench_views(device, repeats, n_views):
         batched, pil = [], []
         g = torch.Generator().manual_seed(0)
         for r in range(repeats + 1):
-            for name, img in photos().items():
-                tb, _ = timed(lambda img=img: (A.make_views(img, n_views, 224, include_original=orig, augmix_views=aug,
-                                                            generator=g, device=device) - mean) / std, device)  # fmt: skip
-                tp, _ = timed(lambda img=img: A.pil_views(img, n_views, 224, include_original=orig, augmix_views=aug,
-                                                          seed=r, normalize=(MEAN, STD)).to(device), device)  # fmt: skip
+            for img in photos().values():
+                kw = dict(include_original=orig, augmix_views=aug)
+                tb, _ = timed(batched_views, device, img, n_views, kw, g, mean, std)
+                tp, _ = timed(reference_views, device, img, n_views, kw, r, device)
                 if r:  # the first round warms up
                     batched.append(tb)
                     pil.append(tp)
@@ -125,8 +132,8 @@ def bench_end_to_end(device, repeats, tpt_arch, classes, n_views):
         t_ours, t_ref = [], []
         for r in range(repeats + 1):
             for img in imgs:
-                a, _ = timed(lambda img=img: ours(img, r), device)
-                b, _ = timed(lambda img=img: ref(img, r), device)
+                a, _ = timed(ours, device, img, r)
+                b, _ = timed(ref, device, img, r)
                 if r:
                     t_ours.append(a)
                     t_ref.append(b)
