@@ -132,7 +132,7 @@ def test_files_agree_with_the_records(first):
         mean = f"{100 * mine['accuracy'].mean():.1f}"
         line = next(ln for ln in report.splitlines() if ln.startswith(f"| {row.method} |"))
         assert [c.strip().strip("*") for c in line.strip("|").split("|")] == [
-            row.method, *cells, mean, "—", "0.001",
+            row.method, *cells, mean, "—", "0.001", "40",
         ]  # fmt: skip
         printed = next(ln for ln in result.text.splitlines() if ln.strip().startswith(row.method))
         assert printed.split() == [row.method, *cells, mean, "—", "0.001"]

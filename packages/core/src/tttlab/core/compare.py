@@ -284,7 +284,7 @@ def resolve_methods(patterns: Sequence[str], strict: bool = False):
                     pattern,
                     "broken",
                     f"{registry.KNOWN_PACKAGES[package]} is installed but its "
-                    f"method specs could not be loaded: {problems.get(package, '?')}",
+                    f"methods could not be listed ({problems.get(package, '?').split(': ', 1)[-1]})",
                 )  # fmt: skip
             )
             continue
@@ -371,12 +371,16 @@ def run_key(c: dict[str, Any], spec_name: str | None = None) -> str:
 
 
 def _method_overrides(c: dict[str, Any], name: str) -> dict[str, Any]:
+    """Extra evaluate keys of a method: the profile's ``overrides``, then the config's (globs, in order)."""
     out: dict[str, Any] = {}
-    for pattern, extra in (c.get("overrides") or {}).items():
-        if fnmatch.fnmatchcase(name, pattern):
-            if not isinstance(extra, Mapping):
-                raise ConfigError(f"config key 'overrides.{pattern}' must be a mapping of evaluate keys")
-            out = _deep_merge(out, extra)
+    profile = (c.get("profiles") or {}).get(c["profile"]) or {}
+    for where, table in (("profiles." + c["profile"] + ".overrides", profile.get("overrides")),
+                         ("overrides", c.get("overrides"))):  # fmt: skip
+        for pattern, extra in (table or {}).items():
+            if fnmatch.fnmatchcase(name, pattern):
+                if not isinstance(extra, Mapping):
+                    raise ConfigError(f"config key '{where}.{pattern}' must be a mapping of evaluate keys")
+                out = _deep_merge(out, extra)
     return out
 
 
@@ -594,7 +598,8 @@ def run_task(task: Task, c: dict[str, Any], stop: threading.Event | None = None)
             task.error = (f"evaluate returned {info.get('records')} but no accuracy records for "
                           f"{', '.join(f'{a}-{b}' for a, b in missing[:4])}{' ...' if len(missing) > 4 else ''}")  # fmt: skip
     elif not task.error:
-        task.error = f"exit status {proc.returncode}"
+        last = _tail(part / "stderr.log", 1)
+        task.error = f"exit status {proc.returncode}" + (f": {last[:200]}" if last else "")
     if not ok:
         atomic_write_json(part / "compare_status.json", {"ok": False, "error": task.error})
     task.stderr_tail = "" if ok else _tail(part / "stderr.log")
@@ -749,7 +754,7 @@ def summarize(results, c: dict[str, Any]):
     out = []
     if len(results) == 0:
         return pd.DataFrame(columns=["method", "package", "setting", *corrs, "mean", "std", "seeds",
-                                     "s_per_image", "delta", "n"])  # fmt: skip
+                                     "s_per_image", "delta", "n", "images"])  # fmt: skip
     for (method, setting), g in results.groupby(["method", "setting"], sort=False):
         row: dict[str, Any] = {"method": method, "package": g["package"].iloc[0], "setting": setting}
         per_corr = g.groupby(["seed", "corruption"])["accuracy"].mean().unstack("corruption")
@@ -763,6 +768,7 @@ def summarize(results, c: dict[str, Any]):
         spi = g["s_per_image"].astype("float64")
         row["s_per_image"] = float(spi.mean()) if spi.notna().any() else math.nan
         row["n"] = int(g["n"].fillna(0).sum()) if g["n"].notna().any() else None
+        row["images"] = int(g["n"].median()) if g["n"].notna().any() else None  # per domain
         out.append(row)
     table = pd.DataFrame(out)
     table["delta"] = np.nan
@@ -792,12 +798,18 @@ def _row_label(row, several_settings: bool) -> str:
     return f"{row['method']} · {row['setting']}" if several_settings else str(row["method"])
 
 
-def table_rows(table, c: dict[str, Any], short: bool = False) -> tuple[list[str], list[list[str]]]:
-    """Header and formatted cells of the table (accuracy in %, one decimal): shared by print and report."""
+def table_rows(
+    table, c: dict[str, Any], short: bool = False, images: bool | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted cells of the table (accuracy in %, one decimal): shared by print and report.
+
+    ``images``: add the column of images per corruption (None: only when the methods differ in it)."""
     several = len(c["setting"]) > 1
     corrs = list(c["corruptions"])
+    if images is None:
+        images = len(table) > 0 and table["images"].nunique(dropna=False) > 1
     header = ["method", *[SHORT_NAMES.get(cr, cr) if short else cr for cr in corrs], "mean",
-              "Δ baseline", "s/image"]  # fmt: skip
+              "Δ baseline", "s/image"] + (["images"] if images else [])  # fmt: skip
     rows = []
     for _, row in table.iterrows():
         mean = _fmt(row["mean"])
@@ -805,6 +817,8 @@ def table_rows(table, c: dict[str, Any], short: bool = False) -> tuple[list[str]
             mean += f" ± {_fmt(row['std'])}"
         rows.append([_row_label(row, several), *[_fmt(row[cr]) for cr in corrs], mean,
                      _fmt(row["delta"], sign=True), _fmt_cost(row["s_per_image"])])  # fmt: skip
+        if images:
+            rows[-1].append("—" if row["images"] is None or _isna(row["images"]) else str(int(row["images"])))
     return header, rows
 
 
@@ -892,7 +906,7 @@ def _md_escape(s: str) -> str:
 
 
 def write_report(out: Path, c: dict[str, Any], tasks, table, unavailable, command: str, plots) -> Path:
-    header, rows = table_rows(table, c)
+    header, rows = table_rows(table, c, images=True)
     lines = [f"# Test-time methods compared on {c['benchmark']}", ""]
     lines += [
         f"Accuracy (%) per corruption at severity {', '.join(map(str, c['severities']))}, "
@@ -900,13 +914,13 @@ def write_report(out: Path, c: dict[str, Any], tasks, table, unavailable, comman
         f"setting {', '.join(c['setting'])}, profile `{c['profile']}`, seed(s) {', '.join(map(str, c['seeds']))}. "
         "`mean` is the mean over corruptions"
         + (" (± sample standard deviation over seeds)" if len(c["seeds"]) > 1 else "")
-        + "; `Δ baseline` its gain over the baseline of the same subpackage; `s/image` the adaptation + "
-        "prediction time per image.",
+        + "; `Δ baseline` its gain over the baseline of the same subpackage (points); `s/image` the "
+        "adaptation + prediction time per image; `images` the images per corruption (and seed).",
         "",
     ]
     if rows:
         best = {}
-        for j in range(1, len(header) - 2):
+        for j in range(1, len(c["corruptions"]) + 2):  # the corruptions and the mean
             vals = [float(r[j].split(" ")[0]) for r in rows if r[j] != "—"]
             best[j] = max(vals) if vals else None
         lines.append("| " + " | ".join(header) + " |")

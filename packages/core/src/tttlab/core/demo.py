@@ -1,9 +1,20 @@
-"""Core demo: every corruption at every severity on MNIST and on a photo, and the benchmark's size.
+"""The main job (``make demo``): the corruptions at a glance, then every installed method side by side.
 
-    python -m tttlab.core.demo [--out demo_out] [--seed 0]
+    python -m tttlab.core.demo                          # demo_out/, profile full (~15 min on 2 cores)
+    python -m tttlab.core.demo profile=quick            # ~5 min
+    python -m tttlab.core.demo --out demo_out seeds=[0,1] jobs=2 --photo
 
-Writes ``corruptions_mnist.png`` and ``corruptions_photo.png`` (19 corruptions x clean + 5 severities)
-and prints the size of the default ``mnist_c`` benchmark.
+1. Renders ``corruptions_mnist.png`` (19 corruptions x clean + 5 severities on one MNIST digit; with
+   ``--photo`` also ``corruptions_photo.png`` on a 224 px photo).
+2. Runs :func:`tttlab.core.compare.compare` with its defaults (``conf/compare.yaml``): the demo set (at
+   least one method of every subpackage) on embedded MNIST-C at severity 5; a subpackage that is not
+   installed is listed with its install command.  Every key=value argument is a ``tttlab-compare``
+   option.  Each method trains its small model on first use and caches it in ``<out>/cache``; a second
+   run reuses the models and every finished result.
+3. Prints the table and where ``report.md``, ``results.csv`` and the figures are.
+
+Exit status 0 when some method produced results (failed ones are listed), 1 when none did, 2 on a
+configuration error.
 """
 
 from __future__ import annotations
@@ -62,16 +73,41 @@ def corruption_grid(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Render all corruptions and print the mnist_c benchmark size.")
-    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    out = Path(args.out)
+    """``make demo``: the corruptions at a glance, then every installed method side by side."""
+    p = argparse.ArgumentParser(
+        description="tttlab demo: render the corruptions, then compare every installed test-time method on "
+        "MNIST-C (tttlab-compare with the demo set). Extra key=value arguments are tttlab-compare options, "
+        "e.g. profile=quick jobs=2 seeds=[0,1].",
+    )
+    p.add_argument("--out", default=None, help="output folder (default: demo_out; same as out_dir=...)")
+    p.add_argument(
+        "--profile", default=None, help="smoke | quick | full (default: full; same as profile=...)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the corruption grid")
+    p.add_argument("--no-compare", action="store_true", help="only render the corruption grids")
+    p.add_argument("--photo", action="store_true", help="also render the corruptions on a 224 px photo")
+    args, rest = p.parse_known_args(argv)
+    overrides = [a for a in rest if "=" in a]
+    if len(overrides) != len(rest):
+        p.error(f"unrecognised arguments: {[a for a in rest if '=' not in a]} (options are key=value)")
+    given = {o.split("=", 1)[0].lstrip("+-") for o in overrides}
+    if "out_dir" not in given:
+        overrides.append(f"out_dir={args.out or 'demo_out'}")
+    if args.profile and "profile" not in given:
+        overrides.append(f"profile={args.profile}")
+    from .compare import compare, load_config
+    from .errors import TTTLabError
+
+    try:
+        cfg = load_config(overrides)
+    except TTTLabError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
+    out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    from .benchmark import make_benchmark
+    t0 = time.perf_counter()
     from .data import mnist, resize_center_crop
 
-    t0 = time.perf_counter()
     digits = mnist("test")
     image, label = digits[0]
     paths = [
@@ -79,28 +115,45 @@ def main(argv: list[str] | None = None) -> int:
             image, f"MNIST test[0] (label {label}), mnist constants", out / "corruptions_mnist.png", args.seed
         )
     ]
-    try:
-        from PIL import Image
-        from skimage import data as skdata
+    if args.photo:
+        try:
+            from PIL import Image
+            from skimage import data as skdata
 
-        photo = np.asarray(resize_center_crop(256, 224)(Image.fromarray(skdata.chelsea())))
-        paths.append(
-            corruption_grid(
-                photo, "scikit-image 'chelsea', ImageNet constants", out / "corruptions_photo.png", args.seed
+            photo = np.asarray(resize_center_crop(256, 224)(Image.fromarray(skdata.chelsea())))
+            paths.append(corruption_grid(photo, "scikit-image 'chelsea', ImageNet constants",
+                                         out / "corruptions_photo.png", args.seed))  # fmt: skip
+        except ImportError:
+            print(
+                "scikit-image is not installed: skipping the photo grid (pip install 'tttlab-core[datasets]')"
             )
-        )
-    except ImportError:
-        print("scikit-image is not installed: skipping the photo grid (pip install 'tttlab-core[datasets]')")
-    bench = make_benchmark(
-        "mnist_c", corruptions="common", severities=5, setting="reset_each_shift", batch_size=64
-    )
-    print(bench.describe())
-    full = make_benchmark("mnist_c", corruptions="all", severities=[1, 2, 3, 4, 5], batch_size=64)
-    print(f"all 19 corruptions x 5 severities: {len(full.domains)} domains, {full.num_images} images")
     for path in paths:
-        print(f"wrote {path}")
-    print(f"done in {time.perf_counter() - t0:.1f} s")
-    return 0
+        print(f"the corruptions: {path}")
+    if args.no_compare:
+        return 0
+    print(
+        f"comparing test-time methods on MNIST-C (profile {cfg['profile']}): each method's small model is "
+        f"trained on first use and cached in {cfg['cache_dir']}; finished runs are reused when you run this again"
+    )
+    command = " ".join(["python -m tttlab.core.demo", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        result = compare(overrides=overrides, command=command, strict=False)
+    except TTTLabError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(result.text)
+    if result.unavailable:
+        print("\nnot run:")
+        for u in result.unavailable:
+            print(f"  {u.name}: {u.message}")
+    for t in result.failed:
+        print(f"FAILED {t.label}: {t.error} (log: {t.part / 'stderr.log'})")
+    print(f"\nreport: {result.report}")
+    figures = [f for f in (out / "heatmap.png", out / "bars.png") if len(result.table) and f.exists()]
+    print(f"figures: {', '.join(map(str, [*figures, paths[0]]))}")
+    print(f"done in {time.perf_counter() - t0:.0f} s")
+    return 0 if len(result.table) else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,79 @@
+"""The main job over the real subpackages: ``make demo``'s comparison in the ``smoke`` profile.
+
+Runs :func:`tttlab.core.demo.main` (the demo set, restricted to the installed subpackages; the others are
+listed as not installed) and checks that every installed method ran, that the table, ``results.csv``,
+``summary.csv`` and ``report.md`` agree with the run directories' records, and that a second run
+recomputes nothing.  Skipped where no subpackage is installed (the core-only environment).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import pytest
+
+from tttlab.core import compare as cmp
+from tttlab.core.records import load_records
+
+DEMO = cmp.load_config([])["methods"]
+SPECS, UNAVAILABLE = cmp.resolve_methods(DEMO)
+
+pytestmark = pytest.mark.skipif(not SPECS, reason="no subpackage with a method of the demo set is installed")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from tttlab.core import demo
+
+    out = tmp_path_factory.mktemp("demo") / "demo_out"
+    t0 = time.perf_counter()
+    status = demo.main(["--out", str(out), "profile=smoke", "jobs=2", "progress=false"])
+    seconds = time.perf_counter() - t0
+    config = cmp.load_config([f"out_dir={out}", "profile=smoke", "jobs=2"])
+    return out, status, seconds, config
+
+
+def test_every_installed_demo_method_runs(demo):
+    out, status, seconds, config = demo
+    report = (out / "report.md").read_text()
+    failed = report.split("## Failed")[1].split("\n## ")[0] if "## Failed" in report else ""
+    assert failed == "", f"failed methods (smoke profile):\n{failed}"
+    assert status == 0
+    results = pd.read_csv(out / "results.csv")
+    assert sorted(results["method"].unique()) == sorted(s.name for s in SPECS)
+    for u in UNAVAILABLE:
+        assert f"`{u.name}`" in report.split("## Not run")[1]
+    assert seconds < 150, f"the smoke demo took {seconds:.0f} s"
+
+
+def test_files_agree_with_the_records(demo):
+    out, _, _, config = demo
+    results = pd.read_csv(out / "results.csv")
+    for spec in SPECS:
+        mine = results[results["method"] == spec.name]
+        root = next((out / "runs").glob(f"*/{spec.name}/reset_each_shift/seed0"))
+        recs = load_records(root, metric="accuracy")
+        recs = recs[recs["corruption"].isin(config["corruptions"])]
+        want = {(r.corruption, int(r.severity)): r.value for r in recs.itertuples()}
+        got = {(r.corruption, int(r.severity)): r.accuracy for r in mine.itertuples()}
+        assert got == want
+    summary = pd.read_csv(out / "summary.csv")
+    text = (out / "report.md").read_text()
+    for row in summary.itertuples():
+        mine = results[results["method"] == row.method]
+        assert row.mean == pytest.approx(mine.groupby("corruption")["accuracy"].mean().mean())
+        assert f"| {row.method} |" in text
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"| {row.method} |"))
+        assert f"{100 * row.mean:.1f}" in line
+    for name in ("heatmap", "bars"):
+        assert (out / f"{name}.png").exists() and (out / f"{name}.svg").exists()
+
+
+def test_second_run_recomputes_nothing(demo):
+    out, _, _, _ = demo
+    result = cmp.compare({"methods": [s.name for s in SPECS], "out_dir": str(out), "profile": "smoke",
+                          "progress": False}, echo=lambda *a: None)  # fmt: skip
+    assert {t.status for t in result.tasks} == {"resumed"}
+    before = pd.read_csv(out / "results.csv")
+    assert len(before) == len(result.results)
