@@ -42,6 +42,14 @@ def test_v_transform_closed_form_and_derivatives():
     assert torch.allclose(dv, v_prime(c.detach()), atol=1e-12)
     assert torch.allclose(v.detach() - c.detach() * dv, f02(c.detach()), atol=1e-12)
     assert torch.autograd.gradcheck(v_transform, (c[5:-5].detach().clone().requires_grad_(),))
+    # the closed form's autograd derivative, and a finite one at |c| = 1 (where sqrt' is infinite)
+    from tttlab.pilimit.functional import _v
+
+    (dv2,) = torch.autograd.grad(_v(c).sum(), c)
+    assert torch.allclose(dv, dv2, atol=1e-10)
+    e = torch.tensor([-1.0, 1.0], dtype=torch.float64, requires_grad=True)
+    (de,) = torch.autograd.grad(v_transform(e).sum(), e)
+    assert torch.allclose(de, torch.tensor([0.0, 0.5], dtype=torch.float64))
 
 
 def test_v_transform_is_relu_kernel_monte_carlo():

@@ -153,8 +153,11 @@ def omniglot_classes(root, split: str = "train", image_size: int = 28) -> list[n
     return classes
 
 
-def mnist_classes(split: str, digits, per_class: int | None = None) -> list[np.ndarray]:
-    """MNIST digits as few-shot classes (the embedded proxy): one uint8 array (n, 28, 28) per digit."""
+def mnist_classes(
+    split: str, digits, per_class: int | None = None, rotations=(0, 1, 2, 3)
+) -> list[np.ndarray]:
+    """MNIST digits as few-shot classes (the embedded proxy): one uint8 array (n, 28, 28) per (digit,
+    rotation by k x 90 degrees) -- rotations make new classes, as is usual for Omniglot."""
     from tttlab.core.data import mnist
 
     ds = mnist(split)
@@ -162,5 +165,7 @@ def mnist_classes(split: str, digits, per_class: int | None = None) -> list[np.n
     out = []
     for d in digits:
         sel = images[labels == d]
-        out.append(sel[:per_class] if per_class else sel)
+        sel = sel[:per_class] if per_class else sel
+        for k in rotations:
+            out.append(np.ascontiguousarray(np.rot90(sel, k, axes=(1, 2))))
     return out

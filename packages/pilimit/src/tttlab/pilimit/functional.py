@@ -37,11 +37,31 @@ TWO_PI = 2.0 * math.pi
 _TINY = 1e-30
 
 
-def v_transform(c: torch.Tensor) -> torch.Tensor:
-    """``V(c) = (sqrt(1-c^2) + c acos(-c)) / 2pi``: E[relu(u) relu(v)] for standard Gaussians of
-    correlation ``c`` (the arc-cosine kernel of degree 1, halved); differentiable by autograd."""
+def _v(c: torch.Tensor) -> torch.Tensor:
     c = c.clamp(-1.0, 1.0)
     return (torch.sqrt((1.0 - c * c).clamp_min(0.0)) + c * torch.acos(-c)) / TWO_PI
+
+
+class _VTransform(torch.autograd.Function):
+    """V with the stable derivative ``V'(c) = acos(-c)/2pi`` (autograd of the closed form is inf - inf
+    at ``|c| = 1``); twice differentiable through :func:`v_prime`."""
+
+    @staticmethod
+    def forward(ctx, c):
+        ctx.save_for_backward(c)
+        return _v(c)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (c,) = ctx.saved_tensors
+        return grad * v_prime(c)
+
+
+def v_transform(c: torch.Tensor) -> torch.Tensor:
+    """``V(c) = (sqrt(1-c^2) + c acos(-c)) / 2pi``: E[relu(u) relu(v)] for standard Gaussians of
+    correlation ``c`` (the arc-cosine kernel of degree 1, halved); differentiable (``V' = acos(-c)/2pi``,
+    finite at ``|c| = 1``)."""
+    return _VTransform.apply(c)
 
 
 def v_prime(c: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,187 @@
+"""train.py (records, kill/resume bitwise, transfer, MAML, Omniglot layout) and the evaluate contract."""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tttlab.core.errors import ConfigError, DatasetLayoutError, DatasetNotFoundError, TTTLabError
+from tttlab.core.records import load_records
+from tttlab.pilimit import InfMLP
+from tttlab.pilimit.data import imagenet32, omniglot_classes
+from tttlab.pilimit.maml import Episode, adapted_logits, sample_episode
+from tttlab.pilimit.specs import SPECS
+from tttlab.pilimit.train import load_checkpoint, run, train_config
+
+SMOKE = ["logging.progress=false", "threads=1", "data.num_examples=128", "train.num_test=64"]
+
+
+def _records(path):
+    return [json.loads(line) for line in open(path / "records.jsonl")]
+
+
+@pytest.mark.parametrize("kind", ["inf", "finite"])
+def test_kill_and_resume_is_bitwise(tmp_path, kind):
+    over = [*SMOKE, f"model.kind={kind}", "model.width=32", "train.checkpoint_every=3"]
+    full = run(train_config("smoke", [*over, f"out_dir={tmp_path / 'full'}"]))
+    part = tmp_path / "part"
+    run(train_config("smoke", [*over, f"out_dir={part}", "train.stop_after_steps=7"]))
+    assert load_checkpoint(part / "checkpoints" / "last.ckpt")["state"]["step"] == 7
+    run(train_config("smoke", [*over, f"out_dir={part}"]))
+    a, b = (load_checkpoint(p / "checkpoints" / "last.ckpt") for p in (full, part))
+    assert a["done"] and b["done"]
+    assert a["model_state"].keys() == b["model_state"].keys()
+    for k in a["model_state"]:
+        assert torch.equal(a["model_state"][k], b["model_state"][k]), k
+    ra = [(r["metric"], r["step"], r["value"]) for r in _records(full)]
+    rb = [(r["metric"], r["step"], r["value"]) for r in _records(part)]
+    assert ra == rb and ("test_accuracy", 2) in {(m, s) for m, s, _ in ra}
+    if kind == "inf":  # rows: r + steps x batch
+        assert a["model_state"]["output_layer.A"].shape[0] == 16 + 2 * (128 // 16) * 16
+
+
+def test_resume_refuses_other_config(tmp_path):
+    run(train_config("smoke", [*SMOKE, f"out_dir={tmp_path}", "train.stop_after_steps=2"]))
+    with pytest.raises(TTTLabError, match="another model/training config"):
+        run(train_config("smoke", [*SMOKE, f"out_dir={tmp_path}", "optim.lr=0.5"]))
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="nonsense"):
+        train_config("smoke", ["model.nonsense=1"])
+    with pytest.raises(ConfigError, match="model.kind"):
+        run(train_config("smoke", [*SMOKE, "model.kind=huge", f"out_dir={tmp_path}"]))
+    with pytest.raises(DatasetNotFoundError, match="cifar10"):
+        run(train_config("smoke", [*SMOKE, "data.name=cifar10", f"out_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="adapt_readout_only"):
+        run(train_config("maml_mnist", ["maml.adapt_readout_only=false", f"out_dir={tmp_path}"]))
+
+
+def _write_imagenet32(root, n=48, seed=0):
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("train_data_batch_1", "val_data"):
+        d = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": list(rng.integers(1, 11, n))}
+        with open(root / name, "wb") as f:
+            pickle.dump(d, f)
+    return root
+
+
+def test_transfer_pipeline_on_fixtures(tmp_path):
+    from tttlab.core.testing import make_cifar10
+
+    inet = _write_imagenet32(tmp_path / "imagenet32")
+    images, labels = imagenet32(inet, "train")
+    assert images.shape == (48, 32, 32, 3) and labels.min() >= 0 and labels.max() <= 9
+    cifar = make_cifar10(tmp_path / "cifar", n_train=40, n_test=20)
+    over = ["logging.progress=false", "threads=1", f"data.root={inet}", f"transfer.root={cifar}", "data.batch_size=16",
+            "model.r=8", "model.depth=1", "model.dtype=float32", "model.chunk_size=64", "train.epochs=1",
+            "transfer.num_train=40", f"out_dir={tmp_path / 'run'}"]  # fmt: skip
+    out = run(train_config("paper_transfer", over))
+    recs = load_records(out, metric="transfer_accuracy")
+    assert len(recs) == 1 and 0.0 <= float(recs.value.iloc[0]) <= 1.0 and int(recs.n.iloc[0]) == 20
+    with pytest.raises(DatasetLayoutError, match="train_data_batch_1"):
+        imagenet32(tmp_path / "cifar", "train")
+
+
+def _write_omniglot(root, n_chars=6, n_imgs=3):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("images_background", "images_evaluation"):
+        for c in range(n_chars):
+            d = root / split / f"Alphabet_{c % 2}" / f"character{c:02d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n_imgs):
+                img = np.where(rng.random((105, 105)) < 0.1, 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{c:02d}_{i:02d}.png")
+    return root
+
+
+def test_omniglot_layout_and_maml_run(tmp_path):
+    root = _write_omniglot(tmp_path / "omniglot")
+    classes = omniglot_classes(root, "train")
+    assert len(classes) == 6 and classes[0].shape == (3, 28, 28) and classes[0].dtype == np.uint8
+    assert classes[0].mean() < 60  # inverted: strokes bright on a dark background
+    with pytest.raises(DatasetNotFoundError, match="images_background"):
+        omniglot_classes(tmp_path / "nothing", "train")
+    over = ["logging.progress=false", "threads=1", f"maml.root={root}", "model.r=8", "model.dtype=float32",
+            "maml.num_batches=3", "maml.num_test_batches=4", "maml.meta_batch_size=2", "maml.num_ways=3",
+            f"out_dir={tmp_path / 'run'}"]  # fmt: skip
+    out = run(train_config("paper_omniglot", [*over, "train.epochs=1"]))
+    recs = load_records(out, metric="fewshot_accuracy")
+    assert len(recs) == 1 and 0.0 <= float(recs.value.iloc[0]) <= 1.0
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_maml_closed_form_equals_appending_pi_rows(steps):
+    """The inner loop in closed form == SGD on a copy of the readout (pi rows appended, bias updated)."""
+    torch.manual_seed(0)
+    net = InfMLP(16, 3, r=6, depth=1, bias_alpha=2.0, last_layer_alpha=0.7)
+    with torch.no_grad():
+        net.output_layer.A_store.normal_()
+    rng = np.random.default_rng(0)
+    classes = [rng.integers(0, 256, (4, 4, 4), dtype=np.uint8) for _ in range(3)]
+    ep = sample_episode(classes, 3, 2, 1, rng)
+    step = 0.7
+    with torch.no_grad():
+        fast, _ = adapted_logits(net, ep, step, steps)
+    slow = copy.deepcopy(net)
+    layer = slow.output_layer
+    for _ in range(steps):
+        layer.zero_pi_grad()
+        layer.bias.grad = None
+        with torch.no_grad():
+            f = slow.features(ep.xs)
+        F.cross_entropy(slow.readout(f), ep.ys).backward()
+        a, b = layer.pi_grad()
+        with torch.no_grad():
+            layer.append_rows(a, b, -step)
+            layer.bias -= step * layer.bias.grad
+    with torch.no_grad():
+        ref = slow(ep.xq)
+    assert torch.allclose(fast, ref, atol=1e-5)
+
+
+def test_maml_gradient_reaches_hidden_layers():
+    torch.manual_seed(0)
+    net = InfMLP(16, 3, r=6, depth=1)
+    rng = np.random.default_rng(1)
+    classes = [rng.integers(0, 256, (4, 4, 4), dtype=np.uint8) for _ in range(3)]
+    ep = sample_episode(classes, 3, 1, 2, rng)
+    logits, _ = adapted_logits(net, ep, 0.5, 1)
+    F.cross_entropy(logits, ep.yq).backward()
+    assert net.input_layer.A.grad is not None and torch.isfinite(net.input_layer.A.grad).all()
+    assert net.hidden[0].pi_grad()[0].shape[0] == 3 + 6  # support and query rows
+    assert isinstance(ep, Episode)
+
+
+@pytest.mark.parametrize("name", [s.name for s in SPECS])
+def test_evaluate_contract(tmp_path, name):
+    from tttlab.pilimit.evaluate import run as evaluate
+
+    cfg = {
+        "method": name, "out_dir": str(tmp_path / "eval"), "profile": "smoke", "cache_dir": str(tmp_path / "cache"),
+        "seed": 0, "device": "cpu", "progress": False,
+        "benchmark": {"name": "mnist_c", "corruptions": ["gaussian_noise", "fog"], "severities": [5],
+                      "setting": "reset_each_shift", "num_examples": 16, "batch_size": 8, "seed": 0},
+    }  # fmt: skip
+    path = evaluate(cfg)
+    recs = [json.loads(line) for line in open(path)]
+    acc = [r for r in recs if r["metric"] == "accuracy"]
+    assert {r["corruption"] for r in acc} == {"gaussian_noise", "fog", "mean"}
+    assert all(r["method"] == name and r["package"] == "pilimit" and r["framework"] == "torch" for r in recs)
+    assert {r["corruption"] for r in recs if r["metric"] == "s_per_image"} == {"gaussian_noise", "fog"}
+    assert all(r["n"] == 16 for r in acc if r["corruption"] != "mean")
+    # cached: a second evaluation reuses the trained model
+    cached = list((tmp_path / "cache").iterdir())
+    evaluate({**cfg, "out_dir": str(tmp_path / "eval2")})
+    assert list((tmp_path / "cache").iterdir()) == cached
+    with pytest.raises(ConfigError, match="unknown evaluate keys"):
+        evaluate({**cfg, "nonsense": 1})
