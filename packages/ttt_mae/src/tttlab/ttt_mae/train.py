@@ -107,6 +107,9 @@ def build(c: dict[str, Any], kind: str) -> MaskedAutoencoderViT:
         model.load_state_dict(sd, strict=False)
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(("classifier", "head.", "bn.")))
+    else:  # MAE pretraining: the head gets no gradient (and DDP needs every trained parameter used)
+        for name, p in model.named_parameters():
+            p.requires_grad_(not name.startswith(("classifier", "head.", "bn.")))
     return model
 
 
