@@ -1,5 +1,3 @@
-import json
-
 import pytest
 
 from tttlab.core.errors import CheckpointError, ConfigError, DatasetNotFoundError, InvalidInputError
@@ -92,16 +90,24 @@ def test_bad_inputs(tmp_path, cache):
 
 
 def test_hydra_configs_compose():
+    """Every shipped experiment composes with its entry point's schema (unknown keys would fail)."""
+    from importlib import resources
+
     from hydra import compose, initialize_config_module
 
     from tttlab.ttt_mae.common import register_configs
 
     register_configs()
+    files = sorted(p.name[:-5] for p in resources.files("tttlab.ttt_mae.conf").joinpath("experiment").iterdir()
+                   if p.name.endswith(".yaml"))  # fmt: skip
+    assert len(files) >= 16
     with initialize_config_module("tttlab.ttt_mae.conf", version_base=None):
-        for entry, exp in [("pretrain", "paper_pretrain"), ("probe", "paper_probe"), ("ttt", "paper_ttt"),
-                           ("baseline", "paper_baseline"), ("ttt", "mnist_ttt"), ("pretrain", "smoke_pretrain")]:  # fmt: skip
+        for exp in files:
+            entry = exp.rsplit("_", 1)[1]
             cfg = compose(entry, overrides=[f"+experiment={exp}"])
             assert cfg.experiment_name == exp
+            if entry == "baseline":
+                assert cfg.steps_per_example == 0
         ttt = compose("ttt", overrides=["+experiment=paper_ttt"])
         assert (ttt.steps_per_example, ttt.batch_size, ttt.blr, ttt.finetune_mode) == (
             20,
@@ -109,4 +115,10 @@ def test_hydra_configs_compose():
             1e-2,
             "encoder",
         )
-        assert json.loads(json.dumps(ttt.benchmark.severities, default=list)) == [5]
+        assert (ttt.mask_ratio, ttt.optimizer_momentum, ttt.single_crop, ttt.classifier_depth) == (
+            0.75,
+            0.9,
+            True,
+            12,
+        )
+        assert list(ttt.benchmark.severities) == [5]
