@@ -149,6 +149,11 @@ def load_config(overrides: Sequence[str] = (), values: Mapping[str, Any] | None 
     from .config import validate
 
     overrides = _split_argv(overrides)
+    # the mapping-valued keys take new entries without Hydra's `+` (the composed config is in struct mode)
+    overrides = [
+        f"++{o}" if o.split(".", 1)[0].split("=", 1)[0] in _MAPPING_KEYS and o[:1] not in "+~" else o
+        for o in overrides
+    ]
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:
@@ -165,6 +170,9 @@ def load_config(overrides: Sequence[str] = (), values: Mapping[str, Any] | None 
     data.update(unknown)  # validate() names them, with a did-you-mean
     c = OmegaConf.to_container(validate(data, CompareConfig), resolve=True)
     return check_config(c)
+
+
+_MAPPING_KEYS = ("overrides", "baselines", "profiles")
 
 
 def _unknown_key(override: str) -> bool:
@@ -839,11 +847,10 @@ def format_table(table, c: dict[str, Any], width: int | None = None) -> str:
             lines.append(
                 "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
             )
-        return "\n".join(lines)
+        return "\n".join([f"accuracy (%) on {_bench_title(c)}", *lines])
     import io
 
-    t = Table(box=box.SIMPLE_HEAD, title=f"accuracy (%) on {_bench_title(c)}", title_justify="left",
-              pad_edge=False)  # fmt: skip
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for i, h in enumerate(header):
         t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0,
                      style="bold" if h == "mean" else None)  # fmt: skip
@@ -853,7 +860,7 @@ def format_table(table, c: dict[str, Any], width: int | None = None) -> str:
     console = Console(file=buf, width=width or max(120, 12 + 7 * len(header)), force_terminal=False,
                       color_system=None)  # fmt: skip
     console.print(t)
-    return buf.getvalue().rstrip()
+    return f"accuracy (%) on {_bench_title(c)}\n" + buf.getvalue().rstrip()
 
 
 def _bench_title(c: dict[str, Any]) -> str:
@@ -1084,7 +1091,9 @@ def list_text() -> str:
     lines = []
     specs, problems = installed_methods()
     for s in specs:
-        lines.append(f"{s.name:40s} {s.framework:6s} {s.paper or s.description}")
+        about = s.description or s.paper
+        about = about if len(about) <= 100 else about[:97] + "..."
+        lines.append(f"{s.name:40s} {s.framework:6s} {about}")
     installed = {s.package for s in specs}
     for pkg in registry.KNOWN_PACKAGES:
         if pkg in problems:
