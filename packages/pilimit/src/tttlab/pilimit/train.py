@@ -436,7 +436,7 @@ def transfer_eval(c: dict[str, Any], net, device) -> dict[str, Any]:
 
 def _maml_classes(m: dict[str, Any]):
     if m["dataset"] == "mnist":
-        return mnist_classes("train", range(5)), mnist_classes("test", range(5, 10))
+        return mnist_classes("train", range(5), per_class=1000), mnist_classes("test", range(5, 10))
     if m["dataset"] == "omniglot":
         return omniglot_classes(m["root"], "train", m["image_size"]), omniglot_classes(
             m["root"], "test", m["image_size"]
