@@ -119,6 +119,13 @@ def worker(args) -> dict:
             "work_mem_mb": peak / 2**20, "rows_after": net.M, "check": check}  # fmt: skip
 
 
+def _rel(a, b) -> float:
+    import numpy as np
+
+    a, b = np.array(a), np.array(b)
+    return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
@@ -171,11 +178,7 @@ def main() -> None:
             lines.append(f"| {m:,} | {cells[0]} | {cells[1]} | | | | | |")
             continue
 
-        def rel(key):
-            a, b = np.array(ref["check"][key]), np.array(ch["check"][key])
-            return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))
-
-        d_out, d_g = rel("out"), rel("gx")
+        d_out, d_g = (_rel(ref["check"][k], ch["check"][k]) for k in ("out", "gx"))
         lines.append(
             f"| {m:,} | {ref['step_s'] * 1e3:.1f} | {ch['step_s'] * 1e3:.1f} | {1 / ch['step_s']:.2f} | "
             f"{ref['step_s'] / ch['step_s']:.2f}x | "
