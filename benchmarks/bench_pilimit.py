@@ -161,7 +161,6 @@ def main() -> None:
             res = results[path, m]
             print(f"{path:9s} M={m:>8d}: {res['step_s'] * 1e3:9.1f} ms/step, working memory {res['work_mem_mb']:8.1f} MB",
                   file=sys.stderr, flush=True)  # fmt: skip
-    import numpy as np
 
     lines = [
         f"device {args.device}, dtype {args.dtype}, r={args.r}, depth 2, batch {args.batch}, chunk_size "
