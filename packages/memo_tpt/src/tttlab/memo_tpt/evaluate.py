@@ -1,0 +1,257 @@
+"""TPT / zero-shot CLIP / view-ensemble / MEMO on a core corruption benchmark (the offline MNIST proxies).
+
+    tttlab-memo-tpt-evaluate method=memo_tpt.tpt profile=full
+    tttlab-memo-tpt-evaluate method=memo_tpt.memo benchmark.corruptions=[fog,contrast] benchmark.num_examples=200
+    python -c "from tttlab.memo_tpt.evaluate import run; print(run(method='memo_tpt.clip_zeroshot'))"
+
+Methods (``tttlab.methods`` specs): ``memo_tpt.clip_zeroshot`` (tiny CLIP, prompt "a photo of a {digit}.",
+no adaptation), ``memo_tpt.tpt`` (TPT, 64 views, 10% selection, 1 AdamW step lr 5e-3),
+``memo_tpt.tpt_ensemble`` (seed 002's view-ensemble), ``memo_tpt.memo`` (MEMO on a small BatchNorm
+MNIST CNN: AugMix views, BN prior N=16, one step).  Models are the tiny CLIP / CNN of
+:mod:`tttlab.memo_tpt.tiny_clip` for ``profile`` (smoke / quick / full), trained on first use and cached
+under ``cache_dir``.  MEMO and TPT adapt per image and reset after every image whatever the benchmark
+setting (the methods are episodic by definition); records carry ``extra.reset = "per_image"``.
+
+Records (core schema): per domain ``accuracy`` (``n``, ``wall_time_s`` = adaptation + prediction) and
+``s_per_image``, then ``accuracy`` with ``corruption="mean"``.  MEMO records also carry the unadapted
+model's accuracy on the same images (``extra.source_accuracy``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tttlab.core.errors import ConfigError
+
+log = logging.getLogger("tttlab.memo_tpt.evaluate")
+
+METHODS = ("memo_tpt.tpt", "memo_tpt.clip_zeroshot", "memo_tpt.tpt_ensemble", "memo_tpt.memo")
+PROFILES = ("smoke", "quick", "full")
+#: images per domain and default corruptions per profile (when the benchmark does not say)
+PROFILE_DATA = {
+    "smoke": {"num_examples": 4, "corruptions": ["gaussian_noise", "fog"]},
+    "quick": {"num_examples": 24, "corruptions": ["gaussian_noise", "shot_noise", "fog", "contrast"]},
+    "full": {"num_examples": 60, "corruptions": "common"},
+}
+PROFILE_VIEWS = {"smoke": 16, "quick": 32, "full": 64}
+
+DEFAULTS: dict[str, Any] = {
+    "method": "memo_tpt.tpt",
+    "out_dir": "runs/memo_tpt/eval",
+    "profile": "full",
+    "cache_dir": "runs/memo_tpt/models",
+    "seed": 0,
+    "device": "cpu",
+    "progress": True,
+    "threads": None,
+    "benchmark": {
+        "name": "mnist_c",
+        "corruptions": None,
+        "severities": [5],
+        "setting": "episodic",
+        "num_examples": None,
+        "batch_size": 64,
+        "seed": 0,
+        "cache_dir": None,
+    },  # fmt: skip
+    "tpt": {
+        "n_views": None,
+        "tts": 1,
+        "selection": 0.1,
+        "lr": 5e-3,
+        "base_prompt": "a photo of a",
+        "class_specific_context": False,
+        "augmix": False,
+        "align_steps": 0,
+        "flip": False,
+        "scale": [0.5, 1.0],
+    },  # fmt: skip
+    "memo": {
+        "n_augmentations": None,
+        "steps": 1,
+        "prior_strength": 16.0,
+        "optimizer": "sgd",
+        "lr": 0.005,
+        "top_k": None,
+        "augmentation": "augmix",
+        "flip": False,
+        "scale": [0.5, 1.0],
+    },  # fmt: skip
+    "logging": {"progress": True},
+}
+
+
+def _merge(base: dict, user: Mapping, path: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for k, v in user.items():
+        if k not in base:
+            raise ConfigError(f"unknown config key {path + k!r}; expected one of {sorted(base)}")
+        if isinstance(base[k], dict) and isinstance(v, Mapping):
+            out[k] = _merge(base[k], v, f"{path}{k}.")
+        else:
+            out[k] = v
+    return out
+
+
+def _plain(cfg) -> dict:
+    if cfg is None:
+        return {}
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return {k: (_plain(v) if isinstance(v, Mapping) else v) for k, v in dict(cfg).items()}
+
+
+def eval_config(cfg: Mapping | None = None, **overrides) -> dict[str, Any]:
+    c = _merge(DEFAULTS, {**_plain(cfg), **overrides})
+    if c["method"] not in METHODS:
+        raise ConfigError(f"method={c['method']!r}; expected one of {', '.join(METHODS)}")
+    if c["profile"] not in PROFILES:
+        raise ConfigError(f"profile={c['profile']!r}; expected one of {', '.join(PROFILES)}")
+    b = c["benchmark"]
+    prof = PROFILE_DATA[c["profile"]]
+    if b["corruptions"] is None:
+        b["corruptions"] = prof["corruptions"]
+    if b["num_examples"] is None:
+        b["num_examples"] = prof["num_examples"]
+    c["tpt"]["n_views"] = c["tpt"]["n_views"] or PROFILE_VIEWS[c["profile"]]
+    c["memo"]["n_augmentations"] = c["memo"]["n_augmentations"] or PROFILE_VIEWS[c["profile"]]
+    c["progress"] = bool(c["progress"]) and bool(c["logging"].get("progress", True))
+    return c
+
+
+def build_method(c: dict[str, Any], device: torch.device):
+    """``(callable image -> logits (1, 10), model name, source model or None)``."""
+    from . import tiny_clip as T
+
+    method, seed = c["method"], int(c["seed"])
+    if method == "memo_tpt.memo":
+        from .memo import Memo
+
+        net, path = T.load_or_train_cnn(c["profile"], c["cache_dir"], seed, c["progress"])
+        m = c["memo"]
+        memo = Memo(
+            net.to(device), arch="mnist_cnn", n_augmentations=int(m["n_augmentations"]), steps=int(m["steps"]),
+            prior_strength=m["prior_strength"], optimizer=m["optimizer"], lr=m["lr"], top_k=m["top_k"],
+            augmentation=m["augmentation"], size=28, mean=T.MNIST_MEAN, std=T.MNIST_STD, flip=bool(m["flip"]),
+            scale=tuple(m["scale"]), seed=seed,
+        )  # fmt: skip
+        return memo, f"mnist_cnn:{path.stem}", memo
+    from .tpt import TPT
+
+    model, path = T.load_or_train_clip(c["profile"], c["cache_dir"], seed, c["progress"])
+    t = c["tpt"]
+    tpt = TPT(
+        model.to(device), list(T.DIGIT_WORDS), base_prompt=t["base_prompt"], n_views=int(t["n_views"]),
+        selection=t["selection"], tts=0 if method == "memo_tpt.clip_zeroshot" else int(t["tts"]), lr=t["lr"],
+        class_specific_context=bool(t["class_specific_context"]), augmix=bool(t["augmix"]),
+        ensemble=method == "memo_tpt.tpt_ensemble", align_steps=int(t["align_steps"]), mean=T.MNIST_MEAN,
+        std=T.MNIST_STD, flip=bool(t["flip"]), scale=tuple(t["scale"]), seed=seed,
+    )  # fmt: skip
+    return tpt, f"tiny_clip:{path.stem}", None
+
+
+def _images(batch) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(batch.images)).permute(0, 3, 1, 2)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x.float().div(255)
+
+
+def run(cfg: Mapping | None = None, **overrides) -> Path:
+    """Evaluate per ``cfg`` (keys of :data:`DEFAULTS`, partial is fine); returns the records file."""
+    from tqdm.auto import tqdm
+
+    from tttlab.core.benchmark import make_benchmark
+    from tttlab.core.records import RunDir
+
+    c = eval_config(cfg, **overrides)
+    if c["threads"]:
+        torch.set_num_threads(int(c["threads"]))
+    device = torch.device(c["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but CUDA is not available; use device=cpu")
+    torch.manual_seed(int(c["seed"]))
+    adapt, model_name, memo = build_method(c, device)
+    b = c["benchmark"]
+    bench = make_benchmark(
+        b["name"], corruptions=b["corruptions"], severities=list(b["severities"]), setting=b["setting"],
+        batch_size=int(b["batch_size"]), num_examples=b["num_examples"], seed=int(b["seed"]),
+        cache_dir=b["cache_dir"],
+    )  # fmt: skip
+    totals: dict[Any, list] = {d: [0, 0, 0.0, 0] for d in bench.domains}
+    zero_shot = c["method"] == "memo_tpt.clip_zeroshot"
+    with tqdm(total=len(bench), desc=c["method"], disable=not c["progress"], leave=False) as bar:
+        for batch in bench.batches():
+            x = _images(batch).to(device)
+            y = np.asarray(batch.labels)
+            t0 = time.perf_counter()
+            if zero_shot:
+                pred = adapt.zero_shot(x).argmax(1).cpu().numpy()
+            else:
+                pred = np.array([int(adapt(img).argmax(1)) for img in x])
+            secs = time.perf_counter() - t0
+            src_hit = np.zeros(len(y), bool)
+            if memo is not None:  # the unadapted model (eval-mode BatchNorm) on the same images
+                memo.reset()
+                with torch.no_grad():
+                    src_hit = memo.model((x - memo.mean) / memo.std).argmax(1).cpu().numpy() == y
+            hit = pred == y
+            ids = batch.domain_ids
+            for i in np.unique(ids):
+                sel = ids == i
+                acc = totals[bench.domains[int(i)]]
+                acc[0] += int(hit[sel].sum())
+                acc[1] += int(sel.sum())
+                acc[2] += secs * float(sel.sum()) / len(hit)
+                acc[3] += int(src_hit[sel].sum())
+            bar.update(1)
+    rd = RunDir(Path(c["out_dir"]), c)
+    extra = {"reset": "per_image", "profile": c["profile"]}
+    with rd.writer(method=c["method"], package="memo_tpt", framework="torch", model=model_name, dataset=b["name"],
+                   setting=b["setting"], seed=int(c["seed"])) as w:  # fmt: skip
+        accs, n_all, t_all = [], 0, 0.0
+        for dom, (correct, n, secs, src) in totals.items():
+            if n == 0:
+                continue
+            e = {**extra, "correct": correct}
+            if memo is not None:
+                e["source_accuracy"] = src / n
+            fields = dict(corruption=dom.corruption, severity=dom.severity, n=n, extra=e)
+            w.write(metric="accuracy", value=correct / n, wall_time_s=secs, **fields)
+            w.write(metric="s_per_image", value=secs / n, wall_time_s=secs, **fields)
+            if dom.corruption is not None:
+                accs.append(correct / n)
+            n_all, t_all = n_all + n, t_all + secs
+        if len(accs) > 1:
+            sev = {d.severity for d in totals if d.corruption is not None}
+            w.write(metric="accuracy", value=float(np.mean(accs)), corruption="mean",
+                    severity=sev.pop() if len(sev) == 1 else None, n=n_all, wall_time_s=t_all,
+                    extra={**extra, "domains": len(accs)})  # fmt: skip
+    return rd.records_path
+
+
+def main() -> None:
+    import sys
+
+    from omegaconf import OmegaConf
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = OmegaConf.to_container(OmegaConf.from_dotlist(sys.argv[1:]), resolve=True)
+    print(run(cfg))
+
+
+if __name__ == "__main__":
+    main()
