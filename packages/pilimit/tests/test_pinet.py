@@ -333,3 +333,25 @@ def test_gproj_keeps_gradient_in_omega_span_and_mup_differs():
     mup = inf.sample(64, gaussian_init=True)
     w = mup.weights[1]
     assert abs(w.std().item() - (2 / 64) ** 0.5) < 0.05
+
+
+def test_save_load_net_files(tmp_path):
+    from tttlab.core.errors import CheckpointError
+    from tttlab.pilimit import load_net, save_net
+
+    xs, ys = _data(3)
+    torch.manual_seed(0)
+    net = InfMLP(12, 5, r=8, depth=2, bias_alpha=0.5)
+    _train(net, xs, ys)
+    save_net(tmp_path / "inf.pt", net)
+    back = load_net(tmp_path / "inf.pt", chunk_size=3)
+    x = torch.randn(4, 12)
+    assert back.M == net.M == 8 + 24 and torch.allclose(back(x), net(x), atol=1e-6)
+    fin = net.sample(32, seed=2)
+    _train(fin, xs, ys)
+    save_net(tmp_path / "fin.pt", fin)
+    fback = load_net(tmp_path / "fin.pt")
+    assert torch.equal(fback(x), fin(x))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        load_net(tmp_path / "bad.pt")

@@ -223,3 +223,40 @@ class FinPiMLP(nn.Module):
 def mup_baseline(inf: InfMLP, width: int, seed: int = 0) -> FinPiMLP:
     """The muP baseline of the paper: Gaussian-initialised finite net (train with ``gproj=False``)."""
     return FinPiMLP(inf, width, seed=seed, gaussian_init=True)
+
+
+def save_net(path, net: nn.Module) -> None:
+    """Save an :class:`InfMLP` (with all its grown rows) or :class:`FinPiMLP` atomically (temp + rename)."""
+    from tttlab.core._io import atomic_path
+
+    if isinstance(net, InfMLP):
+        payload = {"kind": "InfMLP", "config": net.config(), "state": net.state_dict()}
+    elif isinstance(net, FinPiMLP):
+        inf_cfg = dict(d_in=net.d_in, d_out=net.d_out, r=net.r, depth=net.depth,
+                       first_layer_alpha=net.first_layer_alpha, last_layer_alpha=net.last_layer_alpha,
+                       bias_alpha=net.bias_alpha, last_bias_alpha=net.last_bias_alpha)  # fmt: skip
+        payload = {"kind": "FinPiMLP", "config": inf_cfg, "finite": net.config(), "state": net.state_dict()}
+    else:
+        raise InvalidInputError(f"save_net needs an InfMLP or FinPiMLP, got {type(net).__name__}")
+    payload["format"] = "tttlab.pilimit.net/1"
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_net(path, device=None, **kwargs) -> nn.Module:
+    """Load a net saved by :func:`save_net` (``kwargs``: e.g. ``chunk_size``, ``impl``, ``dtype`` of an InfMLP)."""
+    from tttlab.core.errors import CheckpointError
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - truncated or foreign file
+        raise CheckpointError(f"{path} is not a readable pi-net file: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != "tttlab.pilimit.net/1":
+        raise CheckpointError(f"{path}: not a tttlab.pilimit.net/1 file (written by save_net)")
+    inf = InfMLP(**payload["config"], device=device, **kwargs)
+    if payload["kind"] == "InfMLP":
+        net = inf
+    else:
+        net = FinPiMLP(inf, payload["finite"]["width"], gaussian_init=payload["finite"]["gaussian_init"])
+    net.load_state_dict(payload["state"])
+    return net.to(device) if device is not None else net
