@@ -69,6 +69,7 @@ class TTTSettings:
     amp: str = "none"  # none | bf16
     compile: bool = False
     foreach: bool | None = True  # None: torch's default; False: the plain per-tensor loop
+    fused: bool = False  # the fused optimizer kernel (CUDA only; ignored on CPU); overrides foreach
 
     def check(self) -> TTTSettings:
         if int(self.steps_per_example) < 0:
@@ -148,7 +149,9 @@ class TTTAdapter:
     def _make_optimizer(self) -> torch.optim.Optimizer:
         s = self.s
         kw = {}
-        if s.foreach is not None:
+        if s.fused and self.device.type == "cuda":  # the CPU fused kernel is far slower than foreach
+            kw["fused"] = True
+        elif s.foreach is not None:
             kw["foreach"] = bool(s.foreach)
         if s.optimizer_type == "sgd":
             return torch.optim.SGD(self.params, lr=s.lr, momentum=s.optimizer_momentum, **kw)
