@@ -53,9 +53,12 @@ def test_two_gloo_processes_shard_ttt_and_train_ddp(tmp_path):
     assert not list(images.glob("records-rank*.jsonl"))  # merged
     one = load_records(single.parent / "images")
     two = load_records(images)
-    key = lambda df: sorted(
-        (r.corruption, r.extra["index"], tuple(r.extra["predictions"])) for r in df.itertuples()
-    )  # noqa: E731
+
+    def key(df):
+        return sorted(
+            (r.corruption, r.extra["index"], tuple(r.extra["predictions"])) for r in df.itertuples()
+        )
+
     assert key(one) == key(two) and len(two) == 3
     a, b = load_records(single), load_records(tmp_path / "ttt" / "records.jsonl")
     cols = ["metric", "corruption", "step", "value", "n"]
