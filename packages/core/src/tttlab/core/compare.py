@@ -79,11 +79,11 @@ os.replace(tmp, sys.argv[2])
 """
 
 SHORT_NAMES = {
-    "gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul", "defocus_blur": "defoc",
-    "glass_blur": "glass", "motion_blur": "motn", "zoom_blur": "zoom", "snow": "snow", "frost": "frost",
-    "fog": "fog", "brightness": "brit", "contrast": "contr", "elastic_transform": "elast",
-    "pixelate": "pixel", "jpeg_compression": "jpeg", "speckle_noise": "speck", "gaussian_blur": "gblur",
-    "spatter": "spatt", "saturate": "satur",
+    "gaussian_noise": "gaus", "shot_noise": "shot", "impulse_noise": "imp", "defocus_blur": "defo",
+    "glass_blur": "glas", "motion_blur": "motn", "zoom_blur": "zoom", "snow": "snow", "frost": "fros",
+    "fog": "fog", "brightness": "brit", "contrast": "cont", "elastic_transform": "elas",
+    "pixelate": "pix", "jpeg_compression": "jpeg", "speckle_noise": "spec", "gaussian_blur": "gblu",
+    "spatter": "spat", "saturate": "satu",
 }  # fmt: skip
 
 
@@ -797,9 +797,10 @@ def _fmt(v, scale: float = 100.0, digits: int = 1, sign: bool = False) -> str:
 
 
 def _fmt_cost(v) -> str:
+    """Seconds per image as milliseconds, 3 significant digits."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
-    return f"{v:.2g}" if v < 0.01 else f"{v:.3f}"
+    return f"{v * 1000:.3g}"
 
 
 def _row_label(row, several_settings: bool) -> str:
@@ -817,7 +818,8 @@ def table_rows(
     if images is None:
         images = len(table) > 0 and table["images"].nunique(dropna=False) > 1
     header = ["method", *[SHORT_NAMES.get(cr, cr) if short else cr for cr in corrs], "mean",
-              "Δ baseline", "s/image"] + (["images"] if images else [])  # fmt: skip
+              "Δ" if short else "Δ baseline", "ms/img" if short else "ms/image"]  # fmt: skip
+    header += ["n/corr" if short else "images"] if images else []
     rows = []
     for _, row in table.iterrows():
         mean = _fmt(row["mean"])
@@ -857,8 +859,9 @@ def format_table(table, c: dict[str, Any], width: int | None = None) -> str:
     for r in rows:
         t.add_row(*r)
     buf = io.StringIO()
-    console = Console(file=buf, width=width or max(120, 12 + 7 * len(header)), force_terminal=False,
-                      color_system=None)  # fmt: skip
+    # as wide as the table needs (rich would squeeze the columns to a narrower console)
+    need = sum(max(len(h), *(len(r[k]) for r in rows)) + 3 for k, h in enumerate(header)) if rows else 80
+    console = Console(file=buf, width=width or max(80, need + 4), force_terminal=False, color_system=None)
     console.print(t)
     return f"accuracy (%) on {_bench_title(c)}\n" + buf.getvalue().rstrip()
 
@@ -921,8 +924,8 @@ def write_report(out: Path, c: dict[str, Any], tasks, table, unavailable, comman
         f"setting {', '.join(c['setting'])}, profile `{c['profile']}`, seed(s) {', '.join(map(str, c['seeds']))}. "
         "`mean` is the mean over corruptions"
         + (" (± sample standard deviation over seeds)" if len(c["seeds"]) > 1 else "")
-        + "; `Δ baseline` its gain over the baseline of the same subpackage (points); `s/image` the "
-        "adaptation + prediction time per image; `images` the images per corruption (and seed).",
+        + "; `Δ baseline` its gain over the baseline of the same subpackage (points); `ms/image` the "
+        "adaptation + prediction time per image in milliseconds; `images` the images per corruption (and seed).",
         "",
     ]
     if rows:

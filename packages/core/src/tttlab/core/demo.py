@@ -20,6 +20,7 @@ configuration error.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"out_dir={args.out or 'demo_out'}")
     if args.profile and "profile" not in given:
         overrides.append(f"profile={args.profile}")
+    if "jobs" not in given:  # two evaluates at a time (one thread each) keep 2 cores busy through imports
+        overrides.append(f"jobs={min(2, os.cpu_count() or 1)}")
     from .compare import compare, load_config
     from .errors import TTTLabError
 
