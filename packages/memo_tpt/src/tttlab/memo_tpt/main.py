@@ -1,0 +1,203 @@
+"""Command-line runs on the paper test sets (Hydra), with seed 002's options.
+
+    tttlab-memo-tpt-tpt arch=RN50 pretrained=/ckpt/RN50.pt datasets_root=datasets data_to_test=a
+    tttlab-memo-tpt-tpt +experiment=paper_tpt_vit_b16_imagenet_a pretrained=/ckpt/ViT-B-16.pt
+    tttlab-memo-tpt-memo arch=resnet50 checkpoint=/ckpt/resnet50.pth data_to_test=both top_k=0.1
+    tttlab-memo-tpt-ensemble +experiment=paper_ensemble_memo_tpt_imagenet_a datasets_root=datasets
+    tttlab-memo-tpt-tpt +experiment=mnist          # the offline proxy (tiny CLIP on mnist_c)
+
+Seed 002's options map one to one: ``arch``, ``base_prompt``, ``tts``, ``augs`` (views incl. the
+original), ``single_context`` (one shared context; false = class-specific), ``augmix``, ``align_steps``,
+``ensemble`` (view-ensemble), ``datasets_root``, ``data_to_test`` (a | v2 | both | r | sketch | all |
+mnist_c), ``num_images`` (seed 002's ``test_stop``), ``verbose`` (log every n images).  Results go to
+``out_dir/records.jsonl`` (core schema: per dataset ``accuracy`` and ``s_per_image``).  A killed run resumes
+from ``out_dir/checkpoints/progress.json`` (written every ``save_every`` images, atomically) with the same
+numbers: every image is adapted from the source weights and the view generator's state is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tttlab.core.errors import ConfigError
+
+from . import data as D
+
+log = logging.getLogger("tttlab.memo_tpt")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _plain(cfg) -> dict[str, Any]:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def build_tpt(c: dict[str, Any], classnames, device, seed: int):
+    from .models import build_clip
+    from .tpt import TPT
+
+    model = build_clip(c["arch"], pretrained=c.get("pretrained"), device=device)
+    return TPT(
+        model, classnames, base_prompt=c["base_prompt"], n_views=int(c["augs"]), selection=c["selection"],
+        tts=int(c["tts"]), lr=float(c["lr"]), class_specific_context=not c["single_context"],
+        augmix=bool(c["augmix"]), ensemble=bool(c["ensemble"]), align_steps=int(c["align_steps"]), seed=seed,
+    )  # fmt: skip
+
+
+def build_memo(c: dict[str, Any], class_indices, device, seed: int, num_classes: int | None = None):
+    from .memo import Memo
+    from .models import build_classifier
+
+    model = build_classifier(c["arch"], checkpoint=c.get("checkpoint"), num_classes=num_classes).to(device)
+    return Memo(
+        model, arch=c["arch"], n_augmentations=int(c["augs"]), steps=int(c["steps"]),
+        prior_strength=c["prior_strength"], optimizer=c["optimizer"], lr=c["lr"], weight_decay=c["weight_decay"],
+        top_k=c["top_k"], augmentation=c["augmentation"], class_indices=class_indices, seed=seed,
+    )  # fmt: skip
+
+
+def build(c: dict[str, Any], dataset, device, seed: int):
+    """The adapter (callable image -> logits) and a model name, for ``c['method']``."""
+    method = c["method"]
+    if method == "tpt":
+        names = D.class_names(dataset, c.get("classnames_file"))
+        return build_tpt(c, names, device, seed), c["arch"]
+    if method == "memo":
+        return build_memo(c, getattr(dataset, "class_indices", None), device, seed), c["arch"]
+    if method == "ensemble":
+        from .ensemble import Ensemble
+
+        members, names = [], []
+        for i, m in enumerate(c["models"]):
+            m = {**c, **m}
+            if m["type"] == "tpt":
+                members.append(
+                    build_tpt(m, D.class_names(dataset, m.get("classnames_file")), device, seed + i)
+                )
+            elif m["type"] == "memo":
+                members.append(build_memo(m, getattr(dataset, "class_indices", None), device, seed + i))
+            else:
+                raise ConfigError(f"models[{i}].type={m['type']!r}; expected tpt or memo")
+            names.append(f"{m['type']}:{m['arch']}")
+        return Ensemble(
+            members, c["temps"], steps=int(c["niter"]), simple=bool(c["simple_ensemble"])
+        ), "+".join(names)
+    raise ConfigError(f"method={method!r}; expected tpt, memo or ensemble")
+
+
+def _atomic_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def evaluate_dataset(c: dict[str, Any], name: str, out: Path, device) -> dict[str, Any]:
+    """Adapt + predict every image of one test set; resumable; returns the counts."""
+    from tqdm.auto import tqdm
+
+    from tttlab.core.records import config_hash
+
+    ds = D.load_test_set(name, c["datasets_root"])
+    seed = int(c["seed"])
+    adapter, model_name = build(c, ds, device, seed)
+    n = len(ds) if c.get("num_images") is None else min(int(c["num_images"]), len(ds))
+    progress_file = out / "checkpoints" / f"progress-{name}.json"
+    skip = ("out_dir", "progress", "verbose", "save_every", "num_images")
+    key = config_hash({k: v for k, v in c.items() if k not in skip})
+    state = {"index": 0, "correct": 0, "seconds": 0.0, "key": key}
+    members = getattr(adapter, "members", [adapter])
+    if progress_file.exists():
+        saved = json.loads(progress_file.read_text())
+        if saved.get("key") == key:
+            state = saved
+            for m, g in zip(members, saved["generators"]):
+                m.generator.set_state(torch.tensor(g, dtype=torch.uint8))
+            log.info("%s: resuming at image %d", name, state["index"])
+    torch.manual_seed(seed)
+    with tqdm(
+        total=n, initial=state["index"], desc=f"{c['method']} {name}", disable=not c["progress"]
+    ) as bar:
+        for i in range(state["index"], n):
+            image, label = ds[i]
+            t0 = time.perf_counter()
+            pred = int(adapter(image).argmax(1))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            state["seconds"] += time.perf_counter() - t0
+            state["correct"] += int(pred == int(label))
+            state["index"] = i + 1
+            bar.update(1)
+            if c["verbose"] and (i + 1) % int(c["verbose"]) == 0:
+                log.info("%s %d/%d: accuracy %.2f%%", name, i + 1, n, 100 * state["correct"] / (i + 1))
+            if (i + 1) % int(c["save_every"]) == 0 or i + 1 == n:
+                state["generators"] = [m.generator.get_state().tolist() for m in members]
+                _atomic_json(progress_file, state)
+    return {"dataset": name, "model": model_name, "n": n, **state}
+
+
+def run_paper(cfg) -> Path:
+    from tttlab.core.records import RunDir
+
+    c = _plain(cfg)
+    if c["data_to_test"] == "mnist_c":
+        from .evaluate import run as proxy
+
+        method = {"tpt": "memo_tpt.tpt", "memo": "memo_tpt.memo"}.get(c["method"], "memo_tpt.tpt")
+        if c["method"] == "tpt" and c["ensemble"]:
+            method = "memo_tpt.tpt_ensemble"
+        elif c["method"] == "tpt" and int(c["tts"]) == 0:
+            method = "memo_tpt.clip_zeroshot"
+        return proxy(method=method, profile=c.get("profile", "full"), out_dir=c["out_dir"], seed=c["seed"],
+                     device=c["device"], progress=c["progress"], cache_dir=c.get("cache_dir", "runs/memo_tpt/models"))  # fmt: skip
+    device = torch.device(c["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but CUDA is not available; use device=cpu")
+    names = D.subsets_for(c["data_to_test"])
+    out = Path(c["out_dir"])
+    rd = RunDir(out, c)
+    results = [evaluate_dataset(c, name, out, device) for name in names]
+    with rd.writer(method=f"memo_tpt.{c['method']}", package="memo_tpt", framework="torch", setting="episodic",
+                   seed=int(c["seed"])) as w:  # fmt: skip
+        for r in results:
+            n = max(r["n"], 1)
+            fields = dict(model=r["model"], dataset=r["dataset"], n=r["n"], wall_time_s=r["seconds"],
+                          extra={"correct": r["correct"], "reset": "per_image"})  # fmt: skip
+            w.write(metric="accuracy", value=r["correct"] / n, **fields)
+            w.write(metric="s_per_image", value=r["seconds"] / n, **fields)
+            print(
+                f"{c['method']} {r['model']} {r['dataset']}: top-1 {100 * r['correct'] / n:.2f}% on {r['n']} images"
+            )
+    return rd.records_path
+
+
+def _main(config_name: str) -> None:
+    import hydra
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    @hydra.main(config_path="conf", config_name=config_name, version_base=None)
+    def entry(cfg) -> None:
+        print(run_paper(cfg))
+
+    entry()
+
+
+def tpt_main() -> None:
+    _main("tpt")
+
+
+def memo_main() -> None:
+    _main("memo")
+
+
+def ensemble_main() -> None:
+    _main("ensemble")

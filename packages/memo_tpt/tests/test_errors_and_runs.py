@@ -1,0 +1,124 @@
+import json
+
+import pytest
+import torch
+
+from tttlab.core import testing
+from tttlab.core.errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetLayoutError,
+    DatasetNotFoundError,
+    TTTLabError,
+    UnknownNameError,
+)
+from tttlab.core.records import load_records
+from tttlab.memo_tpt import data as D
+from tttlab.memo_tpt.models import build_classifier, build_clip
+
+from .conftest import TINY_CLIP
+
+
+def test_unknown_arch_lists_known():
+    with pytest.raises(UnknownNameError) as e:
+        build_classifier("resnet5O")
+    assert "resnet50" in str(e.value) and "Known:" in str(e.value)
+    with pytest.raises(UnknownNameError) as e:
+        build_clip("ViT-B-17")
+    assert "ViT-B-16" in str(e.value)
+
+
+def test_checkpoint_for_wrong_architecture(tmp_path):
+    small = build_classifier("resnet18", num_classes=3)
+    torch.save(small.state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(CheckpointError, match="does not fit architecture 'mobilenet_v2'"):
+        build_classifier("mobilenet_v2", checkpoint=tmp_path / "r18.pth", num_classes=3)
+    assert build_classifier("resnet18", checkpoint=tmp_path / "r18.pth", num_classes=3) is not None
+    other = {**TINY_CLIP, "embed_dim": 8}
+    torch.save(build_clip("tiny", config=other).state_dict(), tmp_path / "clip.pt")
+    with pytest.raises(CheckpointError, match="shape"):
+        build_clip("tiny", config=TINY_CLIP, pretrained=tmp_path / "clip.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        build_clip("tiny", config=TINY_CLIP, pretrained=tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="could not be read"):
+        build_classifier("resnet18", checkpoint=tmp_path / "junk.pt")
+
+
+def test_dataset_folders(tmp_path):
+    with pytest.raises(DatasetNotFoundError):
+        D.load_test_set("imagenet_a", tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="imagenet-a"):
+        D.load_test_set("imagenet_a", tmp_path / "empty")
+    wn = tmp_path / "a" / "imagenet-a" / "n01498041"
+    wn.mkdir(parents=True)
+    with pytest.raises(DatasetLayoutError, match="no images"):
+        D.load_test_set("imagenet_a", tmp_path / "a")
+    with pytest.raises(UnknownNameError):
+        D.subsets_for("imagenet_z")
+
+
+def test_classnames_file_must_match(tmp_path):
+    root = testing.make_imagenet_a(tmp_path / "imagenet-a")
+    ds = D.load_test_set("imagenet_a", tmp_path)
+    assert ds.num_classes == 200 and len(D.class_names(ds)) == 200
+    bad = tmp_path / "names.txt"
+    bad.write_text("\n".join(f"c{i}" for i in range(10)))
+    with pytest.raises(DatasetLayoutError, match="10 names but imagenet_a has 200 classes"):
+        D.class_names(ds, bad)
+    full = tmp_path / "full.txt"
+    full.write_text("\n".join(f"c{i}" for i in range(1000)))
+    assert D.class_names(ds, full)[0] == f"c{ds.class_indices[0]}"
+    with pytest.raises(DatasetNotFoundError):
+        D.class_names(ds, tmp_path / "missing.txt")
+    assert root.exists()
+
+
+def test_all_errors_are_tttlab_errors():
+    for cls in (CheckpointError, ConfigError, DatasetLayoutError, DatasetNotFoundError, UnknownNameError):
+        assert issubclass(cls, TTTLabError)
+
+
+def _hydra_cfg(name, overrides):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("tttlab.memo_tpt.conf", version_base=None):
+        return compose(config_name=name, overrides=overrides)
+
+
+def test_hydra_configs_compose_and_reject_unknown_keys():
+    for name, exp in (("tpt", "paper_tpt_vit_b16_imagenet_a"), ("memo", "paper_memo_resnet50_imagenet_a"),
+                      ("ensemble", "paper_ensemble_memo_tpt_imagenet_a"), ("tpt", "mnist")):  # fmt: skip
+        cfg = _hydra_cfg(name, [f"+experiment={exp}"])
+        assert cfg.method == name
+    assert _hydra_cfg("tpt", ["+experiment=paper_tpt_vit_b16_imagenet_a"]).arch == "ViT-B-16"
+    with pytest.raises(Exception, match="tpp"):
+        _hydra_cfg("tpt", ["tpp=3"])
+
+
+def test_memo_run_on_imagenet_v2_fixture_resumes(tmp_path):
+    """MEMO through the CLI path on an ImageNet-V2 fixture; a resumed run ends with the same numbers."""
+    from omegaconf import OmegaConf
+
+    from tttlab.memo_tpt.main import run_paper
+
+    testing.make_imagenet_v2(tmp_path / "data", classes=(0, 1, 2), n_per_class=1)
+    ckpt = tmp_path / "m.pth"
+    torch.manual_seed(0)
+    torch.save(build_classifier("mobilenet_v3_small").state_dict(), ckpt)
+    over = ["arch=mobilenet_v3_small", f"checkpoint={ckpt}", "augs=2", f"datasets_root={tmp_path / 'data'}",
+            "data_to_test=v2", "progress=false", "save_every=1", "verbose=0"]  # fmt: skip
+    cfg = _hydra_cfg("memo", over + [f"out_dir={tmp_path / 'full'}"])
+    full = load_records(run_paper(cfg))
+    # an interrupted run (stopped after 2 images), then the same command again: it resumes at image 2
+    run_paper(OmegaConf.merge(cfg, {"out_dir": str(tmp_path / "part"), "num_images": 2}))
+    progress = json.loads((tmp_path / "part" / "checkpoints" / "progress-imagenet_v2.json").read_text())
+    assert progress["index"] == 2
+    resumed = load_records(run_paper(OmegaConf.merge(cfg, {"out_dir": str(tmp_path / "part")})))
+    a, b = full[full.metric == "accuracy"], resumed[resumed.metric == "accuracy"]
+    assert int(a.n.iloc[-1]) == 3 == int(b.n.iloc[-1])
+    assert a.extra.iloc[-1]["correct"] == b.extra.iloc[-1]["correct"]
+    assert json.loads((tmp_path / "part" / "checkpoints" / "progress-imagenet_v2.json").read_text())[
+        "generators"] == json.loads((tmp_path / "full" / "checkpoints" / "progress-imagenet_v2.json").read_text())[
+        "generators"]  # fmt: skip
