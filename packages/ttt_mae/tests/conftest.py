@@ -27,3 +27,9 @@ def tiny():
 @pytest.fixture
 def norm():
     return Normalizer((0.1307,), (0.3081,))
+
+
+@pytest.fixture(scope="session")
+def smoke_cache(tmp_path_factory):
+    """A model cache shared by the tests that run the evaluate contract (the smoke model trains once)."""
+    return str(tmp_path_factory.mktemp("ttt_mae_models"))

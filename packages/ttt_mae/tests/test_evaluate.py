@@ -8,9 +8,9 @@ METHODS = ["ttt_mae.baseline", "ttt_mae.ttt"]
 BENCH = {"corruptions": ["gaussian_noise", "brightness"], "num_examples": 3}
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("models"))
+@pytest.fixture
+def cache(smoke_cache):
+    return smoke_cache
 
 
 def run(tmp_path, cache, method, **kw):
