@@ -645,7 +645,7 @@ def _kill(proc: subprocess.Popen) -> None:
 
 def run_tasks(tasks: Sequence[Task], c: dict[str, Any], echo=print) -> None:
     """Run the pending tasks, ``jobs`` at a time; the first task of each subpackage goes before its
-    siblings (they reuse the models it caches).  A progress bar counts tasks and shows the running ones."""
+    siblings (they reuse the models it caches), and the first tasks of all subpackages go first.  A progress bar counts tasks and shows the running ones."""
     pending = [t for t in tasks if t.status == "pending"]
     if not pending:
         return
@@ -657,7 +657,9 @@ def run_tasks(tasks: Sequence[Task], c: dict[str, Any], echo=print) -> None:
     jobs = max(1, int(c["jobs"]))
     stop = threading.Event()
     running: dict[Task, threading.Thread] = {}
-    queue = list(pending)
+    # the first task of every subpackage first (they train the models, in parallel), then their siblings
+    heads = set(map(id, first.values()))
+    queue = [t for t in pending if id(t) in heads] + [t for t in pending if id(t) not in heads]
     bar = tqdm(total=len(pending), desc="methods", unit="run", disable=not c["progress"] or None,
                dynamic_ncols=True)  # fmt: skip
 
