@@ -79,7 +79,7 @@ def worker(args) -> dict:
     dev = torch.device(args.device)
     net = build(args.path, args.m, args.r, args.chunk_size, args.dtype, dev)
     if args.path == "chunked":
-        net.reserve(net.M + args.batch * (args.steps + 1))
+        net.reserve(net.M + args.batch * (args.steps + 2))
     opt = PiSGD(net, lr=1.0, weight_decay=1e-5, first_layer_lr_mult=0.1, last_layer_lr_mult=4.0, bias_lr_mult=0.5,
                 apply_lr_mult_to_wd=False, gclip=0.4, gclip_per_param=True)  # fmt: skip
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -98,7 +98,8 @@ def worker(args) -> dict:
         opt.step()
         opt.zero_grad()
 
-    step(1)  # warm-up
+    step(1)  # warm-up (twice: first-touch allocations and lazily loaded kernels are not working memory)
+    step(1)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
