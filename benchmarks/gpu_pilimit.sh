@@ -6,7 +6,10 @@
 set -euo pipefail
 OUT="${OUT:-.}"
 mkdir -p "$OUT"
-python -m pip install -q --no-deps -e packages/core -e packages/pilimit >/dev/null 2>&1 || true
+python -m pip install -q --no-deps -e packages/core -e packages/pilimit >/dev/null 2>&1 \
+  || python -m pip install -q --no-deps --no-build-isolation -e packages/core -e packages/pilimit >/dev/null 2>&1 || true
+# fallback when an editable install is impossible offline: the src folders on the path (PEP 420 namespace)
+export PYTHONPATH="$PWD/packages/core/src:$PWD/packages/pilimit/src${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1 > "$OUT/pilimit_gpu.txt" || true
 {
   echo "# pilimit on GPU ($(cat "$OUT/pilimit_gpu.txt" 2>/dev/null || echo unknown))"
