@@ -329,6 +329,14 @@ def installed_methods() -> tuple[list[Any], dict[str, str]]:
     return specs, problems
 
 
+def group_unavailable(unavailable: Sequence[Unavailable]) -> list[tuple[list[str], str]]:
+    """``[(names, message)]``: the unavailable methods that share a message (a subpackage) together."""
+    groups: dict[str, list[str]] = {}
+    for u in unavailable:
+        groups.setdefault(u.message, []).append(u.name)
+    return [(names, message) for message, names in groups.items()]
+
+
 def _dist_installed(package: str) -> bool:
     from importlib import metadata
 
@@ -955,8 +963,8 @@ def write_report(out: Path, c: dict[str, Any], tasks, table, unavailable, comman
                 lines += ["```", t.stderr_tail, "```", ""]
     if unavailable:
         lines += ["## Not run", ""]
-        for u in unavailable:
-            lines.append(f"- `{u.name}` ({u.reason}): {u.message}")
+        for names, message in group_unavailable(unavailable):
+            lines.append(f"- {', '.join(f'`{n}`' for n in names)}: {message}")
         lines.append("")
     lines += ["## Runs", "", "| method | setting | seed | status | seconds | run directory |",
               "| --- | --- | ---: | --- | ---: | --- |"]  # fmt: skip
@@ -1049,8 +1057,10 @@ def compare(config: Mapping[str, Any] | None = None, *, overrides: Sequence[str]
     out = Path(c["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     specs, unavailable = resolve_methods(c["methods"], strict=strict)
-    for u in unavailable:
-        echo(f"skipping {u.name}: {u.message}")
+    for names, message in group_unavailable(unavailable):
+        echo(f"skipping {', '.join(names)}: {message}")
+    if not specs:
+        echo("no method to run: install a subpackage (tttlab-compare --list shows what is installed)")
     tasks = plan(c, specs)
     todo = [t for t in tasks if t.status == "pending"]
     echo(f"{len(specs)} method(s) x {len(c['setting'])} setting(s) x {len(c['seeds'])} seed(s) on "

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"profile={args.profile}")
     if "jobs" not in given:  # two evaluates at a time (one thread each) keep 2 cores busy through imports
         overrides.append(f"jobs={min(2, os.cpu_count() or 1)}")
-    from .compare import compare, load_config
+    from .compare import compare, group_unavailable, load_config
     from .errors import TTTLabError
 
     try:
@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     print(result.text)
     if result.unavailable:
         print("\nnot run:")
-        for u in result.unavailable:
-            print(f"  {u.name}: {u.message}")
+        for names, message in group_unavailable(result.unavailable):
+            print(f"  {', '.join(names)}: {message}")
     for t in result.failed:
         print(f"FAILED {t.label}: {t.error} (log: {t.part / 'stderr.log'})")
     print(f"\nreport: {result.report}")
