@@ -180,8 +180,8 @@ def test_evaluate_contract(tmp_path, name):
     assert {r["corruption"] for r in recs if r["metric"] == "s_per_image"} == {"gaussian_noise", "fog"}
     assert all(r["n"] == 16 for r in acc if r["corruption"] != "mean")
     # cached: a second evaluation reuses the trained model
-    cached = list((tmp_path / "cache").iterdir())
+    cached = sorted((tmp_path / "cache").iterdir())
     evaluate({**cfg, "out_dir": str(tmp_path / "eval2")})
-    assert list((tmp_path / "cache").iterdir()) == cached
+    assert sorted((tmp_path / "cache").iterdir()) == cached
     with pytest.raises(ConfigError, match="unknown evaluate keys"):
         evaluate({**cfg, "nonsense": 1})

@@ -11,8 +11,8 @@ trained with Gproj), ``pilimit.mup`` / ``pilimit.baseline`` (Gaussian-initialise
 
 The model is ``train_run`` (a ``tttlab-pilimit-train`` run directory) or, when that is null, the
 ``mnist`` experiment sized by ``profile`` (smoke / quick / full), trained on first use and cached under
-``cache_dir`` keyed by the hash of its training config (atomic checkpoint writes; a second process reuses
-the finished run).  Records per domain: ``accuracy`` (``n``, ``wall_time_s`` = prediction time) and
+``cache_dir`` keyed by the hash of its training config (atomic checkpoint writes, a file lock so that
+one process trains while another waits and then reuses the finished run).  Records per domain: ``accuracy`` (``n``, ``wall_time_s`` = prediction time) and
 ``s_per_image``; then the mean accuracy over corruptions (``corruption="mean"``).
 """
 
@@ -105,9 +105,14 @@ def training_run(c: dict[str, Any]) -> Path:
     tc["logging"]["progress"] = bool(c["progress"])
     tc["device"] = c["device"]
     ckpt = path / "checkpoints" / f"{T.CHECKPOINT}.ckpt"
-    if not (ckpt.exists() and T.load_checkpoint(ckpt).get("done")):
-        log.info("training %s into %s (cached for later evaluations)", c["method"], path)
-        T.run(tc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:  # one trainer per cached model
+        import fcntl
+
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (ckpt.exists() and T.load_checkpoint(ckpt).get("done")):
+            log.info("training %s into %s (cached for later evaluations)", c["method"], path)
+            T.run(tc)
     return path
 
 
