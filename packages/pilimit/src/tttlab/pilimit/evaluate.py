@@ -44,11 +44,11 @@ METHODS = {
 
 #: training overrides of the ``mnist`` experiment per profile (threads=1: small ops, shared CPUs)
 PROFILES = {
-    "smoke": ["model.r=16", "model.depth=1", "model.width=128", "data.num_examples=320", "data.batch_size=16",
+    "smoke": ["model.r=16", "model.depth=1", "model.width=64", "data.num_examples=320", "data.batch_size=16",
               "train.num_test=200", "model.chunk_size=512"],
-    "quick": ["model.r=48", "model.depth=2", "model.width=512", "data.num_examples=2400", "data.batch_size=16",
+    "quick": ["model.r=48", "model.depth=2", "model.width=256", "data.num_examples=2400", "data.batch_size=16",
               "train.num_test=1000"],
-    "full": ["model.r=96", "model.depth=2", "model.width=1024", "data.num_examples=6000", "data.batch_size=16",
+    "full": ["model.r=96", "model.depth=2", "model.width=512", "data.num_examples=6000", "data.batch_size=16",
              "train.num_test=2000"],
 }  # fmt: skip
 #: images per domain when the caller does not say (keeps ``full`` under 90 s on 2 cores)
