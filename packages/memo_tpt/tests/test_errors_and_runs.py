@@ -108,7 +108,7 @@ def test_memo_run_on_imagenet_v2_fixture_resumes(tmp_path):
     torch.manual_seed(0)
     torch.save(build_classifier("mobilenet_v3_small").state_dict(), ckpt)
     over = ["arch=mobilenet_v3_small", f"checkpoint={ckpt}", "augs=2", f"datasets_root={tmp_path / 'data'}",
-            "data_to_test=v2", "progress=false", "save_every=1", "verbose=0"]  # fmt: skip
+            "data_to_test=v2", "progress=false", "save_every=1", "verbose=0", "image_size=32"]  # fmt: skip
     cfg = _hydra_cfg("memo", over + [f"out_dir={tmp_path / 'full'}"])
     full = load_records(run_paper(cfg))
     # an interrupted run (stopped after 2 images), then the same command again: it resumes at image 2

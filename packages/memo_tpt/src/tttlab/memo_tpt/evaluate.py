@@ -41,7 +41,7 @@ PROFILE_DATA = {
     "quick": {"num_examples": 24, "corruptions": ["gaussian_noise", "shot_noise", "fog", "contrast"]},
     "full": {"num_examples": 60, "corruptions": "common"},
 }
-PROFILE_VIEWS = {"smoke": 16, "quick": 32, "full": 64}
+PROFILE_VIEWS = {"smoke": 8, "quick": 32, "full": 64}
 
 DEFAULTS: dict[str, Any] = {
     "method": "memo_tpt.tpt",

@@ -42,15 +42,15 @@ MNIST_MEAN, MNIST_STD = (0.1307,) * 3, (0.3081,) * 3
 
 #: training settings per evaluate profile (smoke: CI seconds; quick / full: demos)
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": dict(width=32, layers=1, text_width=32, text_layers=1, embed_dim=32, steps=30, batch_size=64,
-                  num_train=2048, lr=2e-3),
+    "smoke": dict(width=32, layers=1, text_width=32, text_layers=1, embed_dim=32, steps=8, batch_size=32,
+                  num_train=512, lr=2e-3),
     "quick": dict(width=48, layers=2, text_width=48, text_layers=1, embed_dim=48, steps=250, batch_size=128,
                   num_train=20000, lr=3e-3),
     "full": dict(width=64, layers=2, text_width=64, text_layers=1, embed_dim=64, steps=500, batch_size=128,
                  num_train=60000, lr=3e-3),
 }  # fmt: skip
 CNN_PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": dict(channels=8, steps=40, batch_size=64, num_train=2048, lr=3e-3),
+    "smoke": dict(channels=8, steps=8, batch_size=32, num_train=512, lr=3e-3),
     "quick": dict(channels=16, steps=250, batch_size=128, num_train=20000, lr=3e-3),
     "full": dict(channels=16, steps=500, batch_size=128, num_train=60000, lr=3e-3),
 }  # fmt: skip
