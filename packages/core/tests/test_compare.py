@@ -252,3 +252,19 @@ def test_compare_imports_no_framework():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == ""
+
+
+def test_highlights_read_the_table():
+    c = {"setting": ["reset_each_shift"], "corruptions": ["fog", "snow"], "baselines": {"p": "p.base"}}
+    table = pd.DataFrame([
+        {"method": "p.base", "package": "p", "setting": "reset_each_shift", "fog": 0.2, "snow": 0.6, "mean": 0.4,
+         "delta": np.nan, "s_per_image": 0.001},
+        {"method": "p.up", "package": "p", "setting": "reset_each_shift", "fog": 0.9, "snow": 0.5, "mean": 0.7,
+         "delta": 0.3, "s_per_image": 0.01},
+        {"method": "p.down", "package": "p", "setting": "reset_each_shift", "fog": 0.1, "snow": 0.5, "mean": 0.3,
+         "delta": -0.1, "s_per_image": 0.002},
+    ])  # fmt: skip
+    lines = cmp.highlights(table, c)
+    assert lines[0] == "Best mean accuracy: p.up (70.0%)."
+    assert "p.up +30.0 (10 ms/image)" in lines[1] and "p.down -10.0 (2 ms/image)" in lines[2]
+    assert lines[3] == "Largest gain on one corruption: p.up on fog, 20.0% -> 90.0% (+70.0)."

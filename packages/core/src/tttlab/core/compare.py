@@ -921,6 +921,47 @@ def write_plots(results, table, c: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
+def highlights(table, c: dict[str, Any]) -> list[str]:
+    """A few sentences read off the table: the best mean, who gains or loses against their subpackage's
+    baseline (and at what cost), and the largest gain on a single corruption."""
+    if len(table) == 0 or table["mean"].isna().all():
+        return []
+    several = len(c["setting"]) > 1
+    lines = []
+    best = table.loc[table["mean"].idxmax()]
+    lines.append(f"Best mean accuracy: {_row_label(best, several)} ({_fmt(best['mean'])}%).")
+    gains = table[table["delta"].notna()].sort_values("delta", ascending=False)
+    if len(gains):
+
+        def item(r):
+            return f"{_row_label(r, several)} {_fmt(r['delta'], sign=True)} ({_fmt_cost(r['s_per_image'])} ms/image)"
+
+        up = [item(r) for _, r in gains.iterrows() if r["delta"] > 0.0005]
+        down = [item(r) for _, r in gains.iterrows() if r["delta"] < -0.0005]
+        flat = [_row_label(r, several) for _, r in gains.iterrows() if abs(r["delta"]) <= 0.0005]
+        if up:
+            lines.append(
+                "Better than their subpackage's baseline (points of mean accuracy): " + ", ".join(up) + "."
+            )
+        if down:
+            lines.append("Worse than their baseline: " + ", ".join(down) + ".")
+        if flat:
+            lines.append("No change: " + ", ".join(flat) + ".")
+        top = None
+        for _, r in gains.iterrows():
+            base = table[(table["method"] == (c.get("baselines") or {}).get(r["package"]))
+                         & (table["setting"] == r["setting"])].iloc[0]  # fmt: skip
+            for cr in c["corruptions"]:
+                d = r[cr] - base[cr]
+                if not math.isnan(d) and (top is None or d > top[0]):
+                    top = (d, r, cr, base)
+        if top is not None and top[0] > 0:
+            d, r, cr, base = top
+            lines.append(f"Largest gain on one corruption: {_row_label(r, several)} on {cr}, "
+                         f"{_fmt(base[cr])}% -> {_fmt(r[cr])}% ({_fmt(d, sign=True)}).")  # fmt: skip
+    return lines
+
+
 def _md_escape(s: str) -> str:
     return s.replace("|", "\\|")
 
@@ -938,6 +979,9 @@ def write_report(out: Path, c: dict[str, Any], tasks, table, unavailable, comman
         "adaptation + prediction time per image in milliseconds; `images` the images per corruption (and seed).",
         "",
     ]
+    notes = highlights(table, c)
+    if notes:
+        lines += [*(f"- {n}" for n in notes), ""]
     if rows:
         best = {}
         for j in range(1, len(c["corruptions"]) + 2):  # the corruptions and the mean
@@ -1144,6 +1188,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "tttlab-compare") -> int
         return 2
     print()
     print(result.text)
+    for line in highlights(result.table, result.config):
+        print(line)
     for t in result.failed:
         print(f"FAILED {t.label}: {t.error} (log: {t.part / 'stderr.log'})")
     print(f"\nreport: {result.report}")

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"profile={args.profile}")
     if "jobs" not in given:  # two evaluates at a time (one thread each) keep 2 cores busy through imports
         overrides.append(f"jobs={min(2, os.cpu_count() or 1)}")
-    from .compare import compare, group_unavailable, load_config
+    from .compare import compare, group_unavailable, highlights, load_config
     from .errors import TTTLabError
 
     try:
@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print()
     print(result.text)
+    for line in highlights(result.table, result.config):
+        print(line)
     if result.unavailable:
         print("\nnot run:")
         for names, message in group_unavailable(result.unavailable):
