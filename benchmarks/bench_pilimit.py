@@ -9,8 +9,10 @@ M rows beforehand.  Paths:
 
 * ``reference``: the straightforward transcription (as upstream): whole batch x M matrices, ``q`` kept for
   the backward, ``A^T * Amult`` materialised, rows appended with ``torch.cat`` (a copy of A, B, Amult);
-* ``chunked``: the package default: the forward/backward loop over row chunks of ``--chunk-size``
-  (recomputing ``q`` in the backward), rows appended in place into reserved capacity.
+* ``chunked``: the package default: the forward/backward loop over row chunks of ``--chunk-size``, the
+  forward keeps up to ``cache_mb=64`` MB of q-derived chunks for the backward (the rest is recomputed),
+  rows appended in place into reserved capacity;
+* ``chunked0``: the same with ``cache_mb=0`` (everything recomputed: working memory O(batch x chunk)).
 
 Each (path, M) runs in a fresh subprocess.  Working memory = peak resident memory (CPU: sampled every
 0.5 ms from /proc; CUDA: ``max_memory_allocated``) during the timed steps minus the memory held before
@@ -61,8 +63,9 @@ def build(path: str, rows: int, r: int, chunk: int, dtype: str, device, seed: in
 
     torch.manual_seed(seed)
     impl, cs = ("reference", None) if path == "reference" else ("chunked", chunk)
+    cache_mb = 0.0 if path == "chunked0" else 64.0
     net = InfMLP(3072, 10, r=r, depth=2, first_layer_alpha=1.0, last_layer_alpha=0.5, bias_alpha=0.5,
-                 chunk_size=cs, impl=impl, dtype=dtype, device=device)  # fmt: skip
+                 chunk_size=cs, impl=impl, dtype=dtype, device=device, cache_mb=cache_mb)  # fmt: skip
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     for layer in net.pi_layers:
         layer.grow_random_(rows - layer.M, scale=1e-2, generator=gen)
@@ -78,7 +81,7 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     net = build(args.path, args.m, args.r, args.chunk_size, args.dtype, dev)
-    if args.path == "chunked":
+    if args.path != "reference":
         net.reserve(net.M + args.batch * (args.steps + 2))
     opt = PiSGD(net, lr=1.0, weight_decay=1e-5, first_layer_lr_mult=0.1, last_layer_lr_mult=4.0, bias_lr_mult=0.5,
                 apply_lr_mult_to_wd=False, gclip=0.4, gclip_per_param=True)  # fmt: skip
@@ -120,6 +123,13 @@ def worker(args) -> dict:
             "work_mem_mb": peak / 2**20, "rows_after": net.M, "check": check}  # fmt: skip
 
 
+LABELS = {
+    "reference": "reference",
+    "chunked": "chunked (cache_mb=64, default)",
+    "chunked0": "chunked (cache_mb=0)",
+}
+
+
 def _rel(a, b) -> float:
     import numpy as np
 
@@ -134,7 +144,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--chunk-size", type=int, default=2048)
-    p.add_argument("--paths", nargs="+", default=["reference", "chunked"])
+    p.add_argument("--paths", nargs="+", default=["reference", "chunked", "chunked0"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=1)
@@ -167,23 +177,24 @@ def main() -> None:
         f"device {args.device}, dtype {args.dtype}, r={args.r}, depth 2, batch {args.batch}, chunk_size "
         f"{args.chunk_size}, threads {args.threads}, median of {args.steps} steps",
         "",
-        "| M rows | reference ms/step | chunked ms/step | chunked steps/s | speed-up | reference working MB "
-        "| chunked working MB | rel. diff out / grad |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]  # fmt: skip
+        "| M rows | path | ms/step | steps/s | speed-up vs reference | working MB | rel. diff out / grad vs reference |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for m in args.rows:
-        ref, ch = results.get(("reference", m)), results.get(("chunked", m))
-        if ref is None or ch is None:
-            cells = ["n/a" if res is None else f"{res['step_s'] * 1e3:.1f}" for res in (ref, ch)]
-            lines.append(f"| {m:,} | {cells[0]} | {cells[1]} | | | | | |")
-            continue
-
-        d_out, d_g = (_rel(ref["check"][k], ch["check"][k]) for k in ("out", "gx"))
-        lines.append(
-            f"| {m:,} | {ref['step_s'] * 1e3:.1f} | {ch['step_s'] * 1e3:.1f} | {1 / ch['step_s']:.2f} | "
-            f"{ref['step_s'] / ch['step_s']:.2f}x | "
-            f"{ref['work_mem_mb']:.1f} | {ch['work_mem_mb']:.1f} | {d_out:.1e} / {d_g:.1e} |"
-        )
+        ref = results.get(("reference", m))
+        for path in args.paths:
+            res = results.get((path, m))
+            if res is None:
+                lines.append(f"| {m:,} | {LABELS.get(path, path)} | failed | | | | |")
+                continue
+            speed = f"{ref['step_s'] / res['step_s']:.2f}x" if ref else ""
+            diff = ""
+            if ref and path != "reference":
+                diff = f"{_rel(ref['check']['out'], res['check']['out']):.1e} / {_rel(ref['check']['gx'], res['check']['gx']):.1e}"
+            lines.append(
+                f"| {m:,} | {LABELS.get(path, path)} | {res['step_s'] * 1e3:.1f} | {1 / res['step_s']:.2f} | {speed} | "
+                f"{res['work_mem_mb']:.1f} | {diff} |"
+            )
     table = "\n".join(lines)
     print(table)
     if args.out:

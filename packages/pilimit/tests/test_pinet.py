@@ -135,13 +135,20 @@ def test_one_step_appends_batch_rows():
 def test_chunked_equals_unchunked_and_reference(chunk):
     xs, ys = _data(4)
     nets = []
-    for impl, cs in (("chunked", chunk), ("chunked", None), ("reference", None)):
+    for impl, cs, cache in (
+        ("chunked", chunk, 0.0),
+        ("chunked", None, 0.0),
+        ("reference", None, 0.0),
+        ("chunked", chunk, 64.0),
+        ("chunked", chunk, 3 * 2 * 8 * chunk * 4 / 2**20),
+    ):
         torch.manual_seed(0)
-        nets.append(InfMLP(12, 5, r=8, depth=2, chunk_size=cs, impl=impl))
+        nets.append(InfMLP(12, 5, r=8, depth=2, chunk_size=cs, impl=impl, cache_mb=cache))
     kw = dict(weight_decay=1e-2, gclip=0.3, gclip_per_param=True, bias_lr_mult=0.5)
     losses = [_train(n, xs, ys, **kw) for n in nets]
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
     assert losses[0] == pytest.approx(losses[2], abs=1e-6)
+    assert losses[0] == losses[3] == losses[4]  # the forward cache (whole / 3 chunks) changes nothing
     x = torch.randn(5, 12, requires_grad=True)
     outs = []
     for n in nets:
@@ -151,6 +158,7 @@ def test_chunked_equals_unchunked_and_reference(chunk):
         assert n.M == 8 + 4 * 8
     for out, gx in outs[1:]:
         assert torch.allclose(outs[0][0], out, atol=1e-5) and torch.allclose(outs[0][1], gx, atol=1e-5)
+    assert torch.equal(outs[0][1], outs[3][1]) and torch.equal(outs[0][1], outs[4][1])
 
 
 def test_training_deterministic_under_seed():

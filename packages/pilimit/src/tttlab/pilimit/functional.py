@@ -17,8 +17,9 @@ pre-activations to the next one::
 Two paths compute the same numbers:
 
 * :class:`PiLinearChunked` (default) loops over the M rows in chunks of ``chunk_size``: the batch x M
-  matrices never exist whole, the backward recomputes ``q`` per chunk instead of storing it, so the
-  working memory is O(batch x chunk_size) whatever M is;
+  matrices never exist whole; the backward takes ``sqrt(1-q^2)``/``acos(-q)`` of the first chunks from a
+  cache of at most ``cache_bytes`` filled by the forward and recomputes the rest, so the working memory
+  is O(batch x chunk_size) + ``cache_bytes`` whatever M is (``cache_bytes=0``: O(batch x chunk_size));
 * :class:`PiLinearReference` is the straightforward transcription (full ``q`` kept for the backward,
   ``A^T * Amult`` materialised), the baseline of ``benchmarks/bench_pilimit.py``.
 
@@ -123,32 +124,54 @@ def _acc_matmul(acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
         acc.add_((x.to(w.dtype) @ w).to(acc.dtype))
 
 
-def chunked_forward(gbar, s, A, Amult, B, chunk_size: int | None) -> torch.Tensor:
-    """``[V(gbar B^T) s Amult] A`` accumulated over row chunks (float32 accumulator)."""
+def chunked_forward(
+    gbar, s, A, Amult, B, chunk_size: int | None, cache_bytes: int = 0, cache=None
+) -> torch.Tensor:
+    """``[V(gbar B^T) s Amult] A`` accumulated over row chunks (float32 accumulator).  With ``cache`` (a
+    list), the chunks' ``(sqrt(1-q^2), acos(-q))`` are kept for the backward while they fit in
+    ``cache_bytes``; the rest is recomputed there."""
     ct = _compute_dtype(gbar, A, B)
     out = torch.zeros(gbar.shape[0], A.shape[1], dtype=ct, device=gbar.device)
     gb = gbar.to(B.dtype)
     s32 = s.to(ct)
+    used = 0
     for lo, hi in _chunks(A.shape[0], chunk_size):
         q, sq, ac = _sqrt_acos(gb @ B[lo:hi].T, ct)
+        if cache is not None:  # a prefix of the chunks, in order
+            size = 2 * sq.numel() * sq.element_size()
+            if used + size <= cache_bytes:
+                cache.append((sq, ac))
+                used += size
+            else:
+                cache = None
         phi = q.mul_(ac).add_(sq).mul_(Amult[lo:hi].to(ct) / TWO_PI).mul_(s32)  # V(q) Amult s
         _acc_matmul(out, phi, A[lo:hi])
     return out
 
 
-def chunked_backward(grad_out, gbar, A, Amult, B, chunk_size: int | None) -> torch.Tensor:
-    """``d out / d g`` contracted with ``grad_out``, recomputing ``q`` per chunk."""
+def chunked_backward(grad_out, gbar, A, Amult, B, chunk_size: int | None, cache=()) -> torch.Tensor:
+    """``d out / d g`` contracted with ``grad_out``; ``q`` from ``cache`` or recomputed per chunk."""
     ct = _compute_dtype(gbar, A, B, grad_out)
     grad_g = torch.zeros(gbar.shape[0], B.shape[1], dtype=ct, device=gbar.device)
     coef = torch.zeros(gbar.shape[0], 1, dtype=ct, device=gbar.device)
     go = grad_out.to(A.dtype)
     gb = gbar.to(B.dtype)
-    for lo, hi in _chunks(A.shape[0], chunk_size):
-        _, sq, ac = _sqrt_acos(gb @ B[lo:hi].T, ct)
+    for i, (lo, hi) in enumerate(_chunks(A.shape[0], chunk_size)):
+        if i < len(cache):
+            sq, ac = cache[i]
+        else:
+            _, sq, ac = _sqrt_acos(gb @ B[lo:hi].T, ct)
         dgamma = (go @ A[lo:hi].T).to(ct).mul_(Amult[lo:hi].to(ct) / TWO_PI)
         coef.add_((dgamma * sq).sum(1, keepdim=True))
         _acc_matmul(grad_g, dgamma.mul_(ac), B[lo:hi])
     return grad_g.add_(coef * gbar.to(ct))
+
+
+def _chunking(chunking) -> tuple[int | None, int]:
+    """``chunk_size`` or ``(chunk_size, cache_bytes)``."""
+    if isinstance(chunking, tuple):
+        return chunking[0], int(chunking[1])
+    return chunking, 0
 
 
 Sink = Callable[[torch.Tensor, torch.Tensor], None]
@@ -163,12 +186,14 @@ class PiLinearChunked(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, g, anchor, A, Amult, B, chunk_size, sink):
+    def forward(ctx, g, anchor, A, Amult, B, chunking, sink):
         gbar, s = _normalise(g)
-        out = chunked_forward(gbar, s, A, Amult, B, chunk_size).to(g.dtype)
+        chunk_size, cache_bytes = _chunking(chunking)
+        cache = [] if (cache_bytes > 0 and sink is not None) else None  # a backward will follow
+        out = chunked_forward(gbar, s, A, Amult, B, chunk_size, cache_bytes, cache).to(g.dtype)
         ctx.save_for_backward(gbar, s)
         ctx.rows = (A, Amult, B)
-        ctx.chunk_size, ctx.sink = chunk_size, sink
+        ctx.chunk_size, ctx.sink, ctx.cache = chunk_size, sink, cache or ()
         return out
 
     @staticmethod
@@ -177,7 +202,8 @@ class PiLinearChunked(torch.autograd.Function):
         A, Amult, B = ctx.rows
         grad_g = None
         if ctx.needs_input_grad[0]:
-            grad_g = chunked_backward(grad_out, gbar, A, Amult, B, ctx.chunk_size).to(gbar.dtype)
+            grad_g = chunked_backward(grad_out, gbar, A, Amult, B, ctx.chunk_size, ctx.cache).to(gbar.dtype)
+        ctx.cache = ()
         if ctx.sink is not None:
             ctx.sink(grad_out.detach() * s, gbar.detach())
         return grad_g, None, None, None, None, None, None
@@ -187,7 +213,7 @@ class PiLinearReference(torch.autograd.Function):
     """The straightforward path: whole batch x M matrices, ``q`` stored for the backward (as upstream)."""
 
     @staticmethod
-    def forward(ctx, g, anchor, A, Amult, B, chunk_size, sink):
+    def forward(ctx, g, anchor, A, Amult, B, chunking, sink):
         gbar, s = _normalise(g)
         ct = _compute_dtype(gbar, A, B)
         q = gbar.to(B.dtype) @ B.T

@@ -84,6 +84,8 @@ class InfPiLinear(nn.Module):
     ``chunk_size``: rows per chunk of the forward/backward (None: all at once); bounds the working
     memory at O(batch x chunk_size).  ``impl``: ``"chunked"`` (default) or ``"reference"``.
     ``dtype``: storage dtype of A and B (float32, bfloat16, float16); Amult is always float32.
+    ``cache_mb``: at most this many MB of ``sqrt(1-q^2)``/``acos(-q)`` chunks kept from the forward for
+    the backward (the rest is recomputed); 0: recompute everything (working memory O(batch x chunk_size)).
     """
 
     def __init__(
@@ -96,9 +98,13 @@ class InfPiLinear(nn.Module):
         impl: str = "chunked",
         device=None,
         dtype=torch.float32,
+        cache_mb: float = 64.0,
     ):
         super().__init__()
         self.r = check_positive_int("r", r)
+        if not (isinstance(cache_mb, (int, float)) and cache_mb >= 0):
+            raise InvalidInputError(f"cache_mb={cache_mb!r}: expected a number >= 0")
+        self.cache_mb = float(cache_mb)
         self.r_out = check_positive_int("r_out", r_out if r_out is not None else r)
         if impl not in IMPLS:
             raise InvalidInputError(f"impl={impl!r}; expected one of {sorted(IMPLS)}")
@@ -198,8 +204,8 @@ class InfPiLinear(nn.Module):
         fn = IMPLS[self.impl]
         track = torch.is_grad_enabled()
         out = fn.apply(
-            g, self.anchor if track else self.anchor.detach(), self.A, self.Amult, self.B, self.chunk_size,
-            self._sink if track else None,
+            g, self.anchor if track else self.anchor.detach(), self.A, self.Amult, self.B,
+            (self.chunk_size, int(self.cache_mb * 2**20)), self._sink if track else None,
         )  # fmt: skip
         if self.bias is not None:
             out = out + (self.bias_alpha * self.bias).to(out.dtype)
@@ -249,5 +255,5 @@ class InfPiLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"r={self.r}, r_out={self.r_out}, M={self.M}, output_layer={self.output_layer}, "
-            f"bias={self.bias is not None}, impl={self.impl}, chunk_size={self.chunk_size}"
+            f"bias={self.bias is not None}, impl={self.impl}, chunk_size={self.chunk_size}, cache_mb={self.cache_mb}"
         )

@@ -51,6 +51,7 @@ class InfMLP(nn.Module):
         impl: str = "chunked",
         dtype="float32",
         device=None,
+        cache_mb: float = 64.0,
     ):
         super().__init__()
         self.d_in = check_positive_int("d_in", d_in)
@@ -63,7 +64,7 @@ class InfMLP(nn.Module):
         self.last_bias_alpha = float(bias_alpha if last_bias_alpha is None else last_bias_alpha)
         dt = resolve_dtype(dtype)
         self.input_layer = InfPiInput(self.d_in, self.r, bias_alpha=self.bias_alpha, device=device)
-        kw = dict(chunk_size=chunk_size, impl=impl, device=device, dtype=dt)
+        kw = dict(chunk_size=chunk_size, impl=impl, device=device, dtype=dt, cache_mb=cache_mb)
         self.hidden = nn.ModuleList(
             [InfPiLinear(self.r, bias_alpha=self.bias_alpha, **kw) for _ in range(self.depth)]
         )
@@ -87,9 +88,11 @@ class InfMLP(nn.Module):
     def M(self) -> int:
         return self.output_layer.M
 
-    def set_chunk_size(self, chunk_size: int | None) -> None:
+    def set_chunk_size(self, chunk_size: int | None, cache_mb: float | None = None) -> None:
         for layer in self.pi_layers:
             layer.chunk_size = chunk_size
+            if cache_mb is not None:
+                layer.cache_mb = float(cache_mb)
 
     def reserve(self, rows: int) -> None:
         """Pre-allocate ``rows`` rows per pi-layer (e.g. r + steps x batch) so appends never copy."""

@@ -62,6 +62,7 @@ class ModelConfig:
     bias_alpha: float = 1.0
     last_bias_alpha: float | None = None
     chunk_size: int | None = 16384
+    cache_mb: float = 64.0  # per pi-layer forward: q-derived chunks kept for the backward (0: recompute)
     impl: str = "chunked"  # chunked | reference
     dtype: str = "float32"  # storage of A/B: float32 | bfloat16 | float16
     sample_seed: int = 0  # Omega of finite nets
@@ -207,7 +208,7 @@ def build_model(c: dict[str, Any], d_in: int, d_out: int, device) -> torch.nn.Mo
     inf = InfMLP(
         d_in, d_out, r=m["r"], depth=m["depth"], first_layer_alpha=m["first_layer_alpha"],
         last_layer_alpha=m["last_layer_alpha"], bias_alpha=m["bias_alpha"], last_bias_alpha=m["last_bias_alpha"],
-        chunk_size=m["chunk_size"], impl=m["impl"], dtype=m["dtype"], device=device,
+        chunk_size=m["chunk_size"], impl=m["impl"], dtype=m["dtype"], device=device, cache_mb=m["cache_mb"],
     )  # fmt: skip
     if m["kind"] == "inf":
         return inf
@@ -255,7 +256,7 @@ def training_part(c: dict[str, Any]) -> dict[str, Any]:
     part["train"] = {k: c["train"][k] for k in ("task", "epochs")}
     if c["train"]["task"] == "maml":
         part["maml"] = c["maml"]
-    part["model"] = {k: v for k, v in c["model"].items() if k not in ("chunk_size", "impl")}
+    part["model"] = {k: v for k, v in c["model"].items() if k not in ("chunk_size", "impl", "cache_mb")}
     return part
 
 
