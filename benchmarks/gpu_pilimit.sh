@@ -14,10 +14,10 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1 > "$OUT
 {
   echo "# pilimit on GPU ($(cat "$OUT/pilimit_gpu.txt" 2>/dev/null || echo unknown))"
   echo
-  echo 'Command: `bash benchmarks/gpu_pilimit.sh` (= `python benchmarks/bench_pilimit.py --device cuda --dtype bfloat16 --rows 100000 1000000 --steps 20 --chunk-size 262144`)'
+  echo 'Command: `bash benchmarks/gpu_pilimit.sh` (= `python benchmarks/bench_pilimit.py --device cuda --dtype bfloat16 --rows 100000 1000000 --steps 10 --chunk-size 262144 --paths reference chunked`)'
   echo
 } > "$OUT/pilimit.md"
 timeout 80 python benchmarks/bench_pilimit.py --device cuda --dtype bfloat16 --rows 100000 1000000 \
-  --steps 20 --chunk-size 262144 --out "$OUT/pilimit_table.md"
+  --steps 10 --chunk-size 262144 --paths reference chunked --out "$OUT/pilimit_table.md"
 cat "$OUT/pilimit_table.md" >> "$OUT/pilimit.md"
 cat "$OUT/pilimit.md"
