@@ -12,10 +12,11 @@ the same views and masks):
 - ``ours (loop)``: snapshot restore of the trainable tensors, optimizer state cleared, SDPA attention,
   foreach SGD (``TTTAdapter``);
 - ``ours (batched G)``: G images adapted at once, each with its own weights and momentum
-  (``BatchedTTT``: ``vmap`` over ``functional_call``).
+  (``BatchedTTT``: ``vmap`` over ``functional_call``), in fp32 and under bf16 autocast (the bf16 path
+  changes the numerics, so some per-step predictions may differ from the fp32 reference).
 
-Reported: images/s of each path, the speed-up over the reference, and whether every image's per-step
-predictions equal the reference's (and the largest per-step MAE-loss difference).  The paths are
+Reported: images/s of each path, the speed-up over the reference, the share of (image, step) predictions
+equal to the reference's, and the largest per-step MAE-loss difference.  The paths are
 interleaved image group by image group so that machine noise hits all of them alike.
 """
 
@@ -76,6 +77,9 @@ def main() -> None:
     batch_model = build_model(args.model)
     batch_model.load_state_dict(base.state_dict())
     batched = BatchedTTT(batch_model, s)
+    bf_model = build_model(args.model)
+    bf_model.load_state_dict(base.state_dict())
+    batched_bf16 = BatchedTTT(bf_model, TTTSettings(**{**s.__dict__, "amp": "bf16"}))
 
     def gens(idx):
         return [image_generator(0, 0, i) for i in idx]
@@ -84,8 +88,9 @@ def main() -> None:
     ref.adapt(raws[0], gens([0])[0], norm)
     loop.adapt(raws[0], gens([0])[0], norm)
     batched.adapt(raws[:1], gens([0]), norm)
+    batched_bf16.adapt(raws[:1], gens([0]), norm)
 
-    times = {"reference": 0.0, "loop": 0.0, "batched": 0.0}
+    times = {"reference": 0.0, "loop": 0.0, "batched": 0.0, "bf16": 0.0}
     results: dict[str, list] = {k: [] for k in times}
     G = max(args.group, 1)
     for start in range(0, args.images, G):
@@ -97,12 +102,20 @@ def main() -> None:
         t2 = time.perf_counter()
         results["batched"] += batched.adapt([raws[i] for i in idx], gens(idx), norm)
         t3 = time.perf_counter()
+        results["bf16"] += batched_bf16.adapt([raws[i] for i in idx], gens(idx), norm)
+        t4 = time.perf_counter()
+        times["bf16"] += t4 - t3
         times["reference"] += t1 - t0
         times["loop"] += t2 - t1
         times["batched"] += t3 - t2
 
     def agree(name):
-        same = all(a.predictions == b.predictions for a, b in zip(results["reference"], results[name]))
+        pairs = [
+            (p, q)
+            for a, b in zip(results["reference"], results[name])
+            for p, q in zip(a.predictions, b.predictions)
+        ]
+        same = sum(p == q for p, q in pairs) / len(pairs)
         dl = max(
             (
                 abs(x - y)
@@ -122,17 +135,18 @@ def main() -> None:
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}"
     )
     rows = [
-        "| path | images/s | s/image | speed-up | per-step predictions = reference | max loss diff |",
+        "| path | images/s | s/image | speed-up | per-step predictions equal to the reference | max loss diff |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     labels = {"reference": "reference (deepcopy, plain SGD, explicit attention)",
               "loop": "ours, loop (snapshot restore, foreach SGD, SDPA)",
-              "batched": f"ours, batched G={G} (vmap, own weights per image)"}  # fmt: skip
-    for k in ("reference", "loop", "batched"):
-        same, dl = agree(k) if k != "reference" else (True, 0.0)
+              "batched": f"ours, batched G={G} (vmap, own weights per image)",
+              "bf16": f"ours, batched G={G}, bf16 autocast"}  # fmt: skip
+    for k in ("reference", "loop", "batched", "bf16"):
+        same, dl = agree(k) if k != "reference" else (1.0, 0.0)
         rows.append(
             f"| {labels[k]} | {n / times[k]:.2f} | {times[k] / n:.3f} | {times['reference'] / times[k]:.2f}x "
-            f"| {'yes' if same else 'NO'} | {dl:.1e} |"
+            f"| {100 * same:.1f} % | {dl:.1e} |"
         )
     text = header + "\n\n" + "\n".join(rows) + "\n"
     print(text)

@@ -52,6 +52,7 @@ from .common import (
     normalization,
     progress_bar,
     resolve_device,
+    set_threads,
     to_dict,
 )  # fmt: skip
 from .model import build_model
@@ -116,6 +117,7 @@ def run_benchmark(c: dict[str, Any], method: str = "ttt_mae.ttt") -> Path:
         device = torch.device(
             "cuda", int(os.environ.get("LOCAL_RANK", dist.rank)) % torch.cuda.device_count()
         )
+    set_threads(c, device)
     bench = make_bench(c)
     model = load_model(c, device)
     stats = normalization(c, c["benchmark"]["name"])
@@ -249,7 +251,7 @@ def _drop_summary(path: Path, chash: str) -> None:
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(experiment="smoke", num_examples=3),
     "quick": dict(experiment="quick", num_examples=16),
-    "full": dict(experiment="mnist", num_examples=48),
+    "full": dict(experiment="full", num_examples=48),
 }
 
 

@@ -42,7 +42,15 @@ from tttlab.core.errors import CheckpointError, ConfigError, InvalidInputError
 from tttlab.core.records import RunDir
 
 from .checkpoint import atomic_save, read_checkpoint, state_dict_of
-from .common import Dist, init_distributed, model_overrides, normalization, progress_bar, resolve_device
+from .common import (
+    Dist,
+    init_distributed,
+    model_overrides,
+    normalization,
+    progress_bar,
+    resolve_device,
+    set_threads,
+)  # fmt: skip
 from .model import MaskedAutoencoderViT, build_model, check_mask_ratio
 from .views import Normalizer, random_resized_crop_views, to_unit
 
@@ -168,6 +176,7 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
     device = resolve_device(c["device"])
     if device.type == "cuda" and dist.world_size > 1:
         device = torch.device("cuda", dist.rank % torch.cuda.device_count())
+    set_threads(c, device)
     out = Path(c["out_dir"])
     rd = RunDir(out, c, rank=dist.rank if dist.world_size > 1 else None)
     ds = load_dataset(c)
