@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from tttlab.core.records import RunDir
 
@@ -43,6 +44,8 @@ def run(cfg=None, **overrides):
                 )
                 + "\n"
             )
+    if os.environ.get("TTTLAB_FAKE_PIDFILE"):
+        Path(os.environ["TTTLAB_FAKE_PIDFILE"]).write_text(str(os.getpid()))
     if fake.get("sleep"):
         time.sleep(float(fake["sleep"]))
     if fake.get("crash"):

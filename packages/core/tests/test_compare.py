@@ -268,3 +268,32 @@ def test_highlights_read_the_table():
     assert lines[0] == "Best mean accuracy: p.up (70.0%)."
     assert "p.up +30.0 (10 ms/image)" in lines[1] and "p.down -10.0 (2 ms/image)" in lines[2]
     assert lines[3] == "Largest gain on one corruption: p.up on fog, 20.0% -> 90.0% (+70.0)."
+
+
+DRIVER = """
+import sys
+from tttlab.core import compare, registry
+registry.register(dict(name="fake.sleepy", package="fake", framework="numpy", evaluate="compare_fake_methods:run"))
+sys.exit(compare.main(sys.argv[1:]))
+"""
+
+
+def test_terminated_comparison_stops_its_evaluates(env):
+    import signal
+    import subprocess
+    import time
+
+    out = env["tmp"] / "terminated"
+    pid_file = out / "child.pid"
+    args = [sys.executable, "-c", DRIVER, "methods=[fake.sleepy]", "benchmark=digits_c", "profile=smoke",
+            f"out_dir={out}", "++overrides={fake.sleepy:{fake:{sleep:60}}}"]  # fmt: skip
+    proc = subprocess.Popen(args, env={**os.environ, "TTTLAB_FAKE_PIDFILE": str(pid_file)})
+    deadline = time.time() + 60
+    while not pid_file.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) != 0
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # the evaluate subprocess is gone too

@@ -681,6 +681,16 @@ def run_tasks(tasks: Sequence[Task], c: dict[str, Any], echo=print) -> None:
         except Exception as exc:  # noqa: BLE001 - a task's failure must not stop the others
             t.status, t.error = "failed", f"{type(exc).__name__}: {exc}"
 
+    import signal
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # a terminated comparison (SIGTERM: CI, timeout) kills its evaluates too, as Ctrl-C does; they run
+        # in sessions of their own and would outlive it
+        def terminate(signum, frame):
+            raise SystemExit(128 + signum)
+
+        previous = signal.signal(signal.SIGTERM, terminate)
     try:
         while queue or running:
             for t, th in list(running.items()):
@@ -712,6 +722,8 @@ def run_tasks(tasks: Sequence[Task], c: dict[str, Any], echo=print) -> None:
         raise
     finally:
         bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------------------------------------
