@@ -179,7 +179,9 @@ def test_several_seeds_give_mean_and_spread(env):
 
 def test_continual_and_mixed_settings(env):
     out = env["tmp"] / "settings"
-    cfg = base_config(out, methods=["fake.alpha"], setting=["continual", "mixed"], overrides={})
+    cfg = base_config(
+        out, methods=["fake.alpha"], setting=["continual", "mixed"], overrides={}, severities=[3, 5]
+    )
     n0 = len(calls(env))
     result = cmp.compare(cfg, echo=lambda *a: None)
     assert [(c["setting"], c["corruptions"]) for c in calls(env)[n0:]] == [
@@ -188,8 +190,15 @@ def test_continual_and_mixed_settings(env):
     ]
     assert list(result.table["setting"]) == ["continual", "mixed"]
     for r in result.results.itertuples():
-        assert r.accuracy == fm.accuracy("fake.alpha", r.setting, 0, r.corruption, 5)
+        assert r.accuracy == fm.accuracy("fake.alpha", r.setting, 0, r.corruption, r.severity)
+    assert len(result.results) == 2 * 2 * 2
     assert "fake.alpha · continual" in result.text and "fake.alpha · mixed" in result.text
+    # several severities: the corruption columns average them; the report has a per-severity table
+    row = result.table.iloc[0]
+    want = np.mean([fm.accuracy("fake.alpha", "continual", 0, "fog", s) for s in (3, 5)])
+    assert row["fog"] == pytest.approx(want)
+    at3 = np.mean([fm.accuracy("fake.alpha", "continual", 0, c, 3) for c in CORR])
+    assert f"| fake.alpha · continual | {100 * at3:.1f} |" in result.report.read_text()
     # resumed: nothing; a longer stream: the whole stream again (its domains are not independent)
     n1 = len(calls(env))
     cmp.compare(cfg, echo=lambda *a: None)
@@ -197,7 +206,7 @@ def test_continual_and_mixed_settings(env):
     cfg["corruptions"] = [*CORR, "contrast"]
     longer = cmp.compare(cfg, echo=lambda *a: None)
     assert [c["corruptions"] for c in calls(env)[n1:]] == [[*CORR, "contrast"]] * 2
-    assert len(longer.results) == 2 * 3
+    assert len(longer.results) == 2 * 3 * 2
 
 
 def test_timeout_is_a_failure(env):

@@ -974,11 +974,28 @@ def highlights(table, c: dict[str, Any]) -> list[str]:
     return lines
 
 
+def severity_table(results, c: dict[str, Any]) -> list[str]:
+    """Markdown lines: per method (x setting) the mean accuracy over corruptions at each severity (and
+    over seeds), from the same rows as ``results.csv``."""
+    several = len(c["setting"]) > 1
+    sevs = list(c["severities"])
+    lines = ["Mean accuracy (%) over corruptions per severity:", "",
+             "| method | " + " | ".join(f"severity {s}" for s in sevs) + " |",
+             "| --- " + "| ---: " * len(sevs) + "|"]  # fmt: skip
+    for (method, setting), g in results.groupby(["method", "setting"], sort=False):
+        per = g.groupby(["seed", "severity"])["accuracy"].mean().groupby("severity").mean()
+        label = f"{method} · {setting}" if several else method
+        lines.append(f"| {label} | " + " | ".join(_fmt(per.get(s, math.nan)) for s in sevs) + " |")
+    return [*lines, ""]
+
+
 def _md_escape(s: str) -> str:
     return s.replace("|", "\\|")
 
 
-def write_report(out: Path, c: dict[str, Any], tasks, table, unavailable, command: str, plots) -> Path:
+def write_report(
+    out: Path, c: dict[str, Any], tasks, table, unavailable, command: str, plots, results=None
+) -> Path:
     header, rows = table_rows(table, c, images=True)
     lines = [f"# Test-time methods compared on {c['benchmark']}", ""]
     lines += [
@@ -1008,6 +1025,8 @@ def write_report(out: Path, c: dict[str, Any], tasks, table, unavailable, comman
         lines.append("")
     else:
         lines += ["No method produced results.", ""]
+    if results is not None and len(results) and len(c["severities"]) > 1:
+        lines += severity_table(results, c)
     for p in plots:
         lines += [f"![{p.stem}]({p.name})", ""]
     failed = [t for t in tasks if t.status == "failed"]
@@ -1145,7 +1164,7 @@ def compare(config: Mapping[str, Any] | None = None, *, overrides: Sequence[str]
         )
     if command != equivalent_command(c):
         command = f"{command}\n# equivalent to:\n{equivalent_command(c)}"
-    report = write_report(out, c, tasks, table, unavailable, command, plots)
+    report = write_report(out, c, tasks, table, unavailable, command, plots, results=results)
     text = format_table(table, c) if len(table) else "no results"
     return Comparison(c, tasks, unavailable, results, table, text, out, report, [report, *files])
 
