@@ -285,19 +285,22 @@ class _Run:
     def __init__(self, c: dict[str, Any]):
         self.c = c
         self.device = resolve_device(c["device"])
-        self.out = RunDir(c["out_dir"], c)
-        self.ckpt_path = self.out.checkpoint_path(CHECKPOINT)
         self.key = config_hash(training_part(c))
+        ckpt = Path(c["out_dir"]) / "checkpoints" / f"{CHECKPOINT}.ckpt"
+        self._ck = load_checkpoint(ckpt) if (c["train"]["resume"] and ckpt.exists()) else None
+        if self._ck is not None and self._ck.get("config_hash") != self.key:
+            raise CheckpointError(
+                f"{ckpt} was written by a run with another model/training config; use another out_dir or "
+                "train.resume=false"
+            )  # checked before RunDir rewrites config.yaml
+        recorded = {**c, "train": {k: v for k, v in c["train"].items() if k != "stop_after_steps"}}
+        self.out = RunDir(c["out_dir"], recorded)  # a resumed run keeps the same config hash
+        self.ckpt_path = self.out.checkpoint_path(CHECKPOINT)
 
     def try_resume(self, net, opt, sched) -> dict[str, Any] | None:
-        if not (self.c["train"]["resume"] and self.ckpt_path.exists()):
+        ck, self._ck = self._ck, None
+        if ck is None:
             return None
-        ck = load_checkpoint(self.ckpt_path)
-        if ck.get("config_hash") != self.key:
-            raise CheckpointError(
-                f"{self.ckpt_path} was written by a run with another model/training config; use another "
-                "out_dir or train.resume=false"
-            )
         net.load_state_dict(ck["model_state"])
         opt.load_state_dict(ck["optimizer"])
         if sched is not None and ck.get("scheduler"):
