@@ -251,7 +251,7 @@ def _drop_summary(path: Path, chash: str) -> None:
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(experiment="smoke", num_examples=3),
     "quick": dict(experiment="quick", num_examples=16),
-    "full": dict(experiment="full", num_examples=48),
+    "full": dict(experiment="full", num_examples=24),
 }
 
 
