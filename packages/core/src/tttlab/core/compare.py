@@ -377,7 +377,7 @@ class Task:
         return f"{self.spec.name} [{self.setting}, seed {self.seed}]"
 
 
-def run_key(c: dict[str, Any], spec_name: str | None = None) -> str:
+def run_key(c: dict[str, Any]) -> str:
     """What changes a method's numbers apart from the domains: the folder name under ``runs/``."""
     key = {
         "benchmark": c["benchmark"], "root": c["root"], "num_examples": c["num_examples"],
