@@ -110,3 +110,28 @@ def test_bad_inputs(tiny):
         m.mae_loss(torch.randn(1, 1, 28, 28), 1.0)
     with pytest.raises(InvalidInputError, match="mode"):
         m(torch.randn(1, 1, 28, 28), mode="nope")
+
+
+def _block_keys(prefix, n):
+    names = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+             "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",
+             "mlp.fc2.bias"]  # fmt: skip
+    return {f"{prefix}.{i}.{k}" for i in range(n) for k in names}
+
+
+def test_vit_large_key_set_is_the_documented_upstream_one():
+    """The names of mae_pretrain_vit_large_full.pth + prob_lr1e-3_wd.2_blk12_ep20.pth (checkpoint.py)."""
+    with torch.device("meta"):
+        m = build_model("mae_vit_large_patch16")
+    pretrain = {"cls_token", "pos_embed", "mask_token", "patch_embed.proj.weight", "patch_embed.proj.bias",
+                "norm.weight", "norm.bias", "decoder_embed.weight", "decoder_embed.bias", "decoder_pos_embed",
+                "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias"}  # fmt: skip
+    pretrain |= _block_keys("blocks", 24) | _block_keys("decoder_blocks", 8)
+    head = {"classifier_embed.weight", "classifier_embed.bias", "classifier_pos_embed", "classifier_norm.weight",
+            "classifier_norm.bias", "classifier_pred.weight", "classifier_pred.bias"}  # fmt: skip
+    head |= _block_keys("classifier_blocks", 12)
+    assert set(m.state_dict()) == pretrain | head
+    sd = m.state_dict()
+    assert sd["decoder_blocks.7.attn.qkv.weight"].shape == (1536, 512)
+    assert sd["classifier_blocks.11.mlp.fc1.weight"].shape == (3072, 768)
+    assert sd["classifier_pos_embed"].shape == (1, 197, 768)
