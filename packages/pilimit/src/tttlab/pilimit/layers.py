@@ -123,7 +123,6 @@ class InfPiLinear(nn.Module):
         self.M = self.r
         self.bias = nn.Parameter(torch.zeros(self.r_out, device=device)) if self.bias_alpha else None
         self.pi_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.anchor = torch.zeros(0, requires_grad=True)  # makes the backward run whatever needs grad
 
     # rows -----------------------------------------------------------------------------------------------
     @property
@@ -203,8 +202,10 @@ class InfPiLinear(nn.Module):
             raise InvalidInputError(f"pi-layer input of shape {tuple(g.shape)}; expected (batch, {self.r})")
         fn = IMPLS[self.impl]
         track = torch.is_grad_enabled()
+        # a 0-element leaf that requires grad: the backward runs (pi rows recorded) whatever else needs grad
+        anchor = torch.zeros(0, device=g.device, requires_grad=track)
         out = fn.apply(
-            g, self.anchor if track else self.anchor.detach(), self.A, self.Amult, self.B,
+            g, anchor, self.A, self.Amult, self.B,
             (self.chunk_size, int(self.cache_mb * 2**20)), self._sink if track else None,
         )  # fmt: skip
         if self.bias is not None:
