@@ -834,11 +834,14 @@ def table_rows(
 ) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells of the table (accuracy in %, one decimal): shared by print and report.
 
-    ``images``: add the column of images per corruption (None: only when the methods differ in it)."""
+    ``images``: add the column of images per corruption (None: only when the methods differ in it or it
+    is not ``num_examples``)."""
     several = len(c["setting"]) > 1
     corrs = list(c["corruptions"])
-    if images is None:
-        images = len(table) > 0 and table["images"].nunique(dropna=False) > 1
+    if images is None:  # when the methods saw different numbers of images, or not the title's number
+        images = len(table) > 0 and (
+            table["images"].nunique(dropna=False) > 1 or table["images"].iloc[0] != c["num_examples"]
+        )
     header = ["method", *[SHORT_NAMES.get(cr, cr) if short else cr for cr in corrs], "mean",
               "Δ" if short else "Δ baseline", "ms/img" if short else "ms/image"]  # fmt: skip
     header += ["n/corr" if short else "images"] if images else []
