@@ -95,7 +95,6 @@ def load_state_dict(model: nn.Module, path, arch: str) -> nn.Module:
 def build_classifier(arch: str, checkpoint=None, num_classes: int | None = None) -> nn.Module:
     """A torchvision or timm classifier by name (``resnet50``, ``torchvision:mobilenet_v2``,
     ``timm:resnext101_32x8d``), randomly initialised or with ``checkpoint`` (a local file), in eval mode."""
-    import timm
     import torchvision
 
     lib, name = _split(arch)
@@ -106,6 +105,8 @@ def build_classifier(arch: str, checkpoint=None, num_classes: int | None = None)
             raise _unknown("torchvision architecture", name, names)
         model = torchvision.models.get_model(name, weights=None, **kwargs)
     elif lib == "timm":
+        import timm
+
         names = timm.list_models()
         if name not in names:
             raise _unknown("architecture (torchvision or timm)", arch, classifier_names())

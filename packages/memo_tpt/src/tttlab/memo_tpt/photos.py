@@ -65,7 +65,15 @@ def run(views: int = 32, severities=(3, 5), corruptions=CORRUPTIONS, seed: int =
         ref = model((tensor(clean) - mean) / std).argmax(1)
     classes = imagenet_class_names()
     clean_pred = {n: classes[int(i)] for n, i in zip(names, ref)}
-    memo = Memo(model, arch="mobilenet_v2", n_augmentations=views, prior_strength=16, optimizer="sgd", lr=lr, seed=seed)
+    memo = Memo(
+        model,
+        arch="mobilenet_v2",
+        n_augmentations=views,
+        prior_strength=16,
+        optimizer="sgd",
+        lr=lr,
+        seed=seed,
+    )
     rows = []
     for sev in severities:
         for ci, corr in enumerate(corruptions):
