@@ -61,6 +61,8 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 64,
         "seed": 0,
         "cache_dir": None,
+        "root": None,
+        "include_clean": False,
     },  # fmt: skip
     "tpt": {
         "n_views": None,
@@ -187,7 +189,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     adapt, model_name, memo = build_method(c, device)
     b = c["benchmark"]
     bench = make_benchmark(
-        b["name"], corruptions=b["corruptions"], severities=list(b["severities"]), setting=b["setting"],
+        b["name"], root=b["root"], include_clean=bool(b["include_clean"]), corruptions=b["corruptions"], severities=list(b["severities"]), setting=b["setting"],
         batch_size=int(b["batch_size"]), num_examples=b["num_examples"], seed=int(b["seed"]),
         cache_dir=b["cache_dir"],
     )  # fmt: skip
