@@ -8,8 +8,9 @@
 #
 # Paths timed on the same images and seeds:
 #   reference: upstream-style (deep copy of the state dict into a clone per image, plain SGD,
-#              explicit softmax attention, fp32 with TF32 off) -- 1 image;
-#   ours fp32: snapshot restore, fused SGD, SDPA, fp32;
+#              explicit softmax attention, fp32 with TF32 off; the 128 copies built on the host and
+#              copied to the GPU each step, as upstream's DataLoader delivers them) -- 1 image;
+#   ours fp32: snapshot restore, fused SGD, SDPA, fp32, copies expanded on the GPU (no host copy);
 #   ours bf16: the same under bf16 autocast (+ torch.compile when TTT_MAE_COMPILE=1).
 # Achieved TFLOP/s = FLOP of one image (counted with torch.utils.flop_counter on one step and one
 # prediction) / measured seconds per image; the floor is ~3e14 FLOP / 989 TFLOP/s (dense bf16 peak of
@@ -39,6 +40,8 @@ out_path = sys.argv[1]
 DRY = os.environ.get("TTT_MAE_DRYRUN") == "1"  # CPU check of this script with a tiny model
 assert DRY or torch.cuda.is_available(), "needs a CUDA GPU"
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if dev.type == "cpu":
+    torch.set_num_threads(1)
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 name = "mae_vit_smoke_patch7" if DRY else "mae_vit_large_patch16"

@@ -183,11 +183,16 @@ class TTTAdapter:
     def draw(
         self, raw: torch.Tensor, generator: torch.Generator, normalize
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step's views (normalised) and mask noise of an image, drawn from its generator."""
-        views = make_views(raw, self.s.batch_size, single_crop=self.s.single_crop, size=self.size,
-                           generator=generator, scale=self.s.crop_scale, flip=self.s.flip)  # fmt: skip
-        noise = self.model.mask_noise(self.s.batch_size, generator)
-        return normalize(views), noise
+        """One step's views (normalised, on ``raw``'s device) and mask noise (on the model's device) of an
+        image, drawn from its generator (a CPU generator: the same numbers on any device).  Single-crop
+        copies are a stride-0 expansion of one normalised image (no 128 x C x H x W host copy)."""
+        if self.s.single_crop:
+            views = normalize(raw[None]).expand(self.s.batch_size, -1, -1, -1)
+        else:
+            views = normalize(make_views(raw, self.s.batch_size, single_crop=False, size=self.size,
+                                         generator=generator, scale=self.s.crop_scale, flip=self.s.flip))  # fmt: skip
+        noise = self.model.mask_noise(self.s.batch_size, generator).to(self.device)
+        return views, noise
 
     def adapt(self, raw: torch.Tensor, generator: torch.Generator, normalize) -> ImageResult:
         """TTT on one image ``raw`` (C, H, W) in [0, 1]; the model is reset first (and left adapted)."""
@@ -196,12 +201,13 @@ class TTTAdapter:
                 f"image of size {tuple(raw.shape[-2:])}; expected {self.size}x{self.size}"
             )
         self.reset()
-        test = normalize(raw[None]).to(self.device)
+        raw = raw.to(self.device)
+        test = normalize(raw[None])
         preds = [int(self.predict(test).argmax(1))]
         losses = []
         for _ in range(self.s.steps_per_example):
             views, noise = self.draw(raw, generator, normalize)
-            losses.append(self.step(views.to(self.device), noise.to(self.device)))
+            losses.append(self.step(views, noise))
             preds.append(int(self.predict(test).argmax(1)))
         return ImageResult(preds, losses)
 
@@ -227,6 +233,7 @@ class BatchedTTT:
         self.frozen.update(dict(model.named_buffers()))
         self._helper = TTTAdapter.__new__(TTTAdapter)
         self._helper.s, self._helper.model, self._helper.size = self.s, model, self.size
+        self._helper.device = self.device
 
     def _loss(self, params, views, noise):
         from torch.func import functional_call
@@ -264,7 +271,8 @@ class BatchedTTT:
         from torch.func import grad, vmap
 
         G = len(raws)
-        test = normalize(torch.stack(raws)).to(self.device)
+        raws = [r.to(self.device) for r in raws]
+        test = normalize(torch.stack(raws))
         params = {n: b.unsqueeze(0).repeat(G, *([1] * b.dim())) for n, b in self.base.items()}
         bufs: dict[str, torch.Tensor] | None = None
         logits_fn = vmap(self._logits)
@@ -277,8 +285,8 @@ class BatchedTTT:
         keys = list(params)
         for _ in range(self.s.steps_per_example):
             drawn = [self._helper.draw(r, g, normalize) for r, g in zip(raws, generators)]
-            views = torch.stack([d[0] for d in drawn]).to(self.device)
-            noise = torch.stack([d[1] for d in drawn]).to(self.device)
+            views = torch.stack([d[0] for d in drawn])
+            noise = torch.stack([d[1] for d in drawn])
             self.model.train()
             grads, loss = grad_fn(params, views, noise)
             with torch.no_grad():
