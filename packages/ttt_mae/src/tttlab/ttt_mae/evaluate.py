@@ -19,7 +19,8 @@ domain of ``benchmark`` (any number of images), adapts each image from the base 
   ``mae_loss`` per step, and the mean ``accuracy`` over corruptions (``corruption="mean"``).
 
 TTT resets per image whatever ``benchmark.setting`` says (the method is episodic by construction); the
-setting is only copied into the records.  ``torchrun``: rank r adapts images ``r, r + W, ...`` of every
+setting is only copied into the records, and ``benchmark.batch_size`` is not used
+(``group_size`` sets how many images are adapted at once).  ``torchrun``: rank r adapts images ``r, r + W, ...`` of every
 domain and writes ``images/records-rank<r>.jsonl``; rank 0 merges them (core ``merge_records``) and
 writes the summary from all images, equal to a one-process run.
 
