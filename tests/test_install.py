@@ -12,11 +12,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE_ONLY = os.environ.get("TTTLAB_EXPECT_CORE_ONLY") == "1"
+NO_TORCH = os.environ.get("TTTLAB_EXPECT_NO_TORCH") == "1"
 
 FRAMEWORK_FREE = [
     "tttlab.core", "tttlab.core.benchmark", "tttlab.core.config", "tttlab.core.corruptions",
     "tttlab.core.data", "tttlab.core.errors", "tttlab.core.metrics", "tttlab.core.plots",
-    "tttlab.core.records", "tttlab.core.registry", "tttlab.core.testing", "tttlab.core.demo",
+    "tttlab.core.records", "tttlab.core.registry", "tttlab.core.testing", "tttlab.core.demo", "tttlab.core.compare",
 ]  # fmt: skip
 
 
@@ -49,6 +50,20 @@ def test_registry_listing_imports_no_framework():
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == ""
+
+
+@pytest.mark.skipif(not NO_TORCH, reason="checks the JAX environment without torch (make test-jax)")
+def test_jax_environment_has_no_torch_and_mttt_works():
+    assert run_py("import torch").returncode != 0, "torch is importable in the JAX-only environment"
+    res = run_py(
+        "import sys, tttlab.mttt_jax.train, tttlab.mttt_jax.evaluate\n"
+        "from tttlab.core import registry\n"
+        "names = [s.name for s in registry.list_methods()]\n"
+        "assert 'mttt_jax.mttt_mlp' in names, names\n"
+        "print('torch' in sys.modules)"
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
 
 
 @pytest.mark.skipif(not CORE_ONLY, reason="checks the core-only environment")

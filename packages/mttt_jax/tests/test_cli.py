@@ -53,9 +53,36 @@ def test_evaluate_writes_core_records(trained_run, tmp_path):
     path = run({"run_dir": str(trained_run), "out_dir": str(tmp_path / "ev"), "benchmark": bench})
     df = load_records(path)
     acc = df[df.metric == "accuracy"]
-    assert set(acc.corruption) == {"clean", "gaussian_noise", "mean"}
+    assert set(acc.corruption.fillna("clean")) == {"clean", "gaussian_noise", "mean"}
     assert (acc.method == "mttt_jax.mttt_mlp_T2").all()
     assert acc[acc.corruption == "gaussian_noise"].n.iloc[0] == 20
+    assert acc[acc.corruption == "mean"].n.iloc[0] == 20, "the mean's n counts images of the corruptions"
+    spi = df[df.metric == "s_per_image"]
+    assert len(spi) == 2 and (spi.wall_time_s > 0).all()
+    assert spi.value.tolist() == pytest.approx((spi.wall_time_s / spi.n).tolist())
+
+
+def test_compare_contract_trains_once_and_serves_each_method(tmp_path, monkeypatch):
+    """``method`` + ``profile`` + ``cache_dir`` (tools/compare.py): the model is trained on first use,
+    with the mixer the method names, and reused by the next call."""
+    from tttlab.core.errors import ConfigError
+    from tttlab.core.records import load_records
+    from tttlab.mttt_jax import evaluate as E
+
+    calls = []
+    real_train = T.train
+    monkeypatch.setattr(T, "train", lambda c, **kw: calls.append(c["inner"]["layer_type"]) or real_train(c, **kw))
+    bench = {"name": "mnist_c", "corruptions": ["fog"], "severities": [5], "setting": "episodic",
+             "batch_size": 16, "num_examples": 16}  # fmt: skip
+    common = dict(profile="smoke", cache_dir=str(tmp_path / "cache"), benchmark=bench, seed=3)
+    p1 = E.run(method="mttt_jax.linear_attention", out_dir=str(tmp_path / "a"), **common)
+    p2 = E.run(method="mttt_jax.linear_attention", out_dir=str(tmp_path / "b"), **common)
+    assert calls == ["linear_attention"], "trained once, then served from the cache"
+    a, b = load_records(p1), load_records(p2)
+    assert (a.method == "mttt_jax.linear_attention").all() and (a.seed == 3).all()
+    assert a[a.metric == "accuracy"].value.tolist() == b[b.metric == "accuracy"].value.tolist()
+    with pytest.raises(ConfigError, match="mttt_jax.<m>"):
+        E.run(method="mttt_jax.nope", **common)
 
 
 def test_plot_commands(trained_run, tmp_path):

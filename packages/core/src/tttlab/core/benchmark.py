@@ -394,4 +394,5 @@ def from_config(cfg) -> Benchmark:
         get("name", "mnist_c"), root=get("root"), corruptions=corr, severities=list(get("severities", [5])),
         setting=get("setting", "reset_each_shift"), batch_size=int(get("batch_size", 64)),
         num_examples=get("num_examples"), seed=int(get("seed", 0)), cache_dir=get("cache_dir"),
+        include_clean=bool(get("include_clean", False)),
     )  # fmt: skip

@@ -12,7 +12,9 @@ summary, in ``<out_dir>/records.jsonl`` (default ``<run_dir>/eval``).
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tttlab.core.errors import CheckpointError, DatasetNotFoundError
+from tttlab.core.errors import CheckpointError, ConfigError, DatasetNotFoundError
 from tttlab.core.jax import data_mesh, replicate, shard
 from tttlab.core.records import RunDir, config_hash
 
@@ -64,26 +66,96 @@ def load_run(run_dir, step: int | None = None):
     return c, model, state["params"]
 
 
+#: ``method`` of the compare contract (spec name without ``mttt_jax.``) -> Hydra overrides of the mixer
+MIXER_FLAGS: dict[str, list[str]] = {
+    "mttt_mlp": ["inner.layer_type=TTT"],
+    "mttt_linear": [
+        "inner.layer_type=TTT", "inner.TTT.inner_encoder=mlp_1", "inner.TTT.inner_encoder_init=zero",
+        "inner.TTT.inner_encoder_bias=false", "inner.TTT.decoder_LN=false", "inner.TTT.train_init=false",
+    ],
+    "linear_attention": ["inner.layer_type=linear_attention", "inner.linear_attention.elu=false",
+                         "inner.linear_attention.normalizer=constant"],
+    "linear_attention_katharopoulos": ["inner.layer_type=linear_attention", "inner.linear_attention.elu=true",
+                                       "inner.linear_attention.normalizer=adaptive"],
+    "self_attention": ["inner.layer_type=self_attention"],
+}  # fmt: skip
+#: ``profile`` of the compare contract -> the training run trained on first use (cached in ``cache_dir``).
+#: smoke: seconds (CI); quick / full: the ``mnist_patch`` proxy (49 tokens, width-64 ViT) for one epoch
+#: on the first 5,000 / 15,000 training images (the README's proxy table trains longer).
+PROFILES: dict[str, list[str]] = {
+    "smoke": ["experiment=smoke", "total_epochs=1"],
+    "quick": ["experiment=mnist_patch", "total_epochs=1", "input.num_examples=5000", "warmup_steps=20",
+              "evals.num_examples=1000"],
+    "full": ["experiment=mnist_patch", "total_epochs=1", "input.num_examples=15000", "warmup_steps=50",
+             "evals.num_examples=2000"],
+}  # fmt: skip
+
+
+def compose_train(overrides: list[str]) -> dict:
+    """The training config (``conf/config.yaml`` + overrides) composed with Hydra, also inside a running
+    Hydra app."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return T.to_dict(compose(config_name="config", overrides=overrides))
+    with initialize_config_module(config_module="tttlab.mttt_jax.conf", version_base=None):
+        return T.to_dict(compose(config_name="config", overrides=overrides))
+
+
+def cached_run(method: str, profile: str, cache_dir, progress: bool = False) -> Path:
+    """The run directory of ``method`` trained with ``profile``: trained now if absent or unfinished
+    (resuming from its last checkpoint), reused otherwise.  Keyed by the hash of the training config."""
+    if method not in MIXER_FLAGS:
+        raise ConfigError(
+            f"method=mttt_jax.{method!r}; expected mttt_jax.<m> with <m> one of {list(MIXER_FLAGS)}"
+        )
+    if profile not in PROFILES:
+        raise ConfigError(f"profile={profile!r}; expected one of {list(PROFILES)}")
+    tc = compose_train(
+        [*PROFILES[profile], *MIXER_FLAGS[method], f"logging.progress={str(progress).lower()}"]
+    )
+    key = config_hash({k: v for k, v in tc.items() if k not in ("out_dir", "logging", "resume")})
+    out = Path(cache_dir) / f"{method}-{profile}-{key}"
+    stats = out / "stats.json"
+    done = stats.exists() and len(json.loads(stats.read_text()).get("val/prec@1", [])) >= int(
+        tc["total_epochs"]
+    )
+    if not done:
+        log.info("training %s (%s profile) into %s (cached for later evaluations)", method, profile, out)
+        T.train({**tc, "out_dir": str(out)})
+    return out
+
+
 def run(cfg: Mapping | None = None, **overrides) -> Path:
-    """Evaluate ``cfg['run_dir']`` on ``cfg['benchmark']``; returns the records file."""
+    """Evaluate a trained run on ``cfg['benchmark']``; returns the records file.
+
+    The model: ``run_dir`` (a ``tttlab-mttt-train`` run), or, for ``tools/compare.py``, ``method``
+    (``mttt_jax.<mixer>``, see :data:`MIXER_FLAGS`) trained with ``profile`` (:data:`PROFILES`) on
+    first use and cached under ``cache_dir``.  Records: per domain ``accuracy``/``error`` (``n``
+    images, ``wall_time_s`` of the forward passes, in which the TTT layers adapt) and ``s_per_image``,
+    then the mean accuracy over corruptions (``n`` = images).
+    """
     from tttlab.core.benchmark import from_config
 
     c = {**T.to_dict(cfg or {}), **overrides}
     T.quiet_absl()
+    progress = bool(c.get("progress", (c.get("logging") or {}).get("progress", False)))
+    method = c.get("method")
+    if method:
+        method = str(method).removeprefix("mttt_jax.")
+        if not c.get("run_dir"):
+            cache = c.get("cache_dir") or "runs/mttt/models"
+            c["run_dir"] = str(cached_run(method, str(c.get("profile") or "full"), cache, progress))
     if not c.get("run_dir"):
-        raise CheckpointError("evaluate needs run_dir=<directory of a tttlab-mttt-train run>")
+        raise CheckpointError(
+            "evaluate needs run_dir=<directory of a tttlab-mttt-train run> or method=mttt_jax.<mixer>"
+        )
     tc, model, params = load_run(c["run_dir"], c.get("checkpoint_step"))
     inner = InnerConfig.from_dict(tc["inner"])
     out = RunDir(c.get("out_dir") or Path(c["run_dir"]) / "eval", c)
     bcfg = dict(c.get("benchmark") or {})
     bench = from_config(bcfg)
-    if bcfg.get("include_clean"):
-        from tttlab.core.benchmark import make_benchmark
-
-        bench = make_benchmark(bench.name, root=bcfg.get("root"), corruptions=bcfg.get("corruptions", "common"),
-                               severities=list(bcfg.get("severities", [5])), setting=bcfg.get("setting", "reset_each_shift"),
-                               batch_size=int(bcfg.get("batch_size", 64)), num_examples=bcfg.get("num_examples"),
-                               seed=int(bcfg.get("seed", 0)), include_clean=True)  # fmt: skip
     mesh = data_mesh()
     n_dev = mesh.devices.size
     params = replicate(params, mesh)
@@ -95,45 +167,79 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
         return jnp.argmax(logits, -1), inner_losses
 
     lo, hi = (tc["input"].get("augment") or {}).get("value_range", (-1.0, 1.0))
+    width = bench.batch_size + (-bench.batch_size) % n_dev  # every batch padded to one shape: one compile
+
+    def prepare(images):
+        x = mdata.value_range(mdata.downsample(images, model.image_size[0]), lo, hi)
+        pad = width - x.shape[0]
+        return np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad > 0 else x
+
     per_domain: dict = {}
-    for batch in bench:
-        images = mdata.downsample(batch.images, model.image_size[0])
-        x = mdata.value_range(images, lo, hi)
-        n = x.shape[0]
-        pad = (-n) % n_dev
-        if pad:
-            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-        pred, inner_losses = predict(params, shard(x, mesh))
+    batches = iter(bench)
+    first = next(batches, None)
+    if first is not None:  # compile before timing
+        jax.block_until_ready(predict(params, shard(prepare(first.images), mesh)))
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    bar = tqdm(total=len(bench) if hasattr(bench, "__len__") else None, desc=f"mttt_jax.{method or 'eval'}",
+               disable=not progress) if tqdm else None  # fmt: skip
+    for batch in _chain(first, batches):
+        n = batch.images.shape[0]
+        t0 = time.perf_counter()
+        pred, inner_losses = predict(params, shard(prepare(batch.images), mesh))
         pred = np.asarray(pred)[:n]
+        secs = time.perf_counter() - t0
         ids = batch.domain_ids if batch.domain is None else np.zeros(n, np.int64)
         for i in np.unique(ids):
             dom = bench.domains[int(i)] if batch.domain is None else batch.domain
             sel = ids == i
-            acc = per_domain.setdefault(dom, {"correct": 0, "n": 0, "inner": []})
+            acc = per_domain.setdefault(dom, {"correct": 0, "n": 0, "inner": [], "secs": 0.0})
             acc["correct"] += int((pred[sel] == batch.labels[sel]).sum())
             acc["n"] += int(sel.sum())
+            acc["secs"] += secs * float(sel.sum()) / n
             acc["inner"].append(float(np.asarray(inner_losses)[-1, -1]))
-    method = f"mttt_jax.{T.method_name(inner)}"
-    writer = out.writer(method=method, package="mttt_jax", framework="jax", model=f"vit-{tc['model']}-{tc['tokens']}",
-                        dataset=bench.name, setting=bench.setting if hasattr(bench, "setting") else None,
-                        seed=int(tc.get("seed", 0)), config_hash=config_hash(tc))  # fmt: skip
-    accs = []
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    name = f"mttt_jax.{method}" if method else f"mttt_jax.{T.method_name(inner)}"
+    writer = out.writer(method=name, package="mttt_jax", framework="jax", model=f"vit-{tc['model']}-{tc['tokens']}",
+                        dataset=bench.name, setting=getattr(bench, "setting", None),
+                        seed=int(c.get("seed", tc.get("seed", 0))), config_hash=config_hash(tc))  # fmt: skip
+    accs, n_all, t_all = [], 0, 0.0
     with writer:
         for dom, a in sorted(per_domain.items(), key=lambda kv: str(kv[0])):
             acc = a["correct"] / max(a["n"], 1)
-            corr = dom.corruption or "clean"
-            extra = {"last_inner_loss": float(np.mean(a["inner"])) if inner.layer_type == "TTT" else None}
-            for metric, v in (("accuracy", acc), ("error", 1 - acc)):
-                writer.write(
-                    metric=metric, value=v, corruption=corr, severity=dom.severity, n=a["n"], extra=extra
-                )
+            extra = {"last_inner_loss": float(np.mean(a["inner"])) if inner.layer_type == "TTT" else None,
+                     "correct": a["correct"], "train_run": str(c["run_dir"])}  # fmt: skip
+            fields = dict(
+                corruption=dom.corruption, severity=dom.severity, n=a["n"], wall_time_s=a["secs"], extra=extra
+            )
+            for metric, v in (
+                ("accuracy", acc),
+                ("error", 1 - acc),
+                ("s_per_image", a["secs"] / max(a["n"], 1)),
+            ):
+                writer.write(metric=metric, value=v, **fields)
             if dom.corruption is not None:
                 accs.append(acc)
+                n_all, t_all = n_all + a["n"], t_all + a["secs"]
             log.info("%s: accuracy %.4f (n=%d)", dom, acc, a["n"])
         if accs:
-            writer.write(metric="accuracy", value=float(np.mean(accs)), corruption="mean", n=len(accs))
-            writer.write(metric="error", value=float(1 - np.mean(accs)), corruption="mean", n=len(accs))
+            sev = {d.severity for d in per_domain if d.corruption is not None}
+            mean = dict(corruption="mean", severity=sev.pop() if len(sev) == 1 else None, n=n_all, wall_time_s=t_all,
+                        extra={"domains": len(accs)})  # fmt: skip
+            writer.write(metric="accuracy", value=float(np.mean(accs)), **mean)
+            writer.write(metric="error", value=float(1 - np.mean(accs)), **mean)
     return out.records_path
+
+
+def _chain(first, rest):
+    if first is not None:
+        yield first
+    yield from rest
 
 
 def main() -> None:

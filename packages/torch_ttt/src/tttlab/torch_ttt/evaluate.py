@@ -215,7 +215,8 @@ def training_run(c: dict[str, Any], dist: Dist) -> Path:
     train_engine = c["train_engine"]
     if train_engine == "auto":
         train_engine = engine if engine in T.HEADED else "ttt"
-    overrides = [f"train.engine={train_engine}", "eval.enabled=false", *c["train_overrides"]]
+    overrides = [f"train.engine={train_engine}", "eval.enabled=false", f"device={c['device']}",
+                 *c["train_overrides"]]  # fmt: skip
     tc = T.train_config(c["train_experiment"], overrides)
     key = config_hash(T._training_part(tc))
     path = Path(c["cache_dir"]) / f"{tc['model']['name']}-{train_engine}-{key}"

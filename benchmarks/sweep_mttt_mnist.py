@@ -1,0 +1,119 @@
+"""MTTT MNIST proxies: every token mixer from patches and from pixels, trained with `tttlab-mttt-train`.
+
+    python benchmarks/sweep_mttt_mnist.py --out-dir runs/mttt_sweep --jobs 14 --table benchmarks/mttt_mnist.md
+
+Each configuration is one `python -m tttlab.mttt_jax.train experiment=mnist_<tokens> ...` subprocess (runs
+resume, so a second call only fills in what is missing); `--jobs` run at once (on a GPU they share it; set
+XLA_PYTHON_CLIENT_PREALLOCATE=false).  The table reports the final val prec@1 on the 10,000 MNIST test
+images and the median wall time per epoch (the first epoch includes compilation; the median of 3 does not
+when epochs >= 3).  Extra Hydra overrides for every run go after `--`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+TTT_LINEAR = [
+    "inner.layer_type=TTT", "inner.TTT.inner_encoder=mlp_1", "inner.TTT.inner_encoder_init=zero",
+    "inner.TTT.inner_encoder_bias=false", "inner.TTT.decoder_LN=false", "inner.TTT.train_init=false",
+]  # fmt: skip
+MIXERS = {
+    "self_attention": ["inner.layer_type=self_attention"],
+    "linear_attention": ["inner.layer_type=linear_attention", "inner.linear_attention.elu=false",
+                         "inner.linear_attention.normalizer=constant"],
+    "linear_attention_katharopoulos": ["inner.layer_type=linear_attention", "inner.linear_attention.elu=true",
+                                       "inner.linear_attention.normalizer=adaptive"],
+    "mttt_linear": TTT_LINEAR,
+    "mttt_mlp_T1": ["inner.layer_type=TTT", "inner.TTT.inner_itr=1"],
+    "mttt_mlp_T4": ["inner.layer_type=TTT", "inner.TTT.inner_itr=4"],
+    "mttt_mlp_T4_sgd": ["inner.layer_type=TTT", "inner.TTT.inner_itr=4", "inner.TTT.SGD=true"],
+}  # fmt: skip
+#: SGD splits the N tokens into T minibatches (N % T == 0): 49 patch tokens take T=7 instead of 4.
+SGD_T = {"patch": 7, "pixel": 4}
+
+
+def runs(tokens: list[str]) -> list[tuple[str, str, list[str]]]:
+    out = []
+    for tok in tokens:
+        for name, flags in MIXERS.items():
+            flags = list(flags)
+            label = name
+            if name.endswith("_sgd") and SGD_T[tok] != 4:
+                flags = [f if not f.startswith("inner.TTT.inner_itr") else f"inner.TTT.inner_itr={SGD_T[tok]}"
+                         for f in flags]  # fmt: skip
+                label = f"mttt_mlp_T{SGD_T[tok]}_sgd"
+            out.append((tok, label, flags))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out-dir", default="runs/mttt_sweep")
+    ap.add_argument("--tokens", nargs="+", default=["patch", "pixel"])
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds from now after which unfinished runs are killed (the table shows them)",
+    )
+    ap.add_argument("--table", default=None, help="write the markdown table here")
+    ap.add_argument("--only", nargs="*", default=None, help="mixer labels to run")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
+    a = ap.parse_args()
+    stop_at = None if a.deadline is None else time.monotonic() + a.deadline
+    todo = [r for r in runs(a.tokens) if not a.only or r[1] in a.only]
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    out_root = Path(a.out_dir)
+    out_root.mkdir(parents=True, exist_ok=True)
+
+    def one(item):
+        tok, label, flags = item
+        out = out_root / f"{tok}-{label}"
+        cmd = [sys.executable, "-m", "tttlab.mttt_jax.train", f"experiment=mnist_{tok}", f"out_dir={out}",
+               "logging.progress=false", *flags, *a.overrides]  # fmt: skip
+        t0 = time.perf_counter()
+        res = run_until(cmd, stop_at, env=env)
+        (out_root / f"{tok}-{label}.log").write_text(res.stdout[-20000:] + res.stderr[-20000:])
+        print(f"{tok:6s} {label:32s} rc={res.returncode} {time.perf_counter() - t0:7.1f}s", flush=True)
+        return item, out, res.returncode
+
+    with ThreadPoolExecutor(max(1, a.jobs)) as ex:
+        results = list(ex.map(one, todo))
+    rows = ["| tokens | mixer | val prec@1 (%) | epochs | median s/epoch | status |",
+            "| --- | --- | ---: | ---: | ---: | --- |"]  # fmt: skip
+    for (tok, label, _), out, rc in results:
+        try:
+            stats = json.loads((out / "stats.json").read_text())
+            acc = 100 * stats["val/prec@1"][-1]
+            times = sorted(stats["epoch_time_s"])
+            rows.append(f"| {tok} | {label} | {acc:.2f} | {len(stats['val/prec@1'])} | "
+                        f"{times[len(times) // 2]:.1f} | {'ok' if rc == 0 else f'rc={rc}'} |")  # fmt: skip
+        except (OSError, KeyError, IndexError, ValueError) as exc:
+            rows.append(f"| {tok} | {label} | - | - | - | failed (rc={rc}, {type(exc).__name__}) |")
+    table = "\n".join(rows)
+    print(table)
+    if a.table:
+        Path(a.table).write_text(table + "\n")
+
+
+def run_until(cmd, stop_at, env) -> subprocess.CompletedProcess:
+    """``subprocess.run`` that kills the run at the monotonic time ``stop_at`` (rc -9, output kept)."""
+    timeout = None if stop_at is None else max(1.0, stop_at - time.monotonic())
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        return subprocess.CompletedProcess(cmd, -9, out, err + "\nkilled at the deadline")
+
+
+if __name__ == "__main__":
+    main()

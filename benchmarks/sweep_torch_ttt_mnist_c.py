@@ -1,0 +1,124 @@
+"""Every torch_ttt engine on MNIST-C severity 5, episodic and continual, through `tttlab-torch-ttt-evaluate`.
+
+    python benchmarks/sweep_torch_ttt_mnist_c.py --out-dir runs/torch_ttt_sweep --num-examples 1000 \
+        --jobs 8 --device cuda --table benchmarks/torch_ttt_mnist_c.md
+
+The models are the `mnist_bn` experiment (BatchNorm CNN, one epoch on the 50,000 embedded training
+images) trained jointly with each engine that has a head (ttt, ttt_pp, ittt, masked_ttt; the others use
+the TTT-trained one), cached in `<out-dir>/models`; the corrupted test images are cached in
+`<out-dir>/data`.  The models are trained first (one process per headed engine), then all evaluations run
+`--jobs` at a time.  Records: `<out-dir>/<engine>-<setting>/records.jsonl`; the table is read from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ENGINES = ["source", "bn", "tent", "eata", "memo", "actmad", "deyo", "ttt", "ttt_pp", "ittt", "masked_ttt"]
+HEADED = ["ttt", "ttt_pp", "ittt", "masked_ttt"]
+SETTINGS = ["episodic", "continual"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out-dir", default="runs/torch_ttt_sweep")
+    ap.add_argument("--engines", nargs="+", default=ENGINES)
+    ap.add_argument("--settings", nargs="+", default=SETTINGS)
+    ap.add_argument("--num-examples", type=int, default=1000, help="per corruption")
+    ap.add_argument("--severity", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds from now after which unfinished runs are killed (the table shows them)",
+    )
+    ap.add_argument("--table", default=None)
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every evaluation (after --)")
+    a = ap.parse_args()
+    stop_at = None if a.deadline is None else time.monotonic() + a.deadline
+    root = Path(a.out_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+
+    def one(item):
+        engine, setting = item
+        out = root / f"{engine}-{setting}"
+        if (out / "records.jsonl").exists():
+            return item, 0
+        cmd = [sys.executable, "-m", "tttlab.torch_ttt.evaluate", f"engine={engine}", f"out_dir={out}",
+               f"benchmark.setting={setting}", f"benchmark.num_examples={a.num_examples}",
+               f"benchmark.severities=[{a.severity}]", f"benchmark.cache_dir={root / 'data'}",
+               f"cache_dir={root / 'models'}", f"device={a.device}", "logging.progress=false",
+               *a.overrides]  # fmt: skip
+        res = run_until(cmd, stop_at, env={**os.environ, "OMP_NUM_THREADS": "2"})
+        (root / f"{engine}-{setting}.log").write_text(res.stdout[-20000:] + res.stderr[-20000:])
+        print(f"{engine:11s} {setting:10s} rc={res.returncode}", flush=True)
+        return item, res.returncode
+
+    todo = [(e, s) for e in a.engines for s in a.settings]
+    first = [(e, a.settings[0]) for e in a.engines if e in HEADED or e == "source"]
+    first = [item for item in first if item[0] != "source" or "ttt" not in a.engines]
+    with ThreadPoolExecutor(max(1, a.jobs)) as ex:
+        status = dict(ex.map(one, first))  # trains the cached models, one process per model
+        status.update(ex.map(one, [t for t in todo if t not in status]))
+    table = render(root, a.engines, a.settings, status)
+    print(table)
+    if a.table:
+        Path(a.table).write_text(table)
+
+
+def render(root: Path, engines, settings, status) -> str:
+    from tttlab.core.records import load_records
+
+    lines = []
+    for setting in settings:
+        rows, corruptions = {}, None
+        for engine in engines:
+            path = root / f"{engine}-{setting}" / "records.jsonl"
+            if not path.exists():
+                rows[engine] = None
+                continue
+            df = load_records(path, metric="accuracy")
+            per = {str(r.corruption): float(r.value) for r in df.itertuples()}
+            spi = load_records(path, metric="s_per_image")
+            per["_s"] = float(spi["wall_time_s"].sum() / spi["n"].sum()) if len(spi) else float("nan")
+            rows[engine] = per
+            corruptions = corruptions or [c for c in per if c not in ("mean", "_s")]
+        if corruptions is None:
+            continue
+        short = [
+            c.replace("_noise", "").replace("_blur", "").replace("_transform", "")[:8] for c in corruptions
+        ]
+        lines += [f"\n**{setting}** (accuracy %, severity 5)\n",
+                  "| engine | " + " | ".join(short) + " | mean | ms/image |",
+                  "| --- |" + " ---: |" * (len(short) + 2)]  # fmt: skip
+        for engine, per in rows.items():
+            if per is None:
+                lines.append(f"| {engine} | failed (rc={status.get((engine, setting))}) |")
+                continue
+            cells = [f"{100 * per[c]:.1f}" for c in corruptions]
+            lines.append(f"| {engine} | " + " | ".join(cells) + f" | **{100 * per['mean']:.1f}** | "
+                         f"{1000 * per['_s']:.2f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def run_until(cmd, stop_at, env) -> subprocess.CompletedProcess:
+    """``subprocess.run`` that kills the run at the monotonic time ``stop_at`` (rc -9, output kept)."""
+    timeout = None if stop_at is None else max(1.0, stop_at - time.monotonic())
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        return subprocess.CompletedProcess(cmd, -9, out, err + "\nkilled at the deadline")
+
+
+if __name__ == "__main__":
+    main()
