@@ -81,13 +81,15 @@ def as_image(image, device=None) -> torch.Tensor:
         )
     if t.ndim != 3 or t.shape[0] not in (1, 3) or min(t.shape[1:]) < 2:
         raise InvalidInputError(f"image must be (C, H, W) with C in {{1, 3}}, got shape {tuple(t.shape)}")
+    if device is not None:
+        t = t.to(device)  # uint8 travels to the device before conversion (4x fewer bytes)
     if t.dtype == torch.uint8:
-        t = t.float() / 255
-    elif not t.is_floating_point():
+        return t.to(torch.float32).div_(255)
+    if not t.is_floating_point():
         raise InvalidInputError(f"image tensor must be uint8 or float, got {t.dtype}")
-    elif not torch.isfinite(t).all():
+    if not torch.isfinite(t).all():
         raise InvalidInputError("image contains NaN or inf")
-    return t.to(device) if device is not None else t
+    return t
 
 
 def _rand(shape, generator, device, dtype=torch.float64) -> torch.Tensor:
@@ -157,7 +159,8 @@ def _warp(x: torch.Tensor, a: torch.Tensor, out_hw, mode="bilinear", padding="ze
     return F.grid_sample(x, grid, mode=mode, padding_mode=padding, align_corners=False)
 
 
-def crop_resize(image: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None):
+def crop_resize(image: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None,
+                out: torch.Tensor | None = None):  # fmt: skip
     """Crops ``boxes`` (k, 4) of one (C, H, W) image, each resized to ``size`` x ``size`` (bilinear) and
     mirrored where ``flip``: (k, C, size, size)."""
     k = boxes.shape[0]
@@ -174,8 +177,12 @@ def crop_resize(image: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch
     # on CPU, chunks of 16 views keep the working set in cache (measured 1.5x faster than one call)
     step = CPU_CHUNK if image.device.type == "cpu" else k
     src = image.unsqueeze(0)
-    return torch.cat([_warp(src.expand(len(a[i : i + step]), -1, -1, -1), a[i : i + step], (size, size),
-                            padding="border") for i in range(0, k, step)])  # fmt: skip
+    if out is None:
+        out = torch.empty(k, image.shape[0], size, size, dtype=image.dtype, device=image.device)
+    for i in range(0, k, step):
+        part = a[i : i + step]
+        out[i : i + step] = _warp(src.expand(len(part), -1, -1, -1), part, (size, size), padding="border")
+    return out
 
 
 def resize_center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -377,15 +384,17 @@ def make_views(
     x = as_image(image, device)
     _, h, w = x.shape
     k = n_views - 1 if include_original else n_views
-    parts = [resize_center_crop(x, size)[None]] if include_original else []
+    out = torch.empty(n_views, x.shape[0], size, size, dtype=x.dtype, device=x.device)
+    if include_original:
+        out[0] = resize_center_crop(x, size)
     if k > 0:
         boxes = random_resized_crop_boxes(k, h, w, scale=scale, generator=generator)
         flips = torch.rand(k, generator=generator) < 0.5 if flip else None
-        crops = crop_resize(x, boxes, size, flips)
+        crops = out[n_views - k :]
+        crop_resize(x, boxes, size, flips, out=crops)
         if augmix_views:
-            crops = augmix(crops, generator, severity=severity)
-        parts.append(crops)
-    return torch.cat(parts).clamp_(0, 1)
+            crops.copy_(augmix(crops, generator, severity=severity))
+    return out  # bilinear crops and AugMix mixtures of [0, 1] images stay in [0, 1]
 
 
 # ----------------------------------------------------------------------------------------------------------
