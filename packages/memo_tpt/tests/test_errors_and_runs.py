@@ -122,3 +122,19 @@ def test_memo_run_on_imagenet_v2_fixture_resumes(tmp_path):
     assert json.loads((tmp_path / "part" / "checkpoints" / "progress-imagenet_v2.json").read_text())[
         "generators"] == json.loads((tmp_path / "full" / "checkpoints" / "progress-imagenet_v2.json").read_text())[
         "generators"]  # fmt: skip
+
+
+def test_tpt_run_on_imagenet_a_fixture_uses_200_classes(tmp_path, monkeypatch):
+    """TPT through the CLI path on an ImageNet-A fixture: 200 class prompts, labels in the subset."""
+    from tttlab.memo_tpt import models
+    from tttlab.memo_tpt.main import run_paper
+
+    monkeypatch.setattr(models, "build_clip", lambda arch, pretrained=None, device="cpu": build_clip(
+        "tiny", config=TINY_CLIP, device=device))  # fmt: skip
+    testing.make_imagenet_a(tmp_path / "data" / "imagenet-a", n_per_class=1)
+    cfg = _hydra_cfg("tpt", ["augs=4", f"datasets_root={tmp_path / 'data'}", "data_to_test=a", "progress=false",
+                             "verbose=0", f"out_dir={tmp_path / 'out'}"])  # fmt: skip
+    df = load_records(run_paper(cfg))
+    acc = df[df.metric == "accuracy"]
+    assert list(acc.dataset) == ["imagenet_a"] and int(acc.n.iloc[0]) == 3
+    assert 0 <= float(acc.value.iloc[0]) <= 1
