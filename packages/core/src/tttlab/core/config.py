@@ -206,3 +206,33 @@ __all__ = [
     "BenchmarkConfig", "DataConfig", "LoggingConfig", "RunConfig", "SCHEMAS", "defaults",
     "register_configs", "to_structured", "validate",
 ]  # fmt: skip
+
+
+def to_plain(cfg) -> dict[str, Any]:
+    """A plain, resolved ``dict`` of an OmegaConf node, a dataclass instance or any mapping (``None`` -> {})."""
+    if cfg is None:
+        return {}
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if is_dataclass(cfg) and not isinstance(cfg, type):
+        return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return dict(cfg)
+
+
+def package_yaml(package: str, relative: str) -> dict[str, Any]:
+    """A YAML file shipped in ``package`` (e.g. ``"tttlab.torch_ttt.conf"``), unresolved, without its
+    ``defaults`` and ``hydra`` keys: for composing a subpackage's config without Hydra (also inside a
+    running Hydra app)."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    path = resources.files(package).joinpath(relative)
+    if not path.is_file():
+        raise ConfigError(f"no config {relative!r} in {package}")
+    cfg = OmegaConf.to_container(OmegaConf.create(path.read_text(encoding="utf-8")), resolve=False)
+    for key in ("defaults", "hydra"):
+        cfg.pop(key, None)
+    return cfg

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tttlab.core._io import atomic_path
-from tttlab.core.config import DataConfig, RunConfig
+from tttlab.core.config import DataConfig, RunConfig, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError
 from tttlab.core.records import RunDir, config_hash, done_keys, load_records
 
@@ -107,29 +107,13 @@ def register_configs() -> None:
 
 
 def to_dict(cfg) -> dict[str, Any]:
-    """A plain dict of an OmegaConf / dataclass / mapping config."""
-    from omegaconf import OmegaConf
-
-    if OmegaConf.is_config(cfg):
-        return OmegaConf.to_container(cfg, resolve=True)
-    if hasattr(cfg, "__dataclass_fields__"):
-        return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    return dict(cfg)
+    """A plain dict of an OmegaConf / dataclass / mapping config (``None`` -> {})."""
+    return to_plain(cfg)
 
 
 def conf_yaml(relative: str) -> dict[str, Any]:
     """A YAML file of the shipped ``conf/`` (``defaults`` and ``hydra`` keys dropped), unresolved."""
-    from importlib import resources
-
-    from omegaconf import OmegaConf
-
-    path = resources.files("tttlab.torch_ttt.conf").joinpath(relative)
-    if not path.is_file():
-        raise ConfigError(f"no config {relative!r} in tttlab.torch_ttt.conf")
-    cfg = OmegaConf.to_container(OmegaConf.create(path.read_text(encoding="utf-8")), resolve=False)
-    for key in ("defaults", "hydra"):
-        cfg.pop(key, None)
-    return cfg
+    return package_yaml("tttlab.torch_ttt.conf", relative)
 
 
 def train_config(experiment: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:

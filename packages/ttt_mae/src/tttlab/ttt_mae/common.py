@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from tttlab.core.config import RunConfig
+from tttlab.core.config import RunConfig, package_yaml, to_plain
 from tttlab.core.errors import ConfigError
 
 log = logging.getLogger("tttlab.ttt_mae")
@@ -125,30 +125,13 @@ def register_configs() -> None:
 
 
 def to_dict(cfg) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    if cfg is None:
-        return {}
-    if OmegaConf.is_config(cfg):
-        return OmegaConf.to_container(cfg, resolve=True)
-    if hasattr(cfg, "__dataclass_fields__"):
-        return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    return dict(cfg)
+    """A plain dict of an OmegaConf / dataclass / mapping config (``None`` -> {})."""
+    return to_plain(cfg)
 
 
 def conf_yaml(relative: str) -> dict[str, Any]:
-    """A shipped YAML of ``conf/`` without its ``defaults``/``hydra`` keys (``# @package _global_``)."""
-    from importlib import resources
-
-    from omegaconf import OmegaConf
-
-    path = resources.files("tttlab.ttt_mae.conf").joinpath(relative)
-    if not path.is_file():
-        raise ConfigError(f"no config {relative!r} in tttlab.ttt_mae.conf")
-    cfg = OmegaConf.to_container(OmegaConf.create(path.read_text(encoding="utf-8")), resolve=False)
-    for key in ("defaults", "hydra"):
-        cfg.pop(key, None)
-    return cfg
+    """A YAML file of the shipped ``conf/`` (``defaults`` and ``hydra`` keys dropped), unresolved."""
+    return package_yaml("tttlab.ttt_mae.conf", relative)
 
 
 def compose(entry: str, experiment: str | None = None, cfg=None, overrides: list[str] | None = None,
