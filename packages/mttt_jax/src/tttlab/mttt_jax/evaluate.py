@@ -81,12 +81,12 @@ MIXER_FLAGS: dict[str, list[str]] = {
 }  # fmt: skip
 #: ``profile`` of the compare contract -> the training run trained on first use (cached in ``cache_dir``).
 #: smoke: seconds (CI); quick / full: the ``mnist_patch`` proxy (49 tokens, width-64 ViT) for one epoch
-#: on the first 5,000 / 15,000 training images (the README's proxy table trains longer).
+#: on the first 4,000 / 10,000 training images (the README's proxy table trains longer).
 PROFILES: dict[str, list[str]] = {
     "smoke": ["experiment=smoke", "total_epochs=1"],
-    "quick": ["experiment=mnist_patch", "total_epochs=1", "input.num_examples=5000", "warmup_steps=20",
+    "quick": ["experiment=mnist_patch", "total_epochs=1", "input.num_examples=4000", "warmup_steps=20",
               "evals.num_examples=1000"],
-    "full": ["experiment=mnist_patch", "total_epochs=1", "input.num_examples=15000", "warmup_steps=50",
+    "full": ["experiment=mnist_patch", "total_epochs=1", "input.num_examples=10000", "warmup_steps=50",
              "evals.num_examples=2000"],
 }  # fmt: skip
 
