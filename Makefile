@@ -72,9 +72,15 @@ bench: $(VENV)/.installed
 	$(PY) -m $(PIP_INSTALL) --no-deps torch-ttt einops
 	$(PY) benchmarks/bench_corruptions.py --images 16 --repeats 3 --out benchmarks/corruptions.md
 	$(PY) benchmarks/bench_torch_ttt.py --batches 30 --repeats 3 --out benchmarks/torch_ttt.md
+	@# the sections of the other packages in BENCHMARKS.md were assembled by hand from these runs: new tables go to bench_out/
+	@mkdir -p bench_out
+	$(PY) benchmarks/bench_mttt.py --tokens 196 784 3136 --batch 1 --repeats 5 --out bench_out/mttt.md
+	$(PY) benchmarks/bench_ttt_mae.py --images 16 --steps 5 --copies 8 --group 16 --threads 1 --out bench_out/ttt_mae.md
+	$(PY) benchmarks/bench_memo_tpt.py --threads 1 --repeats 3 --e2e-repeats 1 --out bench_out/memo_tpt.md
+	$(PY) benchmarks/bench_pilimit.py --rows 10000 100000 --steps 7 --chunk-size 2048 --out bench_out/pilimit.md
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) $(CORE_VENV) $(JAX_VENV) demo_out
+	rm -rf $(VENV) $(CORE_VENV) $(JAX_VENV) demo_out bench_out
