@@ -6,6 +6,7 @@ Needs the ``[torch]`` extra (``pip install 'tttlab-core[torch]'``).  Only this m
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -116,3 +117,32 @@ def batch_to_torch(batch, *, mean=None, std=None, device=None):
     x = to_tensor(batch.images, mean=mean, std=std, device=device)
     y = torch.from_numpy(np.asarray(batch.labels, dtype=np.int64))
     return x, (y.to(device) if device is not None else y)
+
+
+@dataclass
+class Dist:
+    """This process's place in a ``torchrun`` job (``rank``, ``world_size``); one process by default."""
+
+    rank: int = 0
+    world_size: int = 1
+    initialized: bool = False
+
+    def barrier(self) -> None:
+        if self.initialized:
+            torch.distributed.barrier()
+
+
+def init_distributed() -> Dist:
+    """Rank and world size from ``torchrun``'s environment (NCCL with CUDA, gloo on CPU), joining the
+    process group once; a single process when ``WORLD_SIZE`` is unset or 1.  Use ``torchrun --standalone``
+    on one machine (a ``--master_port=0`` rendezvous hangs with torch 2.14)."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), True)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), True)

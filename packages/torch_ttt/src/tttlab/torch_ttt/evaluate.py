@@ -46,6 +46,7 @@ import torch
 from tttlab.core.config import RunConfig
 from tttlab.core.errors import CheckpointError, ConfigError
 from tttlab.core.records import RunDir, config_hash, load_records, merge_records
+from tttlab.core.torch import Dist, init_distributed  # noqa: F401  (re-exported)
 
 from . import train as T
 from .engine.base_engine import Reset
@@ -165,29 +166,6 @@ def contract_keys(user: dict[str, Any]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------------------
 # distribution
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    initialized: bool = False
-
-    def barrier(self) -> None:
-        if self.initialized:
-            torch.distributed.barrier()
-
-
-def init_distributed() -> Dist:
-    """Rank and world size from ``torchrun``'s environment (gloo on CPU); a single process otherwise."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), True)
 
 
 # ----------------------------------------------------------------------------------------------------------

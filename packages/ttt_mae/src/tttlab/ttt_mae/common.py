@@ -13,7 +13,6 @@ TTT, which runs one image per process).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 
 from tttlab.core.config import RunConfig, package_yaml, to_plain
 from tttlab.core.errors import ConfigError
+from tttlab.core.torch import Dist, init_distributed  # noqa: F401  (re-exported)
 
 log = logging.getLogger("tttlab.ttt_mae")
 
@@ -182,30 +182,6 @@ def model_overrides(c: dict[str, Any], **extra) -> dict[str, Any]:
         "head_type": c["head_type"], "classifier_depth": int(c["classifier_depth"]),
         **(c.get("model_overrides") or {}), **extra,
     }  # fmt: skip
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    initialized: bool = False
-
-    def barrier(self) -> None:
-        if self.initialized:
-            torch.distributed.barrier()
-
-
-def init_distributed() -> Dist:
-    """Rank/world size from ``torchrun``'s environment (NCCL with CUDA, gloo on CPU); else one process."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return Dist(dist.get_rank(), dist.get_world_size(), True)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return Dist()
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), True)
 
 
 def set_threads(c: dict[str, Any], device: torch.device) -> None:
