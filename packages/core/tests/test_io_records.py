@@ -210,3 +210,24 @@ def test_load_many_runs(tmp_path):
     df2 = R.load_records([tmp_path / "sweep" / "a", tmp_path / "sweep" / "b" / "records.jsonl"])
     assert sorted(df2["method"]) == ["a", "b"]
     assert len(R.load_records(tmp_path / "sweep", method=["b"])) == 1
+
+
+def test_write_domain_summary_counts_images_and_means_over_corruptions(tmp_path):
+    from tttlab.core.benchmark import Domain
+    from tttlab.core.records import RecordWriter, read_jsonl, write_domain_summary
+
+    totals = {Domain(None, None): [9, 10, 1.0], Domain("fog", 5): [3, 4, 2.0], Domain("snow", 5): [1, 4, 0.5],
+              Domain("frost", 5): [0, 0, 0.0]}  # fmt: skip
+    with RecordWriter(tmp_path / "r.jsonl", {"method": "m"}) as w:
+        write_domain_summary(w, totals, {"k": 1}, domain_extra=lambda d, row: {"secs": row[2]})
+    recs = read_jsonl(tmp_path / "r.jsonl")
+    acc = {r["corruption"]: r for r in recs if r["metric"] == "accuracy"}
+    assert set(acc) == {None, "fog", "snow", "mean"}, "empty domains are skipped"
+    assert acc["fog"]["value"] == 0.75 and acc["fog"]["extra"] == {"k": 1, "correct": 3, "secs": 2.0}
+    assert acc["mean"]["value"] == (0.75 + 0.25) / 2, "the mean is over corruptions, not over clean data"
+    assert acc["mean"]["n"] == 18 and acc["mean"]["severity"] == 5 and acc["mean"]["wall_time_s"] == 3.5
+    spi = {r["corruption"]: r["value"] for r in recs if r["metric"] == "s_per_image"}
+    assert spi["snow"] == 0.125
+    with RecordWriter(tmp_path / "one.jsonl", {"method": "m"}) as w:
+        write_domain_summary(w, {Domain("fog", 5): [1, 2, 1.0]}, min_domains_for_mean=2)
+    assert "mean" not in {r["corruption"] for r in read_jsonl(tmp_path / "one.jsonl")}

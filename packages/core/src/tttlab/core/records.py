@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -612,3 +612,39 @@ def done_keys(df, keys: Iterable[str], **filters) -> set[tuple]:
         return _scalar(v)
 
     return {tuple(plain(v) for v in row) for row in df[keys].itertuples(index=False, name=None)}
+
+
+def write_domain_summary(writer: RecordWriter, totals: Mapping[Any, Sequence], extra: Mapping[str, Any] | None = None,
+                         *, domain_extra: Callable[[Any, Sequence], Mapping[str, Any]] | None = None,
+                         min_domains_for_mean: int = 1) -> list[dict[str, Any]]:  # fmt: skip
+    """The records every evaluate writes from its per-domain counts (the compare contract).
+
+    ``totals`` maps a ``tttlab.core.benchmark.Domain`` to ``(correct, n, seconds, ...)``.  Per domain with
+    images: ``accuracy`` and ``s_per_image`` (``n`` images, ``wall_time_s`` = adaptation + prediction
+    seconds, ``extra`` = ``extra`` + ``correct`` + ``domain_extra(domain, row)``); then, when at least
+    ``min_domains_for_mean`` corrupted domains were seen, ``accuracy`` with ``corruption="mean"`` over them
+    (``n`` = all images, ``severity`` the common one or None).
+    """
+    import numpy as np
+
+    extra = dict(extra or {})
+    out, accs, n_all, t_all = [], [], 0, 0.0
+    for dom, row in totals.items():
+        correct, n, secs = int(row[0]), int(row[1]), float(row[2])
+        if n == 0:
+            continue
+        e = {**extra, "correct": correct, **(dict(domain_extra(dom, row)) if domain_extra else {})}
+        fields = dict(corruption=dom.corruption, severity=dom.severity, n=n, wall_time_s=secs, extra=e)
+        out.append(writer.write(metric="accuracy", value=correct / n, **fields))
+        out.append(writer.write(metric="s_per_image", value=secs / n, **fields))
+        if dom.corruption is not None:
+            accs.append(correct / n)
+        n_all, t_all = n_all + n, t_all + secs
+    if accs and len(accs) >= min_domains_for_mean:
+        sev = {d.severity for d, row in totals.items() if d.corruption is not None and row[1]}
+        out.append(
+            writer.write(metric="accuracy", value=float(np.mean(accs)), corruption="mean",
+                         severity=sev.pop() if len(sev) == 1 else None, n=n_all, wall_time_s=t_all,
+                         extra={**extra, "domains": len(accs)})
+        )  # fmt: skip
+    return out

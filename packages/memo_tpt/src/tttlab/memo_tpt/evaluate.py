@@ -177,7 +177,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     from tqdm.auto import tqdm
 
     from tttlab.core.benchmark import make_benchmark
-    from tttlab.core.records import RunDir
+    from tttlab.core.records import RunDir, write_domain_summary
 
     c = eval_config(cfg, **overrides)
     if c["threads"]:
@@ -224,24 +224,8 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     extra = {"reset": "per_image", "profile": c["profile"]}
     with rd.writer(method=c["method"], package="memo_tpt", framework="torch", model=model_name, dataset=b["name"],
                    setting=b["setting"], seed=int(c["seed"])) as w:  # fmt: skip
-        accs, n_all, t_all = [], 0, 0.0
-        for dom, (correct, n, secs, src) in totals.items():
-            if n == 0:
-                continue
-            e = {**extra, "correct": correct}
-            if memo is not None:
-                e["source_accuracy"] = src / n
-            fields = dict(corruption=dom.corruption, severity=dom.severity, n=n, extra=e)
-            w.write(metric="accuracy", value=correct / n, wall_time_s=secs, **fields)
-            w.write(metric="s_per_image", value=secs / n, wall_time_s=secs, **fields)
-            if dom.corruption is not None:
-                accs.append(correct / n)
-            n_all, t_all = n_all + n, t_all + secs
-        if len(accs) > 1:
-            sev = {d.severity for d in totals if d.corruption is not None}
-            w.write(metric="accuracy", value=float(np.mean(accs)), corruption="mean",
-                    severity=sev.pop() if len(sev) == 1 else None, n=n_all, wall_time_s=t_all,
-                    extra={**extra, "domains": len(accs)})  # fmt: skip
+        source = (lambda dom, row: {"source_accuracy": row[3] / row[1]}) if memo is not None else None
+        write_domain_summary(w, totals, extra, domain_extra=source, min_domains_for_mean=2)
     return rd.records_path
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from tttlab.core.errors import CheckpointError, ConfigError
-from tttlab.core.records import RunDir, config_hash
+from tttlab.core.records import RunDir, config_hash, write_domain_summary
 
 from . import train as T
 from .data import MNIST_MEAN, MNIST_STD, flatten_images
@@ -152,24 +152,8 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     defaults = dict(method=c["method"], package="pilimit", framework="torch", model=f"{tc['model']['kind']}_pinet_mlp",
                     dataset=bench.name, setting=c["benchmark"]["setting"], step=0, seed=int(c["seed"]))  # fmt: skip
     extra = {"train_run": str(run_dir), "adaptation": "none (prediction)", "rows": int(getattr(net, "M", 0))}
-    accs, n_all, t_all = [], 0, 0.0
     with rd.writer(**defaults) as writer:
-        for dom, (correct, n, secs) in totals.items():
-            if n == 0:
-                continue
-            fields = dict(
-                corruption=dom.corruption, severity=dom.severity, n=n, extra={**extra, "correct": correct}
-            )
-            writer.write(metric="accuracy", value=correct / n, wall_time_s=secs, **fields)
-            writer.write(metric="s_per_image", value=secs / n, wall_time_s=secs, **fields)
-            if dom.corruption is not None:
-                accs.append(correct / n)
-            n_all, t_all = n_all + n, t_all + secs
-        if accs:
-            sev = {d.severity for d in totals if d.corruption is not None}
-            writer.write(metric="accuracy", value=float(np.mean(accs)), corruption="mean",
-                         severity=sev.pop() if len(sev) == 1 else None, n=n_all, wall_time_s=t_all,
-                         extra={**extra, "domains": len(accs)})  # fmt: skip
+        write_domain_summary(writer, totals, extra)
     return rd.records_path
 
 

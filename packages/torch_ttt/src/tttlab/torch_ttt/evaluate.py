@@ -45,7 +45,7 @@ import torch
 
 from tttlab.core.config import RunConfig
 from tttlab.core.errors import CheckpointError, ConfigError
-from tttlab.core.records import RunDir, config_hash, load_records, merge_records
+from tttlab.core.records import RunDir, config_hash, load_records, merge_records, write_domain_summary
 from tttlab.core.torch import Dist, init_distributed  # noqa: F401  (re-exported)
 
 from . import train as T
@@ -333,30 +333,9 @@ def adapt_stream(engine, batches, domains, device, policy: Reset, progress: bool
 
 
 def write_summary(writer, totals: dict[Any, list], extra: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per domain ``accuracy`` and ``s_per_image``, then the mean accuracy over corruptions."""
-    out, accs, n_all, t_all = [], [], 0, 0.0
-    for dom, (correct, n, secs) in totals.items():
-        if n == 0:
-            continue
-        acc = correct / n
-        fields = dict(
-            corruption=dom.corruption, severity=dom.severity, n=n, extra={**extra, "correct": correct}
-        )
-        out.append(writer.write(metric="accuracy", value=acc, wall_time_s=secs, **fields))
-        out.append(writer.write(metric="s_per_image", value=secs / n, wall_time_s=secs, **fields))
-        if dom.corruption is not None:
-            accs.append(acc)
-        n_all, t_all = n_all + n, t_all + secs
-    if len(accs) > 1:
-        sev = {d.severity for d in totals if d.corruption is not None}
-        out.append(
-            writer.write(
-                metric="accuracy", value=float(np.mean(accs)), corruption="mean",
-                severity=sev.pop() if len(sev) == 1 else None, n=n_all, wall_time_s=t_all,
-                extra={**extra, "domains": len(accs)},
-            )
-        )  # fmt: skip
-    return out
+    """Per domain ``accuracy`` and ``s_per_image``, then the mean accuracy over corruptions (core's
+    :func:`~tttlab.core.records.write_domain_summary`; no mean for a single corruption)."""
+    return write_domain_summary(writer, totals, extra, min_domains_for_mean=2)
 
 
 def totals_from_records(path: Path, domains) -> dict[Any, list]:
