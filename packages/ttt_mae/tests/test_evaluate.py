@@ -122,3 +122,36 @@ def test_hydra_configs_compose():
             12,
         )
         assert list(ttt.benchmark.severities) == [5]
+
+
+def test_summary_records_from_the_per_image_records(tmp_path, cache):
+    """The summary (core ``write_domain_summary`` + curves) holds what the per-image records say, with the
+    same fields as before the move to core: accuracy / s_per_image at ``step=steps``, mean over corruptions."""
+    import numpy as np
+
+    path = run(tmp_path, cache, "ttt_mae.ttt")
+    df = load_records(path)
+    images = load_records(path.parent / "images", metric="correct")
+    steps = 2
+    for corr, sel in images.groupby("corruption"):
+        flags = np.array([[int(p == e["label"]) for p in e["predictions"]] for e in sel.extra])
+        secs = float(sel.wall_time_s.sum())
+        dom = df[df.corruption == corr]
+        acc = dom[dom.metric == "accuracy"].iloc[0]
+        spi = dom[dom.metric == "s_per_image"].iloc[0]
+        assert (acc.value, acc.n, acc.step, acc.severity) == (flags[:, -1].mean(), 3, steps, 5)
+        assert acc.wall_time_s == pytest.approx(secs) and spi.value == pytest.approx(secs / 3)
+        assert (spi.n, spi.step) == (3, steps)
+        assert acc.extra["correct"] == flags[:, -1].sum()
+        want = {"steps_per_example": steps, "batch_size": 4, "reset": "per_image"}
+        assert {k: acc.extra[k] for k in want} == want
+        curve = dom[dom.metric == "accuracy_curve"].sort_values("step")
+        assert curve.value.tolist() == pytest.approx(flags.mean(axis=0).tolist())
+        loss = dom[dom.metric == "mae_loss"].sort_values("step")
+        assert loss.step.tolist() == [1, 2]
+    mean = df[df.corruption == "mean"]
+    assert len(mean) == 1 and mean.iloc[0].step == steps and mean.iloc[0].n == 6
+    assert mean.iloc[0].extra["domains"] == 2
+    one = run(tmp_path / "one", cache, "ttt_mae.ttt", benchmark={**BENCH, "corruptions": ["brightness"]})
+    one = load_records(one)
+    assert "mean" not in set(one.corruption)  # no mean over a single corruption, as before

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from tttlab.core.errors import ConfigError, DatasetNotFoundError
-from tttlab.core.records import RunDir, config_hash, load_records, merge_records
+from tttlab.core.records import RunDir, config_hash, load_records, merge_records, write_domain_summary
 
 from .checkpoint import load_official
 from .common import (
@@ -173,55 +173,42 @@ def run_benchmark(c: dict[str, Any], method: str = "ttt_mae.ttt") -> Path:
 
 
 def summarize(out: Path, c: dict[str, Any], method: str, chash: str, domains, steps: int, defaults) -> None:
-    """Per-domain accuracy, s/image, accuracy-vs-step curve and loss curve, then the mean accuracy."""
-    import pandas as pd
-
+    """Per-domain ``accuracy`` and ``s_per_image`` and the mean accuracy over corruptions (core's
+    :func:`~tttlab.core.records.write_domain_summary`, at ``step=steps``; no mean for a single corruption),
+    then per domain the accuracy-vs-step curve (``accuracy_curve``) and the MAE loss per step (``mae_loss``)."""
     df = load_records(out / "images", metric="correct")
     df = df[df["config_hash"] == chash]
     rd = RunDir(out, {**c, "method": method})
     _drop_summary(rd.records_path, chash)
-    accs, n_all, t_all = [], 0, 0.0
-    with rd.writer(**defaults) as w:
-        for dom in domains:
-            sev = dom.severity
-            sel = df[
-                (df["corruption"] == dom.corruption)
-                if dom.corruption is not None
-                else df["corruption"].isna()
-            ]
-            sel = sel[(sel["severity"] == sev) if sev is not None else sel["severity"].isna()]
-            seen = {}
-            for r in sel.itertuples(index=False):
-                seen[int(r.extra["index"])] = r
-            if not seen:
-                continue
-            rows = list(seen.values())
-            n = len(rows)
-            curve = np.mean(
-                [[int(p == r.extra["label"]) for p in r.extra["predictions"]] for r in rows], axis=0
-            )
-            secs = float(sum(float(r.wall_time_s) for r in rows))
-            fields = dict(corruption=dom.corruption, severity=sev, n=n)
-            extra = {"steps_per_example": steps, "batch_size": int(c["batch_size"]), "reset": "per_image"}
-            w.write(
-                metric="accuracy", value=float(curve[-1]), step=steps, wall_time_s=secs, extra=extra, **fields
-            )
-            w.write(metric="s_per_image", value=secs / n, step=steps, wall_time_s=secs, **fields)
+    totals: dict[Any, tuple] = {}
+    for dom in domains:
+        sev = dom.severity
+        sel = df[
+            (df["corruption"] == dom.corruption) if dom.corruption is not None else df["corruption"].isna()
+        ]
+        sel = sel[(sel["severity"] == sev) if sev is not None else sel["severity"].isna()]
+        seen = {}
+        for r in sel.itertuples(index=False):
+            seen[int(r.extra["index"])] = r
+        if not seen:
+            continue
+        rows = list(seen.values())
+        flags = np.array([[int(p == r.extra["label"]) for p in r.extra["predictions"]] for r in rows])
+        losses = None
+        if steps > 0 and all("losses" in r.extra for r in rows):
+            losses = np.mean([r.extra["losses"] for r in rows], axis=0)
+        secs = float(sum(float(r.wall_time_s) for r in rows))
+        totals[dom] = (int(flags[:, -1].sum()), len(rows), secs, flags.mean(axis=0), losses)
+    extra = {"steps_per_example": steps, "batch_size": int(c["batch_size"]), "reset": "per_image"}
+    with rd.writer(**defaults, step=steps) as w:
+        write_domain_summary(w, totals, extra, min_domains_for_mean=2)
+        for dom, (_, n, _, curve, losses) in totals.items():
+            fields = dict(corruption=dom.corruption, severity=dom.severity, n=n)
             for k, v in enumerate(curve.tolist()):
                 w.write(metric="accuracy_curve", value=float(v), step=k, **fields)
-            if steps > 0 and all("losses" in r.extra for r in rows):
-                losses = np.mean([r.extra["losses"] for r in rows], axis=0)
+            if losses is not None:
                 for k, v in enumerate(losses.tolist()):
                     w.write(metric="mae_loss", value=float(v), step=k + 1, **fields)
-            if dom.corruption is not None:
-                accs.append(float(curve[-1]))
-            n_all, t_all = n_all + n, t_all + secs
-        if len(accs) > 1:
-            sevs = {d.severity for d in domains if d.corruption is not None}
-            w.write(metric="accuracy", value=float(np.mean(accs)), corruption="mean",
-                    severity=sevs.pop() if len(sevs) == 1 else None, n=n_all, wall_time_s=t_all, step=steps,
-                    extra={"domains": len(accs)})  # fmt: skip
-    del pd
 
 
 def _drop_summary(path: Path, chash: str) -> None:
