@@ -160,6 +160,50 @@ def test_resumed_run_recomputes_nothing(env, first):
     pd.testing.assert_frame_equal(old, result.results.reset_index(drop=True))
 
 
+def test_changed_method_code_is_recomputed(env, monkeypatch):
+    out = env["tmp"] / "code"
+    cfg = base_config(out, methods=["fake.alpha"], overrides={})
+    n0 = len(calls(env))
+    cmp.compare(cfg, echo=lambda *a: None)
+    assert len(calls(env)) == n0 + 1
+    assert cmp.code_fingerprint(_spec("fake.alpha"))  # the fake module's file is found and hashed
+    cmp.compare(cfg, echo=lambda *a: None)  # same code: resumed
+    assert len(calls(env)) == n0 + 1
+    monkeypatch.setattr(cmp, "code_fingerprint", lambda spec: "edited")  # e.g. a retuned profile YAML
+    again = cmp.compare(cfg, echo=lambda *a: None)
+    assert len(calls(env)) == n0 + 2 and [t.status for t in again.tasks] == ["ok"]
+    assert len(again.results) == len(CORR)  # the stale part's records are not mixed in
+
+
+def test_code_fingerprint_follows_code_and_config_files(tmp_path, monkeypatch):
+    pkg = tmp_path / "tttlab_fp_pkg"
+    (pkg / "conf").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "evaluate.py").write_text("def run(cfg=None):\n    pass\n")
+    (pkg / "conf" / "profile.yaml").write_text("lr: 0.1\n")
+    (pkg / "README.md").write_text("notes\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from tttlab.core.registry import MethodSpec
+
+    spec = MethodSpec(name="fp.m", package="fp", framework="numpy", evaluate="tttlab_fp_pkg.evaluate:run")
+
+    def fp():
+        return cmp.code_fingerprint(spec)
+
+    first = fp()
+    assert len(first) == 16
+    (pkg / "README.md").write_text("other notes\n")  # documentation does not change the numbers
+    assert fp() == first
+    (pkg / "conf" / "profile.yaml").write_text("lr: 0.2\n")
+    second = fp()
+    assert second != first
+    (pkg / "evaluate.py").write_text("def run(cfg=None):\n    return 1\n")
+    assert fp() not in (first, second)
+    assert "tttlab_fp_pkg" not in sys.modules  # located, never imported
+    missing = MethodSpec(name="fp.x", package="fp", framework="numpy", evaluate="no_such_module_xyz:run")
+    assert cmp.code_fingerprint(missing) == ""
+
+
 def test_several_seeds_give_mean_and_spread(env):
     out = env["tmp"] / "seeds"
     cfg = base_config(out, methods=["fake.alpha"], seeds=[0, 1, 2], overrides={})

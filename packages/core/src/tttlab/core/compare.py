@@ -19,7 +19,9 @@ How it runs (the core imports no subpackage and no framework):
    hashes what changes the numbers: benchmark, images, batch size, device, overrides).  Domains already
    recorded there are not recomputed (:func:`tttlab.core.records.done_keys`): in the ``episodic`` and
    ``reset_each_shift`` settings per domain (a new part evaluates only the missing corruptions); in the
-   stream settings (``continual``, ``mixed``, ``gradual``) the whole stream is one unit.
+   stream settings (``continual``, ``mixed``, ``gradual``) the whole stream is one unit.  A part only
+   counts while the method's code is unchanged: each records the fingerprint of its subpackage's source
+   and YAML files (:func:`code_fingerprint`), and parts written by other code are recomputed.
 3. Each task runs the spec's ``evaluate`` (``module:function``) in a subprocess of its own
    (``python -c`` :data:`RUNNER`, config as JSON, the evaluate contract of the subpackages), ``jobs`` at
    a time, so that JAX and torch never share a process and a crash loses nothing else.  The first task
@@ -38,6 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -371,10 +375,54 @@ class Task:
     error: str = ""
     stderr_tail: str = ""
     started: float = 0.0
+    fingerprint: str = ""  # code_fingerprint of the spec when planned; parts written by other code are stale
 
     @property
     def label(self) -> str:
         return f"{self.spec.name} [{self.setting}, seed {self.seed}]"
+
+
+#: files whose content changes a method's numbers (code and its configs); others (README, data) do not
+_FINGERPRINT_SUFFIXES = (".py", ".yaml", ".yml", ".json", ".toml")
+
+
+def _tree_fingerprint(top: str) -> str:
+    """Hash of the names and bytes of the code/config files of the installed package (or module) ``top``.
+
+    Found with :func:`importlib.util.find_spec` on ``tttlab.<package>`` or a top-level module, which
+    locates the files without executing them (the core imports no subpackage and no framework).
+    """
+    try:
+        ms = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return ""
+    if ms is None:
+        return ""
+    h = hashlib.sha256()
+    locations = list(ms.submodule_search_locations or [])
+    if locations:
+        for loc in sorted(locations):
+            root = Path(loc)
+            for f in sorted(root.rglob("*")):
+                if f.suffix in _FINGERPRINT_SUFFIXES and f.is_file() and "__pycache__" not in f.parts:
+                    h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    elif ms.origin and Path(ms.origin).is_file():
+        h.update(Path(ms.origin).read_bytes())
+    else:
+        return ""
+    return h.hexdigest()[:16]
+
+
+def code_fingerprint(spec) -> str:
+    """Fingerprint of the code that computes ``spec``'s numbers: its subpackage's source and configs.
+
+    ``tttlab.<package>`` for the subpackages; the evaluate's top-level module otherwise.  A compare part
+    written under another fingerprint is not resumed from (``""``: unknown, never matches a stored one).
+    """
+    module = spec.evaluate.partition(":")[0]
+    pkg = f"tttlab.{spec.package}"
+    top = pkg if module == pkg or module.startswith(pkg + ".") else module.split(".")[0]
+    return _tree_fingerprint(top)
 
 
 def run_key(c: dict[str, Any]) -> str:
@@ -428,6 +476,18 @@ def _status(part: Path) -> dict[str, Any]:
         return {}
 
 
+def _part_code(part: Path) -> str | None:
+    """The code fingerprint a part was computed with (its job file is written before evaluate runs, so a
+    killed run's partial records keep theirs)."""
+    code = _status(part).get("code")
+    if code is None:
+        try:
+            code = json.loads((part / "compare_job.json").read_text()).get("code")
+        except (OSError, json.JSONDecodeError):
+            code = None
+    return code
+
+
 def task_records(task: Task, c: dict[str, Any]):
     """The per-domain records of a task (latest wins per domain and metric), as a DataFrame.
 
@@ -441,6 +501,8 @@ def task_records(task: Task, c: dict[str, Any]):
     else:  # a stream is one unit: only a finished run of exactly this stream counts
         part = task.root / _part_name(task.corruptions, task.severities)
         parts = [part] if part.is_dir() and _status(part).get("ok") else []
+    if task.fingerprint:  # parts written by other code (an edited package) are stale
+        parts = [p for p in parts if _part_code(p) == task.fingerprint]
     frames = []
     for order, part in enumerate(parts):
         sources = [part] if any(part.glob("records*.jsonl")) else []
@@ -488,7 +550,8 @@ def plan(c: dict[str, Any], specs: Sequence[Any]) -> list[Task]:
                 key = run_key(c) + ("-" + config_hash(_method_overrides(c, spec.name))[:6]
                                     if _method_overrides(c, spec.name) else "")  # fmt: skip
                 root = base / key / spec.name / setting / f"seed{seed}"
-                t = Task(spec, setting, seed, root, list(c["corruptions"]), list(c["severities"]), [])
+                t = Task(spec, setting, seed, root, list(c["corruptions"]), list(c["severities"]), [],
+                         fingerprint=code_fingerprint(spec))  # fmt: skip
                 df = task_records(t, c)
                 have = done_keys(df, ["corruption", "severity"], metric="accuracy") if len(df) else set()
                 todo = [d for d in wanted if d not in have]
@@ -568,7 +631,7 @@ def run_task(task: Task, c: dict[str, Any], stop: threading.Event | None = None)
     job = part / "compare_job.json"
     result = part / "compare_result.json"
     result.unlink(missing_ok=True)
-    atomic_write_json(job, {"evaluate": task.spec.evaluate, "config": cfg})
+    atomic_write_json(job, {"evaluate": task.spec.evaluate, "config": cfg, "code": task.fingerprint})
     cmd = [c["python"] or sys.executable, "-c", RUNNER, str(job), str(result)]
     task.started = time.perf_counter()
     task.status = "running"
@@ -603,7 +666,12 @@ def run_task(task: Task, c: dict[str, Any], stop: threading.Event | None = None)
             info = {}
     ok = proc.returncode == 0 and not task.error and bool(info)
     if ok:
-        status = {"ok": True, "records": info.get("records"), "seconds": task.seconds}
+        status = {
+            "ok": True,
+            "records": info.get("records"),
+            "seconds": task.seconds,
+            "code": task.fingerprint,
+        }
         atomic_write_json(part / "compare_status.json", status)
         df = task_records(task, c)
         have = {(r.corruption, int(r.severity)) for r in df[df["metric"] == "accuracy"].itertuples()
@@ -617,7 +685,9 @@ def run_task(task: Task, c: dict[str, Any], stop: threading.Event | None = None)
         last = _tail(part / "stderr.log", 1)
         task.error = f"exit status {proc.returncode}" + (f": {last[:200]}" if last else "")
     if not ok:
-        atomic_write_json(part / "compare_status.json", {"ok": False, "error": task.error})
+        atomic_write_json(
+            part / "compare_status.json", {"ok": False, "error": task.error, "code": task.fingerprint}
+        )
     task.stderr_tail = "" if ok else _tail(part / "stderr.log")
     task.status = "ok" if ok else "failed"
     return task
