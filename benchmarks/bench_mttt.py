@@ -1,11 +1,13 @@
 """Forward+backward time and peak memory of one ViT block per token mixer, as ratios to linear attention.
 
-    python benchmarks/bench_mttt.py --tokens 196 784 3136 --batch 2 --out benchmarks/mttt.md
+    python benchmarks/bench_mttt.py --tokens 196 784 3136 --batch 1 --repeats 21 --out benchmarks/mttt.md
     python benchmarks/bench_mttt.py --tokens 196 784 3136 50176 --batch 8 --out benchmarks/mttt_gpu.md  # GPU
 
 One block = ``x + mixer(LN(x))``, ``x + MLP(LN(x))`` (tttlab.mttt_jax.model.Encoder1DBlock), width/heads
 of ViT-S by default.  Time: median over ``--repeats`` calls of a jitted ``value_and_grad`` of
-``sum(block(x)^2)`` with respect to the block's parameters and ``x`` (after a warm-up call).  Peak
+``sum(block(x)^2)`` with respect to the block's parameters and ``x`` (after a warm-up call); at each N
+all mixers are compiled first and then called round-robin (one call each per round, the order rotated),
+so that a load change on a shared machine affects every mixer alike.  Peak
 memory: XLA's compiled memory analysis (temporaries + arguments + outputs) of that program, so it is
 the same on any backend and needs no allocator statistics.  ``mttt_mlp (nested autodiff)`` is the
 literal reference (upstream's structure: per-head ``vmap`` + ``jax.grad`` inside), timed at the
@@ -82,7 +84,8 @@ def reference_program(n, batch, width, heads, dtype):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params, x
 
 
-def measure(fn, params, x, repeats):
+def compile_program(fn, params, x):
+    """Compile, read XLA's memory analysis, run once (warm-up); returns ``(call, peak bytes)``."""
     compiled = fn.lower(params, x).compile()
     mem = compiled.memory_analysis()
     peak = None
@@ -90,12 +93,21 @@ def measure(fn, params, x, repeats):
         peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
                 - getattr(mem, "alias_size_in_bytes", 0))  # fmt: skip
     jax.block_until_ready(compiled(params, x))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(params, x))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), peak
+    return (lambda: compiled(params, x)), peak
+
+
+def measure_interleaved(calls: dict, repeats: int) -> dict:
+    """Median wall time of each call, the calls interleaved round-robin (the order rotated every round),
+    so that load changes on a shared machine hit every mixer alike."""
+    names = list(calls)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for i in range(len(names)):
+            name = names[(i + r) % len(names)]
+            t = time.perf_counter()
+            jax.block_until_ready(calls[name]())
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main(argv=None):
@@ -115,24 +127,18 @@ def main(argv=None):
     dtype = jnp.dtype(a.dtype)
     rows = []
     for n in a.tokens:
-        res = {}
+        calls, peaks = {}, {}
         for name in a.mixers:
             if name == "self_attention" and n > a.max_self_attention_tokens:
                 continue
-            fn, params, x = program(name, n, a.batch, a.width, a.heads, dtype)
-            res[name] = measure(fn, params, x, a.repeats)
-            print(
-                f"N={n:6d} {name:32s} {res[name][0] * 1e3:9.2f} ms  {res[name][1] / 2**20:9.1f} MiB",
-                flush=True,
-            )
+            calls[name], peaks[name] = compile_program(*program(name, n, a.batch, a.width, a.heads, dtype))
         if not a.no_reference and n == min(a.tokens):
-            fn, params, x = reference_program(n, a.batch, a.width, a.heads, dtype)
-            res["mttt_mlp (nested autodiff)"] = measure(fn, params, x, a.repeats)
-            t, m = res["mttt_mlp (nested autodiff)"]
-            print(
-                f"N={n:6d} {'mttt_mlp (nested autodiff)':32s} {t * 1e3:9.2f} ms  {m / 2**20:9.1f} MiB",
-                flush=True,
-            )
+            ref = "mttt_mlp (nested autodiff)"
+            calls[ref], peaks[ref] = compile_program(*reference_program(n, a.batch, a.width, a.heads, dtype))
+        med = measure_interleaved(calls, a.repeats)
+        res = {name: (med[name], peaks[name]) for name in calls}
+        for name, (t, m) in res.items():
+            print(f"N={n:6d} {name:32s} {t * 1e3:9.2f} ms  {m / 2**20:9.1f} MiB", flush=True)
         base_t, base_m = res["linear_attention"]
         for name, (t, m) in res.items():
             rows.append((n, name, t, m, t / base_t, m / base_m if base_m else float("nan")))
@@ -140,7 +146,8 @@ def main(argv=None):
     header = (
         f"Device: {dev.platform} ({getattr(dev, 'device_kind', '')}), {platform.processor() or platform.machine()}; "
         f"jax {jax.__version__}; block width {a.width}, {a.heads} heads, MLP {4 * a.width}, batch {a.batch}, "
-        f"{a.dtype}; median of {a.repeats} fwd+bwd calls.\n\n"
+        f"{a.dtype}; median of {a.repeats} fwd+bwd calls per mixer, "
+        "interleaved round-robin.\n\n"
         "| N | mixer | fwd+bwd ms | peak MiB | time / linear attention | memory / linear attention |\n"
         "| ---: | --- | ---: | ---: | ---: | ---: |\n"
     )

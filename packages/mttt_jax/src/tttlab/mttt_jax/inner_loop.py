@@ -248,16 +248,18 @@ class Decoder:
     def gram(self) -> dict:
         """Per-head constants of the expanded loss (computed once per layer call)."""
         g, b = self.g_kernel, self.g_bias
-        out = {"G": jnp.einsum("hed,hfd->hef", g, g)}
-        if self.use_ln and self.expand:
-            s = self.ln_scale
-            gs = g * s[:, None, :]
-            bs = b * s
-            out.update(
-                Gs=jnp.einsum("hed,hfd->hef", gs, gs), u=g.mean(-1), gb=jnp.einsum("hed,d->he", g, b),
-                p=jnp.einsum("hed,hd->he", gs, bs), q=jnp.einsum("hed,hd->he", gs, s), bbar=b.mean(),
-                bsq=(b * b).sum(), bs2=(bs * bs).sum(-1), bss=(bs * s).sum(-1), ss=(s * s).sum(-1),
-            )  # fmt: skip
+        if not (self.use_ln and self.expand):
+            return {"G": jnp.einsum("hed,hfd->hef", g, g)}
+        s = self.ln_scale
+        gs = g * s[:, None, :]
+        bs = b * s
+        # [G | Gs] = g [g | g diag(s^2)]^T in one product: z [G | Gs] is then one matmul per step
+        out = {"GGs": jnp.einsum("hed,hfd->hef", g, jnp.concatenate([g, gs * s[:, None, :]], 1))}
+        out.update(
+            u=g.mean(-1), gb=jnp.einsum("hed,d->he", g, b),
+            p=jnp.einsum("hed,hd->he", gs, bs), q=jnp.einsum("hed,hd->he", gs, s), bbar=b.mean(),
+            bsq=(b * b).sum(), bs2=(bs * bs).sum(-1), bss=(bs * s).sum(-1), ss=(s * s).sum(-1),
+        )  # fmt: skip
         return out
 
     def targets(self, x: Array) -> dict:
@@ -287,21 +289,43 @@ class Decoder:
             "sq": (xc * xc).sum(-1)[:, None],  # (B, 1, N)
         }
 
-    def _ln_token_losses(self, z: Array, tgt: dict, k: dict) -> Array:
-        """|LN(z g + b) - x|^2 per token, (B, H, n), from the expansion."""
+    def _ln_token_losses_and_grad(self, z: Array, tgt: dict, k: dict) -> tuple[Array, Array]:
+        """|LN(z g + b) - x|^2 per token, (B, H, n), from the expansion, and its gradient with respect to z.
+
+        The gradient is written out (not a nested ``jax.grad``), so that the outer autodiff differentiates
+        one matmul ``z [G | Gs]`` and elementwise ops only.  Per token, with ``mu = z.u + mean(b)``,
+        ``var = (z G z + 2 z.gb + |b|^2)/d - mu^2``, ``r = (var + eps)^-1/2``,
+        ``a = z Gs z + 2 z.p - 2 mu z.q + |b s|^2 - 2 mu (b s).s + mu^2 |s|^2``, ``c = z.w + e - mu f``:
+        ``L = r^2 a + 2 r c + h`` and
+        ``dL/dz = r^2 (2 z Gs + 2 p - 2 mu q) + 2 r w + dL/dmu u + dL/dvar (2 (z G + gb)/d - 2 mu u)``
+        with ``dL/dmu = r^2 (2 mu |s|^2 - 2 z.q - 2 (b s).s) - 2 r f`` and ``dL/dvar = -r^3 (r a + c)``.
+        """
         d = self.g_kernel.shape[-1]
+        dh = z.shape[-1]
         hv = lambda a: a[None, :, None, :]  # noqa: E731  (H, e) -> (1, H, 1, e)
         hs = lambda a: a[None, :, None]  # noqa: E731  (H,) -> (1, H, 1)
-        zG = jnp.einsum("bhne,hef->bhnf", z, k["G"])
-        zGs = jnp.einsum("bhne,hef->bhnf", z, k["Gs"])
+        zgg = jnp.einsum("bhne,hef->bhnf", z, k["GGs"])
+        zG, zGs = zgg[..., :dh], zgg[..., dh:]
         mu = (z * hv(k["u"])).sum(-1) + k["bbar"]
         eo2 = ((z * zG).sum(-1) + 2.0 * (z * hv(k["gb"])).sum(-1) + k["bsq"]) / d
-        rstd = jax.lax.rsqrt(jnp.maximum(eo2 - mu * mu, 0.0) + LN_EPS)
+        var_raw = eo2 - mu * mu
+        rstd = jax.lax.rsqrt(jnp.maximum(var_raw, 0.0) + LN_EPS)
+        r2 = rstd * rstd
         zq = (z * hv(k["q"])).sum(-1)
         a = (z * zGs).sum(-1) + 2.0 * (z * hv(k["p"])).sum(-1) - 2.0 * mu * zq
         a = a + hs(k["bs2"]) - 2.0 * mu * hs(k["bss"]) + mu * mu * hs(k["ss"])
         cross = (z * tgt["w"]).sum(-1) + tgt["e"] - mu * tgt["f"]
-        return rstd * rstd * a + 2.0 * rstd * cross + jnp.broadcast_to(tgt["h"], mu.shape)
+        loss = r2 * a + 2.0 * rstd * cross + jnp.broadcast_to(tgt["h"], mu.shape)
+        dvar = jnp.where(var_raw > 0.0, -r2 * rstd * (rstd * a + cross), 0.0)
+        dmu = r2 * (2.0 * mu * hs(k["ss"]) - 2.0 * zq - 2.0 * hs(k["bss"])) - 2.0 * rstd * tgt["f"]
+        e = lambda a: a[..., None]  # noqa: E731
+        dz = (
+            e(2.0 * r2) * (zGs + hv(k["p"]) - e(mu) * hv(k["q"]))
+            + e(2.0 * rstd) * tgt["w"]
+            + e(dmu - 2.0 * mu * dvar) * hv(k["u"])
+            + e(2.0 * dvar / d) * (zG + hv(k["gb"]))
+        )
+        return loss, dz
 
     def loss_and_grad(self, z: Array, tgt: dict, k: dict) -> tuple[Array, Array]:
         """Inner loss per (B, H) and its gradient with respect to the encoder output ``z``."""
@@ -312,12 +336,8 @@ class Decoder:
             return loss, dz.astype(z.dtype)
         if self.use_ln and self.expand:
 
-            def total(z):
-                per = 0.5 * c * self._ln_token_losses(z, tgt, k).sum(-1)
-                return per.sum(), per
-
-            dz, loss = jax.grad(total, has_aux=True)(z)
-            return loss, dz
+            per, dper = self._ln_token_losses_and_grad(z, tgt, k)
+            return 0.5 * c * per.sum(-1), (0.5 * c) * dper
         if self.use_ln:
             o = jnp.einsum("bhne,hed->bhnd", z, self.g_kernel) + self.g_bias
             y, cache = layer_norm_fwd(o, self.ln_scale[:, None, :], self.ln_bias[:, None, :])
@@ -358,6 +378,7 @@ def ttt_inner_loop(
     decoder: Decoder,
     cfg: TTTConfig,
     perm_key: Array | None = None,
+    linear_gram: bool = True,
 ) -> tuple[Array, Array, dict]:
     """Run the inner loop for a batch of sequences.
 
@@ -365,6 +386,9 @@ def ttt_inner_loop(
         x: block input after the pre-LN, (B, N, d).
         w0: per-head initial inner-encoder weights (kernels (H, in, out), biases (H, out)).
         perm_key: PRNG key for the SGD token permutation (per head).
+        linear_gram: for a linear inner encoder (``mlp_1``) without decoder LayerNorm, run the inner loop
+            on the token statistics (:func:`_linear_gram_loop`); ``False`` takes the general per-token
+            path (the tests check that both agree).
 
     Returns:
         ``(f_q, losses, w_T)``: the encoder applied to the queries with the final weights (B, H, N, d_h),
@@ -389,12 +413,12 @@ def ttt_inner_loop(
         w = jax.tree_util.tree_map(lambda p, g: p - lr * g, w, grads)
         return w, loss
 
+    if cfg.SGD and steps > 1 and n % steps:
+        raise MTTTConfigError(
+            f"inner.TTT.SGD splits the N={n} tokens into inner_itr={steps} minibatches; "
+            "N must be divisible by inner_itr"
+        )
     if cfg.SGD and steps > 1:
-        if n % steps:
-            raise MTTTConfigError(
-                f"inner.TTT.SGD splits the N={n} tokens into inner_itr={steps} minibatches; "
-                "N must be divisible by inner_itr"
-            )
         if perm_key is None:
             perm_key = jax.random.PRNGKey(0)
         order = jnp.argsort(jax.random.uniform(perm_key, (h, n)), axis=-1)  # (H, N)
@@ -406,6 +430,17 @@ def ttt_inner_loop(
             a = a.reshape(b, h, steps, n // steps, *a.shape[3:])
             return jnp.moveaxis(a, 2, 0)
 
+    else:
+        split = None
+
+    if kind == "mlp_1" and not decoder.use_ln and linear_gram:
+        w, losses = _linear_gram_loop(keys, tgt, gram, w, lrs, split, h, decoder.g_kernel.shape[-1])
+        queries = jnp.einsum("bnd,hde->bhne", x, psi_kernel) + psi_bias[None, :, None, :]
+        w = jax.tree_util.tree_map(lambda a, ref: a.astype(ref.dtype), w, w0)
+        f_q, _ = encoder_apply(w, queries, kind)
+        return f_q, losses.sum(-1).T, w
+
+    if split is not None:
         xs = (split(keys), jax.tree_util.tree_map(split, tgt), lrs)
     elif cfg.SGD or steps == 1:
         # one minibatch = the whole sequence
@@ -435,6 +470,72 @@ def ttt_inner_loop(
     queries = jnp.einsum("bnd,hde->bhne", x, psi_kernel) + psi_bias[None, :, None, :]
     f_q, _ = encoder_apply(w, queries, kind)
     return f_q, losses.sum(-1).T, w
+
+
+def _linear_gram_loop(keys, tgt, gram, w, lrs, split, num_heads: int, d: int):
+    """The inner loop of a linear encoder ``f(k) = k W + b`` without decoder LayerNorm, on statistics.
+
+    With ``k' = [k, 1]`` and ``W' = [W; b]``, a minibatch's loss and gradient depend on its tokens only
+    through ``A = K'^T K'``, ``C = K'^T V`` (``V = (x - g_bias) g^T``, the value-like targets) and
+    ``S = sum |x - g_bias|^2``:  ``l = 1/2 c (<W', A W' G> - 2 <W', C> + S)``, ``grad = c (A W' G - C)``
+    (``G = g g^T``, ``c = H / (n d)``).  These are computed once (one (d_h+1) x (2 d_h+1) Gram product per
+    head and minibatch, the same matmul shape as linear attention's ``K^T V``), after which every inner
+    step, including the reported losses, costs O(d_h^3) whatever N.  Same maths as the per-token path.
+
+    Returns ``(w_T, losses (T+1, B, H))`` with ``w_T`` in the leading-dims format of ``w`` (float32+).
+    """
+    dt = tgt["v"].dtype
+    keys = keys.astype(dt)
+    has_bias = "bias_0" in w
+    dh = keys.shape[-1]
+
+    def stats(k, v, sq):  # k, v (..., n, d_h), sq (..., n) -> A', C', S, n
+        n = k.shape[-2]
+        m = jnp.einsum("...ni,...nj->...ij", k, jnp.concatenate([k, v], -1))
+        a, c = m[..., :dh], m[..., dh:]
+        if has_bias:
+            sk = k.sum(-2)
+            a = jnp.concatenate(
+                [jnp.concatenate([a, sk[..., :, None]], -1),
+                 jnp.concatenate([sk, jnp.full(sk.shape[:-1], n, dt)[..., None]], -1)[..., None, :]],
+                -2,
+            )  # fmt: skip
+            c = jnp.concatenate([c, v.sum(-2)[..., None, :]], -2)
+        return a, c, sq.sum(-1), n
+
+    b, h = keys.shape[:2]
+    sq = jnp.broadcast_to(tgt["sq"], (b, h, tgt["sq"].shape[-1]))
+    if split is not None:
+        a_t, c_t, s_t, n_t = stats(split(keys), split(tgt["v"]), split(sq))
+        full = (a_t.sum(0), c_t.sum(0), s_t.sum(0), n_t * a_t.shape[0])
+    else:
+        full = stats(keys, tgt["v"], sq)
+    g = gram["G"].astype(dt)  # (H, d_h, d_h)
+
+    def loss_grad(wp, a, c, s, n):
+        coef = num_heads / (n * d)
+        r = a @ (wp @ g)  # (B, H, d_h(+1), d_h)
+        loss = 0.5 * coef * ((wp * r).sum((-2, -1)) - 2.0 * (wp * c).sum((-2, -1)) + s)
+        return loss, coef * (r - c)
+
+    wp = w["kernel_0"].astype(dt)
+    if has_bias:
+        wp = jnp.concatenate([wp, w["bias_0"].astype(dt)[..., None, :]], -2)
+
+    def body(wp, inp):
+        (a, c, s), lr = inp
+        loss, grad = loss_grad(wp, a, c, s, full[3] if split is None else n_t)
+        return wp - lr.astype(dt) * grad, loss
+
+    per_step = (a_t, c_t, s_t) if split is not None else jax.tree_util.tree_map(
+        lambda z: jnp.broadcast_to(z, (lrs.shape[0], *z.shape)), full[:3]
+    )  # fmt: skip
+    wp, losses = jax.lax.scan(body, wp, (per_step, lrs), unroll=lrs.shape[0] <= 4)
+    final, _ = loss_grad(wp, *full)
+    out = {"kernel_0": wp[..., :dh, :]}
+    if has_bias:
+        out["bias_0"] = wp[..., dh, :]
+    return out, jnp.concatenate([losses, final[None]], 0)
 
 
 # --------------------------------------------------------------------------------------------------
