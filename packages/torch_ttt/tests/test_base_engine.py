@@ -164,3 +164,24 @@ def test_entropy_helpers_match_float64_hand_computation():
     assert torch.allclose(entropy(logits), ent.float(), atol=1e-5)
     avg = p.mean(0)
     assert torch.allclose(marginal_entropy(logits), (-(avg * avg.log()).sum(-1)).float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer_name", ["adam", "sgd"])
+def test_kept_optimizer_after_reset_steps_like_a_fresh_one(optimizer_name):
+    """reset() keeps the optimizer object and clears its state: the next batch equals a fresh engine's,
+    and only the adapted parameters ever hold gradients (autograd computes no others)."""
+    settings = {"reset": "per_domain", "lr": 1e-2, "num_steps": 2, "optimizer_name": optimizer_name}
+    x1, x2 = x_batch(seed=1), x_batch(seed=2)
+    m = bn_model()
+    engine = get_engine("tent")(m, settings).eval()
+    engine(x1)
+    opt = engine.optimizer
+    engine.reset()
+    out, _ = engine(x2)
+    assert engine.optimizer is opt, "the optimizer is reused across resets"
+    fresh = get_engine("tent")(bn_model(), settings).eval()
+    assert torch.equal(out, fresh(x2)[0])
+    assert all(p.grad is None for p in m.parameters()), "no stale gradients on any parameter"
+    engine.optimization_parameters["lr"] = 5e-3
+    engine(x2)
+    assert engine.optimizer is not opt and engine.optimizer.param_groups[0]["lr"] == 5e-3

@@ -8,7 +8,7 @@ from torch import nn
 
 from tttlab.core.errors import InvalidInputError
 from tttlab.torch_ttt import get_engine
-from tttlab.torch_ttt.engine.memo_engine import augmix_geometric
+from tttlab.torch_ttt.engine.memo_engine import affine_grid, augmix_geometric
 from tttlab.torch_ttt.norm import prior_mixed_statistics
 
 
@@ -83,3 +83,12 @@ def test_memo_deterministic_with_seed_and_views_shape():
     assert v.shape == (5, 2, 1, 16, 16) and torch.isfinite(v).all()
     with pytest.raises(InvalidInputError, match="n_augmentations"):
         get_engine("memo")(bn_model(), n_augmentations=0)
+
+
+@pytest.mark.parametrize("size", [(6, 1, 28, 28), (3, 3, 9, 13), (2, 1, 1, 5)])
+def test_affine_grid_is_torchs(size):
+    """Same products and sums in the same order as torch's bmm (bit for bit on the x86 CPUs measured;
+    a BLAS that fuses multiply-adds may differ in the last bit, hence the tolerance)."""
+    theta = torch.randn(size[0], 2, 3, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.affine_grid(theta, list(size), align_corners=False)
+    torch.testing.assert_close(affine_grid(theta, size), expected, rtol=0, atol=1e-6)

@@ -174,6 +174,8 @@ class BaseEngine(nn.Module):
 
     #: Minimum batch size the self-supervised loss needs (statistics over the batch need 2).
     min_batch: int = 1
+    #: True when even the prediction uses batch statistics (TENT, BN): ``min_batch`` applies at num_steps=0.
+    batch_statistics_always: bool = False
     #: Per-engine defaults layered over DEFAULT_OPTIMIZATION (e.g. TENT: 1 step, lr 1e-3).
     optimization_defaults: dict[str, Any] = {}
 
@@ -187,6 +189,7 @@ class BaseEngine(nn.Module):
         )
         self.optimizer: torch.optim.Optimizer | None = None
         self._snapshot: dict[str, torch.Tensor] | None = None
+        self._params: list[torch.Tensor] = []
 
     # -- what adapts --------------------------------------------------------------------------------
     def adapted_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -231,11 +234,20 @@ class BaseEngine(nn.Module):
 
     @torch.no_grad()
     def reset(self) -> None:
-        """Restore the adapted state from the snapshot (bit for bit) and forget the optimizer state."""
+        """Restore the adapted state from the snapshot (bit for bit) and forget the optimizer state.
+
+        The optimizer object is kept and its per-parameter state (Adam moments and step counts, SGD
+        momentum buffers) cleared: the next step behaves exactly as a freshly built optimizer's, without
+        the cost of building one per batch.
+        """
         if self._snapshot is not None:
-            for name, t in self._state().items():
-                t.copy_(self._snapshot[name])
-        self.optimizer = None
+            current = self._state()
+            dst = [t for t in current.values()]
+            src = [self._snapshot[name] for name in current]
+            if dst:
+                torch._foreach_copy_(dst, src)
+        if self.optimizer is not None:
+            self.optimizer.state.clear()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -245,18 +257,46 @@ class BaseEngine(nn.Module):
 
     # -- the loop -----------------------------------------------------------------------------------
     def adapt_step(self, inputs, **kwargs) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
+        """One step: the loss, gradients of the *adapted* parameters only, an optimizer step.
+
+        ``torch.autograd.grad`` over the adapted parameters (not ``loss.backward()``) lets autograd skip
+        every gradient nothing uses: the weights of layers that do not adapt (TENT: all but the norm
+        affine parameters), auxiliary heads that are not adapted (TTT's angle head), and it leaves no
+        stale ``.grad`` on them.  The adapted parameters get exactly the gradient ``backward`` gave them.
+        """
+        params = self._params
         with self.inference_context():
             loss = self.adapt_loss(inputs, **kwargs)
         if loss.requires_grad:
-            loss.backward()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for p, g in zip(params, grads):
+                p.grad = g
             self.optimizer.step()
+            for p in params:
+                p.grad = None
         return loss.detach()
+
+    def _optimizer_for(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        """The engine's optimizer over ``params``, rebuilt only when the parameters or settings change."""
+        settings = self.optimization_parameters
+        key = (
+            tuple(id(p) for p in params),
+            settings["optimizer_name"],
+            float(settings["lr"]),
+            tuple(settings["betas"]),
+            float(settings["momentum"]),
+            float(settings["weight_decay"]),
+        )
+        if self.optimizer is None or getattr(self, "_optimizer_key", None) != key:
+            self.optimizer = build_optimizer(params, settings)
+            self._optimizer_key = key
+        return self.optimizer
 
     def forward(self, inputs, **kwargs):
         if self.training:
             return self.ttt_forward(inputs, **kwargs)
-        check_batch(inputs, min_batch=self.min_batch if self.optimization_parameters["num_steps"] else 1)
+        needs_stats = self.batch_statistics_always or self.optimization_parameters["num_steps"]
+        check_batch(inputs, min_batch=self.min_batch if needs_stats else 1)
         settings = self.optimization_parameters
         num_steps, reset = settings["num_steps"], settings["reset"]
         loss = torch.zeros(())
@@ -266,8 +306,8 @@ class BaseEngine(nn.Module):
             params = [p for _, p in self.adapted_parameters()]
             if not params:
                 raise InvalidInputError(f"{type(self).__name__}: the model has no parameters to adapt")
-            if self.optimizer is None:
-                self.optimizer = build_optimizer(params, settings)
+            self._optimizer_for(params)
+            self._params = params
             with torch.enable_grad():
                 for _ in range(num_steps):
                     loss = self.adapt_step(inputs, **kwargs)

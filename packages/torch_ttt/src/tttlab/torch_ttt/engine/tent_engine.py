@@ -20,7 +20,7 @@ from tttlab.core.errors import InvalidInputError
 
 from ..engine_registry import EngineRegistry
 from ..norm import batch_statistics, entropy, norm_affine_parameters, norm_layers
-from .base_engine import BaseEngine, check_batch
+from .base_engine import BaseEngine
 
 __all__ = ["TentEngine"]
 
@@ -32,6 +32,7 @@ class TentEngine(BaseEngine):
 
     optimization_defaults = {"num_steps": 1, "lr": 1e-3}
     min_batch = 2
+    batch_statistics_always = True
 
     def __init__(self, model, optimization_parameters=None, predict_before_update: bool = False):
         super().__init__(model, optimization_parameters)
@@ -62,9 +63,8 @@ class TentEngine(BaseEngine):
     def forward(self, inputs, **kwargs):
         if self.training:
             return self.ttt_forward(inputs, **kwargs)
-        check_batch(inputs, min_batch=self.min_batch)
         self._first_outputs = None
-        outputs, loss = super().forward(inputs, **kwargs)
+        outputs, loss = super().forward(inputs, **kwargs)  # checks the batch (batch_statistics_always)
         if self.predict_before_update and self._first_outputs is not None:
             outputs = self._first_outputs
         self._first_outputs = None
