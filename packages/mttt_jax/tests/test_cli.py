@@ -91,3 +91,62 @@ def test_plot_commands(trained_run, tmp_path):
     plot_multi_main([str(trained_run), str(trained_run), "--labels", "a", "b", "--out", str(tmp_path / "c")])
     plot_inner_main([str(trained_run), "--epochs", "all", "--out", str(tmp_path / "i")])
     assert (tmp_path / "c.png").exists() and (tmp_path / "i.svg").exists()
+
+
+def _old_records(writer, per_domain, ttt, train_run):
+    """evaluate.py's own record writing before the move to ``core.records.write_domain_summary`` (verbatim
+    logic), the reference the new records must equal."""
+    import numpy as np
+
+    accs, n_all, t_all = [], 0, 0.0
+    for dom, a in sorted(per_domain.items(), key=lambda kv: str(kv[0])):
+        acc = a["correct"] / max(a["n"], 1)
+        extra = {"last_inner_loss": float(np.mean(a["inner"])) if ttt else None, "correct": a["correct"],
+                 "train_run": train_run}  # fmt: skip
+        fields = dict(corruption=dom.corruption, severity=dom.severity, n=a["n"], wall_time_s=a["secs"], extra=extra)
+        for metric, v in (("accuracy", acc), ("error", 1 - acc), ("s_per_image", a["secs"] / max(a["n"], 1))):
+            writer.write(metric=metric, value=v, **fields)
+        if dom.corruption is not None:
+            accs.append(acc)
+            n_all, t_all = n_all + a["n"], t_all + a["secs"]
+    if accs:
+        sev = {d.severity for d in per_domain if d.corruption is not None}
+        mean = dict(corruption="mean", severity=sev.pop() if len(sev) == 1 else None, n=n_all, wall_time_s=t_all,
+                    extra={"domains": len(accs)})  # fmt: skip
+        writer.write(metric="accuracy", value=float(np.mean(accs)), **mean)
+        writer.write(metric="error", value=float(1 - np.mean(accs)), **mean)
+
+
+@pytest.mark.parametrize("ttt", [True, False])
+@pytest.mark.parametrize("with_clean", [True, False])
+def test_records_via_core_summary_equal_the_old_ones(tmp_path, ttt, with_clean):
+    """write_records (core's write_domain_summary + error twins) writes exactly the records (as a set:
+    same fields and values) that evaluate wrote itself before."""
+    from tttlab.core.benchmark import Domain
+    from tttlab.core.records import RunDir, read_jsonl
+    from tttlab.mttt_jax.evaluate import write_records
+
+    per_domain = {
+        Domain("gaussian_noise", 5): {"correct": 7, "n": 20, "secs": 0.25, "inner": [0.5, 0.7]},
+        Domain("fog", 5): {"correct": 13, "n": 20, "secs": 0.5, "inner": [0.25]},
+        Domain("impulse_noise", 3): {"correct": 3, "n": 9, "secs": 0.125, "inner": [1.0, 2.0, 4.0]},
+    }
+    if with_clean:
+        per_domain[Domain(None, None)] = {"correct": 19, "n": 20, "secs": 0.375, "inner": [0.125]}
+    kw = dict(method="mttt_jax.mttt_mlp", package="mttt_jax", framework="jax", model="vit", dataset="mnist_c",
+              setting="episodic", seed=0)  # fmt: skip
+    paths = []
+    for name, fn in (("old", _old_records), ("new", write_records)):
+        run = RunDir(tmp_path / name, {"x": 1})
+        with run.writer(**kw) as w:
+            fn(w, per_domain, ttt=ttt, train_run="runs/x")
+        paths.append(run.records_path)
+
+    def canon(path):
+        drop = {"time", "timestamp", "created", "wall_clock", "run_id", "host", "pid"}
+        rows = [{k: v for k, v in r.items() if k not in drop} for r in read_jsonl(path)]
+        return sorted(json.dumps(r, sort_keys=True) for r in rows)
+
+    old, new = canon(paths[0]), canon(paths[1])
+    assert len(old) == 3 * len(per_domain) + 2
+    assert old == new

@@ -24,7 +24,7 @@ import numpy as np
 
 from tttlab.core.errors import CheckpointError, ConfigError, DatasetNotFoundError
 from tttlab.core.jax import data_mesh, replicate, shard
-from tttlab.core.records import RunDir, config_hash
+from tttlab.core.records import RunDir, config_hash, write_domain_summary
 
 from . import data as mdata
 from . import train as T
@@ -208,32 +208,40 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     writer = out.writer(method=name, package="mttt_jax", framework="jax", model=f"vit-{tc['model']}-{tc['tokens']}",
                         dataset=bench.name, setting=getattr(bench, "setting", None),
                         seed=int(c.get("seed", tc.get("seed", 0))), config_hash=config_hash(tc))  # fmt: skip
-    accs, n_all, t_all = [], 0, 0.0
     with writer:
-        for dom, a in sorted(per_domain.items(), key=lambda kv: str(kv[0])):
-            acc = a["correct"] / max(a["n"], 1)
-            extra = {"last_inner_loss": float(np.mean(a["inner"])) if inner.layer_type == "TTT" else None,
-                     "correct": a["correct"], "train_run": str(c["run_dir"])}  # fmt: skip
-            fields = dict(
-                corruption=dom.corruption, severity=dom.severity, n=a["n"], wall_time_s=a["secs"], extra=extra
-            )
-            for metric, v in (
-                ("accuracy", acc),
-                ("error", 1 - acc),
-                ("s_per_image", a["secs"] / max(a["n"], 1)),
-            ):
-                writer.write(metric=metric, value=v, **fields)
-            if dom.corruption is not None:
-                accs.append(acc)
-                n_all, t_all = n_all + a["n"], t_all + a["secs"]
-            log.info("%s: accuracy %.4f (n=%d)", dom, acc, a["n"])
-        if accs:
-            sev = {d.severity for d in per_domain if d.corruption is not None}
-            mean = dict(corruption="mean", severity=sev.pop() if len(sev) == 1 else None, n=n_all, wall_time_s=t_all,
-                        extra={"domains": len(accs)})  # fmt: skip
-            writer.write(metric="accuracy", value=float(np.mean(accs)), **mean)
-            writer.write(metric="error", value=float(1 - np.mean(accs)), **mean)
+        write_records(writer, per_domain, ttt=inner.layer_type == "TTT", train_run=str(c["run_dir"]))
     return out.records_path
+
+
+def write_records(writer, per_domain: dict, *, ttt: bool, train_run: str) -> list[dict]:
+    """The compare-contract records via :func:`tttlab.core.records.write_domain_summary`, plus ``error``.
+
+    ``per_domain`` maps a benchmark domain to ``{"correct", "n", "secs", "inner": [last-layer inner loss per
+    batch]}``.  Per domain (sorted by name): ``accuracy`` and ``s_per_image`` (``extra``: ``correct``,
+    ``last_inner_loss`` for TTT mixers, ``train_run``), then ``accuracy`` with ``corruption="mean"`` over the
+    corrupted domains; the clean domain is summarised on its own, so the mean's ``n``/``wall_time_s`` count
+    the corrupted images only (as before the move to the core helper).  Every accuracy record gets an
+    ``error`` = 1 - accuracy twin with the same fields.
+    """
+    totals = {
+        dom: (a["correct"], a["n"], a["secs"], a["inner"])
+        for dom, a in sorted(per_domain.items(), key=lambda kv: str(kv[0]))
+    }
+
+    def domain_extra(dom, row):
+        return {"last_inner_loss": float(np.mean(row[3])) if ttt and row[3] else None, "train_run": train_run}
+
+    clean = {d: r for d, r in totals.items() if d.corruption is None}
+    corrupted = {d: r for d, r in totals.items() if d.corruption is not None}
+    written = write_domain_summary(writer, clean, domain_extra=domain_extra)
+    written += write_domain_summary(writer, corrupted, domain_extra=domain_extra)
+    for r in list(written):
+        if r["metric"] == "accuracy":
+            keep = {k: r[k] for k in ("corruption", "severity", "n", "wall_time_s", "extra")}
+            written.append(writer.write(metric="error", value=1.0 - float(r["value"]), **keep))
+    for dom, row in totals.items():
+        log.info("%s: accuracy %.4f (n=%d)", dom, row[0] / max(row[1], 1), row[1])
+    return written
 
 
 def _chain(first, rest):
