@@ -71,7 +71,9 @@ def test_compare_contract_trains_once_and_serves_each_method(tmp_path, monkeypat
 
     calls = []
     real_train = T.train
-    monkeypatch.setattr(T, "train", lambda c, **kw: calls.append(c["inner"]["layer_type"]) or real_train(c, **kw))
+    monkeypatch.setattr(
+        T, "train", lambda c, **kw: calls.append(c["inner"]["layer_type"]) or real_train(c, **kw)
+    )
     bench = {"name": "mnist_c", "corruptions": ["fog"], "severities": [5], "setting": "episodic",
              "batch_size": 16, "num_examples": 16}  # fmt: skip
     common = dict(profile="smoke", cache_dir=str(tmp_path / "cache"), benchmark=bench, seed=3)
@@ -103,7 +105,9 @@ def _old_records(writer, per_domain, ttt, train_run):
         acc = a["correct"] / max(a["n"], 1)
         extra = {"last_inner_loss": float(np.mean(a["inner"])) if ttt else None, "correct": a["correct"],
                  "train_run": train_run}  # fmt: skip
-        fields = dict(corruption=dom.corruption, severity=dom.severity, n=a["n"], wall_time_s=a["secs"], extra=extra)
+        fields = dict(
+            corruption=dom.corruption, severity=dom.severity, n=a["n"], wall_time_s=a["secs"], extra=extra
+        )
         for metric, v in (("accuracy", acc), ("error", 1 - acc), ("s_per_image", a["secs"] / max(a["n"], 1))):
             writer.write(metric=metric, value=v, **fields)
         if dom.corruption is not None:
