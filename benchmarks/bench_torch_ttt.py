@@ -1,14 +1,17 @@
 """Side-by-side: upstream torch-ttt 0.0.2 vs tttlab.torch_ttt, same model, data and steps, one run.
 
     .venv/bin/pip install --no-deps torch-ttt==0.0.2 einops     # bench-only (it declares no dependencies)
-    .venv/bin/python benchmarks/bench_torch_ttt.py --batches 40 --repeats 3 --out benchmarks/torch_ttt.md
+    .venv/bin/python benchmarks/bench_torch_ttt.py --batches 30 --repeats 5 --tent-before-update \
+        --out benchmarks/torch_ttt.md        # add --threads 1 on a shared machine
 
 Data: embedded MNIST test images with the tutorial's noise (x + 2 N(0, 1) after normalisation), batch 32.
 Models: seed 004's network trained jointly with the rotation head (TTT, MEMO: BatchNorm-free, where
 upstream MEMO works) and the same network with BatchNorm after each convolution (TENT), trained briefly
 here (a few hundred steps) with our engine; upstream receives the same weights (and the same trained
 rotation head).  Settings on both sides: Adam, the same lr and num_steps, reset every batch (upstream's
-default copy_model).  Times are the median over repeats of the seconds per adapted batch, interleaved.
+default copy_model).  Times are the median over repeats of the seconds per adapted batch; within a
+repeat every batch goes through the plain model, ours and upstream one after another (rotating order),
+so both sides see the same machine load.  The cost columns divide by the plain forward of one batch.
 """
 
 from __future__ import annotations
@@ -95,13 +98,47 @@ def make_engines(name, net, head, settings):
     return ours.eval(), up.eval()
 
 
-def run(engine, batches, labels, quiet=False):
-    correct, t0 = 0, time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-        for x, y in zip(batches, labels):
-            out, _ = engine(x)
-            correct += (out.argmax(1) == y).sum().item()
-    return (time.perf_counter() - t0) / len(batches), correct / sum(len(y) for y in labels)
+def run_interleaved(net, ours, up, batches, labels):
+    """Each batch through the plain model, ours and upstream, the three timed one after another in an
+    order that rotates from batch to batch, so every side sees the same machine load (shared machines).
+
+    Returns seconds per batch (forward, ours, upstream) and accuracies (ours, upstream or its failure).
+    """
+    t = {"fwd": 0.0, "ours": 0.0, "up": 0.0}
+    correct = {"ours": 0, "up": 0}
+    up_error = None
+    sides = ["fwd", "ours", "up"]
+    for i, (x, y) in enumerate(zip(batches, labels)):
+        for side in sides[i % 3 :] + sides[: i % 3]:
+            if side == "up" and up_error is not None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                if side == "fwd":
+                    with torch.no_grad():
+                        net(x)
+                elif side == "ours":
+                    out, _ = ours(x)
+                else:
+                    with contextlib.redirect_stdout(io.StringIO()):  # upstream prints in forward
+                        out, _ = up(x)
+            except Exception as exc:  # noqa: BLE001 - report upstream's failure in the table
+                if side != "up":
+                    raise
+                up_error = f"fails: {type(exc).__name__}"
+                continue
+            t[side] += time.perf_counter() - t0
+            if side != "fwd":
+                correct[side] += (out.argmax(1) == y).sum().item()
+    n, total = len(batches), sum(len(y) for y in labels)
+    acc_up = up_error if up_error is not None else correct["up"] / total
+    return (
+        t["fwd"] / n,
+        t["ours"] / n,
+        (t["up"] / n if up_error is None else None),
+        correct["ours"] / total,
+        acc_up,
+    )
 
 
 def main(argv=None):
@@ -129,25 +166,14 @@ def main(argv=None):
         engines.insert(2, ("tent_before_update", True))
     for name, bn in engines:
         net, head = models[bn]
-        t_ours, t_up, t_fwd, acc_up = [], [], [], None
-        for r in range(args.repeats):
-            with torch.no_grad():  # the unit of the cost columns: one plain forward of a batch
-                t0 = time.perf_counter()
-                for xb in batches:
-                    net(xb)
-                t_fwd.append((time.perf_counter() - t0) / len(batches))
+        t_ours, t_up, t_fwd = [], [], []
+        for _ in range(args.repeats):
             ours, up = make_engines(name, net, head, settings)
-            # alternate who goes first, so both sides see the same machine load on average
-            for side in ("ours", "up") if r % 2 == 0 else ("up", "ours"):
-                if side == "ours":
-                    t, acc_ours = run(ours, batches, labels)
-                    t_ours.append(t)
-                elif not isinstance(acc_up, str):
-                    try:
-                        t, acc_up = run(up, batches, labels, quiet=True)
-                        t_up.append(t)
-                    except Exception as exc:  # noqa: BLE001 - report upstream's failure in the table
-                        acc_up, t_up = f"fails: {type(exc).__name__}", []
+            fwd, t, t_u, acc_ours, acc_up = run_interleaved(net, ours, up, batches, labels)
+            t_fwd.append(fwd)
+            t_ours.append(t)
+            if t_u is not None:
+                t_up.append(t_u)
         ours_s, t_forward = statistics.median(t_ours), statistics.median(t_fwd)
         up_s = statistics.median(t_up) if t_up else float("nan")
         rows.append(
