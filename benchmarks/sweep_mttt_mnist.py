@@ -35,8 +35,9 @@ MIXERS = {
     "mttt_mlp_T4": ["inner.layer_type=TTT", "inner.TTT.inner_itr=4"],
     "mttt_mlp_T4_sgd": ["inner.layer_type=TTT", "inner.TTT.inner_itr=4", "inner.TTT.SGD=true"],
 }  # fmt: skip
-#: SGD splits the N tokens into T minibatches (N % T == 0): 49 patch tokens take T=7 instead of 4.
-SGD_T = {"patch": 7, "pixel": 4}
+#: SGD splits the N tokens into T minibatches (N % T == 0): 16 patch tokens (7x7 patches) and 196 or 784
+#: pixel tokens all take T=4 (49 tokens of the old 4x4-patch proxy took T=7).
+SGD_T = {"patch": 4, "pixel": 4}
 
 
 def runs(tokens: list[str]) -> list[tuple[str, str, list[str]]]:

@@ -91,11 +91,13 @@ def method_name(inner: InnerConfig) -> str:
 
 
 def model_from_config(c: dict):
-    return build_model(
+    model = build_model(
         model=c["model"], tokens=c["tokens"], inner=c["inner"], num_classes=c["num_classes"],
         image_size=c["image_size"], patch_size=c.get("patch_size"), posemb=c.get("posemb"),
         remat=c.get("remat", False), dtype=c.get("dtype", "float32"), arch=c.get("arch"),
     )  # fmt: skip
+    zero_head = c.get("head_zeroinit", True)
+    return model if zero_head else model.clone(head_zeroinit=False)
 
 
 def _path(keys) -> str:
