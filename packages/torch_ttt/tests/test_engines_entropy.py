@@ -367,3 +367,17 @@ def test_memo_augmentation_options():
     bad = get_engine("memo")(m, augmentations=lambda x, g: x).eval()
     with pytest.raises(InvalidInputError, match="views shaped"):
         bad(x)
+
+
+def test_tent_predict_before_update_returns_the_adaptation_forward_without_a_second_pass():
+    m = bn_model()
+    x = x_batch()
+    with torch.no_grad(), batch_statistics(m):
+        test_stats = m(x)
+    engine = get_engine("tent")(m, {"lr": 0.1}, predict_before_update=True).eval()
+    calls = []
+    handle = m.register_forward_hook(lambda mod, args, out: calls.append(out.shape[0]))
+    out, _ = engine(x)
+    handle.remove()
+    assert torch.equal(out, test_stats), "the logits of the forward that computed the loss"
+    assert calls == [x.shape[0]], "one forward (the adaptation's), no prediction pass"

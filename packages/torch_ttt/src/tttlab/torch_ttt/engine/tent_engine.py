@@ -11,7 +11,8 @@ statistics because it only set ``track_running_stats=False`` with buffers still 
 type (upstream: BatchNorm2d only); nothing in the model is mutated permanently (``requires_grad`` and
 running statistics are left alone; the engine selects what it optimises), so ``reset`` is exact.
 As in upstream the returned prediction is made after the update steps (the official TENT code returns the
-logits of the forward that computed the loss, i.e. before its update: ``predict_before_update=True``).
+logits of the forward that computed the loss, i.e. before its update: ``predict_before_update=True``,
+which then skips the prediction forward: one forward and one backward per batch).
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ class TentEngine(BaseEngine):
         outputs = self.model(inputs)
         return outputs, entropy(outputs).mean()
 
+    def predict(self, inputs, **kwargs):
+        if self.predict_before_update and self._first_outputs is not None:
+            return self._first_outputs  # the adaptation forward's logits: no second forward pass
+        return super().predict(inputs, **kwargs)
+
     def adapt_loss(self, inputs, **kwargs):
         outputs, loss = self.ttt_forward(inputs, **kwargs)
         if self._first_outputs is None:
@@ -65,7 +71,5 @@ class TentEngine(BaseEngine):
             return self.ttt_forward(inputs, **kwargs)
         self._first_outputs = None
         outputs, loss = super().forward(inputs, **kwargs)  # checks the batch (batch_statistics_always)
-        if self.predict_before_update and self._first_outputs is not None:
-            outputs = self._first_outputs
         self._first_outputs = None
         return outputs, loss
