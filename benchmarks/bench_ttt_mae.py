@@ -13,7 +13,13 @@ the same views and masks):
   foreach SGD (``TTTAdapter``);
 - ``ours (batched G)``: G images adapted at once, each with its own weights and momentum
   (``BatchedTTT``: ``vmap`` over ``functional_call``), in fp32 and under bf16 autocast (the bf16 path
-  changes the numerics, so some per-step predictions may differ from the fp32 reference).
+  changes the numerics, so some per-step predictions may differ from the fp32 reference);
+- ``ours (batched G, compiled)`` (``--compile``, default on): the same with the whole step (per-image
+  grads + SGD update) under ``torch.compile`` (inductor, ``--compile-mode``), single-crop copies passed
+  as one image with ``copies`` masks (patch embedding and targets once per image), fp32 and bf16.  The
+  first call compiles; its time is reported apart (``compile s``, a cold compile in a fresh inductor cache
+  unless ``--warm-cache``), the images/s columns are after warm-up, and ``incl. compile`` charges the
+  compile to the images of this run and to 10,000 images (one MNIST-C corruption: 15 x 10,000 in all).
 
 Reported: images/s of each path, the speed-up over the reference, the share of (image, step) predictions
 equal to the reference's, and the largest per-step MAE-loss difference.  The paths are
@@ -23,7 +29,9 @@ interleaved image group by image group so that machine noise hits all of them al
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import tempfile
 import time
 import warnings
 
@@ -42,9 +50,16 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--single-crop", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: inductor default)")
+    ap.add_argument(
+        "--warm-cache", action="store_true", help="reuse the inductor cache (default: a fresh one)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.compile and not args.warm_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ttt_mae_inductor_")
 
     from tttlab.core.benchmark import make_benchmark
     from tttlab.ttt_mae.model import build_model
@@ -84,30 +99,38 @@ def main() -> None:
     def gens(idx):
         return [image_generator(0, 0, i) for i in idx]
 
-    # warm-up (allocator, first-call overheads)
-    ref.adapt(raws[0], gens([0])[0], norm)
-    loop.adapt(raws[0], gens([0])[0], norm)
-    batched.adapt(raws[:1], gens([0]), norm)
-    batched_bf16.adapt(raws[:1], gens([0]), norm)
-
-    times = {"reference": 0.0, "loop": 0.0, "batched": 0.0, "bf16": 0.0}
-    results: dict[str, list] = {k: [] for k in times}
     G = max(args.group, 1)
+    paths = {"reference": lambda idx: [ref.adapt(raws[i], g, norm) for i, g in zip(idx, gens(idx))],
+             "loop": lambda idx: [loop.adapt(raws[i], g, norm) for i, g in zip(idx, gens(idx))],
+             "batched": lambda idx: batched.adapt([raws[i] for i in idx], gens(idx), norm),
+             "bf16": lambda idx: batched_bf16.adapt([raws[i] for i in idx], gens(idx), norm)}  # fmt: skip
+    compile_s: dict[str, float] = {}
+    if args.compile:
+        for key, amp in (("compiled", "none"), ("compiled_bf16", "bf16")):
+            m = build_model(args.model)
+            m.load_state_dict(base.state_dict())
+            a = BatchedTTT(m, TTTSettings(**{**s.__dict__, "amp": amp, "compile": True,
+                                             "compile_mode": args.compile_mode}))  # fmt: skip
+            paths[key] = lambda idx, a=a: a.adapt([raws[i] for i in idx], gens(idx), norm)
+            t0 = time.perf_counter()
+            a.adapt(raws[:G], gens(range(G)), norm)  # compiles for groups of G (smaller ones are padded)
+            compile_s[key] = time.perf_counter() - t0
+
+    # warm-up (allocator, first-call overheads)
+    for k in ("reference", "loop"):
+        paths[k]([0])
+    for k in paths:
+        if k not in ("reference", "loop", "compiled", "compiled_bf16"):
+            paths[k](list(range(min(G, args.images))))
+
+    times = {k: 0.0 for k in paths}
+    results: dict[str, list] = {k: [] for k in times}
     for start in range(0, args.images, G):
         idx = list(range(start, min(start + G, args.images)))
-        t0 = time.perf_counter()
-        results["reference"] += [ref.adapt(raws[i], g, norm) for i, g in zip(idx, gens(idx))]
-        t1 = time.perf_counter()
-        results["loop"] += [loop.adapt(raws[i], g, norm) for i, g in zip(idx, gens(idx))]
-        t2 = time.perf_counter()
-        results["batched"] += batched.adapt([raws[i] for i in idx], gens(idx), norm)
-        t3 = time.perf_counter()
-        results["bf16"] += batched_bf16.adapt([raws[i] for i in idx], gens(idx), norm)
-        t4 = time.perf_counter()
-        times["bf16"] += t4 - t3
-        times["reference"] += t1 - t0
-        times["loop"] += t2 - t1
-        times["batched"] += t3 - t2
+        for k, fn in paths.items():
+            t0 = time.perf_counter()
+            results[k] += fn(idx)
+            times[k] += time.perf_counter() - t0
 
     def agree(name):
         pairs = [
@@ -135,18 +158,30 @@ def main() -> None:
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}"
     )
     rows = [
-        "| path | images/s | s/image | speed-up | per-step predictions equal to the reference | max loss diff |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| path | images/s | s/image | speed-up | per-step predictions equal to the reference | max loss diff "
+        "| compile s | incl. compile: this run / 10k images |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     labels = {"reference": "reference (deepcopy, plain SGD, explicit attention)",
               "loop": "ours, loop (snapshot restore, foreach SGD, SDPA)",
               "batched": f"ours, batched G={G} (vmap, own weights per image)",
-              "bf16": f"ours, batched G={G}, bf16 autocast"}  # fmt: skip
-    for k in ("reference", "loop", "batched", "bf16"):
+              "bf16": f"ours, batched G={G}, bf16 autocast",
+              "compiled": f"ours, batched G={G}, torch.compile",
+              "compiled_bf16": f"ours, batched G={G}, torch.compile, bf16 autocast"}  # fmt: skip
+    ref_rate = n / times["reference"]
+    for k in paths:
         same, dl = agree(k) if k != "reference" else (1.0, 0.0)
+        comp = "-"
+        if k in compile_s:
+            c, per = compile_s[k], times[k] / n
+            run_rate, big_rate = n / (n * per + c), 10_000 / (10_000 * per + c)
+            comp = (f"{c:.0f} | {run_rate:.2f} ({run_rate / ref_rate:.2f}x) / {big_rate:.2f} "
+                    f"({big_rate / ref_rate:.2f}x)")  # fmt: skip
+        else:
+            comp = "- | -"
         rows.append(
             f"| {labels[k]} | {n / times[k]:.2f} | {times[k] / n:.3f} | {times['reference'] / times[k]:.2f}x "
-            f"| {100 * same:.1f} % | {dl:.1e} |"
+            f"| {100 * same:.1f} % | {dl:.1e} | {comp} |"
         )
     text = header + "\n\n" + "\n".join(rows) + "\n"
     print(text)

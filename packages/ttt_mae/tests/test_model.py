@@ -135,3 +135,19 @@ def test_vit_large_key_set_is_the_documented_upstream_one():
     assert sd["decoder_blocks.7.attn.qkv.weight"].shape == (1536, 512)
     assert sd["classifier_blocks.11.mlp.fc1.weight"].shape == (3072, 768)
     assert sd["classifier_pos_embed"].shape == (1, 197, 768)
+
+
+def test_one_image_with_n_masks_equals_n_copies(tiny):
+    """Single-crop TTT passes one image and n mask rows: the same loss and gradients as n copies."""
+    m = tiny()
+    img = torch.randn(1, 1, 28, 28)
+    noise = torch.rand(5, m.num_patches)
+    a = m.mae_loss(img.expand(5, -1, -1, -1), 0.75, noise)
+    ga = torch.autograd.grad(a, list(m.parameters()), allow_unused=True)
+    b = m.mae_loss(img, 0.75, noise)
+    gb = torch.autograd.grad(b, list(m.parameters()), allow_unused=True)
+    assert float(a.detach()) == pytest.approx(float(b.detach()), rel=1e-6)
+    for x, y in zip(ga, gb):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)

@@ -119,3 +119,37 @@ def test_bad_settings(tiny):
         BatchedTTT(tiny(), settings(optimizer_type="adam"))
     with pytest.raises(ConfigError, match="decoder"):
         TTTAdapter(tiny(no_decoder=True), settings())
+
+
+def _compiled_equals_eager(tiny, norm, s):
+    xs = images(3)
+    eager = BatchedTTT(tiny(), s).adapt(xs, [image_generator(0, 2, i) for i in range(3)], norm)
+    comp = BatchedTTT(tiny(), TTTSettings(**{**s.__dict__, "compile": True}))
+    got = comp.adapt(xs, [image_generator(0, 2, i) for i in range(3)], norm)
+    # a smaller group is padded to the compiled group size (same graph), padding results dropped
+    got_small = comp.adapt(xs[:2], [image_generator(0, 2, i) for i in range(2)], norm)
+    assert len(got_small) == 2
+    for w, g, h in zip(eager, got, got_small + [got[2]]):
+        assert w.predictions == g.predictions == h.predictions
+        assert w.losses == pytest.approx(g.losses, rel=1e-4, abs=1e-5)
+        assert g.losses == pytest.approx(h.losses, rel=1e-5, abs=1e-6)
+    assert all(torch.equal(v, tiny().state_dict()[k]) for k, v in comp.model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_eager_traced(tiny, norm, monkeypatch):
+    """The compiled batched step (functional SGD, one image + n masks, padded groups) equals the eager
+    batched path; traced by dynamo + AOTAutograd (``aot_eager``: no C++ codegen; ~15-30 s, the tracing
+    of ``vmap(grad(functional_call))``)."""
+    real = torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda fn, mode=None, dynamic=None: real(fn, backend="aot_eager", dynamic=dynamic)
+    )
+    _compiled_equals_eager(tiny, norm, settings(single_crop=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("single_crop", [True, False])
+def test_compiled_step_equals_eager_inductor(tiny, norm, single_crop):
+    """The same through inductor's C++ codegen (a cold compile takes 1-2 minutes on 2 loaded cores)."""
+    _compiled_equals_eager(tiny, norm, settings(single_crop=single_crop))

@@ -252,6 +252,8 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         x = self.patch_embed(imgs)
         x = x + self.pos_embed[:, 1:, :]
+        if noise is not None and x.shape[0] == 1 and noise.shape[0] > 1:
+            x = x.expand(noise.shape[0], -1, -1)  # one image, n masks: patch embedding computed once
         if mask_ratio != 0:
             x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
         else:
@@ -300,6 +302,10 @@ class MaskedAutoencoderViT(nn.Module):
         return self.classifier_pred(x[:, 0])
 
     def mae_loss(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
+        """MAE loss of ``imgs`` (N, C, H, W) with masks from ``noise`` (N, L).  One image (N = 1) with
+        ``noise`` of n > 1 rows is n identical copies with their own masks (single-crop TTT): the patch
+        embedding and the normalised targets are computed once and broadcast, the same loss up to float
+        rounding of the summed gradients."""
         if not 0 < mask_ratio < 1:
             raise InvalidInputError(f"mask_ratio={mask_ratio}; the MAE loss needs 0 < mask_ratio < 1")
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)

@@ -67,7 +67,8 @@ class TTTSettings:
     crop_scale: tuple[float, float] = (0.2, 1.0)
     flip: bool = True
     amp: str = "none"  # none | bf16
-    compile: bool = False
+    compile: bool = False  # TTTAdapter: the MAE loss; BatchedTTT: the whole step (grads + SGD update)
+    compile_mode: str | None = None  # torch.compile mode (None: default; "max-autotune-no-cudagraphs", ...)
     foreach: bool | None = True  # None: torch's default; False: the plain per-tensor loop
     fused: bool = False  # the fused optimizer kernel (CUDA only; ignored on CPU); overrides foreach
 
@@ -144,7 +145,7 @@ class TTTAdapter:
         self.optimizer = self._make_optimizer()
         self._loss = self.model.mae_loss
         if self.s.compile:
-            self._loss = torch.compile(self.model.mae_loss)
+            self._loss = torch.compile(self.model.mae_loss, mode=self.s.compile_mode)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         s = self.s
@@ -234,6 +235,20 @@ class BatchedTTT:
         self._helper = TTTAdapter.__new__(TTTAdapter)
         self._helper.s, self._helper.model, self._helper.size = self.s, model, self.size
         self._helper.device = self.device
+        self._compiled_step = None
+        self._compiled_groups: set[int] = set()
+
+    def _step_fn(self, params, bufs, views, noise):
+        """One SGD step of every image (functional): per-image grads of the MAE loss (``vmap`` of
+        ``grad``), momentum ``b = m b + g`` (``b = 0`` before the first step gives torch's ``b = g``
+        exactly), ``p = p - lr b``; returns ``(params, bufs, losses)``.  ``torch.compile`` fuses it."""
+        from torch.func import grad, vmap
+
+        grads, loss = vmap(grad(self._loss, has_aux=True))(params, views, noise)
+        lr, mom = self.s.lr, self.s.optimizer_momentum
+        new_b = {k: bufs[k] * mom + grads[k] for k in params} if mom != 0 else grads
+        new_p = {k: params[k] - lr * new_b[k] for k in params}
+        return new_p, new_b, loss
 
     def _loss(self, params, views, noise):
         from torch.func import functional_call
@@ -260,6 +275,8 @@ class BatchedTTT:
         if self.device.type == "cpu":
             self.model.set_fused_attn(False)
         try:
+            if self.s.compile and self.s.steps_per_example > 0:
+                return self._adapt_compiled(raws, generators, normalize)
             return self._adapt(raws, generators, normalize)
         finally:
             for m, f in flags:
@@ -306,3 +323,42 @@ class BatchedTTT:
             with torch.no_grad():
                 preds.append(logits_fn(params, test).argmax(-1).tolist())
         return [ImageResult([p[i] for p in preds], [float(row[i]) for row in losses]) for i in range(G)]
+
+    def _adapt_compiled(
+        self, raws: list[torch.Tensor], generators: list[torch.Generator], normalize
+    ) -> list[ImageResult]:
+        """:meth:`_adapt` with the step compiled (``settings.compile``).  Shapes are static: a group smaller
+        than the first one is padded with copies of its first image (their results are dropped), so one
+        compiled graph serves every group.  Single-crop steps pass the image once with ``batch_size``
+        masks (the model broadcasts it: patch embedding and targets computed once per image)."""
+        from torch.func import vmap
+
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(self._step_fn, mode=self.s.compile_mode, dynamic=False)
+            self._group = len(raws)
+        n = len(raws)
+        G = max(self._group, n)
+        pad = G - n
+        raws = [r.to(self.device) for r in raws] + [raws[0].to(self.device)] * pad
+        generators = list(generators) + [torch.Generator().manual_seed(0) for _ in range(pad)]
+        test = normalize(torch.stack(raws))
+        params = {k: b.unsqueeze(0).repeat(G, *([1] * b.dim())) for k, b in self.base.items()}
+        bufs = {k: torch.zeros_like(v) for k, v in params.items()}
+        logits_fn = vmap(self._logits)
+        self.model.eval()
+        with torch.no_grad():
+            preds = [logits_fn(params, test).argmax(-1).tolist()]
+        losses: list[list[float]] = []
+        single = self.s.single_crop
+        for _ in range(self.s.steps_per_example):
+            drawn = [self._helper.draw(r, g, normalize) for r, g in zip(raws, generators)]
+            views = torch.stack([d[0][:1] if single else d[0] for d in drawn])
+            noise = torch.stack([d[1] for d in drawn])
+            self.model.train()
+            params, bufs, loss = self._compiled_step(params, bufs, views, noise)
+            self.model.eval()
+            with torch.no_grad():
+                logits = logits_fn(params, test)
+            losses.append(loss.tolist())
+            preds.append(logits.argmax(-1).tolist())
+        return [ImageResult([p[i] for p in preds], [float(row[i]) for row in losses]) for i in range(n)]
