@@ -333,13 +333,16 @@ class Decoder:
         loss = r2 * a + 2.0 * rstd * cross + jnp.broadcast_to(tgt["h"], mu.shape)
         dvar = jnp.where(var_raw > 0.0, -r2 * rstd * (rstd * a + cross), 0.0)
         dmu = r2 * (2.0 * mu * hs(k["ss"]) - 2.0 * zq - 2.0 * hs(k["bss"])) - 2.0 * rstd * tgt["f"]
-        e = lambda a: a[..., None]  # noqa: E731
-        hv = lambda i: m[None, :, None, :, 2 * dh + i]  # noqa: E731  u, gb, q, p as (1, H, 1, d_h)
+        # dz = per-token scalars times vectors, written as einsums so that their transposes (the outer
+        # backward) are contractions rather than minor-axis reductions (see _dot_last)
+        per_tok = lambda c, v: jnp.einsum("bhn,bhne->bhne", c, v)  # noqa: E731
+        coef = jnp.stack([2.0 * r2, -2.0 * r2 * mu, dmu - 2.0 * mu * dvar, 2.0 * dvar / d], -1)
+        vecs = jnp.swapaxes(m[:, :, 2 * dh :], 1, 2)[:, (3, 2, 0, 1)]  # (H, 4, d_h): p, q, u, gb
         dz = (
-            e(2.0 * r2) * (zGs + hv(3) - e(mu) * hv(2))
-            + e(2.0 * rstd) * tgt["w"]
-            + e(dmu - 2.0 * mu * dvar) * hv(0)
-            + e(2.0 * dvar / d) * (zG + hv(1))
+            per_tok(2.0 * r2, zGs)
+            + per_tok(2.0 * dvar / d, zG)
+            + per_tok(2.0 * rstd, jnp.broadcast_to(tgt["w"], z.shape))
+            + jnp.einsum("bhnk,hke->bhne", coef, vecs)
         )
         return loss, dz
 
