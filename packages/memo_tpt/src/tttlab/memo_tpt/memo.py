@@ -143,7 +143,7 @@ class Memo:
 
     def original(self, image) -> torch.Tensor:
         """The clean test view (shorter side to ``size`` + centre crop; as-is at that size)."""
-        return A.resize_center_crop(A.as_image(image, self.device), self.size)[None]
+        return A.original_view(image, self.size, device=self.device)
 
     def logits(self, views: torch.Tensor) -> torch.Tensor:
         """Logits of [0, 1] views under the BN prior, restricted to ``class_indices``."""

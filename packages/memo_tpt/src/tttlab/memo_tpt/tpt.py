@@ -314,7 +314,8 @@ class TPT:
         return self.predict(views)
 
     def original(self, image) -> torch.Tensor:
-        return A.resize_center_crop(A.as_image(image, self.device), self.size)[None]
+        """The original view (1, C, size, size) in [0, 1], exactly ``views(image)[0]``."""
+        return A.original_view(image, self.size, device=self.device)
 
     @torch.no_grad()
     def zero_shot(self, images: torch.Tensor) -> torch.Tensor:
