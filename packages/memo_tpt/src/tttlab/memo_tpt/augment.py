@@ -445,16 +445,17 @@ def _shear_y(x: torch.Tensor, level: float, sign: float) -> torch.Tensor:
     a = torch.empty(h, w, c, dtype=x.dtype, device=x.device)
     b = torch.empty_like(a)
     nl = n.tolist()
-    edges = [0] + [j for j in range(1, w) if nl[j] != nl[j - 1]] + [w]
+    edges = [0] + (np.flatnonzero(np.diff(n)) + 1).tolist() + [w]
     for xa, xb in zip(edges[:-1], edges[1:]):
         s = p + nl[xa]
         a[:, xa:xb] = pad[s : s + h, xa:xb]
         b[:, xa:xb] = pad[s + 1 : s + 1 + h, xa:xb]
     d = torch.from_numpy(np.repeat(d, c)).float().to(x.device)
     out = _to_uint8(torch.lerp(a.view(h, w * c).float(), b.view(h, w * c).float(), d)).view(h, w, c)
-    lo = np.clip(np.ceil(-0.5 - t), 0, h).astype(np.int64).tolist()
-    hi = np.clip(np.ceil(h - 0.5 - t), 0, h).astype(np.int64).tolist()
-    edges = [0] + [j for j in range(1, w) if (lo[j], hi[j]) != (lo[j - 1], hi[j - 1])] + [w]
+    lo = np.clip(np.ceil(-0.5 - t), 0, h).astype(np.int64)
+    hi = np.clip(np.ceil(h - 0.5 - t), 0, h).astype(np.int64)
+    edges = [0] + (np.flatnonzero(np.diff(lo) | np.diff(hi)) + 1).tolist() + [w]
+    lo, hi = lo.tolist(), hi.tolist()
     for xa, xb in zip(edges[:-1], edges[1:]):
         if lo[xa] > 0:
             out[: lo[xa], xa:xb] = 0
@@ -791,6 +792,8 @@ def pil_views(image, n_views: int, size: int, *, include_original=True, augmix_v
     from PIL import Image
     from torchvision import transforms as T
 
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        image = Image.fromarray(image)  # no float round trip: the reference pays only for its own work
     if not isinstance(image, Image.Image):
         x = as_image(image)
         image = Image.fromarray((x.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8).squeeze())
