@@ -267,39 +267,56 @@ class Decoder:
         d = g.shape[-1]
         # every per-token product of z the expansion needs comes out of one matmul z M per step:
         # M = g [g^T | (g s^2)^T | 1/d | b | s^2 | s^2 b] = [G | Gs | u | gb | q | p]  (H, d_h, 2 d_h + 4)
-        cols = jnp.stack([jnp.full_like(s, 1.0 / d), jnp.broadcast_to(b, s.shape), s2, s2 * b], -1)
-        rhs = jnp.concatenate([jnp.swapaxes(g, 1, 2), jnp.swapaxes(g * s2[:, None, :], 1, 2), cols], -1)
-        out = {"M": jnp.einsum("hed,hdf->hef", g, rhs)}
+        cols = jnp.stack([jnp.full_like(s, 1.0 / d), jnp.broadcast_to(b, s.shape), s2, s2 * b], 1)
+        out = {"M": jnp.einsum("hed,hfd->hef", g, jnp.concatenate([g, g * s2[:, None, :], cols], 1))}
         out.update(
             bbar=_dot_last(b, jnp.full_like(b, 1.0 / d)), bsq=_dot_last(b, b), bs2=_dot_last(bs, bs),
             bss=_dot_last(bs, s), ss=_dot_last(s, s),
         )  # fmt: skip
         return out
 
-    def targets(self, x: Array) -> dict:
+    def target_kernel(self) -> Array | None:
+        """Per-head columns ``K`` (H, d, k) such that the targets need ``x`` only through ``x K``.
+
+        Without LayerNorm ``K = g^T`` (k = d_h); with it ``K = [g_s^T | b s | s | beta]`` (k = d_h + 3).
+        """
+        if self.use_ln and not self.expand:
+            return None
+        if not self.use_ln:
+            return jnp.swapaxes(self.g_kernel, 1, 2)
+        s, beta, b = self.ln_scale, self.ln_bias, self.g_bias
+        gs = self.g_kernel * s[:, None, :]
+        vecs = jnp.stack([b * s, s, beta], -1)  # (H, d, 3)
+        return jnp.concatenate([jnp.swapaxes(gs, 1, 2), vecs], -1)
+
+    def targets(self, x: Array, xk: Array | None = None) -> dict:
         """Per-token targets of the inner loss from the block input ``x`` (B, N, d).
 
-        Returned arrays are indexed (B, H, N, ...) or broadcastable to it, ready to be permuted/split.
+        ``xk``: ``x @ target_kernel()`` (B, H, N, k) when the caller computed it already.  Returned arrays
+        are indexed (B, H, N, ...) or broadcastable to it, ready to be permuted/split.
         """
         if self.use_ln and not self.expand:
             return {"x": x[:, None]}  # (B, 1, N, d)
+        if xk is None:
+            xk = jnp.einsum("bnd,hdk->bhnk", x, self.target_kernel())
+        dh = self.g_kernel.shape[1]
         if self.use_ln:
             s, beta, b = self.ln_scale, self.ln_bias, self.g_bias
             gs = self.g_kernel * s[:, None, :]
-            w = jnp.einsum("hd,hed->he", beta, gs)[None, :, None, :] - jnp.einsum("bnd,hed->bhne", x, gs)
-            vecs = jnp.stack([b * s, s, beta], 0)  # (3, H, d)
-            xv = jnp.einsum("bnd,khd->kbhn", x, vecs)  # x.(b s), x.s, x.beta
-            const = jnp.einsum("khd,hd->kh", vecs, beta)  # (b s).beta, s.beta, |beta|^2
+            # x.(b s), x.s, x.beta per head, and the constants (b s).beta, s.beta, |beta|^2
+            xv = [xk[..., dh + i] for i in range(3)]
+            const = jnp.einsum("hdk,hd->kh", jnp.stack([b * s, s, beta], -1), beta)
             sq = _dot_last(x, x)[:, None]  # (B, 1, N)
             return {
-                "w": w,
+                "w": jnp.einsum("hd,hed->he", beta, gs)[None, :, None, :] - xk[..., :dh],
                 "e": const[0][None, :, None] - xv[0],
                 "f": const[1][None, :, None] - xv[1],
                 "h": const[2][None, :, None] - 2.0 * xv[2] + sq,
             }
-        xc = x - self.g_bias
+        b = self.g_bias
+        xc = x - b
         return {
-            "v": jnp.einsum("bnd,hed->bhne", xc, self.g_kernel),  # (B, H, N, d_h)
+            "v": xk - jnp.einsum("d,hed->he", b, self.g_kernel)[None, :, None, :],  # (x - b) g^T
             "sq": _dot_last(xc, xc)[:, None],  # (B, 1, N)
         }
 
@@ -419,6 +436,8 @@ def ttt_inner_loop(
     if not cfg.train_init:
         w0 = jax.tree_util.tree_map(jax.lax.stop_gradient, w0)
     keys = jnp.einsum("bnd,hde->bhne", x, phi_kernel) + phi_bias[None, :, None, :]
+    queries = jnp.einsum("bnd,hde->bhne", x, psi_kernel) + psi_bias[None, :, None, :]
+    # (fusing these two and the targets' projection into one matmul measured slower on XLA:CPU)
     tgt = decoder.targets(x.astype(decoder.g_kernel.dtype))
     gram = decoder.gram()
     w = jax.tree_util.tree_map(lambda p: jnp.broadcast_to(p, (b, *p.shape)), w0)
@@ -453,7 +472,6 @@ def ttt_inner_loop(
 
     if kind == "mlp_1" and not decoder.use_ln and linear_gram:
         w, losses = _linear_gram_loop(keys, tgt, gram, w, lrs, split, h, decoder.g_kernel.shape[-1])
-        queries = jnp.einsum("bnd,hde->bhne", x, psi_kernel) + psi_bias[None, :, None, :]
         w = jax.tree_util.tree_map(lambda a, ref: a.astype(ref.dtype), w, w0)
         f_q, _ = encoder_apply(w, queries, kind)
         return f_q, losses.sum(-1).T, w
@@ -485,7 +503,6 @@ def ttt_inner_loop(
     final, _ = decoder.loss_and_grad(z, tgt, gram)
     losses = jnp.concatenate([losses, final[None]], axis=0)  # (T+1, B, H)
 
-    queries = jnp.einsum("bnd,hde->bhne", x, psi_kernel) + psi_bias[None, :, None, :]
     f_q, _ = encoder_apply(w, queries, kind)
     return f_q, losses.sum(-1).T, w
 
