@@ -4,7 +4,7 @@
 
 Each configuration is one `python -m tttlab.mttt_jax.train experiment=mnist_<tokens> ...` subprocess (runs
 resume, so a second call only fills in what is missing); `--jobs` run at once (on a GPU they share it; set
-XLA_PYTHON_CLIENT_PREALLOCATE=false).  The table reports the final val prec@1 on the 10,000 MNIST test
+XLA_PYTHON_CLIENT_PREALLOCATE=false).  SGD needs N % T == 0: `--sgd-t pixel=7` for `image_size=7`.  The table reports the final val prec@1 on the 10,000 MNIST test
 images and the median wall time per epoch (the first epoch includes compilation; the median of 3 does not
 when epochs >= 3).  Extra Hydra overrides for every run go after `--`.
 """
@@ -40,16 +40,17 @@ MIXERS = {
 SGD_T = {"patch": 4, "pixel": 4}
 
 
-def runs(tokens: list[str]) -> list[tuple[str, str, list[str]]]:
+def runs(tokens: list[str], sgd_t: dict[str, int] | None = None) -> list[tuple[str, str, list[str]]]:
+    sgd_t = {**SGD_T, **(sgd_t or {})}
     out = []
     for tok in tokens:
         for name, flags in MIXERS.items():
             flags = list(flags)
             label = name
-            if name.endswith("_sgd") and SGD_T[tok] != 4:
-                flags = [f if not f.startswith("inner.TTT.inner_itr") else f"inner.TTT.inner_itr={SGD_T[tok]}"
+            if name.endswith("_sgd") and sgd_t[tok] != 4:
+                flags = [f if not f.startswith("inner.TTT.inner_itr") else f"inner.TTT.inner_itr={sgd_t[tok]}"
                          for f in flags]  # fmt: skip
-                label = f"mttt_mlp_T{SGD_T[tok]}_sgd"
+                label = f"mttt_mlp_T{sgd_t[tok]}_sgd"
             out.append((tok, label, flags))
     return out
 
@@ -67,10 +68,18 @@ def main() -> None:
     )
     ap.add_argument("--table", default=None, help="write the markdown table here")
     ap.add_argument("--only", nargs="*", default=None, help="mixer labels to run")
+    ap.add_argument(
+        "--sgd-t",
+        nargs="*",
+        default=[],
+        metavar="TOKENS=T",
+        help="SGD inner steps per token kind, e.g. pixel=7 for 7x7 pixels (49 tokens)",
+    )
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     a = ap.parse_args()
     stop_at = None if a.deadline is None else time.monotonic() + a.deadline
-    todo = [r for r in runs(a.tokens) if not a.only or r[1] in a.only]
+    sgd_t = {k: int(v) for k, v in (kv.split("=", 1) for kv in a.sgd_t)}
+    todo = [r for r in runs(a.tokens, sgd_t) if not a.only or r[1] in a.only]
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     out_root = Path(a.out_dir)
     out_root.mkdir(parents=True, exist_ok=True)
