@@ -326,34 +326,76 @@ def _histogram(x: torch.Tensor, idx: torch.Tensor) -> np.ndarray:
     return torch.bincount(idx, minlength=x.shape[-1] * 256).view(-1, 256).cpu().numpy()
 
 
-def _autocontrast(x: torch.Tensor, level: float = 0.0, sign: float = 1.0) -> torch.Tensor:
-    """PIL ``ImageOps.autocontrast`` (cutoff 0) per channel: lo/hi the first/last non-empty histogram bins,
-    lut[i] = int(i * scale + offset) clipped to 0..255 with scale = 255 / (hi - lo), offset = -lo * scale
-    (float64, PIL's order of operations); identity where hi <= lo."""
-    idx = _lut_index(x)
-    nz = _histogram(x, idx) > 0
+def _autocontrast_table(hist: np.ndarray) -> np.ndarray:
+    """PIL ``ImageOps.autocontrast`` (cutoff 0) tables from per-channel histograms (C, 256): lo/hi the
+    first/last non-empty bins, lut[i] = int(i * scale + offset) clipped to 0..255 with scale = 255 / (hi - lo),
+    offset = -lo * scale (float64, PIL's order of operations); identity where hi <= lo."""
+    nz = hist > 0
     lo = nz.argmax(1).astype(np.float64)
     hi = 255 - nz[:, ::-1].argmax(1).astype(np.float64)
     scale = 255.0 / np.maximum(hi - lo, 1)
     offset = -lo * scale
     i = np.arange(256, dtype=np.float64)
     lut = np.clip(np.trunc(i * scale[:, None] + offset[:, None]), 0, 255)
-    lut = np.where((hi > lo)[:, None], lut, i)
-    return _apply_lut(x, idx, lut)
+    return np.where((hi > lo)[:, None], lut, i).astype(np.int64)
+
+
+def _equalize_table(hist: np.ndarray) -> np.ndarray:
+    """PIL ``ImageOps.equalize`` tables from per-channel histograms: step = (pixels - count of the last
+    non-empty level) // 255, lut[i] = (step // 2 + pixels below i) // step (clipped to 255); identity where
+    step is 0."""
+    hist = hist.astype(np.int64)
+    last = 255 - (hist[:, ::-1] > 0).argmax(1)
+    step = (hist.sum(1) - hist[np.arange(len(hist)), last]) // 255
+    below = np.cumsum(hist, 1) - hist
+    lut = np.minimum((step[:, None] // 2 + below) // np.maximum(step, 1)[:, None], 255)
+    return np.where((step > 0)[:, None], lut, np.arange(256))
+
+
+def _autocontrast(x: torch.Tensor, level: float = 0.0, sign: float = 1.0) -> torch.Tensor:
+    """PIL ``ImageOps.autocontrast`` (cutoff 0) per channel (:func:`_autocontrast_table`)."""
+    idx = _lut_index(x)
+    return _apply_lut(x, idx, _autocontrast_table(_histogram(x, idx)))
 
 
 def _equalize(x: torch.Tensor, level: float = 0.0, sign: float = 1.0) -> torch.Tensor:
-    """PIL ``ImageOps.equalize`` per channel: step = (pixels - count of the last non-empty level) // 255,
-    lut[i] = (step // 2 + pixels below i) // step (clipped to 255); identity where step is 0."""
-    h, w, _ = x.shape
+    """PIL ``ImageOps.equalize`` per channel (:func:`_equalize_table`)."""
     idx = _lut_index(x)
-    hist = _histogram(x, idx)
-    last = 255 - (hist[:, ::-1] > 0).argmax(1)
-    step = (h * w - hist[np.arange(len(hist)), last]) // 255
-    below = np.cumsum(hist, 1) - hist
-    lut = np.minimum((step[:, None] // 2 + below) // np.maximum(step, 1)[:, None], 255)
-    lut = np.where((step > 0)[:, None], lut, np.arange(256))
-    return _apply_lut(x, idx, lut)
+    return _apply_lut(x, idx, _equalize_table(_histogram(x, idx)))
+
+
+def _lut_run(x: torch.Tensor, run) -> torch.Tensor:
+    """Consecutive look-up-table operations of a chain (``(fn, level, sign)``, at least one of them
+    histogram-based) composed in level space, bit-identical to applying them one by one: each table is
+    computed from the histogram the previous tables produce (hist'[c, j] = sum of hist[c, i] with
+    lut[c, i] = j), the pixels are looked up once."""
+    idx = _lut_index(x)
+    hist = _histogram(x, idx).astype(np.int64)
+    i = np.arange(256)
+    total = np.broadcast_to(i, hist.shape).copy()
+    for fn, level, _ in run:
+        if fn is _autocontrast:
+            lut = _autocontrast_table(hist)
+        elif fn is _equalize:
+            lut = _equalize_table(hist)
+        elif fn is _posterize:
+            lut = np.broadcast_to(_posterize_levels(i, level), hist.shape)
+        else:
+            lut = np.broadcast_to(_solarize_levels(i, level), hist.shape)
+        total = np.take_along_axis(lut, total, 1)
+        hist = np.stack([np.bincount(lut[c], weights=hist[c], minlength=256) for c in range(len(hist))])
+        hist = hist.astype(np.int64)
+    return _apply_lut(x, idx, total)
+
+
+def _posterize_levels(i: np.ndarray, level: float) -> np.ndarray:
+    bits = min(8, max(0, 4 - int(level * 4 / 10)))
+    return i & (255 - (2 ** (8 - bits) - 1))
+
+
+def _solarize_levels(i: np.ndarray, level: float) -> np.ndarray:
+    t = 256 - int(level * 256 / 10)
+    return np.where(i >= t, 255 - i, i)
 
 
 def _posterize(x: torch.Tensor, level: float, sign: float = 1.0) -> torch.Tensor:
@@ -442,16 +484,15 @@ def _shear_y(x: torch.Tensor, level: float, sign: float) -> torch.Tensor:
     pad[p : p + h] = x
     pad[:p] = x[:1]
     pad[p + h :] = x[h - 1 :]
-    a = torch.empty(h, w, c, dtype=x.dtype, device=x.device)
-    b = torch.empty_like(a)
+    taps = torch.empty(h + 1, w, c, dtype=x.dtype, device=x.device)  # a = taps[:h], b = taps[1:]
     nl = n.tolist()
     edges = [0] + (np.flatnonzero(np.diff(n)) + 1).tolist() + [w]
     for xa, xb in zip(edges[:-1], edges[1:]):
         s = p + nl[xa]
-        a[:, xa:xb] = pad[s : s + h, xa:xb]
-        b[:, xa:xb] = pad[s + 1 : s + 1 + h, xa:xb]
+        taps[:, xa:xb] = pad[s : s + h + 1, xa:xb]
+    taps = taps.view(h + 1, w * c).float()
     d = torch.from_numpy(np.repeat(d, c)).float().to(x.device)
-    out = _to_uint8(torch.lerp(a.view(h, w * c).float(), b.view(h, w * c).float(), d)).view(h, w, c)
+    out = _to_uint8(torch.lerp(taps[:h], taps[1:], d)).view(h, w, c)
     lo = np.clip(np.ceil(-0.5 - t), 0, h).astype(np.int64)
     hi = np.clip(np.ceil(h - 0.5 - t), 0, h).astype(np.int64)
     edges = [0] + (np.flatnonzero(np.diff(lo) | np.diff(hi)) + 1).tolist() + [w]
@@ -531,6 +572,9 @@ _OPS = {
 }  # fmt: skip
 
 
+_LUT_OPS = (_autocontrast, _equalize, _posterize, _solarize)
+
+
 def _op(op: str):
     if op not in _OPS:
         raise InvalidInputError(f"unknown AugMix operation {op!r}; expected one of {AUGMIX_OPS}")
@@ -582,11 +626,22 @@ class _Draws:
         self.coef = torch.cat([m[:, None], (1 - m[:, None]) * w], 1).float()
 
     def chain(self, x: torch.Tensor, i: int, c: int) -> torch.Tensor:
-        """Chain ``c`` of view ``i`` applied to its uint8 (H, W, C) view."""
+        """Chain ``c`` of view ``i`` applied to its uint8 (H, W, C) view; runs of look-up-table operations
+        with a histogram-based one are composed into one look-up (:func:`_lut_run`)."""
         j = i * self.width + c
-        for step in range(self.lengths[j]):
-            fn, level, sign = self.steps[step][j]
-            x = fn(x, level, sign)
+        ops = [self.steps[step][j] for step in range(self.lengths[j])]
+        k = 0
+        while k < len(ops):
+            r = k
+            while r < len(ops) and ops[r][0] in _LUT_OPS:
+                r += 1
+            if r - k >= 2 and any(op[0] in (_autocontrast, _equalize) for op in ops[k:r]):
+                x = _lut_run(x, ops[k:r])
+                k = r
+            else:
+                fn, level, sign = ops[k]
+                x = fn(x, level, sign)
+                k += 1
         return x
 
 
