@@ -1,6 +1,6 @@
 """Forward+backward time and peak memory of one ViT block per token mixer, as ratios to linear attention.
 
-    python benchmarks/bench_mttt.py --tokens 196 784 3136 --batch 1 --repeats 21 --out benchmarks/mttt.md
+    python benchmarks/bench_mttt.py --tokens 196 784 3136 --batch 1 --repeats 15 --out benchmarks/mttt.md
     python benchmarks/bench_mttt.py --tokens 196 784 3136 50176 --batch 8 --out benchmarks/mttt_gpu.md  # GPU
 
 One block = ``x + mixer(LN(x))``, ``x + MLP(LN(x))`` (tttlab.mttt_jax.model.Encoder1DBlock), width/heads
@@ -97,26 +97,29 @@ def compile_program(fn, params, x):
 
 
 def measure_interleaved(calls: dict, repeats: int) -> dict:
-    """Median wall time of each call, the calls interleaved round-robin (the order rotated every round),
-    so that load changes on a shared machine hit every mixer alike."""
+    """Median wall time and median process CPU time (all threads) of each call, the calls interleaved
+    round-robin (the order rotated every round), so that load changes on a shared machine hit every
+    mixer alike.  Returns ``{name: (wall s, cpu s)}``; CPU time is the steadier number under load."""
     names = list(calls)
-    times = {name: [] for name in names}
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
     for r in range(repeats):
         for i in range(len(names)):
             name = names[(i + r) % len(names)]
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             jax.block_until_ready(calls[name]())
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            wall[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in names}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[196, 784, 3136])
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--width", type=int, default=384)
     ap.add_argument("--heads", type=int, default=6)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--mixers", nargs="+", default=list(MIXERS))
     ap.add_argument("--no-reference", action="store_true", help="skip the nested-autodiff reference")
@@ -136,24 +139,27 @@ def main(argv=None):
             ref = "mttt_mlp (nested autodiff)"
             calls[ref], peaks[ref] = compile_program(*reference_program(n, a.batch, a.width, a.heads, dtype))
         med = measure_interleaved(calls, a.repeats)
-        res = {name: (med[name], peaks[name]) for name in calls}
-        for name, (t, m) in res.items():
-            print(f"N={n:6d} {name:32s} {t * 1e3:9.2f} ms  {m / 2**20:9.1f} MiB", flush=True)
-        base_t, base_m = res["linear_attention"]
-        for name, (t, m) in res.items():
-            rows.append((n, name, t, m, t / base_t, m / base_m if base_m else float("nan")))
+        for name, (t, c) in med.items():
+            print(f"N={n:6d} {name:32s} {t * 1e3:9.2f} ms  cpu {c * 1e3:9.2f} ms  {peaks[name] / 2**20:9.1f} MiB",
+                  flush=True)  # fmt: skip
+        base_t, base_c = med["linear_attention"]
+        base_m = peaks["linear_attention"]
+        for name, (t, c) in med.items():
+            m = peaks[name]
+            rows.append((n, name, t, c, m, t / base_t, c / base_c, m / base_m if base_m else float("nan")))
     dev = jax.devices()[0]
     header = (
         f"Device: {dev.platform} ({getattr(dev, 'device_kind', '')}), {platform.processor() or platform.machine()}; "
         f"jax {jax.__version__}; block width {a.width}, {a.heads} heads, MLP {4 * a.width}, batch {a.batch}, "
-        f"{a.dtype}; median of {a.repeats} fwd+bwd calls per mixer, "
-        "interleaved round-robin.\n\n"
-        "| N | mixer | fwd+bwd ms | peak MiB | time / linear attention | memory / linear attention |\n"
-        "| ---: | --- | ---: | ---: | ---: | ---: |\n"
+        f"{a.dtype}; median of {a.repeats} fwd+bwd calls per mixer, interleaved round-robin "
+        "(wall time; CPU = process CPU time of all threads).\n\n"
+        "| N | mixer | fwd+bwd ms | CPU ms | peak MiB | time / linear attention | CPU time / linear attention "
+        "| memory / linear attention |\n"
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     )
     table = header + "".join(
-        f"| {n} | {name} | {t * 1e3:.2f} | {m / 2**20:.1f} | {rt:.2f}x | {rm:.2f}x |\n"
-        for n, name, t, m, rt, rm in rows
+        f"| {n} | {name} | {t * 1e3:.2f} | {c * 1e3:.2f} | {m / 2**20:.1f} | {rt:.2f}x | {rc:.2f}x | {rm:.2f}x |\n"
+        for n, name, t, c, m, rt, rc, rm in rows
     )
     print("\n" + table)
     if a.out:
