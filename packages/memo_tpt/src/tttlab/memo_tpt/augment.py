@@ -669,28 +669,34 @@ def _norm(mean, std, c: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 class _Writer:
     """Writes view i of a channels-last float output (k, H, W, C) as ``bias + scale * sum_s coef_s * src_s``
     of uint8 (H, W, C) sources (the view and its AugMix chains; PIL's blend ``m * view + (1 - m) * sum_c w_c
-    chain_c`` and ``ToTensor`` + ``Normalize``): one conversion of the sources, one small matrix product,
-    one fused per-channel scale and shift, on data still in cache."""
+    chain_c`` and ``ToTensor`` + ``Normalize``): the heaviest source converted into the output, the others
+    added with their weight ratios through one reused float buffer, then one fused per-channel scale and
+    shift, on data still in cache (measured faster here than one (1, 4) x (4, N) matrix product)."""
 
     def __init__(self, out_hwc: torch.Tensor, mean, std, n_src: int = 1):
         _, h, w, c = out_hwc.shape
         self.out = out_hwc
         scale, bias = _norm(mean, std, c, out_hwc.device)
         self.scale_row, self.bias_row = scale.repeat(w), bias.repeat(w)
-        self.tmp = (
-            torch.empty(n_src, h * w * c, dtype=out_hwc.dtype, device=out_hwc.device) if n_src > 1 else None
-        )
+        self.tmp = torch.empty(h * w * c, dtype=out_hwc.dtype, device=out_hwc.device) if n_src > 1 else None
 
     def __call__(self, i: int, sources, coef: torch.Tensor | None = None) -> None:
         o = self.out[i]
         if len(sources) == 1:
             o.copy_(sources[0])
-        else:
-            for s, src in enumerate(sources):
-                self.tmp[s].copy_(src.reshape(-1))
-            torch.mm(coef[None].to(self.tmp.device), self.tmp, out=o.view(1, -1))
+            rows = o.view(-1, self.scale_row.numel())
+            torch.addcmul(self.bias_row, rows, self.scale_row, out=rows)
+            return
+        # sum_s coef_s src_s = coef_b * (src_b + sum_{s != b} (coef_s / coef_b) src_s), b the largest weight
+        cl = coef.tolist()
+        b = max(range(len(cl)), key=cl.__getitem__)
+        o.copy_(sources[b])
+        flat = o.view(-1)
+        for s, src in enumerate(sources):
+            if s != b:
+                flat.add_(self.tmp.copy_(src.reshape(-1)), alpha=cl[s] / cl[b])
         rows = o.view(-1, self.scale_row.numel())
-        torch.addcmul(self.bias_row, rows, self.scale_row, out=rows)
+        torch.addcmul(self.bias_row, rows, self.scale_row * cl[b], out=rows)
 
 
 @torch.no_grad()
