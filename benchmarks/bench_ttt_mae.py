@@ -55,6 +55,9 @@ def main() -> None:
     ap.add_argument(
         "--warm-cache", action="store_true", help="reuse the inductor cache (default: a fresh one)"
     )
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one group of the reference and of the fastest fp32 path: time in GEMMs "
+                         "(mm/bmm/addmm/conv) vs the rest, and the speed-up bound that leaves")  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -184,10 +187,43 @@ def main() -> None:
             f"| {100 * same:.1f} % | {dl:.1e} | {comp} |"
         )
     text = header + "\n\n" + "\n".join(rows) + "\n"
+    if args.profile:
+        text += "\n" + gemm_profile(paths, "compiled" if "compiled" in paths else "batched", G, args.images)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
+
+
+GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm", "aten::mkldnn_convolution",
+            "aten::convolution_backward")  # fmt: skip
+
+
+def gemm_profile(paths, fast: str, G: int, n_images: int) -> str:
+    """Self CPU time in GEMM kernels vs everything else for one group of images (torch.profiler), for the
+    reference and ``fast``; the reference's total over ``fast``'s GEMM time bounds the speed-up of any
+    path that does the same matrix products at the same efficiency (the rest taken to zero)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    idx = list(range(min(G, n_images)))
+    out = {}
+    for k in ("reference", fast):
+        paths[k](idx)  # warm
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            paths[k](idx)
+        ka = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in ka) / 1e6 / len(idx)
+        gemm = sum(e.self_cpu_time_total for e in ka if e.key in GEMM_OPS) / 1e6 / len(idx)
+        out[k] = (total, gemm)
+    (rt, rg), (ft, fg) = out["reference"], out[fast]
+    return (
+        f"Profile ({len(idx)} images, torch.profiler self CPU time per image; the profiler slows small ops):\n\n"
+        "| path | s/image | in GEMMs (mm/bmm/addmm/conv) | rest |\n| --- | --- | --- | --- |\n"
+        f"| reference | {rt:.3f} | {rg:.3f} ({100 * rg / rt:.0f} %) | {rt - rg:.3f} |\n"
+        f"| {fast} | {ft:.3f} | {fg:.3f} ({100 * fg / ft:.0f} %) | {ft - fg:.3f} |\n\n"
+        f"Speed-up under the profiler {rt / ft:.2f}x; bound with the rest of `{fast}` at zero: reference total / "
+        f"{fast} GEMM = {rt / fg:.2f}x.\n"
+    )
 
 
 if __name__ == "__main__":

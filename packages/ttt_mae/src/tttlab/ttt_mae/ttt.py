@@ -26,7 +26,8 @@ What differs from upstream and why:
 - upstream wraps the fp32 step in a ``GradScaler`` (scale 2**16, unscaled before the step): power-of-two
   scaling is exact in fp32 unless a gradient overflows, so plain ``loss.backward()`` is the same step;
 - options: ``amp="bf16"`` autocast, ``scaled_dot_product_attention`` (default) or the explicit softmax
-  attention (``fused_attn=False``), a foreach/fused optimizer, ``torch.compile`` of the MAE loss;
+  attention (``fused_attn=False``), a foreach/fused optimizer, ``torch.compile`` of the MAE loss
+  (:class:`TTTAdapter`) or of the whole batched step (:class:`BatchedTTT`);
 - random numbers come from a per-image generator seeded by ``(seed, domain, image index)``, so a result
   does not depend on the order, the number of processes or batching;
 - :class:`BatchedTTT` adapts ``G`` images at once, each with its own weights and momentum
