@@ -1,13 +1,15 @@
 """Batched on-device test-time views vs the per-view PIL reference, and end-to-end TPT / MEMO images/s.
 
-    .venv/bin/python benchmarks/bench_memo_tpt.py --out benchmarks/memo_tpt.md            # CPU, ~3 min
+    .venv/bin/python benchmarks/bench_memo_tpt.py --threads 1 --repeats 3 --e2e-repeats 1 \
+        --out benchmarks/memo_tpt.md                                                       # CPU, ~4 min
     python benchmarks/bench_memo_tpt.py --device cuda --tpt-arch ViT-B-16 --classes 200   # GPU shapes
 
 Views: 64 views at 224 px of scikit-image photos (astronaut 512x512, chelsea 300x451), two pipelines:
 ``tpt`` (original + 63 random resized crops with flips: TPT on ImageNet variants) and ``memo`` (64 crops +
 flips + AugMix severity 1, width 3, depth 1-3: MEMO), each ready for the model (normalised).  Reference:
 ``tttlab.memo_tpt.augment.pil_views`` (torchvision PIL crop/flip, PIL AugMix operations, ToTensor +
-Normalize per chain, as upstream's loops).  Batched: ``make_views`` + one normalisation, on ``--device``.
+Normalize per chain, as upstream's loops).  Batched: ``make_views(..., mean=, std=)`` (8-bit crops and AugMix,
+one fused conversion + normalisation per view), on ``--device``.
 Timing: the two alternate, ``--repeats`` times; medians.  Threads: ``torch.set_num_threads(--threads)``
 for both (PIL runs single-threaded, as upstream).
 
@@ -139,6 +141,48 @@ def bench_end_to_end(device, repeats, tpt_arch, classes, n_views):
     return rows
 
 
+def bench_ops(repeats: int = 5):
+    """CPU time (``time.thread_time``) per view of each stage on 64 different 224 px crops of the astronaut:
+    the batched kernels on uint8 (H, W, C) views vs PIL on the same views (medians of ``repeats``)."""
+    from PIL import Image
+    from torchvision.transforms.functional import normalize, to_tensor
+
+    img = torch.from_numpy(photos()["astronaut"]).permute(2, 0, 1)
+    boxes = A.random_resized_crop_boxes(
+        64, img.shape[1], img.shape[2], generator=torch.Generator().manual_seed(0)
+    )
+    views = list(A.crop_resize(img, boxes, 224).permute(0, 2, 3, 1).contiguous())
+    pils = [Image.fromarray(v.numpy()) for v in views]
+    big = Image.fromarray(photos()["astronaut"])
+
+    def per_view(fn, items):
+        ts = []
+        for _ in range(repeats):
+            t = time.thread_time()
+            for it in items:
+                fn(it)
+            ts.append(time.thread_time() - t)
+        return statistics.median(ts) / len(items) * 1e6
+
+    rows = []
+    for op in A.AUGMIX_OPS:
+        ours = per_view(lambda v, op=op: A._OPS[op](v, 0.7, 1.0), views)
+        ref = per_view(lambda p, op=op: A._pil_op(op, p, 0.7, 1.0), pils)
+        rows.append((op, ref, ours))
+    src = torch.from_numpy(photos()["astronaut"])
+    regions = [src[t : t + h, left : left + w] for left, t, w, h in boxes.tolist()]
+    ours = per_view(lambda r: A._resize_hwc(r, (224, 224), "bilinear"), regions)
+    ref = per_view(lambda b: big.crop((b[0], b[1], b[0] + b[2], b[1] + b[3])).resize((224, 224), Image.BILINEAR),
+                   boxes.tolist())  # fmt: skip
+    rows.append(("crop + resize", ref, ours))
+    out = torch.empty(1, 224, 224, 3)
+    write = A._Writer(out, MEAN, STD)
+    ours = per_view(lambda v: write(0, [v]), views)
+    ref = per_view(lambda p: normalize(to_tensor(p), MEAN, STD), pils)
+    rows.append(("to float + normalise", ref, ours))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -150,6 +194,7 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=200)
     ap.add_argument("--skip-views", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--ops", action="store_true", help="also: CPU time per view of each stage vs PIL")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -170,6 +215,15 @@ def main() -> None:
                   "|---|---:|---:|---:|"]  # fmt: skip
         for name, p, b in bench_end_to_end(device, args.e2e_repeats, args.tpt_arch, args.classes, args.views):
             lines.append(f"| {name} | {p:.3f} | {b:.3f} | {b / p:.1f}x |")
+            print(lines[-1], flush=True)
+    if args.ops and device.type == "cpu":
+        lines += [
+            "",
+            "| stage (CPU time per 224 px view) | PIL us | batched us | ratio |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, p, b in bench_ops():
+            lines.append(f"| {name} | {p:.0f} | {b:.0f} | {p / b:.1f}x |")
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)
