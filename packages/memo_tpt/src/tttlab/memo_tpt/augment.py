@@ -295,11 +295,13 @@ _CACHE_SIZE = 64
 
 
 def _cached(key, make):
-    if key not in _CACHE:
+    value = _CACHE.get(key)
+    if value is None:  # (safe if another thread clears the cache meanwhile)
+        value = make()
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.clear()
-        _CACHE[key] = make()
-    return _CACHE[key]
+        _CACHE[key] = value
+    return value
 
 
 def _to_uint8(v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
