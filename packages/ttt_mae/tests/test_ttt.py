@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -121,6 +123,14 @@ def test_bad_settings(tiny):
         TTTAdapter(tiny(no_decoder=True), settings())
 
 
+#: torch.compile tests: 0.5-2 min each (tracing vmap(grad(functional_call)), a cold inductor compile), over the
+#: package's 60 s test budget; run with TTTLAB_COMPILE_TESTS=1 (the benchmark also checks compiled == reference).
+compile_test = pytest.mark.skipif(
+    not os.environ.get("TTTLAB_COMPILE_TESTS"),
+    reason="torch.compile test (0.5-2 min); set TTTLAB_COMPILE_TESTS=1",
+)
+
+
 def _compiled_equals_eager(tiny, norm, s):
     xs = images(3)
     eager = BatchedTTT(tiny(), s).adapt(xs, [image_generator(0, 2, i) for i in range(3)], norm)
@@ -137,6 +147,7 @@ def _compiled_equals_eager(tiny, norm, s):
 
 
 @pytest.mark.slow
+@compile_test
 def test_compiled_step_equals_eager_traced(tiny, norm, monkeypatch):
     """The compiled batched step (functional SGD, one image + n masks, padded groups) equals the eager
     batched path; traced by dynamo + AOTAutograd (``aot_eager``: no C++ codegen; ~15-30 s, the tracing
@@ -149,6 +160,7 @@ def test_compiled_step_equals_eager_traced(tiny, norm, monkeypatch):
 
 
 @pytest.mark.slow
+@compile_test
 @pytest.mark.parametrize("single_crop", [True, False])
 def test_compiled_step_equals_eager_inductor(tiny, norm, single_crop):
     """The same through inductor's C++ codegen (a cold compile takes 1-2 minutes on 2 loaded cores)."""
