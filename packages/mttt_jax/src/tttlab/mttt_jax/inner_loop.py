@@ -21,6 +21,10 @@ What differs from upstream (and why):
   included): the closed form is made of ordinary differentiable ops.  Without the decoder LayerNorm the
   reconstruction residual is never formed: ``||z g + b - x||^2 = z (g g^T) z^T - 2 z.v + ||x - b||^2``
   with ``v = (x - b) g^T`` computed once, so each inner step costs O(N d_h^2) instead of O(N d d_h).
+  A linear inner encoder without decoder LayerNorm (MTTT-Linear) goes further: the loss and gradient
+  depend on the tokens only through ``K'^T [K', V]`` (``K' = [K, 1]``), computed once per minibatch, so
+  every inner step and every reported inner loss costs O(d_h^3) whatever N (:func:`_linear_gram_loop`).
+  Minor-axis sums are written as contractions (XLA:CPU runs those reductions far slower than dots).
 * ``train_init=False`` stops the gradient into W0 inside the layer (upstream only masks the optimizer
   update); the training script also freezes it in the optimizer, so both behaviours coincide.
 * Parameters are stored per head as stacked arrays (``psi_kernel`` is (H, d, d_h), ...); the names differ
@@ -240,7 +244,7 @@ class Decoder:
       + |beta - x|^2`` with ``g_s = g diag(s)`` and ``w = (beta - x) g_s^T`` precomputed;
 
     so an inner step costs O(n d_h^2) per head instead of O(n d d_h).  The gradient with respect to z of
-    this per-token expression is taken with ``jax.grad`` (cheap elementwise/d_h-sized ops); the gradient
+    this per-token expression is written out (:meth:`_ln_token_losses_and_grad`); the gradient
     with respect to the inner weights is the closed form of :func:`encoder_grad`.  ``expand=False`` forms
     the residual directly (O(n d d_h); the tests check both forms against each other).
     """
