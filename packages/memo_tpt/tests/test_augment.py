@@ -177,3 +177,24 @@ def test_composed_lookup_runs_equal_op_by_op(photo):
         for fn, level, sign in run:
             ref = fn(ref, level, sign)
         assert torch.equal(A._lut_run(x, run), ref)
+
+
+def test_chains_sharing_the_view_histogram_equal_op_by_op(photo):
+    """Chains of one view that start with histogram operations share the view's histogram (one ``bincount``
+    per view); every chain stays bit-identical to applying its operations one by one."""
+    x = torch.from_numpy(photo).contiguous()
+    ops = ("autocontrast", "equalize", "posterize", "solarize", "rotate")
+    draws = A._Draws(40, torch.Generator().manual_seed(3), severity=1.0, ops=ops)
+    shared_used = 0
+    for i in range(40):
+        shared: dict = {}
+        for c in range(draws.width):
+            j = i * draws.width + c
+            ref = x
+            for step in range(draws.lengths[j]):
+                fn, level, sign = draws.steps[step][j]
+                ref = fn(ref, level, sign)
+            assert torch.equal(draws.chain(x, i, c, shared), ref)
+            assert torch.equal(draws.chain(x, i, c), ref)
+        shared_used += "lut_source" in shared
+    assert shared_used > 5
