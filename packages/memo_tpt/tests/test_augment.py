@@ -198,3 +198,36 @@ def test_chains_sharing_the_view_histogram_equal_op_by_op(photo):
             assert torch.equal(draws.chain(x, i, c), ref)
         shared_used += "lut_source" in shared
     assert shared_used > 5
+
+
+def test_numba_lookup_kernels_equal_torch_path(photo, monkeypatch):
+    """The compiled CPU histogram/look-up kernels (numba, when installed) are bit-identical to the torch path
+    (int32 index + ``bincount`` + ``index_select``), op by op and through whole MEMO views."""
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(0)
+    images = [
+        torch.from_numpy(photo).contiguous(),
+        torch.from_numpy(rng.integers(0, 256, (31, 17, 3), np.uint8)),
+    ]
+    images.append(torch.from_numpy(np.full((5, 7, 3), 9, np.uint8)))  # flat: identity tables
+    run = [
+        (A._equalize, 0.5, 1.0),
+        (A._posterize, 0.5, 1.0),
+        (A._autocontrast, 0.5, 1.0),
+        (A._solarize, 0.7, 1),
+    ]
+    kw = dict(include_original=False, augmix_views=True, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.25))
+
+    def results():
+        out = [f(x, 0.5, 1.0) for x in images for f in (A._autocontrast, A._equalize)]
+        out += [A._lut_run(x, run) for x in images]
+        views = A.make_views(photo, 12, 32, generator=torch.Generator().manual_seed(2), **kw)
+        return out, views
+
+    assert A._numba_kernels() is not None
+    fast, fast_views = results()
+    monkeypatch.setattr(A, "_NUMBA", False)
+    assert A._numba_kernels() is None
+    ref, ref_views = results()
+    assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+    assert torch.equal(fast_views, ref_views)
