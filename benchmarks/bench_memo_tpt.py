@@ -201,7 +201,8 @@ def main() -> None:
     device = torch.device(args.device)
     lines = [
         f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}),"
-        f" torch {torch.__version__}, threads {args.threads}, {args.views} views at 224 px",
+        f" torch {torch.__version__}, threads {args.threads}, {args.views} views at 224 px"
+        + (", numba look-up kernels" if device.type == "cpu" and A._numba_kernels() is not None else ""),
         "",
     ]
     if not args.skip_views:
