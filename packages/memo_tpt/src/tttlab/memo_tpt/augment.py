@@ -391,6 +391,24 @@ def _apply_lut3(flat: np.ndarray, lut: np.ndarray, out: np.ndarray) -> None:
         out[j + 2] = lut[512 + flat[j + 2]]
 
 
+def _blend4(s0, s1, s2, s3, coef: np.ndarray, scale: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
+    """``out = bias + scale * (coef_0 s0 + coef_1 s1 + coef_2 s2 + coef_3 s3)`` per channel, interleaved
+    3-channel uint8 sources into float32 ``out`` in one pass (compiled by numba: a view and its three AugMix
+    chains, mixed, ``ToTensor`` and ``Normalize``)."""
+    c0, c1, c2, c3 = coef[0], coef[1], coef[2], coef[3]
+    n = out.shape[0] // 3
+    for i in range(n):
+        for ch in range(3):
+            j = 3 * i + ch
+            v = (
+                c0 * np.float32(s0[j])
+                + c1 * np.float32(s1[j])
+                + c2 * np.float32(s2[j])
+                + c3 * np.float32(s3[j])
+            )
+            out[j] = v * scale[ch] + bias[ch]
+
+
 _NUMBA = True  # CPU look-up-table kernels compiled by numba when it is installed (tests toggle this)
 _KERNELS: dict = {}
 
@@ -418,6 +436,28 @@ def _numba_kernels():
                 _KERNELS["lut"] = kernels
                 break
     return _KERNELS["lut"]
+
+
+def _numba_blend():
+    """:func:`_blend4` compiled by numba, or None (no numba, or ``_NUMBA`` off)."""
+    if not _NUMBA:
+        return None
+    if "blend" not in _KERNELS:
+        _KERNELS["blend"] = None
+        if _numba_kernels() is not None:
+            import numba
+
+            for cache in (True, False):
+                kernel = numba.njit(cache=cache, nogil=True, boundscheck=False)(_blend4)
+                try:
+                    probe = np.arange(6, dtype=np.uint8)
+                    one = np.ones(4, np.float32)
+                    kernel(probe, probe, probe, probe, one, one, one, np.empty(6, np.float32))
+                except Exception:  # noqa: BLE001 - numba's cache/compile errors vary by version
+                    continue
+                _KERNELS["blend"] = kernel
+                break
+    return _KERNELS["blend"]
 
 
 def _lut_source(x: torch.Tensor):
@@ -777,9 +817,23 @@ class _Writer:
         scale, bias = _norm(mean, std, c, out_hwc.device)
         self.scale_row, self.bias_row = scale.repeat(w), bias.repeat(w)
         self.tmp = torch.empty(h * w * c, dtype=out_hwc.dtype, device=out_hwc.device) if n_src > 1 else None
+        fused = (
+            c == 3
+            and out_hwc.dtype == torch.float32
+            and _fast_cpu(out_hwc.device)
+            and out_hwc[0].is_contiguous()
+        )
+        self.blend = _numba_blend() if fused else None
+        if self.blend is not None:
+            self.scale_np, self.bias_np = scale.cpu().numpy(), bias.cpu().numpy()
 
     def __call__(self, i: int, sources, coef: torch.Tensor | None = None) -> None:
         o = self.out[i]
+        if self.blend is not None and len(sources) == 4:  # one compiled pass (CPU, numba; AugMix width 3)
+            cf = coef.to(torch.float32).numpy()
+            srcs = [src.contiguous().numpy().reshape(-1) for src in sources]
+            self.blend(*srcs, cf, self.scale_np, self.bias_np, o.numpy().reshape(-1))
+            return
         if len(sources) == 1:
             o.copy_(sources[0])
             rows = o.view(-1, self.scale_row.numel())
