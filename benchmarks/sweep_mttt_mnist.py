@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from _sweep import run_until
 
 TTT_LINEAR = [
     "inner.layer_type=TTT", "inner.TTT.inner_encoder=mlp_1", "inner.TTT.inner_encoder_init=zero",
@@ -112,17 +113,6 @@ def main() -> None:
     print(table)
     if a.table:
         Path(a.table).write_text(table + "\n")
-
-
-def run_until(cmd, stop_at, env) -> subprocess.CompletedProcess:
-    """``subprocess.run`` that kills the run at the monotonic time ``stop_at`` (rc -9, output kept)."""
-    timeout = None if stop_at is None else max(1.0, stop_at - time.monotonic())
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
-        return subprocess.CompletedProcess(cmd, -9, out, err + "\nkilled at the deadline")
 
 
 if __name__ == "__main__":

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from _sweep import run_until
 
 ENGINES = ["source", "bn", "tent", "eata", "memo", "actmad", "deyo", "ttt", "ttt_pp", "ittt", "masked_ttt"]
 HEADED = ["ttt", "ttt_pp", "ittt", "masked_ttt"]
@@ -107,17 +108,6 @@ def render(root: Path, engines, settings, status) -> str:
             lines.append(f"| {engine} | " + " | ".join(cells) + f" | **{100 * per['mean']:.1f}** | "
                          f"{1000 * per['_s']:.2f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
-
-
-def run_until(cmd, stop_at, env) -> subprocess.CompletedProcess:
-    """``subprocess.run`` that kills the run at the monotonic time ``stop_at`` (rc -9, output kept)."""
-    timeout = None if stop_at is None else max(1.0, stop_at - time.monotonic())
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
-        return subprocess.CompletedProcess(cmd, -9, out, err + "\nkilled at the deadline")
 
 
 if __name__ == "__main__":

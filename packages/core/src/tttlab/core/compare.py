@@ -545,13 +545,14 @@ def plan(c: dict[str, Any], specs: Sequence[Any]) -> list[Task]:
     wanted = [(cr, s) for cr in c["corruptions"] for s in c["severities"]]
     tasks = []
     for spec in specs:
+        fingerprint = code_fingerprint(spec)  # once per method: it reads the subpackage's files
         for setting in c["setting"]:
             for seed in c["seeds"]:
                 key = run_key(c) + ("-" + config_hash(_method_overrides(c, spec.name))[:6]
                                     if _method_overrides(c, spec.name) else "")  # fmt: skip
                 root = base / key / spec.name / setting / f"seed{seed}"
                 t = Task(spec, setting, seed, root, list(c["corruptions"]), list(c["severities"]), [],
-                         fingerprint=code_fingerprint(spec))  # fmt: skip
+                         fingerprint=fingerprint)  # fmt: skip
                 df = task_records(t, c)
                 have = done_keys(df, ["corruption", "severity"], metric="accuracy") if len(df) else set()
                 todo = [d for d in wanted if d not in have]
