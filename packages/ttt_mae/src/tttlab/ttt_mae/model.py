@@ -38,6 +38,7 @@ import torch
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
+from torch.nn import functional as F
 
 from tttlab.core.errors import ConfigError, InvalidInputError
 
@@ -312,21 +313,134 @@ class MaskedAutoencoderViT(nn.Module):
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask)
 
+    def mae_loss_lean(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
+        """:meth:`mae_loss` (same value and gradients up to float rounding) without the work whose result
+        the loss cannot read (the fast TTT paths use it; the upstream-style reference keeps
+        :meth:`mae_loss`).  Exact cuts:
+
+        - tokens stay in shuffled order, ``[cls, kept..., masked...]``, with the positional embeddings
+          gathered to match: no scatter of the encoder's tokens back to patch order, and the decoder's
+          attention, being a sum over all tokens, is the same up to summation order;
+        - the last decoder block computes queries, attention output, projection, MLP, then
+          ``decoder_norm`` and ``decoder_pred`` for the masked tokens only (the loss reads only those;
+          keys and values still come from every token);
+        - the first decoder block's LayerNorm + qkv of the mask tokens, ``mask_token + pos[j]`` (equal in
+          every copy), once per patch position instead of once per masked token of every copy;
+        - one image with ``n`` masks (single crop): the first encoder block's LayerNorm + qkv of every
+          patch (and the CLS token) once, gathered per copy (in every copy a kept patch is the same
+          token), besides the patch embedding and the normalised targets computed once;
+        - the pixel targets are normalised after gathering the masked patches (one image: once for all
+          patches before gathering).
+        """
+        if not 0 < mask_ratio < 1:
+            raise InvalidInputError(f"mask_ratio={mask_ratio}; the MAE loss needs 0 < mask_ratio < 1")
+        L = self.num_patches
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # (N, L, D), N = 1 or n
+        N = x.shape[0]
+        n = noise.shape[0] if noise is not None else N
+        if noise is None:
+            noise = torch.rand(n, L, device=x.device)
+        keep = int(L * (1 - mask_ratio))
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_keep, ids_masked = ids_shuffle[:, :keep], ids_shuffle[:, keep:]
+        cls = self.cls_token + self.pos_embed[:, :1, :]
+        tok_ids = torch.cat([ids_keep.new_zeros(n, 1), ids_keep + 1], dim=1)  # (n, 1 + keep): cls, kept
+        blocks = list(self.blocks)
+        if N == 1 and n > 1:  # one image, n masks: block 0's LayerNorm + qkv once per token
+            tokens = torch.cat([cls, x], dim=1)  # (1, 1 + L, D)
+            qkv = blocks[0].attn.qkv(blocks[0].norm1(tokens))
+            h = _take(tokens, tok_ids)
+            h = _block(blocks[0], h, qkv=_take(qkv, tok_ids))
+            blocks = blocks[1:]
+        else:
+            h = torch.cat([cls.expand(n, -1, -1), _take(x, ids_keep)], dim=1)
+        for blk in blocks:
+            h = _block(blk, h)
+        latent = self.norm(h)
+
+        # decoder on [cls, kept (in shuffled order), masked (in shuffled order)]
+        dpos = self.decoder_pos_embed  # (1, 1 + L, Dd)
+        h = self.decoder_embed(latent) + _take(dpos, tok_ids)
+        masked_in = self.mask_token + dpos[:, 1:, :]  # (1, L, Dd): the masked token of each position
+        dblocks = list(self.decoder_blocks)
+        first = dblocks[0]
+        qkv_masked = _take(first.attn.qkv(first.norm1(masked_in)), ids_masked)
+        qkv = torch.cat([first.attn.qkv(first.norm1(h)), qkv_masked], dim=1)
+        h = torch.cat([h, _take(masked_in, ids_masked)], dim=1)
+        t = 1 + keep  # first masked token
+        last = len(dblocks) - 1
+        h = _block(first, h, qkv=qkv, out_from=t if last == 0 else 0)
+        for i, blk in enumerate(dblocks[1:], start=1):
+            h = _block(blk, h, out_from=t if i == last else 0)
+        pred = self.decoder_pred(self.decoder_norm(h))  # (n, L - keep, P): the masked patches only
+
+        target = self.patchify(imgs)
+        if N == 1 and n > 1:
+            target = _take(self._norm_pix(target), ids_masked)
+        else:
+            target = self._norm_pix(_take(target, ids_masked))
+        return ((pred.float() - target.float()) ** 2).mean()
+
+    def _norm_pix(self, target: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.norm_pix_loss:
+            return target
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        return (target - mean) / (var + 1.0e-6) ** 0.5
+
     def classify(self, imgs: torch.Tensor) -> torch.Tensor:
         latent, _, _ = self.forward_encoder(imgs, 0.0)
         return self.forward_head(latent)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
                 mode: str = "mae"):  # fmt: skip
-        """``mode="mae"``: the MAE loss (scalar); ``"classify"``: logits with mask ratio 0; ``"both"``:
+        """``mode="mae"``: the MAE loss (scalar); ``"mae_lean"``: the same through :meth:`mae_loss_lean`;
+        ``"classify"``: logits with mask ratio 0; ``"both"``:
         ``(mae loss, logits)`` from two encoder passes."""
         if mode == "mae":
             return self.mae_loss(imgs, mask_ratio, noise)
+        if mode == "mae_lean":
+            return self.mae_loss_lean(imgs, mask_ratio, noise)
         if mode == "classify":
             return self.classify(imgs)
         if mode == "both":
             return self.mae_loss(imgs, mask_ratio, noise), self.classify(imgs)
-        raise InvalidInputError(f"mode={mode!r}; expected 'mae', 'classify' or 'both'")
+        raise InvalidInputError(f"mode={mode!r}; expected 'mae', 'mae_lean', 'classify' or 'both'")
+
+
+def _take(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` (n, k) of ``x`` (n or 1, T, C) along the token axis: (n, k, C)."""
+    if x.shape[0] != ids.shape[0]:
+        x = x.expand(ids.shape[0], -1, -1)
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _block(blk: Block, x: torch.Tensor, qkv: torch.Tensor | None = None, out_from: int = 0) -> torch.Tensor:
+    """timm ``Block.forward`` on ``x`` (B, T, C), optionally with its qkv (B, T, 3C) given, returning only
+    the tokens ``out_from:`` (their queries alone are computed; keys and values come from all tokens)."""
+    a = blk.attn
+    B, T, C = x.shape
+    H, hd = a.num_heads, a.head_dim
+    if qkv is None and out_from:
+        hx = blk.norm1(x)
+        w, b = a.qkv.weight, a.qkv.bias
+        q = F.linear(hx[:, out_from:], w[:C], None if b is None else b[:C])
+        kv = F.linear(hx, w[C:], None if b is None else b[C:])
+    else:
+        if qkv is None:
+            qkv = a.qkv(blk.norm1(x))
+        q, kv = qkv[:, out_from:, :C], qkv[:, :, C:]
+    Tq = T - out_from
+    q = q.reshape(B, Tq, H, hd).transpose(1, 2)
+    k, v = kv.reshape(B, T, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = a.q_norm(q), a.k_norm(k)
+    if a.fused_attn:
+        o = F.scaled_dot_product_attention(q, k, v)
+    else:
+        o = ((q * a.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    o = a.proj_drop(a.proj(a.norm(o.transpose(1, 2).reshape(B, Tq, C))))
+    x = x[:, out_from:] + blk.drop_path1(blk.ls1(o))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
 def build_model(name: str, fused_attn: bool = True, **overrides) -> MaskedAutoencoderViT:
