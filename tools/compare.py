@@ -3,7 +3,7 @@
 
     python tools/compare.py                                   # the demo set, profile full
     python tools/compare.py profile=quick jobs=2 out_dir=runs/cmp
-    python tools/compare.py 'methods=[torch_ttt.*]' seeds=[0,1,2] setting=[reset_each_shift,continual]
+    python tools/compare.py 'methods=[torch_ttt.*]' 'seeds=[0,1,2]' 'setting=[reset_each_shift,continual]'
     python tools/compare.py --list                            # installed methods (and what is missing)
     python tools/compare.py --help                            # every option (conf/compare.yaml)
 

@@ -271,6 +271,11 @@ def test_config_errors_and_method_names(env, tmp_path):
         cmp.load_config(["profile=huge"])
     with pytest.raises(ConfigError, match="severities"):
         cmp.load_config(["severities=[6]"])
+    with pytest.raises(ConfigError, match=r"'timeout_s'=-1.*positive"):
+        cmp.load_config(["timeout_s=-1"])
+    with pytest.raises(ConfigError, match=r"'device'='tpu'.*cuda:N"):
+        cmp.load_config(["device=tpu"])
+    assert cmp.load_config(["device=cuda:1"])["device"] == "cuda:1"
     c = cmp.load_config(["--jobs", "3", "methods=fake.*", "profile=quick", "seeds=[2,1,2]"])
     assert c["jobs"] == 3 and c["methods"] == ["fake.*"] and c["seeds"] == [2, 1]
     assert c["num_examples"] == c["profiles"]["quick"]["num_examples"] and len(c["corruptions"]) == 15

@@ -2,8 +2,10 @@
 
     tttlab-compare                                            # the demo set, profile full, out_dir compare_out
     tttlab-compare profile=quick jobs=2 out_dir=runs/cmp
-    tttlab-compare 'methods=[torch_ttt.*,mttt_jax.mttt_mlp]' seeds=[0,1,2] setting=[reset_each_shift,continual]
-    python tools/compare.py --list                            # the installed methods
+    tttlab-compare 'methods=[torch_ttt.*,mttt_jax.mttt_mlp]' 'seeds=[0,1,2]' 'setting=[reset_each_shift,continual]'
+    tttlab-compare --list                                     # the installed methods (and what is missing)
+
+Quote an argument with brackets or braces (``'seeds=[0,1]'``): zsh and fish expand them otherwise.
 
 Configuration: ``conf/compare.yaml`` (Hydra; ``key=value`` overrides, ``--key value`` also works;
 schema :class:`CompareConfig`, unknown keys are errors).  ``profiles`` in that file is the profile table:
@@ -45,6 +47,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -242,6 +245,14 @@ def check_config(c: dict[str, Any]) -> dict[str, Any]:
     c["batch_size"] = bs
     if c["timeout_s"] is None:
         c["timeout_s"] = prof.get("timeout_s")
+    if c["timeout_s"] is not None and not c["timeout_s"] > 0:
+        raise ConfigError(
+            f"config key 'timeout_s'={c['timeout_s']!r}: expected a positive number of seconds or null"
+        )
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|gpu|auto|mps", str(c["device"])):
+        raise ConfigError(
+            f"config key 'device'={c['device']!r}: expected cpu, cuda or cuda:N (also auto, gpu, mps)"
+        )
     for key in ("jobs", "threads"):
         v = c[key]
         if v is not None and (isinstance(v, bool) or v < 1):

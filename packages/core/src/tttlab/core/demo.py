@@ -2,7 +2,7 @@
 
     python -m tttlab.core.demo                          # demo_out/, profile full (3-4 min on 2 cores)
     python -m tttlab.core.demo profile=quick            # under 2 min
-    python -m tttlab.core.demo --out demo_out seeds=[0,1] jobs=2 --photo
+    python -m tttlab.core.demo --out demo_out 'seeds=[0,1]' jobs=2 --photo
 
 1. Renders ``corruptions_mnist.png`` (19 corruptions x clean + 5 severities on one MNIST digit; with
    ``--photo`` also ``corruptions_photo.png`` on a 224 px photo).
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="tttlab demo: render the corruptions, then compare every installed test-time method on "
         "MNIST-C (tttlab-compare with the demo set). Extra key=value arguments are tttlab-compare options, "
-        "e.g. profile=quick jobs=2 seeds=[0,1].",
+        "e.g. profile=quick jobs=2 'seeds=[0,1]' (quote brackets).",
     )
     p.add_argument("--out", default=None, help="output folder (default: demo_out; same as out_dir=...)")
     p.add_argument(
