@@ -102,7 +102,7 @@ def test_train_writes_the_run_directory_in_the_core_schema(smoke_run):
     assert any(k.startswith("angle_head.") for k in ck["engine_state"]), "the rotation head is saved"
 
 
-def test_killed_run_resumes_to_identical_records_and_weights(smoke_run, tmp_path):
+def test_killed_run_resumes_to_identical_records_and_weights(smoke_run, tmp_path, caplog):
     out = tmp_path / "killed"
     # checkpoints every 4 steps; "killed" after step 6: steps 5-6 are lost and redone on resume
     T.run(smoke_config(out, "train.stop_after_steps=6"))
@@ -114,9 +114,12 @@ def test_killed_run_resumes_to_identical_records_and_weights(smoke_run, tmp_path
     a = T.load_checkpoint(out / "checkpoints" / "last.ckpt")["engine_state"]
     b = T.load_checkpoint(smoke_run / "checkpoints" / "last.ckpt")["engine_state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # a finished run started again writes nothing twice
-    T.run(smoke_config(out))
+    # a finished run started again writes nothing twice, and says so (not "resumed ... at epoch 1")
+    with caplog.at_level("INFO", logger="tttlab.torch_ttt.train"):
+        T.run(smoke_config(out))
     assert len(read_jsonl(out / "records.jsonl")) == 5
+    assert "training already finished (1 epochs)" in caplog.text and "resumed from" not in caplog.text
+    assert "after 1 steps: already in records.jsonl" in caplog.text
 
 
 def test_a_checkpoint_of_another_config_is_not_resumed(smoke_run, tmp_path):
@@ -205,6 +208,17 @@ def test_reset_policy_follows_the_setting_and_domain_boundaries():
         totals = E.adapt_stream(engine, batches(), [a, b], torch.device("cpu"), policy, False)
         assert engine.resets == expected, policy
         assert totals[a][:2] == [4, 4] and totals[b][:2] == [4, 4]
+
+
+def test_a_bad_device_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"device='tpu': expected cpu, cuda, cuda:N or auto"):
+        E.run({"engine": "tent", "device": "tpu", "out_dir": str(tmp_path / "e")})
+    with pytest.raises(ConfigError, match="device='tpu'"):
+        T.run(smoke_config(tmp_path / "t", "device=tpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            T.resolve_device("cuda")
+    assert T.resolve_device("auto").type in ("cpu", "cuda")
 
 
 def test_evaluate_needs_a_finished_training_run(tmp_path):

@@ -133,9 +133,16 @@ def train_config(experiment: str | None = None, overrides: list[str] | None = No
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``/``gpu``: CUDA when available, else the CPU; otherwise a torch device name, checked."""
     if name in ("auto", "gpu"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"device={name!r}: expected cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r}, but torch finds no CUDA device; use device=cpu or device=auto")
+    return device
 
 
 def normalise(images: np.ndarray) -> torch.Tensor:
@@ -351,7 +358,11 @@ def run(cfg, **overrides) -> Path:
         opt.load_state_dict(ck["optimizer"])
         state, history = ck["state"], ck["history"]
         torch.set_rng_state(ck["rng"])
-        log.info("resumed from %s at epoch %d, batch %d", ckpt_path, state["epoch"], state["batch"])
+        if state["epoch"] >= int(c["train"]["epochs"]):
+            log.info("%s: training already finished (%d epochs); evaluations already in records.jsonl are "
+                     "kept, missing ones computed", ckpt_path, state["epoch"])  # fmt: skip
+        else:
+            log.info("resumed from %s at epoch %d, batch %d", ckpt_path, state["epoch"], state["batch"])
 
     def checkpoint(done: bool = False) -> None:
         save_checkpoint(
@@ -428,6 +439,7 @@ def _noisy_evaluation(c, model, engine, writer, have, device) -> dict[str, Any]:
         return summary
     for k in e["num_steps"]:
         if (method, "accuracy", TUTORIAL_NOISE, int(k)) in have:
+            log.info("noisy accuracy with %s after %d steps: already in records.jsonl", method, k)
             continue
         acc, n, secs = evaluate_noisy(
             engine, xn, yt, int(k), bs, device, lr=e["lr"], optimizer_name=e["optimizer_name"],
