@@ -1,7 +1,7 @@
 """TTT-MAE per-image adaptation: the upstream-style reference path vs ours, same images and seeds, one run.
 
     python benchmarks/bench_ttt_mae.py --images 16 --steps 5 --copies 16 --group 8 [--model mae_vit_mnist_patch7]
-        [--threads 1] [--out benchmarks/ttt_mae_cpu.md]
+        [--threads 1] [--cuts both|on|off] [--no-compile] [--out benchmarks/ttt_mae_cpu.md]
 
 Paths (all adapt each image from the same base weights, with the same per-image generator, so they see
 the same views and masks):
@@ -14,6 +14,11 @@ the same views and masks):
 - ``ours (batched G)``: G images adapted at once, each with its own weights and momentum
   (``BatchedTTT``: ``vmap`` over ``functional_call``), in fp32 and under bf16 autocast (the bf16 path
   changes the numerics, so some per-step predictions may differ from the fp32 reference);
+- ``... exact cuts`` (``--cuts both``, default: with and without, side by side): the same paths with
+  ``TTTSettings.exact_cuts`` (the lean MAE loss, ``MaskedAutoencoderViT.mae_loss_lean``: the last decoder
+  block and ``decoder_pred`` on the masked tokens only, the mask tokens' first decoder qkv once per
+  position, single-crop copies as one image with the first encoder block's qkv once per patch); the
+  rows without are the code before the cuts.  The header line gives the counted FLOP of a step;
 - ``ours (batched G, compiled)`` (``--compile``, default on): the same with the whole step (per-image
   grads + SGD update) under ``torch.compile`` (inductor, ``--compile-mode``), single-crop copies passed
   as one image with ``copies`` masks (patch embedding and targets once per image), fp32 and bf16.  The
@@ -58,6 +63,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="also profile one group of the reference and of the fastest fp32 path: time in GEMMs "
                          "(mm/bmm/addmm/conv) vs the rest, and the speed-up bound that leaves")  # fmt: skip
+    ap.add_argument("--cuts", choices=("both", "on", "off"), default="both",
+                    help="our paths with the exact FLOP cuts (TTTSettings.exact_cuts, the lean MAE loss), without "
+                         "them (the full loss, as before the cuts), or both side by side (default)")  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -89,41 +97,43 @@ def main() -> None:
     ref_model = build_model(args.model, fused_attn=False)
     ref_model.load_state_dict(base.state_dict())
     ref = ReferenceTTT(ref_model, TTTSettings(**{**s.__dict__, "foreach": False}))
-    ours_model = build_model(args.model)
-    ours_model.load_state_dict(base.state_dict())
-    loop = TTTAdapter(ours_model, s)
-    batch_model = build_model(args.model)
-    batch_model.load_state_dict(base.state_dict())
-    batched = BatchedTTT(batch_model, s)
-    bf_model = build_model(args.model)
-    bf_model.load_state_dict(base.state_dict())
-    batched_bf16 = BatchedTTT(bf_model, TTTSettings(**{**s.__dict__, "amp": "bf16"}))
 
     def gens(idx):
         return [image_generator(0, 0, i) for i in idx]
 
+    def fresh():
+        m = build_model(args.model)
+        m.load_state_dict(base.state_dict())
+        return m
+
     G = max(args.group, 1)
-    paths = {"reference": lambda idx: [ref.adapt(raws[i], g, norm) for i, g in zip(idx, gens(idx))],
-             "loop": lambda idx: [loop.adapt(raws[i], g, norm) for i, g in zip(idx, gens(idx))],
-             "batched": lambda idx: batched.adapt([raws[i] for i in idx], gens(idx), norm),
-             "bf16": lambda idx: batched_bf16.adapt([raws[i] for i in idx], gens(idx), norm)}  # fmt: skip
+    variants = {"both": (False, True), "on": (True,), "off": (False,)}[args.cuts]
+    paths = {"reference": lambda idx: [ref.adapt(raws[i], g, norm) for i, g in zip(idx, gens(idx))]}
     compile_s: dict[str, float] = {}
+    kinds = [("loop", "none", False), ("batched", "none", False), ("bf16", "bf16", False)]
     if args.compile:
-        for key, amp in (("compiled", "none"), ("compiled_bf16", "bf16")):
-            m = build_model(args.model)
-            m.load_state_dict(base.state_dict())
-            a = BatchedTTT(m, TTTSettings(**{**s.__dict__, "amp": amp, "compile": True,
-                                             "compile_mode": args.compile_mode}))  # fmt: skip
+        kinds += [("compiled", "none", True), ("compiled_bf16", "bf16", True)]
+    for kind, amp, comp in kinds:
+        for cuts in variants:
+            key = kind + ("+cuts" if cuts else "")
+            st = TTTSettings(**{**s.__dict__, "amp": amp, "compile": comp, "compile_mode": args.compile_mode,
+                                "exact_cuts": cuts})  # fmt: skip
+            if kind == "loop":
+                a = TTTAdapter(fresh(), st)
+                paths[key] = lambda idx, a=a: [a.adapt(raws[i], g, norm) for i, g in zip(idx, gens(idx))]
+                continue
+            a = BatchedTTT(fresh(), st)
             paths[key] = lambda idx, a=a: a.adapt([raws[i] for i in idx], gens(idx), norm)
-            t0 = time.perf_counter()
-            a.adapt(raws[:G], gens(range(G)), norm)  # compiles for groups of G (smaller ones are padded)
-            compile_s[key] = time.perf_counter() - t0
+            if comp:
+                t0 = time.perf_counter()
+                a.adapt(raws[:G], gens(range(G)), norm)  # compiles for groups of G (smaller ones are padded)
+                compile_s[key] = time.perf_counter() - t0
 
     # warm-up (allocator, first-call overheads)
-    for k in ("reference", "loop"):
-        paths[k]([0])
     for k in paths:
-        if k not in ("reference", "loop", "compiled", "compiled_bf16"):
+        if k == "reference" or k.startswith("loop"):
+            paths[k]([0])
+        elif k not in compile_s:
             paths[k](list(range(min(G, args.images))))
 
     times = {k: 0.0 for k in paths}
@@ -171,6 +181,7 @@ def main() -> None:
               "bf16": f"ours, batched G={G}, bf16 autocast",
               "compiled": f"ours, batched G={G}, torch.compile",
               "compiled_bf16": f"ours, batched G={G}, torch.compile, bf16 autocast"}  # fmt: skip
+    labels.update({k + "+cuts": v + ", **exact cuts**" for k, v in labels.items()})
     ref_rate = n / times["reference"]
     for k in paths:
         same, dl = agree(k) if k != "reference" else (1.0, 0.0)
@@ -186,13 +197,49 @@ def main() -> None:
             f"| {labels[k]} | {n / times[k]:.2f} | {times[k] / n:.3f} | {times['reference'] / times[k]:.2f}x "
             f"| {100 * same:.1f} % | {dl:.1e} | {comp} |"
         )
-    text = header + "\n\n" + "\n".join(rows) + "\n"
+    text = header + "\n\n" + flop_line(base, s) + "\n\n" + "\n".join(rows) + "\n"
     if args.profile:
-        text += "\n" + gemm_profile(paths, "compiled" if "compiled" in paths else "batched", G, args.images)
+        fast = [k for k in ("compiled+cuts", "compiled", "batched+cuts", "batched") if k in paths][0]
+        text += "\n" + gemm_profile(paths, fast, G, args.images)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
+
+
+def flop_line(base, s) -> str:
+    """Counted FLOP (``torch.utils.flop_counter``: matrix products and convolutions) of one TTT step's MAE
+    loss, forward + backward, with ``finetune_mode``'s trainable parameters: the reference's full loss on
+    ``copies`` views vs the full loss on one image with ``copies`` masks (ours before the cuts, single crop)
+    vs the lean loss (ours with the exact cuts)."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tttlab.ttt_mae.ttt import trainable_names
+
+    m = copy.deepcopy(base).train().set_fused_attn(False)  # counted as the reference computes attention
+    names = set(trainable_names(m, s.finetune_mode))
+    for n, p in m.named_parameters():
+        p.requires_grad_(n in names)
+    c, size = m.cfg.in_chans, m.cfg.img_size
+    x = torch.rand(1, c, size, size, generator=torch.Generator().manual_seed(0))
+    noise = torch.rand(s.batch_size, m.num_patches, generator=torch.Generator().manual_seed(1))
+    views = x.expand(s.batch_size, -1, -1, -1)
+    one = x if s.single_crop else views.contiguous()
+
+    def count(fn, imgs):
+        fc = FlopCounterMode(display=False)
+        with fc:
+            fn(imgs, s.mask_ratio, noise).backward()
+        return fc.get_total_flops()
+
+    ref, full, lean = count(m.mae_loss, views), count(m.mae_loss, one), count(m.mae_loss_lean, one)
+    return (
+        f"Counted FLOP per TTT step (MAE loss forward + backward, {s.batch_size} copies, finetune_mode "
+        f"{s.finetune_mode}): reference {ref / 1e6:.1f} M; ours without cuts {full / 1e6:.1f} M "
+        f"({full / ref:.3f}); ours with the exact cuts {lean / 1e6:.1f} M ({lean / ref:.3f})."
+    )
 
 
 GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm", "aten::mkldnn_convolution",

@@ -355,7 +355,7 @@ class MaskedAutoencoderViT(nn.Module):
         else:
             h = torch.cat([cls.expand(n, -1, -1), _take(x, ids_keep)], dim=1)
         for blk in blocks:
-            h = _block(blk, h)
+            h = blk(h)
         latent = self.norm(h)
 
         # decoder on [cls, kept (in shuffled order), masked (in shuffled order)]
@@ -371,7 +371,7 @@ class MaskedAutoencoderViT(nn.Module):
         last = len(dblocks) - 1
         h = _block(first, h, qkv=qkv, out_from=t if last == 0 else 0)
         for i, blk in enumerate(dblocks[1:], start=1):
-            h = _block(blk, h, out_from=t if i == last else 0)
+            h = _block(blk, h, out_from=t) if i == last else blk(h)
         pred = self.decoder_pred(self.decoder_norm(h))  # (n, L - keep, P): the masked patches only
 
         target = self.patchify(imgs)
@@ -409,9 +409,10 @@ class MaskedAutoencoderViT(nn.Module):
 
 
 def _take(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Rows ``ids`` (n, k) of ``x`` (n or 1, T, C) along the token axis: (n, k, C)."""
-    if x.shape[0] != ids.shape[0]:
-        x = x.expand(ids.shape[0], -1, -1)
+    """Rows ``ids`` (n, k) of ``x`` (n or 1, T, C) along the token axis: (n, k, C).  One row set (x of
+    batch 1) is a look-up (``embedding``: its backward adds into (T, C), not into an (n, T, C) scatter)."""
+    if x.shape[0] == 1 and ids.shape[0] != 1:
+        return F.embedding(ids, x[0])
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
@@ -421,18 +422,19 @@ def _block(blk: Block, x: torch.Tensor, qkv: torch.Tensor | None = None, out_fro
     a = blk.attn
     B, T, C = x.shape
     H, hd = a.num_heads, a.head_dim
+    Tq = T - out_from
     if qkv is None and out_from:
         hx = blk.norm1(x)
         w, b = a.qkv.weight, a.qkv.bias
         q = F.linear(hx[:, out_from:], w[:C], None if b is None else b[:C])
         kv = F.linear(hx, w[C:], None if b is None else b[C:])
+        q = q.reshape(B, Tq, H, hd).transpose(1, 2)
+        k, v = kv.reshape(B, T, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
     else:
         if qkv is None:
             qkv = a.qkv(blk.norm1(x))
-        q, kv = qkv[:, out_from:, :C], qkv[:, :, C:]
-    Tq = T - out_from
-    q = q.reshape(B, Tq, H, hd).transpose(1, 2)
-    k, v = kv.reshape(B, T, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv.reshape(B, T, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        q = q[:, :, out_from:]
     q, k = a.q_norm(q), a.k_norm(k)
     if a.fused_attn:
         o = F.scaled_dot_product_attention(q, k, v)
