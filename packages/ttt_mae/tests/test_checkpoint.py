@@ -84,3 +84,21 @@ def test_wrong_architecture_and_missing_file(tmp_path, tiny):
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="expected a dict"):
         load_official(tiny(), tmp_path / "list.pth", head_path)
+
+
+def test_head_file_deeper_than_classifier_depth_is_an_error(tmp_path, tiny):
+    """A 2-block head file loaded with classifier_depth=1 used to drop the second block silently."""
+    pre, _, _, _ = official_files(tmp_path, tiny)
+    deep = tiny(seed=1, classifier_depth=2).state_dict()
+    torch.save(
+        {"model": {k: v for k, v in deep.items() if k.startswith("classifier")}}, tmp_path / "deep.pth"
+    )
+    with pytest.raises(
+        CheckpointError, match=r"deep\.pth: head keys .*classifier_depth 1.*classifier_blocks\.1\."
+    ):
+        load_official(tiny(classifier_depth=1), pre, tmp_path / "deep.pth")
+    load_official(tiny(classifier_depth=2), pre, tmp_path / "deep.pth")  # the matching depth loads
+    # the same from one file holding everything (no resume_finetune)
+    torch.save({"model": {**torch.load(pre)["model"], **deep}}, tmp_path / "all.pth")
+    with pytest.raises(CheckpointError, match=r"all\.pth: head keys .*classifier_blocks\.1\."):
+        load_official(tiny(classifier_depth=1), tmp_path / "all.pth")

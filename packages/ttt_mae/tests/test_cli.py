@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from tttlab.core.records import load_records
 from tttlab.ttt_mae.evaluate import trained_model
 
@@ -26,3 +28,26 @@ def test_python_m_baseline(tmp_path, smoke_cache):
     assert (
         df.corruption.tolist() == ["fog"] and df.n.tolist() == [2] and set(df.method) == {"ttt_mae.baseline"}
     )
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("mask_ratio=1.0", "InvalidInputError: mask_ratio=1.0; "),
+    ("resume_model=/nonexistent/mae.pth", "CheckpointError: resume_model '/nonexistent/mae.pth' does not exist"),
+])  # fmt: skip
+def test_bad_input_is_a_one_line_error_not_a_traceback(tmp_path, monkeypatch, capsys, override, expected):
+    import logging
+
+    from tttlab.ttt_mae.ttt_main import main
+
+    # Hydra configures logging in-process (handlers on this test's captured stderr): restore it afterwards
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+
+    monkeypatch.setattr(sys, "argv", ["tttlab-ttt-mae-ttt", "+experiment=smoke_ttt", f"out_dir={tmp_path}",
+                                      "resume_model=/nonexistent/mae.pth", override])  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert f"tttlab-ttt-mae-ttt: error: {expected}" in err and "Traceback" not in err, err

@@ -155,3 +155,29 @@ def test_summary_records_from_the_per_image_records(tmp_path, cache):
     one = run(tmp_path / "one", cache, "ttt_mae.ttt", benchmark={**BENCH, "corruptions": ["brightness"]})
     one = load_records(one)
     assert "mean" not in set(one.corruption)  # no mean over a single corruption, as before
+
+
+def test_progress_bar_counts_images_and_summary_is_logged(tmp_path, cache, monkeypatch, capsys, caplog):
+    """On a terminal the evaluate loop shows a bar with a total (tqdm prints nothing for total=None) and
+    the domain being adapted; the per-domain and mean accuracies are logged at the end."""
+    import logging
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    with caplog.at_level(logging.INFO, logger="tttlab.ttt_mae.evaluate"):
+        run(tmp_path, cache, "ttt_mae.baseline", progress=True)
+    err = capsys.readouterr().err
+    assert "ttt_mae.baseline" in err and "/6 [" in err and "brightness-5" in err, err[-500:]
+    msgs = "\n".join(r.getMessage() for r in caplog.records)
+    assert (
+        "ttt_mae.baseline gaussian_noise-5: accuracy" in msgs and "mean accuracy over 2 corruptions" in msgs
+    )
+
+
+def test_negative_lr_and_group_size_are_config_errors(tmp_path, cache):
+    with pytest.raises(ConfigError, match=r"blr=-1.0 .*expected a learning rate >= 0"):
+        run(tmp_path, cache, "ttt_mae.ttt", blr=-1.0)
+    with pytest.raises(ConfigError, match=r"lr=-0.5; expected"):
+        run(tmp_path, cache, "ttt_mae.ttt", lr=-0.5)
+    with pytest.raises(ConfigError, match=r"group_size=0; expected >= 1"):
+        run(tmp_path, cache, "ttt_mae.ttt", group_size=0)

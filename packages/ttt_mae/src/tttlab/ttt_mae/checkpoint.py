@@ -36,8 +36,9 @@ the ``classifier*`` keys are taken from the head file (its encoder copy is the f
 A ``linear`` head file holds ``head.0.running_mean`` / ``head.0.running_var`` (BatchNorm without affine)
 and ``head.1.weight`` / ``head.1.bias``; they become ``bn.*`` / ``head.*``.
 
-Every key of the model must come from the files with the model's shape, and the pretraining file may not
-hold encoder/decoder keys the model lacks (a checkpoint of another architecture): otherwise
+Every key of the model must come from the files with the model's shape, the pretraining file may not
+hold encoder/decoder keys the model lacks (a checkpoint of another architecture), and the head file may not
+hold head keys the model lacks (e.g. more ``classifier_blocks`` than ``classifier_depth``): otherwise
 :class:`~tttlab.core.errors.CheckpointError` names the missing, unexpected and mismatched keys.
 """
 
@@ -106,12 +107,15 @@ def combine_state_dicts(
     """The model's full state dict from the pretraining file (all but head keys) and the head file
     (``classifier*`` or the linear ``head.{0,1}`` keys), checked against the model (names + shapes)."""
     expected = model.state_dict()
+    own = "classifier" if model.cfg.head_type == "vit_head" else ("head.", "bn.")
     out: dict[str, torch.Tensor] = {}
-    unexpected = []
+    unexpected, extra_head = [], []
     for k, v in pretrained.items():
         if k.startswith(HEAD_PREFIXES):
             if head is None and k in expected:  # a file with everything (e.g. our own ttt snapshot)
                 out[k] = v
+            elif head is None and k.startswith(own) and k not in OPTIONAL:
+                extra_head.append(k)
             continue
         if k in expected:
             out[k] = v
@@ -128,6 +132,14 @@ def combine_state_dicts(
             k = LINEAR_HEAD_KEYS.get(k, k) if model.cfg.head_type == "linear" else k
             if k.startswith(HEAD_PREFIXES) and k in expected:
                 out[k] = v
+            elif k.startswith(own) and k not in OPTIONAL:
+                extra_head.append(k)
+    if extra_head:  # e.g. a 12-block head file into classifier_depth=8: never drop trained blocks silently
+        raise CheckpointError(
+            f"{head_path if head is not None else model_path}: head keys the model (head_type "
+            f"{model.cfg.head_type}, classifier_depth {model.cfg.classifier_depth}) does not have: {_names(extra_head)}; does classifier_depth "
+            "(or head_type) match the file?"
+        )
     missing = [k for k in expected if k not in out and k not in OPTIONAL]
     mismatched = [
         f"{k} {tuple(out[k].shape)} != {tuple(expected[k].shape)}"

@@ -1,8 +1,16 @@
-"""Hydra entry points: ``pretrain``, ``probe``, ``ttt``, ``baseline`` (console scripts and ``python -m``)."""
+"""Hydra entry points: ``pretrain``, ``probe``, ``ttt``, ``baseline`` (console scripts and ``python -m``).
+
+A :class:`~tttlab.core.errors.TTTLabError` (bad input: a missing file, a checkpoint of another
+architecture, a value out of range) ends the run with its one-line message on stderr and exit status 2,
+without a traceback; any other exception keeps Hydra's report (``HYDRA_FULL_ERROR=1``: full traceback)."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
+
+from tttlab.core.errors import TTTLabError
 
 from .common import init_distributed, register_configs, setup_logging, to_dict
 
@@ -31,7 +39,12 @@ def hydra_main(entry: str) -> None:
 
     @hydra.main(config_path="conf", config_name=entry, version_base=None)
     def _main(cfg) -> None:
-        path = execute(entry, cfg)
+        try:
+            path = execute(entry, cfg)
+        except TTTLabError as exc:
+            # the user's bad input: its message, not Hydra's traceback of our internals
+            print(f"tttlab-ttt-mae-{entry}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
         if init_distributed().rank == 0:
             print(path)
 

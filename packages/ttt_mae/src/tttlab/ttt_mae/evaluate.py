@@ -66,6 +66,11 @@ METHODS = ("ttt_mae.ttt", "ttt_mae.baseline")
 
 def settings_of(c: dict[str, Any]) -> TTTSettings:
     lr = float(c["lr"]) if c["lr"] is not None else float(c["blr"]) * int(c["batch_size"]) / 256
+    if not lr >= 0:  # also NaN
+        which = f"lr={c['lr']}" if c["lr"] is not None else f"blr={c['blr']} (lr = blr * batch_size / 256)"
+        raise ConfigError(f"{which}; expected a learning rate >= 0")
+    if int(c["group_size"]) < 1:
+        raise ConfigError(f"group_size={c['group_size']}; expected >= 1 (images adapted at once)")
     return TTTSettings(
         steps_per_example=int(c["steps_per_example"]), batch_size=int(c["batch_size"]),
         mask_ratio=float(c["mask_ratio"]), lr=lr, optimizer_type=c["optimizer_type"],
@@ -136,11 +141,15 @@ def run_benchmark(c: dict[str, Any], method: str = "ttt_mae.ttt") -> Path:
                     config_hash=chash)  # fmt: skip
     progress = bool(c["logging"]["progress"]) and dist.rank == 0
     domains = bench.domains
+    counted = 0  # images of the domains seen so far (the bar's total: those + this domain's x the rest)
     with img_run.writer(**defaults) as writer, progress_bar(None, method, progress) as bar:
         for d_idx, dom in enumerate(domains):
             ds = bench.domain_dataset(dom)
             mine = [i for i in range(dist.rank, len(ds), dist.world_size)
                     if (str(dom.corruption), dom.severity, i) not in done]  # fmt: skip
+            bar.total = counted + len(mine) * (len(domains) - d_idx)
+            counted += len(mine)
+            bar.set_postfix_str(str(dom), refresh=True)
             for start in range(0, len(mine), group):
                 idx = mine[start : start + group]
                 images, labels = ds.take(np.asarray(idx))
@@ -209,6 +218,13 @@ def summarize(out: Path, c: dict[str, Any], method: str, chash: str, domains, st
             if losses is not None:
                 for k, v in enumerate(losses.tolist()):
                     w.write(metric="mae_loss", value=float(v), step=k + 1, **fields)
+    for dom, (correct, n, secs, curve, _) in totals.items():
+        log.info("%s %s: accuracy %.1f %% (%d/%d images, %d steps; %.1f before adapting), %.3f s/image",
+                 method, dom, 100 * correct / n, correct, n, steps, 100 * curve[0], secs / n)  # fmt: skip
+    accs = [t[0] / t[1] for d, t in totals.items() if d.corruption is not None]
+    if len(accs) >= 2:
+        log.info("%s: mean accuracy over %d corruptions %.1f %% (records: %s)", method, len(accs),
+                 100 * float(np.mean(accs)), rd.records_path)  # fmt: skip
 
 
 def _drop_summary(path: Path, chash: str) -> None:

@@ -172,6 +172,11 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
     if kind not in ("pretrain", "probe"):
         raise ConfigError(f"kind={kind!r}")
     check_mask_ratio(c["mask_ratio"])
+    if not float(c["lr"] if c["lr"] is not None else c["blr"]) > 0:  # also NaN
+        which = (
+            f"lr={c['lr']}" if c["lr"] is not None else f"blr={c['blr']} (lr = blr * effective batch / 256)"
+        )
+        raise ConfigError(f"{which}; expected a learning rate > 0")
     dist: Dist = init_distributed()
     device = resolve_device(c["device"])
     if device.type == "cuda" and dist.world_size > 1:
