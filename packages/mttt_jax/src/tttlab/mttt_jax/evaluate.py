@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -143,7 +144,11 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
 
     c = {**T.to_dict(cfg or {}), **overrides}
     T.quiet_absl()
-    progress = bool(c.get("progress", (c.get("logging") or {}).get("progress", False)))
+    # compare passes ``progress``; the command line has ``logging.progress`` (a bar on a terminal only)
+    if "progress" in c:
+        progress = bool(c["progress"])
+    else:
+        progress = bool((c.get("logging") or {}).get("progress", False)) and sys.stderr.isatty()
     method = c.get("method")
     if method:
         method = str(method).removeprefix("mttt_jax.")
@@ -244,6 +249,9 @@ def write_records(writer, per_domain: dict, *, ttt: bool, train_run: str) -> lis
             written.append(writer.write(metric="error", value=1.0 - float(r["value"]), **keep))
     for dom, row in totals.items():
         log.info("%s: accuracy %.4f (n=%d)", dom, row[0] / max(row[1], 1), row[1])
+    for r in written:
+        if r["metric"] == "accuracy" and r.get("corruption") == "mean":
+            log.info("mean over %d corruption domains: accuracy %.4f", len(corrupted), float(r["value"]))
     return written
 
 
@@ -256,11 +264,15 @@ def _chain(first, rest):
 def main() -> None:
     import hydra
 
+    from .cli import user_errors
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    T.quiet_absl()
 
     @hydra.main(config_path="conf", config_name="evaluate", version_base=None)
     def _main(cfg) -> None:
-        print(run(cfg))
+        with user_errors("tttlab-mttt-evaluate"):
+            print(run(cfg))
 
     _main()
 

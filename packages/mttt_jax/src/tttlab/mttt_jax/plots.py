@@ -11,6 +11,9 @@ import argparse
 
 from tttlab.core.plots import plot_inner_losses, plot_learning_curves
 
+from .cli import user_errors
+from .errors import InvalidInputError
+
 
 def plot_multi_main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="tttlab-mttt-plot-multi", description="learning curves of several runs")
@@ -19,7 +22,31 @@ def plot_multi_main(argv=None) -> None:
     ap.add_argument("--labels", nargs="*", default=None)
     ap.add_argument("--out", default="curves", help="output path without extension (.png and .svg)")
     a = ap.parse_args(argv)
-    print(plot_learning_curves(a.runs, metric=a.metric, out=a.out, labels=a.labels or None))
+    with user_errors(ap.prog):
+        print(plot_learning_curves(a.runs, metric=a.metric, out=a.out, labels=a.labels or None))
+
+
+def epoch_indices(epochs: list[str] | None):
+    """``--epochs`` of ``tttlab-mttt-plot-inner`` -> the core's 0-based indices.  Epochs are numbered
+    from 1 as in the training log and the panel titles (``-1`` = the last); ``all``; none = the last."""
+    if not epochs:
+        return None
+    if epochs == ["all"]:
+        return "all"
+    out = []
+    for e in epochs:
+        try:
+            k = int(e)
+        except ValueError:
+            raise InvalidInputError(
+                f"--epochs {e!r}: expected 'all' or epoch numbers (1 = first, -1 = last)"
+            ) from None
+        if k == 0:
+            raise InvalidInputError(
+                "--epochs 0: epochs are numbered from 1 (as in the training log); -1 = last"
+            )
+        out.append(k - 1 if k > 0 else k)
+    return out
 
 
 def plot_inner_main(argv=None) -> None:
@@ -28,8 +55,13 @@ def plot_inner_main(argv=None) -> None:
     )
     ap.add_argument("run", help="run directory (with stats.json)")
     ap.add_argument("--key", default="val/inner_loss", help="train/inner_loss or val/inner_loss")
-    ap.add_argument("--epochs", nargs="*", default=None, help="'all', or epoch indices (default: the last)")
+    ap.add_argument(
+        "--epochs",
+        nargs="*",
+        default=None,
+        help="'all', or epoch numbers as in the training log (1 = first, -1 = last; default: last)",
+    )
     ap.add_argument("--out", default="inner")
     a = ap.parse_args(argv)
-    epochs = None if not a.epochs else ("all" if a.epochs == ["all"] else [int(e) for e in a.epochs])
-    print(plot_inner_losses(a.run, key=a.key, epochs=epochs, out=a.out))
+    with user_errors(ap.prog):
+        print(plot_inner_losses(a.run, key=a.key, epochs=epoch_indices(a.epochs), out=a.out))

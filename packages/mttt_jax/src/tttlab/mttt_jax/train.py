@@ -297,6 +297,53 @@ def restore_checkpoint(mngr, step: int, abstract_state):
     return out["state"], out["meta"]
 
 
+#: keys that do not change what a run computes: a run resumes across changes of these only
+RESUMABLE_KEYS = ("out_dir", "name", "resume", "logging", "max_steps", "checkpoint_every_steps",
+                  "keep_checkpoints", "distributed", "tfds_path", "jit", "input.workers")  # fmt: skip
+
+
+def training_config(c: dict) -> dict:
+    """``c`` without :data:`RESUMABLE_KEYS` (what a checkpoint must agree with to be resumed)."""
+    out = {k: v for k, v in c.items() if k not in RESUMABLE_KEYS}
+    out["input"] = {k: v for k, v in (c.get("input") or {}).items() if f"input.{k}" not in RESUMABLE_KEYS}
+    return out
+
+
+def _flat(d, prefix=""):
+    if isinstance(d, dict):
+        return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: d}
+
+
+def check_resume_config(mngr, step: int, c: dict) -> None:
+    """Refuse to resume a checkpoint written with another training config (e.g. ``inner.TTT.inner_itr=4``
+    into the out_dir of a T=1 run, whose parameters have the same shapes: it would silently continue, or
+    report, the T=1 run).  Checkpoints written before the config was stored are not checked."""
+    import orbax.checkpoint as ocp
+
+    try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception:  # noqa: BLE001 - damaged checkpoints are reported by restore_checkpoint
+        return
+    old = meta.get("config") if isinstance(meta, dict) else None
+    if old is None:
+        return
+    a, b = _flat(old), _flat(json_roundtrip(training_config(c)))
+    diff = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, "<absent>") != b.get(k, "<absent>")]  # fmt: skip
+    if diff:
+        raise CheckpointError(
+            f"{mngr.directory}/{step} was written by a run with another training config ({'; '.join(diff)}); "
+            "use another out_dir (e.g. name=_T4) or resume=false to start over"
+        )
+
+
+def json_roundtrip(x):
+    import json
+
+    return json.loads(json.dumps(x))
+
+
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
@@ -316,8 +363,10 @@ def _empty_stats() -> dict:
 
 
 def quiet_absl() -> None:
-    """orbax logs every checkpoint step at INFO through absl; keep warnings only."""
+    """orbax logs every checkpoint step at INFO through absl, and jax says at INFO that it found no TPU;
+    keep warnings only."""
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     try:
         from absl import logging as absl_logging
 
@@ -342,6 +391,14 @@ def train(cfg, *, mesh=None, _kill_at_step: int | None = None) -> dict:
             f"input.batch_size={bs} must be divisible by devices x accum_time = {n_dev} x {accum}"
         )
     is_main = jax.process_index() == 0
+    ckpt_dir = Path(c["out_dir"]) / "checkpoints"
+    if c.get("resume", True) and ckpt_dir.is_dir():  # before RunDir rewrites config.yaml
+        probe = checkpoint_manager(ckpt_dir, c.get("keep_checkpoints", 2))
+        try:
+            if probe.latest_step() is not None:
+                check_resume_config(probe, probe.latest_step(), c)
+        finally:
+            probe.close()
     run = RunDir(c["out_dir"], c if is_main else None, rank=None if is_main else jax.process_index())
     aug = {**(c["input"].get("augment") or {})}
     train_src = mdata.open_source(
@@ -378,6 +435,13 @@ def train(cfg, *, mesh=None, _kill_at_step: int | None = None) -> dict:
     stats, step = _empty_stats(), 0
     acc = {"loss": 0.0, "inner": None, "count": 0, "time": 0.0}
     latest = mngr.latest_step() if c.get("resume", True) else None
+    if not c.get("resume", True) and mngr.all_steps() and is_main:
+        # start over: the old steps would collide with the new ones (orbax refuses to overwrite a step)
+        # and evaluate would pick a stale newer checkpoint
+        log.warning("resume=false: removing the %d checkpoints of the previous run in %s",
+                    len(mngr.all_steps()), run.checkpoints)  # fmt: skip
+        for old_step in mngr.all_steps():
+            mngr.delete(old_step)
     if latest is not None:
         abstract = jax.tree_util.tree_map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state
@@ -441,7 +505,8 @@ def train(cfg, *, mesh=None, _kill_at_step: int | None = None) -> dict:
                     if not end_of_epoch:
                         acc["time"] += time.perf_counter() - t0
                         t0 = time.perf_counter()
-                    save_checkpoint(mngr, step, state, {"step": step, "stats": stats, "acc": acc})
+                    save_checkpoint(mngr, step, state, {"step": step, "stats": stats, "acc": acc,
+                                                        "config": training_config(c)})  # fmt: skip
                 if end_of_epoch and is_main:
                     run.write_stats(stats)
                     _write_epoch_records(writer, stats, len(stats["step"]) - 1)
@@ -495,14 +560,20 @@ def _rewrite_missing_records(run, writer, stats) -> None:
 
 
 def main() -> None:
+    """``tttlab-mttt-train``: Hydra overrides, or upstream's ``--config``/``--config.<key>``/``--workdir``
+    flags (translated, see :mod:`tttlab.mttt_jax.cli`)."""
     import hydra
 
+    from .cli import apply_upstream_translation, user_errors
+
+    apply_upstream_translation("tttlab-mttt-train")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     quiet_absl()
 
     @hydra.main(config_path="conf", config_name="config", version_base=None)
     def _main(cfg) -> None:
-        stats = train(cfg)
+        with user_errors("tttlab-mttt-train"):
+            stats = train(cfg)
         if stats["val/prec@1"]:
             print(f"final val/prec@1 = {stats['val/prec@1'][-1]:.4f}")
 
@@ -513,4 +584,13 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["train", "make_optimizer", "make_train_step", "method_name", "model_from_config", "schedule_fn"]
+__all__ = [
+    "train",
+    "check_resume_config",
+    "training_config",
+    "make_optimizer",
+    "make_train_step",
+    "method_name",
+    "model_from_config",
+    "schedule_fn",
+]

@@ -1,0 +1,145 @@
+"""The command-line scripts as a user meets them: upstream's flags, clean errors, epoch numbering."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tttlab.core.errors import InvalidInputError, TTTLabError
+from tttlab.mttt_jax import train as T
+from tttlab.mttt_jax.cli import translate_upstream_args, user_errors
+
+#: in-process Hydra apps must not install log handlers on pytest's captured streams
+NO_HYDRA_LOGGING = ["hydra/job_logging=none", "hydra/hydra_logging=none"]
+
+
+@pytest.fixture
+def no_log_setup(monkeypatch):
+    import logging
+
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: None)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        # upstream README, Quick Start
+        (["--config", "config_patch.py", "--config.inner.TTT.inner_itr=1", "--config.inner.TTT.inner_lr=(1.,)",
+          "--config.input.accum_time=1", "--workdir", "./exp/patch_MTTT_MLP"],
+         ["experiment=paper_patch", "inner.TTT.inner_itr=1", "inner.TTT.inner_lr=[1.]", "input.accum_time=1",
+          "out_dir=./exp/patch_MTTT_MLP"]),
+        # pixels, SGD T=4, '=' forms, a path to the config file
+        (["--config=../mttt/config_pixel.py", "--config.inner.TTT.inner_itr=4",
+          "--config.inner.TTT.inner_lr=(1.,1.,1.,1.)", "--config.inner.TTT.SGD=True", "--workdir=./exp/p"],
+         ["experiment=paper_pixel", "inner.TTT.inner_itr=4", "inner.TTT.inner_lr=[1.,1.,1.,1.]",
+          "inner.TTT.SGD=true", "out_dir=./exp/p"]),
+        # MTTT-Linear flags, value as the next argument, Hydra overrides mixed in
+        (["--config", "config_patch.py", "--config.inner.TTT.decoder_LN", "False", "tfds_path=/d",
+          "--config.model=small"],
+         ["experiment=paper_patch", "inner.TTT.decoder_LN=false", "tfds_path=/d", "model=small"]),
+    ],
+)  # fmt: skip
+def test_upstream_flags_translate_to_hydra_overrides(argv, expected):
+    out, translated = translate_upstream_args(argv)
+    assert translated and out == expected
+
+
+def test_hydra_overrides_pass_through_untouched():
+    argv = ["experiment=mnist_patch", "inner.TTT.inner_itr=4", "inner.TTT.inner_lr=[1.,1.,1.,1.]"]
+    assert translate_upstream_args(argv) == (argv, False)
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--config", "config_foo.py"], "config_foo.py.*config_patch.py"),
+        (["--config", "config_patch.py:variant=ti"], "takes no ':variant=ti' argument"),
+        (["--workdir"], "--workdir needs a value"),
+    ],
+)
+def test_bad_upstream_flags_are_tttlab_errors(argv, match):
+    with pytest.raises(TTTLabError, match=match):
+        translate_upstream_args(argv)
+
+
+def test_translated_command_reaches_train_with_the_right_config(tmp_path, monkeypatch, capsys, no_log_setup):
+    """``tttlab-mttt-train --config config_patch.py ... --workdir X`` runs train with the paper config."""
+    seen = {}
+    monkeypatch.setattr(T, "train", lambda cfg: seen.update(T.to_dict(cfg)) or {"val/prec@1": []})
+    work = tmp_path / "exp" / "patch_MTTT_linear"
+    monkeypatch.setattr(sys, "argv", [
+        "tttlab-mttt-train", "--config", "config_patch.py", "--config.inner.TTT.inner_encoder=mlp_1",
+        "--config.inner.TTT.inner_encoder_init=zero", "--config.inner.TTT.inner_encoder_bias=False",
+        "--config.inner.TTT.decoder_LN=False", "--config.inner.TTT.train_init=False",
+        "--config.inner.TTT.inner_lr=(1.,)", "--workdir", str(work), *NO_HYDRA_LOGGING,
+    ])  # fmt: skip
+    T.main()
+    assert seen["experiment_name"] == "paper_patch" and seen["out_dir"] == str(work)
+    assert seen["inner"]["TTT"] == dict(inner_encoder="mlp_1", inner_itr=1, inner_lr=[1.0], train_init=False,
+                                        inner_encoder_init="zero", inner_encoder_bias=False, decoder_LN=False,
+                                        SGD=False)  # fmt: skip
+    assert "upstream flags translated to: tttlab-mttt-train experiment=paper_patch" in capsys.readouterr().err
+
+
+def test_user_error_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys, no_log_setup):
+    def bad(cfg):
+        raise InvalidInputError("/YOUR/TFDS/PATH does not exist; expected a TFDS data_dir")
+
+    monkeypatch.setattr(T, "train", bad)
+    monkeypatch.setattr(
+        sys, "argv", ["tttlab-mttt-train", "experiment=smoke", f"out_dir={tmp_path / 'r'}", *NO_HYDRA_LOGGING]
+    )
+    with pytest.raises(SystemExit) as exc:
+        T.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "tttlab-mttt-train: error: /YOUR/TFDS/PATH does not exist" in err and "Traceback" not in err
+
+
+def test_plot_inner_epochs_are_numbered_as_in_the_log(monkeypatch, capsys):
+    from tttlab.mttt_jax import plots
+
+    assert plots.epoch_indices(None) is None and plots.epoch_indices(["all"]) == "all"
+    assert plots.epoch_indices(["1", "2", "-1"]) == [0, 1, -1], "epoch 1 is the first (log, panel titles)"
+    for bad in (["0"], ["x"]):
+        with pytest.raises(InvalidInputError, match="--epochs"):
+            plots.epoch_indices(bad)
+    with pytest.raises(SystemExit) as exc:
+        plots.plot_inner_main(["runs/does/not/exist", "--epochs", "1"])
+    assert exc.value.code == 2 and "does/not/exist" in capsys.readouterr().err
+
+
+def test_evaluate_command_shows_progress_by_default():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="tttlab.mttt_jax.conf", version_base=None):
+        cfg = compose("evaluate", overrides=["run_dir=x"])
+    assert cfg.logging.progress is True
+
+
+def test_user_errors_passes_other_exceptions_through():
+    with pytest.raises(ZeroDivisionError), user_errors("x"):
+        raise ZeroDivisionError
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    """``inner.TTT.inner_itr=2`` into the out_dir of a T=1 run: same parameter shapes, so without the check
+    the finished T=1 run was silently "resumed" and its stats reported as T=2's."""
+    from tttlab.core.errors import CheckpointError
+
+    from .test_train import TINY, compose
+
+    out = f"out_dir={tmp_path / 'run'}"
+    first = T.train(compose([*TINY, "total_epochs=1", out]))
+    config_before = (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(CheckpointError, match=r"inner\.TTT\.inner_itr: 1 -> 2.*resume=false"):
+        T.train(compose([*TINY, "total_epochs=1", out, "inner.TTT.inner_itr=2"]))
+    assert (tmp_path / "run" / "config.yaml").read_text() == config_before, "refused before rewriting it"
+    # keys that do not change the computation resume (here: the finished run, nothing left to do)
+    again = T.train(
+        compose([*TINY, "total_epochs=1", out, "checkpoint_every_steps=2", "logging.progress=true"])
+    )
+    assert again == first
+    fresh = T.train(compose([*TINY, "total_epochs=1", out, "inner.TTT.inner_itr=2", "resume=false"]))
+    assert len(fresh["val/inner_loss"][0][0]) == 3, "T=2 reports 3 inner losses per layer"
