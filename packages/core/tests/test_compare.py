@@ -273,8 +273,8 @@ def test_config_errors_and_method_names(env, tmp_path):
         cmp.load_config(["severities=[6]"])
     with pytest.raises(ConfigError, match=r"'timeout_s'=-1.*positive"):
         cmp.load_config(["timeout_s=-1"])
-    with pytest.raises(ConfigError, match=r"'device'='tpu'.*cuda:N"):
-        cmp.load_config(["device=tpu"])
+    with pytest.raises(ConfigError, match=r"'device'='cdua'.*cuda:N"):
+        cmp.load_config(["device=cdua"])
     assert cmp.load_config(["device=cuda:1"])["device"] == "cuda:1"
     c = cmp.load_config(["--jobs", "3", "methods=fake.*", "profile=quick", "seeds=[2,1,2]"])
     assert c["jobs"] == 3 and c["methods"] == ["fake.*"] and c["seeds"] == [2, 1]

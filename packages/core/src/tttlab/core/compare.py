@@ -249,9 +249,9 @@ def check_config(c: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"config key 'timeout_s'={c['timeout_s']!r}: expected a positive number of seconds or null"
         )
-    if not re.fullmatch(r"cpu|cuda(:\d+)?|gpu|auto|mps", str(c["device"])):
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|gpu|tpu|auto|mps", str(c["device"])):
         raise ConfigError(
-            f"config key 'device'={c['device']!r}: expected cpu, cuda or cuda:N (also auto, gpu, mps)"
+            f"config key 'device'={c['device']!r}: expected cpu, cuda or cuda:N (also auto, gpu, tpu, mps)"
         )
     for key in ("jobs", "threads"):
         v = c[key]
