@@ -4,7 +4,8 @@
 
 Joint training (1 epoch, Adam lr 0.01, batch 64, seed 7, loss = NLL + 0.35 * rotation loss, features of
 fc2), then the test set with x + 2 * N(0, 1) noise after normalisation, batch 32, TTT after 0..3 steps.
-A stand-in until ``train.py`` (Hydra, run records) lands.
+The tutorial's own code path, kept for comparison: ``tttlab-torch-ttt-train +experiment=mnist_tutorial``
+runs the same recipe with Hydra configs, run records and resume (see the README for both results).
 """
 
 from __future__ import annotations

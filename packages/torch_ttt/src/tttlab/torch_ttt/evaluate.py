@@ -3,7 +3,7 @@
     tttlab-torch-ttt-evaluate engine=tent                                  # mnist_c, severity 5
     tttlab-torch-ttt-evaluate engine=eata benchmark.setting=continual benchmark.num_examples=1000
     tttlab-torch-ttt-evaluate engine=ttt stream=noisy train_run=runs/torch_ttt/mnist_tutorial
-    torchrun --nproc_per_node=2 -m tttlab.torch_ttt.evaluate engine=tent benchmark.setting=episodic
+    torchrun --standalone --nproc_per_node=2 -m tttlab.torch_ttt.evaluate engine=tent benchmark.setting=episodic
 
 The model comes from ``train_run`` (a ``tttlab-torch-ttt-train`` run directory) or, when that is null,
 from a run of ``train_experiment`` trained on first use and cached under ``cache_dir`` (keyed by the hash
