@@ -4,6 +4,7 @@ import os
 import socket
 
 import numpy as np
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -37,6 +38,28 @@ def _worker(rank: int, world: int, port: int, root: str, cache: str) -> None:
         dist.destroy_process_group()
 
 
+def _two_rank_initial_loss(root: str) -> float:
+    from tttlab.ttt_mae import train as T
+    from tttlab.ttt_mae.common import compose, normalization
+    from tttlab.ttt_mae.views import Normalizer, to_unit
+
+    c = compose("pretrain", "smoke_pretrain", {"out_dir": f"{root}/ref", "epochs": 1, "batch_size": 16,
+                                               "data": {"num_examples": 32}})  # fmt: skip
+    ds = T.load_dataset(c)
+    torch.manual_seed(int(c["seed"]))
+    model = T.build(c, "pretrain")
+    norm = Normalizer(*normalization(c, "mnist"))
+    losses = []
+    with torch.no_grad():
+        for rank in (0, 1):
+            g = T.epoch_generator(int(c["seed"]), 0, rank)
+            images, _ = ds.take(T.shard_indices(len(ds), int(c["seed"]), 0, rank, 2)[:16])
+            x = norm(T.augment(to_unit(images), c, g))
+            noise = model.mask_noise(len(x), g)
+            losses.append(float(model(x, mask_ratio=float(c["mask_ratio"]), noise=noise, mode="mae")))
+    return float(np.mean(losses))
+
+
 def test_two_gloo_processes_shard_ttt_and_train_ddp(tmp_path, smoke_cache):
     from tttlab.ttt_mae import evaluate as E
 
@@ -51,6 +74,9 @@ def test_two_gloo_processes_shard_ttt_and_train_ddp(tmp_path, smoke_cache):
     assert (tmp_path / "ddp" / "checkpoint.pth").exists()
     trained = load_records(tmp_path / "ddp", metric="train_loss")
     assert trained.n.tolist() == [32]  # 2 ranks x 1 step x 16 images
+    # the recorded loss is the mean over both ranks' images (was rank 0's only): one step, so it is the
+    # initial model's MAE loss on each rank's shard with that rank's masks
+    assert trained.value.iloc[0] == pytest.approx(_two_rank_initial_loss(str(tmp_path)), rel=1e-5)
     images = tmp_path / "ttt" / "images"
     assert not list(images.glob("records-rank*.jsonl"))  # merged
     one = load_records(single.parent / "images")

@@ -203,7 +203,11 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start_epoch, history = int(ck["epoch"]) + 1, list(ck.get("history", []))
-        log.info("resuming %s from %s (epoch %d)", kind, ckpt_path, start_epoch)
+        if dist.rank == 0 and start_epoch >= int(c["epochs"]):
+            log.info("%s already finished (%d epochs) in %s; delete that folder or set another out_dir to "
+                     "train again", kind, start_epoch, out)  # fmt: skip
+        elif dist.rank == 0:
+            log.info("resuming %s from %s (epoch %d of %d)", kind, ckpt_path, start_epoch, int(c["epochs"]))
     net = model
     if dist.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -247,10 +251,15 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
                         return ckpt_path
                 total, count = total + value * len(x), count + len(x)
                 bar.update(1)
+        if dist.world_size > 1:  # the loss of all ranks' images (rank 0 logs and records it)
+            t = torch.tensor([total, count], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(t)
+            total, count = float(t[0]), int(t[1])
         entry = {"epoch": epoch, "train_loss": total / max(count, 1), "lr": opt.param_groups[-1]["lr"],
                  "seconds": time.perf_counter() - t0}  # fmt: skip
         history.append(entry)
-        log.info("%s epoch %d: loss %.4f (%.1f s)", kind, epoch, entry["train_loss"], entry["seconds"])
+        if dist.rank == 0:
+            log.info("%s epoch %d: loss %.4f (%.1f s)", kind, epoch, entry["train_loss"], entry["seconds"])
         last = epoch + 1 == epochs
         if dist.rank == 0 and (last or (epoch + 1) % max(int(c["save_ckpt_freq"]), 1) == 0):
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
@@ -258,7 +267,7 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
             rd.append_stats({"epoch": epoch, "train_loss": entry["train_loss"], "lr": entry["lr"]})
             with rd.writer(method=f"ttt_mae.{kind}", package="ttt_mae", framework="torch", model=c["model"],
                            dataset=c["data"]["name"], seed=seed) as w:  # fmt: skip
-                w.write(metric="train_loss", value=entry["train_loss"], step=epoch, n=count * dist.world_size,
+                w.write(metric="train_loss", value=entry["train_loss"], step=epoch, n=count,
                         wall_time_s=entry["seconds"])  # fmt: skip
         dist.barrier()
     final = out / FINAL
