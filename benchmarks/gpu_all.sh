@@ -53,6 +53,9 @@ else
   export BENCH_SMALL_S=${BENCH_SMALL_S:-65} BENCH_BIG_S=${BENCH_BIG_S:-65}
 fi
 PARTS=(${GPU_PARTS:-pilimit ttt_mae memo_tpt mttt_bench sweeps})
+# a second call on a still-warm machine starts with fresh logs and tables; $WORK/lead (the sweeps' run
+# directories and trained models) is kept, so finished sweep runs are reused and MTTT runs resume
+rm -rf "$WORK/logs" "$WORK/tables"
 mkdir -p "$WORK/logs" "$WORK/tables"
 export GPU_WORK="$WORK/lead"
 export OUT="$WORK/tables"  # the parts write here; their tables are copied to $FINAL as they finish
@@ -69,13 +72,18 @@ for p in "${PARTS[@]}"; do
 done
 
 log() { echo "[gpu_all $(( SECONDS - T0 ))s] $*"; }
+commit_id() {  # the device gets a copy of the working tree, maybe without .git
+  local c
+  c=$(git rev-parse --short HEAD 2>/dev/null) || { echo "unknown (no git here)"; return; }
+  git diff --quiet HEAD 2>/dev/null && echo "$c" || echo "$c + uncommitted changes"
+}
 
 write_summary() {
   local s="$FINAL/SUMMARY.md" p f
   {
     echo "# GPU benchmarks: benchmarks/gpu_all.sh"
     echo
-    echo "$( [[ $GPU_DRY_RUN == 1 ]] && echo "**DRY RUN on the CPU (tiny sizes): no GPU numbers.**" ) Commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' + uncommitted changes'); elapsed $(( SECONDS - T0 )) s of a ${TOTAL_S} s budget; set-up: ${SETUP_STATUS:-?}."
+    echo "$( [[ $GPU_DRY_RUN == 1 ]] && echo "**DRY RUN on the CPU (tiny sizes): no GPU numbers.**" ) Commit $(commit_id); elapsed $(( SECONDS - T0 )) s of a ${TOTAL_S} s budget; set-up: ${SETUP_STATUS:-?}."
     echo
     echo '```'
     cat "$WORK/logs/env.txt" 2>/dev/null
@@ -165,6 +173,7 @@ run_part() {
   local p=$1 limit=$2 t=$SECONDS rc f
   LIMITS[$p]=$limit
   STATUS[$p]="running"
+  for f in ${TABLES[$p]}; do rm -f "$WORK/tables/$f" "$FINAL/$f"; done
   write_summary
   log "$p: start (${CMDS[$p]}, limit ${limit} s)"
   timeout -k 10 "$limit" ${CMDS[$p]} > "$WORK/logs/$p.log" 2>&1
@@ -204,6 +213,8 @@ done
 
 [[ -n "$GPU_MON" ]] && kill "$GPU_MON" 2>/dev/null
 write_summary
+if [[ "$GPU_DRY_RUN" == 1 && "${GPU_SITE:-}" == */tttlab_site.* ]]; then rm -rf "$GPU_SITE"; fi
+log "work folder (logs, run directories): $WORK"
 log "done: $FINAL"
 ls -la "$FINAL"
 for p in "${PARTS[@]}"; do echo "$p: ${STATUS[$p]} (${SECS[$p]:-} s)"; done
