@@ -53,3 +53,22 @@ def test_lr_schedule_and_errors(tmp_path):
         T.load_dataset({"data": {"name": "imagenet", "root": None, "split": "train"}})
     with pytest.raises(ConfigError, match="unknown config key"):
         compose("pretrain", None, {"stepz": 1})
+
+
+def test_probe_clean_accuracy_reads_imagenet_val(tmp_path):
+    """ImageNet has train/val: the probe's clean accuracy was looked up in a 'test' split and never measured."""
+    from tttlab.core import testing
+    from tttlab.ttt_mae.model import build_model
+    from tttlab.ttt_mae.views import Normalizer
+
+    root = testing.make_imagenet(tmp_path / "imagenet")
+    torch.manual_seed(0)
+    model = build_model("mae_vit_tiny_patch16", depth=1, decoder_depth=1, classifier_depth=1, no_decoder=True)
+    c = {"data": {"name": "imagenet", "root": str(root), "split": "train"}, "amp": "none"}
+    acc, n = T.clean_accuracy(model, c, torch.device("cpu"), Normalizer(*T.normalization(c, "imagenet")))
+    assert n == 6 and 0.0 <= acc <= 1.0
+    missing = {
+        "data": {"name": "imagenet", "root": str(tmp_path / "nothing"), "split": "train"},
+        "amp": "none",
+    }
+    assert T.clean_accuracy(model, missing, torch.device("cpu"), lambda x: x)[1] == 0

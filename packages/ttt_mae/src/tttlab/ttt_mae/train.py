@@ -274,10 +274,14 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
     if dist.rank == 0:
         if kind == "probe" and not (final.exists() and _has_accuracy(rd)):
             acc, n = clean_accuracy(model, c, device, norm)
-            with rd.writer(method="ttt_mae.probe", package="ttt_mae", framework="torch", model=c["model"],
-                           dataset=c["data"]["name"], seed=seed) as w:  # fmt: skip
-                w.write(metric="accuracy", value=acc, n=n, step=epochs, extra={"split": "test"})
-            log.info("probe: clean test accuracy %.4f on %d images", acc, n)
+            if n == 0:  # no test/val split next to the training data: nothing to record (was a NaN record)
+                log.info("probe: no test split of data.name=%s found; clean accuracy not measured",
+                         c["data"]["name"])  # fmt: skip
+            else:
+                with rd.writer(method="ttt_mae.probe", package="ttt_mae", framework="torch", model=c["model"],
+                               dataset=c["data"]["name"], seed=seed) as w:  # fmt: skip
+                    w.write(metric="accuracy", value=acc, n=n, step=epochs, extra={"split": "test"})
+                log.info("probe: clean test accuracy %.4f on %d images", acc, n)
         atomic_save({"model": model.state_dict(), "epoch": epochs - 1, "config": c}, final)
     dist.barrier()
     return final
@@ -292,8 +296,11 @@ def _has_accuracy(rd: RunDir) -> bool:
 
 @torch.no_grad()
 def clean_accuracy(model: MaskedAutoencoderViT, c: dict[str, Any], device, norm, limit: int = 2000):
+    """Top-1 on the first ``limit`` images of the held-out split (ImageNet: ``val``; else ``test``);
+    ``(nan, 0)`` when there is none."""
+    split = "val" if c["data"]["name"] == "imagenet" else "test"
     try:
-        ds = load_dataset({**c, "data": {**c["data"], "num_examples": None}}, split="test")
+        ds = load_dataset({**c, "data": {**c["data"], "num_examples": None}}, split=split)
     except Exception:  # noqa: BLE001 - no test split (e.g. an ImageNet folder with train only)
         return float("nan"), 0
     n = min(len(ds), limit)
