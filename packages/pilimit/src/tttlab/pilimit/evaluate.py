@@ -153,7 +153,11 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
                     dataset=bench.name, setting=c["benchmark"]["setting"], step=0, seed=int(c["seed"]))  # fmt: skip
     extra = {"train_run": str(run_dir), "adaptation": "none (prediction)", "rows": int(getattr(net, "M", 0))}
     with rd.writer(**defaults) as writer:
-        write_domain_summary(writer, totals, extra)
+        written = write_domain_summary(writer, totals, extra)
+    for r in written:
+        if r["metric"] == "accuracy" and r.get("corruption") == "mean":
+            log.info("%s: mean accuracy %.4f over %d corruption domains", c["method"], float(r["value"]),
+                     sum(d.corruption is not None for d in totals))  # fmt: skip
     return rd.records_path
 
 
@@ -163,7 +167,8 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    print(run(OmegaConf.to_container(OmegaConf.from_dotlist(sys.argv[1:]), resolve=True)))
+    with T.user_errors("tttlab-pilimit-evaluate"):
+        print(run(OmegaConf.to_container(OmegaConf.from_dotlist(sys.argv[1:]), resolve=True)))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ output of the whole training set); data order comes from ``numpy.random.default_
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 
 from tttlab.core._io import atomic_path
 from tttlab.core.config import RunConfig, package_yaml, to_plain
-from tttlab.core.errors import CheckpointError, ConfigError
+from tttlab.core.errors import CheckpointError, ConfigError, TTTLabError
 from tttlab.core.records import RunDir, config_hash, done_keys, load_records
 
 from .data import NUM_CLASSES, load_flat, mnist_classes, omniglot_classes
@@ -182,9 +183,22 @@ def validate(cfg) -> dict[str, Any]:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda[:i]``, ``mps``, or ``auto``/``gpu`` (CUDA when available, else CPU).  Raises
+    :class:`ConfigError` for an unknown name or a CUDA device on a machine without one."""
     if name in ("auto", "gpu"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={name!r}; expected cpu, cuda, cuda:<index> or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device={name!r} but torch finds no CUDA GPU on this machine; use device=cpu (or device=auto)"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev
 
 
 def build_model(c: dict[str, Any], d_in: int, d_out: int, device) -> torch.nn.Module:
@@ -265,6 +279,51 @@ def method_name(c: dict[str, Any]) -> str:
 # runs
 
 
+def _flat(d, prefix=""):
+    if isinstance(d, dict):
+        return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: d}
+
+
+def _config_diff(old: dict | None, new: dict) -> str:
+    """`` (model.kind: 'inf' -> 'finite'; ...)`` over the training part of two configs, or ``""``."""
+    if not isinstance(old, dict):
+        return ""
+    try:
+        a, b = _flat(training_part(old)), _flat(training_part(new))
+    except (KeyError, TypeError):
+        return ""
+    diff = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, "<absent>") != b.get(k, "<absent>")]  # fmt: skip
+    return f" ({'; '.join(diff)})" if diff else ""
+
+
+def refuse_distributed() -> None:
+    """torchrun would start independent copies that write the same run directory: refuse it."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        raise ConfigError(
+            f"WORLD_SIZE={world}: tttlab-pilimit trains in one process only (data-parallel pi-nets would have "
+            "to all-gather the rows every rank appends; not implemented); run without torchrun"
+        )
+
+
+def run_name(kind: str, width) -> str:
+    """The model part of the default ``out_dir``: ``inf``, ``finite1024``, ``mup1024``."""
+    return str(kind) if kind == "inf" else f"{kind}{width}"
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("pilimit_net", run_name, replace=True)
+
+
+_register_resolvers()
+
+
 class _Run:
     """Shared checkpoint/resume machinery of the three tasks."""
 
@@ -276,8 +335,8 @@ class _Run:
         self._ck = load_checkpoint(ckpt) if (c["train"]["resume"] and ckpt.exists()) else None
         if self._ck is not None and self._ck.get("config_hash") != self.key:
             raise CheckpointError(
-                f"{ckpt} was written by a run with another model/training config; use another out_dir or "
-                "train.resume=false"
+                f"{ckpt} was written by a run with another model/training config"
+                f"{_config_diff(self._ck.get('config'), c)}; use another out_dir or train.resume=false"
             )  # checked before RunDir rewrites config.yaml
         recorded = {**c, "train": {k: v for k, v in c["train"].items() if k != "stop_after_steps"}}
         self.out = RunDir(c["out_dir"], recorded)  # a resumed run keeps the same config hash
@@ -310,6 +369,7 @@ class _Run:
 def run(cfg, **overrides) -> Path:
     """Train (or resume) per ``cfg``; returns the run directory."""
     c = validate({**to_dict(cfg), **overrides})
+    refuse_distributed()
     if c.get("threads"):
         torch.set_num_threads(int(c["threads"]))
     if c["train"]["task"] == "maml":
@@ -534,6 +594,17 @@ def load_trained(run_dir, device="cpu"):
     return net.eval(), c, ck
 
 
+@contextlib.contextmanager
+def user_errors(prog: str):
+    """A :class:`TTTLabError` (bad path, value, checkpoint) ends the command with ``<prog>: error: <message>``
+    and exit status 2 instead of a traceback."""
+    try:
+        yield
+    except TTTLabError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main() -> None:
     import hydra
 
@@ -542,7 +613,8 @@ def main() -> None:
 
     @hydra.main(config_path="conf", config_name="config", version_base=None)
     def _main(cfg) -> None:
-        print(run(cfg))
+        with user_errors("tttlab-pilimit-train"):
+            print(run(cfg))
 
     _main()
 

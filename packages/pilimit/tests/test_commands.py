@@ -1,0 +1,84 @@
+"""The commands as a new user runs them: the README's sequence of runs, clean errors, devices, torchrun."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from tttlab.core.errors import CheckpointError, ConfigError, InvalidInputError
+from tttlab.pilimit import train as T
+from tttlab.pilimit.train import resolve_device, run, train_config
+
+SMOKE = ["logging.progress=false", "threads=1", "data.num_examples=64", "train.num_test=32"]
+
+
+def test_readme_runs_get_their_own_default_out_dirs():
+    """The README runs ``+experiment=mnist`` then ``model.kind=finite model.width=1024`` then ``model.kind=mup``
+    (and seeds 0/1/2): with one shared default out_dir the second command was refused (another config)."""
+    variants = [[], ["model.kind=finite", "model.width=1024"], ["model.kind=mup", "model.width=1024"],
+                ["model.kind=finite", "model.width=256"], ["seed=1"]]  # fmt: skip
+    dirs = [train_config("mnist", v)["out_dir"] for v in variants]
+    assert dirs[:3] == ["runs/pilimit/mnist/inf-seed0", "runs/pilimit/mnist/finite1024-seed0",
+                        "runs/pilimit/mnist/mup1024-seed0"]  # fmt: skip
+    assert len(set(dirs)) == len(dirs)
+
+
+def test_hydra_command_line_resolves_the_default_out_dir():
+    from hydra import compose, initialize_config_module
+
+    from tttlab.pilimit.train import register_configs
+
+    register_configs()
+    with initialize_config_module(config_module="tttlab.pilimit.conf", version_base=None):
+        cfg = compose("config", overrides=["+experiment=maml_mnist", "model.kind=finite", "seed=2"])
+    assert cfg.out_dir == "runs/pilimit/maml_mnist/finite1024-seed2"
+
+
+def test_refusal_names_the_differing_keys(tmp_path):
+    run(train_config("smoke", [*SMOKE, f"out_dir={tmp_path}", "train.stop_after_steps=1"]))
+    with pytest.raises(CheckpointError, match=r"model\.kind: 'inf' -> 'finite'; model\.width: 64 -> 32\)"):
+        run(train_config("smoke", [*SMOKE, f"out_dir={tmp_path}", "model.kind=finite", "model.width=32"]))
+
+
+def test_device_errors_are_config_errors(monkeypatch):
+    with pytest.raises(ConfigError, match="device='gpu0'"):
+        resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA GPU.*device=cpu"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+
+
+def test_torchrun_is_refused(tmp_path, monkeypatch):
+    """Under torchrun every rank trained the whole net and wrote the same run directory."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2.*without torchrun"):
+        run(train_config("smoke", [*SMOKE, f"out_dir={tmp_path}"]))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_commands_print_one_error_line(monkeypatch, capsys):
+    import logging
+
+    from tttlab.pilimit import evaluate as E
+
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: None)
+    monkeypatch.setattr(sys, "argv", ["tttlab-pilimit-evaluate", "method=pilimit.nope"])
+    with pytest.raises(SystemExit) as exc:
+        E.main()
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "tttlab-pilimit-evaluate: error: method='pilimit.nope'" in err
+    assert "Traceback" not in err
+
+    def bad(cfg):
+        raise InvalidInputError("r=0: expected an integer >= 1")
+
+    monkeypatch.setattr(T, "run", bad)
+    monkeypatch.setattr(sys, "argv", ["tttlab-pilimit-train", "+experiment=smoke", "hydra/job_logging=none",
+                                      "hydra/hydra_logging=none", "hydra.run.dir=."])  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        T.main()
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "tttlab-pilimit-train: error: r=0: expected an integer >= 1" in err
