@@ -143,3 +143,14 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
     assert again == first
     fresh = T.train(compose([*TINY, "total_epochs=1", out, "inner.TTT.inner_itr=2", "resume=false"]))
     assert len(fresh["val/inner_loss"][0][0]) == 3, "T=2 reports 3 inner losses per layer"
+
+
+def test_tfds_path_defaults_to_tfds_data_dir(monkeypatch):
+    """Upstream (and tfds) read ImageNet from $TFDS_DATA_DIR when no path is given."""
+    from .test_train import compose
+
+    monkeypatch.setenv("TFDS_DATA_DIR", "/data/tfds")
+    assert compose(["experiment=paper_patch"]).tfds_path == "/data/tfds"
+    assert compose(["experiment=paper_patch", "tfds_path=/other"]).tfds_path == "/other"
+    monkeypatch.delenv("TFDS_DATA_DIR")
+    assert compose(["experiment=paper_patch"]).tfds_path == ""

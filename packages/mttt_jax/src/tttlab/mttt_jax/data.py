@@ -219,8 +219,8 @@ def open_source(name: str, split: str, *, data_dir=None, train: bool, image_size
     elif name.startswith("tfds/"):
         if not data_dir:
             raise MTTTConfigError(
-                f"dataset {name!r} needs the TFDS data directory: set tfds_path=/YOUR/TFDS/PATH "
-                "(prepared with file_format='array_record')"
+                f"dataset {name!r} needs the TFDS data directory: set tfds_path=/YOUR/TFDS/PATH or the "
+                "environment variable TFDS_DATA_DIR (prepared with file_format='array_record')"
             )
         ds = core_data.load(name, data_dir, split=split)
         per_image = True
