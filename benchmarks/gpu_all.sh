@@ -15,10 +15,10 @@
 #   1. pilimit     benchmarks/gpu_pilimit.sh           cap  75 s  (~40 s expected)  -> pilimit.md
 #   2. ttt_mae     benchmarks/gpu_ttt_mae.sh           cap  95 s  (~60 s)           -> ttt_mae.md
 #   3. memo_tpt    benchmarks/gpu_memo_tpt.sh          cap  85 s  (~60 s)           -> memo_tpt.md
-#   4. mttt_bench  benchmarks/gpu_lead.sh bench        cap 65+65 s (~70 s; 2 procs) -> mttt_gpu.md
+#   4. mttt_bench  benchmarks/gpu_lead.sh bench        cap 80+60 s (~70 s; 2 procs) -> mttt_gpu.md
 #   5. sweeps      benchmarks/gpu_lead.sh sweeps       the time left (~250 s)       -> torch_ttt_mnist_c.md,
 #                  (torch_ttt MNIST-C sweep and MTTT MNIST proxies side by side)       mttt_mnist.md
-# Worst case (every part at its cap): the sweeps still get 60 s and the call ends by ~575 s.
+# Worst case (every part killed at its cap): the sweeps still get 60 s and the call ends by ~590 s (< 600).
 # Parts 1-4 are speed measurements and get the GPU alone, one after the other; part 5 is two accuracy
 # sweeps (many small processes sharing the GPU and the 16 cores; their deadline makes unfinished runs show
 # as failed rows) and takes whatever is left of GPU_TOTAL_S (default 540 s), so the call ends by ~545 s.
@@ -43,6 +43,7 @@ FINAL="${OUT:-$PWD/gpu_out}"
 mkdir -p "$FINAL"
 if [[ "$GPU_DRY_RUN" == 1 ]]; then
   WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_all.XXXXXX")
+  export GPU_SITE="${GPU_SITE:-$(mktemp -d "${TMPDIR:-/tmp}/tttlab_site.XXXXXX")}"  # removed at the end
   TOTAL_S=${GPU_TOTAL_S:-900}
   export PILIMIT_S=${PILIMIT_S:-150} TTT_MAE_S=${TTT_MAE_S:-150} MEMO_TPT_S=${MEMO_TPT_S:-240}
   export BENCH_SMALL_S=${BENCH_SMALL_S:-120} BENCH_BIG_S=${BENCH_BIG_S:-90}
@@ -50,7 +51,7 @@ else
   WORK=${GPU_WORK:-/tmp/gpu_all}
   TOTAL_S=${GPU_TOTAL_S:-540}
   export PILIMIT_S=${PILIMIT_S:-75} TTT_MAE_S=${TTT_MAE_S:-95} MEMO_TPT_S=${MEMO_TPT_S:-85}
-  export BENCH_SMALL_S=${BENCH_SMALL_S:-65} BENCH_BIG_S=${BENCH_BIG_S:-65}
+  export BENCH_SMALL_S=${BENCH_SMALL_S:-80} BENCH_BIG_S=${BENCH_BIG_S:-60}
 fi
 PARTS=(${GPU_PARTS:-pilimit ttt_mae memo_tpt mttt_bench sweeps})
 # a second call on a still-warm machine starts with fresh logs and tables; $WORK/lead (the sweeps' run
@@ -88,6 +89,14 @@ write_summary() {
     echo '```'
     cat "$WORK/logs/env.txt" 2>/dev/null
     echo '```'
+    if [[ "${SETUP_STATUS:-ok}" != ok ]]; then
+      echo
+      echo "Set-up log (logs/setup.log):"
+      echo
+      echo '~~~~'
+      grep -v '^PYTHONPATH=' "$WORK/logs/setup.log" | tail -n 20 | cut -c1-300
+      echo '~~~~'
+    fi
     echo
     echo "| part | command | status | seconds | limit s | table(s) |"
     echo "| --- | --- | --- | ---: | ---: | --- |"

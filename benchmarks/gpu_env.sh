@@ -23,7 +23,10 @@ if [[ -z "${TTTLAB_GPU_ENV_DONE:-}" ]]; then
   export PYTHONDONTWRITEBYTECODE=1 TOKENIZERS_PARALLELISM=false
   if [[ "$GPU_DRY_RUN" == 1 ]]; then
     export DEVICE=cpu JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES=""
-    export GPU_SITE="${GPU_SITE:-$(mktemp -d "${TMPDIR:-/tmp}/tttlab_site.XXXXXX")}"
+    if [[ -z "${GPU_SITE:-}" ]]; then  # a standalone dry run: its own temp folder, removed at exit
+      export GPU_SITE="$(mktemp -d "${TMPDIR:-/tmp}/tttlab_site.XXXXXX")"
+      trap 'rm -rf "$GPU_SITE"' EXIT
+    fi
   else
     export DEVICE=cuda
     export GPU_SITE="${GPU_SITE:-/tmp/tttlab_site}"

@@ -2,7 +2,8 @@
 # TPT images/s at CLIP ViT-B/16 shapes (open_clip ViT-B-16 built without pretrained weights, 1000 ImageNet
 # class prompts, 64 views, 1 AdamW step under AMP + GradScaler) and batched vs PIL views/s, on one GPU.
 # Run from the repo root:  bash benchmarks/gpu_memo_tpt.sh     (writes $OUT/memo_tpt.md; ~60 s on an H200)
-#   GPU_DRY_RUN=1 bash benchmarks/gpu_memo_tpt.sh    # CPU check of the same code path (ViT-B-16, 4 classes, 4 views)
+#   GPU_DRY_RUN=1 bash benchmarks/gpu_memo_tpt.sh    # CPU check of the same code path (ViT-B-16, 4 classes,
+#                                                    # 4 views; augment._GENERIC: the kernels CUDA runs)
 # open_clip_torch / ftfy / wcwidth come from the carried .whl/ (benchmarks/gpu_env.sh; never the network).
 # Part of benchmarks/gpu_all.sh.
 set -uo pipefail
@@ -21,4 +22,10 @@ else
   ARGS=(--device cuda --threads 8 --tpt-arch ViT-B-16 --classes 1000 --repeats 3 --e2e-repeats 3)
   LIMIT=${MEMO_TPT_S:-85}
 fi
-timeout -k 5 "$LIMIT" "$PY" benchmarks/bench_memo_tpt.py "${ARGS[@]}" --out "$OUT/memo_tpt.md"
+if [[ "$GPU_DRY_RUN" == 1 ]]; then
+  # the device-agnostic view kernels (what CUDA runs) instead of the CPU-only numba/numpy fast paths
+  LAUNCH=(-c 'import runpy, sys; import tttlab.memo_tpt.augment as A; A._GENERIC = True; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")')
+else
+  LAUNCH=()
+fi
+timeout -k 5 "$LIMIT" "$PY" "${LAUNCH[@]}" benchmarks/bench_memo_tpt.py "${ARGS[@]}" --out "$OUT/memo_tpt.md"
