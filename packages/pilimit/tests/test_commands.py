@@ -82,3 +82,26 @@ def test_commands_print_one_error_line(monkeypatch, capsys):
         T.main()
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "tttlab-pilimit-train: error: r=0: expected an integer >= 1" in err
+
+
+def test_evaluate_a_trained_run_records_its_own_method(tmp_path):
+    """``train_run=<finite run>`` was recorded as pilimit.inf_pinet (the default method) in runs/pilimit/eval."""
+    from tttlab.core.records import load_records
+    from tttlab.pilimit.evaluate import run as evaluate
+
+    train_dir = run(train_config("smoke", [*SMOKE, "model.kind=finite", "model.width=32", "train.epochs=1",
+                                           f"out_dir={tmp_path / 'fin'}"]))  # fmt: skip
+    bench = {"corruptions": ["fog"], "num_examples": 8, "batch_size": 8}
+    df = load_records(evaluate({"train_run": str(train_dir), "benchmark": bench, "progress": False}))
+    assert set(df.method) == {"pilimit.finite_pinet"}
+    assert (tmp_path / "fin" / "eval" / "records.jsonl").exists()
+    with pytest.raises(ConfigError, match="trained model.kind=finite"):
+        evaluate({"train_run": str(train_dir), "method": "pilimit.mup", "benchmark": bench})
+
+
+def test_evaluate_help(monkeypatch, capsys):
+    from tttlab.pilimit import evaluate as E
+
+    monkeypatch.setattr(sys, "argv", ["tttlab-pilimit-evaluate", "--help"])
+    E.main()  # was: "unknown evaluate keys ['--help']"
+    assert "train_run=" in capsys.readouterr().out

@@ -1,6 +1,9 @@
 """Pi-net classifiers on a core corruption benchmark (default ``mnist_c``), writing core records.
 
     tttlab-pilimit-evaluate method=pilimit.inf_pinet profile=quick
+    tttlab-pilimit-evaluate train_run=runs/pilimit/mnist/finite1024-seed0   # your own run -> <run>/eval
+    keys: method, profile (smoke|quick|full), train_run, out_dir, cache_dir, seed, device, threads, progress,
+          benchmark.{name,corruptions,severities,setting,num_examples,batch_size}, train_overrides
     python -c "from tttlab.pilimit.evaluate import run; print(run({'method': 'pilimit.mup'}))"
 
 Paper: Yang, Santacroce, Hu, ICLR 2022 (``yang2022pinets``); upstream github.com/santacml/pilim.  A
@@ -62,9 +65,19 @@ def _config(cfg: Mapping | None, overrides: dict) -> dict[str, Any]:
     unknown = sorted(set(c) - KNOWN)
     if unknown:
         raise ConfigError(f"unknown evaluate keys {unknown}; expected some of {sorted(KNOWN)}")
-    c.setdefault("method", "pilimit.inf_pinet")
-    if c["method"] not in METHODS:
+    if c.get("method") is not None and c["method"] not in METHODS:
         raise ConfigError(f"method={c['method']!r}; expected one of {sorted(METHODS)}")
+    if c.get("train_run"):  # the method and the default out_dir follow the trained run
+        kind = _run_kind(c["train_run"])
+        if kind is not None and c.get("method") is not None and METHODS[c["method"]] != kind:
+            raise ConfigError(
+                f"method={c['method']} but {c['train_run']} trained model.kind={kind} "
+                f"({T.KINDS.get(kind, kind)}); drop method= or pick the matching one"
+            )
+        if kind in T.KINDS:
+            c.setdefault("method", T.KINDS[kind])
+        c.setdefault("out_dir", str(Path(c["train_run"]) / "eval"))
+    c.setdefault("method", "pilimit.inf_pinet")
     c.setdefault("profile", "full")
     if c["profile"] not in PROFILES:
         raise ConfigError(f"profile={c['profile']!r}; expected one of {sorted(PROFILES)}")
@@ -87,6 +100,16 @@ def _config(cfg: Mapping | None, overrides: dict) -> dict[str, Any]:
         b["num_examples"] = None
     c["benchmark"] = b
     return c
+
+
+def _run_kind(run_dir) -> str | None:
+    """``model.kind`` from a train run's ``config.yaml`` (None when it cannot be read: load_trained reports)."""
+    try:
+        from omegaconf import OmegaConf
+
+        return str(OmegaConf.load(Path(run_dir) / "config.yaml").model.kind)
+    except Exception:  # noqa: BLE001 - a missing/odd run directory is reported by load_trained
+        return None
 
 
 def training_run(c: dict[str, Any]) -> Path:
@@ -166,6 +189,9 @@ def main() -> None:
 
     from omegaconf import OmegaConf
 
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     with T.user_errors("tttlab-pilimit-evaluate"):
         print(run(OmegaConf.to_container(OmegaConf.from_dotlist(sys.argv[1:]), resolve=True)))
