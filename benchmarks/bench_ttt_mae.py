@@ -18,7 +18,8 @@ the same views and masks):
   ``TTTSettings.exact_cuts`` (the lean MAE loss, ``MaskedAutoencoderViT.mae_loss_lean``: the last decoder
   block and ``decoder_pred`` on the masked tokens only, the mask tokens' first decoder qkv once per
   position, single-crop copies as one image with the first encoder block's qkv once per patch); the
-  rows without are the code before the cuts.  The header line gives the counted FLOP of a step;
+  rows without are the code before the cuts.  The header line gives the counted FLOP of a step; the
+  compiled rows with the cuts also compile the per-step prediction (``TTTSettings.compile_predict``);
 - ``ours (batched G, compiled)`` (``--compile``, default on): the same with the whole step (per-image
   grads + SGD update) under ``torch.compile`` (inductor, ``--compile-mode``), single-crop copies passed
   as one image with ``copies`` masks (patch embedding and targets once per image), fp32 and bf16.  The
@@ -122,7 +123,7 @@ def main() -> None:
         for cuts in variants:
             key = kind + ("+cuts" if cuts else "")
             st = TTTSettings(**{**s.__dict__, "amp": amp, "compile": comp, "compile_mode": args.compile_mode,
-                                "exact_cuts": cuts})  # fmt: skip
+                                "exact_cuts": cuts, "compile_predict": cuts})  # fmt: skip
             if kind == "loop":
                 a = TTTAdapter(fresh(), st)
                 paths[key] = lambda idx, a=a: [a.adapt(raws[i], g, norm) for i, g in zip(idx, gens(idx))]
@@ -188,7 +189,8 @@ def main() -> None:
               "bf16": f"ours, batched G={G}, bf16 autocast",
               "compiled": f"ours, batched G={G}, torch.compile",
               "compiled_bf16": f"ours, batched G={G}, torch.compile, bf16 autocast"}  # fmt: skip
-    labels.update({k + "+cuts": v + ", **exact cuts**" for k, v in labels.items()})
+    labels.update({k + "+cuts": v + ", **exact cuts**" + (" + compiled prediction" if k.startswith("compiled") else "")
+                   for k, v in labels.items()})  # fmt: skip
     ref_rate = n / times["reference"]
     for k in paths:
         same, dl = agree(k) if k != "reference" else (1.0, 0.0)
