@@ -105,3 +105,53 @@ def test_evaluate_help(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["tttlab-pilimit-evaluate", "--help"])
     E.main()  # was: "unknown evaluate keys ['--help']"
     assert "train_run=" in capsys.readouterr().out
+
+
+CIFAR10MLP = ("--lr 1.0 --gclip-per-param --gclip 0.4 --lr-drop-ratio 0.15 --lr-drop-milestones 40 --scheduler multistep "
+              "--wd 0.00001 --r 400 --batch-size 8 --epochs 50 --width 0 --cuda --seed 0  --depth 2 --bias-alpha 0.5 "
+              "--first-layer-lr-mult 0.1 --last-layer-lr-mult 4.0 --first-layer-alpha 1.0 --last-layer-alpha 0.5 "
+              "--no-apply-lr-mult-to-wd --save-dir ./output/")  # fmt: skip
+TRANSFER = ("--save-dir=./output/ --save-model --cuda --r 200 --lr=0.01 --batch-size=16 --gclip=0  --epochs=40 --human "
+            "--wd=0.0001 --bias-alpha=0.5 --first-layer-lr-mult=1.0 --last-layer-lr-mult=1.0 --gclip-per-param")  # fmt: skip
+MAML = ("dataset --dataset omniglot --num-ways 5 --num-shots 1 --use-cuda --step-size 0.5 --batch-size 8 --num-workers 2 "
+        "--num-epochs 2 --output-folder results --meta-lr .1  --grad-clip 0.1 --meta-momentum 0 --num-shots-test 1 "
+        "--normalize None --hidden-size -1 --bias-alpha 4 --infnet_r 200 --first-layer-alpha 2  --verbose "
+        "--first-layer-lr-mult 0.2 --dtype float16 --num-batches 1000 --num-test-batches 500 --adapt-readout-only "
+        "--Gproj-inner --Gproj-outer --last-layer-lr-mult 0 --scheduler cosine --readout-zero-init --depth 1")  # fmt: skip
+
+
+@pytest.mark.parametrize("experiment, flags, changed", [
+    ("paper_cifar10", CIFAR10MLP, {"out_dir": "./output/", "device": "cuda"}),
+    ("paper_transfer", TRANSFER, {"out_dir": "./output/", "device": "cuda"}),
+    ("paper_omniglot", MAML, {"out_dir": "results", "device": "cuda", "maml.root": "dataset"}),
+])  # fmt: skip
+def test_upstream_readme_commands_translate_to_the_paper_experiments(experiment, flags, changed):
+    """Each upstream README command, translated and put on top of its experiment, changes nothing but the
+    output folder, the device (and the data folder): the experiments are those commands."""
+    from tttlab.pilimit.cli import translate_upstream_args
+    from tttlab.pilimit.train import _flat
+
+    out, translated, notes = translate_upstream_args([f"+experiment={experiment}", *flags.split()])
+    assert translated and out[0] == f"+experiment={experiment}"
+    base = _flat(train_config(experiment))
+    new = _flat(train_config(experiment, out[1:]))
+    diff = {k: new[k] for k in new if new[k] != base[k]}
+    assert diff == changed, out
+
+
+def test_upstream_flag_errors():
+    from tttlab.pilimit.cli import translate_upstream_args
+
+    with pytest.raises(ConfigError, match="add \\+experiment=paper_cifar10"):
+        translate_upstream_args(["--lr", "1.0"])
+    with pytest.raises(ConfigError, match="unknown flag --lrr"):
+        translate_upstream_args(["+experiment=paper_cifar10", "--lrr", "1.0"])
+    with pytest.raises(ConfigError, match="--r needs a value"):
+        translate_upstream_args(["+experiment=paper_cifar10", "--r"])
+    out, _, _ = translate_upstream_args(["+experiment=mnist", "--width", "256", "--gaussian-init"])
+    assert out[1:] == ["model.width=256", "model.kind=mup"]
+    assert translate_upstream_args(["+experiment=mnist", "threads=1"]) == (
+        ["+experiment=mnist", "threads=1"],
+        False,
+        [],
+    )

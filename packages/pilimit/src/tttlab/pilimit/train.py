@@ -606,7 +606,12 @@ def user_errors(prog: str):
 
 
 def main() -> None:
+    """``tttlab-pilimit-train``: Hydra overrides, plus upstream's flags (translated, :mod:`tttlab.pilimit.cli`)."""
     import hydra
+
+    from .cli import apply_upstream_translation
+
+    apply_upstream_translation("tttlab-pilimit-train")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     register_configs()

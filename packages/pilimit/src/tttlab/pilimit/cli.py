@@ -1,0 +1,171 @@
+"""Upstream's command-line flags for ``tttlab-pilimit-train``.
+
+The upstream README runs ``python -m experiments.cifar10.cifar10mlp --lr 1.0 --gclip-per-param --gclip 0.4
+... --save-dir ./output/`` (and ``experiments.imagenet.transfer_imagenet``, ``experiments.meta.train``).
+:func:`translate_upstream_args` turns those flags into this package's Hydra overrides, so a copied
+command runs after ``tttlab-pilimit-train +experiment=<paper_cifar10|paper_transfer|paper_omniglot>``;
+:data:`FLAGS` is the table (also in the package README).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+from tttlab.core.errors import ConfigError
+
+#: upstream flag -> Hydra key (the flag takes a value) or ``(key, value)`` (a switch)
+FLAGS: dict[str, str | tuple[str, str]] = {
+    # experiments.cifar10.cifar10mlp / experiments.imagenet.transfer_imagenet
+    "--lr": "optim.lr",
+    "--wd": "optim.wd",
+    "--gclip": "optim.gclip",
+    "--gclip-per-param": ("optim.gclip_per_param", "true"),
+    "--lr-drop-ratio": "optim.lr_drop_ratio",
+    "--lr-drop-milestones": "optim.lr_drop_milestones",
+    "--scheduler": "optim.scheduler",
+    "--first-layer-lr-mult": "optim.first_layer_lr_mult",
+    "--last-layer-lr-mult": "optim.last_layer_lr_mult",
+    "--bias-lr-mult": "optim.bias_lr_mult",
+    "--no-apply-lr-mult-to-wd": ("optim.apply_lr_mult_to_wd", "false"),
+    "--r": "model.r",
+    "--depth": "model.depth",
+    "--width": "model.width",  # 0 = infinite (model.kind=inf), N > 0 = finite pi-net of width N
+    "--first-layer-alpha": "model.first_layer_alpha",
+    "--last-layer-alpha": "model.last_layer_alpha",
+    "--bias-alpha": "model.bias_alpha",
+    "--last-bias-alpha": "model.last_bias_alpha",
+    "--gaussian-init": ("model.kind", "mup"),
+    "--float": ("model.dtype", "float32"),
+    "--batch-size": "data.batch_size",
+    "--epochs": "train.epochs",
+    "--seed": "seed",
+    "--cuda": ("device", "cuda"),
+    "--save-dir": "out_dir",
+    "--save-model": ("", ""),  # always saved (checkpoints/last.ckpt)
+    # experiments.meta.train (MAML)
+    "--num-ways": "maml.num_ways",
+    "--num-shots": "maml.num_shots",
+    "--num-shots-test": "maml.num_shots_test",
+    "--step-size": "maml.step_size",
+    "--num-batches": "maml.num_batches",
+    "--num-test-batches": "maml.num_test_batches",
+    "--num-epochs": "train.epochs",
+    "--meta-lr": "optim.lr",
+    "--grad-clip": "optim.gclip",
+    "--infnet_r": "model.r",
+    "--dtype": "model.dtype",
+    "--use-cuda": ("device", "cuda"),
+    "--adapt-readout-only": ("maml.adapt_readout_only", "true"),
+    "--Gproj-inner": ("maml.gproj_inner", "true"),
+    "--Gproj-outer": ("maml.gproj_outer", "true"),
+    "--readout-zero-init": ("maml.readout_zero_init", "true"),
+    "--output-folder": "out_dir",
+    "--dataset": "maml.dataset",
+    "--hidden-size": "model.width",  # -1 = infinite, N > 0 = finite pi-net of width N
+}
+#: upstream flags with no counterpart here (ignored with a note): value-taking or switches
+IGNORED: dict[str, bool] = {
+    "--human": False, "--verbose": False, "--num-workers": True, "--normalize": True,
+    "--transfer": False, "--transfer-milestones": True,  # paper_transfer always evaluates the transfer at the end
+    "--meta-momentum": True,  # PiSGD has no momentum (the paper's commands use 0)
+}  # fmt: skip
+MAML_EXPERIMENTS = ("paper_omniglot", "maml_mnist")
+
+
+def _value(flag: str, v: str) -> str:
+    if flag == "--lr-drop-milestones":
+        return "[" + ",".join(x for x in v.replace(" ", "").split(",") if x) + "]"
+    if v in ("True", "False", "None"):
+        return {"True": "true", "False": "false", "None": "null"}[v]
+    return v
+
+
+def translate_upstream_args(argv: list[str]) -> tuple[list[str], bool, list[str]]:
+    """``(overrides, translated, notes)``: ``argv`` with upstream flags replaced by Hydra overrides.
+
+    Raises :class:`ConfigError` for an unknown ``--flag``, a flag without its value, or upstream flags
+    without an ``+experiment=...`` (they only make sense on top of a paper experiment).
+    """
+    out: list[str] = []
+    notes: list[str] = []
+    translated = False
+    experiment = next(
+        (a.split("=", 1)[1] for a in argv if a.startswith(("+experiment=", "experiment="))), None
+    )
+    maml = experiment in MAML_EXPERIMENTS
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if maml and not a.startswith(("-", "+", "~")) and "=" not in a:  # meta.train's positional data folder
+            out.append(f"maml.root={a}")
+            translated = True
+            i += 1
+            continue
+        if not a.startswith("--") or a in ("--help", "--hydra-help", "--info", "--cfg", "--resolve",
+                                           "--package", "--multirun", "--run", "--config-name",
+                                           "--config-path", "--config-dir", "-h") or a.startswith("--cfg="):  # fmt: skip
+            out.append(a)
+            i += 1
+            continue
+        flag, eq, val = a.partition("=")
+        spec = FLAGS.get(flag)
+        takes_value = isinstance(spec, str) or IGNORED.get(flag, False)
+        if spec is None and flag not in IGNORED:
+            raise ConfigError(
+                f"unknown flag {flag}: tttlab-pilimit-train takes Hydra overrides (key=value, see "
+                f"--help) or these upstream flags: {' '.join(sorted(FLAGS))}"
+            )
+        translated = True
+        if takes_value and not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"upstream flag {flag} needs a value")
+            val = argv[i + 1]
+            i += 1
+        i += 1
+        if flag == "--meta-momentum":
+            if float(val) != 0:
+                raise ConfigError(
+                    f"--meta-momentum {val}: PiSGD has no momentum (the paper's commands use 0)"
+                )
+            continue
+        if flag in IGNORED:
+            notes.append(f"{flag} ignored (no counterpart here)")
+            continue
+        if isinstance(spec, tuple):
+            if spec[0]:
+                out.append(f"{spec[0]}={spec[1]}")
+            continue
+        if flag in ("--width", "--hidden-size"):
+            n = int(float(val))
+            out += ["model.kind=inf"] if n <= 0 else ["model.kind=finite", f"model.width={n}"]
+            continue
+        if flag == "--batch-size" and maml:  # meta.train: episodes per outer step
+            out.append(f"maml.meta_batch_size={val}")
+            continue
+        out.append(f"{spec}={_value(flag, val)}")
+    if translated and not any(x.startswith(("+experiment=", "experiment=")) for x in out):
+        raise ConfigError(
+            "upstream flags go on top of a paper experiment: add +experiment=paper_cifar10 (cifar10mlp), "
+            "+experiment=paper_transfer (transfer_imagenet) or +experiment=paper_omniglot (meta.train)"
+        )
+    if any(x == "model.kind=mup" for x in out):  # --gaussian-init with --width N: muP at width N
+        out = [x for x in out if x != "model.kind=finite"]
+        out = [x for x in out if x != "model.kind=mup"] + ["model.kind=mup"]
+    return out, translated, notes
+
+
+def apply_upstream_translation(prog: str) -> None:
+    """Rewrite ``sys.argv`` in place and print the translated command (errors: one line, exit 2)."""
+    from .train import user_errors
+
+    with user_errors(prog):
+        args, translated, notes = translate_upstream_args(sys.argv[1:])
+    if translated:
+        print(f"{prog}: upstream flags translated to: {prog} {shlex.join(args)}", file=sys.stderr)
+        for n in notes:
+            print(f"{prog}: {n}", file=sys.stderr)
+        sys.argv[1:] = args
+
+
+__all__ = ["FLAGS", "IGNORED", "apply_upstream_translation", "translate_upstream_args"]
