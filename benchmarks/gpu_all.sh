@@ -18,10 +18,13 @@
 #   4. mttt_bench  benchmarks/gpu_lead.sh bench        cap 80+60 s (~70 s; 2 procs) -> mttt_gpu.md
 #   5. sweeps      benchmarks/gpu_lead.sh sweeps       the time left (~250 s)       -> torch_ttt_mnist_c.md,
 #                  (torch_ttt MNIST-C sweep and MTTT MNIST proxies side by side)       mttt_mnist.md
-# Worst case (every part killed at its cap): the sweeps still get 60 s and the call ends by ~590 s (< 600).
 # Parts 1-4 are speed measurements and get the GPU alone, one after the other; part 5 is two accuracy
 # sweeps (many small processes sharing the GPU and the 16 cores; their deadline makes unfinished runs show
 # as failed rows) and takes whatever is left of GPU_TOTAL_S (default 540 s), so the call ends by ~545 s.
+# Worst case (every part killed at its cap): the sweeps still get 60 s and the call ends by ~590 s (< 600).
+# Device time: the machine's start (1-2 min) + ~9 min = ~11 of the session's 15 minutes.  A machine stays
+# warm 30 s after a call: a failed part can be rerun at once without a new start, e.g.
+#   run(command="GPU_PARTS=ttt_mae GPU_TOTAL_S=150 bash benchmarks/gpu_all.sh", carry=[".whl"], timeout_s=200)
 #
 # $OUT gets at most 8 files (the run tool's limit): SUMMARY.md (status of every part, environment, all
 # tables inline, the end of the log of any part that failed), logs.tgz (every log, every table, the
@@ -39,7 +42,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 T0=$SECONDS
 export GPU_DRY_RUN="${GPU_DRY_RUN:-0}"
-FINAL="${OUT:-$PWD/gpu_out}"
+FINAL="${OUT:-${TMPDIR:-/tmp}/gpu_out}"  # outside the repo: nothing new travels or shows in git status
 mkdir -p "$FINAL"
 if [[ "$GPU_DRY_RUN" == 1 ]]; then
   WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_all.XXXXXX")

@@ -9,7 +9,7 @@
 # their src/ folders (PEP 420 namespace `tttlab`; nothing here needs their entry points).
 #
 # Exports: PY (python3 unless PYTHON is set), DEVICE (cuda; cpu when GPU_DRY_RUN=1), GPU_DRY_RUN (0/1),
-# OUT (default ./gpu_out), GPU_SITE (the wheels' target: /tmp/tttlab_site; a fresh temp folder in a dry
+# OUT (default /tmp/gpu_out), GPU_SITE (the wheels' target: /tmp/tttlab_site; a fresh temp folder in a dry
 # run), PYTHONPATH, HF_HUB_OFFLINE=1, XLA_PYTHON_CLIENT_PREALLOCATE=false (several JAX processes share
 # the GPU), PYTHONUNBUFFERED=1, MPLBACKEND=Agg.  Dry run: JAX_PLATFORMS=cpu, CUDA_VISIBLE_DEVICES="".
 # Returns 1 (the caller decides) when the wheels cannot be installed or an import fails.
@@ -17,7 +17,7 @@
 if [[ -z "${TTTLAB_GPU_ENV_DONE:-}" ]]; then
   export GPU_DRY_RUN="${GPU_DRY_RUN:-0}"
   export PY="${PYTHON:-python3}"
-  export OUT="${OUT:-$PWD/gpu_out}"
+  export OUT="${OUT:-${TMPDIR:-/tmp}/gpu_out}"
   mkdir -p "$OUT"
   export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false MPLBACKEND=Agg
   export PYTHONDONTWRITEBYTECODE=1 TOKENIZERS_PARALLELISM=false

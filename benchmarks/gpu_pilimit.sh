@@ -3,7 +3,7 @@
 # (InfMLP 3072 -> 400 -> 400 -> 10, batch 8, the paper's CIFAR-10 optimizer) with every pi-layer at
 # M = 100k and 1M rows, bfloat16 A/B storage (Amult float32), reference path vs chunked path.
 # Run from the repository root; no network; ~40-60 s (cap 80 s).  Writes $OUT/pilimit.md.
-#   bash benchmarks/gpu_pilimit.sh                  # on the GPU (OUT defaults to ./gpu_out)
+#   bash benchmarks/gpu_pilimit.sh                  # on the GPU (OUT defaults to /tmp/gpu_out)
 #   GPU_DRY_RUN=1 bash benchmarks/gpu_pilimit.sh    # CPU check of the same code path, tiny sizes
 # Set-up (carried wheels, PYTHONPATH): benchmarks/gpu_env.sh.  Part of benchmarks/gpu_all.sh.
 set -uo pipefail

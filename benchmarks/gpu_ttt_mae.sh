@@ -3,7 +3,7 @@
 # 224 px, 20 steps x 128 copies per image, 75 % masks, SGD momentum 0.9, finetune_mode encoder.
 # Random weights and images (the speed does not depend on them); no network.
 #
-#   bash benchmarks/gpu_ttt_mae.sh            # from the repo root; writes $OUT/ttt_mae.md (default ./gpu_out)
+#   bash benchmarks/gpu_ttt_mae.sh            # from the repo root; writes $OUT/ttt_mae.md (default /tmp/gpu_out)
 #   GPU_DRY_RUN=1 bash benchmarks/gpu_ttt_mae.sh         # CPU check of this script (tiny smoke model)
 #   TTT_MAE_COMPILE=1 bash benchmarks/gpu_ttt_mae.sh     # also time torch.compile of the MAE loss
 #                                                        # (adds the compile time, ~1 min: over the 90 s budget)
