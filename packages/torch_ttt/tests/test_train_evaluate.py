@@ -221,6 +221,26 @@ def test_a_bad_device_is_a_config_error(tmp_path):
     assert T.resolve_device("auto").type in ("cpu", "cuda")
 
 
+def test_cli_bad_input_is_one_line_and_exit_2_before_any_training(tmp_path, capsys):
+    """A bad benchmark setting fails before the model is trained (it used to train first, minutes), and
+    the command prints the error's message, not Hydra's traceback."""
+    cmd = [sys.executable, "-m", "tttlab.torch_ttt.evaluate", "benchmark.setting=continuall",
+           f"cache_dir={tmp_path / 'models'}", f"out_dir={tmp_path / 'e'}"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert (
+        "tttlab-torch-ttt-evaluate: error: UnknownNameError: unknown benchmark setting 'continuall'"
+        in res.stderr
+    )
+    assert "Traceback" not in res.stderr and not (tmp_path / "models").exists()
+    with pytest.raises(SystemExit) as exit_info, T.user_errors("tttlab-torch-ttt-train"):
+        raise ConfigError("train.lr=-1: expected >= 0")
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr().err == "tttlab-torch-ttt-train: error: ConfigError: train.lr=-1: expected >= 0\n"
+    )
+
+
 def test_evaluate_needs_a_finished_training_run(tmp_path):
     with pytest.raises(CheckpointError, match="train_run"):
         E.run({"engine": "ttt", "train_run": str(tmp_path), "out_dir": str(tmp_path / "e")})

@@ -370,12 +370,13 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
         import shutil
 
         shutil.rmtree(out / "shards")
+    # the benchmark first: a bad setting, corruption or root fails now, not after training a model
+    batches, domains, dataset = make_stream(c, dist)
     run_dir = training_run(c, dist)
     x_example, _ = T.load_mnist("train", 2)
     engine, model_name, train_engine = load_engine(c, run_dir, device, x_example.to(device))
     calibrate(engine, c, device)
     policy = engine.optimization_parameters["reset"]
-    batches, domains, dataset = make_stream(c, dist)
     torch.manual_seed(int(c["seed"]) + dist.rank)
     progress = bool(c["logging"]["progress"]) and dist.rank == 0
     totals = adapt_stream(engine, batches, domains, device, policy, progress)
@@ -414,7 +415,8 @@ def main() -> None:
 
     @hydra.main(config_path="conf", config_name="evaluate", version_base=None)
     def _main(cfg) -> None:
-        path = run(cfg)
+        with T.user_errors("tttlab-torch-ttt-evaluate"):
+            path = run(cfg)
         if init_distributed().rank == 0:
             print(path)
 
