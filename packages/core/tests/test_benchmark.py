@@ -53,6 +53,20 @@ def test_reset_flags_follow_the_setting(source, setting):
     assert sum(len(x) for x in batches) == b.num_images
 
 
+@pytest.mark.parametrize("setting,num_examples", [("gradual", None), ("mixed", 10), ("episodic", 100)])
+def test_len_counts_without_corrupting(source, setting, num_examples, monkeypatch):
+    """``len()`` (the progress bars' total) must not generate the domains: only 4 stay in memory, so
+    counting used to corrupt every domain twice."""
+    from tttlab.core import benchmark as B
+
+    b = bench(source, setting=setting, num_examples=num_examples, include_clean=True)
+    monkeypatch.setattr(B.C, "corrupt", lambda *a, **k: pytest.fail("len() corrupted images"))
+    n, images = len(b), b.num_images
+    monkeypatch.undo()
+    batches = list(b)
+    assert n == len(batches) and images == sum(len(x) for x in batches)
+
+
 def test_unpacks_as_domain_images_labels(source):
     domain, images, labels = next(iter(bench(source)))
     assert (

@@ -241,6 +241,19 @@ def test_cli_bad_input_is_one_line_and_exit_2_before_any_training(tmp_path, caps
     )
 
 
+@pytest.mark.parametrize(
+    "stream,setting", [("benchmark", "mixed"), ("benchmark", "gradual"), ("noisy", "episodic")]
+)
+def test_stream_length_is_the_progress_bar_total(stream, setting):
+    from tttlab.core.torch import Dist
+
+    c = E.eval_config({"stream": stream, "noisy": {"num_examples": 70, "batch_size": 16}, "benchmark": {
+        "setting": setting, "corruptions": ["fog", "contrast"], "num_examples": 40, "batch_size": 16}})  # fmt: skip
+    for rank in (0, 1):
+        batches, _, _, total = E.make_stream(c, Dist(rank=rank, world_size=2))
+        assert total == sum(1 for _ in batches)
+
+
 def test_evaluate_needs_a_finished_training_run(tmp_path):
     with pytest.raises(CheckpointError, match="train_run"):
         E.run({"engine": "ttt", "train_run": str(tmp_path), "out_dir": str(tmp_path / "e")})

@@ -178,6 +178,10 @@ class Benchmark:
         return getattr(ref, "class_indices", None)
 
     def _domain_size(self, domain: Domain) -> int:
+        """Images of one domain; a generated domain's count needs no corruption (``len()`` stays cheap)."""
+        if domain not in self._memo and self.source is not None:
+            if domain.corruption is None or self.domain_files is None:
+                return len(self._example_indices())
         return len(self.domain_dataset(domain))
 
     def __len__(self) -> int:

@@ -265,7 +265,7 @@ class StreamBatch:
 
 
 def make_stream(c: dict[str, Any], dist: Dist):
-    """``(batches iterator, domains list, dataset name)`` of this rank's shard."""
+    """``(batches iterator, domains list, dataset name, number of batches)`` of this rank's shard."""
     from tttlab.core.benchmark import Domain, make_benchmark
     from tttlab.core.torch import MNIST_MEAN, MNIST_STD, to_tensor
 
@@ -281,7 +281,8 @@ def make_stream(c: dict[str, Any], dist: Dist):
                     yield StreamBatch(domain, xb, yb, i == 0 or c["benchmark"]["setting"] == "episodic",
                                       np.zeros(len(yb), np.int64))  # fmt: skip
 
-        return noisy_batches(), [domain], "mnist"
+        total = len(range(dist.rank, -(-len(y) // nz["batch_size"]), dist.world_size))
+        return noisy_batches(), [domain], "mnist", total
     b = c["benchmark"]
     bench = make_benchmark(
         b["name"], root=b.get("root"), corruptions=b["corruptions"], severities=list(b["severities"]),
@@ -296,15 +297,19 @@ def make_stream(c: dict[str, Any], dist: Dist):
             y = torch.from_numpy(np.asarray(batch.labels, np.int64))
             yield StreamBatch(batch.domain, x, y, batch.reset, batch.domain_ids)
 
-    return bench_batches(), bench.domains, b["name"]
+    total = len(range(dist.rank, len(bench), dist.world_size))
+    return bench_batches(), bench.domains, b["name"], total
 
 
-def adapt_stream(engine, batches, domains, device, policy: Reset, progress: bool) -> dict[Any, list]:
-    """Run the engine over the stream; ``{domain: [correct, n, seconds]}`` (seconds: adaptation and
-    prediction only, split over the domains of a mixed batch by their share of its images)."""
+def adapt_stream(
+    engine, batches, domains, device, policy: Reset, progress: bool, total: int | None = None
+) -> dict[Any, list]:
+    """Run the engine over the stream (``total`` batches, for the progress bar); ``{domain: [correct, n,
+    seconds]}`` (seconds: adaptation and prediction only, split over the domains of a mixed batch by their
+    share of its images)."""
     totals: dict[Any, list] = {d: [0, 0, 0.0] for d in domains}
     previous = None
-    with T.progress_bar(None, f"{type(engine).__name__}", progress) as bar:
+    with T.progress_bar(total, f"{type(engine).__name__}", progress) as bar:
         for batch in batches:
             changed = batch.domain is not None and batch.domain != previous
             if policy is not Reset.NEVER and (batch.reset or (policy is Reset.PER_DOMAIN and changed)):
@@ -371,7 +376,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
 
         shutil.rmtree(out / "shards")
     # the benchmark first: a bad setting, corruption or root fails now, not after training a model
-    batches, domains, dataset = make_stream(c, dist)
+    batches, domains, dataset, num_batches = make_stream(c, dist)
     run_dir = training_run(c, dist)
     x_example, _ = T.load_mnist("train", 2)
     engine, model_name, train_engine = load_engine(c, run_dir, device, x_example.to(device))
@@ -379,7 +384,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     policy = engine.optimization_parameters["reset"]
     torch.manual_seed(int(c["seed"]) + dist.rank)
     progress = bool(c["logging"]["progress"]) and dist.rank == 0
-    totals = adapt_stream(engine, batches, domains, device, policy, progress)
+    totals = adapt_stream(engine, batches, domains, device, policy, progress, num_batches)
     setting = c["benchmark"]["setting"]
     defaults = dict(
         method=f"torch_ttt.{c['engine']['name']}", package="torch_ttt", framework="torch", model=model_name,
