@@ -326,6 +326,11 @@ def test_highlights_read_the_table():
     assert lines[0] == "Best mean accuracy: p.up (70.0%)."
     assert "p.up +30.0 (10 ms/image)" in lines[1] and "p.down -10.0 (2 ms/image)" in lines[2]
     assert lines[3] == "Largest gain on one corruption: p.up on fog, 20.0% -> 90.0% (+70.0)."
+    # a per-image method that saw fewer images than its baseline says so next to its gain
+    table["images"] = [40, 40, 8]
+    lines = cmp.highlights(table, c)
+    assert "p.up +30.0 (10 ms/image)" in lines[1]
+    assert "p.down -10.0 (2 ms/image; 8 images per corruption against the baseline's 40)" in lines[2]
 
 
 DRIVER = """

@@ -1031,7 +1031,14 @@ def highlights(table, c: dict[str, Any]) -> list[str]:
     if len(gains):
 
         def item(r):
-            return f"{_row_label(r, several)} {_fmt(r['delta'], sign=True)} ({_fmt_cost(r['s_per_image'])} ms/image)"
+            text = f"{_row_label(r, several)} {_fmt(r['delta'], sign=True)} ({_fmt_cost(r['s_per_image'])} ms/image"
+            base = table[(table["method"] == (c.get("baselines") or {}).get(r["package"]))
+                         & (table["setting"] == r["setting"])]  # fmt: skip
+            mine, theirs = r.get("images"), base["images"].iloc[0] if len(base) and "images" in base else None
+            if not (_isna(mine) or _isna(theirs)) and mine != theirs:
+                # per-image methods see the first images of the draw only: not the baseline's image set
+                text += f"; {int(mine)} images per corruption against the baseline's {int(theirs)}"
+            return text + ")"
 
         up = [item(r) for _, r in gains.iterrows() if r["delta"] > 0.0005]
         down = [item(r) for _, r in gains.iterrows() if r["delta"] < -0.0005]
