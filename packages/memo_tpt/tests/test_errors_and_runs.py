@@ -138,3 +138,57 @@ def test_tpt_run_on_imagenet_a_fixture_uses_200_classes(tmp_path, monkeypatch):
     acc = df[df.metric == "accuracy"]
     assert list(acc.dataset) == ["imagenet_a"] and int(acc.n.iloc[0]) == 3
     assert 0 <= float(acc.value.iloc[0]) <= 1
+
+
+def test_rerun_with_fewer_images_does_not_reuse_a_longer_run(tmp_path):
+    """A finished 3-image run, then the same config with num_images=1: the record must be about 1 image
+    (the progress file of 3 images was taken as is: counts and seconds of 3 images reported as n=1)."""
+    from omegaconf import OmegaConf
+
+    from tttlab.memo_tpt.main import run_paper
+
+    testing.make_imagenet_v2(tmp_path / "data", classes=(0, 1, 2), n_per_class=1)
+    over = ["arch=mobilenet_v3_small", "augs=2", f"datasets_root={tmp_path / 'data'}", "data_to_test=v2",
+            "progress=false", "verbose=0", "image_size=32", f"out_dir={tmp_path / 'out'}"]  # fmt: skip
+    cfg = _hydra_cfg("memo", over)
+    run_paper(cfg)
+    progress = tmp_path / "out" / "checkpoints" / "progress-imagenet_v2.json"
+    assert json.loads(progress.read_text())["index"] == 3
+    df = load_records(run_paper(OmegaConf.merge(cfg, {"num_images": 1})))
+    assert json.loads(progress.read_text())["index"] == 1
+    last = df[df.metric == "accuracy"].iloc[-1]
+    assert int(last.n) == 1 and last.extra["correct"] <= 1
+
+
+def test_cli_bad_input_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import logging
+    import sys
+
+    from tttlab.memo_tpt.main import tpt_main
+
+    root = logging.getLogger()  # Hydra configures logging in-process: restore it afterwards
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(sys, "argv", ["tttlab-memo-tpt-tpt", f"datasets_root={tmp_path / 'nothing'}",
+                                      f"out_dir={tmp_path / 'out'}", "progress=false"])  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        tpt_main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert "tttlab-memo-tpt-tpt: error: DatasetNotFoundError:" in err and "nothing" in err, err
+
+
+def test_photos_without_scikit_image_names_the_install(monkeypatch):
+    """``python -m tttlab.memo_tpt.photos`` without scikit-image was a bare ModuleNotFoundError."""
+    import sys
+
+    from tttlab.core.errors import MissingDependencyError
+    from tttlab.memo_tpt import photos
+
+    pytest.importorskip("skimage")
+    names, images = photos.load_photos()
+    assert len(names) == 8 and images.shape == (8, 224, 224, 3)
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    with pytest.raises(MissingDependencyError, match=r"tttlab-memo-tpt\[photos\]"):
+        photos.load_photos()

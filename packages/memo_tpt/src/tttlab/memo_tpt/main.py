@@ -11,8 +11,11 @@ original), ``single_context`` (one shared context; false = class-specific), ``au
 ``ensemble`` (view-ensemble), ``datasets_root``, ``data_to_test`` (a | v2 | both | r | sketch | all |
 mnist_c), ``num_images`` (seed 002's ``test_stop``), ``verbose`` (log every n images).  Results go to
 ``out_dir/records.jsonl`` (core schema: per dataset ``accuracy`` and ``s_per_image``).  A killed run resumes
-from ``out_dir/checkpoints/progress.json`` (written every ``save_every`` images, atomically) with the same
-numbers: every image is adapted from the source weights and the view generator's state is saved.
+from ``out_dir/checkpoints/progress-<dataset>.json`` (written every ``save_every`` images, atomically) with the
+same numbers: every image is adapted from the source weights and the view generator's state is saved (a
+progress file of the same config that went past ``num_images`` is not reused: the run starts again).
+Bad input (a :class:`~tttlab.core.errors.TTTLabError`) ends the command with its one-line message and exit
+status 2.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tttlab.core.errors import ConfigError
+from tttlab.core.errors import ConfigError, TTTLabError
 
 from . import data as D
 
@@ -118,7 +122,10 @@ def evaluate_dataset(c: dict[str, Any], name: str, out: Path, device) -> dict[st
     members = getattr(adapter, "members", [adapter])
     if progress_file.exists():
         saved = json.loads(progress_file.read_text())
-        if saved.get("key") == key:
+        if saved.get("key") == key and int(saved["index"]) > n:
+            log.info("%s: the progress file holds %d images, more than num_images=%d; starting again", name,
+                     int(saved["index"]), n)  # fmt: skip
+        elif saved.get("key") == key:
             state = saved
             for m, g in zip(members, saved["generators"]):
                 m.generator.set_state(torch.tensor(g, dtype=torch.uint8))
@@ -187,7 +194,12 @@ def _main(config_name: str) -> None:
 
     @hydra.main(config_path="conf", config_name=config_name, version_base=None)
     def entry(cfg) -> None:
-        print(run_paper(cfg))
+        try:
+            path = run_paper(cfg)
+        except TTTLabError as exc:  # the user's bad input: its message, not Hydra's traceback of our code
+            print(f"tttlab-memo-tpt-{config_name}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        print(path)
 
     entry()
 

@@ -33,9 +33,12 @@ CORRUPTIONS = ("gaussian_noise", "shot_noise", "defocus_blur", "motion_blur", "f
 
 
 def load_photos(size: int = 224) -> tuple[list[str], np.ndarray]:
-    import skimage.data as d
     from PIL import Image
-    from sklearn.datasets import load_sample_images
+
+    from tttlab.core.errors import require
+
+    d = require("skimage.data", "photos", "tttlab-memo-tpt")
+    load_sample_images = require("sklearn.datasets", "photos", "tttlab-memo-tpt").load_sample_images
 
     from tttlab.core.data._base import resize_center_crop
 
@@ -112,10 +115,10 @@ def _tent(model, xt, mean, std, ref, lr) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--views", type=int, default=32)
-    ap.add_argument("--severities", type=int, nargs="+", default=[3, 5])
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--views", type=int, default=32, help="MEMO's augmented views per photo (default 32)")
+    ap.add_argument("--severities", type=int, nargs="+", default=[3, 5], help="corruption severities (1-5)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--out", default=None, help="also write the table to this Markdown file")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
