@@ -49,8 +49,8 @@ from tttlab.core.records import RunDir, config_hash, load_records, merge_records
 from tttlab.core.torch import Dist, init_distributed  # noqa: F401  (re-exported)
 
 from . import train as T
-from .engine.base_engine import Reset
-from .engine_registry import EngineRegistry
+from .engine.base_engine import OptimizationParameters, Reset
+from .engine_registry import EngineRegistry, get_engine
 
 log = logging.getLogger("tttlab.torch_ttt.evaluate")
 
@@ -137,6 +137,9 @@ def eval_config(cfg: Mapping | None = None, overrides: list[str] | None = None) 
         raise ConfigError(f"stream={c['stream']!r}; expected one of {STREAMS}")
     if c["engine"]["name"] not in EngineRegistry.names():
         raise ConfigError(f"engine.name={c['engine']['name']!r}; expected one of {EngineRegistry.names()}")
+    # unknown keys and bad values of engine.optimization fail now, not after training the model
+    given = {k: v for k, v in (c["engine"]["optimization"] or {}).items() if v is not None}
+    OptimizationParameters(given, defaults=get_engine(c["engine"]["name"]).optimization_defaults)
     return c
 
 
