@@ -192,3 +192,33 @@ def test_photos_without_scikit_image_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "skimage", None)
     with pytest.raises(MissingDependencyError, match=r"tttlab-memo-tpt\[photos\]"):
         photos.load_photos()
+
+
+def test_openai_torchscript_checkpoint_loads_with_quickgelu(tmp_path, monkeypatch):
+    """OpenAI's CLIP files (RN50.pt, ViT-B-16.pt: what TPT used) are TorchScript archives of QuickGELU
+    models: they were a CheckpointError ('Cannot use weights_only=True with TorchScript archives')."""
+    import open_clip
+    from open_clip.model import CLIP
+
+    torch.manual_seed(1)
+    src = CLIP(**TINY_CLIP, quick_gelu=True).eval()
+    torch.jit.save(torch.jit.script(src), tmp_path / "RN50.pt")
+    model = build_clip("tiny", config=TINY_CLIP, pretrained=tmp_path / "RN50.pt")
+    assert type(model.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
+    image, text = torch.randn(2, 3, 32, 32), torch.randint(0, 49408, (3, 16))
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text(text), src.encode_text(text), atol=1e-6)
+        assert torch.allclose(model.encode_image(image), src.encode_image(image), atol=1e-6)
+    # a named architecture is built with force_quick_gelu for such a file, not for a state dict
+    seen = []
+
+    def create_model(name, pretrained=None, device="cpu", force_quick_gelu=False):
+        seen.append((name, force_quick_gelu))
+        return CLIP(**TINY_CLIP, quick_gelu=force_quick_gelu)
+
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    build_clip("RN50", pretrained=tmp_path / "RN50.pt")
+    torch.save(src.state_dict(), tmp_path / "sd.pt")
+    build_clip("RN50", pretrained=tmp_path / "sd.pt")
+    assert seen == [("RN50", True), ("RN50", False)]

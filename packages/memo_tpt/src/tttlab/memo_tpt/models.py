@@ -6,8 +6,11 @@ keeps its random initialisation.  Bad names and bad checkpoints raise :class:`TT
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -16,6 +19,10 @@ import torch.nn as nn
 from tttlab.core.errors import CheckpointError, UnknownNameError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+log = logging.getLogger("tttlab.memo_tpt.models")
+
+#: entries of a TorchScript CLIP's state dict that are not weights (OpenAI's files; scripted open_clip models)
+TORCHSCRIPT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "build_classifier", "build_clip", "classifier_names", "clip_names",
@@ -53,15 +60,44 @@ def _split(arch: str) -> tuple[str, str]:
     ), arch
 
 
+def is_torchscript(path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip with a ``code/`` folder), e.g. OpenAI's CLIP files."""
+    path = Path(path)
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in n for n in z.namelist())
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """open_clip's model factory logs on the root logger ('No pretrained weights loaded ... initialized
+    randomly' even when we load a local file next): drop its records while it builds the model."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "open_clip" not in record.pathname
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def load_state_dict(model: nn.Module, path, arch: str) -> nn.Module:
     """Load a local ``.pth``/``.pt``/``.bin``/``.safetensors`` file (a state dict, or a dict holding one
-    under ``state_dict``/``model``/``model_state``) into ``model``; a file for another architecture raises
+    under ``state_dict``/``model``/``model_state``, or a TorchScript archive such as OpenAI's CLIP files,
+    whose state dict is used) into ``model``; a file for another architecture raises
     :class:`CheckpointError` naming the mismatching keys/shapes."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; expected a local weights file for {arch}")
     try:
-        if path.suffix == ".safetensors":
+        if is_torchscript(path):  # OpenAI's CLIP files (RN50.pt, ViT-B-16.pt, ...): a scripted model
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            state = {k: v for k, v in state.items() if k not in TORCHSCRIPT_EXTRA_KEYS}
+        elif path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             state = load_file(str(path))
@@ -166,20 +202,32 @@ def clip_names() -> list[str]:
 def build_clip(arch: str, pretrained=None, config: dict | None = None, device="cpu"):
     """An open_clip model: ``arch`` a model name of open_clip (``RN50``, ``ViT-B-16``; ``/`` accepted for
     ``-``), built without downloading, with weights from the local file ``pretrained`` (or random);
-    or, with ``config`` (``embed_dim``, ``vision_cfg``, ``text_cfg``), a custom CLIP (the tiny proxy)."""
+    or, with ``config`` (``embed_dim``, ``vision_cfg``, ``text_cfg``), a custom CLIP (the tiny proxy).
+
+    ``pretrained`` may be OpenAI's own TorchScript file (``RN50.pt``, ``ViT-B-16.pt`` of the CLIP repo, what
+    TPT used): the model is then built with QuickGELU as OpenAI trained it.  A plain state dict of OpenAI's
+    weights needs the ``-quickgelu`` name (``arch=ViT-B-16-quickgelu``)."""
     import open_clip
 
+    # OpenAI's own files are TorchScript archives of models trained with QuickGELU: build the architecture
+    # with it (open_clip's plain "ViT-B-16"/"RN50" use nn.GELU, which silently lowers accuracy)
+    openai = bool(pretrained) and is_torchscript(pretrained)
     if config is not None:
         from open_clip.model import CLIP
 
-        model = CLIP(**config)
+        model = CLIP(**{**config, "quick_gelu": bool(config.get("quick_gelu", False)) or openai})
     else:
         name = arch.replace("/", "-")
         if name not in open_clip.list_models():
             raise _unknown("CLIP architecture", arch, clip_names())
-        model = open_clip.create_model(name, pretrained=None, device="cpu")
+        with _quiet_open_clip():
+            model = open_clip.create_model(name, pretrained=None, device="cpu", force_quick_gelu=openai)
     if pretrained:
         load_state_dict(model, pretrained, arch)
+        log.info("CLIP %s: weights from %s%s", arch, pretrained,
+                 " (TorchScript archive: OpenAI's format, built with QuickGELU)" if openai else "")  # fmt: skip
+    else:
+        log.info("CLIP %s: random initialisation (no pretrained file given)", arch)
     if not hasattr(model, "token_embedding"):
         raise UnknownNameError(
             f"CLIP architecture {arch!r} has a custom (Hugging Face) text tower; TPT needs an open_clip CLIP "
