@@ -23,11 +23,12 @@ rc=0
 
 if [[ "$GPU_DRY_RUN" == 1 ]]; then
   # a CPU cannot afford every engine and mixer: a few that cover the sweeps' paths (a jointly trained
-  # model, engines that reuse it, per-batch and never-reset settings; an SGD mixer on both token kinds)
+  # model, engines that reuse it, per-batch and never-reset settings; both token kinds with the mixer
+  # that compiles fastest: the XLA compiles of the TTT mixers take minutes on a loaded 2-core machine)
   TORCH_ARGS=(--num-examples 16 --jobs 2 --device cpu --engines source tent memo ttt)
   TORCH_OVR=('train_overrides=["data.num_examples=256","train.checkpoint_every=8"]' calibration.num_examples=64
              'benchmark.corruptions=[gaussian_noise,fog]' benchmark.batch_size=8)
-  MTTT_ARGS=(--jobs 2 --only mttt_mlp_T4_sgd)
+  MTTT_ARGS=(--jobs 2 --only linear_attention)
   MTTT_OVR=(input.num_examples=64 input.batch_size=32 evals.num_examples=32 evals.batch_size=32 total_epochs=1
             warmup_steps=2 image_size=14)
   # JAX compiles dominate on a CPU: 3 mixers (linear attention is the ratios' baseline); self-attention is
