@@ -154,6 +154,12 @@ def test_evaluate_single_process_and_torchrun_agree(smoke_run, tmp_path):
         assert r["method"] == "torch_ttt.ttt" and r["dataset"] == "mnist_c" and r["severity"] == 5
         assert r["setting"] == "episodic" and r["step"] == 1 and r["extra"]["reset"] == "per_batch"
         assert r["n"] == (96 if r["corruption"] == "mean" else 48) and r["wall_time_s"] > 0
+    lines = E.summary_lines(single)  # what the command prints
+    assert lines[0].startswith("torch_ttt.ttt on mnist_c (episodic, reset per_batch, 1 step(s))")
+    by_name = {ln.split()[0]: ln.split()[1:] for ln in lines[1:]}
+    assert set(by_name) == {"gaussian_noise-5", "fog-5", "mean"} and len(by_name["fog-5"]) == 2
+    mean = next(r["value"] for r in records if r["corruption"] == "mean" and r["metric"] == "accuracy")
+    assert by_name["mean"] == [f"{100 * mean:.1f}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
@@ -161,6 +167,9 @@ def test_evaluate_single_process_and_torchrun_agree(smoke_run, tmp_path):
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    printed = {ln.split()[0]: ln.split()[1] for ln in res.stdout.splitlines() if ln.startswith("  ")}
+    assert printed == {k: v[0] for k, v in by_name.items()}, "rank 0 prints the merged accuracies, once"
+    assert res.stdout.count("  mean ") == 1
     merged = tmp_path / "dist" / "records.jsonl"
     assert eval_records(merged) == eval_records(single)
     assert {r["extra"]["world_size"] for r in read_jsonl(merged)} == {2}

@@ -45,7 +45,14 @@ import torch
 
 from tttlab.core.config import RunConfig
 from tttlab.core.errors import CheckpointError, ConfigError
-from tttlab.core.records import RunDir, config_hash, load_records, merge_records, write_domain_summary
+from tttlab.core.records import (
+    RunDir,
+    config_hash,
+    load_records,
+    merge_records,
+    read_jsonl,
+    write_domain_summary,
+)
 from tttlab.core.torch import Dist, init_distributed  # noqa: F401  (re-exported)
 
 from . import train as T
@@ -415,6 +422,26 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     return out / "records.jsonl"
 
 
+def summary_lines(path: Path) -> list[str]:
+    """What the command prints: accuracy (%) and ms/image per domain, then the mean over corruptions."""
+    records = [r for r in read_jsonl(path) if not r["extra"].get("shard")]
+    acc = [r for r in records if r["metric"] == "accuracy"]
+    if not acc:
+        return [f"no accuracy records in {path}"]
+    cost = {(r["corruption"], r["severity"]): r["value"] for r in records if r["metric"] == "s_per_image"}
+    first = acc[0]
+    lines = [f"{first['method']} on {first['dataset']} ({first['setting']}, reset {first['extra'].get('reset')}, "
+             f"{first['step']} step(s)): accuracy %, ms/image"]  # fmt: skip
+    for r in acc:
+        plain = r["severity"] is None or r["corruption"] == "mean"
+        name = r["corruption"] if plain else f"{r['corruption']}-{r['severity']}"
+        ms = cost.get((r["corruption"], r["severity"]))
+        lines.append(
+            f"  {name:24s} {100 * r['value']:5.1f}" + (f"  {1000 * ms:8.3f}" if ms is not None else "")
+        )
+    return lines
+
+
 def main() -> None:
     import hydra
 
@@ -426,6 +453,7 @@ def main() -> None:
         with T.user_errors("tttlab-torch-ttt-evaluate"):
             path = run(cfg)
         if init_distributed().rank == 0:
+            print("\n".join(summary_lines(Path(path))))
             print(path)
 
     try:
