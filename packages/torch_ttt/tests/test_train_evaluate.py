@@ -73,6 +73,9 @@ def test_hydra_composes_the_experiments_and_rejects_unknown_keys(tmp_path):
     assert ev["engine"]["name"] == "eata" and ev["benchmark"]["name"] == "mnist_c"
     assert ev["benchmark"]["severities"] == [5]
     assert E.eval_config({"engine": "eata"})["engine"] == ev["engine"]
+    assert ev["out_dir"] == "runs/torch_ttt/eval/eata-mnist_c-reset_each_shift"
+    noisy = hydra_compose("evaluate", ["engine=ttt", "stream=noisy", "benchmark.setting=episodic"])
+    assert noisy["out_dir"] == "runs/torch_ttt/eval/ttt-noisy-episodic", "the run directory names the stream"
     with pytest.raises(ConfigError, match="engine"):
         E.eval_config({"engine": "tentt"})
 

@@ -114,6 +114,19 @@ class EvalConfig(RunConfig):
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 
+def _register_resolvers() -> None:
+    """``${torch_ttt_stream_name:${stream},${benchmark.name}}`` in ``conf/evaluate.yaml``: the run directory
+    of the tutorial's noisy stream says ``noisy``, not the (unused) benchmark's name."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver(
+        "torch_ttt_stream_name", lambda stream, bench: "noisy" if stream == "noisy" else bench, replace=True
+    )
+
+
+_register_resolvers()
+
+
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
