@@ -1,6 +1,6 @@
 """Joint training of a model and an engine's self-supervised head, then the seed 004 noisy evaluation.
 
-    tttlab-torch-ttt-train +experiment=mnist_tutorial          # seed 004's tutorial (~1-2 min, 2 cores)
+    tttlab-torch-ttt-train +experiment=mnist_tutorial          # seed 004 (~2 min on 2 idle cores; 5 min at load ~12, 1 thread)
     python -m tttlab.torch_ttt.train +experiment=smoke         # seconds
     tttlab-torch-ttt-train +experiment=mnist_bn                # the BatchNorm model of the mnist_c runs
 
