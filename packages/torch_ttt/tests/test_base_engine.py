@@ -55,6 +55,11 @@ def test_optimization_parameters_validate():
         p["reset"] = "sometimes"
     with pytest.raises(ConfigError, match="num_steps"):
         OptimizationParameters({"num_steps": -1})
+    # torch-ttt's copy_model default is the *string* "True": ported scripts pass it as such
+    assert OptimizationParameters({"copy_model": "True"})["reset"] is Reset.PER_BATCH
+    assert OptimizationParameters({"copy_model": "false"})["reset"] is Reset.NEVER
+    with pytest.raises(ConfigError, match=r"copy_model='yes': expected True or False"):
+        OptimizationParameters({"copy_model": "yes"})
 
 
 def test_tent_uses_test_batch_statistics_and_restores_exactly():

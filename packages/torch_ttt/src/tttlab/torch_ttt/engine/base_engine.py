@@ -85,7 +85,14 @@ class OptimizationParameters(dict):
             self[key] = value
 
     def __setitem__(self, key: str, value: Any) -> None:
-        if key == "copy_model":  # upstream name
+        if key == "copy_model":  # upstream name; its default is the string "True"
+            if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+                value = value.strip().lower() == "true"  # upstream would read "False" as true (non-empty)
+            if not isinstance(value, bool):
+                raise ConfigError(
+                    f"copy_model={value!r}: expected True or False (also the strings 'True'/'False', as "
+                    "torch-ttt); or use reset='per_batch' | 'per_domain' | 'never'"
+                )
             key, value = "reset", Reset.parse(value)
         if key not in DEFAULT_OPTIMIZATION:
             raise ConfigError(
