@@ -40,3 +40,28 @@ def test_bad_config():
         run(method="memo_tpt.tpt", tpt={"nviews": 3})
     with pytest.raises(ConfigError, match="method"):
         run(method="memo_tpt.nope")
+
+
+def test_cli_help_errors_and_summary(cache, tmp_path, monkeypatch, capsys):
+    """``tttlab-memo-tpt-evaluate --help`` was 'unknown config key --help' with a traceback; bad values are
+    one-line errors; a run prints its accuracy before the records path (it printed only the path)."""
+    import sys
+
+    from tttlab.memo_tpt.evaluate import main
+
+    monkeypatch.setattr(sys, "argv", ["tttlab-memo-tpt-evaluate", "--help"])
+    main()
+    assert "usage: tttlab-memo-tpt-evaluate" in capsys.readouterr().out
+    for bad, expected in (("profile=huge", "ConfigError: profile='huge'"), ("fog", "arguments ['fog']")):
+        monkeypatch.setattr(sys, "argv", ["tttlab-memo-tpt-evaluate", bad])
+        with pytest.raises(SystemExit) as e:
+            main()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "tttlab-memo-tpt-evaluate: error: " in err and expected in err, err
+    monkeypatch.setattr(sys, "argv", ["tttlab-memo-tpt-evaluate", "method=memo_tpt.memo", "profile=smoke",
+                                      f"out_dir={tmp_path}", f"cache_dir={cache}", "progress=false",
+                                      "benchmark.corruptions=[fog,contrast]", "benchmark.num_examples=2"])  # fmt: skip
+    main()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("memo_tpt.memo: accuracy ") and "(mean over corruptions, 4 images)" in out[0]
+    assert out[1].endswith("records.jsonl")

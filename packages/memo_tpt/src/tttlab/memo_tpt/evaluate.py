@@ -229,14 +229,53 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     return rd.records_path
 
 
+USAGE = """usage: tttlab-memo-tpt-evaluate [key=value ...]
+
+The evaluate contract of tools/compare.py on core mnist_c with the offline tiny models (trained on first
+use, cached under cache_dir).  Keys (dotted for nested ones): method ({methods}), profile ({profiles}),
+out_dir, cache_dir, seed, device, threads, progress, benchmark.corruptions, benchmark.severities,
+benchmark.num_examples, tpt.*, memo.*.  Example:
+
+    tttlab-memo-tpt-evaluate method=memo_tpt.memo profile=quick
+"""
+
+
+def summary(path: Path) -> str:
+    """One line per method of a records file: the mean accuracy over corruptions (or the one domain's)."""
+    from tttlab.core.records import load_records
+
+    df = load_records(path, metric="accuracy")
+    lines = []
+    for method, part in df.groupby("method", sort=False):
+        mean = part[part.corruption == "mean"]
+        row = mean.iloc[-1] if len(mean) else part.iloc[-1]
+        where = "mean over corruptions" if len(mean) else f"{row.corruption}-{row.severity}"
+        lines.append(f"{method}: accuracy {100 * float(row.value):.2f}% ({where}, {int(row.n)} images)")
+    return "\n".join(lines)
+
+
 def main() -> None:
     import sys
 
     from omegaconf import OmegaConf
 
+    from tttlab.core.errors import TTTLabError
+
+    args = sys.argv[1:]
+    if any(a in ("-h", "--help", "help") for a in args):
+        print(USAGE.format(methods=" | ".join(METHODS), profiles=" | ".join(PROFILES)))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = OmegaConf.to_container(OmegaConf.from_dotlist(sys.argv[1:]), resolve=True)
-    print(run(cfg))
+    try:
+        bad = [a for a in args if "=" not in a]
+        if bad:
+            raise ConfigError(f"arguments {bad}: expected key=value (see tttlab-memo-tpt-evaluate --help)")
+        path = run(OmegaConf.to_container(OmegaConf.from_dotlist(args), resolve=True))
+    except TTTLabError as exc:
+        print(f"tttlab-memo-tpt-evaluate: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(summary(path))
+    print(path)
 
 
 if __name__ == "__main__":

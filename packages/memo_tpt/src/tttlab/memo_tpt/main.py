@@ -164,8 +164,12 @@ def run_paper(cfg) -> Path:
             method = "memo_tpt.tpt_ensemble"
         elif c["method"] == "tpt" and int(c["tts"]) == 0:
             method = "memo_tpt.clip_zeroshot"
-        return proxy(method=method, profile=c.get("profile", "full"), out_dir=c["out_dir"], seed=c["seed"],
+        from .evaluate import summary
+
+        path = proxy(method=method, profile=c.get("profile", "full"), out_dir=c["out_dir"], seed=c["seed"],
                      device=c["device"], progress=c["progress"], cache_dir=c.get("cache_dir", "runs/memo_tpt/models"))  # fmt: skip
+        print(summary(path))
+        return path
     device = torch.device(c["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but CUDA is not available; use device=cpu")
