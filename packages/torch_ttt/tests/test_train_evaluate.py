@@ -8,6 +8,7 @@ merged records equal the single-process ones, the reset policy at domain boundar
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -163,6 +164,11 @@ def test_evaluate_single_process_and_torchrun_agree(smoke_run, tmp_path):
     assert set(by_name) == {"gaussian_noise-5", "fog-5", "mean"} and len(by_name["fog-5"]) == 2
     mean = next(r["value"] for r in records if r["corruption"] == "mean" and r["metric"] == "accuracy")
     assert by_name["mean"] == [f"{100 * mean:.1f}"]
+    # an evaluation run again in the same out_dir appends: the printout is the latest run's only
+    older = [{**r, "config_hash": "older", "value": 0.0} for r in records]
+    both = tmp_path / "two-runs.jsonl"
+    both.write_text("".join(json.dumps(r) + "\n" for r in older + records))
+    assert E.summary_lines(both) == lines
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",

@@ -436,8 +436,16 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
 
 
 def summary_lines(path: Path) -> list[str]:
-    """What the command prints: accuracy (%) and ms/image per domain, then the mean over corruptions."""
+    """What the command prints: accuracy (%) and ms/image per domain, then the mean over corruptions, of
+    the latest evaluation in ``path`` (an evaluation run again in the same ``out_dir`` appends its records:
+    the trailing records of the last one's config, the latest per domain and metric)."""
     records = [r for r in read_jsonl(path) if not r["extra"].get("shard")]
+    if records:
+        k = len(records)
+        while k > 0 and records[k - 1]["config_hash"] == records[-1]["config_hash"]:
+            k -= 1
+        latest = {(r["corruption"], r["severity"], r["metric"]): r for r in records[k:]}
+        records = list(latest.values())
     acc = [r for r in records if r["metric"] == "accuracy"]
     if not acc:
         return [f"no accuracy records in {path}"]
