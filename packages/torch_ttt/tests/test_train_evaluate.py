@@ -272,6 +272,17 @@ def test_stream_length_is_the_progress_bar_total(stream, setting):
         assert total == sum(1 for _ in batches)
 
 
+def test_warm_up_changes_no_random_state():
+    """evaluate.run pays torch's first-call costs before timing (they were ~2 s of the first domain's
+    ms/image); the numbers must not move, so no random state may change."""
+    import random
+
+    torch.manual_seed(3)
+    states = (torch.get_rng_state(), random.getstate())
+    E.warm_up()
+    assert torch.equal(states[0], torch.get_rng_state()) and states[1] == random.getstate()
+
+
 def test_evaluate_needs_a_finished_training_run(tmp_path):
     with pytest.raises(CheckpointError, match="train_run"):
         E.run({"engine": "ttt", "train_run": str(tmp_path), "out_dir": str(tmp_path / "e")})
