@@ -138,3 +138,19 @@ def test_cuts_off_is_the_full_loss(norm):
         assert p.predictions == q.predictions == r.predictions
         assert p.losses == pytest.approx(q.losses, rel=1e-5, abs=1e-6)
         assert q.losses == pytest.approx(r.losses, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("mask_ratio", [0.5, 0.9])
+def test_lean_loss_one_copy_and_other_mask_ratios(mask_ratio):
+    """One copy (n = 1: no sharing) and other kept/masked splits."""
+    m = model(2)
+    names = set(trainable_names(m, "encoder"))
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 3):
+        imgs, noise = torch.randn(1, 1, 28, 28, generator=g), torch.rand(n, m.num_patches, generator=g)
+        want, gw = loss_and_grads(m, lambda x, r, z: m.mae_loss(x, mask_ratio, z), imgs.expand(n, -1, -1, -1),
+                                  noise, names)  # fmt: skip
+        got, gg = loss_and_grads(m, lambda x, r, z: m.mae_loss_lean(x, mask_ratio, z), imgs, noise, names)
+        assert got.item() == pytest.approx(want.item(), rel=1e-6)
+        for k in gw:
+            assert torch.allclose(gg[k], gw[k], rtol=1e-4, atol=1e-6 * gw[k].abs().max().item()), (n, k)
