@@ -25,6 +25,8 @@ our default) or the explicit softmax(QK^T)V (``fused_attn=False``, used by the u
 path of the benchmark).  Differences from upstream: any number of input channels (MNIST has one), the
 decoder is optional (``no_decoder``, as upstream's probing model), and ``forward`` also takes ``mode`` so
 that ``torch.func.functional_call`` can reach the MAE loss and the classifier (batched adaptation).
+:meth:`MaskedAutoencoderViT.mae_loss_lean` is the same loss without the work it cannot read (used by the
+fast TTT paths; ``mae_loss`` stays as upstream computes it, for the reference path and pretraining).
 """
 
 from __future__ import annotations
