@@ -108,3 +108,14 @@ def test_broken_entry_point_is_skipped_with_a_warning(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr
     assert "skipping the methods of entry point brokenpkg" in res.stdout
+
+
+def test_missing_dependency_names_the_checkout_install_command():
+    """The subpackages are not on a package index: the message gives the editable install from the folder."""
+    from tttlab.core.errors import MissingDependencyError, require
+
+    with pytest.raises(MissingDependencyError) as err:
+        require("tttlab_no_such_module", "photos", "tttlab-memo-tpt")
+    msg = str(err.value)
+    assert "'tttlab_no_such_module'" in msg
+    assert "pip install -c constraints.txt -e 'packages/memo_tpt[photos]'" in msg

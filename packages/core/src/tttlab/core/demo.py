@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                                          out / "corruptions_photo.png", args.seed))  # fmt: skip
         except ImportError:
             print(
-                "scikit-image is not installed: skipping the photo grid (pip install 'tttlab-core[datasets]')"
+                "scikit-image is not installed: skipping the photo grid (pip install -c constraints.txt -e 'packages/core[datasets]')"
             )
     for path in paths:
         print(f"the corruptions: {path}")

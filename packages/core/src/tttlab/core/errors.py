@@ -58,6 +58,17 @@ def require(module: str, extra: str, package: str = "tttlab-core"):
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise MissingDependencyError(
-            f"{module!r} is required for this feature but is not installed; "
-            f"install it with: pip install '{package}[{extra}]'"
+            f"{module!r} is required for this feature but is not installed; install it with: "
+            f"{install_command(package, extra)}"
         ) from exc
+
+
+def install_command(package: str = "tttlab-core", extra: str | None = None) -> str:
+    """The command that installs ``package`` (with ``extra``) from a tttlab checkout.
+
+    The subpackages are not published on a package index: they install editable from their folder
+    (``tttlab-memo-tpt`` -> ``packages/memo_tpt``), with the repository's pins.
+    """
+    folder = "packages/" + package.removeprefix("tttlab-").replace("-", "_")
+    target = f"'{folder}[{extra}]'" if extra else folder
+    return f"pip install -c constraints.txt -e {target}  (from the tttlab repository root)"

@@ -1,6 +1,6 @@
 """JAX adapter: numpy uint8 NHWC batches -> float ``jax.Array``s sharded over a device mesh.
 
-Needs the ``[jax]`` extra (``pip install 'tttlab-core[jax]'``).  Only this module imports jax.  Images
+Needs the ``[jax]`` extra (``pip install -c constraints.txt -e 'packages/core[jax]'``).  Only this module imports jax.  Images
 stay NHWC (the layout Flax convolutions use).
 """
 

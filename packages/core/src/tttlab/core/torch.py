@@ -1,6 +1,6 @@
 """PyTorch adapter: numpy uint8 NHWC batches -> float NCHW tensors, datasets -> ``torch.utils.data``.
 
-Needs the ``[torch]`` extra (``pip install 'tttlab-core[torch]'``).  Only this module imports torch.
+Needs the ``[torch]`` extra (``pip install -c constraints.txt -e 'packages/core[torch]'``).  Only this module imports torch.
 """
 
 from __future__ import annotations

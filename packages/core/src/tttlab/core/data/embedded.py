@@ -75,7 +75,7 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
         from sklearn.datasets import load_digits
     except ModuleNotFoundError as exc:
         raise MissingDependencyError(
-            "digits() needs scikit-learn: pip install 'tttlab-core[datasets]'"
+            "digits() needs scikit-learn: pip install -c constraints.txt -e 'packages/core[datasets]'"
         ) from exc
     from PIL import Image
 

@@ -30,7 +30,10 @@ def prepared_dir(name: str, data_dir) -> Path:
     base, _, version = name.partition(":")
     root = Path(data_dir)
     if not root.exists():
-        raise DatasetNotFoundError(f"TFDS data_dir {root} does not exist")
+        raise DatasetNotFoundError(
+            f"TFDS data_dir {root} does not exist; expected the folder holding prepared TFDS datasets "
+            f"(<name>/<version>/ with dataset_info.json and array_record files)"
+        )
     ds_dir = root / base
     if not ds_dir.is_dir():
         have = sorted(p.name for p in root.iterdir() if p.is_dir())
