@@ -4,18 +4,17 @@
   --config.inner.TTT.inner_itr=4 --config.inner.TTT.inner_lr='(1.,1.,1.,1.)' --workdir ./exp/x``) become
   the Hydra overrides of ``tttlab-mttt-train`` (``experiment=paper_patch inner.TTT.inner_itr=4
   inner.TTT.inner_lr=[1.,1.,1.,1.] out_dir=./exp/x``), so a command copied from the upstream README runs.
-* :func:`user_errors`: a :class:`~tttlab.core.errors.TTTLabError` (bad path, bad value, missing optional
-  dependency) ends the command with ``<prog>: error: <message>`` and exit status 2 instead of a traceback.
+* :func:`user_errors` (from :mod:`tttlab.core.cli`): a :class:`~tttlab.core.errors.TTTLabError` (bad path, bad value, missing optional
+  dependency) ends the command with ``<prog>: error: <Type>: <message>`` and exit status 2, not a traceback.
 """
 
 from __future__ import annotations
 
-import contextlib
 import shlex
 import sys
 from pathlib import PurePath
 
-from tttlab.core.errors import TTTLabError
+from tttlab.core.cli import user_errors
 
 from .errors import MTTTConfigError
 
@@ -80,16 +79,6 @@ def translate_upstream_args(argv: list[str]) -> tuple[list[str], bool]:
             out.append(a)
         i += 1
     return out, translated
-
-
-@contextlib.contextmanager
-def user_errors(prog: str):
-    """Turn a :class:`TTTLabError` into ``<prog>: error: <message>`` on stderr and exit status 2."""
-    try:
-        yield
-    except TTTLabError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def apply_upstream_translation(prog: str) -> None:

@@ -24,7 +24,6 @@ output of the whole training set); data order comes from ``numpy.random.default_
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import time
@@ -37,8 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from tttlab.core._io import atomic_path
+from tttlab.core.cli import user_errors
 from tttlab.core.config import RunConfig, package_yaml, to_plain
-from tttlab.core.errors import CheckpointError, ConfigError, TTTLabError
+from tttlab.core.errors import CheckpointError, ConfigError
 from tttlab.core.records import RunDir, config_hash, done_keys, load_records
 
 from .data import NUM_CLASSES, load_flat, mnist_classes, omniglot_classes
@@ -592,17 +592,6 @@ def load_trained(run_dir, device="cpu"):
     net = build_model(c, d_in, d_out, resolve_device(device) if isinstance(device, str) else device)
     net.load_state_dict(ck["model_state"])
     return net.eval(), c, ck
-
-
-@contextlib.contextmanager
-def user_errors(prog: str):
-    """A :class:`TTTLabError` (bad path, value, checkpoint) ends the command with ``<prog>: error: <message>``
-    and exit status 2 instead of a traceback."""
-    try:
-        yield
-    except TTTLabError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def main() -> None:

@@ -24,7 +24,6 @@ pass); the embedded MNIST has 50,000 training images (torchvision's has 60,000).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import sys
@@ -39,8 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tttlab.core._io import atomic_path
+from tttlab.core.cli import user_errors
 from tttlab.core.config import DataConfig, RunConfig, package_yaml, to_plain
-from tttlab.core.errors import CheckpointError, ConfigError, TTTLabError
+from tttlab.core.errors import CheckpointError, ConfigError
 from tttlab.core.records import RunDir, config_hash, done_keys, load_records
 
 from .engine.base_engine import BaseEngine
@@ -453,17 +453,6 @@ def _noisy_evaluation(c, model, engine, writer, have, device) -> dict[str, Any]:
         )  # fmt: skip
         log.info("noisy accuracy with %s after %d steps: %.4f (%.1f s)", method, k, acc, secs)
     return summary
-
-
-@contextlib.contextmanager
-def user_errors(prog: str):
-    """A :class:`TTTLabError` (the user's bad input) ends the command with its message and exit status 2,
-    not with Hydra's traceback through our internals."""
-    try:
-        yield
-    except TTTLabError as exc:
-        print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def main() -> None:
