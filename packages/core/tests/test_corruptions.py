@@ -54,8 +54,8 @@ def test_severity_increases_change(name, photos224):
 
 #: Spatter severity 1 changes few pixels and is normalised by its single brightest value: over 8 draws
 #: the mean change still varies by about +-10% (over 40 draws ours is -3% +- 3.6% from the reference), so
-#: this cell is allowed to miss (non-strict) rather than flake.
-KNOWN_DEVIATIONS = {("spatter", 1)}
+#: this cell gets a wider tolerance.  (The draws are seeded on both sides: each cell's outcome is fixed.)
+TOLERANCE = {("spatter", 1): 0.15}
 #: Spatter's low severities change few pixels, so one draw's mean change varies by +-30%: average more.
 DRAWS = {"spatter": 8}
 
@@ -66,17 +66,13 @@ def mean_abs_change(images, corrupted) -> float:
 
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("severity", C.SEVERITIES)
-def test_imagenet_constants_match_reference(name, severity, photos224, request):
+def test_imagenet_constants_match_reference(name, severity, photos224):
     """Mean |corrupted - clean| agrees with imagecorruptions-imaug (ImageNet constants) within 10%.
 
     Both sides are averaged over 3 independent draws (8 for spatter), so that the comparison is between the
     corruptions' distributions rather than between two single random draws (fog's plasma alone moves
     one draw's change by +-10%)."""
     ref = pytest.importorskip("imagecorruptions")
-    if (name, severity) in KNOWN_DEVIATIONS:
-        request.applymarker(
-            pytest.mark.xfail(reason="documented deviation, see KNOWN_DEVIATIONS", strict=False)
-        )
     x = photos224
     draws = range(DRAWS.get(name, 3))
     d_ours = np.mean(
@@ -93,7 +89,8 @@ def test_imagenet_constants_match_reference(name, severity, photos224, request):
             for d in draws
         ]
     )
-    assert abs(d_ours - d_ref) <= 0.10 * d_ref, (d_ours, d_ref)
+    tol = TOLERANCE.get((name, severity), 0.10)
+    assert abs(d_ours - d_ref) <= tol * d_ref, (d_ours, d_ref, tol)
 
 
 def test_seed_changes_output(photos224):
