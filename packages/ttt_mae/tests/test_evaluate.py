@@ -181,3 +181,5 @@ def test_negative_lr_and_group_size_are_config_errors(tmp_path, cache):
         run(tmp_path, cache, "ttt_mae.ttt", lr=-0.5)
     with pytest.raises(ConfigError, match=r"group_size=0; expected >= 1"):
         run(tmp_path, cache, "ttt_mae.ttt", group_size=0)
+    with pytest.raises(ConfigError, match=r"optimizer_type='adam' with group_size=2.*set group_size=1"):
+        run(tmp_path, cache, "ttt_mae.ttt", group_size=2, optimizer_type="adam")

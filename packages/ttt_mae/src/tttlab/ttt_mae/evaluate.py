@@ -71,6 +71,11 @@ def settings_of(c: dict[str, Any]) -> TTTSettings:
         raise ConfigError(f"{which}; expected a learning rate >= 0")
     if int(c["group_size"]) < 1:
         raise ConfigError(f"group_size={c['group_size']}; expected >= 1 (images adapted at once)")
+    if int(c["group_size"]) > 1 and int(c["steps_per_example"]) > 0 and c["optimizer_type"] != "sgd":
+        raise ConfigError(
+            f"optimizer_type={c['optimizer_type']!r} with group_size={c['group_size']}: the batched path "
+            "(group_size > 1) runs SGD only; set group_size=1 for adam / adam_w"
+        )
     return TTTSettings(
         steps_per_example=int(c["steps_per_example"]), batch_size=int(c["batch_size"]),
         mask_ratio=float(c["mask_ratio"]), lr=lr, optimizer_type=c["optimizer_type"],
