@@ -190,7 +190,7 @@ def test_photos_without_scikit_image_names_the_install(monkeypatch):
     assert len(names) == 8 and images.shape == (8, 224, 224, 3)
     monkeypatch.setitem(sys.modules, "skimage.data", None)
     monkeypatch.setitem(sys.modules, "skimage", None)
-    with pytest.raises(MissingDependencyError, match=r"tttlab-memo-tpt\[photos\]"):
+    with pytest.raises(MissingDependencyError, match=r"memo[_-]tpt\[photos\]"):
         photos.load_photos()
 
 
