@@ -171,8 +171,10 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(root, "level", root.level)
     monkeypatch.setattr(sys, "argv", ["tttlab-memo-tpt-tpt", f"datasets_root={tmp_path / 'nothing'}",
                                       f"out_dir={tmp_path / 'out'}", "progress=false"])  # fmt: skip
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
         tpt_main()
+    assert not (tmp_path / "outputs").exists()  # Hydra's run folder is out_dir, not outputs/<date>/<time>
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err, err
     assert "tttlab-memo-tpt-tpt: error: DatasetNotFoundError:" in err and "nothing" in err, err
