@@ -259,21 +259,18 @@ def main() -> None:
 
     from omegaconf import OmegaConf
 
-    from tttlab.core.errors import TTTLabError
+    from tttlab.core.cli import user_errors
 
     args = sys.argv[1:]
     if any(a in ("-h", "--help", "help") for a in args):
         print(USAGE.format(methods=" | ".join(METHODS), profiles=" | ".join(PROFILES)))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
+    with user_errors("tttlab-memo-tpt-evaluate"):
         bad = [a for a in args if "=" not in a]
         if bad:
             raise ConfigError(f"arguments {bad}: expected key=value (see tttlab-memo-tpt-evaluate --help)")
         path = run(OmegaConf.to_container(OmegaConf.from_dotlist(args), resolve=True))
-    except TTTLabError as exc:
-        print(f"tttlab-memo-tpt-evaluate: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(summary(path))
     print(path)
 

@@ -23,14 +23,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tttlab.core.errors import ConfigError, TTTLabError
+from tttlab.core.cli import user_errors
+from tttlab.core.errors import ConfigError
 
 from . import data as D
 
@@ -198,11 +198,8 @@ def _main(config_name: str) -> None:
 
     @hydra.main(config_path="conf", config_name=config_name, version_base=None)
     def entry(cfg) -> None:
-        try:
+        with user_errors(f"tttlab-memo-tpt-{config_name}"):  # the user's bad input: one line, no traceback
             path = run_paper(cfg)
-        except TTTLabError as exc:  # the user's bad input: its message, not Hydra's traceback of our code
-            print(f"tttlab-memo-tpt-{config_name}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
         print(path)
 
     entry()

@@ -156,7 +156,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
                           "classifier on mnist (the benchmark's images are 28x28 digits)")  # fmt: skip
     bench = from_config(c["benchmark"])
     totals: dict[Any, list] = {d: [0, 0, 0.0] for d in bench.domains}
-    with torch.no_grad(), T.progress_bar(None, c["method"], bool(c["progress"])) as bar:
+    with torch.no_grad(), T.progress_bar(len(bench), c["method"], bool(c["progress"])) as bar:
         for batch in bench.batches():
             x = flatten_images(np.asarray(batch.images), MNIST_MEAN, MNIST_STD).to(device)
             t0 = time.perf_counter()

@@ -6,11 +6,9 @@ without a traceback; any other exception keeps Hydra's report (``HYDRA_FULL_ERRO
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
-from tttlab.core.errors import TTTLabError
+from tttlab.core.cli import user_errors
 
 from .common import init_distributed, register_configs, setup_logging, to_dict
 
@@ -39,12 +37,8 @@ def hydra_main(entry: str) -> None:
 
     @hydra.main(config_path="conf", config_name=entry, version_base=None)
     def _main(cfg) -> None:
-        try:
+        with user_errors(f"tttlab-ttt-mae-{entry}"):  # the user's bad input: one line, not Hydra's traceback
             path = execute(entry, cfg)
-        except TTTLabError as exc:
-            # the user's bad input: its message, not Hydra's traceback of our internals
-            print(f"tttlab-ttt-mae-{entry}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
         if init_distributed().rank == 0:
             print(path)
 
