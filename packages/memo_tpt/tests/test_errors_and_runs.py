@@ -18,6 +18,13 @@ from tttlab.memo_tpt.models import build_classifier, build_clip
 
 from .conftest import TINY_CLIP
 
+# Hydra's default logging config runs logging.config.dictConfig, which closes every existing handler;
+# absl's handler (registered once tensorflow_datasets is imported, e.g. by core's TFDS tests earlier in
+# the session) writes to pytest's global capture stream and closes it when sys.stderr is capsys' stream,
+# which crashed the whole pytest session ("lost sys.stderr").  The CLI behaviour tested here does not
+# depend on Hydra's logging.
+NO_HYDRA_LOGGING = ("hydra/job_logging=none", "hydra/hydra_logging=none")
+
 
 def test_unknown_arch_lists_known():
     with pytest.raises(UnknownNameError) as e:
@@ -170,7 +177,7 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(root, "handlers", list(root.handlers))
     monkeypatch.setattr(root, "level", root.level)
     monkeypatch.setattr(sys, "argv", ["tttlab-memo-tpt-tpt", f"datasets_root={tmp_path / 'nothing'}",
-                                      f"out_dir={tmp_path / 'out'}", "progress=false"])  # fmt: skip
+                                      f"out_dir={tmp_path / 'out'}", "progress=false", *NO_HYDRA_LOGGING])  # fmt: skip
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
         tpt_main()

@@ -8,6 +8,13 @@ import pytest
 from tttlab.core.records import load_records
 from tttlab.ttt_mae.evaluate import trained_model
 
+# Hydra's default logging config runs logging.config.dictConfig, which closes every existing handler;
+# absl's handler (registered once tensorflow_datasets is imported, e.g. by core's TFDS tests earlier in
+# the session) writes to pytest's global capture stream and closes it when sys.stderr is capsys' stream,
+# which crashed the whole pytest session ("lost sys.stderr").  The CLI behaviour tested here does not
+# depend on Hydra's logging.
+NO_HYDRA_LOGGING = ("hydra/job_logging=none", "hydra/hydra_logging=none")
+
 
 def test_python_m_baseline(tmp_path, smoke_cache):
     pre, probe = trained_model("smoke", smoke_cache, 0, "cpu", False)
@@ -45,7 +52,7 @@ def test_bad_input_is_a_one_line_error_not_a_traceback(tmp_path, monkeypatch, ca
     monkeypatch.setattr(root, "level", root.level)
 
     monkeypatch.setattr(sys, "argv", ["tttlab-ttt-mae-ttt", "+experiment=smoke_ttt", f"out_dir={tmp_path}",
-                                      "resume_model=/nonexistent/mae.pth", override])  # fmt: skip
+                                      "resume_model=/nonexistent/mae.pth", override, *NO_HYDRA_LOGGING])  # fmt: skip
     with pytest.raises(SystemExit) as e:
         main()
     err = capsys.readouterr().err
