@@ -80,9 +80,11 @@ def make_engines(name, net, head, settings):
     from tttlab.torch_ttt import get_engine
 
     ours_net, up_net = copy.deepcopy(net), copy.deepcopy(net)
-    if name == "ttt":
+    if name.startswith("ttt"):
+        # "ttt_rand": one random rotation per image (Sun et al.'s rotate_batch(..., "rand")), upstream as "ttt"
+        rand = dict(rotation_type="rand", generator=torch.Generator().manual_seed(0)) if name == "ttt_rand" else {}
         ours = get_engine("ttt")(
-            ours_net, "fc2", angle_head=copy.deepcopy(head), optimization_parameters=settings
+            ours_net, "fc2", angle_head=copy.deepcopy(head), optimization_parameters=settings, **rand
         )
         up = up_ttt.TTTEngine(
             up_net, "fc2", angle_head=copy.deepcopy(head), optimization_parameters=dict(settings)
@@ -151,6 +153,12 @@ def main(argv=None):
         action="store_true",
         help="add a row: TENT predicting from its adaptation forward (the official Tent code's output)",
     )
+    p.add_argument(
+        "--ttt-rand",
+        action="store_true",
+        help='add a row: our TTT with rotation_type="rand" (one rotated copy per image) against upstream\'s TTT',
+    )
+    p.add_argument("--engines", default="ttt,tent,memo", help="comma-separated subset of ttt,tent,memo")
     p.add_argument("--threads", type=int, default=None, help="torch threads, both sides (default: torch's)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -164,6 +172,10 @@ def main(argv=None):
     engines = [("ttt", False), ("tent", True), ("memo", False)]
     if args.tent_before_update:
         engines.insert(2, ("tent_before_update", True))
+    if args.ttt_rand:
+        engines.insert(1, ("ttt_rand", False))
+    wanted = set(args.engines.split(","))
+    engines = [(n, bn) for n, bn in engines if n.split("_")[0] in wanted]
     for name, bn in engines:
         net, head = models[bn]
         t_ours, t_up, t_fwd = [], [], []
@@ -188,7 +200,8 @@ def main(argv=None):
     ]
     for name, model, up_s, ours_s, ratio, acc_up, acc_ours, up_fwd, fwd in rows:
         acc_up_s = f"{100 * acc_up:.2f}" if isinstance(acc_up, float) else acc_up
-        label = "tent (`predict_before_update=True`)" if name == "tent_before_update" else name
+        label = {"tent_before_update": "tent (`predict_before_update=True`)",
+                 "ttt_rand": 'ttt (`rotation_type="rand"`; upstream: its 4 rotations)'}.get(name, name)  # fmt: skip
         lines.append(
             f"| {label} | {model} | {up_s:.4f} | {ours_s:.4f} | {ratio:.2f} | {acc_up_s} | {100 * acc_ours:.2f} "
             f"| {up_fwd:.1f} | {fwd:.1f} |"
