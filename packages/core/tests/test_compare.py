@@ -360,3 +360,21 @@ def test_terminated_comparison_stops_its_evaluates(env):
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)  # the evaluate subprocess is gone too
+
+
+def test_help_into_a_closed_pipe_is_quiet():
+    """`tttlab-compare --help | head` ended in a BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first write
+    try:
+        res = subprocess.run(
+            [sys.executable, "-c", "import sys; from tttlab.core.compare import main; sys.exit(main(['--help']))"],
+            stdout=w, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(w)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr

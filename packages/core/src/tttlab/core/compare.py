@@ -1290,6 +1290,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "tttlab-compare") -> int
 
     Exit status: 0 when every run succeeded, 1 when some failed (their results are still reported),
     2 on a configuration error or when nothing could run."""
+    try:
+        return _main(argv, prog)
+    except BrokenPipeError:  # `tttlab-compare --help | head`: the reader left; no traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit-time flush too
+        return 0
+
+
+def _main(argv: Sequence[str] | None, prog: str) -> int:
     from .errors import TTTLabError
 
     argv = list(sys.argv[1:] if argv is None else argv)
