@@ -90,3 +90,16 @@ def test_hydra_composition_rejects_unknown_keys(tmp_path):
         assert validate(cfg).benchmark.severities == [1, 2]
         with pytest.raises(ConfigCompositionException):
             compose("run", overrides=["benchmark.batch_sise=3"])
+
+
+def test_config_diff_names_every_changed_nested_key():
+    from tttlab.core.config import config_diff
+
+    old = {"model": {"kind": "inf", "r": 200}, "seed": 0, "gone": 1}
+    new = {"model": {"kind": "finite", "r": 200}, "seed": 0, "added": [1, 2]}
+    assert config_diff(old, new) == [
+        "added: '<absent>' -> [1, 2]",
+        "gone: 1 -> '<absent>'",
+        "model.kind: 'inf' -> 'finite'",
+    ]
+    assert config_diff(old, old) == []

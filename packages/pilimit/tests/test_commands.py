@@ -128,15 +128,16 @@ MAML = ("dataset --dataset omniglot --num-ways 5 --num-shots 1 --use-cuda --step
 def test_upstream_readme_commands_translate_to_the_paper_experiments(experiment, flags, changed):
     """Each upstream README command, translated and put on top of its experiment, changes nothing but the
     output folder, the device (and the data folder): the experiments are those commands."""
+    from tttlab.core.config import config_diff
     from tttlab.pilimit.cli import translate_upstream_args
-    from tttlab.pilimit.train import _flat
 
     out, translated, notes = translate_upstream_args([f"+experiment={experiment}", *flags.split()])
     assert translated and out[0] == f"+experiment={experiment}"
-    base = _flat(train_config(experiment))
-    new = _flat(train_config(experiment, out[1:]))
-    diff = {k: new[k] for k in new if new[k] != base[k]}
-    assert diff == changed, out
+    diff = config_diff(train_config(experiment), train_config(experiment, out[1:]))
+    assert {line.split(": ", 1)[0] for line in diff} == set(changed), (diff, out)
+    for line in diff:
+        key = line.split(": ", 1)[0]
+        assert line.endswith(f"-> {changed[key]!r}"), (line, out)
 
 
 def test_upstream_flag_errors():

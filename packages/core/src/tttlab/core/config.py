@@ -221,6 +221,22 @@ def to_plain(cfg) -> dict[str, Any]:
     return dict(cfg)
 
 
+def config_diff(old: Any, new: Any) -> list[str]:
+    """The dotted keys where two nested config mappings differ, as ``"key: old -> new"`` lines (sorted; a
+    key missing on one side shows ``<absent>``).  For the messages that refuse to resume a run directory
+    written by another config."""
+
+    def flat(d, prefix=""):
+        if isinstance(d, dict):
+            return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: d}
+
+    a, b = flat(old), flat(new)
+    missing = "<absent>"
+    return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, missing) != b.get(k, missing)]  # fmt: skip
+
+
 def package_yaml(package: str, relative: str) -> dict[str, Any]:
     """A YAML file shipped in ``package`` (e.g. ``"tttlab.torch_ttt.conf"``), unresolved, without its
     ``defaults`` and ``hydra`` keys: for composing a subpackage's config without Hydra (also inside a

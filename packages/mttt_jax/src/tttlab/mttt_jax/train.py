@@ -309,12 +309,6 @@ def training_config(c: dict) -> dict:
     return out
 
 
-def _flat(d, prefix=""):
-    if isinstance(d, dict):
-        return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: d}
-
-
 def check_resume_config(mngr, step: int, c: dict) -> None:
     """Refuse to resume a checkpoint written with another training config (e.g. ``inner.TTT.inner_itr=4``
     into the out_dir of a T=1 run, whose parameters have the same shapes: it would silently continue, or
@@ -328,9 +322,9 @@ def check_resume_config(mngr, step: int, c: dict) -> None:
     old = meta.get("config") if isinstance(meta, dict) else None
     if old is None:
         return
-    a, b = _flat(old), _flat(json_roundtrip(training_config(c)))
-    diff = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
-            if a.get(k, "<absent>") != b.get(k, "<absent>")]  # fmt: skip
+    from tttlab.core.config import config_diff
+
+    diff = config_diff(old, json_roundtrip(training_config(c)))
     if diff:
         raise CheckpointError(
             f"{mngr.directory}/{step} was written by a run with another training config ({'; '.join(diff)}); "

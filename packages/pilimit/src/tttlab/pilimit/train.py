@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from tttlab.core._io import atomic_path
 from tttlab.core.cli import user_errors
-from tttlab.core.config import RunConfig, package_yaml, to_plain
+from tttlab.core.config import RunConfig, config_diff, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError
 from tttlab.core.records import RunDir, config_hash, done_keys, load_records
 
@@ -279,22 +279,14 @@ def method_name(c: dict[str, Any]) -> str:
 # runs
 
 
-def _flat(d, prefix=""):
-    if isinstance(d, dict):
-        return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: d}
-
-
 def _config_diff(old: dict | None, new: dict) -> str:
     """`` (model.kind: 'inf' -> 'finite'; ...)`` over the training part of two configs, or ``""``."""
     if not isinstance(old, dict):
         return ""
     try:
-        a, b = _flat(training_part(old)), _flat(training_part(new))
+        diff = config_diff(training_part(old), training_part(new))
     except (KeyError, TypeError):
         return ""
-    diff = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
-            if a.get(k, "<absent>") != b.get(k, "<absent>")]  # fmt: skip
     return f" ({'; '.join(diff)})" if diff else ""
 
 
