@@ -86,19 +86,9 @@ def test_lean_loss_does_fewer_flops():
     assert lean_one / ref < 0.83 and lean_views / ref < 0.88
 
 
-def settings(**kw):
-    base = dict(steps_per_example=3, batch_size=4, lr=0.05, single_crop=True)
-    return TTTSettings(**{**base, **kw})
-
-
-def images(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.rand(1, 28, 28, generator=g) for _ in range(n)]
-
-
 @pytest.mark.parametrize("single_crop", [True, False])
 @pytest.mark.parametrize("mode", ["encoder", "encoder_no_cls_no_msk"])
-def test_fast_paths_with_cuts_equal_reference(norm, single_crop, mode):
+def test_fast_paths_with_cuts_equal_reference(norm, settings, images, single_crop, mode):
     """Per-step predictions and losses of the loop and batched paths (exact cuts on) equal the
     upstream-style reference (full loss, deepcopy, plain SGD, explicit attention); the trained weights
     after adaptation too."""
@@ -122,11 +112,12 @@ def test_fast_paths_with_cuts_equal_reference(norm, single_crop, mode):
         assert torch.allclose(p, ref_p[n], rtol=1e-4, atol=1e-6), n
 
 
-def test_cuts_off_is_the_full_loss(norm):
+def test_cuts_off_is_the_full_loss(norm, settings, images):
     """``exact_cuts=False`` keeps the full loss (the benchmark's 'before' rows): equal to the cut path."""
     xs = images(2)
-    on = BatchedTTT(model(), settings()).adapt(xs, [image_generator(0, 3, i) for i in range(2)], norm)
-    off_s = settings(exact_cuts=False)
+    gens = [image_generator(0, 3, i) for i in range(2)]
+    on = BatchedTTT(model(), settings(single_crop=True)).adapt(xs, gens, norm)
+    off_s = settings(single_crop=True, exact_cuts=False)
     off = BatchedTTT(model(), off_s).adapt(xs, [image_generator(0, 3, i) for i in range(2)], norm)
     calls = []
     a = TTTAdapter(model(), off_s)

@@ -9,22 +9,12 @@ from tttlab.ttt_mae.ttt import BatchedTTT, TTTAdapter, TTTSettings, image_genera
 from tttlab.ttt_mae.views import crop_params, make_views
 
 
-def settings(**kw):
-    base = dict(steps_per_example=3, batch_size=4, lr=0.05, single_crop=False)
-    return TTTSettings(**{**base, **kw})
-
-
-def images(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.rand(1, 28, 28, generator=g) for _ in range(n)]
-
-
 def params_of(model):
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
 @pytest.mark.parametrize("mode", ["encoder", "all", "encoder_no_cls_no_msk"])
-def test_finetune_modes_and_exact_reset(tiny, norm, mode):
+def test_finetune_modes_and_exact_reset(tiny, norm, mode, settings, images):
     m = tiny()
     before = params_of(m)
     a = TTTAdapter(m, settings(finetune_mode=mode))
@@ -43,7 +33,7 @@ def test_finetune_modes_and_exact_reset(tiny, norm, mode):
 
 
 @pytest.mark.parametrize("single_crop", [True, False])
-def test_equals_upstream_style_reference(tiny, norm, single_crop):
+def test_equals_upstream_style_reference(tiny, norm, single_crop, settings, images):
     """Snapshot restore + foreach SGD + SDPA == deepcopy per image + plain SGD + explicit attention."""
     s = settings(single_crop=single_crop)
     ref_model = tiny().set_fused_attn(False)
@@ -58,7 +48,7 @@ def test_equals_upstream_style_reference(tiny, norm, single_crop):
     assert all(torch.equal(v, tiny().state_dict()[k]) for k, v in ref_model.state_dict().items())
 
 
-def test_batched_equals_loop_and_is_order_free(tiny, norm):
+def test_batched_equals_loop_and_is_order_free(tiny, norm, settings, images):
     s = settings()
     xs = images(3)
     loop = TTTAdapter(tiny(), s)
@@ -74,7 +64,7 @@ def test_batched_equals_loop_and_is_order_free(tiny, norm):
     del last_params
 
 
-def test_steps_zero_is_the_baseline(tiny, norm):
+def test_steps_zero_is_the_baseline(tiny, norm, settings, images):
     m = tiny()
     a = TTTAdapter(m, settings(steps_per_example=0))
     xs = images(4)
@@ -108,7 +98,7 @@ def test_views():
         assert 3 / 4 * 0.8 <= w / h <= 4 / 3 * 1.2
 
 
-def test_bad_settings(tiny):
+def test_bad_settings(tiny, settings):
     with pytest.raises(InvalidInputError, match="steps_per_example"):
         settings(steps_per_example=-1).check()
     with pytest.raises(InvalidInputError, match="mask_ratio"):
@@ -131,7 +121,7 @@ compile_test = pytest.mark.skipif(
 )
 
 
-def _compiled_equals_eager(tiny, norm, s):
+def _compiled_equals_eager(tiny, norm, s, images):
     xs = images(3)
     eager = BatchedTTT(tiny(), s).adapt(xs, [image_generator(0, 2, i) for i in range(3)], norm)
     comp = BatchedTTT(tiny(), TTTSettings(**{**s.__dict__, "compile": True}))
@@ -148,7 +138,7 @@ def _compiled_equals_eager(tiny, norm, s):
 
 @pytest.mark.slow
 @compile_test
-def test_compiled_step_equals_eager_traced(tiny, norm, monkeypatch):
+def test_compiled_step_equals_eager_traced(tiny, norm, monkeypatch, settings, images):
     """The compiled batched step (functional SGD, one image + n masks, padded groups) equals the eager
     batched path; traced by dynamo + AOTAutograd (``aot_eager``: no C++ codegen; ~15-30 s, the tracing
     of ``vmap(grad(functional_call))``)."""
@@ -156,12 +146,12 @@ def test_compiled_step_equals_eager_traced(tiny, norm, monkeypatch):
     monkeypatch.setattr(
         torch, "compile", lambda fn, mode=None, dynamic=None: real(fn, backend="aot_eager", dynamic=dynamic)
     )
-    _compiled_equals_eager(tiny, norm, settings(single_crop=True))
+    _compiled_equals_eager(tiny, norm, settings(single_crop=True), images)
 
 
 @pytest.mark.slow
 @compile_test
 @pytest.mark.parametrize("single_crop", [True, False])
-def test_compiled_step_equals_eager_inductor(tiny, norm, single_crop):
+def test_compiled_step_equals_eager_inductor(tiny, norm, single_crop, settings, images):
     """The same through inductor's C++ codegen (a cold compile takes 1-2 minutes on 2 loaded cores)."""
-    _compiled_equals_eager(tiny, norm, settings(single_crop=single_crop))
+    _compiled_equals_eager(tiny, norm, settings(single_crop=single_crop), images)
