@@ -132,10 +132,10 @@ def test_files_agree_with_the_records(first):
         mean = f"{100 * mine['accuracy'].mean():.1f}"
         line = next(ln for ln in report.splitlines() if ln.startswith(f"| {row.method} |"))
         assert [c.strip().strip("*") for c in line.strip("|").split("|")] == [
-            row.method, *cells, mean, "—", "1", "40",
+            row.method, *cells, mean, "—", "1.00", "40",
         ]  # fmt: skip
         printed = next(ln for ln in result.text.splitlines() if ln.strip().startswith(row.method))
-        assert printed.split() == [row.method, *cells, mean, "—", "1"]
+        assert printed.split() == [row.method, *cells, mean, "—", "1.00"]
     for name in ("heatmap", "bars"):
         assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.svg").stat().st_size > 0
     assert "tttlab-compare" in report.split("## Command")[1]
@@ -324,13 +324,13 @@ def test_highlights_read_the_table():
     ])  # fmt: skip
     lines = cmp.highlights(table, c)
     assert lines[0] == "Best mean accuracy: p.up (70.0%)."
-    assert "p.up +30.0 (10 ms/image)" in lines[1] and "p.down -10.0 (2 ms/image)" in lines[2]
+    assert "p.up +30.0 (10.0 ms/image)" in lines[1] and "p.down -10.0 (2.00 ms/image)" in lines[2]
     assert lines[3] == "Largest gain on one corruption: p.up on fog, 20.0% -> 90.0% (+70.0)."
     # a per-image method that saw fewer images than its baseline says so next to its gain
     table["images"] = [40, 40, 8]
     lines = cmp.highlights(table, c)
-    assert "p.up +30.0 (10 ms/image)" in lines[1]
-    assert "p.down -10.0 (2 ms/image; 8 images per corruption against the baseline's 40)" in lines[2]
+    assert "p.up +30.0 (10.0 ms/image)" in lines[1]
+    assert "p.down -10.0 (2.00 ms/image; 8 images per corruption against the baseline's 40)" in lines[2]
 
 
 DRIVER = """
@@ -378,3 +378,19 @@ def test_help_into_a_closed_pipe_is_quiet():
     finally:
         os.close(w)
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize(("s", "text"), [
+    (0.0012, "1.20"), (0.012, "12.0"), (0.12, "120"), (1.2346, "1235"), (0.00001234, "0.0123"),
+    (0.0099996, "10.00"), (None, "—"), (float("nan"), "—"),
+])  # fmt: skip
+def test_cost_column_keeps_three_significant_digits(s, text):
+    assert cmp._fmt_cost(s) == text
+
+
+def test_nothing_installed_says_so_once(env, tmp_path):
+    lines = []
+    result = cmp.compare(base_config(tmp_path, methods=["notapkg.method"]), echo=lines.append)
+    assert result.tasks == [] and len(result.unavailable) == 1
+    assert any(line.startswith("no method to run") for line in lines)
+    assert not any("method(s) x" in line for line in lines), lines

@@ -901,10 +901,14 @@ def _fmt(v, scale: float = 100.0, digits: int = 1, sign: bool = False) -> str:
 
 
 def _fmt_cost(v) -> str:
-    """Seconds per image as milliseconds, 3 significant digits."""
+    """Seconds per image as milliseconds with 3 significant digits, trailing zeros kept (1.20, 12.0, 120),
+    so that a column of them lines up; no exponent for slow methods (1234 ms stays 1234)."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
-    return f"{v * 1000:.3g}"
+    ms = v * 1000
+    if ms <= 0 or not math.isfinite(ms):
+        return f"{ms:g}"
+    return f"{ms:.{max(0, 2 - math.floor(math.log10(ms)))}f}"
 
 
 def _row_label(row, several_settings: bool) -> str:
@@ -1230,8 +1234,9 @@ def compare(config: Mapping[str, Any] | None = None, *, overrides: Sequence[str]
         echo("no method to run: install a subpackage (tttlab-compare --list shows what is installed)")
     tasks = plan(c, specs)
     todo = [t for t in tasks if t.status == "pending"]
-    echo(f"{len(specs)} method(s) x {len(c['setting'])} setting(s) x {len(c['seeds'])} seed(s) on "
-         f"{_bench_title(c)}: {len(todo)} run(s) to do, {len(tasks) - len(todo)} already done")  # fmt: skip
+    if specs:
+        echo(f"{len(specs)} method(s) x {len(c['setting'])} setting(s) x {len(c['seeds'])} seed(s) on "
+             f"{_bench_title(c)}: {len(todo)} run(s) to do, {len(tasks) - len(todo)} already done")  # fmt: skip
     atomic_write_text(out / "compare.yaml", _yaml(c))
     if todo:
         prepare_benchmark(c, echo)
