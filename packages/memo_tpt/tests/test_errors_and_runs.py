@@ -82,6 +82,17 @@ def test_classnames_file_must_match(tmp_path):
     assert root.exists()
 
 
+def test_default_class_names_are_clips_curated_imagenet_names(tmp_path):
+    """TPT prompts with CLIP's curated ImageNet names (its imagenet_classes), not WordNet's first lemmas
+    (which name classes 134 and 517 both "crane")."""
+    names = D.class_names()
+    assert len(names) == 1000 and names[:3] == ["tench", "goldfish", "great white shark"]
+    assert (names[134], names[517], names[4]) == ("crane bird", "construction crane", "hammerhead shark")
+    testing.make_imagenet_a(tmp_path / "imagenet-a")
+    ds = D.load_test_set("imagenet_a", tmp_path)
+    assert D.class_names(ds) == [names[i] for i in ds.class_indices]
+
+
 def test_all_errors_are_tttlab_errors():
     for cls in (CheckpointError, ConfigError, DatasetLayoutError, DatasetNotFoundError, UnknownNameError):
         assert issubclass(cls, TTTLabError)

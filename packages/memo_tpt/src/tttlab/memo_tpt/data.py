@@ -9,8 +9,12 @@ Folders under ``datasets_root`` (seed 002's layout plus R and Sketch)::
 
 Images are read at their own size (``transform=None``): TPT and MEMO crop their views from the full
 image, and the original view is the shorter side resized to the model's resolution + centre crop.
-Class names: core's ImageNet names (``imagenet_classes.tsv``) or a ``classnames_file`` (one per line, in
-label order, for the dataset's classes or for all 1000 when the dataset is a 200-class subset).
+Class names: CLIP's curated ImageNet names (the 1000 names of the CLIP paper's zero-shot evaluation,
+shipped with open_clip as ``open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES``; TPT's ``imagenet_classes``
+is the same list, e.g. "crane bird" / "construction crane" where WordNet's first lemmas say "crane" twice:
+363 of the 1000 names differ from core's ``imagenet_classes.tsv``), subset by ``class_indices`` for A/R;
+or a ``classnames_file`` (one per line, in label order, for the dataset's classes or for all 1000 when the
+dataset is a 200-class subset).
 """
 
 from __future__ import annotations
@@ -21,7 +25,14 @@ import numpy as np
 
 from tttlab.core.errors import DatasetLayoutError, DatasetNotFoundError, InvalidInputError, UnknownNameError
 
-__all__ = ["DATASETS", "class_names", "load_test_set", "resolve_root", "subsets_for"]
+__all__ = [
+    "DATASETS",
+    "class_names",
+    "clip_imagenet_class_names",
+    "load_test_set",
+    "resolve_root",
+    "subsets_for",
+]
 
 #: name -> (folders tried under datasets_root, core reader)
 DATASETS = {
@@ -81,17 +92,23 @@ def load_test_set(name: str, datasets_root):
     return getattr(data, reader)(root, transform=None)
 
 
+def clip_imagenet_class_names() -> list[str]:
+    """CLIP's (and TPT's) 1000 curated ImageNet class names in the standard label order."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    return list(IMAGENET_CLASSNAMES)
+
+
 def class_names(dataset=None, classnames_file=None, num_classes: int | None = None) -> list[str]:
     """Names of the dataset's classes in label order.
 
-    Default: core's ImageNet names (the subset for ImageNet-A/R).  ``classnames_file``: one name per line;
-    it must list the dataset's classes or all 1000 ImageNet classes (then subset by ``class_indices``)."""
-    from tttlab.core.data.imagenet import imagenet_class_names
-
+    Default: CLIP's curated ImageNet names, as TPT prompts with them (the subset for ImageNet-A/R).
+    ``classnames_file``: one name per line; it must list the dataset's classes or all 1000 ImageNet classes
+    (then subset by ``class_indices``)."""
     n = num_classes if num_classes is not None else (dataset.num_classes if dataset is not None else 1000)
     indices = getattr(dataset, "class_indices", None) if dataset is not None else None
     if classnames_file is None:
-        names = list(imagenet_class_names())
+        names = clip_imagenet_class_names()
         if indices is not None:
             return [names[i] for i in np.asarray(indices)]
         if len(names) != n:
