@@ -1,9 +1,11 @@
 import copy
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
+from tttlab.core.errors import ConfigError
 from tttlab.memo_tpt import augment as A
 from tttlab.memo_tpt.ensemble import Ensemble, combine
 from tttlab.memo_tpt.losses import bn_prior, entropy, marginal_entropy, select_confident
@@ -81,7 +83,7 @@ def test_memo_reset_bit_exact(bn_net, image):
 
 def test_memo_zero_steps_is_plain_model(bn_net, image):
     memo = make_memo(bn_net, steps=0, prior_strength=None)
-    x = A.original_view(image, 16)
+    x = A.original_view(image, 16, resize=18, interpolation="bilinear")
     ref = bn_net((x - memo.mean) / memo.std)
     torch.testing.assert_close(memo(image), ref)
 
@@ -98,6 +100,29 @@ def test_memo_step_is_marginal_entropy_sgd(bn_net, image):
     memo.adapt(image)
     for p, p0, g in zip(bn_net.parameters(), ref_net.parameters(), grads):
         torch.testing.assert_close(p, p0 - 0.1 * g)
+
+
+def test_memo_clean_view_is_resize_256_center_crop_224(bn_net):
+    """MEMO predicts on upstream's te_transforms: Resize(256) (bilinear) + CenterCrop(224), not TPT's
+    Resize(224, bicubic); test_resize=224 is the centre crop only (pre-cropped ImageNet-C images)."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    rng = np.random.default_rng(3)
+    base = np.linspace(0, 255, 300 * 400 * 3).reshape(300, 400, 3)
+    photo = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    memo = Memo(bn_net)
+    assert memo.test_resize == 256
+    ref = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])(Image.fromarray(photo))
+    ours = memo.original(photo)[0]
+    assert ours.shape == ref.shape == (3, 224, 224)
+    assert (ours - ref).abs().max() <= 1.01 / 255
+    crop = Memo(bn_net, test_resize=224).original(photo[:224, :250])[0]
+    torch.testing.assert_close(
+        crop, T.Compose([T.CenterCrop(224), T.ToTensor()])(Image.fromarray(photo[:224, :250]))
+    )
+    with pytest.raises(ConfigError):
+        Memo(bn_net, test_resize=200)
 
 
 def test_memo_deterministic_and_class_subset(bn_net, image):

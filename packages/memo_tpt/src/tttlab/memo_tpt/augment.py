@@ -262,13 +262,18 @@ def _center_box(h: int, w: int, size: int) -> tuple[int, int]:
     return int(size * h / w), size
 
 
-def _original_hwc(src: torch.Tensor, size: int) -> torch.Tensor:
-    """torchvision ``Resize(size, bicubic)`` + ``CenterCrop(size)`` of a uint8 (H, W, C) image, as PIL does
-    it (antialiased bicubic on 8-bit pixels): uint8 (size, size, C)."""
+def _original_hwc(src: torch.Tensor, size: int, resize: int | None = None, mode: str = "bicubic"):
+    """torchvision ``Resize(resize or size, mode)`` + ``CenterCrop(size)`` of a uint8 (H, W, C) image, as PIL
+    does it (antialiased filter on 8-bit pixels): uint8 (size, size, C)."""
     h, w, _ = src.shape
-    nh, nw = _center_box(h, w, size)
+    resize = size if resize is None else int(resize)
+    if resize < size or mode not in ("bicubic", "bilinear"):
+        raise InvalidInputError(
+            f"original view: resize={resize} must be >= size={size} and mode={mode!r} bicubic or bilinear"
+        )
+    nh, nw = _center_box(h, w, resize)
     if (nh, nw) != (h, w):
-        src = _resize_hwc(src, (nh, nw), "bicubic")[0].permute(1, 2, 0)
+        src = _resize_hwc(src, (nh, nw), mode)[0].permute(1, 2, 0)
     top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
     return src[top : top + size, left : left + size]
 
@@ -946,9 +951,18 @@ def make_views(
     return views
 
 
-def original_view(image, size: int, device=None, mean=None, std=None) -> torch.Tensor:
-    """The original view (1, C, size, size) exactly as :func:`make_views` builds it (``include_original``)."""
-    return make_views(image, 1, size, include_original=True, device=device, mean=mean, std=std)
+def original_view(image, size: int, device=None, mean=None, std=None, *, resize: int | None = None,
+                  interpolation: str = "bicubic") -> torch.Tensor:  # fmt: skip
+    """The original view (1, C, size, size): by default exactly as :func:`make_views` builds it
+    (``include_original``: TPT's ``Resize(size, bicubic)`` + ``CenterCrop(size)``); ``resize`` /
+    ``interpolation`` give other test transforms, e.g. MEMO's ``Resize(256)`` (bilinear) + ``CenterCrop(224)``
+    with ``resize=256, interpolation="bilinear"``."""
+    if resize is None and interpolation == "bicubic":
+        return make_views(image, 1, size, include_original=True, device=device, mean=mean, std=std)
+    src = _hwc_uint8(image, device)
+    views = _empty_views((1, src.shape[2], size, size), src.device)
+    _Writer(views.permute(0, 2, 3, 1), mean, std)(0, [_original_hwc(src, size, resize, interpolation)])
+    return views
 
 
 # ----------------------------------------------------------------------------------------------------------

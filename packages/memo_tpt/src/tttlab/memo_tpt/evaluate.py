@@ -148,7 +148,7 @@ def build_method(c: dict[str, Any], device: torch.device):
             net.to(device), arch="mnist_cnn", n_augmentations=int(m["n_augmentations"]), steps=int(m["steps"]),
             prior_strength=m["prior_strength"], optimizer=m["optimizer"], lr=m["lr"], top_k=m["top_k"],
             augmentation=m["augmentation"], size=28, mean=T.MNIST_MEAN, std=T.MNIST_STD, flip=bool(m["flip"]),
-            scale=tuple(m["scale"]), seed=seed,
+            scale=tuple(m["scale"]), test_resize=28, seed=seed,
         )  # fmt: skip
         return memo, f"mnist_cnn:{path.stem}", memo
     from .tpt import TPT

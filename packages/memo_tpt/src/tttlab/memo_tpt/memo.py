@@ -6,7 +6,9 @@ Paper: Zhang, Levine, Finn, "MEMO: Test Time Robustness via Adaptation and Augme
 
 Per test image (episodic): restore the source weights; draw B augmented views (random resized crop +
 flip, then AugMix; or ``cut``: crop + flip only); loss = entropy of the marginal ``mean_b softmax(f(x_b))``
-(logsumexp); ``steps`` optimizer steps on all parameters; predict the single clean view.  With a BN prior
+(logsumexp); ``steps`` optimizer steps on all parameters; predict the single clean view (upstream's
+``Resize(256)`` + ``CenterCrop(224)``, bilinear: ``test_resize``; ``test_resize=size`` for images already
+cropped to the model's size, upstream's ImageNet-C transform).  With a BN prior
 of strength N every BatchNorm normalises with ``N/(N+1) * source + 1/(N+1) * batch`` statistics during
 adaptation and prediction (:func:`tttlab.memo_tpt.losses.bn_prior`).  Optimizer per architecture family as
 in the paper (:data:`tttlab.memo_tpt.models.OPTIMIZERS`).  ``class_indices`` restricts logits to a class
@@ -63,6 +65,9 @@ class Memo:
         augmentation: ``augmix`` (paper) or ``cut`` (seed 002: crop + flip only).
         class_indices: logit subset (e.g. ImageNet-A's 200 of 1000).
         size: view resolution; ``mean``/``std``: the model's input normalisation.
+        test_resize: the clean test view is the shorter side resized to this (bilinear, antialiased as PIL)
+            and centre-cropped to ``size``; default ``round(size * 256 / 224)`` (256 at 224: upstream's
+            ``Resize(256)`` + ``CenterCrop(224)``); ``size`` = centre crop only (pre-cropped images).
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class Memo:
         std: Sequence[float] = IMAGENET_STD,
         flip: bool = True,
         scale: tuple[float, float] = (0.08, 1.0),
+        test_resize: int | None = None,
         seed: int = 0,
     ):
         if augmentation not in AUGMENTATIONS:
@@ -110,6 +116,9 @@ class Memo:
             flip,
             scale,
         )
+        self.test_resize = round(size * 256 / 224) if test_resize is None else int(test_resize)
+        if self.test_resize < size:
+            raise ConfigError(f"test_resize={test_resize} must be >= size={size} (resize, then centre crop)")
         self.device = next(model.parameters()).device
         self.class_indices = (
             None if class_indices is None else torch.as_tensor(class_indices, device=self.device)
@@ -142,8 +151,10 @@ class Memo:
         )  # fmt: skip
 
     def original(self, image) -> torch.Tensor:
-        """The clean test view (shorter side to ``size`` + centre crop; as-is at that size)."""
-        return A.original_view(image, self.size, device=self.device)
+        """The clean test view in [0, 1]: shorter side to ``test_resize`` (bilinear) + centre crop ``size``."""
+        return A.original_view(
+            image, self.size, device=self.device, resize=self.test_resize, interpolation="bilinear"
+        )
 
     def logits(self, views: torch.Tensor) -> torch.Tensor:
         """Logits of [0, 1] views under the BN prior, restricted to ``class_indices``."""

@@ -78,6 +78,7 @@ def run(views: int = 32, severities=(3, 5), corruptions=CORRUPTIONS, seed: int =
         prior_strength=16,
         optimizer="sgd",
         lr=lr,
+        test_resize=224,  # the photos are already resized 256 + centre-cropped 224 (ImageNet-C's protocol)
         seed=seed,
     )
     rows = []
