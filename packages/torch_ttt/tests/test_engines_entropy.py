@@ -315,7 +315,7 @@ def test_memo_bn_prior_strength_16():
     feats = m[0](x)
     w = 16.0 / 17.0
     mean = w * bn.running_mean + (1 - w) * feats.mean((0, 2, 3))
-    var = w * bn.running_var + (1 - w) * feats.var((0, 2, 3), unbiased=False)
+    var = w * bn.running_var + (1 - w) * feats.var((0, 2, 3), unbiased=True)  # unbiased, as the MEMO code
     with torch.no_grad():
         normed = (feats - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + bn.eps)
         h = normed * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from tttlab.core.errors import InvalidInputError
 from tttlab.torch_ttt import get_engine
@@ -66,7 +67,7 @@ def test_bn_prior_mixes_source_and_test_statistics():
         got = bn(feats)
     w = 16.0 / 17.0
     mean = w * bn.running_mean + (1 - w) * feats.mean((0, 2, 3))
-    var = w * bn.running_var + (1 - w) * feats.var((0, 2, 3), unbiased=False)
+    var = w * bn.running_var + (1 - w) * feats.var((0, 2, 3), unbiased=True)  # unbiased, as the MEMO code
     expected = (feats - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + bn.eps)
     expected = expected * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
     assert torch.allclose(got, expected, atol=1e-5)
@@ -92,3 +93,50 @@ def test_affine_grid_is_torchs(size):
     theta = torch.randn(size[0], 2, 3, generator=torch.Generator().manual_seed(0))
     expected = torch.nn.functional.affine_grid(theta, list(size), align_corners=False)
     torch.testing.assert_close(affine_grid(theta, size), expected, rtol=0, atol=1e-6)
+
+
+def _reference_prior_bn(bn: nn.BatchNorm2d | nn.BatchNorm1d, x: torch.Tensor, n: float) -> torch.Tensor:
+    """The MEMO code's BatchNorm prior, written out: the test statistics are what ``F.batch_norm`` stores
+    in fresh running buffers with momentum 1 (batch mean, unbiased variance, no autograd history), mixed
+    with the source buffers by N/(N+1), then an eval-mode ``F.batch_norm``."""
+    est_mean = torch.zeros_like(bn.running_mean)
+    est_var = torch.ones_like(bn.running_var)
+    F.batch_norm(x, est_mean, est_var, None, None, True, 1.0, bn.eps)
+    w = n / (n + 1)
+    mean = w * bn.running_mean + (1 - w) * est_mean
+    var = w * bn.running_var + (1 - w) * est_var
+    return F.batch_norm(x, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
+@pytest.mark.parametrize("dims", [2, 1])
+def test_memo_bn_prior_statistics_are_unbiased_constants_as_the_memo_code(dims):
+    # Regression: the prior used the biased batch variance and let gradients flow through the batch
+    # statistics; the MEMO code reads them from F.batch_norm's running-buffer update (unbiased, no grad).
+    torch.manual_seed(0)
+    if dims == 2:
+        conv, bn = nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3)
+        x = torch.randn(4, 1, 6, 6)
+    else:
+        conv, bn = nn.Linear(5, 3), nn.BatchNorm1d(3)
+        x = torch.randn(4, 5)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    model = nn.Sequential(conv, bn).eval()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def loss_and_grads(fn):
+        out = fn()
+        loss = (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum()
+        return out.detach(), torch.autograd.grad(loss, [conv.weight, bn.weight, bn.bias])
+
+    with prior_mixed_statistics(model, 16.0):
+        out, grads = loss_and_grads(lambda: model(x))
+    ref_out, ref_grads = loss_and_grads(lambda: _reference_prior_bn(bn, conv(x), 16.0))
+    torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    for k, v in model.state_dict().items():  # running buffers untouched
+        assert torch.equal(v, buffers[k]), k

@@ -71,6 +71,12 @@ def prior_mixed_statistics(model: nn.Module, prior_strength: float):
 
     Implemented by temporarily replacing each BatchNorm layer's forward; running buffers are untouched.
     ``prior_strength=inf`` keeps the source statistics; ``0`` uses the test batch only.
+
+    As the MEMO code (and the bethgelab code it took the layer from): the test statistics are the batch
+    mean and the *unbiased* batch variance (what ``F.batch_norm`` writes into running buffers with momentum
+    1), and they are constants for autograd: no gradient flows through them, only through the normalised
+    input and the affine parameters.  (A batch with one value per channel, e.g. BatchNorm1d on one image,
+    has no unbiased variance; its variance term is then 0.)
     """
     import math
 
@@ -79,8 +85,10 @@ def prior_mixed_statistics(model: nn.Module, prior_strength: float):
     def make_forward(bn):
         def forward(x):
             dims = [0] + list(range(2, x.ndim))
-            batch_mean = x.mean(dim=dims)
-            batch_var = x.var(dim=dims, unbiased=False)
+            with torch.no_grad():  # constants, as the running-buffer update the MEMO code reads them from
+                count = x.numel() // max(x.shape[1], 1)
+                batch_mean = x.mean(dim=dims)
+                batch_var = x.var(dim=dims, correction=1 if count > 1 else 0)
             if bn.running_mean is None or math.isinf(prior_strength):
                 mean, var = (
                     (bn.running_mean, bn.running_var)
@@ -95,7 +103,7 @@ def prior_mixed_statistics(model: nn.Module, prior_strength: float):
             y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
             if bn.weight is not None:
                 y = y * bn.weight.view(shape) + bn.bias.view(shape)
-            return y  # gradients flow through the batch statistics, as in train-mode BatchNorm
+            return y
 
         return forward
 

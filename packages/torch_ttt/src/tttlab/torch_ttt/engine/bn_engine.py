@@ -3,7 +3,9 @@
 Paper: Schneider et al., "Improving robustness against common corruptions by covariate shift adaptation"
 (NeurIPS 2020), bibtex ``schneider2020improving``; also Nado et al. 2020 ("prediction-time BN").
 With ``prior_strength=None`` (default) every BatchNorm layer normalises with the test batch's statistics
-only (N=0); with ``prior_strength=N`` the source statistics are mixed in with weight N/(N+1).
+only (N=0, the biased batch variance, as a train-mode BatchNorm); with ``prior_strength=N`` the source
+statistics are mixed in with weight N/(N+1) and the test variance is the unbiased one, as in the
+bethgelab code of that paper (the test statistics read from ``F.batch_norm``'s running-buffer update).
 No upstream torch-ttt engine exists; this is the "BN" baseline of the TTA literature.
 """
 
