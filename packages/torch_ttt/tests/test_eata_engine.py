@@ -63,3 +63,43 @@ def test_eata_step_and_reset():
     engine.reset()
     assert all(torch.equal(before[k], m.state_dict()[k]) for k in before)
     assert engine.current_model_probs is None
+
+
+def _confident_10_class_model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+    with torch.no_grad():
+        m[3].weight.mul_(8.0)  # confident predictions: most entropies under 0.4 ln 10
+    return m.eval()
+
+
+def test_redundancy_threshold_0_05_is_for_1000_classes():
+    # The official d_margin 0.05 is ImageNet's: a one-hot p against a class-balanced average m has
+    # cos = 1/sqrt(C) (0.03 for C=1000, 0.32 for C=10), so at 10 classes it rejects nearly every sample.
+    from tttlab.torch_ttt.engine.eata_engine import eata_selection
+
+    for c, kept in ((1000, True), (10, False)):
+        p, m = torch.eye(c)[:1], torch.full((c,), 1.0 / c)
+        assert bool(eata_selection(torch.zeros(1), p, m, 1.0, 0.05)[0]) is kept
+        assert math.isclose(float(nn.functional.cosine_similarity(p, m[None])), c**-0.5, rel_tol=1e-5)
+
+
+def test_evaluate_conf_keeps_adapting_after_the_first_batch_on_10_classes():
+    # Regression: evaluate.py ran EATA on 10-class MNIST-C with d_margin 0.05, so once the moving average
+    # existed (continual / per-domain) no sample passed the redundancy filter and EATA equalled BN.
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    import tttlab.torch_ttt as pkg
+
+    conf = OmegaConf.load(Path(pkg.__file__).parent / "conf" / "engine" / "eata.yaml")
+    kwargs = OmegaConf.to_container(conf.kwargs)
+    engine = get_engine("eata")(_confident_10_class_model(), {"reset": "never"}, **kwargs).eval()
+    g = torch.Generator().manual_seed(1)
+    counts = []
+    for _ in range(4):
+        engine(torch.randn(64, 16, generator=g))
+        counts.append(engine.last_selected)
+    assert counts[0] > 0 and engine.current_model_probs is not None
+    assert min(counts[1:]) > 0, f"samples adapted on per batch: {counts}"

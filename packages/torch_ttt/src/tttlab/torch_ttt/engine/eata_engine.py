@@ -33,7 +33,14 @@ Differences from torch-ttt 0.0.2 and why:
   first call; upstream's default was the constant ``ln(1000) / 2 - 1`` (about 2.45, tuned for 1000
   classes, :data:`UPSTREAM_E_MARGIN`); pass it explicitly to reproduce upstream.
 * ``d_margin`` filters samples *similar* to the moving average (``|cos| < d_margin`` are kept), as the
-  paper and both upstreams; the moving average is updated with the finally kept samples only.
+  paper and both upstreams; the moving average is updated with the finally kept samples only.  Its
+  default 0.05 is the official ImageNet value and, unlike ``e_margin``, does not scale with the number
+  of classes by itself: a confident prediction against a class-balanced average has ``cos ~ 1/sqrt(C)``
+  (0.03 for 1000 classes, 0.32 for 10), so with 10 classes and 0.05 almost no sample passes once the
+  average exists and EATA degenerates to BN.  Use about 0.4 for 10 classes (``conf/engine/eata.yaml``
+  does, for MNIST-C; the value the test-time-adaptation benchmark uses on CIFAR-10-C).
+* ``fisher_alpha=2000`` is the official ImageNet default; the official Fisher pass uses the clean
+  validation images (``fisher_size`` 2000) with test-batch statistics, as :meth:`compute_fishers` does.
 * defaults: the paper's ImageNet setting, one SGD step, lr 2.5e-4, momentum 0.9 (upstream: its generic
   3 Adam steps at 1e-2).  EATA is meant to run over a stream (``reset="per_domain"`` or ``"never"``); the
   default ``"per_batch"`` (upstream's ``copy_model=True``) makes the moving average and the Fisher term
