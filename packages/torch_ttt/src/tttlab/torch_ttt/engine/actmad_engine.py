@@ -13,6 +13,14 @@ and is invisible to Adam).  All model parameters adapt (as the paper and upstrea
 eval mode, so BatchNorm layers normalise with their stored statistics (the official script sets every
 BatchNorm layer to eval during adaptation) and dropout is off.
 
+Against the official CIFAR script (jmiemirza/ActMAD ``actmad_cifar``), deliberately: it hooks the output
+of every ``BatchNorm2d`` layer (here: the layers you name, as torch-ttt); its clean variance is the mean
+of per-batch unbiased variances (here: the variance over all calibration samples; both estimate the same
+quantity); it runs the model in train mode with the BatchNorm layers in eval mode (dropout active; here
+everything in eval mode); it adapts online within a corruption (reset per domain) with SGD (Nesterov,
+momentum 0.9, weight decay 5e-4), while the defaults here are torch-ttt's (3 Adam steps at 1e-2, reset
+per batch; ``evaluate.py`` maps the benchmark setting onto the reset policy).
+
 Training statistics: ``engine.compute_statistics(batches)`` (eval mode, float64 pairwise accumulation,
 no stacking of all activations as upstream did); train-mode forwards also accumulate them (model in
 train mode, changing weights: an approximation), restarting whenever the engine goes from eval to train

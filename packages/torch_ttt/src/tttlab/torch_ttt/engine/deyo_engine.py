@@ -17,6 +17,12 @@ Algorithm (one adaptation step, normalisation layers using the test batch's stat
    is kept (as the official code).
 
 Only the affine parameters of normalisation layers (BatchNorm, GroupNorm, LayerNorm, InstanceNorm) adapt.
+The official ``collect_params`` (taken over from SAR) also leaves out, by module name, every layer under
+``layer4`` (ResNets), ``blocks.9``-``blocks.11`` and the final ``norm`` (ViT-Base); that choice is tied to
+those architectures' names and is not reproduced here: restrict ``adapted_parameters`` in a subclass to
+match it on such models.  Defaults are the official ``config.py``'s (``plpd_threshold`` 0.2, ``deyo_margin``
+0.5, ``deyo_margin_e0`` 0.4, ``patch_len`` 4, both re-weightings on); its script ``exp_deyo.sh`` uses
+``plpd_thresh=0.3`` for the BatchNorm ResNet-50 in the mild (i.i.d.) ImageNet-C setting.
 
 Differences from torch-ttt 0.0.2 and why:
 

@@ -12,7 +12,9 @@ paper); then the original image is classified.  Episodic: ``reset="per_batch"`` 
 Differences from torch-ttt 0.0.2 and why:
 
 * models with BatchNorm work (upstream crashed) and use the paper's BN prior, during adaptation and for
-  the final prediction; BN-free models work too;
+  the final prediction, computed as the MEMO code does (test mean and unbiased variance of the batch of
+  views, treated as constants by autograd: :func:`tttlab.torch_ttt.norm.prior_mixed_statistics`; the
+  MEMO code patches ``BatchNorm2d`` only, here every BatchNorm); BN-free models work too;
 * ``per_sample=True`` (default) is the paper's setting: each image is adapted on its own views, predicted,
   and (``reset="per_batch"``) restored before the next image, so the BN test statistics are those of the
   image's own views.  ``per_sample=False`` (upstream's computation, much faster) builds the n*B views of
@@ -20,8 +22,10 @@ Differences from torch-ttt 0.0.2 and why:
   entropy (in log space), one shared update for the batch; with BatchNorm the test statistics are then
   those of all images' views together.  ``per_sample_bn`` is accepted as another name for ``per_sample``;
 * every view has its own random augmentation (upstream applied one random transform to the whole batch);
-* all parameters adapt (the paper), one SGD step by default (lr 1e-3, momentum 0.9; the paper used lr
-  2.5e-4 for ResNet-50 with 64 views), no ``print``, no deep copy;
+* all parameters adapt (the paper), one SGD step by default (lr 1e-3, momentum 0.9, which for one step
+  from a reset state is plain SGD; the MEMO code used SGD lr 2.5e-4 with 64 views for ResNet-50 on
+  ImageNet and lr 5e-3 with 32 views for the GroupNorm ResNet-26 on CIFAR-10; 8 views here by default,
+  for cost), no ``print``, no deep copy;
 * augmentations (``augmentations=``): ``None``/``"geometric"`` (default) an AugMix-style mixture of random
   geometric chains (rotate, shear, translate, zoom) written with ``affine_grid``/``grid_sample`` so it
   runs batched on any device; ``"augmix"`` AugMix's full operation set (intensity operations too, on

@@ -28,12 +28,25 @@ Differences from torch-ttt 0.0.2 and why:
   on the rotated batch at every step.
 * no deep copy of the engine per batch (snapshot/restore of the adapted parameters, see ``BaseEngine``).
 
-As upstream, the angle head is trained jointly but not adapted at test time: only the model's
-parameters are (``adapted_parameters``); layers after the features layer get no gradient and stay as
-they are.  ``rotation_type="expand"`` (default, as upstream and the official ``rotate_batch(...,
-'expand')``) rotates every image 4 ways; ``"rand"`` gives each image one random rotation (Sun et al.'s
-joint-training variant), 4x cheaper.  Random rotations use ``generator`` (a ``torch.Generator``) or the
-global torch RNG.
+As upstream torch-ttt and the paper (which updates the shared extractor only), the angle head is trained
+jointly but not adapted at test time: only the model's parameters are (``adapted_parameters``); layers
+after the features layer get no gradient and stay as they are.  ``rotation_type="expand"`` (default, as
+upstream torch-ttt) rotates every image 4 ways; ``"rand"`` gives each image one random rotation, 4x
+cheaper.  Random rotations use ``generator`` (a ``torch.Generator``) or the global torch RNG.
+
+Against the official code (yueatsprograms/ttt_cifar_release), deliberately, for torch-ttt's batch API:
+
+* the official "standard" TTT adapts on ONE test image at a time: 32 copies of it with the training
+  augmentation (random crop and flip), each with one random rotation (``rotate_batch(..., 'rand')``;
+  ``'expand'`` is only used there to measure the rotation error, and joint training also defaults to
+  ``'rand'``), one SGD step at lr 1e-3 (3 or 10 in its "medium"/"slow" settings), reset per image
+  ("online": never reset).  Here the batch's own images are rotated, without extra augmentation, with the
+  engine's optimizer settings (torch-ttt's 3 Adam steps at 1e-2 by default) and the reset policy;
+* its optimizer covers the extractor *and* the rotation head (``ssh.parameters()``) unless ``--fix_ssh``;
+  here the head stays fixed (the paper's formulation and torch-ttt's);
+* with BatchNorm it adapts in train mode (batch statistics, running statistics updated); here the model
+  stays in eval mode, so BatchNorm layers use their stored statistics during adaptation and prediction.
+  The paper's main CIFAR results use GroupNorm, where the two agree.
 """
 
 from __future__ import annotations
