@@ -33,6 +33,22 @@ Differences from torch-ttt 0.0.2 and why:
   test time the forward stops at the features layer; statistics are tracked as described above;
 * no deep copy per batch, no prints.  As upstream, only the model's parameters adapt at test time (the
   contrastive head is trained jointly and then fixed).
+
+Against the official code (vita-epfl/ttt-plus-plus, ``cifar/ttt++.py`` and its CIFAR-10 script),
+deliberately, to keep torch-ttt's online per-batch API and its defaults:
+
+* the official TTT++ is *offline*: SGD (lr 0.01, momentum 0.9) for up to hundreds of epochs over the whole
+  test set, BatchNorm in train mode, the first epochs updating BatchNorm statistics only, feature queues of
+  1,536 samples for the test statistics, early stopping on the test error.  Here each batch takes
+  ``num_steps`` steps on its own statistics (reset by the policy), the model in eval mode;
+* its alignment weights are normalised by the discrepancy measured between source batches
+  (``scale / mean source CORAL`` and ``scale / mean source mean-distance * 0.5``, scales 0.05 on the
+  features and 0.2 on the head's outputs); here the raw distances are weighted by fixed
+  ``scale_*`` (torch-ttt's 0.1), so their balance depends on the feature scale;
+* its SupCon temperature is 0.5; the default here is torch-ttt's 0.07 (``ContrastiveLoss(temperature=)``
+  as ``contrastive_criterion`` changes it; the jointly trained head must be trained with the same value).
+  The CORAL term (``||C_s - C_t||_F^2 / (4 d^2)``, unbiased covariances) and the mean term
+  (``mean((mu_s - mu_t)^2)``) are the official formulas; the head is fixed as with its ``--fix_ssh``.
 """
 
 from __future__ import annotations
