@@ -30,6 +30,38 @@ def test_ops_match_pil(photo, op, level, sign):
         assert torch.equal(ours[0], ref)
 
 
+@pytest.mark.parametrize("op", sorted(A.GEOMETRIC))
+@pytest.mark.parametrize("level,sign", [(0.9, 1.0), (5.5, -1.0)])
+def test_geometric_ops_fill_as_memo_upstream(photo, op, level, sign):
+    """Upstream MEMO's AugMix passes PIL ``fillcolor=128``: on an RGB image Pillow fills (128, 0, 0);
+    fill=(128, 0, 0) reproduces it (and 128 on a one-channel image is grey 128)."""
+    for img, fill in ((photo, (128, 0, 0)), (photo[..., :1], (128, 0, 0)), (photo, 77)):
+        pil = Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img)
+        q = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()[None]
+        lv, sg = torch.tensor([level], dtype=torch.float64), torch.tensor([sign], dtype=torch.float64)
+        ours = A.apply_op(op, q, lv, sg, fill=fill)[0]
+        ref = np.array(A._pil_op(op, pil, level, sign, fillcolor=128 if fill != 77 else (77, 77, 77)))
+        ref = torch.from_numpy(ref.reshape(*ref.shape[:2], -1)).permute(2, 0, 1).float()
+        diff = (ours - ref).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, (op, fill)
+        outside = (ours - A.apply_op(op, q, lv, sg)[0]).abs().sum() > 0
+        assert outside or op == "rotate" and int(level * 3) == 0  # the fill shows somewhere
+
+
+def test_memo_views_fill_like_upstream_tpt_views_black():
+    """On a black image every AugMix operation keeps black except where a geometric one fills: MEMO's
+    views show upstream's (128, 0, 0) fill, TPT's AugMix views stay black."""
+    from tttlab.memo_tpt.memo import Memo
+
+    black = np.zeros((80, 80, 3), np.uint8)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(1))
+    views = Memo(net, n_augmentations=16, size=64, seed=0).views(black)
+    assert views[:, 0].max() > 0.05 and views[:, 1:].max() == 0
+    tpt_like = A.make_views(black, 16, 64, include_original=False, augmix_views=True,
+                            generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert tpt_like.max() == 0
+
+
 @pytest.mark.parametrize("op", ["rotate", "shear_x", "shear_y", "equalize", "autocontrast"])
 def test_ops_match_pil_on_a_real_photo(op):
     """224 px crops of a real photo, several levels: bit-exact but for ~1e-5 of the pixels (float32)."""

@@ -552,22 +552,52 @@ def _solarize(x: torch.Tensor, level: float, sign: float = 1.0) -> torch.Tensor:
     return x.clamp(t - 1, t).sub_(t - 1).mul_(255).bitwise_xor_(x)
 
 
-def _translate(x: torch.Tensor, level: float, sign: float, dim: int) -> torch.Tensor:
-    """PIL's bilinear affine map with an integer offset is an exact shift with zero fill."""
+def _fill_tensor(fill, c: int, device) -> torch.Tensor | None:
+    """The per-channel uint8 fill (C,) of the geometric operations, None for black (the fast path)."""
+    if fill is None:
+        return None
+    if isinstance(fill, torch.Tensor) and fill.dtype == torch.uint8 and fill.shape == (c,):
+        return fill if bool(fill.any()) else None
+    vals = [int(fill)] * c if isinstance(fill, (int, float)) else [int(v) for v in fill]
+    if c == 1 and len(vals) > 1:
+        vals = vals[:1]  # PIL: an "L" image takes the first value (an integer colour is the grey level)
+    if len(vals) != c or not all(0 <= v <= 255 for v in vals):
+        raise InvalidInputError(f"fill={fill!r}: expected one or {c} grey levels in 0..255")
+    if not any(vals):
+        return None
+    return _cached(
+        ("fillc", tuple(vals), device), lambda: torch.tensor(vals, dtype=torch.uint8, device=device)
+    )
+
+
+def _mask_fill(out: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor | None, key) -> torch.Tensor:
+    """``out & keep`` (keep: 0/255 per element) and, with a fill, ``| (~keep & fill)``."""
+    out.bitwise_and_(keep)
+    if fill is not None:
+        n = out.numel() // fill.numel()
+        row = _cached(("fillrow", key, n, tuple(fill.tolist()), fill.device), lambda: fill.repeat(n))
+        out.view(-1).bitwise_or_(keep.view(-1).bitwise_not().bitwise_and_(row))
+    return out
+
+
+def _translate(x: torch.Tensor, level: float, sign: float, dim: int, fill=None) -> torch.Tensor:
+    """PIL's bilinear affine map with an integer offset is an exact shift, filled with ``fill`` (black by
+    default) where it leaves the image."""
     n = x.shape[dim]
     d = max(-n, min(n, int(level * (n / 3) / 10) * int(sign)))
-    out = torch.zeros_like(x)
+    f = _fill_tensor(fill, x.shape[2], x.device)
+    out = torch.zeros_like(x) if f is None else f.expand(x.shape).clone()
     if abs(d) < n:
         out.narrow(dim, max(-d, 0), n - abs(d)).copy_(x.narrow(dim, max(d, 0), n - abs(d)))
     return out
 
 
-def _translate_x(x, level, sign):
-    return _translate(x, level, sign, 1)
+def _translate_x(x, level, sign, fill=None):
+    return _translate(x, level, sign, 1, fill)
 
 
-def _translate_y(x, level, sign):
-    return _translate(x, level, sign, 0)
+def _translate_y(x, level, sign, fill=None):
+    return _translate(x, level, sign, 0, fill)
 
 
 def _offsets(s: float, n: int):
@@ -577,7 +607,7 @@ def _offsets(s: float, n: int):
     return t, fl.astype(np.int64), t - fl
 
 
-def _shear_x(x: torch.Tensor, level: float, sign: float) -> torch.Tensor:
+def _shear_x(x: torch.Tensor, level: float, sign: float, fill=None) -> torch.Tensor:
     """PIL's bilinear ``transform`` with data (1, s, 0, 0, 1, 0), s = level * 0.3 / 10 * sign: with the row
     offset t = s * (y + 0.5), out[y, x] = a + (b - a) * d truncated, a/b the row's pixels x + floor(t) and
     + 1 (edge-clamped), d = t - floor(t); 0 where x + 0.5 + t is outside [0, W).  Both taps of all rows are
@@ -603,13 +633,11 @@ def _shear_x(x: torch.Tensor, level: float, sign: float) -> torch.Tensor:
     tmpl = _cached(("fill", w, c, x.device), lambda: torch.cat([
         torch.zeros(w * c, dtype=torch.uint8), torch.full((w * c,), 255, dtype=torch.uint8),
         torch.zeros(w * c, dtype=torch.uint8)]).to(x.device).unfold(0, w * c, c))  # fmt: skip
-    out.bitwise_and_(
-        tmpl.index_select(0, torch.from_numpy(np.where(hi < w, 2 * w - hi, w - lo)).to(x.device))
-    )
-    return out.view(h, w, c)
+    keep = tmpl.index_select(0, torch.from_numpy(np.where(hi < w, 2 * w - hi, w - lo)).to(x.device))
+    return _mask_fill(out, keep, _fill_tensor(fill, c, x.device), (h, w)).view(h, w, c)
 
 
-def _shear_y(x: torch.Tensor, level: float, sign: float) -> torch.Tensor:
+def _shear_y(x: torch.Tensor, level: float, sign: float, fill=None) -> torch.Tensor:
     """PIL's bilinear ``transform`` with data (1, 0, 0, s, 1, 0): with the column offset t = s * (x + 0.5),
     out[y, x] = a + (b - a) * d, a/b the column's pixels y + floor(t) and + 1 (edge-clamped), 0 where
     y + 0.5 + t is outside [0, H).  floor(t) is monotone in x: each band of columns with one shift is two
@@ -634,11 +662,13 @@ def _shear_y(x: torch.Tensor, level: float, sign: float) -> torch.Tensor:
     hi = np.clip(np.ceil(h - 0.5 - t), 0, h).astype(np.int64)
     edges = [0] + (np.flatnonzero(np.diff(lo) | np.diff(hi)) + 1).tolist() + [w]
     lo, hi = lo.tolist(), hi.tolist()
+    f = _fill_tensor(fill, c, x.device)
+    f = 0 if f is None else f
     for xa, xb in zip(edges[:-1], edges[1:]):
         if lo[xa] > 0:
-            out[: lo[xa], xa:xb] = 0
+            out[: lo[xa], xa:xb] = f
         if hi[xa] < h:
-            out[hi[xa] :, xa:xb] = 0
+            out[hi[xa] :, xa:xb] = f
     return out
 
 
@@ -680,7 +710,7 @@ def _affine_taps(data: tuple[float, ...], h: int, w: int, c: int, device):
         keep * 255, np.uint8)  # fmt: skip
 
 
-def _rotate(x: torch.Tensor, level: float, sign: float) -> torch.Tensor:
+def _rotate(x: torch.Tensor, level: float, sign: float, fill=None) -> torch.Tensor:
     """PIL ``rotate(int(level * 30 / 10) * sign, BILINEAR)``: per angle cached gather indices, PIL's nested
     interpolation (along rows, then between rows) in float32, truncated; 0 where the sampling point is
     outside.  Angle 0 is the view itself (PIL's shortcut copies it)."""
@@ -699,7 +729,8 @@ def _rotate(x: torch.Tensor, level: float, sign: float) -> torch.Tensor:
     row = (w + 2) * c
     top = torch.lerp(flat.index_select(0, tap), flat[c:].index_select(0, tap), dx)
     bottom = torch.lerp(flat[row:].index_select(0, tap), flat[row + c :].index_select(0, tap), dx)
-    return _to_uint8(torch.lerp(top, bottom, dy)).bitwise_and_(keep).view(h, w, c)
+    out = _to_uint8(torch.lerp(top, bottom, dy))
+    return _mask_fill(out, keep, _fill_tensor(fill, c, x.device), (h, w)).view(h, w, c)
 
 
 _OPS = {
@@ -710,6 +741,7 @@ _OPS = {
 
 
 _LUT_OPS = (_autocontrast, _equalize, _posterize, _solarize)
+_GEOMETRIC_OPS = (_rotate, _shear_x, _shear_y, _translate_x, _translate_y)
 
 
 def _op(op: str):
@@ -718,13 +750,15 @@ def _op(op: str):
     return _OPS[op]
 
 
-def apply_op(op: str, q: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+def apply_op(op: str, q: torch.Tensor, level: torch.Tensor, sign: torch.Tensor, fill=0) -> torch.Tensor:
     """One AugMix operation on views ``q`` (k, C, H, W) of grey levels (floats 0..255, integral) with
-    per-view ``level`` (AugMix's 0.1..severity) and ``sign`` (+-1); returns grey levels (k, C, H, W)."""
+    per-view ``level`` (AugMix's 0.1..severity) and ``sign`` (+-1), geometric ones filling with ``fill``
+    (grey level or one per channel); returns grey levels (k, C, H, W)."""
     fn = _op(op)
     x = q.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    kw = {"fill": fill} if fn in _GEOMETRIC_OPS else {}
     out = [
-        fn(x[i].contiguous(), float(lv), float(sg))
+        fn(x[i].contiguous(), float(lv), float(sg), **kw)
         for i, (lv, sg) in enumerate(zip(level.tolist(), sign.tolist()))
     ]
     return torch.stack(out).permute(0, 3, 1, 2).to(q.dtype)
@@ -734,14 +768,15 @@ class _Draws:
     """AugMix's random parameters for k views (drawn up front, in one order, from ``generator``): chain
     lengths, per step the operation, level and sign of every chain (view i, chain c at i * width + c), and
     the mixing coefficients (k, 1 + width) of [view, chain_1..chain_width]: m and (1 - m) * w_c with
-    w ~ Dirichlet(alpha), m ~ Beta(alpha, alpha)."""
+    w ~ Dirichlet(alpha), m ~ Beta(alpha, alpha).  ``fill``: what the geometric operations write where they
+    leave the image (AugMix / TPT: black; MEMO: PIL's ``fillcolor=128``, i.e. (128, 0, 0) on RGB)."""
 
-    def __init__(self, k, generator, severity=1.0, width=3, depth=(1, 3), alpha=1.0, ops=AUGMIX_OPS):
+    def __init__(self, k, generator, severity=1.0, width=3, depth=(1, 3), alpha=1.0, ops=AUGMIX_OPS, fill=0):
         unknown = [op for op in ops if op not in AUGMIX_OPS]
         if unknown:
             raise InvalidInputError(f"unknown AugMix operations {unknown}; expected some of {AUGMIX_OPS}")
         total = k * width
-        self.width = width
+        self.width, self.fill = width, fill
         self.lengths = torch.randint(depth[0], depth[1] + 1, (total,), generator=generator).tolist()
         self.steps = []
         for _ in range(depth[1]):
@@ -783,7 +818,7 @@ class _Draws:
                 k = r
             else:
                 fn, level, sign = ops[k]
-                x = fn(x, level, sign)
+                x = fn(x, level, sign, self.fill) if fn in _GEOMETRIC_OPS else fn(x, level, sign)
                 k += 1
         return x
 
@@ -866,12 +901,13 @@ def augmix(
     depth: tuple[int, int] = (1, 3),
     alpha: float = 1.0,
     ops: tuple[str, ...] = AUGMIX_OPS,
+    fill=0,
 ) -> torch.Tensor:
     """AugMix of each of the (k, C, H, W) views in [0, 1] (quantised to 256 levels, as PIL holds them):
     ``m * view + (1 - m) * sum_c w_c chain_c(view)`` with ``w ~ Dirichlet(alpha)``, ``m ~ Beta(alpha, alpha)``,
     chains of ``depth`` operations; float (k, C, H, W) in [0, 1], channels-last."""
     k, c, h, w = views.shape
-    draws = _Draws(k, generator, severity, width, depth, alpha, ops)
+    draws = _Draws(k, generator, severity, width, depth, alpha, ops, fill)
     x = views.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     out = torch.empty(k, c, h, w, dtype=views.dtype, device=views.device, memory_format=torch.channels_last)
     write = _Writer(out.permute(0, 2, 3, 1), None, None, 1 + width)
@@ -911,13 +947,15 @@ def make_views(
     mean=None,
     std=None,
     out: torch.Tensor | None = None,
+    fill=0,
 ) -> torch.Tensor:
     """``n_views`` views (n_views, C, size, size) of one image (any size) on ``device`` (default: the image's),
     float32 in [0, 1], or normalised ``(x - mean) / std`` when ``mean``/``std`` are given, in channels-last
     memory (or written into ``out``).  TPT on ImageNet variants: ``include_original=True,
     augmix_views=False``; TPT on fine-grained sets: ``augmix_views=True``; MEMO: ``include_original=False,
     augmix_views=True``; seed 002's ``cut`` MEMO augmentation: ``include_original=False, augmix_views=False``
-    (crops and flips only).  Each view goes through its crop, AugMix chains and the conversion to float
+    (crops and flips only).  ``fill``: the AugMix geometric operations' fill (grey level or one per channel;
+    TPT: 0, MEMO: (128, 0, 0)).  Each view goes through its crop, AugMix chains and the conversion to float
     before the next one starts (its working set stays in cache)."""
     if not isinstance(n_views, int) or n_views < 1:
         raise InvalidInputError(f"n_views must be a positive integer, got {n_views!r}")
@@ -935,7 +973,7 @@ def make_views(
     if k > 0:
         boxes = random_resized_crop_boxes(k, h, w, scale=scale, generator=generator)
         flips = torch.rand(k, generator=generator) < 0.5 if flip else None
-        draws = _Draws(k, generator, severity) if augmix_views else None
+        draws = _Draws(k, generator, severity, fill=fill) if augmix_views else None
         width = draws.width if augmix_views else 0
         write = _Writer(out_hwc[n_views - k :], mean, std, 1 + width)
         crop = torch.empty(1, c, size, size, dtype=torch.uint8, device=dev, memory_format=torch.channels_last)
@@ -969,7 +1007,8 @@ def original_view(image, size: int, device=None, mean=None, std=None, *, resize:
 # per-view PIL reference (upstream style)
 
 
-def _pil_op(op: str, img, level: float, sign: float):
+def _pil_op(op: str, img, level: float, sign: float, fillcolor=None):
+    """One AugMix operation with PIL (``fillcolor``: PIL's argument of rotate/transform, None = black)."""
     from PIL import Image, ImageOps
 
     w, h = img.size
@@ -982,14 +1021,14 @@ def _pil_op(op: str, img, level: float, sign: float):
     if op == "solarize":
         return ImageOps.solarize(img, 256 - int(level * 256 / 10))
     if op == "rotate":
-        return img.rotate(int(level * 30 / 10) * sign, resample=Image.BILINEAR)
+        return img.rotate(int(level * 30 / 10) * sign, resample=Image.BILINEAR, fillcolor=fillcolor)
     data = {
         "shear_x": (1, level * 0.3 / 10 * sign, 0, 0, 1, 0),
         "shear_y": (1, 0, 0, level * 0.3 / 10 * sign, 1, 0),
         "translate_x": (1, 0, int(level * (w / 3) / 10) * sign, 0, 1, 0),
         "translate_y": (1, 0, 0, 0, 1, int(level * (h / 3) / 10) * sign),
     }[op]
-    return img.transform(img.size, Image.AFFINE, data, resample=Image.BILINEAR)
+    return img.transform(img.size, Image.AFFINE, data, resample=Image.BILINEAR, fillcolor=fillcolor)
 
 
 def pil_augmix(img, rng: np.random.Generator, severity: float = 1.0, width: int = 3, ops=AUGMIX_OPS,

@@ -63,6 +63,9 @@ class Memo:
             to the family's paper values.
         top_k: keep this fraction (float) or number (int) of lowest-entropy views; ``None`` = all.
         augmentation: ``augmix`` (paper) or ``cut`` (seed 002: crop + flip only).
+        fill: what AugMix's rotate/shear/translate write outside the image: upstream MEMO passes PIL
+            ``fillcolor=128``, which Pillow reads on RGB images as the packed colour (128, 0, 0) (on one-channel
+            images: grey 128); the default reproduces that; ``0`` = AugMix's / TPT's black.
         class_indices: logit subset (e.g. ImageNet-A's 200 of 1000).
         size: view resolution; ``mean``/``std``: the model's input normalisation.
         test_resize: the clean test view is the shorter side resized to this (bilinear, antialiased as PIL)
@@ -92,6 +95,7 @@ class Memo:
         flip: bool = True,
         scale: tuple[float, float] = (0.08, 1.0),
         test_resize: int | None = None,
+        fill: int | Sequence[int] = (128, 0, 0),
         seed: int = 0,
     ):
         if augmentation not in AUGMENTATIONS:
@@ -116,6 +120,7 @@ class Memo:
             flip,
             scale,
         )
+        self.fill = fill
         self.test_resize = round(size * 256 / 224) if test_resize is None else int(test_resize)
         if self.test_resize < size:
             raise ConfigError(f"test_resize={test_resize} must be >= size={size} (resize, then centre crop)")
@@ -147,7 +152,7 @@ class Memo:
         return A.make_views(
             image, self.n_augmentations, self.size, include_original=False,
             augmix_views=self.augmentation == "augmix", flip=self.flip, scale=self.scale,
-            severity=self.severity, generator=self.generator, device=self.device,
+            severity=self.severity, generator=self.generator, device=self.device, fill=self.fill,
         )  # fmt: skip
 
     def original(self, image) -> torch.Tensor:
