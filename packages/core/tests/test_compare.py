@@ -394,3 +394,20 @@ def test_nothing_installed_says_so_once(env, tmp_path):
     assert result.tasks == [] and len(result.unavailable) == 1
     assert any(line.startswith("no method to run") for line in lines)
     assert not any("method(s) x" in line for line in lines), lines
+
+
+def test_trained_models_are_cached_per_package_and_code_version(env, tmp_path):
+    c = cmp.load_config([f"out_dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}", "methods=fake.*"])
+    spec = registry.get_method("fake.alpha")
+    a, b = (cmp.Task(spec, "episodic", 0, tmp_path / "r", ["fog"], [5], [], fingerprint=f) for f in "ab")
+    a2 = cmp.Task(spec, "continual", 1, tmp_path / "s", ["fog"], [5], [], fingerprint="a")
+    for t in (a, b, a2):
+        t.part = t.root / "part"
+    dirs = [Path(cmp.evaluate_config(t, c)["cache_dir"]) for t in (a, b, a2)]
+    assert dirs[0] != dirs[1] and dirs[0] == dirs[2]  # edited code retrains; same code is shared
+    assert dirs[0].parent == (tmp_path / "cache" / "models").resolve() and dirs[0].name.startswith("fake-")
+    # the benchmark's domains stay shared by every method and version
+    assert (
+        cmp.evaluate_config(a, c)["benchmark"]["cache_dir"]
+        == cmp.evaluate_config(b, c)["benchmark"]["cache_dir"]
+    )

@@ -27,7 +27,8 @@ How it runs (the core imports no subpackage and no framework):
 3. Each task runs the spec's ``evaluate`` (``module:function``) in a subprocess of its own
    (``python -c`` :data:`RUNNER`, config as JSON, the evaluate contract of the subpackages), ``jobs`` at
    a time, so that JAX and torch never share a process and a crash loses nothing else.  The first task
-   of each subpackage runs before its siblings so that they reuse the models it trains (``cache_dir``).
+   of each subpackage runs before its siblings so that they reuse the models it trains (under
+   ``<cache_dir>/models/<package>-<code fingerprint>``: a model trained by other code is not reused).
    The corrupted domains are generated once, here, into ``<cache_dir>/benchmark``.
 4. A failed task (exit status, timeout, or no records) is reported with the tail of its stderr.
 5. The records are read back and summarised: per method (x setting) the accuracy per corruption (mean
@@ -586,6 +587,17 @@ def plan(c: dict[str, Any], specs: Sequence[Any]) -> list[Task]:
     return tasks
 
 
+def model_cache_dir(task: Task, c: dict[str, Any]) -> Path:
+    """Where the evaluate of ``task`` caches the models it trains: one folder per subpackage and code version.
+
+    The subpackages key their cached models by the training config only; a model trained by older code
+    (an edited or upgraded package) must not be reused, so the folder carries the code fingerprint, as
+    the run parts do.  The methods of one subpackage share it (the first trains, its siblings reuse).
+    """
+    name = task.spec.package + (f"-{task.fingerprint[:10]}" if task.fingerprint else "")
+    return Path(c["cache_dir"]).resolve() / "models" / name
+
+
 def evaluate_config(task: Task, c: dict[str, Any]) -> dict[str, Any]:
     """The mapping the spec's ``evaluate`` receives (the evaluate contract)."""
     bench = {
@@ -597,7 +609,7 @@ def evaluate_config(task: Task, c: dict[str, Any]) -> dict[str, Any]:
         bench["root"] = c["root"]
     cfg = {
         "method": task.spec.name, "out_dir": str(task.part.resolve()), "benchmark": bench,
-        "profile": c["profile"], "cache_dir": str(Path(c["cache_dir"]).resolve()), "seed": task.seed,
+        "profile": c["profile"], "cache_dir": str(model_cache_dir(task, c)), "seed": task.seed,
         "device": c["device"], "progress": False,
     }  # fmt: skip
     return _deep_merge(cfg, _method_overrides(c, task.spec.name))
