@@ -210,20 +210,30 @@ def test_align_steps_restore_visual(tiny_clip, image):
 
 
 # ---------------------------------------------------------------- ensemble
-def test_combine_formula():
-    z1, z2 = torch.randn(6, 5), torch.randn(4, 5) * 3
+def test_combine_formula_on_raw_view_logits_as_seed_002():
+    """Seed 002's marginal_distribution: a_i = (logsumexp over views of the raw logits - log n) / T_i, then
+    log_softmax (not the mean of per-view softmaxes: views with larger logits weigh more)."""
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    z2 = (
+        torch.randn(4, 5, generator=g, dtype=torch.float64) * 3
+        + torch.arange(4.0, dtype=torch.float64)[:, None]
+    )
     m, w = combine([z1, z2], [1.55, 0.7])
     lp = []
     for z, t in ((z1, 1.55), (z2, 0.7)):
-        a = (z.softmax(-1).mean(0)).log() / t
+        a = (z.exp().mean(0)).log() / t
         lp.append(a.log_softmax(-1))
     h = torch.stack([-(x.exp() * x).sum() for x in lp])
     wr = (h.sum() / h) / (h.sum() / h).sum()
-    torch.testing.assert_close(w, wr)
-    torch.testing.assert_close(m, wr[0] * lp[0] + wr[1] * lp[1])
-    # one member, T = 1: m is the member's log marginal
-    m1, w1 = combine([z1], [1.0])
-    torch.testing.assert_close(m1, z1.softmax(-1).mean(0).log())
+    torch.testing.assert_close(w.double(), wr, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.double(), wr[0] * lp[0] + wr[1] * lp[1], rtol=1e-5, atol=1e-6)
+    # not the mean-probability marginal
+    mean_prob = ((z2.softmax(-1).mean(0)).log() / 0.7).log_softmax(-1)
+    assert (lp[1] - mean_prob).abs().max() > 1e-2
+    # one member, T = 1, one view: m is the view's log-softmax
+    m1, w1 = combine([z1[:1]], [1.0])
+    torch.testing.assert_close(m1.double(), z1[0].log_softmax(-1), rtol=1e-5, atol=1e-6)
     assert float(w1) == 1.0
 
 

@@ -1,9 +1,11 @@
 """Seed 002's ensemble of test-time adapted models (MEMO and TPT members, any mix).
 
 Seed 002 (DavidC001/MEMO-TPT-DL2024, ``Ensemble``); no paper of its own (it combines zhang2022memo and
-shu2022tpt).  For member i with temperature T_i and its (selected) view logits z_i (n_i, classes):
+shu2022tpt).  For member i with temperature T_i and its (selected) view logits z_i (n_i, classes), the
+members' raw logits as seed 002's ``Ensemble.marginal_distribution`` takes them (not log-softmaxed per view,
+so a view with larger logits weighs more):
 
-    a_i = (logsumexp_views log_softmax(z_i) - log n_i) / T_i        log p_i = log_softmax(a_i)
+    a_i = (logsumexp_views z_i - log n_i) / T_i        log p_i = log_softmax(a_i)
     H_i = entropy(p_i)        w_i = (sum_j H_j) / H_i, normalised to sum 1
     m = sum_i w_i log p_i     loss = -sum_c exp(m_c) m_c
 
@@ -12,8 +14,8 @@ for MEMO members, TPT members' views fixed per image as in TPT); prediction: the
 members' logits on their original view (n = 1).  ``simple=True`` is the "simple ensemble": the combination
 over the views with no backpropagation, argmax of m.
 
-Deviations: the weights w_i are treated as constants in the backward pass (detached); seed 002 leaves them
-attached.  Each member draws its own views (its own resolution and normalisation).
+The weights w_i are constants in the backward pass (seed 002 computes them under ``no_grad``).
+Deviation: each member draws its own views (its own resolution and normalisation).
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ def combine(
         )
     logps, ents = [], []
     for z, t in zip(logits, temperatures):
-        logp_views = z.float().log_softmax(-1)
-        a = (torch.logsumexp(logp_views, 0) - math.log(z.shape[0])) / float(t)
+        a = torch.logsumexp(z.float(), 0) - math.log(z.shape[0])
+        a = a.clamp_min(torch.finfo(a.dtype).min) / float(t)
         logp = a.log_softmax(-1)
         logps.append(logp)
         ents.append(-(logp.exp() * logp).sum())
