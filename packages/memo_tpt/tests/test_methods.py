@@ -16,6 +16,15 @@ NAMES = ["zero", "one", "two", "three", "four"]
 
 
 # ---------------------------------------------------------------- losses
+def test_marginal_entropy_finite_with_an_impossible_class():
+    """A class with probability 0 in every view (a -inf logit, e.g. a masked class) adds 0, as upstream's
+    clamp of the averaged log-probabilities at finfo.min gives (0 * -inf would be nan).  The value only:
+    logsumexp's gradient over an all -inf column is nan here as upstream."""
+    z = torch.tensor([[2.0, 0.0, -float("inf")], [0.0, 1.0, -float("inf")]])
+    h = marginal_entropy(z)
+    assert torch.isfinite(h) and torch.allclose(h, marginal_entropy(z[:, :2]))
+
+
 def test_marginal_entropy_equals_direct_float64():
     z = torch.randn(64, 10, dtype=torch.float64) * 3
     p = z.softmax(-1).mean(0)

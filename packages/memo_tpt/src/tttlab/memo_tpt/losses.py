@@ -1,7 +1,8 @@
 """The maths shared by MEMO, TPT and the ensemble: entropies, confidence selection, the BN prior.
 
 * :func:`marginal_entropy`: entropy of ``p = mean_b softmax(z_b)`` formed in log space
-  (``log p = logsumexp_b log_softmax(z_b) - log B``), MEMO's and TPT's loss;
+  (``log p = logsumexp_b log_softmax(z_b) - log B``, clamped at ``finfo.min`` as upstream), MEMO's and
+  TPT's loss (upstream MEMO's ``marginal_entropy`` and TPT's ``avg_entropy`` compute the same);
 * :func:`select_confident`: indices of the ``fraction`` of views with the lowest prediction entropy
   (TPT's confidence selection, 10% = 6 of 64; seed 002's top-k MEMO);
 * :func:`bn_prior`: MEMO's BatchNorm adaptation (Schneider et al. 2020): normalise with
@@ -32,9 +33,12 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def marginal_log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """``log mean_b softmax(logits_b)`` over the leading axis, by logsumexp."""
+    """``log mean_b softmax(logits_b)`` over the leading axis, by logsumexp, clamped below at the dtype's
+    most negative finite value as upstream MEMO and TPT do (a class with probability 0 in every view, e.g. a
+    ``-inf`` logit, then adds 0 to the entropy instead of ``0 * -inf = nan``)."""
     logp = logits.float().log_softmax(-1)
-    return torch.logsumexp(logp, 0) - math.log(logits.shape[0])
+    avg = torch.logsumexp(logp, 0) - math.log(logits.shape[0])
+    return avg.clamp_min(torch.finfo(avg.dtype).min)
 
 
 def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
