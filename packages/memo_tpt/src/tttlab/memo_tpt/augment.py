@@ -18,7 +18,8 @@ on the image's device, working on 8-bit pixels (PIL's arithmetic) until a single
   per-channel look-up tables from a ``bincount`` histogram, applied with one ``index_select`` (on CPU, when
   numba is installed, two compiled loops over the 8-bit pixels instead: ~2x faster, bit-identical);
   posterize and solarize as bit operations; translations as exact integer shifts; rotate/shear as PIL's bilinear affine map
-  (pixel centres, edge-clamped neighbours, zero fill outside, truncation to 8 bits): shears as per-line
+  (pixel centres, edge-clamped neighbours, ``fill`` outside: black as AugMix/TPT, or MEMO's PIL
+  ``fillcolor=128``, which Pillow applies to RGB images as (128, 0, 0); truncation to 8 bits): shears as per-line
   shifts (overlapping-window ``index_select`` / band copies) and one lerp, rotations as four cached gathers
   and three lerps.  Runs of look-up-table operations in a chain are composed in level space (the histogram
   carried through the tables; bit-identical); the chains of a view share its histogram.  Chains are mixed

@@ -5,19 +5,33 @@ Paper: Zhang, Levine, Finn, "MEMO: Test Time Robustness via Adaptation and Augme
 (DavidC001/MEMO-TPT-DL2024, ``EasyMemo``) adds top-k confident views and the ``cut`` augmentation.
 
 Per test image (episodic): restore the source weights; draw B augmented views (random resized crop +
-flip, then AugMix; or ``cut``: crop + flip only); loss = entropy of the marginal ``mean_b softmax(f(x_b))``
-(logsumexp); ``steps`` optimizer steps on all parameters; predict the single clean view (upstream's
-``Resize(256)`` + ``CenterCrop(224)``, bilinear: ``test_resize``; ``test_resize=size`` for images already
-cropped to the model's size, upstream's ImageNet-C transform).  With a BN prior
-of strength N every BatchNorm normalises with ``N/(N+1) * source + 1/(N+1) * batch`` statistics during
-adaptation and prediction (:func:`tttlab.memo_tpt.losses.bn_prior`).  Optimizer per architecture family as
-in the paper (:data:`tttlab.memo_tpt.models.OPTIMIZERS`).  ``class_indices`` restricts logits to a class
-subset (ImageNet-A/R's 200 classes, from core's ``class_indices``).  ``top_k`` keeps the most confident
-views (seed 002).
+flip, then AugMix: width 3, depth 1-3, severity 1, upstream's nine operations, rotate/shear/translate filled
+as upstream's PIL ``fillcolor=128``, i.e. (128, 0, 0) on RGB images; or ``cut``: crop + flip only); loss =
+entropy of the marginal ``mean_b softmax(f(x_b))`` (logsumexp); ``steps`` optimizer steps on all
+parameters; then predict the single clean view (upstream's ``Resize(256)`` + ``CenterCrop(224)``, bilinear:
+``test_resize``; ``test_resize=size`` for images already cropped to the model's size, upstream's ImageNet-C
+transform).  With a BN prior of strength N every BatchNorm normalises with ``N/(N+1) * source +
+1/(N+1) * batch`` statistics during adaptation and prediction (:func:`tttlab.memo_tpt.losses.bn_prior`).
+Optimizer per architecture family as in the paper and upstream's ``script_test_in.py``
+(:data:`tttlab.memo_tpt.models.OPTIMIZERS`: SGD lr 2.5e-4 wd 0 for ResNets, AdamW lr 1e-5 wd 0.01 for RVT and
+ResNeXt).  ``class_indices`` restricts logits to a class subset (ImageNet-A/R's 200 classes, from core's
+``class_indices``), for the loss and the prediction as upstream.  ``top_k`` keeps the most confident views
+(seed 002).
 
-Deviations: views are built batched on the model's device (:mod:`tttlab.memo_tpt.augment`; same
-distribution, bilinear crops without PIL's low-pass); the reset restores a snapshot in place instead of
-reloading the checkpoint (bit-exact, tested); SGD without momentum (one step: identical).
+Deviations (deliberate):
+
+* a fresh optimizer per image.  Upstream builds its optimizer once before the loop and only reloads the
+  weights per image: identical for the ResNets' SGD without momentum (stateless), but for AdamW (RVT,
+  ResNeXt) upstream carries the moments and the step count (hence Adam's bias correction) from one test
+  image to the next.  The paper's method is episodic; resetting keeps every image independent of the
+  order and the runs resumable with the same numbers;
+* the BN prior patches every BatchNorm1d/2d/3d of the model (upstream: the ``nn.BatchNorm2d`` class;
+  the same for its conv nets); a layer that sees one value per channel keeps its source statistics (upstream
+  would fail there);
+* views are built on the model's device from the 8-bit image (:mod:`tttlab.memo_tpt.augment`: the crop
+  draw exactly, resampling within one grey level of PIL's, the AugMix operations with PIL's arithmetic);
+* the reset restores a snapshot in place instead of reloading the checkpoint (bit-exact, tested).
+
 ``tttlab.torch_ttt.MemoEngine`` implements MEMO for batches of small images inside that engine library;
 this module is standalone (per image, any resolution, top-k, class subsets, ensemble hooks) and does not
 import torch_ttt.

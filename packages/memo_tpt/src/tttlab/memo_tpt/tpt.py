@@ -6,12 +6,16 @@ https://github.com/azshue/TPT; seed 002 (DavidC001/MEMO-TPT-DL2024, ``EasyTPT``)
 mode and ``align_steps``.
 
 Per test image: reset the context (and optimizer); 64 views = the original (shorter side to the model's
-resolution, bicubic, centre crop) + 63 random resized crops with flips (AugMix on top for fine-grained
-sets: ``augmix=True``); logits ``exp(logit_scale) * <img, text>`` with text from the prompt
+resolution, bicubic, centre crop) + 63 random resized crops (scale 0.08-1, bilinear) with flips of the full
+image (AugMix on top for fine-grained sets: ``augmix=True``, black fill as TPT's ``augmix_ops``); CLIP's
+normalisation (mean 0.48145466, 0.4578275, 0.40821073; std 0.26862954, 0.26130258, 0.27577711, or the
+model's own ``preprocess_cfg``); logits ``exp(logit_scale) * <img, text>`` with text from the prompt
 ``"{ctx} {class}."`` whose context tokens are learnable and initialised from the word embeddings of
-``base_prompt`` ("a photo of a", 4 tokens); keep the 10% lowest-entropy views (chosen at step 0); loss =
-entropy of their average probability (logsumexp); ``tts`` AdamW steps (lr 5e-3, wd 0.01) on the context,
-with AMP + GradScaler(init_scale=1000) on CUDA; predict the original view with the tuned prompt.
+``base_prompt`` ("a photo of a", 4 tokens); ImageNet class names are CLIP's curated ones
+(:func:`tttlab.memo_tpt.data.class_names`, TPT's ``imagenet_classes``); keep the 10% lowest-entropy views
+(``int(0.1 * 64) = 6``, chosen at step 0 and kept for later steps); loss = entropy of their average
+probability (logsumexp); ``tts`` AdamW steps (lr 5e-3, wd 0.01) on the context only, with AMP +
+GradScaler(init_scale=1000) on CUDA; then predict the original view with the tuned prompt.
 ``class_specific_context``: one context per class (CoOp's CSC) instead of one shared context.
 
 Seed 002 additions: ``ensemble=True`` (view-ensemble): no tuning, argmax of the mean softmax over the
@@ -21,8 +25,14 @@ of the selected views' embeddings; the visual encoder is restored after each ima
 
 Deviations: image features of the views are computed once per image (the visual encoder is frozen during
 prompt tuning, so this equals upstream's per-step recomputation and saves tts - 1 image passes); views
-are built batched on the device (:mod:`tttlab.memo_tpt.augment`).  No pretrained CLIP is downloaded:
-``pretrained`` is a local file.
+are built from the 8-bit image on the device (:mod:`tttlab.memo_tpt.augment`; resampling within one grey
+level of PIL's).  The GradScaler is new for every image (upstream creates one for the whole run, so its
+scale grows after 2000 clean steps and shrinks after overflows across images); the scale cancels in an
+unskipped step, so this changes only which rare fp16-overflowing steps are skipped, and keeps every image
+independent of the order (resumable runs give the same numbers).  The context has one vector per BPE
+token of ``base_prompt`` (upstream: one per space-separated word, ``n_ctx = len(ctx_init.split(" "))``,
+tuning only the first n_ctx tokens when a word is several tokens); both give 4 for "a photo of a".  No
+pretrained CLIP is downloaded: ``pretrained`` is a local file.
 """
 
 from __future__ import annotations
