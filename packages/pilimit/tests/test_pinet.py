@@ -343,6 +343,25 @@ def test_gproj_keeps_gradient_in_omega_span_and_mup_differs():
     assert abs(w.std().item() - (2 / 64) ** 0.5) < 0.05
 
 
+@pytest.mark.parametrize("width", [4, 8, 16])
+def test_gproj_is_the_identity_when_width_at_most_r(width):
+    """Omega (width x r) spans R^width when width <= r: Gproj must leave gradients unchanged (upstream skips
+    it); the formula with inv(Omega^T Omega) of a singular matrix scaled them by up to ~90x."""
+    torch.manual_seed(0)
+    inf = InfMLP(12, 5, r=16, depth=1)
+    fin = inf.sample(width, seed=1)
+    with torch.no_grad():
+        fin.weights[2].normal_()  # a non-zero readout, so that every layer gets a gradient
+    xs, ys = _data(1)
+    F.cross_entropy(fin(xs[0]), ys[0]).backward()
+    before = [p.grad.clone() for p in fin.weights[:2]]
+    assert all(g.abs().max() > 0 for g in before)
+    fin.project_gradients_()
+    for p, g in zip(fin.weights[:2], before):
+        assert torch.equal(p.grad, g)
+    assert torch.isfinite(fin.gcovinv0).all()
+
+
 def test_save_load_net_files(tmp_path):
     from tttlab.core.errors import CheckpointError
     from tttlab.pilimit import load_net, save_net

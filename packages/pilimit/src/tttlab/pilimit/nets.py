@@ -179,7 +179,9 @@ class FinPiMLP(nn.Module):
         )
         for i, om in enumerate(omegas):
             self.register_buffer(f"omega{i}", om)
-            self.register_buffer(f"gcovinv{i}", torch.linalg.inv(om.T @ om))
+            # width <= r: Omega^T Omega (r x r) has rank <= width, its inverse does not exist (unused then)
+            inv = torch.linalg.inv if n > self.r else torch.linalg.pinv
+            self.register_buffer(f"gcovinv{i}", inv(om.T @ om))
 
     def config(self) -> dict:
         return dict(width=self.width, gaussian_init=self.gaussian_init)
@@ -213,7 +215,13 @@ class FinPiMLP(nn.Module):
 
     @torch.no_grad()
     def project_gradients_(self) -> None:
-        """Gproj: grad <- Omega (Omega^T Omega)^-1 Omega^T grad for every non-output weight and bias."""
+        """Gproj: grad <- Omega (Omega^T Omega)^-1 Omega^T grad for every non-output weight and bias.
+
+        A no-op when ``width <= r``: Omega (width x r) then spans all of R^width, so the projection is the
+        identity (as upstream, which skips Gproj when r >= width); the formula would instead multiply
+        the gradient by the inverse of a singular matrix."""
+        if self.width <= self.r:
+            return
         for i in range(self.depth + 1):
             om, gi = getattr(self, f"omega{i}"), getattr(self, f"gcovinv{i}")
             for p in (self.weights[i], self.biases[i] if self.has_bias[i] else None):
