@@ -19,7 +19,9 @@ of per-batch unbiased variances (here: the variance over all calibration samples
 quantity); it runs the model in train mode with the BatchNorm layers in eval mode (dropout active; here
 everything in eval mode); it adapts online within a corruption (reset per domain) with SGD (Nesterov,
 momentum 0.9, weight decay 5e-4), while the defaults here are torch-ttt's (3 Adam steps at 1e-2, reset
-per batch; ``evaluate.py`` maps the benchmark setting onto the reset policy).
+per batch; ``evaluate.py`` maps the benchmark setting onto the reset policy).  That script also scores
+the whole test set after every adapted batch and reports the *minimum* error over those evaluations (a
+choice made with the labels); ``evaluate.py`` scores each batch's prediction once, as it streams.
 
 Training statistics: ``engine.compute_statistics(batches)`` (eval mode, float64 pairwise accumulation,
 no stacking of all activations as upstream did); train-mode forwards also accumulate them (model in
