@@ -13,6 +13,11 @@ from tttlab.memo_tpt.memo import Memo
 from tttlab.memo_tpt.tpt import TPT, tokenizer_for
 
 NAMES = ["zero", "one", "two", "three", "four"]
+TINY_RN_CLIP = dict(
+    embed_dim=16,
+    vision_cfg=dict(image_size=32, layers=[1, 1, 1, 1], width=8),
+    text_cfg=dict(context_length=16, vocab_size=49408, width=16, heads=2, layers=1),
+)
 
 
 # ---------------------------------------------------------------- losses
@@ -195,6 +200,22 @@ def test_tpt_step_reset_and_selection(tiny_clip, image):
     tpt.reset()
     assert torch.equal(tpt.prompts.ctx.detach(), init)
     assert not tpt.optimizer.state
+
+
+def test_tpt_runs_clip_in_eval_mode(image):
+    """A CLIP handed over in training mode (open_clip.create_model's default) is put in eval mode, as
+    upstream's model.eval(): a ResNet CLIP's BatchNorm then uses its running statistics, not the views'."""
+    from tttlab.memo_tpt.models import build_clip
+
+    cfg = {**TINY_RN_CLIP}
+    torch.manual_seed(0)
+    model = build_clip("tiny", config=cfg).train()
+    ref = copy.deepcopy(model).eval()
+    running = copy.deepcopy(model.visual.state_dict())
+    tpt = TPT(model, NAMES, n_views=8, selection=0.5, tts=0)
+    assert not model.training
+    torch.testing.assert_close(tpt(image), TPT(ref, NAMES, tts=0)(image))
+    assert all(torch.equal(v, running[k]) for k, v in model.visual.state_dict().items())
 
 
 def test_view_ensemble_mode(tiny_clip, image):

@@ -116,7 +116,7 @@ class Memo:
             raise ConfigError(f"augmentation={augmentation!r}; expected one of {AUGMENTATIONS}")
         if n_augmentations < 1 or steps < 0:
             raise ConfigError(f"n_augmentations={n_augmentations} must be >= 1 and steps={steps} >= 0")
-        self.model = model
+        self.model = model.eval()  # upstream adapts and predicts in eval mode (BN through the prior)
         self.arch = arch
         self.n_augmentations, self.steps, self.top_k = int(n_augmentations), int(steps), top_k
         self.prior = None if prior_strength is None else float(prior_strength) / (float(prior_strength) + 1)

@@ -170,7 +170,7 @@ class TPT:
     ):
         if n_views < 1 or tts < 0 or align_steps < 0:
             raise ConfigError(f"n_views={n_views} must be >= 1, tts={tts} and align_steps={align_steps} >= 0")
-        self.model = model
+        self.model = model.eval()  # as upstream's model.eval(): a ResNet CLIP's BatchNorm uses its statistics
         for p in model.parameters():
             p.requires_grad_(False)
         self.device = next(model.parameters()).device
