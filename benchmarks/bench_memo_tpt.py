@@ -59,6 +59,9 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+MEMO_FILL = (128, 0, 0)  # MEMO's AugMix fill: upstream's PIL fillcolor=128 on RGB images
+
+
 def timed(fn, device, *args, **kwargs):
     sync(device)
     t0 = time.perf_counter()
@@ -68,10 +71,12 @@ def timed(fn, device, *args, **kwargs):
 
 
 def batched_views(img, n_views, kw, g, device):
+    kw = {**kw, "fill": MEMO_FILL} if kw.get("augmix_views") else kw
     return A.make_views(img, n_views, 224, generator=g, device=device, mean=MEAN, std=STD, **kw)
 
 
 def reference_views(img, n_views, kw, seed, device):
+    kw = {**kw, "fillcolor": 128} if kw.get("augmix_views") else kw  # upstream MEMO's PIL argument
     return A.pil_views(img, n_views, 224, seed=seed, normalize=(MEAN, STD), **kw).to(device)
 
 
@@ -119,7 +124,8 @@ def bench_end_to_end(device, repeats, tpt_arch, classes, n_views):
     def memo_pil(img, seed):
         memo.reset()
         memo.views = lambda image, seed=seed: A.pil_views(image, n_views, 224, include_original=False,
-                                                          augmix_views=True, seed=seed).to(device)  # fmt: skip
+                                                          augmix_views=True, seed=seed,
+                                                          fillcolor=128).to(device)  # fmt: skip
         out = memo.adapt(img), memo.predict(img)
         del memo.views
         return out

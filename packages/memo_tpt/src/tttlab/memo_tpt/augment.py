@@ -1033,9 +1033,10 @@ def _pil_op(op: str, img, level: float, sign: float, fillcolor=None):
 
 
 def pil_augmix(img, rng: np.random.Generator, severity: float = 1.0, width: int = 3, ops=AUGMIX_OPS,
-               preprocess=None):  # fmt: skip
+               preprocess=None, fillcolor=None):  # fmt: skip
     """AugMix on one PIL image, each chain converted by ``preprocess`` (default ``to_tensor``; upstream:
-    ``to_tensor`` + ``Normalize``) and mixed as tensors, as upstream does."""
+    ``to_tensor`` + ``Normalize``) and mixed as tensors, as upstream does; ``fillcolor``: PIL's argument of
+    the geometric operations (upstream MEMO: 128)."""
     from torchvision.transforms.functional import to_tensor
 
     to_tensor = preprocess or to_tensor
@@ -1048,13 +1049,14 @@ def pil_augmix(img, rng: np.random.Generator, severity: float = 1.0, width: int 
         aug = img.copy()
         for _ in range(rng.integers(1, 4)):
             op = ops[rng.integers(len(ops))]
-            aug = _pil_op(op, aug, float(rng.uniform(0.1, severity)), float(rng.choice([-1, 1])))
+            aug = _pil_op(op, aug, float(rng.uniform(0.1, severity)), float(rng.choice([-1, 1])), fillcolor)
         mix += float(w[c]) * to_tensor(aug)
     return m * orig + (1 - m) * mix
 
 
 def pil_views(image, n_views: int, size: int, *, include_original=True, augmix_views=False, flip=True,
-              scale=(0.08, 1.0), severity: float = 1.0, seed: int = 0, normalize=None) -> torch.Tensor:  # fmt: skip
+              scale=(0.08, 1.0), severity: float = 1.0, seed: int = 0, normalize=None,
+              fillcolor=None) -> torch.Tensor:  # fmt: skip
     """The same views as :func:`make_views`, one PIL view at a time (torchvision ``RandomResizedCrop`` +
     ``RandomHorizontalFlip`` on the PIL image, PIL AugMix, ``to_tensor`` per chain, and ``Normalize(*normalize)``
     per chain when given, as upstream's ``preprocess``): the upstream-style reference."""
@@ -1074,5 +1076,7 @@ def pil_views(image, n_views: int, size: int, *, include_original=True, augmix_v
     out = [pre(base(image))] if include_original else []
     for _ in range(n_views - len(out)):
         v = crop(image)
-        out.append(pil_augmix(v, rng, severity, preprocess=pre) if augmix_views else pre(v))
+        out.append(
+            pil_augmix(v, rng, severity, preprocess=pre, fillcolor=fillcolor) if augmix_views else pre(v)
+        )
     return torch.stack(out)
