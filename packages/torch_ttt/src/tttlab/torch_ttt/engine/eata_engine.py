@@ -44,7 +44,10 @@ Differences from torch-ttt 0.0.2 and why:
 * defaults: the paper's ImageNet setting, one SGD step, lr 2.5e-4, momentum 0.9 (upstream: its generic
   3 Adam steps at 1e-2).  EATA is meant to run over a stream (``reset="per_domain"`` or ``"never"``); the
   default ``"per_batch"`` (upstream's ``copy_model=True``) makes the moving average and the Fisher term
-  act only within one batch's steps.
+  act only within one batch's steps.  The official ``reset()`` (its ``episodic=True``) restores the
+  model and optimizer but keeps the moving average; here the average is part of the adapted state and
+  is restored with it, so every reset is exact (the official ImageNet-C protocol never resets: one
+  engine over all corruptions, our ``reset="never"``).
 * ``fishers`` keys are the engine's parameter names (``model.<name>``, what :meth:`compute_fishers`
   returns); upstream's keys (the model's own names) are accepted too.
 * the prediction is made after the update steps, as upstream torch-ttt (the official code returns the
