@@ -239,6 +239,54 @@ def test_align_steps_restore_visual(tiny_clip, image):
     assert not any(p.requires_grad for p in tiny_clip.visual.parameters())
 
 
+def test_align_steps_as_seed_002(image):
+    """Seed 002's alignment: views selected once with the initial prompt, the visual encoder trained in
+    training mode (BatchNorm on the selected views' statistics) on 1 - mean of all pairwise cosine
+    similarities (diagonal included), then one prompt step on the same selected views."""
+    from tttlab.memo_tpt.models import build_clip
+
+    torch.manual_seed(0)
+    model = build_clip("tiny", config=TINY_RN_CLIP)
+    ref = copy.deepcopy(model)
+    kw = dict(n_views=16, selection=0.25, align_steps=1, align_lr=0.05, tts=1, seed=0)
+    tpt = TPT(model, NAMES, **kw)
+    views = tpt.views(image)
+    tpt.adapt(views)
+    # reference, written out
+    rt = TPT(ref, NAMES, **{**kw, "align_steps": 0})
+    with torch.no_grad():
+        sel = select_confident(rt.logits(views), 0.25)
+    params = [p for n, p in ref.visual.named_parameters() if "attnpool" not in n]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=0.05)
+    ref.visual.train()
+    f = F.normalize(ref.encode_image((views[sel] - rt.mean) / rt.std), dim=-1)
+    (1 - (f @ f.t()).mean()).backward()
+    opt.step()
+    ref.visual.eval()
+    for p in params:
+        p.requires_grad_(False)
+    for k, v in ref.visual.state_dict().items():  # parameters and BatchNorm running statistics
+        torch.testing.assert_close(model.visual.state_dict()[k], v)
+    with torch.no_grad():
+        feats = rt.image_features(views)
+    loss = marginal_entropy(rt.logits_from(feats)[sel])
+    rt.optimizer.zero_grad()
+    loss.backward()
+    rt.optimizer.step()
+    torch.testing.assert_close(tpt.prompts.ctx, rt.prompts.ctx)
+
+
+def test_view_ensemble_ignores_align_steps(tiny_clip, image):
+    """Seed 002's predict in ensemble mode neither tunes nor aligns."""
+    before = copy.deepcopy(tiny_clip.visual.state_dict())
+    a = TPT(tiny_clip, NAMES, n_views=8, selection=0.5, ensemble=True, align_steps=2, align_lr=0.1)(image)
+    assert all(torch.equal(before[k], v) for k, v in tiny_clip.visual.state_dict().items())
+    b = TPT(tiny_clip, NAMES, n_views=8, selection=0.5, ensemble=True)(image)
+    torch.testing.assert_close(a, b)
+
+
 # ---------------------------------------------------------------- ensemble
 def test_combine_formula_on_raw_view_logits_as_seed_002():
     """Seed 002's marginal_distribution: a_i = (logsumexp over views of the raw logits - log n) / T_i, then

@@ -18,10 +18,14 @@ probability (logsumexp); ``tts`` AdamW steps (lr 5e-3, wd 0.01) on the context o
 GradScaler(init_scale=1000) on CUDA; then predict the original view with the tuned prompt.
 ``class_specific_context``: one context per class (CoOp's CSC) instead of one shared context.
 
-Seed 002 additions: ``ensemble=True`` (view-ensemble): no tuning, argmax of the mean softmax over the
-selected views; ``align_steps=k``: before prompt tuning, k AdamW steps (lr 1e-4) on the visual encoder
-(all its parameters except a ResNet's ``attnpool``) minimising ``1 - mean pairwise cosine similarity``
-of the selected views' embeddings; the visual encoder is restored after each image.
+Seed 002 additions (as its ``EasyTPT`` code): ``ensemble=True`` (view-ensemble): no tuning, argmax of the
+mean softmax over the selected views (``align_steps`` is not used in this mode, as in seed 002's
+``predict``); ``align_steps=k``: the views are selected with the initial prompt, then k AdamW steps
+(lr 1e-4) on the visual encoder (all its parameters except a ResNet's ``attnpool``), in training mode (a
+ResNet CLIP's BatchNorm uses the selected views' statistics and updates its running ones), minimising
+``1 - mean cosine similarity`` over all pairs of the selected views' embeddings (the diagonal included, as
+seed 002's ``align_emb_loss``); prompt tuning then uses the same selected views; the visual encoder
+(parameters and buffers) is restored after each image.
 
 Deviations: image features of the views are computed once per image (the visual encoder is frozen during
 prompt tuning, so this equals upstream's per-step recomputation and saves tts - 1 image passes); views
@@ -250,44 +254,45 @@ class TPT:
 
     # -- seed 002: visual alignment ------------------------------------------------------------------------
     def align(self, views: torch.Tensor, selected: torch.Tensor) -> list[float]:
+        """``align_steps`` AdamW steps on the visual encoder (training mode) minimising ``1 - mean(f f^T)``
+        of the selected views' normalised embeddings f; the losses."""
         if not self.align_steps:
             return []
         for p in self._visual_params:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(self._visual_params, lr=self.align_lr)
         losses = []
+        self.model.visual.train()
         try:
             for _ in range(self.align_steps):
                 f = self.image_features(views[selected])
-                n = f.shape[0]
-                sim = f @ f.t()
-                mean_sim = (sim.sum() - sim.diagonal().sum()) / max(n * (n - 1), 1)
-                loss = 1 - mean_sim
+                loss = 1 - (f @ f.t()).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
         finally:
+            self.model.visual.eval()
             for p in self._visual_params:
                 p.requires_grad_(False)
         return losses
 
     # -- TPT ----------------------------------------------------------------------------------------------
     def adapt(self, views: torch.Tensor) -> list[float]:
-        """Prompt tuning on the views (original first); returns the losses."""
+        """Prompt tuning on the views (original first); returns the losses.  With ``align_steps`` the views
+        are selected with the initial prompt before the alignment and tuned on after it (seed 002)."""
+        selected = None
         if self.align_steps:
-            with torch.no_grad():
-                sel = self.select(self.logits(views))
-            losses = self.align(views, sel)
-            if self.ensemble:
-                return losses
+            with torch.no_grad(), self._autocast():
+                selected = self.select(self.logits(views))
+            self.align(views, selected)
         with torch.no_grad():
             feats = self.image_features(views)
-        selected, losses = None, []
-        for step in range(self.tts):
+        losses = []
+        for _ in range(self.tts):
             with self._autocast():
                 logits = self.logits_from(feats)
-            if step == 0:
+            if selected is None:
                 selected = self.select(logits)
             loss = marginal_entropy(logits[selected])
             self.optimizer.zero_grad(set_to_none=True)
@@ -315,7 +320,7 @@ class TPT:
         """Episodic TPT on one image: reset, views, (align,) tune, predict."""
         if reset:
             self.reset()
-        if self.ensemble and not self.align_steps:
+        if self.ensemble:  # seed 002's view-ensemble: no tuning, no alignment
             return self.predict(self.views(image))
         if not self.ensemble and self.tts == 0 and not self.align_steps:
             return self.predict(self.original(image))
