@@ -19,7 +19,9 @@ the same views and masks):
   block and ``decoder_pred`` on the masked tokens only, the mask tokens' first decoder qkv once per
   position, single-crop copies as one image with the first encoder block's qkv once per patch); the
   rows without are the code before the cuts.  The header line gives the counted FLOP of a step; the
-  compiled rows with the cuts also compile the per-step prediction (``TTTSettings.compile_predict``);
+  compiled rows with the cuts also compile the per-step prediction (``TTTSettings.compile_predict``) and
+  compute the attention over the encoder's few kept tokens in the qkv layout, as broadcast products
+  without permutes (``TTTSettings.token_major_tokens``);
 - ``ours (batched G, compiled)`` (``--compile``, default on): the same with the whole step (per-image
   grads + SGD update) under ``torch.compile`` (inductor, ``--compile-mode``), single-crop copies passed
   as one image with ``copies`` masks (patch embedding and targets once per image), fp32 and bf16.  The
@@ -123,7 +125,8 @@ def main() -> None:
         for cuts in variants:
             key = kind + ("+cuts" if cuts else "")
             st = TTTSettings(**{**s.__dict__, "amp": amp, "compile": comp, "compile_mode": args.compile_mode,
-                                "exact_cuts": cuts, "compile_predict": cuts})  # fmt: skip
+                                "exact_cuts": cuts, "compile_predict": cuts,
+                                "token_major_tokens": s.token_major_tokens if cuts else 0})  # fmt: skip
             if kind == "loop":
                 a = TTTAdapter(fresh(), st)
                 paths[key] = lambda idx, a=a: [a.adapt(raws[i], g, norm) for i, g in zip(idx, gens(idx))]
@@ -189,7 +192,8 @@ def main() -> None:
               "bf16": f"ours, batched G={G}, bf16 autocast",
               "compiled": f"ours, batched G={G}, torch.compile",
               "compiled_bf16": f"ours, batched G={G}, torch.compile, bf16 autocast"}  # fmt: skip
-    labels.update({k + "+cuts": v + ", **exact cuts**" + (" + compiled prediction" if k.startswith("compiled") else "")
+    labels.update({k + "+cuts": v + ", **exact cuts**" + (" + compiled prediction + token-major encoder attention"
+                                                          if k.startswith("compiled") else "")
                    for k, v in labels.items()})  # fmt: skip
     ref_rate = n / times["reference"]
     for k in paths:

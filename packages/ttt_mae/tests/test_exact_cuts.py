@@ -145,3 +145,37 @@ def test_lean_loss_one_copy_and_other_mask_ratios(mask_ratio):
         assert got.item() == pytest.approx(want.item(), rel=1e-6)
         for k in gw:
             assert torch.allclose(gg[k], gw[k], rtol=1e-4, atol=1e-6 * gw[k].abs().max().item()), (n, k)
+
+
+def test_token_major_attention_is_softmax_attention():
+    """softmax(q k^T / sqrt(hd)) v in the (B, T, H, hd) layout, queries fewer than keys too."""
+    from tttlab.ttt_mae.model import _token_major_attention
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(3, t, 2, 8, generator=g) for t in (4, 7, 7))
+    want = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)))
+    got = _token_major_attention(q, k, v, 8**-0.5)
+    assert torch.allclose(got, want.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("decoder_depth", [1, 2])
+def test_token_major_blocks_equal_timm_blocks(decoder_depth):
+    """``token_major_max_tokens`` (the compiled CPU path's attention for the encoder's 5 kept tokens, or
+    for every block) changes neither the lean loss, nor the trained parameters' gradients, nor the
+    logits, beyond float rounding."""
+    m = model(decoder_depth, fused=False)
+    names = set(trainable_names(m, "encoder"))
+    g = torch.Generator().manual_seed(4)
+    imgs, noise = torch.randn(1, 1, 28, 28, generator=g), torch.rand(6, m.num_patches, generator=g)
+    test = torch.randn(3, 1, 28, 28, generator=g)
+    want, gw = loss_and_grads(m, m.mae_loss_lean, imgs, noise, names)
+    with torch.no_grad():
+        logits = m.eval().classify(test)
+    for tokens in (8, 100):  # the encoder's blocks only (1 + 4 kept tokens); every block
+        m.train().token_major_max_tokens = tokens
+        got, gg = loss_and_grads(m, m.mae_loss_lean, imgs, noise, names)
+        assert got.item() == pytest.approx(want.item(), rel=1e-6)
+        for k in gw:
+            assert torch.allclose(gg[k], gw[k], rtol=1e-4, atol=1e-6 * gw[k].abs().max().item()), (tokens, k)
+        with torch.no_grad():
+            assert torch.allclose(m.eval().classify(test), logits, rtol=1e-5, atol=1e-5)

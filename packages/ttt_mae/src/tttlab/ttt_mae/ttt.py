@@ -33,7 +33,10 @@ What differs from upstream and why:
   same losses, gradients and predictions up to float rounding (tested against the reference);
 - options: ``amp="bf16"`` autocast, ``scaled_dot_product_attention`` (default) or the explicit softmax
   attention (``fused_attn=False``), a foreach/fused optimizer, ``torch.compile`` of the MAE loss
-  (:class:`TTTAdapter`) or of the whole batched step (:class:`BatchedTTT`);
+  (:class:`TTTAdapter`) or of the whole batched step (:class:`BatchedTTT`); in the compiled batched step on
+  CPU, attention over at most ``token_major_tokens`` tokens (the encoder's 1 + 4 kept tokens on the MNIST
+  proxy) as broadcast products in the qkv projection's layout (no head permutes, no batched products of
+  5x16x5 matrices; 2.3x faster per attention, 5 % per step there), the same up to float rounding;
 - random numbers come from a per-image generator seeded by ``(seed, domain, image index)``, so a result
   does not depend on the order, the number of processes or batching;
 - :class:`BatchedTTT` adapts ``G`` images at once, each with its own weights and momentum
@@ -80,6 +83,9 @@ class TTTSettings:
     fused: bool = False  # the fused optimizer kernel (CUDA only; ignored on CPU); overrides foreach
     exact_cuts: bool = True  # the lean MAE loss (MaskedAutoencoderViT.mae_loss_lean): same result, fewer FLOP
     compile_predict: bool = True  # BatchedTTT with compile: the per-step prediction compiled as well
+    # BatchedTTT with compile, on CPU: attention over at most this many tokens (the encoder's kept tokens)
+    # as broadcast products in the qkv layout, no permutes (MaskedAutoencoderViT.token_major_max_tokens); 0: off
+    token_major_tokens: int = 8
 
     def check(self) -> TTTSettings:
         if int(self.steps_per_example) < 0:
@@ -285,8 +291,11 @@ class BatchedTTT:
         """Adapt ``len(raws)`` images at once.  On CPU, attention under ``vmap`` uses the explicit softmax
         form (``vmap`` has no batching rule for the CPU flash kernel and would loop over the images)."""
         flags = [(m, m.fused_attn) for m in self.model.modules() if hasattr(m, "fused_attn")]
+        token_major = self.model.token_major_max_tokens
         if self.device.type == "cpu":
             self.model.set_fused_attn(False)
+            if self.s.compile:
+                self.model.token_major_max_tokens = int(self.s.token_major_tokens)
         try:
             if self.s.compile and self.s.steps_per_example > 0:
                 return self._adapt_compiled(raws, generators, normalize)
@@ -294,6 +303,7 @@ class BatchedTTT:
         finally:
             for m, f in flags:
                 m.fused_attn = f
+            self.model.token_major_max_tokens = token_major
 
     def _adapt(
         self, raws: list[torch.Tensor], generators: list[torch.Generator], normalize
