@@ -20,7 +20,7 @@ Generated domains are corrupted in fixed chunks, each with its own ``numpy.rando
 from ``(seed, corruption index, severity, chunk)``, and optionally cached on disk (atomic ``.npy``).
 
 Named benchmarks (:func:`make_benchmark`): ``mnist_c`` (embedded MNIST test split, generated, ``mnist``
-constants), ``digits_c`` (scikit-learn digits, generated; for fast tests), ``cifar10_c`` (the RobustBench
+constants: Hendrycks' 15 corruptions on MNIST, not Mu & Gilmer's MNIST-C, whose corruption set differs), ``digits_c`` (scikit-learn digits, generated; for fast tests), ``cifar10_c`` (the RobustBench
 ``.npy`` files, or generated from the CIFAR-10 test batches), ``imagenet_c`` (the ImageNet-C folders, or
 generated from ImageNet val with the upstream resize-256 / centre-crop-224).
 """
