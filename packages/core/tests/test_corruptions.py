@@ -47,6 +47,9 @@ def test_batch_equals_images_with_same_rng_stream_shape(name, digits28):
 @pytest.mark.parametrize("name", ALL)
 def test_severity_increases_change(name, photos224):
     """Mean absolute change from the clean image grows (weakly) from severity 1 to severity 5."""
+    if name == "elastic_transform":
+        pytest.skip("make_imagenet_c.py's elastic severities 1-2 are large affine warps: not monotone "
+                    "(AlexNet's errors 52.6, 70.1, 55.7, 64.1, 80.6%); see test_elastic_follows_hendrycks_two_steps")  # fmt: skip
     x = photos224[:2]
     change = [np.abs(C.corrupt(x, name, s, seed=0).astype(np.float64) - x).mean() for s in C.SEVERITIES]
     assert change[4] > change[0], change
@@ -73,6 +76,9 @@ def test_imagenet_constants_match_reference(name, severity, photos224):
     corruptions' distributions rather than between two single random draws (fog's plasma alone moves
     one draw's change by +-10%)."""
     ref = pytest.importorskip("imagecorruptions")
+    if name == "elastic_transform":
+        pytest.skip("imagecorruptions replaced Hendrycks' elastic transform (no affine step, other constants); "
+                    "ours follows make_imagenet_c.py: test_elastic_follows_hendrycks_two_steps")  # fmt: skip
     x = photos224
     draws = range(DRAWS.get(name, 3))
     d_ours = np.mean(

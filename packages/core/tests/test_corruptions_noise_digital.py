@@ -230,18 +230,70 @@ def test_bilinear_matches_map_coordinates(mode, channels):
             assert np.abs(ours[i, :, :, c] - ref).max() < 1e-5
 
 
-def test_elastic_imagenet_is_a_smoothed_displacement():
-    """Same generator state: our output equals map_coordinates at the displaced grid."""
-    x = random_rgb(shape=(2, 64, 64, 3))
-    ours = D.elastic_transform(x, 5, np.random.default_rng(3), "imagenet")
-    dy, dx = D._displacement(np.random.default_rng(3), (2, 64, 64), 0.005 * 64, (0.64, 0.64), 30.0)
-    yy, xx = np.mgrid[:64, :64].astype(np.float32)
-    for i in range(2):
-        for c in range(3):
-            ref = ndi.map_coordinates(
-                x[i, :, :, c], np.stack([yy + dy[i], xx + dx[i]]), order=1, mode="reflect"
-            )
-            assert np.abs(ours[i, :, :, c] - ref).max() < 1e-5
+def test_elastic_constants_are_make_imagenet_c_and_make_cifar_c():
+    """(alpha, sigma, affine) in pixels: make_imagenet_c.py writes them as multiples of 244 (not the
+    displacement-only variant of imagecorruptions), make_cifar_c.py as multiples of IMSIZE = 32."""
+    imagenet = [(244 * 2, 244 * 0.7, 244 * 0.1), (244 * 2, 244 * 0.08, 244 * 0.2),
+                (244 * 0.05, 244 * 0.01, 244 * 0.02), (244 * 0.07, 244 * 0.01, 244 * 0.02),
+                (244 * 0.12, 244 * 0.01, 244 * 0.02)]  # fmt: skip
+    cifar = [(0, 0, 32 * 0.08), (32 * 0.05, 32 * 0.2, 32 * 0.07), (32 * 0.08, 32 * 0.06, 32 * 0.06),
+             (32 * 0.1, 32 * 0.04, 32 * 0.05), (32 * 0.1, 32 * 0.03, 32 * 0.03)]  # fmt: skip
+    for family, expected in (("imagenet", imagenet), ("cifar", cifar)):
+        size = D.ELASTIC_IMSIZE[family]
+        got = [tuple(size * v for v in row) for row in D.ELASTIC[family]]
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def reference_elastic(x, alpha, sigma, jitter, rng):
+    """Hendrycks' two steps on one square (H, W, C) image with our generator's draws: the affine warp of
+    three points around the centre (bilinear, reflect-101 border as OpenCV's warpAffine), then
+    map_coordinates (bilinear, reflect border) at the grid displaced by the smoothed U(-1, 1) fields."""
+    h, w, c = x.shape
+    centre = np.float32([h // 2, w // 2])
+    half = min(h, w) // 3
+    pts1 = np.float32([centre + half, [centre[0] + half, centre[1] - half], centre - half])
+    pts2 = pts1 + rng.uniform(-jitter, jitter, size=(1, 3, 2))[0]
+    # the affine map pts1 -> pts2 in (x, y); warpAffine samples the source at its inverse
+    a = np.linalg.solve(np.c_[pts1, np.ones(3)], pts2).T  # (2, 3): [x', y'] = a @ [x, y, 1]
+    inv = np.linalg.inv(np.r_[a, [[0, 0, 1]]])
+    yy, xx = np.mgrid[:h, :w].astype(np.float64)
+    sx = inv[0, 0] * xx + inv[0, 1] * yy + inv[0, 2]
+    sy = inv[1, 0] * xx + inv[1, 1] * yy + inv[1, 2]
+    warped = np.stack(
+        [ndi.map_coordinates(x[..., k], np.stack([sy, sx]), order=1, mode="mirror") for k in range(c)], -1
+    )
+    noise = rng.random(size=(2, 1, h, w), dtype=np.float32) * np.float32(2) - np.float32(1)
+    dy, dx = (ndi.gaussian_filter(f[0].astype(np.float64), sigma, mode="reflect", truncate=3) * alpha
+              for f in noise)  # fmt: skip
+    return np.stack(
+        [ndi.map_coordinates(warped[..., k], np.stack([yy + dy, xx + dx]), order=1, mode="reflect")
+         for k in range(c)], -1,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("family, size, severity", [("imagenet", 96, 1), ("imagenet", 96, 3),
+                                                    ("imagenet", 96, 5), ("cifar", 32, 2)])  # fmt: skip
+def test_elastic_follows_hendrycks_two_steps(family, size, severity):
+    """Same draws as the original's affine-then-displacement (a smooth image: our single composed
+    resampling differs from two successive bilinear ones by float noise and a little interpolation blur)."""
+    x = ndi.gaussian_filter(random_rgb(shape=(1, size, size, 3)), (0, 3, 3, 0))
+    x = (x - x.min()) / (x.max() - x.min())
+    alpha, sigma, jitter = (D.ELASTIC_IMSIZE[family] * v for v in D.ELASTIC[family][severity - 1])
+    ours = D.elastic_transform(x, severity, np.random.default_rng(4), family)[0]
+    ref = reference_elastic(x[0], alpha, sigma, jitter, np.random.default_rng(4))
+    inner = (slice(4, -4), slice(4, -4))  # the two border conventions differ only at the border
+    assert np.abs(ours - ref)[inner].mean() < 2e-3
+    assert np.abs(ours - ref)[inner].max() < 0.03
+    assert np.abs(ours - x[0]).mean() > 10 * np.abs(ours - ref)[inner].mean()  # the warp is not trivial
+
+
+def test_reflect_gauss_matrix_equals_gaussian_filter():
+    """The matrix form of the wide (ImageNet severity 1, sigma 171 px) smoothing is scipy's filter."""
+    v = np.random.default_rng(0).random((2, 50, 50))
+    for sigma in (13.0, 170.8):
+        m = D._reflect_gauss_matrix(50, sigma)
+        ref = ndi.gaussian_filter(v, (0, sigma, sigma), mode="reflect", truncate=3.0)
+        assert np.abs(m @ v @ m.T - ref).max() < 1e-6
 
 
 @pytest.mark.parametrize("family", ("cifar", "mnist"))
