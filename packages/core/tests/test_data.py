@@ -22,6 +22,33 @@ from tttlab.core.errors import (
 # label counts of the original MNIST: the 60,000 training and the 10,000 test images
 MNIST_TRAIN60K_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+#: Positions among the 1000 sorted-wnid classes of ImageNet-A's 200 classes (the indices where the
+#: ``thousand_k_to_200`` map of hendrycks/natural-adv-examples ``eval.py`` is not -1, in its order) and of
+#: ImageNet-R's (``imagenet_r_mask`` of hendrycks/imagenet-r ``eval.py``).
+IMAGENET_A_INDICES = (
+    6, 11, 13, 15, 17, 22, 23, 27, 30, 37, 39, 42, 47, 50, 57, 70, 71, 76, 79, 89, 90, 94, 96, 97, 99,
+    105, 107, 108, 110, 113, 124, 125, 130, 132, 143, 144, 150, 151, 207, 234, 235, 254, 277, 283, 287,
+    291, 295, 298, 301, 306, 307, 308, 309, 310, 311, 313, 314, 315, 317, 319, 323, 324, 326, 327, 330,
+    334, 335, 336, 347, 361, 363, 372, 378, 386, 397, 400, 401, 402, 404, 407, 411, 416, 417, 420, 425,
+    428, 430, 437, 438, 445, 456, 457, 461, 462, 470, 472, 483, 486, 488, 492, 496, 514, 516, 528, 530,
+    539, 542, 543, 549, 552, 557, 561, 562, 569, 572, 573, 575, 579, 589, 606, 607, 609, 614, 626, 627,
+    640, 641, 642, 643, 658, 668, 677, 682, 684, 687, 701, 704, 719, 736, 746, 749, 752, 758, 763, 765,
+    768, 773, 774, 776, 779, 780, 786, 792, 797, 802, 803, 804, 813, 815, 820, 823, 831, 833, 835, 839,
+    845, 847, 850, 859, 862, 870, 879, 880, 888, 890, 897, 900, 907, 913, 924, 932, 933, 934, 937, 943,
+    945, 947, 951, 954, 956, 957, 959, 971, 972, 980, 981, 984, 986, 987, 988,
+)  # fmt: skip
+IMAGENET_R_INDICES = (
+    1, 2, 4, 6, 8, 9, 11, 13, 22, 23, 26, 29, 31, 39, 47, 63, 71, 76, 79, 84, 90, 94, 96, 97, 99, 100,
+    105, 107, 113, 122, 125, 130, 132, 144, 145, 147, 148, 150, 151, 155, 160, 161, 162, 163, 171, 172,
+    178, 187, 195, 199, 203, 207, 208, 219, 231, 232, 234, 235, 242, 245, 247, 250, 251, 254, 259, 260,
+    263, 265, 267, 269, 276, 277, 281, 288, 289, 291, 292, 293, 296, 299, 301, 308, 309, 310, 311, 314,
+    315, 319, 323, 327, 330, 334, 335, 337, 338, 340, 341, 344, 347, 353, 355, 361, 362, 365, 366, 367,
+    368, 372, 388, 390, 393, 397, 401, 407, 413, 414, 425, 428, 430, 435, 437, 441, 447, 448, 457, 462,
+    463, 469, 470, 471, 472, 476, 483, 487, 515, 546, 555, 558, 570, 579, 583, 587, 593, 594, 596, 609,
+    613, 617, 621, 629, 637, 657, 658, 701, 717, 724, 763, 768, 774, 776, 779, 780, 787, 805, 812, 815,
+    820, 824, 833, 847, 852, 866, 875, 883, 889, 895, 907, 928, 931, 932, 933, 934, 936, 937, 943, 945,
+    947, 948, 949, 951, 953, 954, 957, 963, 965, 967, 980, 981, 983, 988,
+)  # fmt: skip
 
 
 def test_mnist_splits_exact():
@@ -223,6 +250,39 @@ def test_imagenet_a_r_membership_facts():
     assert "n01440764" not in a | r
     assert "n02133161" in a and "n02133161" not in r
     assert 0 < len(a & r) < 200 and (a | r) <= set(wn)
+
+
+def test_imagenet_a_r_class_indices_are_the_official_masks(tmp_path):
+    """All 200 indices, in order: the logits our class_indices select are those the official eval.py
+    scripts select (A: net(x)[:, indices_in_1k]; R: net(x)[:, imagenet_r_mask])."""
+    wn = data.imagenet_wnids()
+    for which, official in (("a", IMAGENET_A_INDICES), ("r", IMAGENET_R_INDICES)):
+        subset = data.imagenet_a_wnids() if which == "a" else data.imagenet_r_wnids()
+        assert len(official) == 200 and [wn.index(w) for w in subset] == list(official)
+        root = getattr(testing, f"make_imagenet_{which}")(tmp_path / which, k=1)
+        ds = getattr(data, f"imagenet_{which}")(root)
+        assert list(ds.class_indices) == list(official)
+
+
+def test_resize_center_crop_is_torchvision_resize_centercrop():
+    """Long side int(256 * long / short), crop offset int(round(d / 2)): e.g. 500x353 resizes to 362x256
+    (not 363), and a 343 px wide image is cropped from x = 60 (59.5 rounds half to even), not 59."""
+    from PIL import Image
+
+    t = data.resize_center_crop(256, 224)
+    rng = np.random.default_rng(0)
+    for (w, h), size, box in [((500, 353), (362, 256), (69, 16)), ((343, 256), (343, 256), (60, 16)),
+                              ((353, 500), (256, 362), (16, 69)), ((256, 341), (256, 341), (16, 58))]:  # fmt: skip
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ref = img.resize(size, Image.BILINEAR).crop((*box, box[0] + 224, box[1] + 224))
+        assert np.array_equal(np.asarray(t(img)), np.asarray(ref)), (w, h)
+    if importlib.util.find_spec("torchvision") is not None:
+        import torchvision.transforms as T
+
+        tv = T.Compose([T.Resize(256), T.CenterCrop(224)])
+        for w, h in [(500, 375), (500, 353), (333, 500), (640, 427), (343, 256), (1024, 683)]:
+            img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            assert np.array_equal(np.asarray(t(img)), np.asarray(tv(img))), (w, h)
 
 
 def test_imagenet_v2_numeric_order(tmp_path):

@@ -144,16 +144,24 @@ class _Subset(ImageDataset):
 
 
 def resize_center_crop(resize: int = 256, crop: int = 224) -> Callable:
-    """Shorter side to ``resize`` (bilinear), then a centre ``crop`` x ``crop`` (the upstream eval transform)."""
+    """Shorter side to ``resize`` (bilinear), then a centre ``crop`` x ``crop`` (the upstream eval transform).
+
+    The sizes are torchvision's ``Resize(resize)`` + ``CenterCrop(crop)`` on PIL images (the transform of
+    Hendrycks' ImageNet-C/A/R scripts): the longer side becomes ``int(resize * long / short)`` (truncated),
+    and the crop starts at ``int(round((size - crop) / 2))`` (Python's round: halves to even).  Rounding
+    the long side or flooring the offset instead shifts the crop by a pixel on about half the photos.
+    """
 
     def transform(img):
         from PIL import Image
 
         w, h = img.size
-        scale = resize / min(w, h)
-        nw, nh = max(crop, round(w * scale)), max(crop, round(h * scale))
+        short, long = min(w, h), max(w, h)
+        new_long = int(resize * long / short)
+        nw, nh = (resize, new_long) if w <= h else (new_long, resize)
+        nw, nh = max(crop, nw), max(crop, nh)
         img = img.resize((nw, nh), Image.BILINEAR)
-        left, top = (nw - crop) // 2, (nh - crop) // 2
+        left, top = int(round((nw - crop) / 2.0)), int(round((nh - crop) / 2.0))
         return img.crop((left, top, left + crop, top + crop))
 
     transform.__name__ = f"resize_center_crop_{resize}_{crop}"
