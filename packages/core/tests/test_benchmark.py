@@ -191,3 +191,28 @@ def test_cifar10_c_files_and_generated(tmp_path):
     clean_root = testing.make_cifar10(tmp_path / "clean", n_train=10, n_test=12)
     g = make_benchmark("cifar10_c", root=clean_root, corruptions=("fog",), severities=(2,), batch_size=5)
     assert g.family == "cifar" and g.num_images == 12
+    assert g.jpeg_quality is None  # CIFAR-10-C was saved as raw .npy arrays
+
+
+def test_generated_imagenet_c_is_saved_as_quality_85_jpeg(tmp_path):
+    """make_imagenet_c.py saves every corrupted image with Pillow at quality=85: generated ImageNet-C
+    domains repeat that round trip (pixels equal to a file written and read back); clean images do not."""
+    from PIL import Image
+
+    from tttlab.core import corruptions as C
+    from tttlab.core import testing
+
+    root = testing.make_imagenet(tmp_path / "in", n_per_class=2, size=(40, 48))
+    b = make_benchmark("imagenet_c", root=root, corruptions=("gaussian_noise",), severities=(2,),
+                       batch_size=8, include_clean=True, seed=3)  # fmt: skip
+    assert b.family == "imagenet" and b.jpeg_quality == 85
+    doms = per_domain(b)
+    clean, corrupted = doms[CLEAN][0], doms[Domain("gaussian_noise", 2)][0]
+    raw = C.corrupt(clean, "gaussian_noise", 2, rng=np.random.default_rng([3, 0, 2, 0]), family="imagenet")
+    for i in range(len(raw)):
+        Image.fromarray(raw[i]).save(tmp_path / "x.JPEG", quality=85, optimize=True)
+        assert np.array_equal(corrupted[i], np.asarray(Image.open(tmp_path / "x.JPEG")))
+    assert not np.array_equal(corrupted, raw)
+    assert np.array_equal(clean, np.stack([b.source[i][0] for i in b._example_indices()]))
+    with pytest.raises(InvalidInputError, match="jpeg_quality"):
+        Benchmark("x", b.source, jpeg_quality=100)

@@ -22,7 +22,11 @@ from ``(seed, corruption index, severity, chunk)``, and optionally cached on dis
 Named benchmarks (:func:`make_benchmark`): ``mnist_c`` (embedded MNIST test split, generated, ``mnist``
 constants: Hendrycks' 15 corruptions on MNIST, not Mu & Gilmer's MNIST-C, whose corruption set differs), ``digits_c`` (scikit-learn digits, generated; for fast tests), ``cifar10_c`` (the RobustBench
 ``.npy`` files, or generated from the CIFAR-10 test batches), ``imagenet_c`` (the ImageNet-C folders, or
-generated from ImageNet val with the upstream resize-256 / centre-crop-224).
+generated from ImageNet val with the upstream resize-256 / centre-crop-224 and, as every released
+ImageNet-C image, saved as a quality-85 JPEG: ``make_imagenet_c.py`` writes each corrupted image with
+Pillow at ``quality=85`` (4:2:0 chroma), which smooths the noise corruptions in particular; the
+generated domains repeat that round trip, see ``Benchmark(jpeg_quality=...)``).  CIFAR-10-C was saved as
+raw ``.npy``: no round trip there.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ SETTINGS: tuple[str, ...] = ("episodic", "reset_each_shift", "continual", "mixed
 BENCHMARKS: tuple[str, ...] = ("mnist_c", "digits_c", "cifar10_c", "imagenet_c")
 #: Images corrupted per random generator; fixed so that results never depend on the batch size.
 CHUNK = 512
+#: The JPEG quality of the released ImageNet-C files (``make_imagenet_c.py`` saves them with ``quality=85``).
+IMAGENET_C_JPEG_QUALITY = 85
 
 
 @dataclass(frozen=True, order=True)
@@ -115,6 +121,8 @@ class Benchmark:
             generating it (e.g. the CIFAR-10-C ``.npy`` files).
         cache_dir: where generated domains are cached as ``.npy`` (atomic writes); ``None`` = memory only.
         shuffle: shuffle the images within a domain (by seed).  Sorted-by-class folders need it.
+        jpeg_quality: if set, every generated corrupted image goes through a JPEG round trip at this
+            quality (Pillow, 4:2:0), as the released ImageNet-C files did (85); clean images are left as is.
     """
 
     def __init__(
@@ -133,7 +141,13 @@ class Benchmark:
         cache_dir: str | os.PathLike | None = None,
         shuffle: bool = True,
         include_clean: bool = False,
+        jpeg_quality: int | None = None,
     ):
+        if jpeg_quality is not None and (
+            isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, (int, np.integer))
+            or not 1 <= jpeg_quality <= 95
+        ):  # fmt: skip
+            raise InvalidInputError(f"jpeg_quality must be an integer in 1..95 or None, got {jpeg_quality!r}")
         if source is None and domain_files is None:
             raise InvalidInputError(f"benchmark {name!r} needs a source dataset or domain files")
         if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
@@ -153,6 +167,7 @@ class Benchmark:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.shuffle = shuffle
         self.include_clean = include_clean
+        self.jpeg_quality = None if jpeg_quality is None else int(jpeg_quality)
         self._memo: dict[Domain, ImageDataset] = {}
 
     # ------------------------------------------------------------------ structure
@@ -214,9 +229,10 @@ class Benchmark:
     def _cache_path(self, domain: Domain) -> Path | None:
         if self.cache_dir is None:
             return None
-        key = hashlib.sha256(
-            repr((self.name, len(self.source), self.num_examples, self.seed, self.family, CHUNK)).encode()
-        ).hexdigest()[:12]
+        fields = (self.name, len(self.source), self.num_examples, self.seed, self.family, CHUNK)
+        if self.jpeg_quality is not None:  # keeps the keys of earlier caches without the round trip
+            fields += (("jpeg", self.jpeg_quality),)
+        key = hashlib.sha256(repr(fields).encode()).hexdigest()[:12]
         return self.cache_dir / f"{self.name}-{key}" / f"{domain}.npy"
 
     def _generate(self, domain: Domain) -> ArrayDataset:
@@ -235,6 +251,8 @@ class Benchmark:
                         images[start : start + CHUNK], domain.corruption, domain.severity,
                         rng=rng, family=self.family,
                     )  # fmt: skip
+                if self.jpeg_quality is not None:
+                    out = jpeg_roundtrip(out, self.jpeg_quality)
                 images = out
                 if path is not None:
                     _atomic_save_npy(path, images)
@@ -325,6 +343,25 @@ def _gather(parts, owners: np.ndarray, within: np.ndarray) -> tuple[np.ndarray, 
     return images, labels
 
 
+def jpeg_roundtrip(images: np.ndarray, quality: int) -> np.ndarray:
+    """Encode and decode every uint8 (N, H, W, C) image as a Pillow JPEG at ``quality`` (4:2:0 chroma, as
+    ``Image.save(path, quality=85)`` in ``make_imagenet_c.py``; its ``optimize=True`` only changes the
+    Huffman tables, not the pixels)."""
+    import io
+
+    from PIL import Image
+
+    out = np.empty_like(images)
+    for i, img in enumerate(images):
+        buf = io.BytesIO()
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, format="JPEG", quality=quality)
+        buf.seek(0)
+        with Image.open(buf, formats=("JPEG",)) as im:
+            dec = np.asarray(im)
+        out[i] = dec[..., None] if dec.ndim == 2 else dec
+    return out
+
+
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -382,7 +419,10 @@ def make_benchmark(
                 name, None, family="imagenet",
                 domain_files=lambda c, s: data.imagenet_c(root, c, s), **common,
             )  # fmt: skip
-        return Benchmark(name, data.imagenet(root, split="val"), family="imagenet", **common)
+        return Benchmark(
+            name, data.imagenet(root, split="val"), family="imagenet", jpeg_quality=IMAGENET_C_JPEG_QUALITY,
+            **common,
+        )  # fmt: skip
     raise UnknownNameError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}")
 
 
