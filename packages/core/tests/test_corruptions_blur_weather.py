@@ -184,6 +184,26 @@ def test_snow_layer_statistics():
     assert corr > 0.8
 
 
+def test_snow_blurs_an_8_bit_layer(monkeypatch):
+    """make_cifar_c.py / make_imagenet_c.py convert the thresholded snow layer to uint8 by truncation
+    (``(np.clip(layer, 0, 1) * 255).astype(np.uint8)``) before ImageMagick blurs it."""
+    seen = []
+
+    def spy(layer, radius, sigma, angles):
+        seen.append(layer.copy())
+        return B.line_blur(layer, radius, sigma, angles)
+
+    monkeypatch.setattr(W, "line_blur", spy)
+    for family in ("cifar", "imagenet"):
+        W.snow(image((2, 32, 32, 3)), 3, rng(), family)
+        loc, scale, zoom, threshold = W.SNOW[family][2][:4]
+        layer = W.snow_layer(2, 32, 32, loc, scale, float(zoom), rng())  # the same first draws
+        layer[layer < threshold] = 0
+        truncated = np.floor(np.clip(layer, 0, 1) * 255)
+        np.testing.assert_allclose(seen[-1] * 255, truncated, atol=1e-3)
+        assert truncated.max() > 0
+
+
 @pytest.mark.parametrize("name", ["snow", "frost", "fog"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_weather_shapes_and_grayscale(name, family):

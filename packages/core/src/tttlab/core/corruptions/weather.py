@@ -31,8 +31,9 @@ Deviations from the original scripts (documented):
   crops one of a few photos, one texture sheet 1.5x the image size is generated per call and every image
   takes a random crop of it, randomly flipped.  Grayscale images get the texture's luma.
 * snow: ImageMagick's motion blur of the snow layer is the numpy line blur of ``blur.line_blur`` (same
-  kernel and sampling as ImageMagick), angle uniform in [-135, -45] degrees; the blurred layer is rounded
-  to 8 bits as the original's PNG round trip does.  The normal noise is drawn only for the central crop
+  kernel and sampling as ImageMagick), angle uniform in [-135, -45] degrees; as in the original, the layer
+  is truncated to 8 bits before the blur (its ``astype(np.uint8)``) and the blurred layer is rounded to 8
+  bits (the PNG round trip).  The normal noise is drawn only for the central crop
   that the zoom enlarges (the rest of the original's draw is cropped away), and the zoom is Pillow's
   bilinear resize with ``scipy.ndimage.zoom``'s sample positions.  Grayscale images use themselves as
   the gray image.
@@ -238,6 +239,8 @@ def snow(x, severity, rng, family):
     layer = snow_layer(n, h, w, loc, scale, float(zoom), rng)
     layer[layer < threshold] = 0
     np.clip(layer, 0, 1, out=layer)
+    # the original blurs an 8-bit image: (clip(layer) * 255).astype(uint8) truncates before the blur
+    layer = np.floor(layer * np.float32(255)) * np.float32(1 / 255)
     angles = rng.uniform(-135, -45, size=n)
     layer = line_blur(layer, int(radius), sigma, angles)
     layer = np.round(layer * np.float32(255)) * np.float32(1 / 255)
