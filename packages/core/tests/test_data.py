@@ -260,6 +260,7 @@ def test_imagenet_a_r_class_indices_are_the_official_masks(tmp_path):
         subset = data.imagenet_a_wnids() if which == "a" else data.imagenet_r_wnids()
         assert len(official) == 200 and [wn.index(w) for w in subset] == list(official)
         root = getattr(testing, f"make_imagenet_{which}")(tmp_path / which, k=1)
+        assert (root / "README.txt").is_file()  # as in the released folders: not a class
         ds = getattr(data, f"imagenet_{which}")(root)
         assert list(ds.class_indices) == list(official)
 

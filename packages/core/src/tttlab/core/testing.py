@@ -29,7 +29,11 @@ def make_cifar10(root, n_train: int = 10, n_test: int = 10, seed: int = 0) -> Pa
     for i, part in enumerate(splits, start=1):
         _write_batch(folder / f"data_batch_{i}", rng, len(part), f"training batch {i} of 5")
     _write_batch(folder / "test_batch", rng, n_test, "testing batch 1 of 1")
-    meta = {b"label_names": [n.encode() for n in _cifar_classes()], b"num_cases_per_batch": 10000}
+    meta = {
+        b"num_cases_per_batch": 10000,
+        b"label_names": [n.encode() for n in _cifar_classes()],
+        b"num_vis": 3072,
+    }
     atomic_write_bytes(folder / "batches.meta", pickle.dumps(meta))
     return Path(root)
 
@@ -107,6 +111,8 @@ def _make_subset(root, which: str, wnids, k: int, n_per_class: int, seed: int) -
     wn = imagenet_a_wnids() if which == "a" else imagenet_r_wnids()
     chosen = list(wnids) if wnids is not None else [wn[0], wn[100], wn[199]][:k]
     _write_jpeg_tree(Path(root), chosen, n_per_class, (30, 36), _rng(seed), ".jpg")
+    # the released imagenet-a/ and imagenet-r/ folders hold a README.txt next to the class folders
+    (Path(root) / "README.txt").write_text(f"ImageNet-{which.upper()} fixture: <wnid>/*.jpg\n")
     return Path(root)
 
 
