@@ -15,8 +15,14 @@ gradient of every non-output weight/bias onto the column space of its Omega,
 ``Omega (Omega^T Omega)^-1 Omega^T grad``.  As n grows the finite net's outputs and training approach the
 infinite net's (tested).
 
-Deviations: the finite output bias is copied from the infinite net (upstream leaves it at zero; both are
-zero at initialisation); Omega is drawn from a ``torch.Generator`` seeded by ``seed``.
+Which upstream: the sampling formulas above are ``pilimit_orig``'s (the paper's code), whose finite
+activations are O(n^-1/2) so that the output weight's ``n^-1/2`` makes the finite output approach the
+infinite one (tested on a trained net).  ``pilimit_lib``'s sampler scales the output weight by
+``d_out^-1/2`` and leaves the output bias at zero; neither matters at initialisation (the output layer's A
+and bias are zero), both do for a sampled trained net, so we follow ``pilimit_orig``.
+
+Deviations: Omega is drawn from a ``torch.Generator`` seeded by ``seed``; Gproj is skipped when
+``width <= r`` (Omega then spans R^width, the projection is the identity; ``pilimit_orig`` skips it too).
 """
 
 from __future__ import annotations

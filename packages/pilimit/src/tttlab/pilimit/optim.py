@@ -22,7 +22,11 @@ gradients raise :class:`~tttlab.core.errors.InvalidInputError` before anything c
 Schedules (:class:`MultiStepLR`, :class:`CosineLR`) set ``optimizer.lr`` per step.  Deviations: upstream
 builds a clip schedule but uses the fixed value (so do we, without the schedule); its cosine uses
 ``T_max = len(loader)^2``, ours ``T_max`` = the number of steps given; finite nets are clipped after Gproj
-(upstream: before).  No momentum (the paper uses none).
+(as ``pilimit_orig``, the paper's code; ``pilimit_lib`` clips before projecting).  No momentum (the
+paper uses none).  Checked against upstream: per-group lr and weight decay (``wd / mult`` with
+``--no-apply-lr-mult-to-wd``, biases included), decay of Amult before the append, Amult rows ``-lr_g``,
+clip norm ``sqrt(tr(A^T V(B B^T) A))`` and ``gclip / (norm + 1e-6)``, multistep milestones in epochs
+converted to steps and stepped once per optimizer step.
 """
 
 from __future__ import annotations
