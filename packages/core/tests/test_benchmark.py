@@ -216,3 +216,11 @@ def test_generated_imagenet_c_is_saved_as_quality_85_jpeg(tmp_path):
     assert np.array_equal(clean, np.stack([b.source[i][0] for i in b._example_indices()]))
     with pytest.raises(InvalidInputError, match="jpeg_quality"):
         Benchmark("x", b.source, jpeg_quality=100)
+
+
+def test_imagenet_c_files_under_a_robustbench_data_dir(tmp_path):
+    from tttlab.core import testing
+
+    testing.make_imagenet_c(tmp_path / "ImageNet-C", corruptions=("fog",), severities=(5,), size=32)
+    b = make_benchmark("imagenet_c", root=tmp_path, corruptions=("fog",), severities=(5,), batch_size=2)
+    assert b.source is None and b.num_images == 3  # read from the files, not generated from val

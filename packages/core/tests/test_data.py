@@ -215,6 +215,10 @@ def test_imagenet_c(tmp_path):
     assert np.array_equal(ds[0][0], _pixels(ds.paths[0]))  # already 224 px upstream: no resize by default
     with pytest.raises(DatasetLayoutError, match="fog/3"):
         data.imagenet_c(root, "fog", 3)
+    # RobustBench's data_dir: <data_dir>/ImageNet-C/<corruption>/<severity>/<wnid>/
+    rb = testing.make_imagenet_c(tmp_path / "rb" / "ImageNet-C", corruptions=("snow",), severities=(1,),
+                                 wnids=[wn[10]], size=32)  # fmt: skip
+    assert list(data.imagenet_c(rb.parent, "snow", 1).labels) == [10]
     with pytest.raises(SeverityError):
         data.imagenet_c(root, "fog", 0)
 

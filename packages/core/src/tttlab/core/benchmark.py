@@ -413,7 +413,13 @@ def make_benchmark(
                     domain_files=lambda c, s: data.cifar10_c(root, c, s), **common,
                 )  # fmt: skip
             return Benchmark(name, data.cifar10(root, split="test"), family="cifar", **common)
-        corr_dirs = [p for p in root.iterdir() if p.is_dir() and p.name in C.ALL]
+        corr_dirs = [
+            p
+            for r in (root, root / "ImageNet-C")
+            if r.is_dir()
+            for p in r.iterdir()
+            if p.is_dir() and p.name in C.ALL
+        ]
         if corr_dirs:
             return Benchmark(
                 name, None, family="imagenet",

@@ -3,7 +3,7 @@
 Layouts::
 
     imagenet     <root>/<split>/<wnid>/*.JPEG              (or root = the split folder)
-    imagenet_c   <root>/<corruption>/<severity>/<wnid>/*.JPEG
+    imagenet_c   <root>/<corruption>/<severity>/<wnid>/*.JPEG  (or <root>/ImageNet-C/..., RobustBench's data_dir)
     imagenet_a   <root>/<wnid>/*.jpg                        200 of the 1000 classes
     imagenet_r   <root>/<wnid>/*.jpg                        200 of the 1000 classes
     imagenet_v2  <root>/<0..999>/*.jpeg                     folder name = class index (numeric order)
@@ -116,16 +116,22 @@ def imagenet(root, split: str = "val", transform=EVAL_TRANSFORM) -> FileDataset:
     )  # fmt: skip
 
 
+#: The folder name RobustBench (and the extracted tarballs' usual home) gives ImageNet-C under its data_dir.
+IMAGENET_C_FOLDER = "ImageNet-C"
+
+
 def imagenet_c(root, corruption: str, severity: int, transform=None) -> FileDataset:
     """One ImageNet-C domain ``<root>/<corruption>/<severity>/<wnid>/*.JPEG`` (already 224 px)."""
     from ..corruptions import canonical_name, check_severity
 
     corruption, severity = canonical_name(corruption), check_severity(severity)
     _check_transform(transform)
-    layout = "<root>/<corruption>/<severity 1-5>/<wnid>/*.JPEG"
+    layout = "<root>/<corruption>/<severity 1-5>/<wnid>/*.JPEG (or root = their parent's parent holding ImageNet-C/)"
     root = Path(root)
     if not root.exists():
         raise DatasetNotFoundError(f"{root} does not exist; expected {layout}")
+    if not (root / corruption).is_dir() and (root / IMAGENET_C_FOLDER).is_dir():
+        root = root / IMAGENET_C_FOLDER  # RobustBench's <data_dir>/ImageNet-C/<corruption>/<severity>/
     folder = root / corruption / str(severity)
     if not folder.is_dir():
         raise DatasetLayoutError(f"{folder} does not exist; expected {layout}")
