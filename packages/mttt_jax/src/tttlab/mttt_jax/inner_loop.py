@@ -12,6 +12,15 @@ TTT layer, per head h (``d_h = d / H``), tokens ``x_i`` (N x d):
 * T steps ``W <- W - eta_t grad_W l`` (full batch, or ``SGD``: tokens permuted per head, T minibatches);
 * output ``z_j = sum_h h_h(f(q_j; W_T)) + h_bias``.
 
+Checked against upstream and kept identical: the inner lr is a fixed config value per step (not a
+learned parameter); the reconstruction target is the whole (pre-LN'd) token ``x_i`` decoded from the
+``phi`` view by ``g`` (MTTT has no separate learned value view: ``g`` plays that role, ``psi`` is the
+query/test view); the inner encoder has no residual connection and no LayerNorm of its own (the only
+LayerNorm in the inner loss is the optional per-head decoder LN after ``g + g_bias``); W0 is one set of
+per-head weights shared by every sequence, trained by the outer loop when ``train_init``; SGD permutes
+tokens per head with the same order for every sequence of the batch; reported losses are the pre-step
+(mini)batch losses plus the final full-sequence loss, summed over heads and averaged over the batch.
+
 What differs from upstream (and why):
 
 * Any number of inner steps (``lax.scan``; upstream unrolls by hand and silently stops at 4).
