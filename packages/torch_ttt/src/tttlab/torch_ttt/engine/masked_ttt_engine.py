@@ -27,6 +27,15 @@ Differences from torch-ttt 0.0.2 and why: images are supported; train mode retur
 clean and masked images in one forward when no BatchNorm layer uses batch statistics; during adaptation
 the forward stops at the features layer; no deep copy of the inputs or the model; ``skip_tokens`` is not a
 mutable default.  As upstream, only the model's parameters adapt (the decoder is trained jointly).
+
+Against TTT-MAE's own code (yossigandelsman/test_time_training_mae), deliberately, because this engine
+serves any model (CNNs included) through torch-ttt's per-batch API: TTT-MAE drops the masked patches from
+a ViT encoder's input (here they are overwritten with ``mask_value`` so the image keeps its shape for any
+network); it adapts one test image at a time, a fresh random 75 % mask per step, SGD (momentum 0.9) for
+``steps_per_example`` steps, with the decoder frozen and the classifier a separate head, reset per image;
+here the batch is adapted with the engine's optimizer settings (torch-ttt's 3 Adam steps at 1e-2 by
+default) and reset policy.  The masked-pixel MSE is MAE's loss (its ``norm_pix_loss`` option, per-patch
+normalised targets, is not offered).  ``packages/ttt_mae`` reproduces TTT-MAE itself.
 """
 
 from __future__ import annotations
