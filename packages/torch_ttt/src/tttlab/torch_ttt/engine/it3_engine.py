@@ -25,6 +25,13 @@ Differences from torch-ttt 0.0.2 and why:
 * with a target and no BatchNorm layer using batch statistics, ``f(x, 0)`` and ``f(x, y)`` run as one
   concatenated forward (the embedding added to the second half only); with such BatchNorm, two forwards.
 * no deep copy per batch, no prints.
+
+Against the paper: IT3 describes the test-time update with a *frozen* copy of the trained network as an
+anchor (an exponential moving average of the weights in its online variant) next to the network being
+updated; this engine keeps torch-ttt's formulation (one network, gradients through both applications, no
+anchor copy), so that a torch-ttt script gets the same method.  Not audited further: the authors'
+repository (nikitadurasov/ittt) ships training scripts and notebooks, and its test-time code was not
+compared line by line.
 """
 
 from __future__ import annotations
