@@ -271,33 +271,42 @@ def _displacement(rng, shape, amp, sigma, alpha):
     noise -= np.float32(amp)
     if int(3.0 * max(sigma) + 0.5) < _WIDE_RADIUS:
         smooth = ndi.gaussian_filter(noise, (0, 0, sigma[0], sigma[1]), mode="reflect", truncate=3.0)
-    else:  # ImageNet severity 1 (sigma 171 px): the same filter as two small matrix products
-        rows = _reflect_gauss_matrix(shape[1], float(sigma[0]))
-        cols = _reflect_gauss_matrix(shape[2], float(sigma[1]))
-        smooth = np.matmul(np.matmul(rows, noise), cols.T)
+    else:  # ImageNet severities 1-2 (sigma 171 and 20 px): the same filter by FFT on the period 2n
+        smooth = _reflect_gauss_fft(_reflect_gauss_fft(noise, float(sigma[0]), 2), float(sigma[1]), 3)
     smooth *= np.float32(alpha)
     return smooth[0], smooth[1]
 
 
-#: Kernel radius from which the displacement smoothing is done by matrix products (O(size) per pixel).
+#: Kernel radius from which the displacement smoothing goes through the FFT (cost independent of sigma).
 _WIDE_RADIUS = 32
 
 
 @lru_cache(maxsize=16)
-def _reflect_gauss_matrix(n: int, sigma: float) -> np.ndarray:
-    """(n, n) float32 M with ``M @ v`` = ``ndi.gaussian_filter1d(v, sigma, mode="reflect", truncate=3)``:
-    the truncated kernel's taps folded onto the signal by the half-sample symmetric extension (period
-    2n), which stays exact when the kernel is longer than the signal."""
+def _reflect_gauss_spectrum(n: int, sigma: float) -> np.ndarray:
+    """rfft of the truncated (3 sigma) Gaussian folded onto a circle of 2n samples."""
     from .blur import gaussian_kernel1d
 
     k = gaussian_kernel1d(sigma, truncate=3.0)
     r = k.size // 2
-    i = np.arange(n)[:, None]
-    m = np.mod(i + np.arange(-r, r + 1)[None, :], 2 * n)
-    j = np.where(m < n, m, 2 * n - 1 - m)
-    out = np.zeros((n, n))
-    np.add.at(out, (np.broadcast_to(i, j.shape), j), np.broadcast_to(k, j.shape))
-    return out.astype(np.float32)
+    circle = np.zeros(2 * n)
+    np.add.at(circle, np.mod(np.arange(-r, r + 1), 2 * n), k)
+    return np.fft.rfft(circle)
+
+
+def _reflect_gauss_fft(a: np.ndarray, sigma: float, axis: int) -> np.ndarray:
+    """``ndi.gaussian_filter1d(a, sigma, axis, mode="reflect", truncate=3)``, exact also when the kernel
+    is longer than the signal: 'reflect' is the half-sample symmetric extension of period 2n, so the
+    filter is a circular convolution of [a, reversed a] with the kernel folded onto that period.  An
+    FFT, not a matrix product: BLAS threads slow down badly on a busy machine."""
+    from scipy import fft
+
+    n = a.shape[axis]
+    ext = np.concatenate([a, np.flip(a, axis)], axis=axis)
+    shape = [1] * a.ndim
+    shape[axis] = n + 1
+    spec = fft.rfft(ext, axis=axis) * _reflect_gauss_spectrum(n, sigma).reshape(shape)
+    out = fft.irfft(spec, n=2 * n, axis=axis)
+    return np.take(out, np.arange(n), axis=axis).astype(np.float32)
 
 
 @lru_cache(maxsize=64)
