@@ -29,7 +29,10 @@ Deviations from the original scripts (documented):
   (RGB about (133, 155, 167) of 255) raised 6% and its contrast to 0.14, calibrated so that the mean
   absolute change on 224 px photos agrees with imagecorruptions-imaug over many draws.  As the original
   crops one of a few photos, one texture sheet 1.5x the image size is generated per call and every image
-  takes a random crop of it, randomly flipped.  Grayscale images get the texture's luma.
+  takes a random crop of it, randomly flipped.  Grayscale images get the texture's luma.  Note: both of
+  Hendrycks' scripts draw ``np.random.randint(5)``, so ImageNet-C and CIFAR-10-C use only the first five
+  photos, whose average is brighter, about (146, 167, 179); imagecorruptions draws all six.  The raised
+  six-photo mean above, about (141, 165, 177), is within 3% of the five-photo one.
 * snow: ImageMagick's motion blur of the snow layer is the numpy line blur of ``blur.line_blur`` (same
   kernel and sampling as ImageMagick), angle uniform in [-135, -45] degrees; as in the original, the layer
   is truncated to 8 bits before the blur (its ``astype(np.uint8)``) and the blurred layer is rounded to 8
