@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tttlab.core import benchmark as benchmark_module
 from tttlab.core.benchmark import CLEAN, SETTINGS, Benchmark, Domain, make_benchmark
 from tttlab.core.data import ArrayDataset
 from tttlab.core.errors import DatasetNotFoundError, InvalidInputError, SeverityError, UnknownNameError
@@ -144,6 +145,20 @@ def test_num_examples_and_cache(source, tmp_path):
     again = per_domain(bench(source, num_examples=10, cache_dir=tmp_path))
     for d in first:
         assert np.array_equal(first[d][0], again[d][0])
+    assert sorted(tmp_path.rglob("*.npy")) == files  # read back, not written again
+
+
+def test_cache_is_not_read_by_other_corruption_code(source, tmp_path, monkeypatch):
+    """Domains cached by an older version of the corruption code are regenerated, not reused."""
+    b = bench(source, num_examples=10, cache_dir=tmp_path)
+    first = per_domain(b)
+    for f in tmp_path.rglob("*.npy"):  # what an older corruption code would have written
+        np.save(f, np.zeros_like(np.load(f)))
+    assert all(not per_domain(bench(source, num_examples=10, cache_dir=tmp_path))[d][0].any() for d in first)
+    monkeypatch.setattr(benchmark_module, "corruptions_code_hash", lambda: "edited-code")
+    fresh = per_domain(bench(source, num_examples=10, cache_dir=tmp_path))
+    for d in first:
+        assert np.array_equal(first[d][0], fresh[d][0])
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ raw ``.npy``: no round trip there.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -102,6 +103,16 @@ def _check_severities(severities) -> tuple[int, ...]:
     if not out:
         raise InvalidInputError("severities must name at least one severity in 1..5, got an empty list")
     return out
+
+
+@functools.cache
+def corruptions_code_hash() -> str:
+    """Hash of the corruption code's source files: generated domains cached by another version of it
+    (a corrected constant, an added 8-bit step) are regenerated instead of read back."""
+    h = hashlib.sha256()
+    for f in sorted(Path(C.__file__).resolve().parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
 
 
 class Benchmark:
@@ -229,7 +240,8 @@ class Benchmark:
     def _cache_path(self, domain: Domain) -> Path | None:
         if self.cache_dir is None:
             return None
-        fields = (self.name, len(self.source), self.num_examples, self.seed, self.family, CHUNK)
+        fields = (self.name, len(self.source), self.num_examples, self.seed, self.family, CHUNK,
+                  corruptions_code_hash())  # fmt: skip
         if self.jpeg_quality is not None:  # keeps the keys of earlier caches without the round trip
             fields += (("jpeg", self.jpeg_quality),)
         key = hashlib.sha256(repr(fields).encode()).hexdigest()[:12]
