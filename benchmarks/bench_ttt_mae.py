@@ -21,7 +21,8 @@ the same views and masks):
   rows without are the code before the cuts.  The header line gives the counted FLOP of a step; the
   compiled rows with the cuts also compile the per-step prediction (``TTTSettings.compile_predict``) and
   compute the attention over the encoder's few kept tokens in the qkv layout, as broadcast products
-  without permutes (``TTTSettings.token_major_tokens``);
+  without permutes (``TTTSettings.token_major_tokens``), and call the warm graphs with dynamo's guard
+  evaluation skipped (``TTTSettings.skip_guards``);
 - ``ours (batched G, compiled)`` (``--compile``, default on): the same with the whole step (per-image
   grads + SGD update) under ``torch.compile`` (inductor, ``--compile-mode``), single-crop copies passed
   as one image with ``copies`` masks (patch embedding and targets once per image), fp32 and bf16.  The
@@ -126,7 +127,8 @@ def main() -> None:
             key = kind + ("+cuts" if cuts else "")
             st = TTTSettings(**{**s.__dict__, "amp": amp, "compile": comp, "compile_mode": args.compile_mode,
                                 "exact_cuts": cuts, "compile_predict": cuts,
-                                "token_major_tokens": s.token_major_tokens if cuts else 0})  # fmt: skip
+                                "token_major_tokens": s.token_major_tokens if cuts else 0,
+                                "skip_guards": s.skip_guards and cuts})  # fmt: skip
             if kind == "loop":
                 a = TTTAdapter(fresh(), st)
                 paths[key] = lambda idx, a=a: [a.adapt(raws[i], g, norm) for i, g in zip(idx, gens(idx))]
@@ -193,6 +195,7 @@ def main() -> None:
               "compiled": f"ours, batched G={G}, torch.compile",
               "compiled_bf16": f"ours, batched G={G}, torch.compile, bf16 autocast"}  # fmt: skip
     labels.update({k + "+cuts": v + ", **exact cuts**" + (" + compiled prediction + token-major encoder attention"
+                                                          " + guards skipped once warm"
                                                           if k.startswith("compiled") else "")
                    for k, v in labels.items()})  # fmt: skip
     ref_rate = n / times["reference"]

@@ -86,6 +86,10 @@ class TTTSettings:
     # BatchedTTT with compile, on CPU: attention over at most this many tokens (the encoder's kept tokens)
     # as broadcast products in the qkv layout, no permutes (MaskedAutoencoderViT.token_major_max_tokens); 0: off
     token_major_tokens: int = 8
+    # BatchedTTT with compile: once its graphs are compiled, call them for groups of the compiled size with
+    # dynamo's guard evaluation skipped (torch.compiler.set_stance(skip_guard_eval_unsafe=True)); the
+    # inputs' shapes, dtypes and the model's flags are fixed by this class, so the guards cannot fail there
+    skip_guards: bool = True
 
     def check(self) -> TTTSettings:
         if int(self.steps_per_example) < 0:
@@ -357,6 +361,7 @@ class BatchedTTT:
         masks (the model broadcasts it: patch embedding and targets computed once per image)."""
         from torch.func import vmap
 
+        warm = self._compiled_step is not None
         if self._compiled_step is None:
             self._compiled_step = torch.compile(self._step_fn, mode=self.s.compile_mode, dynamic=False)
             # the per-step prediction (eval mode, no grad) too: eager vmap costs ~1/8 of a compiled step
@@ -369,6 +374,13 @@ class BatchedTTT:
         n = len(raws)
         G = max(self._group, n)
         pad = G - n
+        with contextlib.ExitStack() as stack:
+            if self.s.skip_guards and warm and G == self._group:  # the graphs of this very shape exist
+                stack.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
+            return self._run_compiled(raws, generators, normalize, G, pad)
+
+    def _run_compiled(self, raws, generators, normalize, G: int, pad: int) -> list[ImageResult]:
+        n = len(raws)
         raws = [r.to(self.device) for r in raws] + [raws[0].to(self.device)] * pad
         generators = list(generators) + [torch.Generator().manual_seed(0) for _ in range(pad)]
         test = normalize(torch.stack(raws))
