@@ -94,7 +94,10 @@ def test_user_error_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys, n
         T.main()
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "tttlab-mttt-train: error: InvalidInputError: /YOUR/TFDS/PATH does not exist" in err and "Traceback" not in err
+    assert (
+        "tttlab-mttt-train: error: InvalidInputError: /YOUR/TFDS/PATH does not exist" in err
+        and "Traceback" not in err
+    )
 
 
 def test_plot_inner_epochs_are_numbered_as_in_the_log(monkeypatch, capsys):

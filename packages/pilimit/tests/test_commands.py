@@ -69,7 +69,9 @@ def test_commands_print_one_error_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         E.main()
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and "tttlab-pilimit-evaluate: error: " in err and "method='pilimit.nope'" in err
+    assert (
+        exc.value.code == 2 and "tttlab-pilimit-evaluate: error: " in err and "method='pilimit.nope'" in err
+    )
     assert "Traceback" not in err
 
     def bad(cfg):
@@ -81,7 +83,10 @@ def test_commands_print_one_error_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         T.main()
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and "tttlab-pilimit-train: error: InvalidInputError: r=0: expected an integer >= 1" in err
+    assert (
+        exc.value.code == 2
+        and "tttlab-pilimit-train: error: InvalidInputError: r=0: expected an integer >= 1" in err
+    )
 
 
 def test_evaluate_a_trained_run_records_its_own_method(tmp_path):
