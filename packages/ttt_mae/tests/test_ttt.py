@@ -155,3 +155,31 @@ def test_compiled_step_equals_eager_traced(tiny, norm, monkeypatch, settings, im
 def test_compiled_step_equals_eager_inductor(tiny, norm, single_crop, settings, images):
     """The same through inductor's C++ codegen (a cold compile takes 1-2 minutes on 2 loaded cores)."""
     _compiled_equals_eager(tiny, norm, settings(single_crop=single_crop), images)
+
+
+def test_guards_are_skipped_only_for_the_compiled_shapes(tiny, norm, monkeypatch, settings, images):
+    """``skip_guards``: dynamo's guard checks are skipped only when the call has the group size and the image
+    shapes/dtypes the graphs were compiled for; any other call keeps them (so it recompiles, never reuses
+    a graph of another shape).  torch.compile is replaced by the identity here (no compile time)."""
+    import contextlib
+
+    stances = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, dynamic=None: fn)
+    monkeypatch.setattr(torch.compiler, "set_stance",
+                        lambda *a, **kw: stances.append(kw) or contextlib.nullcontext())  # fmt: skip
+    ttt = BatchedTTT(tiny(), settings(single_crop=True, steps_per_example=1, compile=True))
+    gens = [image_generator(0, 2, i) for i in range(2)]
+    ttt.adapt(images(2), gens, norm)  # compiles: guards checked
+    ttt.adapt(images(2, seed=1), gens, norm)  # the compiled shapes: skipped
+    assert stances == [{"skip_guard_eval_unsafe": True}]
+    ttt.adapt(images(3), [image_generator(0, 2, i) for i in range(3)], norm)  # a larger group: checked
+    assert len(stances) == 1
+    ttt.adapt(images(1), gens[:1], norm)  # a smaller group is padded to the compiled size: skipped
+    assert len(stances) == 2
+    # another image shape or dtype (the model would reject them; only the decision is checked here)
+    monkeypatch.setattr(ttt, "_run_compiled", lambda *a: [])
+    ttt.adapt([x.double() for x in images(2)], gens, norm)
+    ttt.adapt([torch.rand(1, 32, 32) for _ in range(2)], gens, norm)
+    assert len(stances) == 2
+    ttt.adapt(images(2), gens, norm)
+    assert len(stances) == 3

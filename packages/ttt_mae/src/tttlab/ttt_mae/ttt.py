@@ -371,11 +371,15 @@ class BatchedTTT:
                     self._compiled_logits, mode=self.s.compile_mode, dynamic=False
                 )
             self._group = len(raws)
+            self._compiled_sig = {(tuple(r.shape), r.dtype) for r in raws}
         n = len(raws)
         G = max(self._group, n)
         pad = G - n
+        # guards are skipped only where they would pass: the group size and every image's shape and dtype
+        # are those the graphs were compiled for (anything else goes through dynamo's checks/recompiles)
+        same = G == self._group and {(tuple(r.shape), r.dtype) for r in raws} <= self._compiled_sig
         with contextlib.ExitStack() as stack:
-            if self.s.skip_guards and warm and G == self._group:  # the graphs of this very shape exist
+            if self.s.skip_guards and warm and same:  # the graphs of this very shape exist
                 stack.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
             return self._run_compiled(raws, generators, normalize, G, pad)
 
