@@ -571,13 +571,12 @@ def _fill_tensor(fill, c: int, device) -> torch.Tensor | None:
     )
 
 
-def _mask_fill(out: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor | None, key) -> torch.Tensor:
-    """``out & keep`` (keep: 0/255 per element) and, with a fill, ``| (~keep & fill)``."""
+def _mask_fill(out: torch.Tensor, keep: torch.Tensor, fill_mask: torch.Tensor | None) -> torch.Tensor:
+    """``out & keep`` (keep: 0/255 per element) and, with a fill, ``| fill_mask`` (``~keep & fill``, which
+    the callers cache or gather like ``keep``, so a fill costs one more pass, not three)."""
     out.bitwise_and_(keep)
-    if fill is not None:
-        n = out.numel() // fill.numel()
-        row = _cached(("fillrow", key, n, tuple(fill.tolist()), fill.device), lambda: fill.repeat(n))
-        out.view(-1).bitwise_or_(keep.view(-1).bitwise_not().bitwise_and_(row))
+    if fill_mask is not None:
+        out.view(-1).bitwise_or_(fill_mask.view(-1))
     return out
 
 
@@ -587,7 +586,11 @@ def _translate(x: torch.Tensor, level: float, sign: float, dim: int, fill=None) 
     n = x.shape[dim]
     d = max(-n, min(n, int(level * (n / 3) / 10) * int(sign)))
     f = _fill_tensor(fill, x.shape[2], x.device)
-    out = torch.zeros_like(x) if f is None else f.expand(x.shape).clone()
+    if f is None:
+        out = torch.zeros_like(x)
+    else:  # a contiguous copy of a cached filled image (cloning the broadcast (C,) fill is 10x slower)
+        out = _cached(("fillimg", tuple(x.shape), tuple(f.tolist()), x.device),
+                      lambda: f.expand(x.shape).contiguous()).clone()  # fmt: skip
     if abs(d) < n:
         out.narrow(dim, max(-d, 0), n - abs(d)).copy_(x.narrow(dim, max(d, 0), n - abs(d)))
     return out
@@ -634,8 +637,15 @@ def _shear_x(x: torch.Tensor, level: float, sign: float, fill=None) -> torch.Ten
     tmpl = _cached(("fill", w, c, x.device), lambda: torch.cat([
         torch.zeros(w * c, dtype=torch.uint8), torch.full((w * c,), 255, dtype=torch.uint8),
         torch.zeros(w * c, dtype=torch.uint8)]).to(x.device).unfold(0, w * c, c))  # fmt: skip
-    keep = tmpl.index_select(0, torch.from_numpy(np.where(hi < w, 2 * w - hi, w - lo)).to(x.device))
-    return _mask_fill(out, keep, _fill_tensor(fill, c, x.device), (h, w)).view(h, w, c)
+    idx = torch.from_numpy(np.where(hi < w, 2 * w - hi, w - lo)).to(x.device)
+    keep = tmpl.index_select(0, idx)
+    f = _fill_tensor(fill, c, x.device)
+    fill_mask = None
+    if f is not None:  # the same windows of a [fill]*W + [0]*W + [fill]*W template give ~keep & fill
+        ftmpl = _cached(("filltmpl", w, c, tuple(f.tolist()), x.device), lambda: torch.cat([
+            f.repeat(w), torch.zeros(w * c, dtype=torch.uint8, device=x.device), f.repeat(w)]).unfold(0, w * c, c))  # fmt: skip
+        fill_mask = ftmpl.index_select(0, idx)
+    return _mask_fill(out, keep, fill_mask).view(h, w, c)
 
 
 def _shear_y(x: torch.Tensor, level: float, sign: float, fill=None) -> torch.Tensor:
@@ -731,7 +741,11 @@ def _rotate(x: torch.Tensor, level: float, sign: float, fill=None) -> torch.Tens
     top = torch.lerp(flat.index_select(0, tap), flat[c:].index_select(0, tap), dx)
     bottom = torch.lerp(flat[row:].index_select(0, tap), flat[row + c :].index_select(0, tap), dx)
     out = _to_uint8(torch.lerp(top, bottom, dy))
-    return _mask_fill(out, keep, _fill_tensor(fill, c, x.device), (h, w)).view(h, w, c)
+    f = _fill_tensor(fill, c, x.device)
+    fill_mask = None if f is None else _cached(
+        ("rotfill", deg, h, w, c, tuple(f.tolist()), x.device), lambda: keep.bitwise_not().bitwise_and_(f.repeat(h * w))
+    )  # fmt: skip
+    return _mask_fill(out, keep, fill_mask).view(h, w, c)
 
 
 _OPS = {
