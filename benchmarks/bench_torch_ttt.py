@@ -56,10 +56,10 @@ def mnist_tensors(split, n=None):
     return (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 - 0.1307) / 0.3081, torch.from_numpy(y)
 
 
-def train(bn: bool, steps: int):
+def train(bn: bool, steps: int, seed: int = 7):
     from tttlab.torch_ttt.engine.ttt_engine import TTTEngine
 
-    torch.manual_seed(7)
+    torch.manual_seed(seed)
     x, y = mnist_tensors("train", steps * 64)
     net = Net(bn)
     engine = TTTEngine(net, "fc2")
@@ -84,7 +84,11 @@ def make_engines(name, net, head, settings, device="cpu"):
     head = copy.deepcopy(head).to(device)
     if name.startswith("ttt"):
         # "ttt_rand": one random rotation per image (Sun et al.'s rotate_batch(..., "rand")), upstream as "ttt"
-        rand = dict(rotation_type="rand", generator=torch.Generator().manual_seed(0)) if name == "ttt_rand" else {}
+        rand = (
+            dict(rotation_type="rand", generator=torch.Generator().manual_seed(0))
+            if name == "ttt_rand"
+            else {}
+        )
         ours = get_engine("ttt")(
             ours_net, "fc2", angle_head=copy.deepcopy(head), optimization_parameters=settings, **rand
         )

@@ -26,30 +26,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_torch_ttt import Net, mnist_tensors  # noqa: E402
+from bench_torch_ttt import mnist_tensors, train  # noqa: E402
 
 sys.path.pop(0)
-
-
-def train(seed: int, steps: int):
-    """bench_torch_ttt.train with the seed as a parameter (same data order, loss and optimiser)."""
-    from tttlab.torch_ttt.engine.ttt_engine import TTTEngine
-
-    torch.manual_seed(seed)
-    x, y = mnist_tensors("train", steps * 64)
-    net = Net(False)
-    engine = TTTEngine(net, "fc2")
-    opt = torch.optim.Adam(engine.parameters(), lr=0.01)
-    engine.train()
-    for i in range(0, len(x), 64):
-        opt.zero_grad()
-        out, ssl = engine(x[i : i + 64])
-        (F.nll_loss(out, y[i : i + 64]) + 0.35 * ssl).backward()
-        opt.step()
-    return net.eval(), engine.angle_head
 
 
 def accuracy(engine, batches, labels) -> float:
@@ -77,7 +58,7 @@ def main(argv=None) -> int:
     settings = {"num_steps": 1, "lr": 1e-3, "optimizer_name": "adam"}
     rows, t0 = [], time.time()
     for m in range(args.models):
-        net, head = train(7 + m, args.train_steps)
+        net, head = train(False, args.train_steps, seed=7 + m)  # bench_torch_ttt's model, seed 7 + m
         for k in range(args.noise):
             noisy = x + 2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7 + k))
             batches, labels = list(noisy.split(32)), list(y.split(32))
