@@ -126,7 +126,7 @@ def imagenet_c(root, corruption: str, severity: int, transform=None) -> FileData
 
     corruption, severity = canonical_name(corruption), check_severity(severity)
     _check_transform(transform)
-    layout = "<root>/<corruption>/<severity 1-5>/<wnid>/*.JPEG (or root = their parent's parent holding ImageNet-C/)"
+    layout = "<root>/<corruption>/<severity 1-5>/<wnid>/*.JPEG (or <root>/ImageNet-C/<corruption>/...)"
     root = Path(root)
     if not root.exists():
         raise DatasetNotFoundError(f"{root} does not exist; expected {layout}")
