@@ -124,3 +124,39 @@ __all__ = [
     "atomic_write_text",
     "dumps",
 ]
+
+
+#: files whose content changes computed numbers (code and its configs); others (README, data) do not
+FINGERPRINT_SUFFIXES = (".py", ".yaml", ".yml", ".json", ".toml")
+
+
+def source_fingerprint(top: str) -> str:
+    """Hash of the names and bytes of the code/config files of the installed package (or module) ``top``.
+
+    Found with :func:`importlib.util.find_spec`, which locates the files without executing them (the core
+    imports no subpackage and no framework).  ``""`` when ``top`` cannot be found.  Used as a cache key
+    part wherever a cached result must not outlive the code that computed it (compare's run parts and
+    trained models, the benchmark's generated domains).
+    """
+    import hashlib
+    import importlib.util
+
+    try:
+        ms = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return ""
+    if ms is None:
+        return ""
+    h = hashlib.sha256()
+    locations = list(ms.submodule_search_locations or [])
+    if locations:
+        for loc in sorted(locations):
+            root = Path(loc)
+            for f in sorted(root.rglob("*")):
+                if f.suffix in FINGERPRINT_SUFFIXES and f.is_file() and "__pycache__" not in f.parts:
+                    h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    elif ms.origin and Path(ms.origin).is_file():
+        h.update(Path(ms.origin).read_bytes())
+    else:
+        return ""
+    return h.hexdigest()[:16]

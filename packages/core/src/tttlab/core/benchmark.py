@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from . import corruptions as C
+from ._io import source_fingerprint
 from .data import ArrayDataset, ImageDataset
 from .errors import DatasetNotFoundError, InvalidInputError, UnknownNameError
 
@@ -107,12 +108,9 @@ def _check_severities(severities) -> tuple[int, ...]:
 
 @functools.cache
 def corruptions_code_hash() -> str:
-    """Hash of the corruption code's source files: generated domains cached by another version of it
-    (a corrected constant, an added 8-bit step) are regenerated instead of read back."""
-    h = hashlib.sha256()
-    for f in sorted(Path(C.__file__).resolve().parent.glob("*.py")):
-        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()[:12]
+    """Fingerprint of the corruption code: generated domains cached by another version of it (a corrected
+    constant, an added 8-bit step) are regenerated instead of read back."""
+    return source_fingerprint(C.__name__)
 
 
 class Benchmark:

@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -60,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write_json, atomic_write_text
+from ._io import atomic_write_json, atomic_write_text, source_fingerprint
 from .errors import ConfigError, UnknownNameError
 from .records import config_hash, load_records
 
@@ -394,37 +392,6 @@ class Task:
         return f"{self.spec.name} [{self.setting}, seed {self.seed}]"
 
 
-#: files whose content changes a method's numbers (code and its configs); others (README, data) do not
-_FINGERPRINT_SUFFIXES = (".py", ".yaml", ".yml", ".json", ".toml")
-
-
-def _tree_fingerprint(top: str) -> str:
-    """Hash of the names and bytes of the code/config files of the installed package (or module) ``top``.
-
-    Found with :func:`importlib.util.find_spec` on ``tttlab.<package>`` or a top-level module, which
-    locates the files without executing them (the core imports no subpackage and no framework).
-    """
-    try:
-        ms = importlib.util.find_spec(top)
-    except (ImportError, ValueError):
-        return ""
-    if ms is None:
-        return ""
-    h = hashlib.sha256()
-    locations = list(ms.submodule_search_locations or [])
-    if locations:
-        for loc in sorted(locations):
-            root = Path(loc)
-            for f in sorted(root.rglob("*")):
-                if f.suffix in _FINGERPRINT_SUFFIXES and f.is_file() and "__pycache__" not in f.parts:
-                    h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
-    elif ms.origin and Path(ms.origin).is_file():
-        h.update(Path(ms.origin).read_bytes())
-    else:
-        return ""
-    return h.hexdigest()[:16]
-
-
 def code_fingerprint(spec) -> str:
     """Fingerprint of the code that computes ``spec``'s numbers: its subpackage's source and configs.
 
@@ -434,7 +401,7 @@ def code_fingerprint(spec) -> str:
     module = spec.evaluate.partition(":")[0]
     pkg = f"tttlab.{spec.package}"
     top = pkg if module == pkg or module.startswith(pkg + ".") else module.split(".")[0]
-    return _tree_fingerprint(top)
+    return source_fingerprint(top)
 
 
 def run_key(c: dict[str, Any]) -> str:
