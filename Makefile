@@ -77,6 +77,7 @@ bench: $(VENV)/.installed
 	@mkdir -p bench_out
 	$(PY) benchmarks/bench_mttt.py --tokens 196 784 3136 --batch 1 --repeats 5 --out bench_out/mttt.md
 	$(PY) benchmarks/bench_ttt_mae.py --images 16 --steps 5 --copies 8 --group 16 --threads 1 --out bench_out/ttt_mae.md
+	$(PY) benchmarks/bench_ttt_mae.py --images 32 --steps 5 --copies 32 --group 16 --threads 2 --ref-threads 1 --cuts on --paths batched,compiled --out bench_out/ttt_mae_whole_machine.md
 	$(PY) benchmarks/bench_memo_tpt.py --threads 1 --repeats 3 --e2e-repeats 1 --out bench_out/memo_tpt.md
 	$(PY) benchmarks/bench_pilimit.py --rows 10000 100000 --steps 7 --chunk-size 2048 --out bench_out/pilimit.md
 

@@ -1,7 +1,7 @@
 """TTT-MAE per-image adaptation: the upstream-style reference path vs ours, same images and seeds, one run.
 
     python benchmarks/bench_ttt_mae.py --images 16 --steps 5 --copies 16 --group 8 [--model mae_vit_mnist_patch7]
-        [--threads 1] [--cuts both|on|off] [--no-compile] [--out benchmarks/ttt_mae_cpu.md]
+        [--threads 1] [--ref-threads N] [--cuts both|on|off] [--no-compile] [--out benchmarks/ttt_mae_cpu.md]
 
 Paths (all adapt each image from the same base weights, with the same per-image generator, so they see
 the same views and masks):
@@ -59,6 +59,9 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=16)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ref-threads", type=int, default=None,
+                    help="torch threads for the reference path only (default: --threads); e.g. 1 next to "
+                         "--threads 2 when the reference's small operations run slower on two threads")  # fmt: skip
     ap.add_argument("--single-crop", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: inductor default)")
@@ -115,7 +118,16 @@ def main() -> None:
 
     G = max(args.group, 1)
     variants = {"both": (False, True), "on": (True,), "off": (False,)}[args.cuts]
-    paths = {"reference": lambda idx: [ref.adapt(raws[i], g, norm) for i, g in zip(idx, gens(idx))]}
+    ref_threads = args.ref_threads or args.threads
+
+    def run_reference(idx):
+        torch.set_num_threads(ref_threads)
+        try:
+            return [ref.adapt(raws[i], g, norm) for i, g in zip(idx, gens(idx))]
+        finally:
+            torch.set_num_threads(args.threads)
+
+    paths = {"reference": run_reference}
     compile_s: dict[str, float] = {}
     kinds = [("loop", "none", False), ("batched", "none", False), ("bf16", "bf16", False)]
     if args.compile:
@@ -180,8 +192,9 @@ def main() -> None:
     header = (
         f"model `{args.model}` ({cfg.embed_dim}-d, {cfg.depth} blocks, {size}x{size}x{chans}, patch "
         f"{cfg.patch_size}; decoder {cfg.decoder_embed_dim}-d x {cfg.decoder_depth}), {n} images, "
-        f"{args.steps} steps x {args.copies} copies, single_crop={args.single_crop}, {args.threads} thread(s), "
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}"
+        f"{args.steps} steps x {args.copies} copies, single_crop={args.single_crop}, {args.threads} thread(s)"
+        + (f" (reference: {ref_threads})" if ref_threads != args.threads else "")
+        + f", torch {torch.__version__}, {platform.processor() or platform.machine()}"
     )
     rows = [
         "| path | images/s | s/image | speed-up | CPU s/image | speed-up by CPU time | per-step predictions equal to "
