@@ -174,12 +174,16 @@ def main(argv=None):
     p.add_argument("--engines", default="ttt,tent,memo", help="comma-separated subset of ttt,tent,memo")
     p.add_argument("--threads", type=int, default=None, help="torch threads, both sides (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (models trained on the CPU, then moved)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images per adapted batch (32: the tutorial's); small batches show the per-batch "
+                        "overheads that dominate a GPU's launch-bound regime")  # fmt: skip
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
-    x, y = mnist_tensors("test", args.batches * 32)
+    bs = args.batch_size
+    x, y = mnist_tensors("test", args.batches * bs)
     noisy = x + 2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
-    batches, labels = list(noisy.to(args.device).split(32)), list(y.to(args.device).split(32))
+    batches, labels = list(noisy.to(args.device).split(bs)), list(y.to(args.device).split(bs))
     models = {False: train(False, args.train_steps), True: train(True, args.train_steps)}
     settings = {"num_steps": 1, "lr": 1e-3, "optimizer_name": "adam"}
     rows = []
@@ -225,7 +229,7 @@ def main(argv=None):
     lines.append(
         f"torch {torch.__version__}, device {args.device}"
         f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}, "
-        f"{torch.get_num_threads()} thread(s), {args.batches} batches of 32, "
+        f"{torch.get_num_threads()} thread(s), {args.batches} batches of {bs}, "
         f"{args.repeats} repeats (median), plain forward of one batch: see the cost columns."
     )
     table = "\n".join(lines)
