@@ -1,0 +1,145 @@
+"""The outer optimizer and the pieces of train.py whose numbers no end-to-end test pins down: the
+big_vision schedule (warm-up from 0, cosine/linear to 0), the optimizer chain (global-norm clip ->
+Adam -> * lr -> + wd * mult * param on the masked kernels -> * schedule), frozen W0 with
+``train_init=false`` (also against weight decay), mixup's sorted coefficients and the sincos-2d position
+embedding.  Each is checked against numbers written out here (added by a mutation audit: the resume and
+2-device tests compare a run with another run of the same code, so a wrong schedule or a dropped clip
+passed them)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tttlab.mttt_jax import train as T
+from tttlab.mttt_jax.model import posemb_sincos_2d
+
+
+def _cos(p: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def test_schedule_warmup_then_cosine_or_linear_to_zero():
+    total, warm = 10, 4
+    got = [float(T.schedule_fn(total, warm)(s)) for s in range(12)]
+    want = [s / warm for s in range(warm)] + [_cos((s - warm) / (total - warm)) for s in range(warm, 12)]
+    want[10:] = [0.0, 0.0]  # clipped after the last step
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert got[0] == 0.0  # the first step has lr 0, as upstream
+    lin = [float(T.schedule_fn(total, warm, "linear")(s)) for s in range(11)]
+    want_lin = [s / warm for s in range(warm)] + [1.0 - (s - warm) / (total - warm) for s in range(warm, 11)]
+    np.testing.assert_allclose(lin, want_lin, rtol=1e-6, atol=1e-7)
+    # no warm-up: full lr at step 0, cosine over all steps
+    none = [float(T.schedule_fn(8, 0)(s)) for s in range(9)]
+    np.testing.assert_allclose(none, [_cos(s / 8) for s in range(9)], rtol=1e-6, atol=1e-7)
+    # a warm-up longer than the run is cut to total - 1 steps (the last step still decays to 0)
+    short = [float(T.schedule_fn(3, 10)(s)) for s in range(4)]
+    np.testing.assert_allclose(short, [0.0, 0.5, 1.0, 0.0], atol=1e-7)
+
+
+def _adam_direction(grads: list[np.ndarray], b1=0.9, b2=0.999, eps=1e-8) -> np.ndarray:
+    m = v = 0.0
+    for g in grads:
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+    t = len(grads)
+    return (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+
+
+def test_optimizer_is_clip_adam_lr_decoupled_wd_schedule():
+    """Two updates, written out in numpy: the first gradient (norm 5) is clipped to norm 1, the second
+    (norm 0.1, on the same coordinates: Adam's second step sees the clipping) is not; kernels get
+    ``wd * mult * param``, biases none; everything times the schedule."""
+    c = {"inner": {"layer_type": "self_attention"}, "grad_clip_norm": 1.0, "optax": {}, "lr": 0.1,
+         "wd": 0.01, "wd_mults": [[".*kernel$", 2.0]], "warmup_steps": 0, "decay_type": "cosine"}  # fmt: skip
+    p0 = {
+        "blk": {
+            "kernel": np.array([[1.0, -2.0], [0.5, 3.0]], np.float32),
+            "bias": np.array([0.5, -0.5], np.float32),
+        }
+    }
+    g1 = {
+        "blk": {
+            "kernel": np.array([[3.0, 0.0], [0.0, 0.0]], np.float32),
+            "bias": np.array([0.0, 4.0], np.float32),
+        }
+    }
+    g2 = {
+        "blk": {
+            "kernel": np.array([[0.06, 0.0], [0.0, 0.0]], np.float32),
+            "bias": np.array([0.0, -0.08], np.float32),
+        }
+    }
+    total = 4
+    tx = T.make_optimizer(c, p0, total)
+    params = jax.tree_util.tree_map(jnp.asarray, p0)
+    state = tx.init(params)
+    got = []
+    for g in (g1, g2):
+        upd, state = tx.update(jax.tree_util.tree_map(jnp.asarray, g), state, params)
+        params = jax.tree_util.tree_map(lambda p, u: p + u, params, upd)
+        got.append(jax.tree_util.tree_map(np.asarray, params))
+
+    sched = [_cos(0 / total), _cos(1 / total)]
+    clipped = [{k: v / 5.0 for k, v in g1["blk"].items()}, g2["blk"]]  # global norm 5 -> 1; 0.1 kept
+    p = {k: v.astype(np.float64) for k, v in p0["blk"].items()}
+    for t in range(2):
+        for k in p:
+            d = _adam_direction([clipped[s][k].astype(np.float64) for s in range(t + 1)])
+            wd = 0.01 * 2.0 * p[k] if k == "kernel" else 0.0
+            p[k] = p[k] - sched[t] * (0.1 * d + wd)
+        for k in p:
+            np.testing.assert_allclose(got[t]["blk"][k], p[k], rtol=1e-5, atol=1e-6, err_msg=f"step {t}, {k}")
+
+
+@pytest.mark.parametrize("train_init", [False, True])
+def test_frozen_w0_gets_no_update_not_even_weight_decay(train_init):
+    """``train_init=false``: W0 (here non-zero, xavier-like) stays exactly as it is, although the default
+    ``wd_mults`` pattern matches its ``kernel_0`` and its gradient is zero (a decayed W0 would drift)."""
+    c = {"inner": {"layer_type": "TTT", "TTT": {"train_init": train_init}}, "grad_clip_norm": 1.0,
+         "optax": {}, "lr": 0.1, "wd": 0.5, "wd_mults": [[".*kernel(_[0-9]+)?$", 1.0]], "warmup_steps": 0}  # fmt: skip
+    w0 = np.array([[0.3, -0.7], [1.1, 0.2]], np.float32)
+    params = {"encoderblock_0": {"mixer": {"inner": {"kernel_0": jnp.asarray(w0)},
+                                           "phi_kernel": jnp.ones((2, 2))}}}  # fmt: skip
+    grads = {"encoderblock_0": {"mixer": {"inner": {"kernel_0": jnp.zeros((2, 2))},
+                                          "phi_kernel": jnp.full((2, 2), 0.1)}}}  # fmt: skip
+    tx = T.make_optimizer(c, params, 10)
+    upd, _ = tx.update(grads, tx.init(params), params)
+    new = jax.tree_util.tree_map(lambda p, u: p + u, params, upd)
+    w_new = np.asarray(new["encoderblock_0"]["mixer"]["inner"]["kernel_0"])
+    if train_init:  # trained: decoupled weight decay moves it (lr-free: wd * param * schedule)
+        np.testing.assert_allclose(w_new, w0 - 0.5 * w0, rtol=1e-6)
+    else:
+        assert np.array_equal(w_new, w0)
+    assert not np.allclose(new["encoderblock_0"]["mixer"]["phi_kernel"], 1.0)
+
+
+def test_mixup_keeps_the_larger_weight_on_the_image_itself():
+    """big_vision mixup: one Dirichlet pair per batch, sorted so that each image (and its label) keeps the
+    larger share; the partner is the previous image of the batch (``roll`` by 1)."""
+    images = jnp.arange(4 * 3, dtype=jnp.float32).reshape(4, 3) ** 2
+    onehot = jax.nn.one_hot(jnp.arange(4), 4)
+    for seed in range(8):
+        mi, ml = T.mixup(jax.random.PRNGKey(seed), images, onehot, 0.2)
+        a = float(ml[0, 0])  # own label's weight
+        assert a >= 0.5
+        np.testing.assert_allclose(ml, a * onehot + (1 - a) * jnp.roll(onehot, 1, axis=0), atol=1e-6)
+        np.testing.assert_allclose(
+            mi, a * images + (1 - a) * jnp.roll(images, 1, axis=0), rtol=1e-4, atol=1e-4
+        )
+
+
+def test_sincos2d_position_embedding_values():
+    """big_vision's posemb_sincos_2d: omega_k = 10000^-(k / (D/4 - 1)); per token (y, x) in row-major
+    order the features [sin(x w), cos(x w), sin(y w), cos(y w)]."""
+    pe = np.asarray(posemb_sincos_2d(2, 3, 8))
+    assert pe.shape == (1, 6, 8)
+    w = np.array([1.0, 1e-4])
+    for m in range(6):
+        y, x = divmod(m, 3)
+        want = np.concatenate([np.sin(x * w), np.cos(x * w), np.sin(y * w), np.cos(y * w)])
+        np.testing.assert_allclose(pe[0, m], want, rtol=1e-6, atol=1e-7)
