@@ -1,0 +1,90 @@
+"""PiSGD's update rule, value by value, where the training-equivalence tests cannot see a mistake (they
+compare two nets trained by the same optimizer): global clipping, weight decay of Amult before the append
+(new rows carry exactly ``-lr_g``), and the bias group holding every bias (input and pi-layers) with its
+own lr multiplier.  Added by a mutation audit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tttlab.pilimit import InfMLP, PiSGD
+from tttlab.pilimit.functional import pi_update_norm
+
+
+def _batch(b=6, d=12, k=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, d, generator=g), torch.randint(0, k, (b,), generator=g)
+
+
+def _trained_net(seed=0):
+    """An InfMLP after one step (non-zero readout, so every layer and bias gets a gradient)."""
+    torch.manual_seed(seed)
+    net = InfMLP(12, 5, r=8, depth=2, bias_alpha=0.5)
+    opt = PiSGD(net, lr=1.0)
+    x, y = _batch(seed=1)
+    F.cross_entropy(net(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    return net
+
+
+def _update_norms(net):
+    norms = [net.input_layer.A.grad.norm()]
+    norms += [p.grad.norm() for p in (net.input_layer.bias, *(layer.bias for layer in net.pi_layers))]
+    norms += [pi_update_norm(*layer.pi_grad()) for layer in net.pi_layers]
+    return torch.stack([n.double() for n in norms])
+
+
+def test_global_clipping_scales_every_update_by_one_factor_to_norm_gclip():
+    net = _trained_net()
+    x, y = _batch(seed=2)
+    F.cross_entropy(net(x), y).backward()
+    before = _update_norms(net)
+    total = before.norm().item()
+    gclip = 0.1 * total
+    opt = PiSGD(net, lr=1.0, gclip=gclip, gclip_per_param=False)
+    opt._clip()
+    after = _update_norms(net)
+    assert after.norm().item() == pytest.approx(gclip, rel=1e-4)
+    # one common factor gclip / (total + 1e-6), not a per-tensor one
+    assert torch.allclose(after, before * (gclip / (total + 1e-6)), rtol=1e-4)
+    # below the threshold nothing changes
+    net2 = _trained_net()
+    F.cross_entropy(net2(x), y).backward()
+    b2 = _update_norms(net2)
+    PiSGD(net2, lr=1.0, gclip=10 * total, gclip_per_param=False)._clip()
+    assert torch.equal(_update_norms(net2), b2)
+
+
+@pytest.mark.parametrize("apply_mult", [True, False])
+def test_amult_decays_before_the_append_and_new_rows_are_minus_lr(apply_mult):
+    net = _trained_net()
+    lr, wd, last = 0.2, 0.5, 3.0
+    opt = PiSGD(net, lr=lr, weight_decay=wd, last_layer_lr_mult=last, apply_lr_mult_to_wd=apply_mult)
+    x, y = _batch(b=7, seed=3)
+    F.cross_entropy(net(x), y).backward()
+    old = [(layer.M, layer.Amult.clone()) for layer in net.pi_layers]
+    opt.step()
+    for layer, (m, am), mult in zip(net.pi_layers, old, (1.0, 1.0, last)):
+        decay = 1 - lr * mult * (wd if apply_mult else wd / mult)
+        assert layer.M == m + 7
+        assert torch.allclose(layer.Amult[:m], am * decay, rtol=1e-6)
+        # the appended rows are this step's: -lr_g, not decayed by this step's weight decay
+        assert torch.allclose(layer.Amult[m:], torch.full((7,), -lr * mult), rtol=1e-6)
+
+
+def test_every_bias_is_in_the_bias_group_with_its_lr_multiplier():
+    net = _trained_net()
+    biases = [net.input_layer.bias, *(layer.bias for layer in net.pi_layers)]
+    opt = PiSGD(net, lr=0.3, bias_lr_mult=0.5, first_layer_lr_mult=2.0, last_layer_lr_mult=4.0)
+    (group,) = [g for g in opt.param_groups if g["name"] == "bias"]
+    assert {id(p) for p in group["params"]} == {id(b) for b in biases}
+    x, y = _batch(seed=4)
+    F.cross_entropy(net(x), y).backward()
+    before = [(b.detach().clone(), b.grad.clone()) for b in biases]
+    assert all(g.abs().max() > 0 for _, g in before)
+    opt.step()
+    for b, (b0, g) in zip(biases, before):
+        assert torch.allclose(b.detach(), b0 - 0.3 * 0.5 * g, atol=1e-7)
