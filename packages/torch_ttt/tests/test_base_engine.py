@@ -190,3 +190,68 @@ def test_kept_optimizer_after_reset_steps_like_a_fresh_one(optimizer_name):
     engine.optimization_parameters["lr"] = 5e-3
     engine(x2)
     assert engine.optimizer is not opt and engine.optimizer.param_groups[0]["lr"] == 5e-3
+
+
+def _norm_cnn(seed: int = 0) -> nn.Module:
+    """BatchNorm and LayerNorm, so TENT adapts both kinds of affine parameters."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 16),
+        nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 5),
+    ).train()  # fmt: skip
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(16, 1, 8, 8))
+    return m.eval()
+
+
+def _tent_by_hand(model: nn.Module, batches, settings: dict, steps: int) -> list[torch.Tensor]:
+    """TENT as the paper states it, written out: per batch ``steps`` optimizer steps on the mean softmax
+    entropy under test-batch BatchNorm statistics, then the prediction; one optimizer for the stream."""
+    from tttlab.torch_ttt.norm import norm_affine_parameters
+
+    params = [p for _, p in norm_affine_parameters(model)]
+    if settings["optimizer_name"] == "sgd":
+        opt = torch.optim.SGD(params, lr=settings["lr"], momentum=settings["momentum"])
+    else:
+        opt = torch.optim.Adam(params, lr=settings["lr"])
+    outs = []
+    for x in batches:
+        for _ in range(steps):
+            with batch_statistics(model):
+                logits = model(x)
+            loss = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad(), batch_statistics(model):
+            outs.append(model(x))
+    return outs
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"optimizer_name": "sgd", "lr": 0.5, "momentum": 0.9}, {"optimizer_name": "adam", "lr": 0.05}],
+    ids=["sgd_momentum", "adam"],
+)
+def test_tent_equals_a_hand_written_loop_over_steps_and_batches(settings):
+    """Three steps per batch, two batches under ``per_domain``: the engine's predictions and parameters
+    equal the hand loop's (so the step count, the loss's mean, SGD's momentum and the optimizer state kept
+    across batches all reach the optimisation; the contract tests only compare 0 and 1 step)."""
+    import copy
+
+    from tttlab.torch_ttt.norm import norm_affine_parameters
+
+    model = _norm_cnn()
+    reference = copy.deepcopy(model)
+    engine = get_engine("tent")(model, {**settings, "num_steps": 3, "reset": "per_domain"}).eval()
+    batches = [x_batch(seed=1), x_batch(seed=2)]
+    got = [engine(x)[0] for x in batches]
+    want = _tent_by_hand(reference, batches, {"momentum": 0.0, **settings}, steps=3)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    for (name, p), (_, q) in zip(norm_affine_parameters(model), norm_affine_parameters(reference)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    fresh = dict(norm_affine_parameters(_norm_cnn()))
+    moved = max((p - fresh[n]).abs().max().item() for n, p in norm_affine_parameters(model))
+    assert moved > 1e-2, "the steps should move the weights far enough for the comparison to mean something"

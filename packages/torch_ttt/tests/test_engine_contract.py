@@ -282,3 +282,31 @@ def test_bad_optimization_key_is_a_config_error(name):
         engine.optimization_parameters["learning_rate"] = 0.1
     with pytest.raises(ConfigError):
         engine.optimization_parameters["optimizer_name"] = "lbfgs"
+
+
+def _adapted(engine) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in engine.adapted_parameters()}
+
+
+@pytest.mark.parametrize("name", [n for n in ALL_ENGINES if n not in STATIC])
+def test_k_steps_in_one_call_equal_k_calls_of_one_step(name):
+    """``num_steps=3`` in one call equals three one-step calls with the state (and the optimizer state)
+    carried over by ``per_domain``, parameters and prediction, under the same seed: the step count reaches
+    the loop (the other checks compare 0 and 1 step only)."""
+    x = x_batch(8, seed=5)
+    results = []
+    for steps, calls in ((3, 1), (1, 3)):
+        engine, _ = make_engine(name, {"num_steps": steps, "reset": "per_domain"})
+        if name == "memo":
+            engine.per_sample = False  # per image, three calls would interleave the images' steps
+        before = _adapted(engine)
+        torch.manual_seed(123)
+        for _ in range(calls):
+            out, _ = engine(x)
+        results.append((out, _adapted(engine)))
+    (out_a, params_a), (out_b, params_b) = results
+    assert params_a.keys() == params_b.keys() == before.keys()
+    assert any(not torch.equal(before[k], params_a[k]) for k in before), "three steps changed nothing"
+    for k in params_a:
+        torch.testing.assert_close(params_a[k], params_b[k], rtol=0, atol=1e-6, msg=f"{name}: {k}")
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=1e-5)

@@ -1,0 +1,105 @@
+"""Numbers the benchmark and the metrics produce at their edges (added by a mutation audit: each test
+failed on a plausible bug that the other tests let through).
+
+* ``num_examples`` picks a seeded random subset of the source (the same images in every domain), not the
+  first images of the split, and the seed changes which images;
+* a generated domain longer than one corruption chunk draws fresh noise for every chunk (the chunk
+  index is part of the noise seed), so images 0 and 512 of a constant source differ;
+* a confidence on a bin edge falls in the bin ``(lo, hi]`` that the reliability table documents.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tttlab.core import metrics as M
+from tttlab.core.benchmark import CHUNK, CLEAN, Benchmark, Domain
+from tttlab.core.data import ArrayDataset
+
+
+def _ids_source(n: int = 40) -> ArrayDataset:
+    """Images whose label is their index in the source, so labels tell which images were picked."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n, 28, 28, 1), dtype=np.uint8)
+    return ArrayDataset(images, np.arange(n), name="ids")
+
+
+def _picked(seed: int, shuffle: bool = True) -> dict:
+    b = Benchmark("ids_c", _ids_source(), corruptions=("fog", "gaussian_noise"), severities=(5,),
+                  num_examples=10, seed=seed, family="mnist", include_clean=True, shuffle=shuffle,
+                  batch_size=4)  # fmt: skip
+    out: dict = {}
+    for batch in b:
+        out.setdefault(batch.domain, []).append(batch.labels)
+    return {d: np.concatenate(v) for d, v in out.items()}
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_num_examples_is_a_seeded_random_subset_shared_by_every_domain(shuffle):
+    a, b = _picked(0, shuffle), _picked(1, shuffle)
+    for picked in (a, b):
+        assert len(picked) == 3 and all(len(v) == 10 for v in picked.values())
+        ref = picked[CLEAN]
+        assert len(set(ref.tolist())) == 10, "no image twice"
+        for d in (Domain("fog", 5), Domain("gaussian_noise", 5)):
+            assert np.array_equal(picked[d], ref), f"{d} sees other images than the clean domain"
+    assert set(a[CLEAN].tolist()) != set(range(10)), "num_examples took the first images, not a sample"
+    assert set(a[CLEAN].tolist()) != set(b[CLEAN].tolist()), "the seed does not change the subset"
+
+
+def test_every_corruption_chunk_of_a_domain_draws_its_own_noise():
+    n = CHUNK + 8
+    constant = np.full((n, 8, 8, 1), 128, np.uint8)  # identical images: only the noise tells them apart
+    src = ArrayDataset(constant, np.zeros(n, np.int64), name="constant")
+    b = Benchmark("const_c", src, corruptions=("gaussian_noise",), severities=(5,), family="mnist",
+                  batch_size=256, shuffle=False)  # fmt: skip
+    images = np.concatenate([batch.images for batch in b])
+    assert len(images) == n
+    first, second = images[:8], images[CHUNK : CHUNK + 8]
+    assert not np.array_equal(first[0], first[1]), "images of one chunk share their noise"
+    assert not np.array_equal(first, second), "chunk 1 repeats chunk 0's noise (chunk index not seeded)"
+    again = np.concatenate([batch.images for batch in b])
+    assert np.array_equal(images, again)
+
+
+def test_confidence_on_a_bin_edge_falls_in_the_lower_bin():
+    """Bins are (lo, hi]: confidences 0.25, 0.5, 0.75, 1.0 with 4 bins fill one bin each."""
+    probs = np.array(
+        [[0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0], [0.75, 0.25, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]
+    )
+    labels = np.array([0, 1, 0, 0])  # argmax picks class 0 on ties: rows 0, 2, 3 correct, row 1 wrong
+    r = M.reliability(probs, labels, n_bins=4)
+    assert r["edges"].tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert r["count"].tolist() == [1, 1, 1, 1]
+    assert r["confidence"].tolist() == [0.25, 0.5, 0.75, 1.0]
+    assert r["accuracy"].tolist() == [1.0, 0.0, 1.0, 1.0]
+    # ECE = mean over the four one-sample bins of |acc - conf|
+    want = (0.75 + 0.5 + 0.25 + 0.0) / 4
+    assert M.ece(probs, labels, n_bins=4) == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "shape, family",
+    [
+        ((28, 28), "mnist"),
+        ((28, 40), "mnist"),
+        ((29, 29), "cifar"),
+        ((64, 64), "cifar"),
+        ((65, 70), "imagenet"),
+    ],
+)
+def test_default_constant_family_follows_the_image_size(shape, family):
+    """``corrupt`` without ``family``: <= 28 px (the smaller side) mnist, <= 64 px cifar, larger imagenet
+    (gaussian_blur has different constants in all three families, so the dispatch shows in the bytes)."""
+    from tttlab.core.corruptions import corrupt
+    from tttlab.core.corruptions._common import family_for_size
+
+    assert family_for_size(*shape) == family
+    img = np.random.default_rng(0).integers(0, 256, size=(2, *shape, 1), dtype=np.uint8)
+    default = corrupt(img, "gaussian_blur", 3, seed=0)
+    by_family = {
+        f: corrupt(img, "gaussian_blur", 3, seed=0, family=f) for f in ("mnist", "cifar", "imagenet")
+    }
+    assert np.array_equal(default, by_family[family])
+    assert all(not np.array_equal(default, v) for f, v in by_family.items() if f != family)
