@@ -143,3 +143,43 @@ def test_sincos2d_position_embedding_values():
         y, x = divmod(m, 3)
         want = np.concatenate([np.sin(x * w), np.cos(x * w), np.sin(y * w), np.cos(y * w)])
         np.testing.assert_allclose(pe[0, m], want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("elu", [True, False])
+@pytest.mark.parametrize("normalizer", ["adaptive", "constant"])
+def test_linear_attention_matches_its_formula(elu, normalizer):
+    """Per head h: ``y_i = phi(q_i) (sum_j phi(k_j)^T v_j) / den_i`` with ``phi = elu + 1`` (or identity) and
+    ``den_i = phi(q_i) . sum_j phi(k_j)`` (adaptive, Katharopoulos et al.) or ``N d_h`` (constant), then the
+    output projection; written out in numpy (float64) on random inputs."""
+    from tttlab.mttt_jax.inner_loop import LinearAttention, LinearAttentionConfig
+
+    b, n, d, h = 2, 5, 8, 2
+    dh = d // h
+    layer = LinearAttention(d, h, LinearAttentionConfig(elu=elu, normalizer=normalizer))
+    x = jax.random.normal(jax.random.PRNGKey(0), (b, n, d))
+    params = layer.init(jax.random.PRNGKey(1), x)["params"]
+    keys = jax.random.split(jax.random.PRNGKey(2), 4)
+    for k, name in zip(keys, ("query", "key", "value", "proj")):  # non-zero biases too
+        params[name]["bias"] = 0.3 * jax.random.normal(k, (d,))
+    out, losses = layer.apply({"params": params}, x)
+    P = {k: {kk: np.asarray(vv, np.float64) for kk, vv in v.items()} for k, v in params.items()}
+    xn = np.asarray(x, np.float64)
+
+    def dense(name, a):
+        return a @ P[name]["kernel"] + P[name]["bias"]
+
+    def phi(a):
+        return np.where(a > 0, a + 1.0, np.exp(a)) if elu else a
+
+    q, k, v = (dense(nm, xn).reshape(b, n, h, dh) for nm in ("query", "key", "value"))
+    q, k = phi(q), phi(k)
+    y = np.zeros((b, n, h, dh))
+    for bi in range(b):
+        for hi in range(h):
+            kv = k[bi, :, hi].T @ v[bi, :, hi]  # (dh, dh)
+            num = q[bi, :, hi] @ kv
+            den = (q[bi, :, hi] @ k[bi, :, hi].sum(0))[:, None] if normalizer == "adaptive" else n * dh
+            y[bi, :, hi] = num / den
+    want = dense("proj", y.reshape(b, n, d))
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4, atol=1e-5)
+    assert np.all(np.isinf(np.asarray(losses)))
