@@ -88,3 +88,55 @@ def test_every_bias_is_in_the_bias_group_with_its_lr_multiplier():
     opt.step()
     for b, (b0, g) in zip(biases, before):
         assert torch.allclose(b.detach(), b0 - 0.3 * 0.5 * g, atol=1e-7)
+
+
+def test_finite_readout_bias_uses_last_bias_alpha():
+    """A finite net's readout bias is scaled by ``last_bias_alpha`` (not ``bias_alpha``), like the infinite
+    net's: with zero features both readouts are exactly ``last_layer_alpha * last_bias_alpha * bias``."""
+    torch.manual_seed(0)
+    net = InfMLP(12, 5, r=8, depth=1, bias_alpha=0.5, last_bias_alpha=2.0, last_layer_alpha=0.7)
+    with torch.no_grad():
+        net.output_layer.bias.normal_()
+    fin = net.sample(32, seed=1)
+    want = 0.7 * 2.0 * net.output_layer.bias.detach()
+    with torch.no_grad():
+        assert torch.allclose(net.readout(torch.zeros(1, 8))[0], want, atol=1e-6)
+        assert torch.allclose(fin.readout(torch.zeros(1, 32))[0], want, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["finite", "mup"])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_maml_closed_form_equals_readout_sgd_for_finite_nets(kind, steps):
+    """The finite-net inner loop in closed form (kernel ``f . f'``) == plain SGD of the support
+    cross-entropy on a copy of the readout weight and bias."""
+    import copy
+
+    import numpy as np
+
+    from tttlab.pilimit.maml import adapted_logits, sample_episode
+
+    torch.manual_seed(0)
+    inf = InfMLP(16, 3, r=6, depth=1, bias_alpha=0.5, last_bias_alpha=1.5, last_layer_alpha=0.7)
+    net = inf.sample(24, seed=2, gaussian_init=kind == "mup")
+    with torch.no_grad():
+        net.weights[-1].normal_()
+        net.biases[-1].normal_()
+    rng = np.random.default_rng(0)
+    classes = [rng.integers(0, 256, (4, 4, 4), dtype=np.uint8) for _ in range(3)]
+    ep = sample_episode(classes, 3, 2, 1, rng)
+    step = 0.4
+    with torch.no_grad():
+        fast, _ = adapted_logits(net, ep, step, steps)
+    slow = copy.deepcopy(net)
+    w, b = slow.weights[-1], slow.biases[-1]
+    with torch.no_grad():
+        f = slow.features(ep.xs)
+    for _ in range(steps):
+        w.grad = b.grad = None
+        F.cross_entropy(slow.readout(f), ep.ys).backward()
+        with torch.no_grad():
+            w -= step * w.grad
+            b -= step * b.grad
+    with torch.no_grad():
+        ref = slow(ep.xq)
+    assert torch.allclose(fast, ref, atol=1e-5)
