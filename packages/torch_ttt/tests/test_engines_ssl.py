@@ -425,3 +425,98 @@ def test_it3_rejects_a_target_of_the_wrong_shape():
     engine = IT3Engine(conv_net(), "fc1").train()
     with pytest.raises(InvalidInputError, match="one-hot"):
         engine(images(4), target=torch.arange(4))
+
+
+# -- the losses against their formulas, written out in float64 (mutation audit: the zero-at-the-statistics
+#    and positive-when-shifted checks above let a wrong normaliser, an L2 for an L1 or a detached target
+#    through) ------------------------------------------------------------------------------------------
+def _hand_cov(a: torch.Tensor) -> torch.Tensor:
+    c = a - a.mean(0, keepdim=True)
+    return c.T @ c / (a.shape[0] - 1)
+
+
+def test_ttt_pp_alignment_loss_is_the_coral_and_mean_formula():
+    """``scale_cov * ||C_s - C_t||_F^2 / (4 d^2) + scale_mu * mean((mu_s - mu_t)^2)`` on the features and,
+    with the ``scale_c_*`` weights, on the contrastive head's projections (distinct weights, so a swap
+    shows)."""
+    net = conv_net(bn=True)
+    engine = TTTPPEngine(net, "fc1", scale_cov=0.3, scale_mu=0.7, scale_c_cov=0.2, scale_c_mu=0.05).eval()
+    engine.compute_statistics([images(16, seed=5)])
+    with torch.no_grad():
+        f = features_only(net, engine.target_module, images(12, seed=6, shift=1.0))
+        got = engine.alignment_loss(f)
+        proj = engine.contrastive_head(f)
+    want = 0.0
+    for a, mu, cov, s_mu, s_cov in (
+        (f, engine.reference_mean, engine.reference_cov, 0.7, 0.3),
+        (proj, engine.reference_c_mean, engine.reference_c_cov, 0.05, 0.2),
+    ):
+        a, mu, cov = a.double(), mu.double(), cov.double()
+        d = a.shape[1]
+        want += s_cov * float(((cov - _hand_cov(a)) ** 2).sum()) / (4 * d * d)
+        want += s_mu * float(((mu - a.mean(0)) ** 2).mean())
+    assert want > 1e-3
+    assert got.item() == pytest.approx(want, rel=1e-4)
+
+
+def test_actmad_loss_is_the_l1_distance_of_means_and_variances():
+    """Sum over layers of ``mean|mu - mu_clean| + mean|var - var_clean|`` (element-wise statistics over the
+    batch, unbiased variances): ActMAD's L1, not a squared distance."""
+    net = conv_net(bn=True)
+    engine = ActMADEngine(net, ["conv1", "fc1"]).eval()
+    engine.compute_statistics([(images(16, seed=5), None)])
+    x = images(12, seed=6, shift=1.0)
+    with torch.no_grad():
+        got = engine.adapt_loss(x)
+        feats = features_only(net, [net.conv1, net.fc1], x)
+    want = 0.0
+    for f, mu, var in zip(feats, engine.reference_mean, engine.reference_var):
+        f = f.double()
+        want += float((f.mean(0) - mu.double()).abs().mean()) + float((f.var(0) - var.double()).abs().mean())
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_masked_mse_is_the_mean_over_masked_pixels_and_channels():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    _, mask = mask_patches(target, 4, 0.5, generator=torch.Generator().manual_seed(1))
+    sel = mask.expand_as(target)
+    want = ((pred - target)[sel].double() ** 2).mean()
+    assert 0 < int(sel.sum()) < sel.numel()
+    torch.testing.assert_close(masked_mse(pred, target, mask).double(), want, rtol=1e-6, atol=0)
+
+
+def test_it3_idempotence_gradient_flows_through_both_applications():
+    """``d/dtheta distance(f(x, f(x, 0)), f(x, 0))`` with the graph through the target ``f(x, 0)`` and the
+    embedded prediction, as torch-ttt's formulation (no stop-gradient, no anchor copy)."""
+    net = conv_net(bn=False)
+    engine = IT3Engine(net, "fc1").eval()
+    x = images(6, seed=3)
+    params = list(net.parameters())
+    got = torch.autograd.grad(engine.adapt_loss(x), params)
+    y0 = net(x)
+    emb = engine.embeder(y0)
+    handle = net.fc1.register_forward_hook(lambda m, a, out: out + emb)
+    try:
+        y1 = net(x)
+    finally:
+        handle.remove()
+    want = torch.autograd.grad(F.mse_loss(y1, y0), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "size, prob, count",
+    [(12, 0.75, 7), (12, 0.3, 3), (16, 0.75, 12), (10, 0.75, 7), (12, 0.01, 1)],
+)
+def test_masked_patch_count_is_the_rounded_fraction(size, prob, count):
+    """``max(1, round(mask_prob * L))`` patches per image (0.75 of 9 is 7, not the floor 6; a 10x10 image
+    has a ceil-divided 3x3 grid)."""
+    x = torch.randn(3, 1, size, size, generator=torch.Generator().manual_seed(0))
+    _, mask = mask_patches(x, 4, prob, generator=torch.Generator().manual_seed(0))
+    cells = -(-size // 4)
+    padded = torch.zeros(3, 1, cells * 4, cells * 4, dtype=torch.bool)
+    padded[:, :, :size, :size] = mask
+    per_patch = padded.view(3, cells, 4, cells, 4)[:, :, 0, :, 0]
+    assert per_patch.sum(dim=(1, 2)).tolist() == [count] * 3
