@@ -183,3 +183,58 @@ def test_linear_attention_matches_its_formula(elu, normalizer):
     want = dense("proj", y.reshape(b, n, d))
     np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4, atol=1e-5)
     assert np.all(np.isinf(np.asarray(losses)))
+
+
+def test_decoder_layer_norm_is_flax_layernorm():
+    """The decoder LayerNorm of the inner loss (closed form, both the expanded and the direct path) equals
+    ``flax.linen.LayerNorm`` with its default epsilon (upstream's module), on outputs of small variance
+    where the epsilon matters."""
+    import flax.linen as nn
+
+    from tttlab.mttt_jax.inner_loop import Decoder
+
+    b, h, n, dh, d = 1, 2, 6, 3, 8
+    ks = jax.random.split(jax.random.PRNGKey(0), 5)
+    g = 2e-3 * jax.random.normal(ks[0], (h, dh, d))  # o = z g + b has variance ~1e-5
+    gb = 1e-3 * jax.random.normal(ks[1], (d,))
+    s = 1.0 + 0.3 * jax.random.normal(ks[2], (h, d))
+    beta = 0.3 * jax.random.normal(ks[3], (h, d))
+    z = jax.random.normal(ks[4], (b, h, n, dh))
+    x = jax.random.normal(jax.random.PRNGKey(9), (b, n, d))
+    ln = nn.LayerNorm()
+    want = []
+    for hi in range(h):
+        o = z[0, hi] @ g[hi] + gb
+        y = ln.apply({"params": {"scale": s[hi], "bias": beta[hi]}}, o)
+        want.append(0.5 * (h / (n * d)) * jnp.sum((y - x[0]) ** 2))
+    for expand in (True, False):
+        dec = Decoder(g, gb, s, beta, h, expand)
+        loss, _ = dec.loss_and_grad(z, dec.targets(x), dec.gram())
+        np.testing.assert_allclose(
+            np.asarray(loss[0]), np.asarray(want), rtol=2e-4, err_msg=f"expand={expand}"
+        )
+
+
+def test_epochs_are_reshuffled_and_a_resume_sees_the_remaining_batches():
+    from tttlab.mttt_jax import data as mdata
+
+    orders = [mdata.epoch_order(40, 3, e) for e in range(3)]
+    for o in orders:
+        assert sorted(o.tolist()) == list(range(40))
+    assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
+    assert np.array_equal(mdata.epoch_order(40, 3, 1), orders[1])  # a function of (seed, epoch)
+    assert not np.array_equal(mdata.epoch_order(40, 4, 1), orders[1])
+
+    class Src:  # the image of example i is the constant i
+        workers, per_image, train, augment = 1, False, True, {}
+
+        def __len__(self):
+            return 40
+
+        def load(self, idx, seeds, pool):
+            return np.asarray(idx, np.float32)[:, None], np.asarray(idx, np.int32)
+
+    full = [lab.tolist() for _, lab in mdata.train_batches(Src(), 8, 3, 1)]
+    assert [i for batch in full for i in batch] == orders[1].tolist()
+    rest = [lab.tolist() for _, lab in mdata.train_batches(Src(), 8, 3, 1, start_step=3)]
+    assert rest == full[3:]
