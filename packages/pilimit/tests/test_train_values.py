@@ -1,0 +1,66 @@
+"""train.py's wiring, value by value (added by a mutation audit; the kill/resume test compares a run with
+another run of the same code, so these mistakes passed it): every epoch draws a new order of the data,
+lr-drop milestones are given in epochs and converted to steps, and Gproj is used by the sampled finite
+nets only (never by the muP baseline)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tttlab.pilimit import InfMLP
+from tttlab.pilimit import train as T
+
+SMOKE = ["logging.progress=false", "threads=1"]
+
+
+def test_each_epoch_draws_a_new_order_of_the_training_data(tmp_path, monkeypatch):
+    n = 32
+
+    def fake_load_flat(name, split, root=None, num_examples=None):
+        x = torch.zeros(n, 784)
+        x[:, 0] = torch.arange(n, dtype=torch.float32)  # example i is recognisable by x[:, 0] == i
+        return x, torch.arange(n) % 10
+
+    seen: list[list[int]] = []
+    orig = InfMLP.forward
+
+    def spy(self, x):
+        if torch.is_grad_enabled():  # training batches (evaluation runs under no_grad)
+            seen.append(x[:, 0].round().long().tolist())
+        return orig(self, x)
+
+    monkeypatch.setattr(T, "load_flat", fake_load_flat)
+    monkeypatch.setattr(InfMLP, "forward", spy)
+    over = [*SMOKE, "data.num_examples=32", "train.epochs=3", "train.num_test=8", f"out_dir={tmp_path}"]
+    T.run(T.train_config("smoke", over))
+    steps = n // 16
+    epochs = [sum(seen[e * steps : (e + 1) * steps], []) for e in range(3)]
+    assert len(seen) == 3 * steps
+    for order in epochs:
+        assert sorted(order) == list(range(n))  # every example once per epoch
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
+
+
+def test_lr_drop_milestones_are_epochs_converted_to_steps():
+    c = T.train_config("smoke", [*SMOKE, "optim.scheduler=multistep", "optim.lr=0.8",
+                                 "optim.lr_drop_milestones=[0.5,1.5]", "optim.lr_drop_ratio=0.25"])  # fmt: skip
+    net = InfMLP(4, 2, r=2, depth=0)
+    opt, sched = T.build_optimizer(c, net, steps_per_epoch=10, total_steps=20)
+    lrs = []
+    for _ in range(16):
+        sched.step()
+        lrs.append(opt.lr)
+    assert lrs[:4] == [0.8] * 4
+    assert lrs[4:14] == pytest.approx([0.2] * 10)  # dropped at step 5 (epoch 0.5)
+    assert lrs[14:] == pytest.approx([0.05] * 2)  # and at step 15 (epoch 1.5)
+
+
+@pytest.mark.parametrize(("kind", "gproj", "want"), [
+    ("finite", True, True), ("finite", False, False), ("mup", True, False), ("inf", True, False),
+])  # fmt: skip
+def test_gproj_only_for_sampled_finite_nets(kind, gproj, want):
+    c = T.train_config("smoke", [*SMOKE, f"model.kind={kind}", "model.width=8", f"optim.gproj={gproj}"])
+    net = T.build_model(c, 12, 3, torch.device("cpu"))
+    opt, _ = T.build_optimizer(c, net, steps_per_epoch=4, total_steps=8)
+    assert opt.gproj is want
