@@ -231,3 +231,14 @@ def test_write_domain_summary_counts_images_and_means_over_corruptions(tmp_path)
     with RecordWriter(tmp_path / "one.jsonl", {"method": "m"}) as w:
         write_domain_summary(w, {Domain("fog", 5): [1, 2, 1.0]}, min_domains_for_mean=2)
     assert "mean" not in {r["corruption"] for r in read_jsonl(tmp_path / "one.jsonl")}
+
+
+def test_merge_orders_rank_files_numerically(tmp_path):
+    """Twelve ranks: rank 10's records follow rank 9's, not rank 1's (a name sort would put
+    ``records-rank10`` before ``records-rank2``)."""
+    for rank in range(12):
+        run = R.RunDir(tmp_path, config={"seed": 0}, rank=rank)
+        with run.writer(method="m", metric="accuracy", corruption="fog") as w:
+            w.write(value=0.5, severity=1, step=rank)
+    R.merge_records(tmp_path, world_size=12)
+    assert R.load_records(tmp_path)["step"].tolist() == list(range(12))

@@ -182,6 +182,9 @@ def test_rotations_are_exact_and_labelled():
     assert torch.equal(r, again) and torch.equal(labels, labels_again) and len(set(labels.tolist())) > 1
     for i, k in enumerate(labels.tolist()):
         assert torch.equal(r[i], torch.rot90(images(16)[i], k, dims=(1, 2)))
+    r, labels = rotate_batch(images(64), "rand", generator=torch.Generator().manual_seed(1))
+    counts = torch.bincount(labels, minlength=4).tolist()
+    assert len(counts) == 4 and min(counts) >= 6, f"all four rotations are drawn, about equally: {counts}"
     with pytest.raises(InvalidInputError, match="square"):
         rotate_batch(torch.zeros(2, 1, 4, 6))
 

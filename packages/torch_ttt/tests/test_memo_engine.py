@@ -140,3 +140,34 @@ def test_memo_bn_prior_statistics_are_unbiased_constants_as_the_memo_code(dims):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
     for k, v in model.state_dict().items():  # running buffers untouched
         assert torch.equal(v, buffers[k]), k
+
+
+# -- the geometric AugMix views' distribution (mutation audit: nothing checked the ranges of the random
+#    warps or that the chain weights sum to one) ----------------------------------------------------------
+def test_random_affine_stays_within_the_documented_ranges():
+    """Rotation +-30 degrees, shear +-0.3, translation +-0.15, zoom 0.9-1.1, read back from the matrices
+    ``[[cos/z, -sin/z + shear, tx], [sin/z, cos/z, ty]]``; the draws reach near the bounds."""
+    import math
+
+    from tttlab.torch_ttt.engine.memo_engine import _random_affine
+
+    theta = _random_affine(4000, torch.Generator().manual_seed(0), "cpu", torch.float64)
+    sin_z, cos_z = theta[:, 1, 0], theta[:, 1, 1]
+    angle = torch.atan2(sin_z, cos_z) * 180 / math.pi
+    zoom = 1 / torch.hypot(sin_z, cos_z)
+    shear = theta[:, 0, 1] + sin_z
+    torch.testing.assert_close(theta[:, 0, 0], cos_z)  # the same zoom on both axes
+    for values, bound in ((angle, 30.0), (zoom - 1, 0.1), (shear, 0.3), (theta[:, 0, 2], 0.15),
+                          (theta[:, 1, 2], 0.15)):  # fmt: skip
+        assert values.abs().max() <= bound + 1e-9
+        assert values.abs().max() > 0.95 * bound and values.min() < 0 < values.max()
+
+
+def test_views_of_a_constant_image_are_that_constant():
+    """Warps of a constant image fill with its value and the chains are mixed with weights summing to one
+    (Dirichlet), so every view of a constant image is the same constant."""
+    x = torch.full((3, 1, 9, 9), 0.7)
+    x[1] = -1.25
+    v = augmix_geometric(x, 6, torch.Generator().manual_seed(0))
+    assert v.shape == (6, 3, 1, 9, 9)
+    torch.testing.assert_close(v, x.expand_as(v), rtol=0, atol=1e-5)
