@@ -5,6 +5,9 @@ failed on a plausible bug that the other tests let through).
   first images of the split, and the seed changes which images;
 * a generated domain longer than one corruption chunk draws fresh noise for every chunk (the chunk
   index is part of the noise seed), so images 0 and 512 of a constant source differ;
+* file-backed domains are subsampled the same way; ``gradual`` revisits a severity with the same images in
+  another (seeded) order;
+* the default corruption constants follow the image size (<= 28 px mnist, <= 64 px cifar, else imagenet);
 * a confidence on a bin edge falls in the bin ``(lo, hi]`` that the reliability table documents.
 """
 
@@ -103,3 +106,57 @@ def test_default_constant_family_follows_the_image_size(shape, family):
     }
     assert np.array_equal(default, by_family[family])
     assert all(not np.array_equal(default, v) for f, v in by_family.items() if f != family)
+
+
+def test_num_examples_of_file_domains_is_a_seeded_random_subset():
+    """Domains read from files (CIFAR-10-C/ImageNet-C style) are subsampled like generated ones: a seeded
+    random subset, not the first ``num_examples`` images of the file."""
+    files = _ids_source()
+
+    def picked(seed: int) -> np.ndarray:
+        b = Benchmark("files_c", None, corruptions=("fog",), severities=(5,), num_examples=10, seed=seed,
+                      domain_files=lambda c, s: files, batch_size=4)  # fmt: skip
+        return np.concatenate([batch.labels for batch in b])
+
+    a, b = picked(0), picked(1)
+    assert len(a) == len(set(a.tolist())) == 10
+    assert set(a.tolist()) != set(range(10))
+    assert set(a.tolist()) != set(b.tolist())
+    assert np.array_equal(a, picked(0))
+
+
+def test_gradual_revisits_a_severity_with_the_same_images_in_another_order():
+    src = _ids_source()
+    b = Benchmark("ids_c", src, corruptions=("fog",), severities=(4, 5), setting="gradual", seed=3,
+                  family="mnist", batch_size=8)  # fmt: skip
+    visits = _visits(b)
+    assert [d.severity for d, _ in visits] == [4, 5, 4]
+    up, down = (np.concatenate(v) for _, v in (visits[0], visits[2]))
+    assert sorted(up.tolist()) == sorted(down.tolist()), "the way down shows the same images"
+    assert not np.array_equal(up, down), "... in another order"
+    again = [np.concatenate(v) for _, v in _visits(b)]
+    assert np.array_equal(again[2], down)
+
+
+def _visits(b) -> list:
+    out: list = []
+    for batch in b:
+        if not out or out[-1][0] != batch.domain:
+            out.append((batch.domain, []))
+        out[-1][1].append(batch.labels)
+    return out
+
+
+def test_mixed_order_follows_the_seed():
+    """The ``mixed`` shuffle of all domains' images is drawn from the benchmark's seed."""
+
+    def order(seed: int) -> list:
+        b = Benchmark("ids_c", _ids_source(), corruptions=("fog", "snow"), severities=(5,), setting="mixed",
+                      seed=seed, family="mnist", batch_size=16, num_examples=20)  # fmt: skip
+        return [(batch.domain_ids.tolist(), batch.labels.tolist()) for batch in b]
+
+    first, other = order(0), order(1)
+    assert first == order(0)
+    ids = [i for batch_ids, _ in first for i in batch_ids]
+    assert ids != [i for batch_ids, _ in other for i in batch_ids], "the domains interleave alike"
+    assert sorted(ids) == [0] * 20 + [1] * 20 and ids != sorted(ids)

@@ -315,3 +315,26 @@ def test_compare_contract_keys_map_onto_the_config():
         E.eval_config({"engine": "tent"}, ["engine.optimization.num_stepz=3"])
     with pytest.raises(ConfigError, match="lr must be a number >= 0, got -1"):
         E.eval_config({"engine": {"name": "eata", "optimization": {"lr": -1}}})
+
+
+def test_mixed_batches_count_each_domain_by_its_own_images():
+    """A ``mixed`` batch holds several domains: each gets its own images' hits and count, and a share of
+    the batch's time proportional to its images (mutation audit: counting the whole batch for every domain
+    went unnoticed)."""
+    from tttlab.core.benchmark import Domain
+
+    a, b = Domain("fog", 5), Domain("snow", 5)
+
+    class Fixed(torch.nn.Module):
+        def reset(self):
+            pass
+
+        def forward(self, x):  # predicts class 1 for every image
+            return torch.tensor([[0.0, 1.0, 0.0]]).expand(len(x), 3), torch.zeros(())
+
+    labels = torch.tensor([1, 0, 1, 1, 2])  # hits: 1, 0, 1, 1, 0
+    ids = np.array([0, 0, 1, 0, 1])  # a: images 0, 1, 3 (2 hits); b: images 2, 4 (1 hit)
+    batch = E.StreamBatch(None, torch.zeros(5, 1, 4, 4), labels, True, ids)
+    totals = E.adapt_stream(Fixed(), [batch, batch], [a, b], torch.device("cpu"), Reset.NEVER, False)
+    assert totals[a][:2] == [4, 6] and totals[b][:2] == [2, 4]
+    assert totals[a][2] == pytest.approx(1.5 * totals[b][2], rel=1e-9)
