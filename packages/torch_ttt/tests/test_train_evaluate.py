@@ -338,3 +338,18 @@ def test_mixed_batches_count_each_domain_by_its_own_images():
     totals = E.adapt_stream(Fixed(), [batch, batch], [a, b], torch.device("cpu"), Reset.NEVER, False)
     assert totals[a][:2] == [4, 6] and totals[b][:2] == [2, 4]
     assert totals[a][2] == pytest.approx(1.5 * totals[b][2], rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_the_config_seed_seeds_the_adaptation_stream(smoke_run, tmp_path, monkeypatch, seed):
+    """The engines' random draws (MEMO's views, DeYO's shuffles, TTT++'s crops) come from the global torch
+    RNG, seeded with ``seed`` (+ rank) just before the stream: a run's ``seed=`` must reach it."""
+    seen = []
+
+    def fake_adapt_stream(engine, batches, domains, *args, **kwargs):
+        seen.append(torch.initial_seed())
+        return {d: [0, 0, 0.0] for d in domains}
+
+    monkeypatch.setattr(E, "adapt_stream", fake_adapt_stream)
+    E.run(hydra_compose("evaluate", [*eval_overrides(smoke_run, tmp_path / "seeded"), f"seed={seed}"]))
+    assert seen == [seed]
