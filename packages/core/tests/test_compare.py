@@ -411,3 +411,73 @@ def test_trained_models_are_cached_per_package_and_code_version(env, tmp_path):
         cmp.evaluate_config(a, c)["benchmark"]["cache_dir"]
         == cmp.evaluate_config(b, c)["benchmark"]["cache_dir"]
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the numbers of the table, from hand-made records (added by a mutation audit: the fake methods have no
+# baseline, write s_per_image records and never leave a stale or an unwanted domain behind, so these
+# paths were not checked)
+
+
+def _results(rows):
+    cols = ["method", "package", "framework", "setting", "seed", "corruption", "severity", "accuracy", "n",
+            "wall_time_s", "s_per_image", "model"]  # fmt: skip
+    return pd.DataFrame([dict(zip(cols, r)) for r in rows], columns=cols)
+
+
+def test_summary_delta_is_gain_over_the_baseline_of_the_same_setting():
+    c = {"corruptions": ["fog", "snow"], "baselines": {"p": "p.base"}}
+    rows = []
+    accs = {("p.base", "episodic"): (0.5, 0.7), ("p.up", "episodic"): (0.8, 0.6),
+            ("p.base", "continual"): (0.2, 0.4), ("p.up", "continual"): (0.35, 0.45)}  # fmt: skip
+    for (m, s), (fog, snow) in accs.items():
+        rows += [(m, "p", "torch", s, 0, "fog", 5, fog, 10, 0.1, 0.01),
+                 (m, "p", "torch", s, 0, "snow", 5, snow, 10, 0.3, 0.03)]  # fmt: skip
+    table = cmp.summarize(_results([(*r, None) for r in rows]), c)
+    got = {(r["method"], r["setting"]): r for r in table.to_dict("records")}
+    assert got[("p.up", "episodic")]["delta"] == pytest.approx(0.7 - 0.6)
+    assert got[("p.up", "continual")]["delta"] == pytest.approx(0.4 - 0.3)
+    assert math.isnan(got[("p.base", "episodic")]["delta"])
+    assert got[("p.up", "episodic")]["s_per_image"] == pytest.approx(0.02)  # mean of the rows'
+
+
+def test_summary_mean_counts_only_seeds_with_every_corruption():
+    c = {"corruptions": ["fog", "snow"], "baselines": {}}
+    rows = [("m", "p", "torch", "episodic", 0, "fog", 5, 0.4, 10, 1.0, 0.1, None),
+            ("m", "p", "torch", "episodic", 0, "snow", 5, 0.6, 10, 1.0, 0.2, None),
+            ("m", "p", "torch", "episodic", 1, "fog", 5, 0.9, 10, 1.0, 0.6, None)]  # fmt: skip
+    (row,) = cmp.summarize(_results(rows), c).to_dict("records")
+    assert row["mean"] == pytest.approx(0.5) and row["seeds"] == 1  # seed 1 lacks snow
+    assert row["fog"] == pytest.approx(0.65)
+    assert row["s_per_image"] == pytest.approx(0.3)  # the mean cost of the rows (not their median)
+
+
+def _write_part(part: Path, recs, mtime: float) -> None:
+    from tttlab.core.records import RunDir
+
+    with RunDir(part, {"p": str(part)}).writer(method="fake.alpha", package="fake", framework="numpy",
+                                                model="m", dataset="digits_c", setting="episodic", seed=0) as w:  # fmt: skip
+        for r in recs:
+            w.write(**r)
+    os.utime(part / "records.jsonl", (mtime, mtime))
+
+
+def test_collect_newest_part_wins_only_wanted_domains_and_derived_cost(env, tmp_path):
+    spec = registry.get_method("fake.alpha")
+    root = tmp_path / "task"
+    acc = dict(metric="accuracy", severity=5, n=20)
+    _write_part(root / "part-old", [dict(acc, corruption="fog", value=0.1, wall_time_s=2.0),
+                                    dict(acc, corruption="snow", value=0.3, wall_time_s=4.0)], 1_000_000)  # fmt: skip
+    _write_part(root / "part-new", [dict(acc, corruption="fog", value=0.9, wall_time_s=1.0),
+                                    dict(acc, corruption="contrast", value=0.5, wall_time_s=1.0)], 2_000_000)  # fmt: skip
+    c = {"corruptions": ["fog", "snow"], "severities": [5]}
+    task = cmp.Task(spec, "episodic", 0, root, ["fog", "snow"], [5], [], fingerprint="")
+    res = cmp.collect([task], c)
+    got = {r.corruption: r for r in res.itertuples()}
+    assert sorted(got) == ["fog", "snow"]  # contrast was not asked for
+    assert got["fog"].accuracy == 0.9  # the newer part's record
+    assert got["snow"].accuracy == 0.3
+    # no s_per_image record: wall_time_s / n
+    assert got["fog"].s_per_image == pytest.approx(1.0 / 20) and got["snow"].s_per_image == pytest.approx(
+        4.0 / 20
+    )
