@@ -271,3 +271,32 @@ def test_gradient_accumulation_averages_the_micro_batch_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert out[0][1] == pytest.approx(out[1][1], rel=1e-5)
     np.testing.assert_allclose(out[0][2], out[1][2], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("override", "refused"),
+    [("seed=1", True), ("lr=0.01", True), ("inner.TTT.inner_lr=[0.5]", True), ("input.batch_size=8", True),
+     ("total_epochs=3", True), ("warmup_steps=1", True), ("max_steps=2", False), ("logging.progress=true", False),
+     ("checkpoint_every_steps=1", False), ("input.workers=3", False), ("name=_x", False)],
+)  # fmt: skip
+def test_resume_check_refuses_exactly_the_keys_that_change_the_numbers(override, refused):
+    """A checkpoint resumes only into the same training config: a different seed, lr, schedule, batch ...
+    is refused; bookkeeping keys (``max_steps``, logging, checkpoint cadence, workers, name) are not."""
+    from tttlab.core.errors import CheckpointError
+
+    from .test_train import TINY, compose
+
+    old = T.to_dict(compose(TINY))
+    new = T.to_dict(compose([*TINY, override]))
+
+    class Manager:  # what check_resume_config reads of an orbax CheckpointManager
+        directory = "ckpt"
+
+        def restore(self, step, args=None):
+            return {"meta": {"config": T.json_roundtrip(T.training_config(old))}}
+
+    if refused:
+        with pytest.raises(CheckpointError, match=override.split("=")[0].replace(".", r"\.")):
+            T.check_resume_config(Manager(), 4, new)
+    else:
+        T.check_resume_config(Manager(), 4, new)
