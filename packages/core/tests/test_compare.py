@@ -481,3 +481,15 @@ def test_collect_newest_part_wins_only_wanted_domains_and_derived_cost(env, tmp_
     assert got["fog"].s_per_image == pytest.approx(1.0 / 20) and got["snow"].s_per_image == pytest.approx(
         4.0 / 20
     )
+
+
+def test_run_key_changes_with_everything_that_changes_the_numbers(tmp_path):
+    """A comparison with another benchmark, data root, number of images, batch size, profile or device
+    must not resume from the records of this one (they live under another ``runs/<key>`` folder)."""
+    c = cmp.load_config([f"out_dir={tmp_path}", "benchmark=digits_c", "profile=smoke", "num_examples=40"])
+    key = cmp.run_key(c)
+    for k, v in [("benchmark", "mnist_c"), ("root", str(tmp_path)), ("num_examples", 80), ("batch_size", 7),
+                 ("profile", "quick"), ("device", "cuda")]:  # fmt: skip
+        assert cmp.run_key({**c, k: v}) != key, k
+    # what does not change the numbers keeps the key (jobs, output folder, methods)
+    assert cmp.run_key({**c, "jobs": 7, "out_dir": str(tmp_path / "x"), "methods": ["a.b"]}) == key
