@@ -160,3 +160,21 @@ def test_mixed_order_follows_the_seed():
     ids = [i for batch_ids, _ in first for i in batch_ids]
     assert ids != [i for batch_ids, _ in other for i in batch_ids], "the domains interleave alike"
     assert sorted(ids) == [0] * 20 + [1] * 20 and ids != sorted(ids)
+
+
+def test_corruption_subsets_are_hendrycks_15_common_and_4_held_out():
+    """The ``common`` benchmark is ImageNet-C's 15 corruptions in the paper's order (noise, blur,
+    weather, digital), ``heldout`` its 4 validation corruptions; a benchmark on ``common`` visits all 15."""
+    from tttlab.core import corruptions as C
+
+    common = (
+        "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+        "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+        "jpeg_compression",
+    )  # fmt: skip
+    heldout = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+    assert C.resolve("common") == common
+    assert C.resolve("heldout") == heldout
+    assert C.resolve("all") == common + heldout
+    b = Benchmark("ids_c", _ids_source(), corruptions="common", severities=(5,), family="mnist")
+    assert [d.corruption for d in b.domains] == list(common)

@@ -128,3 +128,21 @@ def test_bad_inputs():
         M.mce({"fog": [0.1, 0.2, 0.3]})
     with pytest.raises(InvalidInputError, match="n_bins"):
         M.ece(np.eye(2), np.arange(2), n_bins=0)
+
+
+def test_error_metric_rows_and_clean_rows_named_clean():
+    """Rows with ``metric="error"`` are errors already (not 1 - value), and clean rows may be named
+    ``"clean"`` as well as left empty (mutation audit: both survived)."""
+    df = pd.DataFrame(
+        {
+            "metric": ["error", "error", "error", "error"],
+            "corruption": ["fog", "fog", "clean", None],
+            "severity": [5, 5, None, None],
+            "value": [0.2, 0.4, 0.1, 0.3],
+            "n": [10, 30, 20, 20],
+        }
+    )
+    assert M.domain_errors(df, metric="error") == {"fog": {5: pytest.approx((2 + 12) / 40)}}
+    assert M.clean_error(df, metric="error") == pytest.approx((0.1 * 20 + 0.3 * 20) / 40)
+    acc = df.assign(metric="accuracy")
+    assert M.clean_error(acc) == pytest.approx(1 - 0.2)

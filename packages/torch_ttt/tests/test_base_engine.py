@@ -255,3 +255,22 @@ def test_tent_equals_a_hand_written_loop_over_steps_and_batches(settings):
     fresh = dict(norm_affine_parameters(_norm_cnn()))
     moved = max((p - fresh[n]).abs().max().item() for n, p in norm_affine_parameters(model))
     assert moved > 1e-2, "the steps should move the weights far enough for the comparison to mean something"
+
+
+def test_reset_after_more_training_returns_to_the_trained_weights():
+    """``engine.train()`` drops the snapshot: weights trained after an evaluation are what the next
+    evaluation's ``reset()`` restores, not the ones before training (mutation audit)."""
+    m = bn_model()
+    engine = get_engine("tent")(m, {"reset": "per_domain", "lr": 1e-2}).eval()
+    x = x_batch(seed=3)
+    engine(x)  # snapshot of the first weights, then adapted
+    engine.train()
+    with torch.no_grad():  # a training step elsewhere
+        m[1].weight.add_(0.5)
+        m[1].bias.sub_(0.25)
+    trained = state(m)
+    engine.eval()
+    engine(x)
+    assert not same(state(m), trained)
+    engine.reset()
+    assert same(state(m), trained)

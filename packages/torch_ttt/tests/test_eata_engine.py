@@ -103,3 +103,28 @@ def test_evaluate_conf_keeps_adapting_after_the_first_batch_on_10_classes():
         counts.append(engine.last_selected)
     assert counts[0] > 0 and engine.current_model_probs is not None
     assert min(counts[1:]) > 0, f"samples adapted on per batch: {counts}"
+
+
+def test_fisher_num_batches_reads_exactly_that_many_batches():
+    """``num_batches=2`` over three batches equals the Fisher of the first two (mean of the squared
+    pseudo-label gradients), computed by hand here (mutation audit: reading one batch too many survived)."""
+    import torch.nn.functional as F
+
+    from tttlab.torch_ttt.norm import batch_statistics, norm_affine_parameters
+
+    data = batches(3, seed=4)
+    engine = get_engine("eata")(bn_model())
+    got = engine.compute_fishers(data, num_batches=2)
+    model = bn_model()
+    params = dict(norm_affine_parameters(model))
+    want = {n: torch.zeros_like(p) for n, p in params.items()}
+    for x in data[:2]:
+        with batch_statistics(model):
+            out = model(x)
+        grads = torch.autograd.grad(F.cross_entropy(out, out.detach().argmax(-1)), list(params.values()))
+        for n, g in zip(params, grads):
+            want[n] += g.square() / 2
+    assert set(got) == set(want)
+    for n in want:
+        torch.testing.assert_close(got[n][0], want[n], rtol=1e-5, atol=1e-9)
+        assert torch.equal(got[n][1], params[n].detach())

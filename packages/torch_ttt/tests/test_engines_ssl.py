@@ -523,3 +523,35 @@ def test_masked_patch_count_is_the_rounded_fraction(size, prob, count):
     padded[:, :, :size, :size] = mask
     per_patch = padded.view(3, cells, 4, cells, 4)[:, :, 0, :, 0]
     assert per_patch.sum(dim=(1, 2)).tolist() == [count] * 3
+
+
+def test_masked_ttt_train_loss_reconstructs_from_the_masked_images():
+    """Without BatchNorm the train-mode forward runs clean and masked images in one batch; its loss must be
+    the masked images' reconstruction loss, the one ``adapt_loss`` computes with the same mask."""
+    net = conv_net(bn=False)
+    engine = MaskedTTTEngine(net, features_layer_name="conv2", mask_prob=0.5)
+    x = images(4, seed=2)
+    engine.train()
+    engine.generator = torch.Generator().manual_seed(0)
+    outputs, train_loss = engine(x)
+    torch.testing.assert_close(outputs, net(x), rtol=1e-5, atol=1e-6)
+    engine.eval()
+    engine.generator = torch.Generator().manual_seed(0)
+    masked, mask = engine.mask(x)
+    recon = engine.reconstruct(features_only(net, engine.target_module, masked), (12, 12))
+    torch.testing.assert_close(train_loss, masked_mse(recon, x, mask), rtol=1e-5, atol=1e-7)
+
+
+def test_masked_token_loss_is_cross_entropy_on_the_masked_tokens_only():
+    torch.manual_seed(0)
+    net = TokenNet().eval()
+    engine = MaskedTTTEngine(net, 0, "mlm", mask_prob=0.4, optimization_parameters={"num_steps": 1})
+    ids = torch.randint(1, 20, (4, 9), generator=torch.Generator().manual_seed(1))
+    engine.generator = torch.Generator().manual_seed(2)
+    masked, mask = engine._mask_tokens(ids)
+    assert 0 < int(mask.sum()) < mask.numel()
+    engine.generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        got = engine.adapt_loss(ids)
+        want = F.cross_entropy(net(masked)[mask], ids[mask])
+    torch.testing.assert_close(got, want)
