@@ -300,3 +300,42 @@ def test_resume_check_refuses_exactly_the_keys_that_change_the_numbers(override,
             T.check_resume_config(Manager(), 4, new)
     else:
         T.check_resume_config(Manager(), 4, new)
+
+
+def test_vit_forward_is_the_pre_ln_composition():
+    """Model(images) written out with numpy and flax's own LayerNorm: patch embedding (a strided conv) +
+    learned position embedding, one block ``x + mixer(LN(x))``, ``x + MLP(LN(x))`` (Dense, tanh-GELU,
+    Dense), final LayerNorm, mean over tokens, ``tanh`` pre-logits, head."""
+    import flax.linen as nn
+
+    from tttlab.mttt_jax.inner_loop import LinearAttention, LinearAttentionConfig
+    from tttlab.mttt_jax.model import build_model
+
+    model = build_model(model="smoke", tokens="patch", inner={"layer_type": "linear_attention"}, num_classes=3,
+                        image_size=8, patch_size=4, posemb="learn", arch={"depth": 1, "width": 8})  # fmt: skip
+    model = model.clone(head_zeroinit=False)
+    img = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 8, 1), minval=-1, maxval=1)
+    p = model.init(jax.random.PRNGKey(1), img)["params"]
+    p = jax.tree_util.tree_map(  # biases and LayerNorm parameters away from their 0/1 initialisation
+        lambda a: a + 0.2 * jax.random.normal(jax.random.PRNGKey(a.size), a.shape), p
+    )
+    logits, _ = model.apply({"params": p}, img)
+
+    def ln(params, a):
+        return nn.LayerNorm().apply({"params": params}, a)
+
+    def dense(params, a):
+        return a @ params["kernel"] + params["bias"]
+
+    patches = img.reshape(2, 2, 4, 2, 4, 1).transpose(0, 1, 3, 2, 4, 5).reshape(2, 4, 16)
+    x = patches @ p["embedding"]["kernel"].reshape(16, 8) + p["embedding"]["bias"] + p["pos_embedding"]
+    blk = p["encoderblock_0"]
+    la = LinearAttention(8, 2, LinearAttentionConfig())
+    x = x + la.apply({"params": blk["mixer"]}, ln(blk["LayerNorm_0"], x))[0]
+    mlp = blk["MlpBlock_0"]
+    x = x + dense(
+        mlp["Dense_1"], jax.nn.gelu(dense(mlp["Dense_0"], ln(blk["LayerNorm_1"], x)), approximate=True)
+    )
+    x = ln(p["encoder_norm"], x).mean(1)
+    want = dense(p["head"], jnp.tanh(dense(p["pre_logits"], x)))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=1e-5, atol=1e-5)
