@@ -64,3 +64,54 @@ def test_gproj_only_for_sampled_finite_nets(kind, gproj, want):
     net = T.build_model(c, 12, 3, torch.device("cpu"))
     opt, _ = T.build_optimizer(c, net, steps_per_epoch=4, total_steps=8)
     assert opt.gproj is want
+
+
+def test_episodes_have_disjoint_support_and_query_and_permuted_labels():
+    """N-way K-shot episodes: support and query images of a class never overlap, each class gives K
+    support and Q query images under one label, and which class gets which label changes per episode."""
+    import numpy as np
+
+    from tttlab.pilimit.maml import sample_episode
+
+    # class c, image i is the constant 10 * c + i (recognisable after flattening)
+    classes = [np.full((6, 2, 2), 10 * c + np.arange(6)[:, None, None], np.uint8) for c in range(5)]
+    rng = np.random.default_rng(0)
+    mappings = set()
+    for _ in range(30):
+        ep = sample_episode(classes, 3, 2, 3, rng)
+        ids_s = (ep.xs[:, 0] * 255).round().long()
+        ids_q = (ep.xq[:, 0] * 255).round().long()
+        assert ep.ys.tolist() == [0, 0, 1, 1, 2, 2] and ep.yq.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+        assert not set(ids_s.tolist()) & set(ids_q.tolist())
+        label_to_class = []
+        for label in range(3):
+            cs = {int(i) // 10 for i in ids_s[ep.ys == label]} | {int(i) // 10 for i in ids_q[ep.yq == label]}
+            assert len(cs) == 1  # one class per label
+            label_to_class.append(cs.pop())
+        assert len(set(label_to_class)) == 3
+        mappings.add(tuple(label_to_class))
+    # labels are a random assignment: the same 3 classes do not always get labels in class order
+    assert any(list(m) != sorted(m) for m in mappings)
+
+
+def test_prediction_accuracy_per_domain_does_not_depend_on_the_setting(tmp_path):
+    """pilimit's methods predict without adapting, so a domain's accuracy is the same whether its images
+    come alone (reset_each_shift) or shuffled with the other domains' (mixed): the per-domain accounting
+    of mixed batches is right."""
+    import json
+
+    from tttlab.pilimit.evaluate import run as evaluate
+
+    def accs(setting):
+        cfg = {"method": "pilimit.inf_pinet", "out_dir": str(tmp_path / setting), "profile": "smoke",
+               "cache_dir": str(tmp_path / "cache"), "seed": 0, "progress": False,
+               "benchmark": {"name": "mnist_c", "corruptions": ["gaussian_noise", "fog", "contrast"],
+                             "severities": [5], "setting": setting, "num_examples": 24, "batch_size": 16,
+                             "seed": 0}}  # fmt: skip
+        recs = [json.loads(line) for line in open(evaluate(cfg))]
+        return {(r["corruption"], r["n"]): r["value"] for r in recs if r["metric"] == "accuracy"}
+
+    episodic, mixed = accs("reset_each_shift"), accs("mixed")
+    assert len(episodic) == 4 and ("fog", 24) in episodic  # 3 domains and the mean
+    assert mixed == pytest.approx(episodic)
+    assert len(set(v for (c, _), v in episodic.items() if c != "mean")) > 1  # the domains differ
