@@ -242,3 +242,17 @@ def test_merge_orders_rank_files_numerically(tmp_path):
             w.write(value=0.5, severity=1, step=rank)
     R.merge_records(tmp_path, world_size=12)
     assert R.load_records(tmp_path)["step"].tolist() == list(range(12))
+
+
+def test_writer_fields_override_the_record_which_overrides_the_defaults(tmp_path):
+    """``write(record, **fields)`` stores ``{**defaults, **record, **fields}``: a run's defaults (method,
+    seed, ...) fill only what a call leaves out (mutation audit: defaults winning over the call survived)."""
+    with R.RecordWriter(tmp_path / "r.jsonl", {"method": "m", "seed": 0, "metric": "accuracy"}) as w:
+        w.write(value=0.5)
+        w.write({"seed": 1, "value": 0.25, "corruption": "fog"}, seed=2, metric="error")
+        w.write({"seed": 3, "value": 0.75})
+    rows = R.read_jsonl(tmp_path / "r.jsonl")
+    assert [(r["method"], r["seed"], r["metric"], r["value"]) for r in rows] == [
+        ("m", 0, "accuracy", 0.5), ("m", 2, "error", 0.25), ("m", 3, "accuracy", 0.75),
+    ]  # fmt: skip
+    assert rows[1]["corruption"] == "fog"

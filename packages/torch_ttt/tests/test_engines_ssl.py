@@ -555,3 +555,37 @@ def test_masked_token_loss_is_cross_entropy_on_the_masked_tokens_only():
         got = engine.adapt_loss(ids)
         want = F.cross_entropy(net(masked)[mask], ids[mask])
     torch.testing.assert_close(got, want)
+
+
+def test_ttt_pp_contrastive_loss_pairs_the_two_views_of_each_image():
+    """View-major features ``(2N, ...)``: row ``i`` and row ``N + i`` are the two views of image ``i``; the
+    loss is NT-Xent of the head's projections paired that way (mutation audit: pairing neighbouring rows
+    survived)."""
+    net = conv_net()
+    engine = TTTPPEngine(net, "fc1").eval()
+    vf = torch.randn(10, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z = engine.contrastive_head(vf)
+        want = nt_xent(torch.stack([z[:5], z[5:]], dim=1))
+        got = engine.contrastive_loss(vf)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", ["ttt_pp", "actmad"])
+def test_statistics_of_a_train_mode_model_are_its_eval_statistics(name):
+    """``compute_statistics`` runs the model in eval mode whatever its mode: a model left in train mode
+    after training gives the same reference statistics and keeps its BatchNorm running statistics."""
+    batches = [images(16, seed=5)]
+    refs = []
+    for mode in ("eval", "train"):
+        net = conv_net(bn=True)
+        engine = TTTPPEngine(net, "fc1") if name == "ttt_pp" else ActMADEngine(net, ["conv1", "fc1"])
+        net.train(mode == "train")
+        before = snapshot(net)
+        engine.compute_statistics(batches)
+        after = snapshot(net)
+        assert all(torch.equal(before[k], after[k]) for k in before), "running statistics changed"
+        assert net.training == (mode == "train"), "the model's mode is restored"
+        mean = engine.reference_mean if name == "ttt_pp" else engine.reference_mean[0]
+        refs.append(mean.clone())
+    torch.testing.assert_close(refs[0], refs[1], rtol=0, atol=0)
