@@ -140,3 +140,44 @@ def test_maml_closed_form_equals_readout_sgd_for_finite_nets(kind, steps):
     with torch.no_grad():
         ref = slow(ep.xq)
     assert torch.allclose(fast, ref, atol=1e-5)
+
+
+def test_finite_preactivations_are_the_infinite_representation_seen_through_omega():
+    """Sampling (pilimit_orig's formulas): the finite input layer's pre-activations are exactly
+    ``n^-1/2 Omega_0 g_0`` of the infinite net's ``g_0`` (biases with ``bias_alpha`` included), and a hidden
+    layer's approach ``n^-1/2 Omega_1 g_1`` as the width grows (its bias sampled through the same Omega)."""
+    torch.manual_seed(0)
+    net = InfMLP(12, 5, r=8, depth=1, bias_alpha=0.5, first_layer_alpha=1.5)
+    with torch.no_grad():
+        net.input_layer.bias.normal_()
+        net.hidden[0].bias.normal_()
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        g0 = net.input_layer(x) * 1.5
+        g1 = net.features(x)
+    errs = []
+    for n in (256, 4096):
+        fin = net.sample(n, seed=3)
+        with torch.no_grad():
+            h0 = F.linear(x, fin.weights[0], fin._bias(0)) * fin.first_layer_alpha
+            assert torch.allclose(h0, n**-0.5 * g0 @ fin.omega0.T, rtol=1e-4, atol=1e-5)
+            h1 = F.linear(torch.relu(h0), fin.weights[1], fin._bias(1))
+            want = n**-0.5 * g1 @ fin.omega1.T
+            errs.append(((h1 - want).norm() / want.norm()).item())
+    assert errs[1] < 0.5 * errs[0] and errs[1] < 0.1, errs
+
+
+def test_forward_cache_keeps_chunks_up_to_its_budget():
+    """The chunked forward keeps ``(sqrt(1-q^2), acos(-q))`` of its first chunks for the backward while
+    they fit in ``cache_bytes`` (none when the budget is 0), so the backward does not recompute them."""
+    from tttlab.pilimit.functional import _normalise, chunked_forward
+
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(40, 3, generator=g), torch.randn(40, 6, generator=g)
+    B = B / B.norm(dim=1, keepdim=True)
+    gbar, s = _normalise(torch.randn(5, 6, generator=g))
+    per_chunk = 2 * 5 * 10 * 4  # two float32 (batch x chunk) tensors
+    for budget, kept in ((0, 0), (2 * per_chunk, 2), (2 * per_chunk + 1, 2), (10**6, 4)):
+        cache: list = []
+        chunked_forward(gbar, s, A, torch.ones(40), B, 10, budget, cache)
+        assert len(cache) == kept, budget
