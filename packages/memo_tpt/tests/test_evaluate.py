@@ -65,3 +65,38 @@ def test_cli_help_errors_and_summary(cache, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("memo_tpt.memo: accuracy ") and "(mean over corruptions, 4 images)" in out[0]
     assert out[1].endswith("records.jsonl")
+
+
+def test_memo_source_accuracy_is_the_unadapted_model(cache, tmp_path):
+    """MEMO's records carry ``source_accuracy``: the cached CNN without adaptation (eval-mode BatchNorm) on
+    the same images, recomputed here from the model file and the benchmark."""
+    import numpy as np
+    import torch
+
+    from tttlab.core.benchmark import make_benchmark
+    from tttlab.memo_tpt import evaluate as E
+    from tttlab.memo_tpt import tiny_clip as T
+
+    bench = {"corruptions": ["gaussian_noise", "fog"], "num_examples": 4}
+    # BatchNorm on the test image's own statistics (prior strength 0): predictions unlike the source model's
+    kw = dict(method="memo_tpt.memo", profile="smoke", cache_dir=str(cache), benchmark=bench, progress=False,
+              memo={"prior_strength": 0.0})  # fmt: skip
+    df = load_records(run(out_dir=str(tmp_path), **kw))
+    c = E.eval_config(**kw)
+    b = c["benchmark"]
+    net, _ = T.load_or_train_cnn("smoke", str(cache), 0, False)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (T.MNIST_MEAN, T.MNIST_STD))
+    hits: dict = {}
+    for batch in make_benchmark(b["name"], corruptions=b["corruptions"], severities=b["severities"],
+                                setting=b["setting"], batch_size=8, num_examples=b["num_examples"],
+                                seed=b["seed"]).batches():  # fmt: skip
+        with torch.no_grad():
+            pred = net.eval()((E._images(batch) - mean) / std).argmax(1).numpy()
+        for d, ok in zip(batch.domain_ids, pred == np.asarray(batch.labels)):
+            hits.setdefault(int(d), []).append(bool(ok))
+    acc = df[(df.metric == "accuracy") & (df.corruption != "mean")]
+    assert len(acc) == 2
+    for i, corr in enumerate(bench["corruptions"]):
+        row = acc[acc.corruption == corr].iloc[0]
+        assert row.extra["source_accuracy"] == pytest.approx(np.mean(hits[i]))
+    assert any(row.value != row.extra["source_accuracy"] for row in acc.itertuples())  # the test can tell

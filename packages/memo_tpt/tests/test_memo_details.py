@@ -1,0 +1,117 @@
+"""Details of MEMO, TPT and the ensemble that the other tests did not pin down (found by a hand-made
+mutation audit: each test here fails on a plausible one-line bug that the rest of the suite let through)."""
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from tttlab.memo_tpt.ensemble import Ensemble, combine, ensemble_loss
+from tttlab.memo_tpt.losses import bn_prior, marginal_entropy, select_confident
+from tttlab.memo_tpt.memo import Memo
+from tttlab.memo_tpt.tpt import TPT
+
+NAMES = ["zero", "one", "two", "three", "four"]
+
+
+@torch.no_grad()
+def test_bn_prior_keeps_source_statistics_for_one_value_per_channel():
+    """A BatchNorm that sees one value per channel (BatchNorm1d on a batch of 1) has no batch variance: it
+    keeps its source statistics (= eval mode) instead of a nan variance."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    net[1].running_mean.uniform_(-1, 1)
+    net[1].running_var.uniform_(0.5, 2)
+    net.eval()
+    x = torch.randn(1, 4)
+    with bn_prior(net, 16 / 17):
+        out = net(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, net(x))
+
+
+def test_memo_reset_starts_a_fresh_adamw(bn_net, image):
+    """The reset gives a fresh optimizer: with AdamW (moments, step count), the second image's result does
+    not depend on the first image (episodic, order-free)."""
+    rng = torch.Generator().manual_seed(5)
+    other = (torch.rand(40, 48, 3, generator=rng) * 255).to(torch.uint8).numpy()
+    kw = dict(n_augmentations=8, size=16, seed=0, optimizer="adamw", lr=0.05, weight_decay=0.0)
+    a = Memo(copy.deepcopy(bn_net), **kw)
+    a(other)
+    assert a.optimizer.state  # AdamW moments exist after a step
+    b = Memo(copy.deepcopy(bn_net), **kw)
+    b.generator.set_state(a.generator.get_state())  # the same views for the second image
+    out_a, out_b = a(image), b(image)
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
+    a.reset()
+    assert not a.optimizer.state
+
+
+def test_tpt_keeps_the_step_0_selection_for_later_steps(tiny_clip, image):
+    """TPT selects the confident views with the initial prompt and tunes on those same views at every step
+    (upstream's ``selected_idx`` from step 0), here 3 steps with an lr large enough to change the ranking."""
+    kw = dict(n_views=24, selection=0.25, tts=3, lr=0.5, seed=3)
+    tpt = TPT(tiny_clip, NAMES, **kw)
+    views = tpt.views(image)
+    ref = TPT(copy.deepcopy(tiny_clip), NAMES, **{**kw, "tts": 0})
+    with torch.no_grad():
+        feats = ref.image_features(views)
+        sel0 = select_confident(ref.logits_from(feats), 0.25)
+    opt = torch.optim.AdamW([ref.prompts.ctx], lr=0.5, weight_decay=0.01)
+    reselected = []
+    for _ in range(3):
+        logits = ref.logits_from(feats)
+        reselected.append(set(select_confident(logits.detach(), 0.25).tolist()))
+        loss = marginal_entropy(logits[sel0])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert any(r != set(sel0.tolist()) for r in reselected)  # the test can tell the two rules apart
+    tpt.adapt(views)
+    torch.testing.assert_close(tpt.prompts.ctx, ref.prompts.ctx)
+
+
+def test_ensemble_weights_are_constants_in_the_backward():
+    """Seed 002 computes the entropy weights under no_grad: the gradient flows through the members'
+    log-probabilities only."""
+    g = torch.Generator().manual_seed(1)
+    z1 = torch.randn(6, 5, generator=g, dtype=torch.float64).requires_grad_(True)
+    z2 = (torch.randn(4, 5, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    temps = [1.3, 0.6]
+    m, w = combine([z1, z2], temps)
+    got = torch.autograd.grad(ensemble_loss(m), [z1, z2])
+    lps = [((torch.logsumexp(z, 0) - torch.log(torch.tensor(float(len(z))))) / t).log_softmax(-1)
+           for z, t in zip((z1, z2), temps)]  # fmt: skip
+    m_ref = sum(wi.detach() * lp for wi, lp in zip(w, lps))
+    want = torch.autograd.grad(-(m_ref.exp() * m_ref).sum(), [z1, z2])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_ensemble_predicts_on_the_members_original_views(tiny_clip, bn_net, image):
+    """After the adaptation step, the prediction combines every member's logits of its single original view
+    (MEMO: its clean test view; TPT: views[0]), not of the augmented views."""
+    tpt = TPT(tiny_clip, NAMES, n_views=8, selection=0.5)
+    memo = Memo(bn_net, n_augmentations=8, size=16, top_k=0.5, optimizer="sgd", lr=0.1)
+    temps = [1.55, 0.7]
+    out = Ensemble([memo, tpt], temps)(image)
+    with torch.no_grad():
+        want, _ = combine([memo.logits(memo.original(image)), tpt.logits(tpt.original(image))], temps)
+    torch.testing.assert_close(out[0], want)
+
+
+def test_views_are_flipped_about_half_of_the_time():
+    """RandomHorizontalFlip of the augmented views: with a full-image crop (scale 1 of a square image) every
+    view is the image or its mirror and both occur; ``flip=False`` never mirrors."""
+    from tttlab.memo_tpt import augment as A
+
+    img = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    x = img.permute(2, 0, 1).float() / 255
+    kw = dict(include_original=False, augmix_views=False, scale=(1.0, 1.0))
+    views = A.make_views(img.numpy(), 24, 32, generator=torch.Generator().manual_seed(1), **kw)
+    plain = [torch.allclose(v, x, atol=1.01 / 255) for v in views]
+    mirrored = [torch.allclose(v, x.flip(-1), atol=1.01 / 255) for v in views]
+    assert all(a != b for a, b in zip(plain, mirrored))
+    assert 4 <= sum(mirrored) <= 20
+    views = A.make_views(img.numpy(), 8, 32, generator=torch.Generator().manual_seed(1), flip=False, **kw)
+    assert all(torch.allclose(v, x, atol=1.01 / 255) for v in views)
