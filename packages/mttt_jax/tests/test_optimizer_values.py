@@ -339,3 +339,29 @@ def test_vit_forward_is_the_pre_ln_composition():
     x = ln(p["encoder_norm"], x).mean(1)
     want = dense(p["head"], jnp.tanh(dense(p["pre_logits"], x)))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sgd", [True, False])
+def test_each_step_draws_its_own_token_order(sgd):
+    """The model's random stream (SGD token order) is folded with the step number: the same batch at two
+    different steps gives two different updates with ``SGD=true`` (T minibatches in another order), the
+    same update without it (no randomness)."""
+    from tttlab.core.jax import data_mesh
+
+    from .test_train import TINY, compose
+
+    c = T.to_dict(
+        compose([*TINY, "warmup_steps=0", "inner.TTT.inner_itr=2", f"inner.TTT.SGD={str(sgd).lower()}"])
+    )
+    model = T.model_from_config(c)
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 28, 28, 1)), jnp.float32)
+    y = jnp.arange(4, dtype=jnp.int32)
+    params = model.init({"params": jax.random.PRNGKey(0), "idx": jax.random.PRNGKey(0)}, x[:1])["params"]
+    tx = T.make_optimizer(c, params, 10)
+    step = T.make_train_step(model, tx, c, data_mesh(), jax.random.PRNGKey(1))
+    losses = []
+    for s in (1, 2):
+        state = {"params": jax.tree_util.tree_map(jnp.copy, params), "opt_state": tx.init(params)}
+        _, m = step(state, x, y, jnp.asarray(s, jnp.int32))
+        losses.append(np.asarray(m["inner"]))
+    assert np.array_equal(losses[0], losses[1]) is (not sgd)
