@@ -149,12 +149,26 @@ def test_summary_records_from_the_per_image_records(tmp_path, cache):
         assert curve.value.tolist() == pytest.approx(flags.mean(axis=0).tolist())
         loss = dom[dom.metric == "mae_loss"].sort_values("step")
         assert loss.step.tolist() == [1, 2]
+        # the MAE loss curve is the mean over images; an image's record is its prediction after the last step
+        want_loss = np.mean([e["losses"] for e in sel.extra], axis=0)
+        assert loss.value.tolist() == pytest.approx(want_loss.tolist(), rel=1e-6)
+        assert sel.value.tolist() == flags[:, -1].tolist()
     mean = df[df.corruption == "mean"]
     assert len(mean) == 1 and mean.iloc[0].step == steps and mean.iloc[0].n == 6
     assert mean.iloc[0].extra["domains"] == 2
     one = run(tmp_path / "one", cache, "ttt_mae.ttt", benchmark={**BENCH, "corruptions": ["brightness"]})
     one = load_records(one)
     assert "mean" not in set(one.corruption)  # no mean over a single corruption, as before
+    # ``seed`` reaches the TTT views and masks: the same model (the seed-0 files) with seed 1 sees other masks
+    pre, probe = E.trained_model("smoke", cache, 0, "cpu", False)
+    other = run(tmp_path / "seed1", cache, "ttt_mae.ttt", seed=1, resume_model=str(pre), resume_finetune=str(probe),
+                benchmark={**BENCH, "corruptions": ["gaussian_noise"]})  # fmt: skip
+    other = load_records(other.parent / "images", metric="correct")
+    mine = images[images.corruption == "gaussian_noise"]
+    a = sorted((e["index"], e["losses"]) for e in mine.extra)
+    b = sorted((e["index"], e["losses"]) for e in other.extra)
+    assert [x[0] for x in a] == [x[0] for x in b] == [0, 1, 2]
+    assert all(x[1] != y[1] for x, y in zip(a, b))
 
 
 def test_progress_bar_counts_images_and_summary_is_logged(tmp_path, cache, monkeypatch, capsys, caplog):
@@ -183,3 +197,57 @@ def test_negative_lr_and_group_size_are_config_errors(tmp_path, cache):
         run(tmp_path, cache, "ttt_mae.ttt", group_size=0)
     with pytest.raises(ConfigError, match=r"optimizer_type='adam' with group_size=2.*set group_size=1"):
         run(tmp_path, cache, "ttt_mae.ttt", group_size=2, optimizer_type="adam")
+
+
+def test_records_are_written_from_the_adapters_results(tmp_path, cache, monkeypatch):
+    """The record wiring alone, with a stand-in adapter that is wrong before adapting and right after its
+    last step: per-image ``correct`` after the last step, the curve 0 -> 1, the losses' mean per step."""
+    import numpy as np
+
+    from tttlab.ttt_mae.ttt import ImageResult
+
+    seen = []  # the labels of the images taken, in order (one image at a time: group_size 1)
+    real_make = E.make_bench
+
+    def make_bench(c):
+        bench = real_make(c)
+        domain_dataset = bench.domain_dataset
+
+        class Taking:
+            def __init__(self, ds):
+                self.ds = ds
+
+            def __len__(self):
+                return len(self.ds)
+
+            def take(self, idx):
+                images, labels = self.ds.take(idx)
+                seen.extend(np.asarray(labels).tolist())
+                return images, labels
+
+        bench.domain_dataset = lambda dom: Taking(domain_dataset(dom))
+        return bench
+
+    class Adapter:
+        def __init__(self, model, s, device):
+            self.steps = s.steps_per_example
+
+        def adapt(self, raw, generator, normalize):
+            y = seen[-1]
+            preds = [(y + 1) % 10] * self.steps + [y]
+            return ImageResult(preds, [float(k + 1) * (y + 1) for k in range(self.steps)])
+
+    monkeypatch.setattr(E, "make_bench", make_bench)
+    monkeypatch.setattr(E, "TTTAdapter", Adapter)
+    path = run(tmp_path, cache, "ttt_mae.ttt")
+    images = load_records(path.parent / "images", metric="correct")
+    assert len(images) == 6 and (images.value == 1).all()
+    df = load_records(path)
+    acc = df[(df.metric == "accuracy")]
+    assert (acc.value == 1.0).all()
+    for corr in ("gaussian_noise", "brightness"):
+        curve = df[(df.metric == "accuracy_curve") & (df.corruption == corr)].sort_values("step")
+        assert curve.value.tolist() == [0.0, 0.0, 1.0]
+        labels = [e["label"] for e in images[images.corruption == corr].extra]
+        loss = df[(df.metric == "mae_loss") & (df.corruption == corr)].sort_values("step")
+        assert loss.value.tolist() == pytest.approx([k * (np.mean(labels) + 1) for k in (1, 2)])

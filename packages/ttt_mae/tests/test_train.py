@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -28,6 +30,13 @@ def test_pretrain_kill_resume_bitwise(tmp_path):
 
 def test_probe_trains_only_the_head(tmp_path):
     pre = T.run(pre_cfg(tmp_path / "pre", epochs=1), "pretrain")
+    # upstream's AdamW: betas (0.9, 0.95) for pretraining, lr = blr * batch / 256 (smoke: blr 1e-2, 32
+    # images) on the half-cosine over the epoch's 4 iterations (no warm-up): the last one at 3/4 of the epoch
+    ck = torch.load(tmp_path / "pre" / "checkpoints" / "last.ckpt", weights_only=False)
+    groups = ck["optimizer"]["param_groups"]
+    base = 1e-2 * 32 / 256
+    assert all(tuple(g["betas"]) == (0.9, 0.95) for g in groups)
+    assert all(g["lr"] == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * 0.75))) for g in groups)
     c = compose("probe", "smoke_probe", {"out_dir": str(tmp_path / "probe"), "finetune": str(pre), "epochs": 1,
                                          "data": {"num_examples": 96}, "batch_size": 32,
                                          "logging": {"progress": False}})  # fmt: skip
@@ -37,6 +46,23 @@ def test_probe_trains_only_the_head(tmp_path):
     assert not any(k.startswith("decoder") for k in out)
     fresh = T.build({**c, "finetune": str(pre)}, "probe").state_dict()
     assert not torch.equal(out["classifier_pred.weight"], fresh["classifier_pred.weight"])
+    probe_opt = torch.load(tmp_path / "probe" / "checkpoints" / "last.ckpt", weights_only=False)["optimizer"]
+    assert [tuple(g["betas"]) for g in probe_opt["param_groups"]] == [(0.9, 0.999)]  # probing: AdamW defaults
+
+
+def test_pretrain_weight_decay_on_weight_matrices_only():
+    """MAE pretraining's weight decay (upstream's ``param_groups_weight_decay``): none on biases, norms and
+    the cls / mask tokens; on every weight matrix and the patch-embedding kernel."""
+    model = T.build(pre_cfg("unused"), "pretrain")
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {
+        names[id(p)]: g["weight_decay"] for g in T.param_groups(model, 0.05, "pretrain") for p in g["params"]
+    }
+    assert decay["cls_token"] == decay["mask_token"] == 0.0
+    assert decay["blocks.0.norm1.weight"] == decay["blocks.0.attn.qkv.bias"] == decay["norm.bias"] == 0.0
+    assert decay["blocks.0.attn.qkv.weight"] == decay["patch_embed.proj.weight"] == 0.05
+    assert decay["decoder_pred.weight"] == decay["decoder_blocks.0.mlp.fc1.weight"] == 0.05
+    assert not any(n.startswith("classifier") for n in decay)  # the head gets no MAE gradient
 
 
 def test_lr_schedule_and_errors(tmp_path):
