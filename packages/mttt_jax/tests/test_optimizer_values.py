@@ -365,3 +365,36 @@ def test_each_step_draws_its_own_token_order(sgd):
         _, m = step(state, x, y, jnp.asarray(s, jnp.int32))
         losses.append(np.asarray(m["inner"]))
     assert np.array_equal(losses[0], losses[1]) is (not sgd)
+
+
+def test_seed_sets_the_initialisation_and_the_training_stream(tmp_path, monkeypatch):
+    """``seed`` reaches the parameter initialisation and the training key (not only the data order):
+    two seeds give different initial parameters and keys, the same seed the same ones."""
+    from .test_train import TINY, compose
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+    make_optimizer = T.make_optimizer
+
+    def spy_opt(c, params, total_steps):
+        seen.append({"params": params})
+        return make_optimizer(c, params, total_steps)
+
+    def spy_step(model, tx, c, mesh, base_key):
+        seen[-1]["key"] = np.asarray(jax.random.key_data(base_key))
+        raise Stop
+
+    monkeypatch.setattr(T, "make_optimizer", spy_opt)
+    monkeypatch.setattr(T, "make_train_step", spy_step)
+    for i, seed in enumerate((0, 1, 0)):
+        with pytest.raises(Stop):
+            T.train(compose([*TINY, f"seed={seed}", f"out_dir={tmp_path / str(i)}"]))
+
+    def same(a, b):
+        leaves = zip(jax.tree_util.tree_leaves(a["params"]), jax.tree_util.tree_leaves(b["params"]))
+        return all(np.array_equal(x, y) for x, y in leaves), np.array_equal(a["key"], b["key"])
+
+    assert same(seen[0], seen[2]) == (True, True)
+    assert same(seen[0], seen[1]) == (False, False)
