@@ -398,3 +398,30 @@ def test_seed_sets_the_initialisation_and_the_training_stream(tmp_path, monkeypa
 
     assert same(seen[0], seen[2]) == (True, True)
     assert same(seen[0], seen[1]) == (False, False)
+
+
+def test_validation_metrics_average_over_real_images_only():
+    """evaluate_split: loss and prec@1 are sums over the real (mask 1) images divided by their number,
+    and the inner losses of each batch are weighted by its number of real images (the last batch is
+    padded)."""
+    from tttlab.core.jax import data_mesh
+
+    class Src:  # 10 images of 1 pixel, value = index
+        workers, per_image, train, augment = 1, False, False, {}
+
+        def __len__(self):
+            return 10
+
+        def load(self, idx, seeds, pool):
+            return np.asarray(idx, np.float32)[:, None, None, None], np.asarray(idx, np.int32)
+
+    def eval_step(params, images, labels, mask):
+        n = jnp.sum(mask)
+        big = jnp.max(images) >= 8  # the last, padded batch (images 8, 9 and two pads)
+        return {"loss": jnp.sum(images[:, 0, 0, 0] * mask), "correct": n / 2, "n": n,
+                "inner": jnp.where(big, 4.0, 1.0) * jnp.ones((1, 2))}  # fmt: skip
+
+    out = T.evaluate_split(eval_step, None, Src(), 4, data_mesh())
+    assert out["val/loss"] == pytest.approx(sum(range(10)) / 10)
+    assert out["val/prec@1"] == pytest.approx(0.5)
+    np.testing.assert_allclose(out["val/inner_loss"], [[(8 * 1.0 + 2 * 4.0) / 10] * 2])
