@@ -493,3 +493,13 @@ def test_run_key_changes_with_everything_that_changes_the_numbers(tmp_path):
         assert cmp.run_key({**c, k: v}) != key, k
     # what does not change the numbers keeps the key (jobs, output folder, methods)
     assert cmp.run_key({**c, "jobs": 7, "out_dir": str(tmp_path / "x"), "methods": ["a.b"]}) == key
+
+
+def test_method_overrides_match_globs_and_merge_deeply():
+    """``overrides`` (and a profile's) apply to every method whose name matches the glob, in order, merged
+    key by key: a later pattern adds to a nested mapping instead of replacing it."""
+    c = {"profile": "smoke", "profiles": {"smoke": {"overrides": {"p.*": {"train": {"lr": 0.1, "steps": 2}}}}},
+         "overrides": {"p.a*": {"train": {"steps": 5}, "x": 1}, "q.*": {"y": 2}}}  # fmt: skip
+    assert cmp._method_overrides(c, "p.alpha") == {"train": {"lr": 0.1, "steps": 5}, "x": 1}
+    assert cmp._method_overrides(c, "p.beta") == {"train": {"lr": 0.1, "steps": 2}}
+    assert cmp._method_overrides(c, "r.alpha") == {}

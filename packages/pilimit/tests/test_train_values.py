@@ -115,3 +115,14 @@ def test_prediction_accuracy_per_domain_does_not_depend_on_the_setting(tmp_path)
     assert len(episodic) == 4 and ("fog", 24) in episodic  # 3 domains and the mean
     assert mixed == pytest.approx(episodic)
     assert len(set(v for (c, _), v in episodic.items() if c != "mean")) > 1  # the domains differ
+
+
+def test_resume_refuses_a_checkpoint_of_another_seed(tmp_path):
+    """The seed decides the initialisation and the data order: a checkpoint of seed 0 must not be
+    continued as seed 1."""
+    from tttlab.core.errors import TTTLabError
+
+    over = [*SMOKE, "data.num_examples=64", "train.num_test=16", f"out_dir={tmp_path}"]
+    T.run(T.train_config("smoke", [*over, "train.stop_after_steps=2"]))
+    with pytest.raises(TTTLabError, match="seed"):
+        T.run(T.train_config("smoke", [*over, "seed=1"]))
