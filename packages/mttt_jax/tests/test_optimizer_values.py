@@ -250,7 +250,10 @@ def test_gradient_accumulation_averages_the_micro_batch_gradients():
 
     from .test_train import TINY, compose
 
-    c = T.to_dict(compose([*TINY, "warmup_steps=0", "input.batch_size=8"]))
+    # the accumulation does not depend on the mixer: linear attention compiles fastest
+    c = T.to_dict(
+        compose([*TINY, "warmup_steps=0", "input.batch_size=8", "inner.layer_type=linear_attention"])
+    )
     model = T.model_from_config(c)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.uniform(-1, 1, (8, 28, 28, 1)), jnp.float32)
@@ -341,11 +344,10 @@ def test_vit_forward_is_the_pre_ln_composition():
     np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sgd", [True, False])
+@pytest.mark.parametrize("sgd", [True])  # (False: the same inner losses at both steps; 1 s more)
 def test_each_step_draws_its_own_token_order(sgd):
     """The model's random stream (SGD token order) is folded with the step number: the same batch at two
-    different steps gives two different updates with ``SGD=true`` (T minibatches in another order), the
-    same update without it (no randomness)."""
+    different steps gives two different inner losses with ``SGD=true`` (T minibatches in another order)."""
     from tttlab.core.jax import data_mesh
 
     from .test_train import TINY, compose
@@ -390,7 +392,8 @@ def test_seed_sets_the_initialisation_and_the_training_stream(tmp_path, monkeypa
     monkeypatch.setattr(T, "make_train_step", spy_step)
     for i, seed in enumerate((0, 1, 0)):
         with pytest.raises(Stop):
-            T.train(compose([*TINY, f"seed={seed}", f"out_dir={tmp_path / str(i)}"]))
+            T.train(compose([*TINY, f"seed={seed}", f"out_dir={tmp_path / str(i)}",
+                             "inner.layer_type=linear_attention"]))  # fmt: skip
 
     def same(a, b):
         leaves = zip(jax.tree_util.tree_leaves(a["params"]), jax.tree_util.tree_leaves(b["params"]))
@@ -427,7 +430,7 @@ def test_validation_metrics_average_over_real_images_only():
     np.testing.assert_allclose(out["val/inner_loss"], [[(8 * 1.0 + 2 * 4.0) / 10] * 2])
 
 
-@pytest.mark.parametrize("name", ["mlp_2_ln", "mlp_1_bias_noln"])
+@pytest.mark.parametrize("name", ["mlp_1_bias_noln"])
 def test_sgd_with_two_steps_uses_two_minibatches(name):
     """SGD at T=2 (the smallest case that splits the tokens) equals the literal reference, and differs
     from full-batch GD: a threshold that sends T=2 down the full-batch path is caught (per-token path
