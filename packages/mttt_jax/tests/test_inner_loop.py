@@ -103,27 +103,35 @@ def test_closed_form_inner_gradient_equals_autodiff(name, expand):
     assert z.shape == (B, H, N, d_h)
 
 
+LRS4 = (0.5, 0.4, 0.3, 0.2)
+
+
 @pytest.mark.parametrize(
-    "name,sgd",
+    "name,sgd,lrs",
     [
-        ("mlp_2_ln", False),
-        ("mlp_2_nobias_noln", True),
-        pytest.param("mlp_1_ln", True, marks=pytest.mark.slow),
-        pytest.param("linear", False, marks=pytest.mark.slow),
+        ("mlp_2_ln", False, LRS4),
+        ("mlp_2_nobias_noln", True, LRS4),
+        # T=2, the smallest SGD that splits the tokens: a threshold sending it down the full-batch path fails
+        ("mlp_1_bias_noln", True, (0.7, 0.4)),
+        pytest.param("mlp_1_ln", True, LRS4, marks=pytest.mark.slow),
+        pytest.param("linear", False, LRS4, marks=pytest.mark.slow),
     ],
 )
-def test_layer_matches_literal_reference(name, sgd):
-    """Forward output and T+1 inner losses equal the nested-autodiff reference (GD and SGD, T=4, a different
-    inner lr per step: a reversed or shared lr schedule fails here)."""
-    cfg = TTTConfig(
-        **{**CONFIGS[name].__dict__, "inner_itr": 4, "inner_lr": (0.5, 0.4, 0.3, 0.2), "SGD": sgd}
-    )
+def test_layer_matches_literal_reference(name, sgd, lrs):
+    """Forward output and T+1 inner losses equal the nested-autodiff reference (GD and SGD, T=4 and SGD at
+    T=2, a different inner lr per step: a reversed or shared lr schedule fails here); SGD's output differs
+    from full-batch GD's."""
+    cfg = TTTConfig(**{**CONFIGS[name].__dict__, "inner_itr": len(lrs), "inner_lr": lrs, "SGD": sgd})
     layer, p, x = _layer(cfg, key=5)
     key = jax.random.PRNGKey(7)
     out, losses = layer.apply({"params": p}, x, rngs={"idx": key})
     ref_out, ref_losses = _reference(p, x, cfg, _layer_perm_key(layer, p, x, key))
     np.testing.assert_allclose(out, ref_out, rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(losses, ref_losses.mean(0), rtol=2e-4, atol=2e-5)
+    if sgd:
+        gd = TTTConfig(**{**cfg.__dict__, "SGD": False})
+        gd_out, _ = _layer(gd, key=5)[0].apply({"params": p}, x)
+        assert float(jnp.abs(gd_out - out).max()) > 1e-4
 
 
 def _reference(p, x, cfg, perm_key):

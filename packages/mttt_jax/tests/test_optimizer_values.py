@@ -428,23 +428,3 @@ def test_validation_metrics_average_over_real_images_only():
     assert out["val/loss"] == pytest.approx(sum(range(10)) / 10)
     assert out["val/prec@1"] == pytest.approx(0.5)
     np.testing.assert_allclose(out["val/inner_loss"], [[(8 * 1.0 + 2 * 4.0) / 10] * 2])
-
-
-@pytest.mark.parametrize("name", ["mlp_1_bias_noln"])
-def test_sgd_with_two_steps_uses_two_minibatches(name):
-    """SGD at T=2 (the smallest case that splits the tokens) equals the literal reference, and differs
-    from full-batch GD: a threshold that sends T=2 down the full-batch path is caught (per-token path
-    and the linear statistics path)."""
-    from dataclasses import replace
-
-    from .test_inner_loop import CONFIGS, _layer, _layer_perm_key, _reference
-
-    cfg = replace(CONFIGS[name], inner_itr=2, inner_lr=(0.7, 0.4), SGD=True)
-    layer, p, x = _layer(cfg, key=31)
-    key = jax.random.PRNGKey(9)
-    out, losses = layer.apply({"params": p}, x, rngs={"idx": key})
-    ref_out, ref_losses = _reference(p, x, cfg, _layer_perm_key(layer, p, x, key))
-    np.testing.assert_allclose(out, ref_out, rtol=2e-4, atol=2e-5)
-    np.testing.assert_allclose(losses, ref_losses.mean(0), rtol=2e-4, atol=2e-5)
-    gd_out, _ = _layer(replace(cfg, SGD=False), key=31)[0].apply({"params": p}, x)
-    assert float(jnp.abs(gd_out - out).max()) > 1e-4
