@@ -98,6 +98,7 @@ gpu-wheels:
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf $(VENV) $(CORE_VENV) $(JAX_VENV) demo_out bench_out

@@ -72,7 +72,10 @@ def test_core_only_environment_has_no_framework():
         res = run_py(f"import {mod}")
         assert res.returncode != 0, f"{mod} is importable in the core-only environment"
     res = run_py("import tttlab.core.torch")
-    assert "MissingDependencyError" in res.stderr and "pip install -c constraints.txt -e 'packages/core[torch]'" in res.stderr
+    assert (
+        "MissingDependencyError" in res.stderr
+        and "pip install -c constraints.txt -e 'packages/core[torch]'" in res.stderr
+    )
 
 
 def test_constraints_are_exact_pins():
