@@ -19,7 +19,9 @@ the same numbers, bitwise on CPU).
 
 Deviations: ``transfer`` fits kernel ridge regression on the trained net's last-layer kernel
 ``|g||g'| V(gbar . gbar')`` of ``transfer.num_train`` CIFAR-10 images (upstream: the saved kernel
-output of the whole training set); data order comes from ``numpy.random.default_rng((seed, epoch))``.
+output of the whole training set), with the ridge ``transfer.ridge`` times the mean of the kernel's
+diagonal added to the diagonal (our choice, not upstream's: it makes the regulariser independent of the
+kernel's scale, which differs between widths and between muP and pi-nets); data order comes from ``numpy.random.default_rng((seed, epoch))``.
 """
 
 from __future__ import annotations
