@@ -920,7 +920,9 @@ def augmix(
 ) -> torch.Tensor:
     """AugMix of each of the (k, C, H, W) views in [0, 1] (quantised to 256 levels, as PIL holds them):
     ``m * view + (1 - m) * sum_c w_c chain_c(view)`` with ``w ~ Dirichlet(alpha)``, ``m ~ Beta(alpha, alpha)``,
-    chains of ``depth`` operations; float (k, C, H, W) in [0, 1], channels-last."""
+    chains of ``depth`` operations; float (k, C, H, W) in [0, 1], channels-last.  (The AugMix code writes
+    ``(1 - m) * image + m * mix``; Beta(alpha, alpha) is symmetric, so the views have the same distribution,
+    but the views of a given seed are not those of a port that draws ``m`` for the other term.)"""
     k, c, h, w = views.shape
     draws = _Draws(k, generator, severity, width, depth, alpha, ops, fill)
     x = views.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()

@@ -3,7 +3,9 @@
 MEMO (Zhang, Levine, Finn 2022) classifies AugMix views of each test image.  The reference AugMix works on
 one PIL image at a time; this version augments a whole NCHW batch on its device.  Each view mixes
 ``width`` chains of 1-3 random operations with Dirichlet(1) weights and blends the mixture with the image
-by Beta(1, 1), as AugMix with its defaults (alpha = 1, severity 3).
+by Beta(1, 1), as AugMix with its defaults (alpha = 1, severity 3).  The blend is written
+``m * image + (1 - m) * mix`` where the AugMix code has ``(1 - m) * image + m * mix``: the same distribution
+(Beta(1, 1) is symmetric), not the same views for a given seed.
 
 The operations are AugMix's set without the ones that overlap the ImageNet-C corruptions: autocontrast,
 equalize, posterize, solarize, rotate, shear x/y, translate x/y, with AugMix's magnitudes (level drawn
