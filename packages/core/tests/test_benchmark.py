@@ -6,9 +6,16 @@ import numpy as np
 import pytest
 
 from tttlab.core import benchmark as benchmark_module
-from tttlab.core.benchmark import CLEAN, SETTINGS, Benchmark, Domain, make_benchmark
+from tttlab.core.benchmark import CLEAN, SETTINGS, Benchmark, Domain, from_config, make_benchmark
 from tttlab.core.data import ArrayDataset
-from tttlab.core.errors import DatasetNotFoundError, InvalidInputError, SeverityError, UnknownNameError
+from tttlab.core.errors import (
+    ConfigError,
+    DatasetNotFoundError,
+    InvalidInputError,
+    SeverityError,
+    TTTLabError,
+    UnknownNameError,
+)
 
 CORR = ("gaussian_noise", "fog", "jpeg_compression")
 
@@ -169,6 +176,16 @@ def test_cache_is_not_read_by_other_corruption_code(source, tmp_path, monkeypatc
         ({"batch_size": 0}, InvalidInputError, "0"),
         ({"corruptions": ("blurr",)}, UnknownNameError, "blurr"),
         ({"num_examples": -3}, InvalidInputError, "-3"),
+        ({"num_examples": True}, InvalidInputError, "True"),
+        ({"corruptions": None}, UnknownNameError, "None"),
+        ({"corruptions": 5}, UnknownNameError, "5"),
+        ({"corruptions": ()}, InvalidInputError, "empty"),
+        ({"corruptions": ("fog", "fog")}, InvalidInputError, "repeat"),
+        ({"severities": None}, SeverityError, "None"),
+        ({"severities": (5, 5)}, InvalidInputError, "repeat"),
+        ({"seed": -1}, InvalidInputError, "-1"),
+        ({"seed": "a"}, InvalidInputError, "'a'"),
+        ({"seed": None}, InvalidInputError, "None"),
     ],
 )
 def test_bad_arguments(source, kw, err, needle):
@@ -183,6 +200,16 @@ def test_named_benchmarks_bad_input(tmp_path):
         make_benchmark("cifar10_c")
     with pytest.raises(DatasetNotFoundError, match="nowhere"):
         make_benchmark("cifar10_c", root=tmp_path / "nowhere")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(InvalidInputError, match="a_file"):
+        make_benchmark("digits_c", cache_dir=tmp_path / "a_file")
+    # from_config: a misspelt key, values of the wrong type are named, not converted or ignored
+    with pytest.raises(ConfigError, match="severty.*severities"):
+        from_config({"name": "digits_c", "severty": 3})
+    for key, value in (("batch_size", "x"), ("batch_size", 2.7), ("seed", None), ("include_clean", "false")):
+        with pytest.raises(TTTLabError, match=repr(value)):
+            from_config({"name": "digits_c", key: value})
+    assert from_config({"name": "digits_c", "severities": 3}).severities == (3,)
 
 
 def test_mnist_c_shape():

@@ -113,6 +113,7 @@ def test_seed_changes_output(photos224):
         ({"corruption": "fog", "severity": 6}, SeverityError),
         ({"corruption": "fog", "severity": 2.5}, SeverityError),
         ({"corruption": "fog", "severity": 1, "family": "svhn"}, UnknownNameError),
+        ({"corruption": "fog", "severity": 1, "seed": "1"}, InvalidInputError),
     ],
 )
 def test_bad_arguments(kwargs, err):
@@ -140,6 +141,11 @@ def test_bad_images(x):
     with pytest.raises(InvalidInputError) as info:
         C.corrupt(x, "fog", 1)
     assert str(x.dtype) in str(info.value) or str(x.shape) in str(info.value)
+
+
+def test_empty_batch_gives_an_empty_batch():
+    x = np.zeros((0, 32, 32, 3), np.uint8)
+    assert C.corrupt(x, "fog", 1, seed=0).shape == x.shape
 
 
 def test_aliases():

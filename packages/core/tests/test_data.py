@@ -380,6 +380,15 @@ def test_bad_paths_and_layouts(tmp_path):
         data.cifar10(tmp_path / "cifar", "test")
     with pytest.raises(DatasetLayoutError, match="data_batch_1"):
         data.cifar10(tmp_path / "cifar", "train")
+    # values a uint8 cast would change silently (300 -> 44, 0.5 -> 0), labels outside the 10 classes
+    for array, labels, needle in (
+        (np.full((2, 3072), 300, np.int64), [0, 1], "int64"),
+        (np.full((2, 3072), 0.5, np.float32), [0, 1], "float32"),
+        (np.zeros((2, 3072), np.uint8), [0, 10], "0..10"),
+    ):
+        (bad / "test_batch").write_bytes(pickle.dumps({b"data": array, b"labels": labels}))
+        with pytest.raises(DatasetLayoutError, match=needle):
+            data.cifar10(tmp_path / "cifar", "test")
     # ImageNet-V2: non-numeric or out-of-range folders
     (tmp_path / "v2" / "cat").mkdir(parents=True)
     with pytest.raises(DatasetLayoutError, match="0..999"):
@@ -402,6 +411,8 @@ def test_load_dispatcher(tmp_path):
         data.load("imagenet_a", tmp_path, split="val")
     with pytest.raises(InvalidInputError, match="embedded"):
         data.load("digits", tmp_path)
+    with pytest.raises(InvalidInputError, match=r"\['val'\]"):
+        data.load("digits", split=["val"])
     root = testing.make_imagenet_v2(tmp_path, classes=(3,))
     assert list(data.load("imagenet_v2", root).labels) == [3]
     if importlib.util.find_spec("sklearn") is not None:

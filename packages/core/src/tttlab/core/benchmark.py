@@ -43,7 +43,7 @@ import numpy as np
 from . import corruptions as C
 from ._io import source_fingerprint
 from .data import ArrayDataset, ImageDataset
-from .errors import DatasetNotFoundError, InvalidInputError, UnknownNameError
+from .errors import DatasetNotFoundError, InvalidInputError, SeverityError, UnknownNameError
 
 SETTINGS: tuple[str, ...] = ("episodic", "reset_each_shift", "continual", "mixed", "gradual")
 BENCHMARKS: tuple[str, ...] = ("mnist_c", "digits_c", "cifar10_c", "imagenet_c")
@@ -100,9 +100,17 @@ def check_setting(setting: str) -> str:
 def _check_severities(severities) -> tuple[int, ...]:
     if isinstance(severities, (int, np.integer)):
         severities = (severities,)
+    if (
+        severities is None
+        or isinstance(severities, (str, bytes, float))
+        or not hasattr(severities, "__iter__")
+    ):
+        raise SeverityError(f"severities must be an integer in 1..5 or a list of them, got {severities!r}")
     out = tuple(C.check_severity(s) for s in severities)
     if not out:
         raise InvalidInputError("severities must name at least one severity in 1..5, got an empty list")
+    if len(set(out)) != len(out):
+        raise InvalidInputError(f"severities {list(out)} repeat a severity; expected each at most once")
     return out
 
 
@@ -161,11 +169,28 @@ class Benchmark:
             raise InvalidInputError(f"benchmark {name!r} needs a source dataset or domain files")
         if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
             raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if num_examples is not None and (not isinstance(num_examples, (int, np.integer)) or num_examples < 1):
+        if num_examples is not None and (
+            isinstance(num_examples, bool)
+            or not isinstance(num_examples, (int, np.integer))
+            or num_examples < 1
+        ):
             raise InvalidInputError(f"num_examples must be a positive integer or None, got {num_examples!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise InvalidInputError(f"seed must be a non-negative integer, got {seed!r}")
+        if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+            raise InvalidInputError(f"cache_dir {cache_dir} is a file; expected a directory (or a new path)")
         self.name = name
         self.source = source
         self.corruptions = C.resolve(corruptions)
+        if len(set(self.corruptions)) != len(self.corruptions):
+            raise InvalidInputError(
+                f"corruptions {list(self.corruptions)} repeat a corruption; expected each at most once"
+            )
+        if not self.corruptions and not include_clean:
+            raise InvalidInputError(
+                f"benchmark {name!r}: corruptions is empty ({corruptions!r}); expected at least one corruption "
+                "(or a subset name: common, heldout, all)"
+            )
         self.severities = _check_severities(severities)
         self.setting = check_setting(setting)
         self.batch_size = int(batch_size)
@@ -445,14 +470,34 @@ def make_benchmark(
 def from_config(cfg) -> Benchmark:
     """Build from a ``tttlab.core.config.BenchmarkConfig`` (or any mapping with the same keys)."""
     get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+    if hasattr(cfg, "keys"):  # a plain mapping has no schema that rejects a misspelt key: check here
+        import dataclasses
+        import difflib
+
+        from .config import BenchmarkConfig
+        from .errors import ConfigError
+
+        known = [f.name for f in dataclasses.fields(BenchmarkConfig)]
+        for key in cfg.keys():
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"unknown benchmark key {key!r}{hint} (known keys: {', '.join(known)})")
     corr = get("corruptions", "common")
-    if not isinstance(corr, str):
+    if not isinstance(corr, str) and hasattr(corr, "__iter__"):
         corr = list(corr)
         if len(corr) == 1 and corr[0] in C.SUBSETS:
             corr = corr[0]
+    severities = get("severities", [5])
+    if not isinstance(severities, (int, np.integer, str)) and hasattr(severities, "__iter__"):
+        severities = list(severities)
+    include_clean = get("include_clean", False)
+    if not isinstance(include_clean, (bool, np.bool_)):
+        raise InvalidInputError(f"include_clean must be true or false, got {include_clean!r}")
+    # values are passed on unconverted: make_benchmark names a string, float or None where an int belongs
     return make_benchmark(
-        get("name", "mnist_c"), root=get("root"), corruptions=corr, severities=list(get("severities", [5])),
-        setting=get("setting", "reset_each_shift"), batch_size=int(get("batch_size", 64)),
-        num_examples=get("num_examples"), seed=int(get("seed", 0)), cache_dir=get("cache_dir"),
-        include_clean=bool(get("include_clean", False)),
+        get("name", "mnist_c"), root=get("root"), corruptions=corr, severities=severities,
+        setting=get("setting", "reset_each_shift"), batch_size=get("batch_size", 64),
+        num_examples=get("num_examples"), seed=get("seed", 0), cache_dir=get("cache_dir"),
+        include_clean=bool(include_clean),
     )  # fmt: skip

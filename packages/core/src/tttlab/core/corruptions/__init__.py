@@ -99,6 +99,11 @@ def resolve(corruptions: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
         if corruptions in SUBSETS:
             return SUBSETS[corruptions]
         return (canonical_name(corruptions),)
+    if not isinstance(corruptions, (list, tuple)) and not hasattr(corruptions, "__iter__"):
+        raise UnknownNameError(
+            f"corruptions must be a subset name ({', '.join(SUBSETS)}), a corruption name or a list of them, "
+            f"got {corruptions!r}"
+        )
     return tuple(canonical_name(c) for c in corruptions)
 
 
@@ -163,9 +168,15 @@ def corrupt(
     elif family not in FAMILIES:
         raise UnknownNameError(f"unknown constant family {family!r}; expected one of {', '.join(FAMILIES)}")
     if rng is None:
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0
+        ):
+            raise InvalidInputError(f"seed must be a non-negative integer or None, got {seed!r}")
         rng = np.random.default_rng(seed)
     elif seed is not None:
         raise InvalidInputError("pass either rng or seed, not both")
+    if batch.shape[0] == 0:
+        return np.array(images, copy=True)
     fn = FUNCTIONS[name]
     size = chunk_size(batch.shape, getattr(fn, "chunk_pixels", CHUNK_PIXELS))
     starts = list(range(0, batch.shape[0], size))

@@ -43,13 +43,19 @@ def _load_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             d = pickle.load(f, encoding="bytes")
-        data = np.asarray(d[b"data"], dtype=np.uint8)
+        data = np.asarray(d[b"data"])
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
         raise DatasetLayoutError(
             f"{path}: not a CIFAR-10 python batch (a pickled dict with b'data' (N, 3072) uint8 and "
             f"b'labels'): {exc!r}"
         ) from exc
+    if data.dtype != np.uint8:  # a cast would wrap 300 to 44 and floor floats in [0, 1] to 0
+        raise DatasetLayoutError(f"{path}: b'data' of dtype {data.dtype}; expected uint8 (N, 3072)")
+    if labels.size and not 0 <= labels.min() <= labels.max() < len(CIFAR10_CLASSES):
+        raise DatasetLayoutError(
+            f"{path}: labels in {labels.min()}..{labels.max()}; expected 0..{len(CIFAR10_CLASSES) - 1}"
+        )
     if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
         raise DatasetLayoutError(
             f"{path}: data of shape {data.shape} for {labels.shape[0]} labels; expected (N, 3072)"

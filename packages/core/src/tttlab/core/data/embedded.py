@@ -30,7 +30,7 @@ DIGIT_CLASSES = tuple(str(i) for i in range(10))
 
 def _check_split(split: str, allowed=MNIST_SPLITS) -> str:
     aliases = {"validation": "val", "valid": "val"}
-    split = aliases.get(split, split)
+    split = aliases.get(split, split) if isinstance(split, str) else split
     if split not in allowed:
         raise InvalidInputError(f"split {split!r} is not one of {allowed}")
     return split
