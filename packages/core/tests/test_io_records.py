@@ -120,6 +120,12 @@ def test_schema_errors(tmp_path):
         R.load_records(tmp_path / "bad.jsonl")
     with pytest.raises(InvalidInputError, match="does not exist"):
         R.load_records(tmp_path / "missing")
+    # a run directory below a file, or no path at all
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(InvalidInputError, match="a_file/run.*Not a directory"):
+        R.RunDir(tmp_path / "a_file" / "run", {})
+    with pytest.raises(InvalidInputError, match="None"):
+        R.RunDir(None, {})
 
 
 def test_config_hash_stable():

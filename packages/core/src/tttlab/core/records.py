@@ -355,6 +355,8 @@ class RunDir:
     """
 
     def __init__(self, path, config: Any = None, *, rank: int | None = None):
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidInputError(f"a run directory must be a path, got {path!r}")
         self.path = Path(path)
         if isinstance(rank, bool) or (rank is not None and (not isinstance(rank, int) or rank < 0)):
             raise InvalidInputError(f"rank={rank!r} must be a non-negative integer or None")
@@ -362,7 +364,13 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise InvalidInputError(f"run directory {self.path} exists and is not a directory")
         self.checkpoints = self.path / "checkpoints"
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        try:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a parent is a file, no permission, a read-only file system
+            raise InvalidInputError(
+                f"cannot create run directory {self.path}: {exc.strerror or exc}; expected a writable "
+                "directory path"
+            ) from exc
         self._config_hash = config_hash(config) if config is not None else None
         if self.is_main:
             if config is not None:
