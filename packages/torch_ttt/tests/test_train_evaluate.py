@@ -353,3 +353,46 @@ def test_the_config_seed_seeds_the_adaptation_stream(smoke_run, tmp_path, monkey
     monkeypatch.setattr(E, "adapt_stream", fake_adapt_stream)
     E.run(hydra_compose("evaluate", [*eval_overrides(smoke_run, tmp_path / "seeded"), f"seed={seed}"]))
     assert seen == [seed]
+
+
+class _Killed(Exception):
+    """Stands for a SIGKILL at a chosen point (the process ends, the files stay as they are)."""
+
+
+def test_a_kill_between_the_epoch_checkpoint_and_its_record_loses_nothing(smoke_run, tmp_path, monkeypatch):
+    # kill audit: the epoch-end checkpoint was written before the epoch's train_accuracy record, so a kill
+    # in between resumed past the epoch and never wrote its record
+    out = tmp_path / "killed_at_epoch_end"
+
+    def killed(self, stats):
+        raise _Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(T.RunDir, "write_stats", killed)
+        with pytest.raises(_Killed):
+            T.run(smoke_config(out))
+    T.run(smoke_config(out))
+    assert stable(read_jsonl(out / "records.jsonl")) == stable(read_jsonl(smoke_run / "records.jsonl"))
+    assert read_stats(out) == read_stats(smoke_run)
+
+
+def test_a_kill_during_the_noisy_evaluation_keeps_the_stats_summary(smoke_run, tmp_path, monkeypatch):
+    # kill audit: a resumed run skipped the TTT evaluations already recorded and left them out of
+    # stats.json's "eval" summary
+    out = tmp_path / "killed_in_eval"
+    real, calls = T.evaluate_noisy, []
+
+    def dies_on_the_second_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Killed
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(T, "evaluate_noisy", dies_on_the_second_call)
+        with pytest.raises(_Killed):
+            T.run(smoke_config(out))
+    assert len(read_jsonl(out / "records.jsonl")) == 4, "killed after the 0-step TTT record"
+    T.run(smoke_config(out))
+    assert stable(read_jsonl(out / "records.jsonl")) == stable(read_jsonl(smoke_run / "records.jsonl"))
+    assert read_stats(out)["eval"] == read_stats(smoke_run)["eval"]

@@ -41,7 +41,7 @@ from tttlab.core._io import atomic_path
 from tttlab.core.cli import user_errors
 from tttlab.core.config import DataConfig, RunConfig, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError
-from tttlab.core.records import RunDir, config_hash, done_keys, load_records
+from tttlab.core.records import RunDir, config_hash, read_jsonl
 
 from .engine.base_engine import BaseEngine
 from .engine_registry import EngineRegistry, get_engine
@@ -382,7 +382,7 @@ def run(cfg, **overrides) -> Path:
         extra={"train_engine": c["train"]["engine"]},
     )  # fmt: skip
     with out.writer(**defaults) as writer:
-        have = done_keys(load_records(out.path), ["method", "metric", "corruption", "step"])
+        have = _recorded(out.records_path)
         epochs = int(c["train"]["epochs"])
         while state["epoch"] < epochs:
             t0 = time.perf_counter()
@@ -396,15 +396,17 @@ def run(cfg, **overrides) -> Path:
             for k, v in epoch_stats.items():
                 history.setdefault(k, []).append(v)
             epoch = state["epoch"] + 1
-            state.update(epoch=epoch, batch=0, correct=0, seen=0, task_loss=0.0, ssl_loss=0.0)
-            checkpoint(done=epoch == epochs)
-            out.write_stats(history)
+            # the record and the stats before the checkpoint: a kill in between redoes the epoch from the
+            # previous checkpoint (same numbers, the record is not written twice); the other order lost them
             method = f"torch_ttt.{c['train']['engine']}"
             if (method, "train_accuracy", None, epoch) not in have:
                 writer.write(
                     method=method, dataset="mnist", metric="train_accuracy", step=epoch,
                     value=epoch_stats["train/accuracy"], n=n, wall_time_s=time.perf_counter() - t0,
                 )  # fmt: skip
+            out.write_stats(history)
+            state.update(epoch=epoch, batch=0, correct=0, seen=0, task_loss=0.0, ssl_loss=0.0)
+            checkpoint(done=epoch == epochs)
             log.info("epoch %d: %s", epoch, epoch_stats)
         if c["eval"]["enabled"]:
             summary = _noisy_evaluation(c, model, engine, writer, have, device)
@@ -416,6 +418,12 @@ def _training_part(c: dict[str, Any]) -> dict[str, Any]:
     """What the weights depend on (a checkpoint only resumes a run with the same)."""
     t = {k: v for k, v in c["train"].items() if k not in ("stop_after_steps", "checkpoint_every", "resume")}
     return {"seed": c["seed"], "model": c["model"], "train": t, "data": c["data"]}
+
+
+def _recorded(path: Path) -> dict[tuple, float]:
+    """``{(method, metric, corruption, step): value}`` of the records already written (a resumed run skips
+    them and takes their values into the stats' evaluation summary)."""
+    return {(r["method"], r["metric"], r["corruption"], r["step"]): r["value"] for r in read_jsonl(path)}
 
 
 def _noisy_evaluation(c, model, engine, writer, have, device) -> dict[str, Any]:
@@ -441,6 +449,7 @@ def _noisy_evaluation(c, model, engine, writer, have, device) -> dict[str, Any]:
     for k in e["num_steps"]:
         if (method, "accuracy", TUTORIAL_NOISE, int(k)) in have:
             log.info("noisy accuracy with %s after %d steps: already in records.jsonl", method, k)
+            summary[f"ttt/{k}_steps/accuracy"] = have[(method, "accuracy", TUTORIAL_NOISE, int(k))]
             continue
         acc, n, secs = evaluate_noisy(
             engine, xn, yt, int(k), bs, device, lr=e["lr"], optimizer_name=e["optimizer_name"],
