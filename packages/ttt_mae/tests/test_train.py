@@ -18,13 +18,21 @@ def sd(path):
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
-def test_pretrain_kill_resume_bitwise(tmp_path):
-    full = T.run(pre_cfg(tmp_path / "a"), "pretrain")
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """An uninterrupted 2-epoch smoke pretraining run (the reference of the kill tests)."""
+    out = tmp_path_factory.mktemp("pretrain") / "a"
+    T.run(pre_cfg(out), "pretrain")
+    return out
+
+
+def test_pretrain_kill_resume_bitwise(tmp_path, pretrained):
+    full = pretrained / T.FINAL
     T.run(pre_cfg(tmp_path / "b"), "pretrain", stop_after_steps=6)  # killed in epoch 2 (4 steps/epoch)
     resumed = T.run(pre_cfg(tmp_path / "b"), "pretrain")
     a, b = sd(full), sd(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    first = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
+    first = torch.load(pretrained / "checkpoints" / "last.ckpt", weights_only=False)
     assert [h["epoch"] for h in first["history"]] == [0, 1]
 
 
@@ -98,3 +106,58 @@ def test_probe_clean_accuracy_reads_imagenet_val(tmp_path):
         "amp": "none",
     }
     assert T.clean_accuracy(model, missing, torch.device("cpu"), lambda x: x)[1] == 0
+
+
+class _Killed(Exception):
+    """Stands for a SIGKILL at a chosen point (the process ends, the files stay as they are)."""
+
+
+def _stable_records(run_dir):
+    from tttlab.core.records import read_jsonl
+
+    drop = ("wall_time_s", "config_hash", "git_sha")
+    return [{k: v for k, v in r.items() if k not in drop} for r in read_jsonl(run_dir / "records.jsonl")]
+
+
+def test_a_kill_at_the_epoch_end_neither_loses_nor_repeats_its_stats_and_record(
+    tmp_path, monkeypatch, pretrained
+):
+    # kill audit: last.ckpt was written before the epoch's stats.json entry and train_loss record, so a kill
+    # in between resumed at the next epoch and never wrote them
+    from tttlab.core.records import read_stats
+
+    real = T.RunDir.append_stats
+
+    def killed_once(self, *args, **kw):
+        monkeypatch.setattr(T.RunDir, "append_stats", real)
+        raise _Killed
+
+    monkeypatch.setattr(T.RunDir, "append_stats", killed_once)
+    with pytest.raises(_Killed):
+        T.run(pre_cfg(tmp_path / "b"), "pretrain")
+    T.run(pre_cfg(tmp_path / "b"), "pretrain")
+    assert _stable_records(tmp_path / "b") == _stable_records(pretrained)
+    assert [r["step"] for r in _stable_records(tmp_path / "b")] == [0, 1]
+    assert read_stats(tmp_path / "b") == read_stats(pretrained)
+
+
+def test_a_probe_killed_before_its_final_checkpoint_records_its_accuracy_once(tmp_path, monkeypatch):
+    # kill audit: the clean accuracy was recomputed and recorded again when checkpoint.pth was missing
+    pre = T.run(pre_cfg(tmp_path / "pre", epochs=1, data={"num_examples": 64}), "pretrain")
+    c = compose("probe", "smoke_probe", {"out_dir": str(tmp_path / "probe"), "finetune": str(pre), "epochs": 1,
+                                         "data": {"num_examples": 64}, "batch_size": 32,
+                                         "logging": {"progress": False}})  # fmt: skip
+    real = T.atomic_save
+
+    def killed_at_final(obj, path):
+        if str(path).endswith(T.FINAL):
+            raise _Killed
+        return real(obj, path)
+
+    monkeypatch.setattr(T, "atomic_save", killed_at_final)
+    with pytest.raises(_Killed):
+        T.run(c, "probe")
+    monkeypatch.setattr(T, "atomic_save", real)
+    T.run(c, "probe")
+    metrics = [r["metric"] for r in _stable_records(tmp_path / "probe")]
+    assert metrics == ["train_loss", "accuracy"]

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from tttlab.core.errors import CheckpointError, ConfigError, InvalidInputError
-from tttlab.core.records import RunDir
+from tttlab.core.records import RunDir, read_jsonl
 
 from .checkpoint import atomic_save, read_checkpoint, state_dict_of
 from .common import (
@@ -262,17 +262,22 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
             log.info("%s epoch %d: loss %.4f (%.1f s)", kind, epoch, entry["train_loss"], entry["seconds"])
         last = epoch + 1 == epochs
         if dist.rank == 0 and (last or (epoch + 1) % max(int(c["save_ckpt_freq"]), 1) == 0):
+            # stats and record first, each once per epoch, then the checkpoint: a kill in between redoes the
+            # epoch from the previous checkpoint (the other order skipped the epoch's stats and record)
+            if epoch not in rd.read_stats().get("epoch", []):
+                rd.append_stats({"epoch": epoch, "train_loss": entry["train_loss"], "lr": entry["lr"]})
+            if not _recorded(rd, "train_loss", epoch):
+                with rd.writer(method=f"ttt_mae.{kind}", package="ttt_mae", framework="torch",
+                               model=c["model"], dataset=c["data"]["name"], seed=seed) as w:  # fmt: skip
+                    w.write(metric="train_loss", value=entry["train_loss"], step=epoch, n=count,
+                            wall_time_s=entry["seconds"])  # fmt: skip
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                          "history": history, "config": c}, ckpt_path)  # fmt: skip
-            rd.append_stats({"epoch": epoch, "train_loss": entry["train_loss"], "lr": entry["lr"]})
-            with rd.writer(method=f"ttt_mae.{kind}", package="ttt_mae", framework="torch", model=c["model"],
-                           dataset=c["data"]["name"], seed=seed) as w:  # fmt: skip
-                w.write(metric="train_loss", value=entry["train_loss"], step=epoch, n=count,
-                        wall_time_s=entry["seconds"])  # fmt: skip
         dist.barrier()
     final = out / FINAL
     if dist.rank == 0:
-        if kind == "probe" and not (final.exists() and _has_accuracy(rd)):
+        if kind == "probe" and not _recorded(rd, "accuracy", epochs):  # once (a kill before the final
+            # checkpoint.pth below recomputed it and recorded it twice)
             acc, n = clean_accuracy(model, c, device, norm)
             if n == 0:  # no test/val split next to the training data: nothing to record (was a NaN record)
                 log.info("probe: no test split of data.name=%s found; clean accuracy not measured",
@@ -287,11 +292,9 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
     return final
 
 
-def _has_accuracy(rd: RunDir) -> bool:
-    try:
-        return len(rd.records(metric="accuracy")) > 0
-    except Exception:  # noqa: BLE001
-        return False
+def _recorded(rd: RunDir, metric: str, step: int) -> bool:
+    """Whether ``rd``'s records already hold ``metric`` at ``step`` (a resumed run writes it once)."""
+    return any(r["metric"] == metric and r["step"] == step for r in read_jsonl(rd.records_path))
 
 
 @torch.no_grad()
