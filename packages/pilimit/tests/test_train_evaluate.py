@@ -46,6 +46,38 @@ def test_kill_and_resume_is_bitwise(tmp_path, kind):
         assert a["model_state"]["output_layer.A"].shape[0] == 16 + 2 * (128 // 16) * 16
 
 
+class _Killed(Exception):
+    """Stands for a SIGKILL at a chosen point (the process ends, the files stay as they are)."""
+
+
+def test_a_kill_between_the_last_checkpoint_and_the_stats_keeps_the_last_epoch(tmp_path, monkeypatch):
+    # kill audit: the end-of-epoch checkpoint (done) was written before stats.json, so a kill in between
+    # left the last epoch out of stats.json for good (the resumed run found nothing left to do)
+    from tttlab.core.records import RunDir, read_stats
+
+    over = [*SMOKE, "model.kind=finite", "model.width=32", "train.checkpoint_every=3"]
+    full = run(train_config("smoke", [*over, f"out_dir={tmp_path / 'full'}"]))
+    real = RunDir.write_stats
+
+    def killed_at_the_last_epoch(self, stats):
+        if len(stats["test_accuracy"]) == 2:
+            raise _Killed
+        return real(self, stats)
+
+    part = tmp_path / "part"
+    with monkeypatch.context() as m:
+        m.setattr(RunDir, "write_stats", killed_at_the_last_epoch)
+        with pytest.raises(_Killed):
+            run(train_config("smoke", [*over, f"out_dir={part}"]))
+    run(train_config("smoke", [*over, f"out_dir={part}"]))
+    drop = ("epoch_time_s",)
+    a, b = ({k: v for k, v in read_stats(p).items() if k not in drop} for p in (full, part))
+    assert len(a["test_accuracy"]) == 2 and a == b
+    assert [(r["metric"], r["step"], r["value"]) for r in _records(part)] == [
+        (r["metric"], r["step"], r["value"]) for r in _records(full)
+    ]
+
+
 def test_resume_refuses_other_config(tmp_path):
     run(train_config("smoke", [*SMOKE, f"out_dir={tmp_path}", "train.stop_after_steps=2"]))
     with pytest.raises(TTTLabError, match="another model/training config"):

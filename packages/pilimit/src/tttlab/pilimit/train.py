@@ -442,8 +442,10 @@ def _run_classify(c: dict[str, Any]) -> Path:
                                  wall_time_s=stats["epoch_time_s"], extra={"rows": stats["rows"]})  # fmt: skip
             log.info("epoch %d: %s", epoch, stats)
             state.update(epoch=epoch, batch=0, loss=0.0, correct=0, seen=0)
-            R.save(net, opt, sched, state, history, done=epoch == epochs and c["train"]["task"] == "classify")
+            # stats before the checkpoint: a kill in between redoes the epoch (the other order left the last
+            # epoch out of stats.json for good: the resumed run had nothing left to do)
             R.out.write_stats(history)
+            R.save(net, opt, sched, state, history, done=epoch == epochs and c["train"]["task"] == "classify")
         if c["train"]["task"] == "transfer":
             res = transfer_eval(c, net, R.device)
             if ("transfer_accuracy", epochs) not in have:
@@ -563,8 +565,8 @@ def _run_maml(c: dict[str, Any]) -> Path:
                              extra={"ci95": res["ci95"], "ways": args[0], "shots": args[1], "rows": stats["rows"]})  # fmt: skip
             log.info("meta-epoch %d: %s", epoch, stats)
             state.update(epoch=epoch, batch=0, loss=0.0, acc=0.0)
+            R.out.write_stats(history)  # before the checkpoint, as in classify
             R.save(net, opt, sched, state, history, done=epoch == epochs)
-            R.out.write_stats(history)
     return R.out.path
 
 
