@@ -209,3 +209,24 @@ def test_paper_recipes_untouched_and_mnist_recipe_differs_only_where_documented(
         m = T.model_from_config({**c, "head_zeroinit": zero, **tiny})
         p = m.init({"params": jax.random.PRNGKey(0), "idx": jax.random.PRNGKey(0)}, x)["params"]
         assert bool(jnp.all(p["head"]["kernel"] == 0)) is zero
+
+
+def test_a_kill_between_the_records_of_an_epoch_loses_none(tmp_path):
+    """Kill audit: a resume rewrote an epoch's records only when its val/prec@1 was missing, so a kill after
+    val/prec@1 and before val/loss / train/loss / epoch_time_s lost those for good.  The run directory as
+    such a kill leaves it (checkpoint stats of 2 epochs, epoch 2 recorded up to val/prec@1), then the
+    resume's repair."""
+    from tttlab.core.records import RunDir, read_jsonl
+
+    stats = {"step": [4, 8], "val/prec@1": [0.25, 0.5], "val/loss": [2.0, 1.5], "train/loss": [2.1, 1.7],
+             "epoch_time_s": [1.0, 1.0]}  # fmt: skip
+    run = RunDir(tmp_path)
+    with run.writer(method="mttt_jax.x") as writer:
+        T._write_epoch_records(writer, stats, 0)
+        writer.write(metric="val/prec@1", value=0.5, step=8, extra={"epoch": 2})
+    with run.writer(method="mttt_jax.x") as writer:
+        T._rewrite_missing_records(run, writer, stats)
+    got = [(r["metric"], r["step"], r["value"]) for r in read_jsonl(run.records_path)]
+    assert sorted(got) == sorted(
+        (m, s, stats[m][e]) for e, s in enumerate(stats["step"]) for m in stats if m != "step"
+    )

@@ -531,11 +531,12 @@ def _finish_epoch(stats, acc, step, eval_step, state, val_src, eval_bs, mesh):
         stats[k].append(v)
 
 
-def _write_epoch_records(writer, stats, e: int) -> None:
+def _write_epoch_records(writer, stats, e: int, have=frozenset()) -> None:
+    """The records of epoch ``e`` from ``stats``, except the ``(metric, step)`` pairs in ``have``."""
     for metric in ("val/prec@1", "val/loss", "train/loss", "epoch_time_s"):
-        v = float(stats[metric][e])
-        if math.isfinite(v):
-            writer.write(metric=metric, value=v, step=int(stats["step"][e]), extra={"epoch": e + 1})
+        v, step = float(stats[metric][e]), int(stats["step"][e])
+        if math.isfinite(v) and (metric, step) not in have:
+            writer.write(metric=metric, value=v, step=step, extra={"epoch": e + 1})
 
 
 def _rewrite_missing_records(run, writer, stats) -> None:
@@ -547,9 +548,8 @@ def _rewrite_missing_records(run, writer, stats) -> None:
         from tttlab.core.records import read_jsonl
 
         have = {(r.get("metric"), r.get("step")) for r in read_jsonl(run.records_path)}
-    for e, s in enumerate(stats["step"]):
-        if ("val/prec@1", s) not in have:
-            _write_epoch_records(writer, stats, e)
+    for e in range(len(stats["step"])):  # per metric: a kill can fall between an epoch's records
+        _write_epoch_records(writer, stats, e, have)
     run.write_stats(stats)
 
 
