@@ -262,3 +262,36 @@ def test_writer_fields_override_the_record_which_overrides_the_defaults(tmp_path
         ("m", 0, "accuracy", 0.5), ("m", 2, "error", 0.25), ("m", 3, "accuracy", 0.75),
     ]  # fmt: skip
     assert rows[1]["corruption"] == "fog"
+
+
+def test_a_summary_killed_midway_leaves_no_partial_summary(tmp_path):
+    """Kill audit: a run killed while write_domain_summary wrote its records line by line left part of the
+    summary; started again it appended the whole summary after that part (records twice).  The summary is
+    now one group: nothing reaches the file before the last record (an exception stands for the kill)."""
+    from tttlab.core.benchmark import Domain
+    from tttlab.core.records import RecordWriter, read_jsonl, write_domain_summary
+
+    totals = {Domain("fog", 5): [3, 4, 2.0], Domain("snow", 5): [1, 4, 0.5]}
+
+    def killed_at_snow(dom, row):
+        if dom.corruption == "snow":
+            raise KeyboardInterrupt
+        return {}
+
+    path = tmp_path / "records.jsonl"
+    with RecordWriter(path, {"method": "m"}) as w:
+        w.write(metric="train_loss", value=1.0)
+        with pytest.raises(KeyboardInterrupt):
+            write_domain_summary(w, totals, domain_extra=killed_at_snow)
+    assert [r["metric"] for r in read_jsonl(path)] == ["train_loss"]
+    with RecordWriter(path, {"method": "m"}) as w:  # the run started again
+        written = write_domain_summary(w, totals)
+        assert w.count == len(written) == 5
+    assert len(read_jsonl(path)) == 6
+    with RecordWriter(path, {"method": "m"}) as w:
+        with w.group():
+            w.write(metric="a", value=1.0)
+            with w.group():  # nested: joins the outer group
+                w.write(metric="b", value=2.0)
+            assert len(read_jsonl(path)) == 6, "held back until the group ends"
+    assert [r["metric"] for r in read_jsonl(path)][-2:] == ["a", "b"]

@@ -175,3 +175,31 @@ def test_accuracy_per_domain_does_not_depend_on_how_domains_are_batched(trained_
     alone, mixed = accs("reset_each_shift"), accs("mixed")
     assert len(alone) == 3 and all(0.0 <= v <= 1.0 for v in mixed.values())
     assert mixed == pytest.approx(alone, abs=1e-9)
+
+
+def test_records_killed_midway_are_all_or_nothing(tmp_path, monkeypatch):
+    """Kill audit: write_records appended line by line, so a run killed among its records left some of them
+    and, started again, wrote them all once more.  They are one group now (an exception at the first
+    ``error`` twin stands for the kill)."""
+    from tttlab.core.benchmark import Domain
+    from tttlab.core.records import RecordWriter, RunDir, read_jsonl
+    from tttlab.mttt_jax.evaluate import write_records
+
+    real = RecordWriter.write
+
+    def killed_at_error(self, record=None, **fields):
+        if fields.get("metric") == "error":
+            raise KeyboardInterrupt
+        return real(self, record, **fields)
+
+    per_domain = {Domain("fog", 5): {"correct": 13, "n": 20, "secs": 0.5, "inner": [0.25]},
+                  Domain("snow", 5): {"correct": 3, "n": 20, "secs": 0.5, "inner": [0.5]}}  # fmt: skip
+    run = RunDir(tmp_path, {"x": 1})
+    monkeypatch.setattr(RecordWriter, "write", killed_at_error)
+    with run.writer(method="mttt_jax.mttt_mlp") as w, pytest.raises(KeyboardInterrupt):
+        write_records(w, per_domain, ttt=True, train_run="runs/x")
+    assert read_jsonl(run.records_path) == []
+    monkeypatch.setattr(RecordWriter, "write", real)
+    with run.writer(method="mttt_jax.mttt_mlp") as w:
+        write_records(w, per_domain, ttt=True, train_run="runs/x")
+    assert len(read_jsonl(run.records_path)) == 3 * 2 + 2

@@ -25,6 +25,7 @@ Distributed runs: ``RunDir(path, rank=r)``; rank 0 writes ``records.jsonl``, ran
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -37,7 +38,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -254,18 +255,51 @@ class RecordWriter:
         _repair_torn_tail(self.path)
         self._file = open(self.path, "ab")
         self.count = 0
+        self._pending: list[bytes] | None = None  # the lines of an open group()
 
     def write(self, record: Mapping[str, Any] | None = None, **fields) -> dict[str, Any]:
-        """Validate ``{**defaults, **record, **fields}`` and append it durably; return the stored record."""
+        """Validate ``{**defaults, **record, **fields}`` and append it durably; return the stored record.
+
+        Inside :meth:`group` the line is held back until the group ends."""
         if self._file.closed:
             raise InvalidInputError(f"the record writer of {self.path} is closed")
         full = validate_record({**self.defaults, **(record or {}), **fields})
-        line = json.dumps(full, allow_nan=True) + "\n"
-        self._file.write(line.encode("utf-8"))
+        line = (json.dumps(full, allow_nan=True) + "\n").encode("utf-8")
+        if self._pending is not None:
+            self._pending.append(line)
+        else:
+            self._append(line)
+            self.count += 1
+        return full
+
+    def _append(self, data: bytes) -> None:
+        self._file.write(data)
         self._file.flush()
         os.fsync(self._file.fileno())
-        self.count += 1
-        return full
+
+    @contextlib.contextmanager
+    def group(self) -> Iterator[RecordWriter]:
+        """Records written inside reach the file together (one ``write`` + fsync when the block ends).
+
+        A process killed inside the block leaves none of them, one killed during that single write all of
+        them (a regular file's write is not split by a signal; a torn tail after a power loss is repaired as
+        usual), so a summary is never half there when the run is started again.  An exception inside the
+        block drops them.  Nested groups join the outermost one.
+        """
+        if self._pending is not None:
+            yield self
+            return
+        self._pending = []
+        try:
+            yield self
+            lines = self._pending
+        finally:
+            self._pending = None
+        if lines:
+            if self._file.closed:
+                raise InvalidInputError(f"the record writer of {self.path} is closed")
+            self._append(b"".join(lines))
+            self.count += len(lines)
 
     def close(self) -> None:
         if not self._file.closed:
@@ -631,8 +665,13 @@ def write_domain_summary(writer: RecordWriter, totals: Mapping[Any, Sequence], e
     images: ``accuracy`` and ``s_per_image`` (``n`` images, ``wall_time_s`` = adaptation + prediction
     seconds, ``extra`` = ``extra`` + ``correct`` + ``domain_extra(domain, row)``); then, when at least
     ``min_domains_for_mean`` corrupted domains were seen, ``accuracy`` with ``corruption="mean"`` over them
-    (``n`` = all images, ``severity`` the common one or None).
+    (``n`` = all images, ``severity`` the common one or None).  Written as one :meth:`RecordWriter.group`.
     """
+    with writer.group():  # all or none of the summary (a run killed in the middle is not half recorded)
+        return _domain_summary(writer, totals, extra, domain_extra, min_domains_for_mean)
+
+
+def _domain_summary(writer, totals, extra, domain_extra, min_domains_for_mean) -> list[dict[str, Any]]:
     import numpy as np
 
     extra = dict(extra or {})

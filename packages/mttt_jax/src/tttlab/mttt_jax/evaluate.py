@@ -241,12 +241,13 @@ def write_records(writer, per_domain: dict, *, ttt: bool, train_run: str) -> lis
 
     clean = {d: r for d, r in totals.items() if d.corruption is None}
     corrupted = {d: r for d, r in totals.items() if d.corruption is not None}
-    written = write_domain_summary(writer, clean, domain_extra=domain_extra)
-    written += write_domain_summary(writer, corrupted, domain_extra=domain_extra)
-    for r in list(written):
-        if r["metric"] == "accuracy":
-            keep = {k: r[k] for k in ("corruption", "severity", "n", "wall_time_s", "extra")}
-            written.append(writer.write(metric="error", value=1.0 - float(r["value"]), **keep))
+    with writer.group():  # all records or none: a run killed midway is not half recorded (then twice)
+        written = write_domain_summary(writer, clean, domain_extra=domain_extra)
+        written += write_domain_summary(writer, corrupted, domain_extra=domain_extra)
+        for r in list(written):
+            if r["metric"] == "accuracy":
+                keep = {k: r[k] for k in ("corruption", "severity", "n", "wall_time_s", "extra")}
+                written.append(writer.write(metric="error", value=1.0 - float(r["value"]), **keep))
     for dom, row in totals.items():
         log.info("%s: accuracy %.4f (n=%d)", dom, row[0] / max(row[1], 1), row[1])
     for r in written:
