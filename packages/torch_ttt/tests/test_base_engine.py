@@ -3,6 +3,8 @@ TENT's test-batch statistics, BN, source."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -60,6 +62,13 @@ def test_optimization_parameters_validate():
     assert OptimizationParameters({"copy_model": "false"})["reset"] is Reset.NEVER
     with pytest.raises(ConfigError, match=r"copy_model='yes': expected True or False"):
         OptimizationParameters({"copy_model": "yes"})
+    # values torch's optimizers would reject deep inside (or accept: NaN, a negative decay) are named here
+    for key, value in (("lr", float("nan")), ("lr", float("inf")), ("lr", True), ("momentum", "abc"),
+                       ("weight_decay", -1), ("betas", [2.0]), ("betas", (1.5, 0.9))):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"{key} must be .*got {re.escape(repr(value))}"):
+            OptimizationParameters({key: value})
+    with pytest.raises(ConfigError, match=r"must be a mapping.*\[1, 2\]"):
+        OptimizationParameters([1, 2])
 
 
 def test_tent_uses_test_batch_statistics_and_restores_exactly():
@@ -143,6 +152,11 @@ def test_bad_inputs():
         engine(x_batch(n=1))
     with pytest.raises(TTTLabError, match="unknown engine"):
         get_engine("tnet")
+    # MEMO's built-in augmentations need a float NCHW batch: not a traceback from grid_sample or torch.cat
+    memo = get_engine("memo")(bn_model(), {"num_steps": 1}).eval()
+    for bad in (x_batch().to(torch.uint8), x_batch()[0], x_batch()[:0], x_batch().numpy()):
+        with pytest.raises(InvalidInputError, match=r"float \(N, C, H, W\)"):
+            memo(bad)
 
 
 def test_bn_and_source_engines():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -286,6 +287,53 @@ def test_warm_up_changes_no_random_state():
 def test_evaluate_needs_a_finished_training_run(tmp_path):
     with pytest.raises(CheckpointError, match="train_run"):
         E.run({"engine": "ttt", "train_run": str(tmp_path), "out_dir": str(tmp_path / "e")})
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["train.lr=nan"], "train.lr=nan"),
+        (["train.epochs=0"], "train.epochs=0"),
+        (["train.ssl_weight=nan"], "train.ssl_weight=nan"),
+        (["data.name=cifar10"], "data.name='cifar10'"),
+        (["data.root=/data"], "data.root='/data'"),
+        (["eval.batch_size=0"], "eval.batch_size=0"),
+        (["eval.num_examples=-1"], "eval.num_examples=-1"),
+        (["eval.noise_std=inf"], "eval.noise_std=inf"),
+        (["noisy.batch_size=0"], "noisy.batch_size=0"),
+        (["noisy.num_examples=-1"], "noisy.num_examples=-1"),
+        (["noisy.noise_std=nan"], "noisy.noise_std=nan"),
+        (["calibration.num_examples=0"], "calibration.num_examples=0"),
+        (["calibration.batch_size=0"], "calibration.batch_size=0"),
+    ],
+)
+def test_bad_config_values_are_config_errors_before_any_work(overrides, needle):
+    """Values that used to train silently on NaN / nothing / the wrong data, or to end in a torch or
+    ZeroDivisionError traceback, are named with what was expected (bad-input audit)."""
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        if overrides[0].split(".")[0] in ("train", "data", "eval"):
+            T.train_config("smoke", overrides)
+        else:
+            E.eval_config({"engine": "ttt"}, overrides)
+
+
+def test_bad_engine_arguments_and_foreign_checkpoints(smoke_run, tmp_path):
+    model = T.build_model("mnist_bn")
+    with pytest.raises(ConfigError, match=r"no argument\(s\) \['bogus'\]"):
+        T.build_engine("tent", model, "mnist_bn", {"bogus": 1})
+    with pytest.raises(ConfigError, match="fisher_alpha"):
+        T.build_engine("eata", model, "mnist_bn", {"fisher_alpha": "a"})
+    # a state dict saved by something else, and a checkpoint whose weights are of another model
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    good = T.load_checkpoint(ckpt)
+    torch.save(model.state_dict(), ckpt)
+    with pytest.raises(CheckpointError, match="not a tttlab-torch-ttt checkpoint"):
+        T.load_checkpoint(ckpt)
+    torch.save({**good, "model_name": "mnist_bn"}, ckpt)
+    with pytest.raises(CheckpointError, match="do not fit its model 'mnist_bn'"):
+        E.load_engine(E.eval_config({"engine": "ttt"}), run, torch.device("cpu"), torch.zeros(2, 1, 28, 28))
 
 
 def test_every_engine_is_a_registered_method():

@@ -33,6 +33,7 @@ which changes the result (as any sharded continual adaptation does).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -157,6 +158,17 @@ def eval_config(cfg: Mapping | None = None, overrides: list[str] | None = None) 
         raise ConfigError(f"stream={c['stream']!r}; expected one of {STREAMS}")
     if c["engine"]["name"] not in EngineRegistry.names():
         raise ConfigError(f"engine.name={c['engine']['name']!r}; expected one of {EngineRegistry.names()}")
+    nz, cal = c["noisy"], c["calibration"]
+    for key, value, ok, expected in (
+        ("noisy.batch_size", nz["batch_size"], nz["batch_size"] >= 1, "an integer >= 1"),
+        ("noisy.num_examples", nz["num_examples"], nz["num_examples"] is None or nz["num_examples"] >= 1,
+         "null or an integer >= 1"),
+        ("noisy.noise_std", nz["noise_std"], math.isfinite(nz["noise_std"]), "a finite number"),
+        ("calibration.num_examples", cal["num_examples"], cal["num_examples"] >= 1, "an integer >= 1"),
+        ("calibration.batch_size", cal["batch_size"], cal["batch_size"] >= 1, "an integer >= 1"),
+    ):  # fmt: skip
+        if not ok:
+            raise ConfigError(f"{key}={value!r}: expected {expected}")
     # unknown keys and bad values of engine.optimization fail now, not after training the model
     given = {k: v for k, v in (c["engine"]["optimization"] or {}).items() if v is not None}
     OptimizationParameters(given, defaults=get_engine(c["engine"]["name"]).optimization_defaults)
@@ -241,7 +253,12 @@ def load_engine(c: dict[str, Any], run_dir: Path, device: torch.device, example:
     name, model_name = c["engine"]["name"], ck["model_name"]
     torch.manual_seed(int(c["seed"]))
     model = T.build_model(model_name)
-    model.load_state_dict(ck["model_state"])
+    try:
+        model.load_state_dict(ck["model_state"])
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{run_dir}: the checkpoint's weights do not fit its model {model_name!r}: {str(exc)[:300]}"
+        ) from None
     model.to(device).eval()
     kwargs = dict(c["engine"]["kwargs"] or {})
     optimization = {k: v for k, v in (c["engine"]["optimization"] or {}).items() if k != "reset"}
@@ -249,7 +266,12 @@ def load_engine(c: dict[str, Any], run_dir: Path, device: torch.device, example:
         kwargs = {**(ck["engine_kwargs"] or {}), **kwargs}
     engine = T.build_engine(name, model, model_name, kwargs, optimization, example)
     if name == ck["engine_name"]:
-        engine.load_state_dict(ck["engine_state"])
+        try:
+            engine.load_state_dict(ck["engine_state"])
+        except (KeyError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{run_dir}: the checkpoint's {name} engine state does not fit: {str(exc)[:300]}"
+            ) from None
     elif name in T.HEADED:
         log.warning("%s's head was not trained with the model (the run trained %s): it is random",
                     name, ck["engine_name"])  # fmt: skip

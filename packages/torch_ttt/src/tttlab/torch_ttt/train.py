@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from torch import nn
 from tttlab.core._io import atomic_path
 from tttlab.core.cli import user_errors
 from tttlab.core.config import DataConfig, RunConfig, package_yaml, to_plain
-from tttlab.core.errors import CheckpointError, ConfigError
+from tttlab.core.errors import CheckpointError, ConfigError, TTTLabError
 from tttlab.core.records import RunDir, config_hash, read_jsonl
 
 from .engine.base_engine import BaseEngine
@@ -184,6 +185,21 @@ def build_engine(
     cls = get_engine(name)
     info = model_info(model_name)
     kwargs = dict(kwargs or {})
+    accepted = [
+        k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "model", "args", "kwargs")
+    ]
+    unknown = sorted(set(kwargs) - set(accepted) - {"optimization_parameters"})
+    if unknown:
+        raise ConfigError(f"engine {name!r} has no argument(s) {unknown}; its arguments are {accepted}")
+    try:
+        return _construct(cls, name, model, info, dict(kwargs), optimization, example_input)
+    except (TypeError, ValueError) as exc:
+        if not kwargs or isinstance(exc, TTTLabError):
+            raise
+        raise ConfigError(f"engine {name!r} rejects its arguments {kwargs}: {exc}") from exc
+
+
+def _construct(cls, name, model, info, kwargs, optimization, example_input) -> BaseEngine:
     optimization = {k: v for k, v in (optimization or {}).items() if v is not None}
     if name == "actmad":
         layers = kwargs.pop("features_layer_names", None) or list(info.actmad_layers)
@@ -223,9 +239,16 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
         raise CheckpointError(f"{path} is not a readable tttlab-torch-ttt checkpoint: {exc}") from None
+    if not isinstance(ck, dict) or not str(ck.get("format", "")).startswith("tttlab.torch_ttt/"):
+        what = f"a dict with keys {sorted(map(str, ck))[:6]}" if isinstance(ck, dict) else type(ck).__name__
+        raise CheckpointError(
+            f"{path} holds {what}, not a tttlab-torch-ttt checkpoint (format 'tttlab.torch_ttt/1', written by "
+            "tttlab-torch-ttt-train)"
+        )
+    return ck
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
@@ -334,6 +357,26 @@ def _validate(cfg) -> dict[str, Any]:
     model_info(c["model"]["name"])
     if int(c["train"]["checkpoint_every"]) < 1:
         raise ConfigError(f"train.checkpoint_every={c['train']['checkpoint_every']}: expected >= 1")
+    if c["data"]["name"] != "mnist" or c["data"]["root"] is not None:
+        raise ConfigError(
+            f"data.name={c['data']['name']!r}, data.root={c['data']['root']!r}: train.py trains on the embedded "
+            "MNIST only; expected data.name=mnist and no data.root"
+        )
+    t, e = c["train"], c["eval"]
+    checks = [
+        ("train.lr", t["lr"], 0 <= t["lr"] < math.inf, "a finite number >= 0"),
+        ("train.ssl_weight", t["ssl_weight"], math.isfinite(t["ssl_weight"]), "a finite number"),
+        ("train.epochs", t["epochs"], t["epochs"] >= 1, "an integer >= 1"),
+        ("train.stop_after_steps", t["stop_after_steps"],
+         t["stop_after_steps"] is None or t["stop_after_steps"] >= 0, "null or an integer >= 0"),
+        ("eval.batch_size", e["batch_size"], e["batch_size"] >= 1, "an integer >= 1"),
+        ("eval.num_examples", e["num_examples"], e["num_examples"] is None or e["num_examples"] >= 1,
+         "null or an integer >= 1"),
+        ("eval.noise_std", e["noise_std"], math.isfinite(e["noise_std"]), "a finite number"),
+    ]  # fmt: skip
+    for key, value, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key}={value!r}: expected {expected}")
     return c
 
 

@@ -26,7 +26,8 @@ Restoring copies the snapshot back in place, bit for bit, and drops the optimize
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -81,6 +82,10 @@ class OptimizationParameters(dict):
         super().__init__()
         for key, value in {**DEFAULT_OPTIMIZATION, **(defaults or {})}.items():
             super().__setitem__(key, value)
+        if values is not None and not isinstance(values, Mapping):
+            raise ConfigError(
+                f"optimization_parameters must be a mapping (e.g. {{'num_steps': 1}}), got {values!r}"
+            )
         for key, value in (values or {}).items():
             self[key] = value
 
@@ -100,8 +105,17 @@ class OptimizationParameters(dict):
             )
         if key == "num_steps" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ConfigError(f"num_steps must be an integer >= 0, got {value!r}")
-        if key == "lr" and (not isinstance(value, (int, float)) or value < 0):
-            raise ConfigError(f"lr must be a number >= 0, got {value!r}")
+        if key in ("lr", "momentum", "weight_decay") and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf
+        ):  # NaN fails the comparison too
+            raise ConfigError(f"{key} must be a number >= 0, got {value!r}")
+        if key == "betas" and (
+            isinstance(value, (str, bytes))
+            or not isinstance(value, Sequence)
+            or len(value) != 2
+            or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1 for b in value)
+        ):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {value!r}")
         if key == "optimizer_name" and str(value).lower() not in OPTIMIZERS:
             raise ConfigError(f"optimizer_name={value!r}; expected one of {OPTIMIZERS}")
         if key == "optimizer_name":

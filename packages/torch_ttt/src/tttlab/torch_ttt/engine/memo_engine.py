@@ -196,6 +196,22 @@ class MemoEngine(BaseEngine):
         return self._marginal_loss(inputs)[1]
 
     def forward(self, inputs, **kwargs):
+        if self.augmentations in (None, "geometric", "augmix") and not (
+            isinstance(inputs, torch.Tensor)
+            and inputs.ndim == 4
+            and inputs.is_floating_point()
+            and len(inputs)
+        ):
+            from tttlab.core.errors import InvalidInputError
+
+            raise InvalidInputError(
+                "MEMO's built-in augmentations take a float (N, C, H, W) image batch with N >= 1, got "
+                + (
+                    f"{inputs.dtype} {tuple(inputs.shape)}"
+                    if isinstance(inputs, torch.Tensor)
+                    else type(inputs).__name__
+                )
+            )
         if self.training or not self.per_sample or inputs.shape[0] == 1:
             return super().forward(inputs, **kwargs)
         results = [
