@@ -295,3 +295,16 @@ def test_a_summary_killed_midway_leaves_no_partial_summary(tmp_path):
                 w.write(metric="b", value=2.0)
             assert len(read_jsonl(path)) == 6, "held back until the group ends"
     assert [r["metric"] for r in read_jsonl(path)][-2:] == ["a", "b"]
+
+
+def test_drop_records_removes_one_config_and_a_torn_tail(tmp_path):
+    path = tmp_path / "records.jsonl"
+    with R.RecordWriter(path, {"method": "m", "metric": "accuracy"}) as w:
+        for h in ("a", "b", "a"):
+            w.write(value=1.0, config_hash=h)
+    with open(path, "ab") as f:
+        f.write(b'{"method": "m", "config_hash": "b", "val')  # a writer killed mid-line
+    assert R.drop_records(path, "a") == 2
+    assert [r["config_hash"] for r in R.read_jsonl(path)] == ["b"]
+    assert path.read_bytes().endswith(b"\n"), "the torn tail went too"
+    assert R.drop_records(path, "zzz") == 0 and R.drop_records(tmp_path / "none.jsonl", "a") == 0

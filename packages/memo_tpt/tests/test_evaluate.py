@@ -100,3 +100,16 @@ def test_memo_source_accuracy_is_the_unadapted_model(cache, tmp_path):
         row = acc[acc.corruption == corr].iloc[0]
         assert row.extra["source_accuracy"] == pytest.approx(np.mean(hits[i]))
     assert any(row.value != row.extra["source_accuracy"] for row in acc.itertuples())  # the test can tell
+
+
+def test_run_again_replaces_its_records_and_keeps_other_configs(cache, tmp_path):
+    """Kill audit: evaluate starts again from zero, and a run killed after its last record (or simply run
+    again) appended a second copy of every record.  The same config now replaces its records."""
+    bench = {"corruptions": ["fog"], "num_examples": 2}
+    kw = dict(method="memo_tpt.clip_zeroshot", profile="smoke", out_dir=str(tmp_path), cache_dir=str(cache),
+              progress=False)  # fmt: skip
+    first = load_records(run(**kw, benchmark=bench))
+    other = load_records(run(**kw, benchmark={**bench, "num_examples": 3}))
+    again = load_records(run(**kw, benchmark=bench))
+    assert len(first) == 2 and len(other) == 4 and len(again) == 4
+    assert sorted(again.n) == [2, 2, 3, 3], "one copy per config"

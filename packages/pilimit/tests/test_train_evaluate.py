@@ -217,3 +217,19 @@ def test_evaluate_contract(tmp_path, name):
     assert sorted((tmp_path / "cache").iterdir()) == cached
     with pytest.raises(ConfigError, match="unknown evaluate keys"):
         evaluate({**cfg, "nonsense": 1})
+
+
+def test_evaluate_run_again_replaces_its_records(tmp_path):
+    """Kill audit: evaluate starts again from zero, and a run killed after its last record (or simply run
+    again) appended a second copy of every record.  The same config now replaces its records."""
+    from tttlab.pilimit.evaluate import run as evaluate
+
+    cfg = {
+        "method": "pilimit.mup", "out_dir": str(tmp_path / "eval"), "profile": "smoke",
+        "cache_dir": str(tmp_path / "cache"), "progress": False,
+        "benchmark": {"name": "mnist_c", "corruptions": ["fog"], "severities": [5], "num_examples": 8},
+    }  # fmt: skip
+    first = [(r["metric"], r["corruption"], r["value"]) for r in _records(evaluate(cfg).parent)]
+    second = [(r["metric"], r["corruption"], r["value"]) for r in _records(evaluate(cfg).parent)]
+    assert [m for m, _, _ in second] == ["accuracy", "s_per_image", "accuracy"], "one copy"
+    assert [x for x in first if x[0] == "accuracy"] == [x for x in second if x[0] == "accuracy"]

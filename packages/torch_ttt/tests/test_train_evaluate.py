@@ -444,3 +444,13 @@ def test_a_kill_during_the_noisy_evaluation_keeps_the_stats_summary(smoke_run, t
     T.run(smoke_config(out))
     assert stable(read_jsonl(out / "records.jsonl")) == stable(read_jsonl(smoke_run / "records.jsonl"))
     assert read_stats(out)["eval"] == read_stats(smoke_run)["eval"]
+
+
+def test_evaluate_run_again_replaces_its_records(smoke_run, tmp_path):
+    """Kill audit: evaluate starts again from zero, and a run killed after its last record (or simply run
+    again) appended a second copy of every record.  The same config now replaces its records."""
+    overrides = [*eval_overrides(smoke_run, tmp_path / "again"), "benchmark.corruptions=[fog]"]
+    first = stable(read_jsonl(E.run(hydra_compose("evaluate", overrides))))
+    second = stable(read_jsonl(E.run(hydra_compose("evaluate", overrides))))
+    assert [r["metric"] for r in second] == ["accuracy", "s_per_image"], "one copy"
+    assert second[0] == first[0]

@@ -43,7 +43,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write_json, atomic_write_text, dumps
+from ._io import atomic_write_bytes, atomic_write_json, atomic_write_text, dumps
 from .errors import InvalidInputError
 
 #: field -> allowed Python types; every field may be None except :data:`REQUIRED`.
@@ -625,6 +625,40 @@ def merge_records(run_dir, world_size: int | None = None, remove: bool = True) -
         for part in parts:
             part.unlink()
     return target
+
+
+def drop_records(path, config_hash: str | None) -> int:
+    """Remove the records of ``config_hash`` (and a torn last line) from a JSONL file, atomically; return
+    how many records went.
+
+    An evaluate that starts again from zero calls it before it writes, so that running it again with the
+    same config (e.g. after a kill that came after its last record) replaces its records instead of
+    appending a second copy; records of other configs stay.  Lines that are not JSON objects are kept
+    (:func:`read_jsonl` reports them).
+    """
+    path = Path(path)
+    if config_hash is None or not path.exists():
+        return 0
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    keep, dropped = [], 0
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            if i == len(lines) - 1:  # a torn last line
+                continue
+            record = None
+        if isinstance(record, dict) and record.get("config_hash") == config_hash:
+            dropped += 1
+            continue
+        keep.append(raw + b"\n")
+    new = b"".join(keep)
+    if new != data:
+        atomic_write_bytes(path, new)
+    return dropped
 
 
 def done_keys(df, keys: Iterable[str], **filters) -> set[tuple]:

@@ -49,6 +49,7 @@ from tttlab.core.errors import CheckpointError, ConfigError
 from tttlab.core.records import (
     RunDir,
     config_hash,
+    drop_records,
     load_records,
     merge_records,
     read_jsonl,
@@ -452,6 +453,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
              "world_size": dist.world_size}  # fmt: skip
     if dist.world_size == 1:
         rd = RunDir(out, c)
+        drop_records(rd.records_path, rd.config_hash)  # run again (e.g. after a kill): replace, not append
         with rd.writer(**defaults) as writer:
             write_summary(writer, totals, extra)
         return rd.records_path
@@ -463,6 +465,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
         merge_records(shards.path, world_size=dist.world_size)
         merged = totals_from_records(shards.path / "records.jsonl", domains)
         rd = RunDir(out, c)
+        drop_records(rd.records_path, rd.config_hash)
         with rd.writer(**defaults) as writer:
             write_summary(writer, merged, extra)
     dist.barrier()
@@ -471,8 +474,9 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
 
 def summary_lines(path: Path) -> list[str]:
     """What the command prints: accuracy (%) and ms/image per domain, then the mean over corruptions, of
-    the latest evaluation in ``path`` (an evaluation run again in the same ``out_dir`` appends its records:
-    the trailing records of the last one's config, the latest per domain and metric)."""
+    the latest evaluation in ``path`` (an evaluation run again in the same ``out_dir`` with the same config
+    replaces its records, one with another config appends them: the trailing records of the last one's
+    config, the latest per domain and metric)."""
     records = [r for r in read_jsonl(path) if not r["extra"].get("shard")]
     if records:
         k = len(records)
