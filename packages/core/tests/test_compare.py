@@ -362,6 +362,47 @@ def test_terminated_comparison_stops_its_evaluates(env):
         os.kill(child, 0)  # the evaluate subprocess is gone too
 
 
+def test_an_evaluate_whose_comparison_is_killed_ends_itself(tmp_path):
+    """Kill audit: the evaluates run in sessions of their own, so after ``kill -9`` of the comparison they
+    ran on as orphans, writing the parts that the comparison, started again, evaluated at the same time.
+    Here the "evaluate" is ``time.sleep(60)`` under compare's RUNNER, its parent a stand-in comparison."""
+    import subprocess
+    import time
+
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"evaluate": "time:sleep", "config": 60}))
+    parent = (
+        "import os, subprocess, sys\n"
+        "p = subprocess.Popen([sys.executable, '-c', *sys.argv[1:4], str(os.getpid())], start_new_session=True)\n"
+        "print(p.pid, flush=True)\n"
+        "p.wait()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent, cmp.RUNNER, str(job), str(tmp_path / "result.json")],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+    def alive(pid: int) -> bool:  # a dead orphan may stay a zombie until init reaps it
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+        except OSError:  # no /proc (macOS)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            return True
+
+    child = int(proc.stdout.readline())
+    assert alive(child)
+    proc.kill()
+    proc.wait(timeout=30)
+    deadline = time.time() + 10
+    while alive(child) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not alive(child), "the orphaned evaluate ended itself"
+    assert not (tmp_path / "result.json").exists()
+
+
 def test_help_into_a_closed_pipe_is_quiet():
     """`tttlab-compare --help | head` ended in a BrokenPipeError traceback."""
     import os

@@ -67,9 +67,18 @@ INDEPENDENT_SETTINGS = ("episodic", "reset_each_shift")
 PROFILES = ("smoke", "quick", "full")
 STDERR_TAIL_LINES = 25
 
-#: The subprocess: import ``evaluate`` and call it with the JSON config in argv[1]; write argv[2].
+#: The subprocess: import ``evaluate`` and call it with the JSON config in argv[1]; write argv[2].  It runs
+#: in a session of its own, and a thread ends that session when the comparison that started it (pid argv[3],
+#: given so that a comparison dying before the thread starts is seen too) is gone
+#: (``kill -9``, which no handler sees): an orphaned evaluate would otherwise go on writing the part (and the
+#: model cache) that the comparison, started again, evaluates anew at the same time.
 RUNNER = """\
-import importlib, json, sys, time
+import importlib, json, os, signal, sys, threading, time
+def _orphaned(parent=int(sys.argv[3]) if len(sys.argv) > 3 else os.getppid()):
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.killpg(0, signal.SIGKILL)
+threading.Thread(target=_orphaned, daemon=True).start()
 job = json.load(open(sys.argv[1]))
 module, _, attr = job["evaluate"].partition(":")
 fn = importlib.import_module(module)
@@ -623,7 +632,7 @@ def run_task(task: Task, c: dict[str, Any], stop: threading.Event | None = None)
     result = part / "compare_result.json"
     result.unlink(missing_ok=True)
     atomic_write_json(job, {"evaluate": task.spec.evaluate, "config": cfg, "code": task.fingerprint})
-    cmd = [c["python"] or sys.executable, "-c", RUNNER, str(job), str(result)]
+    cmd = [c["python"] or sys.executable, "-c", RUNNER, str(job), str(result), str(os.getpid())]
     task.started = time.perf_counter()
     task.status = "running"
     with open(part / "stdout.log", "wb") as out, open(part / "stderr.log", "wb") as err:
