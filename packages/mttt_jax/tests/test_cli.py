@@ -60,6 +60,13 @@ def test_evaluate_writes_core_records(trained_run, tmp_path):
     spi = df[df.metric == "s_per_image"]
     assert len(spi) == 2 and (spi.wall_time_s > 0).all()
     assert spi.value.tolist() == pytest.approx((spi.wall_time_s / spi.n).tolist())
+    # kill audit: evaluate starts again from zero; run again (e.g. after a kill that came after its last
+    # record) it appended a second copy of every record, now it replaces them
+    again = load_records(
+        run({"run_dir": str(trained_run), "out_dir": str(tmp_path / "ev"), "benchmark": bench})
+    )
+    assert len(again) == len(df)
+    assert again[again.metric == "accuracy"].value.tolist() == acc.value.tolist()
 
 
 def test_compare_contract_trains_once_and_serves_each_method(tmp_path, monkeypatch):
