@@ -140,6 +140,9 @@ def test_memo_run_on_imagenet_v2_fixture_resumes(tmp_path):
     assert json.loads((tmp_path / "part" / "checkpoints" / "progress-imagenet_v2.json").read_text())[
         "generators"] == json.loads((tmp_path / "full" / "checkpoints" / "progress-imagenet_v2.json").read_text())[
         "generators"]  # fmt: skip
+    # kill audit: the finished run started again (e.g. killed after its last record) wrote its records twice
+    again = load_records(run_paper(cfg))
+    assert len(again) == len(full) == 2 and again.value.iloc[0] == full.value.iloc[0]
 
 
 def test_tpt_run_on_imagenet_a_fixture_uses_200_classes(tmp_path, monkeypatch):

@@ -153,7 +153,7 @@ def evaluate_dataset(c: dict[str, Any], name: str, out: Path, device) -> dict[st
 
 
 def run_paper(cfg) -> Path:
-    from tttlab.core.records import RunDir
+    from tttlab.core.records import RunDir, drop_records
 
     c = _plain(cfg)
     if c["data_to_test"] == "mnist_c":
@@ -177,6 +177,7 @@ def run_paper(cfg) -> Path:
     out = Path(c["out_dir"])
     rd = RunDir(out, c)
     results = [evaluate_dataset(c, name, out, device) for name in names]
+    drop_records(rd.records_path, rd.config_hash)  # run again (e.g. after a kill): replace, not append twice
     with rd.writer(method=f"memo_tpt.{c['method']}", package="memo_tpt", framework="torch", setting="episodic",
                    seed=int(c["seed"])) as w:  # fmt: skip
         for r in results:
