@@ -9,7 +9,9 @@ seven."), which no training caption uses, so the prompt has something to learn. 
 random resized crops (scale 0.6-1, no flips) so that TPT's crop views are in distribution.
 
 Models are cached under ``cache_dir`` as ``<kind>-<hash of the training config>.pt`` (atomic write:
-temporary file + rename) and reused; :func:`load_or_train_clip` / :func:`load_or_train_cnn`.
+temporary file + rename) and reused; :func:`load_or_train_clip` / :func:`load_or_train_cnn`.  Training keeps
+no checkpoint (it takes seconds to minutes): a run killed while training trains again from the start, to
+the same weights.
 
     tttlab-memo-tpt-train-tiny-clip profile=full cache_dir=runs/memo_tpt/models
 """
