@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tttlab.core.records import load_records
 from tttlab.ttt_mae.evaluate import trained_model
@@ -40,6 +41,12 @@ def test_python_m_baseline(tmp_path, smoke_cache):
 @pytest.mark.parametrize(("override", "expected"), [
     ("mask_ratio=1.0", "InvalidInputError: mask_ratio=1.0; "),
     ("resume_model=/nonexistent/mae.pth", "CheckpointError: resume_model '/nonexistent/mae.pth' does not exist"),
+    # bad-input audit: NaN momentum trained silently, -1 and device=cuda without CUDA were torch tracebacks
+    ("optimizer_momentum=nan", "ConfigError: optimizer_momentum=nan; expected a finite number >= 0"),
+    ("optimizer_momentum=-1", "ConfigError: optimizer_momentum=-1.0; expected a finite number >= 0"),
+    ("crop_scale=[0.9,0.1]", "ConfigError: crop_scale=[0.9, 0.1]; expected two area fractions"),
+    pytest.param("device=cuda", "ConfigError: device='cuda', but torch finds no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
 ])  # fmt: skip
 def test_bad_input_is_a_one_line_error_not_a_traceback(tmp_path, monkeypatch, capsys, override, expected):
     import logging

@@ -87,6 +87,25 @@ def test_lr_schedule_and_errors(tmp_path):
         T.load_dataset({"data": {"name": "imagenet", "root": None, "split": "train"}})
     with pytest.raises(ConfigError, match="unknown config key"):
         compose("pretrain", None, {"stepz": 1})
+    # bad-input audit: these trained silently (nothing, NaN decay, an ignored path) or ended in a traceback
+    for key, value, needle in (
+        ("epochs", 0, "epochs=0; expected an integer >= 1"),
+        ("accum_iter", 0, "accum_iter=0; expected an integer >= 1"),
+        ("min_lr", float("nan"), "min_lr=nan; expected a finite number >= 0"),
+        ("weight_decay", -1.0, "weight_decay=-1.0; expected a finite number >= 0"),
+        (
+            "aug",
+            {"enabled": True, "crop_scale": [0.5]},
+            r"aug.crop_scale=\[0.5\]; expected two area fractions",
+        ),
+        ("data", {"name": "mnist", "root": "/data"}, "data.root='/data'; expected null"),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            T.run(
+                compose("pretrain", "smoke_pretrain", {key: value, "out_dir": str(tmp_path / "p")}),
+                "pretrain",
+            )
+    assert not (tmp_path / "p").exists(), "checked before the run directory is made"
 
 
 def test_probe_clean_accuracy_reads_imagenet_val(tmp_path):

@@ -13,6 +13,7 @@ TTT, which runs one image per process).
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,9 +159,44 @@ def resolve_device(name: str) -> torch.device:
     if name in ("auto", "gpu"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
-    except RuntimeError:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
         raise ConfigError(f"device={name!r}; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r}, but torch finds no CUDA device; use device=cpu or device=auto")
+    return device
+
+
+def check_values(c: dict[str, Any], checks: dict[str, tuple[Any, str]]) -> None:
+    """``{key: (predicate or bool, what was expected)}``: the first key whose value fails is a ConfigError."""
+    for key, (ok, expected) in checks.items():
+        value = c
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        try:
+            good = bool(ok(value)) if callable(ok) else bool(ok)
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise ConfigError(f"{key}={value!r}; expected {expected}")
+
+
+def finite_nonneg(v) -> bool:
+    """A number >= 0 that is neither NaN nor infinite (not a bool)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and 0 <= v < math.inf
+
+
+def crop_scale_ok(v) -> bool:
+    """Two numbers ``0 < low <= high <= 1`` (RandomResizedCrop's area fractions)."""
+    return (
+        isinstance(v, (list, tuple))
+        and len(v) == 2
+        and all(finite_nonneg(x) for x in v)
+        and 0 < v[0] <= v[1] <= 1
+    )
+
+
+CROP_SCALE = "two area fractions [low, high] with 0 < low <= high <= 1"
 
 
 def normalization(c: dict[str, Any], dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:

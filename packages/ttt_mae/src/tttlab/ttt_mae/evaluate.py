@@ -46,8 +46,12 @@ from tttlab.core.records import RunDir, config_hash, load_records, merge_records
 
 from .checkpoint import load_official
 from .common import (
+    CROP_SCALE,
     EvalConfig,
+    check_values,
     compose,
+    crop_scale_ok,
+    finite_nonneg,
     init_distributed,
     model_overrides,
     normalization,
@@ -71,6 +75,10 @@ def settings_of(c: dict[str, Any]) -> TTTSettings:
         raise ConfigError(f"{which}; expected a learning rate >= 0")
     if int(c["group_size"]) < 1:
         raise ConfigError(f"group_size={c['group_size']}; expected >= 1 (images adapted at once)")
+    check_values(c, {
+        "optimizer_momentum": (finite_nonneg, "a finite number >= 0"),
+        "crop_scale": (crop_scale_ok, CROP_SCALE),
+    })  # fmt: skip
     if int(c["group_size"]) > 1 and int(c["steps_per_example"]) > 0 and c["optimizer_type"] != "sgd":
         raise ConfigError(
             f"optimizer_type={c['optimizer_type']!r} with group_size={c['group_size']}: the batched path "

@@ -43,7 +43,11 @@ from tttlab.core.records import RunDir, read_jsonl
 
 from .checkpoint import atomic_save, read_checkpoint, state_dict_of
 from .common import (
+    CROP_SCALE,
     Dist,
+    check_values,
+    crop_scale_ok,
+    finite_nonneg,
     init_distributed,
     model_overrides,
     normalization,
@@ -177,6 +181,19 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
             f"lr={c['lr']}" if c["lr"] is not None else f"blr={c['blr']} (lr = blr * effective batch / 256)"
         )
         raise ConfigError(f"{which}; expected a learning rate > 0")
+    check_values(c, {
+        "epochs": (lambda v: v >= 1, "an integer >= 1"),
+        "warmup_epochs": (lambda v: v >= 0, "an integer >= 0"),
+        "accum_iter": (lambda v: v >= 1, "an integer >= 1 (batches per optimizer step)"),
+        "save_ckpt_freq": (lambda v: v >= 1, "an integer >= 1 (epochs between checkpoints)"),
+        "min_lr": (finite_nonneg, "a finite number >= 0"),
+        "weight_decay": (finite_nonneg, "a finite number >= 0"),
+        "smoothing": (lambda v: v is None or 0 <= v < 1, "a label smoothing in [0, 1)"),
+        "drop_path": (lambda v: v is None or 0 <= v < 1, "a drop-path rate in [0, 1)"),
+        "aug.crop_scale": (lambda v: not c["aug"]["enabled"] or crop_scale_ok(v), CROP_SCALE),
+        "data.root": (lambda v: v is None or c["data"]["name"] not in ("mnist", "digits"),
+                      f"null: data.name={c['data']['name']!r} is embedded and read from no path"),
+    })  # fmt: skip
     dist: Dist = init_distributed()
     device = resolve_device(c["device"])
     if device.type == "cuda" and dist.world_size > 1:
