@@ -308,3 +308,16 @@ def test_drop_records_removes_one_config_and_a_torn_tail(tmp_path):
     assert [r["config_hash"] for r in R.read_jsonl(path)] == ["b"]
     assert path.read_bytes().endswith(b"\n"), "the torn tail went too"
     assert R.drop_records(path, "zzz") == 0 and R.drop_records(tmp_path / "none.jsonl", "a") == 0
+
+
+def test_a_merge_killed_before_removing_the_rank_files_merges_once(tmp_path):
+    """Kill audit: merge_records writes records.jsonl, then removes the rank files; killed in between, the
+    next merge (the run started again) added the rank files' records a second time."""
+    for rank in (0, 1):
+        with R.RunDir(tmp_path, rank=rank).writer(method="m", metric="accuracy") as w:
+            w.write(value=float(rank), step=rank, wall_time_s=0.25 * rank)
+    R.merge_records(tmp_path, world_size=2, remove=False)  # as if killed before the unlink
+    with R.RunDir(tmp_path, rank=1).writer(method="m", metric="accuracy") as w:  # rank 1 goes on
+        w.write(value=2.0, step=2)
+    R.merge_records(tmp_path, world_size=2)
+    assert R.load_records(tmp_path)["step"].tolist() == [0, 1, 2]

@@ -618,8 +618,11 @@ def merge_records(run_dir, world_size: int | None = None, remove: bool = True) -
             )
     target = run_dir / "records.jsonl"
     merged = read_jsonl(target) if target.exists() else []
+    # a merge killed after writing the target but before removing the rank files left their records in
+    # both: the next merge must not add them twice (records are never equal by chance: wall times differ)
+    seen = {json.dumps(r, sort_keys=True, allow_nan=True) for r in merged}
     for part in parts:
-        merged += read_jsonl(part)
+        merged += [r for r in read_jsonl(part) if json.dumps(r, sort_keys=True, allow_nan=True) not in seen]
     atomic_write_text(target, "".join(json.dumps(r, allow_nan=True) + "\n" for r in merged))
     if remove:
         for part in parts:
