@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -159,6 +160,41 @@ def test_tpt_run_on_imagenet_a_fixture_uses_200_classes(tmp_path, monkeypatch):
     acc = df[df.metric == "accuracy"]
     assert list(acc.dataset) == ["imagenet_a"] and int(acc.n.iloc[0]) == 3
     assert 0 <= float(acc.value.iloc[0]) <= 1
+
+
+@pytest.mark.parametrize(
+    "name, overrides, needle",
+    [
+        # the mnist_c proxy ran its profile's settings and ignored these silently; the ensemble ran TPT
+        ("tpt", ["+experiment=smoke", "tts=3"], "tts=3 would be ignored"),
+        ("memo", ["+experiment=smoke", "augs=8", "lr=0.1"], "augs=8, lr=0.1 would be ignored"),
+        ("ensemble", ["+experiment=smoke"], "no offline proxy of method='ensemble'"),
+        ("tpt", ["+experiment=smoke", "device=gpu0"], "device='gpu0'; expected cpu, cuda or cuda:N"),
+        ("tpt", ["+experiment=smoke", "seed=-1"], "seed=-1; expected an integer >= 0"),
+        # the paper path: torch optimizer ValueErrors, a ZeroDivisionError, a string selection
+        ("memo", ["prior_strength=-1"], "prior_strength=-1; expected a finite number >= 0"),
+        ("memo", ["lr=nan"], "lr=nan; expected a finite number >= 0"),
+        ("memo", ["weight_decay=-1"], "weight_decay=-1; expected a finite number >= 0"),
+        ("memo", ["top_k=abc"], "top_k='abc'; expected a fraction"),
+        ("tpt", ["lr=-1"], "lr=-1.0; expected a finite number >= 0"),
+    ],
+)
+def test_bad_options_are_config_errors(tmp_path, monkeypatch, name, overrides, needle):
+    from tttlab.memo_tpt import models
+    from tttlab.memo_tpt.main import run_paper
+
+    monkeypatch.setattr(models, "build_clip", lambda arch, pretrained=None, device="cpu": build_clip(
+        "tiny", config=TINY_CLIP, device=device))  # fmt: skip
+    testing.make_imagenet_a(tmp_path / "data" / "imagenet-a", n_per_class=1, k=1)
+    paper = [f"datasets_root={tmp_path / 'data'}", "data_to_test=a", "augs=2"]
+    if name == "memo":
+        paper.append("arch=mobilenet_v3_small")
+    proxy = "+experiment=smoke" in overrides
+    cfg = _hydra_cfg(name, [*([] if proxy else paper), "progress=false", f"out_dir={tmp_path / 'out'}",
+                            f"cache_dir={tmp_path / 'cache'}", *overrides])  # fmt: skip
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        run_paper(cfg)
+    assert not (tmp_path / "cache").exists(), "refused before any model is trained"
 
 
 def test_rerun_with_fewer_images_does_not_reuse_a_longer_run(tmp_path):

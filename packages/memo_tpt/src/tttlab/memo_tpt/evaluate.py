@@ -172,6 +172,17 @@ def _images(batch) -> torch.Tensor:
     return x.float().div(255)
 
 
+def resolve_device(name) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a torch device; anything else, or CUDA without a GPU, is a ConfigError."""
+    try:
+        device = torch.device(str(name))
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device={name!r}; expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but CUDA is not available; use device=cpu")
+    return device
+
+
 def run(cfg: Mapping | None = None, **overrides) -> Path:
     """Evaluate per ``cfg`` (keys of :data:`DEFAULTS`, partial is fine); returns the records file."""
     from tqdm.auto import tqdm
@@ -182,9 +193,9 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     c = eval_config(cfg, **overrides)
     if c["threads"]:
         torch.set_num_threads(int(c["threads"]))
-    device = torch.device(c["device"])
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but CUDA is not available; use device=cpu")
+    device = resolve_device(c["device"])
+    if isinstance(c["seed"], bool) or not isinstance(c["seed"], int) or c["seed"] < 0:
+        raise ConfigError(f"seed={c['seed']!r}; expected an integer >= 0")
     torch.manual_seed(int(c["seed"]))
     adapt, model_name, memo = build_method(c, device)
     b = c["benchmark"]

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tttlab.core.errors import InvalidInputError
+from tttlab.core.errors import ConfigError, InvalidInputError
 
 __all__ = ["bn_prior", "entropy", "marginal_entropy", "marginal_log_probs", "select_confident"]
 
@@ -45,6 +45,21 @@ def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the marginal (view-averaged) prediction of ``logits`` (views, classes)."""
     avg = marginal_log_probs(logits)
     return -(avg.exp() * avg).sum(-1)
+
+
+def check_rates(**values) -> None:
+    """Learning rates, decays, momenta, prior strengths: ``None`` (the default) or a finite number >= 0."""
+    for key, v in values.items():
+        if v is not None and (
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf
+        ):
+            raise ConfigError(f"{key}={v!r}; expected a finite number >= 0")
+
+
+def check_selection(key: str, value) -> None:
+    """``None``, a fraction (float) or a count (int) of views; strings and the like are ConfigErrors."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"{key}={value!r}; expected a fraction in (0, 1], a number of views, or null")
 
 
 def select_confident(logits: torch.Tensor, fraction: float | int | None) -> torch.Tensor:

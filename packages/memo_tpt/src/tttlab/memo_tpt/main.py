@@ -38,6 +38,10 @@ log = logging.getLogger("tttlab.memo_tpt")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+#: keys of conf/<method>.yaml that the mnist_c proxy uses (the rest configure the paper runs only)
+PROXY_KEYS = ("method", "ensemble")  # and tts=0 (zero-shot CLIP)
+
+
 def _plain(cfg) -> dict[str, Any]:
     from omegaconf import DictConfig, OmegaConf
 
@@ -157,9 +161,27 @@ def run_paper(cfg) -> Path:
 
     c = _plain(cfg)
     if c["data_to_test"] == "mnist_c":
+        from tttlab.core.config import package_yaml
+
         from .evaluate import run as proxy
 
-        method = {"tpt": "memo_tpt.tpt", "memo": "memo_tpt.memo"}.get(c["method"], "memo_tpt.tpt")
+        # the proxy runs the profile's tiny models and settings: a method option given here would be ignored
+        shipped = package_yaml("tttlab.memo_tpt.conf", f"{c['method']}.yaml")
+        if c["method"] not in ("tpt", "memo"):
+            raise ConfigError(
+                f"data_to_test=mnist_c has no offline proxy of method={c['method']!r}; expected tpt or memo "
+                "(or the paper test sets: data_to_test=a | v2 | r | sketch | both | all)"
+            )
+        ignored = [f"{k}={c[k]!r}" for k in shipped
+                   if k not in PROXY_KEYS and c.get(k) != shipped[k] and not (k == "tts" and c[k] == 0)]  # fmt: skip
+        if ignored:
+            raise ConfigError(
+                f"data_to_test=mnist_c runs the offline proxy with the models and settings of profile={c.get('profile')!r}"
+                f": {', '.join(ignored)} would be ignored. Use the paper test sets for them, or "
+                "tttlab-memo-tpt-evaluate method=memo_tpt.<method> with its tpt=/memo= overrides"
+            )
+
+        method = {"tpt": "memo_tpt.tpt", "memo": "memo_tpt.memo"}[c["method"]]
         if c["method"] == "tpt" and c["ensemble"]:
             method = "memo_tpt.tpt_ensemble"
         elif c["method"] == "tpt" and int(c["tts"]) == 0:
@@ -170,9 +192,9 @@ def run_paper(cfg) -> Path:
                      device=c["device"], progress=c["progress"], cache_dir=c.get("cache_dir", "runs/memo_tpt/models"))  # fmt: skip
         print(summary(path))
         return path
-    device = torch.device(c["device"])
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but CUDA is not available; use device=cpu")
+    from .evaluate import resolve_device
+
+    device = resolve_device(c["device"])
     names = D.subsets_for(c["data_to_test"])
     out = Path(c["out_dir"])
     rd = RunDir(out, c)

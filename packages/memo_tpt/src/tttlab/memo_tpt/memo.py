@@ -44,10 +44,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from tttlab.core.errors import ConfigError
+from tttlab.core.errors import ConfigError, InvalidInputError
 
 from . import augment as A
-from .losses import bn_prior, marginal_entropy, select_confident
+from .losses import bn_prior, check_rates, check_selection, marginal_entropy, select_confident
 from .models import IMAGENET_MEAN, IMAGENET_STD, OPTIMIZERS, optimizer_family
 
 __all__ = ["Memo", "make_optimizer"]
@@ -116,6 +116,10 @@ class Memo:
             raise ConfigError(f"augmentation={augmentation!r}; expected one of {AUGMENTATIONS}")
         if n_augmentations < 1 or steps < 0:
             raise ConfigError(f"n_augmentations={n_augmentations} must be >= 1 and steps={steps} >= 0")
+        check_rates(lr=lr, weight_decay=weight_decay, momentum=momentum, prior_strength=prior_strength)
+        check_selection("top_k", top_k)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"size={size!r}; expected the view resolution in pixels (an integer >= 1)")
         self.model = model.eval()  # upstream adapts and predicts in eval mode (BN through the prior)
         self.arch = arch
         self.n_augmentations, self.steps, self.top_k = int(n_augmentations), int(steps), top_k
@@ -179,7 +183,14 @@ class Memo:
         """Logits of [0, 1] views under the BN prior, restricted to ``class_indices``."""
         with bn_prior(self.model, self.prior):
             out = self.model((views - self.mean) / self.std)
-        return out if self.class_indices is None else out[:, self.class_indices]
+        if self.class_indices is None:
+            return out
+        if int(self.class_indices.max()) >= out.shape[-1] or int(self.class_indices.min()) < 0:
+            raise InvalidInputError(
+                f"class_indices range {int(self.class_indices.min())}..{int(self.class_indices.max())}, but the "
+                f"model has {out.shape[-1]} outputs; expected indices into its classes"
+            )
+        return out[:, self.class_indices]
 
     def select(self, logits: torch.Tensor) -> torch.Tensor:
         return select_confident(logits, self.top_k)

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from tttlab.core.errors import ConfigError, InvalidInputError
 
 from . import augment as A
-from .losses import marginal_entropy, marginal_log_probs, select_confident
+from .losses import check_rates, check_selection, marginal_entropy, marginal_log_probs, select_confident
 
 __all__ = ["TPT", "PromptLearner", "tokenizer_for"]
 
@@ -81,8 +81,10 @@ class PromptLearner(nn.Module):
     def __init__(self, model, classnames: Sequence[str], base_prompt: str = "a photo of a",
                  class_specific: bool = False):  # fmt: skip
         super().__init__()
-        if not classnames:
-            raise InvalidInputError("classnames is empty; expected one name per class")
+        if isinstance(classnames, str) or not classnames:
+            raise InvalidInputError(
+                f"classnames={classnames!r}; expected a non-empty list of names, one per class"
+            )
         tok = tokenizer_for(model)
         n_ctx = len(tok.encode(base_prompt))
         if n_ctx < 1:
@@ -174,6 +176,8 @@ class TPT:
     ):
         if n_views < 1 or tts < 0 or align_steps < 0:
             raise ConfigError(f"n_views={n_views} must be >= 1, tts={tts} and align_steps={align_steps} >= 0")
+        check_rates(lr=lr, weight_decay=weight_decay, align_lr=align_lr)
+        check_selection("selection", selection)
         self.model = model.eval()  # as upstream's model.eval(): a ResNet CLIP's BatchNorm uses its statistics
         for p in model.parameters():
             p.requires_grad_(False)
