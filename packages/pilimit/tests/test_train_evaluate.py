@@ -93,6 +93,17 @@ def test_config_errors(tmp_path):
         run(train_config("smoke", [*SMOKE, "data.name=cifar10", f"out_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="adapt_readout_only"):
         run(train_config("maml_mnist", ["maml.adapt_readout_only=false", f"out_dir={tmp_path}"]))
+    # bad-input audit: these trained nothing / ignored the value (exit 0) or ended in a torch/numpy traceback
+    for override, needle in (("train.epochs=0", "train.epochs=0"), ("train.test_batch_size=0", "test_batch_size=0"),
+                             ("threads=-1", "threads=-1"), ("seed=-1", "seed=-1"), ("data.root=/data", "data.root"),
+                             ("model.first_layer_alpha=nan", "first_layer_alpha=nan")):  # fmt: skip
+        with pytest.raises(ConfigError, match=needle):
+            train_config("smoke", [*SMOKE, override, f"out_dir={tmp_path}"])
+    from tttlab.pilimit.evaluate import run as evaluate
+
+    for key, value in (("threads", -1), ("progress", "maybe"), ("train_overrides", ["model.r=8"])):
+        with pytest.raises(ConfigError, match=f"{key}="):
+            evaluate({"train_run": str(tmp_path), key: value, "out_dir": str(tmp_path / "e")})
 
 
 def _write_imagenet32(root, n=48, seed=0):

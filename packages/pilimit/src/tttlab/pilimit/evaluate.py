@@ -87,6 +87,16 @@ def _config(cfg: Mapping | None, overrides: dict) -> dict[str, Any]:
     c.setdefault("device", "cpu")
     c.setdefault("progress", True)
     c.setdefault("threads", 1 if c["device"] == "cpu" else None)
+    if c["threads"] is not None and (isinstance(c["threads"], bool) or not isinstance(c["threads"], int)
+                                     or c["threads"] < 1):  # fmt: skip
+        raise ConfigError(f"threads={c['threads']!r}; expected null or an integer >= 1")
+    if not isinstance(c["progress"], bool):
+        raise ConfigError(f"progress={c['progress']!r}; expected true or false")
+    if c.get("train_run") and c.get("train_overrides"):
+        raise ConfigError(
+            f"train_overrides={c['train_overrides']!r} configure the cached training run, but train_run="
+            f"{c['train_run']} is given (already trained); drop one of them"
+        )
     b = dict(c.get("benchmark") or {})
     b.setdefault("name", "mnist_c")
     b.setdefault("corruptions", "common")

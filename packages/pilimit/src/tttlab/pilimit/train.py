@@ -27,6 +27,7 @@ kernel's scale, which differs between widths and between muP and pi-nets); data 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -175,6 +176,21 @@ def validate(cfg) -> dict[str, Any]:
         raise ConfigError(f"train.task={c['train']['task']!r}; expected one of {TASKS}")
     if int(c["train"]["checkpoint_every"]) < 1:
         raise ConfigError(f"train.checkpoint_every={c['train']['checkpoint_every']}: expected >= 1")
+    t, m = c["train"], c["model"]
+    for key, value, ok, expected in (
+        ("seed", c["seed"], c["seed"] >= 0, "an integer >= 0"),
+        ("threads", c["threads"], c["threads"] is None or c["threads"] >= 1, "null or an integer >= 1"),
+        ("train.epochs", t["epochs"], t["epochs"] >= 1, "an integer >= 1"),
+        ("train.test_batch_size", t["test_batch_size"], t["test_batch_size"] >= 1, "an integer >= 1"),
+        ("train.stop_after_steps", t["stop_after_steps"], t["stop_after_steps"] is None or t["stop_after_steps"] >= 0,
+         "null or an integer >= 0"),
+        ("data.root", c["data"]["root"], c["data"]["root"] is None or c["data"]["name"] not in ("mnist", "digits"),
+         f"null: data.name={c['data']['name']!r} is embedded and read from no path"),
+        *((f"model.{k}", m[k], m[k] is None or math.isfinite(m[k]), "a finite number")
+          for k in ("first_layer_alpha", "last_layer_alpha", "bias_alpha", "last_bias_alpha")),
+    ):  # fmt: skip
+        if not ok:
+            raise ConfigError(f"{key}={value!r}: expected {expected}")
     if c["train"]["task"] == "maml":
         check_maml_config(c["maml"])
     return c
