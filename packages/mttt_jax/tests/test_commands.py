@@ -100,6 +100,35 @@ def test_user_error_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys, n
     )
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # bad-input audit: these trained nothing or on NaN (exit 0), or ended in a ZeroDivisionError, a JAX,
+        # numpy or re traceback
+        ("total_epochs=0", "total_epochs=0; expected an integer >= 1"),
+        ("steps_per_epoch=0", "steps_per_epoch=0; expected null or an integer >= 1"),
+        ("lr=nan", "lr=nan; expected a finite number >= 0"),
+        ("inner.TTT.inner_lr=[nan]", "inner.TTT.inner_lr=[nan]; expected finite learning rates"),
+        ("input.batch_size=0", "input.batch_size=0; expected an integer >= 1"),
+        ("input.accum_time=0", "input.accum_time=0; expected an integer >= 1"),
+        ("image_size=0", "image_size=0; expected an integer >= 1"),
+        ("dtype=float64x", "dtype='float64x'; expected one of"),
+        ("seed=-1", "seed=-1; expected an integer >= 0"),
+        ("wd_mults=[['(',1.0]]", "wd_mults pattern '(' is not a regular expression"),
+    ],
+)
+def test_bad_values_are_one_line_errors_before_any_work(tmp_path, monkeypatch, capsys, no_log_setup, override,
+                                                        message):  # fmt: skip
+    out = tmp_path / "r"
+    monkeypatch.setattr(sys, "argv", ["tttlab-mttt-train", "experiment=smoke", f"out_dir={out}", override,
+                                      *NO_HYDRA_LOGGING])  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        T.main()
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"tttlab-mttt-train: error: MTTTConfigError: {message}" in err, err
+    assert not (out / "records.jsonl").exists()
+
+
 def test_plot_inner_epochs_are_numbered_as_in_the_log(monkeypatch, capsys):
     from tttlab.mttt_jax import plots
 

@@ -369,9 +369,71 @@ def quiet_absl() -> None:
         pass
 
 
+def _is_int(v, low: int, none_ok: bool = False) -> bool:
+    if v is None:
+        return none_ok
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_rate(v, none_ok: bool = False) -> bool:
+    if v is None:
+        return none_ok
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf
+
+
+def check_values(c: dict) -> None:
+    """Values the schema's types cannot rule out (sizes, counts, rates, dtypes, regexes): an
+    :class:`MTTTConfigError` naming the key, before any data is read or any directory written."""
+    inp, ev = c.get("input") or {}, c.get("evals") or {}
+    checks = [
+        ("seed", c.get("seed", 0), _is_int(c.get("seed", 0), 0), "an integer >= 0"),
+        ("total_epochs", c.get("total_epochs"), _is_int(c.get("total_epochs"), 1), "an integer >= 1"),
+        ("steps_per_epoch", c.get("steps_per_epoch"), _is_int(c.get("steps_per_epoch"), 1, True),
+         "null or an integer >= 1"),
+        ("max_steps", c.get("max_steps"), _is_int(c.get("max_steps"), 1, True), "null or an integer >= 1"),
+        ("image_size", c.get("image_size"), _is_int(c.get("image_size"), 1), "an integer >= 1"),
+        ("patch_size", c.get("patch_size"), _is_int(c.get("patch_size"), 1, True), "null or an integer >= 1"),
+        ("num_classes", c.get("num_classes"), _is_int(c.get("num_classes"), 1), "an integer >= 1"),
+        ("dtype", c.get("dtype", "float32"), c.get("dtype", "float32") in DTYPES, f"one of {DTYPES}"),
+        ("lr", c.get("lr"), _is_rate(c.get("lr")), "a finite number >= 0"),
+        ("wd", c.get("wd"), _is_rate(c.get("wd"), True), "a finite number >= 0"),
+        ("grad_clip_norm", c.get("grad_clip_norm"), _is_rate(c.get("grad_clip_norm"), True),
+         "null, 0 (off) or a finite number > 0"),
+        ("warmup_steps", c.get("warmup_steps"), _is_int(c.get("warmup_steps"), 0), "an integer >= 0"),
+        ("mixup.p", (c.get("mixup") or {}).get("p", 0.0), _is_rate((c.get("mixup") or {}).get("p", 0.0)),
+         "a finite Dirichlet concentration >= 0 (0: off)"),
+        ("input.batch_size", inp.get("batch_size"), _is_int(inp.get("batch_size"), 1), "an integer >= 1"),
+        ("input.accum_time", inp.get("accum_time", 1), _is_int(inp.get("accum_time", 1), 1), "an integer >= 1"),
+        ("evals.batch_size", ev.get("batch_size"), _is_int(ev.get("batch_size"), 1, True), "null or an integer >= 1"),
+        ("checkpoint_every_steps", c.get("checkpoint_every_steps"), _is_int(c.get("checkpoint_every_steps"), 1, True),
+         "null (epoch ends only) or an integer >= 1"),
+        ("keep_checkpoints", c.get("keep_checkpoints", 2), _is_int(c.get("keep_checkpoints", 2), 1),
+         "an integer >= 1"),
+    ]  # fmt: skip
+    for key, value, ok, expected in checks:
+        if not ok:
+            raise MTTTConfigError(f"{key}={value!r}; expected {expected}")
+    for pattern, mult in c.get("wd_mults") or []:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise MTTTConfigError(
+                f"wd_mults pattern {pattern!r} is not a regular expression: {exc}"
+            ) from None
+        if not _is_rate(mult):
+            raise MTTTConfigError(
+                f"wd_mults multiplier {mult!r} for {pattern!r}; expected a finite number >= 0"
+            )
+
+
+#: compute dtypes (``dtype=``); parameters stay float32
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def train(cfg, *, mesh=None, _kill_at_step: int | None = None) -> dict:
     """Run (or resume) a training run; returns the stats dict also written to ``stats.json``."""
     c = to_dict(cfg)
+    check_values(c)
     quiet_absl()
     if c.get("distributed"):
         jax.distributed.initialize()
