@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from tttlab.core._io import atomic_write_json
 from tttlab.core.cli import user_errors
 from tttlab.core.errors import ConfigError
 
@@ -102,13 +103,6 @@ def build(c: dict[str, Any], dataset, device, seed: int):
     raise ConfigError(f"method={method!r}; expected tpt, memo or ensemble")
 
 
-def _atomic_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
 def evaluate_dataset(c: dict[str, Any], name: str, out: Path, device) -> dict[str, Any]:
     """Adapt + predict every image of one test set; resumable; returns the counts."""
     from tqdm.auto import tqdm
@@ -152,7 +146,7 @@ def evaluate_dataset(c: dict[str, Any], name: str, out: Path, device) -> dict[st
                 log.info("%s %d/%d: accuracy %.2f%%", name, i + 1, n, 100 * state["correct"] / (i + 1))
             if (i + 1) % int(c["save_every"]) == 0 or i + 1 == n:
                 state["generators"] = [m.generator.get_state().tolist() for m in members]
-                _atomic_json(progress_file, state)
+                atomic_write_json(progress_file, state)  # fsync + rename: trusted by a resume
     return {"dataset": name, "model": model_name, "n": n, **state}
 
 
