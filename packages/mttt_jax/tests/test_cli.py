@@ -69,6 +69,20 @@ def test_evaluate_writes_core_records(trained_run, tmp_path):
     assert again[again.metric == "accuracy"].value.tolist() == acc.value.tolist()
 
 
+@pytest.mark.parametrize(
+    "config_text, needle",
+    [("model:\n  name: tutorial_net\ntrain: {engine: ttt}\n", "lacks"), ("a: [\n", "not a readable config")],
+)
+def test_evaluate_refuses_the_run_directory_of_another_package(tmp_path, config_text, needle):
+    """Bad-input audit: another package's run directory (a torch_ttt run here) ended in KeyError: 'tokens'."""
+    from tttlab.core.errors import CheckpointError
+    from tttlab.mttt_jax.evaluate import load_run
+
+    (tmp_path / "config.yaml").write_text(config_text)
+    with pytest.raises(CheckpointError, match=needle):
+        load_run(tmp_path)
+
+
 def test_compare_contract_trains_once_and_serves_each_method(tmp_path, monkeypatch):
     """``method`` + ``profile`` + ``cache_dir`` (tools/compare.py): the model is trained on first use,
     with the mixer the method names, and reused by the next call."""

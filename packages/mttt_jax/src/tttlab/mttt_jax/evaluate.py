@@ -44,7 +44,20 @@ def load_run(run_dir, step: int | None = None):
         raise DatasetNotFoundError(
             f"{cfg_path} does not exist; expected a run directory of tttlab-mttt-train"
         )
-    c = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)
+    try:
+        c = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)
+    except Exception as exc:  # noqa: BLE001 - YAML and interpolation errors have many types
+        raise CheckpointError(f"{cfg_path} is not a readable config: {exc}") from None
+    missing = [
+        k
+        for k in ("model", "tokens", "image_size", "inner", "input")
+        if not isinstance(c, dict) or k not in c
+    ]
+    if missing:
+        raise CheckpointError(
+            f"{cfg_path} lacks {missing}: not the config of a tttlab-mttt-train run (another package's run "
+            "directory?); expected run_dir=<a tttlab-mttt-train out_dir>"
+        )
     model = T.model_from_config(c)
     channels = 1 if c["input"]["dataset"] in ("mnist", "digits") else 3
     dummy = jnp.zeros((1, *model.image_size, channels), jnp.float32)
