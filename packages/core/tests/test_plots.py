@@ -56,6 +56,9 @@ def test_inner_losses(tmp_path, runs):
     _png_ok(plots.plot_inner_losses(attention, out=tmp_path / "inf"))
     with pytest.raises(InvalidInputError, match="epoch 5"):
         plots.plot_inner_losses(runs[0], out=tmp_path / "x", epochs=[5])
+    (tmp_path / "a_file").write_text("x")  # an output below a file: not FileExistsError from mkdir
+    with pytest.raises(InvalidInputError, match="a_file/inner.png"):
+        plots.plot_inner_losses(runs[0], out=tmp_path / "a_file" / "inner")
 
 
 def test_heatmap_and_bars_from_records(tmp_path):

@@ -57,7 +57,13 @@ def save(fig, out) -> Path:
         for ext in ("png", "svg"):
             buf = io.BytesIO()
             fig.savefig(buf, format=ext, dpi=120, bbox_inches="tight")
-            atomic_write_bytes(base.parent / f"{base.name}.{ext}", buf.getvalue())
+            try:
+                atomic_write_bytes(base.parent / f"{base.name}.{ext}", buf.getvalue())
+            except OSError as exc:  # a parent that is a file, no permission, a full disk
+                raise InvalidInputError(
+                    f"cannot write the plot {base.parent / f'{base.name}.{ext}'}: {exc.strerror or exc}; "
+                    "expected an output path in a writable directory"
+                ) from exc
     finally:
         _plt().close(fig)
     return base.parent / f"{base.name}.png"
