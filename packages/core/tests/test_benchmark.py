@@ -200,6 +200,8 @@ def test_named_benchmarks_bad_input(tmp_path):
         make_benchmark("cifar10_c")
     with pytest.raises(DatasetNotFoundError, match="nowhere"):
         make_benchmark("cifar10_c", root=tmp_path / "nowhere")
+    with pytest.raises(InvalidInputError, match="root='/data'"):
+        make_benchmark("digits_c", root="/data")  # an embedded benchmark: the root would be ignored
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(InvalidInputError, match="a_file"):
         make_benchmark("digits_c", cache_dir=tmp_path / "a_file")

@@ -286,6 +286,27 @@ def test_config_errors_and_method_names(env, tmp_path):
     assert cmp.resolve_methods(["fake.alpah"])[1][0].reason == "unknown"
     # the CLI: a configuration error is exit status 2 with the message, no traceback
     assert cmp.main(["seds=[1]", f"out_dir={tmp_path}"]) == 2
+    # bad-input audit: TypeErrors from the severities check, an empty run, values silently ignored, and
+    # NotADirectoryError / FileExistsError from a file where a directory belongs
+    (tmp_path / "a_file").write_text("x")
+    for override, needle in (
+        ('severities=["5"]', r"'severities'=\['5'\]"),
+        ("corruptions=[]", "'corruptions'=.* is empty"),
+        ("root=/data/mnist", "'root'='/data/mnist': benchmark 'mnist_c' is embedded"),
+        ("baselines={fake:other.alpha}", "'baselines.fake'='other.alpha'"),
+        (f"out_dir={tmp_path / 'a_file' / 'out'}", "'out_dir'=.*a_file is a file"),
+        (f"cache_dir={tmp_path / 'a_file'}", "'cache_dir'=.*a_file is a file"),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            cmp.load_config([override])
+    assert cmp.load_config(["severities=5"])["severities"] == [5]
+    cfg = base_config(
+        tmp_path / "typo", methods=["fake.alpha"], overrides={"fake.alpah": {"fake": {"sleep": 1}}}
+    )
+    with pytest.raises(
+        ConfigError, match=r"'overrides.fake.alpah' matches no method; did you mean 'fake.alpha'"
+    ):
+        cmp.compare(cfg, echo=lambda *a: None)
 
 
 def test_plain_table_without_rich(first, monkeypatch):

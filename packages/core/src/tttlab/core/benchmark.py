@@ -428,6 +428,11 @@ def make_benchmark(
         corruptions=corruptions, severities=severities, setting=setting, batch_size=batch_size,
         num_examples=num_examples, seed=seed, cache_dir=cache_dir, include_clean=include_clean,
     )  # fmt: skip
+    if name in ("mnist_c", "digits_c") and root is not None:
+        raise InvalidInputError(
+            f"benchmark {name!r} is generated from embedded data and reads no files; got root={root!r} "
+            "(root is for cifar10_c / imagenet_c)"
+        )
     if name == "mnist_c":
         return Benchmark(name, data.mnist(split), family="mnist", **common)
     if name == "digits_c":

@@ -42,6 +42,7 @@ How it runs (the core imports no subpackage and no framework):
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
 import json
 import math
@@ -233,6 +234,16 @@ def check_config(c: dict[str, Any]) -> dict[str, Any]:
         c["corruptions"] = list(C.resolve(corr if isinstance(corr, str) else list(corr)))
     except Exception as exc:  # noqa: BLE001 - UnknownNameError / InvalidInputError from resolve
         raise ConfigError(f"config key 'corruptions'={corr!r}: {exc}") from None
+    if not c["corruptions"]:
+        raise ConfigError(
+            f"config key 'corruptions'={corr!r} is empty: name at least one corruption or a subset "
+            f"({', '.join(C.SUBSETS)})"
+        )
+    if c.get("root") and c["benchmark"] in ("mnist_c", "digits_c"):
+        raise ConfigError(
+            f"config key 'root'={c['root']!r}: benchmark {c['benchmark']!r} is embedded and reads no files; "
+            "drop root (it is for cifar10_c / imagenet_c)"
+        )
     sev = _as_list(c["severities"], "severities")
     if not sev or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 5 for s in sev):
         raise ConfigError(f"config key 'severities'={c['severities']!r}: expected severities in 1..5")
@@ -267,6 +278,24 @@ def check_config(c: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"config key {key!r}={v!r}: expected a positive integer")
     if c["cache_dir"] is None:
         c["cache_dir"] = str(Path(c["out_dir"]) / "cache")
+    for key in (
+        "out_dir",
+        "cache_dir",
+    ):  # a file on the way would end in NotADirectoryError / FileExistsError
+        path = Path(c[key])
+        for p in (path, *path.parents):
+            if p.exists():
+                if not p.is_dir():
+                    raise ConfigError(f"config key {key!r}={c[key]!r}: {p} is a file; expected a directory")
+                break
+    for key in ("overrides", "baselines"):
+        if c.get(key) is not None and not isinstance(c[key], Mapping):
+            raise ConfigError(f"config key {key!r}={c[key]!r}: expected a mapping")
+    for package, name in (c.get("baselines") or {}).items():
+        if not isinstance(name, str) or not name.startswith(f"{package}."):
+            raise ConfigError(
+                f"config key 'baselines.{package}'={name!r}: expected a method of that subpackage ({package}.<name>)"
+            )
     return c
 
 
@@ -1216,6 +1245,17 @@ def compare(config: Mapping[str, Any] | None = None, *, overrides: Sequence[str]
     out = Path(c["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     specs, unavailable = resolve_methods(c["methods"], strict=strict)
+    known = sorted(
+        {s.name for s in installed_methods()[0]} | {s.name for s in specs} | {u.name for u in unavailable}
+    )
+    for pattern in c.get("overrides") or {}:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in known):
+            close = difflib.get_close_matches(pattern, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"config key 'overrides.{pattern}' matches no method{hint} (its keys would be ignored; methods: "
+                f"{', '.join(known)})"
+            )
     for names, message in group_unavailable(unavailable):
         echo(f"skipping {', '.join(names)}: {message}")
     if not specs:

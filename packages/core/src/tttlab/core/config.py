@@ -156,8 +156,8 @@ def _check_values(cfg) -> None:
     for prefix, node in nodes.items():
         sev = node.get("severities")
         if sev is not None and "severities" in node:
-            sev = list(sev)
-            if not sev or any(not 1 <= s <= 5 for s in sev):
+            sev = list(sev) if hasattr(sev, "__iter__") and not isinstance(sev, str) else [sev]
+            if not sev or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 5 for s in sev):
                 raise ConfigError(f"config key '{prefix}severities'={sev}: expected severities in 1..5")
         for key in ("batch_size", "num_examples"):
             v = node.get(key)
