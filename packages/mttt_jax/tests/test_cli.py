@@ -93,19 +93,27 @@ def test_compare_contract_trains_once_and_serves_each_method(tmp_path, monkeypat
     calls = []
     real_train = T.train
     monkeypatch.setattr(
-        T, "train", lambda c, **kw: calls.append(c["inner"]["layer_type"]) or real_train(c, **kw)
+        T, "train", lambda c, **kw: calls.append((c["inner"]["layer_type"], c["seed"])) or real_train(c, **kw)
     )
     bench = {"name": "mnist_c", "corruptions": ["fog"], "severities": [5], "setting": "episodic",
              "batch_size": 16, "num_examples": 16}  # fmt: skip
     common = dict(profile="smoke", cache_dir=str(tmp_path / "cache"), benchmark=bench, seed=3)
     p1 = E.run(method="mttt_jax.linear_attention", out_dir=str(tmp_path / "a"), **common)
     p2 = E.run(method="mttt_jax.linear_attention", out_dir=str(tmp_path / "b"), **common)
-    assert calls == ["linear_attention"], "trained once, then served from the cache"
+    # trained once (with the contract's seed: bad-input audit, every seed got the seed-0 model), then reused
+    assert calls == [("linear_attention", 3)], (
+        "trained once with the requested seed, then served from the cache"
+    )
     a, b = load_records(p1), load_records(p2)
     assert (a.method == "mttt_jax.linear_attention").all() and (a.seed == 3).all()
     assert a[a.metric == "accuracy"].value.tolist() == b[b.metric == "accuracy"].value.tolist()
     with pytest.raises(ConfigError, match="mttt_jax.<m>"):
         E.run(method="mttt_jax.nope", **common)
+    # keys and values that were ignored (a typo, device, a non-boolean progress) or a ValueError (seed 'a')
+    for extra, needle in (({"benchmrk": {}}, "unknown evaluate keys"), ({"seed": "a"}, "seed='a'"),
+                          ({"device": "foo"}, "device='foo'"), ({"progress": "maybe"}, "progress='maybe'")):  # fmt: skip
+        with pytest.raises(ConfigError, match=needle):
+            E.run(method="mttt_jax.linear_attention", **{**common, **extra})
 
 
 def test_plot_commands(trained_run, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -120,7 +121,7 @@ def compose_train(overrides: list[str]) -> dict:
         return T.to_dict(compose(config_name="config", overrides=overrides))
 
 
-def cached_run(method: str, profile: str, cache_dir, progress: bool = False) -> Path:
+def cached_run(method: str, profile: str, cache_dir, progress: bool = False, seed: int = 0) -> Path:
     """The run directory of ``method`` trained with ``profile``: trained now if absent or unfinished
     (resuming from its last checkpoint), reused otherwise.  Keyed by the hash of the training config."""
     if method not in MIXER_FLAGS:
@@ -130,7 +131,12 @@ def cached_run(method: str, profile: str, cache_dir, progress: bool = False) -> 
     if profile not in PROFILES:
         raise ConfigError(f"profile={profile!r}; expected one of {list(PROFILES)}")
     tc = compose_train(
-        [*PROFILES[profile], *MIXER_FLAGS[method], f"logging.progress={str(progress).lower()}"]
+        [
+            *PROFILES[profile],
+            *MIXER_FLAGS[method],
+            f"logging.progress={str(progress).lower()}",
+            f"seed={int(seed)}",
+        ]
     )
     key = config_hash({k: v for k, v in tc.items() if k not in ("out_dir", "logging", "resume")})
     out = Path(cache_dir) / f"{method}-{profile}-{key}"
@@ -142,6 +148,11 @@ def cached_run(method: str, profile: str, cache_dir, progress: bool = False) -> 
         log.info("training %s (%s profile) into %s (cached for later evaluations)", method, profile, out)
         T.train({**tc, "out_dir": str(out)})
     return out
+
+
+#: keys of :func:`run` (the evaluate contract's, those of ``conf/evaluate.yaml``)
+EVALUATE_KEYS = {"method", "out_dir", "benchmark", "profile", "cache_dir", "seed", "device", "progress", "run_dir",
+                 "checkpoint_step", "logging"}  # fmt: skip
 
 
 def run(cfg: Mapping | None = None, **overrides) -> Path:
@@ -156,6 +167,19 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     from tttlab.core.benchmark import from_config
 
     c = {**T.to_dict(cfg or {}), **overrides}
+    unknown = sorted(set(c) - EVALUATE_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown evaluate keys {unknown}; expected some of {sorted(EVALUATE_KEYS)}")
+    seed = c.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ConfigError(f"seed={seed!r}; expected an integer >= 0")
+    if "progress" in c and not isinstance(c["progress"], bool):
+        raise ConfigError(f"progress={c['progress']!r}; expected true or false")
+    device = str(c.get("device") or "auto")
+    if not re.fullmatch(r"cpu|auto|gpu|tpu|cuda(:\d+)?", device):
+        raise ConfigError(f"device={device!r}; expected cpu, gpu, cuda, cuda:N, tpu or auto")
+    if device.startswith(("gpu", "cuda", "tpu")) and jax.default_backend() == "cpu":
+        raise ConfigError(f"device={device!r}, but JAX finds only the CPU here; use device=cpu")
     T.quiet_absl()
     # compare passes ``progress``; the command line has ``logging.progress`` (a bar on a terminal only)
     if "progress" in c:
@@ -167,12 +191,19 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
         method = str(method).removeprefix("mttt_jax.")
         if not c.get("run_dir"):
             cache = c.get("cache_dir") or "runs/mttt/models"
-            c["run_dir"] = str(cached_run(method, str(c.get("profile") or "full"), cache, progress))
+            c["run_dir"] = str(
+                cached_run(method, str(c.get("profile") or "full"), cache, progress, seed=int(seed or 0))
+            )
     if not c.get("run_dir"):
         raise CheckpointError(
             "evaluate needs run_dir=<directory of a tttlab-mttt-train run> or method=mttt_jax.<mixer>"
         )
     tc, model, params = load_run(c["run_dir"], c.get("checkpoint_step"))
+    if seed is not None and seed != int(tc.get("seed", 0)):
+        raise ConfigError(
+            f"seed={seed}, but {c['run_dir']} was trained with seed={tc.get('seed', 0)}: its records would carry "
+            "the wrong seed; drop seed= or evaluate a run of that seed"
+        )
     inner = InnerConfig.from_dict(tc["inner"])
     out = RunDir(c.get("out_dir") or Path(c["run_dir"]) / "eval", c)
     bcfg = dict(c.get("benchmark") or {})
