@@ -35,11 +35,16 @@ def test_contract_records(method, cache, tmp_path):
     assert list(again[again.metric == "accuracy"].value) == list(acc.value)  # deterministic
 
 
-def test_bad_config():
+def test_bad_config(tmp_path):
     with pytest.raises(ConfigError, match="tpt.nviews"):
         run(method="memo_tpt.tpt", tpt={"nviews": 3})
     with pytest.raises(ConfigError, match="method"):
         run(method="memo_tpt.nope")
+    # bad-input audit: bool('maybe') was True; a cache_dir that is a file was a FileExistsError
+    (tmp_path / "a_file").write_text("x")
+    for key, value in (("progress", "maybe"), ("cache_dir", str(tmp_path / "a_file"))):
+        with pytest.raises(ConfigError, match=f"{key}="):
+            run(method="memo_tpt.memo", **{key: value})
 
 
 def test_cli_help_errors_and_summary(cache, tmp_path, monkeypatch, capsys):

@@ -101,7 +101,9 @@ def test_config_errors(tmp_path):
             train_config("smoke", [*SMOKE, override, f"out_dir={tmp_path}"])
     from tttlab.pilimit.evaluate import run as evaluate
 
-    for key, value in (("threads", -1), ("progress", "maybe"), ("train_overrides", ["model.r=8"])):
+    (tmp_path / "a_file").write_text("x")
+    for key, value in (("threads", -1), ("progress", "maybe"), ("train_overrides", ["model.r=8"]), ("seed", "a"),
+                       ("cache_dir", str(tmp_path / "a_file"))):  # fmt: skip
         with pytest.raises(ConfigError, match=f"{key}="):
             evaluate({"train_run": str(tmp_path), key: value, "out_dir": str(tmp_path / "e")})
 

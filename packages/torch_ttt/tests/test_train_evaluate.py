@@ -358,6 +358,8 @@ def test_compare_contract_keys_map_onto_the_config():
         E.eval_config({"method": "torch_ttt.nope"})
     with pytest.raises(ConfigError, match="profile='huge'"):
         E.eval_config({"profile": "huge"})
+    with pytest.raises(ConfigError, match="progress='maybe'"):  # bool('maybe') was True
+        E.eval_config({"progress": "maybe"})
     # the engine's optimisation settings are checked with the config, before any model is trained
     with pytest.raises(ConfigError, match="unknown optimization parameter 'num_stepz'"):
         E.eval_config({"engine": "tent"}, ["engine.optimization.num_stepz=3"])

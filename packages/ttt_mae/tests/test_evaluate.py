@@ -87,6 +87,8 @@ def test_bad_inputs(tmp_path, cache):
         run(tmp_path, cache, "ttt_mae.ttt", resume_model=str(tmp_path / "x.pth"))
     with pytest.raises(ConfigError, match="unknown config key"):
         run(tmp_path, cache, "ttt_mae.ttt", steps=3)
+    with pytest.raises(ConfigError, match="seed=-1; expected an integer >= 0"):  # was numpy's ValueError
+        run(tmp_path, cache, "ttt_mae.ttt", seed=-1)
 
 
 def test_hydra_configs_compose():

@@ -130,7 +130,11 @@ def eval_config(cfg: Mapping | None = None, **overrides) -> dict[str, Any]:
         b["num_examples"] = prof["num_examples"]
     c["tpt"]["n_views"] = c["tpt"]["n_views"] or PROFILE_VIEWS[c["profile"]]
     c["memo"]["n_augmentations"] = c["memo"]["n_augmentations"] or PROFILE_VIEWS[c["profile"]]
-    c["progress"] = bool(c["progress"]) and bool(c["logging"].get("progress", True))
+    if not isinstance(c["progress"], bool):
+        raise ConfigError(f"progress={c['progress']!r}; expected true or false")
+    c["progress"] = c["progress"] and bool(c["logging"].get("progress", True))
+    if Path(c["cache_dir"]).exists() and not Path(c["cache_dir"]).is_dir():
+        raise ConfigError(f"cache_dir={c['cache_dir']!r} is a file; expected a directory (or a new path)")
     return c
 
 

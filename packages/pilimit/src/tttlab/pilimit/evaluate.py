@@ -84,6 +84,10 @@ def _config(cfg: Mapping | None, overrides: dict) -> dict[str, Any]:
     c.setdefault("out_dir", f"runs/pilimit/eval/{c['method'].split('.')[1]}")
     c.setdefault("cache_dir", "runs/pilimit/models")
     c.setdefault("seed", 0)
+    if isinstance(c["seed"], bool) or not isinstance(c["seed"], int) or c["seed"] < 0:
+        raise ConfigError(f"seed={c['seed']!r}; expected an integer >= 0")
+    if Path(c["cache_dir"]).exists() and not Path(c["cache_dir"]).is_dir():
+        raise ConfigError(f"cache_dir={c['cache_dir']!r} is a file; expected a directory (or a new path)")
     c.setdefault("device", "cpu")
     c.setdefault("progress", True)
     c.setdefault("threads", 1 if c["device"] == "cpu" else None)

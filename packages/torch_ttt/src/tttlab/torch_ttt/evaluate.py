@@ -193,7 +193,9 @@ def contract_keys(user: dict[str, Any]) -> dict[str, Any]:
         else:
             user["engine"] = name
     if "progress" in user:
-        user["logging"] = {**(user.get("logging") or {}), "progress": bool(user.pop("progress"))}
+        if not isinstance(user["progress"], bool):
+            raise ConfigError(f"progress={user['progress']!r}; expected true or false")
+        user["logging"] = {**(user.get("logging") or {}), "progress": user.pop("progress")}
     profile = user.get("profile")
     if profile is not None and profile not in PROFILES:
         raise ConfigError(f"profile={profile!r}; expected one of {list(PROFILES)}")

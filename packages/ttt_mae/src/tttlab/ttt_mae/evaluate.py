@@ -76,6 +76,7 @@ def settings_of(c: dict[str, Any]) -> TTTSettings:
     if int(c["group_size"]) < 1:
         raise ConfigError(f"group_size={c['group_size']}; expected >= 1 (images adapted at once)")
     check_values(c, {
+        "seed": (lambda v: v >= 0, "an integer >= 0"),
         "optimizer_momentum": (finite_nonneg, "a finite number >= 0"),
         "crop_scale": (crop_scale_ok, CROP_SCALE),
     })  # fmt: skip

@@ -182,6 +182,7 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
         )
         raise ConfigError(f"{which}; expected a learning rate > 0")
     check_values(c, {
+        "seed": (lambda v: v >= 0, "an integer >= 0"),
         "epochs": (lambda v: v >= 1, "an integer >= 1"),
         "warmup_epochs": (lambda v: v >= 0, "an integer >= 0"),
         "accum_iter": (lambda v: v >= 1, "an integer >= 1 (batches per optimizer step)"),
