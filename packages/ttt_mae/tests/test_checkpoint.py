@@ -81,6 +81,8 @@ def test_wrong_architecture_and_missing_file(tmp_path, tiny):
         load_official(tiny(), tmp_path / "deeper.pth", head_path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_official(tiny(), tmp_path / "nope.pth", head_path)
+    with pytest.raises(CheckpointError, match="is a directory"):  # not "does not exist" (bad-input audit)
+        load_official(tiny(), tmp_path, head_path)
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="expected a dict"):
         load_official(tiny(), tmp_path / "list.pth", head_path)

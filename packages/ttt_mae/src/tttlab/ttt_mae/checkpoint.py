@@ -73,7 +73,8 @@ def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict[s
     """``torch.load`` on CPU of a local file; a missing or unreadable file is a ``CheckpointError``."""
     path = Path(path)
     if not str(path) or not path.is_file():
-        raise CheckpointError(f"{what} {str(path)!r} does not exist; expected a local .pth file")
+        state = "is a directory" if path.is_dir() and str(path) else "does not exist"
+        raise CheckpointError(f"{what} {str(path)!r} {state}; expected a local .pth file")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
