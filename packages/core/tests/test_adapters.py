@@ -30,6 +30,12 @@ def test_torch_to_tensor_layout_and_normalisation():
         T.to_tensor(np.full((1, 4, 4, 1), np.nan, np.float32))
     with pytest.raises(InvalidInputError, match=r"\(4, 4\)"):
         T.to_tensor(np.zeros((4, 4), np.uint8))
+    # bad-input audit: 0..255 floats were taken as [0, 1] images, std 0 gave inf silently
+    with pytest.raises(InvalidInputError, match=r"\[0, 255\]"):
+        T.to_tensor(x.astype(np.float32))
+    with pytest.raises(InvalidInputError, match="std > 0"):
+        T.to_tensor(x, mean=(0.5,) * 3, std=(0.0, 1.0, 1.0))
+    assert T.to_tensor(x.astype(np.float32) / 255).shape == (4, 3, 8, 10)
 
 
 def test_torch_loader_and_distributed_sampler_cover_dataset():

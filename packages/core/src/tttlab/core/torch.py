@@ -55,6 +55,11 @@ def to_tensor(
         t = t.to(dtype).div_(255.0)
     elif np.issubdtype(images.dtype, np.floating):
         check_finite(t, "images")
+        if t.numel() and (float(t.min()) < 0.0 or float(t.max()) > 1.0):
+            raise InvalidInputError(
+                f"float images must be in [0, 1], got values in [{float(t.min()):g}, {float(t.max()):g}] "
+                "(0..255 floats: pass them as uint8, or divide by 255)"
+            )
         t = t.to(dtype)
     else:
         raise InvalidInputError(f"images must be uint8 or float in [0, 1], got dtype {images.dtype}")
@@ -65,6 +70,8 @@ def to_tensor(
         s = torch.as_tensor(std if std is not None else (1.0,) * c, dtype=dtype, device=t.device)
         if m.numel() not in (1, c) or s.numel() not in (1, c):
             raise InvalidInputError(f"mean/std need 1 or {c} values, got {m.numel()} and {s.numel()}")
+        if not bool(torch.isfinite(m).all()) or not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
+            raise InvalidInputError(f"mean={mean!r}, std={std!r}: expected finite values and std > 0")
         t = (t - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1)
     t = t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return t
