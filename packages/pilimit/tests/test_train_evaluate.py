@@ -99,6 +99,13 @@ def test_config_errors(tmp_path):
                              ("model.first_layer_alpha=nan", "first_layer_alpha=nan")):  # fmt: skip
         with pytest.raises(ConfigError, match=needle):
             train_config("smoke", [*SMOKE, override, f"out_dir={tmp_path}"])
+    for override in (
+        "maml.num_batches=0",
+        "maml.step_size=nan",
+        "maml.image_size=0",
+    ):  # ZeroDivisionError, NaN
+        with pytest.raises(ConfigError, match=override.replace(".", r"\.")):
+            train_config("maml_mnist", [override, f"out_dir={tmp_path}"])
     from tttlab.pilimit.evaluate import run as evaluate
 
     (tmp_path / "a_file").write_text("x")
@@ -209,6 +216,13 @@ def test_maml_gradient_reaches_hidden_layers():
 
 @pytest.mark.parametrize("name", [s.name for s in SPECS])
 def test_evaluate_contract(tmp_path, name):
+    for override in (
+        "maml.num_batches=0",
+        "maml.step_size=nan",
+        "maml.image_size=0",
+    ):  # ZeroDivisionError, NaN
+        with pytest.raises(ConfigError, match=override.replace(".", r"\.")):
+            train_config("maml_mnist", [override, f"out_dir={tmp_path}"])
     from tttlab.pilimit.evaluate import run as evaluate
 
     cfg = {
@@ -235,6 +249,13 @@ def test_evaluate_contract(tmp_path, name):
 def test_evaluate_run_again_replaces_its_records(tmp_path):
     """Kill audit: evaluate starts again from zero, and a run killed after its last record (or simply run
     again) appended a second copy of every record.  The same config now replaces its records."""
+    for override in (
+        "maml.num_batches=0",
+        "maml.step_size=nan",
+        "maml.image_size=0",
+    ):  # ZeroDivisionError, NaN
+        with pytest.raises(ConfigError, match=override.replace(".", r"\.")):
+            train_config("maml_mnist", [override, f"out_dir={tmp_path}"])
     from tttlab.pilimit.evaluate import run as evaluate
 
     cfg = {

@@ -26,6 +26,7 @@ meta-test = ``images_evaluation``; the proxy uses MNIST digits 0-4 (train split)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,9 +114,12 @@ def check_maml_config(m: dict) -> None:
         raise ConfigError(
             "maml.adapt_readout_only=false is not implemented; expected true (the paper's setting)"
         )
-    for key in ("num_ways", "num_shots", "num_shots_test", "meta_batch_size", "num_inner_steps"):
-        if int(m[key]) < 1:
+    for key in ("num_ways", "num_shots", "num_shots_test", "meta_batch_size", "num_inner_steps", "num_batches",
+                "num_test_batches", "image_size"):  # fmt: skip
+        if key in m and int(m[key]) < 1:
             raise ConfigError(f"maml.{key}={m[key]!r}: expected an integer >= 1")
+    if "step_size" in m and not 0 <= float(m["step_size"]) < math.inf:  # NaN fails too
+        raise ConfigError(f"maml.step_size={m['step_size']!r}: expected a finite number >= 0")
 
 
 def meta_loss(net, episodes, step_size: float, num_inner_steps: int) -> tuple[torch.Tensor, float]:
