@@ -126,6 +126,16 @@ def test_schema_errors(tmp_path):
         R.RunDir(tmp_path / "a_file" / "run", {})
     with pytest.raises(InvalidInputError, match="None"):
         R.RunDir(None, {})
+    # a run directory whose config.yaml is not YAML: reading its hash names the file; writing a config
+    # over it warns and replaces it (as a config of another run would be)
+    bad = tmp_path / "corrupt"
+    bad.mkdir()
+    (bad / "config.yaml").write_text("a: [1, 2\n  b: {")
+    with pytest.raises(InvalidInputError, match=r"corrupt/config.yaml is not a readable YAML config"):
+        R.RunDir(bad).config_hash  # noqa: B018
+    with pytest.warns(UserWarning, match="not a readable YAML config.*overwriting"):
+        rd = R.RunDir(bad, {"x": 1})
+    assert rd.config_hash == R.config_hash({"x": 1}) == R.RunDir(bad).config_hash
 
 
 def test_config_hash_stable():

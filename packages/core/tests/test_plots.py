@@ -54,7 +54,8 @@ def test_inner_losses(tmp_path, runs):
     _png_ok(plots.plot_inner_losses(runs[0], out=tmp_path / "inner_all", epochs="all"))
     attention = {"val/inner_loss": [[[float("inf")] * 3] * 2]}  # what attention baselines store
     _png_ok(plots.plot_inner_losses(attention, out=tmp_path / "inf"))
-    with pytest.raises(InvalidInputError, match="epoch 5"):
+    # the message gives the 1-based number too (tttlab-mttt-plot-inner --epochs counts from 1)
+    with pytest.raises(InvalidInputError, match=r"epoch index 5 \(epoch 6 counting from 1\)"):
         plots.plot_inner_losses(runs[0], out=tmp_path / "x", epochs=[5])
     (tmp_path / "a_file").write_text("x")  # an output below a file: not FileExistsError from mkdir
     with pytest.raises(InvalidInputError, match="a_file/inner.png"):

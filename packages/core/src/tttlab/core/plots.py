@@ -166,7 +166,10 @@ def plot_inner_losses(
         idx = [epochs] if isinstance(epochs, (int, np.integer)) else list(epochs)
         for e in idx:
             if not -n <= e < n:
-                raise InvalidInputError(f"epoch {e} out of range: {key} has {n} epochs")
+                first = f" (epoch {e + 1} counting from 1)" if e >= 0 else ""
+                raise InvalidInputError(
+                    f"epoch index {e}{first} out of range: {key} has {n} epochs (indices {-n}..{n - 1})"
+                )
         idx = [e % n for e in idx]
     plt = _plt()
     cols = min(len(idx), 4)

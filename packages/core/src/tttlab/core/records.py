@@ -157,6 +157,19 @@ def _plain(cfg: Any) -> Any:
     return cfg
 
 
+def _load_yaml_config(path: Path) -> Any:
+    """A run directory's ``config.yaml`` as plain Python; an unreadable file is an error naming it."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as exc:  # noqa: BLE001 - YAML parser, decoding and OmegaConf errors alike
+        raise InvalidInputError(
+            f"{path} is not a readable YAML config ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "remove it or use another run directory"
+        ) from None
+
+
 def config_hash(cfg: Any) -> str:
     """Stable 12-hex-digit hash of a (nested) dict, dataclass or OmegaConf config; key order is ignored."""
     blob = json.dumps(_plain(cfg), sort_keys=True, default=str, separators=(",", ":")).encode()
@@ -449,8 +462,11 @@ class RunDir:
         if not isinstance(plain, Mapping):
             raise InvalidInputError(f"a run config must be a mapping, got {type(plain).__name__}")
         old = self.config_path
-        if old.exists() and old.read_text(encoding="utf-8").strip() not in ("", "{}"):
-            previous = config_hash(OmegaConf.to_container(OmegaConf.load(old)))
+        if old.exists() and old.read_text(encoding="utf-8", errors="replace").strip() not in ("", "{}"):
+            try:
+                previous = config_hash(_load_yaml_config(old))
+            except InvalidInputError as exc:  # about to be replaced anyway: say so, do not stop the run
+                previous = f"unreadable: {exc}"
             if previous != config_hash(plain):
                 warnings.warn(
                     f"{old}: the run directory was created with a different config (hash {previous}, now "
@@ -463,9 +479,7 @@ class RunDir:
     @property
     def config_hash(self) -> str | None:
         if self._config_hash is None and self.config_path.exists():
-            from omegaconf import OmegaConf
-
-            self._config_hash = config_hash(OmegaConf.to_container(OmegaConf.load(self.config_path)))
+            self._config_hash = config_hash(_load_yaml_config(self.config_path))
         return self._config_hash
 
     @property
