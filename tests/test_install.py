@@ -98,3 +98,25 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci and "set -euo pipefail" in ci
     assert os.access(ROOT / ".ci" / "run", os.X_OK)
+
+
+def test_every_hydra_command_checks_its_run_directory_override_first():
+    """Hydra makes ``out_dir`` before the task runs; every ``@hydra.main`` entry point calls
+    ``core.cli.check_dir_overrides`` so that a file there is a one-line error (core's test_cli checks the
+    function; one real command is run below)."""
+    mains = [p for p in (ROOT / "packages").glob("*/src/tttlab/**/*.py") if "@hydra.main" in p.read_text()]
+    assert len(mains) >= 7
+    missing = [str(p.relative_to(ROOT)) for p in mains if "check_dir_overrides(" not in p.read_text()]
+    assert missing == []
+
+
+@pytest.mark.skipif(CORE_ONLY or NO_TORCH, reason="runs tttlab-torch-ttt-train (full environment)")
+def test_a_command_given_a_file_as_out_dir_says_so_in_one_line(tmp_path):
+    (tmp_path / "f").write_text("x")
+    res = subprocess.run([sys.executable, "-m", "tttlab.torch_ttt.train", f"out_dir={tmp_path / 'f'}"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines() == [
+        f"tttlab-torch-ttt-train: error: InvalidInputError: out_dir={tmp_path / 'f'}: the path is a file; "
+        "expected a directory (or a path that does not exist yet)"
+    ]

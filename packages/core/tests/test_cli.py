@@ -1,6 +1,6 @@
 import pytest
 
-from tttlab.core.cli import user_errors
+from tttlab.core.cli import check_dir_overrides, user_errors
 from tttlab.core.errors import ConfigError
 
 
@@ -15,3 +15,31 @@ def test_other_exceptions_keep_their_traceback(capsys):
     with pytest.raises(ZeroDivisionError), user_errors("tttlab-x"):
         1 / 0  # noqa: B018
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("arg", "where"),
+    [("out_dir={file}", "is a file"), ("+out_dir={file}/run", "lies below the file"),
+     ("run_dir={file}/a/b", "lies below the file"), ("hydra.run.dir={file}", "is a file")],
+)  # fmt: skip
+def test_a_run_directory_override_that_is_a_file_stops_before_hydra(tmp_path, capsys, arg, where):
+    """Hydra creates ``out_dir`` before the task runs: a file there is our one-line error, not its
+    FileExistsError / NotADirectoryError traceback."""
+    (tmp_path / "f").write_text("x")
+    argv = ["seed=1", arg.format(file=tmp_path / "f")]
+    with pytest.raises(SystemExit) as exc:
+        check_dir_overrides("tttlab-x", argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("tttlab-x: error: InvalidInputError: ") and where in err and str(tmp_path / "f") in err
+    )
+
+
+def test_run_directory_overrides_that_can_be_created_pass(tmp_path):
+    (tmp_path / "d").mkdir()
+    for arg in ("out_dir={d}", "out_dir={d}/new/run", "out_dir=null", "out_dir=runs/${{seed}}", "seed=3",
+                "name={d}/f"):  # fmt: skip
+        check_dir_overrides("tttlab-x", [arg.format(d=tmp_path / "d")])
+    (tmp_path / "f").write_text("x")
+    check_dir_overrides("tttlab-x", [f"name={tmp_path / 'f'}"])  # not a directory key

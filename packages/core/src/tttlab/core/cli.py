@@ -25,4 +25,36 @@ def user_errors(prog: str) -> Iterator[None]:
         raise SystemExit(2) from None
 
 
-__all__ = ["user_errors"]
+#: Overrides whose value Hydra turns into its run directory (``hydra.run.dir: ${out_dir}``) and creates
+#: before any of our code runs.
+DIR_KEYS = ("out_dir", "run_dir", "hydra.run.dir")
+
+
+def check_dir_overrides(prog: str, argv: list[str] | None = None, keys: tuple[str, ...] = DIR_KEYS) -> None:
+    """Stop a Hydra command whose ``out_dir=`` (or ``run_dir=``) override is, or lies below, an existing file.
+
+    Hydra creates the run directory before the task function runs, so that mistake would otherwise end in
+    a ``FileExistsError`` / ``NotADirectoryError`` traceback from Hydra.  Call it just before the
+    ``@hydra.main`` function; it prints the usual one-line error and exits with status 2.
+    """
+    from pathlib import Path
+
+    for arg in sys.argv[1:] if argv is None else argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or key not in keys or value.strip() in ("", "null", "None") or "${" in value:
+            continue
+        path = Path(value.strip().strip("'\"")).expanduser()
+        for p in (path, *path.parents):
+            if p.exists():
+                if not p.is_dir():
+                    where = "is a file" if p == path else f"lies below the file {p}"
+                    print(
+                        f"{prog}: error: InvalidInputError: {key}={value}: the path {where}; expected a "
+                        "directory (or a path that does not exist yet)",
+                        file=sys.stderr,
+                    )
+                    raise SystemExit(2)
+                break
+
+
+__all__ = ["DIR_KEYS", "check_dir_overrides", "user_errors"]

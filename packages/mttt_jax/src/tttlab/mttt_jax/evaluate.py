@@ -313,6 +313,8 @@ def _chain(first, rest):
 def main() -> None:
     import hydra
 
+    from tttlab.core.cli import check_dir_overrides
+
     from .cli import user_errors
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -323,6 +325,7 @@ def main() -> None:
         with user_errors("tttlab-mttt-evaluate"):
             print(run(cfg))
 
+    check_dir_overrides("tttlab-mttt-evaluate")
     _main()
 
 

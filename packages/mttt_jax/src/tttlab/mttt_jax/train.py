@@ -620,6 +620,8 @@ def main() -> None:
     flags (translated, see :mod:`tttlab.mttt_jax.cli`)."""
     import hydra
 
+    from tttlab.core.cli import check_dir_overrides
+
     from .cli import apply_upstream_translation, user_errors
 
     apply_upstream_translation("tttlab-mttt-train")
@@ -633,6 +635,7 @@ def main() -> None:
         if stats["val/prec@1"]:
             print(f"final val/prec@1 = {stats['val/prec@1'][-1]:.4f}")
 
+    check_dir_overrides("tttlab-mttt-train")
     _main()
 
 

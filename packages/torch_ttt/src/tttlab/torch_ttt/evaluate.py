@@ -506,6 +506,8 @@ def summary_lines(path: Path) -> list[str]:
 def main() -> None:
     import hydra
 
+    from tttlab.core.cli import check_dir_overrides
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     register_configs()
 
@@ -517,6 +519,7 @@ def main() -> None:
             print("\n".join(summary_lines(Path(path))))
             print(path)
 
+    check_dir_overrides("tttlab-torch-ttt-evaluate")
     try:
         _main()
     finally:

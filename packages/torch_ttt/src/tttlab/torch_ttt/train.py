@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tttlab.core._io import atomic_path
-from tttlab.core.cli import user_errors
+from tttlab.core.cli import check_dir_overrides, user_errors
 from tttlab.core.config import DataConfig, RunConfig, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError, TTTLabError
 from tttlab.core.records import RunDir, config_hash, read_jsonl
@@ -517,6 +517,7 @@ def main() -> None:
         with user_errors("tttlab-torch-ttt-train"):
             print(run(cfg))
 
+    check_dir_overrides("tttlab-torch-ttt-train")
     _main()
 
 
