@@ -81,6 +81,8 @@ def test_evaluate_refuses_the_run_directory_of_another_package(tmp_path, config_
     (tmp_path / "config.yaml").write_text(config_text)
     with pytest.raises(CheckpointError, match=needle):
         load_run(tmp_path)
+    with pytest.raises(CheckpointError, match="nope/config.yaml does not exist"):  # was DatasetNotFoundError
+        load_run(tmp_path / "nope")
 
 
 def test_compare_contract_trains_once_and_serves_each_method(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tttlab.core.errors import CheckpointError, ConfigError, DatasetNotFoundError
+from tttlab.core.errors import CheckpointError, ConfigError
 from tttlab.core.jax import data_mesh, replicate, shard
 from tttlab.core.records import RunDir, config_hash, drop_records, write_domain_summary
 
@@ -42,9 +42,7 @@ def load_run(run_dir, step: int | None = None):
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
-        raise DatasetNotFoundError(
-            f"{cfg_path} does not exist; expected a run directory of tttlab-mttt-train"
-        )
+        raise CheckpointError(f"{cfg_path} does not exist; expected a run directory of tttlab-mttt-train")
     try:
         c = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)
     except Exception as exc:  # noqa: BLE001 - YAML and interpolation errors have many types
