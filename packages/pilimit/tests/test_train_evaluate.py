@@ -216,13 +216,6 @@ def test_maml_gradient_reaches_hidden_layers():
 
 @pytest.mark.parametrize("name", [s.name for s in SPECS])
 def test_evaluate_contract(tmp_path, name):
-    for override in (
-        "maml.num_batches=0",
-        "maml.step_size=nan",
-        "maml.image_size=0",
-    ):  # ZeroDivisionError, NaN
-        with pytest.raises(ConfigError, match=override.replace(".", r"\.")):
-            train_config("maml_mnist", [override, f"out_dir={tmp_path}"])
     from tttlab.pilimit.evaluate import run as evaluate
 
     cfg = {
@@ -249,13 +242,6 @@ def test_evaluate_contract(tmp_path, name):
 def test_evaluate_run_again_replaces_its_records(tmp_path):
     """Kill audit: evaluate starts again from zero, and a run killed after its last record (or simply run
     again) appended a second copy of every record.  The same config now replaces its records."""
-    for override in (
-        "maml.num_batches=0",
-        "maml.step_size=nan",
-        "maml.image_size=0",
-    ):  # ZeroDivisionError, NaN
-        with pytest.raises(ConfigError, match=override.replace(".", r"\.")):
-            train_config("maml_mnist", [override, f"out_dir={tmp_path}"])
     from tttlab.pilimit.evaluate import run as evaluate
 
     cfg = {
