@@ -76,3 +76,25 @@ def test_jax_shard_on_two_host_devices():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_resolve_device_names_what_it_refuses(monkeypatch):
+    """One device check for every torch subpackage (it replaced four local copies)."""
+    torch = pytest.importorskip("torch")
+    from tttlab.core.errors import ConfigError
+    from tttlab.core.torch import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"device='gpu0': expected cpu, cuda, cuda:N or auto"):
+        resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device("gpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"device='cuda:1', but torch finds no CUDA device; use device=cpu"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:0") == torch.device(
+        "cuda:0"
+    )
+    with pytest.raises(ConfigError, match=r"device='cuda:1', but only 1 CUDA device\(s\) exist"):
+        resolve_device("cuda:1")

@@ -169,7 +169,7 @@ def test_tpt_run_on_imagenet_a_fixture_uses_200_classes(tmp_path, monkeypatch):
         ("tpt", ["+experiment=smoke", "tts=3"], "tts=3 would be ignored"),
         ("memo", ["+experiment=smoke", "augs=8", "lr=0.1"], "augs=8, lr=0.1 would be ignored"),
         ("ensemble", ["+experiment=smoke"], "no offline proxy of method='ensemble'"),
-        ("tpt", ["+experiment=smoke", "device=gpu0"], "device='gpu0'; expected cpu, cuda or cuda:N"),
+        ("tpt", ["+experiment=smoke", "device=gpu0"], "device='gpu0': expected cpu, cuda, cuda:N or auto"),
         ("tpt", ["+experiment=smoke", "seed=-1"], "seed=-1; expected an integer >= 0"),
         # the paper path: torch optimizer ValueErrors, a ZeroDivisionError, a string selection
         ("memo", ["prior_strength=-1"], "prior_strength=-1; expected a finite number >= 0"),

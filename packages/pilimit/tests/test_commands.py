@@ -46,7 +46,7 @@ def test_device_errors_are_config_errors(monkeypatch):
     with pytest.raises(ConfigError, match="device='gpu0'"):
         resolve_device("gpu0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match="no CUDA GPU.*device=cpu"):
+    with pytest.raises(ConfigError, match="no CUDA device.*device=cpu"):
         resolve_device("cuda")
     assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
 

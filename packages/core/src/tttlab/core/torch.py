@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .data import ImageDataset
-from .errors import InvalidInputError, require
+from .errors import ConfigError, InvalidInputError, require
 
 torch = require("torch", "torch")
 
@@ -20,6 +20,28 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MNIST_MEAN = (0.1307,)
 MNIST_STD = (0.3081,)
+
+
+def resolve_device(name) -> torch.device:
+    """A user's ``device`` setting as a torch device: ``auto``/``gpu`` (CUDA when there is one, else the
+    CPU), ``cpu``, ``cuda``, ``cuda:N``, or any other name torch accepts.  An unknown name, a CUDA device on
+    a machine without one, or an index beyond the GPUs present is a :class:`ConfigError` naming the value
+    (torch would only fail later, with a driver traceback)."""
+    name = str(name)
+    if name in ("auto", "gpu"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"device={name!r}: expected cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device={name!r}, but torch finds no CUDA device; use device=cpu or device=auto"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name!r}, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
 
 
 def check_finite(x, what: str = "input"):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from tttlab.core.errors import ConfigError
+from tttlab.core.torch import resolve_device
 
 log = logging.getLogger("tttlab.memo_tpt.evaluate")
 
@@ -174,17 +175,6 @@ def _images(batch) -> torch.Tensor:
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     return x.float().div(255)
-
-
-def resolve_device(name) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N`` as a torch device; anything else, or CUDA without a GPU, is a ConfigError."""
-    try:
-        device = torch.device(str(name))
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"device={name!r}; expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but CUDA is not available; use device=cpu")
-    return device
 
 
 def run(cfg: Mapping | None = None, **overrides) -> Path:

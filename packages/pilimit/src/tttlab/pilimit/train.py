@@ -43,6 +43,7 @@ from tttlab.core.cli import check_dir_overrides, user_errors
 from tttlab.core.config import RunConfig, config_diff, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError
 from tttlab.core.records import RunDir, config_hash, done_keys, load_records
+from tttlab.core.torch import resolve_device
 
 from .data import NUM_CLASSES, load_flat, mnist_classes, omniglot_classes
 from .maml import check_maml_config, evaluate_fewshot, meta_loss, sample_episode
@@ -198,25 +199,6 @@ def validate(cfg) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------------------
 # building blocks
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda[:i]``, ``mps``, or ``auto``/``gpu`` (CUDA when available, else CPU).  Raises
-    :class:`ConfigError` for an unknown name or a CUDA device on a machine without one."""
-    if name in ("auto", "gpu"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"device={name!r}; expected cpu, cuda, cuda:<index> or auto") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"device={name!r} but torch finds no CUDA GPU on this machine; use device=cpu (or device=auto)"
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
-    return dev
 
 
 def build_model(c: dict[str, Any], d_in: int, d_out: int, device) -> torch.nn.Module:

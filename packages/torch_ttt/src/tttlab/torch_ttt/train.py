@@ -43,6 +43,7 @@ from tttlab.core.cli import check_dir_overrides, user_errors
 from tttlab.core.config import DataConfig, RunConfig, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError, TTTLabError
 from tttlab.core.records import RunDir, config_hash, read_jsonl
+from tttlab.core.torch import resolve_device
 
 from .engine.base_engine import BaseEngine
 from .engine_registry import EngineRegistry, get_engine
@@ -132,19 +133,6 @@ def train_config(experiment: str | None = None, overrides: list[str] | None = No
 
 # ----------------------------------------------------------------------------------------------------------
 # building blocks
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``/``gpu``: CUDA when available, else the CPU; otherwise a torch device name, checked."""
-    if name in ("auto", "gpu"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise ConfigError(f"device={name!r}: expected cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r}, but torch finds no CUDA device; use device=cpu or device=auto")
-    return device
 
 
 def normalise(images: np.ndarray) -> torch.Tensor:

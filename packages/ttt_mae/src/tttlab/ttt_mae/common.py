@@ -22,7 +22,7 @@ import torch
 
 from tttlab.core.config import RunConfig, package_yaml, to_plain
 from tttlab.core.errors import ConfigError
-from tttlab.core.torch import Dist, init_distributed  # noqa: F401  (re-exported)
+from tttlab.core.torch import Dist, init_distributed, resolve_device  # noqa: F401  (re-exported)
 
 log = logging.getLogger("tttlab.ttt_mae")
 
@@ -153,18 +153,6 @@ def compose(entry: str, experiment: str | None = None, cfg=None, overrides: list
         *[OmegaConf.create(p) for p in parts], OmegaConf.from_dotlist(list(overrides or []))
     )
     return to_dict(validate(OmegaConf.to_container(merged, resolve=True), schema))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name in ("auto", "gpu"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise ConfigError(f"device={name!r}; expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r}, but torch finds no CUDA device; use device=cpu or device=auto")
-    return device
 
 
 def check_values(c: dict[str, Any], checks: dict[str, tuple[Any, str]]) -> None:
