@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 from tttlab.core import records as R
-from tttlab.core._io import atomic_path, atomic_save_npy, atomic_write_bytes, atomic_write_json
+from tttlab.core._io import (
+    atomic_path,
+    atomic_save_npy,
+    atomic_write_bytes,
+    atomic_write_json,
+    remove_stale_temps,
+)
 from tttlab.core.errors import InvalidInputError
 
 
@@ -48,6 +54,50 @@ def test_atomic_save_npy_and_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert p.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0o600
+
+
+def test_temp_files_of_killed_writes_are_removed_when_the_folder_is_reopened(tmp_path):
+    """A SIGKILLed atomic write leaves its temp file; the next RunDir on that folder removes it, and only
+    it: not a live writer's, not another host's, not a fresh one, not other files."""
+    run = tmp_path / "run"
+    R.RunDir(run, {"a": 1})
+    code = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        from tttlab.core._io import atomic_path
+        with atomic_path({str(run / "checkpoints" / "last.ckpt")!r}) as tmp:
+            tmp.write_bytes(b"x" * 1000)
+            print(tmp, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    dead = run / "checkpoints" / os.path.basename(proc.stdout.strip())
+    assert dead.exists() and dead.name.startswith(".last.ckpt.tttlab-")
+    # the same name pattern, but a live process (this one), another host, or modified just now
+    own = dead.name.split("-")
+    live = dead.with_name("-".join([own[0], own[1], str(os.getpid()), "abc.tmp"]))
+    other_host = dead.with_name(
+        "-".join([own[0], "0" * 8 if own[1] != "0" * 8 else "1" * 8, own[2], "abc.tmp"])
+    )
+    for p in (live, other_host):
+        p.write_bytes(b"y")
+    old = os.stat(dead).st_mtime - 3600
+    for p in (dead, live, other_host):
+        os.utime(p, (old, old))
+    fresh = dead.with_name(dead.name.replace(".tmp", "z.tmp"))
+    fresh.write_bytes(b"z")  # the dead writer's pid, but touched within the last minute
+    keep = run / "checkpoints" / ".notes.tmp"  # not ours
+    keep.write_bytes(b"k")
+
+    R.RunDir(run, {"a": 1})
+    left = {p.name for p in (run / "checkpoints").iterdir()}
+    assert dead.name not in left
+    assert {live.name, other_host.name, fresh.name, keep.name} <= left
+    os.utime(fresh, (old, old))
+    assert remove_stale_temps(run / "checkpoints") == [fresh]
+    assert remove_stale_temps(tmp_path / "missing") == []
 
 
 def test_run_dir_layout_and_records_roundtrip(tmp_path, monkeypatch):

@@ -4,17 +4,74 @@ A reader (or a run killed mid-write) sees either the old file or the complete ne
 The temporary file lives next to the destination so that the rename never crosses a file system; it is
 removed when the write fails.  The new file gets the usual ``0o666 & ~umask`` permissions (``mkstemp``
 would leave it ``0o600``), and the directory is fsync'ed after the rename where the OS allows it.
+
+A process killed during the write (SIGKILL, the OOM killer, a power cut) cannot remove its temporary file.
+Its name, ``.<name>.tttlab-<host>-<pid>-<random>.tmp``, says which host and process wrote it, so
+:func:`remove_stale_temps` (called when a run directory or a cache folder is opened) deletes the ones whose
+writer is gone: same host (hash of the host name), no such process, and untouched for ``min_age_s``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
+import re
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+_log = logging.getLogger(__name__)
+_TEMP_RE = re.compile(r"^\..+\.tttlab-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[^/]*\.tmp$")
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):  # another user's process, or not checkable: keep
+        return True
+    return True
+
+
+def remove_stale_temps(folder, min_age_s: float = 60.0) -> list[Path]:
+    """Delete the temporary files in ``folder`` (not below it) left by killed atomic writes of this host.
+
+    A file is removed only when its name carries this host's tag, the process that created it no longer
+    exists, and it has not been modified for ``min_age_s`` seconds (so a writer in another PID namespace
+    that shares the host name is not cut off mid-write).  Other files, and temporary files of other hosts
+    on a shared file system, are left alone.  Returns the removed paths; a missing folder is no error.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return removed
+    host, now = _host_tag(), time.time()
+    for entry in entries:
+        m = _TEMP_RE.match(entry.name)
+        if m is None or m["host"] != host or _pid_alive(int(m["pid"])):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False) or now - entry.stat().st_mtime < min_age_s:
+                continue
+            os.unlink(entry.path)
+        except OSError:  # removed by someone else meanwhile, or not ours to remove
+            continue
+        removed.append(Path(entry.path))
+        _log.info("removed %s, left by a killed write (process %s)", entry.path, m["pid"])
+    return removed
 
 
 def _umask() -> int:
@@ -44,7 +101,8 @@ def atomic_path(path, suffix: str = "") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    prefix = f".{path.name}.tttlab-{_host_tag()}-{os.getpid()}-"
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix + ".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:

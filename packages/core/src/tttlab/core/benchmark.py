@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from . import corruptions as C
-from ._io import source_fingerprint
+from ._io import atomic_save_npy, remove_stale_temps, source_fingerprint
 from .data import ArrayDataset, ImageDataset
 from .errors import DatasetNotFoundError, InvalidInputError, SeverityError, UnknownNameError
 
@@ -290,7 +290,8 @@ class Benchmark:
                     out = jpeg_roundtrip(out, self.jpeg_quality)
                 images = out
                 if path is not None:
-                    _atomic_save_npy(path, images)
+                    remove_stale_temps(path.parent)  # domains whose generation was killed mid-write
+                    atomic_save_npy(path, images)
         return ArrayDataset(
             images, labels, name=f"{self.name}/{domain}", classes=self.source.classes,
             class_indices=getattr(self.source, "class_indices", None),
@@ -395,16 +396,6 @@ def jpeg_roundtrip(images: np.ndarray, quality: int) -> np.ndarray:
             dec = np.asarray(im)
         out[i] = dec[..., None] if dec.ndim == 2 else dec
     return out
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def make_benchmark(

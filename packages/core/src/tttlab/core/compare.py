@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write_json, atomic_write_text, source_fingerprint
+from ._io import atomic_path, atomic_write_json, atomic_write_text, remove_stale_temps, source_fingerprint
 from .errors import ConfigError, UnknownNameError
 from .records import config_hash, load_records
 
@@ -1265,6 +1265,7 @@ def compare(config: Mapping[str, Any] | None = None, *, overrides: Sequence[str]
     if specs:
         echo(f"{len(specs)} method(s) x {len(c['setting'])} setting(s) x {len(c['seeds'])} seed(s) on "
              f"{_bench_title(c)}: {len(todo)} run(s) to do, {len(tasks) - len(todo)} already done")  # fmt: skip
+    remove_stale_temps(out)  # e.g. a results.csv whose write a killed compare left behind
     atomic_write_text(out / "compare.yaml", _yaml(c))
     if todo:
         prepare_benchmark(c, echo)
@@ -1272,10 +1273,9 @@ def compare(config: Mapping[str, Any] | None = None, *, overrides: Sequence[str]
     results = collect(tasks, c)
     table = summarize(results, c)
     files = []
-    results.to_csv(out / "results.csv.tmp", index=False)
-    os.replace(out / "results.csv.tmp", out / "results.csv")
-    table.to_csv(out / "summary.csv.tmp", index=False)
-    os.replace(out / "summary.csv.tmp", out / "summary.csv")
+    for frame, name in ((results, "results.csv"), (table, "summary.csv")):
+        with atomic_path(out / name) as tmp:  # a unique temp name: two compares on one out_dir do not clash
+            frame.to_csv(tmp, index=False)
     files += [out / "results.csv", out / "summary.csv"]
     plots = []
     try:

@@ -43,7 +43,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write_bytes, atomic_write_json, atomic_write_text, dumps
+from ._io import atomic_write_bytes, atomic_write_json, atomic_write_text, dumps, remove_stale_temps
 from .errors import InvalidInputError
 
 #: field -> allowed Python types; every field may be None except :data:`REQUIRED`.
@@ -418,6 +418,8 @@ class RunDir:
                 f"cannot create run directory {self.path}: {exc.strerror or exc}; expected a writable "
                 "directory path"
             ) from exc
+        for folder in (self.path, self.checkpoints):  # temp files of writes killed in an earlier run
+            remove_stale_temps(folder)
         self._config_hash = config_hash(config) if config is not None else None
         if self.is_main:
             if config is not None:
