@@ -73,6 +73,10 @@ def test_bad_inputs(tmp_path, cache):
         run(tmp_path, cache, "ttt_mae.ttt", steps_per_example=-1)
     with pytest.raises(InvalidInputError, match="mask_ratio"):
         run(tmp_path, cache, "ttt_mae.ttt", mask_ratio=1.5)
+    with pytest.raises(ConfigError, match="amp='fp16'; expected 'none' or 'bf16'"):
+        run(tmp_path, cache, "ttt_mae.baseline", amp="fp16")
+    with pytest.raises(ConfigError, match="compile"):
+        run(tmp_path, cache, "ttt_mae.baseline", compile="maybe")
     with pytest.raises(InvalidInputError, match="not divisible"):
         run(tmp_path, cache, "ttt_mae.ttt", input_size=30)
     with pytest.raises(DatasetNotFoundError):
@@ -253,3 +257,40 @@ def test_records_are_written_from_the_adapters_results(tmp_path, cache, monkeypa
         labels = [e["label"] for e in images[images.corruption == corr].extra]
         loss = df[(df.metric == "mae_loss") & (df.corruption == corr)].sort_values("step")
         assert loss.value.tolist() == pytest.approx([k * (np.mean(labels) + 1) for k in (1, 2)])
+
+
+def test_amp_and_compile_reach_the_contract(tmp_path, cache, monkeypatch):
+    """evaluate.run(amp=bf16): the adaptation runs under autocast (a hooked Linear's output is bfloat16),
+    amp enters the records' config_hash, and >= 90 % of the per-step predictions equal fp32's (smoke model,
+    6 images x 3 predictions); compile=true reaches torch.compile (a recorder), the baseline included."""
+    import torch
+
+    def preds(path):
+        df = load_records(path.parent / "images", metric="correct")
+        return sorted(
+            (r.corruption, r.extra["index"], p)
+            for r in df.itertuples()
+            for p in enumerate(r.extra["predictions"])
+        )
+
+    fp = run(tmp_path / "fp", cache, "ttt_mae.ttt")
+    seen = []
+    real_load = E.load_model
+
+    def hooked(c, device):
+        model = real_load(c, device)
+        model.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        return model
+
+    monkeypatch.setattr(E, "load_model", hooked)
+    bf = run(tmp_path / "bf", cache, "ttt_mae.ttt", amp="bf16")
+    assert seen and set(seen) == {torch.bfloat16}
+    a, b = preds(fp), preds(bf)
+    assert len(a) == len(b) == 18 and sum(x == y for x, y in zip(a, b)) >= 0.9 * len(a)
+    assert set(load_records(fp).config_hash).isdisjoint(set(load_records(bf).config_hash))
+    given = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: given.append(fn) or fn)
+    for method in METHODS:
+        given.clear()
+        run(tmp_path / "c", cache, method, compile=True)
+        assert given, method

@@ -13,11 +13,12 @@ def params_of(model):
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
+@pytest.mark.parametrize("amp", ["none", "bf16"])
 @pytest.mark.parametrize("mode", ["encoder", "all", "encoder_no_cls_no_msk"])
-def test_finetune_modes_and_exact_reset(tiny, norm, mode, settings, images):
+def test_finetune_modes_and_exact_reset(tiny, norm, mode, settings, images, amp):
     m = tiny()
     before = params_of(m)
-    a = TTTAdapter(m, settings(finetune_mode=mode))
+    a = TTTAdapter(m, settings(finetune_mode=mode, amp=amp))
     a.adapt(images(1)[0], image_generator(0, 0, 0), norm)
     after = params_of(m)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -27,6 +28,9 @@ def test_finetune_modes_and_exact_reset(tiny, norm, mode, settings, images):
     assert ("cls_token" in changed) == (mode != "encoder_no_cls_no_msk")
     assert ("mask_token" in changed) == (mode != "encoder_no_cls_no_msk")
     assert a.optimizer.state  # momentum buffers exist after the steps
+    # amp=bf16: autocast computes in bf16, the trained weights and the momentum stay float32
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+    assert all(v.dtype == torch.float32 for st in a.optimizer.state.values() for v in st.values())
     a.reset()
     assert all(torch.equal(before[k], v) for k, v in params_of(m).items())  # bitwise
     assert not a.optimizer.state
@@ -64,13 +68,14 @@ def test_batched_equals_loop_and_is_order_free(tiny, norm, settings, images):
     del last_params
 
 
-def test_steps_zero_is_the_baseline(tiny, norm, settings, images):
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_steps_zero_is_the_baseline(tiny, norm, settings, images, amp):
     m = tiny()
-    a = TTTAdapter(m, settings(steps_per_example=0))
+    a = TTTAdapter(m, settings(steps_per_example=0, amp=amp))
     xs = images(4)
     preds = [a.adapt(x, image_generator(0, 0, i), norm).predictions for i, x in enumerate(xs)]
-    with torch.no_grad():
-        want = m.eval().classify(norm(torch.stack(xs))).argmax(1).tolist()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+        want = [int(m.eval().classify(norm(x[None])).argmax(1)) for x in xs]
     assert [p[0] for p in preds] == want and all(len(p) == 1 for p in preds)
 
 
@@ -107,6 +112,8 @@ def test_bad_settings(tiny, settings):
         settings(mask_ratio=-0.1).check()
     with pytest.raises(ConfigError, match="optimizer_type"):
         settings(optimizer_type="lion").check()
+    with pytest.raises(ConfigError, match="amp='fp16'; expected 'none' or 'bf16'"):
+        settings(amp="fp16").check()
     with pytest.raises(ConfigError, match="sgd"):
         BatchedTTT(tiny(), settings(optimizer_type="adam"))
     with pytest.raises(ConfigError, match="decoder"):
@@ -183,3 +190,33 @@ def test_guards_are_skipped_only_for_the_compiled_shapes(tiny, norm, monkeypatch
     assert len(stances) == 2
     ttt.adapt(images(2), gens, norm)
     assert len(stances) == 3
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_compile_plumbing_of_the_one_image_adapter(tiny, norm, monkeypatch, settings, images, steps):
+    """compile=true: the MAE loss (if it takes steps) and the prediction go through torch.compile (a
+    recorder here, no compile time) and its results are used; the baseline (0 steps) compiles the
+    prediction (it was an ignored option there)."""
+    compiled = []
+
+    def record(fn, mode=None, dynamic=None):
+        calls = []
+        compiled.append((fn, calls))
+
+        def wrapped(*a, **kw):
+            calls.append(1)
+            return fn(*a, **kw)
+
+        return wrapped
+
+    monkeypatch.setattr(torch, "compile", record)
+    m = tiny()
+    eager = TTTAdapter(tiny(), settings(steps_per_example=steps)).adapt(
+        images(1)[0], image_generator(0, 0, 0), norm
+    )
+    a = TTTAdapter(m, settings(steps_per_example=steps, compile=True))
+    got = a.adapt(images(1)[0], image_generator(0, 0, 0), norm)
+    fns = [fn for fn, _ in compiled]
+    assert (m.mae_loss in fns) == (steps > 0) and m.classify in fns
+    assert all(len(calls) == (steps if fn == m.mae_loss else steps + 1) for fn, calls in compiled)
+    assert got.predictions == eager.predictions and got.losses == pytest.approx(eager.losses, rel=1e-4)

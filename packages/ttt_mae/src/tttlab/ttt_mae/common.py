@@ -46,7 +46,8 @@ class ModelConfig:
     head_type: str = "vit_head"  # linear | vit_head
     classifier_depth: int = 12
     fused_attn: bool = True  # scaled_dot_product_attention
-    amp: str = "none"  # none | bf16
+    amp: str = "none"  # none | bf16 (torch.autocast to bfloat16; parameters and optimizer state stay fp32)
+    compile: bool = False  # torch.compile of the step's forward + loss (pretrain/probe: the model)
     normalize: str = "auto"  # auto (by dataset) | imagenet | mnist | none
     num_threads: int | None = None  # torch intra-op threads on CPU; null: torch's default
 
@@ -96,7 +97,6 @@ class TTTConfig(RunConfig, ModelConfig):
     single_crop: bool = True
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     flip: bool = True
-    compile: bool = False
     group_size: int = 1  # images adapted at once (vmap); 1: the one-image loop
     per_image_records: bool = True
 
@@ -167,6 +167,17 @@ def check_values(c: dict[str, Any], checks: dict[str, tuple[Any, str]]) -> None:
             good = False
         if not good:
             raise ConfigError(f"{key}={value!r}; expected {expected}")
+
+
+AMP_MODES = ("none", "bf16")
+
+
+def check_amp_compile(c: dict[str, Any]) -> None:
+    """``amp`` one of :data:`AMP_MODES` and ``compile`` a bool, else a ConfigError naming the key."""
+    check_values(c, {
+        "amp": (lambda v: v in AMP_MODES, "'none' or 'bf16' (bf16: torch.autocast to bfloat16)"),
+        "compile": (lambda v: isinstance(v, bool), "true or false (torch.compile of the step)"),
+    })  # fmt: skip
 
 
 def finite_nonneg(v) -> bool:

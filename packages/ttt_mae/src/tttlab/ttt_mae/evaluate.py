@@ -48,6 +48,7 @@ from .checkpoint import load_official
 from .common import (
     CROP_SCALE,
     EvalConfig,
+    check_amp_compile,
     check_values,
     compose,
     crop_scale_ok,
@@ -80,6 +81,7 @@ def settings_of(c: dict[str, Any]) -> TTTSettings:
         "optimizer_momentum": (finite_nonneg, "a finite number >= 0"),
         "crop_scale": (crop_scale_ok, CROP_SCALE),
     })  # fmt: skip
+    check_amp_compile(c)
     if int(c["group_size"]) > 1 and int(c["steps_per_example"]) > 0 and c["optimizer_type"] != "sgd":
         raise ConfigError(
             f"optimizer_type={c['optimizer_type']!r} with group_size={c['group_size']}: the batched path "
@@ -281,9 +283,11 @@ def trained_model(profile: str, cache_dir: str | os.PathLike, seed: int, device:
 
     exp = PROFILES[profile]["experiment"]
     pre = compose("pretrain", f"{exp}_pretrain", {"seed": seed, "device": device})
-    key = config_hash(
-        {k: v for k, v in pre.items() if k not in ("out_dir", "logging", "device", "experiment_name")}
-    )
+    # amp / compile of the evaluate config apply to the adaptation, not to this model (always trained fp32
+    # eager, so fp32 and bf16 evaluations share it); ``compile`` (always false here) stays out of the key so
+    # the caches made before pretrain had that key stay valid
+    drop = ("out_dir", "logging", "device", "experiment_name", "compile")
+    key = config_hash({k: v for k, v in pre.items() if k not in drop})
     root = Path(cache_dir) / f"{pre['model']}-{key}"
     pre["out_dir"], pre["logging"]["progress"] = str(root / "pretrain"), progress
     pre_ckpt = root / "pretrain" / T.FINAL

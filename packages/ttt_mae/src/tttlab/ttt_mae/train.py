@@ -24,6 +24,14 @@ Differences from upstream: data come from ``tttlab.core.data`` as fixed-size uin
 already resized 256 / centre-cropped 224 by the core reader, so RandomResizedCrop works on that crop
 instead of the full JPEG); the crop is resized bicubically on tensors (``views.py``).  Probing evaluates
 the clean test split at the end only.
+
+Options (not upstream): ``amp`` (``none`` | ``bf16``: the forward and loss under
+``torch.autocast(device.type, bfloat16)``, also the probe's clean-accuracy pass; parameters, gradients and
+AdamW state stay float32; no GradScaler, which bf16 does not need) and ``compile`` (``torch.compile`` of the
+training step's forward + loss, i.e. the model called through its DDP wrapper when there is one; backward
+runs through the compiled graph, the optimizer step stays eager; the probe's final clean-accuracy pass
+runs eager).  Both are config keys, so they enter the run's ``config_hash``; resuming a run directory with
+another value resumes from its checkpoint and warns that the config changed (core ``RunDir``).
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from .checkpoint import atomic_save, read_checkpoint, state_dict_of
 from .common import (
     CROP_SCALE,
     Dist,
+    check_amp_compile,
     check_values,
     crop_scale_ok,
     finite_nonneg,
@@ -195,6 +204,7 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
         "data.root": (lambda v: v is None or c["data"]["name"] not in ("mnist", "digits"),
                       f"null: data.name={c['data']['name']!r} is embedded and read from no path"),
     })  # fmt: skip
+    check_amp_compile(c)
     dist: Dist = init_distributed()
     device = resolve_device(c["device"])
     if device.type == "cuda" and dist.world_size > 1:
@@ -231,6 +241,9 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    if c["compile"]:  # the step's forward + loss (DDP's module compiled through the wrapper: DDPOptimizer
+        # splits the graph at the gradient buckets); the checkpoints keep saving ``model`` (no _orig_mod keys)
+        net = torch.compile(net)
     bs, accum = int(c["batch_size"]), int(c["accum_iter"])
     progress = bool(c["logging"]["progress"]) and dist.rank == 0
     steps_done = 0

@@ -33,7 +33,8 @@ What differs from upstream and why:
   same losses, gradients and predictions up to float rounding (tested against the reference);
 - options: ``amp="bf16"`` autocast, ``scaled_dot_product_attention`` (default) or the explicit softmax
   attention (``fused_attn=False``), a foreach/fused optimizer, ``torch.compile`` of the MAE loss
-  (:class:`TTTAdapter`) or of the whole batched step (:class:`BatchedTTT`); in the compiled batched step on
+  (:class:`TTTAdapter`) or of the whole batched step (:class:`BatchedTTT`), and of the prediction
+  (``compile_predict``; the baseline, 0 steps, compiles the prediction only); in the compiled batched step on
   CPU, attention over at most ``token_major_tokens`` tokens (the encoder's 1 + 4 kept tokens on the MNIST
   proxy) as broadcast products in the qkv projection's layout (no head permutes, no batched products of
   5x16x5 matrices; 2.3x faster per attention, 5 % per step there), the same up to float rounding;
@@ -82,7 +83,7 @@ class TTTSettings:
     foreach: bool | None = True  # None: torch's default; False: the plain per-tensor loop
     fused: bool = False  # the fused optimizer kernel (CUDA only; ignored on CPU); overrides foreach
     exact_cuts: bool = True  # the lean MAE loss (MaskedAutoencoderViT.mae_loss_lean): same result, fewer FLOP
-    compile_predict: bool = True  # BatchedTTT with compile: the per-step prediction compiled as well
+    compile_predict: bool = True  # with compile: the per-step prediction compiled as well (always at 0 steps)
     # BatchedTTT with compile, on CPU: attention over at most this many tokens (the encoder's kept tokens)
     # as broadcast products in the qkv layout, no permutes (MaskedAutoencoderViT.token_major_max_tokens); 0: off
     token_major_tokens: int = 8
@@ -163,8 +164,12 @@ class TTTAdapter:
         self.snapshot = [p.detach().clone() for p in self.params]
         self.optimizer = self._make_optimizer()
         self._loss = self.model.mae_loss_lean if self.s.exact_cuts else self.model.mae_loss
+        self._classify = self.model.classify
         if self.s.compile:
-            self._loss = torch.compile(self.model.mae_loss, mode=self.s.compile_mode)
+            if self.s.steps_per_example > 0:
+                self._loss = torch.compile(self.model.mae_loss, mode=self.s.compile_mode)
+            if self.s.compile_predict or self.s.steps_per_example == 0:  # the baseline: prediction only
+                self._classify = torch.compile(self.model.classify, mode=self.s.compile_mode)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         s = self.s
@@ -189,7 +194,7 @@ class TTTAdapter:
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         self.model.eval()
         with autocast(self.device, self.s.amp):
-            return self.model.classify(images.to(self.device)).float()
+            return self._classify(images.to(self.device)).float()
 
     def step(self, views: torch.Tensor, noise: torch.Tensor) -> float:
         self.model.train()
@@ -301,7 +306,7 @@ class BatchedTTT:
             if self.s.compile:
                 self.model.token_major_max_tokens = int(self.s.token_major_tokens)
         try:
-            if self.s.compile and self.s.steps_per_example > 0:
+            if self.s.compile:  # steps_per_example 0 (the baseline): the compiled prediction only
                 return self._adapt_compiled(raws, generators, normalize)
             return self._adapt(raws, generators, normalize)
         finally:
