@@ -8,6 +8,11 @@ deyo, MEMO's prior-mixed statistics for memo); one step changes the adapted para
 leaves the engine as it was; ``per_domain`` carries the state over calls until ``reset()``; runs repeat
 exactly under ``torch.manual_seed``; auxiliary heads exist before the first call; train mode returns
 ``(outputs, loss)`` with a graph; NaN inputs, too-small batches and unknown settings are ``TTTLabError``s.
+
+The exactness checks also run with ``engine.amp = "bf16"`` (the ``amp`` parameter): the forwards then run
+under bfloat16 autocast (checked on an activation's dtype), ``num_steps=0`` equals the model's forward
+under the same autocast, resets stay bit for bit, runs repeat exactly, and the parameters and optimizer
+state stay float32.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ BATCH_STATS_PREDICTION = {"bn", "tent", "eata", "deyo"}
 HEADED = {"ttt", "ttt_pp", "ittt", "masked_ttt"}
 #: engines whose train-mode self-supervised loss is a constant (no graph)
 NO_TRAIN_LOSS = {"source", "bn", "actmad"}
+#: ``engine.amp`` values the exactness checks run with
+AMPS = ["none", "bf16"]
 
 
 class TinyNet(nn.Module):
@@ -81,7 +88,7 @@ def _accepted(cls, **candidates):
     return {k: v for k, v in candidates.items() if k in params}
 
 
-def make_engine(name: str, settings: dict | None = None, seed: int = 0):
+def make_engine(name: str, settings: dict | None = None, seed: int = 0, amp: str = "none"):
     """``(engine, model)`` for ``name`` on a fresh tiny model; every filter opened so a step happens."""
     cls = require(name)
     model = tiny_model(seed)
@@ -106,20 +113,37 @@ def make_engine(name: str, settings: dict | None = None, seed: int = 0):
         engine = cls(model, features_layer_name=layer, optimization_parameters=settings, **extra)
     if hasattr(engine, "compute_statistics"):  # TTT++ / ActMAD: reference statistics from training data
         engine.compute_statistics([(x_batch(16, seed=s), None) for s in (11, 12)])
+    if amp != "none":
+        engine.amp = amp
     return engine.eval(), model
 
 
-def reference_output(name: str, engine, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The wrapped model's own prediction, in the normalisation the engine defines."""
+@contextlib.contextmanager
+def runs_in(model: nn.Module, amp: str):
+    """Asserts that every forward through ``model.conv1`` inside the block ran in ``amp``'s dtype."""
+    dtypes = []
+    handle = model.conv1.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    try:
+        yield
+    finally:
+        handle.remove()
+    expected = torch.bfloat16 if amp == "bf16" else torch.float32
+    assert dtypes and set(dtypes) == {expected}, f"activations in {set(dtypes)}, expected {expected}"
+
+
+def reference_output(name: str, engine, model: nn.Module, x: torch.Tensor, amp: str = "none") -> torch.Tensor:
+    """The wrapped model's own prediction, in the normalisation the engine defines (under ``amp``'s
+    autocast, cast back to float32)."""
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
     if name == "memo":
         prior = float(engine.prior_strength)
-        with torch.no_grad(), prior_mixed_statistics(model, prior):
+        with torch.no_grad(), prior_mixed_statistics(model, prior), autocast:
             if engine.per_sample:
-                return torch.cat([model(x[i : i + 1]) for i in range(x.shape[0])])
-            return model(x)
+                return torch.cat([model(x[i : i + 1]) for i in range(x.shape[0])]).float()
+            return model(x).float()
     ctx = batch_statistics(model) if name in BATCH_STATS_PREDICTION else contextlib.nullcontext()
-    with torch.no_grad(), ctx:
-        return model(x)
+    with torch.no_grad(), ctx, autocast:
+        return model(x).float()
 
 
 def clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -144,39 +168,52 @@ def test_every_upstream_name_is_registered():
             assert get_engine(name).registry_name == name
 
 
+@pytest.mark.parametrize("amp", AMPS)
 @pytest.mark.parametrize("name", ALL_ENGINES)
-def test_zero_steps_is_the_model(name):
-    engine, model = make_engine(name, {"num_steps": 0})
+def test_zero_steps_is_the_model(name, amp):
+    engine, model = make_engine(name, {"num_steps": 0}, amp=amp)
     before = clone_state(engine)
     x = x_batch()
-    out, _ = engine(x)
-    assert torch.equal(out, reference_output(name, engine, model, x))
+    with runs_in(model, amp):
+        out, _ = engine(x)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, reference_output(name, engine, model, x, amp))
     assert not changed_keys(before, clone_state(engine))
     if name in BATCH_STATS_PREDICTION:  # test-batch statistics, not the stored ones
         with torch.no_grad():
             assert not torch.allclose(out, model(x), atol=1e-4)
 
 
+@pytest.mark.parametrize("amp", AMPS)
 @pytest.mark.parametrize("name", ALL_ENGINES)
-def test_one_step_changes_the_adapted_parameters_and_nothing_else(name):
-    engine, model = make_engine(name, {"num_steps": 1, "lr": 0.05, "reset": "per_domain"})
+def test_one_step_changes_the_adapted_parameters_and_nothing_else(name, amp):
+    engine, model = make_engine(name, {"num_steps": 1, "lr": 0.05, "reset": "per_domain"}, amp=amp)
     before = clone_state(model)
     torch.manual_seed(0)
-    engine(x_batch())
+    with runs_in(model, amp):
+        out, loss = engine(x_batch())
+    assert out.dtype == loss.dtype == torch.float32
     changed = changed_keys(before, clone_state(model))
     if name in STATIC:
         assert not changed
     else:
         assert changed, "one step changed nothing"
         assert changed <= model_names(engine), f"changed outside the adapted parameters: {changed}"
+        # parameters, snapshot and optimizer state stay float32 under amp
+        state = [t for s in engine.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        assert state and all(t.dtype == torch.float32 for t in state if t.is_floating_point())
+        assert all(t.dtype == torch.float32 for t in engine._snapshot.values() if t.is_floating_point())
+    assert all(p.dtype == torch.float32 and p.grad is None for p in engine.parameters())
 
 
+@pytest.mark.parametrize("amp", AMPS)
 @pytest.mark.parametrize("name", ALL_ENGINES)
-def test_per_domain_carries_state_until_reset_restores_bit_for_bit(name):
-    engine, model = make_engine(name, {"num_steps": 1, "lr": 0.05, "reset": "per_domain"})
+def test_per_domain_carries_state_until_reset_restores_bit_for_bit(name, amp):
+    engine, model = make_engine(name, {"num_steps": 1, "lr": 0.05, "reset": "per_domain"}, amp=amp)
     before, x = clone_state(engine), x_batch()
     torch.manual_seed(3)
-    first, loss1 = engine(x)
+    with runs_in(model, amp):
+        first, loss1 = engine(x)
     after_first = clone_state(engine)
     torch.manual_seed(3)
     second, _ = engine(x)
@@ -191,15 +228,17 @@ def test_per_domain_carries_state_until_reset_restores_bit_for_bit(name):
     assert torch.equal(again, first) and torch.equal(loss_again, loss1)
 
 
+@pytest.mark.parametrize("amp", AMPS)
 @pytest.mark.parametrize("name", ALL_ENGINES)
-def test_per_batch_leaves_the_engine_as_it_was(name):
-    engine, model = make_engine(name, {"num_steps": 2, "lr": 0.05, "reset": "per_batch"})
+def test_per_batch_leaves_the_engine_as_it_was(name, amp):
+    engine, model = make_engine(name, {"num_steps": 2, "lr": 0.05, "reset": "per_batch"}, amp=amp)
     engine.optimization_parameters["num_steps"] = 0
     x = x_batch()
     plain, _ = engine(x)
     engine.optimization_parameters["num_steps"] = 2
     before = clone_state(engine)
-    adapted, loss = engine(x)
+    with runs_in(model, amp):
+        adapted, loss = engine(x)
     assert not changed_keys(before, clone_state(engine))
     assert adapted.shape == plain.shape and torch.isfinite(adapted).all() and torch.isfinite(loss).all()
     if name not in STATIC:
@@ -208,13 +247,15 @@ def test_per_batch_leaves_the_engine_as_it_was(name):
     assert not changed_keys(before, clone_state(engine))
 
 
+@pytest.mark.parametrize("amp", AMPS)
 @pytest.mark.parametrize("name", ALL_ENGINES)
-def test_deterministic_under_a_seed(name):
+def test_deterministic_under_a_seed(name, amp):
     results = []
     for _ in range(2):
-        engine, _ = make_engine(name, {"num_steps": 1, "reset": "never"})
+        engine, model = make_engine(name, {"num_steps": 1, "reset": "never"}, amp=amp)
         torch.manual_seed(5)
-        outs = [engine(x_batch(seed=s)) for s in (1, 2)]
+        with runs_in(model, amp):
+            outs = [engine(x_batch(seed=s)) for s in (1, 2)]
         results.append(outs)
     for (o1, l1), (o2, l2) in zip(*results):
         assert torch.equal(o1, o2) and torch.equal(l1, l2)

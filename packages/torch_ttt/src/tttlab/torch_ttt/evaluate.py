@@ -60,6 +60,7 @@ from tttlab.core.torch import Dist, init_distributed  # noqa: F401  (re-exported
 from . import train as T
 from .engine.base_engine import OptimizationParameters, Reset
 from .engine_registry import EngineRegistry, get_engine
+from .precision import check_amp
 
 log = logging.getLogger("tttlab.torch_ttt.evaluate")
 
@@ -105,6 +106,8 @@ class CalibrationConfig:
 @dataclass
 class EvalConfig(RunConfig):
     experiment_name: str = "eval"
+    amp: str = "none"  # none | bf16: the adaptation and prediction forwards under bfloat16 autocast
+    compile: bool = False  # torch.compile the model in place (hook-based engines: prediction only)
     stream: str = "benchmark"
     train_run: str | None = None
     train_experiment: str = "mnist_bn"
@@ -155,6 +158,7 @@ def eval_config(cfg: Mapping | None = None, overrides: list[str] | None = None) 
     merged = OmegaConf.merge(base, PROFILES[profile] if profile else {}, user,
                              OmegaConf.from_dotlist(list(overrides or [])))  # fmt: skip
     c = T.to_dict(validate(OmegaConf.to_container(merged, resolve=True), EvalConfig))
+    c["amp"] = check_amp(c["amp"])
     if c["stream"] not in STREAMS:
         raise ConfigError(f"stream={c['stream']!r}; expected one of {STREAMS}")
     if c["engine"]["name"] not in EngineRegistry.names():
@@ -280,6 +284,12 @@ def load_engine(c: dict[str, Any], run_dir: Path, device: torch.device, example:
                     name, ck["engine_name"])  # fmt: skip
     engine.to(device)
     engine.optimization_parameters["reset"] = reset_policy(c)
+    engine.amp = c.get("amp", "none")
+    if c.get("compile"):
+        if not engine.compiled_adaptation:
+            log.warning("compile=true: %s reads inner layers through hooks, which a compiled model does not "
+                        "run: its adaptation runs the eager model, only its prediction is compiled", name)  # fmt: skip
+        engine.compile()
     return engine.eval(), model_name, ck["engine_name"]
 
 
@@ -452,7 +462,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
         seed=int(c["seed"]),
     )  # fmt: skip
     extra = {"reset": policy.value, "train_engine": train_engine, "train_run": str(run_dir),
-             "world_size": dist.world_size}  # fmt: skip
+             "world_size": dist.world_size, "amp": c["amp"], "compile": bool(c["compile"])}  # fmt: skip
     if dist.world_size == 1:
         rd = RunDir(out, c)
         drop_records(rd.records_path, rd.config_hash)  # run again (e.g. after a kill): replace, not append

@@ -24,6 +24,8 @@ from torch import nn
 
 from tttlab.core.errors import InvalidInputError
 
+from .precision import eager, full_precision, no_autocast
+
 __all__ = [
     "RunningMoments",
     "build_angle_head",
@@ -51,7 +53,8 @@ def features_only(model: nn.Module, modules: nn.Module | Sequence[nn.Module], in
     until the last of them has run.
 
     A module that runs more than once in a forward pass contributes its first output (the forward stops
-    once every module has produced one).
+    once every module has produced one).  A compiled model (``engine.compile()``) runs its eager forward
+    here: a compiled graph would skip the hooks.
     """
     single = isinstance(modules, nn.Module)
     mods = [modules] if single else list(modules)
@@ -71,7 +74,8 @@ def features_only(model: nn.Module, modules: nn.Module | Sequence[nn.Module], in
     for i, m in enumerate(mods):
         handles.append(m.register_forward_hook(make_hook(i)))
     try:
-        run_model(model, inputs)
+        with eager(model):
+            run_model(model, inputs)
     except _StopForward:
         pass
     finally:
@@ -250,6 +254,8 @@ class RunningMoments:
 
 
 def covariance(x: torch.Tensor) -> torch.Tensor:
-    """Unbiased covariance of the rows of ``x`` (N, d) -> (d, d), differentiable."""
-    centred = x - x.mean(dim=0, keepdim=True)
-    return centred.T @ centred / (x.shape[0] - 1)
+    """Unbiased covariance of the rows of ``x`` (N, d) -> (d, d), differentiable (float32 under ``amp``)."""
+    x = full_precision(x)
+    with no_autocast(x):
+        centred = x - x.mean(dim=0, keepdim=True)
+        return centred.T @ centred / (x.shape[0] - 1)

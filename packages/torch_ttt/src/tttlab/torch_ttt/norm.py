@@ -20,6 +20,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .precision import full_precision
+
 NORM_TYPES = (
     nn.modules.batchnorm._BatchNorm,
     nn.GroupNorm,
@@ -118,16 +120,18 @@ def prior_mixed_statistics(model: nn.Module, prior_strength: float):
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Per-sample Shannon entropy of ``softmax(logits)`` (natural log), computed stably."""
-    logp = logits.log_softmax(dim=-1)
+    """Per-sample Shannon entropy of ``softmax(logits)`` (natural log), computed stably (bfloat16 logits
+    of ``amp="bf16"`` in float32)."""
+    logp = full_precision(logits).log_softmax(dim=-1)
     return -(logp.exp() * logp).sum(dim=-1)
 
 
 def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the mean predictive distribution over the leading (view) axis: MEMO's loss.
 
-    ``logits`` (V, ..., C); the average of probabilities is formed in log space with logsumexp.
+    ``logits`` (V, ..., C); the average of probabilities is formed in log space with logsumexp (bfloat16
+    logits in float32).
     """
-    logp = logits.log_softmax(dim=-1)
+    logp = full_precision(logits).log_softmax(dim=-1)
     avg = torch.logsumexp(logp, dim=0) - torch.log(torch.tensor(float(logits.shape[0]), device=logits.device))
     return -(avg.exp() * avg).sum(dim=-1)

@@ -17,6 +17,13 @@ directory resumes from ``last.ckpt`` and ends with the same records (bitwise on 
 already written are not written twice.  ``train.stop_after_steps`` stops the process after that many
 optimisation steps *without* a checkpoint, as a kill would (used by the resume test).
 
+Options (top-level keys, as ttt_mae's): ``amp=none|bf16`` runs the training and evaluation forwards
+under bfloat16 autocast (``engine.amp``; parameters, gradients and the Adam state stay float32, the
+task and self-supervised losses are computed in float32); ``compile=true`` compiles the model in place
+(``engine.compile()``), refused for the engines that read a features layer through a hook (TTT, TTT++,
+IT3, masked TTT, ActMAD: their training forward could not run compiled).  Both enter the training
+config's hash when not at their defaults: a checkpoint is not resumed with other values.
+
 Differences from the tutorial: the noise is drawn once from ``eval.noise_seed`` and the same noisy images
 serve every evaluation (no TTT and TTT after 0..3 steps are paired; the tutorial drew fresh noise in each
 pass); the embedded MNIST has 50,000 training images (torchvision's has 60,000).
@@ -48,6 +55,7 @@ from tttlab.core.torch import resolve_device
 from .engine.base_engine import BaseEngine
 from .engine_registry import EngineRegistry, get_engine
 from .models import build_model, model_info
+from .precision import check_amp
 
 log = logging.getLogger("tttlab.torch_ttt.train")
 
@@ -97,6 +105,8 @@ class NoisyEvalConfig:
 @dataclass
 class TrainConfig(RunConfig):
     experiment_name: str = "default"
+    amp: str = "none"  # none | bf16: bfloat16 autocast of the forwards (training and evaluation)
+    compile: bool = False  # torch.compile the model in place (engines without hooks only, see README)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainSection = field(default_factory=TrainSection)
     eval: NoisyEvalConfig = field(default_factory=NoisyEvalConfig)
@@ -207,6 +217,9 @@ def build_model_and_engine(cfg: dict[str, Any], example_input: torch.Tensor, dev
     t = cfg["train"]
     engine = build_engine(t["engine"], model, cfg["model"]["name"], t["engine_kwargs"], None, example_input)
     engine.to(device)
+    engine.amp = cfg.get("amp", "none")  # bf16: the forwards autocast, parameters and Adam state float32
+    if cfg.get("compile"):
+        engine.compile()
     name, lr = str(t["optimizer"]).lower(), float(t["lr"])
     if name == "adam":
         opt = torch.optim.Adam(engine.parameters(), lr=lr)
@@ -294,11 +307,16 @@ def train_epoch(
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device) -> float:
+def accuracy(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device, amp: str = "none"
+) -> float:
+    from .precision import autocast
+
     model.eval()
     correct = 0
-    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-        correct += int((model(xb.to(device)).argmax(1) == yb.to(device)).sum())
+    with autocast(torch.device(device).type, amp):
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+            correct += int((model(xb.to(device)).argmax(1) == yb.to(device)).sum())
     return correct / max(len(y), 1)
 
 
@@ -336,12 +354,24 @@ def evaluate_noisy(
 # the run
 
 
+def compilable_engines() -> list[str]:
+    """Engines whose adaptation and joint-training forwards a compiled model runs (no inner-layer hooks)."""
+    return [n for n in EngineRegistry.names() if get_engine(n).compiled_adaptation]
+
+
 def _validate(cfg) -> dict[str, Any]:
     from tttlab.core.config import validate
 
     c = to_dict(validate(to_dict(cfg), TrainConfig))
     if c["train"]["engine"] not in EngineRegistry.names():
         raise ConfigError(f"train.engine={c['train']['engine']!r}; expected one of {EngineRegistry.names()}")
+    c["amp"] = check_amp(c["amp"])
+    if c["compile"] and not get_engine(c["train"]["engine"]).compiled_adaptation:
+        raise ConfigError(
+            f"compile=true with train.engine={c['train']['engine']!r}: this engine reads its features layer "
+            "through a forward hook, which a compiled model does not run, so the joint-training forward "
+            f"would stay eager; compile is offered for train.engine in {compilable_engines()}"
+        )
     model_info(c["model"]["name"])
     if int(c["train"]["checkpoint_every"]) < 1:
         raise ConfigError(f"train.checkpoint_every={c['train']['checkpoint_every']}: expected >= 1")
@@ -448,7 +478,13 @@ def run(cfg, **overrides) -> Path:
 def _training_part(c: dict[str, Any]) -> dict[str, Any]:
     """What the weights depend on (a checkpoint only resumes a run with the same)."""
     t = {k: v for k, v in c["train"].items() if k not in ("stop_after_steps", "checkpoint_every", "resume")}
-    return {"seed": c["seed"], "model": c["model"], "train": t, "data": c["data"]}
+    part = {"seed": c["seed"], "model": c["model"], "train": t, "data": c["data"]}
+    # precision and compilation change the float rounding of the weights; only non-default values enter
+    # (so the default's hash, the cache key of models trained before these options, is unchanged)
+    part.update(
+        {k: c[k] for k, default in (("amp", "none"), ("compile", False)) if c.get(k, default) != default}
+    )
+    return part
 
 
 def _recorded(path: Path) -> dict[tuple, float]:
@@ -466,7 +502,7 @@ def _noisy_evaluation(c, model, engine, writer, have, device) -> dict[str, Any]:
     common = dict(dataset="mnist", setting="episodic", n=len(yt))
     for key, corruption, images in (("clean", None, xt), ("noisy", TUTORIAL_NOISE, xn)):
         t0 = time.perf_counter()
-        acc = accuracy(model, images, yt, bs, device)
+        acc = accuracy(model, images, yt, bs, device, c["amp"])
         summary[f"{key}/accuracy"] = acc
         if ("torch_ttt.source", "accuracy", corruption, 0) not in have:
             writer.write(

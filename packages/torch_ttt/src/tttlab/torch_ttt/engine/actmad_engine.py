@@ -45,6 +45,7 @@ from tttlab.core.errors import InvalidInputError
 
 from ..engine_registry import EngineRegistry
 from ..heads import RunningMoments, features_only, model_device_dtype, run_model
+from ..precision import full_precision
 from .base_engine import BaseEngine, check_batch, find_module
 from .ttt_pp_engine import iterate_inputs
 
@@ -78,6 +79,8 @@ class _Capture:
 class ActMADEngine(BaseEngine):
     """Args: model; features_layer_names (a name or a list of names); optimization_parameters (defaults:
     3 Adam steps at lr 1e-2, reset per batch, as torch-ttt)."""
+
+    compiled_adaptation = False  # reads inner layers through hooks: eager under engine.compile()
 
     min_batch = 2
 
@@ -171,6 +174,7 @@ class ActMADEngine(BaseEngine):
                     f"layer {name!r}: activations of shape {tuple(f.shape[1:])}, but the clean statistics "
                     f"have shape {tuple(mean.shape)} (pixel-wise statistics need the training input size)"
                 )
+            f = full_precision(f)
             mean, var = mean.to(f.device, f.dtype), var.to(f.device, f.dtype)
             loss = loss + (f.mean(dim=0) - mean).abs().mean() + (f.var(dim=0) - var).abs().mean()
         return loss

@@ -21,6 +21,18 @@ never deep-copied.  ``optimization_parameters["reset"]`` is a :class:`Reset`:
 * ``never``: continual adaptation; ``engine.reset()`` still restores the snapshot if called explicitly.
 
 Restoring copies the snapshot back in place, bit for bit, and drops the optimizer state.
+
+Additions to the torch-ttt API (constructors unchanged; defaults change nothing):
+
+* ``engine.amp = "bf16"`` (default ``"none"``): the adaptation forwards and losses and the prediction
+  forward run under ``torch.autocast(<model's device>, dtype=torch.bfloat16)``, as do train-mode calls;
+  gradients, the optimizer step and the snapshot/restore stay float32 (see :mod:`tttlab.torch_ttt.precision`)
+  and the returned outputs and loss are cast back to the parameters' dtype.
+* ``engine.compile(**torch_compile_kwargs)`` compiles the *wrapped model* in place (``nn.Module.compile``
+  on ``engine.model``; ``nn.Module.compile`` on the engine itself would trace the Python loop and the
+  hooks, which it cannot).  Forwards that need hooks on inner layers run the eager model:
+  ``compiled_adaptation = False`` engines (TTT, TTT++, ActMAD, IT3, masked TTT) adapt eagerly and predict
+  compiled; ``compiled_prediction`` is False while a prior-mixed BatchNorm replaces the layers' forward.
 """
 
 from __future__ import annotations
@@ -34,6 +46,8 @@ import torch
 from torch import nn
 
 from tttlab.core.errors import ConfigError, InvalidInputError
+
+from ..precision import autocast, check_amp, eager, is_compiled
 
 OPTIMIZERS = ("adam", "sgd", "adamw")
 
@@ -199,6 +213,9 @@ class BaseEngine(nn.Module):
     batch_statistics_always: bool = False
     #: Per-engine defaults layered over DEFAULT_OPTIMIZATION (e.g. TENT: 1 step, lr 1e-3).
     optimization_defaults: dict[str, Any] = {}
+    #: False when adaptation and train-mode forwards read inner layers through hooks: with a compiled model
+    #: (:meth:`compile`) they run its eager forward (a compiled graph skips hooks added after tracing).
+    compiled_adaptation: bool = True
 
     def __init__(self, model: nn.Module, optimization_parameters: Mapping[str, Any] | None = None):
         super().__init__()
@@ -211,6 +228,55 @@ class BaseEngine(nn.Module):
         self.optimizer: torch.optim.Optimizer | None = None
         self._snapshot: dict[str, torch.Tensor] | None = None
         self._params: list[torch.Tensor] = []
+        self._amp = "none"
+
+    # -- precision and compilation ------------------------------------------------------------------
+    @property
+    def amp(self) -> str:
+        """``"none"`` (float32) or ``"bf16"`` (bfloat16 autocast of the forwards and losses)."""
+        return self._amp
+
+    @amp.setter
+    def amp(self, value: str | None) -> None:
+        self._amp = check_amp(value)
+
+    @property
+    def compiled_prediction(self) -> bool:
+        """Whether the prediction forward may use the compiled model (False while
+        :meth:`inference_context` replaces layers' forward, e.g. a prior-mixed BatchNorm)."""
+        return True
+
+    def compile(self, *args, **kwargs) -> None:
+        """Compile the wrapped model in place: ``self.model.compile(*args, **kwargs)`` (``torch.compile``
+        arguments, e.g. ``mode="reduce-overhead"``).  Parameters, buffers and ``state_dict`` keys stay the
+        model's own; forwards that need hooks run eagerly (see the module docstring)."""
+        self.model.compile(*args, **kwargs)
+
+    def _autocast(self):
+        if self._amp == "none":
+            import contextlib
+
+            return contextlib.nullcontext()
+        p = next(self.model.parameters(), None)
+        return autocast(p.device.type if p is not None else "cpu", self._amp)
+
+    def _cast_back(self, value):
+        """bfloat16 tensors (of a tuple) to the parameters' dtype."""
+        if isinstance(value, tuple):
+            return tuple(self._cast_back(v) for v in value)
+        if isinstance(value, torch.Tensor) and value.dtype in (torch.bfloat16, torch.float16):
+            p = next((t for t in self.model.parameters() if t.is_floating_point()), None)
+            return value.to(p.dtype if p is not None else torch.float32)
+        return value
+
+    def __call__(self, *args, **kwargs):
+        if self._amp == "none" and not is_compiled(self.model):
+            return super().__call__(*args, **kwargs)  # the default: nn.Module's call, nothing added
+        if not self.training:  # adapt_step and predict enter their own contexts
+            return self._cast_back(super().__call__(*args, **kwargs))
+        # train mode: one forward with a graph; the caller's backward runs outside the autocast region
+        with self._autocast(), eager(self.model, enabled=not self.compiled_adaptation):
+            return self._cast_back(super().__call__(*args, **kwargs))
 
     # -- what adapts --------------------------------------------------------------------------------
     def adapted_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -239,8 +305,9 @@ class BaseEngine(nn.Module):
         return contextlib.nullcontext()
 
     def predict(self, inputs, **kwargs) -> torch.Tensor:
-        with torch.no_grad(), self.inference_context():
-            return self.model(**inputs) if isinstance(inputs, dict) else self.model(inputs)
+        with torch.no_grad(), self.inference_context(), self._autocast():
+            with eager(self.model, enabled=not self.compiled_prediction):
+                return self.model(**inputs) if isinstance(inputs, dict) else self.model(inputs)
 
     # -- state --------------------------------------------------------------------------------------
     def _state(self) -> dict[str, torch.Tensor]:
@@ -286,8 +353,10 @@ class BaseEngine(nn.Module):
         stale ``.grad`` on them.  The adapted parameters get exactly the gradient ``backward`` gave them.
         """
         params = self._params
-        with self.inference_context():
-            loss = self.adapt_loss(inputs, **kwargs)
+        # autocast around the forward and the loss only: gradients and the step below are outside it
+        with self.inference_context(), self._autocast():
+            with eager(self.model, enabled=not (self.compiled_adaptation and self.compiled_prediction)):
+                loss = self.adapt_loss(inputs, **kwargs)
         if loss.requires_grad:
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for p, g in zip(params, grads):

@@ -35,6 +35,11 @@ class BNEngine(BaseEngine):
             )
         self.prior_strength = prior_strength
 
+    @property
+    def compiled_prediction(self) -> bool:
+        """The prior-mixed statistics replace the BatchNorm layers' forward: a compiled model runs eagerly."""
+        return self.prior_strength is None
+
     def inference_context(self):
         if self.prior_strength is None:
             return batch_statistics(self.model)

@@ -60,6 +60,7 @@ from tttlab.core.errors import InvalidInputError
 
 from ..engine_registry import EngineRegistry
 from ..norm import batch_statistics, batchnorm_layers, entropy, norm_affine_parameters, norm_layers
+from ..precision import full_precision
 from .base_engine import BaseEngine, check_batch
 
 __all__ = ["DeYOEngine", "deyo_weights", "patch_shuffle", "plpd"]
@@ -174,7 +175,7 @@ class DeYOEngine(BaseEngine):
                 destroyed = self.model(patch_shuffle(inputs[idx].detach(), self.patch_len, self.generator))
             else:  # one kept sample: shuffle the whole batch so BatchNorm sees batch statistics
                 destroyed = self.model(patch_shuffle(inputs.detach(), self.patch_len, self.generator))[idx]
-            values = plpd(probs[idx], destroyed.softmax(dim=-1))
+            values = plpd(probs[idx], full_precision(destroyed).softmax(dim=-1))
         keep = values > self.plpd_thresh
         if not bool(keep.any()):
             return outputs.new_zeros(()), int(idx.numel()), 0
@@ -185,12 +186,12 @@ class DeYOEngine(BaseEngine):
 
     def ttt_forward(self, inputs, **kwargs):
         """Train mode: ``(outputs, DeYO loss)`` (zero with a graph when no sample is kept)."""
-        outputs = self.model(inputs)
+        outputs = full_precision(self.model(inputs))
         loss, _, kept = self.deyo_loss(inputs, outputs)
         return outputs, loss if kept else outputs.sum() * 0.0
 
     def adapt_loss(self, inputs, **kwargs):
-        outputs = self.model(inputs)
+        outputs = full_precision(self.model(inputs))
         if self._first_outputs is None:
             self._first_outputs = outputs.detach()
         loss, n_ent, n_plpd = self.deyo_loss(inputs, outputs)

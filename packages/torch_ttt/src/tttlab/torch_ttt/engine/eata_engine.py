@@ -69,6 +69,7 @@ from tttlab.core.errors import InvalidInputError
 
 from ..engine_registry import EngineRegistry
 from ..norm import batch_statistics, batchnorm_layers, entropy, norm_affine_parameters, norm_layers
+from ..precision import full_precision
 from .base_engine import BaseEngine, check_batch
 
 __all__ = ["EataEngine", "EATAEngine", "UPSTREAM_E_MARGIN", "eata_selection", "update_model_probs"]
@@ -247,7 +248,7 @@ class EataEngine(BaseEngine):
 
     def ttt_forward(self, inputs, **kwargs):
         """Train mode: ``(outputs, weighted entropy of the samples under e_margin)``; no state changes."""
-        outputs = self.model(inputs)
+        outputs = full_precision(self.model(inputs))
         ent = entropy(outputs)
         e_margin = self.margin(outputs.shape[-1])
         keep = ent.detach() < e_margin
@@ -255,7 +256,7 @@ class EataEngine(BaseEngine):
         return outputs, (ent * coeff).sum() / keep.sum().clamp_min(1)
 
     def adapt_loss(self, inputs, **kwargs):
-        outputs = self.model(inputs)
+        outputs = full_precision(self.model(inputs))
         if self._first_outputs is None:
             self._first_outputs = outputs.detach()
         idx, ent, weights, probs = self.select(outputs)

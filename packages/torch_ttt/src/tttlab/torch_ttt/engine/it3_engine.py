@@ -95,6 +95,8 @@ class IT3Engine(BaseEngine):
     default embedder when the layers do not tell).  ``engine(x, target=y)`` in train mode uses the
     training scheme; ``target`` must have the model output's shape (e.g. one-hot labels)."""
 
+    compiled_adaptation = False  # reads inner layers through hooks: eager under engine.compile()
+
     @property
     def target_module(self) -> nn.Module:
         """The features layer (a reference into ``model``)."""

@@ -56,6 +56,7 @@ from ..heads import (
     place_like_model,
     run_model,
 )
+from ..precision import full_precision
 from .base_engine import BaseEngine, FeatureHook, find_module
 
 __all__ = ["MaskedTTTEngine", "build_pixel_decoder", "mask_patches", "masked_mse"]
@@ -88,6 +89,7 @@ def mask_patches(
 
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the masked pixels (all channels) only."""
+    prediction = full_precision(prediction)
     mask = pixel_mask.expand_as(target).to(prediction.dtype)
     return ((prediction - target).pow(2) * mask).sum() / mask.sum().clamp_min(1.0)
 
@@ -120,6 +122,8 @@ class MaskedTTTEngine(BaseEngine):
     mask_prob (default 0.15 tokens, 0.75 images); skip_tokens; optimization_parameters; patch_size (4);
     mask_value (0.0); image_shape ``(C, H, W)`` / example_input / feature_shape (to build the decoder);
     decoder (your own, image mode); generator."""
+
+    compiled_adaptation = False  # reads inner layers through hooks: eager under engine.compile()
 
     @property
     def target_module(self) -> nn.Module:

@@ -151,6 +151,11 @@ class MemoEngine(BaseEngine):
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self._has_bn = bool(batchnorm_layers(model))
 
+    @property
+    def compiled_prediction(self) -> bool:
+        """The prior-mixed BatchNorm replaces the layers' forward: a compiled model runs eagerly then."""
+        return not (self._has_bn and self.prior_strength is not None)
+
     def inference_context(self):
         if self._has_bn and self.prior_strength is not None:
             return prior_mixed_statistics(self.model, float(self.prior_strength))

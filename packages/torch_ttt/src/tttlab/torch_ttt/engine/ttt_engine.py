@@ -112,6 +112,8 @@ class TTTEngine(BaseEngine):
     layer type does not tell the shape); generator (for ``"rand"``).
     """
 
+    compiled_adaptation = False  # reads inner layers through hooks: eager under engine.compile()
+
     @property
     def target_module(self) -> nn.Module:
         """The features layer (a reference into ``model``)."""

@@ -72,6 +72,7 @@ from ..heads import (
     infer_feature_shape,
     place_like_model,
 )
+from ..precision import full_precision, no_autocast
 from .base_engine import BaseEngine, FeatureHook, check_batch, find_module
 
 __all__ = ["ContrastiveLoss", "TTTPPEngine", "iterate_inputs", "nt_xent"]
@@ -88,10 +89,11 @@ def nt_xent(features: torch.Tensor, temperature: float = 0.07, normalize: bool =
     b, v = features.shape[:2]
     if v < 2:
         raise InvalidInputError("the contrastive loss needs at least 2 views per image")
-    z = features.reshape(b, v, -1).transpose(0, 1).reshape(v * b, -1)  # view-major rows
+    z = full_precision(features.reshape(b, v, -1).transpose(0, 1).reshape(v * b, -1))  # view-major rows
     if normalize:
         z = F.normalize(z, dim=1)
-    logits = (z @ z.T) / temperature
+    with no_autocast(z):  # similarities / 0.07: float32 under amp="bf16" too
+        logits = (z @ z.T) / temperature
     eye = torch.eye(v * b, dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(eye, float("-inf"))
     log_prob = logits.log_softmax(dim=1)
@@ -137,6 +139,8 @@ class TTTPPEngine(BaseEngine):
     optimization_parameters; feature_shape / example_input (to build the head for other layer types);
     generator (for the default views).
     """
+
+    compiled_adaptation = False  # reads inner layers through hooks: eager under engine.compile()
 
     min_batch = 2
 
@@ -270,6 +274,7 @@ class TTTPPEngine(BaseEngine):
              self.scale_c_cov),
         )  # fmt: skip
         for f, ref_mean, ref_cov, scale_mu, scale_cov in pairs:
+            f = full_precision(f)
             ref_mean, ref_cov = ref_mean.to(f.device, f.dtype), ref_cov.to(f.device, f.dtype)
             d = ref_cov.shape[0]
             loss = loss + scale_cov * (ref_cov - covariance(f)).pow(2).sum() / (4.0 * d * d)
