@@ -26,9 +26,11 @@ def _records(path):
     return [json.loads(line) for line in open(path / "records.jsonl")]
 
 
-@pytest.mark.parametrize("kind", ["inf", "finite"])
-def test_kill_and_resume_is_bitwise(tmp_path, kind):
-    over = [*SMOKE, f"model.kind={kind}", "model.width=32", "train.checkpoint_every=3"]
+@pytest.mark.parametrize(
+    "kind, amp", [("inf", "none"), ("finite", "none"), ("inf", "bf16"), ("finite", "bf16")]
+)
+def test_kill_and_resume_is_bitwise(tmp_path, kind, amp):
+    over = [*SMOKE, f"model.kind={kind}", "model.width=32", "train.checkpoint_every=3", f"amp={amp}"]
     full = run(train_config("smoke", [*over, f"out_dir={tmp_path / 'full'}"]))
     part = tmp_path / "part"
     run(train_config("smoke", [*over, f"out_dir={part}", "train.stop_after_steps=7"]))

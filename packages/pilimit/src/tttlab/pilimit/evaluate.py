@@ -3,6 +3,7 @@
     tttlab-pilimit-evaluate method=pilimit.inf_pinet profile=quick
     tttlab-pilimit-evaluate train_run=runs/pilimit/mnist/finite1024-seed0   # your own run -> <run>/eval
     keys: method, profile (smoke|quick|full), train_run, out_dir, cache_dir, seed, device, threads, progress,
+          amp (none|bf16), compile (false|true),
           benchmark.{name,corruptions,severities,setting,num_examples,batch_size}, train_overrides
     python -c "from tttlab.pilimit.evaluate import run; print(run({'method': 'pilimit.mup'}))"
 
@@ -15,7 +16,10 @@ trained with Gproj), ``pilimit.mup`` / ``pilimit.baseline`` (Gaussian-initialise
 The model is ``train_run`` (a ``tttlab-pilimit-train`` run directory) or, when that is null, the
 ``mnist`` experiment sized by ``profile`` (smoke / quick / full), trained on first use and cached under
 ``cache_dir`` keyed by the hash of its training config (atomic checkpoint writes, a file lock so that
-one process trains while another waits and then reuses the finished run).  Records per domain: ``accuracy`` (``n``, ``wall_time_s`` = prediction time) and
+one process trains while another waits and then reuses the finished run).  ``amp`` / ``compile`` (see
+:mod:`tttlab.pilimit.precision`) apply to the prediction and, when the profile's model is trained here,
+to that training too (``amp`` is part of the cached model's key; ``train_overrides=[amp=none]`` evaluates
+the float32-trained model under bf16); a given ``train_run`` was trained with its own.  Records per domain: ``accuracy`` (``n``, ``wall_time_s`` = prediction time) and
 ``s_per_image``; then the mean accuracy over corruptions (``corruption="mean"``).
 """
 
@@ -33,6 +37,7 @@ import torch
 from tttlab.core.errors import CheckpointError, ConfigError
 from tttlab.core.records import RunDir, config_hash, drop_records, write_domain_summary
 
+from . import precision
 from . import train as T
 from .data import MNIST_MEAN, MNIST_STD, flatten_images
 
@@ -57,7 +62,7 @@ PROFILES = {
 #: images per domain when the caller does not say (keeps ``full`` under 90 s on 2 cores)
 DEFAULT_NUM_EXAMPLES = {"smoke": 64, "quick": 200, "full": 500}
 KNOWN = {"method", "out_dir", "benchmark", "profile", "cache_dir", "seed", "device", "progress", "train_run",
-         "train_overrides", "threads", "batch_size"}  # fmt: skip
+         "train_overrides", "threads", "batch_size", "amp", "compile"}  # fmt: skip
 
 
 def _config(cfg: Mapping | None, overrides: dict) -> dict[str, Any]:
@@ -96,6 +101,9 @@ def _config(cfg: Mapping | None, overrides: dict) -> dict[str, Any]:
         raise ConfigError(f"threads={c['threads']!r}; expected null or an integer >= 1")
     if not isinstance(c["progress"], bool):
         raise ConfigError(f"progress={c['progress']!r}; expected true or false")
+    c.setdefault("amp", "none")
+    c.setdefault("compile", False)
+    precision.check(c["amp"], c["compile"])
     if c.get("train_run") and c.get("train_overrides"):
         raise ConfigError(
             f"train_overrides={c['train_overrides']!r} configure the cached training run, but train_run="
@@ -131,8 +139,8 @@ def training_run(c: dict[str, Any]) -> Path:
     if c.get("train_run"):
         return Path(c["train_run"])
     kind = METHODS[c["method"]]
-    overrides = [*PROFILES[c["profile"]], f"model.kind={kind}", f"seed={int(c['seed'])}",
-                 *(c.get("train_overrides") or [])]  # fmt: skip
+    overrides = [*PROFILES[c["profile"]], f"model.kind={kind}", f"seed={int(c['seed'])}", f"amp={c['amp']}",
+                 f"compile={str(c['compile']).lower()}", *(c.get("train_overrides") or [])]  # fmt: skip
     if c.get("threads"):
         overrides.append(f"threads={int(c['threads'])}")
     tc = T.train_config("mnist", overrides)
@@ -168,13 +176,22 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     if tc["train"]["task"] != "classify" or tc["data"]["name"] not in ("mnist", "digits"):
         raise ConfigError(f"{run_dir} trained task={tc['train']['task']} on {tc['data']['name']}; expected a "
                           "classifier on mnist (the benchmark's images are 28x28 digits)")  # fmt: skip
+    precision.check(
+        c["amp"],
+        c["compile"],
+        tc["model"]["dtype"],
+        tc["model"]["impl"] if tc["model"]["kind"] == "inf" else None,
+    )
+    if c["compile"]:
+        precision.compile_net(net)
     bench = from_config(c["benchmark"])
     totals: dict[Any, list] = {d: [0, 0, 0.0] for d in bench.domains}
     with torch.no_grad(), T.progress_bar(len(bench), c["method"], bool(c["progress"])) as bar:
         for batch in bench.batches():
             x = flatten_images(np.asarray(batch.images), MNIST_MEAN, MNIST_STD).to(device)
             t0 = time.perf_counter()
-            pred = net(x).argmax(1).cpu().numpy()
+            with precision.autocast(device, c["amp"]):
+                pred = net(x).argmax(1).cpu().numpy()
             secs = time.perf_counter() - t0
             hit = pred == np.asarray(batch.labels)
             ids = np.asarray(batch.domain_ids)

@@ -29,6 +29,7 @@ A, ``gbar`` to B), through the ``sink`` callable.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -117,25 +118,82 @@ def _sqrt_acos(q: torch.Tensor, ct: torch.dtype):
 
 
 def _acc_matmul(acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
-    """``acc += x @ w`` with ``acc``/``x`` in the compute dtype and ``w`` in its storage dtype."""
-    if w.dtype == acc.dtype:
+    """``acc += x @ w`` with ``acc``/``x`` in the compute dtype and ``w`` in its storage dtype.  Under
+    autocast the product is the out-of-place ``x @ w`` (autocast casts it to bfloat16; an in-place
+    ``addmm_`` is an op autocast leaves alone), accumulated in ``acc``'s dtype."""
+    if w.dtype == acc.dtype and not torch.is_autocast_enabled(acc.device.type):
         acc.addmm_(x, w)
     else:
         acc.add_((x.to(w.dtype) @ w).to(acc.dtype))
 
 
+# ----------------------------------------------------------------------------------------------------------
+# torch.compile targets: one chunk's elementwise work written out of place (inductor fuses it into one loop
+# over the batch x chunk block, next to the chunk's matmul).  The eager path keeps its in-place code above
+# (bitwise unchanged); these are used only when a layer is given compiled kernels (``compile=true``).
+
+
+def phi_chunk(gb: torch.Tensor, Bc: torch.Tensor, Am: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``V(gbar B_c^T) * Amult_c * s`` of one chunk in ``s``'s dtype."""
+    q = (gb @ Bc.T).to(s.dtype).clamp(-1.0, 1.0)
+    return (q * torch.acos(-q) + (1.0 - q * q).clamp_min(0.0).sqrt()) * (Am.to(s.dtype) / TWO_PI) * s
+
+
+def phi_chunk_cached(gb, Bc, Am, s):
+    """:func:`phi_chunk` and the chunk's ``(sqrt(1-q^2), acos(-q))`` for the backward's cache."""
+    q = (gb @ Bc.T).to(s.dtype).clamp(-1.0, 1.0)
+    sq, ac = (1.0 - q * q).clamp_min(0.0).sqrt(), torch.acos(-q)
+    return (q * ac + sq) * (Am.to(s.dtype) / TWO_PI) * s, sq, ac
+
+
+def grad_chunk(go, Ac, Am, sq, ac):
+    """One chunk of the backward from cached ``sq``/``ac``: ``(dgamma * acos(-q), sum_m dgamma sqrt(1-q^2))``."""
+    dgamma = (go @ Ac.T).to(sq.dtype) * (Am.to(sq.dtype) / TWO_PI)
+    return dgamma * ac, (dgamma * sq).sum(1, keepdim=True)
+
+
+def grad_chunk_recompute(go, Ac, Am, gb, Bc, like):
+    """:func:`grad_chunk` with ``q`` recomputed from ``gbar`` and the chunk's B rows (``like``: the dtype)."""
+    q = (gb @ Bc.T).to(like.dtype).clamp(-1.0, 1.0)
+    dgamma = (go @ Ac.T).to(like.dtype) * (Am.to(like.dtype) / TWO_PI)
+    return dgamma * torch.acos(-q), (dgamma * (1.0 - q * q).clamp_min(0.0).sqrt()).sum(1, keepdim=True)
+
+
+class ChunkKernels:
+    """The four chunk functions, each passed through ``torch.compile(..., dynamic=True)``: M grows by the
+    batch size every step and the last chunk is shorter, so the row count is a symbolic size (one graph
+    per function and dtype/autocast state, not one per M)."""
+
+    def __init__(self):
+        self.phi = torch.compile(phi_chunk, dynamic=True)
+        self.phi_cached = torch.compile(phi_chunk_cached, dynamic=True)
+        self.grad = torch.compile(grad_chunk, dynamic=True)
+        self.grad_recompute = torch.compile(grad_chunk_recompute, dynamic=True)
+
+
 def chunked_forward(
-    gbar, s, A, Amult, B, chunk_size: int | None, cache_bytes: int = 0, cache=None
+    gbar, s, A, Amult, B, chunk_size: int | None, cache_bytes: int = 0, cache=None, kernels=None
 ) -> torch.Tensor:
     """``[V(gbar B^T) s Amult] A`` accumulated over row chunks (float32 accumulator).  With ``cache`` (a
     list), the chunks' ``(sqrt(1-q^2), acos(-q))`` are kept for the backward while they fit in
-    ``cache_bytes``; the rest is recomputed there."""
+    ``cache_bytes``; the rest is recomputed there.  ``kernels``: a :class:`ChunkKernels` (compiled chunk
+    functions) or None (eager)."""
     ct = _compute_dtype(gbar, A, B)
     out = torch.zeros(gbar.shape[0], A.shape[1], dtype=ct, device=gbar.device)
     gb = gbar.to(B.dtype)
     s32 = s.to(ct)
     used = 0
     for lo, hi in _chunks(A.shape[0], chunk_size):
+        if kernels is not None:
+            if cache is not None and used + 2 * gb.shape[0] * (hi - lo) * s32.element_size() <= cache_bytes:
+                phi, sq, ac = kernels.phi_cached(gb, B[lo:hi], Amult[lo:hi], s32)
+                cache.append((sq, ac))
+                used += 2 * sq.numel() * sq.element_size()
+            else:
+                cache = None
+                phi = kernels.phi(gb, B[lo:hi], Amult[lo:hi], s32)
+            _acc_matmul(out, phi, A[lo:hi])
+            continue
         q, sq, ac = _sqrt_acos(gb @ B[lo:hi].T, ct)
         if cache is not None:  # a prefix of the chunks, in order
             size = 2 * sq.numel() * sq.element_size()
@@ -149,7 +207,9 @@ def chunked_forward(
     return out
 
 
-def chunked_backward(grad_out, gbar, A, Amult, B, chunk_size: int | None, cache=()) -> torch.Tensor:
+def chunked_backward(
+    grad_out, gbar, A, Amult, B, chunk_size: int | None, cache=(), kernels=None
+) -> torch.Tensor:
     """``d out / d g`` contracted with ``grad_out``; ``q`` from ``cache`` or recomputed per chunk."""
     ct = _compute_dtype(gbar, A, B, grad_out)
     grad_g = torch.zeros(gbar.shape[0], B.shape[1], dtype=ct, device=gbar.device)
@@ -157,6 +217,14 @@ def chunked_backward(grad_out, gbar, A, Amult, B, chunk_size: int | None, cache=
     go = grad_out.to(A.dtype)
     gb = gbar.to(B.dtype)
     for i, (lo, hi) in enumerate(_chunks(A.shape[0], chunk_size)):
+        if kernels is not None:
+            if i < len(cache):
+                x, c = kernels.grad(go, A[lo:hi], Amult[lo:hi], *cache[i])
+            else:
+                x, c = kernels.grad_recompute(go, A[lo:hi], Amult[lo:hi], gb, B[lo:hi], coef)
+            coef.add_(c)
+            _acc_matmul(grad_g, x, B[lo:hi])
+            continue
         if i < len(cache):
             sq, ac = cache[i]
         else:
@@ -167,11 +235,21 @@ def chunked_backward(grad_out, gbar, A, Amult, B, chunk_size: int | None, cache=
     return grad_g.add_(coef * gbar.to(ct))
 
 
-def _chunking(chunking) -> tuple[int | None, int]:
-    """``chunk_size`` or ``(chunk_size, cache_bytes)``."""
+def _chunking(chunking) -> tuple[int | None, int, ChunkKernels | None]:
+    """``chunk_size``, ``(chunk_size, cache_bytes)`` or ``(chunk_size, cache_bytes, kernels)``."""
     if isinstance(chunking, tuple):
-        return chunking[0], int(chunking[1])
-    return chunking, 0
+        return chunking[0], int(chunking[1]), (chunking[2] if len(chunking) > 2 else None)
+    return chunking, 0, None
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for ``device_type``, or None (the backward re-enters it, as
+    ``torch.amp.custom_bwd`` does: the backward of these functions runs under the forward's autocast)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _autocast(device_type: str, dtype: torch.dtype | None):
+    return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 Sink = Callable[[torch.Tensor, torch.Tensor], None]
@@ -188,12 +266,13 @@ class PiLinearChunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, anchor, A, Amult, B, chunking, sink):
         gbar, s = _normalise(g)
-        chunk_size, cache_bytes = _chunking(chunking)
+        chunk_size, cache_bytes, kernels = _chunking(chunking)
         cache = [] if (cache_bytes > 0 and sink is not None) else None  # a backward will follow
-        out = chunked_forward(gbar, s, A, Amult, B, chunk_size, cache_bytes, cache).to(g.dtype)
+        out = chunked_forward(gbar, s, A, Amult, B, chunk_size, cache_bytes, cache, kernels).to(g.dtype)
         ctx.save_for_backward(gbar, s)
         ctx.rows = (A, Amult, B)
-        ctx.chunk_size, ctx.sink, ctx.cache = chunk_size, sink, cache or ()
+        ctx.chunk_size, ctx.sink, ctx.cache, ctx.kernels = chunk_size, sink, cache or (), kernels
+        ctx.amp = _autocast_dtype(g.device.type)
         return out
 
     @staticmethod
@@ -202,7 +281,10 @@ class PiLinearChunked(torch.autograd.Function):
         A, Amult, B = ctx.rows
         grad_g = None
         if ctx.needs_input_grad[0]:
-            grad_g = chunked_backward(grad_out, gbar, A, Amult, B, ctx.chunk_size, ctx.cache).to(gbar.dtype)
+            with _autocast(gbar.device.type, ctx.amp):
+                grad_g = chunked_backward(
+                    grad_out, gbar, A, Amult, B, ctx.chunk_size, ctx.cache, ctx.kernels
+                ).to(gbar.dtype)
         ctx.cache = ()
         if ctx.sink is not None:
             ctx.sink(grad_out.detach() * s, gbar.detach())
@@ -223,10 +305,16 @@ class PiLinearReference(torch.autograd.Function):
         ctx.save_for_backward(gbar, s, q)
         ctx.rows = (A, Amult, B)
         ctx.sink = sink
+        ctx.amp = _autocast_dtype(g.device.type)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        with _autocast(grad_out.device.type, ctx.amp):
+            return PiLinearReference._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         gbar, s, q = ctx.saved_tensors
         A, Amult, B = ctx.rows
         grad_g = None

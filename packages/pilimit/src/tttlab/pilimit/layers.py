@@ -123,6 +123,9 @@ class InfPiLinear(nn.Module):
         self.M = self.r
         self.bias = nn.Parameter(torch.zeros(self.r_out, device=device)) if self.bias_alpha else None
         self.pi_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        #: compiled chunk functions (:class:`~tttlab.pilimit.functional.ChunkKernels`, set by
+        #: ``InfMLP.compile_kernels``; chunked path only) or None: eager
+        self.kernels = None
 
     # rows -----------------------------------------------------------------------------------------------
     @property
@@ -206,7 +209,7 @@ class InfPiLinear(nn.Module):
         anchor = torch.zeros(0, device=g.device, requires_grad=track)
         out = fn.apply(
             g, anchor, self.A, self.Amult, self.B,
-            (self.chunk_size, int(self.cache_mb * 2**20)), self._sink if track else None,
+            (self.chunk_size, int(self.cache_mb * 2**20), self.kernels), self._sink if track else None,
         )  # fmt: skip
         if self.bias is not None:
             out = out + (self.bias_alpha * self.bias).to(out.dtype)

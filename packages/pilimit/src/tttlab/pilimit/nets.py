@@ -100,6 +100,23 @@ class InfMLP(nn.Module):
             if cache_mb is not None:
                 layer.cache_mb = float(cache_mb)
 
+    def compile_kernels(self):
+        """``torch.compile`` the chunked pi-layers' per-chunk work (``dynamic=True``: M changes every
+        step) and use it in every pi-layer; returns the :class:`~tttlab.pilimit.functional.ChunkKernels`.
+        The input layer, the Python loop over chunks, the accumulating matmuls and the row appends stay
+        eager (the rows grow in place every step, which a compiled graph cannot own)."""
+        from .functional import ChunkKernels
+
+        if any(layer.impl != "chunked" for layer in self.pi_layers):
+            raise InvalidInputError(
+                "compile: only impl='chunked' pi-layers have compiled kernels; impl='reference' is the "
+                "uncompiled baseline"
+            )
+        kernels = ChunkKernels()
+        for layer in self.pi_layers:
+            layer.kernels = kernels
+        return kernels
+
     def reserve(self, rows: int) -> None:
         """Pre-allocate ``rows`` rows per pi-layer (e.g. r + steps x batch) so appends never copy."""
         for layer in self.pi_layers:
@@ -191,6 +208,12 @@ class FinPiMLP(nn.Module):
 
     def config(self) -> dict:
         return dict(width=self.width, gaussian_init=self.gaussian_init)
+
+    def compile_forward(self) -> None:
+        """``torch.compile`` :meth:`features` and :meth:`readout` (every forward path goes through them:
+        ``forward``, MAML's closed-form readout, transfer features); the parameters stay this module's."""
+        self.features = torch.compile(self.features)
+        self.readout = torch.compile(self.readout)
 
     def _bias(self, i: int):
         if not self.has_bias[i]:

@@ -45,6 +45,7 @@ from tttlab.core.errors import CheckpointError, ConfigError
 from tttlab.core.records import RunDir, config_hash, done_keys, load_records
 from tttlab.core.torch import resolve_device
 
+from . import precision
 from .data import NUM_CLASSES, load_flat, mnist_classes, omniglot_classes
 from .maml import check_maml_config, evaluate_fewshot, meta_loss, sample_episode
 from .nets import FinPiMLP, InfMLP
@@ -133,6 +134,10 @@ class MamlConfig:
 class TrainConfig(RunConfig):
     experiment_name: str = "default"
     threads: int | None = None  # torch intra-op threads on CPU; null: torch's default
+    amp: str = (
+        "none"  # none | bf16: torch.autocast(device.type, bfloat16) around forward + loss (precision.py)
+    )
+    compile: bool = False  # torch.compile of the pi-layer chunk kernels (inf) or features/readout (finite)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
@@ -194,6 +199,7 @@ def validate(cfg) -> dict[str, Any]:
             raise ConfigError(f"{key}={value!r}: expected {expected}")
     if c["train"]["task"] == "maml":
         check_maml_config(c["maml"])
+    precision.check(c["amp"], c["compile"], m["dtype"], m["impl"] if m["kind"] == "inf" else None)
     return c
 
 
@@ -253,6 +259,10 @@ def training_part(c: dict[str, Any]) -> dict[str, Any]:
     """What the trained weights depend on (a checkpoint resumes only a run with the same)."""
     keys = ("seed", "data", "model", "optim")
     part = {k: c[k] for k in keys}
+    if (
+        c.get("amp", "none") != "none"
+    ):  # amp=none leaves the hash of existing runs and cached models as it was
+        part["amp"] = c["amp"]
     part["train"] = {k: c["train"][k] for k in ("task", "epochs")}
     if c["train"]["task"] == "maml":
         part["maml"] = c["maml"]
@@ -261,10 +271,14 @@ def training_part(c: dict[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def accuracy(net, x: torch.Tensor, y: torch.Tensor, batch_size: int, device) -> tuple[float, float]:
+def accuracy(
+    net, x: torch.Tensor, y: torch.Tensor, batch_size: int, device, amp: str = "none"
+) -> tuple[float, float]:
     correct, loss = 0, 0.0
     for i in range(0, len(x), batch_size):
-        out = net(x[i : i + batch_size].to(device)).float()
+        with precision.autocast(device, amp):
+            out = net(x[i : i + batch_size].to(device))
+        out = out.float()
         yb = y[i : i + batch_size].to(device)
         correct += int((out.argmax(1) == yb).sum())
         loss += float(F.cross_entropy(out, yb, reduction="sum"))
@@ -382,6 +396,9 @@ def _run_classify(c: dict[str, Any]) -> Path:
         raise ConfigError(f"data.batch_size={bs} exceeds the {len(x)} training examples")
     net = build_model(c, x.shape[1], NUM_CLASSES[d["name"]], R.device)
     opt, sched = build_optimizer(c, net, steps_per_epoch, steps_per_epoch * epochs)
+    if c["compile"]:
+        precision.compile_net(net)
+    amp = c["amp"]
     state = {"epoch": 0, "batch": 0, "step": 0, "loss": 0.0, "correct": 0, "seen": 0}
     history: dict[str, list] = {}
     ck = R.try_resume(net, opt, sched)
@@ -407,8 +424,9 @@ def _run_classify(c: dict[str, Any]) -> Path:
                 while state["batch"] < steps_per_epoch:
                     idx = torch.from_numpy(perm[state["batch"] * bs : (state["batch"] + 1) * bs])
                     xb, yb = x[idx].to(R.device), y[idx].to(R.device)
-                    out = net(xb).float()
-                    loss = F.cross_entropy(out, yb)
+                    with precision.autocast(R.device, amp):
+                        out = net(xb).float()
+                        loss = F.cross_entropy(out, yb)
                     loss.backward()
                     opt.step()
                     opt.zero_grad()
@@ -426,7 +444,7 @@ def _run_classify(c: dict[str, Any]) -> Path:
                         R.save(net, opt, sched, state, history, done=False)
                         return R.out.path
             epoch = state["epoch"] + 1
-            acc, tloss = accuracy(net, xt, yt, int(c["train"]["test_batch_size"]), R.device)
+            acc, tloss = accuracy(net, xt, yt, int(c["train"]["test_batch_size"]), R.device, amp)
             n = max(state["seen"], 1)
             stats = {"train_loss": state["loss"] / n, "train_accuracy": state["correct"] / n,
                      "test_accuracy": acc, "test_loss": tloss, "rows": int(getattr(net, "M", 0)),
@@ -455,8 +473,9 @@ def _run_classify(c: dict[str, Any]) -> Path:
 
 
 @torch.no_grad()
-def _features(net, x, bs, device) -> torch.Tensor:
-    return torch.cat([net.features(x[i : i + bs].to(device)).double() for i in range(0, len(x), bs)])
+def _features(net, x, bs, device, amp: str = "none") -> torch.Tensor:
+    with precision.autocast(device, amp):
+        return torch.cat([net.features(x[i : i + bs].to(device)).double() for i in range(0, len(x), bs)])
 
 
 @torch.no_grad()
@@ -468,7 +487,7 @@ def transfer_eval(c: dict[str, Any], net, device) -> dict[str, Any]:
     x, y = load_flat(t["dataset"], "train", t["root"], t["num_train"])
     xt, yt = load_flat(t["dataset"], "test", t["root"], t["num_test"])
     bs = int(c["train"]["test_batch_size"])
-    f, ft = _features(net, x, bs, device), _features(net, xt, bs, device)
+    f, ft = _features(net, x, bs, device, c["amp"]), _features(net, xt, bs, device, c["amp"])
     k = _kernel(net, f, f)
     kt = _kernel(net, ft, f)
     targets = F.one_hot(y.to(device), int(y.max()) + 1).double() - 0.1
@@ -503,6 +522,9 @@ def _run_maml(c: dict[str, Any]) -> Path:
         with torch.no_grad():
             net.output_layer.A_store.normal_().mul_(net.r**-0.5)
     opt, sched = build_optimizer(c, net, steps_per_epoch, steps_per_epoch * epochs)
+    if c["compile"]:
+        precision.compile_net(net)
+    amp = c["amp"]
     state = {"epoch": 0, "batch": 0, "step": 0, "loss": 0.0, "acc": 0.0}
     history: dict[str, list] = {}
     ck = R.try_resume(net, opt, sched)
@@ -532,7 +554,8 @@ def _run_maml(c: dict[str, Any]) -> Path:
                         sample_episode(train_classes, *args, rng) for _ in range(int(m["meta_batch_size"]))
                     ]
                     eps = [type(e)(*(t.to(R.device) for t in (e.xs, e.ys, e.xq, e.yq))) for e in eps]
-                    loss, acc = meta_loss(net, eps, float(m["step_size"]), int(m["num_inner_steps"]))
+                    with precision.autocast(R.device, amp):
+                        loss, acc = meta_loss(net, eps, float(m["step_size"]), int(m["num_inner_steps"]))
                     loss.backward()
                     opt.step()
                     opt.zero_grad()
@@ -549,9 +572,10 @@ def _run_maml(c: dict[str, Any]) -> Path:
                         R.save(net, opt, sched, state, history, done=False)
                         return R.out.path
             epoch = state["epoch"] + 1
-            res = evaluate_fewshot(
-                net, test_classes, m, int(m["num_test_batches"]), seed=10_000 + seed, device=R.device
-            )
+            with precision.autocast(R.device, amp):
+                res = evaluate_fewshot(
+                    net, test_classes, m, int(m["num_test_batches"]), seed=10_000 + seed, device=R.device
+                )
             stats = {"meta_train_loss": state["loss"] / steps_per_epoch, "meta_train_accuracy": state["acc"] / steps_per_epoch,
                      "fewshot_accuracy": res["accuracy"], "fewshot_ci95": res["ci95"],
                      "rows": int(getattr(net, "M", 0)), "epoch_time_s": time.perf_counter() - t0}  # fmt: skip
