@@ -98,3 +98,26 @@ def test_resolve_device_names_what_it_refuses(monkeypatch):
     )
     with pytest.raises(ConfigError, match=r"device='cuda:1', but only 1 CUDA device\(s\) exist"):
         resolve_device("cuda:1")
+
+
+def test_amp_and_compile_options_are_checked_and_autocast_is_bf16_only_when_asked():
+    """The shared ``amp`` / ``compile`` checks and the autocast context of every torch entry point."""
+    torch = pytest.importorskip("torch")
+    from tttlab.core.errors import ConfigError
+    from tttlab.core.torch import autocast, check_amp, check_compile
+
+    assert [check_amp(v) for v in (None, "none", "BF16 ", "bf16")] == ["none", "none", "bf16", "bf16"]
+    for bad in ("fp16", "bfloat16", True, 16):
+        with pytest.raises(ConfigError, match=r"train.amp=.*expected one of \['none', 'bf16'\]"):
+            check_amp(bad, "train.amp")
+    assert check_compile(True) is True and check_compile(False) is False
+    for bad in ("yes", 1, None):
+        with pytest.raises(ConfigError, match=r"compile=.*expected true or false"):
+            check_compile(bad)
+    w, x = torch.ones(4, 4), torch.ones(2, 4)
+    with autocast("cpu", "bf16"):
+        assert (x @ w).dtype == torch.bfloat16
+    with autocast(torch.device("cpu"), "none"):
+        assert (x @ w).dtype == torch.float32
+    with pytest.raises(ConfigError, match="amp='fp16'"):
+        autocast("cpu", "fp16")

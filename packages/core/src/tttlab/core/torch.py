@@ -44,6 +44,41 @@ def resolve_device(name) -> torch.device:
     return device
 
 
+#: The values of every torch entry point's ``amp`` option: no autocast, or bfloat16 autocast (CPU and CUDA;
+#: bfloat16 needs no gradient scaler, so float16 is left to methods whose upstream uses it).
+AMP_MODES = ("none", "bf16")
+
+
+def check_amp(value, key: str = "amp") -> str:
+    """``amp`` as ``"none"`` or ``"bf16"`` (``None`` and any letter case accepted); anything else is a
+    :class:`ConfigError` naming ``key`` and the allowed values."""
+    if value is None:
+        return "none"
+    if isinstance(value, str) and value.strip().lower() in AMP_MODES:
+        return value.strip().lower()
+    raise ConfigError(f"{key}={value!r}; expected one of {list(AMP_MODES)}")
+
+
+def check_compile(value, key: str = "compile") -> bool:
+    """``compile`` as a bool; anything else (``"yes"``, ``1``) is a :class:`ConfigError` naming ``key``."""
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{key}={value!r}; expected true or false")
+
+
+def autocast(device, amp: str):
+    """``torch.autocast(<device type>, dtype=torch.bfloat16)`` for ``amp="bf16"``, else a null context.
+
+    ``device``: a ``torch.device`` or a name (``"cpu"``, ``"cuda:1"``).  Parameters, gradients and
+    optimizer states are untouched: run the backward and the optimizer step outside the context."""
+    import contextlib
+
+    amp = check_amp(amp)
+    if amp == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def check_finite(x, what: str = "input"):
     """Raise ``InvalidInputError`` if a tensor or array holds NaN or inf."""
     bad = (~torch.isfinite(x)).any().item() if isinstance(x, torch.Tensor) else not np.isfinite(x).all()
