@@ -76,33 +76,34 @@ def test_bf16_train_runs_under_autocast_and_stays_close_to_float32(tmp_path, kin
     assert s16["train_loss"] != s32["train_loss"]  # bf16 did change the numbers
 
 
-@pytest.mark.parametrize("kind", ["inf", "finite"])
-def test_bf16_step_runs_every_matmul_in_bfloat16_and_keeps_float32_state(kind):
+def test_bf16_runs_every_matmul_in_bfloat16_and_keeps_float32_state():
     """What autocast changes (the list in precision.py): every matrix product, forward and backward (the
-    pi-layers' custom backward re-enters the forward's autocast); not the parameters, rows or gradients."""
-    torch.manual_seed(0)
-    net = InfMLP(20, 4, r=8, depth=1, chunk_size=16)
-    if kind == "finite":
-        net = net.sample(32)
-    opt = T.PiSGD(net, lr=0.1)
-    x, y = torch.randn(6, 20), torch.randint(0, 4, (6,))
-    rec = OpDtypes()
-    with rec:
-        with precision.autocast("cpu", "bf16"):
-            loss = F.cross_entropy(net(x).float(), y)
-        rec.phase = "bwd"
-        loss.backward()
-    assert rec.matmul_dtypes("fwd") == {torch.bfloat16} and rec.matmul_dtypes("bwd") == {torch.bfloat16}
-    assert loss.dtype == torch.float32
-    grads = [p.grad for p in net.parameters() if p.grad is not None]
-    assert grads and all(g.dtype == torch.float32 for g in grads)
-    opt.step()
-    assert all(p.dtype == torch.float32 for p in net.parameters())
-    if kind == "inf":
-        assert {layer.A.dtype for layer in net.pi_layers} == {torch.float32} and net.M == 8 + 6
-
-
-def test_bf16_maml_kernel_runs_in_bfloat16():
+    pi-layers' custom backward re-enters the forward's autocast, and their accumulating products are
+    out of place under autocast), MAML's kernel and its V transform; not the parameters, rows or
+    gradients."""
+    for kind in ("inf", "finite"):
+        torch.manual_seed(0)
+        net = InfMLP(20, 4, r=8, depth=1, chunk_size=16)
+        if kind == "finite":
+            net = net.sample(32)
+        opt = T.PiSGD(net, lr=0.1)
+        x, y = torch.randn(6, 20), torch.randint(0, 4, (6,))
+        rec = OpDtypes()
+        with rec:
+            with precision.autocast("cpu", "bf16"):
+                loss = F.cross_entropy(net(x).float(), y)
+            rec.phase = "bwd"
+            loss.backward()
+        assert rec.matmul_dtypes("fwd") == {torch.bfloat16}, kind
+        assert rec.matmul_dtypes("bwd") == {torch.bfloat16}, kind
+        assert loss.dtype == torch.float32
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        assert grads and all(g.dtype == torch.float32 for g in grads)
+        opt.step()
+        assert all(p.dtype == torch.float32 for p in net.parameters())
+        if kind == "inf":
+            assert {layer.A.dtype for layer in net.pi_layers} == {torch.float32} and net.M == 8 + 6
+    # MAML's closed-form readout adaptation
     torch.manual_seed(0)
     net = InfMLP(16, 3, r=6, depth=1)
     rng = np.random.default_rng(1)
