@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import inspect
+import os
 
 import pytest
 import torch
@@ -351,3 +352,63 @@ def test_k_steps_in_one_call_equal_k_calls_of_one_step(name):
     for k in params_a:
         torch.testing.assert_close(params_a[k], params_b[k], rtol=0, atol=1e-6, msg=f"{name}: {k}")
     torch.testing.assert_close(out_a, out_b, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# engine.compile() for real (opt-in: TTTLAB_COMPILE_TESTS=1, as ttt_mae's compile tests).  Every engine on
+# the tiny CNN compiled with dynamo + AOTAutograd (backend="aot_eager": torch.compile's graphs without
+# inductor's C++ code generation) and, for TENT and TTT, with inductor itself: outputs and adapted
+# parameters equal the eager engine's within float tolerance over three batches carried over
+# (per_domain), reset() restores bit for bit, the model's state_dict keys are unchanged.  The always-on
+# plumbing tests (a torch.compile stand-in) are in test_train_evaluate.py.
+
+compile_test = pytest.mark.skipif(
+    not os.environ.get("TTTLAB_COMPILE_TESTS"),
+    reason="torch.compile test (10 s - 2 min each on CPU); set TTTLAB_COMPILE_TESTS=1",
+)
+
+
+def _run(engine, seed: int = 4) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    outs = [engine(x_batch(8, seed=s))[0] for s in (1, 2, 3)]
+    return outs, {n: p.detach().clone() for n, p in engine.adapted_parameters()}
+
+
+def _compiled_equals_eager(name: str, **compile_kwargs) -> None:
+    settings = {"num_steps": 1, "lr": 0.05, "reset": "per_domain"}
+    eager, _ = make_engine(name, settings)
+    compiled, model = make_engine(name, settings)
+    keys = set(model.state_dict())
+    before = clone_state(compiled)
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled.compile(**compile_kwargs)
+    assert set(model.state_dict()) == keys, "compiling changed the state_dict keys"
+    (want, want_params), (got, got_params) = _run(eager), _run(compiled)
+    # graphs actually built: the prediction (no_grad) and, without hooks, the adaptation (grad mode);
+    # none for MEMO on a BatchNorm model (its prior-mixed statistics replace the layers' forward)
+    expected = 0 if not compiled.compiled_prediction else 1
+    if compiled.compiled_prediction and compiled.compiled_adaptation and name not in STATIC:
+        expected = 2
+    assert counters["stats"]["unique_graphs"] == expected
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    for k in want_params:
+        torch.testing.assert_close(got_params[k], want_params[k], rtol=1e-4, atol=1e-5)
+    compiled.reset()
+    assert all(torch.equal(v, before[k]) for k, v in clone_state(compiled).items()), "reset is not exact"
+
+
+@compile_test
+@pytest.mark.parametrize("name", ALL_ENGINES)
+def test_compiled_engine_equals_eager_aot_eager(name):
+    _compiled_equals_eager(name, backend="aot_eager")
+
+
+@pytest.mark.slow
+@compile_test
+@pytest.mark.parametrize("name", ["tent", "ttt"])
+def test_compiled_engine_equals_eager_inductor(name):
+    _compiled_equals_eager(name)
