@@ -177,6 +177,14 @@ def test_tpt_run_on_imagenet_a_fixture_uses_200_classes(tmp_path, monkeypatch):
         ("memo", ["weight_decay=-1"], "weight_decay=-1; expected a finite number >= 0"),
         ("memo", ["top_k=abc"], "top_k='abc'; expected a fraction"),
         ("tpt", ["lr=-1"], "lr=-1.0; expected a finite number >= 0"),
+        # amp / compile: a value outside the scheme, fp16 where there is no GradScaler step or no CUDA
+        ("tpt", ["amp=fp32"], "amp='fp32'; expected one of auto, none, bf16, fp16"),
+        ("tpt", ["compile=maybe"], "compile='maybe'; expected true or false"),
+        ("tpt", ["amp=fp16"], "amp='fp16' on device 'cpu'"),
+        ("memo", ["amp=fp16"], "amp='fp16' for memo"),
+        ("ensemble", ["amp=fp16"], "models[0].amp='fp16'"),
+        ("tpt", ["+experiment=smoke", "amp=fp16"], "amp='fp16' on device 'cpu'"),
+        ("memo", ["+experiment=smoke", "amp=bf17"], "amp='bf17'; expected one of"),
     ],
 )
 def test_bad_options_are_config_errors(tmp_path, monkeypatch, name, overrides, needle):

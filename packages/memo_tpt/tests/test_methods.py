@@ -86,19 +86,22 @@ def make_memo(net, **kw):
     return Memo(net, **kw)
 
 
-def test_memo_reset_bit_exact(bn_net, image):
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_memo_reset_bit_exact(bn_net, image, amp):
     before = copy.deepcopy(bn_net.state_dict())
-    memo = make_memo(bn_net)
+    memo = make_memo(bn_net, amp=amp)
     memo.adapt(image)
     assert any(not torch.equal(before[k], v) for k, v in bn_net.state_dict().items())
     memo.reset()
     assert all(torch.equal(before[k], v) for k, v in bn_net.state_dict().items())
 
 
-def test_memo_zero_steps_is_plain_model(bn_net, image):
-    memo = make_memo(bn_net, steps=0, prior_strength=None)
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_memo_zero_steps_is_plain_model(bn_net, image, amp):
+    memo = make_memo(bn_net, steps=0, prior_strength=None, amp=amp)
     x = A.original_view(image, 16, resize=18, interpolation="bilinear")
-    ref = bn_net((x - memo.mean) / memo.std)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+        ref = bn_net((x - memo.mean) / memo.std).float()
     torch.testing.assert_close(memo(image), ref)
 
 
@@ -164,17 +167,20 @@ def test_context_init_equals_base_prompt_embedding(tiny_clip):
     torch.testing.assert_close(csc.prompts.ctx[3].detach(), tiny_clip.token_embedding(ids))
 
 
-def test_zero_steps_is_plain_clip(tiny_clip, image):
-    """tts=0: CLIP zero-shot with the text "a photo of a {class}." through open_clip's own encode_text."""
-    tpt = TPT(tiny_clip, NAMES, tts=0)
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_zero_steps_is_plain_clip(tiny_clip, image, amp):
+    """tts=0: CLIP zero-shot with the text "a photo of a {class}." through open_clip's own encode_text
+    (amp=bf16: both under bfloat16 autocast; the prompt path and encode_text then round alike to 1e-2)."""
+    tpt = TPT(tiny_clip, NAMES, tts=0, amp=amp)
     out = tpt(image)
     tok = tokenizer_for(tiny_clip)
-    with torch.no_grad():
-        text = F.normalize(tiny_clip.encode_text(tok([f"a photo of a {n}." for n in NAMES])), dim=-1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+        text = F.normalize(tiny_clip.encode_text(tok([f"a photo of a {n}." for n in NAMES])).float(), dim=-1)
         x = (tpt.original(image) - tpt.mean) / tpt.std
-        img = F.normalize(tiny_clip.encode_image(x), dim=-1)
+        img = F.normalize(tiny_clip.encode_image(x).float(), dim=-1)
         ref = tiny_clip.logit_scale.exp() * img @ text.t()
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    tol = 1e-5 if amp == "none" else 1e-2
+    torch.testing.assert_close(out, ref.float(), atol=tol, rtol=tol)
 
 
 def test_tpt_step_reset_and_selection(tiny_clip, image):
@@ -315,9 +321,10 @@ def test_combine_formula_on_raw_view_logits_as_seed_002():
     assert float(w1) == 1.0
 
 
-def test_ensemble_steps_every_member_and_simple_does_not(tiny_clip, bn_net, image):
-    tpt = TPT(tiny_clip, NAMES, n_views=8, selection=0.5)
-    memo = Memo(bn_net, n_augmentations=8, size=16, top_k=0.5, optimizer="sgd", lr=0.1)
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_ensemble_steps_every_member_and_simple_does_not(tiny_clip, bn_net, image, amp):
+    tpt = TPT(tiny_clip, NAMES, n_views=8, selection=0.5, amp=amp)
+    memo = Memo(bn_net, n_augmentations=8, size=16, top_k=0.5, optimizer="sgd", lr=0.1, amp=amp)
     w0 = bn_net.fc.weight.detach().clone()
     c0 = tpt.prompts.ctx.detach().clone()
     simple = Ensemble([memo, tpt], [1.55, 0.7], simple=True)

@@ -14,7 +14,12 @@ setting (the methods are episodic by definition); records carry ``extra.reset = 
 
 Records (core schema): per domain ``accuracy`` (``n``, ``wall_time_s`` = adaptation + prediction) and
 ``s_per_image``, then ``accuracy`` with ``corruption="mean"``.  MEMO records also carry the unadapted
-model's accuracy on the same images (``extra.source_accuracy``).
+model's accuracy on the same images (``extra.source_accuracy``, under the same ``amp``).
+
+``amp`` (``auto`` | ``none`` | ``bf16`` | ``fp16``) and ``compile`` (:mod:`tttlab.memo_tpt.precision`) apply
+to the adaptation and prediction; the cached tiny models are trained float32 and eager whatever they say
+(so runs with different ``amp`` compare the same model; ``tttlab-memo-tpt-train-tiny-clip --amp/--compile``
+trains others).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import torch
 
 from tttlab.core.errors import ConfigError
 from tttlab.core.torch import resolve_device
+
+from .precision import AMP_MODES, autocast, check_compile, resolve_amp
 
 log = logging.getLogger("tttlab.memo_tpt.evaluate")
 
@@ -52,6 +59,8 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "cpu",
     "progress": True,
+    "amp": "auto",  # auto | none | bf16 | fp16 (tttlab.memo_tpt.precision); the adaptation, not the cached model
+    "compile": False,  # torch.compile of the per-step work (TPT: image encoder + text path; MEMO: the CNN)
     "threads": 1,  # the tiny proxy models run fastest on one thread (and shared cores do not oversubscribe)
     "benchmark": {
         "name": "mnist_c",
@@ -131,6 +140,9 @@ def eval_config(cfg: Mapping | None = None, **overrides) -> dict[str, Any]:
         b["num_examples"] = prof["num_examples"]
     c["tpt"]["n_views"] = c["tpt"]["n_views"] or PROFILE_VIEWS[c["profile"]]
     c["memo"]["n_augmentations"] = c["memo"]["n_augmentations"] or PROFILE_VIEWS[c["profile"]]
+    if not isinstance(c["amp"], str) or c["amp"] not in AMP_MODES:
+        raise ConfigError(f"amp={c['amp']!r}; expected one of {', '.join(AMP_MODES)}")
+    check_compile(c["compile"])
     if not isinstance(c["progress"], bool):
         raise ConfigError(f"progress={c['progress']!r}; expected true or false")
     c["progress"] = c["progress"] and bool(c["logging"].get("progress", True))
@@ -153,7 +165,7 @@ def build_method(c: dict[str, Any], device: torch.device):
             net.to(device), arch="mnist_cnn", n_augmentations=int(m["n_augmentations"]), steps=int(m["steps"]),
             prior_strength=m["prior_strength"], optimizer=m["optimizer"], lr=m["lr"], top_k=m["top_k"],
             augmentation=m["augmentation"], size=28, mean=T.MNIST_MEAN, std=T.MNIST_STD, flip=bool(m["flip"]),
-            scale=tuple(m["scale"]), test_resize=28, seed=seed,
+            scale=tuple(m["scale"]), test_resize=28, seed=seed, amp=c["amp"], compile=c["compile"],
         )  # fmt: skip
         return memo, f"mnist_cnn:{path.stem}", memo
     from .tpt import TPT
@@ -165,7 +177,8 @@ def build_method(c: dict[str, Any], device: torch.device):
         selection=t["selection"], tts=0 if method == "memo_tpt.clip_zeroshot" else int(t["tts"]), lr=t["lr"],
         class_specific_context=bool(t["class_specific_context"]), augmix=bool(t["augmix"]),
         ensemble=method == "memo_tpt.tpt_ensemble", align_steps=int(t["align_steps"]), mean=T.MNIST_MEAN,
-        std=T.MNIST_STD, flip=bool(t["flip"]), scale=tuple(t["scale"]), seed=seed,
+        std=T.MNIST_STD, flip=bool(t["flip"]), scale=tuple(t["scale"]), seed=seed, amp=c["amp"],
+        compile=c["compile"],
     )  # fmt: skip
     return tpt, f"tiny_clip:{path.stem}", None
 
@@ -190,6 +203,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     device = resolve_device(c["device"])
     if isinstance(c["seed"], bool) or not isinstance(c["seed"], int) or c["seed"] < 0:
         raise ConfigError(f"seed={c['seed']!r}; expected an integer >= 0")
+    resolve_amp(c["amp"], device, "memo" if c["method"] == "memo_tpt.memo" else "tpt")  # before any training
     torch.manual_seed(int(c["seed"]))
     adapt, model_name, memo = build_method(c, device)
     b = c["benchmark"]
@@ -213,7 +227,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
             src_hit = np.zeros(len(y), bool)
             if memo is not None:  # the unadapted model (eval-mode BatchNorm) on the same images
                 memo.reset()
-                with torch.no_grad():
+                with torch.no_grad(), autocast(memo.precision, device):
                     src_hit = memo.model((x - memo.mean) / memo.std).argmax(1).cpu().numpy() == y
             hit = pred == y
             ids = batch.domain_ids
@@ -239,7 +253,8 @@ USAGE = """usage: tttlab-memo-tpt-evaluate [key=value ...]
 
 The evaluate contract of tools/compare.py on core mnist_c with the offline tiny models (trained on first
 use, cached under cache_dir).  Keys (dotted for nested ones): method ({methods}), profile ({profiles}),
-out_dir, cache_dir, seed, device, threads, progress, benchmark.corruptions, benchmark.severities,
+out_dir, cache_dir, seed, device, threads, progress, amp (auto | none | bf16 | fp16), compile,
+benchmark.corruptions, benchmark.severities,
 benchmark.num_examples, tpt.*, memo.*.  Example:
 
     tttlab-memo-tpt-evaluate method=memo_tpt.memo profile=quick

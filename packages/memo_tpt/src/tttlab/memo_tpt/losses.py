@@ -85,11 +85,15 @@ BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @contextlib.contextmanager
-def bn_prior(model: nn.Module, prior: float | None):
+def bn_prior(model: nn.Module, prior: float | None, forwards: dict | None = None):
     """Within the block every BatchNorm of ``model`` normalises with ``prior * running + (1 - prior) *
     batch`` statistics (``prior`` = N / (N + 1); MEMO: N = 16).  ``prior=None`` leaves the model as it is
     (eval-mode BN); ``prior=1`` = source statistics; ``prior=0`` = the batch's.  Running buffers are not
-    modified.  A layer that sees a single value per channel keeps its source statistics."""
+    modified.  A layer that sees a single value per channel keeps its source statistics.
+
+    ``forwards``: a dict kept by the caller (one per model and prior) that holds the patched forward of
+    each layer, so that every use installs the same function objects (a compiled model's guards on them
+    then hold instead of recompiling per call)."""
     if prior is None:
         yield model
         return
@@ -113,7 +117,7 @@ def bn_prior(model: nn.Module, prior: float | None):
         return forward
 
     for bn in layers:
-        bn.forward = make(bn)
+        bn.forward = make(bn) if forwards is None else forwards.setdefault(bn, make(bn))
     try:
         yield model
     finally:

@@ -9,7 +9,9 @@
 Seed 002's options map one to one: ``arch``, ``base_prompt``, ``tts``, ``augs`` (views incl. the
 original), ``single_context`` (one shared context; false = class-specific), ``augmix``, ``align_steps``,
 ``ensemble`` (view-ensemble), ``datasets_root``, ``data_to_test`` (a | v2 | both | r | sketch | all |
-mnist_c), ``num_images`` (seed 002's ``test_stop``), ``verbose`` (log every n images).  Results go to
+mnist_c), ``num_images`` (seed 002's ``test_stop``), ``verbose`` (log every n images).  Ours: ``amp``
+(``auto`` | ``none`` | ``bf16`` | ``fp16``) and ``compile`` (:mod:`tttlab.memo_tpt.precision`; an ensemble
+member may set its own; with ``data_to_test=mnist_c`` both go to the proxy's evaluate).  Results go to
 ``out_dir/records.jsonl`` (core schema: per dataset ``accuracy`` and ``s_per_image``).  A killed run resumes
 from ``out_dir/checkpoints/progress-<dataset>.json`` (written every ``save_every`` images, atomically) with the
 same numbers: every image is adapted from the source weights and the view generator's state is saved (a
@@ -58,6 +60,7 @@ def build_tpt(c: dict[str, Any], classnames, device, seed: int):
         model, classnames, base_prompt=c["base_prompt"], n_views=int(c["augs"]), selection=c["selection"],
         tts=int(c["tts"]), lr=float(c["lr"]), class_specific_context=not c["single_context"],
         augmix=bool(c["augmix"]), ensemble=bool(c["ensemble"]), align_steps=int(c["align_steps"]), seed=seed,
+        amp=c.get("amp", "auto"), compile=c.get("compile", False),
     )  # fmt: skip
 
 
@@ -71,6 +74,7 @@ def build_memo(c: dict[str, Any], class_indices, device, seed: int, num_classes:
         prior_strength=c["prior_strength"], optimizer=c["optimizer"], lr=c["lr"], weight_decay=c["weight_decay"],
         top_k=c["top_k"], augmentation=c["augmentation"], class_indices=class_indices,
         size=int(c.get("image_size", 224)), test_resize=c.get("test_resize"), seed=seed,
+        amp=c.get("amp", "auto"), compile=c.get("compile", False),
     )  # fmt: skip
 
 
@@ -88,6 +92,11 @@ def build(c: dict[str, Any], dataset, device, seed: int):
         members, names = [], []
         for i, m in enumerate(c["models"]):
             m = {**c, **m}
+            if m.get("amp") == "fp16":  # one backward through every member and no GradScaler step
+                raise ConfigError(
+                    f"models[{i}].amp='fp16': the ensemble steps its members without a GradScaler; expected "
+                    "auto (TPT members: fp16 autocast on CUDA as before), none or bf16"
+                )
             if m["type"] == "tpt":
                 members.append(
                     build_tpt(m, D.class_names(dataset, m.get("classnames_file")), device, seed + i)
@@ -154,6 +163,14 @@ def run_paper(cfg) -> Path:
     from tttlab.core.records import RunDir, drop_records
 
     c = _plain(cfg)
+    from .precision import AMP_MODES
+
+    for i, m in enumerate([c, *(c.get("models") or [])]):  # before any data or model is read
+        where = "" if i == 0 else f"models[{i - 1}]."
+        if "amp" in m and (not isinstance(m["amp"], str) or m["amp"] not in AMP_MODES):
+            raise ConfigError(f"{where}amp={m['amp']!r}; expected one of {', '.join(AMP_MODES)}")
+        if "compile" in m and not isinstance(m["compile"], bool):
+            raise ConfigError(f"{where}compile={m['compile']!r}; expected true or false")
     if c["data_to_test"] == "mnist_c":
         from tttlab.core.config import package_yaml
 
@@ -183,7 +200,8 @@ def run_paper(cfg) -> Path:
         from .evaluate import summary
 
         path = proxy(method=method, profile=c.get("profile", "full"), out_dir=c["out_dir"], seed=c["seed"],
-                     device=c["device"], progress=c["progress"], cache_dir=c.get("cache_dir", "runs/memo_tpt/models"))  # fmt: skip
+                     device=c["device"], progress=c["progress"], cache_dir=c.get("cache_dir", "runs/memo_tpt/models"),
+                     amp=c.get("amp", "auto"), compile=c.get("compile", False))  # fmt: skip
         print(summary(path))
         return path
     from .evaluate import resolve_device

@@ -32,6 +32,10 @@ Deviations (deliberate):
   draw exactly, resampling within one grey level of PIL's, the AugMix operations with PIL's arithmetic);
 * the reset restores a snapshot in place instead of reloading the checkpoint (bit-exact, tested).
 
+Options (not upstream): ``amp`` (``auto``/``none``: float32 as upstream; ``bf16``: bfloat16 autocast of the
+forward) and ``compile`` (``torch.compile`` of the forward under the BN prior); see
+:mod:`tttlab.memo_tpt.precision`.
+
 ``tttlab.torch_ttt.MemoEngine`` implements MEMO for batches of small images inside that engine library;
 this module is standalone (per image, any resolution, top-k, class subsets, ensemble hooks) and does not
 import torch_ttt.
@@ -49,6 +53,7 @@ from tttlab.core.errors import ConfigError, InvalidInputError
 from . import augment as A
 from .losses import bn_prior, check_rates, check_selection, marginal_entropy, select_confident
 from .models import IMAGENET_MEAN, IMAGENET_STD, OPTIMIZERS, optimizer_family
+from .precision import autocast, check_compile, compile_fn, resolve_amp
 
 __all__ = ["Memo", "make_optimizer"]
 
@@ -82,6 +87,11 @@ class Memo:
             images: grey 128); the default reproduces that; ``0`` = AugMix's / TPT's black.
         class_indices: logit subset (e.g. ImageNet-A's 200 of 1000).
         size: view resolution; ``mean``/``std``: the model's input normalisation.
+        amp: ``auto`` / ``none`` (float32, upstream), ``bf16`` (bfloat16 autocast of the forward on any
+            device; loss, parameters and optimizer state float32); ``fp16`` is a ConfigError
+            (:mod:`tttlab.memo_tpt.precision`).
+        compile: ``torch.compile`` the model's forward under the BN prior (the B views' forward + backward
+            every step and the clean view's forward), static shapes.
         test_resize: the clean test view is the shorter side resized to this (bilinear, antialiased as PIL)
             and centre-cropped to ``size``; default ``round(size * 256 / 224)`` (256 at 224: upstream's
             ``Resize(256)`` + ``CenterCrop(224)``); ``size`` = centre crop only (pre-cropped images).
@@ -111,6 +121,8 @@ class Memo:
         test_resize: int | None = None,
         fill: int | Sequence[int] = (128, 0, 0),
         seed: int = 0,
+        amp: str = "auto",
+        compile: bool = False,
     ):
         if augmentation not in AUGMENTATIONS:
             raise ConfigError(f"augmentation={augmentation!r}; expected one of {AUGMENTATIONS}")
@@ -143,6 +155,11 @@ class Memo:
         if self.test_resize < size:
             raise ConfigError(f"test_resize={test_resize} must be >= size={size} (resize, then centre crop)")
         self.device = next(model.parameters()).device
+        self.precision = resolve_amp(amp, self.device, "memo")
+        self.compile = check_compile(compile)
+        self._forward, self._bn_forwards = model, None
+        if self.compile:  # the BN prior's patched forwards are made once, so the compiled guards hold
+            self._forward, self._bn_forwards = compile_fn(model), {}
         self.class_indices = (
             None if class_indices is None else torch.as_tensor(class_indices, device=self.device)
         )
@@ -181,8 +198,9 @@ class Memo:
 
     def logits(self, views: torch.Tensor) -> torch.Tensor:
         """Logits of [0, 1] views under the BN prior, restricted to ``class_indices``."""
-        with bn_prior(self.model, self.prior):
-            out = self.model((views - self.mean) / self.std)
+        with bn_prior(self.model, self.prior, self._bn_forwards), autocast(self.precision, self.device):
+            out = self._forward((views - self.mean) / self.std)
+        out = out.float() if self.precision != "none" else out
         if self.class_indices is None:
             return out
         if int(self.class_indices.max()) >= out.shape[-1] or int(self.class_indices.min()) < 0:

@@ -13,7 +13,11 @@ temporary file + rename) and reused; :func:`load_or_train_clip` / :func:`load_or
 no checkpoint (it takes seconds to minutes): a run killed while training trains again from the start, to
 the same weights.
 
-    tttlab-memo-tpt-train-tiny-clip profile=full cache_dir=runs/memo_tpt/models
+    tttlab-memo-tpt-train-tiny-clip --profile full --cache-dir runs/memo_tpt/models [--amp bf16] [--compile]
+
+``--amp bf16`` (``amp="bf16"``): the training loss's forward under bfloat16 autocast (weights and optimizer
+state float32); ``--compile``: ``torch.compile`` of the loss (forward + backward graph).  Both are part of
+the cache key when set (another model); the evaluate contract always uses the float32 eager models.
 """
 
 from __future__ import annotations
@@ -113,12 +117,36 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
 
-def train_clip(p: dict[str, Any], seed: int = 0, progress: bool = False):
-    """Train the tiny CLIP; returns the model (eval mode)."""
+def _clip_loss(model, imgs: torch.Tensor, text: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE with same-digit soft targets ``same`` (rows sum to 1)."""
+    img_f = F.normalize(model.encode_image(imgs), dim=-1)
+    txt_f = F.normalize(model.encode_text(text), dim=-1)
+    logits = model.logit_scale.exp() * img_f @ txt_f.t()
+    if logits.dtype != torch.float32:  # amp: the loss in float32
+        logits = logits.float()
+    return (
+        -(same * logits.log_softmax(1)).sum(1).mean() - (same * logits.t().log_softmax(1)).sum(1).mean()
+    ) / 2
+
+
+def _train_options(amp, compile) -> str:
+    from .precision import check_compile, resolve_amp
+
+    check_compile(compile)
+    return resolve_amp(amp, torch.device("cpu"), "train")
+
+
+def train_clip(p: dict[str, Any], seed: int = 0, progress: bool = False, amp: str = "none",
+               compile: bool = False):  # fmt: skip
+    """Train the tiny CLIP; returns the model (eval mode).  ``amp``: ``none`` | ``bf16`` (autocast of the
+    loss's forward; weights and AdamW state float32); ``compile``: ``torch.compile`` of the loss (both
+    encoders + InfoNCE; backward through the compiled graph)."""
     from open_clip.tokenizer import SimpleTokenizer
 
     from .models import build_clip
+    from .precision import autocast, compile_fn
 
+    amp = _train_options(amp, compile)
     torch.manual_seed(seed)
     model = build_clip("tiny-mnist", config=clip_config(p))
     tok = SimpleTokenizer(context_length=16)
@@ -129,23 +157,21 @@ def train_clip(p: dict[str, Any], seed: int = 0, progress: bool = False):
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p["lr"], total_steps=p["steps"], pct_start=0.1)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
+    loss_fn = lambda *a: _clip_loss(model, *a)  # noqa: E731
+    if compile:
+        loss_fn = compile_fn(loss_fn)
     model.train()
     with _progress(p["steps"], "tiny CLIP", progress) as bar:
         for _ in range(p["steps"]):
             idx = rng.integers(len(y), size=p["batch_size"])
             imgs = (random_crops(x[idx], generator=gen) - mean) / std
             text = tok(captions(y[idx], rng))
-            img_f = F.normalize(model.encode_image(imgs), dim=-1)
-            txt_f = F.normalize(model.encode_text(text), dim=-1)
-            logits = model.logit_scale.exp() * img_f @ txt_f.t()
             # captions of the same digit are positives of each other only through the targets below
             target = torch.as_tensor(y[idx])
             same = (target[:, None] == target[None, :]).float()
             same = same / same.sum(1, keepdim=True)
-            loss = (
-                -(same * logits.log_softmax(1)).sum(1).mean()
-                - (same * logits.t().log_softmax(1)).sum(1).mean()
-            ) / 2
+            with autocast(amp, torch.device("cpu")):
+                loss = loss_fn(imgs, text, same)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -173,9 +199,17 @@ class MnistCNN(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
-def train_cnn(p: dict[str, Any], seed: int = 0, progress: bool = False) -> MnistCNN:
+def train_cnn(p: dict[str, Any], seed: int = 0, progress: bool = False, amp: str = "none",
+              compile: bool = False) -> MnistCNN:  # fmt: skip
+    """Train the MEMO CNN (``amp`` / ``compile`` as :func:`train_clip`: the forward + cross-entropy)."""
+    from .precision import autocast, compile_fn
+
+    amp = _train_options(amp, compile)
     torch.manual_seed(seed)
     model = MnistCNN(p["channels"])
+    loss_fn = lambda a, b: F.cross_entropy(model(a).float(), b)  # noqa: E731
+    if compile:
+        loss_fn = compile_fn(loss_fn)
     x, y = mnist_rgb("train", p["num_train"])
     yt = torch.as_tensor(y)
     mean = torch.tensor(MNIST_MEAN).view(1, 3, 1, 1)
@@ -187,7 +221,9 @@ def train_cnn(p: dict[str, Any], seed: int = 0, progress: bool = False) -> Mnist
     with _progress(p["steps"], "MNIST CNN", progress) as bar:
         for _ in range(p["steps"]):
             idx = rng.integers(len(y), size=p["batch_size"])
-            loss = F.cross_entropy(model((random_crops(x[idx], generator=gen) - mean) / std), yt[idx])
+            views = (random_crops(x[idx], generator=gen) - mean) / std
+            with autocast(amp, torch.device("cpu")):
+                loss = loss_fn(views, yt[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -195,34 +231,41 @@ def train_cnn(p: dict[str, Any], seed: int = 0, progress: bool = False) -> Mnist
     return model.eval()
 
 
-def _cached(kind: str, p: dict[str, Any], seed: int, cache_dir, train, build, progress: bool):
-    key = config_hash({"kind": kind, "params": p, "seed": seed, "version": 1})
+def _cached(kind: str, p: dict[str, Any], seed: int, cache_dir, train, build, progress: bool,
+            amp: str = "none", compile: bool = False):  # fmt: skip
+    amp = _train_options(amp, compile)
+    ident = {"kind": kind, "params": p, "seed": seed, "version": 1}
+    # a bf16 / compiled model is another model; the fp32 eager key is the one caches have always had
+    ident.update({"amp": amp} if amp != "none" else {}, **({"compile": True} if compile else {}))
+    key = config_hash(ident)
     path = Path(cache_dir) / f"{kind}-{key}.pt"
     if path.exists():
         model = build()
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval(), path
     t0 = time.perf_counter()
-    model = train(p, seed, progress)
+    model = train(p, seed, progress, amp=amp, compile=compile)
     _atomic_save(model.state_dict(), path)
     log.info("trained %s in %.1f s -> %s", kind, time.perf_counter() - t0, path)
     return model, path
 
 
 def load_or_train_clip(profile: str = "full", cache_dir="runs/memo_tpt/models", seed: int = 0, progress=False,
-                       overrides: dict | None = None):  # fmt: skip
-    """``(model, path)``: the tiny CLIP of ``profile``, from the cache or trained now."""
+                       overrides: dict | None = None, amp: str = "none", compile: bool = False):  # fmt: skip
+    """``(model, path)``: the tiny CLIP of ``profile``, from the cache or trained now (``amp`` / ``compile``
+    of the training: :func:`train_clip`; they are part of the cache key when not the defaults)."""
     from .models import build_clip
 
     p = {**PROFILES[profile], **(overrides or {})}
     return _cached("tiny_clip", p, seed, cache_dir, train_clip,
-                   lambda: build_clip("tiny-mnist", config=clip_config(p)), progress)  # fmt: skip
+                   lambda: build_clip("tiny-mnist", config=clip_config(p)), progress, amp, compile)  # fmt: skip
 
 
 def load_or_train_cnn(profile: str = "full", cache_dir="runs/memo_tpt/models", seed: int = 0, progress=False,
-                      overrides: dict | None = None):  # fmt: skip
+                      overrides: dict | None = None, amp: str = "none", compile: bool = False):  # fmt: skip
     p = {**CNN_PROFILES[profile], **(overrides or {})}
-    return _cached("mnist_cnn", p, seed, cache_dir, train_cnn, lambda: MnistCNN(p["channels"]), progress)
+    return _cached("mnist_cnn", p, seed, cache_dir, train_cnn, lambda: MnistCNN(p["channels"]), progress,
+                   amp, compile)  # fmt: skip
 
 
 def main() -> None:
@@ -232,10 +275,14 @@ def main() -> None:
     ap.add_argument("--profile", default="full", choices=sorted(PROFILES))
     ap.add_argument("--cache-dir", default="runs/memo_tpt/models")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--amp", default="none", choices=["auto", "none", "bf16"],
+                    help="training precision: none/auto = float32 (default), bf16 = bfloat16 autocast")  # fmt: skip
+    ap.add_argument("--compile", action="store_true", help="torch.compile the training loss")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
-    print(load_or_train_clip(args.profile, args.cache_dir, args.seed, progress=True)[1])
-    print(load_or_train_cnn(args.profile, args.cache_dir, args.seed, progress=True)[1])
+    kw = dict(progress=True, amp=args.amp, compile=args.compile)
+    print(load_or_train_clip(args.profile, args.cache_dir, args.seed, **kw)[1])
+    print(load_or_train_cnn(args.profile, args.cache_dir, args.seed, **kw)[1])
 
 
 if __name__ == "__main__":

@@ -37,11 +37,15 @@ independent of the order (resumable runs give the same numbers).  The context ha
 token of ``base_prompt`` (upstream: one per space-separated word, ``n_ctx = len(ctx_init.split(" "))``,
 tuning only the first n_ctx tokens when a word is several tokens); both give 4 for "a photo of a".  No
 pretrained CLIP is downloaded: ``pretrained`` is a local file.
+
+Options (not upstream): ``amp`` (``auto`` = upstream's precision above; ``none``; ``bf16`` autocast on any
+device without a scaler; ``fp16`` = upstream's, CUDA only) and ``compile`` (``torch.compile`` of the image
+encoder and the prompt -> text-feature path), see :mod:`tttlab.memo_tpt.precision`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -52,6 +56,7 @@ from tttlab.core.errors import ConfigError, InvalidInputError
 
 from . import augment as A
 from .losses import check_rates, check_selection, marginal_entropy, marginal_log_probs, select_confident
+from .precision import autocast, check_compile, compile_fn, resolve_amp
 
 __all__ = ["TPT", "PromptLearner", "tokenizer_for"]
 
@@ -146,7 +151,13 @@ class TPT:
         augmix: AugMix on the augmented views (TPT: only for fine-grained sets).
         ensemble: seed 002's view-ensemble mode (no tuning).
         align_steps, align_lr: seed 002's visual alignment (0 steps; lr 1e-4).
-        amp: ``auto`` (CUDA only), ``true``/``false``.
+        amp: ``auto`` (upstream: fp16 autocast + GradScaler on CUDA, float32 on CPU), ``none``, ``bf16``
+            (bfloat16 autocast on any device, no scaler), ``fp16`` (upstream's mode, CUDA only); ``true`` /
+            ``false`` read as ``auto`` / ``none`` (:mod:`tttlab.memo_tpt.precision`).
+        compile: ``torch.compile`` the image encoder (``model.visual``: the views once per image, each
+            alignment step) and the prompt -> text-feature path (:func:`encode_prompts`: forward + backward
+            every tuning step, one more forward to predict; on ImageNet 1000 classes x 77 tokens, the larger
+            part), static shapes.
     """
 
     def __init__(
@@ -166,6 +177,7 @@ class TPT:
         align_steps: int = 0,
         align_lr: float = 1e-4,
         amp: str | bool = "auto",
+        compile: bool = False,
         image_size: int | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
@@ -201,7 +213,13 @@ class TPT:
         std = std or pp.get("std") or CLIP_STD
         self.mean = torch.tensor(mean, device=self.device, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=self.device, dtype=torch.float32).view(1, -1, 1, 1)
-        self.amp = (self.device.type == "cuda") if amp == "auto" else bool(amp) and self.device.type == "cuda"
+        self.precision = resolve_amp(amp, self.device, "tpt")
+        self.amp = self.precision != "none"
+        self.compile = check_compile(compile)
+        self._encode_image, self._encode_text = model.encode_image, functools.partial(encode_prompts, model)
+        if self.compile:
+            self._encode_image = compile_fn(model.visual)  # = encode_image(normalize=False)
+            self._encode_text = compile_fn(self._encode_text)
         self.generator = torch.Generator().manual_seed(int(seed))
         self._visual_params = [p for n, p in visual.named_parameters() if "attnpool" not in n]
         self._visual_snapshot = (
@@ -214,7 +232,7 @@ class TPT:
         """Context back to its initialisation, fresh optimizer and GradScaler, visual encoder restored."""
         self.prompts.reset()
         self.optimizer = torch.optim.AdamW([self.prompts.ctx], lr=self.lr, weight_decay=self.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda", init_scale=1000) if self.amp else None
+        self.scaler = torch.amp.GradScaler("cuda", init_scale=1000) if self.precision == "fp16" else None
         if self._visual_snapshot is not None:
             with torch.no_grad():
                 for k, v in self.model.visual.state_dict().items():
@@ -224,7 +242,7 @@ class TPT:
         return [self.prompts.ctx]
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
+        return autocast(self.precision, self.device)
 
     # -- pieces ------------------------------------------------------------------------------------------
     def views(self, image) -> torch.Tensor:
@@ -235,12 +253,12 @@ class TPT:
 
     def image_features(self, views: torch.Tensor) -> torch.Tensor:
         with self._autocast():
-            f = self.model.encode_image((views - self.mean) / self.std)
+            f = self._encode_image((views - self.mean) / self.std)
         return F.normalize(f.float(), dim=-1)
 
     def text_features(self) -> torch.Tensor:
         with self._autocast():
-            t = encode_prompts(self.model, self.prompts(), self.prompts.tokens)
+            t = self._encode_text(self.prompts(), self.prompts.tokens)
         return F.normalize(t.float(), dim=-1)
 
     def logits_from(self, image_features: torch.Tensor, text_features: torch.Tensor | None = None):
