@@ -14,6 +14,15 @@ rotation head).  Settings on both sides: Adam, the same lr and num_steps, reset 
 default copy_model).  Times are the median over repeats of the seconds per adapted batch; within a
 repeat every batch goes through the plain model, ours and upstream one after another (rotating order),
 so both sides see the same machine load.  The cost columns divide by the plain forward of one batch.
+
+``--amp bf16`` / ``--compile [MODE]`` run *our* engines with ``engine.amp = "bf16"`` / ``engine.compile(mode=
+MODE)`` (``default``, ``reduce-overhead`` = CUDA graphs on a GPU, ...) against upstream as it is; compiled
+engines first adapt ``--warmup`` untimed batches (the compilation).  ``--variants none,bf16,compile,
+bf16+compile`` instead times our engine in those settings against each other, batch by batch in rotating
+order (no upstream): the precision / compilation table of ``benchmarks/torch_ttt_amp.md``:
+
+    .venv/bin/python benchmarks/bench_torch_ttt.py --threads 1 --batches 30 --repeats 3 \
+        --variants none,bf16,compile,bf16+compile --out benchmarks/torch_ttt_amp.md
 """
 
 from __future__ import annotations
@@ -71,6 +80,58 @@ def train(bn: bool, steps: int, seed: int = 7):
         (F.nll_loss(out, y[i : i + 64]) + 0.35 * ssl).backward()
         opt.step()
     return net.eval(), engine.angle_head
+
+
+def apply_options(engine, amp="none", compile_mode=None):
+    """``engine.amp`` and ``engine.compile(mode=...)`` (``compile_mode`` None: not compiled)."""
+    engine.amp = amp
+    if compile_mode is not None:
+        engine.compile(**({} if compile_mode == "default" else {"mode": compile_mode}))
+    return engine
+
+
+def make_ours(name, net, head, settings, device="cpu"):
+    """Our engine of ``name`` (ttt, ttt_rand, tent, tent_before_update, memo) around a copy of ``net``."""
+    from tttlab.torch_ttt import get_engine
+
+    ours_net = copy.deepcopy(net).to(device)
+    if name.startswith("ttt"):
+        rand = (
+            dict(rotation_type="rand", generator=torch.Generator().manual_seed(0))
+            if name == "ttt_rand"
+            else {}
+        )
+        return get_engine("ttt")(
+            ours_net,
+            "fc2",
+            angle_head=copy.deepcopy(head).to(device),
+            optimization_parameters=settings,
+            **rand,
+        ).eval()
+    if name.startswith("tent"):
+        return get_engine("tent")(
+            ours_net, settings, predict_before_update=name == "tent_before_update"
+        ).eval()
+    return get_engine("memo")(ours_net, settings, n_augmentations=8, per_sample=False, seed=0).eval()
+
+
+def run_variants(net, variants, batches, labels, device="cpu"):
+    """Each batch through every variant (an engine), in an order that rotates from batch to batch.
+    Returns ``{variant: (seconds per batch, accuracy, predictions)}``."""
+    names = list(variants)
+    t = dict.fromkeys(names, 0.0)
+    preds = {v: [] for v in names}
+    for i, x in enumerate(batches):
+        for v in names[i % len(names) :] + names[: i % len(names)]:
+            sync(device)
+            t0 = time.perf_counter()
+            out, _ = variants[v](x)
+            sync(device)
+            t[v] += time.perf_counter() - t0
+            preds[v].append(out.argmax(1))
+    y = torch.cat(labels)
+    return {v: (t[v] / len(batches), (torch.cat(preds[v]) == y).float().mean().item(), torch.cat(preds[v]))
+            for v in names}  # fmt: skip
 
 
 def make_engines(name, net, head, settings, device="cpu"):
@@ -177,6 +238,13 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32,
                    help="images per adapted batch (32: the tutorial's); small batches show the per-batch "
                         "overheads that dominate a GPU's launch-bound regime")  # fmt: skip
+    p.add_argument("--amp", default="none", choices=["none", "bf16"], help="our engines' engine.amp")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="engine.compile() our engines (torch.compile mode: default, reduce-overhead, ...)")  # fmt: skip
+    p.add_argument("--warmup", type=int, default=3, help="untimed batches of compiled engines first")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated none,bf16,compile,bf16+compile[,...]: our engine in these settings "
+                        "against each other (no upstream)")  # fmt: skip
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
@@ -194,11 +262,17 @@ def main(argv=None):
         engines.insert(1, ("ttt_rand", False))
     wanted = set(args.engines.split(","))
     engines = [(n, bn) for n, bn in engines if n.split("_")[0] in wanted]
+    if args.variants:
+        return main_variants(args, engines, models, settings, batches, labels)
     for name, bn in engines:
         net, head = models[bn]
         t_ours, t_up, t_fwd = [], [], []
         for _ in range(args.repeats):
             ours, up = make_engines(name, net, head, settings, args.device)
+            apply_options(ours, args.amp, args.compile)
+            if args.compile is not None:
+                for x in batches[: args.warmup]:
+                    ours(x)
             plain = copy.deepcopy(net).to(args.device)
             fwd, t, t_u, acc_ours, acc_up = run_interleaved(plain, ours, up, batches, labels, args.device)
             t_fwd.append(fwd)
@@ -231,6 +305,63 @@ def main(argv=None):
         f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}, "
         f"{torch.get_num_threads()} thread(s), {args.batches} batches of {bs}, "
         f"{args.repeats} repeats (median), plain forward of one batch: see the cost columns."
+        f"{' Ours with amp=' + args.amp if args.amp != 'none' else ''}"
+        f"{' Ours compiled (' + args.compile + ').' if args.compile else ''}"
+    )
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(table + "\n")
+
+
+def main_variants(args, engines, models, settings, batches, labels):
+    """Our engines in several amp / compile settings, interleaved; one table row per engine and setting."""
+    variants = args.variants.split(",")
+    for v in variants:
+        if not set(v.split("+")) <= {"none", "bf16", "compile"}:
+            raise SystemExit(f"--variants: {v!r}; expected none, bf16, compile or bf16+compile")
+    rows = []
+    for name, bn in engines:
+        net, head = models[bn]
+        times = {v: [] for v in variants}
+        result = {}
+        for _ in range(args.repeats):
+            built = {}
+            for v in variants:
+                opts = set(v.split("+"))
+                mode = (args.compile or "default") if "compile" in opts else None
+                built[v] = apply_options(make_ours(name, net, head, settings, args.device),
+                                         "bf16" if "bf16" in opts else "none", mode)  # fmt: skip
+                if mode is not None:  # the compilation, untimed
+                    for x in batches[: args.warmup]:
+                        built[v](x)
+            result = run_variants(net, built, batches, labels, args.device)
+            for v in variants:
+                times[v].append(result[v][0])
+        base = statistics.median(times[variants[0]])
+        for v in variants:
+            s = statistics.median(times[v])
+            agree = (result[v][2] == result[variants[0]][2]).float().mean().item()
+            rows.append((name, "BN" if bn else "no BN", v, s, s / base, result[v][1], agree))
+            print(rows[-1], flush=True)
+    lines = [
+        f"| engine | model | setting | s/batch | time / {variants[0]} | accuracy | predictions equal to "
+        f"{variants[0]}'s |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for name, model, v, s, ratio, acc, agree in rows:
+        lines.append(
+            f"| {name} | {model} | {v} | {s:.4f} | {ratio:.2f} | {100 * acc:.2f} | {100 * agree:.1f} % |"
+        )
+    lines.append("")
+    lines.append(
+        f"torch {torch.__version__}, device {args.device}"
+        f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}, "
+        f"{torch.get_num_threads()} thread(s), {args.batches} batches of {args.batch_size}, {args.repeats} "
+        f"repeats (median), compile mode {args.compile or 'default'}, {args.warmup} untimed warm-up batches "
+        "per compiled engine; accuracy and agreement from the last repeat."
     )
     table = "\n".join(lines)
     print(table)

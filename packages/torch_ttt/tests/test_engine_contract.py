@@ -387,10 +387,14 @@ def _compiled_equals_eager(name: str, **compile_kwargs) -> None:
     compiled.compile(**compile_kwargs)
     assert set(model.state_dict()) == keys, "compiling changed the state_dict keys"
     (want, want_params), (got, got_params) = _run(eager), _run(compiled)
-    # graphs actually built: the prediction (no_grad) and, without hooks, the adaptation (grad mode);
-    # none for MEMO on a BatchNorm model (its prior-mixed statistics replace the layers' forward)
+    # graphs actually built: the prediction (no_grad) and the adaptation (grad mode; for TTT, TTT++,
+    # ActMAD and masked TTT the fx copy truncated after the features layer(s)); none for MEMO on a
+    # BatchNorm model (its prior-mixed statistics replace the layers' forward), no adaptation graph for
+    # IT3 (its adaptation changes the features layer's output through a hook: eager)
+    assert compiled.compiled_features == (name in {"ttt", "ttt_pp", "actmad", "masked_ttt"})
     expected = 0 if not compiled.compiled_prediction else 1
-    if compiled.compiled_prediction and compiled.compiled_adaptation and name not in STATIC:
+    adapts_compiled = compiled.compiled_adaptation or compiled.compiled_features
+    if compiled.compiled_prediction and adapts_compiled and name not in STATIC:
         expected = 2
     assert counters["stats"]["unique_graphs"] == expected
     for w, g in zip(want, got):

@@ -580,15 +580,16 @@ class CompileRecorder:
         return run
 
 
-@pytest.mark.parametrize("engine, forwards_per_batch", [("ttt", 1), ("memo", None), ("source", 1)])
+@pytest.mark.parametrize("engine, forwards_per_batch", [("ttt", 2), ("memo", None), ("source", 1)])
 def test_compile_compiles_the_wrapped_model_and_its_forwards_use_it(
     smoke_run, tmp_path, monkeypatch, engine, forwards_per_batch
 ):
-    """compile=true calls torch.compile once, on the wrapped model's forward (``model._call_impl``), and
-    the evaluation's forwards go through the result: every forward of source; TTT's prediction only (its
-    adaptation reads fc2 through a hook, so it runs the eager model); MEMO (BatchNorm-free model) its
-    adaptation and prediction forwards.  The predictions equal the eager run's (the stand-in does not
-    change the computation)."""
+    """compile=true calls torch.compile on the wrapped model's forward (``model._call_impl``) and, for
+    TTT, on a torch.fx copy of the model truncated after its features layer (fc2), sharing its parameters;
+    the evaluation's forwards go through the results: every forward of source; TTT's prediction (the full
+    model) and its adaptation (the truncated copy); MEMO (BatchNorm-free model) its adaptation and
+    prediction forwards.  The predictions equal the eager run's (the stand-in does not change the
+    computation)."""
     recorder = CompileRecorder()
     small = ["benchmark.num_examples=8"] if engine == "memo" else []  # MEMO adapts image by image
     eager_preds, _, _ = _predictions(smoke_run, tmp_path, engine, "none", *small)
@@ -598,9 +599,14 @@ def test_compile_compiles_the_wrapped_model_and_its_forwards_use_it(
     assert c["compile"] is True
     example, _ = T.load_mnist("train", 2)
     eng, _, _ = E.load_engine(c, smoke_run, torch.device("cpu"), example)
-    assert len(recorder.compiled) == 1
+    assert len(recorder.compiled) == (2 if engine == "ttt" else 1)
     fn, _ = recorder.compiled[0]
     assert fn.__self__ is eng.model and fn.__func__ is torch.nn.Module._call_impl
+    if engine == "ttt":
+        truncated, _ = recorder.compiled[1]
+        assert isinstance(truncated, torch.fx.GraphModule) and eng.compiled_features
+        assert truncated.fc2 is eng.model.fc2 and not hasattr(truncated, "fc3"), "stops at the features"
+        assert set(eng.model.state_dict()) == set(T.build_model("tutorial_net").state_dict())
     batches = list(E.make_stream(c, E.init_distributed())[0])
     torch.manual_seed(0)
     preds = torch.cat([eng(b.x)[0].argmax(1) for b in batches])

@@ -286,10 +286,10 @@ def load_engine(c: dict[str, Any], run_dir: Path, device: torch.device, example:
     engine.optimization_parameters["reset"] = reset_policy(c)
     engine.amp = c.get("amp", "none")
     if c.get("compile"):
-        if not engine.compiled_adaptation:
-            log.warning("compile=true: %s reads inner layers through hooks, which a compiled model does not "
-                        "run: its adaptation runs the eager model, only its prediction is compiled", name)  # fmt: skip
         engine.compile()
+        if not (engine.compiled_adaptation or engine.compiled_features):
+            log.warning("compile=true: %s adapts through hooks on inner layers, which a compiled model does "
+                        "not run: its adaptation runs the eager model, only its prediction is compiled", name)  # fmt: skip
     return engine.eval(), model_name, ck["engine_name"]
 
 

@@ -24,18 +24,20 @@ from torch import nn
 
 from tttlab.core.errors import InvalidInputError
 
-from .precision import eager, full_precision, no_autocast
+from .precision import eager, full_precision, is_compiled, no_autocast
 
 __all__ = [
     "RunningMoments",
     "build_angle_head",
     "build_contrastive_head",
+    "compile_features",
     "features_only",
     "has_training_batchnorm",
     "infer_feature_shape",
     "model_device_dtype",
     "place_like_model",
     "run_model",
+    "truncated_model",
 ]
 
 
@@ -53,11 +55,16 @@ def features_only(model: nn.Module, modules: nn.Module | Sequence[nn.Module], in
     until the last of them has run.
 
     A module that runs more than once in a forward pass contributes its first output (the forward stops
-    once every module has produced one).  A compiled model (``engine.compile()``) runs its eager forward
-    here: a compiled graph would skip the hooks.
+    once every module has produced one).  After :func:`compile_features` for these modules, a tensor
+    input runs the compiled truncated copy of the model instead; otherwise a compiled model
+    (``engine.compile()``) runs its eager forward here (a compiled graph would skip the hooks).
     """
     single = isinstance(modules, nn.Module)
     mods = [modules] if single else list(modules)
+    compiled = model.__dict__.get("_tttlab_features", {}).get(tuple(id(m) for m in mods))
+    if compiled is not None and isinstance(inputs, torch.Tensor) and is_compiled(model):
+        outs = list(compiled(inputs))
+        return outs[0] if single else outs
     outputs: list[Any] = [None] * len(mods)
     seen = [False] * len(mods)
     handles = []
@@ -85,6 +92,56 @@ def features_only(model: nn.Module, modules: nn.Module | Sequence[nn.Module], in
         missing = [names[i] if names else type(mods[i]).__name__ for i in range(len(mods)) if not seen[i]]
         raise InvalidInputError(f"layers {missing} were not called by the model's forward")
     return outputs[0] if single else outputs
+
+
+def truncated_model(model: nn.Module, modules: Sequence[nn.Module]) -> nn.Module | None:
+    """A ``torch.fx`` copy of ``model`` that returns the (first) outputs of ``modules`` as a tuple and
+    computes nothing after them, sharing the model's parameters, buffers and submodules (so optimizer
+    steps, resets and BatchNorm mode switches apply to it); None when the model cannot be traced
+    symbolically (data-dependent control flow, dict inputs, ...) or a module is not called as a layer."""
+    import torch.fx
+
+    qualname = {id(m): n for n, m in model.named_modules() if n}
+    targets = [qualname.get(id(m)) for m in modules]
+    if None in targets:
+        return None
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, name):  # the hooked layers stay single nodes
+            return name in targets or super().is_leaf_module(m, name)
+
+    try:
+        graph = Tracer().trace(model)
+    except Exception:  # noqa: BLE001 - fx raises many kinds for untraceable code
+        return None
+    first: dict[str, torch.fx.Node] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in targets:
+            first.setdefault(node.target, node)
+    if len(first) != len(set(targets)):
+        return None
+    output = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(output):
+        graph.output(tuple(first[t] for t in targets))
+    graph.erase_node(output)
+    truncated = torch.fx.GraphModule(model, graph)
+    truncated.graph.eliminate_dead_code()
+    truncated.delete_all_unused_submodules()  # the copy's references only; the model keeps its layers
+    truncated.recompile()
+    return truncated
+
+
+def compile_features(model: nn.Module, modules: Sequence[nn.Module], **compile_kwargs) -> bool:
+    """Compile :func:`truncated_model` for ``modules`` and register it for :func:`features_only` (kept in
+    the model's ``__dict__``, not as a submodule: ``state_dict`` keys stay the same).  False (nothing
+    done) when the model cannot be traced."""
+    truncated = truncated_model(model, modules)
+    if truncated is None:
+        return False
+    model.__dict__.setdefault("_tttlab_features", {})[tuple(id(m) for m in modules)] = torch.compile(
+        truncated, **compile_kwargs
+    )
+    return True
 
 
 def has_training_batchnorm(model: nn.Module) -> bool:

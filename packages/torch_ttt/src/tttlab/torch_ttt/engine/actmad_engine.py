@@ -82,6 +82,10 @@ class ActMADEngine(BaseEngine):
 
     compiled_adaptation = False  # reads inner layers through hooks: eager under engine.compile()
 
+    def feature_modules(self):
+        """Under ``engine.compile()`` the adaptation runs a compiled copy of the model truncated here."""
+        return [list(self.target_modules)]
+
     min_batch = 2
 
     def __init__(

@@ -30,9 +30,14 @@ Additions to the torch-ttt API (constructors unchanged; defaults change nothing)
   and the returned outputs and loss are cast back to the parameters' dtype.
 * ``engine.compile(**torch_compile_kwargs)`` compiles the *wrapped model* in place (``nn.Module.compile``
   on ``engine.model``; ``nn.Module.compile`` on the engine itself would trace the Python loop and the
-  hooks, which it cannot).  Forwards that need hooks on inner layers run the eager model:
-  ``compiled_adaptation = False`` engines (TTT, TTT++, ActMAD, IT3, masked TTT) adapt eagerly and predict
-  compiled; ``compiled_prediction`` is False while a prior-mixed BatchNorm replaces the layers' forward.
+  hooks, which it cannot).  A compiled graph does not run hooks added after it was traced, so forwards
+  that read inner layers take another way: the adaptation of TTT, TTT++, ActMAD and masked TTT (a forward
+  stopped at the features layer(s), :func:`~tttlab.torch_ttt.heads.features_only`) runs a compiled
+  ``torch.fx`` copy of the model truncated after those layers (``feature_modules``; sharing the
+  parameters), or the eager model when the model cannot be traced symbolically
+  (``engine.compiled_features`` False); forwards with a hook on the whole model (their train mode, IT3's
+  adaptation: ``compiled_adaptation = False``) and forwards under a prior-mixed BatchNorm
+  (``compiled_prediction`` False) run the eager model.
 """
 
 from __future__ import annotations
@@ -229,6 +234,8 @@ class BaseEngine(nn.Module):
         self._snapshot: dict[str, torch.Tensor] | None = None
         self._params: list[torch.Tensor] = []
         self._amp = "none"
+        #: True after :meth:`compile` built compiled truncated copies for every ``feature_modules()`` entry
+        self.compiled_features = False
 
     # -- precision and compilation ------------------------------------------------------------------
     @property
@@ -246,11 +253,27 @@ class BaseEngine(nn.Module):
         :meth:`inference_context` replaces layers' forward, e.g. a prior-mixed BatchNorm)."""
         return True
 
-    def compile(self, *args, **kwargs) -> None:
-        """Compile the wrapped model in place: ``self.model.compile(*args, **kwargs)`` (``torch.compile``
-        arguments, e.g. ``mode="reduce-overhead"``).  Parameters, buffers and ``state_dict`` keys stay the
-        model's own; forwards that need hooks run eagerly (see the module docstring)."""
-        self.model.compile(*args, **kwargs)
+    def feature_modules(self) -> list[list[nn.Module]]:
+        """The layer sets the adaptation reads with :func:`~tttlab.torch_ttt.heads.features_only` (one
+        compiled truncated copy of the model each under :meth:`compile`); default none."""
+        return []
+
+    def compile(self, **kwargs) -> None:
+        """Compile the wrapped model in place: ``self.model.compile(**kwargs)`` (``torch.compile``
+        arguments, e.g. ``mode="reduce-overhead"``), and the truncated copies of :meth:`feature_modules`.
+        Parameters, buffers and ``state_dict`` keys stay the model's own; forwards that need hooks run
+        eagerly (see the module docstring)."""
+        from ..heads import compile_features
+
+        self.model.compile(**kwargs)
+        wanted = self.feature_modules()
+        self.compiled_features = bool(wanted) and all(
+            compile_features(self.model, mods, **kwargs) for mods in wanted
+        )
+
+    def _adaptation_eager(self) -> bool:
+        """Whether the adaptation forwards must run the eager model (see the module docstring)."""
+        return not self.compiled_prediction or not (self.compiled_adaptation or self.compiled_features)
 
     def _autocast(self):
         if self._amp == "none":
@@ -355,7 +378,7 @@ class BaseEngine(nn.Module):
         params = self._params
         # autocast around the forward and the loss only: gradients and the step below are outside it
         with self.inference_context(), self._autocast():
-            with eager(self.model, enabled=not (self.compiled_adaptation and self.compiled_prediction)):
+            with eager(self.model, enabled=self._adaptation_eager()):
                 loss = self.adapt_loss(inputs, **kwargs)
         if loss.requires_grad:
             grads = torch.autograd.grad(loss, params, allow_unused=True)

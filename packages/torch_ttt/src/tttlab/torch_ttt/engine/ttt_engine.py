@@ -114,6 +114,10 @@ class TTTEngine(BaseEngine):
 
     compiled_adaptation = False  # reads inner layers through hooks: eager under engine.compile()
 
+    def feature_modules(self):
+        """Under ``engine.compile()`` the adaptation runs a compiled copy of the model truncated here."""
+        return [[self.target_module]]
+
     @property
     def target_module(self) -> nn.Module:
         """The features layer (a reference into ``model``)."""

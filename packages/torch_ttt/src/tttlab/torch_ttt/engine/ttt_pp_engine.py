@@ -142,6 +142,10 @@ class TTTPPEngine(BaseEngine):
 
     compiled_adaptation = False  # reads inner layers through hooks: eager under engine.compile()
 
+    def feature_modules(self):
+        """Under ``engine.compile()`` the adaptation runs a compiled copy of the model truncated here."""
+        return [[self.target_module]]
+
     min_batch = 2
 
     @property
