@@ -10,14 +10,11 @@ import pytest
 
 from tttlab.mttt_jax import train as T
 
-from .test_train import TINY, compose
-
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    T.train(compose(TINY + ["total_epochs=1", f"out_dir={out}", "inner.TTT.inner_itr=2"]))
-    return out
+def run_dir(trained_run):
+    """The session's shared training run (conftest.py: TINY, 2 epochs, T=2 SGD)."""
+    return trained_run[0]
 
 
 def test_specs_are_registered_and_import_no_framework():
@@ -44,17 +41,17 @@ def test_training_never_imports_torch():
     assert res.stdout.strip().splitlines()[-1] == "False"
 
 
-def test_evaluate_writes_core_records(trained_run, tmp_path):
+def test_evaluate_writes_core_records(run_dir, tmp_path):
     from tttlab.core.records import load_records
     from tttlab.mttt_jax.evaluate import run
 
     bench = {"name": "mnist_c", "corruptions": ["gaussian_noise"], "severities": [5], "setting": "continual",
              "batch_size": 10, "num_examples": 20, "seed": 0, "include_clean": True}  # fmt: skip
-    path = run({"run_dir": str(trained_run), "out_dir": str(tmp_path / "ev"), "benchmark": bench})
+    path = run({"run_dir": str(run_dir), "out_dir": str(tmp_path / "ev"), "benchmark": bench})
     df = load_records(path)
     acc = df[df.metric == "accuracy"]
     assert set(acc.corruption.fillna("clean")) == {"clean", "gaussian_noise", "mean"}
-    assert (acc.method == "mttt_jax.mttt_mlp_T2").all()
+    assert (acc.method == "mttt_jax.mttt_mlp_T2_sgd").all()
     assert acc[acc.corruption == "gaussian_noise"].n.iloc[0] == 20
     assert acc[acc.corruption == "mean"].n.iloc[0] == 20, "the mean's n counts images of the corruptions"
     spi = df[df.metric == "s_per_image"]
@@ -62,9 +59,7 @@ def test_evaluate_writes_core_records(trained_run, tmp_path):
     assert spi.value.tolist() == pytest.approx((spi.wall_time_s / spi.n).tolist())
     # kill audit: evaluate starts again from zero; run again (e.g. after a kill that came after its last
     # record) it appended a second copy of every record, now it replaces them
-    again = load_records(
-        run({"run_dir": str(trained_run), "out_dir": str(tmp_path / "ev"), "benchmark": bench})
-    )
+    again = load_records(run({"run_dir": str(run_dir), "out_dir": str(tmp_path / "ev"), "benchmark": bench}))
     assert len(again) == len(df)
     assert again[again.metric == "accuracy"].value.tolist() == acc.value.tolist()
 
@@ -118,11 +113,11 @@ def test_compare_contract_trains_once_and_serves_each_method(tmp_path, monkeypat
             E.run(method="mttt_jax.linear_attention", **{**common, **extra})
 
 
-def test_plot_commands(trained_run, tmp_path):
+def test_plot_commands(run_dir, tmp_path):
     from tttlab.mttt_jax.plots import plot_inner_main, plot_multi_main
 
-    plot_multi_main([str(trained_run), str(trained_run), "--labels", "a", "b", "--out", str(tmp_path / "c")])
-    plot_inner_main([str(trained_run), "--epochs", "all", "--out", str(tmp_path / "i")])
+    plot_multi_main([str(run_dir), str(run_dir), "--labels", "a", "b", "--out", str(tmp_path / "c")])
+    plot_inner_main([str(run_dir), "--epochs", "all", "--out", str(tmp_path / "i")])
     assert (tmp_path / "c.png").exists() and (tmp_path / "i.svg").exists()
 
 
@@ -187,7 +182,7 @@ def test_records_via_core_summary_equal_the_old_ones(tmp_path, ttt, with_clean):
     assert old == new
 
 
-def test_accuracy_per_domain_does_not_depend_on_how_domains_are_batched(trained_run, tmp_path):
+def test_accuracy_per_domain_does_not_depend_on_how_domains_are_batched(run_dir, tmp_path):
     """A TTT layer adapts on each image's own tokens, so a domain's accuracy is the same whether its images
     come alone (reset_each_shift) or shuffled with the other domains' (mixed batches): the per-domain
     accounting of mixed batches is right (added by a mutation audit)."""
@@ -198,7 +193,7 @@ def test_accuracy_per_domain_does_not_depend_on_how_domains_are_batched(trained_
         bench = {"name": "mnist_c", "corruptions": ["gaussian_noise", "fog"], "severities": [5],
                  "setting": setting, "batch_size": 8, "num_examples": 12, "seed": 0}  # fmt: skip
         df = load_records(
-            run({"run_dir": str(trained_run), "out_dir": str(tmp_path / setting), "benchmark": bench})
+            run({"run_dir": str(run_dir), "out_dir": str(tmp_path / setting), "benchmark": bench})
         )
         acc = df[df.metric == "accuracy"]
         return {(r.corruption, int(r.n)): float(r.value) for r in acc.itertuples()}

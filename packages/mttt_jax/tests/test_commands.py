@@ -155,26 +155,32 @@ def test_user_errors_passes_other_exceptions_through():
         raise ZeroDivisionError
 
 
-def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
-    """``inner.TTT.inner_itr=2`` into the out_dir of a T=1 run: same parameter shapes, so without the check
-    the finished T=1 run was silently "resumed" and its stats reported as T=2's."""
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, trained_run):
+    """``inner.TTT.inner_itr=1`` into the out_dir of a T=2 run: same parameter shapes, so without the check
+    the finished T=2 run was silently "resumed" and its stats reported as T=1's.  (A copy of the session's
+    shared run, conftest.py: TINY, 2 epochs, T=2 SGD.)"""
+    import shutil
+
     from tttlab.core.errors import CheckpointError
 
+    from .conftest import SHARED_RUN
     from .test_train import TINY, compose
 
+    shutil.copytree(trained_run[0], tmp_path / "run")
+    first = trained_run[1]
     out = f"out_dir={tmp_path / 'run'}"
-    first = T.train(compose([*TINY, "total_epochs=1", out]))
     config_before = (tmp_path / "run" / "config.yaml").read_text()
-    with pytest.raises(CheckpointError, match=r"inner\.TTT\.inner_itr: 1 -> 2.*resume=false"):
-        T.train(compose([*TINY, "total_epochs=1", out, "inner.TTT.inner_itr=2"]))
+    with pytest.raises(CheckpointError, match=r"inner\.TTT\.inner_itr: 2 -> 1.*resume=false"):
+        T.train(compose([*TINY, *SHARED_RUN, out, "inner.TTT.inner_itr=1"]))
     assert (tmp_path / "run" / "config.yaml").read_text() == config_before, "refused before rewriting it"
     # keys that do not change the computation resume (here: the finished run, nothing left to do)
-    again = T.train(
-        compose([*TINY, "total_epochs=1", out, "checkpoint_every_steps=2", "logging.progress=true"])
-    )
+    again = T.train(compose([*TINY, *SHARED_RUN, out, "checkpoint_every_steps=2", "logging.progress=true"]))
     assert again == first
-    fresh = T.train(compose([*TINY, "total_epochs=1", out, "inner.TTT.inner_itr=2", "resume=false"]))
-    assert len(fresh["val/inner_loss"][0][0]) == 3, "T=2 reports 3 inner losses per layer"
+    fresh = T.train(
+        compose([*TINY, *SHARED_RUN, out, "inner.TTT.inner_itr=1", "resume=false", "total_epochs=1"])
+    )
+    assert len(fresh["val/inner_loss"][0][0]) == 2, "T=1 reports 2 inner losses per layer"
+    assert fresh["step"] == [4], "started over (the T=2 run's checkpoints removed)"
 
 
 def test_tfds_path_defaults_to_tfds_data_dir(monkeypatch):

@@ -258,7 +258,9 @@ def test_gradient_accumulation_averages_the_micro_batch_gradients():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.uniform(-1, 1, (8, 28, 28, 1)), jnp.float32)
     y = jnp.asarray(np.arange(8) % 10, jnp.int32)
-    params = model.init({"params": jax.random.PRNGKey(0), "idx": jax.random.PRNGKey(0)}, x[:1])["params"]
+    params = jax.jit(model.init)({"params": jax.random.PRNGKey(0), "idx": jax.random.PRNGKey(0)}, x[:1])[
+        "params"
+    ]
     tx = optax.sgd(0.5)
     out = []
     for accum in (1, 2):
@@ -358,7 +360,9 @@ def test_each_step_draws_its_own_token_order(sgd):
     model = T.model_from_config(c)
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 28, 28, 1)), jnp.float32)
     y = jnp.arange(4, dtype=jnp.int32)
-    params = model.init({"params": jax.random.PRNGKey(0), "idx": jax.random.PRNGKey(0)}, x[:1])["params"]
+    params = jax.jit(model.init)({"params": jax.random.PRNGKey(0), "idx": jax.random.PRNGKey(0)}, x[:1])[
+        "params"
+    ]
     tx = T.make_optimizer(c, params, 10)
     step = T.make_train_step(model, tx, c, data_mesh(), jax.random.PRNGKey(1))
     losses = []
