@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -83,6 +84,8 @@ def test_evaluate_refuses_the_run_directory_of_another_package(tmp_path, config_
 def test_compare_contract_trains_once_and_serves_each_method(tmp_path, monkeypatch):
     """``method`` + ``profile`` + ``cache_dir`` (tools/compare.py): the model is trained on first use,
     with the mixer the method names, and reused by the next call."""
+    import jax
+
     from tttlab.core.errors import ConfigError
     from tttlab.core.records import load_records
     from tttlab.mttt_jax import evaluate as E
@@ -106,6 +109,20 @@ def test_compare_contract_trains_once_and_serves_each_method(tmp_path, monkeypat
     assert a[a.metric == "accuracy"].value.tolist() == b[b.metric == "accuracy"].value.tolist()
     with pytest.raises(ConfigError, match="mttt_jax.<m>"):
         E.run(method="mttt_jax.nope", **common)
+
+    # dtype and device reach the training of the cached model (a model of its own: dtype is in its key)
+    class Stop(Exception):
+        pass
+
+    def spy_train(c, mesh=None, **kw):
+        calls.append((c["dtype"], [d.platform for d in mesh.devices.flat]))
+        raise Stop
+
+    monkeypatch.setattr(T, "train", spy_train)
+    with pytest.raises(Stop):
+        E.run(method="mttt_jax.linear_attention", out_dir=str(tmp_path / "c"), dtype="bfloat16", device="cpu",
+              **common)  # fmt: skip
+    assert calls[-1] == ("bfloat16", ["cpu"] * len(jax.devices("cpu")))
     # keys and values that were ignored (a typo, device, a non-boolean progress) or a ValueError (seed 'a')
     for extra, needle in (({"benchmrk": {}}, "unknown evaluate keys"), ({"seed": "a"}, "seed='a'"),
                           ({"device": "foo"}, "device='foo'"), ({"progress": "maybe"}, "progress='maybe'")):  # fmt: skip
@@ -229,3 +246,56 @@ def test_records_killed_midway_are_all_or_nothing(tmp_path, monkeypatch):
     with run.writer(method="mttt_jax.mttt_mlp") as w:
         write_records(w, per_domain, ttt=True, train_run="runs/x")
     assert len(read_jsonl(run.records_path)) == 3 * 2 + 2
+
+
+def test_evaluate_dtype_and_device_are_honoured(run_dir, tmp_path, monkeypatch):
+    """``dtype`` is the compute dtype of the evaluation (bfloat16 here: close to float32, parameters
+    float32) and ``device=cpu`` pins the mesh, the restored parameters and every jitted computation to
+    the CPU (``jax.default_device``), whatever JAX's default backend is."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from tttlab.core.errors import ConfigError
+    from tttlab.core.records import load_records
+    from tttlab.mttt_jax import evaluate as E
+
+    seen = {}
+    real_load, real_mesh = E.load_run, E.data_mesh
+
+    def spy_load(*a, **kw):
+        tc, model, params = real_load(*a, **kw)
+        seen.update(dtype=model.dtype, default=jax.config.jax_default_device, params={
+            leaf.dtype for leaf in jax.tree_util.tree_leaves(params)}, on={
+            d.platform for leaf in jax.tree_util.tree_leaves(params) for d in leaf.devices()})  # fmt: skip
+        return tc, model, params
+
+    monkeypatch.setattr(E, "load_run", spy_load)
+    monkeypatch.setattr(E, "data_mesh", lambda devices=None: seen.update(mesh=devices) or real_mesh(devices))
+    bench = {
+        "name": "mnist_c",
+        "corruptions": ["fog"],
+        "severities": [5],
+        "batch_size": 10,
+        "num_examples": 20,
+    }
+    recs = load_records(E.run({"run_dir": str(run_dir), "out_dir": str(tmp_path / "bf16"), "benchmark": bench,
+                               "dtype": "bfloat16", "device": "cpu"}))  # fmt: skip
+    assert jnp.dtype(seen["dtype"]) == jnp.bfloat16 and seen["params"] == {jnp.dtype("float32")}
+    assert seen["mesh"] == jax.devices("cpu") and seen["on"] == {"cpu"}
+    assert seen["default"] == jax.devices("cpu")[0]
+    assert set(recs[recs.metric == "accuracy"].corruption) == {"fog", "mean"}
+    # close to float32: >= 95 % equal predictions, logits within 5 % of their scale
+    x = np.random.default_rng(0).uniform(-1, 1, (64, 28, 28, 1)).astype(np.float32)
+    out = {}
+    for dt in ("float32", "bfloat16"):
+        _, model, params = real_load(run_dir, dtype=dt)
+        out[dt] = np.asarray(jax.jit(model.apply)({"params": params}, x, rngs={"idx": jax.random.PRNGKey(0)})[0],
+                             np.float32)  # fmt: skip
+    assert (out["float32"].argmax(1) == out["bfloat16"].argmax(1)).mean() >= 0.95
+    assert np.abs(out["float32"] - out["bfloat16"]).max() <= 0.05 * np.abs(out["float32"]).max()
+    for key, value, needle in (("dtype", "float64", "dtype='float64'; expected null"),
+                               ("device", "gpu", "device='gpu', but JAX finds no gpu device"),
+                               ("device", "cuda:1", "device='cuda:1', but JAX finds no gpu device")):  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            E.run({"run_dir": str(run_dir), "out_dir": str(tmp_path / "x"), "benchmark": bench, key: value})

@@ -8,6 +8,15 @@ summary, in ``<out_dir>/records.jsonl`` (default ``<run_dir>/eval``).
 
 ``run(cfg)`` is the ``evaluate`` target of the ``tttlab.methods`` specs (a mapping with the keys of
 ``conf/evaluate.yaml``).
+
+``dtype`` (``float32`` | ``bfloat16`` | ``float16``; default: the training run's) is the compute dtype of
+the evaluation's forward passes (parameters stay float32; the TTT layers' inner losses are computed in
+float32); in the compare path (``method`` + ``profile``) it is also the compute dtype of the profile's
+model trained there (part of the cached model's key).  ``device`` (``auto`` | ``cpu`` | ``gpu`` | ``cuda``
+| ``cuda:N`` | ``tpu``) pins the evaluation -- and the training of a cached model -- to those JAX devices:
+the mesh, the parameters and every jitted computation (``jax.default_device``); a device JAX does not
+have here is a ConfigError.  Everything runs under ``jax.jit`` (JAX's compiler), so there is no separate
+compile option.
 """
 
 from __future__ import annotations
@@ -35,8 +44,10 @@ from .inner_loop import InnerConfig
 log = logging.getLogger("tttlab.mttt_jax.evaluate")
 
 
-def load_run(run_dir, step: int | None = None):
-    """``(config dict, model, params)`` of a training run directory (newest checkpoint by default)."""
+def load_run(run_dir, step: int | None = None, dtype: str | None = None, device=None):
+    """``(config dict, model, params)`` of a training run directory (newest checkpoint by default).
+    ``dtype``: the model's compute dtype (default: the run's); ``device``: restore the parameters there
+    (default: JAX's default device)."""
     from omegaconf import OmegaConf
 
     run_dir = Path(run_dir)
@@ -57,7 +68,7 @@ def load_run(run_dir, step: int | None = None):
             f"{cfg_path} lacks {missing}: not the config of a tttlab-mttt-train run (another package's run "
             "directory?); expected run_dir=<a tttlab-mttt-train out_dir>"
         )
-    model = T.model_from_config(c)
+    model = T.model_from_config({**c, "dtype": dtype or c.get("dtype", "float32")})
     channels = 1 if c["input"]["dataset"] in ("mnist", "digits") else 3
     dummy = jnp.zeros((1, *model.image_size, channels), jnp.float32)
     params = jax.jit(model.init)({"params": jax.random.PRNGKey(0), "idx": jax.random.PRNGKey(0)}, dummy)[
@@ -72,7 +83,10 @@ def load_run(run_dir, step: int | None = None):
             raise CheckpointError(
                 f"{run_dir / 'checkpoints'} holds no checkpoint; train first (tttlab-mttt-train)"
             )
-        abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+        sharding = jax.sharding.SingleDeviceSharding(device) if device is not None else None
+        abstract = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state
+        )
         state, _ = T.restore_checkpoint(mngr, step, abstract)
     finally:
         mngr.close()
@@ -119,9 +133,11 @@ def compose_train(overrides: list[str]) -> dict:
         return T.to_dict(compose(config_name="config", overrides=overrides))
 
 
-def cached_run(method: str, profile: str, cache_dir, progress: bool = False, seed: int = 0) -> Path:
+def cached_run(method: str, profile: str, cache_dir, progress: bool = False, seed: int = 0,
+               dtype: str | None = None, mesh=None) -> Path:  # fmt: skip
     """The run directory of ``method`` trained with ``profile``: trained now if absent or unfinished
-    (resuming from its last checkpoint), reused otherwise.  Keyed by the hash of the training config."""
+    (resuming from its last checkpoint), reused otherwise.  Keyed by the hash of the training config
+    (``dtype``: the compute dtype, default the profile's; ``mesh``: the devices to train on)."""
     if method not in MIXER_FLAGS:
         raise ConfigError(
             f"method=mttt_jax.{method!r}; expected mttt_jax.<m> with <m> one of {list(MIXER_FLAGS)}"
@@ -134,6 +150,7 @@ def cached_run(method: str, profile: str, cache_dir, progress: bool = False, see
             *MIXER_FLAGS[method],
             f"logging.progress={str(progress).lower()}",
             f"seed={int(seed)}",
+            *([f"dtype={dtype}"] if dtype else []),
         ]
     )
     key = config_hash({k: v for k, v in tc.items() if k not in ("out_dir", "logging", "resume")})
@@ -144,13 +161,43 @@ def cached_run(method: str, profile: str, cache_dir, progress: bool = False, see
     )
     if not done:
         log.info("training %s (%s profile) into %s (cached for later evaluations)", method, profile, out)
-        T.train({**tc, "out_dir": str(out)})
+        T.train({**tc, "out_dir": str(out)}, mesh=mesh)
     return out
 
 
 #: keys of :func:`run` (the evaluate contract's, those of ``conf/evaluate.yaml``)
 EVALUATE_KEYS = {"method", "out_dir", "benchmark", "profile", "cache_dir", "seed", "device", "progress", "run_dir",
-                 "checkpoint_step", "logging"}  # fmt: skip
+                 "checkpoint_step", "logging", "dtype"}  # fmt: skip
+
+#: ``device`` values -> JAX platform
+PLATFORMS = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}
+
+
+def resolve_devices(device: str) -> list:
+    """The JAX devices ``device`` names (``auto``: JAX's default backend; ``cuda:N``: the N-th GPU);
+    a ConfigError naming ``device`` for a value JAX cannot honour here."""
+    device = str(device)
+    if not re.fullmatch(r"cpu|auto|gpu|tpu|cuda(:\d+)?", device):
+        raise ConfigError(f"device={device!r}; expected cpu, gpu, cuda, cuda:N, tpu or auto")
+    if device == "auto":
+        return list(jax.devices())
+    name, _, index = device.partition(":")
+    try:
+        devices = list(jax.devices(PLATFORMS[name]))
+    except RuntimeError:
+        devices = []
+    if not devices:
+        raise ConfigError(
+            f"device={device!r}, but JAX finds no {PLATFORMS[name]} device here (backend: "
+            f"{jax.default_backend()}, devices: {[d.platform for d in jax.devices()]}); use device=cpu or auto"
+        )
+    if index:
+        if int(index) >= len(devices):
+            raise ConfigError(
+                f"device={device!r}, but JAX finds {len(devices)} GPU(s) here (cuda:0..cuda:{len(devices) - 1})"
+            )
+        devices = [devices[int(index)]]
+    return devices
 
 
 def run(cfg: Mapping | None = None, **overrides) -> Path:
@@ -162,8 +209,6 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     images, ``wall_time_s`` of the forward passes, in which the TTT layers adapt) and ``s_per_image``,
     then the mean accuracy over corruptions (``n`` = images).
     """
-    from tttlab.core.benchmark import from_config
-
     c = {**T.to_dict(cfg or {}), **overrides}
     unknown = sorted(set(c) - EVALUATE_KEYS)
     if unknown:
@@ -173,12 +218,20 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
         raise ConfigError(f"seed={seed!r}; expected an integer >= 0")
     if "progress" in c and not isinstance(c["progress"], bool):
         raise ConfigError(f"progress={c['progress']!r}; expected true or false")
-    device = str(c.get("device") or "auto")
-    if not re.fullmatch(r"cpu|auto|gpu|tpu|cuda(:\d+)?", device):
-        raise ConfigError(f"device={device!r}; expected cpu, gpu, cuda, cuda:N, tpu or auto")
-    if device.startswith(("gpu", "cuda", "tpu")) and jax.default_backend() == "cpu":
-        raise ConfigError(f"device={device!r}, but JAX finds only the CPU here; use device=cpu")
+    devices = resolve_devices(c.get("device") or "auto")
+    dtype = c.get("dtype")
+    if dtype is not None and dtype not in T.DTYPES:
+        raise ConfigError(f"dtype={dtype!r}; expected null (the training run's) or one of {list(T.DTYPES)}")
     T.quiet_absl()
+    with jax.default_device(devices[0]):
+        return _run(c, seed, devices)
+
+
+def _run(c: dict, seed, devices) -> Path:
+    from tttlab.core.benchmark import from_config
+
+    mesh = data_mesh(devices)
+    dtype = c.get("dtype")
     # compare passes ``progress``; the command line has ``logging.progress`` (a bar on a terminal only)
     if "progress" in c:
         progress = bool(c["progress"])
@@ -190,13 +243,21 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
         if not c.get("run_dir"):
             cache = c.get("cache_dir") or "runs/mttt/models"
             c["run_dir"] = str(
-                cached_run(method, str(c.get("profile") or "full"), cache, progress, seed=int(seed or 0))
+                cached_run(
+                    method,
+                    str(c.get("profile") or "full"),
+                    cache,
+                    progress,
+                    seed=int(seed or 0),
+                    dtype=dtype,
+                    mesh=mesh,
+                )  # fmt: skip
             )
     if not c.get("run_dir"):
         raise CheckpointError(
             "evaluate needs run_dir=<directory of a tttlab-mttt-train run> or method=mttt_jax.<mixer>"
         )
-    tc, model, params = load_run(c["run_dir"], c.get("checkpoint_step"))
+    tc, model, params = load_run(c["run_dir"], c.get("checkpoint_step"), dtype=dtype, device=devices[0])
     if seed is not None and seed != int(tc.get("seed", 0)):
         raise ConfigError(
             f"seed={seed}, but {c['run_dir']} was trained with seed={tc.get('seed', 0)}: its records would carry "
@@ -206,7 +267,6 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     out = RunDir(c.get("out_dir") or Path(c["run_dir"]) / "eval", c)
     bcfg = dict(c.get("benchmark") or {})
     bench = from_config(bcfg)
-    mesh = data_mesh()
     n_dev = mesh.devices.size
     params = replicate(params, mesh)
     key = jax.random.fold_in(jax.random.PRNGKey(int(tc.get("seed", 0))), 7)
