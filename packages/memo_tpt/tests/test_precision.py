@@ -197,6 +197,7 @@ def test_evaluate_contract_bf16_and_compile(tmp_path, monkeypatch):
     assert len(rec.given) == 2 and rec.calls[0] > 0  # the image encoder (and the text path)
 
 
+@pytest.mark.slow
 @compile_test
 def test_compiled_equals_eager(tiny_clip, bn_net, image):
     """Real inductor compiles: TPT (2 tuning steps) and MEMO (1 SGD step) equal eager to float rounding,

@@ -296,6 +296,7 @@ def test_compile_plumbing(tmp_path, monkeypatch, pretrained, kind):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the recorder is the identity
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("TTTLAB_COMPILE_TESTS") != "1",
                     reason="torch.compile test (about a minute); set TTTLAB_COMPILE_TESTS=1")  # fmt: skip
 @pytest.mark.parametrize("kind", ["pretrain", "probe"])
