@@ -90,6 +90,19 @@ def apply_options(engine, amp="none", compile_mode=None):
     return engine
 
 
+def warm_up(engine, batches):
+    """Adapt ``batches`` untimed (a compiled engine compiles here), then put the engine's generator and
+    torch's global RNG back, so the timed run draws the same rotations / augmentations as an engine
+    without warm-up (every engine here resets per batch)."""
+    gen = getattr(engine, "generator", None)
+    saved = (torch.get_rng_state(), gen.get_state() if gen is not None else None)
+    for x in batches:
+        engine(x)
+    torch.set_rng_state(saved[0])
+    if gen is not None:
+        gen.set_state(saved[1])
+
+
 def make_ours(name, net, head, settings, device="cpu"):
     """Our engine of ``name`` (ttt, ttt_rand, tent, tent_before_update, memo) around a copy of ``net``."""
     from tttlab.torch_ttt import get_engine
@@ -271,8 +284,7 @@ def main(argv=None):
             ours, up = make_engines(name, net, head, settings, args.device)
             apply_options(ours, args.amp, args.compile)
             if args.compile is not None:
-                for x in batches[: args.warmup]:
-                    ours(x)
+                warm_up(ours, batches[: args.warmup])
             plain = copy.deepcopy(net).to(args.device)
             fwd, t, t_u, acc_ours, acc_up = run_interleaved(plain, ours, up, batches, labels, args.device)
             t_fwd.append(fwd)
@@ -335,8 +347,7 @@ def main_variants(args, engines, models, settings, batches, labels):
                 built[v] = apply_options(make_ours(name, net, head, settings, args.device),
                                          "bf16" if "bf16" in opts else "none", mode)  # fmt: skip
                 if mode is not None:  # the compilation, untimed
-                    for x in batches[: args.warmup]:
-                        built[v](x)
+                    warm_up(built[v], batches[: args.warmup])
             result = run_variants(net, built, batches, labels, args.device)
             for v in variants:
                 times[v].append(result[v][0])

@@ -17,6 +17,13 @@ Reset policy: ``engine.optimization.reset`` or, when null, from the benchmark se
 With ``per_domain`` the engine is reset whenever the stream's domain changes or a batch asks for it
 (``Batch.reset``); with ``never`` it is not reset.
 
+Options (top-level keys, as ttt_mae's): ``amp=none|bf16`` sets ``engine.amp`` (bfloat16 autocast of the
+adaptation and prediction forwards and losses; gradients, optimizer steps, resets and the calibration
+stay float32); ``compile=true`` calls ``engine.compile()`` (the model compiled in place; hook-based
+adaptation through a compiled truncated copy or eagerly, see ``BaseEngine``); the first batches' wall time
+then includes the compilation.  They apply to the evaluation, not to training the cached model
+(``train_overrides=[amp=bf16]`` does that), and are recorded in the records' ``extra``.
+
 Records (core schema, ``<out_dir>/records.jsonl``): per domain ``accuracy`` (``n`` images, ``wall_time_s``
 of adaptation + prediction) and ``s_per_image`` (adaptation + prediction seconds per image), plus the
 mean accuracy over corruptions (``corruption="mean"``); ``step`` is the engine's ``num_steps``.
