@@ -23,6 +23,11 @@ order (no upstream): the precision / compilation table of ``benchmarks/torch_ttt
 
     .venv/bin/python benchmarks/bench_torch_ttt.py --threads 1 --batches 30 --repeats 3 \
         --variants none,bf16,compile,bf16+compile --out benchmarks/torch_ttt_amp.md
+
+``--train-variants`` times train.py's joint-training step (``mnist_bn``, batches of 64 training images,
+Adam 1e-2, ``loss = task + 0.35 ssl``) the same way: TTT (``none``, ``bf16``; ``train.py`` refuses
+``compile`` for it) and ``source`` (all four settings), every model from the same initialisation, one
+step of each in rotating order per batch.
 """
 
 from __future__ import annotations
@@ -258,9 +263,13 @@ def main(argv=None):
     p.add_argument("--variants", default=None,
                    help="comma-separated none,bf16,compile,bf16+compile[,...]: our engine in these settings "
                         "against each other (no upstream)")  # fmt: skip
+    p.add_argument("--train-variants", action="store_true",
+                   help="time train.py's joint-training step in the amp/compile settings instead")  # fmt: skip
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
+    if args.train_variants:
+        return main_train_variants(args)
     bs = args.batch_size
     x, y = mnist_tensors("test", args.batches * bs)
     noisy = x + 2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
@@ -319,6 +328,66 @@ def main(argv=None):
         f"{args.repeats} repeats (median), plain forward of one batch: see the cost columns."
         f"{' Ours with amp=' + args.amp if args.amp != 'none' else ''}"
         f"{' Ours compiled (' + args.compile + ').' if args.compile else ''}"
+    )
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(table + "\n")
+
+
+def main_train_variants(args):
+    """train.py's step (``tttlab.torch_ttt.train``'s model, engine and loss) in several settings, interleaved."""
+    from tttlab.torch_ttt.train import build_engine, build_model
+
+    setups = [("ttt", "none"), ("ttt", "bf16"), ("source", "none"), ("source", "bf16"), ("source", "compile"),
+              ("source", "bf16+compile")]  # fmt: skip
+    n_steps, bs = args.batches, 64
+    x, y = mnist_tensors("train", (n_steps + args.warmup) * bs)
+    xs, ys = list(x.to(args.device).split(bs)), list(y.to(args.device).split(bs))
+    runs = {}
+    for name, v in setups:
+        opts = set(v.split("+"))
+        torch.manual_seed(0)
+        model = build_model("mnist_bn").to(args.device)
+        engine = build_engine(name, model, "mnist_bn", example_input=xs[0][:2]).to(args.device)
+        mode = (args.compile or "default") if "compile" in opts else None
+        apply_options(engine, "bf16" if "bf16" in opts else "none", mode)
+        runs[(name, v)] = [engine.train(), torch.optim.Adam(engine.parameters(), lr=0.01), 0.0, 0.0]
+
+    def step(run, xb, yb):
+        engine, opt = run[0], run[1]
+        opt.zero_grad(set_to_none=True)
+        out, ssl = engine(xb)
+        loss = F.cross_entropy(out, yb) + 0.35 * ssl
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    keys = list(runs)
+    for i, (xb, yb) in enumerate(zip(xs, ys)):
+        for k in keys[i % len(keys) :] + keys[: i % len(keys)]:
+            sync(args.device)
+            t0 = time.perf_counter()
+            loss = step(runs[k], xb, yb)
+            sync(args.device)
+            if i >= args.warmup:  # the first steps compile (all settings skip them alike)
+                runs[k][2] += time.perf_counter() - t0
+                runs[k][3] += loss
+    lines = ["| train engine | setting | ms/step | time / none | mean loss over the timed steps |",
+             "|---|---|---:|---:|---:|"]  # fmt: skip
+    for name, v in keys:
+        base = runs[(name, "none")][2]
+        secs, loss = runs[(name, v)][2], runs[(name, v)][3]
+        lines.append(
+            f"| {name} | {v} | {1000 * secs / n_steps:.1f} | {secs / base:.2f} | {loss / n_steps:.4f} |"
+        )
+    lines.append("")
+    lines.append(
+        f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} thread(s), mnist_bn, "
+        f"{n_steps} timed steps of {bs} training images after {args.warmup} untimed ones, one step of each "
+        f"setting per batch in rotating order, compile mode {args.compile or 'default'}."
     )
     table = "\n".join(lines)
     print(table)
