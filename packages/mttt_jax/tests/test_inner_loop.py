@@ -39,7 +39,7 @@ def _randomize(params, key, scale=0.3):
 def _layer(cfg, key=0, x=None, randomize=True):
     layer = TTTLayer(D, H, cfg)
     x = jax.random.normal(jax.random.PRNGKey(100 + key), (B, N, D)) if x is None else x
-    params = layer.init({"params": jax.random.PRNGKey(key)}, x)["params"]
+    params = jax.jit(layer.init)({"params": jax.random.PRNGKey(key)}, x)["params"]
     if randomize:
         params = _randomize(params, jax.random.PRNGKey(200 + key))
         if cfg.decoder_LN:
@@ -61,10 +61,10 @@ def test_mttt_linear_one_step_equals_constant_normalizer_linear_attention():
     layer, p, x = _layer(cfg)
     # W0 stays zero (MTTT-Linear): only the outer parameters are random, biases included
     p["inner"] = jax.tree_util.tree_map(jnp.zeros_like, p["inner"])
-    out, losses = layer.apply({"params": p}, x)
+    out, losses = jax.jit(layer.apply)({"params": p}, x)
 
     la = LinearAttention(D, H, LinearAttentionConfig(elu=False, normalizer="constant"))
-    lp = la.init(jax.random.PRNGKey(0), x)["params"]
+    lp = jax.jit(la.init)(jax.random.PRNGKey(0), x)["params"]
     cat = lambda a: jnp.concatenate(list(a), axis=-1)  # noqa: E731  (H, d, dh) -> (d, H*dh)
     g_t = jnp.transpose(p["g_kernel"], (0, 2, 1))  # value_h = (x - g_bias) g_h^T
     lp = {
@@ -73,7 +73,7 @@ def test_mttt_linear_one_step_equals_constant_normalizer_linear_attention():
         "value": {"kernel": cat(g_t), "bias": -(p["g_bias"] @ cat(g_t))},
         "proj": {"kernel": p["h_kernel"].reshape(H * (D // H), D), "bias": p["h_bias"]},
     }
-    expected, _ = la.apply({"params": lp}, x)
+    expected, _ = jax.jit(la.apply)({"params": lp}, x)
     assert float(jnp.abs(p["g_bias"]).min()) > 0 and float(jnp.abs(p["phi_bias"]).min()) > 0
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-5, rtol=1e-5)
     assert losses.shape == (2,)
@@ -124,14 +124,21 @@ def test_layer_matches_literal_reference(name, sgd, lrs):
     cfg = TTTConfig(**{**CONFIGS[name].__dict__, "inner_itr": len(lrs), "inner_lr": lrs, "SGD": sgd})
     layer, p, x = _layer(cfg, key=5)
     key = jax.random.PRNGKey(7)
-    out, losses = layer.apply({"params": p}, x, rngs={"idx": key})
+    out, losses = _apply(layer, p, x, key)
     ref_out, ref_losses = _reference(p, x, cfg, _layer_perm_key(layer, p, x, key))
     np.testing.assert_allclose(out, ref_out, rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(losses, ref_losses.mean(0), rtol=2e-4, atol=2e-5)
     if sgd:
         gd = TTTConfig(**{**cfg.__dict__, "SGD": False})
-        gd_out, _ = _layer(gd, key=5)[0].apply({"params": p}, x)
+        gd_out, _ = _apply(_layer(gd, key=5)[0], p, x)
         assert float(jnp.abs(gd_out - out).max()) > 1e-4
+
+
+def _apply(layer, p, x, key=None):
+    """``layer.apply`` under ``jax.jit`` (one program instead of per-op dispatch: test-time budget)."""
+    if key is None:
+        return jax.jit(lambda p, x: layer.apply({"params": p}, x))(p, x)
+    return jax.jit(lambda p, x, k: layer.apply({"params": p}, x, rngs={"idx": k}))(p, x, key)
 
 
 def _reference(p, x, cfg, perm_key):
@@ -156,10 +163,11 @@ def test_sgd_equals_explicit_per_minibatch_loop():
     cfg = TTTConfig(inner_itr=4, inner_lr=(1.0,), SGD=True)
     layer, p, x = _layer(cfg, key=11)
     key = jax.random.PRNGKey(3)
-    out, losses = layer.apply({"params": p}, x, rngs={"idx": key})
+    out, losses = _apply(layer, p, x, key)
     # explicit loop: same permutation, one minibatch of N/T tokens per step, plain autodiff
     order = jnp.argsort(jax.random.uniform(_layer_perm_key(layer, p, x, key), (H, N)), axis=-1)
     outs, step_losses = [], []
+    value_and_grad = jax.jit(lambda w, ph, mb: jax.value_and_grad(inner_loss)(w, ph, mb, mb, cfg, H))
     for b in range(B):
         total = 0.0
         per_step = np.zeros(cfg.inner_itr + 1)
@@ -169,7 +177,7 @@ def test_sgd_equals_explicit_per_minibatch_loop():
             toks = x[b][order[h]]
             for t in range(cfg.inner_itr):
                 mb = toks[t * (N // 4) : (t + 1) * (N // 4)]
-                loss, g = jax.value_and_grad(inner_loss)(w, ph, mb, mb, cfg, H)
+                loss, g = value_and_grad(w, ph, mb)
                 per_step[t] += float(loss)
                 w = {k: w[k] - 1.0 * g[k] for k in w}
             per_step[-1] += float(inner_loss(w, ph, x[b], x[b], cfg, H))
@@ -186,7 +194,7 @@ def test_sgd_equals_explicit_per_minibatch_loop():
 def test_inner_loss_falls_over_steps(name):
     cfg = TTTConfig(**{**CONFIGS[name].__dict__, "inner_itr": 5, "inner_lr": (0.5,)})
     layer, p, x = _layer(cfg, key=13, randomize=False)
-    _, losses = layer.apply({"params": p}, x)
+    _, losses = _apply(layer, p, x)
     losses = np.asarray(losses)
     assert losses.shape == (6,)
     assert np.all(np.diff(losses) < 0), losses
@@ -218,7 +226,7 @@ def test_inner_lr_per_step_and_validation():
 def test_train_init_false_gives_w0_no_gradient(train_init):
     cfg = TTTConfig(inner_itr=2, train_init=train_init)
     layer, p, x = _layer(cfg, key=19)
-    g = jax.grad(lambda p: layer.apply({"params": p}, x)[0].sum())(p)
+    g = jax.jit(jax.grad(lambda p: layer.apply({"params": p}, x)[0].sum()))(p)
     norms = [float(jnp.abs(v).max()) for v in jax.tree_util.tree_leaves(g["inner"])]
     assert (max(norms) == 0.0) == (not train_init), norms
     assert float(jnp.abs(g["phi_kernel"]).max()) > 0

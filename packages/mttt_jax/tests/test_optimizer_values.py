@@ -320,11 +320,11 @@ def test_vit_forward_is_the_pre_ln_composition():
                         image_size=8, patch_size=4, posemb="learn", arch={"depth": 1, "width": 8})  # fmt: skip
     model = model.clone(head_zeroinit=False)
     img = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 8, 1), minval=-1, maxval=1)
-    p = model.init(jax.random.PRNGKey(1), img)["params"]
+    p = jax.jit(model.init)(jax.random.PRNGKey(1), img)["params"]
     p = jax.tree_util.tree_map(  # biases and LayerNorm parameters away from their 0/1 initialisation
         lambda a: a + 0.2 * jax.random.normal(jax.random.PRNGKey(a.size), a.shape), p
     )
-    logits, _ = model.apply({"params": p}, img)
+    logits, _ = jax.jit(model.apply)({"params": p}, img)
 
     def ln(params, a):
         return nn.LayerNorm().apply({"params": params}, a)
