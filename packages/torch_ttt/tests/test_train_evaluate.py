@@ -615,3 +615,18 @@ def test_compile_compiles_the_wrapped_model_and_its_forwards_use_it(
         assert recorder.calls == forwards_per_batch * len(batches)
     else:  # memo: one forward over the views per adaptation step and image, one prediction per image
         assert recorder.calls == 2 * sum(len(b.x) for b in batches)
+
+
+def test_train_compile_trains_through_the_compiled_model_and_enters_the_hash(tmp_path, monkeypatch):
+    """train.py compile=true (train.engine=source: no hooks) compiles the model's forward once and every
+    training step runs through it; compile is part of the training hash (no resume without it)."""
+    recorder = CompileRecorder()
+    monkeypatch.setattr(torch, "compile", recorder)
+    out = tmp_path / "compiled"
+    T.run(smoke_config(out, "compile=true", "train.engine=source", "eval.enabled=false"))
+    assert len(recorder.compiled) == 1
+    fn, _ = recorder.compiled[0]
+    assert fn.__func__ is torch.nn.Module._call_impl and type(fn.__self__).__name__ == "Net"
+    assert recorder.calls == 10, "the 10 training steps' forwards"
+    with pytest.raises(CheckpointError, match="another model/training config"):
+        T.run(smoke_config(out, "train.engine=source", "eval.enabled=false"))
