@@ -7,6 +7,10 @@
 #   bash benchmarks/gpu_torch_ttt.sh                  # on the GPU (OUT defaults to /tmp/gpu_out)
 #   GPU_DRY_RUN=1 bash benchmarks/gpu_torch_ttt.sh    # CPU check of the same code path, tiny sizes
 # Set-up (carried wheels, PYTHONPATH): benchmarks/gpu_env.sh.  Part of benchmarks/gpu_all.sh.
+# Opt-in, not part of the default run (compilation needs its own time): TORCH_TTT_COMPILE=<torch.compile
+# mode> (e.g. reduce-overhead = CUDA graphs) runs the same comparison with our engines compiled
+# (engine.compile(mode=...), 3 untimed warm-up batches each), 2 repeats, cap TORCH_TTT_S (give ~150 s):
+#   GPU_PARTS=torch_ttt TORCH_TTT_COMPILE=reduce-overhead TORCH_TTT_S=150 GPU_TOTAL_S=200 bash benchmarks/gpu_all.sh
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source benchmarks/gpu_env.sh || exit 1
@@ -17,6 +21,10 @@ if [[ "$GPU_DRY_RUN" == 1 ]]; then
 else
   ARGS=(--device cuda --batches 30 --repeats 3 --threads 8)
   LIMIT=${TORCH_TTT_S:-60}
+fi
+if [[ -n "${TORCH_TTT_COMPILE:-}" ]]; then  # opt-in: our engines compiled (see the header)
+  [[ "$GPU_DRY_RUN" == 1 ]] || ARGS=(--device cuda --batches 30 --repeats 2 --threads 8)
+  ARGS+=(--compile "$TORCH_TTT_COMPILE")
 fi
 "$PY" -c "import torch_ttt, einops" || { echo "torch-ttt 0.0.2 / einops not installed: run make gpu-wheels and carry .whl" >&2; exit 3; }
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/torch_ttt.XXXXXX")
