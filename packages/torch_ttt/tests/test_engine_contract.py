@@ -354,6 +354,57 @@ def test_k_steps_in_one_call_equal_k_calls_of_one_step(name):
     torch.testing.assert_close(out_a, out_b, rtol=0, atol=1e-5)
 
 
+def test_truncated_model_equals_the_hooked_forward_and_shares_the_parameters():
+    """What ``engine.compile()`` compiles for the features-layer engines (no compilation here): a torch.fx
+    copy of the model that returns the layers' outputs, bit for bit those of ``features_only``'s hooked
+    forward, stops there, and shares the model's parameters (an in-place update reaches it); a model fx
+    cannot trace gives None (its engines then adapt eagerly)."""
+    from tttlab.torch_ttt.heads import features_only, truncated_model
+
+    model, x = tiny_model(), x_batch()
+    one = truncated_model(model, [model.fc1])
+    assert torch.equal(one(x)[0], features_only(model, model.fc1, x))
+    assert not hasattr(one, "fc"), "the layers after fc1 are not part of the copy"
+    two = truncated_model(model, [model.bn1, model.fc1])
+    for got, want in zip(two(x), features_only(model, [model.bn1, model.fc1], x)):
+        assert torch.equal(got, want)
+    with torch.no_grad():
+        model.fc1.bias.add_(1.0)
+    assert torch.equal(one(x)[0], features_only(model, model.fc1, x))
+    with batch_statistics(model):  # BatchNorm mode switches reach the copy too
+        assert torch.equal(one(x)[0], features_only(model, model.fc1, x))
+
+    class Branchy(TinyNet):
+        def forward(self, x):
+            return super().forward(x if x.sum() > 0 else -x)  # data-dependent: not fx-traceable
+
+    branchy = Branchy().eval()
+    assert truncated_model(branchy, [branchy.fc1]) is None
+
+
+def test_compile_of_an_untraceable_model_adapts_eagerly(monkeypatch):
+    """``engine.compile()`` (torch.compile replaced by a pass-through) on a model fx cannot trace: TTT's
+    adaptation runs the eager model (``compiled_features`` False) and gives the eager engine's result."""
+
+    class Branchy(TinyNet):
+        def forward(self, x):
+            return super().forward(x if x.sum() != 0 else -x)
+
+    def engine_on_branchy():
+        torch.manual_seed(0)
+        model = Branchy().eval()
+        return get_engine("ttt")(model, "fc1", optimization_parameters={"num_steps": 1}).eval()
+
+    eager_out, _ = engine_on_branchy()(x_batch())
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    engine = engine_on_branchy()
+    engine.compile()
+    assert len(compiled) == 1 and not engine.compiled_features
+    out, _ = engine(x_batch())
+    assert torch.equal(out, eager_out)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # engine.compile() for real (opt-in: TTTLAB_COMPILE_TESTS=1, as ttt_mae's compile tests).  Every engine on
 # the tiny CNN compiled with dynamo + AOTAutograd (backend="aot_eager": torch.compile's graphs without

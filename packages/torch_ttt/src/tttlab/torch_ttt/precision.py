@@ -12,11 +12,13 @@ offered: it needs a gradient scaler, bfloat16 does not.
 ``compile``: :meth:`BaseEngine.compile` compiles the *wrapped model* in place (``nn.Module.compile``,
 which keeps its parameters and ``state_dict`` keys), not the engine: the engine's Python loop (snapshot,
 optimizer, filters, resets) stays eager.  A compiled graph does not run forward hooks added after it was
-traced (torch's ``skip_nnmodule_hook_guards``: they are silently skipped), and the engines that read or
-change an inner layer's output (TTT, TTT++, IT3 and masked TTT read a features layer and stop the forward
-there; ActMAD reads several layers; MEMO's and BN's prior-mixed BatchNorm replace the layers' forward)
-therefore run those forwards through the eager model (:func:`eager`); which ones is an engine's
-``compiled_adaptation`` / ``compiled_prediction``.
+traced (torch's ``skip_nnmodule_hook_guards``: they are silently skipped).  The forwards that stop at a
+features layer (the adaptation of TTT, TTT++, ActMAD, masked TTT) therefore run a compiled ``torch.fx``
+copy of the model truncated after that layer (:func:`tttlab.torch_ttt.heads.compile_features`); the
+forwards that hook the whole model (their train mode, IT3's adaptation, which changes the features
+layer's output) or replace layers' forward (MEMO's and BN's prior-mixed BatchNorm) run the eager model
+(:func:`eager`); which ones is an engine's ``compiled_adaptation`` / ``compiled_prediction`` /
+``compiled_features``.
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ Additions to the torch-ttt API (constructors unchanged; defaults change nothing)
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -277,8 +278,6 @@ class BaseEngine(nn.Module):
 
     def _autocast(self):
         if self._amp == "none":
-            import contextlib
-
             return contextlib.nullcontext()
         p = next(self.model.parameters(), None)
         return autocast(p.device.type if p is not None else "cpu", self._amp)
@@ -323,8 +322,6 @@ class BaseEngine(nn.Module):
 
     def inference_context(self):
         """Context in which the final prediction (and adaptation) runs; e.g. batch-statistics BN."""
-        import contextlib
-
         return contextlib.nullcontext()
 
     def predict(self, inputs, **kwargs) -> torch.Tensor:
