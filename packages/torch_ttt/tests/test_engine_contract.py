@@ -382,6 +382,24 @@ def test_truncated_model_equals_the_hooked_forward_and_shares_the_parameters():
     assert truncated_model(branchy, [branchy.fc1]) is None
 
 
+#: the forwards engine.compile() compiles on the tiny BatchNorm CNN (evaluate.compiled_forwards)
+COMPILED_FORWARDS = {"memo": "none", "ittt": "prediction"}
+
+
+@pytest.mark.parametrize("name", ALL_ENGINES)
+def test_what_compile_compiles_per_engine(name, monkeypatch):
+    """``engine.compile()`` with torch.compile replaced by a pass-through: every engine compiles its
+    prediction and adaptation except IT3 (adaptation through a hook: eager) and MEMO on a BatchNorm model
+    (prior-mixed statistics replace the layers' forward: nothing compiled), as the README's table says."""
+    from tttlab.torch_ttt.evaluate import compiled_forwards
+
+    engine, _ = make_engine(name)
+    assert compiled_forwards(engine) == "none"
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    engine.compile()
+    assert compiled_forwards(engine) == COMPILED_FORWARDS.get(name, "all")
+
+
 def test_compile_of_an_untraceable_model_adapts_eagerly(monkeypatch):
     """``engine.compile()`` (torch.compile replaced by a pass-through) on a model fx cannot trace: TTT's
     adaptation runs the eager model (``compiled_features`` False) and gives the eager engine's result."""

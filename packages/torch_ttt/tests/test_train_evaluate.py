@@ -562,6 +562,7 @@ def test_amp_bf16_through_evaluate_run(smoke_run, tmp_path):
     for key in fp32:
         assert bf16[key][0] == pytest.approx(fp32[key][0], abs=0.05), key
     assert {(r["extra"]["amp"], r["extra"]["compile"]) for r in read_jsonl(path)} == {("bf16", False)}
+    assert {r["extra"]["compiled_forwards"] for r in read_jsonl(path)} == {"none"}
 
 
 class CompileRecorder:
@@ -611,6 +612,7 @@ def test_compile_compiles_the_wrapped_model_and_its_forwards_use_it(
     torch.manual_seed(0)
     preds = torch.cat([eng(b.x)[0].argmax(1) for b in batches])
     assert torch.equal(preds, eager_preds)
+    assert E.compiled_forwards(eng) == "all"
     if forwards_per_batch is not None:
         assert recorder.calls == forwards_per_batch * len(batches)
     else:  # memo: one forward over the views per adaptation step and image, one prediction per image

@@ -294,10 +294,25 @@ def load_engine(c: dict[str, Any], run_dir: Path, device: torch.device, example:
     engine.amp = c.get("amp", "none")
     if c.get("compile"):
         engine.compile()
-        if not (engine.compiled_adaptation or engine.compiled_features):
+        what = compiled_forwards(engine)
+        if what == "none":
+            log.warning("compile=true: %s normalises with prior-mixed BatchNorm statistics, which replace the "
+                        "layers' forward: every forward runs the eager model (compile has no effect here)", name)  # fmt: skip
+        elif what == "prediction":
             log.warning("compile=true: %s adapts through hooks on inner layers, which a compiled model does "
                         "not run: its adaptation runs the eager model, only its prediction is compiled", name)  # fmt: skip
     return engine.eval(), model_name, ck["engine_name"]
+
+
+def compiled_forwards(engine) -> str:
+    """Which forwards of a compiled engine run compiled: ``"all"``, ``"prediction"`` (the adaptation runs
+    the eager model) or ``"none"`` (a prior-mixed BatchNorm replaces the layers' forward); ``"none"``
+    for an engine that is not compiled.  Written to the records' ``extra``."""
+    from .precision import is_compiled
+
+    if not is_compiled(engine.model) or not engine.compiled_prediction:
+        return "none"
+    return "all" if engine.compiled_adaptation or engine.compiled_features else "prediction"
 
 
 def calibrate(engine, c: dict[str, Any], device: torch.device) -> None:
@@ -469,7 +484,8 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
         seed=int(c["seed"]),
     )  # fmt: skip
     extra = {"reset": policy.value, "train_engine": train_engine, "train_run": str(run_dir),
-             "world_size": dist.world_size, "amp": c["amp"], "compile": bool(c["compile"])}  # fmt: skip
+             "world_size": dist.world_size, "amp": c["amp"], "compile": bool(c["compile"]),
+             "compiled_forwards": compiled_forwards(engine)}  # fmt: skip
     if dist.world_size == 1:
         rd = RunDir(out, c)
         drop_records(rd.records_path, rd.config_hash)  # run again (e.g. after a kill): replace, not append
