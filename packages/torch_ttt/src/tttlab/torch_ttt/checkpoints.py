@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tttlab.core.errors import CheckpointError
+from tttlab.core.errors import CheckpointError, ConfigError
 
-__all__ = ["check_state_dict", "load_pretrained", "read_state_dict"]
+__all__ = ["build_reference", "check_state_dict", "load_pretrained", "pretrained_state", "read_state_dict"]
 
 #: How many key names an error message lists per kind of mismatch.
 SHOWN = 5
@@ -94,13 +94,37 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
     )
 
 
+def build_reference(name: str, **kwargs) -> nn.Module:
+    """Registered model ``name`` built with ``kwargs`` on the meta device (shapes, no memory, no RNG draw);
+    a bad argument is a :class:`ConfigError`."""
+    from .models import build_model
+
+    try:
+        with torch.device("meta"):
+            return build_model(name, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model {name!r} with arguments {kwargs}: {exc}") from None
+
+
+def pretrained_state(name: str, path: str | os.PathLike, **kwargs) -> dict[str, torch.Tensor]:
+    """The state dict of ``path`` checked against registered model ``name`` (built with ``kwargs`` on the
+    meta device: shapes only, no memory), absent counters filled with 0: ready for a strict
+    ``load_state_dict``."""
+    reference = build_reference(name, **kwargs)
+    state = read_state_dict(path)
+    arch = name + (f"({', '.join(f'{k}={v}' for k, v in sorted(kwargs.items()))})" if kwargs else "")
+    check_state_dict(reference, state, str(path), arch)
+    for key, value in reference.state_dict().items():
+        if key not in state:  # an optional counter (check_state_dict let nothing else through)
+            state[key] = torch.zeros(value.shape, dtype=value.dtype)
+    return state
+
+
 def load_pretrained(name: str, path: str | os.PathLike, **kwargs) -> nn.Module:
     """Registered model ``name`` (built with ``kwargs``) with the weights of ``path``, in eval mode."""
     from .models import build_model
 
-    state = read_state_dict(path)
+    state = pretrained_state(name, path, **kwargs)
     model = build_model(name, **kwargs)
-    arch = name + (f"({', '.join(f'{k}={v}' for k, v in sorted(kwargs.items()))})" if kwargs else "")
-    check_state_dict(model, state, str(path), arch)
-    model.load_state_dict(state, strict=False)  # keys checked above; only counters may be absent
+    model.load_state_dict(state)
     return model.eval()
