@@ -64,7 +64,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "mapping with one under 'state_dict'"
         )
     return {
-        (k[len(DATA_PARALLEL_PREFIX) :] if k.startswith(DATA_PARALLEL_PREFIX) else k): v for k, v in obj.items()
+        (k[len(DATA_PARALLEL_PREFIX) :] if k.startswith(DATA_PARALLEL_PREFIX) else k): v
+        for k, v in obj.items()
     }
 
 

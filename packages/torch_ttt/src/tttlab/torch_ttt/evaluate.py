@@ -223,10 +223,14 @@ def apply_engine_defaults(c: dict[str, Any]) -> None:
     presets = c.get("engine_defaults") or {}
     for name, preset in presets.items():
         if name not in EngineRegistry.names():
-            raise ConfigError(f"engine_defaults.{name}: unknown engine; expected one of {EngineRegistry.names()}")
+            raise ConfigError(
+                f"engine_defaults.{name}: unknown engine; expected one of {EngineRegistry.names()}"
+            )
         unknown = sorted(set(preset or {}) - {"kwargs", "optimization"})
         if unknown:
-            raise ConfigError(f"engine_defaults.{name}: unknown key(s) {unknown}; expected kwargs, optimization")
+            raise ConfigError(
+                f"engine_defaults.{name}: unknown key(s) {unknown}; expected kwargs, optimization"
+            )
     preset = presets.get(c["engine"]["name"]) or {}
     kwargs = c["engine"].setdefault("kwargs", {})
     for key, value in (preset.get("kwargs") or {}).items():
@@ -419,7 +423,9 @@ def calibration_images(c: dict[str, Any], info: ModelInfo, n: int) -> tuple[torc
     from tttlab.core.torch import to_tensor
 
     if info.source_dataset != "cifar10":
-        raise ConfigError(f"model {info.name!r}: no calibration data for source dataset {info.source_dataset!r}")
+        raise ConfigError(
+            f"model {info.name!r}: no calibration data for source dataset {info.source_dataset!r}"
+        )
     root = c["calibration"].get("root") or c["benchmark"].get("root")
     if root is None:
         raise ConfigError(

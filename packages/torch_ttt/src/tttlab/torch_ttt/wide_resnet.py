@@ -108,7 +108,9 @@ class WideResNet(nn.Module):
     def __init__(self, depth: int = 28, widen_factor: int = 10, num_classes: int = 10):
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
-            raise ValueError(f"WideResNet depth must be 6 n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
+            raise ValueError(
+                f"WideResNet depth must be 6 n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth}"
+            )
         if widen_factor < 1 or num_classes < 1:
             raise ValueError(f"widen_factor and num_classes must be >= 1, got {widen_factor}, {num_classes}")
         n = (depth - 4) // 6
