@@ -8,6 +8,7 @@ experiment end to end through the command's entry point on core's CIFAR-10-C fix
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import numpy as np
@@ -234,7 +235,13 @@ def run_cli(monkeypatch, capsys, *overrides: str) -> str:
 
     GlobalHydra.instance().clear()
     monkeypatch.setattr(sys, "argv", ["tttlab-torch-ttt-evaluate", *overrides])
-    E.main()
+    root = logging.getLogger()
+    level, handlers = root.level, root.handlers[:]
+    try:
+        E.main()
+    finally:  # main() configures logging for a command; the other tests expect pytest's configuration
+        root.setLevel(level)
+        root.handlers[:] = handlers
     return capsys.readouterr().out
 
 
