@@ -197,6 +197,23 @@ def test_engines_on_the_wrn_adapt_only_norm_affine_parameters_and_reset_exactly(
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_every_engine_builds_and_adapts_on_the_wrn_with_the_registered_default_layers():
+    """The registry's features layer (block3) and ActMAD layers are what evaluate.py hooks by default."""
+    from tttlab.torch_ttt import EngineRegistry
+
+    x = torch.rand(4, 3, 32, 32)
+    for name in EngineRegistry.names():
+        model = small_wrn()
+        kwargs = {"patch_len": 4} if name == "deyo" else {}
+        engine = T.build_engine(
+            name, model, "wrn28_10", kwargs, {"num_steps": 1}, torch.zeros(2, 3, 32, 32)
+        ).eval()
+        if hasattr(engine, "compute_statistics"):  # TTT++ / ActMAD reference statistics
+            engine.compute_statistics([(torch.rand(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))])
+        out, _ = engine(x)
+        assert out.shape == (4, 10) and torch.isfinite(out).all(), name
+
+
 def write_fixture(root, model: torch.nn.Module, n: int = 8) -> dict[str, float]:
     """CIFAR-10-C fixture (gaussian_noise, fog) + CIFAR-10 fixture; severity-5 labels set so that the model
     (inputs x / 255, no mean/std) is right on exactly half the gaussian_noise images.  Returns the accuracy
