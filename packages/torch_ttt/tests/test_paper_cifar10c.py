@@ -8,6 +8,7 @@ experiment end to end through the command's entry point on core's CIFAR-10-C fix
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 
@@ -138,6 +139,19 @@ def test_checkpoint_errors_name_the_path_and_the_keys(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"junk\.pt: not readable as a torch.save file"):
         load_pretrained("wrn28_10", tmp_path / "junk.pt", **SMALL)
+    (tmp_path / "page.pt").write_bytes(b"<!DOCTYPE html><html><head><title>Google Drive</title>")
+    with pytest.raises(CheckpointError, match=r"page\.pt is an HTML page, not a torch.save file"):
+        load_pretrained("wrn28_10", tmp_path / "page.pt", **SMALL)
+    # a training script's file that also pickles its arguments: refused by the safe reader, readable on request
+    torch.save({"state_dict": model.state_dict(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "args.pt")
+    with pytest.raises(
+        CheckpointError, match=r"args\.pt pickles objects .*argparse.Namespace.*weights_only=false"
+    ):
+        load_pretrained("wrn28_10", tmp_path / "args.pt", **SMALL)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(
+        load_pretrained("wrn28_10", tmp_path / "args.pt", weights_only=False, **SMALL)(x), model(x)
+    )
     torch.save({"epoch": 3, "best": 0.9}, tmp_path / "meta.pt")
     with pytest.raises(
         CheckpointError, match=r"meta\.pt: holds a mapping with keys best, epoch; expected a state"
@@ -306,7 +320,9 @@ def test_paper_experiment_composes_the_published_setting_and_rejects_mixed_model
     assert (b["name"], b["corruptions"], b["severities"], b["setting"], b["batch_size"], b["num_examples"]) == (
         "cifar10_c", "common", [5], "reset_each_shift", 200, None,
     )  # fmt: skip
-    assert paper["model_checkpoint"] == {"name": "wrn28_10", "path": "/data/Standard.pt", "kwargs": {}}
+    assert paper["model_checkpoint"] == {
+        "name": "wrn28_10", "path": "/data/Standard.pt", "kwargs": {}, "weights_only": True,
+    }  # fmt: skip
     assert paper["device"] == "cuda" and paper["experiment_name"] == "paper-tent-cifar10_c-reset_each_shift"
     tent = E.eval_config(paper)["engine"]
     assert tent["kwargs"] == {"predict_before_update": True}

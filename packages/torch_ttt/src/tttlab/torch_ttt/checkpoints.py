@@ -5,7 +5,12 @@ saved by someone else, e.g. RobustBench's ``Standard.pt`` for ``wrn28_10``.  Acc
 (those RobustBench's ``load_model`` reads): a ``torch.save`` file holding the state dict itself or a
 mapping with the state dict under ``"state_dict"`` (other entries, e.g. an epoch counter, are ignored);
 keys may carry ``torch.nn.DataParallel``'s ``module.`` prefix, which is removed.  The file is read with
-``torch.load(weights_only=True)``: tensors and plain containers only, no pickled code.
+``torch.load(weights_only=True)``: tensors and plain containers only, no pickled code.  A training
+script's checkpoint may also pickle other objects (``argparse.Namespace``, numpy scalars), which that
+refuses: the error says so, and ``weights_only=False`` (``model_checkpoint.weights_only=false``) reads
+such a file, for files one trusts only (unpickling runs code).  A file that is an HTML page (what a
+failed Google Drive download leaves under the checkpoint's name, a known RobustBench pitfall) is named
+as such.
 
 Every problem is a :class:`~tttlab.core.errors.CheckpointError` naming the path and what was expected:
 missing file, unreadable file, no tensors, keys missing from the file or unknown to the model (the first
@@ -17,6 +22,7 @@ no part in evaluation), as ``load_state_dict`` itself allows for such files.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,7 +46,7 @@ def _names(keys, shown: int = SHOWN) -> str:
     return ", ".join(keys[:shown]) + more
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, weights_only: bool = True) -> dict[str, torch.Tensor]:
     """The state dict in ``path`` (layouts above), ``module.`` prefixes removed, on the CPU."""
     path = Path(path)
     if not path.is_file():
@@ -48,12 +54,27 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"checkpoint {path} does not exist; expected a torch.save file with the model's state dict "
             "(e.g. RobustBench's Standard.pt)"
         )
+    with open(path, "rb") as f:
+        head = f.read(512).lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html")):
+        raise CheckpointError(
+            f"checkpoint {path} is an HTML page, not a torch.save file (a failed download saved under the "
+            "checkpoint's name?); download the weights file itself"
+        )
     try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+        obj: Any = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as exc:  # pickle, zip and weights-only errors come in many types
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text) if weights_only else None
+        if found:
+            raise CheckpointError(
+                f"checkpoint {path} pickles objects other than tensors and plain containers ({found.group(1)}), "
+                "which the safe reader refuses; if you trust the file, read it with "
+                "model_checkpoint.weights_only=false (unpickling runs code)"
+            ) from None
         raise CheckpointError(
             f"checkpoint {path}: not readable as a torch.save file of tensors ({type(exc).__name__}: "
-            f"{str(exc)[:200]})"
+            f"{text[:200]})"
         ) from None
     if isinstance(obj, Mapping) and "state_dict" in obj:
         obj = obj["state_dict"]
@@ -107,12 +128,14 @@ def build_reference(name: str, **kwargs) -> nn.Module:
         raise ConfigError(f"model {name!r} with arguments {kwargs}: {exc}") from None
 
 
-def pretrained_state(name: str, path: str | os.PathLike, **kwargs) -> dict[str, torch.Tensor]:
+def pretrained_state(
+    name: str, path: str | os.PathLike, *, weights_only: bool = True, **kwargs
+) -> dict[str, torch.Tensor]:
     """The state dict of ``path`` checked against registered model ``name`` (built with ``kwargs`` on the
     meta device: shapes only, no memory), absent counters filled with 0: ready for a strict
     ``load_state_dict``."""
     reference = build_reference(name, **kwargs)
-    state = read_state_dict(path)
+    state = read_state_dict(path, weights_only=weights_only)
     arch = name + (f"({', '.join(f'{k}={v}' for k, v in sorted(kwargs.items()))})" if kwargs else "")
     check_state_dict(reference, state, str(path), arch)
     for key, value in reference.state_dict().items():
@@ -121,11 +144,11 @@ def pretrained_state(name: str, path: str | os.PathLike, **kwargs) -> dict[str, 
     return state
 
 
-def load_pretrained(name: str, path: str | os.PathLike, **kwargs) -> nn.Module:
+def load_pretrained(name: str, path: str | os.PathLike, *, weights_only: bool = True, **kwargs) -> nn.Module:
     """Registered model ``name`` (built with ``kwargs``) with the weights of ``path``, in eval mode."""
     from .models import build_model
 
-    state = pretrained_state(name, path, **kwargs)
+    state = pretrained_state(name, path, weights_only=weights_only, **kwargs)
     model = build_model(name, **kwargs)
     model.load_state_dict(state)
     return model.eval()

@@ -131,6 +131,7 @@ class ModelCheckpointConfig:
     name: str | None = None
     path: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    weights_only: bool = True  # false: also unpickle other objects in the file (trusted files only)
 
 
 @dataclass
@@ -354,7 +355,7 @@ def pretrained_checkpoint(c: dict[str, Any]) -> dict[str, Any]:
     """``model_checkpoint`` as a finished training run's checkpoint (keys and shapes checked): a plain
     model without a test-time head (``engine_name`` "pretrained"), no engine state."""
     mc = c["model_checkpoint"]
-    state = pretrained_state(mc["name"], mc["path"], **mc["kwargs"])
+    state = pretrained_state(mc["name"], mc["path"], weights_only=bool(mc["weights_only"]), **mc["kwargs"])
     return {"done": True, "model_name": mc["name"], "model_kwargs": dict(mc["kwargs"]), "model_state": state,
             "engine_name": "pretrained", "engine_kwargs": {}, "engine_state": None}  # fmt: skip
 
