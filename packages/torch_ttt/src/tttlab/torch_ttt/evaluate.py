@@ -12,6 +12,16 @@ of its training config).  Engines with a jointly trained auxiliary head (``ttt``
 rotation head is unused by them).  TTT++/ActMAD reference statistics and EATA's Fisher information are
 computed on ``calibration.num_examples`` clean training images.
 
+A pretrained model from elsewhere instead (no training): ``model_checkpoint.name`` (a registered model,
+:mod:`tttlab.torch_ttt.models`) and ``model_checkpoint.path`` (a local ``torch.save`` state dict,
+:mod:`tttlab.torch_ttt.checkpoints`), e.g. RobustBench's ``Standard.pt`` for ``wrn28_10``
+(``+experiment=paper_tent_cifar10c``, the TENT paper's CIFAR-10-C setting).  ``model_checkpoint.kwargs``
+are the model builder's arguments (tests run a small ``wrn28_10``).  Such a model has no jointly trained
+head; its calibration images come from its ``source_dataset`` (CIFAR-10 train for ``wrn28_10``, read
+from ``calibration.root``, default ``benchmark.root``).  Every benchmark's images are scaled to [0, 1]
+and normalised as the evaluated model's registry entry says (``input_mean`` / ``input_std``: MNIST's
+constants for the MNIST models, none for ``wrn28_10``).
+
 Reset policy: ``engine.optimization.reset`` or, when null, from the benchmark setting (``episodic`` ->
 ``per_batch``, ``reset_each_shift`` -> ``per_domain``, ``continual``/``mixed``/``gradual`` -> ``never``).
 With ``per_domain`` the engine is reset whenever the stream's domain changes or a batch asks for it
@@ -65,8 +75,10 @@ from tttlab.core.records import (
 from tttlab.core.torch import Dist, init_distributed  # noqa: F401  (re-exported)
 
 from . import train as T
+from .checkpoints import build_reference, pretrained_state
 from .engine.base_engine import OptimizationParameters, Reset
 from .engine_registry import EngineRegistry, get_engine
+from .models import MODELS, ModelInfo, model_info
 from .precision import check_amp
 
 log = logging.getLogger("tttlab.torch_ttt.evaluate")
@@ -108,6 +120,18 @@ class NoisyStreamConfig:
 class CalibrationConfig:
     num_examples: int = 2048
     batch_size: int = 64
+    root: str | None = None  # the model's source dataset on disk (CIFAR-10); null: benchmark.root
+
+
+@dataclass
+class ModelCheckpointConfig:
+    """A pretrained model instead of a tttlab training run: registry name, local state-dict file, builder
+    arguments (empty for the registered architecture)."""
+
+    name: str | None = None
+    path: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    weights_only: bool = True  # false: also unpickle other objects in the file (trusted files only)
 
 
 @dataclass
@@ -124,6 +148,12 @@ class EvalConfig(RunConfig):
     engine: EngineConfig = field(default_factory=EngineConfig)
     noisy: NoisyStreamConfig = field(default_factory=NoisyStreamConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    model_checkpoint: ModelCheckpointConfig = field(default_factory=ModelCheckpointConfig)
+    #: ``{engine name: {kwargs: {...}, optimization: {...}}}``: settings of an experiment for whichever engine
+    #: is selected, filling what ``engine`` leaves open (absent kwargs, null optimization values); the
+    #: command line and ``conf/engine/<name>.yaml`` win.  Lets one experiment hold several engines' paper
+    #: settings while ``engine=`` picks the engine.
+    engine_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 def _register_resolvers() -> None:
@@ -165,6 +195,7 @@ def eval_config(cfg: Mapping | None = None, overrides: list[str] | None = None) 
     merged = OmegaConf.merge(base, PROFILES[profile] if profile else {}, user,
                              OmegaConf.from_dotlist(list(overrides or [])))  # fmt: skip
     c = T.to_dict(validate(OmegaConf.to_container(merged, resolve=True), EvalConfig))
+    apply_engine_defaults(c)
     c["amp"] = check_amp(c["amp"])
     if c["stream"] not in STREAMS:
         raise ConfigError(f"stream={c['stream']!r}; expected one of {STREAMS}")
@@ -184,7 +215,58 @@ def eval_config(cfg: Mapping | None = None, overrides: list[str] | None = None) 
     # unknown keys and bad values of engine.optimization fail now, not after training the model
     given = {k: v for k, v in (c["engine"]["optimization"] or {}).items() if v is not None}
     OptimizationParameters(given, defaults=get_engine(c["engine"]["name"]).optimization_defaults)
+    check_model_checkpoint(c)
     return c
+
+
+def apply_engine_defaults(c: dict[str, Any]) -> None:
+    """Fill ``c["engine"]`` from ``c["engine_defaults"][<engine name>]`` (see :class:`EvalConfig`)."""
+    presets = c.get("engine_defaults") or {}
+    for name, preset in presets.items():
+        if name not in EngineRegistry.names():
+            raise ConfigError(
+                f"engine_defaults.{name}: unknown engine; expected one of {EngineRegistry.names()}"
+            )
+        unknown = sorted(set(preset or {}) - {"kwargs", "optimization"})
+        if unknown:
+            raise ConfigError(
+                f"engine_defaults.{name}: unknown key(s) {unknown}; expected kwargs, optimization"
+            )
+    preset = presets.get(c["engine"]["name"]) or {}
+    kwargs = c["engine"].setdefault("kwargs", {})
+    for key, value in (preset.get("kwargs") or {}).items():
+        kwargs.setdefault(key, value)
+    optimization = c["engine"].setdefault("optimization", {})
+    for key, value in (preset.get("optimization") or {}).items():
+        if optimization.get(key) is None:
+            optimization[key] = value
+
+
+def check_model_checkpoint(c: dict[str, Any]) -> None:
+    """``model_checkpoint`` is all or nothing, excludes ``train_run``, and its model takes the stream."""
+    mc = c["model_checkpoint"]
+    if mc["path"] is None:
+        if mc["name"] is not None or mc["kwargs"]:
+            raise ConfigError(
+                f"model_checkpoint.name={mc['name']!r} without model_checkpoint.path; expected both (a "
+                "registered model and its weights file) or neither (a tttlab-torch-ttt-train model)"
+            )
+        return
+    if not mc["name"]:
+        raise ConfigError(
+            f"model_checkpoint.path={mc['path']!r} without model_checkpoint.name; expected one of {sorted(MODELS)}"
+        )
+    if c["train_run"]:
+        raise ConfigError(
+            f"train_run={c['train_run']!r} and model_checkpoint.path={mc['path']!r}: expected one model source"
+        )
+    info = model_info(mc["name"])
+    build_reference(mc["name"], **mc["kwargs"])  # bad builder arguments fail now
+    if c["stream"] == "noisy" and info.source_dataset != "mnist":
+        raise ConfigError(
+            f"stream=noisy is the MNIST tutorial's stream; model_checkpoint.name={mc['name']!r} takes "
+            f"{info.source_dataset} images (use stream=benchmark)"
+        )
 
 
 def contract_keys(user: dict[str, Any]) -> dict[str, Any]:
@@ -258,15 +340,49 @@ def training_run(c: dict[str, Any], dist: Dist) -> Path:
     return path
 
 
-def load_engine(c: dict[str, Any], run_dir: Path, device: torch.device, example: torch.Tensor):
+def evaluated_model(c: dict[str, Any]) -> ModelInfo:
+    """The registry entry of the model this evaluation runs (``model_checkpoint.name``, the ``train_run``'s
+    model, or the model ``train_experiment`` trains): it says how the stream's images are prepared."""
+    if c["model_checkpoint"]["path"]:
+        return model_info(c["model_checkpoint"]["name"])
+    ckpt = Path(c["train_run"] or ".") / "checkpoints" / f"{T.CHECKPOINT}.ckpt"
+    if c["train_run"] and ckpt.exists():
+        return model_info(T.load_checkpoint(ckpt)["model_name"])
+    return model_info(T.train_config(c["train_experiment"], list(c["train_overrides"]))["model"]["name"])
+
+
+def pretrained_checkpoint(c: dict[str, Any]) -> dict[str, Any]:
+    """``model_checkpoint`` as a finished training run's checkpoint (keys and shapes checked): a plain
+    model without a test-time head (``engine_name`` "pretrained"), no engine state."""
+    mc = c["model_checkpoint"]
+    state = pretrained_state(mc["name"], mc["path"], weights_only=bool(mc["weights_only"]), **mc["kwargs"])
+    return {"done": True, "model_name": mc["name"], "model_kwargs": dict(mc["kwargs"]), "model_state": state,
+            "engine_name": "pretrained", "engine_kwargs": {}, "engine_state": None}  # fmt: skip
+
+
+def example_images(info: ModelInfo, n: int = 2) -> torch.Tensor:
+    """Inputs of the model's shape for building the engines' heads: MNIST training images for the MNIST
+    models (as before), zeros of the right shape otherwise."""
+    if info.source_dataset == "mnist":
+        return T.load_mnist("train", n)[0]
+    h, w, ch = info.image_shape
+    return torch.zeros(n, ch, h, w)
+
+
+def load_engine(c: dict[str, Any], run_dir: Path | None, device: torch.device, example: torch.Tensor):
     """``(engine, model_name, train_engine)``: the evaluated engine around the trained model; its head
-    (if the run trained the same engine) loaded from the checkpoint."""
-    ck = T.load_checkpoint(run_dir / "checkpoints" / f"{T.CHECKPOINT}.ckpt")
+    (if the run trained the same engine) loaded from the checkpoint.  ``run_dir=None``: the pretrained
+    ``model_checkpoint``."""
+    if run_dir is None:
+        ck = pretrained_checkpoint(c)
+        run_dir = Path(c["model_checkpoint"]["path"])  # what the messages below name
+    else:
+        ck = T.load_checkpoint(run_dir / "checkpoints" / f"{T.CHECKPOINT}.ckpt")
     if not ck.get("done"):
         raise CheckpointError(f"{run_dir}: training did not finish; run tttlab-torch-ttt-train there again")
     name, model_name = c["engine"]["name"], ck["model_name"]
     torch.manual_seed(int(c["seed"]))
-    model = T.build_model(model_name)
+    model = T.build_model(model_name, **(ck.get("model_kwargs") or {}))
     try:
         model.load_state_dict(ck["model_state"])
     except (KeyError, RuntimeError) as exc:
@@ -315,13 +431,36 @@ def compiled_forwards(engine) -> str:
     return "all" if engine.compiled_adaptation or engine.compiled_features else "prediction"
 
 
-def calibrate(engine, c: dict[str, Any], device: torch.device) -> None:
-    """TTT++ / ActMAD reference statistics and EATA's Fisher information on clean training images."""
+def calibration_images(c: dict[str, Any], info: ModelInfo, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` clean training images of the model's source dataset, prepared for the model."""
+    if info.source_dataset == "mnist":
+        return T.load_mnist("train", n)
+    from tttlab.core import data
+    from tttlab.core.torch import to_tensor
+
+    if info.source_dataset != "cifar10":
+        raise ConfigError(
+            f"model {info.name!r}: no calibration data for source dataset {info.source_dataset!r}"
+        )
+    root = c["calibration"].get("root") or c["benchmark"].get("root")
+    if root is None:
+        raise ConfigError(
+            f"{c['engine']['name']} calibrates on clean {info.source_dataset} training images: set "
+            "calibration.root (or benchmark.root) to the folder holding cifar-10-batches-py"
+        )
+    ds = data.cifar10(root, split="train")
+    x = to_tensor(np.ascontiguousarray(ds.images[:n]), mean=info.input_mean, std=info.input_std)
+    return x, torch.from_numpy(np.asarray(ds.labels[:n], np.int64))
+
+
+def calibrate(engine, c: dict[str, Any], device: torch.device, info: ModelInfo | None = None) -> None:
+    """TTT++ / ActMAD reference statistics and EATA's Fisher information on clean training images (of
+    ``info``'s source dataset; default: the evaluated model's)."""
     needs = [m for m in ("compute_statistics", "compute_fishers") if hasattr(engine, m)]
     if not needs:
         return
     cal = c["calibration"]
-    x, y = T.load_mnist("train", int(cal["num_examples"]))
+    x, y = calibration_images(c, info or evaluated_model(c), int(cal["num_examples"]))
     batches = [
         (xb.to(device), yb.to(device))
         for xb, yb in zip(x.split(cal["batch_size"]), y.split(cal["batch_size"]))
@@ -344,10 +483,12 @@ class StreamBatch:
     domain_ids: np.ndarray
 
 
-def make_stream(c: dict[str, Any], dist: Dist):
-    """``(batches iterator, domains list, dataset name, number of batches)`` of this rank's shard."""
+def make_stream(c: dict[str, Any], dist: Dist, info: ModelInfo | None = None):
+    """``(batches iterator, domains list, dataset name, number of batches)`` of this rank's shard, images
+    normalised for ``info`` (default: the evaluated model, :func:`evaluated_model`)."""
     from tttlab.core.benchmark import Domain, make_benchmark
-    from tttlab.core.torch import MNIST_MEAN, MNIST_STD, to_tensor
+    from tttlab.core.errors import InvalidInputError
+    from tttlab.core.torch import to_tensor
 
     if c["stream"] == "noisy":
         nz = c["noisy"]
@@ -369,10 +510,16 @@ def make_stream(c: dict[str, Any], dist: Dist):
         setting=b["setting"], batch_size=int(b["batch_size"]), num_examples=b["num_examples"],
         seed=int(b["seed"]), cache_dir=b["cache_dir"], include_clean=bool(b["include_clean"]),
     )  # fmt: skip
-    mean, std = (MNIST_MEAN, MNIST_STD) if b["name"] in ("mnist_c", "digits_c") else (None, None)
+    info = info or evaluated_model(c)
+    mean, std = info.input_mean, info.input_std
 
     def bench_batches() -> Iterator[StreamBatch]:
         for batch in bench.batches(rank=dist.rank, world_size=dist.world_size):
+            if tuple(batch.images.shape[1:]) != tuple(info.image_shape):
+                raise InvalidInputError(
+                    f"benchmark {b['name']!r} yields images of shape {tuple(batch.images.shape[1:])} (H, W, C); "
+                    f"model {info.name!r} takes {tuple(info.image_shape)}"
+                )
             x = to_tensor(batch.images, mean=mean, std=std)
             y = torch.from_numpy(np.asarray(batch.labels, np.int64))
             yield StreamBatch(batch.domain, x, y, batch.reset, batch.domain_ids)
@@ -467,11 +614,12 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
 
         shutil.rmtree(out / "shards")
     # the benchmark first: a bad setting, corruption or root fails now, not after training a model
-    batches, domains, dataset, num_batches = make_stream(c, dist)
-    run_dir = training_run(c, dist)
-    x_example, _ = T.load_mnist("train", 2)
+    info = evaluated_model(c)
+    batches, domains, dataset, num_batches = make_stream(c, dist, info)
+    run_dir = None if c["model_checkpoint"]["path"] else training_run(c, dist)
+    x_example = example_images(info)
     engine, model_name, train_engine = load_engine(c, run_dir, device, x_example.to(device))
-    calibrate(engine, c, device)
+    calibrate(engine, c, device, info)
     policy = engine.optimization_parameters["reset"]
     torch.manual_seed(int(c["seed"]) + dist.rank)
     progress = bool(c["logging"]["progress"]) and dist.rank == 0
@@ -486,6 +634,8 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     extra = {"reset": policy.value, "train_engine": train_engine, "train_run": str(run_dir),
              "world_size": dist.world_size, "amp": c["amp"], "compile": bool(c["compile"]),
              "compiled_forwards": compiled_forwards(engine)}  # fmt: skip
+    if run_dir is None:
+        extra.update(train_run=None, model_checkpoint=str(c["model_checkpoint"]["path"]))
     if dist.world_size == 1:
         rd = RunDir(out, c)
         drop_records(rd.records_path, rd.config_hash)  # run again (e.g. after a kill): replace, not append

@@ -10,6 +10,15 @@
 Each entry of :data:`MODELS` also names the layers the engines hook by default (``features_layer`` for
 TTT / TTT++ / IT3 / masked TTT, ``actmad_layers`` for ActMAD), so that an evaluation config only needs the
 model's name.  Both models take normalised ``(N, 1, 28, 28)`` images (``MNIST_MEAN`` / ``MNIST_STD``).
+
+* ``wrn28_10`` (:class:`~tttlab.torch_ttt.wide_resnet.WideResNet`): RobustBench's ``Standard``
+  WideResNet-28-10 for CIFAR-10 (the TENT / EATA CIFAR-10-C source model), built to load its checkpoint
+  (:func:`tttlab.torch_ttt.checkpoints.load_pretrained`); ``(N, 3, 32, 32)`` inputs in ``[0, 1]``, no
+  mean/std.  Not trained by ``train.py``: ``evaluate.py`` loads it with ``model_checkpoint``.
+
+What a model expects as input is part of its entry (``input_mean`` / ``input_std``, ``None`` for raw
+``[0, 1]`` pixels; ``image_shape``; ``source_dataset``, the clean data calibration statistics are taken
+from), so that ``evaluate.py`` prepares every benchmark's images for the model it runs.
 """
 
 from __future__ import annotations
@@ -22,6 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tttlab.core.errors import UnknownNameError
+from tttlab.core.torch import MNIST_MEAN, MNIST_STD
+
+from .wide_resnet import wrn28_10
 
 __all__ = ["MODELS", "MnistBNNet", "ModelInfo", "Net", "build_model", "model_info"]
 
@@ -82,6 +94,13 @@ class ModelInfo:
     engine_layers: dict[str, str] = field(default_factory=dict)
     has_norm: bool = False
     description: str = ""
+    #: per-channel input normalisation ``(x - mean) / std`` after scaling to [0, 1]; None: raw [0, 1]
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
+    #: (height, width, channels) of the images the model takes
+    image_shape: tuple[int, int, int] = (28, 28, 1)
+    #: the clean training data (``tttlab.core.data`` name) calibration statistics come from
+    source_dataset: str = "mnist"
 
     def layer_for(self, engine: str) -> str:
         return self.engine_layers.get(engine, self.features_layer)
@@ -92,11 +111,20 @@ MODELS: dict[str, ModelInfo] = {
         "tutorial_net", Net, features_layer="fc2", actmad_layers=("conv1", "conv2", "fc1", "fc2"),
         engine_layers={"masked_ttt": "conv2"}, has_norm=False,
         description="seed 004's CNN (conv 10/20 k5, fc 320-50-50-10, LeakyReLU, log_softmax)",
+        input_mean=MNIST_MEAN, input_std=MNIST_STD,
     ),
     "mnist_bn": ModelInfo(
         "mnist_bn", MnistBNNet, features_layer="fc1", actmad_layers=("bn1", "bn2", "bn3"),
         engine_layers={"masked_ttt": "conv2"}, has_norm=True,
         description="small BatchNorm CNN (conv 16/32 k3 + BN, fc 1568-64 + BN, 10 logits)",
+        input_mean=MNIST_MEAN, input_std=MNIST_STD,
+    ),
+    # TTT-style heads hook the last stage (640 x 8 x 8); ActMAD aligns the three stages' outputs and the
+    # final BatchNorm (a default chosen here, not the ActMAD paper's layer set; names valid at every depth).
+    "wrn28_10": ModelInfo(
+        "wrn28_10", wrn28_10, features_layer="block3", actmad_layers=("block1", "block2", "block3", "bn1"),
+        has_norm=True, input_mean=None, input_std=None, image_shape=(32, 32, 3), source_dataset="cifar10",
+        description="RobustBench's CIFAR-10 'Standard' WideResNet-28-10 (36.5 M parameters, inputs in [0, 1])",
     ),
 }  # fmt: skip
 
@@ -107,6 +135,7 @@ def model_info(name: str) -> ModelInfo:
     return MODELS[name]
 
 
-def build_model(name: str) -> nn.Module:
-    """A freshly initialised model (draws from the global torch RNG: seed before calling)."""
-    return model_info(name).builder()
+def build_model(name: str, **kwargs) -> nn.Module:
+    """A freshly initialised model (draws from the global torch RNG: seed before calling); ``kwargs`` go to
+    its builder (e.g. ``wrn28_10``'s ``depth`` / ``widen_factor`` for a small test instance)."""
+    return model_info(name).builder(**kwargs)

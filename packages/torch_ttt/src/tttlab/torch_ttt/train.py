@@ -54,7 +54,7 @@ from tttlab.core.torch import resolve_device
 
 from .engine.base_engine import BaseEngine
 from .engine_registry import EngineRegistry, get_engine
-from .models import build_model, model_info
+from .models import MODELS, build_model, model_info
 from .precision import check_amp
 
 log = logging.getLogger("tttlab.torch_ttt.train")
@@ -372,7 +372,12 @@ def _validate(cfg) -> dict[str, Any]:
             "through a forward hook, which a compiled model does not run, so the joint-training forward "
             f"would stay eager; compile is offered for train.engine in {compilable_engines()}"
         )
-    model_info(c["model"]["name"])
+    if model_info(c["model"]["name"]).source_dataset != "mnist":  # e.g. wrn28_10: pretrained, CIFAR-10
+        raise ConfigError(
+            f"model.name={c['model']['name']!r} is not an MNIST model; train.py trains on MNIST (expected one of "
+            f"{sorted(k for k, v in MODELS.items() if v.source_dataset == 'mnist')}); evaluate a pretrained "
+            "model with tttlab-torch-ttt-evaluate model_checkpoint.name=... model_checkpoint.path=..."
+        )
     if int(c["train"]["checkpoint_every"]) < 1:
         raise ConfigError(f"train.checkpoint_every={c['train']['checkpoint_every']}: expected >= 1")
     if c["data"]["name"] != "mnist" or c["data"]["root"] is not None:
