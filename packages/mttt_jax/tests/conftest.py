@@ -12,10 +12,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
-#: the shared training run: TINY (test_train.py), 2 epochs of 4 steps, T=2 SGD inner loop, in-epoch checkpoints
-#: every 3 steps.  Trained once per session and only read (tests that resume or refuse copy it first): it is
-#: the uninterrupted reference of the kill/resume test and the model of the evaluate/plot/resume tests.
-SHARED_RUN = ["total_epochs=2", "checkpoint_every_steps=3", "inner.TTT.inner_itr=2", "inner.TTT.SGD=true"]
+#: the shared training run: TINY (test_train.py) at batch 8, 2 epochs of 2 steps, T=2 SGD inner loop, an
+#: in-epoch checkpoint at step 3.  Trained once per session and only read (tests that resume or refuse copy it
+#: first): it is the uninterrupted reference of the kill/resume test and the model of the evaluate/plot/resume
+#: tests.
+SHARED_RUN = ["input.batch_size=8", "total_epochs=2", "checkpoint_every_steps=3", "inner.TTT.inner_itr=2",
+              "inner.TTT.SGD=true"]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -180,7 +180,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, trained_run):
         compose([*TINY, *SHARED_RUN, out, "inner.TTT.inner_itr=1", "resume=false", "total_epochs=1"])
     )
     assert len(fresh["val/inner_loss"][0][0]) == 2, "T=1 reports 2 inner losses per layer"
-    assert fresh["step"] == [4], "started over (the T=2 run's checkpoints removed)"
+    assert fresh["step"] == [2], "started over (the T=2 run's checkpoints removed)"
 
 
 def test_tfds_path_defaults_to_tfds_data_dir(monkeypatch):

@@ -86,11 +86,12 @@ def test_closed_form_inner_gradient_equals_autodiff(name, expand):
     z, cache = encoder_apply(w, keys, cfg.inner_encoder)
     loss, dz = dec.loss_and_grad(z, dec.targets(x), dec.gram())
     grads = encoder_grad(w, cache, dz, cfg.inner_encoder)
+    value_and_grad = jax.jit(lambda wh, ph, xb: jax.value_and_grad(inner_loss)(wh, ph, xb, xb, cfg, H))
     for b in range(B):
         for h in range(H):
             ph = {k: (v[h] if k not in ("g_bias",) else v) for k, v in p.items() if k != "inner"}
             wh = {k: v[h] for k, v in p["inner"].items()}
-            ref_loss, ref_grad = jax.value_and_grad(inner_loss)(wh, ph, x[b], x[b], cfg, H)
+            ref_loss, ref_grad = value_and_grad(wh, ph, x[b])
             np.testing.assert_allclose(loss[b, h], ref_loss, rtol=1e-5, atol=1e-6)
             for k in ref_grad:
                 np.testing.assert_allclose(grads[k][b, h], ref_grad[k], rtol=1e-4, atol=1e-5)
@@ -307,12 +308,13 @@ def test_linear_encoder_statistics_path_equals_per_token_path_and_reference(cfg,
         out, losses = run(p, x)
         return jnp.sum(jnp.sin(out)) + losses.sum()
 
-    fast_out, fast_losses = run(p, x)
-    fast_grad = jax.grad(obj, argnums=(0, 1))(p, x)
+    def measure():  # new jit wrappers each call: traced with the ttt_inner_loop in place at that time
+        return (*jax.jit(run)(p, x), jax.jit(jax.grad(obj, argnums=(0, 1)))(p, x))
+
+    fast_out, fast_losses, fast_grad = measure()
     orig = il.ttt_inner_loop
     monkeypatch.setattr(il, "ttt_inner_loop", lambda *a, **k: orig(*a, **k, linear_gram=False))
-    slow_out, slow_losses = run(p, x)
-    slow_grad = jax.grad(obj, argnums=(0, 1))(p, x)
+    slow_out, slow_losses, slow_grad = measure()
     np.testing.assert_allclose(fast_out, slow_out, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(fast_losses, slow_losses, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(fast_grad), jax.tree_util.tree_leaves(slow_grad)):

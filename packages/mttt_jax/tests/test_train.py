@@ -82,15 +82,13 @@ def test_paper_patch_config_and_one_step_on_tfds_fixture(tmp_path):
 def test_killed_run_resumes_to_the_same_metrics(tmp_path, trained_run):
     from .conftest import SHARED_RUN
 
-    # SHARED_RUN: 2 epochs, in-epoch checkpoints at steps 3 and 6 (epoch ends always save), T=2 SGD; the
-    # session's trained_run is the uninterrupted run of this config
+    # SHARED_RUN: 2 epochs of 2 steps, an in-epoch checkpoint at step 3 (epoch ends always save), T=2 SGD;
+    # the session's trained_run is the uninterrupted run of this config
     base = TINY + SHARED_RUN
     full = trained_run[1]
     killed_cfg = compose(base + [f"out_dir={tmp_path / 'killed'}"])
     with pytest.raises(T.SimulatedKill):
-        T.train(
-            killed_cfg, _kill_at_step=7
-        )  # 4 steps per epoch: dies in epoch 2, after the in-epoch step-6 checkpoint
+        T.train(killed_cfg, _kill_at_step=4)  # dies in epoch 2, after the in-epoch step-3 checkpoint
     assert len(json.loads((tmp_path / "killed" / "stats.json").read_text())["step"]) == 1
     resumed = T.train(killed_cfg)
     timing = ("epoch_time_s",)
@@ -100,7 +98,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, trained_run):
     from tttlab.core.records import load_records
 
     df = load_records(tmp_path / "killed")
-    assert sorted(df[df.metric == "val/prec@1"].step.tolist()) == [4, 8]
+    assert sorted(df[df.metric == "val/prec@1"].step.tolist()) == [2, 4]
 
 
 def test_mttt_linear_keeps_w0_zero_and_trains_the_rest():
