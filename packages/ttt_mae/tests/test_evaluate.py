@@ -73,7 +73,7 @@ def test_bad_inputs(tmp_path, cache):
         run(tmp_path, cache, "ttt_mae.ttt", steps_per_example=-1)
     with pytest.raises(InvalidInputError, match="mask_ratio"):
         run(tmp_path, cache, "ttt_mae.ttt", mask_ratio=1.5)
-    with pytest.raises(ConfigError, match="amp='fp16'; expected 'none' or 'bf16'"):
+    with pytest.raises(ConfigError, match=r"amp='fp16'; expected one of \['none', 'bf16'\]"):
         run(tmp_path, cache, "ttt_mae.baseline", amp="fp16")
     with pytest.raises(ConfigError, match="compile"):
         run(tmp_path, cache, "ttt_mae.baseline", compile="maybe")

@@ -119,7 +119,7 @@ def test_lr_schedule_and_errors(tmp_path):
             f"smoke_{kind}",
             {"out_dir": str(tmp_path / "p"), **({"finetune": "x"} if kind == "probe" else {})},
         )
-        with pytest.raises(ConfigError, match="amp='fp16'; expected 'none' or 'bf16'"):
+        with pytest.raises(ConfigError, match=r"amp='fp16'; expected one of \['none', 'bf16'\]"):
             T.run({**c, "amp": "fp16"}, kind)
         with pytest.raises(ConfigError, match="compile='yes'; expected true or false"):
             T.run({**c, "compile": "yes"}, kind)

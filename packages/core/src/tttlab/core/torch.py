@@ -73,7 +73,8 @@ def autocast(device, amp: str):
     optimizer states are untouched: run the backward and the optimizer step outside the context."""
     import contextlib
 
-    amp = check_amp(amp)
+    if amp not in ("none", "bf16"):  # checked values go straight through (this runs once per forward)
+        amp = check_amp(amp)
     if amp == "bf16":
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

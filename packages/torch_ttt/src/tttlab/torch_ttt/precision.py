@@ -24,12 +24,11 @@ layer's output) or replace layers' forward (MEMO's and BN's prior-mixed BatchNor
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import torch
 from torch import nn
 
-from tttlab.core.errors import ConfigError
+from tttlab.core.torch import AMP_MODES, autocast, check_amp, check_compile
 
 __all__ = [
     "AMP_MODES",
@@ -41,32 +40,9 @@ __all__ = [
     "is_compiled",
 ]
 
-#: the values of ``amp``: no autocast, bfloat16 autocast.
-AMP_MODES = ("none", "bf16")
+#: ``AMP_MODES``, ``check_amp``, ``check_compile`` and ``autocast`` are core's (one rule for every torch
+#: subpackage), re-exported here for the engines.
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def check_amp(value: Any, key: str = "amp") -> str:
-    """``"none"`` or ``"bf16"`` (``None`` is ``"none"``); anything else is a ConfigError naming ``key``."""
-    if value is None:
-        return "none"
-    if isinstance(value, str) and value.strip().lower() in AMP_MODES:
-        return value.strip().lower()
-    raise ConfigError(f"{key}={value!r}; expected one of {list(AMP_MODES)}")
-
-
-def check_compile(value: Any, key: str = "compile") -> bool:
-    """A boolean; anything else (``"yes"``, ``1``) is a ConfigError naming ``key``."""
-    if isinstance(value, bool):
-        return value
-    raise ConfigError(f"{key}={value!r}; expected true or false")
-
-
-def autocast(device_type: str, amp: str):
-    """``torch.autocast(device_type, dtype=torch.bfloat16)`` for ``amp="bf16"``, else a null context."""
-    if amp == "bf16":
-        return torch.autocast(device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def full_precision(*tensors: torch.Tensor):

@@ -22,7 +22,7 @@ import torch
 
 from tttlab.core.config import RunConfig, package_yaml, to_plain
 from tttlab.core.errors import ConfigError
-from tttlab.core.torch import Dist, init_distributed, resolve_device  # noqa: F401  (re-exported)
+from tttlab.core.torch import AMP_MODES, Dist, check_amp, check_compile, init_distributed, resolve_device  # noqa: F401  (re-exported)
 
 log = logging.getLogger("tttlab.ttt_mae")
 
@@ -169,15 +169,11 @@ def check_values(c: dict[str, Any], checks: dict[str, tuple[Any, str]]) -> None:
             raise ConfigError(f"{key}={value!r}; expected {expected}")
 
 
-AMP_MODES = ("none", "bf16")
-
-
 def check_amp_compile(c: dict[str, Any]) -> None:
-    """``amp`` one of :data:`AMP_MODES` and ``compile`` a bool, else a ConfigError naming the key."""
-    check_values(c, {
-        "amp": (lambda v: v in AMP_MODES, "'none' or 'bf16' (bf16: torch.autocast to bfloat16)"),
-        "compile": (lambda v: isinstance(v, bool), "true or false (torch.compile of the step)"),
-    })  # fmt: skip
+    """``amp`` one of core's ``AMP_MODES`` (normalised in place) and ``compile`` a bool, else a ConfigError
+    naming the key (:func:`tttlab.core.torch.check_amp`, the rule of every torch subpackage)."""
+    c["amp"] = check_amp(c.get("amp"))
+    check_compile(c.get("compile"))
 
 
 def finite_nonneg(v) -> bool:

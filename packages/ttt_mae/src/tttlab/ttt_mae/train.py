@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from tttlab.core.errors import CheckpointError, ConfigError, InvalidInputError
 from tttlab.core.records import RunDir, read_jsonl
+from tttlab.core.torch import autocast
 
 from .checkpoint import atomic_save, read_checkpoint, state_dict_of
 from .common import (
@@ -170,14 +171,6 @@ def augment(x: torch.Tensor, c: dict[str, Any], g: torch.Generator) -> torch.Ten
     )
 
 
-def _autocast(device: torch.device, amp: str):
-    import contextlib
-
-    if amp == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Path:
     """Train per the composed config ``c`` (``kind``: ``pretrain`` | ``probe``); returns ``checkpoint.pth``.
 
@@ -262,7 +255,7 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
                 if it % accum == 0:
                     for group in opt.param_groups:
                         group["lr"] = lr_at(c, epoch + it / n_iter, base_lr)
-                with _autocast(device, c["amp"]):
+                with autocast(device, c["amp"]):
                     if kind == "pretrain":
                         noise = model.mask_noise(len(x), g).to(device)
                         loss = net(x, mask_ratio=float(c["mask_ratio"]), noise=noise, mode="mae")
@@ -343,7 +336,7 @@ def clean_accuracy(model: MaskedAutoencoderViT, c: dict[str, Any], device, norm,
     for s in range(0, n, 256):
         images, labels = ds.take(np.arange(s, min(s + 256, n)))
         x = norm(to_unit(images)).to(device)
-        with _autocast(device, c["amp"]):
+        with autocast(device, c["amp"]):
             pred = model.classify(x).argmax(1).cpu().numpy()
         correct += int((pred == np.asarray(labels)).sum())
     return correct / n, n

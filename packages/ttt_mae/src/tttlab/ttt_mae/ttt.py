@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import torch
 
 from tttlab.core.errors import ConfigError, InvalidInputError
+from tttlab.core.torch import autocast, check_amp
 
 from .model import MaskedAutoencoderViT, check_mask_ratio
 from .views import make_views
@@ -104,8 +105,7 @@ class TTTSettings:
             raise ConfigError(f"finetune_mode={self.finetune_mode!r}; expected one of {FINETUNE_MODES}")
         if self.optimizer_type not in OPTIMIZERS:
             raise ConfigError(f"optimizer_type={self.optimizer_type!r}; expected one of {OPTIMIZERS}")
-        if self.amp not in ("none", "bf16"):
-            raise ConfigError(f"amp={self.amp!r}; expected 'none' or 'bf16'")
+        self.amp = check_amp(self.amp)
         return self
 
 
@@ -130,12 +130,6 @@ def image_generator(seed: int, domain_index: int, image_index: int) -> torch.Gen
     g = torch.Generator()
     g.manual_seed(int(seed) * 1_000_003 + int(domain_index) * 100_000_007 + int(image_index) + 1)
     return g
-
-
-def autocast(device: torch.device, amp: str):
-    if amp == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @dataclass
