@@ -349,13 +349,23 @@ def test_vit_forward_is_the_pre_ln_composition():
 @pytest.mark.parametrize("sgd", [True])  # (False: the same inner losses at both steps; 1 s more)
 def test_each_step_draws_its_own_token_order(sgd):
     """The model's random stream (SGD token order) is folded with the step number: the same batch at two
-    different steps gives two different inner losses with ``SGD=true`` (T minibatches in another order)."""
+    different steps gives two different inner losses with ``SGD=true`` (T minibatches in another order).
+    The step runs with ``dtype=bfloat16`` (the stream does not depend on the dtype; this makes it the
+    bf16 training-step test too: the parameters stay float32, the losses finite)."""
     from tttlab.core.jax import data_mesh
 
     from .test_train import TINY, compose
 
     c = T.to_dict(
-        compose([*TINY, "warmup_steps=0", "inner.TTT.inner_itr=2", f"inner.TTT.SGD={str(sgd).lower()}"])
+        compose(
+            [
+                *TINY,
+                "warmup_steps=0",
+                "inner.TTT.inner_itr=2",
+                f"inner.TTT.SGD={str(sgd).lower()}",
+                "dtype=bfloat16",
+            ]
+        )  # fmt: skip
     )
     model = T.model_from_config(c)
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 28, 28, 1)), jnp.float32)
@@ -368,8 +378,11 @@ def test_each_step_draws_its_own_token_order(sgd):
     losses = []
     for s in (1, 2):
         state = {"params": jax.tree_util.tree_map(jnp.copy, params), "opt_state": tx.init(params)}
-        _, m = step(state, x, y, jnp.asarray(s, jnp.int32))
+        new, m = step(state, x, y, jnp.asarray(s, jnp.int32))
         losses.append(np.asarray(m["inner"]))
+        assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(new["params"])} == {jnp.dtype("float32")}
+        assert np.isfinite(float(m["loss"])) and np.isfinite(losses[-1]).all()
+    assert model.dtype == jnp.bfloat16
     assert np.array_equal(losses[0], losses[1]) is (not sgd)
 
 
