@@ -103,7 +103,7 @@ def _config(cfg: Mapping | None, overrides: dict) -> dict[str, Any]:
         raise ConfigError(f"progress={c['progress']!r}; expected true or false")
     c.setdefault("amp", "none")
     c.setdefault("compile", False)
-    precision.check(c["amp"], c["compile"])
+    c["amp"], c["compile"] = precision.check(c["amp"], c["compile"])
     if c.get("train_run") and c.get("train_overrides"):
         raise ConfigError(
             f"train_overrides={c['train_overrides']!r} configure the cached training run, but train_run="

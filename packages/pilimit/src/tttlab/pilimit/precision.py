@@ -1,6 +1,7 @@
 """The ``amp`` and ``compile`` options of every pilimit train/evaluate loop (tttlab DESIGN "Scale out").
 
-``amp``: ``none`` (default) | ``bf16`` -- ``torch.autocast(device.type, dtype=torch.bfloat16)`` around the
+``amp``: ``none`` (default) | ``bf16`` -- core's :func:`tttlab.core.torch.autocast`,
+``torch.autocast(device.type, dtype=torch.bfloat16)``, around the
 forward and the loss of each training step, the test-set accuracy, MAML's inner loop and few-shot
 evaluation, transfer features and the evaluate contract's prediction; the backward runs after the context
 (as torch recommends), and the pi-layers' custom backward re-enters the forward's autocast itself (as
@@ -36,38 +37,28 @@ gives the eager numbers to float rounding, like ``model.chunk_size``, and may re
 
 from __future__ import annotations
 
-import contextlib
-
-import torch
-
 from tttlab.core.errors import ConfigError
+from tttlab.core.torch import AMP_MODES, autocast, check_amp, check_compile
 
-AMP_MODES = ("none", "bf16")
+__all__ = ["AMP_MODES", "autocast", "check", "compile_net"]
 
 
-def check(amp, compile_, model_dtype: str | None = None, impl: str | None = None, prefix: str = "") -> None:
-    """ConfigErrors naming the key for a bad ``amp`` / ``compile`` value or combination."""
-    if amp not in AMP_MODES:
-        raise ConfigError(f"{prefix}amp={amp!r}; expected one of {list(AMP_MODES)}")
-    if not isinstance(compile_, bool):
-        raise ConfigError(f"{prefix}compile={compile_!r}; expected true or false")
+def check(amp, compile_, model_dtype: str | None = None, impl: str | None = None) -> tuple[str, bool]:
+    """``(amp, compile)`` checked by core (:func:`tttlab.core.torch.check_amp` / ``check_compile``: a
+    ConfigError naming the key and the allowed values), plus pilimit's combinations: ``amp=bf16`` with
+    float16 rows, ``compile=true`` with the reference pi-layers."""
+    amp, compile_ = check_amp(amp), check_compile(compile_)
     if amp == "bf16" and model_dtype == "float16":
         raise ConfigError(
-            f"{prefix}amp='bf16' with model.dtype='float16': autocast would recast the float16 rows to "
-            "bfloat16 in every product; use model.dtype=bfloat16 (or float32) with amp=bf16"
+            "amp='bf16' with model.dtype='float16': autocast would recast the float16 rows to bfloat16 in "
+            "every product; use model.dtype=bfloat16 (or float32) with amp=bf16"
         )
     if compile_ and impl == "reference":
         raise ConfigError(
-            f"{prefix}compile=true with model.impl='reference': only the chunked pi-layers have compiled "
-            "kernels (the reference path is the uncompiled baseline); use model.impl=chunked"
+            "compile=true with model.impl='reference': only the chunked pi-layers have compiled kernels (the "
+            "reference path is the uncompiled baseline); use model.impl=chunked"
         )
-
-
-def autocast(device: torch.device | str, amp: str):
-    """``torch.autocast(device.type, dtype=torch.bfloat16)`` for ``amp='bf16'``, else a no-op context."""
-    if amp == "bf16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return amp, compile_
 
 
 def compile_net(net) -> None:

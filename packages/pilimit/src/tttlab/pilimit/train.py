@@ -199,7 +199,9 @@ def validate(cfg) -> dict[str, Any]:
             raise ConfigError(f"{key}={value!r}: expected {expected}")
     if c["train"]["task"] == "maml":
         check_maml_config(c["maml"])
-    precision.check(c["amp"], c["compile"], m["dtype"], m["impl"] if m["kind"] == "inf" else None)
+    c["amp"], c["compile"] = precision.check(
+        c["amp"], c["compile"], m["dtype"], m["impl"] if m["kind"] == "inf" else None
+    )
     return c
 
 
