@@ -1,6 +1,6 @@
 """fp32 vs bf16 autocast vs torch.compile on the MNIST proxy (CPU), side by side in one process.
 
-    nice -n 10 .venv/bin/python packages/ttt_mae/benchmarks/bench_amp_compile.py [--out /tmp/ttt_mae_amp.md]
+    nice -n 10 .venv/bin/python benchmarks/bench_ttt_mae_amp.py [--out /tmp/ttt_mae_amp.md]
 
 1. pretrain and probe steps of the ``quick`` profile's model (``mae_vit_mnist_patch7``, batch 128, one
    thread): every mode trains its own copy from the same weights on the same batches and masks, one epoch

@@ -1,6 +1,6 @@
 """fp32 vs bf16 autocast vs torch.compile on the MNIST proxies (CPU, one thread), side by side in one process.
 
-    nice -n 10 .venv/bin/python packages/memo_tpt/benchmarks/bench_amp_compile.py [--out /tmp/memo_tpt_amp.md]
+    nice -n 10 .venv/bin/python benchmarks/bench_memo_tpt_amp.py [--out /tmp/memo_tpt_amp.md]
 
 1. The evaluate contract (profile ``quick``: 32 views, 24 images per corruption, ``--corruptions``) for
    MEMO, TPT, the view-ensemble and zero-shot CLIP, each with amp=none (fp32, what ``auto`` is on the CPU),

@@ -1,6 +1,6 @@
 """float32 vs bfloat16 compute vs no jit on the ``mnist_patch`` proxy: time per training step and accuracy.
 
-    nice -n 10 python packages/mttt_jax/benchmarks/bench_dtype.py --examples 3200 --block 10 --out benchmarks/mttt_amp.md
+    nice -n 10 python benchmarks/bench_mttt_dtype.py --examples 3200 --block 10 --out benchmarks/mttt_amp.md
 
 Each variant trains its own copy of the same model (``experiment=mnist_patch``: MTTT-MLP T=1, 7x7 patches,
 width-64 ViT, batch 64, same seed, data order and optimizer) with ``train.make_train_step``, the step of

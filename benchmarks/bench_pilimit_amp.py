@@ -1,6 +1,6 @@
 """fp32 vs bf16 autocast vs torch.compile on pilimit's MNIST proxy: time per training step and accuracy.
 
-    nice -n 10 python packages/pilimit/benchmarks/bench_amp.py --examples 3200 --block 20 --out benchmarks/pilimit_amp.md
+    nice -n 10 python benchmarks/bench_pilimit_amp.py --examples 3200 --block 20 --out benchmarks/pilimit_amp.md
 
 Every variant trains its own copy of the same net (same seed, data order and recipe: ``+experiment=mnist``
 with ``data.num_examples`` = ``--examples``) through the code path of ``tttlab-pilimit-train`` (``amp``:
