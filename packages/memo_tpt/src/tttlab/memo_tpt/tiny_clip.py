@@ -23,7 +23,6 @@ the cache key when set (another model); the evaluate contract always uses the fl
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -103,12 +102,11 @@ def random_crops(x: torch.Tensor, scale=(0.6, 1.0), generator=None) -> torch.Ten
 
 
 def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from tttlab.core._io import atomic_path, remove_stale_temps
+
+    remove_stale_temps(Path(path).parent)  # a model whose save a killed run left half-written
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _progress(total: int, desc: str, enabled: bool):

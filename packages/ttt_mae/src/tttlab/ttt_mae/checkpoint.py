@@ -185,13 +185,10 @@ def load_official(
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    """``torch.save`` through core's atomic write (temp file next to ``path``, fsync, rename; the temp file
+    of a killed write is removed when the run directory is opened again)."""
+    from tttlab.core._io import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
