@@ -265,7 +265,10 @@ def run_cli(monkeypatch, capsys, *overrides: str) -> str:
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    monkeypatch.setattr(sys, "argv", ["tttlab-torch-ttt-evaluate", *overrides])
+    # Hydra's logging set-up would close every handler, absl's too, and with it pytest's capture stream
+    # ("lost sys.stderr" later in the same CI process): the other packages' CLI tests turn it off too
+    no_hydra_logging = ("hydra/job_logging=none", "hydra/hydra_logging=none")
+    monkeypatch.setattr(sys, "argv", ["tttlab-torch-ttt-evaluate", *overrides, *no_hydra_logging])
     root = logging.getLogger()
     level, handlers = root.level, root.handlers[:]
     try:
