@@ -16,3 +16,43 @@ def run_until(cmd, stop_at, env) -> subprocess.CompletedProcess:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
         err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
         return subprocess.CompletedProcess(cmd, -9, out, err + "\nkilled at the deadline")
+
+
+def evaluate_modes(run, methods, modes, mode_config, config, first_domain, rounds=2, echo=None) -> list[dict]:
+    """A package's evaluate contract (``run(cfg) -> records path``) for every method in every mode, the modes
+    interleaved over ``rounds`` rounds with their order rotated each round, so that all modes see the same
+    machine load.  ``mode_config[name]``: the keys of that mode (e.g. ``{"amp": "bf16"}``); ``config``: the
+    keys common to all (profile, cache_dir, benchmark, ...).  Per method and mode: the mean accuracy (equal
+    in every round, asserted), s/image over all domains of round 1 (a compiled mode's first domain holds its
+    compiles) and the median over the rounds of s/image over the domains after ``first_domain``."""
+    import statistics
+    import tempfile
+
+    from tttlab.core.records import load_records
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in methods:
+            got: dict[str, list] = {m: [] for m in modes}
+            for k in range(rounds):
+                for name in modes[k % len(modes) :] + modes[: k % len(modes)]:
+                    cfg = {
+                        **config,
+                        **mode_config[name],
+                        "method": method,
+                        "out_dir": f"{tmp}/{method}-{name}-{k}",
+                    }
+                    df = load_records(run(cfg), metric="accuracy")
+                    dom = df[df.corruption != "mean"]
+                    warm = dom[dom.corruption != first_domain]
+                    got[name].append((df[df.corruption == "mean"].value.iloc[0],
+                                      float(dom.wall_time_s.sum() / dom.n.sum()),
+                                      float(warm.wall_time_s.sum() / warm.n.sum())))  # fmt: skip
+            for name in modes:
+                accs = {a for a, _, _ in got[name]}
+                assert len(accs) == 1, f"{method} {name}: accuracy differs between rounds {accs}"
+                rows.append(dict(method=method, mode=name, acc=accs.pop(), spi=got[name][0][1],
+                                 warm=statistics.median(w for _, _, w in got[name])))  # fmt: skip
+                if echo:
+                    echo(rows[-1])
+    return rows

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,35 +27,16 @@ METHODS = ("memo_tpt.memo", "memo_tpt.tpt", "memo_tpt.tpt_ensemble", "memo_tpt.c
 
 
 def evaluate_rows(cache: Path, corruptions: list[str], num: int, modes: list[str], methods, rounds: int = 2):
-    """Per method and mode: mean accuracy, s/image over all images of the first round (a compiled mode's
-    first domain holds its compiles) and the median over ``rounds`` of s/image over the later domains; the
-    modes interleaved, their order rotated each round."""
-    from tttlab.core.records import load_records
+    """Per method and mode: mean accuracy, s/image (all of round 1; the later domains, median of the
+    rounds), the modes interleaved (:func:`_sweep.evaluate_modes`)."""
+    from _sweep import evaluate_modes
+
     from tttlab.memo_tpt.evaluate import run
 
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for method in methods:
-            got: dict[str, list] = {m: [] for m in modes}
-            for k in range(rounds):
-                for name in modes[k % len(modes) :] + modes[: k % len(modes)]:
-                    amp, comp = MODES[name]
-                    path = run(method=method, profile="quick", cache_dir=str(cache), progress=False, amp=amp,
-                               compile=comp, out_dir=f"{tmp}/{method}-{name}-{k}",
-                               benchmark={"corruptions": corruptions, "num_examples": num})  # fmt: skip
-                    df = load_records(path, metric="accuracy")
-                    dom = df[df.corruption != "mean"]
-                    warm = dom[dom.corruption != corruptions[0]]
-                    got[name].append((df[df.corruption == "mean"].value.iloc[0],
-                                      float(dom.wall_time_s.sum() / dom.n.sum()),
-                                      float(warm.wall_time_s.sum() / warm.n.sum())))  # fmt: skip
-            for name in modes:
-                accs = {a for a, _, _ in got[name]}
-                assert len(accs) == 1, f"{method} {name}: accuracy differs between rounds {accs}"
-                rows.append(dict(method=method, mode=name, acc=accs.pop(), spi=got[name][0][1],
-                                 warm=statistics.median(w for _, _, w in got[name])))  # fmt: skip
-                print(rows[-1], flush=True)
-    return rows
+    mode_config = {name: {"amp": amp, "compile": comp} for name, (amp, comp) in MODES.items()}
+    config = {"profile": "quick", "cache_dir": str(cache), "progress": False,
+              "benchmark": {"corruptions": corruptions, "num_examples": num}}  # fmt: skip
+    return evaluate_modes(run, methods, modes, mode_config, config, corruptions[0], rounds, echo=print)
 
 
 class _StepClock:

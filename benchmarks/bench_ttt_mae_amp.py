@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ def _batches(ds, n_steps, bs, seed=0):
 
 
 def train_steps(kind: str, cache: Path, modes: list[str], rounds: int, per_round: int, warm: int):
+    from tttlab.core.torch import autocast
     from tttlab.ttt_mae import evaluate as E
     from tttlab.ttt_mae import train as T
     from tttlab.ttt_mae.common import compose, normalization
@@ -67,7 +67,7 @@ def train_steps(kind: str, cache: Path, modes: list[str], rounds: int, per_round
         model, net, opt = r["model"], r["net"], r["opt"]
         model.train()
         t0 = time.perf_counter()
-        with T._autocast(torch.device("cpu"), MODES[r["name"]][0]):
+        with autocast("cpu", MODES[r["name"]][0]):
             if kind == "pretrain":
                 noise = model.mask_noise(len(x), r["g"])
                 loss = net(x, mask_ratio=float(c["mask_ratio"]), noise=noise, mode="mae")
@@ -107,34 +107,17 @@ def train_steps(kind: str, cache: Path, modes: list[str], rounds: int, per_round
 
 
 def ttt_rows(cache: Path, corruptions: list[str], num: int, modes: list[str], rounds: int = 2):
-    """Per method and mode: mean accuracy, s/image over all images (the first domain of a compiled mode's
-    first round includes its compiles) and over the domains after the first (warm), the modes interleaved
-    over ``rounds`` rounds (their order rotated each round; medians over the rounds)."""
-    from tttlab.core.records import load_records
+    """Per method and mode: mean accuracy, s/image (all of round 1; the later domains, median of the
+    rounds), the modes interleaved (:func:`_sweep.evaluate_modes`)."""
+    from _sweep import evaluate_modes
+
     from tttlab.ttt_mae import evaluate as E
 
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for method in ("ttt_mae.baseline", "ttt_mae.ttt"):
-            got: dict[str, list] = {m: [] for m in modes}
-            for k in range(rounds):
-                for name in modes[k % len(modes) :] + modes[: k % len(modes)]:
-                    amp, comp = MODES[name]
-                    path = E.run({"method": method, "profile": "quick", "cache_dir": str(cache), "progress": False,
-                                  "out_dir": f"{tmp}/{method}-{name}-{k}", "amp": amp, "compile": comp,
-                                  "benchmark": {"corruptions": corruptions, "num_examples": num}})  # fmt: skip
-                    df = load_records(path)
-                    acc = df[(df.metric == "accuracy") & (df.corruption == "mean")].value.iloc[0]
-                    dom = df[(df.metric == "accuracy") & (df.corruption != "mean")]
-                    warm = dom[dom.corruption != corruptions[0]]
-                    got[name].append((acc, float(dom.wall_time_s.sum() / dom.n.sum()),
-                                      float(warm.wall_time_s.sum() / warm.n.sum())))  # fmt: skip
-            for name in modes:
-                accs = {a for a, _, _ in got[name]}
-                assert len(accs) == 1, f"{method} {name}: accuracy differs between rounds {accs}"
-                rows.append(dict(method=method, mode=name, acc=accs.pop(), spi=got[name][0][1],
-                                 warm=statistics.median(w for _, _, w in got[name])))  # fmt: skip
-    return rows
+    mode_config = {name: {"amp": amp, "compile": comp} for name, (amp, comp) in MODES.items()}
+    config = {"profile": "quick", "cache_dir": str(cache), "progress": False,
+              "benchmark": {"corruptions": corruptions, "num_examples": num}}  # fmt: skip
+    return evaluate_modes(E.run, ("ttt_mae.baseline", "ttt_mae.ttt"), modes, mode_config, config, corruptions[0],
+                          rounds)  # fmt: skip
 
 
 def main() -> None:
