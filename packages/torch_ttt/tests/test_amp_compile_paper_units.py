@@ -235,3 +235,33 @@ def test_checkpoint_without_counters_loads_them_as_zero(tmp_path):
     loaded = load_pretrained("wrn28_10", tmp_path / "old.pt", depth=10, widen_factor=1).state_dict()
     counters = [v for k, v in loaded.items() if k.endswith("num_batches_tracked")]
     assert counters and all(int(v) == 0 for v in counters)
+
+
+def test_records_name_what_compile_compiled_through_run(tmp_path, monkeypatch):
+    """evaluate.run with compile=true (torch.compile replaced by a counting pass-through) on a small
+    pretrained WRN (model_checkpoint): every record's extra says compile true, amp none and
+    compiled_forwards "all"."""
+    from tttlab.core.records import read_jsonl
+    from tttlab.torch_ttt.wide_resnet import WideResNet
+
+    testing.make_cifar10_c(tmp_path / "data", corruptions=("fog",), n_per_severity=4)
+    torch.manual_seed(0)
+    torch.save(WideResNet(depth=10, widen_factor=1).state_dict(), tmp_path / "w.pt")
+    cfg = {"engine": "source", "device": "cpu", "logging": {"progress": False},
+           "model_checkpoint": {"name": "wrn28_10", "path": str(tmp_path / "w.pt"),
+                                "kwargs": {"depth": 10, "widen_factor": 1}},
+           "benchmark": {"name": "cifar10_c", "root": str(tmp_path / "data"), "corruptions": ["fog"],
+                         "severities": [5], "setting": "episodic", "batch_size": 2, "num_examples": 4}}  # fmt: skip
+    calls = []
+
+    def fake_compile(fn, **kw):
+        calls.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    rows = read_jsonl(E.run({**cfg, "compile": True, "out_dir": str(tmp_path / "compiled")}))
+    assert calls, "torch.compile was not called"
+    assert {(r["extra"]["amp"], r["extra"]["compile"], r["extra"]["compiled_forwards"]) for r in rows} == {
+        ("none", True, "all")
+    }
+    assert {r["corruption"] for r in rows if r["metric"] == "accuracy"} == {"fog"}
