@@ -43,7 +43,10 @@ def _bf16(*shape, seed=0, scale=3.0):
 def _masked_mse_case():
     from tttlab.torch_ttt.engine.masked_ttt_engine import masked_mse
 
-    pred, target = _bf16(1, 1, 20, 20), torch.randn(1, 1, 20, 20, generator=torch.Generator().manual_seed(3))
+    pred, target = (
+        _bf16(1, 1, 20, 20),
+        torch.randn(1, 1, 20, 20, generator=torch.Generator().manual_seed(3)),
+    )
     mask = torch.zeros(1, 1, 20, 20, dtype=torch.bool)
     mask.view(-1)[:301] = True  # 301 masked pixels: not a bfloat16 number (it rounds to 300)
     return masked_mse, (pred, target, mask), (pred.float(), target, mask)
@@ -58,8 +61,16 @@ def _nt_xent_case():
 
 CASES = {
     "entropy": lambda: (entropy, (_bf16(8, 10),), (_bf16(8, 10).float(),)),
-    "marginal_entropy": lambda: (marginal_entropy, (_bf16(4, 8, 10),), (_bf16(4, 8, 10).float(),)),
-    "covariance": lambda: (covariance, (_bf16(16, 12, scale=1.0),), (_bf16(16, 12, scale=1.0).float(),)),
+    "marginal_entropy": lambda: (
+        marginal_entropy,
+        (_bf16(4, 8, 10),),
+        (_bf16(4, 8, 10).float(),),
+    ),
+    "covariance": lambda: (
+        covariance,
+        (_bf16(16, 12, scale=1.0),),
+        (_bf16(16, 12, scale=1.0).float(),),
+    ),
     "nt_xent": _nt_xent_case,
     "masked_mse": _masked_mse_case,
 }
@@ -191,7 +202,11 @@ def test_bn_with_prior_mixed_statistics_compiles_nothing(monkeypatch):
 def test_engine_defaults_fill_only_what_the_command_line_leaves_null():
     presets = {"tent": {"kwargs": {"predict_before_update": True},
                         "optimization": {"lr": 1e-3, "num_steps": 1, "optimizer_name": "adam"}}}  # fmt: skip
-    given = {"name": "tent", "kwargs": {"predict_before_update": False}, "optimization": {"lr": 0.02}}
+    given = {
+        "name": "tent",
+        "kwargs": {"predict_before_update": False},
+        "optimization": {"lr": 0.02},
+    }
     c = E.eval_config({"engine_defaults": presets, "engine": given})
     opt = c["engine"]["optimization"]
     assert (opt["lr"], opt["num_steps"], opt["optimizer_name"]) == (0.02, 1, "adam")
@@ -210,7 +225,9 @@ def _cifar_train_pickles(root, n):
     return torch.from_numpy(images).float() / 255.0, torch.tensor(labels[:n])
 
 
-def test_wrn_calibration_images_are_raw_cifar10_train_images_from_calibration_root(tmp_path):
+def test_wrn_calibration_images_are_raw_cifar10_train_images_from_calibration_root(
+    tmp_path,
+):
     testing.make_cifar10(tmp_path / "cal", n_train=10, n_test=10, seed=1)
     testing.make_cifar10(tmp_path / "bench", n_train=10, n_test=10, seed=2)
     c = {"calibration": {"root": str(tmp_path / "cal")}, "benchmark": {"root": str(tmp_path / "bench")},
@@ -265,3 +282,55 @@ def test_records_name_what_compile_compiled_through_run(tmp_path, monkeypatch):
         ("none", True, "all")
     }
     assert {r["corruption"] for r in rows if r["metric"] == "accuracy"} == {"fog"}
+
+
+class _BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn1(self.conv1(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("name", ["memo", "bn"])
+def test_prior_mixed_batchnorm_never_runs_the_compiled_model(name, monkeypatch):
+    """MEMO / BN with prior-mixed statistics replace the BatchNorm layers' forward, which a compiled graph
+    would not see: under engine.compile() (a counting stand-in) neither the adaptation nor the prediction
+    goes through the compiled call, as compiled_forwards "none" says."""
+    calls = []
+
+    def fake_compile(fn, **kw):
+        def run(*a, **k):
+            calls.append(1)
+            return fn(*a, **k)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    torch.manual_seed(0)
+    model = _BNNet().eval()
+    if name == "memo":
+        engine = get_engine("memo")(model, {"num_steps": 1}, n_augmentations=2, prior_strength=16)
+    else:
+        engine = get_engine("bn")(model, prior_strength=0.5)
+    engine.compile()
+    assert E.compiled_forwards(engine) == "none"
+    engine.eval()(torch.rand(2, 1, 8, 8))
+    assert calls == [], "the compiled model ran under prior-mixed BatchNorm statistics"
+
+
+def test_wrn_engine_inputs_and_registered_layers():
+    """The example images evaluate.py builds the heads from have the WRN's (N, C, H, W) shape, and the
+    registry hooks the documented layers (last stage for the TTT family, three stages + final BN for
+    ActMAD)."""
+    info = model_info("wrn28_10")
+    assert tuple(E.example_images(info).shape) == (2, 3, 32, 32)
+    assert info.features_layer == "block3" and info.actmad_layers == (
+        "block1",
+        "block2",
+        "block3",
+        "bn1",
+    )
