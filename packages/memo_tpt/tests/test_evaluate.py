@@ -118,3 +118,26 @@ def test_run_again_replaces_its_records_and_keeps_other_configs(cache, tmp_path)
     again = load_records(run(**kw, benchmark=bench))
     assert len(first) == 2 and len(other) == 4 and len(again) == 4
     assert sorted(again.n) == [2, 2, 3, 3], "one copy per config"
+
+
+def test_memo_source_pass_runs_under_the_same_autocast(cache, tmp_path, monkeypatch):
+    """MEMO's ``extra.source_accuracy`` (the unadapted model) is measured under the run's ``amp`` like the
+    adaptation (mutation audit: a source pass left in float32 passed every test)."""
+    import torch
+
+    from tttlab.memo_tpt import evaluate as E
+
+    seen = []
+    real = E.build_method
+
+    def hooked(c, device):
+        adapt, name, memo = real(c, device)
+        memo.model.register_forward_pre_hook(
+            lambda m, a: seen.append((torch.is_autocast_enabled("cpu"), torch.is_grad_enabled()))
+        )
+        return adapt, name, memo
+
+    monkeypatch.setattr(E, "build_method", hooked)
+    run(method="memo_tpt.memo", profile="smoke", cache_dir=str(cache), progress=False, out_dir=str(tmp_path),
+        amp="bf16", benchmark={"corruptions": ["fog"], "num_examples": 4})  # fmt: skip
+    assert (True, False) in seen and {a for a, _ in seen} == {True}  # the no-grad source pass included
