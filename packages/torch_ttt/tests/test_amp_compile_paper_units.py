@@ -334,3 +334,19 @@ def test_wrn_engine_inputs_and_registered_layers():
         "block3",
         "bn1",
     )
+
+
+def test_stream_images_are_normalised_with_the_evaluated_models_constants():
+    """make_stream scales to [0, 1] and applies the model's registry normalisation: the MNIST models get
+    (x - 0.1307) / 0.3081 of exactly the images a model without normalisation gets."""
+    import dataclasses
+
+    c = E.eval_config({"engine": "source"}, ["benchmark.num_examples=4", "benchmark.batch_size=4",
+                                             "benchmark.corruptions=[gaussian_noise]", "benchmark.setting=episodic"])  # fmt: skip
+    mnist = model_info("mnist_bn")
+    raw_info = dataclasses.replace(mnist, input_mean=None, input_std=None)
+    (norm,) = list(E.make_stream(c, E.init_distributed(), mnist)[0])
+    (raw,) = list(E.make_stream(c, E.init_distributed(), raw_info)[0])
+    assert raw.x.shape == (4, 1, 28, 28) and 0.0 <= float(raw.x.min()) and float(raw.x.max()) <= 1.0
+    torch.testing.assert_close(norm.x, (raw.x - 0.1307) / 0.3081, rtol=1e-6, atol=1e-6)
+    assert torch.equal(norm.y, raw.y)
