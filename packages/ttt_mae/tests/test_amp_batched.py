@@ -1,11 +1,11 @@
 """amp=bf16 in the batched (group_size > 1) adapter (mutation audit: a BatchedTTT loss outside autocast
 passed every earlier test; they checked amp on the one-image adapter only).
 
-Known bug (xfail below, reported to the lead): the batched per-step prediction, ``vmap(self._logits)``, runs
-its Linear layers in float32 under amp=bf16: in this torch, autocast inside a bare ``torch.func.vmap`` does
-not cast ``F.linear`` (it does under ``vmap(grad(...))``, the loss path, and ``@`` is cast in both)."""
+The audit also found that the batched per-step prediction, then ``vmap(self._logits)``, ran its Linear layers
+in float32 under amp=bf16: in this torch, autocast inside a bare ``torch.func.vmap`` does not cast
+``F.linear`` (it does under ``vmap(grad(...))``, the loss path).  ``BatchedTTT._group_logits`` now loops over
+the images under bf16; the second test checks it."""
 
-import pytest
 import torch
 
 from tttlab.ttt_mae.ttt import BatchedTTT, image_generator
@@ -38,7 +38,6 @@ def test_batched_adapter_loss_runs_under_bf16(tiny, norm, settings, images):
     assert {d for p, d in seen if p == "_loss"} == {torch.bfloat16}
 
 
-@pytest.mark.xfail(strict=True, reason="autocast inside a bare vmap leaves F.linear in float32 (known bug)")
 def test_batched_adapter_prediction_runs_under_bf16(tiny, norm, settings, images):
     seen = _adapt_recording(tiny, norm, settings, images)
     assert {d for p, d in seen if p == "_logits"} == {torch.bfloat16}

@@ -288,6 +288,21 @@ class BatchedTTT:
                 0
             ].float()
 
+    def _group_logits(self, params, images):
+        """Each image's logits under its own weights: ``vmap`` over the group; under ``amp=bf16`` a loop over
+        the images instead, because autocast inside a bare ``torch.func.vmap`` leaves ``F.linear`` in float32
+        in this torch (it does cast under ``vmap(grad(...))``, the loss path)."""
+        from torch.func import vmap
+
+        if self.s.amp == "bf16":
+            return torch.stack(
+                [
+                    self._logits({k: v[i] for k, v in params.items()}, images[i])
+                    for i in range(images.shape[0])
+                ]
+            )
+        return vmap(self._logits)(params, images)
+
     def adapt(
         self, raws: list[torch.Tensor], generators: list[torch.Generator], normalize
     ) -> list[ImageResult]:
@@ -318,7 +333,7 @@ class BatchedTTT:
         test = normalize(torch.stack(raws))
         params = {n: b.unsqueeze(0).repeat(G, *([1] * b.dim())) for n, b in self.base.items()}
         bufs: dict[str, torch.Tensor] | None = None
-        logits_fn = vmap(self._logits)
+        logits_fn = self._group_logits
         grad_fn = vmap(grad(self._loss, has_aux=True))
         self.model.eval()
         with torch.no_grad():
@@ -358,13 +373,12 @@ class BatchedTTT:
         than the first one is padded with copies of its first image (their results are dropped), so one
         compiled graph serves every group.  Single-crop steps pass the image once with ``batch_size``
         masks (the model broadcasts it: patch embedding and targets computed once per image)."""
-        from torch.func import vmap
 
         warm = self._compiled_step is not None
         if self._compiled_step is None:
             self._compiled_step = torch.compile(self._step_fn, mode=self.s.compile_mode, dynamic=False)
             # the per-step prediction (eval mode, no grad) too: eager vmap costs ~1/8 of a compiled step
-            self._compiled_logits = vmap(self._logits)
+            self._compiled_logits = self._group_logits
             if self.s.compile_predict:
                 self._compiled_logits = torch.compile(
                     self._compiled_logits, mode=self.s.compile_mode, dynamic=False
