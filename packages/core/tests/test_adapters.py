@@ -121,3 +121,31 @@ def test_amp_and_compile_options_are_checked_and_autocast_is_bf16_only_when_aske
         assert (x @ w).dtype == torch.float32
     with pytest.raises(ConfigError, match="amp='fp16'"):
         autocast("cpu", "fp16")
+
+
+def test_weights_from_elsewhere_are_unwrapped_checked_and_completed(tmp_path):
+    """core.torch's state-dict reader and check, shared by torch_ttt's pretrained models and memo_tpt's
+    weight loader: containers and ``module.`` prefixes, absent BatchNorm counters filled, mismatches named."""
+    torch = pytest.importorskip("torch")
+    from tttlab.core.errors import CheckpointError
+    from tttlab.core.torch import check_state_dict, read_state_dict, state_dict_from
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    own = model.state_dict()
+    saved = {"epoch": 3, "model": {"module." + k: v for k, v in own.items() if "num_batches" not in k}}
+    torch.save(saved, tmp_path / "w.pt")
+    state = check_state_dict(model, read_state_dict(tmp_path / "w.pt"), "w.pt", "the test net")
+    assert set(state) == set(own) and state["1.num_batches_tracked"].item() == 0
+    model.load_state_dict(state)  # strict
+    bad = {**state, "0.weight": torch.zeros(2, 4), "extra.bias": torch.zeros(1)}
+    del bad["1.bias"]
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not fit the test net .*1 key\(s\) missing from the file: 1\.bias.*"
+        r"1 key\(s\) the model does not have: extra\.bias.*0\.weight: checkpoint \(2, 4\) vs model \(2, 3\)",
+    ):
+        check_state_dict(model, bad, "w.pt", "the test net")
+    with pytest.raises(CheckpointError, match="x.pt: holds a mapping with keys epoch"):
+        state_dict_from({"epoch": 3}, "x.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_state_dict(tmp_path / "missing.pt")

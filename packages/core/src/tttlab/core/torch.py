@@ -80,6 +80,119 @@ def autocast(device, amp: str):
     return contextlib.nullcontext()
 
 
+#: Weights files from elsewhere: how many key names an error lists per kind of mismatch, the prefix
+#: ``torch.nn.DataParallel`` adds, the containers a state dict is found under, and the buffers a file may
+#: lack (BatchNorm counters: absent from files older than torch 0.4.1, unused in evaluation).
+STATE_DICT_SHOWN = 5
+DATA_PARALLEL_PREFIX = "module."
+STATE_DICT_CONTAINERS = ("state_dict", "model_state", "model")
+OPTIONAL_STATE_SUFFIXES = ("num_batches_tracked",)
+
+
+def _key_names(keys, shown: int = STATE_DICT_SHOWN) -> str:
+    keys = sorted(keys)
+    more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
+
+
+def state_dict_from(obj, source) -> dict:
+    """The state dict in a loaded weights file: ``obj`` itself or what it holds under ``state_dict`` /
+    ``model_state`` / ``model``, with ``module.`` prefixes removed.  Anything that is not a non-empty
+    mapping of tensors is a :class:`CheckpointError` naming ``source``."""
+    from collections.abc import Mapping
+
+    from .errors import CheckpointError
+
+    for key in STATE_DICT_CONTAINERS:
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        what = (
+            type(obj).__name__ if not isinstance(obj, Mapping) else f"a mapping with keys {_key_names(obj)}"
+        )
+        raise CheckpointError(
+            f"{source}: holds {what}; expected a state dict (parameter name -> tensor) or a mapping with one "
+            f"under one of {list(STATE_DICT_CONTAINERS)}"
+        )
+    return {k.removeprefix(DATA_PARALLEL_PREFIX): v for k, v in obj.items()}
+
+
+def read_state_dict(path, weights_only: bool = True) -> dict:
+    r"""The state dict of a local ``torch.save`` file (:func:`state_dict_from`), on the CPU.
+
+    ``weights_only=True`` reads tensors and plain containers only (no pickled code); a file that also
+    pickles other objects is an error that names them and says how to read it (trusted files only).  A
+    missing file, an HTML page saved under the weights' name (a failed download) and an unreadable file
+    are :class:`CheckpointError`\ s naming the path."""
+    import re
+    from pathlib import Path
+
+    from .errors import CheckpointError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; expected a torch.save file with the model's state dict"
+        )
+    with open(path, "rb") as f:
+        head = f.read(512).lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html")):
+        raise CheckpointError(
+            f"checkpoint {path} is an HTML page, not a torch.save file (a failed download saved under the "
+            "checkpoint's name?); download the weights file itself"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as exc:  # pickle, zip and weights-only errors come in many types
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text) if weights_only else None
+        if found:
+            raise CheckpointError(
+                f"checkpoint {path} pickles objects other than tensors and plain containers ({found.group(1)}), "
+                "which the safe reader refuses; if you trust the file, read it with weights_only=false "
+                "(model_checkpoint.weights_only=false in torch_ttt; unpickling runs code)"
+            ) from None
+        raise CheckpointError(
+            f"checkpoint {path}: not readable as a torch.save file of tensors ({type(exc).__name__}: "
+            f"{text[:200]})"
+        ) from None
+    return state_dict_from(obj, f"checkpoint {path}")
+
+
+def check_state_dict(model, state, source: str, arch: str) -> dict:
+    """``state`` ready for a strict ``model.load_state_dict``: a :class:`CheckpointError` unless it has
+    exactly ``model``'s keys (absent BatchNorm counters aside, filled with 0) with the same shapes; the
+    message names the first keys of each kind of mismatch and their counts.  ``model`` may live on the
+    meta device (only shapes are read)."""
+    from .errors import CheckpointError
+
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith(OPTIONAL_STATE_SUFFIXES)]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} key(s) missing from the file: {_key_names(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} key(s) the model does not have: {_key_names(unexpected)}")
+        if wrong:
+            parts.append(f"{len(wrong)} tensor(s) of the wrong shape: {'; '.join(wrong[:STATE_DICT_SHOWN])}")
+        raise CheckpointError(
+            f"checkpoint {source} does not fit {arch} ({len(expected)} entries, e.g. {_key_names(expected, 3)}): "
+            + "; ".join(parts)
+        )
+    state = dict(state)
+    for key, value in expected.items():
+        if key not in state:  # an optional counter (nothing else got through)
+            state[key] = torch.zeros(value.shape, dtype=value.dtype)
+    return state
+
+
 def check_finite(x, what: str = "input"):
     """Raise ``InvalidInputError`` if a tensor or array holds NaN or inf."""
     bad = (~torch.isfinite(x)).any().item() if isinstance(x, torch.Tensor) else not np.isfinite(x).all()

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from tttlab.core.errors import CheckpointError, UnknownNameError
+from tttlab.core.torch import check_state_dict, state_dict_from
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 log = logging.getLogger("tttlab.memo_tpt.models")
@@ -107,23 +108,8 @@ def load_state_dict(model: nn.Module, path, arch: str) -> nn.Module:
         raise CheckpointError(
             f"checkpoint {path} could not be read ({exc}); expected a torch state dict"
         ) from exc
-    for key in ("state_dict", "model_state", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}; expected a state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]  # fmt: skip
-    if missing or unexpected or shapes:
-        raise CheckpointError(
-            f"checkpoint {path} does not fit architecture {arch!r}: {len(missing)} missing keys "
-            f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}, {len(shapes)} shape "
-            f"mismatches {shapes[:3]}; expected a checkpoint of {arch}"
-        )
+    state = state_dict_from(state, f"checkpoint {path}")  # core: containers, module. prefixes, tensors only
+    state = check_state_dict(model, state, str(path), f"architecture {arch!r}")
     model.load_state_dict(state)
     return model
 
