@@ -25,6 +25,7 @@ import contextlib
 import torch
 
 from tttlab.core.errors import ConfigError
+from tttlab.core.torch import check_compile  # noqa: F401  (core's rule, re-exported)
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,12 +55,6 @@ def resolve_amp(amp, device: torch.device, method: str) -> str:
                 "expected bf16 (or none) on the CPU"
             )
     return amp
-
-
-def check_compile(value) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"compile={value!r}; expected true or false (torch.compile of the per-step work)")
-    return value
 
 
 def autocast(mode: str, device: torch.device):
