@@ -95,6 +95,9 @@ class TTTConfig(RunConfig, ModelConfig):
     optimizer_momentum: float = 0.9
     finetune_mode: str = "encoder"  # encoder | all | encoder_no_cls_no_msk
     single_crop: bool = True
+    # the test image as upstream's eval transform makes it: shorter side to this (bicubic) + centre crop
+    # input_size (upstream: Resize(256) + CenterCrop(224), even of the 224 px ImageNet-C files); null: as stored
+    test_resize: int | None = None
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     flip: bool = True
     group_size: int = 1  # images adapted at once (vmap); 1: the one-image loop

@@ -146,6 +146,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float, kind: str):
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
+def make_optimizer(c: dict[str, Any], model: torch.nn.Module, kind: str, world_size: int = 1):
+    """``(AdamW, base lr)``: ``lr = blr * batch_size * accum_iter * world_size / 256`` unless ``lr`` is set;
+    betas (0.9, 0.95) for pretraining (MAE), (0.9, 0.999) for probing (upstream ``main_prob.py``)."""
+    eff = int(c["batch_size"]) * int(c["accum_iter"]) * int(world_size)
+    base_lr = float(c["lr"]) if c["lr"] is not None else float(c["blr"]) * eff / 256
+    betas = (0.9, 0.95) if kind == "pretrain" else (0.9, 0.999)
+    opt = torch.optim.AdamW(param_groups(model, float(c["weight_decay"]), kind), lr=base_lr, betas=betas)
+    return opt, base_lr
+
+
 def epoch_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(int(seed) * 7919 + int(epoch) * 104_729 + int(rank) * 15_485_863 + 17)
@@ -213,10 +223,7 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
     model = build(c, kind).to(device)
     if any(s % model.cfg.patch_size for s in (int(c["input_size"]),)):
         raise InvalidInputError(f"input_size={c['input_size']} not divisible by patch {model.cfg.patch_size}")
-    eff = int(c["batch_size"]) * int(c["accum_iter"]) * dist.world_size
-    base_lr = float(c["lr"]) if c["lr"] is not None else float(c["blr"]) * eff / 256
-    betas = (0.9, 0.95) if kind == "pretrain" else (0.9, 0.999)
-    opt = torch.optim.AdamW(param_groups(model, float(c["weight_decay"]), kind), lr=base_lr, betas=betas)
+    opt, base_lr = make_optimizer(c, model, kind, dist.world_size)
     start_epoch, history = 0, []
     ckpt_path = rd.checkpoint_path("last")
     if ckpt_path.exists():
