@@ -87,7 +87,12 @@ def _check_memo(m, want, dataset):
 
     assert isinstance(m, Memo)
     assert (m.opt_args["name"], m.opt_args["lr"], m.opt_args["weight_decay"]) == pytest.approx(want["opt"])
-    assert m.opt_args["momentum"] == 0.0 and isinstance(m._new_optimizer(), torch.optim.SGD)
+    opt = m._new_optimizer()
+    assert m.opt_args["momentum"] == 0.0 and type(opt) is torch.optim.SGD
+    # MEMO adapts every parameter of the classifier
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(
+        p.numel() for p in m.model.parameters()
+    )
     assert m.prior == pytest.approx(want["prior"], abs=1e-12)
     assert (m.augmentation, m.n_augmentations, m.steps, m.top_k) == (
         want["augmentation"],
