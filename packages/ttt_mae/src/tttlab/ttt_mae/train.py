@@ -1,7 +1,8 @@
 """MAE pretraining and head probing (upstream ``main_pretrain.py`` / ``main_prob.py``), one loop for both.
 
 - pretrain: the MAE loss (``mask_ratio``, ``norm_pix_loss``) on RandomResizedCrop(0.2, 1) + flip views;
-  AdamW (0.9, 0.95), weight decay on weights only (not on biases, norms, tokens);
+  AdamW (0.9, 0.95), weight decay on every tensor of 2+ dims (weights, cls / mask tokens), not on biases
+  and norms (upstream's ``optim_factory.add_weight_decay`` with no skip list);
 - probe: the encoder frozen (checkpoint ``finetune``, decoder and mask token dropped, as upstream), only the
   ``classifier*`` parameters (``vit_head``) or ``head``/``bn`` (``linear``) train with label-smoothed
   cross-entropy (``smoothing``) on the encoder's tokens at mask ratio 0; AdamW (0.9, 0.999), weight decay
@@ -142,7 +143,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float, kind: str):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name.endswith("_token") else decay).append(p)
+        # upstream (and MAE): timm's add_weight_decay without a skip list: no decay on 1-D tensors and biases;
+        # the (1, 1, D) cls / mask tokens are decayed
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
