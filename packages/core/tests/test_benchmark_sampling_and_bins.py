@@ -178,3 +178,64 @@ def test_corruption_subsets_are_hendrycks_15_common_and_4_held_out():
     assert C.resolve("all") == common + heldout
     b = Benchmark("ids_c", _ids_source(), corruptions="common", severities=(5,), family="mnist")
     assert [d.corruption for d in b.domains] == list(common)
+
+
+@pytest.mark.parametrize("num_examples", [None, 10])
+@pytest.mark.parametrize("files", [False, True], ids=["generated", "files"])
+def test_shuffle_false_visits_the_images_in_file_order(num_examples, files):
+    """``shuffle=False`` (Tent's CIFAR-10-C protocol: the released files in their order): every domain in
+    the source's / file's order, a ``num_examples`` subset too (the same seeded images as shuffled, sorted);
+    ``shuffle=True`` visits the same images in a seeded random order."""
+    src = _ids_source()
+    kw = dict(corruptions=("fog",), severities=(5,), num_examples=num_examples, seed=2, batch_size=4)
+    if files:
+        kw["domain_files"] = lambda c, s: src
+
+    def labels(shuffle: bool) -> np.ndarray:
+        b = Benchmark("ids_c", None if files else src, shuffle=shuffle, family="mnist", **kw)
+        return np.concatenate([batch.labels for batch in b])
+
+    in_order, shuffled = labels(False), labels(True)
+    assert np.array_equal(in_order, np.sort(shuffled)), "the same images either way"
+    assert not np.array_equal(in_order, shuffled)
+    if num_examples is None:
+        assert np.array_equal(in_order, np.arange(40))
+    else:
+        assert len(in_order) == 10 and set(in_order.tolist()) != set(range(10))
+
+
+def test_a_cached_domain_is_not_read_back_in_the_other_order(tmp_path):
+    """The cache of generated domains is keyed by the order: a domain cached by a shuffled benchmark is
+    not read by an unshuffled one (its images would no longer match its labels)."""
+    n = 40
+    images = np.repeat(np.arange(n, dtype=np.uint8)[:, None, None, None] * 5, 28, axis=1).repeat(28, axis=2)
+    src = ArrayDataset(images, np.arange(n), name="ids")
+
+    def first_batch(shuffle: bool, cache_dir) -> tuple[np.ndarray, np.ndarray]:
+        b = Benchmark("ids_c", src, corruptions=("contrast",), severities=(1,), family="mnist",
+                      shuffle=shuffle, cache_dir=cache_dir, batch_size=n)  # fmt: skip
+        batch = next(iter(b))
+        return np.asarray(batch.images), batch.labels
+
+    first_batch(True, tmp_path)  # fills the cache in shuffled order
+    cached_images, cached_labels = first_batch(False, tmp_path)
+    fresh_images, fresh_labels = first_batch(False, None)
+    assert np.array_equal(cached_labels, fresh_labels)
+    assert np.array_equal(cached_images, fresh_images)
+    assert len(list(tmp_path.glob("ids_c-*"))) == 2, "one cache folder per order"
+
+
+@pytest.mark.parametrize("bad", ["no", 1, None])
+def test_shuffle_must_be_a_bool(bad):
+    from tttlab.core.benchmark import from_config
+    from tttlab.core.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="shuffle must be true or false"):
+        from_config({"name": "mnist_c", "shuffle": bad})
+
+
+def test_from_config_passes_shuffle_on():
+    from tttlab.core.benchmark import from_config
+
+    assert from_config({"name": "mnist_c", "shuffle": False}).shuffle is False
+    assert from_config({"name": "mnist_c"}).shuffle is True

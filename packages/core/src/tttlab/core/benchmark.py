@@ -131,13 +131,16 @@ class Benchmark:
         severities: severities in 1..5.
         setting: one of :data:`SETTINGS`.
         batch_size: images per batch.
-        num_examples: images per domain (the first ``num_examples`` of a seeded permutation); default all.
+        num_examples: images per domain (the first ``num_examples`` of a seeded permutation, the same
+            images in every domain); default all.
         seed: seeds the choice of examples, the corruption noise and the order.
         family: corruption constants (``mnist``, ``cifar``, ``imagenet``); default by image size.
         domain_files: ``(corruption, severity) -> ImageDataset`` to read pre-corrupted data instead of
             generating it (e.g. the CIFAR-10-C ``.npy`` files).
         cache_dir: where generated domains are cached as ``.npy`` (atomic writes); ``None`` = memory only.
-        shuffle: shuffle the images within a domain (by seed).  Sorted-by-class folders need it.
+        shuffle: visit a domain's images in a seeded random order (default; sorted-by-class folders need
+            it); ``False``: in the order of the source or the domain's file (a ``num_examples`` subset
+            too), as reference code that reads the released files without shuffling does.
         jpeg_quality: if set, every generated corrupted image goes through a JPEG round trip at this
             quality (Pillow, 4:2:0), as the released ImageNet-C files did (85); clean images are left as is.
     """
@@ -177,6 +180,8 @@ class Benchmark:
             raise InvalidInputError(f"num_examples must be a positive integer or None, got {num_examples!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise InvalidInputError(f"seed must be a non-negative integer, got {seed!r}")
+        if not isinstance(shuffle, (bool, np.bool_)):
+            raise InvalidInputError(f"shuffle must be true or false, got {shuffle!r}")
         if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
             raise InvalidInputError(f"cache_dir {cache_dir} is a file; expected a directory (or a new path)")
         self.name = name
@@ -199,7 +204,7 @@ class Benchmark:
         self.family = family
         self.domain_files = domain_files
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.shuffle = shuffle
+        self.shuffle = bool(shuffle)
         self.include_clean = include_clean
         self.jpeg_quality = None if jpeg_quality is None else int(jpeg_quality)
         self._memo: dict[Domain, ImageDataset] = {}
@@ -256,15 +261,17 @@ class Benchmark:
     def _example_indices(self) -> np.ndarray:
         n = len(self.source)
         order = np.random.default_rng([self.seed, 0x5EED]).permutation(n)
-        if self.num_examples is None or self.num_examples >= n:
-            return np.sort(order) if not self.shuffle else order
-        return order[: self.num_examples]
+        if self.num_examples is not None and self.num_examples < n:
+            order = order[: self.num_examples]
+        return order if self.shuffle else np.sort(order)
 
     def _cache_path(self, domain: Domain) -> Path | None:
         if self.cache_dir is None:
             return None
         fields = (self.name, len(self.source), self.num_examples, self.seed, self.family, CHUNK,
                   corruptions_code_hash())  # fmt: skip
+        if not self.shuffle:  # file order: other images per noise chunk (keeps the shuffled caches' keys)
+            fields += (("order", "file"),)
         if self.jpeg_quality is not None:  # keeps the keys of earlier caches without the round trip
             fields += (("jpeg", self.jpeg_quality),)
         key = hashlib.sha256(repr(fields).encode()).hexdigest()[:12]
@@ -302,11 +309,12 @@ class Benchmark:
         if domain not in self._memo:
             if domain.corruption is not None and self.domain_files is not None:
                 ds = self.domain_files(domain.corruption, domain.severity)
+                order = np.random.default_rng([self.seed, 0x5EED]).permutation(len(ds))
                 if self.num_examples is not None and self.num_examples < len(ds):
-                    order = np.random.default_rng([self.seed, 0x5EED]).permutation(len(ds))
-                    ds = ds.subset(order[: self.num_examples])
+                    order = order[: self.num_examples]
+                    ds = ds.subset(order if self.shuffle else np.sort(order))
                 elif self.shuffle:
-                    ds = ds.subset(np.random.default_rng([self.seed, 0x5EED]).permutation(len(ds)))
+                    ds = ds.subset(order)
             elif self.source is None:
                 raise DatasetNotFoundError(f"benchmark {self.name!r} has no clean source data for {domain}")
             else:
@@ -411,13 +419,15 @@ def make_benchmark(
     split: str = "test",
     cache_dir: str | os.PathLike | None = None,
     include_clean: bool = False,
+    shuffle: bool = True,
 ) -> Benchmark:
-    """Build a named benchmark (see the module docstring)."""
+    """Build a named benchmark (see the module docstring; ``shuffle``: :class:`Benchmark`)."""
     from . import data
 
     common = dict(
         corruptions=corruptions, severities=severities, setting=setting, batch_size=batch_size,
         num_examples=num_examples, seed=seed, cache_dir=cache_dir, include_clean=include_clean,
+        shuffle=shuffle,
     )  # fmt: skip
     if name in ("mnist_c", "digits_c") and root is not None:
         raise InvalidInputError(
@@ -487,13 +497,14 @@ def from_config(cfg) -> Benchmark:
     severities = get("severities", [5])
     if not isinstance(severities, (int, np.integer, str)) and hasattr(severities, "__iter__"):
         severities = list(severities)
-    include_clean = get("include_clean", False)
-    if not isinstance(include_clean, (bool, np.bool_)):
-        raise InvalidInputError(f"include_clean must be true or false, got {include_clean!r}")
+    include_clean, shuffle = get("include_clean", False), get("shuffle", True)
+    for key, flag in (("include_clean", include_clean), ("shuffle", shuffle)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise InvalidInputError(f"{key} must be true or false, got {flag!r}")
     # values are passed on unconverted: make_benchmark names a string, float or None where an int belongs
     return make_benchmark(
         get("name", "mnist_c"), root=get("root"), corruptions=corr, severities=severities,
         setting=get("setting", "reset_each_shift"), batch_size=get("batch_size", 64),
         num_examples=get("num_examples"), seed=get("seed", 0), cache_dir=get("cache_dir"),
-        include_clean=bool(include_clean),
+        include_clean=bool(include_clean), shuffle=bool(shuffle),
     )  # fmt: skip

@@ -36,6 +36,7 @@ class BenchmarkConfig:
     seed: int = 0
     cache_dir: str | None = None
     include_clean: bool = False
+    shuffle: bool = True  # False: each domain's images in file order (e.g. Tent's CIFAR-10-C protocol)
 
 
 @dataclass
