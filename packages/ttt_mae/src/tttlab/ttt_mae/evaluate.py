@@ -100,7 +100,7 @@ def load_model(c: dict[str, Any], device: torch.device):
     model = build_model(c["model"], fused_attn=bool(c["fused_attn"]), **model_overrides(c))
     if not c["resume_model"]:
         raise ConfigError("resume_model=<path> is required (the MAE pretraining checkpoint)")
-    load_official(model, c["resume_model"], c["resume_finetune"] or None)
+    load_official(model, c["resume_model"], c["resume_finetune"] or None, weights_only=c["weights_only"])
     return model.to(device).eval()
 
 
@@ -147,7 +147,8 @@ def run_benchmark(c: dict[str, Any], method: str = "ttt_mae.ttt") -> Path:
     group = max(int(c["group_size"]), 1)
     adapter = BatchedTTT(model, s, device) if group > 1 else TTTAdapter(model, s, device)
     out = Path(c["out_dir"])
-    ident = {k: v for k, v in c.items() if k not in ("out_dir", "logging", "device", "group_size", "compile")}
+    ident = {k: v for k, v in c.items()
+             if k not in ("out_dir", "logging", "device", "group_size", "compile", "weights_only")}  # fmt: skip
     chash = config_hash({**ident, "method": method})
     images_dir = out / "images"
     img_run = RunDir(images_dir, {**c, "method": method}, rank=dist.rank if dist.world_size > 1 else None)

@@ -112,7 +112,7 @@ def build(c: dict[str, Any], kind: str) -> MaskedAutoencoderViT:
     if kind == "probe":
         if not c["finetune"]:
             raise ConfigError("probe needs finetune=<path of the MAE pretraining checkpoint>")
-        sd = state_dict_of(read_checkpoint(c["finetune"], "finetune"), c["finetune"])
+        sd = state_dict_of(read_checkpoint(c["finetune"], "finetune", c["weights_only"]), c["finetune"])
         sd = {k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token")}
         sd = {k: v for k, v in sd.items() if not k.startswith(("classifier", "head.", "bn."))}
         expected = model.state_dict()
