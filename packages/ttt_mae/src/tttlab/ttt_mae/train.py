@@ -220,7 +220,7 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
     start_epoch, history = 0, []
     ckpt_path = rd.checkpoint_path("last")
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = read_checkpoint(ckpt_path, "resume checkpoint")  # tensors and plain containers only
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start_epoch, history = int(ck["epoch"]) + 1, list(ck.get("history", []))
