@@ -112,6 +112,7 @@ def make_bench(c: dict[str, Any]):
         b["name"], root=b.get("root"), corruptions=b["corruptions"], severities=list(b["severities"]),
         setting=b["setting"], batch_size=int(b["batch_size"]), num_examples=b["num_examples"],
         seed=int(b["seed"]), cache_dir=b["cache_dir"], include_clean=bool(b["include_clean"]),
+        shuffle=b.get("shuffle", True), dirichlet_delta=b.get("dirichlet_delta"),
     )  # fmt: skip
 
 
