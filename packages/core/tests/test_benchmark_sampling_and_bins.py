@@ -349,3 +349,16 @@ def test_dirichlet_order_that_cannot_fill_its_chunks_is_an_error(monkeypatch):
         InvalidInputError, match=r"dirichlet_delta=0\.1: no correlated order of 300 images in 10 classes"
     ):
         _stream(0.1)
+
+
+@pytest.mark.parametrize("delta", [0.01, 0.1])
+def test_dirichlet_order_of_a_small_domain(delta):
+    """32 images of 9 classes (a per-image method's few images per corruption): NOTE's 10 images per chunk
+    are out of reach, the order still comes (at least 1 per chunk), as a permutation."""
+    from tttlab.core.benchmark import dirichlet_label_order
+
+    labels = np.random.default_rng(0).integers(0, 9, 32)
+    labels[:9] = np.arange(9)
+    for seed in range(20):
+        order = dirichlet_label_order(labels, delta, np.random.default_rng(seed))
+        assert sorted(order.tolist()) == list(range(32))

@@ -19,7 +19,8 @@ any setting (``mixed``: the pooled stream).  ``0`` sorts them by class; ``delta 
 et al., NeurIPS 2022), the scheme of the test-time-adaptation benchmark's ``correlated`` settings: the
 images are dealt into as many chunks as there are classes, each class split across the chunks by a
 Dirichlet(``delta``) draw (chunks that already hold their share get no more; redrawn until every chunk
-holds at least ``min(10, images / classes)``), and each chunk plays its classes one after another in a
+holds at least ``min(10, images / (2 x classes))`` images: NOTE's 10, which small domains cannot always
+meet), and each chunk plays its classes one after another in a
 random order.  Small ``delta`` gives long runs of one class (test-batch statistics then see one or two
 classes: where BatchNorm-based adaptation is known to fail); large ``delta`` shares every class evenly
 among the chunks, which still play them in runs of about ``images / classes**2``, so no ``delta`` is
@@ -116,7 +117,7 @@ def dirichlet_label_order(labels: np.ndarray, delta: float, rng: np.random.Gener
         return np.argsort(labels, kind="stable")
     classes = np.unique(labels)
     k, n = len(classes), len(labels)
-    need = min(10, n // k)
+    need = min(10, n // (2 * k))
     members = [np.flatnonzero(labels == c) for c in classes]
     for _ in range(DIRICHLET_TRIES):
         parts: list[list[np.ndarray]] = [[] for _ in range(k)]  # parts[chunk][class position]
