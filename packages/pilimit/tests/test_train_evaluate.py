@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import pickle
 
@@ -148,6 +149,26 @@ def test_transfer_pipeline_on_fixtures(tmp_path):
     assert len(recs) == 1 and 0.0 <= float(recs.value.iloc[0]) <= 1.0 and int(recs.n.iloc[0]) == 20
     with pytest.raises(DatasetLayoutError, match="train_data_batch_1"):
         imagenet32(tmp_path / "cifar", "train")
+
+
+def test_imagenet32_pickles_are_read_as_arrays_only(tmp_path):
+    """A batch file that pickles anything but arrays is a DatasetLayoutError, and its code never runs."""
+    import pathlib
+
+    marker = tmp_path / "pickled-code-ran"
+    (tmp_path / "inet").mkdir()
+    d = {
+        "data": np.zeros((2, 3072), np.uint8),
+        "labels": [1, 2],
+        "x": functools.partial(pathlib.Path.touch, marker),
+    }
+    with open(tmp_path / "inet" / "train_data_batch_1", "wb") as f:
+        pickle.dump(d, f)
+    with pytest.raises(
+        DatasetLayoutError, match=r"train_data_batch_1: not an ImageNet32 batch file .*refused global"
+    ):
+        imagenet32(tmp_path / "inet", "train")
+    assert not marker.exists()
 
 
 def _write_omniglot(root, n_chars=6, n_imgs=3):

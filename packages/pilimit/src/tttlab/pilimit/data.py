@@ -15,12 +15,12 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from tttlab.core._io import load_data_pickle
 from tttlab.core.errors import DatasetLayoutError, DatasetNotFoundError, InvalidInputError
 
 #: per-channel mean / std of CIFAR-10 used by upstream's transform
@@ -117,7 +117,7 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 data, labels = z["data"], z["labels"]
         else:
             with open(path, "rb") as f:
-                d = pickle.load(f, encoding="latin1")
+                d = load_data_pickle(f, encoding="latin1")  # numpy arrays only: no pickled code runs
             data, labels = d["data"], d["labels"]
     except Exception as exc:  # noqa: BLE001 - foreign or truncated file
         raise DatasetLayoutError(

@@ -246,7 +246,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated or foreign file
         raise CheckpointError(f"{path} is not a readable tttlab-pilimit checkpoint: {exc}") from None
     if not isinstance(ck, dict) or ck.get("format") != "tttlab.pilimit/1":

@@ -72,6 +72,7 @@ class PretrainConfig(RunConfig, ModelConfig):
 class ProbeConfig(PretrainConfig):
     experiment_name: str = "probe"
     finetune: str = ""  # the MAE pretraining checkpoint (encoder used, decoder dropped)
+    weights_only: bool = True  # false: also unpickle other objects in finetune (trusted files only)
     epochs: int = 20
     warmup_epochs: int = 5
     blr: float = 1e-3
@@ -86,6 +87,7 @@ class TTTConfig(RunConfig, ModelConfig):
     experiment_name: str = "ttt"
     resume_model: str = ""  # MAE pretraining checkpoint (encoder + decoder)
     resume_finetune: str = ""  # head checkpoint (probe)
+    weights_only: bool = True  # false: also unpickle other objects in those files (trusted files only)
     steps_per_example: int = 20
     batch_size: int = 128  # copies of the test image per step
     mask_ratio: float = 0.75

@@ -112,7 +112,7 @@ def load_model(c: dict[str, Any], device: torch.device):
     model = build_model(c["model"], fused_attn=bool(c["fused_attn"]), **model_overrides(c))
     if not c["resume_model"]:
         raise ConfigError("resume_model=<path> is required (the MAE pretraining checkpoint)")
-    load_official(model, c["resume_model"], c["resume_finetune"] or None)
+    load_official(model, c["resume_model"], c["resume_finetune"] or None, weights_only=c["weights_only"])
     return model.to(device).eval()
 
 
@@ -124,6 +124,7 @@ def make_bench(c: dict[str, Any]):
         b["name"], root=b.get("root"), corruptions=b["corruptions"], severities=list(b["severities"]),
         setting=b["setting"], batch_size=int(b["batch_size"]), num_examples=b["num_examples"],
         seed=int(b["seed"]), cache_dir=b["cache_dir"], include_clean=bool(b["include_clean"]),
+        shuffle=b.get("shuffle", True), dirichlet_delta=b.get("dirichlet_delta"),
     )  # fmt: skip
 
 
@@ -159,7 +160,8 @@ def run_benchmark(c: dict[str, Any], method: str = "ttt_mae.ttt") -> Path:
     group = max(int(c["group_size"]), 1)
     adapter = BatchedTTT(model, s, device) if group > 1 else TTTAdapter(model, s, device)
     out = Path(c["out_dir"])
-    ident = {k: v for k, v in c.items() if k not in ("out_dir", "logging", "device", "group_size", "compile")}
+    ident = {k: v for k, v in c.items()
+             if k not in ("out_dir", "logging", "device", "group_size", "compile", "weights_only")}  # fmt: skip
     chash = config_hash({**ident, "method": method})
     images_dir = out / "images"
     img_run = RunDir(images_dir, {**c, "method": method}, rank=dist.rank if dist.world_size > 1 else None)

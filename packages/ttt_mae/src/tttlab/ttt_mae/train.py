@@ -113,7 +113,7 @@ def build(c: dict[str, Any], kind: str) -> MaskedAutoencoderViT:
     if kind == "probe":
         if not c["finetune"]:
             raise ConfigError("probe needs finetune=<path of the MAE pretraining checkpoint>")
-        sd = state_dict_of(read_checkpoint(c["finetune"], "finetune"), c["finetune"])
+        sd = state_dict_of(read_checkpoint(c["finetune"], "finetune", c["weights_only"]), c["finetune"])
         sd = {k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token")}
         sd = {k: v for k, v in sd.items() if not k.startswith(("classifier", "head.", "bn."))}
         expected = model.state_dict()
@@ -230,7 +230,7 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
     start_epoch, history = 0, []
     ckpt_path = rd.checkpoint_path("last")
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = read_checkpoint(ckpt_path, "resume checkpoint")  # tensors and plain containers only
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start_epoch, history = int(ck["epoch"]) + 1, list(ck.get("history", []))
