@@ -145,7 +145,8 @@ def test_checkpoint_errors_name_the_path_and_the_keys(tmp_path):
     # a training script's file that also pickles its arguments: refused by the safe reader, readable on request
     torch.save({"state_dict": model.state_dict(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "args.pt")
     with pytest.raises(
-        CheckpointError, match=r"args\.pt pickles objects .*argparse.Namespace.*weights_only=false"
+        CheckpointError,
+        match=r"args\.pt pickles objects .*argparse.Namespace.*with model_checkpoint\.weights_only=false",
     ):
         load_pretrained("wrn28_10", tmp_path / "args.pt", **SMALL)
     x = torch.rand(2, 3, 32, 32)
