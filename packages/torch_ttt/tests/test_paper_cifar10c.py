@@ -346,6 +346,9 @@ def test_paper_stream_visits_each_corruption_file_in_order(tmp_path):
         torch.testing.assert_close(x, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)
         assert not np.array_equal(shuffled[corruption][1], y), "the default order is a permutation"
         assert sorted(shuffled[corruption][1].tolist()) == sorted(y.tolist())
+    # benchmark.dirichlet_delta (compare's label-correlated streams) reaches the stream too: 0 sorts by class
+    for x, y in streamed(["benchmark.dirichlet_delta=0"]).values():
+        assert np.array_equal(y, np.sort(labels)) and len(x) == n
 
 
 def test_paper_experiment_composes_the_published_setting_and_rejects_mixed_model_sources(tmp_path):
