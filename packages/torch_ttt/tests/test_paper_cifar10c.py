@@ -351,6 +351,14 @@ def test_paper_stream_visits_each_corruption_file_in_order(tmp_path):
         assert np.array_equal(y, np.sort(labels)) and len(x) == n
 
 
+def test_only_the_paper_profile_reads_in_file_order():
+    """The default stream (the command's and compare's evaluate) is core's: a seeded permutation, i.i.d.
+    (mutation audit: evaluate.yaml's shuffle flipped to false, every torch_ttt number on another stream,
+    passed every test)."""
+    for b in (hydra_compose([])["benchmark"], E.eval_config({})["benchmark"]):
+        assert b["shuffle"] is True and b["dirichlet_delta"] is None
+
+
 def test_paper_experiment_composes_the_published_setting_and_rejects_mixed_model_sources(tmp_path):
     paper = hydra_compose(["+experiment=paper_tent_cifar10c", "model_checkpoint.path=/data/Standard.pt"])
     b = paper["benchmark"]
