@@ -616,3 +616,19 @@ def test_equivalent_command_reproduces_the_label_correlated_comparison(tmp_path,
     assert cmp.run_key(again) == cmp.run_key(c)
     iid = cmp.load_config([f"out_dir={tmp_path}", "profile=smoke"])
     assert "dirichlet_delta" not in cmp.equivalent_command(iid)
+
+
+def test_label_correlated_comparison_end_to_end(env):
+    """``dirichlet_delta=0`` through a whole comparison: the evaluate gets it, the report says so (0 too:
+    sorted by class is label-correlated); the i.i.d. comparison is another run whose evaluate gets no key."""
+    out = env["tmp"] / "correlated"
+    n0 = len(calls(env))
+    corr = cmp.compare(base_config(out, methods=["fake.alpha"], dirichlet_delta=0), echo=lambda *a: None)
+    assert [c["dirichlet_delta"] for c in calls(env)[n0:]] == [0.0]
+    report = corr.report.read_text()
+    assert "setting reset_each_shift, label-correlated (dirichlet_delta=0), profile `smoke`" in report
+    assert "dirichlet_delta=0" in report.split("## Command")[1]
+    n1 = len(calls(env))
+    iid = cmp.compare(base_config(out, methods=["fake.alpha"]), echo=lambda *a: None)
+    assert [c["dirichlet_delta"] for c in calls(env)[n1:]] == ["absent"], "a new run, without the key"
+    assert "label-correlated" not in iid.report.read_text()
