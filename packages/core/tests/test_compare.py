@@ -605,9 +605,10 @@ def test_dirichlet_delta_reaches_the_evaluate_and_iid_configs_are_unchanged(env,
     assert "setting reset_each_shift, profile" in cmp._bench_title(c)
 
 
-@pytest.mark.parametrize("delta", ["0", "0.1", "0.001", "2"])
+@pytest.mark.parametrize("delta", ["0", "0.1", "0.001", "2", "1e-05", "0.3333333333333333", "123456789"])
 def test_equivalent_command_reproduces_the_label_correlated_comparison(tmp_path, delta):
-    """The report's command line, read back, is the same comparison (the same delta, the same run key)."""
+    """The report's command line, read back, is the same comparison (the same delta, the same run key; the
+    command wrote 6 significant digits before this audit: 1/3 came back as 0.333333, another stream)."""
     import shlex
 
     c = cmp.load_config([f"out_dir={tmp_path}", "profile=smoke", f"dirichlet_delta={delta}"])
