@@ -40,6 +40,7 @@ def run(cfg=None, **overrides):
                         "seed": c["seed"],
                         "corruptions": b["corruptions"],
                         "severities": b["severities"],
+                        "dirichlet_delta": b.get("dirichlet_delta", "absent"),
                     }
                 )
                 + "\n"

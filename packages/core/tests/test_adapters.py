@@ -160,7 +160,7 @@ def test_torch_file_reader_allows_listed_classes_only_and_names_the_opt_in(tmp_p
 
     torch = pytest.importorskip("torch")
     from tttlab.core.errors import CheckpointError
-    from tttlab.core.torch import read_torch_file
+    from tttlab.core.torch import read_state_dict, read_torch_file
 
     torch.save({"w": torch.ones(2), "args": argparse.Namespace(lr=0.1)}, tmp_path / "ns.pt")
     with pytest.raises(
@@ -172,6 +172,11 @@ def test_torch_file_reader_allows_listed_classes_only_and_names_the_opt_in(tmp_p
     torch.save({"args": argparse.Namespace(lr=fractions.Fraction(1, 3))}, tmp_path / "frac.pt")
     with pytest.raises(CheckpointError, match=r"fractions\.Fraction"):
         read_torch_file(tmp_path / "frac.pt", allow=[argparse.Namespace])
+    # read_state_dict names its caller's option too (torch_ttt: model_checkpoint.weights_only=false)
+    with pytest.raises(
+        CheckpointError, match=r"ns\.pt pickles .*argparse\.Namespace.*read it with my\.key=false"
+    ):
+        read_state_dict(tmp_path / "ns.pt", option="my.key=false")
     assert read_torch_file(tmp_path / "frac.pt", weights_only=False)["args"].lr == fractions.Fraction(1, 3)
     with pytest.raises(CheckpointError, match=r"resume_model .* is a directory"):
         read_torch_file(tmp_path, what="resume_model")

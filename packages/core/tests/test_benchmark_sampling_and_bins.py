@@ -362,3 +362,144 @@ def test_dirichlet_order_of_a_small_domain(delta):
     for seed in range(20):
         order = dirichlet_label_order(labels, delta, np.random.default_rng(seed))
         assert sorted(order.tolist()) == list(range(32))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# added by a mutation audit of the label-correlated order (each test failed on a plausible bug that every
+# test above let through: the balance mask dropped, no redraw, per-chunk class order not drawn, ...)
+
+
+class _ScriptedRng:
+    """A generator whose Dirichlet draws are given (``draws``, in order) and whose permutations reverse
+    (an array: reversed; an int ``k``: ``k-1 .. 0``), so that a correlated order can be worked out by hand."""
+
+    def __init__(self, draws):
+        self.draws, self.alphas = [np.asarray(d, float) for d in draws], []
+
+    def permutation(self, x):
+        return (np.arange(x) if np.ndim(x) == 0 else np.asarray(x))[::-1]
+
+    def dirichlet(self, alpha):
+        self.alphas.append(np.asarray(alpha))
+        if not self.draws:
+            raise AssertionError("more Dirichlet draws than the scheme needs")
+        return self.draws.pop(0)
+
+
+def test_dirichlet_chunks_by_hand_redraw_balance_mask_and_class_order():
+    """NOTE's scheme with given draws (3 classes of 20 images: 3 chunks, at most 20 = 60 / 3 images before a
+    chunk closes, at least min(10, 60 / 6) = 10 per chunk).  Draw 1 leaves a chunk with 6 images: redrawn.
+    Draw 2: class 0 all to chunk 0 (now full); class 1's draw (0.5, 0.25, 0.25) loses the full chunk's
+    share and is renormalised: 10 + 10 to chunks 1, 2; class 2's draw puts all its mass on the full chunk:
+    split evenly over the open ones.  Each chunk plays its classes in the drawn order (here 2, 1, 0), each
+    class's images in their drawn order (here reversed)."""
+    from tttlab.core.benchmark import dirichlet_label_order
+
+    labels = np.tile(np.arange(3), 20)
+    rev = [np.flatnonzero(labels == c)[::-1] for c in range(3)]  # each class's images, permuted
+    quarter = [0.75, 0.125, 0.125]
+    rng = _ScriptedRng(
+        [quarter, quarter, [0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.5, 0.25, 0.25], [1.0, 0.0, 0.0]]
+    )
+    order = dirichlet_label_order(labels, 0.3, rng)
+    chunks = [[rev[0]], [rev[2][:10], rev[1][:10]], [rev[2][10:], rev[1][10:]]]
+    assert np.array_equal(order, np.concatenate([p for chunk in chunks for p in chunk]))
+    assert not rng.draws and len(rng.alphas) == 6
+    assert all(np.array_equal(a, [0.3, 0.3, 0.3]) for a in rng.alphas), "Dirichlet(delta) over the chunks"
+
+
+def test_dirichlet_chunk_minimum_is_min_10_or_images_over_2x_classes_inclusive():
+    """12 images of 3 classes: each chunk needs min(10, 12 / 6) = 2 images; a draw whose smallest chunk has
+    exactly 2 is kept (draw 1 leaves one with 1: redrawn)."""
+    from tttlab.core.benchmark import dirichlet_label_order
+
+    labels = np.tile(np.arange(3), 4)
+    rev = [np.flatnonzero(labels == c)[::-1] for c in range(3)]
+    rng = _ScriptedRng([[1, 0, 0], [0, 0.75, 0.25], [0, 1, 0], [1, 0, 0], [0, 0.5, 0.5], [0, 1, 0]])
+    order = dirichlet_label_order(labels, 1.0, rng)
+    assert np.array_equal(order, np.concatenate([rev[0], rev[2], rev[1][:2], rev[1][2:]]))
+    assert not rng.draws
+
+
+def test_dirichlet_chunks_play_their_classes_in_drawn_orders():
+    """Large delta: every chunk holds every class; each chunk draws its own class order, so the labels go
+    down about as often as up (classes always in 0..9 order would go down only between chunks: <= 9 times)."""
+    from tttlab.core.benchmark import dirichlet_label_order
+
+    labels = np.repeat(np.arange(10), 50)
+    seq = labels[dirichlet_label_order(labels, 100.0, np.random.default_rng(3))]
+    steps = np.diff(seq)
+    assert np.count_nonzero(steps < 0) > 25 and np.count_nonzero(steps > 0) > 25
+
+
+def test_dirichlet_zero_is_a_stable_sort():
+    """``delta=0``: sorted by class, each class's images in the order they came (the i.i.d. order)."""
+    from tttlab.core.benchmark import dirichlet_label_order
+
+    labels = np.random.default_rng(1).integers(0, 5, 500)
+    order = dirichlet_label_order(labels, 0, np.random.default_rng(0))
+    assert np.all(np.diff(labels[order]) >= 0)
+    for c in range(5):
+        assert np.array_equal(order[labels[order] == c], np.flatnonzero(labels == c))
+
+
+def test_dirichlet_in_the_mixed_setting_interleaves_the_domains_within_a_class():
+    """The pooled stream is the mixed setting's random interleaving of the domains, then sorted (stable): a
+    class run alternates between the domains, not one domain's images and then the other's."""
+    _, batches = _stream(0.0, setting="mixed")
+    labels = np.concatenate([x.labels for x in batches])
+    ids = np.concatenate([x.domain_ids for x in batches])
+    for c in range(10):
+        run = ids[labels == c]
+        assert np.count_nonzero(np.diff(run)) > 10, f"class {c}: domains in blocks {run.tolist()}"
+
+
+def test_dirichlet_in_the_gradual_setting_redraws_the_class_order_on_revisits():
+    """gradual revisits severity 1 on the way down: the same images in another correlated order (its own
+    draws); the first visits of every domain share one class order."""
+    b = Benchmark("cls_c", _class_source(), corruptions=("fog",), severities=(1, 2), setting="gradual",
+                  family="mnist", batch_size=16, dirichlet_delta=0.1)  # fmt: skip
+    visits: list[list] = []
+    for x in b:
+        if not visits or x.domain != visits[-1][0].domain:
+            visits.append([])
+        visits[-1].append(x)
+    assert [v[0].domain.severity for v in visits] == [1, 2, 1]
+    labels = [np.concatenate([x.labels for x in v]) for v in visits]
+
+    def pairs(v):
+        return sorted((im.tobytes(), int(y)) for x in v for im, y in zip(x.images, x.labels))
+
+    assert pairs(visits[0]) == pairs(visits[2]), "the revisit plays the same images"
+    assert np.array_equal(labels[0], labels[1]), "first visits: the same class order"
+    assert not np.array_equal(labels[0], labels[2]), "the revisit draws its own order"
+    assert all(_runs(seq) <= 100 for seq in labels), "every visit label-correlated"
+
+
+def test_shuffled_benchmarks_keep_the_cache_keys_they_had_before_the_order_option(tmp_path, monkeypatch):
+    """Generated domains cached before ``shuffle`` existed stay valid: a shuffled benchmark's cache folder is
+    keyed as it always was (literal keys, with the corruption code's hash fixed: this fails when a change
+    would regenerate every user's cache), and file order gets a folder of its own."""
+    from tttlab.core import benchmark as B
+
+    monkeypatch.setattr(B, "corruptions_code_hash", lambda: "code")
+    kw = dict(
+        corruptions=("fog",), severities=(5,), family="mnist", cache_dir=tmp_path, seed=3, num_examples=10
+    )
+
+    def folder(**extra) -> str:
+        return Benchmark("ids_c", _ids_source(), **kw, **extra)._cache_path(Domain("fog", 5)).parent.name
+
+    assert folder() == folder(shuffle=True) == "ids_c-7c5cf95cc33f"
+    assert folder(jpeg_quality=85) == "ids_c-feb1d2e15949"
+    assert folder(shuffle=False) not in ("ids_c-7c5cf95cc33f", "ids_c-feb1d2e15949")
+    assert folder(shuffle=False, jpeg_quality=85) not in (folder(shuffle=False), "ids_c-feb1d2e15949")
+
+
+@pytest.mark.parametrize("bad", ["no", "false", 0, None])
+def test_benchmark_refuses_a_shuffle_that_is_not_a_bool(bad):
+    """The class itself checks (make_benchmark callers pass config values unconverted: "false" is truthy)."""
+    from tttlab.core.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="shuffle must be true or false"):
+        Benchmark("ids_c", _ids_source(), corruptions=("fog",), severities=(5,), family="mnist", shuffle=bad)

@@ -569,3 +569,67 @@ def test_method_overrides_match_globs_and_merge_deeply():
     assert cmp._method_overrides(c, "p.alpha") == {"train": {"lr": 0.1, "steps": 5}, "x": 1}
     assert cmp._method_overrides(c, "p.beta") == {"train": {"lr": 0.1, "steps": 2}}
     assert cmp._method_overrides(c, "r.alpha") == {}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dirichlet_delta (added by a mutation audit: compare could drop the key on its way to the evaluates, pass
+# null for it or key i.i.d. runs differently, and every test above still passed)
+
+
+def test_dirichlet_delta_reaches_the_evaluate_and_iid_configs_are_unchanged(env, tmp_path):
+    """Set: the evaluate's ``benchmark`` mapping carries it (and the run folder key differs); null: the
+    mapping and the run key are exactly those of comparisons from before the option (no null entry: old
+    run directories keep their config hashes and resume)."""
+    c = cmp.load_config([f"out_dir={tmp_path}", "benchmark=digits_c", "profile=smoke", "num_examples=40"])
+    assert c["dirichlet_delta"] is None
+    assert cmp.run_key(c) == "digits_c-smoke-13566ccd", "the i.i.d. key of comparisons before the option"
+    spec = registry.get_method("fake.alpha")
+    task = cmp.Task(spec, "continual", 0, tmp_path / "r", ["fog"], [5], [], fingerprint="a")
+    task.part = task.root / "part"
+    iid = cmp.evaluate_config(task, c)["benchmark"]
+    assert set(iid) == {"name", "corruptions", "severities", "setting", "num_examples", "batch_size", "seed",
+                        "cache_dir"}  # fmt: skip
+    corr = cmp.load_config([f"out_dir={tmp_path}", "benchmark=digits_c", "profile=smoke", "num_examples=40",
+                            "dirichlet_delta=0.1"])  # fmt: skip
+    assert cmp.evaluate_config(task, corr)["benchmark"] == {**iid, "dirichlet_delta": 0.1}
+    assert cmp.run_key(corr) not in (cmp.run_key(c), cmp.run_key({**corr, "dirichlet_delta": 0.0}))
+    # a full config given as is (compare's fast path) is checked too: 0 and 0.0 are one comparison
+    full = cmp.check_config({**c, "dirichlet_delta": 0})
+    assert type(full["dirichlet_delta"]) is float and cmp.run_key(full) == cmp.run_key(
+        {**c, "dirichlet_delta": 0.0}
+    )
+    # the table's title says so (the i.i.d. title as before)
+    assert "setting reset_each_shift, label-correlated (dirichlet_delta=0.1), profile" in cmp._bench_title(
+        corr
+    )
+    assert "setting reset_each_shift, profile" in cmp._bench_title(c)
+
+
+@pytest.mark.parametrize("delta", ["0", "0.1", "0.001", "2", "1e-05", "0.3333333333333333", "123456789"])
+def test_equivalent_command_reproduces_the_label_correlated_comparison(tmp_path, delta):
+    """The report's command line, read back, is the same comparison (the same delta, the same run key; the
+    command wrote 6 significant digits before this audit: 1/3 came back as 0.333333, another stream)."""
+    import shlex
+
+    c = cmp.load_config([f"out_dir={tmp_path}", "profile=smoke", f"dirichlet_delta={delta}"])
+    again = cmp.load_config(shlex.split(cmp.equivalent_command(c))[1:])
+    assert again["dirichlet_delta"] == float(delta)
+    assert cmp.run_key(again) == cmp.run_key(c)
+    iid = cmp.load_config([f"out_dir={tmp_path}", "profile=smoke"])
+    assert "dirichlet_delta" not in cmp.equivalent_command(iid)
+
+
+def test_label_correlated_comparison_end_to_end(env):
+    """``dirichlet_delta=0`` through a whole comparison: the evaluate gets it, the report says so (0 too:
+    sorted by class is label-correlated); the i.i.d. comparison is another run whose evaluate gets no key."""
+    out = env["tmp"] / "correlated"
+    n0 = len(calls(env))
+    corr = cmp.compare(base_config(out, methods=["fake.alpha"], dirichlet_delta=0), echo=lambda *a: None)
+    assert [c["dirichlet_delta"] for c in calls(env)[n0:]] == [0.0]
+    report = corr.report.read_text()
+    assert "setting reset_each_shift, label-correlated (dirichlet_delta=0), profile `smoke`" in report
+    assert "dirichlet_delta=0" in report.split("## Command")[1]
+    n1 = len(calls(env))
+    iid = cmp.compare(base_config(out, methods=["fake.alpha"]), echo=lambda *a: None)
+    assert [c["dirichlet_delta"] for c in calls(env)[n1:]] == ["absent"], "a new run, without the key"
+    assert "label-correlated" not in iid.report.read_text()

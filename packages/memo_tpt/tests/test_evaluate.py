@@ -141,3 +141,29 @@ def test_memo_source_pass_runs_under_the_same_autocast(cache, tmp_path, monkeypa
     run(method="memo_tpt.memo", profile="smoke", cache_dir=str(cache), progress=False, out_dir=str(tmp_path),
         amp="bf16", benchmark={"corruptions": ["fog"], "num_examples": 4})  # fmt: skip
     assert (True, False) in seen and {a for a, _ in seen} == {True}  # the no-grad source pass included
+
+
+def test_benchmark_order_keys_reach_the_stream(monkeypatch, tmp_path):
+    """``benchmark.shuffle`` and ``benchmark.dirichlet_delta`` (compare passes the latter) reach core's
+    benchmark; defaults: shuffled, i.i.d. (mutation audit: dropping either passed every test: a per-image
+    method's accuracy does not depend on the order)."""
+    import tttlab.core.benchmark as B
+    from tttlab.memo_tpt import evaluate as E
+
+    built, real = [], B.make_benchmark
+
+    class _Stop(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        raise _Stop
+
+    monkeypatch.setattr(E, "build_method", lambda c, device: (None, "none", None))
+    monkeypatch.setattr(B, "make_benchmark", spy)
+    for bench in ({}, {"shuffle": False, "dirichlet_delta": 0.25}):
+        with pytest.raises(_Stop):
+            run(
+                method="memo_tpt.tpt", profile="smoke", out_dir=str(tmp_path), benchmark=bench, progress=False
+            )
+    assert [(b.shuffle, b.dirichlet_delta) for b in built] == [(True, None), (False, 0.25)]

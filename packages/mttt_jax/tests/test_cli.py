@@ -70,6 +70,26 @@ def test_evaluate_writes_core_records(run_dir, tmp_path):
     assert len(accs(mixed)) == 4 and accs(mixed) == pytest.approx(accs(df), abs=1e-9)
 
 
+def test_evaluate_passes_the_benchmark_order_keys_to_core(run_dir, tmp_path, monkeypatch):
+    """``benchmark.shuffle`` and ``benchmark.dirichlet_delta`` (compare passes the latter) reach core's
+    benchmark (mutation audit: keeping only the usual benchmark keys passed every test: a TTT layer adapts on
+    each image's own tokens, so any order gives the same accuracy)."""
+    import tttlab.core.benchmark as B
+    from tttlab.mttt_jax.evaluate import run
+
+    built, real = [], B.make_benchmark
+
+    def spy(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(B, "make_benchmark", spy)
+    bench = {"name": "mnist_c", "corruptions": ["fog"], "severities": [5], "num_examples": 4, "batch_size": 4,
+             "shuffle": False, "dirichlet_delta": 0.25}  # fmt: skip
+    run({"run_dir": str(run_dir), "out_dir": str(tmp_path / "ev"), "benchmark": bench})
+    assert [(b.shuffle, b.dirichlet_delta) for b in built] == [(False, 0.25)]
+
+
 @pytest.mark.parametrize(
     "config_text, needle",
     [("model:\n  name: tutorial_net\ntrain: {engine: ttt}\n", "lacks"), ("a: [\n", "not a readable config")],

@@ -282,3 +282,19 @@ def test_evaluate_run_again_replaces_its_records(tmp_path):
     second = [(r["metric"], r["corruption"], r["value"]) for r in _records(evaluate(cfg).parent)]
     assert [m for m, _, _ in second] == ["accuracy", "s_per_image", "accuracy"], "one copy"
     assert [x for x in first if x[0] == "accuracy"] == [x for x in second if x[0] == "accuracy"]
+
+
+def test_evaluate_passes_the_benchmark_order_keys_to_core():
+    """``benchmark.shuffle`` and ``benchmark.dirichlet_delta`` (compare passes the latter) reach core's
+    benchmark through the evaluate's config (mutation audit: keeping only the documented benchmark keys
+    passed every test: the pi-nets classify each image on its own, any order gives the same accuracy)."""
+    from tttlab.core.benchmark import from_config
+    from tttlab.pilimit.evaluate import _config
+
+    b = _config({"profile": "smoke", "benchmark": {"shuffle": False, "dirichlet_delta": 0.25}}, {})[
+        "benchmark"
+    ]
+    bench = from_config(b)
+    assert bench.shuffle is False and bench.dirichlet_delta == 0.25
+    default = from_config(_config({"profile": "smoke"}, {})["benchmark"])
+    assert default.shuffle is True and default.dirichlet_delta is None

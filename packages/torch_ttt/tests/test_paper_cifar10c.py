@@ -145,7 +145,8 @@ def test_checkpoint_errors_name_the_path_and_the_keys(tmp_path):
     # a training script's file that also pickles its arguments: refused by the safe reader, readable on request
     torch.save({"state_dict": model.state_dict(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "args.pt")
     with pytest.raises(
-        CheckpointError, match=r"args\.pt pickles objects .*argparse.Namespace.*weights_only=false"
+        CheckpointError,
+        match=r"args\.pt pickles objects .*argparse.Namespace.*with model_checkpoint\.weights_only=false",
     ):
         load_pretrained("wrn28_10", tmp_path / "args.pt", **SMALL)
     x = torch.rand(2, 3, 32, 32)
@@ -345,6 +346,17 @@ def test_paper_stream_visits_each_corruption_file_in_order(tmp_path):
         torch.testing.assert_close(x, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)
         assert not np.array_equal(shuffled[corruption][1], y), "the default order is a permutation"
         assert sorted(shuffled[corruption][1].tolist()) == sorted(y.tolist())
+    # benchmark.dirichlet_delta (compare's label-correlated streams) reaches the stream too: 0 sorts by class
+    for x, y in streamed(["benchmark.dirichlet_delta=0"]).values():
+        assert np.array_equal(y, np.sort(labels)) and len(x) == n
+
+
+def test_only_the_paper_profile_reads_in_file_order():
+    """The default stream (the command's and compare's evaluate) is core's: a seeded permutation, i.i.d.
+    (mutation audit: evaluate.yaml's shuffle flipped to false, every torch_ttt number on another stream,
+    passed every test)."""
+    for b in (hydra_compose([])["benchmark"], E.eval_config({})["benchmark"]):
+        assert b["shuffle"] is True and b["dirichlet_delta"] is None
 
 
 def test_paper_experiment_composes_the_published_setting_and_rejects_mixed_model_sources(tmp_path):

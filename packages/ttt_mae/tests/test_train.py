@@ -318,3 +318,48 @@ def test_compiled_training_equals_eager(tmp_path, pretrained, kind):
     assert loss[0] == pytest.approx(loss[1], rel=1e-4)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=2.5e-3)
+
+
+class _Touch:
+    """Unpickling this creates ``path``: the proof that a reader ran pickled code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (self.path,))
+
+
+def test_probe_reads_finetune_safely_unless_weights_only_is_false(tmp_path):
+    """``weights_only`` reaches the probe's reader of ``finetune`` (mutation audit: the key was dropped
+    there and every test still passed): a file with other pickled objects is refused naming the option;
+    ``weights_only=false`` reads it."""
+    import argparse
+    import pathlib
+
+    pre = T.build(pre_cfg(tmp_path / "unused"), "pretrain").state_dict()
+    odd = tmp_path / "odd.pth"
+    torch.save({"model": pre, "args": argparse.Namespace(output_dir=pathlib.PurePosixPath("/out"))}, odd)
+    c = compose("probe", "smoke_probe", {"finetune": str(odd)})
+    with pytest.raises(
+        CheckpointError, match=r"finetune .*odd\.pth pickles .*PurePosixPath.*weights_only=false"
+    ):
+        T.build(c, "probe")
+    probe = T.build({**c, "weights_only": False}, "probe").state_dict()
+    assert torch.equal(probe["blocks.0.attn.qkv.weight"], pre["blocks.0.attn.qkv.weight"])
+
+
+def test_resume_checkpoint_is_read_without_running_pickled_code(tmp_path):
+    """A run directory handed over by someone else: its ``last.ckpt`` is read as tensors and plain containers
+    only (the call site, not just the reader: tests/test_checkpoint_safety.py checks read_checkpoint)."""
+    marker = tmp_path / "pickled-code-ran"
+    c = pre_cfg(tmp_path / "run", epochs=1)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save(
+        {"model": {}, "epoch": 0, "evil": _Touch(marker)}, tmp_path / "run" / "checkpoints" / "last.ckpt"
+    )
+    with pytest.raises(CheckpointError, match=r"last\.ckpt pickles"):
+        T.run(c, "pretrain")
+    assert not marker.exists()

@@ -1202,7 +1202,7 @@ def equivalent_command(c: dict[str, Any]) -> str:
     if c["root"]:
         parts.append(f"root={c['root']}")
     if c.get("dirichlet_delta") is not None:
-        parts.append(f"dirichlet_delta={c['dirichlet_delta']:g}")
+        parts.append(f"dirichlet_delta={float(c['dirichlet_delta'])!r}")  # every digit: the same stream
     return " ".join(shlex.quote(p) for p in parts)
 
 
