@@ -370,8 +370,9 @@ def test_dirichlet_order_of_a_small_domain(delta):
 
 
 class _ScriptedRng:
-    """A generator whose Dirichlet draws are given (``draws``, in order) and whose permutations reverse
-    (an array: reversed; an int ``k``: ``k-1 .. 0``), so that a correlated order can be worked out by hand."""
+    """A generator whose Dirichlet draws are given (``draws``, in order), whose permutations reverse (an
+    array: reversed; an int ``k``: ``k-1 .. 0``) and whose ``integers(n)`` is ``n - 1``, so that a
+    correlated order can be worked out by hand."""
 
     def __init__(self, draws):
         self.draws, self.alphas = [np.asarray(d, float) for d in draws], []
@@ -379,45 +380,50 @@ class _ScriptedRng:
     def permutation(self, x):
         return (np.arange(x) if np.ndim(x) == 0 else np.asarray(x))[::-1]
 
+    def integers(self, n):
+        return n - 1
+
     def dirichlet(self, alpha):
         self.alphas.append(np.asarray(alpha))
         if not self.draws:
             raise AssertionError("more Dirichlet draws than the scheme needs")
-        return self.draws.pop(0)
+        draw = self.draws.pop(0)
+        assert len(draw) == len(alpha), f"a draw over {len(alpha)} open chunks, scripted {len(draw)}"
+        return draw
 
 
-def test_dirichlet_chunks_by_hand_redraw_balance_mask_and_class_order():
-    """NOTE's scheme with given draws (3 classes of 20 images: 3 chunks, at most 20 = 60 / 3 images before a
-    chunk closes, at least min(10, 60 / 6) = 10 per chunk).  Draw 1 leaves a chunk with 6 images: redrawn.
-    Draw 2: class 0 all to chunk 0 (now full); class 1's draw (0.5, 0.25, 0.25) loses the full chunk's
-    share and is renormalised: 10 + 10 to chunks 1, 2; class 2's draw puts all its mass on the full chunk:
-    split evenly over the open ones.  Each chunk plays its classes in the drawn order (here 2, 1, 0), each
-    class's images in their drawn order (here reversed)."""
+def test_dirichlet_chunks_by_hand_redraw_balance_and_class_order():
+    """NOTE's scheme with given draws (3 classes of 20 images: 3 chunks, open while under 60 / 3 = 20
+    images, at least min(10, 60 / 6) = 10 each).  Each class's proportions are drawn over the open chunks
+    only (NOTE's masked and renormalised draw).  Try 1: class 0 -> 15, 4, 1; class 1 -> 5, 14, 1 (chunk 0
+    now full); class 2 over chunks 1, 2 -> all 20 to chunk 1: chunk 2 holds 2 < 10, redrawn.  Try 2: class 0
+    all to chunk 0 (full); class 1 over chunks 1, 2 -> 10 + 10; class 2's draw has no mass: all of it to one
+    open chunk (``integers``: the last, chunk 2) -> sizes 20, 10, 30, kept (10 is enough).  Each chunk plays
+    its classes in a drawn order (here reversed), each class's images in theirs (here reversed)."""
     from tttlab.core.benchmark import dirichlet_label_order
 
     labels = np.tile(np.arange(3), 20)
     rev = [np.flatnonzero(labels == c)[::-1] for c in range(3)]  # each class's images, permuted
-    quarter = [0.75, 0.125, 0.125]
     rng = _ScriptedRng(
-        [quarter, quarter, [0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.5, 0.25, 0.25], [1.0, 0.0, 0.0]]
+        [[0.75, 0.2, 0.05], [0.25, 0.7, 0.05], [1.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.5], [0.0, 0.0]]
     )
     order = dirichlet_label_order(labels, 0.3, rng)
-    chunks = [[rev[0]], [rev[2][:10], rev[1][:10]], [rev[2][10:], rev[1][10:]]]
-    assert np.array_equal(order, np.concatenate([p for chunk in chunks for p in chunk]))
-    assert not rng.draws and len(rng.alphas) == 6
-    assert all(np.array_equal(a, [0.3, 0.3, 0.3]) for a in rng.alphas), "Dirichlet(delta) over the chunks"
+    assert np.array_equal(order, np.concatenate([rev[0], rev[1][:10], rev[2], rev[1][10:]]))
+    assert not rng.draws
+    assert [len(a) for a in rng.alphas] == [3, 3, 2, 3, 2, 2], "drawn over the open chunks"
+    assert all(np.all(a == 0.3) for a in rng.alphas), "Dirichlet(delta)"
 
 
 def test_dirichlet_chunk_minimum_is_min_10_or_images_over_2x_classes_inclusive():
-    """12 images of 3 classes: each chunk needs min(10, 12 / 6) = 2 images; a draw whose smallest chunk has
-    exactly 2 is kept (draw 1 leaves one with 1: redrawn)."""
+    """12 images of 3 classes: chunks open while under 4 images, each needs min(10, 12 / 6) = 2.  Try 1
+    leaves chunk 0 with 1 image: redrawn; try 2's smallest chunk has exactly 2: kept."""
     from tttlab.core.benchmark import dirichlet_label_order
 
     labels = np.tile(np.arange(3), 4)
     rev = [np.flatnonzero(labels == c)[::-1] for c in range(3)]
-    rng = _ScriptedRng([[1, 0, 0], [0, 0.75, 0.25], [0, 1, 0], [1, 0, 0], [0, 0.5, 0.5], [0, 1, 0]])
+    rng = _ScriptedRng([[0.25, 0.75, 0], [0, 0.25, 0.75], [0, 1], [0.5, 0.5, 0], [0, 0.5, 0.5], [0, 1]])
     order = dirichlet_label_order(labels, 1.0, rng)
-    assert np.array_equal(order, np.concatenate([rev[0], rev[2], rev[1][:2], rev[1][2:]]))
+    assert np.array_equal(order, np.concatenate([rev[0][:2], rev[1][:2], rev[0][2:], rev[2], rev[1][2:]]))
     assert not rng.draws
 
 
