@@ -149,3 +149,35 @@ def test_weights_from_elsewhere_are_unwrapped_checked_and_completed(tmp_path):
         state_dict_from({"epoch": 3}, "x.pt")
     with pytest.raises(CheckpointError, match="does not exist"):
         read_state_dict(tmp_path / "missing.pt")
+
+
+def test_torch_file_reader_allows_listed_classes_only_and_names_the_opt_in(tmp_path):
+    """``read_torch_file``: classes in ``allow`` are read safely, any other pickled object is refused with
+    an error naming it and the caller's ``option``; ``weights_only=False`` reads everything (no silent
+    fallback); a directory, an HTML page and garbage are errors naming the path."""
+    import argparse
+    import fractions
+
+    torch = pytest.importorskip("torch")
+    from tttlab.core.errors import CheckpointError
+    from tttlab.core.torch import read_torch_file
+
+    torch.save({"w": torch.ones(2), "args": argparse.Namespace(lr=0.1)}, tmp_path / "ns.pt")
+    with pytest.raises(
+        CheckpointError, match=r"ns\.pt pickles .*argparse\.Namespace.*read it with my\.key=false"
+    ):
+        read_torch_file(tmp_path / "ns.pt", option="my.key=false")
+    got = read_torch_file(tmp_path / "ns.pt", allow=[argparse.Namespace])
+    assert got["args"].lr == 0.1 and torch.equal(got["w"], torch.ones(2))
+    torch.save({"args": argparse.Namespace(lr=fractions.Fraction(1, 3))}, tmp_path / "frac.pt")
+    with pytest.raises(CheckpointError, match=r"fractions\.Fraction"):
+        read_torch_file(tmp_path / "frac.pt", allow=[argparse.Namespace])
+    assert read_torch_file(tmp_path / "frac.pt", weights_only=False)["args"].lr == fractions.Fraction(1, 3)
+    with pytest.raises(CheckpointError, match=r"resume_model .* is a directory"):
+        read_torch_file(tmp_path, what="resume_model")
+    (tmp_path / "page.pt").write_text("<!DOCTYPE html><html>sign in</html>")
+    with pytest.raises(CheckpointError, match=r"page\.pt is an HTML page"):
+        read_torch_file(tmp_path / "page.pt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00junk")
+    with pytest.raises(CheckpointError, match=r"junk\.pt: not readable as a torch\.save file"):
+        read_torch_file(tmp_path / "junk.pt", weights_only=False)

@@ -178,3 +178,187 @@ def test_corruption_subsets_are_hendrycks_15_common_and_4_held_out():
     assert C.resolve("all") == common + heldout
     b = Benchmark("ids_c", _ids_source(), corruptions="common", severities=(5,), family="mnist")
     assert [d.corruption for d in b.domains] == list(common)
+
+
+@pytest.mark.parametrize("num_examples", [None, 10])
+@pytest.mark.parametrize("files", [False, True], ids=["generated", "files"])
+def test_shuffle_false_visits_the_images_in_file_order(num_examples, files):
+    """``shuffle=False`` (Tent's CIFAR-10-C protocol: the released files in their order): every domain in
+    the source's / file's order, a ``num_examples`` subset too (the same seeded images as shuffled, sorted);
+    ``shuffle=True`` visits the same images in a seeded random order."""
+    src = _ids_source()
+    kw = dict(corruptions=("fog",), severities=(5,), num_examples=num_examples, seed=2, batch_size=4)
+    if files:
+        kw["domain_files"] = lambda c, s: src
+
+    def labels(shuffle: bool) -> np.ndarray:
+        b = Benchmark("ids_c", None if files else src, shuffle=shuffle, family="mnist", **kw)
+        return np.concatenate([batch.labels for batch in b])
+
+    in_order, shuffled = labels(False), labels(True)
+    assert np.array_equal(in_order, np.sort(shuffled)), "the same images either way"
+    assert not np.array_equal(in_order, shuffled)
+    if num_examples is None:
+        assert np.array_equal(in_order, np.arange(40))
+    else:
+        assert len(in_order) == 10 and set(in_order.tolist()) != set(range(10))
+
+
+def test_a_cached_domain_is_not_read_back_in_the_other_order(tmp_path):
+    """The cache of generated domains is keyed by the order: a domain cached by a shuffled benchmark is
+    not read by an unshuffled one (its images would no longer match its labels)."""
+    n = 40
+    images = np.repeat(np.arange(n, dtype=np.uint8)[:, None, None, None] * 5, 28, axis=1).repeat(28, axis=2)
+    src = ArrayDataset(images, np.arange(n), name="ids")
+
+    def first_batch(shuffle: bool, cache_dir) -> tuple[np.ndarray, np.ndarray]:
+        b = Benchmark("ids_c", src, corruptions=("contrast",), severities=(1,), family="mnist",
+                      shuffle=shuffle, cache_dir=cache_dir, batch_size=n)  # fmt: skip
+        batch = next(iter(b))
+        return np.asarray(batch.images), batch.labels
+
+    first_batch(True, tmp_path)  # fills the cache in shuffled order
+    cached_images, cached_labels = first_batch(False, tmp_path)
+    fresh_images, fresh_labels = first_batch(False, None)
+    assert np.array_equal(cached_labels, fresh_labels)
+    assert np.array_equal(cached_images, fresh_images)
+    assert len(list(tmp_path.glob("ids_c-*"))) == 2, "one cache folder per order"
+
+
+@pytest.mark.parametrize("bad", ["no", 1, None])
+def test_shuffle_must_be_a_bool(bad):
+    from tttlab.core.benchmark import from_config
+    from tttlab.core.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="shuffle must be true or false"):
+        from_config({"name": "mnist_c", "shuffle": bad})
+
+
+def test_from_config_passes_shuffle_on():
+    from tttlab.core.benchmark import from_config
+
+    assert from_config({"name": "mnist_c", "shuffle": False}).shuffle is False
+    assert from_config({"name": "mnist_c"}).shuffle is True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# label-correlated (non-i.i.d.) streams: dirichlet_delta
+
+
+def _class_source(per_class: int = 30, classes: int = 10) -> ArrayDataset:
+    """300 distinct images (two pixels hold the index), labels cycling through 10 classes."""
+    n = per_class * classes
+    images = np.zeros((n, 28, 28, 1), np.uint8)
+    images[:, 0, 0, 0] = np.arange(n) % 256
+    images[:, 0, 1, 0] = np.arange(n) // 256
+    return ArrayDataset(images, np.arange(n) % classes, name="classes")
+
+
+def _stream(delta, setting="continual", seed=0, corruptions=("fog", "contrast"), **kw):
+    b = Benchmark("cls_c", _class_source(), corruptions=corruptions, severities=(5,), setting=setting,
+                  seed=seed, family="mnist", batch_size=16, dirichlet_delta=delta, **kw)  # fmt: skip
+    return b, list(b)
+
+
+def _runs(labels: np.ndarray) -> int:
+    return int(1 + np.count_nonzero(np.diff(labels)))
+
+
+def test_dirichlet_zero_sorts_each_domain_by_class_and_keeps_the_images():
+    b, batches = _stream(0)
+    iid_b, iid = _stream(None)
+    assert len(b) == len(iid_b) == len(batches)
+    for domain in b.domains:
+        labels = np.concatenate([x.labels for x in batches if x.domain == domain])
+        assert np.all(np.diff(labels) >= 0), "sorted by class"
+        assert sorted(labels.tolist()) == sorted(
+            np.concatenate([x.labels for x in iid if x.domain == domain]).tolist()
+        )
+
+
+@pytest.mark.parametrize("delta", [0.01, 0.1, 1.0])
+def test_dirichlet_order_is_a_seeded_permutation_with_few_class_runs(delta):
+    b, batches = _stream(delta)
+    _, again = _stream(delta)
+    _, other_seed = _stream(delta, seed=1)
+    _, iid = _stream(None)
+
+    def pairs(bs, domain):  # (image bytes, label) of one domain, in stream order
+        return [(im.tobytes(), int(y)) for x in bs if x.domain == domain for im, y in zip(x.images, x.labels)]
+
+    for d in b.domains:
+        got = pairs(batches, d)
+        assert got == pairs(again, d), "deterministic under the seed"
+        assert sorted(got) == sorted(pairs(iid, d)), "the domain's images, each once, with their own labels"
+    labels = [np.array([y for _, y in pairs(batches, d)]) for d in b.domains]
+    assert np.array_equal(labels[0], labels[1]), "every domain plays the same class order"
+    assert not np.array_equal(labels[0], [y for _, y in pairs(other_seed, b.domains[0])])
+    # 10 chunks, each its classes one after another: at most 100 runs (i.i.d.: about 270 of 300)
+    iid_runs = _runs(np.array([y for _, y in pairs(iid, b.domains[0])]))
+    assert _runs(labels[0]) <= 100 < iid_runs
+
+
+def test_dirichlet_chunks_follow_the_draws():
+    """``dirichlet_label_order`` directly: a permutation; tiny delta puts (almost) each class in one chunk,
+    so about one run per class; the order depends on the generator only."""
+    from tttlab.core.benchmark import dirichlet_label_order
+
+    labels = np.repeat(np.arange(8), 40)
+    rng = np.random.default_rng(5)
+    order = dirichlet_label_order(labels, 1e-3, rng)
+    assert sorted(order.tolist()) == list(range(len(labels)))
+    assert _runs(labels[order]) <= 16, "about one run per class"
+    spread = dirichlet_label_order(labels, 100.0, np.random.default_rng(5))
+    assert 40 <= _runs(labels[spread]) <= 64, "large delta: every class in every chunk, still in runs"
+    assert np.array_equal(order, dirichlet_label_order(labels, 1e-3, np.random.default_rng(5)))
+
+
+def test_dirichlet_in_the_mixed_setting_orders_the_pooled_stream():
+    b, batches = _stream(0.0, setting="mixed")
+    labels = np.concatenate([x.labels for x in batches])
+    ids = np.concatenate([x.domain_ids for x in batches])
+    assert np.all(np.diff(labels) >= 0) and len(labels) == 600
+    assert sorted(np.bincount(ids).tolist()) == [300, 300], "both domains' images, once each"
+    assert len(set(ids[labels == 0].tolist())) == 2, "a class run mixes the domains"
+
+
+def test_dirichlet_sharded_ranks_give_the_unsharded_stream():
+    b, batches = _stream(0.1, setting="reset_each_shift")
+    shards = [list(b.batches(rank=r, world_size=2)) for r in (0, 1)]
+    merged = sorted((x for s in shards for x in s), key=lambda x: x.index)
+    assert [x.index for x in merged] == [x.index for x in batches]
+    assert all(np.array_equal(m.labels, x.labels) and m.reset == x.reset for m, x in zip(merged, batches))
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "0.1", True])
+def test_dirichlet_delta_must_be_null_or_a_finite_number_at_least_0(bad):
+    from tttlab.core.benchmark import from_config
+    from tttlab.core.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="dirichlet_delta="):
+        from_config({"name": "mnist_c", "dirichlet_delta": bad})
+    assert from_config({"name": "mnist_c", "dirichlet_delta": 0}).dirichlet_delta == 0.0
+
+
+def test_dirichlet_order_that_cannot_fill_its_chunks_is_an_error(monkeypatch):
+    from tttlab.core import benchmark as B
+    from tttlab.core.errors import InvalidInputError
+
+    monkeypatch.setattr(B, "DIRICHLET_TRIES", 0)
+    with pytest.raises(
+        InvalidInputError, match=r"dirichlet_delta=0\.1: no correlated order of 300 images in 10 classes"
+    ):
+        _stream(0.1)
+
+
+@pytest.mark.parametrize("delta", [0.01, 0.1])
+def test_dirichlet_order_of_a_small_domain(delta):
+    """32 images of 9 classes (a per-image method's few images per corruption): NOTE's 10 images per chunk
+    are out of reach, the order still comes (at least 1 per chunk), as a permutation."""
+    from tttlab.core.benchmark import dirichlet_label_order
+
+    labels = np.random.default_rng(0).integers(0, 9, 32)
+    labels[:9] = np.arange(9)
+    for seed in range(20):
+        order = dirichlet_label_order(labels, delta, np.random.default_rng(seed))
+        assert sorted(order.tolist()) == list(range(32))

@@ -294,6 +294,7 @@ def test_config_errors_and_method_names(env, tmp_path):
         ("corruptions=[]", "'corruptions'=.* is empty"),
         ("root=/data/mnist", "'root'='/data/mnist': benchmark 'mnist_c' is embedded"),
         ("baselines={fake:other.alpha}", "'baselines.fake'='other.alpha'"),
+        ("dirichlet_delta=-1", r"config key dirichlet_delta=-1\.0; expected null .*0 \(sorted by class\)"),
         (f"out_dir={tmp_path / 'a_file' / 'out'}", "'out_dir'=.*a_file is a file"),
         (f"cache_dir={tmp_path / 'a_file'}", "'cache_dir'=.*a_file is a file"),
     ):
@@ -551,8 +552,11 @@ def test_run_key_changes_with_everything_that_changes_the_numbers(tmp_path):
     c = cmp.load_config([f"out_dir={tmp_path}", "benchmark=digits_c", "profile=smoke", "num_examples=40"])
     key = cmp.run_key(c)
     for k, v in [("benchmark", "mnist_c"), ("root", str(tmp_path)), ("num_examples", 80), ("batch_size", 7),
-                 ("profile", "quick"), ("device", "cuda")]:  # fmt: skip
+                 ("profile", "quick"), ("device", "cuda"), ("dirichlet_delta", 0.0), ("dirichlet_delta", 0.1)]:  # fmt: skip
         assert cmp.run_key({**c, k: v}) != key, k
+    assert cmp.run_key({**c, "dirichlet_delta": 0.0}) != cmp.run_key({**c, "dirichlet_delta": 0.1})
+    # i.i.d. (dirichlet_delta null) keeps the key comparisons had before the option existed
+    assert key == cmp.run_key({k: v for k, v in c.items() if k != "dirichlet_delta"})
     # what does not change the numbers keeps the key (jobs, output folder, methods)
     assert cmp.run_key({**c, "jobs": 7, "out_dir": str(tmp_path / "x"), "methods": ["a.b"]}) == key
 

@@ -142,6 +142,42 @@ def test_cifar10_roundtrip(tmp_path):
         data.cifar10(root, "val")
 
 
+class _Touch:
+    """Unpickling this creates ``path``: the proof that a reader ran pickled code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (self.path,))
+
+
+def test_cifar10_batches_are_unpickled_as_arrays_only(tmp_path):
+    """CIFAR-10's python batches are pickles: they are read with numpy arrays as the only allowed globals
+    (the released files' numpy 1 module path included), so a file carrying code is refused without
+    running it."""
+    root = testing.make_cifar10(tmp_path, n_train=10, n_test=6)
+    folder = root / "cifar-10-batches-py"
+    want = data.cifar10(root, "test").images
+    raw = (folder / "test_batch").read_bytes()
+    assert b"cnumpy._core.multiarray\n" in raw
+    # the released files were written by numpy 1 under Python 2: the same arrays under numpy.core
+    (folder / "test_batch").write_bytes(
+        raw.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+    )
+    assert np.array_equal(data.cifar10(root, "test").images, want)
+    marker = tmp_path / "pickled-code-ran"
+    with open(folder / "test_batch", "rb") as f:
+        d = pickle.load(f, encoding="bytes")
+    d[b"batch_label"] = _Touch(marker)
+    (folder / "test_batch").write_bytes(pickle.dumps(d, protocol=2))
+    with pytest.raises(DatasetLayoutError, match=r"test_batch: not a CIFAR-10 python batch .*refused global"):
+        data.cifar10(root, "test").take(np.arange(2))
+    assert not marker.exists()
+
+
 def _chw_to_hwc(rows: np.ndarray) -> np.ndarray:
     return rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).reshape(len(rows), -1)
 

@@ -200,6 +200,19 @@ def test_config_hash_stable():
     assert len(R.config_hash({})) == 12
 
 
+def test_benchmark_options_added_later_keep_old_hashes_at_their_neutral_value():
+    """A run directory made before ``benchmark.shuffle`` / ``dirichlet_delta`` existed keeps its hash (and
+    so resumes); a non-default value is another config, at any depth."""
+    old = {"seed": 0, "benchmark": {"name": "mnist_c", "setting": "continual"}, "train": {"lr": 0.1}}
+    new = {**old, "benchmark": {**old["benchmark"], "shuffle": True, "dirichlet_delta": None}}
+    assert R.config_hash(new) == R.config_hash(old) == "66f0ff11bec4"  # as hashed before the options
+    assert R.config_hash({"wrap": [new]}) == R.config_hash({"wrap": [old]})
+    for key, value in (("shuffle", False), ("dirichlet_delta", 0.0), ("dirichlet_delta", 0.1)):
+        changed = {**new, "benchmark": {**new["benchmark"], key: value}}
+        assert R.config_hash(changed) != R.config_hash(old), (key, value)
+    assert R.config_hash({"shuffle": True}) != R.config_hash({}), "only inside a benchmark mapping"
+
+
 WRITER = """
 import sys, time
 from tttlab.core.records import RecordWriter

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import pickle
 
@@ -117,11 +118,14 @@ def test_config_errors(tmp_path):
             evaluate({"train_run": str(tmp_path), key: value, "out_dir": str(tmp_path / "e")})
 
 
-def _write_imagenet32(root, n=48, seed=0):
+def _write_imagenet32(root, n=48, seed=0, file_labels=tuple(range(1, 11))):
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     for name in ("train_data_batch_1", "val_data"):
-        d = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": list(rng.integers(1, 11, n))}
+        d = {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "labels": list(rng.choice(file_labels, n)),
+        }
         with open(root / name, "wb") as f:
             pickle.dump(d, f)
     return root
@@ -133,6 +137,9 @@ def test_transfer_pipeline_on_fixtures(tmp_path):
     inet = _write_imagenet32(tmp_path / "imagenet32")
     images, labels = imagenet32(inet, "train")
     assert images.shape == (48, 32, 32, 3) and labels.min() >= 0 and labels.max() <= 9
+    # paper_transfer trains on 250 of the 1000 classes: the fixture holds 4 of them (0-based 294, 828, 241,
+    # 320) and one other (6), whose images are dropped
+    inet = _write_imagenet32(tmp_path / "imagenet32", n=60, file_labels=(295, 829, 242, 321, 7))
     cifar = make_cifar10(tmp_path / "cifar", n_train=40, n_test=20)
     over = ["logging.progress=false", "threads=1", f"data.root={inet}", f"transfer.root={cifar}", "data.batch_size=16",
             "model.r=8", "model.depth=1", "model.dtype=float32", "model.chunk_size=64", "train.epochs=1",
@@ -142,6 +149,26 @@ def test_transfer_pipeline_on_fixtures(tmp_path):
     assert len(recs) == 1 and 0.0 <= float(recs.value.iloc[0]) <= 1.0 and int(recs.n.iloc[0]) == 20
     with pytest.raises(DatasetLayoutError, match="train_data_batch_1"):
         imagenet32(tmp_path / "cifar", "train")
+
+
+def test_imagenet32_pickles_are_read_as_arrays_only(tmp_path):
+    """A batch file that pickles anything but arrays is a DatasetLayoutError, and its code never runs."""
+    import pathlib
+
+    marker = tmp_path / "pickled-code-ran"
+    (tmp_path / "inet").mkdir()
+    d = {
+        "data": np.zeros((2, 3072), np.uint8),
+        "labels": [1, 2],
+        "x": functools.partial(pathlib.Path.touch, marker),
+    }
+    with open(tmp_path / "inet" / "train_data_batch_1", "wb") as f:
+        pickle.dump(d, f)
+    with pytest.raises(
+        DatasetLayoutError, match=r"train_data_batch_1: not an ImageNet32 batch file .*refused global"
+    ):
+        imagenet32(tmp_path / "inet", "train")
+    assert not marker.exists()
 
 
 def _write_omniglot(root, n_chars=6, n_imgs=3):

@@ -17,7 +17,7 @@ SMOKE = ["logging.progress=false", "threads=1"]
 def test_each_epoch_draws_a_new_order_of_the_training_data(tmp_path, monkeypatch):
     n = 32
 
-    def fake_load_flat(name, split, root=None, num_examples=None):
+    def fake_load_flat(name, split, root=None, num_examples=None, classes=None):
         x = torch.zeros(n, 784)
         x[:, 0] = torch.arange(n, dtype=torch.float32)  # example i is recognisable by x[:, 0] == i
         return x, torch.arange(n) % 10

@@ -317,12 +317,41 @@ def test_paper_smoke_experiment_end_to_end_through_the_command(tmp_path, monkeyp
     assert not (tmp_path / "models").exists() and not (tmp_path / "runs").exists(), "nothing was trained"
 
 
+def test_paper_stream_visits_each_corruption_file_in_order(tmp_path):
+    """Tent's reference reads the released files without shuffling: the paper profile's batches are
+    the file's images in order (core's default would visit them in a seeded permutation)."""
+    n = 8
+    folder = testing.make_cifar10_c(tmp_path, corruptions=("gaussian_noise", "fog"), n_per_severity=n)
+    overrides = [
+        "+experiment=paper_tent_cifar10c_smoke",
+        f"benchmark.root={tmp_path}",
+        "model_checkpoint.path=/x",
+    ]
+    labels = np.load(folder / "labels.npy")[4 * n :]
+
+    def streamed(extra: list[str]) -> dict[str, np.ndarray]:
+        c = E.eval_config(hydra_compose(overrides + extra))
+        out: dict[str, list] = {}
+        for batch in E.make_stream(c, E.init_distributed(), model_info("wrn28_10"))[0]:
+            out.setdefault(batch.domain.corruption, []).append((batch.x, batch.y.numpy()))
+        return {k: (torch.cat([x for x, _ in v]), np.concatenate([y for _, y in v])) for k, v in out.items()}
+
+    in_order, shuffled = streamed([]), streamed(["benchmark.shuffle=true"])
+    assert len(labels) == n and len(set(labels.tolist())) > 1
+    for corruption in ("gaussian_noise", "fog"):
+        x, y = in_order[corruption]
+        images = np.load(folder / f"{corruption}.npy")[4 * n :]
+        assert np.array_equal(y, labels)
+        torch.testing.assert_close(x, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)
+        assert not np.array_equal(shuffled[corruption][1], y), "the default order is a permutation"
+        assert sorted(shuffled[corruption][1].tolist()) == sorted(y.tolist())
+
+
 def test_paper_experiment_composes_the_published_setting_and_rejects_mixed_model_sources(tmp_path):
     paper = hydra_compose(["+experiment=paper_tent_cifar10c", "model_checkpoint.path=/data/Standard.pt"])
     b = paper["benchmark"]
-    assert (b["name"], b["corruptions"], b["severities"], b["setting"], b["batch_size"], b["num_examples"]) == (
-        "cifar10_c", "common", [5], "reset_each_shift", 200, None,
-    )  # fmt: skip
+    assert (b["name"], b["corruptions"], b["severities"], b["setting"], b["batch_size"], b["num_examples"],
+            b["shuffle"]) == ("cifar10_c", "common", [5], "reset_each_shift", 200, None, False)  # fmt: skip
     assert paper["model_checkpoint"] == {
         "name": "wrn28_10", "path": "/data/Standard.pt", "kwargs": {}, "weights_only": True,
     }  # fmt: skip

@@ -104,3 +104,29 @@ def test_head_file_deeper_than_classifier_depth_is_an_error(tmp_path, tiny):
     torch.save({"model": {**torch.load(pre)["model"], **deep}}, tmp_path / "all.pth")
     with pytest.raises(CheckpointError, match=r"all\.pth: head keys .*classifier_blocks\.1\."):
         load_official(tiny(classifier_depth=1), tmp_path / "all.pth")
+
+
+def test_files_pickling_other_objects_need_an_explicit_opt_in(tmp_path, tiny):
+    """The official files' ``args`` Namespace is read safely; any other pickled object is refused with an
+    error naming it and ``weights_only=false`` (no silent full unpickle), which then reads the file."""
+    import pathlib
+
+    from tttlab.ttt_mae.evaluate import load_model
+
+    pre, head_path, src, head = official_files(tmp_path, tiny)
+    odd = tmp_path / "odd.pth"
+    torch.save({"model": head, "args": argparse.Namespace(output_dir=pathlib.PurePosixPath("/out"))}, odd)
+    with pytest.raises(
+        CheckpointError, match=r"resume_finetune .*odd\.pth pickles .*PurePosixPath.*weights_only=false"
+    ):
+        load_official(tiny(seed=2), pre, odd)
+    m = load_official(tiny(seed=2), pre, odd, weights_only=False)
+    assert torch.equal(m.classifier_pred.weight, src.classifier_pred.weight)
+    # the config key reaches the reader (ttt / baseline: weights_only; probe: the same key for finetune)
+    c = {"model": "mae_vit_smoke_patch7", "fused_attn": True, "model_overrides": {}, "head_type": "vit_head",
+         "classifier_depth": 1, "norm_pix_loss": True, "input_size": 28, "resume_model": str(pre),
+         "resume_finetune": str(odd), "weights_only": True}  # fmt: skip
+    with pytest.raises(CheckpointError, match="PurePosixPath"):
+        load_model(c, torch.device("cpu"))
+    assert torch.equal(load_model({**c, "weights_only": False}, torch.device("cpu")).classifier_pred.weight,
+                       src.classifier_pred.weight)  # fmt: skip

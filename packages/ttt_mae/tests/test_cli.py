@@ -40,7 +40,7 @@ def test_python_m_baseline(tmp_path, smoke_cache):
 
 @pytest.mark.parametrize(("override", "expected"), [
     ("mask_ratio=1.0", "InvalidInputError: mask_ratio=1.0; "),
-    ("resume_model=/nonexistent/mae.pth", "CheckpointError: resume_model '/nonexistent/mae.pth' does not exist"),
+    ("resume_model=/nonexistent/mae.pth", "CheckpointError: resume_model /nonexistent/mae.pth does not exist"),
     # bad-input audit: NaN momentum trained silently, -1 and device=cuda without CUDA were torch tracebacks
     ("optimizer_momentum=nan", "ConfigError: optimizer_momentum=nan; expected a finite number >= 0"),
     ("optimizer_momentum=-1", "ConfigError: optimizer_momentum=-1.0; expected a finite number >= 0"),

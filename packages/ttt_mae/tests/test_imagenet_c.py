@@ -30,7 +30,7 @@ def test_imagenet_c_with_official_layout(tmp_path, method):
     c = compose("ttt", "paper_ttt", {
         "out_dir": str(tmp_path / "out"), "device": "cpu", "model": "mae_vit_base_patch16", "model_overrides": ARCH,
         "classifier_depth": 1, "resume_model": str(tmp_path / "mae.pth"), "resume_finetune": str(tmp_path / "prob.pth"),
-        "steps_per_example": 2, "batch_size": 4, "single_crop": False, "num_threads": 1,
+        "steps_per_example": 2, "batch_size": 4, "single_crop": False, "test_resize": None, "num_threads": 1,
         "benchmark": {"root": str(root), "num_examples": 2, "corruptions": ["fog", "contrast"]}, "logging": {"progress": False},
     })  # fmt: skip
     df = load_records(run_benchmark(c, method))

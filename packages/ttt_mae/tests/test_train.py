@@ -66,14 +66,15 @@ def test_probe_trains_only_the_head(tmp_path):
 
 
 def test_pretrain_weight_decay_on_weight_matrices_only():
-    """MAE pretraining's weight decay (upstream's ``param_groups_weight_decay``): none on biases, norms and
-    the cls / mask tokens; on every weight matrix and the patch-embedding kernel."""
+    """MAE pretraining's weight decay (upstream's ``optim_factory.add_weight_decay(model, wd)``, no skip
+    list): none on biases and norms (1-D); on every weight matrix, the patch-embedding kernel and the
+    (1, 1, D) cls / mask tokens."""
     model = T.build(pre_cfg("unused"), "pretrain")
     names = {id(p): n for n, p in model.named_parameters()}
     decay = {
         names[id(p)]: g["weight_decay"] for g in T.param_groups(model, 0.05, "pretrain") for p in g["params"]
     }
-    assert decay["cls_token"] == decay["mask_token"] == 0.0
+    assert decay["cls_token"] == decay["mask_token"] == 0.05
     assert decay["blocks.0.norm1.weight"] == decay["blocks.0.attn.qkv.bias"] == decay["norm.bias"] == 0.0
     assert decay["blocks.0.attn.qkv.weight"] == decay["patch_embed.proj.weight"] == 0.05
     assert decay["decoder_pred.weight"] == decay["decoder_blocks.0.mlp.fc1.weight"] == 0.05

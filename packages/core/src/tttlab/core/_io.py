@@ -218,3 +218,27 @@ def source_fingerprint(top: str) -> str:
     else:
         return ""
     return h.hexdigest()[:16]
+
+
+#: The only globals a dataset pickle may name: numpy arrays and scalars (under numpy 1's and numpy 2's module
+#: paths), dtypes, and ``_codecs.encode`` (how protocol 2 stores ``bytes``).  CIFAR-10's python batches and
+#: MNIST's ``mnist.pkl.gz`` need nothing else.
+SAFE_PICKLE_GLOBALS = frozenset(
+    {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+    | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+)
+
+
+def load_data_pickle(f, encoding: str = "ASCII"):
+    """``pickle.load`` of a data file that may only hold containers, numbers, strings, bytes and numpy arrays:
+    any other global (a class or function that unpickling would call) raises ``pickle.UnpicklingError``
+    before anything runs, so a dataset file cannot execute code."""
+    import pickle
+
+    class _DataUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) in SAFE_PICKLE_GLOBALS:
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"refused global {module}.{name}: a data file holds arrays only")
+
+    return _DataUnpickler(f, encoding=encoding).load()

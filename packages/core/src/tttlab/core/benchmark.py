@@ -14,6 +14,20 @@ setting              domain order                                               
 ``gradual``          per corruption, severities up then down (1,2,3,4,5,4,3,2,1)             first batch only
 ===================  =====================================================================  ==========
 
+Label-correlated (non-i.i.d.) streams: ``dirichlet_delta`` reorders each domain's images by class, in
+any setting (``mixed``: the pooled stream).  ``0`` sorts them by class; ``delta > 0`` follows NOTE (Gong
+et al., NeurIPS 2022), the scheme of the test-time-adaptation benchmark's ``correlated`` settings: the
+images are dealt into as many chunks as there are classes, each class split across the chunks by a
+Dirichlet(``delta``) draw (chunks that already hold their share get no more; redrawn until every chunk
+holds at least ``min(10, images / (2 x classes))`` images: NOTE's 10, which small domains cannot always
+meet), and each chunk plays its classes one after another in a
+random order.  Small ``delta`` gives long runs of one class (test-batch statistics then see one or two
+classes: where BatchNorm-based adaptation is known to fail); large ``delta`` shares every class evenly
+among the chunks, which still play them in runs of about ``images / classes**2``, so no ``delta`` is
+i.i.d. (on MNIST, 2,000 images, batches of 64: 1.3 classes per batch sorted, 1.5 at ``delta=0.01``, 2.1 at
+0.1, 3.6 at 1, 3.9 at 100; 9.9 i.i.d.).  Combine it with any setting, e.g. ``setting=continual
+dirichlet_delta=0.1`` for a continual, label-correlated stream.
+
 The images of a domain depend only on ``(seed, corruption, severity)`` and the source data, never on
 the setting or the batch size, so methods evaluated under different settings see the same pixels.
 Generated domains are corrupted in fixed chunks, each with its own ``numpy.random.Generator`` seeded
@@ -95,6 +109,69 @@ class Batch:
         return int(self.labels.shape[0])
 
 
+#: Most redraws of the Dirichlet proportions before a correlated order gives up (every chunk must get its
+#: minimum); NOTE's code retries for two minutes instead.
+DIRICHLET_TRIES = 1000
+
+
+def dirichlet_label_order(labels: np.ndarray, delta: float, rng: np.random.Generator) -> np.ndarray:
+    """Positions of ``labels`` in a label-correlated order (see the module docstring): ``delta == 0``
+    sorts by class (stable: each class keeps its order), ``delta > 0`` is NOTE's Dirichlet scheme with
+    ``rng``'s draws.
+
+    NOTE draws the proportions over all chunks, zeroes the full ones and renormalises; this draws them
+    over the open chunks directly: the same distribution (a Dirichlet's entries restricted to a subset
+    and renormalised are Dirichlet with those entries' parameters), without a division by zero when the
+    draw's mass underflows outside the full chunks.  With many classes the draw is spread over many
+    chunks (its total concentration is ``classes x delta``): on 1000 classes of 50 images ``delta=0.01``
+    still gives about 20,000 runs in 50,000 images, where 10 classes of 1,000 give 23."""
+    labels = np.asarray(labels)
+    if delta == 0 or len(labels) == 0:
+        return np.argsort(labels, kind="stable")
+    by_class = np.argsort(labels, kind="stable")
+    classes, counts = np.unique(labels, return_counts=True)
+    members = np.split(by_class, np.cumsum(counts)[:-1])
+    k, n = len(classes), len(labels)
+    need = min(10, n // (2 * k))
+    for _ in range(DIRICHLET_TRIES):
+        chunks: list[list[np.ndarray]] = [[] for _ in range(k)]  # the pieces of each chunk, one per class
+        sizes = np.zeros(k, np.int64)
+        for idx in members:
+            idx = rng.permutation(idx)
+            open_chunks = np.flatnonzero(sizes < n / k)  # never empty: fewer than n images are dealt so far
+            share = rng.dirichlet(np.full(len(open_chunks), float(delta)))
+            if not (np.isfinite(share).all() and share.sum() > 0):  # delta -> 0: all of it in one chunk
+                share = np.eye(len(open_chunks))[rng.integers(len(open_chunks))]
+            ends = np.concatenate([(np.cumsum(share) * len(idx)).astype(np.int64)[:-1], [len(idx)]])
+            starts = np.concatenate([[0], ends[:-1]])
+            for j in np.flatnonzero(ends > starts):
+                chunks[open_chunks[j]].append(idx[starts[j] : ends[j]])
+                sizes[open_chunks[j]] += ends[j] - starts[j]
+        if sizes.min() >= need:
+            break
+    else:
+        raise InvalidInputError(
+            f"dirichlet_delta={delta}: no correlated order of {n} images in {k} classes with at least {need} "
+            f"images per chunk after {DIRICHLET_TRIES} draws; expected a larger dirichlet_delta"
+        )
+    return np.concatenate([chunk[i] for chunk in chunks if chunk for i in rng.permutation(len(chunk))])
+
+
+def check_dirichlet_delta(delta) -> float | None:
+    """``None`` (i.i.d. order) or a finite number >= 0, else an :class:`InvalidInputError`."""
+    if delta is None:
+        return None
+    if (
+        isinstance(delta, (bool, np.bool_))
+        or not isinstance(delta, (int, float, np.integer, np.floating))
+        or not (0 <= float(delta) < np.inf)
+    ):
+        raise InvalidInputError(
+            f"dirichlet_delta={delta!r}; expected null (i.i.d. order), 0 (sorted by class) or a finite number > 0"
+        )
+    return float(delta)
+
+
 def check_setting(setting: str) -> str:
     if setting not in SETTINGS:
         raise UnknownNameError(
@@ -137,13 +214,18 @@ class Benchmark:
         severities: severities in 1..5.
         setting: one of :data:`SETTINGS`.
         batch_size: images per batch.
-        num_examples: images per domain (the first ``num_examples`` of a seeded permutation); default all.
+        num_examples: images per domain (the first ``num_examples`` of a seeded permutation, the same
+            images in every domain); default all.
         seed: seeds the choice of examples, the corruption noise and the order.
         family: corruption constants (``mnist``, ``cifar``, ``imagenet``); default by image size.
         domain_files: ``(corruption, severity) -> ImageDataset`` to read pre-corrupted data instead of
             generating it (e.g. the CIFAR-10-C ``.npy`` files).
         cache_dir: where generated domains are cached as ``.npy`` (atomic writes); ``None`` = memory only.
-        shuffle: shuffle the images within a domain (by seed).  Sorted-by-class folders need it.
+        dirichlet_delta: ``None`` (default): each domain's images in i.i.d. order; ``0``: sorted by class;
+            ``> 0``: NOTE's Dirichlet label-correlated order (module docstring), seeded by ``seed``.
+        shuffle: visit a domain's images in a seeded random order (default; sorted-by-class folders need
+            it); ``False``: in the order of the source or the domain's file (a ``num_examples`` subset
+            too), as reference code that reads the released files without shuffling does.
         jpeg_quality: if set, every generated corrupted image goes through a JPEG round trip at this
             quality (Pillow, 4:2:0), as the released ImageNet-C files did (85); clean images are left as is.
     """
@@ -165,6 +247,7 @@ class Benchmark:
         shuffle: bool = True,
         include_clean: bool = False,
         jpeg_quality: int | None = None,
+        dirichlet_delta: float | None = None,
     ):
         if jpeg_quality is not None and (
             isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, (int, np.integer))
@@ -183,6 +266,8 @@ class Benchmark:
             raise InvalidInputError(f"num_examples must be a positive integer or None, got {num_examples!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise InvalidInputError(f"seed must be a non-negative integer, got {seed!r}")
+        if not isinstance(shuffle, (bool, np.bool_)):
+            raise InvalidInputError(f"shuffle must be true or false, got {shuffle!r}")
         if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
             raise InvalidInputError(f"cache_dir {cache_dir} is a file; expected a directory (or a new path)")
         self.name = name
@@ -205,7 +290,8 @@ class Benchmark:
         self.family = family
         self.domain_files = domain_files
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.shuffle = shuffle
+        self.shuffle = bool(shuffle)
+        self.dirichlet_delta = check_dirichlet_delta(dirichlet_delta)
         self.include_clean = include_clean
         self.jpeg_quality = None if jpeg_quality is None else int(jpeg_quality)
         self._memo: dict[Domain, ImageDataset] = {}
@@ -262,15 +348,17 @@ class Benchmark:
     def _example_indices(self) -> np.ndarray:
         n = len(self.source)
         order = np.random.default_rng([self.seed, 0x5EED]).permutation(n)
-        if self.num_examples is None or self.num_examples >= n:
-            return np.sort(order) if not self.shuffle else order
-        return order[: self.num_examples]
+        if self.num_examples is not None and self.num_examples < n:
+            order = order[: self.num_examples]
+        return order if self.shuffle else np.sort(order)
 
     def _cache_path(self, domain: Domain) -> Path | None:
         if self.cache_dir is None:
             return None
         fields = (self.name, len(self.source), self.num_examples, self.seed, self.family, CHUNK,
                   corruptions_code_hash())  # fmt: skip
+        if not self.shuffle:  # file order: other images per noise chunk (keeps the shuffled caches' keys)
+            fields += (("order", "file"),)
         if self.jpeg_quality is not None:  # keeps the keys of earlier caches without the round trip
             fields += (("jpeg", self.jpeg_quality),)
         key = hashlib.sha256(repr(fields).encode()).hexdigest()[:12]
@@ -308,11 +396,12 @@ class Benchmark:
         if domain not in self._memo:
             if domain.corruption is not None and self.domain_files is not None:
                 ds = self.domain_files(domain.corruption, domain.severity)
+                order = np.random.default_rng([self.seed, 0x5EED]).permutation(len(ds))
                 if self.num_examples is not None and self.num_examples < len(ds):
-                    order = np.random.default_rng([self.seed, 0x5EED]).permutation(len(ds))
-                    ds = ds.subset(order[: self.num_examples])
+                    order = order[: self.num_examples]
+                    ds = ds.subset(order if self.shuffle else np.sort(order))
                 elif self.shuffle:
-                    ds = ds.subset(np.random.default_rng([self.seed, 0x5EED]).permutation(len(ds)))
+                    ds = ds.subset(order)
             elif self.source is None:
                 raise DatasetNotFoundError(f"benchmark {self.name!r} has no clean source data for {domain}")
             else:
@@ -326,6 +415,12 @@ class Benchmark:
     # ------------------------------------------------------------------ stream
     def __iter__(self) -> Iterator[Batch]:
         return self.batches()
+
+    def _correlated(self, order: np.ndarray, labels: np.ndarray, visit: int | None = None) -> np.ndarray:
+        """``order`` rearranged into the label-correlated order of ``dirichlet_delta`` (``labels``: those of
+        ``order``'s images); class runs from :func:`dirichlet_label_order`, seeded by the benchmark's seed."""
+        key = [self.seed, 0xC0AA] if visit is None else [self.seed, 0xC0AA, visit]
+        return order[dirichlet_label_order(labels, self.dirichlet_delta, np.random.default_rng(key))]
 
     def batches(self, *, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
         """The stream; with ``world_size > 1`` only the batches ``index % world_size == rank``.
@@ -343,6 +438,9 @@ class Benchmark:
             owner = np.concatenate([np.full(len(ds), i, np.int64) for i, (ds, _) in enumerate(parts)])
             within = np.concatenate([np.arange(len(ds)) for ds, _ in parts])
             order = np.random.default_rng([self.seed, 0xD1CE]).permutation(len(owner))
+            if self.dirichlet_delta is not None:
+                pooled = np.concatenate([ds.labels for ds, _ in parts])
+                order = self._correlated(order, pooled[order])
             for start in range(0, len(order), self.batch_size):
                 sel = order[start : start + self.batch_size]
                 if index % world_size == rank:
@@ -354,9 +452,13 @@ class Benchmark:
         for visit, domain in enumerate(schedule):
             ds = self.domain_dataset(domain)
             order = np.arange(len(ds))
-            if self.setting == "gradual" and schedule.index(domain) != visit:
-                # the way down revisits a severity: same images, another order
+            revisit = self.setting == "gradual" and schedule.index(domain) != visit
+            if revisit:  # the way down revisits a severity: same images, another order
                 order = np.random.default_rng([self.seed, visit]).permutation(len(ds))
+            if (
+                self.dirichlet_delta is not None
+            ):  # every domain the same class order (same labels), revisits another
+                order = self._correlated(order, ds.labels[order], visit if revisit else None)
             d_id = domains.index(domain)
             for b, start in enumerate(range(0, len(ds), self.batch_size)):
                 if index % world_size == rank:
@@ -417,13 +519,16 @@ def make_benchmark(
     split: str = "test",
     cache_dir: str | os.PathLike | None = None,
     include_clean: bool = False,
+    shuffle: bool = True,
+    dirichlet_delta: float | None = None,
 ) -> Benchmark:
-    """Build a named benchmark (see the module docstring)."""
+    """Build a named benchmark (see the module docstring; ``shuffle``: :class:`Benchmark`)."""
     from . import data
 
     common = dict(
         corruptions=corruptions, severities=severities, setting=setting, batch_size=batch_size,
         num_examples=num_examples, seed=seed, cache_dir=cache_dir, include_clean=include_clean,
+        shuffle=shuffle, dirichlet_delta=dirichlet_delta,
     )  # fmt: skip
     if name in ("mnist_c", "digits_c") and root is not None:
         raise InvalidInputError(
@@ -510,13 +615,14 @@ def from_config(cfg) -> Benchmark:
     severities = get("severities", [5])
     if not isinstance(severities, (int, np.integer, str)) and hasattr(severities, "__iter__"):
         severities = list(severities)
-    include_clean = get("include_clean", False)
-    if not isinstance(include_clean, (bool, np.bool_)):
-        raise InvalidInputError(f"include_clean must be true or false, got {include_clean!r}")
+    include_clean, shuffle = get("include_clean", False), get("shuffle", True)
+    for key, flag in (("include_clean", include_clean), ("shuffle", shuffle)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise InvalidInputError(f"{key} must be true or false, got {flag!r}")
     # values are passed on unconverted: make_benchmark names a string, float or None where an int belongs
     return make_benchmark(
         get("name", "mnist_c"), root=get("root"), corruptions=corr, severities=severities,
         setting=get("setting", "reset_each_shift"), batch_size=get("batch_size", 64),
         num_examples=get("num_examples"), seed=get("seed", 0), cache_dir=get("cache_dir"),
-        include_clean=bool(include_clean),
+        include_clean=bool(include_clean), shuffle=bool(shuffle), dirichlet_delta=get("dirichlet_delta"),
     )  # fmt: skip

@@ -115,6 +115,7 @@ class CompareConfig:
     benchmark: str = "mnist_c"
     root: str | None = None
     setting: Any = "reset_each_shift"  # a setting or a list of them
+    dirichlet_delta: float | None = None  # label-correlated streams (tttlab.core.benchmark); None: i.i.d.
     corruptions: Any = None  # None: the profile's
     severities: Any = field(default_factory=lambda: [5])
     seeds: Any = field(default_factory=lambda: [0])
@@ -229,6 +230,13 @@ def check_config(c: dict[str, Any]) -> dict[str, Any]:
     for s in c["setting"]:
         if s not in SETTINGS:
             raise ConfigError(f"config key 'setting' has {s!r}: expected one of {', '.join(SETTINGS)}")
+    from .benchmark import check_dirichlet_delta
+    from .errors import InvalidInputError
+
+    try:
+        c["dirichlet_delta"] = check_dirichlet_delta(c.get("dirichlet_delta"))
+    except InvalidInputError as exc:
+        raise ConfigError(f"config key {exc}") from None
     corr = c["corruptions"] if c["corruptions"] is not None else prof.get("corruptions", "common")
     try:
         c["corruptions"] = list(C.resolve(corr if isinstance(corr, str) else list(corr)))
@@ -448,6 +456,8 @@ def run_key(c: dict[str, Any]) -> str:
         "benchmark": c["benchmark"], "root": c["root"], "num_examples": c["num_examples"],
         "batch_size": c["batch_size"], "profile": c["profile"], "device": c["device"],
     }  # fmt: skip
+    if c.get("dirichlet_delta") is not None:  # i.i.d. streams keep the keys they always had
+        key["dirichlet_delta"] = c["dirichlet_delta"]
     return f"{c['benchmark']}-{c['profile']}-{config_hash(key)[:8]}"
 
 
@@ -612,6 +622,8 @@ def evaluate_config(task: Task, c: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
     if c["root"]:
         bench["root"] = c["root"]
+    if c.get("dirichlet_delta") is not None:
+        bench["dirichlet_delta"] = c["dirichlet_delta"]
     cfg = {
         "method": task.spec.name, "out_dir": str(task.part.resolve()), "benchmark": bench,
         "profile": c["profile"], "cache_dir": str(model_cache_dir(task, c)), "seed": task.seed,
@@ -997,8 +1009,14 @@ def format_table(table, c: dict[str, Any], width: int | None = None) -> str:
 def _bench_title(c: dict[str, Any]) -> str:
     sev = ",".join(map(str, c["severities"]))
     n = "all" if c["num_examples"] is None else c["num_examples"]
-    return (f"{c['benchmark']} severity {sev}, {n} images per corruption, setting {'/'.join(c['setting'])}, "
-            f"profile {c['profile']}, seeds {c['seeds']}")  # fmt: skip
+    return (f"{c['benchmark']} severity {sev}, {n} images per corruption, setting {'/'.join(c['setting'])}"
+            f"{_correlation(c)}, profile {c['profile']}, seeds {c['seeds']}")  # fmt: skip
+
+
+def _correlation(c: dict[str, Any]) -> str:
+    """``", label-correlated (dirichlet_delta=...)"`` for a non-i.i.d. comparison, else nothing."""
+    delta = c.get("dirichlet_delta")
+    return "" if delta is None else f", label-correlated (dirichlet_delta={delta:g})"
 
 
 def write_plots(results, table, c: dict[str, Any], out: Path) -> list[Path]:
@@ -1114,7 +1132,8 @@ def write_report(
     lines += [
         f"Accuracy (%) per corruption at severity {', '.join(map(str, c['severities']))}, "
         f"{'all' if c['num_examples'] is None else c['num_examples']} images per corruption, "
-        f"setting {', '.join(c['setting'])}, profile `{c['profile']}`, seed(s) {', '.join(map(str, c['seeds']))}. "
+        f"setting {', '.join(c['setting'])}{_correlation(c)}, profile `{c['profile']}`, "
+        f"seed(s) {', '.join(map(str, c['seeds']))}. "
         "`mean` is the mean over corruptions"
         + (" (± sample standard deviation over seeds)" if len(c["seeds"]) > 1 else "")
         + "; `Δ baseline` its gain over the baseline of the same subpackage (points); `ms/image` the "
@@ -1182,6 +1201,8 @@ def equivalent_command(c: dict[str, Any]) -> str:
              f"out_dir={c['out_dir']}"]  # fmt: skip
     if c["root"]:
         parts.append(f"root={c['root']}")
+    if c.get("dirichlet_delta") is not None:
+        parts.append(f"dirichlet_delta={c['dirichlet_delta']:g}")
     return " ".join(shlex.quote(p) for p in parts)
 
 

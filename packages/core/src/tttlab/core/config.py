@@ -36,6 +36,8 @@ class BenchmarkConfig:
     seed: int = 0
     cache_dir: str | None = None
     include_clean: bool = False
+    shuffle: bool = True  # False: each domain's images in file order (e.g. Tent's CIFAR-10-C protocol)
+    dirichlet_delta: float | None = None  # label-correlated order: null i.i.d., 0 sorted by class, > 0 NOTE's
 
 
 @dataclass

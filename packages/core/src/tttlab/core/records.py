@@ -170,9 +170,32 @@ def _load_yaml_config(path: Path) -> Any:
         ) from None
 
 
+#: Benchmark options added after run directories already existed, with the value that means "as before":
+#: at that value they stay out of :func:`config_hash`, so a run made before the option resumes after it.
+BENCHMARK_KEYS_ADDED_LATER = {"shuffle": True, "dirichlet_delta": None}
+
+
+def _without_later_defaults(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        out = {k: _without_later_defaults(v) for k, v in obj.items()}
+        bench = out.get("benchmark")
+        if isinstance(bench, dict):
+            out["benchmark"] = {
+                k: v for k, v in bench.items()
+                if not (k in BENCHMARK_KEYS_ADDED_LATER and v == BENCHMARK_KEYS_ADDED_LATER[k]
+                        and type(v) is type(BENCHMARK_KEYS_ADDED_LATER[k]))
+            }  # fmt: skip
+        return out
+    if isinstance(obj, list):
+        return [_without_later_defaults(v) for v in obj]
+    return obj
+
+
 def config_hash(cfg: Any) -> str:
-    """Stable 12-hex-digit hash of a (nested) dict, dataclass or OmegaConf config; key order is ignored."""
-    blob = json.dumps(_plain(cfg), sort_keys=True, default=str, separators=(",", ":")).encode()
+    """Stable 12-hex-digit hash of a (nested) dict, dataclass or OmegaConf config; key order is ignored,
+    and so are the :data:`BENCHMARK_KEYS_ADDED_LATER` of any ``benchmark`` mapping at their neutral value."""
+    plain = _without_later_defaults(_plain(cfg))
+    blob = json.dumps(plain, sort_keys=True, default=str, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 

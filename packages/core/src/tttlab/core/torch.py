@@ -117,13 +117,18 @@ def state_dict_from(obj, source) -> dict:
     return {k.removeprefix(DATA_PARALLEL_PREFIX): v for k, v in obj.items()}
 
 
-def read_state_dict(path, weights_only: bool = True) -> dict:
-    r"""The state dict of a local ``torch.save`` file (:func:`state_dict_from`), on the CPU.
+def read_torch_file(
+    path, weights_only: bool = True, *, allow=(), option: str = "weights_only=false", what: str = "checkpoint"
+):
+    r"""What a local ``torch.save`` file holds, read on the CPU.
 
-    ``weights_only=True`` reads tensors and plain containers only (no pickled code); a file that also
-    pickles other objects is an error that names them and says how to read it (trusted files only).  A
-    missing file, an HTML page saved under the weights' name (a failed download) and an unreadable file
-    are :class:`CheckpointError`\ s naming the path."""
+    ``weights_only=True`` reads tensors and plain containers only, plus the classes in ``allow`` (e.g.
+    ``argparse.Namespace``, which training scripts save as ``args``): no pickled code runs.  A file that
+    pickles other objects is a :class:`CheckpointError` naming the first one and ``option``, the setting
+    that reads it as a full pickle (trusted files only; there is no silent fallback).  A missing file, an
+    HTML page saved under the weights' name (a failed download) and an unreadable file are
+    :class:`CheckpointError`\ s naming ``what`` and the path."""
+    import contextlib
     import re
     from pathlib import Path
 
@@ -131,31 +136,39 @@ def read_state_dict(path, weights_only: bool = True) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(
-            f"checkpoint {path} does not exist; expected a torch.save file with the model's state dict"
-        )
+        state = "is a directory" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"{what} {path} {state}; expected a local torch.save file")
     with open(path, "rb") as f:
         head = f.read(512).lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html")):
         raise CheckpointError(
-            f"checkpoint {path} is an HTML page, not a torch.save file (a failed download saved under the "
+            f"{what} {path} is an HTML page, not a torch.save file (a failed download saved under the "
             "checkpoint's name?); download the weights file itself"
         )
+    allowed = (
+        torch.serialization.safe_globals(list(allow)) if allow and weights_only else contextlib.nullcontext()
+    )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+        with allowed:
+            return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as exc:  # pickle, zip and weights-only errors come in many types
         text = str(exc)
         found = re.search(r"Unsupported global: GLOBAL (\S+)", text) if weights_only else None
         if found:
             raise CheckpointError(
-                f"checkpoint {path} pickles objects other than tensors and plain containers ({found.group(1)}), "
-                "which the safe reader refuses; if you trust the file, read it with weights_only=false "
-                "(model_checkpoint.weights_only=false in torch_ttt; unpickling runs code)"
+                f"{what} {path} pickles objects other than tensors and plain containers ({found.group(1)}), "
+                f"which the safe reader refuses; if you trust the file, read it with {option} "
+                "(unpickling runs code)"
             ) from None
         raise CheckpointError(
-            f"checkpoint {path}: not readable as a torch.save file of tensors ({type(exc).__name__}: "
-            f"{text[:200]})"
+            f"{what} {path}: not readable as a torch.save file ({type(exc).__name__}: {text[:200]})"
         ) from None
+
+
+def read_state_dict(path, weights_only: bool = True, *, option: str = "weights_only=false") -> dict:
+    """The state dict of a local ``torch.save`` file (:func:`state_dict_from`), read by
+    :func:`read_torch_file` (its errors; ``option`` names the setting that turns ``weights_only`` off)."""
+    obj = read_torch_file(path, weights_only, option=option)
     return state_dict_from(obj, f"checkpoint {path}")
 
 

@@ -73,6 +73,8 @@ DEFAULTS: dict[str, Any] = {
         "cache_dir": None,
         "root": None,
         "include_clean": False,
+        "shuffle": True,  # False: each domain's images in file order
+        "dirichlet_delta": None,  # label-correlated order (tttlab.core.benchmark): None i.i.d., 0 sorted, > 0
     },  # fmt: skip
     "tpt": {
         "n_views": None,
@@ -210,7 +212,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     bench = make_benchmark(
         b["name"], root=b["root"], include_clean=bool(b["include_clean"]), corruptions=b["corruptions"], severities=list(b["severities"]), setting=b["setting"],
         batch_size=int(b["batch_size"]), num_examples=b["num_examples"], seed=int(b["seed"]),
-        cache_dir=b["cache_dir"],
+        cache_dir=b["cache_dir"], shuffle=b["shuffle"], dirichlet_delta=b["dirichlet_delta"],
     )  # fmt: skip
     totals: dict[Any, list] = {d: [0, 0, 0.0, 0] for d in bench.domains}
     zero_shot = c["method"] == "memo_tpt.clip_zeroshot"

@@ -6,23 +6,30 @@
 * ``imagenet32`` from a local path: the downsampled-ImageNet 32x32 batch files (``train_data_batch_1``
   .. ``train_data_batch_10`` and ``val_data``, each a pickle or ``.npz`` with ``data`` (N x 3072, CHW
   uint8) and ``labels`` (1..1000)); the core has no reader for this format, so it is read here;
+  normalised with the ImageNet mean/std, as upstream's ``transfer_imagenet.py`` (its CIFAR-10 transfer
+  set keeps the CIFAR-10 constants);
+* ``classes`` (:func:`load_flat`): keep only the examples of these labels, relabelled ``0..k-1`` in the
+  given order (upstream's transfer run trains on a fixed random subset of 250 ImageNet classes);
 * Omniglot from a local path (see :func:`omniglot_classes`).
 """
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from tttlab.core._io import load_data_pickle
 from tttlab.core.errors import DatasetLayoutError, DatasetNotFoundError, InvalidInputError
 
 #: per-channel mean / std of CIFAR-10 used by upstream's transform
 CIFAR_MEAN = (0.49137255, 0.48235294, 0.44666667)
 CIFAR_STD = (0.24705882, 0.24352941, 0.26156863)
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+#: ImageNet mean / std, used by upstream's ``transfer_imagenet.py`` for ImageNet32
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 DATASETS = ("mnist", "digits", "cifar10", "imagenet32")
 NUM_CLASSES = {"mnist": 10, "digits": 10, "cifar10": 10, "imagenet32": 1000}
@@ -44,13 +51,42 @@ def _subset(images, labels, num_examples):
     return images, labels
 
 
-def load_flat(name: str, split: str, root=None, num_examples: int | None = None):
-    """``(x float32 (N, D), y int64 (N,))`` of a dataset split, flattened and normalised."""
+def check_classes(classes, name: str, key: str = "train.classes") -> list[int] | None:
+    """``classes`` as a list of distinct label indices of dataset ``name`` (``None``: all classes)."""
+    if classes is None:
+        return None
+    n = NUM_CLASSES.get(name)
+    ok = isinstance(classes, (list, tuple)) and len(classes) > 0
+    ok = ok and all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < (n or 0) for k in classes)
+    if not ok or len(set(classes)) != len(classes):
+        raise InvalidInputError(
+            f"{key}={classes!r}: expected null or a non-empty list of distinct label indices of {name} "
+            f"(integers in [0, {n}))"
+        )
+    return [int(k) for k in classes]
+
+
+def _keep_classes(images, labels, classes):
+    """Examples of ``classes`` only, labels relabelled to their position in ``classes``."""
+    if classes is None:
+        return images, labels
+    labels = np.asarray(labels)
+    index = np.full(int(max(labels.max(initial=0), max(classes))) + 1, -1, dtype=np.int64)
+    index[np.asarray(classes)] = np.arange(len(classes))
+    keep = np.nonzero(index[labels] >= 0)[0]
+    return np.asarray(images)[keep], index[labels[keep]]
+
+
+def load_flat(name: str, split: str, root=None, num_examples: int | None = None, classes=None):
+    """``(x float32 (N, D), y int64 (N,))`` of a dataset split, flattened and normalised; with ``classes``
+    (label indices) only those classes' examples, relabelled ``0..len(classes)-1`` in that order (before
+    ``num_examples`` is applied)."""
     from tttlab.core import data as D
 
+    classes = check_classes(classes, name)
     if name in ("mnist", "digits"):
         ds = getattr(D, name)(split)
-        images, labels = _subset(ds.images, ds.labels, num_examples)
+        images, labels = _subset(*_keep_classes(ds.images, ds.labels, classes), num_examples)
         return flatten_images(np.asarray(images), MNIST_MEAN, MNIST_STD), torch.as_tensor(
             np.array(labels), dtype=torch.long
         )
@@ -60,14 +96,14 @@ def load_flat(name: str, split: str, root=None, num_examples: int | None = None)
                 "cifar10 is read from disk: set data.root to the CIFAR-10 python folder"
             )
         ds = D.cifar10(root, split=split)
-        images, labels = _subset(ds.images, ds.labels, num_examples)
+        images, labels = _subset(*_keep_classes(ds.images, ds.labels, classes), num_examples)
         return flatten_images(np.asarray(images), CIFAR_MEAN, CIFAR_STD), torch.as_tensor(
             np.array(labels), dtype=torch.long
         )
     if name == "imagenet32":
         images, labels = imagenet32(root, split)
-        images, labels = _subset(images, labels, num_examples)
-        return flatten_images(images, CIFAR_MEAN, CIFAR_STD), torch.as_tensor(labels, dtype=torch.long)
+        images, labels = _subset(*_keep_classes(images, labels, classes), num_examples)
+        return flatten_images(images, IMAGENET_MEAN, IMAGENET_STD), torch.as_tensor(labels, dtype=torch.long)
     raise InvalidInputError(f"dataset {name!r}; expected one of {DATASETS}")
 
 
@@ -81,7 +117,7 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 data, labels = z["data"], z["labels"]
         else:
             with open(path, "rb") as f:
-                d = pickle.load(f, encoding="latin1")
+                d = load_data_pickle(f, encoding="latin1")  # numpy arrays only: no pickled code runs
             data, labels = d["data"], d["labels"]
     except Exception as exc:  # noqa: BLE001 - foreign or truncated file
         raise DatasetLayoutError(

@@ -288,7 +288,7 @@ def load_net(path, device=None, **kwargs) -> nn.Module:
     from tttlab.core.errors import CheckpointError
 
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated or foreign file
         raise CheckpointError(f"{path} is not a readable pi-net file: {exc}") from None
     if not isinstance(payload, dict) or payload.get("format") != "tttlab.pilimit.net/1":

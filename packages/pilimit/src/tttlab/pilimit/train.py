@@ -95,6 +95,9 @@ class TrainSection:
     task: str = "classify"  # classify | transfer | maml
     epochs: int = 1
     test_split: str = "test"
+    # classify/transfer: train (and test) on these labels only, relabelled 0..k-1 in this order (null: all);
+    # paper_transfer: upstream's fixed random 250 of ImageNet32's 1000 classes
+    classes: list[int] | None = None
     num_test: int | None = None
     test_batch_size: int = 256
     checkpoint_every: int = 200
@@ -243,7 +246,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated or foreign file
         raise CheckpointError(f"{path} is not a readable tttlab-pilimit checkpoint: {exc}") from None
     if not isinstance(ck, dict) or ck.get("format") != "tttlab.pilimit/1":
@@ -385,18 +388,25 @@ def run(cfg, **overrides) -> Path:
     return _run_classify(c)
 
 
+def num_outputs(c: dict[str, Any]) -> int:
+    """Output width of a classify/transfer net: the dataset's classes, or ``len(train.classes)``."""
+    classes = c["train"].get("classes")
+    return len(classes) if classes else NUM_CLASSES[c["data"]["name"]]
+
+
 def _run_classify(c: dict[str, Any]) -> Path:
     R = _Run(c)
     d = c["data"]
     if d["name"] not in NUM_CLASSES:
         raise ConfigError(f"data.name={d['name']!r}; expected one of {sorted(NUM_CLASSES)}")
-    x, y = load_flat(d["name"], d.get("split") or "train", d.get("root"), d.get("num_examples"))
-    xt, yt = load_flat(d["name"], c["train"]["test_split"], d.get("root"), c["train"]["num_test"])
+    classes = c["train"].get("classes")
+    x, y = load_flat(d["name"], d.get("split") or "train", d.get("root"), d.get("num_examples"), classes)
+    xt, yt = load_flat(d["name"], c["train"]["test_split"], d.get("root"), c["train"]["num_test"], classes)
     bs, epochs = int(d["batch_size"]), int(c["train"]["epochs"])
     steps_per_epoch = len(x) // bs
     if steps_per_epoch < 1:
         raise ConfigError(f"data.batch_size={bs} exceeds the {len(x)} training examples")
-    net = build_model(c, x.shape[1], NUM_CLASSES[d["name"]], R.device)
+    net = build_model(c, x.shape[1], num_outputs(c), R.device)
     opt, sched = build_optimizer(c, net, steps_per_epoch, steps_per_epoch * epochs)
     if c["compile"]:
         precision.compile_net(net)
@@ -608,7 +618,7 @@ def load_trained(run_dir, device="cpu"):
         d_in, d_out = int(m["image_size"]) ** 2, int(m["num_ways"])
     else:
         d_in = {"mnist": 784, "digits": 784, "cifar10": 3072, "imagenet32": 3072}[c["data"]["name"]]
-        d_out = NUM_CLASSES[c["data"]["name"]]
+        d_out = num_outputs(c)
     net = build_model(c, d_in, d_out, resolve_device(device) if isinstance(device, str) else device)
     net.load_state_dict(ck["model_state"])
     return net.eval(), c, ck

@@ -53,7 +53,7 @@ def pretrained_state(
     meta device: shapes only, no memory), absent counters filled with 0: ready for a strict
     ``load_state_dict``."""
     reference = build_reference(name, **kwargs)
-    state = read_state_dict(path, weights_only=weights_only)
+    state = read_state_dict(path, weights_only=weights_only, option="model_checkpoint.weights_only=false")
     arch = name + (f"({', '.join(f'{k}={v}' for k, v in sorted(kwargs.items()))})" if kwargs else "")
     return check_state_dict(reference, state, str(path), arch)
 

@@ -509,6 +509,7 @@ def make_stream(c: dict[str, Any], dist: Dist, info: ModelInfo | None = None):
         b["name"], root=b.get("root"), corruptions=b["corruptions"], severities=list(b["severities"]),
         setting=b["setting"], batch_size=int(b["batch_size"]), num_examples=b["num_examples"],
         seed=int(b["seed"]), cache_dir=b["cache_dir"], include_clean=bool(b["include_clean"]),
+        shuffle=b.get("shuffle", True), dirichlet_delta=b.get("dirichlet_delta"),
     )  # fmt: skip
     info = info or evaluated_model(c)
     mean, std = info.input_mean, info.input_std

@@ -240,7 +240,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
         raise CheckpointError(f"{path} is not a readable tttlab-torch-ttt checkpoint: {exc}") from None
     if not isinstance(ck, dict) or not str(ck.get("format", "")).startswith("tttlab.torch_ttt/"):

@@ -45,7 +45,6 @@ hold head keys the model lacks (e.g. more ``classifier_blocks`` than ``classifie
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,10 +53,9 @@ from typing import Any
 import torch
 
 from tttlab.core.errors import CheckpointError
+from tttlab.core.torch import read_torch_file
 
 from .model import MaskedAutoencoderViT
-
-log = logging.getLogger("tttlab.ttt_mae.checkpoint")
 
 HEAD_PREFIXES = ("classifier", "head.", "bn.")
 #: buffers a file may lack (filled from the model)
@@ -69,21 +67,16 @@ LINEAR_HEAD_KEYS = {
 }  # fmt: skip
 
 
-def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, Any]:
-    """``torch.load`` on CPU of a local file; a missing or unreadable file is a ``CheckpointError``."""
-    path = Path(path)
-    if not str(path) or not path.is_file():
-        state = "is a directory" if path.is_dir() and str(path) else "does not exist"
-        raise CheckpointError(f"{what} {str(path)!r} {state}; expected a local .pth file")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - retry without the allow-list (upstream files pickle args)
-        log.warning("%s %s: restricted load failed (%s); loading it as a full pickle", what, path, exc)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc2:
-            raise CheckpointError(f"{what} {path}: cannot be read by torch.load ({exc2})") from exc2
+def read_checkpoint(
+    path: str | os.PathLike, what: str = "checkpoint", weights_only: bool = True
+) -> dict[str, Any]:
+    """What a local ``.pth`` file holds, by core's reader: tensors, plain containers and the
+    ``argparse.Namespace`` the official files save as ``args``; anything else pickled in the file is a
+    ``CheckpointError`` naming it and ``weights_only=false`` (a full unpickle: trusted files only), as is a
+    missing or unreadable file."""
+    return read_torch_file(
+        path, weights_only, allow=[argparse.Namespace], option="weights_only=false", what=what
+    )
 
 
 def state_dict_of(ckpt: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -172,12 +165,17 @@ def load_official(
     model: MaskedAutoencoderViT,
     resume_model: str | os.PathLike,
     resume_finetune: str | os.PathLike | None = None,
+    *,
+    weights_only: bool = True,
 ) -> MaskedAutoencoderViT:
-    """Load ``resume_model`` (MAE pretraining file) and ``resume_finetune`` (head file) into ``model``."""
-    pre = state_dict_of(read_checkpoint(resume_model, "resume_model"), resume_model)
+    """Load ``resume_model`` (MAE pretraining file) and ``resume_finetune`` (head file) into ``model``
+    (``weights_only``: :func:`read_checkpoint`)."""
+    pre = state_dict_of(read_checkpoint(resume_model, "resume_model", weights_only), resume_model)
     head = None
     if resume_finetune:
-        head = state_dict_of(read_checkpoint(resume_finetune, "resume_finetune"), resume_finetune)
+        head = state_dict_of(
+            read_checkpoint(resume_finetune, "resume_finetune", weights_only), resume_finetune
+        )
     sd = combine_state_dicts(model, pre, head, model_path=str(resume_model),
                              head_path=str(resume_finetune) if resume_finetune else "resume_finetune")  # fmt: skip
     model.load_state_dict(sd, strict=True)

@@ -72,6 +72,7 @@ class PretrainConfig(RunConfig, ModelConfig):
 class ProbeConfig(PretrainConfig):
     experiment_name: str = "probe"
     finetune: str = ""  # the MAE pretraining checkpoint (encoder used, decoder dropped)
+    weights_only: bool = True  # false: also unpickle other objects in finetune (trusted files only)
     epochs: int = 20
     warmup_epochs: int = 5
     blr: float = 1e-3
@@ -86,6 +87,7 @@ class TTTConfig(RunConfig, ModelConfig):
     experiment_name: str = "ttt"
     resume_model: str = ""  # MAE pretraining checkpoint (encoder + decoder)
     resume_finetune: str = ""  # head checkpoint (probe)
+    weights_only: bool = True  # false: also unpickle other objects in those files (trusted files only)
     steps_per_example: int = 20
     batch_size: int = 128  # copies of the test image per step
     mask_ratio: float = 0.75
@@ -95,6 +97,9 @@ class TTTConfig(RunConfig, ModelConfig):
     optimizer_momentum: float = 0.9
     finetune_mode: str = "encoder"  # encoder | all | encoder_no_cls_no_msk
     single_crop: bool = True
+    # the test image as upstream's eval transform makes it: shorter side to this (bicubic) + centre crop
+    # input_size (upstream: Resize(256) + CenterCrop(224), even of the 224 px ImageNet-C files); null: as stored
+    test_resize: int | None = None
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     flip: bool = True
     group_size: int = 1  # images adapted at once (vmap); 1: the one-image loop

@@ -18,6 +18,10 @@ domain of ``benchmark`` (any number of images), adapts each image from the base 
   the accuracy after k steps, upstream's ``accuracy.txt`` with k = line + 1, plus the unadapted k = 0),
   ``mae_loss`` per step, and the mean ``accuracy`` over corruptions (``corruption="mean"``).
 
+``test_resize`` (``paper_*``: 256): each test image is first resized (shorter side, bicubic) and
+centre-cropped to ``input_size`` as upstream's evaluation transform does, even to the 224 px ImageNet-C
+files; the prediction and the single-crop TTT copies see that view.
+
 TTT resets per image whatever ``benchmark.setting`` says (the method is episodic by construction); the
 setting is only copied into the records, and ``benchmark.batch_size`` is not used
 (``group_size`` sets how many images are adapted at once).  ``torchrun``: rank r adapts images ``r, r + W, ...`` of every
@@ -63,7 +67,7 @@ from .common import (
 )  # fmt: skip
 from .model import build_model
 from .ttt import BatchedTTT, TTTAdapter, TTTSettings, image_generator
-from .views import Normalizer, to_unit
+from .views import Normalizer, resize_center_crop, to_unit
 
 log = logging.getLogger("tttlab.ttt_mae.evaluate")
 METHODS = ("ttt_mae.ttt", "ttt_mae.baseline")
@@ -80,7 +84,15 @@ def settings_of(c: dict[str, Any]) -> TTTSettings:
         "seed": (lambda v: v >= 0, "an integer >= 0"),
         "optimizer_momentum": (finite_nonneg, "a finite number >= 0"),
         "crop_scale": (crop_scale_ok, CROP_SCALE),
+        "test_resize": (lambda v: v is None or (not isinstance(v, bool) and v >= int(c["input_size"])),
+                        f"null or an integer >= input_size={c['input_size']} (resize, then centre crop)"),
     })  # fmt: skip
+    if c.get("test_resize") is not None and not c["single_crop"] and int(c["steps_per_example"]) > 0:
+        raise ConfigError(
+            f"test_resize={c['test_resize']} with single_crop=false: upstream predicts the resized view but "
+            "crops its random views from the stored image, which is not implemented; use single_crop=true "
+            "(the paper's) or test_resize=null"
+        )
     check_amp_compile(c)
     if int(c["group_size"]) > 1 and int(c["steps_per_example"]) > 0 and c["optimizer_type"] != "sgd":
         raise ConfigError(
@@ -100,7 +112,7 @@ def load_model(c: dict[str, Any], device: torch.device):
     model = build_model(c["model"], fused_attn=bool(c["fused_attn"]), **model_overrides(c))
     if not c["resume_model"]:
         raise ConfigError("resume_model=<path> is required (the MAE pretraining checkpoint)")
-    load_official(model, c["resume_model"], c["resume_finetune"] or None)
+    load_official(model, c["resume_model"], c["resume_finetune"] or None, weights_only=c["weights_only"])
     return model.to(device).eval()
 
 
@@ -112,6 +124,7 @@ def make_bench(c: dict[str, Any]):
         b["name"], root=b.get("root"), corruptions=b["corruptions"], severities=list(b["severities"]),
         setting=b["setting"], batch_size=int(b["batch_size"]), num_examples=b["num_examples"],
         seed=int(b["seed"]), cache_dir=b["cache_dir"], include_clean=bool(b["include_clean"]),
+        shuffle=b.get("shuffle", True), dirichlet_delta=b.get("dirichlet_delta"),
     )  # fmt: skip
 
 
@@ -147,7 +160,8 @@ def run_benchmark(c: dict[str, Any], method: str = "ttt_mae.ttt") -> Path:
     group = max(int(c["group_size"]), 1)
     adapter = BatchedTTT(model, s, device) if group > 1 else TTTAdapter(model, s, device)
     out = Path(c["out_dir"])
-    ident = {k: v for k, v in c.items() if k not in ("out_dir", "logging", "device", "group_size", "compile")}
+    ident = {k: v for k, v in c.items()
+             if k not in ("out_dir", "logging", "device", "group_size", "compile", "weights_only")}  # fmt: skip
     chash = config_hash({**ident, "method": method})
     images_dir = out / "images"
     img_run = RunDir(images_dir, {**c, "method": method}, rank=dist.rank if dist.world_size > 1 else None)
@@ -169,6 +183,10 @@ def run_benchmark(c: dict[str, Any], method: str = "ttt_mae.ttt") -> Path:
             for start in range(0, len(mine), group):
                 idx = mine[start : start + group]
                 images, labels = ds.take(np.asarray(idx))
+                if c.get("test_resize") is not None:  # upstream's eval view (and single-crop TTT views)
+                    images = resize_center_crop(
+                        np.asarray(images), int(c["test_resize"]), int(c["input_size"])
+                    )
                 raws = list(to_unit(images))
                 gens = [image_generator(int(c["seed"]), d_idx, i) for i in idx]
                 t0 = time.perf_counter()

@@ -1,7 +1,8 @@
 """MAE pretraining and head probing (upstream ``main_pretrain.py`` / ``main_prob.py``), one loop for both.
 
 - pretrain: the MAE loss (``mask_ratio``, ``norm_pix_loss``) on RandomResizedCrop(0.2, 1) + flip views;
-  AdamW (0.9, 0.95), weight decay on weights only (not on biases, norms, tokens);
+  AdamW (0.9, 0.95), weight decay on every tensor of 2+ dims (weights, cls / mask tokens), not on biases
+  and norms (upstream's ``optim_factory.add_weight_decay`` with no skip list);
 - probe: the encoder frozen (checkpoint ``finetune``, decoder and mask token dropped, as upstream), only the
   ``classifier*`` parameters (``vit_head``) or ``head``/``bn`` (``linear``) train with label-smoothed
   cross-entropy (``smoothing``) on the encoder's tokens at mask ratio 0; AdamW (0.9, 0.999), weight decay
@@ -112,7 +113,7 @@ def build(c: dict[str, Any], kind: str) -> MaskedAutoencoderViT:
     if kind == "probe":
         if not c["finetune"]:
             raise ConfigError("probe needs finetune=<path of the MAE pretraining checkpoint>")
-        sd = state_dict_of(read_checkpoint(c["finetune"], "finetune"), c["finetune"])
+        sd = state_dict_of(read_checkpoint(c["finetune"], "finetune", c["weights_only"]), c["finetune"])
         sd = {k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token")}
         sd = {k: v for k, v in sd.items() if not k.startswith(("classifier", "head.", "bn."))}
         expected = model.state_dict()
@@ -142,8 +143,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float, kind: str):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name.endswith("_token") else decay).append(p)
+        # upstream (and MAE): timm's add_weight_decay without a skip list: no decay on 1-D tensors and biases;
+        # the (1, 1, D) cls / mask tokens are decayed
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def make_optimizer(c: dict[str, Any], model: torch.nn.Module, kind: str, world_size: int = 1):
+    """``(AdamW, base lr)``: ``lr = blr * batch_size * accum_iter * world_size / 256`` unless ``lr`` is set;
+    betas (0.9, 0.95) for pretraining (MAE), (0.9, 0.999) for probing (upstream ``main_prob.py``)."""
+    eff = int(c["batch_size"]) * int(c["accum_iter"]) * int(world_size)
+    base_lr = float(c["lr"]) if c["lr"] is not None else float(c["blr"]) * eff / 256
+    betas = (0.9, 0.95) if kind == "pretrain" else (0.9, 0.999)
+    opt = torch.optim.AdamW(param_groups(model, float(c["weight_decay"]), kind), lr=base_lr, betas=betas)
+    return opt, base_lr
 
 
 def epoch_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
@@ -213,14 +226,11 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
     model = build(c, kind).to(device)
     if any(s % model.cfg.patch_size for s in (int(c["input_size"]),)):
         raise InvalidInputError(f"input_size={c['input_size']} not divisible by patch {model.cfg.patch_size}")
-    eff = int(c["batch_size"]) * int(c["accum_iter"]) * dist.world_size
-    base_lr = float(c["lr"]) if c["lr"] is not None else float(c["blr"]) * eff / 256
-    betas = (0.9, 0.95) if kind == "pretrain" else (0.9, 0.999)
-    opt = torch.optim.AdamW(param_groups(model, float(c["weight_decay"]), kind), lr=base_lr, betas=betas)
+    opt, base_lr = make_optimizer(c, model, kind, dist.world_size)
     start_epoch, history = 0, []
     ckpt_path = rd.checkpoint_path("last")
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = read_checkpoint(ckpt_path, "resume checkpoint")  # tensors and plain containers only
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start_epoch, history = int(ck["epoch"]) + 1, list(ck.get("history", []))

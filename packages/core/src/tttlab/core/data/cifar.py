@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._io import load_data_pickle
 from ..errors import DatasetLayoutError, DatasetNotFoundError, InvalidInputError
 from ._base import ArrayDataset
 
@@ -42,7 +43,7 @@ def _find(root: Path, marker: str, subdir: str, layout: str) -> Path:
 def _load_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+            d = load_data_pickle(f, encoding="bytes")  # numpy arrays only: no pickled code runs
         data = np.asarray(d[b"data"])
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:

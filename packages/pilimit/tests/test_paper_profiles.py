@@ -1,0 +1,144 @@
+"""The paper profiles as the code runs them: each ``paper_*`` experiment composed through the real loader
+(``train_config``), then the values the training loop derives from it (net shape, PiSGD groups' lr and
+weight decay, lr schedule in steps, input normalisation), checked against the upstream commands (seed 003)
+and ``cifar10mlp.py`` / ``transfer_imagenet.py``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tttlab.pilimit import data as D
+from tttlab.pilimit.train import build_model, build_optimizer, num_outputs, train_config
+
+# per experiment: model keys, net shape, batch/epochs, steps per epoch of the real data, {PiSGD group: (lr,
+# weight decay)}, {step: lr / lr0}, (gclip, per parameter)
+CIFAR_STEPS = 50_000 // 8  # 6,250: upstream's len(train_loader) (50,000 divisible by 8)
+PAPER = {
+    "paper_cifar10": dict(
+        model=dict(
+            kind="inf",
+            r=400,
+            depth=2,
+            bias_alpha=0.5,
+            first_layer_alpha=1.0,
+            last_layer_alpha=0.5,
+            last_bias_alpha=None,
+            dtype="float16",
+        ),
+        d_in=3072,
+        d_out=10,
+        batch=8,
+        epochs=50,
+        steps=CIFAR_STEPS,
+        # --no-apply-lr-mult-to-wd: weight decay wd / mult, so that every group decays by 1 - lr * wd
+        groups={
+            "first": (0.1, 1e-5 / 0.1),
+            "hidden": (1.0, 1e-5),
+            "last": (4.0, 1e-5 / 4.0),
+            "bias": (0.5, 1e-5 / 0.5),
+        },
+        # multistep: lr x 0.15 after 40 epochs = 40 x 6,250 steps
+        schedule={0: 1.0, 40 * CIFAR_STEPS - 1: 1.0, 40 * CIFAR_STEPS: 0.15, 50 * CIFAR_STEPS: 0.15},
+        gclip=(0.4, True),
+    ),
+    "paper_transfer": dict(
+        model=dict(
+            kind="inf",
+            r=200,
+            depth=2,
+            bias_alpha=0.5,
+            first_layer_alpha=1.0,
+            last_layer_alpha=1.0,
+            last_bias_alpha=None,
+            dtype="float16",
+        ),
+        d_in=3072,
+        d_out=250,
+        batch=16,
+        epochs=40,
+        steps=None,
+        # apply_lr_mult_to_wd (upstream default): every group wd 1e-4; bias lr mult 0.5 (upstream default)
+        groups={"first": (0.01, 1e-4), "hidden": (0.01, 1e-4), "last": (0.01, 1e-4), "bias": (0.005, 1e-4)},
+        schedule=None,  # no scheduler
+        gclip=(0.0, True),
+    ),
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(PAPER))
+def test_paper_profile_composes_to_the_upstream_run(experiment):
+    p = PAPER[experiment]
+    c = train_config(experiment, ["data.root=/data", "transfer.root=/data"])
+    assert {k: c["model"][k] for k in p["model"]} == p["model"]
+    assert (c["data"]["batch_size"], c["train"]["epochs"]) == (p["batch"], p["epochs"])
+    assert (c["optim"]["gclip"], c["optim"]["gclip_per_param"]) == p["gclip"]
+    assert num_outputs(c) == p["d_out"]
+    # the net and optimizer the training loop builds (float32 storage: the groups do not depend on it)
+    small = {**c, "model": {**c["model"], "dtype": "float32", "r": 8}}
+    net = build_model(small, p["d_in"], num_outputs(c), "cpu")
+    assert net.input_layer.A.shape[0] == p["d_in"] and net.output_layer.A.shape[1] == p["d_out"]
+    steps = p["steps"] or 1000
+    opt, sched = build_optimizer(c, net, steps, steps * p["epochs"])
+    lr0 = c["optim"]["lr"]
+    got = {g["name"]: (g["lr"], g["weight_decay"]) for g in opt.param_groups}
+    assert got == pytest.approx(p["groups"])
+    if p["schedule"] is None:
+        assert sched is None
+    else:
+        for t, factor in p["schedule"].items():
+            assert sched.lr_at(t) == pytest.approx(lr0 * factor), t
+
+
+def test_paper_omniglot_profile_is_the_upstream_maml_command():
+    c = train_config("paper_omniglot", ["maml.root=/data"])
+    m, o, t = c["model"], c["optim"], c["maml"]
+    assert (m["kind"], m["r"], m["depth"], m["bias_alpha"], m["first_layer_alpha"], m["dtype"]) == (
+        "inf", 200, 1, 4.0, 2.0, "float16",
+    )  # fmt: skip
+    assert (o["lr"], o["first_layer_lr_mult"], o["last_layer_lr_mult"], o["gclip"], o["gclip_per_param"]) == (
+        0.1, 0.2, 0.0, 0.1, False,
+    )  # fmt: skip
+    assert o["scheduler"] == "cosine" and c["train"]["epochs"] == 2
+    assert (t["num_ways"], t["num_shots"], t["num_shots_test"], t["step_size"], t["meta_batch_size"]) == (
+        5, 1, 1, 0.5, 8,
+    )  # fmt: skip
+    assert (t["num_batches"], t["num_test_batches"]) == (1000, 500)
+    assert t["adapt_readout_only"] and t["gproj_inner"] and t["gproj_outer"] and t["readout_zero_init"]
+
+
+def _imagenet32(root, labels):
+    import pickle
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in ("train_data_batch_1", "val_data"):
+        d = {"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), "labels": list(labels)}
+        with open(root / name, "wb") as f:
+            pickle.dump(d, f)
+    return root
+
+
+def test_transfer_data_are_upstreams_250_classes_with_imagenet_normalisation(tmp_path):
+    """ImageNet32 as ``transfer_imagenet.py`` feeds it: ImageNet mean/std (not CIFAR-10's), only the 250
+    classes of ``train.classes``, relabelled by their position in that list; CIFAR-10 keeps its constants."""
+    classes = train_config("paper_transfer", ["data.root=/d", "transfer.root=/d"])["train"]["classes"]
+    assert len(classes) == 250 == len(set(classes)) and classes[:3] == [294, 828, 241]
+    file_labels = [classes[0] + 1, 7, classes[2] + 1, classes[249] + 1, 1000]  # 1-based in the files
+    root = _imagenet32(tmp_path / "i32", file_labels)
+    x_all, y_all = D.load_flat("imagenet32", "train", root)
+    images, _ = D.imagenet32(root, "train")
+    chw = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(x_all, ((chw - mean) / std).flatten(1))
+    assert y_all.tolist() == [classes[0], 6, classes[2], classes[249], 999]
+    x, y = D.load_flat("imagenet32", "train", root, classes=classes)
+    assert y.tolist() == [0, 2, 249] and torch.equal(x, x_all[[0, 2, 3]])
+    x, y = D.load_flat("imagenet32", "train", root, num_examples=2, classes=classes)
+    assert y.tolist() == [0, 2]  # the class filter first, then num_examples
+    assert D.CIFAR_MEAN == pytest.approx((0.4914, 0.4824, 0.4467), abs=1e-4)
+    for bad in ([], [1, 1], [1000], [-1], "5", [True]):
+        with pytest.raises(D.InvalidInputError, match="train.classes"):
+            D.load_flat("imagenet32", "train", root, classes=bad)
