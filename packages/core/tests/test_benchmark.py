@@ -10,6 +10,7 @@ from tttlab.core.benchmark import CLEAN, SETTINGS, Benchmark, Domain, from_confi
 from tttlab.core.data import ArrayDataset
 from tttlab.core.errors import (
     ConfigError,
+    DatasetLayoutError,
     DatasetNotFoundError,
     InvalidInputError,
     SeverityError,
@@ -212,6 +213,16 @@ def test_named_benchmarks_bad_input(tmp_path):
         with pytest.raises(TTTLabError, match=repr(value)):
             from_config({"name": "digits_c", key: value})
     assert from_config({"name": "digits_c", "severities": 3}).severities == (3,)
+
+
+def test_corrupted_benchmark_root_with_neither_files_nor_clean_data_names_both_layouts(tmp_path):
+    """A root holding no CIFAR-10-C / ImageNet-C files and no clean data: the error names the corrupted
+    files' layout (what a user of these benchmarks points root at), not only the clean data's."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetLayoutError, match=r"CIFAR-10-C/\{<corruption>.npy, labels.npy\}.*test_batch"):
+        make_benchmark("cifar10_c", root=tmp_path / "empty")
+    with pytest.raises(DatasetLayoutError, match=r"ImageNet-C/<corruption>/<severity>/<wnid>.*val"):
+        make_benchmark("imagenet_c", root=tmp_path / "empty")
 
 
 def test_mnist_c_shape():

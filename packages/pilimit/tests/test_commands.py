@@ -156,6 +156,13 @@ def test_upstream_flag_errors():
         translate_upstream_args(["+experiment=paper_cifar10", "--r"])
     out, _, _ = translate_upstream_args(["+experiment=mnist", "--width", "256", "--gaussian-init"])
     assert out[1:] == ["model.width=256", "model.kind=mup"]
+    # Hydra's own options keep their values: `--cfg job` on a MAML experiment is not a data folder `job`
+    for experiment in ("maml_mnist", "paper_omniglot", "mnist"):
+        for hydra_args in (["--cfg", "job"], ["-c", "job", "--resolve"], ["--info", "config"]):
+            argv = [f"+experiment={experiment}", "threads=1", *hydra_args]
+            assert translate_upstream_args(argv) == (argv, False, [])
+    out, _, _ = translate_upstream_args(["+experiment=paper_omniglot", "/data/omniglot", "--cfg", "job"])
+    assert out == ["+experiment=paper_omniglot", "maml.root=/data/omniglot", "--cfg", "job"]
     assert translate_upstream_args(["+experiment=mnist", "threads=1"]) == (
         ["+experiment=mnist", "threads=1"],
         False,

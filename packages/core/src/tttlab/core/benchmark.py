@@ -57,7 +57,13 @@ import numpy as np
 from . import corruptions as C
 from ._io import atomic_save_npy, remove_stale_temps, source_fingerprint
 from .data import ArrayDataset, ImageDataset
-from .errors import DatasetNotFoundError, InvalidInputError, SeverityError, UnknownNameError
+from .errors import (
+    DatasetLayoutError,
+    DatasetNotFoundError,
+    InvalidInputError,
+    SeverityError,
+    UnknownNameError,
+)
 
 SETTINGS: tuple[str, ...] = ("episodic", "reset_each_shift", "continual", "mixed", "gradual")
 BENCHMARKS: tuple[str, ...] = ("mnist_c", "digits_c", "cifar10_c", "imagenet_c")
@@ -548,7 +554,11 @@ def make_benchmark(
                     name, None, family="cifar",
                     domain_files=lambda c, s: data.cifar10_c(root, c, s), **common,
                 )  # fmt: skip
-            return Benchmark(name, data.cifar10(root, split="test"), family="cifar", **common)
+            clean = _clean_source(
+                name, root, lambda: data.cifar10(root, split="test"),
+                "CIFAR-10-C/{<corruption>.npy, labels.npy} (or root = that folder)",
+            )  # fmt: skip
+            return Benchmark(name, clean, family="cifar", **common)
         corr_dirs = [
             p
             for r in (root, root / "ImageNet-C")
@@ -561,11 +571,24 @@ def make_benchmark(
                 name, None, family="imagenet",
                 domain_files=lambda c, s: data.imagenet_c(root, c, s), **common,
             )  # fmt: skip
-        return Benchmark(
-            name, data.imagenet(root, split="val"), family="imagenet", jpeg_quality=IMAGENET_C_JPEG_QUALITY,
-            **common,
+        clean = _clean_source(
+            name, root, lambda: data.imagenet(root, split="val"),
+            "ImageNet-C/<corruption>/<severity>/<wnid>/*.JPEG (or root = the ImageNet-C folder)",
         )  # fmt: skip
+        return Benchmark(name, clean, family="imagenet", jpeg_quality=IMAGENET_C_JPEG_QUALITY, **common)
     raise UnknownNameError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}")
+
+
+def _clean_source(name: str, root: Path, read: Callable, files_layout: str):
+    """The clean test set to corrupt when ``root`` holds no corrupted files; if it holds neither, the error
+    names both layouts (a user pointing at a wrong CIFAR-10-C / ImageNet-C folder is told about those)."""
+    try:
+        return read()
+    except (DatasetNotFoundError, DatasetLayoutError) as err:
+        raise DatasetLayoutError(
+            f"benchmark {name!r}: {root} holds neither the {name} files, expected {files_layout}, "
+            f"nor the clean data to corrupt: {err}"
+        ) from err
 
 
 def from_config(cfg) -> Benchmark:

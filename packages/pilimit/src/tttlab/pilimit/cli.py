@@ -81,6 +81,13 @@ def _value(flag: str, v: str) -> str:
     return v
 
 
+#: Hydra's own options that take a value (``--info``'s is optional: one of its choices); the value is passed
+#: on as it is, never read as meta.train's positional data folder
+HYDRA_VALUE_OPTIONS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                       "--config-dir", "-cd", "--experimental-rerun")  # fmt: skip
+HYDRA_INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
 def translate_upstream_args(argv: list[str]) -> tuple[list[str], bool, list[str]]:
     """``(overrides, translated, notes)``: ``argv`` with upstream flags replaced by Hydra overrides.
 
@@ -97,6 +104,12 @@ def translate_upstream_args(argv: list[str]) -> tuple[list[str], bool, list[str]
     i = 0
     while i < len(argv):
         a = argv[i]
+        if i + 1 < len(argv) and (
+            a in HYDRA_VALUE_OPTIONS or (a in ("--info", "-i") and argv[i + 1] in HYDRA_INFO_CHOICES)
+        ):
+            out += [a, argv[i + 1]]
+            i += 2
+            continue
         if maml and not a.startswith(("-", "+", "~")) and "=" not in a:  # meta.train's positional data folder
             out.append(f"maml.root={a}")
             translated = True
