@@ -39,6 +39,19 @@ def test_the_cached_model_is_trained_with_the_evaluations_amp(tmp_path, monkeypa
     assert [tc["amp"] for tc in trained] == ["none", "bf16"] and paths["none"] != paths["bf16"]
 
 
+def test_the_cached_model_is_trained_on_one_thread_whatever_the_evaluation_uses(tmp_path, monkeypatch):
+    """The weights depend on the thread count (summation order) and the cache key cannot hold it: the
+    cached model is trained on 1 thread for every ``threads`` of the evaluation, so they all share it."""
+    trained = []
+    monkeypatch.setattr(T, "run", lambda tc: trained.append(tc))
+    paths = set()
+    for threads in (None, 1, 2):
+        c = E._config({"method": "pilimit.mup", "cache_dir": str(tmp_path), "threads": threads,
+                       "progress": False}, {})  # fmt: skip
+        paths.add(E.training_run(c))
+    assert [tc["threads"] for tc in trained] == [1, 1, 1] and len(paths) == 1
+
+
 @pytest.mark.parametrize("amp", ["none", "bf16"])
 def test_transfer_features_run_under_amp(amp):
     torch.manual_seed(0)
