@@ -127,6 +127,17 @@ def test_lr_schedule_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="compile"):
         compose("pretrain", None, {"compile": "maybe"})
     assert not (tmp_path / "p").exists()
+    # a mistyped data path or probe checkpoint leaves no run directory behind (README audit)
+    from tttlab.core.errors import DatasetNotFoundError
+
+    with pytest.raises(DatasetNotFoundError):
+        T.run(compose("pretrain", "smoke_pretrain", {"out_dir": str(tmp_path / "p"),
+                                                     "data": {"name": "cifar10", "root": str(tmp_path / "nowhere")}}),
+              "pretrain")  # fmt: skip
+    with pytest.raises(CheckpointError, match="none.pth"):
+        T.run(compose("probe", "smoke_probe", {"out_dir": str(tmp_path / "p"),
+                                               "finetune": str(tmp_path / "none.pth")}), "probe")  # fmt: skip
+    assert not (tmp_path / "p").exists()
 
 
 def test_probe_clean_accuracy_reads_imagenet_val(tmp_path):

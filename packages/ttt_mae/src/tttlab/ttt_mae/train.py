@@ -217,7 +217,6 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
         device = torch.device("cuda", dist.rank % torch.cuda.device_count())
     set_threads(c, device)
     out = Path(c["out_dir"])
-    rd = RunDir(out, c, rank=dist.rank if dist.world_size > 1 else None)
     ds = load_dataset(c)
     stats = normalization(c, c["data"]["name"])
     norm = Normalizer(*stats) if stats else (lambda x: x)
@@ -226,6 +225,9 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
     model = build(c, kind).to(device)
     if any(s % model.cfg.patch_size for s in (int(c["input_size"]),)):
         raise InvalidInputError(f"input_size={c['input_size']} not divisible by patch {model.cfg.patch_size}")
+    # the run directory only once the data, the checkpoint to probe and the model are known to be good: a
+    # mistyped path leaves no half-made run behind
+    rd = RunDir(out, c, rank=dist.rank if dist.world_size > 1 else None)
     opt, base_lr = make_optimizer(c, model, kind, dist.world_size)
     start_epoch, history = 0, []
     ckpt_path = rd.checkpoint_path("last")
