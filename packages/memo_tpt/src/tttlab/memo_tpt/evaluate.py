@@ -196,7 +196,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     """Evaluate per ``cfg`` (keys of :data:`DEFAULTS`, partial is fine); returns the records file."""
     from tqdm.auto import tqdm
 
-    from tttlab.core.benchmark import make_benchmark
+    from tttlab.core.benchmark import from_config
     from tttlab.core.records import RunDir, drop_records, write_domain_summary
 
     c = eval_config(cfg, **overrides)
@@ -209,11 +209,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     torch.manual_seed(int(c["seed"]))
     adapt, model_name, memo = build_method(c, device)
     b = c["benchmark"]
-    bench = make_benchmark(
-        b["name"], root=b["root"], include_clean=bool(b["include_clean"]), corruptions=b["corruptions"], severities=list(b["severities"]), setting=b["setting"],
-        batch_size=int(b["batch_size"]), num_examples=b["num_examples"], seed=int(b["seed"]),
-        cache_dir=b["cache_dir"], shuffle=b["shuffle"], dirichlet_delta=b["dirichlet_delta"],
-    )  # fmt: skip
+    bench = from_config(b)  # every benchmark key, checked by core
     totals: dict[Any, list] = {d: [0, 0, 0.0, 0] for d in bench.domains}
     zero_shot = c["method"] == "memo_tpt.clip_zeroshot"
     with tqdm(total=len(bench), desc=c["method"], disable=not c["progress"], leave=False) as bar:

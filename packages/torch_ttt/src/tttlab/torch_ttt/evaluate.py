@@ -486,7 +486,7 @@ class StreamBatch:
 def make_stream(c: dict[str, Any], dist: Dist, info: ModelInfo | None = None):
     """``(batches iterator, domains list, dataset name, number of batches)`` of this rank's shard, images
     normalised for ``info`` (default: the evaluated model, :func:`evaluated_model`)."""
-    from tttlab.core.benchmark import Domain, make_benchmark
+    from tttlab.core.benchmark import Domain, from_config
     from tttlab.core.errors import InvalidInputError
     from tttlab.core.torch import to_tensor
 
@@ -505,12 +505,7 @@ def make_stream(c: dict[str, Any], dist: Dist, info: ModelInfo | None = None):
         total = len(range(dist.rank, -(-len(y) // nz["batch_size"]), dist.world_size))
         return noisy_batches(), [domain], "mnist", total
     b = c["benchmark"]
-    bench = make_benchmark(
-        b["name"], root=b.get("root"), corruptions=b["corruptions"], severities=list(b["severities"]),
-        setting=b["setting"], batch_size=int(b["batch_size"]), num_examples=b["num_examples"],
-        seed=int(b["seed"]), cache_dir=b["cache_dir"], include_clean=bool(b["include_clean"]),
-        shuffle=b.get("shuffle", True), dirichlet_delta=b.get("dirichlet_delta"),
-    )  # fmt: skip
+    bench = from_config(b)  # every benchmark key, checked by core
     info = info or evaluated_model(c)
     mean, std = info.input_mean, info.input_std
 

@@ -117,15 +117,10 @@ def load_model(c: dict[str, Any], device: torch.device):
 
 
 def make_bench(c: dict[str, Any]):
-    from tttlab.core.benchmark import make_benchmark
+    from tttlab.core.benchmark import from_config
 
     b = c["benchmark"]
-    return make_benchmark(
-        b["name"], root=b.get("root"), corruptions=b["corruptions"], severities=list(b["severities"]),
-        setting=b["setting"], batch_size=int(b["batch_size"]), num_examples=b["num_examples"],
-        seed=int(b["seed"]), cache_dir=b["cache_dir"], include_clean=bool(b["include_clean"]),
-        shuffle=b.get("shuffle", True), dirichlet_delta=b.get("dirichlet_delta"),
-    )  # fmt: skip
+    return from_config(b)  # every benchmark key, checked by core
 
 
 def _done(images_dir: Path, chash: str) -> set[tuple]:
