@@ -160,10 +160,11 @@ def test_eager_context_restores_the_compiled_call_even_after_an_error(monkeypatc
         assert is_compiled(model)
 
 
-def test_an_eagerly_adapting_engine_stays_compiled_for_its_prediction(monkeypatch):
-    """IT3 adapts eagerly (hooks) under engine.compile(): after adapting in eval and train mode the model
-    is still compiled, and each prediction goes through the compiled call."""
-    calls = []
+@pytest.fixture
+def compiled_calls(monkeypatch) -> list:
+    """``torch.compile`` replaced by a stand-in that runs the function eagerly and appends to the returned
+    list at every call of a compiled function (which forwards went through "the compiled model")."""
+    calls: list = []
 
     def fake_compile(fn, **kw):
         def run(*a, **k):
@@ -173,6 +174,12 @@ def test_an_eagerly_adapting_engine_stays_compiled_for_its_prediction(monkeypatc
         return run
 
     monkeypatch.setattr(torch, "compile", fake_compile)
+    return calls
+
+
+def test_an_eagerly_adapting_engine_stays_compiled_for_its_prediction(compiled_calls):
+    """IT3 adapts eagerly (hooks) under engine.compile(): after adapting in eval and train mode the model
+    is still compiled, and each prediction goes through the compiled call."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
     engine = get_engine("ittt")(model, features_layer_name="2", example_input=torch.randn(2, 6),
@@ -182,7 +189,7 @@ def test_an_eagerly_adapting_engine_stays_compiled_for_its_prediction(monkeypatc
     for _ in range(2):
         engine(x)
         assert is_compiled(model), "eager() left the model uncompiled"
-    assert len(calls) == 2, "one compiled prediction forward per call"
+    assert len(compiled_calls) == 2, "one compiled prediction forward per call"
     engine.train()
     engine(x)
     assert is_compiled(model)
@@ -296,20 +303,10 @@ class _BNNet(nn.Module):
 
 
 @pytest.mark.parametrize("name", ["memo", "bn"])
-def test_prior_mixed_batchnorm_never_runs_the_compiled_model(name, monkeypatch):
+def test_prior_mixed_batchnorm_never_runs_the_compiled_model(name, compiled_calls):
     """MEMO / BN with prior-mixed statistics replace the BatchNorm layers' forward, which a compiled graph
     would not see: under engine.compile() (a counting stand-in) neither the adaptation nor the prediction
     goes through the compiled call, as compiled_forwards "none" says."""
-    calls = []
-
-    def fake_compile(fn, **kw):
-        def run(*a, **k):
-            calls.append(1)
-            return fn(*a, **k)
-
-        return run
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
     torch.manual_seed(0)
     model = _BNNet().eval()
     if name == "memo":
@@ -319,7 +316,7 @@ def test_prior_mixed_batchnorm_never_runs_the_compiled_model(name, monkeypatch):
     engine.compile()
     assert E.compiled_forwards(engine) == "none"
     engine.eval()(torch.rand(2, 1, 8, 8))
-    assert calls == [], "the compiled model ran under prior-mixed BatchNorm statistics"
+    assert compiled_calls == [], "the compiled model ran under prior-mixed BatchNorm statistics"
 
 
 def test_wrn_engine_inputs_and_registered_layers():
