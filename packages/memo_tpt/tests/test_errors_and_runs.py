@@ -205,6 +205,47 @@ def test_bad_options_are_config_errors(tmp_path, monkeypatch, name, overrides, n
     assert not (tmp_path / "cache").exists(), "refused before any model is trained"
 
 
+def test_bad_data_or_checkpoint_leaves_no_run_directory(tmp_path):
+    """A mistyped datasets_root (or a missing second test set, or checkpoint) was noticed only after the run
+    directory and its config.yaml were written: a half-made run was left behind (README audit)."""
+    from tttlab.memo_tpt.main import run_paper
+
+    out = tmp_path / "out"
+    base = [
+        "arch=mobilenet_v3_small",
+        "augs=2",
+        "progress=false",
+        "verbose=0",
+        "image_size=32",
+        f"out_dir={out}",
+    ]
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(DatasetNotFoundError, match=re.escape(str(nowhere))) as e:
+        run_paper(_hydra_cfg("memo", [*base, f"datasets_root={nowhere}", "data_to_test=v2"]))
+    assert "expected a folder holding imagenetv2-matched-frequency-format-val" in str(e.value)
+    assert not out.exists()
+    # data_to_test=both: ImageNet-A is there, ImageNet-V2 is not; refused before A is evaluated
+    testing.make_imagenet_a(tmp_path / "data" / "imagenet-a", n_per_class=1, k=1)
+    with pytest.raises(DatasetLayoutError, match="are not 0..999"):  # no V2 folder: data itself read as V2
+        run_paper(_hydra_cfg("memo", [*base, f"datasets_root={tmp_path / 'data'}", "data_to_test=both"]))
+    assert not out.exists()
+    missing = tmp_path / "none.pth"
+    with pytest.raises(CheckpointError, match=re.escape(str(missing))):
+        run_paper(_hydra_cfg("memo", [*base, f"datasets_root={tmp_path / 'data'}", "data_to_test=a",
+                                      f"checkpoint={missing}"]))  # fmt: skip
+    assert not out.exists()
+
+
+def test_proxy_with_a_missing_benchmark_root_leaves_no_run_and_trains_nothing(tmp_path):
+    from tttlab.memo_tpt.evaluate import run
+
+    root = tmp_path / "nowhere"
+    with pytest.raises(DatasetNotFoundError, match=re.escape(str(root))):
+        run(method="memo_tpt.memo", profile="smoke", out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "c"),
+            progress=False, benchmark={"name": "cifar10_c", "root": str(root)})  # fmt: skip
+    assert not (tmp_path / "out").exists() and not (tmp_path / "c").exists()
+
+
 def test_rerun_with_fewer_images_does_not_reuse_a_longer_run(tmp_path):
     """A finished 3-image run, then the same config with num_images=1: the record must be about 1 image
     (the progress file of 3 images was taken as is: counts and seconds of 3 images reported as n=1)."""

@@ -206,10 +206,10 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     if isinstance(c["seed"], bool) or not isinstance(c["seed"], int) or c["seed"] < 0:
         raise ConfigError(f"seed={c['seed']!r}; expected an integer >= 0")
     resolve_amp(c["amp"], device, "memo" if c["method"] == "memo_tpt.memo" else "tpt")  # before any training
+    b = c["benchmark"]
+    bench = from_config(b)  # every benchmark key, checked by core (a missing root) before any training
     torch.manual_seed(int(c["seed"]))
     adapt, model_name, memo = build_method(c, device)
-    b = c["benchmark"]
-    bench = from_config(b)  # every benchmark key, checked by core
     totals: dict[Any, list] = {d: [0, 0, 0.0, 0] for d in bench.domains}
     zero_shot = c["method"] == "memo_tpt.clip_zeroshot"
     with tqdm(total=len(bench), desc=c["method"], disable=not c["progress"], leave=False) as bar:
@@ -237,7 +237,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
                 acc[2] += secs * float(sel.sum()) / len(hit)
                 acc[3] += int(src_hit[sel].sum())
             bar.update(1)
-    rd = RunDir(Path(c["out_dir"]), c)
+    rd = RunDir(Path(c["out_dir"]), c)  # only now: a bad benchmark or model leaves no half-made run behind
     extra = {"reset": "per_image", "profile": c["profile"]}
     drop_records(rd.records_path, rd.config_hash)  # run again (e.g. after a kill): replace, not append twice
     with rd.writer(method=c["method"], package="memo_tpt", framework="torch", model=model_name, dataset=b["name"],
