@@ -197,7 +197,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     from tqdm.auto import tqdm
 
     from tttlab.core.benchmark import from_config
-    from tttlab.core.records import RunDir, drop_records, write_domain_summary
+    from tttlab.core.records import RunDir, write_domain_summary
 
     c = eval_config(cfg, **overrides)
     if c["threads"]:
@@ -239,7 +239,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
             bar.update(1)
     rd = RunDir(Path(c["out_dir"]), c)  # only now: a bad benchmark or model leaves no half-made run behind
     extra = {"reset": "per_image", "profile": c["profile"]}
-    drop_records(rd.records_path, rd.config_hash)  # run again (e.g. after a kill): replace, not append twice
+    rd.drop_records()  # run again (e.g. after a kill): replace, not append twice
     with rd.writer(method=c["method"], package="memo_tpt", framework="torch", model=model_name, dataset=b["name"],
                    setting=b["setting"], seed=int(c["seed"])) as w:  # fmt: skip
         source = (lambda dom, row: {"source_accuracy": row[3] / row[1]}) if memo is not None else None

@@ -165,7 +165,7 @@ def evaluate_dataset(
 
 
 def run_paper(cfg) -> Path:
-    from tttlab.core.records import RunDir, drop_records
+    from tttlab.core.records import RunDir
 
     c = _plain(cfg)
     from .precision import AMP_MODES
@@ -221,7 +221,7 @@ def run_paper(cfg) -> Path:
     rd = RunDir(out, c)
     results = [evaluate_dataset(c, name, out, device, datasets[name], first if i == 0 else None)
                for i, name in enumerate(names)]  # fmt: skip
-    drop_records(rd.records_path, rd.config_hash)  # run again (e.g. after a kill): replace, not append twice
+    rd.drop_records()  # run again (e.g. after a kill): replace, not append twice
     with rd.writer(method=f"memo_tpt.{c['method']}", package="memo_tpt", framework="torch", setting="episodic",
                    seed=int(c["seed"])) as w:  # fmt: skip
         for r in results:

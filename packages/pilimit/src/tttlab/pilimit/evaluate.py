@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from tttlab.core.errors import CheckpointError, ConfigError
-from tttlab.core.records import RunDir, config_hash, drop_records, write_domain_summary
+from tttlab.core.records import RunDir, config_hash, write_domain_summary
 
 from . import precision
 from . import train as T
@@ -207,7 +207,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     defaults = dict(method=c["method"], package="pilimit", framework="torch", model=f"{tc['model']['kind']}_pinet_mlp",
                     dataset=bench.name, setting=c["benchmark"]["setting"], step=0, seed=int(c["seed"]))  # fmt: skip
     extra = {"train_run": str(run_dir), "adaptation": "none (prediction)", "rows": int(getattr(net, "M", 0))}
-    drop_records(rd.records_path, rd.config_hash)  # run again (e.g. after a kill): replace, not append twice
+    rd.drop_records()  # run again (e.g. after a kill): replace, not append twice
     with rd.writer(**defaults) as writer:
         written = write_domain_summary(writer, totals, extra)
     for r in written:
