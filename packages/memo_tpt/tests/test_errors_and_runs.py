@@ -116,6 +116,27 @@ def test_hydra_configs_compose_and_reject_unknown_keys():
         _hydra_cfg("tpt", ["tpp=3"])
 
 
+def test_hydra_proxies_write_to_the_evaluates_default_folder():
+    """``tttlab-memo-tpt-tpt +experiment=mnist`` (= ``tttlab-memo-tpt-evaluate method=memo_tpt.tpt``) wrote to
+    runs/memo_tpt/tpt, shared with +experiment=smoke and the paper runs; it now writes where the evaluate does,
+    one folder per method and profile, and runs the same config there (same hash: a rerun replaces)."""
+    from tttlab.core.records import config_hash
+    from tttlab.memo_tpt.evaluate import default_out_dir, eval_config
+    from tttlab.memo_tpt.main import _plain
+
+    assert _hydra_cfg("tpt", ["+experiment=mnist"]).out_dir == default_out_dir("memo_tpt.tpt", "full")
+    assert (
+        _hydra_cfg("memo", ["+experiment=mnist", "profile=quick"]).out_dir == "runs/memo_tpt/eval/memo-quick"
+    )
+    assert _hydra_cfg("tpt", ["+experiment=smoke"]).out_dir == "runs/memo_tpt/eval/tpt-smoke"
+    assert _hydra_cfg("tpt", []).out_dir == "runs/memo_tpt/tpt", "the paper runs keep theirs"
+    c = _plain(_hydra_cfg("tpt", ["+experiment=mnist"]))
+    via_hydra = eval_config(method="memo_tpt.tpt", profile=c["profile"], out_dir=c["out_dir"], seed=c["seed"],
+                            device=c["device"], progress=c["progress"], cache_dir=c["cache_dir"], amp=c["amp"],
+                            compile=c["compile"])  # fmt: skip
+    assert config_hash(via_hydra) == config_hash(eval_config(method="memo_tpt.tpt"))
+
+
 def test_memo_run_on_imagenet_v2_fixture_resumes(tmp_path):
     """MEMO through the CLI path on an ImageNet-V2 fixture; a resumed run ends with the same numbers."""
     from omegaconf import OmegaConf

@@ -10,7 +10,8 @@ no adaptation), ``memo_tpt.tpt`` (TPT, 64 views, 10% selection, 1 AdamW step lr 
 MNIST CNN: AugMix views, BN prior N=16, one step).  Models are the tiny CLIP / CNN of
 :mod:`tttlab.memo_tpt.tiny_clip` for ``profile`` (smoke / quick / full), trained on first use and cached
 under ``cache_dir``.  MEMO and TPT adapt per image and reset after every image whatever the benchmark
-setting (the methods are episodic by definition); records carry ``extra.reset = "per_image"``.
+setting (the methods are episodic by definition); records carry ``extra.reset = "per_image"``.  Without
+``out_dir`` the run folder is ``runs/memo_tpt/eval/<method>-<profile>`` (e.g. ``runs/memo_tpt/eval/tpt-full``).
 
 Records (core schema): per domain ``accuracy`` (``n``, ``wall_time_s`` = adaptation + prediction) and
 ``s_per_image``, then ``accuracy`` with ``corruption="mean"``.  MEMO records also carry the unadapted
@@ -53,7 +54,7 @@ PROFILE_VIEWS = {"smoke": 8, "quick": 32, "full": 64}
 
 DEFAULTS: dict[str, Any] = {
     "method": "memo_tpt.tpt",
-    "out_dir": "runs/memo_tpt/eval",
+    "out_dir": None,  # null: runs/memo_tpt/eval/<method>-<profile> (default_out_dir), e.g. .../tpt-full
     "profile": "full",
     "cache_dir": "runs/memo_tpt/models",
     "seed": 0,
@@ -128,12 +129,21 @@ def _plain(cfg) -> dict:
     return {k: (_plain(v) if isinstance(v, Mapping) else v) for k, v in dict(cfg).items()}
 
 
+def default_out_dir(method: str, profile: str) -> str:
+    """The run folder of an evaluation without ``out_dir``: ``runs/memo_tpt/eval/<method>-<profile>``, e.g.
+    ``runs/memo_tpt/eval/tpt-full`` (one ``runs/memo_tpt/eval`` for all was shared by the methods and
+    profiles: their records went into one file and config.yaml was overwritten with a warning)."""
+    return f"runs/memo_tpt/eval/{method.split('.', 1)[1]}-{profile}"
+
+
 def eval_config(cfg: Mapping | None = None, **overrides) -> dict[str, Any]:
     c = _merge(DEFAULTS, {**_plain(cfg), **overrides})
     if c["method"] not in METHODS:
         raise ConfigError(f"method={c['method']!r}; expected one of {', '.join(METHODS)}")
     if c["profile"] not in PROFILES:
         raise ConfigError(f"profile={c['profile']!r}; expected one of {', '.join(PROFILES)}")
+    if c["out_dir"] is None:
+        c["out_dir"] = default_out_dir(c["method"], c["profile"])
     b = c["benchmark"]
     prof = PROFILE_DATA[c["profile"]]
     if b["corruptions"] is None:
@@ -251,8 +261,8 @@ USAGE = """usage: tttlab-memo-tpt-evaluate [key=value ...]
 
 The evaluate contract of tools/compare.py on core mnist_c with the offline tiny models (trained on first
 use, cached under cache_dir).  Keys (dotted for nested ones): method ({methods}), profile ({profiles}),
-out_dir, cache_dir, seed, device, threads, progress, amp (auto | none | bf16 | fp16), compile,
-benchmark.corruptions, benchmark.severities,
+out_dir (default runs/memo_tpt/eval/<method>-<profile>), cache_dir, seed, device, threads, progress,
+amp (auto | none | bf16 | fp16), compile, benchmark.corruptions, benchmark.severities,
 benchmark.num_examples, tpt.*, memo.*.  Example:
 
     tttlab-memo-tpt-evaluate method=memo_tpt.memo profile=quick
