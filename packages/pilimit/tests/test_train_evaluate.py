@@ -217,6 +217,47 @@ def test_missing_transfer_root_is_reported_before_training(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_bad_data_root_leaves_no_run_directory_and_a_killed_run_as_it_was(tmp_path):
+    """Training made its run directory (config.yaml, records.jsonl, env.json) before it read the data: a
+    mistyped data.root or maml.root left a half-made run behind, and in the folder of a killed run
+    (train.resume=false) it overwrote that run's config.yaml with a warning."""
+    import warnings
+
+    nowhere = tmp_path / "nowhere"
+    cases = (
+        ("smoke", ["data.name=cifar10", f"data.root={nowhere}"], DatasetNotFoundError,
+         r"data\.root='.*nowhere': .*nowhere does not exist; expected .*cifar-10-batches-py"),
+        ("paper_omniglot", [f"maml.root={nowhere}", "model.dtype=float32"], DatasetNotFoundError,
+         r"maml\.root='.*nowhere': .*nowhere does not exist; expected .*images_background"),
+        ("smoke", ["data.num_examples=8"], ConfigError, r"data\.batch_size=16 exceeds the 8 training examples"),
+    )  # fmt: skip
+    for experiment, over, error, message in cases:
+        with pytest.raises(error, match=message):
+            run(train_config(experiment, [*SMOKE, *over, f"out_dir={tmp_path / 'run'}"]))
+        assert not (tmp_path / "run").exists(), (experiment, over)
+    # a killed run's folder: a bad start there changes nothing, and the run then resumes to the same end
+    over = [*SMOKE, "model.kind=finite", "model.width=32", "train.checkpoint_every=3"]
+    full = run(train_config("smoke", [*over, f"out_dir={tmp_path / 'full'}"]))
+    part = tmp_path / "part"
+    run(train_config("smoke", [*over, f"out_dir={part}", "train.stop_after_steps=7"]))
+    before = {f.relative_to(part): f.read_bytes() for f in part.rglob("*") if f.is_file()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the config.yaml overwrite warning
+        with pytest.raises(DatasetNotFoundError, match="data.root"):
+            run(train_config("smoke", [*over, f"out_dir={part}", "train.resume=false", "data.name=cifar10",
+                                       f"data.root={nowhere}"]))  # fmt: skip
+    after = {f.relative_to(part): f.read_bytes() for f in part.rglob("*") if f.is_file()}
+    assert after == before
+    run(train_config("smoke", [*over, f"out_dir={part}"]))
+    a, b = (load_checkpoint(p / "checkpoints" / "last.ckpt") for p in (full, part))
+    assert a["done"] and b["done"]
+    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
+    assert [(r["metric"], r["step"], r["value"]) for r in _records(part)] == [
+        (r["metric"], r["step"], r["value"]) for r in _records(full)
+    ]
+    assert len({r["config_hash"] for r in _records(part)}) == 1, "one config, before and after the bad start"
+
+
 def _write_omniglot(root, n_chars=6, n_imgs=3):
     from PIL import Image
 

@@ -26,6 +26,7 @@ kernel's scale, which differs between widths and between muP and pi-nets); data 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import sys
@@ -336,24 +337,39 @@ _register_resolvers()
 
 
 class _Run:
-    """Shared checkpoint/resume machinery of the three tasks."""
+    """Shared checkpoint/resume machinery of the three tasks.
+
+    Reads (and checks) the checkpoint to resume from, if any, but makes no run directory: the task calls
+    :meth:`open` once its data and net are known to be good, so a mistyped ``data.root`` / ``maml.root`` or
+    an impossible config leaves no half-made run (``config.yaml``) behind.
+    """
 
     def __init__(self, c: dict[str, Any]):
         self.c = c
         self.device = resolve_device(c["device"])
         self.key = config_hash(training_part(c))
-        ckpt = Path(c["out_dir"]) / "checkpoints" / f"{CHECKPOINT}.ckpt"
+        self.ckpt_path = Path(c["out_dir"]) / "checkpoints" / f"{CHECKPOINT}.ckpt"
+        ckpt = self.ckpt_path
         self._ck = load_checkpoint(ckpt) if (c["train"]["resume"] and ckpt.exists()) else None
         if self._ck is not None and self._ck.get("config_hash") != self.key:
             raise CheckpointError(
                 f"{ckpt} was written by a run with another model/training config"
                 f"{_config_diff(self._ck.get('config'), c)}; use another out_dir or train.resume=false"
             )  # checked before RunDir rewrites config.yaml
-        recorded = {**c, "train": {k: v for k, v in c["train"].items() if k != "stop_after_steps"}}
-        self.out = RunDir(c["out_dir"], recorded)  # a resumed run keeps the same config hash
-        self.ckpt_path = self.out.checkpoint_path(CHECKPOINT)
+        # the config as given (a copy: MAML adjusts c["optim"] later), so a resumed run keeps the same hash
+        self._recorded = copy.deepcopy(
+            {**c, "train": {k: v for k, v in c["train"].items() if k != "stop_after_steps"}}
+        )
+        self.out: RunDir | None = None
+
+    def open(self) -> RunDir:
+        """Make (or reopen) the run directory: ``config.yaml``, ``records.jsonl``, ``checkpoints/``."""
+        self.out = RunDir(self.c["out_dir"], self._recorded)
+        return self.out
 
     def try_resume(self, net, opt, sched) -> dict[str, Any] | None:
+        if self.out is None:
+            raise RuntimeError("_Run.open() first: the run directory is made before training starts")
         ck, self._ck = self._ck, None
         if ck is None:
             return None
@@ -419,6 +435,7 @@ def _run_classify(c: dict[str, Any]) -> Path:
     amp = c["amp"]
     state = {"epoch": 0, "batch": 0, "step": 0, "loss": 0.0, "correct": 0, "seen": 0}
     history: dict[str, list] = {}
+    R.open()  # only now: the data, the checkpoint and the net are good
     ck = R.try_resume(net, opt, sched)
     if ck is not None:
         state, history = ck["state"], ck["history"]
@@ -545,6 +562,7 @@ def _run_maml(c: dict[str, Any]) -> Path:
     amp = c["amp"]
     state = {"epoch": 0, "batch": 0, "step": 0, "loss": 0.0, "acc": 0.0}
     history: dict[str, list] = {}
+    R.open()  # only now: the episodes' classes, the checkpoint and the net are good
     ck = R.try_resume(net, opt, sched)
     if ck is not None:
         state, history = ck["state"], ck["history"]
