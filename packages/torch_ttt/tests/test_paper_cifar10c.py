@@ -368,6 +368,13 @@ def test_paper_experiment_composes_the_published_setting_and_rejects_mixed_model
         "name": "wrn28_10", "path": "/data/Standard.pt", "kwargs": {}, "weights_only": True,
     }  # fmt: skip
     assert paper["device"] == "cuda" and paper["experiment_name"] == "paper-tent-cifar10_c-reset_each_shift"
+    assert paper["out_dir"] == "runs/torch_ttt/eval/paper-tent-cifar10_c-reset_each_shift"
+    smoke = hydra_compose(
+        ["+experiment=paper_tent_cifar10c_smoke", "engine=eata", "benchmark.setting=continual"]
+    )
+    assert smoke["out_dir"] == "runs/torch_ttt/eval/paper-eata-cifar10_c-continual-smoke", (
+        "not the paper run's"
+    )
     tent = E.eval_config(paper)["engine"]
     assert tent["kwargs"] == {"predict_before_update": True}
     assert {k: tent["optimization"][k] for k in ("num_steps", "lr", "optimizer_name")} == {

@@ -368,6 +368,35 @@ def test_compare_contract_keys_map_onto_the_config():
         E.eval_config({"engine": {"name": "eata", "optimization": {"lr": -1}}})
 
 
+def test_default_out_dir_is_one_folder_per_profile(smoke_run, tmp_path, monkeypatch):
+    """runs/torch_ttt/eval/<engine>-<benchmark>-<setting> was shared by the command's defaults and the
+    compare profiles: their records went into one file and config.yaml was overwritten (with a warning)."""
+    base = "runs/torch_ttt/eval/tent-mnist_c-reset_each_shift"
+    dirs = {
+        p: E.eval_config({"method": "torch_ttt.tent", "profile": p})["out_dir"] for p in (None, *E.PROFILES)
+    }
+    assert dirs == {None: base, "smoke": f"{base}-smoke", "quick": f"{base}-quick", "full": f"{base}-full"}
+    assert dirs["quick"] == E.default_out_dir("quick", "tent-mnist_c-reset_each_shift")
+    assert hydra_compose("evaluate", [])["out_dir"] == base == E.eval_config({})["out_dir"], (
+        "the command's own"
+    )
+    # the folder follows the engine, the stream and the setting; the caller's out_dir (compare's) wins
+    assert E.eval_config({"engine": "ttt", "stream": "noisy", "profile": "smoke"}, ["benchmark.setting=episodic"])[
+        "out_dir"] == "runs/torch_ttt/eval/ttt-noisy-episodic-smoke"  # fmt: skip
+    assert E.eval_config({"profile": "smoke", "out_dir": "mine"})["out_dir"] == "mine"
+    assert E.eval_config({"profile": "smoke"}, ["out_dir=mine"])["out_dir"] == "mine"
+    assert (
+        E.eval_config({"profile": "quick", "experiment_name": "x"})["out_dir"]
+        == "runs/torch_ttt/eval/x-quick"
+    )
+    monkeypatch.chdir(tmp_path)
+    path = E.run({"engine": "ttt", "profile": "smoke", "train_run": str(smoke_run), "progress": False,
+                  "benchmark": {"setting": "episodic", "corruptions": ["fog"], "num_examples": 16}})  # fmt: skip
+    assert path == Path("runs/torch_ttt/eval/ttt-mnist_c-episodic-smoke/records.jsonl") and path.exists()
+    assert [p.name for p in (tmp_path / "runs/torch_ttt/eval").iterdir()] == ["ttt-mnist_c-episodic-smoke"]
+    assert {r["method"] for r in read_jsonl(path)} == {"torch_ttt.ttt"}
+
+
 def test_mixed_batches_count_each_domain_by_its_own_images():
     """A ``mixed`` batch holds several domains: each gets its own images' hits and count, and a share of
     the batch's time proportional to its images (mutation audit: counting the whole batch for every domain

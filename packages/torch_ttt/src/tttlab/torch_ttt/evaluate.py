@@ -34,6 +34,11 @@ adaptation through a compiled truncated copy or eagerly, see ``BaseEngine``); th
 then includes the compilation.  They apply to the evaluation, not to training the cached model
 (``train_overrides=[amp=bf16]`` does that), and are recorded in the records' ``extra``.
 
+Run folder (``out_dir``; a caller's own, e.g. ``tools/compare.py``'s, wins): by default
+``runs/torch_ttt/eval/<engine>-<benchmark>-<setting>`` (``experiment_name``), with ``-<profile>``
+appended for ``profile=smoke|quick|full`` (:func:`default_out_dir`), so each profile has its own records
+and ``config.yaml``.
+
 Records (core schema, ``<out_dir>/records.jsonl``): per domain ``accuracy`` (``n`` images, ``wall_time_s``
 of adaptation + prediction) and ``s_per_image`` (adaptation + prediction seconds per image), plus the
 mean accuracy over corruptions (``corruption="mean"``); ``step`` is the engine's ``num_steps``.
@@ -91,6 +96,8 @@ STREAMS = ("benchmark", "noisy")
 #: ``profile=`` of the compare contract (``tools/compare.py``): defaults that the caller's own keys override.
 #: smoke: seconds (CI); quick: ``make demo profile=quick``; full: ``make demo`` (the mnist_bn model trained
 #: one epoch on all 50,000 training images).  The trained model is cached in ``cache_dir`` either way.
+#: Each profile has its own default run folder, ``runs/torch_ttt/eval/<experiment_name>-<profile>`` (see
+#: :func:`default_out_dir`; an ``out_dir`` of the caller's, e.g. compare's, wins).
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {"train_overrides": ["data.num_examples=512", "train.checkpoint_every=8"],
               "benchmark": {"num_examples": 64, "batch_size": 32}, "calibration": {"num_examples": 128}},
@@ -98,6 +105,15 @@ PROFILES: dict[str, dict[str, Any]] = {
               "benchmark": {"num_examples": 300}, "calibration": {"num_examples": 512}},
     "full": {"train_overrides": [], "benchmark": {"num_examples": 1000}, "calibration": {"num_examples": 2048}},
 }  # fmt: skip
+
+
+def default_out_dir(profile: str | None, experiment_name: str = "${experiment_name}") -> str:
+    """The run folder of an evaluation without ``out_dir``: ``runs/torch_ttt/eval/<experiment_name>`` for the
+    command's own defaults (no profile; ``experiment_name`` is ``<engine>-<benchmark>-<setting>``, e.g.
+    ``tent-mnist_c-reset_each_shift``), ``runs/torch_ttt/eval/<experiment_name>-<profile>`` with a profile,
+    e.g. ``tent-mnist_c-reset_each_shift-quick``.  One folder for all was shared by the profiles: their
+    records went into one file and config.yaml was overwritten with a warning."""
+    return f"runs/torch_ttt/eval/{experiment_name}" + (f"-{profile}" if profile else "")
 
 
 @dataclass
@@ -191,8 +207,8 @@ def eval_config(cfg: Mapping | None = None, overrides: list[str] | None = None) 
     if isinstance(engine, str):
         user = {**user, "engine": {"name": engine}}
     profile = user.pop("profile", None)
-    merged = OmegaConf.merge(base, PROFILES[profile] if profile else {}, user,
-                             OmegaConf.from_dotlist(list(overrides or [])))  # fmt: skip
+    layer = {**PROFILES[profile], "out_dir": default_out_dir(profile)} if profile else {}
+    merged = OmegaConf.merge(base, layer, user, OmegaConf.from_dotlist(list(overrides or [])))
     c = T.to_dict(validate(OmegaConf.to_container(merged, resolve=True), EvalConfig))
     apply_engine_defaults(c)
     c["amp"] = check_amp(c["amp"])
