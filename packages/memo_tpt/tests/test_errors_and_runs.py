@@ -129,7 +129,7 @@ def test_hydra_proxies_write_to_the_evaluates_default_folder():
         _hydra_cfg("memo", ["+experiment=mnist", "profile=quick"]).out_dir == "runs/memo_tpt/eval/memo-quick"
     )
     assert _hydra_cfg("tpt", ["+experiment=smoke"]).out_dir == "runs/memo_tpt/eval/tpt-smoke"
-    assert _hydra_cfg("tpt", []).out_dir == "runs/memo_tpt/tpt", "the paper runs keep theirs"
+    assert _hydra_cfg("tpt", []).out_dir.startswith("runs/memo_tpt/tpt/RN50-a-"), "the paper runs keep theirs"
     c = _plain(_hydra_cfg("tpt", ["+experiment=mnist"]))
     via_hydra = eval_config(method="memo_tpt.tpt", profile=c["profile"], out_dir=c["out_dir"], seed=c["seed"],
                             device=c["device"], progress=c["progress"], cache_dir=c["cache_dir"], amp=c["amp"],
@@ -165,6 +165,76 @@ def test_memo_run_on_imagenet_v2_fixture_resumes(tmp_path):
     # kill audit: the finished run started again (e.g. killed after its last record) wrote its records twice
     again = load_records(run_paper(cfg))
     assert len(again) == len(full) == 2 and again.value.iloc[0] == full.value.iloc[0]
+
+
+def test_paper_runs_default_to_one_folder_per_config(tmp_path):
+    """runs/memo_tpt/<method> was shared by every architecture, test set and option: another config run
+    there overwrote the first one's progress file (its resume point), config.yaml and records' file."""
+    from omegaconf import OmegaConf
+
+    from tttlab.memo_tpt.run_dirs import default_out_dir, run_key
+
+    def folder(name, over):
+        cfg = _hydra_cfg(name, over)
+        assert cfg.out_dir == default_out_dir(OmegaConf.to_container(cfg, resolve=True))
+        return cfg.out_dir
+
+    configs = [("tpt", []), ("tpt", ["arch=ViT-B-16"]), ("tpt", ["data_to_test=both"]), ("tpt", ["augs=32"]),
+               ("tpt", ["+experiment=paper_tpt_vit_b16_imagenet_a"]), ("memo", []), ("memo", ["arch=timm:resnet50"]),
+               ("ensemble", ["+experiment=paper_ensemble_memo_tpt_imagenet_a"])]  # fmt: skip
+    dirs = [folder(name, over) for name, over in configs]
+    assert len(set(dirs)) == len(dirs), dirs
+    plain = OmegaConf.to_container(_hydra_cfg("tpt", ["arch=ViT-B-16"]), resolve=True)
+    assert dirs[1] == f"runs/memo_tpt/tpt/ViT-B-16-a-{run_key(plain)}" and re.fullmatch(
+        r"[0-9a-f]{12}", run_key(plain)
+    )
+    assert dirs[6].startswith("runs/memo_tpt/memo/timm_resnet50-a-")
+    assert dirs[7].startswith("runs/memo_tpt/ensemble/resnet50+RN50-a-"), "an ensemble names its members"
+    # what neither changes the numbers nor the resume point keeps the folder; out_dir given wins
+    for over in (["num_images=5"], ["verbose=0", "save_every=7", "progress=false"]):
+        assert folder("tpt", over) == dirs[0], over
+    assert _hydra_cfg("tpt", [f"out_dir={tmp_path}"]).out_dir == str(tmp_path)
+
+
+def test_another_config_does_not_disturb_a_killed_runs_resume_point(tmp_path, monkeypatch, caplog):
+    """A killed MEMO run, then another config (more views) with the default out_dir: before, both wrote
+    runs/memo_tpt/memo/checkpoints/progress-imagenet_v2.json and the first run restarted from zero."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from tttlab.memo_tpt.main import run_paper
+
+    testing.make_imagenet_v2(tmp_path / "data", classes=(0, 1, 2), n_per_class=1)
+    ckpt = tmp_path / "m.pth"
+    torch.manual_seed(0)
+    torch.save(build_classifier("mobilenet_v3_small").state_dict(), ckpt)
+    over = ["arch=mobilenet_v3_small", f"checkpoint={ckpt}", f"datasets_root={tmp_path / 'data'}",
+            "data_to_test=v2", "progress=false", "save_every=1", "verbose=0", "image_size=32"]  # fmt: skip
+    first, other = _hydra_cfg("memo", [*over, "augs=2"]), _hydra_cfg("memo", [*over, "augs=3"])
+    full = load_records(run_paper(OmegaConf.merge(first, {"out_dir": str(tmp_path / "full")})))
+    monkeypatch.chdir(tmp_path)
+    killed = run_paper(OmegaConf.merge(first, {"num_images": 2})).parent  # stopped after 2 images
+    progress = killed / "checkpoints" / "progress-imagenet_v2.json"
+    before = progress.read_bytes()
+    assert json.loads(before)["index"] == 2
+    assert run_paper(other).parent != killed  # the other config: its own folder, all 3 images
+    assert progress.read_bytes() == before and len(load_records(killed)) == 2
+    with caplog.at_level(logging.INFO, logger="tttlab.memo_tpt"):
+        resumed = load_records(run_paper(first))
+    assert "imagenet_v2: resuming at image 2" in caplog.text
+    assert killed.parent.resolve() == (tmp_path / "runs" / "memo_tpt" / "memo").resolve()
+    assert sorted(p.name for p in killed.parent.iterdir()) == sorted(
+        [killed.name, other.out_dir.rsplit("/", 1)[1]]
+    )
+    a, b = full[full.metric == "accuracy"], resumed[resumed.metric == "accuracy"]
+    assert int(b.n.iloc[-1]) == 3 and b.extra.iloc[-1]["correct"] == a.extra.iloc[-1]["correct"]
+    done = [
+        json.loads(p.read_text()) for p in (progress, tmp_path / "full/checkpoints/progress-imagenet_v2.json")
+    ]
+    assert done[0]["index"] == 3 and done[0]["generators"] == done[1]["generators"], (
+        "ends as the uninterrupted run"
+    )
 
 
 def test_tpt_run_on_imagenet_a_fixture_uses_200_classes(tmp_path, monkeypatch):

@@ -12,7 +12,9 @@ original), ``single_context`` (one shared context; false = class-specific), ``au
 mnist_c), ``num_images`` (seed 002's ``test_stop``), ``verbose`` (log every n images).  Ours: ``amp``
 (``auto`` | ``none`` | ``bf16`` | ``fp16``) and ``compile`` (:mod:`tttlab.memo_tpt.precision`; an ensemble
 member may set its own; with ``data_to_test=mnist_c`` both go to the proxy's evaluate).  Results go to
-``out_dir/records.jsonl`` (core schema: per dataset ``accuracy`` and ``s_per_image``).  A killed run resumes
+``out_dir/records.jsonl`` (core schema: per dataset ``accuracy`` and ``s_per_image``); ``out_dir`` defaults to
+``runs/memo_tpt/<method>/<arch>-<data_to_test>-<config hash>``, one folder per config
+(:mod:`tttlab.memo_tpt.run_dirs`).  A killed run resumes
 from ``out_dir/checkpoints/progress-<dataset>.json`` (written every ``save_every`` images, atomically) with the
 same numbers: every image is adapted from the source weights and the view generator's state is saved (a
 progress file of the same config that went past ``num_images`` is not reused: the run starts again).
@@ -36,6 +38,7 @@ from tttlab.core.cli import check_dir_overrides, user_errors
 from tttlab.core.errors import ConfigError
 
 from . import data as D
+from .run_dirs import run_key
 
 log = logging.getLogger("tttlab.memo_tpt")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -121,15 +124,12 @@ def evaluate_dataset(
     model name for it, built when None) let the caller check them before it makes the run directory."""
     from tqdm.auto import tqdm
 
-    from tttlab.core.records import config_hash
-
     ds = D.load_test_set(name, c["datasets_root"]) if dataset is None else dataset
     seed = int(c["seed"])
     adapter, model_name = build(c, ds, device, seed) if built is None else built
     n = len(ds) if c.get("num_images") is None else min(int(c["num_images"]), len(ds))
     progress_file = out / "checkpoints" / f"progress-{name}.json"
-    skip = ("out_dir", "progress", "verbose", "save_every", "num_images")
-    key = config_hash({k: v for k, v in c.items() if k not in skip})
+    key = run_key(c)  # also names the default out_dir (run_dirs.default_out_dir)
     state = {"index": 0, "correct": 0, "seconds": 0.0, "key": key}
     members = getattr(adapter, "members", [adapter])
     if progress_file.exists():
