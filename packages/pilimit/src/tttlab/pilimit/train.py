@@ -140,7 +140,10 @@ class TrainConfig(RunConfig):
     amp: str = (
         "none"  # none | bf16: torch.autocast(device.type, bfloat16) around forward + loss (precision.py)
     )
-    compile: bool = False  # torch.compile of the pi-layer chunk kernels (inf) or features/readout (finite)
+    # false | true (torch's default mode) | a torch.compile mode (default, reduce-overhead, max-autotune,
+    # max-autotune-no-cudagraphs): torch.compile of the pi-layer chunk kernels (inf) or features/readout
+    # (finite)
+    compile: Any = False
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
@@ -409,7 +412,7 @@ def _run_classify(c: dict[str, Any]) -> Path:
     net = build_model(c, x.shape[1], num_outputs(c), R.device)
     opt, sched = build_optimizer(c, net, steps_per_epoch, steps_per_epoch * epochs)
     if c["compile"]:
-        precision.compile_net(net)
+        precision.compile_net(net, c["compile"])
     amp = c["amp"]
     state = {"epoch": 0, "batch": 0, "step": 0, "loss": 0.0, "correct": 0, "seen": 0}
     history: dict[str, list] = {}
@@ -535,7 +538,7 @@ def _run_maml(c: dict[str, Any]) -> Path:
             net.output_layer.A_store.normal_().mul_(net.r**-0.5)
     opt, sched = build_optimizer(c, net, steps_per_epoch, steps_per_epoch * epochs)
     if c["compile"]:
-        precision.compile_net(net)
+        precision.compile_net(net, c["compile"])
     amp = c["amp"]
     state = {"epoch": 0, "batch": 0, "step": 0, "loss": 0.0, "acc": 0.0}
     history: dict[str, list] = {}
