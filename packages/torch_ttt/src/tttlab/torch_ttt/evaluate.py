@@ -691,7 +691,7 @@ def summary_lines(path: Path) -> list[str]:
 def main() -> None:
     import hydra
 
-    from tttlab.core.cli import check_dir_overrides
+    from tttlab.core.cli import check_compile_override, check_dir_overrides
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     register_configs()
@@ -704,6 +704,7 @@ def main() -> None:
             print("\n".join(summary_lines(Path(path))))
             print(path)
 
+    check_compile_override("tttlab-torch-ttt-evaluate")
     check_dir_overrides("tttlab-torch-ttt-evaluate")
     try:
         _main()
