@@ -168,7 +168,10 @@ def compose(entry: str, experiment: str | None = None, cfg=None, overrides: list
     merged = OmegaConf.merge(
         *[OmegaConf.create(p) for p in parts], OmegaConf.from_dotlist(list(overrides or []))
     )
-    return to_dict(validate(OmegaConf.to_container(merged, resolve=True), schema))
+    c = to_dict(validate(OmegaConf.to_container(merged, resolve=True), schema))
+    if "compile" in c:  # typed Any in the schema (false | true | a torch.compile mode): core's rule here
+        c["compile"] = check_compile(c["compile"])
+    return c
 
 
 def check_values(c: dict[str, Any], checks: dict[str, tuple[Any, str]]) -> None:
