@@ -16,12 +16,12 @@ from tttlab.memo_tpt import main as M
 from tttlab.memo_tpt import tiny_clip as T
 
 #: ``config_hash`` of the Hydra-composed tpt, memo, ensemble configs (as ``run_paper`` writes them) and of
-#: ``evaluate.eval_config(method="memo_tpt.memo")`` with ``compile`` false / true, before ``compile``
-#: accepted modes.  Another change to these configs' defaults changes them too: recompute them then, on the
-#: commit before it.
+#: ``evaluate.eval_config(method="memo_tpt.memo", out_dir="runs/x")`` (an explicit out_dir: its default
+#: moves) with ``compile`` false / true, before ``compile`` accepted modes.  Another change to these
+#: configs' defaults changes them too: recompute them then, on the commit before it.
 MAIN_HASHES = {
-    False: (["54dab691d7ac", "9f96b0c1d6a3", "22e4512bfea4"], "156f373c70d2"),
-    True: (["15ad911fe6e3", "a8037fff30e4", "89b1df827373"], "0bb2fd06bd7e"),
+    False: (["54dab691d7ac", "9f96b0c1d6a3", "22e4512bfea4"], "850e746752e7"),
+    True: (["15ad911fe6e3", "a8037fff30e4", "89b1df827373"], "799ace693b0f"),
 }
 
 
@@ -112,7 +112,7 @@ def test_compile_false_and_true_keep_their_config_hashes():
         names = ("tpt", "memo", "ensemble")
         got = [config_hash(M._plain(hydra_cfg(n, [f"compile={str(value).lower()}"]))) for n in names]
         assert got == paper
-        assert config_hash(E.eval_config(method="memo_tpt.memo", compile=value)) == evaluate
+        assert config_hash(E.eval_config(method="memo_tpt.memo", out_dir="runs/x", compile=value)) == evaluate
 
 
 @pytest.mark.parametrize("main", [M.tpt_main, M.memo_main, M.ensemble_main])

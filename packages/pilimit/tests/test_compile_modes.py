@@ -17,12 +17,12 @@ from tttlab.pilimit import train as T
 SMALL = ["logging.progress=false", "threads=1", "data.num_examples=32", "train.num_test=16", "train.epochs=1"]
 
 #: ``config_hash`` of ``train_config("smoke", ["compile=<value>"])``, of its training part (the checkpoint
-#: and model-cache identity) and of the evaluate contract's config ``{"compile": value}``, before
-#: ``compile`` accepted modes.  Another change to these configs' defaults changes them too: recompute them
-#: then, on the commit before it.
+#: and model-cache identity) and of the evaluate contract's config ``{"compile": value, "out_dir":
+#: "runs/x"}`` (an explicit out_dir: its default moves), before ``compile`` accepted modes.  Another change
+#: to these configs' defaults changes them too: recompute them then, on the commit before it.
 MAIN_HASHES = {
-    False: ("7ef9f6bbdc88", "242710fc9e24", "175a1266572c"),
-    True: ("1e441efc1bfd", "242710fc9e24", "fac911e992e1"),
+    False: ("7ef9f6bbdc88", "242710fc9e24", "6f93ea1b8401"),
+    True: ("1e441efc1bfd", "242710fc9e24", "753758b20e73"),
 }
 
 
@@ -96,7 +96,7 @@ def test_compile_false_and_true_keep_their_config_hashes():
     for value, (train, part, evaluate) in MAIN_HASHES.items():
         tc = T.train_config("smoke", [f"compile={str(value).lower()}"])
         assert (config_hash(tc), config_hash(T.training_part(tc))) == (train, part)
-        assert config_hash(E._config({"compile": value}, {})) == evaluate
+        assert config_hash(E._config({"compile": value, "out_dir": "runs/x"}, {})) == evaluate
 
 
 @pytest.mark.parametrize("main", [T.main])
