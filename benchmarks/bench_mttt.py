@@ -18,6 +18,7 @@ with identity features and a constant normalizer: MTTT-Linear with T=1 computes 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -129,6 +130,42 @@ def main(argv=None):
     a = ap.parse_args(argv)
     dtype = jnp.dtype(a.dtype)
     rows = []
+    dev = jax.devices()[0]
+    header = (
+        f"Device: {dev.platform} ({getattr(dev, 'device_kind', '')}), {platform.processor() or platform.machine()}; "
+        f"jax {jax.__version__}; block width {a.width}, {a.heads} heads, MLP {4 * a.width}, batch {a.batch}, "
+        f"{a.dtype}; median of {a.repeats} fwd+bwd calls per mixer, interleaved round-robin "
+        "(wall time; CPU = process CPU time of all threads).\n\n"
+        "| N | mixer | fwd+bwd ms | CPU ms | peak MiB | time / linear attention | CPU time / linear attention "
+        "| memory / linear attention |\n"
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+    )
+
+    def table():
+        return header + "".join(
+            f"| {n} | {name} | {t * 1e3:.2f} | {c * 1e3:.2f} | {m / 2**20:.1f} | {rt:.2f}x | {rc:.2f}x | {rm:.2f}x |\n"
+            for n, name, t, c, m, rt, rc, rm in rows
+        )
+
+    def write(done: bool):
+        """The table so far, after every N (a run stopped by a time limit keeps the N it finished)."""
+        if not a.out:
+            return
+        tmp = a.out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("# MTTT token mixers: one ViT block, forward + backward\n\n")
+            f.write(
+                "Command: `python benchmarks/bench_mttt.py "
+                + " ".join(argv or __import__("sys").argv[1:])
+                + "`\n\n"
+            )
+            if not done:
+                f.write(
+                    f"**Partial: N = {', '.join(str(n) for n in sorted({r[0] for r in rows}))} so far.**\n\n"
+                )
+            f.write(table())
+        os.replace(tmp, a.out)
+
     for n in a.tokens:
         calls, peaks = {}, {}
         for name in a.mixers:
@@ -147,30 +184,9 @@ def main(argv=None):
         for name, (t, c) in med.items():
             m = peaks[name]
             rows.append((n, name, t, c, m, t / base_t, c / base_c, m / base_m if base_m else float("nan")))
-    dev = jax.devices()[0]
-    header = (
-        f"Device: {dev.platform} ({getattr(dev, 'device_kind', '')}), {platform.processor() or platform.machine()}; "
-        f"jax {jax.__version__}; block width {a.width}, {a.heads} heads, MLP {4 * a.width}, batch {a.batch}, "
-        f"{a.dtype}; median of {a.repeats} fwd+bwd calls per mixer, interleaved round-robin "
-        "(wall time; CPU = process CPU time of all threads).\n\n"
-        "| N | mixer | fwd+bwd ms | CPU ms | peak MiB | time / linear attention | CPU time / linear attention "
-        "| memory / linear attention |\n"
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
-    )
-    table = header + "".join(
-        f"| {n} | {name} | {t * 1e3:.2f} | {c * 1e3:.2f} | {m / 2**20:.1f} | {rt:.2f}x | {rc:.2f}x | {rm:.2f}x |\n"
-        for n, name, t, c, m, rt, rc, rm in rows
-    )
-    print("\n" + table)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write("# MTTT token mixers: one ViT block, forward + backward\n\n")
-            f.write(
-                "Command: `python benchmarks/bench_mttt.py "
-                + " ".join(argv or __import__("sys").argv[1:])
-                + "`\n\n"
-            )
-            f.write(table)
+        write(done=False)
+    print("\n" + table())
+    write(done=True)
 
 
 if __name__ == "__main__":

@@ -11,39 +11,44 @@
 # They are installed with --no-index --no-deps into /tmp/tttlab_site (benchmarks/gpu_env.sh); the packages
 # go on PYTHONPATH from packages/*/src (no hatchling there, so no editable installs).
 #
-# Order (the two open issues' goals first; each part under its own `timeout`, so one slow part cannot eat
-# the others' time; "cap" = the benchmark's own limit inside the part, the part itself is killed 15-20 s later):
-#   1. ttt_mae     benchmarks/gpu_ttt_mae.sh           cap  95 s  (~60 s)           -> ttt_mae.md
-#                  (issue 5: ViT-L TTT step's TFLOP/s and share of bf16 peak)
-#   2. torch_ttt   benchmarks/gpu_torch_ttt.sh         cap  60 s  (~30-60 s)        -> torch_ttt_gpu.md
-#                  (issue 3's ours/upstream time ratio; its table is in SUMMARY.md and logs.tgz only)
-#   3. pilimit     benchmarks/gpu_pilimit.sh           cap  75 s  (~40 s expected)  -> pilimit.md
-#   4. memo_tpt    benchmarks/gpu_memo_tpt.sh          cap  85 s  (~60 s)           -> memo_tpt.md
-#   4b. mttt_bench benchmarks/gpu_lead.sh bench        cap 80+60 s (~70 s; 2 procs) -> mttt_gpu.md
-#   5. sweeps      benchmarks/gpu_lead.sh sweeps       the time left (~250 s)       -> torch_ttt_mnist_c.md,
+# Order (the open issue's goal first; each part under its own `timeout`, so one slow part cannot eat the
+# others' time; "cap" = the benchmark's own limit inside the part, the part itself is killed 15-20 s later;
+# times measured on the H200 on 2026-11-30, see benchmarks/gpu_h200.md):
+#   1. ttt_mae     benchmarks/gpu_ttt_mae.sh           cap 150 s  (~130 s)  -> ttt_mae.md, ttt_mae_profile.md
+#                  (issue 5: ViT-L TTT step's TFLOP/s and share of bf16 peak; here TTT_MAE_COMPILE=1 with
+#                  TTT_MAE_COMPILE_MODE=reduce-overhead, and TTT_MAE_PROFILE=1: GPU kernel time by class)
+#   2. mttt_bench  benchmarks/gpu_lead.sh bench        cap 150+90 s (2 procs; 80+60 s got N = 196 only)
+#                  -> mttt_gpu.md (issue 4's ratios at N = 784-50,176 have never been measured on a GPU)
+#   3. torch_ttt   benchmarks/gpu_torch_ttt.sh         cap  60 s  (27 s)    -> torch_ttt_gpu.md
+#   3b. torch_ttt_compiled  the same with our engines compiled (reduce-overhead = CUDA graphs), cap 140 s
+#                  (59 s) -> torch_ttt_gpu_compiled.md
+#   4. pilimit     benchmarks/gpu_pilimit.sh           cap  75 s  (17 s)    -> pilimit.md
+#   5. memo_tpt    benchmarks/gpu_memo_tpt.sh          cap  85 s  (49 s)    -> memo_tpt.md
+#   6. sweeps      benchmarks/gpu_lead.sh sweeps       the time left        -> torch_ttt_mnist_c.md,
 #                  (torch_ttt MNIST-C sweep and MTTT MNIST proxies side by side)       mttt_mnist.md
-# Parts 1-4b are speed measurements and get the GPU alone, one after the other; part 5 is two accuracy
+# Parts 1-5 are speed measurements and get the GPU alone, one after the other; part 6 is two accuracy
 # sweeps (many small processes sharing the GPU and the 16 cores; their deadline makes unfinished runs show
-# as failed rows) and takes whatever is left of GPU_TOTAL_S (default 540 s), so the call ends by ~545 s.
-# Worst case (every part killed at its cap, ~550 s): the sweeps are skipped when under 60 s are left, so
-# the call still ends before the tool's 600 s.
-# Device time: the machine's start (1-2 min) + ~9 min = ~11 of the session's 15 minutes (the torch_ttt part
-# takes its ~40 s from the sweeps' share).  A machine stays
-# warm 30 s after a call: a failed part can be rerun at once without a new start, e.g.
-#   run(command="GPU_PARTS=ttt_mae GPU_TOTAL_S=150 bash benchmarks/gpu_all.sh", carry=[".whl"], timeout_s=200)
+# as failed rows) and takes whatever is left of GPU_TOTAL_S (default 560 s); it is skipped with under 60 s
+# left (105 s were far too few on 2026-11-30). No part runs past GPU_TOTAL_S: each is cut to the time left
+# and skipped under 30 s, so the call ends before the tool's 600 s.
+# Device time: the machine's start (~30-90 s) + ~9.5 min: about 11 of the session's 15 minutes.  A machine
+# stays warm 30 s after a call: a failed part can be rerun at once without a new start, e.g.
+#   run(command="GPU_PARTS=ttt_mae GPU_TOTAL_S=170 bash benchmarks/gpu_all.sh", carry=[".whl"], timeout_s=200)
 #
 # $OUT gets at most 8 files (the run tool's limit): SUMMARY.md (status of every part, environment, all
 # tables inline, the end of the log of any part that failed), logs.tgz (every log, every table, the
-# sweeps' records), and 6 of the 7 tables (torch_ttt_gpu.md only inline in SUMMARY.md).  SUMMARY.md and logs.tgz are rewritten after every part, so a call
+# sweeps' records), and 6 of the 9 tables (torch_ttt_gpu.md, torch_ttt_gpu_compiled.md and
+# ttt_mae_profile.md only inline in SUMMARY.md).  SUMMARY.md and logs.tgz are rewritten after every part, so a call
 # cut short still returns what finished.  Exit status 0 even when a part fails (SUMMARY.md says which).
 #
 # Options (environment):
-#   GPU_PARTS="ttt_mae torch_ttt pilimit memo_tpt mttt_bench sweeps"   the parts to run, in this order
-#   GPU_TOTAL_S=540     wall budget of the whole script (the sweeps get what the parts before leave)
+#   GPU_PARTS="ttt_mae mttt_bench torch_ttt torch_ttt_compiled pilimit memo_tpt sweeps"   the parts, in order
+#   GPU_TOTAL_S=560     wall budget of the whole script (the sweeps get what the parts before leave)
 #   GPU_DRY_RUN=1       this machine's CPU, tiny sizes, the same code paths except CUDA-only calls
 #                       (wheels installed into a temp folder, tables written to $OUT; a few minutes):
 #                         GPU_DRY_RUN=1 OUT=/tmp/gpu_dry nice -n 10 bash benchmarks/gpu_all.sh
-#   PILIMIT_S, TTT_MAE_S, MEMO_TPT_S, BENCH_SMALL_S, BENCH_BIG_S, TORCH_TTT_S   the parts' own limits (s)
+#   PILIMIT_S, TTT_MAE_S, MEMO_TPT_S, BENCH_SMALL_S, BENCH_BIG_S, TORCH_TTT_S, TORCH_TTT_COMPILED_S   the
+#                       parts' own limits (s); no part runs past GPU_TOTAL_S (each is cut to the time left)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 T0=$SECONDS
@@ -58,11 +63,17 @@ if [[ "$GPU_DRY_RUN" == 1 ]]; then
   export BENCH_SMALL_S=${BENCH_SMALL_S:-120} BENCH_BIG_S=${BENCH_BIG_S:-90} TORCH_TTT_S=${TORCH_TTT_S:-120}
 else
   WORK=${GPU_WORK:-/tmp/gpu_all}
-  TOTAL_S=${GPU_TOTAL_S:-540}
-  export PILIMIT_S=${PILIMIT_S:-75} TTT_MAE_S=${TTT_MAE_S:-95} MEMO_TPT_S=${MEMO_TPT_S:-85}
-  export BENCH_SMALL_S=${BENCH_SMALL_S:-80} BENCH_BIG_S=${BENCH_BIG_S:-60} TORCH_TTT_S=${TORCH_TTT_S:-60}
+  TOTAL_S=${GPU_TOTAL_S:-560}
+  # issue 5's share of the bf16 peak: the compiled row (CUDA graphs: the best of the 2026-11-30 run) and a
+  # kernel profile of the eager bf16 step
+  export TTT_MAE_COMPILE=${TTT_MAE_COMPILE:-1} TTT_MAE_COMPILE_MODE=${TTT_MAE_COMPILE_MODE-reduce-overhead}
+  export TTT_MAE_PROFILE=${TTT_MAE_PROFILE:-1}
+  export PILIMIT_S=${PILIMIT_S:-75} TTT_MAE_S=${TTT_MAE_S:-150} MEMO_TPT_S=${MEMO_TPT_S:-85}
+  # bench_mttt compiles every mixer at every N (the 2026-11-30 run got through N = 196 only in 80 s)
+  export BENCH_SMALL_S=${BENCH_SMALL_S:-150} BENCH_BIG_S=${BENCH_BIG_S:-90} TORCH_TTT_S=${TORCH_TTT_S:-60}
 fi
-PARTS=(${GPU_PARTS:-ttt_mae torch_ttt pilimit memo_tpt mttt_bench sweeps})
+TORCH_TTT_COMPILED_S=${TORCH_TTT_COMPILED_S:-$(( GPU_DRY_RUN == 1 ? 240 : 140 ))}
+PARTS=(${GPU_PARTS:-ttt_mae mttt_bench torch_ttt torch_ttt_compiled pilimit memo_tpt sweeps})
 # a second call on a still-warm machine starts with fresh logs and tables; $WORK/lead (the sweeps' run
 # directories and trained models) is kept, so finished sweep runs are reused and MTTT runs resume
 rm -rf "$WORK/logs" "$WORK/tables"
@@ -71,14 +82,16 @@ export GPU_WORK="$WORK/lead"
 export OUT="$WORK/tables"  # the parts write here; their tables are copied to $FINAL as they finish
 
 declare -A STATUS SECS LIMITS
-declare -A TABLES=([pilimit]="pilimit.md" [ttt_mae]="ttt_mae.md" [memo_tpt]="memo_tpt.md"
+declare -A TABLES=([pilimit]="pilimit.md" [ttt_mae]="ttt_mae.md ttt_mae_profile.md" [memo_tpt]="memo_tpt.md"
                    [mttt_bench]="mttt_gpu.md" [torch_ttt]="torch_ttt_gpu.md"
+                   [torch_ttt_compiled]="torch_ttt_gpu_compiled.md"
                    [sweeps]="torch_ttt_mnist_c.md mttt_mnist.md")
 # tables that stay out of $FINAL (only 8 files come back): inline in SUMMARY.md and in logs.tgz
-declare -A INLINE_ONLY=([torch_ttt_gpu.md]=1)
+declare -A INLINE_ONLY=([torch_ttt_gpu.md]=1 [torch_ttt_gpu_compiled.md]=1 [ttt_mae_profile.md]=1)
 declare -A CMDS=([pilimit]="bash benchmarks/gpu_pilimit.sh" [ttt_mae]="bash benchmarks/gpu_ttt_mae.sh"
                  [memo_tpt]="bash benchmarks/gpu_memo_tpt.sh" [mttt_bench]="bash benchmarks/gpu_lead.sh bench"
                  [torch_ttt]="bash benchmarks/gpu_torch_ttt.sh"
+                 [torch_ttt_compiled]="env TORCH_TTT_COMPILE=reduce-overhead TORCH_TTT_S=$TORCH_TTT_COMPILED_S TORCH_TTT_TABLE=torch_ttt_gpu_compiled.md bash benchmarks/gpu_torch_ttt.sh"
                  [sweeps]="bash benchmarks/gpu_lead.sh sweeps")
 for p in "${PARTS[@]}"; do
   [[ -n "${CMDS[$p]:-}" ]] || { echo "gpu_all: unknown part '$p' (GPU_PARTS); known: ${!CMDS[*]}" >&2; exit 2; }
@@ -192,7 +205,14 @@ write_summary
 
 # ---------------------------------------------------------------- the parts
 run_part() {
-  local p=$1 limit=$2 t=$SECONDS rc f
+  local p=$1 limit=$2 t=$SECONDS rc f left
+  # never past the whole budget: a part gets at most the time left (less 25 s for the summary), and is
+  # skipped when under 30 s are left, so the call ends inside the tool's limit even when parts overran
+  left=$(( TOTAL_S - (SECONDS - T0) - 25 ))
+  if (( left < 30 )); then
+    STATUS[$p]="skipped (${left} s left of GPU_TOTAL_S)"; log "$p: ${STATUS[$p]}"; write_summary; return
+  fi
+  (( limit > left )) && limit=$left
   LIMITS[$p]=$limit
   STATUS[$p]="running"
   for f in ${TABLES[$p]}; do rm -f "$WORK/tables/$f" "$FINAL/$f"; done
@@ -225,6 +245,7 @@ for p in "${PARTS[@]}"; do
     memo_tpt) run_part memo_tpt $(( MEMO_TPT_S + 15 )) ;;
     mttt_bench) run_part mttt_bench $(( BENCH_SMALL_S + BENCH_BIG_S + 20 )) ;;
     torch_ttt) run_part torch_ttt $(( TORCH_TTT_S + 15 )) ;;
+    torch_ttt_compiled) run_part torch_ttt_compiled $(( TORCH_TTT_COMPILED_S + 15 )) ;;
     sweeps)
       # the time left, less 45 s for the sweeps' own wind-down (killing runs, rendering) and the summary
       left=$(( TOTAL_S - (SECONDS - T0) - 45 ))

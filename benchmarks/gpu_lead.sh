@@ -73,7 +73,7 @@ bench() {
     for part in small big; do
       echo
       if [[ -s "$WORK/mttt_$part.md" ]]; then
-        sed -n '/^Device:/,$p' "$WORK/mttt_$part.md"
+        sed -n '/^\(\*\*Partial\|Device:\)/,$p' "$WORK/mttt_$part.md"
       else
         echo "**$part N: no table** (time limit or error); the rows it printed (N, mixer, fwd+bwd ms, CPU ms, peak MiB) and the log's end:"
         echo '```'

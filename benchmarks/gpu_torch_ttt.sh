@@ -11,6 +11,7 @@
 # mode> (e.g. reduce-overhead = CUDA graphs) runs the same comparison with our engines compiled
 # (engine.compile(mode=...), 3 untimed warm-up batches each), 2 repeats, cap TORCH_TTT_S (give ~150 s):
 #   GPU_PARTS=torch_ttt TORCH_TTT_COMPILE=reduce-overhead TORCH_TTT_S=150 GPU_TOTAL_S=200 bash benchmarks/gpu_all.sh
+# (gpu_all.sh's part `torch_ttt_compiled` runs exactly that, into TORCH_TTT_TABLE=torch_ttt_gpu_compiled.md.)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source benchmarks/gpu_env.sh || exit 1
@@ -28,14 +29,15 @@ if [[ -n "${TORCH_TTT_COMPILE:-}" ]]; then  # opt-in: our engines compiled (see 
 fi
 "$PY" -c "import torch_ttt, einops" || { echo "torch-ttt 0.0.2 / einops not installed: run make gpu-wheels and carry .whl" >&2; exit 3; }
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/torch_ttt.XXXXXX")
+TABLE=${TORCH_TTT_TABLE:-torch_ttt_gpu.md}
 {
   echo "# torch_ttt vs torch-ttt 0.0.2 on $([[ $GPU_DRY_RUN == 1 ]] && echo "CPU (dry run)" || nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
   echo
   echo "Command: \`python benchmarks/bench_torch_ttt.py ${ARGS[*]} --tent-before-update --ttt-rand\`"
   echo
-} > "$WORK/torch_ttt_gpu.md"
+} > "$WORK/$TABLE"
 timeout -k 5 "$LIMIT" "$PY" benchmarks/bench_torch_ttt.py "${ARGS[@]}" --tent-before-update --ttt-rand \
   --out "$WORK/table.md"
-cat "$WORK/table.md" >> "$WORK/torch_ttt_gpu.md"
-cp "$WORK/torch_ttt_gpu.md" "$OUT/torch_ttt_gpu.md"
-cat "$OUT/torch_ttt_gpu.md"
+cat "$WORK/table.md" >> "$WORK/$TABLE"
+cp "$WORK/$TABLE" "$OUT/$TABLE"
+cat "$OUT/$TABLE"

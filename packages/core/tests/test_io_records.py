@@ -383,6 +383,42 @@ def test_drop_records_removes_one_config_and_a_torn_tail(tmp_path):
     assert R.drop_records(path, "zzz") == 0 and R.drop_records(tmp_path / "none.jsonl", "a") == 0
 
 
+def test_rundir_drop_records_replaces_only_its_configs_records_atomically(tmp_path, monkeypatch):
+    """``RunDir.drop_records()``: what an evaluate run again (e.g. after a kill) calls before it writes."""
+    cfg = {"method": "m", "seed": 0}
+    rd = R.RunDir(tmp_path, cfg)
+    with rd.writer(method="m", metric="accuracy") as w:
+        w.write(value=0.1, step=0)
+    with R.RecordWriter(rd.records_path, {"method": "m", "metric": "accuracy", "config_hash": "other"}) as w:
+        w.write(value=0.2, step=1)
+    with rd.writer(method="m", metric="accuracy") as w:
+        w.write(value=0.3, step=2)
+    with open(rd.records_path, "ab") as f:
+        f.write(b'{"method": "m", "metric": "acc')  # a writer killed mid-line
+    before = rd.records_path.read_bytes()
+    # atomic: a rewrite that fails (killed) before its rename leaves the file as it was, and no temp file
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("killed")))
+    with pytest.raises(OSError, match="killed"):
+        rd.drop_records()
+    monkeypatch.undo()
+    assert rd.records_path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
+        "config.yaml", "env.json", "records.jsonl", "stats.json"]  # fmt: skip
+    inode = rd.records_path.stat().st_ino
+    again = R.RunDir(tmp_path, cfg)  # the same config run again
+    assert again.config_hash == rd.config_hash == R.config_hash(cfg)
+    assert again.drop_records() == 2
+    assert rd.records_path.stat().st_ino != inode, "rewritten by a rename, not in place"
+    kept = R.read_jsonl(rd.records_path)
+    assert [(r["config_hash"], r["step"]) for r in kept] == [("other", 1)]
+    assert rd.records_path.read_bytes().endswith(b"\n"), "the torn tail went too"
+    assert again.drop_records() == 0 and R.read_jsonl(rd.records_path) == kept
+    # another config in the same folder drops its own records only
+    with pytest.warns(UserWarning, match="different config"):
+        other = R.RunDir(tmp_path, {"method": "m", "seed": 1})
+    assert other.drop_records() == 0 and R.read_jsonl(rd.records_path) == kept
+
+
 def test_a_merge_killed_before_removing_the_rank_files_merges_once(tmp_path):
     """Kill audit: merge_records writes records.jsonl, then removes the rank files; killed in between, the
     next merge (the run started again) added the rank files' records a second time."""

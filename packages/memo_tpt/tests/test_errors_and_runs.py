@@ -116,6 +116,27 @@ def test_hydra_configs_compose_and_reject_unknown_keys():
         _hydra_cfg("tpt", ["tpp=3"])
 
 
+def test_hydra_proxies_write_to_the_evaluates_default_folder():
+    """``tttlab-memo-tpt-tpt +experiment=mnist`` (= ``tttlab-memo-tpt-evaluate method=memo_tpt.tpt``) wrote to
+    runs/memo_tpt/tpt, shared with +experiment=smoke and the paper runs; it now writes where the evaluate does,
+    one folder per method and profile, and runs the same config there (same hash: a rerun replaces)."""
+    from tttlab.core.records import config_hash
+    from tttlab.memo_tpt.evaluate import default_out_dir, eval_config
+    from tttlab.memo_tpt.main import _plain
+
+    assert _hydra_cfg("tpt", ["+experiment=mnist"]).out_dir == default_out_dir("memo_tpt.tpt", "full")
+    assert (
+        _hydra_cfg("memo", ["+experiment=mnist", "profile=quick"]).out_dir == "runs/memo_tpt/eval/memo-quick"
+    )
+    assert _hydra_cfg("tpt", ["+experiment=smoke"]).out_dir == "runs/memo_tpt/eval/tpt-smoke"
+    assert _hydra_cfg("tpt", []).out_dir == "runs/memo_tpt/tpt", "the paper runs keep theirs"
+    c = _plain(_hydra_cfg("tpt", ["+experiment=mnist"]))
+    via_hydra = eval_config(method="memo_tpt.tpt", profile=c["profile"], out_dir=c["out_dir"], seed=c["seed"],
+                            device=c["device"], progress=c["progress"], cache_dir=c["cache_dir"], amp=c["amp"],
+                            compile=c["compile"])  # fmt: skip
+    assert config_hash(via_hydra) == config_hash(eval_config(method="memo_tpt.tpt"))
+
+
 def test_memo_run_on_imagenet_v2_fixture_resumes(tmp_path):
     """MEMO through the CLI path on an ImageNet-V2 fixture; a resumed run ends with the same numbers."""
     from omegaconf import OmegaConf
@@ -203,6 +224,47 @@ def test_bad_options_are_config_errors(tmp_path, monkeypatch, name, overrides, n
     with pytest.raises(ConfigError, match=re.escape(needle)):
         run_paper(cfg)
     assert not (tmp_path / "cache").exists(), "refused before any model is trained"
+
+
+def test_bad_data_or_checkpoint_leaves_no_run_directory(tmp_path):
+    """A mistyped datasets_root (or a missing second test set, or checkpoint) was noticed only after the run
+    directory and its config.yaml were written: a half-made run was left behind (README audit)."""
+    from tttlab.memo_tpt.main import run_paper
+
+    out = tmp_path / "out"
+    base = [
+        "arch=mobilenet_v3_small",
+        "augs=2",
+        "progress=false",
+        "verbose=0",
+        "image_size=32",
+        f"out_dir={out}",
+    ]
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(DatasetNotFoundError, match=re.escape(str(nowhere))) as e:
+        run_paper(_hydra_cfg("memo", [*base, f"datasets_root={nowhere}", "data_to_test=v2"]))
+    assert "expected a folder holding imagenetv2-matched-frequency-format-val" in str(e.value)
+    assert not out.exists()
+    # data_to_test=both: ImageNet-A is there, ImageNet-V2 is not; refused before A is evaluated
+    testing.make_imagenet_a(tmp_path / "data" / "imagenet-a", n_per_class=1, k=1)
+    with pytest.raises(DatasetLayoutError, match="are not 0..999"):  # no V2 folder: data itself read as V2
+        run_paper(_hydra_cfg("memo", [*base, f"datasets_root={tmp_path / 'data'}", "data_to_test=both"]))
+    assert not out.exists()
+    missing = tmp_path / "none.pth"
+    with pytest.raises(CheckpointError, match=re.escape(str(missing))):
+        run_paper(_hydra_cfg("memo", [*base, f"datasets_root={tmp_path / 'data'}", "data_to_test=a",
+                                      f"checkpoint={missing}"]))  # fmt: skip
+    assert not out.exists()
+
+
+def test_proxy_with_a_missing_benchmark_root_leaves_no_run_and_trains_nothing(tmp_path):
+    from tttlab.memo_tpt.evaluate import run
+
+    root = tmp_path / "nowhere"
+    with pytest.raises(DatasetNotFoundError, match=re.escape(str(root))):
+        run(method="memo_tpt.memo", profile="smoke", out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "c"),
+            progress=False, benchmark={"name": "cifar10_c", "root": str(root)})  # fmt: skip
+    assert not (tmp_path / "out").exists() and not (tmp_path / "c").exists()
 
 
 def test_rerun_with_fewer_images_does_not_reuse_a_longer_run(tmp_path):

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from tttlab.core.errors import ConfigError
@@ -105,6 +107,33 @@ def test_memo_source_accuracy_is_the_unadapted_model(cache, tmp_path):
         row = acc[acc.corruption == corr].iloc[0]
         assert row.extra["source_accuracy"] == pytest.approx(np.mean(hits[i]))
     assert any(row.value != row.extra["source_accuracy"] for row in acc.itertuples())  # the test can tell
+
+
+def test_default_out_dir_is_one_folder_per_method_and_profile(cache, tmp_path, monkeypatch):
+    """runs/memo_tpt/eval was shared by every method and profile: their records went into one file and
+    config.yaml was overwritten (with a warning) by each run."""
+    from tttlab.memo_tpt.evaluate import default_out_dir, eval_config
+
+    dirs = {
+        (m, p): eval_config(method=m, profile=p)["out_dir"]
+        for m in METHODS
+        for p in ("smoke", "quick", "full")
+    }
+    assert len(set(dirs.values())) == len(dirs)
+    assert (
+        dirs["memo_tpt.tpt", "full"]
+        == "runs/memo_tpt/eval/tpt-full"
+        == default_out_dir("memo_tpt.tpt", "full")
+    )
+    assert dirs["memo_tpt.memo", "smoke"] == "runs/memo_tpt/eval/memo-smoke"
+    assert eval_config(method="memo_tpt.memo", out_dir="mine")["out_dir"] == "mine"
+    monkeypatch.chdir(tmp_path)
+    path = run(method="memo_tpt.clip_zeroshot", profile="smoke", cache_dir=str(cache), progress=False,
+               benchmark={"corruptions": ["fog"], "num_examples": 2})  # fmt: skip
+    assert path == Path("runs/memo_tpt/eval/clip_zeroshot-smoke/records.jsonl") and path.exists()
+    assert sorted(p.name for p in (tmp_path / "runs" / "memo_tpt" / "eval").iterdir()) == [
+        "clip_zeroshot-smoke"
+    ]
 
 
 def test_run_again_replaces_its_records_and_keeps_other_configs(cache, tmp_path):

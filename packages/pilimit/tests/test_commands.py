@@ -104,6 +104,27 @@ def test_evaluate_a_trained_run_records_its_own_method(tmp_path):
         evaluate({"train_run": str(train_dir), "method": "pilimit.mup", "benchmark": bench})
 
 
+def test_evaluate_default_out_dir_is_one_folder_per_method_and_profile(tmp_path, monkeypatch):
+    """runs/pilimit/eval/<method> was shared by the profiles: their records went into one file and
+    config.yaml was overwritten (with a warning)."""
+    from tttlab.pilimit.evaluate import METHODS, PROFILES, _config, default_out_dir
+    from tttlab.pilimit.evaluate import run as evaluate
+
+    dirs = {(m, p): _config(None, {"method": m, "profile": p})["out_dir"] for m in METHODS for p in PROFILES}
+    assert len(set(dirs.values())) == len(dirs)
+    assert dirs["pilimit.inf_pinet", "quick"] == "runs/pilimit/eval/inf_pinet-quick"
+    assert _config(None, {})["out_dir"] == "runs/pilimit/eval/inf_pinet-full" == default_out_dir(
+        "pilimit.inf_pinet", "full")  # fmt: skip
+    assert _config(None, {"out_dir": "mine", "profile": "smoke"})["out_dir"] == "mine"
+    assert _config(None, {"train_run": str(tmp_path / "r")})["out_dir"] == str(tmp_path / "r" / "eval")
+    monkeypatch.chdir(tmp_path)
+    path = evaluate({"method": "pilimit.mup", "profile": "smoke", "cache_dir": str(tmp_path / "models"),
+                     "progress": False, "benchmark": {"corruptions": ["fog"], "num_examples": 8}})  # fmt: skip
+    assert (
+        path.resolve() == (tmp_path / "runs/pilimit/eval/mup-smoke/records.jsonl").resolve() and path.exists()
+    )
+
+
 def test_evaluate_help(monkeypatch, capsys):
     from tttlab.pilimit import evaluate as E
 

@@ -171,6 +171,52 @@ def test_imagenet32_pickles_are_read_as_arrays_only(tmp_path):
     assert not marker.exists()
 
 
+def test_missing_data_root_is_not_found_and_wrong_contents_a_layout_error(tmp_path):
+    """A data root that is not set or does not exist is a DatasetNotFoundError naming the key, the path and
+    the expected layout; a present path with the wrong contents stays a DatasetLayoutError (an empty
+    data.root, e.g. from an unset shell variable, read the current folder: a layout error about '.')."""
+    import re
+
+    from tttlab.pilimit.data import load_flat
+
+    missing = tmp_path / "nowhere"
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    for name, reader, key in (
+        ("cifar10", lambda root: load_flat("cifar10", "train", root), "data.root"),
+        ("imagenet32", lambda root: imagenet32(root, "train"), "data.root"),
+        ("imagenet32", lambda root: load_flat("imagenet32", "train", root, key="transfer.root"), "transfer.root"),
+        ("omniglot", lambda root: omniglot_classes(root, "train"), "maml.root"),
+    ):  # fmt: skip
+        expected = {"cifar10": "cifar-10-batches-py", "imagenet32": "train_data_batch_1",
+                    "omniglot": "images_background"}[name]  # fmt: skip
+        for root in (None, "", missing):
+            with pytest.raises(DatasetNotFoundError) as e:
+                reader(root)
+            msg = str(e.value)
+            assert key in msg and "expected " in msg and expected in msg, msg
+            if root == missing:
+                assert f"{missing} does not exist" in msg, msg
+            else:
+                assert f"{name} is read from disk" in msg, msg
+        with pytest.raises(DatasetLayoutError, match=re.escape(f"{tmp_path / 'a_file'} is a file")):
+            reader(tmp_path / "a_file")
+        with pytest.raises(DatasetLayoutError, match=re.escape(str(tmp_path / "empty"))):
+            reader(tmp_path / "empty")
+
+
+def test_missing_transfer_root_is_reported_before_training(tmp_path):
+    """paper_transfer reads transfer.root after training: a missing one ended the run only then."""
+    inet = _write_imagenet32(tmp_path / "imagenet32", n=60, file_labels=(295, 829, 242, 321, 7))
+    over = ["logging.progress=false", "threads=1", f"data.root={inet}", f"transfer.root={tmp_path / 'nowhere'}",
+            "model.r=8", "model.depth=1", "model.dtype=float32", "train.epochs=1", f"out_dir={tmp_path / 'run'}"]  # fmt: skip
+    with pytest.raises(
+        DatasetNotFoundError, match=r"transfer\.root=.*nowhere does not exist; expected .*cifar-10"
+    ):
+        run(train_config("paper_transfer", over))
+    assert not (tmp_path / "run").exists()
+
+
 def _write_omniglot(root, n_chars=6, n_imgs=3):
     from PIL import Image
 

@@ -520,6 +520,16 @@ class RunDir:
     def records(self, **filters):
         return load_records(self.path, **filters)
 
+    def drop_records(self) -> int:
+        """Remove this run's config's records (those with this :attr:`config_hash`) and a torn last line from
+        its records file, atomically (temp file + rename); return how many records went.
+
+        Run again after a kill: replace this config's records instead of appending twice.  An evaluate that
+        starts again from zero calls it before it writes; records of other configs stay (see the function
+        :func:`drop_records`, which does this for any JSONL file).
+        """
+        return drop_records(self.records_path, self.config_hash)
+
     # stats --------------------------------------------------------------------------------------------------
     def write_stats(self, stats: Mapping[str, Any]) -> Path:
         return write_stats(self.stats_path, stats)

@@ -10,7 +10,8 @@ no adaptation), ``memo_tpt.tpt`` (TPT, 64 views, 10% selection, 1 AdamW step lr 
 MNIST CNN: AugMix views, BN prior N=16, one step).  Models are the tiny CLIP / CNN of
 :mod:`tttlab.memo_tpt.tiny_clip` for ``profile`` (smoke / quick / full), trained on first use and cached
 under ``cache_dir``.  MEMO and TPT adapt per image and reset after every image whatever the benchmark
-setting (the methods are episodic by definition); records carry ``extra.reset = "per_image"``.
+setting (the methods are episodic by definition); records carry ``extra.reset = "per_image"``.  Without
+``out_dir`` the run folder is ``runs/memo_tpt/eval/<method>-<profile>`` (e.g. ``runs/memo_tpt/eval/tpt-full``).
 
 Records (core schema): per domain ``accuracy`` (``n``, ``wall_time_s`` = adaptation + prediction) and
 ``s_per_image``, then ``accuracy`` with ``corruption="mean"``.  MEMO records also carry the unadapted
@@ -53,7 +54,7 @@ PROFILE_VIEWS = {"smoke": 8, "quick": 32, "full": 64}
 
 DEFAULTS: dict[str, Any] = {
     "method": "memo_tpt.tpt",
-    "out_dir": "runs/memo_tpt/eval",
+    "out_dir": None,  # null: runs/memo_tpt/eval/<method>-<profile> (default_out_dir), e.g. .../tpt-full
     "profile": "full",
     "cache_dir": "runs/memo_tpt/models",
     "seed": 0,
@@ -131,12 +132,21 @@ def _plain(cfg) -> dict:
     return {k: (_plain(v) if isinstance(v, Mapping) else v) for k, v in dict(cfg).items()}
 
 
+def default_out_dir(method: str, profile: str) -> str:
+    """The run folder of an evaluation without ``out_dir``: ``runs/memo_tpt/eval/<method>-<profile>``, e.g.
+    ``runs/memo_tpt/eval/tpt-full`` (one ``runs/memo_tpt/eval`` for all was shared by the methods and
+    profiles: their records went into one file and config.yaml was overwritten with a warning)."""
+    return f"runs/memo_tpt/eval/{method.split('.', 1)[1]}-{profile}"
+
+
 def eval_config(cfg: Mapping | None = None, **overrides) -> dict[str, Any]:
     c = _merge(DEFAULTS, {**_plain(cfg), **overrides})
     if c["method"] not in METHODS:
         raise ConfigError(f"method={c['method']!r}; expected one of {', '.join(METHODS)}")
     if c["profile"] not in PROFILES:
         raise ConfigError(f"profile={c['profile']!r}; expected one of {', '.join(PROFILES)}")
+    if c["out_dir"] is None:
+        c["out_dir"] = default_out_dir(c["method"], c["profile"])
     b = c["benchmark"]
     prof = PROFILE_DATA[c["profile"]]
     if b["corruptions"] is None:
@@ -200,7 +210,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     from tqdm.auto import tqdm
 
     from tttlab.core.benchmark import from_config
-    from tttlab.core.records import RunDir, drop_records, write_domain_summary
+    from tttlab.core.records import RunDir, write_domain_summary
 
     c = eval_config(cfg, **overrides)
     if c["threads"]:
@@ -209,10 +219,10 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     if isinstance(c["seed"], bool) or not isinstance(c["seed"], int) or c["seed"] < 0:
         raise ConfigError(f"seed={c['seed']!r}; expected an integer >= 0")
     resolve_amp(c["amp"], device, "memo" if c["method"] == "memo_tpt.memo" else "tpt")  # before any training
+    b = c["benchmark"]
+    bench = from_config(b)  # every benchmark key, checked by core (a missing root) before any training
     torch.manual_seed(int(c["seed"]))
     adapt, model_name, memo = build_method(c, device)
-    b = c["benchmark"]
-    bench = from_config(b)  # every benchmark key, checked by core
     totals: dict[Any, list] = {d: [0, 0, 0.0, 0] for d in bench.domains}
     zero_shot = c["method"] == "memo_tpt.clip_zeroshot"
     with tqdm(total=len(bench), desc=c["method"], disable=not c["progress"], leave=False) as bar:
@@ -240,9 +250,9 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
                 acc[2] += secs * float(sel.sum()) / len(hit)
                 acc[3] += int(src_hit[sel].sum())
             bar.update(1)
-    rd = RunDir(Path(c["out_dir"]), c)
+    rd = RunDir(Path(c["out_dir"]), c)  # only now: a bad benchmark or model leaves no half-made run behind
     extra = {"reset": "per_image", "profile": c["profile"]}
-    drop_records(rd.records_path, rd.config_hash)  # run again (e.g. after a kill): replace, not append twice
+    rd.drop_records()  # run again (e.g. after a kill): replace, not append twice
     with rd.writer(method=c["method"], package="memo_tpt", framework="torch", model=model_name, dataset=b["name"],
                    setting=b["setting"], seed=int(c["seed"])) as w:  # fmt: skip
         source = (lambda dom, row: {"source_accuracy": row[3] / row[1]}) if memo is not None else None
@@ -254,7 +264,8 @@ USAGE = """usage: tttlab-memo-tpt-evaluate [key=value ...]
 
 The evaluate contract of tools/compare.py on core mnist_c with the offline tiny models (trained on first
 use, cached under cache_dir).  Keys (dotted for nested ones): method ({methods}), profile ({profiles}),
-out_dir, cache_dir, seed, device, threads, progress, amp (auto | none | bf16 | fp16),
+out_dir (default runs/memo_tpt/eval/<method>-<profile>), cache_dir, seed, device, threads, progress,
+amp (auto | none | bf16 | fp16),
 compile (false | true | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs),
 benchmark.corruptions, benchmark.severities,
 benchmark.num_examples, tpt.*, memo.*.  Example:

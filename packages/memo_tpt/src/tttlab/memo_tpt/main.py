@@ -112,15 +112,20 @@ def build(c: dict[str, Any], dataset, device, seed: int):
     raise ConfigError(f"method={method!r}; expected tpt, memo or ensemble")
 
 
-def evaluate_dataset(c: dict[str, Any], name: str, out: Path, device) -> dict[str, Any]:
-    """Adapt + predict every image of one test set; resumable; returns the counts."""
+def evaluate_dataset(
+    c: dict[str, Any], name: str, out: Path, device, dataset=None, built=None
+) -> dict[str, Any]:
+    """Adapt + predict every image of one test set; resumable; returns the counts.
+
+    ``dataset`` (the test set, read from ``datasets_root`` when None) and ``built`` (``build``'s adapter and
+    model name for it, built when None) let the caller check them before it makes the run directory."""
     from tqdm.auto import tqdm
 
     from tttlab.core.records import config_hash
 
-    ds = D.load_test_set(name, c["datasets_root"])
+    ds = D.load_test_set(name, c["datasets_root"]) if dataset is None else dataset
     seed = int(c["seed"])
-    adapter, model_name = build(c, ds, device, seed)
+    adapter, model_name = build(c, ds, device, seed) if built is None else built
     n = len(ds) if c.get("num_images") is None else min(int(c["num_images"]), len(ds))
     progress_file = out / "checkpoints" / f"progress-{name}.json"
     skip = ("out_dir", "progress", "verbose", "save_every", "num_images")
@@ -160,7 +165,7 @@ def evaluate_dataset(c: dict[str, Any], name: str, out: Path, device) -> dict[st
 
 
 def run_paper(cfg) -> Path:
-    from tttlab.core.records import RunDir, drop_records
+    from tttlab.core.records import RunDir
 
     c = _plain(cfg)
     from .precision import AMP_MODES, check_compile
@@ -209,9 +214,14 @@ def run_paper(cfg) -> Path:
     device = resolve_device(c["device"])
     names = D.subsets_for(c["data_to_test"])
     out = Path(c["out_dir"])
+    # the run directory only once every test set and the first adapter (checkpoint, model, class names) are
+    # known to be good: a mistyped datasets_root or checkpoint path leaves no half-made run (config.yaml)
+    datasets = {name: D.load_test_set(name, c["datasets_root"]) for name in names}
+    first = build(c, datasets[names[0]], device, int(c["seed"]))
     rd = RunDir(out, c)
-    results = [evaluate_dataset(c, name, out, device) for name in names]
-    drop_records(rd.records_path, rd.config_hash)  # run again (e.g. after a kill): replace, not append twice
+    results = [evaluate_dataset(c, name, out, device, datasets[name], first if i == 0 else None)
+               for i, name in enumerate(names)]  # fmt: skip
+    rd.drop_records()  # run again (e.g. after a kill): replace, not append twice
     with rd.writer(method=f"memo_tpt.{c['method']}", package="memo_tpt", framework="torch", setting="episodic",
                    seed=int(c["seed"])) as w:  # fmt: skip
         for r in results:

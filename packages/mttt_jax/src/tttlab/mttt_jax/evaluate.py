@@ -35,7 +35,7 @@ import numpy as np
 
 from tttlab.core.errors import CheckpointError, ConfigError
 from tttlab.core.jax import data_mesh, replicate, shard
-from tttlab.core.records import RunDir, config_hash, drop_records, write_domain_summary
+from tttlab.core.records import RunDir, config_hash, write_domain_summary
 
 from . import data as mdata
 from . import train as T
@@ -318,7 +318,7 @@ def _run(c: dict, seed, devices) -> Path:
     # config_hash: the evaluation's (RunDir's default, as in the other packages; the model is extra.train_run),
     # so that the same evaluation run again (it starts from zero, e.g. after a kill that came after its last
     # record) replaces its records instead of appending a second copy
-    drop_records(out.records_path, out.config_hash)
+    out.drop_records()
     writer = out.writer(method=name, package="mttt_jax", framework="jax", model=f"vit-{tc['model']}-{tc['tokens']}",
                         dataset=bench.name, setting=getattr(bench, "setting", None),
                         seed=int(c.get("seed", tc.get("seed", 0))))  # fmt: skip

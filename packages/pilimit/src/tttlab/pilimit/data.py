@@ -77,10 +77,33 @@ def _keep_classes(images, labels, classes):
     return np.asarray(images)[keep], index[labels[keep]]
 
 
-def load_flat(name: str, split: str, root=None, num_examples: int | None = None, classes=None):
+def data_root(root, what: str, key: str, layout: str) -> Path:
+    """``root`` as an existing directory.
+
+    Not set (None or an empty string, e.g. ``data.root=$DATA`` with ``DATA`` unset, which read the current
+    directory) or a path that does not exist: :class:`DatasetNotFoundError`; a path that exists but is not
+    a directory: :class:`DatasetLayoutError` (a present path with the wrong contents).  Each names ``key``,
+    the path and ``layout``, the expected contents.
+    """
+    if root is None or not str(root).strip():
+        raise DatasetNotFoundError(f"{what} is read from disk: {key}={root!r} is not set; expected {layout}")
+    path = Path(root)
+    if not path.exists():
+        raise DatasetNotFoundError(f"{key}={str(path)!r}: {path} does not exist; expected {layout}")
+    if not path.is_dir():
+        raise DatasetLayoutError(f"{key}={str(path)!r}: {path} is a file, not a directory; expected {layout}")
+    return path
+
+
+CIFAR10_LAYOUT = "<root>/cifar-10-batches-py/{data_batch_1..5, test_batch} (or root = that folder)"
+
+
+def load_flat(
+    name: str, split: str, root=None, num_examples: int | None = None, classes=None, key: str = "data.root"
+):
     """``(x float32 (N, D), y int64 (N,))`` of a dataset split, flattened and normalised; with ``classes``
     (label indices) only those classes' examples, relabelled ``0..len(classes)-1`` in that order (before
-    ``num_examples`` is applied)."""
+    ``num_examples`` is applied).  ``key``: the config key of ``root``, named in errors."""
     from tttlab.core import data as D
 
     classes = check_classes(classes, name)
@@ -91,17 +114,13 @@ def load_flat(name: str, split: str, root=None, num_examples: int | None = None,
             np.array(labels), dtype=torch.long
         )
     if name == "cifar10":
-        if root is None:
-            raise DatasetNotFoundError(
-                "cifar10 is read from disk: set data.root to the CIFAR-10 python folder"
-            )
-        ds = D.cifar10(root, split=split)
+        ds = D.cifar10(data_root(root, "cifar10", key, CIFAR10_LAYOUT), split=split)
         images, labels = _subset(*_keep_classes(ds.images, ds.labels, classes), num_examples)
         return flatten_images(np.asarray(images), CIFAR_MEAN, CIFAR_STD), torch.as_tensor(
             np.array(labels), dtype=torch.long
         )
     if name == "imagenet32":
-        images, labels = imagenet32(root, split)
+        images, labels = imagenet32(root, split, key=key)
         images, labels = _subset(*_keep_classes(images, labels, classes), num_examples)
         return flatten_images(images, IMAGENET_MEAN, IMAGENET_STD), torch.as_tensor(labels, dtype=torch.long)
     raise InvalidInputError(f"dataset {name!r}; expected one of {DATASETS}")
@@ -130,13 +149,9 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, np.asarray(labels, dtype=np.int64) - 1
 
 
-def imagenet32(root, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+def imagenet32(root, split: str = "train", key: str = "data.root") -> tuple[np.ndarray, np.ndarray]:
     """Downsampled ImageNet 32x32: uint8 (N, 32, 32, 3) and labels 0..999."""
-    if root is None:
-        raise DatasetNotFoundError(f"imagenet32 is read from disk: set its root ({IMAGENET32_LAYOUT})")
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetNotFoundError(f"{root} does not exist; expected {IMAGENET32_LAYOUT}")
+    root = data_root(root, "imagenet32", key, IMAGENET32_LAYOUT)
     stems = [f"train_data_batch_{i}" for i in range(1, 11)] if split == "train" else ["val_data"]
     files = []
     for stem in stems:
@@ -149,6 +164,10 @@ def imagenet32(root, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
+#: what a dataset's root holds (error messages)
+TRANSFER_LAYOUTS = {"cifar10": CIFAR10_LAYOUT, "imagenet32": IMAGENET32_LAYOUT}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # few-shot sources: {class id: uint8 images (n, 28, 28)}
 
@@ -158,18 +177,22 @@ OMNIGLOT_LAYOUT = (
 )
 
 
-def omniglot_classes(root, split: str = "train", image_size: int = 28) -> list[np.ndarray]:
+def omniglot_classes(
+    root, split: str = "train", image_size: int = 28, key: str = "maml.root"
+) -> list[np.ndarray]:
     """Omniglot characters as classes: a list of uint8 arrays (n, image_size, image_size), strokes bright.
 
     ``split="train"``: ``images_background`` (964 characters), ``"test"``: ``images_evaluation`` (659).
     """
     from PIL import Image
 
-    if root is None:
-        raise DatasetNotFoundError(f"omniglot is read from disk: set maml.root ({OMNIGLOT_LAYOUT})")
-    folder = Path(root) / ("images_background" if split == "train" else "images_evaluation")
-    if not folder.is_dir():
-        raise DatasetNotFoundError(f"{folder} does not exist; expected {OMNIGLOT_LAYOUT}")
+    folder = data_root(root, "omniglot", key, OMNIGLOT_LAYOUT) / (
+        "images_background" if split == "train" else "images_evaluation"
+    )
+    if not folder.is_dir():  # the root is there, its contents are not
+        raise DatasetLayoutError(
+            f"{key}={str(root)!r}: {folder} is not a directory; expected {OMNIGLOT_LAYOUT}"
+        )
     classes = []
     for alphabet in sorted(p for p in folder.iterdir() if p.is_dir()):
         for char in sorted(p for p in alphabet.iterdir() if p.is_dir()):

@@ -1,6 +1,6 @@
 """Pi-net classifiers on a core corruption benchmark (default ``mnist_c``), writing core records.
 
-    tttlab-pilimit-evaluate method=pilimit.inf_pinet profile=quick
+    tttlab-pilimit-evaluate method=pilimit.inf_pinet profile=quick     # -> runs/pilimit/eval/inf_pinet-quick
     tttlab-pilimit-evaluate train_run=runs/pilimit/mnist/finite1024-seed0   # your own run -> <run>/eval
     keys: method, profile (smoke|quick|full), train_run, out_dir, cache_dir, seed, device, threads, progress,
           amp (none|bf16), compile (false|true),
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from tttlab.core.errors import CheckpointError, ConfigError
-from tttlab.core.records import RunDir, config_hash, drop_records, write_domain_summary
+from tttlab.core.records import RunDir, config_hash, write_domain_summary
 
 from . import precision
 from . import train as T
@@ -65,6 +65,12 @@ KNOWN = {"method", "out_dir", "benchmark", "profile", "cache_dir", "seed", "devi
          "train_overrides", "threads", "batch_size", "amp", "compile"}  # fmt: skip
 
 
+def default_out_dir(method: str, profile: str) -> str:
+    """The run folder of an evaluation without ``out_dir`` (nor ``train_run``, whose default is
+    ``<train_run>/eval``): ``runs/pilimit/eval/<method>-<profile>``, e.g. ``runs/pilimit/eval/mup-quick``."""
+    return f"runs/pilimit/eval/{method.split('.', 1)[1]}-{profile}"
+
+
 def _config(cfg: Mapping | None, overrides: dict) -> dict[str, Any]:
     c = {**(T.to_dict(cfg) if cfg is not None else {}), **overrides}
     unknown = sorted(set(c) - KNOWN)
@@ -86,7 +92,9 @@ def _config(cfg: Mapping | None, overrides: dict) -> dict[str, Any]:
     c.setdefault("profile", "full")
     if c["profile"] not in PROFILES:
         raise ConfigError(f"profile={c['profile']!r}; expected one of {sorted(PROFILES)}")
-    c.setdefault("out_dir", f"runs/pilimit/eval/{c['method'].split('.')[1]}")
+    # one folder per method and profile (runs/pilimit/eval/<method> was shared by the profiles: their records
+    # went into one file and config.yaml was overwritten with a warning)
+    c.setdefault("out_dir", default_out_dir(c["method"], c["profile"]))
     c.setdefault("cache_dir", "runs/pilimit/models")
     c.setdefault("seed", 0)
     if isinstance(c["seed"], bool) or not isinstance(c["seed"], int) or c["seed"] < 0:
@@ -207,7 +215,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     defaults = dict(method=c["method"], package="pilimit", framework="torch", model=f"{tc['model']['kind']}_pinet_mlp",
                     dataset=bench.name, setting=c["benchmark"]["setting"], step=0, seed=int(c["seed"]))  # fmt: skip
     extra = {"train_run": str(run_dir), "adaptation": "none (prediction)", "rows": int(getattr(net, "M", 0))}
-    drop_records(rd.records_path, rd.config_hash)  # run again (e.g. after a kill): replace, not append twice
+    rd.drop_records()  # run again (e.g. after a kill): replace, not append twice
     with rd.writer(**defaults) as writer:
         written = write_domain_summary(writer, totals, extra)
     for r in written:

@@ -46,7 +46,7 @@ from tttlab.core.records import RunDir, config_hash, done_keys, load_records
 from tttlab.core.torch import resolve_device
 
 from . import precision
-from .data import NUM_CLASSES, load_flat, mnist_classes, omniglot_classes
+from .data import NUM_CLASSES, TRANSFER_LAYOUTS, data_root, load_flat, mnist_classes, omniglot_classes
 from .maml import check_maml_config, evaluate_fewshot, meta_loss, sample_episode
 from .nets import FinPiMLP, InfMLP
 from .optim import PiSGD, make_scheduler
@@ -398,6 +398,12 @@ def num_outputs(c: dict[str, Any]) -> int:
 
 
 def _run_classify(c: dict[str, Any]) -> Path:
+    t = c["transfer"]
+    if c["train"]["task"] == "transfer" and t["dataset"] not in ("mnist", "digits"):
+        # read after training: a missing transfer.root is an error now, not after hours of training
+        data_root(
+            t["root"], t["dataset"], "transfer.root", TRANSFER_LAYOUTS.get(t["dataset"], "a dataset folder")
+        )
     R = _Run(c)
     d = c["data"]
     if d["name"] not in NUM_CLASSES:
@@ -499,8 +505,8 @@ def transfer_eval(c: dict[str, Any], net, device) -> dict[str, Any]:
     from .maml import _kernel
 
     t = c["transfer"]
-    x, y = load_flat(t["dataset"], "train", t["root"], t["num_train"])
-    xt, yt = load_flat(t["dataset"], "test", t["root"], t["num_test"])
+    x, y = load_flat(t["dataset"], "train", t["root"], t["num_train"], key="transfer.root")
+    xt, yt = load_flat(t["dataset"], "test", t["root"], t["num_test"], key="transfer.root")
     bs = int(c["train"]["test_batch_size"])
     f, ft = _features(net, x, bs, device, c["amp"]), _features(net, xt, bs, device, c["amp"])
     k = _kernel(net, f, f)

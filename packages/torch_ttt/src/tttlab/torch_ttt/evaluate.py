@@ -68,7 +68,6 @@ from tttlab.core.errors import CheckpointError, ConfigError
 from tttlab.core.records import (
     RunDir,
     config_hash,
-    drop_records,
     load_records,
     merge_records,
     read_jsonl,
@@ -640,7 +639,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
         extra.update(train_run=None, model_checkpoint=str(c["model_checkpoint"]["path"]))
     if dist.world_size == 1:
         rd = RunDir(out, c)
-        drop_records(rd.records_path, rd.config_hash)  # run again (e.g. after a kill): replace, not append
+        rd.drop_records()  # run again (e.g. after a kill): replace, not append twice
         with rd.writer(**defaults) as writer:
             write_summary(writer, totals, extra)
         return rd.records_path
@@ -652,7 +651,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
         merge_records(shards.path, world_size=dist.world_size)
         merged = totals_from_records(shards.path / "records.jsonl", domains)
         rd = RunDir(out, c)
-        drop_records(rd.records_path, rd.config_hash)
+        rd.drop_records()
         with rd.writer(**defaults) as writer:
             write_summary(writer, merged, extra)
     dist.barrier()

@@ -198,6 +198,8 @@ class TTTAdapter:
         self.model.train()
         if self.s.single_crop and self.s.exact_cuts:
             views = views[:1]  # one image, n masks (patch embedding, block 0's qkv, targets once)
+        if self.s.compile:  # a new step for CUDA-graph trees (compile_mode="reduce-overhead"): the last
+            torch.compiler.cudagraph_mark_step_begin()  # step's graph outputs were all read already
         with autocast(self.device, self.s.amp):
             loss = self._loss(views, self.s.mask_ratio, noise)
         loss.backward()
