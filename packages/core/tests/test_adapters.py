@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -110,10 +111,8 @@ def test_amp_and_compile_options_are_checked_and_autocast_is_bf16_only_when_aske
     for bad in ("fp16", "bfloat16", True, 16):
         with pytest.raises(ConfigError, match=r"train.amp=.*expected one of \['none', 'bf16'\]"):
             check_amp(bad, "train.amp")
-    assert check_compile(True) is True and check_compile(False) is False
-    for bad in ("yes", 1, None):
-        with pytest.raises(ConfigError, match=r"compile=.*expected true or false"):
-            check_compile(bad)
+    assert check_compile(True) is True and check_compile(False) is False and check_compile(None) is False
+    assert check_compile("reduce-overhead") == "reduce-overhead"
     w, x = torch.ones(4, 4), torch.ones(2, 4)
     with autocast("cpu", "bf16"):
         assert (x @ w).dtype == torch.bfloat16
@@ -121,6 +120,35 @@ def test_amp_and_compile_options_are_checked_and_autocast_is_bf16_only_when_aske
         assert (x @ w).dtype == torch.float32
     with pytest.raises(ConfigError, match="amp='fp16'"):
         autocast("cpu", "fp16")
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(False, None), (None, None), (True, {}), ("default", {"mode": "default"}),
+     ("reduce-overhead", {"mode": "reduce-overhead"}), ("max-autotune", {"mode": "max-autotune"}),
+     ("max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs"})],
+)  # fmt: skip
+def test_compile_kwargs_maps_a_config_value_to_torch_compile_arguments(value, expected):
+    """false/None: not compiled; true: torch's default mode with no ``mode`` argument (what ``compile: true``
+    always meant); a torch.compile mode's name: that mode."""
+    pytest.importorskip("torch")
+    from tttlab.core.torch import compile_kwargs
+
+    assert compile_kwargs(value) == expected
+
+
+@pytest.mark.parametrize("bad", ["fast", "yes", "true", "Reduce-Overhead", 1, 0, 1.0, ["default"]])
+def test_compile_kwargs_refuses_anything_else_naming_key_value_and_allowed_values(bad):
+    pytest.importorskip("torch")
+    from tttlab.core.errors import ConfigError
+    from tttlab.core.torch import COMPILE_MODES, check_compile, compile_kwargs
+
+    allowed = re.escape(str(list(COMPILE_MODES)))
+    for check in (compile_kwargs, check_compile):
+        with pytest.raises(
+            ConfigError, match=rf"^train\.compile={re.escape(repr(bad))}; expected true or false, .*{allowed}"
+        ):
+            check(bad, "train.compile")
 
 
 def test_weights_from_elsewhere_are_unwrapped_checked_and_completed(tmp_path):

@@ -43,3 +43,22 @@ def test_run_directory_overrides_that_can_be_created_pass(tmp_path):
         check_dir_overrides("tttlab-x", [arg.format(d=tmp_path / "d")])
     (tmp_path / "f").write_text("x")
     check_dir_overrides("tttlab-x", [f"name={tmp_path / 'f'}"])  # not a directory key
+
+
+def test_a_bad_compile_override_stops_before_hydra_and_good_ones_pass(capsys):
+    """``compile=fast`` is the one-line ConfigError (exit 2) before Hydra makes the run directory; the values
+    core's ``compile_kwargs`` accepts, as Hydra parses them (``TRUE`` is a bool, quotes are dropped), pass."""
+    pytest.importorskip("torch")
+    pytest.importorskip("hydra")
+    from tttlab.core.cli import check_compile_override
+
+    for bad in ("compile=fast", "+compile=1", "++compile=yes"):
+        with pytest.raises(SystemExit) as exc:
+            check_compile_override("tttlab-x", ["seed=1", bad, "out_dir=x"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("tttlab-x: error: ConfigError: compile=") and "'reduce-overhead'" in err
+    for good in ("compile=true", "compile=FALSE", "compile=null", "compile=reduce-overhead",
+                 "+compile='max-autotune'", "~compile", "seed=1", "compile_other=fast"):  # fmt: skip
+        check_compile_override("tttlab-x", [good])
+    assert capsys.readouterr().err == ""

@@ -57,4 +57,33 @@ def check_dir_overrides(prog: str, argv: list[str] | None = None, keys: tuple[st
                 break
 
 
-__all__ = ["DIR_KEYS", "check_dir_overrides", "user_errors"]
+def check_compile_override(prog: str, argv: list[str] | None = None, key: str = "compile") -> None:
+    """Stop a Hydra command whose ``compile=`` override is not a value
+    :func:`tttlab.core.torch.compile_kwargs` accepts (``false``, ``true`` or a ``torch.compile`` mode), with
+    the usual one-line ``ConfigError`` and exit status 2, before Hydra creates the run directory (the
+    schemas type ``compile`` as ``Any``, so Hydra itself no longer refuses ``compile=fast``).  The value is
+    read with Hydra's own override parser; a malformed override is left to Hydra.  Call it just before the
+    ``@hydra.main`` function, next to :func:`check_dir_overrides`."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a.lstrip("+~").partition("=")[0] == key]
+    if not args:
+        return
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from .errors import ConfigError
+    from .torch import compile_kwargs
+
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except Exception:  # noqa: BLE001 - Hydra reports its own syntax errors
+        return
+    for override in overrides:
+        if override.is_delete():
+            continue
+        try:
+            compile_kwargs(override.value(), key)
+        except ConfigError as exc:
+            print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
+__all__ = ["DIR_KEYS", "check_compile_override", "check_dir_overrides", "user_errors"]

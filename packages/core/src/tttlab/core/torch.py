@@ -59,11 +59,32 @@ def check_amp(value, key: str = "amp") -> str:
     raise ConfigError(f"{key}={value!r}; expected one of {list(AMP_MODES)}")
 
 
-def check_compile(value, key: str = "compile") -> bool:
-    """``compile`` as a bool; anything else (``"yes"``, ``1``) is a :class:`ConfigError` naming ``key``."""
-    if isinstance(value, bool):
-        return value
-    raise ConfigError(f"{key}={value!r}; expected true or false")
+#: The ``mode`` values of ``torch.compile`` a ``compile`` option may name (``true`` is torch's default mode
+#: without naming it; ``reduce-overhead`` adds CUDA graphs, the fast path measured on a GPU).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_kwargs(value, key: str = "compile") -> dict | None:
+    """A ``compile`` config value as ``torch.compile`` keyword arguments: ``false``/``None`` -> ``None`` (not
+    compiled), ``true`` -> ``{}`` (torch's default mode, as ``compile: true`` always meant), one of
+    :data:`COMPILE_MODES` -> ``{"mode": value}``.  Anything else (``"yes"``, ``1``, ``"fast"``) is a
+    :class:`ConfigError` naming ``key``, the value and the allowed values."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, str) and value in COMPILE_MODES:
+        return {"mode": value}
+    raise ConfigError(
+        f"{key}={value!r}; expected true or false, or a torch.compile mode: one of {list(COMPILE_MODES)}"
+    )
+
+
+def check_compile(value, key: str = "compile") -> bool | str:
+    """``compile`` checked by :func:`compile_kwargs` (its errors): ``False`` (also for ``None``), ``True`` or
+    the mode's name, so the value is truthy exactly when something is compiled."""
+    kwargs = compile_kwargs(value, key)
+    return False if kwargs is None else kwargs.get("mode", True)
 
 
 def autocast(device, amp: str):

@@ -61,7 +61,10 @@ DEFAULTS: dict[str, Any] = {
     "device": "cpu",
     "progress": True,
     "amp": "auto",  # auto | none | bf16 | fp16 (tttlab.memo_tpt.precision); the adaptation, not the cached model
-    "compile": False,  # torch.compile of the per-step work (TPT: image encoder + text path; MEMO: the CNN)
+    # false | true (torch's default mode) | a torch.compile mode (default, reduce-overhead, max-autotune,
+    # max-autotune-no-cudagraphs): torch.compile of the per-step work (TPT: image encoder + text path;
+    # MEMO: the CNN)
+    "compile": False,
     "threads": 1,  # the tiny proxy models run fastest on one thread (and shared cores do not oversubscribe)
     "benchmark": {
         "name": "mnist_c",
@@ -154,7 +157,7 @@ def eval_config(cfg: Mapping | None = None, **overrides) -> dict[str, Any]:
     c["memo"]["n_augmentations"] = c["memo"]["n_augmentations"] or PROFILE_VIEWS[c["profile"]]
     if not isinstance(c["amp"], str) or c["amp"] not in AMP_MODES:
         raise ConfigError(f"amp={c['amp']!r}; expected one of {', '.join(AMP_MODES)}")
-    check_compile(c["compile"])
+    c["compile"] = check_compile(c["compile"])
     if not isinstance(c["progress"], bool):
         raise ConfigError(f"progress={c['progress']!r}; expected true or false")
     c["progress"] = c["progress"] and bool(c["logging"].get("progress", True))
@@ -262,7 +265,9 @@ USAGE = """usage: tttlab-memo-tpt-evaluate [key=value ...]
 The evaluate contract of tools/compare.py on core mnist_c with the offline tiny models (trained on first
 use, cached under cache_dir).  Keys (dotted for nested ones): method ({methods}), profile ({profiles}),
 out_dir (default runs/memo_tpt/eval/<method>-<profile>), cache_dir, seed, device, threads, progress,
-amp (auto | none | bf16 | fp16), compile, benchmark.corruptions, benchmark.severities,
+amp (auto | none | bf16 | fp16),
+compile (false | true | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs),
+benchmark.corruptions, benchmark.severities,
 benchmark.num_examples, tpt.*, memo.*.  Example:
 
     tttlab-memo-tpt-evaluate method=memo_tpt.memo profile=quick

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from tttlab.core._io import atomic_write_json
-from tttlab.core.cli import check_dir_overrides, user_errors
+from tttlab.core.cli import check_compile_override, check_dir_overrides, user_errors
 from tttlab.core.errors import ConfigError
 
 from . import data as D
@@ -168,14 +168,14 @@ def run_paper(cfg) -> Path:
     from tttlab.core.records import RunDir
 
     c = _plain(cfg)
-    from .precision import AMP_MODES
+    from .precision import AMP_MODES, check_compile
 
     for i, m in enumerate([c, *(c.get("models") or [])]):  # before any data or model is read
         where = "" if i == 0 else f"models[{i - 1}]."
         if "amp" in m and (not isinstance(m["amp"], str) or m["amp"] not in AMP_MODES):
             raise ConfigError(f"{where}amp={m['amp']!r}; expected one of {', '.join(AMP_MODES)}")
-        if "compile" in m and not isinstance(m["compile"], bool):
-            raise ConfigError(f"{where}compile={m['compile']!r}; expected true or false")
+        if "compile" in m:  # false | true | a torch.compile mode (core's rule)
+            m["compile"] = check_compile(m["compile"], f"{where}compile")
     if c["data_to_test"] == "mnist_c":
         from tttlab.core.config import package_yaml
 
@@ -247,6 +247,7 @@ def _main(config_name: str) -> None:
             path = run_paper(cfg)
         print(path)
 
+    check_compile_override(f"tttlab-memo-tpt-{config_name}")
     check_dir_overrides(f"tttlab-memo-tpt-{config_name}")
     entry()
 

@@ -33,7 +33,8 @@ Deviations (deliberate):
 * the reset restores a snapshot in place instead of reloading the checkpoint (bit-exact, tested).
 
 Options (not upstream): ``amp`` (``auto``/``none``: float32 as upstream; ``bf16``: bfloat16 autocast of the
-forward) and ``compile`` (``torch.compile`` of the forward under the BN prior); see
+forward) and ``compile`` (``true`` or a ``torch.compile`` mode: ``torch.compile`` of the forward under the BN
+prior); see
 :mod:`tttlab.memo_tpt.precision`.
 
 ``tttlab.torch_ttt.MemoEngine`` implements MEMO for batches of small images inside that engine library;
@@ -159,7 +160,7 @@ class Memo:
         self.compile = check_compile(compile)
         self._forward, self._bn_forwards = model, None
         if self.compile:  # the BN prior's patched forwards are made once, so the compiled guards hold
-            self._forward, self._bn_forwards = compile_fn(model), {}
+            self._forward, self._bn_forwards = compile_fn(model, self.compile), {}
         self.class_indices = (
             None if class_indices is None else torch.as_tensor(class_indices, device=self.device)
         )

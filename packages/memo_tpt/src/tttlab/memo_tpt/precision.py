@@ -13,8 +13,11 @@ upstream behaviour needs):
   ConfigError elsewhere (MEMO and the ensemble have no GradScaler step; fp16 autocast on CPU is not what
   upstream ran).
 
-``compile`` (``false`` | ``true``): ``torch.compile`` (static shapes) of the part that runs per step; what
-that is per method is in its module docstring (TPT: the image encoder and the prompt -> text-feature
+``compile`` (``false`` | ``true`` | a ``torch.compile`` mode: ``default``, ``reduce-overhead``,
+``max-autotune``, ``max-autotune-no-cudagraphs``; core's :func:`~tttlab.core.torch.compile_kwargs`):
+``torch.compile`` (static shapes) of the part that runs per step, ``true`` in torch's default mode, a mode's
+name in that mode (``reduce-overhead``: CUDA graphs; not measured on a GPU for this package); what that is
+per method is in its module docstring (TPT: the image encoder and the prompt -> text-feature
 path; MEMO: the classifier under the BN prior; the tiny trainers: the training loss).
 """
 
@@ -25,7 +28,9 @@ import contextlib
 import torch
 
 from tttlab.core.errors import ConfigError
-from tttlab.core.torch import check_compile  # noqa: F401  (core's rule, re-exported)
+
+# core's rules, re-exported
+from tttlab.core.torch import COMPILE_MODES, check_compile, compile_kwargs  # noqa: F401
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,6 +69,10 @@ def autocast(mode: str, device: torch.device):
     return torch.autocast(device.type, dtype=DTYPES[mode])
 
 
-def compile_fn(fn):
-    """``torch.compile`` with static shapes (one graph per view count; no dynamic-shape recompiles)."""
-    return torch.compile(fn, dynamic=False)
+def compile_fn(fn, compile=True):
+    """``torch.compile`` with static shapes (one graph per view count; no dynamic-shape recompiles), in the
+    mode the ``compile`` option names (``true``: torch's default mode); ``fn`` itself for ``false``."""
+    kwargs = compile_kwargs(compile)
+    if kwargs is None:
+        return fn
+    return torch.compile(fn, dynamic=False, **kwargs)

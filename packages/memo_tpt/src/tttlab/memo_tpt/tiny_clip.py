@@ -16,7 +16,8 @@ the same weights.
     tttlab-memo-tpt-train-tiny-clip --profile full --cache-dir runs/memo_tpt/models [--amp bf16] [--compile]
 
 ``--amp bf16`` (``amp="bf16"``): the training loss's forward under bfloat16 autocast (weights and optimizer
-state float32); ``--compile``: ``torch.compile`` of the loss (forward + backward graph).  Both are part of
+state float32); ``--compile [MODE]``: ``torch.compile`` of the loss (forward + backward graph; MODE a
+``torch.compile`` mode, e.g. ``reduce-overhead``; without it torch's default mode).  Both are part of
 the cache key when set (another model); the evaluate contract always uses the float32 eager models.
 """
 
@@ -130,7 +131,7 @@ def _clip_loss(model, imgs: torch.Tensor, text: torch.Tensor, same: torch.Tensor
 def _train_options(amp, compile) -> str:
     from .precision import check_compile, resolve_amp
 
-    check_compile(compile)
+    check_compile(compile)  # false | true | a torch.compile mode
     return resolve_amp(amp, torch.device("cpu"), "train")
 
 
@@ -157,7 +158,7 @@ def train_clip(p: dict[str, Any], seed: int = 0, progress: bool = False, amp: st
     gen = torch.Generator().manual_seed(seed)
     loss_fn = lambda *a: _clip_loss(model, *a)  # noqa: E731
     if compile:
-        loss_fn = compile_fn(loss_fn)
+        loss_fn = compile_fn(loss_fn, compile)
     model.train()
     with _progress(p["steps"], "tiny CLIP", progress) as bar:
         for _ in range(p["steps"]):
@@ -207,7 +208,7 @@ def train_cnn(p: dict[str, Any], seed: int = 0, progress: bool = False, amp: str
     model = MnistCNN(p["channels"])
     loss_fn = lambda a, b: F.cross_entropy(model(a).float(), b)  # noqa: E731
     if compile:
-        loss_fn = compile_fn(loss_fn)
+        loss_fn = compile_fn(loss_fn, compile)
     x, y = mnist_rgb("train", p["num_train"])
     yt = torch.as_tensor(y)
     mean = torch.tensor(MNIST_MEAN).view(1, 3, 1, 1)
@@ -234,7 +235,7 @@ def _cached(kind: str, p: dict[str, Any], seed: int, cache_dir, train, build, pr
     amp = _train_options(amp, compile)
     ident = {"kind": kind, "params": p, "seed": seed, "version": 1}
     # a bf16 / compiled model is another model; the fp32 eager key is the one caches have always had
-    ident.update({"amp": amp} if amp != "none" else {}, **({"compile": True} if compile else {}))
+    ident.update({"amp": amp} if amp != "none" else {}, **({"compile": compile} if compile else {}))
     key = config_hash(ident)
     path = Path(cache_dir) / f"{kind}-{key}.pt"
     if path.exists():
@@ -275,7 +276,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--amp", default="none", choices=["auto", "none", "bf16"],
                     help="training precision: none/auto = float32 (default), bf16 = bfloat16 autocast")  # fmt: skip
-    ap.add_argument("--compile", action="store_true", help="torch.compile the training loss")
+    ap.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                    help="torch.compile the training loss (torch's default mode, or MODE: default, "
+                         "reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")  # fmt: skip
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     kw = dict(progress=True, amp=args.amp, compile=args.compile)

@@ -39,8 +39,9 @@ tuning only the first n_ctx tokens when a word is several tokens); both give 4 f
 pretrained CLIP is downloaded: ``pretrained`` is a local file.
 
 Options (not upstream): ``amp`` (``auto`` = upstream's precision above; ``none``; ``bf16`` autocast on any
-device without a scaler; ``fp16`` = upstream's, CUDA only) and ``compile`` (``torch.compile`` of the image
-encoder and the prompt -> text-feature path), see :mod:`tttlab.memo_tpt.precision`.
+device without a scaler; ``fp16`` = upstream's, CUDA only) and ``compile`` (``true`` or a ``torch.compile``
+mode: ``torch.compile`` of the image encoder and the prompt -> text-feature path), see
+:mod:`tttlab.memo_tpt.precision`.
 """
 
 from __future__ import annotations
@@ -218,8 +219,8 @@ class TPT:
         self.compile = check_compile(compile)
         self._encode_image, self._encode_text = model.encode_image, functools.partial(encode_prompts, model)
         if self.compile:
-            self._encode_image = compile_fn(model.visual)  # = encode_image(normalize=False)
-            self._encode_text = compile_fn(self._encode_text)
+            self._encode_image = compile_fn(model.visual, self.compile)  # = encode_image(normalize=False)
+            self._encode_text = compile_fn(self._encode_text, self.compile)
         self.generator = torch.Generator().manual_seed(int(seed))
         self._visual_params = [p for n, p in visual.named_parameters() if "attnpool" not in n]
         self._visual_snapshot = (

@@ -192,7 +192,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
         tc["model"]["impl"] if tc["model"]["kind"] == "inf" else None,
     )
     if c["compile"]:
-        precision.compile_net(net)
+        precision.compile_net(net, c["compile"])
     bench = from_config(c["benchmark"])
     totals: dict[Any, list] = {d: [0, 0, 0.0] for d in bench.domains}
     with torch.no_grad(), T.progress_bar(len(bench), c["method"], bool(c["progress"])) as bar:

@@ -162,13 +162,14 @@ def grad_chunk_recompute(go, Ac, Am, gb, Bc, like):
 class ChunkKernels:
     """The four chunk functions, each passed through ``torch.compile(..., dynamic=True)``: M grows by the
     batch size every step and the last chunk is shorter, so the row count is a symbolic size (one graph
-    per function and dtype/autocast state, not one per M)."""
+    per function and dtype/autocast state, not one per M).  ``compile_kwargs``: more ``torch.compile``
+    arguments (``mode``)."""
 
-    def __init__(self):
-        self.phi = torch.compile(phi_chunk, dynamic=True)
-        self.phi_cached = torch.compile(phi_chunk_cached, dynamic=True)
-        self.grad = torch.compile(grad_chunk, dynamic=True)
-        self.grad_recompute = torch.compile(grad_chunk_recompute, dynamic=True)
+    def __init__(self, **compile_kwargs):
+        self.phi = torch.compile(phi_chunk, dynamic=True, **compile_kwargs)
+        self.phi_cached = torch.compile(phi_chunk_cached, dynamic=True, **compile_kwargs)
+        self.grad = torch.compile(grad_chunk, dynamic=True, **compile_kwargs)
+        self.grad_recompute = torch.compile(grad_chunk_recompute, dynamic=True, **compile_kwargs)
 
 
 def chunked_forward(

@@ -100,11 +100,12 @@ class InfMLP(nn.Module):
             if cache_mb is not None:
                 layer.cache_mb = float(cache_mb)
 
-    def compile_kernels(self):
+    def compile_kernels(self, **compile_kwargs):
         """``torch.compile`` the chunked pi-layers' per-chunk work (``dynamic=True``: M changes every
-        step) and use it in every pi-layer; returns the :class:`~tttlab.pilimit.functional.ChunkKernels`.
-        The input layer, the Python loop over chunks, the accumulating matmuls and the row appends stay
-        eager (the rows grow in place every step, which a compiled graph cannot own)."""
+        step; ``compile_kwargs``: more ``torch.compile`` arguments, e.g. ``mode``) and use it in every
+        pi-layer; returns the :class:`~tttlab.pilimit.functional.ChunkKernels`.  The input layer, the
+        Python loop over chunks, the accumulating matmuls and the row appends stay eager (the rows grow in
+        place every step, which a compiled graph cannot own)."""
         from .functional import ChunkKernels
 
         if any(layer.impl != "chunked" for layer in self.pi_layers):
@@ -112,7 +113,7 @@ class InfMLP(nn.Module):
                 "compile: only impl='chunked' pi-layers have compiled kernels; impl='reference' is the "
                 "uncompiled baseline"
             )
-        kernels = ChunkKernels()
+        kernels = ChunkKernels(**compile_kwargs)
         for layer in self.pi_layers:
             layer.kernels = kernels
         return kernels
@@ -209,11 +210,12 @@ class FinPiMLP(nn.Module):
     def config(self) -> dict:
         return dict(width=self.width, gaussian_init=self.gaussian_init)
 
-    def compile_forward(self) -> None:
+    def compile_forward(self, **compile_kwargs) -> None:
         """``torch.compile`` :meth:`features` and :meth:`readout` (every forward path goes through them:
-        ``forward``, MAML's closed-form readout, transfer features); the parameters stay this module's."""
-        self.features = torch.compile(self.features)
-        self.readout = torch.compile(self.readout)
+        ``forward``, MAML's closed-form readout, transfer features; ``compile_kwargs``: ``torch.compile``
+        arguments, e.g. ``mode``); the parameters stay this module's."""
+        self.features = torch.compile(self.features, **compile_kwargs)
+        self.readout = torch.compile(self.readout, **compile_kwargs)
 
     def _bias(self, i: int):
         if not self.has_bias[i]:

@@ -18,7 +18,10 @@ grows every step); with ``model.dtype=bfloat16`` the chunk products already run 
 autocast.  ``amp=bf16`` with ``model.dtype=float16`` is refused: autocast would recast the float16 rows
 to bfloat16 in every product.
 
-``compile``: ``false`` (default) | ``true`` -- ``torch.compile`` of what dominates the time:
+``compile``: ``false`` (default) | ``true`` (torch's default mode) | a ``torch.compile`` mode (``default``,
+``reduce-overhead``, ``max-autotune``, ``max-autotune-no-cudagraphs``; core's
+:func:`~tttlab.core.torch.compile_kwargs`: passed as ``mode=``; not measured on a GPU for this package) --
+``torch.compile`` of what dominates the time:
 
 * infinite pi-net: the per-chunk work of the chunked pi-layers (``gbar B_c^T``, V, the Amult and
   ``s`` factors; backward: ``grad_out A_c^T`` with the V' and sqrt(1-q^2) factors), compiled with
@@ -38,15 +41,16 @@ gives the eager numbers to float rounding, like ``model.chunk_size``, and may re
 from __future__ import annotations
 
 from tttlab.core.errors import ConfigError
-from tttlab.core.torch import AMP_MODES, autocast, check_amp, check_compile
+from tttlab.core.torch import AMP_MODES, autocast, check_amp, check_compile, compile_kwargs
 
 __all__ = ["AMP_MODES", "autocast", "check", "compile_net"]
 
 
-def check(amp, compile_, model_dtype: str | None = None, impl: str | None = None) -> tuple[str, bool]:
+def check(amp, compile_, model_dtype: str | None = None, impl: str | None = None) -> tuple[str, bool | str]:
     """``(amp, compile)`` checked by core (:func:`tttlab.core.torch.check_amp` / ``check_compile``: a
-    ConfigError naming the key and the allowed values), plus pilimit's combinations: ``amp=bf16`` with
-    float16 rows, ``compile=true`` with the reference pi-layers."""
+    ConfigError naming the key and the allowed values; ``compile`` comes back as ``False``, ``True`` or a
+    mode's name), plus pilimit's combinations: ``amp=bf16`` with float16 rows, ``compile`` with the
+    reference pi-layers."""
     amp, compile_ = check_amp(amp), check_compile(compile_)
     if amp == "bf16" and model_dtype == "float16":
         raise ConfigError(
@@ -55,19 +59,23 @@ def check(amp, compile_, model_dtype: str | None = None, impl: str | None = None
         )
     if compile_ and impl == "reference":
         raise ConfigError(
-            "compile=true with model.impl='reference': only the chunked pi-layers have compiled kernels (the "
-            "reference path is the uncompiled baseline); use model.impl=chunked"
+            f"compile={str(compile_).lower()} with model.impl='reference': only the chunked pi-layers have "
+            "compiled kernels (the reference path is the uncompiled baseline); use model.impl=chunked"
         )
     return amp, compile_
 
 
-def compile_net(net) -> None:
-    """Apply ``compile=true`` to an :class:`InfMLP` (chunk kernels) or :class:`FinPiMLP` (features/readout)."""
+def compile_net(net, compile_=True) -> None:
+    """Apply the ``compile`` option (``true``: torch's default mode, or a mode's name; ``false``: nothing) to
+    an :class:`InfMLP` (chunk kernels) or :class:`FinPiMLP` (features/readout)."""
     from .nets import FinPiMLP, InfMLP
 
+    kwargs = compile_kwargs(compile_)
+    if kwargs is None:
+        return
     if isinstance(net, InfMLP):
-        net.compile_kernels()
+        net.compile_kernels(**kwargs)
     elif isinstance(net, FinPiMLP):
-        net.compile_forward()
+        net.compile_forward(**kwargs)
     else:  # pragma: no cover - build_model makes one of the two
         raise ConfigError(f"compile=true: no compile target for {type(net).__name__}")

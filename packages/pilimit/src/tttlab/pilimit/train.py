@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from tttlab.core._io import atomic_path
-from tttlab.core.cli import check_dir_overrides, user_errors
+from tttlab.core.cli import check_compile_override, check_dir_overrides, user_errors
 from tttlab.core.config import RunConfig, config_diff, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError
 from tttlab.core.records import RunDir, config_hash, done_keys, load_records
@@ -141,7 +141,10 @@ class TrainConfig(RunConfig):
     amp: str = (
         "none"  # none | bf16: torch.autocast(device.type, bfloat16) around forward + loss (precision.py)
     )
-    compile: bool = False  # torch.compile of the pi-layer chunk kernels (inf) or features/readout (finite)
+    # false | true (torch's default mode) | a torch.compile mode (default, reduce-overhead, max-autotune,
+    # max-autotune-no-cudagraphs): torch.compile of the pi-layer chunk kernels (inf) or features/readout
+    # (finite)
+    compile: Any = False
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
@@ -431,7 +434,7 @@ def _run_classify(c: dict[str, Any]) -> Path:
     net = build_model(c, x.shape[1], num_outputs(c), R.device)
     opt, sched = build_optimizer(c, net, steps_per_epoch, steps_per_epoch * epochs)
     if c["compile"]:
-        precision.compile_net(net)
+        precision.compile_net(net, c["compile"])
     amp = c["amp"]
     state = {"epoch": 0, "batch": 0, "step": 0, "loss": 0.0, "correct": 0, "seen": 0}
     history: dict[str, list] = {}
@@ -558,7 +561,7 @@ def _run_maml(c: dict[str, Any]) -> Path:
             net.output_layer.A_store.normal_().mul_(net.r**-0.5)
     opt, sched = build_optimizer(c, net, steps_per_epoch, steps_per_epoch * epochs)
     if c["compile"]:
-        precision.compile_net(net)
+        precision.compile_net(net, c["compile"])
     amp = c["amp"]
     state = {"epoch": 0, "batch": 0, "step": 0, "loss": 0.0, "acc": 0.0}
     history: dict[str, list] = {}
@@ -664,6 +667,7 @@ def main() -> None:
         with user_errors("tttlab-pilimit-train"):
             print(run(cfg))
 
+    check_compile_override("tttlab-pilimit-train")
     check_dir_overrides("tttlab-pilimit-train")
     _main()
 

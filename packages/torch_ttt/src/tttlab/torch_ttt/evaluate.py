@@ -29,8 +29,10 @@ With ``per_domain`` the engine is reset whenever the stream's domain changes or 
 
 Options (top-level keys, as ttt_mae's): ``amp=none|bf16`` sets ``engine.amp`` (bfloat16 autocast of the
 adaptation and prediction forwards and losses; gradients, optimizer steps, resets and the calibration
-stay float32); ``compile=true`` calls ``engine.compile()`` (the model compiled in place; hook-based
-adaptation through a compiled truncated copy or eagerly, see ``BaseEngine``); the first batches' wall time
+stay float32); ``compile=true`` calls ``engine.compile()``, ``compile=<mode>``
+``engine.compile(mode=<mode>)`` (a ``torch.compile`` mode, e.g. ``reduce-overhead``: CUDA graphs, the
+measured fast path on a GPU; the model compiled in place; hook-based adaptation through a compiled
+truncated copy or eagerly, see ``BaseEngine``); the first batches' wall time
 then includes the compilation.  They apply to the evaluation, not to training the cached model
 (``train_overrides=[amp=bf16]`` does that), and are recorded in the records' ``extra``.
 
@@ -83,7 +85,7 @@ from .checkpoints import build_reference, pretrained_state
 from .engine.base_engine import OptimizationParameters, Reset
 from .engine_registry import EngineRegistry, get_engine
 from .models import MODELS, ModelInfo, model_info
-from .precision import check_amp
+from .precision import check_amp, check_compile, compile_kwargs
 
 log = logging.getLogger("tttlab.torch_ttt.evaluate")
 
@@ -153,7 +155,9 @@ class ModelCheckpointConfig:
 class EvalConfig(RunConfig):
     experiment_name: str = "eval"
     amp: str = "none"  # none | bf16: the adaptation and prediction forwards under bfloat16 autocast
-    compile: bool = False  # torch.compile the model in place (hook-based engines: prediction only)
+    # false | true (torch's default mode) | a torch.compile mode (default, reduce-overhead, max-autotune,
+    # max-autotune-no-cudagraphs): the model compiled in place (hook-based engines: prediction only)
+    compile: Any = False
     stream: str = "benchmark"
     train_run: str | None = None
     train_experiment: str = "mnist_bn"
@@ -212,6 +216,7 @@ def eval_config(cfg: Mapping | None = None, overrides: list[str] | None = None) 
     c = T.to_dict(validate(OmegaConf.to_container(merged, resolve=True), EvalConfig))
     apply_engine_defaults(c)
     c["amp"] = check_amp(c["amp"])
+    c["compile"] = check_compile(c["compile"])
     if c["stream"] not in STREAMS:
         raise ConfigError(f"stream={c['stream']!r}; expected one of {STREAMS}")
     if c["engine"]["name"] not in EngineRegistry.names():
@@ -423,8 +428,9 @@ def load_engine(c: dict[str, Any], run_dir: Path | None, device: torch.device, e
     engine.to(device)
     engine.optimization_parameters["reset"] = reset_policy(c)
     engine.amp = c.get("amp", "none")
-    if c.get("compile"):
-        engine.compile()
+    kwargs = compile_kwargs(c.get("compile"))
+    if kwargs is not None:
+        engine.compile(**kwargs)
         what = compiled_forwards(engine)
         if what == "none":
             log.warning("compile=true: %s normalises with prior-mixed BatchNorm statistics, which replace the "
@@ -643,7 +649,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
         seed=int(c["seed"]),
     )  # fmt: skip
     extra = {"reset": policy.value, "train_engine": train_engine, "train_run": str(run_dir),
-             "world_size": dist.world_size, "amp": c["amp"], "compile": bool(c["compile"]),
+             "world_size": dist.world_size, "amp": c["amp"], "compile": c["compile"],
              "compiled_forwards": compiled_forwards(engine)}  # fmt: skip
     if run_dir is None:
         extra.update(train_run=None, model_checkpoint=str(c["model_checkpoint"]["path"]))
@@ -700,7 +706,7 @@ def summary_lines(path: Path) -> list[str]:
 def main() -> None:
     import hydra
 
-    from tttlab.core.cli import check_dir_overrides
+    from tttlab.core.cli import check_compile_override, check_dir_overrides
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     register_configs()
@@ -713,6 +719,7 @@ def main() -> None:
             print("\n".join(summary_lines(Path(path))))
             print(path)
 
+    check_compile_override("tttlab-torch-ttt-evaluate")
     check_dir_overrides("tttlab-torch-ttt-evaluate")
     try:
         _main()

@@ -9,7 +9,10 @@ statistics, the reconstruction error) upcast their inputs to float32 (:func:`ful
 for float32 inputs, so ``amp="none"`` is bit for bit the code without this option.  float16 is not
 offered: it needs a gradient scaler, bfloat16 does not.
 
-``compile``: :meth:`BaseEngine.compile` compiles the *wrapped model* in place (``nn.Module.compile``,
+``compile`` (the entry points' option): ``false`` | ``true`` (torch's default mode) | a ``torch.compile`` mode
+(``default``, ``reduce-overhead``, ``max-autotune``, ``max-autotune-no-cudagraphs``; core's
+:func:`~tttlab.core.torch.compile_kwargs` turns it into ``engine.compile(**kwargs)``).
+:meth:`BaseEngine.compile` compiles the *wrapped model* in place (``nn.Module.compile``,
 which keeps its parameters and ``state_dict`` keys), not the engine: the engine's Python loop (snapshot,
 optimizer, filters, resets) stays eager.  A compiled graph does not run forward hooks added after it was
 traced (torch's ``skip_nnmodule_hook_guards``: they are silently skipped).  The forwards that stop at a
@@ -28,20 +31,22 @@ import contextlib
 import torch
 from torch import nn
 
-from tttlab.core.torch import AMP_MODES, autocast, check_amp, check_compile
+from tttlab.core.torch import AMP_MODES, COMPILE_MODES, autocast, check_amp, check_compile, compile_kwargs
 
 __all__ = [
     "AMP_MODES",
+    "COMPILE_MODES",
     "autocast",
     "check_amp",
     "check_compile",
+    "compile_kwargs",
     "eager",
     "full_precision",
     "is_compiled",
 ]
 
-#: ``AMP_MODES``, ``check_amp``, ``check_compile`` and ``autocast`` are core's (one rule for every torch
-#: subpackage), re-exported here for the engines.
+#: ``AMP_MODES``, ``COMPILE_MODES``, ``check_amp``, ``check_compile``, ``compile_kwargs`` and ``autocast``
+#: are core's (one rule for every torch subpackage), re-exported here for the engines.
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 

@@ -20,8 +20,9 @@ optimisation steps *without* a checkpoint, as a kill would (used by the resume t
 Options (top-level keys, as ttt_mae's): ``amp=none|bf16`` runs the training and evaluation forwards
 under bfloat16 autocast (``engine.amp``; parameters, gradients and the Adam state stay float32, the
 task and self-supervised losses are computed in float32); ``compile=true`` compiles the model in place
-(``engine.compile()``), refused for the engines that read a features layer through a hook (TTT, TTT++,
-IT3, masked TTT, ActMAD: their training forward could not run compiled).  Both enter the training
+(``engine.compile()``; ``compile=<torch.compile mode>``, e.g. ``reduce-overhead``, passes that mode),
+refused for the engines that read a features layer through a hook (TTT, TTT++, IT3, masked TTT, ActMAD:
+their training forward could not run compiled).  Both enter the training
 config's hash when not at their defaults: a checkpoint is not resumed with other values.
 
 Differences from the tutorial: the noise is drawn once from ``eval.noise_seed`` and the same noisy images
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tttlab.core._io import atomic_path
-from tttlab.core.cli import check_dir_overrides, user_errors
+from tttlab.core.cli import check_compile_override, check_dir_overrides, user_errors
 from tttlab.core.config import DataConfig, RunConfig, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError, TTTLabError
 from tttlab.core.records import RunDir, config_hash, read_jsonl
@@ -55,7 +56,7 @@ from tttlab.core.torch import resolve_device
 from .engine.base_engine import BaseEngine
 from .engine_registry import EngineRegistry, get_engine
 from .models import MODELS, build_model, model_info
-from .precision import check_amp
+from .precision import check_amp, check_compile, compile_kwargs
 
 log = logging.getLogger("tttlab.torch_ttt.train")
 
@@ -106,7 +107,9 @@ class NoisyEvalConfig:
 class TrainConfig(RunConfig):
     experiment_name: str = "default"
     amp: str = "none"  # none | bf16: bfloat16 autocast of the forwards (training and evaluation)
-    compile: bool = False  # torch.compile the model in place (engines without hooks only, see README)
+    # false | true (torch's default mode) | a torch.compile mode (default, reduce-overhead, max-autotune,
+    # max-autotune-no-cudagraphs): the model compiled in place (engines without hooks only, see README)
+    compile: Any = False
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainSection = field(default_factory=TrainSection)
     eval: NoisyEvalConfig = field(default_factory=NoisyEvalConfig)
@@ -218,8 +221,9 @@ def build_model_and_engine(cfg: dict[str, Any], example_input: torch.Tensor, dev
     engine = build_engine(t["engine"], model, cfg["model"]["name"], t["engine_kwargs"], None, example_input)
     engine.to(device)
     engine.amp = cfg.get("amp", "none")  # bf16: the forwards autocast, parameters and Adam state float32
-    if cfg.get("compile"):
-        engine.compile()
+    kwargs = compile_kwargs(cfg.get("compile"))
+    if kwargs is not None:
+        engine.compile(**kwargs)
     name, lr = str(t["optimizer"]).lower(), float(t["lr"])
     if name == "adam":
         opt = torch.optim.Adam(engine.parameters(), lr=lr)
@@ -366,11 +370,13 @@ def _validate(cfg) -> dict[str, Any]:
     if c["train"]["engine"] not in EngineRegistry.names():
         raise ConfigError(f"train.engine={c['train']['engine']!r}; expected one of {EngineRegistry.names()}")
     c["amp"] = check_amp(c["amp"])
+    c["compile"] = check_compile(c["compile"])
     if c["compile"] and not get_engine(c["train"]["engine"]).compiled_adaptation:
         raise ConfigError(
-            f"compile=true with train.engine={c['train']['engine']!r}: this engine reads its features layer "
-            "through a forward hook, which a compiled model does not run, so the joint-training forward "
-            f"would stay eager; compile is offered for train.engine in {compilable_engines()}"
+            f"compile={str(c['compile']).lower()} with train.engine={c['train']['engine']!r}: this engine "
+            "reads its features layer through a forward hook, which a compiled model does not run, so the "
+            "joint-training forward would stay eager; compile is offered for train.engine in "
+            f"{compilable_engines()}"
         )
     if model_info(c["model"]["name"]).source_dataset != "mnist":  # e.g. wrn28_10: pretrained, CIFAR-10
         raise ConfigError(
@@ -546,6 +552,7 @@ def main() -> None:
         with user_errors("tttlab-torch-ttt-train"):
             print(run(cfg))
 
+    check_compile_override("tttlab-torch-ttt-train")
     check_dir_overrides("tttlab-torch-ttt-train")
     _main()
 

@@ -22,7 +22,16 @@ import torch
 
 from tttlab.core.config import RunConfig, package_yaml, to_plain
 from tttlab.core.errors import ConfigError
-from tttlab.core.torch import AMP_MODES, Dist, check_amp, check_compile, init_distributed, resolve_device  # noqa: F401  (re-exported)
+from tttlab.core.torch import (  # noqa: F401  (re-exported)
+    AMP_MODES,
+    COMPILE_MODES,
+    Dist,
+    check_amp,
+    check_compile,
+    compile_kwargs,
+    init_distributed,
+    resolve_device,
+)
 
 log = logging.getLogger("tttlab.ttt_mae")
 
@@ -47,7 +56,9 @@ class ModelConfig:
     classifier_depth: int = 12
     fused_attn: bool = True  # scaled_dot_product_attention
     amp: str = "none"  # none | bf16 (torch.autocast to bfloat16; parameters and optimizer state stay fp32)
-    compile: bool = False  # torch.compile of the step's forward + loss (pretrain/probe: the model)
+    # false | true (torch's default mode) | a torch.compile mode (default, reduce-overhead, max-autotune,
+    # max-autotune-no-cudagraphs): torch.compile of the step's forward + loss (pretrain/probe: the model)
+    compile: Any = False
     normalize: str = "auto"  # auto (by dataset) | imagenet | mnist | none
     num_threads: int | None = None  # torch intra-op threads on CPU; null: torch's default
 
@@ -157,7 +168,10 @@ def compose(entry: str, experiment: str | None = None, cfg=None, overrides: list
     merged = OmegaConf.merge(
         *[OmegaConf.create(p) for p in parts], OmegaConf.from_dotlist(list(overrides or []))
     )
-    return to_dict(validate(OmegaConf.to_container(merged, resolve=True), schema))
+    c = to_dict(validate(OmegaConf.to_container(merged, resolve=True), schema))
+    if "compile" in c:  # typed Any in the schema (false | true | a torch.compile mode): core's rule here
+        c["compile"] = check_compile(c["compile"])
+    return c
 
 
 def check_values(c: dict[str, Any], checks: dict[str, tuple[Any, str]]) -> None:
@@ -175,10 +189,11 @@ def check_values(c: dict[str, Any], checks: dict[str, tuple[Any, str]]) -> None:
 
 
 def check_amp_compile(c: dict[str, Any]) -> None:
-    """``amp`` one of core's ``AMP_MODES`` (normalised in place) and ``compile`` a bool, else a ConfigError
-    naming the key (:func:`tttlab.core.torch.check_amp`, the rule of every torch subpackage)."""
+    """``amp`` one of core's ``AMP_MODES`` and ``compile`` false, true or one of core's ``COMPILE_MODES``
+    (both normalised in place), else a ConfigError naming the key (:func:`tttlab.core.torch.check_amp` /
+    :func:`~tttlab.core.torch.check_compile`, the rules of every torch subpackage)."""
     c["amp"] = check_amp(c.get("amp"))
-    check_compile(c.get("compile"))
+    c["compile"] = check_compile(c.get("compile"))
 
 
 def finite_nonneg(v) -> bool:

@@ -54,6 +54,7 @@ from .common import (
     EvalConfig,
     check_amp_compile,
     check_values,
+    compile_kwargs,
     compose,
     crop_scale_ok,
     finite_nonneg,
@@ -94,6 +95,7 @@ def settings_of(c: dict[str, Any]) -> TTTSettings:
             "(the paper's) or test_resize=null"
         )
     check_amp_compile(c)
+    compiled = compile_kwargs(c["compile"])  # torch.compile's arguments: None (eager), {} or {"mode": ...}
     if int(c["group_size"]) > 1 and int(c["steps_per_example"]) > 0 and c["optimizer_type"] != "sgd":
         raise ConfigError(
             f"optimizer_type={c['optimizer_type']!r} with group_size={c['group_size']}: the batched path "
@@ -104,7 +106,8 @@ def settings_of(c: dict[str, Any]) -> TTTSettings:
         mask_ratio=float(c["mask_ratio"]), lr=lr, optimizer_type=c["optimizer_type"],
         optimizer_momentum=float(c["optimizer_momentum"]), finetune_mode=c["finetune_mode"],
         single_crop=bool(c["single_crop"]), crop_scale=tuple(float(s) for s in c["crop_scale"]),
-        flip=bool(c["flip"]), amp=c["amp"], compile=bool(c["compile"]),
+        flip=bool(c["flip"]), amp=c["amp"], compile=compiled is not None,
+        compile_mode=(compiled or {}).get("mode"),
     ).check()  # fmt: skip
 
 
@@ -333,6 +336,7 @@ def eval_config(cfg: Mapping | None = None, **overrides) -> dict[str, Any]:
         c["benchmark"]["num_examples"] = PROFILES[profile]["num_examples"]
     if c["progress"] is not None:
         c["logging"]["progress"] = bool(c["progress"])
+    check_amp_compile(c)  # now, not after training the cached model
     return c
 
 

@@ -28,9 +28,10 @@ the clean test split at the end only.
 
 Options (not upstream): ``amp`` (``none`` | ``bf16``: the forward and loss under
 ``torch.autocast(device.type, bfloat16)``, also the probe's clean-accuracy pass; parameters, gradients and
-AdamW state stay float32; no GradScaler, which bf16 does not need) and ``compile`` (``torch.compile`` of the
-training step's forward + loss, i.e. the model called through its DDP wrapper when there is one; backward
-runs through the compiled graph, the optimizer step stays eager; the probe's final clean-accuracy pass
+AdamW state stay float32; no GradScaler, which bf16 does not need) and ``compile`` (``true``:
+``torch.compile`` in torch's default mode, or a mode's name, e.g. ``reduce-overhead``; of the training
+step's forward + loss, i.e. the model called through its DDP wrapper when there is one; backward runs
+through the compiled graph, the optimizer step stays eager; the probe's final clean-accuracy pass
 runs eager).  Both are config keys, so they enter the run's ``config_hash``; resuming a run directory with
 another value resumes from its checkpoint and warns that the config changed (core ``RunDir``).
 """
@@ -57,6 +58,7 @@ from .common import (
     Dist,
     check_amp_compile,
     check_values,
+    compile_kwargs,
     crop_scale_ok,
     finite_nonneg,
     init_distributed,
@@ -248,7 +250,7 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
         )
     if c["compile"]:  # the step's forward + loss (DDP's module compiled through the wrapper: DDPOptimizer
         # splits the graph at the gradient buckets); the checkpoints keep saving ``model`` (no _orig_mod keys)
-        net = torch.compile(net)
+        net = torch.compile(net, **compile_kwargs(c["compile"]))
     bs, accum = int(c["batch_size"]), int(c["accum_iter"])
     progress = bool(c["logging"]["progress"]) and dist.rank == 0
     steps_done = 0

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 
 from tttlab.core.errors import ConfigError, InvalidInputError
-from tttlab.core.torch import autocast, check_amp
+from tttlab.core.torch import autocast, check_amp, compile_kwargs
 
 from .model import MaskedAutoencoderViT, check_mask_ratio
 from .views import make_views
@@ -80,7 +80,9 @@ class TTTSettings:
     flip: bool = True
     amp: str = "none"  # none | bf16
     compile: bool = False  # TTTAdapter: the MAE loss; BatchedTTT: the whole step (grads + SGD update)
-    compile_mode: str | None = None  # torch.compile mode (None: default; "max-autotune-no-cudagraphs", ...)
+    # torch.compile mode: None (torch's default) or one of core's COMPILE_MODES ("reduce-overhead": CUDA
+    # graphs, the measured GPU fast path; "max-autotune-no-cudagraphs", ...); the configs' compile=<mode>
+    compile_mode: str | None = None
     foreach: bool | None = True  # None: torch's default; False: the plain per-tensor loop
     fused: bool = False  # the fused optimizer kernel (CUDA only; ignored on CPU); overrides foreach
     exact_cuts: bool = True  # the lean MAE loss (MaskedAutoencoderViT.mae_loss_lean): same result, fewer FLOP
@@ -106,6 +108,8 @@ class TTTSettings:
         if self.optimizer_type not in OPTIMIZERS:
             raise ConfigError(f"optimizer_type={self.optimizer_type!r}; expected one of {OPTIMIZERS}")
         self.amp = check_amp(self.amp)
+        if self.compile_mode is not None:
+            compile_kwargs(self.compile_mode, "compile_mode")  # a ConfigError unless a torch.compile mode
         return self
 
 

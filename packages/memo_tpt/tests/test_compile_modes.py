@@ -1,0 +1,130 @@
+"""``compile`` accepts a torch.compile mode: from the Hydra-composed configs to ``torch.compile`` (a recorder).
+
+``compile: true`` keeps its meaning (torch's default mode, no ``mode`` argument) and, like ``false``, the
+config hashes it had before modes were accepted (the hashes below were computed on main before the change).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tttlab.core.errors import ConfigError
+from tttlab.core.records import config_hash
+from tttlab.memo_tpt import evaluate as E
+from tttlab.memo_tpt import main as M
+from tttlab.memo_tpt import tiny_clip as T
+
+#: ``config_hash`` of the Hydra-composed tpt, memo, ensemble configs (as ``run_paper`` writes them) and of
+#: ``evaluate.eval_config(method="memo_tpt.memo", out_dir="runs/x")`` (an explicit out_dir: its default
+#: moves) with ``compile`` false / true, before ``compile`` accepted modes.  Another change to these
+#: configs' defaults changes them too: recompute them then, on the commit before it.
+MAIN_HASHES = {
+    False: (["54dab691d7ac", "9f96b0c1d6a3", "22e4512bfea4"], "850e746752e7"),
+    True: (["15ad911fe6e3", "a8037fff30e4", "89b1df827373"], "799ace693b0f"),
+}
+
+
+def hydra_cfg(name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("tttlab.memo_tpt.conf", version_base=None):
+        return compose(config_name=name, overrides=overrides)
+
+
+@pytest.fixture
+def cache(tmp_path_factory, monkeypatch):
+    """A model cache whose tiny models are built untrained (the plumbing, not the accuracy, is tested)."""
+    from tttlab.memo_tpt.models import build_clip
+
+    monkeypatch.setattr(T, "train_cnn", lambda p, *a, **kw: T.MnistCNN(p["channels"]).eval())
+    monkeypatch.setattr(
+        T, "train_clip", lambda p, *a, **kw: build_clip("tiny-mnist", config=T.clip_config(p)).eval()
+    )
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture
+def compile_modes(monkeypatch) -> list:
+    """``torch.compile`` replaced by a pass-through that records the ``mode`` it was given (``None`` when
+    absent) and counts in the returned list's ``calls`` what went through the compiled function."""
+
+    class Recorded(list):
+        calls = 0
+
+    recorded = Recorded()
+
+    def fake_compile(fn, **kw):
+        recorded.append(kw.get("mode"))
+
+        def run(*a, **k):
+            recorded.calls += 1
+            return fn(*a, **k)
+
+        return run
+
+    recorded.fake_compile = fake_compile
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    return recorded
+
+
+@pytest.mark.parametrize("value, mode", [("true", None), ("reduce-overhead", "reduce-overhead")])
+def test_compile_value_reaches_torch_compile_as_its_mode(
+    tmp_path, cache, compile_modes, monkeypatch, value, mode
+):
+    """The memo and tpt commands (Hydra, ``+experiment=smoke``: the mnist_c proxy, 2 x 4 images, untrained
+    tiny models) with
+    ``compile=<value>``: MEMO's classifier and TPT's image encoder + text path go through torch.compile with
+    ``mode=<value>`` (none for ``true``) and run; the tiny trainers' ``compile`` the same way."""
+    for name, compiled in (("memo", 1), ("tpt", 2)):
+        compile_modes.clear()
+        compile_modes.calls = 0
+        cfg = hydra_cfg(name, ["+experiment=smoke", f"out_dir={tmp_path / name}", f"cache_dir={cache}",
+                               f"compile={value}"])  # fmt: skip
+        M.run_paper(cfg)
+        assert compile_modes == [mode] * compiled and compile_modes.calls > 0, name
+    compile_modes.clear()
+    compile_modes.calls = 0
+    p = {**T.CNN_PROFILES["smoke"], "steps": 1, "num_train": 32}
+    monkeypatch.undo()  # the real trainer, with the recorder again
+    monkeypatch.setattr(torch, "compile", compile_modes.fake_compile)
+    T.train_cnn(p, compile=True if value == "true" else value)
+    assert compile_modes == [mode] and compile_modes.calls == 1
+
+
+def test_a_bad_compile_value_is_a_config_error_before_anything_is_written(tmp_path, compile_modes):
+    allowed = r"expected true or false, or a torch.compile mode: one of \['default', 'reduce-overhead'"
+    for name in ("memo", "tpt"):
+        cfg = hydra_cfg(name, ["+experiment=smoke", f"out_dir={tmp_path / name}",
+                               f"cache_dir={tmp_path / 'cache'}", "compile=fast"])  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"^compile='fast'; {allowed}"):
+            M.run_paper(cfg)
+    with pytest.raises(ConfigError, match=rf"^compile='fast'; {allowed}"):
+        E.run(method="memo_tpt.tpt", profile="smoke", out_dir=str(tmp_path / "eval"),
+              cache_dir=str(tmp_path / "cache"), compile="fast")  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"^compile='fast'; {allowed}"):
+        T.load_or_train_cnn("smoke", tmp_path / "cache", compile="fast")
+    assert list(tmp_path.iterdir()) == [] and compile_modes == []
+
+
+def test_compile_false_and_true_keep_their_config_hashes():
+    for value, (paper, evaluate) in MAIN_HASHES.items():
+        names = ("tpt", "memo", "ensemble")
+        got = [config_hash(M._plain(hydra_cfg(n, [f"compile={str(value).lower()}"]))) for n in names]
+        assert got == paper
+        assert config_hash(E.eval_config(method="memo_tpt.memo", out_dir="runs/x", compile=value)) == evaluate
+
+
+@pytest.mark.parametrize("main", [M.tpt_main, M.memo_main, M.ensemble_main])
+def test_a_bad_compile_override_stops_the_command_before_hydra_makes_its_run_directory(
+    tmp_path, monkeypatch, capsys, main
+):
+    """On the command line ``compile=fast`` is the one-line ConfigError (exit status 2) before Hydra creates
+    ``out_dir`` (the schema types ``compile`` as ``Any``, so Hydra alone would make the directory first)."""
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["tttlab-memo-tpt", f"out_dir={tmp_path / 'run'}", "compile=fast"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2 and "error: ConfigError: compile='fast'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
