@@ -16,12 +16,12 @@ from tttlab.memo_tpt import main as M
 from tttlab.memo_tpt import tiny_clip as T
 
 #: ``config_hash`` of the Hydra-composed tpt, memo, ensemble configs (as ``run_paper`` writes them) and of
-#: ``evaluate.eval_config(method="memo_tpt.memo", out_dir="runs/x")`` (an explicit out_dir: its default
-#: moves) with ``compile`` false / true, before ``compile`` accepted modes.  Another change to these
+#: ``evaluate.eval_config(method="memo_tpt.memo")``, both with ``out_dir="runs/x"`` (explicit: the defaults
+#: moved since) and ``compile`` false / true, computed on 07e05d4, before ``compile`` accepted modes.  Another change to these
 #: configs' defaults changes them too: recompute them then, on the commit before it.
 MAIN_HASHES = {
-    False: (["54dab691d7ac", "9f96b0c1d6a3", "22e4512bfea4"], "850e746752e7"),
-    True: (["15ad911fe6e3", "a8037fff30e4", "89b1df827373"], "799ace693b0f"),
+    False: (["acd49942deb7", "3539f96ce8c4", "5c595ba92f53"], "850e746752e7"),
+    True: (["56ac7e06eac1", "4c67fc2afa58", "2cb09786a2d2"], "799ace693b0f"),
 }
 
 
@@ -110,7 +110,9 @@ def test_a_bad_compile_value_is_a_config_error_before_anything_is_written(tmp_pa
 def test_compile_false_and_true_keep_their_config_hashes():
     for value, (paper, evaluate) in MAIN_HASHES.items():
         names = ("tpt", "memo", "ensemble")
-        got = [config_hash(M._plain(hydra_cfg(n, [f"compile={str(value).lower()}"]))) for n in names]
+        # with an explicit out_dir: the paper commands' default out_dir now holds a hash of the config
+        overrides = [f"compile={str(value).lower()}", "out_dir=runs/x"]
+        got = [config_hash(M._plain(hydra_cfg(n, overrides))) for n in names]
         assert got == paper
         assert config_hash(E.eval_config(method="memo_tpt.memo", out_dir="runs/x", compile=value)) == evaluate
 
