@@ -62,3 +62,63 @@ def test_a_bad_compile_override_stops_before_hydra_and_good_ones_pass(capsys):
                  "+compile='max-autotune'", "~compile", "seed=1", "compile_other=fast"):  # fmt: skip
         check_compile_override("tttlab-x", [good])
     assert capsys.readouterr().err == ""
+
+
+HYDRA_APP = """
+import os
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from tttlab.core.cli import user_errors
+from tttlab.core.errors import DatasetNotFoundError
+
+
+@hydra.main(version_base=None, config_path=None)
+def main(cfg):
+    with user_errors("tttlab-x"):
+        if cfg.fail:
+            raise DatasetNotFoundError("data.root=/missing: no such folder; expected MNIST-C's layout")
+        with open(os.path.join(HydraConfig.get().runtime.output_dir, "config.yaml"), "w") as f:
+            f.write("ok")
+
+
+main()
+"""
+
+
+@pytest.mark.parametrize("before", ["nothing", "an earlier run", "a user's file"])
+@pytest.mark.parametrize("fail", [True, False])
+def test_a_user_error_leaves_no_hydra_only_run_directory(tmp_path, before, fail):
+    """Hydra makes the run directory (``.hydra/``, the job log) before the task runs; a user error in the
+    task removes it when nothing else is there, and leaves any other directory (an earlier run, a user's
+    file) and every successful run as they are."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("hydra")
+    app = tmp_path / "app.py"
+    app.write_text(HYDRA_APP)
+    run = tmp_path / "runs" / "x" / "run"  # Hydra makes the parents too; cwd = tmp_path
+    if before == "an earlier run":
+        subprocess.run(
+            [sys.executable, str(app), f"hydra.run.dir={run}", "+fail=0"], check=True, cwd=tmp_path
+        )
+        assert (run / "config.yaml").exists()
+    elif before == "a user's file":
+        run.mkdir(parents=True)
+        (run / "notes.txt").write_text("mine")
+    earlier = sorted(p.relative_to(run) for p in run.rglob("*")) if run.exists() else None
+    res = subprocess.run([sys.executable, str(app), f"hydra.run.dir={run}", f"+fail={int(fail)}"],
+                         capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    if not fail:
+        assert res.returncode == 0, res.stderr
+        assert (run / "config.yaml").exists() and (run / ".hydra").is_dir() and (run / "app.log").exists()
+        return
+    assert res.returncode == 2
+    assert res.stderr.strip().endswith("tttlab-x: error: DatasetNotFoundError: data.root=/missing: no such "
+                                       "folder; expected MNIST-C's layout")  # fmt: skip
+    if before == "nothing":  # neither the run directory nor the empty folders Hydra made above it
+        assert not (tmp_path / "runs").exists() and app.exists()
+    else:  # nothing of the earlier run / the user's is touched (Hydra's own files of this run may be added)
+        assert set(earlier) <= {p.relative_to(run) for p in run.rglob("*")}
+        if before == "a user's file":
+            assert (run / "notes.txt").read_text() == "mine"

@@ -17,12 +17,49 @@ from .errors import TTTLabError
 
 @contextlib.contextmanager
 def user_errors(prog: str) -> Iterator[None]:
-    """Run the body; a :class:`TTTLabError` ends the command with its message and exit status 2."""
+    """Run the body; a :class:`TTTLabError` ends the command with its message and exit status 2.
+
+    Inside a Hydra task, a run directory that holds only what Hydra put there before the task ran (its
+    ``.hydra`` folder and the job's ``<name>.log``) is removed first, with the empty folders above it up to
+    the working directory: the commands check the user's paths and values before they write anything, so
+    a typo leaves no half-made run behind.  A directory with anything else in it (an earlier run's files,
+    the user's own) is left exactly as it is."""
     try:
         yield
     except TTTLabError as exc:
+        _remove_hydra_only_run_dir()
         print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _remove_hydra_only_run_dir() -> None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+    except ImportError:  # the core-only install has no Hydra, so no Hydra run directory either
+        return
+    if not HydraConfig.initialized():
+        return
+    import shutil
+    from pathlib import Path
+
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    hydra_made = {name for name in (hc.output_subdir, f"{hc.job.name}.log") if name}
+    try:
+        entries = list(out.iterdir())
+        if not entries or any(e.name not in hydra_made for e in entries):
+            return
+        for e in entries:
+            shutil.rmtree(e) if e.is_dir() and not e.is_symlink() else e.unlink()
+        out.rmdir()
+        # the empty folders Hydra made above it (runs/<pkg>/...), up to the working directory
+        cwd = Path.cwd().resolve()
+        for parent in out.resolve().parents:
+            if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
+                break
+            parent.rmdir()
+    except OSError:  # gone already, or not ours to remove: the error message matters more
+        return
 
 
 #: Overrides whose value Hydra turns into its run directory (``hydra.run.dir: ${out_dir}``) and creates
