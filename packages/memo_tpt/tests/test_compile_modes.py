@@ -11,6 +11,7 @@ import torch
 
 from tttlab.core.errors import ConfigError
 from tttlab.core.records import config_hash
+from tttlab.core.testing import CompileRecorder, record_torch_compile
 from tttlab.memo_tpt import evaluate as E
 from tttlab.memo_tpt import main as M
 from tttlab.memo_tpt import tiny_clip as T
@@ -45,27 +46,10 @@ def cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
-def compile_modes(monkeypatch) -> list:
-    """``torch.compile`` replaced by a pass-through that records the ``mode`` it was given (``None`` when
-    absent) and counts in the returned list's ``calls`` what went through the compiled function."""
-
-    class Recorded(list):
-        calls = 0
-
-    recorded = Recorded()
-
-    def fake_compile(fn, **kw):
-        recorded.append(kw.get("mode"))
-
-        def run(*a, **k):
-            recorded.calls += 1
-            return fn(*a, **k)
-
-        return run
-
-    recorded.fake_compile = fake_compile
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    return recorded
+def compile_modes(monkeypatch) -> CompileRecorder:
+    """``torch.compile`` replaced by core's recorder: the modes it was given, and how often the "compiled"
+    functions ran (``calls``)."""
+    return record_torch_compile(monkeypatch)
 
 
 @pytest.mark.parametrize("value, mode", [("true", None), ("reduce-overhead", "reduce-overhead")])
@@ -77,17 +61,15 @@ def test_compile_value_reaches_torch_compile_as_its_mode(
     ``compile=<value>``: MEMO's classifier and TPT's image encoder + text path go through torch.compile with
     ``mode=<value>`` (none for ``true``) and run; the tiny trainers' ``compile`` the same way."""
     for name, compiled in (("memo", 1), ("tpt", 2)):
-        compile_modes.clear()
-        compile_modes.calls = 0
+        compile_modes.reset()
         cfg = hydra_cfg(name, ["+experiment=smoke", f"out_dir={tmp_path / name}", f"cache_dir={cache}",
                                f"compile={value}"])  # fmt: skip
         M.run_paper(cfg)
         assert compile_modes == [mode] * compiled and compile_modes.calls > 0, name
-    compile_modes.clear()
-    compile_modes.calls = 0
+    compile_modes.reset()
     p = {**T.CNN_PROFILES["smoke"], "steps": 1, "num_train": 32}
     monkeypatch.undo()  # the real trainer, with the recorder again
-    monkeypatch.setattr(torch, "compile", compile_modes.fake_compile)
+    monkeypatch.setattr(torch, "compile", compile_modes)
     T.train_cnn(p, compile=True if value == "true" else value)
     assert compile_modes == [mode] and compile_modes.calls == 1
 

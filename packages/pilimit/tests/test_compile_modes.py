@@ -7,10 +7,10 @@ config hashes it had before modes were accepted (the hashes below were computed 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tttlab.core.errors import ConfigError
 from tttlab.core.records import config_hash
+from tttlab.core.testing import CompileRecorder, record_torch_compile
 from tttlab.pilimit import evaluate as E
 from tttlab.pilimit import train as T
 
@@ -40,26 +40,10 @@ def hydra_compose(overrides: list[str]) -> dict:
 
 
 @pytest.fixture
-def compile_modes(monkeypatch) -> list:
-    """``torch.compile`` replaced by a pass-through that records the ``mode`` it was given (``None`` when
-    absent) and counts in the returned list's ``calls`` what went through the compiled functions."""
-
-    class Recorded(list):
-        calls = 0
-
-    recorded = Recorded()
-
-    def fake_compile(fn, **kw):
-        recorded.append(kw.get("mode"))
-
-        def run(*a, **k):
-            recorded.calls += 1
-            return fn(*a, **k)
-
-        return run
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    return recorded
+def compile_modes(monkeypatch) -> CompileRecorder:
+    """``torch.compile`` replaced by core's recorder: the modes it was given, and how often the "compiled"
+    functions ran (``calls``)."""
+    return record_torch_compile(monkeypatch)
 
 
 @pytest.mark.parametrize("value, mode", [("true", None), ("reduce-overhead", "reduce-overhead")])
@@ -69,14 +53,12 @@ def test_compile_value_reaches_torch_compile_as_its_mode(tmp_path, compile_modes
     ``mode=<value>`` (none for ``true``) and run; the evaluate contract compiles the loaded model the same
     way."""
     for kind, compiled in (("inf", 4), ("finite", 2)):
-        compile_modes.clear()
-        compile_modes.calls = 0
+        compile_modes.reset()
         cfg = hydra_compose(["+experiment=smoke", *SMALL, f"model.kind={kind}", "model.width=32",
                              f"out_dir={tmp_path / kind}", f"compile={value}"])  # fmt: skip
         out = T.run(cfg)
         assert compile_modes == [mode] * compiled and compile_modes.calls > 0, kind
-    compile_modes.clear()
-    compile_modes.calls = 0
+    compile_modes.reset()
     E.run({"train_run": str(out), "compile": True if value == "true" else value, "out_dir": str(tmp_path / "e"),
            "progress": False, "benchmark": {"corruptions": ["fog"], "num_examples": 4}})  # fmt: skip
     assert compile_modes == [mode, mode] and compile_modes.calls > 0

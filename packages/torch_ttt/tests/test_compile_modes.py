@@ -7,10 +7,10 @@ config hashes it had before modes were accepted (the hashes below were computed 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tttlab.core.errors import ConfigError
 from tttlab.core.records import config_hash, read_jsonl
+from tttlab.core.testing import CompileRecorder, record_torch_compile
 from tttlab.torch_ttt import evaluate as E
 from tttlab.torch_ttt import train as T
 
@@ -41,26 +41,10 @@ def compose(config_name: str, overrides: list[str]) -> dict:
 
 
 @pytest.fixture
-def compile_modes(monkeypatch) -> list:
-    """``torch.compile`` replaced by a pass-through that records the ``mode`` it was given (``None`` when
-    absent) and counts in the returned list's ``calls`` what went through the compiled function."""
-
-    class Recorded(list):
-        calls = 0
-
-    recorded = Recorded()
-
-    def fake_compile(fn, **kw):
-        recorded.append(kw.get("mode"))
-
-        def run(*a, **k):
-            recorded.calls += 1
-            return fn(*a, **k)
-
-        return run
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    return recorded
+def compile_modes(monkeypatch) -> CompileRecorder:
+    """``torch.compile`` replaced by core's recorder: the modes it was given, and how often the "compiled"
+    functions ran (``calls``)."""
+    return record_torch_compile(monkeypatch)
 
 
 @pytest.mark.parametrize("value, mode", [("true", None), ("reduce-overhead", "reduce-overhead")])

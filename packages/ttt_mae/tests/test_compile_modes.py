@@ -13,6 +13,7 @@ import torch
 
 from tttlab.core.errors import ConfigError
 from tttlab.core.records import config_hash
+from tttlab.core.testing import CompileRecorder, record_torch_compile
 from tttlab.ttt_mae import cli
 from tttlab.ttt_mae import evaluate as E
 from tttlab.ttt_mae.common import compose, register_configs
@@ -42,26 +43,10 @@ def hydra_compose(entry: str, overrides: list[str]) -> dict:
 
 
 @pytest.fixture
-def compile_modes(monkeypatch) -> list:
-    """``torch.compile`` replaced by a pass-through that records the ``mode`` it was given (``None`` when
-    absent or None) and counts in the returned list's ``calls`` what went through the compiled function;
-    the guard-skipping stance of the batched path is a no-op (nothing is really compiled)."""
-
-    class Recorded(list):
-        calls = 0
-
-    recorded = Recorded()
-
-    def fake_compile(fn, **kw):
-        recorded.append(kw.get("mode"))
-
-        def run(*a, **k):
-            recorded.calls += 1
-            return fn(*a, **k)
-
-        return run
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
+def compile_modes(monkeypatch) -> CompileRecorder:
+    """``torch.compile`` replaced by core's recorder (the modes it was given, how often the "compiled"
+    functions ran); the guard-skipping stance of the batched path is a no-op (nothing is really compiled)."""
+    recorded = record_torch_compile(monkeypatch)
     monkeypatch.setattr(torch.compiler, "set_stance", lambda *a, **kw: contextlib.nullcontext())
     return recorded
 
@@ -77,8 +62,7 @@ def test_compile_value_reaches_torch_compile_as_its_mode(tmp_path, smoke_cache, 
               "benchmark.corruptions=[fog]", "benchmark.num_examples=2", "steps_per_example=1", "batch_size=2",
               "logging.progress=false", f"compile={value}"]  # fmt: skip
     for entry, extra, compiled in (("ttt", [], 2), ("ttt", ["group_size=2"], 2), ("baseline", [], 1)):
-        compile_modes.clear()
-        compile_modes.calls = 0
+        compile_modes.reset()
         cfg = hydra_compose(entry, [*common, f"out_dir={tmp_path / entry / str(len(extra))}", *extra])
         cli.execute(entry, cfg)
         assert compile_modes == [mode] * compiled and compile_modes.calls > 0, (entry, extra)

@@ -213,3 +213,36 @@ def expected_tfds_arrays(n=5, image_shape=(8, 8, 3), num_classes: int = 3, seed:
         out[s] = (rng.integers(0, 256, size=(count, *image_shape), dtype=np.uint8),
                   rng.integers(0, num_classes, size=count).astype(np.int64))  # fmt: skip
     return out
+
+
+class CompileRecorder(list):
+    """A stand-in for ``torch.compile`` in tests: each call appends the ``mode`` it was given (``None`` when
+    absent) and returns the function unchanged but counted (``calls``: how often a "compiled" function
+    ran).  Install it with :func:`record_torch_compile`."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __call__(self, fn, **kwargs):
+        self.append(kwargs.get("mode"))
+
+        def run(*args, **kw):
+            self.calls += 1
+            return fn(*args, **kw)
+
+        return run
+
+    def reset(self) -> None:
+        self.clear()
+        self.calls = 0
+
+
+def record_torch_compile(monkeypatch) -> CompileRecorder:
+    """Replace ``torch.compile`` (pytest's ``monkeypatch``) by a :class:`CompileRecorder` and return it:
+    what a config's ``compile`` value reaches, without compiling anything."""
+    import torch
+
+    recorder = CompileRecorder()
+    monkeypatch.setattr(torch, "compile", recorder)
+    return recorder
