@@ -154,6 +154,24 @@ def profile_eager_bf16(path):
         sync()
     wall = time.perf_counter() - t0
     ours.reset()
+    # the image's time split without the profiler: its STEPS steps alone, its STEPS + 1 predictions alone
+    gen = image_generator(0, 0, 0)
+    x = raws[0].to(dev)
+    test = norm(x[None])
+    draws = [ours.draw(x, gen, norm) for _ in range(STEPS)]
+    ours.predict(test)  # warm
+    sync()
+    t0 = time.perf_counter()
+    for v, n in draws:
+        ours.step(v, n)
+    sync()
+    t_steps = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(STEPS + 1):
+        int(ours.predict(test).argmax(1))
+    sync()
+    t_preds = time.perf_counter() - t0
+    ours.reset()
     per = {}
     for e in prof.events():
         if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
@@ -171,7 +189,10 @@ def profile_eager_bf16(path):
     what = "GPU kernel" if cuda else "CPU top-level operator"
     lines = [f"Profile of one image (eager bf16, {STEPS} steps + {STEPS + 1} predictions): wall {wall:.3f} s, "
              f"{what} time {busy:.3f} s ({100 * busy / wall:.0f} % of the wall time; FLOP at the dense bf16 "
-             f"peak would take {total / PEAK_BF16:.3f} s).", "",
+             f"peak would take {total / PEAK_BF16:.3f} s).",
+             f"Without the profiler: the {STEPS} steps alone {t_steps:.3f} s ({1e3 * t_steps / max(STEPS, 1):.1f} ms "
+             f"per step, {step_f / PEAK_BF16 * 1e3:.1f} ms at the peak), the {STEPS + 1} predictions alone "
+             f"{t_preds:.3f} s.", "",
              f"| {what} class | s | share of {what} time |", "| --- | ---: | ---: |"]  # fmt: skip
     for c, t in sorted(classes.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {c} | {t:.3f} | {100 * t / busy:.0f} % |")
