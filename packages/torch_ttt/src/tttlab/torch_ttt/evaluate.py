@@ -433,11 +433,13 @@ def load_engine(c: dict[str, Any], run_dir: Path | None, device: torch.device, e
         engine.compile(**kwargs)
         what = compiled_forwards(engine)
         if what == "none":
-            log.warning("compile=true: %s normalises with prior-mixed BatchNorm statistics, which replace the "
-                        "layers' forward: every forward runs the eager model (compile has no effect here)", name)  # fmt: skip
+            log.warning("compile=%s: %s normalises with prior-mixed BatchNorm statistics, which replace the "
+                        "layers' forward: every forward runs the eager model (compile has no effect here)",
+                        str(c.get("compile")).lower(), name)  # fmt: skip
         elif what == "prediction":
-            log.warning("compile=true: %s adapts through hooks on inner layers, which a compiled model does "
-                        "not run: its adaptation runs the eager model, only its prediction is compiled", name)  # fmt: skip
+            log.warning("compile=%s: %s adapts through hooks on inner layers, which a compiled model does "
+                        "not run: its adaptation runs the eager model, only its prediction is compiled",
+                        str(c.get("compile")).lower(), name)  # fmt: skip
     return engine.eval(), model_name, ck["engine_name"]
 
 
