@@ -137,6 +137,30 @@ def kernel_class(name):
     return "other elementwise / reductions"
 
 
+def host_syncs(fn):
+    """Host syncs made by ``fn()`` on a GPU (torch.cuda.set_sync_debug_mode("warn") reports each blocking
+    call), as ``"N (file:line xK, ...)"``; on the CPU (dry run) ``"n/a on the CPU"``."""
+    if dev.type != "cuda":
+        fn()
+        return "n/a on the CPU"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sync()
+    where = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            key = f"{os.path.basename(w.filename)}:{w.lineno}"
+            where[key] = where.get(key, 0) + 1
+    n = sum(where.values())
+    top = ", ".join(f"{k} x{v}" for k, v in sorted(where.items(), key=lambda kv: -kv[1])[:6])
+    return f"{n}" + (f" ({top})" if top else "")
+
+
 def profile_eager_bf16(path):
     """One image of the eager bf16 path under torch.profiler: GPU kernel time by class and the top kernels,
     against the wall time (the GPU's busy share; the rest is launch/Python time, inflated a little by the
@@ -172,6 +196,8 @@ def profile_eager_bf16(path):
     sync()
     t_preds = time.perf_counter() - t0
     ours.reset()
+    syncs = host_syncs(lambda: ours.adapt(raws[0], image_generator(0, 0, 0), norm))
+    ours.reset()
     per = {}
     for e in prof.events():
         if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
@@ -192,7 +218,8 @@ def profile_eager_bf16(path):
              f"peak would take {total / PEAK_BF16:.3f} s).",
              f"Without the profiler: the {STEPS} steps alone {t_steps:.3f} s ({1e3 * t_steps / max(STEPS, 1):.1f} ms "
              f"per step, {step_f / PEAK_BF16 * 1e3:.1f} ms at the peak), the {STEPS + 1} predictions alone "
-             f"{t_preds:.3f} s.", "",
+             f"{t_preds:.3f} s.",
+             f"Host syncs in one image (eager bf16, {STEPS} steps; torch.cuda.set_sync_debug_mode; 1 expected, the read of the image's results): {syncs}.", "",
              f"| {what} class | s | share of {what} time |", "| --- | ---: | ---: |"]  # fmt: skip
     for c, t in sorted(classes.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {c} | {t:.3f} | {100 * t / busy:.0f} % |")
@@ -261,8 +288,9 @@ if os.environ.get("TTT_MAE_COMPILE") == "1":  # after the first table: a compile
     tc, rc = time_images(lambda x, gen: comp.adapt(x, gen, norm), raws[:3], warm=2)
     same_c = all(a.predictions == b.predictions for a, b in zip(rc, r16))
     diff_c = max(abs(x - y) for a, b in zip(rc, r16) for x, y in zip(a.losses, b.losses))
+    syncs_c = host_syncs(lambda: comp.adapt(raws[0], image_generator(0, 0, 0), norm))
     note_c = (f"compile time excluded (2 warm-up images); per-step predictions = eager bf16: "
-              f"{'yes' if same_c else 'NO'}, max loss diff {diff_c:.1e}")
+              f"{'yes' if same_c else 'NO'}, max loss diff {diff_c:.1e}; host syncs per image: {syncs_c}")
     comp.reset()
     write()
 if SKIP32:

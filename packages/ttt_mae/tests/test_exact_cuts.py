@@ -1,10 +1,13 @@
 """The lean MAE loss (``exact_cuts``) against the full one and the upstream-style reference: same losses,
 gradients of the trained parameters and per-step predictions up to float rounding, fewer FLOP."""
 
+import functools
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from tttlab.ttt_mae import model as M
 from tttlab.ttt_mae.model import build_model
 from tttlab.ttt_mae.reference import ReferenceTTT
 from tttlab.ttt_mae.ttt import BatchedTTT, TTTAdapter, TTTSettings, image_generator, trainable_names
@@ -30,7 +33,9 @@ def loss_and_grads(m, fn, imgs, noise, names):
 @pytest.mark.parametrize("decoder_depth", [1, 2, 3])  # first block = last block; first and last; and a middle
 @pytest.mark.parametrize("mode", ["encoder", "all", "encoder_no_cls_no_msk"])
 @pytest.mark.parametrize("one_image", [True, False])
-def test_lean_loss_equals_full_loss(decoder_depth, mode, one_image):
+@pytest.mark.parametrize("lookup", [True, False])  # the CPU's embedding look-up; the GPU's broadcast gather
+def test_lean_loss_equals_full_loss(decoder_depth, mode, one_image, lookup, monkeypatch):
+    monkeypatch.setattr(M, "_take", functools.partial(TAKE, lookup=lookup))
     m = model(decoder_depth)
     names = set(trainable_names(m, mode))
     g = torch.Generator().manual_seed(1)
@@ -48,6 +53,32 @@ def test_lean_loss_equals_full_loss(decoder_depth, mode, one_image):
         assert ((gg[k] - gw[k]).abs().max() / scale).item() < 1e-5, k
     # frozen decoder: no gradient reaches it
     assert all(p.grad is None for n, p in m.named_parameters() if n not in names)
+
+
+TAKE = M._take
+
+
+def test_take_forms_agree_and_the_device_picks_one(monkeypatch):
+    """``_take`` of one row set for n row lists: the look-up (``embedding``, the CPU default) and the broadcast
+    gather (other devices: no host sync in its backward) give equal rows and gradients; a non-CPU tensor
+    (the meta device stands in for a GPU) never reaches ``embedding``."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.randperm(9, generator=g)[:5] for _ in range(7)])  # (7, 5), no repeats per row
+    out, grads = [], []
+    for lookup in (True, False):
+        x = torch.randn(1, 9, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        y = TAKE(x, ids, lookup=lookup)
+        (y * torch.arange(y.numel()).view_as(y)).sum().backward()
+        out.append(y.detach())
+        grads.append(x.grad)
+    assert out[0].shape == (7, 5, 4) and torch.equal(out[0], out[1])
+    assert torch.allclose(grads[0], grads[1], rtol=1e-6, atol=1e-6) and grads[0].abs().sum() > 0
+    looked_up = []
+    monkeypatch.setattr(M.F, "embedding", lambda *a, **kw: looked_up.append(1))
+    assert TAKE(torch.empty(1, 9, 4, device="meta"), ids.to("meta")).shape == (7, 5, 4)
+    assert looked_up == []
+    TAKE(torch.zeros(1, 9, 4), ids)
+    assert looked_up == [1]
 
 
 def test_lean_loss_explicit_attention_and_plain_pixels():

@@ -6,7 +6,7 @@ import torch
 from tttlab.core.errors import ConfigError, InvalidInputError
 from tttlab.ttt_mae.reference import ReferenceTTT
 from tttlab.ttt_mae.ttt import BatchedTTT, TTTAdapter, TTTSettings, image_generator, trainable_names
-from tttlab.ttt_mae.views import crop_params, make_views
+from tttlab.ttt_mae.views import Normalizer, crop_params, make_views
 
 
 def params_of(model):
@@ -103,6 +103,30 @@ def test_views():
         assert 3 / 4 * 0.8 <= w / h <= 4 / 3 * 1.2
 
 
+def test_normalizer_copies_its_constants_once_per_device(monkeypatch):
+    """The mean and std go to a device once (a blocking copy per call would be a host sync per TTT step
+    on a GPU); the values are the per-channel ``(x - mean) / std``.  The meta device stands in for a GPU."""
+    n = Normalizer((0.5, 0.25, 0.0), (0.5, 2.0, 1.0))
+    x = torch.rand(2, 3, 4, 4)
+    want = (x - torch.tensor([0.5, 0.25, 0.0]).view(1, 3, 1, 1)) / torch.tensor([0.5, 2.0, 1.0]).view(
+        1, 3, 1, 1
+    )
+    assert torch.allclose(n(x), want, rtol=0, atol=1e-7)
+    moved = []
+    real_to = torch.Tensor.to
+
+    def to(self, *a, **kw):
+        moved.append(a)
+        return real_to(self, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    meta = torch.empty(2, 3, 4, 4, device="meta")
+    for _ in range(3):
+        assert n(meta).shape == (2, 3, 4, 4) and n(meta).device.type == "meta"
+        n(x)
+    assert len(moved) == 2  # mean and std, to the meta device, once
+
+
 def test_bad_settings(tiny, settings):
     with pytest.raises(InvalidInputError, match="steps_per_example"):
         settings(steps_per_example=-1).check()
@@ -192,11 +216,14 @@ def test_guards_are_skipped_only_for_the_compiled_shapes(tiny, norm, monkeypatch
     assert len(stances) == 3
 
 
+@pytest.mark.parametrize("exact_cuts", [True, False])
 @pytest.mark.parametrize("steps", [0, 2])
-def test_compile_plumbing_of_the_one_image_adapter(tiny, norm, monkeypatch, settings, images, steps):
-    """compile=true: the MAE loss (if it takes steps) and the prediction go through torch.compile (a
-    recorder here, no compile time) and its results are used; the baseline (0 steps) compiles the
-    prediction (it was an ignored option there)."""
+def test_compile_plumbing_of_the_one_image_adapter(
+    tiny, norm, monkeypatch, settings, images, steps, exact_cuts
+):
+    """compile=true: the MAE loss (if it takes steps; the lean loss with ``exact_cuts``, as eager) and the
+    prediction go through torch.compile (a recorder here, no compile time) and its results are used; the
+    baseline (0 steps) compiles the prediction (it was an ignored option there)."""
     compiled = []
 
     def record(fn, mode=None, dynamic=None):
@@ -211,12 +238,58 @@ def test_compile_plumbing_of_the_one_image_adapter(tiny, norm, monkeypatch, sett
 
     monkeypatch.setattr(torch, "compile", record)
     m = tiny()
-    eager = TTTAdapter(tiny(), settings(steps_per_example=steps)).adapt(
+    eager = TTTAdapter(tiny(), settings(steps_per_example=steps, exact_cuts=exact_cuts)).adapt(
         images(1)[0], image_generator(0, 0, 0), norm
     )
-    a = TTTAdapter(m, settings(steps_per_example=steps, compile=True))
+    a = TTTAdapter(m, settings(steps_per_example=steps, compile=True, exact_cuts=exact_cuts))
     got = a.adapt(images(1)[0], image_generator(0, 0, 0), norm)
     fns = [fn for fn, _ in compiled]
-    assert (m.mae_loss in fns) == (steps > 0) and m.classify in fns
-    assert all(len(calls) == (steps if fn == m.mae_loss else steps + 1) for fn, calls in compiled)
-    assert got.predictions == eager.predictions and got.losses == pytest.approx(eager.losses, rel=1e-4)
+    loss_fn = m.mae_loss_lean if exact_cuts else m.mae_loss
+    assert (loss_fn in fns) == (steps > 0) and m.classify in fns and len(fns) == 1 + (steps > 0)
+    assert all(len(calls) == (steps if fn == loss_fn else steps + 1) for fn, calls in compiled)
+    assert got.predictions == eager.predictions and got.losses == eager.losses  # the same functions ran
+
+
+@pytest.mark.parametrize("single_crop", [True, False])
+def test_adapt_reads_the_device_once_per_image(tiny, norm, monkeypatch, settings, images, single_crop):
+    """``TTTAdapter.adapt`` keeps each step's loss and prediction on the device and reads them in one
+    transfer at the end of the image (no host sync between steps, so the host queues the next step while the
+    device runs this one); its results equal a step-by-step loop that reads every value at once."""
+    s = settings(single_crop=single_crop, steps_per_example=4)
+    raw = images(1)[0]
+    ref = TTTAdapter(tiny(), s)
+    ref.reset()
+    gen = image_generator(0, 0, 3)
+    test = norm(raw[None])
+    want_preds, want_losses = [int(ref.predict(test).argmax(1))], []
+    for _ in range(s.steps_per_example):
+        views, noise = ref.draw(raw, gen, norm)
+        want_losses.append(float(ref.step(views, noise)))
+        want_preds.append(int(ref.predict(test).argmax(1)))
+
+    reads, drawing = [], []
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _real=real, _name=name, **kw):
+            if not drawing:  # the views' crop boxes are read from the CPU generator's numbers: no sync
+                reads.append(_name)
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    adapter = TTTAdapter(tiny(), s)
+    real_draw = adapter.draw
+
+    def draw(*a):
+        drawing.append(1)
+        try:
+            return real_draw(*a)
+        finally:
+            drawing.pop()
+
+    adapter.draw = draw
+    got = adapter.adapt(raw, image_generator(0, 0, 3), norm)
+    monkeypatch.undo()
+    assert reads == ["tolist", "tolist"]  # the predictions, then the losses: once each per image
+    assert got.predictions == want_preds and got.losses == want_losses
+    assert all(type(p) is int for p in got.predictions) and all(type(v) is float for v in got.losses)

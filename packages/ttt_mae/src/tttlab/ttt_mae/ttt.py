@@ -23,6 +23,11 @@ What differs from upstream and why:
 - *no deep copy per image*: the trainable tensors are restored in place from one snapshot
   (``torch._foreach_copy_``) and the optimizer state is cleared (a fresh optimizer has none); upstream
   deep-copies the full state dict into a second model for every image;
+- *one host sync per image*: each step's loss and prediction stay on the device until the image is done
+  (upstream reads both back after every step), the masks' noise goes to the GPU from page-locked memory
+  without blocking, the normaliser keeps its constants on the device and, on a GPU, the lean loss's
+  token look-ups avoid ``embedding``'s backward (which reads counts back to the host), so the host queues
+  step ``k + 1`` while the device still runs step ``k``;
 - upstream wraps the fp32 step in a ``GradScaler`` (scale 2**16, unscaled before the step): power-of-two
   scaling is exact in fp32 unless a gradient overflows, so plain ``loss.backward()`` is the same step;
 - *exact FLOP cuts* (``exact_cuts``, default on): the MAE loss through
@@ -164,8 +169,8 @@ class TTTAdapter:
         self._loss = self.model.mae_loss_lean if self.s.exact_cuts else self.model.mae_loss
         self._classify = self.model.classify
         if self.s.compile:
-            if self.s.steps_per_example > 0:
-                self._loss = torch.compile(self.model.mae_loss, mode=self.s.compile_mode)
+            if self.s.steps_per_example > 0:  # the lean loss too (exact_cuts): the same graph-break-free code
+                self._loss = torch.compile(self._loss, mode=self.s.compile_mode)
             if self.s.compile_predict or self.s.steps_per_example == 0:  # the baseline: prediction only
                 self._classify = torch.compile(self.model.classify, mode=self.s.compile_mode)
 
@@ -194,7 +199,9 @@ class TTTAdapter:
         with autocast(self.device, self.s.amp):
             return self._classify(images.to(self.device)).float()
 
-    def step(self, views: torch.Tensor, noise: torch.Tensor) -> float:
+    def step(self, views: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on the MAE loss of ``views`` with the masks of ``noise``; returns the loss (before
+        the update) as a 0-dim tensor on the model's device, without waiting for the device (no host sync)."""
         self.model.train()
         if self.s.single_crop and self.s.exact_cuts:
             views = views[:1]  # one image, n masks (patch embedding, block 0's qkv, targets once)
@@ -202,10 +209,11 @@ class TTTAdapter:
             torch.compiler.cudagraph_mark_step_begin()  # step's graph outputs were all read already
         with autocast(self.device, self.s.amp):
             loss = self._loss(views, self.s.mask_ratio, noise)
+        value = loss.detach().float().clone()  # a copy: a CUDA-graph output is overwritten by the next replay
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return value
 
     def draw(
         self, raw: torch.Tensor, generator: torch.Generator, normalize
@@ -218,7 +226,11 @@ class TTTAdapter:
         else:
             views = normalize(make_views(raw, self.s.batch_size, single_crop=False, size=self.size,
                                          generator=generator, scale=self.s.crop_scale, flip=self.s.flip))  # fmt: skip
-        noise = self.model.mask_noise(self.s.batch_size, generator).to(self.device)
+        noise = self.model.mask_noise(self.s.batch_size, generator)
+        if self.device.type == "cuda":  # page-locked: the copy is queued on the stream, the host runs on
+            noise = noise.pin_memory().to(self.device, non_blocking=True)
+        else:
+            noise = noise.to(self.device)
         return views, noise
 
     def adapt(self, raw: torch.Tensor, generator: torch.Generator, normalize) -> ImageResult:
@@ -230,13 +242,17 @@ class TTTAdapter:
         self.reset()
         raw = raw.to(self.device)
         test = normalize(raw[None])
-        preds = [int(self.predict(test).argmax(1))]
+        # predictions and losses stay on the device until the image is done: one host sync per image, so
+        # the host queues step k + 1 (and draws its views and masks) while the device still runs step k
+        preds = [self.predict(test).argmax(1)]
         losses = []
         for _ in range(self.s.steps_per_example):
             views, noise = self.draw(raw, generator, normalize)
             losses.append(self.step(views, noise))
-            preds.append(int(self.predict(test).argmax(1)))
-        return ImageResult(preds, losses)
+            preds.append(self.predict(test).argmax(1))
+        pred_list = torch.cat(preds).tolist()
+        loss_list = torch.stack(losses).tolist() if losses else []
+        return ImageResult(pred_list, loss_list)
 
 
 class BatchedTTT:
@@ -342,9 +358,9 @@ class BatchedTTT:
         logits_fn = self._group_logits
         grad_fn = vmap(grad(self._loss, has_aux=True))
         self.model.eval()
-        with torch.no_grad():
-            preds = [logits_fn(params, test).argmax(-1).tolist()]
-        losses: list[list[float]] = []
+        with torch.no_grad():  # predictions and losses stay on the device until the end (one host sync)
+            preds = [logits_fn(params, test).argmax(-1)]
+        losses: list[torch.Tensor] = []
         lr, mom = self.s.lr, self.s.optimizer_momentum
         keys = list(params)
         one = self.s.single_crop and self.s.exact_cuts  # one image + n masks
@@ -366,11 +382,11 @@ class BatchedTTT:
                         torch._foreach_add_(b_list, g_list)
                     g_list = [bufs[k] for k in keys]
                 torch._foreach_add_(p_list, g_list, alpha=-lr)
-            losses.append(loss.tolist())
+            losses.append(loss.detach().float())
             self.model.eval()
             with torch.no_grad():
-                preds.append(logits_fn(params, test).argmax(-1).tolist())
-        return [ImageResult([p[i] for p in preds], [float(row[i]) for row in losses]) for i in range(G)]
+                preds.append(logits_fn(params, test).argmax(-1))
+        return _group_results(preds, losses, G)
 
     def _adapt_compiled(
         self, raws: list[torch.Tensor], generators: list[torch.Generator], normalize
@@ -411,9 +427,9 @@ class BatchedTTT:
         bufs = {k: torch.zeros_like(v) for k, v in params.items()}
         logits_fn = self._compiled_logits
         self.model.eval()
-        with torch.no_grad():
-            preds = [logits_fn(params, test).argmax(-1).tolist()]
-        losses: list[list[float]] = []
+        with torch.no_grad():  # predictions and losses stay on the device until the end (one host sync)
+            preds = [logits_fn(params, test).argmax(-1)]
+        losses: list[torch.Tensor] = []
         single = self.s.single_crop
         for _ in range(self.s.steps_per_example):
             drawn = [self._helper.draw(r, g, normalize) for r, g in zip(raws, generators)]
@@ -421,9 +437,17 @@ class BatchedTTT:
             noise = torch.stack([d[1] for d in drawn])
             self.model.train()
             params, bufs, loss = self._compiled_step(params, bufs, views, noise)
+            losses.append(loss.detach().float().clone())  # a copy: CUDA-graph outputs are overwritten
             self.model.eval()
             with torch.no_grad():
                 logits = logits_fn(params, test)
-            losses.append(loss.tolist())
-            preds.append(logits.argmax(-1).tolist())
-        return [ImageResult([p[i] for p in preds], [float(row[i]) for row in losses]) for i in range(n)]
+            preds.append(logits.argmax(-1))
+        return _group_results(preds, losses, n)
+
+
+def _group_results(preds: list[torch.Tensor], losses: list[torch.Tensor], n: int) -> list[ImageResult]:
+    """Per-image results of the first ``n`` images of a group from the per-step device tensors
+    (``preds[k]``: (G,) after ``k`` steps; ``losses[k]``: (G,) of step ``k + 1``), read in one transfer."""
+    p = torch.stack(preds).tolist()
+    loss = torch.stack(losses).tolist() if losses else []
+    return [ImageResult([row[i] for row in p], [float(row[i]) for row in loss]) for i in range(n)]

@@ -53,12 +53,20 @@ def resize_center_crop(images: np.ndarray, resize: int, crop: int) -> np.ndarray
 
 
 class Normalizer:
+    """``(x - mean) / std`` per channel.  The constants are copied to a device once and kept there: a blocking
+    host-to-device copy per call would wait for the device to finish its queued work (a host sync per TTT
+    step on a GPU)."""
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        consts = self._on.get(x.device)
+        if consts is None:
+            consts = self._on[x.device] = (self.mean.to(x.device), self.std.to(x.device))
+        return (x - consts[0]) / consts[1]
 
 
 def crop_params(
