@@ -97,18 +97,3 @@ def test_compile_false_and_true_keep_their_config_hashes():
         got = [config_hash(M._plain(hydra_cfg(n, overrides))) for n in names]
         assert got == paper
         assert config_hash(E.eval_config(method="memo_tpt.memo", out_dir="runs/x", compile=value)) == evaluate
-
-
-@pytest.mark.parametrize("main", [M.tpt_main, M.memo_main, M.ensemble_main])
-def test_a_bad_compile_override_stops_the_command_before_hydra_makes_its_run_directory(
-    tmp_path, monkeypatch, capsys, main
-):
-    """On the command line ``compile=fast`` is the one-line ConfigError (exit status 2) before Hydra creates
-    ``out_dir`` (the schema types ``compile`` as ``Any``, so Hydra alone would make the directory first)."""
-    import sys
-
-    monkeypatch.setattr(sys, "argv", ["tttlab-memo-tpt", f"out_dir={tmp_path / 'run'}", "compile=fast"])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    assert exc.value.code == 2 and "error: ConfigError: compile='fast'" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []

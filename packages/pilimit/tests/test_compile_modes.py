@@ -79,18 +79,3 @@ def test_compile_false_and_true_keep_their_config_hashes():
         tc = T.train_config("smoke", [f"compile={str(value).lower()}"])
         assert (config_hash(tc), config_hash(T.training_part(tc))) == (train, part)
         assert config_hash(E._config({"compile": value, "out_dir": "runs/x"}, {})) == evaluate
-
-
-@pytest.mark.parametrize("main", [T.main])
-def test_a_bad_compile_override_stops_the_command_before_hydra_makes_its_run_directory(
-    tmp_path, monkeypatch, capsys, main
-):
-    """On the command line ``compile=fast`` is the one-line ConfigError (exit status 2) before Hydra creates
-    ``out_dir`` (the schema types ``compile`` as ``Any``, so Hydra alone would make the directory first)."""
-    import sys
-
-    monkeypatch.setattr(sys, "argv", ["tttlab-pilimit-train", f"out_dir={tmp_path / 'run'}", "compile=fast"])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    assert exc.value.code == 2 and "error: ConfigError: compile='fast'" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []

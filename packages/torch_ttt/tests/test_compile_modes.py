@@ -84,18 +84,3 @@ def test_compile_false_and_true_keep_their_config_hashes():
         )
         train = T.train_config("smoke", ["train.engine=source", f"compile={str(value).lower()}"])
         assert config_hash(train) == MAIN_HASHES["train", value]
-
-
-@pytest.mark.parametrize("main", [T.main, E.main])
-def test_a_bad_compile_override_stops_the_command_before_hydra_makes_its_run_directory(
-    tmp_path, monkeypatch, capsys, main
-):
-    """On the command line ``compile=fast`` is the one-line ConfigError (exit status 2) before Hydra creates
-    ``out_dir`` (the schema types ``compile`` as ``Any``, so Hydra alone would make the directory first)."""
-    import sys
-
-    monkeypatch.setattr(sys, "argv", ["tttlab-torch-ttt", f"out_dir={tmp_path / 'run'}", "compile=fast"])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    assert exc.value.code == 2 and "error: ConfigError: compile='fast'" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []

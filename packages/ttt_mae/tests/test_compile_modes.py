@@ -92,18 +92,3 @@ def test_compile_false_and_true_keep_their_config_hashes():
     for value, (entries, evaluate) in MAIN_HASHES.items():
         assert [config_hash(compose(e, None, {"compile": value})) for e in ENTRIES] == entries
         assert config_hash(E.eval_config(profile="smoke", compile=value)) == evaluate
-
-
-@pytest.mark.parametrize("main", [*(lambda e=e: cli.hydra_main(e) for e in ENTRIES)])
-def test_a_bad_compile_override_stops_the_command_before_hydra_makes_its_run_directory(
-    tmp_path, monkeypatch, capsys, main
-):
-    """On the command line ``compile=fast`` is the one-line ConfigError (exit status 2) before Hydra creates
-    ``out_dir`` (the schema types ``compile`` as ``Any``, so Hydra alone would make the directory first)."""
-    import sys
-
-    monkeypatch.setattr(sys, "argv", ["tttlab-ttt-mae", f"out_dir={tmp_path / 'run'}", "compile=fast"])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    assert exc.value.code == 2 and "error: ConfigError: compile='fast'" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,106 @@
+"""Contract of every installed ``tttlab-*`` command, in whichever environment runs the tests (core only: core's
+two commands; torch-free: core's and MTTT's; full: all of them).
+
+A user's mistake on the command line ends the command with a non-zero exit status and a message that names
+what was wrong, without a Python traceback and without writing anything (no run directory, no Hydra log):
+
+- a mistyped key (``bogus_key=1``);
+- a bad ``compile=`` value, for the commands whose config has a ``compile`` key: core's one-line
+  ``ConfigError`` with exit status 2, before Hydra would make the run directory (``out_dir`` given too).
+
+The commands are the console scripts found in the installed packages' metadata, so a new command is checked
+without editing this file; the full environment must expose every script the packages' ``pyproject.toml``
+files declare (the parametrization cannot shrink unnoticed).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CORE_ONLY = os.environ.get("TTTLAB_EXPECT_CORE_ONLY") == "1"
+NO_TORCH = os.environ.get("TTTLAB_EXPECT_NO_TORCH") == "1"
+
+#: commands whose config has a ``compile`` key (torch.compile: false, true or a mode)
+COMPILE_COMMANDS = {
+    "tttlab-memo-tpt-ensemble", "tttlab-memo-tpt-evaluate", "tttlab-memo-tpt-memo", "tttlab-memo-tpt-tpt",
+    "tttlab-pilimit-evaluate", "tttlab-pilimit-train", "tttlab-torch-ttt-evaluate", "tttlab-torch-ttt-train",
+    "tttlab-ttt-mae-baseline", "tttlab-ttt-mae-pretrain", "tttlab-ttt-mae-probe", "tttlab-ttt-mae-ttt",
+}  # fmt: skip
+
+
+def installed_commands() -> dict[str, md.EntryPoint]:
+    return {ep.name: ep for ep in md.entry_points(group="console_scripts") if ep.name.startswith("tttlab-")}
+
+
+def declared_commands() -> set[str]:
+    """Every ``tttlab-*`` script in the packages' ``[project.scripts]`` tables."""
+    import tomllib
+
+    names = set()
+    for pyproject in (ROOT / "packages").glob("*/pyproject.toml"):
+        scripts = tomllib.loads(pyproject.read_text()).get("project", {}).get("scripts", {})
+        names |= {n for n in scripts if n.startswith("tttlab-")}
+    return names
+
+
+COMMANDS = sorted(installed_commands())
+
+
+def test_the_environment_exposes_the_declared_commands():
+    """Core's commands everywhere; in the full environment every declared command (no silent shrinking of
+    the parametrization below); every declared command with a ``compile`` key is in COMPILE_COMMANDS."""
+    declared = declared_commands()
+    assert {"tttlab-compare", "tttlab-core-demo"} <= set(COMMANDS) <= declared
+    assert COMPILE_COMMANDS <= declared
+    if not (CORE_ONLY or NO_TORCH):
+        assert set(COMMANDS) == declared
+
+
+def run_command(name: str, args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """The console script ``name`` in this process, as ``name *args`` typed in ``cwd``: (exit status, output)."""
+    main = installed_commands()[name].load()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    try:
+        code = main()  # a console script exits with its main's return value
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    if code is None or isinstance(code, int):
+        return int(code or 0), out.out + out.err
+    return 1, out.out + out.err + str(code)  # sys.exit("message"): status 1, the message on stderr
+
+
+def written(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_a_mistyped_key_is_a_clear_error_and_writes_nothing(name, tmp_path, monkeypatch, capsys):
+    code, out = run_command(name, ["bogus_key=1"], tmp_path, monkeypatch, capsys)
+    assert code != 0, out
+    assert "bogus_key" in out and "Traceback" not in out, out
+    assert written(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", sorted(COMPILE_COMMANDS & set(COMMANDS)))
+def test_a_bad_compile_value_stops_the_command_before_it_writes(name, tmp_path, monkeypatch, capsys):
+    """``compile=fast``: exit status 2 and core's one-line ConfigError naming the key, the value and the
+    accepted values, before Hydra makes ``out_dir`` (its schemas type ``compile`` as ``Any``, so Hydra alone
+    would accept the value and make the directory first)."""
+    code, out = run_command(
+        name, [f"out_dir={tmp_path / 'run'}", "compile=fast"], tmp_path, monkeypatch, capsys
+    )
+    assert code == 2, out
+    assert re.search(
+        rf"^{re.escape(name)}: error: ConfigError: compile='fast'; expected .*reduce-overhead", out, re.M
+    )
+    assert "Traceback" not in out
+    assert written(tmp_path) == []
