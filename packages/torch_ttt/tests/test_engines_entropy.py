@@ -178,16 +178,6 @@ def test_eata_no_step_without_selected_samples_and_moving_average_reset():
     assert same(before, state(m)) and engine.current_model_probs is None
 
 
-def test_eata_predict_before_update_returns_the_loss_forward():
-    m = bn_model()
-    x = x_batch()
-    with torch.no_grad(), batch_statistics(m):
-        before = m(x)
-    engine = get_engine("eata")(m, {"lr": 0.1}, e_margin=10.0, predict_before_update=True).eval()
-    out, _ = engine(x)
-    assert torch.equal(out, before)
-
-
 # -- DeYO --------------------------------------------------------------------------------------------
 def test_plpd_and_weights_hand_case():
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
@@ -369,15 +359,39 @@ def test_memo_augmentation_options():
         bad(x)
 
 
-def test_tent_predict_before_update_returns_the_adaptation_forward_without_a_second_pass():
-    m = bn_model()
+#: the engines with ``predict_before_update`` and settings under which every sample adapts
+PREDICT_BEFORE_UPDATE = {"tent": {}, "eata": {"e_margin": 10.0}, "deyo": {"e_margin": 10.0, "plpd_thresh": -1.0}}
+
+
+@pytest.mark.parametrize("name", sorted(PREDICT_BEFORE_UPDATE))
+def test_predict_before_update_returns_the_adaptation_forward_without_a_second_pass(name, monkeypatch):
+    """``predict_before_update=True``: the batch's prediction is the logits of the forward that computed its
+    first loss (before the update), with one model forward fewer than the default; the kept logits are
+    dropped when the batch is done, also when it fails half-way."""
     x = x_batch()
-    with torch.no_grad(), batch_statistics(m):
+    with torch.no_grad(), batch_statistics(m := bn_model()):
         test_stats = m(x)
-    engine = get_engine("tent")(m, {"lr": 0.1}, predict_before_update=True).eval()
-    calls = []
-    handle = m.register_forward_hook(lambda mod, args, out: calls.append(out.shape[0]))
-    out, _ = engine(x)
-    handle.remove()
-    assert torch.equal(out, test_stats), "the logits of the forward that computed the loss"
-    assert calls == [x.shape[0]], "one forward (the adaptation's), no prediction pass"
+    forwards, outs = {}, {}
+    for before in (True, False):
+        m = bn_model()
+        engine = get_engine(name)(m, {"lr": 0.1}, predict_before_update=before, **PREDICT_BEFORE_UPDATE[name])
+        engine.eval()
+        calls = []
+        handle = m.register_forward_hook(lambda mod, args, out, calls=calls: calls.append(out.shape[0]))
+        outs[before], _ = engine(x)
+        handle.remove()
+        forwards[before] = len(calls)
+        assert engine._first_outputs is None
+    assert torch.equal(outs[True], test_stats), "the logits of the forward that computed the loss"
+    assert not torch.equal(outs[False], test_stats), "the default predicts after the update"
+    assert forwards[True] == forwards[False] - 1, "no prediction pass"
+
+    def failing_step(*a, real=engine.adapt_step, **kw):
+        real(*a, **kw)
+        raise RuntimeError("half-way")
+
+    engine.predict_before_update = True
+    monkeypatch.setattr(engine, "adapt_step", failing_step)
+    with pytest.raises(RuntimeError, match="half-way"):
+        engine(x)
+    assert engine._first_outputs is None  # a later batch never sees this batch's logits

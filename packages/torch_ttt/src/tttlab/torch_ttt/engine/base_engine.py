@@ -425,3 +425,32 @@ class BaseEngine(nn.Module):
         if num_steps > 0 and reset is Reset.PER_BATCH:
             self.reset()
         return outputs, loss
+
+
+class PredictBeforeUpdate:
+    """Mix-in (before :class:`BaseEngine`) for the entropy engines' ``predict_before_update=True`` (TENT, EATA,
+    DeYO): a batch's prediction is the logits of the forward that computed its first adaptation loss, i.e.
+    before the update, as those methods' upstream code reports it, with no second forward.  The engine calls
+    :meth:`_keep_first` with those logits in its ``adapt_loss``; they are dropped when the batch is done,
+    also when it fails."""
+
+    predict_before_update: bool = False
+    _first_outputs: torch.Tensor | None = None
+
+    def _keep_first(self, outputs: torch.Tensor) -> None:
+        if self._first_outputs is None:
+            self._first_outputs = outputs.detach()
+
+    def predict(self, inputs, **kwargs):
+        if self.predict_before_update and self._first_outputs is not None:
+            return self._first_outputs
+        return super().predict(inputs, **kwargs)
+
+    def forward(self, inputs, **kwargs):
+        if self.training:
+            return self.ttt_forward(inputs, **kwargs)
+        self._first_outputs = None
+        try:
+            return super().forward(inputs, **kwargs)
+        finally:
+            self._first_outputs = None

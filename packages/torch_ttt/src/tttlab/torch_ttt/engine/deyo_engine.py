@@ -61,7 +61,7 @@ from tttlab.core.errors import InvalidInputError
 from ..engine_registry import EngineRegistry
 from ..norm import batch_statistics, batchnorm_layers, entropy, norm_affine_parameters, norm_layers
 from ..precision import full_precision
-from .base_engine import BaseEngine, check_batch
+from .base_engine import BaseEngine, PredictBeforeUpdate
 
 __all__ = ["DeYOEngine", "deyo_weights", "patch_shuffle", "plpd"]
 
@@ -107,10 +107,12 @@ def deyo_weights(
 
 
 @EngineRegistry.register("deyo")
-class DeYOEngine(BaseEngine):
+class DeYOEngine(PredictBeforeUpdate, BaseEngine):
     """Args: ``model``; ``optimization_parameters``; ``e_margin`` (None: ``0.5 ln C``); ``plpd_thresh``;
     ``ent_norm`` (None: ``0.4 ln C``); ``patch_len`` (patches per side); ``reweight_ent``;
     ``reweight_plpd``; ``predict_before_update``; ``generator`` for the patch permutations."""
+
+    batch_statistics_always = True  # the prediction uses batch statistics: min_batch applies at 0 steps
 
     optimization_defaults = {"num_steps": 1, "lr": 2.5e-4, "optimizer_name": "sgd", "momentum": 0.9}
 
@@ -146,7 +148,6 @@ class DeYOEngine(BaseEngine):
         self.generator = generator
         self._has_bn = bool(batchnorm_layers(model))
         self.min_batch = 2 if self._has_bn else 1
-        self._first_outputs: torch.Tensor | None = None
         self.last_selected = (0, 0)  # (after the entropy filter, after the PLPD filter) at the last step
 
     def adapted_parameters(self):
@@ -192,23 +193,7 @@ class DeYOEngine(BaseEngine):
 
     def adapt_loss(self, inputs, **kwargs):
         outputs = full_precision(self.model(inputs))
-        if self._first_outputs is None:
-            self._first_outputs = outputs.detach()
+        self._keep_first(outputs)
         loss, n_ent, n_plpd = self.deyo_loss(inputs, outputs)
         self.last_selected = (n_ent, n_plpd)
         return loss
-
-    def predict(self, inputs, **kwargs):
-        if self.predict_before_update and self._first_outputs is not None:
-            return self._first_outputs
-        return super().predict(inputs, **kwargs)
-
-    def forward(self, inputs, **kwargs):
-        if self.training:
-            return self.ttt_forward(inputs, **kwargs)
-        check_batch(inputs, min_batch=self.min_batch)
-        self._first_outputs = None
-        try:
-            return super().forward(inputs, **kwargs)
-        finally:
-            self._first_outputs = None

@@ -70,7 +70,7 @@ from tttlab.core.errors import InvalidInputError
 from ..engine_registry import EngineRegistry
 from ..norm import batch_statistics, batchnorm_layers, entropy, norm_affine_parameters, norm_layers
 from ..precision import full_precision
-from .base_engine import BaseEngine, check_batch
+from .base_engine import BaseEngine, PredictBeforeUpdate, check_batch
 
 __all__ = ["EataEngine", "EATAEngine", "UPSTREAM_E_MARGIN", "eata_selection", "update_model_probs"]
 
@@ -104,11 +104,13 @@ def update_model_probs(model_probs: torch.Tensor | None, new_probs: torch.Tensor
 
 
 @EngineRegistry.register("eata")
-class EataEngine(BaseEngine):
+class EataEngine(PredictBeforeUpdate, BaseEngine):
     """Args: ``model``; ``optimization_parameters``; ``e_margin`` (None: ``0.4 ln C``); ``d_margin``
     (cosine threshold, None disables the redundancy filter); ``fisher_alpha``; ``fishers`` (``{name:
     (fisher, theta0)}``, e.g. from :meth:`compute_fishers`; names as ``engine.named_parameters()``
     (``model.<name>``) or, as upstream, as ``model.named_parameters()``); ``predict_before_update``."""
+
+    batch_statistics_always = True  # the prediction uses batch statistics: min_batch applies at 0 steps
 
     optimization_defaults = {"num_steps": 1, "lr": 2.5e-4, "optimizer_name": "sgd", "momentum": 0.9}
 
@@ -138,7 +140,6 @@ class EataEngine(BaseEngine):
         self.min_batch = 2 if batchnorm_layers(model) else 1
         # moving average of probabilities: None until the first kept sample (its size C is unknown before)
         self.register_buffer("current_model_probs", None, persistent=False)
-        self._first_outputs: torch.Tensor | None = None
         self.num_selected = 0  # samples adapted on since construction (all steps, as the official counters)
         self.last_selected = 0  # samples the last step adapted on (0: no step)
 
@@ -257,8 +258,7 @@ class EataEngine(BaseEngine):
 
     def adapt_loss(self, inputs, **kwargs):
         outputs = full_precision(self.model(inputs))
-        if self._first_outputs is None:
-            self._first_outputs = outputs.detach()
+        self._keep_first(outputs)
         idx, ent, weights, probs = self.select(outputs)
         with torch.no_grad():
             self.current_model_probs = update_model_probs(self.current_model_probs, probs.detach())
@@ -270,21 +270,6 @@ class EataEngine(BaseEngine):
         if self.fishers:
             loss = loss + self.fisher_regularizer()
         return loss
-
-    def predict(self, inputs, **kwargs):
-        if self.predict_before_update and self._first_outputs is not None:
-            return self._first_outputs
-        return super().predict(inputs, **kwargs)
-
-    def forward(self, inputs, **kwargs):
-        if self.training:
-            return self.ttt_forward(inputs, **kwargs)
-        check_batch(inputs, min_batch=self.min_batch)
-        self._first_outputs = None
-        try:
-            return super().forward(inputs, **kwargs)
-        finally:
-            self._first_outputs = None
 
 
 #: the name torch-ttt 0.0.2 exported in ``__all__`` (its class is ``EataEngine``).

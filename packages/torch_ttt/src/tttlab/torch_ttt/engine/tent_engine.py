@@ -29,13 +29,13 @@ from tttlab.core.errors import InvalidInputError
 
 from ..engine_registry import EngineRegistry
 from ..norm import batch_statistics, entropy, norm_affine_parameters, norm_layers
-from .base_engine import BaseEngine
+from .base_engine import BaseEngine, PredictBeforeUpdate
 
 __all__ = ["TentEngine"]
 
 
 @EngineRegistry.register("tent")
-class TentEngine(BaseEngine):
+class TentEngine(PredictBeforeUpdate, BaseEngine):
     """Args: model; optimization_parameters (defaults: 1 step, Adam lr 1e-3, as in the TENT paper's
     ImageNet/CIFAR setting ... upstream torch-ttt's generic defaults were 3 steps at 1e-2)."""
 
@@ -51,7 +51,6 @@ class TentEngine(BaseEngine):
                 f"{type(model).__name__} has none"
             )
         self.predict_before_update = predict_before_update
-        self._first_outputs = None
 
     def adapted_parameters(self):
         return norm_affine_parameters(self.model)
@@ -63,21 +62,7 @@ class TentEngine(BaseEngine):
         outputs = self.model(inputs)
         return outputs, entropy(outputs).mean()
 
-    def predict(self, inputs, **kwargs):
-        if self.predict_before_update and self._first_outputs is not None:
-            return self._first_outputs  # the adaptation forward's logits: no second forward pass
-        return super().predict(inputs, **kwargs)
-
     def adapt_loss(self, inputs, **kwargs):
         outputs, loss = self.ttt_forward(inputs, **kwargs)
-        if self._first_outputs is None:
-            self._first_outputs = outputs.detach()
+        self._keep_first(outputs)  # predict_before_update: the prediction, with no second forward pass
         return loss
-
-    def forward(self, inputs, **kwargs):
-        if self.training:
-            return self.ttt_forward(inputs, **kwargs)
-        self._first_outputs = None
-        outputs, loss = super().forward(inputs, **kwargs)  # checks the batch (batch_statistics_always)
-        self._first_outputs = None
-        return outputs, loss
