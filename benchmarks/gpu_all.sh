@@ -14,9 +14,11 @@
 # Order (the open issue's goal first; each part under its own `timeout`, so one slow part cannot eat the
 # others' time; "cap" = the benchmark's own limit inside the part, the part itself is killed 15-20 s later;
 # times measured on the H200 on 2026-11-30, see benchmarks/gpu_h200.md):
-#   1. ttt_mae     benchmarks/gpu_ttt_mae.sh           cap 150 s  (~130 s)  -> ttt_mae.md, ttt_mae_profile.md
+#   1. ttt_mae     benchmarks/gpu_ttt_mae.sh           cap 240 s  (~130 s + the batched row's compile)
+#                  -> ttt_mae.md, ttt_mae_profile.md
 #                  (issue 5: ViT-L TTT step's TFLOP/s and share of bf16 peak; here TTT_MAE_COMPILE=1 with
-#                  TTT_MAE_COMPILE_MODE=reduce-overhead, and TTT_MAE_PROFILE=1: GPU kernel time by class)
+#                  TTT_MAE_COMPILE_MODE=reduce-overhead, TTT_MAE_PROFILE=1: GPU kernel time by class and host
+#                  syncs, TTT_MAE_BATCHED=2: two images at once, the whole step one compiled graph, last row)
 #   2. mttt_bench  benchmarks/gpu_lead.sh bench        cap 150+90 s (2 procs; 80+60 s got N = 196 only)
 #                  -> mttt_gpu.md (issue 4's ratios at N = 784-50,176 have never been measured on a GPU)
 #   3. torch_ttt   benchmarks/gpu_torch_ttt.sh         cap  60 s  (27 s)    -> torch_ttt_gpu.md
@@ -59,16 +61,19 @@ mkdir -p "$FINAL"
 # kernel profile of the eager bf16 step (a dry run takes the same paths: the part expects both tables)
 export TTT_MAE_COMPILE=${TTT_MAE_COMPILE:-1} TTT_MAE_COMPILE_MODE=${TTT_MAE_COMPILE_MODE-reduce-overhead}
 export TTT_MAE_PROFILE=${TTT_MAE_PROFILE:-1}
+# and BatchedTTT with 2 images at once, the whole step one compiled graph (its ViT-L compile is the unknown:
+# the row comes last and the part's limit leaves ~100 s for it)
+export TTT_MAE_BATCHED=${TTT_MAE_BATCHED:-2}
 if [[ "$GPU_DRY_RUN" == 1 ]]; then
   WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_all.XXXXXX")
   export GPU_SITE="${GPU_SITE:-$(mktemp -d "${TMPDIR:-/tmp}/tttlab_site.XXXXXX")}"  # removed at the end
   TOTAL_S=${GPU_TOTAL_S:-900}
-  export PILIMIT_S=${PILIMIT_S:-150} TTT_MAE_S=${TTT_MAE_S:-150} MEMO_TPT_S=${MEMO_TPT_S:-240}
+  export PILIMIT_S=${PILIMIT_S:-150} TTT_MAE_S=${TTT_MAE_S:-300} MEMO_TPT_S=${MEMO_TPT_S:-240}
   export BENCH_SMALL_S=${BENCH_SMALL_S:-120} BENCH_BIG_S=${BENCH_BIG_S:-90} TORCH_TTT_S=${TORCH_TTT_S:-120}
 else
   WORK=${GPU_WORK:-/tmp/gpu_all}
   TOTAL_S=${GPU_TOTAL_S:-560}
-  export PILIMIT_S=${PILIMIT_S:-75} TTT_MAE_S=${TTT_MAE_S:-150} MEMO_TPT_S=${MEMO_TPT_S:-85}
+  export PILIMIT_S=${PILIMIT_S:-75} TTT_MAE_S=${TTT_MAE_S:-240} MEMO_TPT_S=${MEMO_TPT_S:-85}
   # bench_mttt compiles every mixer at every N (the 2026-11-30 run got through N = 196 only in 80 s)
   export BENCH_SMALL_S=${BENCH_SMALL_S:-150} BENCH_BIG_S=${BENCH_BIG_S:-90} TORCH_TTT_S=${TORCH_TTT_S:-60}
 fi

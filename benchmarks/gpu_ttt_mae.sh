@@ -13,6 +13,10 @@
 #   TTT_MAE_SKIP_FP32=1 ...                              # only the bf16 rows (no fp32 ours, no reference)
 #   TTT_MAE_PROFILE=1 ...                                # + $OUT/ttt_mae_profile.md: torch.profiler of one
 #                                                        # eager bf16 image, GPU kernel time by class (~10 s)
+#   TTT_MAE_BATCHED=G ...                                # + a row for BatchedTTT: G images at once, each
+#                                                        # with its own weights, the whole step (grads + SGD
+#                                                        # update) one compiled graph (TTT_MAE_COMPILE_MODE);
+#                                                        # timed on G images after G warm-up images, last
 #
 # Paths timed on the same images and seeds:
 #   reference: upstream-style (deep copy of the state dict into a clone per image, plain SGD,
@@ -108,6 +112,7 @@ def time_images(fn, images, warm=1):
 
 
 rows = []
+tb = None  # BatchedTTT row (TTT_MAE_BATCHED=G)
 # ours, fp32 (TF32 off) and bf16
 ours = TTTAdapter(base, TTTSettings(**{**s.__dict__, "fused": True}), dev)
 total, step_f, pred_f = flops_per_image(ours)  # executed by our paths (TFLOP/s column: conservative)
@@ -271,6 +276,9 @@ def write(tref=None, rref=None):
     if tc is not None:
         lines.append(row(f"ours bf16 + torch.compile (mode {MODE or 'default'})", tc, tref,
                          note_c))
+    if tb is not None:
+        lines.append(row(f"ours bf16, {GB} images at once (BatchedTTT), whole step compiled (mode "
+                         f"{MODE or 'default'})", tb, tref, note_b))
     lines.append("")
     lines.append(f"Total script time {time.perf_counter() - t_start:.0f} s.")
     text = "\n".join(lines) + "\n"
@@ -293,7 +301,38 @@ if os.environ.get("TTT_MAE_COMPILE") == "1":  # after the first table: a compile
               f"{'yes' if same_c else 'NO'}, max loss diff {diff_c:.1e}; host syncs per image: {syncs_c}")
     comp.reset()
     write()
+GB = int(os.environ.get("TTT_MAE_BATCHED") or 0)
+
+
+def run_batched():
+    """BatchedTTT on GB images at once (vmap over per-image weights; the whole step, per-image grads and SGD
+    updates, one compiled graph; the per-step predictions compiled too): compiled and warmed on GB other
+    images, then timed on GB images; s/image = the group's time / GB.  Checked against eager bf16."""
+    global tb, note_b
+    if GB < 1:
+        return
+    from tttlab.ttt_mae.ttt import BatchedTTT
+
+    imgs = (raws * GB)[:GB]
+    bt = BatchedTTT(base, TTTSettings(**{**s.__dict__, "amp": "bf16", "compile": True, "compile_mode": MODE}), dev)
+    t0 = time.perf_counter()
+    bt.adapt(imgs, [image_generator(0, 0, 1000 + i) for i in range(GB)], norm)
+    sync()
+    t_warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rb = bt.adapt(imgs, [image_generator(0, 0, i) for i in range(GB)], norm)
+    sync()
+    tb = (time.perf_counter() - t0) / GB
+    pairs = list(zip(rb, r16))  # eager bf16 ran raws[:3] with the same generators
+    same = all(a.predictions == b.predictions for a, b in pairs)
+    diff = max(abs(x - y) for a, b in pairs for x, y in zip(a.losses, b.losses))
+    note_b = (f"compile + first group {t_warm:.0f} s excluded; per-step predictions = eager bf16 "
+              f"({len(pairs)} images): {'yes' if same else 'NO'}, max loss diff {diff:.1e}")
+    write(*((tref, rref) if "tref" in globals() else ()))
+
+
 if SKIP32:
+    run_batched()
     print(write())
     sys.exit(0)
 # reference: fp32, explicit attention, deep copy per image, plain SGD -- 1 image
@@ -302,5 +341,7 @@ import copy
 ref_model = copy.deepcopy(base).set_fused_attn(False)
 ref = ReferenceTTT(ref_model, TTTSettings(**{**s.__dict__, "foreach": False}), dev)
 tref, rref = time_images(lambda x, gen: ref.adapt(x, gen, norm), raws[:1], warm=0)
+write(tref, rref)
+run_batched()  # last: its compile may run past the time limit, the table above is written already
 print(write(tref, rref))
 PY
