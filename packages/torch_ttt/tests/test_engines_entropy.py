@@ -360,7 +360,11 @@ def test_memo_augmentation_options():
 
 
 #: the engines with ``predict_before_update`` and settings under which every sample adapts
-PREDICT_BEFORE_UPDATE = {"tent": {}, "eata": {"e_margin": 10.0}, "deyo": {"e_margin": 10.0, "plpd_thresh": -1.0}}
+PREDICT_BEFORE_UPDATE = {
+    "tent": {},
+    "eata": {"e_margin": 10.0},
+    "deyo": {"e_margin": 10.0, "plpd_thresh": -1.0},
+}
 
 
 @pytest.mark.parametrize("name", sorted(PREDICT_BEFORE_UPDATE))
