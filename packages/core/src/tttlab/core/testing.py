@@ -220,6 +220,8 @@ class CompileRecorder(list):
     absent) and returns the function unchanged but counted (``calls``: how often a "compiled" function
     ran).  Install it with :func:`record_torch_compile`."""
 
+    __hash__ = object.__hash__  # code that keys tables by torch functions may meet it as torch.compile
+
     def __init__(self):
         super().__init__()
         self.calls = 0
@@ -242,6 +244,7 @@ def record_torch_compile(monkeypatch) -> CompileRecorder:
     """Replace ``torch.compile`` (pytest's ``monkeypatch``) by a :class:`CompileRecorder` and return it:
     what a config's ``compile`` value reaches, without compiling anything."""
     import torch
+    import torch._dynamo  # noqa: F401  # its tables of torch functions are built from the real torch.compile
 
     recorder = CompileRecorder()
     monkeypatch.setattr(torch, "compile", recorder)
