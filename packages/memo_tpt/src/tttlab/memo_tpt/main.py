@@ -176,6 +176,14 @@ def run_paper(cfg) -> Path:
             raise ConfigError(f"{where}amp={m['amp']!r}; expected one of {', '.join(AMP_MODES)}")
         if "compile" in m:  # false | true | a torch.compile mode (core's rule)
             m["compile"] = check_compile(m["compile"], f"{where}compile")
+    for key, minimum, expected in (("num_images", 1, "null or an integer >= 1"),
+                                   ("save_every", 1, "an integer >= 1"),
+                                   ("verbose", 0, "an integer >= 0 (0: never)")):  # fmt: skip
+        value = c.get(key)
+        if value is None and key == "num_images":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{key}={value!r}; expected {expected}")
     if c["data_to_test"] == "mnist_c":
         from tttlab.core.config import package_yaml
 
