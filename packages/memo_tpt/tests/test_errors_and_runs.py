@@ -397,6 +397,57 @@ def test_photos_without_scikit_image_names_the_install(monkeypatch):
         photos.load_photos()
 
 
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--views", "0"], "--views 0: expected an integer >= 1"),
+        (["--severities", "3", "6"], "--severities 3 6: expected severities in 1..5"),
+        (["--threads", "0"], "--threads 0: expected an integer >= 1"),
+        (
+            ["--out", "/nonexistent_rd1/t.md"],
+            "--out /nonexistent_rd1/t.md: the folder /nonexistent_rd1 does not exist",
+        ),
+    ],
+)
+def test_photos_bad_arguments_are_one_line_before_any_work(monkeypatch, capsys, argv, needle):
+    """``python -m tttlab.memo_tpt.photos --views 0`` (or a severity 6) was a traceback from inside MEMO or
+    the corruptions, and an --out in a missing folder a FileNotFoundError after the whole run."""
+    import sys
+
+    from tttlab.memo_tpt import photos
+
+    def run(*args, **kwargs):
+        raise AssertionError("ran despite a bad argument")
+
+    monkeypatch.setattr(photos, "run", run)
+    monkeypatch.setattr(sys, "argv", ["photos", *argv])
+    with pytest.raises(SystemExit) as e:
+        photos.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and needle in err and "Traceback" not in err, err
+
+
+def test_photos_user_error_is_one_line(monkeypatch, capsys):
+    import sys
+
+    from tttlab.core.errors import MissingDependencyError
+    from tttlab.memo_tpt import photos
+
+    def run(*args, **kwargs):
+        raise MissingDependencyError("the photos check needs scikit-image")
+
+    monkeypatch.setattr(photos, "run", run)
+    monkeypatch.setattr(sys, "argv", ["photos"])
+    with pytest.raises(SystemExit) as e:
+        photos.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert (
+        err
+        == "python -m tttlab.memo_tpt.photos: error: MissingDependencyError: the photos check needs scikit-image\n"
+    )
+
+
 def test_openai_torchscript_checkpoint_loads_with_quickgelu(tmp_path, monkeypatch):
     """OpenAI's CLIP files (RN50.pt, ViT-B-16.pt: what TPT used) are TorchScript archives of QuickGELU
     models: they were a CheckpointError ('Cannot use weights_only=True with TorchScript archives')."""
