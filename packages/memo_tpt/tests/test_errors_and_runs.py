@@ -448,6 +448,25 @@ def test_photos_user_error_is_one_line(monkeypatch, capsys):
     )
 
 
+def test_train_tiny_clip_bad_compile_is_one_line(tmp_path, monkeypatch, capsys):
+    """``tttlab-memo-tpt-train-tiny-clip --compile fast`` ended with the ConfigError's traceback."""
+    import sys
+
+    from tttlab.memo_tpt import tiny_clip
+
+    monkeypatch.setattr(
+        sys, "argv", ["x", "--profile", "smoke", "--cache-dir", str(tmp_path), "--compile", "fast"]
+    )
+    with pytest.raises(SystemExit) as e:
+        tiny_clip.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert (
+        "tttlab-memo-tpt-train-tiny-clip: error: ConfigError: compile='fast'; expected true or false" in err
+    ), err
+    assert not list(tmp_path.iterdir()), "nothing trained"
+
+
 def test_openai_torchscript_checkpoint_loads_with_quickgelu(tmp_path, monkeypatch):
     """OpenAI's CLIP files (RN50.pt, ViT-B-16.pt: what TPT used) are TorchScript archives of QuickGELU
     models: they were a CheckpointError ('Cannot use weights_only=True with TorchScript archives')."""
