@@ -137,6 +137,30 @@ def test_hydra_proxies_write_to_the_evaluates_default_folder():
     assert config_hash(via_hydra) == config_hash(eval_config(method="memo_tpt.tpt"))
 
 
+@pytest.mark.parametrize(
+    "overrides, folder",
+    [([], "tpt-smoke"), (["tts=0"], "clip_zeroshot-smoke"), (["ensemble=true"], "tpt_ensemble-smoke")],
+)
+def test_hydra_proxy_writes_to_the_folder_of_the_method_it_runs(tmp_path, monkeypatch, overrides, folder):
+    """``tttlab-memo-tpt-tpt +experiment=smoke tts=0`` runs memo_tpt.clip_zeroshot but wrote it into
+    runs/memo_tpt/eval/tpt-smoke, appending to TPT's records and overwriting its config.yaml."""
+    from tttlab.memo_tpt import evaluate
+    from tttlab.memo_tpt.main import run_paper
+
+    seen = {}
+
+    def proxy(method, out_dir, **kwargs):
+        seen.update(method=method, out_dir=out_dir)
+        return tmp_path / "records.jsonl"
+
+    monkeypatch.setattr(evaluate, "run", proxy)
+    monkeypatch.setattr(evaluate, "summary", lambda path: "")
+    run_paper(_hydra_cfg("tpt", ["+experiment=smoke", *overrides]))
+    assert seen["out_dir"] == f"runs/memo_tpt/eval/{folder}", seen
+    run_paper(_hydra_cfg("tpt", ["+experiment=smoke", *overrides, f"out_dir={tmp_path / 'mine'}"]))
+    assert seen["out_dir"] == str(tmp_path / "mine"), "an explicit out_dir is kept"
+
+
 def test_memo_run_on_imagenet_v2_fixture_resumes(tmp_path):
     """MEMO through the CLI path on an ImageNet-V2 fixture; a resumed run ends with the same numbers."""
     from omegaconf import OmegaConf
