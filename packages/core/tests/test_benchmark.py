@@ -201,6 +201,13 @@ def test_named_benchmarks_bad_input(tmp_path):
         make_benchmark("cifar10_c")
     with pytest.raises(DatasetNotFoundError, match="nowhere"):
         make_benchmark("cifar10_c", root=tmp_path / "nowhere")
+    # a missing root also says what the folder should hold (it named only the path)
+    for name, files, clean in (("cifar10_c", "CIFAR-10-C/{<corruption>.npy, labels.npy}", "cifar-10-batches-py/"),
+                               ("imagenet_c", "ImageNet-C/<corruption>/<severity>/<wnid>/*.JPEG", "val/<wnid>/")):  # fmt: skip
+        with pytest.raises(DatasetNotFoundError) as e:
+            make_benchmark(name, root=tmp_path / "nowhere")
+        assert f"root {tmp_path / 'nowhere'} does not exist; expected {files}" in str(e.value)
+        assert clean in str(e.value)
     with pytest.raises(InvalidInputError, match="root='/data'"):
         make_benchmark("digits_c", root="/data")  # an embedded benchmark: the root would be ignored
     (tmp_path / "a_file").write_text("x")

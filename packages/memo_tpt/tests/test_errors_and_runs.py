@@ -137,6 +137,30 @@ def test_hydra_proxies_write_to_the_evaluates_default_folder():
     assert config_hash(via_hydra) == config_hash(eval_config(method="memo_tpt.tpt"))
 
 
+@pytest.mark.parametrize(
+    "overrides, folder",
+    [([], "tpt-smoke"), (["tts=0"], "clip_zeroshot-smoke"), (["ensemble=true"], "tpt_ensemble-smoke")],
+)
+def test_hydra_proxy_writes_to_the_folder_of_the_method_it_runs(tmp_path, monkeypatch, overrides, folder):
+    """``tttlab-memo-tpt-tpt +experiment=smoke tts=0`` runs memo_tpt.clip_zeroshot but wrote it into
+    runs/memo_tpt/eval/tpt-smoke, appending to TPT's records and overwriting its config.yaml."""
+    from tttlab.memo_tpt import evaluate
+    from tttlab.memo_tpt.main import run_paper
+
+    seen = {}
+
+    def proxy(method, out_dir, **kwargs):
+        seen.update(method=method, out_dir=out_dir)
+        return tmp_path / "records.jsonl"
+
+    monkeypatch.setattr(evaluate, "run", proxy)
+    monkeypatch.setattr(evaluate, "summary", lambda path: "")
+    run_paper(_hydra_cfg("tpt", ["+experiment=smoke", *overrides]))
+    assert seen["out_dir"] == f"runs/memo_tpt/eval/{folder}", seen
+    run_paper(_hydra_cfg("tpt", ["+experiment=smoke", *overrides, f"out_dir={tmp_path / 'mine'}"]))
+    assert seen["out_dir"] == str(tmp_path / "mine"), "an explicit out_dir is kept"
+
+
 def test_memo_run_on_imagenet_v2_fixture_resumes(tmp_path):
     """MEMO through the CLI path on an ImageNet-V2 fixture; a resumed run ends with the same numbers."""
     from omegaconf import OmegaConf
@@ -268,6 +292,10 @@ def test_tpt_run_on_imagenet_a_fixture_uses_200_classes(tmp_path, monkeypatch):
         ("memo", ["weight_decay=-1"], "weight_decay=-1; expected a finite number >= 0"),
         ("memo", ["top_k=abc"], "top_k='abc'; expected a fraction"),
         ("tpt", ["lr=-1"], "lr=-1.0; expected a finite number >= 0"),
+        # the run settings: a record error that did not name the key, a ZeroDivisionError, silently accepted
+        ("tpt", ["num_images=-1"], "num_images=-1; expected null or an integer >= 1"),
+        ("memo", ["save_every=0"], "save_every=0; expected an integer >= 1"),
+        ("tpt", ["verbose=-1"], "verbose=-1; expected an integer >= 0"),
         # amp / compile: a value outside the scheme, fp16 where there is no GradScaler step or no CUDA
         ("tpt", ["amp=fp32"], "amp='fp32'; expected one of auto, none, bf16, fp16"),
         ("tpt", ["compile=maybe"], "compile='maybe'; expected true or false"),
@@ -391,6 +419,76 @@ def test_photos_without_scikit_image_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "skimage", None)
     with pytest.raises(MissingDependencyError, match=r"memo[_-]tpt\[photos\]"):
         photos.load_photos()
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--views", "0"], "--views 0: expected an integer >= 1"),
+        (["--severities", "3", "6"], "--severities 3 6: expected severities in 1..5"),
+        (["--threads", "0"], "--threads 0: expected an integer >= 1"),
+        (
+            ["--out", "/nonexistent_rd1/t.md"],
+            "--out /nonexistent_rd1/t.md: the folder /nonexistent_rd1 does not exist",
+        ),
+    ],
+)
+def test_photos_bad_arguments_are_one_line_before_any_work(monkeypatch, capsys, argv, needle):
+    """``python -m tttlab.memo_tpt.photos --views 0`` (or a severity 6) was a traceback from inside MEMO or
+    the corruptions, and an --out in a missing folder a FileNotFoundError after the whole run."""
+    import sys
+
+    from tttlab.memo_tpt import photos
+
+    def run(*args, **kwargs):
+        raise AssertionError("ran despite a bad argument")
+
+    monkeypatch.setattr(photos, "run", run)
+    monkeypatch.setattr(sys, "argv", ["photos", *argv])
+    with pytest.raises(SystemExit) as e:
+        photos.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and needle in err and "Traceback" not in err, err
+
+
+def test_photos_user_error_is_one_line(monkeypatch, capsys):
+    import sys
+
+    from tttlab.core.errors import MissingDependencyError
+    from tttlab.memo_tpt import photos
+
+    def run(*args, **kwargs):
+        raise MissingDependencyError("the photos check needs scikit-image")
+
+    monkeypatch.setattr(photos, "run", run)
+    monkeypatch.setattr(sys, "argv", ["photos"])
+    with pytest.raises(SystemExit) as e:
+        photos.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert (
+        err
+        == "python -m tttlab.memo_tpt.photos: error: MissingDependencyError: the photos check needs scikit-image\n"
+    )
+
+
+def test_train_tiny_clip_bad_compile_is_one_line(tmp_path, monkeypatch, capsys):
+    """``tttlab-memo-tpt-train-tiny-clip --compile fast`` ended with the ConfigError's traceback."""
+    import sys
+
+    from tttlab.memo_tpt import tiny_clip
+
+    monkeypatch.setattr(
+        sys, "argv", ["x", "--profile", "smoke", "--cache-dir", str(tmp_path), "--compile", "fast"]
+    )
+    with pytest.raises(SystemExit) as e:
+        tiny_clip.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert (
+        "tttlab-memo-tpt-train-tiny-clip: error: ConfigError: compile='fast'; expected true or false" in err
+    ), err
+    assert not list(tmp_path.iterdir()), "nothing trained"
 
 
 def test_openai_torchscript_checkpoint_loads_with_quickgelu(tmp_path, monkeypatch):

@@ -241,6 +241,25 @@ def test_a_bad_device_is_a_config_error(tmp_path):
     assert T.resolve_device("auto").type in ("cpu", "cuda")
 
 
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("eval.num_steps=[0,-1]", "eval.num_steps=[0, -1]: expected a list of integers >= 0"),
+        ("eval.lr=-0.01", "eval.lr=-0.01: expected null or a finite number >= 0"),
+        (
+            "eval.optimizer_name=adm",
+            "eval.optimizer_name='adm': expected null or one of ['adam', 'sgd', 'adamw']",
+        ),
+    ],
+)
+def test_train_rejects_bad_eval_settings_before_training(tmp_path, override, needle):
+    """The noisy evaluation's settings are checked with the others: they used to fail only after the
+    whole training (minutes for the tutorial)."""
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        T.run(smoke_config(tmp_path / "t", override))
+    assert not (tmp_path / "t").exists(), "nothing trained or written"
+
+
 def test_cli_bad_input_is_one_line_and_exit_2_before_any_training(tmp_path, capsys):
     """A bad benchmark setting fails before the model is trained (it used to train first, minutes), and
     the command prints the error's message, not Hydra's traceback."""

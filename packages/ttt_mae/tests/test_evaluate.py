@@ -317,3 +317,14 @@ def test_benchmark_order_keys_reach_the_stream(entry):
     c = compose(entry, "smoke_ttt", {"benchmark": {"shuffle": False, "dirichlet_delta": 0.25}})
     bench = E.make_bench(c)
     assert bench.shuffle is False and bench.dirichlet_delta == 0.25
+
+
+def test_methods_and_profiles_default_to_their_own_folders():
+    """``run(method="ttt_mae.baseline", profile="smoke")`` wrote to the profile's experiment folder
+    (runs/ttt_mae/smoke_ttt), the same as ``ttt_mae.ttt``'s: the second run overwrote the first's config
+    and records."""
+    dirs = {(m, p): E.eval_config(method=m, profile=p)["out_dir"] for m in E.METHODS for p in E.PROFILES}
+    assert dirs[("ttt_mae.ttt", "smoke")] == "runs/ttt_mae/eval/ttt-smoke"
+    assert dirs[("ttt_mae.baseline", "quick")] == "runs/ttt_mae/eval/baseline-quick"
+    assert len(set(dirs.values())) == len(dirs)
+    assert E.eval_config(method="ttt_mae.baseline", profile="smoke", out_dir="/x/y")["out_dir"] == "/x/y"

@@ -546,7 +546,10 @@ def make_benchmark(
             )
         root = Path(root)
         if not root.exists():
-            raise DatasetNotFoundError(f"benchmark {name!r}: root {root} does not exist")
+            raise DatasetNotFoundError(
+                f"benchmark {name!r}: root {root} does not exist; expected {_FILES_LAYOUT[name]}, or the "
+                f"clean data to corrupt: {_CLEAN_LAYOUT[name]}"
+            )
         if name == "cifar10_c":
             has_files = any((p / "labels.npy").exists() for p in (root, root / "CIFAR-10-C"))
             if has_files:
@@ -556,7 +559,7 @@ def make_benchmark(
                 )  # fmt: skip
             clean = _clean_source(
                 name, root, lambda: data.cifar10(root, split="test"),
-                "CIFAR-10-C/{<corruption>.npy, labels.npy} (or root = that folder)",
+                _FILES_LAYOUT[name],
             )  # fmt: skip
             return Benchmark(name, clean, family="cifar", **common)
         corr_dirs = [
@@ -573,10 +576,21 @@ def make_benchmark(
             )  # fmt: skip
         clean = _clean_source(
             name, root, lambda: data.imagenet(root, split="val"),
-            "ImageNet-C/<corruption>/<severity>/<wnid>/*.JPEG (or root = the ImageNet-C folder)",
+            _FILES_LAYOUT[name],
         )  # fmt: skip
         return Benchmark(name, clean, family="imagenet", jpeg_quality=IMAGENET_C_JPEG_QUALITY, **common)
     raise UnknownNameError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}")
+
+
+#: What a cifar10_c / imagenet_c ``root`` holds: the released corrupted files, or the clean data to corrupt.
+_FILES_LAYOUT = {
+    "cifar10_c": "CIFAR-10-C/{<corruption>.npy, labels.npy} (or root = that folder)",
+    "imagenet_c": "ImageNet-C/<corruption>/<severity>/<wnid>/*.JPEG (or root = the ImageNet-C folder)",
+}
+_CLEAN_LAYOUT = {
+    "cifar10_c": "cifar-10-batches-py/{data_batch_1..5, test_batch} (the python version of CIFAR-10)",
+    "imagenet_c": "val/<wnid>/*.JPEG with ImageNet-1k wnids",
+}
 
 
 def _clean_source(name: str, root: Path, read: Callable, files_layout: str):

@@ -176,6 +176,14 @@ def run_paper(cfg) -> Path:
             raise ConfigError(f"{where}amp={m['amp']!r}; expected one of {', '.join(AMP_MODES)}")
         if "compile" in m:  # false | true | a torch.compile mode (core's rule)
             m["compile"] = check_compile(m["compile"], f"{where}compile")
+    for key, minimum, expected in (("num_images", 1, "null or an integer >= 1"),
+                                   ("save_every", 1, "an integer >= 1"),
+                                   ("verbose", 0, "an integer >= 0 (0: never)")):  # fmt: skip
+        value = c.get(key)
+        if value is None and key == "num_images":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{key}={value!r}; expected {expected}")
     if c["data_to_test"] == "mnist_c":
         from tttlab.core.config import package_yaml
 
@@ -202,9 +210,14 @@ def run_paper(cfg) -> Path:
             method = "memo_tpt.tpt_ensemble"
         elif c["method"] == "tpt" and int(c["tts"]) == 0:
             method = "memo_tpt.clip_zeroshot"
-        from .evaluate import summary
+        from .evaluate import default_out_dir, summary
 
-        path = proxy(method=method, profile=c.get("profile", "full"), out_dir=c["out_dir"], seed=c["seed"],
+        # the experiment's default folder is that of the method that runs (tts=0: clip_zeroshot, ensemble=true:
+        # tpt_ensemble), as tttlab-memo-tpt-evaluate's: their records went into TPT's, config.yaml overwritten
+        out_dir, profile = c["out_dir"], c.get("profile", "full")
+        if out_dir == f"runs/memo_tpt/eval/{c['method']}-{profile}":
+            out_dir = default_out_dir(method, profile)
+        path = proxy(method=method, profile=c.get("profile", "full"), out_dir=out_dir, seed=c["seed"],
                      device=c["device"], progress=c["progress"], cache_dir=c.get("cache_dir", "runs/memo_tpt/models"),
                      amp=c.get("amp", "auto"), compile=c.get("compile", False))  # fmt: skip
         print(summary(path))

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from tttlab.core.cli import user_errors
 
 from . import augment as A
 from .losses import bn_prior, entropy
@@ -129,9 +132,19 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the table to this Markdown file")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args()
+    # checked before the minutes of adaptation (they were tracebacks from inside, --out one at the very end)
+    if args.views < 1:
+        ap.error(f"--views {args.views}: expected an integer >= 1")
+    if any(not 1 <= s <= 5 for s in args.severities):
+        ap.error(f"--severities {' '.join(map(str, args.severities))}: expected severities in 1..5")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads {args.threads}: expected an integer >= 1")
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        ap.error(f"--out {args.out}: the folder {Path(args.out).resolve().parent} does not exist")
     if args.threads:
         torch.set_num_threads(args.threads)
-    names, clean_pred, rows = run(args.views, tuple(args.severities), progress=not args.no_progress)
+    with user_errors("python -m tttlab.memo_tpt.photos"):  # e.g. scikit-image missing: one line, no traceback
+        names, clean_pred, rows = run(args.views, tuple(args.severities), progress=not args.no_progress)
     lines = ["clean top-1 (the reference): " + ", ".join(f"{n}: {c}" for n, c in clean_pred.items()), "",
              "| corruption | severity | source | BN prior (N=16) | MEMO | TENT-style (BN stats + 1 step) | MEMO s/image |",
              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip

@@ -282,8 +282,11 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     kw = dict(progress=True, amp=args.amp, compile=args.compile)
-    print(load_or_train_clip(args.profile, args.cache_dir, args.seed, **kw)[1])
-    print(load_or_train_cnn(args.profile, args.cache_dir, args.seed, **kw)[1])
+    from tttlab.core.cli import user_errors
+
+    with user_errors("tttlab-memo-tpt-train-tiny-clip"):  # e.g. --compile fast: one line, no traceback
+        print(load_or_train_clip(args.profile, args.cache_dir, args.seed, **kw)[1])
+        print(load_or_train_cnn(args.profile, args.cache_dir, args.seed, **kw)[1])
 
 
 if __name__ == "__main__":

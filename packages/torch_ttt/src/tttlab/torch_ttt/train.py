@@ -53,7 +53,7 @@ from tttlab.core.errors import CheckpointError, ConfigError, TTTLabError
 from tttlab.core.records import RunDir, config_hash, read_jsonl
 from tttlab.core.torch import resolve_device
 
-from .engine.base_engine import BaseEngine
+from .engine.base_engine import OPTIMIZERS, BaseEngine
 from .engine_registry import EngineRegistry, get_engine
 from .models import MODELS, build_model, model_info
 from .precision import check_amp, check_compile, compile_kwargs
@@ -402,6 +402,12 @@ def _validate(cfg) -> dict[str, Any]:
         ("eval.num_examples", e["num_examples"], e["num_examples"] is None or e["num_examples"] >= 1,
          "null or an integer >= 1"),
         ("eval.noise_std", e["noise_std"], math.isfinite(e["noise_std"]), "a finite number"),
+        # checked here, not after training (the tutorial trains for minutes before it evaluates)
+        ("eval.num_steps", e["num_steps"], all(k >= 0 for k in e["num_steps"]), "a list of integers >= 0"),
+        ("eval.lr", e["lr"], e["lr"] is None or 0 <= e["lr"] < math.inf, "null or a finite number >= 0"),
+        ("eval.optimizer_name", e["optimizer_name"],
+         e["optimizer_name"] is None or str(e["optimizer_name"]).lower() in OPTIMIZERS,
+         f"null or one of {list(OPTIMIZERS)}"),
     ]  # fmt: skip
     for key, value, ok, expected in checks:
         if not ok:

@@ -332,6 +332,8 @@ def eval_config(cfg: Mapping | None = None, **overrides) -> dict[str, Any]:
     if method not in METHODS:
         raise ConfigError(f"method={method!r}; expected one of {METHODS}")
     c = compose("ttt", f"{PROFILES[profile]['experiment']}_ttt", user, schema=EvalConfig)
+    if "out_dir" not in user:  # the profile's experiment folder is shared by both methods: one each
+        c["out_dir"] = f"runs/ttt_mae/eval/{method.split('.', 1)[1]}-{profile}"
     if c["benchmark"]["num_examples"] is None and "num_examples" not in (user.get("benchmark") or {}):
         c["benchmark"]["num_examples"] = PROFILES[profile]["num_examples"]
     if c["progress"] is not None:
