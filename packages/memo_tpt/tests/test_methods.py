@@ -183,6 +183,35 @@ def test_zero_steps_is_plain_clip(tiny_clip, image, amp):
     torch.testing.assert_close(out, ref.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("mode", [{"tts": 0}, {"ensemble": True}])
+def test_untuned_paths_encode_the_class_prompts_once(tiny_clip, mode):
+    """Zero-shot (tts=0) and the view ensemble never tune the prompt: the class prompts go through the text
+    encoder once for all images, with the same logits as encoding them again for every image; a tuning
+    TPT (tts=1) still encodes them per step, and its context stays as tuned."""
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(3)]
+    tpt = TPT(tiny_clip, NAMES, n_views=8, seed=2, **mode)
+    ref = TPT(tiny_clip, NAMES, n_views=8, seed=2, **mode)
+    texts = []
+    real = tpt._encode_text
+    tpt._encode_text = lambda *a: texts.append(1) or real(*a)
+    for img in images:
+        got = tpt(img)
+        views = ref.views(img)
+        with torch.no_grad():  # the initial prompt, encoded again for this image
+            want = ref.predict(views, ref.text_features())
+        assert torch.equal(got, want)
+    assert len(texts) == 1
+    tuned = TPT(tiny_clip, NAMES, n_views=8, tts=1, seed=2)
+    tuned(images[0])
+    assert not torch.equal(tuned.prompts.ctx, tuned.prompts.ctx_init)
+    assert not torch.equal(
+        tuned.predict(tuned.views(images[0])),
+        tuned.predict(tuned.views(images[0]), tuned.initial_text_features()),
+    )
+    assert not torch.equal(tuned.prompts.ctx, tuned.prompts.ctx_init)  # reading the initial features kept it
+
+
 def test_tpt_step_reset_and_selection(tiny_clip, image):
     tpt = TPT(tiny_clip, NAMES, n_views=20, selection=0.25, tts=1, seed=1)
     init = tpt.prompts.ctx.detach().clone()
