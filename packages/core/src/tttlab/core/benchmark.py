@@ -546,7 +546,11 @@ def make_benchmark(
             )
         root = Path(root)
         if not root.exists():
-            raise DatasetNotFoundError(f"benchmark {name!r}: root {root} does not exist")
+            files, clean = _ROOT_LAYOUTS[name]
+            raise DatasetNotFoundError(
+                f"benchmark {name!r}: root {root} does not exist; expected the {name} files, {files}, or the "
+                f"clean data to corrupt, {clean}"
+            )
         if name == "cifar10_c":
             has_files = any((p / "labels.npy").exists() for p in (root, root / "CIFAR-10-C"))
             if has_files:
@@ -555,8 +559,7 @@ def make_benchmark(
                     domain_files=lambda c, s: data.cifar10_c(root, c, s), **common,
                 )  # fmt: skip
             clean = _clean_source(
-                name, root, lambda: data.cifar10(root, split="test"),
-                "CIFAR-10-C/{<corruption>.npy, labels.npy} (or root = that folder)",
+                name, root, lambda: data.cifar10(root, split="test"), _ROOT_LAYOUTS[name][0]
             )  # fmt: skip
             return Benchmark(name, clean, family="cifar", **common)
         corr_dirs = [
@@ -572,11 +575,23 @@ def make_benchmark(
                 domain_files=lambda c, s: data.imagenet_c(root, c, s), **common,
             )  # fmt: skip
         clean = _clean_source(
-            name, root, lambda: data.imagenet(root, split="val"),
-            "ImageNet-C/<corruption>/<severity>/<wnid>/*.JPEG (or root = the ImageNet-C folder)",
+            name, root, lambda: data.imagenet(root, split="val"), _ROOT_LAYOUTS[name][0]
         )  # fmt: skip
         return Benchmark(name, clean, family="imagenet", jpeg_quality=IMAGENET_C_JPEG_QUALITY, **common)
     raise UnknownNameError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}")
+
+
+#: per benchmark read from ``root``: the layout of its corrupted files, and of the clean data it corrupts
+_ROOT_LAYOUTS = {
+    "cifar10_c": (
+        "CIFAR-10-C/{<corruption>.npy, labels.npy} (or root = that folder)",
+        "cifar-10-batches-py/{data_batch_1..5, test_batch} (the python version of CIFAR-10)",
+    ),
+    "imagenet_c": (
+        "ImageNet-C/<corruption>/<severity>/<wnid>/*.JPEG (or root = the ImageNet-C folder)",
+        "val/<wnid>/*.JPEG (or root = the val folder)",
+    ),
+}
 
 
 def _clean_source(name: str, root: Path, read: Callable, files_layout: str):
