@@ -237,6 +237,10 @@ def _run(c: dict, seed, devices) -> Path:
         progress = bool(c["progress"])
     else:
         progress = bool((c.get("logging") or {}).get("progress", False)) and sys.stderr.isatty()
+    # the benchmark first (core checks every key, a missing root): a bad one trains no model and
+    # rewrites no earlier evaluation's config.yaml
+    bcfg = dict(c.get("benchmark") or {})
+    bench = from_config(bcfg)
     method = c.get("method")
     if method:
         method = str(method).removeprefix("mttt_jax.")
@@ -265,8 +269,6 @@ def _run(c: dict, seed, devices) -> Path:
         )
     inner = InnerConfig.from_dict(tc["inner"])
     out = RunDir(c.get("out_dir") or Path(c["run_dir"]) / "eval", c)
-    bcfg = dict(c.get("benchmark") or {})
-    bench = from_config(bcfg)
     n_dev = mesh.devices.size
     params = replicate(params, mesh)
     key = jax.random.fold_in(jax.random.PRNGKey(int(tc.get("seed", 0))), 7)
