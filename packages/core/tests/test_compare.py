@@ -22,7 +22,7 @@ import pytest
 
 from tttlab.core import compare as cmp
 from tttlab.core import registry
-from tttlab.core.errors import ConfigError, UnknownNameError
+from tttlab.core.errors import ConfigError, DatasetLayoutError, DatasetNotFoundError, UnknownNameError
 from tttlab.core.records import load_records
 
 HERE = Path(__file__).resolve().parent
@@ -301,6 +301,15 @@ def test_config_errors_and_method_names(env, tmp_path):
         with pytest.raises(ConfigError, match=needle):
             cmp.load_config([override])
     assert cmp.load_config(["severities=5"])["severities"] == [5]
+    # a benchmark read from disk without its files: refused before any method runs (each method's
+    # subprocess used to fail on it in turn, and the report listed them all as failed)
+    with pytest.raises(DatasetNotFoundError, match="needs root"):
+        cmp.load_config(["benchmark=cifar10_c"])
+    with pytest.raises(DatasetNotFoundError, match=r"nowhere does not exist; expected .*CIFAR-10-C"):
+        cmp.load_config(["benchmark=cifar10_c", f"root={tmp_path / 'nowhere'}"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetLayoutError, match="ImageNet-C/<corruption>"):
+        cmp.load_config(["benchmark=imagenet_c", f"root={tmp_path / 'empty'}"])
     cfg = base_config(
         tmp_path / "typo", methods=["fake.alpha"], overrides={"fake.alpah": {"fake": {"sleep": 1}}}
     )
