@@ -319,6 +319,33 @@ def test_config_errors_and_method_names(env, tmp_path):
         cmp.compare(cfg, echo=lambda *a: None)
 
 
+def test_an_out_dir_that_cannot_be_made_is_a_config_error(tmp_path, monkeypatch, capsys):
+    """An empty ``out_dir`` / ``cache_dir`` (an unset ``$VAR``) wrote everything into the working directory,
+    and one that cannot be created (no permission) ended in a PermissionError traceback."""
+    for key in ("out_dir", "cache_dir"):
+        with pytest.raises(ConfigError, match=f"'{key}' is empty"):
+            cmp.load_config([f"out_dir={tmp_path / 'out'}", f"{key}="])
+    real = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    for args in (
+        [f"out_dir={tmp_path / 'locked'}"],
+        [f"out_dir={tmp_path / 'o'}", f"cache_dir={tmp_path / 'locked'}"],
+    ):
+        assert cmp.main(["methods=[fake.alpha]", *args]) == 2
+        err = capsys.readouterr().err
+        assert "locked'" in err and "cannot create this directory" in err and "Permission denied" in err, err
+    from tttlab.core import demo
+
+    assert demo.main(["--no-compare", "--out", str(tmp_path / "locked")]) == 2
+    assert "'out_dir'=" in capsys.readouterr().err
+
+
 def test_plain_table_without_rich(first, monkeypatch):
     result, _ = first
     monkeypatch.setitem(__import__("sys").modules, "rich", None)
