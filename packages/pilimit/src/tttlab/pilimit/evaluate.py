@@ -3,7 +3,7 @@
     tttlab-pilimit-evaluate method=pilimit.inf_pinet profile=quick     # -> runs/pilimit/eval/inf_pinet-quick
     tttlab-pilimit-evaluate train_run=runs/pilimit/mnist/finite1024-seed0   # your own run -> <run>/eval
     keys: method, profile (smoke|quick|full), train_run, out_dir, cache_dir, seed, device, threads, progress,
-          amp (none|bf16), compile (false|true),
+          amp (none|bf16), compile (false|true|a torch.compile mode),
           benchmark.{name,corruptions,severities,setting,num_examples,batch_size}, train_overrides
     python -c "from tttlab.pilimit.evaluate import run; print(run({'method': 'pilimit.mup'}))"
 
