@@ -107,6 +107,19 @@ def test_evaluate_checks_the_benchmark_before_writing_or_training(run_dir, tmp_p
     assert not (tmp_path / "cache").exists() and not (tmp_path / "ev2").exists()
 
 
+def test_a_checkpoint_step_that_is_not_there_names_the_steps_there_are(run_dir):
+    """``checkpoint_step=999`` said the checkpoint "was written by a different configuration or is damaged"
+    and advised ``resume=false``; ``checkpoint_step=abc`` ended in a ValueError."""
+    from tttlab.core.errors import CheckpointError
+    from tttlab.mttt_jax.evaluate import load_run
+
+    for step in (999, "abc"):
+        with pytest.raises(
+            CheckpointError, match=rf"checkpoint_step={step!r}: .* expected one of \[\d+, \d+\]"
+        ):
+            load_run(run_dir, step)
+
+
 @pytest.mark.parametrize(
     "config_text, needle",
     [("model:\n  name: tutorial_net\ntrain: {engine: ttt}\n", "lacks"), ("a: [\n", "not a readable config")],

@@ -78,6 +78,13 @@ def load_run(run_dir, step: int | None = None, dtype: str | None = None, device=
     state = {"params": params, "opt_state": tx.init(params)}
     mngr = T.checkpoint_manager(run_dir / "checkpoints", c.get("keep_checkpoints", 2))
     try:
+        if step is not None:  # a step that is not there: name it and the ones there are
+            steps = sorted(mngr.all_steps())
+            if isinstance(step, bool) or str(step).strip() not in {str(s) for s in steps}:
+                raise CheckpointError(
+                    f"checkpoint_step={step!r}: {run_dir / 'checkpoints'} holds no checkpoint of that step; "
+                    f"expected one of {steps} (or null: the newest)"
+                )
         step = mngr.latest_step() if step is None else int(step)
         if step is None:
             raise CheckpointError(
