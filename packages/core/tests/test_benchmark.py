@@ -230,6 +230,15 @@ def test_corrupted_benchmark_root_with_neither_files_nor_clean_data_names_both_l
         make_benchmark("cifar10_c", root=tmp_path / "empty")
     with pytest.raises(DatasetLayoutError, match=r"ImageNet-C/<corruption>/<severity>/<wnid>.*val"):
         make_benchmark("imagenet_c", root=tmp_path / "empty")
+    # a root that does not exist (a typo): the same two layouts, not only "does not exist"
+    with pytest.raises(
+        DatasetNotFoundError, match=r"nowhere does not exist.*CIFAR-10-C/\{<corruption>.*test_batch"
+    ):
+        make_benchmark("cifar10_c", root=tmp_path / "nowhere")
+    with pytest.raises(
+        DatasetNotFoundError, match=r"nowhere does not exist.*ImageNet-C/<corruption>.*val/<wnid>"
+    ):
+        make_benchmark("imagenet_c", root=tmp_path / "nowhere")
 
 
 def test_mnist_c_shape():

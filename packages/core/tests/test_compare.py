@@ -22,7 +22,7 @@ import pytest
 
 from tttlab.core import compare as cmp
 from tttlab.core import registry
-from tttlab.core.errors import ConfigError, UnknownNameError
+from tttlab.core.errors import ConfigError, DatasetLayoutError, DatasetNotFoundError, UnknownNameError
 from tttlab.core.records import load_records
 
 HERE = Path(__file__).resolve().parent
@@ -301,6 +301,15 @@ def test_config_errors_and_method_names(env, tmp_path):
         with pytest.raises(ConfigError, match=needle):
             cmp.load_config([override])
     assert cmp.load_config(["severities=5"])["severities"] == [5]
+    # a benchmark read from disk without its files: refused before any method runs (each method's
+    # subprocess used to fail on it in turn, and the report listed them all as failed)
+    with pytest.raises(DatasetNotFoundError, match="needs root"):
+        cmp.load_config(["benchmark=cifar10_c"])
+    with pytest.raises(DatasetNotFoundError, match=r"nowhere does not exist; expected .*CIFAR-10-C"):
+        cmp.load_config(["benchmark=cifar10_c", f"root={tmp_path / 'nowhere'}"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetLayoutError, match="ImageNet-C/<corruption>"):
+        cmp.load_config(["benchmark=imagenet_c", f"root={tmp_path / 'empty'}"])
     cfg = base_config(
         tmp_path / "typo", methods=["fake.alpha"], overrides={"fake.alpah": {"fake": {"sleep": 1}}}
     )
@@ -308,6 +317,33 @@ def test_config_errors_and_method_names(env, tmp_path):
         ConfigError, match=r"'overrides.fake.alpah' matches no method; did you mean 'fake.alpha'"
     ):
         cmp.compare(cfg, echo=lambda *a: None)
+
+
+def test_an_out_dir_that_cannot_be_made_is_a_config_error(tmp_path, monkeypatch, capsys):
+    """An empty ``out_dir`` / ``cache_dir`` (an unset ``$VAR``) wrote everything into the working directory,
+    and one that cannot be created (no permission) ended in a PermissionError traceback."""
+    for key in ("out_dir", "cache_dir"):
+        with pytest.raises(ConfigError, match=f"'{key}' is empty"):
+            cmp.load_config([f"out_dir={tmp_path / 'out'}", f"{key}="])
+    real = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    for args in (
+        [f"out_dir={tmp_path / 'locked'}"],
+        [f"out_dir={tmp_path / 'o'}", f"cache_dir={tmp_path / 'locked'}"],
+    ):
+        assert cmp.main(["methods=[fake.alpha]", *args]) == 2
+        err = capsys.readouterr().err
+        assert "locked'" in err and "cannot create this directory" in err and "Permission denied" in err, err
+    from tttlab.core import demo
+
+    assert demo.main(["--no-compare", "--out", str(tmp_path / "locked")]) == 2
+    assert "'out_dir'=" in capsys.readouterr().err
 
 
 def test_plain_table_without_rich(first, monkeypatch):

@@ -90,6 +90,36 @@ def test_evaluate_passes_the_benchmark_order_keys_to_core(run_dir, tmp_path, mon
     assert [(b.shuffle, b.dirichlet_delta) for b in built] == [(False, 0.25)]
 
 
+def test_evaluate_checks_the_benchmark_before_writing_or_training(run_dir, tmp_path):
+    """A bad benchmark (here a missing CIFAR-10-C root) is refused before evaluate writes its run directory
+    (a typo used to rewrite the config.yaml of the previous evaluation there, next to its records) and, in
+    the compare path, before it trains the profile's model."""
+    from tttlab.core.errors import DatasetNotFoundError
+    from tttlab.mttt_jax.evaluate import run
+
+    bad = {"name": "cifar10_c", "root": str(tmp_path / "no_cifar")}
+    with pytest.raises(DatasetNotFoundError, match="no_cifar"):
+        run({"run_dir": str(run_dir), "out_dir": str(tmp_path / "ev"), "benchmark": bad})
+    assert not (tmp_path / "ev").exists()
+    with pytest.raises(DatasetNotFoundError, match="no_cifar"):
+        run({"method": "mttt_jax.mttt_mlp", "profile": "smoke", "cache_dir": str(tmp_path / "cache"),
+             "out_dir": str(tmp_path / "ev2"), "benchmark": bad})  # fmt: skip
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "ev2").exists()
+
+
+def test_a_checkpoint_step_that_is_not_there_names_the_steps_there_are(run_dir):
+    """``checkpoint_step=999`` said the checkpoint "was written by a different configuration or is damaged"
+    and advised ``resume=false``; ``checkpoint_step=abc`` ended in a ValueError."""
+    from tttlab.core.errors import CheckpointError
+    from tttlab.mttt_jax.evaluate import load_run
+
+    for step in (999, "abc"):
+        with pytest.raises(
+            CheckpointError, match=rf"checkpoint_step={step!r}: .* expected one of \[\d+, \d+\]"
+        ):
+            load_run(run_dir, step)
+
+
 @pytest.mark.parametrize(
     "config_text, needle",
     [("model:\n  name: tutorial_net\ntrain: {engine: ttt}\n", "lacks"), ("a: [\n", "not a readable config")],

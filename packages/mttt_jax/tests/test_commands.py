@@ -109,6 +109,7 @@ def test_user_error_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys, n
         ("steps_per_epoch=0", "steps_per_epoch=0; expected null or an integer >= 1"),
         ("lr=nan", "lr=nan; expected a finite number >= 0"),
         ("inner.TTT.inner_lr=[nan]", "inner.TTT.inner_lr=[nan]; expected finite learning rates"),
+        ("inner.TTT.inner_lr=[1.,x]", "inner.TTT.inner_lr=[1.0, 'x']; expected a learning rate"),
         ("input.batch_size=0", "input.batch_size=0; expected an integer >= 1"),
         ("input.accum_time=0", "input.accum_time=0; expected an integer >= 1"),
         ("image_size=0", "image_size=0; expected an integer >= 1"),

@@ -79,6 +79,20 @@ def test_paper_patch_config_and_one_step_on_tfds_fixture(tmp_path):
     assert (tmp_path / "run" / "stats.json").exists() and (tmp_path / "run" / "records.jsonl").exists()
 
 
+def test_a_missing_tfds_path_leaves_no_run_directory(tmp_path):
+    """A mistyped ``tfds_path`` is a one-line error naming the path, and the ``out_dir`` of the failed
+    command is not created (it used to hold a config.yaml, empty records and stats of a run that never
+    started)."""
+    from tttlab.core.errors import DatasetNotFoundError
+
+    cfg = compose(
+        ["experiment=paper_patch", f"tfds_path={tmp_path / 'no_tfds'}", f"out_dir={tmp_path / 'run'}"]
+    )
+    with pytest.raises(DatasetNotFoundError, match="no_tfds"):
+        T.train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_killed_run_resumes_to_the_same_metrics(tmp_path, trained_run):
     from .conftest import SHARED_RUN
 

@@ -177,6 +177,14 @@ def test_upstream_flag_errors():
         translate_upstream_args(["+experiment=paper_cifar10", "--r"])
     out, _, _ = translate_upstream_args(["+experiment=mnist", "--width", "256", "--gaussian-init"])
     assert out[1:] == ["model.width=256", "model.kind=mup"]
+    # a value that is not a number: a ValueError traceback before; --meta-momentum 0 was dropped silently
+    for flag in ("--width", "--hidden-size", "--meta-momentum"):
+        with pytest.raises(ConfigError, match=f"upstream flag {flag} '1k': expected a number"):
+            translate_upstream_args(["+experiment=paper_omniglot", flag, "1k"])
+    out, _, notes = translate_upstream_args(["+experiment=paper_omniglot", "--meta-momentum", "0"])
+    assert out == ["+experiment=paper_omniglot"] and notes == [
+        "--meta-momentum 0 ignored (PiSGD has no momentum)"
+    ]
     # Hydra's own options keep their values: `--cfg job` on a MAML experiment is not a data folder `job`
     for experiment in ("maml_mnist", "paper_omniglot", "mnist"):
         for hydra_args in (["--cfg", "job"], ["-c", "job", "--resolve"], ["--info", "config"]):

@@ -371,6 +371,18 @@ def test_evaluate_run_again_replaces_its_records(tmp_path):
     assert [x for x in first if x[0] == "accuracy"] == [x for x in second if x[0] == "accuracy"]
 
 
+def test_evaluate_checks_the_benchmark_before_training(tmp_path):
+    """A bad benchmark (a missing CIFAR-10-C root) is refused before the profile's model is trained: it
+    used to train and cache the model first and fail only then."""
+    from tttlab.pilimit.evaluate import run as evaluate
+
+    cfg = {"method": "pilimit.mup", "profile": "smoke", "cache_dir": str(tmp_path / "cache"), "progress": False,
+           "out_dir": str(tmp_path / "eval"), "benchmark": {"name": "cifar10_c", "root": str(tmp_path / "no_cifar")}}  # fmt: skip
+    with pytest.raises(DatasetNotFoundError, match="no_cifar"):
+        evaluate(cfg)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "eval").exists()
+
+
 def test_evaluate_passes_the_benchmark_order_keys_to_core():
     """``benchmark.shuffle`` and ``benchmark.dirichlet_delta`` (compare passes the latter) reach core's
     benchmark through the evaluate's config (mutation audit: keeping only the documented benchmark keys

@@ -252,6 +252,11 @@ def check_config(c: dict[str, Any]) -> dict[str, Any]:
             f"config key 'root'={c['root']!r}: benchmark {c['benchmark']!r} is embedded and reads no files; "
             "drop root (it is for cifar10_c / imagenet_c)"
         )
+    if c["benchmark"] not in ("mnist_c", "digits_c"):
+        from .benchmark import make_benchmark
+
+        # a missing or wrong root: refused here, not once per method in its subprocess
+        make_benchmark(c["benchmark"], root=c.get("root"))
     sev = _as_list(c["severities"], "severities")
     if not sev or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 5 for s in sev):
         raise ConfigError(f"config key 'severities'={c['severities']!r}: expected severities in 1..5")
@@ -284,6 +289,10 @@ def check_config(c: dict[str, Any]) -> dict[str, Any]:
         v = c[key]
         if v is not None and (isinstance(v, bool) or v < 1):
             raise ConfigError(f"config key {key!r}={v!r}: expected a positive integer")
+    for key in ("out_dir", "cache_dir"):  # "" (e.g. an unset $VAR) would be the working directory
+        if c[key] is not None and not str(c[key]).strip():
+            raise ConfigError(f"config key {key!r} is empty; expected a directory" + (
+                " (or null: <out_dir>/cache)" if key == "cache_dir" else ""))  # fmt: skip
     if c["cache_dir"] is None:
         c["cache_dir"] = str(Path(c["out_dir"]) / "cache")
     for key in (
@@ -1264,7 +1273,13 @@ def compare(config: Mapping[str, Any] | None = None, *, overrides: Sequence[str]
     if strict is None:
         strict = "methods" in config or any(o.split("=", 1)[0].lstrip("-+") == "methods" for o in overrides)
     out = Path(c["out_dir"])
-    out.mkdir(parents=True, exist_ok=True)
+    for key in ("out_dir", "cache_dir"):
+        try:
+            Path(c[key]).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # no permission, a read-only or special file system
+            raise ConfigError(
+                f"config key {key!r}={c[key]!r}: cannot create this directory ({exc})"
+            ) from None
     specs, unavailable = resolve_methods(c["methods"], strict=strict)
     known = sorted(
         {s.name for s in installed_methods()[0]} | {s.name for s in specs} | {u.name for u in unavailable}

@@ -106,7 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: {exc}", file=sys.stderr)
         return 2
     out = Path(cfg["out_dir"])
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # no permission, a read-only or special file system
+        print(
+            f"demo: config key 'out_dir'={cfg['out_dir']!r}: cannot create this directory ({exc})",
+            file=sys.stderr,
+        )
+        return 2
     t0 = time.perf_counter()
     from .data import mnist, resize_center_crop
 

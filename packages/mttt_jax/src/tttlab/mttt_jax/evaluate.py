@@ -78,6 +78,13 @@ def load_run(run_dir, step: int | None = None, dtype: str | None = None, device=
     state = {"params": params, "opt_state": tx.init(params)}
     mngr = T.checkpoint_manager(run_dir / "checkpoints", c.get("keep_checkpoints", 2))
     try:
+        if step is not None:  # a step that is not there: name it and the ones there are
+            steps = sorted(mngr.all_steps())
+            if isinstance(step, bool) or str(step).strip() not in {str(s) for s in steps}:
+                raise CheckpointError(
+                    f"checkpoint_step={step!r}: {run_dir / 'checkpoints'} holds no checkpoint of that step; "
+                    f"expected one of {steps} (or null: the newest)"
+                )
         step = mngr.latest_step() if step is None else int(step)
         if step is None:
             raise CheckpointError(
@@ -237,6 +244,10 @@ def _run(c: dict, seed, devices) -> Path:
         progress = bool(c["progress"])
     else:
         progress = bool((c.get("logging") or {}).get("progress", False)) and sys.stderr.isatty()
+    # the benchmark first (core checks every key, a missing root): a bad one trains no model and
+    # rewrites no earlier evaluation's config.yaml
+    bcfg = dict(c.get("benchmark") or {})
+    bench = from_config(bcfg)
     method = c.get("method")
     if method:
         method = str(method).removeprefix("mttt_jax.")
@@ -265,8 +276,6 @@ def _run(c: dict, seed, devices) -> Path:
         )
     inner = InnerConfig.from_dict(tc["inner"])
     out = RunDir(c.get("out_dir") or Path(c["run_dir"]) / "eval", c)
-    bcfg = dict(c.get("benchmark") or {})
-    bench = from_config(bcfg)
     n_dev = mesh.devices.size
     params = replicate(params, mesh)
     key = jax.random.fold_in(jax.random.PRNGKey(int(tc.get("seed", 0))), 7)

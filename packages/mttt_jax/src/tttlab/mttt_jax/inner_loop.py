@@ -90,7 +90,12 @@ class TTTConfig:
             )
         if not isinstance(self.inner_itr, int) or isinstance(self.inner_itr, bool) or self.inner_itr < 1:
             raise MTTTConfigError(f"inner.TTT.inner_itr={self.inner_itr!r}; expected an integer >= 1")
-        object.__setattr__(self, "inner_lr", tuple(float(v) for v in _as_tuple(self.inner_lr)))
+        try:
+            object.__setattr__(self, "inner_lr", tuple(float(v) for v in _as_tuple(self.inner_lr)))
+        except (TypeError, ValueError):
+            raise MTTTConfigError(
+                f"inner.TTT.inner_lr={self.inner_lr!r}; expected a learning rate or a list of them"
+            ) from None
         if not all(math.isfinite(v) for v in self.inner_lr):
             raise MTTTConfigError(f"inner.TTT.inner_lr={list(self.inner_lr)}; expected finite learning rates")
         if len(self.inner_lr) not in (1, self.inner_itr):

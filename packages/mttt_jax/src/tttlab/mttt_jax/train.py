@@ -455,7 +455,6 @@ def train(cfg, *, mesh=None, _kill_at_step: int | None = None) -> dict:
                 check_resume_config(probe, probe.latest_step(), c)
         finally:
             probe.close()
-    run = RunDir(c["out_dir"], c if is_main else None, rank=None if is_main else jax.process_index())
     aug = {**(c["input"].get("augment") or {})}
     train_src = mdata.open_source(
         c["input"]["dataset"], c["input"].get("split", "train"), data_dir=c.get("tfds_path") or None, train=True,
@@ -475,6 +474,8 @@ def train(cfg, *, mesh=None, _kill_at_step: int | None = None) -> dict:
     if steps_per_epoch < 1:
         raise MTTTConfigError(f"{len(train_src)} training images give no full batch of {bs}")
     total_steps = steps_per_epoch * int(c["total_epochs"])
+    # the run directory only once the data opened: a wrong tfds_path leaves no half-made run behind
+    run = RunDir(c["out_dir"], c if is_main else None, rank=None if is_main else jax.process_index())
 
     model = model_from_config(c)
     seed = int(c.get("seed", 0))

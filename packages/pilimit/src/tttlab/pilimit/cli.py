@@ -88,6 +88,13 @@ HYDRA_VALUE_OPTIONS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp",
 HYDRA_INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
 
 
+def _number(flag: str, val: str) -> float:
+    try:
+        return float(val)
+    except ValueError:
+        raise ConfigError(f"upstream flag {flag} {val!r}: expected a number") from None
+
+
 def translate_upstream_args(argv: list[str]) -> tuple[list[str], bool, list[str]]:
     """``(overrides, translated, notes)``: ``argv`` with upstream flags replaced by Hydra overrides.
 
@@ -137,10 +144,11 @@ def translate_upstream_args(argv: list[str]) -> tuple[list[str], bool, list[str]
             i += 1
         i += 1
         if flag == "--meta-momentum":
-            if float(val) != 0:
+            if _number(flag, val) != 0:
                 raise ConfigError(
                     f"--meta-momentum {val}: PiSGD has no momentum (the paper's commands use 0)"
                 )
+            notes.append(f"{flag} {val} ignored (PiSGD has no momentum)")
             continue
         if flag in IGNORED:
             notes.append(f"{flag} ignored (no counterpart here)")
@@ -150,7 +158,7 @@ def translate_upstream_args(argv: list[str]) -> tuple[list[str], bool, list[str]
                 out.append(f"{spec[0]}={spec[1]}")
             continue
         if flag in ("--width", "--hidden-size"):
-            n = int(float(val))
+            n = int(_number(flag, val))
             out += ["model.kind=inf"] if n <= 0 else ["model.kind=finite", f"model.width={n}"]
             continue
         if flag == "--batch-size" and maml:  # meta.train: episodes per outer step

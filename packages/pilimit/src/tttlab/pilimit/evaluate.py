@@ -3,7 +3,7 @@
     tttlab-pilimit-evaluate method=pilimit.inf_pinet profile=quick     # -> runs/pilimit/eval/inf_pinet-quick
     tttlab-pilimit-evaluate train_run=runs/pilimit/mnist/finite1024-seed0   # your own run -> <run>/eval
     keys: method, profile (smoke|quick|full), train_run, out_dir, cache_dir, seed, device, threads, progress,
-          amp (none|bf16), compile (false|true),
+          amp (none|bf16), compile (false|true|a torch.compile mode),
           benchmark.{name,corruptions,severities,setting,num_examples,batch_size}, train_overrides
     python -c "from tttlab.pilimit.evaluate import run; print(run({'method': 'pilimit.mup'}))"
 
@@ -178,6 +178,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     if c.get("threads") and str(c["device"]) == "cpu":
         torch.set_num_threads(int(c["threads"]))
     device = T.resolve_device(str(c["device"]))
+    bench = from_config(c["benchmark"])  # every benchmark key (a missing root) checked before any training
     run_dir = training_run(c)
     net, tc, ck = T.load_trained(run_dir, device)
     if not ck.get("done"):
@@ -193,7 +194,6 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     )
     if c["compile"]:
         precision.compile_net(net, c["compile"])
-    bench = from_config(c["benchmark"])
     totals: dict[Any, list] = {d: [0, 0, 0.0] for d in bench.domains}
     with torch.no_grad(), T.progress_bar(len(bench), c["method"], bool(c["progress"])) as bar:
         for batch in bench.batches():
