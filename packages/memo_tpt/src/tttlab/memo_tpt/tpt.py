@@ -226,7 +226,9 @@ class TPT:
         self._visual_snapshot = (
             {k: v.detach().clone() for k, v in visual.state_dict().items()} if self.align_steps else None
         )
-        self._initial_text: torch.Tensor | None = None  # text features of the initial prompt (initial_text_features)
+        self._initial_text: torch.Tensor | None = (
+            None  # text features of the initial prompt (initial_text_features)
+        )
         self.reset()
 
     # -- state -------------------------------------------------------------------------------------------
