@@ -226,9 +226,8 @@ class TPT:
         self._visual_snapshot = (
             {k: v.detach().clone() for k, v in visual.state_dict().items()} if self.align_steps else None
         )
-        self._initial_text: torch.Tensor | None = (
-            None  # text features of the initial prompt (initial_text_features)
-        )
+        # the text features of the initial prompt, computed on first use (initial_text_features)
+        self._initial_text: torch.Tensor | None = None
         self.reset()
 
     # -- state -------------------------------------------------------------------------------------------
