@@ -128,3 +128,114 @@ def test_fisher_num_batches_reads_exactly_that_many_batches():
     for n in want:
         torch.testing.assert_close(got[n][0], want[n], rtol=1e-5, atol=1e-9)
         assert torch.equal(got[n][1], params[n].detach())
+
+
+# -- the Fisher calibration set of tttlab-torch-ttt-evaluate ------------------------------------------------
+
+
+def test_fisher_subset_is_a_seeded_random_draw_without_repeats():
+    """As the official ``set_dataset_size`` (all indices shuffled with the seeded ``random``, the first
+    ``fisher_size`` kept): distinct indices, not the first N, the same for a seed, other for another seed;
+    a set smaller than ``fisher_size`` is used whole."""
+    import numpy as np
+    import pytest
+
+    from tttlab.core.errors import ConfigError
+    from tttlab.torch_ttt.evaluate import fisher_subset
+
+    a = fisher_subset(50_000, 2000, seed=0)
+    assert a.shape == (2000,) and len(np.unique(a)) == 2000 and a.min() >= 0 and a.max() < 50_000
+    np.testing.assert_array_equal(a, fisher_subset(50_000, 2000, seed=0))  # rerun / resume / other rank
+    assert not np.array_equal(np.sort(a), np.arange(2000)) and a.max() > 40_000, "not the first 2,000"
+    b = fisher_subset(50_000, 2000, seed=1)
+    assert len(np.intersect1d(a, b)) < 400, "another seed draws other images (expected overlap 80)"
+    np.testing.assert_array_equal(fisher_subset(50_000, 100, seed=0), a[:100])
+    np.testing.assert_array_equal(np.sort(fisher_subset(10, 2000, seed=0)), np.arange(10))
+    with pytest.raises(ConfigError, match="seed=-1"):
+        fisher_subset(10, 5, seed=-1)
+
+
+class _StatisticsSpy:
+    """A TTT++/ActMAD stand-in: records the batches ``calibrate`` gives ``compute_statistics``."""
+
+    def __init__(self):
+        self.batches = None
+
+    def compute_statistics(self, batches):
+        self.batches = list(batches)
+
+    def eval(self):
+        return self
+
+
+def test_evaluate_computes_the_fisher_on_the_seeded_subset(tmp_path, monkeypatch, caplog):
+    """``evaluate.calibrate`` hands EATA's ``compute_fishers`` exactly the images of ``fisher_subset`` (the
+    run's seed, calibration.num_examples), in batches of calibration.batch_size, and the Fisher kept is the
+    one of those images; TTT++/ActMAD statistics still use the first images."""
+    import logging
+
+    import numpy as np
+
+    from tttlab.core import data, testing
+    from tttlab.core.torch import to_tensor
+    from tttlab.torch_ttt import evaluate as E
+    from tttlab.torch_ttt.engine.eata_engine import EataEngine
+    from tttlab.torch_ttt.models import model_info
+
+    testing.make_cifar10(tmp_path, n_train=40, n_test=2)
+    info = model_info("wrn28_10")
+
+    def config(seed, num_examples=12):
+        return E.eval_config({
+            "engine": "eata", "seed": seed, "device": "cpu",
+            "model_checkpoint": {"name": "wrn28_10", "path": "/unused", "kwargs": {"depth": 10, "widen_factor": 1}},
+            "calibration": {"root": str(tmp_path), "num_examples": num_examples, "batch_size": 4},
+        })  # fmt: skip
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(4, 10)).eval()  # fmt: skip
+
+    seen = []
+    original = EataEngine.compute_fishers
+
+    def spy(self, batches, *args, **kwargs):
+        batches = list(batches)
+        seen.append(batches)
+        return original(self, batches, *args, **kwargs)
+
+    monkeypatch.setattr(EataEngine, "compute_fishers", spy)
+    train = data.cifar10(tmp_path, split="train")
+    for seed in (3, 4):
+        engine = get_engine("eata")(model())
+        E.calibrate(engine, config(seed), torch.device("cpu"), info)
+        idx = E.fisher_subset(len(train), 12, seed)
+        images, labels = train.take(idx)
+        x = torch.cat([b[0] for b in seen[-1]])
+        assert [len(b[0]) for b in seen[-1]] == [4, 4, 4]
+        assert torch.equal(x, to_tensor(images, mean=info.input_mean, std=info.input_std))
+        assert torch.equal(torch.cat([b[1] for b in seen[-1]]), torch.from_numpy(labels.astype(np.int64)))
+        assert not np.array_equal(np.sort(idx), np.arange(12)), "a random subset, not the first 12"
+        want = get_engine("eata")(model()).compute_fishers(list(x.split(4)))
+        assert engine.fishers.keys() == want.keys()
+        for name, (fisher, theta0) in want.items():
+            torch.testing.assert_close(engine.fishers[name][0], fisher)
+            assert torch.equal(engine.fishers[name][1], theta0)
+    assert not torch.equal(seen[0][0][0], seen[1][0][0]), "seeds 3 and 4 draw other images"
+    # a rerun (or resume) with the same seed: the same images
+    E.calibrate(get_engine("eata")(model()), config(3), torch.device("cpu"), info)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(seen[0], seen[-1]))
+    # more images asked for than the training set has: all 40 of them, once each, and a warning
+    with caplog.at_level(logging.WARNING, logger="tttlab.torch_ttt.evaluate"):
+        E.calibrate(get_engine("eata")(model()), config(3, num_examples=100), torch.device("cpu"), info)
+    x = torch.cat([b[0] for b in seen[-1]])
+    everything = to_tensor(train.take(np.arange(len(train)))[0])
+    assert len(x) == 40 and torch.equal(
+        x[torch.from_numpy(np.argsort(E.fisher_subset(40, 100, 3)))], everything
+    )
+    assert "calibration.num_examples=100" in caplog.text and "only 40 images" in caplog.text
+    # TTT++/ActMAD reference statistics: the first calibration.num_examples images, as before
+    stats = _StatisticsSpy()
+    E.calibrate(stats, config(3), torch.device("cpu"), info)
+    assert torch.equal(torch.cat([b[0] for b in stats.batches]), to_tensor(train.take(np.arange(12))[0]))

@@ -10,7 +10,9 @@ from a run of ``train_experiment`` trained on first use and cached under ``cache
 of its training config).  Engines with a jointly trained auxiliary head (``ttt``, ``ttt_pp``, ``ittt``,
 ``masked_ttt``) get a model trained with that engine; the others the model trained with TTT (its
 rotation head is unused by them).  TTT++/ActMAD reference statistics and EATA's Fisher information are
-computed on ``calibration.num_examples`` clean training images.
+computed on ``calibration.num_examples`` clean training images: the first ones for the statistics, a
+random subset drawn with the run's ``seed`` for the Fisher information (:func:`fisher_subset`, as the
+official EATA code draws its ``fisher_size`` images).
 
 A pretrained model from elsewhere instead (no training): ``model_checkpoint.name`` (a registered model,
 :mod:`tttlab.torch_ttt.models`) and ``model_checkpoint.path`` (a local ``torch.save`` state dict,
@@ -454,13 +456,36 @@ def compiled_forwards(engine) -> str:
     return "all" if engine.compiled_adaptation or engine.compiled_features else "prediction"
 
 
-def calibration_images(c: dict[str, Any], info: ModelInfo, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` clean training images of the model's source dataset, prepared for the model."""
-    if info.source_dataset == "mnist":
-        return T.load_mnist("train", n)
-    from tttlab.core import data
-    from tttlab.core.torch import to_tensor
+#: Second word of the seed of EATA's Fisher subset (``numpy.random.default_rng([seed, FISHER_SUBSET_KEY])``),
+#: so that the subset is not the draw of any other use of the run's ``seed``.
+FISHER_SUBSET_KEY = 0xF15E
 
+
+def fisher_subset(num_available: int, num_examples: int, seed: int) -> np.ndarray:
+    """Indices of EATA's Fisher calibration images: ``min(num_examples, num_available)`` distinct indices of
+    ``range(num_available)``, drawn uniformly without replacement and kept in the drawn (random) order, from
+    a generator seeded by the run's ``seed`` alone (not the rank), so that a rerun, a resumed run and every
+    ``torchrun`` rank compute the Fisher information on the same images.  A larger ``num_examples`` gives a
+    prefix-extension of a smaller one's subset.
+
+    The official code (mr-eggplant/EATA ``main.py`` and ``SelectedRotateImageFolder.set_dataset_size``)
+    shuffles all indices of the clean set with Python's ``random`` seeded by ``--seed`` and keeps the first
+    ``fisher_size`` (2,000); when the set is smaller it keeps all of it, and so does this function (the
+    caller logs a warning).  Same distribution, other draws: numpy's generator, our seed."""
+    if seed < 0:
+        raise ConfigError(
+            f"seed={seed}: EATA's Fisher subset is drawn with this seed; expected an integer >= 0"
+        )
+    rng = np.random.default_rng([int(seed), FISHER_SUBSET_KEY])
+    return rng.permutation(int(num_available))[: int(num_examples)]
+
+
+def source_training_set(c: dict[str, Any], info: ModelInfo):
+    """The model's source dataset's clean training split (a core dataset, read lazily)."""
+    from tttlab.core import data
+
+    if info.source_dataset == "mnist":
+        return data.mnist("train")
     if info.source_dataset != "cifar10":
         raise ConfigError(
             f"model {info.name!r}: no calibration data for source dataset {info.source_dataset!r}"
@@ -471,24 +496,51 @@ def calibration_images(c: dict[str, Any], info: ModelInfo, n: int) -> tuple[torc
             f"{c['engine']['name']} calibrates on clean {info.source_dataset} training images: set "
             "calibration.root (or benchmark.root) to the folder holding cifar-10-batches-py"
         )
-    ds = data.cifar10(root, split="train")
-    x = to_tensor(np.ascontiguousarray(ds.images[:n]), mean=info.input_mean, std=info.input_std)
-    return x, torch.from_numpy(np.asarray(ds.labels[:n], np.int64))
+    return data.cifar10(root, split="train")
+
+
+def calibration_images(
+    c: dict[str, Any], info: ModelInfo, n: int, *, seed: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` clean training images of the model's source dataset, prepared for the model, and their labels:
+    the first ``n`` (``seed=None``: TTT++ / ActMAD reference statistics) or the seeded random ``n`` of
+    :func:`fisher_subset` in its order (EATA's Fisher information).  All of them when there are fewer."""
+    from tttlab.core.torch import to_tensor
+
+    ds = source_training_set(c, info)
+    if seed is None:
+        idx = np.arange(min(int(n), len(ds)))
+    else:
+        idx = fisher_subset(len(ds), n, seed)
+        if len(idx) < n:
+            log.warning("EATA's Fisher information: calibration.num_examples=%d but the %s training set has "
+                        "only %d images; using all of them", n, info.source_dataset, len(ds))  # fmt: skip
+    images, labels = ds.take(idx)
+    if info.source_dataset == "mnist":
+        x = T.normalise(images)
+    else:
+        x = to_tensor(np.ascontiguousarray(images), mean=info.input_mean, std=info.input_std)
+    return x, torch.from_numpy(np.asarray(labels, np.int64))
 
 
 def calibrate(engine, c: dict[str, Any], device: torch.device, info: ModelInfo | None = None) -> None:
     """TTT++ / ActMAD reference statistics and EATA's Fisher information on clean training images (of
-    ``info``'s source dataset; default: the evaluated model's)."""
+    ``info``'s source dataset; default: the evaluated model's): ``calibration.num_examples`` of them in
+    batches of ``calibration.batch_size``.  The statistics use the first ones; the Fisher information a
+    random subset drawn with the run's ``seed`` (:func:`fisher_subset`), as the official EATA code draws
+    its ``fisher_size`` images at random."""
     needs = [m for m in ("compute_statistics", "compute_fishers") if hasattr(engine, m)]
     if not needs:
         return
     cal = c["calibration"]
-    x, y = calibration_images(c, info or evaluated_model(c), int(cal["num_examples"]))
-    batches = [
-        (xb.to(device), yb.to(device))
-        for xb, yb in zip(x.split(cal["batch_size"]), y.split(cal["batch_size"]))
-    ]
+    info = info or evaluated_model(c)
     for method in needs:
+        seed = int(c["seed"]) if method == "compute_fishers" else None
+        x, y = calibration_images(c, info, int(cal["num_examples"]), seed=seed)
+        batches = [
+            (xb.to(device), yb.to(device))
+            for xb, yb in zip(x.split(cal["batch_size"]), y.split(cal["batch_size"]))
+        ]
         getattr(engine, method)(batches)
     engine.eval()
 

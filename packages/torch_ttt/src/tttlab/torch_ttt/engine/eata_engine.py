@@ -39,8 +39,14 @@ Differences from torch-ttt 0.0.2 and why:
   (0.03 for 1000 classes, 0.32 for 10), so with 10 classes and 0.05 almost no sample passes once the
   average exists and EATA degenerates to BN.  Use about 0.4 for 10 classes (``conf/engine/eata.yaml``
   does, for MNIST-C; the value the test-time-adaptation benchmark uses on CIFAR-10-C).
-* ``fisher_alpha=2000`` is the official ImageNet default; the official Fisher pass uses the clean
-  validation images (``fisher_size`` 2000) with test-batch statistics, as :meth:`compute_fishers` does.
+* ``fisher_alpha=2000`` is the official ImageNet default; the official Fisher pass uses ``fisher_size``
+  (2,000) clean validation images drawn at random without repeats (``main.py``:
+  ``SelectedRotateImageFolder.set_dataset_size``, Python's ``random`` seeded by ``--seed``, 2020), with
+  the test transform, the test batch size (64) and test-batch statistics, as :meth:`compute_fishers`
+  does on the batches it is given.  ``tttlab-torch-ttt-evaluate`` gives it ``calibration.num_examples``
+  clean *training* images of the model's source dataset (as mariodoebler/test-time-adaptation for
+  CIFAR-10-C), a random subset drawn with the run's ``seed`` (``evaluate.fisher_subset``): the same kind
+  of sample as the official one, not the same draws.
 * defaults: the paper's ImageNet setting, one SGD step, lr 2.5e-4, momentum 0.9 (upstream: its generic
   3 Adam steps at 1e-2).  EATA is meant to run over a stream (``reset="per_domain"`` or ``"never"``); the
   default ``"per_batch"`` (upstream's ``copy_model=True``) makes the moving average and the Fisher term
