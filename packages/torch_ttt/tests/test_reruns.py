@@ -1,0 +1,77 @@
+"""Running train.py again in a run directory with another config, and bad engine arguments / optimizer
+names (new-user walkthrough): nothing in the directory may describe a run that did not happen, and no
+number of an earlier run may be reported as this run's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tttlab.core.errors import CheckpointError, ConfigError
+from tttlab.core.records import read_jsonl, read_stats
+from tttlab.torch_ttt import evaluate as E
+from tttlab.torch_ttt import train as T
+
+#: the smoke experiment, smaller still (about a second per run)
+SMALL = ["data.num_examples=128", "eval.num_examples=64", "train.checkpoint_every=100"]
+
+
+def run(out, *overrides):
+    return T.run(T.train_config("smoke", [f"out_dir={out}", *SMALL, *overrides]))
+
+
+def values(out) -> list[tuple]:
+    return [(r["metric"], r["corruption"], r["step"], r["value"]) for r in read_jsonl(out / "records.jsonl")]
+
+
+def test_a_refused_resume_names_the_keys_and_leaves_config_yaml_alone(tmp_path):
+    out = run(tmp_path / "r")
+    before = (out / "config.yaml").read_bytes()
+    with pytest.raises(CheckpointError, match=r"train\.lr: 0\.01 -> 0\.02"):
+        run(out, "train.lr=0.02")
+    assert (out / "config.yaml").read_bytes() == before, "config.yaml still describes the checkpoint's run"
+    # a checkpoint written before checkpoints held their training config: the keys come from config.yaml
+    ckpt = out / "checkpoints" / "last.ckpt"
+    ck = torch.load(ckpt, weights_only=True)
+    del ck["training_config"]
+    torch.save(ck, ckpt)
+    with pytest.raises(CheckpointError, match=r"train\.lr: 0\.01 -> 0\.02"):
+        run(out, "train.lr=0.02")
+
+
+def test_resume_false_replaces_the_previous_runs_records(tmp_path):
+    out = run(tmp_path / "r")
+    run(out, "train.lr=0.02", "train.resume=false")
+    fresh = run(tmp_path / "fresh", "train.lr=0.02")
+    # the old run's evaluations were kept and the new run skipped its own as "already in records.jsonl"
+    assert values(out) == values(fresh)
+    assert read_stats(out)["eval"] == read_stats(fresh)["eval"]
+
+
+def test_another_eval_config_does_not_reuse_the_evaluations(tmp_path):
+    out = run(tmp_path / "r")
+    run(out, "eval.noise_std=1.0")
+    fresh = run(tmp_path / "fresh", "eval.noise_std=1.0")
+    assert read_stats(out)["eval"] == read_stats(fresh)["eval"]
+    assert len(read_jsonl(out / "records.jsonl")) == 9, "both configs' evaluations, one training record"
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [("train.optimizer=adan", "train.optimizer='adan'"),
+     ("train.engine_kwargs.featres_layer_name=fc2", "train.engine_kwargs: engine 'ttt' has no argument(s) "
+                                                     "['featres_layer_name']")],
+)  # fmt: skip
+def test_train_bad_optimizer_or_engine_argument_writes_nothing(tmp_path, override, needle):
+    with pytest.raises(ConfigError) as info:
+        run(tmp_path / "r", override)
+    assert needle in str(info.value)
+    assert not (tmp_path / "r").exists(), (
+        "the run directory was made (config.yaml, env.json) before the error"
+    )
+
+
+def test_evaluate_checks_engine_arguments_with_the_config():
+    # was: only after training the cached model (minutes)
+    with pytest.raises(ConfigError, match=r"engine\.kwargs: engine 'tent' has no argument\(s\) \['foo'\]"):
+        E.eval_config({"engine": {"name": "tent", "kwargs": {"foo": 1}}})
