@@ -75,3 +75,16 @@ def test_evaluate_checks_engine_arguments_with_the_config():
     # was: only after training the cached model (minutes)
     with pytest.raises(ConfigError, match=r"engine\.kwargs: engine 'tent' has no argument\(s\) \['foo'\]"):
         E.eval_config({"engine": {"name": "tent", "kwargs": {"foo": 1}}})
+
+
+def test_a_damaged_checkpoint_says_what_was_expected_and_how_to_recover(tmp_path):
+    out = run(tmp_path / "r")
+    ckpt = out / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(b"hello\n")  # torch's own message for this file is "101"
+    with pytest.raises(CheckpointError) as info:
+        T.load_checkpoint(ckpt)
+    message = str(info.value)
+    assert str(ckpt) in message and "expected a torch.save file written by tttlab-torch-ttt-train" in message
+    assert "train.resume=false" in message
+    run(out, "train.resume=false")  # which starts over
+    assert T.load_checkpoint(ckpt)["done"]

@@ -255,7 +255,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-        raise CheckpointError(f"{path} is not a readable tttlab-torch-ttt checkpoint: {exc}") from None
+        # torch's own text is often just a number ("101") or an errno: name the kind of failure instead
+        detail = " ".join(str(exc).split())[:160]
+        raise CheckpointError(
+            f"{path} is not a readable tttlab-torch-ttt checkpoint ({type(exc).__name__}: {detail}); expected "
+            "a torch.save file written by tttlab-torch-ttt-train (a damaged one: train again, with "
+            "train.resume=false in that out_dir or in another out_dir)"
+        ) from None
     if not isinstance(ck, dict) or not str(ck.get("format", "")).startswith("tttlab.torch_ttt/"):
         what = f"a dict with keys {sorted(map(str, ck))[:6]}" if isinstance(ck, dict) else type(ck).__name__
         raise CheckpointError(
