@@ -88,3 +88,27 @@ def test_a_damaged_checkpoint_says_what_was_expected_and_how_to_recover(tmp_path
     assert "train.resume=false" in message
     run(out, "train.resume=false")  # which starts over
     assert T.load_checkpoint(ckpt)["done"]
+
+
+def test_ctrl_c_is_one_line_and_status_130_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during training printed a 60-line KeyboardInterrupt traceback through torch's kernels."""
+    import contextlib
+
+    out, steps = tmp_path / "r", []
+
+    class CtrlCAtStep6:
+        def update(self, n=1):
+            steps.append(n)
+            if len(steps) == 6:
+                raise KeyboardInterrupt
+
+    args = ["data.num_examples=320", "train.checkpoint_every=4"]
+    with monkeypatch.context() as m:
+        m.setattr(T, "progress_bar", lambda *a, **k: contextlib.nullcontext(CtrlCAtStep6()))
+        with pytest.raises(SystemExit) as exit_info, T.user_errors("tttlab-torch-ttt-train"):
+            run(out, *args)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "tttlab-torch-ttt-train: interrupted\n"
+    assert T.load_checkpoint(out / "checkpoints" / "last.ckpt")["state"]["step"] == 4
+    run(out, *args)
+    assert values(out) == values(run(tmp_path / "fresh", *args))
