@@ -112,3 +112,16 @@ def test_ctrl_c_is_one_line_and_status_130_and_the_run_resumes(tmp_path, monkeyp
     assert T.load_checkpoint(out / "checkpoints" / "last.ckpt")["state"]["step"] == 4
     run(out, *args)
     assert values(out) == values(run(tmp_path / "fresh", *args))
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [("train_engine=foo", "train_engine='foo'; expected auto or one of ['source'"),
+     ("train_experiment=mnsit_bn", "train_experiment='mnsit_bn'; expected one of ['mnist_bn', 'mnist_tutorial'")],
+)  # fmt: skip
+def test_evaluate_names_the_training_keys_it_was_given(override, needle):
+    # train_engine=foo was accepted until the model was about to be trained, then reported as
+    # train.engine='foo' (a key the user had not written); a misspelt experiment did not list the others
+    with pytest.raises(ConfigError) as info:
+        E.eval_config({"engine": "tent"}, [override])
+    assert needle in str(info.value)

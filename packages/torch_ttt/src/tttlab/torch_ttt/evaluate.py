@@ -237,6 +237,13 @@ def eval_config(cfg: Mapping | None = None, overrides: list[str] | None = None) 
     OptimizationParameters(given, defaults=get_engine(c["engine"]["name"]).optimization_defaults)
     # so do misspelt engine arguments (they failed only once the model was trained: minutes)
     T.check_engine_kwargs(c["engine"]["name"], c["engine"]["kwargs"])
+    if c["train_engine"] != "auto" and c["train_engine"] not in EngineRegistry.names():
+        raise ConfigError(
+            f"train_engine={c['train_engine']!r}; expected auto or one of {EngineRegistry.names()}"
+        )
+    experiments = T.experiment_names()
+    if c["train_experiment"] not in experiments:
+        raise ConfigError(f"train_experiment={c['train_experiment']!r}; expected one of {experiments}")
     check_model_checkpoint(c)
     return c
 

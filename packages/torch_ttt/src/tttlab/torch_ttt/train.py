@@ -132,6 +132,14 @@ def conf_yaml(relative: str) -> dict[str, Any]:
     return package_yaml("tttlab.torch_ttt.conf", relative)
 
 
+def experiment_names() -> list[str]:
+    """The ``+experiment=`` names shipped in ``conf/experiment/`` (sorted)."""
+    from importlib import resources
+
+    folder = resources.files("tttlab.torch_ttt.conf").joinpath("experiment")
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
 def train_config(experiment: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """The training config as Hydra composes it (``config.yaml``, then ``experiment/<experiment>.yaml``,
     then ``key=value`` overrides), without Hydra (usable inside a running Hydra app), validated."""
