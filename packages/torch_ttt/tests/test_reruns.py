@@ -125,3 +125,24 @@ def test_evaluate_names_the_training_keys_it_was_given(override, needle):
     with pytest.raises(ConfigError) as info:
         E.eval_config({"engine": "tent"}, [override])
     assert needle in str(info.value)
+
+
+def test_speed_benchmark_without_upstream_stops_before_training(monkeypatch, capsys):
+    """benchmarks/bench_torch_ttt.py (the README's speed table) trained its models, then stopped in a
+    ModuleNotFoundError traceback when upstream torch-ttt was not installed."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_torch_ttt.py"
+    if not script.exists():
+        pytest.skip("not a repository checkout")
+    spec = importlib.util.spec_from_file_location("bench_torch_ttt", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "torch_ttt" else real(n, *a))
+    monkeypatch.setattr(bench, "train", lambda *a, **k: pytest.fail("trained before checking for upstream"))
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--batches", "1", "--repeats", "1"])
+    assert info.value.code == 2
+    assert "pip install --no-deps torch-ttt==0.0.2 einops" in capsys.readouterr().err
