@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import io
 import statistics
 import time
@@ -267,6 +268,10 @@ def main(argv=None):
                    help="time train.py's joint-training step in the amp/compile settings instead")  # fmt: skip
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if not (args.variants or args.train_variants) and importlib.util.find_spec("torch_ttt") is None:
+        # checked now: the script trained its models first and then stopped in an import traceback
+        p.error("upstream torch-ttt 0.0.2 is not installed (the comparison runs it): pip install --no-deps "
+                "torch-ttt==0.0.2 einops; --variants / --train-variants time our engines only")  # fmt: skip
     torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
     if args.train_variants:
         return main_train_variants(args)

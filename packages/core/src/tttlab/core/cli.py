@@ -17,7 +17,8 @@ from .errors import TTTLabError
 
 @contextlib.contextmanager
 def user_errors(prog: str) -> Iterator[None]:
-    """Run the body; a :class:`TTTLabError` ends the command with its message and exit status 2.
+    """Run the body; a :class:`TTTLabError` ends the command with its message and exit status 2, Ctrl-C
+    (``KeyboardInterrupt``) with ``<prog>: interrupted`` and exit status 130.
 
     Inside a Hydra task, a run directory that holds only what Hydra put there before the task ran (its
     ``.hydra`` folder and the job's ``<name>.log``) is removed first, with the empty folders above it up to
@@ -30,6 +31,12 @@ def user_errors(prog: str) -> Iterator[None]:
         _remove_hydra_only_run_dir()
         print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        # Ctrl-C: one line and the shell's status 130, not a traceback through torch's kernels (the files a
+        # run wrote are complete, writes being atomic; the READMEs say what running it again does)
+        _remove_hydra_only_run_dir()
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def _remove_hydra_only_run_dir() -> None:

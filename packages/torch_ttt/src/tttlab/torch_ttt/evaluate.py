@@ -237,6 +237,15 @@ def eval_config(cfg: Mapping | None = None, overrides: list[str] | None = None) 
     # unknown keys and bad values of engine.optimization fail now, not after training the model
     given = {k: v for k, v in (c["engine"]["optimization"] or {}).items() if v is not None}
     OptimizationParameters(given, defaults=get_engine(c["engine"]["name"]).optimization_defaults)
+    # so do misspelt engine arguments (they failed only once the model was trained: minutes)
+    T.check_engine_kwargs(c["engine"]["name"], c["engine"]["kwargs"])
+    if c["train_engine"] != "auto" and c["train_engine"] not in EngineRegistry.names():
+        raise ConfigError(
+            f"train_engine={c['train_engine']!r}; expected auto or one of {EngineRegistry.names()}"
+        )
+    experiments = T.experiment_names()
+    if c["train_experiment"] not in experiments:
+        raise ConfigError(f"train_experiment={c['train_experiment']!r}; expected one of {experiments}")
     check_model_checkpoint(c)
     return c
 

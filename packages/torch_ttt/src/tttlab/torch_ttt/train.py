@@ -132,6 +132,14 @@ def conf_yaml(relative: str) -> dict[str, Any]:
     return package_yaml("tttlab.torch_ttt.conf", relative)
 
 
+def experiment_names() -> list[str]:
+    """The ``+experiment=`` names shipped in ``conf/experiment/`` (sorted)."""
+    from importlib import resources
+
+    folder = resources.files("tttlab.torch_ttt.conf").joinpath("experiment")
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
 def train_config(experiment: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """The training config as Hydra composes it (``config.yaml``, then ``experiment/<experiment>.yaml``,
     then ``key=value`` overrides), without Hydra (usable inside a running Hydra app), validated."""
@@ -186,18 +194,27 @@ def build_engine(
     cls = get_engine(name)
     info = model_info(model_name)
     kwargs = dict(kwargs or {})
-    accepted = [
-        k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "model", "args", "kwargs")
-    ]
-    unknown = sorted(set(kwargs) - set(accepted) - {"optimization_parameters"})
-    if unknown:
-        raise ConfigError(f"engine {name!r} has no argument(s) {unknown}; its arguments are {accepted}")
+    check_engine_kwargs(name, kwargs)
     try:
         return _construct(cls, name, model, info, dict(kwargs), optimization, example_input)
     except (TypeError, ValueError) as exc:
         if not kwargs or isinstance(exc, TTTLabError):
             raise
         raise ConfigError(f"engine {name!r} rejects its arguments {kwargs}: {exc}") from exc
+
+
+def check_engine_kwargs(name: str, kwargs: dict[str, Any] | None, key: str = "engine.kwargs") -> None:
+    """A :class:`ConfigError` naming the keys of ``kwargs`` that engine ``name``'s constructor does not take
+    (checked with the config, before any training: a misspelt key used to fail only after it)."""
+    cls = get_engine(name)
+    accepted = [
+        k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "model", "args", "kwargs")
+    ]
+    unknown = sorted(set(kwargs or {}) - set(accepted) - {"optimization_parameters"})
+    if unknown:
+        raise ConfigError(
+            f"{key}: engine {name!r} has no argument(s) {unknown}; its arguments are {accepted}"
+        )
 
 
 def _construct(cls, name, model, info, kwargs, optimization, example_input) -> BaseEngine:
@@ -246,7 +263,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-        raise CheckpointError(f"{path} is not a readable tttlab-torch-ttt checkpoint: {exc}") from None
+        # torch's own text is often just a number ("101") or an errno: name the kind of failure instead
+        detail = " ".join(str(exc).split())[:160]
+        raise CheckpointError(
+            f"{path} is not a readable tttlab-torch-ttt checkpoint ({type(exc).__name__}: {detail}); expected "
+            "a torch.save file written by tttlab-torch-ttt-train (a damaged one: train again, with "
+            "train.resume=false in that out_dir or in another out_dir)"
+        ) from None
     if not isinstance(ck, dict) or not str(ck.get("format", "")).startswith("tttlab.torch_ttt/"):
         what = f"a dict with keys {sorted(map(str, ck))[:6]}" if isinstance(ck, dict) else type(ck).__name__
         raise CheckpointError(
@@ -369,6 +392,9 @@ def _validate(cfg) -> dict[str, Any]:
     c = to_dict(validate(to_dict(cfg), TrainConfig))
     if c["train"]["engine"] not in EngineRegistry.names():
         raise ConfigError(f"train.engine={c['train']['engine']!r}; expected one of {EngineRegistry.names()}")
+    check_engine_kwargs(c["train"]["engine"], c["train"]["engine_kwargs"], "train.engine_kwargs")
+    if str(c["train"]["optimizer"]).lower() not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer={c['train']['optimizer']!r}; expected one of {list(OPTIMIZERS)}")
     c["amp"] = check_amp(c["amp"])
     c["compile"] = check_compile(c["compile"])
     if c["compile"] and not get_engine(c["train"]["engine"]).compiled_adaptation:
@@ -419,20 +445,26 @@ def run(cfg, **overrides) -> Path:
     """Train (or resume) and evaluate; returns the run directory."""
     c = _validate({**to_dict(cfg), **overrides})
     device = resolve_device(c["device"])
-    out = RunDir(c["out_dir"], c)
-    ckpt_path = out.checkpoint_path(CHECKPOINT)
-    d: DataConfig | dict = c["data"]
-    x, y = load_mnist(d.get("split") or "train", d.get("num_examples"))
-    model, engine, opt = build_model_and_engine(c, x[:2].to(device), device)
-    state = {"epoch": 0, "batch": 0, "step": 0, "correct": 0, "seen": 0, "task_loss": 0.0, "ssl_loss": 0.0}
-    history: dict[str, list] = {}
+    ckpt_path = Path(c["out_dir"]) / "checkpoints" / f"{CHECKPOINT}.ckpt"
+    # everything that can refuse the run before RunDir writes config.yaml: a refused resume left the run
+    # directory's config.yaml describing the refused config, next to the other config's checkpoint
+    ck = None
     if c["train"]["resume"] and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path)
         if ck.get("config_hash") != config_hash(_training_part(c)):
             raise CheckpointError(
-                f"{ckpt_path} was written by a run with another model/training config; use another out_dir "
-                "or train.resume=false"
+                f"{ckpt_path} was written by a run with another model/training config"
+                f"{_training_diff(ck, c)}; use another out_dir or train.resume=false"
             )
+    d: DataConfig | dict = c["data"]
+    x, y = load_mnist(d.get("split") or "train", d.get("num_examples"))
+    model, engine, opt = build_model_and_engine(c, x[:2].to(device), device)
+    out = RunDir(c["out_dir"], c)
+    if ck is None:
+        _start_over(out, ckpt_path)
+    state = {"epoch": 0, "batch": 0, "step": 0, "correct": 0, "seen": 0, "task_loss": 0.0, "ssl_loss": 0.0}
+    history: dict[str, list] = {}
+    if ck is not None:
         engine.load_state_dict(ck["engine_state"])
         opt.load_state_dict(ck["optimizer"])
         state, history = ck["state"], ck["history"]
@@ -452,6 +484,7 @@ def run(cfg, **overrides) -> Path:
                 "model_state": model.state_dict(), "engine_state": engine.state_dict(),
                 "optimizer": opt.state_dict(), "state": dict(state), "history": history,
                 "rng": torch.get_rng_state(), "done": done, "config_hash": config_hash(_training_part(c)),
+                "training_config": _training_part(c),
             },
         )  # fmt: skip
 
@@ -460,7 +493,7 @@ def run(cfg, **overrides) -> Path:
         extra={"train_engine": c["train"]["engine"]},
     )  # fmt: skip
     with out.writer(**defaults) as writer:
-        have = _recorded(out.records_path)
+        have = _recorded(out.records_path, _eval_hash(c))
         epochs = int(c["train"]["epochs"])
         while state["epoch"] < epochs:
             t0 = time.perf_counter()
@@ -504,10 +537,59 @@ def _training_part(c: dict[str, Any]) -> dict[str, Any]:
     return part
 
 
-def _recorded(path: Path) -> dict[tuple, float]:
+def _training_diff(ck: dict[str, Any], c: dict[str, Any]) -> str:
+    """`` (key: old -> new, ...)`` between a refused checkpoint's training config and ``c``'s: from the
+    checkpoint (``training_config``) or, for a checkpoint written before it held one, from the run
+    directory's ``config.yaml`` (still the checkpoint's: it is rewritten only once the run is accepted)."""
+    from tttlab.core.config import config_diff
+
+    old = ck.get("training_config")
+    if old is None:
+        path = Path(c["out_dir"]) / "config.yaml"
+        try:
+            from omegaconf import OmegaConf
+
+            old = _training_part(to_dict(OmegaConf.load(path)))
+        except Exception:  # noqa: BLE001 - no or another config.yaml: the message goes without the keys
+            return ""
+    diff = config_diff(to_dict(old), _training_part(c))
+    return f" ({', '.join(diff[:8])}{', ...' if len(diff) > 8 else ''})" if diff else ""
+
+
+def _start_over(out: RunDir, ckpt_path: Path) -> None:
+    """A run that does not resume (no checkpoint, or ``train.resume=false``) replaces what an earlier run
+    left in its directory: its checkpoint and its records.  They were kept, and the new run then skipped
+    every evaluation "already in records.jsonl", reporting the old run's numbers in its stats.json."""
+    records = read_jsonl(out.records_path)
+    if ckpt_path.exists() or records:
+        log.warning("%s: starting over (train.resume=false or no checkpoint): removing the previous run's "
+                    "checkpoint and its %d records", out.path, len(records))  # fmt: skip
+    ckpt_path.unlink(missing_ok=True)
+    if records:
+        from tttlab.core._io import atomic_write_text
+
+        atomic_write_text(out.records_path, "")
+
+
+def _eval_hash(c: dict[str, Any]) -> str:
+    """What the noisy evaluation's numbers depend on: the trained weights' config and the ``eval`` section
+    (its ``enabled`` flag aside)."""
+    e = {k: v for k, v in c["eval"].items() if k != "enabled"}
+    return config_hash({"training": _training_part(c), "eval": e})
+
+
+def _recorded(path: Path, eval_hash: str | None = None) -> dict[tuple, float]:
     """``{(method, metric, corruption, step): value}`` of the records already written (a resumed run skips
-    them and takes their values into the stats' evaluation summary)."""
-    return {(r["method"], r["metric"], r["corruption"], r["step"]): r["value"] for r in read_jsonl(path)}
+    them and takes their values into the stats' evaluation summary).  With ``eval_hash``, evaluation records
+    of another ``eval`` config (a rerun with e.g. ``eval.noise_std=1``) do not count: they were reused as
+    this config's numbers."""
+    out = {}
+    for r in read_jsonl(path):
+        other = r["extra"].get("eval_hash") not in (None, eval_hash)
+        if eval_hash is not None and r["metric"] != "train_accuracy" and other:
+            continue
+        out[(r["method"], r["metric"], r["corruption"], r["step"])] = r["value"]
+    return out
 
 
 def _noisy_evaluation(c, model, engine, writer, have, device) -> dict[str, Any]:
@@ -516,7 +598,8 @@ def _noisy_evaluation(c, model, engine, writer, have, device) -> dict[str, Any]:
     xn = noisy(xt, float(e["noise_std"]), int(e["noise_seed"]))
     bs, progress = int(e["batch_size"]), c["logging"]["progress"]
     summary: dict[str, Any] = {}
-    common = dict(dataset="mnist", setting="episodic", n=len(yt))
+    common = dict(dataset="mnist", setting="episodic", n=len(yt),
+                  extra={"train_engine": c["train"]["engine"], "eval_hash": _eval_hash(c)})  # fmt: skip
     for key, corruption, images in (("clean", None, xt), ("noisy", TUTORIAL_NOISE, xn)):
         t0 = time.perf_counter()
         acc = accuracy(model, images, yt, bs, device, c["amp"])

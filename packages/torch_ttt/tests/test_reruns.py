@@ -1,0 +1,148 @@
+"""Running train.py again in a run directory with another config, and bad engine arguments / optimizer
+names (new-user walkthrough): nothing in the directory may describe a run that did not happen, and no
+number of an earlier run may be reported as this run's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tttlab.core.errors import CheckpointError, ConfigError
+from tttlab.core.records import read_jsonl, read_stats
+from tttlab.torch_ttt import evaluate as E
+from tttlab.torch_ttt import train as T
+
+#: the smoke experiment, smaller still (about a second per run)
+SMALL = ["data.num_examples=128", "eval.num_examples=64", "train.checkpoint_every=100"]
+
+
+def run(out, *overrides):
+    return T.run(T.train_config("smoke", [f"out_dir={out}", *SMALL, *overrides]))
+
+
+def values(out) -> list[tuple]:
+    return [(r["metric"], r["corruption"], r["step"], r["value"]) for r in read_jsonl(out / "records.jsonl")]
+
+
+def test_a_refused_resume_names_the_keys_and_leaves_config_yaml_alone(tmp_path):
+    out = run(tmp_path / "r")
+    before = (out / "config.yaml").read_bytes()
+    with pytest.raises(CheckpointError, match=r"train\.lr: 0\.01 -> 0\.02"):
+        run(out, "train.lr=0.02")
+    assert (out / "config.yaml").read_bytes() == before, "config.yaml still describes the checkpoint's run"
+    # a checkpoint written before checkpoints held their training config: the keys come from config.yaml
+    ckpt = out / "checkpoints" / "last.ckpt"
+    ck = torch.load(ckpt, weights_only=True)
+    del ck["training_config"]
+    torch.save(ck, ckpt)
+    with pytest.raises(CheckpointError, match=r"train\.lr: 0\.01 -> 0\.02"):
+        run(out, "train.lr=0.02")
+
+
+def test_resume_false_replaces_the_previous_runs_records(tmp_path):
+    out = run(tmp_path / "r")
+    run(out, "train.lr=0.02", "train.resume=false")
+    fresh = run(tmp_path / "fresh", "train.lr=0.02")
+    # the old run's evaluations were kept and the new run skipped its own as "already in records.jsonl"
+    assert values(out) == values(fresh)
+    assert read_stats(out)["eval"] == read_stats(fresh)["eval"]
+
+
+def test_another_eval_config_does_not_reuse_the_evaluations(tmp_path):
+    out = run(tmp_path / "r")
+    run(out, "eval.noise_std=1.0")
+    fresh = run(tmp_path / "fresh", "eval.noise_std=1.0")
+    assert read_stats(out)["eval"] == read_stats(fresh)["eval"]
+    assert len(read_jsonl(out / "records.jsonl")) == 9, "both configs' evaluations, one training record"
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [("train.optimizer=adan", "train.optimizer='adan'"),
+     ("train.engine_kwargs.featres_layer_name=fc2", "train.engine_kwargs: engine 'ttt' has no argument(s) "
+                                                     "['featres_layer_name']")],
+)  # fmt: skip
+def test_train_bad_optimizer_or_engine_argument_writes_nothing(tmp_path, override, needle):
+    with pytest.raises(ConfigError) as info:
+        run(tmp_path / "r", override)
+    assert needle in str(info.value)
+    assert not (tmp_path / "r").exists(), (
+        "the run directory was made (config.yaml, env.json) before the error"
+    )
+
+
+def test_evaluate_checks_engine_arguments_with_the_config():
+    # was: only after training the cached model (minutes)
+    with pytest.raises(ConfigError, match=r"engine\.kwargs: engine 'tent' has no argument\(s\) \['foo'\]"):
+        E.eval_config({"engine": {"name": "tent", "kwargs": {"foo": 1}}})
+
+
+def test_a_damaged_checkpoint_says_what_was_expected_and_how_to_recover(tmp_path):
+    out = run(tmp_path / "r")
+    ckpt = out / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(b"hello\n")  # torch's own message for this file is "101"
+    with pytest.raises(CheckpointError) as info:
+        T.load_checkpoint(ckpt)
+    message = str(info.value)
+    assert str(ckpt) in message and "expected a torch.save file written by tttlab-torch-ttt-train" in message
+    assert "train.resume=false" in message
+    run(out, "train.resume=false")  # which starts over
+    assert T.load_checkpoint(ckpt)["done"]
+
+
+def test_ctrl_c_is_one_line_and_status_130_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during training printed a 60-line KeyboardInterrupt traceback through torch's kernels."""
+    import contextlib
+
+    out, steps = tmp_path / "r", []
+
+    class CtrlCAtStep6:
+        def update(self, n=1):
+            steps.append(n)
+            if len(steps) == 6:
+                raise KeyboardInterrupt
+
+    args = ["data.num_examples=320", "train.checkpoint_every=4"]
+    with monkeypatch.context() as m:
+        m.setattr(T, "progress_bar", lambda *a, **k: contextlib.nullcontext(CtrlCAtStep6()))
+        with pytest.raises(SystemExit) as exit_info, T.user_errors("tttlab-torch-ttt-train"):
+            run(out, *args)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "tttlab-torch-ttt-train: interrupted\n"
+    assert T.load_checkpoint(out / "checkpoints" / "last.ckpt")["state"]["step"] == 4
+    run(out, *args)
+    assert values(out) == values(run(tmp_path / "fresh", *args))
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [("train_engine=foo", "train_engine='foo'; expected auto or one of ['source'"),
+     ("train_experiment=mnsit_bn", "train_experiment='mnsit_bn'; expected one of ['mnist_bn', 'mnist_tutorial'")],
+)  # fmt: skip
+def test_evaluate_names_the_training_keys_it_was_given(override, needle):
+    # train_engine=foo was accepted until the model was about to be trained, then reported as
+    # train.engine='foo' (a key the user had not written); a misspelt experiment did not list the others
+    with pytest.raises(ConfigError) as info:
+        E.eval_config({"engine": "tent"}, [override])
+    assert needle in str(info.value)
+
+
+def test_speed_benchmark_without_upstream_stops_before_training(monkeypatch, capsys):
+    """benchmarks/bench_torch_ttt.py (the README's speed table) trained its models, then stopped in a
+    ModuleNotFoundError traceback when upstream torch-ttt was not installed."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_torch_ttt.py"
+    if not script.exists():
+        pytest.skip("not a repository checkout")
+    spec = importlib.util.spec_from_file_location("bench_torch_ttt", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "torch_ttt" else real(n, *a))
+    monkeypatch.setattr(bench, "train", lambda *a, **k: pytest.fail("trained before checking for upstream"))
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--batches", "1", "--repeats", "1"])
+    assert info.value.code == 2
+    assert "pip install --no-deps torch-ttt==0.0.2 einops" in capsys.readouterr().err
