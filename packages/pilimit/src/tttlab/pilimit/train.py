@@ -44,7 +44,7 @@ from tttlab.core.cli import check_compile_override, check_dir_overrides, user_er
 from tttlab.core.config import RunConfig, config_diff, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError
 from tttlab.core.records import RunDir, config_hash, done_keys, load_records
-from tttlab.core.torch import resolve_device
+from tttlab.core.torch import read_torch_file, resolve_device
 
 from . import precision
 from .data import NUM_CLASSES, TRANSFER_LAYOUTS, data_root, load_flat, mnist_classes, omniglot_classes
@@ -249,10 +249,8 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated or foreign file
-        raise CheckpointError(f"{path} is not a readable tttlab-pilimit checkpoint: {exc}") from None
+    # a missing, truncated or foreign file: a CheckpointError naming the path (core's safe reader)
+    ck = read_torch_file(path, option=None, what="tttlab-pilimit checkpoint")
     if not isinstance(ck, dict) or ck.get("format") != "tttlab.pilimit/1":
         raise CheckpointError(f"{path}: not a tttlab.pilimit/1 checkpoint")
     return ck

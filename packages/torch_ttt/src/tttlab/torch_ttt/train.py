@@ -51,7 +51,7 @@ from tttlab.core.cli import check_compile_override, check_dir_overrides, user_er
 from tttlab.core.config import DataConfig, RunConfig, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError, TTTLabError
 from tttlab.core.records import RunDir, config_hash, read_jsonl
-from tttlab.core.torch import resolve_device
+from tttlab.core.torch import read_torch_file, resolve_device
 
 from .engine.base_engine import OPTIMIZERS, BaseEngine
 from .engine_registry import EngineRegistry, get_engine
@@ -243,10 +243,8 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-        raise CheckpointError(f"{path} is not a readable tttlab-torch-ttt checkpoint: {exc}") from None
+    # a missing, truncated or foreign file: a CheckpointError naming the path (core's safe reader)
+    ck = read_torch_file(path, option=None, what="tttlab-torch-ttt checkpoint")
     if not isinstance(ck, dict) or not str(ck.get("format", "")).startswith("tttlab.torch_ttt/"):
         what = f"a dict with keys {sorted(map(str, ck))[:6]}" if isinstance(ck, dict) else type(ck).__name__
         raise CheckpointError(
