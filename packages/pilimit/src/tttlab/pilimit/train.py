@@ -349,7 +349,8 @@ class _Run:
         self.c = c
         self.device = resolve_device(c["device"])
         self.key = config_hash(training_part(c))
-        self.ckpt_path = Path(c["out_dir"]) / "checkpoints" / f"{CHECKPOINT}.ckpt"
+        # RunDir's rule (<out_dir>/checkpoints/last.ckpt), read before the run directory is made
+        self.ckpt_path = RunDir.checkpoint_path_in(c["out_dir"], CHECKPOINT)
         ckpt = self.ckpt_path
         self._ck = load_checkpoint(ckpt) if (c["train"]["resume"] and ckpt.exists()) else None
         if self._ck is not None and self._ck.get("config_hash") != self.key:
@@ -366,6 +367,7 @@ class _Run:
     def open(self) -> RunDir:
         """Make (or reopen) the run directory: ``config.yaml``, ``records.jsonl``, ``checkpoints/``."""
         self.out = RunDir(self.c["out_dir"], self._recorded)
+        self.ckpt_path = self.out.checkpoint_path(CHECKPOINT)
         return self.out
 
     def try_resume(self, net, opt, sched) -> dict[str, Any] | None:
@@ -631,7 +633,7 @@ def _run_maml(c: dict[str, Any]) -> Path:
 
 def load_trained(run_dir, device="cpu"):
     """``(net, config)`` of a finished run directory."""
-    path = Path(run_dir) / "checkpoints" / f"{CHECKPOINT}.ckpt"
+    path = RunDir.checkpoint_path_in(run_dir, CHECKPOINT)
     if not path.exists():
         raise CheckpointError(
             f"{run_dir}: no checkpoints/{CHECKPOINT}.ckpt; expected a tttlab-pilimit-train run"
