@@ -82,3 +82,12 @@ def test_heatmap_and_bars_from_records(tmp_path):
         plots.plot_heatmap(df, metric="ece", out=tmp_path / "x")
     with pytest.raises(InvalidInputError, match="empty"):
         plots.plot_bars(df.iloc[:0], out=tmp_path / "x")
+    # the README's "from run directories": a run directory (or its records path) is read with load_records;
+    # anything else that is not a table is a one-line error, not an AttributeError from inside pandas
+    _png_ok(plots.plot_heatmap(run.path, out=tmp_path / "heat3"))
+    _png_ok(plots.plot_bars(str(run.records_path), out=tmp_path / "bars3"))
+    with pytest.raises(InvalidInputError, match=r"got a list; expected a records table \(pandas DataFrame"):
+        plots.plot_heatmap([1, 2], out=tmp_path / "x")
+    with pytest.raises(InvalidInputError, match=r"nowhere does not exist"):
+        plots.plot_bars(tmp_path / "nowhere", out=tmp_path / "x")
+    assert not (tmp_path / "x.png").exists()
