@@ -252,15 +252,18 @@ def check_config(c: dict[str, Any]) -> dict[str, Any]:
             f"config key 'root'={c['root']!r}: benchmark {c['benchmark']!r} is embedded and reads no files; "
             "drop root (it is for cifar10_c / imagenet_c)"
         )
-    if c["benchmark"] not in ("mnist_c", "digits_c"):
-        from .benchmark import make_benchmark
-
-        # a missing or wrong root: refused here, not once per method in its subprocess
-        make_benchmark(c["benchmark"], root=c.get("root"))
     sev = _as_list(c["severities"], "severities")
     if not sev or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 5 for s in sev):
         raise ConfigError(f"config key 'severities'={c['severities']!r}: expected severities in 1..5")
     c["severities"] = sorted(set(int(s) for s in sev))
+    if c["benchmark"] not in ("mnist_c", "digits_c"):
+        from .benchmark import make_benchmark
+
+        # a missing or wrong root, or one without a chosen domain's files: refused here, not once per
+        # method in its subprocess
+        make_benchmark(
+            c["benchmark"], root=c.get("root"), corruptions=c["corruptions"], severities=c["severities"]
+        )
     seeds = _as_list(c["seeds"], "seeds")
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
         raise ConfigError(f"config key 'seeds'={c['seeds']!r}: expected a list of integers >= 0")
