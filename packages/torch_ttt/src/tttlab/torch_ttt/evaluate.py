@@ -708,7 +708,7 @@ def summary_lines(path: Path) -> list[str]:
 def main() -> None:
     import hydra
 
-    from tttlab.core.cli import check_compile_override, check_dir_overrides
+    from tttlab.core.cli import check_compile_override, check_dir_overrides, check_group_overrides
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     register_configs()
@@ -722,6 +722,7 @@ def main() -> None:
             print(path)
 
     check_compile_override("tttlab-torch-ttt-evaluate")
+    check_group_overrides("tttlab-torch-ttt-evaluate", "tttlab.torch_ttt.conf")
     check_dir_overrides("tttlab-torch-ttt-evaluate")
     try:
         _main()

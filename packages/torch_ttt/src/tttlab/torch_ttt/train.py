@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tttlab.core._io import atomic_path
-from tttlab.core.cli import check_compile_override, check_dir_overrides, user_errors
+from tttlab.core.cli import check_compile_override, check_dir_overrides, check_group_overrides, user_errors
 from tttlab.core.config import DataConfig, RunConfig, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError, TTTLabError
 from tttlab.core.records import RunDir, config_hash, read_jsonl
@@ -557,6 +557,7 @@ def main() -> None:
             print(run(cfg))
 
     check_compile_override("tttlab-torch-ttt-train")
+    check_group_overrides("tttlab-torch-ttt-train", "tttlab.torch_ttt.conf")
     check_dir_overrides("tttlab-torch-ttt-train")
     _main()
 
