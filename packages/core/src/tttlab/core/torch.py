@@ -219,7 +219,7 @@ def _torch_error_detail(exc: BaseException) -> str:
     found = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text, re.S)
     if found:
         text = found.group(1)
-    line = " ".join(text.split())
+    line = re.split(r"(?<=[.!?])\s", " ".join(text.split()), maxsplit=1)[0].rstrip(".")  # the diagnosis
     if not line or re.search(r"weights_only|file an issue|trusted source", line, re.I):
         return type(exc).__name__
     return f"{type(exc).__name__}: {line[:160]}"
