@@ -60,8 +60,14 @@ def save(fig, out) -> Path:
             try:
                 atomic_write_bytes(base.parent / f"{base.name}.{ext}", buf.getvalue())
             except OSError as exc:  # a parent that is a file, no permission, a full disk
+                blocker = next((p for p in base.parents if p.exists()), None)
+                reason = (
+                    f"{blocker} is a file, not a directory"
+                    if blocker is not None and not blocker.is_dir()
+                    else exc.strerror or exc
+                )  # mkdir below a file says "File exists" / "Not a directory": name the file instead
                 raise InvalidInputError(
-                    f"cannot write the plot {base.parent / f'{base.name}.{ext}'}: {exc.strerror or exc}; "
+                    f"cannot write the plot {base.parent / f'{base.name}.{ext}'}: {reason}; "
                     "expected an output path in a writable directory"
                 ) from exc
     finally:
