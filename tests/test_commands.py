@@ -58,7 +58,7 @@ def test_the_environment_exposes_the_declared_commands():
     the parametrization below); every declared command with a ``compile`` key is in COMPILE_COMMANDS."""
     declared = declared_commands()
     assert {"tttlab-compare", "tttlab-core-demo"} <= set(COMMANDS) <= declared
-    assert COMPILE_COMMANDS <= declared
+    assert COMPILE_COMMANDS <= declared and HYDRA_COMMANDS <= declared
     if not (CORE_ONLY or NO_TORCH):
         assert set(COMMANDS) == declared
 
@@ -103,4 +103,28 @@ def test_a_bad_compile_value_stops_the_command_before_it_writes(name, tmp_path, 
         rf"^{re.escape(name)}: error: ConfigError: compile='fast'; expected .*reduce-overhead", out, re.M
     )
     assert "Traceback" not in out
+    assert written(tmp_path) == []
+
+
+#: the Hydra commands: their package's conf/ has an experiment group (the others take argparse flags)
+HYDRA_COMMANDS = {
+    "tttlab-memo-tpt-ensemble", "tttlab-memo-tpt-memo", "tttlab-memo-tpt-tpt", "tttlab-mttt-evaluate",
+    "tttlab-mttt-train", "tttlab-pilimit-train", "tttlab-torch-ttt-evaluate", "tttlab-torch-ttt-train",
+    "tttlab-ttt-mae-baseline", "tttlab-ttt-mae-pretrain", "tttlab-ttt-mae-probe", "tttlab-ttt-mae-ttt",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(HYDRA_COMMANDS & set(COMMANDS)))
+def test_a_mistyped_experiment_is_one_line_exit_2_and_writes_nothing(name, tmp_path, monkeypatch, capsys):
+    """``+experiment=<typo>``: core's one-line ConfigError naming the value and the experiments there are,
+    exit status 2, before Hydra makes ``out_dir`` (Hydra alone prints a many-line report, exit status 1)."""
+    code, out = run_command(
+        name, [f"out_dir={tmp_path / 'run'}", "+experiment=no_such_experiment"], tmp_path, monkeypatch, capsys
+    )
+    assert code == 2, out
+    assert re.fullmatch(
+        rf"{re.escape(name)}: error: ConfigError: experiment='no_such_experiment': no such experiment config; "
+        r"expected one of \w.*\n",
+        out,
+    ), out
     assert written(tmp_path) == []

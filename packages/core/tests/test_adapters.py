@@ -212,5 +212,5 @@ def test_torch_file_reader_allows_listed_classes_only_and_names_the_opt_in(tmp_p
     with pytest.raises(CheckpointError, match=r"page\.pt is an HTML page"):
         read_torch_file(tmp_path / "page.pt")
     (tmp_path / "junk.pt").write_bytes(b"\x00junk")
-    with pytest.raises(CheckpointError, match=r"junk\.pt: not readable as a torch\.save file"):
+    with pytest.raises(CheckpointError, match=r"junk\.pt is not a readable PyTorch checkpoint"):
         read_torch_file(tmp_path / "junk.pt", weights_only=False)

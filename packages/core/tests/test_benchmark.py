@@ -295,3 +295,34 @@ def test_imagenet_c_files_under_a_robustbench_data_dir(tmp_path):
     testing.make_imagenet_c(tmp_path / "ImageNet-C", corruptions=("fog",), severities=(5,), size=32)
     b = make_benchmark("imagenet_c", root=tmp_path, corruptions=("fog",), severities=(5,), batch_size=2)
     assert b.source is None and b.num_images == 3  # read from the files, not generated from val
+
+
+def test_a_root_without_a_chosen_domain_is_refused_when_built(tmp_path):
+    """CIFAR-10-C / ImageNet-C files that lack a chosen corruption (or severity) are a DatasetLayoutError
+    naming the missing path and what the folder holds when the benchmark is made, not halfway through the
+    stream (tttlab-compare found it only in every method's subprocess, after writing its out_dir)."""
+    from tttlab.core import compare as cmp
+    from tttlab.core.errors import DatasetLayoutError
+    from tttlab.core.testing import make_cifar10_c, make_imagenet_c
+
+    c10 = make_cifar10_c(tmp_path / "c10", corruptions=("gaussian_noise",))
+    with pytest.raises(
+        DatasetLayoutError, match=r"CIFAR-10-C/fog\.npy does not exist; .* holds \['gaussian_noise'\]"
+    ):
+        make_benchmark("cifar10_c", root=c10.parent, corruptions=["gaussian_noise", "fog"])
+    assert len(make_benchmark("cifar10_c", root=c10.parent, corruptions=["gaussian_noise"]).domains) == 1
+    inc = make_imagenet_c(tmp_path / "inc", corruptions=("fog",), severities=(5,))
+    with pytest.raises(DatasetLayoutError, match=r"fog/3 does not exist"):
+        make_benchmark("imagenet_c", root=inc, corruptions=["fog"], severities=[3, 5])
+    with pytest.raises(DatasetLayoutError, match=r"snow/5 does not exist; .*holds \['fog'\]"):
+        make_benchmark("imagenet_c", root=inc, corruptions=["fog", "snow"], severities=[5])
+    assert len(make_benchmark("imagenet_c", root=inc, corruptions=["fog"], severities=[5]).domains) == 1
+    out = tmp_path / "cmp"
+    argv = [
+        "methods=[x.y]",
+        "benchmark=cifar10_c",
+        f"root={c10.parent}",
+        "corruptions=[fog]",
+        f"out_dir={out}",
+    ]
+    assert cmp.main(argv) == 2 and not out.exists()

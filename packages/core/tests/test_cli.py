@@ -122,3 +122,32 @@ def test_a_user_error_leaves_no_hydra_only_run_directory(tmp_path, before, fail)
         assert set(earlier) <= {p.relative_to(run) for p in run.rglob("*")}
         if before == "a user's file":
             assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_a_config_group_override_naming_no_file_stops_before_hydra(tmp_path, monkeypatch, capsys):
+    """``+experiment=mnist_tutoral`` / ``engine=tnet``: one ConfigError line with the choices and a
+    did-you-mean, exit status 2 (Hydra's own report is many lines and exit status 1); a good value, a plain
+    key, a dotted key, a sweep or null pass through to Hydra."""
+    from tttlab.core.cli import check_group_overrides
+
+    conf = tmp_path / "fakepkg_cli" / "conf"
+    for name in ("experiment/mnist_tutorial.yaml", "experiment/smoke.yaml", "engine/tent.yaml", "top.yaml"):
+        (conf / name).parent.mkdir(parents=True, exist_ok=True)
+        (conf / name).write_text("{}\n")
+    (conf.parent / "__init__.py").write_text("")
+    (conf / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for arg, message in (
+        ("+experiment=mnist_tutoral", "experiment='mnist_tutoral': no such experiment config (did you mean "
+                                      "'mnist_tutorial'?); expected one of mnist_tutorial, smoke"),
+        ("engine=tnet", "engine='tnet': no such engine config (did you mean 'tent'?); expected one of tent"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            check_group_overrides("prog", "fakepkg_cli.conf", ["seed=1", arg])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == f"prog: error: ConfigError: {message}\n"
+    fine = ["+experiment=smoke", "experiment=mnist_tutorial.yaml", "engine=tent", "seed=3", "engine.lr=0.1",
+            "engine=tent,bn", "engine=null", "~engine", "top=1", "nosuchgroup=x", "hydra/job_logging=none"]  # fmt: skip
+    check_group_overrides("prog", "fakepkg_cli.conf", fine)
+    check_group_overrides("prog", "no_such_package_xyz.conf", ["+experiment=x"])
+    assert capsys.readouterr().err == ""

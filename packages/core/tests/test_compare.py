@@ -669,3 +669,21 @@ def test_label_correlated_comparison_end_to_end(env):
     iid = cmp.compare(base_config(out, methods=["fake.alpha"]), echo=lambda *a: None)
     assert [c["dirichlet_delta"] for c in calls(env)[n1:]] == ["absent"], "a new run, without the key"
     assert "label-correlated" not in iid.report.read_text()
+
+
+def test_a_bad_method_name_or_seed_leaves_no_out_dir(env, tmp_path, capsys):
+    """A mistyped method name (or a negative seed) is exit status 2 with one line naming it, before
+    anything is made: no out_dir with an empty cache/ behind (the walkthrough found one), and a negative
+    seed is refused by the config check rather than after the plan is printed."""
+    out = tmp_path / "out"
+    assert cmp.main(["methods=[fake.alpah]", f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        re.search(r"'fake.alpah' \(did you mean 'fake.alpha'.*\?\); installed methods: ", err)
+        and "\n" not in err
+    )
+    assert not out.exists()
+    with pytest.raises(ConfigError, match=r"'seeds'=\[0, -1\]: expected a list of integers >= 0"):
+        cmp.load_config(["seeds=[0,-1]"])
+    assert cmp.main(["seeds=-1", f"out_dir={out}"]) == 2 and not out.exists()
+    assert capsys.readouterr().out == ""

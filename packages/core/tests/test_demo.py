@@ -14,3 +14,16 @@ def test_corruption_grid_labels_are_not_cut(tmp_path):
     png = np.asarray(Image.open(out).convert("L"))
     for edge in (png[:, 0], png[:, -1], png[0], png[-1]):
         assert edge.min() > 200, "something is drawn on (and so cut at) the edge of the picture"
+
+
+def test_a_mistyped_method_is_exit_2_before_anything_is_written(tmp_path, capsys):
+    """``tttlab-core-demo 'methods=[...]'`` checks the names as tttlab-compare does: an unknown one is a
+    one-line error and exit status 2, with no out_dir (it used to render the grid, skip the name, write an
+    empty report and exit 1)."""
+    from tttlab.core.demo import main
+
+    out = tmp_path / "demo"
+    assert main(["--out", str(out), "methods=[tent_typo]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("demo: unknown method 'tent_typo'") and "\n" not in err
+    assert not out.exists()

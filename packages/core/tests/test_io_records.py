@@ -430,3 +430,14 @@ def test_a_merge_killed_before_removing_the_rank_files_merges_once(tmp_path):
         w.write(value=2.0, step=2)
     R.merge_records(tmp_path, world_size=2)
     assert R.load_records(tmp_path)["step"].tolist() == [0, 1, 2]
+
+
+def test_rundir_checkpoint_path_without_making_the_run(tmp_path):
+    """``RunDir.checkpoint_path_in``: the same path as a RunDir's ``checkpoint_path``, made without
+    creating anything (a trainer reads the checkpoint to resume before it opens the run)."""
+    from tttlab.core.records import RunDir
+
+    out = tmp_path / "run"
+    assert RunDir.checkpoint_path_in(out) == out / "checkpoints" / "last.ckpt" and not out.exists()
+    assert RunDir.checkpoint_path_in(str(out), "best", ".pt") == out / "checkpoints" / "best.pt"
+    assert RunDir(out).checkpoint_path("best", ".pt") == RunDir.checkpoint_path_in(out, "best", ".pt")

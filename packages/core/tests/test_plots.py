@@ -58,7 +58,7 @@ def test_inner_losses(tmp_path, runs):
     with pytest.raises(InvalidInputError, match=r"epoch index 5 \(epoch 6 counting from 1\)"):
         plots.plot_inner_losses(runs[0], out=tmp_path / "x", epochs=[5])
     (tmp_path / "a_file").write_text("x")  # an output below a file: not FileExistsError from mkdir
-    with pytest.raises(InvalidInputError, match="a_file/inner.png"):
+    with pytest.raises(InvalidInputError, match=r"a_file/inner.png: .*a_file is a file, not a directory"):
         plots.plot_inner_losses(runs[0], out=tmp_path / "a_file" / "inner")
 
 
@@ -82,3 +82,12 @@ def test_heatmap_and_bars_from_records(tmp_path):
         plots.plot_heatmap(df, metric="ece", out=tmp_path / "x")
     with pytest.raises(InvalidInputError, match="empty"):
         plots.plot_bars(df.iloc[:0], out=tmp_path / "x")
+    # the README's "from run directories": a run directory (or its records path) is read with load_records;
+    # anything else that is not a table is a one-line error, not an AttributeError from inside pandas
+    _png_ok(plots.plot_heatmap(run.path, out=tmp_path / "heat3"))
+    _png_ok(plots.plot_bars(str(run.records_path), out=tmp_path / "bars3"))
+    with pytest.raises(InvalidInputError, match=r"got a list; expected a records table \(pandas DataFrame"):
+        plots.plot_heatmap([1, 2], out=tmp_path / "x")
+    with pytest.raises(InvalidInputError, match=r"nowhere does not exist"):
+        plots.plot_bars(tmp_path / "nowhere", out=tmp_path / "x")
+    assert not (tmp_path / "x.png").exists()

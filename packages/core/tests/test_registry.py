@@ -37,7 +37,9 @@ def test_register_list_get(demo_spec):
     assert demo_spec in registry.list_methods(framework="torch")
     assert demo_spec not in registry.list_methods(framework="jax")
     assert registry.MethodSpec.from_dict(demo_spec.to_dict()) == demo_spec
-    with pytest.raises(UnknownNameError, match=r"did you mean 'demo.noop'.*Installed methods: .*demo.noop"):
+    with pytest.raises(
+        UnknownNameError, match=r"\(did you mean 'demo.noop'\?\); installed methods: .*demo.noop"
+    ):
         registry.get_method("demo.nop")
 
 

@@ -49,7 +49,7 @@ def test_checkpoint_for_wrong_architecture(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         build_clip("tiny", config=TINY_CLIP, pretrained=tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match="could not be read"):
+    with pytest.raises(CheckpointError, match="junk.pt is not a readable PyTorch checkpoint"):
         build_classifier("resnet18", checkpoint=tmp_path / "junk.pt")
 
 

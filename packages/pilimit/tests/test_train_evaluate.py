@@ -397,3 +397,27 @@ def test_evaluate_passes_the_benchmark_order_keys_to_core():
     assert bench.shuffle is False and bench.dirichlet_delta == 0.25
     default = from_config(_config({"profile": "smoke"}, {})["benchmark"])
     assert default.shuffle is True and default.dirichlet_delta is None
+
+
+def test_checkpoint_path_is_rundirs_and_old_runs_resume(tmp_path, monkeypatch, caplog):
+    """``_Run`` takes its checkpoint path from core's RunDir (one rule, not a copy of it), and that rule
+    still puts it where runs have always had it (``<out_dir>/checkpoints/last.ckpt``): a run stopped
+    there resumes from it, and ``load_trained`` finds it."""
+    import logging
+
+    from tttlab.core.records import RunDir
+    from tttlab.pilimit import train as T
+
+    out = tmp_path / "run"
+    run(train_config("smoke", [*SMOKE, f"out_dir={out}", "train.stop_after_steps=2"]))
+    literal = out / "checkpoints" / "last.ckpt"  # where every existing pilimit run has its checkpoint
+    assert literal.is_file() and load_checkpoint(literal)["state"]
+    c = train_config("smoke", [*SMOKE, f"out_dir={out}"])
+    assert T._Run(c).ckpt_path == literal == RunDir(out).checkpoint_path(T.CHECKPOINT)
+    with caplog.at_level(logging.INFO, logger=T.log.name):
+        run(c)
+    assert f"resumed from {literal}" in caplog.text
+    assert load_checkpoint(literal)["done"] and T.load_trained(out)[1]["out_dir"] == str(out)
+    # the rule is RunDir's: move it there and _Run follows
+    monkeypatch.setattr(RunDir, "checkpoints_in", staticmethod(lambda run_dir: tmp_path / "elsewhere"))
+    assert T._Run(c).ckpt_path == tmp_path / "elsewhere" / "last.ckpt"

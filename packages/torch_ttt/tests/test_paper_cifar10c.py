@@ -137,7 +137,7 @@ def test_checkpoint_errors_name_the_path_and_the_keys(tmp_path):
     with pytest.raises(CheckpointError, match=r"nowhere\.pt does not exist"):
         load_pretrained("wrn28_10", tmp_path / "nowhere.pt", **SMALL)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"junk\.pt: not readable as a torch.save file"):
+    with pytest.raises(CheckpointError, match=r"junk\.pt is not a readable PyTorch checkpoint"):
         load_pretrained("wrn28_10", tmp_path / "junk.pt", **SMALL)
     (tmp_path / "page.pt").write_bytes(b"<!DOCTYPE html><html><head><title>Google Drive</title>")
     with pytest.raises(CheckpointError, match=r"page\.pt is an HTML page, not a torch.save file"):

@@ -77,7 +77,9 @@ def test_bad_inputs(tmp_path, cache):
         run(tmp_path, cache, "ttt_mae.baseline", amp="fp16")
     with pytest.raises(ConfigError, match="compile"):
         run(tmp_path, cache, "ttt_mae.baseline", compile="maybe")
-    with pytest.raises(InvalidInputError, match="not divisible"):
+    with pytest.raises(
+        ConfigError, match="input_size=30; expected a positive integer divisible by the patch size 7"
+    ):
         run(tmp_path, cache, "ttt_mae.ttt", input_size=30)
     with pytest.raises(DatasetNotFoundError):
         run(

@@ -151,3 +151,21 @@ def test_one_image_with_n_masks_equals_n_copies(tiny):
         assert (x is None) == (y is None)
         if x is not None:
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("entry", "experiment", "size"),
+    [("pretrain", "smoke_pretrain", 27), ("ttt", "smoke_ttt", 30), ("probe", "smoke_probe", 0)],
+)
+def test_bad_input_size_named_as_typed(entry, experiment, size):
+    """A run config's ``input_size`` is reported under that key (not the model's ``img_size``), with the
+    patch size it must divide by."""
+    from tttlab.ttt_mae.common import compose, model_overrides
+
+    c = compose(entry, experiment, overrides=[f"input_size={size}"])
+    with pytest.raises(ConfigError) as info:
+        model_overrides(c)
+    msg = str(info.value)
+    assert msg.startswith(f"input_size={size};") and "divisible by the patch size 7" in msg
+    assert "img_size" not in msg and "\n" not in msg
+    assert model_overrides(compose(entry, experiment, overrides=["input_size=28"]))["img_size"] == 28

@@ -553,10 +553,14 @@ def make_benchmark(
         if name == "cifar10_c":
             has_files = any((p / "labels.npy").exists() for p in (root, root / "CIFAR-10-C"))
             if has_files:
-                return Benchmark(
+                bench = Benchmark(
                     name, None, family="cifar",
                     domain_files=lambda c, s: data.cifar10_c(root, c, s), **common,
                 )  # fmt: skip
+                # every chosen domain's file, now: not a failure halfway through the stream
+                for c in bench.corruptions:
+                    data.cifar10_c_path(root, c)
+                return bench
             clean = _clean_source(
                 name, root, lambda: data.cifar10(root, split="test"),
                 _FILES_LAYOUT[name],
@@ -570,10 +574,14 @@ def make_benchmark(
             if p.is_dir() and p.name in C.ALL
         ]
         if corr_dirs:
-            return Benchmark(
+            bench = Benchmark(
                 name, None, family="imagenet",
                 domain_files=lambda c, s: data.imagenet_c(root, c, s), **common,
             )  # fmt: skip
+            for d in bench.domains:  # every chosen domain's folder, now (not listed: that is per domain)
+                if d.corruption is not None:
+                    data.imagenet_c_folder(root, d.corruption, d.severity)
+            return bench
         clean = _clean_source(
             name, root, lambda: data.imagenet(root, split="val"),
             _FILES_LAYOUT[name],

@@ -130,4 +130,52 @@ def check_compile_override(prog: str, argv: list[str] | None = None, key: str = 
             raise SystemExit(2) from None
 
 
-__all__ = ["DIR_KEYS", "check_compile_override", "check_dir_overrides", "user_errors"]
+def check_group_overrides(prog: str, conf: str, argv: list[str] | None = None) -> None:
+    """Stop a Hydra command whose config-group override (``+experiment=...``, ``experiment=...``,
+    ``engine=...``) names no YAML file of that group in the package's ``conf`` (``conf``: its import name,
+    e.g. ``"tttlab.torch_ttt.conf"``), with the usual one-line ``ConfigError`` naming the key, the value
+    and the choices (with a did-you-mean) and exit status 2, instead of Hydra's many-line "Could not find"
+    report and exit status 1.  Keys that are not a folder of ``conf`` and values Hydra expands (lists,
+    sweeps, interpolations, ``null``) are left to Hydra.  Call it just before the ``@hydra.main`` function,
+    next to :func:`check_dir_overrides`."""
+    import difflib
+    import re
+    from importlib.resources import files
+
+    from .errors import ConfigError
+
+    try:
+        root = files(conf)
+    except (ImportError, TypeError):  # no such package: nothing to check against
+        return
+    for arg in sys.argv[1:] if argv is None else argv:
+        if arg.startswith("~"):
+            continue
+        key, sep, value = arg.lstrip("+").partition("=")
+        value = value.strip()
+        if not sep or not key or key.startswith("hydra") or not re.fullmatch(r"[\w/]+", key):
+            continue
+        if value in ("", "null", "None") or not re.fullmatch(r"[\w./-]+", value):
+            continue
+        group = root.joinpath(*key.split("/"))
+        if not group.is_dir():
+            continue
+        if group.joinpath(*f"{value.removesuffix('.yaml')}.yaml".split("/")).is_file():
+            continue
+        choices = sorted(e.name[: -len(".yaml")] for e in group.iterdir() if e.name.endswith(".yaml"))
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        exc = ConfigError(
+            f"{key}={value!r}: no such {key} config{hint}; expected one of {', '.join(choices)}"
+        )
+        print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+__all__ = [
+    "DIR_KEYS",
+    "check_compile_override",
+    "check_dir_overrides",
+    "check_group_overrides",
+    "user_errors",
+]

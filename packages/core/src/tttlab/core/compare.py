@@ -252,18 +252,21 @@ def check_config(c: dict[str, Any]) -> dict[str, Any]:
             f"config key 'root'={c['root']!r}: benchmark {c['benchmark']!r} is embedded and reads no files; "
             "drop root (it is for cifar10_c / imagenet_c)"
         )
-    if c["benchmark"] not in ("mnist_c", "digits_c"):
-        from .benchmark import make_benchmark
-
-        # a missing or wrong root: refused here, not once per method in its subprocess
-        make_benchmark(c["benchmark"], root=c.get("root"))
     sev = _as_list(c["severities"], "severities")
     if not sev or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 5 for s in sev):
         raise ConfigError(f"config key 'severities'={c['severities']!r}: expected severities in 1..5")
     c["severities"] = sorted(set(int(s) for s in sev))
+    if c["benchmark"] not in ("mnist_c", "digits_c"):
+        from .benchmark import make_benchmark
+
+        # a missing or wrong root, or one without a chosen domain's files: refused here, not once per
+        # method in its subprocess
+        make_benchmark(
+            c["benchmark"], root=c.get("root"), corruptions=c["corruptions"], severities=c["severities"]
+        )
     seeds = _as_list(c["seeds"], "seeds")
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
-        raise ConfigError(f"config key 'seeds'={c['seeds']!r}: expected a list of integers")
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ConfigError(f"config key 'seeds'={c['seeds']!r}: expected a list of integers >= 0")
     c["seeds"] = list(dict.fromkeys(int(s) for s in seeds))
     n = c["num_examples"] if c["num_examples"] is not None else prof.get("num_examples")
     if n == "all":
@@ -1273,13 +1276,6 @@ def compare(config: Mapping[str, Any] | None = None, *, overrides: Sequence[str]
     if strict is None:
         strict = "methods" in config or any(o.split("=", 1)[0].lstrip("-+") == "methods" for o in overrides)
     out = Path(c["out_dir"])
-    for key in ("out_dir", "cache_dir"):
-        try:
-            Path(c[key]).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # no permission, a read-only or special file system
-            raise ConfigError(
-                f"config key {key!r}={c[key]!r}: cannot create this directory ({exc})"
-            ) from None
     specs, unavailable = resolve_methods(c["methods"], strict=strict)
     known = sorted(
         {s.name for s in installed_methods()[0]} | {s.name for s in specs} | {u.name for u in unavailable}
@@ -1292,6 +1288,14 @@ def compare(config: Mapping[str, Any] | None = None, *, overrides: Sequence[str]
                 f"config key 'overrides.{pattern}' matches no method{hint} (its keys would be ignored; methods: "
                 f"{', '.join(known)})"
             )
+    # the folders only once the methods are known to be good: a mistyped name leaves no out_dir behind
+    for key in ("out_dir", "cache_dir"):
+        try:
+            Path(c[key]).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # no permission, a read-only or special file system
+            raise ConfigError(
+                f"config key {key!r}={c[key]!r}: cannot create this directory ({exc})"
+            ) from None
     for names, message in group_unavailable(unavailable):
         echo(f"skipping {', '.join(names)}: {message}")
     if not specs:

@@ -97,11 +97,16 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"profile={args.profile}")
     if "jobs" not in given:  # two evaluates at a time (one thread each) keep 2 cores busy through imports
         overrides.append(f"jobs={min(2, os.cpu_count() or 1)}")
-    from .compare import compare, group_unavailable, highlights, load_config
+    from .compare import compare, group_unavailable, highlights, load_config, resolve_methods
     from .errors import TTTLabError
 
+    # methods the user named are checked as tttlab-compare checks them (an unknown name is exit status 2,
+    # before anything is written); the demo set's missing subpackages are only listed
+    strict = "methods" in given
     try:
         cfg = load_config(overrides)
+        if strict and not args.no_compare:
+            resolve_methods(cfg["methods"], strict=True)
     except TTTLabError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 2
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     command = " ".join(["python -m tttlab.core.demo", *(argv if argv is not None else sys.argv[1:])])
     try:
-        result = compare(overrides=overrides, command=command, strict=False)
+        result = compare(overrides=overrides, command=command, strict=strict)
     except TTTLabError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 2

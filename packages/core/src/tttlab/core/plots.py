@@ -60,8 +60,14 @@ def save(fig, out) -> Path:
             try:
                 atomic_write_bytes(base.parent / f"{base.name}.{ext}", buf.getvalue())
             except OSError as exc:  # a parent that is a file, no permission, a full disk
+                blocker = next((p for p in base.parents if p.exists()), None)
+                reason = (
+                    f"{blocker} is a file, not a directory"
+                    if blocker is not None and not blocker.is_dir()
+                    else exc.strerror or exc
+                )  # mkdir below a file says "File exists" / "Not a directory": name the file instead
                 raise InvalidInputError(
-                    f"cannot write the plot {base.parent / f'{base.name}.{ext}'}: {exc.strerror or exc}; "
+                    f"cannot write the plot {base.parent / f'{base.name}.{ext}'}: {reason}; "
                     "expected an output path in a writable directory"
                 ) from exc
     finally:
@@ -198,6 +204,22 @@ def plot_inner_losses(
     return save(fig, out)
 
 
+def _as_table(df):
+    """``df`` itself (a table), or the records of a run directory / records ``.jsonl`` / folder of runs."""
+    import os
+
+    if isinstance(df, (str, os.PathLike)):
+        from .records import load_records
+
+        return load_records(df)
+    if not hasattr(df, "columns"):
+        raise InvalidInputError(
+            f"got a {type(df).__name__}; expected a records table (pandas DataFrame, e.g. "
+            "tttlab.core.records.load_records(run_dir)) or a run directory / records .jsonl path"
+        )
+    return df
+
+
 def _metric_table(df, metric: str | None):
     if len(df) == 0:
         raise InvalidInputError("nothing to plot: the table is empty")
@@ -223,10 +245,11 @@ def plot_heatmap(
 ) -> Path:  # fmt: skip
     """Mean ``value`` per (row, col), annotated; rows = methods, columns = corruptions (+ their mean).
 
-    ``df`` is a records table (rows of ``metric`` are used) or any table with the three columns.  Clean
+    ``df`` is a records table (rows of ``metric`` are used; a run directory, records ``.jsonl`` or folder
+    of runs is read with ``load_records``) or any table with the three columns.  Clean
     rows (no corruption) appear as the column ``clean``.  Accuracy and error are shown in %.
     """
-    data = _metric_table(df, metric)
+    data = _metric_table(_as_table(df), metric)
     for c in (row, col, value):
         if c not in data.columns:
             raise InvalidInputError(f"the table has no {c!r} column; it has {list(data.columns)}")
@@ -262,8 +285,10 @@ def plot_bars(
 
     The cost (seconds per image) is the ``cost`` column of a wide table, or the mean value of the rows
     whose ``metric`` is ``cost`` in a records table, or else sum(``wall_time_s``) / sum(``n``) of the
-    metric's rows when those are recorded.  Without any, only the first panel is drawn.
+    metric's rows when those are recorded.  Without any, only the first panel is drawn.  ``df`` may also
+    be a run directory, records ``.jsonl`` or folder of runs (read with ``load_records``).
     """
+    df = _as_table(df)
     data = _metric_table(df, metric)
     for c in (group, value):
         if c not in data.columns:

@@ -433,7 +433,7 @@ class RunDir:
         self.rank = rank
         if self.path.exists() and not self.path.is_dir():
             raise InvalidInputError(f"run directory {self.path} exists and is not a directory")
-        self.checkpoints = self.path / "checkpoints"
+        self.checkpoints = self.checkpoints_in(self.path)
         try:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a parent is a file, no permission, a read-only file system
@@ -477,7 +477,18 @@ class RunDir:
         return self.path / ("records.jsonl" if self.is_main else f"records-rank{self.rank}.jsonl")
 
     def checkpoint_path(self, name: str = "last", suffix: str = ".ckpt") -> Path:
-        return self.checkpoints / f"{name}{suffix}"
+        return self.checkpoint_path_in(self.path, name, suffix)
+
+    @staticmethod
+    def checkpoints_in(run_dir) -> Path:
+        """The checkpoint folder of the run directory ``run_dir`` (``<run_dir>/checkpoints``), without
+        making anything: for code that reads a run's checkpoint before (or without) opening the run."""
+        return Path(run_dir) / "checkpoints"
+
+    @classmethod
+    def checkpoint_path_in(cls, run_dir, name: str = "last", suffix: str = ".ckpt") -> Path:
+        """Where :meth:`checkpoint_path` of a ``RunDir(run_dir)`` is, without making the directory."""
+        return cls.checkpoints_in(run_dir) / f"{name}{suffix}"
 
     # config / env -------------------------------------------------------------------------------------------
     def write_config(self, config: Any) -> None:

@@ -257,8 +257,8 @@ def get_method(name: str) -> MethodSpec:
     if len(suffix) > 1:
         raise UnknownNameError(f"method {name!r} is ambiguous: {sorted(s.name for s in suffix)}")
     close = difflib.get_close_matches(str(name), list(specs), n=3)
-    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-    raise UnknownNameError(f"unknown method {name!r}{hint}. Installed methods: {known}")
+    hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    raise UnknownNameError(f"unknown method {name!r}{hint}; installed methods: {known}")
 
 
 def missing_package_message(name: str) -> str:

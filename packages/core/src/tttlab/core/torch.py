@@ -139,18 +139,26 @@ def state_dict_from(obj, source) -> dict:
 
 
 def read_torch_file(
-    path, weights_only: bool = True, *, allow=(), option: str = "weights_only=false", what: str = "checkpoint"
+    path,
+    weights_only: bool = True,
+    *,
+    allow=(),
+    option: str | None = "weights_only=false",
+    what: str = "checkpoint",
 ):
     r"""What a local ``torch.save`` file holds, read on the CPU.
 
     ``weights_only=True`` reads tensors and plain containers only, plus the classes in ``allow`` (e.g.
     ``argparse.Namespace``, which training scripts save as ``args``): no pickled code runs.  A file that
     pickles other objects is a :class:`CheckpointError` naming the first one and ``option``, the setting
-    that reads it as a full pickle (trusted files only; there is no silent fallback).  A missing file, an
-    HTML page saved under the weights' name (a failed download) and an unreadable file are
-    :class:`CheckpointError`\ s naming ``what`` and the path."""
+    that reads it as a full pickle (trusted files only; there is no silent fallback; ``option=None``: there
+    is no such setting, the message says to save the tensors alone).  A missing file, an HTML page saved
+    under the weights' name (a failed download) and an unreadable file (random bytes, a truncated or
+    corrupt file: :func:`unreadable_checkpoint`) are :class:`CheckpointError`\ s naming ``what`` and the
+    path."""
     import contextlib
     import re
+    import warnings
     from pathlib import Path
 
     from .errors import CheckpointError
@@ -170,20 +178,51 @@ def read_torch_file(
         torch.serialization.safe_globals(list(allow)) if allow and weights_only else contextlib.nullcontext()
     )
     try:
-        with allowed:
+        with allowed, warnings.catch_warnings():
+            # torch's "Detected pickle protocol N ... please file an issue" on a foreign pickle: noise
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as exc:  # pickle, zip and weights-only errors come in many types
         text = str(exc)
         found = re.search(r"Unsupported global: GLOBAL (\S+)", text) if weights_only else None
         if found:
+            remedy = (
+                f"if you trust the file, read it with {option} (unpickling runs code)"
+                if option
+                else "save the tensors alone (e.g. torch.save(model.state_dict(), path))"
+            )
             raise CheckpointError(
                 f"{what} {path} pickles objects other than tensors and plain containers ({found.group(1)}), "
-                f"which the safe reader refuses; if you trust the file, read it with {option} "
-                "(unpickling runs code)"
+                f"which the safe reader refuses; {remedy}"
             ) from None
-        raise CheckpointError(
-            f"{what} {path}: not readable as a torch.save file ({type(exc).__name__}: {text[:200]})"
-        ) from None
+        raise unreadable_checkpoint(path, exc, what) from None
+
+
+def unreadable_checkpoint(path, exc: BaseException, what: str = "checkpoint"):
+    """The :class:`CheckpointError` for a file ``torch.load`` (or ``torch.jit.load``) could not read:
+    it names ``what`` and ``path``, says the file is not a readable PyTorch checkpoint, and keeps torch's
+    short diagnosis but never its advice (a corrupt or truncated file is not cured by
+    ``weights_only=False``, which torch suggests for any unpickling failure)."""
+    from .errors import CheckpointError
+
+    return CheckpointError(
+        f"{what} {path} is not a readable PyTorch checkpoint ({_torch_error_detail(exc)}); expected a "
+        "complete file written by torch.save (is it truncated, corrupt or another format?)"
+    )
+
+
+def _torch_error_detail(exc: BaseException) -> str:
+    """``Type: diagnosis`` of a torch loading error, one line, without torch's advice text."""
+    import re
+
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text, re.S)
+    if found:
+        text = found.group(1)
+    line = re.split(r"(?<=[.!?])\s", " ".join(text.split()), maxsplit=1)[0].rstrip(".")  # the diagnosis
+    if not line or re.search(r"weights_only|file an issue|trusted source", line, re.I):
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {line[:160]}"
 
 
 def read_state_dict(path, weights_only: bool = True, *, option: str = "weights_only=false") -> dict:

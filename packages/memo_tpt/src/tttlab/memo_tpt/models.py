@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from tttlab.core.errors import CheckpointError, UnknownNameError
-from tttlab.core.torch import check_state_dict, state_dict_from
+from tttlab.core.torch import check_state_dict, read_torch_file, state_dict_from, unreadable_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 log = logging.getLogger("tttlab.memo_tpt.models")
@@ -94,20 +94,24 @@ def load_state_dict(model: nn.Module, path, arch: str) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; expected a local weights file for {arch}")
-    try:
-        if is_torchscript(path):  # OpenAI's CLIP files (RN50.pt, ViT-B-16.pt, ...): a scripted model
+    if is_torchscript(path):  # OpenAI's CLIP files (RN50.pt, ViT-B-16.pt, ...): a scripted model
+        try:
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
-            state = {k: v for k, v in state.items() if k not in TORCHSCRIPT_EXTRA_KEYS}
-        elif path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        except Exception as exc:  # noqa: BLE001 - a truncated or corrupt archive is the user's bad input
+            raise unreadable_checkpoint(path, exc) from None
+        state = {k: v for k, v in state.items() if k not in TORCHSCRIPT_EXTRA_KEYS}
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's bad input
-        raise CheckpointError(
-            f"checkpoint {path} could not be read ({exc}); expected a torch state dict"
-        ) from exc
+        except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file is the user's bad input
+            raise CheckpointError(
+                f"checkpoint {path} is not a readable safetensors file ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:160]}); expected a complete .safetensors file"
+            ) from None
+    else:  # missing, HTML page, random bytes, truncated, pickled code: CheckpointErrors naming the path
+        state = read_torch_file(path, option=None)
     state = state_dict_from(state, f"checkpoint {path}")  # core: containers, module. prefixes, tensors only
     state = check_state_dict(model, state, str(path), f"architecture {arch!r}")
     model.load_state_dict(state)

@@ -33,7 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tttlab.core.errors import CheckpointError
 from tttlab.core.records import config_hash
+from tttlab.core.torch import read_torch_file
 
 from . import augment as A
 
@@ -240,7 +242,11 @@ def _cached(kind: str, p: dict[str, Any], seed: int, cache_dir, train, build, pr
     path = Path(cache_dir) / f"{kind}-{key}.pt"
     if path.exists():
         model = build()
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            state = read_torch_file(path, option=None, what="cached model")
+        except CheckpointError as exc:  # a truncated or corrupt cache file: name it and the cure
+            raise CheckpointError(f"{exc}; delete it and the model is trained again") from None
+        model.load_state_dict(state)
         return model.eval(), path
     t0 = time.perf_counter()
     model = train(p, seed, progress, amp=amp, compile=compile)

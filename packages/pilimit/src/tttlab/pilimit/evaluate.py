@@ -158,7 +158,7 @@ def training_run(c: dict[str, Any]) -> Path:
     tc["out_dir"] = str(path)
     tc["logging"]["progress"] = bool(c["progress"])
     tc["device"] = c["device"]
-    ckpt = path / "checkpoints" / f"{T.CHECKPOINT}.ckpt"
+    ckpt = RunDir.checkpoint_path_in(path, T.CHECKPOINT)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "w") as lock:  # one trainer per cached model
         import fcntl

@@ -288,11 +288,10 @@ def save_net(path, net: nn.Module) -> None:
 def load_net(path, device=None, **kwargs) -> nn.Module:
     """Load a net saved by :func:`save_net` (``kwargs``: e.g. ``chunk_size``, ``impl``, ``dtype`` of an InfMLP)."""
     from tttlab.core.errors import CheckpointError
+    from tttlab.core.torch import read_torch_file
 
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated or foreign file
-        raise CheckpointError(f"{path} is not a readable pi-net file: {exc}") from None
+    # a missing, truncated or foreign file: a CheckpointError naming the path (core's safe reader)
+    payload = read_torch_file(path, option=None, what="pi-net file")
     if not isinstance(payload, dict) or payload.get("format") != "tttlab.pilimit.net/1":
         raise CheckpointError(f"{path}: not a tttlab.pilimit.net/1 file (written by save_net)")
     inf = InfMLP(**payload["config"], device=device, **kwargs)

@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 
 from tttlab.core._io import atomic_path
-from tttlab.core.cli import check_compile_override, check_dir_overrides, user_errors
+from tttlab.core.cli import check_compile_override, check_dir_overrides, check_group_overrides, user_errors
 from tttlab.core.config import RunConfig, config_diff, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError
 from tttlab.core.records import RunDir, config_hash, done_keys, load_records
-from tttlab.core.torch import resolve_device
+from tttlab.core.torch import read_torch_file, resolve_device
 
 from . import precision
 from .data import NUM_CLASSES, TRANSFER_LAYOUTS, data_root, load_flat, mnist_classes, omniglot_classes
@@ -249,10 +249,8 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated or foreign file
-        raise CheckpointError(f"{path} is not a readable tttlab-pilimit checkpoint: {exc}") from None
+    # a missing, truncated or foreign file: a CheckpointError naming the path (core's safe reader)
+    ck = read_torch_file(path, option=None, what="tttlab-pilimit checkpoint")
     if not isinstance(ck, dict) or ck.get("format") != "tttlab.pilimit/1":
         raise CheckpointError(f"{path}: not a tttlab.pilimit/1 checkpoint")
     return ck
@@ -351,7 +349,8 @@ class _Run:
         self.c = c
         self.device = resolve_device(c["device"])
         self.key = config_hash(training_part(c))
-        self.ckpt_path = Path(c["out_dir"]) / "checkpoints" / f"{CHECKPOINT}.ckpt"
+        # RunDir's rule (<out_dir>/checkpoints/last.ckpt), read before the run directory is made
+        self.ckpt_path = RunDir.checkpoint_path_in(c["out_dir"], CHECKPOINT)
         ckpt = self.ckpt_path
         self._ck = load_checkpoint(ckpt) if (c["train"]["resume"] and ckpt.exists()) else None
         if self._ck is not None and self._ck.get("config_hash") != self.key:
@@ -368,6 +367,7 @@ class _Run:
     def open(self) -> RunDir:
         """Make (or reopen) the run directory: ``config.yaml``, ``records.jsonl``, ``checkpoints/``."""
         self.out = RunDir(self.c["out_dir"], self._recorded)
+        self.ckpt_path = self.out.checkpoint_path(CHECKPOINT)
         return self.out
 
     def try_resume(self, net, opt, sched) -> dict[str, Any] | None:
@@ -633,7 +633,7 @@ def _run_maml(c: dict[str, Any]) -> Path:
 
 def load_trained(run_dir, device="cpu"):
     """``(net, config)`` of a finished run directory."""
-    path = Path(run_dir) / "checkpoints" / f"{CHECKPOINT}.ckpt"
+    path = RunDir.checkpoint_path_in(run_dir, CHECKPOINT)
     if not path.exists():
         raise CheckpointError(
             f"{run_dir}: no checkpoints/{CHECKPOINT}.ckpt; expected a tttlab-pilimit-train run"
@@ -668,6 +668,7 @@ def main() -> None:
             print(run(cfg))
 
     check_compile_override("tttlab-pilimit-train")
+    check_group_overrides("tttlab-pilimit-train", "tttlab.pilimit.conf")
     check_dir_overrides("tttlab-pilimit-train")
     _main()
 

@@ -346,7 +346,7 @@ def training_run(c: dict[str, Any], dist: Dist) -> Path:
     absent or unfinished)."""
     if c["train_run"]:
         path = Path(c["train_run"])
-        if not (path / "checkpoints" / f"{T.CHECKPOINT}.ckpt").exists():
+        if not T.checkpoint_file(path).exists():
             raise CheckpointError(
                 f"train_run={path}: no checkpoints/{T.CHECKPOINT}.ckpt; expected a tttlab-torch-ttt-train run"
             )
@@ -362,7 +362,7 @@ def training_run(c: dict[str, Any], dist: Dist) -> Path:
     path = Path(c["cache_dir"]) / f"{tc['model']['name']}-{train_engine}-{key}"
     tc["out_dir"], tc["logging"] = str(path), c["logging"]
     if dist.rank == 0:
-        ckpt = path / "checkpoints" / f"{T.CHECKPOINT}.ckpt"
+        ckpt = T.checkpoint_file(path)
         if not (ckpt.exists() and T.load_checkpoint(ckpt).get("done")):
             log.info("training %s with %s into %s (cached for later evaluations)", tc["model"]["name"],
                      train_engine, path)  # fmt: skip
@@ -376,7 +376,7 @@ def evaluated_model(c: dict[str, Any]) -> ModelInfo:
     model, or the model ``train_experiment`` trains): it says how the stream's images are prepared."""
     if c["model_checkpoint"]["path"]:
         return model_info(c["model_checkpoint"]["name"])
-    ckpt = Path(c["train_run"] or ".") / "checkpoints" / f"{T.CHECKPOINT}.ckpt"
+    ckpt = T.checkpoint_file(c["train_run"] or ".")
     if c["train_run"] and ckpt.exists():
         return model_info(T.load_checkpoint(ckpt)["model_name"])
     return model_info(T.train_config(c["train_experiment"], list(c["train_overrides"]))["model"]["name"])
@@ -408,7 +408,7 @@ def load_engine(c: dict[str, Any], run_dir: Path | None, device: torch.device, e
         ck = pretrained_checkpoint(c)
         run_dir = Path(c["model_checkpoint"]["path"])  # what the messages below name
     else:
-        ck = T.load_checkpoint(run_dir / "checkpoints" / f"{T.CHECKPOINT}.ckpt")
+        ck = T.load_checkpoint(T.checkpoint_file(run_dir))
     if not ck.get("done"):
         raise CheckpointError(f"{run_dir}: training did not finish; run tttlab-torch-ttt-train there again")
     name, model_name = c["engine"]["name"], ck["model_name"]
@@ -769,7 +769,7 @@ def summary_lines(path: Path) -> list[str]:
 def main() -> None:
     import hydra
 
-    from tttlab.core.cli import check_compile_override, check_dir_overrides
+    from tttlab.core.cli import check_compile_override, check_dir_overrides, check_group_overrides
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     register_configs()
@@ -783,6 +783,7 @@ def main() -> None:
             print(path)
 
     check_compile_override("tttlab-torch-ttt-evaluate")
+    check_group_overrides("tttlab-torch-ttt-evaluate", "tttlab.torch_ttt.conf")
     check_dir_overrides("tttlab-torch-ttt-evaluate")
     try:
         _main()

@@ -47,11 +47,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from tttlab.core._io import atomic_path
-from tttlab.core.cli import check_compile_override, check_dir_overrides, user_errors
+from tttlab.core.cli import check_compile_override, check_dir_overrides, check_group_overrides, user_errors
 from tttlab.core.config import DataConfig, RunConfig, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError, TTTLabError
 from tttlab.core.records import RunDir, config_hash, read_jsonl
-from tttlab.core.torch import resolve_device
+from tttlab.core.torch import read_torch_file, resolve_device
 
 from .engine.base_engine import OPTIMIZERS, BaseEngine
 from .engine_registry import EngineRegistry, get_engine
@@ -64,6 +64,14 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 #: engines whose auxiliary head (or decoder / embedder) must be trained jointly with the model
 HEADED = ("ttt", "ttt_pp", "ittt", "masked_ttt")
 CHECKPOINT = "last"
+
+
+def checkpoint_file(run_dir) -> Path:
+    """A train run's checkpoint (``<run_dir>/checkpoints/last.ckpt``, core's RunDir rule), without making
+    anything: evaluate reads it from runs it did not open."""
+    return RunDir.checkpoint_path_in(run_dir, CHECKPOINT)
+
+
 #: the corruption name of the tutorial's noise in records (it is not a Hendrycks corruption)
 TUTORIAL_NOISE = "tutorial_noise"
 
@@ -260,15 +268,12 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-        # torch's own text is often just a number ("101") or an errno: name the kind of failure instead
-        detail = " ".join(str(exc).split())[:160]
+    try:  # a truncated or foreign file: core's safe reader names the path and torch's diagnosis
+        ck = read_torch_file(path, option=None, what="tttlab-torch-ttt checkpoint")
+    except CheckpointError as exc:
         raise CheckpointError(
-            f"{path} is not a readable tttlab-torch-ttt checkpoint ({type(exc).__name__}: {detail}); expected "
-            "a torch.save file written by tttlab-torch-ttt-train (a damaged one: train again, with "
-            "train.resume=false in that out_dir or in another out_dir)"
+            f"{exc}; expected a torch.save file written by tttlab-torch-ttt-train (a damaged one: train "
+            "again, with train.resume=false in that out_dir or in another out_dir)"
         ) from None
     if not isinstance(ck, dict) or not str(ck.get("format", "")).startswith("tttlab.torch_ttt/"):
         what = f"a dict with keys {sorted(map(str, ck))[:6]}" if isinstance(ck, dict) else type(ck).__name__
@@ -445,7 +450,7 @@ def run(cfg, **overrides) -> Path:
     """Train (or resume) and evaluate; returns the run directory."""
     c = _validate({**to_dict(cfg), **overrides})
     device = resolve_device(c["device"])
-    ckpt_path = Path(c["out_dir"]) / "checkpoints" / f"{CHECKPOINT}.ckpt"
+    ckpt_path = checkpoint_file(c["out_dir"])
     # everything that can refuse the run before RunDir writes config.yaml: a refused resume left the run
     # directory's config.yaml describing the refused config, next to the other config's checkpoint
     ck = None
@@ -642,6 +647,7 @@ def main() -> None:
             print(run(cfg))
 
     check_compile_override("tttlab-torch-ttt-train")
+    check_group_overrides("tttlab-torch-ttt-train", "tttlab.torch_ttt.conf")
     check_dir_overrides("tttlab-torch-ttt-train")
     _main()
 

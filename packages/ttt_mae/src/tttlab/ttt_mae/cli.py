@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from tttlab.core.cli import check_compile_override, check_dir_overrides, user_errors
+from tttlab.core.cli import check_compile_override, check_dir_overrides, check_group_overrides, user_errors
 
 from .common import init_distributed, register_configs, setup_logging, to_dict
 
@@ -43,6 +43,7 @@ def hydra_main(entry: str) -> None:
             print(path)
 
     check_compile_override(f"tttlab-ttt-mae-{entry}")
+    check_group_overrides(f"tttlab-ttt-mae-{entry}", "tttlab.ttt_mae.conf")
     check_dir_overrides(f"tttlab-ttt-mae-{entry}")
     try:
         _main()

@@ -228,11 +228,24 @@ def normalization(c: dict[str, Any], dataset: str) -> tuple[tuple[float, ...], t
 
 
 def model_overrides(c: dict[str, Any], **extra) -> dict[str, Any]:
-    return {
-        "img_size": int(c["input_size"]), "norm_pix_loss": bool(c["norm_pix_loss"]),
+    """The :class:`~tttlab.ttt_mae.model.MAEConfig` overrides of a run config; ``input_size`` (the
+    model's ``img_size``) is checked here, against the model's patch size, so that a bad value is
+    reported under the key the user typed."""
+    from .model import model_config
+
+    size = c["input_size"]
+    ov = {
+        "norm_pix_loss": bool(c["norm_pix_loss"]),
         "head_type": c["head_type"], "classifier_depth": int(c["classifier_depth"]),
         **(c.get("model_overrides") or {}), **extra,
     }  # fmt: skip
+    patch = model_config(c["model"], **{k: v for k, v in ov.items() if k != "img_size"}).patch_size
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % patch:
+        raise ConfigError(
+            f"input_size={size!r}; expected a positive integer divisible by the patch size {patch} of "
+            f"model={c['model']!r}"
+        )
+    return {"img_size": int(size), **ov}
 
 
 def set_threads(c: dict[str, Any], device: torch.device) -> None:

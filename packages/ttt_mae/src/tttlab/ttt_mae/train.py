@@ -225,8 +225,7 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
     seed = int(c["seed"])
     torch.manual_seed(seed)
     model = build(c, kind).to(device)
-    if any(s % model.cfg.patch_size for s in (int(c["input_size"]),)):
-        raise InvalidInputError(f"input_size={c['input_size']} not divisible by patch {model.cfg.patch_size}")
+    # input_size was checked against the patch size by model_overrides (common.py)
     # the run directory only once the data, the checkpoint to probe and the model are known to be good: a
     # mistyped path leaves no half-made run behind
     rd = RunDir(out, c, rank=dist.rank if dist.world_size > 1 else None)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from ..errors import DatasetNotFoundError, InvalidInputError, UnknownNameError
 from ._base import ArrayDataset, FileDataset, ImageDataset, resize_center_crop
-from .cifar import CIFAR10_CLASSES, cifar10, cifar10_c
+from .cifar import CIFAR10_CLASSES, cifar10, cifar10_c, cifar10_c_path
 from .embedded import digits, mnist
 from .imagenet import (
     imagenet,
     imagenet_a,
     imagenet_a_wnids,
     imagenet_c,
+    imagenet_c_folder,
     imagenet_class_names,
     imagenet_r,
     imagenet_r_wnids,
@@ -76,7 +77,8 @@ def load(name: str, root=None, split: str | None = None, **kwargs) -> ImageDatas
 
 __all__ = [
     "ArrayDataset", "CIFAR10_CLASSES", "EMBEDDED", "FileDataset", "ImageDataset", "READERS", "TFDSDataset",
-    "cifar10", "cifar10_c", "digits", "imagenet", "imagenet_a", "imagenet_a_wnids", "imagenet_c", "imagenet_class_names",
+    "cifar10", "cifar10_c", "cifar10_c_path", "digits", "imagenet", "imagenet_a", "imagenet_a_wnids", "imagenet_c",
+    "imagenet_c_folder", "imagenet_class_names",
     "imagenet_r", "imagenet_r_wnids", "imagenet_v2", "imagenet_wnids", "load", "mnist",
     "resize_center_crop", "tfds",
 ]  # fmt: skip

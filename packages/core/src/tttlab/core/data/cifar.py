@@ -81,16 +81,27 @@ def cifar10(root, split: str = "test") -> ArrayDataset:
     )
 
 
+def cifar10_c_path(root, corruption: str) -> Path:
+    """The ``<corruption>.npy`` of a CIFAR-10-C ``root`` (or its ``CIFAR-10-C`` folder), checked to exist
+    without reading it: a DatasetNotFoundError / DatasetLayoutError naming the path and what the folder
+    holds otherwise."""
+    from ..corruptions import canonical_name
+
+    folder = _find(Path(root), "labels.npy", "CIFAR-10-C", CIFAR10C_LAYOUT)
+    path = folder / f"{canonical_name(corruption)}.npy"
+    if not path.exists():
+        have = sorted(p.stem for p in folder.glob("*.npy") if p.stem != "labels")
+        raise DatasetLayoutError(f"{path} does not exist; {folder} holds {have}")
+    return path
+
+
 def cifar10_c(root, corruption: str, severity: int) -> ArrayDataset:
     """One CIFAR-10-C domain: rows ``[(severity-1) n, severity n)`` of ``<corruption>.npy``, n = len / 5."""
     from ..corruptions import canonical_name, check_severity
 
     corruption, severity = canonical_name(corruption), check_severity(severity)
-    folder = _find(Path(root), "labels.npy", "CIFAR-10-C", CIFAR10C_LAYOUT)
-    path = folder / f"{corruption}.npy"
-    if not path.exists():
-        have = sorted(p.stem for p in folder.glob("*.npy") if p.stem != "labels")
-        raise DatasetLayoutError(f"{path} does not exist; {folder} holds {have}")
+    path = cifar10_c_path(root, corruption)
+    folder = path.parent
     try:
         images = np.load(path, mmap_mode="r")
         labels = np.load(folder / "labels.npy")

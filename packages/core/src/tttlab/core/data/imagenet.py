@@ -120,22 +120,37 @@ def imagenet(root, split: str = "val", transform=EVAL_TRANSFORM) -> FileDataset:
 IMAGENET_C_FOLDER = "ImageNet-C"
 
 
+IMAGENET_C_LAYOUT = "<root>/<corruption>/<severity 1-5>/<wnid>/*.JPEG (or <root>/ImageNet-C/<corruption>/...)"
+
+
+def imagenet_c_folder(root, corruption: str, severity: int) -> Path:
+    """The ``<corruption>/<severity>`` folder of an ImageNet-C ``root`` (or its ``ImageNet-C`` folder),
+    checked to exist without listing it: a DatasetNotFoundError / DatasetLayoutError otherwise."""
+    from ..corruptions import canonical_name, check_severity
+
+    corruption, severity = canonical_name(corruption), check_severity(severity)
+    root = Path(root)
+    if not root.exists():
+        raise DatasetNotFoundError(f"{root} does not exist; expected {IMAGENET_C_LAYOUT}")
+    if not (root / corruption).is_dir() and (root / IMAGENET_C_FOLDER).is_dir():
+        root = root / IMAGENET_C_FOLDER  # RobustBench's <data_dir>/ImageNet-C/<corruption>/<severity>/
+    folder = root / corruption / str(severity)
+    if not folder.is_dir():
+        have = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        raise DatasetLayoutError(
+            f"{folder} does not exist; expected {IMAGENET_C_LAYOUT} ({root} holds {have[:20]})"
+        )
+    return folder
+
+
 def imagenet_c(root, corruption: str, severity: int, transform=None) -> FileDataset:
     """One ImageNet-C domain ``<root>/<corruption>/<severity>/<wnid>/*.JPEG`` (already 224 px)."""
     from ..corruptions import canonical_name, check_severity
 
     corruption, severity = canonical_name(corruption), check_severity(severity)
     _check_transform(transform)
-    layout = "<root>/<corruption>/<severity 1-5>/<wnid>/*.JPEG (or <root>/ImageNet-C/<corruption>/...)"
-    root = Path(root)
-    if not root.exists():
-        raise DatasetNotFoundError(f"{root} does not exist; expected {layout}")
-    if not (root / corruption).is_dir() and (root / IMAGENET_C_FOLDER).is_dir():
-        root = root / IMAGENET_C_FOLDER  # RobustBench's <data_dir>/ImageNet-C/<corruption>/<severity>/
-    folder = root / corruption / str(severity)
-    if not folder.is_dir():
-        raise DatasetLayoutError(f"{folder} does not exist; expected {layout}")
-    paths, labels = _wnid_folders(folder, imagenet_wnids(), layout)
+    folder = imagenet_c_folder(root, corruption, severity)
+    paths, labels = _wnid_folders(folder, imagenet_wnids(), IMAGENET_C_LAYOUT)
     return FileDataset(
         paths,
         labels,
