@@ -56,10 +56,20 @@ def runs(tokens: list[str], sgd_t: dict[str, int] | None = None) -> list[tuple[s
     return out
 
 
+def _tokens_t(text: str) -> tuple[str, int]:
+    """``--sgd-t`` item ``TOKENS=T`` (e.g. ``pixel=7``) -> ``("pixel", 7)``; argparse reports a bad one."""
+    tok, sep, t = text.partition("=")
+    if not sep or tok not in SGD_T or not t.isdigit() or int(t) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected TOKENS=T with TOKENS one of {', '.join(SGD_T)} and T a positive integer"
+        )
+    return tok, int(t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", default="runs/mttt_sweep")
-    ap.add_argument("--tokens", nargs="+", default=["patch", "pixel"])
+    ap.add_argument("--tokens", nargs="+", default=list(SGD_T), choices=list(SGD_T))
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument(
         "--deadline",
@@ -73,13 +83,18 @@ def main() -> None:
         "--sgd-t",
         nargs="*",
         default=[],
+        type=_tokens_t,
         metavar="TOKENS=T",
         help="SGD inner steps per token kind, e.g. pixel=7 for 7x7 pixels (49 tokens)",
     )
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     a = ap.parse_args()
     stop_at = None if a.deadline is None else time.monotonic() + a.deadline
-    sgd_t = {k: int(v) for k, v in (kv.split("=", 1) for kv in a.sgd_t)}
+    sgd_t = dict(a.sgd_t)
+    labels = sorted({r[1] for r in runs(a.tokens, sgd_t)})
+    unknown = [x for x in a.only or [] if x not in labels]
+    if unknown:
+        ap.error(f"--only {' '.join(unknown)}: not a mixer label of this sweep (labels: {', '.join(labels)})")
     todo = [r for r in runs(a.tokens, sgd_t) if not a.only or r[1] in a.only]
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     out_root = Path(a.out_dir)

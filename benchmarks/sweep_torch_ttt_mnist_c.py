@@ -24,13 +24,16 @@ from _sweep import run_until
 ENGINES = ["source", "bn", "tent", "eata", "memo", "actmad", "deyo", "ttt", "ttt_pp", "ittt", "masked_ttt"]
 HEADED = ["ttt", "ttt_pp", "ittt", "masked_ttt"]
 SETTINGS = ["episodic", "continual"]
+#: every ``benchmark.setting`` evaluate knows (``tttlab.torch_ttt.evaluate.RESET_FOR_SETTING``; not imported
+#: here, so that a bad argument is rejected before torch loads); ENGINES is every ``conf/engine`` entry.
+ALL_SETTINGS = ["episodic", "reset_each_shift", "continual", "mixed", "gradual"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", default="runs/torch_ttt_sweep")
-    ap.add_argument("--engines", nargs="+", default=ENGINES)
-    ap.add_argument("--settings", nargs="+", default=SETTINGS)
+    ap.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES, metavar="ENGINE")
+    ap.add_argument("--settings", nargs="+", default=SETTINGS, choices=ALL_SETTINGS, metavar="SETTING")
     ap.add_argument("--num-examples", type=int, default=1000, help="per corruption")
     ap.add_argument("--severity", type=int, default=5)
     ap.add_argument("--device", default="cpu")
