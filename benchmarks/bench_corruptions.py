@@ -51,19 +51,28 @@ def reference(ref, images, name, severity, seed):
 
 
 def main(argv=None) -> list[dict]:
-    import imagecorruptions as ref
-
-    from tttlab.core import corruptions as C
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--corruptions", default="all")
     p.add_argument("--out", default=None, help="write the markdown table here too")
     args = p.parse_args(argv)
+    try:  # the reference is an optional extra: stop before any work, with the command that installs it
+        import imagecorruptions as ref
+    except ImportError:
+        p.error("the reference imagecorruptions-imaug is not installed: pip install imagecorruptions-imaug==1.1.5 "
+                "(core's 'reference' extra)")  # fmt: skip
 
+    from tttlab.core import corruptions as C
+    from tttlab.core.errors import TTTLabError
+
+    if args.images < 1 or args.repeats < 1:
+        p.error(f"--images {args.images} --repeats {args.repeats}: both must be at least 1")
+    try:
+        names = C.resolve(args.corruptions.split(",") if "," in args.corruptions else args.corruptions)
+    except TTTLabError as exc:
+        p.error(f"--corruptions: {exc}")
     images = load_photos(args.images)
-    names = C.resolve(args.corruptions.split(",") if "," in args.corruptions else args.corruptions)
     rows = []
     # warm-up (numba compilation in the reference, lazy caches in ours)
     for name in names:
