@@ -268,6 +268,15 @@ def main(argv=None):
                    help="time train.py's joint-training step in the amp/compile settings instead")  # fmt: skip
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    # argument errors first, before the models train (tens of seconds)
+    unknown = set(args.engines.split(",")) - {"ttt", "tent", "memo"}
+    if unknown:
+        p.error(
+            f"--engines {args.engines}: {', '.join(sorted(unknown))} unknown; expected a subset of ttt,tent,memo"
+        )
+    for v in args.variants.split(",") if args.variants else []:
+        if not set(v.split("+")) <= {"none", "bf16", "compile"}:
+            p.error(f"--variants: {v!r}; expected none, bf16, compile or bf16+compile")
     if not (args.variants or args.train_variants) and importlib.util.find_spec("torch_ttt") is None:
         # checked now: the script trained its models first and then stopped in an import traceback
         p.error("upstream torch-ttt 0.0.2 is not installed (the comparison runs it): pip install --no-deps "
@@ -404,10 +413,7 @@ def main_train_variants(args):
 
 def main_variants(args, engines, models, settings, batches, labels):
     """Our engines in several amp / compile settings, interleaved; one table row per engine and setting."""
-    variants = args.variants.split(",")
-    for v in variants:
-        if not set(v.split("+")) <= {"none", "bf16", "compile"}:
-            raise SystemExit(f"--variants: {v!r}; expected none, bf16, compile or bf16+compile")
+    variants = args.variants.split(",")  # checked in main()
     rows = []
     for name, bn in engines:
         net, head = models[bn]

@@ -146,3 +146,28 @@ def test_speed_benchmark_without_upstream_stops_before_training(monkeypatch, cap
         bench.main(["--batches", "1", "--repeats", "1"])
     assert info.value.code == 2
     assert "pip install --no-deps torch-ttt==0.0.2 einops" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [(["--engines", "tnet"], "--engines tnet: tnet unknown"),
+     (["--engines", "ttt,mem", "--variants", "none"], "mem unknown"),
+     (["--variants", "none,bf61"], "--variants: 'bf61'")],
+)  # fmt: skip
+def test_speed_benchmark_bad_argument_stops_before_training(args, says, monkeypatch, capsys):
+    """benchmarks/bench_torch_ttt.py trained its two models first, then printed an empty table (rc 0) for an
+    unknown --engines value, or stopped on a bad --variants value; now both are usage errors up front."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_torch_ttt.py"
+    if not script.exists():
+        pytest.skip("not a repository checkout")
+    spec = importlib.util.spec_from_file_location("bench_torch_ttt", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "train", lambda *a, **k: pytest.fail("trained before checking the arguments"))
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--batches", "1", "--repeats", "1", *args])
+    assert info.value.code == 2
+    assert says in capsys.readouterr().err
