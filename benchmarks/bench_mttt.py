@@ -122,7 +122,8 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--mixers", nargs="+", default=list(MIXERS))
+    ap.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=list(MIXERS), metavar="MIXER",
+                    help=f"a subset of {', '.join(MIXERS)}")  # fmt: skip
     ap.add_argument("--no-reference", action="store_true", help="skip the nested-autodiff reference")
     ap.add_argument("--max-self-attention-tokens", type=int, default=4096,
                     help="skip self-attention above this N (quadratic memory)")  # fmt: skip

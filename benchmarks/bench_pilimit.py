@@ -144,7 +144,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--chunk-size", type=int, default=2048)
-    p.add_argument("--paths", nargs="+", default=["reference", "chunked", "chunked0"])
+    p.add_argument("--paths", nargs="+", default=["reference", "chunked", "chunked0"],
+                   choices=["reference", "chunked", "chunked0"])  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=1)

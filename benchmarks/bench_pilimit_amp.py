@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tttlab.core.errors import TTTLabError
 from tttlab.pilimit import precision
 from tttlab.pilimit import train as T
 from tttlab.pilimit.data import load_flat
@@ -40,6 +41,16 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        ap.error(
+            f"--variants {a.variants}: {', '.join(unknown)} unknown; expected a subset of {','.join(VARIANTS)}"
+        )
+    for kind in a.kinds.split(","):  # the package's own check of model.kind, before any training
+        try:
+            T.train_config("mnist", [f"model.kind={kind}"])
+        except TTTLabError as exc:
+            ap.error(f"--kinds: {exc}")
     torch.set_num_threads(1)
     rows = []
     for kind in a.kinds.split(","):

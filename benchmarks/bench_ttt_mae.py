@@ -78,6 +78,12 @@ def main() -> None:
                     help="our paths to run next to the reference (comma-separated subset of the default)")  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    known = ("loop", "batched", "bf16", "compiled", "compiled_bf16")
+    unknown = [k for k in args.paths.split(",") if k not in known]
+    if unknown:
+        ap.error(
+            f"--paths {args.paths}: {', '.join(unknown)} unknown; expected a subset of {','.join(known)}"
+        )
     torch.set_num_threads(args.threads)
     if args.compile and not args.warm_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ttt_mae_inductor_")

@@ -1,0 +1,37 @@
+"""A mistyped choice in a benchmark's arguments is argparse's usage error (exit status 2, the bad value and
+the valid ones named) before any work, instead of: bench_mttt.py ``--mixers`` a ``KeyError`` traceback;
+bench_pilimit.py ``--paths`` silently timing the chunked path under the unknown name; bench_ttt_mae.py
+``--paths`` silently dropping the unknown path (``--paths bogus`` timed the reference alone);
+bench_pilimit_amp.py ``--variants`` a ``KeyError`` and ``--kinds`` a ``ConfigError`` traceback."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+CASES = [
+    ("bench_mttt.py", "jax", ["--mixers", "linear_attention", "mttt_mpl"], "invalid choice: 'mttt_mpl'"),
+    ("bench_pilimit.py", "argparse", ["--paths", "reference", "chunk"], "invalid choice: 'chunk'"),
+    ("bench_ttt_mae.py", "torch", ["--paths", "loop,batch"], "--paths loop,batch: batch unknown"),
+    ("bench_pilimit_amp.py", "tttlab.pilimit", ["--variants", "fp32,fp16"], "fp16 unknown"),
+    ("bench_pilimit_amp.py", "tttlab.pilimit", ["--kinds", "inf,infinite"], "model.kind='infinite'"),
+]
+
+
+@pytest.mark.parametrize(("script", "needs", "args", "says"), CASES)
+def test_bad_choice_is_a_usage_error(script, needs, args, says, monkeypatch, capsys):
+    pytest.importorskip(needs)
+    spec = importlib.util.spec_from_file_location(script[:-3] + "_under_test", BENCH / script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    with pytest.raises(SystemExit) as exc:
+        mod.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{script}: error: " in err and says in err, err
