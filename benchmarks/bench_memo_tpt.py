@@ -218,7 +218,7 @@ def main() -> None:
             print(lines[-1], flush=True)
         lines.append("")
     if not args.skip_e2e:
-        lines += ["| end to end (1 step, 64 views) | images/s with PIL views | images/s batched | ratio |",
+        lines += [f"| end to end (1 step, {args.views} views) | images/s with PIL views | images/s batched | ratio |",
                   "|---|---:|---:|---:|"]  # fmt: skip
         for name, p, b in bench_end_to_end(device, args.e2e_repeats, args.tpt_arch, args.classes, args.views):
             lines.append(f"| {name} | {p:.3f} | {b:.3f} | {b / p:.1f}x |")

@@ -87,7 +87,7 @@ def main(argv=None) -> None:
                          acc=ev["val/prec@1"] if ev else None))  # fmt: skip
         print(rows[-1], flush=True)
     base = rows[0]["step"]
-    lines = ["| variant | s/step (median) | vs float32 | first block s/step (compile) | steps | loss (last 10 steps) | test accuracy % |",
+    lines = ["| variant | time/step (median) | vs float32 | first block time/step (compile) | steps | loss (last 10 steps) | test accuracy % |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in rows:
         acc = f"{100 * r['acc']:.2f}" if r["acc"] is not None else "not trained to the end"

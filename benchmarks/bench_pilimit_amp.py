@@ -91,7 +91,7 @@ def main(argv=None) -> None:
                              acc=acc, loss=r["loss"] / steps, eval_s=time.perf_counter() - t0))  # fmt: skip
             print(rows[-1], flush=True)
     base = {r["kind"]: r["step"] for r in rows if r["variant"] == "fp32"}
-    lines = ["| net | variant | s/step (median) | vs fp32 | first block s/step (compile) | mean train loss | test accuracy % |",
+    lines = ["| net | variant | time/step (median) | vs fp32 | first block time/step (compile) | mean train loss | test accuracy % |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['kind']} | {r['variant']} | {r['step'] * 1e3:.1f} ms | {base[r['kind']] / r['step']:.2f}x | "
