@@ -24,7 +24,9 @@ def evaluate_modes(run, methods, modes, mode_config, config, first_domain, round
     machine load.  ``mode_config[name]``: the keys of that mode (e.g. ``{"amp": "bf16"}``); ``config``: the
     keys common to all (profile, cache_dir, benchmark, ...).  Per method and mode: the mean accuracy (equal
     in every round, asserted), s/image over all domains of round 1 (a compiled mode's first domain holds its
-    compiles) and the median over the rounds of s/image over the domains after ``first_domain``."""
+    compiles) and the median over the rounds of s/image over the domains after ``first_domain`` (nan when
+    ``first_domain`` is the only one)."""
+    import math
     import statistics
     import tempfile
 
@@ -45,9 +47,11 @@ def evaluate_modes(run, methods, modes, mode_config, config, first_domain, round
                     df = load_records(run(cfg), metric="accuracy")
                     dom = df[df.corruption != "mean"]
                     warm = dom[dom.corruption != first_domain]
-                    got[name].append((df[df.corruption == "mean"].value.iloc[0],
-                                      float(dom.wall_time_s.sum() / dom.n.sum()),
-                                      float(warm.wall_time_s.sum() / warm.n.sum())))  # fmt: skip
+                    mean = df[df.corruption == "mean"].value
+                    # one corruption: the evaluate commands write no "mean" record; the domain's is the mean
+                    acc = float(mean.iloc[0]) if len(mean) else float(dom.value.mean())
+                    got[name].append((acc, float(dom.wall_time_s.sum() / dom.n.sum()),
+                                      float(warm.wall_time_s.sum() / warm.n.sum()) if len(warm) else math.nan))  # fmt: skip
             for name in modes:
                 accs = {a for a, _, _ in got[name]}
                 assert len(accs) == 1, f"{method} {name}: accuracy differs between rounds {accs}"

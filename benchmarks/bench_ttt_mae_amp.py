@@ -150,8 +150,14 @@ def main() -> None:
         rows = ttt_rows(cache, args.corruptions.split(","), args.num, modes)
         base = {r["method"]: r["warm"] for r in rows if r["mode"] == modes[0]}
         for r in rows:
-            lines.append(f"| {r['method']} | {r['mode']} | {100 * r['acc']:.2f} % | {r['spi']:.4f} | "
-                         f"{r['warm']:.4f} ({base[r['method']] / r['warm']:.2f}x) |")  # fmt: skip
+            later = (
+                "- (one domain)"
+                if r["warm"] != r["warm"]
+                else f"{r['warm']:.4f} ({base[r['method']] / r['warm']:.2f}x)"
+            )
+            lines.append(
+                f"| {r['method']} | {r['mode']} | {100 * r['acc']:.2f} % | {r['spi']:.4f} | {later} |"
+            )
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -65,3 +65,22 @@ def test_sweep_choices_match_the_package():
     assert sorted(sweep.ENGINES) == sorted(p.stem for p in conf.glob("*.yaml"))
     evaluate = pytest.importorskip("tttlab.torch_ttt.evaluate")
     assert sorted(sweep.ALL_SETTINGS) == sorted(evaluate.RESET_FOR_SETTING)
+
+
+def test_evaluate_modes_with_one_corruption(monkeypatch):
+    """bench_ttt_mae_amp.py / bench_memo_tpt_amp.py ``--corruptions gaussian_noise`` ended in an IndexError
+    traceback after all the evaluations: with one corruption the evaluate commands write no "mean" record
+    (they need two domains).  The mean is then that domain's accuracy; s/image after the first domain is nan."""
+    pd = pytest.importorskip("pandas")
+    records = pytest.importorskip("tttlab.core.records")
+    frame = pd.DataFrame({"corruption": ["gaussian_noise"], "value": [0.625], "wall_time_s": [2.0], "n": [8]})
+    monkeypatch.setattr(records, "load_records", lambda *a, **k: frame)
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _sweep
+    finally:
+        sys.path.remove(str(BENCH))
+    rows = _sweep.evaluate_modes(lambda cfg: "unused", ["m"], ["fp32", "bf16"], {"fp32": {}, "bf16": {}}, {},
+                                 "gaussian_noise")  # fmt: skip
+    assert [(r["mode"], r["acc"], r["spi"]) for r in rows] == [("fp32", 0.625, 0.25), ("bf16", 0.625, 0.25)]
+    assert all(r["warm"] != r["warm"] for r in rows)  # nan
