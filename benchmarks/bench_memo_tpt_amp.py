@@ -111,8 +111,16 @@ def main() -> None:
     ap.add_argument("--skip-trainers", action="store_true")
     ap.add_argument("--skip-evaluate", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(1)
     modes = args.modes.split(",")
+    if unknown := [m for m in modes if m not in MODES]:
+        ap.error(
+            f"--modes {args.modes}: {', '.join(unknown)} unknown; expected a subset of {','.join(MODES)}"
+        )
+    if unknown := [m for m in args.methods.split(",") if m not in METHODS]:
+        ap.error(
+            f"--methods {args.methods}: {', '.join(unknown)} unknown; expected a subset of {','.join(METHODS)}"
+        )
+    torch.set_num_threads(1)
     lines = ["| method | mode | mean accuracy | s / image, all of round 1 (first domain: compiles) | "
              "s / image, later domains (median of rounds) |",
              "| --- | --- | --- | --- | --- |"]  # fmt: skip

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from tttlab.core.errors import TTTLabError
 from tttlab.memo_tpt.models import build_clip
 from tttlab.memo_tpt.tpt import TPT
 
@@ -28,7 +29,10 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    model = build_clip(a.arch, pretrained=None, device="cpu")
+    try:
+        model = build_clip(a.arch, pretrained=None, device="cpu")
+    except TTTLabError as exc:  # an unknown --arch: the package's message lists the known ones
+        ap.error(f"--arch: {exc}")
     names = [f"class {i}" for i in range(a.classes)]
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(a.images + 1)]

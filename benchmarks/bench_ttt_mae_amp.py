@@ -131,8 +131,12 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=16)
     ap.add_argument("--skip-ttt", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(1)
     modes = args.modes.split(",")
+    if unknown := [m for m in modes if m not in MODES]:
+        ap.error(
+            f"--modes {args.modes}: {', '.join(unknown)} unknown; expected a subset of {','.join(MODES)}"
+        )
+    torch.set_num_threads(1)
     cache = Path(args.cache)
     lines = ["| entry | mode | ms / step (median of rounds) | warm-up 2 steps (s) | mean loss | probe test acc |",
              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip

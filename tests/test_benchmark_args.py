@@ -2,7 +2,9 @@
 the valid ones named) before any work, instead of: bench_mttt.py ``--mixers`` a ``KeyError`` traceback;
 bench_pilimit.py ``--paths`` silently timing the chunked path under the unknown name; bench_ttt_mae.py
 ``--paths`` silently dropping the unknown path (``--paths bogus`` timed the reference alone);
-bench_pilimit_amp.py ``--variants`` a ``KeyError`` and ``--kinds`` a ``ConfigError`` traceback."""
+bench_pilimit_amp.py ``--variants`` a ``KeyError`` and ``--kinds`` a ``ConfigError`` traceback;
+bench_ttt_mae_amp.py / bench_memo_tpt_amp.py ``--modes`` a ``KeyError`` (the latter's ``--methods`` a
+``ConfigError``) traceback; bench_tpt_zero_shot.py ``--arch`` an ``UnknownNameError`` traceback."""
 
 from __future__ import annotations
 
@@ -20,6 +22,20 @@ CASES = [
     ("bench_ttt_mae.py", "torch", ["--paths", "loop,batch"], "--paths loop,batch: batch unknown"),
     ("bench_pilimit_amp.py", "tttlab.pilimit", ["--variants", "fp32,fp16"], "fp16 unknown"),
     ("bench_pilimit_amp.py", "tttlab.pilimit", ["--kinds", "inf,infinite"], "model.kind='infinite'"),
+    ("bench_ttt_mae_amp.py", "torch", ["--modes", "fp32,fp16"], "--modes fp32,fp16: fp16 unknown"),
+    ("bench_memo_tpt_amp.py", "torch", ["--modes", "bf16,compiled"], "compiled unknown"),
+    (
+        "bench_memo_tpt_amp.py",
+        "torch",
+        ["--methods", "memo_tpt.memo,tpt"],
+        "--methods memo_tpt.memo,tpt: tpt unknown",
+    ),
+    (
+        "bench_tpt_zero_shot.py",
+        "open_clip",
+        ["--arch", "RN5O", "--classes", "2"],
+        "unknown CLIP architecture 'RN5O'",
+    ),
 ]
 
 
