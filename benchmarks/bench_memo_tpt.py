@@ -203,6 +203,12 @@ def main() -> None:
     ap.add_argument("--ops", action="store_true", help="also: CPU time per view of each stage vs PIL")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if not args.skip_e2e and args.tpt_arch != "small":  # checked now, not after the views benchmark
+        from tttlab.memo_tpt.models import clip_names
+
+        if args.tpt_arch.replace("/", "-") not in clip_names():
+            ap.error(f"--tpt-arch {args.tpt_arch!r}: not an open_clip model name (see open_clip.list_models()) "
+                     "or 'small'")  # fmt: skip
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     lines = [

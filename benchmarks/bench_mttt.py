@@ -129,7 +129,10 @@ def main(argv=None):
                     help="skip self-attention above this N (quadratic memory)")  # fmt: skip
     ap.add_argument("--out", default=None, help="write the markdown table here")
     a = ap.parse_args(argv)
-    dtype = jnp.dtype(a.dtype)
+    try:
+        dtype = jnp.dtype(a.dtype)
+    except TypeError as exc:
+        ap.error(f"--dtype {a.dtype!r}: {exc} (e.g. float32, bfloat16)")
     rows = []
     dev = jax.devices()[0]
     header = (

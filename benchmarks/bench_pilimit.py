@@ -147,7 +147,8 @@ def main() -> None:
     p.add_argument("--paths", nargs="+", default=["reference", "chunked", "chunked0"],
                    choices=["reference", "chunked", "chunked0"])  # fmt: skip
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"],
+                   help="storage of A/B (tttlab.pilimit.layers.DTYPES)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="also write the markdown table here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -53,6 +53,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if min(args.models, args.noise, args.images) < 1:
+        p.error(
+            f"--models {args.models} --noise {args.noise} --images {args.images}: each must be at least 1"
+        )
     torch.set_num_threads(args.threads)
     x, y = mnist_tensors("test", args.images)
     settings = {"num_steps": 1, "lr": 1e-3, "optimizer_name": "adam"}

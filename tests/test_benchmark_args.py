@@ -4,7 +4,10 @@ bench_pilimit.py ``--paths`` silently timing the chunked path under the unknown 
 ``--paths`` silently dropping the unknown path (``--paths bogus`` timed the reference alone);
 bench_pilimit_amp.py ``--variants`` a ``KeyError`` and ``--kinds`` a ``ConfigError`` traceback;
 bench_ttt_mae_amp.py / bench_memo_tpt_amp.py ``--modes`` a ``KeyError`` (the latter's ``--methods`` a
-``ConfigError``) traceback; bench_tpt_zero_shot.py ``--arch`` an ``UnknownNameError`` traceback."""
+``ConfigError``) traceback; bench_tpt_zero_shot.py ``--arch`` an ``UnknownNameError`` traceback
+(bench_memo_tpt.py ``--tpt-arch`` the same, after the whole views benchmark); a bad ``--dtype`` a
+``TypeError`` traceback (bench_mttt.py) or a table of failed rows with exit status 0 (bench_pilimit.py);
+ttt_rand_accuracy.py ``--models 0`` a ``StatisticsError``."""
 
 from __future__ import annotations
 
@@ -30,6 +33,10 @@ CASES = [
         ["--methods", "memo_tpt.memo,tpt"],
         "--methods memo_tpt.memo,tpt: tpt unknown",
     ),
+    ("bench_memo_tpt.py", "open_clip", ["--tpt-arch", "ViT-B-61"], "--tpt-arch 'ViT-B-61': not an open_clip"),
+    ("bench_mttt.py", "jax", ["--dtype", "bfloat61"], "--dtype 'bfloat61'"),
+    ("bench_pilimit.py", "argparse", ["--dtype", "bf16"], "invalid choice: 'bf16'"),
+    ("ttt_rand_accuracy.py", "torch", ["--models", "0"], "--models 0"),
     (
         "bench_tpt_zero_shot.py",
         "open_clip",
