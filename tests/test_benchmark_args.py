@@ -7,17 +7,47 @@ bench_ttt_mae_amp.py / bench_memo_tpt_amp.py ``--modes`` a ``KeyError`` (the lat
 ``ConfigError``) traceback; bench_tpt_zero_shot.py ``--arch`` an ``UnknownNameError`` traceback
 (bench_memo_tpt.py ``--tpt-arch`` the same, after the whole views benchmark); a bad ``--dtype`` a
 ``TypeError`` traceback (bench_mttt.py) or a table of failed rows with exit status 0 (bench_pilimit.py);
-ttt_rand_accuracy.py ``--models 0`` a ``StatisticsError``."""
+ttt_rand_accuracy.py ``--models 0`` a ``StatisticsError``.
+
+Dependencies and choices are checked before any work: bench_corruptions.py without its reference
+(imagecorruptions-imaug) stops with the install command (it was a ``ModuleNotFoundError`` traceback before
+``--help`` could print) and its bad ``--corruptions``/``--images``/``--repeats`` are usage errors before the
+photos load; bench_torch_ttt.py without upstream torch-ttt stops with the install command and an unknown
+``--engines``/``--variants`` value is a usage error, both before its two models train (it trained them, then
+stopped in a traceback or printed an empty table with exit status 0)."""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_bench(script: str):
+    """``benchmarks/<script>`` imported as a module (its ``main`` not run)."""
+    spec = importlib.util.spec_from_file_location(script[:-3] + "_under_test", BENCH / script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def usage_error(capsys, exc) -> str:
+    """The last stderr line of a usage error (exit status 2)."""
+    assert exc.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def no_work(what):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{what} before the arguments were checked")
+
+    return fail
+
 
 CASES = [
     ("bench_mttt.py", "jax", ["--mixers", "linear_attention", "mttt_mpl"], "invalid choice: 'mttt_mpl'"),
@@ -49,12 +79,64 @@ CASES = [
 @pytest.mark.parametrize(("script", "needs", "args", "says"), CASES)
 def test_bad_choice_is_a_usage_error(script, needs, args, says, monkeypatch, capsys):
     pytest.importorskip(needs)
-    spec = importlib.util.spec_from_file_location(script[:-3] + "_under_test", BENCH / script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench(script)
     monkeypatch.setattr(sys, "argv", [script, *args])
     with pytest.raises(SystemExit) as exc:
         mod.main()
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = usage_error(capsys, exc)
     assert f"{script}: error: " in err and says in err, err
+
+
+def test_corruptions_without_the_reference_is_a_usage_error_with_the_install_command(monkeypatch, capsys):
+    bench = load_bench("bench_corruptions.py")
+    monkeypatch.setitem(sys.modules, "imagecorruptions", None)  # import raises ImportError
+    monkeypatch.setattr(bench, "load_photos", no_work("the photos were loaded"))
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--images", "1", "--repeats", "1"])
+    assert "pip install imagecorruptions-imaug==1.1.5" in usage_error(capsys, exc)
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [(["--corruptions", "gaussian_nois"], "unknown corruption 'gaussian_nois'"),
+     (["--corruptions", "fog,bogus"], "unknown corruption 'bogus'"),
+     (["--images", "0"], "--images 0"),
+     (["--repeats", "0"], "--repeats 0")],
+)  # fmt: skip
+def test_corruptions_bad_argument_is_a_usage_error(args, says, monkeypatch, capsys):
+    pytest.importorskip("tttlab.core.corruptions")
+    bench = load_bench("bench_corruptions.py")
+    monkeypatch.setitem(sys.modules, "imagecorruptions", types.ModuleType("imagecorruptions"))
+    monkeypatch.setattr(bench, "load_photos", no_work("the photos were loaded"))
+    with pytest.raises(SystemExit) as exc:
+        bench.main(args)
+    err = usage_error(capsys, exc)
+    assert ": error: " in err and says in err, err
+
+
+def test_torch_ttt_without_upstream_stops_before_training(monkeypatch, capsys):
+    pytest.importorskip("tttlab.torch_ttt")
+    bench = load_bench("bench_torch_ttt.py")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "torch_ttt" else real(n, *a))
+    monkeypatch.setattr(bench, "train", no_work("trained"))
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--batches", "1", "--repeats", "1"])
+    assert exc.value.code == 2
+    assert "pip install --no-deps torch-ttt==0.0.2 einops" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [(["--engines", "tnet"], "--engines tnet: tnet unknown"),
+     (["--engines", "ttt,mem", "--variants", "none"], "mem unknown"),
+     (["--variants", "none,bf61"], "--variants: 'bf61'")],
+)  # fmt: skip
+def test_torch_ttt_bad_argument_stops_before_training(args, says, monkeypatch, capsys):
+    pytest.importorskip("tttlab.torch_ttt")
+    bench = load_bench("bench_torch_ttt.py")
+    monkeypatch.setattr(bench, "train", no_work("trained"))
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--batches", "1", "--repeats", "1", *args])
+    assert exc.value.code == 2
+    assert says in capsys.readouterr().err
