@@ -6,7 +6,9 @@ what was wrong, without a Python traceback and without writing anything (no run 
 
 - a mistyped key (``bogus_key=1``);
 - a bad ``compile=`` value, for the commands whose config has a ``compile`` key: core's one-line
-  ``ConfigError`` with exit status 2, before Hydra would make the run directory (``out_dir`` given too).
+  ``ConfigError`` with exit status 2, before Hydra would make the run directory (``out_dir`` given too);
+- for the Hydra commands, a mistyped experiment, and any override Hydra cannot apply (a misspelt key, a value
+  of the wrong type, a malformed value): one line, exit status 2.
 
 The commands are the console scripts found in the installed packages' metadata, so a new command is checked
 without editing this file; the full environment must expose every script the packages' ``pyproject.toml``
@@ -127,4 +129,22 @@ def test_a_mistyped_experiment_is_one_line_exit_2_and_writes_nothing(name, tmp_p
         r"expected one of \w.*\n",
         out,
     ), out
+    assert written(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("arg", "needle"),
+    [("bogus_key=1", "'bogus_key'"), ("seed=abc", "seed"), ("seed=[1", "'[1'")],
+    ids=["key", "type", "syntax"],
+)
+@pytest.mark.parametrize("name", sorted(HYDRA_COMMANDS & set(COMMANDS)))
+def test_an_override_hydra_cannot_apply_is_one_line_exit_2(name, arg, needle, tmp_path, monkeypatch, capsys):
+    """A misspelt key, a value of the wrong type, a malformed value: core's one-line ConfigError naming the
+    override, exit status 2, nothing written (``check_config_overrides`` composes the config before
+    ``@hydra.main``; Hydra alone prints a few lines and exits with status 1)."""
+    code, out = run_command(name, [f"out_dir={tmp_path / 'run'}", arg], tmp_path, monkeypatch, capsys)
+    assert code == 2, out
+    # Hydra's own message, or (a key no schema types: seed in the plain-YAML configs) the command's check
+    assert re.fullmatch(rf"{re.escape(name)}: error: \w*ConfigError: .+\n", out), out
+    assert needle in out, out
     assert written(tmp_path) == []

@@ -111,6 +111,9 @@ def test_every_hydra_command_checks_its_run_directory_override_first():
     # and its config-group overrides (+experiment=..., engine=...): a name with no YAML is one line, exit 2
     missing = [str(p.relative_to(ROOT)) for p in mains if "check_group_overrides(" not in p.read_text()]
     assert missing == []
+    # and every other override (a misspelt key, a wrong type, a malformed value): one line, exit 2
+    missing = [str(p.relative_to(ROOT)) for p in mains if "check_config_overrides(" not in p.read_text()]
+    assert missing == []
 
 
 @pytest.mark.skipif(CORE_ONLY or NO_TORCH, reason="runs tttlab-torch-ttt-train (full environment)")

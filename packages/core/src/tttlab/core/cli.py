@@ -172,9 +172,43 @@ def check_group_overrides(prog: str, conf: str, argv: list[str] | None = None) -
         raise SystemExit(2)
 
 
+def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[str] | None = None) -> None:
+    """Compose the command's config (``config_name`` of the package ``conf``) with the command line's
+    overrides, as its ``@hydra.main`` is about to: an override Hydra cannot apply (a misspelt key, a value
+    of the wrong type for a typed key, a malformed value) stops the command with the usual one-line
+    ``ConfigError`` naming the override and exit status 2, instead of Hydra's few-line report and exit
+    status 1.  Command lines with Hydra's own flags (``--multirun``, ``--cfg``, ``--help``, ...) are left to
+    Hydra.  Call it after :func:`check_group_overrides` (and after the package registered its structured
+    configs), just before the ``@hydra.main`` function."""
+    from .errors import ConfigError
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args or any(a.startswith("-") for a in args):
+        return
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(conf, version_base=None):
+            compose(config_name=config_name, overrides=list(args))
+    except (HydraException, OmegaConfBaseException) as exc:
+        first = " ".join(str(exc).split())  # Hydra's lines (and its remedy, e.g. "use +key=...") as one
+        cause = exc.__cause__
+        why = " ".join(str(cause).split("\n")[0].split()) if cause is not None else ""
+        exc = ConfigError(f"{first}" + (f" ({why})" if why and why not in first else ""))
+        print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
 __all__ = [
     "DIR_KEYS",
     "check_compile_override",
+    "check_config_overrides",
     "check_dir_overrides",
     "check_group_overrides",
     "user_errors",

@@ -34,7 +34,13 @@ from typing import Any
 import torch
 
 from tttlab.core._io import atomic_write_json
-from tttlab.core.cli import check_compile_override, check_dir_overrides, check_group_overrides, user_errors
+from tttlab.core.cli import (
+    check_compile_override,
+    check_config_overrides,
+    check_dir_overrides,
+    check_group_overrides,
+    user_errors,
+)
 from tttlab.core.errors import ConfigError
 
 from . import data as D
@@ -176,7 +182,8 @@ def run_paper(cfg) -> Path:
             raise ConfigError(f"{where}amp={m['amp']!r}; expected one of {', '.join(AMP_MODES)}")
         if "compile" in m:  # false | true | a torch.compile mode (core's rule)
             m["compile"] = check_compile(m["compile"], f"{where}compile")
-    for key, minimum, expected in (("num_images", 1, "null or an integer >= 1"),
+    for key, minimum, expected in (("seed", 0, "an integer >= 0"),
+                                   ("num_images", 1, "null or an integer >= 1"),
                                    ("save_every", 1, "an integer >= 1"),
                                    ("verbose", 0, "an integer >= 0 (0: never)")):  # fmt: skip
         value = c.get(key)
@@ -262,6 +269,7 @@ def _main(config_name: str) -> None:
 
     check_compile_override(f"tttlab-memo-tpt-{config_name}")
     check_group_overrides(f"tttlab-memo-tpt-{config_name}", "tttlab.memo_tpt.conf")
+    check_config_overrides(f"tttlab-memo-tpt-{config_name}", "tttlab.memo_tpt.conf", config_name)
     check_dir_overrides(f"tttlab-memo-tpt-{config_name}")
     entry()
 

@@ -380,7 +380,7 @@ def _chain(first, rest):
 def main() -> None:
     import hydra
 
-    from tttlab.core.cli import check_dir_overrides, check_group_overrides
+    from tttlab.core.cli import check_config_overrides, check_dir_overrides, check_group_overrides
 
     from .cli import user_errors
 
@@ -393,6 +393,7 @@ def main() -> None:
             print(run(cfg))
 
     check_group_overrides("tttlab-mttt-evaluate", "tttlab.mttt_jax.conf")
+    check_config_overrides("tttlab-mttt-evaluate", "tttlab.mttt_jax.conf", "evaluate")
     check_dir_overrides("tttlab-mttt-evaluate")
     _main()
 

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from tttlab.core.cli import check_compile_override, check_dir_overrides, check_group_overrides, user_errors
+from tttlab.core.cli import (
+    check_compile_override,
+    check_config_overrides,
+    check_dir_overrides,
+    check_group_overrides,
+    user_errors,
+)
 
 from .common import init_distributed, register_configs, setup_logging, to_dict
 
@@ -44,6 +50,7 @@ def hydra_main(entry: str) -> None:
 
     check_compile_override(f"tttlab-ttt-mae-{entry}")
     check_group_overrides(f"tttlab-ttt-mae-{entry}", "tttlab.ttt_mae.conf")
+    check_config_overrides(f"tttlab-ttt-mae-{entry}", "tttlab.ttt_mae.conf", entry)
     check_dir_overrides(f"tttlab-ttt-mae-{entry}")
     try:
         _main()
