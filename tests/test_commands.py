@@ -134,8 +134,13 @@ def test_a_mistyped_experiment_is_one_line_exit_2_and_writes_nothing(name, tmp_p
 
 @pytest.mark.parametrize(
     ("arg", "needle"),
-    [("bogus_key=1", "'bogus_key'"), ("seed=abc", "seed"), ("seed=[1", "'[1'")],
-    ids=["key", "type", "syntax"],
+    [
+        ("bogus_key=1", "'bogus_key'"),
+        ("out_dri=x", "; did you mean 'out_dir'?"),
+        ("seed=abc", "seed"),
+        ("seed=[1", "'[1'"),
+    ],
+    ids=["key", "near-key", "type", "syntax"],
 )
 @pytest.mark.parametrize("name", sorted(HYDRA_COMMANDS & set(COMMANDS)))
 def test_an_override_hydra_cannot_apply_is_one_line_exit_2(name, arg, needle, tmp_path, monkeypatch, capsys):

@@ -193,16 +193,45 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(conf, version_base=None):
-            compose(config_name=config_name, overrides=list(args))
-    except (HydraException, OmegaConfBaseException) as exc:
-        first = " ".join(str(exc).split())  # Hydra's lines (and its remedy, e.g. "use +key=...") as one
-        cause = exc.__cause__
-        why = " ".join(str(cause).split("\n")[0].split()) if cause is not None else ""
-        exc = ConfigError(f"{first}" + (f" ({why})" if why and why not in first else ""))
-        print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+            try:
+                compose(config_name=config_name, overrides=list(args))
+            except (HydraException, OmegaConfBaseException) as exc:
+                first = " ".join(str(exc).split())  # Hydra's lines (and its remedy: "use +key=...") as one
+                cause = exc.__cause__
+                why = " ".join(str(cause).split("\n")[0].split()) if cause is not None else ""
+                hint = _closest_key(
+                    first, args, lambda rest: compose(config_name=config_name, overrides=rest)
+                )
+                exc = ConfigError(first + (f" ({why})" if why and why not in first else "") + hint)
+                print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def _closest_key(message: str, args: list[str], compose) -> str:
+    """``"; did you mean 'a.b'?"`` for Hydra's "Could not override 'a.c'" when the config composed without
+    that override has a key like it next to it; ``""`` otherwise."""
+    import difflib
+    import re
+
+    from omegaconf import DictConfig, OmegaConf
+
+    found = re.search(r"Could not override '([^']+)'", message)
+    if not found:
+        return ""
+    key = found.group(1)
+    rest = [a for a in args if a.lstrip("+~").partition("=")[0] != key]
+    try:
+        cfg = compose(rest)
+    except Exception:  # noqa: BLE001 - another bad override too: no hint
+        return ""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if not isinstance(node, DictConfig):
+        return ""
+    close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1)
+    return f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
 
 
 __all__ = [
