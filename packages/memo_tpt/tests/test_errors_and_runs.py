@@ -294,6 +294,7 @@ def test_tpt_run_on_imagenet_a_fixture_uses_200_classes(tmp_path, monkeypatch):
         ("tpt", ["lr=-1"], "lr=-1.0; expected a finite number >= 0"),
         # the run settings: a record error that did not name the key, a ZeroDivisionError, silently accepted
         ("tpt", ["num_images=-1"], "num_images=-1; expected null or an integer >= 1"),
+        ("tpt", ["seed=abc"], "seed='abc'; expected an integer >= 0"),
         ("memo", ["save_every=0"], "save_every=0; expected an integer >= 1"),
         ("tpt", ["verbose=-1"], "verbose=-1; expected an integer >= 0"),
         # amp / compile: a value outside the scheme, fp16 where there is no GradScaler step or no CUDA
