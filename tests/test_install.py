@@ -100,19 +100,14 @@ def test_ci_runs_the_readme_test_command():
     assert os.access(ROOT / ".ci" / "run", os.X_OK)
 
 
-def test_every_hydra_command_checks_its_run_directory_override_first():
-    """Hydra makes ``out_dir`` before the task runs; every ``@hydra.main`` entry point calls
-    ``core.cli.check_dir_overrides`` so that a file there is a one-line error (core's test_cli checks the
-    function; one real command is run below)."""
+def test_every_hydra_command_checks_its_command_line_first():
+    """Hydra composes the config and makes ``out_dir`` before the task runs; every ``@hydra.main`` entry
+    point calls ``core.cli.check_hydra_command`` first, so that a bad ``compile=``, a config group naming no
+    YAML, an override Hydra cannot apply and a file as ``out_dir`` are one-line errors with exit status 2
+    (core's test_cli checks the functions; tests/test_commands.py runs every command)."""
     mains = [p for p in (ROOT / "packages").glob("*/src/tttlab/**/*.py") if "@hydra.main" in p.read_text()]
     assert len(mains) >= 7
-    missing = [str(p.relative_to(ROOT)) for p in mains if "check_dir_overrides(" not in p.read_text()]
-    assert missing == []
-    # and its config-group overrides (+experiment=..., engine=...): a name with no YAML is one line, exit 2
-    missing = [str(p.relative_to(ROOT)) for p in mains if "check_group_overrides(" not in p.read_text()]
-    assert missing == []
-    # and every other override (a misspelt key, a wrong type, a malformed value): one line, exit 2
-    missing = [str(p.relative_to(ROOT)) for p in mains if "check_config_overrides(" not in p.read_text()]
+    missing = [str(p.relative_to(ROOT)) for p in mains if "check_hydra_command(" not in p.read_text()]
     assert missing == []
 
 

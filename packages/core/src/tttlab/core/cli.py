@@ -178,8 +178,8 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
     of the wrong type for a typed key, a malformed value) stops the command with the usual one-line
     ``ConfigError`` naming the override and exit status 2, instead of Hydra's few-line report and exit
     status 1.  Command lines with Hydra's own flags (``--multirun``, ``--cfg``, ``--help``, ...) are left to
-    Hydra.  Call it after :func:`check_group_overrides` (and after the package registered its structured
-    configs), just before the ``@hydra.main`` function."""
+    Hydra.  :func:`check_hydra_command` calls it after :func:`check_group_overrides`; the package's
+    structured configs must be registered by then."""
     from .errors import ConfigError
 
     args = sys.argv[1:] if argv is None else argv
@@ -234,11 +234,25 @@ def _closest_key(message: str, args: list[str], compose) -> str:
     return f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
 
 
+def check_hydra_command(prog: str, conf: str, config_name: str, *, compile_key: bool = True) -> None:
+    """Every check a Hydra command makes of its command line before its ``@hydra.main`` function runs,
+    in order: a bad ``compile=`` value (``compile_key``: the config has that key), a config-group override
+    naming no YAML, any other override Hydra cannot apply, an ``out_dir`` that is a file.  Each stops the
+    command with one ``<prog>: error: ...`` line and exit status 2, before anything is written.  ``conf`` is
+    the package's config package (``"tttlab.<pkg>.conf"``), ``config_name`` the ``@hydra.main`` one."""
+    if compile_key:
+        check_compile_override(prog)
+    check_group_overrides(prog, conf)
+    check_config_overrides(prog, conf, config_name)
+    check_dir_overrides(prog)
+
+
 __all__ = [
     "DIR_KEYS",
     "check_compile_override",
     "check_config_overrides",
     "check_dir_overrides",
     "check_group_overrides",
+    "check_hydra_command",
     "user_errors",
 ]

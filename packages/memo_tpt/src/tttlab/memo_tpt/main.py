@@ -34,13 +34,7 @@ from typing import Any
 import torch
 
 from tttlab.core._io import atomic_write_json
-from tttlab.core.cli import (
-    check_compile_override,
-    check_config_overrides,
-    check_dir_overrides,
-    check_group_overrides,
-    user_errors,
-)
+from tttlab.core.cli import check_hydra_command, user_errors
 from tttlab.core.errors import ConfigError
 
 from . import data as D
@@ -267,10 +261,7 @@ def _main(config_name: str) -> None:
             path = run_paper(cfg)
         print(path)
 
-    check_compile_override(f"tttlab-memo-tpt-{config_name}")
-    check_group_overrides(f"tttlab-memo-tpt-{config_name}", "tttlab.memo_tpt.conf")
-    check_config_overrides(f"tttlab-memo-tpt-{config_name}", "tttlab.memo_tpt.conf", config_name)
-    check_dir_overrides(f"tttlab-memo-tpt-{config_name}")
+    check_hydra_command(f"tttlab-memo-tpt-{config_name}", "tttlab.memo_tpt.conf", config_name)
     entry()
 
 

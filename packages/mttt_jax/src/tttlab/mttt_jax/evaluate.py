@@ -380,7 +380,7 @@ def _chain(first, rest):
 def main() -> None:
     import hydra
 
-    from tttlab.core.cli import check_config_overrides, check_dir_overrides, check_group_overrides
+    from tttlab.core.cli import check_hydra_command
 
     from .cli import user_errors
 
@@ -392,9 +392,7 @@ def main() -> None:
         with user_errors("tttlab-mttt-evaluate"):
             print(run(cfg))
 
-    check_group_overrides("tttlab-mttt-evaluate", "tttlab.mttt_jax.conf")
-    check_config_overrides("tttlab-mttt-evaluate", "tttlab.mttt_jax.conf", "evaluate")
-    check_dir_overrides("tttlab-mttt-evaluate")
+    check_hydra_command("tttlab-mttt-evaluate", "tttlab.mttt_jax.conf", "evaluate", compile_key=False)
     _main()
 
 

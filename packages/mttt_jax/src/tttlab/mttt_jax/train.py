@@ -621,7 +621,7 @@ def main() -> None:
     flags (translated, see :mod:`tttlab.mttt_jax.cli`)."""
     import hydra
 
-    from tttlab.core.cli import check_config_overrides, check_dir_overrides, check_group_overrides
+    from tttlab.core.cli import check_hydra_command
 
     from .cli import apply_upstream_translation, user_errors
 
@@ -636,9 +636,7 @@ def main() -> None:
         if stats["val/prec@1"]:
             print(f"final val/prec@1 = {stats['val/prec@1'][-1]:.4f}")
 
-    check_group_overrides("tttlab-mttt-train", "tttlab.mttt_jax.conf")
-    check_config_overrides("tttlab-mttt-train", "tttlab.mttt_jax.conf", "config")
-    check_dir_overrides("tttlab-mttt-train")
+    check_hydra_command("tttlab-mttt-train", "tttlab.mttt_jax.conf", "config", compile_key=False)
     _main()
 
 

@@ -40,13 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from tttlab.core._io import atomic_path
-from tttlab.core.cli import (
-    check_compile_override,
-    check_config_overrides,
-    check_dir_overrides,
-    check_group_overrides,
-    user_errors,
-)
+from tttlab.core.cli import check_hydra_command, user_errors
 from tttlab.core.config import RunConfig, config_diff, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError
 from tttlab.core.records import RunDir, config_hash, done_keys, load_records
@@ -673,10 +667,7 @@ def main() -> None:
         with user_errors("tttlab-pilimit-train"):
             print(run(cfg))
 
-    check_compile_override("tttlab-pilimit-train")
-    check_group_overrides("tttlab-pilimit-train", "tttlab.pilimit.conf")
-    check_config_overrides("tttlab-pilimit-train", "tttlab.pilimit.conf", "config")
-    check_dir_overrides("tttlab-pilimit-train")
+    check_hydra_command("tttlab-pilimit-train", "tttlab.pilimit.conf", "config")
     _main()
 
 

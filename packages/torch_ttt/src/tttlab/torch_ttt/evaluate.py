@@ -769,12 +769,7 @@ def summary_lines(path: Path) -> list[str]:
 def main() -> None:
     import hydra
 
-    from tttlab.core.cli import (
-        check_compile_override,
-        check_config_overrides,
-        check_dir_overrides,
-        check_group_overrides,
-    )
+    from tttlab.core.cli import check_hydra_command
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     register_configs()
@@ -787,10 +782,7 @@ def main() -> None:
             print("\n".join(summary_lines(Path(path))))
             print(path)
 
-    check_compile_override("tttlab-torch-ttt-evaluate")
-    check_group_overrides("tttlab-torch-ttt-evaluate", "tttlab.torch_ttt.conf")
-    check_config_overrides("tttlab-torch-ttt-evaluate", "tttlab.torch_ttt.conf", "evaluate")
-    check_dir_overrides("tttlab-torch-ttt-evaluate")
+    check_hydra_command("tttlab-torch-ttt-evaluate", "tttlab.torch_ttt.conf", "evaluate")
     try:
         _main()
     finally:

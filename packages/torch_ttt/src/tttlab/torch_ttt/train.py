@@ -47,13 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tttlab.core._io import atomic_path
-from tttlab.core.cli import (
-    check_compile_override,
-    check_config_overrides,
-    check_dir_overrides,
-    check_group_overrides,
-    user_errors,
-)
+from tttlab.core.cli import check_hydra_command, user_errors
 from tttlab.core.config import DataConfig, RunConfig, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError, TTTLabError
 from tttlab.core.records import RunDir, config_hash, read_jsonl
@@ -652,10 +646,7 @@ def main() -> None:
         with user_errors("tttlab-torch-ttt-train"):
             print(run(cfg))
 
-    check_compile_override("tttlab-torch-ttt-train")
-    check_group_overrides("tttlab-torch-ttt-train", "tttlab.torch_ttt.conf")
-    check_config_overrides("tttlab-torch-ttt-train", "tttlab.torch_ttt.conf", "config")
-    check_dir_overrides("tttlab-torch-ttt-train")
+    check_hydra_command("tttlab-torch-ttt-train", "tttlab.torch_ttt.conf", "config")
     _main()
 
 

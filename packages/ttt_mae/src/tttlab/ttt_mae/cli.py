@@ -8,13 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from tttlab.core.cli import (
-    check_compile_override,
-    check_config_overrides,
-    check_dir_overrides,
-    check_group_overrides,
-    user_errors,
-)
+from tttlab.core.cli import check_hydra_command, user_errors
 
 from .common import init_distributed, register_configs, setup_logging, to_dict
 
@@ -48,10 +42,7 @@ def hydra_main(entry: str) -> None:
         if init_distributed().rank == 0:
             print(path)
 
-    check_compile_override(f"tttlab-ttt-mae-{entry}")
-    check_group_overrides(f"tttlab-ttt-mae-{entry}", "tttlab.ttt_mae.conf")
-    check_config_overrides(f"tttlab-ttt-mae-{entry}", "tttlab.ttt_mae.conf", entry)
-    check_dir_overrides(f"tttlab-ttt-mae-{entry}")
+    check_hydra_command(f"tttlab-ttt-mae-{entry}", "tttlab.ttt_mae.conf", entry)
     try:
         _main()
     finally:
