@@ -278,6 +278,12 @@ def test_config_errors_and_method_names(env, tmp_path):
     assert cmp.load_config(["device=cuda:1"])["device"] == "cuda:1"
     c = cmp.load_config(["--jobs", "3", "methods=fake.*", "profile=quick", "seeds=[2,1,2]"])
     assert c["jobs"] == 3 and c["methods"] == ["fake.*"] and c["seeds"] == [2, 1]
+    # a bare --key is true only for a true/false key; another key without its value is named (was "invalid
+    # value True" from the schema)
+    assert cmp.load_config(["--progress", "methods=fake.*"])["progress"] is True
+    for argv in (["--jobs"], ["--jobs", "--progress"], ["--out-dir", "profile=quick"]):
+        with pytest.raises(ConfigError, match=rf"^{argv[0]} needs a value: {argv[0]} VALUE or \w+=VALUE"):
+            cmp.load_config(argv)
     assert c["num_examples"] == c["profiles"]["quick"]["num_examples"] and len(c["corruptions"]) == 15
     specs, missing = cmp.resolve_methods(["fake.alpha", "fake.b*", "alpha"])
     assert [s.name for s in specs] == ["fake.alpha", "fake.beta"] and missing == []

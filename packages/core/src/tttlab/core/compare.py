@@ -135,6 +135,9 @@ class CompareConfig:
     profiles: dict[str, Any] = field(default_factory=dict)
 
 
+_BOOL_KEYS = {f.name for f in dataclasses.fields(CompareConfig) if f.type in (bool, "bool")}
+
+
 def _split_argv(argv: Sequence[str]) -> list[str]:
     """``--key value`` / ``--key=value`` -> ``key=value`` (Hydra overrides pass through unchanged)."""
     out, i = [], 0
@@ -148,8 +151,11 @@ def _split_argv(argv: Sequence[str]) -> list[str]:
             elif i + 1 < len(argv) and "=" not in argv[i + 1] and not argv[i + 1].startswith("--"):
                 out.append(f"{key}={argv[i + 1]}")
                 i += 1
-            else:
+            elif key in _BOOL_KEYS:
                 out.append(f"{key}=true")
+            else:
+                raise ConfigError(f"{a} needs a value: {a} VALUE or {key}=VALUE (only a true/false key such as "
+                                  f"--progress may stand alone)")  # fmt: skip
         else:
             out.append(a)
         i += 1
