@@ -25,7 +25,8 @@
 #   3b. torch_ttt_compiled  the same with our engines compiled (reduce-overhead = CUDA graphs), cap 140 s
 #                  (59 s) -> torch_ttt_gpu_compiled.md
 #   4. pilimit     benchmarks/gpu_pilimit.sh           cap  75 s  (17 s)    -> pilimit.md
-#   5. memo_tpt    benchmarks/gpu_memo_tpt.sh          cap  85 s  (49 s)    -> memo_tpt.md
+#   5. memo_tpt    benchmarks/gpu_memo_tpt.sh          cap  85+45 s  (49 s) -> memo_tpt.md, tpt_prompt_length.md
+#                  (the second: TPT ViT-B/16 with the prompts cut after their end token vs all 77 positions)
 #   6. sweeps      benchmarks/gpu_lead.sh sweeps       the time left        -> torch_ttt_mnist_c.md,
 #                  (torch_ttt MNIST-C sweep and MTTT MNIST proxies side by side)       mttt_mnist.md
 # Parts 1-5 are speed measurements and get the GPU alone, one after the other; part 6 is two accuracy
@@ -49,7 +50,7 @@
 #   GPU_DRY_RUN=1       this machine's CPU, tiny sizes, the same code paths except CUDA-only calls
 #                       (wheels installed into a temp folder, tables written to $OUT; a few minutes):
 #                         GPU_DRY_RUN=1 OUT=/tmp/gpu_dry nice -n 10 bash benchmarks/gpu_all.sh
-#   PILIMIT_S, TTT_MAE_S, MEMO_TPT_S, BENCH_SMALL_S, BENCH_BIG_S, TORCH_TTT_S, TORCH_TTT_COMPILED_S   the
+#   PILIMIT_S, TTT_MAE_S, MEMO_TPT_S, TPT_CUT_S, BENCH_SMALL_S, BENCH_BIG_S, TORCH_TTT_S, TORCH_TTT_COMPILED_S   the
 #                       parts' own limits (s); no part runs past GPU_TOTAL_S (each is cut to the time left)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -68,12 +69,12 @@ if [[ "$GPU_DRY_RUN" == 1 ]]; then
   WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_all.XXXXXX")
   export GPU_SITE="${GPU_SITE:-$(mktemp -d "${TMPDIR:-/tmp}/tttlab_site.XXXXXX")}"  # removed at the end
   TOTAL_S=${GPU_TOTAL_S:-900}
-  export PILIMIT_S=${PILIMIT_S:-150} TTT_MAE_S=${TTT_MAE_S:-300} MEMO_TPT_S=${MEMO_TPT_S:-240}
+  export PILIMIT_S=${PILIMIT_S:-150} TTT_MAE_S=${TTT_MAE_S:-300} MEMO_TPT_S=${MEMO_TPT_S:-240} TPT_CUT_S=${TPT_CUT_S:-120}
   export BENCH_SMALL_S=${BENCH_SMALL_S:-120} BENCH_BIG_S=${BENCH_BIG_S:-90} TORCH_TTT_S=${TORCH_TTT_S:-120}
 else
   WORK=${GPU_WORK:-/tmp/gpu_all}
   TOTAL_S=${GPU_TOTAL_S:-560}
-  export PILIMIT_S=${PILIMIT_S:-75} TTT_MAE_S=${TTT_MAE_S:-240} MEMO_TPT_S=${MEMO_TPT_S:-85}
+  export PILIMIT_S=${PILIMIT_S:-75} TTT_MAE_S=${TTT_MAE_S:-240} MEMO_TPT_S=${MEMO_TPT_S:-85} TPT_CUT_S=${TPT_CUT_S:-45}
   # bench_mttt compiles every mixer at every N (the 2026-11-30 run got through N = 196 only in 80 s)
   export BENCH_SMALL_S=${BENCH_SMALL_S:-150} BENCH_BIG_S=${BENCH_BIG_S:-90} TORCH_TTT_S=${TORCH_TTT_S:-60}
 fi
@@ -87,12 +88,13 @@ export GPU_WORK="$WORK/lead"
 export OUT="$WORK/tables"  # the parts write here; their tables are copied to $FINAL as they finish
 
 declare -A STATUS SECS LIMITS
-declare -A TABLES=([pilimit]="pilimit.md" [ttt_mae]="ttt_mae.md ttt_mae_profile.md" [memo_tpt]="memo_tpt.md"
+declare -A TABLES=([pilimit]="pilimit.md" [ttt_mae]="ttt_mae.md ttt_mae_profile.md" [memo_tpt]="memo_tpt.md tpt_prompt_length.md"
                    [mttt_bench]="mttt_gpu.md" [torch_ttt]="torch_ttt_gpu.md"
                    [torch_ttt_compiled]="torch_ttt_gpu_compiled.md"
                    [sweeps]="torch_ttt_mnist_c.md mttt_mnist.md")
 # tables that stay out of $FINAL (only 8 files come back): inline in SUMMARY.md and in logs.tgz
-declare -A INLINE_ONLY=([torch_ttt_gpu.md]=1 [torch_ttt_gpu_compiled.md]=1 [ttt_mae_profile.md]=1)
+declare -A INLINE_ONLY=([torch_ttt_gpu.md]=1 [torch_ttt_gpu_compiled.md]=1 [ttt_mae_profile.md]=1
+                        [tpt_prompt_length.md]=1)
 declare -A CMDS=([pilimit]="bash benchmarks/gpu_pilimit.sh" [ttt_mae]="bash benchmarks/gpu_ttt_mae.sh"
                  [memo_tpt]="bash benchmarks/gpu_memo_tpt.sh" [mttt_bench]="bash benchmarks/gpu_lead.sh bench"
                  [torch_ttt]="bash benchmarks/gpu_torch_ttt.sh"
@@ -247,7 +249,7 @@ for p in "${PARTS[@]}"; do
   case $p in
     pilimit) run_part pilimit $(( PILIMIT_S + 15 )) ;;
     ttt_mae) run_part ttt_mae $(( TTT_MAE_S + 15 )) ;;
-    memo_tpt) run_part memo_tpt $(( MEMO_TPT_S + 15 )) ;;
+    memo_tpt) run_part memo_tpt $(( MEMO_TPT_S + TPT_CUT_S + 20 )) ;;
     mttt_bench) run_part mttt_bench $(( BENCH_SMALL_S + BENCH_BIG_S + 20 )) ;;
     torch_ttt) run_part torch_ttt $(( TORCH_TTT_S + 15 )) ;;
     torch_ttt_compiled) run_part torch_ttt_compiled $(( TORCH_TTT_COMPILED_S + 15 )) ;;

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # TPT images/s at CLIP ViT-B/16 shapes (open_clip ViT-B-16 built without pretrained weights, 1000 ImageNet
 # class prompts, 64 views, 1 AdamW step under AMP + GradScaler) and batched vs PIL views/s, on one GPU.
+# Then TPT ViT-B/16 with its text encoder on the prompts cut after the longest end token vs all 77 positions
+# (benchmarks/bench_tpt_prompt_length.py, fp16 as upstream; $OUT/tpt_prompt_length.md; cap 45 s).
 # Run from the repo root:  bash benchmarks/gpu_memo_tpt.sh     (writes $OUT/memo_tpt.md; ~60 s on an H200)
 #   GPU_DRY_RUN=1 bash benchmarks/gpu_memo_tpt.sh    # CPU check of the same code path (ViT-B-16, 4 classes,
 #                                                    # 4 views; augment._GENERIC: the kernels CUDA runs)
@@ -29,3 +31,9 @@ else
   LAUNCH=()
 fi
 timeout -k 5 "$LIMIT" "$PY" "${LAUNCH[@]}" benchmarks/bench_memo_tpt.py "${ARGS[@]}" --out "$OUT/memo_tpt.md"
+if [[ "$GPU_DRY_RUN" == 1 ]]; then
+  CUT_ARGS=(--device cpu --threads 1 --arch ViT-B-16 --classes 4 --views 4 --images 1)
+else
+  CUT_ARGS=(--device cuda --threads 8 --arch ViT-B-16 --classes 1000 --images 8 --amp auto)
+fi
+timeout -k 5 "${TPT_CUT_S:-45}" "$PY" benchmarks/bench_tpt_prompt_length.py "${CUT_ARGS[@]}" --out "$OUT/tpt_prompt_length.md"

@@ -140,3 +140,20 @@ def test_torch_ttt_bad_argument_stops_before_training(args, says, monkeypatch, c
         bench.main(["--batches", "1", "--repeats", "1", *args])
     assert exc.value.code == 2
     assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [(["--classes", "0"], "--classes 0: expected 1..1000"),
+     (["--images", "0"], "--images, --views and --threads must be >= 1"),
+     (["--amp", "fp8"], "invalid choice: 'fp8'"),
+     (["--arch", "ViT-B-61", "--classes", "2"], "--arch: unknown CLIP architecture 'ViT-B-61'")],
+)  # fmt: skip
+def test_tpt_prompt_length_bad_argument_is_a_usage_error(args, says, monkeypatch, capsys):
+    pytest.importorskip("open_clip")
+    bench = load_bench("bench_tpt_prompt_length.py")
+    with pytest.raises(SystemExit) as exc:
+        bench.main(args)
+    err = usage_error(capsys, exc)
+    assert "error: " in err and says in err, err
+

@@ -169,18 +169,63 @@ def test_context_init_equals_base_prompt_embedding(tiny_clip):
 
 @pytest.mark.parametrize("amp", ["none", "bf16"])
 def test_zero_steps_is_plain_clip(tiny_clip, image, amp):
-    """tts=0: CLIP zero-shot with the text "a photo of a {class}." through open_clip's own encode_text
-    (amp=bf16: both under bfloat16 autocast; the prompt path and encode_text then round alike to 1e-2)."""
+    """tts=0: CLIP zero-shot with the text "a photo of a {class}." through open_clip's own encode_text on all
+    16 positions (ours: the 8 up to the longest prompt's end token, prompt_length).  Float32: equal to 1e-5.
+    bf16: both under bfloat16 autocast, on different sequence lengths, so they round differently: ours is
+    no further from open_clip's bf16 logits than those are from float32, and picks the same class."""
     tpt = TPT(tiny_clip, NAMES, tts=0, amp=amp)
+    assert tpt.prompts.length == 8 < tiny_clip.context_length
     out = tpt(image)
     tok = tokenizer_for(tiny_clip)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
-        text = F.normalize(tiny_clip.encode_text(tok([f"a photo of a {n}." for n in NAMES])).float(), dim=-1)
-        x = (tpt.original(image) - tpt.mean) / tpt.std
-        img = F.normalize(tiny_clip.encode_image(x).float(), dim=-1)
-        ref = tiny_clip.logit_scale.exp() * img @ text.t()
-    tol = 1e-5 if amp == "none" else 1e-2
-    torch.testing.assert_close(out, ref.float(), atol=tol, rtol=tol)
+    ref = {}
+    for a in ("none", "bf16"):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=a == "bf16"):
+            text = F.normalize(
+                tiny_clip.encode_text(tok([f"a photo of a {n}." for n in NAMES])).float(), dim=-1
+            )
+            x = (tpt.original(image) - tpt.mean) / tpt.std
+            img = F.normalize(tiny_clip.encode_image(x).float(), dim=-1)
+            ref[a] = (tiny_clip.logit_scale.exp() * img @ text.t()).float()
+    if amp == "none":
+        torch.testing.assert_close(out, ref["none"], atol=1e-5, rtol=1e-5)
+    else:
+        bf16_error = (ref["bf16"] - ref["none"]).abs().max()
+        assert (out - ref["bf16"]).abs().max() <= bf16_error
+        assert out.argmax() == ref["bf16"].argmax() == ref["none"].argmax()
+
+
+@pytest.mark.parametrize("csc", [False, True])
+def test_prompts_cut_after_the_longest_end_token_are_exact(tiny_clip, image, monkeypatch, csc):
+    """prompt_length: the text encoder runs on the positions up to the longest prompt's end-of-text token
+    (CLIP's causal mask: no position sees a later one; the feature is read at that token).  Tuning two steps
+    and predicting give the same context and logits as on all context_length positions, to float rounding;
+    a name of more tokens lengthens the cut; a model without the causal mask or pooling elsewhere keeps
+    every position."""
+    from tttlab.memo_tpt import tpt as T
+
+    names = NAMES + ["a much longer class name of many tokens"]
+    cut = TPT(tiny_clip, names, n_views=8, tts=2, seed=1, class_specific_context=csc)
+    tok = tokenizer_for(tiny_clip)
+    ends = tok([f"a photo of a {n}." for n in names]).argmax(-1)
+    assert cut.prompts.length == int(ends.max()) + 1 == 15 and int(ends[:5].max()) + 1 == 8
+    cut_short = TPT(tiny_clip, NAMES, tts=0)
+    assert cut_short.prompts.length == 8 and cut_short.prompts.tokens.shape == (5, 8)
+    got = cut(image)
+    monkeypatch.setattr(T, "prompt_length", lambda model, tokens: int(tokens.shape[1]))
+    full = TPT(tiny_clip, names, n_views=8, tts=2, seed=1, class_specific_context=csc)
+    assert full.prompts.length == tiny_clip.context_length == 16
+    want = full(image)
+    assert not torch.equal(full.prompts.ctx, full.prompts.ctx_init)
+    torch.testing.assert_close(cut.prompts.ctx, full.prompts.ctx, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    monkeypatch.undo()
+    tokens = tok([f"a photo of a {n}." for n in NAMES])
+    assert T.prompt_length(tiny_clip, tokens) == 8
+    monkeypatch.setattr(tiny_clip, "text_pool_type", "last")
+    assert T.prompt_length(tiny_clip, tokens) == 16
+    monkeypatch.setattr(tiny_clip, "text_pool_type", "argmax")
+    monkeypatch.setattr(tiny_clip, "attn_mask", None)
+    assert T.prompt_length(tiny_clip, tokens) == 16
 
 
 @pytest.mark.parametrize("mode", [{"tts": 0}, {"ensemble": True}])
