@@ -156,4 +156,3 @@ def test_tpt_prompt_length_bad_argument_is_a_usage_error(args, says, monkeypatch
         bench.main(args)
     err = usage_error(capsys, exc)
     assert "error: " in err and says in err, err
-
