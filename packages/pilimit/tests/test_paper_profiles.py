@@ -142,3 +142,13 @@ def test_transfer_data_are_upstreams_250_classes_with_imagenet_normalisation(tmp
     for bad in ([], [1, 1], [1000], [-1], "5", [True]):
         with pytest.raises(D.InvalidInputError, match="train.classes"):
             D.load_flat("imagenet32", "train", root, classes=bad)
+
+
+@pytest.mark.parametrize("labels", [[0, 5, 999], [1, 1001], [3, -2]])
+def test_imagenet32_labels_outside_1_to_1000_are_refused(tmp_path, labels):
+    """The ImageNet32 files count classes 1..1000; a file with 0-based labels (or any label outside) would
+    shift or break every class silently: a DatasetLayoutError names the file and the range found."""
+    root = _imagenet32(tmp_path / "i32", labels)
+    want = rf"train_data_batch_1: labels {min(labels)}\.\.{max(labels)}; expected .* 1\.\.1000"
+    with pytest.raises(D.DatasetLayoutError, match=want):
+        D.imagenet32(root, "train")

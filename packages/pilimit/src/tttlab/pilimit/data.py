@@ -146,7 +146,18 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if data.ndim != 2 or data.shape[1] != 3072:
         raise DatasetLayoutError(f"{path}: data of shape {data.shape}; expected (N, 3072) uint8 CHW rows")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return images, np.asarray(labels, dtype=np.int64) - 1
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if len(labels) != len(images):
+        raise DatasetLayoutError(
+            f"{path}: {len(labels)} labels for {len(images)} images; expected one per row"
+        )
+    if len(labels) and (labels.min() < 1 or labels.max() > 1000):
+        # the downsampled-ImageNet files count classes from 1; a 0-based file would shift every class by one
+        raise DatasetLayoutError(
+            f"{path}: labels {labels.min()}..{labels.max()}; expected the ImageNet32 files' 1..1000 "
+            f"(0-based labels? add 1 when writing the file)"
+        )
+    return images, labels - 1
 
 
 def imagenet32(root, split: str = "train", key: str = "data.root") -> tuple[np.ndarray, np.ndarray]:
