@@ -1,21 +1,25 @@
-"""TPT's text encoder on the prompts cut after their longest end-of-text token vs on all 77 positions.
+"""TPT's text encoder on each prompt's used positions (in up to 4 length groups) vs on all 77 positions.
 
-    .venv/bin/python benchmarks/bench_tpt_prompt_length.py --out benchmarks/tpt_prompt_length.md  # CPU, ~3 min
+    .venv/bin/python benchmarks/bench_tpt_prompt_length.py --out benchmarks/tpt_prompt_length.md  # CPU, ~8 min
     python benchmarks/bench_tpt_prompt_length.py --device cuda --arch ViT-B-16 --images 8 --amp auto  # GPU
 
 TPT tunes a prompt whose text features come from CLIP's text encoder over every class name: on ImageNet,
 1,000 prompts per tuning step (forward + backward) and per prediction (forward), the larger part of TPT's
 work per image.  CLIP's text encoder reads its feature at the end-of-text token through a causal mask, so
-the positions after the longest prompt's end token change nothing; ``tttlab.memo_tpt.tpt.prompt_length``
-cuts them (TPT's "a photo of a {class}." with CLIP's ImageNet names: 18 of 77 positions).  Both paths
-here are the same TPT (1 step, 64 views, AdamW on the context), on the same images, views and seed; "all
-77" is the same code with ``prompt_length`` returning the context length (the code before the cut).
+the positions after a prompt's end token change nothing.  Three paths, the same TPT (1 step, 64 views,
+AdamW on the context) on the same images, views and seed, taking turns:
 
-Columns: seconds per image (median over ``--images`` images after one warm-up image, the two paths
-alternating), the speed-up, the counted FLOP of one image (``torch.utils.flop_counter``: the views'
-image features, one tuning step's forward + backward, the prediction), and the agreement: the same class for
-every image, the largest logit difference.  Random weights (the speed does not depend on them); the
-``--arch small`` default is a 4-layer 256-wide CLIP (text and image) that fits a CPU; ``ViT-B-16`` is TPT's.
+* all 77 positions (the code before the cut: ``tpt.prompt_lengths`` returning the context length);
+* every prompt cut to the longest one's end token, one batch (``tpt.length_groups`` returning one group;
+  CLIP's ImageNet names: 18 positions);
+* now: each prompt in one of up to 4 groups of similar lengths, each cut to its longest (ImageNet: 9,536
+  positions in all instead of 18,000 or 77,000).
+
+Columns: seconds per image (median over ``--images`` images after one warm-up image), the speed-up over
+all 77, the counted FLOP of one image (``torch.utils.flop_counter``: the views' image features, one tuning
+step's forward + backward, the prediction), and the agreement with all 77: the same class for every image,
+the largest logit difference.  Random weights (the speed does not depend on them); the ``--arch small``
+default is a 4-layer 256-wide CLIP (text and image) that fits a CPU; ``ViT-B-16`` is TPT's.
 """
 
 from __future__ import annotations
@@ -40,16 +44,28 @@ SMALL_CLIP = dict(
 
 
 @contextlib.contextmanager
-def all_positions():
-    """TPTs made inside run their text encoder on every position (the path before ``prompt_length``)."""
+def patched(name, fn):
+    """TPTs made inside use ``fn`` for ``tttlab.memo_tpt.tpt.<name>``."""
     from tttlab.memo_tpt import tpt as T
 
-    real = T.prompt_length
-    T.prompt_length = lambda model, tokens: int(tokens.shape[1])
+    real = getattr(T, name)
+    setattr(T, name, fn)
     try:
         yield
     finally:
-        T.prompt_length = real
+        setattr(T, name, real)
+
+
+def all_positions():
+    """TPTs made inside run their text encoder on every position (the path before ``prompt_lengths``)."""
+    return patched("prompt_lengths", lambda model, tokens: torch.full((len(tokens),), tokens.shape[1]))
+
+
+def one_group():
+    """TPTs made inside encode every prompt in one batch cut to the longest prompt's end token."""
+    return patched(
+        "length_groups", lambda lengths, max_groups=4: [(torch.arange(len(lengths)), int(lengths.max()))]
+    )
 
 
 def image_flop(tpt, image) -> int:
@@ -104,27 +120,45 @@ def main(argv=None):
         ap.error(f"--arch: {exc}")
     names = clip_imagenet_class_names()[: args.classes]
     kw = dict(n_views=args.views, tts=1, seed=0, amp=args.amp)
-    cut = TPT(clip, names, **kw)
     with all_positions():
         full = TPT(clip, names, **kw)
+    with one_group():
+        longest = TPT(clip, names, **kw)
+    grouped = TPT(clip, names, **kw)
+    paths = {"full": full, "longest": longest, "grouped": grouped}
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (300, 400, 3), dtype=np.uint8) for _ in range(args.images + 1)]
 
-    times = {"cut": [], "full": []}
-    same, diff = 0, 0.0
+    names_ = list(paths)
+    times = {k: [] for k in paths}
+    same = {k: 0 for k in paths}
+    diff = {k: 0.0 for k in paths}
     for i, img in enumerate(images):
         outs = {}
-        for name, tpt in (("cut", cut), ("full", full)) if i % 2 == 0 else (("full", full), ("cut", cut)):
+        for k in names_[i % 3 :] + names_[: i % 3]:  # each path first in turn
             sync(device)
             t0 = time.perf_counter()
-            outs[name] = tpt(img)
+            outs[k] = paths[k](img)
             sync(device)
             if i:
-                times[name].append(time.perf_counter() - t0)
-        same += int(outs["cut"].argmax() == outs["full"].argmax())
-        diff = max(diff, float((outs["cut"] - outs["full"]).abs().max()))
-    flop_cut, flop_full = image_flop(cut, images[0]), image_flop(full, images[0])
-    t_cut, t_full = statistics.median(times["cut"]), statistics.median(times["full"])
+                times[k].append(time.perf_counter() - t0)
+        for k in paths:
+            same[k] += int(outs[k].argmax() == outs["full"].argmax())
+            diff[k] = max(diff[k], float((outs[k] - outs["full"]).abs().max()))
+    flop = {k: image_flop(t, images[0]) for k, t in paths.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    positions = {
+        "full": len(names) * full.prompts.length,
+        "longest": len(names) * longest.prompts.length,
+        "grouped": sum(
+            len(i) * n for i, n in grouped.prompts.groups or [(range(len(names)), grouped.prompts.length)]
+        ),
+    }
+    label = {
+        "full": f"all {full.prompts.length} (before)",
+        "longest": f"cut to the longest end token ({longest.prompts.length}), one batch",
+        "grouped": f"cut per prompt, {len(grouped.prompts.groups or [0])} length group(s) (now)",
+    }
 
     where = (
         f"{torch.cuda.get_device_name(device)}"
@@ -133,15 +167,18 @@ def main(argv=None):
     )
     lines = [
         f"TPT per image, {args.arch} (random weights), {len(names)} CLIP ImageNet class names, {args.views} views, "
-        f"1 step, amp={args.amp} ({cut.precision}), {where}, {args.threads} thread(s), torch {torch.__version__}; median of {args.images} "
-        f"image(s) after 1 warm-up, the two paths alternating.",
+        f"1 step, amp={args.amp} ({grouped.precision}), {where}, {args.threads} thread(s), torch {torch.__version__}; "
+        f"median of {args.images} image(s) after 1 warm-up, the three paths taking turns.",
         "",
-        "| text positions | s/image | speed-up | GFLOP/image | same class | max logit diff |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| all {full.prompts.length} (before) | {t_full:.3f} | 1.00x | {flop_full / 1e9:.1f} | | |",
-        f"| {cut.prompts.length} (to the longest end token) | {t_cut:.3f} | {t_full / t_cut:.2f}x | "
-        f"{flop_cut / 1e9:.1f} | {same}/{len(images)} | {diff:.1e} |",
+        "| text encoder on | positions (all prompts) | s/image | speed-up | GFLOP/image | same class | max logit diff |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    for k in paths:
+        agree = ("", "") if k == "full" else (f"{same[k]}/{len(images)}", f"{diff[k]:.1e}")
+        lines.append(
+            f"| {label[k]} | {positions[k]} | {med[k]:.3f} | {med['full'] / med[k]:.2f}x | {flop[k] / 1e9:.1f} | "
+            f"{agree[0]} | {agree[1]} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -26,7 +26,7 @@
 #                  (59 s) -> torch_ttt_gpu_compiled.md
 #   4. pilimit     benchmarks/gpu_pilimit.sh           cap  75 s  (17 s)    -> pilimit.md
 #   5. memo_tpt    benchmarks/gpu_memo_tpt.sh          cap  85+45 s  (49 s) -> memo_tpt.md, tpt_prompt_length.md
-#                  (the second: TPT ViT-B/16 with the prompts cut after their end token vs all 77 positions)
+#                  (the second: TPT ViT-B/16 with the prompts cut after their end tokens vs all 77 positions)
 #   6. sweeps      benchmarks/gpu_lead.sh sweeps       the time left        -> torch_ttt_mnist_c.md,
 #                  (torch_ttt MNIST-C sweep and MTTT MNIST proxies side by side)       mttt_mnist.md
 # Parts 1-5 are speed measurements and get the GPU alone, one after the other; part 6 is two accuracy

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # TPT images/s at CLIP ViT-B/16 shapes (open_clip ViT-B-16 built without pretrained weights, 1000 ImageNet
 # class prompts, 64 views, 1 AdamW step under AMP + GradScaler) and batched vs PIL views/s, on one GPU.
-# Then TPT ViT-B/16 with its text encoder on the prompts cut after the longest end token vs all 77 positions
+# Then TPT ViT-B/16 with its text encoder on each prompt's used positions (length groups) vs all 77 positions
 # (benchmarks/bench_tpt_prompt_length.py, fp16 as upstream; $OUT/tpt_prompt_length.md; cap 45 s).
 # Run from the repo root:  bash benchmarks/gpu_memo_tpt.sh     (writes $OUT/memo_tpt.md; ~60 s on an H200)
 #   GPU_DRY_RUN=1 bash benchmarks/gpu_memo_tpt.sh    # CPU check of the same code path (ViT-B-16, 4 classes,

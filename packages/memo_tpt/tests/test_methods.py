@@ -170,7 +170,7 @@ def test_context_init_equals_base_prompt_embedding(tiny_clip):
 @pytest.mark.parametrize("amp", ["none", "bf16"])
 def test_zero_steps_is_plain_clip(tiny_clip, image, amp):
     """tts=0: CLIP zero-shot with the text "a photo of a {class}." through open_clip's own encode_text on all
-    16 positions (ours: the 8 up to the longest prompt's end token, prompt_length).  Float32: equal to 1e-5.
+    16 positions (ours: the 8 up to the prompts' end token, prompt_lengths).  Float32: equal to 1e-5.
     bf16: both under bfloat16 autocast, on different sequence lengths, so they round differently: ours is
     no further from open_clip's bf16 logits than those are from float32, and picks the same class."""
     tpt = TPT(tiny_clip, NAMES, tts=0, amp=amp)
@@ -195,37 +195,71 @@ def test_zero_steps_is_plain_clip(tiny_clip, image, amp):
 
 
 @pytest.mark.parametrize("csc", [False, True])
-def test_prompts_cut_after_the_longest_end_token_are_exact(tiny_clip, image, monkeypatch, csc):
-    """prompt_length: the text encoder runs on the positions up to the longest prompt's end-of-text token
-    (CLIP's causal mask: no position sees a later one; the feature is read at that token).  Tuning two steps
-    and predicting give the same context and logits as on all context_length positions, to float rounding;
-    a name of more tokens lengthens the cut; a model without the causal mask or pooling elsewhere keeps
-    every position."""
+def test_prompts_cut_after_their_end_tokens_are_exact(tiny_clip, image, monkeypatch, csc):
+    """prompt_lengths / length_groups: the text encoder runs each prompt on its positions up to its
+    end-of-text token (CLIP's causal mask: no position sees a later one; the feature is read at that token),
+    prompts of similar lengths together.  Tuning two steps and predicting give the same context and logits
+    as on all context_length positions in one batch, to float rounding; a model without the causal mask or
+    pooling elsewhere keeps every position."""
     from tttlab.memo_tpt import tpt as T
 
-    names = NAMES + ["a much longer class name of many tokens"]
-    cut = TPT(tiny_clip, names, n_views=8, tts=2, seed=1, class_specific_context=csc)
+    names = NAMES[:2] + ["a much longer class name of many tokens"] + NAMES[2:] + ["a longer name"]
     tok = tokenizer_for(tiny_clip)
     ends = tok([f"a photo of a {n}." for n in names]).argmax(-1)
-    assert cut.prompts.length == int(ends.max()) + 1 == 15 and int(ends[:5].max()) + 1 == 8
-    cut_short = TPT(tiny_clip, NAMES, tts=0)
-    assert cut_short.prompts.length == 8 and cut_short.prompts.tokens.shape == (5, 8)
+    assert ends.tolist() == [7, 7, 14, 7, 7, 7, 9]
+    cut = TPT(tiny_clip, names, n_views=8, tts=2, seed=1, class_specific_context=csc)
+    assert cut.prompts.length == 15 and cut.prompts.tokens.shape == (7, 15)
+    assert [(i.tolist(), n) for i, n in cut.prompts.groups] == [([0, 1, 3, 4, 5], 8), ([6], 10), ([2], 15)]
+    texts = []
+    real = cut._encode_text
+    cut._encode_text = lambda prompts, tokens: texts.append(tuple(prompts.shape[:2])) or real(prompts, tokens)
     got = cut(image)
-    monkeypatch.setattr(T, "prompt_length", lambda model, tokens: int(tokens.shape[1]))
+    assert texts == [(5, 8), (1, 10), (1, 15)] * 3  # two tuning steps and the prediction, 3 groups each
+    assert TPT(tiny_clip, NAMES, tts=0).prompts.groups is None  # one length: one batch
+    monkeypatch.setattr(
+        T, "prompt_lengths", lambda model, tokens: torch.full((len(tokens),), tokens.shape[1])
+    )
     full = TPT(tiny_clip, names, n_views=8, tts=2, seed=1, class_specific_context=csc)
-    assert full.prompts.length == tiny_clip.context_length == 16
+    assert full.prompts.length == tiny_clip.context_length == 16 and full.prompts.groups is None
     want = full(image)
     assert not torch.equal(full.prompts.ctx, full.prompts.ctx_init)
     torch.testing.assert_close(cut.prompts.ctx, full.prompts.ctx, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     monkeypatch.undo()
-    tokens = tok([f"a photo of a {n}." for n in NAMES])
-    assert T.prompt_length(tiny_clip, tokens) == 8
+    tokens = tok([f"a photo of a {n}." for n in names])
+    assert T.prompt_lengths(tiny_clip, tokens).tolist() == (ends + 1).tolist()
     monkeypatch.setattr(tiny_clip, "text_pool_type", "last")
-    assert T.prompt_length(tiny_clip, tokens) == 16
+    assert T.prompt_lengths(tiny_clip, tokens).tolist() == [16] * 7
     monkeypatch.setattr(tiny_clip, "text_pool_type", "argmax")
     monkeypatch.setattr(tiny_clip, "attn_mask", None)
-    assert T.prompt_length(tiny_clip, tokens) == 16
+    assert T.prompt_lengths(tiny_clip, tokens).tolist() == [16] * 7
+
+
+def test_length_groups_are_the_fewest_positions():
+    """length_groups against every split of the sorted distinct lengths into at most k consecutive runs:
+    the same (fewest) total positions, the classes partitioned, each encoded on its group's longest."""
+    import itertools
+
+    from tttlab.memo_tpt.tpt import length_groups
+
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        lengths = torch.as_tensor(rng.integers(3, 20, size=int(rng.integers(1, 30))))
+        k = int(rng.integers(1, 6))
+        groups = length_groups(lengths, k)
+        assert len(groups) <= k
+        assert sorted(torch.cat([i for i, _ in groups]).tolist()) == list(range(len(lengths)))
+        assert all(int(lengths[i].max()) == n for i, n in groups)
+        values = sorted(set(lengths.tolist()))
+        best = min(
+            sum(
+                n * int((lengths <= n).sum() - (lengths <= lo).sum())
+                for lo, n in zip((0, *cuts), (*cuts, values[-1]))
+            )
+            for g in range(min(k, len(values)))
+            for cuts in itertools.combinations(values[:-1], g)
+        )
+        assert sum(len(i) * n for i, n in groups) == best, (trial, lengths.tolist(), k)
 
 
 @pytest.mark.parametrize("mode", [{"tts": 0}, {"ensemble": True}])

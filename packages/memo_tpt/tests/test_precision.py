@@ -57,7 +57,7 @@ def test_tpt_bf16_autocast_active_state_float32_and_close(tiny_clip, image):
     (under 3 % of the logit scale 1/0.07) and the prediction is the same.  The bound is wider than bf16's 8
     bits of a cosine because AdamW's first steps move each context entry by about lr * sign(gradient), and
     bf16 flips the sign of the smallest gradients: over 6 images the tuned bf16 logits were 0.02-0.32 from
-    fp32's (0.02-0.26 with the text encoder on all 16 positions, before prompt_length)."""
+    fp32's (0.02-0.26 with the text encoder on all 16 positions, before prompt_lengths)."""
     ref = TPT(tiny_clip, NAMES, n_views=16, selection=0.25, tts=2, seed=3)
     want = ref(image)
     seen = _dtype_hooks(tiny_clip.visual.transformer.resblocks[0].mlp.c_fc,
