@@ -22,6 +22,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _sweep import names_subset
 
 from tttlab.core.errors import TTTLabError
 from tttlab.pilimit import precision
@@ -38,14 +39,9 @@ def main(argv=None) -> None:
     ap.add_argument("--test", type=int, default=2000)
     ap.add_argument("--block", type=int, default=20)
     ap.add_argument("--kinds", default="inf,finite")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", type=names_subset(VARIANTS, "variant"), default=",".join(VARIANTS))
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
-    if unknown:
-        ap.error(
-            f"--variants {a.variants}: {', '.join(unknown)} unknown; expected a subset of {','.join(VARIANTS)}"
-        )
     for kind in a.kinds.split(","):  # the package's own check of model.kind, before any training
         try:
             T.train_config("mnist", [f"model.kind={kind}"])
@@ -61,7 +57,7 @@ def main(argv=None) -> None:
         steps = len(x) // bs
         perm = torch.from_numpy(np.random.default_rng((0, 0)).permutation(len(x)))
         runs = {}
-        for name in a.variants.split(","):
+        for name in a.variants:
             amp, comp = VARIANTS[name]
             net = T.build_model(c, x.shape[1], 10, torch.device("cpu"))
             opt, sched = T.build_optimizer(c, net, steps, steps)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _sweep import names_subset
 
 MODES = {"fp32": ("none", False), "bf16": ("bf16", False), "compile": ("none", True)}
 
@@ -124,18 +125,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cache", default="runs/ttt_mae/models")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--modes", default="fp32,bf16,compile")
+    ap.add_argument("--modes", type=names_subset(MODES, "mode"), default="fp32,bf16,compile")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--per-round", type=int, default=15)
     ap.add_argument("--corruptions", default="gaussian_noise,fog,contrast")
     ap.add_argument("--num", type=int, default=16)
     ap.add_argument("--skip-ttt", action="store_true")
     args = ap.parse_args()
-    modes = args.modes.split(",")
-    if unknown := [m for m in modes if m not in MODES]:
-        ap.error(
-            f"--modes {args.modes}: {', '.join(unknown)} unknown; expected a subset of {','.join(MODES)}"
-        )
+    modes = args.modes
     torch.set_num_threads(1)
     cache = Path(args.cache)
     lines = ["| entry | mode | ms / step (median of rounds) | warm-up 2 steps (s) | mean loss | probe test acc |",
