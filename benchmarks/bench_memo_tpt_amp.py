@@ -1,6 +1,10 @@
-"""fp32 vs bf16 autocast vs torch.compile on the MNIST proxies (CPU, one thread), side by side in one process.
+"""memo_tpt's speed and accuracy in fp32 vs bf16 autocast vs torch.compile on the MNIST proxies (CPU, one
+thread), side by side in one process.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_memo_tpt_amp.py [--out /tmp/memo_tpt_amp.md]
+The command of BENCHMARKS.md (tables: benchmarks/memo_tpt_amp.md; ``--cache``: the trained proxies, made on
+the first run)::
+
+    nice -n 10 .venv/bin/python benchmarks/bench_memo_tpt_amp.py --cache /tmp/mt_bench_cache --out /tmp/memo_tpt_amp.md
 
 1. The evaluate contract (profile ``quick``: 32 views, 24 images per corruption, ``--corruptions``) for
    MEMO, TPT, the view-ensemble and zero-shot CLIP, each with amp=none (fp32, what ``auto`` is on the CPU),
@@ -102,7 +106,7 @@ def trainer_rows(modes: list[str], rounds: int = 2, steps: int = 45, skip: int =
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", default="runs/memo_tpt/models")
     ap.add_argument("--out", default=None)
     ap.add_argument("--modes", type=names_subset(MODES, "mode"), default="fp32,bf16,compile")

@@ -1,12 +1,16 @@
 """fp32 vs bf16 autocast vs torch.compile on pilimit's MNIST proxy: time per training step and accuracy.
 
-    nice -n 10 python benchmarks/bench_pilimit_amp.py --examples 3200 --block 20 --out benchmarks/pilimit_amp.md
+The commands of BENCHMARKS.md and benchmarks/pilimit_amp.md (``--out FILE`` writes the table alone; the
+.md file adds the text around it)::
+
+    nice -n 10 .venv/bin/python benchmarks/bench_pilimit_amp.py --examples 10000 --test 10000 --block 25
+    nice -n 10 .venv/bin/python benchmarks/bench_pilimit_amp.py --examples 3200 --test 2000 --block 20
 
 Every variant trains its own copy of the same net (same seed, data order and recipe: ``+experiment=mnist``
 with ``data.num_examples`` = ``--examples``) through the code path of ``tttlab-pilimit-train`` (``amp``:
 autocast around forward + loss; ``compile``: ``precision.compile_net``), one torch thread.  The variants
 advance in lockstep, ``--block`` steps each in turn, so an infinite net's M (which grows every step) and
-the machine's load are the same for all of them at any time.  Reported: median seconds per step over the
+the machine's load are the same for all of them at any time.  Reported: median time per step (ms) over the
 blocks after the first (the first holds the compile, reported separately: seconds with a cold inductor
 cache, milliseconds when ``/tmp/torchinductor_<user>`` already holds the kernels), and test accuracy on
 ``--test`` MNIST test images (evaluated with the variant's amp/compile).  ``--examples 10000 --test 10000``
@@ -34,7 +38,7 @@ VARIANTS = {"fp32": ("none", False), "bf16": ("bf16", False), "compile": ("none"
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=3200)
     ap.add_argument("--test", type=int, default=2000)
     ap.add_argument("--block", type=int, default=20)

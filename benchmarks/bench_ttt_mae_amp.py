@@ -1,6 +1,10 @@
-"""fp32 vs bf16 autocast vs torch.compile on the MNIST proxy (CPU), side by side in one process.
+"""ttt_mae's speed and accuracy in fp32 vs bf16 autocast vs torch.compile on the MNIST proxy (CPU), side by
+side in one process.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_ttt_mae_amp.py [--out /tmp/ttt_mae_amp.md]
+The command of BENCHMARKS.md (tables: benchmarks/ttt_mae_amp.md; ``--cache``: the trained proxy models,
+made on the first run)::
+
+    nice -n 10 .venv/bin/python benchmarks/bench_ttt_mae_amp.py --cache /tmp/mae_bench_cache --out /tmp/ttt_mae_amp.md
 
 1. pretrain and probe steps of the ``quick`` profile's model (``mae_vit_mnist_patch7``, batch 128, one
    thread): every mode trains its own copy from the same weights on the same batches and masks, one epoch
@@ -122,7 +126,7 @@ def ttt_rows(cache: Path, corruptions: list[str], num: int, modes: list[str], ro
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", default="runs/ttt_mae/models")
     ap.add_argument("--out", default=None)
     ap.add_argument("--modes", type=names_subset(MODES, "mode"), default="fp32,bf16,compile")

@@ -194,3 +194,50 @@ def test_names_subset_keeps_order_drops_repeats_and_parses_the_default():
         "expected a comma-separated subset of fp32,bf16,compile"
     )
 
+
+SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if "\ndef main(" in p.read_text())
+
+
+def help_text(script, monkeypatch, capsys) -> str:
+    """``python benchmarks/<script> --help`` in this process (the scripts import torch or JAX at the top; a
+    subprocess per script would import them again)."""
+    try:
+        mod = load_bench(script)
+    except ModuleNotFoundError as exc:
+        pytest.skip(f"{script} needs {exc.name}")
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    with pytest.raises(SystemExit) as exc:
+        mod.main()
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_says_what_the_script_measures(script, monkeypatch, capsys):
+    """``--help`` of every script shows at least the first sentence of its docstring (bench_memo_tpt_amp.py,
+    bench_ttt_mae_amp.py, bench_pilimit_amp.py and bench_mttt_dtype.py printed the bare usage and options)."""
+    doc = " ".join(load_doc(script).split())
+    sentence = doc[: doc.index(". ") + 1] if ". " in doc else doc
+    assert sentence.endswith(".") and len(sentence.split()) >= 5, sentence
+    # whitespace ignored: argparse re-wraps a plain description, breaking lines at hyphens too
+    assert "".join(sentence.split()) in "".join(help_text(script, monkeypatch, capsys).split())
+
+
+def load_doc(script: str) -> str:
+    import ast
+
+    return ast.get_docstring(ast.parse((BENCH / script).read_text())) or ""
+
+
+@pytest.mark.parametrize(
+    "script", ["bench_memo_tpt_amp.py", "bench_ttt_mae_amp.py", "bench_pilimit_amp.py", "bench_mttt_dtype.py"]
+)
+def test_help_gives_the_command_of_benchmarks_md(script, monkeypatch, capsys):
+    """The mixed-precision scripts' ``--help`` gives the command that BENCHMARKS.md documents for their tables
+    (their docstrings had other arguments: a smaller run, or ``--out`` onto the hand-annotated .md file)."""
+    import re
+
+    documented = re.findall(rf"`[^`]*?python (benchmarks/{re.escape(script)}[^`;]*)`",
+                            (BENCH.parent / "BENCHMARKS.md").read_text())  # fmt: skip
+    assert documented, f"BENCHMARKS.md documents no command for {script}"
+    assert documented[0].strip() in help_text(script, monkeypatch, capsys)
