@@ -1,10 +1,44 @@
-"""Helpers shared by the sweep scripts in this folder (``sweep_*.py``; run as ``python benchmarks/<x>.py``,
-so this folder is on ``sys.path``)."""
+"""Helpers shared by the sweep and benchmark scripts in this folder (``sweep_*.py``, ``bench_*.py``; run as
+``python benchmarks/<x>.py``, so this folder is on ``sys.path``)."""
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import subprocess
 import time
+
+
+def names_subset(known, what: str):
+    """An argparse ``type=`` for a comma-separated subset of the names ``known``: the names as a list, in the
+    order given, each once (a repeated name is dropped: it would run the same thing twice).  An unknown name
+    is argparse's usage error naming it, the closest known name and the choices::
+
+        argument --modes: unknown mode 'fp16' (did you mean 'bf16'?); expected a comma-separated subset of
+        fp32,bf16,compile
+
+    ``what``: the singular of what the names are ("mode", "path", ...).  A string ``default`` goes through it
+    too (argparse parses string defaults), so ``args.<option>`` is always the list."""
+    known = list(known)
+
+    def parse(text: str) -> list[str]:
+        names = list(dict.fromkeys(text.split(",")))
+        bad = []
+        for name in names:
+            if name not in known:
+                # 'tpt' for 'memo_tpt.tpt': a dotted name's last part, else difflib's closest spelling
+                close = [k for k in known if k.rsplit(".", 1)[-1] == name] or difflib.get_close_matches(
+                    name, known, n=1
+                )
+                bad.append(f"unknown {what} {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"{'; '.join(bad)}; expected a comma-separated subset of {','.join(known)}"
+            )
+        return names
+
+    parse.__name__ = f"{what} names"  # argparse's fallback message: "invalid <what> names value"
+    return parse
 
 
 def run_until(cmd, stop_at, env) -> subprocess.CompletedProcess:

@@ -1,6 +1,10 @@
-"""fp32 vs bf16 autocast vs torch.compile on the MNIST proxies (CPU, one thread), side by side in one process.
+"""memo_tpt's speed and accuracy in fp32 vs bf16 autocast vs torch.compile on the MNIST proxies (CPU, one
+thread), side by side in one process.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_memo_tpt_amp.py [--out /tmp/memo_tpt_amp.md]
+The command of BENCHMARKS.md (tables: benchmarks/memo_tpt_amp.md; ``--cache``: the trained proxies, made on
+the first run)::
+
+    nice -n 10 .venv/bin/python benchmarks/bench_memo_tpt_amp.py --cache /tmp/mt_bench_cache --out /tmp/memo_tpt_amp.md
 
 1. The evaluate contract (profile ``quick``: 32 views, 24 images per corruption, ``--corruptions``) for
    MEMO, TPT, the view-ensemble and zero-shot CLIP, each with amp=none (fp32, what ``auto`` is on the CPU),
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from _sweep import names_subset
 
 MODES = {"fp32": ("none", False), "bf16": ("bf16", False), "compile": ("none", True)}
 METHODS = ("memo_tpt.memo", "memo_tpt.tpt", "memo_tpt.tpt_ensemble", "memo_tpt.clip_zeroshot")
@@ -101,34 +106,24 @@ def trainer_rows(modes: list[str], rounds: int = 2, steps: int = 45, skip: int =
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", default="runs/memo_tpt/models")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--modes", default="fp32,bf16,compile")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--modes", type=names_subset(MODES, "mode"), default="fp32,bf16,compile")
+    ap.add_argument("--methods", type=names_subset(METHODS, "method"), default=",".join(METHODS))
     ap.add_argument("--corruptions", default="gaussian_noise,shot_noise,fog,contrast")
     ap.add_argument("--num", type=int, default=24)
     ap.add_argument("--skip-trainers", action="store_true")
     ap.add_argument("--skip-evaluate", action="store_true")
     args = ap.parse_args()
-    modes = args.modes.split(",")
-    if unknown := [m for m in modes if m not in MODES]:
-        ap.error(
-            f"--modes {args.modes}: {', '.join(unknown)} unknown; expected a subset of {','.join(MODES)}"
-        )
-    if unknown := [m for m in args.methods.split(",") if m not in METHODS]:
-        ap.error(
-            f"--methods {args.methods}: {', '.join(unknown)} unknown; expected a subset of {','.join(METHODS)}"
-        )
+    modes = args.modes
     torch.set_num_threads(1)
     lines = ["| method | mode | mean accuracy | s / image, all of round 1 (first domain: compiles) | "
              "s / image, later domains (median of rounds) |",
              "| --- | --- | --- | --- | --- |"]  # fmt: skip
     rows = []
     if not args.skip_evaluate:
-        rows = evaluate_rows(
-            Path(args.cache), args.corruptions.split(","), args.num, modes, args.methods.split(",")
-        )
+        rows = evaluate_rows(Path(args.cache), args.corruptions.split(","), args.num, modes, args.methods)
     base = {r["method"]: r["warm"] for r in rows if r["mode"] == modes[0]}
     for r in rows:
         later = (

@@ -1,6 +1,10 @@
 """float32 vs bfloat16 compute vs no jit on the ``mnist_patch`` proxy: time per training step and accuracy.
 
-    nice -n 10 python benchmarks/bench_mttt_dtype.py --examples 3200 --block 10 --out benchmarks/mttt_amp.md
+The commands of BENCHMARKS.md and benchmarks/mttt_amp.md (``--out FILE`` writes the table alone; the .md
+file adds the text around it)::
+
+    nice -n 10 .venv-jax/bin/python benchmarks/bench_mttt_dtype.py --examples 6400 --block 10 --test 1000 --nojit-steps 3
+    nice -n 10 .venv-jax/bin/python benchmarks/bench_mttt_dtype.py --examples 3200 --block 10 --test 1000 --nojit-steps 3
 
 Each variant trains its own copy of the same model (``experiment=mnist_patch``: MTTT-MLP T=1, 7x7 patches,
 width-64 ViT, batch 64, same seed, data order and optimizer) with ``train.make_train_step``, the step of
@@ -8,7 +12,7 @@ width-64 ViT, batch 64, same seed, data order and optimizer) with ``train.make_t
 on in train and evaluate), and ``float32`` with ``jit=false`` (the same step run op by op: what the jit
 buys; only its first ``--nojit-steps`` steps are run, one per round: the first includes JAX's per-op
 compiles, the median is over the others).  The variants advance in
-lockstep, ``--block`` steps each in turn (same load for all).  Reported: median seconds per step over the
+lockstep, ``--block`` steps each in turn (same load for all).  Reported: median time per step (ms) over the
 blocks after the first (the first holds the compile, reported separately) and accuracy on ``--test``
 MNIST test images with the variant's dtype.
 """
@@ -37,7 +41,7 @@ def compose(overrides):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=3200)
     ap.add_argument("--test", type=int, default=1000)
     ap.add_argument("--block", type=int, default=10)

@@ -1,12 +1,16 @@
 """fp32 vs bf16 autocast vs torch.compile on pilimit's MNIST proxy: time per training step and accuracy.
 
-    nice -n 10 python benchmarks/bench_pilimit_amp.py --examples 3200 --block 20 --out benchmarks/pilimit_amp.md
+The commands of BENCHMARKS.md and benchmarks/pilimit_amp.md (``--out FILE`` writes the table alone; the
+.md file adds the text around it)::
+
+    nice -n 10 .venv/bin/python benchmarks/bench_pilimit_amp.py --examples 10000 --test 10000 --block 25
+    nice -n 10 .venv/bin/python benchmarks/bench_pilimit_amp.py --examples 3200 --test 2000 --block 20
 
 Every variant trains its own copy of the same net (same seed, data order and recipe: ``+experiment=mnist``
 with ``data.num_examples`` = ``--examples``) through the code path of ``tttlab-pilimit-train`` (``amp``:
 autocast around forward + loss; ``compile``: ``precision.compile_net``), one torch thread.  The variants
 advance in lockstep, ``--block`` steps each in turn, so an infinite net's M (which grows every step) and
-the machine's load are the same for all of them at any time.  Reported: median seconds per step over the
+the machine's load are the same for all of them at any time.  Reported: median time per step (ms) over the
 blocks after the first (the first holds the compile, reported separately: seconds with a cold inductor
 cache, milliseconds when ``/tmp/torchinductor_<user>`` already holds the kernels), and test accuracy on
 ``--test`` MNIST test images (evaluated with the variant's amp/compile).  ``--examples 10000 --test 10000``
@@ -22,6 +26,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _sweep import names_subset
 
 from tttlab.core.errors import TTTLabError
 from tttlab.pilimit import precision
@@ -33,19 +38,14 @@ VARIANTS = {"fp32": ("none", False), "bf16": ("bf16", False), "compile": ("none"
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=3200)
     ap.add_argument("--test", type=int, default=2000)
     ap.add_argument("--block", type=int, default=20)
     ap.add_argument("--kinds", default="inf,finite")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", type=names_subset(VARIANTS, "variant"), default=",".join(VARIANTS))
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
-    if unknown:
-        ap.error(
-            f"--variants {a.variants}: {', '.join(unknown)} unknown; expected a subset of {','.join(VARIANTS)}"
-        )
     for kind in a.kinds.split(","):  # the package's own check of model.kind, before any training
         try:
             T.train_config("mnist", [f"model.kind={kind}"])
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
         steps = len(x) // bs
         perm = torch.from_numpy(np.random.default_rng((0, 0)).permutation(len(x)))
         runs = {}
-        for name in a.variants.split(","):
+        for name in a.variants:
             amp, comp = VARIANTS[name]
             net = T.build_model(c, x.shape[1], 10, torch.device("cpu"))
             opt, sched = T.build_optimizer(c, net, steps, steps)

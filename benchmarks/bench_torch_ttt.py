@@ -43,7 +43,10 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _sweep import names_subset
 from torch import nn
+
+ENGINES = ("ttt", "tent", "memo")  # --engines
 
 
 class Net(nn.Module):
@@ -251,7 +254,8 @@ def main(argv=None):
         action="store_true",
         help='add a row: our TTT with rotation_type="rand" (one rotated copy per image) against upstream\'s TTT',
     )
-    p.add_argument("--engines", default="ttt,tent,memo", help="comma-separated subset of ttt,tent,memo")
+    p.add_argument("--engines", type=names_subset(ENGINES, "engine"), default=",".join(ENGINES),
+                   help=f"comma-separated subset of {','.join(ENGINES)}")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch threads, both sides (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (models trained on the CPU, then moved)")
     p.add_argument("--batch-size", type=int, default=32,
@@ -269,11 +273,6 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     # argument errors first, before the models train (tens of seconds)
-    unknown = set(args.engines.split(",")) - {"ttt", "tent", "memo"}
-    if unknown:
-        p.error(
-            f"--engines {args.engines}: {', '.join(sorted(unknown))} unknown; expected a subset of ttt,tent,memo"
-        )
     for v in args.variants.split(",") if args.variants else []:
         if not set(v.split("+")) <= {"none", "bf16", "compile"}:
             p.error(f"--variants: {v!r}; expected none, bf16, compile or bf16+compile")
@@ -296,7 +295,7 @@ def main(argv=None):
         engines.insert(2, ("tent_before_update", True))
     if args.ttt_rand:
         engines.insert(1, ("ttt_rand", False))
-    wanted = set(args.engines.split(","))
+    wanted = set(args.engines)
     engines = [(n, bn) for n, bn in engines if n.split("_")[0] in wanted]
     if args.variants:
         return main_variants(args, engines, models, settings, batches, labels)

@@ -47,6 +47,9 @@ import warnings
 
 import numpy as np
 import torch
+from _sweep import names_subset
+
+PATHS = ("loop", "batched", "bf16", "compiled", "compiled_bf16")  # our paths (--paths)
 
 warnings.filterwarnings("ignore", message=".*batching rule.*")
 
@@ -74,16 +77,10 @@ def main() -> None:
     ap.add_argument("--cuts", choices=("both", "on", "off"), default="both",
                     help="our paths with the exact FLOP cuts (TTTSettings.exact_cuts, the lean MAE loss), without "
                          "them (the full loss, as before the cuts), or both side by side (default)")  # fmt: skip
-    ap.add_argument("--paths", default="loop,batched,bf16,compiled,compiled_bf16",
+    ap.add_argument("--paths", type=names_subset(PATHS, "path"), default=",".join(PATHS),
                     help="our paths to run next to the reference (comma-separated subset of the default)")  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    known = ("loop", "batched", "bf16", "compiled", "compiled_bf16")
-    unknown = [k for k in args.paths.split(",") if k not in known]
-    if unknown:
-        ap.error(
-            f"--paths {args.paths}: {', '.join(unknown)} unknown; expected a subset of {','.join(known)}"
-        )
     torch.set_num_threads(args.threads)
     if args.compile and not args.warm_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ttt_mae_inductor_")
@@ -138,8 +135,7 @@ def main() -> None:
     kinds = [("loop", "none", False), ("batched", "none", False), ("bf16", "bf16", False)]
     if args.compile:
         kinds += [("compiled", "none", True), ("compiled_bf16", "bf16", True)]
-    chosen = args.paths.split(",")
-    kinds = [k for k in kinds if k[0] in chosen]
+    kinds = [k for k in kinds if k[0] in args.paths]
     for kind, amp, comp in kinds:
         for cuts in variants:
             key = kind + ("+cuts" if cuts else "")

@@ -1,6 +1,10 @@
-"""fp32 vs bf16 autocast vs torch.compile on the MNIST proxy (CPU), side by side in one process.
+"""ttt_mae's speed and accuracy in fp32 vs bf16 autocast vs torch.compile on the MNIST proxy (CPU), side by
+side in one process.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_ttt_mae_amp.py [--out /tmp/ttt_mae_amp.md]
+The command of BENCHMARKS.md (tables: benchmarks/ttt_mae_amp.md; ``--cache``: the trained proxy models,
+made on the first run)::
+
+    nice -n 10 .venv/bin/python benchmarks/bench_ttt_mae_amp.py --cache /tmp/mae_bench_cache --out /tmp/ttt_mae_amp.md
 
 1. pretrain and probe steps of the ``quick`` profile's model (``mae_vit_mnist_patch7``, batch 128, one
    thread): every mode trains its own copy from the same weights on the same batches and masks, one epoch
@@ -24,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _sweep import names_subset
 
 MODES = {"fp32": ("none", False), "bf16": ("bf16", False), "compile": ("none", True)}
 
@@ -121,21 +126,17 @@ def ttt_rows(cache: Path, corruptions: list[str], num: int, modes: list[str], ro
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", default="runs/ttt_mae/models")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--modes", default="fp32,bf16,compile")
+    ap.add_argument("--modes", type=names_subset(MODES, "mode"), default="fp32,bf16,compile")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--per-round", type=int, default=15)
     ap.add_argument("--corruptions", default="gaussian_noise,fog,contrast")
     ap.add_argument("--num", type=int, default=16)
     ap.add_argument("--skip-ttt", action="store_true")
     args = ap.parse_args()
-    modes = args.modes.split(",")
-    if unknown := [m for m in modes if m not in MODES]:
-        ap.error(
-            f"--modes {args.modes}: {', '.join(unknown)} unknown; expected a subset of {','.join(MODES)}"
-        )
+    modes = args.modes
     torch.set_num_threads(1)
     cache = Path(args.cache)
     lines = ["| entry | mode | ms / step (median of rounds) | warm-up 2 steps (s) | mean loss | probe test acc |",

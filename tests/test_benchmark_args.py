@@ -29,10 +29,15 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load_bench(script: str):
-    """``benchmarks/<script>`` imported as a module (its ``main`` not run)."""
+    """``benchmarks/<script>`` imported as a module (its ``main`` not run), with ``benchmarks/`` on
+    ``sys.path`` as when it is run (for ``_sweep``)."""
     spec = importlib.util.spec_from_file_location(script[:-3] + "_under_test", BENCH / script)
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCH))
     return mod
 
 
@@ -52,16 +57,40 @@ def no_work(what):
 CASES = [
     ("bench_mttt.py", "jax", ["--mixers", "linear_attention", "mttt_mpl"], "invalid choice: 'mttt_mpl'"),
     ("bench_pilimit.py", "argparse", ["--paths", "reference", "chunk"], "invalid choice: 'chunk'"),
-    ("bench_ttt_mae.py", "torch", ["--paths", "loop,batch"], "--paths loop,batch: batch unknown"),
-    ("bench_pilimit_amp.py", "tttlab.pilimit", ["--variants", "fp32,fp16"], "fp16 unknown"),
+    (
+        "bench_ttt_mae.py",
+        "torch",
+        ["--paths", "loop,batch"],
+        "argument --paths: unknown path 'batch' (did you mean 'batched'?); "
+        "expected a comma-separated subset of loop,batched,bf16,compiled,compiled_bf16",
+    ),
+    (
+        "bench_pilimit_amp.py",
+        "tttlab.pilimit",
+        ["--variants", "fp32,fp16"],
+        "argument --variants: unknown variant 'fp16' (did you mean 'bf16'?); "
+        "expected a comma-separated subset of fp32,bf16,compile,bf16+compile",
+    ),
     ("bench_pilimit_amp.py", "tttlab.pilimit", ["--kinds", "inf,infinite"], "model.kind='infinite'"),
-    ("bench_ttt_mae_amp.py", "torch", ["--modes", "fp32,fp16"], "--modes fp32,fp16: fp16 unknown"),
-    ("bench_memo_tpt_amp.py", "torch", ["--modes", "bf16,compiled"], "compiled unknown"),
+    (
+        "bench_ttt_mae_amp.py",
+        "torch",
+        ["--modes", "fp32,fp16"],
+        "argument --modes: unknown mode 'fp16' (did you mean 'bf16'?); "
+        "expected a comma-separated subset of fp32,bf16,compile",
+    ),
+    (
+        "bench_memo_tpt_amp.py",
+        "torch",
+        ["--modes", "bf16,compiled"],
+        "argument --modes: unknown mode 'compiled' (did you mean 'compile'?); expected a comma-separated subset",
+    ),
     (
         "bench_memo_tpt_amp.py",
         "torch",
         ["--methods", "memo_tpt.memo,tpt"],
-        "--methods memo_tpt.memo,tpt: tpt unknown",
+        "argument --methods: unknown method 'tpt' (did you mean 'memo_tpt.tpt'?); expected a comma-separated "
+        "subset of memo_tpt.memo,memo_tpt.tpt,memo_tpt.tpt_ensemble,memo_tpt.clip_zeroshot",
     ),
     ("bench_memo_tpt.py", "open_clip", ["--tpt-arch", "ViT-B-61"], "--tpt-arch 'ViT-B-61': not an open_clip"),
     ("bench_mttt.py", "jax", ["--dtype", "bfloat61"], "--dtype 'bfloat61'"),
@@ -128,8 +157,9 @@ def test_torch_ttt_without_upstream_stops_before_training(monkeypatch, capsys):
 
 @pytest.mark.parametrize(
     ("args", "says"),
-    [(["--engines", "tnet"], "--engines tnet: tnet unknown"),
-     (["--engines", "ttt,mem", "--variants", "none"], "mem unknown"),
+    [(["--engines", "tnet"], "argument --engines: unknown engine 'tnet' (did you mean 'tent'?); expected a "
+                              "comma-separated subset of ttt,tent,memo"),
+     (["--engines", "ttt,mem", "--variants", "none"], "unknown engine 'mem' (did you mean 'memo'?)"),
      (["--variants", "none,bf61"], "--variants: 'bf61'")],
 )  # fmt: skip
 def test_torch_ttt_bad_argument_stops_before_training(args, says, monkeypatch, capsys):
@@ -156,3 +186,74 @@ def test_tpt_prompt_length_bad_argument_is_a_usage_error(args, says, monkeypatch
         bench.main(args)
     err = usage_error(capsys, exc)
     assert "error: " in err and says in err, err
+
+
+def test_names_subset_keeps_order_drops_repeats_and_parses_the_default():
+    """``_sweep.names_subset``, the ``type=`` of the five scripts' comma-separated options: the names in the
+    order given, a repeated one once; a string default comes out as the list too; every unknown name is
+    reported (each with its did-you-mean), with the choices."""
+    import argparse
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from _sweep import names_subset
+    finally:
+        sys.path.remove(str(BENCH))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--modes", type=names_subset(("fp32", "bf16", "compile"), "mode"), default="fp32,bf16")
+    assert ap.parse_args([]).modes == ["fp32", "bf16"]
+    assert ap.parse_args(["--modes", "compile,fp32,compile"]).modes == ["compile", "fp32"]
+    with pytest.raises(argparse.ArgumentTypeError) as exc:
+        names_subset(("fp32", "bf16", "compile"), "mode")("fp16,compile,xyz")
+    assert str(exc.value) == (
+        "unknown mode 'fp16' (did you mean 'bf16'?); unknown mode 'xyz'; "
+        "expected a comma-separated subset of fp32,bf16,compile"
+    )
+
+
+SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if "\ndef main(" in p.read_text())
+
+
+def help_text(script, monkeypatch, capsys) -> str:
+    """``python benchmarks/<script> --help`` in this process (the scripts import torch or JAX at the top; a
+    subprocess per script would import them again)."""
+    try:
+        mod = load_bench(script)
+    except ModuleNotFoundError as exc:
+        pytest.skip(f"{script} needs {exc.name}")
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    with pytest.raises(SystemExit) as exc:
+        mod.main()
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_says_what_the_script_measures(script, monkeypatch, capsys):
+    """``--help`` of every script shows at least the first sentence of its docstring (bench_memo_tpt_amp.py,
+    bench_ttt_mae_amp.py, bench_pilimit_amp.py and bench_mttt_dtype.py printed the bare usage and options)."""
+    doc = " ".join(load_doc(script).split())
+    sentence = doc[: doc.index(". ") + 1] if ". " in doc else doc
+    assert sentence.endswith(".") and len(sentence.split()) >= 5, sentence
+    # whitespace ignored: argparse re-wraps a plain description, breaking lines at hyphens too
+    assert "".join(sentence.split()) in "".join(help_text(script, monkeypatch, capsys).split())
+
+
+def load_doc(script: str) -> str:
+    import ast
+
+    return ast.get_docstring(ast.parse((BENCH / script).read_text())) or ""
+
+
+@pytest.mark.parametrize(
+    "script", ["bench_memo_tpt_amp.py", "bench_ttt_mae_amp.py", "bench_pilimit_amp.py", "bench_mttt_dtype.py"]
+)
+def test_help_gives_the_command_of_benchmarks_md(script, monkeypatch, capsys):
+    """The mixed-precision scripts' ``--help`` gives the command that BENCHMARKS.md documents for their tables
+    (their docstrings had other arguments: a smaller run, or ``--out`` onto the hand-annotated .md file)."""
+    import re
+
+    documented = re.findall(rf"`[^`]*?python (benchmarks/{re.escape(script)}[^`;]*)`",
+                            (BENCH.parent / "BENCHMARKS.md").read_text())  # fmt: skip
+    assert documented, f"BENCHMARKS.md documents no command for {script}"
+    assert documented[0].strip() in help_text(script, monkeypatch, capsys)

@@ -1,9 +1,18 @@
 """Seed 004's MNIST TTT tutorial on the embedded MNIST, with the rotation head actually trained.
 
-    python packages/torch_ttt/examples/mnist_tutorial.py      # ~1 min on 2 CPU cores
+    python packages/torch_ttt/examples/mnist_tutorial.py                      # torch's threads (2 here)
+    OMP_NUM_THREADS=1 python packages/torch_ttt/examples/mnist_tutorial.py    # much faster on a shared CPU
 
 Joint training (1 epoch, Adam lr 0.01, batch 64, seed 7, loss = NLL + 0.35 * rotation loss, features of
 fc2), then the test set with x + 2 * N(0, 1) noise after normalisation, batch 32, TTT after 0..3 steps.
+
+Cost: one epoch over the 50,000 embedded training images (782 batches, each image with its 4 rotations),
+then the 10,000 test images 5 times (clean, TTT 0..3 steps).  Measured 2026-12-01 on the shared 2-core
+machine while other jobs ran (load average 1-8): with ``OMP_NUM_THREADS=1`` 1 min 14 s (60 s of CPU; two
+runs), with torch's 2 threads 3 min 10 s, 4 min 22 s and 5 min 49 s (180-233 s of CPU: on shared cores the
+tiny model's two intra-op threads mostly wait for each other), and much longer on a heavily loaded machine
+(a session saw 18 min).  The thread count also changes the results a little (float summation order; see
+the README's table of this script's runs).
 The tutorial's own code path, kept for comparison: ``tttlab-torch-ttt-train +experiment=mnist_tutorial``
 runs the same recipe with Hydra configs, run records and resume (see the README for both results).
 """
