@@ -67,6 +67,18 @@ def base_config(out: Path, **kw):
     return c
 
 
+@pytest.fixture
+def no_plots(monkeypatch):
+    """compare without its figures, for the tests that read none: the heatmap and the bars (PNG + SVG)
+    took about a quarter of this file's time, and a plotting error is only echoed (compare keeps the
+    table), which these tests discard.  The figures are checked on ``first``
+    (test_files_agree_with_the_records) and on the several-settings table in
+    test_continual_and_mixed_settings; the real function is returned."""
+    real = cmp.write_plots
+    monkeypatch.setattr(cmp, "write_plots", lambda *args, **kwargs: [])
+    return real
+
+
 def calls(env) -> list[dict]:
     f = env["calls"]
     return [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
@@ -141,7 +153,7 @@ def test_files_agree_with_the_records(first):
     assert "tttlab-compare" in report.split("## Command")[1]
 
 
-def test_resumed_run_recomputes_nothing(env, first):
+def test_resumed_run_recomputes_nothing(env, first, no_plots):
     result, _ = first
     n0 = len(calls(env))
     cfg = base_config(result.out_dir, methods=["fake.alpha", "fake.beta"])
@@ -160,7 +172,7 @@ def test_resumed_run_recomputes_nothing(env, first):
     pd.testing.assert_frame_equal(old, result.results.reset_index(drop=True))
 
 
-def test_changed_method_code_is_recomputed(env, monkeypatch):
+def test_changed_method_code_is_recomputed(env, monkeypatch, no_plots):
     out = env["tmp"] / "code"
     cfg = base_config(out, methods=["fake.alpha"], overrides={})
     n0 = len(calls(env))
@@ -204,7 +216,7 @@ def test_code_fingerprint_follows_code_and_config_files(tmp_path, monkeypatch):
     assert cmp.code_fingerprint(missing) == ""
 
 
-def test_several_seeds_give_mean_and_spread(env):
+def test_several_seeds_give_mean_and_spread(env, no_plots):
     out = env["tmp"] / "seeds"
     cfg = base_config(out, methods=["fake.alpha"], seeds=[0, 1, 2], overrides={})
     result = cmp.compare(cfg, echo=lambda *a: None)
@@ -221,7 +233,7 @@ def test_several_seeds_give_mean_and_spread(env):
     assert sorted(result.results["seed"].unique()) == [0, 1, 2]
 
 
-def test_continual_and_mixed_settings(env):
+def test_continual_and_mixed_settings(env, no_plots):
     out = env["tmp"] / "settings"
     cfg = base_config(
         out, methods=["fake.alpha"], setting=["continual", "mixed"], overrides={}, severities=[3, 5]
@@ -237,6 +249,10 @@ def test_continual_and_mixed_settings(env):
         assert r.accuracy == fm.accuracy("fake.alpha", r.setting, 0, r.corruption, r.severity)
     assert len(result.results) == 2 * 2 * 2
     assert "fake.alpha · continual" in result.text and "fake.alpha · mixed" in result.text
+    # the figures of a several-settings table (rows labelled method · setting); compare ran without them
+    figures = no_plots(result.results, result.table, result.config, out)
+    assert [p.name for p in figures] == ["heatmap.png", "bars.png"]
+    assert all((out / f"{p.stem}.{ext}").stat().st_size > 0 for p in figures for ext in ("png", "svg"))
     # several severities: the corruption columns average them; the report has a per-severity table
     row = result.table.iloc[0]
     want = np.mean([fm.accuracy("fake.alpha", "continual", 0, "fog", s) for s in (3, 5)])
@@ -661,7 +677,7 @@ def test_equivalent_command_reproduces_the_label_correlated_comparison(tmp_path,
     assert "dirichlet_delta" not in cmp.equivalent_command(iid)
 
 
-def test_label_correlated_comparison_end_to_end(env):
+def test_label_correlated_comparison_end_to_end(env, no_plots):
     """``dirichlet_delta=0`` through a whole comparison: the evaluate gets it, the report says so (0 too:
     sorted by class is label-correlated); the i.i.d. comparison is another run whose evaluate gets no key."""
     out = env["tmp"] / "correlated"
