@@ -1,19 +1,23 @@
-"""TPT's text encoder on each prompt's used positions (in up to 4 length groups) vs on all 77 positions.
+"""TPT's text encoder on each prompt's used positions, with the shared start of every prompt once, vs
+on all 77 positions.
 
-    .venv/bin/python benchmarks/bench_tpt_prompt_length.py --out benchmarks/tpt_prompt_length.md  # CPU, ~8 min
+    .venv/bin/python benchmarks/bench_tpt_prompt_length.py --out benchmarks/tpt_prompt_length.md  # CPU, ~9 min
     python benchmarks/bench_tpt_prompt_length.py --device cuda --arch ViT-B-16 --images 8 --amp auto  # GPU
 
 TPT tunes a prompt whose text features come from CLIP's text encoder over every class name: on ImageNet,
 1,000 prompts per tuning step (forward + backward) and per prediction (forward), the larger part of TPT's
 work per image.  CLIP's text encoder reads its feature at the end-of-text token through a causal mask, so
-the positions after a prompt's end token change nothing.  Three paths, the same TPT (1 step, 64 views,
-AdamW on the context) on the same images, views and seed, taking turns:
+the positions after a prompt's end token change nothing, and the first positions every prompt shares
+(start token + context, "a photo of a") are the same in every prompt.  Four paths, the same TPT (1 step,
+64 views, AdamW on the context) on the same images, views and seed, taking turns:
 
-* all 77 positions (the code before the cut: ``tpt.prompt_lengths`` returning the context length);
+* all 77 positions (the code before: ``tpt.prompt_lengths`` returning the context length, no sharing);
 * every prompt cut to the longest one's end token, one batch (``tpt.length_groups`` returning one group;
   CLIP's ImageNet names: 18 positions);
-* now: each prompt in one of up to 4 groups of similar lengths, each cut to its longest (ImageNet: 9,536
-  positions in all instead of 18,000 or 77,000).
+* each prompt in one of up to 4 groups of similar lengths, each cut to its longest (ImageNet: 9,536
+  positions in all instead of 18,000 or 77,000);
+* now: the same, with the 5 shared first positions encoded once and their keys/values shared by every
+  prompt (``tpt.encode_shared_prefix``; ImageNet: 4,541 positions).
 
 Columns: seconds per image (median over ``--images`` images after one warm-up image), the speed-up over
 all 77, the counted FLOP of one image (``torch.utils.flop_counter``: the views' image features, one tuning
@@ -61,10 +65,23 @@ def all_positions():
     return patched("prompt_lengths", lambda model, tokens: torch.full((len(tokens),), tokens.shape[1]))
 
 
+def no_shared_prefix():
+    """TPTs made inside run every prompt's start token and context through the encoder themselves."""
+    return patched("shared_prefix_ok", lambda model: False)
+
+
 def one_group():
     """TPTs made inside encode every prompt in one batch cut to the longest prompt's end token."""
     return patched(
         "length_groups", lambda lengths, max_groups=4: [(torch.arange(len(lengths)), int(lengths.max()))]
+    )
+
+
+def group_positions(tpt) -> int:
+    """Positions the text encoder runs per pass, over all prompts (each group on its longest length)."""
+    return sum(
+        len(i) * n
+        for i, n in tpt.prompts.groups or [(range(len(tpt.prompts.classnames)), tpt.prompts.length)]
     )
 
 
@@ -120,12 +137,14 @@ def main(argv=None):
         ap.error(f"--arch: {exc}")
     names = clip_imagenet_class_names()[: args.classes]
     kw = dict(n_views=args.views, tts=1, seed=0, amp=args.amp)
-    with all_positions():
+    with all_positions(), no_shared_prefix():
         full = TPT(clip, names, **kw)
-    with one_group():
+    with one_group(), no_shared_prefix():
         longest = TPT(clip, names, **kw)
-    grouped = TPT(clip, names, **kw)
-    paths = {"full": full, "longest": longest, "grouped": grouped}
+    with no_shared_prefix():
+        grouped = TPT(clip, names, **kw)
+    shared = TPT(clip, names, **kw)
+    paths = {"full": full, "longest": longest, "grouped": grouped, "shared": shared}
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (300, 400, 3), dtype=np.uint8) for _ in range(args.images + 1)]
 
@@ -135,7 +154,7 @@ def main(argv=None):
     diff = {k: 0.0 for k in paths}
     for i, img in enumerate(images):
         outs = {}
-        for k in names_[i % 3 :] + names_[: i % 3]:  # each path first in turn
+        for k in names_[i % len(names_) :] + names_[: i % len(names_)]:  # each path first in turn
             sync(device)
             t0 = time.perf_counter()
             outs[k] = paths[k](img)
@@ -150,14 +169,14 @@ def main(argv=None):
     positions = {
         "full": len(names) * full.prompts.length,
         "longest": len(names) * longest.prompts.length,
-        "grouped": sum(
-            len(i) * n for i, n in grouped.prompts.groups or [(range(len(names)), grouped.prompts.length)]
-        ),
+        "grouped": group_positions(grouped),
+        "shared": group_positions(shared) - (len(names) - 1) * (1 + shared.prompts.n_ctx),
     }
     label = {
         "full": f"all {full.prompts.length} (before)",
         "longest": f"cut to the longest end token ({longest.prompts.length}), one batch",
-        "grouped": f"cut per prompt, {len(grouped.prompts.groups or [0])} length group(s) (now)",
+        "grouped": f"cut per prompt, {len(grouped.prompts.groups or [0])} length group(s)",
+        "shared": "the same + start token and context once, shared by all prompts (now)",
     }
 
     where = (
@@ -168,7 +187,7 @@ def main(argv=None):
     lines = [
         f"TPT per image, {args.arch} (random weights), {len(names)} CLIP ImageNet class names, {args.views} views, "
         f"1 step, amp={args.amp} ({grouped.precision}), {where}, {args.threads} thread(s), torch {torch.__version__}; "
-        f"median of {args.images} image(s) after 1 warm-up, the three paths taking turns.",
+        f"median of {args.images} image(s) after 1 warm-up, the paths taking turns.",
         "",
         "| text encoder on | positions (all prompts) | s/image | speed-up | GFLOP/image | same class | max logit diff |",
         "|---|---:|---:|---:|---:|---:|---:|",

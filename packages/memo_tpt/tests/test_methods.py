@@ -211,16 +211,31 @@ def test_prompts_cut_after_their_end_tokens_are_exact(tiny_clip, image, monkeypa
     assert cut.prompts.length == 15 and cut.prompts.tokens.shape == (7, 15)
     assert [(i.tolist(), n) for i, n in cut.prompts.groups] == [([0, 1, 3, 4, 5], 8), ([6], 10), ([2], 15)]
     texts = []
-    real = cut._encode_text
-    cut._encode_text = lambda prompts, tokens: texts.append(tuple(prompts.shape[:2])) or real(prompts, tokens)
+    # a shared context: the start token and the 4 context positions once, each group's rest on its own
+    assert cut.prompts.shared_prefix is (not csc)
+    if csc:
+        real = cut._encode_text
+        cut._encode_text = lambda prompts, tokens: (
+            texts.append(tuple(prompts.shape[:2])) or real(prompts, tokens)
+        )
+        each = [(5, 8), (1, 10), (1, 15)]
+    else:
+        real = cut._encode_shared
+        cut._encode_shared = lambda prefix, rest, ends: (
+            texts.extend([tuple(prefix.shape[:1])] + [tuple(r.shape[:2]) for r in rest])
+            or real(prefix, rest, ends)
+        )
+        each = [(5,), (5, 3), (1, 5), (1, 10)]
     got = cut(image)
-    assert texts == [(5, 8), (1, 10), (1, 15)] * 3  # two tuning steps and the prediction, 3 groups each
+    assert texts == each * 3  # two tuning steps and the prediction, 3 groups each
     assert TPT(tiny_clip, NAMES, tts=0).prompts.groups is None  # one length: one batch
     monkeypatch.setattr(
         T, "prompt_lengths", lambda model, tokens: torch.full((len(tokens),), tokens.shape[1])
     )
+    monkeypatch.setattr(T, "shared_prefix_ok", lambda model: False)
     full = TPT(tiny_clip, names, n_views=8, tts=2, seed=1, class_specific_context=csc)
     assert full.prompts.length == tiny_clip.context_length == 16 and full.prompts.groups is None
+    assert not full.prompts.shared_prefix
     want = full(image)
     assert not torch.equal(full.prompts.ctx, full.prompts.ctx_init)
     torch.testing.assert_close(cut.prompts.ctx, full.prompts.ctx, atol=1e-6, rtol=1e-6)
@@ -228,11 +243,17 @@ def test_prompts_cut_after_their_end_tokens_are_exact(tiny_clip, image, monkeypa
     monkeypatch.undo()
     tokens = tok([f"a photo of a {n}." for n in names])
     assert T.prompt_lengths(tiny_clip, tokens).tolist() == (ends + 1).tolist()
+    assert T.shared_prefix_ok(tiny_clip)
     monkeypatch.setattr(tiny_clip, "text_pool_type", "last")
     assert T.prompt_lengths(tiny_clip, tokens).tolist() == [16] * 7
+    assert not T.shared_prefix_ok(tiny_clip)
     monkeypatch.setattr(tiny_clip, "text_pool_type", "argmax")
     monkeypatch.setattr(tiny_clip, "attn_mask", None)
     assert T.prompt_lengths(tiny_clip, tokens).tolist() == [16] * 7
+    assert not T.shared_prefix_ok(tiny_clip)
+    monkeypatch.undo()
+    monkeypatch.setattr(tiny_clip.transformer, "grad_checkpointing", True)
+    assert not T.shared_prefix_ok(tiny_clip)
 
 
 def test_length_groups_are_the_fewest_positions():
@@ -272,8 +293,9 @@ def test_untuned_paths_encode_the_class_prompts_once(tiny_clip, mode):
     tpt = TPT(tiny_clip, NAMES, n_views=8, seed=2, **mode)
     ref = TPT(tiny_clip, NAMES, n_views=8, seed=2, **mode)
     texts = []
-    real = tpt._encode_text
+    real, real_shared = tpt._encode_text, tpt._encode_shared
     tpt._encode_text = lambda *a: texts.append(1) or real(*a)
+    tpt._encode_shared = lambda *a: texts.append(1) or real_shared(*a)
     for img in images:
         got = tpt(img)
         views = ref.views(img)

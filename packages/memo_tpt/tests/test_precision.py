@@ -12,7 +12,7 @@ from tttlab.core.errors import ConfigError
 from tttlab.memo_tpt import tiny_clip as T
 from tttlab.memo_tpt.memo import Memo
 from tttlab.memo_tpt.precision import resolve_amp
-from tttlab.memo_tpt.tpt import TPT, encode_prompts
+from tttlab.memo_tpt.tpt import TPT, encode_shared_prefix
 
 NAMES = ["zero", "one", "two", "three", "four"]
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -112,14 +112,14 @@ class _Recorder:
 
 
 def test_compile_plumbing_tpt_and_memo(tiny_clip, bn_net, image, monkeypatch):
-    """compile=true: TPT compiles the image encoder (model.visual) and the prompt -> text path (a partial
-    of encode_prompts) and uses both; MEMO compiles the model and installs the same BN-prior forwards on
+    """compile=true: TPT compiles the image encoder (model.visual) and the prompt -> text path it takes (a
+    partial of encode_shared_prefix: a shared context; encode_prompts otherwise) and uses both; MEMO compiles the model and installs the same BN-prior forwards on
     every call (so a compiled graph's guards hold).  The recorder is the identity: results equal eager."""
     rec = _Recorder()
     monkeypatch.setattr(torch, "compile", rec)
     want = TPT(tiny_clip, NAMES, n_views=8, selection=0.5, tts=1, seed=0)(image)
     got = TPT(tiny_clip, NAMES, n_views=8, selection=0.5, tts=1, seed=0, compile=True)(image)
-    assert rec.given[0] is tiny_clip.visual and rec.given[1].func is encode_prompts
+    assert rec.given[0] is tiny_clip.visual and rec.given[1].func is encode_shared_prefix
     assert rec.calls == {0: 2, 1: 2}  # views once + predict; the tuning step + predict
     assert torch.equal(got, want)
     m0 = Memo(bn_net, n_augmentations=8, size=16, seed=0)

@@ -31,9 +31,11 @@ Deviations: image features of the views are computed once per image (the visual 
 prompt tuning, so this equals upstream's per-step recomputation and saves tts - 1 image passes); views
 are built from the 8-bit image on the device (:mod:`tttlab.memo_tpt.augment`; resampling within one grey
 level of PIL's).  The text encoder runs on each prompt's positions up to its end-of-text token, in up to
-4 groups of similar lengths (:func:`prompt_lengths`, :func:`length_groups`; ImageNet: 9,536 positions
-instead of 1,000 x 77): CLIP's causal mask keeps later positions out of the pooled feature, so this
-equals the full-length pass up to float rounding, with ~8x less text work.  The GradScaler is new for every image (upstream creates one for the whole run, so its
+4 groups of similar lengths (:func:`prompt_lengths`, :func:`length_groups`), and with a shared context
+the first 1 + n_ctx positions, the same in every prompt, once, their keys and values shared by all
+prompts (:func:`encode_shared_prefix`; ImageNet: 4,541 positions per pass instead of 1,000 x 77): CLIP's
+causal mask keeps later positions out of the pooled feature and out of earlier positions, so this equals
+the full-length pass up to float rounding.  The GradScaler is new for every image (upstream creates one for the whole run, so its
 scale grows after 2000 clean steps and shrinks after overflows across images); the scale cancels in an
 unskipped step, so this changes only which rare fp16-overflowing steps are skipped, and keeps every image
 independent of the order (resumable runs give the same numbers).  The context has one vector per BPE
@@ -62,7 +64,7 @@ from . import augment as A
 from .losses import check_rates, check_selection, marginal_entropy, marginal_log_probs, select_confident
 from .precision import autocast, check_compile, compile_fn, resolve_amp
 
-__all__ = ["TPT", "PromptLearner", "length_groups", "prompt_lengths", "tokenizer_for"]
+__all__ = ["TPT", "PromptLearner", "encode_shared_prefix", "length_groups", "prompt_lengths", "tokenizer_for"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -112,6 +114,14 @@ class PromptLearner(nn.Module):
         self.groups = None if len(groups) == 1 else groups
         order = torch.cat([idx for idx, _ in groups])
         self.register_buffer("inverse", torch.argsort(order), persistent=False)
+        self.register_buffer("ends", lengths - 1, persistent=False)  # each prompt's end-of-text position
+        for k, (idx, _) in enumerate(groups):
+            self.register_buffer(f"group_{k}", idx, persistent=False)
+        #: the start token and a shared context are the same first 1 + n_ctx positions of every prompt: with
+        #: the causal mask they are encoded once and their keys/values shared (encode_shared_prefix)
+        self.shared_prefix = (
+            (not class_specific) and shared_prefix_ok(model) and int(lengths.min()) > 1 + n_ctx
+        )
         emb_layer = model.token_embedding
         with torch.no_grad():
             emb = emb_layer(tokens.to(emb_layer.weight.device)).detach()
@@ -131,6 +141,24 @@ class PromptLearner(nn.Module):
     def forward(self) -> torch.Tensor:
         ctx = self.ctx if self.class_specific else self.ctx.unsqueeze(0).expand(self.prefix.shape[0], -1, -1)
         return torch.cat([self.prefix, ctx.to(self.prefix.dtype), self.suffix], dim=1)
+
+    def group_list(self) -> list[tuple[torch.Tensor | None, int]]:
+        """(class indices on the buffers' device, or None for all; positions) of each group."""
+        if self.groups is None:
+            return [(None, self.length)]
+        return [(getattr(self, f"group_{k}"), n) for k, (_, n) in enumerate(self.groups)]
+
+    def shared_parts(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """For :func:`encode_shared_prefix`: the shared first positions' embeddings (1 + n_ctx, d), and per
+        group the rest of its prompts' embeddings (n_g, positions - 1 - n_ctx, d) and their end positions
+        counted from the first position after the shared ones."""
+        p = 1 + self.n_ctx
+        prefix = torch.cat([self.prefix[0], self.ctx.to(self.prefix.dtype)])
+        suffixes, ends = [], []
+        for idx, n in self.group_list():
+            suffixes.append(self.suffix[:, : n - p] if idx is None else self.suffix[idx, : n - p])
+            ends.append((self.ends if idx is None else self.ends[idx]) - p)
+        return prefix, suffixes, ends
 
 
 def prompt_lengths(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -184,6 +212,84 @@ def length_groups(lengths: torch.Tensor, max_groups: int = 4) -> list[tuple[torc
     return groups
 
 
+def shared_prefix_ok(model) -> bool:
+    """Whether :func:`encode_shared_prefix` computes what open_clip's text encoder does: the causal mask,
+    the feature read at the end token, and every block open_clip's pre-norm ``ResidualAttentionBlock`` with
+    ``nn.MultiheadAttention`` (self-attention, batch first) without gradient checkpointing."""
+    t = getattr(model, "transformer", None)
+    if getattr(model, "attn_mask", None) is None or getattr(model, "text_pool_type", "argmax") not in (
+        "argmax",
+        "eos",
+    ):
+        return False
+    if t is None or not getattr(t, "batch_first", False) or getattr(t, "grad_checkpointing", False):
+        return False
+    for blk in getattr(t, "resblocks", ()):
+        a = getattr(blk, "attn", None)
+        if not (isinstance(a, nn.MultiheadAttention) and a.batch_first and a._qkv_same_embed_dim):
+            return False
+        if hasattr(blk, "ln_1_kv") or not all(
+            hasattr(blk, m) for m in ("ln_1", "ln_2", "mlp", "ls_1", "ls_2")
+        ):
+            return False
+    return len(getattr(t, "resblocks", ())) > 0
+
+
+def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
+    b, n, d = x.shape
+    return x.view(b, n, h, d // h).transpose(1, 2)
+
+
+def encode_shared_prefix(
+    model, prefix: torch.Tensor, suffixes: Sequence[torch.Tensor], ends: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """open_clip ``CLIP.encode_text`` of prompts that all begin with the same ``prefix`` embeddings (P, d)
+    (the start token and a shared context): each group's rest ``suffixes[g]`` (n_g, S_g, d), features read
+    at ``ends[g]`` (positions counted after the prefix).  The prefix goes through each block once, and every
+    prompt's later positions attend to its keys/values (the causal mask: the prefix never sees them), so
+    the result equals the full prompts' pass up to float rounding with P fewer positions per prompt
+    (TPT, ImageNet: 5 of 8-18).  Requires :func:`shared_prefix_ok`."""
+    cast = model.transformer.get_cast_dtype()
+    pos = model.positional_embedding.to(cast)
+    p = prefix.shape[0]
+    xp = (prefix.to(cast) + pos[:p])[None]
+    xs = [s.to(cast) + pos[p : p + s.shape[1]] for s in suffixes]
+    for blk in model.transformer.resblocks:
+        a = blk.attn
+        h = a.num_heads
+        qp, kp, vp = (
+            _heads(t, h) for t in F.linear(blk.ln_1(xp), a.in_proj_weight, a.in_proj_bias).chunk(3, -1)
+        )
+        out = []
+        for x in xs:
+            m, n, d = x.shape
+            q, k, v = (
+                _heads(t, h) for t in F.linear(blk.ln_1(x), a.in_proj_weight, a.in_proj_bias).chunk(3, -1)
+            )
+            k = torch.cat([kp.expand(m, -1, -1, -1), k], dim=2)
+            v = torch.cat([vp.expand(m, -1, -1, -1), v], dim=2)
+            # position p + j sees the prefix and its own group's positions up to p + j
+            mask = torch.ones(n, p + n, dtype=torch.bool, device=x.device).tril(p)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(m, n, d)
+            x = x + blk.ls_1(a.out_proj(o))
+            out.append(x + blk.ls_2(blk.mlp(blk.ln_2(x))))
+        o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True).transpose(1, 2).reshape(xp.shape)
+        xp = xp + blk.ls_1(a.out_proj(o))
+        xp = xp + blk.ls_2(blk.mlp(blk.ln_2(xp)))
+        xs = out
+    feats = []
+    for x, e in zip(xs, ends):
+        x = model.ln_final(x)[torch.arange(x.shape[0], device=x.device), e]
+        if model.text_projection is not None:
+            x = (
+                model.text_projection(x)
+                if isinstance(model.text_projection, nn.Linear)
+                else x @ model.text_projection
+            )
+        feats.append(x)
+    return feats
+
+
 def encode_prompts(model, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip ``CLIP.encode_text`` from prompt embeddings (n, L, d) instead of token ids; L may be shorter
     than the model's context length (:func:`prompt_lengths`): the first L positions and their causal mask."""
@@ -225,8 +331,8 @@ class TPT:
             ``false`` read as ``auto`` / ``none`` (:mod:`tttlab.memo_tpt.precision`).
         compile: ``torch.compile`` the image encoder (``model.visual``: the views once per image, each
             alignment step) and the prompt -> text-feature path (:func:`encode_prompts`: forward + backward
-            every tuning step, one more forward to predict; on ImageNet 1000 classes in 4 groups of 10-18 tokens,
-            the larger part), static shapes (one per group).
+            every tuning step, one more forward to predict; on ImageNet 1000 classes in 4 groups of 9-18
+            tokens, the larger part), static shapes.
     """
 
     def __init__(
@@ -286,9 +392,13 @@ class TPT:
         self.amp = self.precision != "none"
         self.compile = check_compile(compile)
         self._encode_image, self._encode_text = model.encode_image, functools.partial(encode_prompts, model)
+        self._encode_shared = functools.partial(encode_shared_prefix, model)
         if self.compile:
             self._encode_image = compile_fn(model.visual, self.compile)  # = encode_image(normalize=False)
-            self._encode_text = compile_fn(self._encode_text, self.compile)
+            if self.prompts.shared_prefix:  # the text path text_features takes
+                self._encode_shared = compile_fn(self._encode_shared, self.compile)
+            else:
+                self._encode_text = compile_fn(self._encode_text, self.compile)
         self.generator = torch.Generator().manual_seed(int(seed))
         self._visual_params = [p for n, p in visual.named_parameters() if "attnpool" not in n]
         self._visual_snapshot = (
@@ -330,6 +440,9 @@ class TPT:
     def text_features(self) -> torch.Tensor:
         p = self.prompts
         with self._autocast():
+            if p.shared_prefix:  # the shared first positions once (encode_shared_prefix), back in class order
+                t = torch.cat(self._encode_shared(*p.shared_parts()))
+                return F.normalize((t if p.groups is None else t[p.inverse]).float(), dim=-1)
             prompts = p()
             if p.groups is None:
                 t = self._encode_text(prompts, p.tokens)
