@@ -35,8 +35,8 @@ level of PIL's).  The text encoder runs on each prompt's positions up to its end
 the first 1 + n_ctx positions, the same in every prompt, once, their keys and values shared by all
 prompts (:func:`encode_shared_prefix`; ImageNet: 4,541 positions per pass instead of 1,000 x 77): CLIP's
 causal mask keeps later positions out of the pooled feature and out of earlier positions, so this equals
-the full-length pass up to float rounding.  The GradScaler is new for every image (upstream creates one for the whole run, so its
-scale grows after 2000 clean steps and shrinks after overflows across images); the scale cancels in an
+the full-length pass up to float rounding.  The GradScaler is new for every image (upstream creates one
+for the whole run, so its scale grows after 2000 clean steps and shrinks after overflows across images); the scale cancels in an
 unskipped step, so this changes only which rare fp16-overflowing steps are skipped, and keeps every image
 independent of the order (resumable runs give the same numbers).  The context has one vector per BPE
 token of ``base_prompt`` (upstream: one per space-separated word, ``n_ctx = len(ctx_init.split(" "))``,
@@ -330,9 +330,9 @@ class TPT:
             (bfloat16 autocast on any device, no scaler), ``fp16`` (upstream's mode, CUDA only); ``true`` /
             ``false`` read as ``auto`` / ``none`` (:mod:`tttlab.memo_tpt.precision`).
         compile: ``torch.compile`` the image encoder (``model.visual``: the views once per image, each
-            alignment step) and the prompt -> text-feature path (:func:`encode_prompts`: forward + backward
-            every tuning step, one more forward to predict; on ImageNet 1000 classes in 4 groups of 9-18
-            tokens, the larger part), static shapes.
+            alignment step) and the prompt -> text-feature path (:func:`encode_shared_prefix` with a shared
+            context, else :func:`encode_prompts`: forward + backward every tuning step, one more forward to
+            predict; on ImageNet 1000 classes in 4 groups of 9-18 tokens, the larger part), static shapes.
     """
 
     def __init__(
@@ -447,10 +447,7 @@ class TPT:
             if p.groups is None:
                 t = self._encode_text(prompts, p.tokens)
             else:  # each group of prompts on its own length (PromptLearner.groups), back in class order
-                idx = [i.to(prompts.device) for i, _ in p.groups]
-                t = torch.cat(
-                    [self._encode_text(prompts[i, :n], p.tokens[i, :n]) for i, (_, n) in zip(idx, p.groups)]
-                )
+                t = torch.cat([self._encode_text(prompts[i, :n], p.tokens[i, :n]) for i, n in p.group_list()])
                 t = t[p.inverse]
         return F.normalize(t.float(), dim=-1)
 
