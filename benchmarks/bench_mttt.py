@@ -115,7 +115,7 @@ def measure_interleaved(calls: dict, repeats: int) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=[196, 784, 3136])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--width", type=int, default=384)

@@ -21,7 +21,7 @@ from tttlab.memo_tpt.tpt import TPT
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="RN50")
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--images", type=int, default=3)

@@ -55,7 +55,7 @@ warnings.filterwarnings("ignore", message=".*batching rule.*")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mae_vit_mnist_patch7")
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)

@@ -239,6 +239,19 @@ def test_help_says_what_the_script_measures(script, monkeypatch, capsys):
     assert "".join(sentence.split()) in "".join(help_text(script, monkeypatch, capsys).split())
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_the_commands_in_the_docstring(script, monkeypatch, capsys):
+    """``--help`` shows every command its docstring gives (bench_memo_tpt.py, bench_mttt.py,
+    bench_ttt_mae.py and bench_tpt_zero_shot.py showed only their first line or paragraph)."""
+    commands = [
+        " ".join(line.split()) for line in load_doc(script).splitlines() if f"benchmarks/{script}" in line
+    ]
+    if not commands:
+        pytest.skip(f"{script}'s docstring gives no command")
+    shown = " ".join(help_text(script, monkeypatch, capsys).split())
+    assert all(c in shown for c in commands), [c for c in commands if c not in shown]
+
+
 def load_doc(script: str) -> str:
     import ast
 
