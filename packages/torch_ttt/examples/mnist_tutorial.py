@@ -78,7 +78,7 @@ def main() -> dict:
         results[f"noisy, TTT {steps} steps"] = correct / len(noisy)
         results[f"seconds, {steps} steps"] = round(time.perf_counter() - t0, 1)
     for key, value in results.items():
-        print(f"{key:24s} {value:.4f}" if isinstance(value, float) and value <= 1 else f"{key:24s} {value}")
+        print(f"{key:24s} {value:.1f}" if key.startswith("seconds") else f"{key:24s} {value:.4f}")
     return results
 
 
