@@ -709,3 +709,38 @@ def test_a_bad_method_name_or_seed_leaves_no_out_dir(env, tmp_path, capsys):
         cmp.load_config(["seeds=[0,-1]"])
     assert cmp.main(["seeds=-1", f"out_dir={out}"]) == 2 and not out.exists()
     assert capsys.readouterr().out == ""
+
+
+def test_a_device_of_the_other_framework_is_refused_before_any_run(env, tmp_path, capsys):
+    """device=tpu (JAX's) with a torch method, or device=mps (torch's) with a JAX method: exit status 2 with
+    one line naming the methods, before out_dir is made (each run would have failed on its own); numpy
+    methods take no device, and cpu/cuda/auto suit every framework."""
+    from types import SimpleNamespace as M
+
+    torch_m, jax_m, np_m = (
+        M(name="a.t", framework="torch"),
+        M(name="b.j", framework="jax"),
+        M(name="c.n", framework="numpy"),
+    )
+    with pytest.raises(
+        ConfigError, match=r"^config key 'device'='tpu' is a jax device, but a\.t runs on another"
+    ):
+        cmp.check_device_for("tpu", [torch_m, jax_m, np_m])
+    with pytest.raises(ConfigError, match=r"'device'='mps' is a torch device, but b\.j runs on another"):
+        cmp.check_device_for("mps", [torch_m, jax_m])
+    for device, specs in (("tpu", [jax_m, np_m]), ("mps", [torch_m, np_m]), ("cuda:0", [torch_m, jax_m]),
+                          ("gpu", [torch_m, jax_m]), ("auto", [torch_m, jax_m]), ("cpu", [torch_m, jax_m])):  # fmt: skip
+        cmp.check_device_for(device, specs)
+    registry.register(dict(name="fake.torchy", package="fake", framework="torch",
+                           evaluate="compare_fake_methods:run", paper="a fake"))  # fmt: skip
+    try:
+        out = tmp_path / "out"
+        assert cmp.main(["methods=[fake.torchy,fake.alpha]", "device=tpu", f"out_dir={out}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert (
+            "'device'='tpu' is a jax device, but fake.torchy runs on another framework" in err
+            and "\n" not in err
+        )
+        assert not out.exists()
+    finally:
+        registry.unregister("fake.torchy")

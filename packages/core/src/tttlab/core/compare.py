@@ -1266,6 +1266,25 @@ def prepare_benchmark(c: dict[str, Any], echo=print) -> None:
              f"in {time.perf_counter() - t0:.0f} s")  # fmt: skip
 
 
+#: device names only one framework takes (the rest, cpu / cuda / cuda:N / gpu / auto, every method takes)
+_FRAMEWORK_DEVICES = {"tpu": "jax", "mps": "torch"}
+
+
+def check_device_for(device: str, specs) -> None:
+    """``device=tpu`` is a JAX device and ``device=mps`` a torch one: with a method of the other framework
+    among ``specs``, a ConfigError naming them, before any run (each of those runs would fail on its own)."""
+    only = _FRAMEWORK_DEVICES.get(str(device))
+    if only is None:
+        return
+    others = [s.name for s in specs if s.framework not in (only, "numpy")]  # numpy methods take no device
+    if others:
+        raise ConfigError(
+            f"config key 'device'={device!r} is a {only} device, but {', '.join(others)} "
+            f"{'run' if len(others) > 1 else 'runs'} on another framework; use device=cpu, cuda, cuda:N or auto, "
+            f"or choose only {only} methods"
+        )
+
+
 def compare(config: Mapping[str, Any] | None = None, *, overrides: Sequence[str] = (), command: str | None = None,
             strict: bool | None = None, echo=print) -> Comparison:  # fmt: skip
     """Run a comparison (see the module docstring) and write its files; returns a :class:`Comparison`.
@@ -1294,6 +1313,7 @@ def compare(config: Mapping[str, Any] | None = None, *, overrides: Sequence[str]
                 f"config key 'overrides.{pattern}' matches no method{hint} (its keys would be ignored; methods: "
                 f"{', '.join(known)})"
             )
+    check_device_for(c["device"], specs)
     # the folders only once the methods are known to be good: a mistyped name leaves no out_dir behind
     for key in ("out_dir", "cache_dir"):
         try:
