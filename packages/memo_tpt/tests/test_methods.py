@@ -12,6 +12,8 @@ from tttlab.memo_tpt.losses import bn_prior, entropy, marginal_entropy, select_c
 from tttlab.memo_tpt.memo import Memo
 from tttlab.memo_tpt.tpt import TPT, tokenizer_for
 
+from .conftest import TINY_CLIP
+
 NAMES = ["zero", "one", "two", "three", "four"]
 TINY_RN_CLIP = dict(
     embed_dim=16,
@@ -254,6 +256,106 @@ def test_prompts_cut_after_their_end_tokens_are_exact(tiny_clip, image, monkeypa
     monkeypatch.undo()
     monkeypatch.setattr(tiny_clip.transformer, "grad_checkpointing", True)
     assert not T.shared_prefix_ok(tiny_clip)
+
+
+#: a class name the tokenizer cuts at 16 positions (its end token last) and a single-token one
+CUT_NAMES = [
+    "dog",
+    "tabby cat",
+    "a much longer class name of many tokens cut here by the tokenizer",
+    "x",
+    "great white shark",
+]
+
+
+def _tiny_clip(**text):
+    from tttlab.memo_tpt.models import build_clip
+
+    cfg = copy.deepcopy(TINY_CLIP)
+    cfg["text_cfg"].update(layers=2, **text)
+    torch.manual_seed(0)
+    return build_clip("tiny", config=cfg)
+
+
+@pytest.mark.parametrize(
+    "text, kw, shared",
+    [
+        ({"pool_type": "eos", "eos_id": 49407}, {}, True),  # open_clip's eos pooling at CLIP's end token
+        ({"ls_init_value": 0.5, "proj_bias": True}, {"base_prompt": "a"}, True),  # layer scale, Linear
+        ({"proj_type": "none"}, {"base_prompt": "a photo of a small"}, True),
+        ({"qk_norm": True}, {}, False),  # open_clip's custom block: the grouped path
+        ({}, {"ensemble": True}, True),
+        ({}, {"align_steps": 1}, True),
+    ],
+)
+def test_cut_prompts_exact_on_text_tower_variants(image, monkeypatch, text, kw, shared):
+    """The cut / grouped / shared-start text paths on open_clip text-tower variants and TPT modes, with a
+    class name the tokenizer truncates (end token at the last position) and a single-token one: the same
+    initial text features, tuned context and logits as all context_length positions of open_clip's blocks."""
+    from tttlab.memo_tpt import tpt as T
+
+    model = _tiny_clip(**text)
+    names = CUT_NAMES
+    kw = {"n_views": 6, "tts": 2, "seed": 1, **kw}
+    cut = TPT(model, names, **kw)
+    assert cut.prompts.shared_prefix is shared and cut.prompts.groups is not None
+    assert cut.prompts.length == 16
+    monkeypatch.setattr(
+        T, "prompt_lengths", lambda model, tokens: torch.full((len(tokens),), tokens.shape[1])
+    )
+    monkeypatch.setattr(T, "shared_prefix_ok", lambda model: False)
+    full = TPT(model, names, **kw)
+    assert full.prompts.groups is None and not full.prompts.shared_prefix
+    torch.testing.assert_close(
+        cut.initial_text_features(), full.initial_text_features(), atol=1e-6, rtol=1e-5
+    )
+    got, want = cut(image), full(image)
+    torch.testing.assert_close(cut.prompts.ctx, full.prompts.ctx, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_memo_tpt_ensemble_member_is_exact(image, monkeypatch, bn_net):
+    """Seed 002's MEMO + TPT ensemble: its TPT member on cut prompts steps and predicts as on all positions."""
+    from tttlab.memo_tpt import tpt as T
+
+    model = _tiny_clip()
+    names = CUT_NAMES
+    outs = []
+    for full in (False, True):
+        if full:
+            monkeypatch.setattr(
+                T, "prompt_lengths", lambda model, tokens: torch.full((len(tokens),), tokens.shape[1])
+            )
+            monkeypatch.setattr(T, "shared_prefix_ok", lambda model: False)
+        net = copy.deepcopy(bn_net)
+        tpt = TPT(model, names, n_views=6, selection=0.5, seed=1)
+        assert tpt.prompts.shared_prefix is not full
+        memo = Memo(net, n_augmentations=6, size=16, top_k=0.5, optimizer="sgd", lr=0.1, amp="none")
+        outs.append((Ensemble([memo, tpt], [1.55, 0.7])(image), tpt.prompts.ctx.detach().clone()))
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+
+
+def test_tpt_refuses_models_and_prompts_it_cannot_encode():
+    """ConfigError, not a silently wrong run: a CLIP trained with another tokenizer (open_clip's -worldwide:
+    eos pooling at an id CLIP's tokenizer never writes, so every prompt would end at position 0 with an empty
+    context; CLIPA: a smaller vocabulary), a model without CLIP's own text tower (CustomTextCLIP), and a
+    base prompt that leaves no room for the class name and end token."""
+    from open_clip.model import CustomTextCLIP
+
+    with pytest.raises(ConfigError, match="eos"):
+        TPT(_tiny_clip(vocab_size=250100, pool_type="eos", eos_id=1), NAMES)
+    with pytest.raises(ConfigError, match="vocab_size=32000"):
+        TPT(_tiny_clip(vocab_size=32000), NAMES)
+    torch.manual_seed(0)
+    custom = CustomTextCLIP(**copy.deepcopy(TINY_CLIP))
+    with pytest.raises(ConfigError, match="CustomTextCLIP"):
+        TPT(custom, NAMES)
+    model = _tiny_clip()
+    words = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen".split()
+    assert TPT(model, NAMES, base_prompt=" ".join(words[:13])).prompts.n_ctx == 13
+    with pytest.raises(ConfigError, match="at most context_length - 3 = 13"):
+        TPT(model, NAMES, base_prompt=" ".join(words))
 
 
 def test_length_groups_are_the_fewest_positions():

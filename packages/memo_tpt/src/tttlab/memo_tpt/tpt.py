@@ -71,10 +71,25 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def tokenizer_for(model) -> callable:
-    """open_clip's BPE tokenizer (its vocabulary ships in the wheel) at the model's context length."""
+    """open_clip's BPE tokenizer (its vocabulary ships in the wheel) at the model's context length.
+
+    Raises ConfigError for a model trained with another tokenizer (open_clip's ``-worldwide`` and ``CLIPA``
+    configs: Hugging Face tokenizers, other vocabulary sizes and end tokens): its ids would index the wrong
+    (or no) embeddings, and an ``eos`` end token this tokenizer never writes would put every prompt's end at
+    position 0 (the text feature read at the start token, an empty context)."""
     from open_clip.tokenizer import SimpleTokenizer
 
-    return SimpleTokenizer(context_length=int(model.context_length))
+    tok = SimpleTokenizer(context_length=int(model.context_length))
+    vocab = getattr(model, "vocab_size", tok.vocab_size)
+    pool, eos = getattr(model, "text_pool_type", "argmax"), getattr(model, "text_eos_id", None)
+    if int(vocab) != tok.vocab_size or (pool == "eos" and eos != tok.eot_token_id):
+        raise ConfigError(
+            f"{type(model).__name__} with vocab_size={vocab}, text_pool_type={pool!r}, text_eos_id={eos}: TPT "
+            f"tokenises with open_clip's CLIP BPE tokenizer (vocab_size={tok.vocab_size}, end token "
+            f"{tok.eot_token_id}); expected a CLIP model trained with it (RN50, ViT-B-16, ViT-L-14, ...), not "
+            "one with its own tokenizer (open_clip's -worldwide and CLIPA models)"
+        )
+    return tok
 
 
 def _sot_eot(tok) -> tuple[int, int]:
@@ -96,10 +111,21 @@ class PromptLearner(nn.Module):
             raise InvalidInputError(
                 f"classnames={classnames!r}; expected a non-empty list of names, one per class"
             )
+        if not all(hasattr(model, a) for a in ("token_embedding", "positional_embedding", "transformer")):
+            raise ConfigError(
+                f"model: a {type(model).__name__} without open_clip CLIP's own text tower (token_embedding, "
+                "positional_embedding, transformer); expected an open_clip CLIP (RN50, ViT-B-16, ...)"
+            )
         tok = tokenizer_for(model)
         n_ctx = len(tok.encode(base_prompt))
         if n_ctx < 1:
             raise ConfigError(f"base_prompt={base_prompt!r} has no tokens; expected e.g. 'a photo of a'")
+        if n_ctx > int(model.context_length) - 3:  # start token, context, >= 1 class token, end token
+            raise ConfigError(
+                f"base_prompt={base_prompt!r} has {n_ctx} tokens; expected at most context_length - 3 = "
+                f"{int(model.context_length) - 3}, so that every prompt keeps its end token and a class token "
+                "(longer: the tokenizer cuts the class names, every prompt the same)"
+            )
         self.n_ctx, self.base_prompt, self.class_specific = n_ctx, base_prompt, class_specific
         self.classnames = [str(c).replace("_", " ") for c in classnames]
         tokens = tok([f"{base_prompt} {name}." for name in self.classnames])
