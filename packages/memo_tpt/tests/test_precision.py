@@ -12,7 +12,7 @@ from tttlab.core.errors import ConfigError
 from tttlab.memo_tpt import tiny_clip as T
 from tttlab.memo_tpt.memo import Memo
 from tttlab.memo_tpt.precision import resolve_amp
-from tttlab.memo_tpt.tpt import TPT, encode_shared_prefix
+from tttlab.memo_tpt.tpt import TPT, encode_prompts, encode_shared_prefix
 
 NAMES = ["zero", "one", "two", "three", "four"]
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -113,8 +113,9 @@ class _Recorder:
 
 def test_compile_plumbing_tpt_and_memo(tiny_clip, bn_net, image, monkeypatch):
     """compile=true: TPT compiles the image encoder (model.visual) and the prompt -> text path it takes (a
-    partial of encode_shared_prefix: a shared context; encode_prompts otherwise) and uses both; MEMO compiles the model and installs the same BN-prior forwards on
-    every call (so a compiled graph's guards hold).  The recorder is the identity: results equal eager."""
+    partial of encode_shared_prefix: a shared context; encode_prompts otherwise, in one batch) and uses both;
+    MEMO compiles the model and installs the same BN-prior forwards on every call (so a compiled graph's
+    guards hold).  The recorder is the identity: results equal eager."""
     rec = _Recorder()
     monkeypatch.setattr(torch, "compile", rec)
     want = TPT(tiny_clip, NAMES, n_views=8, selection=0.5, tts=1, seed=0)(image)
@@ -122,12 +123,22 @@ def test_compile_plumbing_tpt_and_memo(tiny_clip, bn_net, image, monkeypatch):
     assert rec.given[0] is tiny_clip.visual and rec.given[1].func is encode_shared_prefix
     assert rec.calls == {0: 2, 1: 2}  # views once + predict; the tuning step + predict
     assert torch.equal(got, want)
+    # class-specific contexts with prompts of several lengths: compiled, one batch cut to the longest prompt
+    # (one graph shape, not one per length group: dynamo keeps 8 entries per function); the same logits
+    names = NAMES + ["a much longer class name"]
+    csc = dict(n_views=8, selection=0.5, tts=1, seed=0, class_specific_context=True)
+    eager = TPT(tiny_clip, names, **csc)
+    compiled = TPT(tiny_clip, names, compile=True, **csc)
+    assert eager.prompts.groups is not None and compiled.prompts.groups is None
+    assert rec.given[-1].func is encode_prompts
+    torch.testing.assert_close(compiled(image), eager(image), atol=1e-5, rtol=1e-5)
     m0 = Memo(bn_net, n_augmentations=8, size=16, seed=0)
     want = m0(image)
     m0.reset()  # the model is left adapted after a call
+    k = len(rec.given)
     memo = Memo(bn_net, n_augmentations=8, size=16, seed=0, compile=True)
     got = memo(image)
-    assert rec.given[2] is bn_net and rec.calls[2] == 2 and torch.equal(got, want)
+    assert rec.given[k] is bn_net and rec.calls[k] == 2 and torch.equal(got, want)
     first = dict(memo._bn_forwards)
     memo(image)
     assert memo._bn_forwards == first and len(first) == 1 and "forward" not in vars(bn_net.bn)

@@ -424,6 +424,9 @@ class TPT:
             if self.prompts.shared_prefix:  # the text path text_features takes
                 self._encode_shared = compile_fn(self._encode_shared, self.compile)
             else:
+                # one batch cut to the longest prompt: a graph per length group (and grad on/off) would fill
+                # dynamo's 8-entry cache of the function after one test set's TPT, and later ones run eager
+                self.prompts.groups = None
                 self._encode_text = compile_fn(self._encode_text, self.compile)
         self.generator = torch.Generator().manual_seed(int(seed))
         self._visual_params = [p for n, p in visual.named_parameters() if "attnpool" not in n]
