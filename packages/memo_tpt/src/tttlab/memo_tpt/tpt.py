@@ -305,15 +305,17 @@ def encode_shared_prefix(
         xs = out
     feats = []
     for x, e in zip(xs, ends):
-        x = model.ln_final(x)[torch.arange(x.shape[0], device=x.device), e]
-        if model.text_projection is not None:
-            x = (
-                model.text_projection(x)
-                if isinstance(model.text_projection, nn.Linear)
-                else x @ model.text_projection
-            )
-        feats.append(x)
+        feats.append(_project_text(model, model.ln_final(x)[torch.arange(x.shape[0], device=x.device), e]))
     return feats
+
+
+def _project_text(model, x: torch.Tensor) -> torch.Tensor:
+    """The pooled text tokens through open_clip's ``text_projection`` (a matrix, a Linear, or none)."""
+    if model.text_projection is None:
+        return x
+    if isinstance(model.text_projection, nn.Linear):
+        return model.text_projection(x)
+    return x @ model.text_projection
 
 
 def encode_prompts(model, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -328,13 +330,7 @@ def encode_prompts(model, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.
     x = model.transformer(x, attn_mask=None if mask is None else mask[:n, :n])
     x = model.ln_final(x)
     x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
-    if model.text_projection is not None:
-        x = (
-            model.text_projection(x)
-            if isinstance(model.text_projection, nn.Linear)
-            else x @ model.text_projection
-        )
-    return x
+    return _project_text(model, x)
 
 
 class TPT:
