@@ -11,6 +11,34 @@ def test_user_error_is_one_line_and_exit_status_2(capsys):
     assert capsys.readouterr().err == "tttlab-x: error: ConfigError: lr=-1: expected >= 0\n"
 
 
+def test_user_error_goes_into_torchruns_error_file(tmp_path, monkeypatch, capsys):
+    """Under torchrun the worker's error file carries the same line, and torch elastic's failure summary (its
+    "Root Cause" block) prints it instead of "To enable traceback see ..."."""
+    err_file = tmp_path / "attempt_0" / "0" / "error.json"
+    err_file.parent.mkdir(parents=True)
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(err_file))
+    with pytest.raises(SystemExit), user_errors("tttlab-x"):
+        raise ConfigError("lr=-1: expected >= 0")
+    line = "tttlab-x: error: ConfigError: lr=-1: expected >= 0"
+    assert capsys.readouterr().err == line + "\n"
+    import json
+
+    data = json.loads(err_file.read_text())
+    assert data["message"] == line and isinstance(data["timestamp"], int)
+    errors = pytest.importorskip("torch.distributed.elastic.multiprocessing.errors")
+    failure = errors.ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(err_file))
+    summary = errors.ChildFailedError("tttlab-x", {0: failure}).format_msg()
+    assert f"traceback : {line}" in summary and "To enable traceback" not in summary
+
+
+def test_no_error_file_outside_torchrun(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit), user_errors("tttlab-x"):
+        raise ConfigError("bad")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_other_exceptions_keep_their_traceback(capsys):
     with pytest.raises(ZeroDivisionError), user_errors("tttlab-x"):
         1 / 0  # noqa: B018

@@ -4,6 +4,9 @@
 a bad value, a checkpoint of another architecture) into one ``<prog>: error: <Type>: <message>`` line on
 stderr and exit status 2, the convention of ``argparse``, instead of a traceback through our internals
 (Hydra prints one for every exception).  Any other exception is a bug and keeps its traceback.
+
+Under ``torchrun`` the same line also goes into the worker's error file (``TORCHELASTIC_ERROR_FILE``), so
+torchrun's failure summary names the error under "Root Cause" instead of "To enable traceback see ...".
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ def user_errors(prog: str) -> Iterator[None]:
         yield
     except TTTLabError as exc:
         _remove_hydra_only_run_dir()
-        print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        line = f"{prog}: error: {type(exc).__name__}: {exc}"
+        print(line, file=sys.stderr)
+        _tell_torchrun(line)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         # Ctrl-C: one line and the shell's status 130, not a traceback through torch's kernels (the files a
@@ -37,6 +42,24 @@ def user_errors(prog: str) -> Iterator[None]:
         _remove_hydra_only_run_dir()
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def _tell_torchrun(line: str) -> None:
+    """Write ``line`` to torchrun's per-worker error file when there is one (torch elastic's JSON form with a
+    plain-string message, which its summary prints as the worker's traceback)."""
+    import os
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import time
+
+    from ._io import atomic_write_json
+
+    try:
+        atomic_write_json(path, {"message": line, "timestamp": int(time.time())}, indent=None)
+    except OSError:  # the summary is a courtesy; the line on stderr is the message
+        return
 
 
 def _remove_hydra_only_run_dir() -> None:
