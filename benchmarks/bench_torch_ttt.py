@@ -47,6 +47,7 @@ from _sweep import names_subset
 from torch import nn
 
 ENGINES = ("ttt", "tent", "memo")  # --engines
+VARIANTS = ("none", "bf16", "compile", "bf16+compile")  # --variants: amp / compile settings
 
 
 class Net(nn.Module):
@@ -265,17 +266,14 @@ def main(argv=None):
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    help="engine.compile() our engines (torch.compile mode: default, reduce-overhead, ...)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=3, help="untimed batches of compiled engines first")
-    p.add_argument("--variants", default=None,
-                   help="comma-separated none,bf16,compile,bf16+compile[,...]: our engine in these settings "
-                        "against each other (no upstream)")  # fmt: skip
+    p.add_argument("--variants", type=names_subset(VARIANTS, "variant"), default=None,
+                   help="comma-separated subset of none,bf16,compile,bf16+compile: our engine in these "
+                        "settings against each other (no upstream)")  # fmt: skip
     p.add_argument("--train-variants", action="store_true",
                    help="time train.py's joint-training step in the amp/compile settings instead")  # fmt: skip
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     # argument errors first, before the models train (tens of seconds)
-    for v in args.variants.split(",") if args.variants else []:
-        if not set(v.split("+")) <= {"none", "bf16", "compile"}:
-            p.error(f"--variants: {v!r}; expected none, bf16, compile or bf16+compile")
     if not (args.variants or args.train_variants) and importlib.util.find_spec("torch_ttt") is None:
         # checked now: the script trained its models first and then stopped in an import traceback
         p.error("upstream torch-ttt 0.0.2 is not installed (the comparison runs it): pip install --no-deps "
@@ -412,7 +410,7 @@ def main_train_variants(args):
 
 def main_variants(args, engines, models, settings, batches, labels):
     """Our engines in several amp / compile settings, interleaved; one table row per engine and setting."""
-    variants = args.variants.split(",")  # checked in main()
+    variants = args.variants  # a checked list (names_subset)
     rows = []
     for name, bn in engines:
         net, head = models[bn]

@@ -160,7 +160,8 @@ def test_torch_ttt_without_upstream_stops_before_training(monkeypatch, capsys):
     [(["--engines", "tnet"], "argument --engines: unknown engine 'tnet' (did you mean 'tent'?); expected a "
                               "comma-separated subset of ttt,tent,memo"),
      (["--engines", "ttt,mem", "--variants", "none"], "unknown engine 'mem' (did you mean 'memo'?)"),
-     (["--variants", "none,bf61"], "--variants: 'bf61'")],
+     (["--variants", "none,bf61"], "argument --variants: unknown variant 'bf61' (did you mean 'bf16'?)"),
+     (["--variants", "compile+bf16"], "unknown variant 'compile+bf16'")],
 )  # fmt: skip
 def test_torch_ttt_bad_argument_stops_before_training(args, says, monkeypatch, capsys):
     pytest.importorskip("tttlab.torch_ttt")
