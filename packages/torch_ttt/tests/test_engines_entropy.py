@@ -370,7 +370,7 @@ PREDICT_BEFORE_UPDATE = {
 @pytest.mark.parametrize("name", sorted(PREDICT_BEFORE_UPDATE))
 def test_predict_before_update_returns_the_adaptation_forward_without_a_second_pass(name, monkeypatch):
     """``predict_before_update=True``: the batch's prediction is the logits of the forward that computed its
-    first loss (before the update), with one model forward fewer than the default; the kept logits are
+    loss (before the update), with one model forward fewer than the default; the kept logits are
     dropped when the batch is done, also when it fails half-way."""
     x = x_batch()
     with torch.no_grad(), batch_statistics(m := bn_model()):
@@ -385,7 +385,7 @@ def test_predict_before_update_returns_the_adaptation_forward_without_a_second_p
         outs[before], _ = engine(x)
         handle.remove()
         forwards[before] = len(calls)
-        assert engine._first_outputs is None
+        assert engine._adapt_outputs is None
     assert torch.equal(outs[True], test_stats), "the logits of the forward that computed the loss"
     assert not torch.equal(outs[False], test_stats), "the default predicts after the update"
     assert forwards[True] == forwards[False] - 1, "no prediction pass"
@@ -398,4 +398,28 @@ def test_predict_before_update_returns_the_adaptation_forward_without_a_second_p
     monkeypatch.setattr(engine, "adapt_step", failing_step)
     with pytest.raises(RuntimeError, match="half-way"):
         engine(x)
-    assert engine._first_outputs is None  # a later batch never sees this batch's logits
+    assert engine._adapt_outputs is None  # a later batch never sees this batch's logits
+
+
+@pytest.mark.parametrize("name", sorted(PREDICT_BEFORE_UPDATE))
+def test_predict_before_update_with_several_steps_returns_the_last_steps_forward_as_the_official_code(name):
+    """With ``num_steps=2`` the official TENT/EATA/DeYO loop (``for _ in range(steps): outputs =
+    forward_and_adapt(x)``) returns the logits of the second step's forward: the model after ONE update.
+    So ``predict_before_update=True`` with 2 steps must equal the after-update prediction of the same engine
+    with 1 step, and must not be the logits before any update."""
+    x = x_batch()
+    with torch.no_grad(), batch_statistics(m := bn_model()):
+        before_any_update = m(x)
+    outs = {}
+    for steps, before in ((2, True), (1, False)):
+        kwargs = dict(PREDICT_BEFORE_UPDATE[name])
+        if name == "deyo":  # the same patch permutations in both runs
+            kwargs["generator"] = torch.Generator().manual_seed(3)
+        engine = get_engine(name)(
+            bn_model(), {"lr": 0.1, "num_steps": steps}, predict_before_update=before, **kwargs
+        )
+        outs[steps], _ = engine.eval()(x)
+    torch.testing.assert_close(outs[2], outs[1], rtol=0, atol=0)
+    assert not torch.allclose(outs[2], before_any_update, atol=1e-4), (
+        "the first step's logits (before any update)"
+    )

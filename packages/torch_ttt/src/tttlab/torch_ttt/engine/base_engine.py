@@ -429,28 +429,28 @@ class BaseEngine(nn.Module):
 
 class PredictBeforeUpdate:
     """Mix-in (before :class:`BaseEngine`) for the entropy engines' ``predict_before_update=True`` (TENT, EATA,
-    DeYO): a batch's prediction is the logits of the forward that computed its first adaptation loss, i.e.
-    before the update, as those methods' upstream code reports it, with no second forward.  The engine calls
-    :meth:`_keep_first` with those logits in its ``adapt_loss``; they are dropped when the batch is done,
-    also when it fails."""
+    DeYO): a batch's prediction is the logits of the forward that computed its *last* adaptation loss, i.e.
+    the model before the batch's last update, as those methods' official code reports it (their loop
+    ``for _ in range(steps): outputs = forward_and_adapt(...)`` returns the last step's forward; with one
+    step, the model before any update), with no second forward.  The engine calls :meth:`_keep_outputs`
+    with those logits in its ``adapt_loss``; they are dropped when the batch is done, also when it fails."""
 
     predict_before_update: bool = False
-    _first_outputs: torch.Tensor | None = None
+    _adapt_outputs: torch.Tensor | None = None
 
-    def _keep_first(self, outputs: torch.Tensor) -> None:
-        if self._first_outputs is None:
-            self._first_outputs = outputs.detach()
+    def _keep_outputs(self, outputs: torch.Tensor) -> None:
+        self._adapt_outputs = outputs.detach()  # each step replaces the previous step's logits
 
     def predict(self, inputs, **kwargs):
-        if self.predict_before_update and self._first_outputs is not None:
-            return self._first_outputs
+        if self.predict_before_update and self._adapt_outputs is not None:
+            return self._adapt_outputs
         return super().predict(inputs, **kwargs)
 
     def forward(self, inputs, **kwargs):
         if self.training:
             return self.ttt_forward(inputs, **kwargs)
-        self._first_outputs = None
+        self._adapt_outputs = None
         try:
             return super().forward(inputs, **kwargs)
         finally:
-            self._first_outputs = None
+            self._adapt_outputs = None

@@ -11,8 +11,9 @@ statistics because it only set ``track_running_stats=False`` with buffers still 
 type (upstream: BatchNorm2d only); nothing in the model is mutated permanently (``requires_grad`` and
 running statistics are left alone; the engine selects what it optimises), so ``reset`` is exact.
 As in upstream the returned prediction is made after the update steps (the official TENT code returns the
-logits of the forward that computed the loss, i.e. before its update: ``predict_before_update=True``,
-which then skips the prediction forward: one forward and one backward per batch).
+logits of the forward that computed the loss, i.e. before its update; with ``steps > 1`` the last
+step's forward, after ``steps - 1`` updates: ``predict_before_update=True`` returns the same, and skips
+the prediction forward: one forward and one backward per batch and step).
 
 Against the official code (DequanWang/tent), deliberately: it adapts ``BatchNorm2d`` only (we take every
 norm type, the same thing on BatchNorm2d models); it puts the whole model in train mode, so dropout is
@@ -64,5 +65,5 @@ class TentEngine(PredictBeforeUpdate, BaseEngine):
 
     def adapt_loss(self, inputs, **kwargs):
         outputs, loss = self.ttt_forward(inputs, **kwargs)
-        self._keep_first(outputs)  # predict_before_update: the prediction, with no second forward pass
+        self._keep_outputs(outputs)  # predict_before_update: the prediction, with no second forward pass
         return loss
