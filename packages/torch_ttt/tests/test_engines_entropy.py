@@ -78,6 +78,33 @@ def test_tent_without_normalisation_layers_is_an_error():
             get_engine(name)(plain_model())
 
 
+def test_tent_adapts_a_layernorm_model_on_a_single_image():
+    """Batch size 1 is a TENT setting for GroupNorm/LayerNorm models (the DeYO and SAR papers' bs1 runs):
+    the engine takes one Adam step on the entropy of that image and predicts; only BatchNorm models need 2
+    samples.  Reference: Adam's first step moves each parameter by ``lr * g / (|g| + eps)``."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Flatten(), nn.Linear(144, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 5)).eval()
+    x = x_batch(1)
+    ref = {k: v.clone() for k, v in m.state_dict().items()}
+    norm = m[2]
+    loss_before = entropy(m(x)).mean()
+    grads = torch.autograd.grad(loss_before, [norm.weight, norm.bias])
+    with torch.no_grad():
+        stepped = dict(ref)
+        stepped["2.weight"] = norm.weight - 1e-2 * grads[0] / (grads[0].abs() + 1e-8)
+        stepped["2.bias"] = norm.bias - 1e-2 * grads[1] / (grads[1].abs() + 1e-8)
+        twin = nn.Sequential(nn.Flatten(), nn.Linear(144, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 5))
+        twin.load_state_dict(stepped)
+        expected = twin.eval()(x)
+    engine = get_engine("tent")(m, {"lr": 1e-2}).eval()
+    out, loss = engine(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, loss_before.detach())  # the loss of the step, before the update
+    assert same(state(m), ref), "reset per batch restores the LayerNorm parameters"
+    with pytest.raises(InvalidInputError, match="at least 2"):
+        get_engine("tent")(bn_model()).eval()(x_batch(1))
+
+
 # -- EATA --------------------------------------------------------------------------------------------
 def hand_fisher(m: nn.Module, batches) -> dict[str, torch.Tensor]:
     bn = m[1]

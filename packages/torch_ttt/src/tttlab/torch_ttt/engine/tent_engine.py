@@ -29,7 +29,7 @@ from __future__ import annotations
 from tttlab.core.errors import InvalidInputError
 
 from ..engine_registry import EngineRegistry
-from ..norm import batch_statistics, entropy, norm_affine_parameters, norm_layers
+from ..norm import batch_statistics, batchnorm_layers, entropy, norm_affine_parameters, norm_layers
 from .base_engine import BaseEngine, PredictBeforeUpdate
 
 __all__ = ["TentEngine"]
@@ -41,7 +41,6 @@ class TentEngine(PredictBeforeUpdate, BaseEngine):
     ImageNet/CIFAR setting ... upstream torch-ttt's generic defaults were 3 steps at 1e-2)."""
 
     optimization_defaults = {"num_steps": 1, "lr": 1e-3}
-    min_batch = 2
     batch_statistics_always = True
 
     def __init__(self, model, optimization_parameters=None, predict_before_update: bool = False):
@@ -52,6 +51,9 @@ class TentEngine(PredictBeforeUpdate, BaseEngine):
                 f"{type(model).__name__} has none"
             )
         self.predict_before_update = predict_before_update
+        # batch statistics need 2 samples; GroupNorm/LayerNorm models adapt on single images (batch size 1,
+        # the DeYO/SAR papers' setting for TENT), as EATA and DeYO here
+        self.min_batch = 2 if batchnorm_layers(model) else 1
 
     def adapted_parameters(self):
         return norm_affine_parameters(self.model)
