@@ -22,7 +22,10 @@ The official ``collect_params`` (taken over from SAR) also leaves out, by module
 those architectures' names and is not reproduced here: restrict ``adapted_parameters`` in a subclass to
 match it on such models.  Defaults are the official ``config.py``'s (``plpd_threshold`` 0.2, ``deyo_margin``
 0.5, ``deyo_margin_e0`` 0.4, ``patch_len`` 4, both re-weightings on); its script ``exp_deyo.sh`` uses
-``plpd_thresh=0.3`` for the BatchNorm ResNet-50 in the mild (i.i.d.) ImageNet-C setting.
+``plpd_thresh=0.3`` for the BatchNorm ResNet-50 in the mild (i.i.d.) ImageNet-C setting.  The official
+``main.py`` builds a fresh model and optimizer for every corruption (``reset="per_domain"`` here; the
+default is torch-ttt's ``"per_batch"``) and puts the whole model in train mode, so dropout, where a model
+has it, is active in its forwards; here every layer but the BatchNorm statistics stays in eval mode.
 
 Differences from torch-ttt 0.0.2 and why:
 

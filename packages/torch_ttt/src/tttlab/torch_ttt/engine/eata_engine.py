@@ -17,7 +17,8 @@ Algorithm (one adaptation step, normalisation layers using the test batch's stat
 
 Only the affine parameters of the normalisation layers (BatchNorm, GroupNorm, LayerNorm, InstanceNorm)
 are adapted; the moving average ``m`` is an adapted buffer (``current_model_probs``), so ``reset()``
-restores it with the parameters.
+restores it with the parameters.  The official code puts the whole model in train mode (dropout, where
+a model has it, active); here every layer but the BatchNorm statistics stays in eval mode.
 
 Differences from torch-ttt 0.0.2 and why:
 
