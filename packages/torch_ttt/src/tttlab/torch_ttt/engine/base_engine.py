@@ -85,6 +85,7 @@ DEFAULT_OPTIMIZATION: dict[str, Any] = {
     "optimizer_name": "adam",
     "reset": Reset.PER_BATCH,
     "momentum": 0.9,
+    "nesterov": False,
     "weight_decay": 0.0,
     "betas": (0.9, 0.999),
 }
@@ -129,6 +130,8 @@ class OptimizationParameters(dict):
             isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf
         ):  # NaN fails the comparison too
             raise ConfigError(f"{key} must be a number >= 0, got {value!r}")
+        if key == "nesterov" and not isinstance(value, bool):
+            raise ConfigError(f"nesterov must be True or False, got {value!r}")
         if key == "betas" and (
             isinstance(value, (str, bytes))
             or not isinstance(value, Sequence)
@@ -155,13 +158,22 @@ class OptimizationParameters(dict):
 
 
 def build_optimizer(params: list[torch.Tensor], settings: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """Adam / SGD (momentum) / AdamW over ``params`` with the engine's settings (foreach kernels)."""
+    """Adam / SGD (momentum, optionally Nesterov's: the official ActMAD step and the official TENT code's
+    SGD option) / AdamW over ``params`` with the engine's settings (foreach kernels)."""
     name, lr, wd = settings["optimizer_name"], float(settings["lr"]), float(settings["weight_decay"])
+    nesterov = bool(settings.get("nesterov", False))
+    if nesterov and (name != "sgd" or float(settings["momentum"]) <= 0):
+        raise ConfigError(
+            f"nesterov=True needs optimizer_name='sgd' and momentum > 0, got optimizer_name={name!r}, "
+            f"momentum={settings['momentum']!r}"
+        )
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=tuple(settings["betas"]), weight_decay=wd, foreach=True)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=tuple(settings["betas"]), weight_decay=wd, foreach=True)
-    return torch.optim.SGD(params, lr=lr, momentum=float(settings["momentum"]), weight_decay=wd, foreach=True)
+    return torch.optim.SGD(
+        params, lr=lr, momentum=float(settings["momentum"]), weight_decay=wd, nesterov=nesterov, foreach=True
+    )
 
 
 def find_module(model: nn.Module, name: str) -> nn.Module:
@@ -395,6 +407,7 @@ class BaseEngine(nn.Module):
             float(settings["lr"]),
             tuple(settings["betas"]),
             float(settings["momentum"]),
+            bool(settings["nesterov"]),
             float(settings["weight_decay"]),
         )
         if self.optimizer is None or getattr(self, "_optimizer_key", None) != key:
