@@ -71,6 +71,40 @@ def test_optimization_parameters_validate():
         OptimizationParameters([1, 2])
 
 
+def test_nesterov_sgd_the_official_actmad_step():
+    """The official ActMAD step is SGD with Nesterov momentum 0.9 and weight decay 5e-4 (also the official
+    TENT code's SGD option): ``nesterov=True`` takes it.  Reference, written out for two steps on the
+    BatchNorm affine parameters (TENT's loss): ``g = grad + wd p; v = mu v + g; p -= lr (g + mu v)``."""
+    x = x_batch()
+    lr, mu, wd = 0.05, 0.9, 5e-4
+    ref = bn_model()
+    params = [ref[1].weight, ref[1].bias]
+    velocity = [torch.zeros_like(p) for p in params]
+    with batch_statistics(ref):
+        for _ in range(2):
+            logp = ref(x).log_softmax(-1)
+            grads = torch.autograd.grad(-(logp.exp() * logp).sum(-1).mean(), params)
+            with torch.no_grad():
+                for p, g, v in zip(params, grads, velocity):
+                    g = g + wd * p
+                    v.mul_(mu).add_(g)
+                    p.sub_(lr * (g + mu * v))
+    settings = {"optimizer_name": "sgd", "lr": lr, "momentum": mu, "weight_decay": wd, "nesterov": True}
+    m = bn_model()
+    engine = get_engine("tent")(m, {**settings, "num_steps": 2, "reset": "never"}).eval()
+    engine(x)
+    torch.testing.assert_close(m[1].weight, ref[1].weight, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(m[1].bias, ref[1].bias, rtol=1e-6, atol=1e-7)
+    plain = bn_model()
+    get_engine("tent")(plain, {**settings, "nesterov": False, "num_steps": 2, "reset": "never"}).eval()(x)
+    assert not torch.allclose(plain[1].weight, ref[1].weight, rtol=1e-6, atol=1e-7), "heavy-ball differs"
+    assert OptimizationParameters()["nesterov"] is False
+    with pytest.raises(ConfigError, match="nesterov must be True or False"):
+        OptimizationParameters({"nesterov": "yes"})
+    with pytest.raises(ConfigError, match="nesterov=True needs optimizer_name='sgd'"):
+        get_engine("tent")(bn_model(), {"nesterov": True}).eval()(x)  # Adam
+
+
 def test_tent_uses_test_batch_statistics_and_restores_exactly():
     m = bn_model()
     before = state(m)

@@ -78,6 +78,33 @@ def test_tent_without_normalisation_layers_is_an_error():
             get_engine(name)(plain_model())
 
 
+def test_tent_adapts_a_layernorm_model_on_a_single_image():
+    """Batch size 1 is a TENT setting for GroupNorm/LayerNorm models (the DeYO and SAR papers' bs1 runs):
+    the engine takes one Adam step on the entropy of that image and predicts; only BatchNorm models need 2
+    samples.  Reference: Adam's first step moves each parameter by ``lr * g / (|g| + eps)``."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Flatten(), nn.Linear(144, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 5)).eval()
+    x = x_batch(1)
+    ref = {k: v.clone() for k, v in m.state_dict().items()}
+    norm = m[2]
+    loss_before = entropy(m(x)).mean()
+    grads = torch.autograd.grad(loss_before, [norm.weight, norm.bias])
+    with torch.no_grad():
+        stepped = dict(ref)
+        stepped["2.weight"] = norm.weight - 1e-2 * grads[0] / (grads[0].abs() + 1e-8)
+        stepped["2.bias"] = norm.bias - 1e-2 * grads[1] / (grads[1].abs() + 1e-8)
+        twin = nn.Sequential(nn.Flatten(), nn.Linear(144, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 5))
+        twin.load_state_dict(stepped)
+        expected = twin.eval()(x)
+    engine = get_engine("tent")(m, {"lr": 1e-2}).eval()
+    out, loss = engine(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, loss_before.detach())  # the loss of the step, before the update
+    assert same(state(m), ref), "reset per batch restores the LayerNorm parameters"
+    with pytest.raises(InvalidInputError, match="at least 2"):
+        get_engine("tent")(bn_model()).eval()(x_batch(1))
+
+
 # -- EATA --------------------------------------------------------------------------------------------
 def hand_fisher(m: nn.Module, batches) -> dict[str, torch.Tensor]:
     bn = m[1]
@@ -370,7 +397,7 @@ PREDICT_BEFORE_UPDATE = {
 @pytest.mark.parametrize("name", sorted(PREDICT_BEFORE_UPDATE))
 def test_predict_before_update_returns_the_adaptation_forward_without_a_second_pass(name, monkeypatch):
     """``predict_before_update=True``: the batch's prediction is the logits of the forward that computed its
-    first loss (before the update), with one model forward fewer than the default; the kept logits are
+    loss (before the update), with one model forward fewer than the default; the kept logits are
     dropped when the batch is done, also when it fails half-way."""
     x = x_batch()
     with torch.no_grad(), batch_statistics(m := bn_model()):
@@ -385,7 +412,7 @@ def test_predict_before_update_returns_the_adaptation_forward_without_a_second_p
         outs[before], _ = engine(x)
         handle.remove()
         forwards[before] = len(calls)
-        assert engine._first_outputs is None
+        assert engine._adapt_outputs is None
     assert torch.equal(outs[True], test_stats), "the logits of the forward that computed the loss"
     assert not torch.equal(outs[False], test_stats), "the default predicts after the update"
     assert forwards[True] == forwards[False] - 1, "no prediction pass"
@@ -398,4 +425,28 @@ def test_predict_before_update_returns_the_adaptation_forward_without_a_second_p
     monkeypatch.setattr(engine, "adapt_step", failing_step)
     with pytest.raises(RuntimeError, match="half-way"):
         engine(x)
-    assert engine._first_outputs is None  # a later batch never sees this batch's logits
+    assert engine._adapt_outputs is None  # a later batch never sees this batch's logits
+
+
+@pytest.mark.parametrize("name", sorted(PREDICT_BEFORE_UPDATE))
+def test_predict_before_update_with_several_steps_returns_the_last_steps_forward_as_the_official_code(name):
+    """With ``num_steps=2`` the official TENT/EATA/DeYO loop (``for _ in range(steps): outputs =
+    forward_and_adapt(x)``) returns the logits of the second step's forward: the model after ONE update.
+    So ``predict_before_update=True`` with 2 steps must equal the after-update prediction of the same engine
+    with 1 step, and must not be the logits before any update."""
+    x = x_batch()
+    with torch.no_grad(), batch_statistics(m := bn_model()):
+        before_any_update = m(x)
+    outs = {}
+    for steps, before in ((2, True), (1, False)):
+        kwargs = dict(PREDICT_BEFORE_UPDATE[name])
+        if name == "deyo":  # the same patch permutations in both runs
+            kwargs["generator"] = torch.Generator().manual_seed(3)
+        engine = get_engine(name)(
+            bn_model(), {"lr": 0.1, "num_steps": steps}, predict_before_update=before, **kwargs
+        )
+        outs[steps], _ = engine.eval()(x)
+    torch.testing.assert_close(outs[2], outs[1], rtol=0, atol=0)
+    assert not torch.allclose(outs[2], before_any_update, atol=1e-4), (
+        "the first step's logits (before any update)"
+    )

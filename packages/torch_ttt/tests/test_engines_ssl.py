@@ -234,6 +234,33 @@ def test_nt_xent_matches_direct_formula():
     torch.testing.assert_close(nt_xent(z), torch.tensor(total / 10, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("temperature", [0.5, 0.2])
+def test_contrastive_loss_keeps_supcons_temperature_over_base_temperature_factor(temperature):
+    """The TTT++ code (``SupConLoss(temperature=0.5)``) and torch-ttt's ``ContrastiveLoss`` multiply the
+    NT-Xent by ``temperature / base_temperature`` with base 0.07: at the official 0.5 the contrastive term is
+    7.1 times the plain NT-Xent, which sets its weight against the alignment terms."""
+    from tttlab.torch_ttt.engine.ttt_pp_engine import ContrastiveLoss
+
+    z = torch.randn(6, 2, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    rows = F.normalize(torch.cat([z[:, 0], z[:, 1]]), dim=1)
+    per_anchor = []
+    for i in range(12):
+        others = [j for j in range(12) if j != i]
+        log_denominator = torch.logsumexp(torch.stack([rows[i] @ rows[j] / temperature for j in others]), 0)
+        positive = (i + 6) % 12
+        per_anchor.append(-(temperature / 0.07) * (rows[i] @ rows[positive] / temperature - log_denominator))
+    reference = torch.stack(per_anchor).mean()
+    torch.testing.assert_close(ContrastiveLoss(temperature=temperature)(z), reference)
+    torch.testing.assert_close(nt_xent(z, temperature), reference)
+    plain = ContrastiveLoss(temperature=temperature, base_temperature=temperature)(z)
+    torch.testing.assert_close(plain, reference * 0.07 / temperature)
+    assert torch.equal(ContrastiveLoss()(z), nt_xent(z, 0.07, True, 0.07))  # the default: factor exactly 1
+    with pytest.raises(InvalidInputError, match="base_temperature"):
+        ContrastiveLoss(base_temperature=0.0)
+    with pytest.raises(InvalidInputError, match="temperature"):
+        ContrastiveLoss(temperature=-0.5)
+
+
 def test_running_moments_equal_the_concatenated_batch():
     g = torch.Generator().manual_seed(0)
     parts = [torch.randn(n, 6, generator=g) * 3 + 1 for n in (5, 1, 9)]

@@ -385,6 +385,10 @@ def test_compare_contract_keys_map_onto_the_config():
         E.eval_config({"engine": "tent"}, ["engine.optimization.num_stepz=3"])
     with pytest.raises(ConfigError, match="lr must be a number >= 0, got -1"):
         E.eval_config({"engine": {"name": "eata", "optimization": {"lr": -1}}})
+    # Nesterov momentum (the official ActMAD step) needs SGD: refused with TENT's Adam before any training
+    assert E.eval_config({"engine": {"name": "eata", "optimization": {"nesterov": True}}})
+    with pytest.raises(ConfigError, match="nesterov=True needs optimizer_name='sgd'"):
+        E.eval_config({"engine": {"name": "tent", "optimization": {"nesterov": True}}})
 
 
 def test_default_out_dir_is_one_folder_per_profile(smoke_run, tmp_path, monkeypatch):

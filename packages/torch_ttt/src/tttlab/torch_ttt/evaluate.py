@@ -84,7 +84,7 @@ from tttlab.core.torch import Dist, init_distributed  # noqa: F401  (re-exported
 
 from . import train as T
 from .checkpoints import build_reference, pretrained_state
-from .engine.base_engine import OptimizationParameters, Reset
+from .engine.base_engine import OptimizationParameters, Reset, build_optimizer
 from .engine_registry import EngineRegistry, get_engine
 from .models import MODELS, ModelInfo, model_info
 from .precision import check_amp, check_compile, compile_kwargs
@@ -236,7 +236,8 @@ def eval_config(cfg: Mapping | None = None, overrides: list[str] | None = None) 
             raise ConfigError(f"{key}={value!r}: expected {expected}")
     # unknown keys and bad values of engine.optimization fail now, not after training the model
     given = {k: v for k, v in (c["engine"]["optimization"] or {}).items() if v is not None}
-    OptimizationParameters(given, defaults=get_engine(c["engine"]["name"]).optimization_defaults)
+    settings = OptimizationParameters(given, defaults=get_engine(c["engine"]["name"]).optimization_defaults)
+    build_optimizer([torch.zeros(1, requires_grad=True)], settings)  # combinations (nesterov needs sgd)
     # so do misspelt engine arguments (they failed only once the model was trained: minutes)
     T.check_engine_kwargs(c["engine"]["name"], c["engine"]["kwargs"])
     if c["train_engine"] != "auto" and c["train_engine"] not in EngineRegistry.names():

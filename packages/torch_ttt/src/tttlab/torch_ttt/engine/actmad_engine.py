@@ -13,15 +13,21 @@ and is invisible to Adam).  All model parameters adapt (as the paper and upstrea
 eval mode, so BatchNorm layers normalise with their stored statistics (the official script sets every
 BatchNorm layer to eval during adaptation) and dropout is off.
 
-Against the official CIFAR script (jmiemirza/ActMAD ``actmad_cifar``), deliberately: it hooks the output
-of every ``BatchNorm2d`` layer (here: the layers you name, as torch-ttt); its clean variance is the mean
-of per-batch unbiased variances (here: the variance over all calibration samples; both estimate the same
+Against the official CIFAR script (jmiemirza/ActMAD ``actmad_cifar``), deliberately: it hooks the output of
+every ``BatchNorm2d`` layer (here: the layers you name, as torch-ttt); its clean variance is the mean of
+per-batch unbiased variances (here: the variance over all calibration samples; both estimate the same
 quantity); it runs the model in train mode with the BatchNorm layers in eval mode (dropout active; here
-everything in eval mode); it adapts online within a corruption (reset per domain) with SGD (Nesterov,
-momentum 0.9, weight decay 5e-4), while the defaults here are torch-ttt's (3 Adam steps at 1e-2, reset
-per batch; ``evaluate.py`` maps the benchmark setting onto the reset policy).  That script also scores
-the whole test set after every adapted batch and reports the *minimum* error over those evaluations (a
-choice made with the labels); ``evaluate.py`` scores each batch's prediction once, as it streams.
+everything in eval mode); the batches it adapts on are the test images under the *training* transform (random
+crop and flip: ``get_loader(..., use_tr_transform=True)``) while it predicts on the plain test images, and its
+clean statistics come from the training loader with the same augmentation (here: the batches given,
+un-augmented, in both places); it adapts online within a corruption (reset per domain) with one SGD step per
+batch (its defaults: batch 128, lr 1e-2 on CIFAR-10 and 1e-3 on CIFAR-100; Nesterov, momentum 0.9, weight
+decay 5e-4; with its 0.5 factor folded in, CIFAR-10's step is ``{"optimizer_name": "sgd", "lr": 5e-3,
+"weight_decay": 1e-3, "momentum": 0.9, "nesterov": True, "num_steps": 1, "reset": "per_domain"}`` here), while
+the defaults here are torch-ttt's (3 Adam steps at 1e-2, reset per batch; ``evaluate.py`` maps the benchmark
+setting onto the reset policy). That script also scores the whole test set after every adapted batch and
+reports the *minimum* error over those evaluations (a choice made with the labels); ``evaluate.py`` scores
+each batch's prediction once, as it streams.
 
 Training statistics: ``engine.compute_statistics(batches)`` (eval mode, float64 pairwise accumulation,
 no stacking of all activations as upstream did); train-mode forwards also accumulate them (model in

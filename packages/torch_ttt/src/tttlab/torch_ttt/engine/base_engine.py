@@ -85,6 +85,7 @@ DEFAULT_OPTIMIZATION: dict[str, Any] = {
     "optimizer_name": "adam",
     "reset": Reset.PER_BATCH,
     "momentum": 0.9,
+    "nesterov": False,
     "weight_decay": 0.0,
     "betas": (0.9, 0.999),
 }
@@ -129,6 +130,8 @@ class OptimizationParameters(dict):
             isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf
         ):  # NaN fails the comparison too
             raise ConfigError(f"{key} must be a number >= 0, got {value!r}")
+        if key == "nesterov" and not isinstance(value, bool):
+            raise ConfigError(f"nesterov must be True or False, got {value!r}")
         if key == "betas" and (
             isinstance(value, (str, bytes))
             or not isinstance(value, Sequence)
@@ -155,13 +158,22 @@ class OptimizationParameters(dict):
 
 
 def build_optimizer(params: list[torch.Tensor], settings: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """Adam / SGD (momentum) / AdamW over ``params`` with the engine's settings (foreach kernels)."""
+    """Adam / SGD (momentum, optionally Nesterov's: the official ActMAD step and the official TENT code's
+    SGD option) / AdamW over ``params`` with the engine's settings (foreach kernels)."""
     name, lr, wd = settings["optimizer_name"], float(settings["lr"]), float(settings["weight_decay"])
+    nesterov = bool(settings.get("nesterov", False))
+    if nesterov and (name != "sgd" or float(settings["momentum"]) <= 0):
+        raise ConfigError(
+            f"nesterov=True needs optimizer_name='sgd' and momentum > 0, got optimizer_name={name!r}, "
+            f"momentum={settings['momentum']!r}"
+        )
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=tuple(settings["betas"]), weight_decay=wd, foreach=True)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=tuple(settings["betas"]), weight_decay=wd, foreach=True)
-    return torch.optim.SGD(params, lr=lr, momentum=float(settings["momentum"]), weight_decay=wd, foreach=True)
+    return torch.optim.SGD(
+        params, lr=lr, momentum=float(settings["momentum"]), weight_decay=wd, nesterov=nesterov, foreach=True
+    )
 
 
 def find_module(model: nn.Module, name: str) -> nn.Module:
@@ -395,6 +407,7 @@ class BaseEngine(nn.Module):
             float(settings["lr"]),
             tuple(settings["betas"]),
             float(settings["momentum"]),
+            bool(settings["nesterov"]),
             float(settings["weight_decay"]),
         )
         if self.optimizer is None or getattr(self, "_optimizer_key", None) != key:
@@ -429,28 +442,28 @@ class BaseEngine(nn.Module):
 
 class PredictBeforeUpdate:
     """Mix-in (before :class:`BaseEngine`) for the entropy engines' ``predict_before_update=True`` (TENT, EATA,
-    DeYO): a batch's prediction is the logits of the forward that computed its first adaptation loss, i.e.
-    before the update, as those methods' upstream code reports it, with no second forward.  The engine calls
-    :meth:`_keep_first` with those logits in its ``adapt_loss``; they are dropped when the batch is done,
-    also when it fails."""
+    DeYO): a batch's prediction is the logits of the forward that computed its *last* adaptation loss, i.e.
+    the model before the batch's last update, as those methods' official code reports it (their loop
+    ``for _ in range(steps): outputs = forward_and_adapt(...)`` returns the last step's forward; with one
+    step, the model before any update), with no second forward.  The engine calls :meth:`_keep_outputs`
+    with those logits in its ``adapt_loss``; they are dropped when the batch is done, also when it fails."""
 
     predict_before_update: bool = False
-    _first_outputs: torch.Tensor | None = None
+    _adapt_outputs: torch.Tensor | None = None
 
-    def _keep_first(self, outputs: torch.Tensor) -> None:
-        if self._first_outputs is None:
-            self._first_outputs = outputs.detach()
+    def _keep_outputs(self, outputs: torch.Tensor) -> None:
+        self._adapt_outputs = outputs.detach()  # each step replaces the previous step's logits
 
     def predict(self, inputs, **kwargs):
-        if self.predict_before_update and self._first_outputs is not None:
-            return self._first_outputs
+        if self.predict_before_update and self._adapt_outputs is not None:
+            return self._adapt_outputs
         return super().predict(inputs, **kwargs)
 
     def forward(self, inputs, **kwargs):
         if self.training:
             return self.ttt_forward(inputs, **kwargs)
-        self._first_outputs = None
+        self._adapt_outputs = None
         try:
             return super().forward(inputs, **kwargs)
         finally:
-            self._first_outputs = None
+            self._adapt_outputs = None

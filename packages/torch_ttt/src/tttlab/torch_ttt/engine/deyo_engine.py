@@ -22,7 +22,10 @@ The official ``collect_params`` (taken over from SAR) also leaves out, by module
 those architectures' names and is not reproduced here: restrict ``adapted_parameters`` in a subclass to
 match it on such models.  Defaults are the official ``config.py``'s (``plpd_threshold`` 0.2, ``deyo_margin``
 0.5, ``deyo_margin_e0`` 0.4, ``patch_len`` 4, both re-weightings on); its script ``exp_deyo.sh`` uses
-``plpd_thresh=0.3`` for the BatchNorm ResNet-50 in the mild (i.i.d.) ImageNet-C setting.
+``plpd_thresh=0.3`` for the BatchNorm ResNet-50 in the mild (i.i.d.) ImageNet-C setting.  The official
+``main.py`` builds a fresh model and optimizer for every corruption (``reset="per_domain"`` here; the
+default is torch-ttt's ``"per_batch"``) and puts the whole model in train mode, so dropout, where a model
+has it, is active in its forwards; here every layer but the BatchNorm statistics stays in eval mode.
 
 Differences from torch-ttt 0.0.2 and why:
 
@@ -41,8 +44,8 @@ Differences from torch-ttt 0.0.2 and why:
   ``generator`` (a ``torch.Generator``) or the global torch RNG, so runs are reproducible under a seed;
 * defaults ``num_steps=1``, SGD lr 2.5e-4 momentum 0.9 (the paper's ImageNet setting, batch 64;
   upstream: its generic 3 Adam steps at 1e-2); the prediction is made after the update steps as upstream
-  torch-ttt (the official code returns the outputs of the forward that computed the loss:
-  ``predict_before_update=True``, which also saves that forward);
+  torch-ttt (the official code returns the outputs of the forward that computed the loss, the last
+  step's when ``steps > 1``: ``predict_before_update=True`` returns the same, and also saves that forward);
 * train mode returns ``(outputs, DeYO loss)`` with the shuffled forward run under batch statistics, so it
   does not pollute BatchNorm running statistics.
 """
@@ -193,7 +196,7 @@ class DeYOEngine(PredictBeforeUpdate, BaseEngine):
 
     def adapt_loss(self, inputs, **kwargs):
         outputs = full_precision(self.model(inputs))
-        self._keep_first(outputs)
+        self._keep_outputs(outputs)
         loss, n_ent, n_plpd = self.deyo_loss(inputs, outputs)
         self.last_selected = (n_ent, n_plpd)
         return loss

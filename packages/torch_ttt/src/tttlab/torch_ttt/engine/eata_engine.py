@@ -17,7 +17,8 @@ Algorithm (one adaptation step, normalisation layers using the test batch's stat
 
 Only the affine parameters of the normalisation layers (BatchNorm, GroupNorm, LayerNorm, InstanceNorm)
 are adapted; the moving average ``m`` is an adapted buffer (``current_model_probs``), so ``reset()``
-restores it with the parameters.
+restores it with the parameters.  The official code puts the whole model in train mode (dropout, where
+a model has it, active); here every layer but the BatchNorm statistics stays in eval mode.
 
 Differences from torch-ttt 0.0.2 and why:
 
@@ -57,8 +58,8 @@ Differences from torch-ttt 0.0.2 and why:
 * ``fishers`` keys are the engine's parameter names (``model.<name>``, what :meth:`compute_fishers`
   returns); upstream's keys (the model's own names) are accepted too.
 * the prediction is made after the update steps, as upstream torch-ttt (the official code returns the
-  outputs of the forward that computed the loss: ``predict_before_update=True``, which also saves that
-  forward).
+  outputs of the forward that computed the loss, the last step's when ``steps > 1``:
+  ``predict_before_update=True`` returns the same, and also saves that forward).
 * train mode returns ``(outputs, entropy-filtered weighted entropy)`` without touching the moving average.
 """
 
@@ -264,7 +265,7 @@ class EataEngine(PredictBeforeUpdate, BaseEngine):
 
     def adapt_loss(self, inputs, **kwargs):
         outputs = full_precision(self.model(inputs))
-        self._keep_first(outputs)
+        self._keep_outputs(outputs)
         idx, ent, weights, probs = self.select(outputs)
         with torch.no_grad():
             self.current_model_probs = update_model_probs(self.current_model_probs, probs.detach())

@@ -20,10 +20,12 @@ Differences from torch-ttt 0.0.2 and why:
   image's own views.  ``per_sample=False`` (upstream's computation, much faster) builds the n*B views of
   a batch of n images and runs ONE forward; the loss is the mean over images of each image's marginal
   entropy (in log space), one shared update for the batch; with BatchNorm the test statistics are then
-  those of all images' views together.  ``per_sample_bn`` is accepted as another name for ``per_sample``;
+  those of all images' views together, and the prediction's those of the n images (the MEMO code: the
+  one image, mixed with the source statistics).  ``per_sample_bn`` is another name for ``per_sample``;
 * every view has its own random augmentation (upstream applied one random transform to the whole batch);
 * all parameters adapt (the paper), one SGD step by default (lr 1e-3, momentum 0.9, which for one step
-  from a reset state is plain SGD; the MEMO code used SGD lr 2.5e-4 with 64 views for ResNet-50 on
+  from a reset state is plain SGD; the MEMO code's SGD has no momentum, so with ``num_steps > 1`` pass
+  ``momentum=0`` to take its steps; the MEMO code used SGD lr 2.5e-4 with 64 views for ResNet-50 on
   ImageNet and lr 5e-3 with 32 views for the GroupNorm ResNet-26 on CIFAR-10; 8 views here by default,
   for cost), no ``print``, no deep copy;
 * augmentations (``augmentations=``): ``None``/``"geometric"`` (default) an AugMix-style mixture of random

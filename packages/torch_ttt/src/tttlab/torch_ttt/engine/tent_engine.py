@@ -11,8 +11,9 @@ statistics because it only set ``track_running_stats=False`` with buffers still 
 type (upstream: BatchNorm2d only); nothing in the model is mutated permanently (``requires_grad`` and
 running statistics are left alone; the engine selects what it optimises), so ``reset`` is exact.
 As in upstream the returned prediction is made after the update steps (the official TENT code returns the
-logits of the forward that computed the loss, i.e. before its update: ``predict_before_update=True``,
-which then skips the prediction forward: one forward and one backward per batch).
+logits of the forward that computed the loss, i.e. before its update; with ``steps > 1`` the last
+step's forward, after ``steps - 1`` updates: ``predict_before_update=True`` returns the same, and skips
+the prediction forward: one forward and one backward per batch and step).
 
 Against the official code (DequanWang/tent), deliberately: it adapts ``BatchNorm2d`` only (we take every
 norm type, the same thing on BatchNorm2d models); it puts the whole model in train mode, so dropout is
@@ -28,7 +29,7 @@ from __future__ import annotations
 from tttlab.core.errors import InvalidInputError
 
 from ..engine_registry import EngineRegistry
-from ..norm import batch_statistics, entropy, norm_affine_parameters, norm_layers
+from ..norm import batch_statistics, batchnorm_layers, entropy, norm_affine_parameters, norm_layers
 from .base_engine import BaseEngine, PredictBeforeUpdate
 
 __all__ = ["TentEngine"]
@@ -40,7 +41,6 @@ class TentEngine(PredictBeforeUpdate, BaseEngine):
     ImageNet/CIFAR setting ... upstream torch-ttt's generic defaults were 3 steps at 1e-2)."""
 
     optimization_defaults = {"num_steps": 1, "lr": 1e-3}
-    min_batch = 2
     batch_statistics_always = True
 
     def __init__(self, model, optimization_parameters=None, predict_before_update: bool = False):
@@ -51,6 +51,9 @@ class TentEngine(PredictBeforeUpdate, BaseEngine):
                 f"{type(model).__name__} has none"
             )
         self.predict_before_update = predict_before_update
+        # batch statistics need 2 samples; GroupNorm/LayerNorm models adapt on single images (batch size 1,
+        # the DeYO/SAR papers' setting for TENT), as EATA and DeYO here
+        self.min_batch = 2 if batchnorm_layers(model) else 1
 
     def adapted_parameters(self):
         return norm_affine_parameters(self.model)
@@ -64,5 +67,5 @@ class TentEngine(PredictBeforeUpdate, BaseEngine):
 
     def adapt_loss(self, inputs, **kwargs):
         outputs, loss = self.ttt_forward(inputs, **kwargs)
-        self._keep_first(outputs)  # predict_before_update: the prediction, with no second forward pass
+        self._keep_outputs(outputs)  # predict_before_update: the prediction, with no second forward pass
         return loss

@@ -39,14 +39,21 @@ Against the official code (yueatsprograms/ttt_cifar_release), deliberately, for 
 * the official "standard" TTT adapts on ONE test image at a time: 32 copies of it with the training
   augmentation (random crop and flip), each with one random rotation (``rotate_batch(..., 'rand')``;
   ``'expand'`` is only used there to measure the rotation error, and joint training also defaults to
-  ``'rand'``), one SGD step at lr 1e-3 (3 or 10 in its "medium"/"slow" settings), reset per image
-  ("online": never reset).  Here the batch's own images are rotated, without extra augmentation, with the
-  engine's optimizer settings (torch-ttt's 3 Adam steps at 1e-2 by default) and the reset policy;
+  ``'rand'``), one plain SGD step at lr 1e-3 (no momentum, no weight decay; 3 or 10 steps in its
+  "medium"/"slow" settings), reset per image ("online": never reset; ``optimizer_name="sgd",
+  momentum=0, lr=1e-3, num_steps=1`` are its step).  Here the batch's own images are rotated, without
+  extra augmentation, with the engine's optimizer settings (torch-ttt's 3 Adam steps at 1e-2 by default)
+  and the reset policy;
 * its optimizer covers the extractor *and* the rotation head (``ssh.parameters()``) unless ``--fix_ssh``;
   here the head stays fixed (the paper's formulation and torch-ttt's);
 * with BatchNorm it adapts in train mode (batch statistics, running statistics updated); here the model
   stays in eval mode, so BatchNorm layers use their stored statistics during adaptation and prediction.
   The paper's main CIFAR results use GroupNorm, where the two agree.
+* its rotation head is a copy of the network's own layers after the split (ResNet-26 shared up to
+  ``layer2``; the head: a copy of ``layer3``, the final norm, ReLU, average pooling and a
+  ``Linear(64 * width, 4)``), trained jointly with weight 1 on the rotation loss; the default head here is
+  torch-ttt's small one (see :func:`build_angle_head`): pass ``angle_head=`` (e.g. such a copy) for the
+  official construction.
 """
 
 from __future__ import annotations

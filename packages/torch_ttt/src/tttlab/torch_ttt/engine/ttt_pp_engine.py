@@ -47,6 +47,9 @@ deliberately, to keep torch-ttt's online per-batch API and its defaults:
   ``scale_*`` (torch-ttt's 0.1), so their balance depends on the feature scale;
 * its SupCon temperature is 0.5; the default here is torch-ttt's 0.07 (``ContrastiveLoss(temperature=)``
   as ``contrastive_criterion`` changes it; the jointly trained head must be trained with the same value).
+  Both its ``SupConLoss`` and torch-ttt's ``ContrastiveLoss`` multiply the loss by ``temperature /
+  base_temperature`` (base 0.07: 7.1 at 0.5), and so does ``ContrastiveLoss`` here, so the contrastive
+  term keeps the official weight against the alignment terms at any temperature.
   The CORAL term (``||C_s - C_t||_F^2 / (4 d^2)``, unbiased covariances) and the mean term
   (``mean((mu_s - mu_t)^2)``) are the official formulas; the head is fixed as with its ``--fix_ssh``.
 """
@@ -78,10 +81,14 @@ from .base_engine import BaseEngine, FeatureHook, check_batch, find_module
 __all__ = ["ContrastiveLoss", "TTTPPEngine", "iterate_inputs", "nt_xent"]
 
 
-def nt_xent(features: torch.Tensor, temperature: float = 0.07, normalize: bool = True) -> torch.Tensor:
+def nt_xent(
+    features: torch.Tensor, temperature: float = 0.07, normalize: bool = True, base_temperature: float = 0.07
+) -> torch.Tensor:
     """SimCLR's NT-Xent loss. ``features``: ``(batch, views, dim)``; every view of an image is a positive
     of the others, every other row a negative; the mean over anchors of minus the mean log-probability of
-    the positives (equals SupCon with no labels and ``base_temperature == temperature``)."""
+    the positives, times ``temperature / base_temperature``: SupCon's loss with no labels (Khosla et al.'s
+    ``SupConLoss``, which the TTT++ code and torch-ttt's ``ContrastiveLoss`` use, with the same default
+    ``base_temperature`` 0.07; at the default temperature the factor is exactly 1)."""
     if features.ndim < 3:
         raise InvalidInputError(
             f"contrastive features must be (batch, views, dim), got {tuple(features.shape)}"
@@ -99,19 +106,25 @@ def nt_xent(features: torch.Tensor, temperature: float = 0.07, normalize: bool =
     log_prob = logits.log_softmax(dim=1)
     image = torch.arange(v * b, device=z.device) % b
     positive = (image.view(-1, 1) == image.view(1, -1)) & ~eye
-    return -(log_prob.masked_fill(~positive, 0.0).sum(dim=1) / (v - 1)).mean()
+    loss = -(log_prob.masked_fill(~positive, 0.0).sum(dim=1) / (v - 1)).mean()
+    return loss if temperature == base_temperature else loss * (temperature / base_temperature)
 
 
 class ContrastiveLoss(nn.Module):
     """Module form of :func:`nt_xent` (upstream's ``ContrastiveLoss`` call signature: ``(batch, views,
-    dim)`` features, no labels)."""
+    dim)`` features, no labels).  ``base_temperature`` (default 0.07, as upstream's and the TTT++ code's
+    ``SupConLoss``) scales the loss by ``temperature / base_temperature``: ``ContrastiveLoss(temperature=0.5)``
+    is the TTT++ code's ``SupConLoss(temperature=0.5)``, 0.5 / 0.07 = 7.1 times the plain NT-Xent."""
 
-    def __init__(self, temperature: float = 0.07, normalize: bool = True):
+    def __init__(self, temperature: float = 0.07, normalize: bool = True, *, base_temperature: float = 0.07):
         super().__init__()
-        self.temperature, self.normalize = temperature, normalize
+        for name, value in (("temperature", temperature), ("base_temperature", base_temperature)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise InvalidInputError(f"ContrastiveLoss: {name} must be a number > 0, got {value!r}")
+        self.temperature, self.normalize, self.base_temperature = temperature, normalize, base_temperature
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return nt_xent(features, self.temperature, self.normalize)
+        return nt_xent(features, self.temperature, self.normalize, self.base_temperature)
 
 
 def iterate_inputs(batches: Iterable, device) -> Iterable[torch.Tensor]:
