@@ -14,8 +14,15 @@ for MEMO members, TPT members' views fixed per image as in TPT); prediction: the
 members' logits on their original view (n = 1).  ``simple=True`` is the "simple ensemble": the combination
 over the views with no backpropagation, argmax of m.
 
-The weights w_i are constants in the backward pass (seed 002 computes them under ``no_grad``).
-Deviation: each member draws its own views (its own resolution and normalisation).
+The weights w_i are constants in the backward pass (seed 002 computes them under ``no_grad``).  Each
+member draws its own views (its own resolution and normalisation), as seed 002's members read the image
+through their own data transforms.
+
+Deviation (an upstream bug not reproduced): seed 002's ``Ensemble.forward`` first runs every member's own
+``predict`` (the single-model results: a zero_grad, backward and step of the member alone), then resets the
+weights and optimizers, which leaves the members' ``.grad`` in place, and its ensemble backward adds to them:
+each member's ensemble step there is the sum of its own single-model gradient and the ensemble's.  Here the
+step uses the ensemble loss's gradient only (the simple ensemble, with no backward, is the same in both).
 """
 
 from __future__ import annotations
