@@ -138,3 +138,25 @@ def test_memo_include_original_puts_the_clean_view_first(bn_net, image):
     assert abs(loss - float(want)) < 1e-6
     one = Memo(copy.deepcopy(bn_net), n_augmentations=1, include_original=True, **kw)
     torch.testing.assert_close(one.views(image), one.original(image), rtol=0, atol=0)
+
+
+def test_ensemble_keeps_a_tpt_member_s_step_0_selection(tiny_clip, image):
+    """Over several ensemble steps a TPT member tunes on the views it selected at step 0 (TPT's and seed 002's
+    ``EasyTPT.selected_idx``, which its ensemble loop keeps), not a re-selection with the updated prompt."""
+    kw = dict(n_views=24, selection=0.25, lr=0.5, seed=3)
+    tpt = TPT(tiny_clip, NAMES, **kw)
+    ref = TPT(copy.deepcopy(tiny_clip), NAMES, **kw)
+    views = ref.views(image)  # the views the ensemble's member draws (same seed)
+    with torch.no_grad():
+        sel0 = ref.select(ref.logits(views))
+    reselected = []
+    for _ in range(3):
+        z = ref.logits(views)
+        reselected.append(set(ref.select(z.detach()).tolist()))
+        m, _ = combine([z[sel0]], [0.7])
+        ref.optimizer.zero_grad()
+        ensemble_loss(m).backward()
+        ref.optimizer.step()
+    assert any(r != set(sel0.tolist()) for r in reselected)  # the test tells the two rules apart
+    Ensemble([tpt], [0.7], steps=3)(image)
+    torch.testing.assert_close(tpt.prompts.ctx, ref.prompts.ctx)
