@@ -532,3 +532,19 @@ def test_photos_run_shows_progress(capsys):
     err = capsys.readouterr().err
     assert "photos" in err and "1/1" in err and "contrast-5" in err, err[-300:]
     assert len(rows) == 1 and 0.0 <= rows[0]["memo"] <= 1.0 and len(names) == 8
+
+
+def test_imagenet_sketch_in_tpt_s_folder_name(tmp_path):
+    """TPT reads ImageNet-Sketch from ``<data_root>/ImageNet-Sketch/<wnid>/`` (its ``ID_to_DIRNAME``): that
+    folder under ``datasets_root`` is found (it was a DatasetLayoutError: the root taken as the class folder)."""
+    from tttlab.core import testing
+    from tttlab.memo_tpt import data as D
+
+    made = testing.make_imagenet_a(tmp_path / "ImageNet-Sketch", n_per_class=1)
+    ds = D.load_test_set("imagenet_sketch", tmp_path)
+    assert D.resolve_root("imagenet_sketch", tmp_path) == made
+    from tttlab.core.data.imagenet import imagenet_wnids
+
+    wnids = sorted(p.name for p in made.iterdir() if p.is_dir())  # 3 classes x 1 image, among the 1000
+    assert ds.num_classes == 1000 and len(ds) == len(wnids) == 3
+    assert [int(ds[i][1]) for i in range(len(ds))] == [imagenet_wnids().index(w) for w in wnids]

@@ -115,3 +115,48 @@ def test_views_are_flipped_about_half_of_the_time():
     assert 4 <= sum(mirrored) <= 20
     views = A.make_views(img.numpy(), 8, 32, generator=torch.Generator().manual_seed(1), flip=False, **kw)
     assert all(torch.allclose(v, x, atol=1.01 / 255) for v in views)
+
+
+def test_memo_include_original_puts_the_clean_view_first(bn_net, image):
+    """Seed 002's EasyMemo adapts on its data loader's list: the clean test view (Resize(256) + CenterCrop, the
+    view it predicts on) followed by ``augs - 1`` crops, the loss over all of them.  ``include_original``: the
+    same B views (the clean one first, then the B - 1 crops the generator would draw), the same loss."""
+    kw = dict(size=16, seed=3, augmentation="cut", optimizer="sgd", lr=0.1)
+    a = Memo(copy.deepcopy(bn_net), n_augmentations=8, include_original=True, **kw)
+    b = Memo(copy.deepcopy(bn_net), n_augmentations=7, **kw)
+    views = a.views(image)
+    assert views.shape == (8, 3, 16, 16)
+    torch.testing.assert_close(views[:1], b.original(image), rtol=0, atol=0)
+    crops = b.views(image)
+    torch.testing.assert_close(views[1:], crops, rtol=0, atol=0)
+    # adapt: the marginal entropy over the clean view and the crops (fresh draws: reset both generators)
+    a.generator.manual_seed(3)
+    b.generator.manual_seed(3)
+    (loss,) = a.adapt(image)
+    with torch.no_grad():
+        want = marginal_entropy(b.logits(torch.cat([b.original(image), b.views(image)])))
+    assert abs(loss - float(want)) < 1e-6
+    one = Memo(copy.deepcopy(bn_net), n_augmentations=1, include_original=True, **kw)
+    torch.testing.assert_close(one.views(image), one.original(image), rtol=0, atol=0)
+
+
+def test_ensemble_keeps_a_tpt_member_s_step_0_selection(tiny_clip, image):
+    """Over several ensemble steps a TPT member tunes on the views it selected at step 0 (TPT's and seed 002's
+    ``EasyTPT.selected_idx``, which its ensemble loop keeps), not a re-selection with the updated prompt."""
+    kw = dict(n_views=24, selection=0.25, lr=0.5, seed=3)
+    tpt = TPT(tiny_clip, NAMES, **kw)
+    ref = TPT(copy.deepcopy(tiny_clip), NAMES, **kw)
+    views = ref.views(image)  # the views the ensemble's member draws (same seed)
+    with torch.no_grad():
+        sel0 = ref.select(ref.logits(views))
+    reselected = []
+    for _ in range(3):
+        z = ref.logits(views)
+        reselected.append(set(ref.select(z.detach()).tolist()))
+        m, _ = combine([z[sel0]], [0.7])
+        ref.optimizer.zero_grad()
+        ensemble_loss(m).backward()
+        ref.optimizer.step()
+    assert any(r != set(sel0.tolist()) for r in reselected)  # the test tells the two rules apart
+    Ensemble([tpt], [0.7], steps=3)(image)
+    torch.testing.assert_close(tpt.prompts.ctx, ref.prompts.ctx)

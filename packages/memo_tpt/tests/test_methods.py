@@ -480,7 +480,8 @@ def test_align_steps_restore_visual(tiny_clip, image):
 def test_align_steps_as_seed_002(image):
     """Seed 002's alignment: views selected once with the initial prompt, the visual encoder trained in
     training mode (BatchNorm on the selected views' statistics) on 1 - mean of all pairwise cosine
-    similarities (diagonal included), then one prompt step on the same selected views."""
+    similarities (diagonal included), one more training-mode forward after the steps (seed 002's "distance
+    after": the running statistics take one more update), then one prompt step on the same selected views."""
     from tttlab.memo_tpt.models import build_clip
 
     torch.manual_seed(0)
@@ -502,6 +503,8 @@ def test_align_steps_as_seed_002(image):
     f = F.normalize(ref.encode_image((views[sel] - rt.mean) / rt.std), dim=-1)
     (1 - (f @ f.t()).mean()).backward()
     opt.step()
+    with torch.no_grad():
+        ref.encode_image((views[sel] - rt.mean) / rt.std)
     ref.visual.eval()
     for p in params:
         p.requires_grad_(False)

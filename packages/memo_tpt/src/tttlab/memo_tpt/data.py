@@ -5,7 +5,7 @@ Folders under ``datasets_root`` (seed 002's layout plus R and Sketch)::
     imagenet-a/<wnid>/*.jpg                                   200 classes (core imagenet_a, class_indices)
     imagenetv2-matched-frequency-format-val/<0..999>/*.jpeg   1000 classes, numeric folder order (core)
     imagenet-r/<wnid>/*.jpg                                   200 classes (core imagenet_r, class_indices)
-    sketch/<wnid>/*.JPEG  (or imagenet-sketch/...)            1000 classes (core imagenet reader)
+    sketch/<wnid>/*.JPEG  (or ImageNet-Sketch/..., TPT's name, imagenet-sketch/...)   1000 classes (core imagenet)
 
 Images are read at their own size (``transform=None``): TPT and MEMO crop their views from the full
 image, and the original view is the shorter side resized to the model's resolution + centre crop.
@@ -42,7 +42,7 @@ DATASETS = {
         "imagenet_v2",
     ),  # fmt: skip
     "imagenet_r": (("imagenet-r", "imagenet_r"), "imagenet_r"),
-    "imagenet_sketch": (("sketch", "imagenet-sketch", "imagenet_sketch"), "imagenet"),
+    "imagenet_sketch": (("sketch", "ImageNet-Sketch", "imagenet-sketch", "imagenet_sketch"), "imagenet"),
 }
 #: seed 002's ``data_to_test``
 DATA_TO_TEST = {"a": ["imagenet_a"], "v2": ["imagenet_v2"], "both": ["imagenet_a", "imagenet_v2"],

@@ -10,12 +10,23 @@ so a view with larger logits weighs more):
     m = sum_i w_i log p_i     loss = -sum_c exp(m_c) m_c
 
 One backward of the loss and a step of every member's optimizer (``steps`` times, fresh views each time
-for MEMO members, TPT members' views fixed per image as in TPT); prediction: the same combination of the
+for MEMO members, as MEMO's own steps; TPT members' views and their step-0 selection fixed per image, as TPT
+and seed 002's ``EasyTPT.selected_idx``); prediction: the same combination of the
 members' logits on their original view (n = 1).  ``simple=True`` is the "simple ensemble": the combination
 over the views with no backpropagation, argmax of m.
 
-The weights w_i are constants in the backward pass (seed 002 computes them under ``no_grad``).
-Deviation: each member draws its own views (its own resolution and normalisation).
+The weights w_i are constants in the backward pass (seed 002 computes them under ``no_grad``).  Each
+member draws its own views (its own resolution and normalisation), as seed 002's members read the image
+through their own data transforms.
+
+Deviation for ``steps > 1`` (seed 002 ran 1): seed 002's MEMO members adapt on the same views at every step
+(its data loader's fixed list), here on fresh views.
+
+Deviation (an upstream bug not reproduced): seed 002's ``Ensemble.forward`` first runs every member's own
+``predict`` (the single-model results: a zero_grad, backward and step of the member alone), then resets the
+weights and optimizers, which leaves the members' ``.grad`` in place, and its ensemble backward adds to them:
+each member's ensemble step there is the sum of its own single-model gradient and the ensemble's.  Here the
+step uses the ensemble loss's gradient only (the simple ensemble, with no backward, is the same in both).
 """
 
 from __future__ import annotations
@@ -104,8 +115,17 @@ class Ensemble:
                 m, self.last_weights = combine([self._member_logits(mb, views_of(mb)) for mb in self.members],
                                                self.temperatures)  # fmt: skip
             return m[None]
+        chosen: dict[int, torch.Tensor] = {}  # TPT members: the views selected at step 0, kept (as TPT)
         for _ in range(self.steps):
-            logits = [self._member_logits(mb, views_of(mb)) for mb in self.members]
+            logits = []
+            for mb in self.members:
+                z = mb.logits(views_of(mb))
+                if isinstance(mb, TPT):
+                    if id(mb) not in chosen:
+                        chosen[id(mb)] = mb.select(z)
+                    logits.append(z[chosen[id(mb)]])
+                else:
+                    logits.append(z[mb.select(z)])
             m, self.last_weights = combine(logits, self.temperatures)
             loss = ensemble_loss(m)
             for mb in self.members:

@@ -64,7 +64,10 @@ def check_selection(key: str, value) -> None:
 
 def select_confident(logits: torch.Tensor, fraction: float | int | None) -> torch.Tensor:
     """Indices of the ``fraction`` (float in (0, 1]) or ``fraction`` views (int) with the lowest entropy,
-    most confident first; all views when ``fraction`` is None or 1.0.  TPT keeps ``int(B * 0.1)``."""
+    most confident first; all views when ``fraction`` is None or 1.0.  TPT keeps ``int(B * 0.1)``; at least
+    one view is kept here (upstream TPT and seed 002 keep ``int(B * fraction)``, which is 0 views, a nan
+    loss, for B * fraction < 1, e.g. fewer than 10 views at 10%; the same for every B >= 1 / fraction).
+    Ties keep the view order (a stable sort; upstream's is not, so equal entropies may pick other views)."""
     n = logits.shape[0]
     if fraction is None or (isinstance(fraction, float) and fraction >= 1.0):
         return torch.arange(n, device=logits.device)

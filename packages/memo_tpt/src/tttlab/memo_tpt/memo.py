@@ -16,7 +16,9 @@ Optimizer per architecture family as in the paper and upstream's ``script_test_i
 (:data:`tttlab.memo_tpt.models.OPTIMIZERS`: SGD lr 2.5e-4 wd 0 for ResNets, AdamW lr 1e-5 wd 0.01 for RVT and
 ResNeXt).  ``class_indices`` restricts logits to a class subset (ImageNet-A/R's 200 classes, from core's
 ``class_indices``), for the loss and the prediction as upstream.  ``top_k`` keeps the most confident views
-(seed 002).
+(seed 002).  ``include_original`` makes the clean test view the first of the B views (seed 002's
+``EasyMemo``: its data loader returns the clean view followed by ``augs - 1`` crops, and the loss and the
+top-k selection run over all of them; upstream MEMO's B views are all augmented).
 
 Deviations (deliberate):
 
@@ -83,6 +85,9 @@ class Memo:
             to the family's paper values.
         top_k: keep this fraction (float) or number (int) of lowest-entropy views; ``None`` = all.
         augmentation: ``augmix`` (paper) or ``cut`` (seed 002: crop + flip only).
+        include_original: the clean test view (:meth:`original`) is the first of the ``n_augmentations``
+            views, followed by ``n_augmentations - 1`` augmented ones (seed 002's ``EasyMemo``); default
+            False: all B views augmented (MEMO).
         fill: what AugMix's rotate/shear/translate write outside the image: upstream MEMO passes PIL
             ``fillcolor=128``, which Pillow reads on RGB images as the packed colour (128, 0, 0) (on one-channel
             images: grey 128); the default reproduces that; ``0`` = AugMix's / TPT's black.
@@ -121,6 +126,7 @@ class Memo:
         scale: tuple[float, float] = (0.08, 1.0),
         test_resize: int | None = None,
         fill: int | Sequence[int] = (128, 0, 0),
+        include_original: bool = False,
         seed: int = 0,
         amp: str = "auto",
         compile: bool = False,
@@ -152,6 +158,7 @@ class Memo:
             scale,
         )
         self.fill = fill
+        self.include_original = bool(include_original)
         self.test_resize = round(size * 256 / 224) if test_resize is None else int(test_resize)
         if self.test_resize < size:
             raise ConfigError(f"test_resize={test_resize} must be >= size={size} (resize, then centre crop)")
@@ -185,11 +192,20 @@ class Memo:
 
     # -- pieces (also used by the ensemble) ----------------------------------------------------------------
     def views(self, image) -> torch.Tensor:
-        return A.make_views(
-            image, self.n_augmentations, self.size, include_original=False,
-            augmix_views=self.augmentation == "augmix", flip=self.flip, scale=self.scale,
-            severity=self.severity, generator=self.generator, device=self.device, fill=self.fill,
-        )  # fmt: skip
+        """The B views in [0, 1]: augmented ones, or with ``include_original`` the clean view first and
+        B - 1 augmented ones."""
+        k = self.n_augmentations - int(self.include_original)
+        crops = None
+        if k > 0:
+            crops = A.make_views(
+                image, k, self.size, include_original=False,
+                augmix_views=self.augmentation == "augmix", flip=self.flip, scale=self.scale,
+                severity=self.severity, generator=self.generator, device=self.device, fill=self.fill,
+            )  # fmt: skip
+        if not self.include_original:
+            return crops
+        clean = self.original(image)
+        return clean if crops is None else torch.cat([clean, crops])
 
     def original(self, image) -> torch.Tensor:
         """The clean test view in [0, 1]: shorter side to ``test_resize`` (bilinear) + centre crop ``size``."""

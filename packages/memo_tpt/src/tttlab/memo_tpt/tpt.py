@@ -22,10 +22,11 @@ Seed 002 additions (as its ``EasyTPT`` code): ``ensemble=True`` (view-ensemble):
 mean softmax over the selected views (``align_steps`` is not used in this mode, as in seed 002's
 ``predict``); ``align_steps=k``: the views are selected with the initial prompt, then k AdamW steps
 (lr 1e-4) on the visual encoder (all its parameters except a ResNet's ``attnpool``), in training mode (a
-ResNet CLIP's BatchNorm uses the selected views' statistics and updates its running ones), minimising
-``1 - mean cosine similarity`` over all pairs of the selected views' embeddings (the diagonal included, as
-seed 002's ``align_emb_loss``); prompt tuning then uses the same selected views; the visual encoder
-(parameters and buffers) is restored after each image.
+ResNet CLIP's BatchNorm uses the selected views' statistics and updates its running ones, once per step and
+once more in the training-mode forward seed 002 runs after its steps), minimising ``1 - mean cosine
+similarity`` over all pairs of the selected views' embeddings (the diagonal included, as seed 002's
+``align_emb_loss``); prompt tuning then uses the same selected views; the visual encoder (parameters and
+buffers) is restored after each image.
 
 Deviations: image features of the views are computed once per image (the visual encoder is frozen during
 prompt tuning, so this equals upstream's per-step recomputation and saves tts - 1 image passes); views
@@ -426,6 +427,10 @@ class TPT:
                 self._encode_text = compile_fn(self._encode_text, self.compile)
         self.generator = torch.Generator().manual_seed(int(seed))
         self._visual_params = [p for n, p in visual.named_parameters() if "attnpool" not in n]
+        #: BatchNorm layers that keep running statistics (a ResNet CLIP): training mode updates them
+        self._visual_bn = any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in visual.modules()
+        )
         self._visual_snapshot = (
             {k: v.detach().clone() for k, v in visual.state_dict().items()} if self.align_steps else None
         )
@@ -523,6 +528,12 @@ class TPT:
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
+            if self._visual_bn:
+                # seed 002's align_embeddings ends with one more training-mode forward of the selected views
+                # (its "distance after"): a BatchNorm's running statistics take one more update, at the
+                # aligned weights, before the prompt step and the prediction read them in eval mode
+                with torch.no_grad():
+                    self.image_features(views[selected])
         finally:
             self.model.visual.eval()
             for p in self._visual_params:
