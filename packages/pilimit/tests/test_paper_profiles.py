@@ -152,3 +152,23 @@ def test_imagenet32_labels_outside_1_to_1000_are_refused(tmp_path, labels):
     want = rf"train_data_batch_1: labels {min(labels)}\.\.{max(labels)}; expected .* 1\.\.1000"
     with pytest.raises(D.DatasetLayoutError, match=want):
         D.imagenet32(root, "train")
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_gclip_drop_with_lr_follows_the_lr_milestones_as_pilimit_orig(drop):
+    # pilimit_orig (the paper's code) clips with MultiStepGClip(gclip, lr milestones, lr_drop_ratio), so its
+    # clip drops with the lr; pilimit_lib (the default, and the paper_cifar10 command) keeps the fixed clip
+    c = train_config("paper_cifar10", ["data.root=/data", f"optim.gclip_drop_with_lr={str(drop).lower()}"])
+    small = {**c, "model": {**c["model"], "dtype": "float32", "r": 8}}
+    net = build_model(small, 3072, 10, "cpu")
+    opt, sched = build_optimizer(c, net, 10, 500)  # milestone: epoch 40 = step 400
+    for _ in range(399):
+        sched.step()
+    assert (opt.lr, opt.gclip) == pytest.approx((1.0, 0.4))
+    sched.step()
+    assert opt.lr == pytest.approx(0.15)
+    assert opt.gclip == pytest.approx(0.4 * 0.15 if drop else 0.4)
+    # a resumed scheduler restores both
+    opt2, sched2 = build_optimizer(c, net, 10, 500)
+    sched2.load_state_dict(sched.state_dict())
+    assert (opt2.lr, opt2.gclip) == pytest.approx((opt.lr, opt.gclip))
