@@ -106,6 +106,67 @@ def test_paper_omniglot_profile_is_the_upstream_maml_command():
     )  # fmt: skip
     assert (t["num_batches"], t["num_test_batches"]) == (1000, 500)
     assert t["adapt_readout_only"] and t["gproj_inner"] and t["gproj_outer"] and t["readout_zero_init"]
+    # flags the command leaves at meta/train.py's defaults (not the CIFAR-10 script's): no readout bias
+    # (--last-bias-alpha 0), --bias-lr-mult 1, readout alpha 1
+    assert (m["last_bias_alpha"], m["last_layer_alpha"], o["bias_lr_mult"]) == (0.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("experiment", ["paper_omniglot", "paper_omniglot_orig", "maml_mnist"])
+def test_maml_readout_has_no_bias_and_is_zero_before_adaptation(experiment):
+    # upstream: last_layer_lr_mult 0 + last_bias_alpha 0 + readout_zero_init = "readout fixed at zero before
+    # adaptation": the meta-trained net's logits are exactly zero for any input, and the bias group's lr is
+    # the meta lr (bias_lr_mult 1)
+    c = train_config(experiment, [] if experiment == "maml_mnist" else ["maml.root=/data"])
+    small = {**c, "model": {**c["model"], "dtype": "float32", "r": 8}}
+    net = build_model(small, 28 * 28, 5, "cpu")
+    assert net.output_layer.bias is None
+    x = torch.randn(4, 28 * 28)
+    assert torch.count_nonzero(net(x)) == 0
+    opt, _ = build_optimizer(c, net, 10, 20)
+    groups = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert groups["bias"] == pytest.approx(c["optim"]["lr"]) and groups["last"] == 0.0
+
+
+# pilimit_orig README commands behind the paper's other rows (CIFAR-10 finite pi-net / muP, Omniglot inf)
+ORIG = {
+    "paper_cifar10_finite": dict(
+        model=dict(kind="finite", width=2048, r=400, depth=2, bias_alpha=4.0, first_layer_alpha=0.125,
+                   last_layer_alpha=0.5),
+        optim=dict(lr=0.5, wd=1.6e-4, first_layer_lr_mult=0.2, last_layer_lr_mult=8.0, bias_lr_mult=0.5,
+                   apply_lr_mult_to_wd=False, gclip=3.2, gclip_per_param=True, gproj=True, scheduler="multistep",
+                   lr_drop_ratio=0.15, lr_drop_milestones=[35], gclip_drop_with_lr=True),
+        batch=32, epochs=50,
+    ),
+    "paper_cifar10_mup": dict(
+        model=dict(kind="mup", width=2048, depth=2, bias_alpha=4.0, first_layer_alpha=2.0, last_layer_alpha=0.25),
+        optim=dict(lr=1.0, wd=1.6e-4, first_layer_lr_mult=0.2, last_layer_lr_mult=16.0, bias_lr_mult=0.5,
+                   apply_lr_mult_to_wd=False, gclip=0.1, gclip_per_param=True, scheduler="multistep",
+                   lr_drop_ratio=0.15, lr_drop_milestones=[40], gclip_drop_with_lr=True),
+        batch=32, epochs=50,
+    ),
+    "paper_omniglot_orig": dict(
+        model=dict(kind="inf", r=400, depth=2, bias_alpha=1.414214, first_layer_alpha=1.0, last_layer_alpha=1.0,
+                   last_bias_alpha=0.0),
+        optim=dict(lr=32.0, first_layer_lr_mult=0.4, last_layer_lr_mult=0.0, bias_lr_mult=1.0, gclip=0.1,
+                   gclip_per_param=False, scheduler="cosine"),
+        maml=dict(num_ways=5, num_shots=1, num_shots_test=1, step_size=0.353553, meta_batch_size=8,
+                  num_batches=1000, num_test_batches=500, adapt_readout_only=True, gproj_inner=True,
+                  gproj_outer=True, readout_zero_init=True),
+        epochs=50,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("experiment", sorted(ORIG))
+def test_paper_orig_profiles_are_pilimit_origs_commands(experiment):
+    p = ORIG[experiment]
+    c = train_config(experiment, ["maml.root=/data"] if "maml" in p else ["data.root=/data"])
+    for section in ("model", "optim", "maml"):
+        if section in p:
+            assert {k: c[section][k] for k in p[section]} == pytest.approx(p[section]), section
+    assert c["train"]["epochs"] == p["epochs"]
+    if "batch" in p:
+        assert c["data"]["batch_size"] == p["batch"]
 
 
 def _imagenet32(root, labels):
@@ -152,3 +213,23 @@ def test_imagenet32_labels_outside_1_to_1000_are_refused(tmp_path, labels):
     want = rf"train_data_batch_1: labels {min(labels)}\.\.{max(labels)}; expected .* 1\.\.1000"
     with pytest.raises(D.DatasetLayoutError, match=want):
         D.imagenet32(root, "train")
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_gclip_drop_with_lr_follows_the_lr_milestones_as_pilimit_orig(drop):
+    # pilimit_orig (the paper's code) clips with MultiStepGClip(gclip, lr milestones, lr_drop_ratio), so its
+    # clip drops with the lr; pilimit_lib (the default, and the paper_cifar10 command) keeps the fixed clip
+    c = train_config("paper_cifar10", ["data.root=/data", f"optim.gclip_drop_with_lr={str(drop).lower()}"])
+    small = {**c, "model": {**c["model"], "dtype": "float32", "r": 8}}
+    net = build_model(small, 3072, 10, "cpu")
+    opt, sched = build_optimizer(c, net, 10, 500)  # milestone: epoch 40 = step 400
+    for _ in range(399):
+        sched.step()
+    assert (opt.lr, opt.gclip) == pytest.approx((1.0, 0.4))
+    sched.step()
+    assert opt.lr == pytest.approx(0.15)
+    assert opt.gclip == pytest.approx(0.4 * 0.15 if drop else 0.4)
+    # a resumed scheduler restores both
+    opt2, sched2 = build_optimizer(c, net, 10, 500)
+    sched2.load_state_dict(sched.state_dict())
+    assert (opt2.lr, opt2.gclip) == pytest.approx((opt.lr, opt.gclip))

@@ -4,8 +4,19 @@
 * ``tfds/<name>`` (e.g. ``tfds/imagenet2012`` prepared as array_record, read without TensorFlow):
   upstream's big_vision preprocessing re-implemented with Pillow/numpy: train = inception crop
   (area 5%-100%, aspect 3/4-4/3, bilinear resize) + horizontal flip + RandAugment(2, 10) (16 ops,
-  magnitude 10 of 10, fill 128; upstream's TF ops, ported); eval = resize the short side to 256 +
-  central crop 224.  ``value_range(-1, 1)`` on both.
+  magnitude 10 of 10, fill 128; upstream's TF ops, ported); eval = resize the short side to 256 (area
+  averaging, TF's ``method="area"`` of upstream's ``resize_small``) + central crop 224.
+  ``value_range(-1, 1)`` on both.
+
+Where the Pillow ops knowingly differ from upstream's TF ops (training augmentation only):
+* inception crop: TF's ``sample_distorted_bounding_box`` draws the aspect ratio uniformly in [0.75, 1.33]
+  and makes up to 100 attempts, and upstream resizes the crop bilinearly without antialiasing; here the
+  area is uniform, the aspect ratio log-uniform in [3/4, 4/3], 10 attempts, and Pillow's bilinear filter
+  (which antialiases when it shrinks);
+* Posterize keeps ``8 - int(M/10 * 4)`` bits; TF's op keeps ``int(M/10 * 4)`` bits, which is the same 4
+  bits at upstream's M = 10 but turns images black for M < 2.5 (an upstream quirk not copied);
+* Contrast blends towards the image's mean grey (PIL); TF's port blends towards the pixel count / 256
+  (a histogram-sum slip), a constant 196 for 224 x 224 images.
 
 Determinism: the order of an epoch is a permutation seeded by ``(seed, epoch)`` and every image's
 augmentation by ``(seed, epoch, position)``, so a resumed run sees exactly the batches an uninterrupted
@@ -60,12 +71,17 @@ def inception_crop(img: np.ndarray, size: int, rng: np.random.Generator, area=(0
 
 
 def resize_small_center_crop(img: np.ndarray, resize: int, crop: int) -> np.ndarray:
+    """Short side to ``resize`` by area averaging, then the central ``crop`` x ``crop``.
+
+    Upstream's ``resize_small(256)`` uses TF's ``method="area"`` (each output pixel is the mean of the input
+    area it covers); Pillow's ``BOX`` filter is that average (``BILINEAR`` would be a wider triangle filter).
+    """
     from PIL import Image
 
     h, w = img.shape[:2]
     s = resize / min(h, w)
     nh, nw = max(crop, int(round(h * s))), max(crop, int(round(w * s)))
-    pil = _pil(img).resize((nw, nh), Image.BILINEAR)
+    pil = _pil(img).resize((nw, nh), Image.BOX)
     top, left = (nh - crop) // 2, (nw - crop) // 2
     return _np(pil.crop((left, top, left + crop, top + crop)), img.shape[-1])
 

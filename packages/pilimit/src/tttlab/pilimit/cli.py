@@ -70,7 +70,7 @@ IGNORED: dict[str, bool] = {
     "--transfer": False, "--transfer-milestones": True,  # paper_transfer always evaluates the transfer at the end
     "--meta-momentum": True,  # PiSGD has no momentum (the paper's commands use 0)
 }  # fmt: skip
-MAML_EXPERIMENTS = ("paper_omniglot", "maml_mnist")
+MAML_EXPERIMENTS = ("paper_omniglot", "paper_omniglot_orig", "maml_mnist")
 
 
 def _value(flag: str, v: str) -> str:

@@ -19,8 +19,10 @@ Clipping (``gclip > 0``): by the norm of each would-be update — ``|grad|`` for
 (``gclip_per_param=True``) or globally; scale ``gclip / (norm + 1e-6)`` when below 1.  Non-finite
 gradients raise :class:`~tttlab.core.errors.InvalidInputError` before anything changes.
 
-Schedules (:class:`MultiStepLR`, :class:`CosineLR`) set ``optimizer.lr`` per step.  Deviations: upstream
-builds a clip schedule but uses the fixed value (so do we, without the schedule); its cosine uses
+Schedules (:class:`MultiStepLR`, :class:`CosineLR`) set ``optimizer.lr`` per step.  Clip schedule:
+``pilimit_lib`` builds one from the lr milestones and ``lr_drop_ratio`` but clips with the fixed value
+(our default), while ``pilimit_orig`` (the paper's code) clips with it, so its clip drops with the lr at
+the milestones: ``MultiStepLR(drop_gclip=True)`` (``optim.gclip_drop_with_lr=true``).  Deviations: its cosine uses
 ``T_max = len(loader)^2``, ours ``T_max`` = the number of steps given; finite nets are clipped after Gproj
 (as ``pilimit_orig``, the paper's code; ``pilimit_lib`` clips before projecting).  No momentum (the
 paper uses none).  Checked against upstream: per-group lr and weight decay (``wd / mult`` with
@@ -198,29 +200,45 @@ class PiSGD:
 
 
 class MultiStepLR:
-    """``lr = lr0 * gamma^(number of milestones <= step)``; call :meth:`step` after each optimizer step."""
+    """``lr = lr0 * gamma^(number of milestones <= step)``; call :meth:`step` after each optimizer step.
 
-    def __init__(self, optimizer: PiSGD, milestones, gamma: float):
+    ``drop_gclip=True`` also sets ``optimizer.gclip = gclip0 * gamma^(same count)``: ``pilimit_orig`` (the
+    paper's code) builds its clip schedule from the lr milestones and ratio and clips with it, so its
+    clip drops with the lr; ``pilimit_lib`` builds the same schedule but clips with the fixed value
+    (``drop_gclip=False``, the default)."""
+
+    def __init__(self, optimizer: PiSGD, milestones, gamma: float, drop_gclip: bool = False):
         self.optimizer, self.milestones, self.gamma = (
             optimizer,
             sorted(int(m) for m in milestones),
             float(gamma),
         )
         self.lr0, self.t = optimizer.lr, 0
+        self.drop_gclip, self.gclip0 = bool(drop_gclip), optimizer.gclip
 
     def lr_at(self, t: int) -> float:
         return self.lr0 * self.gamma ** sum(1 for m in self.milestones if m <= t)
 
+    def gclip_at(self, t: int) -> float:
+        if not self.drop_gclip:
+            return self.gclip0
+        return self.gclip0 * self.gamma ** sum(1 for m in self.milestones if m <= t)
+
+    def _apply(self) -> None:
+        self.optimizer.lr = self.lr_at(self.t)
+        self.optimizer.gclip = self.gclip_at(self.t)
+
     def step(self) -> None:
         self.t += 1
-        self.optimizer.lr = self.lr_at(self.t)
+        self._apply()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"t": self.t, "lr0": self.lr0}
+        return {"t": self.t, "lr0": self.lr0, "gclip0": self.gclip0}
 
     def load_state_dict(self, state) -> None:
         self.t, self.lr0 = int(state["t"]), float(state["lr0"])
-        self.optimizer.lr = self.lr_at(self.t)
+        self.gclip0 = float(state.get("gclip0", self.gclip0))
+        self._apply()
 
 
 class CosineLR(MultiStepLR):
@@ -229,6 +247,7 @@ class CosineLR(MultiStepLR):
     def __init__(self, optimizer: PiSGD, total_steps: int, lr_min: float = 0.0):
         self.optimizer, self.total, self.lr_min = optimizer, max(int(total_steps), 1), float(lr_min)
         self.lr0, self.t = optimizer.lr, 0
+        self.drop_gclip, self.gclip0 = False, optimizer.gclip
 
     def lr_at(self, t: int) -> float:
         return self.lr_min + 0.5 * (self.lr0 - self.lr_min) * (
@@ -236,11 +255,14 @@ class CosineLR(MultiStepLR):
         )
 
 
-def make_scheduler(optimizer: PiSGD, name: str | None, total_steps: int, milestones=(), gamma: float = 0.1):
+def make_scheduler(
+    optimizer: PiSGD, name: str | None, total_steps: int, milestones=(), gamma: float = 0.1,
+    drop_gclip: bool = False,
+):  # fmt: skip
     if name in (None, "none", "None"):
         return None
     if name == "multistep":
-        return MultiStepLR(optimizer, milestones, gamma)
+        return MultiStepLR(optimizer, milestones, gamma, drop_gclip=drop_gclip)
     if name == "cosine":
         return CosineLR(optimizer, total_steps)
     raise InvalidInputError(f"scheduler={name!r}; expected none, multistep or cosine")

@@ -89,6 +89,7 @@ class OptimConfig:
     scheduler: str = "none"  # none | multistep | cosine
     lr_drop_ratio: float = 0.5
     lr_drop_milestones: list[float] = field(default_factory=list)  # in epochs
+    gclip_drop_with_lr: bool = False  # multistep: clip x lr_drop_ratio at the milestones (pilimit_orig)
 
 
 @dataclass
@@ -239,7 +240,10 @@ def build_optimizer(c: dict[str, Any], net, steps_per_epoch: int, total_steps: i
         gproj=bool(o["gproj"]) and c["model"]["kind"] == "finite",
     )  # fmt: skip
     milestones = [int(float(e) * steps_per_epoch) for e in o["lr_drop_milestones"]]
-    sched = make_scheduler(opt, o["scheduler"], total_steps, milestones, o["lr_drop_ratio"])
+    sched = make_scheduler(
+        opt, o["scheduler"], total_steps, milestones, o["lr_drop_ratio"],
+        drop_gclip=bool(o.get("gclip_drop_with_lr", False)),
+    )  # fmt: skip
     return opt, sched
 
 
@@ -274,6 +278,8 @@ def training_part(c: dict[str, Any]) -> dict[str, Any]:
     if c["train"]["task"] == "maml":
         part["maml"] = c["maml"]
     part["model"] = {k: v for k, v in c["model"].items() if k not in ("chunk_size", "impl", "cache_mb")}
+    # gclip_drop_with_lr=false (the default) leaves the hash of existing runs and cached models as it was
+    part["optim"] = {k: v for k, v in c["optim"].items() if k != "gclip_drop_with_lr" or v}
     return part
 
 
