@@ -88,3 +88,36 @@ def test_vit_head_adds_its_positional_embedding(tiny):
     assert not torch.allclose(m.forward_head(latent), m.forward_head(latent[:, perm]), atol=1e-4)
     m.classifier_pos_embed.zero_()  # the premise: without it, the head is order-blind
     torch.testing.assert_close(m.forward_head(latent), m.forward_head(latent[:, perm]), rtol=1e-5, atol=1e-5)
+
+
+def test_upstreams_fp32_grad_scaler_does_not_change_the_ttt_step(tiny, norm, images):
+    """Upstream wraps every fp32 TTT step in a fresh ``GradScaler`` (loss x 2**16, gradients unscaled before
+    SGD, ``engine_test_time.py``); we call plain ``backward`` (README, Deviations).  Power-of-two scaling
+    commutes with float rounding, so three SGD steps with momentum give bitwise the same weights."""
+    x = norm(images(1)[0][None]).expand(4, -1, -1, -1)
+    g = torch.Generator().manual_seed(0)
+    noises = [torch.rand(4, 16, generator=g) for _ in range(3)]
+
+    def run(scaled: bool):
+        m = tiny().train()
+        params = [p for n, p in m.named_parameters() if not n.startswith(("decoder", "classifier"))]
+        opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, foreach=False)
+        scaler = torch.amp.GradScaler("cpu") if scaled else None
+        for noise in noises:
+            loss = m.mae_loss(x, 0.75, noise)
+            if scaled:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            opt.zero_grad()
+        if scaled:
+            assert scaler.get_scale() == 2.0**16  # no step was skipped or rescaled
+        return [p.detach().clone() for p in params]
+
+    plain, scaled = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, scaled))
+    assert not torch.equal(plain[0], tiny().cls_token)  # the steps did move the weights

@@ -24,7 +24,16 @@ each epoch's permutation (padded to equal length, as DistributedSampler).
 Differences from upstream: data come from ``tttlab.core.data`` as fixed-size uint8 arrays (ImageNet
 already resized 256 / centre-cropped 224 by the core reader, so RandomResizedCrop works on that crop
 instead of the full JPEG); the crop is resized bicubically on tensors (``views.py``).  Probing evaluates
-the clean test split at the end only.
+the clean test split at the end only.  With ``accum_iter > 1`` an epoch whose iteration count is not a
+multiple of ``accum_iter`` ends with one optimizer step on its last, partial group of batches (its loss
+still divided by ``accum_iter``); upstream drops those gradients (its next epoch starts with
+``zero_grad``).  The paper's probe is unaffected: 1,281,167 images over 8 ranks of 32 give 5,004
+iterations per epoch, a multiple of 4.  ``head_type=linear`` probing is ours: upstream's ``main_prob.py``
+asserts ``vit_head`` (its LARS branch for the linear head never runs), and here the linear head (``bn`` +
+``head``) trains with the same AdamW recipe, not MAE's LARS linear-probe recipe.  Head keys
+(``classifier*``, ``head.*``, ``bn.*``) in the ``finetune`` file are ignored, so the head always starts
+from its own initialisation (upstream's non-strict load would take same-named head tensors; its own
+pretraining files hold only the unused ``linear`` head's keys, which a ``vit_head`` model lacks).
 
 Options (not upstream): ``amp`` (``none`` | ``bf16``: the forward and loss under
 ``torch.autocast(device.type, bfloat16)``, also the probe's clean-accuracy pass; parameters, gradients and
