@@ -121,3 +121,69 @@ def test_upstreams_fp32_grad_scaler_does_not_change_the_ttt_step(tiny, norm, ima
     plain, scaled = run(False), run(True)
     assert all(torch.equal(a, b) for a, b in zip(plain, scaled))
     assert not torch.equal(plain[0], tiny().cls_token)  # the steps did move the weights
+
+
+@pytest.mark.parametrize("head_type", ["vit_head", "linear"])
+@torch.no_grad()
+def test_heads_classify_from_the_cls_token(tiny, head_type):
+    """Upstream's ``forward_vit_head`` applies ``classifier_pred`` to token 0 after ``classifier_norm``;
+    ``forward_head`` (linear) reads ``latent[:, 0]``.  With no classifier blocks (no mixing between tokens)
+    the logits depend on the CLS token alone: changing the patch tokens leaves them, changing CLS does not."""
+    m = tiny(head_type=head_type, classifier_depth=0).eval()
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(3, 1 + m.num_patches, m.cfg.embed_dim, generator=g)
+    other = latent.clone()
+    other[:, 1:] = torch.randn(other[:, 1:].shape, generator=g)
+    torch.testing.assert_close(m.forward_head(latent), m.forward_head(other), rtol=0, atol=0)
+    other[:, 0] += 1.0
+    assert not torch.allclose(m.forward_head(latent), m.forward_head(other), atol=1e-4)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_steps_in_train_mode_predictions_in_eval_mode(tiny, norm, settings, images, batched):
+    """As upstream's ``train_on_test``: every MAE step runs with the model in train mode
+    (``model.train(True)``), every prediction (before and after each step) in eval mode (``model.eval()``),
+    so drop-path in the head (``drop_path_rate`` > 0) never fires while classifying."""
+    from tttlab.ttt_mae.ttt import BatchedTTT
+
+    m = tiny(drop_path_rate=0.5)
+    modes = {"classify": [], "mae": []}
+    m.classifier_pred.register_forward_hook(lambda mod, i, o: modes["classify"].append(mod.training))
+    m.decoder_pred.register_forward_hook(lambda mod, i, o: modes["mae"].append(mod.training))
+    s = settings(steps_per_example=2, single_crop=True)
+    if batched:
+        results = BatchedTTT(m, s).adapt(images(2), [image_generator(0, 0, i) for i in range(2)], norm)
+    else:
+        results = [TTTAdapter(m, s).adapt(images(1)[0], image_generator(0, 0, 0), norm)]
+    assert all(len(r.predictions) == 3 for r in results)
+    assert modes["classify"] and not any(modes["classify"])
+    assert modes["mae"] and all(modes["mae"])
+
+
+def test_random_views_use_upstreams_crop_scale_and_aspect_range(monkeypatch, tiny, norm, images):
+    """The RandomResizedCrop arguments on the real paths: TTT views (``single_crop=false``) and MAE
+    pretraining crop area fractions in (0.2, 1) (upstream ``main_test_time_training.py`` /
+    ``main_pretrain.py``), probing in torchvision's default (0.08, 1) (``main_prob.py``); every path keeps
+    torchvision's default aspect range (3/4, 4/3)."""
+    from dataclasses import replace
+
+    from tttlab.ttt_mae import train as T
+    from tttlab.ttt_mae import views as V
+
+    seen = []
+    real = V.crop_params
+
+    def spy(height, width, scale, ratio, generator):
+        seen.append((tuple(scale), tuple(ratio)))
+        return real(height, width, scale, ratio, generator)
+
+    monkeypatch.setattr(V, "crop_params", spy)
+    s = E.settings_of(compose("ttt", cfg={"single_crop": False}))
+    adapter = TTTAdapter(tiny(), replace(s, batch_size=3, steps_per_example=1))
+    adapter.draw(images(1)[0], image_generator(0, 0, 0), norm)
+    assert seen == [((0.2, 1.0), (3 / 4, 4 / 3))] * 3
+    for kind, scale in (("pretrain", (0.2, 1.0)), ("probe", (0.08, 1.0))):
+        seen.clear()
+        c = compose(kind, cfg={"input_size": 28})
+        T.augment(torch.stack(images(2)), c, torch.Generator().manual_seed(0))
+        assert seen == [(scale, (3 / 4, 4 / 3))] * 2, kind

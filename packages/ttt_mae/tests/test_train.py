@@ -374,3 +374,29 @@ def test_resume_checkpoint_is_read_without_running_pickled_code(tmp_path):
     with pytest.raises(CheckpointError, match=r"last\.ckpt pickles"):
         T.run(c, "pretrain")
     assert not marker.exists()
+
+
+def test_probe_loss_is_upstreams_label_smoothed_cross_entropy(tmp_path, pretrained, monkeypatch):
+    """``main_prob.py`` trains the head with timm's ``LabelSmoothingCrossEntropy(smoothing)``:
+    ``(1 - s) * nll + s * mean over classes of -log p``, averaged over the batch (paper profile: s = 0.1).
+    The probe's training loss is that, with ``smoothing`` from the config."""
+    calls = []
+    real = T.F.cross_entropy
+
+    def spy(logits, target, *args, **kw):
+        out = real(logits, target, *args, **kw)
+        calls.append((logits.detach(), target, kw.get("label_smoothing", 0.0), out.detach()))
+        return out
+
+    monkeypatch.setattr(T.F, "cross_entropy", spy)
+    c = compose("probe", "smoke_probe", {"out_dir": str(tmp_path / "probe"), "finetune": str(pretrained / T.FINAL),
+                                         "data": {"num_examples": 64}, "batch_size": 32, "smoothing": 0.3,
+                                         "logging": {"progress": False}})  # fmt: skip
+    T.run(c, "probe", stop_after_steps=2)
+    assert len(calls) == 2
+    for logits, y, s, loss in calls:
+        assert s == 0.3
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        nll = -logp.gather(1, y[:, None])[:, 0]
+        want = ((1 - s) * nll + s * (-logp.mean(dim=-1))).mean()
+        torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
