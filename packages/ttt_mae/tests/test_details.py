@@ -187,3 +187,19 @@ def test_random_views_use_upstreams_crop_scale_and_aspect_range(monkeypatch, tin
         c = compose(kind, cfg={"input_size": 28})
         T.augment(torch.stack(images(2)), c, torch.Generator().manual_seed(0))
         assert seen == [(scale, (3 / 4, 4 / 3))] * 2, kind
+
+
+def test_normalisation_constants_are_upstreams():
+    """Every upstream transform ends in ``Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])``;
+    the ImageNet(-C) profiles use those constants (the MNIST proxy its own)."""
+    from tttlab.ttt_mae.common import normalization
+
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    for entry, experiment, dataset in (
+        ("ttt", "paper_ttt", "imagenet_c"),
+        ("baseline", "paper_baseline", "imagenet_c"),
+        ("pretrain", "paper_pretrain", "imagenet"),
+        ("probe", "paper_probe", "imagenet"),
+    ):
+        assert normalization(compose(entry, experiment), dataset) == imagenet, experiment
+    assert normalization(compose("ttt", "mnist_ttt"), "mnist_c") == ((0.1307,), (0.3081,))

@@ -400,3 +400,19 @@ def test_probe_loss_is_upstreams_label_smoothed_cross_entropy(tmp_path, pretrain
         nll = -logp.gather(1, y[:, None])[:, 0]
         want = ((1 - s) * nll + s * (-logp.mean(dim=-1))).mean()
         torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+
+
+def test_pretraining_masks_with_the_configured_ratio(tmp_path, monkeypatch):
+    """The MAE pretraining loss masks ``mask_ratio`` of the patches (paper profile 0.75, as MAE)."""
+    from tttlab.ttt_mae.model import MaskedAutoencoderViT
+
+    ratios = []
+    real = MaskedAutoencoderViT.mae_loss
+
+    def spy(self, imgs, mask_ratio=0.75, noise=None):
+        ratios.append(mask_ratio)
+        return real(self, imgs, mask_ratio, noise)
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "mae_loss", spy)
+    T.run(pre_cfg(tmp_path / "pre", mask_ratio=0.5), "pretrain", stop_after_steps=2)
+    assert ratios == [0.5, 0.5]
