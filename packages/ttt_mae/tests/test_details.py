@@ -203,3 +203,32 @@ def test_normalisation_constants_are_upstreams():
     ):
         assert normalization(compose(entry, experiment), dataset) == imagenet, experiment
     assert normalization(compose("ttt", "mnist_ttt"), "mnist_c") == ((0.1307,), (0.3081,))
+
+
+@torch.no_grad()
+def test_heads_by_hand(tiny):
+    """The heads written out as upstream's ``forward_vit_head`` / ``forward_head`` compute them:
+    ``vit_head``: classifier_embed, + the fixed classifier_pos_embed, the blocks, classifier_norm,
+    classifier_pred on token 0; ``linear``: BatchNorm without affine (running statistics, eps 1e-6) of the
+    CLS token, then the linear layer.  The head's drop-path rates rise linearly from 0 to
+    ``drop_path_rate`` over its blocks (upstream's ``dpr``)."""
+    g = torch.Generator().manual_seed(0)
+    m = tiny(classifier_depth=2).eval()
+    latent = torch.randn(3, 1 + m.num_patches, m.cfg.embed_dim, generator=g)
+    x = m.classifier_embed(latent) + m.classifier_pos_embed
+    for blk in m.classifier_blocks:
+        x = blk(x)
+    want = m.classifier_pred(m.classifier_norm(x))[:, 0]
+    torch.testing.assert_close(m.forward_head(latent), want, rtol=1e-6, atol=1e-6)
+
+    lin = tiny(head_type="linear").eval()
+    lin.bn.running_mean.copy_(torch.randn(lin.cfg.embed_dim, generator=g))
+    lin.bn.running_var.copy_(torch.rand(lin.cfg.embed_dim, generator=g) * 1e-5)  # eps matters at this size
+    cls = latent[:, 0]
+    want = lin.head((cls - lin.bn.running_mean) / torch.sqrt(lin.bn.running_var + 1e-6))
+    assert not lin.bn.affine
+    torch.testing.assert_close(lin.forward_head(latent), want, rtol=1e-5, atol=1e-5)
+
+    deep = tiny(classifier_depth=4, drop_path_rate=0.3)
+    rates = [float(getattr(b.drop_path1, "drop_prob", 0.0)) for b in deep.classifier_blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
