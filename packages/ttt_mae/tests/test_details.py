@@ -232,3 +232,30 @@ def test_heads_by_hand(tiny):
     deep = tiny(classifier_depth=4, drop_path_rate=0.3)
     rates = [float(getattr(b.drop_path1, "drop_prob", 0.0)) for b in deep.classifier_blocks]
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
+@torch.no_grad()
+def test_layer_norms_activation_and_initialisation_are_maes():
+    """MAE's ViTs (upstream ``models_mae_shared.py``): every LayerNorm with eps 1e-6 (``partial(nn.LayerNorm,
+    eps=1e-6)``), exact GELU; initialisation: cls / mask tokens N(0, 0.02), every Linear and the patch
+    projection (flattened) Xavier-uniform with zero Linear biases, LayerNorms weight 1 bias 0.  Checked on the
+    ViT-L widths (no blocks, so it builds in a moment) and on a 1-block model for the block internals."""
+    import math
+
+    from tttlab.ttt_mae.model import build_model
+
+    torch.manual_seed(0)
+    m = build_model("mae_vit_large_patch16", depth=1, decoder_depth=1, classifier_depth=1)
+    norms = [mod for mod in m.modules() if isinstance(mod, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * 3 + 3 and all(n.eps == 1e-6 for n in norms)
+    assert all(torch.equal(n.weight, torch.ones_like(n.weight)) and not n.bias.any() for n in norms)
+    gelus = [mod for mod in m.modules() if isinstance(mod, torch.nn.GELU)]
+    assert len(gelus) == 3 and all(g.approximate == "none" for g in gelus)
+    for token in (m.cls_token, m.mask_token):
+        assert 0.018 < float(token.std()) < 0.022 and abs(float(token.mean())) < 0.003
+    linears = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    for w in [lin.weight for lin in linears] + [m.patch_embed.proj.weight.flatten(1)]:
+        bound = math.sqrt(6.0 / (w.shape[0] + w.shape[1]))
+        assert float(w.abs().max()) <= bound * (1 + 1e-6)
+        assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert all(not lin.bias.any() for lin in linears)
