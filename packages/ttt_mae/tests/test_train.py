@@ -1,6 +1,7 @@
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -416,3 +417,34 @@ def test_pretraining_masks_with_the_configured_ratio(tmp_path, monkeypatch):
     monkeypatch.setattr(MaskedAutoencoderViT, "mae_loss", spy)
     T.run(pre_cfg(tmp_path / "pre", mask_ratio=0.5), "pretrain", stop_after_steps=2)
     assert ratios == [0.5, 0.5]
+
+
+@torch.no_grad()
+def test_probe_clean_accuracy_uses_all_of_imagenet_val(tmp_path):
+    """Upstream's probe evaluates the whole ImageNet val split.  Its files are sorted by class, so the first
+    ``limit`` images (the cap that keeps the CPU proxy's MNIST test pass short) would cover only the first
+    classes (2,000 images: 40 of the 1000); ImageNet's val is therefore read in full, the other test splits
+    (not sorted by class) up to ``limit``."""
+    from tttlab.core import testing
+    from tttlab.ttt_mae.model import build_model
+    from tttlab.ttt_mae.views import Normalizer
+
+    root = testing.make_imagenet(tmp_path / "imagenet")  # 3 classes x 2 images, sorted by class
+    torch.manual_seed(0)
+    model = build_model("mae_vit_tiny_patch16", depth=1, decoder_depth=1, classifier_depth=1, no_decoder=True)
+    c = {"data": {"name": "imagenet", "root": str(root), "split": "train"}, "amp": "none"}
+    norm = Normalizer(*T.normalization(c, "imagenet"))
+    acc, n = T.clean_accuracy(model, c, torch.device("cpu"), norm, limit=2)
+    val = T.load_dataset({**c, "data": {**c["data"], "num_examples": None}}, split="val")
+    images, labels = val.take(np.arange(len(val)))
+    assert n == len(val) == 6 and len(set(labels.tolist())) == 3
+    pred = model.eval().classify(norm(T.to_unit(images))).argmax(1).numpy()
+    assert acc == pytest.approx(float((pred == labels).mean()))
+    mnist = {"data": {"name": "mnist", "split": "train"}, "amp": "none"}
+    small = build_model("mae_vit_smoke_patch7", no_decoder=True)
+    assert (
+        T.clean_accuracy(
+            small, mnist, torch.device("cpu"), Normalizer(*T.normalization(mnist, "mnist")), limit=5
+        )[1]
+        == 5
+    )
