@@ -448,3 +448,24 @@ def test_probe_clean_accuracy_uses_all_of_imagenet_val(tmp_path):
         )[1]
         == 5
     )
+
+
+def test_imagenet_training_subset_spans_the_classes(tmp_path):
+    """``data.num_examples`` on ImageNet (files sorted by class) takes evenly spaced files, so a subset
+    covers every class instead of the first few (the first 100,000 files: about 78 of the 1000 classes); the other
+    datasets (not class-sorted) keep their first ``num_examples``."""
+    from tttlab.core import testing
+
+    root = testing.make_imagenet(tmp_path / "imagenet", split="train", n_per_class=4)  # 3 classes x 4
+    c = {"data": {"name": "imagenet", "root": str(root), "split": "train", "num_examples": 3}}
+    _, labels = T.load_dataset(c).take(np.arange(3))
+    full = T.load_dataset({"data": {**c["data"], "num_examples": None}})
+    classes = full.take(np.arange(len(full)))[1]
+    assert len(full) == 12 and len(set(classes.tolist())) == 3
+    assert sorted(labels.tolist()) == sorted(set(classes.tolist()))
+    mnist = {"data": {"name": "mnist", "split": "train", "num_examples": 7}}
+    from tttlab.core import data
+
+    assert np.array_equal(
+        T.load_dataset(mnist).take(np.arange(7))[1], data.mnist("train").take(np.arange(7))[1]
+    )

@@ -105,8 +105,12 @@ def load_dataset(c: dict[str, Any], split: str | None = None):
         )
     else:
         raise ConfigError(f"data.name={name!r}; expected mnist, digits, imagenet or cifar10")
-    if d.get("num_examples") is not None and int(d["num_examples"]) < len(ds):
-        ds = ds.subset(np.arange(int(d["num_examples"])))
+    k = d.get("num_examples")
+    if k is not None and int(k) < len(ds):
+        k = int(k)
+        # ImageNet's files are sorted by class: evenly spaced ones, so that a subset spans every class;
+        # the other datasets are not class-sorted and keep their first k
+        ds = ds.subset(np.arange(k) * len(ds) // k if name == "imagenet" else np.arange(k))
     return ds
 
 
