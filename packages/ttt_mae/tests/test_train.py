@@ -1,6 +1,7 @@
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -374,3 +375,97 @@ def test_resume_checkpoint_is_read_without_running_pickled_code(tmp_path):
     with pytest.raises(CheckpointError, match=r"last\.ckpt pickles"):
         T.run(c, "pretrain")
     assert not marker.exists()
+
+
+def test_probe_loss_is_upstreams_label_smoothed_cross_entropy(tmp_path, pretrained, monkeypatch):
+    """``main_prob.py`` trains the head with timm's ``LabelSmoothingCrossEntropy(smoothing)``:
+    ``(1 - s) * nll + s * mean over classes of -log p``, averaged over the batch (paper profile: s = 0.1).
+    The probe's training loss is that, with ``smoothing`` from the config."""
+    calls = []
+    real = T.F.cross_entropy
+
+    def spy(logits, target, *args, **kw):
+        out = real(logits, target, *args, **kw)
+        calls.append((logits.detach(), target, kw.get("label_smoothing", 0.0), out.detach()))
+        return out
+
+    monkeypatch.setattr(T.F, "cross_entropy", spy)
+    c = compose("probe", "smoke_probe", {"out_dir": str(tmp_path / "probe"), "finetune": str(pretrained / T.FINAL),
+                                         "data": {"num_examples": 64}, "batch_size": 32, "smoothing": 0.3,
+                                         "logging": {"progress": False}})  # fmt: skip
+    T.run(c, "probe", stop_after_steps=2)
+    assert len(calls) == 2
+    for logits, y, s, loss in calls:
+        assert s == 0.3
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        nll = -logp.gather(1, y[:, None])[:, 0]
+        want = ((1 - s) * nll + s * (-logp.mean(dim=-1))).mean()
+        torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+
+
+def test_pretraining_masks_with_the_configured_ratio(tmp_path, monkeypatch):
+    """The MAE pretraining loss masks ``mask_ratio`` of the patches (paper profile 0.75, as MAE)."""
+    from tttlab.ttt_mae.model import MaskedAutoencoderViT
+
+    ratios = []
+    real = MaskedAutoencoderViT.mae_loss
+
+    def spy(self, imgs, mask_ratio=0.75, noise=None):
+        ratios.append(mask_ratio)
+        return real(self, imgs, mask_ratio, noise)
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "mae_loss", spy)
+    T.run(pre_cfg(tmp_path / "pre", mask_ratio=0.5), "pretrain", stop_after_steps=2)
+    assert ratios == [0.5, 0.5]
+
+
+@torch.no_grad()
+def test_probe_clean_accuracy_uses_all_of_imagenet_val(tmp_path):
+    """Upstream's probe evaluates the whole ImageNet val split.  Its files are sorted by class, so the first
+    ``limit`` images (the cap that keeps the CPU proxy's MNIST test pass short) would cover only the first
+    classes (2,000 images: 40 of the 1000); ImageNet's val is therefore read in full, the other test splits
+    (not sorted by class) up to ``limit``."""
+    from tttlab.core import testing
+    from tttlab.ttt_mae.model import build_model
+    from tttlab.ttt_mae.views import Normalizer
+
+    root = testing.make_imagenet(tmp_path / "imagenet")  # 3 classes x 2 images, sorted by class
+    torch.manual_seed(0)
+    model = build_model("mae_vit_tiny_patch16", depth=1, decoder_depth=1, classifier_depth=1, no_decoder=True)
+    c = {"data": {"name": "imagenet", "root": str(root), "split": "train"}, "amp": "none"}
+    norm = Normalizer(*T.normalization(c, "imagenet"))
+    acc, n = T.clean_accuracy(model, c, torch.device("cpu"), norm, limit=2)
+    val = T.load_dataset({**c, "data": {**c["data"], "num_examples": None}}, split="val")
+    images, labels = val.take(np.arange(len(val)))
+    assert n == len(val) == 6 and len(set(labels.tolist())) == 3
+    pred = model.eval().classify(norm(T.to_unit(images))).argmax(1).numpy()
+    assert acc == pytest.approx(float((pred == labels).mean()))
+    mnist = {"data": {"name": "mnist", "split": "train"}, "amp": "none"}
+    small = build_model("mae_vit_smoke_patch7", no_decoder=True)
+    assert (
+        T.clean_accuracy(
+            small, mnist, torch.device("cpu"), Normalizer(*T.normalization(mnist, "mnist")), limit=5
+        )[1]
+        == 5
+    )
+
+
+def test_imagenet_training_subset_spans_the_classes(tmp_path):
+    """``data.num_examples`` on ImageNet (files sorted by class) takes evenly spaced files, so a subset
+    covers every class instead of the first few (the first 100,000 files: about 78 of the 1000 classes); the other
+    datasets (not class-sorted) keep their first ``num_examples``."""
+    from tttlab.core import testing
+
+    root = testing.make_imagenet(tmp_path / "imagenet", split="train", n_per_class=4)  # 3 classes x 4
+    c = {"data": {"name": "imagenet", "root": str(root), "split": "train", "num_examples": 3}}
+    _, labels = T.load_dataset(c).take(np.arange(3))
+    full = T.load_dataset({"data": {**c["data"], "num_examples": None}})
+    classes = full.take(np.arange(len(full)))[1]
+    assert len(full) == 12 and len(set(classes.tolist())) == 3
+    assert sorted(labels.tolist()) == sorted(set(classes.tolist()))
+    mnist = {"data": {"name": "mnist", "split": "train", "num_examples": 7}}
+    from tttlab.core import data
+
+    assert np.array_equal(
+        T.load_dataset(mnist).take(np.arange(7))[1], data.mnist("train").take(np.arange(7))[1]
+    )

@@ -24,7 +24,17 @@ each epoch's permutation (padded to equal length, as DistributedSampler).
 Differences from upstream: data come from ``tttlab.core.data`` as fixed-size uint8 arrays (ImageNet
 already resized 256 / centre-cropped 224 by the core reader, so RandomResizedCrop works on that crop
 instead of the full JPEG); the crop is resized bicubically on tensors (``views.py``).  Probing evaluates
-the clean test split at the end only.
+the clean held-out split at the end only (ImageNet: all of ``val``, as upstream; other datasets: the first
+2,000 ``test`` images).  With ``accum_iter > 1`` an epoch whose iteration count is not a
+multiple of ``accum_iter`` ends with one optimizer step on its last, partial group of batches (its loss
+still divided by ``accum_iter``); upstream drops those gradients (its next epoch starts with
+``zero_grad``).  The paper's probe is unaffected: 1,281,167 images over 8 ranks of 32 give 5,004
+iterations per epoch, a multiple of 4.  ``head_type=linear`` probing is ours: upstream's ``main_prob.py``
+asserts ``vit_head`` (its LARS branch for the linear head never runs), and here the linear head (``bn`` +
+``head``) trains with the same AdamW recipe, not MAE's LARS linear-probe recipe.  Head keys
+(``classifier*``, ``head.*``, ``bn.*``) in the ``finetune`` file are ignored, so the head always starts
+from its own initialisation (upstream's non-strict load would take same-named head tensors; its own
+pretraining files hold only the unused ``linear`` head's keys, which a ``vit_head`` model lacks).
 
 Options (not upstream): ``amp`` (``none`` | ``bf16``: the forward and loss under
 ``torch.autocast(device.type, bfloat16)``, also the probe's clean-accuracy pass; parameters, gradients and
@@ -95,8 +105,12 @@ def load_dataset(c: dict[str, Any], split: str | None = None):
         )
     else:
         raise ConfigError(f"data.name={name!r}; expected mnist, digits, imagenet or cifar10")
-    if d.get("num_examples") is not None and int(d["num_examples"]) < len(ds):
-        ds = ds.subset(np.arange(int(d["num_examples"])))
+    k = d.get("num_examples")
+    if k is not None and int(k) < len(ds):
+        k = int(k)
+        # ImageNet's files are sorted by class: evenly spaced ones, so that a subset spans every class;
+        # the other datasets are not class-sorted and keep their first k
+        ds = ds.subset(np.arange(k) * len(ds) // k if name == "imagenet" else np.arange(k))
     return ds
 
 
@@ -336,14 +350,16 @@ def _recorded(rd: RunDir, metric: str, step: int) -> bool:
 
 @torch.no_grad()
 def clean_accuracy(model: MaskedAutoencoderViT, c: dict[str, Any], device, norm, limit: int = 2000):
-    """Top-1 on the first ``limit`` images of the held-out split (ImageNet: ``val``; else ``test``);
-    ``(nan, 0)`` when there is none."""
+    """Top-1 on the held-out split; ``(nan, 0)`` when there is none.  ImageNet: all of ``val``, as
+    upstream's probe evaluates it (its files are sorted by class: a first-``limit`` cut would cover only
+    the first classes, 40 of the 1000 at 2,000 images); other datasets: the first ``limit`` images of
+    ``test`` (MNIST's, the digits' and CIFAR-10's test sets are not sorted by class)."""
     split = "val" if c["data"]["name"] == "imagenet" else "test"
     try:
         ds = load_dataset({**c, "data": {**c["data"], "num_examples": None}}, split=split)
     except Exception:  # noqa: BLE001 - no test split (e.g. an ImageNet folder with train only)
         return float("nan"), 0
-    n = min(len(ds), limit)
+    n = len(ds) if split == "val" else min(len(ds), limit)
     model.eval()
     correct = 0
     for s in range(0, n, 256):
