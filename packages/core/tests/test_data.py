@@ -370,6 +370,27 @@ def test_tfds_roundtrip_without_tensorflow(tmp_path):
         data.tfds("tttlab_fixture", root, "train", label_key="caption")
 
 
+def test_tfds_reads_tfds_split_slices(tmp_path):
+    """``as_data_source`` reads TFDS's split syntax (a slice, a percentage, a sum of splits); the reader
+    used to refuse every split that was not a bare name."""
+    pytest.importorskip("tensorflow_datasets")
+    root = testing.make_tfds(tmp_path, n={"train": 4, "test": 6}, image_shape=(4, 4, 3), num_classes=3)
+    test = data.tfds("tttlab_fixture", root, "test")
+    whole = test.take(np.arange(6))
+    for split, rows in (("test[:3]", range(3)), ("test[2:]", range(2, 6)), ("test[:50%]", range(3))):
+        ds = data.tfds("tttlab_fixture", root, split)
+        x, y = ds.take(np.arange(len(ds)))
+        assert len(ds) == len(rows) and np.array_equal(x, whole[0][list(rows)]), split
+        assert np.array_equal(y, whole[1][list(rows)]) and np.array_equal(ds.labels, y)
+    assert len(data.tfds("tttlab_fixture", root, "train+test")) == 10
+    with pytest.raises(InvalidInputError, match="no split 'tset'.*available"):
+        data.tfds("tttlab_fixture", root, "tset[:3]")
+    with pytest.raises(InvalidInputError, match=r"'test\[:100\]' cannot be read"):
+        data.tfds("tttlab_fixture", root, "test[:100]")  # 6 images
+    with pytest.raises(InvalidInputError, match="non-empty string"):
+        data.tfds("tttlab_fixture", root, "")
+
+
 def test_bad_paths_and_layouts(tmp_path):
     missing = tmp_path / "nope"
     for call in (

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tttlab.core import corruptions as C
 from tttlab.core import metrics as M
 from tttlab.core.errors import InvalidInputError, SeverityError, UnknownNameError
 
@@ -146,3 +147,49 @@ def test_error_metric_rows_and_clean_rows_named_clean():
     assert M.clean_error(df, metric="error") == pytest.approx((0.1 * 20 + 0.3 * 20) / 40)
     acc = df.assign(metric="accuracy")
     assert M.clean_error(acc) == pytest.approx(1 - 0.2)
+
+
+def test_mce_averages_the_15_common_corruptions_not_the_held_out_ones():
+    errors = {c: 0.5 * M.ALEXNET_ERRORS[c] for c in C.COMMON}  # CE 0.5 on each common corruption
+    errors |= {c: 1.0 * M.ALEXNET_ERRORS[c] for c in C.HELDOUT}  # CE 1.0 on the held-out ones
+    assert M.mce(errors) == pytest.approx(0.5)
+    assert M.mce(errors, include_heldout=True) == pytest.approx((15 * 0.5 + 4 * 1.0) / 19)
+    ce = M.corruption_error(errors)
+    assert len(ce) == 19 and ce["spatter"] == pytest.approx(1.0), "CE is still reported per held-out one"
+
+
+def test_relative_mce_leaves_the_held_out_corruptions_out_too():
+    clean = 0.2
+    base = M.ALEXNET_CLEAN_ERROR
+    errors = {c: clean + 0.25 * (M.ALEXNET_ERRORS[c] - base) for c in C.COMMON}
+    errors |= {c: clean + 1.5 * (M.ALEXNET_ERRORS[c] - base) for c in C.HELDOUT}
+    assert M.relative_mce(errors, clean) == pytest.approx(0.25)
+    assert M.relative_mce(errors, clean, include_heldout=True) == pytest.approx((15 * 0.25 + 4 * 1.5) / 19)
+
+
+def test_mce_of_held_out_corruptions_only_is_an_error():
+    with pytest.raises(InvalidInputError, match="15 common corruptions.*include_heldout"):
+        M.mce({"spatter": 0.5})
+    assert M.mce({"spatter": 0.5}, include_heldout=True) == pytest.approx(0.5 / M.ALEXNET_ERRORS["spatter"])
+    with pytest.raises(InvalidInputError, match="include_heldout must be true or false"):
+        M.mce({"fog": 0.5}, include_heldout="no")
+
+
+def test_metrics_held_out_list_is_the_corruptions_one():
+    assert M.HELDOUT == C.HELDOUT
+
+
+def test_alexnet_severity_errors_reproduce_the_published_averages():
+    """The "Average" column of the AlexNet ImageNet-C table in hendrycks/robustness's README (Oct 2019):
+    a typo in any of the 95 per-severity errors moves its corruption's mean by at least 2e-6."""
+    published = {
+        "gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_noise": 0.922640,
+        "defocus_blur": 0.819880, "glass_blur": 0.826268, "motion_blur": 0.785948, "zoom_blur": 0.798360,
+        "snow": 0.866816, "frost": 0.826572, "fog": 0.819324, "brightness": 0.564592, "contrast": 0.853204,
+        "elastic_transform": 0.646056, "pixelate": 0.717840, "jpeg_compression": 0.606500,
+        "speckle_noise": 0.845388, "gaussian_blur": 0.787108, "spatter": 0.717512, "saturate": 0.658248,
+    }  # fmt: skip
+    assert list(M.ALEXNET_ERRORS_BY_SEVERITY) == list(published)
+    for c, mean in published.items():
+        assert np.mean(M.ALEXNET_ERRORS_BY_SEVERITY[c]) == pytest.approx(mean, abs=5e-7), c
+    assert M.ALEXNET_CLEAN_ERROR == pytest.approx(1 - 0.56522)  # torchvision alexnet-owt-4df8aa71 top-1

@@ -14,10 +14,22 @@ setting              domain order                                               
 ``gradual``          per corruption, severities up then down (1,2,3,4,5,4,3,2,1)             first batch only
 ===================  =====================================================================  ==========
 
+``gradual`` follows the test-time-adaptation benchmark (mariodoebler/test-time-adaptation, RMT): every
+corruption goes 1,2,3,4,5,4,3,2,1, and a single given severity (the usual ``[5]``) stands for all five,
+as there (a gradual stream of one severity would be the continual one).  Several severities go up and
+down through those given.  Two differences from CoTTA's own ``cifar10c_gradual.py``, kept on purpose:
+CoTTA starts its first corruption at 5,4,3,2,1 (no way up), and a revisited severity here shows the
+same images in another seeded order, where both references replay the first visit's order.  With
+several severities every setting visits corruption by corruption, each through its severities (as the
+benchmark above; CoTTA's ``cifar10c.py`` loops severities outermost), and ``reset_each_shift`` resets
+at every (corruption, severity) domain, as Tent's code does (the benchmark above resets per corruption
+only).
+
 Label-correlated (non-i.i.d.) streams: ``dirichlet_delta`` reorders each domain's images by class, in
 any setting (``mixed``: the pooled stream).  ``0`` sorts them by class; ``delta > 0`` follows NOTE (Gong
 et al., NeurIPS 2022), the scheme of the test-time-adaptation benchmark's ``correlated`` settings: the
-images are dealt into as many chunks as there are classes, each class split across the chunks by a
+images are dealt into as many chunks as there are classes (those present in the domain; NOTE counts
+``max label + 1``, the same unless a subset misses a class), each class split across the chunks by a
 Dirichlet(``delta``) draw (chunks that already hold their share get no more; redrawn until every chunk
 holds at least ``min(10, images / (2 x classes))`` images: NOTE's 10, which small domains cannot always
 meet), and each chunk plays its classes one after another in a
@@ -30,6 +42,8 @@ dirichlet_delta=0.1`` for a continual, label-correlated stream.
 
 The images of a domain depend only on ``(seed, corruption, severity)`` and the source data, never on
 the setting or the batch size, so methods evaluated under different settings see the same pixels.
+``num_examples`` counts images per domain in every setting, ``mixed`` too (the test-time-adaptation
+benchmark samples its ``mixed_domains`` subset from the pooled stream instead).
 Generated domains are corrupted in fixed chunks, each with its own ``numpy.random.Generator`` seeded
 from ``(seed, corruption index, severity, chunk)``, and optionally cached on disk (atomic ``.npy``).
 
@@ -211,11 +225,13 @@ class Benchmark:
         name: a label for records (``mnist_c``...).
         source: clean images to corrupt (generated domains).  ``None`` when every domain comes from files.
         corruptions: names, aliases or a subset name (``common``, ``heldout``, ``all``).
-        severities: severities in 1..5.
+        severities: severities in 1..5 (``gradual`` with one severity: all five, module docstring).
         setting: one of :data:`SETTINGS`.
         batch_size: images per batch.
-        num_examples: images per domain (the first ``num_examples`` of a seeded permutation, the same
-            images in every domain); default all.
+        num_examples: images per domain, the same images in every domain; default all.  Shuffled: the
+            first ``num_examples`` of a seeded permutation (a seeded random subset, as the
+            test-time-adaptation benchmark's ``random.sample``); ``shuffle=False``: the first
+            ``num_examples`` in file order, as RobustBench's ``load_cifar10c`` / ``load_imagenetc``.
         seed: seeds the choice of examples, the corruption noise and the order.
         family: corruption constants (``mnist``, ``cifar``, ``imagenet``); default by image size.
         domain_files: ``(corruption, severity) -> ImageDataset`` to read pre-corrupted data instead of
@@ -224,8 +240,9 @@ class Benchmark:
         dirichlet_delta: ``None`` (default): each domain's images in i.i.d. order; ``0``: sorted by class;
             ``> 0``: NOTE's Dirichlet label-correlated order (module docstring), seeded by ``seed``.
         shuffle: visit a domain's images in a seeded random order (default; sorted-by-class folders need
-            it); ``False``: in the order of the source or the domain's file (a ``num_examples`` subset
-            too), as reference code that reads the released files without shuffling does.
+            it); ``False``: in the order of the source or the domain's file, and a ``num_examples``
+            subset is the first images, as reference code that reads the released files without
+            shuffling does (RobustBench's loaders, the official Tent and CoTTA code).
         jpeg_quality: if set, every generated corrupted image goes through a JPEG round trip at this
             quality (Pillow, 4:2:0), as the released ImageNet-C files did (85); clean images are left as is.
     """
@@ -284,6 +301,8 @@ class Benchmark:
             )
         self.severities = _check_severities(severities)
         self.setting = check_setting(setting)
+        if self.setting == "gradual" and len(self.severities) == 1:  # the benchmark's 1..5..1 (docstring)
+            self.severities = C.SEVERITIES
         self.batch_size = int(batch_size)
         self.num_examples = None if num_examples is None else int(num_examples)
         self.seed = int(seed)
@@ -347,10 +366,12 @@ class Benchmark:
     # ------------------------------------------------------------------ data
     def _example_indices(self) -> np.ndarray:
         n = len(self.source)
+        if not self.shuffle:  # file order: the first num_examples, as the references read the files
+            return np.arange(n if self.num_examples is None else min(n, self.num_examples))
         order = np.random.default_rng([self.seed, 0x5EED]).permutation(n)
         if self.num_examples is not None and self.num_examples < n:
             order = order[: self.num_examples]
-        return order if self.shuffle else np.sort(order)
+        return order
 
     def _cache_path(self, domain: Domain) -> Path | None:
         if self.cache_dir is None:
@@ -359,6 +380,9 @@ class Benchmark:
                   corruptions_code_hash())  # fmt: skip
         if not self.shuffle:  # file order: other images per noise chunk (keeps the shuffled caches' keys)
             fields += (("order", "file"),)
+            if self.num_examples is not None and self.num_examples < len(self.source):
+                # the first images, no longer the sorted seeded subset that earlier code cached here
+                fields += (("subset", "first"),)
         if self.jpeg_quality is not None:  # keeps the keys of earlier caches without the round trip
             fields += (("jpeg", self.jpeg_quality),)
         key = hashlib.sha256(repr(fields).encode()).hexdigest()[:12]
@@ -396,12 +420,13 @@ class Benchmark:
         if domain not in self._memo:
             if domain.corruption is not None and self.domain_files is not None:
                 ds = self.domain_files(domain.corruption, domain.severity)
-                order = np.random.default_rng([self.seed, 0x5EED]).permutation(len(ds))
-                if self.num_examples is not None and self.num_examples < len(ds):
-                    order = order[: self.num_examples]
-                    ds = ds.subset(order if self.shuffle else np.sort(order))
-                elif self.shuffle:
-                    ds = ds.subset(order)
+                subset = self.num_examples is not None and self.num_examples < len(ds)
+                if not self.shuffle:  # file order; a subset is the file's first images (RobustBench)
+                    if subset:
+                        ds = ds.subset(np.arange(self.num_examples))
+                else:
+                    order = np.random.default_rng([self.seed, 0x5EED]).permutation(len(ds))
+                    ds = ds.subset(order[: self.num_examples] if subset else order)
             elif self.source is None:
                 raise DatasetNotFoundError(f"benchmark {self.name!r} has no clean source data for {domain}")
             else:

@@ -10,6 +10,12 @@
 * :func:`relative_ce` / :func:`relative_mce`:
   ``sum_s (E_{s,c} - E_clean) / sum_s (E^AlexNet_{s,c} - E^AlexNet_clean)``.
 
+mCE and relative mCE average over the 15 common corruptions only, as the paper defines them: the four
+held-out ones (speckle noise, Gaussian blur, spatter, saturate; :data:`HELDOUT`) are for validation and
+are left out of the mean when given (``include_heldout=True`` averages over every corruption given);
+:func:`corruption_error` / :func:`relative_ce` still report each of them.  A subset of the 15 gives the
+mean over that subset, which is not the paper's mCE.
+
 Every error is a fraction in [0, 1]; CE and mCE are fractions too (1.0 = AlexNet; multiply by 100 for the
 papers' percentages).  Corruption errors may be given per severity, as ``{corruption: {severity: error}}``
 or ``{corruption: [e1, e2, e3, e4, e5]}``, or already averaged over the five severities,
@@ -33,6 +39,8 @@ import numpy as np
 from .errors import InvalidInputError, SeverityError, UnknownNameError
 
 SEVERITIES = (1, 2, 3, 4, 5)
+#: The four held-out corruptions of ImageNet-C, outside the 15 that mCE averages.
+HELDOUT = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 
 # fmt: off
 ALEXNET_ERRORS_BY_SEVERITY: dict[str, tuple[float, float, float, float, float]] = {
@@ -284,9 +292,28 @@ def corruption_error(errors: Mapping, baseline: Mapping = ALEXNET_ERRORS_BY_SEVE
     return {c: _severity_mean(v) / _baseline_mean(c, v, baseline) for c, v in e.items()}
 
 
-def mce(errors: Mapping, baseline: Mapping = ALEXNET_ERRORS_BY_SEVERITY) -> float:
-    """Mean corruption error over the corruptions given (1.0 = AlexNet); x100 for the paper's %."""
-    return float(np.mean(list(corruption_error(errors, baseline).values())))
+def _mean_over_common(per_corruption: dict[str, float], include_heldout: bool, what: str) -> float:
+    """Mean of per-corruption values over the 15 common corruptions given (all given with
+    ``include_heldout``); an error if that leaves none."""
+    if not isinstance(include_heldout, (bool, np.bool_)):
+        raise InvalidInputError(f"include_heldout must be true or false, got {include_heldout!r}")
+    kept = [v for c, v in per_corruption.items() if include_heldout or c not in HELDOUT]
+    if not kept:
+        raise InvalidInputError(
+            f"{what} averages the 15 common corruptions, but only held-out ones were given "
+            f"({', '.join(per_corruption)}); pass include_heldout=True to average them anyway"
+        )
+    return float(np.mean(kept))
+
+
+def mce(
+    errors: Mapping, baseline: Mapping = ALEXNET_ERRORS_BY_SEVERITY, *, include_heldout: bool = False
+) -> float:
+    """Mean corruption error over the common corruptions given (1.0 = AlexNet); x100 for the paper's %.
+
+    Held-out corruptions in ``errors`` are left out of the mean unless ``include_heldout`` (module
+    docstring)."""
+    return _mean_over_common(corruption_error(errors, baseline), include_heldout, "mCE")
 
 
 def relative_ce(
@@ -313,9 +340,12 @@ def relative_mce(
     clean_error: float,
     baseline: Mapping = ALEXNET_ERRORS_BY_SEVERITY,
     baseline_clean: float = ALEXNET_CLEAN_ERROR,
+    *,
+    include_heldout: bool = False,
 ) -> float:
-    """Mean over corruptions of :func:`relative_ce`."""
-    return float(np.mean(list(relative_ce(errors, clean_error, baseline, baseline_clean).values())))
+    """Mean over the common corruptions given of :func:`relative_ce` (held-out ones as in :func:`mce`)."""
+    rel = relative_ce(errors, clean_error, baseline, baseline_clean)
+    return _mean_over_common(rel, include_heldout, "relative mCE")
 
 
 # ----------------------------------------------------------------------------------------------------------

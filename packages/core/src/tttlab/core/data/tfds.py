@@ -93,10 +93,27 @@ class TFDSDataset(ImageDataset):
         return (np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8)), labels
 
 
+def _check_split(split, available, path: Path) -> None:
+    """``split`` is a split name or TFDS's split syntax over them (``"test[:1000]"``, ``"test[:10%]"``,
+    ``"train+validation"``), as ``as_data_source`` reads it; every named split must exist."""
+    if not isinstance(split, str) or not split.strip():
+        raise InvalidInputError(f"{path}: split must be a non-empty string, got {split!r}")
+    names = [part.split("[", 1)[0].strip() for part in split.split("+")]
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise InvalidInputError(
+            f"{path}: no split {unknown[0]!r} (in {split!r}); available: {sorted(available)} "
+            "(with TFDS's slicing: 'test[:1000]', 'test[:10%]', 'train+test')"
+        )
+
+
 def tfds(
     name: str, data_dir, split: str = "train", image_key: str = "image", label_key: str = "label"
 ) -> TFDSDataset:
-    """A prepared TFDS split read without TensorFlow (array_record file format)."""
+    """A prepared TFDS split read without TensorFlow (array_record file format).
+
+    ``split`` is a split name or TFDS's split syntax (``"test[:1000]"``, ``"train[:10%]"``,
+    ``"train+test"``), which ``as_data_source`` reads as ``tfds.load`` does."""
     tfds_mod = require("tensorflow_datasets", "tfds")
     path = prepared_dir(name, data_dir)
     if not any(path.glob("*.array_record*")):
@@ -104,8 +121,7 @@ def tfds(
             f"{path} holds no .array_record files; prepare the dataset with file_format='array_record'"
         )
     builder = tfds_mod.builder_from_directory(str(path))
-    if split not in builder.info.splits:
-        raise InvalidInputError(f"{path}: no split {split!r}; available: {sorted(builder.info.splits)}")
+    _check_split(split, builder.info.splits, path)
     features = builder.info.features
     missing = [k for k in (image_key, label_key) if k not in features]
     if missing:
@@ -113,7 +129,10 @@ def tfds(
             f"{path}: features {missing} not found; the dataset has {sorted(features.keys())} "
             "(pass image_key=/label_key= to name them)"
         )
-    source = builder.as_data_source(split=split)
+    try:
+        source = builder.as_data_source(split=split)
+    except ValueError as exc:  # a malformed or out-of-range slice: TFDS names what it could not read
+        raise InvalidInputError(f"{path}: split {split!r} cannot be read: {exc}") from exc
     feature = features[label_key]
     classes = tuple(feature.names) if hasattr(feature, "names") else ()
     return TFDSDataset(source, f"tfds/{name}/{split}", image_key, label_key, classes)
