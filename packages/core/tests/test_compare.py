@@ -214,6 +214,13 @@ def test_code_fingerprint_follows_code_and_config_files(tmp_path, monkeypatch):
     assert "tttlab_fp_pkg" not in sys.modules  # located, never imported
     missing = MethodSpec(name="fp.x", package="fp", framework="numpy", evaluate="no_such_module_xyz:run")
     assert cmp.code_fingerprint(missing) == ""
+    # the core's code computes the streams, subsets and metrics too: an edited core is other code as well
+    now = fp()
+    real = cmp.source_fingerprint
+    monkeypatch.setattr(
+        cmp, "source_fingerprint", lambda top: "edited" if top == "tttlab.core" else real(top)
+    )
+    assert fp() != now and len(fp()) == 16
 
 
 def test_several_seeds_give_mean_and_spread(env, no_plots):

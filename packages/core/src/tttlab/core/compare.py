@@ -22,8 +22,8 @@ How it runs (the core imports no subpackage and no framework):
    recorded there are not recomputed (:func:`tttlab.core.records.done_keys`): in the ``episodic`` and
    ``reset_each_shift`` settings per domain (a new part evaluates only the missing corruptions); in the
    stream settings (``continual``, ``mixed``, ``gradual``) the whole stream is one unit.  A part only
-   counts while the method's code is unchanged: each records the fingerprint of its subpackage's source
-   and YAML files (:func:`code_fingerprint`), and parts written by other code are recomputed.
+   counts while the method's code is unchanged: each records the fingerprint of its subpackage's and the
+   core's source and YAML files (:func:`code_fingerprint`), and parts written by other code are recomputed.
 3. Each task runs the spec's ``evaluate`` (``module:function``) in a subprocess of its own
    (``python -c`` :data:`RUNNER`, config as JSON, the evaluate contract of the subpackages), ``jobs`` at
    a time, so that JAX and torch never share a process and a crash loses nothing else.  The first task
@@ -457,15 +457,22 @@ class Task:
 
 
 def code_fingerprint(spec) -> str:
-    """Fingerprint of the code that computes ``spec``'s numbers: its subpackage's source and configs.
+    """Fingerprint of the code that computes ``spec``'s numbers: its subpackage's source and configs, and
+    the core's (the benchmark streams, subsets, corruptions and metrics the numbers also depend on).
 
     ``tttlab.<package>`` for the subpackages; the evaluate's top-level module otherwise.  A compare part
     written under another fingerprint is not resumed from (``""``: unknown, never matches a stored one).
     """
+    import hashlib
+
     module = spec.evaluate.partition(":")[0]
     pkg = f"tttlab.{spec.package}"
     top = pkg if module == pkg or module.startswith(pkg + ".") else module.split(".")[0]
-    return source_fingerprint(top)
+    own = source_fingerprint(top)
+    if not own:
+        return ""
+    both = f"{own}:{source_fingerprint('tttlab.core')}".encode()
+    return hashlib.sha256(both).hexdigest()[: len(own)]
 
 
 def run_key(c: dict[str, Any]) -> str:
