@@ -3,9 +3,11 @@ mutation audit: each test here fails on a plausible one-line bug that the rest o
 
 import copy
 
+import pytest
 import torch
 import torch.nn as nn
 
+from tttlab.core.errors import ConfigError
 from tttlab.memo_tpt.ensemble import Ensemble, combine, ensemble_loss
 from tttlab.memo_tpt.losses import bn_prior, marginal_entropy, select_confident
 from tttlab.memo_tpt.memo import Memo
@@ -160,3 +162,15 @@ def test_ensemble_keeps_a_tpt_member_s_step_0_selection(tiny_clip, image):
     assert any(r != set(sel0.tolist()) for r in reselected)  # the test tells the two rules apart
     Ensemble([tpt], [0.7], steps=3)(image)
     torch.testing.assert_close(tpt.prompts.ctx, ref.prompts.ctx)
+
+
+@pytest.mark.parametrize("value", ["false", "yes", 1, None])
+def test_memo_include_original_must_be_a_bool(bn_net, value):
+    """``include_original`` reached ``bool()``: the string "false" (a config written by hand, or an
+    override Hydra leaves a string) turned the clean view on; anything but true/false is a ConfigError."""
+    with pytest.raises(ConfigError, match=rf"include_original={value!r}; expected true or false"):
+        Memo(copy.deepcopy(bn_net), n_augmentations=4, size=16, include_original=value)
+    assert (
+        Memo(copy.deepcopy(bn_net), n_augmentations=4, size=16, include_original=False).include_original
+        is False
+    )

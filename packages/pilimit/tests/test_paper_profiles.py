@@ -227,6 +227,10 @@ def test_gclip_drop_with_lr_follows_the_lr_milestones_as_pilimit_orig(drop):
         sched.step()
     assert (opt.lr, opt.gclip) == pytest.approx((1.0, 0.4))
     sched.step()
+    # the clip drops one step after the lr: pilimit_orig's MultiStepGClip.step compares its count with the
+    # milestones before incrementing it (torch's MultiStepLR after), so step 400 still clips at 0.4
+    assert (opt.lr, opt.gclip) == pytest.approx((0.15, 0.4))
+    sched.step()
     assert opt.lr == pytest.approx(0.15)
     assert opt.gclip == pytest.approx(0.4 * 0.15 if drop else 0.4)
     # a resumed scheduler restores both

@@ -77,7 +77,7 @@ def build_memo(c: dict[str, Any], class_indices, device, seed: int, num_classes:
         prior_strength=c["prior_strength"], optimizer=c["optimizer"], lr=c["lr"], weight_decay=c["weight_decay"],
         top_k=c["top_k"], augmentation=c["augmentation"], class_indices=class_indices,
         size=int(c.get("image_size", 224)), test_resize=c.get("test_resize"),
-        include_original=bool(c.get("include_original", False)), seed=seed,
+        include_original=c.get("include_original", False), seed=seed,
         amp=c.get("amp", "auto"), compile=c.get("compile", False),
     )  # fmt: skip
 

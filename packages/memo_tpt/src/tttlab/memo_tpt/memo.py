@@ -139,6 +139,8 @@ class Memo:
         check_selection("top_k", top_k)
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError(f"size={size!r}; expected the view resolution in pixels (an integer >= 1)")
+        if not isinstance(include_original, bool):  # bool("false") would be True
+            raise ConfigError(f"include_original={include_original!r}; expected true or false")
         self.model = model.eval()  # upstream adapts and predicts in eval mode (BN through the prior)
         self.arch = arch
         self.n_augmentations, self.steps, self.top_k = int(n_augmentations), int(steps), top_k
@@ -158,7 +160,7 @@ class Memo:
             scale,
         )
         self.fill = fill
-        self.include_original = bool(include_original)
+        self.include_original = include_original
         self.test_resize = round(size * 256 / 224) if test_resize is None else int(test_resize)
         if self.test_resize < size:
             raise ConfigError(f"test_resize={test_resize} must be >= size={size} (resize, then centre crop)")

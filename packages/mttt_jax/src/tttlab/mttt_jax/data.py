@@ -5,7 +5,8 @@
   upstream's big_vision preprocessing re-implemented with Pillow/numpy: train = inception crop
   (area 5%-100%, aspect 3/4-4/3, bilinear resize) + horizontal flip + RandAugment(2, 10) (16 ops,
   magnitude 10 of 10, fill 128; upstream's TF ops, ported); eval = resize the short side to 256 (area
-  averaging, TF's ``method="area"`` of upstream's ``resize_small``) + central crop 224.
+  averaging with fractional coverage and truncation to uint8, TF's ``method="area"`` of upstream's
+  ``resize_small``) + central crop 224.
   ``value_range(-1, 1)`` on both.
 
 Where the Pillow ops knowingly differ from upstream's TF ops (training augmentation only):
@@ -70,20 +71,41 @@ def inception_crop(img: np.ndarray, size: int, rng: np.random.Generator, area=(0
     return _np(out, img.shape[-1])
 
 
+def _area_resize_axis(a: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    """Area resampling of ``a`` along ``axis`` to ``n_out`` samples (float64): output ``o`` is the mean of the
+    piecewise-constant input over ``[o * s, (o + 1) * s)``, ``s = n_in / n_out``, input pixels that the interval
+    only partly covers weighted by the covered fraction (TF's ``ResizeArea``, also when enlarging).  Computed as
+    differences of the running integral (exact int32 sums for uint8 input, so a large photo costs no float64
+    copy), so the cost does not grow with ``s``."""
+    a = np.moveaxis(a, axis, 0)
+    n_in = a.shape[0]
+    integral = np.cumsum(a, axis=0, dtype=np.int32 if a.dtype == np.uint8 else np.float64)
+    integral = np.concatenate([np.zeros((1, *a.shape[1:]), integral.dtype), integral])  # [k]: first k pixels
+    edges = np.arange(n_out + 1) * (n_in / n_out)
+    k = np.minimum(np.floor(edges).astype(np.int64), n_in - 1)
+    frac = (edges - k).reshape(-1, *([1] * (a.ndim - 1)))
+    at_edges = integral[k] + frac * a[k]
+    return np.moveaxis((at_edges[1:] - at_edges[:-1]) / (n_in / n_out), 0, axis)
+
+
 def resize_small_center_crop(img: np.ndarray, resize: int, crop: int) -> np.ndarray:
     """Short side to ``resize`` by area averaging, then the central ``crop`` x ``crop``.
 
-    Upstream's ``resize_small(256)`` uses TF's ``method="area"`` (each output pixel is the mean of the input
-    area it covers); Pillow's ``BOX`` filter is that average (``BILINEAR`` would be a wider triangle filter).
+    Upstream's ``resize_small(256)`` is TF's ``tf.image.resize(method="area")`` of the uint8 image, cast back
+    to uint8: each output pixel is the mean of the input area it covers, partly covered pixels weighted by
+    their covered fraction, and the cast truncates.  Pillow's ``BOX`` filter is not that average when the
+    ratio is not an integer (it gives whole weight to the pixels whose centres fall inside, 0 to the others:
+    at 375 -> 256 about 20 grey levels from TF's on noise), so the average is computed here in float64 and
+    truncated as TF's cast does (TF sums in float32, so a value that is exactly an integer here can come out
+    one level lower there).
     """
-    from PIL import Image
-
     h, w = img.shape[:2]
     s = resize / min(h, w)
     nh, nw = max(crop, int(round(h * s))), max(crop, int(round(w * s)))
-    pil = _pil(img).resize((nw, nh), Image.BOX)
     top, left = (nh - crop) // 2, (nw - crop) // 2
-    return _np(pil.crop((left, top, left + crop, top + crop)), img.shape[-1])
+    rows = _area_resize_axis(img, nh, 0)[top : top + crop]  # each output row depends on its input rows only
+    out = _area_resize_axis(rows, nw, 1)[:, left : left + crop]
+    return np.floor(np.clip(out, 0, 255) + 1e-6).astype(np.uint8)
 
 
 _MAX_LEVEL = 10.0

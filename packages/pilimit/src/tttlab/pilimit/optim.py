@@ -202,10 +202,11 @@ class PiSGD:
 class MultiStepLR:
     """``lr = lr0 * gamma^(number of milestones <= step)``; call :meth:`step` after each optimizer step.
 
-    ``drop_gclip=True`` also sets ``optimizer.gclip = gclip0 * gamma^(same count)``: ``pilimit_orig`` (the
-    paper's code) builds its clip schedule from the lr milestones and ratio and clips with it, so its
-    clip drops with the lr; ``pilimit_lib`` builds the same schedule but clips with the fixed value
-    (``drop_gclip=False``, the default)."""
+    ``drop_gclip=True`` also sets ``optimizer.gclip = gclip0 * gamma^(number of milestones < step)``:
+    ``pilimit_orig`` (the paper's code) builds its clip schedule from the lr milestones and ratio and clips
+    with it, so its clip drops with the lr, one step after it (its ``MultiStepGClip.step`` tests the step
+    count before incrementing it, torch's ``MultiStepLR`` after); ``pilimit_lib`` builds the same schedule
+    but clips with the fixed value (``drop_gclip=False``, the default)."""
 
     def __init__(self, optimizer: PiSGD, milestones, gamma: float, drop_gclip: bool = False):
         self.optimizer, self.milestones, self.gamma = (
@@ -222,7 +223,7 @@ class MultiStepLR:
     def gclip_at(self, t: int) -> float:
         if not self.drop_gclip:
             return self.gclip0
-        return self.gclip0 * self.gamma ** sum(1 for m in self.milestones if m <= t)
+        return self.gclip0 * self.gamma ** sum(1 for m in self.milestones if m < t)
 
     def _apply(self) -> None:
         self.optimizer.lr = self.lr_at(self.t)
