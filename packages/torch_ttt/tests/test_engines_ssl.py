@@ -457,6 +457,63 @@ def test_it3_rejects_a_target_of_the_wrong_shape():
         engine(images(4), target=torch.arange(4))
 
 
+def _with_embedding(net, layer, emb, x):
+    handle = layer.register_forward_hook(lambda m, a, out: out + emb)
+    try:
+        return net(x)
+    finally:
+        handle.remove()
+
+
+def test_it3_softmax_feedback_feeds_and_compares_probabilities():
+    """``feedback="softmax"`` (a logit classifier, as the official notebooks feed probabilities back): the
+    embedder gets ``softmax(f(x, 0))``, the idempotence loss compares the two passes' probabilities, the
+    training loss compares ``softmax(f(x, y))`` with the one-hot ``y``; gradients as the written-out loss."""
+    net = conv_net(bn=False)
+    engine = IT3Engine(net, "fc1", feedback="softmax").eval()
+    x = images(6, seed=3)
+    params = list(net.parameters())
+    got = engine.adapt_loss(x)
+    p0 = net(x).softmax(1)
+    p1 = _with_embedding(net, net.fc1, engine.embeder(p0), x).softmax(1)
+    want = F.mse_loss(p1, p0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+    for g, w in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-8)
+    # differs from the raw-output loss on the same model (the default, torch-ttt's)
+    raw = IT3Engine(net, "fc1").eval()
+    raw.embeder.load_state_dict(engine.embeder.state_dict())
+    assert abs(raw.adapt_loss(x).item() - got.item()) > 1e-3
+    engine.train()
+    labels = torch.arange(6) % 5
+    target = engine.label_target(labels)
+    torch.testing.assert_close(target, F.one_hot(labels, 5).float())
+    y0, loss = engine(x, target=target)
+    torch.testing.assert_close(y0, net(x), rtol=1e-5, atol=1e-6)
+    p_y = _with_embedding(net, net.fc1, engine.embeder(target), x).softmax(1)
+    torch.testing.assert_close(loss, F.mse_loss(p_y, target), rtol=1e-5, atol=1e-8)
+    with pytest.raises(InvalidInputError, match="feedback"):
+        IT3Engine(net, "fc1", feedback="probs")
+    with pytest.raises(InvalidInputError, match="integers"):
+        engine.label_target(target)
+
+
+def test_it3_adapts_the_model_not_the_embedder_and_predicts_f_x_0():
+    """torch-ttt: the optimizer holds the model's parameters only (the jointly trained embedder stays as
+    trained) and the prediction after the steps is the adapted model's plain forward ``f(x, 0)``."""
+    net = conv_net(bn=False)
+    engine = IT3Engine(net, "fc1", optimization_parameters={"num_steps": 2, "lr": 1e-2, "reset": "never"})
+    engine.eval()
+    before_model = {k: v.clone() for k, v in net.state_dict().items()}
+    before_emb = {k: v.clone() for k, v in engine.embeder.state_dict().items()}
+    x = images(6, seed=5, shift=1.0)
+    out, _ = engine(x)
+    assert any(not torch.equal(before_model[k], v) for k, v in net.state_dict().items())
+    assert all(torch.equal(before_emb[k], v) for k, v in engine.embeder.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(out, net(x))
+
+
 # -- the losses against their formulas, written out in float64 (mutation audit: the zero-at-the-statistics
 #    and positive-when-shifted checks above let a wrong normaliser, an L2 for an L1 or a detached target
 #    through) ------------------------------------------------------------------------------------------
