@@ -385,7 +385,7 @@ def test_patch_masks_are_whole_patches_of_a_fixed_count():
     assert mask.shape == (5, 1, 12, 12)
     grid = mask.view(5, 3, 4, 3, 4)
     assert torch.equal(grid.amin(dim=(2, 4)), grid.amax(dim=(2, 4)))  # constant within each patch
-    assert grid[:, :, 0, :, 0].sum(dim=(1, 2)).tolist() == [round(0.5 * 9)] * 5
+    assert grid[:, :, 0, :, 0].sum(dim=(1, 2)).tolist() == [9 - int(9 * 0.5)] * 5  # MAE: 5 of 9
     assert torch.equal(masked[mask.expand_as(x)], torch.full((int(mask.sum()),), -3.0))
     assert torch.equal(masked[~mask.expand_as(x)], x[~mask.expand_as(x)])
 
@@ -595,11 +595,14 @@ def test_it3_idempotence_gradient_flows_through_both_applications():
 
 @pytest.mark.parametrize(
     "size, prob, count",
-    [(12, 0.75, 7), (12, 0.3, 3), (16, 0.75, 12), (10, 0.75, 7), (12, 0.01, 1)],
-)
-def test_masked_patch_count_is_the_rounded_fraction(size, prob, count):
-    """``max(1, round(mask_prob * L))`` patches per image (0.75 of 9 is 7, not the floor 6; a 10x10 image
-    has a ceil-divided 3x3 grid)."""
+    [(12, 0.75, 7), (12, 0.3, 3), (16, 0.75, 12), (10, 0.75, 7), (12, 0.01, 1), (12, 0.5, 5), (28, 0.6, 30),
+     (28, 0.75, 37)],
+)  # fmt: skip
+def test_masked_patch_count_is_maes(size, prob, count):
+    """MAE's count, all but ``int(L * (1 - mask_prob))`` of the ``L`` patches (``random_masking``'s
+    ``len_keep``), at least one: 0.75 of 9 is 7, not the floor 6; 0.5 of 9 is 5 and 0.6 of 49 is 30, where
+    rounding gave 4 and 29; MNIST's 7x7 grid of 4-pixel patches at 0.75: 37.  A 10x10 image has a
+    ceil-divided 3x3 grid."""
     x = torch.randn(3, 1, size, size, generator=torch.Generator().manual_seed(0))
     _, mask = mask_patches(x, 4, prob, generator=torch.Generator().manual_seed(0))
     cells = -(-size // 4)
