@@ -360,7 +360,7 @@ def training_run(c: dict[str, Any], dist: Dist) -> Path:
     overrides = [f"train.engine={train_engine}", "eval.enabled=false", f"device={c['device']}",
                  *c["train_overrides"]]  # fmt: skip
     tc = T.train_config(c["train_experiment"], overrides)
-    if train_engine == engine and c["engine"]["kwargs"]:
+    if train_engine == engine and engine in T.HEADED and c["engine"]["kwargs"]:
         # a head trained for the evaluated engine is trained with its arguments (IT3's feedback shapes its
         # training loss); engines evaluated without arguments keep their cache key
         tc["train"]["engine_kwargs"] = {**(tc["train"]["engine_kwargs"] or {}), **c["engine"]["kwargs"]}
