@@ -48,7 +48,9 @@ Against the paper and the official notebooks (nikitadurasov/ittt, read for this 
   whether the first pass gets the ground truth (probability 0.75 MNIST, 0.2 CIFAR) or a neutral signal (a
   random class for MNIST, the uniform distribution 0.1 for CIFAR) and put the task loss on both that pass
   and a second pass fed its prediction.  The neutral signal there is an input to the embedder; here, as
-  torch-ttt, "0" means no embedding at all.
+  torch-ttt, "0" means no embedding at all.  The notebooks and torch-ttt's example weigh the two terms
+  equally; ``tttlab-torch-ttt-train`` multiplies the engine's term by ``train.ssl_weight`` (0.35, the TTT
+  tutorial's weight, shared by every engine).
 * distances and steps: the notebooks use the Jensen-Shannon divergence of the two passes' probabilities,
   Adam at 1e-3, 10 steps (MNIST, test-time signal a random class; its loop makes one more update after
   the forward it reports) or 1 step (CIFAR, the network in train mode); torch-ttt's default is MSE, 3
