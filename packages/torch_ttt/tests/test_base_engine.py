@@ -344,3 +344,26 @@ def test_bn_engine_prior_strength_mixes_source_and_unbiased_test_statistics_by_h
         batch_only = get_engine("bn")(m).eval()(x)[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(got, batch_only, atol=1e-3)
+
+
+def test_bn_engine_with_a_prior_accepts_a_single_image():
+    """Schneider et al.'s prior is for small test batches, down to one image (N=16 at n=1 in the paper):
+    ``prior_strength`` lets a batch of one through (its statistics over the spatial positions, unbiased
+    variance, mixed with the source ones); test-batch statistics alone still need two images."""
+    m = bn_model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = x_batch(seed=4)[:1]
+    got = get_engine("bn")(m, prior_strength=16.0).eval()(x)[0]
+    conv, bn, lin = m[0], m[1], m[4]
+    with torch.no_grad():
+        h = conv(x).double()
+        w = 16.0 / 17.0
+        mean = w * bn.running_mean.double() + (1 - w) * h.mean(dim=(0, 2, 3))
+        var = w * bn.running_var.double() + (1 - w) * h.var(dim=(0, 2, 3), correction=1)
+        y = (h - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + bn.eps)
+        y = torch.relu(y * bn.weight.double().view(1, -1, 1, 1) + bn.bias.double().view(1, -1, 1, 1))
+        want = (y.flatten(1) @ lin.weight.double().T + lin.bias.double()).float()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # running stats untouched
+    with pytest.raises(InvalidInputError, match="at least 2"):
+        get_engine("bn")(m).eval()(x)

@@ -239,3 +239,23 @@ def test_evaluate_computes_the_fisher_on_the_seeded_subset(tmp_path, monkeypatch
     stats = _StatisticsSpy()
     E.calibrate(stats, config(3), torch.device("cpu"), info)
     assert torch.equal(torch.cat([b[0] for b in stats.batches]), to_tensor(train.take(np.arange(12))[0]))
+
+
+def test_eta_is_eata_without_the_fisher_term():
+    """The paper's ETA (official ``--algorithm eta``: no Fisher regulariser) is the engine without
+    ``fishers``; ``fisher_alpha=0`` (what ``evaluate.py`` can pass, as it always calibrates) takes the
+    same step.  With the regulariser the step differs once the parameters left the anchor."""
+    x = batches(1, n=16, seed=7)[0]
+    calib = batches(2, n=16, seed=1)
+    states = {}
+    for name, alpha, calibrate in (("eta", 2000.0, False), ("alpha0", 0.0, True), ("eata", 2000.0, True)):
+        m = bn_model()
+        engine = get_engine("eata")(m, {"reset": "never", "lr": 0.05, "num_steps": 2}, e_margin=10.0,
+                                    d_margin=None, fisher_alpha=alpha).eval()  # fmt: skip
+        if calibrate:
+            engine.compute_fishers(calib)
+        engine(x)
+        states[name] = {k: v.clone() for k, v in m.state_dict().items()}
+    for k in states["eta"]:
+        torch.testing.assert_close(states["alpha0"][k], states["eta"][k], rtol=0, atol=0)
+    assert not torch.equal(states["eata"]["1.weight"], states["eta"]["1.weight"])

@@ -385,7 +385,7 @@ def test_patch_masks_are_whole_patches_of_a_fixed_count():
     assert mask.shape == (5, 1, 12, 12)
     grid = mask.view(5, 3, 4, 3, 4)
     assert torch.equal(grid.amin(dim=(2, 4)), grid.amax(dim=(2, 4)))  # constant within each patch
-    assert grid[:, :, 0, :, 0].sum(dim=(1, 2)).tolist() == [round(0.5 * 9)] * 5
+    assert grid[:, :, 0, :, 0].sum(dim=(1, 2)).tolist() == [9 - int(9 * 0.5)] * 5  # MAE: 5 of 9
     assert torch.equal(masked[mask.expand_as(x)], torch.full((int(mask.sum()),), -3.0))
     assert torch.equal(masked[~mask.expand_as(x)], x[~mask.expand_as(x)])
 
@@ -455,6 +455,63 @@ def test_it3_rejects_a_target_of_the_wrong_shape():
     engine = IT3Engine(conv_net(), "fc1").train()
     with pytest.raises(InvalidInputError, match="one-hot"):
         engine(images(4), target=torch.arange(4))
+
+
+def _with_embedding(net, layer, emb, x):
+    handle = layer.register_forward_hook(lambda m, a, out: out + emb)
+    try:
+        return net(x)
+    finally:
+        handle.remove()
+
+
+def test_it3_softmax_feedback_feeds_and_compares_probabilities():
+    """``feedback="softmax"`` (a logit classifier, as the official notebooks feed probabilities back): the
+    embedder gets ``softmax(f(x, 0))``, the idempotence loss compares the two passes' probabilities, the
+    training loss compares ``softmax(f(x, y))`` with the one-hot ``y``; gradients as the written-out loss."""
+    net = conv_net(bn=False)
+    engine = IT3Engine(net, "fc1", feedback="softmax").eval()
+    x = images(6, seed=3)
+    params = list(net.parameters())
+    got = engine.adapt_loss(x)
+    p0 = net(x).softmax(1)
+    p1 = _with_embedding(net, net.fc1, engine.embeder(p0), x).softmax(1)
+    want = F.mse_loss(p1, p0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+    for g, w in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-8)
+    # differs from the raw-output loss on the same model (the default, torch-ttt's)
+    raw = IT3Engine(net, "fc1").eval()
+    raw.embeder.load_state_dict(engine.embeder.state_dict())
+    assert abs(raw.adapt_loss(x).item() - got.item()) > 1e-3
+    engine.train()
+    labels = torch.arange(6) % 5
+    target = engine.label_target(labels)
+    torch.testing.assert_close(target, F.one_hot(labels, 5).float())
+    y0, loss = engine(x, target=target)
+    torch.testing.assert_close(y0, net(x), rtol=1e-5, atol=1e-6)
+    p_y = _with_embedding(net, net.fc1, engine.embeder(target), x).softmax(1)
+    torch.testing.assert_close(loss, F.mse_loss(p_y, target), rtol=1e-5, atol=1e-8)
+    with pytest.raises(InvalidInputError, match="feedback"):
+        IT3Engine(net, "fc1", feedback="probs")
+    with pytest.raises(InvalidInputError, match="integers"):
+        engine.label_target(target)
+
+
+def test_it3_adapts_the_model_not_the_embedder_and_predicts_f_x_0():
+    """torch-ttt: the optimizer holds the model's parameters only (the jointly trained embedder stays as
+    trained) and the prediction after the steps is the adapted model's plain forward ``f(x, 0)``."""
+    net = conv_net(bn=False)
+    engine = IT3Engine(net, "fc1", optimization_parameters={"num_steps": 2, "lr": 1e-2, "reset": "never"})
+    engine.eval()
+    before_model = {k: v.clone() for k, v in net.state_dict().items()}
+    before_emb = {k: v.clone() for k, v in engine.embeder.state_dict().items()}
+    x = images(6, seed=5, shift=1.0)
+    out, _ = engine(x)
+    assert any(not torch.equal(before_model[k], v) for k, v in net.state_dict().items())
+    assert all(torch.equal(before_emb[k], v) for k, v in engine.embeder.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(out, net(x))
 
 
 # -- the losses against their formulas, written out in float64 (mutation audit: the zero-at-the-statistics
@@ -538,11 +595,14 @@ def test_it3_idempotence_gradient_flows_through_both_applications():
 
 @pytest.mark.parametrize(
     "size, prob, count",
-    [(12, 0.75, 7), (12, 0.3, 3), (16, 0.75, 12), (10, 0.75, 7), (12, 0.01, 1)],
-)
-def test_masked_patch_count_is_the_rounded_fraction(size, prob, count):
-    """``max(1, round(mask_prob * L))`` patches per image (0.75 of 9 is 7, not the floor 6; a 10x10 image
-    has a ceil-divided 3x3 grid)."""
+    [(12, 0.75, 7), (12, 0.3, 3), (16, 0.75, 12), (10, 0.75, 7), (12, 0.01, 1), (12, 0.5, 5), (28, 0.6, 30),
+     (28, 0.75, 37)],
+)  # fmt: skip
+def test_masked_patch_count_is_maes(size, prob, count):
+    """MAE's count, all but ``int(L * (1 - mask_prob))`` of the ``L`` patches (``random_masking``'s
+    ``len_keep``), at least one: 0.75 of 9 is 7, not the floor 6; 0.5 of 9 is 5 and 0.6 of 49 is 30, where
+    rounding gave 4 and 29; MNIST's 7x7 grid of 4-pixel patches at 0.75: 37.  A 10x10 image has a
+    ceil-divided 3x3 grid."""
     x = torch.randn(3, 1, size, size, generator=torch.Generator().manual_seed(0))
     _, mask = mask_patches(x, 4, prob, generator=torch.Generator().manual_seed(0))
     cells = -(-size // 4)

@@ -684,3 +684,68 @@ def test_train_compile_trains_through_the_compiled_model_and_enters_the_hash(tmp
     assert recorder.calls == 10, "the 10 training steps' forwards"
     with pytest.raises(CheckpointError, match="another model/training config"):
         T.run(smoke_config(out, "train.engine=source", "eval.enabled=false"))
+
+
+def test_train_epoch_gives_it3_the_one_hot_labels():
+    """IT3's training scheme needs the ground truth fed in (``f(x, y) ~ y``: paper, torch-ttt's example,
+    the official notebooks): ``train_epoch`` passes the one-hot labels as ``target``, so the epoch's
+    self-supervised loss is ``distance(s(f(x, y)), y)``, not the test-time idempotence loss it used to get."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from tttlab.torch_ttt.engine.it3_engine import IT3Engine
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    engine = IT3Engine(model, "1", example_input=x[:2], feedback="softmax")
+    seen = []
+    forward = engine.ttt_forward
+
+    def spy(inputs, target=None, **kwargs):
+        seen.append(target)
+        return forward(inputs, target=target, **kwargs)
+
+    engine.ttt_forward = spy
+    train = {"shuffle": False, "ssl_weight": 0.35, "stop_after_steps": None, "checkpoint_every": 100}
+    cfg = {"seed": 0, "data": {"batch_size": 4}, "logging": {"progress": False}, "train": train}
+    state = {"epoch": 0, "batch": 0, "step": 0, "correct": 0, "seen": 0, "task_loss": 0.0, "ssl_loss": 0.0}
+    first = engine.train()(x[:4], target=F.one_hot(y[:4], 3).float())[1].item()
+    seen.clear()
+    opt = torch.optim.SGD(engine.parameters(), lr=0.0)  # lr 0: the loss of batch 1 is checkable
+    assert T.train_epoch(engine, opt, x, y, state, cfg, lambda: None, torch.device("cpu"))
+    assert len(seen) == 2 and all(t is not None for t in seen)
+    torch.testing.assert_close(seen[0], F.one_hot(y[:4], 3).float())
+    torch.testing.assert_close(seen[1], F.one_hot(y[4:], 3).float())
+    second = engine(x[4:], target=F.one_hot(y[4:], 3).float())[1].item()
+    assert state["ssl_loss"] == pytest.approx(4 * first + 4 * second, rel=1e-5)
+
+
+def test_it3_training_has_its_own_cache_key_and_the_others_keep_theirs(monkeypatch):
+    """Models trained before IT3 got its labels must not be resumed or reused: the ``ittt`` training key
+    changed (and evaluate.py trains the IT3 head with ``conf/engine/ittt.yaml``'s ``feedback``); the other
+    engines' keys are the ones main had (``mnist_bn``, 10,000 images, as the README's sweep)."""
+    overrides = ["eval.enabled=false", "device=cpu", "data.num_examples=10000"]
+    keys = {
+        e: config_hash(T._training_part(T.train_config("mnist_bn", [f"train.engine={e}", *overrides])))
+        for e in ("ttt", "ittt", "masked_ttt")
+    }
+    assert keys["ttt"] == "9a60db50be25" and keys["masked_ttt"] == "60c31a8c1179"  # unchanged
+    assert keys["ittt"] != "d338ba0fb2b1"  # main's key, whose models were trained without the labels
+    trained = []
+    monkeypatch.setattr(T, "run", lambda tc: trained.append(tc))
+
+    class OneRank:
+        rank = 0
+
+        def barrier(self):
+            pass
+
+    for engine in ("ittt", "ttt"):
+        c = E.eval_config({"engine": engine}, ["train_experiment=mnist_bn", "cache_dir=/nonexistent-cache",
+                                               "train_overrides=[data.num_examples=10000]"])  # fmt: skip
+        path = E.training_run(c, OneRank())
+        assert path.name.endswith(keys["ttt"]) == (engine == "ttt")
+    assert trained[0]["train"]["engine_kwargs"] == {"feedback": "softmax"}
+    assert trained[1]["train"]["engine_kwargs"] == {}

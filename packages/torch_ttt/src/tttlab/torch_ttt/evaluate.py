@@ -8,7 +8,8 @@
 The model comes from ``train_run`` (a ``tttlab-torch-ttt-train`` run directory) or, when that is null,
 from a run of ``train_experiment`` trained on first use and cached under ``cache_dir`` (keyed by the hash
 of its training config).  Engines with a jointly trained auxiliary head (``ttt``, ``ttt_pp``, ``ittt``,
-``masked_ttt``) get a model trained with that engine; the others the model trained with TTT (its
+``masked_ttt``) get a model trained with that engine, and with the evaluation's ``engine.kwargs`` when it
+has any (``conf/engine/ittt.yaml``: ``feedback: softmax``); the others the model trained with TTT (its
 rotation head is unused by them).  TTT++/ActMAD reference statistics and EATA's Fisher information are
 computed on ``calibration.num_examples`` clean training images: the first ones for the statistics, a
 random subset drawn with the run's ``seed`` for the Fisher information (:func:`fisher_subset`, as the
@@ -359,6 +360,10 @@ def training_run(c: dict[str, Any], dist: Dist) -> Path:
     overrides = [f"train.engine={train_engine}", "eval.enabled=false", f"device={c['device']}",
                  *c["train_overrides"]]  # fmt: skip
     tc = T.train_config(c["train_experiment"], overrides)
+    if train_engine == engine and engine in T.HEADED and c["engine"]["kwargs"]:
+        # a head trained for the evaluated engine is trained with its arguments (IT3's feedback shapes its
+        # training loss); engines evaluated without arguments keep their cache key
+        tc["train"]["engine_kwargs"] = {**(tc["train"]["engine_kwargs"] or {}), **c["engine"]["kwargs"]}
     key = config_hash(T._training_part(tc))
     path = Path(c["cache_dir"]) / f"{tc['model']['name']}-{train_engine}-{key}"
     tc["out_dir"], tc["logging"] = str(path), c["logging"]
@@ -425,7 +430,12 @@ def load_engine(c: dict[str, Any], run_dir: Path | None, device: torch.device, e
     kwargs = dict(c["engine"]["kwargs"] or {})
     optimization = {k: v for k, v in (c["engine"]["optimization"] or {}).items() if k != "reset"}
     if name == ck["engine_name"]:
-        kwargs = {**(ck["engine_kwargs"] or {}), **kwargs}
+        trained = ck["engine_kwargs"] or {}
+        differ = {k: v for k, v in kwargs.items() if k not in trained or trained[k] != v}
+        if differ:  # e.g. IT3's feedback: the head was trained for other arguments
+            log.warning("%s: evaluating %s with %s, but its head was trained with engine_kwargs %s",
+                        run_dir, name, differ, trained)  # fmt: skip
+        kwargs = {**trained, **kwargs}
     engine = T.build_engine(name, model, model_name, kwargs, optimization, example)
     if name == ck["engine_name"]:
         try:

@@ -30,7 +30,7 @@ ENGINES = {
                "ActMAD: multi-layer activation mean/variance alignment to training statistics"),
     "deyo": ("Lee et al. 2024, ICLR (lee2024deyo)",
              "DeYO: entropy + pseudo-label probability difference filters on patch-shuffled images"),
-    "ittt": ("Durasov et al. 2025, ICCV (durasov2025it3)",
+    "ittt": ("Durasov et al. 2025, ICML (durasov2025it3)",
              "IT3: idempotent test-time training (prediction fed back through an embedder)"),
     "masked_ttt": ("Gandelsman et al. 2022, NeurIPS (gandelsman2022ttt-mae)",
                    "masked TTT: masked-patch pixel reconstruction head, test-time steps on its loss"),

@@ -6,7 +6,8 @@
 
 Flow (each step a small function): :func:`load_mnist` (embedded MNIST, normalised as the tutorial) ->
 :func:`build_model_and_engine` (the auxiliary head exists before the optimizer is made, so it is trained)
--> :func:`train_epoch` (``loss = task + ssl_weight * ssl``; atomic checkpoints every
+-> :func:`train_epoch` (``loss = task + ssl_weight * ssl``; IT3 gets the one-hot labels as ``target``,
+its training scheme ``f(x, y) ~ y``; atomic checkpoints every
 ``train.checkpoint_every`` steps and at each epoch end) -> :func:`evaluate_noisy` (clean accuracy, the
 tutorial's ``x + 2 N(0, 1)`` test stream without TTT, and with TTT after each of ``eval.num_steps``).
 
@@ -54,6 +55,7 @@ from tttlab.core.records import RunDir, config_hash, read_jsonl
 from tttlab.core.torch import read_torch_file, resolve_device
 
 from .engine.base_engine import OPTIMIZERS, BaseEngine
+from .engine.it3_engine import IT3Engine
 from .engine_registry import EngineRegistry, get_engine
 from .models import MODELS, build_model, model_info
 from .precision import check_amp, check_compile, compile_kwargs
@@ -319,7 +321,10 @@ def train_epoch(
             idx = order[b * bs : (b + 1) * bs]
             xb, yb = x[idx].to(device), y[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
-            out, ssl = engine(xb)
+            # IT3 learns f(x, y) ~ y from the ground truth fed in (paper, torch-ttt's example, the official
+            # notebooks); without it, it trained its embedder on its own idempotence loss only
+            extra = {"target": engine.label_target(yb)} if isinstance(engine, IT3Engine) else {}
+            out, ssl = engine(xb, **extra)
             task = F.cross_entropy(out, yb)
             loss = task + float(t["ssl_weight"]) * ssl
             loss.backward()
@@ -539,6 +544,10 @@ def _training_part(c: dict[str, Any]) -> dict[str, Any]:
     part.update(
         {k: c[k] for k, default in (("amp", "none"), ("compile", False)) if c.get(k, default) != default}
     )
+    if c["train"].get("engine") == "ittt":
+        # IT3 trains with the labels as target since 2026-12-01: models trained without them (same config
+        # otherwise) have another key and are neither resumed nor reused from a cache
+        part["ittt_target"] = "one_hot_labels"
     return part
 
 

@@ -6,6 +6,10 @@ With ``prior_strength=None`` (default) every BatchNorm layer normalises with the
 only (N=0, the biased batch variance, as a train-mode BatchNorm); with ``prior_strength=N`` the source
 statistics are mixed in with weight N/(N+1) and the test variance is the unbiased one, as in the
 bethgelab code of that paper (the test statistics read from ``F.batch_norm``'s running-buffer update).
+The prior exists for small test batches (the paper's smallest is one image): with ``prior_strength``
+a single image is accepted (its statistics over the spatial positions), without it the batch needs two.
+Running statistics are never changed (:func:`~tttlab.torch_ttt.norm.batch_statistics`), and the
+engine takes no gradient step.
 No upstream torch-ttt engine exists; this is the "BN" baseline of the TTA literature.
 """
 
@@ -25,7 +29,6 @@ __all__ = ["BNEngine"]
 @EngineRegistry.register("bn")
 class BNEngine(BaseEngine):
     optimization_defaults = {"num_steps": 0}
-    min_batch = 2
 
     def __init__(self, model, optimization_parameters=None, prior_strength: float | None = None):
         super().__init__(model, optimization_parameters)
@@ -34,6 +37,11 @@ class BNEngine(BaseEngine):
                 f"BNEngine needs a model with BatchNorm layers; {type(model).__name__} has none"
             )
         self.prior_strength = prior_strength
+
+    @property
+    def min_batch(self) -> int:
+        """2 for test-batch statistics alone; 1 with a prior (Schneider et al.'s single-image setting)."""
+        return 2 if self.prior_strength is None else 1
 
     @property
     def compiled_prediction(self) -> bool:

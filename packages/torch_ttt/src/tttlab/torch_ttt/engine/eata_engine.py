@@ -15,6 +15,11 @@ Algorithm (one adaptation step, normalisation layers using the test batch's stat
    information has been computed (:meth:`EataEngine.compute_fishers`) or given (``fishers``);
 4. no step at all when no sample is kept (as the official code).
 
+ETA, the paper's variant without the anti-forgetting term (official ``main.py --algorithm eta``), is
+this engine without ``fishers`` (no :meth:`EataEngine.compute_fishers` call); ``fisher_alpha=0`` takes
+the same steps (``tttlab-torch-ttt-evaluate engine=eata engine.kwargs.fisher_alpha=0``, which still
+computes the Fisher information, unused).
+
 Only the affine parameters of the normalisation layers (BatchNorm, GroupNorm, LayerNorm, InstanceNorm)
 are adapted; the moving average ``m`` is an adapted buffer (``current_model_probs``), so ``reset()``
 restores it with the parameters.  The official code puts the whole model in train mode (dropout, where

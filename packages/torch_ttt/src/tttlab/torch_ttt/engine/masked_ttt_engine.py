@@ -12,7 +12,8 @@ Two modes, chosen by ``mask_token_id``:
   with probability ``mask_prob`` (default 0.15) and the features layer's output, logits over the
   vocabulary ``(N, L, V)``, is scored by cross-entropy at the masked positions.
 * images (``mask_token_id=None``): float ``(N, C, H, W)`` inputs are cut into ``patch_size`` squares, a
-  fixed fraction ``mask_prob`` (default 0.75, MAE's ratio; at least one patch) of each image's patches is
+  fixed fraction ``mask_prob`` (default 0.75, MAE's ratio; MAE's count: all but ``int(L * (1 -
+  mask_prob))`` of the ``L`` patches, at least one) of each image's patches is
   set to ``mask_value``, and a small decoder built at construction reconstructs the pixels from the
   features layer: conv features -> 1x1 conv to ``C * patch_size**2`` channels + pixel shuffle (bilinear
   resize to H x W when the feature map is not H/patch_size); vector features -> a linear map to C*H*W
@@ -69,13 +70,14 @@ def mask_patches(
     mask_value: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(masked_images, pixel_mask)``: in every image the same number, ``max(1, round(mask_prob * L))``,
-    of its ``L`` patches (a ceil-divided grid, edge patches cropped) is set to ``mask_value``;
-    ``pixel_mask`` is ``(N, 1, H, W)`` bool, True where masked."""
+    """``(masked_images, pixel_mask)``: in every image the same number, ``max(1, L - int(L * (1 -
+    mask_prob)))`` (MAE's ``random_masking`` keeps ``int(L * (1 - mask_ratio))``), of its ``L`` patches
+    (a ceil-divided grid, edge patches cropped) is set to ``mask_value``; ``pixel_mask`` is
+    ``(N, 1, H, W)`` bool, True where masked."""
     n, _, h, w = images.shape
     gh, gw = -(-h // patch_size), -(-w // patch_size)
     num = gh * gw
-    k = min(num, max(1, round(mask_prob * num)))
+    k = min(num, max(1, num - int(num * (1 - mask_prob))))
     gen_device = generator.device if generator is not None else "cpu"
     noise = torch.rand(n, num, generator=generator, device=gen_device)
     chosen = noise.argsort(dim=1)[:, :k]
