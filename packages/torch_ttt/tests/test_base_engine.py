@@ -324,6 +324,20 @@ def test_reset_after_more_training_returns_to_the_trained_weights():
     assert same(state(m), trained)
 
 
+def _prior_bn_by_hand(m, x, n=16.0):
+    """The conv-BN-ReLU-linear ``bn_model`` with BN statistics ``N/(N+1) * source + 1/(N+1) * test`` (unbiased
+    test variance over batch and positions), in float64."""
+    conv, bn, lin = m[0], m[1], m[4]
+    with torch.no_grad():
+        h = conv(x).double()
+        w = n / (n + 1)
+        mean = w * bn.running_mean.double() + (1 - w) * h.mean(dim=(0, 2, 3))
+        var = w * bn.running_var.double() + (1 - w) * h.var(dim=(0, 2, 3), correction=1)
+        y = (h - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + bn.eps)
+        y = torch.relu(y * bn.weight.double().view(1, -1, 1, 1) + bn.bias.double().view(1, -1, 1, 1))
+        return (y.flatten(1) @ lin.weight.double().T + lin.bias.double()).float()
+
+
 def test_bn_engine_prior_strength_mixes_source_and_unbiased_test_statistics_by_hand():
     """``BNEngine(prior_strength=N)``: mean and variance ``N/(N+1) * source + 1/(N+1) * test`` (unbiased
     test variance), written out on a conv-BN-ReLU-linear model (mutation audit: ignoring the prior and
@@ -332,15 +346,8 @@ def test_bn_engine_prior_strength_mixes_source_and_unbiased_test_statistics_by_h
     x = x_batch(seed=4)
     engine = get_engine("bn")(m, prior_strength=16.0).eval()
     got = engine(x)[0]
-    conv, bn, lin = m[0], m[1], m[4]
+    want = _prior_bn_by_hand(m, x)
     with torch.no_grad():
-        h = conv(x).double()
-        w = 16.0 / 17.0
-        mean = w * bn.running_mean.double() + (1 - w) * h.mean(dim=(0, 2, 3))
-        var = w * bn.running_var.double() + (1 - w) * h.var(dim=(0, 2, 3), correction=1)
-        y = (h - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + bn.eps)
-        y = torch.relu(y * bn.weight.double().view(1, -1, 1, 1) + bn.bias.double().view(1, -1, 1, 1))
-        want = (y.flatten(1) @ lin.weight.double().T + lin.bias.double()).float()
         batch_only = get_engine("bn")(m).eval()(x)[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(got, batch_only, atol=1e-3)
@@ -354,15 +361,7 @@ def test_bn_engine_with_a_prior_accepts_a_single_image():
     before = {k: v.clone() for k, v in m.state_dict().items()}
     x = x_batch(seed=4)[:1]
     got = get_engine("bn")(m, prior_strength=16.0).eval()(x)[0]
-    conv, bn, lin = m[0], m[1], m[4]
-    with torch.no_grad():
-        h = conv(x).double()
-        w = 16.0 / 17.0
-        mean = w * bn.running_mean.double() + (1 - w) * h.mean(dim=(0, 2, 3))
-        var = w * bn.running_var.double() + (1 - w) * h.var(dim=(0, 2, 3), correction=1)
-        y = (h - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + bn.eps)
-        y = torch.relu(y * bn.weight.double().view(1, -1, 1, 1) + bn.bias.double().view(1, -1, 1, 1))
-        want = (y.flatten(1) @ lin.weight.double().T + lin.bias.double()).float()
+    want = _prior_bn_by_hand(m, x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # running stats untouched
     with pytest.raises(InvalidInputError, match="at least 2"):
