@@ -46,7 +46,9 @@ and ``config.yaml``.
 
 Records (core schema, ``<out_dir>/records.jsonl``): per domain ``accuracy`` (``n`` images, ``wall_time_s``
 of adaptation + prediction) and ``s_per_image`` (adaptation + prediction seconds per image), plus the
-mean accuracy over corruptions (``corruption="mean"``); ``step`` is the engine's ``num_steps``.
+mean accuracy over corruptions (``corruption="mean"``); ``step`` is the engine's ``num_steps``;
+``extra["benchmark_data"]``: ``files`` (released corrupted files), ``generated`` or ``noisy``
+(:func:`benchmark_data`; a ``cifar10_c`` / ``imagenet_c`` run on generated data also logs a warning).
 
 Distributed (``torchrun``): ``torch.distributed`` (gloo on CPU, NCCL with CUDA) is used only to learn the
 rank and world size and for barriers.  Rank r evaluates ``benchmark.batches(rank=r, world_size=W)`` and
@@ -578,6 +580,25 @@ class StreamBatch:
     domain_ids: np.ndarray
 
 
+#: Benchmarks with a released set of corrupted files, which core regenerates from the clean data when the
+#: root holds only that (``tttlab.core.benchmark``): published numbers are for the released files.
+RELEASED_BENCHMARKS = ("cifar10_c", "imagenet_c")
+
+
+def benchmark_data(c: dict[str, Any]) -> str:
+    """Where the evaluated images come from, written to the records' ``extra["benchmark_data"]``: ``"files"``
+    (the released corrupted files, read as they are), ``"generated"`` (corrupted here from clean data: core's
+    on-the-fly benchmarks, and a ``cifar10_c`` / ``imagenet_c`` root that holds the clean data but not the
+    released files) or ``"noisy"`` (the tutorial's stream).  Core picks files or generation from what the
+    root holds, without saying so; a paper profile (``+experiment=paper_tent_cifar10c``) compares with
+    numbers measured on the released files, so :func:`run` warns when such a benchmark is generated."""
+    if c["stream"] == "noisy":
+        return "noisy"
+    from tttlab.core.benchmark import from_config
+
+    return "files" if from_config(c["benchmark"]).domain_files is not None else "generated"
+
+
 def make_stream(c: dict[str, Any], dist: Dist, info: ModelInfo | None = None):
     """``(batches iterator, domains list, dataset name, number of batches)`` of this rank's shard, images
     normalised for ``info`` (default: the evaluated model, :func:`evaluated_model`)."""
@@ -707,6 +728,15 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     # the benchmark first: a bad setting, corruption or root fails now, not after training a model
     info = evaluated_model(c)
     batches, domains, dataset, num_batches = make_stream(c, dist, info)
+    data_source = benchmark_data(c)
+    if data_source == "generated" and c["benchmark"]["name"] in RELEASED_BENCHMARKS and dist.rank == 0:
+        from tttlab.core.benchmark import _FILES_LAYOUT
+
+        name = c["benchmark"]["name"]
+        log.warning("benchmark %s: root %s holds no released files (expected %s), so every domain is generated "
+                    "from the clean data by tttlab's corruptions: not the release's pixels, and published "
+                    "numbers (e.g. those of +experiment=paper_tent_cifar10c) do not apply to this run",
+                    name, c["benchmark"]["root"], _FILES_LAYOUT.get(name, "the released files"))  # fmt: skip
     run_dir = None if c["model_checkpoint"]["path"] else training_run(c, dist)
     x_example = example_images(info)
     engine, model_name, train_engine = load_engine(c, run_dir, device, x_example.to(device))
@@ -724,7 +754,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     )  # fmt: skip
     extra = {"reset": policy.value, "train_engine": train_engine, "train_run": str(run_dir),
              "world_size": dist.world_size, "amp": c["amp"], "compile": c["compile"],
-             "compiled_forwards": compiled_forwards(engine)}  # fmt: skip
+             "compiled_forwards": compiled_forwards(engine), "benchmark_data": data_source}  # fmt: skip
     if run_dir is None:
         extra.update(train_run=None, model_checkpoint=str(c["model_checkpoint"]["path"]))
     if dist.world_size == 1:

@@ -43,7 +43,9 @@ BatchNorm ``num_batches_tracked`` counters)::
 On disk (``Standard.pt``, what RobustBench's ``load_model`` reads): a ``torch.save`` file holding either
 ``{"state_dict": <state dict>, ...}`` or the state dict itself, keys possibly prefixed ``module.``
 (``torch.nn.DataParallel``); RobustBench reads ``checkpoint["state_dict"]`` when present and strips
-``module.``.  :func:`tttlab.torch_ttt.checkpoints.read_state_dict` accepts the same layouts.  The exact
+``module.`` (and ``model.``, which some other entries of its zoo carry).
+:func:`tttlab.torch_ttt.checkpoints.read_state_dict` accepts these layouts, ``model.`` prefixes excepted
+(a ``CheckpointError`` names the unknown keys).  The exact
 layout of the released file could not be inspected here (no network): both are tested.
 """
 
