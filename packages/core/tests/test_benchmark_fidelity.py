@@ -110,3 +110,35 @@ def test_file_order_subset_has_its_own_cache(tmp_path, monkeypatch):
     fresh = C.corrupt(src.images[:10], "contrast", 1, rng=np.random.default_rng([0, C.ALL.index("contrast"), 1, 0]),
                       family="mnist")  # fmt: skip
     assert np.array_equal(first.images, fresh)
+
+
+@pytest.mark.parametrize("files", [False, True], ids=["generated", "files"])
+def test_file_order_subset_of_a_class_sorted_folder_warns(files):
+    """RobustBench's ``load_imagenetc`` does not take the folder's first images: it takes the first ones of a
+    fixed random list of 5,000 validation images (``helper_files/imagenet_test_image_ids.txt``).  The first
+    images of a folder sorted by class (ImageNet-C's layout) are the first classes only; ``shuffle=False``
+    with a ``num_examples`` subset there warns, naming how many classes are left.  Unsorted data (CIFAR-10-C's
+    files, RobustBench's ``load_cifar10c``) and the default shuffled subset do not warn."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(40, 28, 28, 1), dtype=np.uint8)
+    sorted_src = ArrayDataset(images, np.repeat(np.arange(4), 10), name="sorted")
+    mixed_src = ArrayDataset(images, np.tile(np.arange(4), 10), name="mixed")
+
+    def labels(src, shuffle):
+        kw: dict = dict(
+            corruptions=("fog",), severities=(5,), num_examples=12, shuffle=shuffle, batch_size=12
+        )
+        if files:
+            kw["domain_files"] = lambda c, s: src
+        b = Benchmark("ids_c", None if files else src, family="mnist", **kw)
+        return np.concatenate([batch.labels for batch in b])
+
+    with pytest.warns(UserWarning, match="holds 2 of its 4 classes"):
+        got = labels(sorted_src, False)
+    assert np.array_equal(got, [0] * 10 + [1] * 2), "still the first images (RobustBench's CIFAR-10-C slice)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        labels(mixed_src, False)
+        assert len(set(labels(sorted_src, True).tolist())) > 2

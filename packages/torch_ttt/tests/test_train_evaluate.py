@@ -749,3 +749,50 @@ def test_it3_training_has_its_own_cache_key_and_the_others_keep_theirs(monkeypat
         assert path.name.endswith(keys["ttt"]) == (engine == "ttt")
     assert trained[0]["train"]["engine_kwargs"] == {"feedback": "softmax"}
     assert trained[1]["train"]["engine_kwargs"] == {}
+
+
+class _OneRank:
+    rank = 0
+
+    def barrier(self):
+        pass
+
+
+@pytest.mark.parametrize("engine", ["eata", "deyo"])
+def test_training_of_an_entropy_engine_keeps_its_key_when_it_is_the_train_engine(engine, monkeypatch):
+    """Only an engine with a head trains with the evaluated engine's ``kwargs`` (commit 4c831a0, untested
+    there): ``engine=eata train_engine=eata`` (or DeYO) has kwargs in ``conf/engine`` (``d_margin``,
+    ``patch_len``), but they only act at test time, so the model trained for it is the one of the plain
+    training config, under that config's cache key."""
+    trained = []
+    monkeypatch.setattr(T, "run", lambda tc: trained.append(tc))
+    overrides = ["train_experiment=mnist_bn", "cache_dir=/nonexistent-cache", f"train_engine={engine}"]
+    c = E.eval_config({"engine": engine}, overrides)
+    assert c["engine"]["kwargs"], "the premise: the evaluated engine has kwargs"
+    path = E.training_run(c, _OneRank())
+    plain = T.train_config("mnist_bn", [f"train.engine={engine}", "eval.enabled=false", "device=cpu"])
+    assert trained[0]["train"]["engine_kwargs"] == plain["train"]["engine_kwargs"]
+    assert path.name == f"mnist_bn-{engine}-{config_hash(T._training_part(plain))}"
+
+
+def test_a_train_run_trained_with_other_it3_kwargs_only_warns(tmp_path, caplog):
+    """A ``train_run`` whose IT3 head was trained with ``feedback="output"`` (torch-ttt's default, no kwargs
+    recorded), evaluated with ``conf/engine/ittt.yaml``'s ``feedback: softmax``: a warning naming both, then
+    the evaluation's kwargs win.  Evaluated with the default it was trained with, spelled out, no
+    warning (the check used to compare against the recorded kwargs only and warned then too)."""
+    out = tmp_path / "ittt"
+    T.run(smoke_config(out, "train.engine=ittt", "eval.enabled=false", "data.num_examples=64"))
+    example, _ = T.load_mnist("train", 2)
+    c = E.eval_config({"engine": "ittt"}, [f"train_run={out}", "device=cpu"])
+    assert c["engine"]["kwargs"] == {"feedback": "softmax"}
+    with caplog.at_level("WARNING", logger="tttlab.torch_ttt.evaluate"):
+        eng, _, trained_with = E.load_engine(c, out, torch.device("cpu"), example)
+    assert trained_with == "ittt" and eng.feedback == "softmax"
+    assert "{'feedback': 'softmax'}" in caplog.text and "trained with engine_kwargs" in caplog.text
+    # the default spelled out (the head was trained with it: the run recorded no kwargs) is no difference
+    for extra in ("engine.kwargs.feedback=output",):
+        caplog.clear()
+        same = E.eval_config({"engine": "ittt"}, [f"train_run={out}", "device=cpu", extra])
+        with caplog.at_level("WARNING", logger="tttlab.torch_ttt.evaluate"):
+            eng, _, _ = E.load_engine(same, out, torch.device("cpu"), example)
+        assert eng.feedback == "output" and "trained with engine_kwargs" not in caplog.text, extra

@@ -62,6 +62,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +219,22 @@ def corruptions_code_hash() -> str:
     return source_fingerprint(C.__name__)
 
 
+def _warn_if_first_images_miss_classes(ds: ImageDataset, n: int, what: str) -> None:
+    """Warn when the first ``n`` images of a dataset sorted by class leave classes out (``shuffle=False``
+    with a ``num_examples`` subset on e.g. an ImageNet folder: a subset of the first classes only)."""
+    labels = np.asarray(ds.labels)
+    if len(labels) < 2 or not np.all(np.diff(labels) >= 0):
+        return
+    have, total = len(np.unique(labels[:n])), len(np.unique(labels))
+    if have < total < len(labels):  # classes of several images each, in runs: sorted by class
+        warnings.warn(
+            f"{what}: shuffle=False takes the first {n} images in file order, and this data is sorted by "
+            f"class: the subset holds {have} of its {total} classes; use shuffle=True (a seeded random "
+            "subset) unless the reference really reads these first images",
+            stacklevel=3,
+        )
+
+
 class Benchmark:
     """A deterministic corruption benchmark over a source dataset (or over per-domain files).
 
@@ -231,7 +248,10 @@ class Benchmark:
         num_examples: images per domain, the same images in every domain; default all.  Shuffled: the
             first ``num_examples`` of a seeded permutation (a seeded random subset, as the
             test-time-adaptation benchmark's ``random.sample``); ``shuffle=False``: the first
-            ``num_examples`` in file order, as RobustBench's ``load_cifar10c`` / ``load_imagenetc``.
+            ``num_examples`` in file order, as RobustBench's ``load_cifar10c``.  On a folder sorted by
+            class (ImageNet-C, -A, -R, a generated ImageNet source) those are the first classes only, and
+            a warning says so: RobustBench's ``load_imagenetc`` takes the first images of its fixed random
+            list of 5,000 validation images instead, not of the folder; use the default ``shuffle=True``.
         seed: seeds the choice of examples, the corruption noise and the order.
         family: corruption constants (``mnist``, ``cifar``, ``imagenet``); default by image size.
         domain_files: ``(corruption, severity) -> ImageDataset`` to read pre-corrupted data instead of
@@ -242,7 +262,7 @@ class Benchmark:
         shuffle: visit a domain's images in a seeded random order (default; sorted-by-class folders need
             it); ``False``: in the order of the source or the domain's file, and a ``num_examples``
             subset is the first images, as reference code that reads the released files without
-            shuffling does (RobustBench's loaders, the official Tent and CoTTA code).
+            shuffling does (RobustBench's CIFAR-10-C loader, the official Tent and CoTTA code).
         jpeg_quality: if set, every generated corrupted image goes through a JPEG round trip at this
             quality (Pillow, 4:2:0), as the released ImageNet-C files did (85); clean images are left as is.
     """
@@ -367,6 +387,8 @@ class Benchmark:
     def _example_indices(self) -> np.ndarray:
         n = len(self.source)
         if not self.shuffle:  # file order: the first num_examples, as the references read the files
+            if self.num_examples is not None and self.num_examples < n:
+                _warn_if_first_images_miss_classes(self.source, self.num_examples, self.name)
             return np.arange(n if self.num_examples is None else min(n, self.num_examples))
         order = np.random.default_rng([self.seed, 0x5EED]).permutation(n)
         if self.num_examples is not None and self.num_examples < n:
@@ -423,6 +445,7 @@ class Benchmark:
                 subset = self.num_examples is not None and self.num_examples < len(ds)
                 if not self.shuffle:  # file order; a subset is the file's first images (RobustBench)
                     if subset:
+                        _warn_if_first_images_miss_classes(ds, self.num_examples, f"{self.name}/{domain}")
                         ds = ds.subset(np.arange(self.num_examples))
                 else:
                     order = np.random.default_rng([self.seed, 0x5EED]).permutation(len(ds))

@@ -14,7 +14,9 @@ mCE and relative mCE average over the 15 common corruptions only, as the paper d
 held-out ones (speckle noise, Gaussian blur, spatter, saturate; :data:`HELDOUT`) are for validation and
 are left out of the mean when given (``include_heldout=True`` averages over every corruption given);
 :func:`corruption_error` / :func:`relative_ce` still report each of them.  A subset of the 15 gives the
-mean over that subset, which is not the paper's mCE.
+mean over that subset, which is not the paper's mCE.  (hendrycks/robustness's ``ImageNet-C/test.py`` prints
+an "mCE (unnormalized by AlexNet errors)" over all 19 corruptions: a plain mean error, neither the
+paper's mCE nor this one; ``include_heldout=True`` over the 19 is the AlexNet-normalised analogue.)
 
 Every error is a fraction in [0, 1]; CE and mCE are fractions too (1.0 = AlexNet; multiply by 100 for the
 papers' percentages).  Corruption errors may be given per severity, as ``{corruption: {severity: error}}``

@@ -433,7 +433,10 @@ def load_engine(c: dict[str, Any], run_dir: Path | None, device: torch.device, e
     optimization = {k: v for k, v in (c["engine"]["optimization"] or {}).items() if k != "reset"}
     if name == ck["engine_name"]:
         trained = ck["engine_kwargs"] or {}
-        differ = {k: v for k, v in kwargs.items() if k not in trained or trained[k] != v}
+        # what the head was trained with: the recorded kwargs over the engine's own defaults, so that an
+        # evaluation spelling out a default (engine.kwargs.feedback=output) is not reported as different
+        effective = {**_keyword_defaults(get_engine(name)), **trained}
+        differ = {k: v for k, v in kwargs.items() if k not in effective or effective[k] != v}
         if differ:  # e.g. IT3's feedback: the head was trained for other arguments
             log.warning("%s: evaluating %s with %s, but its head was trained with engine_kwargs %s",
                         run_dir, name, differ, trained)  # fmt: skip
@@ -465,6 +468,14 @@ def load_engine(c: dict[str, Any], run_dir: Path | None, device: torch.device, e
                         "not run: its adaptation runs the eager model, only its prediction is compiled",
                         str(c.get("compile")).lower(), name)  # fmt: skip
     return engine.eval(), model_name, ck["engine_name"]
+
+
+def _keyword_defaults(cls) -> dict[str, Any]:
+    """The default values of ``cls.__init__``'s arguments (those that have one)."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
 def compiled_forwards(engine) -> str:
