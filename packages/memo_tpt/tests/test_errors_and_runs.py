@@ -283,6 +283,9 @@ def test_tpt_run_on_imagenet_a_fixture_uses_200_classes(tmp_path, monkeypatch):
         # the mnist_c proxy ran its profile's settings and ignored these silently; the ensemble ran TPT
         ("tpt", ["+experiment=smoke", "tts=3"], "tts=3 would be ignored"),
         ("memo", ["+experiment=smoke", "augs=8", "lr=0.1"], "augs=8, lr=0.1 would be ignored"),
+        # include_original is not in conf/memo.yaml (the seed 002 profiles set it): given with + it was ignored
+        ("memo", ["+experiment=smoke", "+include_original=true"], "include_original=True would be ignored"),
+        ("memo", ["+include_original=maybe"], "include_original='maybe'; expected true or false"),
         ("ensemble", ["+experiment=smoke"], "no offline proxy of method='ensemble'"),
         ("tpt", ["+experiment=smoke", "device=gpu0"], "device='gpu0': expected cpu, cuda, cuda:N or auto"),
         ("tpt", ["+experiment=smoke", "seed=-1"], "seed=-1; expected an integer >= 0"),
