@@ -751,3 +751,18 @@ def test_a_device_of_the_other_framework_is_refused_before_any_run(env, tmp_path
         assert not out.exists()
     finally:
         registry.unregister("fake.torchy")
+
+
+def test_prepare_benchmark_corrupts_the_severities_a_gradual_stream_visits(tmp_path):
+    """'gradual' with one severity streams 1..5..1, but compare corrupted only the given severity ahead of
+    the evaluates, so each gradual evaluate generated severities 1-4 itself (all jobs at once).  Every
+    domain the stream visits is now in the cache before they start; other settings corrupt what they read."""
+    c = dict(benchmark="mnist_c", corruptions=["gaussian_noise"], severities=[5], batch_size=8, num_examples=8,
+             seeds=[0], cache_dir=str(tmp_path), setting=["gradual"])  # fmt: skip
+    cmp.prepare_benchmark(c, echo=lambda *a: None)
+    assert sorted(p.name for p in tmp_path.glob("benchmark/*/*.npy")) == [
+        f"gaussian_noise-{s}.npy" for s in range(1, 6)
+    ]
+    other = tmp_path / "other"
+    cmp.prepare_benchmark({**c, "cache_dir": str(other), "setting": ["continual"]}, echo=lambda *a: None)
+    assert [p.name for p in other.glob("benchmark/*/*.npy")] == ["gaussian_noise-5.npy"]

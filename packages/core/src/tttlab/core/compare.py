@@ -1261,15 +1261,20 @@ def prepare_benchmark(c: dict[str, Any], echo=print) -> None:
     if c["benchmark"] not in ("mnist_c", "digits_c"):
         return
     t0 = time.perf_counter()
+    # 'gradual' with one severity streams all five (1..5..1): generate those too, not only the given one,
+    # or every gradual evaluate corrupts severities 1-4 itself (jobs of them at once).  The setting is not
+    # part of the cache's key, so the other settings read the same files.
+    gradual = "gradual" in _as_list(c.get("setting", []), "setting")
     for seed in c["seeds"]:
         bench = make_benchmark(
             c["benchmark"], corruptions=c["corruptions"], severities=c["severities"], batch_size=c["batch_size"],
             num_examples=c["num_examples"], seed=seed, cache_dir=Path(c["cache_dir"]).resolve() / "benchmark",
+            setting="gradual" if gradual else "reset_each_shift",
         )  # fmt: skip
         for d in bench.domains:
             bench.domain_dataset(d)
     if time.perf_counter() - t0 > 2:
-        echo(f"corrupted {len(c['corruptions']) * len(c['severities'])} domains x {len(c['seeds'])} seed(s) "
+        echo(f"corrupted {len(bench.domains)} domains x {len(c['seeds'])} seed(s) "
              f"in {time.perf_counter() - t0:.0f} s")  # fmt: skip
 
 
