@@ -766,3 +766,17 @@ def test_prepare_benchmark_corrupts_the_severities_a_gradual_stream_visits(tmp_p
     other = tmp_path / "other"
     cmp.prepare_benchmark({**c, "cache_dir": str(other), "setting": ["continual"]}, echo=lambda *a: None)
     assert [p.name for p in other.glob("benchmark/*/*.npy")] == ["gaussian_noise-5.npy"]
+
+
+def test_report_says_what_a_gradual_stream_visited(env, no_plots):
+    """The report of a 'gradual' comparison said 'Accuracy per corruption at severity 5, ... setting gradual'
+    and nothing else, though the stream ran each corruption through severities 1..5..1; it now says so."""
+    out = env["tmp"] / "gradual"
+    cfg = base_config(out, methods=["fake.alpha"], setting=["gradual"], overrides={}, severities=[5])
+    text = cmp.compare(cfg, echo=lambda *a: None).report.read_text()
+    assert "The `gradual` stream visits severities 1, 2, 3, 4, 5, 4, 3, 2, 1 of each corruption" in text
+    assert "the table shows the records at severity 5." in text
+    assert "visits severities 3, 5, 3 of" in cmp._gradual_note(
+        {"setting": ["continual", "gradual"], "severities": [5, 3]}
+    )
+    assert cmp._gradual_note({"setting": ["continual"], "severities": [5]}) == ""

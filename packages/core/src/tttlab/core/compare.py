@@ -1145,6 +1145,17 @@ def severity_table(results, c: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _gradual_note(c: dict[str, Any]) -> str:
+    """What a ``gradual`` stream visited, for the report's first sentence (its columns show only the configured
+    severities): one severity stands for all five (tttlab.core.benchmark)."""
+    if "gradual" not in c["setting"]:
+        return ""
+    up = sorted(c["severities"]) if len(c["severities"]) > 1 else [1, 2, 3, 4, 5]
+    visits = ", ".join(map(str, up + up[-2::-1]))
+    return (f" The `gradual` stream visits severities {visits} of each corruption in turn; the table shows "
+            f"the records at severity {', '.join(map(str, c['severities']))}.")  # fmt: skip
+
+
 def _md_escape(s: str) -> str:
     return s.replace("|", "\\|")
 
@@ -1158,7 +1169,7 @@ def write_report(
         f"Accuracy (%) per corruption at severity {', '.join(map(str, c['severities']))}, "
         f"{'all' if c['num_examples'] is None else c['num_examples']} images per corruption, "
         f"setting {', '.join(c['setting'])}{_correlation(c)}, profile `{c['profile']}`, "
-        f"seed(s) {', '.join(map(str, c['seeds']))}. "
+        f"seed(s) {', '.join(map(str, c['seeds']))}.{_gradual_note(c)} "
         "`mean` is the mean over corruptions"
         + (" (± sample standard deviation over seeds)" if len(c["seeds"]) > 1 else "")
         + "; `Δ baseline` its gain over the baseline of the same subpackage (points); `ms/image` the "
