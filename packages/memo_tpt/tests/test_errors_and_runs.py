@@ -286,6 +286,18 @@ def test_tpt_run_on_imagenet_a_fixture_uses_200_classes(tmp_path, monkeypatch):
         # include_original is not in conf/memo.yaml (the seed 002 profiles set it): given with + it was ignored
         ("memo", ["+experiment=smoke", "+include_original=true"], "include_original=True would be ignored"),
         ("memo", ["+include_original=maybe"], "include_original='maybe'; expected true or false"),
+        # Hydra's + adds any key: a misspelt one, or one the method has no use for, ran without it
+        (
+            "memo",
+            ["+include_orignal=true"],
+            "unknown config key 'include_orignal' for method='memo' (did you mean 'include_original'?)",
+        ),
+        ("tpt", ["+include_original=true"], "unknown config key 'include_original' for method='tpt'"),
+        (
+            "tpt",
+            ["+experiment=smoke", "+lrr=0.1"],
+            "unknown config key 'lrr' for method='tpt' (did you mean 'lr'?)",
+        ),
         ("ensemble", ["+experiment=smoke"], "no offline proxy of method='ensemble'"),
         ("tpt", ["+experiment=smoke", "device=gpu0"], "device='gpu0': expected cpu, cuda, cuda:N or auto"),
         ("tpt", ["+experiment=smoke", "seed=-1"], "seed=-1; expected an integer >= 0"),

@@ -48,7 +48,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROXY_KEYS = ("method", "ensemble")  # and tts=0 (zero-shot CLIP)
 #: keys a paper run of <method> takes that conf/<method>.yaml leaves out (given with Hydra's +), with the
 #: value that changes nothing; the mnist_c proxy would ignore any other value just as a shipped key's
-OPTIONAL_KEYS = {"memo": {"include_original": False}}
+OPTIONAL_KEYS = {"memo": {"include_original": False}, "ensemble": {"include_original": False}}
+
+
+def _check_known_keys(c: dict[str, Any]) -> None:
+    """Hydra's ``+`` adds any key, and these configs are plain YAML: a misspelt ``+include_orignal=true`` (or
+    ``+include_original=true`` on TPT, which has no such option) ran without it.  The keys a command takes:
+    conf/common.yaml, conf/<method>.yaml and OPTIONAL_KEYS; an ensemble's members also read the memo/tpt
+    keys from the top level (``build`` merges them under each member's own)."""
+    import difflib
+
+    from tttlab.core.config import package_yaml
+
+    method = c.get("method")
+    files = {"ensemble": ("ensemble", "memo", "tpt")}.get(method, (method,))
+    if method not in ("tpt", "memo", "ensemble"):
+        return  # build() names the bad method
+    known = set(package_yaml("tttlab.memo_tpt.conf", "common.yaml")) | set(OPTIONAL_KEYS.get(method, {}))
+    for name in files:
+        known |= set(package_yaml("tttlab.memo_tpt.conf", f"{name}.yaml"))
+    for key in sorted(set(c) - known):
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        raise ConfigError(
+            f"unknown config key {key!r} for method={method!r}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; expected one of {', '.join(sorted(known))}"
+        )
 
 
 def _plain(cfg) -> dict[str, Any]:
@@ -172,6 +197,7 @@ def run_paper(cfg) -> Path:
     from tttlab.core.records import RunDir
 
     c = _plain(cfg)
+    _check_known_keys(c)
     from .precision import AMP_MODES, check_compile
 
     for i, m in enumerate([c, *(c.get("models") or [])]):  # before any data or model is read
