@@ -182,8 +182,8 @@ def test_bad_inputs():
     engine.eval()
     with pytest.raises(InvalidInputError, match="NaN"):
         engine(torch.full((4, 1, 8, 8), float("nan")))
-    with pytest.raises(InvalidInputError, match="at least 2"):
-        engine(x_batch(n=1))
+    with pytest.raises(InvalidInputError, match="batch of size 0"):
+        engine(x_batch(n=1)[:0])
     with pytest.raises(TTTLabError, match="unknown engine"):
         get_engine("tnet")
     # MEMO's built-in augmentations need a float NCHW batch: not a traceback from grid_sample or torch.cat
@@ -356,7 +356,8 @@ def test_bn_engine_prior_strength_mixes_source_and_unbiased_test_statistics_by_h
 def test_bn_engine_with_a_prior_accepts_a_single_image():
     """Schneider et al.'s prior is for small test batches, down to one image (N=16 at n=1 in the paper):
     ``prior_strength`` lets a batch of one through (its statistics over the spatial positions, unbiased
-    variance, mixed with the source ones); test-batch statistics alone still need two images."""
+    variance, mixed with the source ones); test-batch statistics alone take the image's spatial positions,
+    as a train-mode BatchNorm2d."""
     m = bn_model()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     x = x_batch(seed=4)[:1]
@@ -364,5 +365,10 @@ def test_bn_engine_with_a_prior_accepts_a_single_image():
     want = _prior_bn_by_hand(m, x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # running stats untouched
-    with pytest.raises(InvalidInputError, match="at least 2"):
-        get_engine("bn")(m).eval()(x)
+    with torch.no_grad():
+        m.train()
+        want_batch = m(x)  # PyTorch's own train-mode BatchNorm2d on one image: spatial statistics
+        m.load_state_dict(before)  # the forward moved the running statistics
+        m.eval()
+    torch.testing.assert_close(get_engine("bn")(m).eval()(x)[0], want_batch, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())

@@ -33,8 +33,8 @@ from tttlab.torch_ttt.norm import batch_statistics, prior_mixed_statistics
 ALL_ENGINES = EngineRegistry.names()
 #: engines that never change the model (no adapted parameters)
 STATIC = {"source", "bn"}
-#: engines that normalise with / compute statistics over the test batch: a batch of one is an error
-NEEDS_BATCH_STATS = {"bn", "tent", "eata", "deyo", "actmad", "ttt_pp"}
+#: engines that compute statistics over the samples of the test batch: a batch of one is an error
+NEEDS_BATCH_STATS = {"actmad", "ttt_pp"}
 #: engines whose prediction uses test-batch BatchNorm statistics
 BATCH_STATS_PREDICTION = {"bn", "tent", "eata", "deyo"}
 #: engines with an auxiliary head / decoder that must exist from construction
@@ -305,6 +305,9 @@ def test_nan_input_is_an_error(name):
 
 @pytest.mark.parametrize("name", ALL_ENGINES)
 def test_batch_of_one(name):
+    """A single image: the engines with test-batch BatchNorm statistics normalise over its spatial
+    positions (TinyNet's BatchNorm layers are all BatchNorm2d), as a train-mode BatchNorm2d does; only
+    statistics over samples (ActMAD, TTT++) need two."""
     engine, _ = make_engine(name, {"num_steps": 1})
     if name in NEEDS_BATCH_STATS:
         with pytest.raises(TTTLabError, match="batch of size 1"):
@@ -312,6 +315,40 @@ def test_batch_of_one(name):
     else:
         out, loss = engine(x_batch(1))
         assert out.shape == (1, 5) and torch.isfinite(out).all()
+
+
+class FlatBNNet(nn.Module):
+    """TinyNet with a BatchNorm1d on its flat fc1 features: one image gives it one value per channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = tiny_model()
+        self.bn_fc = nn.BatchNorm1d(16)
+
+    def forward(self, x):
+        b = self.body
+        x = torch.relu(b.bn1(b.conv1(x)))
+        x = torch.relu(b.bn2(b.conv2(x)))
+        return b.fc(torch.relu(self.bn_fc(b.fc1(b.pool(x).flatten(1)))))
+
+
+@pytest.mark.parametrize("name", sorted(BATCH_STATS_PREDICTION))
+@pytest.mark.parametrize("num_steps", [0, 1])
+def test_batch_of_one_with_batchnorm1d_on_flat_features_is_refused_before_any_update(name, num_steps):
+    """PyTorch's train-mode BatchNorm1d cannot normalise one value per channel: the engine says which layer,
+    its input shape and what it needs, before any parameter or buffer changes; a batch of 2 still adapts."""
+    torch.manual_seed(0)
+    model = FlatBNNet().eval()
+    cls = require(name)
+    engine = cls(model, {"num_steps": num_steps}).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        TTTLabError, match=r"'bn_fc' \(BatchNorm1d\) gets an input of shape \(1, 16\).*more than one"
+    ):
+        engine(x_batch(1))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    out, _ = engine(x_batch(2))
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("name", ALL_ENGINES)

@@ -101,8 +101,53 @@ def test_tent_adapts_a_layernorm_model_on_a_single_image():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss, loss_before.detach())  # the loss of the step, before the update
     assert same(state(m), ref), "reset per batch restores the LayerNorm parameters"
-    with pytest.raises(InvalidInputError, match="at least 2"):
-        get_engine("tent")(bn_model()).eval()(x_batch(1))
+    with pytest.raises(InvalidInputError, match="batch of size 0"):
+        get_engine("tent")(bn_model()).eval()(x_batch(1)[:0])
+
+
+@pytest.mark.parametrize("predict_before_update", [False, True])
+def test_tent_on_one_image_uses_its_spatial_batch_statistics(predict_before_update):
+    """Batch size 1 on a conv-BN model (the SAR paper's TENT setting, the official code's behaviour): the
+    BatchNorm2d normalises with the image's statistics over its spatial positions, exactly as PyTorch's
+    train-mode BatchNorm2d; the step is one Adam step on the entropy of that forward."""
+    m = bn_model()
+    x = x_batch(1, seed=3)
+    ref = state(m)
+    bn = m[1]
+    with torch.enable_grad():
+        h = m[0](x).detach()
+        mean = h.mean(dim=(0, 2, 3), keepdim=True)
+        var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        w = bn.weight.detach().clone().requires_grad_()
+        b = bn.bias.detach().clone().requires_grad_()
+
+        def by_hand(w, b):
+            y = (h - mean) / torch.sqrt(var + bn.eps) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+            return m[5](m[4](m[3](m[2](y))))
+
+        logits_before = by_hand(w, b)
+        loss_before = entropy(logits_before).mean()
+        loss_before.backward()
+        opt = torch.optim.Adam([w, b], lr=1e-3)
+        opt.step()
+    with torch.no_grad():
+        m.train()
+        torch.testing.assert_close(m(x), logits_before.detach(), rtol=1e-5, atol=1e-6)  # PyTorch agrees
+        m.load_state_dict(ref)
+        m.eval()
+        expected = logits_before.detach() if predict_before_update else by_hand(w, b)
+    engine = get_engine("tent")(m, {"lr": 1e-3}, predict_before_update=predict_before_update).eval()
+    out, loss = engine(x)
+    torch.testing.assert_close(loss, loss_before.detach())
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(by_hand(w, b), logits_before, atol=1e-6)  # the step changed the prediction
+    assert same(state(m), ref), "reset per batch restores the BatchNorm parameters"
+    engine.optimization_parameters["reset"] = "never"
+    engine(x)
+    torch.testing.assert_close(bn.weight, w.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(bn.bias, b.detach(), rtol=1e-6, atol=1e-7)
+    assert torch.equal(bn.running_mean, ref["1.running_mean"])  # running statistics untouched
+    assert torch.equal(bn.running_var, ref["1.running_var"])
 
 
 # -- EATA --------------------------------------------------------------------------------------------
@@ -145,6 +190,47 @@ def test_eata_fisher_calibration_and_regulariser():
     assert torch.equal(other.fisher_regularizer(), reg)
     with pytest.raises(InvalidInputError, match="no batches"):
         engine.compute_fishers([])
+
+
+def test_eata_fisher_calibration_on_single_images():
+    """Batches of one image calibrate a conv-BN model (spatial statistics, as the adaptation); on
+    ``mnist_bn`` (a BatchNorm1d on the flat fc1 features) a batch of one is a clear error naming that layer,
+    raised before any gradient is taken."""
+    from tttlab.torch_ttt.models import MnistBNNet
+
+    m = bn_model()
+    batches = [x_batch(1, seed=s) for s in (40, 41, 42)]
+    fishers = get_engine("eata")(m).compute_fishers(batches)
+    expected = hand_fisher(m, batches)
+    assert torch.allclose(fishers["model.1.weight"][0].double(), expected["weight"], rtol=1e-4, atol=1e-10)
+    assert torch.allclose(fishers["model.1.bias"][0].double(), expected["bias"], rtol=1e-4, atol=1e-10)
+    torch.manual_seed(0)
+    mnist = MnistBNNet().eval()
+    engine = get_engine("eata")(mnist)
+    with pytest.raises(
+        InvalidInputError, match=r"Fisher calibration batch: BatchNorm layer 'bn3' \(BatchNorm1d\)"
+    ):
+        engine.compute_fishers([torch.randn(2, 1, 28, 28), torch.randn(1, 1, 28, 28)])
+    assert engine.fishers is None and all(p.grad is None for p in mnist.parameters())
+
+
+@pytest.mark.parametrize("name", ["tent", "eata", "deyo", "bn"])
+def test_mnist_bn_refuses_a_single_image_before_any_update(name):
+    """``mnist_bn`` normalises its flat fc1 features with a BatchNorm1d: one image gives it one value per
+    channel (PyTorch's train-mode BatchNorm1d raises ValueError); the engines say which layer, its input
+    shape and what it needs, and nothing in the model changes; a last batch of 2 adapts as before."""
+    from tttlab.torch_ttt.models import MnistBNNet
+
+    torch.manual_seed(0)
+    mnist = MnistBNNet().eval()
+    ref = state(mnist)
+    engine = get_engine(name)(mnist, {"num_steps": 0 if name == "bn" else 1, "reset": "never"}).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with pytest.raises(InvalidInputError, match=r"'bn3' \(BatchNorm1d\) gets an input of shape \(1, 64\)"):
+        engine(x[:1])
+    assert same(state(mnist), ref)
+    out, _ = engine(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
 
 
 def test_eata_loss_is_weighted_entropy_plus_regulariser():

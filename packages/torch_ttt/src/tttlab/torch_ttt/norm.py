@@ -8,6 +8,9 @@ LayerNorm were not adapted at all.  Here:
   normalises with the statistics of the current batch and leaves its running statistics untouched
   (``training=True, track_running_stats=False`` for the duration), while dropout and every other layer
   stay in eval mode.  Nothing is mutated permanently, so resets are exact.
+* :func:`check_batchnorm_values` tells, before any update, whether every BatchNorm layer gets more than
+  one value per channel from a batch (what batch statistics need): a single image does for a
+  BatchNorm2d (its spatial positions), not for a BatchNorm1d on flat ``(1, C)`` features.
 * :func:`norm_affine_parameters` lists the affine weight/bias of BatchNorm, GroupNorm, LayerNorm and
   InstanceNorm layers: the parameters TENT-style methods adapt.
 """
@@ -19,6 +22,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+from tttlab.core.errors import InvalidInputError
 
 from .precision import full_precision
 
@@ -63,6 +68,40 @@ def batch_statistics(model: nn.Module, enabled: bool = True):
     finally:
         for bn, training, track in saved:
             bn.training, bn.track_running_stats = training, track
+
+
+def check_batchnorm_values(model: nn.Module, inputs: torch.Tensor, what: str = "inputs") -> None:
+    """An :class:`InvalidInputError` naming the first BatchNorm layer that would get only one value per
+    channel from ``inputs`` under :func:`batch_statistics` (train-mode BatchNorm cannot estimate a
+    variance from it: PyTorch raises ``ValueError``); nothing otherwise.  Runs one forward without
+    gradients in which each BatchNorm layer's input is checked before it is used; parameters, buffers and
+    ``.grad`` are left as they are.  Callers run it under :func:`~tttlab.torch_ttt.precision.eager` for a
+    compiled model (the checks are forward pre-hooks)."""
+    layers = batchnorm_layers(model)
+    if not layers:
+        return
+
+    def make_check(name, bn):
+        def check(module, args):
+            x = args[0]
+            per_channel = x.numel() // max(x.shape[1], 1) if x.ndim >= 2 else x.numel()
+            if per_channel <= 1:
+                raise InvalidInputError(
+                    f"{what}: BatchNorm layer {name!r} ({type(bn).__name__}) gets an input of shape "
+                    f"{tuple(x.shape)}, one value per channel; normalising with batch statistics needs more "
+                    f"than one value per channel (batch size x spatial positions > 1): use a batch of at "
+                    f"least 2 samples"
+                )
+
+        return check
+
+    handles = [bn.register_forward_pre_hook(make_check(name, bn)) for name, bn in layers]
+    try:
+        with torch.no_grad(), batch_statistics(model):
+            model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextlib.contextmanager

@@ -53,6 +53,7 @@ from torch import nn
 
 from tttlab.core.errors import ConfigError, InvalidInputError
 
+from ..norm import check_batchnorm_values
 from ..precision import autocast, check_amp, eager, is_compiled
 
 OPTIMIZERS = ("adam", "sgd", "adamw")
@@ -225,9 +226,14 @@ class BaseEngine(nn.Module):
     + step) and :meth:`predict` (default: the wrapped model's forward in :meth:`inference_context`).
     """
 
-    #: Minimum batch size the self-supervised loss needs (statistics over the batch need 2).
+    #: Minimum batch size the self-supervised loss needs (ActMAD's and TTT++'s statistics over samples: 2).
     min_batch: int = 1
-    #: True when even the prediction uses batch statistics (TENT, BN): ``min_batch`` applies at num_steps=0.
+    #: True when the BatchNorm layers normalise with the test batch's statistics (TENT, EATA, DeYO, BN): a
+    #: batch of one sample is accepted when every BatchNorm layer gets more than one value per channel from
+    #: it (a BatchNorm2d: the image's spatial positions), refused with a clear error otherwise (e.g. a
+    #: BatchNorm1d on flat features), before any update (:meth:`check_batch_statistics`).
+    batchnorm_batch_statistics: bool = False
+    #: True when even the prediction uses batch statistics (TENT, BN): the batch checks apply at num_steps=0.
     batch_statistics_always: bool = False
     #: Per-engine defaults layered over DEFAULT_OPTIMIZATION (e.g. TENT: 1 step, lr 1e-3).
     optimization_defaults: dict[str, Any] = {}
@@ -249,6 +255,7 @@ class BaseEngine(nn.Module):
         self._amp = "none"
         #: True after :meth:`compile` built compiled truncated copies for every ``feature_modules()`` entry
         self.compiled_features = False
+        self._batch_statistics_shapes: set[tuple[int, ...]] = set()  # one-sample shapes checked already
 
     # -- precision and compilation ------------------------------------------------------------------
     @property
@@ -375,6 +382,19 @@ class BaseEngine(nn.Module):
             self._snapshot, self.optimizer = None, None
         return self
 
+    def check_batch_statistics(self, inputs: Any, what: str = "inputs") -> None:
+        """For :attr:`batchnorm_batch_statistics` engines, a batch of one sample: an error naming the
+        BatchNorm layer that would get one value per channel (:func:`~tttlab.torch_ttt.norm.check_batchnorm_values`,
+        one forward without gradients per input shape, before any update).  Batches of 2 or more are not
+        looked at: every BatchNorm layer gets at least two values per channel from them."""
+        if not self.batchnorm_batch_statistics or not isinstance(inputs, torch.Tensor):
+            return
+        if inputs.ndim == 0 or inputs.shape[0] != 1 or tuple(inputs.shape) in self._batch_statistics_shapes:
+            return
+        with eager(self.model):
+            check_batchnorm_values(self.model, inputs, what=what)
+        self._batch_statistics_shapes.add(tuple(inputs.shape))
+
     # -- the loop -----------------------------------------------------------------------------------
     def adapt_step(self, inputs, **kwargs) -> torch.Tensor:
         """One step: the loss, gradients of the *adapted* parameters only, an optimizer step.
@@ -420,6 +440,8 @@ class BaseEngine(nn.Module):
             return self.ttt_forward(inputs, **kwargs)
         needs_stats = self.batch_statistics_always or self.optimization_parameters["num_steps"]
         check_batch(inputs, min_batch=self.min_batch if needs_stats else 1)
+        if needs_stats:
+            self.check_batch_statistics(inputs)
         settings = self.optimization_parameters
         num_steps, reset = settings["num_steps"], settings["reset"]
         loss = torch.zeros(())

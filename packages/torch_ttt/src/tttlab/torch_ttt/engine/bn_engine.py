@@ -6,8 +6,9 @@ With ``prior_strength=None`` (default) every BatchNorm layer normalises with the
 only (N=0, the biased batch variance, as a train-mode BatchNorm); with ``prior_strength=N`` the source
 statistics are mixed in with weight N/(N+1) and the test variance is the unbiased one, as in the
 bethgelab code of that paper (the test statistics read from ``F.batch_norm``'s running-buffer update).
-The prior exists for small test batches (the paper's smallest is one image): with ``prior_strength``
-a single image is accepted (its statistics over the spatial positions), without it the batch needs two.
+The prior exists for small test batches (the paper's smallest is one image): a single image is accepted
+with or without it (its statistics over the spatial positions); without a prior, a BatchNorm layer that
+would get one value per channel from it (a BatchNorm1d on flat features) is an error.
 Running statistics are never changed (:func:`~tttlab.torch_ttt.norm.batch_statistics`), and the
 engine takes no gradient step.
 No upstream torch-ttt engine exists; this is the "BN" baseline of the TTA literature.
@@ -39,9 +40,11 @@ class BNEngine(BaseEngine):
         self.prior_strength = prior_strength
 
     @property
-    def min_batch(self) -> int:
-        """2 for test-batch statistics alone; 1 with a prior (Schneider et al.'s single-image setting)."""
-        return 2 if self.prior_strength is None else 1
+    def batchnorm_batch_statistics(self) -> bool:
+        """Test-batch statistics alone need more than one value per channel in every BatchNorm layer; with a
+        prior a layer with one value per channel uses the source statistics plus a zero test variance term
+        (:func:`~tttlab.torch_ttt.norm.prior_mixed_statistics`), so any single image is accepted."""
+        return self.prior_strength is None
 
     @property
     def compiled_prediction(self) -> bool:
@@ -65,5 +68,6 @@ class BNEngine(BaseEngine):
             return self.ttt_forward(inputs, **kwargs)
         from .base_engine import check_batch
 
-        check_batch(inputs, min_batch=self.min_batch)
+        check_batch(inputs)
+        self.check_batch_statistics(inputs)
         return self.predict(inputs, **kwargs), torch.zeros(())

@@ -115,7 +115,7 @@ class DeYOEngine(PredictBeforeUpdate, BaseEngine):
     ``ent_norm`` (None: ``0.4 ln C``); ``patch_len`` (patches per side); ``reweight_ent``;
     ``reweight_plpd``; ``predict_before_update``; ``generator`` for the patch permutations."""
 
-    batch_statistics_always = True  # the prediction uses batch statistics: min_batch applies at 0 steps
+    batch_statistics_always = True  # the prediction uses batch statistics: the batch checks apply at 0 steps
 
     optimization_defaults = {"num_steps": 1, "lr": 2.5e-4, "optimizer_name": "sgd", "momentum": 0.9}
 
@@ -150,7 +150,8 @@ class DeYOEngine(PredictBeforeUpdate, BaseEngine):
         self.predict_before_update = predict_before_update
         self.generator = generator
         self._has_bn = bool(batchnorm_layers(model))
-        self.min_batch = 2 if self._has_bn else 1
+        # a batch of one is accepted when every BatchNorm layer gets more than one value per channel from it
+        self.batchnorm_batch_statistics = self._has_bn
         self.last_selected = (0, 0)  # (after the entropy filter, after the PLPD filter) at the last step
 
     def adapted_parameters(self):

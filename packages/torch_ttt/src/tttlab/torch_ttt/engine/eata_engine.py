@@ -122,7 +122,7 @@ class EataEngine(PredictBeforeUpdate, BaseEngine):
     (fisher, theta0)}``, e.g. from :meth:`compute_fishers`; names as ``engine.named_parameters()``
     (``model.<name>``) or, as upstream, as ``model.named_parameters()``); ``predict_before_update``."""
 
-    batch_statistics_always = True  # the prediction uses batch statistics: min_batch applies at 0 steps
+    batch_statistics_always = True  # the prediction uses batch statistics: the batch checks apply at 0 steps
 
     optimization_defaults = {"num_steps": 1, "lr": 2.5e-4, "optimizer_name": "sgd", "momentum": 0.9}
 
@@ -148,8 +148,8 @@ class EataEngine(PredictBeforeUpdate, BaseEngine):
         self.fisher_alpha = float(fisher_alpha)
         self.fishers = dict(fishers) if fishers is not None else None
         self.predict_before_update = predict_before_update
-        # batch statistics need two samples (a LayerNorm/GroupNorm-only model works per sample)
-        self.min_batch = 2 if batchnorm_layers(model) else 1
+        # a batch of one is accepted when every BatchNorm layer gets more than one value per channel from it
+        self.batchnorm_batch_statistics = bool(batchnorm_layers(model))
         # moving average of probabilities: None until the first kept sample (its size C is unknown before)
         self.register_buffer("current_model_probs", None, persistent=False)
         self.num_selected = 0  # samples adapted on since construction (all steps, as the official counters)
@@ -211,8 +211,10 @@ class EataEngine(PredictBeforeUpdate, BaseEngine):
                     raise InvalidInputError(
                         f"compute_fishers expects batches of tensors or (x, y) tuples, got {type(x).__name__}"
                     )
-                check_batch(x, min_batch=self.min_batch, what="Fisher calibration batch")
-                outputs = self.model(x.to(tensors[0].device))
+                check_batch(x, what="Fisher calibration batch")
+                x = x.to(tensors[0].device)
+                self.check_batch_statistics(x, what="Fisher calibration batch")
+                outputs = self.model(x)
                 if use_labels:
                     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                         raise InvalidInputError("compute_fishers(use_labels=True) needs (x, y) batches")

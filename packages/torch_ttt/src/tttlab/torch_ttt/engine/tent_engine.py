@@ -51,9 +51,10 @@ class TentEngine(PredictBeforeUpdate, BaseEngine):
                 f"{type(model).__name__} has none"
             )
         self.predict_before_update = predict_before_update
-        # batch statistics need 2 samples; GroupNorm/LayerNorm models adapt on single images (batch size 1,
-        # the DeYO/SAR papers' setting for TENT), as EATA and DeYO here
-        self.min_batch = 2 if batchnorm_layers(model) else 1
+        # single images are accepted (batch size 1, the DeYO/SAR papers' setting for TENT): GroupNorm/LayerNorm
+        # work per sample; a BatchNorm layer normalises with the image's spatial positions, and one that gets
+        # a single value per channel (BatchNorm1d on flat features) is refused before any update
+        self.batchnorm_batch_statistics = bool(batchnorm_layers(model))
 
     def adapted_parameters(self):
         return norm_affine_parameters(self.model)
