@@ -265,6 +265,36 @@ def test_cifar10_c_files_and_generated(tmp_path):
     assert g.jpeg_quality is None  # CIFAR-10-C was saved as raw .npy arrays
 
 
+def test_released_files_or_a_warning_that_the_domains_are_generated(tmp_path):
+    """A cifar10_c / imagenet_c root with the release is read (``released_files``: True, no warning); a root
+    with only the clean data (e.g. a misnamed CIFAR-10-C folder beside cifar-10-batches-py) is corrupted here,
+    and core says so: those are not the release's pixels."""
+    import warnings
+
+    from tttlab.core import testing
+    from tttlab.core.benchmark import released_files
+
+    files = testing.make_cifar10_c(tmp_path / "c", corruptions=("fog",), n_per_severity=2)
+    inet_files = testing.make_imagenet_c(tmp_path / "ic" / "ImageNet-C", severities=(5,), size=32)
+    clean = testing.make_cifar10(tmp_path / "clean", n_train=2, n_test=4)
+    inet_clean = testing.make_imagenet(tmp_path / "inet", n_per_class=1, size=(32, 32))
+    for name, root in (("cifar10_c", files), ("imagenet_c", inet_files.parent)):
+        assert released_files(name, root)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # reading the release warns about nothing
+            make_benchmark(name, root=root, corruptions=("fog",), severities=(5,))
+    for name, root, layout in (
+        ("cifar10_c", clean, "CIFAR-10-C/"),
+        ("imagenet_c", inet_clean, "ImageNet-C/"),
+    ):
+        assert not released_files(name, root)
+        with pytest.warns(
+            UserWarning, match=f"holds no released {name} files \\(expected {layout}.*generated"
+        ):
+            make_benchmark(name, root=root, corruptions=("fog",), severities=(5,))
+    assert not released_files("mnist_c", files) and not released_files("cifar10_c", None)
+
+
 def test_generated_imagenet_c_is_saved_as_quality_85_jpeg(tmp_path):
     """make_imagenet_c.py saves every corrupted image with Pillow at quality=85: generated ImageNet-C
     domains repeat that round trip (pixels equal to a file written and read back); clean images do not."""

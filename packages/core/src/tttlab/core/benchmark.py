@@ -599,8 +599,7 @@ def make_benchmark(
                 f"clean data to corrupt: {_CLEAN_LAYOUT[name]}"
             )
         if name == "cifar10_c":
-            has_files = any((p / "labels.npy").exists() for p in (root, root / "CIFAR-10-C"))
-            if has_files:
+            if released_files(name, root):
                 bench = Benchmark(
                     name, None, family="cifar",
                     domain_files=lambda c, s: data.cifar10_c(root, c, s), **common,
@@ -613,15 +612,9 @@ def make_benchmark(
                 name, root, lambda: data.cifar10(root, split="test"),
                 _FILES_LAYOUT[name],
             )  # fmt: skip
+            _warn_generated(name, root)
             return Benchmark(name, clean, family="cifar", **common)
-        corr_dirs = [
-            p
-            for r in (root, root / "ImageNet-C")
-            if r.is_dir()
-            for p in r.iterdir()
-            if p.is_dir() and p.name in C.ALL
-        ]
-        if corr_dirs:
+        if released_files(name, root):
             bench = Benchmark(
                 name, None, family="imagenet",
                 domain_files=lambda c, s: data.imagenet_c(root, c, s), **common,
@@ -634,6 +627,7 @@ def make_benchmark(
             name, root, lambda: data.imagenet(root, split="val"),
             _FILES_LAYOUT[name],
         )  # fmt: skip
+        _warn_generated(name, root)
         return Benchmark(name, clean, family="imagenet", jpeg_quality=IMAGENET_C_JPEG_QUALITY, **common)
     raise UnknownNameError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}")
 
@@ -647,6 +641,31 @@ _CLEAN_LAYOUT = {
     "cifar10_c": "cifar-10-batches-py/{data_batch_1..5, test_batch} (the python version of CIFAR-10)",
     "imagenet_c": "val/<wnid>/*.JPEG with ImageNet-1k wnids",
 }
+
+
+def released_files(name: str, root: str | os.PathLike | None) -> bool:
+    """Whether ``root`` holds the released corrupted files of ``name`` (``cifar10_c``: ``labels.npy`` in root
+    or ``CIFAR-10-C/``; ``imagenet_c``: corruption folders in root or ``ImageNet-C/``), which
+    :func:`make_benchmark` then reads; ``False`` for every other case, where the domains are generated."""
+    if root is None or name not in _FILES_LAYOUT:
+        return False
+    root = Path(root)
+    if name == "cifar10_c":
+        return any((p / "labels.npy").exists() for p in (root, root / "CIFAR-10-C"))
+    return any(
+        p.is_dir() and p.name in C.ALL for r in (root, root / "ImageNet-C") if r.is_dir() for p in r.iterdir()
+    )
+
+
+def _warn_generated(name: str, root: Path) -> None:
+    """A root with the clean data but not the released files: say that the domains are generated (a misnamed
+    CIFAR-10-C / ImageNet-C folder beside the clean data otherwise passes unnoticed)."""
+    warnings.warn(
+        f"benchmark {name!r}: {root} holds no released {name} files (expected {_FILES_LAYOUT[name]}), so every "
+        "domain is generated from the clean data by tttlab's corruptions: not the release's pixels, and numbers "
+        "published on the released files do not apply to this run",
+        stacklevel=3,
+    )
 
 
 def _clean_source(name: str, root: Path, read: Callable, files_layout: str):

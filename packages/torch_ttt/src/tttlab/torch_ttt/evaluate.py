@@ -48,7 +48,7 @@ Records (core schema, ``<out_dir>/records.jsonl``): per domain ``accuracy`` (``n
 of adaptation + prediction) and ``s_per_image`` (adaptation + prediction seconds per image), plus the
 mean accuracy over corruptions (``corruption="mean"``); ``step`` is the engine's ``num_steps``;
 ``extra["benchmark_data"]``: ``files`` (released corrupted files), ``generated`` or ``noisy``
-(:func:`benchmark_data`; a ``cifar10_c`` / ``imagenet_c`` run on generated data also logs a warning).
+(:func:`benchmark_data`; core warns when a ``cifar10_c`` / ``imagenet_c`` root lacks the released files).
 
 Distributed (``torchrun``): ``torch.distributed`` (gloo on CPU, NCCL with CUDA) is used only to learn the
 rank and world size and for barriers.  Rank r evaluates ``benchmark.batches(rank=r, world_size=W)`` and
@@ -591,23 +591,18 @@ class StreamBatch:
     domain_ids: np.ndarray
 
 
-#: Benchmarks with a released set of corrupted files, which core regenerates from the clean data when the
-#: root holds only that (``tttlab.core.benchmark``): published numbers are for the released files.
-RELEASED_BENCHMARKS = ("cifar10_c", "imagenet_c")
-
-
 def benchmark_data(c: dict[str, Any]) -> str:
     """Where the evaluated images come from, written to the records' ``extra["benchmark_data"]``: ``"files"``
     (the released corrupted files, read as they are), ``"generated"`` (corrupted here from clean data: core's
     on-the-fly benchmarks, and a ``cifar10_c`` / ``imagenet_c`` root that holds the clean data but not the
-    released files) or ``"noisy"`` (the tutorial's stream).  Core picks files or generation from what the
-    root holds, without saying so; a paper profile (``+experiment=paper_tent_cifar10c``) compares with
-    numbers measured on the released files, so :func:`run` warns when such a benchmark is generated."""
+    released files, which core also warns about) or ``"noisy"`` (the tutorial's stream).  A paper profile
+    (``+experiment=paper_tent_cifar10c``) compares with numbers measured on the released files."""
     if c["stream"] == "noisy":
         return "noisy"
-    from tttlab.core.benchmark import from_config
+    from tttlab.core.benchmark import released_files
 
-    return "files" if from_config(c["benchmark"]).domain_files is not None else "generated"
+    b = c["benchmark"]
+    return "files" if released_files(b["name"], b["root"]) else "generated"
 
 
 def make_stream(c: dict[str, Any], dist: Dist, info: ModelInfo | None = None):
@@ -740,14 +735,6 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     info = evaluated_model(c)
     batches, domains, dataset, num_batches = make_stream(c, dist, info)
     data_source = benchmark_data(c)
-    if data_source == "generated" and c["benchmark"]["name"] in RELEASED_BENCHMARKS and dist.rank == 0:
-        from tttlab.core.benchmark import _FILES_LAYOUT
-
-        name = c["benchmark"]["name"]
-        log.warning("benchmark %s: root %s holds no released files (expected %s), so every domain is generated "
-                    "from the clean data by tttlab's corruptions: not the release's pixels, and published "
-                    "numbers (e.g. those of +experiment=paper_tent_cifar10c) do not apply to this run",
-                    name, c["benchmark"]["root"], _FILES_LAYOUT.get(name, "the released files"))  # fmt: skip
     run_dir = None if c["model_checkpoint"]["path"] else training_run(c, dist)
     x_example = example_images(info)
     engine, model_name, train_engine = load_engine(c, run_dir, device, x_example.to(device))
