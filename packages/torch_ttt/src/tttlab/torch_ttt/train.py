@@ -55,7 +55,6 @@ from tttlab.core.records import RunDir, config_hash, read_jsonl
 from tttlab.core.torch import read_torch_file, resolve_device
 
 from .engine.base_engine import OPTIMIZERS, BaseEngine
-from .engine.it3_engine import IT3Engine
 from .engine_registry import EngineRegistry, get_engine
 from .models import MODELS, build_model, model_info
 from .precision import check_amp, check_compile, compile_kwargs
@@ -321,10 +320,8 @@ def train_epoch(
             idx = order[b * bs : (b + 1) * bs]
             xb, yb = x[idx].to(device), y[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
-            # IT3 learns f(x, y) ~ y from the ground truth fed in (paper, torch-ttt's example, the official
-            # notebooks); without it, it trained its embedder on its own idempotence loss only
-            extra = {"target": engine.label_target(yb)} if isinstance(engine, IT3Engine) else {}
-            out, ssl = engine(xb, **extra)
+            # e.g. IT3 learns f(x, y) ~ y from the ground truth fed in (engine.training_kwargs)
+            out, ssl = engine(xb, **engine.training_kwargs(yb))
             task = F.cross_entropy(out, yb)
             loss = task + float(t["ssl_weight"]) * ssl
             loss.backward()

@@ -319,6 +319,13 @@ class BaseEngine(nn.Module):
         with self._autocast(), eager(self.model, enabled=not self.compiled_adaptation):
             return self._cast_back(super().__call__(*args, **kwargs))
 
+    # -- joint training --------------------------------------------------------------------------------
+    def training_kwargs(self, labels: torch.Tensor) -> dict[str, Any]:
+        """Keyword arguments of the train-mode call ``engine(x, **kwargs)`` for a batch with these class
+        labels, in joint training (``tttlab-torch-ttt-train``).  Default: none (the self-supervised loss needs
+        no labels); IT3 takes them as its ``target``."""
+        return {}
+
     # -- what adapts --------------------------------------------------------------------------------
     def adapted_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` pairs updated at test time. Default: every trainable model parameter."""

@@ -62,6 +62,7 @@ Against the paper and the official notebooks (nikitadurasov/ittt, read for this 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -186,6 +187,10 @@ class IT3Engine(BaseEngine):
                 f"the default embedder was built for model outputs with {k} channels, but the model returned "
                 f"shape {tuple(y0.shape)}; pass output_shape= or example_input= (or an embeder)"
             )
+
+    def training_kwargs(self, labels: torch.Tensor) -> dict[str, Any]:
+        """Joint training feeds the ground truth: ``target`` = the one-hot labels (:meth:`label_target`)."""
+        return {"target": self.label_target(labels)}
 
     def label_target(self, labels: torch.Tensor) -> torch.Tensor:
         """Integer class labels ``(N,)`` as the one-hot float ``target`` of the training scheme, with the
