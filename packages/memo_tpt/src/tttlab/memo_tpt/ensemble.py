@@ -97,9 +97,15 @@ class Ensemble:
         for m in self.members:
             m.reset()
 
-    def _member_logits(self, member, views) -> torch.Tensor:
+    def _member_logits(self, member, views, chosen: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """The member's logits of its selected views; with ``chosen``, a TPT member keeps the selection of
+        its first call (TPT selects at step 0 only), a MEMO member selects anew."""
         logits = member.logits(views)
-        return logits[member.select(logits)]
+        if chosen is None or not isinstance(member, TPT):
+            return logits[member.select(logits)]
+        if id(member) not in chosen:
+            chosen[id(member)] = member.select(logits)
+        return logits[chosen[id(member)]]
 
     def __call__(self, image, reset: bool = True) -> torch.Tensor:
         """Log-weights ``m`` (1, classes) after adapting every member on ``image``."""
@@ -117,15 +123,7 @@ class Ensemble:
             return m[None]
         chosen: dict[int, torch.Tensor] = {}  # TPT members: the views selected at step 0, kept (as TPT)
         for _ in range(self.steps):
-            logits = []
-            for mb in self.members:
-                z = mb.logits(views_of(mb))
-                if isinstance(mb, TPT):
-                    if id(mb) not in chosen:
-                        chosen[id(mb)] = mb.select(z)
-                    logits.append(z[chosen[id(mb)]])
-                else:
-                    logits.append(z[mb.select(z)])
+            logits = [self._member_logits(mb, views_of(mb), chosen) for mb in self.members]
             m, self.last_weights = combine(logits, self.temperatures)
             loss = ensemble_loss(m)
             for mb in self.members:
