@@ -14,7 +14,8 @@ CORE_PY := $(CORE_VENV)/bin/python
 JAX_VENV ?= .venv-jax
 JAX_PY := $(JAX_VENV)/bin/python
 PIP_INSTALL := pip install -q --disable-pip-version-check -c constraints.txt
-PYTEST_FLAGS ?= -q -p no:cacheprovider
+# --durations: each CI log lists its slowest tests (the suite must stay under 10 minutes on 2 cores).
+PYTEST_FLAGS ?= -q -p no:cacheprovider --durations=15
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 export PYTHONDONTWRITEBYTECODE := 1
