@@ -326,6 +326,54 @@ def test_resize_center_crop_is_torchvision_resize_centercrop():
             assert np.array_equal(np.asarray(t(img)), np.asarray(tv(img))), (w, h)
 
 
+def test_resize_center_crop_bicubic_is_torchvision_resize_bicubic_centercrop():
+    """``interpolation="bicubic"``: Pillow's bicubic resize at the same sizes and crop box (MAE-based code
+    evaluates with ``Resize(256, interpolation=BICUBIC)`` + ``CenterCrop(224)``); other names are refused."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    t = data.resize_center_crop(256, 224, interpolation="bicubic")
+    img = Image.fromarray(rng.integers(0, 256, (353, 500, 3), dtype=np.uint8))
+    ref = img.resize((362, 256), Image.BICUBIC).crop((69, 16, 69 + 224, 16 + 224))
+    assert np.array_equal(np.asarray(t(img)), np.asarray(ref))
+    assert not np.array_equal(np.asarray(t(img)), np.asarray(data.resize_center_crop(256, 224)(img)))
+    if importlib.util.find_spec("torchvision") is not None:
+        import torchvision.transforms as T
+
+        tv = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])
+        for w, h in [(500, 375), (333, 500), (640, 427), (343, 256), (257, 611)]:
+            img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            assert np.array_equal(np.asarray(t(img)), np.asarray(tv(img))), (w, h)
+    with pytest.raises(
+        InvalidInputError, match=r"interpolation='nearest'; expected one of \['bilinear', 'bicubic'\]"
+    ):
+        data.resize_center_crop(256, 224, interpolation="nearest")
+
+
+def test_take_list_gives_each_image_at_its_own_size(tmp_path):
+    """``take_list``: the decoded files of a reader without transform, each at its own size (``take`` cannot
+    stack them), through subsets too; array datasets give their rows; a broken file names its path."""
+    wn = data.imagenet_wnids()
+    root = testing.make_imagenet(tmp_path, wnids=[wn[5]], n_per_class=2, size=(40, 48))
+    testing.make_imagenet(tmp_path, wnids=[wn[9]], n_per_class=1, size=(31, 20), seed=1)
+    raw = data.imagenet(root, "val", transform=None)
+    images, labels = raw.take_list([2, 0])
+    assert [im.shape for im in images] == [(31, 20, 3), (40, 48, 3)] and list(labels) == [9, 5]
+    assert all(np.array_equal(im, _pixels(raw.paths[i])) for im, i in zip(images, [2, 0]))
+    with pytest.raises(InvalidInputError, match="different sizes"):
+        raw.take([0, 2])
+    sub_images, sub_labels = raw.subset([2, 1]).take_list([0])
+    assert np.array_equal(sub_images[0], images[0]) and list(sub_labels) == [9]
+    fixed = data.imagenet(root, "val")  # with its transform: the transformed images, as take gives them
+    assert all(np.array_equal(a, b) for a, b in zip(fixed.take_list([0, 2])[0], fixed.take([0, 2])[0]))
+    arr = data.ArrayDataset(np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4, 1), np.array([1, 0]))
+    rows, y = arr.take_list([1])
+    assert len(rows) == 1 and np.array_equal(rows[0], arr.images[1]) and list(y) == [0]
+    raw.paths[1].write_bytes(b"not an image")
+    with pytest.raises(DatasetLayoutError, match=raw.paths[1].name):
+        raw.take_list([1])
+
+
 def test_imagenet_v2_numeric_order(tmp_path):
     folder = testing.make_imagenet_v2(tmp_path, classes=(100, 10, 9, 2, 0), n_per_class=2)
     assert folder.name == "imagenetv2-matched-frequency-format-val"

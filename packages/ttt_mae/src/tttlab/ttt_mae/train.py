@@ -21,15 +21,17 @@ mid-epoch and started again in the same directory resumes from the last checkpoi
 (CPU) to an uninterrupted one.  ``torchrun``: DistributedDataParallel, each rank a disjoint shard of
 each epoch's permutation (padded to equal length, as DistributedSampler).
 
-Differences from upstream: data come from ``tttlab.core.data`` as fixed-size uint8 arrays (ImageNet
-already resized 256 / centre-cropped 224 by the core reader, so RandomResizedCrop works on that crop
-instead of the full JPEG); the crop is resized bicubically on tensors (``views.py``).  Probing evaluates
-the clean held-out split at the end only (ImageNet: all of ``val``, as upstream; other datasets: the first
-2,000 ``test`` images).  With ``accum_iter > 1`` an epoch whose iteration count is not a
-multiple of ``accum_iter`` ends with one optimizer step on its last, partial group of batches (its loss
-still divided by ``accum_iter``); upstream drops those gradients (its next epoch starts with
-``zero_grad``).  The paper's probe is unaffected: 1,281,167 images over 8 ranks of 32 give 5,004
-iterations per epoch, a multiple of 4.  ``head_type=linear`` probing is ours: upstream's ``main_prob.py``
+Data come from ``tttlab.core.data``.  ImageNet, as upstream (torchvision ``ImageFolder``): each
+training view is a RandomResizedCrop of the whole decoded file (its scale range relative to the file's
+area), the evaluation view ``Resize(256)`` bicubic + ``CenterCrop(input_size)`` of the file (also the
+training view with ``aug.enabled=false``); MNIST, digits and CIFAR-10 are fixed-size arrays, cropped as
+they are.  Differences from upstream: the crop is resized bicubically on tensors (``views.py``; upstream
+resizes the PIL image); probing evaluates the clean held-out split at the end only (ImageNet: all of
+``val``, as upstream; other datasets: the first 2,000 ``test`` images).  With ``accum_iter > 1`` an
+epoch whose iteration count is not a multiple of ``accum_iter`` ends with one optimizer step on its last,
+partial group of batches (its loss still divided by ``accum_iter``); upstream drops those gradients (its
+next epoch starts with ``zero_grad``).  The paper's probe is unaffected: 1,281,167 images over 8 ranks
+of 32 give 5,004 iterations per epoch, a multiple of 4.  ``head_type=linear`` probing is ours: upstream's ``main_prob.py``
 asserts ``vit_head`` (its LARS branch for the linear head never runs), and here the linear head (``bn`` +
 ``head``) trains with the same AdamW recipe, not MAE's LARS linear-probe recipe.  Head keys
 (``classifier*``, ``head.*``, ``bn.*``) in the ``finetune`` file are ignored, so the head always starts
@@ -85,8 +87,13 @@ log = logging.getLogger("tttlab.ttt_mae.train")
 FINAL = "checkpoint.pth"
 
 
-def load_dataset(c: dict[str, Any], split: str | None = None):
-    """The training (or ``split``) dataset of ``c['data']`` from ``tttlab.core.data``."""
+def load_dataset(c: dict[str, Any], split: str | None = None, full_images: bool = False):
+    """The training (or ``split``) dataset of ``c['data']`` from ``tttlab.core.data``.
+
+    ImageNet files come as upstream's evaluation transform makes them, ``Resize(256)`` bicubic (shorter
+    side) + ``CenterCrop(input_size)``, or with ``full_images`` as decoded, each at its own size (read them
+    with ``take_list``), for training crops drawn from the whole photo.  The other datasets are arrays of
+    one size (MNIST 28 px, CIFAR-10 32 px: already the full images)."""
     from tttlab.core import data
 
     d = c["data"]
@@ -98,11 +105,12 @@ def load_dataset(c: dict[str, Any], split: str | None = None):
     elif name in ("imagenet", "cifar10"):
         if not d.get("root"):
             raise ConfigError(f"data.name={name!r} needs data.root=<path to the dataset>")
-        ds = (
-            data.imagenet(d["root"], split=split)
-            if name == "imagenet"
-            else data.cifar10(d["root"], split=split)
-        )
+        if name == "imagenet":
+            size = int(c.get("input_size") or 224)
+            transform = None if full_images else data.resize_center_crop(256, size, interpolation="bicubic")
+            ds = data.imagenet(d["root"], split=split, transform=transform)
+        else:
+            ds = data.cifar10(d["root"], split=split)
     else:
         raise ConfigError(f"data.name={name!r}; expected mnist, digits, imagenet or cifar10")
     k = d.get("num_examples")
@@ -189,12 +197,24 @@ def shard_indices(n: int, seed: int, epoch: int, rank: int, world: int) -> np.nd
     return perm[rank::world]
 
 
-def augment(x: torch.Tensor, c: dict[str, Any], g: torch.Generator) -> torch.Tensor:
+def crops_from_files(c: dict[str, Any]) -> bool:
+    """Whether the training views are cropped from each decoded file (ImageNet with augmentation), as
+    upstream's ``ImageFolder`` + ``RandomResizedCrop`` do, rather than from a fixed-size array."""
+    return c["data"]["name"] == "imagenet" and bool(c["aug"]["enabled"])
+
+
+def augment(x: torch.Tensor | list[np.ndarray], c: dict[str, Any], g: torch.Generator) -> torch.Tensor:
+    """The training views (N, C, input_size, input_size) in [0, 1]: RandomResizedCrop(``aug.crop_scale``,
+    aspect (3/4, 4/3)) + flip of each image, drawn from ``g`` in order; ``x`` is a float (N, C, H, W)
+    batch, or a list of uint8 (H, W, C) images of any sizes (the decoded files), the crop then taken
+    from the whole image and its scale relative to the whole image's area."""
     aug = c["aug"]
     if not aug["enabled"]:
         return x
     size = int(c["input_size"])
     scale = tuple(float(s) for s in aug["crop_scale"])
+    if isinstance(x, list):  # torch.tensor copies: a decoded file's array may be read-only
+        x = [torch.tensor(im).permute(2, 0, 1) for im in x]
     return torch.cat(
         [random_resized_crop_views(im, 1, size, g, scale=scale, flip=bool(aug["flip"])) for im in x]
     )
@@ -233,7 +253,8 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
         device = torch.device("cuda", dist.rank % torch.cuda.device_count())
     set_threads(c, device)
     out = Path(c["out_dir"])
-    ds = load_dataset(c)
+    from_files = crops_from_files(c)
+    ds = load_dataset(c, full_images=from_files)
     stats = normalization(c, c["data"]["name"])
     norm = Normalizer(*stats) if stats else (lambda x: x)
     seed = int(c["seed"])
@@ -277,8 +298,12 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
         with progress_bar(n_iter, f"{kind} epoch {epoch}", progress) as bar:
             for it in range(n_iter):
                 sel = idx[it * bs : (it + 1) * bs]
-                images, labels = ds.take(sel)
-                x = norm(augment(to_unit(images), c, g)).to(device)
+                if from_files:  # each file at its own size, cropped from the whole photo
+                    images, labels = ds.take_list(sel)
+                    x = norm(augment(images, c, g)).to(device)
+                else:
+                    images, labels = ds.take(sel)
+                    x = norm(augment(to_unit(images), c, g)).to(device)
                 if it % accum == 0:
                     for group in opt.param_groups:
                         group["lr"] = lr_at(c, epoch + it / n_iter, base_lr)
@@ -350,8 +375,9 @@ def _recorded(rd: RunDir, metric: str, step: int) -> bool:
 
 @torch.no_grad()
 def clean_accuracy(model: MaskedAutoencoderViT, c: dict[str, Any], device, norm, limit: int = 2000):
-    """Top-1 on the held-out split; ``(nan, 0)`` when there is none.  ImageNet: all of ``val``, as
-    upstream's probe evaluates it (its files are sorted by class: a first-``limit`` cut would cover only
+    """Top-1 on the held-out split; ``(nan, 0)`` when there is none.  ImageNet: all of ``val`` at
+    upstream's evaluation transform (``Resize(256)`` bicubic + ``CenterCrop(input_size)``), as upstream's
+    probe evaluates it (its files are sorted by class: a first-``limit`` cut would cover only
     the first classes, 40 of the 1000 at 2,000 images); other datasets: the first ``limit`` images of
     ``test`` (MNIST's, the digits' and CIFAR-10's test sets are not sorted by class)."""
     split = "val" if c["data"]["name"] == "imagenet" else "test"

@@ -99,12 +99,16 @@ def random_resized_crop_views(
     image: torch.Tensor, n: int, size: int, generator: torch.Generator, *,
     scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True,
 ) -> torch.Tensor:  # fmt: skip
-    """``n`` views (n, C, size, size) of one image (C, H, W) in [0, 1]: random resized crop + flip."""
+    """``n`` views (n, C, size, size) in [0, 1] of one image (C, H, W), float in [0, 1] or uint8 (then only
+    the crop is converted, as ``to_unit`` would: a full decoded photo need not be converted whole): random
+    resized crop + flip."""
     _, H, W = image.shape
     views = []
     for _ in range(n):
         top, left, h, w = crop_params(H, W, scale, ratio, generator)
         crop = image[None, :, top : top + h, left : left + w]
+        if crop.dtype == torch.uint8:
+            crop = crop.float().div_(255.0)
         v = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
         if flip and bool(torch.rand(1, generator=generator) < 0.5):
             v = v.flip(-1)

@@ -32,6 +32,13 @@ class ImageDataset:
     def take(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def take_list(self, indices: Sequence[int] | np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """Like :meth:`take`, but the images as a list of uint8 (H, W, C) arrays, each at its own size: what
+        a reader without a fixed-size transform gives (e.g. ``imagenet(root, transform=None)``: the decoded
+        files), for augmentations that must see the whole image (RandomResizedCrop of the full photo)."""
+        images, labels = self.take(indices)
+        return list(images), labels
+
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         images, labels = self.take([index])
         return images[0], int(labels[0])
@@ -118,6 +125,10 @@ class FileDataset(ImageDataset):
         except (UnidentifiedImageError, OSError) as exc:
             raise DatasetLayoutError(f"{self.name}: cannot decode image file {path}: {exc}") from exc
 
+    def take_list(self, indices):
+        idx = np.asarray(indices, dtype=np.int64)
+        return [self.load(i) for i in idx], self.labels[idx]
+
     def take(self, indices):
         idx = np.asarray(indices, dtype=np.int64)
         arrays = [self.load(i) for i in idx]
@@ -142,15 +153,26 @@ class _Subset(ImageDataset):
     def take(self, indices):
         return self.parent.take(self.indices[np.asarray(indices, dtype=np.int64)])
 
+    def take_list(self, indices):
+        return self.parent.take_list(self.indices[np.asarray(indices, dtype=np.int64)])
 
-def resize_center_crop(resize: int = 256, crop: int = 224) -> Callable:
-    """Shorter side to ``resize`` (bilinear), then a centre ``crop`` x ``crop`` (the upstream eval transform).
+
+#: Pillow resampling filters by name for :func:`resize_center_crop`.
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def resize_center_crop(resize: int = 256, crop: int = 224, interpolation: str = "bilinear") -> Callable:
+    """Shorter side to ``resize``, then a centre ``crop`` x ``crop`` (the upstream eval transform).
 
     The sizes are torchvision's ``Resize(resize)`` + ``CenterCrop(crop)`` on PIL images (the transform of
     Hendrycks' ImageNet-C/A/R scripts): the longer side becomes ``int(resize * long / short)`` (truncated),
     and the crop starts at ``int(round((size - crop) / 2))`` (Python's round: halves to even).  Rounding
     the long side or flooring the offset instead shifts the crop by a pixel on about half the photos.
+    ``interpolation``: Pillow's ``bilinear`` (torchvision's default, Hendrycks' scripts) or ``bicubic``
+    (``Resize(256, interpolation=BICUBIC)``, the eval transform of MAE-based code).
     """
+    if interpolation not in INTERPOLATIONS:
+        raise InvalidInputError(f"interpolation={interpolation!r}; expected one of {list(INTERPOLATIONS)}")
 
     def transform(img):
         from PIL import Image
@@ -160,9 +182,10 @@ def resize_center_crop(resize: int = 256, crop: int = 224) -> Callable:
         new_long = int(resize * long / short)
         nw, nh = (resize, new_long) if w <= h else (new_long, resize)
         nw, nh = max(crop, nw), max(crop, nh)
-        img = img.resize((nw, nh), Image.BILINEAR)
+        img = img.resize((nw, nh), Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR)
         left, top = int(round((nw - crop) / 2.0)), int(round((nh - crop) / 2.0))
         return img.crop((left, top, left + crop, top + crop))
 
-    transform.__name__ = f"resize_center_crop_{resize}_{crop}"
+    suffix = "" if interpolation == "bilinear" else f"_{interpolation}"
+    transform.__name__ = f"resize_center_crop_{resize}_{crop}{suffix}"
     return transform
