@@ -9,7 +9,8 @@ The model comes from ``train_run`` (a ``tttlab-torch-ttt-train`` run directory) 
 from a run of ``train_experiment`` trained on first use and cached under ``cache_dir`` (keyed by the hash
 of its training config).  Engines with a jointly trained auxiliary head (``ttt``, ``ttt_pp``, ``ittt``,
 ``masked_ttt``) get a model trained with that engine, and with the evaluation's ``engine.kwargs`` when it
-has any (``conf/engine/ittt.yaml``: ``feedback: softmax``); the others the model trained with TTT (its
+has any (``conf/engine/ittt.yaml``: ``feedback: softmax``; ``engine.kwargs={}`` on the command line empties
+them, :func:`clears_engine_kwargs`); the others the model trained with TTT (its
 rotation head is unused by them).  TTT++/ActMAD reference statistics and EATA's Fisher information are
 computed on ``calibration.num_examples`` clean training images: the first ones for the statistics, a
 random subset drawn with the run's ``seed`` for the Fisher information (:func:`fisher_subset`, as the
@@ -199,9 +200,26 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="tttlab_torch_ttt_evaluate", node=EvalConfig)
 
 
-def eval_config(cfg: Mapping | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+#: The override that empties ``engine.kwargs`` (:func:`clears_engine_kwargs`).
+CLEAR_ENGINE_KWARGS = "engine.kwargs={}"
+
+
+def clears_engine_kwargs(overrides) -> bool:
+    """Whether the command-line ``overrides`` hold ``engine.kwargs={}``.  Hydra merges a mapping given on
+    the command line into the one ``conf/engine/<name>.yaml`` sets, so an empty one changed nothing (IT3
+    kept ``feedback: softmax``); here it means what a user writing it wants: no kwargs from the engine's
+    YAML nor from an experiment's ``engine_defaults``, the engine class's own defaults."""
+    return any(str(o).replace(" ", "").lstrip("+") == CLEAR_ENGINE_KWARGS for o in overrides or ())
+
+
+def eval_config(
+    cfg: Mapping | None = None, overrides: list[str] | None = None, *, clear_engine_kwargs: bool = False
+) -> dict[str, Any]:
     """``conf/evaluate.yaml`` + ``conf/engine/<engine>.yaml`` + ``cfg`` (a possibly partial mapping, with
-    ``engine`` a name or a mapping) + ``key=value`` overrides, validated against :class:`EvalConfig`."""
+    ``engine`` a name or a mapping) + ``key=value`` overrides, validated against :class:`EvalConfig`.
+    ``clear_engine_kwargs`` (or ``engine.kwargs={}`` among ``overrides``): ``engine.kwargs`` is empty, the
+    engine's own defaults (:func:`clears_engine_kwargs`)."""
+    clear_engine_kwargs = bool(clear_engine_kwargs) or clears_engine_kwargs(overrides)
     from omegaconf import OmegaConf
 
     from tttlab.core.config import validate
@@ -219,7 +237,9 @@ def eval_config(cfg: Mapping | None = None, overrides: list[str] | None = None) 
     layer = {**PROFILES[profile], "out_dir": default_out_dir(profile)} if profile else {}
     merged = OmegaConf.merge(base, layer, user, OmegaConf.from_dotlist(list(overrides or [])))
     c = T.to_dict(validate(OmegaConf.to_container(merged, resolve=True), EvalConfig))
-    apply_engine_defaults(c)
+    if clear_engine_kwargs:
+        c["engine"]["kwargs"] = {}
+    apply_engine_defaults(c, fill_kwargs=not clear_engine_kwargs)
     c["amp"] = check_amp(c["amp"])
     c["compile"] = check_compile(c["compile"])
     if c["stream"] not in STREAMS:
@@ -254,8 +274,9 @@ def eval_config(cfg: Mapping | None = None, overrides: list[str] | None = None) 
     return c
 
 
-def apply_engine_defaults(c: dict[str, Any]) -> None:
-    """Fill ``c["engine"]`` from ``c["engine_defaults"][<engine name>]`` (see :class:`EvalConfig`)."""
+def apply_engine_defaults(c: dict[str, Any], *, fill_kwargs: bool = True) -> None:
+    """Fill ``c["engine"]`` from ``c["engine_defaults"][<engine name>]`` (see :class:`EvalConfig`);
+    ``fill_kwargs=False`` (``engine.kwargs={}``): the optimization only."""
     presets = c.get("engine_defaults") or {}
     for name, preset in presets.items():
         if name not in EngineRegistry.names():
@@ -270,7 +291,8 @@ def apply_engine_defaults(c: dict[str, Any]) -> None:
     preset = presets.get(c["engine"]["name"]) or {}
     kwargs = c["engine"].setdefault("kwargs", {})
     for key, value in (preset.get("kwargs") or {}).items():
-        kwargs.setdefault(key, value)
+        if fill_kwargs:
+            kwargs.setdefault(key, value)
     optimization = c["engine"].setdefault("optimization", {})
     for key, value in (preset.get("optimization") or {}).items():
         if optimization.get(key) is None:
@@ -718,10 +740,13 @@ def totals_from_records(path: Path, domains) -> dict[Any, list]:
     return totals
 
 
-def run(cfg: Mapping | None = None, **overrides) -> Path:
+def run(cfg: Mapping | None = None, *, clear_engine_kwargs: bool = False, **overrides) -> Path:
     """Evaluate per ``cfg`` (a mapping with keys of ``conf/evaluate.yaml``; partial is fine); returns the
-    records file.  Under ``torchrun`` every rank calls it; rank 0 returns the merged records."""
-    c = eval_config({**(T.to_dict(cfg) if cfg is not None else {}), **overrides})
+    records file.  Under ``torchrun`` every rank calls it; rank 0 returns the merged records.
+    ``clear_engine_kwargs``: the command line said ``engine.kwargs={}`` (:func:`clears_engine_kwargs`)."""
+    c = eval_config(
+        {**(T.to_dict(cfg) if cfg is not None else {}), **overrides}, clear_engine_kwargs=clear_engine_kwargs
+    )
     dist = init_distributed()
     device = T.resolve_device(c["device"])
     if device.type == "cuda" and dist.world_size > 1:
@@ -815,8 +840,11 @@ def main() -> None:
 
     @hydra.main(config_path="conf", config_name="evaluate", version_base=None)
     def _main(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
         with T.user_errors("tttlab-torch-ttt-evaluate"):
-            path = run(cfg)
+            # the composed cfg cannot tell engine.kwargs={} (merged: no change) from no override
+            path = run(cfg, clear_engine_kwargs=clears_engine_kwargs(HydraConfig.get().overrides.task))
         if init_distributed().rank == 0:
             print("\n".join(summary_lines(Path(path))))
             print(path)
