@@ -435,3 +435,17 @@ def test_a_root_without_a_chosen_domain_is_refused_when_built(tmp_path):
         f"out_dir={out}",
     ]
     assert cmp.main(argv) == 2 and not out.exists()
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_visit_sizes_give_every_batch_size_before_the_stream_runs(source, setting):
+    """``visit_sizes`` (images per visit, mixed: the pooled stream) tell a caller every batch's size without
+    corrupting anything: the stream's batches are those sizes cut into batch_size pieces."""
+    b = bench(source, setting=setting, num_examples=17, batch_size=8)
+    visits = b.visit_sizes()
+    expected = [min(8, n - start) for _, n in visits for start in range(0, n, 8)]
+    assert [len(x.labels) for x in b] == expected and len(expected) == len(b)
+    if setting == "mixed":
+        assert visits == [(None, 17 * len(b.domains))]
+    else:
+        assert [d for d, _ in visits] == b.schedule() and {n for _, n in visits} == {17}

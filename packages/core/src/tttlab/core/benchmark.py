@@ -376,6 +376,13 @@ class Benchmark:
                 return len(self._example_indices())
         return len(self.domain_dataset(domain))
 
+    def visit_sizes(self) -> list[tuple[Domain | None, int]]:
+        """``(domain, images)`` of every visit in stream order (``mixed``: one ``(None, all images)``), read
+        without corrupting a generated domain: with ``batch_size`` they give every batch's size before the
+        stream runs (a visit of ``n`` images ends with a batch of ``n % batch_size`` when that is not 0)."""
+        sizes = [(d, self._domain_size(d)) for d in self.schedule()]
+        return [(None, sum(n for _, n in sizes))] if self.setting == "mixed" else sizes
+
     def __len__(self) -> int:
         """Number of batches in the stream."""
         sizes = [self._domain_size(d) for d in self.schedule()]

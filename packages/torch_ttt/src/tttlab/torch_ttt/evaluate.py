@@ -668,6 +668,70 @@ def make_stream(c: dict[str, Any], dist: Dist, info: ModelInfo | None = None):
     return bench_batches(), bench.domains, b["name"], total
 
 
+def stream_visit_sizes(c: dict[str, Any]) -> tuple[list[int], str, str]:
+    """``(images of every visit, batch-size key, images key)`` of the configured stream (whole, unsharded),
+    without reading a generated domain's images: the batch sizes the engine will get."""
+    from tttlab.core.benchmark import from_config
+    from tttlab.core.data import mnist
+
+    if c["stream"] == "noisy":
+        nz = c["noisy"]
+        n = len(mnist("test")) if nz["num_examples"] is None else min(nz["num_examples"], len(mnist("test")))
+        return [n], f"noisy.batch_size={nz['batch_size']}", f"noisy.num_examples={_yaml(nz['num_examples'])}"
+    b = c["benchmark"]
+    sizes = [n for _, n in from_config(b).visit_sizes()]
+    return (
+        sizes,
+        f"benchmark.batch_size={b['batch_size']}",
+        f"benchmark.num_examples={_yaml(b['num_examples'])}",
+    )
+
+
+def _yaml(value) -> str:
+    return "null" if value is None else str(value)
+
+
+def check_stream_batches(c: dict[str, Any], info: ModelInfo) -> None:
+    """Before a model is trained: a batch of the stream the engine would refuse (one image where the
+    engine's test-batch statistics need two: a BatchNorm1d on flat features, ActMAD's and TTT++'s
+    statistics over samples) is a :class:`ConfigError` naming the batch-size setting and a size that
+    works.  The last batch of a visit of ``n`` images holds ``n % batch_size``; the engine's own checks
+    (:meth:`BaseEngine.check_inputs`) run on a throw-away engine around an untrained model of the same
+    architecture, only when some batch holds a single image (two or more pass every engine)."""
+    from tttlab.core.errors import InvalidInputError
+
+    sizes, batch_key, images_key = stream_visit_sizes(c)
+    bs = int(c["noisy"]["batch_size"] if c["stream"] == "noisy" else c["benchmark"]["batch_size"])
+    short = sorted({n for n in sizes if n % bs == 1})
+    if not short:
+        return
+    mc, name = c["model_checkpoint"], c["engine"]["name"]
+    optimization = {k: v for k, v in (c["engine"]["optimization"] or {}).items() if k != "reset"}
+    h, w, ch = info.image_shape
+    with torch.random.fork_rng(devices=[]):  # the throw-away model's initialisation leaves no trace
+        model = T.build_model(info.name, **(mc["kwargs"] if mc["path"] else {}))
+        engine = T.build_engine(name, model, info.name, dict(c["engine"]["kwargs"] or {}), optimization,
+                                example_images(info))  # fmt: skip
+        try:
+            engine.eval().check_inputs(torch.zeros(1, ch, h, w))
+        except InvalidInputError as exc:
+            refused = exc
+        else:
+            return
+    # the batch size nearest the configured one after which no visit ends with a single image
+    fits = next((b for b in sorted(range(2, max(sizes) + 1), key=lambda b: (abs(b - bs), b))
+                 if all(n % b != 1 for n in sizes)), max(sizes))  # fmt: skip
+    n = short[0]
+    per = "stream" if c["stream"] == "noisy" or c["benchmark"]["setting"] == "mixed" else "domain"
+    fewer = "" if per == "stream" and c["stream"] != "noisy" else f" or {images_key.split('=')[0]}={n - 1}"
+    raise ConfigError(
+        f"{batch_key} leaves a last batch of 1 image ({n} images per {per} = {n // bs} x {bs} + 1, with "
+        f"{images_key}), and engine {name!r} on model {info.name!r} cannot adapt on one image ({refused}); "
+        f"use a batch size that leaves no single image, e.g. {batch_key.split('=')[0]}={fits}{fewer} "
+        "(checked before training the model)"
+    ) from None
+
+
 def warm_up() -> None:
     """Pay torch's one-time costs (the optimizers' lazy imports, autograd's first backward: ~2 s) on a
     throw-away parameter, so that they are not timed as the first domain's adaptation.  Touches neither the
@@ -759,6 +823,7 @@ def run(cfg: Mapping | None = None, *, clear_engine_kwargs: bool = False, **over
     # the benchmark first: a bad setting, corruption or root fails now, not after training a model
     info = evaluated_model(c)
     batches, domains, dataset, num_batches = make_stream(c, dist, info)
+    check_stream_batches(c, info)  # a single-image batch the engine refuses: now, not after training
     data_source = benchmark_data(c)
     run_dir = None if c["model_checkpoint"]["path"] else training_run(c, dist)
     x_example = example_images(info)
