@@ -169,6 +169,85 @@ def test_cache_is_not_read_by_other_corruption_code(source, tmp_path, monkeypatc
         assert np.array_equal(first[d][0], fresh[d][0])
 
 
+def _fresh(src, corruption: str, severity: int, seed: int = 0) -> np.ndarray:
+    """What a benchmark with one chunk and shuffle=False must yield for ``src``, corrupted here."""
+    rng = np.random.default_rng([seed, benchmark_module.C.ALL.index(corruption), severity, 0])
+    return benchmark_module.C.corrupt(
+        src.take(np.arange(len(src)))[0], corruption, severity, rng=rng, family="mnist"
+    )
+
+
+def _one_domain(src, cache_dir, name="toy_c", **kw) -> np.ndarray:
+    b = Benchmark(name, src, corruptions=("gaussian_noise",), severities=(3,), family="mnist", shuffle=False,
+                  batch_size=len(src), cache_dir=cache_dir, **kw)  # fmt: skip
+    return next(iter(b)).images
+
+
+def test_two_sources_of_one_length_do_not_share_cached_domains(source, tmp_path):
+    """Two user-built benchmarks of one name over sources of the same length (two slices of one split) each
+    get their own corrupted images from a shared cache_dir, not the first one's; the same source reads its
+    cache back (one folder per source, nothing written the second time)."""
+    first, second = source.subset(np.arange(0, 20)), source.subset(np.arange(20, 40))
+    assert np.array_equal(_one_domain(first, tmp_path), _fresh(first, "gaussian_noise", 3))
+    got = _one_domain(second, tmp_path)
+    assert np.array_equal(got, _fresh(second, "gaussian_noise", 3)), "the second slice got the first's images"
+    folders = sorted(p.name for p in tmp_path.iterdir())
+    assert len(folders) == 2
+    assert np.array_equal(_one_domain(first, tmp_path), _fresh(first, "gaussian_noise", 3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == folders
+    # a trusted source_id replaces the fingerprint: same id, same folder (the caller vouches for the data)
+    a = _one_domain(first, tmp_path / "ids", source_id="slice-a")
+    assert np.array_equal(_one_domain(second, tmp_path / "ids", source_id="slice-a"), a)
+    with pytest.raises(InvalidInputError, match="source_id must be a string"):
+        _one_domain(first, tmp_path, source_id=3)
+
+
+def test_tfds_split_slices_do_not_share_cached_domains(tmp_path):
+    """The case users hit: ``test[:10]`` and ``test[10:20]`` of one TFDS dataset, one cache_dir."""
+    pytest.importorskip("tensorflow_datasets")
+    from tttlab.core import data, testing
+
+    root = testing.make_tfds(tmp_path / "tfds", n={"test": 20}, image_shape=(28, 28, 1), num_classes=3)
+    for split in ("test[:10]", "test[10:20]"):
+        src = data.tfds("tttlab_fixture", root, split=split)
+        assert np.array_equal(_one_domain(src, tmp_path / "cache", name="fixture_c"),
+                              _fresh(src, "gaussian_noise", 3)), split  # fmt: skip
+
+
+def test_named_benchmarks_keep_their_cache_keys_and_splits_get_their_own(tmp_path, monkeypatch):
+    """make_benchmark's standard data keeps the folder names of the code before source fingerprints (literal
+    keys, corruption code hash fixed); MNIST's / digits' validation split, as long as test, no longer shares
+    test's folder; a generated cifar10_c from a clean set that is not the full CIFAR-10 test batch is
+    fingerprinted, so two such folders of one size do not share either."""
+    pytest.importorskip("sklearn")
+    from tttlab.core import testing
+
+    monkeypatch.setattr(benchmark_module, "corruptions_code_hash", lambda: "code")
+    kw = dict(corruptions=("fog",), severities=(5,), cache_dir=tmp_path)
+
+    def folder(name, **extra) -> str:
+        return make_benchmark(name, **kw, **extra)._cache_path(Domain("fog", 5)).parent.name
+
+    assert folder("digits_c") == "digits_c-3072efbabc80"
+    assert folder("digits_c", shuffle=False) == "digits_c-f8fe36f92d3d"
+    assert folder("digits_c", num_examples=100, seed=3) == "digits_c-c686e373ab98"
+    assert folder("digits_c", split="validation") not in (
+        "digits_c-3072efbabc80",
+        folder("digits_c", split="train"),
+    )
+    assert folder("digits_c", split="val") == folder("digits_c", split="validation")
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="generated"):
+        roots = [
+            testing.make_cifar10(tmp_path / f"c{seed}", n_train=2, n_test=6, seed=seed) for seed in (0, 1)
+        ]
+        got = [per_domain(make_benchmark("cifar10_c", root=r, corruptions=("contrast",), severities=(1,),
+                                         shuffle=False, cache_dir=tmp_path / "cache"))  # fmt: skip
+               for r in roots]  # fmt: skip
+    assert not np.array_equal(got[0][Domain("contrast", 1)][0], got[1][Domain("contrast", 1)][0])
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
 @pytest.mark.parametrize(
     "kw, err, needle",
     [
@@ -356,3 +435,17 @@ def test_a_root_without_a_chosen_domain_is_refused_when_built(tmp_path):
         f"out_dir={out}",
     ]
     assert cmp.main(argv) == 2 and not out.exists()
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_visit_sizes_give_every_batch_size_before_the_stream_runs(source, setting):
+    """``visit_sizes`` (images per visit, mixed: the pooled stream) tell a caller every batch's size without
+    corrupting anything: the stream's batches are those sizes cut into batch_size pieces."""
+    b = bench(source, setting=setting, num_examples=17, batch_size=8)
+    visits = b.visit_sizes()
+    expected = [min(8, n - start) for _, n in visits for start in range(0, n, 8)]
+    assert [len(x.labels) for x in b] == expected and len(expected) == len(b)
+    if setting == "mixed":
+        assert visits == [(None, 17 * len(b.domains))]
+    else:
+        assert [d for d, _ in visits] == b.schedule() and {n for _, n in visits} == {17}

@@ -85,14 +85,15 @@ def test_file_order_subset_is_the_first_images_of_every_domain(files, seed):
 def test_file_order_subset_has_its_own_cache(tmp_path, monkeypatch):
     """A generated file-order subset is cached apart from the sorted random subset earlier code cached under
     the file-order key (those images would not match the first images' labels); full file-order domains
-    keep their key (literal folder names of the code before, with the corruption code's hash fixed)."""
+    keep their key (literal folder names of the code before, with the corruption code's hash fixed;
+    ``source_id=""``: the key of make_benchmark's named benchmarks)."""
     from tttlab.core import benchmark as B
 
     src = _ids_source()
 
     def folder(num_examples, shuffle=False) -> str:
         b = Benchmark("ids_c", src, corruptions=("fog",), severities=(5,), family="mnist",
-                      cache_dir=tmp_path, num_examples=num_examples, shuffle=shuffle)  # fmt: skip
+                      cache_dir=tmp_path, num_examples=num_examples, shuffle=shuffle, source_id="")  # fmt: skip
         return b._cache_path(Domain("fog", 5)).parent.name
 
     with monkeypatch.context() as m:

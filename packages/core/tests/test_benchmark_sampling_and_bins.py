@@ -487,13 +487,15 @@ def test_dirichlet_in_the_gradual_setting_redraws_the_class_order_on_revisits():
 def test_shuffled_benchmarks_keep_the_cache_keys_they_had_before_the_order_option(tmp_path, monkeypatch):
     """Generated domains cached before ``shuffle`` existed stay valid: a shuffled benchmark's cache folder is
     keyed as it always was (literal keys, with the corruption code's hash fixed: this fails when a change
-    would regenerate every user's cache), and file order gets a folder of its own."""
+    would regenerate every user's cache), and file order gets a folder of its own.  ``source_id=""`` is how
+    make_benchmark builds its named benchmarks (whose keys these are); user-built ones add a fingerprint."""
     from tttlab.core import benchmark as B
 
     monkeypatch.setattr(B, "corruptions_code_hash", lambda: "code")
     kw = dict(
         corruptions=("fog",), severities=(5,), family="mnist", cache_dir=tmp_path, seed=3, num_examples=10
     )
+    kw["source_id"] = ""
 
     def folder(**extra) -> str:
         return Benchmark("ids_c", _ids_source(), **kw, **extra)._cache_path(Domain("fog", 5)).parent.name

@@ -340,6 +340,36 @@ def test_bad_options_are_config_errors(tmp_path, monkeypatch, name, overrides, n
     assert not (tmp_path / "cache").exists(), "refused before any model is trained"
 
 
+@pytest.mark.parametrize(
+    "name, overrides, needle",
+    [
+        ("memo", ["+include_original=maybe"], "include_original='maybe'; expected true or false"),
+        ("memo", ["top_k=abc"], "top_k='abc'; expected a fraction"),
+        ("memo", ["image_size=32", "test_resize=16"], "test_resize=16 must be >= size=32"),
+        ("tpt", ["augs=0"], "n_views=0 must be >= 1"),
+        ("tpt", ["selection=abc"], "selection='abc'; expected a fraction"),
+        ("ensemble", ["+include_original=maybe"], "include_original='maybe'; expected true or false"),
+        ("ensemble", ["models.1.lr=-1"], "lr=-1.0; expected a finite number >= 0"),
+    ],
+)
+def test_bad_option_values_are_named_before_the_test_sets_are_read(tmp_path, name, overrides, needle):
+    """A bad option value on the paper path was reported only once the test sets were read and the model
+    built: with a missing datasets_root the user saw the data error first, fixed it (downloads of GBs), and
+    then got the config error.  Now the config error comes first, and nothing is written."""
+    from tttlab.memo_tpt.main import run_paper
+
+    nowhere = tmp_path / "nowhere"
+    cfg = _hydra_cfg(name, [f"datasets_root={nowhere}", "data_to_test=a", "progress=false",
+                            f"out_dir={tmp_path / 'out'}", *overrides])  # fmt: skip
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        run_paper(cfg)
+    assert not (tmp_path / "out").exists()
+    # and without the bad value the same command stops at the data, as before
+    with pytest.raises(DatasetNotFoundError, match=re.escape(str(nowhere))):
+        run_paper(_hydra_cfg(name, [f"datasets_root={nowhere}", "data_to_test=a", "progress=false",
+                                    f"out_dir={tmp_path / 'out'}"]))  # fmt: skip
+
+
 def test_bad_data_or_checkpoint_leaves_no_run_directory(tmp_path):
     """A mistyped datasets_root (or a missing second test set, or checkpoint) was noticed only after the run
     directory and its config.yaml were written: a half-made run was left behind (README audit)."""

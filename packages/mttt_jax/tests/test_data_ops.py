@@ -50,3 +50,27 @@ def test_eval_resize_small_weights_partly_covered_pixels_as_tf_area_resize(shape
     np.testing.assert_array_equal(out, expected.astype(np.uint8))
     flat = np.full((h, w, 1), 200, np.uint8)  # a flat image stays flat (no truncation to 199)
     assert np.all(resize_small_center_crop(flat, 256, 224) == 200)
+
+
+@pytest.mark.parametrize("size, resize", [(224, 256), (16, 18)])
+def test_eval_resizes_an_image_that_already_has_the_model_size(size, resize):
+    """Upstream's eval is ``resize_small(256)|central_crop(224)`` for every image: one of exactly 224 x 224 is
+    enlarged by 256/224 and cropped back, not passed through (the code before took it as it was)."""
+    from tttlab.core.data import ArrayDataset
+    from tttlab.mttt_jax.data import Source, value_range
+
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    src = Source(ArrayDataset(images, np.array([0, 1])), train=False, image_size=size, augment={},
+                 eval_resize=resize, per_image=True, workers=1)  # fmt: skip
+    got, labels = src.load(np.arange(2), None, None)
+    # the same crop written out: enlarge by area (each output pixel of [o s, (o + 1) s) in one or two inputs)
+    expected = []
+    for img in images:
+        grid = np.tensordot(_coverage(size, resize), img.astype(np.float64), axes=(1, 0))
+        grid = np.tensordot(_coverage(size, resize), grid, axes=(1, 1)).transpose(1, 0, 2)
+        off = (resize - size) // 2
+        expected.append(np.floor(grid[off : off + size, off : off + size] + 1e-6).astype(np.uint8))
+    np.testing.assert_allclose(got, value_range(np.stack(expected), -1.0, 1.0), atol=1e-6)
+    assert labels.tolist() == [0, 1]
+    assert not np.allclose(got, value_range(images, -1.0, 1.0)), "the image was passed through unresized"

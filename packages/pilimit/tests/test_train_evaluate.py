@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tttlab.core.errors import ConfigError, DatasetLayoutError, DatasetNotFoundError, TTTLabError
 from tttlab.core.records import load_records
 from tttlab.pilimit import InfMLP
-from tttlab.pilimit.data import imagenet32, omniglot_classes
+from tttlab.pilimit.data import data_root, imagenet32, omniglot_classes
 from tttlab.pilimit.maml import Episode, adapted_logits, sample_episode
 from tttlab.pilimit.specs import SPECS
 from tttlab.pilimit.train import load_checkpoint, run, train_config
@@ -203,6 +203,31 @@ def test_missing_data_root_is_not_found_and_wrong_contents_a_layout_error(tmp_pa
             reader(tmp_path / "a_file")
         with pytest.raises(DatasetLayoutError, match=re.escape(str(tmp_path / "empty"))):
             reader(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    "experiment, key, what, layout",
+    [("paper_omniglot", "maml.root", "omniglot", "images_background"),
+     ("paper_cifar10", "data.root", "cifar10", "cifar-10-batches-py")],
+)  # fmt: skip
+def test_a_paper_experiment_without_its_data_root_names_the_key_and_how_to_set_it(
+    tmp_path, experiment, key, what, layout
+):
+    """The paper experiments leave the data root ``???``; validated, that became the schema's None, and the
+    error read ``maml.root=None is not set``: neither the ??? of the config nor what to do.  It names the
+    key, what is expected (a path to the data, its layout) and the command-line override that sets it."""
+    import re
+
+    c = train_config(experiment, [f"out_dir={tmp_path / 'run'}", "logging.progress=false"])
+    with pytest.raises(DatasetNotFoundError) as e:
+        run(c)
+    msg = str(e.value)
+    assert f"{key} is not set" in msg and "None" not in msg, msg
+    assert f"expected the path of the folder holding the {what} data" in msg and layout in msg, msg
+    assert msg.endswith(f"Set it on the command line: {key}=/path/to/{what}"), msg
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(DatasetNotFoundError, match=re.escape(f"{key} is not set")):
+        data_root("???", what, key, layout)  # the raw config value, unvalidated
 
 
 def test_missing_transfer_root_is_reported_before_training(tmp_path):

@@ -426,3 +426,33 @@ def test_paper_experiment_composes_the_published_setting_and_rejects_mixed_model
         E.run({**paper, "device": "cpu", "out_dir": str(tmp_path / "e")})
     with pytest.raises(ConfigError, match="'wrn28_10' is not an MNIST model"):
         T.train_config("smoke", ["model.name=wrn28_10"])
+
+
+def test_an_empty_engine_kwargs_override_means_the_engine_defaults(tmp_path, monkeypatch, capsys):
+    """``engine.kwargs={}`` changed nothing: Hydra merges the given mapping into conf/engine/ittt.yaml's
+    (``feedback: softmax`` stayed), and users had to spell out ``engine.kwargs.feedback=output``.  It now
+    empties the kwargs (the engine class's own defaults), also an experiment's engine_defaults kwargs (its
+    optimization settings still apply); other overrides keep Hydra's merge."""
+    assert E._keyword_defaults(E.get_engine("ittt"))["feedback"] == "output"
+    assert E.eval_config({"engine": "ittt"})["engine"]["kwargs"] == {"feedback": "softmax"}
+    assert E.eval_config({"engine": "ittt"}, ["engine.kwargs={}"])["engine"]["kwargs"] == {}
+    assert E.eval_config({"engine": "ittt"}, ["engine.kwargs={ }"])["engine"]["kwargs"] == {}
+    assert E.eval_config({"engine": "ittt"}, ["engine.kwargs.feedback=output"])["engine"]["kwargs"] == {
+        "feedback": "output"
+    }
+    paper = hydra_compose(["+experiment=paper_tent_cifar10c", "model_checkpoint.path=/x", "engine.kwargs={}"])
+    assert E.eval_config(paper)["engine"]["kwargs"] == {"predict_before_update": True}, "merged: unchanged"
+    tent = E.eval_config(paper, clear_engine_kwargs=True)["engine"]
+    assert tent["kwargs"] == {} and tent["optimization"]["optimizer_name"] == "adam"
+    # the command: the composed config cannot tell the override from none; main reads it from Hydra
+    seen = []
+
+    def fake_run(cfg, clear_engine_kwargs=False):
+        seen.append(E.eval_config(cfg, clear_engine_kwargs=clear_engine_kwargs)["engine"]["kwargs"])
+        return str(tmp_path / "records.jsonl")
+
+    monkeypatch.setattr(E, "run", fake_run)
+    monkeypatch.setattr(E, "summary_lines", lambda path: [])
+    run_cli(monkeypatch, capsys, "engine=ittt", "engine.kwargs={}")
+    run_cli(monkeypatch, capsys, "engine=ittt")
+    assert seen == [{}, {"feedback": "softmax"}]

@@ -796,3 +796,51 @@ def test_a_train_run_trained_with_other_it3_kwargs_only_warns(tmp_path, caplog):
         with caplog.at_level("WARNING", logger="tttlab.torch_ttt.evaluate"):
             eng, _, _ = E.load_engine(same, out, torch.device("cpu"), example)
         assert eng.feedback == "output" and "trained with engine_kwargs" not in caplog.text, extra
+
+
+@pytest.mark.parametrize(
+    "engine, cfg, needle",
+    [
+        ("tent", {"benchmark": {"num_examples": 129, "batch_size": 64}},
+         "benchmark.batch_size=64 leaves a last batch of 1 image (129 images per domain = 2 x 64 + 1, with "
+         "benchmark.num_examples=129)"),
+        ("bn", {"benchmark": {"num_examples": 65, "batch_size": 16, "setting": "continual"}},
+         "benchmark.batch_size=16 leaves a last batch of 1 image (65 images per domain = 4 x 16 + 1"),
+        ("actmad", {"benchmark": {"num_examples": 129, "batch_size": 64}}, "needs at least 2 samples"),
+        ("eata", {"stream": "noisy", "noisy": {"num_examples": 129, "batch_size": 64}},
+         "noisy.batch_size=64 leaves a last batch of 1 image (129 images per stream"),
+    ],
+)  # fmt: skip
+def test_a_single_image_last_batch_is_refused_before_any_training(tmp_path, monkeypatch, engine, cfg, needle):
+    """mnist_bn normalises flat fc features with a BatchNorm1d: a last batch of one image (129 = 2 x 64 + 1)
+    stopped the run with a clean error only once the model was trained and the stream reached it.  The
+    stream's batch sizes are known from the config: the error now comes first, names the setting and a
+    batch size that works (and that size passes the same check)."""
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a model was trained before the error")
+
+    monkeypatch.setattr(E, "training_run", no_training)
+    c = {"engine": engine, "out_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"),
+         "logging": {"progress": False}, **cfg}  # fmt: skip
+    c.setdefault("benchmark", {})["corruptions"] = ["fog"]
+    with pytest.raises(ConfigError) as e:
+        E.run(c)
+    msg = str(e.value)
+    assert needle in msg and "checked before training the model" in msg, msg
+    key = "noisy" if c.get("stream") == "noisy" else "benchmark"
+    fits = int(re.search(rf"e\.g\. {key}\.batch_size=(\d+)", msg).group(1))
+    assert (65 if engine == "bn" else 129) % fits != 1, msg
+    ok = E.eval_config({**c, key: {**c[key], "batch_size": fits}})
+    assert E.check_stream_batches(ok, E.evaluated_model(ok)) is None
+
+
+def test_single_image_batches_pass_where_the_engine_takes_them():
+    """No error where one image is fine: engines without test-batch statistics (source, memo's prior), BN
+    with a prior, and a stream whose batches all hold 2 or more images."""
+    base = {"benchmark": {"num_examples": 129, "batch_size": 64, "corruptions": ["fog"]}}
+    for engine in ("source", "memo", {"name": "bn", "kwargs": {"prior_strength": 16}}):
+        c = E.eval_config({**base, "engine": engine})
+        assert E.check_stream_batches(c, E.evaluated_model(c)) is None, engine
+    c = E.eval_config({**base, "engine": "tent", "benchmark": {**base["benchmark"], "num_examples": 130}})
+    assert E.check_stream_batches(c, E.evaluated_model(c)) is None

@@ -45,7 +45,8 @@ the setting or the batch size, so methods evaluated under different settings see
 ``num_examples`` counts images per domain in every setting, ``mixed`` too (the test-time-adaptation
 benchmark samples its ``mixed_domains`` subset from the pooled stream instead).
 Generated domains are corrupted in fixed chunks, each with its own ``numpy.random.Generator`` seeded
-from ``(seed, corruption index, severity, chunk)``, and optionally cached on disk (atomic ``.npy``).
+from ``(seed, corruption index, severity, chunk)``, and optionally cached on disk (atomic ``.npy``), keyed by
+every option that changes their pixels and by the source data (``Benchmark(source_id=...)``).
 
 Named benchmarks (:func:`make_benchmark`): ``mnist_c`` (embedded MNIST test split, generated, ``mnist``
 constants: Hendrycks' 15 corruptions on MNIST, not Mu & Gilmer's MNIST-C, whose corruption set differs), ``digits_c`` (scikit-learn digits, generated; for fast tests), ``cifar10_c`` (the RobustBench
@@ -265,6 +266,12 @@ class Benchmark:
             shuffling does (RobustBench's CIFAR-10-C loader, the official Tent and CoTTA code).
         jpeg_quality: if set, every generated corrupted image goes through a JPEG round trip at this
             quality (Pillow, 4:2:0), as the released ImageNet-C files did (85); clean images are left as is.
+        source_id: what names the source data in the cache key of generated domains.  ``None`` (default):
+            a SHA-256 fingerprint of the labels and images the benchmark takes from ``source`` (hashed once,
+            after they are read), so two sources of one length (two slices of a split, two folders) never
+            share cached domains.  A string is trusted as the source's identity instead (no hashing), and
+            ``""`` adds nothing to the key: :func:`make_benchmark` passes it for a named benchmark's standard
+            data (name + length identify it), which keeps the keys of caches written before this option.
     """
 
     def __init__(
@@ -285,7 +292,10 @@ class Benchmark:
         include_clean: bool = False,
         jpeg_quality: int | None = None,
         dirichlet_delta: float | None = None,
+        source_id: str | None = None,
     ):
+        if source_id is not None and not isinstance(source_id, str):
+            raise InvalidInputError(f"source_id must be a string or None, got {source_id!r}")
         if jpeg_quality is not None and (
             isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, (int, np.integer))
             or not 1 <= jpeg_quality <= 95
@@ -333,6 +343,8 @@ class Benchmark:
         self.dirichlet_delta = check_dirichlet_delta(dirichlet_delta)
         self.include_clean = include_clean
         self.jpeg_quality = None if jpeg_quality is None else int(jpeg_quality)
+        self.source_id = source_id
+        self._source_fingerprint: str | None = None
         self._memo: dict[Domain, ImageDataset] = {}
 
     # ------------------------------------------------------------------ structure
@@ -363,6 +375,13 @@ class Benchmark:
             if domain.corruption is None or self.domain_files is None:
                 return len(self._example_indices())
         return len(self.domain_dataset(domain))
+
+    def visit_sizes(self) -> list[tuple[Domain | None, int]]:
+        """``(domain, images)`` of every visit in stream order (``mixed``: one ``(None, all images)``), read
+        without corrupting a generated domain: with ``batch_size`` they give every batch's size before the
+        stream runs (a visit of ``n`` images ends with a batch of ``n % batch_size`` when that is not 0)."""
+        sizes = [(d, self._domain_size(d)) for d in self.schedule()]
+        return [(None, sum(n for _, n in sizes))] if self.setting == "mixed" else sizes
 
     def __len__(self) -> int:
         """Number of batches in the stream."""
@@ -395,7 +414,20 @@ class Benchmark:
             order = order[: self.num_examples]
         return order
 
-    def _cache_path(self, domain: Domain) -> Path | None:
+    def _source_key(self, taken: tuple[np.ndarray, np.ndarray] | None = None) -> str:
+        """``source_id``, or the fingerprint of the taken ``(images, labels)`` (read here if not given)."""
+        if self.source_id is not None:
+            return self.source_id
+        if self._source_fingerprint is None:
+            images, labels = taken if taken is not None else self.source.take(self._example_indices())
+            images = np.ascontiguousarray(images)
+            h = hashlib.sha256(repr((images.shape, images.dtype.str)).encode())
+            h.update(np.ascontiguousarray(labels, dtype=np.int64))
+            h.update(images)
+            self._source_fingerprint = h.hexdigest()[:16]
+        return self._source_fingerprint
+
+    def _cache_path(self, domain: Domain, taken: tuple[np.ndarray, np.ndarray] | None = None) -> Path | None:
         if self.cache_dir is None:
             return None
         fields = (self.name, len(self.source), self.num_examples, self.seed, self.family, CHUNK,
@@ -407,6 +439,9 @@ class Benchmark:
                 fields += (("subset", "first"),)
         if self.jpeg_quality is not None:  # keeps the keys of earlier caches without the round trip
             fields += (("jpeg", self.jpeg_quality),)
+        source_key = self._source_key(taken)
+        if source_key:  # "" (named benchmarks' standard data): the key as before source_id existed
+            fields += (("source", source_key),)
         key = hashlib.sha256(repr(fields).encode()).hexdigest()[:12]
         return self.cache_dir / f"{self.name}-{key}" / f"{domain}.npy"
 
@@ -414,7 +449,7 @@ class Benchmark:
         idx = self._example_indices()
         images, labels = self.source.take(idx)
         if domain.corruption is not None:
-            path = self._cache_path(domain)
+            path = self._cache_path(domain, (images, labels))
             if path is not None and path.exists():
                 images = np.load(path, mmap_mode="r")
             else:
@@ -583,10 +618,11 @@ def make_benchmark(
             f"benchmark {name!r} is generated from embedded data and reads no files; got root={root!r} "
             "(root is for cifar10_c / imagenet_c)"
         )
-    if name == "mnist_c":
-        return Benchmark(name, data.mnist(split), family="mnist", **common)
-    if name == "digits_c":
-        return Benchmark(name, data.digits(split), family="mnist", **common)
+    if name in ("mnist_c", "digits_c"):
+        source = (data.mnist if name == "mnist_c" else data.digits)(split)
+        # the test split keeps its cache key; another split (MNIST's val is as long as test) gets its own
+        source_id = "" if source.name.endswith("/test") else source.name
+        return Benchmark(name, source, family="mnist", source_id=source_id, **common)
     if name in ("cifar10_c", "imagenet_c"):
         if root is None:
             raise DatasetNotFoundError(
@@ -613,7 +649,9 @@ def make_benchmark(
                 _FILES_LAYOUT[name],
             )  # fmt: skip
             _warn_generated(name, root)
-            return Benchmark(name, clean, family="cifar", **common)
+            return Benchmark(
+                name, clean, family="cifar", source_id=_standard_or_fingerprint(name, clean), **common
+            )
         if released_files(name, root):
             bench = Benchmark(
                 name, None, family="imagenet",
@@ -628,7 +666,10 @@ def make_benchmark(
             _FILES_LAYOUT[name],
         )  # fmt: skip
         _warn_generated(name, root)
-        return Benchmark(name, clean, family="imagenet", jpeg_quality=IMAGENET_C_JPEG_QUALITY, **common)
+        return Benchmark(
+            name, clean, family="imagenet", jpeg_quality=IMAGENET_C_JPEG_QUALITY,
+            source_id=_standard_or_fingerprint(name, clean), **common,
+        )  # fmt: skip
     raise UnknownNameError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}")
 
 
@@ -641,6 +682,17 @@ _CLEAN_LAYOUT = {
     "cifar10_c": "cifar-10-batches-py/{data_batch_1..5, test_batch} (the python version of CIFAR-10)",
     "imagenet_c": "val/<wnid>/*.JPEG with ImageNet-1k wnids",
 }
+
+
+#: Images of the clean set a generated cifar10_c / imagenet_c corrupts: the CIFAR-10 test batch, ImageNet val.
+_STANDARD_CLEAN_SIZE = {"cifar10_c": 10_000, "imagenet_c": 50_000}
+
+
+def _standard_or_fingerprint(name: str, clean) -> str | None:
+    """The cache key's source part for a generated cifar10_c / imagenet_c: ``""`` (name + length, the key
+    such caches always had) for the full standard clean set; ``None`` (a content fingerprint) for any
+    other folder, e.g. a subset of ImageNet val, which another subset of the same size must not share."""
+    return "" if len(clean) == _STANDARD_CLEAN_SIZE[name] else None
 
 
 def released_files(name: str, root: str | os.PathLike | None) -> bool:

@@ -82,15 +82,31 @@ def _plain(cfg) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
+def tpt_options(c: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`~tttlab.memo_tpt.tpt.TPT` keyword arguments of a config (``build_tpt``'s)."""
+    return dict(
+        base_prompt=c["base_prompt"], n_views=int(c["augs"]), selection=c["selection"],
+        tts=int(c["tts"]), lr=float(c["lr"]), class_specific_context=not c["single_context"],
+        augmix=bool(c["augmix"]), ensemble=bool(c["ensemble"]), align_steps=int(c["align_steps"]),
+        amp=c.get("amp", "auto"), compile=c.get("compile", False),
+    )  # fmt: skip
+
+
 def build_tpt(c: dict[str, Any], classnames, device, seed: int):
     from .models import build_clip
     from .tpt import TPT
 
     model = build_clip(c["arch"], pretrained=c.get("pretrained"), device=device)
-    return TPT(
-        model, classnames, base_prompt=c["base_prompt"], n_views=int(c["augs"]), selection=c["selection"],
-        tts=int(c["tts"]), lr=float(c["lr"]), class_specific_context=not c["single_context"],
-        augmix=bool(c["augmix"]), ensemble=bool(c["ensemble"]), align_steps=int(c["align_steps"]), seed=seed,
+    return TPT(model, classnames, seed=seed, **tpt_options(c))
+
+
+def memo_options(c: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`~tttlab.memo_tpt.memo.Memo` keyword arguments of a config (``build_memo``'s)."""
+    return dict(
+        arch=c["arch"], n_augmentations=int(c["augs"]), steps=int(c["steps"]),
+        prior_strength=c["prior_strength"], optimizer=c["optimizer"], lr=c["lr"], weight_decay=c["weight_decay"],
+        top_k=c["top_k"], augmentation=c["augmentation"], size=int(c.get("image_size", 224)),
+        test_resize=c.get("test_resize"), include_original=c.get("include_original", False),
         amp=c.get("amp", "auto"), compile=c.get("compile", False),
     )  # fmt: skip
 
@@ -100,14 +116,29 @@ def build_memo(c: dict[str, Any], class_indices, device, seed: int, num_classes:
     from .models import build_classifier
 
     model = build_classifier(c["arch"], checkpoint=c.get("checkpoint"), num_classes=num_classes).to(device)
-    return Memo(
-        model, arch=c["arch"], n_augmentations=int(c["augs"]), steps=int(c["steps"]),
-        prior_strength=c["prior_strength"], optimizer=c["optimizer"], lr=c["lr"], weight_decay=c["weight_decay"],
-        top_k=c["top_k"], augmentation=c["augmentation"], class_indices=class_indices,
-        size=int(c.get("image_size", 224)), test_resize=c.get("test_resize"),
-        include_original=c.get("include_original", False), seed=seed,
-        amp=c.get("amp", "auto"), compile=c.get("compile", False),
-    )  # fmt: skip
+    return Memo(model, class_indices=class_indices, seed=seed, **memo_options(c))
+
+
+def _check_adapter_options(c: dict[str, Any]) -> None:
+    """The option values of the adapter(s) ``build`` will make (an ensemble: each member, merged as there),
+    checked by the methods' own model-free checks before any test set or model is read: a bad value is
+    the error the user sees, not a missing dataset folder."""
+    import inspect
+
+    from . import memo, tpt
+
+    if c["method"] == "ensemble":
+        members = [(m.get("type"), {**c, **m}) for m in c.get("models") or []]
+    else:
+        members = [(c["method"], c)]
+    for kind, m in members:
+        if kind not in ("tpt", "memo"):
+            continue  # build() names a bad method or member type
+        options = (tpt_options if kind == "tpt" else memo_options)(m)
+        module, cls = (tpt, tpt.TPT) if kind == "tpt" else (memo, memo.Memo)
+        defaults = inspect.signature(cls).parameters  # what the adapter uses for an option not in the config
+        params = inspect.signature(module.check_options).parameters
+        module.check_options(**{k: options[k] if k in options else defaults[k].default for k in params})
 
 
 def build(c: dict[str, Any], dataset, device, seed: int):
@@ -255,6 +286,7 @@ def run_paper(cfg) -> Path:
                      amp=c.get("amp", "auto"), compile=c.get("compile", False))  # fmt: skip
         print(summary(path))
         return path
+    _check_adapter_options(c)
     from .evaluate import resolve_device
 
     device = resolve_device(c["device"])

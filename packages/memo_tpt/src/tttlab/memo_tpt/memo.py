@@ -73,6 +73,26 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, mome
     raise ConfigError(f"optimizer {name!r}; expected one of sgd, adamw, adam")
 
 
+def check_options(
+    *, augmentation: str, n_augmentations: int, steps: int, lr, weight_decay, momentum, prior_strength,
+    top_k, size: int, include_original, test_resize: int | None,
+) -> None:  # fmt: skip
+    """The checks of :class:`Memo`'s option values that need no model: ``Memo`` runs them, and the paper
+    command runs them before it reads any test set (a bad value is named before a missing folder)."""
+    if augmentation not in AUGMENTATIONS:
+        raise ConfigError(f"augmentation={augmentation!r}; expected one of {AUGMENTATIONS}")
+    if n_augmentations < 1 or steps < 0:
+        raise ConfigError(f"n_augmentations={n_augmentations} must be >= 1 and steps={steps} >= 0")
+    check_rates(lr=lr, weight_decay=weight_decay, momentum=momentum, prior_strength=prior_strength)
+    check_selection("top_k", top_k)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"size={size!r}; expected the view resolution in pixels (an integer >= 1)")
+    if not isinstance(include_original, bool):  # bool("false") would be True
+        raise ConfigError(f"include_original={include_original!r}; expected true or false")
+    if test_resize is not None and int(test_resize) < size:
+        raise ConfigError(f"test_resize={test_resize} must be >= size={size} (resize, then centre crop)")
+
+
 class Memo:
     """MEMO around ``model`` (modified in place while adapting; :meth:`reset` restores it).
 
@@ -131,16 +151,11 @@ class Memo:
         amp: str = "auto",
         compile: bool = False,
     ):
-        if augmentation not in AUGMENTATIONS:
-            raise ConfigError(f"augmentation={augmentation!r}; expected one of {AUGMENTATIONS}")
-        if n_augmentations < 1 or steps < 0:
-            raise ConfigError(f"n_augmentations={n_augmentations} must be >= 1 and steps={steps} >= 0")
-        check_rates(lr=lr, weight_decay=weight_decay, momentum=momentum, prior_strength=prior_strength)
-        check_selection("top_k", top_k)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ConfigError(f"size={size!r}; expected the view resolution in pixels (an integer >= 1)")
-        if not isinstance(include_original, bool):  # bool("false") would be True
-            raise ConfigError(f"include_original={include_original!r}; expected true or false")
+        check_options(
+            augmentation=augmentation, n_augmentations=n_augmentations, steps=steps, lr=lr,
+            weight_decay=weight_decay, momentum=momentum, prior_strength=prior_strength, top_k=top_k, size=size,
+            include_original=include_original, test_resize=test_resize,
+        )  # fmt: skip
         self.model = model.eval()  # upstream adapts and predicts in eval mode (BN through the prior)
         self.arch = arch
         self.n_augmentations, self.steps, self.top_k = int(n_augmentations), int(steps), top_k
@@ -162,8 +177,6 @@ class Memo:
         self.fill = fill
         self.include_original = include_original
         self.test_resize = round(size * 256 / 224) if test_resize is None else int(test_resize)
-        if self.test_resize < size:
-            raise ConfigError(f"test_resize={test_resize} must be >= size={size} (resize, then centre crop)")
         self.device = next(model.parameters()).device
         self.precision = resolve_amp(amp, self.device, "memo")
         self.compile = check_compile(compile)

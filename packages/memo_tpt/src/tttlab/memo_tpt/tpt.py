@@ -334,6 +334,15 @@ def encode_prompts(model, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.
     return _project_text(model, x)
 
 
+def check_options(*, n_views: int, tts: int, align_steps: int, lr, weight_decay, align_lr, selection) -> None:
+    """The checks of :class:`TPT`'s option values that need no model: ``TPT`` runs them, and the paper
+    command runs them before it reads any test set."""
+    if n_views < 1 or tts < 0 or align_steps < 0:
+        raise ConfigError(f"n_views={n_views} must be >= 1, tts={tts} and align_steps={align_steps} >= 0")
+    check_rates(lr=lr, weight_decay=weight_decay, align_lr=align_lr)
+    check_selection("selection", selection)
+
+
 class TPT:
     """TPT around an open_clip CLIP ``model`` (frozen except the context; the visual encoder too when
     ``align_steps > 0``, restored per image).
@@ -384,10 +393,8 @@ class TPT:
         severity: float = 1.0,
         seed: int = 0,
     ):
-        if n_views < 1 or tts < 0 or align_steps < 0:
-            raise ConfigError(f"n_views={n_views} must be >= 1, tts={tts} and align_steps={align_steps} >= 0")
-        check_rates(lr=lr, weight_decay=weight_decay, align_lr=align_lr)
-        check_selection("selection", selection)
+        check_options(n_views=n_views, tts=tts, align_steps=align_steps, lr=lr, weight_decay=weight_decay,
+                      align_lr=align_lr, selection=selection)  # fmt: skip
         self.model = model.eval()  # as upstream's model.eval(): a ResNet CLIP's BatchNorm uses its statistics
         for p in model.parameters():
             p.requires_grad_(False)

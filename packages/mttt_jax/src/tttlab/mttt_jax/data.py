@@ -217,7 +217,7 @@ class Source:
             ra = aug.get("randaug")
             if ra:
                 img = randaugment(img, ra[0], ra[1], rng)
-        elif img.shape[0] != self.image_size or img.shape[1] != self.image_size:
+        else:  # as upstream's resize_small + central_crop: also an image that already has the model's size
             img = resize_small_center_crop(img, self.eval_resize, self.image_size)
         return img
 

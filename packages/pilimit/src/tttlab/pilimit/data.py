@@ -80,13 +80,18 @@ def _keep_classes(images, labels, classes):
 def data_root(root, what: str, key: str, layout: str) -> Path:
     """``root`` as an existing directory.
 
-    Not set (None or an empty string, e.g. ``data.root=$DATA`` with ``DATA`` unset, which read the current
-    directory) or a path that does not exist: :class:`DatasetNotFoundError`; a path that exists but is not
-    a directory: :class:`DatasetLayoutError` (a present path with the wrong contents).  Each names ``key``,
-    the path and ``layout``, the expected contents.
+    Not set (None: the schema's default, which is what a paper experiment's ``root: ???`` becomes once
+    validated; ``???`` itself; or an empty string, e.g. ``data.root=$DATA`` with ``DATA`` unset, which read
+    the current directory) or a path that does not exist: :class:`DatasetNotFoundError`; a path that exists
+    but is not a directory: :class:`DatasetLayoutError` (a present path with the wrong contents).  Each
+    names ``key``, the path and ``layout``, the expected contents; an unset one says how to set it.
     """
-    if root is None or not str(root).strip():
-        raise DatasetNotFoundError(f"{what} is read from disk: {key}={root!r} is not set; expected {layout}")
+    if root is None or not str(root).strip() or str(root).strip() == "???":
+        given = "is not set" if root is None or str(root).strip() == "???" else f"is empty ({key}={root!r})"
+        raise DatasetNotFoundError(
+            f"{what} is read from disk, but {key} {given}; expected the path of the folder holding the {what} "
+            f"data: {layout}. Set it on the command line: {key}=/path/to/{what}"
+        )
     path = Path(root)
     if not path.exists():
         raise DatasetNotFoundError(f"{key}={str(path)!r}: {path} does not exist; expected {layout}")

@@ -9,7 +9,8 @@ The model comes from ``train_run`` (a ``tttlab-torch-ttt-train`` run directory) 
 from a run of ``train_experiment`` trained on first use and cached under ``cache_dir`` (keyed by the hash
 of its training config).  Engines with a jointly trained auxiliary head (``ttt``, ``ttt_pp``, ``ittt``,
 ``masked_ttt``) get a model trained with that engine, and with the evaluation's ``engine.kwargs`` when it
-has any (``conf/engine/ittt.yaml``: ``feedback: softmax``); the others the model trained with TTT (its
+has any (``conf/engine/ittt.yaml``: ``feedback: softmax``; ``engine.kwargs={}`` on the command line empties
+them, :func:`clears_engine_kwargs`); the others the model trained with TTT (its
 rotation head is unused by them).  TTT++/ActMAD reference statistics and EATA's Fisher information are
 computed on ``calibration.num_examples`` clean training images: the first ones for the statistics, a
 random subset drawn with the run's ``seed`` for the Fisher information (:func:`fisher_subset`, as the
@@ -199,9 +200,26 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="tttlab_torch_ttt_evaluate", node=EvalConfig)
 
 
-def eval_config(cfg: Mapping | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+#: The override that empties ``engine.kwargs`` (:func:`clears_engine_kwargs`).
+CLEAR_ENGINE_KWARGS = "engine.kwargs={}"
+
+
+def clears_engine_kwargs(overrides) -> bool:
+    """Whether the command-line ``overrides`` hold ``engine.kwargs={}``.  Hydra merges a mapping given on
+    the command line into the one ``conf/engine/<name>.yaml`` sets, so an empty one changed nothing (IT3
+    kept ``feedback: softmax``); here it means what a user writing it wants: no kwargs from the engine's
+    YAML nor from an experiment's ``engine_defaults``, the engine class's own defaults."""
+    return any(str(o).replace(" ", "").lstrip("+") == CLEAR_ENGINE_KWARGS for o in overrides or ())
+
+
+def eval_config(
+    cfg: Mapping | None = None, overrides: list[str] | None = None, *, clear_engine_kwargs: bool = False
+) -> dict[str, Any]:
     """``conf/evaluate.yaml`` + ``conf/engine/<engine>.yaml`` + ``cfg`` (a possibly partial mapping, with
-    ``engine`` a name or a mapping) + ``key=value`` overrides, validated against :class:`EvalConfig`."""
+    ``engine`` a name or a mapping) + ``key=value`` overrides, validated against :class:`EvalConfig`.
+    ``clear_engine_kwargs`` (or ``engine.kwargs={}`` among ``overrides``): ``engine.kwargs`` is empty, the
+    engine's own defaults (:func:`clears_engine_kwargs`)."""
+    clear_engine_kwargs = bool(clear_engine_kwargs) or clears_engine_kwargs(overrides)
     from omegaconf import OmegaConf
 
     from tttlab.core.config import validate
@@ -219,7 +237,9 @@ def eval_config(cfg: Mapping | None = None, overrides: list[str] | None = None) 
     layer = {**PROFILES[profile], "out_dir": default_out_dir(profile)} if profile else {}
     merged = OmegaConf.merge(base, layer, user, OmegaConf.from_dotlist(list(overrides or [])))
     c = T.to_dict(validate(OmegaConf.to_container(merged, resolve=True), EvalConfig))
-    apply_engine_defaults(c)
+    if clear_engine_kwargs:
+        c["engine"]["kwargs"] = {}
+    apply_engine_defaults(c, fill_kwargs=not clear_engine_kwargs)
     c["amp"] = check_amp(c["amp"])
     c["compile"] = check_compile(c["compile"])
     if c["stream"] not in STREAMS:
@@ -254,8 +274,9 @@ def eval_config(cfg: Mapping | None = None, overrides: list[str] | None = None) 
     return c
 
 
-def apply_engine_defaults(c: dict[str, Any]) -> None:
-    """Fill ``c["engine"]`` from ``c["engine_defaults"][<engine name>]`` (see :class:`EvalConfig`)."""
+def apply_engine_defaults(c: dict[str, Any], *, fill_kwargs: bool = True) -> None:
+    """Fill ``c["engine"]`` from ``c["engine_defaults"][<engine name>]`` (see :class:`EvalConfig`);
+    ``fill_kwargs=False`` (``engine.kwargs={}``): the optimization only."""
     presets = c.get("engine_defaults") or {}
     for name, preset in presets.items():
         if name not in EngineRegistry.names():
@@ -270,7 +291,8 @@ def apply_engine_defaults(c: dict[str, Any]) -> None:
     preset = presets.get(c["engine"]["name"]) or {}
     kwargs = c["engine"].setdefault("kwargs", {})
     for key, value in (preset.get("kwargs") or {}).items():
-        kwargs.setdefault(key, value)
+        if fill_kwargs:
+            kwargs.setdefault(key, value)
     optimization = c["engine"].setdefault("optimization", {})
     for key, value in (preset.get("optimization") or {}).items():
         if optimization.get(key) is None:
@@ -646,6 +668,70 @@ def make_stream(c: dict[str, Any], dist: Dist, info: ModelInfo | None = None):
     return bench_batches(), bench.domains, b["name"], total
 
 
+def stream_visit_sizes(c: dict[str, Any]) -> tuple[list[int], str, str]:
+    """``(images of every visit, batch-size key, images key)`` of the configured stream (whole, unsharded),
+    without reading a generated domain's images: the batch sizes the engine will get."""
+    from tttlab.core.benchmark import from_config
+    from tttlab.core.data import mnist
+
+    if c["stream"] == "noisy":
+        nz = c["noisy"]
+        n = len(mnist("test")) if nz["num_examples"] is None else min(nz["num_examples"], len(mnist("test")))
+        return [n], f"noisy.batch_size={nz['batch_size']}", f"noisy.num_examples={_yaml(nz['num_examples'])}"
+    b = c["benchmark"]
+    sizes = [n for _, n in from_config(b).visit_sizes()]
+    return (
+        sizes,
+        f"benchmark.batch_size={b['batch_size']}",
+        f"benchmark.num_examples={_yaml(b['num_examples'])}",
+    )
+
+
+def _yaml(value) -> str:
+    return "null" if value is None else str(value)
+
+
+def check_stream_batches(c: dict[str, Any], info: ModelInfo) -> None:
+    """Before a model is trained: a batch of the stream the engine would refuse (one image where the
+    engine's test-batch statistics need two: a BatchNorm1d on flat features, ActMAD's and TTT++'s
+    statistics over samples) is a :class:`ConfigError` naming the batch-size setting and a size that
+    works.  The last batch of a visit of ``n`` images holds ``n % batch_size``; the engine's own checks
+    (:meth:`BaseEngine.check_inputs`) run on a throw-away engine around an untrained model of the same
+    architecture, only when some batch holds a single image (two or more pass every engine)."""
+    from tttlab.core.errors import InvalidInputError
+
+    sizes, batch_key, images_key = stream_visit_sizes(c)
+    bs = int(c["noisy"]["batch_size"] if c["stream"] == "noisy" else c["benchmark"]["batch_size"])
+    short = sorted({n for n in sizes if n % bs == 1})
+    if not short:
+        return
+    mc, name = c["model_checkpoint"], c["engine"]["name"]
+    optimization = {k: v for k, v in (c["engine"]["optimization"] or {}).items() if k != "reset"}
+    h, w, ch = info.image_shape
+    with torch.random.fork_rng(devices=[]):  # the throw-away model's initialisation leaves no trace
+        model = T.build_model(info.name, **(mc["kwargs"] if mc["path"] else {}))
+        engine = T.build_engine(name, model, info.name, dict(c["engine"]["kwargs"] or {}), optimization,
+                                example_images(info))  # fmt: skip
+        try:
+            engine.eval().check_inputs(torch.zeros(1, ch, h, w))
+        except InvalidInputError as exc:
+            refused = exc
+        else:
+            return
+    # the batch size nearest the configured one after which no visit ends with a single image
+    fits = next((b for b in sorted(range(2, max(sizes) + 1), key=lambda b: (abs(b - bs), b))
+                 if all(n % b != 1 for n in sizes)), max(sizes))  # fmt: skip
+    n = short[0]
+    per = "stream" if c["stream"] == "noisy" or c["benchmark"]["setting"] == "mixed" else "domain"
+    fewer = "" if per == "stream" and c["stream"] != "noisy" else f" or {images_key.split('=')[0]}={n - 1}"
+    raise ConfigError(
+        f"{batch_key} leaves a last batch of 1 image ({n} images per {per} = {n // bs} x {bs} + 1, with "
+        f"{images_key}), and engine {name!r} on model {info.name!r} cannot adapt on one image ({refused}); "
+        f"use a batch size that leaves no single image, e.g. {batch_key.split('=')[0]}={fits}{fewer} "
+        "(checked before training the model)"
+    ) from None
+
+
 def warm_up() -> None:
     """Pay torch's one-time costs (the optimizers' lazy imports, autograd's first backward: ~2 s) on a
     throw-away parameter, so that they are not timed as the first domain's adaptation.  Touches neither the
@@ -718,10 +804,13 @@ def totals_from_records(path: Path, domains) -> dict[Any, list]:
     return totals
 
 
-def run(cfg: Mapping | None = None, **overrides) -> Path:
+def run(cfg: Mapping | None = None, *, clear_engine_kwargs: bool = False, **overrides) -> Path:
     """Evaluate per ``cfg`` (a mapping with keys of ``conf/evaluate.yaml``; partial is fine); returns the
-    records file.  Under ``torchrun`` every rank calls it; rank 0 returns the merged records."""
-    c = eval_config({**(T.to_dict(cfg) if cfg is not None else {}), **overrides})
+    records file.  Under ``torchrun`` every rank calls it; rank 0 returns the merged records.
+    ``clear_engine_kwargs``: the command line said ``engine.kwargs={}`` (:func:`clears_engine_kwargs`)."""
+    c = eval_config(
+        {**(T.to_dict(cfg) if cfg is not None else {}), **overrides}, clear_engine_kwargs=clear_engine_kwargs
+    )
     dist = init_distributed()
     device = T.resolve_device(c["device"])
     if device.type == "cuda" and dist.world_size > 1:
@@ -734,6 +823,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     # the benchmark first: a bad setting, corruption or root fails now, not after training a model
     info = evaluated_model(c)
     batches, domains, dataset, num_batches = make_stream(c, dist, info)
+    check_stream_batches(c, info)  # a single-image batch the engine refuses: now, not after training
     data_source = benchmark_data(c)
     run_dir = None if c["model_checkpoint"]["path"] else training_run(c, dist)
     x_example = example_images(info)
@@ -815,8 +905,11 @@ def main() -> None:
 
     @hydra.main(config_path="conf", config_name="evaluate", version_base=None)
     def _main(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
         with T.user_errors("tttlab-torch-ttt-evaluate"):
-            path = run(cfg)
+            # the composed cfg cannot tell engine.kwargs={} (merged: no change) from no override
+            path = run(cfg, clear_engine_kwargs=clears_engine_kwargs(HydraConfig.get().overrides.task))
         if init_distributed().rank == 0:
             print("\n".join(summary_lines(Path(path))))
             print(path)

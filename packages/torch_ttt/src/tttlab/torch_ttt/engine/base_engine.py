@@ -442,13 +442,20 @@ class BaseEngine(nn.Module):
             self._optimizer_key = key
         return self.optimizer
 
-    def forward(self, inputs, **kwargs):
-        if self.training:
-            return self.ttt_forward(inputs, **kwargs)
+    def check_inputs(self, inputs) -> None:
+        """The checks :meth:`forward` runs on a test batch before anything changes: finite values, the batch
+        size the adaptation needs (:attr:`min_batch`) and, for batch statistics, every BatchNorm layer's
+        values per channel (:meth:`check_batch_statistics`).  ``evaluate.py`` runs them on a throw-away
+        engine with the stream's smallest batch before it trains a model."""
         needs_stats = self.batch_statistics_always or self.optimization_parameters["num_steps"]
         check_batch(inputs, min_batch=self.min_batch if needs_stats else 1)
         if needs_stats:
             self.check_batch_statistics(inputs)
+
+    def forward(self, inputs, **kwargs):
+        if self.training:
+            return self.ttt_forward(inputs, **kwargs)
+        self.check_inputs(inputs)
         settings = self.optimization_parameters
         num_steps, reset = settings["num_steps"], settings["reset"]
         loss = torch.zeros(())

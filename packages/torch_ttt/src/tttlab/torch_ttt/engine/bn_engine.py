@@ -63,11 +63,15 @@ class BNEngine(BaseEngine):
     def adapted_parameters(self):
         return iter(())
 
-    def forward(self, inputs, **kwargs):
-        if self.training:
-            return self.ttt_forward(inputs, **kwargs)
+    def check_inputs(self, inputs) -> None:
+        """Every prediction normalises with the test batch (no step needed): its statistics are checked."""
         from .base_engine import check_batch
 
         check_batch(inputs)
         self.check_batch_statistics(inputs)
+
+    def forward(self, inputs, **kwargs):
+        if self.training:
+            return self.ttt_forward(inputs, **kwargs)
+        self.check_inputs(inputs)
         return self.predict(inputs, **kwargs), torch.zeros(())
