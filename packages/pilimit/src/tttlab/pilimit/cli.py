@@ -4,6 +4,8 @@ The upstream README runs ``python -m experiments.cifar10.cifar10mlp --lr 1.0 --g
 ... --save-dir ./output/`` (and ``experiments.imagenet.transfer_imagenet``, ``experiments.meta.train``).
 :func:`translate_upstream_args` turns those flags into this package's Hydra overrides, so a copied
 command runs after ``tttlab-pilimit-train +experiment=<paper_cifar10|paper_transfer|paper_omniglot>``;
+``pilimit_orig``'s README commands (``cifar10.cifar10infmlp``, ``meta.train``) run after the experiments
+made from them (:data:`ORIG_EXPERIMENTS`), where its ``--depth D`` becomes ``model.depth=D-1``.
 :data:`FLAGS` is the table (also in the package README).
 """
 
@@ -188,8 +190,8 @@ def translate_upstream_args(argv: list[str]) -> tuple[list[str], bool, list[str]
         if flag == "--depth" and experiment in ORIG_EXPERIMENTS:
             d = int(_number(flag, val))
             out.append(f"model.depth={d - 1}")
-            notes.append(f"{flag} {val} is pilimit_orig's depth (input, {d - 1} hidden pi-layers, readout): "
-                         f"model.depth={d - 1}")  # fmt: skip
+            notes.append(f"{flag} {val} is pilimit_orig's depth (input layer, {d - 1} hidden pi-layer(s), "
+                         f"readout): model.depth={d - 1}")  # fmt: skip
             continue
         if flag == "--batch-size" and maml:  # meta.train: episodes per outer step
             out.append(f"maml.meta_batch_size={val}")
