@@ -37,6 +37,48 @@ def _update_norms(net):
     return torch.stack([n.double() for n in norms])
 
 
+def test_global_clip_leaves_a_frozen_readout_out_of_the_norm():
+    """last_layer_lr_mult = 0 (every MAML experiment): the readout updates nothing, and both upstreams leave
+    its weight gradient out of the global norm (pilimit_orig InfPiMLP.gclip(exclude_last_layer=...) and
+    GClipWrapper, pilimit_lib MetaInfSGD and GClipWrapper).  Ours included it, so the other updates were
+    clipped by a larger norm.  Infinite net: the readout's pi rows; finite/muP: its weight."""
+    net = _trained_net()
+    x, y = _batch(seed=2)
+    F.cross_entropy(net(x), y).backward()
+    before = _update_norms(net)  # input A, 4 biases, 2 hidden pi-layers, readout pi-layer (last)
+    others, readout = before[:-1], before[-1]
+    assert readout > 0.1 * others.norm()  # the readout's gradient is not negligible
+    gclip = 0.1 * others.norm().item()
+    PiSGD(net, lr=1.0, last_layer_lr_mult=0.0, gclip=gclip)._clip()
+    after = _update_norms(net)
+    assert after[:-1].norm().item() == pytest.approx(gclip, rel=1e-4)
+    torch.testing.assert_close(
+        after[:-1], others * (gclip / (others.norm().item() + 1e-6)), rtol=1e-4, atol=0
+    )
+    # a trained readout (mult != 0) stays in the norm, and per-parameter clipping is unchanged
+    net2 = _trained_net()
+    F.cross_entropy(net2(x), y).backward()
+    PiSGD(net2, lr=1.0, last_layer_lr_mult=1.0, gclip=gclip)._clip()
+    assert _update_norms(net2).norm().item() == pytest.approx(gclip, rel=1e-4)
+
+    torch.manual_seed(0)
+    fin = InfMLP(12, 5, r=8, depth=1, bias_alpha=0.5).sample(32, gaussian_init=True)
+    F.cross_entropy(fin(x), y).backward()
+    grads = [p.grad.clone() for p in fin.parameters() if p.grad is not None and p.numel()]
+    readout_w = fin.weights[-1].grad.clone()
+    rest = torch.stack(
+        [g.norm() for g in grads if g.shape != readout_w.shape or not torch.equal(g, readout_w)]
+    )
+    assert len(rest) == len(grads) - 1
+    gclip = 0.1 * rest.norm().item()
+    lr = 0.5
+    w0 = [w.detach().clone() for w in fin.weights]
+    PiSGD(fin, lr=lr, last_layer_lr_mult=0.0, gclip=gclip, gproj=False).step()
+    coef = gclip / (rest.norm().item() + 1e-6)
+    torch.testing.assert_close(fin.weights[0].detach(), w0[0] - lr * coef * grads[0], rtol=1e-5, atol=1e-7)
+    assert torch.equal(fin.weights[-1].detach(), w0[-1])  # lr 0: the readout stays
+
+
 def test_global_clipping_scales_every_update_by_one_factor_to_norm_gclip():
     net = _trained_net()
     x, y = _batch(seed=2)

@@ -127,10 +127,11 @@ def test_maml_readout_has_no_bias_and_is_zero_before_adaptation(experiment):
     assert groups["bias"] == pytest.approx(c["optim"]["lr"]) and groups["last"] == 0.0
 
 
-# pilimit_orig README commands behind the paper's other rows (CIFAR-10 finite pi-net / muP, Omniglot inf)
+# pilimit_orig README commands behind the paper's other rows (CIFAR-10 finite pi-net / muP, Omniglot inf);
+# their --depth 2 is pilimit_orig's (input, one hidden layer, readout) = model.depth 1 here
 ORIG = {
     "paper_cifar10_finite": dict(
-        model=dict(kind="finite", width=2048, r=400, depth=2, bias_alpha=4.0, first_layer_alpha=0.125,
+        model=dict(kind="finite", width=2048, r=400, depth=1, bias_alpha=4.0, first_layer_alpha=0.125,
                    last_layer_alpha=0.5),
         optim=dict(lr=0.5, wd=1.6e-4, first_layer_lr_mult=0.2, last_layer_lr_mult=8.0, bias_lr_mult=0.5,
                    apply_lr_mult_to_wd=False, gclip=3.2, gclip_per_param=True, gproj=True, scheduler="multistep",
@@ -138,14 +139,14 @@ ORIG = {
         batch=32, epochs=50,
     ),
     "paper_cifar10_mup": dict(
-        model=dict(kind="mup", width=2048, depth=2, bias_alpha=4.0, first_layer_alpha=2.0, last_layer_alpha=0.25),
+        model=dict(kind="mup", width=2048, depth=1, bias_alpha=4.0, first_layer_alpha=2.0, last_layer_alpha=0.25),
         optim=dict(lr=1.0, wd=1.6e-4, first_layer_lr_mult=0.2, last_layer_lr_mult=16.0, bias_lr_mult=0.5,
                    apply_lr_mult_to_wd=False, gclip=0.1, gclip_per_param=True, scheduler="multistep",
                    lr_drop_ratio=0.15, lr_drop_milestones=[40], gclip_drop_with_lr=True),
         batch=32, epochs=50,
     ),
     "paper_omniglot_orig": dict(
-        model=dict(kind="inf", r=400, depth=2, bias_alpha=1.414214, first_layer_alpha=1.0, last_layer_alpha=1.0,
+        model=dict(kind="inf", r=400, depth=1, bias_alpha=1.414214, first_layer_alpha=1.0, last_layer_alpha=1.0,
                    last_bias_alpha=0.0),
         optim=dict(lr=32.0, first_layer_lr_mult=0.4, last_layer_lr_mult=0.0, bias_lr_mult=1.0, gclip=0.1,
                    gclip_per_param=False, scheduler="cosine"),

@@ -4,6 +4,8 @@ The upstream README runs ``python -m experiments.cifar10.cifar10mlp --lr 1.0 --g
 ... --save-dir ./output/`` (and ``experiments.imagenet.transfer_imagenet``, ``experiments.meta.train``).
 :func:`translate_upstream_args` turns those flags into this package's Hydra overrides, so a copied
 command runs after ``tttlab-pilimit-train +experiment=<paper_cifar10|paper_transfer|paper_omniglot>``;
+``pilimit_orig``'s README commands (``cifar10.cifar10infmlp``, ``meta.train``) run after the experiments
+made from them (:data:`ORIG_EXPERIMENTS`), where its ``--depth D`` becomes ``model.depth=D-1``.
 :data:`FLAGS` is the table (also in the package README).
 """
 
@@ -36,6 +38,7 @@ FLAGS: dict[str, str | tuple[str, str]] = {
     "--bias-alpha": "model.bias_alpha",
     "--last-bias-alpha": "model.last_bias_alpha",
     "--gaussian-init": ("model.kind", "mup"),
+    "--no-Gproj": ("optim.gproj", "false"),
     "--float": ("model.dtype", "float32"),
     "--batch-size": "data.batch_size",
     "--epochs": "train.epochs",
@@ -63,6 +66,10 @@ FLAGS: dict[str, str | tuple[str, str]] = {
     "--output-folder": "out_dir",
     "--dataset": "maml.dataset",
     "--hidden-size": "model.width",  # -1 = infinite, N > 0 = finite pi-net of width N
+    # meta.train's name for cifar10infmlp's --gaussian-init (the same N(0, 2/fan_in) draw)
+    "--mu-init": ("model.kind", "mup"),
+    "--first-layer-init-alpha": "model.first_layer_init_alpha",
+    "--second-layer-init-alpha": "model.second_layer_init_alpha",
 }
 #: upstream flags with no counterpart here (ignored with a note): value-taking or switches
 IGNORED: dict[str, bool] = {
@@ -70,7 +77,18 @@ IGNORED: dict[str, bool] = {
     "--transfer": False, "--transfer-milestones": True,  # paper_transfer always evaluates the transfer at the end
     "--meta-momentum": True,  # PiSGD has no momentum (the paper's commands use 0)
 }  # fmt: skip
-MAML_EXPERIMENTS = ("paper_omniglot", "paper_omniglot_orig", "maml_mnist")
+MAML_EXPERIMENTS = ("paper_omniglot", "paper_omniglot_orig", "paper_omniglot_finite", "paper_omniglot_mup",
+                    "maml_mnist")  # fmt: skip
+#: experiments made from pilimit_orig's commands: its ``--depth D`` (D + 1 weight matrices: input, D - 1
+#: hidden pi-layers, readout) is ``model.depth = D - 1`` here (pilimit_lib's and our depth counts the hidden
+#: pi-layers: input, ``depth`` hidden pi-layers, readout; upstream's compare_mlp.py pairs InfMLP(L) with
+#: pilimit_orig's InfPiMLP(L=L+1))
+ORIG_EXPERIMENTS = ("paper_cifar10_finite", "paper_cifar10_mup", "paper_omniglot_orig", "paper_omniglot_finite",
+                    "paper_omniglot_mup")  # fmt: skip
+#: finite-width experiments whose upstream README command passes ``--hidden-size -1`` (a slip: meta/train.py
+#: then trains the infinite pi-net and never reads --mu-init or the init alphas); width of upstream's
+#: benchmark drivers (scans/meta/{mu,pifinnet}_benchmark_driver.sh)
+FINITE_README_SLIP = {"paper_omniglot_finite": 2048, "paper_omniglot_mup": 2048}
 
 
 def _value(flag: str, v: str) -> str:
@@ -160,6 +178,20 @@ def translate_upstream_args(argv: list[str]) -> tuple[list[str], bool, list[str]
         if flag in ("--width", "--hidden-size"):
             n = int(_number(flag, val))
             out += ["model.kind=inf"] if n <= 0 else ["model.kind=finite", f"model.width={n}"]
+            if n <= 0 and experiment in FINITE_README_SLIP:
+                notes.append(
+                    f"{flag} {val} selects the infinite pi-net in upstream's meta/train.py (which then ignores "
+                    f"--mu-init and the init alphas); translated as given (model.kind=inf unless --mu-init or "
+                    f"--gaussian-init makes it muP). {experiment} is the finite net of width "
+                    f"{FINITE_README_SLIP[experiment]} (upstream's benchmark drivers): pass --hidden-size "
+                    f"{FINITE_README_SLIP[experiment]} for it"
+                )
+            continue
+        if flag == "--depth" and experiment in ORIG_EXPERIMENTS:
+            d = int(_number(flag, val))
+            out.append(f"model.depth={d - 1}")
+            notes.append(f"{flag} {val} is pilimit_orig's depth (input layer, {d - 1} hidden pi-layer(s), "
+                         f"readout): model.depth={d - 1}")  # fmt: skip
             continue
         if flag == "--batch-size" and maml:  # meta.train: episodes per outer step
             out.append(f"maml.meta_batch_size={val}")

@@ -21,11 +21,24 @@ infinite one (tested on a trained net).  ``pilimit_lib``'s sampler scales the ou
 ``d_out^-1/2`` and leaves the output bias at zero; neither matters at initialisation (the output layer's A
 and bias are zero), both do for a sampled trained net, so we follow ``pilimit_orig``.
 
+muP baseline (``gaussian_init=True``): every weight, the readout included, is re-drawn ``N(0, 2 / fan_in)``
+after sampling (biases keep their sampled values), which is ``pilimit_orig``'s ``--gaussian-init``
+(``cifar10infmlp.py``) and ``--mu-init`` (``meta/train.py``): the same formula under two names.
+
+Per-layer init multipliers (``pilimit_orig``'s ``meta/train.py``: ``--first-layer-init-alpha``,
+``--second-layer-init-alpha``, default 1): after sampling (and the muP re-draw) ``weights[0]`` (the
+input layer's weight) is multiplied by ``first_layer_init_alpha`` and ``weights[1]`` (the next weight: the
+first hidden layer, or the readout when ``depth == 0``) by ``second_layer_init_alpha``; biases
+and the other layers are left alone.  Unlike ``first_layer_alpha`` (a forward multiplier, all along
+training) they only scale the initial weights.
+
 Deviations: Omega is drawn from a ``torch.Generator`` seeded by ``seed``; Gproj is skipped when
 ``width <= r`` (Omega then spans R^width, the projection is the identity; ``pilimit_orig`` skips it too).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -149,9 +162,19 @@ class InfMLP(nn.Module):
         for layer in self.pi_layers:
             layer.zero_pi_grad()
 
-    def sample(self, width: int, seed: int = 0, gaussian_init: bool = False) -> FinPiMLP:
+    def sample(
+        self,
+        width: int,
+        seed: int = 0,
+        gaussian_init: bool = False,
+        first_layer_init_alpha: float = 1.0,
+        second_layer_init_alpha: float = 1.0,
+    ) -> FinPiMLP:
         """A finite pi-net of ``width`` sampled from this one (see :class:`FinPiMLP`)."""
-        return FinPiMLP(self, width, seed=seed, gaussian_init=gaussian_init)
+        return FinPiMLP(
+            self, width, seed=seed, gaussian_init=gaussian_init,
+            first_layer_init_alpha=first_layer_init_alpha, second_layer_init_alpha=second_layer_init_alpha,
+        )  # fmt: skip
 
 
 def _relu(x):
@@ -162,13 +185,31 @@ class FinPiMLP(nn.Module):
     """Finite pi-MLP of hidden width ``width`` sampled from an :class:`InfMLP` (see the module docstring).
 
     ``gaussian_init=True`` re-draws every weight ``N(0, 2 / fan_in)`` (the muP baseline of the paper,
-    trained with ``PiSGD(gproj=False)``).  Parameters: ``weights[l]``, ``biases[l]`` for l = 0 (input) ..
-    depth + 1 (output); ``omegas[l]`` buffers for l = 0..depth.
+    trained with ``PiSGD(gproj=False)``; upstream's ``--gaussian-init`` / ``--mu-init``).  Then
+    ``weights[0] *= first_layer_init_alpha`` and ``weights[1] *= second_layer_init_alpha`` (upstream's
+    ``--first-layer-init-alpha`` / ``--second-layer-init-alpha``; 1 leaves the weights as they are).
+    Parameters: ``weights[l]``, ``biases[l]`` for l = 0 (input) .. depth + 1 (output); ``omegas[l]``
+    buffers for l = 0..depth.
     """
 
-    def __init__(self, inf: InfMLP, width: int, seed: int = 0, gaussian_init: bool = False):
+    def __init__(
+        self,
+        inf: InfMLP,
+        width: int,
+        seed: int = 0,
+        gaussian_init: bool = False,
+        first_layer_init_alpha: float = 1.0,
+        second_layer_init_alpha: float = 1.0,
+    ):
         super().__init__()
         n = check_positive_int("width", width)
+        init_alphas = []
+        for name, value in (("first_layer_init_alpha", first_layer_init_alpha),
+                            ("second_layer_init_alpha", second_layer_init_alpha)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidInputError(f"{name}={value!r}: expected a finite number")
+            init_alphas.append(float(value))
+        self.first_layer_init_alpha, self.second_layer_init_alpha = init_alphas
         self.width, self.d_in, self.d_out, self.r, self.depth = n, inf.d_in, inf.d_out, inf.r, inf.depth
         self.first_layer_alpha, self.last_layer_alpha = inf.first_layer_alpha, inf.last_layer_alpha
         self.bias_alpha, self.last_bias_alpha = inf.bias_alpha, inf.last_bias_alpha
@@ -196,6 +237,10 @@ class FinPiMLP(nn.Module):
             if self.gaussian_init:
                 for w in weights:
                     w.copy_(torch.randn(w.shape, generator=gen).to(dev) * (2.0 / w.shape[1]) ** 0.5)
+            # after sampling and the muP re-draw, as upstream; weights only (biases untouched)
+            for w, alpha in zip(weights[:2], init_alphas):
+                if alpha != 1.0:
+                    w.mul_(alpha)
         self.weights = nn.ParameterList([nn.Parameter(w) for w in weights])
         self.has_bias = [b is not None for b in biases]
         self.biases = nn.ParameterList(
@@ -208,7 +253,10 @@ class FinPiMLP(nn.Module):
             self.register_buffer(f"gcovinv{i}", inv(om.T @ om))
 
     def config(self) -> dict:
-        return dict(width=self.width, gaussian_init=self.gaussian_init)
+        return dict(
+            width=self.width, gaussian_init=self.gaussian_init,
+            first_layer_init_alpha=self.first_layer_init_alpha, second_layer_init_alpha=self.second_layer_init_alpha,
+        )  # fmt: skip
 
     def compile_forward(self, **compile_kwargs) -> None:
         """``torch.compile`` :meth:`features` and :meth:`readout` (every forward path goes through them:
@@ -298,6 +346,12 @@ def load_net(path, device=None, **kwargs) -> nn.Module:
     if payload["kind"] == "InfMLP":
         net = inf
     else:
-        net = FinPiMLP(inf, payload["finite"]["width"], gaussian_init=payload["finite"]["gaussian_init"])
+        fin = payload["finite"]
+        # the init alphas only scale the initial weights, which load_state_dict replaces; kept for the record
+        net = FinPiMLP(
+            inf, fin["width"], gaussian_init=fin["gaussian_init"],
+            first_layer_init_alpha=fin.get("first_layer_init_alpha", 1.0),
+            second_layer_init_alpha=fin.get("second_layer_init_alpha", 1.0),
+        )  # fmt: skip
     net.load_state_dict(payload["state"])
     return net.to(device) if device is not None else net

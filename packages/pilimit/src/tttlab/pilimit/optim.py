@@ -16,7 +16,11 @@ biases, ``bias_lr_mult``).  With ``lr_g = lr * mult`` and ``wd_g = wd`` (or ``wd
 
 Clipping (``gclip > 0``): by the norm of each would-be update — ``|grad|`` for a tensor,
 ``sqrt(tr(A^T V(B B^T) A))`` of the appended rows for a pi-layer — per parameter
-(``gclip_per_param=True``) or globally; scale ``gclip / (norm + 1e-6)`` when below 1.  Non-finite
+(``gclip_per_param=True``) or globally; scale ``gclip / (norm + 1e-6)`` when below 1.  With
+``last_layer_lr_mult == 0`` the global norm leaves the output layer's weight gradient out (it updates
+nothing), as ``pilimit_orig`` (``InfPiMLP.gclip(exclude_last_layer=...)``, ``GClipWrapper``) and
+``pilimit_lib`` (``MetaInfSGD``, ``GClipWrapper``) do; it matters for the MAML experiments, where the
+frozen readout still gets an outer gradient.  Non-finite
 gradients raise :class:`~tttlab.core.errors.InvalidInputError` before anything changes.
 
 Schedules (:class:`MultiStepLR`, :class:`CosineLR`) set ``optimizer.lr`` per step.  Clip schedule:
@@ -137,7 +141,9 @@ class PiSGD:
 
     def _clip(self) -> None:
         items: list[tuple[torch.Tensor, Any]] = []  # (norm, target: tensor grad or (layer, idx))
-        for ps, layers in self.groups.values():
+        for gname, (ps, layers) in self.groups.items():
+            if gname == "last" and self.mults["last"] == 0 and not self.gclip_per_param:
+                continue  # a frozen readout's gradient stays out of the global norm (as both upstreams)
             for p in ps:
                 if p.grad is not None:
                     items.append((p.grad.detach().float().norm(), p))

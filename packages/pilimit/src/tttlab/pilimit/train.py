@@ -56,6 +56,8 @@ log = logging.getLogger("tttlab.pilimit.train")
 CHECKPOINT = "last"
 KINDS = {"inf": "pilimit.inf_pinet", "finite": "pilimit.finite_pinet", "mup": "pilimit.mup"}
 TASKS = ("classify", "transfer", "maml")
+#: finite/mup only; at 1.0 (the default) they stay out of the training part's hash (runs made before resume)
+INIT_ALPHAS = ("first_layer_init_alpha", "second_layer_init_alpha")
 
 
 @dataclass
@@ -73,6 +75,10 @@ class ModelConfig:
     impl: str = "chunked"  # chunked | reference
     dtype: str = "float32"  # storage of A/B: float32 | bfloat16 | float16
     sample_seed: int = 0  # Omega of finite nets
+    # finite / mup only: the sampled (or muP-drawn) input weight and the next weight are multiplied by these
+    # at initialisation (pilimit_orig meta/train.py's --first-layer-init-alpha / --second-layer-init-alpha)
+    first_layer_init_alpha: float = 1.0
+    second_layer_init_alpha: float = 1.0
 
 
 @dataclass
@@ -201,10 +207,17 @@ def validate(cfg) -> dict[str, Any]:
         ("data.root", c["data"]["root"], c["data"]["root"] is None or c["data"]["name"] not in ("mnist", "digits"),
          f"null: data.name={c['data']['name']!r} is embedded and read from no path"),
         *((f"model.{k}", m[k], m[k] is None or math.isfinite(m[k]), "a finite number")
-          for k in ("first_layer_alpha", "last_layer_alpha", "bias_alpha", "last_bias_alpha")),
+          for k in ("first_layer_alpha", "last_layer_alpha", "bias_alpha", "last_bias_alpha",
+                    "first_layer_init_alpha", "second_layer_init_alpha")),
     ):  # fmt: skip
         if not ok:
             raise ConfigError(f"{key}={value!r}: expected {expected}")
+    for k in INIT_ALPHAS:
+        if m["kind"] == "inf" and m[k] != 1.0:
+            raise ConfigError(
+                f"model.{k}={m[k]!r} with model.kind=inf: the init alphas scale a finite net's sampled weights; "
+                "expected model.kind=finite or mup (or 1.0)"
+            )
     if c["train"]["task"] == "maml":
         check_maml_config(c["maml"])
     c["amp"], c["compile"] = precision.check(
@@ -228,7 +241,12 @@ def build_model(c: dict[str, Any], d_in: int, d_out: int, device) -> torch.nn.Mo
     )  # fmt: skip
     if m["kind"] == "inf":
         return inf
-    return FinPiMLP(inf, m["width"], seed=int(m["sample_seed"]), gaussian_init=m["kind"] == "mup")
+    return FinPiMLP(
+        inf, m["width"], seed=int(m["sample_seed"]), gaussian_init=m["kind"] == "mup",
+        # .get: the config of a checkpoint written before the init alphas existed has neither
+        first_layer_init_alpha=m.get("first_layer_init_alpha", 1.0),
+        second_layer_init_alpha=m.get("second_layer_init_alpha", 1.0),
+    )  # fmt: skip
 
 
 def build_optimizer(c: dict[str, Any], net, steps_per_epoch: int, total_steps: int):
@@ -277,7 +295,10 @@ def training_part(c: dict[str, Any]) -> dict[str, Any]:
     part["train"] = {k: c["train"][k] for k in ("task", "epochs")}
     if c["train"]["task"] == "maml":
         part["maml"] = c["maml"]
-    part["model"] = {k: v for k, v in c["model"].items() if k not in ("chunk_size", "impl", "cache_mb")}
+    part["model"] = {
+        k: v for k, v in c["model"].items()
+        if k not in ("chunk_size", "impl", "cache_mb") and not (k in INIT_ALPHAS and v == 1.0)
+    }  # fmt: skip
     # gclip_drop_with_lr=false (the default) leaves the hash of existing runs and cached models as it was
     part["optim"] = {k: v for k, v in c["optim"].items() if k != "gclip_drop_with_lr" or v}
     return part
