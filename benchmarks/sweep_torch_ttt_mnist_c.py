@@ -21,7 +21,8 @@ from pathlib import Path
 
 from _sweep import run_until
 
-ENGINES = ["source", "bn", "tent", "eata", "memo", "actmad", "deyo", "ttt", "ttt_pp", "ittt", "masked_ttt"]
+ENGINES = ["source", "bn", "tent", "eata", "memo", "actmad", "deyo", "sar", "ttt", "ttt_pp", "ittt",
+           "masked_ttt"]  # fmt: skip
 HEADED = ["ttt", "ttt_pp", "ittt", "masked_ttt"]
 SETTINGS = ["episodic", "continual"]
 #: every ``benchmark.setting`` evaluate knows (``tttlab.torch_ttt.evaluate.RESET_FOR_SETTING``; not imported

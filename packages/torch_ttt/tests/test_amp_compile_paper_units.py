@@ -118,10 +118,10 @@ class OutNet(nn.Module):
         return out if self.low else out.float()
 
 
-@pytest.mark.parametrize("name", ["tent", "eata", "deyo", "memo"])
+@pytest.mark.parametrize("name", ["tent", "eata", "deyo", "sar", "memo"])
 def test_output_based_engines_adapt_from_bfloat16_logits_as_from_float32_ones(name):
     kwargs = {"eata": {"e_margin": 10.0, "d_margin": -1.0}, "deyo": {"e_margin": 10.0, "plpd_thresh": -2.0,
-              "patch_len": 2}, "memo": {"n_augmentations": 3}}.get(name, {})  # fmt: skip
+              "patch_len": 2}, "sar": {"e_margin": 10.0}, "memo": {"n_augmentations": 3}}.get(name, {})  # fmt: skip
     x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     results = []
     for low in (True, False):

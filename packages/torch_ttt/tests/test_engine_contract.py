@@ -3,7 +3,7 @@
 Each engine wraps the same tiny BatchNorm CNN on 1x16x16 inputs.  An engine whose module does not exist
 yet is skipped, so its checks switch on by themselves when it lands.  Checked for every engine:
 ``num_steps=0`` is exactly the wrapped model's prediction (under test-batch statistics for bn/tent/eata/
-deyo, MEMO's prior-mixed statistics for memo); one step changes the adapted parameters and nothing else of
+deyo/sar, MEMO's prior-mixed statistics for memo); one step changes the adapted parameters and nothing else of
 ``model.state_dict()`` (running statistics included); ``reset()`` restores bit for bit; ``per_batch``
 leaves the engine as it was; ``per_domain`` carries the state over calls until ``reset()``; runs repeat
 exactly under ``torch.manual_seed``; auxiliary heads exist before the first call; train mode returns
@@ -36,7 +36,7 @@ STATIC = {"source", "bn"}
 #: engines that compute statistics over the samples of the test batch: a batch of one is an error
 NEEDS_BATCH_STATS = {"actmad", "ttt_pp"}
 #: engines whose prediction uses test-batch BatchNorm statistics
-BATCH_STATS_PREDICTION = {"bn", "tent", "eata", "deyo"}
+BATCH_STATS_PREDICTION = {"bn", "tent", "eata", "deyo", "sar"}
 #: engines with an auxiliary head / decoder that must exist from construction
 HEADED = {"ttt", "ttt_pp", "ittt", "masked_ttt"}
 #: engines whose train-mode self-supervised loss is a constant (no graph)
@@ -101,6 +101,8 @@ def make_engine(name: str, settings: dict | None = None, seed: int = 0, amp: str
         engine = cls(model, settings, e_margin=10.0, d_margin=2.0)
     elif name == "deyo":
         engine = cls(model, settings, e_margin=10.0, plpd_thresh=-2.0)
+    elif name == "sar":
+        engine = cls(model, settings, e_margin=10.0)
     elif name == "memo":
         engine = cls(model, settings, n_augmentations=3)
     elif name == "actmad":
@@ -162,7 +164,7 @@ def model_names(engine) -> set[str]:
 
 def test_every_upstream_name_is_registered():
     assert set(ALL_ENGINES) == {
-        "source", "bn", "ttt", "ttt_pp", "tent", "eata", "memo", "actmad", "deyo", "ittt", "masked_ttt"
+        "source", "bn", "ttt", "ttt_pp", "tent", "eata", "memo", "actmad", "deyo", "sar", "ittt", "masked_ttt"
     }  # fmt: skip
     for name in ALL_ENGINES:
         if importlib.util.find_spec(f"tttlab.torch_ttt.engine.{ENGINE_MODULES[name]}") is not None:

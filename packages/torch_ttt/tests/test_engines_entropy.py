@@ -214,7 +214,7 @@ def test_eata_fisher_calibration_on_single_images():
     assert engine.fishers is None and all(p.grad is None for p in mnist.parameters())
 
 
-@pytest.mark.parametrize("name", ["tent", "eata", "deyo", "bn"])
+@pytest.mark.parametrize("name", ["tent", "eata", "deyo", "sar", "bn"])
 def test_mnist_bn_refuses_a_single_image_before_any_update(name):
     """``mnist_bn`` normalises its flat fc1 features with a BatchNorm1d: one image gives it one value per
     channel (PyTorch's train-mode BatchNorm1d raises ValueError); the engines say which layer, its input
@@ -477,6 +477,7 @@ PREDICT_BEFORE_UPDATE = {
     "tent": {},
     "eata": {"e_margin": 10.0},
     "deyo": {"e_margin": 10.0, "plpd_thresh": -1.0},
+    "sar": {"e_margin": 10.0},
 }
 
 

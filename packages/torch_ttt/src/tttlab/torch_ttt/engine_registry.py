@@ -21,6 +21,7 @@ ENGINE_MODULES: dict[str, str] = {
     "memo": "memo_engine",
     "actmad": "actmad_engine",
     "deyo": "deyo_engine",
+    "sar": "sar_engine",
     "ittt": "it3_engine",
     "masked_ttt": "masked_ttt_engine",
 }

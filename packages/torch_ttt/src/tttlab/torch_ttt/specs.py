@@ -30,6 +30,8 @@ ENGINES = {
                "ActMAD: multi-layer activation mean/variance alignment to training statistics"),
     "deyo": ("Lee et al. 2024, ICLR (lee2024deyo)",
              "DeYO: entropy + pseudo-label probability difference filters on patch-shuffled images"),
+    "sar": ("Niu et al. 2023, ICLR (niu2023sar)",
+            "SAR: reliable (entropy-filtered) sharpness-aware entropy minimisation with model recovery"),
     "ittt": ("Durasov et al. 2025, ICML (durasov2025it3)",
              "IT3: idempotent test-time training (prediction fed back through an embedder)"),
     "masked_ttt": ("Gandelsman et al. 2022, NeurIPS (gandelsman2022ttt-mae)",
