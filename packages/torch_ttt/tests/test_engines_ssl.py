@@ -593,6 +593,92 @@ def test_it3_idempotence_gradient_flows_through_both_applications():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
 
 
+def _fc1_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with FeatureHook(net.fc1) as hook:
+        net(x)
+    return hook.output
+
+
+def test_it3_frozen_anchor_never_changes_and_its_loss_is_the_mnist_notebooks():
+    """``anchor="frozen"`` (the official MNIST notebook's test time): the second pass runs the *trained*
+    network's layers after the features layer on the adapted network's features plus the embedded
+    ``s(f(x, 0))``; only the adapted model moves.  After three SGD steps the anchor (weights and BatchNorm
+    buffers) is still the trained model, and the loss and its gradients are the hand-written
+    ``mse(softmax(F.fc2(relu(h + emb(s0)))), s0)`` with ``h``, ``s0`` from the adapted network."""
+    import copy
+
+    net = conv_net(bn=True)
+    trained = copy.deepcopy(net)
+    opt = {"num_steps": 3, "lr": 5e-2, "optimizer_name": "sgd", "momentum": 0.0, "reset": "never"}
+    engine = IT3Engine(net, "fc1", feedback="softmax", anchor="frozen", optimization_parameters=opt).eval()
+    x = images(6, seed=4, shift=1.0)
+    engine(x)
+    anchor = engine.anchor_model
+    assert anchor is not None and anchor is not net and not anchor.training
+    assert all(not p.requires_grad for p in anchor.parameters())
+    for key, value in trained.state_dict().items():  # parameters and BatchNorm buffers as trained
+        assert torch.equal(anchor.state_dict()[key], value), key
+    moved = [k for k, v in net.state_dict().items() if not torch.equal(trained.state_dict()[k], v)]
+    assert {"conv1.weight", "fc1.weight", "fc2.weight"} <= set(moved)  # before and after the features
+    assert not any(k.startswith("_anchor") for k in engine.state_dict())  # not saved with the engine
+
+    params = list(net.parameters())
+    got = engine.adapt_loss(x)
+    got_grads = torch.autograd.grad(got, params)
+    h = _fc1_features(net, x)
+    s0 = net(x).softmax(1)
+    want = F.mse_loss(trained.fc2(F.relu(h + engine.embeder(s0))).softmax(1), s0)
+    want_grads = torch.autograd.grad(want, params)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-8)
+    # not torch-ttt's single network (the same by-hand loss with the adapted fc2 in the second pass)
+    single = F.mse_loss(net.fc2(F.relu(h + engine.embeder(s0))).softmax(1), s0)
+    assert abs(single.item() - want.item()) > 1e-3 * want.item() > 0
+    with torch.no_grad():  # another step leaves the anchor as it was
+        before = {k: v.clone() for k, v in anchor.state_dict().items()}
+    engine(x)
+    assert engine.anchor_model is anchor
+    assert all(torch.equal(before[k], v) for k, v in anchor.state_dict().items())
+
+
+def test_it3_frozen_anchor_gradient_differs_from_the_single_network_at_the_first_step():
+    """At the first step both variants see the same weights and the same loss value, but the frozen copy
+    passes no gradient to the layers after the features layer through the second pass: only the first
+    pass's ``f(x, 0)`` reaches them."""
+    net = conv_net(bn=False)
+    x = images(6, seed=3)
+    params = list(net.parameters())
+    single = IT3Engine(net, "fc1", feedback="softmax").eval()
+    frozen = IT3Engine(net, "fc1", embeder=single.embeder, feedback="softmax", anchor="frozen").eval()
+    frozen.take_snapshot()
+    a, b = single.adapt_loss(x), frozen.adapt_loss(x)
+    torch.testing.assert_close(a, b)
+    ga, gb = torch.autograd.grad(a, params), torch.autograd.grad(b, params)
+    fc2 = [i for i, p in enumerate(params) if p is net.fc2.weight][0]
+    assert not torch.allclose(ga[fc2], gb[fc2])
+
+
+def test_it3_frozen_anchor_follows_reset_and_retraining():
+    """Reset per batch restores the model to the anchor's weights; after ``engine.train()`` (weights about
+    to change) the anchor is dropped and the next adaptation copies the new weights."""
+    net = conv_net(bn=False)
+    engine = IT3Engine(net, "fc1", anchor="frozen", optimization_parameters={"num_steps": 2, "lr": 1e-2})
+    engine.eval()
+    trained = {k: v.clone() for k, v in net.state_dict().items()}
+    engine(images(4, seed=1, shift=1.0))
+    assert all(torch.equal(trained[k], v) for k, v in net.state_dict().items())  # per-batch reset
+    assert all(torch.equal(trained[k], v) for k, v in engine.anchor_model.state_dict().items())
+    engine.train()
+    assert engine.anchor_model is None
+    with torch.no_grad():
+        net.fc2.bias.add_(0.5)  # "more training"
+    engine.eval()(images(4, seed=2, shift=1.0))
+    torch.testing.assert_close(engine.anchor_model.fc2.bias, trained["fc2.bias"] + 0.5)
+    with pytest.raises(InvalidInputError, match="anchor='ema'; expected one of"):
+        IT3Engine(net, "fc1", anchor="ema")
+
+
 @pytest.mark.parametrize(
     "size, prob, count",
     [(12, 0.75, 7), (12, 0.3, 3), (16, 0.75, 12), (10, 0.75, 7), (12, 0.01, 1), (12, 0.5, 5), (28, 0.6, 30),

@@ -775,6 +775,78 @@ def test_training_of_an_entropy_engine_keeps_its_key_when_it_is_the_train_engine
     assert path.name == f"mnist_bn-{engine}-{config_hash(T._training_part(plain))}"
 
 
+def test_train_epoch_weighs_it3s_term_equally_as_upstream():
+    """Upstream IT3 adds its two training terms with weight 1 (both official notebooks: ``CE(pass 1) +
+    CE(pass 2)``; torch-ttt's IT3 example: ``nll + loss_ttt``), not the TTT tutorial's 0.35: with
+    ``train.ssl_weight`` null the step is the SGD step of ``CE(f(x, 0), y) + 1.0 * ssl``, computed by hand;
+    an explicit weight still wins."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from tttlab.torch_ttt.engine.it3_engine import IT3Engine
+
+    x = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 0])
+    state0 = {"epoch": 0, "batch": 0, "step": 0, "correct": 0, "seen": 0, "task_loss": 0.0, "ssl_loss": 0.0}
+    for given, used in ((None, 1.0), (0.35, 0.35)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+        engine = IT3Engine(model, "1", example_input=x[:2], feedback="softmax")
+        params = list(engine.parameters())
+        out, ssl = engine.train()(x, target=F.one_hot(y, 3).float())
+        want = [p - 0.5 * g for p, g in zip(params, torch.autograd.grad(F.cross_entropy(out, y) + used * ssl,
+                                                                        params))]  # fmt: skip
+        train = {"shuffle": False, "ssl_weight": given, "stop_after_steps": None, "checkpoint_every": 100}
+        cfg = {"seed": 0, "data": {"batch_size": 4}, "logging": {"progress": False}, "train": train}
+        assert T.train_epoch(engine, torch.optim.SGD(params, lr=0.5), x, y, dict(state0), cfg, lambda: None,
+                             torch.device("cpu"))  # fmt: skip
+        for p, w in zip(params, want):
+            torch.testing.assert_close(p.detach(), w.detach(), rtol=1e-6, atol=1e-7)
+    assert T.ssl_weight({"ssl_weight": None}, IT3Engine) == 1.0
+
+
+def test_shipped_configs_give_it3_weight_one_and_the_others_the_tutorials():
+    """``train.ssl_weight: null`` in ``config.yaml`` and ``mnist_bn.yaml`` resolves to the trained engine's
+    ``joint_training_weight``: 1.0 for ``ittt`` (a new cache key: main's IT3 models, trained at 0.35 with
+    ``feedback: softmax``, had ``91b9a5146901``), 0.35 for the others, whose composed configs and cache keys
+    are unchanged (pinned in the test above and in ``test_compile_modes``); a given value still wins."""
+    overrides = ["eval.enabled=false", "device=cpu", "data.num_examples=10000"]
+    for engine, weight in (("ittt", 1.0), ("ttt", 0.35), ("ttt_pp", 0.35), ("masked_ttt", 0.35)):
+        for experiment in ("mnist_bn", "smoke", None):
+            c = T.train_config(experiment, [f"train.engine={engine}", *overrides])
+            assert c["train"]["ssl_weight"] == weight, (engine, experiment)
+    it3 = T.train_config(
+        "mnist_bn", ["train.engine=ittt", "train.engine_kwargs={feedback: softmax}", *overrides]
+    )
+    assert config_hash(T._training_part(it3)) != "91b9a5146901"
+    it3_old = T.train_config("mnist_bn", ["train.engine=ittt", "train.engine_kwargs={feedback: softmax}",
+                                          "train.ssl_weight=0.35", *overrides])  # fmt: skip
+    assert it3_old["train"]["ssl_weight"] == 0.35
+    assert config_hash(T._training_part(it3_old)) == "91b9a5146901"
+    ttt_pp = T.train_config("mnist_bn", ["train.engine=ttt_pp", *overrides])
+    assert config_hash(T._training_part(ttt_pp)) == "c149c04b9968"
+    with pytest.raises(ConfigError, match="train.ssl_weight=nan"):
+        T.train_config("mnist_bn", ["train.ssl_weight=nan"])
+
+
+def test_it3_anchor_is_test_time_only_it_keeps_the_training_key(monkeypatch):
+    """``+engine.kwargs.anchor=frozen`` changes the test-time second pass, not the trained model: the
+    cached model is the one trained for the default (same key, same training kwargs)."""
+    trained = []
+    monkeypatch.setattr(T, "run", lambda tc: trained.append(tc))
+    paths = []
+    for extra in ([], ["engine.kwargs.anchor=frozen"]):  # the command line: +engine.kwargs.anchor=frozen
+        c = E.eval_config({"engine": "ittt"}, ["train_experiment=mnist_bn", "cache_dir=/nonexistent-cache",
+                                               *extra])  # fmt: skip
+        paths.append(E.training_run(c, _OneRank()))
+    assert paths[0] == paths[1]
+    assert (
+        trained[0]["train"]["engine_kwargs"]
+        == trained[1]["train"]["engine_kwargs"]
+        == {"feedback": "softmax"}
+    )
+
+
 def test_a_train_run_trained_with_other_it3_kwargs_only_warns(tmp_path, caplog):
     """A ``train_run`` whose IT3 head was trained with ``feedback="output"`` (torch-ttt's default, no kwargs
     recorded), evaluated with ``conf/engine/ittt.yaml``'s ``feedback: softmax``: a warning naming both, then
@@ -790,12 +862,17 @@ def test_a_train_run_trained_with_other_it3_kwargs_only_warns(tmp_path, caplog):
     assert trained_with == "ittt" and eng.feedback == "softmax"
     assert "{'feedback': 'softmax'}" in caplog.text and "trained with engine_kwargs" in caplog.text
     # the default spelled out (the head was trained with it: the run recorded no kwargs) is no difference
-    for extra in ("engine.kwargs.feedback=output",):
+    # nor is a test-time-only argument (IT3's anchor: the training does not depend on it)
+    for extra in (
+        ["engine.kwargs.feedback=output"],
+        ["engine.kwargs.feedback=output", "engine.kwargs.anchor=frozen"],
+    ):
         caplog.clear()
-        same = E.eval_config({"engine": "ittt"}, [f"train_run={out}", "device=cpu", extra])
+        same = E.eval_config({"engine": "ittt"}, [f"train_run={out}", "device=cpu", *extra])
         with caplog.at_level("WARNING", logger="tttlab.torch_ttt.evaluate"):
             eng, _, _ = E.load_engine(same, out, torch.device("cpu"), example)
         assert eng.feedback == "output" and "trained with engine_kwargs" not in caplog.text, extra
+        assert eng.anchor == ("frozen" if len(extra) == 2 else "none")
 
 
 @pytest.mark.parametrize(

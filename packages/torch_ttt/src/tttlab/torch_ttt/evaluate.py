@@ -10,7 +10,8 @@ from a run of ``train_experiment`` trained on first use and cached under ``cache
 of its training config).  Engines with a jointly trained auxiliary head (``ttt``, ``ttt_pp``, ``ittt``,
 ``masked_ttt``) get a model trained with that engine, and with the evaluation's ``engine.kwargs`` when it
 has any (``conf/engine/ittt.yaml``: ``feedback: softmax``; ``engine.kwargs={}`` on the command line empties
-them, :func:`clears_engine_kwargs`); the others the model trained with TTT (its
+them, :func:`clears_engine_kwargs`) other than the engine's ``test_time_kwargs`` (IT3's ``anchor``: one
+model serves both values); the others the model trained with TTT (its
 rotation head is unused by them).  TTT++/ActMAD reference statistics and EATA's Fisher information are
 computed on ``calibration.num_examples`` clean training images: the first ones for the statistics, a
 random subset drawn with the run's ``seed`` for the Fisher information (:func:`fisher_subset`, as the
@@ -384,10 +385,13 @@ def training_run(c: dict[str, Any], dist: Dist) -> Path:
     overrides = [f"train.engine={train_engine}", "eval.enabled=false", f"device={c['device']}",
                  *c["train_overrides"]]  # fmt: skip
     tc = T.train_config(c["train_experiment"], overrides)
-    if train_engine == engine and engine in T.HEADED and c["engine"]["kwargs"]:
+    test_time_only = set(get_engine(engine).test_time_kwargs)
+    kwargs = {k: v for k, v in (c["engine"]["kwargs"] or {}).items() if k not in test_time_only}
+    if train_engine == engine and engine in T.HEADED and kwargs:
         # a head trained for the evaluated engine is trained with its arguments (IT3's feedback shapes its
-        # training loss); engines evaluated without arguments keep their cache key
-        tc["train"]["engine_kwargs"] = {**(tc["train"]["engine_kwargs"] or {}), **c["engine"]["kwargs"]}
+        # training loss); engines evaluated without arguments keep their cache key, and so does an argument
+        # that acts at test time only (IT3's anchor): the same model serves both values
+        tc["train"]["engine_kwargs"] = {**(tc["train"]["engine_kwargs"] or {}), **kwargs}
     key = config_hash(T._training_part(tc))
     path = Path(c["cache_dir"]) / f"{tc['model']['name']}-{train_engine}-{key}"
     tc["out_dir"], tc["logging"] = str(path), c["logging"]
@@ -458,7 +462,12 @@ def load_engine(c: dict[str, Any], run_dir: Path | None, device: torch.device, e
         # what the head was trained with: the recorded kwargs over the engine's own defaults, so that an
         # evaluation spelling out a default (engine.kwargs.feedback=output) is not reported as different
         effective = {**_keyword_defaults(get_engine(name)), **trained}
-        differ = {k: v for k, v in kwargs.items() if k not in effective or effective[k] != v}
+        test_time_only = set(get_engine(name).test_time_kwargs)
+        differ = {
+            k: v
+            for k, v in kwargs.items()
+            if k not in test_time_only and (k not in effective or effective[k] != v)
+        }
         if differ:  # e.g. IT3's feedback: the head was trained for other arguments
             log.warning("%s: evaluating %s with %s, but its head was trained with engine_kwargs %s",
                         run_dir, name, differ, trained)  # fmt: skip

@@ -6,7 +6,9 @@
 
 Flow (each step a small function): :func:`load_mnist` (embedded MNIST, normalised as the tutorial) ->
 :func:`build_model_and_engine` (the auxiliary head exists before the optimizer is made, so it is trained)
--> :func:`train_epoch` (``loss = task + ssl_weight * ssl``; IT3 gets the one-hot labels as ``target``,
+-> :func:`train_epoch` (``loss = task + ssl_weight * ssl``; ``train.ssl_weight: null``, the shipped
+configs' value, is the engine's own ``joint_training_weight``: 0.35 (the torch-ttt tutorial's) for all
+but IT3, whose upstream code weighs both terms equally, 1.0; IT3 gets the one-hot labels as ``target``,
 its training scheme ``f(x, y) ~ y``; atomic checkpoints every
 ``train.checkpoint_every`` steps and at each epoch end) -> :func:`evaluate_noisy` (clean accuracy, the
 tutorial's ``x + 2 N(0, 1)`` test stream without TTT, and with TTT after each of ``eval.num_steps``).
@@ -90,7 +92,7 @@ class ModelConfig:
 class TrainSection:
     engine: str = "ttt"  # engine trained jointly (its head); "source" = plain supervised training
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
-    ssl_weight: float = 0.35
+    ssl_weight: float | None = None  # None: the engine's joint_training_weight (resolved by _validate)
     epochs: int = 1
     lr: float = 0.01
     optimizer: str = "adam"  # adam | sgd | adamw
@@ -291,6 +293,12 @@ def progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False, disable=not (enabled and sys.stderr.isatty()))
 
 
+def ssl_weight(train_section: dict[str, Any], engine: BaseEngine | type[BaseEngine]) -> float:
+    """``train.ssl_weight``, or the engine's :attr:`~BaseEngine.joint_training_weight` where it is null."""
+    value = train_section.get("ssl_weight")
+    return float(engine.joint_training_weight if value is None else value)
+
+
 def train_epoch(
     engine: BaseEngine,
     optimizer: torch.optim.Optimizer,
@@ -323,7 +331,7 @@ def train_epoch(
             # e.g. IT3 learns f(x, y) ~ y from the ground truth fed in (engine.training_kwargs)
             out, ssl = engine(xb, **engine.training_kwargs(yb))
             task = F.cross_entropy(out, yb)
-            loss = task + float(t["ssl_weight"]) * ssl
+            loss = task + ssl_weight(t, engine) * ssl
             loss.backward()
             optimizer.step()
             state["correct"] += int((out.detach().argmax(1) == yb).sum())
@@ -427,7 +435,8 @@ def _validate(cfg) -> dict[str, Any]:
     t, e = c["train"], c["eval"]
     checks = [
         ("train.lr", t["lr"], 0 <= t["lr"] < math.inf, "a finite number >= 0"),
-        ("train.ssl_weight", t["ssl_weight"], math.isfinite(t["ssl_weight"]), "a finite number"),
+        ("train.ssl_weight", t["ssl_weight"], t["ssl_weight"] is None or math.isfinite(t["ssl_weight"]),
+         "null (the engine's weight) or a finite number"),
         ("train.epochs", t["epochs"], t["epochs"] >= 1, "an integer >= 1"),
         ("train.stop_after_steps", t["stop_after_steps"],
          t["stop_after_steps"] is None or t["stop_after_steps"] >= 0, "null or an integer >= 0"),
@@ -445,6 +454,9 @@ def _validate(cfg) -> dict[str, Any]:
     for key, value, ok, expected in checks:
         if not ok:
             raise ConfigError(f"{key}={value!r}: expected {expected}")
+    # null: the trained engine's own weight, written into the config (and so into its hash: IT3's 1.0 is a
+    # new cache key, the other engines' 0.35 keeps theirs)
+    t["ssl_weight"] = ssl_weight(t, get_engine(t["engine"]))
     return c
 
 

@@ -240,6 +240,12 @@ class BaseEngine(nn.Module):
     #: False when adaptation and train-mode forwards read inner layers through hooks: with a compiled model
     #: (:meth:`compile`) they run its eager forward (a compiled graph skips hooks added after tracing).
     compiled_adaptation: bool = True
+    #: Weight of the engine's loss in joint training (``loss = task + w * ssl``) when the training config
+    #: leaves ``train.ssl_weight`` null: the torch-ttt MNIST tutorial's 0.35 (TTT); IT3 overrides it.
+    joint_training_weight: float = 0.35
+    #: Constructor arguments that only act at test time: a model trained with other values serves as well
+    #: (``tttlab-torch-ttt-evaluate`` leaves them out of the training config and its cache key).
+    test_time_kwargs: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, optimization_parameters: Mapping[str, Any] | None = None):
         super().__init__()
