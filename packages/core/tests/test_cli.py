@@ -152,6 +152,68 @@ def test_a_user_error_leaves_no_hydra_only_run_directory(tmp_path, before, fail)
             assert (run / "notes.txt").read_text() == "mine"
 
 
+HYDRA_APP_CHECKED = HYDRA_APP.replace(
+    "\n\nmain()\n", "\n\ncheck_dir_overrides('tttlab-x')\nmain()\n"
+).replace(
+    "from tttlab.core.cli import user_errors", "from tttlab.core.cli import check_dir_overrides, user_errors"
+)
+
+
+@pytest.mark.parametrize("key", ["hydra.run.dir", "out_dir"])
+def test_a_user_error_leaves_no_empty_folders_outside_the_working_directory(tmp_path, key):
+    """``out_dir=/elsewhere/new/deeper/run`` (or mttt's ``run_dir=/abs/typo``, whose run directory Hydra makes as
+    ``<run_dir>/eval``): Hydra makes the folders above the run directory too, outside the working
+    directory; a user error removes the ones it made and leaves every folder that existed before the
+    command, even empty, as it was."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("hydra")
+    app = tmp_path / "app.py"
+    app.write_text(HYDRA_APP_CHECKED)
+    work = tmp_path / "work"  # cwd
+    work.mkdir()
+    (tmp_path / "elsewhere" / "mine").mkdir(parents=True)  # the user's empty folders: stay
+    target = tmp_path / "elsewhere" / "mine" / "new" / "deeper"
+    run = target / "run"
+    # as the commands' configs: hydra.run.dir given, or ${out_dir} (mttt evaluate: ${run_dir}/eval)
+    args = (
+        [f"hydra.run.dir={run}"]
+        if key == "hydra.run.dir"
+        else [f"+out_dir={run}", "hydra.run.dir=${out_dir}"]
+    )
+    res = subprocess.run(
+        [sys.executable, str(app), *args, "+fail=1"], capture_output=True, text=True, cwd=work
+    )
+    assert res.returncode == 2, res.stderr
+    assert "tttlab-x: error: DatasetNotFoundError" in res.stderr
+    assert (tmp_path / "elsewhere" / "mine").is_dir() and list(
+        (tmp_path / "elsewhere" / "mine").iterdir()
+    ) == []
+    assert list(work.iterdir()) == []
+    # a successful run there keeps everything
+    res = subprocess.run(
+        [sys.executable, str(app), *args, "+fail=0"], capture_output=True, text=True, cwd=work
+    )
+    assert res.returncode == 0, res.stderr
+    assert (run / "config.yaml").exists()
+
+
+def test_only_the_current_commands_missing_folders_may_be_removed(tmp_path):
+    """What check_dir_overrides notes for the clean-up is the folders of *this* command's paths that do not
+    exist yet; a second command in the same process (tests, a notebook) starts afresh, so a folder that an
+    earlier command found missing but that exists now is never removed."""
+    from tttlab.core import cli
+
+    check_dir_overrides("tttlab-x", [f"out_dir={tmp_path / 'a' / 'b'}"])
+    assert cli._NEW_DIRS == {(tmp_path / "a").resolve(), (tmp_path / "a" / "b").resolve()}
+    (tmp_path / "a").mkdir()
+    check_dir_overrides("tttlab-x", [f"out_dir={tmp_path / 'a' / 'c'}", "seed=1"])
+    assert cli._NEW_DIRS == {(tmp_path / "a" / "c").resolve()}
+    check_dir_overrides("tttlab-x", ["seed=1"])
+    assert cli._NEW_DIRS == set()
+
+
 def test_a_config_group_override_naming_no_file_stops_before_hydra(tmp_path, monkeypatch, capsys):
     """``+experiment=mnist_tutoral`` / ``engine=tnet``: one ConfigError line with the choices and a
     did-you-mean, exit status 2 (Hydra's own report is many lines and exit status 1); a good value, a plain

@@ -82,10 +82,13 @@ def _remove_hydra_only_run_dir() -> None:
         for e in entries:
             shutil.rmtree(e) if e.is_dir() and not e.is_symlink() else e.unlink()
         out.rmdir()
-        # the empty folders Hydra made above it (runs/<pkg>/...), up to the working directory
+        # the empty folders Hydra made above it (runs/<pkg>/...), up to the working directory, and, for a
+        # directory given outside it (out_dir=/elsewhere/new/run), the ones check_dir_overrides found
+        # missing before the command: a folder that was there stays, even empty
         cwd = Path.cwd().resolve()
         for parent in out.resolve().parents:
-            if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
+            made_here = cwd in parent.parents or parent in _NEW_DIRS
+            if parent == cwd or not made_here or any(parent.iterdir()):
                 break
             parent.rmdir()
     except OSError:  # gone already, or not ours to remove: the error message matters more
@@ -96,23 +99,32 @@ def _remove_hydra_only_run_dir() -> None:
 #: before any of our code runs.
 DIR_KEYS = ("out_dir", "run_dir", "hydra.run.dir")
 
+#: The folders of this command's directory overrides that did not exist before it (noted by
+#: :func:`check_dir_overrides`): Hydra makes them, and a user error's clean-up may remove them when empty.
+_NEW_DIRS: set = set()
+
 
 def check_dir_overrides(prog: str, argv: list[str] | None = None, keys: tuple[str, ...] = DIR_KEYS) -> None:
     """Stop a Hydra command whose ``out_dir=`` (or ``run_dir=``) override is, or lies below, an existing file.
 
     Hydra creates the run directory before the task function runs, so that mistake would otherwise end in
     a ``FileExistsError`` / ``NotADirectoryError`` traceback from Hydra.  Call it just before the
-    ``@hydra.main`` function; it prints the usual one-line error and exits with status 2.
+    ``@hydra.main`` function; it prints the usual one-line error and exits with status 2.  It also notes the
+    folders of each such path that do not exist yet, so that :func:`user_errors` removes those Hydra made
+    (when empty) for a run directory outside the working directory, and none that was there before.
     """
     from pathlib import Path
 
+    _NEW_DIRS.clear()  # this command's paths only
     for arg in sys.argv[1:] if argv is None else argv:
         key, sep, value = arg.lstrip("+~").partition("=")
         if not sep or key not in keys or value.strip() in ("", "null", "None") or "${" in value:
             continue
         path = Path(value.strip().strip("'\"")).expanduser()
-        for p in (path, *path.parents):
-            if p.exists():
+        for p in (path, *path.absolute().parents):
+            if not p.exists():
+                _NEW_DIRS.add(p.resolve())  # Hydra will make it
+            else:
                 if not p.is_dir():
                     where = "is a file" if p == path else f"lies below the file {p}"
                     print(
