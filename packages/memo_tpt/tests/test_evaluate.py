@@ -196,3 +196,17 @@ def test_benchmark_order_keys_reach_the_stream(monkeypatch, tmp_path):
                 method="memo_tpt.tpt", profile="smoke", out_dir=str(tmp_path), benchmark=bench, progress=False
             )
     assert [(b.shuffle, b.dirichlet_delta) for b in built] == [(True, None), (False, 0.25)]
+
+
+def test_progress_bars_stay_quiet_when_stderr_is_not_a_terminal(cache, tmp_path, capfd):
+    """``progress=true`` (the command's default) draws bars on a terminal only: run with its output in a
+    log file or a pipe, the training of the tiny models and the evaluation loop print no ``\\r`` bar
+    frames, as the other subpackages' commands (the design's "quiet when not a TTY")."""
+    import sys
+
+    assert not sys.stderr.isatty()  # capfd: stderr is a file here, as in `cmd > log 2>&1`
+    bench = {"corruptions": ["fog"], "num_examples": 2}
+    run(method="memo_tpt.memo", profile="smoke", out_dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "models"),
+        benchmark=bench, progress=True)  # fmt: skip
+    err = capfd.readouterr().err
+    assert "\r" not in err and "it/s" not in err and "%|" not in err, err[-500:]

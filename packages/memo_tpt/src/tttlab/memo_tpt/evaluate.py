@@ -207,10 +207,10 @@ def _images(batch) -> torch.Tensor:
 
 def run(cfg: Mapping | None = None, **overrides) -> Path:
     """Evaluate per ``cfg`` (keys of :data:`DEFAULTS`, partial is fine); returns the records file."""
-    from tqdm.auto import tqdm
-
     from tttlab.core.benchmark import from_config
     from tttlab.core.records import RunDir, write_domain_summary
+
+    from ._progress import progress_bar
 
     c = eval_config(cfg, **overrides)
     if c["threads"]:
@@ -225,7 +225,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     adapt, model_name, memo = build_method(c, device)
     totals: dict[Any, list] = {d: [0, 0, 0.0, 0] for d in bench.domains}
     zero_shot = c["method"] == "memo_tpt.clip_zeroshot"
-    with tqdm(total=len(bench), desc=c["method"], disable=not c["progress"], leave=False) as bar:
+    with progress_bar(len(bench), c["method"], c["progress"], leave=False) as bar:
         for batch in bench.batches():
             x = _images(batch).to(device)
             y = np.asarray(batch.labels)

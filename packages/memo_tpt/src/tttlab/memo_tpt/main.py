@@ -182,7 +182,7 @@ def evaluate_dataset(
 
     ``dataset`` (the test set, read from ``datasets_root`` when None) and ``built`` (``build``'s adapter and
     model name for it, built when None) let the caller check them before it makes the run directory."""
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar
 
     ds = D.load_test_set(name, c["datasets_root"]) if dataset is None else dataset
     seed = int(c["seed"])
@@ -203,9 +203,7 @@ def evaluate_dataset(
                 m.generator.set_state(torch.tensor(g, dtype=torch.uint8))
             log.info("%s: resuming at image %d", name, state["index"])
     torch.manual_seed(seed)
-    with tqdm(
-        total=n, initial=state["index"], desc=f"{c['method']} {name}", disable=not c["progress"]
-    ) as bar:
+    with progress_bar(n, f"{c['method']} {name}", c["progress"], initial=state["index"]) as bar:
         for i in range(state["index"], n):
             image, label = ds[i]
             t0 = time.perf_counter()

@@ -57,10 +57,10 @@ def load_photos(size: int = 224) -> tuple[list[str], np.ndarray]:
 
 def run(views: int = 32, severities=(3, 5), corruptions=CORRUPTIONS, seed: int = 0, lr: float = 2.5e-4,
         progress: bool = True):  # fmt: skip
-    from tqdm.auto import tqdm
-
     from tttlab.core.corruptions import corrupt
     from tttlab.core.data.imagenet import imagenet_class_names
+
+    from ._progress import progress_bar
 
     names, clean = load_photos()
     model = build_classifier("mobilenet_v2", checkpoint=mobilenet_v2_weights())
@@ -85,7 +85,7 @@ def run(views: int = 32, severities=(3, 5), corruptions=CORRUPTIONS, seed: int =
         seed=seed,
     )
     rows = []
-    bar = tqdm(total=len(severities) * len(corruptions), desc="photos", disable=not progress)
+    bar = progress_bar(len(severities) * len(corruptions), "photos", progress)
     for sev in severities:
         for ci, corr in enumerate(corruptions):
             bar.set_postfix_str(f"{corr}-{sev}")

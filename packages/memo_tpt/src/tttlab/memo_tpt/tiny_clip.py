@@ -113,9 +113,9 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+    return progress_bar(total, desc, enabled, leave=False)
 
 
 def _clip_loss(model, imgs: torch.Tensor, text: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
