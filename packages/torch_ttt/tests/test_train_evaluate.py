@@ -304,6 +304,30 @@ def test_warm_up_changes_no_random_state():
     assert torch.equal(states[0], torch.get_rng_state()) and states[1] == random.getstate()
 
 
+@pytest.mark.parametrize(
+    "engine, kwargs, needle",
+    [
+        ("tent", {}, "TentEngine needs normalisation layers"),  # the tutorial net has none
+        ("ttt", {"features_layer_name": "fc9"}, "features layer 'fc9' not found"),
+    ],
+)
+def test_an_engine_the_trained_model_cannot_take_fails_before_training(tmp_path, engine, kwargs, needle):
+    """``engine=tent train_experiment=smoke`` (a model without normalisation layers): the evaluated engine is
+    built around an untrained model of that architecture first, so the error comes before the model is
+    trained and cached (it used to come after the training, minutes for ``mnist_tutorial``), and the
+    preflight leaves torch's random state as it was."""
+    from tttlab.core.errors import InvalidInputError
+
+    torch.manual_seed(11)
+    state = torch.get_rng_state()
+    with pytest.raises(InvalidInputError, match=re.escape(needle)):
+        E.run({"engine": {"name": engine, "kwargs": kwargs}, "train_experiment": "smoke",
+               "cache_dir": str(tmp_path / "models"), "out_dir": str(tmp_path / "e"),
+               "benchmark": {"corruptions": ["fog"], "num_examples": 8}})  # fmt: skip
+    assert not (tmp_path / "models").exists(), "nothing was trained"
+    assert torch.equal(state, torch.get_rng_state())
+
+
 def test_evaluate_needs_a_finished_training_run(tmp_path):
     with pytest.raises(CheckpointError, match="train_run"):
         E.run({"engine": "ttt", "train_run": str(tmp_path), "out_dir": str(tmp_path / "e")})

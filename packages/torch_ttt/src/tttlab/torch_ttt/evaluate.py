@@ -368,16 +368,8 @@ def reset_policy(c: dict[str, Any]) -> Reset:
     return RESET_FOR_SETTING[c["benchmark"]["setting"]]
 
 
-def training_run(c: dict[str, Any], dist: Dist) -> Path:
-    """The train run directory to load: ``train_run``, or the cached run (trained now, by rank 0, if
-    absent or unfinished)."""
-    if c["train_run"]:
-        path = Path(c["train_run"])
-        if not T.checkpoint_file(path).exists():
-            raise CheckpointError(
-                f"train_run={path}: no checkpoints/{T.CHECKPOINT}.ckpt; expected a tttlab-torch-ttt-train run"
-            )
-        return path
+def cached_training_config(c: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """``(training config, train engine)`` of the model ``train_experiment`` trains for this evaluation."""
     engine = c["engine"]["name"]
     train_engine = c["train_engine"]
     if train_engine == "auto":
@@ -392,6 +384,37 @@ def training_run(c: dict[str, Any], dist: Dist) -> Path:
         # training loss); engines evaluated without arguments keep their cache key, and so does an argument
         # that acts at test time only (IT3's anchor): the same model serves both values
         tc["train"]["engine_kwargs"] = {**(tc["train"]["engine_kwargs"] or {}), **kwargs}
+    return tc, train_engine
+
+
+def check_engine_fits_the_trained_model(c: dict[str, Any], info: ModelInfo) -> None:
+    """Build the evaluated engine, as :func:`load_engine` will, around an untrained model of the architecture
+    ``train_experiment`` trains: an engine that model cannot take (TENT without normalisation layers, a
+    features layer it lacks) is the user's error now, before the model is trained (minutes for the
+    tutorial), not after.  Torch's random state is left as it was."""
+    tc, train_engine = cached_training_config(c)
+    name, model_name = c["engine"]["name"], tc["model"]["name"]
+    kwargs = dict(c["engine"]["kwargs"] or {})
+    if name == train_engine:  # load_engine: the head's recorded training arguments under the given ones
+        kwargs = {**(tc["train"]["engine_kwargs"] or {}), **kwargs}
+    optimization = {k: v for k, v in (c["engine"]["optimization"] or {}).items() if k != "reset"}
+    with torch.random.fork_rng(devices=[]):
+        T.build_engine(
+            name, T.build_model(model_name), model_name, kwargs, optimization, example_images(info)
+        )
+
+
+def training_run(c: dict[str, Any], dist: Dist) -> Path:
+    """The train run directory to load: ``train_run``, or the cached run (trained now, by rank 0, if
+    absent or unfinished)."""
+    if c["train_run"]:
+        path = Path(c["train_run"])
+        if not T.checkpoint_file(path).exists():
+            raise CheckpointError(
+                f"train_run={path}: no checkpoints/{T.CHECKPOINT}.ckpt; expected a tttlab-torch-ttt-train run"
+            )
+        return path
+    tc, train_engine = cached_training_config(c)
     key = config_hash(T._training_part(tc))
     path = Path(c["cache_dir"]) / f"{tc['model']['name']}-{train_engine}-{key}"
     tc["out_dir"], tc["logging"] = str(path), c["logging"]
@@ -834,6 +857,8 @@ def run(cfg: Mapping | None = None, *, clear_engine_kwargs: bool = False, **over
     batches, domains, dataset, num_batches = make_stream(c, dist, info)
     check_stream_batches(c, info)  # a single-image batch the engine refuses: now, not after training
     data_source = benchmark_data(c)
+    if not c["model_checkpoint"]["path"] and not c["train_run"]:
+        check_engine_fits_the_trained_model(c, info)  # before the model is trained for it
     run_dir = None if c["model_checkpoint"]["path"] else training_run(c, dist)
     x_example = example_images(info)
     engine, model_name, train_engine = load_engine(c, run_dir, device, x_example.to(device))
