@@ -418,6 +418,20 @@ def test_tfds_roundtrip_without_tensorflow(tmp_path):
         data.tfds("tttlab_fixture", root, "train", label_key="caption")
 
 
+def test_tfds_a_dataset_missing_from_data_dir_says_what_was_expected(tmp_path):
+    """``tfds_path=<a folder without imagenet2012>``: the error names the folder it looked for, the layout
+    it expected there and what the data_dir holds (it named only the folder and the contents)."""
+    from tttlab.core.data.tfds import prepared_dir
+
+    (tmp_path / "mnist").mkdir()
+    with pytest.raises(DatasetNotFoundError) as err:
+        prepared_dir("imagenet2012", tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path / "imagenet2012") in msg and "['mnist']" in msg
+    assert "expected TFDS dataset 'imagenet2012' prepared under data_dir" in msg
+    assert "imagenet2012/<version>/ with dataset_info.json" in msg
+
+
 def test_tfds_reads_tfds_split_slices(tmp_path):
     """``as_data_source`` reads TFDS's split syntax (a slice, a percentage, a sum of splits); the reader
     used to refuse every split that was not a bare name."""

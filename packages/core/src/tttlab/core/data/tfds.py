@@ -37,7 +37,10 @@ def prepared_dir(name: str, data_dir) -> Path:
     ds_dir = root / base
     if not ds_dir.is_dir():
         have = sorted(p.name for p in root.iterdir() if p.is_dir())
-        raise DatasetNotFoundError(f"{ds_dir} does not exist; {root} holds {have}")
+        raise DatasetNotFoundError(
+            f"{ds_dir} does not exist; expected TFDS dataset {base!r} prepared under data_dir {root} "
+            f"({base}/<version>/ with dataset_info.json and array_record files); {root} holds {have}"
+        )
     if version:
         path = ds_dir / version
     else:
