@@ -32,7 +32,8 @@ ALL_SETTINGS = ["episodic", "reset_each_shift", "continual", "mixed", "gradual"]
 
 #: torch threads of every evaluation: the trained models, and so the table, depend on the thread count (float
 #: summation order; IT3's episodic mean was 72.5 with one thread, 75.4 with two), and the published tables
-#: ran with two
+#: ran with two.  They depend on the CPU type too (its kernels set the order as well): the README's tables are
+#: of the CI machine type (Intel Xeon with AVX-512; source 82.27), an earlier machine's gave source 79.4
 THREADS = 2
 
 
