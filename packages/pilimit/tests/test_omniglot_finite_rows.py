@@ -251,28 +251,11 @@ def test_finite_rows_have_hidden_biases_and_no_readout_bias():
         assert opt.gproj is (experiment == "paper_omniglot_finite")
 
 
-def _omniglot_layout(root, n_chars=6, n_imgs=3):
-    """<root>/images_background|images_evaluation/<alphabet>/<character>/*.png of random 105x105 strokes."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("images_background", "images_evaluation"):
-        for c in range(n_chars):
-            d = root / split / f"Alphabet_{c % 2}" / f"character{c:02d}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n_imgs):
-                Image.fromarray(np.where(rng.random((105, 105)) < 0.1, 0, 255).astype(np.uint8)).save(
-                    d / f"{i}.png"
-                )
-    return root
-
-
 @pytest.mark.parametrize("experiment", ["paper_omniglot_finite", "paper_omniglot_mup"])
-def test_shrunk_omniglot_finite_rows_run(tmp_path, experiment):
+def test_shrunk_omniglot_finite_rows_run(tmp_path, experiment, omniglot_root):
     """Each new experiment as it ships (init alphas, muP draw, Gproj, global clip) with the sizes shrunk, on
     a generated Omniglot layout: it trains, records a few-shot accuracy, and the init alphas reach the net."""
-    root = _omniglot_layout(tmp_path / "omniglot")
+    root = omniglot_root
     over = ["logging.progress=false", "threads=1", f"maml.root={root}", "model.r=8", "model.width=32",
             "model.dtype=float32", "maml.num_batches=3", "maml.num_test_batches=4", "maml.meta_batch_size=2",
             "maml.num_ways=3", "train.epochs=1", f"out_dir={tmp_path / 'run'}"]  # fmt: skip

@@ -283,22 +283,8 @@ def test_a_bad_data_root_leaves_no_run_directory_and_a_killed_run_as_it_was(tmp_
     assert len({r["config_hash"] for r in _records(part)}) == 1, "one config, before and after the bad start"
 
 
-def _write_omniglot(root, n_chars=6, n_imgs=3):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("images_background", "images_evaluation"):
-        for c in range(n_chars):
-            d = root / split / f"Alphabet_{c % 2}" / f"character{c:02d}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n_imgs):
-                img = np.where(rng.random((105, 105)) < 0.1, 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f"{c:02d}_{i:02d}.png")
-    return root
-
-
-def test_omniglot_layout_and_maml_run(tmp_path):
-    root = _write_omniglot(tmp_path / "omniglot")
+def test_omniglot_layout_and_maml_run(tmp_path, omniglot_root):
+    root = omniglot_root
     classes = omniglot_classes(root, "train")
     assert len(classes) == 6 and classes[0].shape == (3, 28, 28) and classes[0].dtype == np.uint8
     assert classes[0].mean() < 60  # inverted: strokes bright on a dark background
