@@ -35,20 +35,17 @@ def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 def resize_center_crop(images: np.ndarray, resize: int, crop: int) -> np.ndarray:
     """uint8 (N, H, W, C) -> uint8 (N, crop, crop, C): torchvision's ``Resize(resize, bicubic)`` (shorter side
     to ``resize``, the longer ``int(resize * long / short)``) + ``CenterCrop(crop)`` on PIL images, upstream's
-    evaluation transform (applied by TTT-MAE to the already 224 px ImageNet-C files as well)."""
+    evaluation transform (applied by TTT-MAE to the already 224 px ImageNet-C files as well); the core's
+    :func:`tttlab.core.data.resize_center_crop` per image."""
     from PIL import Image
 
+    from tttlab.core.data import resize_center_crop as core_resize_center_crop
+
+    transform = core_resize_center_crop(resize, crop, interpolation="bicubic")
     out = []
     for im in images:
-        h, w = im.shape[:2]
-        short, long = min(h, w), max(h, w)
-        new_long = int(resize * long / short)
-        nw, nh = (resize, new_long) if w <= h else (new_long, resize)
-        pil = Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im)
-        r = np.asarray(pil.resize((nw, nh), Image.BICUBIC))
-        r = r[..., None] if r.ndim == 2 else r
-        top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
-        out.append(r[top : top + crop, left : left + crop])
+        r = np.asarray(transform(Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im)))
+        out.append(r[..., None] if r.ndim == 2 else r)
     return np.stack(out)
 
 
