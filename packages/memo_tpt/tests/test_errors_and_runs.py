@@ -348,6 +348,7 @@ def test_bad_options_are_config_errors(tmp_path, monkeypatch, name, overrides, n
         ("memo", ["image_size=32", "test_resize=16"], "test_resize=16 must be >= size=32"),
         ("tpt", ["augs=0"], "n_views=0 must be >= 1"),
         ("tpt", ["selection=abc"], "selection='abc'; expected a fraction"),
+        ("tpt", ["base_prompt='a [CLS] photo'"], "expected [CLS] only at the end"),
         ("ensemble", ["+include_original=maybe"], "include_original='maybe'; expected true or false"),
         ("ensemble", ["models.1.lr=-1"], "lr=-1.0; expected a finite number >= 0"),
     ],

@@ -169,6 +169,23 @@ def test_context_init_equals_base_prompt_embedding(tiny_clip):
     torch.testing.assert_close(csc.prompts.ctx[3].detach(), tiny_clip.token_embedding(ids))
 
 
+def test_base_prompt_as_the_upstream_command_lines_write_it(tiny_clip):
+    """Seed 002's ``-p "a photo of a [CLS]"`` and TPT's ``--ctx_init a_photo_of_a`` are the prompt "a photo
+    of a {class}.": 4 context tokens initialised from "a photo of a", the same prompt tokens.  Before, both
+    were tokenised as written: 7 context tokens ("a photo of a [ cls ]" before every class name, or the
+    underscores as tokens).  A [CLS] inside the prompt (the class in the middle) is refused."""
+    plain = TPT(tiny_clip, NAMES, base_prompt="a photo of a").prompts
+    for text in ("a photo of a [CLS]", "A photo of a [CLS]", "a_photo_of_a"):
+        p = TPT(tiny_clip, NAMES, base_prompt=text).prompts
+        assert p.n_ctx == 4 and p.base_prompt == text.replace("_", " ").replace(" [CLS]", ""), text
+        assert torch.equal(p.tokens, plain.tokens), text
+        torch.testing.assert_close(p.ctx.detach(), plain.ctx.detach())
+    bad = TPT(tiny_clip, NAMES, base_prompt="a bad photo of a [CLS]").prompts  # seed 002's ensemble prompt
+    assert bad.n_ctx == 5 and bad.base_prompt == "a bad photo of a"
+    with pytest.raises(ConfigError, match=r"expected \[CLS\] only at the end"):
+        TPT(tiny_clip, NAMES, base_prompt="a [CLS] in a photo")
+
+
 @pytest.mark.parametrize("amp", ["none", "bf16"])
 def test_zero_steps_is_plain_clip(tiny_clip, image, amp):
     """tts=0: CLIP zero-shot with the text "a photo of a {class}." through open_clip's own encode_text on all

@@ -65,7 +65,15 @@ from . import augment as A
 from .losses import check_rates, check_selection, marginal_entropy, marginal_log_probs, select_confident
 from .precision import autocast, check_compile, compile_fn, resolve_amp
 
-__all__ = ["TPT", "PromptLearner", "encode_shared_prefix", "length_groups", "prompt_lengths", "tokenizer_for"]
+__all__ = [
+    "TPT",
+    "PromptLearner",
+    "context_text",
+    "encode_shared_prefix",
+    "length_groups",
+    "prompt_lengths",
+    "tokenizer_for",
+]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -93,6 +101,33 @@ def tokenizer_for(model) -> callable:
     return tok
 
 
+#: seed 002 marks the class's place in its base prompt (``-p "a photo of a [CLS]"``); TPT's ``ctx_init`` also
+#: takes ``[CLS]``
+CLASS_MARK = "[CLS]"
+
+
+def context_text(base_prompt) -> str:
+    """The context words of ``base_prompt`` as they are tokenised here (``"{context} {class}."``).
+
+    Written as the upstream command lines take it, the prompt is the same: TPT's ``--ctx_init a_photo_of_a``
+    (TPT replaces ``_`` by spaces) and seed 002's ``"a photo of a [CLS]"`` (the class at the end, where it goes
+    here) both give ``"a photo of a"``.  A ``[CLS]`` before other words (the class inside the prompt,
+    TPT's and seed 002's middle position) is a ConfigError: the context is only ever before the class
+    here.  Before, both forms were tokenised as they stand: ``"a photo of a [CLS]"`` made a 7-token context
+    ``a photo of a [ cls ]`` before every class name, ``a_photo_of_a`` one of 7 tokens with the underscores."""
+    if not isinstance(base_prompt, str):
+        raise ConfigError(f"base_prompt={base_prompt!r}; expected the context words, e.g. 'a photo of a'")
+    text = base_prompt.replace("_", " ").strip()
+    if text.endswith(CLASS_MARK):
+        text = text[: -len(CLASS_MARK)].strip()
+    if CLASS_MARK in text:
+        raise ConfigError(
+            f"base_prompt={base_prompt!r}: the class goes after the context here ('{{context}} {{class}}.'); "
+            f"expected {CLASS_MARK} only at the end (or not at all), e.g. 'a photo of a {CLASS_MARK}'"
+        )
+    return text
+
+
 def _sot_eot(tok) -> tuple[int, int]:
     return tok.sot_token_id, tok.eot_token_id
 
@@ -118,6 +153,7 @@ class PromptLearner(nn.Module):
                 "positional_embedding, transformer); expected an open_clip CLIP (RN50, ViT-B-16, ...)"
             )
         tok = tokenizer_for(model)
+        base_prompt = context_text(base_prompt)
         n_ctx = len(tok.encode(base_prompt))
         if n_ctx < 1:
             raise ConfigError(f"base_prompt={base_prompt!r} has no tokens; expected e.g. 'a photo of a'")
@@ -334,9 +370,20 @@ def encode_prompts(model, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.
     return _project_text(model, x)
 
 
-def check_options(*, n_views: int, tts: int, align_steps: int, lr, weight_decay, align_lr, selection) -> None:
+def check_options(
+    *,
+    n_views: int,
+    tts: int,
+    align_steps: int,
+    lr,
+    weight_decay,
+    align_lr,
+    selection,
+    base_prompt="a photo of a",
+) -> None:
     """The checks of :class:`TPT`'s option values that need no model: ``TPT`` runs them, and the paper
     command runs them before it reads any test set."""
+    context_text(base_prompt)
     if n_views < 1 or tts < 0 or align_steps < 0:
         raise ConfigError(f"n_views={n_views} must be >= 1, tts={tts} and align_steps={align_steps} >= 0")
     check_rates(lr=lr, weight_decay=weight_decay, align_lr=align_lr)
@@ -349,7 +396,8 @@ class TPT:
 
     Args:
         classnames: one name per class, in label order.
-        base_prompt: initial context ("a photo of a").
+        base_prompt: initial context ("a photo of a"; also as TPT's ``a_photo_of_a`` or seed 002's
+            ``a photo of a [CLS]``: :func:`context_text`).
         n_views: views per image including the original (64).
         selection: fraction of lowest-entropy views kept (0.1).
         tts: prompt-tuning steps (1); 0 = zero-shot CLIP with ``base_prompt``.
@@ -394,7 +442,7 @@ class TPT:
         seed: int = 0,
     ):
         check_options(n_views=n_views, tts=tts, align_steps=align_steps, lr=lr, weight_decay=weight_decay,
-                      align_lr=align_lr, selection=selection)  # fmt: skip
+                      align_lr=align_lr, selection=selection, base_prompt=base_prompt)  # fmt: skip
         self.model = model.eval()  # as upstream's model.eval(): a ResNet CLIP's BatchNorm uses its statistics
         for p in model.parameters():
             p.requires_grad_(False)
