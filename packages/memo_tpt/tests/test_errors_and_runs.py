@@ -1,6 +1,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -430,6 +431,56 @@ def test_rerun_with_fewer_images_does_not_reuse_a_longer_run(tmp_path):
     assert json.loads(progress.read_text())["index"] == 1
     last = df[df.metric == "accuracy"].iloc[-1]
     assert int(last.n) == 1 and last.extra["correct"] <= 1
+
+
+def test_num_images_is_a_seeded_random_subset_and_resumes_in_that_order(tmp_path, caplog):
+    """Seed 002 shuffles a test set with a fixed seed and its test_stop ends there: a random subset.  The
+    folders are sorted by class, and the first num_images in file order were the first classes only (here
+    2 of 10; ImageNet-A: ~37 images per class).  Now: the first num_images of a seeded permutation, and a
+    resumed run continues that permutation; a progress file written in file order is not resumed."""
+    import logging
+
+    from tttlab.memo_tpt.main import evaluate_dataset, image_order
+
+    labels = np.repeat(np.arange(10), 5)  # 50 images sorted by class, as the folders
+
+    class Data:
+        def __len__(self):
+            return len(labels)
+
+        def __getitem__(self, i):  # the image carries its index
+            return np.full((4, 4, 3), i, np.uint8), int(labels[i])
+
+    seen = []
+
+    class Adapter:
+        generator = torch.Generator().manual_seed(0)
+
+        def __call__(self, image):
+            seen.append(int(image[0, 0, 0]))
+            return torch.eye(10)[labels[seen[-1]] : labels[seen[-1]] + 1]  # always right
+
+    c = {"method": "memo", "seed": 3, "num_images": 10, "progress": False, "verbose": 0, "save_every": 4}
+    cpu = torch.device("cpu")
+    r = evaluate_dataset(c, "imagenet_a", tmp_path, cpu, Data(), (Adapter(), "m"))
+    order = image_order(50, 3).tolist()
+    assert order == np.random.default_rng([3, 0x5EED]).permutation(50).tolist()  # core's benchmark order
+    assert seen == order[:10] and r["n"] == r["correct"] == 10
+    assert len(set(labels[seen])) >= 5, "a random subset spans the classes, not the first two"
+    seen.clear()
+    r = evaluate_dataset({**c, "num_images": None}, "imagenet_a", tmp_path, cpu, Data(), (Adapter(), "m"))
+    assert seen == order[10:] and r["n"] == r["correct"] == 50, "resumed in the same order"
+    # a progress file of the same config written in file order (before): started again, not mixed
+    progress = tmp_path / "checkpoints" / "progress-imagenet_a.json"
+    old = json.loads(progress.read_text())
+    old.pop("order")
+    old.update(index=20, correct=20)
+    progress.write_text(json.dumps(old))
+    seen.clear()
+    with caplog.at_level(logging.INFO, logger="tttlab.memo_tpt"):
+        r = evaluate_dataset({**c, "num_images": 30}, "imagenet_a", tmp_path, cpu, Data(), (Adapter(), "m"))
+    assert "written in file order; starting again" in caplog.text
+    assert seen == order[:30] and r["n"] == r["correct"] == 30
 
 
 def test_cli_bad_input_is_a_one_line_error(tmp_path, monkeypatch, capsys):

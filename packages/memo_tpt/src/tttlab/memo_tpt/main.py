@@ -9,7 +9,8 @@
 Seed 002's options map one to one: ``arch``, ``base_prompt``, ``tts``, ``augs`` (views incl. the
 original), ``single_context`` (one shared context; false = class-specific), ``augmix``, ``align_steps``,
 ``ensemble`` (view-ensemble), ``datasets_root``, ``data_to_test`` (a | v2 | both | r | sketch | all |
-mnist_c), ``num_images`` (seed 002's ``test_stop``), ``verbose`` (log every n images).  Ours: ``amp``
+mnist_c), ``num_images`` (seed 002's ``test_stop``: the first ``num_images`` of a seeded random order,
+:func:`image_order`), ``verbose`` (log every n images).  Ours: ``amp``
 (``auto`` | ``none`` | ``bf16`` | ``fp16``) and ``compile`` (:mod:`tttlab.memo_tpt.precision`; an ensemble
 member may set its own; with ``data_to_test=mnist_c`` both go to the proxy's evaluate).  Results go to
 ``out_dir/records.jsonl`` (core schema: per dataset ``accuracy`` and ``s_per_image``); ``out_dir`` defaults to
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tttlab.core._io import atomic_write_json
@@ -42,6 +44,21 @@ from .run_dirs import run_key
 
 log = logging.getLogger("tttlab.memo_tpt")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+#: the order a paper run visits a test set in, recorded in its progress files (a file without it was
+#: written in file order and is not resumed)
+ORDER = "seeded permutation"
+
+
+def image_order(n: int, seed: int) -> np.ndarray:
+    """The order a paper run visits the ``n`` images of a test set: a permutation seeded by ``seed`` (core's
+    benchmark order), so that ``num_images`` is a seeded random subset, as seed 002's ``test_stop`` (its
+    scripts shuffle the test set with a fixed seed, then stop after ``test_stop`` images).  The folders are
+    sorted by class: the first ``num_images`` in file order were the first classes only (ImageNet-A holds
+    ~37 images per class).  Each image is adapted from the source weights, so a full run's accuracy does
+    not depend on the order (the views drawn for an image do)."""
+    return np.random.default_rng([int(seed), 0x5EED]).permutation(n)
 
 
 #: keys of conf/<method>.yaml that the mnist_c proxy uses (the rest configure the paper runs only)
@@ -188,15 +205,18 @@ def evaluate_dataset(
     seed = int(c["seed"])
     adapter, model_name = build(c, ds, device, seed) if built is None else built
     n = len(ds) if c.get("num_images") is None else min(int(c["num_images"]), len(ds))
+    order = image_order(len(ds), seed)
     progress_file = out / "checkpoints" / f"progress-{name}.json"
     key = run_key(c)  # also names the default out_dir (run_dirs.default_out_dir)
-    state = {"index": 0, "correct": 0, "seconds": 0.0, "key": key}
+    state = {"index": 0, "correct": 0, "seconds": 0.0, "key": key, "order": ORDER}
     members = getattr(adapter, "members", [adapter])
     if progress_file.exists():
         saved = json.loads(progress_file.read_text())
         if saved.get("key") == key and int(saved["index"]) > n:
             log.info("%s: the progress file holds %d images, more than num_images=%d; starting again", name,
                      int(saved["index"]), n)  # fmt: skip
+        elif saved.get("key") == key and saved.get("order") != ORDER:
+            log.info("%s: the progress file was written in file order; starting again", name)
         elif saved.get("key") == key:
             state = saved
             for m, g in zip(members, saved["generators"]):
@@ -205,7 +225,7 @@ def evaluate_dataset(
     torch.manual_seed(seed)
     with progress_bar(n, f"{c['method']} {name}", c["progress"], initial=state["index"]) as bar:
         for i in range(state["index"], n):
-            image, label = ds[i]
+            image, label = ds[int(order[i])]
             t0 = time.perf_counter()
             pred = int(adapter(image).argmax(1))
             if device.type == "cuda":
