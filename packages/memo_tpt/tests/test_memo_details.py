@@ -174,3 +174,30 @@ def test_memo_include_original_must_be_a_bool(bn_net, value):
         Memo(copy.deepcopy(bn_net), n_augmentations=4, size=16, include_original=False).include_original
         is False
     )
+
+
+@torch.no_grad()
+def test_memo_predicts_the_clean_view_under_the_bn_prior(bn_net, image):
+    """MEMO's prediction normalises with the BN prior too (upstream's test_single sets the same
+    prior = N / (N + 1) as adapt_single), not with the running statistics: with no step the logits are the
+    single clean view's under p * running + (1 - p) * that view's own (unbiased) statistics, p = 16 / 17,
+    written out by hand here (a predict() in eval-mode BatchNorm fails it; of the rest of test_methods,
+    test_memo_details, test_paper_profiles and test_evaluate, only the evaluate contract's proxy noticed)."""
+    from tttlab.memo_tpt import augment as A
+
+    memo = Memo(bn_net, n_augmentations=4, size=16, steps=0, optimizer="sgd", lr=0.1, seed=0)
+    x = (A.original_view(image, 16, resize=18, interpolation="bilinear") - memo.mean) / memo.std
+    h = bn_net.conv(x)  # (1, 8, 16, 16): statistics over the 256 positions of the one view
+    n = h[0, 0].numel()
+    mean = h.sum((0, 2, 3)) / n
+    var = ((h - mean[None, :, None, None]) ** 2).sum((0, 2, 3)) / (n - 1)
+    p = 16 / 17
+    bn = bn_net.bn
+    mixed_mean, mixed_var = p * bn.running_mean + (1 - p) * mean, p * bn.running_var + (1 - p) * var
+    hand = (h - mixed_mean[None, :, None, None]) / torch.sqrt(mixed_var[None, :, None, None] + bn.eps)
+    hand = hand * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
+    ref = bn_net.fc(torch.relu(hand).mean((2, 3)))
+    out = memo(image)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert memo.prior == pytest.approx(16 / 17)
+    assert not torch.allclose(out, bn_net(x), atol=1e-4), "eval-mode BatchNorm gives other logits"
