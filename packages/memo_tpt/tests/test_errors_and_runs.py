@@ -350,6 +350,8 @@ def test_bad_options_are_config_errors(tmp_path, monkeypatch, name, overrides, n
         ("tpt", ["augs=0"], "n_views=0 must be >= 1"),
         ("tpt", ["selection=abc"], "selection='abc'; expected a fraction"),
         ("tpt", ["base_prompt='a [CLS] photo'"], "expected [CLS] only at the end"),
+        ("tpt", ["selection=6"], "selection=6; expected a fraction of the views in (0, 1]"),
+        ("memo", ["top_k=0"], "top_k=0; expected a fraction of the views in (0, 1]"),
         ("ensemble", ["+include_original=maybe"], "include_original='maybe'; expected true or false"),
         ("ensemble", ["models.1.lr=-1"], "lr=-1.0; expected a finite number >= 0"),
     ],
@@ -431,6 +433,29 @@ def test_rerun_with_fewer_images_does_not_reuse_a_longer_run(tmp_path):
     assert json.loads(progress.read_text())["index"] == 1
     last = df[df.metric == "accuracy"].iloc[-1]
     assert int(last.n) == 1 and last.extra["correct"] <= 1
+
+
+def test_selection_1_keeps_every_view_as_seed_002_s_confidence_1():
+    """The commands' selection / top_k are fractions (their configs say so; seed 002's confidence / top:
+    its view-ensemble and MEMO runs without selection pass 1).  Hydra reads selection=1 as the integer 1,
+    which select_confident takes as a count: TPT / MEMO / the ensemble kept one view of the 8, not 8."""
+    from omegaconf import OmegaConf
+
+    from tttlab.memo_tpt.losses import select_confident
+    from tttlab.memo_tpt.main import memo_options, tpt_options
+
+    def plain(name, over):
+        return OmegaConf.to_container(_hydra_cfg(name, over), resolve=True)
+
+    z = torch.randn(8, 5)
+    assert select_confident(z, tpt_options(plain("tpt", ["selection=1", "augs=8"]))["selection"]).numel() == 8
+    assert select_confident(z, memo_options(plain("memo", ["top_k=1", "augs=8"]))["top_k"]).numel() == 8
+    ens = plain("ensemble", ["selection=1", "top_k=1"])
+    tpt_member, memo_member = ({**ens, **m} for m in reversed(ens["models"]))
+    assert tpt_options(tpt_member)["selection"] == 1.0 == memo_options(memo_member)["top_k"]
+    # the fractions in use keep their meaning: TPT's 10% = 6 of 64; null = every view
+    assert select_confident(torch.randn(64, 5), tpt_options(plain("tpt", []))["selection"]).numel() == 6
+    assert memo_options(plain("memo", []))["top_k"] is None
 
 
 def test_num_images_is_a_seeded_random_subset_and_resumes_in_that_order(tmp_path, caplog):

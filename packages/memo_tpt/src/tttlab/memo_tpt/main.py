@@ -99,10 +99,26 @@ def _plain(cfg) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
+def view_fraction(key: str, value) -> float | None:
+    """``selection`` / ``top_k`` of the commands: the fraction of the views kept, in (0, 1], as the configs
+    document it and as seed 002's ``confidence`` / ``top`` (``1`` = every view: its view-ensemble and MEMO
+    runs without selection), or null (every view).  Hydra reads ``selection=1`` as the integer 1, which
+    the Python API (:func:`~tttlab.memo_tpt.losses.select_confident`) takes as a count: one view kept
+    instead of all.  Here it is the fraction 1.0; any other value outside (0, 1] is a ConfigError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ConfigError(
+            f"{key}={value!r}; expected a fraction of the views in (0, 1] (1 = every view, as seed 002's "
+            "confidence / top) or null"
+        )
+    return float(value)
+
+
 def tpt_options(c: dict[str, Any]) -> dict[str, Any]:
     """The :class:`~tttlab.memo_tpt.tpt.TPT` keyword arguments of a config (``build_tpt``'s)."""
     return dict(
-        base_prompt=c["base_prompt"], n_views=int(c["augs"]), selection=c["selection"],
+        base_prompt=c["base_prompt"], n_views=int(c["augs"]), selection=view_fraction("selection", c["selection"]),
         tts=int(c["tts"]), lr=float(c["lr"]), class_specific_context=not c["single_context"],
         augmix=bool(c["augmix"]), ensemble=bool(c["ensemble"]), align_steps=int(c["align_steps"]),
         amp=c.get("amp", "auto"), compile=c.get("compile", False),
@@ -122,7 +138,7 @@ def memo_options(c: dict[str, Any]) -> dict[str, Any]:
     return dict(
         arch=c["arch"], n_augmentations=int(c["augs"]), steps=int(c["steps"]),
         prior_strength=c["prior_strength"], optimizer=c["optimizer"], lr=c["lr"], weight_decay=c["weight_decay"],
-        top_k=c["top_k"], augmentation=c["augmentation"], size=int(c.get("image_size", 224)),
+        top_k=view_fraction("top_k", c["top_k"]), augmentation=c["augmentation"], size=int(c.get("image_size", 224)),
         test_resize=c.get("test_resize"), include_original=c.get("include_original", False),
         amp=c.get("amp", "auto"), compile=c.get("compile", False),
     )  # fmt: skip
