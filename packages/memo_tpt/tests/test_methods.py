@@ -588,3 +588,20 @@ def test_ensemble_steps_every_member_and_simple_does_not(tiny_clip, bn_net, imag
     assert not torch.equal(bn_net.fc.weight, w0) and not torch.equal(tpt.prompts.ctx, c0)
     ens.reset()
     assert torch.equal(bn_net.fc.weight, w0) and torch.equal(tpt.prompts.ctx, c0)
+
+
+def test_a_prior_strength_below_one_warns_that_it_is_n_not_p():
+    """seed 002's prior_strength is the mixing weight p (0.94); ours is MEMO's N (p = N/(N+1)): 0.94 here
+    would silently mix the statistics almost half and half, so it warns and names the N to use."""
+    from tttlab.memo_tpt.memo import check_options
+
+    opts = dict(augmentation="augmix", n_augmentations=8, steps=1, lr=None, weight_decay=None, momentum=0.0,
+                top_k=None, size=32, include_original=False, test_resize=None)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"p = N/\(N\+1\) = 0\.485.*15\.67"):
+        check_options(prior_strength=0.94, **opts)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for n in (None, 0, 16.0, 0.94 / 0.06):  # None: eval-mode BN; 0: batch statistics only
+            check_options(prior_strength=n, **opts)

@@ -46,6 +46,7 @@ import torch_ttt.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -84,6 +85,15 @@ def check_options(
     if n_augmentations < 1 or steps < 0:
         raise ConfigError(f"n_augmentations={n_augmentations} must be >= 1 and steps={steps} >= 0")
     check_rates(lr=lr, weight_decay=weight_decay, momentum=momentum, prior_strength=prior_strength)
+    if prior_strength is not None and 0 < float(prior_strength) < 1:
+        # seed 002's key of the same name is the mixing weight p itself (0.94); ours is MEMO's N.
+        p = float(prior_strength) / (float(prior_strength) + 1)
+        warnings.warn(
+            f"prior_strength={prior_strength} is MEMO's N (weight of the training statistics p = N/(N+1) = "
+            f"{p:.3f}); seed 002's prior_strength is p itself: its 0.94 is N = 0.94/0.06 = 15.67",
+            UserWarning,
+            stacklevel=3,
+        )
     check_selection("top_k", top_k)
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ConfigError(f"size={size!r}; expected the view resolution in pixels (an integer >= 1)")
