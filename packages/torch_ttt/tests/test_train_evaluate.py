@@ -328,6 +328,38 @@ def test_an_engine_the_trained_model_cannot_take_fails_before_training(tmp_path,
     assert torch.equal(state, torch.get_rng_state())
 
 
+def test_a_benchmark_of_other_images_than_the_model_takes_fails_before_training(tmp_path):
+    """``benchmark.name=cifar10_c`` (32 x 32 RGB) with the tutorial's MNIST model (28 x 28 grey): the model
+    was trained and cached first, and the mismatch surfaced only once the stream ran (InvalidInputError, or
+    torch's own error from inside a forward).  It is now a ConfigError naming the benchmark, its image shape
+    and the model's, before any training and without a run folder; a benchmark of the model's images passes."""
+    from tttlab.core import testing
+    from tttlab.core.benchmark import Benchmark
+    from tttlab.core.data import ArrayDataset
+
+    testing.make_cifar10_c(tmp_path / "data", corruptions=("fog",), n_per_severity=4)
+    bench = {"name": "cifar10_c", "root": str(tmp_path / "data"), "corruptions": ["fog"], "batch_size": 4}
+    c = E.eval_config({"engine": "ttt", "train_experiment": "smoke", "benchmark": bench})
+    info = E.evaluated_model(c)
+    needle = ("benchmark 'cifar10_c' has images of shape (32, 32, 3) (height, width, channels), but model "
+              "'tutorial_net' takes (28, 28, 1) (28 x 28 pixels, 1 channel); use a benchmark of the model's "
+              "images or a model that takes them (model_checkpoint.name=wrn28_10 ")  # fmt: skip
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        E.make_stream(c, E.init_distributed(), info)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        E.run({"engine": "ttt", "train_experiment": "smoke", "cache_dir": str(tmp_path / "models"),
+               "out_dir": str(tmp_path / "e"), "benchmark": bench})  # fmt: skip
+    assert not (tmp_path / "models").exists(), "nothing was trained"
+    assert not (tmp_path / "e").exists()
+    # the channels alone differ, on a generated benchmark (the clean source's image is read)
+    rgb = ArrayDataset(np.zeros((2, 28, 28, 3), np.uint8), np.zeros(2, np.int64), name="rgb")
+    with pytest.raises(ConfigError, match=r"shape \(28, 28, 3\).*none of the registered models"):
+        E.check_benchmark_images(Benchmark("rgb_c", rgb, corruptions=["fog"]), info)
+    mnist = E.eval_config({"engine": "ttt", "train_experiment": "smoke", "benchmark": {"corruptions": ["fog"],
+                           "num_examples": 8}})  # fmt: skip
+    assert len(list(E.make_stream(mnist, E.init_distributed(), info)[0])) == 1
+
+
 def test_evaluate_needs_a_finished_training_run(tmp_path):
     with pytest.raises(CheckpointError, match="train_run"):
         E.run({"engine": "ttt", "train_run": str(tmp_path), "out_dir": str(tmp_path / "e")})

@@ -25,7 +25,8 @@ are the model builder's arguments (tests run a small ``wrn28_10``).  Such a mode
 head; its calibration images come from its ``source_dataset`` (CIFAR-10 train for ``wrn28_10``, read
 from ``calibration.root``, default ``benchmark.root``).  Every benchmark's images are scaled to [0, 1]
 and normalised as the evaluated model's registry entry says (``input_mean`` / ``input_std``: MNIST's
-constants for the MNIST models, none for ``wrn28_10``).
+constants for the MNIST models, none for ``wrn28_10``); a benchmark of other images than the model's
+``image_shape`` (channels or size) is a ConfigError before any training (:func:`check_benchmark_images`).
 
 Reset policy: ``engine.optimization.reset`` or, when null, from the benchmark setting (``episodic`` ->
 ``per_batch``, ``reset_each_shift`` -> ``per_domain``, ``continual``/``mixed``/``gradual`` -> ``never``).
@@ -683,6 +684,7 @@ def make_stream(c: dict[str, Any], dist: Dist, info: ModelInfo | None = None):
     b = c["benchmark"]
     bench = from_config(b)  # every benchmark key, checked by core
     info = info or evaluated_model(c)
+    check_benchmark_images(bench, info)  # images the model cannot take: now, not in its first forward
     mean, std = info.input_mean, info.input_std
 
     def bench_batches() -> Iterator[StreamBatch]:
@@ -698,6 +700,32 @@ def make_stream(c: dict[str, Any], dist: Dist, info: ModelInfo | None = None):
 
     total = len(range(dist.rank, len(bench), dist.world_size))
     return bench_batches(), bench.domains, b["name"], total
+
+
+def check_benchmark_images(bench, info: ModelInfo) -> None:
+    """A benchmark whose images the evaluated model cannot take (another channel count or size than its
+    registry entry's ``image_shape``: ``benchmark.name=cifar10_c`` or ``digits_c`` with an MNIST model) is a
+    :class:`ConfigError` naming the benchmark, its image shape and the model's, before any model is trained
+    or adapted; it used to surface later, from inside the stream or the model's first forward.  Reads one
+    image: of the clean source for a generated benchmark (the corruptions keep the shape), else of the
+    first domain's files."""
+    ds = bench.source if bench.source is not None else bench.domain_dataset(bench.domains[0])
+    if len(ds) == 0:
+        return
+    images, _ = ds.take(np.arange(1))
+    shape = tuple(int(s) for s in np.shape(images)[1:])
+    want = tuple(int(s) for s in info.image_shape)
+    if shape == want:
+        return
+    fits = sorted(name for name, m in MODELS.items() if tuple(m.image_shape) == shape)
+    hint = (f"a model that takes them (model_checkpoint.name={fits[0]} with its model_checkpoint.path)" if fits
+            else "a model that takes them (none of the registered models does)")  # fmt: skip
+    raise ConfigError(
+        f"benchmark {bench.name!r} has images of shape {shape} (height, width, channels), but model "
+        f"{info.name!r} takes {want} ({want[0]} x {want[1]} pixels, {want[2]} channel"
+        f"{'s' if want[2] != 1 else ''}); use a benchmark of the model's images or {hint} (checked before "
+        "training or adapting the model)"
+    )
 
 
 def stream_visit_sizes(c: dict[str, Any]) -> tuple[list[int], str, str]:
