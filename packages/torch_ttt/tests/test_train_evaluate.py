@@ -153,6 +153,8 @@ def eval_records(path: Path) -> dict:
 
 def test_evaluate_single_process_and_torchrun_agree(smoke_run, tmp_path):
     single = E.run(hydra_compose("evaluate", eval_overrides(smoke_run, tmp_path / "single")))
+    # an evaluation writes no training curves and no checkpoints: no empty stats.json, no empty checkpoints/
+    assert sorted(p.name for p in single.parent.iterdir()) == ["config.yaml", "env.json", "records.jsonl"]
     records = read_jsonl(single)
     assert {r["metric"] for r in records} == {"accuracy", "s_per_image"}
     assert {r["corruption"] for r in records} == {"gaussian_noise", "fog", "mean"}
@@ -187,6 +189,8 @@ def test_evaluate_single_process_and_torchrun_agree(smoke_run, tmp_path):
     shards = load_records(tmp_path / "dist" / "shards", metric="accuracy")
     assert sorted(shards["extra"].map(lambda e: e["rank"]).unique()) == [0, 1]
     assert not list((tmp_path / "dist" / "shards").glob("records-rank*.jsonl")), "rank files were merged"
+    for folder in (tmp_path / "dist", tmp_path / "dist" / "shards"):
+        assert not (folder / "stats.json").exists() and not (folder / "checkpoints").exists(), folder
 
 
 def test_reset_policy_follows_the_setting_and_domain_boundaries():
