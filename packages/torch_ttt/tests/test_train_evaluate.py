@@ -364,6 +364,58 @@ def test_a_benchmark_of_other_images_than_the_model_takes_fails_before_training(
     assert len(list(E.make_stream(mnist, E.init_distributed(), info)[0])) == 1
 
 
+def test_an_empty_train_engine_kwargs_override_means_the_engine_defaults(tmp_path, monkeypatch, capsys):
+    """``train.engine_kwargs={}`` followed Hydra's (and OmegaConf's) merge: mnist_tutorial's
+    ``features_layer_name: fc2`` stayed, on the training command line and in an evaluation's
+    ``train_overrides``.  It now empties them, as ``engine.kwargs={}`` does the evaluation's (the same
+    mechanism: the override is read from the overrides, ``clear_engine_kwargs`` from Python); other
+    overrides keep the merge."""
+    kwargs = lambda c: c["train"]["engine_kwargs"]  # noqa: E731
+    assert kwargs(T.train_config("mnist_tutorial")) == {"features_layer_name": "fc2"}
+    assert kwargs(T.train_config("mnist_tutorial", ["train.engine_kwargs={}"])) == {}
+    assert kwargs(T.train_config("mnist_tutorial", ["train.engine_kwargs={ }"])) == {}
+    assert kwargs(T.train_config("mnist_tutorial", clear_engine_kwargs=True)) == {}
+    assert kwargs(T.train_config("mnist_tutorial", ["train.engine_kwargs.features_layer_name=fc1"])) == {
+        "features_layer_name": "fc1"
+    }
+    # an evaluation's model trained without them (and so under its own cache key)
+    c = E.eval_config({"engine": "ttt", "train_experiment": "mnist_tutorial",
+                       "train_overrides": ["train.engine_kwargs={}"]})  # fmt: skip
+    assert kwargs(E.cached_training_config(c)[0]) == {}
+    assert kwargs(E.cached_training_config({**c, "train_overrides": []})[0]) == {"features_layer_name": "fc2"}
+
+    # T.run(cfg, clear_engine_kwargs=True): the config it trains with (stopped before any training)
+    class Stop(Exception):
+        pass
+
+    seen, validate = [], T._validate
+
+    def spy(cfg):
+        seen.append(kwargs(validate(cfg)))
+        raise Stop
+
+    monkeypatch.setattr(T, "_validate", spy)
+    composed = hydra_compose("config", ["+experiment=mnist_tutorial", "train.engine_kwargs={}"])
+    assert kwargs(composed) == {"features_layer_name": "fc2"}, "Hydra merged the empty mapping: unchanged"
+    for clear in (True, False):
+        with pytest.raises(Stop):
+            T.run(composed, clear_engine_kwargs=clear)
+    assert seen == [{}, {"features_layer_name": "fc2"}]
+    monkeypatch.setattr(T, "_validate", validate)
+    # the command: the composed config cannot tell the override from none; main reads it from Hydra
+    from hydra.core.global_hydra import GlobalHydra
+
+    calls = []
+    monkeypatch.chdir(tmp_path)  # Hydra makes its run folder (runs/torch_ttt/...) in the working directory
+    monkeypatch.setattr(T, "run", lambda cfg, clear_engine_kwargs=False: calls.append(clear_engine_kwargs))
+    for extra in (["train.engine_kwargs={}"], []):
+        GlobalHydra.instance().clear()
+        monkeypatch.setattr(sys, "argv", ["tttlab-torch-ttt-train", "+experiment=mnist_tutorial", *extra,
+                                          "hydra/job_logging=none", "hydra/hydra_logging=none"])  # fmt: skip
+        T.main()
+    assert calls == [True, False]
+
+
 def test_evaluate_needs_a_finished_training_run(tmp_path):
     with pytest.raises(CheckpointError, match="train_run"):
         E.run({"engine": "ttt", "train_run": str(tmp_path), "out_dir": str(tmp_path / "e")})

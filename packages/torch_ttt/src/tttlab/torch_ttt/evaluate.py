@@ -210,8 +210,10 @@ def clears_engine_kwargs(overrides) -> bool:
     """Whether the command-line ``overrides`` hold ``engine.kwargs={}``.  Hydra merges a mapping given on
     the command line into the one ``conf/engine/<name>.yaml`` sets, so an empty one changed nothing (IT3
     kept ``feedback: softmax``); here it means what a user writing it wants: no kwargs from the engine's
-    YAML nor from an experiment's ``engine_defaults``, the engine class's own defaults."""
-    return any(str(o).replace(" ", "").lstrip("+") == CLEAR_ENGINE_KWARGS for o in overrides or ())
+    YAML nor from an experiment's ``engine_defaults``, the engine class's own defaults.  The training's
+    ``train.engine_kwargs={}`` (also inside ``train_overrides``) works the same way
+    (:func:`tttlab.torch_ttt.train.clears_train_engine_kwargs`)."""
+    return T.clears_override(overrides, CLEAR_ENGINE_KWARGS)
 
 
 def eval_config(
