@@ -1024,6 +1024,45 @@ def test_a_single_image_last_batch_is_refused_before_any_training(tmp_path, monk
     assert E.check_stream_batches(ok, E.evaluated_model(ok)) is None
 
 
+@pytest.mark.parametrize("engine, refused", [("tent", True), ("source", False)])
+def test_the_checks_before_training_build_one_engine_and_one_benchmark(
+    monkeypatch, tmp_path, engine, refused
+):
+    """The engine-fits check and the single-image check each built a throw-away engine, and the single-image
+    check built the benchmark a second time; both checks now share one engine and the stream's benchmark,
+    with the same outcome (tent refuses the last batch of one image, source takes it) and torch's random
+    state left as it was."""
+    import tttlab.core.benchmark as B
+
+    class Stop(Exception):
+        pass
+
+    def no_training(*args, **kwargs):
+        raise Stop
+
+    built = {"engine": 0, "benchmark": 0}
+
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            built[name] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(E, "training_run", no_training)
+    monkeypatch.setattr(T, "build_engine", counting("engine", T.build_engine))
+    monkeypatch.setattr(B, "from_config", counting("benchmark", B.from_config))
+    c = {"engine": engine, "out_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"),
+         "benchmark": {"num_examples": 129, "batch_size": 64, "corruptions": ["fog"]}}  # fmt: skip
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    with pytest.raises(ConfigError if refused else Stop) as e:
+        E.run(c)
+    assert refused == ("leaves a last batch of 1 image" in str(e.value))
+    assert built == {"engine": 1, "benchmark": 1}
+    assert torch.equal(state, torch.get_rng_state())
+
+
 def test_single_image_batches_pass_where_the_engine_takes_them():
     """No error where one image is fine: engines without test-batch statistics (source, memo's prior), BN
     with a prior, and a stream whose batches all hold 2 or more images."""
