@@ -780,3 +780,75 @@ def test_report_says_what_a_gradual_stream_visited(env, no_plots):
         {"setting": ["continual", "gradual"], "severities": [5, 3]}
     )
     assert cmp._gradual_note({"setting": ["continual"], "severities": [5]}) == ""
+
+
+def test_a_device_the_machine_lacks_is_one_error_before_any_run(env, tmp_path, capsys, monkeypatch):
+    """``device=cuda`` on a machine without CUDA failed once per method, each evaluate raising its own
+    ConfigError after compare had started them all.  It is now exit status 2 with one line naming the device,
+    what each framework finds and which methods need it, before out_dir is made and before any evaluate
+    runs; the frameworks are asked in subprocesses (this process imports neither), numpy methods take no
+    device and are not asked about."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("jax") is None:
+        pytest.skip("needs torch and jax installed")
+    from types import SimpleNamespace as M
+
+    torch_m, jax_m, np_m = (
+        M(name="a.t", framework="torch"),
+        M(name="b.j", framework="jax"),
+        M(name="c.n", framework="numpy"),
+    )
+    found = {"torch": {"found": {"cuda": 2, "mps": 0}, "about": "torch 9.9"},
+             "jax": {"found": {"gpu": 0, "tpu": 0}, "about": "jax 9.9, devices: cpu"}}  # fmt: skip
+    assert cmp.device_problems("cuda:1", [torch_m, np_m], found) == []
+    assert cmp.device_problems("cuda:2", [torch_m, jax_m, np_m], found) == [
+        "jax finds no GPU device here (jax 9.9, devices: cpu), which b.j would run on",
+        "torch finds only 2 CUDA devices here (torch 9.9), which a.t would run on",
+    ]
+    assert cmp.device_problems("gpu", [torch_m], found) == []  # torch's gpu falls back to the CPU
+    assert cmp.device_problems("tpu", [jax_m], found) == [
+        "jax finds no TPU device here (jax 9.9, devices: cpu), which b.j would run on"
+    ]
+    for device in ("cpu", "auto"):
+        assert (
+            cmp.device_problems(device, [torch_m, jax_m], {"torch": {"found": {}}, "jax": {"found": {}}})
+            == []
+        )
+    # the real frameworks, in subprocesses: nobody has 100 GPUs; CUDA hidden, torch finds none
+    for name, framework in (("fake.torchy", "torch"), ("fake.jaxy", "jax")):
+        registry.register(dict(name=name, package="fake", framework=framework,
+                               evaluate="compare_fake_methods:run", paper="a fake"))  # fmt: skip
+    calls = env["calls"].read_text().count("\n") if env["calls"].exists() else 0
+    try:
+        out = tmp_path / "out"
+        args = ["methods=[fake.torchy,fake.jaxy,fake.alpha]", "benchmark=digits_c", "profile=smoke",
+                "corruptions=[fog]", f"out_dir={out}", "progress=false"]  # fmt: skip
+        assert cmp.main([*args, "device=cuda:99"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err, err
+        assert err.startswith(
+            "tttlab-compare: config key 'device'='cuda:99', but jax finds no GPU device here (jax "
+        )
+        assert "which fake.jaxy would run on; torch finds " in err and "which fake.torchy would run on" in err
+        assert "fake.alpha" not in err and err.endswith("use device=cpu or device=auto, or run on a machine that "
+                                                         "has the device")  # fmt: skip
+        assert not out.exists()
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+        assert cmp.main(["methods=[fake.torchy,fake.alpha]", *args[1:], "device=cuda"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert re.fullmatch(
+            r"tttlab-compare: config key 'device'='cuda', but torch finds no CUDA device here "
+            r"\(torch [^)]*\), which fake\.torchy would run on \(CUDA_VISIBLE_DEVICES=''\); "
+            r"use device=cpu or device=auto, or run on a machine that has the device",
+            err,
+        ), err
+        assert not out.exists()
+        assert (env["calls"].read_text().count("\n") if env["calls"].exists() else 0) == calls, (
+            "no evaluate ran"
+        )
+        # a device every machine serves is not probed, and the runs go ahead
+        assert cmp.main(["methods=[fake.torchy]", *args[1:], "device=auto"]) == 0
+    finally:
+        registry.unregister("fake.torchy")
+        registry.unregister("fake.jaxy")

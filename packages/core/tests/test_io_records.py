@@ -106,7 +106,10 @@ def test_run_dir_layout_and_records_roundtrip(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
     run = R.RunDir(tmp_path / "run", config={"lr": 0.1, "model": {"depth": 2}})
     names = sorted(p.name for p in run.path.iterdir())
-    assert names == ["checkpoints", "config.yaml", "env.json", "records.jsonl", "stats.json"]
+    # no empty stats.json nor empty checkpoints/ (an evaluation's run folder had both): they come when used
+    assert names == ["config.yaml", "env.json", "records.jsonl"]
+    assert run.read_stats() == {} and R.read_stats(run.path) == {}
+    assert run.checkpoint_path() == run.path / "checkpoints" / "last.ckpt" and run.checkpoints.is_dir()
     calls.clear()
     with run.writer(method="torch_ttt.tent", package="torch_ttt", framework="torch", seed=0) as w:
         for s in (1, 2, 3):
@@ -402,8 +405,7 @@ def test_rundir_drop_records_replaces_only_its_configs_records_atomically(tmp_pa
         rd.drop_records()
     monkeypatch.undo()
     assert rd.records_path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
-        "config.yaml", "env.json", "records.jsonl", "stats.json"]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "env.json", "records.jsonl"]
     inode = rd.records_path.stat().st_ino
     again = R.RunDir(tmp_path, cfg)  # the same config run again
     assert again.config_hash == rd.config_hash == R.config_hash(cfg)

@@ -153,6 +153,8 @@ def eval_records(path: Path) -> dict:
 
 def test_evaluate_single_process_and_torchrun_agree(smoke_run, tmp_path):
     single = E.run(hydra_compose("evaluate", eval_overrides(smoke_run, tmp_path / "single")))
+    # an evaluation writes no training curves and no checkpoints: no empty stats.json, no empty checkpoints/
+    assert sorted(p.name for p in single.parent.iterdir()) == ["config.yaml", "env.json", "records.jsonl"]
     records = read_jsonl(single)
     assert {r["metric"] for r in records} == {"accuracy", "s_per_image"}
     assert {r["corruption"] for r in records} == {"gaussian_noise", "fog", "mean"}
@@ -187,6 +189,8 @@ def test_evaluate_single_process_and_torchrun_agree(smoke_run, tmp_path):
     shards = load_records(tmp_path / "dist" / "shards", metric="accuracy")
     assert sorted(shards["extra"].map(lambda e: e["rank"]).unique()) == [0, 1]
     assert not list((tmp_path / "dist" / "shards").glob("records-rank*.jsonl")), "rank files were merged"
+    for folder in (tmp_path / "dist", tmp_path / "dist" / "shards"):
+        assert not (folder / "stats.json").exists() and not (folder / "checkpoints").exists(), folder
 
 
 def test_reset_policy_follows_the_setting_and_domain_boundaries():
@@ -326,6 +330,90 @@ def test_an_engine_the_trained_model_cannot_take_fails_before_training(tmp_path,
                "benchmark": {"corruptions": ["fog"], "num_examples": 8}})  # fmt: skip
     assert not (tmp_path / "models").exists(), "nothing was trained"
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_a_benchmark_of_other_images_than_the_model_takes_fails_before_training(tmp_path):
+    """``benchmark.name=cifar10_c`` (32 x 32 RGB) with the tutorial's MNIST model (28 x 28 grey): the model
+    was trained and cached first, and the mismatch surfaced only once the stream ran (InvalidInputError, or
+    torch's own error from inside a forward).  It is now a ConfigError naming the benchmark, its image shape
+    and the model's, before any training and without a run folder; a benchmark of the model's images passes."""
+    from tttlab.core import testing
+    from tttlab.core.benchmark import Benchmark
+    from tttlab.core.data import ArrayDataset
+
+    testing.make_cifar10_c(tmp_path / "data", corruptions=("fog",), n_per_severity=4)
+    bench = {"name": "cifar10_c", "root": str(tmp_path / "data"), "corruptions": ["fog"], "batch_size": 4}
+    c = E.eval_config({"engine": "ttt", "train_experiment": "smoke", "benchmark": bench})
+    info = E.evaluated_model(c)
+    needle = ("benchmark 'cifar10_c' has images of shape (32, 32, 3) (height, width, channels), but model "
+              "'tutorial_net' takes (28, 28, 1) (28 x 28 pixels, 1 channel); use a benchmark of the model's "
+              "images or a model that takes them (model_checkpoint.name=wrn28_10 ")  # fmt: skip
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        E.make_stream(c, E.init_distributed(), info)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        E.run({"engine": "ttt", "train_experiment": "smoke", "cache_dir": str(tmp_path / "models"),
+               "out_dir": str(tmp_path / "e"), "benchmark": bench})  # fmt: skip
+    assert not (tmp_path / "models").exists(), "nothing was trained"
+    assert not (tmp_path / "e").exists()
+    # the channels alone differ, on a generated benchmark (the clean source's image is read)
+    rgb = ArrayDataset(np.zeros((2, 28, 28, 3), np.uint8), np.zeros(2, np.int64), name="rgb")
+    with pytest.raises(ConfigError, match=r"shape \(28, 28, 3\).*none of the registered models"):
+        E.check_benchmark_images(Benchmark("rgb_c", rgb, corruptions=["fog"]), info)
+    mnist = E.eval_config({"engine": "ttt", "train_experiment": "smoke", "benchmark": {"corruptions": ["fog"],
+                           "num_examples": 8}})  # fmt: skip
+    assert len(list(E.make_stream(mnist, E.init_distributed(), info)[0])) == 1
+
+
+def test_an_empty_train_engine_kwargs_override_means_the_engine_defaults(tmp_path, monkeypatch, capsys):
+    """``train.engine_kwargs={}`` followed Hydra's (and OmegaConf's) merge: mnist_tutorial's
+    ``features_layer_name: fc2`` stayed, on the training command line and in an evaluation's
+    ``train_overrides``.  It now empties them, as ``engine.kwargs={}`` does the evaluation's (the same
+    mechanism: the override is read from the overrides, ``clear_engine_kwargs`` from Python); other
+    overrides keep the merge."""
+    kwargs = lambda c: c["train"]["engine_kwargs"]  # noqa: E731
+    assert kwargs(T.train_config("mnist_tutorial")) == {"features_layer_name": "fc2"}
+    assert kwargs(T.train_config("mnist_tutorial", ["train.engine_kwargs={}"])) == {}
+    assert kwargs(T.train_config("mnist_tutorial", ["train.engine_kwargs={ }"])) == {}
+    assert kwargs(T.train_config("mnist_tutorial", clear_engine_kwargs=True)) == {}
+    assert kwargs(T.train_config("mnist_tutorial", ["train.engine_kwargs.features_layer_name=fc1"])) == {
+        "features_layer_name": "fc1"
+    }
+    # an evaluation's model trained without them (and so under its own cache key)
+    c = E.eval_config({"engine": "ttt", "train_experiment": "mnist_tutorial",
+                       "train_overrides": ["train.engine_kwargs={}"]})  # fmt: skip
+    assert kwargs(E.cached_training_config(c)[0]) == {}
+    assert kwargs(E.cached_training_config({**c, "train_overrides": []})[0]) == {"features_layer_name": "fc2"}
+
+    # T.run(cfg, clear_engine_kwargs=True): the config it trains with (stopped before any training)
+    class Stop(Exception):
+        pass
+
+    seen, validate = [], T._validate
+
+    def spy(cfg):
+        seen.append(kwargs(validate(cfg)))
+        raise Stop
+
+    monkeypatch.setattr(T, "_validate", spy)
+    composed = hydra_compose("config", ["+experiment=mnist_tutorial", "train.engine_kwargs={}"])
+    assert kwargs(composed) == {"features_layer_name": "fc2"}, "Hydra merged the empty mapping: unchanged"
+    for clear in (True, False):
+        with pytest.raises(Stop):
+            T.run(composed, clear_engine_kwargs=clear)
+    assert seen == [{}, {"features_layer_name": "fc2"}]
+    monkeypatch.setattr(T, "_validate", validate)
+    # the command: the composed config cannot tell the override from none; main reads it from Hydra
+    from hydra.core.global_hydra import GlobalHydra
+
+    calls = []
+    monkeypatch.chdir(tmp_path)  # Hydra makes its run folder (runs/torch_ttt/...) in the working directory
+    monkeypatch.setattr(T, "run", lambda cfg, clear_engine_kwargs=False: calls.append(clear_engine_kwargs))
+    for extra in (["train.engine_kwargs={}"], []):
+        GlobalHydra.instance().clear()
+        monkeypatch.setattr(sys, "argv", ["tttlab-torch-ttt-train", "+experiment=mnist_tutorial", *extra,
+                                          "hydra/job_logging=none", "hydra/hydra_logging=none"])  # fmt: skip
+        T.main()
+    assert calls == [True, False]
 
 
 def test_evaluate_needs_a_finished_training_run(tmp_path):
@@ -934,6 +1022,45 @@ def test_a_single_image_last_batch_is_refused_before_any_training(tmp_path, monk
     assert (65 if engine == "bn" else 129) % fits != 1, msg
     ok = E.eval_config({**c, key: {**c[key], "batch_size": fits}})
     assert E.check_stream_batches(ok, E.evaluated_model(ok)) is None
+
+
+@pytest.mark.parametrize("engine, refused", [("tent", True), ("source", False)])
+def test_the_checks_before_training_build_one_engine_and_one_benchmark(
+    monkeypatch, tmp_path, engine, refused
+):
+    """The engine-fits check and the single-image check each built a throw-away engine, and the single-image
+    check built the benchmark a second time; both checks now share one engine and the stream's benchmark,
+    with the same outcome (tent refuses the last batch of one image, source takes it) and torch's random
+    state left as it was."""
+    import tttlab.core.benchmark as B
+
+    class Stop(Exception):
+        pass
+
+    def no_training(*args, **kwargs):
+        raise Stop
+
+    built = {"engine": 0, "benchmark": 0}
+
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            built[name] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(E, "training_run", no_training)
+    monkeypatch.setattr(T, "build_engine", counting("engine", T.build_engine))
+    monkeypatch.setattr(B, "from_config", counting("benchmark", B.from_config))
+    c = {"engine": engine, "out_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"),
+         "benchmark": {"num_examples": 129, "batch_size": 64, "corruptions": ["fog"]}}  # fmt: skip
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    with pytest.raises(ConfigError if refused else Stop) as e:
+        E.run(c)
+    assert refused == ("leaves a last batch of 1 image" in str(e.value))
+    assert built == {"engine": 1, "benchmark": 1}
+    assert torch.equal(state, torch.get_rng_state())
 
 
 def test_single_image_batches_pass_where_the_engine_takes_them():

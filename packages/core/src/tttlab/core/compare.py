@@ -29,7 +29,10 @@ How it runs (the core imports no subpackage and no framework):
    a time, so that JAX and torch never share a process and a crash loses nothing else.  The first task
    of each subpackage runs before its siblings so that they reuse the models it trains (under
    ``<cache_dir>/models/<package>-<code fingerprint>``: a model trained by other code is not reused).
-   The corrupted domains are generated once, here, into ``<cache_dir>/benchmark``.
+   The corrupted domains are generated once, here, into ``<cache_dir>/benchmark``.  A ``device`` the
+   machine lacks (``cuda`` without a GPU, ``cuda:3`` with two) is one error before any task runs: the
+   frameworks of the methods to run are asked what they find, each in a subprocess
+   (:func:`check_device_present`).
 4. A failed task (exit status, timeout, or no records) is reported with the tail of its stderr.
 5. The records are read back and summarised: per method (x setting) the accuracy per corruption (mean
    over severities and seeds), the mean over corruptions (mean +- sample std over seeds when there are
@@ -1308,6 +1311,115 @@ def check_device_for(device: str, specs) -> None:
         )
 
 
+#: Run by :func:`check_device_present` in a subprocess of its own (argv[1]: torch or jax): prints one JSON line,
+#: ``{"found": {platform: devices}, "about": "<framework version, what it sees>"}``.  Only the subprocess
+#: imports the framework: the comparison itself imports none.
+DEVICE_PROBE = """\
+import json, sys
+framework = sys.argv[1]
+if framework == "torch":
+    import torch
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = getattr(torch.backends, "mps", None)
+    found = {"cuda": cuda, "mps": int(bool(mps is not None and mps.is_available()))}
+    about = "torch " + torch.__version__ + ("" if torch.version.cuda else ", built without CUDA")
+else:
+    import jax
+    found = {}
+    for platform in ("gpu", "tpu"):
+        try:
+            found[platform] = len(jax.devices(platform))
+        except Exception:
+            found[platform] = 0
+    about = "jax " + jax.__version__ + ", devices: " + ", ".join(sorted({d.platform for d in jax.devices()}))
+print(json.dumps({"found": found, "about": about}))
+"""
+
+#: what each framework must find for a ``device`` value: ``{framework: {device name: platform}}``; the other
+#: values (cpu, auto; torch's gpu, which falls back to the CPU) every machine serves
+_DEVICE_PLATFORMS = {
+    "torch": {"cuda": "cuda", "mps": "mps"},
+    "jax": {"cuda": "gpu", "gpu": "gpu", "tpu": "tpu"},
+}
+_PLATFORM_NAMES = {"cuda": "CUDA", "gpu": "GPU", "tpu": "TPU", "mps": "MPS"}
+
+
+def _device_need(device: str, framework: str) -> tuple[str, int] | None:
+    """``(platform, devices needed)`` that ``device`` asks of ``framework``; None when any machine serves it."""
+    name, _, index = str(device).partition(":")
+    platform = _DEVICE_PLATFORMS.get(framework, {}).get(name)
+    return None if platform is None else (platform, int(index) + 1 if index else 1)
+
+
+def probe_devices(frameworks, c: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What each framework finds on this machine, each asked in a subprocess of its own (the evaluates' Python
+    and environment, ``CUDA_VISIBLE_DEVICES`` included), all at once: ``{framework: {"found": {platform:
+    devices}, "about": str}}``.  A framework that cannot be imported, or whose probe fails or hangs, is left
+    out (its evaluates then say what is wrong)."""
+    procs = {}
+    for fw in sorted(set(frameworks)):
+        try:
+            procs[fw] = subprocess.Popen(
+                [c.get("python") or sys.executable, "-c", DEVICE_PROBE, fw], stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, env=_child_env(c), text=True,
+            )  # fmt: skip
+        except OSError:
+            continue
+    out: dict[str, dict[str, Any]] = {}
+    for fw, proc in procs.items():
+        try:
+            stdout, _ = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            continue
+        lines = stdout.strip().splitlines()
+        if proc.returncode == 0 and lines:
+            try:
+                out[fw] = json.loads(lines[-1])
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def device_problems(device: str, specs, found: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Per framework whose methods ``device`` cannot run here (``found``: :func:`probe_devices`), what it
+    finds and which methods need it; empty when every method can run."""
+    problems = []
+    for fw in sorted({s.framework for s in specs}):
+        need = _device_need(device, fw)
+        if need is None or fw not in found:
+            continue
+        platform, count = need
+        have = int((found[fw].get("found") or {}).get(platform, 0))
+        if have >= count:
+            continue
+        names = ", ".join(s.name for s in specs if s.framework == fw)
+        what = _PLATFORM_NAMES.get(platform, platform)
+        seen = f"no {what} device" if have == 0 else f"only {have} {what} device{'s' if have > 1 else ''}"
+        problems.append(f"{fw} finds {seen} here ({found[fw].get('about', '?')}), which {names} would run on")
+    return problems
+
+
+def check_device_present(c: dict[str, Any], specs) -> None:
+    """``device=cuda`` (``cuda:N``, JAX's ``gpu`` / ``tpu``, torch's ``mps``) on a machine whose frameworks
+    find no such device: one ConfigError naming the device and what the machine has, before any run (each
+    evaluate would fail on its own, one error per method).  The frameworks are asked in subprocesses
+    (:data:`DEVICE_PROBE`), only for a device that needs a look and only for the frameworks of ``specs``."""
+    frameworks = {s.framework for s in specs if _device_need(c["device"], s.framework) is not None}
+    if not frameworks:
+        return
+    problems = device_problems(c["device"], specs, probe_devices(frameworks, c))
+    if problems:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpu = str(c["device"]).partition(":")[0] in ("cuda", "gpu")
+        env = f" (CUDA_VISIBLE_DEVICES={visible!r})" if gpu and visible is not None else ""
+        raise ConfigError(
+            f"config key 'device'={c['device']!r}, but {'; '.join(problems)}{env}; use device=cpu or "
+            "device=auto, or run on a machine that has the device"
+        )
+
+
 def compare(config: Mapping[str, Any] | None = None, *, overrides: Sequence[str] = (), command: str | None = None,
             strict: bool | None = None, echo=print) -> Comparison:  # fmt: skip
     """Run a comparison (see the module docstring) and write its files; returns a :class:`Comparison`.
@@ -1337,6 +1449,9 @@ def compare(config: Mapping[str, Any] | None = None, *, overrides: Sequence[str]
                 f"{', '.join(known)})"
             )
     check_device_for(c["device"], specs)
+    tasks = plan(c, specs)
+    # a device this machine lacks: one error now, not one failed run per method
+    check_device_present(c, [s for s in specs if any(t.spec is s and t.status == "pending" for t in tasks)])
     # the folders only once the methods are known to be good: a mistyped name leaves no out_dir behind
     for key in ("out_dir", "cache_dir"):
         try:
@@ -1349,7 +1464,6 @@ def compare(config: Mapping[str, Any] | None = None, *, overrides: Sequence[str]
         echo(f"skipping {', '.join(names)}: {message}")
     if not specs:
         echo("no method to run: install a subpackage (tttlab-compare --list shows what is installed)")
-    tasks = plan(c, specs)
     todo = [t for t in tasks if t.status == "pending"]
     if specs:
         echo(f"{len(specs)} method(s) x {len(c['setting'])} setting(s) x {len(c['seeds'])} seed(s) on "

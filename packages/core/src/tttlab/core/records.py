@@ -5,8 +5,11 @@ A run directory holds::
     config.yaml      the composed config (atomic write)
     env.json         python, platform, hostname, cpu count, package versions, git sha, argv, time
     records.jsonl    append-only results, one JSON object per line (flush + fsync per record)
-    stats.json       training curves, e.g. seed 000's all_stat_dict (atomic write)
-    checkpoints/
+    stats.json       training curves, e.g. seed 000's all_stat_dict (atomic write; once a run writes stats)
+    checkpoints/     (once a run asks for a checkpoint path or writes a checkpoint)
+
+An evaluation, which writes records but no training curves and no checkpoints, gets neither ``stats.json``
+nor ``checkpoints/`` (:func:`read_stats` of a run without them is ``{}``).
 
 Every record has the fields of :data:`SCHEMA` (``method``, ``metric`` and ``value`` required, the others
 may be ``None``); a clean-data record has ``corruption=None, severity=None``.  Unknown fields and wrong
@@ -421,7 +424,9 @@ class RunDir:
 
     ``rank``: in a distributed run every rank passes its rank; rank 0 (like a run without ranks) writes
     ``records.jsonl``, ``config.yaml``, ``env.json`` and ``stats.json``, rank r > 0 only
-    ``records-rank<r>.jsonl``.
+    ``records-rank<r>.jsonl``.  ``stats.json`` comes with the first :meth:`write_stats` /
+    :meth:`append_stats`, ``checkpoints/`` with :meth:`checkpoint_path` (or the first file written there):
+    a run that writes neither (an evaluation) has neither, instead of an empty file and folder.
     """
 
     def __init__(self, path, config: Any = None, *, rank: int | None = None):
@@ -435,7 +440,7 @@ class RunDir:
             raise InvalidInputError(f"run directory {self.path} exists and is not a directory")
         self.checkpoints = self.checkpoints_in(self.path)
         try:
-            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a parent is a file, no permission, a read-only file system
             raise InvalidInputError(
                 f"cannot create run directory {self.path}: {exc.strerror or exc}; expected a writable "
@@ -451,8 +456,6 @@ class RunDir:
                 atomic_write_text(self.config_path, "{}\n")
             if not self.env_path.exists():
                 atomic_write_json(self.env_path, environment())
-            if not self.stats_path.exists():
-                write_stats(self.stats_path, {})
         self.records_path.touch(exist_ok=True)
 
     # paths ------------------------------------------------------------------------------------------------
@@ -477,6 +480,8 @@ class RunDir:
         return self.path / ("records.jsonl" if self.is_main else f"records-rank{self.rank}.jsonl")
 
     def checkpoint_path(self, name: str = "last", suffix: str = ".ckpt") -> Path:
+        """``<run>/checkpoints/<name><suffix>``; makes ``checkpoints/`` (a run that asks will write there)."""
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
         return self.checkpoint_path_in(self.path, name, suffix)
 
     @staticmethod

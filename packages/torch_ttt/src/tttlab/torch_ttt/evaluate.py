@@ -25,7 +25,8 @@ are the model builder's arguments (tests run a small ``wrn28_10``).  Such a mode
 head; its calibration images come from its ``source_dataset`` (CIFAR-10 train for ``wrn28_10``, read
 from ``calibration.root``, default ``benchmark.root``).  Every benchmark's images are scaled to [0, 1]
 and normalised as the evaluated model's registry entry says (``input_mean`` / ``input_std``: MNIST's
-constants for the MNIST models, none for ``wrn28_10``).
+constants for the MNIST models, none for ``wrn28_10``); a benchmark of other images than the model's
+``image_shape`` (channels or size) is a ConfigError before any training (:func:`check_benchmark_images`).
 
 Reset policy: ``engine.optimization.reset`` or, when null, from the benchmark setting (``episodic`` ->
 ``per_batch``, ``reset_each_shift`` -> ``per_domain``, ``continual``/``mixed``/``gradual`` -> ``never``).
@@ -209,8 +210,10 @@ def clears_engine_kwargs(overrides) -> bool:
     """Whether the command-line ``overrides`` hold ``engine.kwargs={}``.  Hydra merges a mapping given on
     the command line into the one ``conf/engine/<name>.yaml`` sets, so an empty one changed nothing (IT3
     kept ``feedback: softmax``); here it means what a user writing it wants: no kwargs from the engine's
-    YAML nor from an experiment's ``engine_defaults``, the engine class's own defaults."""
-    return any(str(o).replace(" ", "").lstrip("+") == CLEAR_ENGINE_KWARGS for o in overrides or ())
+    YAML nor from an experiment's ``engine_defaults``, the engine class's own defaults.  The training's
+    ``train.engine_kwargs={}`` (also inside ``train_overrides``) works the same way
+    (:func:`tttlab.torch_ttt.train.clears_train_engine_kwargs`)."""
+    return T.clears_override(overrides, CLEAR_ENGINE_KWARGS)
 
 
 def eval_config(
@@ -387,11 +390,12 @@ def cached_training_config(c: dict[str, Any]) -> tuple[dict[str, Any], str]:
     return tc, train_engine
 
 
-def check_engine_fits_the_trained_model(c: dict[str, Any], info: ModelInfo) -> None:
+def check_engine_fits_the_trained_model(c: dict[str, Any], info: ModelInfo):
     """Build the evaluated engine, as :func:`load_engine` will, around an untrained model of the architecture
     ``train_experiment`` trains: an engine that model cannot take (TENT without normalisation layers, a
     features layer it lacks) is the user's error now, before the model is trained (minutes for the
-    tutorial), not after.  Torch's random state is left as it was."""
+    tutorial), not after.  Torch's random state is left as it was.  Returns ``(engine, model name)``: the
+    throw-away engine, which :func:`check_stream_batches` reuses for a model of ``info``'s architecture."""
     tc, train_engine = cached_training_config(c)
     name, model_name = c["engine"]["name"], tc["model"]["name"]
     kwargs = dict(c["engine"]["kwargs"] or {})
@@ -399,9 +403,10 @@ def check_engine_fits_the_trained_model(c: dict[str, Any], info: ModelInfo) -> N
         kwargs = {**(tc["train"]["engine_kwargs"] or {}), **kwargs}
     optimization = {k: v for k, v in (c["engine"]["optimization"] or {}).items() if k != "reset"}
     with torch.random.fork_rng(devices=[]):
-        T.build_engine(
+        engine = T.build_engine(
             name, T.build_model(model_name), model_name, kwargs, optimization, example_images(info)
         )
+    return engine, model_name
 
 
 def training_run(c: dict[str, Any], dist: Dist) -> Path:
@@ -659,9 +664,18 @@ def benchmark_data(c: dict[str, Any]) -> str:
     return "files" if released_files(b["name"], b["root"]) else "generated"
 
 
-def make_stream(c: dict[str, Any], dist: Dist, info: ModelInfo | None = None):
+def stream_benchmark(c: dict[str, Any]):
+    """The core benchmark of ``c["benchmark"]`` (every key checked by core), or None for the noisy stream:
+    built once by :func:`run` for the stream and the single-image check."""
+    from tttlab.core.benchmark import from_config
+
+    return None if c["stream"] == "noisy" else from_config(c["benchmark"])
+
+
+def make_stream(c: dict[str, Any], dist: Dist, info: ModelInfo | None = None, bench=None):
     """``(batches iterator, domains list, dataset name, number of batches)`` of this rank's shard, images
-    normalised for ``info`` (default: the evaluated model, :func:`evaluated_model`)."""
+    normalised for ``info`` (default: the evaluated model, :func:`evaluated_model`); ``bench``: the
+    benchmark of :func:`stream_benchmark` when the caller has it (default: built here)."""
     from tttlab.core.benchmark import Domain, from_config
     from tttlab.core.errors import InvalidInputError
     from tttlab.core.torch import to_tensor
@@ -681,8 +695,9 @@ def make_stream(c: dict[str, Any], dist: Dist, info: ModelInfo | None = None):
         total = len(range(dist.rank, -(-len(y) // nz["batch_size"]), dist.world_size))
         return noisy_batches(), [domain], "mnist", total
     b = c["benchmark"]
-    bench = from_config(b)  # every benchmark key, checked by core
+    bench = bench if bench is not None else from_config(b)  # every benchmark key, checked by core
     info = info or evaluated_model(c)
+    check_benchmark_images(bench, info)  # images the model cannot take: now, not in its first forward
     mean, std = info.input_mean, info.input_std
 
     def bench_batches() -> Iterator[StreamBatch]:
@@ -700,9 +715,36 @@ def make_stream(c: dict[str, Any], dist: Dist, info: ModelInfo | None = None):
     return bench_batches(), bench.domains, b["name"], total
 
 
-def stream_visit_sizes(c: dict[str, Any]) -> tuple[list[int], str, str]:
+def check_benchmark_images(bench, info: ModelInfo) -> None:
+    """A benchmark whose images the evaluated model cannot take (another channel count or size than its
+    registry entry's ``image_shape``: ``benchmark.name=cifar10_c`` or ``digits_c`` with an MNIST model) is a
+    :class:`ConfigError` naming the benchmark, its image shape and the model's, before any model is trained
+    or adapted; it used to surface later, from inside the stream or the model's first forward.  Reads one
+    image: of the clean source for a generated benchmark (the corruptions keep the shape), else of the
+    first domain's files."""
+    ds = bench.source if bench.source is not None else bench.domain_dataset(bench.domains[0])
+    if len(ds) == 0:
+        return
+    images, _ = ds.take(np.arange(1))
+    shape = tuple(int(s) for s in np.shape(images)[1:])
+    want = tuple(int(s) for s in info.image_shape)
+    if shape == want:
+        return
+    fits = sorted(name for name, m in MODELS.items() if tuple(m.image_shape) == shape)
+    hint = (f"a model that takes them (model_checkpoint.name={fits[0]} with its model_checkpoint.path)" if fits
+            else "a model that takes them (none of the registered models does)")  # fmt: skip
+    raise ConfigError(
+        f"benchmark {bench.name!r} has images of shape {shape} (height, width, channels), but model "
+        f"{info.name!r} takes {want} ({want[0]} x {want[1]} pixels, {want[2]} channel"
+        f"{'s' if want[2] != 1 else ''}); use a benchmark of the model's images or {hint} (checked before "
+        "training or adapting the model)"
+    )
+
+
+def stream_visit_sizes(c: dict[str, Any], bench=None) -> tuple[list[int], str, str]:
     """``(images of every visit, batch-size key, images key)`` of the configured stream (whole, unsharded),
-    without reading a generated domain's images: the batch sizes the engine will get."""
+    without reading a generated domain's images: the batch sizes the engine will get.  ``bench``: the
+    configured benchmark when the caller has built it (default: built here)."""
     from tttlab.core.benchmark import from_config
     from tttlab.core.data import mnist
 
@@ -711,7 +753,7 @@ def stream_visit_sizes(c: dict[str, Any]) -> tuple[list[int], str, str]:
         n = len(mnist("test")) if nz["num_examples"] is None else min(nz["num_examples"], len(mnist("test")))
         return [n], f"noisy.batch_size={nz['batch_size']}", f"noisy.num_examples={_yaml(nz['num_examples'])}"
     b = c["benchmark"]
-    sizes = [n for _, n in from_config(b).visit_sizes()]
+    sizes = [n for _, n in (bench if bench is not None else from_config(b)).visit_sizes()]
     return (
         sizes,
         f"benchmark.batch_size={b['batch_size']}",
@@ -723,16 +765,18 @@ def _yaml(value) -> str:
     return "null" if value is None else str(value)
 
 
-def check_stream_batches(c: dict[str, Any], info: ModelInfo) -> None:
+def check_stream_batches(c: dict[str, Any], info: ModelInfo, *, bench=None, engine=None) -> None:
     """Before a model is trained: a batch of the stream the engine would refuse (one image where the
     engine's test-batch statistics need two: a BatchNorm1d on flat features, ActMAD's and TTT++'s
     statistics over samples) is a :class:`ConfigError` naming the batch-size setting and a size that
     works.  The last batch of a visit of ``n`` images holds ``n % batch_size``; the engine's own checks
     (:meth:`BaseEngine.check_inputs`) run on a throw-away engine around an untrained model of the same
-    architecture, only when some batch holds a single image (two or more pass every engine)."""
+    architecture, only when some batch holds a single image (two or more pass every engine).  ``bench``:
+    the configured benchmark, if built already; ``engine``: such a throw-away engine, if there is one
+    (:func:`check_engine_fits_the_trained_model`'s), else one is built here."""
     from tttlab.core.errors import InvalidInputError
 
-    sizes, batch_key, images_key = stream_visit_sizes(c)
+    sizes, batch_key, images_key = stream_visit_sizes(c, bench)
     bs = int(c["noisy"]["batch_size"] if c["stream"] == "noisy" else c["benchmark"]["batch_size"])
     short = sorted({n for n in sizes if n % bs == 1})
     if not short:
@@ -741,9 +785,10 @@ def check_stream_batches(c: dict[str, Any], info: ModelInfo) -> None:
     optimization = {k: v for k, v in (c["engine"]["optimization"] or {}).items() if k != "reset"}
     h, w, ch = info.image_shape
     with torch.random.fork_rng(devices=[]):  # the throw-away model's initialisation leaves no trace
-        model = T.build_model(info.name, **(mc["kwargs"] if mc["path"] else {}))
-        engine = T.build_engine(name, model, info.name, dict(c["engine"]["kwargs"] or {}), optimization,
-                                example_images(info))  # fmt: skip
+        if engine is None:
+            model = T.build_model(info.name, **(mc["kwargs"] if mc["path"] else {}))
+            engine = T.build_engine(name, model, info.name, dict(c["engine"]["kwargs"] or {}), optimization,
+                                    example_images(info))  # fmt: skip
         try:
             engine.eval().check_inputs(torch.zeros(1, ch, h, w))
         except InvalidInputError as exc:
@@ -854,11 +899,15 @@ def run(cfg: Mapping | None = None, *, clear_engine_kwargs: bool = False, **over
         shutil.rmtree(out / "shards")
     # the benchmark first: a bad setting, corruption or root fails now, not after training a model
     info = evaluated_model(c)
-    batches, domains, dataset, num_batches = make_stream(c, dist, info)
-    check_stream_batches(c, info)  # a single-image batch the engine refuses: now, not after training
-    data_source = benchmark_data(c)
+    bench = stream_benchmark(c)  # one build for the stream and the single-image check
+    batches, domains, dataset, num_batches = make_stream(c, dist, info, bench)
+    probe = None  # one throw-away engine for both checks below
     if not c["model_checkpoint"]["path"] and not c["train_run"]:
-        check_engine_fits_the_trained_model(c, info)  # before the model is trained for it
+        # an engine the model cannot take: now, before the model is trained for it
+        probe, probe_model = check_engine_fits_the_trained_model(c, info)
+        probe = probe if probe_model == info.name else None
+    check_stream_batches(c, info, bench=bench, engine=probe)  # a single-image batch the engine refuses: now
+    data_source = benchmark_data(c)
     run_dir = None if c["model_checkpoint"]["path"] else training_run(c, dist)
     x_example = example_images(info)
     engine, model_name, train_engine = load_engine(c, run_dir, device, x_example.to(device))

@@ -151,16 +151,41 @@ def experiment_names() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def train_config(experiment: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+#: The override that empties ``train.engine_kwargs`` (:func:`clears_train_engine_kwargs`).
+CLEAR_TRAIN_ENGINE_KWARGS = "train.engine_kwargs={}"
+
+
+def clears_override(overrides, override: str) -> bool:
+    """Whether the ``key=value`` ``overrides`` hold ``override`` (an empty mapping, ``key={}``; spaces and a
+    leading ``+`` ignored).  Hydra, and OmegaConf's merge, merge an empty mapping into the one a YAML file
+    sets, so that it changes nothing; the commands read it from the overrides and empty the mapping."""
+    return any(str(o).replace(" ", "").lstrip("+") == override for o in overrides or ())
+
+
+def clears_train_engine_kwargs(overrides) -> bool:
+    """Whether ``overrides`` hold ``train.engine_kwargs={}``: no engine arguments from ``conf/config.yaml`` nor
+    from the experiment (``mnist_tutorial``'s ``features_layer_name: fc2``), the engine class's own defaults
+    (and the model registry's layers), as ``engine.kwargs={}`` means for the evaluation."""
+    return clears_override(overrides, CLEAR_TRAIN_ENGINE_KWARGS)
+
+
+def train_config(
+    experiment: str | None = None, overrides: list[str] | None = None, *, clear_engine_kwargs: bool = False
+) -> dict[str, Any]:
     """The training config as Hydra composes it (``config.yaml``, then ``experiment/<experiment>.yaml``,
-    then ``key=value`` overrides), without Hydra (usable inside a running Hydra app), validated."""
+    then ``key=value`` overrides), without Hydra (usable inside a running Hydra app), validated.
+    ``clear_engine_kwargs`` (or ``train.engine_kwargs={}`` among ``overrides``): ``train.engine_kwargs`` is
+    empty (:func:`clears_train_engine_kwargs`)."""
     from omegaconf import OmegaConf
 
     parts = [conf_yaml("config.yaml")]
     if experiment:
         parts.append(conf_yaml(f"experiment/{experiment}.yaml"))
     merged = OmegaConf.merge(*parts, OmegaConf.from_dotlist(list(overrides or [])))
-    return _validate(OmegaConf.to_container(merged, resolve=True))
+    c = OmegaConf.to_container(merged, resolve=True)
+    if clear_engine_kwargs or clears_train_engine_kwargs(overrides):
+        c["train"]["engine_kwargs"] = {}
+    return _validate(c)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -460,9 +485,13 @@ def _validate(cfg) -> dict[str, Any]:
     return c
 
 
-def run(cfg, **overrides) -> Path:
-    """Train (or resume) and evaluate; returns the run directory."""
-    c = _validate({**to_dict(cfg), **overrides})
+def run(cfg, *, clear_engine_kwargs: bool = False, **overrides) -> Path:
+    """Train (or resume) and evaluate; returns the run directory.  ``clear_engine_kwargs``: the command
+    line said ``train.engine_kwargs={}`` (:func:`clears_train_engine_kwargs`): no engine arguments."""
+    c = {**to_dict(cfg), **overrides}
+    if clear_engine_kwargs:
+        c["train"] = {**(c.get("train") or {}), "engine_kwargs": {}}
+    c = _validate(c)
     device = resolve_device(c["device"])
     ckpt_path = checkpoint_file(c["out_dir"])
     # everything that can refuse the run before RunDir writes config.yaml: a refused resume left the run
@@ -661,8 +690,11 @@ def main() -> None:
 
     @hydra.main(config_path="conf", config_name="config", version_base=None)
     def _main(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
         with user_errors("tttlab-torch-ttt-train"):
-            print(run(cfg))
+            # the composed cfg cannot tell train.engine_kwargs={} (merged: no change) from no override
+            print(run(cfg, clear_engine_kwargs=clears_train_engine_kwargs(HydraConfig.get().overrides.task)))
 
     check_hydra_command("tttlab-torch-ttt-train", "tttlab.torch_ttt.conf", "config")
     _main()
