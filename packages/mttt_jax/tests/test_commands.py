@@ -143,6 +143,20 @@ def test_plot_inner_epochs_are_numbered_as_in_the_log(monkeypatch, capsys):
     assert exc.value.code == 2 and "does/not/exist" in capsys.readouterr().err
 
 
+def test_plot_multi_draws_upstreams_validation_error_by_default(tmp_path, monkeypatch):
+    """``tttlab-mttt-plot-multi RUN`` (upstream: ``python plot_multi.py``) draws the validation error
+    1 - prec@1 per epoch, as upstream's plot; ``--metric`` still picks another statistic."""
+    from tttlab.core.plots import _series
+    from tttlab.mttt_jax import plots
+
+    seen = []
+    monkeypatch.setattr(plots, "plot_learning_curves", lambda runs, metric, **kw: seen.append(metric))
+    plots.plot_multi_main([str(tmp_path), "--out", str(tmp_path / "c")])
+    plots.plot_multi_main([str(tmp_path), "--metric", "val/loss", "--out", str(tmp_path / "d")])
+    assert seen == ["val/error", "val/loss"]
+    assert list(_series("r", {"val/prec@1": [0.25, 0.75]}, "val/error")) == [0.75, 0.25]
+
+
 def test_evaluate_command_shows_progress_by_default():
     from hydra import compose, initialize_config_module
 

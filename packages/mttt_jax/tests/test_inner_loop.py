@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,7 @@ from tttlab.mttt_jax.inner_loop import (
     TTTLayer,
     encoder_apply,
     encoder_grad,
+    init_encoder_weights,
 )
 from tttlab.mttt_jax.reference import inner_loss, ttt_reference
 
@@ -322,3 +325,52 @@ def test_linear_encoder_statistics_path_equals_per_token_path_and_reference(cfg,
     ref_out, ref_losses = _reference(p, x, cfg, _layer_perm_key(layer, p, x, key))
     np.testing.assert_allclose(fast_out, ref_out, rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(fast_losses, ref_losses.mean(0), rtol=2e-4, atol=2e-5)
+
+
+def test_parameter_initialisation_is_upstreams():
+    """Upstream's initialisers on a ViT with TTT blocks (d = 32, H = 4, d_h = 8, so fan-in and fan-out
+    bounds differ): phi/psi kernels (H, d, d_h) uniform with bound sqrt(3 / d) (variance scaling 1,
+    fan_in), g/h kernels (H, d_h, d) uniform with bound sqrt(3 / d) (fan_out; fan_in would be
+    sqrt(3 / d_h)), W0 xavier-uniform per head (bound sqrt(6 / (fan_in + fan_out))), every TTT bias 0,
+    decoder LN scale 1; the MLP block's kernels xavier-uniform and biases normal with std 1e-6; the
+    learned position embedding normal with std 1 / sqrt(width); the head zero.  MTTT-Linear's W0 is zero, without bias or LN.
+    Fixed keys, so the max-vs-bound checks are deterministic (1,024+ samples per kernel)."""
+    from tttlab.mttt_jax.model import build_model
+
+    d, dh = 32, 8
+    model = build_model(model="smoke", tokens="patch", num_classes=3, image_size=8, patch_size=2, posemb="learn",
+                        arch={"width": d, "depth": 1, "mlp_dim": 64, "num_heads": 4})  # fmt: skip
+    img = jnp.zeros((1, 8, 8, 1))
+    p = jax.jit(model.init)({"params": jax.random.PRNGKey(3), "idx": jax.random.PRNGKey(3)}, img)["params"]
+    blk, t = p["encoderblock_0"], p["encoderblock_0"]["mixer"]
+
+    def uniform_with_bound(a, bound):
+        a = np.abs(np.asarray(a))
+        assert a.max() <= bound * (1 + 1e-6) and a.max() > 0.95 * bound, (a.max(), bound)
+
+    for name in ("phi_kernel", "psi_kernel"):
+        assert t[name].shape == (4, d, dh)
+        uniform_with_bound(t[name], math.sqrt(3 / d))
+    for name in ("g_kernel", "h_kernel"):
+        assert t[name].shape == (4, dh, d)
+        uniform_with_bound(t[name], math.sqrt(3 / d))
+    uniform_with_bound(t["inner"]["kernel_0"], math.sqrt(6 / (dh + 4 * dh)))  # (H, d_h, 4 d_h)
+    uniform_with_bound(t["inner"]["kernel_1"], math.sqrt(6 / (4 * dh + dh)))
+    biases = [t[k] for k in ("phi_bias", "psi_bias", "g_bias", "h_bias", "decoder_LN_bias")]
+    assert all(float(jnp.abs(z).max()) == 0.0 for z in [*biases, t["inner"]["bias_0"], t["inner"]["bias_1"]])
+    assert t["decoder_LN_scale"].shape == (4, d) and bool(jnp.all(t["decoder_LN_scale"] == 1.0))
+    mlp = blk["MlpBlock_0"]
+    uniform_with_bound(mlp["Dense_0"]["kernel"], math.sqrt(6 / (d + 64)))
+    b = np.abs(np.asarray(mlp["Dense_0"]["bias"]))
+    assert 0 < b.max() < 1e-5
+    pe = np.asarray(p["pos_embedding"])
+    assert pe.shape == (1, 16, d) and abs(pe.std() / (1 / math.sqrt(d)) - 1) < 0.15
+    assert float(jnp.abs(p["head"]["kernel"]).max()) == 0.0
+
+    # MTTT-Linear: the parameter tree by tracing only (no compile), W0 from the layer's initialiser
+    lin = TTTLayer(d, 4, TTTConfig.mttt_linear())
+    lp = jax.eval_shape(lin.init, jax.random.PRNGKey(4), jnp.zeros((1, 4, d)))["params"]
+    assert {k: v.shape for k, v in lp["inner"].items()} == {"kernel_0": (4, dh, dh)}
+    assert not any(k.startswith("decoder_LN") for k in lp)
+    w0 = init_encoder_weights(jax.random.PRNGKey(4), "mlp_1", "zero", False, 4, dh)
+    assert float(jnp.abs(w0["kernel_0"]).max()) == 0.0

@@ -1,8 +1,14 @@
 """``tttlab-mttt-plot-multi`` and ``tttlab-mttt-plot-inner``: upstream's ``plot_multi.py`` / ``plot_inner.py``
 on run directories (their ``stats.json``) instead of folder lists edited in the source.
 
-    tttlab-mttt-plot-multi runs/mttt/a runs/mttt/b --metric val/prec@1 --out curves
+    tttlab-mttt-plot-multi runs/mttt/a runs/mttt/b --out curves          # validation error per epoch
     tttlab-mttt-plot-inner runs/mttt/a --key val/inner_loss --epochs all --out inner
+
+``plot-multi`` draws the validation error (1 - ``val/prec@1``) by default, the curve upstream's
+``plot_multi.py`` draws (there in percent, here as a fraction); ``--metric`` picks any other per-epoch
+statistic.  ``plot-inner`` draws the same numbers as upstream's ``plot_inner.py`` in another layout: one
+panel per epoch, inner loss against inner step, one line per layer (upstream: one panel per layer, inner
+loss against epoch, one line per inner step).
 """
 
 from __future__ import annotations
@@ -18,7 +24,11 @@ from .errors import InvalidInputError
 def plot_multi_main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="tttlab-mttt-plot-multi", description="learning curves of several runs")
     ap.add_argument("runs", nargs="+", help="run directories (with stats.json)")
-    ap.add_argument("--metric", default="val/prec@1", help="stats key, e.g. val/prec@1, val/loss, train/loss")
+    ap.add_argument(
+        "--metric",
+        default="val/error",
+        help="stats key, e.g. val/error (1 - val/prec@1, upstream's curve), val/prec@1, val/loss",
+    )
     ap.add_argument("--labels", nargs="*", default=None)
     ap.add_argument("--out", default="curves", help="output path without extension (.png and .svg)")
     a = ap.parse_args(argv)
