@@ -147,8 +147,8 @@ def plot_inner_losses(
 ) -> Path:  # fmt: skip
     """Inner-loop loss vs inner step, one line per layer, one panel per epoch in ``epochs``.
 
-    ``stats[key]`` is indexed [epoch][layer][step] (seed 000's ``all_stat_dict``; or [layer][step] for a
-    single epoch).  ``epochs``: None = the last, ``"all"``, an index, or a list of indices (negative ok).
+    ``stats[key]`` is indexed [epoch][layer][step] (the keys of seed 000's ``all_stat_dict``, epoch first;
+    upstream nests the same values [layer][step][epoch]; or [layer][step] for a single epoch).  ``epochs``: None = the last, ``"all"``, an index, or a list of indices (negative ok).
     """
     name, stats = _stats(run, 0)
     if key not in stats:

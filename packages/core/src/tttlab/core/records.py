@@ -402,7 +402,8 @@ def append_stats(path, values: Mapping[str, Any] | None = None, **kw) -> dict[st
 
     Seed 000's ``all_stat_dict`` per epoch: ``append_stats(run, {"train/loss": 2.1, "val/loss": 2.0,
     "val/prec@1": 0.41, "train/inner_loss": inner})`` with ``inner`` indexed [layer][step] (T+1 values;
-    ``inf`` for attention baselines).
+    ``inf`` for attention baselines), so the stored list is [epoch][layer][step] (upstream appends each
+    epoch innermost: [layer][step][epoch]).
     """
     values = _check_stats({**(values or {}), **kw})
     stats = read_stats(path)
