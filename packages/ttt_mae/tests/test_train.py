@@ -469,3 +469,53 @@ def test_imagenet_training_subset_spans_the_classes(tmp_path):
     assert np.array_equal(
         T.load_dataset(mnist).take(np.arange(7))[1], data.mnist("train").take(np.arange(7))[1]
     )
+
+
+def test_gradient_accumulation_by_hand(tmp_path, monkeypatch):
+    """``accum_iter`` (the paper's probe: 4) as upstream's engines do it: each batch's loss divided by
+    ``accum_iter``, gradients summed over ``accum_iter`` batches, one optimizer step per group, and the lr
+    set only at a group's first batch (fractional epoch ``epoch + it / n_iter``).  5 batches with
+    ``accum_iter`` 2: groups (0, 1), (2, 3) and the partial (4,) (README, Deviations: ours steps on it).
+    Each step's gradients are recomputed here from the weights before it and the recorded batches and masks."""
+    from tttlab.ttt_mae.model import MaskedAutoencoderViT
+
+    batches, steps = [], []
+    real_forward = MaskedAutoencoderViT.forward
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None, mode="mae"):
+        batches.append((imgs.detach().clone(), noise.clone()))
+        return real_forward(self, imgs, mask_ratio, noise, mode)
+
+    real_make = T.make_optimizer
+
+    def make_optimizer(c, model, kind, world_size=1):
+        opt, base_lr = real_make(c, model, kind, world_size)
+        real_step = opt.step
+
+        def step(*a, **k):  # weights and gradients just before the update
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            steps.append({"lr": opt.param_groups[0]["lr"], "batches": len(batches),
+                          "weights": {n: p.detach().clone() for n, p in named},
+                          "grads": {n: p.grad.clone() for n, p in named}})  # fmt: skip
+            return real_step(*a, **k)
+
+        opt.step = step
+        return opt, base_lr
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward", forward)
+    monkeypatch.setattr(T, "make_optimizer", make_optimizer)
+    c = pre_cfg(tmp_path / "p", epochs=1, warmup_epochs=0, min_lr=0.0, accum_iter=2, batch_size=16,
+                data={"num_examples": 80})  # fmt: skip
+    T.run(c, "pretrain")
+    base_lr = 1e-2 * 16 * 2 / 256  # blr * batch_size * accum_iter / 256
+    assert [s["batches"] for s in steps] == [2, 4, 5]
+    for s, first in zip(steps, (0, 2, 4)):
+        assert s["lr"] == pytest.approx(base_lr * 0.5 * (1 + math.cos(math.pi * first / 5)))
+        model = T.build(c, "pretrain")
+        model.load_state_dict(s["weights"], strict=False)
+        model.train()
+        for x, noise in batches[first : s["batches"]]:
+            (model.mae_loss(x, 0.75, noise) / 2).backward()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(s["grads"][n], p.grad, rtol=1e-5, atol=1e-7)
