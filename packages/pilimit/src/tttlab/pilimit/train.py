@@ -138,7 +138,7 @@ class MamlConfig:
     num_inner_steps: int = 1
     meta_batch_size: int = 8
     num_batches: int = 1000  # outer steps per epoch
-    num_test_batches: int = 500
+    num_test_batches: int = 500  # evaluation: this many batches of meta_batch_size episodes (upstream's)
     adapt_readout_only: bool = True
     gproj_inner: bool = True
     gproj_outer: bool = True
@@ -645,10 +645,11 @@ def _run_maml(c: dict[str, Any]) -> Path:
                         R.save(net, opt, sched, state, history, done=False)
                         return R.out.path
             epoch = state["epoch"] + 1
+            # num_test_batches batches of meta_batch_size tasks, as upstream's meta/train.py (and test.py) load
+            # their evaluation tasks: 500 x 8 = 4,000 episodes in the paper's commands
+            episodes = int(m["num_test_batches"]) * int(m["meta_batch_size"])
             with precision.autocast(R.device, amp):
-                res = evaluate_fewshot(
-                    net, test_classes, m, int(m["num_test_batches"]), seed=10_000 + seed, device=R.device
-                )
+                res = evaluate_fewshot(net, test_classes, m, episodes, seed=10_000 + seed, device=R.device)
             stats = {"meta_train_loss": state["loss"] / steps_per_epoch, "meta_train_accuracy": state["acc"] / steps_per_epoch,
                      "fewshot_accuracy": res["accuracy"], "fewshot_ci95": res["ci95"],
                      "rows": int(getattr(net, "M", 0)), "epoch_time_s": time.perf_counter() - t0}  # fmt: skip
