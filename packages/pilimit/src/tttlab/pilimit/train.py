@@ -465,9 +465,12 @@ def _run_classify(c: dict[str, Any]) -> Path:
     x, y = load_flat(d["name"], d.get("split") or "train", d.get("root"), d.get("num_examples"), classes)
     xt, yt = load_flat(d["name"], c["train"]["test_split"], d.get("root"), c["train"]["num_test"], classes)
     bs, epochs = int(d["batch_size"]), int(c["train"]["epochs"])
-    steps_per_epoch = len(x) // bs
-    if steps_per_epoch < 1:
+    if bs > len(x):
         raise ConfigError(f"data.batch_size={bs} exceeds the {len(x)} training examples")
+    # every example once an epoch, the last batch smaller when bs does not divide them: upstream's DataLoader
+    # (drop_last=False; CIFAR-10 at batch 32: 1,563 steps, the last of 16 images); the lr milestones count
+    # these steps, as upstream's int(epochs x len(train_loader))
+    steps_per_epoch = math.ceil(len(x) / bs)
     net = build_model(c, x.shape[1], num_outputs(c), R.device)
     opt, sched = build_optimizer(c, net, steps_per_epoch, steps_per_epoch * epochs)
     if c["compile"]:
