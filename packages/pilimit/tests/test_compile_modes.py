@@ -22,11 +22,12 @@ SMALL = ["logging.progress=false", "threads=1", "data.num_examples=32", "train.n
 #: to these configs' defaults changes them too: recompute them then, on the commit before it.
 MAIN_HASHES = {
     # the whole config's hash moved with optim.gclip_drop_with_lr (2026-12-01; was 7ef9f6bbdc88 / 1e441efc1bfd)
-    # and again with model.first/second_layer_init_alpha (2026-12-01; was d0505e6fc1b2 / ebc9c140d595): every
-    # key of the schema is in it.  The training part, the resume and model-cache key, leaves both out at their
-    # defaults and did not move; nor did the evaluate contract's config
-    False: ("614f14dfb9e3", "242710fc9e24", "6f93ea1b8401"),
-    True: ("0db92bd3d597", "242710fc9e24", "753758b20e73"),
+    # and again with model.first/second_layer_init_alpha (2026-12-01; was d0505e6fc1b2 / ebc9c140d595) and
+    # with model.readout_zero_init (2026-12-01; was 614f14dfb9e3 / 0db92bd3d597): every key of the schema is
+    # in it.  The training part, the resume and model-cache key, leaves them out at their defaults and did not
+    # move; nor did the evaluate contract's config
+    False: ("a5460ab08605", "242710fc9e24", "6f93ea1b8401"),
+    True: ("82a12f15a135", "242710fc9e24", "753758b20e73"),
 }
 
 

@@ -204,14 +204,18 @@ def test_init_alphas_of_a_sampled_pi_net_keep_its_function_scaled():
 def test_defaults_leave_nets_and_existing_experiments_unchanged():
     """Init alphas at 1.0 (the default): the same weights as before, and every existing experiment keeps
     the hash of its training part (the checkpoint / model-cache identity) it had on main before the option
-    (computed there), except the three pilimit_orig experiments whose depth was corrected on purpose."""
+    (computed there), except the three pilimit_orig experiments whose depth was corrected on purpose, and
+    (2026-12-01) maml_mnist (meta-lr / clip rescaled for the outer gradient summed over episodes) and
+    paper_cifar10_finite (pilimit_orig's non-zero readout init), changed on purpose too."""
     inf = _inf()
     a, b = FinPiMLP(inf, 32, seed=0, gaussian_init=True), inf.sample(32, seed=0, gaussian_init=True)
     assert all(torch.equal(x, y) for x, y in zip(a.weights, b.weights))
-    main = {"maml_mnist": "9b7f363a3d13", "mnist": "e68826d2ecd3", "paper_cifar10": "0fc252a68f60",
+    # maml_mnist: 9b7f363a3d13 before the summed outer gradient (its lr 1.0 / clip 0.5 became 0.125 / 4.0)
+    main = {"maml_mnist": "360821ce1f53", "mnist": "e68826d2ecd3", "paper_cifar10": "0fc252a68f60",
             "paper_omniglot": "500caf1d0a6d", "paper_transfer": "34b0a599bb76", "smoke": "242710fc9e24",
             # model.depth 2 -> 1 (pilimit_orig's --depth 2): main had ad69544aa152, 4ca778a6fe52, e883dffd76fa
-            "paper_cifar10_finite": "762359aeaa8b", "paper_cifar10_mup": "ea839602382d",
+            # paper_cifar10_finite: 762359aeaa8b before model.readout_zero_init=false
+            "paper_cifar10_finite": "0a0f7fba5be9", "paper_cifar10_mup": "ea839602382d",
             "paper_omniglot_orig": "de66f5a2cc4d"}  # fmt: skip
     roots = {"paper_transfer": ["data.root=/d", "transfer.root=/d"]}
     for experiment, want in main.items():

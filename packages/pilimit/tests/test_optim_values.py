@@ -223,3 +223,40 @@ def test_forward_cache_keeps_chunks_up_to_its_budget():
         cache: list = []
         chunked_forward(gbar, s, A, torch.ones(40), B, 10, budget, cache)
         assert len(cache) == kept, budget
+
+
+@pytest.mark.parametrize("kind", ["inf", "finite"])
+def test_meta_gradient_is_the_sum_over_episodes(kind):
+    """Upstream's MAML (both libraries, infinite and finite) runs one backward per task into one gradient
+    buffer and never divides by the number of tasks: the outer gradient is the sum of the episodes'
+    gradients (one backward per episode, accumulated here by hand), not their mean (8x smaller at
+    meta-batch 8: the same meta-lr made a step 8x shorter whenever the clip was not active)."""
+    import numpy as np
+
+    from tttlab.pilimit.maml import adapted_logits, meta_loss, sample_episode
+
+    torch.manual_seed(0)
+    inf = InfMLP(16, 3, r=6, depth=1, bias_alpha=0.5, last_bias_alpha=0.0)
+    net = inf if kind == "inf" else inf.sample(24, seed=2)
+    rng = np.random.default_rng(0)
+    classes = [rng.integers(0, 256, (5, 4, 4), dtype=np.uint8) for _ in range(4)]
+    eps = [sample_episode(classes, 3, 1, 2, rng) for _ in range(3)]
+    first = net.input_layer.A if kind == "inf" else net.weights[0]
+
+    per_episode = []
+    for ep in eps:
+        first.grad = None
+        F.cross_entropy(adapted_logits(net, ep, 0.5)[0], ep.yq).backward()
+        per_episode.append(first.grad.clone())
+    if kind == "inf":
+        net.zero_pi_grad()
+    first.grad = None
+    loss, _ = meta_loss(net, eps, 0.5, 1)
+    loss.backward()
+    want = torch.stack(per_episode).sum(0)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(first.grad, want, rtol=1e-5, atol=1e-7)
+    # the reported meta-train loss is the mean: the sum / the number of episodes
+    with torch.no_grad():
+        means = [F.cross_entropy(adapted_logits(net, ep, 0.5)[0], ep.yq) for ep in eps]
+    assert float(loss.detach()) == pytest.approx(float(sum(means)), rel=1e-6)

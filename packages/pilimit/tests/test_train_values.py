@@ -126,3 +126,43 @@ def test_resume_refuses_a_checkpoint_of_another_seed(tmp_path):
     T.run(T.train_config("smoke", [*over, "train.stop_after_steps=2"]))
     with pytest.raises(TTTLabError, match="seed"):
         T.run(T.train_config("smoke", [*over, "seed=1"]))
+
+
+def test_an_epoch_ends_with_the_partial_batch_as_upstreams_loader(tmp_path, monkeypatch):
+    """Upstream's DataLoader keeps the last, smaller batch (drop_last=False): CIFAR-10 at batch 32 is 1,563
+    steps an epoch, the last of 16 images.  40 examples at batch 16: batches of 16, 16 and 8, every example
+    once per epoch, and the infinite net appends a row per example (M = r + 40 per epoch); the lr
+    milestones in epochs count those steps (upstream: int(epochs x len(loader)))."""
+    n = 40
+
+    def fake_load_flat(name, split, root=None, num_examples=None, classes=None):
+        x = torch.zeros(n, 784)
+        x[:, 0] = torch.arange(n, dtype=torch.float32)
+        return x, torch.arange(n) % 10
+
+    seen: list[list[int]] = []
+    orig = InfMLP.forward
+
+    def spy(self, x):
+        if torch.is_grad_enabled():
+            seen.append(x[:, 0].round().long().tolist())
+        return orig(self, x)
+
+    built = {}
+    real_build = T.build_optimizer
+
+    def build_spy(c, net, steps_per_epoch, total_steps):
+        built.update(steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+        return real_build(c, net, steps_per_epoch, total_steps)
+
+    monkeypatch.setattr(T, "load_flat", fake_load_flat)
+    monkeypatch.setattr(InfMLP, "forward", spy)
+    monkeypatch.setattr(T, "build_optimizer", build_spy)
+    over = [*SMOKE, "train.epochs=2", "train.num_test=8", f"out_dir={tmp_path}"]
+    out = T.run(T.train_config("smoke", over))
+    assert [len(b) for b in seen] == [16, 16, 8] * 2
+    for e in range(2):
+        assert sorted(sum(seen[3 * e : 3 * e + 3], [])) == list(range(n))
+    assert built == {"steps_per_epoch": 3, "total_steps": 6}
+    net, _, _ = T.load_trained(out)
+    assert net.M == 16 + 2 * n

@@ -7,7 +7,8 @@ github.com/santacml/pilim (facts: initialisation, shapes, what the pi-gradient i
   by ordinary SGD (autograd).
 * :class:`InfPiLinear`: a hidden (or, with ``output_layer=True``, the output) pi-layer; it stores
   ``A`` (M x r_out), ``B`` (M x r, unit rows) and ``Amult`` (M, float32 always). M starts at r (A random
-  with variance 1/r_out, or 0 for the output layer; Amult = 1) and grows by the batch size every
+  with variance 1/r_out; the output layer's A is 0, or with ``zero_init=False`` N(0, 1/r^2), as
+  ``pilimit_orig``'s ``InfPiMLP`` without ``readout_zero_init``; Amult = 1) and grows by the batch size every
   :class:`~tttlab.pilimit.optim.PiSGD` step.  The rows live in a buffer with spare capacity (``reserve``),
   so an append is O(batch x r), not a copy of the whole layer (``impl="reference"`` appends with
   ``torch.cat`` instead, as upstream does).
@@ -86,6 +87,9 @@ class InfPiLinear(nn.Module):
     ``dtype``: storage dtype of A and B (float32, bfloat16, float16); Amult is always float32.
     ``cache_mb``: at most this many MB of ``sqrt(1-q^2)``/``acos(-q)`` chunks kept from the forward for
     the backward (the rest is recomputed); 0: recompute everything (working memory O(batch x chunk_size)).
+    ``zero_init`` (output layer only): A = 0 (``pilimit_lib``; ``pilimit_orig`` with ``readout_zero_init``)
+    or, when False, its r initial rows N(0, 1/r^2) (``pilimit_orig``'s default: ``A.normal_()`` times
+    ``M^-1`` with M = r); the same random draw either way.
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class InfPiLinear(nn.Module):
         device=None,
         dtype=torch.float32,
         cache_mb: float = 64.0,
+        zero_init: bool = True,
     ):
         super().__init__()
         self.r = check_positive_int("r", r)
@@ -114,7 +119,11 @@ class InfPiLinear(nn.Module):
         self.output_layer = bool(output_layer)
         self.bias_alpha = float(bias_alpha)
         dtype = resolve_dtype(dtype)
-        A = torch.randn(self.r, self.r_out, device=device) * (0.0 if output_layer else self.r_out**-0.5)
+        if output_layer:
+            scale = 0.0 if zero_init else 1.0 / self.r  # r initial rows: pilimit_orig's M^-1
+        else:
+            scale = self.r_out**-0.5
+        A = torch.randn(self.r, self.r_out, device=device) * scale
         B = torch.randn(self.r, self.r, device=device)
         B = B / B.norm(dim=1, keepdim=True)
         self.register_buffer("A_store", A.to(dtype), persistent=False)

@@ -14,7 +14,10 @@ last_bias_alpha) one step adds ``-step a (K(f, f_s) G + a_b^2 sum_j G_j)`` with 
 
 so the adapted query logits are differentiable in closed form and the outer loss back-propagates through
 the inner step (second-order MAML, no ``create_graph`` needed).  The outer step is :class:`PiSGD` on the
-mean query loss over ``meta_batch_size`` episodes; ``gproj_outer`` projects the finite net's outer
+*sum* over the ``meta_batch_size`` episodes of each episode's mean query loss, as both upstreams
+(``pilimit_orig``'s and ``pilimit_lib``'s ``InfMAML`` and the finite ``ModelAgnosticMetaLearning`` run one
+backward per task into the same gradient buffer and never divide it by the number of tasks; their
+``mean_outer_loss`` is only logged); ``gproj_outer`` projects the finite net's outer
 gradients (Gproj).  ``gproj_inner`` would project inner gradients of non-readout layers; with
 ``adapt_readout_only`` (the paper's setting and the only one implemented) there are none, so it changes
 nothing (the output layer is never projected).
@@ -123,14 +126,16 @@ def check_maml_config(m: dict) -> None:
 
 
 def meta_loss(net, episodes, step_size: float, num_inner_steps: int) -> tuple[torch.Tensor, float]:
-    """Mean query cross-entropy over episodes and the query accuracy."""
+    """The outer loss to differentiate, the *sum* over episodes of each episode's mean query cross-entropy
+    (upstream's meta-gradient: one backward per task, accumulated, not divided by the number of tasks;
+    divide by ``len(episodes)`` for the mean loss to report), and the query accuracy."""
     losses, correct, n = [], 0, 0
     for ep in episodes:
         logits, _ = adapted_logits(net, ep, step_size, num_inner_steps)
         losses.append(F.cross_entropy(logits, ep.yq))
         correct += int((logits.argmax(1) == ep.yq).sum())
         n += len(ep.yq)
-    return torch.stack(losses).mean(), correct / max(n, 1)
+    return torch.stack(losses).sum(), correct / max(n, 1)
 
 
 def evaluate_fewshot(net, classes, m: dict, num_episodes: int, seed: int, device=None) -> dict:

@@ -6,7 +6,9 @@ Paper: Yang, Santacroce, Hu, ICLR 2022 (``yang2022pinets``); upstream ``experime
 
 InfMLP: input layer -> ``depth`` hidden pi-layers -> output pi-layer; the input layer's output is
 multiplied by ``first_layer_alpha``, the output by ``last_layer_alpha``.  The ReLU lives inside the next
-layer (outputs are pre-activations).
+layer (outputs are pre-activations).  The readout starts at zero (``pilimit_lib``; the MAML commands'
+``--readout-zero-init``) or, with ``readout_zero_init=False``, as ``pilimit_orig``'s ``InfPiMLP`` by
+default (its CIFAR-10 and ImageNet scripts): r rows with A ~ N(0, 1/r^2), Amult 1.
 
 Finite sample at width n, with ``Omega_l ~ N(0,1)^{n x r}`` per non-output layer:
 input ``W = n^-1/2 Omega_0 A^T``; hidden ``W = n^-1 Omega_l (Amult A)^T relu(Omega_{l-1} B^T)^T``; output
@@ -71,6 +73,7 @@ class InfMLP(nn.Module):
         dtype="float32",
         device=None,
         cache_mb: float = 64.0,
+        readout_zero_init: bool = True,
     ):
         super().__init__()
         self.d_in = check_positive_int("d_in", d_in)
@@ -87,9 +90,11 @@ class InfMLP(nn.Module):
         self.hidden = nn.ModuleList(
             [InfPiLinear(self.r, bias_alpha=self.bias_alpha, **kw) for _ in range(self.depth)]
         )
+        self.readout_zero_init = bool(readout_zero_init)
         self.output_layer = InfPiLinear(
-            self.r, self.d_out, bias_alpha=self.last_bias_alpha, output_layer=True, **kw
-        )
+            self.r, self.d_out, bias_alpha=self.last_bias_alpha, output_layer=True,
+            zero_init=self.readout_zero_init, **kw,
+        )  # fmt: skip
 
     # the layers an optimizer treats differently
     @property

@@ -79,6 +79,10 @@ class ModelConfig:
     # at initialisation (pilimit_orig meta/train.py's --first-layer-init-alpha / --second-layer-init-alpha)
     first_layer_init_alpha: float = 1.0
     second_layer_init_alpha: float = 1.0
+    # the infinite readout (and so a sampled finite net's) starts at zero (pilimit_lib) or, false, with r rows
+    # A ~ N(0, 1/r^2) (pilimit_orig's InfPiMLP default: its CIFAR-10 / ImageNet commands); MAML: together with
+    # maml.readout_zero_init (zero only when both are true)
+    readout_zero_init: bool = True
 
 
 @dataclass
@@ -134,7 +138,7 @@ class MamlConfig:
     num_inner_steps: int = 1
     meta_batch_size: int = 8
     num_batches: int = 1000  # outer steps per epoch
-    num_test_batches: int = 500
+    num_test_batches: int = 500  # evaluation: this many batches of meta_batch_size episodes (upstream's)
     adapt_readout_only: bool = True
     gproj_inner: bool = True
     gproj_outer: bool = True
@@ -234,10 +238,15 @@ def build_model(c: dict[str, Any], d_in: int, d_out: int, device) -> torch.nn.Mo
     """The configured net, initialised from ``torch.manual_seed(seed)`` (finite nets: sampled from it)."""
     m = c["model"]
     torch.manual_seed(int(c["seed"]))
+    # .get: configs written before the option existed have no model.readout_zero_init (they had a zero readout)
+    zero_readout = bool(m.get("readout_zero_init", True))
+    if c["train"]["task"] == "maml":
+        zero_readout = zero_readout and bool(c["maml"]["readout_zero_init"])
     inf = InfMLP(
         d_in, d_out, r=m["r"], depth=m["depth"], first_layer_alpha=m["first_layer_alpha"],
         last_layer_alpha=m["last_layer_alpha"], bias_alpha=m["bias_alpha"], last_bias_alpha=m["last_bias_alpha"],
         chunk_size=m["chunk_size"], impl=m["impl"], dtype=m["dtype"], device=device, cache_mb=m["cache_mb"],
+        readout_zero_init=zero_readout,
     )  # fmt: skip
     if m["kind"] == "inf":
         return inf
@@ -298,6 +307,7 @@ def training_part(c: dict[str, Any]) -> dict[str, Any]:
     part["model"] = {
         k: v for k, v in c["model"].items()
         if k not in ("chunk_size", "impl", "cache_mb") and not (k in INIT_ALPHAS and v == 1.0)
+        and not (k == "readout_zero_init" and v)  # true (the default): the hash runs had before the option
     }  # fmt: skip
     # gclip_drop_with_lr=false (the default) leaves the hash of existing runs and cached models as it was
     part["optim"] = {k: v for k, v in c["optim"].items() if k != "gclip_drop_with_lr" or v}
@@ -455,9 +465,12 @@ def _run_classify(c: dict[str, Any]) -> Path:
     x, y = load_flat(d["name"], d.get("split") or "train", d.get("root"), d.get("num_examples"), classes)
     xt, yt = load_flat(d["name"], c["train"]["test_split"], d.get("root"), c["train"]["num_test"], classes)
     bs, epochs = int(d["batch_size"]), int(c["train"]["epochs"])
-    steps_per_epoch = len(x) // bs
-    if steps_per_epoch < 1:
+    if bs > len(x):
         raise ConfigError(f"data.batch_size={bs} exceeds the {len(x)} training examples")
+    # every example once an epoch, the last batch smaller when bs does not divide them: upstream's DataLoader
+    # (drop_last=False; CIFAR-10 at batch 32: 1,563 steps, the last of 16 images); the lr milestones count
+    # these steps, as upstream's int(epochs x len(train_loader))
+    steps_per_epoch = math.ceil(len(x) / bs)
     net = build_model(c, x.shape[1], num_outputs(c), R.device)
     opt, sched = build_optimizer(c, net, steps_per_epoch, steps_per_epoch * epochs)
     if c["compile"]:
@@ -583,9 +596,6 @@ def _run_maml(c: dict[str, Any]) -> Path:
         c["optim"]["gproj"] = False
     if c["model"]["kind"] == "finite":
         c["optim"]["gproj"] = bool(m["gproj_outer"])
-    if not m["readout_zero_init"] and isinstance(net, InfMLP):
-        with torch.no_grad():
-            net.output_layer.A_store.normal_().mul_(net.r**-0.5)
     opt, sched = build_optimizer(c, net, steps_per_epoch, steps_per_epoch * epochs)
     if c["compile"]:
         precision.compile_net(net, c["compile"])
@@ -627,7 +637,7 @@ def _run_maml(c: dict[str, Any]) -> Path:
                     opt.zero_grad()
                     if sched is not None:
                         sched.step()
-                    state["loss"] += float(loss.detach())
+                    state["loss"] += float(loss.detach()) / len(eps)  # the mean over episodes
                     state["acc"] += acc
                     state["batch"] += 1
                     state["step"] += 1
@@ -638,10 +648,11 @@ def _run_maml(c: dict[str, Any]) -> Path:
                         R.save(net, opt, sched, state, history, done=False)
                         return R.out.path
             epoch = state["epoch"] + 1
+            # num_test_batches batches of meta_batch_size tasks, as upstream's meta/train.py (and test.py) load
+            # their evaluation tasks: 500 x 8 = 4,000 episodes in the paper's commands
+            episodes = int(m["num_test_batches"]) * int(m["meta_batch_size"])
             with precision.autocast(R.device, amp):
-                res = evaluate_fewshot(
-                    net, test_classes, m, int(m["num_test_batches"]), seed=10_000 + seed, device=R.device
-                )
+                res = evaluate_fewshot(net, test_classes, m, episodes, seed=10_000 + seed, device=R.device)
             stats = {"meta_train_loss": state["loss"] / steps_per_epoch, "meta_train_accuracy": state["acc"] / steps_per_epoch,
                      "fewshot_accuracy": res["accuracy"], "fewshot_ci95": res["ci95"],
                      "rows": int(getattr(net, "M", 0)), "epoch_time_s": time.perf_counter() - t0}  # fmt: skip
