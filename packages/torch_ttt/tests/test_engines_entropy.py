@@ -537,3 +537,119 @@ def test_predict_before_update_with_several_steps_returns_the_last_steps_forward
     assert not torch.allclose(outs[2], before_any_update, atol=1e-4), (
         "the first step's logits (before any update)"
     )
+
+
+# -- several batches, state carried over (continual) -------------------------------------------------
+def _reference_copy(model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
+    """The model as the TENT/EATA/DeYO code configures it: train mode, BatchNorm without running statistics
+    (so always the batch's), only the BatchNorm affine parameters trainable."""
+    import copy
+
+    ref = copy.deepcopy(model).train().requires_grad_(False)
+    params = []
+    for layer in ref.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.track_running_stats, layer.running_mean, layer.running_var = False, None, None
+            layer.requires_grad_(True)
+            params += [layer.weight, layer.bias]
+    return ref, params
+
+
+def _stream_model() -> nn.Module:
+    """A BatchNorm net whose confident predictions vary across classes, so EATA's redundancy filter and
+    DeYO's PLPD filter keep some samples and reject others over the stream."""
+    torch.manual_seed(5)
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(128, 10))
+    with torch.no_grad():
+        m[1].running_mean.normal_(), m[1].running_var.uniform_(0.5, 2.0)
+        m[1].weight.uniform_(0.5, 1.5), m[1].bias.normal_()
+        m[4].weight.mul_(6.0)
+    return m.eval()
+
+
+@pytest.mark.parametrize("name", ["tent", "eata", "deyo"])
+def test_a_continual_stream_equals_the_official_loop_batch_for_batch(name):
+    """Four batches without reset: predictions (the official logits, before each batch's update) and final
+    affine parameters equal the official per-batch loop written out (TENT: Adam; EATA: SGD with momentum,
+    moving average, redundancy filter and Fisher term; DeYO: SGD with momentum, patch shuffle, PLPD filter),
+    so the optimizer state, EATA's moving average and the parameters carry over exactly as there."""
+    batches = [
+        torch.randn(16, 3, 4, 4, generator=torch.Generator().manual_seed(20 + i)) * 2 for i in range(4)
+    ]
+    ref, params = _reference_copy(_stream_model())
+    log_c = math.log(10)
+    if name == "tent":
+        engine = get_engine("tent")(_stream_model(), {"reset": "never"}, predict_before_update=True)
+        opt = torch.optim.Adam(params, lr=1e-3)
+    else:
+        opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    if name == "eata":
+        e0, eps, alpha = 0.5 * log_c, 0.6, 50.0
+        engine = get_engine("eata")(_stream_model(), {"reset": "never", "lr": 0.05}, e_margin=e0, d_margin=eps,
+                                    fisher_alpha=alpha, predict_before_update=True)  # fmt: skip
+        calibration = [
+            torch.randn(16, 3, 4, 4, generator=torch.Generator().manual_seed(9 + i)) for i in range(3)
+        ]
+        engine.compute_fishers(calibration)
+        fisher = {n: torch.zeros_like(p) for n, p in ref.named_parameters() if p.requires_grad}
+        theta0 = {n: p.detach().clone() for n, p in ref.named_parameters() if p.requires_grad}
+        for xb in calibration:  # squared gradients of the pseudo-label cross-entropy, averaged over batches
+            out = ref(xb)
+            grads = torch.autograd.grad(nn.functional.cross_entropy(out, out.argmax(1)), params)
+            for n, g in zip(fisher, grads):
+                fisher[n] += g.square() / len(calibration)
+        average = None
+    if name == "deyo":
+        engine = get_engine("deyo")(_stream_model(), {"reset": "never", "lr": 0.05}, plpd_thresh=-0.05,
+                                    patch_len=2, predict_before_update=True)  # fmt: skip
+    engine.eval()
+    kept = []
+    for i, x in enumerate(batches):
+        torch.manual_seed(100 + i)  # DeYO's permutations come from the global generator in both
+        logits = ref(x)
+        ent = entropy(logits)
+        if name == "tent":
+            loss = ent.mean()
+        elif name == "eata":
+            keep = ent.detach() < e0
+            probs = logits.detach().softmax(1)
+            if average is not None:
+                keep &= nn.functional.cosine_similarity(probs, average.unsqueeze(0)).abs() < eps
+            if keep.any():
+                mean_p = probs[keep].mean(0)
+                average = mean_p if average is None else 0.9 * average + 0.1 * mean_p
+            loss = (ent[keep] * torch.exp(-(ent[keep].detach() - e0))).mean()
+            loss = loss + alpha * sum((fisher[n] * (p - theta0[n]) ** 2).sum() for n, p in ref.named_parameters()
+                                      if p.requires_grad)  # fmt: skip
+            kept.append(int(keep.sum()))
+        else:
+            keep = ent.detach() < 0.5 * log_c
+            images = x[keep]  # each 4 x 4 image as a 2 x 2 grid of 2 x 2 patches, the patches permuted
+            tiles = images.reshape(-1, 3, 2, 2, 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(-1, 4, 3, 2, 2)
+            order = torch.argsort(torch.rand(tiles.shape[0], 4), dim=1)
+            tiles = tiles[torch.arange(tiles.shape[0]).unsqueeze(1), order]
+            shuffled = tiles.reshape(-1, 2, 2, 3, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(-1, 3, 4, 4)
+            with torch.no_grad():
+                p_shuffled = ref(shuffled).softmax(1)
+            p = logits.detach()[keep].softmax(1)
+            label = p.argmax(1, keepdim=True)
+            diff = (p.gather(1, label) - p_shuffled.gather(1, label)).squeeze(1)
+            ent_kept, ok = ent[keep][diff > -0.05], diff > -0.05
+            weights = torch.exp(-(ent_kept.detach() - 0.4 * log_c)) + torch.exp(diff[ok])
+            loss = (ent_kept * weights).mean()
+            kept.append(int(ok.sum()))
+        if name == "tent" or kept[-1]:  # the official code skips the step when no sample is kept
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        torch.manual_seed(100 + i)
+        out, _ = engine(x)
+        torch.testing.assert_close(out, logits.detach(), rtol=1e-5, atol=1e-5)
+        if name != "tent":
+            assert (engine.last_selected if name == "eata" else engine.last_selected[1]) == kept[-1]
+    if name != "tent":  # the filters keep some samples and reject others over the stream
+        assert 0 < sum(kept) < 16 * len(batches), kept
+    adapted = dict(engine.adapted_parameters())
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(adapted[f"model.{n}"], p, rtol=1e-5, atol=1e-6)

@@ -189,6 +189,26 @@ def test_rotations_are_exact_and_labelled():
         rotate_batch(torch.zeros(2, 1, 4, 6))
 
 
+def test_rotation_labels_are_the_official_flip_transpose_rotations():
+    """Label k is the official TTT code's rotation k (``utils/rotation.py``, on a CHW image): 1 = flip the
+    width axis then swap height and width, 2 = flip both axes, 3 = swap then flip the width axis; so a
+    rotation head trained with the official labels reads ours the same way (1 and 3 are not swapped)."""
+    official = {
+        0: lambda img: img,
+        1: lambda img: img.flip(2).transpose(1, 2),
+        2: lambda img: img.flip(2).flip(1),
+        3: lambda img: img.transpose(1, 2).flip(2),
+    }
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
+    rotated, labels = rotate_batch(x, "expand")
+    want = torch.stack([official[int(k)](img) for k, img in zip(labels, x.repeat(4, 1, 1, 1))])
+    assert torch.equal(rotated, want)
+    rotated, labels = rotate_batch(x.repeat(8, 1, 1, 1), "rand", generator=torch.Generator().manual_seed(2))
+    assert len(set(labels.tolist())) == 4
+    want = torch.stack([official[int(k)](img) for k, img in zip(labels, x.repeat(8, 1, 1, 1))])
+    assert torch.equal(rotated, want)
+
+
 def test_ttt_early_exit_features_equal_full_forward_and_skip_later_layers():
     net = conv_net(bn=True)
     engine = TTTEngine(net, "conv2")

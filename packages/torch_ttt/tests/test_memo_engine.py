@@ -171,3 +171,49 @@ def test_views_of_a_constant_image_are_that_constant():
     v = augmix_geometric(x, 6, torch.Generator().manual_seed(0))
     assert v.shape == (6, 3, 1, 9, 9)
     torch.testing.assert_close(v, x.expand_as(v), rtol=0, atol=1e-5)
+
+
+def test_memo_per_image_step_and_prediction_equal_the_memo_code_written_out():
+    """Per image, as the MEMO code's ``adapt_single`` / ``test_single`` (fresh weights for every image):
+    V views through BatchNorm mixed with the prior (N = 16: weight 16/17 on the running statistics, 1/17 on
+    the views' mean and unbiased variance, constants for autograd), the entropy of the views' average
+    distribution, one plain SGD step on every parameter, then the image alone through the adapted network
+    with the same prior over its own statistics."""
+    import copy
+    import math
+
+    num_views, lr, w = 6, 0.05, 16 / 17
+
+    def views(x, generator):  # fixed views, so both sides see the same ones
+        return torch.stack([torch.roll(x, v - 2, dims=3) * (1 + 0.1 * v) for v in range(num_views)])
+
+    def forward_with_prior(net, x):
+        h = net[0](x)
+        with torch.no_grad():
+            mean, var = h.mean((0, 2, 3)), h.var((0, 2, 3), correction=1)
+        bn = net[1]
+        h = F.batch_norm(h, w * bn.running_mean + (1 - w) * mean, w * bn.running_var + (1 - w) * var,
+                         bn.weight, bn.bias, False, 0.0, bn.eps)  # fmt: skip
+        return net[4](net[3](net[2](h)))
+
+    x = x_batch(3)
+    want = []
+    for image in x.split(1):
+        net = copy.deepcopy(bn_model())
+        log_p = forward_with_prior(net, views(image, None)[:, 0]).log_softmax(-1)
+        average = log_p.logsumexp(0) - math.log(num_views)
+        (-(average.exp() * average).sum()).backward()
+        with torch.no_grad():
+            for p in net.parameters():
+                p -= lr * p.grad
+            want.append(forward_with_prior(net, image))
+    model = bn_model()
+    before = snapshot(model)
+    engine = get_engine("memo")(
+        model, {"lr": lr, "momentum": 0.0}, augmentations=views, n_augmentations=num_views
+    )
+    got, _ = engine.eval()(x)
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert not torch.allclose(got, model(x), atol=1e-3)  # the prior and the step both act
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # reset after each image

@@ -10,8 +10,10 @@ torch-ttt drew one crop for the whole batch, always anchored at the top-left cor
 * :func:`random_resized_crop_flip`: a random area/aspect crop at a random place, resized back to the input
   size with bilinear sampling, mirrored with probability ``flip_p`` (one ``grid_sample`` for the batch).
 * :func:`random_grayscale`, :func:`random_gaussian_blur`: per-image, with probability ``p``.
-* :func:`simclr_views`: SimCLR's view pipeline as TTT++ uses it (crop 0.2-1 + flip, grayscale p=0.2,
-  5-tap Gaussian blur p=0.3).
+* :func:`simclr_views`: torch-ttt's SimCLR view pipeline for its TTT++ engine (crop 0.2-1 + flip,
+  grayscale p=0.2, 5-tap Gaussian blur p=0.3).  The TTT++ code's own views differ: crop 0.2-1 + flip,
+  colour jitter (brightness, contrast, saturation 0.4, hue 0.1) with p=0.8, grayscale p=0.2, no blur
+  (``cifar/utils/prepare_dataset.py``); colour jitter is not offered here.
 """
 
 from __future__ import annotations

@@ -50,8 +50,15 @@ deliberately, to keep torch-ttt's online per-batch API and its defaults:
   Both its ``SupConLoss`` and torch-ttt's ``ContrastiveLoss`` multiply the loss by ``temperature /
   base_temperature`` (base 0.07: 7.1 at 0.5), and so does ``ContrastiveLoss`` here, so the contrastive
   term keeps the official weight against the alignment terms at any temperature.
-  The CORAL term (``||C_s - C_t||_F^2 / (4 d^2)``, unbiased covariances) and the mean term
-  (``mean((mu_s - mu_t)^2)``) are the official formulas; the head is fixed as with its ``--fix_ssh``.
+* its SimCLR views (``cifar/utils/prepare_dataset.py``) are crop 0.2-1 + flip + colour jitter (0.4, 0.4,
+  0.4, hue 0.1; p=0.8) + grayscale p=0.2, without blur; the default views here are torch-ttt's (crop
+  0.2-1 + flip, grayscale p=0.2, Gaussian blur p=0.3, no colour jitter:
+  :func:`~tttlab.torch_ttt.augment.simclr_views`).  For the official ones pass ``contrastive_transform=``
+  a callable giving one augmented view of the batch that draws the transform per image (a torchvision
+  ``Compose`` applied to the whole batch tensor draws one crop, flip and jitter for all of its images).
+
+As the official code: the CORAL term (``||C_s - C_t||_F^2 / (4 d^2)``, unbiased covariances) and the mean
+term (``mean((mu_s - mu_t)^2)``), and a fixed head (its ``--fix_ssh``).
 """
 
 from __future__ import annotations
