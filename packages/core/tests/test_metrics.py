@@ -193,3 +193,28 @@ def test_alexnet_severity_errors_reproduce_the_published_averages():
     for c, mean in published.items():
         assert np.mean(M.ALEXNET_ERRORS_BY_SEVERITY[c]) == pytest.approx(mean, abs=5e-7), c
     assert M.ALEXNET_CLEAN_ERROR == pytest.approx(1 - 0.56522)  # torchvision alexnet-owt-4df8aa71 top-1
+
+
+def test_errors_from_an_evaluates_records_leave_its_mean_summary_out(tmp_path):
+    """Every evaluate ends with ``write_domain_summary``'s ``corruption="mean"`` record; read back from the
+    run directory it is no corruption: ``mce(domain_errors(...))`` failed on it with 'no baseline error for
+    corruption 'mean'', and ``mean_error`` counted it as one more corruption."""
+    from tttlab.core.benchmark import Domain
+    from tttlab.core.records import RunDir, load_records, write_domain_summary
+
+    run = RunDir(tmp_path / "run")
+    with run.writer(method="m", seed=0) as w:  # fog 50 %, snow 80 %, frost 90 % correct: all at severity 5
+        totals = {Domain("fog", 5): (50, 100, 1.0), Domain("snow", 5): (80, 100, 1.0)}
+        write_domain_summary(w, {**totals, Domain("frost", 5): (90, 100, 1.0)})
+    df = load_records(run.path)
+    assert (df["corruption"] == "mean").sum() == 1  # the summary is there, with severity 5
+    e = M.domain_errors(df)
+    assert e == {
+        "fog": {5: pytest.approx(0.5)},
+        "frost": {5: pytest.approx(0.1)},
+        "snow": {5: pytest.approx(0.2)},
+    }
+    # AlexNet's severity-5 errors: fog 0.94500, frost 0.93430, snow 0.94952
+    assert M.mce(e) == pytest.approx((0.5 / 0.945 + 0.1 / 0.9343 + 0.2 / 0.94952) / 3)
+    assert M.mean_error({**e, "gaussian_noise": {5: 0.9}}) == pytest.approx((0.5 + 0.1 + 0.2 + 0.9) / 4)
+    assert list(M.per_domain_error(df)["corruption"]) == ["fog", "frost", "snow"]

@@ -91,3 +91,31 @@ def test_heatmap_and_bars_from_records(tmp_path):
     with pytest.raises(InvalidInputError, match=r"nowhere does not exist"):
         plots.plot_bars(tmp_path / "nowhere", out=tmp_path / "x")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_plots_of_a_run_directory_leave_the_evaluates_mean_record_out(tmp_path, monkeypatch):
+    """An evaluate's run holds per-domain records and ``write_domain_summary``'s mean over them
+    (``corruption="mean"``, here over fog-3, fog-5 and snow-5: 53.3 %).  The heatmap's mean column is the
+    mean of its corruption columns, (40 + 80) / 2 = 60.0 (it was 57.8: the record joined the average as a
+    column); the bar's spread is the std over the three domains, 25.2 (it was 20.5: the record was a
+    fourth "domain")."""
+    from tttlab.core.benchmark import Domain
+    from tttlab.core.records import write_domain_summary
+
+    run = RunDir(tmp_path / "run")
+    with run.writer(method="tent", seed=0) as w:
+        write_domain_summary(w, {Domain("fog", 3): (50, 100, 1.0), Domain("fog", 5): (30, 100, 1.0),
+                                 Domain("snow", 5): (80, 100, 1.0)})  # fmt: skip
+    figs = []
+    monkeypatch.setattr(plots, "save", lambda fig, out: figs.append(fig) or out)
+    plots.plot_heatmap(run.path, out=tmp_path / "heat")
+    ax = figs[0].axes[0]
+    columns = [t.get_text() for t in ax.get_xticklabels()]
+    cells = dict(zip(columns, (t.get_text() for t in ax.texts)))
+    assert cells == {"fog": "40.0", "snow": "80.0", "mean": "60.0"}
+    plots.plot_bars(run.path, out=tmp_path / "bars")
+    ax = figs[1].axes[0]
+    assert ax.patches[0].get_width() == pytest.approx(100 * (0.5 + 0.3 + 0.8) / 3)
+    errorbar = next(c for c in ax.containers if hasattr(c, "has_xerr"))
+    (segment,) = errorbar.lines[2][0].get_segments()
+    assert segment[1, 0] - segment[0, 0] == pytest.approx(2 * 100 * np.std([0.5, 0.3, 0.8], ddof=1))

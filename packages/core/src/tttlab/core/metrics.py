@@ -359,11 +359,14 @@ def domain_errors(df, metric: str = "accuracy", **filters) -> dict[str, dict[int
 
     Rows with ``metric`` (``"accuracy"`` -> 1 - value, ``"error"`` -> value) are averaged per
     (corruption, severity), weighted by ``n`` where it is given; ``filters`` keep rows whose column equals
-    the value (e.g. ``method="torch_ttt.tent"``, ``step=0``).  Clean rows (no corruption) are left out;
-    :func:`clean_error` gives them.
+    the value (e.g. ``method="torch_ttt.tent"``, ``step=0``).  Clean rows (no corruption, or ``"clean"``)
+    are left out, :func:`clean_error` gives them; so is every evaluate's summary record, the mean over
+    corruptions (``corruption="mean"``, ``tttlab.core.records.write_domain_summary``), which is no domain.
     """
+    from .records import SUMMARY_CORRUPTION
+
     rows = _metric_rows(df, metric, filters)
-    rows = rows[rows["corruption"].notna()]
+    rows = rows[rows["corruption"].notna() & ~rows["corruption"].isin([SUMMARY_CORRUPTION, "clean"])]
     out: dict[str, dict[int, float]] = {}
     for (c, s), g in rows.groupby(["corruption", "severity"], sort=True):
         out.setdefault(str(c), {})[int(s)] = _weighted_error(g, metric)

@@ -221,8 +221,17 @@ def _as_table(df):
 
 
 def _metric_table(df, metric: str | None):
+    """The rows of ``metric``, without the evaluates' summary records (``corruption="mean"``, a mean over
+    the other rows: in a heatmap it was one more column inside the mean column, in the bars one more
+    "domain" inside the mean and its spread)."""
+    from .records import SUMMARY_CORRUPTION
+
     if len(df) == 0:
         raise InvalidInputError("nothing to plot: the table is empty")
+    if "corruption" in df.columns:
+        df = df[df["corruption"].astype(object) != SUMMARY_CORRUPTION]
+        if len(df) == 0:
+            raise InvalidInputError("nothing to plot: the table holds only summary (corruption='mean') rows")
     if "metric" in df.columns and metric is not None:
         rows = df[df["metric"] == metric]
         if len(rows) == 0:

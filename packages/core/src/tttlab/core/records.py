@@ -49,6 +49,10 @@ from typing import Any
 from ._io import atomic_write_bytes, atomic_write_json, atomic_write_text, dumps, remove_stale_temps
 from .errors import InvalidInputError
 
+#: The ``corruption`` of :func:`write_domain_summary`'s mean over the corrupted domains: a summary of other
+#: records, not a domain (``metrics.domain_errors``, the plots and compare leave it out).
+SUMMARY_CORRUPTION = "mean"
+
 #: field -> allowed Python types; every field may be None except :data:`REQUIRED`.
 SCHEMA: dict[str, tuple[type, ...]] = {
     "method": (str,),  # "<package>.<method>", e.g. "torch_ttt.tent"
@@ -56,7 +60,7 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "framework": (str,),  # "torch", "jax", "numpy"
     "model": (str,),  # "resnet18", "vit_small", ...
     "dataset": (str,),  # "mnist_c", "imagenet_c", ...
-    "corruption": (str,),  # canonical corruption name; None for clean data
+    "corruption": (str,),  # canonical corruption name; None for clean data; SUMMARY_CORRUPTION: a mean
     "severity": (int,),  # 1..5; None for clean data
     "setting": (str,),  # "episodic", "reset_each_shift", "continual", "mixed", "gradual"
     "step": (int,),  # adaptation step / epoch / batch index, as the method documents
@@ -767,7 +771,8 @@ def write_domain_summary(writer: RecordWriter, totals: Mapping[Any, Sequence], e
     ``totals`` maps a ``tttlab.core.benchmark.Domain`` to ``(correct, n, seconds, ...)``.  Per domain with
     images: ``accuracy`` and ``s_per_image`` (``n`` images, ``wall_time_s`` = adaptation + prediction
     seconds, ``extra`` = ``extra`` + ``correct`` + ``domain_extra(domain, row)``); then, when at least
-    ``min_domains_for_mean`` corrupted domains were seen, ``accuracy`` with ``corruption="mean"`` over them
+    ``min_domains_for_mean`` corrupted domains were seen, ``accuracy`` with ``corruption="mean"``
+    (:data:`SUMMARY_CORRUPTION`) over them
     (``n`` = all images, ``severity`` the common one or None).  Written as one :meth:`RecordWriter.group`.
     """
     with writer.group():  # all or none of the summary (a run killed in the middle is not half recorded)
@@ -793,7 +798,7 @@ def _domain_summary(writer, totals, extra, domain_extra, min_domains_for_mean) -
     if accs and len(accs) >= min_domains_for_mean:
         sev = {d.severity for d, row in totals.items() if d.corruption is not None and row[1]}
         out.append(
-            writer.write(metric="accuracy", value=float(np.mean(accs)), corruption="mean",
+            writer.write(metric="accuracy", value=float(np.mean(accs)), corruption=SUMMARY_CORRUPTION,
                          severity=sev.pop() if len(sev) == 1 else None, n=n_all, wall_time_s=t_all,
                          extra={**extra, "domains": len(accs)})
         )  # fmt: skip
