@@ -17,13 +17,17 @@ setting              domain order                                               
 ``gradual`` follows the test-time-adaptation benchmark (mariodoebler/test-time-adaptation, RMT): every
 corruption goes 1,2,3,4,5,4,3,2,1, and a single given severity (the usual ``[5]``) stands for all five,
 as there (a gradual stream of one severity would be the continual one).  Several severities go up and
-down through those given.  Two differences from CoTTA's own ``cifar10c_gradual.py``, kept on purpose:
+down through those given (there, several given severities are visited once each, in the given order,
+with no way back down).  Two differences from CoTTA's own ``cifar10c_gradual.py``, kept on purpose:
 CoTTA starts its first corruption at 5,4,3,2,1 (no way up), and a revisited severity here shows the
 same images in another seeded order, where both references replay the first visit's order.  With
 several severities every setting visits corruption by corruption, each through its severities (as the
 benchmark above; CoTTA's ``cifar10c.py`` loops severities outermost), and ``reset_each_shift`` resets
 at every (corruption, severity) domain, as Tent's code does (the benchmark above resets per corruption
-only).
+only).  ``mixed`` with several severities pools every (corruption, severity) domain into one shuffled
+stream; the benchmark above's ``mixed_domains`` plays one shuffled pool of all corruptions per severity,
+severity after severity in the given order, without a reset in between (with one severity, the usual
+``[5]``, both are one pool of all corruptions).
 
 Label-correlated (non-i.i.d.) streams: ``dirichlet_delta`` reorders each domain's images by class, in
 any setting (``mixed``: the pooled stream).  ``0`` sorts them by class; ``delta > 0`` follows NOTE (Gong
