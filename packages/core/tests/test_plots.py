@@ -119,3 +119,23 @@ def test_plots_of_a_run_directory_leave_the_evaluates_mean_record_out(tmp_path, 
     errorbar = next(c for c in ax.containers if hasattr(c, "has_xerr"))
     (segment,) = errorbar.lines[2][0].get_segments()
     assert segment[1, 0] - segment[0, 0] == pytest.approx(2 * 100 * np.std([0.5, 0.3, 0.8], ddof=1))
+
+
+def test_bars_leave_clean_rows_out_of_the_mean_over_domains(tmp_path, monkeypatch):
+    """A records table with a clean row (corruption None, 100 %) and two corrupted domains (50 %, 30 %):
+    the bar is the mean over the domains, 40.0 with spread std(50, 30) = 14.1, as the heatmap's mean
+    column; averaging the clean row in gave 60.0.  A table of clean rows only still plots them."""
+    import pandas as pd
+
+    rows = [dict(method="tent", metric="accuracy", corruption=c, severity=s, value=v)
+            for c, s, v in ((None, None, 1.0), ("fog", 5, 0.5), ("snow", 5, 0.3))]  # fmt: skip
+    figs = []
+    monkeypatch.setattr(plots, "save", lambda fig, out: figs.append(fig) or out)
+    plots.plot_bars(pd.DataFrame(rows), out=tmp_path / "bars", cost=None)
+    ax = figs[0].axes[0]
+    assert ax.patches[0].get_width() == pytest.approx(40.0)
+    errorbar = next(c for c in ax.containers if hasattr(c, "has_xerr"))
+    (segment,) = errorbar.lines[2][0].get_segments()
+    assert segment[1, 0] - segment[0, 0] == pytest.approx(2 * 100 * np.std([0.5, 0.3], ddof=1))
+    plots.plot_bars(pd.DataFrame(rows[:1]), out=tmp_path / "clean", cost=None)
+    assert figs[1].axes[0].patches[0].get_width() == pytest.approx(100.0)

@@ -292,6 +292,9 @@ def plot_bars(
 ) -> Path:  # fmt: skip
     """Mean ``metric`` per method (bars with the spread over domains), adaptation cost on a second panel.
 
+    Clean rows (no corruption) are left out of the mean when the table has corrupted rows, as in
+    :func:`plot_heatmap`'s mean column; a table of clean rows only is plotted as it is.
+
     The cost (seconds per image) is the ``cost`` column of a wide table, or the mean value of the rows
     whose ``metric`` is ``cost`` in a records table, or else sum(``wall_time_s``) / sum(``n``) of the
     metric's rows when those are recorded.  Without any, only the first panel is drawn.  ``df`` may also
@@ -299,6 +302,9 @@ def plot_bars(
     """
     df = _as_table(df)
     data = _metric_table(df, metric)
+    if "corruption" in data.columns and data["corruption"].notna().any():
+        # clean rows (no corruption) stay out of the mean over domains, as in plot_heatmap's mean column
+        data = data[data["corruption"].notna()]
     for c in (group, value):
         if c not in data.columns:
             raise InvalidInputError(f"the table has no {c!r} column; it has {list(data.columns)}")
