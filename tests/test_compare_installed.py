@@ -20,8 +20,9 @@ CONFIG = cmp.load_config([])
 DEMO_SPECS, UNAVAILABLE = cmp.resolve_methods(CONFIG["methods"])
 # one method of the demo set per installed subpackage (an adapting one, not the baseline): the whole demo
 # set in the smoke profile would take minutes on 2 cores.  The JAX method first: compare starts the tasks in
-# this order, jobs=2, and MTTT's cold XLA compiles (~25 s on 2 cores) take as long as the four torch tasks
-# together; started last, it ran alone after them (52 s -> 43 s for the fixture, measured on 2 cores).
+# this order, jobs=2, and MTTT's cold XLA compiles (20-35 s on 2 cores) take about as long as the four torch
+# tasks together; started last, it ran alone after them (the demo fixture on the shared 2-core machine:
+# 52 s -> 43 s at load ~4, 31 s -> 29.5 s at load ~2).
 SPECS = sorted(
     list(
         {
