@@ -276,6 +276,39 @@ def test_continual_and_mixed_settings(env, no_plots):
     assert len(longer.results) == 2 * 3 * 2
 
 
+def test_the_next_task_starts_when_one_ends_not_at_a_polling_tick(monkeypatch):
+    """run_tasks started the next task only at its loop's next 0.2 s sleep: 20 evaluates that end at once,
+    one job at a time, took at least 4 s (with the many short evaluates of these tests, a good part of this
+    file's time).  Now a worker that ends wakes the loop; every task still runs exactly once, in order, never
+    two at a time with jobs=1."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    order, active, overlap = [], [], []
+    lock = threading.Lock()
+
+    def instant(task, c, stop=None):
+        with lock:
+            active.append(task)
+            overlap.append(len(active))
+        order.append(task.seed)
+        task.status, task.seconds = "ok", 0.0
+        with lock:
+            active.remove(task)
+
+    monkeypatch.setattr(cmp, "run_task", instant)
+    spec = SimpleNamespace(name="fake.alpha", package="fake")
+    tasks = [cmp.Task(spec=spec, setting="episodic", seed=k, root=Path("."), corruptions=["fog"], severities=[5],
+                      todo=[("fog", 5)]) for k in range(20)]  # fmt: skip
+    t0 = time.perf_counter()
+    cmp.run_tasks(tasks, {"jobs": 1, "progress": False}, echo=lambda *a: None)
+    seconds = time.perf_counter() - t0
+    assert order == list(range(20)) and max(overlap) == 1
+    assert {t.status for t in tasks} == {"ok"}
+    assert seconds < 2.0, f"20 instant tasks took {seconds:.1f} s (0.2 s ticks: >= 4 s)"
+
+
 def test_timeout_is_a_failure(env):
     cfg = base_config(env["tmp"] / "timeout", methods=["fake.alpha"], timeout_s=0.5,
                       overrides={"fake.alpha": {"fake": {"sleep": 30}}})  # fmt: skip

@@ -18,9 +18,18 @@ def run(tmp_path, cache, method, **kw):
                   "progress": False, "benchmark": dict(BENCH), **kw})  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def default_runs(tmp_path_factory, smoke_cache) -> dict:
+    """``run(<tmp>, cache, method)`` of each method, once for this file: the tests that only read these
+    records share them (each evaluated its own copy before; a test that changes a run directory makes its
+    own)."""
+    out = tmp_path_factory.mktemp("default_runs")
+    return {method: run(out, smoke_cache, method) for method in METHODS}
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_contract_records(tmp_path, cache, method):
-    path = run(tmp_path, cache, method)
+def test_contract_records(default_runs, method):
+    path = default_runs[method]
     df = load_records(path)
     acc = df[(df.metric == "accuracy") & (df.corruption != "mean")]
     assert sorted(acc.corruption) == ["brightness", "gaussian_noise"] and set(acc.n) == {3}
@@ -37,8 +46,8 @@ def test_contract_records(tmp_path, cache, method):
     assert set(df.method) == {method}
 
 
-def test_ttt_step0_is_the_baseline_and_resume(tmp_path, cache):
-    base = load_records(run(tmp_path, cache, "ttt_mae.baseline"))
+def test_ttt_step0_is_the_baseline_and_resume(tmp_path, cache, default_runs):
+    base = load_records(default_runs["ttt_mae.baseline"])
     path = run(tmp_path, cache, "ttt_mae.ttt")
     ttt = load_records(path)
     b = base[base.metric == "accuracy"].set_index("corruption").value
@@ -132,12 +141,12 @@ def test_hydra_configs_compose():
         assert list(ttt.benchmark.severities) == [5]
 
 
-def test_summary_records_from_the_per_image_records(tmp_path, cache):
+def test_summary_records_from_the_per_image_records(tmp_path, cache, default_runs):
     """The summary (core ``write_domain_summary`` + curves) holds what the per-image records say, with the
     same fields as before the move to core: accuracy / s_per_image at ``step=steps``, mean over corruptions."""
     import numpy as np
 
-    path = run(tmp_path, cache, "ttt_mae.ttt")
+    path = default_runs["ttt_mae.ttt"]
     df = load_records(path)
     images = load_records(path.parent / "images", metric="correct")
     steps = 2
