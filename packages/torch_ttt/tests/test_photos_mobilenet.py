@@ -106,7 +106,6 @@ def test_bn_engine_equals_batch_statistics_by_hand(tiny):
     assert counts["clean"] < 8  # batch statistics of 4 crops are not the stored ones
 
 
-@pytest.mark.slow  # two evaluations: ~15 s on the 2 shared cores at load ~7
 def test_sar_runs_are_identical_and_count_their_recoveries(tiny):
     """Two continual SAR runs give the same records; with every sample kept (E0 = 100) and a recovery
     threshold above any entropy (100) the model recovers after every step: 2 per domain (2 batches)."""
