@@ -544,6 +544,19 @@ def test_photos_without_scikit_image_names_the_install(monkeypatch):
         photos.load_photos()
 
 
+def test_load_photos_are_the_bytes_of_proxy_c():
+    """``load_photos`` now takes core's ``photos`` (crop 0: resize 256, centre 224); the pixels are those of
+    the README's proxy (c) run, i.e. its numbers stand (SHA-256 of the array before the move: 93f7a6d9...)."""
+    import hashlib
+
+    from tttlab.memo_tpt import photos
+
+    pytest.importorskip("skimage")
+    names, images = photos.load_photos()
+    assert names[:2] == ["astronaut", "chelsea"] and images.flags.writeable
+    assert hashlib.sha256(images.tobytes()).hexdigest()[:16] == "93f7a6d9a75ba896"
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [

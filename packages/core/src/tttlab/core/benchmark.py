@@ -59,7 +59,13 @@ generated from ImageNet val with the upstream resize-256 / centre-crop-224 and, 
 ImageNet-C image, saved as a quality-85 JPEG: ``make_imagenet_c.py`` writes each corrupted image with
 Pillow at ``quality=85`` (4:2:0 chroma), which smooths the noise corruptions in particular; the
 generated domains repeat that round trip, see ``Benchmark(jpeg_quality=...)``).  CIFAR-10-C was saved as
-raw ``.npy``: no round trip there.
+raw ``.npy``: no round trip there.  ``photos_c``: the eight real photos of :func:`tttlab.core.data.photos`
+(scikit-image / scikit-learn, offline) as :data:`PHOTOS_C_CROPS` 224 px crops each (crop 0 the ImageNet
+resize-256 / centre-224 view, the others random crops: overlapping views of the same 8 photos, not
+independent images), corrupted with the ``imagenet`` constants and the same quality-85 JPEG round trip as a
+generated ``imagenet_c``; ``num_examples`` takes a seeded random subset of the 512 crops.  It has no class
+labels: each image's label is its index among the 512 crops (:data:`UNLABELLED_BENCHMARKS`), for the caller
+to map to a per-image reference such as a model's prediction on the clean crop.
 """
 
 from __future__ import annotations
@@ -86,7 +92,11 @@ from .errors import (
 )
 
 SETTINGS: tuple[str, ...] = ("episodic", "reset_each_shift", "continual", "mixed", "gradual")
-BENCHMARKS: tuple[str, ...] = ("mnist_c", "digits_c", "cifar10_c", "imagenet_c")
+BENCHMARKS: tuple[str, ...] = ("mnist_c", "digits_c", "cifar10_c", "imagenet_c", "photos_c")
+#: Crops per photo of the ``photos_c`` source (:func:`tttlab.core.data.photos`): 8 photos x 64 = 512 images.
+PHOTOS_C_CROPS = 64
+#: Benchmarks whose labels are image indices, not classes (the caller supplies per-image references).
+UNLABELLED_BENCHMARKS: tuple[str, ...] = ("photos_c",)
 #: Images corrupted per random generator; fixed so that results never depend on the batch size.
 CHUNK = 512
 #: The JPEG quality of the released ImageNet-C files (``make_imagenet_c.py`` saves them with ``quality=85``).
@@ -407,6 +417,11 @@ class Benchmark:
         )
 
     # ------------------------------------------------------------------ data
+    def example_indices(self) -> np.ndarray:
+        """Indices of the ``source`` images a generated domain holds, in the order it stores them (the seeded
+        subset of ``num_examples``, or the first ones with ``shuffle=False``)."""
+        return self._example_indices()
+
     def _example_indices(self) -> np.ndarray:
         n = len(self.source)
         if not self.shuffle:  # file order: the first num_examples, as the references read the files
@@ -617,10 +632,17 @@ def make_benchmark(
         num_examples=num_examples, seed=seed, cache_dir=cache_dir, include_clean=include_clean,
         shuffle=shuffle, dirichlet_delta=dirichlet_delta,
     )  # fmt: skip
-    if name in ("mnist_c", "digits_c") and root is not None:
+    if name in ("mnist_c", "digits_c", "photos_c") and root is not None:
         raise InvalidInputError(
             f"benchmark {name!r} is generated from embedded data and reads no files; got root={root!r} "
             "(root is for cifar10_c / imagenet_c)"
+        )
+    if name == "photos_c":
+        if split != "test":
+            raise InvalidInputError(f"benchmark 'photos_c' has no splits; got split={split!r}")
+        source = data.photos(224, PHOTOS_C_CROPS)
+        return Benchmark(
+            name, source, family="imagenet", jpeg_quality=IMAGENET_C_JPEG_QUALITY, source_id="", **common
         )
     if name in ("mnist_c", "digits_c"):
         source = (data.mnist if name == "mnist_c" else data.digits)(split)

@@ -220,7 +220,7 @@ def _as_list(value, name: str) -> list:
 def check_config(c: dict[str, Any]) -> dict[str, Any]:
     """Fill the profile's values, normalise lists, check names and ranges; raises ConfigError."""
     from . import corruptions as C
-    from .benchmark import BENCHMARKS, SETTINGS
+    from .benchmark import BENCHMARKS, SETTINGS, UNLABELLED_BENCHMARKS
 
     profiles = c.get("profiles") or {}
     if c["profile"] not in profiles:
@@ -234,6 +234,12 @@ def check_config(c: dict[str, Any]) -> dict[str, Any]:
     if c["benchmark"] not in BENCHMARKS:
         raise ConfigError(
             f"config key 'benchmark'={c['benchmark']!r}: expected one of {', '.join(BENCHMARKS)}"
+        )
+    if c["benchmark"] in UNLABELLED_BENCHMARKS:  # labels are image indices: every method's accuracy is 0
+        raise ConfigError(
+            f"config key 'benchmark'={c['benchmark']!r} has no class labels (each image is labelled by its "
+            "index), so the methods' accuracies would be meaningless; its agreement protocol runs with "
+            "tttlab-torch-ttt-evaluate +experiment=photos_mobilenet_v2"
         )
     c["setting"] = [str(s) for s in _as_list(c["setting"], "setting")]
     for s in c["setting"]:

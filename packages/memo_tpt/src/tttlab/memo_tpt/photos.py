@@ -36,23 +36,15 @@ CORRUPTIONS = ("gaussian_noise", "shot_noise", "defocus_blur", "motion_blur", "f
 
 
 def load_photos(size: int = 224) -> tuple[list[str], np.ndarray]:
-    from PIL import Image
-
+    """The eight photos (names, uint8 (8, size, size, 3)), each resized (shorter side 256) and centre-cropped:
+    crop 0 of core's :func:`tttlab.core.data.photos` (the same bytes this function produced itself before)."""
+    from tttlab.core.data import PHOTO_NAMES, photos
     from tttlab.core.errors import require
 
-    d = require("skimage.data", "photos", "tttlab-memo-tpt")
-    load_sample_images = require("sklearn.datasets", "photos", "tttlab-memo-tpt").load_sample_images
-
-    from tttlab.core.data._base import resize_center_crop
-
-    left, right, _ = d.stereo_motorcycle()
-    raw = {"astronaut": d.astronaut(), "chelsea": d.chelsea(), "coffee": d.coffee(), "rocket": d.rocket(),
-           "motorcycle_left": left, "motorcycle_right": right}  # fmt: skip
-    sk = load_sample_images()
-    for name, img in zip(("china", "flower"), sk.images):
-        raw[name] = img
-    t = resize_center_crop(256, size)
-    return list(raw), np.stack([np.asarray(t(Image.fromarray(a))) for a in raw.values()])
+    # named here so that a missing one asks for this package's extra
+    require("skimage.data", "photos", "tttlab-memo-tpt")
+    require("sklearn.datasets", "photos", "tttlab-memo-tpt")
+    return list(PHOTO_NAMES), np.array(photos(size, crops_per_photo=1).images)  # a writable copy
 
 
 def run(views: int = 32, severities=(3, 5), corruptions=CORRUPTIONS, seed: int = 0, lr: float = 2.5e-4,

