@@ -447,8 +447,9 @@ def test_an_empty_engine_kwargs_override_means_the_engine_defaults(tmp_path, mon
     # the command: the composed config cannot tell the override from none; main reads it from Hydra
     seen = []
 
-    def fake_run(cfg, clear_engine_kwargs=False):
-        seen.append(E.eval_config(cfg, clear_engine_kwargs=clear_engine_kwargs)["engine"]["kwargs"])
+    def fake_run(cfg, clear_engine_kwargs=False, command_line=None):
+        seen.append(E.eval_config(cfg, clear_engine_kwargs=clear_engine_kwargs,
+                                  command_line=command_line)["engine"]["kwargs"])  # fmt: skip
         return str(tmp_path / "records.jsonl")
 
     monkeypatch.setattr(E, "run", fake_run)

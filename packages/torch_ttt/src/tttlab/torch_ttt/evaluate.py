@@ -188,8 +188,8 @@ class EvalConfig(RunConfig):
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     model_checkpoint: ModelCheckpointConfig = field(default_factory=ModelCheckpointConfig)
     #: ``{engine name: {kwargs: {...}, optimization: {...}}}``: settings of an experiment for whichever engine
-    #: is selected, filling what ``engine`` leaves open (absent kwargs, null optimization values); the
-    #: command line and ``conf/engine/<name>.yaml`` win.  Lets one experiment hold several engines' paper
+    #: is selected.  Precedence: the command line > these presets > ``conf/engine/<name>.yaml`` > the engine
+    #: class's defaults (:func:`apply_engine_defaults`).  Lets one experiment hold several engines' paper
     #: settings while ``engine=`` picks the engine.
     engine_defaults: dict[str, Any] = field(default_factory=dict)
 
@@ -228,13 +228,21 @@ def clears_engine_kwargs(overrides) -> bool:
 
 
 def eval_config(
-    cfg: Mapping | None = None, overrides: list[str] | None = None, *, clear_engine_kwargs: bool = False
+    cfg: Mapping | None = None,
+    overrides: list[str] | None = None,
+    *,
+    clear_engine_kwargs: bool = False,
+    command_line: list[str] | None = None,
 ) -> dict[str, Any]:
     """``conf/evaluate.yaml`` + ``conf/engine/<engine>.yaml`` + ``cfg`` (a possibly partial mapping, with
     ``engine`` a name or a mapping) + ``key=value`` overrides, validated against :class:`EvalConfig`.
-    ``clear_engine_kwargs`` (or ``engine.kwargs={}`` among ``overrides``): ``engine.kwargs`` is empty, the
-    engine's own defaults (:func:`clears_engine_kwargs`)."""
-    clear_engine_kwargs = bool(clear_engine_kwargs) or clears_engine_kwargs(overrides)
+    ``clear_engine_kwargs`` (or ``engine.kwargs={}`` among ``overrides`` or ``command_line``):
+    ``engine.kwargs`` is empty, the engine's own defaults (:func:`clears_engine_kwargs`).
+    ``command_line``: the command's Hydra overrides when ``cfg`` is the config Hydra composed from them (the
+    engine settings they name win over an experiment's ``engine_defaults``, :func:`given_engine_keys`)."""
+    clear_engine_kwargs = (
+        bool(clear_engine_kwargs) or clears_engine_kwargs(overrides) or clears_engine_kwargs(command_line)
+    )
     from omegaconf import OmegaConf
 
     from tttlab.core.config import validate
@@ -246,6 +254,7 @@ def eval_config(
         raise ConfigError(f"engine={name!r}; expected one of {EngineRegistry.names()}")
     base = T.conf_yaml("evaluate.yaml")
     base["engine"] = T.conf_yaml(f"engine/{name}.yaml")
+    given = given_engine_keys(user.get("engine"), base["engine"], [*(overrides or ()), *(command_line or ())])
     if isinstance(engine, str):
         user = {**user, "engine": {"name": engine}}
     profile = user.pop("profile", None)
@@ -254,7 +263,7 @@ def eval_config(
     c = T.to_dict(validate(OmegaConf.to_container(merged, resolve=True), EvalConfig))
     if clear_engine_kwargs:
         c["engine"]["kwargs"] = {}
-    apply_engine_defaults(c, fill_kwargs=not clear_engine_kwargs)
+    apply_engine_defaults(c, fill_kwargs=not clear_engine_kwargs, given=given)
     c["amp"] = check_amp(c["amp"])
     c["compile"] = check_compile(c["compile"])
     if c["stream"] not in STREAMS:
@@ -289,8 +298,50 @@ def eval_config(
     return c
 
 
-def apply_engine_defaults(c: dict[str, Any], *, fill_kwargs: bool = True) -> None:
-    """Fill ``c["engine"]`` from ``c["engine_defaults"][<engine name>]`` (see :class:`EvalConfig`);
+#: The sections of ``engine`` an experiment's ``engine_defaults`` presets set.
+PRESET_SECTIONS = ("kwargs", "optimization")
+
+
+def given_engine_keys(engine: Any, engine_yaml: Mapping, overrides) -> set[tuple[str, str]]:
+    """``{(section, key)}`` of the ``engine.kwargs`` / ``engine.optimization`` settings the caller gave, which
+    an experiment's ``engine_defaults`` must not override (:func:`apply_engine_defaults`): those named in
+    the ``key=value`` ``overrides`` (``[+]engine.kwargs.<key>=...``, ``engine.optimization={<key>: ...}``;
+    the command line's Hydra overrides too), and those of the caller's ``engine`` mapping whose values differ
+    from ``conf/engine/<name>.yaml``'s (``engine_yaml``; null optimization values never count).  A config
+    Hydra composed holds the YAML's values too: only the overrides tell that one of those was given."""
+    import yaml
+
+    given: set[tuple[str, str]] = set()
+    for o in overrides or ():
+        key, sep, value = str(o).partition("=")
+        key = key.strip().lstrip("+~")
+        for section in PRESET_SECTIONS:
+            prefix = f"engine.{section}"
+            if key.startswith(prefix + "."):
+                given.add((section, key[len(prefix) + 1 :].split(".")[0]))
+            elif key == prefix and sep:
+                try:
+                    mapping = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    mapping = None
+                given.update((section, str(k)) for k in (mapping if isinstance(mapping, dict) else ()))
+    if isinstance(engine, Mapping):
+        for section in PRESET_SECTIONS:
+            ours = engine_yaml.get(section) or {}
+            for key, value in (engine.get(section) or {}).items():
+                if section == "optimization" and value is None:
+                    continue
+                if key not in ours or value != ours[key]:
+                    given.add((section, str(key)))
+    return given
+
+
+def apply_engine_defaults(
+    c: dict[str, Any], *, fill_kwargs: bool = True, given: set[tuple[str, str]] | frozenset = frozenset()
+) -> None:
+    """Set ``c["engine"]`` from ``c["engine_defaults"][<engine name>]`` (see :class:`EvalConfig`): a preset
+    value replaces the engine's (``conf/engine/<name>.yaml``'s, e.g. EATA's 10-class ``d_margin: 0.4``)
+    unless ``given`` (:func:`given_engine_keys`) holds its ``(section, key)``: the command line wins.
     ``fill_kwargs=False`` (``engine.kwargs={}``): the optimization only."""
     presets = c.get("engine_defaults") or {}
     for name, preset in presets.items():
@@ -298,20 +349,21 @@ def apply_engine_defaults(c: dict[str, Any], *, fill_kwargs: bool = True) -> Non
             raise ConfigError(
                 f"engine_defaults.{name}: unknown engine; expected one of {EngineRegistry.names()}"
             )
-        unknown = sorted(set(preset or {}) - {"kwargs", "optimization"})
+        unknown = sorted(set(preset or {}) - set(PRESET_SECTIONS))
         if unknown:
             raise ConfigError(
                 f"engine_defaults.{name}: unknown key(s) {unknown}; expected kwargs, optimization"
             )
     preset = presets.get(c["engine"]["name"]) or {}
-    kwargs = c["engine"].setdefault("kwargs", {})
-    for key, value in (preset.get("kwargs") or {}).items():
-        if fill_kwargs:
-            kwargs.setdefault(key, value)
-    optimization = c["engine"].setdefault("optimization", {})
-    for key, value in (preset.get("optimization") or {}).items():
-        if optimization.get(key) is None:
-            optimization[key] = value
+    for section in PRESET_SECTIONS:
+        target = c["engine"].setdefault(section, {})
+        if target is None:
+            target = c["engine"][section] = {}
+        if section == "kwargs" and not fill_kwargs:
+            continue
+        for key, value in (preset.get(section) or {}).items():
+            if (section, key) not in given:
+                target[key] = value
 
 
 def check_model_checkpoint(c: dict[str, Any]) -> None:
@@ -966,12 +1018,21 @@ def totals_from_records(path: Path, domains) -> dict[Any, list]:
     return totals
 
 
-def run(cfg: Mapping | None = None, *, clear_engine_kwargs: bool = False, **overrides) -> Path:
+def run(
+    cfg: Mapping | None = None,
+    *,
+    clear_engine_kwargs: bool = False,
+    command_line: list[str] | None = None,
+    **overrides,
+) -> Path:
     """Evaluate per ``cfg`` (a mapping with keys of ``conf/evaluate.yaml``; partial is fine); returns the
     records file.  Under ``torchrun`` every rank calls it; rank 0 returns the merged records.
-    ``clear_engine_kwargs``: the command line said ``engine.kwargs={}`` (:func:`clears_engine_kwargs`)."""
+    ``clear_engine_kwargs``: the command line said ``engine.kwargs={}`` (:func:`clears_engine_kwargs`);
+    ``command_line``: the Hydra overrides ``cfg`` was composed from (:func:`eval_config`)."""
     c = eval_config(
-        {**(T.to_dict(cfg) if cfg is not None else {}), **overrides}, clear_engine_kwargs=clear_engine_kwargs
+        {**(T.to_dict(cfg) if cfg is not None else {}), **overrides},
+        clear_engine_kwargs=clear_engine_kwargs,
+        command_line=command_line,
     )
     dist = init_distributed()
     device = T.resolve_device(c["device"])
@@ -1095,8 +1156,11 @@ def main() -> None:
         from hydra.core.hydra_config import HydraConfig
 
         with T.user_errors("tttlab-torch-ttt-evaluate"):
-            # the composed cfg cannot tell engine.kwargs={} (merged: no change) from no override
-            path = run(cfg, clear_engine_kwargs=clears_engine_kwargs(HydraConfig.get().overrides.task))
+            # the composed cfg cannot tell engine.kwargs={} (merged: no change) from no override, nor an
+            # engine setting given on the command line from the engine YAML's (experiment presets win over
+            # the latter only)
+            task = list(HydraConfig.get().overrides.task)
+            path = run(cfg, clear_engine_kwargs=clears_engine_kwargs(task), command_line=task)
         if init_distributed().rank == 0:
             print("\n".join(summary_lines(Path(path))))
             print(path)

