@@ -53,9 +53,11 @@ deliberately, to keep torch-ttt's online per-batch API and its defaults:
 * its SimCLR views (``cifar/utils/prepare_dataset.py``) are crop 0.2-1 + flip + colour jitter (0.4, 0.4,
   0.4, hue 0.1; p=0.8) + grayscale p=0.2, without blur; the default views here are torch-ttt's (crop
   0.2-1 + flip, grayscale p=0.2, Gaussian blur p=0.3, no colour jitter:
-  :func:`~tttlab.torch_ttt.augment.simclr_views`).  For the official ones pass ``contrastive_transform=``
-  a callable giving one augmented view of the batch that draws the transform per image (a torchvision
-  ``Compose`` applied to the whole batch tensor draws one crop, flip and jitter for all of its images).
+  :func:`~tttlab.torch_ttt.augment.simclr_views`).  ``views="official"`` makes the official ones, drawn per
+  image on the batch tensor (:func:`~tttlab.torch_ttt.augment.official_ttt_pp_views`; ``view_mean`` /
+  ``view_std``: the normalisation of the inputs, so that jitter and clamping act on [0, 1] pixels as
+  upstream's do); a torchvision ``Compose`` passed as ``contrastive_transform`` would draw one crop, flip and
+  jitter for all of a batch's images.
 
 As the official code: the CORAL term (``||C_s - C_t||_F^2 / (4 d^2)``, unbiased covariances) and the mean
 term (``mean((mu_s - mu_t)^2)``), and a fixed head (its ``--fix_ssh``).
@@ -71,7 +73,7 @@ from torch import nn
 
 from tttlab.core.errors import InvalidInputError
 
-from ..augment import simclr_views
+from ..augment import official_ttt_pp_views, simclr_views
 from ..engine_registry import EngineRegistry
 from ..heads import (
     RunningMoments,
@@ -157,8 +159,14 @@ class TTTPPEngine(BaseEngine):
     (default :class:`ContrastiveLoss`, temperature 0.07); contrastive_transform (a callable giving one
     augmented view of a batch; default: SimCLR views); scale_cov, scale_mu, scale_c_cov, scale_c_mu (0.1);
     optimization_parameters; feature_shape / example_input (to build the head for other layer types);
-    generator (for the default views).
+    generator (for the built-in views); views (without ``contrastive_transform``): ``"torch_ttt"`` (default,
+    :func:`~tttlab.torch_ttt.augment.simclr_views`) or ``"official"`` (the TTT++ code's,
+    :func:`~tttlab.torch_ttt.augment.official_ttt_pp_views`, with ``view_mean`` / ``view_std``: the inputs'
+    normalisation, None for [0, 1] pixels).
     """
+
+    #: The built-in contrastive views (``views=``).
+    VIEWS = ("torch_ttt", "official")
 
     compiled_adaptation = False  # reads inner layers through hooks: eager under engine.compile()
 
@@ -189,8 +197,18 @@ class TTTPPEngine(BaseEngine):
         feature_shape: Sequence[int] | None = None,
         example_input: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        views: str = "torch_ttt",
+        view_mean: Sequence[float] | None = None,
+        view_std: Sequence[float] | None = None,
     ) -> None:
+        if views not in self.VIEWS:
+            raise InvalidInputError(f"TTTPPEngine views={views!r}: expected one of {list(self.VIEWS)}")
+        if contrastive_transform is not None and views != "torch_ttt":
+            raise InvalidInputError(
+                f"TTTPPEngine views={views!r} and a contrastive_transform: expected one of them"
+            )
         super().__init__(model, optimization_parameters)
+        self.views, self.view_mean, self.view_std = views, view_mean, view_std
         self.features_layer_name = features_layer_name
         # a tuple, so the layer is not registered twice (engine.state_dict() keeps one copy)
         self._target = (find_module(model, features_layer_name),)
@@ -276,6 +294,8 @@ class TTTPPEngine(BaseEngine):
     def _views(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.contrastive_transform is not None:
             return torch.cat([self.contrastive_transform(inputs), self.contrastive_transform(inputs)])
+        if self.views == "official":
+            return official_ttt_pp_views(inputs, 2, self.generator, mean=self.view_mean, std=self.view_std)
         return simclr_views(inputs, 2, generator=self.generator)
 
     def contrastive_loss(self, view_features: torch.Tensor) -> torch.Tensor:
