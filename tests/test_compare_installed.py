@@ -8,6 +8,8 @@ recomputes nothing.  Skipped where no subpackage is installed (the core-only env
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 
 import pandas as pd
@@ -37,6 +39,27 @@ SPECS = sorted(
 METHODS = "methods=[" + ",".join(s.name for s in SPECS) + "]"
 
 pytestmark = pytest.mark.skipif(not SPECS, reason="no subpackage with a method of the demo set is installed")
+
+# The JAX evaluate subprocesses of this module share the persistent XLA compilation cache of MTTT's tests
+# (the folder packages/mttt_jax/tests/conftest.py sets): the second comparison (the label-correlated stream)
+# loads the ``predict`` program the first one compiled, and a run after ``make test-jax`` of the same JAX
+# loads MTTT's training programs too (~25 s of XLA compiles on 2 cores; JAX keys each entry by the program,
+# the JAX/XLA version, the flags and the device, so a hit is the same executable).  Set for this module
+# only (a top-level tests/conftest.py clashed with mttt_jax's tests/conftest.py in one pytest session).
+XLA_CACHE_ENV = {
+    "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "tttlab_mttt_jax_test_xla_cache"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_xla_cache():
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in XLA_CACHE_ENV.items():
+            if key not in os.environ:
+                mp.setenv(key, value)
+        yield
 
 
 @pytest.fixture(scope="module")
