@@ -44,6 +44,7 @@ How it runs (the core imports no subpackage and no framework):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import fnmatch
@@ -165,6 +166,24 @@ def _split_argv(argv: Sequence[str]) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def _store_groups_hidden(keys):
+    """Hide the Hydra ``ConfigStore`` groups named like compare's keys while it composes ``compare.yaml``.
+
+    The subpackages' entry points call :func:`tttlab.core.config.register_configs`, which stores the config
+    groups ``benchmark``, ``data`` and ``logging``; in the same process Hydra then read compare's scalar
+    ``benchmark=cifar10_c`` as a choice in that group and refused it ("No match in the defaults list").
+    """
+    from hydra.core.config_store import ConfigStore
+
+    repo = ConfigStore.instance().repo
+    hidden = {k: repo.pop(k) for k in set(keys) if isinstance(repo.get(k), dict)}
+    try:
+        yield
+    finally:
+        repo.update(hidden)
+
+
 def load_config(overrides: Sequence[str] = (), values: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``conf/compare.yaml`` + Hydra ``overrides`` (``key=value``) + ``values``, validated; a plain dict."""
     values = dict(values or {})
@@ -183,7 +202,10 @@ def load_config(overrides: Sequence[str] = (), values: Mapping[str, Any] | None 
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:
-        with initialize_config_module(config_module="tttlab.core.conf", version_base=None):
+        with (
+            _store_groups_hidden(o.split("=", 1)[0].lstrip("+~").split(".", 1)[0] for o in overrides),
+            initialize_config_module(config_module="tttlab.core.conf", version_base=None),
+        ):
             cfg = compose("compare", overrides=[o for o in overrides if not _unknown_key(o)])
     except Exception as exc:  # noqa: BLE001 - Hydra's override errors have many types
         raise ConfigError(f"bad override in {list(overrides)}: {str(exc).splitlines()[0]}") from None
