@@ -19,24 +19,13 @@ from tttlab.torch_ttt import evaluate as E
 from tttlab.torch_ttt import train as T
 from tttlab.torch_ttt.engine_registry import EngineRegistry
 
+from .test_paper_cifar10c import hydra_compose
+
 PHOTOS = "+experiment=photos_mobilenet_v2"
 
 #: The only effective engine settings the new precedence changes: ``{(experiment, engine): {(section,
 #: key): (old value, new value)}}``.
 CHANGED = {("photos_mobilenet_v2", "eata"): {("kwargs", "d_margin"): (0.4, 0.05)}}
-
-
-def hydra_compose(overrides: list[str]) -> dict:
-    """``conf/evaluate.yaml`` as the command composes it."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    E.register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_module("tttlab.torch_ttt.conf", version_base=None):
-        cfg = compose(config_name="evaluate", overrides=overrides)
-    GlobalHydra.instance().clear()
-    return T.to_dict(cfg)
 
 
 @pytest.fixture
