@@ -887,9 +887,9 @@ def test_a_device_the_machine_lacks_is_one_error_before_any_run(env, tmp_path, c
         registry.unregister("fake.jaxy")
 
 
-def test_compare_keys_work_after_an_entry_point_registered_its_config_groups():
-    """The subpackages' entry points call ``register_configs``, which stores Hydra config groups named
-    ``benchmark``, ``data`` and ``logging``.  Afterwards, in the same process, compare's scalar override
+def test_compare_keys_work_after_register_configs_stored_its_config_groups():
+    """Core's public ``register_configs`` stores Hydra config groups named ``benchmark``, ``data`` and
+    ``logging``.  Afterwards, in the same process, compare's scalar override
     ``benchmark=digits_c`` was read as a choice in that group and refused ("No match in the defaults
     list"); now the groups are hidden while compare composes and are back afterwards."""
     from hydra.core.config_store import ConfigStore

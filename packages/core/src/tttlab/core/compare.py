@@ -170,9 +170,10 @@ def _split_argv(argv: Sequence[str]) -> list[str]:
 def _store_groups_hidden(keys):
     """Hide the Hydra ``ConfigStore`` groups named like compare's keys while it composes ``compare.yaml``.
 
-    The subpackages' entry points call :func:`tttlab.core.config.register_configs`, which stores the config
-    groups ``benchmark``, ``data`` and ``logging``; in the same process Hydra then read compare's scalar
-    ``benchmark=cifar10_c`` as a choice in that group and refused it ("No match in the defaults list").
+    :func:`tttlab.core.config.register_configs` (public: a project's ``conf/*.yaml`` can build on its
+    schemas) stores the config groups ``benchmark``, ``data`` and ``logging``; after it, in the same process
+    (a user's script, the test session), Hydra read compare's scalar ``benchmark=cifar10_c`` as a choice in
+    that group and refused it ("No match in the defaults list").
     """
     from hydra.core.config_store import ConfigStore
 
