@@ -687,3 +687,42 @@ def test_imagenet_sketch_in_tpt_s_folder_name(tmp_path):
     wnids = sorted(p.name for p in made.iterdir() if p.is_dir())  # 3 classes x 1 image, among the 1000
     assert ds.num_classes == 1000 and len(ds) == len(wnids) == 3
     assert [int(ds[i][1]) for i in range(len(ds))] == [imagenet_wnids().index(w) for w in wnids]
+
+
+def _sketch_labels(ds) -> list[int]:
+    return [int(ds[i][1]) for i in range(len(ds))]
+
+
+@pytest.mark.parametrize("layout", ["flat", "nested", "nested_root_is_dataset_folder"])
+def test_imagenet_sketch_flat_and_nested_layouts(tmp_path, layout):
+    """The official ImageNet-Sketch archive unpacks as ``ImageNet-Sketch/sketch/<wnid>/``: that nested layout
+    is read as the flat ``<datasets_root>/sketch/<wnid>/`` is (it was a DatasetLayoutError: ``sketch`` taken
+    for a class folder), with the same labels."""
+    from tttlab.core.data.imagenet import imagenet_wnids
+
+    folder = {"flat": tmp_path / "sketch", "nested": tmp_path / "ImageNet-Sketch" / "sketch",
+              "nested_root_is_dataset_folder": tmp_path / "ImageNet-Sketch" / "sketch"}[layout]  # fmt: skip
+    made = testing.make_imagenet_a(folder, n_per_class=2)
+    root = tmp_path / "ImageNet-Sketch" if layout == "nested_root_is_dataset_folder" else tmp_path
+    assert D.resolve_root("imagenet_sketch", root) == made
+    ds = D.load_test_set("imagenet_sketch", root)
+    wnids = sorted(p.name for p in made.iterdir() if p.is_dir())
+    assert ds.num_classes == 1000 and len(ds) == 2 * len(wnids) == 6
+    assert _sketch_labels(ds) == [imagenet_wnids().index(w) for w in wnids for _ in range(2)]
+
+
+def test_imagenet_sketch_neither_layout_names_both(tmp_path):
+    """A folder that is neither layout: the error names the flat and the nested layout."""
+    (tmp_path / "ImageNet-Sketch" / "images" / "not_a_wnid").mkdir(parents=True)
+    with pytest.raises(DatasetLayoutError) as e:
+        D.load_test_set("imagenet_sketch", tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path / "ImageNet-Sketch") in msg
+    assert (
+        "flat <datasets_root>/<sketch" in msg
+        and "nested <datasets_root>/ImageNet-Sketch/sketch/<wnid>" in msg
+    )
+    (empty := tmp_path / "empty").mkdir()
+    (empty / "readme.txt").write_text("x")
+    with pytest.raises(DatasetNotFoundError, match=r"flat <datasets_root>.*nested <datasets_root>"):
+        D.load_test_set("imagenet_sketch", empty)

@@ -6,6 +6,7 @@ Folders under ``datasets_root`` (seed 002's layout plus R and Sketch)::
     imagenetv2-matched-frequency-format-val/<0..999>/*.jpeg   1000 classes, numeric folder order (core)
     imagenet-r/<wnid>/*.jpg                                   200 classes (core imagenet_r, class_indices)
     sketch/<wnid>/*.JPEG  (or ImageNet-Sketch/..., TPT's name, imagenet-sketch/...)   1000 classes (core imagenet)
+    ImageNet-Sketch/sketch/<wnid>/*.JPEG  (nested: the official archive unpacked into its own folder)
 
 Images are read at their own size (``transform=None``): TPT and MEMO crop their views from the full
 image, and the original view is the shorter side resized to the model's resolution + centre crop.
@@ -44,6 +45,11 @@ DATASETS = {
     "imagenet_r": (("imagenet-r", "imagenet_r"), "imagenet_r"),
     "imagenet_sketch": (("sketch", "ImageNet-Sketch", "imagenet-sketch", "imagenet_sketch"), "imagenet"),
 }
+#: the two ImageNet-Sketch layouts accepted (named together when neither is found)
+SKETCH_LAYOUTS = (
+    "flat <datasets_root>/<sketch | ImageNet-Sketch | imagenet-sketch | imagenet_sketch>/<wnid>/*.JPEG",
+    "nested <datasets_root>/ImageNet-Sketch/sketch/<wnid>/*.JPEG (the official archive unpacked in its folder)",
+)
 #: seed 002's ``data_to_test``
 DATA_TO_TEST = {"a": ["imagenet_a"], "v2": ["imagenet_v2"], "both": ["imagenet_a", "imagenet_v2"],
                 "r": ["imagenet_r"], "sketch": ["imagenet_sketch"],
@@ -72,13 +78,23 @@ def resolve_root(name: str, datasets_root) -> Path:
                                    f"{' or '.join(DATASETS[name][0])}")  # fmt: skip
     for folder in DATASETS[name][0]:
         if (root / folder).is_dir():
-            return root / folder
+            return _nested_sketch(root / folder) if name == "imagenet_sketch" else root / folder
     if any(p.is_dir() for p in root.iterdir()):
         return root  # the dataset folder itself; core checks its class folders
-    raise DatasetNotFoundError(
-        f"{root} holds no {name} folder ({', '.join(DATASETS[name][0])}) and no class folders; "
-        f"expected {root}/{DATASETS[name][0][0]}/<class>/<images>"
+    expected = (
+        f"one of {' or '.join(SKETCH_LAYOUTS)}"
+        if name == "imagenet_sketch"
+        else f"{root}/{DATASETS[name][0][0]}/<class>/<images>"
     )
+    raise DatasetNotFoundError(
+        f"{root} holds no {name} folder ({', '.join(DATASETS[name][0])}) and no class folders; expected {expected}"
+    )
+
+
+def _nested_sketch(folder: Path) -> Path:
+    """``ImageNet-Sketch/sketch/`` when the archive was unpacked inside the dataset folder, else ``folder``."""
+    inner = folder / "sketch"
+    return inner if inner.is_dir() else folder
 
 
 def load_test_set(name: str, datasets_root):
@@ -88,7 +104,14 @@ def load_test_set(name: str, datasets_root):
     root = resolve_root(name, datasets_root)
     reader = DATASETS[name][1]
     if reader == "imagenet":
-        return data.imagenet(root, split="val", transform=None)
+        try:
+            return data.imagenet(root, split="val", transform=None)
+        except DatasetLayoutError as e:
+            if name != "imagenet_sketch":
+                raise
+            raise DatasetLayoutError(
+                f"{root} is not an ImageNet-Sketch folder ({e}); expected one of {' or '.join(SKETCH_LAYOUTS)}"
+            ) from e
     return getattr(data, reader)(root, transform=None)
 
 
