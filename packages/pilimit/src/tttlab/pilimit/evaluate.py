@@ -155,6 +155,19 @@ def training_run(c: dict[str, Any]) -> Path:
     tc = T.train_config("mnist", overrides)
     key = config_hash(T.training_part(tc))
     path = Path(c["cache_dir"]) / f"pilimit-{kind}-{key}"
+    # a model cached before the run semantics joined the key (T.SEMANTICS): the same model when its epochs
+    # had no partial batch (every profile: num_examples a multiple of batch_size), so it is kept
+    legacy = Path(c["cache_dir"]) / f"pilimit-{kind}-{config_hash(T.training_part(tc, semantics=1))}"
+    d, whole = tc["data"], {"train": 60_000, "test": 10_000}.get(tc["data"].get("split") or "train", 0)
+    n = min(int(d["num_examples"] or whole), whole)  # the MNIST examples of an epoch
+    even = (
+        n > 0
+        and d["name"] == "mnist"
+        and tc["train"].get("classes") is None
+        and n % int(d["batch_size"]) == 0
+    )
+    if even and not path.exists() and legacy.exists():
+        path = legacy
     tc["out_dir"] = str(path)
     tc["logging"]["progress"] = bool(c["progress"])
     tc["device"] = c["device"]

@@ -56,6 +56,14 @@ log = logging.getLogger("tttlab.pilimit.train")
 CHECKPOINT = "last"
 KINDS = {"inf": "pilimit.inf_pinet", "finite": "pilimit.finite_pinet", "mup": "pilimit.mup"}
 TASKS = ("classify", "transfer", "maml")
+#: Version of what a training config means, part of the run identity (the resume and model-cache key): bumped
+#: whenever the same config trains differently.  1 (no field in the hash, as every run before 2026-12-01): an
+#: epoch of classify/transfer was floor(N / batch) steps, the partial last batch dropped; 2: an epoch keeps it
+#: (ceil(N / batch) steps).  A version-1 checkpoint resumes only where both versions train the same
+#: (:meth:`_Run.check_semantics`): classify/transfer without a partial batch; never MAML, whose outer step
+#: (summed over the meta-batch, the frozen readout out of the clip norm) and evaluation count changed on
+#: 2026-12-01 too, under version 1, so a version-1 MAML checkpoint may come from either side.
+SEMANTICS = 2
 #: finite/mup only; at 1.0 (the default) they stay out of the training part's hash (runs made before resume)
 INIT_ALPHAS = ("first_layer_init_alpha", "second_layer_init_alpha")
 
@@ -293,10 +301,13 @@ def progress_bar(total: int | None, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False, disable=not (enabled and sys.stderr.isatty()))
 
 
-def training_part(c: dict[str, Any]) -> dict[str, Any]:
-    """What the trained weights depend on (a checkpoint resumes only a run with the same)."""
+def training_part(c: dict[str, Any], semantics: int = SEMANTICS) -> dict[str, Any]:
+    """What the trained weights depend on (a checkpoint resumes only a run with the same): the config's
+    training keys and the code's :data:`SEMANTICS` (``semantics=1``: the part as runs before it had it)."""
     keys = ("seed", "data", "model", "optim")
     part = {k: c[k] for k in keys}
+    if semantics > 1:
+        part["semantics"] = semantics
     if (
         c.get("amp", "none") != "none"
     ):  # amp=none leaves the hash of existing runs and cached models as it was
@@ -390,7 +401,13 @@ class _Run:
         self.ckpt_path = RunDir.checkpoint_path_in(c["out_dir"], CHECKPOINT)
         ckpt = self.ckpt_path
         self._ck = load_checkpoint(ckpt) if (c["train"]["resume"] and ckpt.exists()) else None
-        if self._ck is not None and self._ck.get("config_hash") != self.key:
+        #: the semantics version of the checkpoint to resume when it is older than SEMANTICS (same config)
+        self.old_semantics: int | None = None
+        self._semantics_checked = False
+        if self._ck is not None and self._ck.get("config_hash") == config_hash(training_part(c, semantics=1)):
+            # this config, trained by the code before SEMANTICS: check_semantics decides
+            self.old_semantics = 1
+        elif self._ck is not None and self._ck.get("config_hash") != self.key:
             raise CheckpointError(
                 f"{ckpt} was written by a run with another model/training config"
                 f"{_config_diff(self._ck.get('config'), c)}; use another out_dir or train.resume=false"
@@ -401,6 +418,38 @@ class _Run:
         )
         self.out: RunDir | None = None
 
+    def check_semantics(self, examples: int | None = None, batch_size: int | None = None) -> None:
+        """Before :meth:`open`: a checkpoint of this config written under semantics version 1 resumes only
+        when version 1 and :data:`SEMANTICS` train the same: every epoch of ``examples`` at ``batch_size``
+        has no partial batch.  MAML (``examples=None``) never: see :data:`SEMANTICS`.  Otherwise a
+        CheckpointError naming the folder and what to do."""
+        self._semantics_checked = True
+        if self.old_semantics is None:
+            return
+        if examples is None:
+            raise CheckpointError(
+                f"{self.c['out_dir']}: its checkpoint {self.ckpt_path} was written by tttlab-pilimit before "
+                f"2026-12-01 (run semantics {self.old_semantics}), when MAML's outer step changed (the "
+                "gradient summed over the meta-batch instead of its mean, a frozen readout left out of the clip "
+                "norm) and so did the evaluation's episode count, under the same config; which side wrote it "
+                "cannot be told, so it is not resumed; start the run again in that folder with "
+                "train.resume=false (or give another out_dir)"
+            )
+        if batch_size and examples % batch_size:
+            old, new = examples // batch_size, math.ceil(examples / batch_size)
+            raise CheckpointError(
+                f"{self.c['out_dir']}: its checkpoint {self.ckpt_path} was written by tttlab-pilimit before "
+                f"2026-12-01 (run semantics {self.old_semantics}), whose epochs dropped the partial last batch "
+                f"({old} steps of {batch_size}, {examples % batch_size} of the {examples} examples left out); "
+                f"this version keeps it ({new} steps an epoch), so resuming would change the epoch length and "
+                "the lr milestones in the middle of the run; start the run again in that folder with "
+                "train.resume=false (or give another out_dir)"
+            )
+        log.info(
+            "%s was written under run semantics %d; this run trains the same under %d (no partial batch): "
+            "resuming it", self.ckpt_path, self.old_semantics, SEMANTICS,
+        )  # fmt: skip
+
     def open(self) -> RunDir:
         """Make (or reopen) the run directory: ``config.yaml``, ``records.jsonl``, ``checkpoints/``."""
         self.out = RunDir(self.c["out_dir"], self._recorded)
@@ -410,6 +459,10 @@ class _Run:
     def try_resume(self, net, opt, sched) -> dict[str, Any] | None:
         if self.out is None:
             raise RuntimeError("_Run.open() first: the run directory is made before training starts")
+        if self._ck is not None and self.old_semantics is not None and not self._semantics_checked:
+            raise RuntimeError(
+                "_Run.check_semantics() first: an older checkpoint resumes only after that check"
+            )
         ck, self._ck = self._ck, None
         if ck is None:
             return None
@@ -429,6 +482,7 @@ class _Run:
                 "model_state": net.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict() if sched is not None else None, "state": dict(state),
                 "history": history, "rng": torch.get_rng_state(), "done": done, "config_hash": self.key,
+                "semantics": SEMANTICS,
             },
         )  # fmt: skip
 
@@ -471,6 +525,7 @@ def _run_classify(c: dict[str, Any]) -> Path:
     # (drop_last=False; CIFAR-10 at batch 32: 1,563 steps, the last of 16 images); the lr milestones count
     # these steps, as upstream's int(epochs x len(train_loader))
     steps_per_epoch = math.ceil(len(x) / bs)
+    R.check_semantics(len(x), bs)  # an older checkpoint of this config: the same epochs, or an error now
     net = build_model(c, x.shape[1], num_outputs(c), R.device)
     opt, sched = build_optimizer(c, net, steps_per_epoch, steps_per_epoch * epochs)
     if c["compile"]:
@@ -591,6 +646,7 @@ def _run_maml(c: dict[str, Any]) -> Path:
     train_classes, test_classes = _maml_classes(m)
     d_in = int(train_classes[0][0].size)
     epochs, steps_per_epoch = int(c["train"]["epochs"]), int(m["num_batches"])
+    R.check_semantics()  # an older MAML checkpoint of this config: an error now
     net = build_model(c, d_in, int(m["num_ways"]), R.device)
     if c["model"]["kind"] != "inf" and not m["gproj_outer"]:
         c["optim"]["gproj"] = False
