@@ -23,13 +23,14 @@ SMALL = ["logging.progress=false", "threads=1", "data.num_examples=32", "train.n
 MAIN_HASHES = {
     # the whole config's hash moved with optim.gclip_drop_with_lr (2026-12-01; was 7ef9f6bbdc88 / 1e441efc1bfd)
     # and again with model.first/second_layer_init_alpha (2026-12-01; was d0505e6fc1b2 / ebc9c140d595) and
-    # with model.readout_zero_init (2026-12-01; was 614f14dfb9e3 / 0db92bd3d597): every key of the schema is
+    # with model.readout_zero_init (2026-12-01; was 614f14dfb9e3 / 0db92bd3d597) and with the eval section
+    # (eval.checkpoint, eval.val_fraction; 2026-12-01; was a5460ab08605 / 82a12f15a135): every key of the schema is
     # in it.  The training part, the resume and model-cache key, leaves them out at their defaults and did not
     # move; nor did the evaluate contract's config.  The training part is pinned at run semantics 1
     # (training_part(c, semantics=1)): since 2026-12-01 the identity also holds train.SEMANTICS, which
     # moved every identity on purpose (test_run_semantics)
-    False: ("a5460ab08605", "242710fc9e24", "6f93ea1b8401"),
-    True: ("82a12f15a135", "242710fc9e24", "753758b20e73"),
+    False: ("6d188a662c2d", "242710fc9e24", "6f93ea1b8401"),
+    True: ("81b30aa0b28a", "242710fc9e24", "753758b20e73"),
 }
 
 

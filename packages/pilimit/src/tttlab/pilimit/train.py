@@ -13,7 +13,8 @@ Paper: Yang, Santacroce, Hu, ICLR 2022 (``yang2022pinets``); upstream ``experime
 ``experiments/imagenet/transfer_imagenet.py``, ``experiments/meta`` of github.com/santacml/pilim (facts:
 the commands' hyperparameters).  Run directory (core ``RunDir``): ``config.yaml``, ``records.jsonl``
 (``test_accuracy``/``train_loss``/``train_accuracy`` per epoch, ``transfer_accuracy``,
-``fewshot_accuracy``), ``stats.json``, ``checkpoints/last.ckpt`` (atomic; written every
+``fewshot_accuracy``, ``val_fewshot_accuracy``), ``stats.json``, ``checkpoints/best_val.ckpt`` (MAML with
+``eval.checkpoint=best_val``: the net of the best validation accuracy, the one tested), ``checkpoints/last.ckpt`` (atomic; written every
 ``train.checkpoint_every`` steps; a killed run started again with the same config resumes and ends with
 the same numbers, bitwise on CPU).
 
@@ -54,6 +55,7 @@ from .optim import PiSGD, make_scheduler
 
 log = logging.getLogger("tttlab.pilimit.train")
 CHECKPOINT = "last"
+BEST_CHECKPOINT = "best_val"  # eval.checkpoint=best_val: checkpoints/best_val.ckpt
 KINDS = {"inf": "pilimit.inf_pinet", "finite": "pilimit.finite_pinet", "mup": "pilimit.mup"}
 TASKS = ("classify", "transfer", "maml")
 #: Version of what a training config means, part of the run identity (the resume and model-cache key): bumped
@@ -153,6 +155,25 @@ class MamlConfig:
     readout_zero_init: bool = True
 
 
+#: eval.checkpoint values: the last epoch's net (default) or the best-validation net (MAML, upstream's choice)
+EVAL_CHECKPOINTS = ("last", "best_val")
+#: the fixed generator seed of the meta-train / validation class split (the same split for every run seed)
+VAL_SPLIT_SEED = 0
+
+
+@dataclass
+class EvalSection:
+    # which net the final few-shot test number is taken from: last (the last epoch's, every epoch's test
+    # accuracy recorded) | best_val (MAML: validation classes held out of meta-training are evaluated after
+    # every epoch, the net of the best validation accuracy is kept in checkpoints/best_val.ckpt and evaluated
+    # on the meta-test classes once, after training, as upstream's meta/train.py + meta/test.py)
+    checkpoint: str = "last"
+    # best_val: this fraction of the meta-train classes (a fixed seeded draw) becomes the validation classes;
+    # 0.143 = 172 / 1,200, the validation share of the non-test characters in Vinyals' Omniglot split
+    # (torchmeta's, which upstream uses)
+    val_fraction: float = 0.143
+
+
 @dataclass
 class TrainConfig(RunConfig):
     experiment_name: str = "default"
@@ -169,6 +190,7 @@ class TrainConfig(RunConfig):
     train: TrainSection = field(default_factory=TrainSection)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     maml: MamlConfig = field(default_factory=MamlConfig)
+    eval: EvalSection = field(default_factory=EvalSection)
 
 
 def register_configs() -> None:
@@ -232,6 +254,17 @@ def validate(cfg) -> dict[str, Any]:
             )
     if c["train"]["task"] == "maml":
         check_maml_config(c["maml"])
+    ev = c["eval"]
+    if ev["checkpoint"] not in EVAL_CHECKPOINTS:
+        raise ConfigError(f"eval.checkpoint={ev['checkpoint']!r}; expected one of {EVAL_CHECKPOINTS}")
+    if ev["checkpoint"] == "best_val" and c["train"]["task"] != "maml":
+        raise ConfigError(
+            f"eval.checkpoint=best_val with train.task={c['train']['task']}: the best-validation net is kept for "
+            "MAML only (validation classes held out of meta-training); expected train.task=maml or "
+            "eval.checkpoint=last"
+        )
+    if not 0 < float(ev["val_fraction"]) < 1:  # NaN fails too
+        raise ConfigError(f"eval.val_fraction={ev['val_fraction']!r}: expected a number between 0 and 1")
     c["amp"], c["compile"] = precision.check(
         c["amp"], c["compile"], m["dtype"], m["impl"] if m["kind"] == "inf" else None
     )
@@ -315,6 +348,8 @@ def training_part(c: dict[str, Any], semantics: int = SEMANTICS) -> dict[str, An
     part["train"] = {k: c["train"][k] for k in ("task", "epochs")}
     if c["train"]["task"] == "maml":
         part["maml"] = c["maml"]
+    if c.get("eval", {}).get("checkpoint", "last") != "last":  # the default keeps existing identities
+        part["eval"] = c["eval"]  # best_val holds classes out of meta-training
     part["model"] = {
         k: v for k, v in c["model"].items()
         if k not in ("chunk_size", "impl", "cache_mb") and not (k in INIT_ALPHAS and v == 1.0)
@@ -640,10 +675,29 @@ def _maml_classes(m: dict[str, Any]):
     raise ConfigError(f"maml.dataset={m['dataset']!r}; expected mnist or omniglot")
 
 
+def split_validation(classes: list, fraction: float, num_ways: int) -> tuple[list, list]:
+    """``(meta-train, validation)``: ``round(fraction x len(classes))`` classes drawn with the fixed
+    :data:`VAL_SPLIT_SEED` become the validation classes (both keep their original order)."""
+    n = len(classes)
+    k = round(float(fraction) * n)
+    if k < num_ways or n - k < num_ways:
+        raise ConfigError(
+            f"eval.val_fraction={fraction} of the {n} meta-train classes leaves {k} validation and {n - k} "
+            f"meta-train classes; expected at least maml.num_ways={num_ways} of each"
+        )
+    val = set(np.random.default_rng(VAL_SPLIT_SEED).permutation(n)[:k].tolist())
+    return [x for i, x in enumerate(classes) if i not in val], [x for i, x in enumerate(classes) if i in val]
+
+
 def _run_maml(c: dict[str, Any]) -> Path:
     R = _Run(c)
     m = c["maml"]
     train_classes, test_classes = _maml_classes(m)
+    best_val = c["eval"]["checkpoint"] == "best_val"
+    if best_val:  # validation classes held out of meta-training, as upstream's meta-val split
+        train_classes, val_classes = split_validation(
+            train_classes, c["eval"]["val_fraction"], int(m["num_ways"])
+        )
     d_in = int(train_classes[0][0].size)
     epochs, steps_per_epoch = int(c["train"]["epochs"]), int(m["num_batches"])
     R.check_semantics()  # an older MAML checkpoint of this config: an error now
@@ -657,8 +711,11 @@ def _run_maml(c: dict[str, Any]) -> Path:
         precision.compile_net(net, c["compile"])
     amp = c["amp"]
     state = {"epoch": 0, "batch": 0, "step": 0, "loss": 0.0, "acc": 0.0}
+    if best_val:
+        state.update(best_val=None, best_epoch=0)  # the best validation accuracy so far and its epoch
     history: dict[str, list] = {}
     R.open()  # only now: the episodes' classes, the checkpoint and the net are good
+    best_path = R.out.checkpoint_path(BEST_CHECKPOINT)
     ck = R.try_resume(net, opt, sched)
     if ck is not None:
         state, history = ck["state"], ck["history"]
@@ -707,22 +764,71 @@ def _run_maml(c: dict[str, Any]) -> Path:
             # num_test_batches batches of meta_batch_size tasks, as upstream's meta/train.py (and test.py) load
             # their evaluation tasks: 500 x 8 = 4,000 episodes in the paper's commands
             episodes = int(m["num_test_batches"]) * int(m["meta_batch_size"])
+            # best_val: the validation classes every epoch (the meta-test classes once, after training)
+            metric, classes, eval_seed = (
+                ("val_fewshot_accuracy", val_classes, 20_000 + seed) if best_val
+                else ("fewshot_accuracy", test_classes, 10_000 + seed)
+            )  # fmt: skip
             with precision.autocast(R.device, amp):
-                res = evaluate_fewshot(net, test_classes, m, episodes, seed=10_000 + seed, device=R.device)
+                res = evaluate_fewshot(net, classes, m, episodes, seed=eval_seed, device=R.device)
             stats = {"meta_train_loss": state["loss"] / steps_per_epoch, "meta_train_accuracy": state["acc"] / steps_per_epoch,
-                     "fewshot_accuracy": res["accuracy"], "fewshot_ci95": res["ci95"],
+                     metric: res["accuracy"], metric.replace("accuracy", "ci95"): res["ci95"],
                      "rows": int(getattr(net, "M", 0)), "epoch_time_s": time.perf_counter() - t0}  # fmt: skip
             for k, v in stats.items():
                 history.setdefault(k, []).append(v)
-            if ("fewshot_accuracy", epoch) not in have:
-                writer.write(metric="fewshot_accuracy", step=epoch, value=res["accuracy"],
+            if (metric, epoch) not in have:
+                writer.write(metric=metric, step=epoch, value=res["accuracy"],
                              n=res["episodes"] * args[0] * args[2], wall_time_s=stats["epoch_time_s"],
                              extra={"ci95": res["ci95"], "ways": args[0], "shots": args[1], "rows": stats["rows"]})  # fmt: skip
             log.info("meta-epoch %d: %s", epoch, stats)
+            if best_val and (state["best_val"] is None or res["accuracy"] > state["best_val"]):
+                # the first epoch of the highest validation accuracy (upstream: saved when strictly better);
+                # written before last.ckpt: a kill in between redoes the epoch, which writes the same file again
+                save_checkpoint(best_path, {"format": "tttlab.pilimit/1", "model_kind": c["model"]["kind"],
+                                            "config": c, "config_hash": R.key, "semantics": SEMANTICS,
+                                            "model_state": net.state_dict(), "epoch": epoch,
+                                            "val_accuracy": res["accuracy"]})  # fmt: skip
+                state.update(best_val=res["accuracy"], best_epoch=epoch)
             state.update(epoch=epoch, batch=0, loss=0.0, acc=0.0)
             R.out.write_stats(history)  # before the checkpoint, as in classify
-            R.save(net, opt, sched, state, history, done=epoch == epochs)
+            R.save(net, opt, sched, state, history, done=epoch == epochs and not best_val)
+        if best_val:
+            res = _test_best_val(c, best_path, test_classes, d_in, R.device, seed)
+            if ("fewshot_accuracy", epochs) not in have:
+                writer.write(metric="fewshot_accuracy", step=epochs, value=res["accuracy"],
+                             n=res["episodes"] * args[0] * args[2],
+                             extra={"ci95": res["ci95"], "ways": args[0], "shots": args[1],
+                                    "checkpoint": "best_val", "best_epoch": res["best_epoch"],
+                                    "val_accuracy": res["val_accuracy"]})  # fmt: skip
+            R.out.write_stats({**history, "best_val": res})
+            R.save(net, opt, sched, state, history, done=True)
     return R.out.path
+
+
+def load_best_val(path: Path, c: dict[str, Any], d_in: int, device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """``(net, checkpoint)`` of a run's ``checkpoints/best_val.ckpt`` (``eval.checkpoint=best_val``)."""
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; expected the best-validation net of an eval.checkpoint="
+                              "best_val run that finished at least one epoch")  # fmt: skip
+    ck = load_checkpoint(path)
+    net = build_model(c, d_in, int(c["maml"]["num_ways"]), device)
+    net.load_state_dict(ck["model_state"])
+    return net.eval(), ck
+
+
+def _test_best_val(
+    c: dict[str, Any], path: Path, test_classes, d_in: int, device, seed: int
+) -> dict[str, Any]:
+    """The meta-test few-shot accuracy of the best-validation net (the same episodes as eval.checkpoint=last
+    evaluates after every epoch)."""
+    m = c["maml"]
+    net, ck = load_best_val(path, c, d_in, device)
+    if c["compile"]:
+        precision.compile_net(net, c["compile"])
+    episodes = int(m["num_test_batches"]) * int(m["meta_batch_size"])
+    with precision.autocast(device, c["amp"]):
+        res = evaluate_fewshot(net, test_classes, m, episodes, seed=10_000 + seed, device=device)
+    return {**res, "best_epoch": int(ck["epoch"]), "val_accuracy": float(ck["val_accuracy"])}
 
 
 def load_trained(run_dir, device="cpu"):
