@@ -62,6 +62,8 @@ __all__ = [
     "pil_views",
     "random_resized_crop_boxes",
     "resize_center_crop",
+    "seed002_augmix",
+    "seed002_augmix_views",
 ]
 
 AUGMIX_OPS = (
@@ -1004,6 +1006,44 @@ def make_views(
     if out is not None and not direct:
         return out.copy_(views)
     return views
+
+
+#: seed 002's ``--augmix`` / ``aug_type='augmix'`` views (its ``EasyAgumenter``): torchvision's
+#: ``transforms.v2.AugMix()`` constructed without arguments, i.e. these values (torchvision 0.17-0.29):
+#: severity 3 (each operation's magnitude one of the first 3 of its 10 bins, a random sign where signed), 3 chains of 1-3 operations (``chain_depth=-1``), Dirichlet / Beta
+#: alpha 1, all 13 operations (``all_ops``: the 9 of the AugMix paper plus brightness, color, contrast,
+#: sharpness), bilinear geometric operations filled black; on the whole image, then ``Resize(size)`` bicubic +
+#: ``CenterCrop(size)``: no random crop or flip.
+SEED002_AUGMIX = {"severity": 3, "mixture_width": 3, "chain_depth": -1, "alpha": 1.0, "all_ops": True}
+
+
+def seed002_augmix():
+    """torchvision's ``AugMix`` with seed 002's (torchvision's default) parameters, :data:`SEED002_AUGMIX`."""
+    from torchvision.transforms.v2 import AugMix
+
+    return AugMix(**SEED002_AUGMIX)
+
+
+def seed002_augmix_views(
+    image, n_views: int, size: int, *, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor:
+    """``n_views`` views (n_views, C, size, size), float32 in [0, 1] on ``device``, as seed 002's ``augmix``
+    flag makes them: :func:`seed002_augmix` of the whole uint8 image, then :func:`resize_center_crop` (TPT's
+    ``Resize(size, bicubic)`` + ``CenterCrop(size)`` with PIL's arithmetic).  torchvision draws from torch's
+    global generator: it runs on a fork of it seeded from one draw of ``generator``, so the views depend on
+    ``generator`` only and the global state is left as it was.  Runs on the CPU (torchvision's AugMix on a
+    full-size image), one view at a time."""
+    if not isinstance(n_views, int) or n_views < 1:
+        raise InvalidInputError(f"n_views must be a positive integer, got {n_views!r}")
+    src = _hwc_uint8(image, torch.device("cpu")).permute(2, 0, 1)  # (C, H, W) uint8, as AugMix takes it
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    aug = seed002_augmix()
+    views = torch.empty((n_views, src.shape[0], size, size), dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(n_views):
+            views[i] = resize_center_crop(aug(src), size).float().div_(255)
+    return views.to(device) if device is not None else views
 
 
 def original_view(image, size: int, device=None, mean=None, std=None, *, resize: int | None = None,

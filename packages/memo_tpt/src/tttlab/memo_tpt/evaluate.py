@@ -190,7 +190,7 @@ def build_method(c: dict[str, Any], device: torch.device):
     tpt = TPT(
         model.to(device), list(T.DIGIT_WORDS), base_prompt=t["base_prompt"], n_views=int(t["n_views"]),
         selection=t["selection"], tts=0 if method == "memo_tpt.clip_zeroshot" else int(t["tts"]), lr=t["lr"],
-        class_specific_context=bool(t["class_specific_context"]), augmix=bool(t["augmix"]),
+        class_specific_context=bool(t["class_specific_context"]), augmix=t["augmix"],
         ensemble=method == "memo_tpt.tpt_ensemble", align_steps=int(t["align_steps"]), mean=T.MNIST_MEAN,
         std=T.MNIST_STD, flip=bool(t["flip"]), scale=tuple(t["scale"]), seed=seed, amp=c["amp"],
         compile=c["compile"],

@@ -120,7 +120,7 @@ def tpt_options(c: dict[str, Any]) -> dict[str, Any]:
     return dict(
         base_prompt=c["base_prompt"], n_views=int(c["augs"]), selection=view_fraction("selection", c["selection"]),
         tts=int(c["tts"]), lr=float(c["lr"]), class_specific_context=not c["single_context"],
-        augmix=bool(c["augmix"]), ensemble=bool(c["ensemble"]), align_steps=int(c["align_steps"]),
+        augmix=c["augmix"], ensemble=bool(c["ensemble"]), align_steps=int(c["align_steps"]),
         amp=c.get("amp", "auto"), compile=c.get("compile", False),
     )  # fmt: skip
 

@@ -61,7 +61,9 @@ from .precision import autocast, check_compile, compile_fn, resolve_amp
 
 __all__ = ["Memo", "make_optimizer"]
 
-AUGMENTATIONS = ("augmix", "cut")
+#: augmix: the MEMO paper's (crop + flip + AugMix); cut: seed 002's crop + flip; seed002_augmix: seed 002's
+#: aug_type='augmix' (torchvision's AugMix() of the whole image + resize + centre crop, augment.seed002_augmix_views)
+AUGMENTATIONS = ("augmix", "cut", "seed002_augmix")
 
 
 def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.0):
@@ -114,7 +116,9 @@ class Memo:
         optimizer: ``auto`` (by ``arch``), ``sgd``, ``adamw`` or ``adam``; ``lr``/``weight_decay`` default
             to the family's paper values.
         top_k: keep this fraction (float) or number (int) of lowest-entropy views; ``None`` = all.
-        augmentation: ``augmix`` (paper) or ``cut`` (seed 002: crop + flip only).
+        augmentation: ``augmix`` (paper), ``cut`` (seed 002: crop + flip only) or ``seed002_augmix`` (seed
+            002's ``augmix``: torchvision's ``AugMix()`` of the whole image, then ``Resize(size)`` bicubic +
+            ``CenterCrop(size)``, no random crop or flip).
         include_original: the clean test view (:meth:`original`) is the first of the ``n_augmentations``
             views, followed by ``n_augmentations - 1`` augmented ones (seed 002's ``EasyMemo``); default
             False: all B views augmented (MEMO).
@@ -221,7 +225,9 @@ class Memo:
         B - 1 augmented ones."""
         k = self.n_augmentations - int(self.include_original)
         crops = None
-        if k > 0:
+        if k > 0 and self.augmentation == "seed002_augmix":
+            crops = A.seed002_augmix_views(image, k, self.size, generator=self.generator, device=self.device)
+        elif k > 0:
             crops = A.make_views(
                 image, k, self.size, include_original=False,
                 augmix_views=self.augmentation == "augmix", flip=self.flip, scale=self.scale,

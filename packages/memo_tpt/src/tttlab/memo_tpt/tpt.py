@@ -380,14 +380,24 @@ def check_options(
     align_lr,
     selection,
     base_prompt="a photo of a",
+    augmix=False,
 ) -> None:
     """The checks of :class:`TPT`'s option values that need no model: ``TPT`` runs them, and the paper
     command runs them before it reads any test set."""
     context_text(base_prompt)
+    if augmix not in AUGMIX_MODES:  # any other string ("true", "augmix") is refused, not read as truthy
+        raise ConfigError(
+            f"augmix={augmix!r}; expected false, true (TPT's: crop + flip, then AugMix severity 1, 9 operations) "
+            "or seed002 (seed 002's --augmix: torchvision AugMix(), severity 3, 13 operations, whole image)"
+        )
     if n_views < 1 or tts < 0 or align_steps < 0:
         raise ConfigError(f"n_views={n_views} must be >= 1, tts={tts} and align_steps={align_steps} >= 0")
     check_rates(lr=lr, weight_decay=weight_decay, align_lr=align_lr)
     check_selection("selection", selection)
+
+
+#: ``augmix`` values: none, TPT's (crop + flip + AugMix), seed 002's flag (:func:`augment.seed002_augmix_views`)
+AUGMIX_MODES = (False, True, "seed002")
 
 
 class TPT:
@@ -403,7 +413,9 @@ class TPT:
         tts: prompt-tuning steps (1); 0 = zero-shot CLIP with ``base_prompt``.
         lr, weight_decay: AdamW on the context (5e-3, 0.01).
         class_specific_context: CoOp's class-specific context (seed 002's ``single_context=False``).
-        augmix: AugMix on the augmented views (TPT: only for fine-grained sets).
+        augmix: AugMix on the augmented views (TPT: only for fine-grained sets); ``"seed002"``: seed 002's
+            ``-A/--augmix`` instead, every view but the original torchvision's ``AugMix()`` of the whole image
+            + resize + centre crop, no random crop or flip (:func:`~tttlab.memo_tpt.augment.seed002_augmix_views`).
         ensemble: seed 002's view-ensemble mode (no tuning).
         align_steps, align_lr: seed 002's visual alignment (0 steps; lr 1e-4).
         amp: ``auto`` (upstream: fp16 autocast + GradScaler on CUDA, float32 on CPU), ``none``, ``bf16``
@@ -427,7 +439,7 @@ class TPT:
         lr: float = 5e-3,
         weight_decay: float = 0.01,
         class_specific_context: bool = False,
-        augmix: bool = False,
+        augmix: bool | str = False,
         ensemble: bool = False,
         align_steps: int = 0,
         align_lr: float = 1e-4,
@@ -442,7 +454,7 @@ class TPT:
         seed: int = 0,
     ):
         check_options(n_views=n_views, tts=tts, align_steps=align_steps, lr=lr, weight_decay=weight_decay,
-                      align_lr=align_lr, selection=selection, base_prompt=base_prompt)  # fmt: skip
+                      align_lr=align_lr, selection=selection, base_prompt=base_prompt, augmix=augmix)  # fmt: skip
         self.model = model.eval()  # as upstream's model.eval(): a ResNet CLIP's BatchNorm uses its statistics
         for p in model.parameters():
             p.requires_grad_(False)
@@ -512,6 +524,14 @@ class TPT:
 
     # -- pieces ------------------------------------------------------------------------------------------
     def views(self, image) -> torch.Tensor:
+        if self.augmix == "seed002":  # the original view, then seed 002's AugMix views (no crop, no flip)
+            original = A.make_views(image, 1, self.size, include_original=True, device=self.device)
+            if self.n_views == 1:
+                return original
+            augmented = A.seed002_augmix_views(
+                image, self.n_views - 1, self.size, generator=self.generator, device=self.device
+            )
+            return torch.cat([original, augmented.contiguous(memory_format=torch.channels_last)])
         return A.make_views(
             image, self.n_views, self.size, include_original=True, augmix_views=self.augmix, flip=self.flip,
             scale=self.scale, severity=self.severity, generator=self.generator, device=self.device,
