@@ -407,13 +407,60 @@ def test_an_empty_train_engine_kwargs_override_means_the_engine_defaults(tmp_pat
 
     calls = []
     monkeypatch.chdir(tmp_path)  # Hydra makes its run folder (runs/torch_ttt/...) in the working directory
-    monkeypatch.setattr(T, "run", lambda cfg, clear_engine_kwargs=False: calls.append(clear_engine_kwargs))
+    monkeypatch.setattr(T, "run", lambda cfg, clear_engine_kwargs=False, command_line=None: calls.append(
+        clear_engine_kwargs))  # fmt: skip
     for extra in (["train.engine_kwargs={}"], []):
         GlobalHydra.instance().clear()
         monkeypatch.setattr(sys, "argv", ["tttlab-torch-ttt-train", "+experiment=mnist_tutorial", *extra,
                                           "hydra/job_logging=none", "hydra/hydra_logging=none"])  # fmt: skip
         T.main()
     assert calls == [True, False]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        ["train.engine_kwargs={}", "train.engine_kwargs.features_layer_name=fc1"],
+        ["train.engine_kwargs.features_layer_name=fc1", "train.engine_kwargs={}"],
+        ["++train.engine_kwargs.features_layer_name=fc1", "train.engine_kwargs={}"],
+        ["train.engine_kwargs={}", "++train.engine_kwargs={features_layer_name: fc1}"],
+    ],
+)
+def test_train_engine_kwargs_flags_next_to_an_empty_mapping_still_apply(tmp_path, monkeypatch, line):
+    """``train.engine_kwargs={}`` dropped a ``train.engine_kwargs.<key>`` flag given on the same line (the
+    whole mapping was emptied; through ``train_config``'s overrides OmegaConf replaced the mapping, losing a
+    flag before the ``{}``, and refused Hydra's ``+``).  Now ``{}`` drops mnist_tutorial's
+    ``features_layer_name: fc2`` and keeps the flags, in either order: on the training command line, in
+    ``train_config`` and in an evaluation's ``train_overrides``."""
+    kwargs = lambda c: c["train"]["engine_kwargs"]  # noqa: E731
+    expected = {"features_layer_name": "fc1"}
+    assert kwargs(T.train_config("mnist_tutorial", line)) == expected
+    c = E.eval_config({"engine": "ttt", "train_experiment": "mnist_tutorial", "train_overrides": line})
+    assert kwargs(E.cached_training_config(c)[0]) == expected
+
+    class Stop(SystemExit):  # Hydra's main reports an Exception and exits; this passes through
+        pass
+
+    seen, validate = [], T._validate
+
+    def spy(cfg):
+        seen.append(kwargs(validate(cfg)))
+        raise Stop
+
+    monkeypatch.setattr(T, "_validate", spy)
+    composed = hydra_compose("config", ["+experiment=mnist_tutorial", *line])
+    with pytest.raises(Stop):
+        T.run(composed, command_line=["+experiment=mnist_tutorial", *line])
+    # the command (main hands Hydra's overrides to run)
+    from hydra.core.global_hydra import GlobalHydra
+
+    monkeypatch.chdir(tmp_path)
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr(sys, "argv", ["tttlab-torch-ttt-train", "+experiment=mnist_tutorial", *line,
+                                      "hydra/job_logging=none", "hydra/hydra_logging=none"])  # fmt: skip
+    with pytest.raises(Stop):
+        T.main()
+    assert seen == [expected, expected]
 
 
 def test_evaluate_needs_a_finished_training_run(tmp_path):
