@@ -1006,6 +1006,38 @@ def test_it3_anchor_is_test_time_only_it_keeps_the_training_key(monkeypatch):
     )
 
 
+def test_it3_notebook_training_trains_its_own_model_and_the_default_key_stays(monkeypatch):
+    """``+engine.kwargs.training=notebook`` (and its draws, ``truth_probability`` / ``neutral``) shape the
+    trained model: the evaluation trains the IT3 head with them, under a key of its own; without them
+    the key is the default's (``anchor`` alone keeps it, as above); ``test_signal`` acts at test time only
+    and keeps the notebook model's key."""
+    trained = []
+    monkeypatch.setattr(T, "run", lambda tc: trained.append(tc))
+    paths = []
+    for extra in ([], ["engine.kwargs.training=notebook"],
+                  ["engine.kwargs.training=notebook", "engine.kwargs.truth_probability=0.2",
+                   "engine.kwargs.neutral=uniform", "engine.kwargs.distance=js"],
+                  ["engine.kwargs.training=notebook", "engine.kwargs.test_signal=neutral"]):  # fmt: skip
+        c = E.eval_config({"engine": "ittt"}, ["train_experiment=mnist_bn", "cache_dir=/nonexistent-cache",
+                                               *extra])  # fmt: skip
+        paths.append(E.training_run(c, _OneRank()))
+    assert len(set(paths)) == 3 and paths[3] == paths[1], "test_signal is test time only: the same model"
+    assert [t["train"]["engine_kwargs"] for t in trained] == [
+        {"feedback": "softmax"},
+        {"feedback": "softmax", "training": "notebook"},
+        {"feedback": "softmax", "training": "notebook", "truth_probability": 0.2, "neutral": "uniform",
+         "distance": "js"},
+        {"feedback": "softmax", "training": "notebook"},
+    ]  # fmt: skip
+    from tttlab.core.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="training='papers'"):  # a bad value: before any training
+        E.check_engine_fits_the_trained_model(
+            E.eval_config({"engine": "ittt"}, ["train_experiment=mnist_bn", "engine.kwargs.training=papers"]),
+            E.evaluated_model(E.eval_config({"engine": "ittt"}, ["train_experiment=mnist_bn"])),
+        )
+
+
 def test_a_train_run_trained_with_other_it3_kwargs_only_warns(tmp_path, caplog):
     """A ``train_run`` whose IT3 head was trained with ``feedback="output"`` (torch-ttt's default, no kwargs
     recorded), evaluated with ``conf/engine/ittt.yaml``'s ``feedback: softmax``: a warning naming both, then
