@@ -136,3 +136,57 @@ def test_given_engine_keys_reads_overrides_and_the_callers_engine_mapping():
                 "optimization": {"lr": None, "num_steps": 2}}  # fmt: skip
     assert E.given_engine_keys(composed, yaml, []) == {("kwargs", "e_margin"), ("optimization", "num_steps")}
     assert E.given_engine_keys("eata", yaml, []) == set()
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        (["engine=ittt", "engine.kwargs={}", "+engine.kwargs.anchor=frozen"], {"anchor": "frozen"}),
+        (["engine=ittt", "+engine.kwargs.anchor=frozen", "engine.kwargs={}"], {"anchor": "frozen"}),
+        (["engine=ittt", "engine.kwargs={}", "engine.kwargs.feedback=output"], {"feedback": "output"}),
+        (["engine=ittt", "engine.kwargs.feedback=output", "engine.kwargs={}"], {"feedback": "output"}),
+        (["engine=ittt", "engine.kwargs={}", "++engine.kwargs={anchor: frozen}"], {"anchor": "frozen"}),
+        (["engine=ittt", "engine.kwargs={}", "++engine.kwargs.anchor=frozen", "~engine.kwargs.feedback"],
+         {"anchor": "frozen"}),
+        # a preset's kwargs go too; the explicit one stays, its value the command line's
+        ([PHOTOS, "engine=eata", "engine.kwargs={}", "engine.kwargs.d_margin=0.3"], {"d_margin": 0.3}),
+        ([PHOTOS, "engine=eata", "+engine.kwargs.e_margin=1.5", "engine.kwargs={}"], {"e_margin": 1.5}),
+    ],
+)  # fmt: skip
+def test_engine_kwargs_flags_next_to_an_empty_mapping_still_apply(monkeypatch, capsys, tmp_path, no_weights,
+                                                                  line, expected):  # fmt: skip
+    """``engine.kwargs={}`` with an explicit ``engine.kwargs.<key>`` flag on the same command line dropped
+    that flag too (the whole composed mapping was emptied): ``{}`` empties the YAML's and the presets'
+    kwargs, the flags given next to it still apply, in either order; the same through ``eval_config``'s
+    overrides (where OmegaConf replaced the mapping, dropping a flag before the ``{}``)."""
+    from .test_paper_cifar10c import run_cli
+
+    seen = []
+
+    def fake_run(cfg, clear_engine_kwargs=False, command_line=None):
+        c = E.eval_config(cfg, clear_engine_kwargs=clear_engine_kwargs, command_line=command_line)
+        seen.append(c["engine"]["kwargs"])
+        return str(tmp_path / "records.jsonl")
+
+    monkeypatch.setattr(E, "run", fake_run)
+    monkeypatch.setattr(E, "summary_lines", lambda path: [])
+    run_cli(monkeypatch, capsys, *line)
+    assert seen == [expected]
+    # Python: the same overrides as a list (the experiment as a mapping), and command_line with the composed cfg
+    experiment = [o for o in line if o.startswith("+experiment=")]
+    user = T.conf_yaml("experiment/photos_mobilenet_v2.yaml") if experiment else {}
+    engine = next(o.partition("=")[2] for o in line if o.startswith("engine="))
+    rest = [o for o in line if o not in (*experiment, f"engine={engine}")]
+    if not any(o.startswith("~") for o in rest):  # a deletion is Hydra's syntax, not an OmegaConf dotlist's
+        assert E.eval_config({**user, "engine": engine}, rest)["engine"]["kwargs"] == expected
+    composed = hydra_compose(line)
+    assert E.eval_config(composed, command_line=line)["engine"]["kwargs"] == expected
+
+
+def test_cleared_mapping_keeps_only_the_keys_the_overrides_set():
+    over = ["engine.kwargs={}", "+engine.kwargs.a=1", "++engine.kwargs.b.c=2", "engine.kwargs={d: 3}",
+            "~engine.kwargs.e", "engine.kwargsx=1", "train.engine_kwargs.f=1", "engine.optimization.lr=1"]  # fmt: skip
+    assert T.named_keys(over, "engine.kwargs") == {"a", "b", "d"}
+    composed = {"a": 1, "b": {"c": 2}, "d": 3, "feedback": "softmax"}
+    assert T.cleared_mapping(composed, over, "engine.kwargs") == {"a": 1, "b": {"c": 2}, "d": 3}
+    assert T.cleared_mapping(composed, None, "engine.kwargs") == {}

@@ -12,7 +12,13 @@ from tttlab.core.errors import InvalidInputError, TTTLabError
 from tttlab.torch_ttt import get_engine
 from tttlab.torch_ttt.engine.deyo_engine import deyo_weights, patch_shuffle, plpd
 from tttlab.torch_ttt.engine.eata_engine import UPSTREAM_E_MARGIN, eata_selection, update_model_probs
-from tttlab.torch_ttt.norm import batch_statistics, entropy, marginal_entropy, prior_mixed_statistics
+from tttlab.torch_ttt.norm import (
+    batch_statistics,
+    entropy,
+    marginal_entropy,
+    norm_affine_parameters,
+    prior_mixed_statistics,
+)
 
 
 def bn_model(seed: int = 0) -> nn.Module:
@@ -653,3 +659,102 @@ def test_a_continual_stream_equals_the_official_loop_batch_for_batch(name):
     for n, p in ref.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(adapted[f"model.{n}"], p, rtol=1e-5, atol=1e-6)
+
+
+# -- the reduction: a mean, not a sum (Adam's update hardly sees the scale; one plain SGD step does) ------
+SGD = {"optimizer_name": "sgd", "lr": 0.2, "momentum": 0.0, "num_steps": 1, "reset": "never"}
+
+
+def hand_sgd_step(model: nn.Module, x: torch.Tensor, loss_of, lr: float = SGD["lr"]):
+    """``(loss, {name: parameter after one plain SGD step})`` on a float64 copy of ``model``, BatchNorm with the
+    batch's statistics, the norm affine parameters moved by ``-lr * grad(loss_of(logits))``."""
+    import copy
+
+    twin = copy.deepcopy(model).double()
+    named = dict(norm_affine_parameters(twin))
+    with batch_statistics(twin):
+        loss = loss_of(twin(x.double()))
+    grads = torch.autograd.grad(loss, list(named.values()))
+    return loss.detach(), {n: (p - lr * g).detach() for (n, p), g in zip(named.items(), grads)}
+
+
+def assert_step(engine, loss: torch.Tensor, expected_loss: torch.Tensor, expected: dict) -> None:
+    torch.testing.assert_close(loss.double(), expected_loss, rtol=1e-5, atol=1e-7)
+    got = dict(engine.adapted_parameters())
+    assert got.keys() == expected.keys()
+    for n, p in got.items():
+        torch.testing.assert_close(p.double(), expected[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def between(values: torch.Tensor, k: int) -> float:
+    """A threshold between the ``k``-th and ``k+1``-th smallest of ``values``, far from both."""
+    v = values.sort().values
+    assert float(v[k] - v[k - 1]) > 1e-3, "the premise: a gap to put the threshold in"
+    return float(v[k - 1] + v[k]) / 2
+
+
+def test_tent_step_follows_the_batch_mean_entropy():
+    """TENT's loss is the mean entropy of the batch (the official ``softmax_entropy(x).mean(0)``): the
+    reported loss is it, and one plain SGD step moves the affine parameters by ``-lr`` times its gradient
+    (a sum would move them 8 times as far; the continual test's Adam barely sees the scale)."""
+    m, x = bn_model(), x_batch()
+    expected_loss, expected = hand_sgd_step(m, x, lambda logits: entropy64(logits).mean())
+    engine = get_engine("tent")(m, SGD).eval()
+    _, loss = engine(x)
+    assert_step(engine, loss, expected_loss, expected)
+
+
+def test_eata_step_follows_the_weighted_mean_over_the_kept_samples_only():
+    """EATA's loss is the mean over the *kept* samples of ``H / exp(H - e_margin)`` (the official
+    ``entropys.mul(coeff).mean(0)`` after the filter), not a sum nor a mean over the whole batch: with 6 of
+    8 samples kept, the reported loss and one plain SGD step equal the hand ones (no Fisher term)."""
+    m, x = bn_model(), x_batch()
+    with torch.no_grad(), batch_statistics(m):
+        e0 = between(entropy64(m(x)), 6)
+
+    def loss_of(logits):
+        ent = entropy64(logits)
+        keep = ent.detach() < e0
+        return (ent[keep] * torch.exp(-(ent[keep].detach() - e0))).mean()
+
+    expected_loss, expected = hand_sgd_step(m, x, loss_of)
+    engine = get_engine("eata")(m, SGD, e_margin=e0, d_margin=None).eval()
+    _, loss = engine(x)
+    assert engine.last_selected == 6 and not engine.fishers
+    assert_step(engine, loss, expected_loss, expected)
+
+
+def test_eata_train_mode_loss_is_the_weighted_mean_over_the_kept_samples():
+    m, x = bn_model(), x_batch()
+    with torch.no_grad(), batch_statistics(m):
+        e0 = between(entropy64(m(x)), 6)
+    outputs, loss = get_engine("eata")(m, e_margin=e0).train()(x)
+    ent = entropy64(outputs.detach())
+    keep = ent < e0
+    assert int(keep.sum()) == 6 and loss.requires_grad
+    torch.testing.assert_close(loss.double(), (ent[keep] * torch.exp(-(ent[keep] - e0))).mean(), rtol=1e-5,
+                               atol=1e-7)  # fmt: skip
+
+
+def test_deyo_step_follows_the_weighted_mean_over_the_samples_both_filters_keep():
+    """DeYO's loss is the mean over the samples kept by the entropy *and* the PLPD filter of
+    ``H * (exp(-(H - ent_norm)) + exp(PLPD))`` (the official ``entropys.mul(coeff).mean(0)``): with 3 of 8
+    kept by PLPD, the reported loss and one plain SGD step equal the hand ones."""
+    m, x = bn_model(), x_batch()
+    with torch.no_grad(), batch_statistics(m):
+        out = m(x)
+        shuffled = m(patch_shuffle(x, 4, torch.Generator().manual_seed(4)))
+    values = plpd(out.softmax(-1), shuffled.softmax(-1))
+    thresh = between(values, 5)
+    keep = values > thresh
+
+    def loss_of(logits):
+        ent = entropy64(logits)[keep]
+        return (ent * (torch.exp(-(ent.detach() - 0.7)) + torch.exp(values[keep].double()))).mean()
+
+    expected_loss, expected = hand_sgd_step(m, x, loss_of)
+    engine = get_engine("deyo")(m, SGD, e_margin=10.0, plpd_thresh=thresh, ent_norm=0.7,
+                                generator=torch.Generator().manual_seed(4)).eval()  # fmt: skip
+    _, loss = engine(x)
+    assert engine.last_selected == (8, 3)
+    assert_step(engine, loss, expected_loss, expected)

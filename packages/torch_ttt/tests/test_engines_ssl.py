@@ -782,3 +782,228 @@ def test_statistics_of_a_train_mode_model_are_its_eval_statistics(name):
         mean = engine.reference_mean if name == "ttt_pp" else engine.reference_mean[0]
         refs.append(mean.clone())
     torch.testing.assert_close(refs[0], refs[1], rtol=0, atol=0)
+
+
+# -- IT3's options after the official notebooks: distances and the training scheme -----------------------
+def _distributions(n: int, k: int, seed: int) -> torch.Tensor:
+    return (torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 3).softmax(1)
+
+
+def _js_by_hand(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Per row, float64: ``sum_k p log(p/m) / 2 + sum_k q log(q/m) / 2`` with ``m = (p + q) / 2``."""
+    p, q = p.double(), q.double()
+    m = (p + q) / 2
+    rows = []
+    for pi, qi, mi in zip(p, q, m):
+        total = sum(a * torch.log(a / c) for a, c in zip(pi, mi) if a > 0)
+        total = total + sum(b * torch.log(b / c) for b, c in zip(qi, mi) if b > 0)
+        rows.append(total / 2)
+    return torch.stack(rows)
+
+
+def test_js_divergence_is_the_hand_formula_symmetric_zero_on_equal_inputs_and_at_most_ln2():
+    from tttlab.torch_ttt.engine.it3_engine import js_divergence
+
+    p, q = _distributions(6, 5, 1), _distributions(6, 5, 2)
+    torch.testing.assert_close(js_divergence(p, q).double(), _js_by_hand(p, q).mean(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(js_divergence(p, q), js_divergence(q, p), rtol=0, atol=1e-7)
+    assert js_divergence(p, p).abs().item() < 1e-7
+    ln2 = torch.log(torch.tensor(2.0))
+    disjoint = F.one_hot(torch.tensor([0, 1]), 3).float(), F.one_hot(torch.tensor([2, 0]), 3).float()
+    torch.testing.assert_close(js_divergence(*disjoint), ln2)  # the bound, reached; 0 log 0 = 0, finite
+    for seed in range(20):
+        a, b = _distributions(4, 7, 10 + seed), _distributions(4, 7, 50 + seed)
+        assert 0 <= js_divergence(a, b) <= ln2
+    # (N, K, H, W): summed over the classes, averaged over the batch and the positions
+    p4, q4 = _distributions(2 * 3 * 3, 5, 3), _distributions(2 * 3 * 3, 5, 4)
+    as_maps = lambda t: t.reshape(2, 3, 3, 5).permute(0, 3, 1, 2)  # noqa: E731
+    torch.testing.assert_close(js_divergence(as_maps(p4), as_maps(q4)), js_divergence(p4, q4))
+
+
+def test_notebook_js_is_the_notebooks_kl_from_the_midpoint_not_bounded_by_ln2():
+    """The notebooks' ``js_div`` takes both Kullback-Leibler terms from the midpoint ``m``: ``sum m log(m/p)
+    / 2 + sum m log(m/q) / 2`` per row, averaged over the batch.  Symmetric and zero on equal inputs as the
+    Jensen-Shannon divergence, but another number, and above ln 2 on nearly disjoint predictions."""
+    from tttlab.torch_ttt.engine.it3_engine import js_divergence, notebook_js
+
+    p, q = _distributions(6, 5, 1), _distributions(6, 5, 2)
+    m = ((p + q) / 2).double()
+    hand = (0.5 * (m * (m / p.double()).log()).sum(1) + 0.5 * (m * (m / q.double()).log()).sum(1)).mean()
+    torch.testing.assert_close(notebook_js(p, q).double(), hand, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(notebook_js(p, q), notebook_js(q, p), rtol=0, atol=1e-7)
+    assert notebook_js(p, p).abs().item() < 1e-7
+    assert abs(notebook_js(p, q).item() - js_divergence(p, q).item()) > 1e-3
+    near = torch.tensor([[1 - 1e-6, 1e-6]]), torch.tensor([[1e-6, 1 - 1e-6]])
+    assert (
+        notebook_js(*near).item() > 5.0 > torch.log(torch.tensor(2.0)).item() >= js_divergence(*near).item()
+    )
+
+
+def test_it3_distance_option_selects_the_test_time_and_training_distance():
+    from tttlab.torch_ttt.engine.it3_engine import js_divergence, notebook_js
+
+    x = images(6, seed=3)
+    for name, fn in (("js", js_divergence), ("notebook_js", notebook_js), ("mse", F.mse_loss)):
+        net = conv_net()
+        engine = IT3Engine(net, "fc1", feedback="softmax", distance=name).eval()
+        s0 = net(x).softmax(1)
+        emb = engine.embeder(s0)
+        handle = net.fc1.register_forward_hook(lambda m, a, out, emb=emb: out + emb)
+        try:
+            s1 = net(x).softmax(1)
+        finally:
+            handle.remove()
+        torch.testing.assert_close(engine.adapt_loss(x), fn(s1, s0))
+        target = F.one_hot(torch.arange(6) % 5, 5).float()  # the torch-ttt training term too
+        _, loss = engine.train()(x, target=target)
+        assert engine.distance_fn is fn and loss.requires_grad
+    with pytest.raises(InvalidInputError, match="distance='kl'; expected one of"):
+        IT3Engine(conv_net(), "fc1", distance="kl")
+    with pytest.raises(InvalidInputError, match="expected one of them"):
+        IT3Engine(conv_net(), "fc1", distance_fn=F.l1_loss, distance="js")
+
+
+def _reference_first_signals(seed: int, target: torch.Tensor, p: float, neutral: str, n: int):
+    """What the notebook scheme feeds the first pass, batch after batch, from a generator seeded ``seed``:
+    the truth when ``u > 1 - p`` (the notebooks' ``torch.rand(1) > 0.25``), else the neutral signal."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        if torch.rand((), generator=g).item() > 1 - p:
+            out.append((target, True))
+        elif neutral == "uniform":
+            out.append((torch.full_like(target, 1 / target.shape[1]), False))
+        else:
+            classes = torch.randint(0, target.shape[1], (target.shape[0],), generator=g)
+            out.append((F.one_hot(classes, target.shape[1]).float(), False))
+    return out
+
+
+@pytest.mark.parametrize(
+    "p, neutral, kwargs",
+    [(0.75, "random_class", {}), (0.2, "uniform", {"truth_probability": 0.2, "neutral": "uniform"})],
+    ids=["mnist_notebook_defaults", "cifar_notebook"],
+)
+def test_it3_notebook_scheme_draws_the_truth_with_its_probability_else_the_neutral_signal(p, neutral, kwargs):
+    """One draw per batch from the engine's generator: the ground truth with probability 0.75 (MNIST
+    notebook, the defaults) or 0.2 (CIFAR notebook), else a one-hot random class per sample (MNIST) or
+    the uniform 1/K = 0.1 (CIFAR, 10 classes), exactly the sequence a generator with the same seed gives."""
+    target = F.one_hot(torch.arange(8) % 10, 10).float()
+    engine = IT3Engine(conv_net(), "fc1", training="notebook", generator=torch.Generator().manual_seed(7),
+                       **kwargs)  # fmt: skip
+    assert (engine.truth_probability, engine.neutral) == (p, neutral)
+    n = 2000
+    truths = 0
+    for want, want_truth in _reference_first_signals(7, target, p, neutral, n):
+        got, truth = engine.first_pass_signal(target)
+        assert truth == want_truth and torch.equal(got, want)
+        truths += truth
+        if not truth:
+            torch.testing.assert_close(got.sum(1), torch.ones(8))
+            if neutral == "uniform":
+                assert torch.all(got == 0.1)
+            else:
+                assert torch.equal(got.max(1).values, torch.ones(8))
+    assert abs(truths / n - p) < 3 * (p * (1 - p) / n) ** 0.5  # the frequency, within 3 sigma
+    always = IT3Engine(conv_net(), "fc1", training="notebook", truth_probability=1.0)
+    never = IT3Engine(conv_net(), "fc1", training="notebook", truth_probability=0.0)
+    assert all(always.first_pass_signal(target)[1] for _ in range(50))
+    assert not any(never.first_pass_signal(target)[1] for _ in range(50))
+
+
+def test_it3_notebook_training_is_the_two_task_losses_through_one_feature_pass():
+    """``y1 = f(x, first signal)``, ``y2`` = the layers after fc1 on ``h + emb(softmax(y1))`` with ``h`` the
+    first pass's fc1 output; the engine returns ``(y1, CE(y2))`` and the trainer adds ``CE(y1)``: the
+    notebooks' ``CE(pass 1) + CE(pass 2)``, gradients through ``softmax(y1)`` into the second pass.  Values
+    and gradients (model and embedder) equal the hand computation on batches of both kinds."""
+    net = conv_net()
+    engine = IT3Engine(net, "fc1", feedback="softmax", training="notebook",
+                       generator=torch.Generator().manual_seed(3)).train()  # fmt: skip
+    labels = torch.arange(6) % 5
+    target = F.one_hot(labels, 5).float()
+    params = list(net.parameters()) + list(engine.embeder.parameters())
+    kinds = set()
+    for i, (first, truth) in enumerate(_reference_first_signals(3, target, 0.75, "random_class", 6)):
+        x = images(6, seed=20 + i)
+        y1, second = engine(x, target=target)
+        assert engine.last_first_pass_truth == truth
+        kinds.add(truth)
+        got = torch.autograd.grad(F.cross_entropy(y1, labels) + second, params)
+        h = net.fc1(F.relu(net.conv2(F.relu(net.norm(net.conv1(x))))).flatten(1))
+        want_y1 = net.fc2(F.relu(h + engine.embeder(first)))
+        want_y2 = net.fc2(F.relu(h + engine.embeder(want_y1.softmax(1))))
+        torch.testing.assert_close(y1, want_y1)
+        torch.testing.assert_close(second, F.cross_entropy(want_y2, labels))
+        want = torch.autograd.grad(
+            F.cross_entropy(want_y1, labels) + F.cross_entropy(want_y2, labels), params
+        )
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    assert kinds == {True, False}, "both kinds of batches were checked"
+    # test time is the engine's usual idempotence loss: the scheme only changes training
+    plain = IT3Engine(net, "fc1", embeder=engine.embeder, feedback="softmax").eval()
+    x = images(6, seed=9)
+    torch.testing.assert_close(engine.eval().adapt_loss(x), plain.adapt_loss(x))
+
+
+def test_it3_defaults_are_torch_ttts_scheme_bit_for_bit_and_draw_nothing():
+    """The new arguments at their defaults change nothing: the same losses, outputs and adapted weights as
+    the engine built without them, bit for bit, and torch's global generator is not touched."""
+    results = []
+    for kwargs in ({}, {"distance": None, "training": "torch_ttt"}):
+        net = conv_net(bn=True, seed=2)
+        torch.manual_seed(5)
+        engine = IT3Engine(net, "fc1", feedback="softmax", optimization_parameters={"num_steps": 2},
+                           **kwargs)  # fmt: skip
+        rng = torch.get_rng_state()
+        y0, loss = engine.train()(images(6, seed=1), target=F.one_hot(torch.arange(6) % 5, 5).float())
+        assert torch.equal(rng, torch.get_rng_state())
+        out, test_loss = engine.eval()(images(6, seed=2, shift=1.0))
+        results.append([y0, loss, out, test_loss, *net.state_dict().values()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    for bad, needle in (
+        ({"training": "paper"}, "training='paper'; expected one of"),
+        ({"truth_probability": 0.5}, "expected training='notebook'"),
+        ({"neutral": "uniform"}, "expected training='notebook'"),
+        ({"training": "notebook", "truth_probability": 1.5}, r"truth_probability=1.5; expected a number in \[0, 1\]"),
+        ({"training": "notebook", "neutral": "zeros"}, "neutral='zeros'; expected one of"),
+    ):  # fmt: skip
+        with pytest.raises(InvalidInputError, match=needle):
+            IT3Engine(conv_net(), "fc1", **bad)
+
+
+@pytest.mark.parametrize("neutral", ["uniform", "random_class"])
+def test_it3_neutral_test_signal_feeds_the_notebooks_neutral_input_at_test_time(neutral):
+    """``test_signal="neutral"`` (with the notebook scheme, whose model never saw "0"): the test-time first
+    pass is ``f(x, neutral)`` - the uniform ``1/K`` (CIFAR notebook) or a random class per sample drawn
+    from the engine's generator (MNIST notebook) - in the idempotence loss and in the prediction."""
+    net = conv_net()
+    kwargs = {"training": "notebook", "neutral": neutral, "feedback": "softmax", "test_signal": "neutral"}
+    engine = IT3Engine(net, "fc1", generator=torch.Generator().manual_seed(4), **kwargs).eval()
+    assert not engine.compiled_prediction
+    ref = torch.Generator().manual_seed(4)
+    x = images(6, seed=2)
+
+    def neutral_input():
+        if neutral == "uniform":
+            return torch.full((6, 5), 0.2)
+        return F.one_hot(torch.randint(0, 5, (6,), generator=ref), 5).float()
+
+    def with_embedding(signal):
+        emb = engine.embeder(signal)
+        handle = net.fc1.register_forward_hook(lambda m, a, out: out + emb)
+        try:
+            return net(x)
+        finally:
+            handle.remove()
+
+    s0 = with_embedding(neutral_input()).softmax(1)
+    torch.testing.assert_close(engine.adapt_loss(x), F.mse_loss(with_embedding(s0).softmax(1), s0))
+    with torch.no_grad():
+        torch.testing.assert_close(engine.predict(x), with_embedding(neutral_input()))
+    assert not torch.allclose(engine.predict(x), net(x), atol=1e-4), "not f(x, 0)"
+    with pytest.raises(InvalidInputError, match="expected training='notebook'"):
+        IT3Engine(conv_net(), "fc1", test_signal="neutral")
+    with pytest.raises(InvalidInputError, match="test_signal='none'; expected one of"):
+        IT3Engine(conv_net(), "fc1", training="notebook", test_signal="none")
+    assert "test_signal" in IT3Engine.test_time_kwargs

@@ -407,13 +407,60 @@ def test_an_empty_train_engine_kwargs_override_means_the_engine_defaults(tmp_pat
 
     calls = []
     monkeypatch.chdir(tmp_path)  # Hydra makes its run folder (runs/torch_ttt/...) in the working directory
-    monkeypatch.setattr(T, "run", lambda cfg, clear_engine_kwargs=False: calls.append(clear_engine_kwargs))
+    monkeypatch.setattr(T, "run", lambda cfg, clear_engine_kwargs=False, command_line=None: calls.append(
+        clear_engine_kwargs))  # fmt: skip
     for extra in (["train.engine_kwargs={}"], []):
         GlobalHydra.instance().clear()
         monkeypatch.setattr(sys, "argv", ["tttlab-torch-ttt-train", "+experiment=mnist_tutorial", *extra,
                                           "hydra/job_logging=none", "hydra/hydra_logging=none"])  # fmt: skip
         T.main()
     assert calls == [True, False]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        ["train.engine_kwargs={}", "train.engine_kwargs.features_layer_name=fc1"],
+        ["train.engine_kwargs.features_layer_name=fc1", "train.engine_kwargs={}"],
+        ["++train.engine_kwargs.features_layer_name=fc1", "train.engine_kwargs={}"],
+        ["train.engine_kwargs={}", "++train.engine_kwargs={features_layer_name: fc1}"],
+    ],
+)
+def test_train_engine_kwargs_flags_next_to_an_empty_mapping_still_apply(tmp_path, monkeypatch, line):
+    """``train.engine_kwargs={}`` dropped a ``train.engine_kwargs.<key>`` flag given on the same line (the
+    whole mapping was emptied; through ``train_config``'s overrides OmegaConf replaced the mapping, losing a
+    flag before the ``{}``, and refused Hydra's ``+``).  Now ``{}`` drops mnist_tutorial's
+    ``features_layer_name: fc2`` and keeps the flags, in either order: on the training command line, in
+    ``train_config`` and in an evaluation's ``train_overrides``."""
+    kwargs = lambda c: c["train"]["engine_kwargs"]  # noqa: E731
+    expected = {"features_layer_name": "fc1"}
+    assert kwargs(T.train_config("mnist_tutorial", line)) == expected
+    c = E.eval_config({"engine": "ttt", "train_experiment": "mnist_tutorial", "train_overrides": line})
+    assert kwargs(E.cached_training_config(c)[0]) == expected
+
+    class Stop(SystemExit):  # Hydra's main reports an Exception and exits; this passes through
+        pass
+
+    seen, validate = [], T._validate
+
+    def spy(cfg):
+        seen.append(kwargs(validate(cfg)))
+        raise Stop
+
+    monkeypatch.setattr(T, "_validate", spy)
+    composed = hydra_compose("config", ["+experiment=mnist_tutorial", *line])
+    with pytest.raises(Stop):
+        T.run(composed, command_line=["+experiment=mnist_tutorial", *line])
+    # the command (main hands Hydra's overrides to run)
+    from hydra.core.global_hydra import GlobalHydra
+
+    monkeypatch.chdir(tmp_path)
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr(sys, "argv", ["tttlab-torch-ttt-train", "+experiment=mnist_tutorial", *line,
+                                      "hydra/job_logging=none", "hydra/hydra_logging=none"])  # fmt: skip
+    with pytest.raises(Stop):
+        T.main()
+    assert seen == [expected, expected]
 
 
 def test_evaluate_needs_a_finished_training_run(tmp_path):
@@ -957,6 +1004,38 @@ def test_it3_anchor_is_test_time_only_it_keeps_the_training_key(monkeypatch):
         == trained[1]["train"]["engine_kwargs"]
         == {"feedback": "softmax"}
     )
+
+
+def test_it3_notebook_training_trains_its_own_model_and_the_default_key_stays(monkeypatch):
+    """``+engine.kwargs.training=notebook`` (and its draws, ``truth_probability`` / ``neutral``) shape the
+    trained model: the evaluation trains the IT3 head with them, under a key of its own; without them
+    the key is the default's (``anchor`` alone keeps it, as above); ``test_signal`` acts at test time only
+    and keeps the notebook model's key."""
+    trained = []
+    monkeypatch.setattr(T, "run", lambda tc: trained.append(tc))
+    paths = []
+    for extra in ([], ["engine.kwargs.training=notebook"],
+                  ["engine.kwargs.training=notebook", "engine.kwargs.truth_probability=0.2",
+                   "engine.kwargs.neutral=uniform", "engine.kwargs.distance=js"],
+                  ["engine.kwargs.training=notebook", "engine.kwargs.test_signal=neutral"]):  # fmt: skip
+        c = E.eval_config({"engine": "ittt"}, ["train_experiment=mnist_bn", "cache_dir=/nonexistent-cache",
+                                               *extra])  # fmt: skip
+        paths.append(E.training_run(c, _OneRank()))
+    assert len(set(paths)) == 3 and paths[3] == paths[1], "test_signal is test time only: the same model"
+    assert [t["train"]["engine_kwargs"] for t in trained] == [
+        {"feedback": "softmax"},
+        {"feedback": "softmax", "training": "notebook"},
+        {"feedback": "softmax", "training": "notebook", "truth_probability": 0.2, "neutral": "uniform",
+         "distance": "js"},
+        {"feedback": "softmax", "training": "notebook"},
+    ]  # fmt: skip
+    from tttlab.core.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="training='papers'"):  # a bad value: before any training
+        E.check_engine_fits_the_trained_model(
+            E.eval_config({"engine": "ittt"}, ["train_experiment=mnist_bn", "engine.kwargs.training=papers"]),
+            E.evaluated_model(E.eval_config({"engine": "ittt"}, ["train_experiment=mnist_bn"])),
+        )
 
 
 def test_a_train_run_trained_with_other_it3_kwargs_only_warns(tmp_path, caplog):

@@ -221,7 +221,9 @@ def clears_engine_kwargs(overrides) -> bool:
     """Whether the command-line ``overrides`` hold ``engine.kwargs={}``.  Hydra merges a mapping given on
     the command line into the one ``conf/engine/<name>.yaml`` sets, so an empty one changed nothing (IT3
     kept ``feedback: softmax``); here it means what a user writing it wants: no kwargs from the engine's
-    YAML nor from an experiment's ``engine_defaults``, the engine class's own defaults.  The training's
+    YAML nor from an experiment's ``engine_defaults``, the engine class's own defaults, except those the
+    same overrides set explicitly (``+engine.kwargs.anchor=frozen``, before or after the ``{}``;
+    :func:`tttlab.torch_ttt.train.cleared_mapping`).  The training's
     ``train.engine_kwargs={}`` (also inside ``train_overrides``) works the same way
     (:func:`tttlab.torch_ttt.train.clears_train_engine_kwargs`)."""
     return T.clears_override(overrides, CLEAR_ENGINE_KWARGS)
@@ -237,7 +239,8 @@ def eval_config(
     """``conf/evaluate.yaml`` + ``conf/engine/<engine>.yaml`` + ``cfg`` (a possibly partial mapping, with
     ``engine`` a name or a mapping) + ``key=value`` overrides, validated against :class:`EvalConfig`.
     ``clear_engine_kwargs`` (or ``engine.kwargs={}`` among ``overrides`` or ``command_line``):
-    ``engine.kwargs`` is empty, the engine's own defaults (:func:`clears_engine_kwargs`).
+    ``engine.kwargs`` holds only what ``overrides`` / ``command_line`` set in it, the engine's own defaults
+    for the rest (:func:`clears_engine_kwargs`).  A leading ``+`` in ``overrides`` is Hydra's and dropped.
     ``command_line``: the command's Hydra overrides when ``cfg`` is the config Hydra composed from them (the
     engine settings they name win over an experiment's ``engine_defaults``, :func:`given_engine_keys`)."""
     clear_engine_kwargs = (
@@ -259,10 +262,11 @@ def eval_config(
         user = {**user, "engine": {"name": engine}}
     profile = user.pop("profile", None)
     layer = {**PROFILES[profile], "out_dir": default_out_dir(profile)} if profile else {}
-    merged = OmegaConf.merge(base, layer, user, OmegaConf.from_dotlist(list(overrides or [])))
+    merged = OmegaConf.merge(base, layer, user, T.dotlist(overrides, CLEAR_ENGINE_KWARGS))
     c = T.to_dict(validate(OmegaConf.to_container(merged, resolve=True), EvalConfig))
-    if clear_engine_kwargs:
-        c["engine"]["kwargs"] = {}
+    if clear_engine_kwargs:  # what the overrides set explicitly stays, before or after the {}
+        named = [*(overrides or ()), *(command_line or ())]
+        c["engine"]["kwargs"] = T.cleared_mapping(c["engine"]["kwargs"], named, "engine.kwargs")
     apply_engine_defaults(c, fill_kwargs=not clear_engine_kwargs, given=given)
     c["amp"] = check_amp(c["amp"])
     c["compile"] = check_compile(c["compile"])

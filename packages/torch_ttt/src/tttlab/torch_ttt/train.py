@@ -159,13 +159,65 @@ def clears_override(overrides, override: str) -> bool:
     """Whether the ``key=value`` ``overrides`` hold ``override`` (an empty mapping, ``key={}``; spaces and a
     leading ``+`` ignored).  Hydra, and OmegaConf's merge, merge an empty mapping into the one a YAML file
     sets, so that it changes nothing; the commands read it from the overrides and empty the mapping."""
-    return any(str(o).replace(" ", "").lstrip("+") == override for o in overrides or ())
+    return any(_is_override(o, override) for o in overrides or ())
+
+
+def _is_override(o, override: str) -> bool:
+    return str(o).replace(" ", "").lstrip("+") == override
+
+
+def named_keys(overrides, mapping: str) -> set[str]:
+    """The top-level keys of the mapping at dotted path ``mapping`` (``engine.kwargs``) that the ``key=value``
+    ``overrides`` set: ``[+|++]<mapping>.<key>[...]=...`` and ``<mapping>={<key>: ..., ...}``.  A deletion
+    (``~<mapping>.<key>``) sets none."""
+    import yaml
+
+    keys: set[str] = set()
+    for o in overrides or ():
+        key, sep, value = str(o).partition("=")
+        key = key.strip()
+        if not sep or key.startswith("~"):
+            continue
+        key = key.lstrip("+")
+        if key.startswith(mapping + "."):
+            keys.add(key[len(mapping) + 1 :].split(".")[0])
+        elif key == mapping:
+            try:
+                given = yaml.safe_load(value)
+            except yaml.YAMLError:
+                given = None
+            keys.update(str(k) for k in (given if isinstance(given, dict) else ()))
+    return keys
+
+
+def cleared_mapping(composed, overrides, mapping: str) -> dict[str, Any]:
+    """What ``<mapping>={}`` (e.g. ``engine.kwargs={}``) leaves of the ``composed`` mapping: the entries the
+    same ``overrides`` set explicitly (:func:`named_keys`), in whichever order they come (before or after
+    the ``{}``), and none of the YAML's or a preset's.  ``composed`` holds the overrides' values as Hydra
+    (or :func:`dotlist`) parsed them."""
+    named = named_keys(overrides, mapping)
+    return {k: v for k, v in (composed or {}).items() if str(k) in named}
+
+
+def dotlist(overrides, *clears: str):
+    """``key=value`` ``overrides`` as an OmegaConf config, as the command line would give them: a leading
+    ``+`` / ``++`` (Hydra's "add" / "add or override") is dropped, since a plain mapping takes new keys
+    anyway (the config's schema still refuses unknown ones), and the ``clears`` overrides (``key={}``) are
+    left out: the caller empties that mapping itself, then puts back what the other overrides set
+    (:func:`cleared_mapping`); OmegaConf would otherwise replace the mapping, dropping an earlier
+    ``key.x=...``."""
+    from omegaconf import OmegaConf
+
+    kept = [str(o).lstrip("+") for o in overrides or () if not any(_is_override(o, c) for c in clears)]
+    return OmegaConf.from_dotlist(kept)
 
 
 def clears_train_engine_kwargs(overrides) -> bool:
     """Whether ``overrides`` hold ``train.engine_kwargs={}``: no engine arguments from ``conf/config.yaml`` nor
     from the experiment (``mnist_tutorial``'s ``features_layer_name: fc2``), the engine class's own defaults
-    (and the model registry's layers), as ``engine.kwargs={}`` means for the evaluation."""
+    (and the model registry's layers), as ``engine.kwargs={}`` means for the evaluation.  Explicit
+    ``train.engine_kwargs.<key>=...`` overrides among the same ``overrides`` still apply
+    (:func:`cleared_mapping`)."""
     return clears_override(overrides, CLEAR_TRAIN_ENGINE_KWARGS)
 
 
@@ -173,18 +225,20 @@ def train_config(
     experiment: str | None = None, overrides: list[str] | None = None, *, clear_engine_kwargs: bool = False
 ) -> dict[str, Any]:
     """The training config as Hydra composes it (``config.yaml``, then ``experiment/<experiment>.yaml``,
-    then ``key=value`` overrides), without Hydra (usable inside a running Hydra app), validated.
-    ``clear_engine_kwargs`` (or ``train.engine_kwargs={}`` among ``overrides``): ``train.engine_kwargs`` is
-    empty (:func:`clears_train_engine_kwargs`)."""
+    then ``key=value`` overrides, a leading ``+`` allowed), without Hydra (usable inside a running Hydra
+    app), validated.  ``clear_engine_kwargs`` (or ``train.engine_kwargs={}`` among ``overrides``):
+    ``train.engine_kwargs`` holds only what ``overrides`` set in it (:func:`clears_train_engine_kwargs`)."""
     from omegaconf import OmegaConf
 
     parts = [conf_yaml("config.yaml")]
     if experiment:
         parts.append(conf_yaml(f"experiment/{experiment}.yaml"))
-    merged = OmegaConf.merge(*parts, OmegaConf.from_dotlist(list(overrides or [])))
+    merged = OmegaConf.merge(*parts, dotlist(overrides, CLEAR_TRAIN_ENGINE_KWARGS))
     c = OmegaConf.to_container(merged, resolve=True)
     if clear_engine_kwargs or clears_train_engine_kwargs(overrides):
-        c["train"]["engine_kwargs"] = {}
+        c["train"]["engine_kwargs"] = cleared_mapping(
+            c["train"].get("engine_kwargs"), overrides, "train.engine_kwargs"
+        )
     return _validate(c)
 
 
@@ -485,12 +539,18 @@ def _validate(cfg) -> dict[str, Any]:
     return c
 
 
-def run(cfg, *, clear_engine_kwargs: bool = False, **overrides) -> Path:
-    """Train (or resume) and evaluate; returns the run directory.  ``clear_engine_kwargs``: the command
-    line said ``train.engine_kwargs={}`` (:func:`clears_train_engine_kwargs`): no engine arguments."""
+def run(
+    cfg, *, clear_engine_kwargs: bool = False, command_line: list[str] | None = None, **overrides
+) -> Path:
+    """Train (or resume) and evaluate; returns the run directory.  ``clear_engine_kwargs`` (or
+    ``train.engine_kwargs={}`` in ``command_line``, the Hydra overrides ``cfg`` was composed from): no
+    engine arguments from the YAML, only those ``command_line`` sets (``+train.engine_kwargs.<key>=...``,
+    before or after the ``{}``; :func:`cleared_mapping`)."""
     c = {**to_dict(cfg), **overrides}
-    if clear_engine_kwargs:
-        c["train"] = {**(c.get("train") or {}), "engine_kwargs": {}}
+    if clear_engine_kwargs or clears_train_engine_kwargs(command_line):
+        train = c.get("train") or {}
+        kept = cleared_mapping(train.get("engine_kwargs"), command_line, "train.engine_kwargs")
+        c["train"] = {**train, "engine_kwargs": kept}
     c = _validate(c)
     device = resolve_device(c["device"])
     ckpt_path = checkpoint_file(c["out_dir"])
@@ -693,8 +753,10 @@ def main() -> None:
         from hydra.core.hydra_config import HydraConfig
 
         with user_errors("tttlab-torch-ttt-train"):
-            # the composed cfg cannot tell train.engine_kwargs={} (merged: no change) from no override
-            print(run(cfg, clear_engine_kwargs=clears_train_engine_kwargs(HydraConfig.get().overrides.task)))
+            # the composed cfg cannot tell train.engine_kwargs={} (merged: no change) from no override, nor
+            # the kwargs the command line set from the YAML's
+            task = list(HydraConfig.get().overrides.task)
+            print(run(cfg, clear_engine_kwargs=clears_train_engine_kwargs(task), command_line=task))
 
     check_hydra_command("tttlab-torch-ttt-train", "tttlab.torch_ttt.conf", "config")
     _main()

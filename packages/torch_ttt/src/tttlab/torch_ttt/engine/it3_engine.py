@@ -58,21 +58,49 @@ Against the paper and the official notebooks (nikitadurasov/ittt, read for this 
   after the features layer: gradients reach the adapted parameters through ``h`` and ``y0`` only.  Our
   models have no latent output, so ``h`` stands where the notebook feeds ``z1``.  Training is the same
   for both (one network; ``anchor`` only acts at test time, so it does not change the trained model).
-* training: torch-ttt, and this engine, put both terms on every batch; the notebooks instead draw per batch
-  whether the first pass gets the ground truth (probability 0.75 MNIST, 0.2 CIFAR) or a neutral signal (a
-  random class for MNIST, the uniform distribution 0.1 for CIFAR) and put the task loss on both that pass
-  and a second pass fed its prediction.  The neutral signal there is an input to the embedder; here, as
-  torch-ttt, "0" means no embedding at all.  The weight: both notebooks add their two cross-entropies
+* training (``training=``): torch-ttt, and this engine by default (``"torch_ttt"``), put both terms on
+  every batch.  The notebooks instead draw per batch whether the first pass gets the ground truth
+  (probability 0.75 MNIST, 0.2 CIFAR: ``torch.rand(1) > 0.25`` / ``> 0.8``) or a neutral signal (a one-hot
+  random class per sample for MNIST, the uniform distribution, 0.1 for 10 classes, for CIFAR), then put
+  the task loss on both that pass and a second pass fed its prediction (with its gradient; CIFAR feeds
+  its softmax).  ``training="notebook"`` is that scheme (opt-in): ``truth_probability`` (default 0.75)
+  and ``neutral`` (``"random_class"``, default, or ``"uniform"``: ``1/K``) set the draw, one uniform
+  number per batch from ``generator`` (default torch's global generator, which the training checkpoint
+  saves), then, for ``"random_class"``, one class per sample from the same generator
+  (:meth:`IT3Engine.first_pass_signal`).  The first pass is ``y1 = f(x, signal)``; the second runs the
+  layers after the features layer on ``combine(h, embedder(s(y1)))`` with ``h`` the first pass's
+  features (the notebooks compute their ``f1(x)`` once; here the layers before the features layer run
+  again and their output is replaced, so the gradient is the notebooks', but train-mode BatchNorm layers
+  before the features layer update their running statistics twice per batch); the engine returns ``(y1,
+  cross_entropy(y2, target))`` and the trainer's ``cross_entropy(y1, y) + 1.0 *`` that is the notebooks'
+  sum of the two task losses (the trainer's accuracy is then ``y1``'s, which saw the labels on the
+  truth batches).  A model trained so never sees "0" (no embedding), the test-time first pass's
+  input by default: ``test_signal="neutral"`` (test time only, like ``anchor``; needs
+  ``training="notebook"``) feeds the neutral signal there instead, as the notebooks do at test time (the
+  uniform 0.1 for CIFAR; a random class per sample and per step for MNIST's adaptation), in the
+  idempotence loss and in the prediction ``f(x, neutral)`` (a random class is drawn anew for it), which
+  then runs eagerly.  Still different from the notebooks with it: their latent output (MNIST feeds the
+  second pass its first pass's latent ``z1`` in place of the features, CIFAR adds it to them; our models
+  have none).  With ``"torch_ttt"`` there is no neutral signal: "0", no embedding at all.  The weight:
+  both notebooks add their two cross-entropies
   with weight 1 each and torch-ttt's IT3 example adds its engine loss with weight 1
   (``nll + loss_ttt``), so :attr:`IT3Engine.joint_training_weight` is 1.0: ``tttlab-torch-ttt-train``
   with ``train.ssl_weight: null`` (the shipped configs) uses it, where it used the TTT tutorial's 0.35
   until 2026-12-01 (a given ``train.ssl_weight`` still wins).
-* distances and steps: the notebooks use the Jensen-Shannon divergence of the two passes' probabilities,
-  Adam at 1e-3, 10 steps (MNIST, test-time signal a random class; its loop makes one more update after
-  the forward it reports) or 1 step (CIFAR, the network in train mode); torch-ttt's default is MSE, 3
-  Adam steps at 1e-2 (``conf/engine/ittt.yaml``: 1 step at 1e-3, as torch-ttt's own IT3 example).  The
-  notebooks report the first pass of the last step (MNIST) or the
-  second pass (CIFAR), computed before that step's update; here, as torch-ttt, ``f(x, 0)`` after the steps.
+* distances (``distance=``) and steps: torch-ttt's default, and ours, is MSE (``distance=None`` or
+  ``"mse"``; ``distance_fn=`` any callable).  The notebooks compare the two passes' probabilities with a
+  function they call ``js_div`` that is not the Jensen-Shannon divergence: ``(KL(m || p) + KL(m || q)) /
+  2`` with ``m = (p + q) / 2`` (torch's ``kl_div(log p, m)`` is ``KL(m || p)``), symmetric and zero on
+  equal inputs but unbounded; ``distance="notebook_js"`` is that (:func:`notebook_js`),
+  ``distance="js"`` the Jensen-Shannon divergence itself, ``(KL(p || m) + KL(q || m)) / 2``, at most ln 2
+  (:func:`js_divergence`); both sum over the classes (dim 1) and average over the batch, and want
+  probabilities (``feedback="softmax"`` for a logit model).  The distance is also the torch-ttt training
+  term's, not used by the notebook scheme.  Steps: the notebooks use Adam at 1e-3, 10 steps (MNIST,
+  test-time signal a random class; its loop makes one more update after the forward it reports) or 1
+  step (CIFAR, the network in train mode); torch-ttt's default is 3 Adam steps at 1e-2
+  (``conf/engine/ittt.yaml``: 1 step at 1e-3, as torch-ttt's own IT3 example).  The notebooks report the
+  first pass of the last step (MNIST) or the second pass (CIFAR), computed before that step's update;
+  here, as torch-ttt, ``f(x, 0)`` after the steps.
 """
 
 from __future__ import annotations
@@ -92,13 +120,58 @@ from ..heads import has_training_batchnorm, infer_feature_shape, place_like_mode
 from ..precision import eager
 from .base_engine import BaseEngine, FeatureHook, find_module
 
-__all__ = ["ANCHORS", "IT3Engine", "broadcast_add", "build_embedder"]
+__all__ = [
+    "ANCHORS",
+    "DISTANCES",
+    "IT3Engine",
+    "NEUTRAL_SIGNALS",
+    "TEST_SIGNALS",
+    "TRAINING_SCHEMES",
+    "broadcast_add",
+    "build_embedder",
+    "js_divergence",
+    "notebook_js",
+]
 
 _OUTPUT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
 #: what ``feedback=`` accepts: the signal fed back to the embedder and compared by the distance
 FEEDBACK = ("output", "softmax")
 #: what ``anchor=`` accepts: the network of the test-time second pass (see the module docstring)
 ANCHORS = ("none", "frozen")
+#: what ``training=`` accepts: torch-ttt's two terms on every batch, or the official notebooks' scheme
+TRAINING_SCHEMES = ("torch_ttt", "notebook")
+#: what ``neutral=`` accepts: the notebook scheme's first-pass signal when the ground truth is not given
+NEUTRAL_SIGNALS = ("random_class", "uniform")
+#: what ``test_signal=`` accepts: the test-time first pass's input, "0" (no embedding) or the neutral signal
+TEST_SIGNALS = ("zero", "neutral")
+#: the notebook scheme's defaults, the MNIST notebook's (the CIFAR notebook's: 0.2 and "uniform")
+NOTEBOOK_TRUTH_PROBABILITY = 0.75
+NOTEBOOK_NEUTRAL = "random_class"
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The Jensen-Shannon divergence ``(KL(p || m) + KL(q || m)) / 2``, ``m = (p + q) / 2``, of two
+    distributions over dim 1 (natural log: between 0 and ln 2), summed over the classes and averaged over
+    the other axes (the batch).  Zero probabilities contribute nothing (``0 log 0 = 0``)."""
+    m = 0.5 * (p + q)
+    inner = torch.xlogy(p, p) - torch.xlogy(p, m) + torch.xlogy(q, q) - torch.xlogy(q, m)
+    return 0.5 * inner.sum(dim=1).mean()
+
+
+def notebook_js(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The official notebooks' ``js_div(p, q)``: ``(KL(m || p) + KL(m || q)) / 2``, ``m = (p + q) / 2``,
+    i.e. the two Kullback-Leibler terms taken *from* the midpoint (torch's ``kl_div(log p, m)`` is
+    ``KL(m || p)``), summed over the classes (dim 1) and averaged over the batch (their
+    ``reduction="batchmean"`` for ``(N, K)`` inputs).  Symmetric and zero on equal inputs like the
+    Jensen-Shannon divergence (:func:`js_divergence`), but not bounded by ln 2: it grows without limit as
+    ``p`` or ``q`` puts vanishing mass where the other does not."""
+    m = 0.5 * (p + q)
+    inner = 2 * torch.xlogy(m, m) - torch.xlogy(m, p) - torch.xlogy(m, q)
+    return 0.5 * inner.sum(dim=1).mean()
+
+
+#: what ``distance=`` accepts (the default, None, is ``distance_fn`` or else MSE as torch-ttt)
+DISTANCES = {"mse": F.mse_loss, "js": js_divergence, "notebook_js": notebook_js}
 
 
 def broadcast_add(features: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
@@ -140,16 +213,19 @@ class IT3Engine(BaseEngine):
     """Args (upstream's, then keyword-only): model; features_layer_name (where the embedded prediction
     is added); embeder (default built now); combine_fn (default :func:`broadcast_add`); distance_fn
     (default MSE); optimization_parameters; output_shape / feature_shape / example_input (to size the
-    default embedder when the layers do not tell); feedback (``"output"`` or ``"softmax"``) and anchor
-    (``"none"`` or ``"frozen"``), see the module docstring.  ``engine(x, target=y)`` in train mode uses
-    the training scheme; ``target`` must have the model output's shape (e.g. one-hot labels)."""
+    default embedder when the layers do not tell); feedback (``"output"`` or ``"softmax"``), anchor
+    (``"none"`` or ``"frozen"``), distance (``"mse"``, ``"js"``, ``"notebook_js"``; instead of
+    ``distance_fn``), training (``"torch_ttt"`` or ``"notebook"``) with truth_probability, neutral and
+    generator (the notebook scheme's draws) and test_signal (``"zero"`` or, with the notebook scheme,
+    ``"neutral"``), see the module docstring.  ``engine(x, target=y)`` in train
+    mode uses the training scheme; ``target`` must have the model output's shape (e.g. one-hot labels)."""
 
     compiled_adaptation = False  # reads inner layers through hooks: eager under engine.compile()
     #: upstream's joint-training weight of the engine's loss: the notebooks and torch-ttt's example add the
     #: two terms with equal weights (``train.ssl_weight: null`` uses it)
     joint_training_weight = 1.0
-    #: ``anchor`` acts at test time only: a model trained for one value serves the other
-    test_time_kwargs = ("anchor",)
+    #: ``anchor`` and ``test_signal`` act at test time only: a model trained for one value serves the other
+    test_time_kwargs = ("anchor", "test_signal")
 
     @property
     def target_module(self) -> nn.Module:
@@ -170,20 +246,64 @@ class IT3Engine(BaseEngine):
         example_input: torch.Tensor | None = None,
         feedback: str = "output",
         anchor: str = "none",
+        distance: str | None = None,
+        training: str = "torch_ttt",
+        truth_probability: float | None = None,
+        neutral: str | None = None,
+        generator: torch.Generator | None = None,
+        test_signal: str = "zero",
     ) -> None:
         super().__init__(model, optimization_parameters)
         if feedback not in FEEDBACK:
             raise InvalidInputError(f"feedback={feedback!r}; expected one of {FEEDBACK}")
         if anchor not in ANCHORS:
             raise InvalidInputError(f"anchor={anchor!r}; expected one of {ANCHORS}")
+        if distance is not None and distance not in DISTANCES:
+            raise InvalidInputError(f"distance={distance!r}; expected one of {list(DISTANCES)} (or null)")
+        if distance is not None and distance_fn is not None:
+            raise InvalidInputError(f"distance={distance!r} and a distance_fn: expected one of them")
+        if training not in TRAINING_SCHEMES:
+            raise InvalidInputError(f"training={training!r}; expected one of {TRAINING_SCHEMES}")
+        if training != "notebook" and (truth_probability is not None or neutral is not None):
+            raise InvalidInputError(
+                f"truth_probability={truth_probability!r}, neutral={neutral!r} with training={training!r}: "
+                "they set the notebook scheme's draws; expected training='notebook' (or leave them null)"
+            )
+        if truth_probability is None:
+            truth_probability = NOTEBOOK_TRUTH_PROBABILITY
+        if isinstance(truth_probability, bool) or not 0.0 <= float(truth_probability) <= 1.0:
+            raise InvalidInputError(f"truth_probability={truth_probability!r}; expected a number in [0, 1]")
+        if neutral is None:
+            neutral = NOTEBOOK_NEUTRAL
+        if neutral not in NEUTRAL_SIGNALS:
+            raise InvalidInputError(f"neutral={neutral!r}; expected one of {NEUTRAL_SIGNALS}")
+        if test_signal not in TEST_SIGNALS:
+            raise InvalidInputError(f"test_signal={test_signal!r}; expected one of {TEST_SIGNALS}")
+        if test_signal == "neutral" and training != "notebook":
+            raise InvalidInputError(
+                f"test_signal='neutral' with training={training!r}: the neutral signal is the notebook "
+                "scheme's, and a model trained otherwise never saw it; expected training='notebook'"
+            )
         self.feedback = feedback
         self.anchor = anchor
+        self.distance = distance
+        # not ``self.training``: that is nn.Module's train/eval flag
+        self.training_scheme = training
+        self.truth_probability = float(truth_probability)
+        self.neutral = neutral
+        self.generator = generator
+        self.test_signal = test_signal
+        self._output_shape: tuple[int, ...] | None = None
+        #: the notebook scheme's last draw: True when the first pass got the ground truth
+        self.last_first_pass_truth: bool | None = None
         # the frozen copy (anchor="frozen"), in a tuple so it is neither a submodule nor in state_dict
         self._anchor_copy: tuple[nn.Module, ...] = ()
         self.features_layer_name = features_layer_name
         # a tuple, so the layer is not registered twice (engine.state_dict() keeps one copy)
         self._target = (find_module(model, features_layer_name),)
         self.combine_fn = combine_fn if combine_fn is not None else broadcast_add
+        if distance is not None:
+            distance_fn = DISTANCES[distance]
         self.distance_fn = distance_fn if distance_fn is not None else F.mse_loss
         self._expected_output_channels: int | None = None
         if embeder is None:
@@ -208,8 +328,14 @@ class IT3Engine(BaseEngine):
                     "or example_input=<a batch> so the embedder can be built now"
                 )
             self._expected_output_channels = int(output_shape[1])
+            self._output_shape = tuple(int(d) for d in output_shape)
             embeder = place_like_model(build_embedder(output_shape, shape[1]), model)
         self.embeder = embeder
+        if test_signal == "neutral" and self._output_shape is None:
+            raise InvalidInputError(
+                "test_signal='neutral' needs the model's output shape to build the neutral signal: use the "
+                "default embedder (output_shape= or example_input=)"
+            )
 
     @property
     def anchor_model(self) -> nn.Module | None:
@@ -293,6 +419,8 @@ class IT3Engine(BaseEngine):
                     f"target of shape {tuple(target.shape)}: expected the model output's shape (N, {k}, ...), "
                     "e.g. one-hot labels"
                 )
+            if self.training_scheme == "notebook":
+                return self._notebook_training(inputs, target)
             embedding = self.embeder(target)
             if isinstance(inputs, torch.Tensor) and not has_training_batchnorm(self.model):
                 n = inputs.shape[0]
@@ -305,19 +433,95 @@ class IT3Engine(BaseEngine):
             return y0, self.distance_fn(self.signal(y1), target)
         if self.anchor == "frozen" and not self.training:
             return self._anchored_forward(inputs)
-        y0 = run_model(self.model, inputs)
+        y0 = self._first_pass(inputs)
         self._check_output(y0)
         s0 = self.signal(y0)
         y1 = self._with_embedding(inputs, self.embeder(s0))
         return y0, self.distance_fn(self.signal(y1), s0)
+
+    def first_pass_signal(self, target: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The notebook scheme's first-pass input for one batch, and whether it is the ground truth: one
+        uniform draw ``u`` per batch (``self.generator``, else torch's global generator), the ``target``
+        when ``u > 1 - truth_probability`` (the notebooks' ``torch.rand(1) > 0.25`` / ``> 0.8``), else the
+        neutral signal: ``"random_class"`` one-hot of a class drawn uniformly per sample (the same
+        generator, after ``u``), ``"uniform"`` ``1 / K`` everywhere (the CIFAR notebook's 0.1)."""
+        if bool(torch.rand((), generator=self.generator) > 1.0 - self.truth_probability):
+            return target, True
+        return self.neutral_signal(target), False
+
+    def neutral_signal(self, like: torch.Tensor) -> torch.Tensor:
+        """The neutral signal shaped like ``like`` ``(N, K, ...)``: ``1 / K`` everywhere (``"uniform"``), or
+        the one-hot of a class drawn uniformly per sample from ``self.generator`` (``"random_class"``)."""
+        k = like.shape[1]
+        if self.neutral == "uniform":
+            return torch.full_like(like, 1.0 / k)
+        classes = torch.randint(0, k, (like.shape[0],), generator=self.generator)
+        onehot = F.one_hot(classes, k).to(device=like.device, dtype=like.dtype)
+        onehot = onehot.reshape(*onehot.shape, *([1] * (like.ndim - 2)))
+        return onehot.expand_as(like)
+
+    @property
+    def compiled_prediction(self) -> bool:
+        """The prediction ``f(x, neutral)`` (``test_signal="neutral"``) needs the injection hook: eager."""
+        return self.test_signal == "zero"
+
+    def _first_pass(self, inputs) -> torch.Tensor:
+        """The test-time first pass: ``f(x, 0)``, or ``f(x, neutral signal)`` with ``test_signal="neutral"``
+        (the notebooks' test time: a random class for MNIST's adaptation, the uniform 0.1 for CIFAR)."""
+        if self.test_signal == "zero":
+            return run_model(self.model, inputs)
+        n = inputs.shape[0] if isinstance(inputs, torch.Tensor) else len(next(iter(inputs.values())))
+        dtype = next((p.dtype for p in self.embeder.parameters() if p.is_floating_point()), torch.float32)
+        device = next((p.device for p in self.embeder.parameters()), torch.device("cpu"))
+        like = torch.empty((n, *self._output_shape[1:]), dtype=dtype, device=device)
+        return self._with_embedding(inputs, self.embeder(self.neutral_signal(like)))
+
+    def predict(self, inputs, **kwargs) -> torch.Tensor:
+        if self.test_signal == "zero":
+            return super().predict(inputs, **kwargs)
+        with torch.no_grad(), self.inference_context(), self._autocast(), eager(self.model):
+            return self._first_pass(inputs)
+
+    def _notebook_training(self, inputs, target: torch.Tensor):
+        """``(y1, cross_entropy(y2, target))`` of the notebook scheme: ``y1 = f(x, y_first)``
+        (:meth:`first_pass_signal`), ``y2`` the layers after the features layer on ``combine(h,
+        embedder(s(y1)))`` with ``h`` the first pass's features (one ``h``, as the notebooks' one ``f1(x)``;
+        gradients flow through ``s(y1)`` and ``h``).  The trainer's cross-entropy on ``y1`` plus this one
+        is the notebooks' two task losses."""
+        first, truth = self.first_pass_signal(target)
+        self.last_first_pass_truth = truth
+        first_embedding = self.embeder(first)
+        seen: dict[str, torch.Tensor] = {}
+
+        def inject_first(module, args, output):
+            seen["h"] = output
+            return self.combine_fn(output, first_embedding)
+
+        handle = self.target_module.register_forward_hook(inject_first)
+        try:
+            y1 = run_model(self.model, inputs)
+        finally:
+            handle.remove()
+        self._check_output(y1)
+        second_embedding = self.embeder(self.signal(y1))
+
+        def inject_second(module, args, output):  # the first pass's features, not this pass's
+            return self.combine_fn(seen["h"], second_embedding)
+
+        handle = self.target_module.register_forward_hook(inject_second)
+        try:
+            y2 = run_model(self.model, inputs)
+        finally:
+            handle.remove()
+        return y1, F.cross_entropy(y2, target)
 
     def _anchored_forward(self, inputs):
         """``anchor="frozen"``: ``y0 = f(x, 0)`` keeping the features ``h`` of the adapted network, then the
         frozen copy's layers after the features layer on ``combine(h, embedder(s(y0)))``; the loss compares
         their signal with ``s(y0)``."""
         frozen = self.anchor_model if self.anchor_model is not None else self._freeze_anchor()
-        with FeatureHook(self.target_module) as hook:
-            y0 = run_model(self.model, inputs)
+        with FeatureHook(self.target_module) as hook:  # registered first: it sees the features unchanged
+            y0 = self._first_pass(inputs)
         self._check_output(y0)
         s0 = self.signal(y0)
         injected = self.combine_fn(hook.output, self.embeder(s0))
