@@ -179,7 +179,7 @@ def _load_yaml_config(path: Path) -> Any:
 
 #: Benchmark options added after run directories already existed, with the value that means "as before":
 #: at that value they stay out of :func:`config_hash`, so a run made before the option resumes after it.
-BENCHMARK_KEYS_ADDED_LATER = {"shuffle": True, "dirichlet_delta": None}
+BENCHMARK_KEYS_ADDED_LATER = {"shuffle": True, "dirichlet_delta": None, "stream_order": "tttlab"}
 
 
 def _without_later_defaults(obj: Any) -> Any:
