@@ -21,7 +21,7 @@ import pytest
 from tttlab.core.benchmark import STREAM_ORDERS, Benchmark, from_config
 from tttlab.core.config import BenchmarkConfig
 from tttlab.core.data import ArrayDataset
-from tttlab.core.errors import InvalidInputError, UnknownNameError
+from tttlab.core.errors import UnknownNameError
 from tttlab.core.records import config_hash
 
 N = 5
@@ -188,6 +188,17 @@ def test_mariodoebler_mixed_plays_one_pool_of_all_corruptions_per_severity_each_
     assert [len(b) for b in _bench("mixed", [4, 2], batch_size=4)] == [4, 4, 4, 4, 4]
 
 
+def test_mariodoebler_mixed_plays_the_clean_domain_first_on_its_own():
+    bench = _bench("mixed", [4, 2], batch_size=4, include_clean=True, stream_order="mariodoebler")
+    batches = list(bench)
+    assert [len(b) for b in batches] == [4, 1, 4, 4, 2, 4, 4, 2]  # clean, severity 4, severity 2
+    seen = [t for b in batches for t in _read(b)]
+    assert sorted(seen[:N]) == [("clean", 0, i) for i in range(N)]
+    assert {t[:2] for t in seen[N : 3 * N]} == {("fog", 4), ("contrast", 4)}
+    assert bench.visit_sizes() == [(None, N), (None, 2 * N), (None, 2 * N)]
+    assert [b.reset for b in batches] == [True] + [False] * 7
+
+
 def test_mariodoebler_mixed_sizes_and_sharding_agree_with_the_stream():
     bench = _bench("mixed", [4, 2, 5], corruptions=CORR, batch_size=4, stream_order="mariodoebler")
     batches = list(bench)
@@ -196,7 +207,7 @@ def test_mariodoebler_mixed_sizes_and_sharding_agree_with_the_stream():
     assert bench.num_images == 45
     assert "(mariodoebler order)" in bench.describe()
     for setting in ("mixed", "reset_each_shift", "gradual"):
-        b = _bench(setting, [4, 2], include_clean=setting != "mixed", stream_order="mariodoebler")
+        b = _bench(setting, [4, 2], include_clean=True, stream_order="mariodoebler")
         whole = [(x.index, x.reset, _read(x)) for x in b]
         shards = sorted(
             (x.index, x.reset, _read(x)) for r in range(3) for x in b.batches(rank=r, world_size=3)
@@ -218,8 +229,6 @@ def test_with_one_severity_mariodoebler_gives_the_default_stream_except_gradual_
 def test_stream_order_is_checked_and_passed_through_from_config():
     with pytest.raises(UnknownNameError, match="stream_order 'upstream'.*tttlab, mariodoebler"):
         _bench("continual", [5], stream_order="upstream")
-    with pytest.raises(InvalidInputError, match="include_clean=False"):
-        _bench("mixed", [5], include_clean=True, stream_order="mariodoebler")
     cfg = {"name": "digits_c", "corruptions": ["fog"], "setting": "gradual", "severities": [4, 2]}
     assert from_config({**cfg, "stream_order": "mariodoebler"}).schedule() != from_config(cfg).schedule()
     assert [str(d) for d in from_config({**cfg, "stream_order": "mariodoebler"}).schedule()] == [
@@ -237,3 +246,10 @@ def test_the_default_stream_order_keeps_a_configs_hash():
     assert config_hash({"benchmark": {**bench, "stream_order": "mariodoebler"}}) != config_hash(
         {"benchmark": bench}
     )
+
+
+def test_shift_names_what_reset_each_shift_follows():
+    bench = _bench("reset_each_shift", [4, 2], include_clean=True, stream_order="mariodoebler")
+    assert [bench.shift(d) for d in bench.schedule()] == [None, "fog", "fog", "contrast", "contrast"]
+    default = _bench("reset_each_shift", [4, 2])
+    assert [default.shift(d) for d in default.schedule()] == default.schedule()

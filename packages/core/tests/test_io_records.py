@@ -204,13 +204,15 @@ def test_config_hash_stable():
 
 
 def test_benchmark_options_added_later_keep_old_hashes_at_their_neutral_value():
-    """A run directory made before ``benchmark.shuffle`` / ``dirichlet_delta`` existed keeps its hash (and
-    so resumes); a non-default value is another config, at any depth."""
+    """A run directory made before ``benchmark.shuffle`` / ``dirichlet_delta`` / ``stream_order`` existed
+    keeps its hash (and so resumes); a non-default value is another config, at any depth."""
     old = {"seed": 0, "benchmark": {"name": "mnist_c", "setting": "continual"}, "train": {"lr": 0.1}}
-    new = {**old, "benchmark": {**old["benchmark"], "shuffle": True, "dirichlet_delta": None}}
+    new = {**old, "benchmark": {**old["benchmark"], "shuffle": True, "dirichlet_delta": None,
+                                "stream_order": "tttlab"}}  # fmt: skip
     assert R.config_hash(new) == R.config_hash(old) == "66f0ff11bec4"  # as hashed before the options
     assert R.config_hash({"wrap": [new]}) == R.config_hash({"wrap": [old]})
-    for key, value in (("shuffle", False), ("dirichlet_delta", 0.0), ("dirichlet_delta", 0.1)):
+    for key, value in (("shuffle", False), ("dirichlet_delta", 0.0), ("dirichlet_delta", 0.1),
+                       ("stream_order", "mariodoebler")):  # fmt: skip
         changed = {**new, "benchmark": {**new["benchmark"], key: value}}
         assert R.config_hash(changed) != R.config_hash(old), (key, value)
     assert R.config_hash({"shuffle": True}) != R.config_hash({}), "only inside a benchmark mapping"

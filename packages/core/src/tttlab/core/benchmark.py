@@ -33,12 +33,12 @@ is no way back down), and a revisit (one given severity: 1..5..1) replays the fi
 ``mixed`` plays one pool of all corruptions per severity, severity after severity in the given order,
 each pool shuffled by the same seeded permutation and batched on its own (a pool ends with its partial
 batch), without a reset in between; ``reset_each_shift`` resets at every corruption, not between the
-severities of one corruption (the clean domain, if included, is a shift of its own, played once, first;
-there, ``mixed`` has no clean domain: refused). With one severity, the usual ``[5]``, the two orders give
-the same streams except for ``gradual``'s revisits. The images a visit shows, their subset
-(``num_examples`` per domain) and their order within a first visit are this module's either way: the
-reference's own shuffle (Python's ``random``) and its ``mixed_domains`` subset, sampled from the pooled
-stream, are not reproduced.
+severities of one corruption (the clean domain, if included, is played once, first: a shift, and in
+``mixed`` a pool, of its own; the reference has no clean domain in ``mixed_domains``). With one severity,
+the usual ``[5]``, the two orders give the same streams except for ``gradual``'s revisits (and ``mixed``
+with the clean domain). The images a visit shows, their subset (``num_examples`` per domain) and their
+order within a first visit are this module's either way: the reference's own shuffle (Python's
+``random``) and its ``mixed_domains`` subset, sampled from the pooled stream, are not reproduced.
 
 Label-correlated (non-i.i.d.) streams: ``dirichlet_delta`` reorders each domain's images by class, in
 any setting (``mixed``: the pooled stream).  ``0`` sorts them by class; ``delta > 0`` follows NOTE (Gong
@@ -380,12 +380,6 @@ class Benchmark:
         else:  # up through the given severities and back down
             up = tuple(sorted(self.severities))
             self._gradual_path = up + up[-2::-1]
-        if self.stream_order == "mariodoebler" and self.setting == "mixed" and include_clean:
-            raise InvalidInputError(
-                f"benchmark {name!r}: stream_order='mariodoebler' with setting='mixed' has no clean domain "
-                "(its mixed stream pools the corruptions of one severity); expected include_clean=False, "
-                "or stream_order='tttlab', whose mixed stream pools the clean images too"
-            )
         self.batch_size = int(batch_size)
         self.num_examples = None if num_examples is None else int(num_examples)
         self.seed = int(seed)
@@ -415,13 +409,21 @@ class Benchmark:
         doms = [CLEAN] if self.include_clean else []
         return doms + [Domain(c, s) for c in self.corruptions for s in self._gradual_path]
 
+    def shift(self, domain: Domain) -> Domain | str | None:
+        """What ``reset_each_shift`` resets on a change of: the domain (``tttlab``), or its corruption
+        (``mariodoebler``: the severities of one corruption follow each other without a reset).  For a
+        method that must see the shifts on its own, e.g. a rank of a sharded stream, which may not get the
+        batch flagged ``reset``."""
+        return domain if self.stream_order == "tttlab" else domain.corruption
+
     def mixed_pools(self) -> list[list[Domain]]:
         """The domains pooled into each shuffled part of a ``mixed`` stream, part after part: one pool of
         every domain (``tttlab``), or one pool of all corruptions per severity, in the given order of the
-        severities (``mariodoebler``)."""
+        severities (``mariodoebler``; the clean domain, if included, first, on its own)."""
         if self.stream_order == "tttlab":
             return [self.domains]
-        return [[d for d in self.domains if d.severity == s] for s in self.severities]
+        clean = [[CLEAN]] if self.include_clean else []
+        return clean + [[d for d in self.domains if d.severity == s] for s in self.severities]
 
     @property
     def class_indices(self) -> np.ndarray | None:
@@ -615,11 +617,8 @@ class Benchmark:
             ):  # every domain the same class order (same labels), revisits another
                 order = self._correlated(order, ds.labels[order], visit if revisit else None)
             d_id = domains.index(domain)
-            # a shift: every domain (tttlab); a new corruption (mariodoebler, whose severities of one
-            # corruption follow each other without a reset; the clean domain is a shift of its own)
-            shift = (
-                self.stream_order == "tttlab" or previous is None or domain.corruption != previous.corruption
-            )
+            # a shift (see shift()): every domain, or every corruption (the clean domain is one of its own)
+            shift = previous is None or self.shift(domain) != self.shift(previous)
             previous = domain
             for b, start in enumerate(range(0, len(ds), self.batch_size)):
                 if index % world_size == rank:

@@ -79,6 +79,7 @@ DEFAULTS: dict[str, Any] = {
         "include_clean": False,
         "shuffle": True,  # False: each domain's images in file order
         "dirichlet_delta": None,  # label-correlated order (tttlab.core.benchmark): None i.i.d., 0 sorted, > 0
+        "stream_order": "tttlab",  # mariodoebler: that benchmark's visits (tttlab.core.benchmark)
     },  # fmt: skip
     "tpt": {
         "n_views": None,
