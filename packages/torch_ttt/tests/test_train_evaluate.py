@@ -639,6 +639,41 @@ def test_evaluate_hands_the_benchmarks_shifts_to_the_stream_unless_the_reset_is_
     assert seen == [(Reset.PER_DOMAIN, "fog"), (Reset.PER_DOMAIN, Domain("fog", 2)), (Reset.PER_DOMAIN, None)]
 
 
+def test_evaluate_refuses_a_folder_with_another_configs_records_before_it_adapts(
+    smoke_run, tmp_path, monkeypatch
+):
+    """Two configs' records in one run folder would read as one run's: the second evaluate fails before it
+    builds a stream or adapts, naming both hashes and the differing key; appending is explicit."""
+    from tttlab.core.errors import RunDirConflictError
+    from tttlab.core.records import APPEND_ENV, load_records
+
+    monkeypatch.delenv(APPEND_ENV, raising=False)
+    out = tmp_path / "shared"
+    first = E.run(hydra_compose("evaluate", eval_overrides(smoke_run, out)))
+    before = first.read_bytes()
+    first_hash = load_records(out)["config_hash"].iloc[0]
+
+    def no_stream(*a, **k):
+        raise AssertionError("adapted before the folder was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(E, "adapt_stream", no_stream)
+        other = hydra_compose("evaluate", [*eval_overrides(smoke_run, out), "benchmark.severities=[3]"])
+        with pytest.raises(RunDirConflictError) as err:
+            E.run(other)
+    msg = str(err.value)
+    assert str(out) in msg and first_hash in msg and "benchmark.severities: [5] -> [3]" in msg
+    assert first.read_bytes() == before
+    monkeypatch.setenv(APPEND_ENV, "1")
+    E.run(other)
+    df = load_records(out)
+    assert (
+        set(df["config_hash"]) == {first_hash, df["config_hash"].iloc[-1]}
+        and len(set(df["config_hash"])) == 2
+    )
+    assert (out / f"config-{first_hash}.yaml").exists()
+
+
 class _Killed(Exception):
     """Stands for a SIGKILL at a chosen point (the process ends, the files stay as they are)."""
 

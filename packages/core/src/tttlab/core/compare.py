@@ -65,7 +65,7 @@ from typing import Any
 
 from ._io import atomic_path, atomic_write_json, atomic_write_text, remove_stale_temps, source_fingerprint
 from .errors import ConfigError, UnknownNameError
-from .records import config_hash, load_records
+from .records import APPEND_ENV, config_hash, load_records
 
 #: settings whose domains are independent (the method is reset at every domain): resumable per domain.
 INDEPENDENT_SETTINGS = ("episodic", "reset_each_shift")
@@ -716,6 +716,9 @@ def _child_env(c: dict[str, Any]) -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("MPLBACKEND", "Agg")
     env["PYTHONUNBUFFERED"] = "1"
+    # a part folder is compare's own: a stale part (edited code: another model cache_dir in the evaluate's
+    # config) runs again in it, and the latest record per domain wins (task_records)
+    env[APPEND_ENV] = "1"
     threads = c["threads"] or max(1, (os.cpu_count() or 1) // max(1, c["jobs"]))
     if c["threads"] or c["jobs"] > 1:
         for var in (

@@ -93,6 +93,7 @@ from tttlab.core.config import RunConfig
 from tttlab.core.errors import CheckpointError, ConfigError
 from tttlab.core.records import (
     RunDir,
+    check_run_dir,
     config_hash,
     load_records,
     merge_records,
@@ -1046,6 +1047,7 @@ def run(
     if device.type == "cuda" and dist.world_size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     out = Path(c["out_dir"])
+    check_run_dir(out, c)  # another config's records there: refused now, not after the evaluation
     if dist.rank == 0 and (out / "shards").exists():  # partial records of an earlier interrupted run
         import shutil
 
@@ -1092,7 +1094,7 @@ def run(
     if run_dir is None:
         extra.update(train_run=None, model_checkpoint=str(c["model_checkpoint"]["path"]))
     if dist.world_size == 1:
-        rd = RunDir(out, c)
+        rd = RunDir(out, c, other_config="error")
         rd.drop_records()  # run again (e.g. after a kill): replace, not append twice
         with rd.writer(**defaults) as writer:
             write_summary(writer, totals, extra)
@@ -1104,7 +1106,7 @@ def run(
     if dist.rank == 0:
         merge_records(shards.path, world_size=dist.world_size)
         merged = totals_from_records(shards.path / "records.jsonl", domains)
-        rd = RunDir(out, c)
+        rd = RunDir(out, c, other_config="error")
         rd.drop_records()
         with rd.writer(**defaults) as writer:
             write_summary(writer, merged, extra)
