@@ -14,6 +14,9 @@ setting              domain order                                               
 ``gradual``          per corruption, severities up then down (1,2,3,4,5,4,3,2,1)             first batch only
 ===================  =====================================================================  ==========
 
+(``stream_order="mariodoebler"``: ``reset_each_shift`` resets at the first batch of each corruption, and
+``mixed`` plays one pool per severity; see below.)
+
 ``gradual`` follows the test-time-adaptation benchmark (mariodoebler/test-time-adaptation, RMT): every
 corruption goes 1,2,3,4,5,4,3,2,1, and a single given severity (the usual ``[5]``) stands for all five,
 as there (a gradual stream of one severity would be the continual one).  Two differences from CoTTA's own
