@@ -146,3 +146,26 @@ def test_label_correlated_stream_changes_batch_statistics_only(demo):
                 )
         else:
             pd.testing.assert_series_equal(iid.sort_index(), sorted_.sort_index(), obj=name)
+
+
+def test_mariodoebler_stream_order_reaches_every_evaluate(demo):
+    """``stream_order=mariodoebler`` through every installed subpackage's evaluate (each config takes the
+    key): at one severity in ``reset_each_shift`` that order's stream is the default one, batch for batch
+    and reset for reset, so every method gives exactly the default run's accuracies (in its own run folder)."""
+    out, _, _, _ = demo
+    ran = list(pd.read_csv(out / "results.csv")["method"].unique())
+    base = {"methods": ran, "out_dir": str(out), "profile": "smoke", "progress": False, "jobs": 2}
+    # the default order's results (resumed from the demo's records; another test may have written
+    # results.csv of another comparison since)
+    cmp.compare(base, echo=lambda *a: None)
+    before = pd.read_csv(out / "results.csv")
+    result = cmp.compare({**base, "stream_order": "mariodoebler"}, echo=lambda *a: None)
+    assert {t.status for t in result.tasks} == {"ok"}, [
+        (t.spec.name, t.status, t.message) for t in result.tasks
+    ]
+    assert "stream_order mariodoebler" in (out / "report.md").read_text()
+    after = pd.read_csv(out / "results.csv")
+    for name in ran:
+        default = before[before["method"] == name].set_index(["corruption", "severity"])["accuracy"]
+        theirs = after[after["method"] == name].set_index(["corruption", "severity"])["accuracy"]
+        pd.testing.assert_series_equal(default.sort_index(), theirs.sort_index(), obj=name)

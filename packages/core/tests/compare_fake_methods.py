@@ -54,7 +54,7 @@ def run(cfg=None, **overrides):
         raise RuntimeError(f"boom in {c['method']}")
     if fake.get("exit"):
         os._exit(int(fake["exit"]))
-    rd = RunDir(c["out_dir"], c)
+    rd = RunDir(c["out_dir"], c, other_config="error")  # as every subpackage's evaluate
     if fake.get("no_records"):
         return rd.records_path
     n = int(b["num_examples"])

@@ -703,6 +703,55 @@ def test_dirichlet_delta_reaches_the_evaluate_and_iid_configs_are_unchanged(env,
     assert "setting reset_each_shift, profile" in cmp._bench_title(c)
 
 
+def test_stream_order_reaches_the_evaluate_and_default_configs_are_unchanged(env, tmp_path):
+    """``stream_order=mariodoebler``: the evaluate's ``benchmark`` mapping carries it, the run folder key
+    differs, the severities keep their given order (the stream's); the default leaves the mapping, the key
+    and the sorted severities as comparisons had them before the option."""
+    import shlex
+
+    args = [f"out_dir={tmp_path}", "benchmark=digits_c", "profile=smoke", "num_examples=40"]
+    c = cmp.load_config([*args, "severities=[4,2]"])
+    assert c["stream_order"] == "tttlab" and c["severities"] == [2, 4]
+    assert cmp.run_key(cmp.load_config(args)) == "digits_c-smoke-13566ccd", "the key from before the option"
+    md = cmp.load_config([*args, "severities=[4,2]", "stream_order=mariodoebler"])
+    assert md["severities"] == [4, 2]
+    spec = registry.get_method("fake.alpha")
+    task = cmp.Task(spec, "gradual", 0, tmp_path / "r", ["fog"], [4, 2], [], fingerprint="a")
+    task.part = task.root / "part"
+    default = cmp.evaluate_config(task, c)["benchmark"]
+    assert "stream_order" not in default
+    assert cmp.evaluate_config(task, md)["benchmark"] == {**default, "stream_order": "mariodoebler"}
+    assert (
+        cmp.run_key(md) != cmp.run_key(c) == cmp.run_key({k: v for k, v in c.items() if k != "stream_order"})
+    )
+    again = cmp.load_config(shlex.split(cmp.equivalent_command(md))[1:])
+    assert again["stream_order"] == "mariodoebler" and again["severities"] == [4, 2]
+    assert cmp.run_key(again) == cmp.run_key(md) and "stream_order=" not in cmp.equivalent_command(c)
+    assert "stream_order mariodoebler" in cmp._bench_title(md) and "stream_order" not in cmp._bench_title(c)
+    grad = {**md, "setting": ["gradual"]}
+    assert "visits severities 4, 2 of each corruption" in cmp._gradual_note(grad)
+    assert "visits severities 2, 4, 2 of each corruption" in cmp._gradual_note({**c, "setting": ["gradual"]})
+    with pytest.raises(ConfigError, match="'stream_order'='upstream': expected one of tttlab, mariodoebler"):
+        cmp.load_config([*args, "stream_order=upstream"])
+
+
+def test_mariodoebler_reset_each_shift_resumes_whole_corruptions(env, tmp_path, monkeypatch):
+    """Its severities of one corruption share one adaptation (no reset between them): a missing domain is
+    computed again with the rest of its corruption, in the given severity order; the default order resumes
+    per domain."""
+    done = pd.DataFrame(
+        {"corruption": ["fog", "fog", "snow"], "severity": [4, 2, 4], "metric": ["accuracy"] * 3}
+    )
+    monkeypatch.setattr(cmp, "task_records", lambda task, c: done)
+    args = [f"out_dir={tmp_path}", "benchmark=digits_c", "profile=smoke", "corruptions=[fog,snow]",
+            "severities=[4,2]", "setting=reset_each_shift"]  # fmt: skip
+    spec = registry.get_method("fake.alpha")
+    (md,) = cmp.plan(cmp.load_config([*args, "stream_order=mariodoebler"]), [spec])
+    assert md.todo == [("snow", 4), ("snow", 2)] and (md.corruptions, md.severities) == (["snow"], [4, 2])
+    (default,) = cmp.plan(cmp.load_config(args), [spec])
+    assert default.todo == [("snow", 2)] and (default.corruptions, default.severities) == (["snow"], [2])
+
+
 @pytest.mark.parametrize("delta", ["0", "0.1", "0.001", "2", "1e-05", "0.3333333333333333", "123456789"])
 def test_equivalent_command_reproduces_the_label_correlated_comparison(tmp_path, delta):
     """The report's command line, read back, is the same comparison (the same delta, the same run key; the

@@ -20,7 +20,7 @@ from tttlab.core._io import (
     atomic_write_json,
     remove_stale_temps,
 )
-from tttlab.core.errors import InvalidInputError
+from tttlab.core.errors import InvalidInputError, TTTLabError
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
@@ -204,13 +204,15 @@ def test_config_hash_stable():
 
 
 def test_benchmark_options_added_later_keep_old_hashes_at_their_neutral_value():
-    """A run directory made before ``benchmark.shuffle`` / ``dirichlet_delta`` existed keeps its hash (and
-    so resumes); a non-default value is another config, at any depth."""
+    """A run directory made before ``benchmark.shuffle`` / ``dirichlet_delta`` / ``stream_order`` existed
+    keeps its hash (and so resumes); a non-default value is another config, at any depth."""
     old = {"seed": 0, "benchmark": {"name": "mnist_c", "setting": "continual"}, "train": {"lr": 0.1}}
-    new = {**old, "benchmark": {**old["benchmark"], "shuffle": True, "dirichlet_delta": None}}
+    new = {**old, "benchmark": {**old["benchmark"], "shuffle": True, "dirichlet_delta": None,
+                                "stream_order": "tttlab"}}  # fmt: skip
     assert R.config_hash(new) == R.config_hash(old) == "66f0ff11bec4"  # as hashed before the options
     assert R.config_hash({"wrap": [new]}) == R.config_hash({"wrap": [old]})
-    for key, value in (("shuffle", False), ("dirichlet_delta", 0.0), ("dirichlet_delta", 0.1)):
+    for key, value in (("shuffle", False), ("dirichlet_delta", 0.0), ("dirichlet_delta", 0.1),
+                       ("stream_order", "mariodoebler")):  # fmt: skip
         changed = {**new, "benchmark": {**new["benchmark"], key: value}}
         assert R.config_hash(changed) != R.config_hash(old), (key, value)
     assert R.config_hash({"shuffle": True}) != R.config_hash({}), "only inside a benchmark mapping"
@@ -443,3 +445,79 @@ def test_rundir_checkpoint_path_without_making_the_run(tmp_path):
     assert RunDir.checkpoint_path_in(out) == out / "checkpoints" / "last.ckpt" and not out.exists()
     assert RunDir.checkpoint_path_in(str(out), "best", ".pt") == out / "checkpoints" / "best.pt"
     assert RunDir(out).checkpoint_path("best", ".pt") == RunDir.checkpoint_path_in(out, "best", ".pt")
+
+
+def _evaluated(path, cfg, **kw) -> R.RunDir:
+    rd = R.RunDir(path, cfg, **kw)
+    with rd.writer(method=cfg["method"], metric="accuracy") as w:
+        w.write(value=0.5, corruption="fog", severity=5)
+    return rd
+
+
+def test_an_evaluation_into_a_folder_with_another_configs_records_is_an_error(tmp_path, monkeypatch):
+    """``other_config="error"`` (the evaluates): the error names the folder, both hashes and methods and the
+    differing keys, and leaves the folder as it was; the same config resumes; the default still warns."""
+    monkeypatch.delenv(R.APPEND_ENV, raising=False)
+    first = {"method": "pkg.tent", "benchmark": {"severities": [3]}, "seed": 0}
+    second = {"method": "pkg.tent", "benchmark": {"severities": [5]}, "seed": 0}
+    rd = _evaluated(tmp_path, first, other_config="error")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(R.RunDirConflictError) as err:
+        R.RunDir(tmp_path, second, other_config="error")
+    msg = str(err.value)
+    assert str(tmp_path) in msg and rd.config_hash in msg and R.config_hash(second) in msg
+    assert "benchmark.severities: [3] -> [5]" in msg and "'pkg.tent'" in msg
+    assert "new out_dir" in msg and f"{R.APPEND_ENV}=1" in msg
+    assert isinstance(err.value, TTTLabError)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before, "nothing written"
+    # the same check before an evaluate computes anything (no RunDir yet)
+    with pytest.raises(R.RunDirConflictError, match=r"benchmark\.severities: \[3\] -> \[5\]"):
+        R.check_run_dir(tmp_path, second)
+    R.check_run_dir(tmp_path, first)
+    R.check_run_dir(tmp_path / "new", second)
+    monkeypatch.setenv(R.APPEND_ENV, "1")
+    R.check_run_dir(tmp_path, second)
+    monkeypatch.delenv(R.APPEND_ENV)
+    again = R.RunDir(tmp_path, first, other_config="error")  # the same config: resumes
+    assert again.config_hash == rd.config_hash
+    # a folder whose config wrote no records yet is taken over
+    empty = tmp_path / "empty"
+    R.RunDir(empty, first, other_config="error")
+    assert R.RunDir(empty, second, other_config="error").config_hash == R.config_hash(second)
+    # identity: keys left out of it (say the device) do not make another config
+    keyed = tmp_path / "keyed"
+    _evaluated(keyed, {**first, "device": "cpu"}, other_config="error")
+
+    def without_device(c):
+        return {k: v for k, v in c.items() if k != "device"}
+
+    R.RunDir(keyed, {**first, "device": "cuda"}, other_config="error", identity=without_device)
+    with pytest.raises(R.RunDirConflictError, match="device: 'cuda' -> 'mps'"):
+        R.RunDir(keyed, {**first, "device": "mps"}, other_config="error")
+    # the default (training runs, which check their own config) replaces it with a warning, as before
+    with pytest.warns(UserWarning, match="different config"):
+        R.RunDir(tmp_path, second)
+    with pytest.raises(InvalidInputError, match="other_config='keep'"):
+        R.RunDir(tmp_path / "x", first, other_config="keep")
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_appending_to_another_configs_folder_is_explicit_and_keeps_both_configs(tmp_path, monkeypatch, how):
+    monkeypatch.delenv(R.APPEND_ENV, raising=False)
+    first = {"method": "pkg.tent", "lr": 0.1}
+    second = {"method": "pkg.tent", "lr": 0.2}
+    rd = _evaluated(tmp_path, first, other_config="error")
+    if how == "environment":
+        monkeypatch.setenv(R.APPEND_ENV, "1")
+        kw = {"other_config": "error"}
+    else:
+        kw = {"other_config": "append"}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for: no warning
+        other = _evaluated(tmp_path, second, **kw)
+    df = R.load_records(tmp_path)
+    assert sorted(df["config_hash"]) == sorted([rd.config_hash, other.config_hash])
+    assert R._load_yaml_config(tmp_path / "config.yaml") == second
+    assert R._load_yaml_config(tmp_path / f"config-{rd.config_hash}.yaml") == first

@@ -136,13 +136,22 @@ def test_default_out_dir_is_one_folder_per_method_and_profile(cache, tmp_path, m
     ]
 
 
-def test_run_again_replaces_its_records_and_keeps_other_configs(cache, tmp_path):
+def test_run_again_replaces_its_records_and_keeps_other_configs(cache, tmp_path, monkeypatch):
     """Kill audit: evaluate starts again from zero, and a run killed after its last record (or simply run
-    again) appended a second copy of every record.  The same config now replaces its records."""
+    again) appended a second copy of every record.  The same config now replaces its records.  Another
+    config in the same folder is refused unless appending is asked for (core's RunDir)."""
+    from tttlab.core.errors import RunDirConflictError
+    from tttlab.core.records import APPEND_ENV
+
+    monkeypatch.delenv(APPEND_ENV, raising=False)
     bench = {"corruptions": ["fog"], "num_examples": 2}
     kw = dict(method="memo_tpt.clip_zeroshot", profile="smoke", out_dir=str(tmp_path), cache_dir=str(cache),
               progress=False)  # fmt: skip
     first = load_records(run(**kw, benchmark=bench))
+    with pytest.raises(RunDirConflictError, match="benchmark.num_examples: 2 -> 3"):
+        run(**kw, benchmark={**bench, "num_examples": 3})
+    assert len(load_records(tmp_path)) == 2
+    monkeypatch.setenv(APPEND_ENV, "1")
     other = load_records(run(**kw, benchmark={**bench, "num_examples": 3}))
     again = load_records(run(**kw, benchmark=bench))
     assert len(first) == 2 and len(other) == 4 and len(again) == 4

@@ -199,9 +199,10 @@ def test_evaluate_contract_bf16_and_compile(tmp_path, monkeypatch):
         run(method="memo_tpt.memo", out_dir=str(tmp_path / "x"), compile=1, **kw)
     assert not cache.exists()
     for method in ("memo_tpt.memo", "memo_tpt.tpt"):
-        fp = load_records(run(method=method, out_dir=str(tmp_path / "fp"), **kw), metric="accuracy")
+        # one folder per method and precision (a folder holding another config's records is refused)
+        fp = load_records(run(method=method, out_dir=str(tmp_path / f"fp-{method}"), **kw), metric="accuracy")
         bf = load_records(
-            run(method=method, out_dir=str(tmp_path / "bf"), amp="bf16", **kw), metric="accuracy"
+            run(method=method, out_dir=str(tmp_path / f"bf-{method}"), amp="bf16", **kw), metric="accuracy"
         )
         assert set(fp.config_hash).isdisjoint(bf.config_hash)
         assert np.abs(fp.value.to_numpy() - bf.value.to_numpy()).max() <= 0.1

@@ -234,6 +234,51 @@ def test_reset_policy_follows_the_setting_and_domain_boundaries():
         assert totals[a][:2] == [4, 4] and totals[b][:2] == [4, 4]
 
 
+def test_reset_each_shift_under_the_mariodoebler_order_resets_per_corruption_on_every_rank():
+    """stream_order=mariodoebler: one reset per corruption, none between its severities, also on a rank of a
+    sharded stream that never gets the batch flagged reset (the default order resets per domain)."""
+    from tttlab.core.benchmark import Benchmark
+    from tttlab.core.data import ArrayDataset
+
+    def files(c, s):
+        return ArrayDataset(np.zeros((4, 4, 4, 1), np.uint8), np.arange(4) % 3)
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seen, self.resets = [], []
+
+        def reset(self):
+            self.resets.append(len(self.seen))
+
+        def forward(self, x):
+            self.seen.append(None)
+            return torch.zeros(len(x), 3), torch.zeros(())
+
+    def resets(order, rank=0, world_size=1, shift=True):
+        bench = Benchmark("t", None, corruptions=["fog", "snow"], severities=[4, 2], setting="reset_each_shift",
+                          batch_size=2, domain_files=files, stream_order=order)  # fmt: skip
+        stream = [E.StreamBatch(b.domain, torch.zeros(len(b), 1, 4, 4), torch.as_tensor(b.labels), b.reset,
+                                b.domain_ids) for b in bench.batches(rank=rank, world_size=world_size)]  # fmt: skip
+        engine = Counting()
+        E.adapt_stream(engine, stream, bench.domains, torch.device("cpu"), Reset.PER_DOMAIN, False,
+                       shift=bench.shift if shift else None)  # fmt: skip
+        return engine.resets
+
+    # 4 visits (fog-4, fog-2, snow-4, snow-2) of 2 batches: batches 0..7
+    assert resets("tttlab") == [0, 2, 4, 6]
+    assert resets("mariodoebler") == [0, 4]
+    # rank 1 of 3 gets batches 1, 4, 7; batch 4 (snow-4's first) is flagged; rank 2 gets 2, 5 (no flag)
+    assert resets("mariodoebler", 1, 3) == [0, 1]  # fog-2's batch 1 starts the rank; snow at batch 4
+    assert resets("mariodoebler", 2, 3) == [
+        0,
+        1,
+    ]  # batch 2 (fog-2), batch 5 (snow-4's second): a new corruption
+    assert resets("tttlab", 2, 3) == [0, 1]
+    # without the benchmark's shift, a rank resets at every domain (the default order's shifts)
+    assert resets("mariodoebler", shift=False) == [0, 2, 4, 6]
+
+
 def test_a_bad_device_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"device='tpu': expected cpu, cuda, cuda:N or auto"):
         E.run({"engine": "tent", "device": "tpu", "out_dir": str(tmp_path / "e")})
@@ -615,6 +660,65 @@ def test_the_config_seed_seeds_the_adaptation_stream(smoke_run, tmp_path, monkey
     monkeypatch.setattr(E, "adapt_stream", fake_adapt_stream)
     E.run(hydra_compose("evaluate", [*eval_overrides(smoke_run, tmp_path / "seeded"), f"seed={seed}"]))
     assert seen == [seed]
+
+
+def test_evaluate_hands_the_benchmarks_shifts_to_the_stream_unless_the_reset_is_explicit(
+    smoke_run, tmp_path, monkeypatch
+):
+    from tttlab.core.benchmark import Domain
+
+    seen = []
+
+    def fake_adapt_stream(engine, batches, domains, device, policy, progress, total=None, shift=None):
+        seen.append((policy, None if shift is None else shift(Domain("fog", 2))))
+        return {d: [0, 0, 0.0, 0] for d in domains}
+
+    monkeypatch.setattr(E, "adapt_stream", fake_adapt_stream)
+
+    def run(name, *extra):
+        base = [*eval_overrides(smoke_run, tmp_path / name), "benchmark.setting=reset_each_shift",
+                "benchmark.severities=[4,2]", "benchmark.num_examples=16"]  # fmt: skip
+        E.run(hydra_compose("evaluate", [*base, *extra]))
+
+    run("mariodoebler", "benchmark.stream_order=mariodoebler")
+    run("default")
+    run("explicit", "benchmark.stream_order=mariodoebler", "engine.optimization.reset=per_domain")
+    assert seen == [(Reset.PER_DOMAIN, "fog"), (Reset.PER_DOMAIN, Domain("fog", 2)), (Reset.PER_DOMAIN, None)]
+
+
+def test_evaluate_refuses_a_folder_with_another_configs_records_before_it_adapts(
+    smoke_run, tmp_path, monkeypatch
+):
+    """Two configs' records in one run folder would read as one run's: the second evaluate fails before it
+    builds a stream or adapts, naming both hashes and the differing key; appending is explicit."""
+    from tttlab.core.errors import RunDirConflictError
+    from tttlab.core.records import APPEND_ENV, load_records
+
+    monkeypatch.delenv(APPEND_ENV, raising=False)
+    out = tmp_path / "shared"
+    first = E.run(hydra_compose("evaluate", eval_overrides(smoke_run, out)))
+    before = first.read_bytes()
+    first_hash = load_records(out)["config_hash"].iloc[0]
+
+    def no_stream(*a, **k):
+        raise AssertionError("adapted before the folder was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(E, "adapt_stream", no_stream)
+        other = hydra_compose("evaluate", [*eval_overrides(smoke_run, out), "benchmark.severities=[3]"])
+        with pytest.raises(RunDirConflictError) as err:
+            E.run(other)
+    msg = str(err.value)
+    assert str(out) in msg and first_hash in msg and "benchmark.severities: [5] -> [3]" in msg
+    assert first.read_bytes() == before
+    monkeypatch.setenv(APPEND_ENV, "1")
+    E.run(other)
+    df = load_records(out)
+    assert (
+        set(df["config_hash"]) == {first_hash, df["config_hash"].iloc[-1]}
+        and len(set(df["config_hash"])) == 2
+    )
+    assert (out / f"config-{first_hash}.yaml").exists()
 
 
 class _Killed(Exception):

@@ -14,20 +14,34 @@ setting              domain order                                               
 ``gradual``          per corruption, severities up then down (1,2,3,4,5,4,3,2,1)             first batch only
 ===================  =====================================================================  ==========
 
+(``stream_order="mariodoebler"``: ``reset_each_shift`` resets at the first batch of each corruption, and
+``mixed`` plays one pool per severity; see below.)
+
 ``gradual`` follows the test-time-adaptation benchmark (mariodoebler/test-time-adaptation, RMT): every
 corruption goes 1,2,3,4,5,4,3,2,1, and a single given severity (the usual ``[5]``) stands for all five,
-as there (a gradual stream of one severity would be the continual one).  Several severities go up and
-down through those given (there, several given severities are visited once each, in the given order,
-with no way back down).  Two differences from CoTTA's own ``cifar10c_gradual.py``, kept on purpose:
-CoTTA starts its first corruption at 5,4,3,2,1 (no way up), and a revisited severity here shows the
-same images in another seeded order, where both references replay the first visit's order.  With
-several severities every setting visits corruption by corruption, each through its severities (as the
-benchmark above; CoTTA's ``cifar10c.py`` loops severities outermost), and ``reset_each_shift`` resets
-at every (corruption, severity) domain, as Tent's code does (the benchmark above resets per corruption
-only).  ``mixed`` with several severities pools every (corruption, severity) domain into one shuffled
-stream; the benchmark above's ``mixed_domains`` plays one shuffled pool of all corruptions per severity,
-severity after severity in the given order, without a reset in between (with one severity, the usual
-``[5]``, both are one pool of all corruptions).
+as there (a gradual stream of one severity would be the continual one).  Two differences from CoTTA's own
+``cifar10c_gradual.py``: CoTTA starts its first corruption at 5,4,3,2,1 (no way up), and CoTTA's
+``cifar10c.py`` loops severities outermost; here every setting visits corruption by corruption, each
+through its severities.
+
+``stream_order`` says how the stream is built from the domains where the references differ. The default,
+``tttlab``: with several severities ``gradual`` goes up and down through those given (``[2, 4]``: 2,4,2
+per corruption), a revisited severity shows the same images in another seeded order (CoTTA's and
+mariodoebler's code replay the first visit's order), ``mixed`` pools every (corruption, severity) domain
+into one shuffled stream, and ``reset_each_shift`` resets at every (corruption, severity) domain, as
+Tent's code does. ``mariodoebler`` follows the test-time-adaptation benchmark's visits and reset points
+exactly (its ``test_time.py``: corruptions outer, severities inner, one loader per visit, re-seeded
+before each): ``gradual`` with several severities visits those given once each, in the given order (there
+is no way back down), and a revisit (one given severity: 1..5..1) replays the first visit's order;
+``mixed`` plays one pool of all corruptions per severity, severity after severity in the given order,
+each pool shuffled by the same seeded permutation and batched on its own (a pool ends with its partial
+batch), without a reset in between; ``reset_each_shift`` resets at every corruption, not between the
+severities of one corruption (the clean domain, if included, is played once, first: a shift, and in
+``mixed`` a pool, of its own; the reference has no clean domain in ``mixed_domains``). With one severity,
+the usual ``[5]``, the two orders give the same streams except for ``gradual``'s revisits (and ``mixed``
+with the clean domain). The images a visit shows, their subset (``num_examples`` per domain) and their
+order within a first visit are this module's either way: the reference's own shuffle (Python's
+``random``) and its ``mixed_domains`` subset, sampled from the pooled stream, are not reproduced.
 
 Label-correlated (non-i.i.d.) streams: ``dirichlet_delta`` reorders each domain's images by class, in
 any setting (``mixed``: the pooled stream).  ``0`` sorts them by class; ``delta > 0`` follows NOTE (Gong
@@ -92,6 +106,9 @@ from .errors import (
 )
 
 SETTINGS: tuple[str, ...] = ("episodic", "reset_each_shift", "continual", "mixed", "gradual")
+#: How the stream is built from the domains (module docstring): ``tttlab`` (default) or ``mariodoebler``
+#: (the streams and reset points of mariodoebler/test-time-adaptation).
+STREAM_ORDERS: tuple[str, ...] = ("tttlab", "mariodoebler")
 BENCHMARKS: tuple[str, ...] = ("mnist_c", "digits_c", "cifar10_c", "imagenet_c", "photos_c")
 #: Crops per photo of the ``photos_c`` source (:func:`tttlab.core.data.photos`): 8 photos x 64 = 512 images.
 PHOTOS_C_CROPS = 64
@@ -210,6 +227,14 @@ def check_setting(setting: str) -> str:
     return setting
 
 
+def check_stream_order(stream_order) -> str:
+    if not isinstance(stream_order, str) or stream_order not in STREAM_ORDERS:
+        raise UnknownNameError(
+            f"unknown stream_order {stream_order!r}; expected one of {', '.join(STREAM_ORDERS)}"
+        )
+    return stream_order
+
+
 def _check_severities(severities) -> tuple[int, ...]:
     if isinstance(severities, (int, np.integer)):
         severities = (severities,)
@@ -280,6 +305,9 @@ class Benchmark:
             shuffling does (RobustBench's CIFAR-10-C loader, the official Tent and CoTTA code).
         jpeg_quality: if set, every generated corrupted image goes through a JPEG round trip at this
             quality (Pillow, 4:2:0), as the released ImageNet-C files did (85); clean images are left as is.
+        stream_order: ``tttlab`` (default) or ``mariodoebler``: the test-time-adaptation benchmark's order of
+            the visits, order of a revisit, ``mixed`` pools and ``reset_each_shift`` reset points (module
+            docstring).  Only the stream changes: the domains' images are the same.
         source_id: what names the source data in the cache key of generated domains.  ``None`` (default):
             a SHA-256 fingerprint of the labels and images the benchmark takes from ``source`` (hashed once,
             after they are read), so two sources of one length (two slices of a split, two folders) never
@@ -307,6 +335,7 @@ class Benchmark:
         jpeg_quality: int | None = None,
         dirichlet_delta: float | None = None,
         source_id: str | None = None,
+        stream_order: str = "tttlab",
     ):
         if source_id is not None and not isinstance(source_id, str):
             raise InvalidInputError(f"source_id must be a string or None, got {source_id!r}")
@@ -345,8 +374,15 @@ class Benchmark:
             )
         self.severities = _check_severities(severities)
         self.setting = check_setting(setting)
+        self.stream_order = check_stream_order(stream_order)
         if self.setting == "gradual" and len(self.severities) == 1:  # the benchmark's 1..5..1 (docstring)
             self.severities = C.SEVERITIES
+            self._gradual_path = C.SEVERITIES + C.SEVERITIES[-2::-1]
+        elif self.stream_order == "mariodoebler":  # several severities: each once, in the given order
+            self._gradual_path = self.severities
+        else:  # up through the given severities and back down
+            up = tuple(sorted(self.severities))
+            self._gradual_path = up + up[-2::-1]
         self.batch_size = int(batch_size)
         self.num_examples = None if num_examples is None else int(num_examples)
         self.seed = int(seed)
@@ -373,10 +409,24 @@ class Benchmark:
         """Domains in the order the stream visits them (``gradual`` revisits severities on the way down)."""
         if self.setting != "gradual":
             return self.domains
-        up = sorted(self.severities)
-        path = up + up[-2::-1]
         doms = [CLEAN] if self.include_clean else []
-        return doms + [Domain(c, s) for c in self.corruptions for s in path]
+        return doms + [Domain(c, s) for c in self.corruptions for s in self._gradual_path]
+
+    def shift(self, domain: Domain) -> Domain | str | None:
+        """What ``reset_each_shift`` resets on a change of: the domain (``tttlab``), or its corruption
+        (``mariodoebler``: the severities of one corruption follow each other without a reset).  For a
+        method that must see the shifts on its own, e.g. a rank of a sharded stream, which may not get the
+        batch flagged ``reset``."""
+        return domain if self.stream_order == "tttlab" else domain.corruption
+
+    def mixed_pools(self) -> list[list[Domain]]:
+        """The domains pooled into each shuffled part of a ``mixed`` stream, part after part: one pool of
+        every domain (``tttlab``), or one pool of all corruptions per severity, in the given order of the
+        severities (``mariodoebler``; the clean domain, if included, first, on its own)."""
+        if self.stream_order == "tttlab":
+            return [self.domains]
+        clean = [[CLEAN]] if self.include_clean else []
+        return clean + [[d for d in self.domains if d.severity == s] for s in self.severities]
 
     @property
     def class_indices(self) -> np.ndarray | None:
@@ -394,15 +444,13 @@ class Benchmark:
         """``(domain, images)`` of every visit in stream order (``mixed``: one ``(None, all images)``), read
         without corrupting a generated domain: with ``batch_size`` they give every batch's size before the
         stream runs (a visit of ``n`` images ends with a batch of ``n % batch_size`` when that is not 0)."""
-        sizes = [(d, self._domain_size(d)) for d in self.schedule()]
-        return [(None, sum(n for _, n in sizes))] if self.setting == "mixed" else sizes
+        if self.setting == "mixed":  # one visit per pool
+            return [(None, sum(self._domain_size(d) for d in pool)) for pool in self.mixed_pools()]
+        return [(d, self._domain_size(d)) for d in self.schedule()]
 
     def __len__(self) -> int:
         """Number of batches in the stream."""
-        sizes = [self._domain_size(d) for d in self.schedule()]
-        if self.setting == "mixed":
-            return -(-sum(sizes) // self.batch_size)
-        return sum(-(-n // self.batch_size) for n in sizes)
+        return sum(-(-n // self.batch_size) for _, n in self.visit_sizes())
 
     @property
     def num_images(self) -> int:
@@ -410,9 +458,10 @@ class Benchmark:
 
     def describe(self) -> str:
         d = self.schedule()
+        order = "" if self.stream_order == "tttlab" else f" ({self.stream_order} order)"
         return (
             f"{self.name}: {len(self.corruptions)} corruptions x severities {list(self.severities)} "
-            f"({len(self.domains)} domains, {len(d)} visits), setting {self.setting}, "
+            f"({len(self.domains)} domains, {len(d)} visits), setting {self.setting}{order}, "
             f"{self.num_images} images in {len(self)} batches of {self.batch_size}, seed {self.seed}"
         )
 
@@ -536,39 +585,51 @@ class Benchmark:
         schedule = self.schedule()
         index = 0
         if self.setting == "mixed":
-            parts = [(self.domain_dataset(d), domains.index(d)) for d in schedule]
-            owner = np.concatenate([np.full(len(ds), i, np.int64) for i, (ds, _) in enumerate(parts)])
-            within = np.concatenate([np.arange(len(ds)) for ds, _ in parts])
-            order = np.random.default_rng([self.seed, 0xD1CE]).permutation(len(owner))
-            if self.dirichlet_delta is not None:
-                pooled = np.concatenate([ds.labels for ds, _ in parts])
-                order = self._correlated(order, pooled[order])
-            for start in range(0, len(order), self.batch_size):
-                sel = order[start : start + self.batch_size]
-                if index % world_size == rank:
-                    images, labels = _gather(parts, owner[sel], within[sel])
-                    ids = np.asarray([parts[o][1] for o in owner[sel]], np.int64)
-                    yield Batch(None, images, labels, index == 0, index, ids)
-                index += 1
+            # every pool is shuffled by the same key: mariodoebler's pools (one per severity, of one size)
+            # replay one permutation, as its loader re-seeds before each
+            for pool in self.mixed_pools():
+                parts = [(self.domain_dataset(d), domains.index(d)) for d in pool]
+                owner = np.concatenate([np.full(len(ds), i, np.int64) for i, (ds, _) in enumerate(parts)])
+                within = np.concatenate([np.arange(len(ds)) for ds, _ in parts])
+                order = np.random.default_rng([self.seed, 0xD1CE]).permutation(len(owner))
+                if self.dirichlet_delta is not None:
+                    pooled = np.concatenate([ds.labels for ds, _ in parts])
+                    order = self._correlated(order, pooled[order])
+                for start in range(0, len(order), self.batch_size):
+                    sel = order[start : start + self.batch_size]
+                    if index % world_size == rank:
+                        images, labels = _gather(parts, owner[sel], within[sel])
+                        ids = np.asarray([parts[o][1] for o in owner[sel]], np.int64)
+                        yield Batch(None, images, labels, index == 0, index, ids)
+                    index += 1
             return
+        previous: Domain | None = None
         for visit, domain in enumerate(schedule):
             ds = self.domain_dataset(domain)
             order = np.arange(len(ds))
-            revisit = self.setting == "gradual" and schedule.index(domain) != visit
-            if revisit:  # the way down revisits a severity: same images, another order
+            # the way down revisits a severity: same images, another order (mariodoebler: the same order)
+            revisit = (
+                self.setting == "gradual"
+                and self.stream_order == "tttlab"
+                and schedule.index(domain) != visit
+            )
+            if revisit:
                 order = np.random.default_rng([self.seed, visit]).permutation(len(ds))
             if (
                 self.dirichlet_delta is not None
             ):  # every domain the same class order (same labels), revisits another
                 order = self._correlated(order, ds.labels[order], visit if revisit else None)
             d_id = domains.index(domain)
+            # a shift (see shift()): every domain, or every corruption (the clean domain is one of its own)
+            shift = previous is None or self.shift(domain) != self.shift(previous)
+            previous = domain
             for b, start in enumerate(range(0, len(ds), self.batch_size)):
                 if index % world_size == rank:
                     images, labels = ds.take(order[start : start + self.batch_size])
                     if self.setting == "episodic":
                         reset = True
                     elif self.setting == "reset_each_shift":
-                        reset = b == 0
+                        reset = b == 0 and shift
                     else:
                         reset = index == 0
                     ids = np.full(len(labels), d_id, np.int64)
@@ -623,14 +684,15 @@ def make_benchmark(
     include_clean: bool = False,
     shuffle: bool = True,
     dirichlet_delta: float | None = None,
+    stream_order: str = "tttlab",
 ) -> Benchmark:
-    """Build a named benchmark (see the module docstring; ``shuffle``: :class:`Benchmark`)."""
+    """Build a named benchmark (see the module docstring; ``shuffle``, ``stream_order``: :class:`Benchmark`)."""
     from . import data
 
     common = dict(
         corruptions=corruptions, severities=severities, setting=setting, batch_size=batch_size,
         num_examples=num_examples, seed=seed, cache_dir=cache_dir, include_clean=include_clean,
-        shuffle=shuffle, dirichlet_delta=dirichlet_delta,
+        shuffle=shuffle, dirichlet_delta=dirichlet_delta, stream_order=stream_order,
     )  # fmt: skip
     if name in ("mnist_c", "digits_c", "photos_c") and root is not None:
         raise InvalidInputError(
@@ -792,4 +854,5 @@ def from_config(cfg) -> Benchmark:
         setting=get("setting", "reset_each_shift"), batch_size=get("batch_size", 64),
         num_examples=get("num_examples"), seed=get("seed", 0), cache_dir=get("cache_dir"),
         include_clean=bool(include_clean), shuffle=bool(shuffle), dirichlet_delta=get("dirichlet_delta"),
+        stream_order=get("stream_order", "tttlab"),
     )  # fmt: skip

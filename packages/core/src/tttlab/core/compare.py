@@ -65,7 +65,7 @@ from typing import Any
 
 from ._io import atomic_path, atomic_write_json, atomic_write_text, remove_stale_temps, source_fingerprint
 from .errors import ConfigError, UnknownNameError
-from .records import config_hash, load_records
+from .records import APPEND_ENV, config_hash, load_records
 
 #: settings whose domains are independent (the method is reset at every domain): resumable per domain.
 INDEPENDENT_SETTINGS = ("episodic", "reset_each_shift")
@@ -120,6 +120,7 @@ class CompareConfig:
     root: str | None = None
     setting: Any = "reset_each_shift"  # a setting or a list of them
     dirichlet_delta: float | None = None  # label-correlated streams (tttlab.core.benchmark); None: i.i.d.
+    stream_order: str = "tttlab"  # tttlab | mariodoebler (tttlab.core.benchmark)
     corruptions: Any = None  # None: the profile's
     severities: Any = field(default_factory=lambda: [5])
     seeds: Any = field(default_factory=lambda: [0])
@@ -275,6 +276,13 @@ def check_config(c: dict[str, Any]) -> dict[str, Any]:
         c["dirichlet_delta"] = check_dirichlet_delta(c.get("dirichlet_delta"))
     except InvalidInputError as exc:
         raise ConfigError(f"config key {exc}") from None
+    from .benchmark import STREAM_ORDERS
+
+    c["stream_order"] = c.get("stream_order", "tttlab")
+    if c["stream_order"] not in STREAM_ORDERS:
+        raise ConfigError(
+            f"config key 'stream_order'={c['stream_order']!r}: expected one of {', '.join(STREAM_ORDERS)}"
+        )
     corr = c["corruptions"] if c["corruptions"] is not None else prof.get("corruptions", "common")
     try:
         c["corruptions"] = list(C.resolve(corr if isinstance(corr, str) else list(corr)))
@@ -293,7 +301,10 @@ def check_config(c: dict[str, Any]) -> dict[str, Any]:
     sev = _as_list(c["severities"], "severities")
     if not sev or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 5 for s in sev):
         raise ConfigError(f"config key 'severities'={c['severities']!r}: expected severities in 1..5")
-    c["severities"] = sorted(set(int(s) for s in sev))
+    if c["stream_order"] == "mariodoebler":  # the given order is the stream's (gradual, mixed)
+        c["severities"] = list(dict.fromkeys(int(s) for s in sev))
+    else:
+        c["severities"] = sorted(set(int(s) for s in sev))
     if c["benchmark"] not in ("mnist_c", "digits_c"):
         from .benchmark import make_benchmark
 
@@ -515,6 +526,8 @@ def run_key(c: dict[str, Any]) -> str:
     }  # fmt: skip
     if c.get("dirichlet_delta") is not None:  # i.i.d. streams keep the keys they always had
         key["dirichlet_delta"] = c["dirichlet_delta"]
+    if c.get("stream_order", "tttlab") != "tttlab":  # so do streams in the default order
+        key["stream_order"] = c["stream_order"]
     return f"{c['benchmark']}-{c['profile']}-{config_hash(key)[:8]}"
 
 
@@ -642,12 +655,15 @@ def plan(c: dict[str, Any], specs: Sequence[Any]) -> list[Task]:
                 todo = [d for d in wanted if d not in have]
                 if todo and setting not in INDEPENDENT_SETTINGS:
                     todo = list(wanted)
+                elif todo and setting == "reset_each_shift" and c.get("stream_order") == "mariodoebler":
+                    # a corruption's severities share one adaptation (no reset between them): redo it whole
+                    todo = [d for d in wanted if d[0] in {cr for cr, _ in todo}]
                 t.todo = todo
                 if not todo:
                     t.status = "resumed"
                 else:
                     corr = [cr for cr in c["corruptions"] if any(d[0] == cr for d in todo)]
-                    sev = sorted({d[1] for d in todo})
+                    sev = [s for s in c["severities"] if any(d[1] == s for d in todo)]  # their order
                     if setting in INDEPENDENT_SETTINGS:
                         # a product corruptions x severities that covers the missing domains only where
                         # possible; otherwise (rare: a ragged set) the missing corruptions at all severities
@@ -681,6 +697,8 @@ def evaluate_config(task: Task, c: dict[str, Any]) -> dict[str, Any]:
         bench["root"] = c["root"]
     if c.get("dirichlet_delta") is not None:
         bench["dirichlet_delta"] = c["dirichlet_delta"]
+    if c.get("stream_order", "tttlab") != "tttlab":
+        bench["stream_order"] = c["stream_order"]
     cfg = {
         "method": task.spec.name, "out_dir": str(task.part.resolve()), "benchmark": bench,
         "profile": c["profile"], "cache_dir": str(model_cache_dir(task, c)), "seed": task.seed,
@@ -698,6 +716,9 @@ def _child_env(c: dict[str, Any]) -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("MPLBACKEND", "Agg")
     env["PYTHONUNBUFFERED"] = "1"
+    # a part folder is compare's own: a stale part (edited code: another model cache_dir in the evaluate's
+    # config) runs again in it, and the latest record per domain wins (task_records)
+    env[APPEND_ENV] = "1"
     threads = c["threads"] or max(1, (os.cpu_count() or 1) // max(1, c["jobs"]))
     if c["threads"] or c["jobs"] > 1:
         for var in (
@@ -1081,9 +1102,13 @@ def _bench_title(c: dict[str, Any]) -> str:
 
 
 def _correlation(c: dict[str, Any]) -> str:
-    """``", label-correlated (dirichlet_delta=...)"`` for a non-i.i.d. comparison, else nothing."""
+    """``", label-correlated (dirichlet_delta=...)"`` for a non-i.i.d. comparison and ``", stream_order
+    mariodoebler"`` for streams in that order, else nothing."""
     delta = c.get("dirichlet_delta")
-    return "" if delta is None else f", label-correlated (dirichlet_delta={delta:g})"
+    order = c.get("stream_order", "tttlab")
+    return ("" if delta is None else f", label-correlated (dirichlet_delta={delta:g})") + (
+        "" if order == "tttlab" else f", stream_order {order}"
+    )
 
 
 def write_plots(results, table, c: dict[str, Any], out: Path) -> list[Path]:
@@ -1193,7 +1218,10 @@ def _gradual_note(c: dict[str, Any]) -> str:
     if "gradual" not in c["setting"]:
         return ""
     up = sorted(c["severities"]) if len(c["severities"]) > 1 else [1, 2, 3, 4, 5]
-    visits = ", ".join(map(str, up + up[-2::-1]))
+    path = up + up[-2::-1]
+    if c.get("stream_order") == "mariodoebler" and len(c["severities"]) > 1:  # each given one, once
+        path = list(c["severities"])
+    visits = ", ".join(map(str, path))
     return (f" The `gradual` stream visits severities {visits} of each corruption in turn; the table shows "
             f"the records at severity {', '.join(map(str, c['severities']))}.")  # fmt: skip
 
@@ -1281,6 +1309,8 @@ def equivalent_command(c: dict[str, Any]) -> str:
         parts.append(f"root={c['root']}")
     if c.get("dirichlet_delta") is not None:
         parts.append(f"dirichlet_delta={float(c['dirichlet_delta'])!r}")  # every digit: the same stream
+    if c.get("stream_order", "tttlab") != "tttlab":
+        parts.append(f"stream_order={c['stream_order']}")
     return " ".join(shlex.quote(p) for p in parts)
 
 

@@ -38,6 +38,7 @@ class BenchmarkConfig:
     include_clean: bool = False
     shuffle: bool = True  # False: each domain's images in file order (e.g. Tent's CIFAR-10-C protocol)
     dirichlet_delta: float | None = None  # label-correlated order: null i.i.d., 0 sorted by class, > 0 NOTE's
+    stream_order: str = "tttlab"  # tttlab | mariodoebler (that benchmark's domain order and reset points)
 
 
 @dataclass

@@ -42,6 +42,10 @@ class ConfigError(TTTLabError, ValueError):
     """A configuration has an unknown key or a value of the wrong type."""
 
 
+class RunDirConflictError(ConfigError):
+    """A run directory already holds the records of another config (see ``tttlab.core.records.RunDir``)."""
+
+
 class CheckpointError(TTTLabError, ValueError):
     """A checkpoint is missing, unreadable, or does not match the model."""
 

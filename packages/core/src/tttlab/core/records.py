@@ -24,6 +24,11 @@ Distributed runs: ``RunDir(path, rank=r)``; rank 0 writes ``records.jsonl``, ran
 ``records-rank<r>.jsonl``.  :func:`load_records` reads all ``records*.jsonl`` of a run directory, and
 :func:`merge_records` folds the rank files (``records-rank0.jsonl`` too, if a launcher wrote one) into
 ``records.jsonl`` when the run ends.
+
+One folder, one config: ``config.yaml`` describes the records beside it, so an evaluation refuses a folder
+that holds another config's records (:class:`RunDir` with ``other_config="error"``, :func:`check_run_dir`
+before it computes) unless asked to append (``TTTLAB_APPEND_TO_OTHER_CONFIG=1``; the earlier config is
+kept as ``config-<hash>.yaml``, and every record names its ``config_hash``).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_write_bytes, atomic_write_json, atomic_write_text, dumps, remove_stale_temps
-from .errors import InvalidInputError
+from .errors import InvalidInputError, RunDirConflictError
 
 #: The ``corruption`` of :func:`write_domain_summary`'s mean over the corrupted domains: a summary of other
 #: records, not a domain (``metrics.domain_errors``, the plots and compare leave it out).
@@ -177,9 +182,14 @@ def _load_yaml_config(path: Path) -> Any:
         ) from None
 
 
+#: What :class:`RunDir` does when its folder holds another config (see there).
+OTHER_CONFIG_POLICIES: tuple[str, ...] = ("warn", "error", "append")
+#: Set to 1 to let a run append to a folder that holds another config's records (``other_config="error"``).
+APPEND_ENV = "TTTLAB_APPEND_TO_OTHER_CONFIG"
+
 #: Benchmark options added after run directories already existed, with the value that means "as before":
 #: at that value they stay out of :func:`config_hash`, so a run made before the option resumes after it.
-BENCHMARK_KEYS_ADDED_LATER = {"shuffle": True, "dirichlet_delta": None}
+BENCHMARK_KEYS_ADDED_LATER = {"shuffle": True, "dirichlet_delta": None, "stream_order": "tttlab"}
 
 
 def _without_later_defaults(obj: Any) -> Any:
@@ -424,6 +434,56 @@ def append_stats(path, values: Mapping[str, Any] | None = None, **kw) -> dict[st
 # run directory
 
 
+def _same_run(old: dict[str, Any], new: dict[str, Any], identity=None) -> bool:
+    same = identity or (lambda cfg: cfg)
+    return config_hash(same(old)) == config_hash(same(new))
+
+
+def _has_records(path: Path) -> bool:
+    return any(f.stat().st_size > 0 for f in Path(path).glob("records*.jsonl"))
+
+
+def _append_allowed() -> bool:
+    return os.environ.get(APPEND_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _conflict_message(path: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
+    from .config import config_diff
+
+    diff = config_diff(old, new)
+    shown = "; ".join(diff[:8]) + (f"; ... ({len(diff) - 8} more)" if len(diff) > 8 else "")
+
+    def named(cfg: dict[str, Any]) -> str:
+        return f"hash {config_hash(cfg)}" + (f", method {cfg['method']!r}" if cfg.get("method") else "")
+
+    return (
+        f"run directory {path} holds the records of another config ({named(old)}); this run's config "
+        f"({named(new)}) differs in {shown or 'its hash'}. Records of two configs in one folder would read as "
+        f"one run's: give this run a new out_dir, or set {APPEND_ENV}=1 to append to this folder (each record "
+        f"keeps its config_hash; the earlier config is kept as config-{config_hash(old)}.yaml)"
+    )
+
+
+def check_run_dir(path, config: Any, *, identity: Callable[[dict[str, Any]], Any] | None = None) -> None:
+    """Raise :class:`~tttlab.core.errors.RunDirConflictError` where ``RunDir(path, config,
+    other_config="error", identity=identity)`` would, without writing anything: for an evaluate to refuse a
+    folder that holds another config's records before it computes (a new folder, the same config, a folder
+    without records and :data:`APPEND_ENV` pass)."""
+    path = Path(path)
+    cfg_path = path / "config.yaml"
+    if _append_allowed() or not cfg_path.is_file() or not _has_records(path):
+        return
+    if cfg_path.read_text(encoding="utf-8", errors="replace").strip() in ("", "{}"):
+        return
+    try:
+        old = _load_yaml_config(cfg_path)
+    except InvalidInputError:  # RunDir replaces an unreadable config with a warning
+        return
+    new = dict(_plain(config))
+    if not _same_run(old, new, identity):
+        raise RunDirConflictError(_conflict_message(path, old, new))
+
+
 class RunDir:
     """A run directory (see the module docstring); creates what is missing, never clobbers results.
 
@@ -432,15 +492,42 @@ class RunDir:
     ``records-rank<r>.jsonl``.  ``stats.json`` comes with the first :meth:`write_stats` /
     :meth:`append_stats`, ``checkpoints/`` with :meth:`checkpoint_path` (or the first file written there):
     a run that writes neither (an evaluation) has neither, instead of an empty file and folder.
+
+    ``other_config``: what to do when the folder's ``config.yaml`` holds another config (another hash).
+    ``"warn"`` (default): replace it with a warning; for a training run that resumes with changed
+    non-training keys, after its own check of the training part.  ``"error"``: if the folder also holds
+    records, raise :class:`~tttlab.core.errors.RunDirConflictError` naming the folder, both hashes and the
+    differing keys (the evaluates: two configs' records in one folder would read as one run's); a folder
+    without records is taken over.  ``"append"``: keep the earlier config as ``config-<hash>.yaml`` beside
+    the records it wrote (each record names its ``config_hash``) and write the new one; the environment
+    variable ``TTTLAB_APPEND_TO_OTHER_CONFIG=1`` turns ``"error"`` into this (:func:`check_run_dir` runs
+    the same check before anything is computed).  ``identity``: the part of a
+    config that must match (default: all of it), e.g. without the device a run may resume on.
     """
 
-    def __init__(self, path, config: Any = None, *, rank: int | None = None):
+    def __init__(
+        self,
+        path,
+        config: Any = None,
+        *,
+        rank: int | None = None,
+        other_config: str = "warn",
+        identity: Callable[[dict[str, Any]], Any] | None = None,
+    ):
         if not isinstance(path, (str, os.PathLike)):
             raise InvalidInputError(f"a run directory must be a path, got {path!r}")
         self.path = Path(path)
         if isinstance(rank, bool) or (rank is not None and (not isinstance(rank, int) or rank < 0)):
             raise InvalidInputError(f"rank={rank!r} must be a non-negative integer or None")
         self.rank = rank
+        if other_config not in OTHER_CONFIG_POLICIES:
+            raise InvalidInputError(
+                f"other_config={other_config!r}; expected one of {', '.join(OTHER_CONFIG_POLICIES)}"
+            )
+        if other_config == "error" and _append_allowed():
+            other_config = "append"
+        self.other_config = other_config
+        self.identity = identity
         if self.path.exists() and not self.path.is_dir():
             raise InvalidInputError(f"run directory {self.path} exists and is not a directory")
         self.checkpoints = self.checkpoints_in(self.path)
@@ -510,15 +597,23 @@ class RunDir:
         old = self.config_path
         if old.exists() and old.read_text(encoding="utf-8", errors="replace").strip() not in ("", "{}"):
             try:
-                previous = config_hash(_load_yaml_config(old))
+                old_config = _load_yaml_config(old)
+                previous = config_hash(old_config)
+                differs = not _same_run(old_config, dict(plain), self.identity)
             except InvalidInputError as exc:  # about to be replaced anyway: say so, do not stop the run
-                previous = f"unreadable: {exc}"
-            if previous != config_hash(plain):
+                old_config, previous, differs = None, f"unreadable: {exc}", True
+            if differs and (self.other_config == "warn" or old_config is None):
                 warnings.warn(
                     f"{old}: the run directory was created with a different config (hash {previous}, now "
                     f"{config_hash(plain)}); overwriting it",
                     stacklevel=2,
                 )
+            elif differs and _has_records(self.path):
+                if self.other_config == "error":
+                    raise RunDirConflictError(_conflict_message(self.path, old_config, dict(plain)))
+                kept = self.path / f"config-{previous}.yaml"  # append: the earlier records keep their config
+                if not kept.exists():
+                    atomic_write_text(kept, old.read_text(encoding="utf-8"))
         atomic_write_text(self.config_path, OmegaConf.to_yaml(OmegaConf.create(plain)))
         self._config_hash = config_hash(plain)
 

@@ -79,6 +79,7 @@ DEFAULTS: dict[str, Any] = {
         "include_clean": False,
         "shuffle": True,  # False: each domain's images in file order
         "dirichlet_delta": None,  # label-correlated order (tttlab.core.benchmark): None i.i.d., 0 sorted, > 0
+        "stream_order": "tttlab",  # mariodoebler: that benchmark's visits (tttlab.core.benchmark)
     },  # fmt: skip
     "tpt": {
         "n_views": None,
@@ -208,11 +209,12 @@ def _images(batch) -> torch.Tensor:
 def run(cfg: Mapping | None = None, **overrides) -> Path:
     """Evaluate per ``cfg`` (keys of :data:`DEFAULTS`, partial is fine); returns the records file."""
     from tttlab.core.benchmark import from_config
-    from tttlab.core.records import RunDir, write_domain_summary
+    from tttlab.core.records import RunDir, check_run_dir, write_domain_summary
 
     from ._progress import progress_bar
 
     c = eval_config(cfg, **overrides)
+    check_run_dir(c["out_dir"], c)  # another config's records there: refused now, not after the evaluation
     if c["threads"]:
         torch.set_num_threads(int(c["threads"]))
     device = resolve_device(c["device"])
@@ -250,7 +252,8 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
                 acc[2] += secs * float(sel.sum()) / len(hit)
                 acc[3] += int(src_hit[sel].sum())
             bar.update(1)
-    rd = RunDir(Path(c["out_dir"]), c)  # only now: a bad benchmark or model leaves no half-made run behind
+    # only now: a bad benchmark or model leaves no half-made run behind
+    rd = RunDir(Path(c["out_dir"]), c, other_config="error")
     extra = {"reset": "per_image", "profile": c["profile"]}
     rd.drop_records()  # run again (e.g. after a kill): replace, not append twice
     with rd.writer(method=c["method"], package="memo_tpt", framework="torch", model=model_name, dataset=b["name"],

@@ -278,7 +278,7 @@ def _run(c: dict, seed, devices) -> Path:
             "the wrong seed; drop seed= or evaluate a run of that seed"
         )
     inner = InnerConfig.from_dict(tc["inner"])
-    out = RunDir(c.get("out_dir") or Path(c["run_dir"]) / "eval", c)
+    out = RunDir(c.get("out_dir") or Path(c["run_dir"]) / "eval", c, other_config="error")
     n_dev = mesh.devices.size
     params = replicate(params, mesh)
     key = jax.random.fold_in(jax.random.PRNGKey(int(tc.get("seed", 0))), 7)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from tttlab.core.errors import CheckpointError, ConfigError
-from tttlab.core.records import RunDir, config_hash, write_domain_summary
+from tttlab.core.records import RunDir, check_run_dir, config_hash, write_domain_summary
 
 from . import precision
 from . import train as T
@@ -188,6 +188,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     from tttlab.core.benchmark import from_config
 
     c = _config(cfg, overrides)
+    check_run_dir(c["out_dir"], c)  # another config's records there: refused now, not after the evaluation
     if c.get("threads") and str(c["device"]) == "cpu":
         torch.set_num_threads(int(c["threads"]))
     device = T.resolve_device(str(c["device"]))
@@ -224,7 +225,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
                 acc[1] += int(sel.sum())
                 acc[2] += secs * float(sel.sum()) / len(hit)
             bar.update(1)
-    rd = RunDir(c["out_dir"], c)
+    rd = RunDir(c["out_dir"], c, other_config="error")
     defaults = dict(method=c["method"], package="pilimit", framework="torch", model=f"{tc['model']['kind']}_pinet_mlp",
                     dataset=bench.name, setting=c["benchmark"]["setting"], step=0, seed=int(c["seed"]))  # fmt: skip
     extra = {"train_run": str(run_dir), "adaptation": "none (prediction)", "rows": int(getattr(net, "M", 0))}

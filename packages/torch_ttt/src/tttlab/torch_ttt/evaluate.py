@@ -42,7 +42,9 @@ offline; :func:`calibration_photos`).
 Reset policy: ``engine.optimization.reset`` or, when null, from the benchmark setting (``episodic`` ->
 ``per_batch``, ``reset_each_shift`` -> ``per_domain``, ``continual``/``mixed``/``gradual`` -> ``never``).
 With ``per_domain`` the engine is reset whenever the stream's domain changes or a batch asks for it
-(``Batch.reset``); with ``never`` it is not reset.
+(``Batch.reset``); with ``never`` it is not reset.  Under ``benchmark.stream_order=mariodoebler`` the
+setting's ``reset_each_shift`` resets per corruption, as that benchmark does (the severities of one
+corruption follow each other without a reset); an explicit ``per_domain`` still resets per domain.
 
 Options (top-level keys, as ttt_mae's): ``amp=none|bf16`` sets ``engine.amp`` (bfloat16 autocast of the
 adaptation and prediction forwards and losses; gradients, optimizer steps, resets and the calibration
@@ -91,6 +93,7 @@ from tttlab.core.config import RunConfig
 from tttlab.core.errors import CheckpointError, ConfigError
 from tttlab.core.records import (
     RunDir,
+    check_run_dir,
     config_hash,
     load_records,
     merge_records,
@@ -954,17 +957,22 @@ def warm_up() -> None:
 
 
 def adapt_stream(
-    engine, batches, domains, device, policy: Reset, progress: bool, total: int | None = None
+    engine, batches, domains, device, policy: Reset, progress: bool, total: int | None = None, shift=None
 ) -> dict[Any, list]:
     """Run the engine over the stream (``total`` batches, for the progress bar); ``{domain: [correct, n,
     seconds, recoveries]}`` (seconds: adaptation and prediction only, split over the domains of a mixed batch
     by their share of its images; recoveries: SAR's model recoveries during the domain's batches, 0 for
-    other engines; a mixed batch's go to its first domain)."""
+    other engines; a mixed batch's go to its first domain).  ``per_domain`` resets when ``shift(domain)``
+    changes (default: the domain; a core benchmark's ``shift`` under ``stream_order=mariodoebler``: the
+    corruption), and wherever a batch asks for it."""
     totals: dict[Any, list] = {d: [0, 0, 0.0, 0] for d in domains}
+    shift = shift if shift is not None else (lambda domain: domain)
     previous = None
     with T.progress_bar(total, f"{type(engine).__name__}", progress) as bar:
         for batch in batches:
-            changed = batch.domain is not None and batch.domain != previous
+            changed = batch.domain is not None and (
+                previous is None or shift(batch.domain) != shift(previous)
+            )
             if policy is not Reset.NEVER and (batch.reset or (policy is Reset.PER_DOMAIN and changed)):
                 engine.reset()
             previous = batch.domain
@@ -1043,6 +1051,7 @@ def run(
     if device.type == "cuda" and dist.world_size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     out = Path(c["out_dir"])
+    check_run_dir(out, c)  # another config's records there: refused now, not after the evaluation
     if dist.rank == 0 and (out / "shards").exists():  # partial records of an earlier interrupted run
         import shutil
 
@@ -1070,7 +1079,10 @@ def run(
     torch.manual_seed(int(c["seed"]) + dist.rank)
     progress = bool(c["logging"]["progress"]) and dist.rank == 0
     warm_up()
-    totals = adapt_stream(engine, batches, domains, device, policy, progress, num_batches)
+    # the setting's own reset_each_shift follows the stream's shifts; an explicit per_domain every domain
+    from_setting = (c["engine"]["optimization"] or {}).get("reset") is None
+    shift = bench.shift if bench is not None and from_setting else None
+    totals = adapt_stream(engine, batches, domains, device, policy, progress, num_batches, shift)
     setting = c["benchmark"]["setting"]
     defaults = dict(
         method=f"torch_ttt.{c['engine']['name']}", package="torch_ttt", framework="torch", model=model_name,
@@ -1086,7 +1098,7 @@ def run(
     if run_dir is None:
         extra.update(train_run=None, model_checkpoint=str(c["model_checkpoint"]["path"]))
     if dist.world_size == 1:
-        rd = RunDir(out, c)
+        rd = RunDir(out, c, other_config="error")
         rd.drop_records()  # run again (e.g. after a kill): replace, not append twice
         with rd.writer(**defaults) as writer:
             write_summary(writer, totals, extra)
@@ -1098,7 +1110,7 @@ def run(
     if dist.rank == 0:
         merge_records(shards.path, world_size=dist.world_size)
         merged = totals_from_records(shards.path / "records.jsonl", domains)
-        rd = RunDir(out, c)
+        rd = RunDir(out, c, other_config="error")
         rd.drop_records()
         with rd.writer(**defaults) as writer:
             write_summary(writer, merged, extra)

@@ -126,6 +126,14 @@ def make_bench(c: dict[str, Any]):
     return from_config(b)  # every benchmark key, checked by core
 
 
+def identity(c: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a TTT config that identify its records: not where it runs or how fast (a run resumes
+    its per-image records on another device, group size or compile mode); a folder with the records of
+    another identity is refused (core's ``RunDir(other_config="error")``)."""
+    return {k: v for k, v in c.items()
+            if k not in ("out_dir", "logging", "device", "group_size", "compile", "weights_only")}  # fmt: skip
+
+
 def _done(images_dir: Path, chash: str) -> set[tuple]:
     if not images_dir.exists():
         return set()
@@ -158,11 +166,11 @@ def run_benchmark(c: dict[str, Any], method: str = "ttt_mae.ttt") -> Path:
     group = max(int(c["group_size"]), 1)
     adapter = BatchedTTT(model, s, device) if group > 1 else TTTAdapter(model, s, device)
     out = Path(c["out_dir"])
-    ident = {k: v for k, v in c.items()
-             if k not in ("out_dir", "logging", "device", "group_size", "compile", "weights_only")}  # fmt: skip
+    ident = identity(c)
     chash = config_hash({**ident, "method": method})
     images_dir = out / "images"
-    img_run = RunDir(images_dir, {**c, "method": method}, rank=dist.rank if dist.world_size > 1 else None)
+    img_run = RunDir(images_dir, {**c, "method": method}, rank=dist.rank if dist.world_size > 1 else None,
+                     other_config="error", identity=identity)  # fmt: skip
     done = _done(images_dir, chash) if dist.rank == 0 or dist.world_size > 1 else set()
     defaults = dict(method=method, package="ttt_mae", framework="torch", model=c["model"],
                     dataset=c["benchmark"]["name"], setting=c["benchmark"]["setting"], seed=int(c["seed"]),
@@ -219,7 +227,7 @@ def summarize(out: Path, c: dict[str, Any], method: str, chash: str, domains, st
     then per domain the accuracy-vs-step curve (``accuracy_curve``) and the MAE loss per step (``mae_loss``)."""
     df = load_records(out / "images", metric="correct")
     df = df[df["config_hash"] == chash]
-    rd = RunDir(out, {**c, "method": method})
+    rd = RunDir(out, {**c, "method": method}, other_config="error", identity=identity)
     _drop_summary(rd.records_path, chash)
     totals: dict[Any, tuple] = {}
     for dom in domains:
