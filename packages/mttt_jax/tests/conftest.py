@@ -1,5 +1,16 @@
 """Tests share one persistent XLA compilation cache (the same tiny programs are compiled by several
-tests and subprocesses); set before JAX compiles anything."""
+tests and subprocesses), and XLA:CPU compiles them without LLVM's optimisation passes
+(``--xla_backend_optimization_level=0``) unless ``XLA_FLAGS`` already sets a level: the tests' models are
+tiny, so compiling dominates their time, and much of it went into LLVM optimising the unrolled threefry
+rounds of parameter initialisation (a TINY T=2 SGD ViT, cold, 2-core machine at a load of ~3:
+``jax.jit(model.init)`` 7.2 s -> 1.2 s, its training step 11.9 s -> 6.2 s, eval step 3.0 s -> 2.3 s).
+The trade-offs: the compiled code runs slower (felt by the tests that train several steps once the
+cache is warm), and while the code under test is the same HLO, its float results can differ from the
+default level's in the last bits (a 2-epoch TINY run: train loss 2.302847981 vs 2.302848101); every test
+compares runs made under the same flags or uses tolerances.
+``XLA_FLAGS=--xla_backend_optimization_level=2 pytest ...`` runs them at the default level.  JAX keys
+cache entries by the flags, so the two levels never share an entry.  Set before JAX creates its
+backend; subprocesses inherit both."""
 
 import os
 import tempfile
@@ -8,6 +19,8 @@ _CACHE = os.path.join(tempfile.gettempdir(), "tttlab_mttt_jax_test_xla_cache")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 
 import pytest  # noqa: E402

@@ -37,6 +37,8 @@ def test_specs_are_registered_and_import_no_framework_and_training_never_imports
 
 
 def test_evaluate_writes_core_records(run_dir, tmp_path):
+    import numpy as np
+
     from tttlab.core.records import load_records
     from tttlab.mttt_jax.evaluate import run
 
@@ -60,14 +62,27 @@ def test_evaluate_writes_core_records(run_dir, tmp_path):
     # a TTT layer adapts on each image's own tokens, so a domain's accuracy is the same whether its images
     # come alone (reset_each_shift) or shuffled with the other domains' (mixed batches): the per-domain
     # accounting of mixed batches is right (added by a mutation audit; was a test of its own)
-    mixed = load_records(run({"run_dir": str(run_dir), "out_dir": str(tmp_path / "mixed"),
-                              "benchmark": {**bench, "setting": "mixed"}}))  # fmt: skip
+    mixed_path = run({"run_dir": str(run_dir), "out_dir": str(tmp_path / "mixed"),
+                      "benchmark": {**bench, "setting": "mixed"}})  # fmt: skip
+    mixed = load_records(mixed_path)
 
     def accs(frame):
         a = frame[frame.metric == "accuracy"]
         return {(str(r.corruption), int(r.n)): float(r.value) for r in a.itertuples()}
 
     assert len(accs(mixed)) == 4 and accs(mixed) == pytest.approx(accs(df), abs=1e-9)
+    # so is the domain's mean inner loss: a mean over its own images, whatever batches they came in (it was
+    # the mean of batch means: the 4 zero images padding each domain's second batch of 8 counted, and a
+    # mixed batch's mean went to every domain in it)
+    from tttlab.core.records import read_jsonl
+
+    def last_inner(records):
+        return {str(r["corruption"]): r["extra"]["last_inner_loss"] for r in read_jsonl(records)
+                if r["metric"] == "accuracy" and r["corruption"] != "mean"}  # fmt: skip
+
+    alone = last_inner(path)
+    assert len(alone) == 3 and all(np.isfinite(v) for v in alone.values())
+    assert last_inner(mixed_path) == pytest.approx(alone, rel=1e-5)
 
 
 def test_evaluate_passes_the_benchmark_order_keys_to_core(run_dir, tmp_path, monkeypatch):
@@ -164,6 +179,10 @@ def test_compare_contract_trains_once_and_serves_each_method(tmp_path, monkeypat
     )
     a, b = load_records(p1), load_records(p2)
     assert (a.method == "mttt_jax.linear_attention").all() and (a.seed == 3).all()
+    # an attention baseline's inner losses are inf (upstream's convention), also in a validation whose batch
+    # is padded (32 images in a batch of 64: the pad rows are selected away, inf * 0 would be nan)
+    (stats,) = (tmp_path / "cache").glob("linear_attention-smoke-*/stats.json")
+    assert json.loads(stats.read_text())["val/inner_loss"] == [[[float("inf")] * 2] * 2]  # [epoch][layer][2]
     assert a[a.metric == "accuracy"].value.tolist() == b[b.metric == "accuracy"].value.tolist()
     with pytest.raises(ConfigError, match="mttt_jax.<m>"):
         E.run(method="mttt_jax.nope", **common)

@@ -25,22 +25,25 @@ from tttlab.mttt_jax.reference import inner_loss, ttt_reference
 B, N, D, H = 2, 8, 8, 2
 
 
-def _randomize(params, key, scale=0.3):
-    """Every parameter (biases included) random, so that no term vanishes by initialisation."""
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    leaves = [scale * jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves)]
-    return jax.tree_util.tree_unflatten(tree, leaves)
+def _randomize(params, seed: int, scale=0.3):
+    """Every parameter (biases included) random, so that no term vanishes by initialisation.  numpy draws
+    them: per-leaf ``jax.random.normal`` compiled a threefry program for every leaf shape (test time)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda p: jnp.asarray(scale * rng.standard_normal(p.shape), p.dtype), params
+    )
 
 
 def _layer(cfg, key=0, x=None, randomize=True):
     layer = TTTLayer(D, H, cfg)
     x = jax.random.normal(jax.random.PRNGKey(100 + key), (B, N, D)) if x is None else x
-    params = jax.jit(layer.init)({"params": jax.random.PRNGKey(key)}, x)["params"]
-    if randomize:
-        params = _randomize(params, jax.random.PRNGKey(200 + key))
+    rngs = {"params": jax.random.PRNGKey(key)}
+    if randomize:  # the initial values are replaced: only the tree is needed (traced, not compiled)
+        params = _randomize(jax.eval_shape(layer.init, rngs, x)["params"], 200 + key)
         if cfg.decoder_LN:
             params["decoder_LN_scale"] = params["decoder_LN_scale"] + 1.0
+    else:
+        params = jax.jit(layer.init)(rngs, x)["params"]
     return layer, params, x
 
 

@@ -421,9 +421,8 @@ def test_seed_sets_the_initialisation_and_the_training_stream(tmp_path, monkeypa
 
 
 def test_validation_metrics_average_over_real_images_only():
-    """evaluate_split: loss and prec@1 are sums over the real (mask 1) images divided by their number,
-    and the inner losses of each batch are weighted by its number of real images (the last batch is
-    padded)."""
+    """evaluate_split: loss, prec@1 and the inner losses are sums over the real (mask 1) images (the eval
+    step's sums) divided by their number, over all batches (the last one is padded)."""
     from tttlab.core.jax import data_mesh
 
     class Src:  # 10 images of 1 pixel, value = index
@@ -439,9 +438,52 @@ def test_validation_metrics_average_over_real_images_only():
         n = jnp.sum(mask)
         big = jnp.max(images) >= 8  # the last, padded batch (images 8, 9 and two pads)
         return {"loss": jnp.sum(images[:, 0, 0, 0] * mask), "correct": n / 2, "n": n,
-                "inner": jnp.where(big, 4.0, 1.0) * jnp.ones((1, 2))}  # fmt: skip
+                "inner_sum": n * jnp.where(big, 4.0, 1.0) * jnp.ones((1, 2))}  # fmt: skip
 
     out = T.evaluate_split(eval_step, None, Src(), 4, data_mesh())
     assert out["val/loss"] == pytest.approx(sum(range(10)) / 10)
     assert out["val/prec@1"] == pytest.approx(0.5)
     np.testing.assert_allclose(out["val/inner_loss"], [[(8 * 1.0 + 2 * 4.0) / 10] * 2])
+
+
+def test_validation_inner_losses_do_not_depend_on_the_padding():
+    """The real eval step on 6 images: in batches of 4 (the last one padded with 2 copies of image 0) every
+    statistic -- inner losses included -- equals the one in a single batch of 6, which is the mean over
+    the 6 images of the model's per-image inner losses.  (The layer used to return batch means, so the
+    padded batch's mean counted image 0 three times.)"""
+    from tttlab.core.jax import data_mesh
+
+    from .test_train import TINY, compose
+
+    c = T.to_dict(compose([*TINY, "inner.TTT.inner_itr=2", "inner.TTT.SGD=true"]))
+    model = T.model_from_config(c)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (6, 28, 28, 1)).astype(np.float32)
+    images[3:] *= 0.2  # images of two contrasts: per-image inner losses far apart
+    labels = np.array([3, 1, 4, 1, 5, 9], np.int32)
+
+    class Src:
+        workers, per_image = 1, False
+
+        def __len__(self):
+            return len(images)
+
+        def load(self, idx, seeds, pool):
+            return images[idx], labels[idx]
+
+    # random parameters of the model's shapes (traced, not compiled: jax.jit(model.init) compiles the forward)
+    shapes = jax.eval_shape(model.init, {"params": jax.random.PRNGKey(0), "idx": jax.random.PRNGKey(0)},
+                            jnp.zeros((1, 28, 28, 1)))["params"]  # fmt: skip
+    params = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), s.dtype), shapes)
+    mesh = data_mesh()
+    eval_step = T.make_eval_step(model, c, mesh, jax.random.PRNGKey(1))
+    padded = T.evaluate_split(eval_step, params, Src(), 4, mesh)
+    whole = T.evaluate_split(eval_step, params, Src(), 6, mesh)
+    per_image = model.clone(per_example_inner=True).apply({"params": params}, jnp.asarray(images),
+                                                          rngs={"idx": jax.random.PRNGKey(1)})[1]  # fmt: skip
+    assert per_image.shape == (6, 1, 3)  # (images, layers, T+1)
+    assert float(np.ptp(np.asarray(per_image)[:, 0, -1])) > 0.1 * float(np.abs(per_image).max())
+    np.testing.assert_allclose(whole["val/inner_loss"], np.asarray(per_image).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(padded["val/inner_loss"], whole["val/inner_loss"], rtol=1e-5)
+    assert padded["val/prec@1"] == whole["val/prec@1"]
+    assert padded["val/loss"] == pytest.approx(whole["val/loss"], rel=1e-6)

@@ -183,7 +183,9 @@ def test_step_on_two_devices_equals_one():
     a TTT ViT.  Data parallelism does not depend on the mixer (batch sharded, parameters replicated), so one
     mixer is enough: a linear-attention ViT here as well cost a second set of three compiles (test-time
     budget).  (GD inner loop: with SGD each accumulated micro-batch draws its own token order.)"""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    # conftest.py's XLA flags too
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     runs = [TINY + ["warmup_steps=0", "input.batch_size=8"]]
     res = subprocess.run([sys.executable, "-c", _TWO_DEVICES, json.dumps(runs)], capture_output=True, text=True,
                          env=env, timeout=240)  # fmt: skip

@@ -3,8 +3,8 @@
 MTTT's test-time training happens inside every forward pass (each TTT layer runs its inner loop on the
 tokens of each image), so there are no weights to adapt or reset between batches: every setting of
 ``tttlab.core.benchmark`` gives the same numbers, and one record per domain is written (``accuracy``,
-``error`` and the mean inner loss of the last layer at its last step as ``extra``) plus a ``mean``
-summary, in ``<out_dir>/records.jsonl`` (default ``<run_dir>/eval``).
+``error`` and, as ``extra``, the last layer's inner loss at its last step averaged over the domain's
+images) plus a ``mean`` summary, in ``<out_dir>/records.jsonl`` (default ``<run_dir>/eval``).
 
 ``run(cfg)`` is the ``evaluate`` target of the ``tttlab.methods`` specs (a mapping with the keys of
 ``conf/evaluate.yaml``).
@@ -283,10 +283,12 @@ def _run(c: dict, seed, devices) -> Path:
     params = replicate(params, mesh)
     key = jax.random.fold_in(jax.random.PRNGKey(int(tc.get("seed", 0))), 7)
 
+    per_image = model.clone(per_example_inner=True)  # inner losses per image: pad rows and domains apart
+
     @jax.jit
     def predict(params, images):
-        logits, inner_losses = model.apply({"params": params}, images, rngs={"idx": key})
-        return jnp.argmax(logits, -1), inner_losses
+        logits, inner_losses = per_image.apply({"params": params}, images, rngs={"idx": key})
+        return jnp.argmax(logits, -1), inner_losses[:, -1, -1]  # last layer, last step
 
     lo, hi = (tc["input"].get("augment") or {}).get("value_range", (-1.0, 1.0))
     width = bench.batch_size + (-bench.batch_size) % n_dev  # every batch padded to one shape: one compile
@@ -310,8 +312,8 @@ def _run(c: dict, seed, devices) -> Path:
     for batch in _chain(first, batches):
         n = batch.images.shape[0]
         t0 = time.perf_counter()
-        pred, inner_losses = predict(params, shard(prepare(batch.images), mesh))
-        pred = np.asarray(pred)[:n]
+        pred, last_inner = predict(params, shard(prepare(batch.images), mesh))
+        pred, last_inner = np.asarray(pred)[:n], np.asarray(last_inner)[:n]  # the real images only
         secs = time.perf_counter() - t0
         ids = batch.domain_ids if batch.domain is None else np.zeros(n, np.int64)
         for i in np.unique(ids):
@@ -321,7 +323,7 @@ def _run(c: dict, seed, devices) -> Path:
             acc["correct"] += int((pred[sel] == batch.labels[sel]).sum())
             acc["n"] += int(sel.sum())
             acc["secs"] += secs * float(sel.sum()) / n
-            acc["inner"].append(float(np.asarray(inner_losses)[-1, -1]))
+            acc["inner"].extend(last_inner[sel].tolist())
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -342,12 +344,12 @@ def _run(c: dict, seed, devices) -> Path:
 def write_records(writer, per_domain: dict, *, ttt: bool, train_run: str) -> list[dict]:
     """The compare-contract records via :func:`tttlab.core.records.write_domain_summary`, plus ``error``.
 
-    ``per_domain`` maps a benchmark domain to ``{"correct", "n", "secs", "inner": [last-layer inner loss per
-    batch]}``.  Per domain (sorted by name): ``accuracy`` and ``s_per_image`` (``extra``: ``correct``,
-    ``last_inner_loss`` for TTT mixers, ``train_run``), then ``accuracy`` with ``corruption="mean"`` over the
-    corrupted domains; the clean domain is summarised on its own, so the mean's ``n``/``wall_time_s`` count
-    the corrupted images only (as before the move to the core helper).  Every accuracy record gets an
-    ``error`` = 1 - accuracy twin with the same fields.
+    ``per_domain`` maps a benchmark domain to ``{"correct", "n", "secs", "inner": [the last layer's inner loss
+    at its last step for each of the domain's images]}``.  Per domain (sorted by name): ``accuracy`` and
+    ``s_per_image`` (``extra``: ``correct``, ``last_inner_loss`` for TTT mixers, ``train_run``), then
+    ``accuracy`` with ``corruption="mean"`` over the corrupted domains; the clean domain is summarised on its
+    own, so the mean's ``n``/``wall_time_s`` count the corrupted images only (as before the move to the core
+    helper).  Every accuracy record gets an ``error`` = 1 - accuracy twin with the same fields.
     """
     totals = {
         dom: (a["correct"], a["n"], a["secs"], a["inner"])

@@ -603,12 +603,15 @@ def _vs(mode: str):
 
 
 class TTTLayer(nn.Module):
-    """The TTT layer: returns ``(output (B, N, d), inner losses (T+1,) averaged over the batch)``."""
+    """The TTT layer: returns ``(output (B, N, d), inner losses (T+1,) averaged over the batch)``, or with
+    ``per_example=True`` the inner losses of every sequence, ``(B, T+1)`` (an evaluation averages them over
+    its real images only, leaving out the rows that pad its last batch)."""
 
     width: int
     num_heads: int
     config: TTTConfig = field(default_factory=TTTConfig)
     dtype: Any = jnp.float32
+    per_example: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> tuple[Array, Array]:
@@ -649,6 +652,8 @@ class TTTLayer(nn.Module):
             w0=jax.tree_util.tree_map(cast, w0), decoder=decoder, cfg=cfg, perm_key=perm_key,
         )  # fmt: skip
         out = jnp.einsum("bhne,hed->bnd", f_q, cast(h_k)) + cast(h_b)
+        if self.per_example:
+            return out, losses.astype(jnp.float32)
         return out, losses.mean(0).astype(jnp.float32)
 
 
@@ -660,6 +665,7 @@ class LinearAttention(nn.Module):
     num_heads: int
     config: LinearAttentionConfig = field(default_factory=LinearAttentionConfig)
     dtype: Any = jnp.float32
+    per_example: bool = False  # inner losses (all inf) per sequence, (B, 2), as TTTLayer's
 
     @nn.compact
     def __call__(self, x: Array) -> tuple[Array, Array]:
@@ -680,7 +686,7 @@ class LinearAttention(nn.Module):
         else:
             den = n * (d // h)
         y = (num / den).reshape(b, n, d)
-        return dense("proj")(y), jnp.full((2,), jnp.inf, jnp.float32)
+        return dense("proj")(y), _no_inner_losses(b, self.per_example)
 
 
 class SelfAttention(nn.Module):
@@ -689,6 +695,7 @@ class SelfAttention(nn.Module):
     width: int
     num_heads: int
     dtype: Any = jnp.float32
+    per_example: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> tuple[Array, Array]:
@@ -696,13 +703,19 @@ class SelfAttention(nn.Module):
             num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(), deterministic=True,
             dtype=self.dtype, name="MultiHeadDotProductAttention_0",
         )(x, x)  # fmt: skip
-        return y, jnp.full((2,), jnp.inf, jnp.float32)
+        return y, _no_inner_losses(x.shape[0], self.per_example)
 
 
-def make_mixer(config: InnerConfig, width: int, num_heads: int, dtype=jnp.float32, name: str | None = None):
-    """The token mixer chosen by ``config.layer_type``."""
+def _no_inner_losses(batch: int, per_example: bool) -> Array:
+    """The attention baselines' inner losses: ``inf`` (as upstream), (2,) or per sequence (B, 2)."""
+    return jnp.full((batch, 2) if per_example else (2,), jnp.inf, jnp.float32)
+
+
+def make_mixer(config: InnerConfig, width: int, num_heads: int, dtype=jnp.float32, name: str | None = None,
+               per_example: bool = False):  # fmt: skip
+    """The token mixer chosen by ``config.layer_type`` (``per_example``: inner losses per sequence)."""
     if config.layer_type == "TTT":
-        return TTTLayer(width, num_heads, config.TTT, dtype, name=name)
+        return TTTLayer(width, num_heads, config.TTT, dtype, per_example, name=name)
     if config.layer_type == "linear_attention":
-        return LinearAttention(width, num_heads, config.linear_attention, dtype, name=name)
-    return SelfAttention(width, num_heads, dtype, name=name)
+        return LinearAttention(width, num_heads, config.linear_attention, dtype, per_example, name=name)
+    return SelfAttention(width, num_heads, dtype, per_example, name=name)

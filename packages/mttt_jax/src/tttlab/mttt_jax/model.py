@@ -3,7 +3,9 @@
 Upstream ``model.py``: patch embedding (a strided Conv), sincos-2d or learned position embedding, blocks
 ``x + mixer(LN(x))``, ``x + MLP(LN(x))``, final LayerNorm, global average pooling, ``tanh`` pre-logits,
 zero-initialised head.  Every block also returns its inner losses, so the model returns
-``(logits (B, classes), inner losses (depth, T+1))`` (``inf`` for the attention baselines, as upstream).
+``(logits (B, classes), inner losses (depth, T+1))`` (``inf`` for the attention baselines, as upstream),
+the inner losses averaged over the batch; ``per_example_inner=True`` returns them per image,
+``(B, depth, T+1)`` (evaluation: a padded last batch is averaged over its real images only).
 
 Differences: the image size is a parameter (upstream hard-codes 224, we also train 28 px MNIST), blocks
 can be rematerialised (``remat``) to fit long sequences (pixels), and the compute dtype is an option.
@@ -70,11 +72,13 @@ class Encoder1DBlock(nn.Module):
     num_heads: int
     inner: InnerConfig = field(default_factory=InnerConfig)
     dtype: Any = jnp.float32
+    per_example_inner: bool = False
 
     @nn.compact
     def __call__(self, x):
         y = nn.LayerNorm(dtype=self.dtype)(x)
-        y, inner_losses = make_mixer(self.inner, self.width, self.num_heads, self.dtype, name="mixer")(y)
+        y, inner_losses = make_mixer(self.inner, self.width, self.num_heads, self.dtype, name="mixer",
+                                     per_example=self.per_example_inner)(y)  # fmt: skip
         x = x + y
         y = nn.LayerNorm(dtype=self.dtype)(x)
         x = x + MlpBlock(self.mlp_dim, self.dtype)(y)
@@ -82,7 +86,8 @@ class Encoder1DBlock(nn.Module):
 
 
 class Model(nn.Module):
-    """ViT classifier; ``__call__(images NHWC) -> (logits, inner losses (depth, T+1))``."""
+    """ViT classifier; ``__call__(images NHWC) -> (logits, inner losses (depth, T+1))``, the inner losses
+    averaged over the batch, or per image ``(B, depth, T+1)`` with ``per_example_inner=True``."""
 
     width: int
     depth: int
@@ -96,6 +101,7 @@ class Model(nn.Module):
     inner: InnerConfig = field(default_factory=InnerConfig)
     remat: bool = False
     dtype: Any = jnp.float32
+    per_example_inner: bool = False
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -132,14 +138,14 @@ class Model(nn.Module):
         losses = []
         for layer in range(self.depth):
             x, inner_losses = block_cls(self.width, self.mlp_dim, self.num_heads, self.inner, self.dtype,
-                                        name=f"encoderblock_{layer}")(x)  # fmt: skip
+                                        self.per_example_inner, name=f"encoderblock_{layer}")(x)  # fmt: skip
             losses.append(inner_losses)
         x = nn.LayerNorm(name="encoder_norm", dtype=self.dtype)(x)
         x = jnp.mean(x, axis=1)
         x = nn.tanh(nn.Dense(self.width, name="pre_logits", dtype=self.dtype)(x))
         kw = {"kernel_init": nn.initializers.zeros} if self.head_zeroinit else {}
         logits = nn.Dense(self.num_classes, name="head", dtype=self.dtype, **kw)(x)
-        return logits.astype(jnp.float32), jnp.stack(losses)
+        return logits.astype(jnp.float32), jnp.stack(losses, axis=1 if self.per_example_inner else 0)
 
 
 def build_model(

@@ -221,17 +221,22 @@ def make_train_step(model, tx, c: dict, mesh, base_key):
 
 
 def make_eval_step(model, c: dict, mesh, key):
+    """``eval_fn(params, images, labels, mask)`` -> sums over the real (mask 1) images of the batch: ``loss``
+    (NLL), ``correct``, ``n`` and ``inner_sum`` (the inner losses, (depth, T+1)); the rows that pad the last
+    batch count nowhere (the model reports its inner losses per image here, not as a batch mean)."""
     repl = NamedSharding(mesh, PartitionSpec())
+    per_image = model.clone(per_example_inner=True)
 
     def eval_fn(params, images, labels, mask):
-        logits, inner = model.apply({"params": params}, images, rngs={"idx": key})
+        logits, inner = per_image.apply({"params": params}, images, rngs={"idx": key})
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        real = (mask > 0)[:, None, None]  # a select, not a product: inf * 0 (attention baselines) is nan
         return {
             "loss": jnp.sum(nll * mask),
             "correct": jnp.sum(correct * mask),
             "n": jnp.sum(mask),
-            "inner": inner,
+            "inner_sum": jnp.sum(jnp.where(real, inner, 0.0), axis=0),
         }
 
     return jax.jit(eval_fn, out_shardings=repl) if c.get("jit", True) else eval_fn
@@ -244,19 +249,18 @@ def shard_batch(mesh, *arrays):
 
 
 def evaluate_split(eval_step, params, src, batch_size: int, mesh) -> dict:
+    """Means over the real images of ``src`` (every image once; the padded rows of the last batch left
+    out) of the NLL, the top-1 accuracy and the inner losses ([layer][step])."""
     tot = {"loss": 0.0, "correct": 0.0, "n": 0.0}
-    inner_sum, inner_w = None, 0.0
+    inner_sum = 0.0
     for images, labels, mask in mdata.eval_batches(src, batch_size, jax.process_index(), jax.process_count()):
         out = jax.device_get(eval_step(params, *shard_batch(mesh, images, labels, mask)))
         for k in tot:
             tot[k] += float(out[k])
-        w = float(out["n"])
-        inner = np.asarray(out["inner"], np.float64)
-        inner_sum = inner * w if inner_sum is None else inner_sum + inner * w
-        inner_w += w
+        inner_sum = inner_sum + np.asarray(out["inner_sum"], np.float64)
     n = max(tot["n"], 1.0)
     return {"val/loss": tot["loss"] / n, "val/prec@1": tot["correct"] / n,
-            "val/inner_loss": (inner_sum / max(inner_w, 1.0)).tolist()}  # fmt: skip
+            "val/inner_loss": (np.asarray(inner_sum) / n).tolist()}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
