@@ -726,3 +726,19 @@ def test_imagenet_sketch_neither_layout_names_both(tmp_path):
     (empty / "readme.txt").write_text("x")
     with pytest.raises(DatasetNotFoundError, match=r"flat <datasets_root>.*nested <datasets_root>"):
         D.load_test_set("imagenet_sketch", empty)
+
+
+def test_a_datasets_root_without_the_asked_test_set_names_the_folder_looked_for(tmp_path):
+    """``data_to_test=a`` with a datasets_root that holds only ImageNet-R: the root is not the ImageNet-A folder
+    either, and the error says which subfolder was looked for (it said only that ``imagenet-r`` is not a wnid
+    of ImageNet-A, which reads as if datasets_root should be the class folder).  The dataset folder given
+    directly is still read."""
+    testing.make_imagenet_a(tmp_path / "imagenet-r", n_per_class=1)  # the same wnids do not matter here
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(DatasetLayoutError) as e:
+        D.load_test_set("imagenet_a", tmp_path)
+    msg = str(e.value)
+    assert msg.startswith(f"datasets_root {tmp_path} holds no imagenet-a or imagenet_a folder"), msg
+    assert f"expected {tmp_path}/imagenet-a/<class>/<images>" in msg and "'notes'" in msg, msg
+    made = testing.make_imagenet_a(tmp_path / "elsewhere" / "a", n_per_class=1)
+    assert len(D.load_test_set("imagenet_a", made)) == 3
