@@ -241,3 +241,40 @@ def test_a_config_group_override_naming_no_file_stops_before_hydra(tmp_path, mon
     check_group_overrides("prog", "fakepkg_cli.conf", fine)
     check_group_overrides("prog", "no_such_package_xyz.conf", ["+experiment=x"])
     assert capsys.readouterr().err == ""
+
+
+def test_domain_table_shows_each_domain_once_then_the_mean(tmp_path):
+    """The table an evaluate command prints (pilimit's and memo_tpt's printed only the mean): per domain the
+    accuracy in % and ms/image, a domain recorded twice (the run again in the same folder) once with its
+    latest numbers, a torchrun rank's partial records left out, the clean domain named ``clean`` and the mean
+    over corruptions last; a method with several test sets names each by its dataset."""
+    from tttlab.core.cli import domain_table
+    from tttlab.core.records import RecordWriter
+
+    path = tmp_path / "records.jsonl"
+    with RecordWriter(path, dict(method="pkg.m", dataset="mnist_c", setting="continual")) as w:
+        w.write(corruption="fog", severity=5, metric="accuracy", value=0.1, n=4)
+        w.write(corruption="fog", severity=5, metric="accuracy", value=0.9, n=4, extra={"shard": 1})
+        # the run again in the same folder: the latest record wins
+        w.write(corruption="fog", severity=5, metric="accuracy", value=0.25, n=4)
+        w.write(corruption="fog", severity=5, metric="s_per_image", value=0.002, n=4)
+        w.write(corruption=None, severity=None, metric="accuracy", value=1.0, n=4)
+        w.write(corruption="mean", severity=5, metric="accuracy", value=0.25, n=4)
+        w.write(corruption="snow", severity=5, metric="accuracy", value=0.5, n=4)  # a later run's domain
+    with RecordWriter(path, dict(method="pkg.paper", setting="episodic")) as w:
+        w.write(dataset="imagenet_a", metric="accuracy", value=0.5)
+        w.write(dataset="imagenet_v2", metric="accuracy", value=0.625)
+        w.write(dataset="imagenet_v2", metric="s_per_image", value=1.5)
+    assert domain_table(path) == [
+        "pkg.m on mnist_c (continual): accuracy %, ms/image",
+        "  fog-5                     25.0     2.000",
+        "  clean                    100.0",
+        "  snow-5                    50.0",
+        "  mean                      25.0",
+        "pkg.paper on imagenet_a, imagenet_v2 (episodic): accuracy %, ms/image",
+        "  imagenet_a                50.0",
+        "  imagenet_v2               62.5  1500.000",
+    ]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert domain_table(empty) == [f"no accuracy records in {empty}"]

@@ -289,5 +289,41 @@ __all__ = [
     "check_dir_overrides",
     "check_group_overrides",
     "check_hydra_command",
+    "domain_table",
     "user_errors",
 ]
+
+
+def domain_table(path) -> list[str]:
+    """What an evaluate command prints after its run: per method of the records file ``path``, a title line
+    (method, dataset, setting) and one line per domain, accuracy in % and the adaptation + prediction cost in
+    ms per image, the clean domain as ``clean`` (a test set of its own, e.g. ImageNet-A, by its dataset name
+    when the method has several) and the mean over corruptions (``corruption="mean"``) last.  An evaluation
+    run again in the same folder counts once: the latest record per domain and metric."""
+    from .records import read_jsonl
+
+    latest: dict[str, dict[tuple, dict]] = {}
+    for r in read_jsonl(path):
+        if (r.get("extra") or {}).get("shard") is not None:  # a torchrun rank's partial records
+            continue
+        key = (r["dataset"], r["corruption"], r["severity"], r["metric"])
+        latest.setdefault(r["method"], {})[key] = r
+    lines: list[str] = []
+    for method, recs in latest.items():
+        acc = [r for r in recs.values() if r["metric"] == "accuracy"]
+        if not acc:
+            continue
+        acc.sort(key=lambda r: r["corruption"] == "mean")  # the summary last, the domains in their order
+        datasets = list(dict.fromkeys(r["dataset"] for r in acc))
+        lines.append(f"{method} on {', '.join(datasets)} ({acc[0]['setting']}): accuracy %, ms/image")
+        for r in acc:
+            if r["corruption"] is None:
+                name = r["dataset"] if len(datasets) > 1 else "clean"
+            elif r["severity"] is None or r["corruption"] == "mean":
+                name = r["corruption"]
+            else:
+                name = f"{r['corruption']}-{r['severity']}"
+            cost = recs.get((r["dataset"], r["corruption"], r["severity"], "s_per_image"))
+            ms = f"  {1000 * cost['value']:8.3f}" if cost is not None else ""
+            lines.append(f"  {name:24s} {100 * r['value']:5.1f}{ms}")
+    return lines or [f"no accuracy records in {path}"]
