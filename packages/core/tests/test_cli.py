@@ -278,3 +278,39 @@ def test_domain_table_shows_each_domain_once_then_the_mean(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert domain_table(empty) == [f"no accuracy records in {empty}"]
+
+
+def test_an_experiment_given_with_the_wrong_plus_gets_the_right_remedy(tmp_path, monkeypatch, capsys):
+    """mttt_jax's commands take ``experiment=x`` (their defaults list has one), the others ``+experiment=x``.
+    ``+experiment=smoke`` on the former was Hydra's "Multiple values for experiment. To override a value use
+    'override experiment: smoke'" (a defaults-list line, not a command line): the line now says to give
+    ``experiment=smoke`` without the '+'.  ``experiment=smoke`` on the latter kept Hydra's right remedy
+    ("use +experiment=smoke") but added "did you mean 'experiment_name'?": no such guess now."""
+    from tttlab.core.cli import check_config_overrides
+
+    for pkg, defaults in (("with_exp", "defaults:\n  - _self_\n  - experiment: smoke\n"),
+                          ("without_exp", "defaults:\n  - _self_\n")):  # fmt: skip
+        conf = tmp_path / f"fakepkg_{pkg}" / "conf"
+        (conf / "experiment").mkdir(parents=True)
+        (conf / "experiment" / "smoke.yaml").write_text("# @package _global_\nexperiment_name: smoke\n")
+        (conf / "train.yaml").write_text(defaults + "experiment_name: none\nseed: 0\n")
+        (conf.parent / "__init__.py").write_text("")
+        (conf / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        check_config_overrides("prog", "fakepkg_with_exp.conf", "train", ["+experiment=smoke", "seed=1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("prog: error: ConfigError: "), err
+    assert err.endswith(
+        "; the command's defaults list has its experiment already: give experiment=smoke (without the '+')\n"
+    )
+    with pytest.raises(SystemExit):
+        check_config_overrides("prog", "fakepkg_without_exp.conf", "train", ["experiment=smoke"])
+    err = capsys.readouterr().err
+    assert "use +experiment=smoke" in err and "did you mean" not in err, err
+    with pytest.raises(SystemExit):  # a misspelt plain key still gets its guess
+        check_config_overrides("prog", "fakepkg_without_exp.conf", "train", ["sead=1"])
+    assert "did you mean 'seed'?" in capsys.readouterr().err
+    check_config_overrides("prog", "fakepkg_with_exp.conf", "train", ["experiment=smoke"])
+    check_config_overrides("prog", "fakepkg_without_exp.conf", "train", ["+experiment=smoke"])
+    assert capsys.readouterr().err == ""

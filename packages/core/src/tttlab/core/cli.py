@@ -236,7 +236,7 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
                 why = " ".join(str(cause).split("\n")[0].split()) if cause is not None else ""
                 hint = _closest_key(
                     first, args, lambda rest: compose(config_name=config_name, overrides=rest)
-                )
+                ) or _plus_hint(first, args)
                 exc = ConfigError(first + (f" ({why})" if why and why not in first else "") + hint)
                 print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
                 raise SystemExit(2) from None
@@ -253,7 +253,7 @@ def _closest_key(message: str, args: list[str], compose) -> str:
     from omegaconf import DictConfig, OmegaConf
 
     found = re.search(r"Could not override '([^']+)'", message)
-    if not found:
+    if not found or "No match in the defaults list" in message:  # a group to add: Hydra's remedy says it all
         return ""
     key = found.group(1)
     rest = [a for a in args if a.lstrip("+~").partition("=")[0] != key]
@@ -267,6 +267,22 @@ def _closest_key(message: str, args: list[str], compose) -> str:
         return ""
     close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1)
     return f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
+
+
+def _plus_hint(message: str, args: list[str]) -> str:
+    """Hydra's "Multiple values for experiment. To override a value use 'override experiment: x'" (or
+    "experiment appears more than once in the final defaults list") for ``+experiment=x`` where the
+    command's defaults list has an experiment already (mttt_jax's commands take ``experiment=x``, the
+    others ``+experiment=x``): the remedy on the command line; ``""`` otherwise."""
+    import re
+
+    found = re.match(r"Multiple values for (\S+?)\.", message) or re.match(
+        r"(\S+) appears more than once in the final defaults list", message
+    )
+    given = [a for a in args if found and a.startswith(f"+{found.group(1)}=")]
+    if not given:
+        return ""
+    return f"; the command's defaults list has its {found.group(1)} already: give {given[0][1:]} (without the '+')"
 
 
 def check_hydra_command(prog: str, conf: str, config_name: str, *, compile_key: bool = True) -> None:
