@@ -742,3 +742,19 @@ def test_a_datasets_root_without_the_asked_test_set_names_the_folder_looked_for(
     assert f"expected {tmp_path}/imagenet-a/<class>/<images>" in msg and "'notes'" in msg, msg
     made = testing.make_imagenet_a(tmp_path / "elsewhere" / "a", n_per_class=1)
     assert len(D.load_test_set("imagenet_a", made)) == 3
+
+
+@pytest.mark.parametrize("command", ["tpt", "memo", "ensemble"])
+def test_python_dash_m_runs_the_command(command):
+    """``python -m tttlab.memo_tpt.tpt`` (as ``python -m tttlab.ttt_mae.ttt_main`` and every other package's
+    module form) is the ``tttlab-memo-tpt-tpt`` command; it imported the algorithm module, did nothing and
+    exited 0.  A misspelt experiment shows the command's own one-line error, exit status 2."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", f"tttlab.memo_tpt.{command}", "+experiment=nosuch"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr[-2000:])
+    assert res.stderr.startswith(
+        f"tttlab-memo-tpt-{command}: error: ConfigError: experiment='nosuch': no such experiment config"
+    ), res.stderr[-2000:]
