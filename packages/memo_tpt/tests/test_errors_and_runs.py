@@ -585,6 +585,10 @@ def test_photos_bad_arguments_are_one_line_before_any_work(monkeypatch, capsys, 
         photos.main()
     err = capsys.readouterr().err
     assert e.value.code == 2 and needle in err and "Traceback" not in err, err
+    # the usage and the error name the command as it is run, not the file (it said "photos.py")
+    assert err.startswith("usage: python -m tttlab.memo_tpt.photos ") and (
+        "\npython -m tttlab.memo_tpt.photos: error: " in err
+    ), err
 
 
 def test_photos_user_error_is_one_line(monkeypatch, capsys):
