@@ -766,6 +766,24 @@ def test_a_configuration_error_is_the_one_line_every_command_prints(env, tmp_pat
     assert not out.exists()
 
 
+def test_a_long_error_of_a_failed_run_is_cut_at_a_word_and_marked(env, tmp_path, no_plots):
+    """The failed-run line (printed, and in report.md's summary) holds the last stderr line of the evaluate; a
+    long one was cut at 200 characters mid-word (a list of known keys ended in "dirichlet_del"), which read as
+    the message.  It is cut at a space within 300 characters and ends in " ..."; the whole line stays in
+    the stderr tail and the log."""
+    words = " ".join(f"key_{i:03d}" for i in range(60))  # 479 characters
+    c = base_config(
+        tmp_path / "out", methods=["fake.crash"], overrides={"fake.crash": {"fake": {"crash": words}}}
+    )
+    result = cmp.compare(c, echo=lambda *a: None)
+    (task,) = result.failed
+    prefix = "exit status 1: RuntimeError: "
+    assert task.error.startswith(prefix) and task.error.endswith(" ..."), task.error
+    kept = task.error[len(prefix) : -len(" ...")]
+    assert words.startswith(kept + " ") and len(task.error) <= len("exit status 1: ") + 300 + 4, task.error
+    assert f"RuntimeError: {words}" in task.stderr_tail
+
+
 def test_a_device_of_the_other_framework_is_refused_before_any_run(env, tmp_path, capsys):
     """device=tpu (JAX's) with a torch method, or device=mps (torch's) with a JAX method: exit status 2 with
     one line naming the methods, before out_dir is made (each run would have failed on its own); numpy
