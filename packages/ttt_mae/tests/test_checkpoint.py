@@ -116,7 +116,8 @@ def test_swapped_pretraining_and_head_files_are_named_as_such(tmp_path, tiny):
         load_official(tiny(), head_path, pre)
     assert str(e.value).endswith(
         f"; {pre} holds the MAE decoder and {head_path} does not: are the two files swapped? "
-        f"{head_path} takes the pretraining checkpoint, {pre} the probe's (its head)"
+        "resume_model takes the pretraining checkpoint, resume_finetune the probe's (the head): "
+        f"resume_model={pre} resume_finetune={head_path}"
     ), str(e.value)
     # ours: tttlab-ttt-mae-pretrain saves the whole model, its untrained head deeper than the probe's
     ours = tiny(seed=1, classifier_depth=2).state_dict()

@@ -110,7 +110,8 @@ def combine_state_dicts(
     ):
         swapped = (
             f"; {head_path} holds the MAE decoder and {model_path} does not: are the two files swapped? "
-            f"{model_path} takes the pretraining checkpoint, {head_path} the probe's (its head)"
+            "resume_model takes the pretraining checkpoint, resume_finetune the probe's (the head): "
+            f"resume_model={head_path} resume_finetune={model_path}"
         )
     out: dict[str, torch.Tensor] = {}
     unexpected, extra_head = [], []
