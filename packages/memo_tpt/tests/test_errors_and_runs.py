@@ -585,6 +585,10 @@ def test_photos_bad_arguments_are_one_line_before_any_work(monkeypatch, capsys, 
         photos.main()
     err = capsys.readouterr().err
     assert e.value.code == 2 and needle in err and "Traceback" not in err, err
+    # the usage and the error name the command as it is run, not the file (it said "photos.py")
+    assert err.startswith("usage: python -m tttlab.memo_tpt.photos ") and (
+        "\npython -m tttlab.memo_tpt.photos: error: " in err
+    ), err
 
 
 def test_photos_user_error_is_one_line(monkeypatch, capsys):
@@ -726,3 +730,35 @@ def test_imagenet_sketch_neither_layout_names_both(tmp_path):
     (empty / "readme.txt").write_text("x")
     with pytest.raises(DatasetNotFoundError, match=r"flat <datasets_root>.*nested <datasets_root>"):
         D.load_test_set("imagenet_sketch", empty)
+
+
+def test_a_datasets_root_without_the_asked_test_set_names_the_folder_looked_for(tmp_path):
+    """``data_to_test=a`` with a datasets_root that holds only ImageNet-R: the root is not the ImageNet-A folder
+    either, and the error says which subfolder was looked for (it said only that ``imagenet-r`` is not a wnid
+    of ImageNet-A, which reads as if datasets_root should be the class folder).  The dataset folder given
+    directly is still read."""
+    testing.make_imagenet_a(tmp_path / "imagenet-r", n_per_class=1)  # the same wnids do not matter here
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(DatasetLayoutError) as e:
+        D.load_test_set("imagenet_a", tmp_path)
+    msg = str(e.value)
+    assert msg.startswith(f"datasets_root {tmp_path} holds no imagenet-a or imagenet_a folder"), msg
+    assert f"expected {tmp_path}/imagenet-a/<class>/<images>" in msg and "'notes'" in msg, msg
+    made = testing.make_imagenet_a(tmp_path / "elsewhere" / "a", n_per_class=1)
+    assert len(D.load_test_set("imagenet_a", made)) == 3
+
+
+@pytest.mark.parametrize("command", ["tpt", "memo", "ensemble"])
+def test_python_dash_m_runs_the_command(command):
+    """``python -m tttlab.memo_tpt.tpt`` (as ``python -m tttlab.ttt_mae.ttt_main`` and every other package's
+    module form) is the ``tttlab-memo-tpt-tpt`` command; it imported the algorithm module, did nothing and
+    exited 0.  A misspelt experiment shows the command's own one-line error, exit status 2."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", f"tttlab.memo_tpt.{command}", "+experiment=nosuch"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr[-2000:])
+    assert res.stderr.startswith(
+        f"tttlab-memo-tpt-{command}: error: ConfigError: experiment='nosuch': no such experiment config"
+    ), res.stderr[-2000:]

@@ -125,6 +125,48 @@ def test_evaluate_default_out_dir_is_one_folder_per_method_and_profile(tmp_path,
     )
 
 
+def test_evaluate_prints_a_table_per_domain_then_the_records_path(tmp_path, monkeypatch, capsys):
+    """``tttlab-pilimit-evaluate`` printed only the records path (the mean in a log line): it now prints the
+    accuracy and ms/image per domain and the mean, as torch_ttt's evaluate does, then the path."""
+    import logging
+
+    from tttlab.core.records import RecordWriter
+    from tttlab.pilimit import evaluate as E
+
+    path = tmp_path / "records.jsonl"
+    with RecordWriter(path, dict(method="pilimit.mup", dataset="mnist_c", setting="reset_each_shift")) as w:
+        for corruption, acc in (("fog", 0.5), ("snow", 0.75)):
+            w.write(corruption=corruption, severity=5, metric="accuracy", value=acc, n=8)
+            w.write(corruption=corruption, severity=5, metric="s_per_image", value=1e-4, n=8)
+        w.write(corruption="mean", severity=5, metric="accuracy", value=0.625, n=16)
+    seen = {}
+    monkeypatch.setattr(E, "run", lambda cfg: seen.setdefault("cfg", cfg) and path)
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: None)
+    monkeypatch.setattr(sys, "argv", ["tttlab-pilimit-evaluate", "method=pilimit.mup", "profile=smoke"])
+    E.main()
+    assert seen["cfg"] == {"method": "pilimit.mup", "profile": "smoke"}
+    assert capsys.readouterr().out.splitlines() == [
+        "pilimit.mup on mnist_c (reset_each_shift): accuracy %, ms/image",
+        "  fog-5                     50.0     0.100",
+        "  snow-5                    75.0     0.100",
+        "  mean                      62.5",
+        str(path),
+    ]
+
+
+def test_train_help_names_the_command():
+    """``tttlab-pilimit-train --help`` began "train is powered by Hydra." (the file's name); it names the
+    command now, and still lists the experiments."""
+    import os
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-m", "tttlab.pilimit.train", "--help"], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.splitlines()[0] == "tttlab-pilimit-train is powered by Hydra.", res.stdout[:300]
+    assert "experiment: maml_mnist, mnist, " in res.stdout
+
+
 def test_evaluate_help(monkeypatch, capsys):
     from tttlab.pilimit import evaluate as E
 

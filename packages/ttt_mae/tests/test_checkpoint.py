@@ -106,6 +106,31 @@ def test_head_file_deeper_than_classifier_depth_is_an_error(tmp_path, tiny):
         load_official(tiny(classifier_depth=1), tmp_path / "all.pth")
 
 
+def test_swapped_pretraining_and_head_files_are_named_as_such(tmp_path, tiny):
+    """resume_model and resume_finetune given the other way round: the error said only that keys are missing
+    (or, for our own pretraining file, whose model has a deeper untrained head, asked whether classifier_depth
+    matches); it now also says the head file holds the MAE decoder and the model file none, so the two are
+    probably swapped.  An error of the right order does not say so."""
+    pre, head_path, _, _ = official_files(tmp_path, tiny)
+    with pytest.raises(CheckpointError, match=r"missing in .*prob_lr.*: decoder") as e:
+        load_official(tiny(), head_path, pre)
+    assert str(e.value).endswith(
+        f"; {pre} holds the MAE decoder and {head_path} does not: are the two files swapped? "
+        "resume_model takes the pretraining checkpoint, resume_finetune the probe's (the head): "
+        f"resume_model={pre} resume_finetune={head_path}"
+    ), str(e.value)
+    # ours: tttlab-ttt-mae-pretrain saves the whole model, its untrained head deeper than the probe's
+    ours = tiny(seed=1, classifier_depth=2).state_dict()
+    torch.save({"model": ours}, tmp_path / "pretrain.pth")
+    with pytest.raises(
+        CheckpointError, match=r"classifier_depth 1.*does classifier_depth.*are the two files swapped"
+    ):
+        load_official(tiny(classifier_depth=1), head_path, tmp_path / "pretrain.pth")
+    with pytest.raises(CheckpointError) as e:  # the right order, a head file of another depth: no such guess
+        load_official(tiny(classifier_depth=1), tmp_path / "pretrain.pth", tmp_path / "pretrain.pth")
+    assert "are the two files swapped" not in str(e.value)
+
+
 def test_files_pickling_other_objects_need_an_explicit_opt_in(tmp_path, tiny):
     """The official files' ``args`` Namespace is read safely; any other pickled object is refused with an
     error naming it and ``weights_only=false`` (no silent full unpickle), which then reads the file."""

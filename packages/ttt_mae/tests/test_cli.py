@@ -31,7 +31,12 @@ def test_python_m_baseline(tmp_path, smoke_cache):
         env={"HF_HUB_OFFLINE": "1", **__import__("os").environ},
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.strip().endswith("records.jsonl")
+    lines = res.stdout.strip().splitlines()
+    assert lines[-1].endswith("records.jsonl")
+    # the result as a table before the path (it was only in the log lines): accuracy % and ms/image
+    # (one corruption: no mean line)
+    assert lines[-3] == "ttt_mae.baseline on mnist_c (episodic): accuracy %, ms/image", lines
+    assert lines[-2].split()[0] == "fog-5" and len(lines[-2].split()) == 3, lines
     df = load_records(out / "records.jsonl", metric="accuracy")
     assert (
         df.corruption.tolist() == ["fog"] and df.n.tolist() == [2] and set(df.method) == {"ttt_mae.baseline"}

@@ -236,7 +236,7 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
                 why = " ".join(str(cause).split("\n")[0].split()) if cause is not None else ""
                 hint = _closest_key(
                     first, args, lambda rest: compose(config_name=config_name, overrides=rest)
-                )
+                ) or _plus_hint(first, args)
                 exc = ConfigError(first + (f" ({why})" if why and why not in first else "") + hint)
                 print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
                 raise SystemExit(2) from None
@@ -253,7 +253,7 @@ def _closest_key(message: str, args: list[str], compose) -> str:
     from omegaconf import DictConfig, OmegaConf
 
     found = re.search(r"Could not override '([^']+)'", message)
-    if not found:
+    if not found or "No match in the defaults list" in message:  # a group to add: Hydra's remedy says it all
         return ""
     key = found.group(1)
     rest = [a for a in args if a.lstrip("+~").partition("=")[0] != key]
@@ -267,6 +267,22 @@ def _closest_key(message: str, args: list[str], compose) -> str:
         return ""
     close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1)
     return f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
+
+
+def _plus_hint(message: str, args: list[str]) -> str:
+    """Hydra's "Multiple values for experiment. To override a value use 'override experiment: x'" (or
+    "experiment appears more than once in the final defaults list") for ``+experiment=x`` where the
+    command's defaults list has an experiment already (mttt_jax's commands take ``experiment=x``, the
+    others ``+experiment=x``): the remedy on the command line; ``""`` otherwise."""
+    import re
+
+    found = re.match(r"Multiple values for (\S+?)\.", message) or re.match(
+        r"(\S+) appears more than once in the final defaults list", message
+    )
+    given = [a for a in args if found and a.startswith(f"+{found.group(1)}=")]
+    if not given:
+        return ""
+    return f"; the command's defaults list has its {found.group(1)} already: give {given[0][1:]} (without the '+')"
 
 
 def check_hydra_command(prog: str, conf: str, config_name: str, *, compile_key: bool = True) -> None:
@@ -289,5 +305,41 @@ __all__ = [
     "check_dir_overrides",
     "check_group_overrides",
     "check_hydra_command",
+    "domain_table",
     "user_errors",
 ]
+
+
+def domain_table(path) -> list[str]:
+    """What an evaluate command prints after its run: per method of the records file ``path``, a title line
+    (method, dataset, setting) and one line per domain, accuracy in % and the adaptation + prediction cost in
+    ms per image, the clean domain as ``clean`` (a test set of its own, e.g. ImageNet-A, by its dataset name
+    when the method has several) and the mean over corruptions (``corruption="mean"``) last.  An evaluation
+    run again in the same folder counts once: the latest record per domain and metric."""
+    from .records import read_jsonl
+
+    latest: dict[str, dict[tuple, dict]] = {}
+    for r in read_jsonl(path):
+        if (r.get("extra") or {}).get("shard") is not None:  # a torchrun rank's partial records
+            continue
+        key = (r["dataset"], r["corruption"], r["severity"], r["metric"])
+        latest.setdefault(r["method"], {})[key] = r
+    lines: list[str] = []
+    for method, recs in latest.items():
+        acc = [r for r in recs.values() if r["metric"] == "accuracy"]
+        if not acc:
+            continue
+        acc.sort(key=lambda r: r["corruption"] == "mean")  # the summary last, the domains in their order
+        datasets = list(dict.fromkeys(r["dataset"] for r in acc))
+        lines.append(f"{method} on {', '.join(datasets)} ({acc[0]['setting']}): accuracy %, ms/image")
+        for r in acc:
+            if r["corruption"] is None:
+                name = r["dataset"] if len(datasets) > 1 else "clean"
+            elif r["severity"] is None or r["corruption"] == "mean":
+                name = r["corruption"]
+            else:
+                name = f"{r['corruption']}-{r['severity']}"
+            cost = recs.get((r["dataset"], r["corruption"], r["severity"], "s_per_image"))
+            ms = f"  {1000 * cost['value']:8.3f}" if cost is not None else ""
+            lines.append(f"  {name:24s} {100 * r['value']:5.1f}{ms}")
+    return lines or [f"no accuracy records in {path}"]

@@ -733,6 +733,15 @@ def _child_env(c: dict[str, Any]) -> dict[str, str]:
     return env
 
 
+def _clip(line: str, limit: int = 300) -> str:
+    """``line`` up to ``limit`` characters, cut at a space and marked `` ...`` when longer (the failed-run line
+    cut a long error mid-word, e.g. a list of known keys at "dirichlet_del", as if that were the message)."""
+    if len(line) <= limit:
+        return line
+    head = line[:limit]
+    return (head.rsplit(" ", 1)[0] if " " in head else head) + " ..."
+
+
 def _tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -802,7 +811,7 @@ def run_task(task: Task, c: dict[str, Any], stop: threading.Event | None = None)
                           f"{', '.join(f'{a}-{b}' for a, b in missing[:4])}{' ...' if len(missing) > 4 else ''}")  # fmt: skip
     elif not task.error:
         last = _tail(part / "stderr.log", 1)
-        task.error = f"exit status {proc.returncode}" + (f": {last[:200]}" if last else "")
+        task.error = f"exit status {proc.returncode}" + (f": {_clip(last)}" if last else "")
     if not ok:
         atomic_write_json(
             part / "compare_status.json", {"ok": False, "error": task.error, "code": task.fingerprint}
@@ -1621,8 +1630,8 @@ def _main(argv: Sequence[str] | None, prog: str) -> int:
     command = " ".join([prog, *(shlex.quote(a) for a in argv)])
     try:
         result = compare(overrides=argv, command=command)
-    except TTTLabError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+    except TTTLabError as exc:  # one line, as every tttlab command (tttlab.core.cli.user_errors)
+        print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     print()
     print(result.text)

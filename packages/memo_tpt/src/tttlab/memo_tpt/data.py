@@ -112,7 +112,18 @@ def load_test_set(name: str, datasets_root):
             raise DatasetLayoutError(
                 f"{root} is not an ImageNet-Sketch folder ({e}); expected one of {' or '.join(SKETCH_LAYOUTS)}"
             ) from e
-    return getattr(data, reader)(root, transform=None)
+    try:
+        return getattr(data, reader)(root, transform=None)
+    except DatasetLayoutError as e:
+        if root != Path(datasets_root):
+            raise
+        # resolve_root found none of the dataset's folder names and took datasets_root for the dataset folder
+        # itself; most often the folder holds other test sets, so say which subfolder was looked for as well
+        folders = DATASETS[name][0]
+        raise DatasetLayoutError(
+            f"datasets_root {root} holds no {' or '.join(folders)} folder, and it is not the {name} folder "
+            f"itself ({e}); expected {root}/{folders[0]}/<class>/<images> (or datasets_root = that folder)"
+        ) from e
 
 
 def clip_imagenet_class_names() -> list[str]:

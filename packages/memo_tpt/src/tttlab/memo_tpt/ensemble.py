@@ -136,3 +136,10 @@ class Ensemble:
                          for mb in self.members]  # fmt: skip
             m, _ = combine(originals, self.temperatures)
         return m[None]
+
+
+# python -m tttlab.memo_tpt.ensemble: the tttlab-memo-tpt-ensemble command (it imported this module and did nothing)
+if __name__ == "__main__":
+    from tttlab.memo_tpt.main import ensemble_main
+
+    ensemble_main()

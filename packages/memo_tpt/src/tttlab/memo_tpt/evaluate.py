@@ -278,7 +278,10 @@ benchmark.num_examples, tpt.*, memo.*.  Example:
 
 
 def summary(path: Path) -> str:
-    """One line per method of a records file: the mean accuracy over corruptions (or the one domain's)."""
+    """What the commands print: the table of core's ``domain_table`` (per domain accuracy % and ms/image,
+    then the mean), then one line per method of a records file: the mean accuracy over corruptions (or the
+    one domain's) and the number of images."""
+    from tttlab.core.cli import domain_table
     from tttlab.core.records import load_records
 
     df = load_records(path, metric="accuracy")
@@ -288,7 +291,7 @@ def summary(path: Path) -> str:
         row = mean.iloc[-1] if len(mean) else part.iloc[-1]
         where = "mean over corruptions" if len(mean) else f"{row.corruption}-{row.severity}"
         lines.append(f"{method}: accuracy {100 * float(row.value):.2f}% ({where}, {int(row.n)} images)")
-    return "\n".join(lines)
+    return "\n".join([*domain_table(path), *lines])
 
 
 def main() -> None:

@@ -289,3 +289,10 @@ class Memo:
             self.reset()
         self.adapt(image)
         return self.predict(image)
+
+
+# python -m tttlab.memo_tpt.memo: the tttlab-memo-tpt-memo command (it imported this module and did nothing)
+if __name__ == "__main__":
+    from tttlab.memo_tpt.main import memo_main
+
+    memo_main()

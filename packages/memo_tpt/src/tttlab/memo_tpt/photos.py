@@ -117,7 +117,8 @@ def _tent(model, xt, mean, std, ref, lr) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # named as it is run (its usage and errors said "photos.py", the file's name, from sys.argv[0])
+    ap = argparse.ArgumentParser(prog="python -m tttlab.memo_tpt.photos", description=__doc__.splitlines()[0])
     ap.add_argument("--views", type=int, default=32, help="MEMO's augmented views per photo (default 32)")
     ap.add_argument("--severities", type=int, nargs="+", default=[3, 5], help="corruption severities (1-5)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

@@ -678,3 +678,10 @@ class TPT:
 
 def n_selected(n_views: int, selection) -> int:
     return max(1, int(n_views * selection)) if isinstance(selection, float) else int(selection or n_views)
+
+
+# python -m tttlab.memo_tpt.tpt: the tttlab-memo-tpt-tpt command (it imported this module and did nothing)
+if __name__ == "__main__":
+    from tttlab.memo_tpt.main import tpt_main
+
+    tpt_main()

@@ -248,8 +248,12 @@ def main() -> None:
         print(__doc__)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from tttlab.core.cli import domain_table
+
     with T.user_errors("tttlab-pilimit-evaluate"):
-        print(run(OmegaConf.to_container(OmegaConf.from_dotlist(sys.argv[1:]), resolve=True)))
+        path = run(OmegaConf.to_container(OmegaConf.from_dotlist(sys.argv[1:]), resolve=True))
+    print("\n".join(domain_table(path)))  # the result as a table, not only the mean in a log line
+    print(path)
 
 
 if __name__ == "__main__":

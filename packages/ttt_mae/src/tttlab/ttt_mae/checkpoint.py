@@ -102,6 +102,17 @@ def combine_state_dicts(
     (``classifier*`` or the linear ``head.{0,1}`` keys), checked against the model (names + shapes)."""
     expected = model.state_dict()
     own = "classifier" if model.cfg.head_type == "vit_head" else ("head.", "bn.")
+    swapped = ""  # the pretraining file given as the head and the head file as the model: say so
+    if (
+        head is not None
+        and any(k.startswith("decoder") for k in head)
+        and not any(k.startswith("decoder") for k in pretrained)
+    ):
+        swapped = (
+            f"; {head_path} holds the MAE decoder and {model_path} does not: are the two files swapped? "
+            "resume_model takes the pretraining checkpoint, resume_finetune the probe's (the head): "
+            f"resume_model={head_path} resume_finetune={model_path}"
+        )
     out: dict[str, torch.Tensor] = {}
     unexpected, extra_head = [], []
     for k, v in pretrained.items():
@@ -132,7 +143,7 @@ def combine_state_dicts(
         raise CheckpointError(
             f"{head_path if head is not None else model_path}: head keys the model (head_type "
             f"{model.cfg.head_type}, classifier_depth {model.cfg.classifier_depth}) does not have: {_names(extra_head)}; does classifier_depth "
-            "(or head_type) match the file?"
+            "(or head_type) match the file?" + swapped
         )
     missing = [k for k in expected if k not in out and k not in OPTIONAL]
     mismatched = [
@@ -154,7 +165,7 @@ def combine_state_dicts(
                 )
         if mismatched:
             parts.append(f"shape mismatch (file != model): {_names(mismatched)}")
-        raise CheckpointError("checkpoint does not fit the model; " + "; ".join(parts))
+        raise CheckpointError("checkpoint does not fit the model; " + "; ".join(parts) + swapped)
     for k in OPTIONAL:
         if k in expected and k not in out:
             out[k] = expected[k]

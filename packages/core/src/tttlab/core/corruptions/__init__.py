@@ -87,8 +87,12 @@ def canonical_name(corruption: str) -> str:
         key = ALIASES.get(key, key)
         if key in FUNCTIONS:
             return key
+    import difflib
+
+    close = difflib.get_close_matches(str(corruption).strip().lower(), [*ALL, *SUBSETS], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""  # a typo of a long name: the guess first
     raise UnknownNameError(
-        f"unknown corruption {corruption!r}; expected one of {', '.join(ALL)} "
+        f"unknown corruption {corruption!r}{hint}; expected one of {', '.join(ALL)} "
         f"(or an alias: {', '.join(sorted(ALIASES))})"
     )
 
