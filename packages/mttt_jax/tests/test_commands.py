@@ -207,3 +207,37 @@ def test_tfds_path_defaults_to_tfds_data_dir(monkeypatch):
     assert compose(["experiment=paper_patch", "tfds_path=/other"]).tfds_path == "/other"
     monkeypatch.delenv("TFDS_DATA_DIR")
     assert compose(["experiment=paper_patch"]).tfds_path == ""
+
+
+def test_evaluate_prints_a_table_per_domain_then_the_records_path(
+    tmp_path, monkeypatch, capsys, no_log_setup
+):
+    """``tttlab-mttt-evaluate`` printed only the records path, the numbers being log lines of fractions with
+    the domains sorted by name (clean among them); it prints core's table now, as the other packages'
+    evaluate commands do: accuracy % and ms/image per domain, clean first, the mean over corruptions last,
+    then the path.  The records are write_records' own."""
+    from tttlab.core.benchmark import Domain
+    from tttlab.core.records import RunDir
+    from tttlab.mttt_jax import evaluate as E
+
+    per_domain = {
+        Domain("snow", 5): {"correct": 3, "n": 4, "secs": 0.002, "inner": [0.5]},
+        Domain(None, None): {"correct": 4, "n": 4, "secs": 0.004, "inner": [0.25]},
+        Domain("fog", 5): {"correct": 1, "n": 4, "secs": 0.006, "inner": [1.0]},
+    }
+    rd = RunDir(tmp_path / "eval", {"x": 1})
+    with rd.writer(method="mttt_jax.mttt_mlp", dataset="mnist_c", setting="reset_each_shift") as w:
+        E.write_records(w, per_domain, ttt=True, train_run="runs/x")
+    seen = {}
+    monkeypatch.setattr(E, "run", lambda cfg: seen.setdefault("run_dir", cfg.run_dir) and rd.records_path)
+    monkeypatch.setattr(sys, "argv", ["tttlab-mttt-evaluate", f"run_dir={tmp_path}", *NO_HYDRA_LOGGING])
+    E.main()
+    assert seen["run_dir"] == str(tmp_path)
+    assert capsys.readouterr().out.splitlines() == [
+        "mttt_jax.mttt_mlp on mnist_c (reset_each_shift): accuracy %, ms/image",
+        "  clean                    100.0     1.000",
+        "  fog-5                     25.0     1.500",
+        "  snow-5                    75.0     0.500",
+        "  mean                      50.0",
+        str(rd.records_path),
+    ]

@@ -4,7 +4,9 @@ MTTT's test-time training happens inside every forward pass (each TTT layer runs
 tokens of each image), so there are no weights to adapt or reset between batches: every setting of
 ``tttlab.core.benchmark`` gives the same numbers, and one record per domain is written (``accuracy``,
 ``error`` and, as ``extra``, the last layer's inner loss at its last step averaged over the domain's
-images) plus a ``mean`` summary, in ``<out_dir>/records.jsonl`` (default ``<run_dir>/eval``).
+images) plus a ``mean`` summary, in ``<out_dir>/records.jsonl`` (default ``<run_dir>/eval``).  The
+command prints them as a table (``tttlab.core.cli.domain_table``: accuracy in % and ms/image per domain,
+clean first, the mean over corruptions last), then the records path.
 
 ``run(cfg)`` is the ``evaluate`` target of the ``tttlab.methods`` specs (a mapping with the keys of
 ``conf/evaluate.yaml``).
@@ -368,9 +370,7 @@ def write_records(writer, per_domain: dict, *, ttt: bool, train_run: str) -> lis
             if r["metric"] == "accuracy":
                 keep = {k: r[k] for k in ("corruption", "severity", "n", "wall_time_s", "extra")}
                 written.append(writer.write(metric="error", value=1.0 - float(r["value"]), **keep))
-    for dom, row in totals.items():
-        log.info("%s: accuracy %.4f (n=%d)", dom, row[0] / max(row[1], 1), row[1])
-    for r in written:
+    for r in written:  # the per-domain numbers: the table the command prints (domain_table), and the records
         if r["metric"] == "accuracy" and r.get("corruption") == "mean":
             log.info("mean over %d corruption domains: accuracy %.4f", len(corrupted), float(r["value"]))
     return written
@@ -394,8 +394,12 @@ def main() -> None:
 
     @hydra.main(config_path="conf", config_name="evaluate", version_base=None)
     def _main(cfg) -> None:
+        from tttlab.core.cli import domain_table
+
         with user_errors("tttlab-mttt-evaluate"):
-            print(run(cfg))
+            path = run(cfg)
+        print("\n".join(domain_table(path)))  # accuracy % and ms/image per domain, clean first, the mean last
+        print(path)
 
     check_hydra_command("tttlab-mttt-evaluate", "tttlab.mttt_jax.conf", "evaluate", compile_key=False)
     _main()
