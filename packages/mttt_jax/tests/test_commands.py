@@ -281,3 +281,26 @@ def test_the_help_setting_leaves_the_configs_and_their_hashes_alone():
 
 #: the hashes before the setting (a change of the configs themselves changes them: re-pin then, knowingly)
 PINNED_HASHES = ["9fb7fc892d38", "e73e8349e643", "cd62d9570631"]
+
+
+def run_into_a_closed_pipe(*args: str):
+    """``python *args`` with its stdout a pipe whose reader left before the first write (``| head``)."""
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run([sys.executable, *args], stdout=w, stderr=subprocess.PIPE, text=True, timeout=300,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    finally:
+        os.close(w)
+
+
+@pytest.mark.parametrize("module", ["tttlab.mttt_jax.train", "tttlab.mttt_jax.evaluate"])
+def test_help_into_a_closed_pipe_ends_quietly(module):
+    """``tttlab-mttt-train --help | head -3`` ended in a BrokenPipeError traceback from Hydra's print; it ends
+    with no output on stderr and exit status 141 (128 + SIGPIPE)."""
+    res = run_into_a_closed_pipe("-m", module, "--help")
+    assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]

@@ -23,3 +23,26 @@ def test_help_names_the_command(module, command):
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.splitlines()[0] == f"{command} is powered by Hydra.", res.stdout[:300]
     assert "experiment: " in res.stdout and "mnist_tutorial" in res.stdout
+
+
+def run_into_a_closed_pipe(*args: str):
+    """``python *args`` with its stdout a pipe whose reader left before the first write (``| head``)."""
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run([sys.executable, *args], stdout=w, stderr=subprocess.PIPE, text=True, timeout=300,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    finally:
+        os.close(w)
+
+
+@pytest.mark.parametrize("module", ["tttlab.torch_ttt.train", "tttlab.torch_ttt.evaluate"])
+def test_help_into_a_closed_pipe_ends_quietly(module):
+    """``tttlab-torch-ttt-train --help | head -3`` ended in a BrokenPipeError traceback from Hydra's print; it
+    ends with no output on stderr and exit status 141 (128 + SIGPIPE)."""
+    res = run_into_a_closed_pipe("-m", module, "--help")
+    assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]

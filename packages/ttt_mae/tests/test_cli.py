@@ -70,3 +70,25 @@ def test_bad_input_is_a_one_line_error_not_a_traceback(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert e.value.code == 2
     assert f"tttlab-ttt-mae-ttt: error: {expected}" in err and "Traceback" not in err, err
+
+
+def run_into_a_closed_pipe(*args: str):
+    """``python *args`` with its stdout a pipe whose reader left before the first write (``| head``)."""
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run([sys.executable, *args], stdout=w, stderr=subprocess.PIPE, text=True, timeout=300,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    finally:
+        os.close(w)
+
+
+def test_help_into_a_closed_pipe_ends_quietly():
+    """``tttlab-ttt-mae-probe --help | head -3`` ended in a BrokenPipeError traceback from Hydra's print; it
+    ends with no output on stderr and exit status 141 (128 + SIGPIPE)."""
+    res = run_into_a_closed_pipe("-m", "tttlab.ttt_mae.probe", "--help")
+    assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]
