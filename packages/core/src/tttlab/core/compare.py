@@ -1588,7 +1588,7 @@ def list_text() -> str:
     specs, problems = installed_methods()
     for s in specs:
         about = s.description or s.paper
-        about = about if len(about) <= 100 else about[:97] + "..."
+        about = _clip(about, 96)  # at most 100 characters, cut at a space (it was cut mid-word: "offl...")
         lines.append(f"{s.name:40s} {s.framework:6s} {about}")
     installed = {s.package for s in specs}
     for pkg in registry.KNOWN_PACKAGES:
