@@ -245,3 +245,21 @@ def test_help_into_a_closed_pipe_ends_quietly(module):
     in a BrokenPipeError traceback; they end with no output on stderr and exit status 141 (128 + SIGPIPE)."""
     res = run_into_a_closed_pipe("-m", module, "--help")
     assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]
+
+
+def test_paper_command_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """``tttlab-memo-tpt-tpt``'s result path into a closed pipe (``run_paper`` is faked) ended in Hydra's error report
+    with a BrokenPipeError and exit status 1: it was printed outside user_errors."""
+    records = tmp_path / "records.jsonl"
+    records.touch()
+    code = (
+        "import sys\n"
+        "path = sys.argv[1]\n"
+        "import tttlab.memo_tpt.main as M\n"
+        "M.run_paper = lambda *a, **k: path\n"
+        "sys.argv = ['tttlab-memo-tpt-tpt', *sys.argv[2:]]\n"
+        "from tttlab.memo_tpt.main import tpt_main\n"
+        "tpt_main()\n"
+    )
+    res = run_into_a_closed_pipe("-c", code, str(records), "hydra.run.dir=" + str(tmp_path / "run"))
+    assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]

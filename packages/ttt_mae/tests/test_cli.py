@@ -92,3 +92,21 @@ def test_help_into_a_closed_pipe_ends_quietly():
     ends with no output on stderr and exit status 141 (128 + SIGPIPE)."""
     res = run_into_a_closed_pipe("-m", "tttlab.ttt_mae.probe", "--help")
     assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]
+
+
+def test_ttt_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """``tttlab-ttt-mae-ttt``'s result table into a closed pipe (``execute`` is faked) ended in Hydra's error report
+    with a BrokenPipeError and exit status 1: it was printed outside user_errors."""
+    records = tmp_path / "records.jsonl"
+    records.touch()
+    code = (
+        "import sys\n"
+        "path = sys.argv[1]\n"
+        "import tttlab.ttt_mae.cli as M\n"
+        "M.execute = lambda *a, **k: path\n"
+        "sys.argv = ['tttlab-ttt-mae-ttt', *sys.argv[2:]]\n"
+        "from tttlab.ttt_mae.cli import hydra_main\n"
+        "hydra_main('ttt')\n"
+    )
+    res = run_into_a_closed_pipe("-c", code, str(records), "hydra.run.dir=" + str(tmp_path / "run"))
+    assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]

@@ -12,8 +12,8 @@ Output into a pipe whose reader has gone (``tttlab-torch-ttt-train --help | head
 quietly with exit status 141 (128 + SIGPIPE, what a shell reports for a command a closed pipe ended), not a
 ``BrokenPipeError`` traceback: inside :func:`user_errors`, and at the top of the program after
 :func:`quiet_closed_stdout` (which :func:`check_hydra_command` calls, so Hydra's ``--help`` page is covered).
-Not covered: what Hydra runs under its own error report (``--cfg job``, a task's prints outside
-:func:`user_errors`), which it ends with exit status 1 and its traceback.
+A Hydra task's output belongs inside its :func:`user_errors` block: Hydra reports an exception in the task
+itself (exit status 1, a traceback), as it does for its ``--cfg job`` output, which stays uncovered.
 """
 
 from __future__ import annotations
