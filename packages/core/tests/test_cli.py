@@ -314,3 +314,67 @@ def test_an_experiment_given_with_the_wrong_plus_gets_the_right_remedy(tmp_path,
     check_config_overrides("prog", "fakepkg_with_exp.conf", "train", ["experiment=smoke"])
     check_config_overrides("prog", "fakepkg_without_exp.conf", "train", ["+experiment=smoke"])
     assert capsys.readouterr().err == ""
+
+
+def run_into_a_closed_pipe(*args: str, timeout: float = 300):
+    """Run ``python *args`` with its standard output a pipe whose reader is gone before the first write (what
+    ``... | head -3`` becomes once head has its lines); the finished process (stderr captured)."""
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run(
+            [sys.executable, *args], stdout=w, stderr=subprocess.PIPE, text=True, timeout=timeout
+        )
+    finally:
+        os.close(w)
+
+
+HYDRA_COMMAND = """
+import hydra
+from tttlab.core.cli import check_hydra_command
+
+@hydra.main(config_path="pkg://tttlab.core.conf", config_name="compare", version_base=None)
+def _main(cfg):
+    print("task ran")
+
+check_hydra_command("tttlab-x", "tttlab.core.conf", "compare", compile_key=False)
+_main()
+"""
+
+
+def test_hydra_help_into_a_closed_pipe_ends_quietly_with_status_141(tmp_path):
+    """``<any Hydra command> --help | head -3`` ended in a BrokenPipeError traceback from Hydra's own print,
+    before any of our code ran: check_hydra_command makes it end with no output and exit status 141."""
+    pytest.importorskip("hydra")
+    from tttlab.core.cli import CLOSED_STDOUT_STATUS
+
+    script = tmp_path / "command.py"
+    script.write_text(HYDRA_COMMAND)
+    res = run_into_a_closed_pipe(str(script), "--help")
+    assert (res.returncode, res.stderr) == (CLOSED_STDOUT_STATUS, "") == (141, "")
+
+
+@pytest.mark.parametrize("where", ["inside", "after"])
+def test_output_into_a_closed_pipe_inside_or_after_user_errors_ends_quietly(where):
+    """A command's output (its result table) into a closed pipe: inside user_errors, and after it (the hook it
+    installs), no traceback and exit status 141; Python's flush at exit raises nothing either."""
+    body = 'print("row\\n" * 100_000)'
+    code = "from tttlab.core.cli import user_errors\nwith user_errors('tttlab-x'):\n    "
+    code += body if where == "inside" else "pass\n" + body
+    res = run_into_a_closed_pipe("-c", code)
+    assert (res.returncode, res.stderr) == (141, "")
+
+
+def test_a_broken_pipe_that_is_not_stdout_keeps_its_traceback():
+    """Only a closed standard output is the reader leaving; a BrokenPipeError of another pipe (a child's, a
+    socket) is a bug and keeps its traceback, stdout open or not."""
+    code = "from tttlab.core.cli import user_errors\nwith user_errors('tttlab-x'):\n    raise BrokenPipeError(32, 'of a child')"
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "BrokenPipeError: [Errno 32] of a child" in res.stderr, res.stderr

@@ -222,3 +222,44 @@ def test_progress_bars_stay_quiet_when_stderr_is_not_a_terminal(cache, tmp_path,
         benchmark=bench, progress=True)  # fmt: skip
     err = capfd.readouterr().err
     assert "\r" not in err and "it/s" not in err and "%|" not in err, err[-500:]
+
+
+def run_into_a_closed_pipe(*args: str):
+    """``python *args`` with its stdout a pipe whose reader left before the first write (``| head``)."""
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run([sys.executable, *args], stdout=w, stderr=subprocess.PIPE, text=True, timeout=300,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    finally:
+        os.close(w)
+
+
+@pytest.mark.parametrize("module", ["tttlab.memo_tpt.evaluate", "tttlab.memo_tpt.tpt"])
+def test_help_into_a_closed_pipe_ends_quietly(module):
+    """``tttlab-memo-tpt-evaluate --help | head -3`` (its own usage text) and the Hydra commands' help ended
+    in a BrokenPipeError traceback; they end with no output on stderr and exit status 141 (128 + SIGPIPE)."""
+    res = run_into_a_closed_pipe("-m", module, "--help")
+    assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]
+
+
+def test_paper_command_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """``tttlab-memo-tpt-tpt``'s result path into a closed pipe (``run_paper`` is faked) ended in Hydra's error report
+    with a BrokenPipeError and exit status 1: it was printed outside user_errors."""
+    records = tmp_path / "records.jsonl"
+    records.touch()
+    code = (
+        "import sys\n"
+        "path = sys.argv[1]\n"
+        "import tttlab.memo_tpt.main as M\n"
+        "M.run_paper = lambda *a, **k: path\n"
+        "sys.argv = ['tttlab-memo-tpt-tpt', *sys.argv[2:]]\n"
+        "from tttlab.memo_tpt.main import tpt_main\n"
+        "tpt_main()\n"
+    )
+    res = run_into_a_closed_pipe("-c", code, str(records), "hydra.run.dir=" + str(tmp_path / "run"))
+    assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]

@@ -281,3 +281,62 @@ def test_the_help_setting_leaves_the_configs_and_their_hashes_alone():
 
 #: the hashes before the setting (a change of the configs themselves changes them: re-pin then, knowingly)
 PINNED_HASHES = ["9fb7fc892d38", "e73e8349e643", "cd62d9570631"]
+
+
+def run_into_a_closed_pipe(*args: str):
+    """``python *args`` with its stdout a pipe whose reader left before the first write (``| head``)."""
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run([sys.executable, *args], stdout=w, stderr=subprocess.PIPE, text=True, timeout=300,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    finally:
+        os.close(w)
+
+
+@pytest.mark.parametrize("module", ["tttlab.mttt_jax.train", "tttlab.mttt_jax.evaluate"])
+def test_help_into_a_closed_pipe_ends_quietly(module):
+    """``tttlab-mttt-train --help | head -3`` ended in a BrokenPipeError traceback from Hydra's print; it ends
+    with no output on stderr and exit status 141 (128 + SIGPIPE)."""
+    res = run_into_a_closed_pipe("-m", module, "--help")
+    assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]
+
+
+def test_evaluate_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """The evaluate's result table into a closed pipe (``tttlab-mttt-evaluate ... | head -3``; ``run`` is faked) ended
+    in Hydra's error report with a BrokenPipeError and exit status 1: it was printed outside user_errors."""
+    records = tmp_path / "records.jsonl"
+    records.touch()
+    code = (
+        "import sys\n"
+        "path = sys.argv[1]\n"
+        "import tttlab.mttt_jax.evaluate as M\n"
+        "M.run = lambda *a, **k: path\n"
+        "sys.argv = ['tttlab-mttt-evaluate', *sys.argv[2:]]\n"
+        "from tttlab.mttt_jax.evaluate import main\n"
+        "main()\n"
+    )
+    res = run_into_a_closed_pipe("-c", code, str(records), "run_dir=" + str(tmp_path / "run"))
+    assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]
+
+
+def test_train_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """train's final accuracy line into a closed pipe (``train`` is faked) ended in Hydra's error report with a
+    BrokenPipeError and exit status 1: it was printed outside user_errors."""
+    records = tmp_path / "records.jsonl"
+    records.touch()
+    code = (
+        "import sys\n"
+        "path = sys.argv[1]\n"
+        "import tttlab.mttt_jax.train as M\n"
+        "M.train = lambda *a, **k: {'val/prec@1': [0.5]}\n"
+        "sys.argv = ['tttlab-mttt-train', *sys.argv[2:]]\n"
+        "from tttlab.mttt_jax.train import main\n"
+        "main()\n"
+    )
+    res = run_into_a_closed_pipe("-c", code, str(records), "out_dir=" + str(tmp_path / "run"))
+    assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]

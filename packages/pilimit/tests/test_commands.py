@@ -239,3 +239,26 @@ def test_upstream_flag_errors():
         False,
         [],
     )
+
+
+def run_into_a_closed_pipe(*args: str):
+    """``python *args`` with its stdout a pipe whose reader left before the first write (``| head``)."""
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run([sys.executable, *args], stdout=w, stderr=subprocess.PIPE, text=True, timeout=300,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    finally:
+        os.close(w)
+
+
+@pytest.mark.parametrize("module", ["tttlab.pilimit.train", "tttlab.pilimit.evaluate"])
+def test_help_into_a_closed_pipe_ends_quietly(module):
+    """``--help | head -3`` ended in a BrokenPipeError traceback (Hydra's print for train, the module's own
+    for evaluate); both end with no output on stderr and exit status 141 (128 + SIGPIPE)."""
+    res = run_into_a_closed_pipe("-m", module, "--help")
+    assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]

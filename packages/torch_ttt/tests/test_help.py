@@ -23,3 +23,44 @@ def test_help_names_the_command(module, command):
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.splitlines()[0] == f"{command} is powered by Hydra.", res.stdout[:300]
     assert "experiment: " in res.stdout and "mnist_tutorial" in res.stdout
+
+
+def run_into_a_closed_pipe(*args: str):
+    """``python *args`` with its stdout a pipe whose reader left before the first write (``| head``)."""
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run([sys.executable, *args], stdout=w, stderr=subprocess.PIPE, text=True, timeout=300,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    finally:
+        os.close(w)
+
+
+@pytest.mark.parametrize("module", ["tttlab.torch_ttt.train", "tttlab.torch_ttt.evaluate"])
+def test_help_into_a_closed_pipe_ends_quietly(module):
+    """``tttlab-torch-ttt-train --help | head -3`` ended in a BrokenPipeError traceback from Hydra's print; it
+    ends with no output on stderr and exit status 141 (128 + SIGPIPE)."""
+    res = run_into_a_closed_pipe("-m", module, "--help")
+    assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]
+
+
+def test_evaluate_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """The evaluate's result table into a closed pipe (``tttlab-torch-ttt-evaluate ... | head -3``; ``run`` is faked)
+    ended in Hydra's error report with a BrokenPipeError and exit status 1: it was printed outside user_errors."""
+    records = tmp_path / "records.jsonl"
+    records.touch()
+    code = (
+        "import sys\n"
+        "path = sys.argv[1]\n"
+        "import tttlab.torch_ttt.evaluate as M\n"
+        "M.run = lambda *a, **k: path\n"
+        "sys.argv = ['tttlab-torch-ttt-evaluate', *sys.argv[2:]]\n"
+        "from tttlab.torch_ttt.evaluate import main\n"
+        "main()\n"
+    )
+    res = run_into_a_closed_pipe("-c", code, str(records), "hydra.run.dir=" + str(tmp_path / "run"))
+    assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]

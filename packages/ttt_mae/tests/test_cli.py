@@ -70,3 +70,43 @@ def test_bad_input_is_a_one_line_error_not_a_traceback(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert e.value.code == 2
     assert f"tttlab-ttt-mae-ttt: error: {expected}" in err and "Traceback" not in err, err
+
+
+def run_into_a_closed_pipe(*args: str):
+    """``python *args`` with its stdout a pipe whose reader left before the first write (``| head``)."""
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run([sys.executable, *args], stdout=w, stderr=subprocess.PIPE, text=True, timeout=300,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    finally:
+        os.close(w)
+
+
+def test_help_into_a_closed_pipe_ends_quietly():
+    """``tttlab-ttt-mae-probe --help | head -3`` ended in a BrokenPipeError traceback from Hydra's print; it
+    ends with no output on stderr and exit status 141 (128 + SIGPIPE)."""
+    res = run_into_a_closed_pipe("-m", "tttlab.ttt_mae.probe", "--help")
+    assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]
+
+
+def test_ttt_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """``tttlab-ttt-mae-ttt``'s result table into a closed pipe (``execute`` is faked) ended in Hydra's error report
+    with a BrokenPipeError and exit status 1: it was printed outside user_errors."""
+    records = tmp_path / "records.jsonl"
+    records.touch()
+    code = (
+        "import sys\n"
+        "path = sys.argv[1]\n"
+        "import tttlab.ttt_mae.cli as M\n"
+        "M.execute = lambda *a, **k: path\n"
+        "sys.argv = ['tttlab-ttt-mae-ttt', *sys.argv[2:]]\n"
+        "from tttlab.ttt_mae.cli import hydra_main\n"
+        "hydra_main('ttt')\n"
+    )
+    res = run_into_a_closed_pipe("-c", code, str(records), "hydra.run.dir=" + str(tmp_path / "run"))
+    assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]

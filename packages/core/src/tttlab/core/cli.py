@@ -7,6 +7,13 @@ stderr and exit status 2, the convention of ``argparse``, instead of a traceback
 
 Under ``torchrun`` the same line also goes into the worker's error file (``TORCHELASTIC_ERROR_FILE``), so
 torchrun's failure summary names the error under "Root Cause" instead of "To enable traceback see ...".
+
+Output into a pipe whose reader has gone (``tttlab-torch-ttt-train --help | head -3``) ends the command
+quietly with exit status 141 (128 + SIGPIPE, what a shell reports for a command a closed pipe ended), not a
+``BrokenPipeError`` traceback: inside :func:`user_errors`, and at the top of the program after
+:func:`quiet_closed_stdout` (which :func:`check_hydra_command` calls, so Hydra's ``--help`` page is covered).
+A Hydra task's output belongs inside its :func:`user_errors` block: Hydra reports an exception in the task
+itself (exit status 1, a traceback), as it does for its ``--cfg job`` output, which stays uncovered.
 """
 
 from __future__ import annotations
@@ -28,8 +35,14 @@ def user_errors(prog: str) -> Iterator[None]:
     the working directory: the commands check the user's paths and values before they write anything, so
     a typo leaves no half-made run behind.  A directory with anything else in it (an earlier run's files,
     the user's own) is left exactly as it is."""
+    quiet_closed_stdout()
     try:
         yield
+    except BrokenPipeError:
+        if not _stdout_closed():  # another pipe (a child's, a socket): a bug, with its traceback
+            raise
+        _leave_closed_stdout()
+        raise SystemExit(CLOSED_STDOUT_STATUS) from None
     except TTTLabError as exc:
         _remove_hydra_only_run_dir()
         line = f"{prog}: error: {type(exc).__name__}: {exc}"
@@ -42,6 +55,62 @@ def user_errors(prog: str) -> Iterator[None]:
         _remove_hydra_only_run_dir()
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+#: Exit status of a command whose standard output was closed under it (``... --help | head -1``): 128 +
+#: SIGPIPE, the status a shell shows for a program that a closed pipe ended.
+CLOSED_STDOUT_STATUS = 141
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (``poll`` reports an error on it)."""
+    try:
+        import select
+
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no real stdout: assume it was stdout
+        return True
+
+
+def _leave_closed_stdout() -> None:
+    """Point the standard output's file descriptor at the null device, so that nothing written or flushed
+    after the reader left (Python's own flush at exit included) raises again."""
+    import os
+
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+def quiet_closed_stdout() -> None:
+    """From now on, a ``BrokenPipeError`` that reaches the top of the program because standard output was
+    closed (``... --help | head -3``, Hydra printing its help) ends it quietly with exit status
+    :data:`CLOSED_STDOUT_STATUS` instead of a traceback (a ``sys.excepthook`` that hands every other
+    exception to the hook it replaces).  Idempotent; :func:`check_hydra_command` and :func:`user_errors`
+    call it."""
+    previous = sys.excepthook
+    if getattr(previous, "_tttlab_closed_stdout", False):
+        return
+
+    def hook(kind, value, tb):
+        if issubclass(kind, BrokenPipeError) and _stdout_closed():
+            import logging
+            import os
+
+            _leave_closed_stdout()
+            logging.shutdown()  # the log files' last lines: os._exit runs no exit handlers
+            sys.stderr.flush()
+            os._exit(CLOSED_STDOUT_STATUS)  # an excepthook cannot choose the status: it would be 1
+        previous(kind, value, tb)
+
+    hook._tttlab_closed_stdout = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 def _tell_torchrun(line: str) -> None:
@@ -290,7 +359,10 @@ def check_hydra_command(prog: str, conf: str, config_name: str, *, compile_key: 
     in order: a bad ``compile=`` value (``compile_key``: the config has that key), a config-group override
     naming no YAML, any other override Hydra cannot apply, an ``out_dir`` that is a file.  Each stops the
     command with one ``<prog>: error: ...`` line and exit status 2, before anything is written.  ``conf`` is
-    the package's config package (``"tttlab.<pkg>.conf"``), ``config_name`` the ``@hydra.main`` one."""
+    the package's config package (``"tttlab.<pkg>.conf"``), ``config_name`` the ``@hydra.main`` one.  It
+    also makes a closed standard output (Hydra's ``--help`` into ``| head``) end the command quietly
+    (:func:`quiet_closed_stdout`)."""
+    quiet_closed_stdout()
     if compile_key:
         check_compile_override(prog)
     check_group_overrides(prog, conf)
@@ -299,6 +371,7 @@ def check_hydra_command(prog: str, conf: str, config_name: str, *, compile_key: 
 
 
 __all__ = [
+    "CLOSED_STDOUT_STATUS",
     "DIR_KEYS",
     "check_compile_override",
     "check_config_overrides",
@@ -306,6 +379,7 @@ __all__ = [
     "check_group_overrides",
     "check_hydra_command",
     "domain_table",
+    "quiet_closed_stdout",
     "user_errors",
 ]
 

@@ -1588,7 +1588,7 @@ def list_text() -> str:
     specs, problems = installed_methods()
     for s in specs:
         about = s.description or s.paper
-        about = about if len(about) <= 100 else about[:97] + "..."
+        about = _clip(about, 96)  # at most 100 characters, cut at a space (it was cut mid-word: "offl...")
         lines.append(f"{s.name:40s} {s.framework:6s} {about}")
     installed = {s.package for s in specs}
     for pkg in registry.KNOWN_PACKAGES:
@@ -1603,14 +1603,17 @@ def main(argv: Sequence[str] | None = None, prog: str = "tttlab-compare") -> int
     """CLI: Hydra-style ``key=value`` overrides of ``conf/compare.yaml`` (``--key value`` also works).
 
     Exit status: 0 when every run succeeded, 1 when some failed (their results are still reported),
-    2 on a configuration error or when nothing could run."""
+    2 on a configuration error or when nothing could run, 141 when standard output was closed under it
+    (``| head``), as every tttlab command (:data:`tttlab.core.cli.CLOSED_STDOUT_STATUS`)."""
     try:
         return _main(argv, prog)
     except BrokenPipeError:  # `tttlab-compare --help | head`: the reader left; no traceback
-        import os
+        from .cli import CLOSED_STDOUT_STATUS, _leave_closed_stdout, _stdout_closed
 
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit-time flush too
-        return 0
+        if not _stdout_closed():  # another pipe's error is a bug: its traceback
+            raise
+        _leave_closed_stdout()  # Python's exit-time flush too
+        return CLOSED_STDOUT_STATUS
 
 
 def _main(argv: Sequence[str] | None, prog: str) -> int:

@@ -299,8 +299,9 @@ def main() -> None:
 
     from omegaconf import OmegaConf
 
-    from tttlab.core.cli import user_errors
+    from tttlab.core.cli import quiet_closed_stdout, user_errors
 
+    quiet_closed_stdout()  # `--help | head`: no BrokenPipeError traceback
     args = sys.argv[1:]
     if any(a in ("-h", "--help", "help") for a in args):
         print(USAGE.format(methods=" | ".join(METHODS), profiles=" | ".join(PROFILES)))

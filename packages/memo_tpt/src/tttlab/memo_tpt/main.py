@@ -357,7 +357,7 @@ def _main(config_name: str) -> None:
     def entry(cfg) -> None:
         with user_errors(f"tttlab-memo-tpt-{config_name}"):  # the user's bad input: one line, no traceback
             path = run_paper(cfg)
-        print(path)
+            print(path)  # inside user_errors: `| head` ends it quietly, not in Hydra's error report
 
     check_hydra_command(f"tttlab-memo-tpt-{config_name}", "tttlab.memo_tpt.conf", config_name)
     entry()

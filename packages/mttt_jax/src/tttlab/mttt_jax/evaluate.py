@@ -398,8 +398,10 @@ def main() -> None:
 
         with user_errors("tttlab-mttt-evaluate"):
             path = run(cfg)
-        print("\n".join(domain_table(path)))  # accuracy % and ms/image per domain, clean first, the mean last
-        print(path)
+            # accuracy % and ms/image per domain, clean first, the mean last (inside user_errors: `| head`
+            # ends it quietly, not in Hydra's error report)
+            print("\n".join(domain_table(path)))
+            print(path)
 
     check_hydra_command("tttlab-mttt-evaluate", "tttlab.mttt_jax.conf", "evaluate", compile_key=False)
     _main()

@@ -637,8 +637,8 @@ def main() -> None:
     def _main(cfg) -> None:
         with user_errors("tttlab-mttt-train"):
             stats = train(cfg)
-        if stats["val/prec@1"]:
-            print(f"final val/prec@1 = {stats['val/prec@1'][-1]:.4f}")
+            if stats["val/prec@1"]:  # inside user_errors: `| head` ends it quietly, not in Hydra's report
+                print(f"final val/prec@1 = {stats['val/prec@1'][-1]:.4f}")
 
     check_hydra_command("tttlab-mttt-train", "tttlab.mttt_jax.conf", "config", compile_key=False)
     _main()

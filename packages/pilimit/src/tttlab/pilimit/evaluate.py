@@ -244,6 +244,9 @@ def main() -> None:
 
     from omegaconf import OmegaConf
 
+    from tttlab.core.cli import quiet_closed_stdout
+
+    quiet_closed_stdout()  # `--help | head`: no BrokenPipeError traceback
     if {"-h", "--help"} & set(sys.argv[1:]):
         print(__doc__)
         return

@@ -1177,9 +1177,10 @@ def main() -> None:
             # the latter only)
             task = list(HydraConfig.get().overrides.task)
             path = run(cfg, clear_engine_kwargs=clears_engine_kwargs(task), command_line=task)
-        if init_distributed().rank == 0:
-            print("\n".join(summary_lines(Path(path))))
-            print(path)
+            # inside user_errors: `| head` ends it quietly, not in Hydra's error report
+            if init_distributed().rank == 0:
+                print("\n".join(summary_lines(Path(path))))
+                print(path)
 
     check_hydra_command("tttlab-torch-ttt-evaluate", "tttlab.torch_ttt.conf", "evaluate")
     try:

@@ -39,12 +39,13 @@ def hydra_main(entry: str) -> None:
     def _main(cfg) -> None:
         with user_errors(f"tttlab-ttt-mae-{entry}"):  # the user's bad input: one line, not Hydra's traceback
             path = execute(entry, cfg)
-        if init_distributed().rank == 0:
-            if entry in ("ttt", "baseline"):  # the result as a table (it was only in the log lines)
-                from tttlab.core.cli import domain_table
+            # inside user_errors: `| head` ends it quietly, not in Hydra's error report
+            if init_distributed().rank == 0:
+                if entry in ("ttt", "baseline"):  # the result as a table (it was only in the log lines)
+                    from tttlab.core.cli import domain_table
 
-                print("\n".join(domain_table(path)))
-            print(path)
+                    print("\n".join(domain_table(path)))
+                print(path)
 
     check_hydra_command(f"tttlab-ttt-mae-{entry}", "tttlab.ttt_mae.conf", entry)
     try:
