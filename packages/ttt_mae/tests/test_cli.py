@@ -87,13 +87,6 @@ def run_into_a_closed_pipe(*args: str):
         os.close(w)
 
 
-def test_help_into_a_closed_pipe_ends_quietly():
-    """``tttlab-ttt-mae-probe --help | head -3`` ended in a BrokenPipeError traceback from Hydra's print; it
-    ends with no output on stderr and exit status 141 (128 + SIGPIPE)."""
-    res = run_into_a_closed_pipe("-m", "tttlab.ttt_mae.probe", "--help")
-    assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]
-
-
 def test_ttt_output_into_a_closed_pipe_ends_quietly(tmp_path):
     """``tttlab-ttt-mae-ttt``'s result table into a closed pipe (``execute`` is faked) ended in Hydra's error report
     with a BrokenPipeError and exit status 1: it was printed outside user_errors."""
