@@ -2,6 +2,7 @@ import pytest
 
 from tttlab.core.cli import check_dir_overrides, user_errors
 from tttlab.core.errors import ConfigError
+from tttlab.core.testing import run_into_a_closed_pipe
 
 
 def test_user_error_is_one_line_and_exit_status_2(capsys):
@@ -314,23 +315,6 @@ def test_an_experiment_given_with_the_wrong_plus_gets_the_right_remedy(tmp_path,
     check_config_overrides("prog", "fakepkg_with_exp.conf", "train", ["experiment=smoke"])
     check_config_overrides("prog", "fakepkg_without_exp.conf", "train", ["+experiment=smoke"])
     assert capsys.readouterr().err == ""
-
-
-def run_into_a_closed_pipe(*args: str, timeout: float = 300):
-    """Run ``python *args`` with its standard output a pipe whose reader is gone before the first write (what
-    ``... | head -3`` becomes once head has its lines); the finished process (stderr captured)."""
-    import os
-    import subprocess
-    import sys
-
-    r, w = os.pipe()
-    os.close(r)
-    try:
-        return subprocess.run(
-            [sys.executable, *args], stdout=w, stderr=subprocess.PIPE, text=True, timeout=timeout
-        )
-    finally:
-        os.close(w)
 
 
 HYDRA_COMMAND = """

@@ -5,6 +5,7 @@ import pytest
 from tttlab.core.errors import ConfigError
 from tttlab.core.records import load_records
 from tttlab.core.registry import list_methods
+from tttlab.core.testing import run_faked_command_into_a_closed_pipe, run_into_a_closed_pipe
 from tttlab.memo_tpt.evaluate import METHODS, run
 
 SPEC_NAMES = sorted(m.name for m in list_methods() if m.package == "memo_tpt")
@@ -224,21 +225,6 @@ def test_progress_bars_stay_quiet_when_stderr_is_not_a_terminal(cache, tmp_path,
     assert "\r" not in err and "it/s" not in err and "%|" not in err, err[-500:]
 
 
-def run_into_a_closed_pipe(*args: str):
-    """``python *args`` with its stdout a pipe whose reader left before the first write (``| head``)."""
-    import os
-    import subprocess
-    import sys
-
-    r, w = os.pipe()
-    os.close(r)
-    try:
-        return subprocess.run([sys.executable, *args], stdout=w, stderr=subprocess.PIPE, text=True, timeout=300,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-    finally:
-        os.close(w)
-
-
 # evaluate prints its own usage text; the Hydra commands' help is covered by core's test of
 # check_hydra_command (tests/test_install.py checks that every @hydra.main entry point calls it)
 @pytest.mark.parametrize("module", ["tttlab.memo_tpt.evaluate"])
@@ -254,14 +240,12 @@ def test_paper_command_output_into_a_closed_pipe_ends_quietly(tmp_path):
     with a BrokenPipeError and exit status 1: it was printed outside user_errors."""
     records = tmp_path / "records.jsonl"
     records.touch()
-    code = (
-        "import sys\n"
-        "path = sys.argv[1]\n"
-        "import tttlab.memo_tpt.main as M\n"
-        "M.run_paper = lambda *a, **k: path\n"
-        "sys.argv = ['tttlab-memo-tpt-tpt', *sys.argv[2:]]\n"
-        "from tttlab.memo_tpt.main import tpt_main\n"
-        "tpt_main()\n"
+    res = run_faked_command_into_a_closed_pipe(
+        "tttlab-memo-tpt-tpt",
+        "tttlab.memo_tpt.main",
+        "run_paper",
+        repr(str(records)),
+        "tpt_main()",
+        "hydra.run.dir=" + str(tmp_path / "run"),
     )
-    res = run_into_a_closed_pipe("-c", code, str(records), "hydra.run.dir=" + str(tmp_path / "run"))
     assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from tttlab.core.errors import InvalidInputError, TTTLabError
+from tttlab.core.testing import run_faked_command_into_a_closed_pipe, run_into_a_closed_pipe
 from tttlab.mttt_jax import train as T
 from tttlab.mttt_jax.cli import translate_upstream_args, user_errors
 
@@ -283,21 +284,6 @@ def test_the_help_setting_leaves_the_configs_and_their_hashes_alone():
 PINNED_HASHES = ["9fb7fc892d38", "e73e8349e643", "cd62d9570631"]
 
 
-def run_into_a_closed_pipe(*args: str):
-    """``python *args`` with its stdout a pipe whose reader left before the first write (``| head``)."""
-    import os
-    import subprocess
-    import sys
-
-    r, w = os.pipe()
-    os.close(r)
-    try:
-        return subprocess.run([sys.executable, *args], stdout=w, stderr=subprocess.PIPE, text=True, timeout=300,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-    finally:
-        os.close(w)
-
-
 # One Hydra command in the torch-free environment runs end to end here: the hook is core's (check_hydra_command, tested in
 # core's test_cli) and tests/test_install.py checks that every @hydra.main entry point calls it.
 @pytest.mark.parametrize("module", ["tttlab.mttt_jax.train"])
@@ -313,32 +299,26 @@ def test_evaluate_output_into_a_closed_pipe_ends_quietly(tmp_path):
     in Hydra's error report with a BrokenPipeError and exit status 1: it was printed outside user_errors."""
     records = tmp_path / "records.jsonl"
     records.touch()
-    code = (
-        "import sys\n"
-        "path = sys.argv[1]\n"
-        "import tttlab.mttt_jax.evaluate as M\n"
-        "M.run = lambda *a, **k: path\n"
-        "sys.argv = ['tttlab-mttt-evaluate', *sys.argv[2:]]\n"
-        "from tttlab.mttt_jax.evaluate import main\n"
-        "main()\n"
+    res = run_faked_command_into_a_closed_pipe(
+        "tttlab-mttt-evaluate",
+        "tttlab.mttt_jax.evaluate",
+        "run",
+        repr(str(records)),
+        "main()",
+        "run_dir=" + str(tmp_path / "run"),
     )
-    res = run_into_a_closed_pipe("-c", code, str(records), "run_dir=" + str(tmp_path / "run"))
     assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]
 
 
 def test_train_output_into_a_closed_pipe_ends_quietly(tmp_path):
     """train's final accuracy line into a closed pipe (``train`` is faked) ended in Hydra's error report with a
     BrokenPipeError and exit status 1: it was printed outside user_errors."""
-    records = tmp_path / "records.jsonl"
-    records.touch()
-    code = (
-        "import sys\n"
-        "path = sys.argv[1]\n"
-        "import tttlab.mttt_jax.train as M\n"
-        "M.train = lambda *a, **k: {'val/prec@1': [0.5]}\n"
-        "sys.argv = ['tttlab-mttt-train', *sys.argv[2:]]\n"
-        "from tttlab.mttt_jax.train import main\n"
-        "main()\n"
+    res = run_faked_command_into_a_closed_pipe(
+        "tttlab-mttt-train",
+        "tttlab.mttt_jax.train",
+        "train",
+        "{'val/prec@1': [0.5]}",
+        "main()",
+        "out_dir=" + str(tmp_path / "run"),
     )
-    res = run_into_a_closed_pipe("-c", code, str(records), "out_dir=" + str(tmp_path / "run"))
     assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tttlab.core.errors import CheckpointError, ConfigError, InvalidInputError
+from tttlab.core.testing import run_into_a_closed_pipe
 from tttlab.pilimit import train as T
 from tttlab.pilimit.train import resolve_device, run, train_config
 
@@ -239,21 +240,6 @@ def test_upstream_flag_errors():
         False,
         [],
     )
-
-
-def run_into_a_closed_pipe(*args: str):
-    """``python *args`` with its stdout a pipe whose reader left before the first write (``| head``)."""
-    import os
-    import subprocess
-    import sys
-
-    r, w = os.pipe()
-    os.close(r)
-    try:
-        return subprocess.run([sys.executable, *args], stdout=w, stderr=subprocess.PIPE, text=True, timeout=300,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-    finally:
-        os.close(w)
 
 
 # evaluate prints its own usage text; train's is Hydra's, covered by core's test of check_hydra_command

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from tttlab.core.testing import run_faked_command_into_a_closed_pipe, run_into_a_closed_pipe
+
 
 @pytest.mark.parametrize(
     ("module", "command"),
@@ -25,21 +27,6 @@ def test_help_names_the_command(module, command):
     assert "experiment: " in res.stdout and "mnist_tutorial" in res.stdout
 
 
-def run_into_a_closed_pipe(*args: str):
-    """``python *args`` with its stdout a pipe whose reader left before the first write (``| head``)."""
-    import os
-    import subprocess
-    import sys
-
-    r, w = os.pipe()
-    os.close(r)
-    try:
-        return subprocess.run([sys.executable, *args], stdout=w, stderr=subprocess.PIPE, text=True, timeout=300,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-    finally:
-        os.close(w)
-
-
 # One Hydra command per environment runs end to end here: the hook is core's (check_hydra_command, tested in
 # core's test_cli) and tests/test_install.py checks that every @hydra.main entry point calls it.
 @pytest.mark.parametrize("module", ["tttlab.torch_ttt.train"])
@@ -55,14 +42,12 @@ def test_evaluate_output_into_a_closed_pipe_ends_quietly(tmp_path):
     ended in Hydra's error report with a BrokenPipeError and exit status 1: it was printed outside user_errors."""
     records = tmp_path / "records.jsonl"
     records.touch()
-    code = (
-        "import sys\n"
-        "path = sys.argv[1]\n"
-        "import tttlab.torch_ttt.evaluate as M\n"
-        "M.run = lambda *a, **k: path\n"
-        "sys.argv = ['tttlab-torch-ttt-evaluate', *sys.argv[2:]]\n"
-        "from tttlab.torch_ttt.evaluate import main\n"
-        "main()\n"
+    res = run_faked_command_into_a_closed_pipe(
+        "tttlab-torch-ttt-evaluate",
+        "tttlab.torch_ttt.evaluate",
+        "run",
+        repr(str(records)),
+        "main()",
+        "hydra.run.dir=" + str(tmp_path / "run"),
     )
-    res = run_into_a_closed_pipe("-c", code, str(records), "hydra.run.dir=" + str(tmp_path / "run"))
     assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]

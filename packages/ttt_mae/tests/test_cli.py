@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tttlab.core.records import load_records
+from tttlab.core.testing import run_faked_command_into_a_closed_pipe
 from tttlab.ttt_mae.evaluate import trained_model
 
 # Hydra's default logging config runs logging.config.dictConfig, which closes every existing handler;
@@ -72,34 +73,17 @@ def test_bad_input_is_a_one_line_error_not_a_traceback(tmp_path, monkeypatch, ca
     assert f"tttlab-ttt-mae-ttt: error: {expected}" in err and "Traceback" not in err, err
 
 
-def run_into_a_closed_pipe(*args: str):
-    """``python *args`` with its stdout a pipe whose reader left before the first write (``| head``)."""
-    import os
-    import subprocess
-    import sys
-
-    r, w = os.pipe()
-    os.close(r)
-    try:
-        return subprocess.run([sys.executable, *args], stdout=w, stderr=subprocess.PIPE, text=True, timeout=300,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-    finally:
-        os.close(w)
-
-
 def test_ttt_output_into_a_closed_pipe_ends_quietly(tmp_path):
     """``tttlab-ttt-mae-ttt``'s result table into a closed pipe (``execute`` is faked) ended in Hydra's error report
     with a BrokenPipeError and exit status 1: it was printed outside user_errors."""
     records = tmp_path / "records.jsonl"
     records.touch()
-    code = (
-        "import sys\n"
-        "path = sys.argv[1]\n"
-        "import tttlab.ttt_mae.cli as M\n"
-        "M.execute = lambda *a, **k: path\n"
-        "sys.argv = ['tttlab-ttt-mae-ttt', *sys.argv[2:]]\n"
-        "from tttlab.ttt_mae.cli import hydra_main\n"
-        "hydra_main('ttt')\n"
+    res = run_faked_command_into_a_closed_pipe(
+        "tttlab-ttt-mae-ttt",
+        "tttlab.ttt_mae.cli",
+        "execute",
+        repr(str(records)),
+        "hydra_main('ttt')",
+        "hydra.run.dir=" + str(tmp_path / "run"),
     )
-    res = run_into_a_closed_pipe("-c", code, str(records), "hydra.run.dir=" + str(tmp_path / "run"))
     assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]

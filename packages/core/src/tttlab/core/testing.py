@@ -249,3 +249,44 @@ def record_torch_compile(monkeypatch) -> CompileRecorder:
     recorder = CompileRecorder()
     monkeypatch.setattr(torch, "compile", recorder)
     return recorder
+
+
+def run_into_a_closed_pipe(*args: str, timeout: float = 300):
+    """Run ``python *args`` (this interpreter, ``HF_HUB_OFFLINE=1``) with its standard output a pipe whose
+    reader is gone before the first write, what ``... | head -3`` becomes once head has its lines; returns the
+    finished :class:`subprocess.CompletedProcess` (stderr captured as text).  The commands' tests check that
+    such a run ends quietly with exit status 141 (128 + SIGPIPE)."""
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run(
+            [sys.executable, *args],
+            stdout=w,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+    finally:
+        os.close(w)
+
+
+def run_faked_command_into_a_closed_pipe(
+    prog: str, module: str, fake: str, returns: str, call: str, *overrides: str, timeout: float = 300
+):
+    """:func:`run_into_a_closed_pipe` of the console command ``prog`` without its work: ``module.<fake>`` (the
+    function that computes) is replaced by one returning the Python expression ``returns``, then
+    ``module.<call>`` runs the entry point (e.g. ``"main()"``) with ``sys.argv = [prog, *overrides]``.  What
+    is left is the command's own printing of its result, which must end quietly when ``| head`` has gone."""
+    code = (
+        "import sys\n"
+        f"import {module} as M\n"
+        f"M.{fake} = lambda *a, **k: {returns}\n"
+        "sys.argv = [sys.argv[1], *sys.argv[2:]]\n"
+        f"M.{call}\n"
+    )
+    return run_into_a_closed_pipe("-c", code, prog, *overrides, timeout=timeout)
