@@ -95,10 +95,9 @@ def test_photos_eata_takes_the_presets_d_margin_and_the_command_line_wins(no_wei
     assert cleared["engine"]["kwargs"] == {} and cleared["engine"]["optimization"]["optimizer_name"] == "sgd"
 
 
-def test_the_command_passes_its_overrides_so_they_win_over_presets(monkeypatch, capsys, tmp_path, no_weights):
-    """``tttlab-torch-ttt-evaluate``: main hands Hydra's override list to run."""
-    from hydra.core.global_hydra import GlobalHydra
-
+def record_engine_kwargs(monkeypatch, tmp_path) -> list:
+    """Replace the evaluate's ``run`` by one that only composes the config the command line gives (as ``run``
+    does) and appends its engine kwargs to the returned list."""
     seen = []
 
     def fake_run(cfg, clear_engine_kwargs=False, command_line=None):
@@ -108,6 +107,14 @@ def test_the_command_passes_its_overrides_so_they_win_over_presets(monkeypatch, 
 
     monkeypatch.setattr(E, "run", fake_run)
     monkeypatch.setattr(E, "summary_lines", lambda path: [])
+    return seen
+
+
+def test_the_command_passes_its_overrides_so_they_win_over_presets(monkeypatch, capsys, tmp_path, no_weights):
+    """``tttlab-torch-ttt-evaluate``: main hands Hydra's override list to run."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    seen = record_engine_kwargs(monkeypatch, tmp_path)
     root = logging.getLogger()
     level, handlers = root.level, root.handlers[:]
     try:
@@ -161,15 +168,7 @@ def test_engine_kwargs_flags_next_to_an_empty_mapping_still_apply(monkeypatch, c
     overrides (where OmegaConf replaced the mapping, dropping a flag before the ``{}``)."""
     from .test_paper_cifar10c import run_cli
 
-    seen = []
-
-    def fake_run(cfg, clear_engine_kwargs=False, command_line=None):
-        c = E.eval_config(cfg, clear_engine_kwargs=clear_engine_kwargs, command_line=command_line)
-        seen.append(c["engine"]["kwargs"])
-        return str(tmp_path / "records.jsonl")
-
-    monkeypatch.setattr(E, "run", fake_run)
-    monkeypatch.setattr(E, "summary_lines", lambda path: [])
+    seen = record_engine_kwargs(monkeypatch, tmp_path)
     run_cli(monkeypatch, capsys, *line)
     assert seen == [expected]
     # Python: the same overrides as a list (the experiment as a mapping), and command_line with the composed cfg
