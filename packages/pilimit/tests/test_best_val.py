@@ -34,6 +34,16 @@ def _best(out):
     return T.load_checkpoint(out / "checkpoints" / "best_val.ckpt")
 
 
+def assert_same_result(part, full) -> None:
+    """The resumed run ``part`` ends as the uninterrupted ``full``: the same validation curve and test
+    number, and the same best checkpoint (epoch, validation accuracy, weights bitwise)."""
+    assert _values(part, "val_fewshot_accuracy") == _values(full, "val_fewshot_accuracy")
+    assert _values(part, "fewshot_accuracy") == _values(full, "fewshot_accuracy")
+    a, b = _best(full), _best(part)
+    assert (a["epoch"], a["val_accuracy"]) == (b["epoch"], b["val_accuracy"])
+    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
+
+
 def _values(out, metric):
     r = load_records(out, metric=metric).sort_values("step")
     return list(r.step), list(r.value)
@@ -125,11 +135,7 @@ def test_a_killed_best_val_run_resumes_to_the_same_best_checkpoint_and_test_numb
     c = _config(omniglot_root, tmp_path / "part")
     T.run({**c, "train": {**c["train"], "stop_after_steps": stop}})
     part = T.run(c)
-    assert _values(part, "val_fewshot_accuracy") == _values(full, "val_fewshot_accuracy")
-    assert _values(part, "fewshot_accuracy") == _values(full, "fewshot_accuracy")
-    a, b = _best(full), _best(part)
-    assert (a["epoch"], a["val_accuracy"]) == (b["epoch"], b["val_accuracy"])
-    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
+    assert_same_result(part, full)
 
 
 def test_default_is_the_last_epoch_and_keeps_the_identity(tmp_path, omniglot_root):
@@ -190,8 +196,4 @@ def test_a_kill_between_the_best_and_the_last_checkpoint_resumes_to_the_same_res
     )
     monkeypatch.setattr(T, "save_checkpoint", real)
     part = T.run(c)
-    assert _values(part, "val_fewshot_accuracy") == _values(full, "val_fewshot_accuracy")
-    assert _values(part, "fewshot_accuracy") == _values(full, "fewshot_accuracy")
-    a, b = _best(full), _best(part)
-    assert (a["epoch"], a["val_accuracy"]) == (b["epoch"], b["val_accuracy"])
-    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
+    assert_same_result(part, full)
