@@ -281,6 +281,68 @@ def test_domain_table_shows_each_domain_once_then_the_mean(tmp_path):
     assert domain_table(empty) == [f"no accuracy records in {empty}"]
 
 
+def test_domain_table_shows_each_methods_last_config_only(tmp_path):
+    """A folder holds two configs only under ``TTTLAB_APPEND_TO_OTHER_CONFIG=1``: per method the table shows
+    the records of its last config alone.  The old rule (the latest record per domain over every config)
+    mixed the second config's fog with the first's snow and mean; torch_ttt's old one (the trailing run of
+    the file's last config) dropped the other method, whose config is not the file's last."""
+    from tttlab.core.cli import domain_table
+    from tttlab.core.records import RecordWriter
+
+    path = tmp_path / "records.jsonl"
+    with RecordWriter(path, dict(method="pkg.m", dataset="mnist_c", setting="continual", severity=5)) as w:
+        for corruption, value in (("fog", 0.5), ("snow", 0.25), ("mean", 0.375)):  # config a: 2 domains
+            w.write(config_hash="a", corruption=corruption, metric="accuracy", value=value)
+        w.write(config_hash="a", corruption="fog", metric="s_per_image", value=0.001)
+        w.write(method="pkg.other", config_hash="c", corruption="fog", metric="accuracy", value=0.75)
+        w.write(config_hash="b", corruption="fog", metric="accuracy", value=0.125)  # config b: fog only
+        w.write(config_hash="b", corruption="fog", metric="accuracy", value=0.0625)  # b run again: latest
+    assert domain_table(path) == [
+        "pkg.m on mnist_c (continual): accuracy %, ms/image",
+        "  fog-5                      6.2",
+        "pkg.other on mnist_c (continual): accuracy %, ms/image",
+        "  fog-5                     75.0",
+    ]
+
+
+def test_domain_table_title_names_reset_steps_and_agreement_and_rows_take_a_note(tmp_path):
+    """torch_ttt's printout, now core's: the title names the reset policy (``extra.reset``) and the step
+    count (``step``) when the records carry them, and agreement instead of accuracy when every accuracy
+    record says ``extra.labels == "agreement"``; ``note`` ends a row with what it returns for its record."""
+    from tttlab.core.cli import AGREEMENT_MEASURE, domain_table
+    from tttlab.core.records import RecordWriter
+
+    path = tmp_path / "records.jsonl"
+    agree = {"reset": "per_batch", "labels": "agreement"}
+    with RecordWriter(path, dict(dataset="photos_c", setting="episodic", severity=5, metric="accuracy")) as w:
+        w.write(method="p.agree", step=1, corruption=None, severity=None, value=1.0, extra={**agree, "k": 3})
+        w.write(method="p.agree", step=1, corruption="fog", value=0.5, extra={**agree, "k": 1})
+        w.write(method="p.agree", step=1, corruption="fog", metric="s_per_image", value=0.25, extra=agree)
+        w.write(method="p.agree", step=1, corruption="mean", value=0.5, extra=agree)
+        # reset without a step; one of two records with ground-truth labels: accuracy; no dataset and no
+        # setting: neither "on None" nor "(None)" (a TypeError before)
+        reset = {"reset": "per_image"}
+        w.write(method="p.reset", corruption="fog", value=0.5, extra={**reset, "labels": "agreement"})
+        w.write(method="p.reset", corruption="snow", value=0.5, extra={**reset, "labels": "dataset"})
+        w.write(method="p.bare", dataset=None, setting=None, corruption="fog", value=0.5)
+
+    def note(r):
+        return f"k={r['extra']['k']}" if "k" in (r["extra"] or {}) else None
+
+    assert domain_table(path, note=note) == [
+        f"p.agree on photos_c (episodic, reset per_batch, 1 step(s)): {AGREEMENT_MEASURE}, ms/image",
+        "  clean                    100.0  k=3",
+        "  fog-5                     50.0   250.000  k=1",
+        "  mean                      50.0",
+        "p.reset on photos_c (episodic, reset per_image): accuracy %, ms/image",
+        "  fog-5                     50.0",
+        "  snow-5                    50.0",
+        "p.bare: accuracy %, ms/image",
+        "  fog-5                     50.0",
+    ]
+    assert AGREEMENT_MEASURE.startswith("top-1 agreement with the source model's clean prediction")
+
+
 def test_an_experiment_given_with_the_wrong_plus_gets_the_right_remedy(tmp_path, monkeypatch, capsys):
     """mttt_jax's commands take ``experiment=x`` (their defaults list has one), the others ``+experiment=x``.
     ``+experiment=smoke`` on the former was Hydra's "Multiple values for experiment. To override a value use

@@ -72,7 +72,7 @@ def test_cli_help_errors_and_summary(cache, tmp_path, monkeypatch, capsys):
     main()
     out = capsys.readouterr().out.splitlines()
     # per domain accuracy % and ms/image, then the mean (it printed the mean only), then the mean line
-    assert out[0] == "memo_tpt.memo on mnist_c (episodic): accuracy %, ms/image", out
+    assert out[0] == "memo_tpt.memo on mnist_c (episodic, reset per_image): accuracy %, ms/image", out
     assert [line.split()[0] for line in out[1:4]] == ["fog-5", "contrast-5", "mean"], out
     assert out[4].startswith("memo_tpt.memo: accuracy ") and "(mean over corruptions, 4 images)" in out[4]
     assert out[5].endswith("records.jsonl") and len(out) == 6

@@ -135,7 +135,9 @@ def test_evaluate_prints_a_table_per_domain_then_the_records_path(tmp_path, monk
     from tttlab.pilimit import evaluate as E
 
     path = tmp_path / "records.jsonl"
-    with RecordWriter(path, dict(method="pilimit.mup", dataset="mnist_c", setting="reset_each_shift")) as w:
+    # as the evaluate writes them: step 0 (prediction only, no test-time step), shown in the title
+    defaults = dict(method="pilimit.mup", dataset="mnist_c", setting="reset_each_shift", step=0)
+    with RecordWriter(path, defaults) as w:
         for corruption, acc in (("fog", 0.5), ("snow", 0.75)):
             w.write(corruption=corruption, severity=5, metric="accuracy", value=acc, n=8)
             w.write(corruption=corruption, severity=5, metric="s_per_image", value=1e-4, n=8)
@@ -147,7 +149,7 @@ def test_evaluate_prints_a_table_per_domain_then_the_records_path(tmp_path, monk
     E.main()
     assert seen["cfg"] == {"method": "pilimit.mup", "profile": "smoke"}
     assert capsys.readouterr().out.splitlines() == [
-        "pilimit.mup on mnist_c (reset_each_shift): accuracy %, ms/image",
+        "pilimit.mup on mnist_c (reset_each_shift, 0 step(s)): accuracy %, ms/image",
         "  fog-5                     50.0     0.100",
         "  snow-5                    75.0     0.100",
         "  mean                      62.5",

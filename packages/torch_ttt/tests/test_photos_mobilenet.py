@@ -85,7 +85,10 @@ def test_source_agreement_is_100_on_clean_and_the_hand_count_on_fog(tiny):
     assert got["fog-5"][2]["labels"] == "agreement"
     # the printed table says what the number is, and names the clean domain (a TypeError before)
     lines = E.summary_lines(path)
-    assert "top-1 agreement with the source model's clean prediction" in lines[0]
+    assert lines[0] == (
+        "torch_ttt.source on photos_c (episodic, reset per_batch, 0 step(s)): top-1 agreement with the source "
+        "model's clean prediction (no ground-truth labels) %, ms/image"
+    )
     assert lines[1].split()[:2] == ["clean", "100.0"], lines
 
 
@@ -108,15 +111,26 @@ def test_bn_engine_equals_batch_statistics_by_hand(tiny):
 
 def test_sar_runs_are_identical_and_count_their_recoveries(tiny):
     """Two continual SAR runs give the same records; with every sample kept (E0 = 100) and a recovery
-    threshold above any entropy (100) the model recovers after every step: 2 per domain (2 batches)."""
+    threshold above any entropy (100) the model recovers after every step: 2 per domain (2 batches), as
+    the printed table says per domain."""
     cfg, _ = tiny
     cfg = {**cfg, "engine": {"name": "sar", "kwargs": {"e_margin": 100.0, "reset_constant": 100.0}}}
     cfg["benchmark"] = {**cfg["benchmark"], "setting": "continual"}
-    first = agreement(E.run(cfg))
+    path = E.run(cfg)
+    first = agreement(path)
     second = agreement(E.run({**cfg, "out_dir": cfg["out_dir"] + "2"}))
     assert {d: v[:2] for d, v in first.items()} == {d: v[:2] for d, v in second.items()}
     assert {d: v[2]["sar_recoveries"] for d, v in first.items()} == {"clean": 2, "fog-5": 2}
     assert first["clean"][2]["labels"] == "agreement"
+    # the printout ends each domain's row with its recoveries
+    lines = E.summary_lines(path)
+    assert lines[0].startswith(
+        "torch_ttt.sar on photos_c (continual, reset never, 1 step(s)): top-1 agreement"
+    )
+    assert [(ln.split()[0], ln.split()[-3:]) for ln in lines[1:]] == [
+        ("clean", ["SAR", "recoveries", "2"]),
+        ("fog-5", ["SAR", "recoveries", "2"]),
+    ], lines
 
 
 def test_missing_weights_wheel_names_the_install(monkeypatch):

@@ -151,6 +151,33 @@ def eval_records(path: Path) -> dict:
     }
 
 
+def test_the_printout_names_reset_steps_and_sars_recoveries_per_domain(tmp_path):
+    """What the command prints for SAR (core's domain_table with torch_ttt's note): the reset policy and
+    step count in the title, per domain its recoveries (the fourth total), none on the mean's row (its
+    extra holds the whole stream's count); records of a torchrun rank left out."""
+    from tttlab.core.benchmark import CLEAN, Domain
+    from tttlab.core.records import RecordWriter
+
+    path = tmp_path / "records.jsonl"
+    totals = {
+        CLEAN: [4, 4, 0.004, 0],
+        Domain("fog", 5): [3, 4, 0.008, 2],
+        Domain("snow", 5): [1, 4, 0.002, 1],
+    }
+    extra = {"reset": "never", "sar_recoveries": 3, "labels": "dataset"}
+    defaults = dict(method="torch_ttt.sar", dataset="mnist_c", setting="continual", step=1, config_hash="h")
+    with RecordWriter(path, defaults) as w:
+        E.write_summary(w, {CLEAN: [0, 4, 0.1, 9]}, {**extra, "shard": True, "rank": 1})
+        E.write_summary(w, totals, extra)
+    assert E.summary_lines(path) == [
+        "torch_ttt.sar on mnist_c (continual, reset never, 1 step(s)): accuracy %, ms/image",
+        "  clean                    100.0     1.000  SAR recoveries 0",
+        "  fog-5                     75.0     2.000  SAR recoveries 2",
+        "  snow-5                    25.0     0.500  SAR recoveries 1",
+        "  mean                      50.0",
+    ]
+
+
 def test_evaluate_single_process_and_torchrun_agree(smoke_run, tmp_path):
     single = E.run(hydra_compose("evaluate", eval_overrides(smoke_run, tmp_path / "single")))
     # an evaluation writes no training curves and no checkpoints: no empty stats.json, no empty checkpoints/

@@ -36,7 +36,9 @@ def test_python_m_baseline(tmp_path, smoke_cache):
     assert lines[-1].endswith("records.jsonl")
     # the result as a table before the path (it was only in the log lines): accuracy % and ms/image
     # (one corruption: no mean line)
-    assert lines[-3] == "ttt_mae.baseline on mnist_c (episodic): accuracy %, ms/image", lines
+    # (the title names the reset policy and the steps per image: the baseline takes none)
+    title = "ttt_mae.baseline on mnist_c (episodic, reset per_image, 0 step(s)): accuracy %, ms/image"
+    assert lines[-3] == title, lines
     assert lines[-2].split()[0] == "fog-5" and len(lines[-2].split()) == 3, lines
     df = load_records(out / "records.jsonl", metric="accuracy")
     assert (

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .errors import TTTLabError
 
@@ -371,6 +371,7 @@ def check_hydra_command(prog: str, conf: str, config_name: str, *, compile_key: 
 
 
 __all__ = [
+    "AGREEMENT_MEASURE",
     "CLOSED_STDOUT_STATUS",
     "DIR_KEYS",
     "check_compile_override",
@@ -384,36 +385,74 @@ __all__ = [
 ]
 
 
-def domain_table(path) -> list[str]:
+#: The title's measure when a method's accuracy records say ``extra.labels == "agreement"``: a benchmark
+#: without ground-truth labels (torch_ttt's photos stream) counts agreement with a reference prediction.
+AGREEMENT_MEASURE = "top-1 agreement with the source model's clean prediction (no ground-truth labels) %"
+
+
+def _last_config(records: list[dict]) -> list[dict]:
+    """The trailing run of ``records`` with the last one's ``config_hash``: a run again with the same config
+    replaces its records, one with another config (``TTTLAB_APPEND_TO_OTHER_CONFIG=1``) appends them."""
+    k = len(records)
+    while k > 0 and records[k - 1].get("config_hash") == records[-1].get("config_hash"):
+        k -= 1
+    return records[k:]
+
+
+def _joined(values) -> str | None:
+    """The distinct non-None values in order, joined by "/" (one config has one; None: none at all)."""
+    seen = list(dict.fromkeys(str(v) for v in values if v is not None))
+    return "/".join(seen) if seen else None
+
+
+def domain_table(path, note: Callable[[dict], str | None] | None = None) -> list[str]:
     """What an evaluate command prints after its run: per method of the records file ``path``, a title line
-    (method, dataset, setting) and one line per domain, accuracy in % and the adaptation + prediction cost in
-    ms per image, the clean domain as ``clean`` (a test set of its own, e.g. ImageNet-A, by its dataset name
-    when the method has several) and the mean over corruptions (``corruption="mean"``) last.  An evaluation
-    run again in the same folder counts once: the latest record per domain and metric."""
+    and one line per domain, accuracy in % and the adaptation + prediction cost in ms per image, the clean
+    domain as ``clean`` (a test set of its own, e.g. ImageNet-A, by its dataset name when the method has
+    several) and the mean over corruptions (``corruption="mean"``) last.
+
+    Which records: per method, only those of its last config (the trailing run of records with the
+    ``config_hash`` of the method's last record; a folder holds two configs only under
+    ``TTTLAB_APPEND_TO_OTHER_CONFIG=1``), of those the latest per domain and metric (an evaluation run again
+    in the same folder counts once); a torchrun rank's partial records (``extra.shard``) never.
+
+    The title: method, the dataset(s) recorded, then in parentheses the setting (when recorded), ``reset X``
+    when the accuracy records carry ``extra.reset`` and ``N step(s)`` when they carry ``step`` (the
+    adaptation steps, as the evaluate records document them); the measure is "accuracy %", or
+    :data:`AGREEMENT_MEASURE` when every accuracy record says ``extra.labels == "agreement"``.  ``note``:
+    called with each row's accuracy record (the mean's too); a string it returns ends the row (torch_ttt:
+    SAR's recoveries per domain)."""
     from .records import read_jsonl
 
-    latest: dict[str, dict[tuple, dict]] = {}
+    by_method: dict[str, list[dict]] = {}
     for r in read_jsonl(path):
         if (r.get("extra") or {}).get("shard") is not None:  # a torchrun rank's partial records
             continue
-        key = (r["dataset"], r["corruption"], r["severity"], r["metric"])
-        latest.setdefault(r["method"], {})[key] = r
+        by_method.setdefault(r["method"], []).append(r)
     lines: list[str] = []
-    for method, recs in latest.items():
+    for method, records in by_method.items():
+        recs = {(r["dataset"], r["corruption"], r["severity"], r["metric"]): r for r in _last_config(records)}
         acc = [r for r in recs.values() if r["metric"] == "accuracy"]
         if not acc:
             continue
         acc.sort(key=lambda r: r["corruption"] == "mean")  # the summary last, the domains in their order
-        datasets = list(dict.fromkeys(r["dataset"] for r in acc))
-        lines.append(f"{method} on {', '.join(datasets)} ({acc[0]['setting']}): accuracy %, ms/image")
+        datasets = list(dict.fromkeys(str(r["dataset"]) for r in acc if r["dataset"] is not None))
+        extras = [r.get("extra") or {} for r in acc]
+        reset, steps = _joined(e.get("reset") for e in extras), _joined(r["step"] for r in acc)
+        parts = [acc[0]["setting"], reset and f"reset {reset}", steps and f"{steps} step(s)"]
+        how = ", ".join(h for h in parts if h)
+        what = AGREEMENT_MEASURE if all(e.get("labels") == "agreement" for e in extras) else "accuracy %"
+        on = f" on {', '.join(datasets)}" if datasets else ""
+        lines.append(f"{method}{on}{f' ({how})' if how else ''}: {what}, ms/image")
         for r in acc:
             if r["corruption"] is None:
-                name = r["dataset"] if len(datasets) > 1 else "clean"
+                name = str(r["dataset"]) if len(datasets) > 1 else "clean"
             elif r["severity"] is None or r["corruption"] == "mean":
                 name = r["corruption"]
             else:
                 name = f"{r['corruption']}-{r['severity']}"
             cost = recs.get((r["dataset"], r["corruption"], r["severity"], "s_per_image"))
             ms = f"  {1000 * cost['value']:8.3f}" if cost is not None else ""
-            lines.append(f"  {name:24s} {100 * r['value']:5.1f}{ms}")
+            extra = note(r) if note is not None else None
+            lines.append(f"  {name:24s} {100 * r['value']:5.1f}{ms}" + (f"  {extra}" if extra else ""))
     return lines or [f"no accuracy records in {path}"]

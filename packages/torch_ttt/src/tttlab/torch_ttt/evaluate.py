@@ -89,15 +89,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from tttlab.core.cli import domain_table
 from tttlab.core.config import RunConfig
 from tttlab.core.errors import CheckpointError, ConfigError
 from tttlab.core.records import (
+    SUMMARY_CORRUPTION,
     RunDir,
     check_run_dir,
     config_hash,
     load_records,
     merge_records,
-    read_jsonl,
     write_domain_summary,
 )
 from tttlab.core.torch import Dist, init_distributed  # noqa: F401  (re-exported)
@@ -1118,45 +1119,16 @@ def run(
     return out / "records.jsonl"
 
 
+def sar_recoveries_note(record: dict[str, Any]) -> str | None:
+    """The end of a domain's row in the printed table: how often SAR's model recovery fired during the
+    domain's batches (``extra.sar_recoveries``; not on the mean's row, whose count is the whole stream's)."""
+    n = (record["extra"] or {}).get("sar_recoveries")
+    return f"SAR recoveries {n}" if n is not None and record["corruption"] != SUMMARY_CORRUPTION else None
+
+
 def summary_lines(path: Path) -> list[str]:
-    """What the command prints: accuracy (%) and ms/image per domain, then the mean over corruptions, of
-    the latest evaluation in ``path`` (an evaluation run again in the same ``out_dir`` with the same config
-    replaces its records, one with another config appends them: the trailing records of the last one's
-    config, the latest per domain and metric)."""
-    records = [r for r in read_jsonl(path) if not r["extra"].get("shard")]
-    if records:
-        k = len(records)
-        while k > 0 and records[k - 1]["config_hash"] == records[-1]["config_hash"]:
-            k -= 1
-        latest = {(r["corruption"], r["severity"], r["metric"]): r for r in records[k:]}
-        records = list(latest.values())
-    acc = [r for r in records if r["metric"] == "accuracy"]
-    if not acc:
-        return [f"no accuracy records in {path}"]
-    cost = {(r["corruption"], r["severity"]): r["value"] for r in records if r["metric"] == "s_per_image"}
-    first = acc[0]
-    agreement = first["extra"].get("labels") == "agreement"
-    what = ("top-1 agreement with the source model's clean prediction (no ground-truth labels) %"
-            if agreement else "accuracy %")  # fmt: skip
-    lines = [f"{first['method']} on {first['dataset']} ({first['setting']}, reset {first['extra'].get('reset')}, "
-             f"{first['step']} step(s)): {what}, ms/image"]  # fmt: skip
-    for r in acc:
-        plain = r["severity"] is None or r["corruption"] == "mean"
-        name = (
-            "clean"
-            if r["corruption"] is None
-            else r["corruption"]
-            if plain
-            else f"{r['corruption']}-{r['severity']}"
-        )
-        ms = cost.get((r["corruption"], r["severity"]))
-        recoveries = r["extra"].get("sar_recoveries") if r["corruption"] != "mean" else None
-        lines.append(
-            f"  {name:24s} {100 * r['value']:5.1f}"
-            + (f"  {1000 * ms:8.3f}" if ms is not None else "")
-            + (f"  SAR recoveries {recoveries}" if recoveries is not None else "")
-        )
-    return lines
+    """What the command prints: core's :func:`~tttlab.core.cli.domain_table` with SAR's recoveries per row."""
+    return domain_table(path, note=sar_recoveries_note)
 
 
 def main() -> None:
