@@ -10,8 +10,9 @@ from a run of ``train_experiment`` trained on first use and cached under ``cache
 of its training config).  Engines with a jointly trained auxiliary head (``ttt``, ``ttt_pp``, ``ittt``,
 ``masked_ttt``) get a model trained with that engine, and with the evaluation's ``engine.kwargs`` when it
 has any (``conf/engine/ittt.yaml``: ``feedback: softmax``; ``engine.kwargs={}`` on the command line empties
-them, :func:`clears_engine_kwargs`) other than the engine's ``test_time_kwargs`` (IT3's ``anchor``: one
-model serves both values); the others the model trained with TTT (its
+them, :func:`clears_engine_kwargs`) other than those that do not change its training (the engine's
+``training_inert_kwargs``: IT3's ``anchor``, and its ``distance`` under ``training=notebook``: one model
+serves both values); the others the model trained with TTT (its
 rotation head is unused by them).  TTT++/ActMAD reference statistics and EATA's Fisher information are
 computed on ``calibration.num_examples`` clean training images: the first ones for the statistics, a
 random subset drawn with the run's ``seed`` for the Fisher information (:func:`fisher_subset`, as the
@@ -455,12 +456,15 @@ def cached_training_config(c: dict[str, Any]) -> tuple[dict[str, Any], str]:
     overrides = [f"train.engine={train_engine}", "eval.enabled=false", f"device={c['device']}",
                  *c["train_overrides"]]  # fmt: skip
     tc = T.train_config(c["train_experiment"], overrides)
-    test_time_only = set(get_engine(engine).test_time_kwargs)
-    kwargs = {k: v for k, v in (c["engine"]["kwargs"] or {}).items() if k not in test_time_only}
+    given = c["engine"]["kwargs"] or {}
+    # with the training's own kwargs under them: IT3's training=notebook may come from train_overrides
+    inert = get_engine(engine).training_inert_kwargs({**(tc["train"]["engine_kwargs"] or {}), **given})
+    kwargs = {k: v for k, v in given.items() if k not in inert}
     if train_engine == engine and engine in T.HEADED and kwargs:
         # a head trained for the evaluated engine is trained with its arguments (IT3's feedback shapes its
         # training loss); engines evaluated without arguments keep their cache key, and so does an argument
-        # that acts at test time only (IT3's anchor): the same model serves both values
+        # that does not change training (IT3's anchor; its distance under training=notebook): the same
+        # model serves both values
         tc["train"]["engine_kwargs"] = {**(tc["train"]["engine_kwargs"] or {}), **kwargs}
     return tc, train_engine
 
@@ -565,11 +569,9 @@ def load_engine(c: dict[str, Any], run_dir: Path | None, device: torch.device, e
         # what the head was trained with: the recorded kwargs over the engine's own defaults, so that an
         # evaluation spelling out a default (engine.kwargs.feedback=output) is not reported as different
         effective = {**_keyword_defaults(get_engine(name)), **trained}
-        test_time_only = set(get_engine(name).test_time_kwargs)
+        inert = get_engine(name).training_inert_kwargs({**effective, **kwargs})
         differ = {
-            k: v
-            for k, v in kwargs.items()
-            if k not in test_time_only and (k not in effective or effective[k] != v)
+            k: v for k, v in kwargs.items() if k not in inert and (k not in effective or effective[k] != v)
         }
         if differ:  # e.g. IT3's feedback: the head was trained for other arguments
             log.warning("%s: evaluating %s with %s, but its head was trained with engine_kwargs %s",
