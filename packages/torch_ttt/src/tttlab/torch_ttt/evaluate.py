@@ -244,13 +244,17 @@ def eval_config(
     ``engine`` a name or a mapping) + ``key=value`` overrides, validated against :class:`EvalConfig`.
     ``clear_engine_kwargs`` (or ``engine.kwargs={}`` among ``overrides`` or ``command_line``):
     ``engine.kwargs`` holds only what ``overrides`` / ``command_line`` set in it, the engine's own defaults
-    for the rest (:func:`clears_engine_kwargs`).  A leading ``+`` in ``overrides`` is Hydra's and dropped.
-    ``command_line``: the command's Hydra overrides when ``cfg`` is the config Hydra composed from them (the
-    engine settings they name win over an experiment's ``engine_defaults``, :func:`given_engine_keys`)."""
+    for the rest (:func:`clears_engine_kwargs`).  ``overrides`` take the command line's forms, in order
+    (:func:`tttlab.torch_ttt.train.apply_overrides`): a leading ``+`` is Hydra's and dropped; ``~key`` /
+    ``~key=value`` delete (``~engine.kwargs.feedback``: the engine class's default, neither the YAML's nor
+    a preset's).  ``command_line``: the command's Hydra overrides when ``cfg`` is the config Hydra composed
+    from them (the engine settings they name win over an experiment's ``engine_defaults``,
+    :func:`given_engine_keys`; the keys they delete stay deleted, :func:`tttlab.torch_ttt.train.keep_deletions`)."""
     clear_engine_kwargs = (
         bool(clear_engine_kwargs) or clears_engine_kwargs(overrides) or clears_engine_kwargs(command_line)
     )
     from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
 
     from tttlab.core.config import validate
 
@@ -266,8 +270,16 @@ def eval_config(
         user = {**user, "engine": {"name": engine}}
     profile = user.pop("profile", None)
     layer = {**PROFILES[profile], "out_dir": default_out_dir(profile)} if profile else {}
-    merged = OmegaConf.merge(base, layer, user, T.dotlist(overrides, CLEAR_ENGINE_KWARGS))
-    c = T.to_dict(validate(OmegaConf.to_container(merged, resolve=True), EvalConfig))
+    merged = T.apply_overrides(OmegaConf.merge(base, layer, user), overrides, CLEAR_ENGINE_KWARGS)
+    T.keep_deletions(merged, user, command_line)  # ~engine.kwargs.feedback: not back from the YAML
+    try:
+        resolved = OmegaConf.to_container(merged, resolve=True)
+    except InterpolationResolutionError as exc:  # e.g. ~engine: evaluate.yaml's ${engine.name}
+        raise ConfigError(
+            f"{exc.full_key}: {str(exc).splitlines()[0]}; expected the overrides {list(overrides or ())} to "
+            "leave what the config's interpolations refer to"
+        ) from None
+    c = T.to_dict(validate(resolved, EvalConfig))
     if clear_engine_kwargs:  # what the overrides set explicitly stays, before or after the {}
         named = [*(overrides or ()), *(command_line or ())]
         c["engine"]["kwargs"] = T.cleared_mapping(c["engine"]["kwargs"], named, "engine.kwargs")
