@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from tttlab.core.errors import ConfigError
 from tttlab.torch_ttt import evaluate as E
 from tttlab.torch_ttt import train as T
 from tttlab.torch_ttt.engine_registry import EngineRegistry
@@ -176,8 +177,7 @@ def test_engine_kwargs_flags_next_to_an_empty_mapping_still_apply(monkeypatch, c
     user = T.conf_yaml("experiment/photos_mobilenet_v2.yaml") if experiment else {}
     engine = next(o.partition("=")[2] for o in line if o.startswith("engine="))
     rest = [o for o in line if o not in (*experiment, f"engine={engine}")]
-    if not any(o.startswith("~") for o in rest):  # a deletion is Hydra's syntax, not an OmegaConf dotlist's
-        assert E.eval_config({**user, "engine": engine}, rest)["engine"]["kwargs"] == expected
+    assert E.eval_config({**user, "engine": engine}, rest)["engine"]["kwargs"] == expected
     composed = hydra_compose(line)
     assert E.eval_config(composed, command_line=line)["engine"]["kwargs"] == expected
 
@@ -189,3 +189,97 @@ def test_cleared_mapping_keeps_only_the_keys_the_overrides_set():
     composed = {"a": 1, "b": {"c": 2}, "d": 3, "feedback": "softmax"}
     assert T.cleared_mapping(composed, over, "engine.kwargs") == {"a": 1, "b": {"c": 2}, "d": 3}
     assert T.cleared_mapping(composed, None, "engine.kwargs") == {}
+
+
+def test_cleared_mapping_keeps_nested_entries_the_overrides_set_and_nothing_else():
+    """After ``{}`` only what the overrides set survives, at any depth: ``engine.kwargs={}
+    +engine.kwargs.a.b=1`` kept the whole composed ``a`` (the YAML's ``a.c`` too); a mapping value is merged
+    into what is there, so only its own keys are the override's; a whole value (scalar, list) covers what
+    earlier overrides set below it; a deletion sets nothing."""
+    composed = {
+        "a": {"b": 1, "c": 5, "d": {"e": 2, "f": 3}},
+        "g": {"h": 4},
+        "i": [1, 2],
+        "feedback": "softmax",
+    }
+
+    def cleared(*over):
+        return T.cleared_mapping(composed, ["engine.kwargs={}", *over], "engine.kwargs")
+
+    assert cleared("+engine.kwargs.a.b=1") == {"a": {"b": 1}}
+    assert cleared("engine.kwargs.a.d.e=2", "++engine.kwargs.g.h=4") == {"a": {"d": {"e": 2}}, "g": {"h": 4}}
+    for given in ("engine.kwargs.a={b: 1, d: {f: 3}}", "engine.kwargs={a: {b: 1, d: {f: 3}}}"):
+        assert cleared(given) == {"a": {"b": 1, "d": {"f": 3}}}, given
+    assert cleared("engine.kwargs.a.b=1", "engine.kwargs.a.d={}") == {"a": {"b": 1, "d": {}}}
+    # a whole value, before or after a deeper one, is the overrides' whole value
+    assert cleared("engine.kwargs.a.b=1", "engine.kwargs.i=[1,2]") == {"a": {"b": 1}, "i": [1, 2]}
+    assert cleared("engine.kwargs.a.b=1", "~engine.kwargs.a.c", "~engine.kwargs.g") == {"a": {"b": 1}}
+    assert T.named_paths(["engine.kwargs.a.b=1", "engine.kwargs.a=[0]", "engine.kwargs.a.c=2"],
+                         "engine.kwargs") == {"a": True}  # fmt: skip
+    # train.engine_kwargs={} goes through the same function
+    over = ["train.engine_kwargs={}", "train.engine_kwargs.a.b=1"]
+    assert T.cleared_mapping(composed, over, "train.engine_kwargs") == {"a": {"b": 1}}
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        (["engine=ittt", "~engine.kwargs.feedback"], {}),
+        (["engine=ittt", "~engine.kwargs.feedback=softmax"], {}),
+        (["engine=ittt", "~engine.kwargs.feedback", "+engine.kwargs.feedback=output"], {"feedback": "output"}),
+        (["engine=ittt", "+engine.kwargs.anchor=frozen", "~engine.kwargs.anchor"], {"feedback": "softmax"}),
+        # neither the engine YAML's 0.4 nor the preset's 0.05: EATA's own default
+        ([PHOTOS, "engine=eata", "~engine.kwargs.d_margin=0.4"], {"fisher_alpha": 2000.0}),
+    ],
+)  # fmt: skip
+def test_a_deletion_means_the_same_in_an_override_list_and_on_the_command_line(no_weights, line, expected):
+    """``~key`` / ``~key=value`` (Hydra's deletions): in ``eval_config``'s override list they were an unknown
+    key ``'~engine'``; on the command line Hydra deleted the key, then ``eval_config`` merged the engine YAML
+    under the composed config and it came back (``~engine.kwargs.feedback`` left IT3 with ``softmax``).
+    Both now delete it, in override order; a deleted kwarg is the engine class's default."""
+    composed = hydra_compose(line)
+    assert E.eval_config(composed, command_line=line)["engine"]["kwargs"] == expected
+    experiment = [o for o in line if o.startswith("+experiment=")]
+    user = T.conf_yaml("experiment/photos_mobilenet_v2.yaml") if experiment else {}
+    engine = next(o.partition("=")[2] for o in line if o.startswith("engine="))
+    rest = [o for o in line if o not in (*experiment, f"engine={engine}")]
+    assert E.eval_config({**user, "engine": engine}, rest)["engine"]["kwargs"] == expected
+
+
+def test_a_deletion_hydra_refuses_is_a_config_error_in_an_override_list():
+    """What Hydra's command line refuses (a key that is not set, another value than ``~key=value`` names, a
+    malformed override) is a ``ConfigError`` naming the override, not Hydra's exception nor OmegaConf's
+    unknown key ``'~engine'``; the training's override lists and an evaluation's ``train_overrides`` take
+    deletions too."""
+    from hydra.errors import ConfigCompositionException
+
+    for bad, needle in (
+        ("~engine.kwargs.anchor", r"'~engine.kwargs.anchor'.*not set"),
+        ("~engine.kwargs.feedback=output", r"'~engine.kwargs.feedback=output'.*'softmax', not 'output'"),
+        (
+            "~engine.kwargs.feedback=[a",
+            r"'~engine.kwargs.feedback=\[a'.*expected one of key=value.*~key=value",
+        ),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            E.eval_config({"engine": "ittt"}, [bad])
+        if "[" not in bad:
+            with pytest.raises(ConfigCompositionException):
+                hydra_compose(["engine=ittt", bad])
+    with pytest.raises(ConfigError, match="not set"):  # deleted already
+        E.eval_config({"engine": "ittt"}, ["~engine.kwargs.feedback", "~engine.kwargs.feedback"])
+    with pytest.raises(
+        ConfigError, match=r"experiment_name: Interpolation key 'engine.name' not found.*'~engine'"
+    ):
+        E.eval_config({"engine": "ittt"}, ["~engine"])  # what evaluate.yaml's run name refers to
+    assert E.eval_config({"train_overrides": ["a=1", "b=2"]}, ["~train_overrides.0"])["train_overrides"] == [
+        "b=2"
+    ]
+    kwargs = lambda c: c["train"]["engine_kwargs"]  # noqa: E731
+    delete = ["~train.engine_kwargs.features_layer_name"]
+    assert kwargs(T.train_config("mnist_tutorial")) == {"features_layer_name": "fc2"}
+    assert kwargs(T.train_config("mnist_tutorial", delete)) == {}
+    c = E.eval_config({"engine": "ttt", "train_experiment": "mnist_tutorial", "train_overrides": delete})
+    assert kwargs(E.cached_training_config(c)[0]) == {}
+    with pytest.raises(ConfigError, match="'~train.engine_kwargs.features_layer_name=fc1'.*'fc2', not 'fc1'"):
+        T.train_config("mnist_tutorial", ["~train.engine_kwargs.features_layer_name=fc1"])

@@ -1156,8 +1156,7 @@ def test_it3_notebook_training_trains_its_own_model_and_the_default_key_stays(mo
     assert [t["train"]["engine_kwargs"] for t in trained] == [
         {"feedback": "softmax"},
         {"feedback": "softmax", "training": "notebook"},
-        {"feedback": "softmax", "training": "notebook", "truth_probability": 0.2, "neutral": "uniform",
-         "distance": "js"},
+        {"feedback": "softmax", "training": "notebook", "truth_probability": 0.2, "neutral": "uniform"},
         {"feedback": "softmax", "training": "notebook"},
     ]  # fmt: skip
     from tttlab.core.errors import InvalidInputError
@@ -1167,6 +1166,35 @@ def test_it3_notebook_training_trains_its_own_model_and_the_default_key_stays(mo
             E.eval_config({"engine": "ittt"}, ["train_experiment=mnist_bn", "engine.kwargs.training=papers"]),
             E.evaluated_model(E.eval_config({"engine": "ittt"}, ["train_experiment=mnist_bn"])),
         )
+
+
+def test_it3_distance_enters_the_cache_key_only_where_training_uses_it(monkeypatch):
+    """IT3's ``distance`` is the torch-ttt training term's; ``training="notebook"`` trains on two task losses
+    and never calls it, so its models for two distances are one model: one cache entry (they had two keys and
+    trained twice), trained without the distance.  Under the default scheme each distance is its own model.
+    The keys of the default and of the torch-ttt scheme's distances are main's (existing caches still hit)."""
+    trained = []
+    monkeypatch.setattr(T, "run", lambda tc: trained.append(tc["train"]["engine_kwargs"]))
+    names = {}
+    for training in ("torch_ttt", "notebook"):
+        for distance in (None, "js", "notebook_js"):
+            extra = [f"engine.kwargs.distance={distance}"] if distance else []
+            extra += ["engine.kwargs.training=notebook"] if training == "notebook" else []
+            c = E.eval_config({"engine": "ittt"}, ["train_experiment=mnist_bn", "cache_dir=/nonexistent-cache",
+                                                   *extra])  # fmt: skip
+            names[training, distance] = E.training_run(c, _OneRank()).name
+    assert names["torch_ttt", None] == "mnist_bn-ittt-e881647adeee"
+    assert names["torch_ttt", "js"] == "mnist_bn-ittt-402bb8b12810"
+    assert names["torch_ttt", "notebook_js"] == "mnist_bn-ittt-e6a7ce079020"
+    assert names["notebook", None] == names["notebook", "js"] == names["notebook", "notebook_js"]
+    assert names["notebook", None] == "mnist_bn-ittt-a2d85a48702c"  # main's key of the notebook model
+    assert len(set(names.values())) == 4
+    assert trained[3:] == [{"feedback": "softmax", "training": "notebook"}] * 3
+    # training=notebook from train_overrides: the evaluation's distance stays out of the key too
+    c = E.eval_config({"engine": "ittt"}, ["train_experiment=mnist_bn", "cache_dir=/nonexistent-cache",
+                                           "engine.kwargs.distance=js",
+                                           "train_overrides=[+train.engine_kwargs.training=notebook]"])  # fmt: skip
+    assert E.training_run(c, _OneRank()).name == names["notebook", None]
 
 
 def test_a_train_run_trained_with_other_it3_kwargs_only_warns(tmp_path, caplog):
@@ -1195,6 +1223,24 @@ def test_a_train_run_trained_with_other_it3_kwargs_only_warns(tmp_path, caplog):
             eng, _, _ = E.load_engine(same, out, torch.device("cpu"), example)
         assert eng.feedback == "output" and "trained with engine_kwargs" not in caplog.text, extra
         assert eng.anchor == ("frozen" if len(extra) == 2 else "none")
+    # another distance changes this model's training (the torch-ttt scheme's term): a warning; a head
+    # trained with training=notebook (the same state's shapes; the checkpoint says so) serves every distance
+    notebook = tmp_path / "notebook"
+    ck = T.load_checkpoint(T.checkpoint_file(out))
+    T.checkpoint_file(notebook).parent.mkdir(parents=True)
+    T.save_checkpoint(T.checkpoint_file(notebook), {**ck, "engine_kwargs": {"training": "notebook"}})
+    for run, scheme, warns in ((out, [], True), (notebook, ["engine.kwargs.training=notebook"], False)):
+        caplog.clear()
+        over = [
+            f"train_run={run}",
+            "device=cpu",
+            "engine.kwargs.feedback=output",
+            "engine.kwargs.distance=js",
+        ]
+        other = E.eval_config({"engine": "ittt"}, [*over, *scheme])
+        with caplog.at_level("WARNING", logger="tttlab.torch_ttt.evaluate"):
+            eng, _, _ = E.load_engine(other, run, torch.device("cpu"), example)
+        assert eng.distance == "js" and ("trained with engine_kwargs" in caplog.text) == warns, run
 
 
 @pytest.mark.parametrize(

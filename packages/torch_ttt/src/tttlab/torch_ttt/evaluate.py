@@ -10,8 +10,9 @@ from a run of ``train_experiment`` trained on first use and cached under ``cache
 of its training config).  Engines with a jointly trained auxiliary head (``ttt``, ``ttt_pp``, ``ittt``,
 ``masked_ttt``) get a model trained with that engine, and with the evaluation's ``engine.kwargs`` when it
 has any (``conf/engine/ittt.yaml``: ``feedback: softmax``; ``engine.kwargs={}`` on the command line empties
-them, :func:`clears_engine_kwargs`) other than the engine's ``test_time_kwargs`` (IT3's ``anchor``: one
-model serves both values); the others the model trained with TTT (its
+them, :func:`clears_engine_kwargs`) other than those that do not change its training (the engine's
+``training_inert_kwargs``: IT3's ``anchor``, and its ``distance`` under ``training=notebook``: one model
+serves both values); the others the model trained with TTT (its
 rotation head is unused by them).  TTT++/ActMAD reference statistics and EATA's Fisher information are
 computed on ``calibration.num_examples`` clean training images: the first ones for the statistics, a
 random subset drawn with the run's ``seed`` for the Fisher information (:func:`fisher_subset`, as the
@@ -244,13 +245,17 @@ def eval_config(
     ``engine`` a name or a mapping) + ``key=value`` overrides, validated against :class:`EvalConfig`.
     ``clear_engine_kwargs`` (or ``engine.kwargs={}`` among ``overrides`` or ``command_line``):
     ``engine.kwargs`` holds only what ``overrides`` / ``command_line`` set in it, the engine's own defaults
-    for the rest (:func:`clears_engine_kwargs`).  A leading ``+`` in ``overrides`` is Hydra's and dropped.
-    ``command_line``: the command's Hydra overrides when ``cfg`` is the config Hydra composed from them (the
-    engine settings they name win over an experiment's ``engine_defaults``, :func:`given_engine_keys`)."""
+    for the rest (:func:`clears_engine_kwargs`).  ``overrides`` take the command line's forms, in order
+    (:func:`tttlab.torch_ttt.train.apply_overrides`): a leading ``+`` is Hydra's and dropped; ``~key`` /
+    ``~key=value`` delete (``~engine.kwargs.feedback``: the engine class's default, neither the YAML's nor
+    a preset's).  ``command_line``: the command's Hydra overrides when ``cfg`` is the config Hydra composed
+    from them (the engine settings they name win over an experiment's ``engine_defaults``,
+    :func:`given_engine_keys`; the keys they delete stay deleted, :func:`tttlab.torch_ttt.train.keep_deletions`)."""
     clear_engine_kwargs = (
         bool(clear_engine_kwargs) or clears_engine_kwargs(overrides) or clears_engine_kwargs(command_line)
     )
     from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
 
     from tttlab.core.config import validate
 
@@ -266,8 +271,16 @@ def eval_config(
         user = {**user, "engine": {"name": engine}}
     profile = user.pop("profile", None)
     layer = {**PROFILES[profile], "out_dir": default_out_dir(profile)} if profile else {}
-    merged = OmegaConf.merge(base, layer, user, T.dotlist(overrides, CLEAR_ENGINE_KWARGS))
-    c = T.to_dict(validate(OmegaConf.to_container(merged, resolve=True), EvalConfig))
+    merged = T.apply_overrides(OmegaConf.merge(base, layer, user), overrides, CLEAR_ENGINE_KWARGS)
+    T.keep_deletions(merged, user, command_line)  # ~engine.kwargs.feedback: not back from the YAML
+    try:
+        resolved = OmegaConf.to_container(merged, resolve=True)
+    except InterpolationResolutionError as exc:  # e.g. ~engine: evaluate.yaml's ${engine.name}
+        raise ConfigError(
+            f"{exc.full_key}: {str(exc).splitlines()[0]}; expected the overrides {list(overrides or ())} to "
+            "leave what the config's interpolations refer to"
+        ) from None
+    c = T.to_dict(validate(resolved, EvalConfig))
     if clear_engine_kwargs:  # what the overrides set explicitly stays, before or after the {}
         named = [*(overrides or ()), *(command_line or ())]
         c["engine"]["kwargs"] = T.cleared_mapping(c["engine"]["kwargs"], named, "engine.kwargs")
@@ -456,12 +469,15 @@ def cached_training_config(c: dict[str, Any]) -> tuple[dict[str, Any], str]:
     overrides = [f"train.engine={train_engine}", "eval.enabled=false", f"device={c['device']}",
                  *c["train_overrides"]]  # fmt: skip
     tc = T.train_config(c["train_experiment"], overrides)
-    test_time_only = set(get_engine(engine).test_time_kwargs)
-    kwargs = {k: v for k, v in (c["engine"]["kwargs"] or {}).items() if k not in test_time_only}
+    given = c["engine"]["kwargs"] or {}
+    # with the training's own kwargs under them: IT3's training=notebook may come from train_overrides
+    inert = get_engine(engine).training_inert_kwargs({**(tc["train"]["engine_kwargs"] or {}), **given})
+    kwargs = {k: v for k, v in given.items() if k not in inert}
     if train_engine == engine and engine in T.HEADED and kwargs:
         # a head trained for the evaluated engine is trained with its arguments (IT3's feedback shapes its
         # training loss); engines evaluated without arguments keep their cache key, and so does an argument
-        # that acts at test time only (IT3's anchor): the same model serves both values
+        # that does not change training (IT3's anchor; its distance under training=notebook): the same
+        # model serves both values
         tc["train"]["engine_kwargs"] = {**(tc["train"]["engine_kwargs"] or {}), **kwargs}
     return tc, train_engine
 
@@ -566,11 +582,9 @@ def load_engine(c: dict[str, Any], run_dir: Path | None, device: torch.device, e
         # what the head was trained with: the recorded kwargs over the engine's own defaults, so that an
         # evaluation spelling out a default (engine.kwargs.feedback=output) is not reported as different
         effective = {**_keyword_defaults(get_engine(name)), **trained}
-        test_time_only = set(get_engine(name).test_time_kwargs)
+        inert = get_engine(name).training_inert_kwargs({**effective, **kwargs})
         differ = {
-            k: v
-            for k, v in kwargs.items()
-            if k not in test_time_only and (k not in effective or effective[k] != v)
+            k: v for k, v in kwargs.items() if k not in inert and (k not in effective or effective[k] != v)
         }
         if differ:  # e.g. IT3's feedback: the head was trained for other arguments
             log.warning("%s: evaluating %s with %s, but its head was trained with engine_kwargs %s",

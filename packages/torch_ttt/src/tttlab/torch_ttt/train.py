@@ -40,6 +40,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,13 +167,32 @@ def _is_override(o, override: str) -> bool:
     return str(o).replace(" ", "").lstrip("+") == override
 
 
+def _override_value(value: str):
+    """The value of a ``key=value`` override read as YAML (unparsable: the text), to tell a mapping (merged
+    into what is there) from a whole value (:func:`named_paths`)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
 def named_keys(overrides, mapping: str) -> set[str]:
     """The top-level keys of the mapping at dotted path ``mapping`` (``engine.kwargs``) that the ``key=value``
     ``overrides`` set: ``[+|++]<mapping>.<key>[...]=...`` and ``<mapping>={<key>: ..., ...}``.  A deletion
     (``~<mapping>.<key>``) sets none."""
-    import yaml
+    return set(named_paths(overrides, mapping))
 
-    keys: set[str] = set()
+
+def named_paths(overrides, mapping: str) -> dict[str, Any]:
+    """What the ``key=value`` ``overrides`` set inside the mapping at dotted path ``mapping``, as a tree:
+    ``{key: True}`` where an override gave the entry's whole value (a scalar or a list:
+    ``<mapping>.a.b=1`` gives ``{"a": {"b": True}}``), ``{key: {...}}`` where it gave a mapping, which Hydra
+    and OmegaConf merge into what is there, so only its own keys are the override's (``<mapping>.a={b: 1}``
+    and ``<mapping>={a: {b: 1}}`` give the same tree; an empty one, ``{}``, names no key below it).
+    Deletions (``~...``) set nothing."""
+    tree: dict[str, Any] = {}
     for o in overrides or ():
         key, sep, value = str(o).partition("=")
         key = key.strip()
@@ -180,36 +200,145 @@ def named_keys(overrides, mapping: str) -> set[str]:
             continue
         key = key.lstrip("+")
         if key.startswith(mapping + "."):
-            keys.add(key[len(mapping) + 1 :].split(".")[0])
+            _mark(tree, key[len(mapping) + 1 :].split("."), _override_value(value))
         elif key == mapping:
-            try:
-                given = yaml.safe_load(value)
-            except yaml.YAMLError:
-                given = None
-            keys.update(str(k) for k in (given if isinstance(given, dict) else ()))
-    return keys
+            given = _override_value(value)
+            for k, v in (given if isinstance(given, dict) else {}).items():
+                _mark(tree, [str(k)], v)
+    return tree
+
+
+def _mark(tree: dict[str, Any], path: list[str], given: Any) -> None:
+    """Record in ``tree`` (:func:`named_paths`) that an override set ``given`` at ``path``, in override
+    order: a later whole value (``True``) covers what earlier overrides set below it; an entry already
+    covered whole stays so (what is merged into it later is the overrides' too)."""
+    node = tree
+    for part in path[:-1]:
+        if node.get(part) is True:
+            return
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    last = path[-1]
+    if not isinstance(given, dict):
+        node[last] = True
+    elif node.get(last) is not True:
+        if not isinstance(node.get(last), dict):
+            node[last] = {}
+        for k, v in given.items():
+            _mark(node[last], [str(k)], v)
+
+
+def _project(composed: Any, tree: dict[str, Any]) -> dict[str, Any]:
+    """The entries of the mapping ``composed`` that ``tree`` (:func:`named_paths`) names, at any depth."""
+    out = {}
+    for k, v in composed.items():
+        named = tree.get(str(k))
+        if named is None:
+            continue
+        out[k] = _project(v, named) if isinstance(named, dict) and isinstance(v, Mapping) else v
+    return out
 
 
 def cleared_mapping(composed, overrides, mapping: str) -> dict[str, Any]:
-    """What ``<mapping>={}`` (e.g. ``engine.kwargs={}``) leaves of the ``composed`` mapping: the entries the
-    same ``overrides`` set explicitly (:func:`named_keys`), in whichever order they come (before or after
-    the ``{}``), and none of the YAML's or a preset's.  ``composed`` holds the overrides' values as Hydra
-    (or :func:`dotlist`) parsed them."""
-    named = named_keys(overrides, mapping)
-    return {k: v for k, v in (composed or {}).items() if str(k) in named}
+    """What ``<mapping>={}`` (e.g. ``engine.kwargs={}``) leaves of the ``composed`` mapping: what the same
+    ``overrides`` set explicitly (:func:`named_paths`), in whichever order they come (before or after the
+    ``{}``), at any depth (``+engine.kwargs.a.b=1`` keeps ``a.b``, not the rest of a composed ``a``), and
+    nothing of the YAML's or a preset's.  ``composed`` holds the overrides' values as Hydra (or
+    :func:`apply_overrides`) parsed them."""
+    return _project(composed or {}, named_paths(overrides, mapping))
 
 
-def dotlist(overrides, *clears: str):
-    """``key=value`` ``overrides`` as an OmegaConf config, as the command line would give them: a leading
-    ``+`` / ``++`` (Hydra's "add" / "add or override") is dropped, since a plain mapping takes new keys
-    anyway (the config's schema still refuses unknown ones), and the ``clears`` overrides (``key={}``) are
-    left out: the caller empties that mapping itself, then puts back what the other overrides set
-    (:func:`cleared_mapping`); OmegaConf would otherwise replace the mapping, dropping an earlier
-    ``key.x=...``."""
+#: The override forms the ``key=value`` lists of :func:`train_config` and
+#: :func:`tttlab.torch_ttt.evaluate.eval_config` take (Hydra's command-line forms, bar groups' packages).
+OVERRIDE_FORMS = "key=value, +key=value, ++key=value, ~key, ~key=value"
+
+
+def _is_deletion(o) -> bool:
+    return str(o).lstrip().startswith("~")
+
+
+def apply_overrides(config, overrides, *clears: str):
+    """The OmegaConf ``config`` with the ``key=value`` ``overrides`` applied in order, as the command line
+    would apply them: a leading ``+`` / ``++`` (Hydra's "add" / "add or override") is dropped, since a
+    plain mapping takes new keys anyway (the config's schema still refuses unknown ones); ``~key`` deletes
+    ``key`` and ``~key=value`` deletes it only if its value is ``value``, as Hydra does, where the key
+    must exist (not null) at that point: a ``ConfigError`` naming the override otherwise
+    (:func:`delete_override`).  The ``clears`` overrides (``key={}``) are left out: the caller empties that
+    mapping itself, then puts back what the other overrides set (:func:`cleared_mapping`); OmegaConf would
+    otherwise replace the mapping, dropping an earlier ``key.x=...``."""
     from omegaconf import OmegaConf
 
-    kept = [str(o).lstrip("+") for o in overrides or () if not any(_is_override(o, c) for c in clears)]
-    return OmegaConf.from_dotlist(kept)
+    batch: list[str] = []
+    for o in overrides or ():
+        if any(_is_override(o, c) for c in clears):
+            continue
+        if not _is_deletion(o):
+            batch.append(str(o).lstrip("+"))
+            continue
+        if batch:
+            config = OmegaConf.merge(config, OmegaConf.from_dotlist(batch))
+            batch = []
+        delete_override(config, str(o))
+    return OmegaConf.merge(config, OmegaConf.from_dotlist(batch)) if batch else config
+
+
+def keep_deletions(merged, composed: Mapping, command_line) -> None:
+    """Delete from the OmegaConf ``merged`` config, in place, the keys the command line's deletions
+    (``~key`` / ``~key=value`` in ``command_line``) removed from the config Hydra ``composed`` from it: a
+    caller that merges the shipped YAML under ``composed`` (for partial mappings) would restore them.  A key
+    the same command line set again after deleting it is in ``composed`` and stays."""
+    from omegaconf import OmegaConf, open_dict
+
+    for o in command_line or ():
+        if not _is_deletion(o):
+            continue
+        key = str(o).strip()[1:].partition("=")[0].strip()
+        node: Any = composed
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                break
+            node = node[part]
+        else:
+            continue  # still in the composed config: set again after the deletion
+        parent, _, last = key.rpartition(".")
+        holder = OmegaConf.select(merged, parent, throw_on_missing=False) if parent else merged
+        if OmegaConf.is_dict(holder) and last in holder:
+            with open_dict(merged):
+                del holder[last]
+
+
+def delete_override(config, override: str) -> None:
+    """Apply the deletion ``override`` (``~key`` or ``~key=value``) to the OmegaConf ``config`` in place, with
+    Hydra's rules: the key must hold a value (a missing or null one is an error), and with ``=value`` that
+    value (Hydra's override grammar reads it), else a ``ConfigError`` naming the override."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf, open_dict
+
+    try:
+        parsed = OverridesParser.create().parse_override(override.strip())
+    except HydraException as exc:  # a grammar error: one line naming the override
+        raise ConfigError(
+            f"override {override!r}: {str(exc).splitlines()[0]}; expected one of {OVERRIDE_FORMS}"
+        ) from None
+    if parsed.package is not None:
+        raise ConfigError(
+            f"override {override!r}: a config group's package; expected one of {OVERRIDE_FORMS}"
+        )
+    key, value = parsed.key_or_group, parsed.value()
+    current = OmegaConf.select(config, key, throw_on_missing=False)
+    if current is None:
+        raise ConfigError(f"override {override!r}: cannot delete {key!r}, it is not set in the config")
+    plain = OmegaConf.to_container(current, resolve=False) if OmegaConf.is_config(current) else current
+    if value is not None and value != plain:
+        raise ConfigError(
+            f"override {override!r}: cannot delete {key!r}, its value is {plain!r}, not {value!r}"
+        )
+    parent, _, last = key.rpartition(".")
+    node = OmegaConf.select(config, parent) if parent else config
+    with open_dict(config):
+        del node[int(last) if OmegaConf.is_list(node) else last]  # a list's item by its index
 
 
 def clears_train_engine_kwargs(overrides) -> bool:
@@ -233,7 +362,7 @@ def train_config(
     parts = [conf_yaml("config.yaml")]
     if experiment:
         parts.append(conf_yaml(f"experiment/{experiment}.yaml"))
-    merged = OmegaConf.merge(*parts, dotlist(overrides, CLEAR_TRAIN_ENGINE_KWARGS))
+    merged = apply_overrides(OmegaConf.merge(*parts), overrides, CLEAR_TRAIN_ENGINE_KWARGS)
     c = OmegaConf.to_container(merged, resolve=True)
     if clear_engine_kwargs or clears_train_engine_kwargs(overrides):
         c["train"]["engine_kwargs"] = cleared_mapping(

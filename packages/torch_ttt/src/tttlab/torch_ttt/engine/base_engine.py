@@ -247,6 +247,15 @@ class BaseEngine(nn.Module):
     #: (``tttlab-torch-ttt-evaluate`` leaves them out of the training config and its cache key).
     test_time_kwargs: tuple[str, ...] = ()
 
+    @classmethod
+    def training_inert_kwargs(cls, kwargs: Mapping[str, Any]) -> set[str]:
+        """The names of constructor arguments that do not change the jointly trained model when the engine
+        is built with ``kwargs``: ``tttlab-torch-ttt-evaluate`` leaves them out of the training config and
+        its cache key (a model trained with other values serves as well) and does not warn when they differ
+        from a trained head's.  By default :attr:`test_time_kwargs`; an engine whose training scheme ignores
+        an argument only under some settings adds it there (IT3's ``distance`` under ``training="notebook"``)."""
+        return set(cls.test_time_kwargs)
+
     def __init__(self, model: nn.Module, optimization_parameters: Mapping[str, Any] | None = None):
         super().__init__()
         if not isinstance(model, nn.Module):

@@ -106,7 +106,7 @@ Against the paper and the official notebooks (nikitadurasov/ittt, read for this 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -226,6 +226,15 @@ class IT3Engine(BaseEngine):
     joint_training_weight = 1.0
     #: ``anchor`` and ``test_signal`` act at test time only: a model trained for one value serves the other
     test_time_kwargs = ("anchor", "test_signal")
+
+    @classmethod
+    def training_inert_kwargs(cls, kwargs: Mapping[str, Any]) -> set[str]:
+        """``anchor`` and ``test_signal``, and ``distance`` under ``training="notebook"``: that scheme's two
+        task losses do not use it (:meth:`_notebook_training`), so a notebook model serves every distance."""
+        inert = super().training_inert_kwargs(kwargs)
+        if kwargs.get("training") == "notebook":
+            inert.add("distance")
+        return inert
 
     @property
     def target_module(self) -> nn.Module:
