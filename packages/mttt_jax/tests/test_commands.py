@@ -216,15 +216,17 @@ def test_evaluate_prints_a_table_per_domain_then_the_records_path(
     """``tttlab-mttt-evaluate`` printed only the records path, the numbers being log lines of fractions with
     the domains sorted by name (clean among them); it prints core's table now, as the other packages'
     evaluate commands do: accuracy % and ms/image per domain, clean first, the mean over corruptions last,
-    then the path.  The records are write_records' own."""
+    then the path.  The records are write_records' own, in the order evaluate gives (the benchmark's: clean,
+    then the corruptions as listed, snow before fog here); they were sorted by name."""
     from tttlab.core.benchmark import Domain
     from tttlab.core.records import RunDir
     from tttlab.mttt_jax import evaluate as E
 
     per_domain = {
-        Domain("snow", 5): {"correct": 3, "n": 4, "secs": 0.002, "inner": [0.5]},
         Domain(None, None): {"correct": 4, "n": 4, "secs": 0.004, "inner": [0.25]},
+        Domain("snow", 5): {"correct": 3, "n": 4, "secs": 0.002, "inner": [0.5]},
         Domain("fog", 5): {"correct": 1, "n": 4, "secs": 0.006, "inner": [1.0]},
+        Domain("frost", 5): {"correct": 0, "n": 0, "secs": 0.0, "inner": []},  # no images: no record
     }
     rd = RunDir(tmp_path / "eval", {"x": 1})
     with rd.writer(method="mttt_jax.mttt_mlp", dataset="mnist_c", setting="reset_each_shift") as w:
@@ -237,8 +239,8 @@ def test_evaluate_prints_a_table_per_domain_then_the_records_path(
     assert capsys.readouterr().out.splitlines() == [
         "mttt_jax.mttt_mlp on mnist_c (reset_each_shift): accuracy %, ms/image",
         "  clean                    100.0     1.000",
-        "  fog-5                     25.0     1.500",
         "  snow-5                    75.0     0.500",
+        "  fog-5                     25.0     1.500",
         "  mean                      50.0",
         str(rd.records_path),
     ]

@@ -300,7 +300,10 @@ def _run(c: dict, seed, devices) -> Path:
         pad = width - x.shape[0]
         return np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad > 0 else x
 
-    per_domain: dict = {}
+    # the benchmark's domains in its order (clean first, then the corruptions and severities as it lists them):
+    # the records and the printed table follow it, as the other packages' do (a mixed stream's first batches
+    # set the order otherwise); a domain no image came from writes no record
+    per_domain: dict = {d: {"correct": 0, "n": 0, "inner": [], "secs": 0.0} for d in bench.domains}
     batches = iter(bench)
     first = next(batches, None)
     if first is not None:  # compile before timing
@@ -347,16 +350,14 @@ def write_records(writer, per_domain: dict, *, ttt: bool, train_run: str) -> lis
     """The compare-contract records via :func:`tttlab.core.records.write_domain_summary`, plus ``error``.
 
     ``per_domain`` maps a benchmark domain to ``{"correct", "n", "secs", "inner": [the last layer's inner loss
-    at its last step for each of the domain's images]}``.  Per domain (sorted by name): ``accuracy`` and
+    at its last step for each of the domain's images]}``.  Per domain (in ``per_domain``'s order, which is the
+    benchmark's in :func:`run`; the clean domain first): ``accuracy`` and
     ``s_per_image`` (``extra``: ``correct``, ``last_inner_loss`` for TTT mixers, ``train_run``), then
     ``accuracy`` with ``corruption="mean"`` over the corrupted domains; the clean domain is summarised on its
     own, so the mean's ``n``/``wall_time_s`` count the corrupted images only (as before the move to the core
     helper).  Every accuracy record gets an ``error`` = 1 - accuracy twin with the same fields.
     """
-    totals = {
-        dom: (a["correct"], a["n"], a["secs"], a["inner"])
-        for dom, a in sorted(per_domain.items(), key=lambda kv: str(kv[0]))
-    }
+    totals = {dom: (a["correct"], a["n"], a["secs"], a["inner"]) for dom, a in per_domain.items() if a["n"]}
 
     def domain_extra(dom, row):
         return {"last_inner_loss": float(np.mean(row[3])) if ttt and row[3] else None, "train_run": train_run}
