@@ -365,6 +365,7 @@ def closed_stdout(monkeypatch):
     own at the start of each phase), which ``_stdout_closed`` reports closed, and ``_end_quietly`` (which
     would point fd 1 at the null device and ``os._exit``) raising ``SystemExit(141)`` instead; the root
     logger's handlers and level (Hydra's ``--info`` adds one on stdout) and HydraConfig are put back after."""
+    pytest.importorskip("hydra")
     import logging
 
     from tttlab.core import cli
@@ -376,14 +377,14 @@ def closed_stdout(monkeypatch):
         raise SystemExit(cli.CLOSED_STDOUT_STATUS)
 
     monkeypatch.setattr(cli, "_end_quietly", end_quietly)
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield pipe
     root.handlers[:] = handlers
     root.setLevel(level)
-    from hydra.core.hydra_config import HydraConfig
-
-    HydraConfig.instance().cfg = None
 
 
 @pytest.mark.parametrize(
@@ -396,7 +397,8 @@ def test_hydra_print_into_a_closed_pipe_ends_quietly(closed_stdout, monkeypatch,
     ``--info`` pages' by logging (a "Logging error" report per line, exit status 0), so the hook of
     quiet_closed_stdout never saw them; after check_hydra_command the first refused write ends the command
     with status 141 and nothing on stderr.  The task never runs."""
-    hydra = pytest.importorskip("hydra")
+    import hydra
+
     from tttlab.core.cli import check_hydra_command
 
     ran = []

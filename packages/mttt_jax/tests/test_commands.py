@@ -255,11 +255,15 @@ def test_help_names_the_command_and_offers_only_its_own_config_groups(
     listed the same experiments (its evaluate.yaml lay in the training's config folder, whose experiment group
     Hydra offers), which it does not take: its config has a folder of its own and its page no groups section.
     (In process: the console scripts' start-up is tested by the closed-pipe tests below.)"""
+    from hydra.core.hydra_config import HydraConfig
+
     from tttlab.mttt_jax import evaluate as E
 
     main = T.main if command.endswith("train") else E.main
     monkeypatch.setattr(sys, "argv", [command, "--help", *NO_HYDRA_LOGGING])
     monkeypatch.setattr(sys, "stdout", sys.stdout)  # check_hydra_command guards it: put back after
+    # Hydra's help sets its HydraConfig (no run directory in it): put back after, for the tests' user_errors
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)
     with pytest.raises(SystemExit) as exit_info:
         main()
     out = capsys.readouterr().out
