@@ -392,16 +392,113 @@ _main()
 """
 
 
-def test_hydra_help_into_a_closed_pipe_ends_quietly_with_status_141(tmp_path):
+@pytest.mark.parametrize("args", [["--help"], ["--cfg", "job"]])
+def test_hydra_help_into_a_closed_pipe_ends_quietly_with_status_141(tmp_path, args):
     """``<any Hydra command> --help | head -3`` ended in a BrokenPipeError traceback from Hydra's own print,
-    before any of our code ran: check_hydra_command makes it end with no output and exit status 141."""
+    before any of our code ran, and ``--cfg job | head -1`` in the traceback Hydra prints for the exception it
+    catches (exit status 1): check_hydra_command makes both end with no output and exit status 141 (the other
+    --cfg/--info pages: test_hydra_print_into_a_closed_pipe_ends_quietly, in process)."""
     pytest.importorskip("hydra")
     from tttlab.core.cli import CLOSED_STDOUT_STATUS
 
     script = tmp_path / "command.py"
     script.write_text(HYDRA_COMMAND)
-    res = run_into_a_closed_pipe(str(script), "--help")
+    res = run_into_a_closed_pipe(str(script), *args)
     assert (res.returncode, res.stderr) == (CLOSED_STDOUT_STATUS, "") == (141, "")
+
+
+class _ClosedPipe:
+    """A standard output whose reader has gone: every write and flush raises ``BrokenPipeError``."""
+
+    def __init__(self):
+        self.writes = 0
+
+    def write(self, text):
+        self.writes += 1
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        pass
+
+
+@pytest.fixture
+def closed_stdout(monkeypatch):
+    """A :class:`_ClosedPipe` for the test to make sys.stdout (in the test's body: pytest's capture sets its
+    own at the start of each phase), which ``_stdout_closed`` reports closed, and ``_end_quietly`` (which
+    would point fd 1 at the null device and ``os._exit``) raising ``SystemExit(141)`` instead; the root
+    logger's handlers and level (Hydra's ``--info`` adds one on stdout) and HydraConfig are put back after."""
+    pytest.importorskip("hydra")
+    import logging
+
+    from tttlab.core import cli
+
+    pipe = _ClosedPipe()
+    monkeypatch.setattr(cli, "_stdout_closed", lambda: True)
+
+    def end_quietly():
+        raise SystemExit(cli.CLOSED_STDOUT_STATUS)
+
+    monkeypatch.setattr(cli, "_end_quietly", end_quietly)
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield pipe
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.parametrize(
+    "args", [["--cfg", "job"], ["--cfg", "hydra"], ["-c", "all"], ["--cfg=job", "--package", "overrides"],
+             ["--info"], ["--info", "config"], ["-i", "defaults"]]
+)  # fmt: skip
+def test_hydra_print_into_a_closed_pipe_ends_quietly(closed_stdout, monkeypatch, capsys, args):
+    """Hydra's own pages into a closed pipe (``--cfg job | head -1``; in process, stdout faked closed): the
+    ``--cfg`` print's BrokenPipeError is caught by Hydra (a traceback on stderr, exit status 1) and the
+    ``--info`` pages' by logging (a "Logging error" report per line, exit status 0), so the hook of
+    quiet_closed_stdout never saw them; after check_hydra_command the first refused write ends the command
+    with status 141 and nothing on stderr.  The task never runs."""
+    import hydra
+
+    from tttlab.core.cli import check_hydra_command
+
+    ran = []
+
+    @hydra.main(config_path="pkg://tttlab.core.conf", config_name="compare", version_base=None)
+    def _main(cfg):
+        ran.append(cfg)
+
+    monkeypatch.setattr("sys.argv", ["tttlab-x", *args])
+    monkeypatch.setattr("sys.stdout", closed_stdout)
+    check_hydra_command("tttlab-x", "tttlab.core.conf", "compare", compile_key=False)
+    with pytest.raises(SystemExit) as exit_info:
+        _main()
+    assert (exit_info.value.code, capsys.readouterr().err, ran) == (141, "", [])
+    assert closed_stdout.writes == 1
+
+
+@pytest.mark.parametrize(
+    "argv, prints",
+    [(["--cfg", "job"], True), (["-c", "hydra", "seed=1"], True), (["--info"], True), (["--help"], True),
+     (["--hydra-help"], True), (["--cfg=job", "-cn", "other"], True), ([], False), (["seed=1", "out_dir=x"], False),
+     (["-m", "seed=1,2"], False), (["--multirun", "seed=1,2"], False), (["--run", "seed=1"], False),
+     (["--config-name", "other", "seed=1"], False), (["-cd", "/conf", "seed=1"], False)],
+)  # fmt: skip
+def test_only_a_command_line_that_asks_hydra_to_print_guards_stdout(monkeypatch, argv, prints):
+    """quiet_hydra_output wraps standard output only where Hydra prints and stops; a command line that runs
+    the task keeps its stdout (its own output into a closed pipe is user_errors' to end, unwinding)."""
+    import sys
+
+    from tttlab.core import cli
+
+    monkeypatch.setattr("sys.stdout", sys.stdout)  # put back after the test
+    before = sys.stdout
+    cli.quiet_hydra_output(argv)
+    assert isinstance(sys.stdout, cli._ClosedStdoutGuard) is prints
+    assert (sys.stdout is before) is not prints
+    cli.quiet_hydra_output(argv)  # idempotent: one guard
+    assert not isinstance(getattr(sys.stdout, "_stream", None), cli._ClosedStdoutGuard)
 
 
 @pytest.mark.parametrize("where", ["inside", "after"])

@@ -47,7 +47,9 @@ def test_evaluate_writes_core_records(run_dir, tmp_path):
     path = run({"run_dir": str(run_dir), "out_dir": str(tmp_path / "ev"), "benchmark": bench})
     df = load_records(path)
     acc = df[df.metric == "accuracy"]
-    assert set(acc.corruption.fillna("clean")) == {"clean", "gaussian_noise", "fog", "mean"}
+    # the benchmark's order (clean, then its corruptions as listed), as the other packages write them: the
+    # records and the printed table had the corruptions sorted by name (fog before gaussian_noise)
+    assert acc.corruption.fillna("clean").tolist() == ["clean", "gaussian_noise", "fog", "mean"]
     assert (acc.method == "mttt_jax.mttt_mlp_T2_sgd").all()
     assert acc[acc.corruption == "gaussian_noise"].n.iloc[0] == 12
     assert acc[acc.corruption == "mean"].n.iloc[0] == 24, "the mean's n counts images of the corruptions"
@@ -71,6 +73,7 @@ def test_evaluate_writes_core_records(run_dir, tmp_path):
         return {(str(r.corruption), int(r.n)): float(r.value) for r in a.itertuples()}
 
     assert len(accs(mixed)) == 4 and accs(mixed) == pytest.approx(accs(df), abs=1e-9)
+    assert list(accs(mixed)) == list(accs(df)), "a mixed stream's records in the benchmark's order too"
     # so is the domain's mean inner loss: a mean over its own images, whatever batches they came in (it was
     # the mean of batch means: the 4 zero images padding each domain's second batch of 8 counted, and a
     # mixed batch's mean went to every domain in it)
@@ -86,10 +89,15 @@ def test_evaluate_writes_core_records(run_dir, tmp_path):
 
 
 def test_evaluate_passes_the_benchmark_order_keys_to_core(run_dir, tmp_path, monkeypatch):
-    """``benchmark.shuffle`` and ``benchmark.dirichlet_delta`` (compare passes the latter) reach core's
-    benchmark (mutation audit: keeping only the usual benchmark keys passed every test: a TTT layer adapts on
-    each image's own tokens, so any order gives the same accuracy)."""
+    """``benchmark.shuffle``, ``benchmark.dirichlet_delta`` (compare passes it) and ``benchmark.stream_order``
+    reach core's benchmark (mutation audit: keeping only the usual benchmark keys passed every test: a TTT
+    layer adapts on each image's own tokens, so any order gives the same accuracy).
+
+    The records follow the benchmark's order of its domains (each corruption's severities together, as the
+    other packages write them), also for a stream that visits them in another (mixed, mariodoebler's order:
+    one pool per severity, severity 3's domains before any of severity 5's); they followed the stream."""
     import tttlab.core.benchmark as B
+    from tttlab.core.records import read_jsonl
     from tttlab.mttt_jax.evaluate import run
 
     built, real = [], B.make_benchmark
@@ -99,10 +107,13 @@ def test_evaluate_passes_the_benchmark_order_keys_to_core(run_dir, tmp_path, mon
         return built[-1]
 
     monkeypatch.setattr(B, "make_benchmark", spy)
-    bench = {"name": "mnist_c", "corruptions": ["fog"], "severities": [5], "num_examples": 4, "batch_size": 4,
+    bench = {"name": "mnist_c", "corruptions": ["snow", "fog"], "severities": [3, 5], "setting": "mixed",
+             "stream_order": "mariodoebler", "num_examples": 4, "batch_size": 8, "include_clean": False,
              "shuffle": False, "dirichlet_delta": 0.25}  # fmt: skip
-    run({"run_dir": str(run_dir), "out_dir": str(tmp_path / "ev"), "benchmark": bench})
-    assert [(b.shuffle, b.dirichlet_delta) for b in built] == [(False, 0.25)]
+    path = run({"run_dir": str(run_dir), "out_dir": str(tmp_path / "ev"), "benchmark": bench})
+    assert [(b.shuffle, b.dirichlet_delta, b.stream_order) for b in built] == [(False, 0.25, "mariodoebler")]
+    order = [(r["corruption"], r["severity"]) for r in read_jsonl(path) if r["metric"] == "accuracy"]
+    assert order == [("snow", 3), ("snow", 5), ("fog", 3), ("fog", 5), ("mean", None)]
 
 
 def test_evaluate_checks_the_benchmark_before_writing_or_training(run_dir, tmp_path):

@@ -161,7 +161,7 @@ def test_plot_multi_draws_upstreams_validation_error_by_default(tmp_path, monkey
 def test_evaluate_command_shows_progress_by_default():
     from hydra import compose, initialize_config_module
 
-    with initialize_config_module(config_module="tttlab.mttt_jax.conf", version_base=None):
+    with initialize_config_module(config_module="tttlab.mttt_jax.evaluate_conf", version_base=None):
         cfg = compose("evaluate", overrides=["run_dir=x"])
     assert cfg.logging.progress is True
 
@@ -216,15 +216,17 @@ def test_evaluate_prints_a_table_per_domain_then_the_records_path(
     """``tttlab-mttt-evaluate`` printed only the records path, the numbers being log lines of fractions with
     the domains sorted by name (clean among them); it prints core's table now, as the other packages'
     evaluate commands do: accuracy % and ms/image per domain, clean first, the mean over corruptions last,
-    then the path.  The records are write_records' own."""
+    then the path.  The records are write_records' own, in the order evaluate gives (the benchmark's: clean,
+    then the corruptions as listed, snow before fog here); they were sorted by name."""
     from tttlab.core.benchmark import Domain
     from tttlab.core.records import RunDir
     from tttlab.mttt_jax import evaluate as E
 
     per_domain = {
-        Domain("snow", 5): {"correct": 3, "n": 4, "secs": 0.002, "inner": [0.5]},
         Domain(None, None): {"correct": 4, "n": 4, "secs": 0.004, "inner": [0.25]},
+        Domain("snow", 5): {"correct": 3, "n": 4, "secs": 0.002, "inner": [0.5]},
         Domain("fog", 5): {"correct": 1, "n": 4, "secs": 0.006, "inner": [1.0]},
+        Domain("frost", 5): {"correct": 0, "n": 0, "secs": 0.0, "inner": []},  # no images: no record
     }
     rd = RunDir(tmp_path / "eval", {"x": 1})
     with rd.writer(method="mttt_jax.mttt_mlp", dataset="mnist_c", setting="reset_each_shift") as w:
@@ -237,35 +239,69 @@ def test_evaluate_prints_a_table_per_domain_then_the_records_path(
     assert capsys.readouterr().out.splitlines() == [
         "mttt_jax.mttt_mlp on mnist_c (reset_each_shift): accuracy %, ms/image",
         "  clean                    100.0     1.000",
-        "  fog-5                     25.0     1.500",
         "  snow-5                    75.0     0.500",
+        "  fog-5                     25.0     1.500",
         "  mean                      50.0",
         str(rd.records_path),
     ]
 
 
-@pytest.mark.parametrize(
-    ("module", "command"),
-    [("tttlab.mttt_jax.train", "tttlab-mttt-train"), ("tttlab.mttt_jax.evaluate", "tttlab-mttt-evaluate")],
-)
-def test_help_names_the_command(module, command):
+@pytest.mark.parametrize("command", ["tttlab-mttt-train", "tttlab-mttt-evaluate"])
+def test_help_names_the_command_and_offers_only_its_own_config_groups(
+    command, monkeypatch, capsys, no_log_setup
+):
     """``--help`` began "train is powered by Hydra." / "evaluate is powered by Hydra." (the Python file's
-    name); it names the console script now, and the page still lists the experiments and the config."""
-    import os
-    import subprocess
+    name); it names the console script now.  train's page lists the experiments and the config; evaluate's
+    listed the same experiments (its evaluate.yaml lay in the training's config folder, whose experiment group
+    Hydra offers), which it does not take: its config has a folder of its own and its page no groups section.
+    (In process: the console scripts' start-up is tested by the closed-pipe tests below.)"""
+    from hydra.core.hydra_config import HydraConfig
 
-    res = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.splitlines()[0] == f"{command} is powered by Hydra.", res.stdout[:300]
-    assert "experiment: mnist_patch, mnist_pixel, paper_patch, paper_pixel, smoke" in res.stdout, res.stdout
-    assert ("run_dir: ???" if command.endswith("evaluate") else "experiment_name: ") in res.stdout
+    from tttlab.mttt_jax import evaluate as E
+
+    main = T.main if command.endswith("train") else E.main
+    monkeypatch.setattr(sys, "argv", [command, "--help", *NO_HYDRA_LOGGING])
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # check_hydra_command guards it: put back after
+    # Hydra's help sets its HydraConfig (no run directory in it): put back after, for the tests' user_errors
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert out.splitlines()[0] == f"{command} is powered by Hydra.", out[:300]
+    groups = "== Configuration groups ==" in out, "experiment: mnist_patch, mnist_pixel, paper_patch" in out
+    assert groups == ((True, True) if command.endswith("train") else (False, False)), out[:600]
+    assert ("run_dir: ???" if command.endswith("evaluate") else "experiment_name: ") in out
+
+
+def test_evaluate_composes_the_training_config_also_inside_its_running_hydra_app():
+    """The compare path of evaluate (``method`` + ``profile``) composes the profile's training config, also
+    inside the running ``tttlab-mttt-evaluate`` (``run_dir=null +method=... +profile=...``), whose Hydra
+    knows evaluate's config folder only: the same config (the cached model's key) as outside it, and the
+    app's Hydra is left as it was."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tttlab.core.records import config_hash
+    from tttlab.mttt_jax import evaluate as E
+
+    overrides = [*E.PROFILES["smoke"], *E.MIXER_FLAGS["linear_attention"]]
+    outside = E.compose_train(overrides)
+    assert not GlobalHydra.instance().is_initialized()
+    with initialize_config_module(config_module="tttlab.mttt_jax.evaluate_conf", version_base=None):
+        app = GlobalHydra.instance().hydra
+        inside = E.compose_train(overrides)
+        assert GlobalHydra.instance().hydra is app
+        assert compose("evaluate", overrides=["run_dir=x"]).run_dir == "x"
+    assert inside == outside and outside["inner"]["layer_type"] == "linear_attention"
+    assert config_hash(inside) == config_hash(outside)
 
 
 def test_the_help_setting_leaves_the_configs_and_their_hashes_alone():
     """``hydra.help.app_name`` lives in the ``hydra`` node, which the composed config (what train and evaluate
     get, and hash into run identities and cached-model keys) does not hold: pinned hashes of the smoke and
-    mnist_patch training configs and of the evaluate config, as composed before the setting."""
+    mnist_patch training configs and of the evaluate config, as composed before the setting (and before
+    evaluate.yaml moved into a config folder of its own, with its own help template)."""
     from hydra import compose, initialize_config_module
 
     from tttlab.core.records import config_hash
@@ -274,9 +310,10 @@ def test_the_help_setting_leaves_the_configs_and_their_hashes_alone():
         hashes = [
             config_hash(T.to_dict(compose("config", overrides=["experiment=smoke"]))),
             config_hash(T.to_dict(compose("config", overrides=["experiment=mnist_patch"]))),
-            config_hash(T.to_dict(compose("evaluate", overrides=["run_dir=x"]))),
         ]
         assert "hydra" not in compose("config", overrides=["experiment=smoke"])
+    with initialize_config_module(config_module="tttlab.mttt_jax.evaluate_conf", version_base=None):
+        hashes.append(config_hash(T.to_dict(compose("evaluate", overrides=["run_dir=x"]))))
     assert hashes == PINNED_HASHES, hashes
 
 

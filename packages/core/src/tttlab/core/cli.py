@@ -13,7 +13,10 @@ quietly with exit status 141 (128 + SIGPIPE, what a shell reports for a command 
 ``BrokenPipeError`` traceback: inside :func:`user_errors`, and at the top of the program after
 :func:`quiet_closed_stdout` (which :func:`check_hydra_command` calls, so Hydra's ``--help`` page is covered).
 A Hydra task's output belongs inside its :func:`user_errors` block: Hydra reports an exception in the task
-itself (exit status 1, a traceback), as it does for its ``--cfg job`` output, which stays uncovered.
+itself (exit status 1, a traceback).  Hydra's own ``--cfg job``/``--cfg hydra``/``--cfg all`` print (whose
+exception Hydra reports the same way) and ``--info`` pages (written by logging, which reports the exception
+and goes on) are covered by :func:`quiet_hydra_output`, which :func:`check_hydra_command` also calls: on a
+command line that only asks Hydra to print, a write into the closed pipe ends the command at once.
 """
 
 from __future__ import annotations
@@ -100,17 +103,86 @@ def quiet_closed_stdout() -> None:
 
     def hook(kind, value, tb):
         if issubclass(kind, BrokenPipeError) and _stdout_closed():
-            import logging
-            import os
-
-            _leave_closed_stdout()
-            logging.shutdown()  # the log files' last lines: os._exit runs no exit handlers
-            sys.stderr.flush()
-            os._exit(CLOSED_STDOUT_STATUS)  # an excepthook cannot choose the status: it would be 1
+            _end_quietly()  # an excepthook cannot choose the status: it would be 1
         previous(kind, value, tb)
 
     hook._tttlab_closed_stdout = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+
+
+def _end_quietly() -> None:
+    """End the program now with :data:`CLOSED_STDOUT_STATUS`, its standard output pointed at the null device
+    first (nothing flushed later raises again) and the log handlers flushed (``os._exit`` runs no exit
+    handlers)."""
+    import logging
+    import os
+
+    _leave_closed_stdout()
+    logging.shutdown()  # the log files' last lines
+    sys.stderr.flush()
+    os._exit(CLOSED_STDOUT_STATUS)
+
+
+class _ClosedStdoutGuard:
+    """Standard output whose ``write``/``writelines``/``flush`` end the program quietly (:func:`_end_quietly`)
+    when the closed standard output refuses them, wherever the ``BrokenPipeError`` would have gone: Hydra
+    catches the one of its ``--cfg`` print (a traceback and exit status 1), and logging the one of its
+    ``--info`` pages (a "Logging error" report and exit status 0).  Everything else goes to the stream it
+    wraps."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def _guarded(self, name: str, *args):
+        try:
+            return getattr(self._stream, name)(*args)
+        except BrokenPipeError:
+            if _stdout_closed():
+                _end_quietly()
+            raise
+
+    def write(self, text):
+        return self._guarded("write", text)
+
+    def writelines(self, lines):
+        return self._guarded("writelines", lines)
+
+    def flush(self):
+        return self._guarded("flush")
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+#: Options of Hydra's command line that run the task, and those that only modify what the others do (which
+#: config, which package of it); every other option makes Hydra print something of its own (the composed
+#: config, a help or info page, its version) and stop
+HYDRA_RUN_OPTIONS = ("-m", "--multirun", "-r", "--run", "--experimental-rerun")
+HYDRA_MODIFIER_OPTIONS = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-p", "--package",
+                          "--resolve")  # fmt: skip
+
+
+def _hydra_prints_only(argv: list[str]) -> bool:
+    """Whether the command line asks Hydra to print something of its own instead of running the task: an
+    option (``--cfg job``, ``-c hydra``, ``--info``, ``--help``, ...) that is no modifier, and no run mode."""
+    options = [a.partition("=")[0] for a in argv if a.startswith("-") and a not in ("-", "--")]
+    return any(o not in HYDRA_RUN_OPTIONS + HYDRA_MODIFIER_OPTIONS for o in options) and not any(
+        o in HYDRA_RUN_OPTIONS for o in options
+    )
+
+
+def quiet_hydra_output(argv: list[str] | None = None) -> None:
+    """When the command line only asks Hydra to print (``--cfg job``, ``--cfg hydra``, ``--cfg all``,
+    ``--info ...``, ``--help``; ``argv``: default ``sys.argv[1:]``), make standard output a
+    :class:`_ClosedStdoutGuard`: a closed pipe (``... --cfg job | head -1``) then ends the command quietly with
+    exit status :data:`CLOSED_STDOUT_STATUS`, as everywhere else, although Hydra catches the exception of its
+    print (or logging that of its ``--info`` page) before :func:`quiet_closed_stdout`'s hook could see it.  A
+    command line that runs the task keeps its standard output as it is (the task's own output into a closed
+    pipe is :func:`user_errors`' to end).  Idempotent; :func:`check_hydra_command` calls it."""
+    if isinstance(sys.stdout, _ClosedStdoutGuard) or sys.stdout is None:
+        return
+    if _hydra_prints_only(sys.argv[1:] if argv is None else argv):
+        sys.stdout = _ClosedStdoutGuard(sys.stdout)
 
 
 def _tell_torchrun(line: str) -> None:
@@ -361,8 +433,9 @@ def check_hydra_command(prog: str, conf: str, config_name: str, *, compile_key: 
     command with one ``<prog>: error: ...`` line and exit status 2, before anything is written.  ``conf`` is
     the package's config package (``"tttlab.<pkg>.conf"``), ``config_name`` the ``@hydra.main`` one.  It
     also makes a closed standard output (Hydra's ``--help`` into ``| head``) end the command quietly
-    (:func:`quiet_closed_stdout`)."""
+    (:func:`quiet_closed_stdout`), and so does Hydra's ``--cfg``/``--info`` output (:func:`quiet_hydra_output`)."""
     quiet_closed_stdout()
+    quiet_hydra_output()
     if compile_key:
         check_compile_override(prog)
     check_group_overrides(prog, conf)
@@ -381,6 +454,7 @@ __all__ = [
     "check_hydra_command",
     "domain_table",
     "quiet_closed_stdout",
+    "quiet_hydra_output",
     "user_errors",
 ]
 

@@ -9,7 +9,7 @@ command prints them as a table (``tttlab.core.cli.domain_table``: accuracy in % 
 clean first, the mean over corruptions last), then the records path.
 
 ``run(cfg)`` is the ``evaluate`` target of the ``tttlab.methods`` specs (a mapping with the keys of
-``conf/evaluate.yaml``).
+``evaluate_conf/evaluate.yaml``: a config folder of its own, without the training's ``experiment`` group).
 
 ``dtype`` (``float32`` | ``bfloat16`` | ``float16``; default: the training run's) is the compute dtype of
 the evaluation's forward passes (parameters stay float32; the TTT layers' inner losses are computed in
@@ -135,14 +135,19 @@ PROFILES: dict[str, list[str]] = {
 
 def compose_train(overrides: list[str]) -> dict:
     """The training config (``conf/config.yaml`` + overrides) composed with Hydra, also inside a running
-    Hydra app."""
+    Hydra app (``tttlab-mttt-evaluate``, whose config folder is another: that app's Hydra is put back after)."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    if GlobalHydra.instance().is_initialized():
-        return T.to_dict(compose(config_name="config", overrides=overrides))
-    with initialize_config_module(config_module="tttlab.mttt_jax.conf", version_base=None):
-        return T.to_dict(compose(config_name="config", overrides=overrides))
+    running = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="tttlab.mttt_jax.conf", version_base=None):
+            return T.to_dict(compose(config_name="config", overrides=overrides))
+    finally:
+        if running is not None:  # the instance now is another object (Hydra's backup of the cleared one)
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(running)
 
 
 def cached_run(method: str, profile: str, cache_dir, progress: bool = False, seed: int = 0,
@@ -177,7 +182,7 @@ def cached_run(method: str, profile: str, cache_dir, progress: bool = False, see
     return out
 
 
-#: keys of :func:`run` (the evaluate contract's, those of ``conf/evaluate.yaml``)
+#: keys of :func:`run` (the evaluate contract's, those of ``evaluate_conf/evaluate.yaml``)
 EVALUATE_KEYS = {"method", "out_dir", "benchmark", "profile", "cache_dir", "seed", "device", "progress", "run_dir",
                  "checkpoint_step", "logging", "dtype"}  # fmt: skip
 
@@ -300,7 +305,10 @@ def _run(c: dict, seed, devices) -> Path:
         pad = width - x.shape[0]
         return np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad > 0 else x
 
-    per_domain: dict = {}
+    # the benchmark's domains in its order (clean first, then the corruptions and severities as it lists them):
+    # the records and the printed table follow it, as the other packages' do (a mixed stream's first batches
+    # set the order otherwise); a domain no image came from writes no record
+    per_domain: dict = {d: {"correct": 0, "n": 0, "inner": [], "secs": 0.0} for d in bench.domains}
     batches = iter(bench)
     first = next(batches, None)
     if first is not None:  # compile before timing
@@ -347,16 +355,14 @@ def write_records(writer, per_domain: dict, *, ttt: bool, train_run: str) -> lis
     """The compare-contract records via :func:`tttlab.core.records.write_domain_summary`, plus ``error``.
 
     ``per_domain`` maps a benchmark domain to ``{"correct", "n", "secs", "inner": [the last layer's inner loss
-    at its last step for each of the domain's images]}``.  Per domain (sorted by name): ``accuracy`` and
+    at its last step for each of the domain's images]}``.  Per domain (in ``per_domain``'s order, which is the
+    benchmark's in :func:`run`; the clean domain first): ``accuracy`` and
     ``s_per_image`` (``extra``: ``correct``, ``last_inner_loss`` for TTT mixers, ``train_run``), then
     ``accuracy`` with ``corruption="mean"`` over the corrupted domains; the clean domain is summarised on its
     own, so the mean's ``n``/``wall_time_s`` count the corrupted images only (as before the move to the core
     helper).  Every accuracy record gets an ``error`` = 1 - accuracy twin with the same fields.
     """
-    totals = {
-        dom: (a["correct"], a["n"], a["secs"], a["inner"])
-        for dom, a in sorted(per_domain.items(), key=lambda kv: str(kv[0]))
-    }
+    totals = {dom: (a["correct"], a["n"], a["secs"], a["inner"]) for dom, a in per_domain.items() if a["n"]}
 
     def domain_extra(dom, row):
         return {"last_inner_loss": float(np.mean(row[3])) if ttt and row[3] else None, "train_run": train_run}
@@ -392,7 +398,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     T.quiet_absl()
 
-    @hydra.main(config_path="conf", config_name="evaluate", version_base=None)
+    # evaluate's own config folder: the training's (conf) has the experiment group, which --help would list
+    @hydra.main(config_path="evaluate_conf", config_name="evaluate", version_base=None)
     def _main(cfg) -> None:
         from tttlab.core.cli import domain_table
 
@@ -403,7 +410,9 @@ def main() -> None:
             print("\n".join(domain_table(path)))
             print(path)
 
-    check_hydra_command("tttlab-mttt-evaluate", "tttlab.mttt_jax.conf", "evaluate", compile_key=False)
+    check_hydra_command(
+        "tttlab-mttt-evaluate", "tttlab.mttt_jax.evaluate_conf", "evaluate", compile_key=False
+    )
     _main()
 
 
