@@ -15,7 +15,11 @@ JAX_VENV ?= .venv-jax
 JAX_PY := $(JAX_VENV)/bin/python
 PIP_INSTALL := pip install -q --disable-pip-version-check -c constraints.txt
 # --durations: each CI log lists its slowest tests (the suite must stay under 10 minutes on 2 cores).
-PYTEST_FLAGS ?= -q -p no:cacheprovider --durations=15
+# PYTEST_WORKERS: pytest-xdist processes, each test file on one of them (--dist loadfile: a file's tests run
+# in their order, its module fixtures once); 2 fits the 2-core CI machine (full phase 451 s -> 287 s there,
+# BENCHMARKS.md "Test suite"), PYTEST_WORKERS=0 runs in this process, one test after the other.
+PYTEST_WORKERS ?= 2
+PYTEST_FLAGS ?= -q -p no:cacheprovider --durations=15 -n $(PYTEST_WORKERS) --dist loadfile
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 export PYTHONDONTWRITEBYTECODE := 1
