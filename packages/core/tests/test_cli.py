@@ -521,3 +521,86 @@ def test_a_broken_pipe_that_is_not_stdout_keeps_its_traceback():
 
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and "BrokenPipeError: [Errno 32] of a child" in res.stderr, res.stderr
+
+
+def test_a_run_directory_the_config_cannot_make_stops_before_hydra(tmp_path, monkeypatch, capsys):
+    """Hydra resolves ``hydra.run.dir`` before the task runs: ``run_dir: ???`` not given ended in Hydra's
+    traceback ("Missing mandatory value: run_dir", exit status 1), ``run_dir=null`` made a folder named
+    ``None/eval`` (``out_dir=null`` for ``${out_dir}``: Hydra's traceback, the directory being typed as a
+    string), and a resolver's own TTTLabError came wrapped in Hydra's traceback too.  Now each is one
+    line and exit status 2, before Hydra makes any folder; a directory that resolves passes."""
+    from omegaconf import OmegaConf
+
+    from tttlab.core.cli import check_config_overrides
+    from tttlab.core.errors import InvalidInputError
+
+    conf = tmp_path / "fakepkg_rundir" / "conf"
+    conf.mkdir(parents=True)
+    (conf.parent / "__init__.py").write_text("")
+    (conf / "__init__.py").write_text("")
+    hydra_node = "hydra:\n  run:\n    dir: {}\n"
+    (conf / "evaluate.yaml").write_text("run_dir: ???\nseed: 0\n" + hydra_node.format("${run_dir}/eval"))
+    (conf / "train.yaml").write_text("out_dir: runs/x\n" + hydra_node.format("${out_dir}"))
+    (conf / "picky.yaml").write_text("where: null\n" + hydra_node.format("${tttlab_test_picky:${where}}"))
+
+    def picky(where):
+        if where is None:
+            raise InvalidInputError("where is not set; give where=<folder>")
+        return str(where)
+
+    OmegaConf.register_new_resolver("tttlab_test_picky", picky, replace=True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    for config, args, line in (
+        ("evaluate", [], "ConfigError: run_dir is not set (the config has no default); the command's run "
+                         "directory (hydra.run.dir: ${run_dir}/eval) is made from it: give run_dir=<value>"),
+        ("evaluate", ["seed=1", "run_dir=null"], "ConfigError: run_dir=null, but the command's run directory "
+         "(hydra.run.dir: ${run_dir}/eval) is made from it and would be the folder 'None/eval': give "
+         "run_dir=<value>"),
+        ("train", ["out_dir=null"], "ConfigError: out_dir=null, but the command's run directory (hydra.run.dir: "
+         "${out_dir}) is made from it: give out_dir=<value>"),  # Hydra's InterpolationValidationError traceback
+        ("picky", [], "InvalidInputError: where is not set; give where=<folder>"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            check_config_overrides("prog", "fakepkg_rundir.conf", config, args)
+        assert (exit_info.value.code, capsys.readouterr().err) == (2, f"prog: error: {line}\n")
+    check_config_overrides("prog", "fakepkg_rundir.conf", "evaluate", ["run_dir=runs/x"])
+    check_config_overrides("prog", "fakepkg_rundir.conf", "picky", ["where=runs/None_yet"])
+    assert capsys.readouterr().err == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fakepkg_rundir"]  # nothing made
+
+
+def test_hydra_info_pages_print_each_line_once(monkeypatch, capsys):
+    """The commands call ``logging.basicConfig`` (a root handler on stderr) before Hydra, and Hydra's
+    ``--info`` adds one on stdout for its page: every line came twice, the second on stderr with a timestamp.
+    After check_hydra_command it is printed once, on stdout; the task never runs."""
+    pytest.importorskip("hydra")
+    import logging
+    import sys
+
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from tttlab.core.cli import check_hydra_command
+
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)  # put back after
+    monkeypatch.setattr("sys.stdout", sys.stdout)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", root.handlers[:])  # Hydra's stdout handler goes with it
+    monkeypatch.setattr(root, "level", root.level)
+    console = logging.StreamHandler(sys.stderr)  # what the commands' logging.basicConfig adds
+    console.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    root.addHandler(console)
+    ran = []
+
+    @hydra.main(config_path="pkg://tttlab.core.conf", config_name="compare", version_base=None)
+    def _main(cfg):
+        ran.append(cfg)
+
+    monkeypatch.setattr("sys.argv", ["tttlab-x", "--info", "searchpath"])
+    check_hydra_command("tttlab-x", "tttlab.core.conf", "compare", compile_key=False)
+    _main()
+    out, err = capsys.readouterr()
+    assert out.count("Config search path") == 1 and "pkg://tttlab.core.conf" in out, out
+    assert (err, ran) == ("", [])
+    assert console not in root.handlers

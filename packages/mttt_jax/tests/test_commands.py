@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -359,3 +360,65 @@ def test_train_output_into_a_closed_pipe_ends_quietly(tmp_path):
         "out_dir=" + str(tmp_path / "run"),
     )
     assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        # no run_dir: Hydra's traceback for hydra.run.dir=${run_dir}/eval (exit 1); run_dir=null: a folder None/eval
+        ([], "ConfigError: run_dir is not set: evaluate a tttlab-mttt-train run with run_dir=<its folder"),
+        (["run_dir=null"], "ConfigError: run_dir is not set: evaluate a tttlab-mttt-train run with run_dir=<its folder"),
+        # Hydra's remedy "+experiment=smoke" then failed in run: unknown evaluate keys ['experiment']
+        (["experiment=smoke"], "ConfigError: experiment=smoke: evaluate takes no experiment (a tttlab-mttt-train "
+         "option); it evaluates a trained run: run_dir=<the run's folder, runs/mttt/smoke after tttlab-mttt-train "
+         "experiment=smoke>"),
+        (["run_dir=r", "+experiment=smoke"], "ConfigError: +experiment=smoke: evaluate takes no experiment"),
+        (["run_dir=r", "lr=0.1"], "ConfigError: lr=0.1: evaluate takes no lr (a tttlab-mttt-train option)"),
+    ],
+)  # fmt: skip
+def test_evaluate_without_a_run_or_with_a_training_option_is_one_line(
+    tmp_path, monkeypatch, capsys, no_log_setup, args, message
+):
+    """Each ends in one ``tttlab-mttt-evaluate: error:`` line naming what evaluate takes (run_dir=, or
+    +method=mttt_jax.<mixer> +profile=...), exit status 2, before Hydra makes any folder."""
+    from tttlab.mttt_jax import evaluate as E
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(E, "run", lambda cfg: pytest.fail("evaluate ran"))
+    monkeypatch.setattr(sys, "argv", ["tttlab-mttt-evaluate", *args, *NO_HYDRA_LOGGING])
+    with pytest.raises(SystemExit) as exc:
+        E.main()
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"tttlab-mttt-evaluate: error: {message}"), err
+    assert "+method=mttt_jax.<mixer> [+profile=smoke|quick|full]" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args, hydra_dir, out_dir",
+    [
+        (["run_dir=r"], "r/eval", None),  # as before: run writes into <run_dir>/eval
+        (["run_dir=r", "out_dir=o"], "o", "o"),  # Hydra's log went into r/eval, the records into o
+        (["+method=mttt_jax.mttt_mlp", "+profile=smoke"], "runs/mttt/eval/mttt_mlp-smoke",
+         "runs/mttt/eval/mttt_mlp-smoke"),  # needed run_dir=null, then made None/eval; records in the cache
+        (["run_dir=null", "+method=linear_attention"], "runs/mttt/eval/linear_attention-full",
+         "runs/mttt/eval/linear_attention-full"),
+    ],
+)  # fmt: skip
+def test_evaluate_run_directory_is_where_its_records_go(tmp_path, monkeypatch, capsys, no_log_setup, args, hydra_dir,
+                                                        out_dir):  # fmt: skip
+    """Hydra's run directory (its log) is the folder the records go to: out_dir, else <run_dir>/eval, else for
+    +method=... without a run, runs/mttt/eval/<mixer>-<profile>, which evaluate gets as its out_dir."""
+    from tttlab.mttt_jax import evaluate as E
+
+    monkeypatch.chdir(tmp_path)
+    records = tmp_path / "records.jsonl"
+    records.touch()
+    seen = {}
+    monkeypatch.setattr(E, "run", lambda cfg: seen.update(T.to_dict(cfg)) or records)
+    monkeypatch.setattr(sys, "argv", ["tttlab-mttt-evaluate", *args, *NO_HYDRA_LOGGING])
+    E.main()
+    assert seen["out_dir"] == out_dir and seen["run_dir"] == ("r" if "run_dir=r" in args else None)
+    made = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_dir())
+    assert made == sorted(str(p) for p in (Path(hydra_dir), *Path(hydra_dir).parents) if str(p) != ".")

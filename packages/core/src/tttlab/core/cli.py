@@ -185,6 +185,24 @@ def quiet_hydra_output(argv: list[str] | None = None) -> None:
         sys.stdout = _ClosedStdoutGuard(sys.stdout)
 
 
+def hydra_pages_log_once(argv: list[str] | None = None) -> None:
+    """When the command line only asks Hydra to print (``--info ...``, ``--cfg``, ``--help``; ``argv``: default
+    ``sys.argv[1:]``), take the console handlers off the root logger: Hydra's ``--info`` pages are log lines,
+    for which Hydra *adds* a handler on stdout, so the one ``logging.basicConfig`` put there (the commands call
+    it before Hydra starts) printed every line a second time, on stderr with a timestamp.  A command line that
+    runs the task keeps them (Hydra replaces the root's handlers by its job logging's anyway)."""
+    import logging
+
+    if not _hydra_prints_only(sys.argv[1:] if argv is None else argv):
+        return
+    root = logging.getLogger()
+    consoles = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
+    for handler in root.handlers[:]:
+        stream = getattr(handler, "stream", None)
+        if type(handler) is logging.StreamHandler and any(stream is c for c in consoles if c is not None):
+            root.removeHandler(handler)
+
+
 def _tell_torchrun(line: str) -> None:
     """Write ``line`` to torchrun's per-worker error file when there is one (torch elastic's JSON form with a
     plain-string message, which its summary prints as the worker's traceback)."""
@@ -353,13 +371,15 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
     overrides, as its ``@hydra.main`` is about to: an override Hydra cannot apply (a misspelt key, a value
     of the wrong type for a typed key, a malformed value) stops the command with the usual one-line
     ``ConfigError`` naming the override and exit status 2, instead of Hydra's few-line report and exit
-    status 1.  Command lines with Hydra's own flags (``--multirun``, ``--cfg``, ``--help``, ...) are left to
-    Hydra.  :func:`check_hydra_command` calls it after :func:`check_group_overrides`; the package's
+    status 1.  So is a run directory Hydra could not make from the composed config (a ``???`` value or a
+    null that ``hydra.run.dir`` interpolates, a resolver's :class:`TTTLabError`: :func:`_check_run_dir_resolves`),
+    which Hydra would report with a traceback, or make as a folder named ``None``.  Command lines with
+    Hydra's own flags (``--multirun``, ``--cfg``, ``--help``, ...) are left to Hydra.  :func:`check_hydra_command` calls it after :func:`check_group_overrides`; the package's
     structured configs must be registered by then."""
     from .errors import ConfigError
 
-    args = sys.argv[1:] if argv is None else argv
-    if not args or any(a.startswith("-") for a in args):
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a.startswith("-") for a in args):
         return
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -370,7 +390,7 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
     try:
         with initialize_config_module(conf, version_base=None):
             try:
-                compose(config_name=config_name, overrides=list(args))
+                cfg = compose(config_name=config_name, overrides=args, return_hydra_config=True)
             except (HydraException, OmegaConfBaseException) as exc:
                 first = " ".join(str(exc).split())  # Hydra's lines (and its remedy: "use +key=...") as one
                 cause = exc.__cause__
@@ -381,8 +401,58 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
                 exc = ConfigError(first + (f" ({why})" if why and why not in first else "") + hint)
                 print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
                 raise SystemExit(2) from None
+            _check_run_dir_resolves(prog, cfg)
     finally:
         GlobalHydra.instance().clear()
+
+
+def _check_run_dir_resolves(prog: str, cfg) -> None:
+    """Stop the command when the run directory Hydra is about to make (``hydra.run.dir`` of the composed
+    ``cfg``) cannot be made from the config: a value it interpolates is missing (``run_dir: ???`` not given
+    on the command line), a resolver of it refuses the config with a :class:`TTTLabError`, or a key it
+    interpolates is null (``run_dir=null``: ``${run_dir}/eval`` would be the folder ``None/eval``).  Hydra
+    resolves that directory before the task runs, so these would otherwise end in its traceback (or make a
+    folder named ``None``).  Any other failure to resolve is left to Hydra."""
+    import re
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import (
+        InterpolationResolutionError,
+        InterpolationToMissingValueError,
+        MissingMandatoryValue,
+    )
+
+    from .errors import ConfigError
+
+    if OmegaConf.select(cfg, "hydra.run", throw_on_missing=False) is None:
+        return
+    raw = OmegaConf.to_container(cfg.hydra.run, resolve=False).get("dir")
+    where = f"the command's run directory (hydra.run.dir: {raw}) is made from it"
+    null = [k for k in re.findall(r"\$\{([\w.]+)\}", str(raw))
+            if OmegaConf.select(cfg, k, default=0, throw_on_missing=False) is None]  # fmt: skip
+    exc: TTTLabError | None = None
+    try:
+        resolved = cfg.hydra.run.dir
+    except (InterpolationToMissingValueError, MissingMandatoryValue) as err:
+        found = re.search(r"Missing mandatory value: ?([\w.\[\]]*)", str(err))
+        key = (found and found.group(1)) or "hydra.run.dir"
+        exc = ConfigError(f"{key} is not set (the config has no default); {where}: give {key}=<value>")
+    except InterpolationResolutionError as err:
+        seen: BaseException | None = err
+        while seen is not None and not isinstance(seen, TTTLabError):  # a resolver's own refusal
+            seen = seen.__cause__ or seen.__context__
+        if seen is not None:
+            exc = seen
+        elif null:  # Hydra types the directory as a string: ${out_dir} with out_dir=null fails to validate
+            exc = ConfigError(f"{null[0]}=null, but {where}: give {null[0]}=<value>")
+    else:
+        if null and "None" in re.split(r"[/\\]", str(resolved)):  # the null became a folder
+            exc = ConfigError(
+                f"{null[0]}=null, but {where} and would be the folder {str(resolved)!r}: give {null[0]}=<value>"
+            )
+    if exc is not None:
+        print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _closest_key(message: str, args: list[str], compose) -> str:
@@ -429,13 +499,16 @@ def _plus_hint(message: str, args: list[str]) -> str:
 def check_hydra_command(prog: str, conf: str, config_name: str, *, compile_key: bool = True) -> None:
     """Every check a Hydra command makes of its command line before its ``@hydra.main`` function runs,
     in order: a bad ``compile=`` value (``compile_key``: the config has that key), a config-group override
-    naming no YAML, any other override Hydra cannot apply, an ``out_dir`` that is a file.  Each stops the
+    naming no YAML, any other override Hydra cannot apply or a run directory it cannot make from the config
+    (``run_dir: ???`` not given), an ``out_dir`` that is a file.  Each stops the
     command with one ``<prog>: error: ...`` line and exit status 2, before anything is written.  ``conf`` is
     the package's config package (``"tttlab.<pkg>.conf"``), ``config_name`` the ``@hydra.main`` one.  It
     also makes a closed standard output (Hydra's ``--help`` into ``| head``) end the command quietly
-    (:func:`quiet_closed_stdout`), and so does Hydra's ``--cfg``/``--info`` output (:func:`quiet_hydra_output`)."""
+    (:func:`quiet_closed_stdout`), and so does Hydra's ``--cfg``/``--info`` output (:func:`quiet_hydra_output`);
+    the ``--info`` pages print each line once (:func:`hydra_pages_log_once`)."""
     quiet_closed_stdout()
     quiet_hydra_output()
+    hydra_pages_log_once()
     if compile_key:
         check_compile_override(prog)
     check_group_overrides(prog, conf)
@@ -453,6 +526,7 @@ __all__ = [
     "check_group_overrides",
     "check_hydra_command",
     "domain_table",
+    "hydra_pages_log_once",
     "quiet_closed_stdout",
     "quiet_hydra_output",
     "user_errors",

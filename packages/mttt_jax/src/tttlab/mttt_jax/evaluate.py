@@ -1,4 +1,5 @@
-"""Evaluate a trained run on a core corruption benchmark: ``tttlab-mttt-evaluate run_dir=<dir> [benchmark.*]``.
+"""Evaluate a trained run on a core corruption benchmark: ``tttlab-mttt-evaluate run_dir=<dir> [benchmark.*]``
+(or ``+method=mttt_jax.<mixer> [+profile=...]``: a compare profile's model, trained once and cached).
 
 MTTT's test-time training happens inside every forward pass (each TTT layer runs its inner loop on the
 tokens of each image), so there are no weights to adapt or reset between batches: every setting of
@@ -382,6 +383,77 @@ def write_records(writer, per_domain: dict, *, ttt: bool, train_run: str) -> lis
     return written
 
 
+#: Where ``tttlab-mttt-evaluate +method=mttt_jax.<mixer> +profile=<p>`` (no ``run_dir``) puts its records and
+#: Hydra's log by default: ``<EVAL_ROOT>/<mixer>-<p>`` (``evaluate.run``, called without ``out_dir``, writes into
+#: the cached model's folder instead).
+EVAL_ROOT = "runs/mttt/eval"
+
+
+def eval_dir(out_dir=None, run_dir=None, method=None, profile=None) -> str:
+    """The command's run directory (Hydra's ``hydra.run.dir``, made before the task runs: its log goes
+    there): ``out_dir`` when given, else ``<run_dir>/eval`` (where :func:`run` writes the records), else, for
+    ``+method=mttt_jax.<mixer>`` without ``run_dir``, ``runs/mttt/eval/<mixer>-<profile>`` (profile default
+    ``full``, as :func:`run`), which the command then gives :func:`run` as ``out_dir``.  Neither ``run_dir``
+    nor ``method``: a :class:`ConfigError` saying what the command takes (core's ``check_hydra_command``
+    prints it as one line before Hydra starts)."""
+    if out_dir:
+        return str(out_dir)
+    if run_dir:
+        return f"{run_dir}/eval"
+    if method:
+        return f"{EVAL_ROOT}/{str(method).removeprefix('mttt_jax.')}-{profile or 'full'}"
+    raise ConfigError(
+        "run_dir is not set: evaluate a tttlab-mttt-train run with run_dir=<its folder, the out_dir it wrote, "
+        "e.g. runs/mttt/smoke>, or train one first (cached) with +method=mttt_jax.<mixer> "
+        f"[+profile={'|'.join(PROFILES)}], <mixer> one of {', '.join(MIXER_FLAGS)}"
+    )
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("mttt_eval_dir", eval_dir, replace=True)
+
+
+register_resolvers()
+
+
+def check_train_options(prog: str, argv: list[str] | None = None) -> None:
+    """Stop the command when an override names a key of the training config that evaluate does not take
+    (``experiment=smoke``, ``lr=0.1``, ``inner.TTT.inner_itr=4``): Hydra would say "use +experiment=smoke",
+    which then fails in :func:`run` (``unknown evaluate keys``).  One ``ConfigError`` line saying it is a
+    ``tttlab-mttt-train`` option and what evaluate takes instead (for ``experiment``, the folder that training
+    writes), exit status 2.  Evaluate's own keys, ``hydra.*`` and flags pass."""
+    train_keys: set | None = None
+    for arg in sys.argv[1:] if argv is None else argv:
+        if arg.startswith("-"):
+            continue
+        key, sep, value = arg.lstrip("+~").partition("=")
+        top = key.split(".")[0].split("/")[0]
+        if not key or top in EVALUATE_KEYS or top == "hydra":
+            continue
+        if train_keys is None:
+            try:
+                train_keys = set(compose_train([])) | {"experiment"}
+            except Exception:  # noqa: BLE001 - without the training config, Hydra reports the override
+                return
+        if top not in train_keys:
+            continue
+        example = "e.g. runs/mttt/smoke"
+        if top == "experiment" and sep and value.strip():
+            try:
+                example = f"{compose_train([f'experiment={value.strip()}'])['out_dir']} after tttlab-mttt-train {arg.lstrip('+')}"
+            except Exception:  # noqa: BLE001 - no such experiment: the generic example
+                pass
+        exc = ConfigError(
+            f"{arg}: evaluate takes no {top} (a tttlab-mttt-train option); it evaluates a trained run: "
+            f"run_dir=<the run's folder, {example}>, or +method=mttt_jax.<mixer> [+profile={'|'.join(PROFILES)}] "
+            f"to train one (cached); its keys: {', '.join(sorted(EVALUATE_KEYS))}"
+        )
+        print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _chain(first, rest):
     if first is not None:
         yield first
@@ -401,15 +473,23 @@ def main() -> None:
     # evaluate's own config folder: the training's (conf) has the experiment group, which --help would list
     @hydra.main(config_path="evaluate_conf", config_name="evaluate", version_base=None)
     def _main(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
+
         from tttlab.core.cli import domain_table
 
         with user_errors("tttlab-mttt-evaluate"):
+            if OmegaConf.is_missing(cfg, "run_dir"):  # +method=... without run_dir: a model to train
+                cfg.run_dir = None
+            if not cfg.run_dir and not cfg.out_dir:  # the records next to Hydra's log (eval_dir)
+                cfg.out_dir = HydraConfig.get().run.dir
             path = run(cfg)
             # accuracy % and ms/image per domain, clean first, the mean last (inside user_errors: `| head`
             # ends it quietly, not in Hydra's error report)
             print("\n".join(domain_table(path)))
             print(path)
 
+    check_train_options("tttlab-mttt-evaluate")
     check_hydra_command(
         "tttlab-mttt-evaluate", "tttlab.mttt_jax.evaluate_conf", "evaluate", compile_key=False
     )
