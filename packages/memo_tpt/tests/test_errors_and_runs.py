@@ -14,7 +14,7 @@ from tttlab.core.errors import (
     TTTLabError,
     UnknownNameError,
 )
-from tttlab.core.records import load_records
+from tttlab.core.records import config_hash, load_records
 from tttlab.memo_tpt import data as D
 from tttlab.memo_tpt.models import build_classifier, build_clip
 
@@ -121,7 +121,6 @@ def test_hydra_proxies_write_to_the_evaluates_default_folder():
     """``tttlab-memo-tpt-tpt +experiment=mnist`` (= ``tttlab-memo-tpt-evaluate method=memo_tpt.tpt``) wrote to
     runs/memo_tpt/tpt, shared with +experiment=smoke and the paper runs; it now writes where the evaluate does,
     one folder per method and profile, and runs the same config there (same hash: a rerun replaces)."""
-    from tttlab.core.records import config_hash
     from tttlab.memo_tpt.evaluate import default_out_dir, eval_config
     from tttlab.memo_tpt.main import _plain
 
@@ -184,12 +183,16 @@ def test_memo_run_on_imagenet_v2_fixture_resumes(tmp_path):
     a, b = full[full.metric == "accuracy"], resumed[resumed.metric == "accuracy"]
     assert int(a.n.iloc[-1]) == 3 == int(b.n.iloc[-1])
     assert a.extra.iloc[-1]["correct"] == b.extra.iloc[-1]["correct"]
+    # records say MEMO's 1 step per image, resumed or not; the progress file (the resume point) is as before
+    assert full.step.tolist() == [1, 1] and resumed.step.tolist() == [1] * len(resumed)
+    assert sorted(progress) == ["correct", "generators", "index", "key", "order", "seconds"]
     assert json.loads((tmp_path / "part" / "checkpoints" / "progress-imagenet_v2.json").read_text())[
         "generators"] == json.loads((tmp_path / "full" / "checkpoints" / "progress-imagenet_v2.json").read_text())[
         "generators"]  # fmt: skip
     # kill audit: the finished run started again (e.g. killed after its last record) wrote its records twice
     again = load_records(run_paper(cfg))
     assert len(again) == len(full) == 2 and again.value.iloc[0] == full.value.iloc[0]
+    assert (again.config_hash == config_hash(OmegaConf.to_container(cfg, resolve=True))).all()
 
 
 def test_paper_runs_default_to_one_folder_per_config(tmp_path):
@@ -276,6 +279,7 @@ def test_tpt_run_on_imagenet_a_fixture_uses_200_classes(tmp_path, monkeypatch):
     acc = df[df.metric == "accuracy"]
     assert list(acc.dataset) == ["imagenet_a"] and int(acc.n.iloc[0]) == 3
     assert 0 <= float(acc.value.iloc[0]) <= 1
+    assert df.step.tolist() == [1, 1], "TPT's tts=1: one prompt-tuning step per image"
 
 
 @pytest.mark.parametrize(

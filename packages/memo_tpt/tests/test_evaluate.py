@@ -3,12 +3,14 @@ from pathlib import Path
 import pytest
 
 from tttlab.core.errors import ConfigError
-from tttlab.core.records import load_records
+from tttlab.core.records import config_hash, load_records
 from tttlab.core.registry import list_methods
 from tttlab.core.testing import run_faked_command_into_a_closed_pipe, run_into_a_closed_pipe
-from tttlab.memo_tpt.evaluate import METHODS, run
+from tttlab.memo_tpt.evaluate import METHODS, eval_config, run
 
 SPEC_NAMES = sorted(m.name for m in list_methods() if m.package == "memo_tpt")
+#: the records' ``step``: adaptation steps per image at the evaluate defaults (TPT tts 1, MEMO 1 step)
+STEPS = {"memo_tpt.tpt": 1, "memo_tpt.memo": 1, "memo_tpt.clip_zeroshot": 0, "memo_tpt.tpt_ensemble": 0}
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +33,12 @@ def test_contract_records(method, cache, tmp_path):
     assert (acc.n.iloc[:2] == 3).all() and acc.n.iloc[2] == 6
     assert set(df.metric) == {"accuracy", "s_per_image"} and (df.method == method).all()
     assert ((acc.value >= 0) & (acc.value <= 1)).all() and (df.package == "memo_tpt").all()
+    # every record says how many adaptation steps each image took (none before: core's table showed none)
+    assert df.step.tolist() == [STEPS[method]] * len(df)  # (a nullable column: .all() would skip missing)
+    # ... and the config's hash is the config's alone (a new record field, not a new config key)
+    config = eval_config(method=method, profile="smoke", out_dir=str(tmp_path / "a"), cache_dir=str(cache),
+                         benchmark=bench, progress=False)  # fmt: skip
+    assert (df.config_hash == config_hash(config)).all()
     models = sorted(p.name for p in cache.iterdir())
     again = load_records(run(method=method, profile="smoke", out_dir=str(tmp_path / "b"), cache_dir=str(cache),
                              benchmark=bench, progress=False))  # fmt: skip
@@ -72,7 +80,10 @@ def test_cli_help_errors_and_summary(cache, tmp_path, monkeypatch, capsys):
     main()
     out = capsys.readouterr().out.splitlines()
     # per domain accuracy % and ms/image, then the mean (it printed the mean only), then the mean line
-    assert out[0] == "memo_tpt.memo on mnist_c (episodic, reset per_image): accuracy %, ms/image", out
+    # ... and the steps, as torch_ttt's evaluate prints them
+    assert (
+        out[0] == "memo_tpt.memo on mnist_c (episodic, reset per_image, 1 step(s)): accuracy %, ms/image"
+    ), out
     assert [line.split()[0] for line in out[1:4]] == ["fog-5", "contrast-5", "mean"], out
     assert out[4].startswith("memo_tpt.memo: accuracy ") and "(mean over corruptions, 4 images)" in out[4]
     assert out[5].endswith("records.jsonl") and len(out) == 6

@@ -93,6 +93,12 @@ class Ensemble:
         )
         self.last_weights: torch.Tensor | None = None
 
+    @property
+    def adaptation_steps(self) -> int:
+        """Ensemble steps per image, as records' ``step`` (each steps every member once); 0 for the simple
+        ensemble (no backpropagation)."""
+        return 0 if self.simple else self.steps
+
     def reset(self) -> None:
         for m in self.members:
             m.reset()

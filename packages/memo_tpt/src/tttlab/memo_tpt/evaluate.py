@@ -14,8 +14,11 @@ setting (the methods are episodic by definition); records carry ``extra.reset = 
 ``out_dir`` the run folder is ``runs/memo_tpt/eval/<method>-<profile>`` (e.g. ``runs/memo_tpt/eval/tpt-full``).
 
 Records (core schema): per domain ``accuracy`` (``n``, ``wall_time_s`` = adaptation + prediction) and
-``s_per_image``, then ``accuracy`` with ``corruption="mean"``.  MEMO records also carry the unadapted
-model's accuracy on the same images (``extra.source_accuracy``, under the same ``amp``).
+``s_per_image``, then ``accuracy`` with ``corruption="mean"``; ``step`` is the adaptation steps per image
+(``adaptation_steps`` of the method: TPT ``tpt.align_steps + tpt.tts``, MEMO ``memo.steps``, 0 for
+``clip_zeroshot`` and the view-ensemble ``tpt_ensemble``), as torch_ttt's records carry their engine's
+steps.  MEMO records also carry the unadapted model's accuracy on the same images
+(``extra.source_accuracy``, under the same ``amp``).
 
 ``amp`` (``auto`` | ``none`` | ``bf16`` | ``fp16``) and ``compile`` (:mod:`tttlab.memo_tpt.precision`) apply
 to the adaptation and prediction; the cached tiny models are trained float32 and eager whatever they say
@@ -257,7 +260,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     extra = {"reset": "per_image", "profile": c["profile"]}
     rd.drop_records()  # run again (e.g. after a kill): replace, not append twice
     with rd.writer(method=c["method"], package="memo_tpt", framework="torch", model=model_name, dataset=b["name"],
-                   setting=b["setting"], seed=int(c["seed"])) as w:  # fmt: skip
+                   setting=b["setting"], step=adapt.adaptation_steps, seed=int(c["seed"])) as w:  # fmt: skip
         source = (lambda dom, row: {"source_accuracy": row[3] / row[1]}) if memo is not None else None
         write_domain_summary(w, totals, extra, domain_extra=source, min_domains_for_mean=2)
     return rd.records_path

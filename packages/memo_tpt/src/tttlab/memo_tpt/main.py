@@ -13,7 +13,9 @@ mnist_c), ``num_images`` (seed 002's ``test_stop``: the first ``num_images`` of 
 :func:`image_order`), ``verbose`` (log every n images).  Ours: ``amp``
 (``auto`` | ``none`` | ``bf16`` | ``fp16``) and ``compile`` (:mod:`tttlab.memo_tpt.precision`; an ensemble
 member may set its own; with ``data_to_test=mnist_c`` both go to the proxy's evaluate).  Results go to
-``out_dir/records.jsonl`` (core schema: per dataset ``accuracy`` and ``s_per_image``); ``out_dir`` defaults to
+``out_dir/records.jsonl`` (core schema: per dataset ``accuracy`` and ``s_per_image``, ``step`` = the adaptation
+steps per image: TPT ``align_steps + tts`` (0 with ``ensemble=true``), MEMO ``steps``, the ensemble ``niter``
+(0 with ``simple_ensemble``)); ``out_dir`` defaults to
 ``runs/memo_tpt/<method>/<arch>-<data_to_test>-<config hash>``, one folder per config
 (:mod:`tttlab.memo_tpt.run_dirs`).  A killed run resumes
 from ``out_dir/checkpoints/progress-<dataset>.json`` (written every ``save_every`` images, atomically) with the
@@ -255,7 +257,9 @@ def evaluate_dataset(
             if (i + 1) % int(c["save_every"]) == 0 or i + 1 == n:
                 state["generators"] = [m.generator.get_state().tolist() for m in members]
                 atomic_write_json(progress_file, state)  # fsync + rename: trusted by a resume
-    return {"dataset": name, "model": model_name, "n": n, **state}
+    # the adaptation steps per image, for the records' step (not in state: the progress file stays as it was)
+    steps = getattr(adapter, "adaptation_steps", None)
+    return {"dataset": name, "model": model_name, "n": n, "steps": steps, **state}
 
 
 def run_paper(cfg) -> Path:
@@ -338,7 +342,7 @@ def run_paper(cfg) -> Path:
                    seed=int(c["seed"])) as w:  # fmt: skip
         for r in results:
             n = max(r["n"], 1)
-            fields = dict(model=r["model"], dataset=r["dataset"], n=r["n"], wall_time_s=r["seconds"],
+            fields = dict(model=r["model"], dataset=r["dataset"], n=r["n"], wall_time_s=r["seconds"], step=r["steps"],
                           extra={"correct": r["correct"], "reset": "per_image"})  # fmt: skip
             w.write(metric="accuracy", value=r["correct"] / n, **fields)
             w.write(metric="s_per_image", value=r["seconds"] / n, **fields)

@@ -207,6 +207,11 @@ class Memo:
         self.optimizer = self._new_optimizer()
 
     # -- state -------------------------------------------------------------------------------------------
+    @property
+    def adaptation_steps(self) -> int:
+        """Optimizer steps per image (``steps``), as records' ``step``."""
+        return self.steps
+
     def _new_optimizer(self):
         a = self.opt_args
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -516,6 +516,12 @@ class TPT:
                 for k, v in self.model.visual.state_dict().items():
                     v.copy_(self._visual_snapshot[k])
 
+    @property
+    def adaptation_steps(self) -> int:
+        """Optimizer steps per image, as records' ``step``: ``align_steps`` + ``tts``; 0 in view-ensemble mode
+        (no tuning) and for zero-shot CLIP (``tts=0``, no alignment)."""
+        return 0 if self.ensemble else self.align_steps + self.tts
+
     def parameters(self):
         return [self.prompts.ctx]
 

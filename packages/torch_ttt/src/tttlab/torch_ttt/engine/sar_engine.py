@@ -55,6 +55,15 @@ Deliberate differences from the official code, and why:
   ``SAR.forward`` then writes the pre-recovery average (below 0.2) back into ``self.ema``, so its next
   steps tend to recover again until the average climbs above 0.2; that looks unintended and is not
   reproduced;
+* a recovery clears the SGD momentum buffers.  Upstream saves the model's ``state_dict`` and the SAM
+  optimizer's ``state_dict`` once, at construction (before any step), and a recovery loads both back; but
+  SAM's ``load_state_dict`` restores only the SAM wrapper's own state (its ``old_p`` copies) and re-links
+  the param groups, while the momentum buffers live in the wrapped SGD's ``state``, which it leaves alone:
+  upstream's momentum survives a recovery (checked on a copy of that mechanism), so its first step after a
+  recovery also moves by ``lr * 0.9 * buf``.  The stated intent is a return to the saved model and
+  optimizer, which is what this engine does (the next step equals the first step from the source);
+  either way the prediction right after a recovery is the source weights with the test batch's
+  statistics (``bn``'s prediction; ``tests/test_photos_mobilenet.py``);
 * no sample kept (step 1, or step 3): no step.  Upstream back-propagates the mean of an empty tensor
   (NaN, zero gradients) and still calls SGD's ``step``, which moves the parameters by the momentum buffer
   alone (``lr * 0.9 * buf``) when earlier steps left one (the same as skipping when they did not);
