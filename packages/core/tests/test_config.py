@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -103,3 +106,180 @@ def test_config_diff_names_every_changed_nested_key():
         "model.kind: 'inf' -> 'finite'",
     ]
     assert config_diff(old, old) == []
+
+
+# --------------------------------------------------------------------------------------------------------
+# apply_overrides: an override list means what the same flags mean on a Hydra command line
+
+OVERRIDE_BASE = {"a": 1, "b": {"c": "x", "d": [1, 2, 3]}, "n": None}
+CHANGED = {"a": 2, "b": {"c": "x", "d": [1, 2, 3]}, "n": None}
+
+
+def _with(**top):
+    return {**OVERRIDE_BASE, **top}
+
+
+#: Cases where the list does not do what Hydra's own override step does, on purpose (apply_overrides' docstring)
+NOT_HYDRA = {
+    ("b={e: 1}",): "Hydra's composed config is in struct mode: a new key needs +; here the schema judges it",
+    ("~b.d.1",): "Hydra 1.3 cannot delete a list's item (TypeError); here it is deleted",
+    ("b.d.x=1",): "Hydra's TypeError / ValueError; here a ConfigError naming the override",
+}
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["a=2"], CHANGED),
+        (["a= 2 "], CHANGED),
+        (["++a=2"], CHANGED),
+        # values read by Hydra's grammar, not YAML's: '' (YAML: None), '01' (YAML: 1), 'yes' (YAML: True)
+        (["a="], _with(a="")),
+        (["a=01"], _with(a="01")),
+        (["a=yes"], _with(a="yes")),
+        (["a='1,2'"], _with(a="1,2")),
+        (["a=[1, 2]"], _with(a=[1, 2])),
+        (["a=${b.c}"], _with(a="x")),
+        (["b.d.0=9"], _with(b={"c": "x", "d": [9, 2, 3]})),
+        (["b={c: y}"], _with(b={"c": "y", "d": [1, 2, 3]})),  # a mapping is merged into the one there
+        (["b={e: 1}"], _with(b={"c": "x", "d": [1, 2, 3], "e": 1})),
+        (["+e=1"], _with(e=1)),
+        (["+n=3"], _with(n=3)),  # null: not set, so + may add it
+        (["+b={e: 1}"], _with(b={"c": "x", "d": [1, 2, 3], "e": 1})),  # + merges a mapping into one there
+        (["++b.f.g=1"], _with(b={"c": "x", "d": [1, 2, 3], "f": {"g": 1}})),
+        (["~a"], {"b": {"c": "x", "d": [1, 2, 3]}, "n": None}),
+        (["~b.c=x"], _with(b={"d": [1, 2, 3]})),
+        (["~b.d.1"], _with(b={"c": "x", "d": [1, 3]})),
+        (["~b.d=[1,2,3]"], _with(b={"c": "x"})),
+        (["~a", "+a=5"], _with(a=5)),  # in order
+        (["+a=2"], r"'\+a=2'.*cannot add 'a', it is already set \(to 1\).*drop the \+.*\+\+"),
+        (["~b.c=y"], r"'~b.c=y'.*cannot delete 'b.c', its value is 'x', not 'y'"),
+        (["~n"], r"'~n'.*cannot delete 'n', it is not set"),
+        (["~zz"], r"'~zz'.*not set"),
+        (["~a", "~a"], r"'~a'.*not set"),  # deleted already
+        (["a=1,2"], r"'a=1,2'.*a sweep"),
+        (["a=[x"], r"'a=\[x'.*expected one of key=value, \+key=value, \+\+key=value, ~key, ~key=value"),
+        (["+a@pkg=1"], r"'\+a@pkg=1'.*a config group's package"),
+        (["b.d.x=1"], r"'b.d.x=1'"),  # a list's item by a name
+        ([3], r"override 3: expected a string"),
+    ],
+)  # fmt: skip
+def test_apply_overrides_follows_hydras_command_line_rules(overrides, expected):
+    """Each list gives what Hydra's own override step gives for the same flags on a command line (its
+    ``ConfigLoaderImpl._apply_overrides_to_config``, run on the same config in struct mode as the oracle),
+    or refuses where Hydra refuses, as a ``ConfigError`` naming the override (:data:`NOT_HYDRA`: the
+    differences on purpose); the caller's config is not changed."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from tttlab.core.config import apply_overrides
+
+    base = OmegaConf.create(OVERRIDE_BASE)
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError, match=expected):
+            apply_overrides(base, overrides)
+    else:
+        got = apply_overrides(base, overrides)
+        assert OmegaConf.to_container(got, resolve=True) == expected
+    assert OmegaConf.to_container(base) == OVERRIDE_BASE
+    if tuple(overrides) in NOT_HYDRA or not all(isinstance(o, str) for o in overrides) or "a=[x" in overrides:
+        return
+    hydra = OmegaConf.create(OVERRIDE_BASE)
+    OmegaConf.set_struct(hydra, True)
+    try:
+        parsed = OverridesParser.create().parse_overrides([o.strip() for o in overrides])
+        if any(p.is_sweep_override() for p in parsed):
+            raise HydraException("a sweep outside --multirun")  # what Hydra's run mode says
+        ConfigLoaderImpl._apply_overrides_to_config(parsed, hydra)
+    except HydraException:
+        assert isinstance(expected, str), f"Hydra refused {overrides}"
+    else:
+        assert not isinstance(expected, str), f"Hydra applied {overrides}"
+        assert OmegaConf.to_container(hydra, resolve=True) == expected
+
+
+@dataclass
+class _Inner:
+    c: str = "x"
+    kw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Schema:
+    a: int = 1
+    s: int = 7
+    inner: _Inner = field(default_factory=_Inner)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["~inner.kw.k"], {"a": 2, "s": 7, "inner": {"c": "x", "kw": {}}}),  # a mapping field's entry
+        (["+inner.kw.j=2"], {"a": 2, "s": 7, "inner": {"c": "x", "kw": {"k": 1, "j": 2}}}),
+        (["++s=3"], {"a": 2, "s": 3, "inner": {"c": "x", "kw": {"k": 1}}}),
+        (["+s=3"], r"'\+s=3'.*cannot add 's', it is already set \(to 7\)"),  # the schema's default
+        (["~a"], {"a": 1, "s": 7, "inner": {"c": "x", "kw": {"k": 1}}}),  # top level: the default comes back
+        (["~s=8"], r"'~s=8'.*its value is 7, not 8"),
+        (["~inner.c"], r"'~inner.c'.*cannot delete 'inner.c', a field of the config's schema \(_Inner\)"),
+        (["~inner.c=x"], r"'~inner.c=x'.*a field of the config's schema"),
+    ],
+)  # fmt: skip
+def test_apply_overrides_on_a_schema_sees_the_keys_hydras_composed_config_has(overrides, expected):
+    """With ``schema``, the keys the YAML leaves to the schema are set (``+key`` refused, as Hydra refuses
+    it on the config it composed on the schema) and a dataclass field cannot be deleted (Hydra: "does not
+    support deletion"); an entry of a ``dict`` field can.  The oracle is Hydra's override step on the schema
+    merged with the same YAML."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from tttlab.core.config import apply_overrides
+
+    yaml = {"a": 2, "inner": {"kw": {"k": 1}}}
+    hydra = OmegaConf.merge(OmegaConf.structured(_Schema), yaml)
+    OmegaConf.set_struct(hydra, True)
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError, match=expected):
+            apply_overrides(yaml, overrides, _Schema)
+        with pytest.raises(HydraException):
+            ConfigLoaderImpl._apply_overrides_to_config(
+                OverridesParser.create().parse_overrides(overrides), hydra
+            )
+        with pytest.raises(ConfigError, match="already set"):  # without the schema: the YAML's keys only
+            apply_overrides(yaml, ["+a=3"])
+        return
+    got = OmegaConf.to_container(validate(apply_overrides(yaml, overrides, _Schema), _Schema))
+    ConfigLoaderImpl._apply_overrides_to_config(OverridesParser.create().parse_overrides(overrides), hydra)
+    assert got == OmegaConf.to_container(validate(OmegaConf.to_container(hydra), _Schema)) == expected
+
+
+def test_apply_overrides_adds_a_plain_key_the_config_lacks_for_the_schema_to_judge():
+    """The one difference from Hydra (whose composed config holds the schema's keys, in struct mode): a plain
+    ``key=value`` for a key the YAML lacks is added, and :func:`validate` refuses it if the schema does not
+    know it, with its did-you-mean."""
+    from tttlab.core.config import apply_overrides
+
+    assert OmegaConf.to_container(apply_overrides({"seed": 1}, ["out_dir=/x"])) == {
+        "seed": 1,
+        "out_dir": "/x",
+    }
+    with pytest.raises(ConfigError, match=r"unknown config key 'sed'; did you mean 'seed'"):
+        validate(apply_overrides({"seed": 1}, ["sed=2"]))
+    assert OmegaConf.to_container(apply_overrides(None, None)) == {}
+
+
+def test_apply_overrides_without_hydra_names_the_install_command(monkeypatch):
+    """``hydra-core`` is a dependency of tttlab-core; where it is missing anyway, an override list is a
+    ``MissingDependencyError`` (a TTTLabError) that says how to install it, not a bare ImportError."""
+    import sys
+
+    from tttlab.core.config import apply_overrides
+    from tttlab.core.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "hydra.core.override_parser.overrides_parser", None)
+    with pytest.raises(
+        MissingDependencyError, match=r"'hydra' is not installed.*pip install -c constraints.txt"
+    ):
+        apply_overrides({"a": 1}, ["a=2"])
+    assert OmegaConf.to_container(apply_overrides({"a": 1}, [])) == {"a": 1}  # no override: no parser needed

@@ -37,6 +37,42 @@ def test_hydra_command_line_resolves_the_default_out_dir():
     assert cfg.out_dir == "runs/pilimit/maml_mnist/finite1024-seed2"
 
 
+def test_train_config_override_list_means_what_the_command_line_means():
+    """``train_config``'s overrides (also an evaluation's ``train_overrides``) went to OmegaConf's dotlist:
+    ``++model.width`` and ``~device`` were unknown keys ``'++model'`` / ``'~device'``, ``+seed=1`` replaced the
+    config's seed where the command line refuses it, and values were read as YAML
+    (``experiment_name=007`` became ``'7'``).  They now
+    take Hydra's rules (core's ``apply_overrides``): the same config as ``tttlab-pilimit-train
+    +experiment=mnist <overrides>``, and a refusal where the command line refuses."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    from tttlab.pilimit.train import register_configs, validate
+
+    register_configs()
+    with initialize_config_module(config_module="tttlab.pilimit.conf", version_base=None):
+        for overrides in (
+            ["experiment_name=007"],
+            ["++model.width=256", "model.r=${model.depth}"],
+            ["~device"],  # a top-level field: deleted, then the schema's default
+        ):
+            line = compose("config", overrides=["+experiment=mnist", *overrides])
+            expected = validate(OmegaConf.to_container(line, resolve=True))
+            assert train_config("mnist", overrides) == expected, overrides
+        for bad, needle in (
+            ("+seed=1", "cannot add 'seed'"),
+            ("~model.width=7", "its value is 1024, not 7"),
+            ("~model.width", r"a field of the config's schema \(ModelConfig\)"),  # nested: not deletable
+            ("+maml.num_ways=3", r"cannot add 'maml.num_ways', it is already set \(to 5\)"),  # the schema's
+        ):
+            with pytest.raises(HydraException):
+                compose("config", overrides=["+experiment=mnist", bad])
+            with pytest.raises(ConfigError, match=needle):
+                train_config("mnist", [bad])
+    assert train_config("mnist", ["experiment_name=007"])["out_dir"] == "runs/pilimit/007/inf-seed0"
+
+
 def test_refusal_names_the_differing_keys(tmp_path):
     run(train_config("smoke", [*SMOKE, f"out_dir={tmp_path}", "train.stop_after_steps=1"]))
     with pytest.raises(CheckpointError, match=r"model\.kind: 'inf' -> 'finite'; model\.width: 64 -> 32\)"):

@@ -339,3 +339,34 @@ def test_methods_and_profiles_default_to_their_own_folders():
     assert dirs[("ttt_mae.baseline", "quick")] == "runs/ttt_mae/eval/baseline-quick"
     assert len(set(dirs.values())) == len(dirs)
     assert E.eval_config(method="ttt_mae.baseline", profile="smoke", out_dir="/x/y")["out_dir"] == "/x/y"
+
+
+def test_compose_override_list_means_what_the_command_line_means():
+    """``compose``'s overrides went to OmegaConf's dotlist: ``++seed=3`` and ``~experiment_name=ttt`` were
+    unknown keys ``'++seed'`` / ``'~experiment_name'``, ``+seed=1`` replaced the seed where
+    ``tttlab-ttt-mae-ttt +seed=1`` refuses it, and values were read as YAML (``experiment_name=007``: ``'7'``).
+    They now take Hydra's rules (core's ``apply_overrides``): the config ``tttlab-ttt-mae-ttt <overrides>``
+    composes, and a refusal where that command line refuses."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    from tttlab.core.config import validate
+    from tttlab.ttt_mae.common import TTTConfig, compose, register_configs, to_dict
+
+    register_configs()
+    with initialize_config_module("tttlab.ttt_mae.conf", version_base=None):
+        for overrides in (["experiment_name=007"], ["++seed=3", "steps_per_example=01"]):
+            line = hydra_compose("ttt", overrides=overrides)
+            expected = to_dict(validate(OmegaConf.to_container(line, resolve=True), TTTConfig))
+            assert compose("ttt", overrides=overrides) == expected, overrides
+        for bad, needle in (
+            ("+seed=1", "cannot add 'seed'"),
+            ("~experiment_name=x", "its value is 'ttt', not 'x'"),
+        ):
+            with pytest.raises(HydraException):
+                hydra_compose("ttt", overrides=[bad])
+            with pytest.raises(ConfigError, match=needle):
+                compose("ttt", overrides=[bad])
+    assert compose("ttt", overrides=["experiment_name=007"])["out_dir"] == "runs/ttt_mae/007"

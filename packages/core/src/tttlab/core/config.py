@@ -7,7 +7,10 @@ config into a schema and turns OmegaConf's errors into :class:`~tttlab.core.erro
 names the key, with a did-you-mean suggestion for a misspelt one, or the value and the expected type.
 :func:`to_structured` does the same and returns the dataclass instance.  :func:`register_configs` stores
 the schemas in Hydra's ``ConfigStore`` so that a ``conf/*.yaml`` can start with
-``defaults: [tttlab_run, _self_]`` and Hydra itself rejects unknown keys.
+``defaults: [tttlab_run, _self_]`` and Hydra itself rejects unknown keys.  :func:`apply_overrides` applies
+a list of command-line overrides (``key=value``, ``+key=value``, ``++key=value``, ``~key``,
+``~key=value``) to a config from Python with Hydra's rules, so that a list means what the same flags mean
+on a command line.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, MissingDependencyError, install_command
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -206,8 +209,8 @@ def register_configs(schemas: dict[str, type] | None = None, prefix: str = "tttl
 
 
 __all__ = [
-    "BenchmarkConfig", "DataConfig", "LoggingConfig", "RunConfig", "SCHEMAS", "defaults",
-    "register_configs", "to_structured", "validate",
+    "BenchmarkConfig", "DataConfig", "LoggingConfig", "OVERRIDE_FORMS", "RunConfig", "SCHEMAS",
+    "apply_overrides", "defaults", "register_configs", "to_structured", "validate",
 ]  # fmt: skip
 
 
@@ -255,3 +258,183 @@ def package_yaml(package: str, relative: str) -> dict[str, Any]:
     for key in ("defaults", "hydra"):
         cfg.pop(key, None)
     return cfg
+
+
+#: The override forms :func:`apply_overrides` takes: Hydra's command-line forms for config values (config
+#: groups, their ``@package`` and sweeps are a command line's business, not a config's).
+OVERRIDE_FORMS = "key=value, +key=value, ++key=value, ~key, ~key=value"
+
+
+def _override_parser():
+    """Hydra's override parser.  ``hydra-core`` is a dependency of ``tttlab-core`` (every environment of
+    the Makefile, the core-only one included, has it); it is imported here, on first use, so that importing
+    :mod:`tttlab.core.config` stays cheap.  Where it is missing anyway (a broken install) the error is a
+    :class:`~tttlab.core.errors.MissingDependencyError` giving the install command."""
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "override lists are read with Hydra's override parser, but 'hydra' is not installed; "
+            f"install it with: {install_command('tttlab-core')}"
+        ) from exc
+    return OverridesParser.create()
+
+
+def parse_override(override: str):
+    """``override`` read by Hydra's grammar (a ``hydra`` ``Override``); a ``ConfigError`` naming it when it
+    is malformed, a group's ``@package`` or a sweep (``a=1,2``: several runs)."""
+    if not isinstance(override, str):
+        raise ConfigError(f"override {override!r}: expected a string, one of {OVERRIDE_FORMS}")
+    parser = _override_parser()
+    from hydra.errors import HydraException
+
+    try:
+        parsed = parser.parse_override(override.strip())
+    except HydraException as exc:  # a grammar error: one line naming the override
+        raise ConfigError(
+            f"override {override!r}: {str(exc).splitlines()[0]}; expected one of {OVERRIDE_FORMS}"
+        ) from None
+    if parsed.package is not None:
+        raise ConfigError(
+            f"override {override!r}: a config group's package; expected one of {OVERRIDE_FORMS}"
+        )
+    if parsed.is_sweep_override():
+        raise ConfigError(
+            f"override {override!r}: a sweep (several values: several runs), which one config cannot hold; "
+            "quote a value that holds a comma (key='a,b') or give a list (key=[a,b])"
+        )
+    return parsed
+
+
+def apply_overrides(config, overrides, schema=None):
+    """``config`` (a mapping or an OmegaConf config, left as it is) with the command-line ``overrides``
+    applied in order, as Hydra applies them to the config it composed; returns an OmegaConf ``DictConfig``.
+
+    Each override is read by Hydra's override grammar, so its value is what the same flag gives on a Hydra
+    command line (``a=`` the empty string, ``a=01`` the string ``'01'``, ``a=yes`` a string, ``a=[1,2]`` a
+    list, ``a={b: 1}`` a mapping merged into what is there, ``a=null`` None, quotes kept off).  The forms
+    (:data:`OVERRIDE_FORMS`), with Hydra's rules:
+
+    * ``key=value`` sets ``key`` (a dotted path; a list's item by its index, ``severities.0=3``);
+    * ``+key=value`` adds ``key``: refused when it already holds a value (a mapping or list value is merged
+      in, as Hydra does), since ``+`` would not change it there;
+    * ``++key=value`` adds or sets it;
+    * ``~key`` deletes ``key`` and ``~key=value`` deletes it only if its value is ``value``; the key must hold
+      a value at that point (not missing, not null).
+
+    ``schema`` (the dataclass the command's config is composed on, e.g. ``RunConfig``): Hydra's composed
+    config holds the schema's defaults under the YAML, so a key the YAML does not set but the schema does is
+    "already set" for ``+key``, and a field of a nested schema dataclass (``model.width``) cannot be deleted
+    (Hydra: "does not support deletion"; a top-level field can, and an entry of a mapping-typed field,
+    ``dict[str, Any]``, can).  Refusals are a ``ConfigError``
+    naming the override (and, for a malformed one, the accepted forms).
+
+    Two differences from Hydra, on purpose: a plain ``key=value`` for a key the config does not hold is added,
+    not refused, as the callers' configs are the shipped YAML files (Hydra's holds the schema's keys, in
+    struct mode); the schema's validation (:func:`validate`) then refuses an unknown key with a
+    did-you-mean.  And ``~key.<index>`` deletes a list's item, where Hydra 1.3 fails with a ``TypeError``.
+    Config groups (``experiment=...``) are the callers' arguments, not overrides here."""
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    cfg = OmegaConf.create(config if config is not None else {})  # a copy: the caller's config unchanged
+    defaults_of = _SchemaDefaults(schema)
+    for override in overrides or ():
+        parsed = parse_override(override)
+        key, value = parsed.key_or_group, parsed.value()
+        if parsed.is_delete():
+            _delete(cfg, key, value, override, defaults_of)
+            continue
+        if parsed.is_add() and not isinstance(value, (dict, list)):
+            current = _current(cfg, key, defaults_of)
+            if current is not None:
+                raise ConfigError(
+                    f"override {override!r}: cannot add {key!r}, it is already set (to {_plain(current)!r}); "
+                    f"drop the + to change it, or write ++ to add or change it"
+                )
+        try:
+            with open_dict(cfg):
+                OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+        except (OmegaConfBaseException, ValueError, TypeError, IndexError) as exc:  # a list's item by a name
+            raise ConfigError(f"override {override!r}: {str(exc).splitlines()[0]}") from None
+    return cfg
+
+
+class _SchemaDefaults:
+    """The schema's config (``OmegaConf.structured``), built on first use: the defaults Hydra's composed
+    config holds where the YAML is silent, and which keys are fields of a dataclass."""
+
+    def __init__(self, schema) -> None:
+        self.schema, self._cfg = schema, None
+
+    def config(self):
+        if self.schema is None:
+            return None
+        if self._cfg is None:
+            from omegaconf import OmegaConf
+
+            self._cfg = OmegaConf.structured(_schema_type(self.schema))
+        return self._cfg
+
+    def default(self, key: str):
+        from omegaconf import OmegaConf
+
+        cfg = self.config()
+        return None if cfg is None else OmegaConf.select(cfg, key, throw_on_missing=False)
+
+    def field_owner(self, key: str) -> str | None:
+        """The name of the nested dataclass whose field ``key`` is (None: not one).  OmegaConf refuses to
+        delete from a typed node; Hydra opens the root (``open_dict``) for its deletions, so a top-level
+        field can go (the schema's default comes back at validation), one below it cannot."""
+        from omegaconf import DictConfig, OmegaConf
+
+        cfg = self.config()
+        parent, _, last = key.rpartition(".")
+        if cfg is None or not parent:
+            return None
+        node = OmegaConf.select(cfg, parent, throw_on_missing=False)
+        owner = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+        if isinstance(owner, type) and is_dataclass(owner) and last in node:
+            return owner.__name__
+        return None
+
+
+_ABSENT = object()
+
+
+def _current(cfg, key: str, defaults_of: _SchemaDefaults):
+    """The value ``key`` has in Hydra's composed config: ``cfg``'s, or the schema's where ``cfg`` lacks it."""
+    from omegaconf import OmegaConf
+
+    current = OmegaConf.select(cfg, key, throw_on_missing=False, default=_ABSENT)
+    return defaults_of.default(key) if current is _ABSENT else current
+
+
+def _plain(node):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+
+
+def _delete(cfg, key: str, value, override: str, defaults_of: _SchemaDefaults) -> None:
+    """Hydra's ``~key`` / ``~key=value`` (``value`` None: any value) on ``cfg``, in place."""
+    from omegaconf import OmegaConf, open_dict
+
+    current = _current(cfg, key, defaults_of)
+    if current is None:
+        raise ConfigError(f"override {override!r}: cannot delete {key!r}, it is not set in the config")
+    plain = _plain(current)
+    if value is not None and value != plain:
+        raise ConfigError(
+            f"override {override!r}: cannot delete {key!r}, its value is {plain!r}, not {value!r}"
+        )
+    owner = defaults_of.field_owner(key)
+    if owner is not None:
+        raise ConfigError(
+            f"override {override!r}: cannot delete {key!r}, a field of the config's schema ({owner}), as on "
+            f"the command line; set it instead ({key}=...)"
+        )
+    parent, _, last = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    with open_dict(cfg):
+        del node[int(last) if OmegaConf.is_list(node) else last]  # a list's item by its index

@@ -210,13 +210,18 @@ def conf_yaml(relative: str) -> dict[str, Any]:
 
 
 def train_config(experiment: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """``config.yaml`` + ``experiment/<experiment>.yaml`` + ``key=value`` overrides, validated (no Hydra)."""
+    """``config.yaml`` + ``experiment/<experiment>.yaml`` + ``overrides``, validated, without Hydra's app.
+    The overrides mean what the same flags mean on ``tttlab-pilimit-train``'s command line
+    (:func:`tttlab.core.config.apply_overrides`): ``key=value``, ``+key=value``, ``++key=value``, ``~key``,
+    ``~key=value``, values read by Hydra's grammar."""
     from omegaconf import OmegaConf
+
+    from tttlab.core.config import apply_overrides
 
     parts = [conf_yaml("config.yaml")]
     if experiment:
         parts.append(conf_yaml(f"experiment/{experiment}.yaml"))
-    merged = OmegaConf.merge(*parts, OmegaConf.from_dotlist(list(overrides or [])))
+    merged = apply_overrides(OmegaConf.merge(*parts), overrides, TrainConfig)
     return validate(OmegaConf.to_container(merged, resolve=True))
 
 

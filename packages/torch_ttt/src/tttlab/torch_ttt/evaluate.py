@@ -246,7 +246,7 @@ def eval_config(
     ``clear_engine_kwargs`` (or ``engine.kwargs={}`` among ``overrides`` or ``command_line``):
     ``engine.kwargs`` holds only what ``overrides`` / ``command_line`` set in it, the engine's own defaults
     for the rest (:func:`clears_engine_kwargs`).  ``overrides`` take the command line's forms, in order
-    (:func:`tttlab.torch_ttt.train.apply_overrides`): a leading ``+`` is Hydra's and dropped; ``~key`` /
+    (:func:`tttlab.core.config.apply_overrides`, Hydra's rules: ``+key`` adds, ``++key`` adds or sets; ``~key`` /
     ``~key=value`` delete (``~engine.kwargs.feedback``: the engine class's default, neither the YAML's nor
     a preset's).  ``command_line``: the command's Hydra overrides when ``cfg`` is the config Hydra composed
     from them (the engine settings they name win over an experiment's ``engine_defaults``,
@@ -271,7 +271,9 @@ def eval_config(
         user = {**user, "engine": {"name": engine}}
     profile = user.pop("profile", None)
     layer = {**PROFILES[profile], "out_dir": default_out_dir(profile)} if profile else {}
-    merged = T.apply_overrides(OmegaConf.merge(base, layer, user), overrides, CLEAR_ENGINE_KWARGS)
+    merged = T.apply_overrides(
+        OmegaConf.merge(base, layer, user), overrides, CLEAR_ENGINE_KWARGS, schema=EvalConfig
+    )
     T.keep_deletions(merged, user, command_line)  # ~engine.kwargs.feedback: not back from the YAML
     try:
         resolved = OmegaConf.to_container(merged, resolve=True)

@@ -249,38 +249,20 @@ def cleared_mapping(composed, overrides, mapping: str) -> dict[str, Any]:
     return _project(composed or {}, named_paths(overrides, mapping))
 
 
-#: The override forms the ``key=value`` lists of :func:`train_config` and
-#: :func:`tttlab.torch_ttt.evaluate.eval_config` take (Hydra's command-line forms, bar groups' packages).
-OVERRIDE_FORMS = "key=value, +key=value, ++key=value, ~key, ~key=value"
-
-
 def _is_deletion(o) -> bool:
     return str(o).lstrip().startswith("~")
 
 
-def apply_overrides(config, overrides, *clears: str):
+def apply_overrides(config, overrides, *clears: str, schema=None):
     """The OmegaConf ``config`` with the ``key=value`` ``overrides`` applied in order, as the command line
-    would apply them: a leading ``+`` / ``++`` (Hydra's "add" / "add or override") is dropped, since a
-    plain mapping takes new keys anyway (the config's schema still refuses unknown ones); ``~key`` deletes
-    ``key`` and ``~key=value`` deletes it only if its value is ``value``, as Hydra does, where the key
-    must exist (not null) at that point: a ``ConfigError`` naming the override otherwise
-    (:func:`delete_override`).  The ``clears`` overrides (``key={}``) are left out: the caller empties that
-    mapping itself, then puts back what the other overrides set (:func:`cleared_mapping`); OmegaConf would
-    otherwise replace the mapping, dropping an earlier ``key.x=...``."""
-    from omegaconf import OmegaConf
+    would apply them (:func:`tttlab.core.config.apply_overrides`: Hydra's forms, values and refusals, on a
+    config composed on ``schema``).  The ``clears`` overrides (``key={}``) are left out: the caller empties
+    that mapping itself, then puts back what the other overrides set (:func:`cleared_mapping`); Hydra would
+    merge the empty mapping into the YAML's, changing nothing."""
+    from tttlab.core.config import apply_overrides as core_apply_overrides
 
-    batch: list[str] = []
-    for o in overrides or ():
-        if any(_is_override(o, c) for c in clears):
-            continue
-        if not _is_deletion(o):
-            batch.append(str(o).lstrip("+"))
-            continue
-        if batch:
-            config = OmegaConf.merge(config, OmegaConf.from_dotlist(batch))
-            batch = []
-        delete_override(config, str(o))
-    return OmegaConf.merge(config, OmegaConf.from_dotlist(batch)) if batch else config
+    kept = [o for o in overrides or () if not any(_is_override(o, c) for c in clears)]
+    return core_apply_overrides(config, kept, schema)
 
 
 def keep_deletions(merged, composed: Mapping, command_line) -> None:
@@ -308,39 +290,6 @@ def keep_deletions(merged, composed: Mapping, command_line) -> None:
                 del holder[last]
 
 
-def delete_override(config, override: str) -> None:
-    """Apply the deletion ``override`` (``~key`` or ``~key=value``) to the OmegaConf ``config`` in place, with
-    Hydra's rules: the key must hold a value (a missing or null one is an error), and with ``=value`` that
-    value (Hydra's override grammar reads it), else a ``ConfigError`` naming the override."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf, open_dict
-
-    try:
-        parsed = OverridesParser.create().parse_override(override.strip())
-    except HydraException as exc:  # a grammar error: one line naming the override
-        raise ConfigError(
-            f"override {override!r}: {str(exc).splitlines()[0]}; expected one of {OVERRIDE_FORMS}"
-        ) from None
-    if parsed.package is not None:
-        raise ConfigError(
-            f"override {override!r}: a config group's package; expected one of {OVERRIDE_FORMS}"
-        )
-    key, value = parsed.key_or_group, parsed.value()
-    current = OmegaConf.select(config, key, throw_on_missing=False)
-    if current is None:
-        raise ConfigError(f"override {override!r}: cannot delete {key!r}, it is not set in the config")
-    plain = OmegaConf.to_container(current, resolve=False) if OmegaConf.is_config(current) else current
-    if value is not None and value != plain:
-        raise ConfigError(
-            f"override {override!r}: cannot delete {key!r}, its value is {plain!r}, not {value!r}"
-        )
-    parent, _, last = key.rpartition(".")
-    node = OmegaConf.select(config, parent) if parent else config
-    with open_dict(config):
-        del node[int(last) if OmegaConf.is_list(node) else last]  # a list's item by its index
-
-
 def clears_train_engine_kwargs(overrides) -> bool:
     """Whether ``overrides`` hold ``train.engine_kwargs={}``: no engine arguments from ``conf/config.yaml`` nor
     from the experiment (``mnist_tutorial``'s ``features_layer_name: fc2``), the engine class's own defaults
@@ -354,15 +303,17 @@ def train_config(
     experiment: str | None = None, overrides: list[str] | None = None, *, clear_engine_kwargs: bool = False
 ) -> dict[str, Any]:
     """The training config as Hydra composes it (``config.yaml``, then ``experiment/<experiment>.yaml``,
-    then ``key=value`` overrides, a leading ``+`` allowed), without Hydra (usable inside a running Hydra
-    app), validated.  ``clear_engine_kwargs`` (or ``train.engine_kwargs={}`` among ``overrides``):
+    then the command line's overrides with its rules, :func:`apply_overrides`), without Hydra (usable inside a
+    running Hydra app), validated.  ``clear_engine_kwargs`` (or ``train.engine_kwargs={}`` among ``overrides``):
     ``train.engine_kwargs`` holds only what ``overrides`` set in it (:func:`clears_train_engine_kwargs`)."""
     from omegaconf import OmegaConf
 
     parts = [conf_yaml("config.yaml")]
     if experiment:
         parts.append(conf_yaml(f"experiment/{experiment}.yaml"))
-    merged = apply_overrides(OmegaConf.merge(*parts), overrides, CLEAR_TRAIN_ENGINE_KWARGS)
+    merged = apply_overrides(
+        OmegaConf.merge(*parts), overrides, CLEAR_TRAIN_ENGINE_KWARGS, schema=TrainConfig
+    )
     c = OmegaConf.to_container(merged, resolve=True)
     if clear_engine_kwargs or clears_train_engine_kwargs(overrides):
         c["train"]["engine_kwargs"] = cleared_mapping(

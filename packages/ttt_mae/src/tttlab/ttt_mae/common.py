@@ -153,11 +153,13 @@ def conf_yaml(relative: str) -> dict[str, Any]:
 
 def compose(entry: str, experiment: str | None = None, cfg=None, overrides: list[str] | None = None,
             schema=None) -> dict[str, Any]:  # fmt: skip
-    """``conf/<entry>.yaml`` + ``conf/experiment/<experiment>.yaml`` + ``cfg`` + dotlist overrides,
-    validated against the entry's schema (unknown keys are errors)."""
+    """``conf/<entry>.yaml`` + ``conf/experiment/<experiment>.yaml`` + ``cfg`` + ``overrides``, validated
+    against the entry's schema (unknown keys are errors).  The overrides mean what the same flags mean on
+    the ``tttlab-ttt-mae-<entry>`` command line (:func:`tttlab.core.config.apply_overrides`): ``key=value``,
+    ``+key=value``, ``++key=value``, ``~key``, ``~key=value``, values read by Hydra's grammar."""
     from omegaconf import OmegaConf
 
-    from tttlab.core.config import validate
+    from tttlab.core.config import apply_overrides, validate
 
     schema = schema or {"pretrain": PretrainConfig, "probe": ProbeConfig, "ttt": TTTConfig,
                         "baseline": TTTConfig}[entry]  # fmt: skip
@@ -165,9 +167,7 @@ def compose(entry: str, experiment: str | None = None, cfg=None, overrides: list
     if experiment:
         parts.append(conf_yaml(f"experiment/{experiment}.yaml"))
     parts.append(to_dict(cfg))
-    merged = OmegaConf.merge(
-        *[OmegaConf.create(p) for p in parts], OmegaConf.from_dotlist(list(overrides or []))
-    )
+    merged = apply_overrides(OmegaConf.merge(*[OmegaConf.create(p) for p in parts]), overrides, schema)
     c = to_dict(validate(OmegaConf.to_container(merged, resolve=True), schema))
     if "compile" in c:  # typed Any in the schema (false | true | a torch.compile mode): core's rule here
         c["compile"] = check_compile(c["compile"])
