@@ -224,7 +224,7 @@ def _tell_torchrun(line: str) -> None:
 def _remove_hydra_only_run_dir() -> None:
     try:
         from hydra.core.hydra_config import HydraConfig
-    except ImportError:  # the core-only install has no Hydra, so no Hydra run directory either
+    except ImportError:  # no Hydra (a core dependency, but removable): no Hydra run directory
         return
     if not HydraConfig.initialized():
         return
