@@ -604,3 +604,29 @@ def test_hydra_info_pages_print_each_line_once(monkeypatch, capsys):
     assert out.count("Config search path") == 1 and "pkg://tttlab.core.conf" in out, out
     assert (err, ran) == ("", [])
     assert console not in root.handlers
+
+
+def test_a_user_error_under_a_hydra_config_without_a_run_directory_is_one_line(monkeypatch, capsys):
+    """Hydra's ``--cfg``/``--info``/``--help`` paths set HydraConfig without a run directory
+    (``hydra.runtime.output_dir`` missing); user_errors looked there for a Hydra-only run directory to remove
+    and raised omegaconf's MissingMandatoryValue instead of printing the user's error line."""
+    pytest.importorskip("hydra")
+    from hydra.conf import HydraConf
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from tttlab.core.cli import user_errors
+    from tttlab.core.errors import ConfigError
+
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)  # put back after
+    hydra_cfg = OmegaConf.structured(HydraConf)
+    hydra_cfg.mode = RunMode.RUN
+    HydraConfig.instance().set_config(OmegaConf.create({"hydra": hydra_cfg}))
+    assert HydraConfig.initialized() and OmegaConf.is_missing(HydraConfig.get().runtime, "output_dir")
+    with pytest.raises(SystemExit) as exit_info, user_errors("tttlab-x"):
+        raise ConfigError("lr=-1: expected a positive number")
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr().err.strip() == "tttlab-x: error: ConfigError: lr=-1: expected a positive number"
+    )

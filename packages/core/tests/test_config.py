@@ -269,6 +269,29 @@ def test_apply_overrides_adds_a_plain_key_the_config_lacks_for_the_schema_to_jud
     assert OmegaConf.to_container(apply_overrides(None, None)) == {}
 
 
+def test_a_list_of_unquoted_overrides_is_refused_as_hydra_does_with_the_quoted_form():
+    """Hydra's grammar reads ``=`` inside a list item only quoted, on the command line and in the lists alike
+    (``train_overrides=[data.num_examples=10]`` was read as YAML before 2026-12-01, now as Hydra reads it):
+    the error gives the quoted override, which then applies."""
+    from tttlab.core.config import apply_overrides
+
+    pytest.importorskip("hydra")
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    with pytest.raises(HydraException):
+        OverridesParser.create().parse_override("t=[a.b=1,c]")  # Hydra refuses it too
+    with pytest.raises(ConfigError) as err:
+        apply_overrides({"t": []}, ["t=[a.b=1, +c=2,'d=3']"])
+    hint = "quote list items that hold '=', as on the command line: t=['a.b=1','+c=2','d=3']"
+    assert str(err.value).startswith("override \"t=[a.b=1, +c=2,'d=3']\": ") and str(err.value).endswith(hint)
+    quoted = hint.rsplit(": ", 1)[1]
+    assert OmegaConf.to_container(apply_overrides({"t": []}, [quoted])) == {"t": ["a.b=1", "+c=2", "d=3"]}
+    with pytest.raises(ConfigError) as err:
+        apply_overrides({"t": []}, ["t=[a"])  # malformed otherwise: no quoting hint
+    assert "quote" not in str(err.value)
+
+
 def test_apply_overrides_without_hydra_names_the_install_command(monkeypatch):
     """``hydra-core`` is a dependency of tttlab-core; where it is missing anyway, an override list is a
     ``MissingDependencyError`` (a TTTLabError) that says how to install it, not a bare ImportError."""

@@ -1034,7 +1034,7 @@ def test_it3_training_has_its_own_cache_key_and_the_others_keep_theirs(monkeypat
 
     for engine in ("ittt", "ttt"):
         c = E.eval_config({"engine": engine}, ["train_experiment=mnist_bn", "cache_dir=/nonexistent-cache",
-                                               "train_overrides=[data.num_examples=10000]"])  # fmt: skip
+                                               "train_overrides=['data.num_examples=10000']"])  # fmt: skip
         path = E.training_run(c, OneRank())
         assert path.name.endswith(keys["ttt"]) == (engine == "ttt")
     assert trained[0]["train"]["engine_kwargs"] == {"feedback": "softmax"}
@@ -1193,7 +1193,7 @@ def test_it3_distance_enters_the_cache_key_only_where_training_uses_it(monkeypat
     # training=notebook from train_overrides: the evaluation's distance stays out of the key too
     c = E.eval_config({"engine": "ittt"}, ["train_experiment=mnist_bn", "cache_dir=/nonexistent-cache",
                                            "engine.kwargs.distance=js",
-                                           "train_overrides=[+train.engine_kwargs.training=notebook]"])  # fmt: skip
+                                           "train_overrides=['+train.engine_kwargs.training=notebook']"])  # fmt: skip
     assert E.training_run(c, _OneRank()).name == names["notebook", None]
 
 

@@ -231,7 +231,11 @@ def _remove_hydra_only_run_dir() -> None:
     import shutil
     from pathlib import Path
 
+    from omegaconf import OmegaConf
+
     hc = HydraConfig.get()
+    if OmegaConf.is_missing(hc.runtime, "output_dir"):  # Hydra's --cfg/--info/--help: no run directory
+        return
     out = Path(hc.runtime.output_dir)
     hydra_made = {name for name in (hc.output_subdir, f"{hc.job.name}.log") if name}
     try:

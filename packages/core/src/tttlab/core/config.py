@@ -280,6 +280,19 @@ def _override_parser():
     return OverridesParser.create()
 
 
+def _quoting_hint(override: str) -> str:
+    """For a list value whose items hold ``=`` unquoted (``train_overrides=[data.num_examples=10]``, which
+    Hydra's grammar, on the command line too, reads only quoted), the same override with its items quoted."""
+    import re
+
+    m = re.fullmatch(r"([^=\[\]]+=)\[(.*)\]", override)
+    if m is None or "=" not in m.group(2):
+        return ""
+    items = [i.strip() for i in m.group(2).split(",")]
+    quoted = ",".join(i if i[:1] in "'\"" else f"'{i}'" for i in items)
+    return f"; quote list items that hold '=', as on the command line: {m.group(1)}[{quoted}]"
+
+
 def parse_override(override: str):
     """``override`` read by Hydra's grammar (a ``hydra`` ``Override``); a ``ConfigError`` naming it when it
     is malformed, a group's ``@package`` or a sweep (``a=1,2``: several runs)."""
@@ -293,6 +306,7 @@ def parse_override(override: str):
     except HydraException as exc:  # a grammar error: one line naming the override
         raise ConfigError(
             f"override {override!r}: {str(exc).splitlines()[0]}; expected one of {OVERRIDE_FORMS}"
+            + _quoting_hint(override.strip())
         ) from None
     if parsed.package is not None:
         raise ConfigError(

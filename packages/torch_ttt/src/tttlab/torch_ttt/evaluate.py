@@ -54,7 +54,7 @@ stay float32); ``compile=true`` calls ``engine.compile()``, ``compile=<mode>``
 measured fast path on a GPU; the model compiled in place; hook-based adaptation through a compiled
 truncated copy or eagerly, see ``BaseEngine``); the first batches' wall time
 then includes the compilation.  They apply to the evaluation, not to training the cached model
-(``train_overrides=[amp=bf16]`` does that), and are recorded in the records' ``extra``.
+(``"train_overrides=['amp=bf16']"`` does that), and are recorded in the records' ``extra``.
 
 Run folder (``out_dir``; a caller's own, e.g. ``tools/compare.py``'s, wins): by default
 ``runs/torch_ttt/eval/<engine>-<benchmark>-<setting>`` (``experiment_name``), with ``-<profile>``
