@@ -223,6 +223,13 @@ class _Schema:
         (["~s=8"], r"'~s=8'.*its value is 7, not 8"),
         (["~inner.c"], r"'~inner.c'.*cannot delete 'inner.c', a field of the config's schema \(_Inner\)"),
         (["~inner.c=x"], r"'~inner.c=x'.*a field of the config's schema"),
+        # a key only the schema sets: deleted (its default back at validation); a key deleted is not set, so
+        # + adds it again (both were refused: a raw ConfigKeyError, "cannot add ..., already set")
+        (["~s"], {"a": 2, "s": 7, "inner": {"c": "x", "kw": {"k": 1}}}),
+        (["~s=7"], {"a": 2, "s": 7, "inner": {"c": "x", "kw": {"k": 1}}}),
+        (["~s", "+s=3"], {"a": 2, "s": 3, "inner": {"c": "x", "kw": {"k": 1}}}),
+        (["~a", "+a=5"], {"a": 5, "s": 7, "inner": {"c": "x", "kw": {"k": 1}}}),
+        (["~s", "~s"], r"'~s'.*cannot delete 's', it is not set"),  # deleted already, as Hydra says
     ],
 )  # fmt: skip
 def test_apply_overrides_on_a_schema_sees_the_keys_hydras_composed_config_has(overrides, expected):

@@ -146,6 +146,31 @@ def test_given_engine_keys_reads_overrides_and_the_callers_engine_mapping():
     assert E.given_engine_keys("eata", yaml, []) == set()
 
 
+def test_mapping_values_without_spaces_are_read_as_hydra_reads_them(no_weights):
+    """Hydra's mapping ``{key:value}`` (its documented form, no space) is ``{'key': value}``; the overrides were
+    read as YAML, for which it is one key ``'key:value'`` with no value.  So ``engine.kwargs={}
+    ++engine.kwargs={anchor:frozen}`` ran without the anchor Hydra had set (the ``{}`` kept no key the
+    overrides named), and ``engine.kwargs={d_margin:0.4}`` on the photos command line (the YAML's value, given
+    explicitly) lost to the preset's 0.05, where ``{d_margin: 0.4}`` won; in ``eval_config``'s override list
+    ``{d_margin:0.1}`` and ``engine.optimization={lr:0.5}`` lost to the preset too (not "given")."""
+    assert T.named_paths(["engine.kwargs={a:{b:1},c:2}"], "engine.kwargs") == {"a": {"b": True}, "c": True}
+    yaml = {"name": "eata", "kwargs": {"d_margin": 0.4}, "optimization": {"lr": None}}
+    assert E.given_engine_keys(None, yaml, ["engine.optimization={lr:0.5,momentum:0}"]) == {
+        ("optimization", "lr"), ("optimization", "momentum")
+    }  # fmt: skip
+    line = ["engine=ittt", "engine.kwargs={}", "++engine.kwargs={anchor:frozen}"]
+    assert E.eval_config(hydra_compose(line), command_line=line)["engine"]["kwargs"] == {"anchor": "frozen"}
+    for spaced in ("{d_margin:0.4}", "{d_margin: 0.4}"):  # the same value to Hydra, the same config now
+        line = [PHOTOS, "engine=eata", f"engine.kwargs={spaced}"]
+        c = E.eval_config(hydra_compose(line), command_line=line)
+        assert c["engine"]["kwargs"] == {"d_margin": 0.4, "fisher_alpha": 2000.0}, line
+    user = T.conf_yaml("experiment/photos_mobilenet_v2.yaml")
+    c = E.eval_config(
+        {**user, "engine": "eata"}, ["engine.kwargs={d_margin:0.1}", "engine.optimization={lr:0.5}"]
+    )
+    assert (c["engine"]["kwargs"]["d_margin"], c["engine"]["optimization"]["lr"]) == (0.1, 0.5)
+
+
 @pytest.mark.parametrize(
     "line, expected",
     [

@@ -376,10 +376,12 @@ def apply_overrides(config, overrides, schema=None):
 
 class _SchemaDefaults:
     """The schema's config (``OmegaConf.structured``), built on first use: the defaults Hydra's composed
-    config holds where the YAML is silent, and which keys are fields of a dataclass."""
+    config holds where the YAML is silent, and which keys are fields of a dataclass.  ``deleted``: the keys
+    the overrides deleted so far (``~key``), whose schema defaults Hydra's composed config no longer holds."""
 
     def __init__(self, schema) -> None:
         self.schema, self._cfg = schema, None
+        self.deleted: set[str] = set()
 
     def config(self):
         if self.schema is None:
@@ -394,6 +396,9 @@ class _SchemaDefaults:
         from omegaconf import OmegaConf
 
         cfg = self.config()
+        parts = key.split(".")
+        if any(".".join(parts[:i]) in self.deleted for i in range(1, len(parts) + 1)):
+            return None  # deleted by an earlier override: Hydra's config holds no default there any more
         return None if cfg is None else OmegaConf.select(cfg, key, throw_on_missing=False)
 
     def field_owner(self, key: str) -> str | None:
@@ -448,7 +453,12 @@ def _delete(cfg, key: str, value, override: str, defaults_of: _SchemaDefaults) -
             f"override {override!r}: cannot delete {key!r}, a field of the config's schema ({owner}), as on "
             f"the command line; set it instead ({key}=...)"
         )
+    defaults_of.deleted.add(key)  # a later +key may add it again, as on the command line
     parent, _, last = key.rpartition(".")
-    node = OmegaConf.select(cfg, parent) if parent else cfg
+    node = OmegaConf.select(cfg, parent, throw_on_missing=False) if parent else cfg
+    if node is None or (OmegaConf.is_dict(node) and last not in node.keys()):
+        # only the schema holds the key (a default the YAML leaves alone): nothing to delete here, and
+        # validation puts that default back, as after Hydra's deletion from the config it composed on it
+        return
     with open_dict(cfg):
         del node[int(last) if OmegaConf.is_list(node) else last]  # a list's item by its index

@@ -332,8 +332,6 @@ def given_engine_keys(engine: Any, engine_yaml: Mapping, overrides) -> set[tuple
     the command line's Hydra overrides too), and those of the caller's ``engine`` mapping whose values differ
     from ``conf/engine/<name>.yaml``'s (``engine_yaml``; null optimization values never count).  A config
     Hydra composed holds the YAML's values too: only the overrides tell that one of those was given."""
-    import yaml
-
     given: set[tuple[str, str]] = set()
     for o in overrides or ():
         key, sep, value = str(o).partition("=")
@@ -343,10 +341,7 @@ def given_engine_keys(engine: Any, engine_yaml: Mapping, overrides) -> set[tuple
             if key.startswith(prefix + "."):
                 given.add((section, key[len(prefix) + 1 :].split(".")[0]))
             elif key == prefix and sep:
-                try:
-                    mapping = yaml.safe_load(value)
-                except yaml.YAMLError:
-                    mapping = None
+                mapping = T._override_value(value)  # Hydra's reading: {lr:0.1} is {'lr': 0.1}
                 given.update((section, str(k)) for k in (mapping if isinstance(mapping, dict) else ()))
     if isinstance(engine, Mapping):
         for section in PRESET_SECTIONS:

@@ -168,13 +168,15 @@ def _is_override(o, override: str) -> bool:
 
 
 def _override_value(value: str):
-    """The value of a ``key=value`` override read as YAML (unparsable: the text), to tell a mapping (merged
-    into what is there) from a whole value (:func:`named_paths`)."""
-    import yaml
+    """The value of a ``key=value`` override as Hydra's grammar reads it (what the command line and
+    :func:`apply_overrides` set; a sweep or a malformed value: the text), to tell a mapping (merged into what
+    is there) from a whole value (:func:`named_paths`).  Not YAML's reading: Hydra's ``{a:1}`` is the mapping
+    ``{'a': 1}``, where YAML reads one key ``'a:1'``."""
+    from tttlab.core.config import parse_override
 
     try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError:
+        return parse_override(f"x={value}").value()
+    except ConfigError:
         return value
 
 
