@@ -483,7 +483,9 @@ def test_hydra_print_into_a_closed_pipe_ends_quietly(closed_stdout, monkeypatch,
     [(["--cfg", "job"], True), (["-c", "hydra", "seed=1"], True), (["--info"], True), (["--help"], True),
      (["--hydra-help"], True), (["--cfg=job", "-cn", "other"], True), ([], False), (["seed=1", "out_dir=x"], False),
      (["-m", "seed=1,2"], False), (["--multirun", "seed=1,2"], False), (["--run", "seed=1"], False),
-     (["--config-name", "other", "seed=1"], False), (["-cd", "/conf", "seed=1"], False)],
+     (["--config-name", "other", "seed=1"], False), (["-cd", "/conf", "seed=1"], False),
+     (["--multi", "seed=1,2"], False), (["--config-n", "other", "seed=1"], False), (["--cf", "job"], True),
+     (["--in"], True)],
 )  # fmt: skip
 def test_only_a_command_line_that_asks_hydra_to_print_guards_stdout(monkeypatch, argv, prints):
     """quiet_hydra_output wraps standard output only where Hydra prints and stops; a command line that runs
@@ -630,3 +632,18 @@ def test_a_user_error_under_a_hydra_config_without_a_run_directory_is_one_line(m
     assert (
         capsys.readouterr().err.strip() == "tttlab-x: error: ConfigError: lr=-1: expected a positive number"
     )
+
+
+def test_the_hydra_options_core_knows_are_hydras():
+    """core.cli's lists of Hydra's options (which run the task, which modify, the long ones an abbreviation
+    stands for) against the argparse parser of the pinned hydra-core (a private function of Hydra's)."""
+    pytest.importorskip("hydra")
+    from hydra._internal.utils import get_args_parser
+
+    from tttlab.core import cli
+
+    parser = get_args_parser()
+    options = {s for a in parser._actions for s in a.option_strings}
+    assert parser.allow_abbrev
+    assert set(cli.HYDRA_LONG_OPTIONS) == {o for o in options if o.startswith("--")}
+    assert set(cli.HYDRA_RUN_OPTIONS + cli.HYDRA_MODIFIER_OPTIONS) <= options

@@ -162,10 +162,25 @@ HYDRA_MODIFIER_OPTIONS = ("-cp", "--config-path", "-cn", "--config-name", "-cd",
                           "--resolve")  # fmt: skip
 
 
+#: Hydra's long options: its argparse also takes an unambiguous abbreviation (``--multi`` is ``--multirun``)
+HYDRA_LONG_OPTIONS = ("--help", "--hydra-help", "--version", "--cfg", "--resolve", "--package", "--run",
+                      "--multirun", "--shell-completion", "--config-path", "--config-name", "--config-dir",
+                      "--experimental-rerun", "--info")  # fmt: skip
+
+
+def _hydra_option(option: str) -> str:
+    """``option`` with an abbreviated long option spelt out, as Hydra's argparse reads it (unchanged when it is
+    no unique prefix of one)."""
+    if not option.startswith("--") or option in HYDRA_LONG_OPTIONS:
+        return option
+    full = [o for o in HYDRA_LONG_OPTIONS if o.startswith(option)]
+    return full[0] if len(full) == 1 else option
+
+
 def _hydra_prints_only(argv: list[str]) -> bool:
     """Whether the command line asks Hydra to print something of its own instead of running the task: an
     option (``--cfg job``, ``-c hydra``, ``--info``, ``--help``, ...) that is no modifier, and no run mode."""
-    options = [a.partition("=")[0] for a in argv if a.startswith("-") and a not in ("-", "--")]
+    options = [_hydra_option(a.partition("=")[0]) for a in argv if a.startswith("-") and a not in ("-", "--")]
     return any(o not in HYDRA_RUN_OPTIONS + HYDRA_MODIFIER_OPTIONS for o in options) and not any(
         o in HYDRA_RUN_OPTIONS for o in options
     )
