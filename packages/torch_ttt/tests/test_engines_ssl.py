@@ -4,6 +4,8 @@ BatchNorm."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -944,6 +946,58 @@ def test_it3_notebook_training_is_the_two_task_losses_through_one_feature_pass()
     plain = IT3Engine(net, "fc1", embeder=engine.embeder, feedback="softmax").eval()
     x = images(6, seed=9)
     torch.testing.assert_close(engine.eval().adapt_loss(x), plain.adapt_loss(x))
+
+
+def _bn_chain(seed: int = 0) -> nn.Sequential:
+    """BatchNorm before, inside and after a block: 0 conv, 1 BN (``momentum=None``: the cumulative
+    average, which reads ``num_batches_tracked``), 4 = (4.0 Linear, 4.1 BN), 6 Linear, 7 BN, 9 the logits."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1, stride=2), nn.BatchNorm2d(2, momentum=None), nn.ReLU(), nn.Flatten(),
+        nn.Sequential(nn.Linear(72, 8), nn.BatchNorm1d(8)), nn.ReLU(), nn.Linear(8, 8), nn.BatchNorm1d(8),
+        nn.ReLU(), nn.Linear(8, 5),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("layer", ["4.0", "4"], ids=["bn_4.1_after_the_features", "bn_4.1_inside_them"])
+def test_it3_notebook_training_updates_the_statistics_before_the_features_once(layer):
+    """The notebooks compute the layers up to the features once per batch (``f1(x)``) and the layers after
+    them twice (``f2`` on both signals): after one training forward in train mode, every BatchNorm buffer
+    (running mean / variance, ``num_batches_tracked``) equals that hand computation's on a copy of the
+    model, bit for bit: BN 1 (and 4.1 when it is inside the features layer "4") once, the others twice.
+    The engine's second pass re-runs the layers before the features; they updated their statistics a
+    second time until 2026-12-02.  Outputs, loss and gradients are the hand computation's too."""
+    net = _bn_chain().train()
+    ref = copy.deepcopy(net)
+    x = images(6, seed=1)
+    labels = torch.arange(6) % 5
+    target = F.one_hot(labels, 5).float()
+    engine = IT3Engine(net, layer, feedback="softmax", training="notebook", truth_probability=1.0,
+                       example_input=x[:2]).train()  # fmt: skip
+    y1, second = engine(x, target=target)
+    h = ref[:5](x) if layer == "4" else ref[4][0](ref[:4](x))  # f1, the layers up to the features
+
+    def f2(z):  # the layers after them
+        return ref[5:](z if layer == "4" else ref[4][1](z))
+
+    want_y1 = f2(h + engine.embeder(target))
+    want_y2 = f2(h + engine.embeder(want_y1.softmax(1)))
+    torch.testing.assert_close(y1, want_y1)
+    torch.testing.assert_close(second, F.cross_entropy(want_y2, labels))
+    emb = list(engine.embeder.parameters())
+    grads = torch.autograd.grad(F.cross_entropy(y1, labels) + second, [*net.parameters(), *emb])
+    want_grads = torch.autograd.grad(
+        F.cross_entropy(want_y1, labels) + F.cross_entropy(want_y2, labels), [*ref.parameters(), *emb]
+    )
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    got, want = dict(net.named_buffers()), dict(ref.named_buffers())
+    assert got.keys() == want.keys() and len(got) == 9  # 3 BatchNorm layers x 3 buffers
+    for name in got:
+        assert torch.equal(got[name], want[name]), name
+    once = {"1", "4.1"} if layer == "4" else {"1"}
+    for bn in ("1", "4.1", "7"):
+        assert got[f"{bn}.num_batches_tracked"].item() == (1 if bn in once else 2), bn
 
 
 def test_it3_defaults_are_torch_ttts_scheme_bit_for_bit_and_draw_nothing():

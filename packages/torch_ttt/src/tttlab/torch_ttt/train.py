@@ -728,6 +728,11 @@ def _training_part(c: dict[str, Any]) -> dict[str, Any]:
         # IT3 trains with the labels as target since 2026-12-01: models trained without them (same config
         # otherwise) have another key and are neither resumed nor reused from a cache
         part["ittt_target"] = "one_hot_labels"
+        if (c["train"].get("engine_kwargs") or {}).get("training") == "notebook":
+            # since 2026-12-02 the notebook scheme's second pass leaves the running statistics of the
+            # BatchNorm layers before the features layer as the first pass left them (they were updated
+            # twice per batch): the weights trained before have another key
+            part["ittt_notebook_statistics"] = "pre_features_once"
     return part
 
 

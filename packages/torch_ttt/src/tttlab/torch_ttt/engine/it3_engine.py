@@ -58,6 +58,10 @@ Against the paper and the official notebooks (nikitadurasov/ittt, read for this 
   after the features layer: gradients reach the adapted parameters through ``h`` and ``y0`` only.  Our
   models have no latent output, so ``h`` stands where the notebook feeds ``z1``.  Training is the same
   for both (one network; ``anchor`` only acts at test time, so it does not change the trained model).
+  Not built: the paper's online variant (the adapted weights carried over from sample to sample, the
+  anchor an exponential moving average of them): its decay, and whether the average steps per optimizer
+  step or per sample, could not be read (README, IT3 reading, 2026-12-02), and neither notebook nor
+  torch-ttt has it.
 * training (``training=``): torch-ttt, and this engine by default (``"torch_ttt"``), put both terms on
   every batch.  The notebooks instead draw per batch whether the first pass gets the ground truth
   (probability 0.75 MNIST, 0.2 CIFAR: ``torch.rand(1) > 0.25`` / ``> 0.8``) or a neutral signal (a one-hot
@@ -70,8 +74,12 @@ Against the paper and the official notebooks (nikitadurasov/ittt, read for this 
   (:meth:`IT3Engine.first_pass_signal`).  The first pass is ``y1 = f(x, signal)``; the second runs the
   layers after the features layer on ``combine(h, embedder(s(y1)))`` with ``h`` the first pass's
   features (the notebooks compute their ``f1(x)`` once; here the layers before the features layer run
-  again and their output is replaced, so the gradient is the notebooks', but train-mode BatchNorm layers
-  before the features layer update their running statistics twice per batch); the engine returns ``(y1,
+  again and their output is replaced, so the gradient is the notebooks', and the train-mode normalisation
+  layers that run before the features layer's output is out - before it, it, inside it - keep the running
+  statistics the first pass left (running mean / variance, ``num_batches_tracked``), as after the
+  notebooks' one ``f1(x)``; the layers after it update theirs on both passes, as the notebooks' ``f2``.
+  Until 2026-12-02 the second pass updated the statistics before the features a second time per batch:
+  notebook models trained since have a cache key of their own); the engine returns ``(y1,
   cross_entropy(y2, target))`` and the trainer's ``cross_entropy(y1, y) + 1.0 *`` that is the notebooks'
   sum of the two task losses (the trainer's accuracy is then ``y1``'s, which saw the labels on the
   truth batches).  A model trained so never sees "0" (no embedding), the test-time first pass's
@@ -105,6 +113,7 @@ Against the paper and the official notebooks (nikitadurasov/ittt, read for this 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -112,6 +121,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from tttlab.core.errors import InvalidInputError
 
@@ -206,6 +216,46 @@ def _guess_output_shape(model: nn.Module):
     if isinstance(last, (nn.Conv2d, nn.ConvTranspose2d)):
         return (1, last.out_channels, 1, 1)
     return None
+
+
+@contextlib.contextmanager
+def _running_statistics_kept_until(model: nn.Module, layer: nn.Module):
+    """Inside the context, a forward of ``model`` leaves the running statistics (``running_mean``,
+    ``running_var``, ``num_batches_tracked``) of its normalisation layers that start computing before
+    ``layer``'s output is out (those before ``layer``, ``layer`` itself and the layers inside it) as they
+    were: each such call updates fresh copies of its buffers, and the layer gets its own tensors back when
+    the call returns (the copies, which autograd may hold, are dropped).  The layers after ``layer`` update
+    theirs as usual.  Only layers that update statistics (train mode, ``track_running_stats``) are
+    touched."""
+    done = [False]
+    kept: dict[nn.Module, dict[str, torch.Tensor]] = {}
+
+    def keep(module, args):
+        if done[0] or not module.training or not module.track_running_stats:
+            return
+        own = {k: b for k, b in module._buffers.items() if b is not None}
+        kept[module] = own
+        for name, buf in own.items():
+            setattr(module, name, buf.clone())
+
+    def give_back(module, *_):
+        for name, buf in kept.pop(module, {}).items():
+            setattr(module, name, buf)
+
+    def mark(module, args, output):
+        done[0] = True
+
+    handles = [layer.register_forward_hook(mark)]
+    for m in model.modules():
+        if isinstance(m, _NormBase):
+            handles += [m.register_forward_pre_hook(keep), m.register_forward_hook(give_back)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m in list(kept):  # a forward that raised mid-way: its tensors back all the same
+            give_back(m)
 
 
 @EngineRegistry.register("ittt")
@@ -496,7 +546,9 @@ class IT3Engine(BaseEngine):
         (:meth:`first_pass_signal`), ``y2`` the layers after the features layer on ``combine(h,
         embedder(s(y1)))`` with ``h`` the first pass's features (one ``h``, as the notebooks' one ``f1(x)``;
         gradients flow through ``s(y1)`` and ``h``).  The trainer's cross-entropy on ``y1`` plus this one
-        is the notebooks' two task losses."""
+        is the notebooks' two task losses.  The second pass re-runs the layers up to the features layer
+        (the model's forward cannot start after it): their running statistics stay as the first pass left
+        them (:func:`_running_statistics_kept_until`)."""
         first, truth = self.first_pass_signal(target)
         self.last_first_pass_truth = truth
         first_embedding = self.embeder(first)
@@ -519,7 +571,8 @@ class IT3Engine(BaseEngine):
 
         handle = self.target_module.register_forward_hook(inject_second)
         try:
-            y2 = run_model(self.model, inputs)
+            with _running_statistics_kept_until(self.model, self.target_module):
+                y2 = run_model(self.model, inputs)
         finally:
             handle.remove()
         return y1, F.cross_entropy(y2, target)
