@@ -69,7 +69,7 @@ if [[ "$GPU_DRY_RUN" == 1 ]]; then
   WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_all.XXXXXX")
   export GPU_SITE="${GPU_SITE:-$(mktemp -d "${TMPDIR:-/tmp}/tttlab_site.XXXXXX")}"  # removed at the end
   TOTAL_S=${GPU_TOTAL_S:-900}
-  export PILIMIT_S=${PILIMIT_S:-150} TTT_MAE_S=${TTT_MAE_S:-300} MEMO_TPT_S=${MEMO_TPT_S:-240} TPT_CUT_S=${TPT_CUT_S:-120}
+  export PILIMIT_S=${PILIMIT_S:-150} TTT_MAE_S=${TTT_MAE_S:-600} MEMO_TPT_S=${MEMO_TPT_S:-240} TPT_CUT_S=${TPT_CUT_S:-120}
   export BENCH_SMALL_S=${BENCH_SMALL_S:-120} BENCH_BIG_S=${BENCH_BIG_S:-90} TORCH_TTT_S=${TORCH_TTT_S:-120}
 else
   WORK=${GPU_WORK:-/tmp/gpu_all}

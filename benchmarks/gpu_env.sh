@@ -8,7 +8,7 @@
 # installed here with --no-index --no-deps into a target folder; our packages are put on PYTHONPATH from
 # their src/ folders (PEP 420 namespace `tttlab`; nothing here needs their entry points).
 #
-# Exports: PY (python3 unless PYTHON is set), DEVICE (cuda; cpu when GPU_DRY_RUN=1), GPU_DRY_RUN (0/1),
+# Exports: PY (python3 unless PYTHON is set; a dry run takes .venv/bin/python when there is one), DEVICE (cuda; cpu when GPU_DRY_RUN=1), GPU_DRY_RUN (0/1),
 # OUT (default /tmp/gpu_out), GPU_SITE (the wheels' target: /tmp/tttlab_site; a fresh temp folder in a dry
 # run), PYTHONPATH, HF_HUB_OFFLINE=1, XLA_PYTHON_CLIENT_PREALLOCATE=false (several JAX processes share
 # the GPU), PYTHONUNBUFFERED=1, MPLBACKEND=Agg.  Dry run: JAX_PLATFORMS=cpu, CUDA_VISIBLE_DEVICES="".
@@ -17,6 +17,8 @@
 if [[ -z "${TTTLAB_GPU_ENV_DONE:-}" ]]; then
   export GPU_DRY_RUN="${GPU_DRY_RUN:-0}"
   export PY="${PYTHON:-python3}"
+  # a dry run on the development machine: the project's environment (python3 there has no torch)
+  if [[ "$GPU_DRY_RUN" == 1 && -z "${PYTHON:-}" && -x .venv/bin/python ]]; then PY="$PWD/.venv/bin/python"; fi
   export OUT="${OUT:-${TMPDIR:-/tmp}/gpu_out}"
   mkdir -p "$OUT"
   export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false MPLBACKEND=Agg
