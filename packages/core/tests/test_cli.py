@@ -770,7 +770,22 @@ def hydra_app(tmp_path, monkeypatch):
      (["--resolve", "seed=1"], "--resolve without --cfg: it resolves the interpolations of the config that --cfg "
       "prints; give --cfg job --resolve (or --cfg all/hydra), or drop --resolve"),
      (["--hydra-help", "--resolve"], "--resolve without --cfg: it resolves the interpolations of the config "
-      "that --cfg prints; give --cfg job --resolve (or --cfg all/hydra), or drop --resolve")],
+      "that --cfg prints; give --cfg job --resolve (or --cfg all/hydra), or drop --resolve"),
+     # an override written as an option: Hydra's usage and "unrecognized arguments" (8 lines)
+     (["--seed=1"], "--seed=1: no option of Hydra's; the command takes overrides key=value (no '--'): give seed=1"),
+     (["--seed", "1"], "--seed 1: no option of Hydra's; the command takes overrides key=value (no '--'): give "
+      "seed=1"),
+     # --experiment abbreviates Hydra's --experimental-rerun: its ValueError traceback "File x does not exist!"
+     (["--experiment=x"], "--experiment is Hydra's --experimental-rerun (its options may be abbreviated), and x "
+      "is no file; an override has no '--': give experiment=x"),
+     # a space after '=': Hydra's lexer said "LexerNoViableAltException: quick ^"
+     (["profile=", "quick"], "'profile= quick': a space after '='; give profile=quick (one word, or quoted)"),
+     (["+experiment", "smoke"], "'+experiment smoke': an override is key=value; give +experiment=smoke"),
+     # a bad override under --help / --info: Hydra's traceback (59 lines); under --cfg its few-line report
+     (["--help", "profile=quick", "sed=1"], "Could not override 'sed'. To append to your config use +sed=1 (Key "
+      "'sed' is not in struct); did you mean 'seeds'?"),
+     (["--info", "config", "sed=1"], "Could not override 'sed'. To append to your config use +sed=1 (Key 'sed' "
+      "is not in struct); did you mean 'seeds'?")],
 )  # fmt: skip
 def test_hydra_options_that_hydra_refuses_after_reading_them_are_one_line(
     hydra_app, tmp_path, capsys, args, line
@@ -778,7 +793,9 @@ def test_hydra_options_that_hydra_refuses_after_reading_them_are_one_line(
     """Two of Hydra's modes at once (``--cfg job -m``, ``--info -r``; flags run together, abbreviated) or
     ``--resolve`` without ``--cfg`` ended in Hydra's ValueError traceback ("Only one of --run, --multirun,
     --cfg, --info and --shell_completion can be specified", exit status 1): now one line saying what each
-    option does alone, exit status 2, before Hydra starts; the task never runs and nothing is written."""
+    option does alone, exit status 2, before Hydra starts; the task never runs and nothing is written.  So
+    do an override written as an option, with a space after '=' or without '=', and a bad override under
+    Hydra's pages, each with what to give instead (the comments: what Hydra printed)."""
     with pytest.raises(SystemExit) as exit_info:
         hydra_app(*args)
     assert (exit_info.value.code, capsys.readouterr().err) == (2, f"tttlab-x: error: ConfigError: {line}\n")

@@ -226,34 +226,98 @@ def _hydra_prints_only(argv: list[str]) -> bool:
     return bool(prints) and not (args.run or args.multirun)
 
 
+def _not_an_option_of_hydras(argv: list[str]) -> str:
+    """The message for the first ``--name[=value]`` of ``argv`` that names no option of Hydra's, not even
+    abbreviated (``--seed=1``, ``--seed 1``: Hydra's parser prints its usage and "unrecognized arguments"):
+    the override to give instead; ``""`` when there is none."""
+    from hydra._internal.utils import get_args_parser
+
+    options = [s for a in get_args_parser()._actions for s in a.option_strings]
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return ""
+        name, sep, value = arg.partition("=")
+        if not name.startswith("--") or len(name) < 3 or any(o.startswith(name) for o in options):
+            continue
+        if not sep and i + 1 < len(argv) and not argv[i + 1].startswith("-") and "=" not in argv[i + 1]:
+            value, arg = argv[i + 1], f"{arg} {argv[i + 1]}"
+        return (
+            f"{arg}: no option of Hydra's; the command takes overrides key=value (no '--'): give "
+            f"{name[2:]}={value or '<value>'}"
+        )
+    return ""
+
+
+def _not_an_override(argv: list[str], overrides: list[str]) -> str:
+    """The message for the first of Hydra's ``overrides`` (the command line's words that are no option) that
+    is no override (``key=value``, ``~key``): ``seed= 1`` (a space after '=': Hydra's lexer error names only
+    ``1``), ``+experiment smoke``; ``""`` when there is none."""
+    for word in overrides:
+        if "=" in word or word.startswith("~"):
+            continue
+        i = argv.index(word) if word in argv else -1
+        before = argv[i - 1] if i > 0 else ""
+        after = argv[i + 1] if 0 <= i < len(argv) - 1 else ""
+        if before.endswith("=") and before.count("=") == 1 and not before.startswith("-"):
+            return f"'{before} {word}': a space after '='; give {before}{word} (one word, or quoted)"
+        if after and "=" not in after and not after.startswith("-"):
+            return f"'{word} {after}': an override is key=value; give {word}={after}"
+        return f"'{word}': an override is key=value (or ~key, to delete one)"
+    return ""
+
+
 def check_hydra_flags(prog: str, argv: list[str] | None = None) -> None:
     """Stop a command line whose Hydra options Hydra's parser takes but Hydra then refuses with a
     ``ValueError`` traceback (exit status 1): two of its modes at once (``--cfg job -m``, ``--info -r``, ``-mr``:
-    it runs, runs a sweep, prints a config, prints its info or does shell completion, one per command), or
-    ``--resolve`` without ``--cfg`` (or ``--help``), the print it changes.  One ``<prog>: error: ConfigError:``
-    line saying what each option does alone, exit status 2.  Read with Hydra's own parser
-    (:func:`_hydra_args`), in Hydra's order (``--help`` first: it prints its page whatever else was given).
+    it runs, runs a sweep, prints a config, prints its info or does shell completion, one per command),
+    ``--resolve`` without ``--cfg`` (or ``--help``), the print it changes, or ``--experimental-rerun`` of no
+    file (``--experiment=x`` abbreviates it).  Also the slips a user makes for an override, which Hydra
+    reports with its usage, a lexer's message or (under ``--help``) a traceback: ``--seed=1``, ``--seed 1``
+    (no option of Hydra's), ``seed= 1``, ``+experiment smoke``.  One ``<prog>: error: ConfigError:`` line
+    saying what to give instead, exit status 2.  Read with Hydra's own parser (:func:`_hydra_args`), in
+    Hydra's order (``--help`` first: it prints its page whatever else was given).
     :func:`check_hydra_command` calls it first."""
+    from pathlib import Path
+
     from .errors import ConfigError
 
-    args = _hydra_args(sys.argv[1:] if argv is None else argv)
-    if args is None or args.help:
-        return
-    exc = None
-    if args.resolve and not args.cfg:
-        exc = ConfigError(
-            "--resolve without --cfg: it resolves the interpolations of the config that --cfg prints; give "
-            "--cfg job --resolve (or --cfg all/hydra), or drop --resolve"
-        )
-    elif not args.hydra_help:
-        modes = [m for m in _HYDRA_MODES if getattr(args, m)]
-        if len(modes) > 1:
-            given = [_mode_flag(args, m) for m in modes]
-            alone = " or ".join(f"{f} alone ({_mode_does(args, m)})" for f, m in zip(given, modes))
-            together = " and ".join(given)
-            exc = ConfigError(f"{together} together: Hydra does one of them per command; give {alone}")
-    if exc is not None:
-        print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _hydra_args(argv)
+    message = ""
+    if args is None:  # Hydra's parser refuses it (its usage): an --option of no Hydra's is an override
+        message = _not_an_option_of_hydras(argv) if _hydra_args([]) is not None else ""
+    else:
+        message = _not_an_override(argv, list(args.overrides))
+    if not message and args is not None and not args.help:
+        if args.resolve and not args.cfg:
+            message = (
+                "--resolve without --cfg: it resolves the interpolations of the config that --cfg prints; give "
+                "--cfg job --resolve (or --cfg all/hydra), or drop --resolve"
+            )
+        elif args.experimental_rerun is not None and not Path(args.experimental_rerun).is_file():
+            value = args.experimental_rerun
+            typed = [
+                a
+                for a in argv
+                if a.startswith("--") and "--experimental-rerun".startswith(a.partition("=")[0])
+            ]
+            message = (
+                f"--experimental-rerun {value}: no such file; expected the config.pickle of an earlier job"
+            )
+            if typed and typed[0].partition("=")[0] != "--experimental-rerun":
+                name = typed[0].partition("=")[0]
+                message = (
+                    f"{name} is Hydra's --experimental-rerun (its options may be abbreviated), and {value} is "
+                    f"no file; an override has no '--': give {name[2:]}={value}"
+                )
+        elif not args.hydra_help:
+            modes = [m for m in _HYDRA_MODES if getattr(args, m)]
+            if len(modes) > 1:
+                given = [_mode_flag(args, m) for m in modes]
+                alone = " or ".join(f"{f} alone ({_mode_does(args, m)})" for f, m in zip(given, modes))
+                message = f"{' and '.join(given)} together: Hydra does one of them per command; give {alone}"
+    if message:
+        print(f"{prog}: error: ConfigError: {ConfigError(message)}", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -478,8 +542,9 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
     which Hydra would report with a traceback, or make as a folder named ``None``.  The command line is read
     with Hydra's own parser (:func:`_hydra_args`): under ``--multirun`` each job of the sweep is composed
     (:func:`_sweep_jobs`; a bad one named in the message) before Hydra makes its sweep folder or runs the first
-    job, ``--config-name`` picks the config; Hydra's pages (``--cfg``, ``--info``, ``--help``), another config
-    folder (``--config-path``, ``--config-dir``) and a command line Hydra's parser refuses are left to Hydra.
+    job, ``--config-name`` picks the config; for Hydra's pages (``--cfg``, ``--info``, ``--help``, which make no
+    run directory) only the overrides are checked; another config folder (``--config-path``,
+    ``--config-dir``), ``--shell-completion`` and a command line Hydra's parser refuses are left to Hydra.
     :func:`check_hydra_command` calls it after :func:`check_group_overrides`; the package's structured configs
     must be registered by then."""
     from .errors import ConfigError
@@ -487,8 +552,11 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
     flags = _hydra_args(list(sys.argv[1:] if argv is None else argv))
     if flags is None or flags.experimental_rerun is not None or flags.config_path or flags.config_dir:
         return  # Hydra's parser refuses it (its usage), or another config than the package's: Hydra's business
-    if flags.help or flags.hydra_help or any(getattr(flags, m) for m in ("cfg", "info", "shell_completion")):
-        return  # a page of Hydra's (its own report of a bad override: a few lines, nothing written)
+    if flags.shell_completion:
+        return
+    # a page of Hydra's composes the config too (a bad override: Hydra's traceback under --help and --info,
+    # its few-line report under --cfg), but makes no run directory
+    page = bool(flags.help or flags.hydra_help or flags.cfg or flags.info)
     args, config_name = list(flags.overrides), flags.config_name or config_name
     import os
 
@@ -508,6 +576,8 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
                 for job in jobs:
                     sweep = f"the sweep's job {' '.join(job)}: " if job != args else ""
                     cfg = compose(config_name=config_name, overrides=job, return_hydra_config=True)
+                    if page:
+                        continue
                     where = _check_run_dir_resolves(prog, cfg, sweep)
                     if where is not None and dirs.setdefault(os.path.normpath(where), job) != job:
                         _shared_run_dir(prog, where, dirs[os.path.normpath(where)], job, cfg)
