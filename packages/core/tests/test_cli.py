@@ -580,16 +580,11 @@ def test_a_run_directory_the_config_cannot_make_stops_before_hydra(tmp_path, mon
         ("select", ["run_dir=None"], "ConfigError: run_dir=None, but the command's run directory (hydra.run.dir: "
          "${tttlab_test_either:${out_dir},${oc.select:run_dir,null}}) is made from it and would be the folder "
          "'None/eval': on Hydra's command line None is the string 'None' (null is null); give run_dir=<value>"),
-        ("train", ["out_dir=None"], "ConfigError: out_dir=None, but the command's run directory (hydra.run.dir: "
-         "${out_dir}) is made from it and would be the folder 'None': on Hydra's command line None is the string "
-         "'None' (null is null); give out_dir=<value>"),
-        # under --multirun, each job of the sweep (it was left to Hydra: its traceback, or a folder None)
-        ("train", ["-m", "out_dir=a,None"], "ConfigError: the sweep's job out_dir=None: out_dir=None, but the "
+        # under --multirun, each job of the sweep (it was left to Hydra: its traceback, or a folder None; without
+        # -m, out_dir=None made and filled the folder None with no word)
+        ("train", ["--multirun", "out_dir=a,None"], "ConfigError: the sweep's job out_dir=None: out_dir=None, but the "
          "command's run directory (hydra.run.dir: ${out_dir}) is made from it and would be the folder 'None': on "
          "Hydra's command line None is the string 'None' (null is null); give out_dir=<value>"),
-        ("evaluate", ["seed=1,2", "--multirun"], "ConfigError: the sweep's job seed=1: run_dir is not set (the "
-         "config has no default); the command's run directory (hydra.run.dir: ${run_dir}/eval) is made from it: "
-         "give run_dir=<value>"),
         # two jobs of a sweep with one run directory: the later resumed from or overwrote the earlier's run
         ("evaluate", ["-m", "run_dir=r", "seed=0,1"], "ConfigError: the sweep's jobs run_dir=r seed=0 and run_dir=r "
          "seed=1 would both write into r/eval (their run directory): the later would resume from or overwrite the "
@@ -882,11 +877,18 @@ def test_a_user_error_in_a_sweeps_first_job_leaves_no_sweep_folder(tmp_path, mon
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    monkeypatch.chdir(tmp_path)
+    conf = tmp_path / "pkg" / "fakepkg_sweep" / "conf"  # a one-key config: Hydra composes it 5 times a sweep
+    conf.mkdir(parents=True)
+    (conf.parent / "__init__.py").write_text("")
+    (conf / "__init__.py").write_text("")
+    (conf / "app.yaml").write_text("profile: full\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
     monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)
     ran = []
 
-    @hydra.main(config_path="pkg://tttlab.core.conf", config_name="compare", version_base=None)
+    @hydra.main(config_path="pkg://fakepkg_sweep.conf", config_name="app", version_base=None)
     def _main(cfg):
         with user_errors("tttlab-x"):
             ran.append(cfg.profile)
@@ -900,5 +902,5 @@ def test_a_user_error_in_a_sweeps_first_job_leaves_no_sweep_folder(tmp_path, mon
             _main()
         assert exit_info.value.code == 2
         assert capsys.readouterr().err == f"tttlab-x: error: ConfigError: profile={fail}: no such run\n"
-        assert sorted(p.name for p in tmp_path.iterdir()) == left
+        assert sorted(p.name for p in (tmp_path / "work").iterdir()) == left
     assert ran == ["quick", "quick", "smoke"]
