@@ -776,6 +776,9 @@ def hydra_app(tmp_path, monkeypatch):
      # a space after '=': Hydra's lexer said "LexerNoViableAltException: quick ^"
      (["profile=", "quick"], "'profile= quick': a space after '='; give profile=quick (one word, or quoted)"),
      (["+experiment", "smoke"], "'+experiment smoke': an override is key=value; give +experiment=smoke"),
+     # a value attached to -cn: argparse reads -c nother (--cfg), Hydra's usage said "invalid choice: 'nother'"
+     (["-cnother"], "-cnother: Hydra's parser reads it as -c nother (--cfg, one letter); give -cn other or "
+      "--config-name=other"),
      # a bad override under --help / --info: Hydra's traceback (59 lines); under --cfg its few-line report
      (["--help", "profile=quick", "sed=1"], "Could not override 'sed'. To append to your config use +sed=1 (Key "
       "'sed' is not in struct); did you mean 'seeds'?"),

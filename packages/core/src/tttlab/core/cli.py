@@ -248,6 +248,23 @@ def _not_an_option_of_hydras(argv: list[str]) -> str:
     return ""
 
 
+#: Hydra's two-letter short options that take a value, and their long forms
+_TWO_LETTER_OPTIONS = {"-cn": "--config-name", "-cp": "--config-path", "-cd": "--config-dir"}
+
+
+def _two_letter_option_with_its_value(argv: list[str]) -> str:
+    """The message for ``-cnother`` (``-cpDIR``, ``-cdDIR``), which argparse reads as ``-c nother`` (``--cfg``,
+    whose choices Hydra's usage then lists): what to write instead; ``""`` for none."""
+    for arg in argv:
+        short, value = arg[:3], arg[3:]
+        if short in _TWO_LETTER_OPTIONS and value and not value.startswith("="):
+            return (
+                f"{arg}: Hydra's parser reads it as -c {arg[2:]} (--cfg, one letter); give {short} {value} or "
+                f"{_TWO_LETTER_OPTIONS[short]}={value}"
+            )
+    return ""
+
+
 def _not_an_override(argv: list[str], overrides: list[str]) -> str:
     """The message for the first of Hydra's ``overrides`` (the command line's words that are no option) that
     is no override (``key=value``, ``~key``): ``seed= 1`` (a space after '=': Hydra's lexer error names only
@@ -273,7 +290,8 @@ def check_hydra_flags(prog: str, argv: list[str] | None = None) -> None:
     ``--resolve`` without ``--cfg`` (or ``--help``), the print it changes, or ``--experimental-rerun`` of no
     file (``--experiment=x`` abbreviates it).  Also the slips a user makes for an override, which Hydra
     reports with its usage, a lexer's message or (under ``--help``) a traceback: ``--seed=1``, ``--seed 1``
-    (no option of Hydra's), ``seed= 1``, ``+experiment smoke``.  One ``<prog>: error: ConfigError:`` line
+    (no option of Hydra's), ``seed= 1``, ``+experiment smoke``, and ``-cnother`` (argparse reads a value
+    attached to ``-cn`` as ``-c nother``).  One ``<prog>: error: ConfigError:`` line
     saying what to give instead, exit status 2.  Read with Hydra's own parser (:func:`_hydra_args`), in
     Hydra's order (``--help`` first: it prints its page whatever else was given).
     :func:`check_hydra_command` calls it first."""
@@ -284,8 +302,8 @@ def check_hydra_flags(prog: str, argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _hydra_args(argv)
     message = ""
-    if args is None:  # Hydra's parser refuses it (its usage): an --option of no Hydra's is an override
-        message = _not_an_option_of_hydras(argv) if _hydra_args([]) is not None else ""
+    if args is None and _hydra_args([]) is not None:  # Hydra's parser refuses it (it prints its usage)
+        message = _not_an_option_of_hydras(argv) or _two_letter_option_with_its_value(argv)
     else:
         message = _not_an_override(argv, list(args.overrides))
     if not message and args is not None and not args.help:
