@@ -585,10 +585,11 @@ def test_a_run_directory_the_config_cannot_make_stops_before_hydra(tmp_path, mon
         ("train", ["--multirun", "out_dir=a,None"], "ConfigError: the sweep's job out_dir=None: out_dir=None, but the "
          "command's run directory (hydra.run.dir: ${out_dir}) is made from it and would be the folder 'None': on "
          "Hydra's command line None is the string 'None' (null is null); give out_dir=<value>"),
-        # two jobs of a sweep with one run directory: the later resumed from or overwrote the earlier's run
+        # two jobs of a sweep with one run directory: the later resumed from, overwrote or was refused by the
+        # earlier's run (torch_ttt train -m seed=0,1: a CheckpointError after the first job trained)
         ("evaluate", ["-m", "run_dir=r", "seed=0,1"], "ConfigError: the sweep's jobs run_dir=r seed=0 and run_dir=r "
-         "seed=1 would both write into r/eval (their run directory): the later would resume from or overwrite the "
-         "earlier's run; give each job its own hydra.run.dir, e.g. 'hydra.run.dir=r/eval-${seed}'"),
+         "seed=1 would both write into r/eval (their run directory): the later would resume from, overwrite or be "
+         "refused by the earlier's run; give each job its own hydra.run.dir, e.g. 'hydra.run.dir=r/eval-${seed}'"),
         ("train", ["-cn", "evaluate", "run_dir=null"], "ConfigError: run_dir=null, but the command's run directory "
          "(hydra.run.dir: ${run_dir}/eval) is made from it and would be the folder 'None/eval': give "
          "run_dir=<value>"),  # --config-name: that config's directory

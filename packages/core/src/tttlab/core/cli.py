@@ -723,7 +723,7 @@ def _shared_run_dir(prog: str, where: str, first: list[str], job: list[str], cfg
     example = f", e.g. '{key}={where}-${{{differ[0]}}}'" if differ else ""
     exc = ConfigError(
         f"the sweep's jobs {' '.join(first)} and {' '.join(job)} would both write into {where} (their run "
-        f"directory): the later would resume from or overwrite the earlier's run; give each job its own "
+        f"directory): the later would resume from, overwrite or be refused by the earlier's run; give each job its own "
         f"{key}{example}"
     )
     print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
