@@ -240,7 +240,8 @@ def test_a_config_group_override_naming_no_file_stops_before_hydra(tmp_path, mon
         assert exit_info.value.code == 2
         assert capsys.readouterr().err == f"prog: error: ConfigError: {message}\n"
     fine = ["+experiment=smoke", "experiment=mnist_tutorial.yaml", "engine=tent", "seed=3", "engine.lr=0.1",
-            "+experiment=smoke,mnist_tutorial", "engine=null", "~engine", "top=1", "nosuchgroup=x", "hydra/job_logging=none"]  # fmt: skip
+            "+experiment=smoke,mnist_tutorial", "engine=null", "~engine", "top=1", "nosuchgroup=x",
+            "hydra/job_logging=none"]  # fmt: skip
     check_group_overrides("prog", "fakepkg_cli.conf", fine)
     check_group_overrides("prog", "no_such_package_xyz.conf", ["+experiment=x"])
     assert capsys.readouterr().err == ""
@@ -713,8 +714,9 @@ def test_hydra_options_are_read_by_hydras_own_parser(capsys):
         ["--version"],
     ]
     assert vars(cli._hydra_args(["-pfoo"]))["package"] == "foo"
-    assert {"help", "hydra_help", "run", "multirun", "cfg", "info", "shell_completion", "resolve", "overrides",
-            "config_name", "config_path", "config_dir", "experimental_rerun"} <= set(vars(cli._hydra_args([])))  # fmt: skip
+    used = {"help", "hydra_help", "run", "multirun", "cfg", "info", "shell_completion", "resolve", "overrides",
+            "config_name", "config_path", "config_dir", "experimental_rerun"}  # fmt: skip
+    assert used <= set(vars(cli._hydra_args([])))  # the attributes core reads
 
 
 @pytest.fixture
@@ -777,6 +779,8 @@ def hydra_app(tmp_path, monkeypatch):
      # a space after '=': Hydra's lexer said "LexerNoViableAltException: quick ^"
      (["profile=", "quick"], "'profile= quick': a space after '='; give profile=quick (one word, or quoted)"),
      (["+experiment", "smoke"], "'+experiment smoke': an override is key=value; give +experiment=smoke"),
+     (["seeds=[0,", "1]"], "'seeds=[0, 1]': a space inside a value; quote the override (\"seeds=[0, 1]\") or drop "
+      "the space"),
      # a value attached to -cn: argparse reads -c nother (--cfg), Hydra's usage said "invalid choice: 'nother'"
      (["-cnother"], "-cnother: Hydra's parser reads it as -c nother (--cfg, one letter); give -cn other or "
       "--config-name=other"),

@@ -165,8 +165,8 @@ def _hydra_args(argv: list[str]):
     from the parser of the installed hydra-core (a private function of Hydra's, the one ``hydra.main`` calls),
     so that an abbreviation (``--multi``), a value attached to a short option (``-cjob``, ``-pfoo``, ``-cn=x``)
     and short flags run together (``-mr``) read as Hydra reads them, on every Python version.  ``None`` when
-    that parser stops (an error, which Hydra reports with its usage and exit status 2, or ``--version``), when
-    it would print nothing here, or when Hydra is not installed."""
+    that parser stops (an error, which Hydra reports with its usage and exit status 2, or ``--version``; here
+    nothing is printed), or when Hydra is not installed."""
     try:
         from hydra._internal.utils import get_args_parser
     except ImportError:
@@ -268,7 +268,7 @@ def _two_letter_option_with_its_value(argv: list[str]) -> str:
 def _not_an_override(argv: list[str], overrides: list[str]) -> str:
     """The message for the first of Hydra's ``overrides`` (the command line's words that are no option) that
     is no override (``key=value``, ``~key``): ``seed= 1`` (a space after '=': Hydra's lexer error names only
-    ``1``), ``+experiment smoke``; ``""`` when there is none."""
+    ``1``), ``+experiment smoke``, ``seeds=[0, 1]`` unquoted; ``""`` when there is none."""
     for word in overrides:
         if "=" in word or word.startswith("~"):
             continue
@@ -277,6 +277,9 @@ def _not_an_override(argv: list[str], overrides: list[str]) -> str:
         after = argv[i + 1] if 0 <= i < len(argv) - 1 else ""
         if before.endswith("=") and before.count("=") == 1 and not before.startswith("-"):
             return f"'{before} {word}': a space after '='; give {before}{word} (one word, or quoted)"
+        if "=" in before and not before.startswith("-"):  # seeds=[0, 1]: the shell made two words
+            given = f"{before} {word}"
+            return f"'{given}': a space inside a value; quote the override (\"{given}\") or drop the space"
         if after and "=" not in after and not after.startswith("-"):
             return f"'{word} {after}': an override is key=value; give {word}={after}"
         return f"'{word}': an override is key=value (or ~key, to delete one)"
@@ -302,10 +305,10 @@ def check_hydra_flags(prog: str, argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _hydra_args(argv)
     message = ""
-    if args is None and _hydra_args([]) is not None:  # Hydra's parser refuses it (it prints its usage)
-        message = _not_an_option_of_hydras(argv) or _two_letter_option_with_its_value(argv)
-    else:
+    if args is not None:
         message = _not_an_override(argv, list(args.overrides))
+    elif _hydra_args([]) is not None:  # Hydra's parser refuses the command line (it prints its usage)
+        message = _not_an_option_of_hydras(argv) or _two_letter_option_with_its_value(argv)
     if not message and args is not None and not args.help:
         if args.resolve and not args.cfg:
             message = (
