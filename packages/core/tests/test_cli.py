@@ -232,13 +232,16 @@ def test_a_config_group_override_naming_no_file_stops_before_hydra(tmp_path, mon
         ("+experiment=mnist_tutoral", "experiment='mnist_tutoral': no such experiment config (did you mean "
                                       "'mnist_tutorial'?); expected one of mnist_tutorial, smoke"),
         ("engine=tnet", "engine='tnet': no such engine config (did you mean 'tent'?); expected one of tent"),
+        # a sweep's values (-m engine=tent,tnet): Hydra's many-line report, or its first jobs ran
+        ("engine=tent,tnet", "engine='tnet': no such engine config (did you mean 'tent'?); expected one of tent"),
     ):  # fmt: skip
         with pytest.raises(SystemExit) as exit_info:
             check_group_overrides("prog", "fakepkg_cli.conf", ["seed=1", arg])
         assert exit_info.value.code == 2
         assert capsys.readouterr().err == f"prog: error: ConfigError: {message}\n"
     fine = ["+experiment=smoke", "experiment=mnist_tutorial.yaml", "engine=tent", "seed=3", "engine.lr=0.1",
-            "engine=tent,bn", "engine=null", "~engine", "top=1", "nosuchgroup=x", "hydra/job_logging=none"]  # fmt: skip
+            "+experiment=smoke,mnist_tutorial", "engine=null", "~engine", "top=1", "nosuchgroup=x",
+            "hydra/job_logging=none"]  # fmt: skip
     check_group_overrides("prog", "fakepkg_cli.conf", fine)
     check_group_overrides("prog", "no_such_package_xyz.conf", ["+experiment=x"])
     assert capsys.readouterr().err == ""
@@ -485,7 +488,9 @@ def test_hydra_print_into_a_closed_pipe_ends_quietly(closed_stdout, monkeypatch,
      (["-m", "seed=1,2"], False), (["--multirun", "seed=1,2"], False), (["--run", "seed=1"], False),
      (["--config-name", "other", "seed=1"], False), (["-cd", "/conf", "seed=1"], False),
      (["--multi", "seed=1,2"], False), (["--config-n", "other", "seed=1"], False), (["--cf", "job"], True),
-     (["--in"], True)],
+     (["--in"], True), (["-pfoo", "seed=1"], False), (["-mp", "x"], False), (["-cn=other", "seed=1"], False),
+     (["-cjob"], True), (["-iplugins"], True), (["-cnother"], True), (["--version"], True),
+     (["--help", "-m"], True)],
 )  # fmt: skip
 def test_only_a_command_line_that_asks_hydra_to_print_guards_stdout(monkeypatch, argv, prints):
     """quiet_hydra_output wraps standard output only where Hydra prints and stops; a command line that runs
@@ -529,8 +534,10 @@ def test_a_run_directory_the_config_cannot_make_stops_before_hydra(tmp_path, mon
     """Hydra resolves ``hydra.run.dir`` before the task runs: ``run_dir: ???`` not given ended in Hydra's
     traceback ("Missing mandatory value: run_dir", exit status 1), ``run_dir=null`` made a folder named
     ``None/eval`` (``out_dir=null`` for ``${out_dir}``: Hydra's traceback, the directory being typed as a
-    string), and a resolver's own TTTLabError came wrapped in Hydra's traceback too.  Now each is one
-    line and exit status 2, before Hydra makes any folder; a directory that resolves passes."""
+    string), and a resolver's own TTTLabError came wrapped in Hydra's traceback too; ``run_dir=None`` (the
+    string) made ``None/eval`` with no word, or blamed a null out_dir next to it.  Now each is one line
+    naming the key given, exit status 2, before Hydra makes any folder, for each job of a ``--multirun``
+    sweep too and for the config ``--config-name`` picks; a directory that resolves passes."""
     from omegaconf import OmegaConf
 
     from tttlab.core.cli import check_config_overrides
@@ -544,6 +551,11 @@ def test_a_run_directory_the_config_cannot_make_stops_before_hydra(tmp_path, mon
     (conf / "evaluate.yaml").write_text("run_dir: ???\nseed: 0\n" + hydra_node.format("${run_dir}/eval"))
     (conf / "train.yaml").write_text("out_dir: runs/x\n" + hydra_node.format("${out_dir}"))
     (conf / "picky.yaml").write_text("where: null\n" + hydra_node.format("${tttlab_test_picky:${where}}"))
+    # mttt_jax evaluate's: out_dir, else <run_dir>/eval
+    (conf / "select.yaml").write_text(
+        "out_dir: null\nrun_dir: ???\n"
+        + hydra_node.format("${tttlab_test_either:${out_dir},${oc.select:run_dir,null}}")
+    )
 
     def picky(where):
         if where is None:
@@ -551,6 +563,9 @@ def test_a_run_directory_the_config_cannot_make_stops_before_hydra(tmp_path, mon
         return str(where)
 
     OmegaConf.register_new_resolver("tttlab_test_picky", picky, replace=True)
+    OmegaConf.register_new_resolver(
+        "tttlab_test_either", lambda out, run: out or (run and f"{run}/eval") or "x", replace=True
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
     for config, args, line in (
@@ -562,12 +577,36 @@ def test_a_run_directory_the_config_cannot_make_stops_before_hydra(tmp_path, mon
         ("train", ["out_dir=null"], "ConfigError: out_dir=null, but the command's run directory (hydra.run.dir: "
          "${out_dir}) is made from it: give out_dir=<value>"),  # Hydra's InterpolationValidationError traceback
         ("picky", [], "InvalidInputError: where is not set; give where=<folder>"),
+        # Hydra's None is the string 'None': the folder None (it blamed out_dir=null, or said nothing at all)
+        ("select", ["run_dir=None"], "ConfigError: run_dir=None, but the command's run directory (hydra.run.dir: "
+         "${tttlab_test_either:${out_dir},${oc.select:run_dir,null}}) is made from it and would be the folder "
+         "'None/eval': on Hydra's command line None is the string 'None' (null is null); give run_dir=<value>"),
+        # under --multirun, each job of the sweep (it was left to Hydra: its traceback, or a folder None; without
+        # -m, out_dir=None made and filled the folder None with no word)
+        ("train", ["--multirun", "out_dir=a,None"], "ConfigError: the sweep's job out_dir=None: out_dir=None, but the "
+         "command's run directory (hydra.run.dir: ${out_dir}) is made from it and would be the folder 'None': on "
+         "Hydra's command line None is the string 'None' (null is null); give out_dir=<value>"),
+        # two jobs of a sweep with one run directory: the later resumed from, overwrote or was refused by the
+        # earlier's run (torch_ttt train -m seed=0,1: a CheckpointError after the first job trained)
+        ("evaluate", ["-m", "run_dir=r", "seed=0,1"], "ConfigError: the sweep's jobs run_dir=r seed=0 and run_dir=r "
+         "seed=1 would both write into r/eval (their run directory): the later would resume from, overwrite or be "
+         "refused by the earlier's run; give each job its own hydra.run.dir, e.g. 'hydra.run.dir=r/eval-${seed}'"),
+        ("train", ["-cn", "evaluate", "run_dir=null"], "ConfigError: run_dir=null, but the command's run directory "
+         "(hydra.run.dir: ${run_dir}/eval) is made from it and would be the folder 'None/eval': give "
+         "run_dir=<value>"),  # --config-name: that config's directory
     ):  # fmt: skip
         with pytest.raises(SystemExit) as exit_info:
             check_config_overrides("prog", "fakepkg_rundir.conf", config, args)
         assert (exit_info.value.code, capsys.readouterr().err) == (2, f"prog: error: {line}\n")
     check_config_overrides("prog", "fakepkg_rundir.conf", "evaluate", ["run_dir=runs/x"])
     check_config_overrides("prog", "fakepkg_rundir.conf", "picky", ["where=runs/None_yet"])
+    check_config_overrides("prog", "fakepkg_rundir.conf", "select", ["run_dir=runs/x", "out_dir=null"])
+    check_config_overrides("prog", "fakepkg_rundir.conf", "train", ["--multirun", "out_dir=a,b"])
+    check_config_overrides("prog", "fakepkg_rundir.conf", "evaluate", ["-m", "run_dir=r", "seed=0,1",
+                                                                       "hydra.run.dir=r/eval-${seed}"])  # fmt: skip
+    check_config_overrides(
+        "prog", "fakepkg_rundir.conf", "evaluate", ["--cfg", "job"]
+    )  # Hydra's page: its own
     assert capsys.readouterr().err == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fakepkg_rundir"]  # nothing made
 
@@ -634,16 +673,242 @@ def test_a_user_error_under_a_hydra_config_without_a_run_directory_is_one_line(m
     )
 
 
-def test_the_hydra_options_core_knows_are_hydras():
-    """core.cli's lists of Hydra's options (which run the task, which modify, the long ones an abbreviation
-    stands for) against the argparse parser of the pinned hydra-core (a private function of Hydra's)."""
+HYDRA_ARGVS = [
+    ["--cfg", "job"], ["-cjob"], ["--cfg=hydra", "-p", "x"], ["-pfoo", "seed=1"], ["-mp", "x"], ["-mr"],
+    ["-mcjob"], ["--multi", "a=1,2"], ["--config-n", "other"], ["-cn=other"], ["-cn", "other"], ["-cdx"],
+    ["-i"], ["-iplugins"], ["--in", "config"], ["-sc", "install=bash"], ["-hm"], ["--resolve"],
+    ["seed=1", "--experimental-rerun", "x.pickle"], ["-cnother"], ["-cpDIR"], ["-ijob"], ["--cfg"],
+    ["--con", "x"], ["--version"], ["--hel"], [],
+]  # fmt: skip
+
+
+def test_hydra_options_are_read_by_hydras_own_parser(capsys):
+    """core.cli reads a command line's Hydra options with the parser of the installed hydra-core (a private
+    function of Hydra's, the one hydra.main calls): the same namespace where it parses (abbreviations, values
+    attached to short options: ``-pfoo`` is ``--package foo``, ``-cnother`` is ``--cfg nother``, flags run
+    together: ``-mcjob`` is ``-m --cfg job``), None where it stops (an error, ``--version``), and in core's
+    reading it neither prints nor exits."""
     pytest.importorskip("hydra")
     from hydra._internal.utils import get_args_parser
 
     from tttlab.core import cli
 
-    parser = get_args_parser()
-    options = {s for a in parser._actions for s in a.option_strings}
-    assert parser.allow_abbrev
-    assert set(cli.HYDRA_LONG_OPTIONS) == {o for o in options if o.startswith("--")}
-    assert set(cli.HYDRA_RUN_OPTIONS + cli.HYDRA_MODIFIER_OPTIONS) <= options
+    stopped = []
+    for argv in HYDRA_ARGVS:
+        try:
+            expected = vars(get_args_parser().parse_args(argv))
+        except SystemExit:
+            expected = None
+            stopped.append(argv)
+        capsys.readouterr()
+        got = cli._hydra_args(argv)
+        assert (vars(got) if got is not None else None) == expected, argv
+        assert capsys.readouterr() == ("", ""), argv
+    assert stopped == [
+        ["-cdx"],
+        ["-cnother"],
+        ["-cpDIR"],
+        ["-ijob"],
+        ["--cfg"],
+        ["--con", "x"],
+        ["--version"],
+    ]
+    assert vars(cli._hydra_args(["-pfoo"]))["package"] == "foo"
+    used = {"help", "hydra_help", "run", "multirun", "cfg", "info", "shell_completion", "resolve", "overrides",
+            "config_name", "config_path", "config_dir", "experimental_rerun"}  # fmt: skip
+    assert used <= set(vars(cli._hydra_args([])))  # the attributes core reads
+
+
+@pytest.fixture
+def hydra_app(tmp_path, monkeypatch):
+    """Run ``check_hydra_command`` and a ``@hydra.main`` task on core's compare config with the command line
+    ``args`` in the empty working directory ``tmp_path``; returns the task's configs (one per job run).
+    Standard output, the root logger and HydraConfig are put back after."""
+    pytest.importorskip("hydra")
+    import logging
+    import sys
+
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from tttlab.core.cli import check_hydra_command
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.stdout", sys.stdout)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", root.handlers[:])
+    monkeypatch.setattr(root, "level", root.level)
+    ran = []
+
+    @hydra.main(config_path="pkg://tttlab.core.conf", config_name="compare", version_base=None)
+    def _main(cfg):
+        ran.append(cfg)
+
+    def run(*args):
+        monkeypatch.setattr("sys.argv", ["tttlab-x", *args])
+        check_hydra_command("tttlab-x", "tttlab.core.conf", "compare", compile_key=False)
+        _main()
+        return ran
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [(["--cfg", "job", "-m"], "--multirun and --cfg job together: Hydra does one of them per command; give "
+      "--multirun alone (runs the sweep) or --cfg job alone (prints the job's config)"),
+     (["--info", "-r", "seed=1"], "--run and --info together: Hydra does one of them per command; give --run "
+      "alone (runs the task) or --info alone (prints Hydra's info pages)"),
+     (["-mcjob"], "--multirun and --cfg job together: Hydra does one of them per command; give --multirun alone "
+      "(runs the sweep) or --cfg job alone (prints the job's config)"),
+     (["--multi", "--in", "plugins", "-c", "all"], "--multirun and --cfg all and --info plugins together: Hydra "
+      "does one of them per command; give --multirun alone (runs the sweep) or --cfg all alone (prints the "
+      "job's and Hydra's config) or --info plugins alone (prints Hydra's plugins info)"),
+     (["--resolve", "seed=1"], "--resolve without --cfg: it resolves the interpolations of the config that --cfg "
+      "prints; give --cfg job --resolve (or --cfg all/hydra), or drop --resolve"),
+     (["--hydra-help", "--resolve"], "--resolve without --cfg: it resolves the interpolations of the config "
+      "that --cfg prints; give --cfg job --resolve (or --cfg all/hydra), or drop --resolve"),
+     # an override written as an option: Hydra's usage and "unrecognized arguments" (8 lines)
+     (["--seed=1"], "--seed=1: no option of Hydra's; the command takes overrides key=value (no '--'): give seed=1"),
+     (["--seed", "1"], "--seed 1: no option of Hydra's; the command takes overrides key=value (no '--'): give "
+      "seed=1"),
+     # --experiment abbreviates Hydra's --experimental-rerun: its ValueError traceback "File x does not exist!"
+     (["--experiment=x"], "--experiment is Hydra's --experimental-rerun (its options may be abbreviated), and x "
+      "is no file; an override has no '--': give experiment=x"),
+     # a space after '=': Hydra's lexer said "LexerNoViableAltException: quick ^"
+     (["profile=", "quick"], "'profile= quick': a space after '='; give profile=quick (one word, or quoted)"),
+     (["+experiment", "smoke"], "'+experiment smoke': an override is key=value; give +experiment=smoke"),
+     (["seeds=[0,", "1]"], "'seeds=[0, 1]': a space inside a value; quote the override (\"seeds=[0, 1]\") or drop "
+      "the space"),
+     # a value attached to -cn: argparse reads -c nother (--cfg), Hydra's usage said "invalid choice: 'nother'"
+     (["-cnother"], "-cnother: Hydra's parser reads it as -c nother (--cfg, one letter); give -cn other or "
+      "--config-name=other"),
+     # a bad override under --help / --info: Hydra's traceback (59 lines); under --cfg its few-line report
+     (["--help", "profile=quick", "sed=1"], "Could not override 'sed'. To append to your config use +sed=1 (Key "
+      "'sed' is not in struct); did you mean 'seeds'?"),
+     (["--info", "config", "sed=1"], "Could not override 'sed'. To append to your config use +sed=1 (Key 'sed' "
+      "is not in struct); did you mean 'seeds'?")],
+)  # fmt: skip
+def test_hydra_options_that_hydra_refuses_after_reading_them_are_one_line(
+    hydra_app, tmp_path, capsys, args, line
+):
+    """Two of Hydra's modes at once (``--cfg job -m``, ``--info -r``; flags run together, abbreviated) or
+    ``--resolve`` without ``--cfg`` ended in Hydra's ValueError traceback ("Only one of --run, --multirun,
+    --cfg, --info and --shell_completion can be specified", exit status 1): now one line saying what each
+    option does alone, exit status 2, before Hydra starts; the task never runs and nothing is written.  So
+    do an override written as an option, with a space after '=' or without '=', and a bad override under
+    Hydra's pages, each with what to give instead (the comments: what Hydra printed)."""
+    with pytest.raises(SystemExit) as exit_info:
+        hydra_app(*args)
+    assert (exit_info.value.code, capsys.readouterr().err) == (2, f"tttlab-x: error: ConfigError: {line}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hydras_help_wins_over_its_other_options(capsys):
+    """Hydra answers --help first, whatever else was given (it prints the page): no error for that."""
+    from tttlab.core.cli import check_hydra_flags
+
+    for argv in (
+        ["--help", "-m", "--cfg", "job"],
+        ["-h", "--resolve"],
+        ["--cfg", "job", "--resolve"],
+        ["-m"],
+    ):
+        check_hydra_flags("tttlab-x", argv)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_bad_override_in_a_sweep_stops_before_hydra_makes_its_sweep_folder(hydra_app, tmp_path, capsys):
+    """``-m sed=1,2``: core's check of the overrides stepped aside for any option, so Hydra made
+    ``multirun/<date>/<time>/multirun.yaml`` and printed its few-line report (exit status 1).  Each job of
+    the sweep is now composed first: one line naming the job, with the guess, exit status 2, nothing made."""
+    with pytest.raises(SystemExit) as exit_info:
+        hydra_app("-m", "sed=1,2", "profile=quick")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(
+        "tttlab-x: error: ConfigError: the sweep's job sed=1 profile=quick: Could not override 'sed'"
+    )
+    assert err.endswith("; did you mean 'seeds'?\n"), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_another_commands_experiment_is_named_so(tmp_path, monkeypatch, capsys):
+    """``tttlab-ttt-mae-ttt +experiment=smoke_pretrain`` (a pretrain experiment) was Hydra's "In
+    'experiment/smoke_pretrain': ConfigKeyError raised while composing config: Key 'epochs' not in 'TTTConfig'
+    full_key: epochs object_type=TTTConfig": now it says the experiment is another command's and which of the
+    group's experiments this command takes (those that compose with the rest of the command line)."""
+    from dataclasses import dataclass
+
+    from hydra.core.config_store import ConfigStore
+
+    from tttlab.core.cli import check_config_overrides
+
+    @dataclass
+    class TTTConfig:
+        seed: int = 0
+        steps: int = 1
+
+    ConfigStore.instance().store(name="tttlab_test_ttt_schema", node=TTTConfig)
+    conf = tmp_path / "fakepkg_other_exp" / "conf"
+    (conf / "experiment").mkdir(parents=True)
+    for name, body in (
+        ("smoke_ttt", "steps: 2"),
+        ("paper_ttt", "steps: 20"),
+        ("smoke_pretrain", "epochs: 1"),
+    ):
+        (conf / "experiment" / f"{name}.yaml").write_text(f"# @package _global_\n{body}\n")
+    (conf / "ttt.yaml").write_text("defaults:\n  - tttlab_test_ttt_schema\n  - _self_\nseed: 0\n")
+    (conf.parent / "__init__.py").write_text("")
+    (conf / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        check_config_overrides(
+            "prog", "fakepkg_other_exp.conf", "ttt", ["seed=1", "+experiment=smoke_pretrain"]
+        )
+    assert (exit_info.value.code, capsys.readouterr().err) == (
+        2,
+        "prog: error: ConfigError: +experiment=smoke_pretrain: experiment/smoke_pretrain.yaml sets epochs, which "
+        "this command's config (TTTConfig) does not have: it is another command's experiment; this command takes "
+        "+experiment=<paper_ttt|smoke_ttt>\n",
+    )
+    check_config_overrides("prog", "fakepkg_other_exp.conf", "ttt", ["+experiment=smoke_ttt"])
+    assert capsys.readouterr().err == ""
+
+
+def test_a_user_error_in_a_sweeps_first_job_leaves_no_sweep_folder(tmp_path, monkeypatch, capsys):
+    """``tttlab-mttt-evaluate -m run_dir=a,b`` (no such run): the first job's one-line error, but Hydra's
+    ``multirun/<date>/<time>/multirun.yaml`` stayed behind; now nothing does.  A later job's error keeps the
+    sweep folder (an earlier job's is in it)."""
+    pytest.importorskip("hydra")
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    conf = tmp_path / "pkg" / "fakepkg_sweep" / "conf"  # a one-key config: Hydra composes it 5 times a sweep
+    conf.mkdir(parents=True)
+    (conf.parent / "__init__.py").write_text("")
+    (conf / "__init__.py").write_text("")
+    (conf / "app.yaml").write_text("profile: full\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)
+    ran = []
+
+    @hydra.main(config_path="pkg://fakepkg_sweep.conf", config_name="app", version_base=None)
+    def _main(cfg):
+        with user_errors("tttlab-x"):
+            ran.append(cfg.profile)
+            if cfg.profile == fail:
+                raise ConfigError(f"profile={cfg.profile}: no such run")
+
+    for fail, left in (("quick", []), ("smoke", ["multirun"])):
+        argv = ["tttlab-x", "-m", "profile=quick,smoke", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+        monkeypatch.setattr("sys.argv", argv)
+        with pytest.raises(SystemExit) as exit_info:
+            _main()
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == f"tttlab-x: error: ConfigError: profile={fail}: no such run\n"
+        assert sorted(p.name for p in (tmp_path / "work").iterdir()) == left
+    assert ran == ["quick", "quick", "smoke"]

@@ -340,6 +340,11 @@ def test_config_errors_and_method_names(env, tmp_path):
     for argv in (["--jobs"], ["--jobs", "--progress"], ["--out-dir", "profile=quick"]):
         with pytest.raises(ConfigError, match=rf"^{argv[0]} needs a value: {argv[0]} VALUE or \w+=VALUE"):
             cmp.load_config(argv)
+    # a Hydra command's -m (a sweep): was "bad override in ['-m', 'seeds=1,2']: LexerNoViableAltException: -m"
+    with pytest.raises(
+        ConfigError, match=r"^-m: tttlab-compare takes key=value .* no Hydra option; .*'seeds=\[0,1,2\]'"
+    ):
+        cmp.load_config(["-m", "seeds=1,2"])
     assert c["num_examples"] == c["profiles"]["quick"]["num_examples"] and len(c["corruptions"]) == 15
     specs, missing = cmp.resolve_methods(["fake.alpha", "fake.b*", "alpha"])
     assert [s.name for s in specs] == ["fake.alpha", "fake.beta"] and missing == []

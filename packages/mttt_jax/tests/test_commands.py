@@ -374,6 +374,15 @@ def test_train_output_into_a_closed_pipe_ends_quietly(tmp_path):
          "experiment=smoke>"),
         (["run_dir=r", "+experiment=smoke"], "ConfigError: +experiment=smoke: evaluate takes no experiment"),
         (["run_dir=r", "lr=0.1"], "ConfigError: lr=0.1: evaluate takes no lr (a tttlab-mttt-train option)"),
+        # a method of no model: its odd line (method=mttt_jax.'mttt_mpl') after Hydra made runs/mttt/eval/...
+        (["+method=mttt_jax.mttt_mpl"], "ConfigError: method='mttt_jax.mttt_mpl': no such MTTT method (did you "
+         "mean 'mttt_jax.mttt_mlp'?); expected +method=mttt_jax.<mixer> [+profile=smoke|quick|full], <mixer> one "
+         "of mttt_mlp,"),
+        (["+method=mttt_jax.mttt_mlp", "+profile=fast"], "ConfigError: profile='fast'; expected one of smoke, "
+         "quick, full (+method=mttt_jax.<mixer>"),
+        # Hydra's None is a string: the folder None/eval, which core's check blamed on out_dir=null
+        (["run_dir=None"], "ConfigError: run_dir=None, but the command's run directory (hydra.run.dir: "
+         "${mttt_eval_dir:${out_dir},"),
     ],
 )  # fmt: skip
 def test_evaluate_without_a_run_or_with_a_training_option_is_one_line(
@@ -391,7 +400,11 @@ def test_evaluate_without_a_run_or_with_a_training_option_is_one_line(
     err = capsys.readouterr().err
     assert exc.value.code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"tttlab-mttt-evaluate: error: {message}"), err
-    assert "+method=mttt_jax.<mixer> [+profile=smoke|quick|full]" in err
+    if "run_dir=None" in args:
+        assert err.endswith("would be the folder 'None/eval': on Hydra's command line None is the string 'None' "
+                            "(null is null); give run_dir=<value>\n"), err  # fmt: skip
+    else:
+        assert "+method=mttt_jax.<mixer> [+profile=smoke|quick|full]" in err
     assert list(tmp_path.iterdir()) == []
 
 

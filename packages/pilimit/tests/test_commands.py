@@ -110,6 +110,15 @@ def test_commands_print_one_error_line(monkeypatch, capsys):
         exc.value.code == 2 and "tttlab-pilimit-evaluate: error: " in err and "method='pilimit.nope'" in err
     )
     assert "Traceback" not in err
+    # a Hydra command's options: was "unknown evaluate keys ['-m']" (and ['--cfg', 'job'])
+    monkeypatch.setattr(sys, "argv", ["tttlab-pilimit-evaluate", "-m", "seed=0,1", "--cfg", "job"])
+    with pytest.raises(SystemExit) as exc:
+        E.main()
+    assert (exc.value.code, capsys.readouterr().err) == (
+        2,
+        "tttlab-pilimit-evaluate: error: ConfigError: arguments ['-m', '--cfg', 'job']: expected key=value, no "
+        "options (this command is no Hydra app: one evaluation per command; see tttlab-pilimit-evaluate --help)\n",
+    )
 
     def bad(cfg):
         raise InvalidInputError("r=0: expected an integer >= 1")

@@ -36,8 +36,9 @@ def user_errors(prog: str) -> Iterator[None]:
     Inside a Hydra task, a run directory that holds only what Hydra put there before the task ran (its
     ``.hydra`` folder and the job's ``<name>.log``) is removed first, with the empty folders above it up to
     the working directory: the commands check the user's paths and values before they write anything, so
-    a typo leaves no half-made run behind.  A directory with anything else in it (an earlier run's files,
-    the user's own) is left exactly as it is."""
+    a typo leaves no half-made run behind; in a ``--multirun`` sweep, the job's folder, and the sweep's folder
+    when it holds nothing but Hydra's ``multirun.yaml`` (its first job failed).  A directory with anything
+    else in it (an earlier run's files, the user's own, an earlier job's) is left exactly as it is."""
     quiet_closed_stdout()
     try:
         yield
@@ -154,36 +155,191 @@ class _ClosedStdoutGuard:
         return getattr(self._stream, name)
 
 
-#: Options of Hydra's command line that run the task, and those that only modify what the others do (which
-#: config, which package of it); every other option makes Hydra print something of its own (the composed
-#: config, a help or info page, its version) and stop
-HYDRA_RUN_OPTIONS = ("-m", "--multirun", "-r", "--run", "--experimental-rerun")
-HYDRA_MODIFIER_OPTIONS = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-p", "--package",
-                          "--resolve")  # fmt: skip
+class _HydraParserStopped(Exception):
+    """Hydra's argparse parser stopped on the command line: an error it reports with its usage, or
+    ``--version``, which it prints."""
 
 
-#: Hydra's long options: its argparse also takes an unambiguous abbreviation (``--multi`` is ``--multirun``)
-HYDRA_LONG_OPTIONS = ("--help", "--hydra-help", "--version", "--cfg", "--resolve", "--package", "--run",
-                      "--multirun", "--shell-completion", "--config-path", "--config-name", "--config-dir",
-                      "--experimental-rerun", "--info")  # fmt: skip
+def _hydra_args(argv: list[str]):
+    """Hydra's own reading of the command line ``argv``: the ``argparse.Namespace`` its ``@hydra.main`` gets
+    from the parser of the installed hydra-core (a private function of Hydra's, the one ``hydra.main`` calls),
+    so that an abbreviation (``--multi``), a value attached to a short option (``-cjob``, ``-pfoo``, ``-cn=x``)
+    and short flags run together (``-mr``) read as Hydra reads them, on every Python version.  ``None`` when
+    that parser stops (an error, which Hydra reports with its usage and exit status 2, or ``--version``; here
+    nothing is printed), or when Hydra is not installed."""
+    try:
+        from hydra._internal.utils import get_args_parser
+    except ImportError:
+        return None
+    parser = get_args_parser()
+
+    def stop(*args, **kwargs):
+        raise _HydraParserStopped
+
+    # argparse reports an error with parser.error and ends --version with parser.exit, after printing with
+    # parser._print_message: the instance's own attributes, so this parser only, print nothing and raise
+    parser.error = parser.exit = parser._print_message = stop  # type: ignore[method-assign]
+    try:
+        return parser.parse_args(list(argv))
+    except _HydraParserStopped:
+        return None
 
 
-def _hydra_option(option: str) -> str:
-    """``option`` with an abbreviated long option spelt out, as Hydra's argparse reads it (unchanged when it is
-    no unique prefix of one)."""
-    if not option.startswith("--") or option in HYDRA_LONG_OPTIONS:
-        return option
-    full = [o for o in HYDRA_LONG_OPTIONS if o.startswith(option)]
-    return full[0] if len(full) == 1 else option
+#: Hydra's modes: a command does one of them (two at once are Hydra's ``ValueError`` traceback)
+_HYDRA_MODES = ("run", "multirun", "cfg", "info", "shell_completion")
+
+
+def _mode_flag(args, mode: str) -> str:
+    """The option of Hydra's mode ``mode`` as a command line spells it out (with its value; ``--info`` alone
+    is ``--info all``)."""
+    value = getattr(args, mode)
+    flag = "--" + mode.replace("_", "-")
+    return f"{flag} {value}" if isinstance(value, str) and (mode, value) != ("info", "all") else flag
+
+
+def _mode_does(args, mode: str) -> str:
+    """What Hydra does with the mode ``mode`` alone."""
+    if mode == "cfg":
+        return {"job": "prints the job's config", "hydra": "prints Hydra's config"}.get(
+            args.cfg, "prints the job's and Hydra's config"
+        )
+    if mode == "info":
+        return "prints Hydra's info pages" if args.info == "all" else f"prints Hydra's {args.info} info"
+    does = {"run": "runs the task", "multirun": "runs the sweep", "shell_completion": "shell completion"}
+    return does[mode]
 
 
 def _hydra_prints_only(argv: list[str]) -> bool:
-    """Whether the command line asks Hydra to print something of its own instead of running the task: an
-    option (``--cfg job``, ``-c hydra``, ``--info``, ``--help``, ...) that is no modifier, and no run mode."""
-    options = [_hydra_option(a.partition("=")[0]) for a in argv if a.startswith("-") and a not in ("-", "--")]
-    return any(o not in HYDRA_RUN_OPTIONS + HYDRA_MODIFIER_OPTIONS for o in options) and not any(
-        o in HYDRA_RUN_OPTIONS for o in options
-    )
+    """Whether the command line asks Hydra to print something of its own instead of running the task
+    (``--cfg job``, ``-c hydra``, ``--info``, ``--help``, ``--hydra-help``, ``-sc``, ``--version``, an option its
+    parser refuses with its usage), as Hydra's own parser reads it (:func:`_hydra_args`)."""
+    import importlib.util
+
+    if importlib.util.find_spec("hydra") is None:  # no Hydra: no page of Hydra's
+        return False
+    args = _hydra_args(argv)
+    if args is None:  # Hydra's parser prints its usage and error, or its version, and stops
+        return True
+    if args.help or args.hydra_help:  # Hydra's first question: the page, whatever else was given
+        return True
+    prints = args.cfg or args.info or args.shell_completion
+    return bool(prints) and not (args.run or args.multirun)
+
+
+def _not_an_option_of_hydras(argv: list[str]) -> str:
+    """The message for the first ``--name[=value]`` of ``argv`` that names no option of Hydra's, not even
+    abbreviated (``--seed=1``, ``--seed 1``: Hydra's parser prints its usage and "unrecognized arguments"):
+    the override to give instead; ``""`` when there is none."""
+    from hydra._internal.utils import get_args_parser
+
+    options = [s for a in get_args_parser()._actions for s in a.option_strings]
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return ""
+        name, sep, value = arg.partition("=")
+        if not name.startswith("--") or len(name) < 3 or any(o.startswith(name) for o in options):
+            continue
+        if not sep and i + 1 < len(argv) and not argv[i + 1].startswith("-") and "=" not in argv[i + 1]:
+            value, arg = argv[i + 1], f"{arg} {argv[i + 1]}"
+        return (
+            f"{arg}: no option of Hydra's; the command takes overrides key=value (no '--'): give "
+            f"{name[2:]}={value or '<value>'}"
+        )
+    return ""
+
+
+#: Hydra's two-letter short options that take a value, and their long forms
+_TWO_LETTER_OPTIONS = {"-cn": "--config-name", "-cp": "--config-path", "-cd": "--config-dir"}
+
+
+def _two_letter_option_with_its_value(argv: list[str]) -> str:
+    """The message for ``-cnother`` (``-cpDIR``, ``-cdDIR``), which argparse reads as ``-c nother`` (``--cfg``,
+    whose choices Hydra's usage then lists): what to write instead; ``""`` for none."""
+    for arg in argv:
+        short, value = arg[:3], arg[3:]
+        if short in _TWO_LETTER_OPTIONS and value and not value.startswith("="):
+            return (
+                f"{arg}: Hydra's parser reads it as -c {arg[2:]} (--cfg, one letter); give {short} {value} or "
+                f"{_TWO_LETTER_OPTIONS[short]}={value}"
+            )
+    return ""
+
+
+def _not_an_override(argv: list[str], overrides: list[str]) -> str:
+    """The message for the first of Hydra's ``overrides`` (the command line's words that are no option) that
+    is no override (``key=value``, ``~key``): ``seed= 1`` (a space after '=': Hydra's lexer error names only
+    ``1``), ``+experiment smoke``, ``seeds=[0, 1]`` unquoted; ``""`` when there is none."""
+    for word in overrides:
+        if "=" in word or word.startswith("~"):
+            continue
+        i = argv.index(word) if word in argv else -1
+        before = argv[i - 1] if i > 0 else ""
+        after = argv[i + 1] if 0 <= i < len(argv) - 1 else ""
+        if before.endswith("=") and before.count("=") == 1 and not before.startswith("-"):
+            return f"'{before} {word}': a space after '='; give {before}{word} (one word, or quoted)"
+        if "=" in before and not before.startswith("-"):  # seeds=[0, 1]: the shell made two words
+            given = f"{before} {word}"
+            return f"'{given}': a space inside a value; quote the override (\"{given}\") or drop the space"
+        if after and "=" not in after and not after.startswith("-"):
+            return f"'{word} {after}': an override is key=value; give {word}={after}"
+        return f"'{word}': an override is key=value (or ~key, to delete one)"
+    return ""
+
+
+def check_hydra_flags(prog: str, argv: list[str] | None = None) -> None:
+    """Stop a command line whose Hydra options Hydra's parser takes but Hydra then refuses with a
+    ``ValueError`` traceback (exit status 1): two of its modes at once (``--cfg job -m``, ``--info -r``, ``-mr``:
+    it runs, runs a sweep, prints a config, prints its info or does shell completion, one per command),
+    ``--resolve`` without ``--cfg`` (or ``--help``), the print it changes, or ``--experimental-rerun`` of no
+    file (``--experiment=x`` abbreviates it).  Also the slips a user makes for an override, which Hydra
+    reports with its usage, a lexer's message or (under ``--help``) a traceback: ``--seed=1``, ``--seed 1``
+    (no option of Hydra's), ``seed= 1``, ``+experiment smoke``, and ``-cnother`` (argparse reads a value
+    attached to ``-cn`` as ``-c nother``).  One ``<prog>: error: ConfigError:`` line
+    saying what to give instead, exit status 2.  Read with Hydra's own parser (:func:`_hydra_args`), in
+    Hydra's order (``--help`` first: it prints its page whatever else was given).
+    :func:`check_hydra_command` calls it first."""
+    from pathlib import Path
+
+    from .errors import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _hydra_args(argv)
+    message = ""
+    if args is not None:
+        message = _not_an_override(argv, list(args.overrides))
+    elif _hydra_args([]) is not None:  # Hydra's parser refuses the command line (it prints its usage)
+        message = _not_an_option_of_hydras(argv) or _two_letter_option_with_its_value(argv)
+    if not message and args is not None and not args.help:
+        if args.resolve and not args.cfg:
+            message = (
+                "--resolve without --cfg: it resolves the interpolations of the config that --cfg prints; give "
+                "--cfg job --resolve (or --cfg all/hydra), or drop --resolve"
+            )
+        elif args.experimental_rerun is not None and not Path(args.experimental_rerun).is_file():
+            value = args.experimental_rerun
+            typed = [
+                a
+                for a in argv
+                if a.startswith("--") and "--experimental-rerun".startswith(a.partition("=")[0])
+            ]
+            message = (
+                f"--experimental-rerun {value}: no such file; expected the config.pickle of an earlier job"
+            )
+            if typed and typed[0].partition("=")[0] != "--experimental-rerun":
+                name = typed[0].partition("=")[0]
+                message = (
+                    f"{name} is Hydra's --experimental-rerun (its options may be abbreviated), and {value} is "
+                    f"no file; an override has no '--': give {name[2:]}={value}"
+                )
+        elif not args.hydra_help:
+            modes = [m for m in _HYDRA_MODES if getattr(args, m)]
+            if len(modes) > 1:
+                given = [_mode_flag(args, m) for m in modes]
+                alone = " or ".join(f"{f} alone ({_mode_does(args, m)})" for f, m in zip(given, modes))
+                message = f"{' and '.join(given)} together: Hydra does one of them per command; give {alone}"
+    if message:
+        print(f"{prog}: error: ConfigError: {ConfigError(message)}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def quiet_hydra_output(argv: list[str] | None = None) -> None:
@@ -246,6 +402,7 @@ def _remove_hydra_only_run_dir() -> None:
     import shutil
     from pathlib import Path
 
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     hc = HydraConfig.get()
@@ -264,8 +421,12 @@ def _remove_hydra_only_run_dir() -> None:
         # directory given outside it (out_dir=/elsewhere/new/run), the ones check_dir_overrides found
         # missing before the command: a folder that was there stays, even empty
         cwd = Path.cwd().resolve()
+        sweep = Path(hc.sweep.dir).resolve() if hc.mode == RunMode.MULTIRUN else None
         for parent in out.resolve().parents:
             made_here = cwd in parent.parents or parent in _NEW_DIRS
+            if parent == sweep and [e.name for e in parent.iterdir()] == ["multirun.yaml"]:
+                # a sweep whose first job failed: the folder holds only Hydra's record of the sweep
+                (parent / "multirun.yaml").unlink()
             if parent == cwd or not made_here or any(parent.iterdir()):
                 break
             parent.rmdir()
@@ -348,8 +509,9 @@ def check_group_overrides(prog: str, conf: str, argv: list[str] | None = None) -
     ``engine=...``) names no YAML file of that group in the package's ``conf`` (``conf``: its import name,
     e.g. ``"tttlab.torch_ttt.conf"``), with the usual one-line ``ConfigError`` naming the key, the value
     and the choices (with a did-you-mean) and exit status 2, instead of Hydra's many-line "Could not find"
-    report and exit status 1.  Keys that are not a folder of ``conf`` and values Hydra expands (lists,
-    sweeps, interpolations, ``null``) are left to Hydra.  Call it just before the ``@hydra.main`` function,
+    report and exit status 1.  Of a sweep (``-m engine=tent,bnn``) each value is checked.  Keys that are not
+    a folder of ``conf`` and values Hydra expands (lists, other sweeps, interpolations, ``null``) are left to
+    Hydra.  Call it just before the ``@hydra.main`` function,
     next to :func:`check_dir_overrides`."""
     import difflib
     import re
@@ -368,13 +530,19 @@ def check_group_overrides(prog: str, conf: str, argv: list[str] | None = None) -
         value = value.strip()
         if not sep or not key or key.startswith("hydra") or not re.fullmatch(r"[\w/]+", key):
             continue
-        if value in ("", "null", "None") or not re.fullmatch(r"[\w./-]+", value):
+        if value in ("", "null", "None") or not re.fullmatch(r"[\w./-]+(,[\w./-]+)*", value):
             continue
         group = root.joinpath(*key.split("/"))
         if not group.is_dir():
             continue
-        if group.joinpath(*f"{value.removesuffix('.yaml')}.yaml".split("/")).is_file():
+        missing = [
+            v
+            for v in value.split(",")
+            if not group.joinpath(*f"{v.removesuffix('.yaml')}.yaml".split("/")).is_file()
+        ]
+        if not missing:
             continue
+        value = missing[0]  # of a sweep (-m engine=tent,bnn), the value that names no file
         choices = sorted(e.name[: -len(".yaml")] for e in group.iterdir() if e.name.endswith(".yaml"))
         close = difflib.get_close_matches(value, choices, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -392,14 +560,27 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
     ``ConfigError`` naming the override and exit status 2, instead of Hydra's few-line report and exit
     status 1.  So is a run directory Hydra could not make from the composed config (a ``???`` value or a
     null that ``hydra.run.dir`` interpolates, a resolver's :class:`TTTLabError`: :func:`_check_run_dir_resolves`),
-    which Hydra would report with a traceback, or make as a folder named ``None``.  Command lines with
-    Hydra's own flags (``--multirun``, ``--cfg``, ``--help``, ...) are left to Hydra.  :func:`check_hydra_command` calls it after :func:`check_group_overrides`; the package's
-    structured configs must be registered by then."""
+    which Hydra would report with a traceback, or make as a folder named ``None``.  The command line is read
+    with Hydra's own parser (:func:`_hydra_args`): under ``--multirun`` each job of the sweep is composed
+    (:func:`_sweep_jobs`; a bad one named in the message) before Hydra makes its sweep folder or runs the first
+    job, ``--config-name`` picks the config; for Hydra's pages (``--cfg``, ``--info``, ``--help``, which make no
+    run directory) only the overrides are checked; another config folder (``--config-path``,
+    ``--config-dir``), ``--shell-completion`` and a command line Hydra's parser refuses are left to Hydra.
+    :func:`check_hydra_command` calls it after :func:`check_group_overrides`; the package's structured configs
+    must be registered by then."""
     from .errors import ConfigError
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a.startswith("-") for a in args):
+    flags = _hydra_args(list(sys.argv[1:] if argv is None else argv))
+    if flags is None or flags.experimental_rerun is not None or flags.config_path or flags.config_dir:
+        return  # Hydra's parser refuses it (its usage), or another config than the package's: Hydra's business
+    if flags.shell_completion:
         return
+    # a page of Hydra's composes the config too (a bad override: Hydra's traceback under --help and --info,
+    # its few-line report under --cfg), but makes no run directory
+    page = bool(flags.help or flags.hydra_help or flags.cfg or flags.info)
+    args, config_name = list(flags.overrides), flags.config_name or config_name
+    import os
+
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
@@ -408,30 +589,72 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(conf, version_base=None):
+            job, jobs, sweep = args, [args], ""
             try:
-                cfg = compose(config_name=config_name, overrides=args, return_hydra_config=True)
+                if flags.multirun:
+                    jobs = _sweep_jobs(args)
+                dirs: dict[str, list[str]] = {}  # each job's run directory: the first job with it
+                for job in jobs:
+                    sweep = f"the sweep's job {' '.join(job)}: " if job != args else ""
+                    cfg = compose(config_name=config_name, overrides=job, return_hydra_config=True)
+                    if page:
+                        continue
+                    where = _check_run_dir_resolves(prog, cfg, sweep)
+                    if where is not None and dirs.setdefault(os.path.normpath(where), job) != job:
+                        _shared_run_dir(prog, where, dirs[os.path.normpath(where)], job, cfg)
             except (HydraException, OmegaConfBaseException) as exc:
                 first = " ".join(str(exc).split())  # Hydra's lines (and its remedy: "use +key=...") as one
                 cause = exc.__cause__
                 why = " ".join(str(cause).split("\n")[0].split()) if cause is not None else ""
-                hint = _closest_key(
-                    first, args, lambda rest: compose(config_name=config_name, overrides=rest)
-                ) or _plus_hint(first, args)
-                exc = ConfigError(first + (f" ({why})" if why and why not in first else "") + hint)
+
+                def composes(rest):
+                    return compose(config_name=config_name, overrides=rest)
+
+                other = _other_commands_option(first, job, composes, conf)
+                hint = _closest_key(first, job, composes) or _plus_hint(first, job)
+                exc = ConfigError(
+                    sweep + (other or first + (f" ({why})" if why and why not in first else "") + hint)
+                )
                 print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
                 raise SystemExit(2) from None
-            _check_run_dir_resolves(prog, cfg)
     finally:
         GlobalHydra.instance().clear()
 
 
-def _check_run_dir_resolves(prog: str, cfg) -> None:
+#: At most this many jobs of a ``--multirun`` sweep are composed before Hydra starts (Hydra composes them all
+#: again before it launches the first); a bigger sweep is checked on its first jobs
+MAX_SWEEP_JOBS = 64
+
+
+def _sweep_jobs(args: list[str]) -> list[list[str]]:
+    """The overrides of each job of the ``--multirun`` sweep ``args`` (``seed=1,2 lr=0.1,0.2``: 4 jobs), as
+    Hydra's basic sweeper splits them (the first :data:`MAX_SWEEP_JOBS`); a sweep it cannot split (a range
+    or interval sweep, another sweeper) raises Hydra's exception."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(args)
+    if any(o.get_key_element().lstrip("+~").startswith("hydra/sweeper") for o in overrides):
+        return []  # another sweeper: its own way of splitting
+    [jobs] = BasicSweeper.split_arguments(overrides, max_batch_size=None)
+    # the sweeper writes a value again with Hydra's escapes (runs/x-${seed} as runs/x-$\{seed\}), which reads
+    # back the same: the command line's own words where they were no sweep, for the messages
+    own = {f"{o.get_key_element()}={o.get_value_element_as_str()}": a
+           for o, a in zip(overrides, args) if not o.is_sweep_override()}  # fmt: skip
+    return [[own.get(o, o) for o in job] for job in jobs[:MAX_SWEEP_JOBS]]
+
+
+def _check_run_dir_resolves(prog: str, cfg, sweep: str = "") -> str | None:
     """Stop the command when the run directory Hydra is about to make (``hydra.run.dir`` of the composed
     ``cfg``) cannot be made from the config: a value it interpolates is missing (``run_dir: ???`` not given
     on the command line), a resolver of it refuses the config with a :class:`TTTLabError`, or a key it
-    interpolates is null (``run_dir=null``: ``${run_dir}/eval`` would be the folder ``None/eval``).  Hydra
-    resolves that directory before the task runs, so these would otherwise end in its traceback (or make a
-    folder named ``None``).  Any other failure to resolve is left to Hydra."""
+    interpolates (``${key}``, ``${oc.select:key,...}``) is null (``run_dir=null``: ``${run_dir}/eval`` would be
+    the folder ``None/eval``) or the string ``None`` (``run_dir=None``: Hydra's null is ``null``, ``None`` is
+    a string; the error names the key given so, not a null key next to it).  Hydra resolves that directory
+    before the task runs, so these would otherwise end in its traceback (or make a folder named ``None``).
+    Any other failure to resolve is left to Hydra.  ``sweep``: the message's start (which job of a
+    ``--multirun`` sweep).  Returns the directory when the config makes it from its own keys (``${out_dir}``:
+    where the job writes, in a sweep too), else ``None``."""
     import re
 
     from omegaconf import OmegaConf
@@ -444,12 +667,15 @@ def _check_run_dir_resolves(prog: str, cfg) -> None:
     from .errors import ConfigError
 
     if OmegaConf.select(cfg, "hydra.run", throw_on_missing=False) is None:
-        return
-    raw = OmegaConf.to_container(cfg.hydra.run, resolve=False).get("dir")
+        return None
+    raw = str(OmegaConf.to_container(cfg.hydra.run, resolve=False).get("dir"))
     where = f"the command's run directory (hydra.run.dir: {raw}) is made from it"
-    null = [k for k in re.findall(r"\$\{([\w.]+)\}", str(raw))
-            if OmegaConf.select(cfg, k, default=0, throw_on_missing=False) is None]  # fmt: skip
+    keys = dict.fromkeys(re.findall(r"\$\{([\w.]+)\}", raw) + re.findall(r"oc\.select:([\w.]+)", raw))
+    values = {k: OmegaConf.select(cfg, k, default=0, throw_on_missing=False) for k in keys}
+    null = [k for k, v in values.items() if v is None]
+    none = [k for k, v in values.items() if isinstance(v, str) and v.strip() == "None"]
     exc: TTTLabError | None = None
+    resolved = None
     try:
         resolved = cfg.hydra.run.dir
     except (InterpolationToMissingValueError, MissingMandatoryValue) as err:
@@ -465,13 +691,46 @@ def _check_run_dir_resolves(prog: str, cfg) -> None:
         elif null:  # Hydra types the directory as a string: ${out_dir} with out_dir=null fails to validate
             exc = ConfigError(f"{null[0]}=null, but {where}: give {null[0]}=<value>")
     else:
-        if null and "None" in re.split(r"[/\\]", str(resolved)):  # the null became a folder
-            exc = ConfigError(
-                f"{null[0]}=null, but {where} and would be the folder {str(resolved)!r}: give {null[0]}=<value>"
-            )
+        folder = f"would be the folder {str(resolved)!r}"
+        if "None" in re.split(r"[/\\]", str(resolved)):
+            if none:  # the string the user typed (a folder named None: ./None)
+                exc = ConfigError(
+                    f"{none[0]}=None, but {where} and {folder}: on Hydra's command line None is the string "
+                    f"'None' (null is null); give {none[0]}=<value>"
+                )
+            elif null:  # the null became a folder
+                exc = ConfigError(f"{null[0]}=null, but {where} and {folder}: give {null[0]}=<value>")
     if exc is not None:
-        print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {type(exc).__name__}: {sweep}{exc}", file=sys.stderr)
         raise SystemExit(2)
+    own = any(not k.startswith("hydra.") for k in keys)  # not Hydra's outputs/<date>/<time>: the job's folder
+    return None if resolved is None or not own else str(resolved)
+
+
+def _shared_run_dir(prog: str, where: str, first: list[str], job: list[str], cfg) -> None:
+    """Stop a ``--multirun`` sweep two of whose jobs (overrides ``first`` and ``job``) have the one run
+    directory ``where`` (``-m seed=0,1`` where the folder does not name the seed): each command writes its
+    records and checkpoints there, so the later job would resume from the earlier's checkpoint, replace its
+    records or be refused after it ran.  The message names both jobs and how to give each its own folder."""
+    from omegaconf import OmegaConf
+
+    from .errors import ConfigError
+
+    def values(j):
+        return {o.partition("=")[0].lstrip("+~"): o.partition("=")[2] for o in j}
+
+    a, b = values(first), values(job)
+    # the keys the two jobs differ in that the config has (${seed} names a key, +experiment=x none)
+    differ = [k for k in b if a.get(k) != b[k] and OmegaConf.select(cfg, k, default=a) is not a]
+    key = "out_dir" if "out_dir" in cfg else "hydra.run.dir"
+    example = f", e.g. '{key}={where}-${{{differ[0]}}}'" if differ else ""
+    exc = ConfigError(
+        f"the sweep's jobs {' '.join(first)} and {' '.join(job)} would both write into {where} (their run "
+        f"directory): the later would resume from, overwrite or be refused by the earlier's run; give each job its own "
+        f"{key}{example}"
+    )
+    print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _closest_key(message: str, args: list[str], compose) -> str:
@@ -499,6 +758,45 @@ def _closest_key(message: str, args: list[str], compose) -> str:
     return f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
 
 
+def _other_commands_option(message: str, args: list[str], compose, conf: str) -> str:
+    """For Hydra's "In 'experiment/smoke_pretrain': ConfigKeyError raised while composing config: Key 'epochs'
+    not in 'TTTConfig'" where the command line gave that group option (``+experiment=smoke_pretrain`` to
+    ttt_mae's ttt command, ``+experiment=smoke`` to torch_ttt's evaluate): the message that it is another
+    command's, with the options of that group that compose with the rest of the command line (``compose``:
+    the command's config from a list of overrides); ``""`` otherwise."""
+    import re
+    from importlib.resources import files
+
+    found = re.match(r"In '([\w/]+)/([\w.-]+)': ConfigKeyError raised while composing config: Key '([^']+)' "
+                     r"not in '(\w+)'", message)  # fmt: skip
+    if not found:
+        return ""
+    group, name, key, schema = found.groups()
+    given = [a for a in args if a.lstrip("+").partition("=")[0] == group]
+    if not given:  # an option of the defaults list, not of the command line
+        return ""
+    try:
+        folder = files(conf).joinpath(*group.split("/"))
+        options = sorted(e.name[: -len(".yaml")] for e in folder.iterdir() if e.name.endswith(".yaml"))
+    except (ImportError, TypeError, OSError):
+        return ""
+    rest = [a for a in args if a not in given]
+    plus = given[-1].partition("=")[0]
+    takes = []
+    for option in options:
+        try:
+            if option != name:
+                compose([*rest, f"{plus}={option}"])
+                takes.append(option)
+        except Exception:  # noqa: BLE001 - another command's too, or another override in the way
+            continue
+    others = f"; this command takes {plus}=<{'|'.join(takes)}>" if takes else ""
+    return (
+        f"{given[-1]}: {group}/{name}.yaml sets {key}, which this command's config ({schema}) does not have: it "
+        f"is another command's {group}{others}"
+    )
+
+
 def _plus_hint(message: str, args: list[str]) -> str:
     """Hydra's "Multiple values for experiment. To override a value use 'override experiment: x'" (or
     "experiment appears more than once in the final defaults list") for ``+experiment=x`` where the
@@ -517,9 +815,10 @@ def _plus_hint(message: str, args: list[str]) -> str:
 
 def check_hydra_command(prog: str, conf: str, config_name: str, *, compile_key: bool = True) -> None:
     """Every check a Hydra command makes of its command line before its ``@hydra.main`` function runs,
-    in order: a bad ``compile=`` value (``compile_key``: the config has that key), a config-group override
-    naming no YAML, any other override Hydra cannot apply or a run directory it cannot make from the config
-    (``run_dir: ???`` not given), an ``out_dir`` that is a file.  Each stops the
+    in order: Hydra options that Hydra would refuse with a traceback (:func:`check_hydra_flags`), a bad
+    ``compile=`` value (``compile_key``: the config has that key), a config-group override naming no YAML,
+    any other override Hydra cannot apply or a run directory it cannot make from the config (``run_dir: ???``
+    not given), for each job of a ``--multirun`` sweep, an ``out_dir`` that is a file.  Each stops the
     command with one ``<prog>: error: ...`` line and exit status 2, before anything is written.  ``conf`` is
     the package's config package (``"tttlab.<pkg>.conf"``), ``config_name`` the ``@hydra.main`` one.  It
     also makes a closed standard output (Hydra's ``--help`` into ``| head``) end the command quietly
@@ -528,6 +827,7 @@ def check_hydra_command(prog: str, conf: str, config_name: str, *, compile_key: 
     quiet_closed_stdout()
     quiet_hydra_output()
     hydra_pages_log_once()
+    check_hydra_flags(prog)
     if compile_key:
         check_compile_override(prog)
     check_group_overrides(prog, conf)
@@ -544,6 +844,7 @@ __all__ = [
     "check_dir_overrides",
     "check_group_overrides",
     "check_hydra_command",
+    "check_hydra_flags",
     "domain_table",
     "hydra_pages_log_once",
     "quiet_closed_stdout",

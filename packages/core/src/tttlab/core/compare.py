@@ -149,6 +149,11 @@ def _split_argv(argv: Sequence[str]) -> list[str]:
     argv = list(argv)
     while i < len(argv):
         a = argv[i]
+        if a.startswith("-") and not a.startswith("--") and len(a) > 1:  # -m, -c job: a Hydra command's
+            raise ConfigError(
+                f"{a}: tttlab-compare takes key=value (or --key value), no Hydra option; it runs every method, seed "
+                "and setting of its lists itself: e.g. 'seeds=[0,1,2]' 'setting=[reset_each_shift,continual]'"
+            )
         if a.startswith("--") and len(a) > 2:
             key = a[2:].replace("-", "_")
             if "=" in key:

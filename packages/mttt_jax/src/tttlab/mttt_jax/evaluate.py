@@ -151,17 +151,30 @@ def compose_train(overrides: list[str]) -> dict:
             GlobalHydra.instance().initialize(running)
 
 
+def check_method(method: str, profile: str | None = None) -> None:
+    """A :class:`ConfigError` unless ``method`` (with or without ``mttt_jax.``) is a mixer of
+    :data:`MIXER_FLAGS` and ``profile`` (when given) one of :data:`PROFILES`; the message names the value, a
+    close mixer and the command's form."""
+    import difflib
+
+    name = str(method).removeprefix("mttt_jax.")
+    form = (
+        f"+method=mttt_jax.<mixer> [+profile={'|'.join(PROFILES)}], <mixer> one of {', '.join(MIXER_FLAGS)}"
+    )
+    if name not in MIXER_FLAGS:
+        close = difflib.get_close_matches(name, list(MIXER_FLAGS), n=1)
+        hint = f" (did you mean 'mttt_jax.{close[0]}'?)" if close else ""
+        raise ConfigError(f"method='mttt_jax.{name}': no such MTTT method{hint}; expected {form}")
+    if profile is not None and profile not in PROFILES:
+        raise ConfigError(f"profile={profile!r}; expected one of {', '.join(PROFILES)} ({form})")
+
+
 def cached_run(method: str, profile: str, cache_dir, progress: bool = False, seed: int = 0,
                dtype: str | None = None, mesh=None) -> Path:  # fmt: skip
     """The run directory of ``method`` trained with ``profile``: trained now if absent or unfinished
     (resuming from its last checkpoint), reused otherwise.  Keyed by the hash of the training config
     (``dtype``: the compute dtype, default the profile's; ``mesh``: the devices to train on)."""
-    if method not in MIXER_FLAGS:
-        raise ConfigError(
-            f"method=mttt_jax.{method!r}; expected mttt_jax.<m> with <m> one of {list(MIXER_FLAGS)}"
-        )
-    if profile not in PROFILES:
-        raise ConfigError(f"profile={profile!r}; expected one of {list(PROFILES)}")
+    check_method(method, profile)
     tc = compose_train(
         [
             *PROFILES[profile],
@@ -395,7 +408,9 @@ def eval_dir(out_dir=None, run_dir=None, method=None, profile=None) -> str:
     ``+method=mttt_jax.<mixer>`` without ``run_dir``, ``runs/mttt/eval/<mixer>-<profile>`` (profile default
     ``full``, as :func:`run`), which the command then gives :func:`run` as ``out_dir``.  Neither ``run_dir``
     nor ``method``: a :class:`ConfigError` saying what the command takes (core's ``check_hydra_command``
-    prints it as one line before Hydra starts)."""
+    prints it as one line before Hydra starts, as a ``method`` or ``profile`` of no model: :func:`check_method`)."""
+    if method:
+        check_method(method, profile)  # before Hydra makes its folder (runs/mttt/eval/<mixer>-<profile>)
     if out_dir:
         return str(out_dir)
     if run_dir:

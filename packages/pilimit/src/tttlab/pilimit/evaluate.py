@@ -254,6 +254,12 @@ def main() -> None:
     from tttlab.core.cli import domain_table
 
     with T.user_errors("tttlab-pilimit-evaluate"):
+        words = [a for a in sys.argv[1:] if "=" not in a]  # -m, --cfg job: a Hydra command's options
+        if words:
+            raise ConfigError(
+                f"arguments {words}: expected key=value, no options (this command is no Hydra app: one evaluation "
+                "per command; see tttlab-pilimit-evaluate --help)"
+            )
         path = run(OmegaConf.to_container(OmegaConf.from_dotlist(sys.argv[1:]), resolve=True))
     print("\n".join(domain_table(path)))  # the result as a table, not only the mean in a log line
     print(path)
