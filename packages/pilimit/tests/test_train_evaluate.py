@@ -85,6 +85,14 @@ def test_resume_refuses_other_config(tmp_path):
     run(train_config("smoke", [*SMOKE, f"out_dir={tmp_path}", "train.stop_after_steps=2"]))
     with pytest.raises(TTTLabError, match="another model/training config"):
         run(train_config("smoke", [*SMOKE, f"out_dir={tmp_path}", "optim.lr=0.5"]))
+    # a bad value in a folder holding a checkpoint is reported as itself, not as a config that differs
+    # (train.resume=false, which that message suggested, only led to this error); the folder is untouched
+    before = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(TTTLabError, match=r"lr=-1\.0: expected a finite number >= 0"):
+        run(train_config("smoke", [*SMOKE, f"out_dir={tmp_path}", "optim.lr=-1"]))
+    with pytest.raises(TTTLabError, match=r"dtype='float8'; expected one of"):
+        run(train_config("smoke", [*SMOKE, f"out_dir={tmp_path}", "model.dtype=float8"]))
+    assert (tmp_path / "config.yaml").read_text() == before
 
 
 def test_config_errors(tmp_path):
