@@ -402,6 +402,34 @@ def test_evaluate_checks_the_benchmark_before_training(tmp_path):
     assert not (tmp_path / "cache").exists() and not (tmp_path / "eval").exists()
 
 
+def test_evaluate_reports_a_bad_value_before_another_configs_folder(tmp_path):
+    """A bad value given to a folder that already holds records (the default out_dir of an earlier
+    ``tttlab-pilimit-evaluate method=pilimit.inf_pinet profile=quick``) is reported as itself: it was
+    refused as 'holds the records of another config ... differs in benchmark.severities: [5] -> [7]', and
+    only a rerun with a new out_dir named the value."""
+    from tttlab.core.errors import RunDirConflictError, SeverityError, UnknownNameError
+    from tttlab.core.records import RunDir
+    from tttlab.pilimit.evaluate import _config
+    from tttlab.pilimit.evaluate import run as evaluate
+
+    bench = {"name": "mnist_c", "corruptions": ["fog"], "num_examples": 8}
+    base = {"method": "pilimit.inf_pinet", "profile": "smoke", "progress": False, "out_dir": str(tmp_path / "e"),
+            "cache_dir": str(tmp_path / "cache"), "benchmark": bench}  # fmt: skip
+    with RunDir(base["out_dir"], _config(base, {}), other_config="error").writer(method="x") as w:
+        w.write(metric="accuracy", value=0.5)
+    for extra, error, match in (
+        ({"benchmark": {**bench, "severities": [7]}}, SeverityError, "got 7"),
+        ({"benchmark": {**bench, "corruptions": ["fogg"]}}, UnknownNameError, "fogg"),
+        ({"train_overrides": ["optim.lrr=1"]}, ConfigError, "optim.lrr"),
+        ({"device": "cuda:99"}, TTTLabError, "cuda:99"),
+    ):
+        with pytest.raises(error, match=match):
+            evaluate({**base, **extra})
+    with pytest.raises(RunDirConflictError, match="num_examples"):  # a good value: the folder's conflict
+        evaluate({**base, "benchmark": {**bench, "num_examples": 9}})
+    assert not (tmp_path / "cache").exists()
+
+
 def test_evaluate_passes_the_benchmark_order_keys_to_core():
     """``benchmark.shuffle`` and ``benchmark.dirichlet_delta`` (compare passes the latter) reach core's
     benchmark through the evaluate's config (mutation audit: keeping only the documented benchmark keys

@@ -142,17 +142,23 @@ def _run_kind(run_dir) -> str | None:
         return None
 
 
-def training_run(c: dict[str, Any]) -> Path:
-    """The train run directory: ``train_run``, or the cached profile-sized ``mnist`` run (trained now)."""
-    if c.get("train_run"):
-        return Path(c["train_run"])
+def training_config(c: dict[str, Any]) -> dict[str, Any]:
+    """The validated training config of the profile's cached model (``train_overrides`` applied)."""
     kind = METHODS[c["method"]]
     # one CPU thread, whatever the evaluation's `threads`: the weights of this recipe depend on the float
     # summation order (the muP model of the full profile: MNIST-C 70.5 trained on 1 thread, 76.0 on 2), and
     # the cache key cannot hold a machine's thread count; every evaluation of a profile gets the same model
     overrides = [*PROFILES[c["profile"]], f"model.kind={kind}", f"seed={int(c['seed'])}", f"amp={c['amp']}",
                  f"compile={str(c['compile']).lower()}", "threads=1", *(c.get("train_overrides") or [])]  # fmt: skip
-    tc = T.train_config("mnist", overrides)
+    return T.train_config("mnist", overrides)
+
+
+def training_run(c: dict[str, Any]) -> Path:
+    """The train run directory: ``train_run``, or the cached profile-sized ``mnist`` run (trained now)."""
+    if c.get("train_run"):
+        return Path(c["train_run"])
+    kind = METHODS[c["method"]]
+    tc = training_config(c)
     key = config_hash(T.training_part(tc))
     path = Path(c["cache_dir"]) / f"pilimit-{kind}-{key}"
     # a model cached before the run semantics joined the key (T.SEMANTICS): the same model when its epochs
@@ -188,11 +194,15 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     from tttlab.core.benchmark import from_config
 
     c = _config(cfg, overrides)
-    check_run_dir(c["out_dir"], c)  # another config's records there: refused now, not after the evaluation
-    if c.get("threads") and str(c["device"]) == "cpu":
-        torch.set_num_threads(int(c["threads"]))
     device = T.resolve_device(str(c["device"]))
     bench = from_config(c["benchmark"])  # every benchmark key (a missing root) checked before any training
+    if not c.get("train_run"):
+        training_config(c)  # a bad train_overrides entry: its own error now
+    # another config's records there: refused now, not after the evaluation, but after the values are
+    # checked (a bad value, e.g. benchmark.severities=[7], is reported as itself, not as a config change)
+    check_run_dir(c["out_dir"], c)
+    if c.get("threads") and str(c["device"]) == "cpu":
+        torch.set_num_threads(int(c["threads"]))
     run_dir = training_run(c)
     net, tc, ck = T.load_trained(run_dir, device)
     if not ck.get("done"):
