@@ -217,7 +217,6 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     from ._progress import progress_bar
 
     c = eval_config(cfg, **overrides)
-    check_run_dir(c["out_dir"], c)  # another config's records there: refused now, not after the evaluation
     if c["threads"]:
         torch.set_num_threads(int(c["threads"]))
     device = resolve_device(c["device"])
@@ -227,7 +226,11 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     b = c["benchmark"]
     bench = from_config(b)  # every benchmark key, checked by core (a missing root) before any training
     torch.manual_seed(int(c["seed"]))
-    adapt, model_name, memo = build_method(c, device)
+    adapt, model_name, memo = build_method(c, device)  # checks the method's values (the model is cached)
+    # another config's records there: refused now, not after the evaluation, but after the values are
+    # checked (a bad value, e.g. benchmark.severities=[7] or memo.steps=-1, is reported as itself, not as
+    # a config that differs from the folder's)
+    check_run_dir(c["out_dir"], c)
     totals: dict[Any, list] = {d: [0, 0, 0.0, 0] for d in bench.domains}
     zero_shot = c["method"] == "memo_tpt.clip_zeroshot"
     with progress_bar(len(bench), c["method"], c["progress"], leave=False) as bar:
