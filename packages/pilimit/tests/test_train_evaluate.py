@@ -388,6 +388,16 @@ def test_evaluate_run_again_replaces_its_records(tmp_path):
     second = [(r["metric"], r["corruption"], r["value"]) for r in _records(evaluate(cfg).parent)]
     assert [m for m, _, _ in second] == ["accuracy", "s_per_image", "accuracy"], "one copy"
     assert [x for x in first if x[0] == "accuracy"] == [x for x in second if x[0] == "accuracy"]
+    # the same run with the progress bar on (the command's default) is that run again, not another config
+    # (it was refused: 'holds the records of another config ... differs in progress: False -> True'); its
+    # records replace the earlier ones, one copy
+    shown = [
+        (r["metric"], r["corruption"], r["value"])
+        for r in _records(evaluate({**cfg, "progress": True}).parent)
+    ]
+    assert [m for m, _, _ in shown] == ["accuracy", "s_per_image", "accuracy"], "one copy"
+    assert [x for x in shown if x[0] == "accuracy"] == [x for x in first if x[0] == "accuracy"]
+    assert len({r["config_hash"] for r in _records(tmp_path / "eval")}) == 1
 
 
 def test_evaluate_checks_the_benchmark_before_training(tmp_path):
