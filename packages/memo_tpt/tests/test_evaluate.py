@@ -163,6 +163,13 @@ def test_run_again_replaces_its_records_and_keeps_other_configs(cache, tmp_path,
     kw = dict(method="memo_tpt.clip_zeroshot", profile="smoke", out_dir=str(tmp_path), cache_dir=str(cache),
               progress=False)  # fmt: skip
     first = load_records(run(**kw, benchmark=bench))
+    # the same run with the progress bar on (the command's default) is that run again, not another config
+    # (it was refused: 'differs in progress: False -> True'); its records replace the earlier ones
+    shown = load_records(run(**{**kw, "progress": True}, benchmark=bench))
+    assert len(shown) == 2 and shown.config_hash.nunique() == 1
+    acc = [part[part.metric == "accuracy"].value.tolist() for part in (shown, first)]
+    assert acc[0] == acc[1]
+    first = load_records(run(**kw, benchmark=bench))
     with pytest.raises(RunDirConflictError, match="benchmark.num_examples: 2 -> 3"):
         run(**kw, benchmark={**bench, "num_examples": 3})
     assert len(load_records(tmp_path)) == 2
