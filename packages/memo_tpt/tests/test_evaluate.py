@@ -163,6 +163,13 @@ def test_run_again_replaces_its_records_and_keeps_other_configs(cache, tmp_path,
     kw = dict(method="memo_tpt.clip_zeroshot", profile="smoke", out_dir=str(tmp_path), cache_dir=str(cache),
               progress=False)  # fmt: skip
     first = load_records(run(**kw, benchmark=bench))
+    # the same run with the progress bar on (the command's default) is that run again, not another config
+    # (it was refused: 'differs in progress: False -> True'); its records replace the earlier ones
+    shown = load_records(run(**{**kw, "progress": True}, benchmark=bench))
+    assert len(shown) == 2 and shown.config_hash.nunique() == 1
+    acc = [part[part.metric == "accuracy"].value.tolist() for part in (shown, first)]
+    assert acc[0] == acc[1]
+    first = load_records(run(**kw, benchmark=bench))
     with pytest.raises(RunDirConflictError, match="benchmark.num_examples: 2 -> 3"):
         run(**kw, benchmark={**bench, "num_examples": 3})
     assert len(load_records(tmp_path)) == 2
@@ -260,3 +267,39 @@ def test_paper_command_output_into_a_closed_pipe_ends_quietly(tmp_path):
         "hydra.run.dir=" + str(tmp_path / "run"),
     )
     assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]
+
+
+def test_a_bad_value_is_reported_before_another_configs_folder(cache, tmp_path, monkeypatch):
+    """A bad value given to a folder that already holds records (rerunning the README's
+    ``tttlab-memo-tpt-evaluate method=memo_tpt.memo profile=full`` with ``benchmark.severities=[7]``,
+    ``memo.steps=-1``, ``memo.top_k=0``) is reported as itself: it was refused as 'holds the records of
+    another config ... differs in ...', and only a rerun with a new out_dir named the value.  ``top_k=0`` /
+    ``selection=0`` (a count of no views) were refused only at the first image, by select_confident."""
+    import torch.nn as nn
+
+    from tttlab.core.errors import RunDirConflictError, SeverityError
+    from tttlab.core.records import APPEND_ENV, RunDir
+    from tttlab.memo_tpt.memo import Memo
+    from tttlab.memo_tpt.tpt import TPT
+
+    monkeypatch.delenv(APPEND_ENV, raising=False)
+    bench = {"corruptions": ["fog"], "num_examples": 2}
+    kw = dict(method="memo_tpt.memo", profile="smoke", out_dir=str(tmp_path / "e"), cache_dir=str(cache),
+              progress=False, benchmark=bench)  # fmt: skip
+    with RunDir(kw["out_dir"], eval_config(**kw), other_config="error").writer(method="x") as w:
+        w.write(metric="accuracy", value=0.5)
+    for extra, error, match in (
+        ({"benchmark": {**bench, "severities": [7]}}, SeverityError, "got 7"),
+        ({"memo": {"steps": -1}}, ConfigError, "steps=-1"),
+        ({"memo": {"top_k": 0}}, ConfigError, "top_k=0; expected a number of views >= 1"),
+        ({"device": "cuda:99"}, Exception, "cuda:99"),
+    ):
+        with pytest.raises(error, match=match):
+            run(**{**kw, **extra})
+    with pytest.raises(RunDirConflictError, match="num_examples"):  # a good value: the folder's conflict
+        run(**{**kw, "benchmark": {**bench, "num_examples": 3}})
+    for bad in (0, -2, 0.0, float("nan")):
+        with pytest.raises(ConfigError, match="top_k="):
+            Memo(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), top_k=bad)
+    with pytest.raises(ConfigError, match="selection=0"):
+        TPT(nn.Linear(2, 2), ["a", "b"], selection=0)

@@ -282,6 +282,16 @@ def test_upstream_flag_errors():
             assert translate_upstream_args(argv) == (argv, False, [])
     out, _, _ = translate_upstream_args(["+experiment=paper_omniglot", "/data/omniglot", "--cfg", "job"])
     assert out == ["+experiment=paper_omniglot", "maml.root=/data/omniglot", "--cfg", "job"]
+    # `--cfg job` before the upstream flags: their overrides came after it, which Hydra's argparse refuses
+    # ("unrecognized arguments: optim.lr=0.5 ..."); Hydra's options now go last, the overrides in order
+    argv = ["+experiment=paper_cifar10", "--cfg", "job", "data.root=/d", "--lr", "0.5", "--resolve", "--r", "8"]  # fmt: skip
+    out, _, _ = translate_upstream_args(argv)
+    assert out == ["+experiment=paper_cifar10", "data.root=/d", "optim.lr=0.5", "model.r=8", "--cfg", "job",
+                   "--resolve"]  # fmt: skip
+    from hydra._internal.utils import get_args_parser
+
+    parsed = get_args_parser().parse_args(out)  # what hydra.main parses: every override, then --cfg job
+    assert parsed.overrides == out[:4] and parsed.cfg == "job" and parsed.resolve
     assert translate_upstream_args(["+experiment=mnist", "threads=1"]) == (
         ["+experiment=mnist", "threads=1"],
         False,

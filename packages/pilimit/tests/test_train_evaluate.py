@@ -85,6 +85,14 @@ def test_resume_refuses_other_config(tmp_path):
     run(train_config("smoke", [*SMOKE, f"out_dir={tmp_path}", "train.stop_after_steps=2"]))
     with pytest.raises(TTTLabError, match="another model/training config"):
         run(train_config("smoke", [*SMOKE, f"out_dir={tmp_path}", "optim.lr=0.5"]))
+    # a bad value in a folder holding a checkpoint is reported as itself, not as a config that differs
+    # (train.resume=false, which that message suggested, only led to this error); the folder is untouched
+    before = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(TTTLabError, match=r"lr=-1\.0: expected a finite number >= 0"):
+        run(train_config("smoke", [*SMOKE, f"out_dir={tmp_path}", "optim.lr=-1"]))
+    with pytest.raises(TTTLabError, match=r"dtype='float8'; expected one of"):
+        run(train_config("smoke", [*SMOKE, f"out_dir={tmp_path}", "model.dtype=float8"]))
+    assert (tmp_path / "config.yaml").read_text() == before
 
 
 def test_config_errors(tmp_path):
@@ -380,6 +388,16 @@ def test_evaluate_run_again_replaces_its_records(tmp_path):
     second = [(r["metric"], r["corruption"], r["value"]) for r in _records(evaluate(cfg).parent)]
     assert [m for m, _, _ in second] == ["accuracy", "s_per_image", "accuracy"], "one copy"
     assert [x for x in first if x[0] == "accuracy"] == [x for x in second if x[0] == "accuracy"]
+    # the same run with the progress bar on (the command's default) is that run again, not another config
+    # (it was refused: 'holds the records of another config ... differs in progress: False -> True'); its
+    # records replace the earlier ones, one copy
+    shown = [
+        (r["metric"], r["corruption"], r["value"])
+        for r in _records(evaluate({**cfg, "progress": True}).parent)
+    ]
+    assert [m for m, _, _ in shown] == ["accuracy", "s_per_image", "accuracy"], "one copy"
+    assert [x for x in shown if x[0] == "accuracy"] == [x for x in first if x[0] == "accuracy"]
+    assert len({r["config_hash"] for r in _records(tmp_path / "eval")}) == 1
 
 
 def test_evaluate_checks_the_benchmark_before_training(tmp_path):
@@ -392,6 +410,34 @@ def test_evaluate_checks_the_benchmark_before_training(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="no_cifar"):
         evaluate(cfg)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "eval").exists()
+
+
+def test_evaluate_reports_a_bad_value_before_another_configs_folder(tmp_path):
+    """A bad value given to a folder that already holds records (the default out_dir of an earlier
+    ``tttlab-pilimit-evaluate method=pilimit.inf_pinet profile=quick``) is reported as itself: it was
+    refused as 'holds the records of another config ... differs in benchmark.severities: [5] -> [7]', and
+    only a rerun with a new out_dir named the value."""
+    from tttlab.core.errors import RunDirConflictError, SeverityError, UnknownNameError
+    from tttlab.core.records import RunDir
+    from tttlab.pilimit.evaluate import _config
+    from tttlab.pilimit.evaluate import run as evaluate
+
+    bench = {"name": "mnist_c", "corruptions": ["fog"], "num_examples": 8}
+    base = {"method": "pilimit.inf_pinet", "profile": "smoke", "progress": False, "out_dir": str(tmp_path / "e"),
+            "cache_dir": str(tmp_path / "cache"), "benchmark": bench}  # fmt: skip
+    with RunDir(base["out_dir"], _config(base, {}), other_config="error").writer(method="x") as w:
+        w.write(metric="accuracy", value=0.5)
+    for extra, error, match in (
+        ({"benchmark": {**bench, "severities": [7]}}, SeverityError, "got 7"),
+        ({"benchmark": {**bench, "corruptions": ["fogg"]}}, UnknownNameError, "fogg"),
+        ({"train_overrides": ["optim.lrr=1"]}, ConfigError, "optim.lrr"),
+        ({"device": "cuda:99"}, TTTLabError, "cuda:99"),
+    ):
+        with pytest.raises(error, match=match):
+            evaluate({**base, **extra})
+    with pytest.raises(RunDirConflictError, match="num_examples"):  # a good value: the folder's conflict
+        evaluate({**base, "benchmark": {**bench, "num_examples": 9}})
+    assert not (tmp_path / "cache").exists()
 
 
 def test_evaluate_passes_the_benchmark_order_keys_to_core():

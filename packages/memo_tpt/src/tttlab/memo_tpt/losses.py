@@ -60,6 +60,12 @@ def check_selection(key: str, value) -> None:
     """``None``, a fraction (float) or a count (int) of views; strings and the like are ConfigErrors."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise ConfigError(f"{key}={value!r}; expected a fraction in (0, 1], a number of views, or null")
+    # what select_confident refuses, refused when the method is built, not at its first image (an
+    # evaluate or paper run used to load its model and data first)
+    if isinstance(value, int) and value < 1:
+        raise ConfigError(f"{key}={value!r}; expected a number of views >= 1, a fraction in (0, 1], or null")
+    if isinstance(value, float) and not value > 0:  # NaN too
+        raise ConfigError(f"{key}={value!r}; expected a fraction in (0, 1], a number of views >= 1, or null")
 
 
 def select_confident(logits: torch.Tensor, fraction: float | int | None) -> torch.Tensor:

@@ -120,6 +120,10 @@ def translate_upstream_args(argv: list[str]) -> tuple[list[str], bool, list[str]
     without an ``+experiment=...`` (they only make sense on top of a paper experiment).
     """
     out: list[str] = []
+    #: Hydra's own options (--cfg job, --resolve, ...), put after every override: Hydra's argparse takes its
+    #: overrides as one run of positionals, so an override after `--cfg job` ("unrecognized arguments")
+    #: is refused, and translated flags given after such an option would become that override
+    hydra_opts: list[str] = []
     notes: list[str] = []
     translated = False
     experiment = next(
@@ -132,7 +136,7 @@ def translate_upstream_args(argv: list[str]) -> tuple[list[str], bool, list[str]
         if i + 1 < len(argv) and (
             a in HYDRA_VALUE_OPTIONS or (a in ("--info", "-i") and argv[i + 1] in HYDRA_INFO_CHOICES)
         ):
-            out += [a, argv[i + 1]]
+            hydra_opts += [a, argv[i + 1]]
             i += 2
             continue
         if maml and not a.startswith(("-", "+", "~")) and "=" not in a:  # meta.train's positional data folder
@@ -143,7 +147,7 @@ def translate_upstream_args(argv: list[str]) -> tuple[list[str], bool, list[str]
         if not a.startswith("--") or a in ("--help", "--hydra-help", "--info", "--cfg", "--resolve",
                                            "--package", "--multirun", "--run", "--config-name",
                                            "--config-path", "--config-dir", "-h") or a.startswith("--cfg="):  # fmt: skip
-            out.append(a)
+            (hydra_opts if a.startswith("-") else out).append(a)
             i += 1
             continue
         flag, eq, val = a.partition("=")
@@ -205,7 +209,7 @@ def translate_upstream_args(argv: list[str]) -> tuple[list[str], bool, list[str]
     if any(x == "model.kind=mup" for x in out):  # --gaussian-init with --width N: muP at width N
         out = [x for x in out if x != "model.kind=finite"]
         out = [x for x in out if x != "model.kind=mup"] + ["model.kind=mup"]
-    return out, translated, notes
+    return out + hydra_opts, translated, notes
 
 
 def apply_upstream_translation(prog: str) -> None:

@@ -447,11 +447,15 @@ class _Run:
         if self._ck is not None and self._ck.get("config_hash") == config_hash(training_part(c, semantics=1)):
             # this config, trained by the code before SEMANTICS: check_semantics decides
             self.old_semantics = 1
-        elif self._ck is not None and self._ck.get("config_hash") != self.key:
-            raise CheckpointError(
+        #: a checkpoint of another config is refused by :meth:`open` (before RunDir rewrites config.yaml), not
+        #: here: the task builds its net and optimizer in between, so a bad value among the changed keys
+        #: (optim.lr=-1, model.dtype=float8) is reported as itself, not as a config unlike the checkpoint's
+        self._refusal: CheckpointError | None = None
+        if self.old_semantics is None and self._ck is not None and self._ck.get("config_hash") != self.key:
+            self._refusal = CheckpointError(
                 f"{ckpt} was written by a run with another model/training config"
                 f"{_config_diff(self._ck.get('config'), c)}; use another out_dir or train.resume=false"
-            )  # checked before RunDir rewrites config.yaml
+            )
         # the config as given (a copy: MAML adjusts c["optim"] later), so a resumed run keeps the same hash
         self._recorded = copy.deepcopy(
             {**c, "train": {k: v for k, v in c["train"].items() if k != "stop_after_steps"}}
@@ -492,6 +496,8 @@ class _Run:
 
     def open(self) -> RunDir:
         """Make (or reopen) the run directory: ``config.yaml``, ``records.jsonl``, ``checkpoints/``."""
+        if self._refusal is not None:
+            raise self._refusal
         self.out = RunDir(self.c["out_dir"], self._recorded)
         self.ckpt_path = self.out.checkpoint_path(CHECKPOINT)
         return self.out
