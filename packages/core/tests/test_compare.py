@@ -379,6 +379,13 @@ def test_config_errors_and_method_names(env, tmp_path):
         ConfigError, match=r"'overrides.fake.alpah' matches no method; did you mean 'fake.alpha'"
     ):
         cmp.compare(cfg, echo=lambda *a: None)
+    # a misspelt baseline of an installed subpackage: every gain of it was silently blank
+    cfg = base_config(tmp_path / "typo_base", methods=["fake.alpha"], baselines={"fake": "fake.alpah"})
+    with pytest.raises(
+        ConfigError, match=r"'baselines.fake'='fake.alpah' is no installed method; did you mean 'fake.alpha'"
+    ):
+        cmp.compare(cfg, echo=lambda *a: None)
+    assert not (tmp_path / "typo_base").exists()
 
 
 def test_an_out_dir_that_cannot_be_made_is_a_config_error(tmp_path, monkeypatch, capsys):

@@ -1526,6 +1526,16 @@ def compare(config: Mapping[str, Any] | None = None, *, overrides: Sequence[str]
                 f"config key 'overrides.{pattern}' matches no method{hint} (its keys would be ignored; methods: "
                 f"{', '.join(known)})"
             )
+    # a misspelt baseline of an installed subpackage left every gain of that subpackage blank ("—")
+    installed_packages = {s.package for s in installed_methods()[0]} | {s.package for s in specs}
+    for package, name in (c.get("baselines") or {}).items():
+        if package in installed_packages and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"config key 'baselines.{package}'={name!r} is no installed method{hint} (methods of "
+                f"{package}: {', '.join(n for n in known if n.startswith(package + '.'))})"
+            )
     check_device_for(c["device"], specs)
     tasks = plan(c, specs)
     # a device this machine lacks: one error now, not one failed run per method
