@@ -24,6 +24,7 @@ compile option.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import re
@@ -151,15 +152,25 @@ def compose_train(overrides: list[str]) -> dict:
             GlobalHydra.instance().initialize(running)
 
 
+def check_method(method: str) -> str:
+    """``method`` (``mttt_jax.<mixer>`` or ``<mixer>``) -> the mixer's name; anything else is a ConfigError
+    naming the value as given, with a did-you-mean."""
+    mixer = str(method).removeprefix("mttt_jax.")
+    if mixer not in MIXER_FLAGS:
+        close = difflib.get_close_matches(mixer, list(MIXER_FLAGS), n=1)
+        hint = f" (did you mean 'mttt_jax.{close[0]}'?)" if close else ""
+        raise ConfigError(
+            f"method={method!r}{hint}; expected mttt_jax.<m> with <m> one of {list(MIXER_FLAGS)}"
+        )
+    return mixer
+
+
 def cached_run(method: str, profile: str, cache_dir, progress: bool = False, seed: int = 0,
                dtype: str | None = None, mesh=None) -> Path:  # fmt: skip
     """The run directory of ``method`` trained with ``profile``: trained now if absent or unfinished
     (resuming from its last checkpoint), reused otherwise.  Keyed by the hash of the training config
     (``dtype``: the compute dtype, default the profile's; ``mesh``: the devices to train on)."""
-    if method not in MIXER_FLAGS:
-        raise ConfigError(
-            f"method=mttt_jax.{method!r}; expected mttt_jax.<m> with <m> one of {list(MIXER_FLAGS)}"
-        )
+    check_method(method)
     if profile not in PROFILES:
         raise ConfigError(f"profile={profile!r}; expected one of {list(PROFILES)}")
     tc = compose_train(
@@ -258,10 +269,9 @@ def _run(c: dict, seed, devices) -> Path:
     # the benchmark first (core checks every key, a missing root): a bad one trains no model and
     # rewrites no earlier evaluation's config.yaml
     bcfg = dict(c.get("benchmark") or {})
+    method = check_method(c["method"]) if c.get("method") else None  # also with run_dir: it names the records
     bench = from_config(bcfg)
-    method = c.get("method")
     if method:
-        method = str(method).removeprefix("mttt_jax.")
         if not c.get("run_dir"):
             cache = c.get("cache_dir") or "runs/mttt/models"
             c["run_dir"] = str(
