@@ -458,6 +458,13 @@ def test_highlights_read_the_table():
     lines = cmp.highlights(table, c)
     assert "p.up +30.0 (10.0 ms/image)" in lines[1]
     assert "p.down -10.0 (2.00 ms/image; 8 images per corruption against the baseline's 40)" in lines[2]
+    # ... and so does the largest gain on one corruption when that method's is the largest
+    table["images"] = [40, 8, 40]
+    lines = cmp.highlights(table, c)
+    assert lines[3] == (
+        "Largest gain on one corruption: p.up on fog, 20.0% -> 90.0% "
+        "(+70.0; 8 images per corruption against the baseline's 40)."
+    )
 
 
 DRIVER = """
