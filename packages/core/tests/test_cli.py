@@ -65,6 +65,34 @@ def test_a_run_directory_override_that_is_a_file_stops_before_hydra(tmp_path, ca
     )
 
 
+def test_a_run_directory_that_cannot_be_made_stops_before_hydra(tmp_path, capsys, monkeypatch):
+    """``out_dir=`` in or below a folder the user cannot write (no permission, a read-only file system)
+    ended in a PermissionError traceback from Hydra's mkdir, exit status 1; now the one-line error naming
+    the folder, exit status 2, and nothing is written to find out."""
+    import os
+
+    (tmp_path / "locked").mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith("locked") else real(p, mode))
+    for arg, problem in (
+        (f"out_dir={tmp_path / 'locked'}", f"{tmp_path / 'locked'} is not writable; "),
+        (
+            f"run_dir={tmp_path / 'locked' / 'a' / 'b'}",
+            f"is not writable, so {tmp_path / 'locked' / 'a'} cannot be made",
+        ),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            check_dir_overrides("tttlab-x", ["seed=1", arg])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"tttlab-x: error: InvalidInputError: {arg}: ") and problem in err
+        assert err.endswith("expected a directory this command can write\n") and err.count("\n") == 1
+    # Hydra's print options make no run directory: no error; a writable folder passes
+    check_dir_overrides("tttlab-x", [f"out_dir={tmp_path / 'locked'}", "--cfg", "job"])
+    check_dir_overrides("tttlab-x", [f"out_dir={tmp_path / 'new' / 'run'}"])
+    assert [p.name for p in tmp_path.iterdir()] == ["locked"]
+
+
 def test_run_directory_overrides_that_can_be_created_pass(tmp_path):
     (tmp_path / "d").mkdir()
     for arg in ("out_dir={d}", "out_dir={d}/new/run", "out_dir=null", "out_dir=runs/${{seed}}", "seed=3",

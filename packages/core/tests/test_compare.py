@@ -384,6 +384,13 @@ def test_config_errors_and_method_names(env, tmp_path):
         ConfigError, match=r"'overrides.fake.alpah' matches no method; did you mean 'fake.alpha'"
     ):
         cmp.compare(cfg, echo=lambda *a: None)
+    # a misspelt baseline of an installed subpackage: every gain of it was silently blank
+    cfg = base_config(tmp_path / "typo_base", methods=["fake.alpha"], baselines={"fake": "fake.alpah"})
+    with pytest.raises(
+        ConfigError, match=r"'baselines.fake'='fake.alpah' is no installed method; did you mean 'fake.alpha'"
+    ):
+        cmp.compare(cfg, echo=lambda *a: None)
+    assert not (tmp_path / "typo_base").exists()
 
 
 def test_an_out_dir_that_cannot_be_made_is_a_config_error(tmp_path, monkeypatch, capsys):
@@ -456,6 +463,13 @@ def test_highlights_read_the_table():
     lines = cmp.highlights(table, c)
     assert "p.up +30.0 (10.0 ms/image)" in lines[1]
     assert "p.down -10.0 (2.00 ms/image; 8 images per corruption against the baseline's 40)" in lines[2]
+    # ... and so does the largest gain on one corruption when that method's is the largest
+    table["images"] = [40, 8, 40]
+    lines = cmp.highlights(table, c)
+    assert lines[3] == (
+        "Largest gain on one corruption: p.up on fog, 20.0% -> 90.0% "
+        "(+70.0; 8 images per corruption against the baseline's 40)."
+    )
 
 
 DRIVER = """

@@ -55,7 +55,10 @@ def test_inner_losses(tmp_path, runs):
     attention = {"val/inner_loss": [[[float("inf")] * 3] * 2]}  # what attention baselines store
     _png_ok(plots.plot_inner_losses(attention, out=tmp_path / "inf"))
     # the message gives the 1-based number too (tttlab-mttt-plot-inner --epochs counts from 1)
-    with pytest.raises(InvalidInputError, match=r"epoch index 5 \(epoch 6 counting from 1\)"):
+    # ... and the range both ways (it gave only the 0-based indices, which that command does not take)
+    with pytest.raises(
+        InvalidInputError, match=r"epoch index 5 \(epoch 6 counting from 1\).*; epochs 1\.\.\d+ counting"
+    ):
         plots.plot_inner_losses(runs[0], out=tmp_path / "x", epochs=[5])
     (tmp_path / "a_file").write_text("x")  # an output below a file: not FileExistsError from mkdir
     with pytest.raises(InvalidInputError, match=r"a_file/inner.png: .*a_file is a file, not a directory"):

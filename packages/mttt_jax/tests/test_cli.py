@@ -162,6 +162,36 @@ def test_evaluate_refuses_the_run_directory_of_another_package(tmp_path, config_
         load_run(tmp_path / "nope")
 
 
+def test_a_misspelt_method_is_named_as_given_with_a_did_you_mean(tmp_path):
+    """``+method=mttt_jax.mtt_mlp`` said ``method=mttt_jax.'mtt_mlp'`` (the prefix outside the quotes, no
+    suggestion), and next to a ``run_dir`` any name was taken and written into the records."""
+    from tttlab.core.errors import ConfigError
+    from tttlab.mttt_jax import evaluate as E
+
+    with pytest.raises(
+        ConfigError,
+        match=r"^method='mttt_jax.mtt_mlp': no such MTTT method \(did you mean 'mttt_jax.mttt_mlp'\?\); ",
+    ):
+        E.check_method("mttt_jax.mtt_mlp")
+    with pytest.raises(
+        ConfigError,
+        match=r"^method='self_atention': no such MTTT method \(did you mean 'mttt_jax.self_attention'",
+    ):
+        E.cached_run("self_atention", "smoke", tmp_path)
+    assert E.check_method("mttt_jax.mttt_linear") == E.check_method("mttt_linear") == "mttt_linear"
+    bench = {"name": "mnist_c", "corruptions": ["fog"], "severities": [5], "num_examples": 8}
+    with pytest.raises(
+        ConfigError, match=r"^method='mttt_jax.nope': no such MTTT method; expected \+method=mttt_jax.<mixer>"
+    ):
+        E.run(
+            run_dir=str(tmp_path / "a_run"),
+            method="mttt_jax.nope",
+            benchmark=bench,
+            out_dir=str(tmp_path / "o"),
+        )
+    assert not (tmp_path / "o").exists()
+
+
 def test_compare_contract_trains_once_and_serves_each_method(tmp_path, monkeypatch):
     """``method`` + ``profile`` + ``cache_dir`` (tools/compare.py): the model is trained on first use,
     with the mixer the method names, and reused by the next call."""
@@ -195,7 +225,7 @@ def test_compare_contract_trains_once_and_serves_each_method(tmp_path, monkeypat
     (stats,) = (tmp_path / "cache").glob("linear_attention-smoke-*/stats.json")
     assert json.loads(stats.read_text())["val/inner_loss"] == [[[float("inf")] * 2] * 2]  # [epoch][layer][2]
     assert a[a.metric == "accuracy"].value.tolist() == b[b.metric == "accuracy"].value.tolist()
-    with pytest.raises(ConfigError, match="mttt_jax.<m>"):
+    with pytest.raises(ConfigError, match="mttt_jax.<mixer>"):
         E.run(method="mttt_jax.nope", **common)
 
     # dtype and device reach the training of the cached model (a model of its own: dtype is in its key)

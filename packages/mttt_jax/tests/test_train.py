@@ -93,6 +93,20 @@ def test_a_missing_tfds_path_leaves_no_run_directory(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_bad_model_name_leaves_no_run_directory(tmp_path, monkeypatch):
+    """``model=smal``: the one-line error naming the value, and no ``out_dir`` (it used to hold the
+    config.yaml, env.json, empty records.jsonl and train.log of a run whose model was never built)."""
+    from tttlab.mttt_jax.errors import MTTTConfigError
+
+    monkeypatch.setattr(T.mdata, "open_source", lambda *a, **k: [None] * 64)  # the data opens; not read here
+    cfg = compose(["experiment=smoke", "model=smal", f"out_dir={tmp_path / 'run'}"])
+    with pytest.raises(
+        MTTTConfigError, match=r"model='smal'; expected one of \['mnist', 'small', 'smoke', 'tiny'\]"
+    ):
+        T.train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_killed_run_resumes_to_the_same_metrics(tmp_path, trained_run):
     from .conftest import SHARED_RUN
 

@@ -51,3 +51,30 @@ def test_evaluate_output_into_a_closed_pipe_ends_quietly(tmp_path):
         "hydra.run.dir=" + str(tmp_path / "run"),
     )
     assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("arg", "expected"),
+    [
+        ("engine=tent", "expected train.engine=tent"),
+        ("+engine=tent", "expected train.engine=tent"),
+        ("+engine.kwargs.d_margin=0.4", "expected +train.engine_kwargs.d_margin=0.4"),
+        ("engine.optimization.lr=0.1", "expected train.engine=<name> and train.engine_kwargs.<key>=<value>"),
+    ],
+)
+def test_train_refuses_the_evaluate_commands_engine_keys_with_the_training_ones(
+    monkeypatch, capsys, arg, expected
+):
+    """``tttlab-torch-ttt-train engine=tent`` (its ``--help`` lists the shared ``engine`` group) got Hydra's
+    "No match in the defaults list. To append to your default list use +engine=tent", and with the '+'
+    "Key 'engine' not in 'TrainConfig'": now one line naming training's key, exit 2, before Hydra starts."""
+    from tttlab.torch_ttt import train
+
+    monkeypatch.setattr(sys, "argv", ["tttlab-torch-ttt-train", "+experiment=smoke", arg])
+    with pytest.raises(SystemExit) as exc:
+        train.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tttlab-torch-ttt-train: error: ConfigError: {arg}: ") and err.count("\n") == 1
+    assert err.rstrip().endswith(expected)
+    train.check_no_evaluate_engine_keys(["train.engine=tent", "+experiment=smoke", "train.engine_kwargs={}"])

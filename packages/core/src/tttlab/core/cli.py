@@ -444,31 +444,52 @@ _NEW_DIRS: set = set()
 
 
 def check_dir_overrides(prog: str, argv: list[str] | None = None, keys: tuple[str, ...] = DIR_KEYS) -> None:
-    """Stop a Hydra command whose ``out_dir=`` (or ``run_dir=``) override is, or lies below, an existing file.
+    """Stop a Hydra command whose ``out_dir=`` (or ``run_dir=``) override is, or lies below, an existing file,
+    or would be made in (or is) a folder the user cannot write.
 
     Hydra creates the run directory before the task function runs, so that mistake would otherwise end in
-    a ``FileExistsError`` / ``NotADirectoryError`` traceback from Hydra.  Call it just before the
+    a ``FileExistsError`` / ``NotADirectoryError`` / ``PermissionError`` traceback from Hydra.  Call it just before the
     ``@hydra.main`` function; it prints the usual one-line error and exits with status 2.  It also notes the
     folders of each such path that do not exist yet, so that :func:`user_errors` removes those Hydra made
     (when empty) for a run directory outside the working directory, and none that was there before.
     """
+    import os
     from pathlib import Path
 
     _NEW_DIRS.clear()  # this command's paths only
-    for arg in sys.argv[1:] if argv is None else argv:
+    args = sys.argv[1:] if argv is None else argv
+    runs = not _hydra_prints_only(args)  # --cfg job, --help, ...: Hydra makes no run directory
+    for arg in args:
         key, sep, value = arg.lstrip("+~").partition("=")
         if not sep or key not in keys or value.strip() in ("", "null", "None") or "${" in value:
             continue
         path = Path(value.strip().strip("'\"")).expanduser()
+        top_missing = None  # the first folder Hydra would make
         for p in (path, *path.absolute().parents):
             if not p.exists():
                 _NEW_DIRS.add(p.resolve())  # Hydra will make it
+                top_missing = p
             else:
                 if not p.is_dir():
                     where = "is a file" if p == path else f"lies below the file {p}"
                     print(
                         f"{prog}: error: InvalidInputError: {key}={value}: the path {where}; expected a "
                         "directory (or a path that does not exist yet)",
+                        file=sys.stderr,
+                    )
+                    raise SystemExit(2)
+                # a folder that cannot be made or written (no permission, a read-only file system) ended
+                # in a PermissionError / OSError traceback from Hydra's mkdir or its log file.  Asked of the
+                # folder that exists, without writing anything: torchrun's ranks check the same path at once
+                problem = None
+                if runs and not os.access(p, os.W_OK | os.X_OK):
+                    problem = f"{p} is not writable" + (
+                        f", so {top_missing} cannot be made" if top_missing else ""
+                    )
+                if problem:
+                    print(
+                        f"{prog}: error: InvalidInputError: {key}={value}: {problem}; expected a directory "
+                        "this command can write",
                         file=sys.stderr,
                     )
                     raise SystemExit(2)

@@ -1175,15 +1175,19 @@ def highlights(table, c: dict[str, Any]) -> list[str]:
     gains = table[table["delta"].notna()].sort_values("delta", ascending=False)
     if len(gains):
 
-        def item(r):
-            text = f"{_row_label(r, several)} {_fmt(r['delta'], sign=True)} ({_fmt_cost(r['s_per_image'])} ms/image"
+        def fewer_images(r):
+            """'; N images per corruption against the baseline's M' where the two saw other image sets."""
             base = table[(table["method"] == (c.get("baselines") or {}).get(r["package"]))
                          & (table["setting"] == r["setting"])]  # fmt: skip
             mine, theirs = r.get("images"), base["images"].iloc[0] if len(base) and "images" in base else None
             if not (_isna(mine) or _isna(theirs)) and mine != theirs:
                 # per-image methods see the first images of the draw only: not the baseline's image set
-                text += f"; {int(mine)} images per corruption against the baseline's {int(theirs)}"
-            return text + ")"
+                return f"; {int(mine)} images per corruption against the baseline's {int(theirs)}"
+            return ""
+
+        def item(r):
+            text = f"{_row_label(r, several)} {_fmt(r['delta'], sign=True)} ({_fmt_cost(r['s_per_image'])} ms/image"
+            return text + fewer_images(r) + ")"
 
         up = [item(r) for _, r in gains.iterrows() if r["delta"] > 0.0005]
         down = [item(r) for _, r in gains.iterrows() if r["delta"] < -0.0005]
@@ -1207,7 +1211,7 @@ def highlights(table, c: dict[str, Any]) -> list[str]:
         if top is not None and top[0] > 0:
             d, r, cr, base = top
             lines.append(f"Largest gain on one corruption: {_row_label(r, several)} on {cr}, "
-                         f"{_fmt(base[cr])}% -> {_fmt(r[cr])}% ({_fmt(d, sign=True)}).")  # fmt: skip
+                         f"{_fmt(base[cr])}% -> {_fmt(r[cr])}% ({_fmt(d, sign=True)}{fewer_images(r)}).")  # fmt: skip
     return lines
 
 
@@ -1530,6 +1534,16 @@ def compare(config: Mapping[str, Any] | None = None, *, overrides: Sequence[str]
             raise ConfigError(
                 f"config key 'overrides.{pattern}' matches no method{hint} (its keys would be ignored; methods: "
                 f"{', '.join(known)})"
+            )
+    # a misspelt baseline of an installed subpackage left every gain of that subpackage blank ("—")
+    installed_packages = {s.package for s in installed_methods()[0]} | {s.package for s in specs}
+    for package, name in (c.get("baselines") or {}).items():
+        if package in installed_packages and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"config key 'baselines.{package}'={name!r} is no installed method{hint} (methods of "
+                f"{package}: {', '.join(n for n in known if n.startswith(package + '.'))})"
             )
     check_device_for(c["device"], specs)
     tasks = plan(c, specs)

@@ -174,7 +174,8 @@ def plot_inner_losses(
             if not -n <= e < n:
                 first = f" (epoch {e + 1} counting from 1)" if e >= 0 else ""
                 raise InvalidInputError(
-                    f"epoch index {e}{first} out of range: {key} has {n} epochs (indices {-n}..{n - 1})"
+                    f"epoch index {e}{first} out of range: {key} has {n} epochs (indices {-n}..{n - 1}; "
+                    f"epochs 1..{n} counting from 1, -1 the last)"
                 )
         idx = [e % n for e in idx]
     plt = _plt()

@@ -24,6 +24,7 @@ compile option.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import re
@@ -151,12 +152,10 @@ def compose_train(overrides: list[str]) -> dict:
             GlobalHydra.instance().initialize(running)
 
 
-def check_method(method: str, profile: str | None = None) -> None:
-    """A :class:`ConfigError` unless ``method`` (with or without ``mttt_jax.``) is a mixer of
-    :data:`MIXER_FLAGS` and ``profile`` (when given) one of :data:`PROFILES`; the message names the value, a
-    close mixer and the command's form."""
-    import difflib
-
+def check_method(method: str, profile: str | None = None) -> str:
+    """``method`` (``mttt_jax.<mixer>`` or ``<mixer>``) -> the mixer's name; a :class:`ConfigError` unless it is
+    a mixer of :data:`MIXER_FLAGS` and ``profile`` (when given) one of :data:`PROFILES`.  The message names the
+    value as given, a close mixer and the command's form."""
     name = str(method).removeprefix("mttt_jax.")
     form = (
         f"+method=mttt_jax.<mixer> [+profile={'|'.join(PROFILES)}], <mixer> one of {', '.join(MIXER_FLAGS)}"
@@ -164,9 +163,10 @@ def check_method(method: str, profile: str | None = None) -> None:
     if name not in MIXER_FLAGS:
         close = difflib.get_close_matches(name, list(MIXER_FLAGS), n=1)
         hint = f" (did you mean 'mttt_jax.{close[0]}'?)" if close else ""
-        raise ConfigError(f"method='mttt_jax.{name}': no such MTTT method{hint}; expected {form}")
+        raise ConfigError(f"method={method!r}: no such MTTT method{hint}; expected {form}")
     if profile is not None and profile not in PROFILES:
         raise ConfigError(f"profile={profile!r}; expected one of {', '.join(PROFILES)} ({form})")
+    return name
 
 
 def cached_run(method: str, profile: str, cache_dir, progress: bool = False, seed: int = 0,
@@ -271,10 +271,9 @@ def _run(c: dict, seed, devices) -> Path:
     # the benchmark first (core checks every key, a missing root): a bad one trains no model and
     # rewrites no earlier evaluation's config.yaml
     bcfg = dict(c.get("benchmark") or {})
+    method = check_method(c["method"]) if c.get("method") else None  # also with run_dir: it names the records
     bench = from_config(bcfg)
-    method = c.get("method")
     if method:
-        method = str(method).removeprefix("mttt_jax.")
         if not c.get("run_dir"):
             cache = c.get("cache_dir") or "runs/mttt/models"
             c["run_dir"] = str(

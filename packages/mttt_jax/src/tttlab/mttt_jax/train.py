@@ -478,10 +478,10 @@ def train(cfg, *, mesh=None, _kill_at_step: int | None = None) -> dict:
     if steps_per_epoch < 1:
         raise MTTTConfigError(f"{len(train_src)} training images give no full batch of {bs}")
     total_steps = steps_per_epoch * int(c["total_epochs"])
+    model = model_from_config(c)  # a bad model=... is refused before the run directory exists
     # the run directory only once the data opened: a wrong tfds_path leaves no half-made run behind
     run = RunDir(c["out_dir"], c if is_main else None, rank=None if is_main else jax.process_index())
 
-    model = model_from_config(c)
     seed = int(c.get("seed", 0))
     root = jax.random.PRNGKey(seed)
     k_init, k_train, k_eval = jax.random.split(root, 3)

@@ -830,10 +830,34 @@ def _noisy_evaluation(c, model, engine, writer, have, device) -> dict[str, Any]:
     return summary
 
 
+def check_no_evaluate_engine_keys(argv: list[str]) -> None:
+    """``engine=tent`` / ``+engine.kwargs.x=1`` are the evaluate command's keys (its ``engine`` group, which
+    ``--help`` lists for both commands because they share ``conf/``); training's are ``train.engine`` and
+    ``train.engine_kwargs``.  Hydra's own messages for them (``No match in the defaults list. To append ...
+    use +engine=tent``; with it, ``Key 'engine' not in 'TrainConfig'``) pointed the wrong way."""
+    for arg in argv:
+        prefix = arg[: len(arg) - len(arg.lstrip("+~"))]
+        key, sep, value = arg[len(prefix) :].partition("=")
+        if key != "engine" and not key.startswith("engine."):
+            continue
+        if key == "engine":
+            hint = f"train.engine={value}"
+        elif key.startswith("engine.kwargs."):
+            hint = f"{prefix}train.engine_kwargs.{key.removeprefix('engine.kwargs.')}{sep}{value}"
+        else:
+            hint = "train.engine=<name> and train.engine_kwargs.<key>=<value>"
+        raise ConfigError(
+            f"{arg}: tttlab-torch-ttt-train has no 'engine' key (that is tttlab-torch-ttt-evaluate's); "
+            f"expected {hint}"
+        )
+
+
 def main() -> None:
     import hydra
 
     register_configs()
+    with user_errors("tttlab-torch-ttt-train"):
+        check_no_evaluate_engine_keys([a for a in sys.argv[1:] if not a.startswith("-")])
 
     @hydra.main(config_path="conf", config_name="config", version_base=None)
     def _main(cfg) -> None:
