@@ -779,6 +779,9 @@ def hydra_app(tmp_path, monkeypatch):
      # a space after '=': Hydra's lexer said "LexerNoViableAltException: quick ^"
      (["profile=", "quick"], "'profile= quick': a space after '='; give profile=quick (one word, or quoted)"),
      (["+experiment", "smoke"], "'+experiment smoke': an override is key=value; give +experiment=smoke"),
+     # an option after '--' is an override to argparse: the line said "give --cfg=job", Hydra's lexer error
+     (["profile=quick", "--", "--cfg", "job"], "'--cfg' after '--': every word after '--' is an override "
+      "(key=value); give Hydra's options before it, or drop '--'"),
      (["seeds=[0,", "1]"], "'seeds=[0, 1]': a space inside a value; quote the override (\"seeds=[0, 1]\") or drop "
       "the space"),
      # a value attached to -cn: argparse reads -c nother (--cfg), Hydra's usage said "invalid choice: 'nother'"

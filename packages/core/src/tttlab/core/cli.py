@@ -268,10 +268,16 @@ def _two_letter_option_with_its_value(argv: list[str]) -> str:
 def _not_an_override(argv: list[str], overrides: list[str]) -> str:
     """The message for the first of Hydra's ``overrides`` (the command line's words that are no option) that
     is no override (``key=value``, ``~key``): ``seed= 1`` (a space after '=': Hydra's lexer error names only
-    ``1``), ``+experiment smoke``, ``seeds=[0, 1]`` unquoted; ``""`` when there is none."""
+    ``1``), ``+experiment smoke``, ``seeds=[0, 1]`` unquoted, an option after ``--`` (``-- --cfg job``: it was
+    "give --cfg=job"); ``""`` when there is none."""
     for word in overrides:
         if "=" in word or word.startswith("~"):
             continue
+        if word.startswith("-"):  # an option after '--', which makes every later word an override
+            return (
+                f"'{word}' after '--': every word after '--' is an override (key=value); give Hydra's options "
+                "before it, or drop '--'"
+            )
         i = argv.index(word) if word in argv else -1
         before = argv[i - 1] if i > 0 else ""
         after = argv[i + 1] if 0 <= i < len(argv) - 1 else ""
