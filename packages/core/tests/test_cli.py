@@ -955,7 +955,9 @@ def sweep_package(tmp_path, monkeypatch):
      ["-m", "-cd", "user_conf", "engine=tent,mine", "out_dir=runs/${engine.name}"],
      ["--config-dir=user_conf", "engine=mine"],
      ["-m", "compile=false,true", "out_dir=runs/c-${compile}"],  # each value a good one (a ChoiceSweep before)
-     ["hydra.sweeper.params.seed=0"]],  # Hydra's own AssertionError, left to Hydra (a traceback of the check's)
+     ["hydra.sweeper.params.seed=0"],
+     # Hydra's mode as an override runs the sweep as -m does ("Ambiguous value for argument 'seed=0,1'")
+     ["hydra.mode=MULTIRUN", "seed=0,1", "out_dir=runs/${seed}"]],  # Hydra's own AssertionError, left to Hydra (a traceback of the check's)
 )  # fmt: skip
 def test_valid_hydra_command_lines_pass_the_checks(sweep_package, capsys, argv):
     """Valid command lines Hydra runs (checked by running them through a package's command) were refused

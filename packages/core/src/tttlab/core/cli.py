@@ -602,6 +602,8 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
     # its few-line report under --cfg), but makes no run directory
     page = bool(flags.help or flags.hydra_help or flags.cfg or flags.info)
     args, config_name = list(flags.overrides), flags.config_name or config_name
+    # Hydra's mode is also an override (hydra.mode=MULTIRUN runs the sweep as -m does)
+    multirun = flags.multirun or any(a.lstrip("+").replace(" ", "") == "hydra.mode=MULTIRUN" for a in args)
     import os
 
     from hydra import compose, initialize_config_module
@@ -616,7 +618,7 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
         with initialize_config_module(conf, version_base=None):
             job, jobs, sweep = args, [args], ""
             try:
-                if flags.multirun:
+                if multirun:
                     jobs = _sweep_jobs(args, GlobalHydra.instance().config_loader())
                 dirs: dict[str, list[str]] = {}  # each job's run directory: the first job with it
                 for num, job in enumerate(jobs):
@@ -624,7 +626,7 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
                     cfg = compose(config_name=config_name, overrides=job, return_hydra_config=True)
                     if page:
                         continue
-                    where = _check_run_dir_resolves(prog, cfg, sweep, num if flags.multirun else None)
+                    where = _check_run_dir_resolves(prog, cfg, sweep, num if multirun else None)
                     if where is not None and dirs.setdefault(os.path.normpath(where), job) != job:
                         # two configs in one folder are what TTTLAB_APPEND_TO_OTHER_CONFIG=1 asks for
                         if not _append_allowed():
