@@ -807,6 +807,9 @@ def hydra_app(tmp_path, monkeypatch):
      # a space after '=': Hydra's lexer said "LexerNoViableAltException: quick ^"
      (["profile=", "quick"], "'profile= quick': a space after '='; give profile=quick (one word, or quoted)"),
      (["+experiment", "smoke"], "'+experiment smoke': an override is key=value; give +experiment=smoke"),
+     # an option after '--' is an override to argparse: the line said "give --cfg=job", Hydra's lexer error
+     (["profile=quick", "--", "--cfg", "job"], "'--cfg' after '--': every word after '--' is an override "
+      "(key=value); give Hydra's options before it, or drop '--'"),
      (["seeds=[0,", "1]"], "'seeds=[0, 1]': a space inside a value; quote the override (\"seeds=[0, 1]\") or drop "
       "the space"),
      # a value attached to -cn: argparse reads -c nother (--cfg), Hydra's usage said "invalid choice: 'nother'"
@@ -940,3 +943,89 @@ def test_a_user_error_in_a_sweeps_first_job_leaves_no_sweep_folder(tmp_path, mon
         assert capsys.readouterr().err == f"tttlab-x: error: ConfigError: profile={fail}: no such run\n"
         assert sorted(p.name for p in (tmp_path / "work").iterdir()) == left
     assert ran == ["quick", "quick", "smoke"]
+
+
+@pytest.fixture
+def sweep_package(tmp_path, monkeypatch):
+    """A package ``fakepkg_sweep.conf`` with a config ``run`` (run directory ``${out_dir}``, an ``engine``
+    group of two options, a ``compile`` key) and a user's config folder ``user_conf`` with a third engine."""
+    conf = tmp_path / "fakepkg_sweep" / "conf"
+    (conf / "engine").mkdir(parents=True)
+    (conf.parent / "__init__.py").write_text("")
+    (conf / "__init__.py").write_text("")
+    for name in ("tent", "bn"):
+        (conf / "engine" / f"{name}.yaml").write_text(f"name: {name}\n")
+    (conf / "run.yaml").write_text(
+        "defaults:\n  - engine: tent\n  - _self_\nseed: 0\ncompile: false\n"
+        "out_dir: runs/${engine.name}\nhydra:\n  run:\n    dir: ${out_dir}\n"
+    )
+    (tmp_path / "user_conf" / "engine").mkdir(parents=True)
+    (tmp_path / "user_conf" / "engine" / "mine.yaml").write_text("name: mine\n")
+    import sys
+
+    for name in [m for m in sys.modules if m.split(".")[0] == "fakepkg_sweep"]:  # an earlier test's folder
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TTTLAB_APPEND_TO_OTHER_CONFIG", raising=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["-m", "engine=glob(*)"],  # Hydra lists the group's options ("ConfigLoader is not set" before)
+     ["-m", "engine=glob(t*)", "seed=0,1", "out_dir=runs/${engine.name}-${seed}"],
+     # Hydra's launcher gives each job its number; Hydra's config is set as the folders resolve
+     ["-m", "seed=0,1", "out_dir=runs/${hydra:job.num}"],
+     ["-m", "seed=0,1", "out_dir=${hydra:sweep.dir}/${hydra:sweep.subdir}"],
+     ["out_dir=runs/${hydra:job.name}"],  # a run's ${hydra:...} too ("HydraConfig was not set" before)
+     # a sweep value of a group option in the --config-dir folder (engine='mine': no such engine config)
+     ["-m", "-cd", "user_conf", "engine=tent,mine", "out_dir=runs/${engine.name}"],
+     ["--config-dir=user_conf", "engine=mine"],
+     ["-m", "compile=false,true", "out_dir=runs/c-${compile}"],  # each value a good one (a ChoiceSweep before)
+     ["hydra.sweeper.params.seed=0"],
+     # Hydra's mode as an override runs the sweep as -m does ("Ambiguous value for argument 'seed=0,1'")
+     ["hydra.mode=MULTIRUN", "seed=0,1", "out_dir=runs/${seed}"]],  # Hydra's own AssertionError, left to Hydra (a traceback of the check's)
+)  # fmt: skip
+def test_valid_hydra_command_lines_pass_the_checks(sweep_package, capsys, argv):
+    """Valid command lines Hydra runs (checked by running them through a package's command) were refused
+    with one line before Hydra started: a ``glob(...)`` sweep, a run directory made with Hydra's resolver
+    (``${hydra:job.num}``, ``${hydra:sweep.subdir}``), a group option of the ``--config-dir`` folder, a
+    ``compile`` sweep.  They pass now, and Hydra's config is left as it was."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from tttlab.core.cli import check_compile_override, check_config_overrides, check_group_overrides
+
+    before = HydraConfig.instance().cfg
+    check_compile_override("prog", argv)
+    check_group_overrides("prog", "fakepkg_sweep.conf", argv)
+    check_config_overrides("prog", "fakepkg_sweep.conf", "run", argv)
+    assert capsys.readouterr().err == ""
+    assert HydraConfig.instance().cfg is before  # no state left for the next in-process command
+    assert sorted(p.name for p in sweep_package.iterdir()) == ["fakepkg_sweep", "user_conf"]  # nothing made
+
+
+def test_a_sweep_into_one_folder_passes_when_asked_to_append(sweep_package, monkeypatch, capsys):
+    """``-m seed=0,1`` into one run directory is refused (the later job would resume from, overwrite or be
+    refused by the earlier's run), except under ``TTTLAB_APPEND_TO_OTHER_CONFIG=1``, which asks for two
+    configs' records in one folder (the evaluates append, each record naming its config): it was refused
+    there too.  A bad value in a sweep of group options or of ``compile`` is still one line."""
+    from tttlab.core.cli import check_compile_override, check_config_overrides, check_group_overrides
+
+    argv = ["-m", "seed=0,1"]
+    with pytest.raises(SystemExit) as exit_info:
+        check_config_overrides("prog", "fakepkg_sweep.conf", "run", argv)
+    assert exit_info.value.code == 2
+    assert "the sweep's jobs seed=0 and seed=1 would both write into runs/tent" in capsys.readouterr().err
+    monkeypatch.setenv("TTTLAB_APPEND_TO_OTHER_CONFIG", "1")
+    check_config_overrides("prog", "fakepkg_sweep.conf", "run", argv)
+    assert capsys.readouterr().err == ""
+    for check, args, message in (
+        (check_group_overrides, ["-m", "-cd", "user_conf", "engine=tent,mien"],
+         "engine='mien': no such engine config (did you mean 'mine'?); expected one of bn, mine, tent"),
+        (check_compile_override, ["-m", "compile=false,fast"], "compile='fast'; expected true or false"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            check(*(["prog", "fakepkg_sweep.conf"] if check is check_group_overrides else ["prog"]), args)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.startswith(f"prog: error: ConfigError: {message}")

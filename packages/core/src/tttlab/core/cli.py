@@ -268,10 +268,16 @@ def _two_letter_option_with_its_value(argv: list[str]) -> str:
 def _not_an_override(argv: list[str], overrides: list[str]) -> str:
     """The message for the first of Hydra's ``overrides`` (the command line's words that are no option) that
     is no override (``key=value``, ``~key``): ``seed= 1`` (a space after '=': Hydra's lexer error names only
-    ``1``), ``+experiment smoke``, ``seeds=[0, 1]`` unquoted; ``""`` when there is none."""
+    ``1``), ``+experiment smoke``, ``seeds=[0, 1]`` unquoted, an option after ``--`` (``-- --cfg job``: it was
+    "give --cfg=job"); ``""`` when there is none."""
     for word in overrides:
         if "=" in word or word.startswith("~"):
             continue
+        if word.startswith("-"):  # an option after '--', which makes every later word an override
+            return (
+                f"'{word}' after '--': every word after '--' is an override (key=value); give Hydra's options "
+                "before it, or drop '--'"
+            )
         i = argv.index(word) if word in argv else -1
         before = argv[i - 1] if i > 0 else ""
         after = argv[i + 1] if 0 <= i < len(argv) - 1 else ""
@@ -519,7 +525,13 @@ def check_compile_override(prog: str, argv: list[str] | None = None, key: str = 
         if override.is_delete():
             continue
         try:
-            compile_kwargs(override.value(), key)
+            # of a sweep (-m compile=false,true), each value; one Hydra expands later (glob, interval) is Hydra's
+            values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        except Exception:  # noqa: BLE001 - Hydra reports a sweep it cannot expand itself
+            continue
+        try:
+            for value in values:
+                compile_kwargs(value, key)
         except ConfigError as exc:
             print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -537,6 +549,7 @@ def check_group_overrides(prog: str, conf: str, argv: list[str] | None = None) -
     import difflib
     import re
     from importlib.resources import files
+    from pathlib import Path
 
     from .errors import ConfigError
 
@@ -544,7 +557,13 @@ def check_group_overrides(prog: str, conf: str, argv: list[str] | None = None) -
         root = files(conf)
     except (ImportError, TypeError):  # no such package: nothing to check against
         return
-    for arg in sys.argv[1:] if argv is None else argv:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = _hydra_args(argv)
+    if flags is not None and flags.config_path:  # another primary config folder: Hydra's to search
+        return
+    # --config-dir adds a folder to Hydra's search path: a group option may be a YAML there (engine/mine.yaml)
+    roots = [root] + ([Path(flags.config_dir).expanduser()] if flags is not None and flags.config_dir else [])
+    for arg in argv:
         if arg.startswith("~"):
             continue
         key, sep, value = arg.lstrip("+").partition("=")
@@ -559,12 +578,16 @@ def check_group_overrides(prog: str, conf: str, argv: list[str] | None = None) -
         missing = [
             v
             for v in value.split(",")
-            if not group.joinpath(*f"{v.removesuffix('.yaml')}.yaml".split("/")).is_file()
+            if not any(
+                r.joinpath(*f"{key}/{v.removesuffix('.yaml')}.yaml".split("/")).is_file() for r in roots
+            )
         ]
         if not missing:
             continue
         value = missing[0]  # of a sweep (-m engine=tent,bnn), the value that names no file
-        choices = sorted(e.name[: -len(".yaml")] for e in group.iterdir() if e.name.endswith(".yaml"))
+        folders = [r.joinpath(*key.split("/")) for r in roots]
+        choices = sorted({e.name[: -len(".yaml")] for f in folders if f.is_dir() for e in f.iterdir()
+                          if e.name.endswith(".yaml")})  # fmt: skip
         close = difflib.get_close_matches(value, choices, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         exc = ConfigError(
@@ -600,6 +623,8 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
     # its few-line report under --cfg), but makes no run directory
     page = bool(flags.help or flags.hydra_help or flags.cfg or flags.info)
     args, config_name = list(flags.overrides), flags.config_name or config_name
+    # Hydra's mode is also an override (hydra.mode=MULTIRUN runs the sweep as -m does)
+    multirun = flags.multirun or any(a.lstrip("+").replace(" ", "") == "hydra.mode=MULTIRUN" for a in args)
     import os
 
     from hydra import compose, initialize_config_module
@@ -607,22 +632,26 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from .records import _append_allowed
+
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(conf, version_base=None):
             job, jobs, sweep = args, [args], ""
             try:
-                if flags.multirun:
-                    jobs = _sweep_jobs(args)
+                if multirun:
+                    jobs = _sweep_jobs(args, GlobalHydra.instance().config_loader())
                 dirs: dict[str, list[str]] = {}  # each job's run directory: the first job with it
-                for job in jobs:
+                for num, job in enumerate(jobs):
                     sweep = f"the sweep's job {' '.join(job)}: " if job != args else ""
                     cfg = compose(config_name=config_name, overrides=job, return_hydra_config=True)
                     if page:
                         continue
-                    where = _check_run_dir_resolves(prog, cfg, sweep)
+                    where = _check_run_dir_resolves(prog, cfg, sweep, num if multirun else None)
                     if where is not None and dirs.setdefault(os.path.normpath(where), job) != job:
-                        _shared_run_dir(prog, where, dirs[os.path.normpath(where)], job, cfg)
+                        # two configs in one folder are what TTTLAB_APPEND_TO_OTHER_CONFIG=1 asks for
+                        if not _append_allowed():
+                            _shared_run_dir(prog, where, dirs[os.path.normpath(where)], job, cfg)
             except (HydraException, OmegaConfBaseException) as exc:
                 first = " ".join(str(exc).split())  # Hydra's lines (and its remedy: "use +key=...") as one
                 cause = exc.__cause__
@@ -638,6 +667,8 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
                 )
                 print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
                 raise SystemExit(2) from None
+            except Exception:  # noqa: BLE001 - not a config error this check knows: Hydra reports it itself
+                return
     finally:
         GlobalHydra.instance().clear()
 
@@ -647,14 +678,16 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
 MAX_SWEEP_JOBS = 64
 
 
-def _sweep_jobs(args: list[str]) -> list[list[str]]:
+def _sweep_jobs(args: list[str], config_loader=None) -> list[list[str]]:
     """The overrides of each job of the ``--multirun`` sweep ``args`` (``seed=1,2 lr=0.1,0.2``: 4 jobs), as
-    Hydra's basic sweeper splits them (the first :data:`MAX_SWEEP_JOBS`); a sweep it cannot split (a range
-    or interval sweep, another sweeper) raises Hydra's exception."""
+    Hydra's basic sweeper splits them (the first :data:`MAX_SWEEP_JOBS`; ``config_loader``: the one that lists
+    a group's options for ``glob(...)``); a sweep it cannot split (an interval sweep) raises Hydra's exception,
+    and one of another sweeper (``hydra/sweeper=...``) is no job."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = OverridesParser.create().parse_overrides(args)
+    # the config loader lists a group's options for glob(...), as Hydra's sweeper gives it
+    overrides = OverridesParser.create(config_loader=config_loader).parse_overrides(args)
     if any(o.get_key_element().lstrip("+~").startswith("hydra/sweeper") for o in overrides):
         return []  # another sweeper: its own way of splitting
     [jobs] = BasicSweeper.split_arguments(overrides, max_batch_size=None)
@@ -665,7 +698,7 @@ def _sweep_jobs(args: list[str]) -> list[list[str]]:
     return [[own.get(o, o) for o in job] for job in jobs[:MAX_SWEEP_JOBS]]
 
 
-def _check_run_dir_resolves(prog: str, cfg, sweep: str = "") -> str | None:
+def _check_run_dir_resolves(prog: str, cfg, sweep: str = "", job_num: int | None = None) -> str | None:
     """Stop the command when the run directory Hydra is about to make (``hydra.run.dir`` of the composed
     ``cfg``) cannot be made from the config: a value it interpolates is missing (``run_dir: ???`` not given
     on the command line), a resolver of it refuses the config with a :class:`TTTLabError`, or a key it
@@ -674,15 +707,18 @@ def _check_run_dir_resolves(prog: str, cfg, sweep: str = "") -> str | None:
     a string; the error names the key given so, not a null key next to it).  Hydra resolves that directory
     before the task runs, so these would otherwise end in its traceback (or make a folder named ``None``).
     Any other failure to resolve is left to Hydra.  ``sweep``: the message's start (which job of a
-    ``--multirun`` sweep).  Returns the directory when the config makes it from its own keys (``${out_dir}``:
+    ``--multirun`` sweep; ``job_num``: its number, which Hydra's launcher gives the job, ``${hydra:job.num}``).
+    The directory is resolved with Hydra's config set, as Hydra does (``${hydra:...}`` reads it).  Returns the directory when the config makes it from its own keys (``${out_dir}``:
     where the job writes, in a sweep too), else ``None``."""
     import re
 
-    from omegaconf import OmegaConf
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict, read_write
     from omegaconf.errors import (
         InterpolationResolutionError,
         InterpolationToMissingValueError,
         MissingMandatoryValue,
+        OmegaConfBaseException,
     )
 
     from .errors import ConfigError
@@ -692,17 +728,30 @@ def _check_run_dir_resolves(prog: str, cfg, sweep: str = "") -> str | None:
     raw = str(OmegaConf.to_container(cfg.hydra.run, resolve=False).get("dir"))
     where = f"the command's run directory (hydra.run.dir: {raw}) is made from it"
     keys = dict.fromkeys(re.findall(r"\$\{([\w.]+)\}", raw) + re.findall(r"oc\.select:([\w.]+)", raw))
-    values = {k: OmegaConf.select(cfg, k, default=0, throw_on_missing=False) for k in keys}
-    null = [k for k, v in values.items() if v is None]
-    none = [k for k, v in values.items() if isinstance(v, str) and v.strip() == "None"]
     exc: TTTLabError | None = None
     resolved = None
+    # resolved as Hydra resolves it, with its config set: ${hydra:job.num} (a sweep's) in out_dir is Hydra's
+    hydra_config = HydraConfig.instance()
+    before = hydra_config.cfg
+    if job_num is not None:  # what Hydra's launcher sets on a sweep's job before it resolves its folders
+        with read_write(cfg.hydra.job), open_dict(cfg.hydra.job):
+            cfg.hydra.job.num = cfg.hydra.job.id = job_num
+    hydra_config.set_config(cfg)
     try:
+        values = {}
+        for k in keys:
+            try:
+                values[k] = OmegaConf.select(cfg, k, default=0, throw_on_missing=False)
+            except OmegaConfBaseException:  # the next step names what is wrong with it, or leaves it to Hydra
+                values[k] = 0
+        null = [k for k, v in values.items() if v is None]
+        none = [k for k, v in values.items() if isinstance(v, str) and v.strip() == "None"]
         resolved = cfg.hydra.run.dir
     except (InterpolationToMissingValueError, MissingMandatoryValue) as err:
         found = re.search(r"Missing mandatory value: ?([\w.\[\]]*)", str(err))
         key = (found and found.group(1)) or "hydra.run.dir"
-        exc = ConfigError(f"{key} is not set (the config has no default); {where}: give {key}=<value>")
+        if not key.startswith("hydra."):  # Hydra's own (hydra.runtime.output_dir) are Hydra's to fill
+            exc = ConfigError(f"{key} is not set (the config has no default); {where}: give {key}=<value>")
     except InterpolationResolutionError as err:
         seen: BaseException | None = err
         while seen is not None and not isinstance(seen, TTTLabError):  # a resolver's own refusal
@@ -721,6 +770,8 @@ def _check_run_dir_resolves(prog: str, cfg, sweep: str = "") -> str | None:
                 )
             elif null:  # the null became a folder
                 exc = ConfigError(f"{null[0]}=null, but {where} and {folder}: give {null[0]}=<value>")
+    finally:
+        hydra_config.cfg = before
     if exc is not None:
         print(f"{prog}: error: {type(exc).__name__}: {sweep}{exc}", file=sys.stderr)
         raise SystemExit(2)
