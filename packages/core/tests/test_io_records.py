@@ -501,6 +501,65 @@ def test_an_evaluation_into_a_folder_with_another_configs_records_is_an_error(tm
         R.RunDir(tmp_path / "x", first, other_config="keep")
 
 
+@pytest.mark.parametrize("policy", ["error", "warn"])
+def test_a_config_that_differs_only_in_display_keys_is_the_same_run(tmp_path, monkeypatch, policy):
+    """Rerunning a command with only ``logging.progress`` / ``logging.level`` / ``progress`` changed was
+    refused as 'holds the records of another config ... differs in logging.progress' (evaluates) or warned
+    'created with a different config' and left the records under the old hash (training runs).  It is the
+    same run now: no error, no warning, the records carry the new config's hash (one folder, one hash)."""
+    import warnings
+
+    monkeypatch.delenv(R.APPEND_ENV, raising=False)
+    quiet = {
+        "method": "pkg.tent",
+        "seed": 0,
+        "progress": False,
+        "logging": {"progress": False, "level": "INFO"},
+    }
+    shown = {**quiet, "progress": True, "logging": {"progress": True, "level": "DEBUG"}}
+    assert R.config_hash(quiet) != R.config_hash(shown), "config_hash itself keeps every key"
+    _evaluated(tmp_path, quiet, other_config=policy)
+    with (tmp_path / "records.jsonl").open("a") as f:
+        f.write('{"method": "pkg.tent", "metr')  # a torn last line stays as it is
+    R.check_run_dir(tmp_path, shown)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rd = R.RunDir(tmp_path, shown, other_config=policy)
+    assert rd.config_hash == R.config_hash(shown) == R.config_hash(R._load_yaml_config(rd.config_path))
+    with pytest.warns(UserWarning, match="torn last record"):
+        df = R.load_records(tmp_path)
+    assert list(df["config_hash"]) == [R.config_hash(shown)] and list(df["value"]) == [0.5]
+    assert (tmp_path / "records.jsonl").read_text().endswith('"metr'), "the torn line kept"
+    assert rd.drop_records() == 1, "an evaluate run again replaces them"
+    # display keys only: another value of a real key is still another config, with or beside them
+    other = {**shown, "seed": 1}
+    _evaluated(tmp_path / "b", shown, other_config="error")
+    with pytest.raises(R.RunDirConflictError, match="seed: 0 -> 1"):
+        R.check_run_dir(tmp_path / "b", {**other, "progress": False})
+    with pytest.raises(R.RunDirConflictError, match="seed: 0 -> 1"):
+        R.RunDir(tmp_path / "b", other, other_config="error")
+    # display_keys=() restores the strict check; dotted keys name nested ones; identity applies as well
+    with pytest.raises(R.RunDirConflictError, match="progress: True -> False"):
+        R.check_run_dir(tmp_path / "b", quiet, display_keys=())
+    R.check_run_dir(
+        tmp_path / "b",
+        {**shown, "logging": {"progress": False, "level": "DEBUG"}},
+        display_keys=["logging.progress"],
+    )
+    with pytest.raises(R.RunDirConflictError, match="logging.level"):
+        R.check_run_dir(
+            tmp_path / "b",
+            {**shown, "logging": {"progress": True, "level": "INFO"}},
+            display_keys=["logging.progress"],
+        )
+    R.check_run_dir(
+        tmp_path / "b",
+        {**quiet, "device": "cpu"},
+        identity=lambda c: {k: v for k, v in c.items() if k != "device"},
+    )
+    assert R.without_keys({"a": 1, "b": {"c": 2, "d": 3}}, ["b.c", "x.y", "z"]) == {"a": 1, "b": {"d": 3}}
+
+
 @pytest.mark.parametrize("how", ["argument", "environment"])
 def test_appending_to_another_configs_folder_is_explicit_and_keeps_both_configs(tmp_path, monkeypatch, how):
     monkeypatch.delenv(R.APPEND_ENV, raising=False)

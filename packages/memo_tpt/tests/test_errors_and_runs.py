@@ -766,3 +766,24 @@ def test_python_dash_m_runs_the_command(command):
     assert res.stderr.startswith(
         f"tttlab-memo-tpt-{command}: error: ConfigError: experiment='nosuch': no such experiment config"
     ), res.stderr[-2000:]
+
+
+def test_display_keys_rerun_the_same_paper_run(tmp_path):
+    """``progress`` and ``verbose`` (how often the running accuracy is logged) change only what is shown:
+    the paper run started again with them changed is the same run.  Before, it warned 'created with a
+    different config' and appended a second copy of its records under the new config_hash."""
+    from omegaconf import OmegaConf
+
+    from tttlab.memo_tpt.main import run_paper
+
+    testing.make_imagenet_v2(tmp_path / "data", classes=(0, 1), n_per_class=1)
+    ckpt = tmp_path / "m.pth"
+    torch.manual_seed(0)
+    torch.save(build_classifier("mobilenet_v3_small").state_dict(), ckpt)
+    over = ["arch=mobilenet_v3_small", f"checkpoint={ckpt}", "augs=2", f"datasets_root={tmp_path / 'data'}",
+            "data_to_test=v2", "progress=false", "verbose=0", "image_size=32", f"out_dir={tmp_path / 'run'}"]  # fmt: skip
+    cfg = _hydra_cfg("memo", over)
+    shown = OmegaConf.merge(cfg, {"progress": True, "verbose": 1})
+    testing.check_display_keys_rerun_the_same_run(
+        tmp_path / "run", lambda: run_paper(cfg), lambda: run_paper(shown)
+    )

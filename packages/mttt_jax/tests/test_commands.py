@@ -435,3 +435,38 @@ def test_evaluate_run_directory_is_where_its_records_go(tmp_path, monkeypatch, c
     assert seen["out_dir"] == out_dir and seen["run_dir"] == ("r" if "run_dir=r" in args else None)
     made = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_dir())
     assert made == sorted(str(p) for p in (Path(hydra_dir), *Path(hydra_dir).parents) if str(p) != ".")
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_display_keys_rerun_the_same_run(tmp_path, trained_run, command):
+    """``logging.progress`` (and evaluate's ``progress``, which compare passes) change only what is shown:
+    the same command run again with them changed is the same run.  Before, evaluate refused its own folder
+    ('holds the records of another config ... differs in progress: False -> True') and a finished training
+    run warned 'created with a different config' and left its records under the old config_hash."""
+    from tttlab.core.testing import check_display_keys_rerun_the_same_run
+    from tttlab.mttt_jax import evaluate as E
+
+    from .test_train import TINY, compose
+
+    out = tmp_path / command
+    if command == "train":  # TINY's 1 epoch, then run again finished: it resumes and writes nothing
+        base = [*TINY, "input.num_examples=8", "evals.num_examples=4", f"out_dir={out}"]
+        check_display_keys_rerun_the_same_run(
+            out, lambda: T.train(compose(base)), lambda: T.train(compose([*base, "logging.progress=true"]))
+        )
+    else:
+        bench = {
+            "name": "mnist_c",
+            "corruptions": ["fog"],
+            "severities": [5],
+            "batch_size": 4,
+            "num_examples": 4,
+        }
+        c = {"run_dir": str(trained_run[0]), "out_dir": str(out), "benchmark": bench}
+        quiet = {**c, "progress": False, "logging": {"progress": False}}
+        records = check_display_keys_rerun_the_same_run(
+            out,
+            lambda: E.run(quiet),
+            lambda: E.run({**quiet, "progress": True, "logging": {"progress": True}}),
+        )
+        assert {r["corruption"] for r in records if r["metric"] == "accuracy"} == {"fog", "mean"}

@@ -478,3 +478,32 @@ def test_checkpoint_path_is_rundirs_and_old_runs_resume(tmp_path, monkeypatch, c
     # the rule is RunDir's: move it there and _Run follows
     monkeypatch.setattr(RunDir, "checkpoints_in", staticmethod(lambda run_dir: tmp_path / "elsewhere"))
     assert T._Run(c).ckpt_path == tmp_path / "elsewhere" / "last.ckpt"
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_display_keys_rerun_the_same_run(tmp_path, command):
+    """``logging.progress`` / ``logging.level`` (train) and ``progress`` (evaluate) change only what is shown:
+    the same command run again with them changed is the same run.  Before, a finished training run warned
+    'created with a different config' and its records kept the old config_hash beside the new config.yaml
+    (evaluate: refused, fixed in 33a9b7c; now core's display keys)."""
+    from tttlab.core.testing import check_display_keys_rerun_the_same_run
+    from tttlab.pilimit.evaluate import run as evaluate
+
+    if command == "train":
+        out = tmp_path / "train"
+        quiet = [*SMOKE, f"out_dir={out}", "train.num_test=16", "data.num_examples=32"]
+        check_display_keys_rerun_the_same_run(
+            out,
+            lambda: run(train_config("smoke", quiet)),
+            lambda: run(train_config("smoke", [*quiet, "logging.progress=true", "logging.level=DEBUG"])),
+        )
+    else:
+        out = tmp_path / "eval"
+        cfg = {
+            "method": "pilimit.mup", "out_dir": str(out), "profile": "smoke", "cache_dir": str(tmp_path / "cache"),
+            "progress": False,
+            "benchmark": {"name": "mnist_c", "corruptions": ["fog"], "severities": [5], "num_examples": 8},
+        }  # fmt: skip
+        check_display_keys_rerun_the_same_run(
+            out, lambda: evaluate(cfg), lambda: evaluate({**cfg, "progress": True})
+        )

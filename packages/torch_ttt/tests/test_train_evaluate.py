@@ -1331,3 +1331,29 @@ def test_single_image_batches_pass_where_the_engine_takes_them():
         assert E.check_stream_batches(c, E.evaluated_model(c)) is None, engine
     c = E.eval_config({**base, "engine": "tent", "benchmark": {**base["benchmark"], "num_examples": 130}})
     assert E.check_stream_batches(c, E.evaluated_model(c)) is None
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_display_keys_rerun_the_same_run(smoke_run, tmp_path, command):
+    """``logging.progress`` and ``logging.level`` change only what is shown: the same command run again with
+    them changed is the same run.  Before, evaluate refused its own folder ('holds the records of another
+    config ... differs in logging.progress: False -> True') and a finished training run warned 'created with
+    a different config' and left its records under the old config_hash."""
+    from tttlab.core.testing import check_display_keys_rerun_the_same_run
+
+    shown = ["logging.progress=true", "logging.level=DEBUG"]
+    if command == "train":  # the smoke training, then run again finished: it resumes and writes nothing
+        out = tmp_path / "train"
+        quiet = smoke_config(out, "logging.progress=false")
+        check_display_keys_rerun_the_same_run(
+            out, lambda: T.run(quiet), lambda: T.run(smoke_config(out, *shown))
+        )
+    else:
+        out = tmp_path / "eval"
+        overrides = [*eval_overrides(smoke_run, out), "benchmark.corruptions=[fog]"]
+        records = check_display_keys_rerun_the_same_run(
+            out,
+            lambda: E.run(hydra_compose("evaluate", overrides)),
+            lambda: E.run(hydra_compose("evaluate", [*overrides, *shown])),
+        )
+        assert [r["metric"] for r in records] == ["accuracy", "s_per_image"]

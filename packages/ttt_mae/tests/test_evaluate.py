@@ -370,3 +370,36 @@ def test_compose_override_list_means_what_the_command_line_means():
             with pytest.raises(ConfigError, match=needle):
                 compose("ttt", overrides=[bad])
     assert compose("ttt", overrides=["experiment_name=007"])["out_dir"] == "runs/ttt_mae/007"
+
+
+@pytest.mark.parametrize("command", ["pretrain", "probe", "ttt_mae.ttt"])
+def test_display_keys_rerun_the_same_run(tmp_path, cache, command):
+    """``logging.progress`` / ``logging.level`` (and ``progress``, which compare passes) change only what is
+    shown: the same command run again with them changed is the same run.  Before, a finished pretraining or
+    probing run warned 'created with a different config' and its records kept the old config_hash beside
+    the new config.yaml.  (ttt and baseline, one code path, were right already: their records name the hash
+    of the config's identity, which leaves ``logging`` out.)"""
+    from tttlab.core.records import config_hash
+    from tttlab.core.testing import check_display_keys_rerun_the_same_run
+    from tttlab.ttt_mae import train as T
+    from tttlab.ttt_mae.common import compose
+
+    shown = {"logging": {"progress": True, "level": "DEBUG"}}
+    if command in METHODS:
+        out = tmp_path / command
+        check_display_keys_rerun_the_same_run(
+            out, lambda: run(tmp_path, cache, command), lambda: run(tmp_path, cache, command, progress=True),
+            record_hash=lambda cfg: config_hash(E.identity(cfg)),
+        )  # fmt: skip
+        return
+    small = {"epochs": 1, "data": {"num_examples": 32}, "batch_size": 16, "logging": {"progress": False}}
+    pre = tmp_path / "pretrain"
+    c = compose("pretrain", "smoke_pretrain", {"out_dir": str(pre), **small})
+    if command == "probe":
+        T.run(c, "pretrain")
+        out = tmp_path / "probe"
+        c = compose("probe", "smoke_probe", {"out_dir": str(out), "finetune": str(pre / "checkpoints" / "last.ckpt"),
+                                             **small})  # fmt: skip
+    check_display_keys_rerun_the_same_run(
+        c["out_dir"], lambda: T.run(c, command), lambda: T.run({**c, **shown}, command)
+    )

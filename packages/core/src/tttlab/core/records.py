@@ -28,7 +28,9 @@ Distributed runs: ``RunDir(path, rank=r)``; rank 0 writes ``records.jsonl``, ran
 One folder, one config: ``config.yaml`` describes the records beside it, so an evaluation refuses a folder
 that holds another config's records (:class:`RunDir` with ``other_config="error"``, :func:`check_run_dir`
 before it computes) unless asked to append (``TTTLAB_APPEND_TO_OTHER_CONFIG=1``; the earlier config is
-kept as ``config-<hash>.yaml``, and every record names its ``config_hash``).
+kept as ``config-<hash>.yaml``, and every record names its ``config_hash``).  Keys that only change what
+a run shows (:data:`DISPLAY_KEYS`: the progress bar, the log level) are no part of that: a rerun that differs
+only in them is the same run, and the folder's records are re-tagged with the new config's hash.
 """
 
 from __future__ import annotations
@@ -434,9 +436,68 @@ def append_stats(path, values: Mapping[str, Any] | None = None, **kw) -> dict[st
 # run directory
 
 
-def _same_run(old: dict[str, Any], new: dict[str, Any], identity=None) -> bool:
-    same = identity or (lambda cfg: cfg)
+#: Config keys that change only what a run shows, never a number it records: ``progress`` (a progress bar),
+#: ``logging`` (``logging.progress``, ``logging.level``).  :class:`RunDir` and :func:`check_run_dir` leave
+#: them out when they compare a folder's config with a run's (``display_keys=``; a dotted key names a key
+#: of a nested mapping); :func:`config_hash` keeps them (it is the records' and caches' key).
+DISPLAY_KEYS: tuple[str, ...] = ("progress", "logging")
+
+
+def without_keys(cfg: Any, keys: Iterable[str]) -> Any:
+    """``cfg`` (a plain nested dict) without ``keys``; a dotted key (``logging.progress``) names a nested
+    key, and a key that is not there is ignored.  E.g. what a run's records depend on:
+    ``without_keys(cfg, DISPLAY_KEYS)``."""
+    if not isinstance(cfg, Mapping):
+        return cfg
+    out = dict(cfg)
+    nested: dict[str, list[str]] = {}
+    for key in keys:
+        head, _, rest = str(key).partition(".")
+        if rest:
+            nested.setdefault(head, []).append(rest)
+        else:
+            out.pop(head, None)
+    for head, rests in nested.items():
+        if isinstance(out.get(head), Mapping):
+            out[head] = without_keys(out[head], rests)
+    return out
+
+
+def _same_run(
+    old: dict[str, Any], new: dict[str, Any], identity=None, display_keys: Iterable[str] = ()
+) -> bool:
+    keys = tuple(display_keys)
+
+    def same(cfg):
+        cfg = without_keys(cfg, keys)
+        return identity(cfg) if identity is not None else cfg
+
     return config_hash(same(old)) == config_hash(same(new))
+
+
+def retag_records(path, old_hash: str | None, new_hash: str | None) -> int:
+    """Give the records of ``old_hash`` in the JSONL file ``path`` the ``config_hash`` ``new_hash``,
+    atomically (temp file + rename); return how many changed.  For a run directory whose config changed only
+    in :data:`DISPLAY_KEYS`: its records stay the same run's (one folder, one ``config_hash``), so that an
+    evaluate's :meth:`RunDir.drop_records` replaces them and a resumed run skips what they hold."""
+    path = Path(path)
+    if old_hash is None or new_hash is None or old_hash == new_hash or not path.exists():
+        return 0
+    data = path.read_bytes()
+    out, changed = [], 0
+    for raw in data.split(b"\n"):
+        try:
+            record = json.loads(raw.decode("utf-8")) if raw.strip() else None
+        except (UnicodeDecodeError, json.JSONDecodeError):  # a torn line: kept as it is
+            record = None
+        if isinstance(record, dict) and record.get("config_hash") == old_hash:
+            record["config_hash"] = new_hash
+            raw = json.dumps(record, allow_nan=True).encode()
+            changed += 1
+        out.append(raw)
+    if changed:
+        atomic_write_bytes(path, b"\n".join(out))
+    return changed
 
 
 def _has_records(path: Path) -> bool:
@@ -464,11 +525,18 @@ def _conflict_message(path: Path, old: dict[str, Any], new: dict[str, Any]) -> s
     )
 
 
-def check_run_dir(path, config: Any, *, identity: Callable[[dict[str, Any]], Any] | None = None) -> None:
+def check_run_dir(
+    path,
+    config: Any,
+    *,
+    identity: Callable[[dict[str, Any]], Any] | None = None,
+    display_keys: Iterable[str] = DISPLAY_KEYS,
+) -> None:
     """Raise :class:`~tttlab.core.errors.RunDirConflictError` where ``RunDir(path, config,
-    other_config="error", identity=identity)`` would, without writing anything: for an evaluate to refuse a
-    folder that holds another config's records before it computes (a new folder, the same config, a folder
-    without records and :data:`APPEND_ENV` pass)."""
+    other_config="error", identity=identity, display_keys=display_keys)`` would, without writing anything:
+    for an evaluate to refuse a folder that holds another config's records before it computes (a new
+    folder, the same config up to its display keys, a folder without records and :data:`APPEND_ENV`
+    pass)."""
     path = Path(path)
     cfg_path = path / "config.yaml"
     if _append_allowed() or not cfg_path.is_file() or not _has_records(path):
@@ -480,7 +548,7 @@ def check_run_dir(path, config: Any, *, identity: Callable[[dict[str, Any]], Any
     except InvalidInputError:  # RunDir replaces an unreadable config with a warning
         return
     new = dict(_plain(config))
-    if not _same_run(old, new, identity):
+    if not _same_run(old, new, identity, display_keys):
         raise RunDirConflictError(_conflict_message(path, old, new))
 
 
@@ -503,6 +571,9 @@ class RunDir:
     variable ``TTTLAB_APPEND_TO_OTHER_CONFIG=1`` turns ``"error"`` into this (:func:`check_run_dir` runs
     the same check before anything is computed).  ``identity``: the part of a
     config that must match (default: all of it), e.g. without the device a run may resume on.
+    ``display_keys`` (default :data:`DISPLAY_KEYS`): keys that are never part of it (they change only what
+    is shown); a config that differs from the folder's only in them replaces it silently, and the records of
+    the folder's config are re-tagged with this one's hash (:func:`retag_records`): the same run.
     """
 
     def __init__(
@@ -513,6 +584,7 @@ class RunDir:
         rank: int | None = None,
         other_config: str = "warn",
         identity: Callable[[dict[str, Any]], Any] | None = None,
+        display_keys: Iterable[str] = DISPLAY_KEYS,
     ):
         if not isinstance(path, (str, os.PathLike)):
             raise InvalidInputError(f"a run directory must be a path, got {path!r}")
@@ -528,6 +600,7 @@ class RunDir:
             other_config = "append"
         self.other_config = other_config
         self.identity = identity
+        self.display_keys = tuple(display_keys)
         if self.path.exists() and not self.path.is_dir():
             raise InvalidInputError(f"run directory {self.path} exists and is not a directory")
         self.checkpoints = self.checkpoints_in(self.path)
@@ -599,9 +672,13 @@ class RunDir:
             try:
                 old_config = _load_yaml_config(old)
                 previous = config_hash(old_config)
-                differs = not _same_run(old_config, dict(plain), self.identity)
+                differs = not _same_run(old_config, dict(plain), self.identity, self.display_keys)
             except InvalidInputError as exc:  # about to be replaced anyway: say so, do not stop the run
                 old_config, previous, differs = None, f"unreadable: {exc}", True
+            if old_config is not None and previous != config_hash(plain) and not differs:
+                if _same_run(old_config, dict(plain), None, self.display_keys):  # shown otherwise only
+                    for records in sorted(self.path.glob("records*.jsonl")):
+                        retag_records(records, previous, config_hash(plain))
             if differs and (self.other_config == "warn" or old_config is None):
                 warnings.warn(
                     f"{old}: the run directory was created with a different config (hash {previous}, now "

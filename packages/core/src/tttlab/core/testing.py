@@ -290,3 +290,44 @@ def run_faked_command_into_a_closed_pipe(
         f"M.{call}\n"
     )
     return run_into_a_closed_pipe("-c", code, prog, *overrides, timeout=timeout)
+
+
+#: record fields that differ between two runs of the same config (the time, the code's commit, the hash)
+VOLATILE_RECORD_FIELDS = ("wall_time_s", "git_sha", "config_hash")
+
+
+def check_display_keys_rerun_the_same_run(
+    run_dir, run_quietly, run_shown, *, timing_metrics=("s_per_image",), record_hash=None
+):
+    """The contract of :data:`tttlab.core.records.DISPLAY_KEYS` for one command: ``run_quietly()`` then
+    ``run_shown()`` (the same command and ``run_dir``, only display keys changed: ``logging.progress``,
+    ``progress``, ``logging.level``) are one run.  The second neither refuses the folder nor warns that it
+    holds another config, the folder keeps one copy of each record (an evaluate replaces them, a finished
+    training run writes nothing new) with the same values (``timing_metrics`` and the
+    :data:`VOLATILE_RECORD_FIELDS` aside), and every record names the ``config_hash`` of the folder's
+    ``config.yaml`` (the second run's config; ``record_hash(config)``: another hash of it, for a command
+    whose records name the hash of a part of its config).  Returns the records after the second run."""
+    import warnings
+
+    from .records import _load_yaml_config, config_hash, read_jsonl
+
+    path = Path(run_dir)
+
+    def stable(records):
+        return [
+            {k: v for k, v in r.items() if k not in VOLATILE_RECORD_FIELDS}
+            for r in records
+            if r["metric"] not in timing_metrics
+        ]
+
+    run_quietly()
+    first = read_jsonl(path / "records.jsonl")
+    assert first, f"{path}: the first run wrote no records"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*different config.*")
+        run_shown()
+    again = read_jsonl(path / "records.jsonl")
+    assert stable(again) == stable(first), "a display key changed the records (or appended a second copy)"
+    shown_hash = (record_hash or config_hash)(_load_yaml_config(path / "config.yaml"))
+    assert {r["config_hash"] for r in again} == {shown_hash}, "one folder, one config_hash: the config's"
+    return again

@@ -136,28 +136,6 @@ def _plain(cfg) -> dict:
     return {k: (_plain(v) if isinstance(v, Mapping) else v) for k, v in dict(cfg).items()}
 
 
-#: keys that change what is shown, not what is recorded: a rerun that differs only in them is the same
-#: run (it replaces the folder's records), not another config's
-DISPLAY_KEYS = ("progress", "logging")
-
-
-def identity(c: dict[str, Any]) -> dict[str, Any]:
-    """The part of an evaluate config its records depend on (core's ``RunDir(identity=...)``)."""
-    return {k: v for k, v in c.items() if k not in DISPLAY_KEYS}
-
-
-def _previous_config(out_dir) -> dict[str, Any] | None:
-    """The folder's ``config.yaml`` before this run rewrites it (None: none, or unreadable)."""
-    from omegaconf import OmegaConf
-
-    path = Path(out_dir) / "config.yaml"
-    try:
-        old = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else None
-    except Exception:  # noqa: BLE001 - RunDir reports or replaces an unreadable config
-        return None
-    return old if isinstance(old, dict) else None
-
-
 def default_out_dir(method: str, profile: str) -> str:
     """The run folder of an evaluation without ``out_dir``: ``runs/memo_tpt/eval/<method>-<profile>``, e.g.
     ``runs/memo_tpt/eval/tpt-full`` (one ``runs/memo_tpt/eval`` for all was shared by the methods and
@@ -234,7 +212,7 @@ def _images(batch) -> torch.Tensor:
 def run(cfg: Mapping | None = None, **overrides) -> Path:
     """Evaluate per ``cfg`` (keys of :data:`DEFAULTS`, partial is fine); returns the records file."""
     from tttlab.core.benchmark import from_config
-    from tttlab.core.records import RunDir, check_run_dir, config_hash, drop_records, write_domain_summary
+    from tttlab.core.records import RunDir, check_run_dir, write_domain_summary
 
     from ._progress import progress_bar
 
@@ -252,7 +230,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     # another config's records there: refused now, not after the evaluation, but after the values are
     # checked (a bad value, e.g. benchmark.severities=[7] or memo.steps=-1, is reported as itself, not as
     # a config that differs from the folder's)
-    check_run_dir(c["out_dir"], c, identity=identity)
+    check_run_dir(c["out_dir"], c)
     totals: dict[Any, list] = {d: [0, 0, 0.0, 0] for d in bench.domains}
     zero_shot = c["method"] == "memo_tpt.clip_zeroshot"
     with progress_bar(len(bench), c["method"], c["progress"], leave=False) as bar:
@@ -281,11 +259,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
                 acc[3] += int(src_hit[sel].sum())
             bar.update(1)
     # only now: a bad benchmark or model leaves no half-made run behind
-    previous = _previous_config(c["out_dir"])
-    rd = RunDir(Path(c["out_dir"]), c, other_config="error", identity=identity)
-    if previous is not None and config_hash(identity(previous)) == config_hash(identity(c)):
-        # the same run shown otherwise (progress=false before): its records are replaced as well
-        drop_records(rd.records_path, config_hash(previous))
+    rd = RunDir(Path(c["out_dir"]), c, other_config="error")
     extra = {"reset": "per_image", "profile": c["profile"]}
     rd.drop_records()  # run again (e.g. after a kill): replace, not append twice
     with rd.writer(method=c["method"], package="memo_tpt", framework="torch", model=model_name, dataset=b["name"],

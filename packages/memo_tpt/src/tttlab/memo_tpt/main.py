@@ -263,7 +263,7 @@ def evaluate_dataset(
 
 
 def run_paper(cfg) -> Path:
-    from tttlab.core.records import RunDir
+    from tttlab.core.records import DISPLAY_KEYS, RunDir
 
     c = _plain(cfg)
     _check_known_keys(c)
@@ -334,7 +334,8 @@ def run_paper(cfg) -> Path:
     # known to be good: a mistyped datasets_root or checkpoint path leaves no half-made run (config.yaml)
     datasets = {name: D.load_test_set(name, c["datasets_root"]) for name in names}
     first = build(c, datasets[names[0]], device, int(c["seed"]))
-    rd = RunDir(out, c)
+    # the log frequency (verbose), like the progress bar, changes only what is shown: the same run
+    rd = RunDir(out, c, display_keys=(*DISPLAY_KEYS, "verbose"))
     results = [evaluate_dataset(c, name, out, device, datasets[name], first if i == 0 else None)
                for i, name in enumerate(names)]  # fmt: skip
     rd.drop_records()  # run again (e.g. after a kill): replace, not append twice

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from tttlab.core.errors import CheckpointError, ConfigError
-from tttlab.core.records import RunDir, check_run_dir, config_hash, drop_records, write_domain_summary
+from tttlab.core.records import RunDir, check_run_dir, config_hash, write_domain_summary
 
 from . import precision
 from . import train as T
@@ -63,28 +63,6 @@ PROFILES = {
 DEFAULT_NUM_EXAMPLES = {"smoke": 64, "quick": 200, "full": 500}
 KNOWN = {"method", "out_dir", "benchmark", "profile", "cache_dir", "seed", "device", "progress", "train_run",
          "train_overrides", "threads", "batch_size", "amp", "compile"}  # fmt: skip
-
-
-#: keys that change what is shown, not what is recorded: a rerun that differs only in them is the same
-#: run (it replaces the folder's records), not another config's
-DISPLAY_KEYS = ("progress",)
-
-
-def identity(c: dict[str, Any]) -> dict[str, Any]:
-    """The part of an evaluate config its records depend on (core's ``RunDir(identity=...)``)."""
-    return {k: v for k, v in c.items() if k not in DISPLAY_KEYS}
-
-
-def _previous_config(out_dir) -> dict[str, Any] | None:
-    """The folder's ``config.yaml`` before this run rewrites it (None: none, or unreadable)."""
-    from omegaconf import OmegaConf
-
-    path = Path(out_dir) / "config.yaml"
-    try:
-        old = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else None
-    except Exception:  # noqa: BLE001 - RunDir reports or replaces an unreadable config
-        return None
-    return old if isinstance(old, dict) else None
 
 
 def default_out_dir(method: str, profile: str) -> str:
@@ -222,7 +200,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
         training_config(c)  # a bad train_overrides entry: its own error now
     # another config's records there: refused now, not after the evaluation, but after the values are
     # checked (a bad value, e.g. benchmark.severities=[7], is reported as itself, not as a config change)
-    check_run_dir(c["out_dir"], c, identity=identity)
+    check_run_dir(c["out_dir"], c)
     if c.get("threads") and str(c["device"]) == "cpu":
         torch.set_num_threads(int(c["threads"]))
     run_dir = training_run(c)
@@ -257,11 +235,7 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
                 acc[1] += int(sel.sum())
                 acc[2] += secs * float(sel.sum()) / len(hit)
             bar.update(1)
-    previous = _previous_config(c["out_dir"])
-    rd = RunDir(c["out_dir"], c, other_config="error", identity=identity)
-    if previous is not None and config_hash(identity(previous)) == config_hash(identity(c)):
-        # the same run shown otherwise (progress=false before): its records are replaced as well
-        drop_records(rd.records_path, config_hash(previous))
+    rd = RunDir(c["out_dir"], c, other_config="error")
     defaults = dict(method=c["method"], package="pilimit", framework="torch", model=f"{tc['model']['kind']}_pinet_mlp",
                     dataset=bench.name, setting=c["benchmark"]["setting"], step=0, seed=int(c["seed"]))  # fmt: skip
     extra = {"train_run": str(run_dir), "adaptation": "none (prediction)", "rows": int(getattr(net, "M", 0))}
