@@ -519,3 +519,85 @@ def test_gradient_accumulation_by_hand(tmp_path, monkeypatch):
         for n, p in model.named_parameters():
             if p.requires_grad:
                 torch.testing.assert_close(s["grads"][n], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def _files(run_dir):
+    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_a_run_of_another_training_config_does_not_resume_the_folders_checkpoint(tmp_path, pretrained):
+    """pretrain/probe started again in a run directory with another training config: refused before anything
+    is written, naming the differing keys and the remedy.  Before, any checkpoints/last.ckpt was resumed: a
+    finished blr=1e-2 run rerun with blr=5e-2 said 'already finished' and wrote its checkpoint.pth (the old
+    weights) under the new config, and one with more epochs trained them on with the new lr."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    before = _files(run)
+    for change, needle in (
+        ({"blr": 5e-2}, r"blr: 0\.01 -> 0\.05"),
+        ({"lr": 1e-3}, r"lr: None -> 0\.001"),
+        ({"epochs": 3}, r"epochs: 2 -> 3"),
+        ({"model_overrides": {"depth": 1}}, r"model_overrides\.depth: '<absent>' -> 1"),
+        ({"amp": "bf16"}, r"amp: 'none' -> 'bf16'"),
+        ({"seed": 1, "logging": {"progress": True}}, r"\(seed: 0 -> 1\)"),  # display keys not named
+    ):
+        with pytest.raises(CheckpointError, match=needle) as err:
+            T.run(pre_cfg(run, **change), "pretrain")
+        assert "another training config" in str(err.value) and "use another out_dir" in str(err.value)
+        assert _files(run) == before  # config.yaml, records, stats and checkpoints as they were
+    probe = compose("probe", "smoke_probe", {"out_dir": str(run), "finetune": str(pretrained / T.FINAL),
+                                             "epochs": 2, "data": {"num_examples": 128}, "batch_size": 32,
+                                             "logging": {"progress": False}})  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"command: 'pretrain' -> 'probe'"):
+        T.run(probe, "probe")
+    assert _files(run) == before
+
+    # keys that leave the weights as they are (display keys, where it runs, how often it checkpoints) resume:
+    # killed in epoch 2, started again with them changed, it ends bitwise equal to the uninterrupted run
+    T.run(pre_cfg(tmp_path / "b"), "pretrain", stop_after_steps=6)
+    same = {"logging": {"progress": True, "level": "DEBUG"}, "device": "cpu", "num_threads": 1,
+            "save_ckpt_freq": 2, "experiment_name": "other"}  # fmt: skip
+    with pytest.warns(UserWarning, match="created with a different config"):  # config.yaml: the new one
+        resumed = T.run(pre_cfg(tmp_path / "b", **same), "pretrain")
+    a, b = sd(pretrained / T.FINAL), sd(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_probe_of_another_config_does_not_resume_the_folders_checkpoint(tmp_path, pretrained):
+    """The probe's own keys (smoothing, classifier_depth, the finetune path), the number of processes the
+    checkpoint was written by and the encoder in the finetune file are part of what it resumes."""
+    import shutil
+
+    pre = tmp_path / "pre.pth"
+    shutil.copy(pretrained / T.FINAL, pre)
+    c = _probe_cfg(tmp_path, pre, "probe", data={"num_examples": 32})
+    T.run(c, "probe")
+    before = _files(tmp_path / "probe")
+    for change, needle in (
+        ({"smoothing": 0.0}, r"smoothing: 0\.1 -> 0\.0"),
+        ({"classifier_depth": 2}, r"classifier_depth: 1 -> 2"),
+        ({"finetune": str(pretrained / T.FINAL)}, r"finetune: '.*pre\.pth' -> '.*checkpoint\.pth'"),
+    ):
+        with pytest.raises(CheckpointError, match=needle):
+            T.run({**c, **change}, "probe")
+        assert _files(tmp_path / "probe") == before
+    # the same finetune path holding another pretraining than the probe's frozen encoder
+    T.run(pre_cfg(tmp_path / "other", epochs=1, data={"num_examples": 32}), "pretrain")
+    shutil.copy(tmp_path / "other" / T.FINAL, pre)
+    with pytest.raises(CheckpointError, match=r"another encoder than finetune=.*pre\.pth holds now"):
+        T.run(c, "probe")
+    assert _files(tmp_path / "probe") == before
+    shutil.copy(pretrained / T.FINAL, pre)  # the file the probe started from again: resumes (done already)
+    head = sd(tmp_path / "probe" / T.FINAL)
+    out = T.run(c, "probe")  # (checkpoint.pth is written again: torch.save's bytes differ, its tensors not)
+    assert {k: v for k, v in _files(tmp_path / "probe").items() if k.name != T.FINAL} == {
+        k: v for k, v in before.items() if k.name != T.FINAL
+    }
+    assert all(torch.equal(v, sd(out)[k]) for k, v in head.items())
+    ck = torch.load(tmp_path / "probe" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ck["world_size"] == 1 and ck["kind"] == "probe"
+    T.atomic_save({**ck, "world_size": 2}, tmp_path / "probe" / "checkpoints" / "last.ckpt")
+    with pytest.raises(CheckpointError, match=r"processes: 2 -> 1"):
+        T.run(c, "probe")

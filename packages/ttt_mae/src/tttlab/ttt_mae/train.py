@@ -18,8 +18,9 @@ test split), ``checkpoints/last.ckpt`` (model, optimizer, epoch: written atomica
 layout: the pretraining file is a ``resume_model``, the probe file a ``resume_finetune``).  Random numbers
 (data order, views, masks) come from generators seeded by ``(seed, epoch, rank)``, so a run killed
 mid-epoch and started again in the same directory resumes from the last checkpoint and ends bitwise equal
-(CPU) to an uninterrupted one.  ``torchrun``: DistributedDataParallel, each rank a disjoint shard of
-each epoch's permutation (padded to equal length, as DistributedSampler).
+(CPU) to an uninterrupted one (the same training config only: see Resuming below).  ``torchrun``:
+DistributedDataParallel, each rank a disjoint shard of each epoch's permutation (padded to equal length, as
+DistributedSampler).
 
 Data come from ``tttlab.core.data``.  ImageNet, as upstream (torchvision ``ImageFolder``): each
 training view is a RandomResizedCrop of the whole decoded file (its scale range relative to the file's
@@ -44,8 +45,15 @@ AdamW state stay float32; no GradScaler, which bf16 does not need) and ``compile
 ``torch.compile`` in torch's default mode, or a mode's name, e.g. ``reduce-overhead``; of the training
 step's forward + loss, i.e. the model called through its DDP wrapper when there is one; backward runs
 through the compiled graph, the optimizer step stays eager; the probe's final clean-accuracy pass
-runs eager).  Both are config keys, so they enter the run's ``config_hash``; resuming a run directory with
-another value resumes from its checkpoint and warns that the config changed (core ``RunDir``).
+runs eager).  Both are config keys, so they enter the run's ``config_hash`` and its training identity
+(below): a run directory is not resumed with another value.
+
+Resuming: ``checkpoints/last.ckpt`` is resumed only by a run of the same command and training config
+(:func:`training_identity`: every key but :data:`RESUMABLE_KEYS`, i.e. the display keys, ``out_dir``,
+``device``, ``num_threads``, ``save_ckpt_freq``, ...) on as many processes, and a probe only while its
+``finetune`` file still holds the encoder it froze; otherwise a ``CheckpointError`` names the differing
+keys (or the changed file) before anything is written (use another ``out_dir``, or delete the folder to
+train there from the start).
 """
 
 from __future__ import annotations
@@ -60,11 +68,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tttlab.core.config import config_diff
 from tttlab.core.errors import CheckpointError, ConfigError, InvalidInputError
-from tttlab.core.records import RunDir, read_jsonl
+from tttlab.core.records import DISPLAY_KEYS, RunDir, read_jsonl, without_keys
 from tttlab.core.torch import autocast
 
-from .checkpoint import atomic_save, read_checkpoint, state_dict_of
+from .checkpoint import HEAD_PREFIXES, atomic_save, read_checkpoint, state_dict_of
 from .common import (
     CROP_SCALE,
     Dist,
@@ -263,12 +272,28 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
     # input_size was checked against the patch size by model_overrides (common.py)
     # the run directory only once the data, the checkpoint to probe and the model are known to be good: a
     # mistyped path leaves no half-made run behind
+    # a checkpoint of another training config is refused before RunDir rewrites config.yaml (it resumed,
+    # mixing two configs' epochs in one model and one folder)
+    ckpt_path = RunDir.checkpoint_path_in(out, "last")
+    ck = None
+    if ckpt_path.exists():
+        ck = read_checkpoint(ckpt_path, "resume checkpoint")  # tensors and plain containers only
+        check_resumable(ck, c, kind, dist.world_size, ckpt_path)
+        if kind == "probe":  # the same finetune path, but another file there (e.g. pretrained again)
+            frozen = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIXES)}
+            changed = [k for k, v in frozen.items()
+                       if k not in ck["model"] or not torch.equal(ck["model"][k].cpu(), v.cpu())]  # fmt: skip
+            if changed:
+                raise CheckpointError(
+                    f"{ckpt_path} was written by a probe of another encoder than finetune={c['finetune']} "
+                    f"holds now ({len(changed)} of its {len(frozen)} frozen tensors differ, e.g. {changed[0]}): "
+                    f"the file changed since; use another out_dir, or delete {out} to probe it from the start"
+                )
     rd = RunDir(out, c, rank=dist.rank if dist.world_size > 1 else None)
     opt, base_lr = make_optimizer(c, model, kind, dist.world_size)
     start_epoch, history = 0, []
     ckpt_path = rd.checkpoint_path("last")
-    if ckpt_path.exists():
-        ck = read_checkpoint(ckpt_path, "resume checkpoint")  # tensors and plain containers only
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start_epoch, history = int(ck["epoch"]) + 1, list(ck.get("history", []))
@@ -348,7 +373,8 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
                     w.write(metric="train_loss", value=entry["train_loss"], step=epoch, n=count,
                             wall_time_s=entry["seconds"])  # fmt: skip
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                         "history": history, "config": c}, ckpt_path)  # fmt: skip
+                         "history": history, "config": c, "kind": kind,
+                         "world_size": dist.world_size}, ckpt_path)  # fmt: skip
         dist.barrier()
     final = out / FINAL
     if dist.rank == 0:
@@ -366,6 +392,43 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
         atomic_save({"model": model.state_dict(), "epoch": epochs - 1, "config": c}, final)
     dist.barrier()
     return final
+
+
+#: config keys a pretrain/probe run may change and still resume its checkpoint: what it shows (core
+#: ``DISPLAY_KEYS``), where its folder is and its default name, where it runs (``device``, ``num_threads``),
+#: how often it checkpoints, how ``finetune`` is read, and the evaluate section it does not use.  Every other
+#: key (the model, lr / blr, epochs, data, seed, amp, compile, ...) changes the trained weights.
+RESUMABLE_KEYS = (*DISPLAY_KEYS, "out_dir", "experiment_name", "device", "num_threads", "save_ckpt_freq",
+                  "weights_only", "benchmark")  # fmt: skip
+
+
+def training_identity(c: dict[str, Any]) -> dict[str, Any]:
+    """What a pretrain/probe run's weights depend on: ``c`` without :data:`RESUMABLE_KEYS`."""
+    return without_keys(c, RESUMABLE_KEYS)
+
+
+def check_resumable(ck: Any, c: dict[str, Any], kind: str, world_size: int, path: Path) -> None:
+    """Raise :class:`~tttlab.core.errors.CheckpointError` unless the resume checkpoint ``ck`` (read from
+    ``path``) was written by a ``kind`` run of the same training config (:func:`training_identity`) and,
+    where it says, the same number of processes (they set the lr and the data shards)."""
+    old = ck.get("config") if isinstance(ck, dict) else None
+    if not isinstance(old, dict) or not all(k in ck for k in ("model", "optimizer", "epoch")):
+        raise CheckpointError(
+            f"{path}: not a tttlab-ttt-mae {kind} checkpoint (expected keys config, model, optimizer, "
+            f"epoch); use another out_dir, or delete {path.parent.parent} to train there from the start"
+        )
+    diff = config_diff(training_identity(old), training_identity(c))
+    if ck.get("kind", kind) != kind:
+        diff.insert(0, f"command: {ck['kind']!r} -> {kind!r}")
+    if ck.get("world_size", world_size) != world_size:
+        diff.append(f"processes: {ck['world_size']} -> {world_size}")
+    if diff:
+        shown = "; ".join(diff[:8]) + (f"; ... ({len(diff) - 8} more)" if len(diff) > 8 else "")
+        raise CheckpointError(
+            f"{path} was written by a run with another training config ({shown}); resuming it would mix "
+            f"the two configs in one model: use another out_dir, or delete {path.parent.parent} to train "
+            "this config there from the start"
+        )
 
 
 def _recorded(rd: RunDir, metric: str, step: int) -> bool:
