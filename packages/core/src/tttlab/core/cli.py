@@ -514,9 +514,12 @@ def check_compile_override(prog: str, argv: list[str] | None = None, key: str = 
         return
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from .errors import ConfigError
-    from .torch import compile_kwargs
+    from .errors import ConfigError, MissingDependencyError
 
+    try:
+        from .torch import compile_kwargs
+    except MissingDependencyError:  # no torch: the command itself says so when it needs it
+        return
     try:
         overrides = OverridesParser.create().parse_overrides(args)
     except Exception:  # noqa: BLE001 - Hydra reports its own syntax errors
