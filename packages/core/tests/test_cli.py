@@ -981,6 +981,11 @@ def sweep_package(tmp_path, monkeypatch):
      ["-m", "seed=0,1", "out_dir=runs/${hydra:job.num}"],
      ["-m", "seed=0,1", "out_dir=${hydra:sweep.dir}/${hydra:sweep.subdir}"],
      ["out_dir=runs/${hydra:job.name}"],  # a run's ${hydra:...} too ("HydraConfig was not set" before)
+     ["out_dir=runs/${hydra:runtime.choices.engine}"],
+     # Hydra's own keys keep Hydra's node (the plain ${hydra.job.name} is right there), an escaped one is text
+     ["hydra.run.dir=outputs/${hydra.job.name}"],
+     ["-m", "seed=0,1", "out_dir=runs/${seed}", "hydra.sweep.subdir=${hydra.job.num}"],
+     ["out_dir=runs/\\${hydra.job.num}"],
      # a sweep value of a group option in the --config-dir folder (engine='mine': no such engine config)
      ["-m", "-cd", "user_conf", "engine=tent,mine", "out_dir=runs/${engine.name}"],
      ["--config-dir=user_conf", "engine=mine"],
@@ -1005,6 +1010,37 @@ def test_valid_hydra_command_lines_pass_the_checks(sweep_package, capsys, argv):
     assert capsys.readouterr().err == ""
     assert HydraConfig.instance().cfg is before  # no state left for the next in-process command
     assert sorted(p.name for p in sweep_package.iterdir()) == ["fakepkg_sweep", "user_conf"]  # nothing made
+
+
+@pytest.mark.parametrize(
+    ("argv", "plain", "right"),
+    [(["out_dir='runs/x-${hydra.job.num}'"], "${hydra.job.num}", "${hydra:job.num}"),
+     (["-m", "seed=0,1", "out_dir=runs/x-${hydra.job.num}"], "${hydra.job.num}", "${hydra:job.num}"),
+     (["-m", "engine=tent,bn", "out_dir=runs/${hydra.runtime.choices.engine}"],
+      "${hydra.runtime.choices.engine}", "${hydra:runtime.choices.engine}"),
+     (["-cd", "user_conf", "+name=${hydra.job.name}"], "${hydra.job.name}", "${hydra:job.name}")],
+)  # fmt: skip
+def test_a_plain_interpolation_of_hydras_node_is_one_line(sweep_package, capsys, argv, plain, right):
+    """``out_dir='runs/x-${hydra.job.num}'`` (a run or a ``-m`` sweep) composes with Hydra's config, so the
+    checks passed it and Hydra made the run directory; the job's own config has no ``hydra`` node, so the job
+    then ended in OmegaConf's InterpolationKeyError traceback.  It is one line naming the override and
+    Hydra's resolver form now, before Hydra starts (nothing made)."""
+    from tttlab.core.cli import check_config_overrides
+
+    with pytest.raises(SystemExit) as exit_info:
+        check_config_overrides("prog", "fakepkg_sweep.conf", "run", argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"prog: error: ConfigError: {argv[-1]}: {plain} reads Hydra's node")
+    assert f"write {right} (Hydra's resolver)" in err and err.count("\n") == 1
+    assert sorted(p.name for p in sweep_package.iterdir()) == ["fakepkg_sweep", "user_conf"]  # nothing made
+    # the job's config indeed cannot resolve it (what Hydra hands the job: its config without the hydra node)
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationKeyError
+
+    job = OmegaConf.create({"out_dir": f"runs/{plain}"})
+    with pytest.raises(InterpolationKeyError):
+        _ = job.out_dir
 
 
 def test_a_sweep_into_one_folder_passes_when_asked_to_append(sweep_package, monkeypatch, capsys):

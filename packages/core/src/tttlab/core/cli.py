@@ -618,14 +618,16 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
     from .errors import ConfigError
 
     flags = _hydra_args(list(sys.argv[1:] if argv is None else argv))
-    if flags is None or flags.experimental_rerun is not None or flags.config_path or flags.config_dir:
-        return  # Hydra's parser refuses it (its usage), or another config than the package's: Hydra's business
-    if flags.shell_completion:
-        return
+    if flags is None or flags.experimental_rerun is not None or flags.shell_completion:
+        return  # Hydra's parser refuses it (its usage), or no job: Hydra's business
     # a page of Hydra's composes the config too (a bad override: Hydra's traceback under --help and --info,
     # its few-line report under --cfg), but makes no run directory
     page = bool(flags.help or flags.hydra_help or flags.cfg or flags.info)
     args, config_name = list(flags.overrides), flags.config_name or config_name
+    if not page:  # whichever config folder: the job's config has no hydra node
+        _check_no_hydra_node_interpolation(prog, args)
+    if flags.config_path or flags.config_dir:
+        return  # another config than the package's: Hydra's business
     # Hydra's mode is also an override (hydra.mode=MULTIRUN runs the sweep as -m does)
     multirun = flags.multirun or any(a.lstrip("+").replace(" ", "") == "hydra.mode=MULTIRUN" for a in args)
     import os
@@ -674,6 +676,34 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
                 return
     finally:
         GlobalHydra.instance().clear()
+
+
+def _check_no_hydra_node_interpolation(prog: str, args: list[str]) -> None:
+    """Stop the command when an override of the job's config interpolates Hydra's node plainly
+    (``out_dir='runs/x-${hydra.job.num}'``, ``${hydra.job.name}``, ``${hydra.runtime.choices.engine}``).
+    Composed with Hydra's config it resolves, so the run directory is made; but Hydra takes its ``hydra`` node
+    out of the config it hands the job, where the value then ends in OmegaConf's ``InterpolationKeyError``
+    traceback.  Hydra's values are read with its resolver, ``${hydra:job.num}``, which the message names.
+    Overrides of Hydra's own keys (``hydra.run.dir=${hydra.job.name}``) keep their node, and an escaped
+    ``\\${...}`` is no interpolation: both pass."""
+    import re
+
+    from .errors import ConfigError
+
+    for arg in args:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        key = key.strip()
+        if not sep or key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            continue
+        found = re.search(r"(?<!\\)\$\{\s*hydra\.([^${}]*)\}", value)
+        if found:
+            exc = ConfigError(
+                f"{arg}: {found.group(0)} reads Hydra's node, which the job's config does not have (Hydra "
+                f"removes it before the job runs); write ${{hydra:{found.group(1).strip()}}} (Hydra's resolver) "
+                "instead"
+            )
+            print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
+            raise SystemExit(2)
 
 
 #: At most this many jobs of a ``--multirun`` sweep are composed before Hydra starts (Hydra composes them all
