@@ -89,3 +89,36 @@ def test_ttt_output_into_a_closed_pipe_ends_quietly(tmp_path):
         "hydra.run.dir=" + str(tmp_path / "run"),
     )
     assert (res.returncode, res.stderr) == (141, ""), res.stderr[-2000:]
+
+
+def test_setup_logging_level_applies_under_hydra_handlers():
+    """``logging.level=WARNING`` silenced nothing: ``setup_logging`` used ``basicConfig``, a no-op once Hydra
+    has put its handler on the root logger; DEBUG now shows the package's debug lines."""
+    import io
+    import logging
+
+    from tttlab.ttt_mae.common import setup_logging
+
+    root, pkg = logging.getLogger(), logging.getLogger("tttlab")
+    saved = (root.level, root.handlers[:], pkg.level)
+    stream = io.StringIO()
+    for h in saved[1]:
+        root.removeHandler(h)
+    root.addHandler(logging.StreamHandler(stream))
+    root.setLevel(logging.INFO)
+    try:
+        log = logging.getLogger("tttlab.ttt_mae.train")
+        setup_logging("WARNING")
+        log.info("info line")
+        log.warning("warning line")
+        setup_logging("DEBUG")
+        log.debug("debug line")
+        assert stream.getvalue().splitlines() == ["warning line", "debug line"]
+        assert len(root.handlers) == 1
+    finally:
+        for h in root.handlers[:]:
+            root.removeHandler(h)
+        for h in saved[1]:
+            root.addHandler(h)
+        root.setLevel(saved[0])
+        pkg.setLevel(saved[2])

@@ -380,6 +380,33 @@ def hydra_pages_log_once(argv: list[str] | None = None) -> None:
             root.removeHandler(handler)
 
 
+def apply_log_level(cfg_or_level) -> None:
+    """Make a command's ``logging.level`` (a level name, or a config mapping holding ``logging.level``) take
+    effect, whoever configured the handlers: inside a Hydra task the root logger already has Hydra's job
+    handlers, so ``logging.basicConfig(level=...)`` did nothing and ``logging.level=WARNING`` still printed
+    INFO lines.  Sets the level of the root logger, never below INFO, and for ``DEBUG`` that of the ``tttlab``
+    logger (every package's loggers are below it): ``DEBUG`` shows tttlab's debug lines, not every library's.
+    Adds a handler only when the root has none (no line printed twice).  A missing or unknown name changes
+    nothing (:func:`tttlab.core.config.validate` names a bad value)."""
+    import logging
+
+    from .config import LOG_LEVELS
+
+    level = cfg_or_level
+    if level is not None and not isinstance(level, str):
+        node = level.get("logging")
+        level = node.get("level") if node is not None else None
+    if not isinstance(level, str) or level.upper() not in LOG_LEVELS:
+        return
+    value = logging.getLevelName(level.upper())
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    root.setLevel(max(value, logging.INFO))
+    # below INFO only tttlab's loggers go further; otherwise they follow the root (no level left behind)
+    logging.getLogger("tttlab").setLevel(value if value < logging.INFO else logging.NOTSET)
+
+
 def _tell_torchrun(line: str) -> None:
     """Write ``line`` to torchrun's per-worker error file when there is one (torch elastic's JSON form with a
     plain-string message, which its summary prints as the worker's traceback)."""

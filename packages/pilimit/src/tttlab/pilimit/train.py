@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from tttlab.core._io import atomic_path
-from tttlab.core.cli import check_hydra_command, user_errors
+from tttlab.core.cli import apply_log_level, check_hydra_command, user_errors
 from tttlab.core.config import RunConfig, config_diff, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError
 from tttlab.core.records import RunDir, config_hash, done_keys, load_records
@@ -876,6 +876,7 @@ def main() -> None:
     @hydra.main(config_path="conf", config_name="config", version_base=None)
     def _main(cfg) -> None:
         with user_errors("tttlab-pilimit-train"):
+            apply_log_level(cfg)  # under Hydra basicConfig is a no-op: logging.level set here
             print(run(cfg))
 
     check_hydra_command("tttlab-pilimit-train", "tttlab.pilimit.conf", "config")

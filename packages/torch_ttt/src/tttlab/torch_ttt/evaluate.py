@@ -1145,7 +1145,7 @@ def summary_lines(path: Path) -> list[str]:
 def main() -> None:
     import hydra
 
-    from tttlab.core.cli import check_hydra_command
+    from tttlab.core.cli import apply_log_level, check_hydra_command
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     register_configs()
@@ -1155,6 +1155,7 @@ def main() -> None:
         from hydra.core.hydra_config import HydraConfig
 
         with T.user_errors("tttlab-torch-ttt-evaluate"):
+            apply_log_level(cfg)  # under Hydra basicConfig is a no-op: logging.level set here
             # the composed cfg cannot tell engine.kwargs={} (merged: no change) from no override, nor an
             # engine setting given on the command line from the engine YAML's (experiment presets win over
             # the latter only)

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tttlab.core._io import atomic_path
-from tttlab.core.cli import check_hydra_command, user_errors
+from tttlab.core.cli import apply_log_level, check_hydra_command, user_errors
 from tttlab.core.config import DataConfig, RunConfig, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError, TTTLabError
 from tttlab.core.records import RunDir, config_hash, read_jsonl
@@ -864,6 +864,7 @@ def main() -> None:
         from hydra.core.hydra_config import HydraConfig
 
         with user_errors("tttlab-torch-ttt-train"):
+            apply_log_level(cfg)  # under Hydra basicConfig is a no-op: logging.level set here
             # the composed cfg cannot tell train.engine_kwargs={} (merged: no change) from no override, nor
             # the kwargs the command line set from the YAML's
             task = list(HydraConfig.get().overrides.task)

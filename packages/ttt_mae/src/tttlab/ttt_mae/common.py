@@ -262,6 +262,7 @@ def progress_bar(total: int | None, desc: str, enabled: bool):
 
 
 def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO), format="%(asctime)s %(name)s: %(message)s"
-    )
+    """``logging.level`` in effect also under Hydra (whose handlers made ``basicConfig`` a no-op)."""
+    from tttlab.core.cli import apply_log_level
+
+    apply_log_level(level)
