@@ -1071,3 +1071,21 @@ def test_a_sweep_into_one_folder_passes_when_asked_to_append(sweep_package, monk
             check(*(["prog", "fakepkg_sweep.conf"] if check is check_group_overrides else ["prog"]), args)
         assert exit_info.value.code == 2
         assert capsys.readouterr().err.startswith(f"prog: error: ConfigError: {message}")
+
+
+def test_a_check_before_hydra_goes_into_torchruns_error_file_too(tmp_path, monkeypatch, capsys):
+    """The checks that run before Hydra starts end with the same line as :func:`user_errors` (core
+    ``refuse``), also in torchrun's worker error file: they printed it on stderr only, so torchrun's
+    summary showed "To enable traceback see ..." for a command line refused before the task ran."""
+    import json
+
+    from tttlab.core.cli import check_hydra_flags
+
+    err_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(err_file))
+    with pytest.raises(SystemExit) as exc:
+        check_hydra_flags("tttlab-x", ["--cfg", "job", "-m"])
+    assert exc.value.code == 2
+    line = capsys.readouterr().err.rstrip("\n")
+    assert line.startswith("tttlab-x: error: ConfigError: ") and "\n" not in line
+    assert json.loads(err_file.read_text())["message"] == line

@@ -49,16 +49,23 @@ def user_errors(prog: str) -> Iterator[None]:
         raise SystemExit(CLOSED_STDOUT_STATUS) from None
     except TTTLabError as exc:
         _remove_hydra_only_run_dir()
-        line = f"{prog}: error: {type(exc).__name__}: {exc}"
-        print(line, file=sys.stderr)
-        _tell_torchrun(line)
-        raise SystemExit(2) from None
+        refuse(prog, exc)
     except KeyboardInterrupt:
         # Ctrl-C: one line and the shell's status 130, not a traceback through torch's kernels (the files a
         # run wrote are complete, writes being atomic; the READMEs say what running it again does)
         _remove_hydra_only_run_dir()
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def refuse(prog: str, exc: BaseException, prefix: str = ""):
+    """End the command ``prog`` with the one line every tttlab command prints for a user's mistake,
+    ``<prog>: error: <Type>: <prefix><message>`` on stderr (and in torchrun's worker error file), and exit
+    status 2: for the checks that run before Hydra starts, outside :func:`user_errors`."""
+    line = f"{prog}: error: {type(exc).__name__}: {prefix}{exc}"
+    print(line, file=sys.stderr)
+    _tell_torchrun(line)
+    raise SystemExit(2) from None
 
 
 #: Exit status of a command whose standard output was closed under it (``... --help | head -1``): 128 +
@@ -344,8 +351,7 @@ def check_hydra_flags(prog: str, argv: list[str] | None = None) -> None:
                 alone = " or ".join(f"{f} alone ({_mode_does(args, m)})" for f, m in zip(given, modes))
                 message = f"{' and '.join(given)} together: Hydra does one of them per command; give {alone}"
     if message:
-        print(f"{prog}: error: ConfigError: {ConfigError(message)}", file=sys.stderr)
-        raise SystemExit(2)
+        refuse(prog, ConfigError(message))
 
 
 def quiet_hydra_output(argv: list[str] | None = None) -> None:
@@ -489,6 +495,8 @@ def check_dir_overrides(prog: str, argv: list[str] | None = None, keys: tuple[st
     import os
     from pathlib import Path
 
+    from .errors import InvalidInputError
+
     _NEW_DIRS.clear()  # this command's paths only
     args = sys.argv[1:] if argv is None else argv
     runs = not _hydra_prints_only(args)  # --cfg job, --help, ...: Hydra makes no run directory
@@ -505,12 +513,10 @@ def check_dir_overrides(prog: str, argv: list[str] | None = None, keys: tuple[st
             else:
                 if not p.is_dir():
                     where = "is a file" if p == path else f"lies below the file {p}"
-                    print(
-                        f"{prog}: error: InvalidInputError: {key}={value}: the path {where}; expected a "
-                        "directory (or a path that does not exist yet)",
-                        file=sys.stderr,
-                    )
-                    raise SystemExit(2)
+                    refuse(prog, InvalidInputError(
+                        f"{key}={value}: the path {where}; expected a directory (or a path that does not "
+                        "exist yet)"
+                    ))  # fmt: skip
                 # a folder that cannot be made or written (no permission, a read-only file system) ended
                 # in a PermissionError / OSError traceback from Hydra's mkdir or its log file.  Asked of the
                 # folder that exists, without writing anything: torchrun's ranks check the same path at once
@@ -520,12 +526,12 @@ def check_dir_overrides(prog: str, argv: list[str] | None = None, keys: tuple[st
                         f", so {top_missing} cannot be made" if top_missing else ""
                     )
                 if problem:
-                    print(
-                        f"{prog}: error: InvalidInputError: {key}={value}: {problem}; expected a directory "
-                        "this command can write",
-                        file=sys.stderr,
+                    refuse(
+                        prog,
+                        InvalidInputError(
+                            f"{key}={value}: {problem}; expected a directory this command can write"
+                        ),
                     )
-                    raise SystemExit(2)
                 break
 
 
@@ -563,8 +569,7 @@ def check_compile_override(prog: str, argv: list[str] | None = None, key: str = 
             for value in values:
                 compile_kwargs(value, key)
         except ConfigError as exc:
-            print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
+            refuse(prog, exc)
 
 
 def check_group_overrides(prog: str, conf: str, argv: list[str] | None = None) -> None:
@@ -623,8 +628,7 @@ def check_group_overrides(prog: str, conf: str, argv: list[str] | None = None) -
         exc = ConfigError(
             f"{key}={value!r}: no such {key} config{hint}; expected one of {', '.join(choices)}"
         )
-        print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
-        raise SystemExit(2)
+        refuse(prog, exc)
 
 
 def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[str] | None = None) -> None:
@@ -697,8 +701,7 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
                 exc = ConfigError(
                     sweep + (other or first + (f" ({why})" if why and why not in first else "") + hint)
                 )
-                print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
-                raise SystemExit(2) from None
+                refuse(prog, exc)
             except Exception:  # noqa: BLE001 - not a config error this check knows: Hydra reports it itself
                 return
     finally:
@@ -729,8 +732,7 @@ def _check_no_hydra_node_interpolation(prog: str, args: list[str]) -> None:
                 f"removes it before the job runs); write ${{hydra:{found.group(1).strip()}}} (Hydra's resolver) "
                 "instead"
             )
-            print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
-            raise SystemExit(2)
+            refuse(prog, exc)
 
 
 #: At most this many jobs of a ``--multirun`` sweep are composed before Hydra starts (Hydra composes them all
@@ -833,8 +835,7 @@ def _check_run_dir_resolves(prog: str, cfg, sweep: str = "", job_num: int | None
     finally:
         hydra_config.cfg = before
     if exc is not None:
-        print(f"{prog}: error: {type(exc).__name__}: {sweep}{exc}", file=sys.stderr)
-        raise SystemExit(2)
+        refuse(prog, exc, sweep)
     own = any(not k.startswith("hydra.") for k in keys)  # not Hydra's outputs/<date>/<time>: the job's folder
     return None if resolved is None or not own else str(resolved)
 
@@ -861,8 +862,7 @@ def _shared_run_dir(prog: str, where: str, first: list[str], job: list[str], cfg
         f"directory): the later would resume from, overwrite or be refused by the earlier's run; give each job its own "
         f"{key}{example}"
     )
-    print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
-    raise SystemExit(2)
+    refuse(prog, exc)
 
 
 def _closest_key(message: str, args: list[str], compose) -> str:
@@ -981,6 +981,7 @@ __all__ = [
     "hydra_pages_log_once",
     "quiet_closed_stdout",
     "quiet_hydra_output",
+    "refuse",
     "user_errors",
 ]
 

@@ -459,13 +459,13 @@ def check_train_options(prog: str, argv: list[str] | None = None) -> None:
                 example = f"{compose_train([f'experiment={value.strip()}'])['out_dir']} after tttlab-mttt-train {arg.lstrip('+')}"
             except Exception:  # noqa: BLE001 - no such experiment: the generic example
                 pass
-        exc = ConfigError(
+        from tttlab.core.cli import refuse
+
+        refuse(prog, ConfigError(
             f"{arg}: evaluate takes no {top} (a tttlab-mttt-train option); it evaluates a trained run: "
             f"run_dir=<the run's folder, {example}>, or +method=mttt_jax.<mixer> [+profile={'|'.join(PROFILES)}] "
             f"to train one (cached); its keys: {', '.join(sorted(EVALUATE_KEYS))}"
-        )
-        print(f"{prog}: error: ConfigError: {exc}", file=sys.stderr)
-        raise SystemExit(2)
+        ))  # fmt: skip
 
 
 def _chain(first, rest):
