@@ -1000,6 +1000,149 @@ def test_it3_notebook_training_updates_the_statistics_before_the_features_once(l
         assert got[f"{bn}.num_batches_tracked"].item() == (1 if bn in once else 2), bn
 
 
+class _FailingBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm layer that raises right after its ``fail_on``-th call's computation (its running
+    statistics already updated), as a forward that breaks part-way through."""
+
+    def __init__(self, channels: int, fail_on: int | None = None):
+        super().__init__(channels, momentum=None)
+        self.fail_on, self.calls = fail_on, 0
+
+    def forward(self, x):
+        out = super().forward(x)
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise RuntimeError("boom in the second pass")
+        return out
+
+
+def _norm_buffers(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: b for n, b in net.named_buffers()}
+
+
+@pytest.mark.parametrize("where", ["inside_a_norm_before_the_features", "in_the_features_layers_injection"])
+def test_it3_notebook_second_pass_that_raises_gives_every_buffer_back(where):
+    """The notebook scheme's second pass swaps copies into the BatchNorm layers that run before the
+    features layer's output is out and gives the layers their own tensors back after each call.  A
+    second pass that raises part-way - inside such a layer (after it updated the copies) or in the
+    features layer's injection, the features layer itself a BatchNorm whose copies were just updated -
+    leaves every layer with its own buffer tensors (the same objects as before the call), holding the
+    values of the first pass alone (the hand computation on a copy of the model, bit for bit), and no
+    hook behind: the next training call is again the notebooks' computation."""
+    net = _bn_chain().train()
+    if where == "inside_a_norm_before_the_features":
+        net[1] = _FailingBatchNorm(2)
+        layer, combine = "4.0", None
+    else:
+        layer, calls = "7", []
+
+        def combine(features, embedding):  # the first pass's injection works, the second's raises
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("boom in the second pass")
+            return features + embedding
+
+    ref = copy.deepcopy(net)
+    x, x2 = images(6, seed=1), images(6, seed=2)
+    labels = torch.arange(6) % 5
+    target = F.one_hot(labels, 5).float()
+    engine = IT3Engine(net, layer, combine_fn=combine, feedback="softmax", training="notebook",
+                       truth_probability=1.0, example_input=x[:2]).train()  # fmt: skip
+    if where == "inside_a_norm_before_the_features":
+        net[1].calls, net[1].fail_on = 0, 2  # called once per pass: its second call is the second pass's
+    own = _norm_buffers(net)
+    with pytest.raises(RuntimeError, match="boom in the second pass"):
+        engine(x, target=target)
+    if where == "inside_a_norm_before_the_features":
+        net[1].fail_on = None
+    after = _norm_buffers(net)
+    assert after.keys() == own.keys() and len(own) == 9
+    assert all(after[n] is own[n] for n in own), "a copy was left in place of a layer's own buffer"
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in net.modules()), "a hook was left behind"
+
+    def first_pass(model, inp, signal):  # f(x, signal): the embedding added to the features layer's output
+        handle = model.get_submodule(layer).register_forward_hook(
+            lambda module, args, out: out + engine.embeder(signal)
+        )
+        try:
+            return model(inp)
+        finally:
+            handle.remove()
+
+    with torch.no_grad():
+        first_pass(ref, x, target)  # the first pass alone: every BatchNorm layer updated once
+    want = _norm_buffers(ref)
+    for name in own:
+        assert torch.equal(after[name], want[name]), name
+    # the next call is a whole notebook step again: f1 once, f2 on both signals (by hand on the copy)
+    engine(x2, target=target)
+    with torch.no_grad():
+        feats = FeatureHook(ref.get_submodule(layer))
+        with feats:
+            y1 = first_pass(ref, x2, target)
+        h = feats.output
+        tail = ref[5:] if layer == "4.0" else ref[8:]
+        pre = [ref[4][1]] if layer == "4.0" else []
+        z = h + engine.embeder(y1.softmax(1))
+        for m in pre:
+            z = m(z)
+        tail(z)
+    got, want = _norm_buffers(net), _norm_buffers(ref)
+    for name in own:
+        assert torch.equal(got[name], want[name]), name
+
+
+class _SharedNormNet(nn.Module):
+    """One BatchNorm module called twice, before and after the features layer ``feat``:
+    conv -> flatten -> lin -> norm -> relu -> feat -> norm -> relu -> out."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1, stride=2)
+        self.lin = nn.Linear(72, 8)
+        self.norm = nn.BatchNorm1d(8)  # momentum 0.1: the order of the updates shows in the running values
+        self.feat = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 5)
+
+    def f1(self, x):  # the layers up to the features layer's output
+        return self.feat(F.relu(self.norm(self.lin(self.conv(x).flatten(1)))))
+
+    def f2(self, z):  # the layers after it
+        return self.out(F.relu(self.norm(z)))
+
+    def forward(self, x):
+        return self.f2(self.f1(x))
+
+
+def test_it3_notebook_training_keeps_a_shared_norms_later_call_of_the_second_pass_only():
+    """A BatchNorm module used before and after the features layer: the notebooks compute ``f1(x)`` once
+    and ``f2`` on both signals, so the shared layer's running statistics take three updates per batch,
+    in that order - ``f1``'s call, ``f2`` of the first pass, ``f2`` of the second - and not the second
+    pass's ``f1`` call, which the engine runs again only to reach the features layer.  The buffers equal
+    that hand computation's on a copy bit for bit (``num_batches_tracked`` 3, not 4; with momentum 0.1
+    the running values depend on which batches were counted and in which order), and so do the outputs
+    and the loss."""
+    torch.manual_seed(0)
+    net = _SharedNormNet().train()
+    ref = copy.deepcopy(net)
+    x = images(6, seed=1)
+    labels = torch.arange(6) % 5
+    target = F.one_hot(labels, 5).float()
+    engine = IT3Engine(net, "feat", feedback="softmax", training="notebook", truth_probability=1.0,
+                       example_input=x[:2]).train()  # fmt: skip
+    y1, second = engine(x, target=target)
+    h = ref.f1(x)
+    want_y1 = ref.f2(h + engine.embeder(target))
+    want_y2 = ref.f2(h + engine.embeder(want_y1.softmax(1)))
+    torch.testing.assert_close(y1, want_y1)
+    torch.testing.assert_close(second, F.cross_entropy(want_y2, labels))
+    got, want = _norm_buffers(net), _norm_buffers(ref)
+    assert got.keys() == want.keys() == {"norm.running_mean", "norm.running_var", "norm.num_batches_tracked"}
+    for name in got:
+        assert torch.equal(got[name], want[name]), name
+    assert got["norm.num_batches_tracked"].item() == 3
+
+
 def test_it3_defaults_are_torch_ttts_scheme_bit_for_bit_and_draw_nothing():
     """The new arguments at their defaults change nothing: the same losses, outputs and adapted weights as
     the engine built without them, bit for bit, and torch's global generator is not touched."""

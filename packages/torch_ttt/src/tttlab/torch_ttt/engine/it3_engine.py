@@ -225,8 +225,10 @@ def _running_statistics_kept_until(model: nn.Module, layer: nn.Module):
     ``layer``'s output is out (those before ``layer``, ``layer`` itself and the layers inside it) as they
     were: each such call updates fresh copies of its buffers, and the layer gets its own tensors back when
     the call returns (the copies, which autograd may hold, are dropped).  The layers after ``layer`` update
-    theirs as usual.  Only layers that update statistics (train mode, ``track_running_stats``) are
-    touched."""
+    theirs as usual; a module called both before and after it keeps only its later calls' updates (the
+    notebooks run ``f1`` once and ``f2`` on both passes).  A forward that raises part-way still gives every
+    layer its own tensors back.  Only layers that update statistics (train mode, ``track_running_stats``)
+    are touched."""
     done = [False]
     kept: dict[nn.Module, dict[str, torch.Tensor]] = {}
 
