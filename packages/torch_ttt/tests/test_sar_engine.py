@@ -254,6 +254,49 @@ def test_recovery_resets_exactly_to_the_initial_state_when_the_average_drops_und
     assert engine.ema == pytest.approx(ema1)
 
 
+def test_recovery_returns_the_optimizer_to_its_state_at_construction(monkeypatch):
+    """The official ``SAR`` saves the model's and the optimizer's ``state_dict`` at construction and a
+    recovery loads both back.  Here, after a recovery: the optimizer's ``state_dict`` equals the one it had
+    when it was built (no momentum buffer, the same hyper-parameters), the weights equal the saved ones bit
+    for bit, and the next step is a fresh optimizer's first step: ``theta0 - lr * g'``, no ``0.9 * buf``
+    term (the official code's SAM wrapper restores only its own state, so there the SGD momentum survives
+    a recovery: see the module docstring).  The same optimizer object is kept."""
+    from tttlab.torch_ttt.engine import base_engine
+
+    built = []
+    real = base_engine.build_optimizer
+
+    def recording(params, settings):
+        opt = real(params, settings)
+        built.append((opt, copy.deepcopy(opt.state_dict())))
+        return opt
+
+    monkeypatch.setattr(base_engine, "build_optimizer", recording)
+    x = x_batch()
+    probe = get_engine("sar")(bn_model(), {"lr": 0.5, "reset": "never"}, e_margin=10.0, reset_constant=None)
+    probe.eval()(x)
+    ema1 = probe.ema
+    probe(x)
+    constant = (ema1 + probe.ema) / 2  # the second step's average falls under it, the first's does not
+    model = bn_model()
+    initial = state(model)
+    engine = get_engine("sar")(model, {"lr": 0.5, "reset": "never"}, e_margin=10.0, reset_constant=constant)
+    built.clear()
+    engine.eval()(x)
+    [(optimizer, at_construction)] = built
+    assert at_construction["state"] == {} and engine.optimizer is optimizer
+    assert optimizer.state_dict()["state"], "the first step left momentum buffers"
+    engine(x)
+    assert engine.num_recoveries == 1 and engine.optimizer is optimizer and len(built) == 1
+    after = optimizer.state_dict()
+    assert after["state"] == {} and after["param_groups"] == at_construction["param_groups"]
+    assert same(state(model), initial), "the weights are not the saved ones bit for bit"
+    twin, _ = hand_sar(model, x, 10.0, rho=0.05, lr=0.5, steps=1)  # one step from theta0, no momentum yet
+    engine(x)
+    assert engine.num_recoveries == 1
+    assert_params_close(model, twin)
+
+
 def test_no_recovery_while_the_average_stays_above_the_constant():
     model = bn_model()
     initial = state(model)

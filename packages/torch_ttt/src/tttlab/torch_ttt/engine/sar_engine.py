@@ -59,8 +59,9 @@ Deliberate differences from the official code, and why:
   optimizer's ``state_dict`` once, at construction (before any step), and a recovery loads both back; but
   SAM's ``load_state_dict`` restores only the SAM wrapper's own state (its ``old_p`` copies) and re-links
   the param groups, while the momentum buffers live in the wrapped SGD's ``state``, which it leaves alone:
-  upstream's momentum survives a recovery (checked on a copy of that mechanism), so its first step after a
-  recovery also moves by ``lr * 0.9 * buf``.  The stated intent is a return to the saved model and
+  upstream's momentum survives a recovery (checked on a copy of that mechanism, and again on 2026-12-02 by
+  running the official ``sar.py``/``sam.py``), so its first step after a recovery also moves by
+  ``lr * 0.9 * buf``.  The stated intent is a return to the saved model and
   optimizer, which is what this engine does (the next step equals the first step from the source);
   either way the prediction right after a recovery is the source weights with the test batch's
   statistics (``bn``'s prediction; ``tests/test_photos_mobilenet.py``);
