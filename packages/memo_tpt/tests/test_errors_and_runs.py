@@ -280,6 +280,13 @@ def test_tpt_run_on_imagenet_a_fixture_uses_200_classes(tmp_path, monkeypatch):
     assert list(acc.dataset) == ["imagenet_a"] and int(acc.n.iloc[0]) == 3
     assert 0 <= float(acc.value.iloc[0]) <= 1
     assert df.step.tolist() == [1, 1], "TPT's tts=1: one prompt-tuning step per image"
+    assert all("align_steps" not in e for e in df.extra)
+    # seed 002's visual alignment is counted apart: step stays the prompt-tuning steps (the paper's
+    # tta_steps), extra.align_steps the alignment's (step was align_steps + tts, here 3, read as 3 TPT steps)
+    aligned = _hydra_cfg("tpt", ["augs=4", f"datasets_root={tmp_path / 'data'}", "data_to_test=a", "progress=false",
+                                 "verbose=0", f"out_dir={tmp_path / 'aligned'}", "align_steps=2", "num_images=1"])  # fmt: skip
+    df = load_records(run_paper(aligned))
+    assert df.step.tolist() == [1, 1] and [e["align_steps"] for e in df.extra] == [2, 2]
 
 
 @pytest.mark.parametrize(

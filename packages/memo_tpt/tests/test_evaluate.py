@@ -303,3 +303,24 @@ def test_a_bad_value_is_reported_before_another_configs_folder(cache, tmp_path, 
             Memo(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), top_k=bad)
     with pytest.raises(ConfigError, match="selection=0"):
         TPT(nn.Linear(2, 2), ["a", "b"], selection=0)
+
+
+def test_tpt_records_count_the_prompt_steps_and_the_alignment_apart(tmp_path, monkeypatch):
+    """The records' ``step`` of TPT is its prompt-tuning steps ``tpt.tts`` (the paper's ``tta_steps``);
+    seed 002's visual alignment steps go to ``extra.align_steps`` (``step`` was ``align_steps + tts``: 3
+    here, read as three TPT steps).  Zero-shot CLIP predicts the batch as it is: no alignment runs, so none
+    is recorded (it recorded ``step`` = ``align_steps`` before).  An untrained tiny CLIP: only the records
+    are checked."""
+    from tttlab.memo_tpt import tiny_clip as T
+    from tttlab.memo_tpt.models import build_clip
+
+    def untrained(profile, cache_dir, seed, progress, *a, **kw):
+        return build_clip("tiny-mnist", config=T.clip_config(T.PROFILES[profile])), Path("untrained.pt")
+
+    monkeypatch.setattr(T, "load_or_train_clip", untrained)
+    bench = {"corruptions": ["fog"], "num_examples": 2}
+    for method, step, extra in (("memo_tpt.tpt", 1, {"align_steps": 2}), ("memo_tpt.clip_zeroshot", 0, {})):
+        df = load_records(run(method=method, profile="smoke", out_dir=str(tmp_path / method), benchmark=bench,
+                              tpt={"align_steps": 2}, progress=False))  # fmt: skip
+        assert df.step.tolist() == [step] * len(df), method
+        assert all(e.get("align_steps") == extra.get("align_steps") for e in df.extra), method

@@ -610,33 +610,39 @@ def test_a_prior_strength_below_one_warns_that_it_is_n_not_p():
 # ---------------------------------------------------------------- records' step
 def test_adaptation_steps_are_the_optimizer_steps_one_image_takes(tiny_clip, bn_net, image, monkeypatch):
     """``adaptation_steps`` (the records' ``step`` of the evaluate and paper commands) counts the optimizer
-    steps an image gets: MEMO ``steps``; TPT ``align_steps + tts``, 0 for zero-shot CLIP (``tts=0``) and the
-    view-ensemble; the ensemble's ``steps`` (every member stepped once each), 0 for the simple ensemble."""
+    steps an image gets: MEMO ``steps``; TPT its prompt-tuning steps ``tts`` (the paper's ``tta_steps``), 0
+    for zero-shot CLIP (``tts=0``) and the view-ensemble; the ensemble's ``steps`` (every member stepped
+    once each), 0 for the simple ensemble.  Seed 002's visual alignment steps are TPT's
+    ``alignment_steps``, counted apart (another optimizer on the visual encoder): they were added into
+    ``step`` before (``align_steps=1, tts=2`` recorded 3 steps, read as three TPT steps)."""
     calls = []
     for cls in (torch.optim.SGD, torch.optim.AdamW, torch.optim.Adam):
         step = cls.step
         monkeypatch.setattr(
-            cls, "step", lambda self, *a, _step=step, **kw: (calls.append(1), _step(self, *a, **kw))[1]
+            cls, "step", lambda self, *a, _step=step, **kw: (calls.append(self), _step(self, *a, **kw))[1]
         )
 
     def tpt(**kw):
         return TPT(tiny_clip, NAMES, n_views=4, seed=0, **kw)
 
     memo, prompt = make_memo(bn_net, n_augmentations=2, steps=2), tpt()
-    adapters = [
-        (make_memo(bn_net, n_augmentations=2, steps=0), 0),
-        (memo, 2),
-        (prompt, 1),
-        (tpt(tts=0), 0),
-        (tpt(tts=2, align_steps=1), 3),
-        (tpt(ensemble=True), 0),
-        (Ensemble([memo, prompt], steps=2), 2 * 2),  # 2 steps x 2 members (the members' own steps unused)
-        (Ensemble([memo, prompt], simple=True), 0),
+    adapters = [  # (adapter, prompt / model steps, alignment steps)
+        (make_memo(bn_net, n_augmentations=2, steps=0), 0, 0),
+        (memo, 2, 0),
+        (prompt, 1, 0),
+        (tpt(tts=0), 0, 0),
+        (tpt(tts=2, align_steps=1), 2, 1),
+        (tpt(tts=0, align_steps=2), 0, 2),  # alignment, then the base prompt's prediction
+        (tpt(ensemble=True, align_steps=1), 0, 0),  # the view-ensemble neither tunes nor aligns
+        (Ensemble([memo, prompt], steps=2), 2 * 2, 0),  # 2 steps x 2 members (the members' own steps unused)
+        (Ensemble([memo, prompt], simple=True), 0, 0),
     ]
-    for adapter, optimizer_steps in adapters:
+    for adapter, optimizer_steps, align_steps in adapters:
         calls.clear()
         adapter(image)
-        assert len(calls) == optimizer_steps, adapter
+        own = [o for o in calls if o is getattr(adapter, "optimizer", o)]  # TPT: the prompt's optimizer
+        assert (len(own), len(calls) - len(own)) == (optimizer_steps, align_steps), adapter
         assert adapter.adaptation_steps == optimizer_steps // (
             len(adapter.members) if isinstance(adapter, Ensemble) else 1
         )
+        assert getattr(adapter, "alignment_steps", 0) == align_steps

@@ -15,9 +15,10 @@ setting (the methods are episodic by definition); records carry ``extra.reset = 
 
 Records (core schema): per domain ``accuracy`` (``n``, ``wall_time_s`` = adaptation + prediction) and
 ``s_per_image``, then ``accuracy`` with ``corruption="mean"``; ``step`` is the adaptation steps per image
-(``adaptation_steps`` of the method: TPT ``tpt.align_steps + tpt.tts``, MEMO ``memo.steps``, 0 for
-``clip_zeroshot`` and the view-ensemble ``tpt_ensemble``), as torch_ttt's records carry their engine's
-steps.  MEMO records also carry the unadapted model's accuracy on the same images
+(``adaptation_steps`` of the method: TPT ``tpt.tts``, the paper's prompt-tuning ``tta_steps``, MEMO
+``memo.steps``, 0 for ``clip_zeroshot`` and the view-ensemble ``tpt_ensemble``), as torch_ttt's records
+carry their engine's steps; seed 002's visual alignment steps (``tpt.align_steps > 0``) go to
+``extra.align_steps``, not into ``step``.  MEMO records also carry the unadapted model's accuracy on the same images
 (``extra.source_accuracy``, under the same ``amp``).
 
 ``amp`` (``auto`` | ``none`` | ``bf16`` | ``fp16``) and ``compile`` (:mod:`tttlab.memo_tpt.precision`) apply
@@ -195,7 +196,9 @@ def build_method(c: dict[str, Any], device: torch.device):
         model.to(device), list(T.DIGIT_WORDS), base_prompt=t["base_prompt"], n_views=int(t["n_views"]),
         selection=t["selection"], tts=0 if method == "memo_tpt.clip_zeroshot" else int(t["tts"]), lr=t["lr"],
         class_specific_context=bool(t["class_specific_context"]), augmix=t["augmix"],
-        ensemble=method == "memo_tpt.tpt_ensemble", align_steps=int(t["align_steps"]), mean=T.MNIST_MEAN,
+        ensemble=method == "memo_tpt.tpt_ensemble", mean=T.MNIST_MEAN,
+        # zero-shot CLIP predicts the batch as it is (TPT.zero_shot): no alignment runs, none is counted
+        align_steps=0 if method == "memo_tpt.clip_zeroshot" else int(t["align_steps"]),
         std=T.MNIST_STD, flip=bool(t["flip"]), scale=tuple(t["scale"]), seed=seed, amp=c["amp"],
         compile=c["compile"],
     )  # fmt: skip
@@ -261,6 +264,8 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     # only now: a bad benchmark or model leaves no half-made run behind
     rd = RunDir(Path(c["out_dir"]), c, other_config="error")
     extra = {"reset": "per_image", "profile": c["profile"]}
+    if getattr(adapt, "alignment_steps", 0):  # seed 002's visual alignment: not in step (the prompt steps)
+        extra["align_steps"] = int(adapt.alignment_steps)
     rd.drop_records()  # run again (e.g. after a kill): replace, not append twice
     with rd.writer(method=c["method"], package="memo_tpt", framework="torch", model=model_name, dataset=b["name"],
                    setting=b["setting"], step=adapt.adaptation_steps, seed=int(c["seed"])) as w:  # fmt: skip

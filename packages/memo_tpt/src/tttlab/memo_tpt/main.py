@@ -14,8 +14,9 @@ mnist_c), ``num_images`` (seed 002's ``test_stop``: the first ``num_images`` of 
 (``auto`` | ``none`` | ``bf16`` | ``fp16``) and ``compile`` (:mod:`tttlab.memo_tpt.precision`; an ensemble
 member may set its own; with ``data_to_test=mnist_c`` both go to the proxy's evaluate).  Results go to
 ``out_dir/records.jsonl`` (core schema: per dataset ``accuracy`` and ``s_per_image``, ``step`` = the adaptation
-steps per image: TPT ``align_steps + tts`` (0 with ``ensemble=true``), MEMO ``steps``, the ensemble ``niter``
-(0 with ``simple_ensemble``)); ``out_dir`` defaults to
+steps per image: TPT ``tts``, the paper's prompt-tuning ``tta_steps`` (0 with ``ensemble=true``), MEMO
+``steps``, the ensemble ``niter`` (0 with ``simple_ensemble``); seed 002's ``align_steps``, when > 0, in
+``extra.align_steps``, not in ``step``); ``out_dir`` defaults to
 ``runs/memo_tpt/<method>/<arch>-<data_to_test>-<config hash>``, one folder per config
 (:mod:`tttlab.memo_tpt.run_dirs`).  A killed run resumes
 from ``out_dir/checkpoints/progress-<dataset>.json`` (written every ``save_every`` images, atomically) with the
@@ -259,7 +260,8 @@ def evaluate_dataset(
                 atomic_write_json(progress_file, state)  # fsync + rename: trusted by a resume
     # the adaptation steps per image, for the records' step (not in state: the progress file stays as it was)
     steps = getattr(adapter, "adaptation_steps", None)
-    return {"dataset": name, "model": model_name, "n": n, "steps": steps, **state}
+    align = int(getattr(adapter, "alignment_steps", 0))  # seed 002's visual alignment, not in step
+    return {"dataset": name, "model": model_name, "n": n, "steps": steps, "align_steps": align, **state}
 
 
 def run_paper(cfg) -> Path:
@@ -343,8 +345,11 @@ def run_paper(cfg) -> Path:
                    seed=int(c["seed"])) as w:  # fmt: skip
         for r in results:
             n = max(r["n"], 1)
+            extra = {"correct": r["correct"], "reset": "per_image"}
+            if r["align_steps"]:
+                extra["align_steps"] = r["align_steps"]
             fields = dict(model=r["model"], dataset=r["dataset"], n=r["n"], wall_time_s=r["seconds"], step=r["steps"],
-                          extra={"correct": r["correct"], "reset": "per_image"})  # fmt: skip
+                          extra=extra)  # fmt: skip
             w.write(metric="accuracy", value=r["correct"] / n, **fields)
             w.write(metric="s_per_image", value=r["seconds"] / n, **fields)
             print(

@@ -518,9 +518,17 @@ class TPT:
 
     @property
     def adaptation_steps(self) -> int:
-        """Optimizer steps per image, as records' ``step``: ``align_steps`` + ``tts``; 0 in view-ensemble mode
-        (no tuning) and for zero-shot CLIP (``tts=0``, no alignment)."""
-        return 0 if self.ensemble else self.align_steps + self.tts
+        """Prompt-tuning steps per image, as records' ``step``: ``tts``, the paper's ``tta_steps`` (upstream
+        prints it as ``nstep``); 0 in view-ensemble mode (no tuning) and for zero-shot CLIP (``tts=0``).
+        Seed 002's visual alignment steps are not counted here (another optimizer, on other parameters):
+        :attr:`alignment_steps`, the records' ``extra.align_steps``."""
+        return 0 if self.ensemble else self.tts
+
+    @property
+    def alignment_steps(self) -> int:
+        """Seed 002's visual-encoder alignment steps per image before the prompt tuning: ``align_steps``; 0
+        in view-ensemble mode (not used there)."""
+        return 0 if self.ensemble else self.align_steps
 
     def parameters(self):
         return [self.prompts.ctx]
