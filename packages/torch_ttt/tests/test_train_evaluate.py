@@ -1200,20 +1200,39 @@ def test_it3_distance_enters_the_cache_key_only_where_training_uses_it(monkeypat
     assert E.training_run(c, _OneRank()).name == names["notebook", None]
 
 
-def test_a_train_run_trained_with_other_it3_kwargs_only_warns(tmp_path, caplog):
-    """A ``train_run`` whose IT3 head was trained with ``feedback="output"`` (torch-ttt's default, no kwargs
-    recorded), evaluated with ``conf/engine/ittt.yaml``'s ``feedback: softmax``: a warning naming both, then
-    the evaluation's kwargs win.  Evaluated with the default it was trained with, spelled out, no
-    warning (the check used to compare against the recorded kwargs only and warned then too)."""
-    out = tmp_path / "ittt"
+#: what load_engine's warning about a head trained with other engine kwargs says
+OTHER_KWARGS = "the given engine.kwargs win over those its head was trained with"
+
+
+def evaluate_warnings(caplog) -> list[str]:
+    """The warnings ``tttlab.torch_ttt.evaluate`` logged (whatever their wording)."""
+    return [
+        r.getMessage() for r in caplog.records if r.name == "tttlab.torch_ttt.evaluate" and r.levelno >= 30
+    ]
+
+
+@pytest.fixture(scope="module")
+def ittt_run(tmp_path_factory) -> Path:
+    """A smoke IT3 run (``tutorial_net``, torch-ttt's scheme, no engine kwargs recorded)."""
+    out = tmp_path_factory.mktemp("runs") / "ittt"
     T.run(smoke_config(out, "train.engine=ittt", "eval.enabled=false", "data.num_examples=64"))
+    return out
+
+
+def test_a_train_run_trained_with_other_it3_kwargs_only_warns(ittt_run, tmp_path, caplog):
+    """A ``train_run`` whose IT3 head was trained with ``feedback="output"`` (torch-ttt's default, no kwargs
+    recorded), evaluated with ``conf/engine/ittt.yaml``'s ``feedback: softmax``: a warning naming the key
+    with both values, then the evaluation's kwargs win.  Evaluated with the default it was trained with,
+    spelled out, no warning (the check used to compare against the recorded kwargs only and warned then
+    too)."""
+    out = ittt_run
     example, _ = T.load_mnist("train", 2)
     c = E.eval_config({"engine": "ittt"}, [f"train_run={out}", "device=cpu"])
     assert c["engine"]["kwargs"] == {"feedback": "softmax"}
     with caplog.at_level("WARNING", logger="tttlab.torch_ttt.evaluate"):
         eng, _, trained_with = E.load_engine(c, out, torch.device("cpu"), example)
     assert trained_with == "ittt" and eng.feedback == "softmax"
-    assert "{'feedback': 'softmax'}" in caplog.text and "trained with engine_kwargs" in caplog.text
+    assert "feedback='softmax' (trained: 'output')" in caplog.text and OTHER_KWARGS in caplog.text
     # the default spelled out (the head was trained with it: the run recorded no kwargs) is no difference
     # nor is a test-time-only argument (IT3's anchor: the training does not depend on it)
     for extra in (
@@ -1224,7 +1243,7 @@ def test_a_train_run_trained_with_other_it3_kwargs_only_warns(tmp_path, caplog):
         same = E.eval_config({"engine": "ittt"}, [f"train_run={out}", "device=cpu", *extra])
         with caplog.at_level("WARNING", logger="tttlab.torch_ttt.evaluate"):
             eng, _, _ = E.load_engine(same, out, torch.device("cpu"), example)
-        assert eng.feedback == "output" and "trained with engine_kwargs" not in caplog.text, extra
+        assert eng.feedback == "output" and not evaluate_warnings(caplog), extra
         assert eng.anchor == ("frozen" if len(extra) == 2 else "none")
     # another distance changes this model's training (the torch-ttt scheme's term): a warning; a head
     # trained with training=notebook (the same state's shapes; the checkpoint says so) serves every distance
@@ -1243,7 +1262,56 @@ def test_a_train_run_trained_with_other_it3_kwargs_only_warns(tmp_path, caplog):
         other = E.eval_config({"engine": "ittt"}, [*over, *scheme])
         with caplog.at_level("WARNING", logger="tttlab.torch_ttt.evaluate"):
             eng, _, _ = E.load_engine(other, run, torch.device("cpu"), example)
-        assert eng.distance == "js" and ("trained with engine_kwargs" in caplog.text) == warns, run
+        assert eng.distance == "js" and bool(evaluate_warnings(caplog)) == warns, run
+        assert all(OTHER_KWARGS in w for w in evaluate_warnings(caplog))
+
+
+def test_checkpoint_kwargs_merge_under_the_given_ones_in_the_checks_too(ittt_run, tmp_path, caplog):
+    """``load_engine`` builds the evaluated engine with the train run's recorded engine kwargs under the
+    given ones; the warning names each given key whose value differs from the head's training, with both
+    values, and only those.  (1) The layer the model registry gives the engine (``tutorial_net``'s
+    ``fc2``), spelled out, is what the head was trained with: no warning (it warned, the layer being in
+    neither the recorded kwargs nor the constructor's defaults).  Another layer of the same width (``fc1``:
+    the head's state fits) warns ``features_layer_name='fc1' (trained: 'fc2')`` and is used.  (2) The
+    single-image-batch check before any training builds its throw-away engine with the same merged
+    kwargs: ``test_signal=neutral`` on a ``training=notebook`` run passed ``load_engine`` but was refused
+    by the check, built with the given kwargs alone ("expected training='notebook'"); on a run trained
+    otherwise both refuse it."""
+    from tttlab.core.errors import InvalidInputError
+
+    example, _ = T.load_mnist("train", 2)
+    for layer, warns in (("fc2", False), ("fc1", True)):
+        caplog.clear()
+        c = E.eval_config({"engine": "ittt"}, [f"train_run={ittt_run}", "device=cpu", "engine.kwargs.feedback=output",
+                                               f"+engine.kwargs.features_layer_name={layer}"])  # fmt: skip
+        with caplog.at_level("WARNING", logger="tttlab.torch_ttt.evaluate"):
+            eng, _, _ = E.load_engine(c, ittt_run, torch.device("cpu"), example)
+        assert eng.features_layer_name == layer and bool(evaluate_warnings(caplog)) == warns, layer
+        if warns:
+            [said] = evaluate_warnings(caplog)
+            assert "with features_layer_name='fc1' (trained: 'fc2');" in said and OTHER_KWARGS in said
+    notebook = tmp_path / "notebook"
+    ck = T.load_checkpoint(T.checkpoint_file(ittt_run))
+    T.checkpoint_file(notebook).parent.mkdir(parents=True)
+    T.save_checkpoint(T.checkpoint_file(notebook), {**ck, "engine_kwargs": {"training": "notebook"}})
+    stream = [
+        "stream=noisy",
+        "noisy.num_examples=33",
+        "noisy.batch_size=32",
+        "+engine.kwargs.test_signal=neutral",
+    ]
+    c = E.eval_config({"engine": "ittt"}, [f"train_run={notebook}", "device=cpu", *stream])
+    assert E.evaluation_engine_kwargs(c, *E.trained_engine_kwargs(c)) == {
+        "training": "notebook", "feedback": "softmax", "test_signal": "neutral"
+    }  # fmt: skip
+    E.check_stream_batches(c, E.evaluated_model(c))  # a last batch of 1 image: the engine takes it
+    eng, _, _ = E.load_engine(c, notebook, torch.device("cpu"), example)
+    assert (eng.training_scheme, eng.test_signal) == ("notebook", "neutral")
+    plain = E.eval_config({"engine": "ittt"}, [f"train_run={ittt_run}", "device=cpu", *stream])
+    for check in (lambda: E.check_stream_batches(plain, E.evaluated_model(plain)),
+                  lambda: E.load_engine(plain, ittt_run, torch.device("cpu"), example)):  # fmt: skip
+        with pytest.raises(InvalidInputError, match="expected training='notebook'"):
+            check()
 
 
 @pytest.mark.parametrize(

@@ -479,6 +479,32 @@ def cached_training_config(c: dict[str, Any]) -> tuple[dict[str, Any], str]:
     return tc, train_engine
 
 
+def evaluation_engine_kwargs(c: dict[str, Any], train_engine: str | None, trained: Mapping | None) -> dict:
+    """The kwargs the evaluated engine is built with: the given ``engine.kwargs`` over those the model's
+    head was trained with (``trained``, the training's ``engine_kwargs``) when the run trained the evaluated
+    engine (``train_engine``), else the given ones alone.  The one rule of :func:`load_engine` and of the
+    throw-away engines of the checks before it."""
+    given = dict(c["engine"]["kwargs"] or {})
+    return {**(trained or {}), **given} if c["engine"]["name"] == train_engine else given
+
+
+def trained_engine_kwargs(c: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """``(train engine, its engine_kwargs)`` of the model this evaluation will load, as :func:`load_engine`
+    finds them: a pretrained ``model_checkpoint`` has none; a ``train_run``'s checkpoint records them (none
+    while it does not exist yet: :func:`training_run` refuses it then); the cached model's are those of
+    its training config (:func:`cached_training_config`)."""
+    if c["model_checkpoint"]["path"]:
+        return "pretrained", {}
+    if c["train_run"]:
+        ckpt = T.checkpoint_file(Path(c["train_run"]))
+        if not ckpt.exists():
+            return None, {}
+        ck = T.load_checkpoint(ckpt)
+        return ck.get("engine_name"), dict(ck.get("engine_kwargs") or {})
+    tc, train_engine = cached_training_config(c)
+    return train_engine, dict(tc["train"]["engine_kwargs"] or {})
+
+
 def check_engine_fits_the_trained_model(c: dict[str, Any], info: ModelInfo):
     """Build the evaluated engine, as :func:`load_engine` will, around an untrained model of the architecture
     ``train_experiment`` trains: an engine that model cannot take (TENT without normalisation layers, a
@@ -487,9 +513,8 @@ def check_engine_fits_the_trained_model(c: dict[str, Any], info: ModelInfo):
     throw-away engine, which :func:`check_stream_batches` reuses for a model of ``info``'s architecture."""
     tc, train_engine = cached_training_config(c)
     name, model_name = c["engine"]["name"], tc["model"]["name"]
-    kwargs = dict(c["engine"]["kwargs"] or {})
-    if name == train_engine:  # load_engine: the head's recorded training arguments under the given ones
-        kwargs = {**(tc["train"]["engine_kwargs"] or {}), **kwargs}
+    # load_engine's: the head's recorded training arguments under the given ones
+    kwargs = evaluation_engine_kwargs(c, train_engine, tc["train"]["engine_kwargs"])
     optimization = {k: v for k, v in (c["engine"]["optimization"] or {}).items() if k != "reset"}
     with torch.random.fork_rng(devices=[]):
         engine = T.build_engine(
@@ -553,8 +578,10 @@ def example_images(info: ModelInfo, n: int = 2) -> torch.Tensor:
 
 def load_engine(c: dict[str, Any], run_dir: Path | None, device: torch.device, example: torch.Tensor):
     """``(engine, model_name, train_engine)``: the evaluated engine around the trained model; its head
-    (if the run trained the same engine) loaded from the checkpoint.  ``run_dir=None``: the pretrained
-    ``model_checkpoint``."""
+    (if the run trained the same engine) loaded from the checkpoint, the engine built with the
+    checkpoint's engine kwargs under the given ones (:func:`evaluation_engine_kwargs`; a warning names
+    each given key whose value differs from the head's training, with both values).  ``run_dir=None``:
+    the pretrained ``model_checkpoint``."""
     if run_dir is None:
         ck = pretrained_checkpoint(c)
         run_dir = Path(c["model_checkpoint"]["path"])  # what the messages below name
@@ -572,21 +599,25 @@ def load_engine(c: dict[str, Any], run_dir: Path | None, device: torch.device, e
             f"{run_dir}: the checkpoint's weights do not fit its model {model_name!r}: {str(exc)[:300]}"
         ) from None
     model.to(device).eval()
-    kwargs = dict(c["engine"]["kwargs"] or {})
+    given = dict(c["engine"]["kwargs"] or {})
     optimization = {k: v for k, v in (c["engine"]["optimization"] or {}).items() if k != "reset"}
     if name == ck["engine_name"]:
         trained = ck["engine_kwargs"] or {}
-        # what the head was trained with: the recorded kwargs over the engine's own defaults, so that an
-        # evaluation spelling out a default (engine.kwargs.feedback=output) is not reported as different
-        effective = {**_keyword_defaults(get_engine(name)), **trained}
-        inert = get_engine(name).training_inert_kwargs({**effective, **kwargs})
-        differ = {
-            k: v for k, v in kwargs.items() if k not in inert and (k not in effective or effective[k] != v)
+        # what the head was trained with: the recorded kwargs over the engine's own defaults and the layers
+        # the model registry gives it, so that an evaluation spelling out a default (engine.kwargs.feedback=
+        # output, or the registry's features_layer_name) is not reported as different
+        effective = {
+            **_keyword_defaults(get_engine(name)),
+            **T.registry_engine_kwargs(name, model_name),
+            **trained,
         }
+        inert = get_engine(name).training_inert_kwargs({**effective, **given})
+        differ = [k for k, v in given.items() if k not in inert and (k not in effective or effective[k] != v)]
         if differ:  # e.g. IT3's feedback: the head was trained for other arguments
-            log.warning("%s: evaluating %s with %s, but its head was trained with engine_kwargs %s",
-                        run_dir, name, differ, trained)  # fmt: skip
-        kwargs = {**trained, **kwargs}
+            said = ", ".join(f"{k}={given[k]!r} (trained: {effective.get(k, '<not set>')!r})" for k in differ)
+            log.warning("%s: evaluating %s with %s; the given engine.kwargs win over those its head was "
+                        "trained with (engine_kwargs %s)", run_dir, name, said, trained)  # fmt: skip
+    kwargs = evaluation_engine_kwargs(c, ck["engine_name"], ck["engine_kwargs"])
     engine = T.build_engine(name, model, model_name, kwargs, optimization, example)
     if name == ck["engine_name"]:
         try:
@@ -935,8 +966,10 @@ def check_stream_batches(c: dict[str, Any], info: ModelInfo, *, bench=None, engi
     with torch.random.fork_rng(devices=[]):  # the throw-away model's initialisation leaves no trace
         if engine is None:
             model = T.build_model(info.name, **(mc["kwargs"] if mc["path"] else {}))
-            engine = T.build_engine(name, model, info.name, dict(c["engine"]["kwargs"] or {}), optimization,
-                                    example_images(info))  # fmt: skip
+            # the kwargs load_engine will build with: a train_run's recorded ones under the given ones (the
+            # given ones alone refused e.g. IT3's test_signal=neutral of a training=notebook run)
+            kwargs = evaluation_engine_kwargs(c, *trained_engine_kwargs(c))
+            engine = T.build_engine(name, model, info.name, kwargs, optimization, example_images(info))
         try:
             engine.eval().check_inputs(torch.zeros(1, ch, h, w))
         except InvalidInputError as exc:

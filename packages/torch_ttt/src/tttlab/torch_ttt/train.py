@@ -389,13 +389,26 @@ def check_engine_kwargs(name: str, kwargs: dict[str, Any] | None, key: str = "en
         )
 
 
+def registry_engine_kwargs(name: str, model_name: str) -> dict[str, Any]:
+    """The engine arguments :func:`build_engine` takes from the model registry when the given kwargs do not
+    set them: ActMAD's ``features_layer_names``, the ``features_layer_name`` of the engines that take one
+    (``model_info(model_name)``); ``{}`` for the other engines."""
+    cls, info = get_engine(name), model_info(model_name)
+    if name == "actmad":
+        return {"features_layer_names": list(info.actmad_layers)}
+    if "features_layer_name" in inspect.signature(cls.__init__).parameters:
+        return {"features_layer_name": info.layer_for(name)}
+    return {}
+
+
 def _construct(cls, name, model, info, kwargs, optimization, example_input) -> BaseEngine:
     optimization = {k: v for k, v in (optimization or {}).items() if v is not None}
+    registry = registry_engine_kwargs(name, info.name)
     if name == "actmad":
-        layers = kwargs.pop("features_layer_names", None) or list(info.actmad_layers)
+        layers = kwargs.pop("features_layer_names", None) or registry["features_layer_names"]
         return cls(model, features_layer_names=list(layers), optimization_parameters=optimization, **kwargs)
-    if "features_layer_name" in inspect.signature(cls.__init__).parameters:
-        kwargs.setdefault("features_layer_name", info.layer_for(name))
+    if "features_layer_name" in registry:
+        kwargs.setdefault("features_layer_name", registry["features_layer_name"])
         extra = _accepted(cls, example_input=example_input) if example_input is not None else {}
         extra = {k: v for k, v in extra.items() if k not in kwargs}
         return cls(model, optimization_parameters=optimization, **extra, **kwargs)
