@@ -560,6 +560,66 @@ def test_a_config_that_differs_only_in_display_keys_is_the_same_run(tmp_path, mo
     assert R.without_keys({"a": 1, "b": {"c": 2, "d": 3}}, ["b.c", "x.y", "z"]) == {"a": 1, "b": {"d": 3}}
 
 
+def test_a_config_that_differs_only_in_resumable_keys_is_the_same_run(tmp_path, monkeypatch):
+    """A training run resumed with only ``train.checkpoint_every`` changed warned 'created with a different
+    config' and left its records under the old hash beside the new config.yaml.  A command's
+    ``resumable_keys`` are left out as display keys are: no warning, the records re-tagged; any other key
+    still makes another config.  ``check_run_dir(append_env=False)`` (a training run without a checkpoint
+    to resume) ignores TTTLAB_APPEND_TO_OTHER_CONFIG and says to delete the folder instead."""
+    import warnings
+
+    monkeypatch.delenv(R.APPEND_ENV, raising=False)
+    keys = ("train.checkpoint_every", "out_dir")
+    first = {"method": "pkg.ttt", "seed": 0, "out_dir": "a", "train": {"checkpoint_every": 200, "lr": 0.1}}
+    changed = {**first, "out_dir": "b", "train": {"checkpoint_every": 7, "lr": 0.1}}
+    _evaluated(tmp_path, first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        R.check_run_dir(tmp_path, changed, resumable_keys=keys)
+        rd = R.RunDir(tmp_path, changed, resumable_keys=keys)
+    assert rd.config_hash == R.config_hash(changed) != R.config_hash(first), "config_hash keeps every key"
+    assert list(R.load_records(tmp_path)["config_hash"]) == [R.config_hash(changed)]
+    # without them (the default): another config, as before
+    with pytest.warns(UserWarning, match="different config"):
+        R.RunDir(tmp_path, first)
+    assert list(R.load_records(tmp_path)["config_hash"]) == [R.config_hash(changed)], "not re-tagged"
+    other = {**changed, "train": {"checkpoint_every": 7, "lr": 0.2}}
+    with pytest.raises(R.RunDirConflictError, match="train.lr: 0.1 -> 0.2"):
+        R.check_run_dir(tmp_path, other, resumable_keys=keys)
+    monkeypatch.setenv(R.APPEND_ENV, "1")
+    R.check_run_dir(tmp_path, other, resumable_keys=keys)  # an evaluate may be asked to append
+    with pytest.raises(R.RunDirConflictError, match=f"or delete {tmp_path} to start this config there") as e:
+        R.check_run_dir(tmp_path, other, resumable_keys=keys, append_env=False)
+    assert R.APPEND_ENV not in str(e.value)
+
+
+def test_a_distributed_rank_0_retags_its_own_records_file_only(tmp_path):
+    """Rank 0's RunDir re-tagged every records*.jsonl of the folder (temp file + rename), other ranks'
+    ``records-rank<r>.jsonl`` too, which those ranks may be opening to append to: lines appended to the
+    replaced file were lost.  A distributed rank 0 re-tags its own file only; a run without ranks (one
+    process, e.g. the merge's) all of them."""
+    quiet = {"method": "pkg.tent", "logging": {"progress": False}}
+    shown = {**quiet, "logging": {"progress": True}}
+    for rank in (0, 1):
+        _evaluated(tmp_path, quiet, rank=rank)
+    shard = tmp_path / "records-rank1.jsonl"
+    appender = shard.open("ab")  # rank 1, about to append
+    inode = shard.stat().st_ino
+    R.RunDir(tmp_path, shown, rank=0)
+    assert shard.stat().st_ino == inode, "rank 1's file was replaced under it"
+    appender.write(b'{"method": "pkg.tent", "metric": "accuracy", "value": 1.0}\n')
+    appender.close()
+    assert len(R.read_jsonl(shard)) == 2, "rank 1's line reached its file"
+    by_file = R.load_records(tmp_path, with_source=True)
+    own = by_file[by_file["source"] == str(tmp_path / "records.jsonl")]
+    assert list(own["config_hash"]) == [R.config_hash(shown)]
+    one = tmp_path / "one"  # no ranks (one process): every file of the folder
+    for rank in (0, 1):
+        _evaluated(one, quiet, rank=rank)
+    R.RunDir(one, shown)
+    assert list(R.load_records(one)["config_hash"]) == [R.config_hash(shown)] * 2
+
+
 @pytest.mark.parametrize("how", ["argument", "environment"])
 def test_appending_to_another_configs_folder_is_explicit_and_keeps_both_configs(tmp_path, monkeypatch, how):
     monkeypatch.delenv(R.APPEND_ENV, raising=False)

@@ -108,6 +108,15 @@ def test_a_bad_model_name_leaves_no_run_directory(tmp_path, monkeypatch):
 
 
 def test_killed_run_resumes_to_the_same_metrics(tmp_path, trained_run):
+    """Killed in its second epoch and started again, a run ends with the uninterrupted run's stats and
+    records.  The restart changes only keys that change no number (``keep_checkpoints``, ``input.workers``,
+    ``max_steps``: ``train.RESUMABLE_KEYS``), so it is also the resumable-keys contract of core's
+    ``check_resumable_keys_rerun_the_same_run`` (here, not beside the display-keys test in test_commands.py:
+    one kill and resume serves both).  Before, such a restart warned 'created with a different config' and
+    left the first epoch's records under the old config_hash beside the new config.yaml."""
+    from tttlab.core.records import read_jsonl
+    from tttlab.core.testing import check_resumable_keys_rerun_the_same_run
+
     from .conftest import SHARED_RUN
 
     # SHARED_RUN: 2 epochs of 2 steps, an in-epoch checkpoint at step 3 (epoch ends always save), T=2 SGD;
@@ -115,10 +124,21 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, trained_run):
     base = TINY + SHARED_RUN
     full = trained_run[1]
     killed_cfg = compose(base + [f"out_dir={tmp_path / 'killed'}"])
-    with pytest.raises(T.SimulatedKill):
-        T.train(killed_cfg, _kill_at_step=4)  # dies in epoch 2, after the in-epoch step-3 checkpoint
-    assert len(json.loads((tmp_path / "killed" / "stats.json").read_text())["step"]) == 1
-    resumed = T.train(killed_cfg)
+
+    def killed():
+        with pytest.raises(T.SimulatedKill):
+            T.train(killed_cfg, _kill_at_step=4)  # dies in epoch 2, after the in-epoch step-3 checkpoint
+        assert len(json.loads((tmp_path / "killed" / "stats.json").read_text())["step"]) == 1
+
+    resumed = {}
+    changed = ["keep_checkpoints=3", "input.workers=1", "max_steps=100"]
+    check_resumable_keys_rerun_the_same_run(
+        tmp_path / "killed",
+        killed,
+        lambda: resumed.update(T.train(compose([*base, f"out_dir={tmp_path / 'killed'}", *changed]))),
+        reference=read_jsonl(trained_run[0] / "records.jsonl"),
+        timing_metrics=("epoch_time_s",),
+    )
     timing = ("epoch_time_s",)
     assert {k: v for k, v in resumed.items() if k not in timing} == {
         k: v for k, v in full.items() if k not in timing

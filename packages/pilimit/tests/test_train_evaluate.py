@@ -95,6 +95,36 @@ def test_resume_refuses_other_config(tmp_path):
     assert (tmp_path / "config.yaml").read_text() == before
 
 
+def test_a_folder_with_another_configs_records_but_no_checkpoint_is_refused(tmp_path):
+    """A run folder holding another training config's records but no checkpoints/last.ckpt: records were
+    matched by (metric, step) alone, so an optim.lr=0.5 run there recorded nothing (every epoch 'done') under
+    its config.yaml.  Refused now, as a checkpoint of another config is (RunDirConflictError naming the key,
+    the folder untouched); train.resume=false starts over there and records its own epochs."""
+    from tttlab.core.errors import RunDirConflictError
+    from tttlab.core.records import config_hash
+
+    small = [*SMOKE, "data.num_examples=32", "train.num_test=16", f"out_dir={tmp_path}"]
+    run(train_config("smoke", small))
+    (tmp_path / "checkpoints" / "last.ckpt").unlink()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(RunDirConflictError, match=r"differs in optim\.lr: 1\.0 -> 0\.5\. .* or delete"):
+        run(train_config("smoke", [*small, "optim.lr=0.5"]))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    restart = [*small, "optim.lr=0.5", "train.resume=false"]
+    with pytest.warns(UserWarning, match="different config"):
+        run(train_config("smoke", restart))
+    old, new = (config_hash(_recorded_config(o)) for o in (small, restart))
+    got = [(r["metric"], r["step"], r["config_hash"]) for r in _records(tmp_path)]
+    mine = [(m, s) for m, s, h in got if h == new]
+    assert [(m, s) for m, s, h in got if h == old] == mine and len(mine) == 6, got
+
+
+def _recorded_config(overrides):
+    """The config a training run writes to its config.yaml (and hashes its records with)."""
+    c = train_config("smoke", overrides)
+    return {**c, "train": {k: v for k, v in c["train"].items() if k != "stop_after_steps"}}
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="nonsense"):
         train_config("smoke", ["model.nonsense=1"])
@@ -507,3 +537,32 @@ def test_display_keys_rerun_the_same_run(tmp_path, command):
         check_display_keys_rerun_the_same_run(
             out, lambda: evaluate(cfg), lambda: evaluate({**cfg, "progress": True})
         )
+
+
+def test_resumable_keys_rerun_the_same_run(tmp_path):
+    """``train.checkpoint_every``, ``train.resume``, ``experiment_name`` (and ``train.stop_after_steps``,
+    which the first run stops at) change no number: a run killed in its second epoch and started again with
+    them changed is the same run.  Before, it warned 'created with a different config' and left its first
+    epoch's records under the old config_hash beside the new config.yaml.  Its records equal an
+    uninterrupted run's."""
+    from tttlab.core.testing import check_resumable_keys_rerun_the_same_run
+
+    small = [*SMOKE, "data.num_examples=32", "train.num_test=16", "train.checkpoint_every=1"]
+    ref = run(train_config("smoke", [*small, f"out_dir={tmp_path / 'reference'}"]))
+    out = tmp_path / "run"
+    killed = [*small, f"out_dir={out}", "train.stop_after_steps=3"]  # 2 steps an epoch: in the second
+    changed = [
+        *small,
+        f"out_dir={out}",
+        "train.checkpoint_every=5",
+        "train.resume=true",
+        "experiment_name=moved",
+    ]
+    records = check_resumable_keys_rerun_the_same_run(
+        out,
+        lambda: run(train_config("smoke", killed)),
+        lambda: run(train_config("smoke", changed)),
+        reference=_records(ref),
+        timing_metrics=(),
+    )
+    assert [r["step"] for r in records if r["metric"] == "test_accuracy"] == [1, 2]

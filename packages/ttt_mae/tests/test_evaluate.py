@@ -403,3 +403,35 @@ def test_display_keys_rerun_the_same_run(tmp_path, cache, command):
     check_display_keys_rerun_the_same_run(
         c["out_dir"], lambda: T.run(c, command), lambda: T.run({**c, **shown}, command)
     )
+
+
+@pytest.mark.parametrize("command", ["pretrain", "probe"])
+def test_resumable_keys_rerun_the_same_run(tmp_path, command):
+    """``save_ckpt_freq``, ``experiment_name`` (and the probe's ``weights_only``) change no number: a run
+    killed in its second epoch and started again with them changed is the same run.  Before, it warned
+    'created with a different config' and left its first epoch's record under the old config_hash beside
+    the new config.yaml.  Its records equal an uninterrupted run's."""
+    from tttlab.core.records import read_jsonl
+    from tttlab.core.testing import check_resumable_keys_rerun_the_same_run
+    from tttlab.ttt_mae import train as T
+    from tttlab.ttt_mae.common import compose
+
+    small = {"epochs": 2, "data": {"num_examples": 32}, "batch_size": 16, "logging": {"progress": False}}
+    extra, changed = {}, {"save_ckpt_freq": 2, "experiment_name": "moved"}
+    if command == "probe":
+        pre = tmp_path / "pretrain"
+        T.run(compose("pretrain", "smoke_pretrain", {"out_dir": str(pre), **small, "epochs": 1}), "pretrain")
+        extra, changed = {"finetune": str(pre / T.FINAL)}, {**changed, "weights_only": False}
+
+    def cfg(out, **kw):
+        return compose(command, f"smoke_{command}", {"out_dir": str(out), **small, **extra, **kw})
+
+    T.run(cfg(tmp_path / "reference"), command)
+    out = tmp_path / "run"
+    records = check_resumable_keys_rerun_the_same_run(
+        out,
+        lambda: T.run(cfg(out), command, stop_after_steps=3),  # 2 steps an epoch: killed in the second
+        lambda: T.run(cfg(out, **changed), command),
+        reference=read_jsonl(tmp_path / "reference" / "records.jsonl"),
+    )
+    assert [r["step"] for r in records if r["metric"] == "train_loss"] == [0, 1]

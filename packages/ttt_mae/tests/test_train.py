@@ -1,5 +1,6 @@
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -554,15 +555,48 @@ def test_a_run_of_another_training_config_does_not_resume_the_folders_checkpoint
         T.run(probe, "probe")
     assert _files(run) == before
 
-    # keys that leave the weights as they are (display keys, where it runs, how often it checkpoints) resume:
-    # killed in epoch 2, started again with them changed, it ends bitwise equal to the uninterrupted run
+    # keys that leave the weights as they are (display keys, how often it checkpoints) resume: killed in
+    # epoch 2, started again with them changed, it ends bitwise equal to the uninterrupted run; the same run
+    # (no "different config" warning: test_evaluate.py's resumable-keys contract test checks the records)
     T.run(pre_cfg(tmp_path / "b"), "pretrain", stop_after_steps=6)
-    same = {"logging": {"progress": True, "level": "DEBUG"}, "device": "cpu", "num_threads": 1,
-            "save_ckpt_freq": 2, "experiment_name": "other"}  # fmt: skip
-    with pytest.warns(UserWarning, match="created with a different config"):  # config.yaml: the new one
+    same = {"logging": {"progress": True, "level": "DEBUG"}, "save_ckpt_freq": 2, "experiment_name": "other"}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*different config.*")
         resumed = T.run(pre_cfg(tmp_path / "b", **same), "pretrain")
     a, b = sd(pretrained / T.FINAL), sd(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_folder_with_another_configs_records_but_no_checkpoint_is_refused(tmp_path, pretrained):
+    """A run folder holding another training config's records but no checkpoints/last.ckpt: the new run's
+    epochs were matched by step alone, so a blr=5e-2 run there trained and recorded nothing (its epochs
+    'already recorded'), kept the other run's stats.json and wrote its checkpoint.pth under the new
+    config.yaml.  Refused now (RunDirConflictError naming the keys, the folder untouched), as a checkpoint
+    of another training config is; and only records of the run's own config_hash count as done."""
+    import shutil
+
+    from tttlab.core.errors import RunDirConflictError
+    from tttlab.core.records import config_hash, read_jsonl
+
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    (run / "checkpoints" / "last.ckpt").unlink()
+    before = _files(run)
+    with pytest.raises(RunDirConflictError, match=r"differs in blr: 0\.01 -> 0\.05; seed: 0 -> 5") as err:
+        T.run(pre_cfg(run, blr=5e-2, seed=5), "pretrain")
+    assert f"or delete {run}" in str(err.value) and "TTTLAB_APPEND" not in str(err.value)
+    assert _files(run) == before
+    # the same training config on 2 threads (which a checkpoint resumes across, but which changes float
+    # sums): not refused; its epochs are computed and recorded under its own hash beside the earlier ones
+    with pytest.warns(UserWarning, match="different config"):
+        T.run(pre_cfg(run, num_threads=2), "pretrain")
+    old, new = config_hash(pre_cfg(pretrained)), config_hash(pre_cfg(run, num_threads=2))
+    assert [(r["step"], r["config_hash"]) for r in read_jsonl(run / "records.jsonl")] == [
+        (0, old),
+        (1, old),
+        (0, new),
+        (1, new),
+    ]
 
 
 def test_a_probe_of_another_config_does_not_resume_the_folders_checkpoint(tmp_path, pretrained):

@@ -30,7 +30,9 @@ that holds another config's records (:class:`RunDir` with ``other_config="error"
 before it computes) unless asked to append (``TTTLAB_APPEND_TO_OTHER_CONFIG=1``; the earlier config is
 kept as ``config-<hash>.yaml``, and every record names its ``config_hash``).  Keys that only change what
 a run shows (:data:`DISPLAY_KEYS`: the progress bar, the log level) are no part of that: a rerun that differs
-only in them is the same run, and the folder's records are re-tagged with the new config's hash.
+only in them is the same run, and the folder's records are re-tagged with the new config's hash.  A command
+names its own keys of that kind, which change no number it records either (how often a training run
+checkpoints, where it stops, where its folder is), with ``resumable_keys=``: they are treated the same way.
 """
 
 from __future__ import annotations
@@ -475,10 +477,16 @@ def _same_run(
     return config_hash(same(old)) == config_hash(same(new))
 
 
+def _neutral_keys(display_keys: Iterable[str], resumable_keys: Iterable[str]) -> tuple[str, ...]:
+    """The keys left out when a folder's config is compared with a run's: the display keys and the
+    command's resumable keys (neither changes a recorded number)."""
+    return (*display_keys, *resumable_keys)
+
+
 def retag_records(path, old_hash: str | None, new_hash: str | None) -> int:
     """Give the records of ``old_hash`` in the JSONL file ``path`` the ``config_hash`` ``new_hash``,
     atomically (temp file + rename); return how many changed.  For a run directory whose config changed only
-    in :data:`DISPLAY_KEYS`: its records stay the same run's (one folder, one ``config_hash``), so that an
+    in :data:`DISPLAY_KEYS` (or a command's resumable keys): its records stay the same run's (one folder, one ``config_hash``), so that an
     evaluate's :meth:`RunDir.drop_records` replaces them and a resumed run skips what they hold."""
     path = Path(path)
     if old_hash is None or new_hash is None or old_hash == new_hash or not path.exists():
@@ -508,19 +516,28 @@ def _append_allowed() -> bool:
     return os.environ.get(APPEND_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
-def _conflict_message(path: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
+def _conflict_message(
+    path: Path, old: dict[str, Any], new: dict[str, Any], append_env: bool = True, neutral: Iterable[str] = ()
+) -> str:
     from .config import config_diff
 
-    diff = config_diff(old, new)
+    diff = config_diff(without_keys(old, neutral), without_keys(new, neutral))  # the keys that count only
     shown = "; ".join(diff[:8]) + (f"; ... ({len(diff) - 8} more)" if len(diff) > 8 else "")
 
     def named(cfg: dict[str, Any]) -> str:
         return f"hash {config_hash(cfg)}" + (f", method {cfg['method']!r}" if cfg.get("method") else "")
 
-    return (
+    head = (
         f"run directory {path} holds the records of another config ({named(old)}); this run's config "
         f"({named(new)}) differs in {shown or 'its hash'}. Records of two configs in one folder would read as "
-        f"one run's: give this run a new out_dir, or set {APPEND_ENV}=1 to append to this folder (each record "
+        "one run's: "
+    )
+    if not append_env:
+        return (
+            head + f"give this run a new out_dir, or delete {path} to start this config there from the start"
+        )
+    return head + (
+        f"give this run a new out_dir, or set {APPEND_ENV}=1 to append to this folder (each record "
         f"keeps its config_hash; the earlier config is kept as config-{config_hash(old)}.yaml)"
     )
 
@@ -531,15 +548,19 @@ def check_run_dir(
     *,
     identity: Callable[[dict[str, Any]], Any] | None = None,
     display_keys: Iterable[str] = DISPLAY_KEYS,
+    resumable_keys: Iterable[str] = (),
+    append_env: bool = True,
 ) -> None:
     """Raise :class:`~tttlab.core.errors.RunDirConflictError` where ``RunDir(path, config,
-    other_config="error", identity=identity, display_keys=display_keys)`` would, without writing anything:
-    for an evaluate to refuse a folder that holds another config's records before it computes (a new
-    folder, the same config up to its display keys, a folder without records and :data:`APPEND_ENV`
-    pass)."""
+    other_config="error", identity=identity, display_keys=display_keys, resumable_keys=resumable_keys)``
+    would, without writing anything: for an evaluate to refuse a folder that holds another config's records
+    before it computes (a new folder, the same config up to its display and resumable keys, a folder without
+    records and :data:`APPEND_ENV` pass).  ``append_env=False``: :data:`APPEND_ENV` is not read, and the
+    message says to delete the folder instead (a training run that has no checkpoint to resume, whose
+    folder holds another training config's records: appending would put two runs' epochs in one folder)."""
     path = Path(path)
     cfg_path = path / "config.yaml"
-    if _append_allowed() or not cfg_path.is_file() or not _has_records(path):
+    if (append_env and _append_allowed()) or not cfg_path.is_file() or not _has_records(path):
         return
     if cfg_path.read_text(encoding="utf-8", errors="replace").strip() in ("", "{}"):
         return
@@ -548,8 +569,10 @@ def check_run_dir(
     except InvalidInputError:  # RunDir replaces an unreadable config with a warning
         return
     new = dict(_plain(config))
-    if not _same_run(old, new, identity, display_keys):
-        raise RunDirConflictError(_conflict_message(path, old, new))
+    if not _same_run(old, new, identity, _neutral_keys(display_keys, resumable_keys)):
+        raise RunDirConflictError(
+            _conflict_message(path, old, new, append_env, _neutral_keys(display_keys, resumable_keys))
+        )
 
 
 class RunDir:
@@ -574,6 +597,16 @@ class RunDir:
     ``display_keys`` (default :data:`DISPLAY_KEYS`): keys that are never part of it (they change only what
     is shown); a config that differs from the folder's only in them replaces it silently, and the records of
     the folder's config are re-tagged with this one's hash (:func:`retag_records`): the same run.
+    ``resumable_keys`` (default none): the command's own keys that change no recorded number either (how
+    often a training run checkpoints, how many checkpoints it keeps, where it stops, where its folder is):
+    treated as display keys are.  Keys that a checkpoint may be resumed across but that change numbers
+    (the device, the thread count: float rounding) are not among them: the records of the two parts of
+    such a run keep their own hashes.
+
+    Re-tagging rewrites a records file (temp file + rename).  A run without ranks (``rank=None``) re-tags
+    every ``records*.jsonl`` of the folder; a distributed rank 0 (``rank=0``) its own ``records.jsonl`` only,
+    never another rank's ``records-rank<r>.jsonl``, which that rank may be opening to append to (its lines
+    would go to the replaced file and be lost).  Ranks r > 0 do not read or write the config.
     """
 
     def __init__(
@@ -585,6 +618,7 @@ class RunDir:
         other_config: str = "warn",
         identity: Callable[[dict[str, Any]], Any] | None = None,
         display_keys: Iterable[str] = DISPLAY_KEYS,
+        resumable_keys: Iterable[str] = (),
     ):
         if not isinstance(path, (str, os.PathLike)):
             raise InvalidInputError(f"a run directory must be a path, got {path!r}")
@@ -601,6 +635,7 @@ class RunDir:
         self.other_config = other_config
         self.identity = identity
         self.display_keys = tuple(display_keys)
+        self.resumable_keys = tuple(resumable_keys)
         if self.path.exists() and not self.path.is_dir():
             raise InvalidInputError(f"run directory {self.path} exists and is not a directory")
         self.checkpoints = self.checkpoints_in(self.path)
@@ -668,16 +703,19 @@ class RunDir:
         if not isinstance(plain, Mapping):
             raise InvalidInputError(f"a run config must be a mapping, got {type(plain).__name__}")
         old = self.config_path
+        neutral = _neutral_keys(self.display_keys, self.resumable_keys)
         if old.exists() and old.read_text(encoding="utf-8", errors="replace").strip() not in ("", "{}"):
             try:
                 old_config = _load_yaml_config(old)
                 previous = config_hash(old_config)
-                differs = not _same_run(old_config, dict(plain), self.identity, self.display_keys)
+                differs = not _same_run(old_config, dict(plain), self.identity, neutral)
             except InvalidInputError as exc:  # about to be replaced anyway: say so, do not stop the run
                 old_config, previous, differs = None, f"unreadable: {exc}", True
             if old_config is not None and previous != config_hash(plain) and not differs:
-                if _same_run(old_config, dict(plain), None, self.display_keys):  # shown otherwise only
-                    for records in sorted(self.path.glob("records*.jsonl")):
+                if _same_run(old_config, dict(plain), None, neutral):  # shown (or resumable) otherwise only
+                    # a distributed rank 0 re-tags its own file only (another rank may be appending to its own)
+                    files = self.path.glob("records*.jsonl") if self.rank is None else [self.records_path]
+                    for records in sorted(files):
                         retag_records(records, previous, config_hash(plain))
             if differs and (self.other_config == "warn" or old_config is None):
                 warnings.warn(
@@ -687,7 +725,9 @@ class RunDir:
                 )
             elif differs and _has_records(self.path):
                 if self.other_config == "error":
-                    raise RunDirConflictError(_conflict_message(self.path, old_config, dict(plain)))
+                    raise RunDirConflictError(
+                        _conflict_message(self.path, old_config, dict(plain), True, neutral)
+                    )
                 kept = self.path / f"config-{previous}.yaml"  # append: the earlier records keep their config
                 if not kept.exists():
                     atomic_write_text(kept, old.read_text(encoding="utf-8"))

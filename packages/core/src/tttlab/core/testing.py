@@ -307,6 +307,37 @@ def check_display_keys_rerun_the_same_run(
     :data:`VOLATILE_RECORD_FIELDS` aside), and every record names the ``config_hash`` of the folder's
     ``config.yaml`` (the second run's config; ``record_hash(config)``: another hash of it, for a command
     whose records name the hash of a part of its config).  Returns the records after the second run."""
+    return _check_rerun_is_the_same_run(
+        run_dir,
+        run_quietly,
+        run_shown,
+        "a display key",
+        timing_metrics=timing_metrics,
+        record_hash=record_hash,
+    )
+
+
+def check_resumable_keys_rerun_the_same_run(
+    run_dir, run_first, run_changed, *, reference=None, timing_metrics=("s_per_image",), record_hash=None
+):
+    """The contract of a command's resumable keys (``RunDir(resumable_keys=...)``: how often it checkpoints,
+    how many checkpoints it keeps, where it stops, ...): ``run_first()`` (which may stop part-way, leaving a
+    checkpoint) then ``run_changed()`` (the same command and ``run_dir``, only resumable keys changed; it
+    resumes and finishes) are one run.  The second neither refuses the folder nor warns that it holds another
+    config; the first run's records are kept once, in front, with their values; no (method, metric,
+    corruption, severity, step) is recorded twice; every record names the ``config_hash`` of the folder's
+    ``config.yaml`` (the changed config; ``record_hash`` as in :func:`check_display_keys_rerun_the_same_run`);
+    and, given ``reference`` (the records of an uninterrupted run of the first config, e.g. ``read_jsonl`` of
+    its folder), the records equal its records (``timing_metrics`` and :data:`VOLATILE_RECORD_FIELDS`
+    aside): the same numbers.  Returns the records after the second run."""
+    return _check_rerun_is_the_same_run(
+        run_dir, run_first, run_changed, "a resumable key", timing_metrics=timing_metrics,
+        record_hash=record_hash, reference=reference, first_may_be_partial=True,
+    )  # fmt: skip
+
+
+def _check_rerun_is_the_same_run(run_dir, run_first, run_again, what, *, timing_metrics, record_hash,
+                                 reference=None, first_may_be_partial=False):  # fmt: skip
     import warnings
 
     from .records import _load_yaml_config, config_hash, read_jsonl
@@ -320,14 +351,22 @@ def check_display_keys_rerun_the_same_run(
             if r["metric"] not in timing_metrics
         ]
 
-    run_quietly()
+    run_first()
     first = read_jsonl(path / "records.jsonl")
-    assert first, f"{path}: the first run wrote no records"
+    assert first or first_may_be_partial, f"{path}: the first run wrote no records"
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*different config.*")
-        run_shown()
+        run_again()
     again = read_jsonl(path / "records.jsonl")
-    assert stable(again) == stable(first), "a display key changed the records (or appended a second copy)"
+    assert again, f"{path}: no records after the second run"
+    if first_may_be_partial:
+        assert stable(again)[: len(stable(first))] == stable(first), f"{what} changed the first run's records"
+        keys = [(r["method"], r["metric"], r["corruption"], r["severity"], r["step"]) for r in again]
+        assert len(keys) == len(set(keys)), f"{what}: a record written twice: {sorted(keys)}"
+    else:
+        assert stable(again) == stable(first), f"{what} changed the records (or appended a second copy)"
+    if reference is not None:
+        assert stable(again) == stable(reference), f"{what} changed the numbers of the run"
     shown_hash = (record_hash or config_hash)(_load_yaml_config(path / "config.yaml"))
     assert {r["config_hash"] for r in again} == {shown_hash}, "one folder, one config_hash: the config's"
     return again

@@ -301,15 +301,24 @@ def restore_checkpoint(mngr, step: int, abstract_state):
     return out["state"], out["meta"]
 
 
-#: keys that do not change what a run computes: a run resumes across changes of these only
-RESUMABLE_KEYS = ("out_dir", "name", "resume", "logging", "max_steps", "checkpoint_every_steps",
-                  "keep_checkpoints", "distributed", "tfds_path", "jit", "input.workers")  # fmt: skip
+#: keys that change no number a run computes (core ``RunDir(resumable_keys=...)``): where its folder is, its
+#: checkpoint cadence and count, where it stops, whether it resumes, how many threads decode images (the
+#: batches are the same whatever the number).  A run that differs from its folder's config only in them (and
+#: ``logging``) is the same run: no warning, its records re-tagged with the new config_hash.
+RESUMABLE_KEYS = ("out_dir", "name", "resume", "max_steps", "checkpoint_every_steps", "keep_checkpoints",
+                  "input.workers")  # fmt: skip
+#: keys a checkpoint is also resumed across, though they may change numbers or data: ``jit`` (op by op rounds
+#: differently: a 1-epoch TINY run's validation loss moved in the 7th digit), ``distributed`` (the process layout), ``tfds_path`` (the data's folder: it may
+#: hold other data).  They stay in the records' identity: a resumed run warns, each part keeps its hash.
+RESUMED_ACROSS_KEYS = ("distributed", "tfds_path", "jit")
 
 
 def training_config(c: dict) -> dict:
-    """``c`` without :data:`RESUMABLE_KEYS` (what a checkpoint must agree with to be resumed)."""
-    out = {k: v for k, v in c.items() if k not in RESUMABLE_KEYS}
-    out["input"] = {k: v for k, v in (c.get("input") or {}).items() if f"input.{k}" not in RESUMABLE_KEYS}
+    """``c`` without ``logging``, :data:`RESUMABLE_KEYS` and :data:`RESUMED_ACROSS_KEYS` (what a checkpoint
+    must agree with to be resumed)."""
+    left_out = ("logging", *RESUMABLE_KEYS, *RESUMED_ACROSS_KEYS)
+    out = {k: v for k, v in c.items() if k not in left_out}
+    out["input"] = {k: v for k, v in (c.get("input") or {}).items() if f"input.{k}" not in left_out}
     return out
 
 
@@ -480,7 +489,12 @@ def train(cfg, *, mesh=None, _kill_at_step: int | None = None) -> dict:
     total_steps = steps_per_epoch * int(c["total_epochs"])
     model = model_from_config(c)  # a bad model=... is refused before the run directory exists
     # the run directory only once the data opened: a wrong tfds_path leaves no half-made run behind
-    run = RunDir(c["out_dir"], c if is_main else None, rank=None if is_main else jax.process_index())
+    run = RunDir(
+        c["out_dir"],
+        c if is_main else None,
+        rank=None if is_main else jax.process_index(),
+        resumable_keys=RESUMABLE_KEYS,
+    )
 
     seed = int(c.get("seed", 0))
     root = jax.random.PRNGKey(seed)

@@ -44,7 +44,7 @@ from tttlab.core._io import atomic_path
 from tttlab.core.cli import apply_log_level, check_hydra_command, user_errors
 from tttlab.core.config import RunConfig, config_diff, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError
-from tttlab.core.records import RunDir, config_hash, done_keys, load_records
+from tttlab.core.records import RunDir, check_run_dir, config_hash, done_keys, load_records
 from tttlab.core.torch import read_torch_file, resolve_device
 
 from . import precision
@@ -388,6 +388,29 @@ def method_name(c: dict[str, Any]) -> str:
 # runs
 
 
+#: config keys that change no number a training run records (core ``RunDir(resumable_keys=...)``): where its
+#: folder is, how often it checkpoints, whether it resumes, where it stops.  A run that differs from its
+#: folder's config only in them (and core's display keys) is the same run: no warning, its records re-tagged
+#: with the new config_hash.  ``threads``, ``device``, ``model.chunk_size`` / ``cache_mb`` / ``impl`` and the
+#: test batch size may be resumed across (they are no part of :func:`training_part`) but change float sums.
+RESUMABLE_KEYS = (
+    "out_dir",
+    "experiment_name",
+    "train.checkpoint_every",
+    "train.resume",
+    "train.stop_after_steps",
+)
+
+
+def _training_identity(c: dict[str, Any]) -> Any:
+    """:func:`training_part` of a folder's config, or the whole config where it lacks a key (a foreign
+    ``config.yaml``: then another config, refused with the keys that differ)."""
+    try:
+        return training_part(c)
+    except (KeyError, TypeError):
+        return c
+
+
 def _config_diff(old: dict | None, new: dict) -> str:
     """`` (model.kind: 'inf' -> 'finite'; ...)`` over the training part of two configs, or ``""``."""
     if not isinstance(old, dict):
@@ -495,12 +518,27 @@ class _Run:
         )  # fmt: skip
 
     def open(self) -> RunDir:
-        """Make (or reopen) the run directory: ``config.yaml``, ``records.jsonl``, ``checkpoints/``."""
+        """Make (or reopen) the run directory: ``config.yaml``, ``records.jsonl``, ``checkpoints/``.
+
+        A run that resumes no checkpoint (none there) in a folder holding another training config's records
+        is refused (``RunDirConflictError`` naming the keys), as a checkpoint of another config is: their
+        epochs were taken as this run's.  ``train.resume=false`` asks to start over: not refused, and the
+        earlier config's records keep their ``config_hash`` (:meth:`done` leaves them out)."""
         if self._refusal is not None:
             raise self._refusal
-        self.out = RunDir(self.c["out_dir"], self._recorded)
+        if self._ck is None and self.c["train"]["resume"]:
+            check_run_dir(self.c["out_dir"], self._recorded, identity=_training_identity,
+                          resumable_keys=RESUMABLE_KEYS, append_env=False)  # fmt: skip
+        self.out = RunDir(self.c["out_dir"], self._recorded, resumable_keys=RESUMABLE_KEYS)
         self.ckpt_path = self.out.checkpoint_path(CHECKPOINT)
         return self.out
+
+    def done(self) -> set[tuple]:
+        """``(metric, step)`` of the records of this run's config (its ``config_hash``) in the folder: what a
+        resumed run does not write again (another config's records there are not this run's)."""
+        if self.out is None:
+            raise RuntimeError("_Run.open() first")
+        return done_keys(load_records(self.out.path), ["metric", "step"], config_hash=self.out.config_hash)
 
     def try_resume(self, net, opt, sched) -> dict[str, Any] | None:
         if self.out is None:
@@ -591,7 +629,7 @@ def _run_classify(c: dict[str, Any]) -> Path:
     stop = c["train"]["stop_after_steps"]
     every = int(c["train"]["checkpoint_every"])
     with R.out.writer(**defaults) as writer:
-        have = done_keys(load_records(R.out.path), ["metric", "step"])
+        have = R.done()
         while state["epoch"] < epochs:
             t0 = time.perf_counter()
             perm = np.random.default_rng((seed, state["epoch"])).permutation(len(x))
@@ -741,7 +779,7 @@ def _run_maml(c: dict[str, Any]) -> Path:
     stop, every = c["train"]["stop_after_steps"], int(c["train"]["checkpoint_every"])
     args = (int(m["num_ways"]), int(m["num_shots"]), int(m["num_shots_test"]))
     with R.out.writer(**defaults) as writer:
-        have = done_keys(load_records(R.out.path), ["metric", "step"])
+        have = R.done()
         while state["epoch"] < epochs:
             t0 = time.perf_counter()
             with progress_bar(

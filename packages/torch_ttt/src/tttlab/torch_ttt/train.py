@@ -662,7 +662,7 @@ def run(
     d: DataConfig | dict = c["data"]
     x, y = load_mnist(d.get("split") or "train", d.get("num_examples"))
     model, engine, opt = build_model_and_engine(c, x[:2].to(device), device)
-    out = RunDir(c["out_dir"], c)
+    out = RunDir(c["out_dir"], c, resumable_keys=RESUMABLE_KEYS)
     if ck is None:
         _start_over(out, ckpt_path)
     state = {"epoch": 0, "batch": 0, "step": 0, "correct": 0, "seen": 0, "task_loss": 0.0, "ssl_loss": 0.0}
@@ -726,6 +726,15 @@ def run(
             summary = _noisy_evaluation(c, model, engine, writer, have, device)
             out.write_stats({**history, "eval": summary})
     return out.path
+
+
+#: config keys that change no number a training run records (core ``RunDir(resumable_keys=...)``): where its
+#: folder is, how often it checkpoints, whether it resumes, where it stops, whether it evaluates at the end
+#: (the evaluation's numbers do not depend on it).  A run that differs from its folder's config only in them
+#: (and core's display keys) is the same run: no warning, its records re-tagged with the new config_hash.
+#: ``device``, ``amp``, ``compile``, the batch sizes and seeds change numbers and stay in its identity.
+RESUMABLE_KEYS = ("out_dir", "experiment_name", "train.checkpoint_every", "train.resume", "train.stop_after_steps",
+                  "eval.enabled")  # fmt: skip
 
 
 def _training_part(c: dict[str, Any]) -> dict[str, Any]:

@@ -49,11 +49,16 @@ runs eager).  Both are config keys, so they enter the run's ``config_hash`` and 
 (below): a run directory is not resumed with another value.
 
 Resuming: ``checkpoints/last.ckpt`` is resumed only by a run of the same command and training config
-(:func:`training_identity`: every key but :data:`RESUMABLE_KEYS`, i.e. the display keys, ``out_dir``,
-``device``, ``num_threads``, ``save_ckpt_freq``, ...) on as many processes, and a probe only while its
-``finetune`` file still holds the encoder it froze; otherwise a ``CheckpointError`` names the differing
-keys (or the changed file) before anything is written (use another ``out_dir``, or delete the folder to
-train there from the start).
+(:func:`training_identity`: every key but the display keys, :data:`RESUMABLE_KEYS` and
+:data:`PLACEMENT_KEYS`, i.e. ``out_dir``, ``save_ckpt_freq``, ``device``, ``num_threads``, ...) on as many
+processes, and a probe only while its ``finetune`` file still holds the encoder it froze; otherwise a
+``CheckpointError`` names the differing keys (or the changed file) before anything is written (use another
+``out_dir``, or delete the folder to train there from the start).  A folder without that checkpoint but
+with the records of another training config is refused the same way (``RunDirConflictError``): its
+epochs were taken as done.  Only records of the run's own config (``config_hash``) count as done.  A
+run whose config differs from the folder's only in display keys or :data:`RESUMABLE_KEYS` (which change
+no number) is the same run: its records are re-tagged with the new hash, without a warning; one that
+differs in :data:`PLACEMENT_KEYS` resumes with a warning, and the records of each part keep their hash.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ import torch.nn.functional as F
 
 from tttlab.core.config import config_diff
 from tttlab.core.errors import CheckpointError, ConfigError, InvalidInputError
-from tttlab.core.records import DISPLAY_KEYS, RunDir, read_jsonl, without_keys
+from tttlab.core.records import DISPLAY_KEYS, RunDir, check_run_dir, read_jsonl, without_keys
 from tttlab.core.torch import autocast
 
 from .checkpoint import HEAD_PREFIXES, atomic_save, read_checkpoint, state_dict_of
@@ -289,7 +294,11 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
                     f"holds now ({len(changed)} of its {len(frozen)} frozen tensors differ, e.g. {changed[0]}): "
                     f"the file changed since; use another out_dir, or delete {out} to probe it from the start"
                 )
-    rd = RunDir(out, c, rank=dist.rank if dist.world_size > 1 else None)
+    if ck is None:  # no checkpoint to resume: a folder holding another training config's records is refused
+        # too (their epochs were taken as done, its stats.json kept); records of this config (a kill between
+        # an epoch's record and its checkpoint) are this run's
+        check_run_dir(out, c, identity=training_identity, resumable_keys=RESUMABLE_KEYS, append_env=False)
+    rd = RunDir(out, c, rank=dist.rank if dist.world_size > 1 else None, resumable_keys=RESUMABLE_KEYS)
     opt, base_lr = make_optimizer(c, model, kind, dist.world_size)
     start_epoch, history = 0, []
     ckpt_path = rd.checkpoint_path("last")
@@ -394,17 +403,21 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
     return final
 
 
-#: config keys a pretrain/probe run may change and still resume its checkpoint: what it shows (core
-#: ``DISPLAY_KEYS``), where its folder is and its default name, where it runs (``device``, ``num_threads``),
-#: how often it checkpoints, how ``finetune`` is read, and the evaluate section it does not use.  Every other
-#: key (the model, lr / blr, epochs, data, seed, amp, compile, ...) changes the trained weights.
-RESUMABLE_KEYS = (*DISPLAY_KEYS, "out_dir", "experiment_name", "device", "num_threads", "save_ckpt_freq",
-                  "weights_only", "benchmark")  # fmt: skip
+#: config keys beside core's ``DISPLAY_KEYS`` that change no number a pretrain/probe run computes (core
+#: ``RunDir(resumable_keys=...)``): where its folder is and its default name, how often it checkpoints, how
+#: ``finetune`` is read (the same tensors either way) and the evaluate section it does not use.  A run that
+#: differs from its folder's config only in them (and display keys) is the same run.  Paths to data
+#: (``data.root``, ``finetune``) are not among them: another path may hold other data.
+RESUMABLE_KEYS = ("out_dir", "experiment_name", "save_ckpt_freq", "weights_only", "benchmark")
+#: where a run computes (``device``, ``num_threads``): a checkpoint resumes across them, but they change the
+#: float rounding (on CPU the thread count changes the sums), so they stay in the records' identity.
+PLACEMENT_KEYS = ("device", "num_threads")
 
 
 def training_identity(c: dict[str, Any]) -> dict[str, Any]:
-    """What a pretrain/probe run's weights depend on: ``c`` without :data:`RESUMABLE_KEYS`."""
-    return without_keys(c, RESUMABLE_KEYS)
+    """What a pretrain/probe run's weights depend on: ``c`` without the display keys,
+    :data:`RESUMABLE_KEYS` and :data:`PLACEMENT_KEYS`."""
+    return without_keys(c, (*DISPLAY_KEYS, *RESUMABLE_KEYS, *PLACEMENT_KEYS))
 
 
 def check_resumable(ck: Any, c: dict[str, Any], kind: str, world_size: int, path: Path) -> None:
@@ -432,8 +445,10 @@ def check_resumable(ck: Any, c: dict[str, Any], kind: str, world_size: int, path
 
 
 def _recorded(rd: RunDir, metric: str, step: int) -> bool:
-    """Whether ``rd``'s records already hold ``metric`` at ``step`` (a resumed run writes it once)."""
-    return any(r["metric"] == metric and r["step"] == step for r in read_jsonl(rd.records_path))
+    """Whether ``rd``'s records of this run's config (its ``config_hash``) already hold ``metric`` at
+    ``step`` (a resumed run writes it once; another config's record there is not this run's)."""
+    return any(r["metric"] == metric and r["step"] == step and r["config_hash"] == rd.config_hash
+               for r in read_jsonl(rd.records_path))  # fmt: skip
 
 
 @torch.no_grad()
