@@ -412,6 +412,52 @@ def test_an_experiment_given_with_the_wrong_plus_gets_the_right_remedy(tmp_path,
     assert capsys.readouterr().err == ""
 
 
+def test_an_option_for_a_group_gets_the_form_the_commands_defaults_list_takes(tmp_path, monkeypatch, capsys):
+    """``--experiment=smoke`` / ``--experiment smoke`` (Hydra's ``--experimental-rerun``, abbreviated) was
+    refused with "give experiment=smoke" on every command, but a command whose defaults list has no
+    experiment (torch_ttt's train, ttt_mae's, memo_tpt's) needs ``+experiment=smoke`` (Hydra: "Could not
+    override 'experiment'").  The hint now reads the command's primary config; a plain key stays
+    ``key=value``, and so does every hint without the command's config."""
+    from tttlab.core.cli import check_hydra_command, check_hydra_flags
+
+    for pkg, defaults in (("with_exp2", "defaults:\n  - _self_\n  - experiment: smoke\n"),
+                          ("without_exp2", "defaults:\n  - _self_\n")):  # fmt: skip
+        conf = tmp_path / f"fakepkg_{pkg}" / "conf"
+        (conf / "experiment").mkdir(parents=True)
+        (conf / "experiment" / "smoke.yaml").write_text("# @package _global_\nexperiment_name: smoke\n")
+        (conf / "train.yaml").write_text(defaults + "experiment_name: none\nseed: 0\n")
+        (conf.parent / "__init__.py").write_text("")
+        (conf / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def hint(argv, conf=None):
+        with pytest.raises(SystemExit) as exit_info:
+            if conf:  # as the command runs it
+                monkeypatch.setattr("sys.argv", ["prog", *argv])
+                check_hydra_command("prog", conf, "train", compile_key=False)
+            else:
+                check_hydra_flags("prog", argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+        return err.rstrip("\n").rpartition(": give ")[2]
+
+    for argv in (["--experiment=smoke"], ["--experiment", "smoke"]):
+        assert hint(argv, "fakepkg_without_exp2.conf") == "+experiment=smoke"
+        assert hint(argv, "fakepkg_with_exp2.conf") == "experiment=smoke"
+        assert hint(argv) == "experiment=smoke"
+    assert hint(["--seed=1"], "fakepkg_without_exp2.conf") == "seed=1"  # a key, not a group
+    assert hint(["--experiment_name=x"], "fakepkg_without_exp2.conf") == "experiment_name=x"
+    # the hint is right: Hydra composes it
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    for pkg, override in (("without_exp2", "+experiment=smoke"), ("with_exp2", "experiment=smoke")):
+        GlobalHydra.instance().clear()
+        with initialize_config_module(f"fakepkg_{pkg}.conf", version_base=None):
+            assert compose("train", [override]).experiment_name == "smoke"
+    GlobalHydra.instance().clear()
+
+
 HYDRA_COMMAND = """
 import hydra
 from tttlab.core.cli import check_hydra_command

@@ -233,10 +233,40 @@ def _hydra_prints_only(argv: list[str]) -> bool:
     return bool(prints) and not (args.run or args.multirun)
 
 
-def _not_an_option_of_hydras(argv: list[str]) -> str:
+def _as_override(key: str, value: str, conf: str | None = None, config_name: str | None = None) -> str:
+    """The override a user meant by ``--key=value``: ``key=value``, or ``+key=value`` when ``key`` is a config
+    group of the package ``conf`` (a folder of YAMLs: ``experiment``) that the command's primary config
+    ``config_name`` does not choose in its defaults list (torch_ttt's train, ttt_mae's and memo_tpt's
+    commands: Hydra adds such a group only with '+'; mttt_jax's commands have an experiment by default, and
+    take ``experiment=x``).  Without ``conf``, or when the config does not compose, ``key=value``."""
+    plain = f"{key}={value}"
+    if not conf or not config_name:
+        return plain
+    try:
+        from importlib.resources import files
+
+        if not files(conf).joinpath(*key.split("/")).is_dir():
+            return plain  # a key, not a group: Hydra's own message says the rest
+        from hydra import compose, initialize_config_module
+        from hydra.core.global_hydra import GlobalHydra
+
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_module(conf, version_base=None):
+                cfg = compose(config_name=config_name, return_hydra_config=True)
+        finally:
+            GlobalHydra.instance().clear()
+        chosen = key in cfg.hydra.runtime.choices
+    except Exception:  # noqa: BLE001 - no such config, no Hydra: the plain form
+        return plain
+    return plain if chosen else f"+{plain}"
+
+
+def _not_an_option_of_hydras(argv: list[str], conf: str | None = None, config_name: str | None = None) -> str:
     """The message for the first ``--name[=value]`` of ``argv`` that names no option of Hydra's, not even
     abbreviated (``--seed=1``, ``--seed 1``: Hydra's parser prints its usage and "unrecognized arguments"):
-    the override to give instead; ``""`` when there is none."""
+    the override to give instead (:func:`_as_override`: ``+engine=x`` where the command's config needs the
+    '+'); ``""`` when there is none."""
     from hydra._internal.utils import get_args_parser
 
     options = [s for a in get_args_parser()._actions for s in a.option_strings]
@@ -250,7 +280,7 @@ def _not_an_option_of_hydras(argv: list[str]) -> str:
             value, arg = argv[i + 1], f"{arg} {argv[i + 1]}"
         return (
             f"{arg}: no option of Hydra's; the command takes overrides key=value (no '--'): give "
-            f"{name[2:]}={value or '<value>'}"
+            f"{_as_override(name[2:], value or '<value>', conf, config_name)}"
         )
     return ""
 
@@ -299,7 +329,9 @@ def _not_an_override(argv: list[str], overrides: list[str]) -> str:
     return ""
 
 
-def check_hydra_flags(prog: str, argv: list[str] | None = None) -> None:
+def check_hydra_flags(
+    prog: str, argv: list[str] | None = None, conf: str | None = None, config_name: str | None = None
+) -> None:
     """Stop a command line whose Hydra options Hydra's parser takes but Hydra then refuses with a
     ``ValueError`` traceback (exit status 1): two of its modes at once (``--cfg job -m``, ``--info -r``, ``-mr``:
     it runs, runs a sweep, prints a config, prints its info or does shell completion, one per command),
@@ -308,7 +340,8 @@ def check_hydra_flags(prog: str, argv: list[str] | None = None) -> None:
     reports with its usage, a lexer's message or (under ``--help``) a traceback: ``--seed=1``, ``--seed 1``
     (no option of Hydra's), ``seed= 1``, ``+experiment smoke``, and ``-cnother`` (argparse reads a value
     attached to ``-cn`` as ``-c nother``).  One ``<prog>: error: ConfigError:`` line
-    saying what to give instead, exit status 2.  Read with Hydra's own parser (:func:`_hydra_args`), in
+    saying what to give instead, exit status 2: for ``--experiment=x`` the form the command's config takes
+    (``conf``, ``config_name``: its config package and primary config; :func:`_as_override`).  Read with Hydra's own parser (:func:`_hydra_args`), in
     Hydra's order (``--help`` first: it prints its page whatever else was given).
     :func:`check_hydra_command` calls it first."""
     from pathlib import Path
@@ -321,7 +354,7 @@ def check_hydra_flags(prog: str, argv: list[str] | None = None) -> None:
     if args is not None:
         message = _not_an_override(argv, list(args.overrides))
     elif _hydra_args([]) is not None:  # Hydra's parser refuses the command line (it prints its usage)
-        message = _not_an_option_of_hydras(argv) or _two_letter_option_with_its_value(argv)
+        message = _not_an_option_of_hydras(argv, conf, config_name) or _two_letter_option_with_its_value(argv)
     if not message and args is not None and not args.help:
         if args.resolve and not args.cfg:
             message = (
@@ -342,7 +375,8 @@ def check_hydra_flags(prog: str, argv: list[str] | None = None) -> None:
                 name = typed[0].partition("=")[0]
                 message = (
                     f"{name} is Hydra's --experimental-rerun (its options may be abbreviated), and {value} is "
-                    f"no file; an override has no '--': give {name[2:]}={value}"
+                    f"no file; an override has no '--': give "
+                    f"{_as_override(name[2:], value, conf, args.config_name or config_name)}"
                 )
         elif not args.hydra_help:
             modes = [m for m in _HYDRA_MODES if getattr(args, m)]
@@ -959,7 +993,7 @@ def check_hydra_command(prog: str, conf: str, config_name: str, *, compile_key: 
     quiet_closed_stdout()
     quiet_hydra_output()
     hydra_pages_log_once()
-    check_hydra_flags(prog)
+    check_hydra_flags(prog, conf=conf, config_name=config_name)
     if compile_key:
         check_compile_override(prog)
     check_group_overrides(prog, conf)
