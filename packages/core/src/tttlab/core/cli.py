@@ -427,7 +427,10 @@ def apply_log_level(cfg_or_level) -> None:
     INFO lines.  Sets the level of the root logger, never below INFO, and for ``DEBUG`` that of the ``tttlab``
     logger (every package's loggers are below it): ``DEBUG`` shows tttlab's debug lines, not every library's.
     Adds a handler only when the root has none (no line printed twice).  A missing or unknown name changes
-    nothing (:func:`tttlab.core.config.validate` names a bad value)."""
+    nothing (:func:`tttlab.core.config.validate` names a bad value).  Inside a Hydra task, a logger that
+    Hydra's ``hydra.verbose`` put at DEBUG (``hydra.verbose=true``: the root; ``hydra.verbose=tttlab``, a list
+    of names) keeps DEBUG: the default ``logging.level=INFO`` reset the root to INFO, and no debug line showed
+    (:func:`_hydra_verbose_loggers`)."""
     import logging
 
     from .config import LOG_LEVELS
@@ -442,9 +445,28 @@ def apply_log_level(cfg_or_level) -> None:
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
-    root.setLevel(max(value, logging.INFO))
+    verbose = _hydra_verbose_loggers()
+    if "" not in verbose:  # hydra.verbose=true asked for the root's DEBUG: it stays
+        root.setLevel(max(value, logging.INFO))
     # below INFO only tttlab's loggers go further; otherwise they follow the root (no level left behind)
-    logging.getLogger("tttlab").setLevel(value if value < logging.INFO else logging.NOTSET)
+    if "tttlab" not in verbose:
+        logging.getLogger("tttlab").setLevel(value if value < logging.INFO else logging.NOTSET)
+
+
+def _hydra_verbose_loggers() -> set[str]:
+    """The names of the loggers that Hydra's ``hydra.verbose`` set to DEBUG for the running Hydra task
+    (``""``: the root, for ``hydra.verbose=true`` or the name ``root``); empty outside a Hydra task."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+    except ImportError:
+        return set()
+    if not HydraConfig.initialized():
+        return set()
+    verbose = HydraConfig.get().get("verbose", False)
+    if isinstance(verbose, bool) or verbose is None:
+        return {""} if verbose else set()
+    names = [verbose] if isinstance(verbose, str) else list(verbose)
+    return {"" if str(n) == "root" else str(n) for n in names}
 
 
 def _tell_torchrun(line: str) -> None:
