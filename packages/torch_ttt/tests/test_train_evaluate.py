@@ -551,6 +551,9 @@ def test_evaluate_needs_a_finished_training_run(tmp_path):
         (["eval.batch_size=0"], "eval.batch_size=0"),
         (["eval.num_examples=-1"], "eval.num_examples=-1"),
         (["eval.noise_std=inf"], "eval.noise_std=inf"),
+        # std * N(0, 1) with a negative std: the noise of |std|, recorded under the negative value
+        (["eval.noise_std=-1"], "eval.noise_std=-1.0: expected a finite number >= 0"),
+        (["noisy.noise_std=-0.5"], "noisy.noise_std=-0.5: expected a finite number >= 0"),
         (["noisy.batch_size=0"], "noisy.batch_size=0"),
         (["noisy.num_examples=-1"], "noisy.num_examples=-1"),
         (["noisy.noise_std=nan"], "noisy.noise_std=nan"),

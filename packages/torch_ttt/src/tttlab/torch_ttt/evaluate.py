@@ -298,7 +298,7 @@ def eval_config(
         ("noisy.batch_size", nz["batch_size"], nz["batch_size"] >= 1, "an integer >= 1"),
         ("noisy.num_examples", nz["num_examples"], nz["num_examples"] is None or nz["num_examples"] >= 1,
          "null or an integer >= 1"),
-        ("noisy.noise_std", nz["noise_std"], math.isfinite(nz["noise_std"]), "a finite number"),
+        ("noisy.noise_std", nz["noise_std"], 0 <= nz["noise_std"] < math.inf, "a finite number >= 0"),
         ("calibration.num_examples", cal["num_examples"], cal["num_examples"] >= 1, "an integer >= 1"),
         ("calibration.batch_size", cal["batch_size"], cal["batch_size"] >= 1, "an integer >= 1"),
     ):  # fmt: skip
