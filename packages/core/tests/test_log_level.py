@@ -93,3 +93,46 @@ def test_adds_a_handler_only_to_a_bare_root(hydra_like_root):
     finally:
         for h in root.handlers[:]:
             root.removeHandler(h)
+
+
+@pytest.mark.parametrize(
+    "verbose, level, debug_from",
+    [("true", "INFO", {"tttlab.x", "other"}), ("tttlab", "INFO", {"tttlab.x"}),
+     ("[tttlab,other]", "WARNING", {"tttlab.x", "other"}), ("false", "INFO", set())],
+)  # fmt: skip
+def test_hydra_verbose_keeps_its_debug_lines(tmp_path, monkeypatch, verbose, level, debug_from):
+    """``hydra.verbose=true`` puts the root logger at DEBUG before the task runs; the task's
+    ``apply_log_level`` with the default ``logging.level=INFO`` reset it to INFO, so no debug line showed
+    (``hydra.verbose=tttlab``: the same for the tttlab logger).  A logger Hydra's verbose named now keeps
+    DEBUG, whatever ``logging.level`` says; without it, ``logging.level`` alone decides.  A real Hydra task,
+    in-process: the lines are those of the job's log file."""
+    pytest.importorskip("hydra")
+    import sys
+
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)
+    for name in ("", "tttlab", "other"):
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "handlers", logger.handlers[:])
+        monkeypatch.setattr(logger, "level", logger.level)
+
+    @hydra.main(config_path="pkg://tttlab.core.conf", config_name="compare", version_base=None)
+    def task(cfg):
+        apply_log_level(level)
+        for name in ("tttlab.x", "other"):
+            logging.getLogger(name).debug("debug line of %s", name)
+
+    monkeypatch.setattr(
+        sys, "argv", ["x", f"hydra.verbose={verbose}", "hydra.run.dir=run", "hydra.job.name=job"]
+    )
+    task()
+    lines = (tmp_path / "run" / "job.log").read_text().splitlines()
+    shown = {
+        n
+        for n in ("tttlab.x", "other")
+        if any(line.endswith(f"[DEBUG] - debug line of {n}") for line in lines)
+    }
+    assert shown == debug_from, lines

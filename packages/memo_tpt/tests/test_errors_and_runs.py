@@ -358,7 +358,18 @@ def test_bad_options_are_config_errors(tmp_path, monkeypatch, name, overrides, n
         ("memo", ["+include_original=maybe"], "include_original='maybe'; expected true or false"),
         ("memo", ["top_k=abc"], "top_k='abc'; expected a fraction"),
         ("memo", ["image_size=32", "test_resize=16"], "test_resize=16 must be >= size=32"),
-        ("tpt", ["augs=0"], "n_views=0 must be >= 1"),
+        ("tpt", ["augs=0"], "n_views=0: expected an integer >= 1 (views per image, the original included)"),
+        # it said "n_views=64 must be >= 1, tts=-1 and align_steps=0 >= 0": every value, which one was wrong?
+        (
+            "tpt",
+            ["tts=-1"],
+            "tts=-1: expected an integer >= 0 (prompt-tuning steps per image; 0: zero-shot CLIP)",
+        ),
+        (
+            "memo",
+            ["steps=-1"],
+            "steps=-1: expected an integer >= 0 (optimizer steps per image; 0: no weight update)",
+        ),
         ("tpt", ["selection=abc"], "selection='abc'; expected a fraction"),
         ("tpt", ["base_prompt='a [CLS] photo'"], "expected [CLS] only at the end"),
         ("tpt", ["selection=6"], "selection=6; expected a fraction of the views in (0, 1]"),

@@ -487,3 +487,35 @@ def test_validation_inner_losses_do_not_depend_on_the_padding():
     np.testing.assert_allclose(padded["val/inner_loss"], whole["val/inner_loss"], rtol=1e-5)
     assert padded["val/prec@1"] == whole["val/prec@1"]
     assert padded["val/loss"] == pytest.approx(whole["val/loss"], rel=1e-6)
+
+
+def test_a_refused_resume_suggests_a_run_directory_that_is_not_the_given_one(tmp_path, monkeypatch):
+    """The refused resume said "use another out_dir (e.g. name=_T4)" whatever the run was given: to a run
+    given ``name=_T4`` (whose folder held the other config's checkpoint) it suggested the same folder, and to
+    one given ``out_dir=`` (upstream's ``--workdir``) a ``name`` that does not change its folder.  The example
+    is now a folder that is neither the given one nor an existing one."""
+    from tttlab.core.errors import CheckpointError
+
+    from .test_train import TINY, compose
+
+    monkeypatch.chdir(tmp_path)
+    old = T.to_dict(compose(TINY))
+
+    class Manager:  # what check_resume_config reads of an orbax CheckpointManager
+        directory = "ckpt"
+
+        def restore(self, step, args=None):
+            return {"meta": {"config": T.json_roundtrip(T.training_config(old))}}
+
+    def example(*overrides):
+        with pytest.raises(CheckpointError) as info:
+            T.check_resume_config(Manager(), 4, T.to_dict(compose([*TINY, "lr=0.5", *overrides])))
+        assert str(info.value).endswith(") or resume=false to start over"), info.value
+        return str(info.value).rpartition("(e.g. ")[2].partition(")")[0]
+
+    assert example("name=_T4") == "name=_T4_2"
+    (tmp_path / "runs" / "mttt" / "smoke_T4_2").mkdir(parents=True)
+    assert example("name=_T4") == "name=_T4_3"
+    assert example() == "name=_2"
+    assert example("out_dir=exp/x") == "out_dir=exp/x_2"  # name does not change a given out_dir
+    assert example("out_dir=exp/x/", "name=_T4") == "out_dir=exp/x_2"

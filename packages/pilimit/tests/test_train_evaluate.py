@@ -280,6 +280,21 @@ def test_missing_transfer_root_is_reported_before_training(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "bad, error",
+    [("device=cuda:99", r"device='cuda:99', but "), ("data.name=imagenet64", r"data\.name='imagenet64'; expected one of")],
+)  # fmt: skip
+def test_a_bad_config_value_is_named_before_a_missing_data_path(tmp_path, bad, error):
+    """paper_transfer checked transfer.root (the file system) before the device: a user with both wrong
+    heard of the path first, fixed it, and then of the device.  The config's own values come first now."""
+    nowhere = tmp_path / "nowhere"
+    over = ["logging.progress=false", f"data.root={nowhere}", f"transfer.root={nowhere}", bad,
+            f"out_dir={tmp_path / 'run'}"]  # fmt: skip
+    with pytest.raises(ConfigError, match=error):
+        run(train_config("paper_transfer", over))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_bad_data_root_leaves_no_run_directory_and_a_killed_run_as_it_was(tmp_path):
     """Training made its run directory (config.yaml, records.jsonl, env.json) before it read the data: a
     mistyped data.root or maml.root left a half-made run behind, and in the folder of a killed run

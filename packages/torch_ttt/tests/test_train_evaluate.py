@@ -551,6 +551,9 @@ def test_evaluate_needs_a_finished_training_run(tmp_path):
         (["eval.batch_size=0"], "eval.batch_size=0"),
         (["eval.num_examples=-1"], "eval.num_examples=-1"),
         (["eval.noise_std=inf"], "eval.noise_std=inf"),
+        # std * N(0, 1) with a negative std: the noise of |std|, recorded under the negative value
+        (["eval.noise_std=-1"], "eval.noise_std=-1.0: expected a finite number >= 0"),
+        (["noisy.noise_std=-0.5"], "noisy.noise_std=-0.5: expected a finite number >= 0"),
         (["noisy.batch_size=0"], "noisy.batch_size=0"),
         (["noisy.num_examples=-1"], "noisy.num_examples=-1"),
         (["noisy.noise_std=nan"], "noisy.noise_std=nan"),
@@ -566,6 +569,26 @@ def test_bad_config_values_are_config_errors_before_any_work(overrides, needle):
             T.train_config("smoke", overrides)
         else:
             E.eval_config({"engine": "ttt"}, overrides)
+
+
+def test_a_path_given_as_none_is_named_with_the_null_hint(tmp_path, monkeypatch):
+    """``train_run=None`` on the command line is the string 'None' (Hydra's null is ``null``): it was a
+    ``CheckpointError`` "train_run=None: no checkpoints/last.ckpt" (and ``model_checkpoint.path=None`` one
+    "without model_checkpoint.name"), not saying the value meant null.  Now the line says so and what to give,
+    as core's check of ``out_dir=None`` does; a folder named None that holds a train run stays a path."""
+    monkeypatch.chdir(tmp_path)
+    for key, rest in (("train_run", "give train_run=null (a model trained with train_experiment=mnist_bn, "
+                                    "cached) or train_run=<a tttlab-torch-ttt-train run>"),
+                      ("model_checkpoint.path", "give model_checkpoint.path=null (a tttlab-torch-ttt-train model) "
+                                                "or model_checkpoint.path=<the model's weights file>")):  # fmt: skip
+        with pytest.raises(ConfigError) as info:
+            E.eval_config({"engine": "tent"}, [f"{key}=None"])
+        assert str(info.value).startswith(f"{key}=None: on Hydra's command line None is the string 'None' (null "
+                                          "is null)"), info.value  # fmt: skip
+        assert str(info.value).endswith(rest), info.value
+    (tmp_path / "None" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "None" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert E.eval_config({"engine": "tent"}, ["train_run=None"])["train_run"] == "None"
 
 
 def test_bad_engine_arguments_and_foreign_checkpoints(smoke_run, tmp_path):

@@ -84,8 +84,12 @@ def check_options(
     command runs them before it reads any test set (a bad value is named before a missing folder)."""
     if augmentation not in AUGMENTATIONS:
         raise ConfigError(f"augmentation={augmentation!r}; expected one of {AUGMENTATIONS}")
-    if n_augmentations < 1 or steps < 0:
-        raise ConfigError(f"n_augmentations={n_augmentations} must be >= 1 and steps={steps} >= 0")
+    for key, value, least, what in (
+        ("n_augmentations", n_augmentations, 1, "augmented views per image"),
+        ("steps", steps, 0, "optimizer steps per image; 0: no weight update"),
+    ):
+        if value < least:
+            raise ConfigError(f"{key}={value}: expected an integer >= {least} ({what})")
     check_rates(lr=lr, weight_decay=weight_decay, momentum=momentum, prior_strength=prior_strength)
     if prior_strength is not None and 0 < float(prior_strength) < 1:
         # seed 002's key of the same name is the mixing weight p itself (0.94); ours is MEMO's N.

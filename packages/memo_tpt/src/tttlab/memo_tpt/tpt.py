@@ -390,8 +390,13 @@ def check_options(
             f"augmix={augmix!r}; expected false, true (TPT's: crop + flip, then AugMix severity 1, 9 operations) "
             "or seed002 (seed 002's --augmix: torchvision AugMix(), severity 3, 13 operations, whole image)"
         )
-    if n_views < 1 or tts < 0 or align_steps < 0:
-        raise ConfigError(f"n_views={n_views} must be >= 1, tts={tts} and align_steps={align_steps} >= 0")
+    for key, value, least, what in (
+        ("n_views", n_views, 1, "views per image, the original included"),
+        ("tts", tts, 0, "prompt-tuning steps per image; 0: zero-shot CLIP"),
+        ("align_steps", align_steps, 0, "visual-alignment steps per image; 0: none"),
+    ):
+        if value < least:
+            raise ConfigError(f"{key}={value}: expected an integer >= {least} ({what})")
     check_rates(lr=lr, weight_decay=weight_decay, align_lr=align_lr)
     check_selection("selection", selection)
 

@@ -341,8 +341,25 @@ def check_resume_config(mngr, step: int, c: dict) -> None:
     if diff:
         raise CheckpointError(
             f"{mngr.directory}/{step} was written by a run with another training config ({'; '.join(diff)}); "
-            "use another out_dir (e.g. name=_T4) or resume=false to start over"
+            f"use another out_dir (e.g. {another_run_dir(c)}) or resume=false to start over"
         )
+
+
+def another_run_dir(c: dict) -> str:
+    """The override for a run directory other than ``c``'s that does not exist yet, for the message of a
+    refused resume: ``name=<name>_2`` (``_3``, ...) when ``out_dir`` is config.yaml's
+    ``runs/mttt/<experiment_name><name>``, else ``out_dir=<out_dir>_2`` (an ``out_dir`` given, as upstream's
+    ``--workdir`` gives one, does not change with ``name``).  Never the value the run was given (the hint was
+    always ``name=_T4``, also to a run given ``name=_T4``)."""
+    import itertools
+
+    out, name = str(c["out_dir"]).rstrip("/"), str(c.get("name") or "")
+    from_name = out == f"runs/mttt/{c.get('experiment_name', '')}{name}"
+    for k in itertools.count(2):
+        folder = f"{out[: len(out) - len(name)]}{name}_{k}" if from_name else f"{out}_{k}"
+        if not Path(folder).exists():
+            return f"name={name}_{k}" if from_name else f"out_dir={folder}"
+    raise AssertionError  # pragma: no cover - itertools.count does not end
 
 
 def json_roundtrip(x):

@@ -589,6 +589,12 @@ def num_outputs(c: dict[str, Any]) -> int:
 
 
 def _run_classify(c: dict[str, Any]) -> Path:
+    # the config's values first (the device, the dataset's name), then the paths: a user with a wrong
+    # device and a wrong transfer.root heard of the path, fixed it, and only then of the device
+    resolve_device(c["device"])
+    d = c["data"]
+    if d["name"] not in NUM_CLASSES:
+        raise ConfigError(f"data.name={d['name']!r}; expected one of {sorted(NUM_CLASSES)}")
     t = c["transfer"]
     if c["train"]["task"] == "transfer" and t["dataset"] not in ("mnist", "digits"):
         # read after training: a missing transfer.root is an error now, not after hours of training
@@ -596,9 +602,6 @@ def _run_classify(c: dict[str, Any]) -> Path:
             t["root"], t["dataset"], "transfer.root", TRANSFER_LAYOUTS.get(t["dataset"], "a dataset folder")
         )
     R = _Run(c)
-    d = c["data"]
-    if d["name"] not in NUM_CLASSES:
-        raise ConfigError(f"data.name={d['name']!r}; expected one of {sorted(NUM_CLASSES)}")
     classes = c["train"].get("classes")
     x, y = load_flat(d["name"], d.get("split") or "train", d.get("root"), d.get("num_examples"), classes)
     xt, yt = load_flat(d["name"], c["train"]["test_split"], d.get("root"), c["train"]["num_test"], classes)

@@ -298,7 +298,7 @@ def eval_config(
         ("noisy.batch_size", nz["batch_size"], nz["batch_size"] >= 1, "an integer >= 1"),
         ("noisy.num_examples", nz["num_examples"], nz["num_examples"] is None or nz["num_examples"] >= 1,
          "null or an integer >= 1"),
-        ("noisy.noise_std", nz["noise_std"], math.isfinite(nz["noise_std"]), "a finite number"),
+        ("noisy.noise_std", nz["noise_std"], 0 <= nz["noise_std"] < math.inf, "a finite number >= 0"),
         ("calibration.num_examples", cal["num_examples"], cal["num_examples"] >= 1, "an integer >= 1"),
         ("calibration.batch_size", cal["batch_size"], cal["batch_size"] >= 1, "an integer >= 1"),
     ):  # fmt: skip
@@ -317,8 +317,30 @@ def eval_config(
     experiments = T.experiment_names()
     if c["train_experiment"] not in experiments:
         raise ConfigError(f"train_experiment={c['train_experiment']!r}; expected one of {experiments}")
+    check_none_strings(c)
     check_model_checkpoint(c)
     return c
+
+
+def check_none_strings(c: dict[str, Any]) -> None:
+    """``train_run=None`` / ``model_checkpoint.path=None`` on the command line: Hydra's null is ``null``, so
+    the value is the string 'None', which was read as a folder (or file) of that name ("train_run=None: no
+    checkpoints/last.ckpt").  A :class:`ConfigError` saying so and what to give instead, as core's
+    check of ``out_dir=None`` / ``run_dir=None`` says; a folder ``None`` that holds a train run is a path."""
+    mc = c["model_checkpoint"]
+    for key, value, null_means, path in (
+        ("train_run", c["train_run"], f"a model trained with train_experiment={c['train_experiment']}, cached",
+         "a tttlab-torch-ttt-train run"),
+        ("model_checkpoint.path", mc["path"], "a tttlab-torch-ttt-train model", "the model's weights file"),
+    ):  # fmt: skip
+        if not isinstance(value, str) or value.strip() != "None":
+            continue
+        there = T.checkpoint_file(value.strip()) if key == "train_run" else Path(value.strip())
+        if not there.exists():
+            raise ConfigError(
+                f"{key}=None: on Hydra's command line None is the string 'None' (null is null), and there is no "
+                f"{there}; give {key}=null ({null_means}) or {key}=<{path}>"
+            )
 
 
 #: The sections of ``engine`` an experiment's ``engine_defaults`` presets set.

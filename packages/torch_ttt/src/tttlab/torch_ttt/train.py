@@ -617,7 +617,8 @@ def _validate(cfg) -> dict[str, Any]:
         ("eval.batch_size", e["batch_size"], e["batch_size"] >= 1, "an integer >= 1"),
         ("eval.num_examples", e["num_examples"], e["num_examples"] is None or e["num_examples"] >= 1,
          "null or an integer >= 1"),
-        ("eval.noise_std", e["noise_std"], math.isfinite(e["noise_std"]), "a finite number"),
+        # the noise is std * N(0, 1): a negative std was the noise of |std| recorded under a negative value
+        ("eval.noise_std", e["noise_std"], 0 <= e["noise_std"] < math.inf, "a finite number >= 0"),
         # checked here, not after training (the tutorial trains for minutes before it evaluates)
         ("eval.num_steps", e["num_steps"], all(k >= 0 for k in e["num_steps"]), "a list of integers >= 0"),
         ("eval.lr", e["lr"], e["lr"] is None or 0 <= e["lr"] < math.inf, "null or a finite number >= 0"),
