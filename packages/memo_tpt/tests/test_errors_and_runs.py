@@ -365,6 +365,9 @@ def test_bad_options_are_config_errors(tmp_path, monkeypatch, name, overrides, n
         ("memo", ["top_k=0"], "top_k=0; expected a fraction of the views in (0, 1]"),
         ("ensemble", ["+include_original=maybe"], "include_original='maybe'; expected true or false"),
         ("ensemble", ["models.1.lr=-1"], "lr=-1.0; expected a finite number >= 0"),
+        # a TPT member's own modes, which the ensemble never ran (taken silently before)
+        ("ensemble", ["models.1.align_steps=2"], "models[1].align_steps=2: the ensemble steps"),
+        ("ensemble", ["models.1.ensemble=true"], "models[1].ensemble=True: the ensemble tunes"),
     ],
 )
 def test_bad_option_values_are_named_before_the_test_sets_are_read(tmp_path, name, overrides, needle):
