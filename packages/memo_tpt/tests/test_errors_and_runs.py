@@ -95,6 +95,31 @@ def test_default_class_names_are_clips_curated_imagenet_names(tmp_path):
     assert D.class_names(ds) == [names[i] for i in ds.class_indices]
 
 
+def test_test_set_images_decode_as_the_papers_pil_loaders(tmp_path):
+    """The test sets are decoded by PIL (core's FileDataset: ``Image.open`` + ``convert("RGB")``), as TPT's and
+    MEMO's torchvision ``ImageFolder``; seed 002 decodes with OpenCV (``cv2.imread`` + BGR -> RGB, then PIL
+    transforms).  A JPEG's pixels are the same in both (libjpeg-turbo; 4:2:0 here), but OpenCV applies an
+    EXIF orientation and PIL does not: an orientation-6 photo reaches seed 002's views rotated, ours and the
+    papers' as stored (README "Deviations", decoding)."""
+    from PIL import Image
+
+    testing.make_imagenet_a(tmp_path / "imagenet-a", n_per_class=1, k=1)
+    ds = D.load_test_set("imagenet_a", tmp_path)
+    stored = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    photo = Image.fromarray(stored)
+    exif = photo.getexif()
+    exif[0x0112] = 6  # Orientation: shown rotated 90 degrees clockwise
+    photo.save(ds.paths[0], format="JPEG", quality=90, exif=exif)
+    image, _ = ds[0]
+    with Image.open(ds.paths[0]) as ref:
+        assert image.shape == (24, 40, 3) and np.array_equal(image, np.asarray(ref.convert("RGB")))
+    cv2 = pytest.importorskip("cv2")  # not a dependency: the decoder seed 002 used, as the reference
+    rotated = cv2.cvtColor(cv2.imread(str(ds.paths[0])), cv2.COLOR_BGR2RGB)
+    assert np.array_equal(rotated, np.rot90(image, k=-1))
+    as_stored = cv2.imread(str(ds.paths[0]), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    assert np.array_equal(cv2.cvtColor(as_stored, cv2.COLOR_BGR2RGB), image)
+
+
 def test_all_errors_are_tttlab_errors():
     for cls in (CheckpointError, ConfigError, DatasetLayoutError, DatasetNotFoundError, UnknownNameError):
         assert issubclass(cls, TTTLabError)
@@ -376,6 +401,9 @@ def test_bad_options_are_config_errors(tmp_path, monkeypatch, name, overrides, n
         ("memo", ["top_k=0"], "top_k=0; expected a fraction of the views in (0, 1]"),
         ("ensemble", ["+include_original=maybe"], "include_original='maybe'; expected true or false"),
         ("ensemble", ["models.1.lr=-1"], "lr=-1.0; expected a finite number >= 0"),
+        # a TPT member's own modes, which the ensemble never ran (taken silently before)
+        ("ensemble", ["models.1.align_steps=2"], "models[1].align_steps=2: the ensemble steps"),
+        ("ensemble", ["models.1.ensemble=true"], "models[1].ensemble=True: the ensemble tunes"),
     ],
 )
 def test_bad_option_values_are_named_before_the_test_sets_are_read(tmp_path, name, overrides, needle):

@@ -2,6 +2,7 @@
 mutation audit: each test here fails on a plausible one-line bug that the rest of the suite let through)."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -162,6 +163,47 @@ def test_ensemble_keeps_a_tpt_member_s_step_0_selection(tiny_clip, image):
     assert any(r != set(sel0.tolist()) for r in reselected)  # the test tells the two rules apart
     Ensemble([tpt], [0.7], steps=3)(image)
     torch.testing.assert_close(tpt.prompts.ctx, ref.prompts.ctx)
+
+
+def test_simple_ensemble_combines_the_members_selected_views_unadapted(tiny_clip, bn_net, image):
+    """Seed 002's "simple ensemble" (``Ensemble.forward``'s ``prediction_no_back``): after a reset, every
+    member's logits of its confidence-selected views (TPT: selected with the initial prompt; MEMO: its
+    top-k), combined with the members' temperatures in member order, no backward; argmax of that m.  Not the
+    original views (the adapted ensemble's prediction) and not all views."""
+    temps = [1.55, 0.7]
+    mk = dict(n_augmentations=8, size=16, top_k=0.25, optimizer="sgd", lr=0.1, seed=1)
+    tk = dict(n_views=8, selection=0.25, seed=2)
+    memo, tpt = Memo(copy.deepcopy(bn_net), **mk), TPT(copy.deepcopy(tiny_clip), NAMES, **tk)
+    out = Ensemble([memo, tpt], temps, simple=True)(image)
+    ref_memo, ref_tpt = Memo(copy.deepcopy(bn_net), **mk), TPT(copy.deepcopy(tiny_clip), NAMES, **tk)
+    with torch.no_grad():
+        zm, zt = ref_memo.logits(ref_memo.views(image)), ref_tpt.logits(ref_tpt.views(image))
+        want, _ = combine([zm[ref_memo.select(zm)], zt[ref_tpt.select(zt)]], temps)
+        every, _ = combine([zm, zt], temps)
+        swapped, _ = combine([zm[ref_memo.select(zm)], zt[ref_tpt.select(zt)]], temps[::-1])
+    torch.testing.assert_close(out[0], want)
+    assert (out[0] - every).abs().max() > 1e-3 and (out[0] - swapped).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        (dict(align_steps=2), "members[1] (TPT): align_steps=2"),
+        (dict(ensemble=True), "members[1] (TPT): ensemble=True"),
+    ],
+)
+def test_ensemble_refuses_a_tpt_member_s_own_modes(tiny_clip, bn_net, kw, needle):
+    """The ensemble steps a TPT member's prompt on the combined loss: it never ran the member's visual
+    alignment (``align_steps``) or its view-ensemble mode, and took both silently (seed 002's Ensemble
+    also leaves its ensemble step unaligned: the reset after a member's own predict restores the visual
+    encoder).  Both are a ConfigError naming the value now (the CLI's ``models[i].`` form:
+    test_errors_and_runs.py)."""
+    memo = Memo(bn_net, n_augmentations=4, size=16, optimizer="sgd", lr=0.1)
+    own = TPT(tiny_clip, NAMES, n_views=4, selection=0.5, seed=0, **kw)
+    with pytest.raises(ConfigError, match=re.escape(needle) + ".*expected"):
+        Ensemble([memo, own], [1.55, 0.7])
+    with pytest.raises(ConfigError, match=re.escape(needle.replace("[1]", "[0]"))):
+        Ensemble([own], [0.7], simple=True)
 
 
 @pytest.mark.parametrize("value", ["false", "yes", 1, None])

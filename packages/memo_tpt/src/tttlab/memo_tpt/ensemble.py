@@ -22,6 +22,14 @@ through their own data transforms.
 Deviation for ``steps > 1`` (seed 002 ran 1): seed 002's MEMO members adapt on the same views at every step
 (its data loader's fixed list), here on fresh views.
 
+Members run as the ensemble's, not with their own adaptation: the ensemble's ``steps`` replace a member's
+``tts`` / ``steps`` (as seed 002's ``niter``), and a TPT member's own modes are refused
+(:func:`check_member`): ``align_steps > 0`` (seed 002's visual alignment) and ``ensemble=True`` (the
+view-ensemble).  Seed 002's ``Ensemble.forward`` runs a member's alignment only inside that member's own
+single-model ``predict``; the ``reset`` that follows restores the visual encoder (``clip_init_state``) and its
+optimizer, so neither its ensemble step, its prediction nor its simple ensemble sees an aligned encoder.  Before,
+both were silently ignored here too; now they are a ConfigError naming the value.
+
 Deviation (an upstream bug not reproduced): seed 002's ``Ensemble.forward`` first runs every member's own
 ``predict`` (the single-model results: a zero_grad, backward and step of the member alone), then resets the
 weights and optimizers, which leaves the members' ``.grad`` in place, and its ensemble backward adds to them:
@@ -41,7 +49,27 @@ from tttlab.core.errors import ConfigError
 from .memo import Memo
 from .tpt import TPT
 
-__all__ = ["Ensemble", "combine"]
+__all__ = ["Ensemble", "check_member", "combine"]
+
+
+def check_member(where: str, align_steps=0, ensemble=False) -> None:
+    """A TPT ensemble member's own modes, which the ensemble never runs, as a ConfigError naming the value
+    (``where``: how the caller names the member, e.g. ``models[1].``): ``align_steps > 0`` (seed 002's
+    visual alignment; its own ensemble undoes it with a reset before the ensemble step) and ``ensemble``
+    (the view-ensemble: the ensemble tunes the member's prompt instead)."""
+    if int(align_steps) != 0:
+        raise ConfigError(
+            f"{where}align_steps={align_steps}: the ensemble steps its TPT members' prompts on the combined "
+            "loss and never runs their visual alignment (seed 002's Ensemble neither: its reset restores the "
+            "visual encoder before its ensemble step); expected 0 (the alignment is TPT's own: "
+            "tttlab-memo-tpt-tpt align_steps=k)"
+        )
+    if ensemble:
+        raise ConfigError(
+            f"{where}ensemble={ensemble!r}: the ensemble tunes its TPT members' prompts (or, as the simple "
+            "ensemble, combines their view logits) and never runs a member's view-ensemble mode; expected "
+            "false (the view-ensemble is TPT's own: tttlab-memo-tpt-tpt ensemble=true)"
+        )
 
 
 def combine(
@@ -85,6 +113,9 @@ class Ensemble:
             )
         if any(t <= 0 for t in temperatures):
             raise ConfigError(f"temperatures must be > 0, got {temperatures}")
+        for i, m in enumerate(members):
+            if isinstance(m, TPT):
+                check_member(f"members[{i}] (TPT): ", m.align_steps, m.ensemble)
         self.members, self.temperatures, self.steps, self.simple = (
             list(members),
             temperatures,

@@ -167,7 +167,7 @@ def _check_adapter_options(c: dict[str, Any]) -> None:
         members = [(m.get("type"), {**c, **m}) for m in c.get("models") or []]
     else:
         members = [(c["method"], c)]
-    for kind, m in members:
+    for i, (kind, m) in enumerate(members):
         if kind not in ("tpt", "memo"):
             continue  # build() names a bad method or member type
         options = (tpt_options if kind == "tpt" else memo_options)(m)
@@ -175,6 +175,10 @@ def _check_adapter_options(c: dict[str, Any]) -> None:
         defaults = inspect.signature(cls).parameters  # what the adapter uses for an option not in the config
         params = inspect.signature(module.check_options).parameters
         module.check_options(**{k: options[k] if k in options else defaults[k].default for k in params})
+        if c["method"] == "ensemble" and kind == "tpt":  # the member's own modes the ensemble never runs
+            from .ensemble import check_member
+
+            check_member(f"models[{i}].", options["align_steps"], options["ensemble"])
 
 
 def build(c: dict[str, Any], dataset, device, seed: int):
