@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -287,3 +289,15 @@ def test_fused_blend_equals_the_mix_formula(monkeypatch):
     for got in outs:
         torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=2e-6)
+
+
+def test_a_read_only_image_array_is_taken_without_a_warning():
+    """np.asarray of a PIL image is read-only; torch warns (once per process) when a tensor views it."""
+    pixels = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
+    read_only = np.asarray(Image.fromarray(pixels))
+    assert not read_only.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = A.as_image(read_only)
+    assert torch.equal(out, torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
+    assert not read_only.flags.writeable  # the caller's array is left as it was

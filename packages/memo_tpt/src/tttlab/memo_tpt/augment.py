@@ -88,7 +88,8 @@ def _check_tensor(t: torch.Tensor) -> None:
 
 
 def _from_array(image):
-    """A PIL image or uint8 numpy array as a uint8 (C, H, W) tensor (a view of the HWC array); tensors as-is."""
+    """A PIL image or uint8 numpy array as a uint8 (C, H, W) tensor (a view of the HWC array, of a copy where
+    the array is read-only); tensors as-is."""
     try:
         from PIL import Image
 
@@ -103,7 +104,10 @@ def _from_array(image):
             )
         if image.ndim == 2:
             image = image[..., None]
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        image = np.ascontiguousarray(image)
+        if not image.flags.writeable:  # e.g. np.asarray of a PIL image: torch warns on such a view
+            image = image.copy()
+        return torch.from_numpy(image).permute(2, 0, 1)
     if isinstance(image, torch.Tensor):
         return image
     raise InvalidInputError(f"image must be a numpy array, PIL image or tensor, got {type(image).__name__}")
