@@ -1171,6 +1171,9 @@ def test_a_sweeps_jobs_compose_as_hydra_composes_them_with_the_groups_merged_onc
             (conf / group / f"{name}.yaml").write_text(text)
     (conf / "run.yaml").write_text("defaults:\n  - fakepkg_reuse_schema\n  - engine: tent\n  - _self_\n"
                                    "hydra:\n  run:\n    dir: ${out_dir}\n")  # fmt: skip
+    (tmp_path / "extra" / "engine").mkdir(parents=True)  # an engine of a searchpath folder
+    (tmp_path / "extra" / "engine" / "other.yaml").write_text("name: other\n")
+    searchpath = f"hydra.searchpath=['file://{tmp_path / 'extra'}']"
     for folder in (conf.parent, conf):
         (folder / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -1184,6 +1187,10 @@ def test_a_sweeps_jobs_compose_as_hydra_composes_them_with_the_groups_merged_onc
         ["+experiment=smoke", "seed=abc"],  # the schema's type
         ["+experiment=smoke", "+seed=5"],  # already there
         ["+experiment=smoke", "~lr", "engine.name=x", "hydra.job.name=j"],
+        [searchpath, "engine=other", "seed=1"],  # a key of its own, and the value in hydra.searchpath
+        [searchpath, "engine=other", "seed=2"],  # (the second job's was the default [])
+        ["hydra/job_logging=disabled", "~engine", "seed=3"],  # a group of Hydra's own, a group deleted
+        ["hydra/job_logging=disabled", "~engine", "seed=4"],
     ]
 
     def each(reuse):
@@ -1208,13 +1215,20 @@ def test_a_sweeps_jobs_compose_as_hydra_composes_them_with_the_groups_merged_onc
     assert len(calls) == len(jobs)
     calls.clear()
     ours = each(_reuse_group_composition())
-    assert len(calls) == 2  # once per distinct set of group overrides
+    assert len(calls) == 4  # once per distinct set of group overrides
     assert impl.create_defaults_list is not real and calls  # put back as it was (the counting one)
     for job, theirs, mine in zip(jobs, hydras, ours):
         assert mine == theirs, job
+    assert f"searchpath:\n  - file://{tmp_path / 'extra'}\n" in ours[9] and "name: other" in ours[9]
+    assert ours[11].endswith("engine: {}\n") and "name: tent" not in ours[11]  # the schema's default
     errors = [r.partition(":")[0] for r in ours]
     assert errors[4:7] == ["ConfigCompositionException"] * 3 and "seed: 2\n" in ours[1], ours
     assert "extra: 2" in ours[3] and "lr: 2.0" in ours[2] and "name: x" in ours[7] and "lr:" not in ours[7]
+    merge = impl.ConfigLoaderImpl.__dict__["_compose_config_from_defaults_list"]
+    with pytest.raises(KeyboardInterrupt), _reuse_group_composition():  # ^C in the middle: put back too
+        assert impl.ConfigLoaderImpl.__dict__["_compose_config_from_defaults_list"] is not merge
+        raise KeyboardInterrupt
+    assert impl.ConfigLoaderImpl.__dict__["_compose_config_from_defaults_list"] is merge
     # the check of a sweep uses it, and puts Hydra's functions back when it refuses a job
     from tttlab.core.cli import check_config_overrides
 
