@@ -410,8 +410,9 @@ def test_resumable_keys_rerun_the_same_run(tmp_path, command):
     """``save_ckpt_freq``, ``experiment_name`` (and the probe's ``weights_only``) change no number: a run
     killed in its second epoch and started again with them changed is the same run.  Before, it warned
     'created with a different config' and left its first epoch's record under the old config_hash beside
-    the new config.yaml.  Its records equal an uninterrupted run's."""
-    from tttlab.core.records import read_jsonl
+    the new config.yaml.  Its records equal an uninterrupted run's, of either config: save_ckpt_freq=2
+    recorded the second epoch only (records and stats.json were written at checkpoint epochs only)."""
+    from tttlab.core.records import read_jsonl, read_stats
     from tttlab.core.testing import check_resumable_keys_rerun_the_same_run
     from tttlab.ttt_mae import train as T
     from tttlab.ttt_mae.common import compose
@@ -426,7 +427,7 @@ def test_resumable_keys_rerun_the_same_run(tmp_path, command):
     def cfg(out, **kw):
         return compose(command, f"smoke_{command}", {"out_dir": str(out), **small, **extra, **kw})
 
-    T.run(cfg(tmp_path / "reference"), command)
+    T.run(cfg(tmp_path / "reference", **changed), command)  # changed: the same numbers, the same records
     out = tmp_path / "run"
     records = check_resumable_keys_rerun_the_same_run(
         out,
@@ -435,3 +436,4 @@ def test_resumable_keys_rerun_the_same_run(tmp_path, command):
         reference=read_jsonl(tmp_path / "reference" / "records.jsonl"),
     )
     assert [r["step"] for r in records if r["metric"] == "train_loss"] == [0, 1]
+    assert read_stats(tmp_path / "reference")["epoch"] == read_stats(out)["epoch"] == [0, 1]

@@ -371,9 +371,10 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
         if dist.rank == 0:
             log.info("%s epoch %d: loss %.4f (%.1f s)", kind, epoch, entry["train_loss"], entry["seconds"])
         last = epoch + 1 == epochs
-        if dist.rank == 0 and (last or (epoch + 1) % max(int(c["save_ckpt_freq"]), 1) == 0):
-            # stats and record first, each once per epoch, then the checkpoint: a kill in between redoes the
-            # epoch from the previous checkpoint (the other order skipped the epoch's stats and record)
+        if dist.rank == 0:
+            # every epoch's stats and record, each once, then (every save_ckpt_freq epochs) the checkpoint: a
+            # kill before it redoes the epochs since the previous one, whose lines are there already.  They
+            # were written at checkpoint epochs only, so save_ckpt_freq=2 recorded every other epoch
             if epoch not in rd.read_stats().get("epoch", []):
                 rd.append_stats({"epoch": epoch, "train_loss": entry["train_loss"], "lr": entry["lr"]})
             if not _recorded(rd, "train_loss", epoch):
@@ -381,6 +382,7 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
                                model=c["model"], dataset=c["data"]["name"], seed=seed) as w:  # fmt: skip
                     w.write(metric="train_loss", value=entry["train_loss"], step=epoch, n=count,
                             wall_time_s=entry["seconds"])  # fmt: skip
+        if dist.rank == 0 and (last or (epoch + 1) % max(int(c["save_ckpt_freq"]), 1) == 0):
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                          "history": history, "config": c, "kind": kind,
                          "world_size": dist.world_size}, ckpt_path)  # fmt: skip
