@@ -376,6 +376,21 @@ def test_domain_table_title_names_reset_steps_and_agreement_and_rows_take_a_note
     assert AGREEMENT_MEASURE.startswith("top-1 agreement with the source model's clean prediction")
 
 
+def _packages_with_and_without_an_experiment(tmp_path, monkeypatch, suffix):
+    """Two config packages on the path, ``fakepkg_with_<suffix>.conf`` (its ``train`` chooses
+    ``experiment: smoke`` in its defaults list, as mttt_jax's commands) and ``fakepkg_without_<suffix>.conf``
+    (no experiment there, as the other packages' commands); each has ``experiment/smoke.yaml``."""
+    for pkg, defaults in ((f"with_{suffix}", "defaults:\n  - _self_\n  - experiment: smoke\n"),
+                          (f"without_{suffix}", "defaults:\n  - _self_\n")):  # fmt: skip
+        conf = tmp_path / f"fakepkg_{pkg}" / "conf"
+        (conf / "experiment").mkdir(parents=True)
+        (conf / "experiment" / "smoke.yaml").write_text("# @package _global_\nexperiment_name: smoke\n")
+        (conf / "train.yaml").write_text(defaults + "experiment_name: none\nseed: 0\n")
+        (conf.parent / "__init__.py").write_text("")
+        (conf / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
 def test_an_experiment_given_with_the_wrong_plus_gets_the_right_remedy(tmp_path, monkeypatch, capsys):
     """mttt_jax's commands take ``experiment=x`` (their defaults list has one), the others ``+experiment=x``.
     ``+experiment=smoke`` on the former was Hydra's "Multiple values for experiment. To override a value use
@@ -384,15 +399,7 @@ def test_an_experiment_given_with_the_wrong_plus_gets_the_right_remedy(tmp_path,
     ("use +experiment=smoke") but added "did you mean 'experiment_name'?": no such guess now."""
     from tttlab.core.cli import check_config_overrides
 
-    for pkg, defaults in (("with_exp", "defaults:\n  - _self_\n  - experiment: smoke\n"),
-                          ("without_exp", "defaults:\n  - _self_\n")):  # fmt: skip
-        conf = tmp_path / f"fakepkg_{pkg}" / "conf"
-        (conf / "experiment").mkdir(parents=True)
-        (conf / "experiment" / "smoke.yaml").write_text("# @package _global_\nexperiment_name: smoke\n")
-        (conf / "train.yaml").write_text(defaults + "experiment_name: none\nseed: 0\n")
-        (conf.parent / "__init__.py").write_text("")
-        (conf / "__init__.py").write_text("")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    _packages_with_and_without_an_experiment(tmp_path, monkeypatch, "exp")
     with pytest.raises(SystemExit) as exit_info:
         check_config_overrides("prog", "fakepkg_with_exp.conf", "train", ["+experiment=smoke", "seed=1"])
     err = capsys.readouterr().err
@@ -420,15 +427,7 @@ def test_an_option_for_a_group_gets_the_form_the_commands_defaults_list_takes(tm
     ``key=value``, and so does every hint without the command's config."""
     from tttlab.core.cli import check_hydra_command, check_hydra_flags
 
-    for pkg, defaults in (("with_exp2", "defaults:\n  - _self_\n  - experiment: smoke\n"),
-                          ("without_exp2", "defaults:\n  - _self_\n")):  # fmt: skip
-        conf = tmp_path / f"fakepkg_{pkg}" / "conf"
-        (conf / "experiment").mkdir(parents=True)
-        (conf / "experiment" / "smoke.yaml").write_text("# @package _global_\nexperiment_name: smoke\n")
-        (conf / "train.yaml").write_text(defaults + "experiment_name: none\nseed: 0\n")
-        (conf.parent / "__init__.py").write_text("")
-        (conf / "__init__.py").write_text("")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    _packages_with_and_without_an_experiment(tmp_path, monkeypatch, "exp2")  # new names: not imported yet
 
     def hint(argv, conf=None):
         with pytest.raises(SystemExit) as exit_info:
