@@ -193,6 +193,20 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, trained_run):
     # keys that do not change the computation resume (here: the finished run, nothing left to do)
     again = T.train(compose([*TINY, *SHARED_RUN, out, "checkpoint_every_steps=2", "logging.progress=true"]))
     assert again == first
+    # resume=false (and max_steps) change no number: the same run, its records re-tagged; starting over, it
+    # replaces them instead of appending a second copy (epoch 1 was recorded twice under one config_hash)
+    import yaml
+
+    from tttlab.core.records import config_hash, read_jsonl
+
+    T.train(compose([*TINY, *SHARED_RUN, out, "resume=false", "max_steps=2"]))
+    records = read_jsonl(tmp_path / "run" / "records.jsonl")
+    assert sorted((r["metric"], r["step"]) for r in records) == sorted(
+        (m, 2) for m in ("val/prec@1", "val/loss", "train/loss", "epoch_time_s")
+    ), records
+    assert {r["config_hash"] for r in records} == {
+        config_hash(yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()))
+    }
     fresh = T.train(
         compose([*TINY, *SHARED_RUN, out, "inner.TTT.inner_itr=1", "resume=false", "total_epochs=1"])
     )

@@ -534,6 +534,14 @@ def train(cfg, *, mesh=None, _kill_at_step: int | None = None) -> dict:
                     len(mngr.all_steps()), run.checkpoints)  # fmt: skip
         for old_step in mngr.all_steps():
             mngr.delete(old_step)
+    if latest is None and is_main:
+        # from step 0 (resume=false, or no checkpoint): this config's records in the folder (the same run's,
+        # re-tagged when only RESUMABLE_KEYS changed, resume among them) are replaced, not recorded twice;
+        # another config's stay
+        dropped = run.drop_records()
+        if dropped:
+            log.warning("%s: starting from step 0: removing the %d records of this config's previous run",
+                        run.path, dropped)  # fmt: skip
     if latest is not None:
         abstract = jax.tree_util.tree_map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state
