@@ -343,7 +343,8 @@ def test_domain_table_shows_each_methods_last_config_only(tmp_path):
 def test_domain_table_title_names_reset_steps_and_agreement_and_rows_take_a_note(tmp_path):
     """torch_ttt's printout, now core's: the title names the reset policy (``extra.reset``) and the step
     count (``step``) when the records carry them, and agreement instead of accuracy when every accuracy
-    record says ``extra.labels == "agreement"``; ``note`` ends a row with what it returns for its record."""
+    record says ``extra.labels == "agreement"``; ``note`` ends a row with what it returns for its record,
+    ``title_note`` a title with what it returns for the method's accuracy records."""
     from tttlab.core.cli import AGREEMENT_MEASURE, domain_table
     from tttlab.core.records import RecordWriter
 
@@ -376,6 +377,17 @@ def test_domain_table_title_names_reset_steps_and_agreement_and_rows_take_a_note
         "  fog-5                     50.0",
     ]
     assert AGREEMENT_MEASURE.startswith("top-1 agreement with the source model's clean prediction")
+
+    # title_note: with the method's accuracy records, its string ends the parentheses (opens them if none)
+    def title_note(records):
+        return None if records[0]["method"] == "p.agree" else f"{len(records)} rows"
+
+    titled = domain_table(path, title_note=title_note)
+    assert [titled[0], titled[4], titled[7]] == [
+        f"p.agree on photos_c (episodic, reset per_batch, 1 step(s)): {AGREEMENT_MEASURE}, ms/image",
+        "p.reset on photos_c (episodic, reset per_image, 2 rows): accuracy %, ms/image",
+        "p.bare (1 rows): accuracy %, ms/image",
+    ]
 
 
 def _packages_with_and_without_an_experiment(tmp_path, monkeypatch, suffix):

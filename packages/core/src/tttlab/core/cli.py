@@ -1133,7 +1133,11 @@ def _joined(values) -> str | None:
     return "/".join(seen) if seen else None
 
 
-def domain_table(path, note: Callable[[dict], str | None] | None = None) -> list[str]:
+def domain_table(
+    path,
+    note: Callable[[dict], str | None] | None = None,
+    title_note: Callable[[list[dict]], str | None] | None = None,
+) -> list[str]:
     """What an evaluate command prints after its run: per method of the records file ``path``, a title line
     and one line per domain, accuracy in % and the adaptation + prediction cost in ms per image, the clean
     domain as ``clean`` (a test set of its own, e.g. ImageNet-A, by its dataset name when the method has
@@ -1149,7 +1153,8 @@ def domain_table(path, note: Callable[[dict], str | None] | None = None) -> list
     adaptation steps, as the evaluate records document them); the measure is "accuracy %", or
     :data:`AGREEMENT_MEASURE` when every accuracy record says ``extra.labels == "agreement"``.  ``note``:
     called with each row's accuracy record (the mean's too); a string it returns ends the row (torch_ttt:
-    SAR's recoveries per domain)."""
+    SAR's recoveries per domain).  ``title_note``: called with the method's accuracy records (those of the
+    table); a string it returns ends the title's parentheses (torch_ttt: the engine kwargs it ran with)."""
     from .records import read_jsonl
 
     by_method: dict[str, list[dict]] = {}
@@ -1167,7 +1172,8 @@ def domain_table(path, note: Callable[[dict], str | None] | None = None) -> list
         datasets = list(dict.fromkeys(str(r["dataset"]) for r in acc if r["dataset"] is not None))
         extras = [r.get("extra") or {} for r in acc]
         reset, steps = _joined(e.get("reset") for e in extras), _joined(r["step"] for r in acc)
-        parts = [acc[0]["setting"], reset and f"reset {reset}", steps and f"{steps} step(s)"]
+        parts = [acc[0]["setting"], reset and f"reset {reset}", steps and f"{steps} step(s)",
+                 title_note(acc) if title_note is not None else None]  # fmt: skip
         how = ", ".join(h for h in parts if h)
         what = AGREEMENT_MEASURE if all(e.get("labels") == "agreement" for e in extras) else "accuracy %"
         on = f" on {', '.join(datasets)}" if datasets else ""
