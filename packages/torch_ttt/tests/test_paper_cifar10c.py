@@ -309,7 +309,10 @@ def test_paper_smoke_experiment_end_to_end_through_the_command(tmp_path, monkeyp
         "benchmark.setting=continual",
         f"out_dir={tmp_path / 'eata'}",
     )
-    assert "torch_ttt.eata on cifar10_c (continual, reset never, 1 step(s))" in out
+    # the title names the kwargs the engine ran with: its engine_defaults, the CIFAR-10-C values
+    assert (
+        "torch_ttt.eata on cifar10_c (continual, reset never, 1 step(s), engine kwargs d_margin=0.4, " in out
+    )
     eata = load_records(tmp_path / "eata" / "records.jsonl")
     assert set(eata["metric"]) == {"accuracy", "s_per_image"} and set(eata["corruption"]) == {
         "gaussian_noise",

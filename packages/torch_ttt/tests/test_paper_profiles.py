@@ -39,7 +39,7 @@ def test_paper_profile_engine_as_built(tmp_path, engine, setting, reset):
     )  # fmt: skip
     info = model_info("wrn28_10")
     assert info.input_mean is None and info.input_std is None and info.image_shape == (32, 32, 3)
-    eng, model_name, _ = E.load_engine(c, None, torch.device("cpu"), E.example_images(info))
+    eng, model_name, _, _ = E.load_engine(c, None, torch.device("cpu"), E.example_images(info))
     assert model_name == "wrn28_10"
     assert eng.optimization_parameters["reset"] is Reset.parse(reset) and E.reset_policy(c) is Reset.parse(
         reset

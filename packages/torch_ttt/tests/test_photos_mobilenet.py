@@ -132,10 +132,11 @@ def test_sar_runs_are_identical_and_count_their_recoveries(tiny):
     assert {d: v[0] for d, v in first.items()} == bn == {"clean": 0, "fog-5": 0}
     assert {d: v[2]["sar_recoveries"] for d, v in first.items()} == {"clean": 2, "fog-5": 2}
     assert first["clean"][2]["labels"] == "agreement"
-    # the printout ends each domain's row with its recoveries
+    # the printout ends each domain's row with its recoveries; its title names the engine kwargs
     lines = E.summary_lines(path)
     assert lines[0].startswith(
-        "torch_ttt.sar on photos_c (continual, reset never, 1 step(s)): top-1 agreement"
+        "torch_ttt.sar on photos_c (continual, reset never, 1 step(s), engine kwargs e_margin=100.0, exclude=[], "
+        "reset_constant=100.0, rho=0.05): top-1 agreement"
     )
     assert [(ln.split()[0], ln.split()[-3:]) for ln in lines[1:]] == [
         ("clean", ["SAR", "recoveries", "2"]),

@@ -895,7 +895,7 @@ def _predictions(run_dir: Path, out: Path, engine: str, amp: str, *extra: str):
     c = E.eval_config({"engine": engine}, [*overrides, f"amp={amp}", *extra])
     batches, _, _, _ = E.make_stream(c, E.init_distributed())
     example, _ = T.load_mnist("train", 2)
-    eng, _, _ = E.load_engine(c, run_dir, torch.device("cpu"), example)
+    eng, _, _, _ = E.load_engine(c, run_dir, torch.device("cpu"), example)
     E.calibrate(eng, c, torch.device("cpu"))
     assert eng.amp == amp
     torch.manual_seed(0)
@@ -964,7 +964,7 @@ def test_compile_compiles_the_wrapped_model_and_its_forwards_use_it(
     c = E.eval_config({"engine": engine}, [*overrides, *small, "compile=true"])
     assert c["compile"] is True
     example, _ = T.load_mnist("train", 2)
-    eng, _, _ = E.load_engine(c, smoke_run, torch.device("cpu"), example)
+    eng, _, _, _ = E.load_engine(c, smoke_run, torch.device("cpu"), example)
     assert len(recorder.compiled) == (2 if engine == "ttt" else 1)
     fn, _ = recorder.compiled[0]
     assert fn.__self__ is eng.model and fn.__func__ is torch.nn.Module._call_impl
@@ -1253,7 +1253,7 @@ def test_a_train_run_trained_with_other_it3_kwargs_only_warns(ittt_run, tmp_path
     c = E.eval_config({"engine": "ittt"}, [f"train_run={out}", "device=cpu"])
     assert c["engine"]["kwargs"] == {"feedback": "softmax"}
     with caplog.at_level("WARNING", logger="tttlab.torch_ttt.evaluate"):
-        eng, _, trained_with = E.load_engine(c, out, torch.device("cpu"), example)
+        eng, _, trained_with, _ = E.load_engine(c, out, torch.device("cpu"), example)
     assert trained_with == "ittt" and eng.feedback == "softmax"
     assert "feedback='softmax' (trained: 'output')" in caplog.text and OTHER_KWARGS in caplog.text
     # the default spelled out (the head was trained with it: the run recorded no kwargs) is no difference
@@ -1265,7 +1265,7 @@ def test_a_train_run_trained_with_other_it3_kwargs_only_warns(ittt_run, tmp_path
         caplog.clear()
         same = E.eval_config({"engine": "ittt"}, [f"train_run={out}", "device=cpu", *extra])
         with caplog.at_level("WARNING", logger="tttlab.torch_ttt.evaluate"):
-            eng, _, _ = E.load_engine(same, out, torch.device("cpu"), example)
+            eng, _, _, _ = E.load_engine(same, out, torch.device("cpu"), example)
         assert eng.feedback == "output" and not evaluate_warnings(caplog), extra
         assert eng.anchor == ("frozen" if len(extra) == 2 else "none")
     # another distance changes this model's training (the torch-ttt scheme's term): a warning; a head
@@ -1284,7 +1284,7 @@ def test_a_train_run_trained_with_other_it3_kwargs_only_warns(ittt_run, tmp_path
         ]
         other = E.eval_config({"engine": "ittt"}, [*over, *scheme])
         with caplog.at_level("WARNING", logger="tttlab.torch_ttt.evaluate"):
-            eng, _, _ = E.load_engine(other, run, torch.device("cpu"), example)
+            eng, _, _, _ = E.load_engine(other, run, torch.device("cpu"), example)
         assert eng.distance == "js" and bool(evaluate_warnings(caplog)) == warns, run
         assert all(OTHER_KWARGS in w for w in evaluate_warnings(caplog))
 
@@ -1308,7 +1308,7 @@ def test_checkpoint_kwargs_merge_under_the_given_ones_in_the_checks_too(ittt_run
         c = E.eval_config({"engine": "ittt"}, [f"train_run={ittt_run}", "device=cpu", "engine.kwargs.feedback=output",
                                                f"+engine.kwargs.features_layer_name={layer}"])  # fmt: skip
         with caplog.at_level("WARNING", logger="tttlab.torch_ttt.evaluate"):
-            eng, _, _ = E.load_engine(c, ittt_run, torch.device("cpu"), example)
+            eng, _, _, _ = E.load_engine(c, ittt_run, torch.device("cpu"), example)
         assert eng.features_layer_name == layer and bool(evaluate_warnings(caplog)) == warns, layer
         if warns:
             [said] = evaluate_warnings(caplog)
@@ -1328,13 +1328,56 @@ def test_checkpoint_kwargs_merge_under_the_given_ones_in_the_checks_too(ittt_run
         "training": "notebook", "feedback": "softmax", "test_signal": "neutral"
     }  # fmt: skip
     E.check_stream_batches(c, E.evaluated_model(c))  # a last batch of 1 image: the engine takes it
-    eng, _, _ = E.load_engine(c, notebook, torch.device("cpu"), example)
+    eng, _, _, _ = E.load_engine(c, notebook, torch.device("cpu"), example)
     assert (eng.training_scheme, eng.test_signal) == ("notebook", "neutral")
     plain = E.eval_config({"engine": "ittt"}, [f"train_run={ittt_run}", "device=cpu", *stream])
     for check in (lambda: E.check_stream_batches(plain, E.evaluated_model(plain)),
                   lambda: E.load_engine(plain, ittt_run, torch.device("cpu"), example)):  # fmt: skip
         with pytest.raises(InvalidInputError, match="expected training='notebook'"):
             check()
+
+
+def test_records_and_title_show_the_engine_kwargs_the_evaluation_ran_with(ittt_run, tmp_path):
+    """An evaluation of a ``train_run`` merges its checkpoint's engine kwargs under the given ones, and
+    ``config.yaml`` holds the given ones only: every record's ``extra.engine_kwargs`` and the printed title
+    say what the engine ran with.  The checkpoint says ``training=notebook`` (not IT3's default) and
+    ``feedback=output``; the evaluation gives ``feedback=softmax`` (conf/engine/ittt.yaml) and
+    ``test_signal=neutral``: the checkpoint's training, the given feedback and test signal.  With
+    ``engine.kwargs={}`` it runs with the checkpoint's kwargs alone."""
+    ck = T.load_checkpoint(T.checkpoint_file(ittt_run))
+    notebook = tmp_path / "notebook"
+    T.checkpoint_file(notebook).parent.mkdir(parents=True)
+    T.save_checkpoint(
+        T.checkpoint_file(notebook), {**ck, "engine_kwargs": {"training": "notebook", "feedback": "output"}}
+    )
+    stream = {"stream": "noisy", "noisy": {"num_examples": 8, "batch_size": 8}, "train_run": str(notebook),
+              "device": "cpu", "progress": False}  # fmt: skip
+    given = {"engine": {"name": "ittt", "kwargs": {"feedback": "softmax", "test_signal": "neutral"}}}
+    path = E.run({**stream, **given, "out_dir": str(tmp_path / "given")})
+    records = read_jsonl(path)
+    assert records and all(
+        r["extra"]["engine_kwargs"]
+        == {"training": "notebook", "feedback": "softmax", "test_signal": "neutral"}
+        for r in records
+    )
+    import yaml
+
+    assert (
+        yaml.safe_load((path.parent / "config.yaml").read_text())["engine"]["kwargs"]
+        == given["engine"]["kwargs"]
+    )
+    title = E.summary_lines(path)[0]
+    assert "1 step(s), engine kwargs feedback=softmax, test_signal=neutral, training=notebook)" in title, (
+        title
+    )
+    cleared = E.run(
+        {**stream, "engine": "ittt", "out_dir": str(tmp_path / "cleared")}, clear_engine_kwargs=True
+    )
+    assert all(r["extra"]["engine_kwargs"] == {"training": "notebook", "feedback": "output"}
+               for r in read_jsonl(cleared))  # fmt: skip
+    assert "engine kwargs feedback=output, training=notebook)" in E.summary_lines(cleared)[0]
+    # a value JSON cannot hold is recorded as its repr, not refused after the evaluation
+    assert E.recorded_kwargs({"a": (1, 2), "b": torch.float32}) == {"a": [1, 2], "b": "torch.float32"}
 
 
 @pytest.mark.parametrize(

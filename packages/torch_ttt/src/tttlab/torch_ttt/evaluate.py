@@ -66,6 +66,9 @@ of adaptation + prediction) and ``s_per_image`` (adaptation + prediction seconds
 mean accuracy over corruptions (``corruption="mean"``); ``step`` is the engine's ``num_steps``;
 ``extra["benchmark_data"]``: ``files`` (released corrupted files), ``generated`` or ``noisy``
 (:func:`benchmark_data`; core warns when a ``cifar10_c`` / ``imagenet_c`` root lacks the released files).
+``extra["engine_kwargs"]``: the kwargs the engine was built with, the train run's recorded ones under the
+given ones (:func:`evaluation_engine_kwargs`; ``config.yaml`` holds the given ones only); the printed
+table's title names them (:func:`engine_kwargs_note`).
 
 Distributed (``torchrun``): ``torch.distributed`` (gloo on CPU, NCCL with CUDA) is used only to learn the
 rank and world size and for barriers.  Rank r evaluates ``benchmark.batches(rank=r, world_size=W)`` and
@@ -599,9 +602,9 @@ def example_images(info: ModelInfo, n: int = 2) -> torch.Tensor:
 
 
 def load_engine(c: dict[str, Any], run_dir: Path | None, device: torch.device, example: torch.Tensor):
-    """``(engine, model_name, train_engine)``: the evaluated engine around the trained model; its head
-    (if the run trained the same engine) loaded from the checkpoint, the engine built with the
-    checkpoint's engine kwargs under the given ones (:func:`evaluation_engine_kwargs`; a warning names
+    """``(engine, model_name, train_engine, kwargs)``: the evaluated engine around the trained model; its
+    head (if the run trained the same engine) loaded from the checkpoint, the engine built with ``kwargs``,
+    the checkpoint's engine kwargs under the given ones (:func:`evaluation_engine_kwargs`; a warning names
     each given key whose value differs from the head's training, with both values).  ``run_dir=None``:
     the pretrained ``model_checkpoint``."""
     if run_dir is None:
@@ -639,8 +642,8 @@ def load_engine(c: dict[str, Any], run_dir: Path | None, device: torch.device, e
             said = ", ".join(f"{k}={given[k]!r} (trained: {effective.get(k, '<not set>')!r})" for k in differ)
             log.warning("%s: evaluating %s with %s; the given engine.kwargs win over those its head was "
                         "trained with (engine_kwargs %s)", run_dir, name, said, trained)  # fmt: skip
-    kwargs = evaluation_engine_kwargs(c, ck["engine_name"], ck["engine_kwargs"])
-    engine = T.build_engine(name, model, model_name, kwargs, optimization, example)
+    built_with = evaluation_engine_kwargs(c, ck["engine_name"], ck["engine_kwargs"])
+    engine = T.build_engine(name, model, model_name, built_with, optimization, example)
     if name == ck["engine_name"]:
         try:
             engine.load_state_dict(ck["engine_state"])
@@ -666,7 +669,15 @@ def load_engine(c: dict[str, Any], run_dir: Path | None, device: torch.device, e
             log.warning("compile=%s: %s adapts through hooks on inner layers, which a compiled model does "
                         "not run: its adaptation runs the eager model, only its prediction is compiled",
                         str(c.get("compile")).lower(), name)  # fmt: skip
-    return engine.eval(), model_name, ck["engine_name"]
+    return engine.eval(), model_name, ck["engine_name"], built_with
+
+
+def recorded_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` as the records' ``extra.engine_kwargs`` hold them: JSON values (a tuple becomes a list; a
+    value JSON cannot hold, its ``repr``), so that a run's records are never refused after its evaluation."""
+    import json
+
+    return json.loads(json.dumps(dict(kwargs), default=repr))
 
 
 def _keyword_defaults(cls) -> dict[str, Any]:
@@ -1137,7 +1148,7 @@ def run(
     data_source = benchmark_data(c)
     run_dir = None if c["model_checkpoint"]["path"] else training_run(c, dist)
     x_example = example_images(info)
-    engine, model_name, train_engine = load_engine(c, run_dir, device, x_example.to(device))
+    engine, model_name, train_engine, engine_kwargs = load_engine(c, run_dir, device, x_example.to(device))
     if "source" in reference:  # unlabelled benchmark: agreement with the source model's clean top-1
         reference["labels"] = clean_predictions(engine.model, reference["source"], info, device,
                                                 int(c["benchmark"]["batch_size"]), reference["indices"])  # fmt: skip
@@ -1156,7 +1167,10 @@ def run(
         dataset=dataset, setting=setting, step=int(engine.optimization_parameters["num_steps"]),
         seed=int(c["seed"]),
     )  # fmt: skip
+    # engine_kwargs: what the engine was built with (the train run's recorded ones under the given ones), which
+    # config.yaml (the given ones, the run's identity) does not show
     extra = {"reset": policy.value, "train_engine": train_engine, "train_run": str(run_dir),
+             "engine_kwargs": recorded_kwargs(engine_kwargs),
              "world_size": dist.world_size, "amp": c["amp"], "compile": c["compile"],
              "compiled_forwards": compiled_forwards(engine), "benchmark_data": data_source,
              "labels": "agreement" if "labels" in reference else "dataset"}  # fmt: skip
@@ -1192,9 +1206,30 @@ def sar_recoveries_note(record: dict[str, Any]) -> str | None:
     return f"SAR recoveries {n}" if n is not None and record["corruption"] != SUMMARY_CORRUPTION else None
 
 
+def engine_kwargs_note(records: list[dict[str, Any]]) -> str | None:
+    """The end of a method's title in the printed table: the engine kwargs it ran with
+    (``extra.engine_kwargs``: a train run's recorded ones under the given ones, sorted by name); nothing when
+    it ran with none, or for records written before they were recorded."""
+    import json
+
+    seen = [(r["extra"] or {}).get("engine_kwargs") for r in records]
+    said = dict.fromkeys(json.dumps(k, sort_keys=True) for k in seen if k is not None)
+    if not said or list(said) == ["{}"]:
+        return None
+    shown = [", ".join(f"{a}={_shown(v)}" for a, v in json.loads(k).items()) or "none" for k in said]
+    return "engine kwargs " + " / ".join(shown)
+
+
+def _shown(value) -> str:
+    import json
+
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def summary_lines(path: Path) -> list[str]:
-    """What the command prints: core's :func:`~tttlab.core.cli.domain_table` with SAR's recoveries per row."""
-    return domain_table(path, note=sar_recoveries_note)
+    """What the command prints: core's :func:`~tttlab.core.cli.domain_table` with SAR's recoveries per row
+    and the engine kwargs in the title."""
+    return domain_table(path, note=sar_recoveries_note, title_note=engine_kwargs_note)
 
 
 def main() -> None:
