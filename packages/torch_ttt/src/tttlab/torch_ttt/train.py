@@ -54,7 +54,7 @@ from tttlab.core._io import atomic_path
 from tttlab.core.cli import apply_log_level, check_hydra_command, user_errors
 from tttlab.core.config import DataConfig, RunConfig, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError, TTTLabError
-from tttlab.core.records import RunDir, config_hash, read_jsonl
+from tttlab.core.records import RunDir, check_run_dir, config_hash, read_jsonl
 from tttlab.core.torch import read_torch_file, resolve_device
 
 from .engine.base_engine import OPTIMIZERS, BaseEngine
@@ -660,6 +660,13 @@ def run(
                 f"{ckpt_path} was written by a run with another model/training config"
                 f"{_training_diff(ck, c)}; use another out_dir or train.resume=false"
             )
+    elif c["train"]["resume"]:
+        # no checkpoint to resume (deleted to save space, say): a folder holding another training config's
+        # records is refused as its checkpoint would be, instead of starting over and deleting those records
+        # unasked; train.resume=false still starts over there
+        check_run_dir(
+            c["out_dir"], c, identity=_training_part, resumable_keys=RESUMABLE_KEYS, append_env=False
+        )
     d: DataConfig | dict = c["data"]
     x, y = load_mnist(d.get("split") or "train", d.get("num_examples"))
     model, engine, opt = build_model_and_engine(c, x[:2].to(device), device)
