@@ -515,7 +515,9 @@ def train_epoch(
             state["batch"], state["step"] = b + 1, state["step"] + 1
             bar.update(1)
             if t["stop_after_steps"] is not None and state["step"] >= int(t["stop_after_steps"]):
-                log.warning("stopping after %d steps (train.stop_after_steps), no checkpoint", state["step"])
+                log.warning("stopping after %d steps (train.stop_after_steps) as a kill would: the steps since "
+                            "the last checkpoint are not saved; run again without it to resume from that "
+                            "checkpoint", state["step"])  # fmt: skip
                 return False
             if state["batch"] < num_batches and state["step"] % int(t["checkpoint_every"]) == 0:
                 on_checkpoint()
