@@ -135,7 +135,7 @@ def test_without_a_checkpoint_another_training_configs_records_are_refused_not_d
     out = run(tmp_path / "r")
     (out / "checkpoints" / "last.ckpt").unlink()
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    with pytest.raises(RunDirConflictError, match=r"train\.lr: 0\.01 -> 0\.02"):
+    with pytest.raises(RunDirConflictError, match=r"train\.lr: 0\.01 -> 0\.02.*train\.resume=false"):
         run(out, "train.lr=0.02")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     # another eval section (same weights) and train.resume=false are not refused

@@ -53,7 +53,7 @@ from torch import nn
 from tttlab.core._io import atomic_path
 from tttlab.core.cli import apply_log_level, check_hydra_command, user_errors
 from tttlab.core.config import DataConfig, RunConfig, package_yaml, to_plain
-from tttlab.core.errors import CheckpointError, ConfigError, TTTLabError
+from tttlab.core.errors import CheckpointError, ConfigError, RunDirConflictError, TTTLabError
 from tttlab.core.records import RunDir, check_run_dir, config_hash, read_jsonl
 from tttlab.core.torch import read_torch_file, resolve_device
 
@@ -666,9 +666,14 @@ def run(
         # no checkpoint to resume (deleted to save space, say): a folder holding another training config's
         # records is refused as its checkpoint would be, instead of starting over and deleting those records
         # unasked; train.resume=false still starts over there
-        check_run_dir(
-            c["out_dir"], c, identity=_training_part, resumable_keys=RESUMABLE_KEYS, append_env=False
-        )
+        try:
+            check_run_dir(
+                c["out_dir"], c, identity=_training_part, resumable_keys=RESUMABLE_KEYS, append_env=False
+            )
+        except RunDirConflictError as e:
+            raise RunDirConflictError(
+                f"{e}; or train.resume=false to start over there (removes them)"
+            ) from None
     d: DataConfig | dict = c["data"]
     x, y = load_mnist(d.get("split") or "train", d.get("num_examples"))
     model, engine, opt = build_model_and_engine(c, x[:2].to(device), device)
