@@ -689,7 +689,7 @@ def main() -> None:
             stats = train(cfg)
             if stats["val/prec@1"]:  # inside user_errors: `| head` ends it quietly, not in Hydra's report
                 print(
-                    f"{_result_label(len(stats['step']), int(cfg.total_epochs))} = {stats['val/prec@1'][-1]:.4f}"
+                    f"{_result_label(len(stats['val/prec@1']), int(cfg.total_epochs))} = {stats['val/prec@1'][-1]:.4f}"
                 )
 
     check_hydra_command("tttlab-mttt-train", "tttlab.mttt_jax.conf", "config", compile_key=False)
