@@ -172,7 +172,7 @@ def test_user_errors_passes_other_exceptions_through():
         raise ZeroDivisionError
 
 
-def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, trained_run):
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, trained_run, caplog):
     """``inner.TTT.inner_itr=1`` into the out_dir of a T=2 run: same parameter shapes, so without the check
     the finished T=2 run was silently "resumed" and its stats reported as T=1's.  (A copy of the session's
     shared run, conftest.py: TINY, 2 epochs, T=2 SGD.)"""
@@ -199,7 +199,13 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, trained_run):
 
     from tttlab.core.records import config_hash, read_jsonl
 
-    T.train(compose([*TINY, *SHARED_RUN, out, "resume=false", "max_steps=2"]))
+    with caplog.at_level("WARNING", logger="tttlab.mttt_jax.train"):
+        T.train(compose([*TINY, *SHARED_RUN, out, "resume=false", "max_steps=2"]))
+    # a max_steps stop says so (it ended quietly, and the command printed epoch 1's number as "final")
+    assert "stopped at step 2 of 4 (max_steps=2)" in caplog.text, caplog.text
+    assert T._result_label(1, 2).startswith("val/prec@1 after epoch 1 of 2") and T._result_label(2, 2) == (
+        "final val/prec@1"
+    )
     records = read_jsonl(tmp_path / "run" / "records.jsonl")
     assert sorted((r["metric"], r["step"]) for r in records) == sorted(
         (m, 2) for m in ("val/prec@1", "val/loss", "train/loss", "epoch_time_s")

@@ -30,11 +30,14 @@ def _records(path):
 @pytest.mark.parametrize(
     "kind, amp", [("inf", "none"), ("finite", "none"), ("inf", "bf16"), ("finite", "bf16")]
 )
-def test_kill_and_resume_is_bitwise(tmp_path, kind, amp):
+def test_kill_and_resume_is_bitwise(tmp_path, kind, amp, caplog):
     over = [*SMOKE, f"model.kind={kind}", "model.width=32", "train.checkpoint_every=3", f"amp={amp}"]
     full = run(train_config("smoke", [*over, f"out_dir={tmp_path / 'full'}"]))
     part = tmp_path / "part"
-    run(train_config("smoke", [*over, f"out_dir={part}", "train.stop_after_steps=7"]))
+    with caplog.at_level("WARNING", logger="tttlab.pilimit.train"):
+        run(train_config("smoke", [*over, f"out_dir={part}", "train.stop_after_steps=7"]))
+    # the stop says so (it ended as quietly as a finished run): 2 epochs of 128 / 16 steps
+    assert "stopped at step 7 of 16 (train.stop_after_steps)" in caplog.text, caplog.text
     assert load_checkpoint(part / "checkpoints" / "last.ckpt")["state"]["step"] == 7
     run(train_config("smoke", [*over, f"out_dir={part}"]))
     a, b = (load_checkpoint(p / "checkpoints" / "last.ckpt") for p in (full, part))

@@ -125,3 +125,21 @@ def test_evaluate_names_the_training_keys_it_was_given(override, needle):
     with pytest.raises(ConfigError) as info:
         E.eval_config({"engine": "tent"}, [override])
     assert needle in str(info.value)
+
+
+def test_without_a_checkpoint_another_training_configs_records_are_refused_not_deleted(tmp_path):
+    """A finished run's checkpoint deleted, a rerun with another train.lr started over unasked and deleted
+    the earlier run's records; a folder with a checkpoint of that config is refused (e2e walkthrough)."""
+    from tttlab.core.errors import RunDirConflictError
+
+    out = run(tmp_path / "r")
+    (out / "checkpoints" / "last.ckpt").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(RunDirConflictError, match=r"train\.lr: 0\.01 -> 0\.02.*train\.resume=false"):
+        run(out, "train.lr=0.02")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # another eval section (same weights) and train.resume=false are not refused
+    run(out, "eval.noise_std=1.0")
+    run(out, "train.lr=0.02", "train.resume=false")
+    assert {r["extra"].get("train_engine") for r in read_jsonl(out / "records.jsonl")} == {"ttt"}
+    assert len({r["config_hash"] for r in read_jsonl(out / "records.jsonl")}) == 1

@@ -111,7 +111,11 @@ def test_train_writes_the_run_directory_in_the_core_schema(smoke_run):
 def test_killed_run_resumes_to_identical_records_and_weights(smoke_run, tmp_path, caplog):
     out = tmp_path / "killed"
     # checkpoints every 4 steps; "killed" after step 6: steps 5-6 are lost and redone on resume
-    T.run(smoke_config(out, "train.stop_after_steps=6"))
+    with caplog.at_level("WARNING", logger="tttlab.torch_ttt.train"):
+        T.run(smoke_config(out, "train.stop_after_steps=6"))
+    # was '..., no checkpoint', though the step-4 checkpoint was there and is resumed
+    assert "stopping after 6 steps (train.stop_after_steps) as a kill would" in caplog.text
+    assert "no checkpoint" not in caplog.text
     ck = T.load_checkpoint(out / "checkpoints" / "last.ckpt")
     assert not ck["done"] and ck["state"]["step"] == 4
     assert read_jsonl(out / "records.jsonl") == []

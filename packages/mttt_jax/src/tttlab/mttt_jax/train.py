@@ -624,6 +624,9 @@ def train(cfg, *, mesh=None, _kill_at_step: int | None = None) -> dict:
             bar.close()
         writer.close()
         mngr.close()
+    if step < total_steps and is_main:  # max_steps: say the run is not finished (it ended quietly, exit 0)
+        log.warning("stopped at step %d of %d (max_steps=%s), checkpointed: run the command again without "
+                    "max_steps to finish it", step, total_steps, max_steps)  # fmt: skip
     return stats
 
 
@@ -659,6 +662,14 @@ def _rewrite_missing_records(run, writer, stats) -> None:
     run.write_stats(stats)
 
 
+def _result_label(epochs_done: int, total_epochs: int) -> str:
+    """The printed result's name: ``final`` only for a finished run (a ``max_steps`` stop printed its last
+    epoch's number as the final one)."""
+    if epochs_done >= total_epochs:
+        return "final val/prec@1"
+    return f"val/prec@1 after epoch {epochs_done} of {total_epochs} (stopped by max_steps)"
+
+
 def main() -> None:
     """``tttlab-mttt-train``: Hydra overrides, or upstream's ``--config``/``--config.<key>``/``--workdir``
     flags (translated, see :mod:`tttlab.mttt_jax.cli`)."""
@@ -677,7 +688,9 @@ def main() -> None:
         with user_errors("tttlab-mttt-train"):
             stats = train(cfg)
             if stats["val/prec@1"]:  # inside user_errors: `| head` ends it quietly, not in Hydra's report
-                print(f"final val/prec@1 = {stats['val/prec@1'][-1]:.4f}")
+                print(
+                    f"{_result_label(len(stats['val/prec@1']), int(cfg.total_epochs))} = {stats['val/prec@1'][-1]:.4f}"
+                )
 
     check_hydra_command("tttlab-mttt-train", "tttlab.mttt_jax.conf", "config", compile_key=False)
     _main()

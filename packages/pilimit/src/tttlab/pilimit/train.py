@@ -571,6 +571,13 @@ class _Run:
         )  # fmt: skip
 
 
+def _log_stop(step: int, total: int) -> None:
+    """A ``train.stop_after_steps`` stop ended the command quietly (exit 0, the folder printed as for a
+    finished run): say that it stopped and how to finish."""
+    log.warning("stopped at step %d of %d (train.stop_after_steps), checkpointed: run the command again "
+                "without train.stop_after_steps to finish it", step, total)  # fmt: skip
+
+
 def run(cfg, **overrides) -> Path:
     """Train (or resume) per ``cfg``; returns the run directory."""
     c = validate({**to_dict(cfg), **overrides})
@@ -662,6 +669,7 @@ def _run_classify(c: dict[str, Any]) -> Path:
                         R.save(net, opt, sched, state, history, done=False)
                     if stop is not None and state["step"] >= int(stop):
                         R.save(net, opt, sched, state, history, done=False)
+                        _log_stop(state["step"], steps_per_epoch * epochs)
                         return R.out.path
             epoch = state["epoch"] + 1
             acc, tloss = accuracy(net, xt, yt, int(c["train"]["test_batch_size"]), R.device, amp)
@@ -811,6 +819,7 @@ def _run_maml(c: dict[str, Any]) -> Path:
                         R.save(net, opt, sched, state, history, done=False)
                     if stop is not None and state["step"] >= int(stop):
                         R.save(net, opt, sched, state, history, done=False)
+                        _log_stop(state["step"], steps_per_epoch * epochs)
                         return R.out.path
             epoch = state["epoch"] + 1
             # num_test_batches batches of meta_batch_size tasks, as upstream's meta/train.py (and test.py) load

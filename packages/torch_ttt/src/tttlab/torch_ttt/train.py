@@ -53,8 +53,8 @@ from torch import nn
 from tttlab.core._io import atomic_path
 from tttlab.core.cli import apply_log_level, check_hydra_command, user_errors
 from tttlab.core.config import DataConfig, RunConfig, package_yaml, to_plain
-from tttlab.core.errors import CheckpointError, ConfigError, TTTLabError
-from tttlab.core.records import RunDir, config_hash, read_jsonl
+from tttlab.core.errors import CheckpointError, ConfigError, RunDirConflictError, TTTLabError
+from tttlab.core.records import RunDir, check_run_dir, config_hash, read_jsonl
 from tttlab.core.torch import read_torch_file, resolve_device
 
 from .engine.base_engine import OPTIMIZERS, BaseEngine
@@ -515,7 +515,9 @@ def train_epoch(
             state["batch"], state["step"] = b + 1, state["step"] + 1
             bar.update(1)
             if t["stop_after_steps"] is not None and state["step"] >= int(t["stop_after_steps"]):
-                log.warning("stopping after %d steps (train.stop_after_steps), no checkpoint", state["step"])
+                log.warning("stopping after %d steps (train.stop_after_steps) as a kill would: the steps since "
+                            "the last checkpoint are not saved; run again without it to resume from that "
+                            "checkpoint", state["step"])  # fmt: skip
                 return False
             if state["batch"] < num_batches and state["step"] % int(t["checkpoint_every"]) == 0:
                 on_checkpoint()
@@ -660,6 +662,18 @@ def run(
                 f"{ckpt_path} was written by a run with another model/training config"
                 f"{_training_diff(ck, c)}; use another out_dir or train.resume=false"
             )
+    elif c["train"]["resume"]:
+        # no checkpoint to resume (deleted to save space, say): a folder holding another training config's
+        # records is refused as its checkpoint would be, instead of starting over and deleting those records
+        # unasked; train.resume=false still starts over there
+        try:
+            check_run_dir(
+                c["out_dir"], c, identity=_training_part, resumable_keys=RESUMABLE_KEYS, append_env=False
+            )
+        except RunDirConflictError as e:
+            raise RunDirConflictError(
+                f"{e}; or train.resume=false to start over there (removes them)"
+            ) from None
     d: DataConfig | dict = c["data"]
     x, y = load_mnist(d.get("split") or "train", d.get("num_examples"))
     model, engine, opt = build_model_and_engine(c, x[:2].to(device), device)
