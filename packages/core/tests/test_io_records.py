@@ -388,6 +388,42 @@ def test_drop_records_removes_one_config_and_a_torn_tail(tmp_path):
     assert R.drop_records(path, "zzz") == 0 and R.drop_records(tmp_path / "none.jsonl", "a") == 0
 
 
+def test_rundir_start_over_removes_every_configs_records_and_names_them(tmp_path, caplog):
+    """``RunDir.start_over``: a training run's explicit start over (torch_ttt/pilimit ``train.resume=false``,
+    mttt_jax ``resume=false``) leaves a clean folder: the records of every config (pilimit kept another
+    config's beside the new run's, mttt_jax only removed its own) and a torn line, with one warning that
+    counts them by hash.  A distributed rank 0 empties its own file only; a subfolder's records (an
+    evaluate's ``<run>/eval``) stay.  ``check_run_dir(start_over=...)`` names that setting as a way out."""
+    rd = R.RunDir(tmp_path, {"lr": 0.1})
+    for h in ("a", "b", "a"):
+        with rd.writer(method="m", metric="loss", config_hash=h) as w:
+            w.write(value=1.0)
+    with open(rd.records_path, "ab") as f:
+        f.write(b'{"method": "m", "config_hash": "b", "val')  # a writer killed mid-line
+    (tmp_path / "records-rank1.jsonl").write_text(json.dumps({"config_hash": "a"}) + "\n")
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "records.jsonl").write_text(json.dumps({"config_hash": "e"}) + "\n")
+    with caplog.at_level("WARNING", logger="tttlab.core.records"):
+        assert R.RunDir(tmp_path, {"lr": 0.1}, rank=0).start_over("x=false") == {"a": 2, "b": 1, None: 1}
+    assert (tmp_path / "records-rank1.jsonl").read_text() != "", "another rank's file is its own"
+    assert (
+        f"{tmp_path}: starting over (x=false): removing the 4 records in the folder (2 of config_hash a, "
+        in caplog.text
+    )
+    assert "1 of config_hash b, 1 without a config_hash)" in caplog.text, caplog.text
+    assert rd.start_over("x=false") == {"a": 1}
+    caplog.clear()
+    assert [p.stat().st_size for p in sorted(tmp_path.glob("records*.jsonl"))] == [0, 0]
+    assert (tmp_path / "eval" / "records.jsonl").read_text() != "", "a subfolder is not the run's records"
+    assert rd.start_over("x=false") == {} and caplog.text == "", "nothing to remove: no warning"
+    (tmp_path / "records.jsonl").write_text(json.dumps({"config_hash": "a", "metric": "loss"}) + "\n")
+    with pytest.raises(R.RunDirConflictError) as e:
+        R.check_run_dir(tmp_path, {"lr": 0.2}, append_env=False, start_over="train.resume=false")
+    assert "set train.resume=false to start over there (it removes the records of every config in the " in (
+        str(e.value)
+    ) and f"or delete {tmp_path}" in str(e.value)
+
+
 def test_rundir_drop_records_replaces_only_its_configs_records_atomically(tmp_path, monkeypatch):
     """``RunDir.drop_records()``: what an evaluate run again (e.g. after a kill) calls before it writes."""
     cfg = {"method": "m", "seed": 0}

@@ -42,6 +42,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -517,7 +518,12 @@ def _append_allowed() -> bool:
 
 
 def _conflict_message(
-    path: Path, old: dict[str, Any], new: dict[str, Any], append_env: bool = True, neutral: Iterable[str] = ()
+    path: Path,
+    old: dict[str, Any],
+    new: dict[str, Any],
+    append_env: bool = True,
+    neutral: Iterable[str] = (),
+    start_over: str | None = None,
 ) -> str:
     from .config import config_diff
 
@@ -532,6 +538,11 @@ def _conflict_message(
         f"({named(new)}) differs in {shown or 'its hash'}. Records of two configs in one folder would read as "
         "one run's: "
     )
+    if not append_env and start_over:
+        return head + (
+            f"give this run a new out_dir, set {start_over} to start over there (it removes the records of "
+            f"every config in the folder), or delete {path} to start this config there from the start"
+        )
     if not append_env:
         return (
             head + f"give this run a new out_dir, or delete {path} to start this config there from the start"
@@ -550,6 +561,7 @@ def check_run_dir(
     display_keys: Iterable[str] = DISPLAY_KEYS,
     resumable_keys: Iterable[str] = (),
     append_env: bool = True,
+    start_over: str | None = None,
 ) -> None:
     """Raise :class:`~tttlab.core.errors.RunDirConflictError` where ``RunDir(path, config,
     other_config="error", identity=identity, display_keys=display_keys, resumable_keys=resumable_keys)``
@@ -557,7 +569,10 @@ def check_run_dir(
     before it computes (a new folder, the same config up to its display and resumable keys, a folder without
     records and :data:`APPEND_ENV` pass).  ``append_env=False``: :data:`APPEND_ENV` is not read, and the
     message says to delete the folder instead (a training run that has no checkpoint to resume, whose
-    folder holds another training config's records: appending would put two runs' epochs in one folder)."""
+    folder holds another training config's records: appending would put two runs' epochs in one folder).
+    ``start_over`` (with ``append_env=False``): the command's start-over setting (e.g.
+    ``"train.resume=false"``), named in the message as a third way out; such a run calls
+    :meth:`RunDir.start_over`, which removes the folder's records of every config."""
     path = Path(path)
     cfg_path = path / "config.yaml"
     if (append_env and _append_allowed()) or not cfg_path.is_file() or not _has_records(path):
@@ -571,7 +586,9 @@ def check_run_dir(
     new = dict(_plain(config))
     if not _same_run(old, new, identity, _neutral_keys(display_keys, resumable_keys)):
         raise RunDirConflictError(
-            _conflict_message(path, old, new, append_env, _neutral_keys(display_keys, resumable_keys))
+            _conflict_message(
+                path, old, new, append_env, _neutral_keys(display_keys, resumable_keys), start_over
+            )
         )
 
 
@@ -762,6 +779,40 @@ class RunDir:
         :func:`drop_records`, which does this for any JSONL file).
         """
         return drop_records(self.records_path, self.config_hash)
+
+    def start_over(self, why: str) -> dict[str | None, int]:
+        """Remove every record of the folder's records files, of whatever ``config_hash`` (a training run
+        that starts over: a clean folder, not two configs' epochs read as one run's), atomically; log one
+        warning naming how many records of which hashes went (``why``: what asked for it, e.g.
+        ``"resume=false"``); return ``{config_hash: count}``.  A run without ranks empties every
+        ``records*.jsonl`` of the folder, a distributed rank 0 its own ``records.jsonl`` only.  Only for a
+        folder whose records are all the training run's: an evaluation kept in a subfolder (``<run>/eval``)
+        is not touched."""
+        files = sorted(self.path.glob("records*.jsonl")) if self.rank is None else [self.records_path]
+        counts: dict[str | None, int] = {}
+        for path in files:
+            if not path.exists() or path.stat().st_size == 0:
+                continue
+            for raw in path.read_bytes().split(b"\n"):
+                if not raw.strip():
+                    continue
+                try:  # a torn or damaged line goes too, counted without a hash
+                    record = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    record = None
+                key = record.get("config_hash") if isinstance(record, dict) else None
+                counts[key] = counts.get(key, 0) + 1
+            atomic_write_bytes(path, b"")
+        if counts:
+            parts = ", ".join(
+                f"{n} of config_hash {h}" if h is not None else f"{n} without a config_hash"
+                for h, n in sorted(counts.items(), key=lambda kv: (kv[0] is None, str(kv[0])))
+            )
+            logging.getLogger(__name__).warning(
+                "%s: starting over (%s): removing the %d records in the folder (%s)",
+                self.path, why, sum(counts.values()), parts,
+            )  # fmt: skip
+        return counts
 
     # stats --------------------------------------------------------------------------------------------------
     def write_stats(self, stats: Mapping[str, Any]) -> Path:
