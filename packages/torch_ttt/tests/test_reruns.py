@@ -127,7 +127,7 @@ def test_evaluate_names_the_training_keys_it_was_given(override, needle):
     assert needle in str(info.value)
 
 
-def test_without_a_checkpoint_another_training_configs_records_are_refused_not_deleted(tmp_path):
+def test_without_a_checkpoint_another_training_configs_records_are_refused_not_deleted(tmp_path, caplog):
     """A finished run's checkpoint deleted, a rerun with another train.lr started over unasked and deleted
     the earlier run's records; a folder with a checkpoint of that config is refused (e2e walkthrough)."""
     from tttlab.core.errors import RunDirConflictError
@@ -140,6 +140,14 @@ def test_without_a_checkpoint_another_training_configs_records_are_refused_not_d
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     # another eval section (same weights) and train.resume=false are not refused
     run(out, "eval.noise_std=1.0")
-    run(out, "train.lr=0.02", "train.resume=false")
+    before = read_jsonl(out / "records.jsonl")
+    counts = {h: sum(r["config_hash"] == h for r in before) for h in {r["config_hash"] for r in before}}
+    with caplog.at_level("WARNING"):
+        run(out, "train.lr=0.02", "train.resume=false")
+    # one warning (core RunDir.start_over, shared with pilimit and mttt_jax) names what went, by hash
+    named = ", ".join(f"{n} of config_hash {h}" for h, n in sorted(counts.items()))
+    assert (
+        f"starting over (train.resume=false): removing the {len(before)} records in the folder ({named})"
+    ) in caplog.text, caplog.text
     assert {r["extra"].get("train_engine") for r in read_jsonl(out / "records.jsonl")} == {"ttt"}
     assert len({r["config_hash"] for r in read_jsonl(out / "records.jsonl")}) == 1

@@ -53,7 +53,7 @@ from torch import nn
 from tttlab.core._io import atomic_path
 from tttlab.core.cli import apply_log_level, check_hydra_command, user_errors
 from tttlab.core.config import DataConfig, RunConfig, package_yaml, to_plain
-from tttlab.core.errors import CheckpointError, ConfigError, RunDirConflictError, TTTLabError
+from tttlab.core.errors import CheckpointError, ConfigError, TTTLabError
 from tttlab.core.records import RunDir, check_run_dir, config_hash, read_jsonl
 from tttlab.core.torch import read_torch_file, resolve_device
 
@@ -666,20 +666,16 @@ def run(
         # no checkpoint to resume (deleted to save space, say): a folder holding another training config's
         # records is refused as its checkpoint would be, instead of starting over and deleting those records
         # unasked; train.resume=false still starts over there
-        try:
-            check_run_dir(
-                c["out_dir"], c, identity=_training_part, resumable_keys=RESUMABLE_KEYS, append_env=False
-            )
-        except RunDirConflictError as e:
-            raise RunDirConflictError(
-                f"{e}; or train.resume=false to start over there (removes them)"
-            ) from None
+        check_run_dir(
+            c["out_dir"], c, identity=_training_part, resumable_keys=RESUMABLE_KEYS, append_env=False,
+            start_over="train.resume=false",
+        )  # fmt: skip
     d: DataConfig | dict = c["data"]
     x, y = load_mnist(d.get("split") or "train", d.get("num_examples"))
     model, engine, opt = build_model_and_engine(c, x[:2].to(device), device)
     out = RunDir(c["out_dir"], c, resumable_keys=RESUMABLE_KEYS)
     if ck is None:
-        _start_over(out, ckpt_path)
+        _start_over(out, ckpt_path, "no checkpoint" if c["train"]["resume"] else "train.resume=false")
     state = {"epoch": 0, "batch": 0, "step": 0, "correct": 0, "seen": 0, "task_loss": 0.0, "ssl_loss": 0.0}
     history: dict[str, list] = {}
     if ck is not None:
@@ -792,19 +788,15 @@ def _training_diff(ck: dict[str, Any], c: dict[str, Any]) -> str:
     return f" ({', '.join(diff[:8])}{', ...' if len(diff) > 8 else ''})" if diff else ""
 
 
-def _start_over(out: RunDir, ckpt_path: Path) -> None:
+def _start_over(out: RunDir, ckpt_path: Path, why: str) -> None:
     """A run that does not resume (no checkpoint, or ``train.resume=false``) replaces what an earlier run
-    left in its directory: its checkpoint and its records.  They were kept, and the new run then skipped
-    every evaluation "already in records.jsonl", reporting the old run's numbers in its stats.json."""
-    records = read_jsonl(out.records_path)
-    if ckpt_path.exists() or records:
-        log.warning("%s: starting over (train.resume=false or no checkpoint): removing the previous run's "
-                    "checkpoint and its %d records", out.path, len(records))  # fmt: skip
+    left in its directory: its checkpoint and its records, of every config (core ``RunDir.start_over``; a
+    separate evaluate writes to a folder of its own).  They were kept, and the new run then skipped every
+    evaluation "already in records.jsonl", reporting the old run's numbers in its stats.json."""
+    if ckpt_path.exists():
+        log.warning("%s: starting over (%s): removing the previous run's checkpoint", out.path, why)
     ckpt_path.unlink(missing_ok=True)
-    if records:
-        from tttlab.core._io import atomic_write_text
-
-        atomic_write_text(out.records_path, "")
+    out.start_over(why)
 
 
 def _eval_hash(c: dict[str, Any]) -> str:
