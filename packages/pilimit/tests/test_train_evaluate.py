@@ -98,11 +98,13 @@ def test_resume_refuses_other_config(tmp_path):
     assert (tmp_path / "config.yaml").read_text() == before
 
 
-def test_a_folder_with_another_configs_records_but_no_checkpoint_is_refused(tmp_path):
+def test_a_folder_with_another_configs_records_but_no_checkpoint_is_refused(tmp_path, caplog):
     """A run folder holding another training config's records but no checkpoints/last.ckpt: records were
     matched by (metric, step) alone, so an optim.lr=0.5 run there recorded nothing (every epoch 'done') under
     its config.yaml.  Refused now, as a checkpoint of another config is (RunDirConflictError naming the key,
-    the folder untouched); train.resume=false starts over there and records its own epochs."""
+    the folder untouched); train.resume=false starts over there: the folder's records of every config are
+    removed with one warning (they stayed beside the new run's under their own hash, two runs in one folder,
+    which the refusal's own message calls wrong), then it records its own epochs."""
     from tttlab.core.errors import RunDirConflictError
     from tttlab.core.records import config_hash
 
@@ -110,16 +112,22 @@ def test_a_folder_with_another_configs_records_but_no_checkpoint_is_refused(tmp_
     run(train_config("smoke", small))
     (tmp_path / "checkpoints" / "last.ckpt").unlink()
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    with pytest.raises(RunDirConflictError, match=r"differs in optim\.lr: 1\.0 -> 0\.5\. .* or delete"):
+    with pytest.raises(RunDirConflictError, match=r"differs in optim\.lr: 1\.0 -> 0\.5\. .* or delete") as e:
         run(train_config("smoke", [*small, "optim.lr=0.5"]))
+    assert "set train.resume=false to start over there (it removes the records of every config" in str(
+        e.value
+    )
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
     restart = [*small, "optim.lr=0.5", "train.resume=false"]
-    with pytest.warns(UserWarning, match="different config"):
-        run(train_config("smoke", restart))
     old, new = (config_hash(_recorded_config(o)) for o in (small, restart))
+    with pytest.warns(UserWarning, match="different config"), caplog.at_level("WARNING"):
+        run(train_config("smoke", restart))
+    assert (
+        f"starting over (train.resume=false): removing the 6 records in the folder (6 of config_hash {old})"
+        in (caplog.text)
+    ), caplog.text
     got = [(r["metric"], r["step"], r["config_hash"]) for r in _records(tmp_path)]
-    mine = [(m, s) for m, s, h in got if h == new]
-    assert [(m, s) for m, s, h in got if h == old] == mine and len(mine) == 6, got
+    assert {h for m, s, h in got} == {new} and len(got) == 6, got
 
 
 def _recorded_config(overrides):

@@ -523,13 +523,18 @@ class _Run:
         A run that resumes no checkpoint (none there) in a folder holding another training config's records
         is refused (``RunDirConflictError`` naming the keys), as a checkpoint of another config is: their
         epochs were taken as this run's.  ``train.resume=false`` asks to start over: not refused, and the
-        earlier config's records keep their ``config_hash`` (:meth:`done` leaves them out)."""
+        folder's records of every config are removed (core ``RunDir.start_over``, one warning naming them):
+        they stayed under their own ``config_hash`` beside the new run's, two runs in one folder.  An
+        evaluate writes to ``<out_dir>/eval``, a folder of its own, which stays."""
         if self._refusal is not None:
             raise self._refusal
         if self._ck is None and self.c["train"]["resume"]:
             check_run_dir(self.c["out_dir"], self._recorded, identity=_training_identity,
-                          resumable_keys=RESUMABLE_KEYS, append_env=False)  # fmt: skip
+                          resumable_keys=RESUMABLE_KEYS, append_env=False,
+                          start_over="train.resume=false")  # fmt: skip
         self.out = RunDir(self.c["out_dir"], self._recorded, resumable_keys=RESUMABLE_KEYS)
+        if not self.c["train"]["resume"]:
+            self.out.start_over("train.resume=false")
         self.ckpt_path = self.out.checkpoint_path(CHECKPOINT)
         return self.out
 
