@@ -199,7 +199,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, trained_run, ca
 
     from tttlab.core.records import config_hash, read_jsonl
 
-    with caplog.at_level("WARNING", logger="tttlab.mttt_jax.train"):
+    with caplog.at_level("WARNING"):
         T.train(compose([*TINY, *SHARED_RUN, out, "resume=false", "max_steps=2"]))
     # a max_steps stop says so (it ended quietly, and the command printed epoch 1's number as "final")
     assert "stopped at step 2 of 4 (max_steps=2)" in caplog.text, caplog.text
@@ -213,11 +213,31 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, trained_run, ca
     assert {r["config_hash"] for r in records} == {
         config_hash(yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()))
     }
-    fresh = T.train(
-        compose([*TINY, *SHARED_RUN, out, "inner.TTT.inner_itr=1", "resume=false", "total_epochs=1"])
-    )
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        fresh = T.train(
+            compose([*TINY, *SHARED_RUN, out, "inner.TTT.inner_itr=1", "resume=false", "total_epochs=1"])
+        )
     assert len(fresh["val/inner_loss"][0][0]) == 2, "T=1 reports 2 inner losses per layer"
     assert fresh["step"] == [2], "started over (the T=2 run's checkpoints removed)"
+    # starting over removes the records of every config in the folder, with one warning naming them (the
+    # T=2 run's 4 records stayed next to T=1's under their own hash: two runs' epochs in one folder)
+    records = read_jsonl(tmp_path / "run" / "records.jsonl")
+    t1_hash = config_hash(yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()))
+    assert {r["config_hash"] for r in records} == {t1_hash} and len(records) == 4, records
+    assert "starting over (resume=false): removing the 4 records" in caplog.text, caplog.text
+    # without a checkpoint (deleted by hand), another config's records are refused by default, as with one
+    # (it trained next to them with a 'different config' warning), nothing written; the message names ways out
+    from tttlab.core.errors import RunDirConflictError
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir() if f.is_file()}
+    with pytest.raises(RunDirConflictError) as refused:
+        T.train(compose([*TINY, *SHARED_RUN, out, "total_epochs=1"]))
+    message = str(refused.value)
+    assert "inner.TTT.inner_itr: 1 -> 2" in message and f"out_dir={tmp_path / 'run'}_2" in message, message
+    assert "set resume=false to start over there (it removes the records of every config" in message, message
+    assert {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir() if f.is_file()} == before
 
 
 def test_tfds_path_defaults_to_tfds_data_dir(monkeypatch):

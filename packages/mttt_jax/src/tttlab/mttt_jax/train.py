@@ -37,8 +37,9 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from tttlab.core.errors import RunDirConflictError
 from tttlab.core.jax import DATA_AXIS, data_mesh
-from tttlab.core.records import RunDir, config_hash
+from tttlab.core.records import RunDir, check_run_dir, config_hash
 
 from . import data as mdata
 from .errors import CheckpointError, MTTTConfigError
@@ -478,13 +479,25 @@ def train(cfg, *, mesh=None, _kill_at_step: int | None = None) -> dict:
         )
     is_main = jax.process_index() == 0
     ckpt_dir = Path(c["out_dir"]) / "checkpoints"
+    resuming = False
     if c.get("resume", True) and ckpt_dir.is_dir():  # before RunDir rewrites config.yaml
         probe = checkpoint_manager(ckpt_dir, c.get("keep_checkpoints", 2))
         try:
             if probe.latest_step() is not None:
                 check_resume_config(probe, probe.latest_step(), c)
+                resuming = True
         finally:
             probe.close()
+    if c.get("resume", True) and not resuming and is_main:
+        # no checkpoint to resume (deleted to save space, say): a folder holding another config's records is
+        # refused as its checkpoint would be, instead of training next to them (two configs' epochs in one
+        # folder); resume=false starts over there, removing them
+        try:
+            check_run_dir(
+                c["out_dir"], c, resumable_keys=RESUMABLE_KEYS, append_env=False, start_over="resume=false"
+            )
+        except RunDirConflictError as e:  # the new folder's override, as a refused checkpoint names it
+            raise RunDirConflictError(f"{e}; a new folder: {another_run_dir(c)}") from None
     aug = {**(c["input"].get("augment") or {})}
     train_src = mdata.open_source(
         c["input"]["dataset"], c["input"].get("split", "train"), data_dir=c.get("tfds_path") or None, train=True,
@@ -534,10 +547,13 @@ def train(cfg, *, mesh=None, _kill_at_step: int | None = None) -> dict:
                     len(mngr.all_steps()), run.checkpoints)  # fmt: skip
         for old_step in mngr.all_steps():
             mngr.delete(old_step)
-    if latest is None and is_main:
-        # from step 0 (resume=false, or no checkpoint): this config's records in the folder (the same run's,
-        # re-tagged when only RESUMABLE_KEYS changed, resume among them) are replaced, not recorded twice;
-        # another config's stay
+    if not c.get("resume", True) and is_main:
+        # start over: a clean folder, the records of every config in it removed (evaluate writes to
+        # <out_dir>/eval, a folder of its own, which stays)
+        run.start_over("resume=false")
+    elif latest is None and is_main:
+        # from step 0 without a checkpoint: this config's records in the folder (the same run's, re-tagged
+        # when only RESUMABLE_KEYS changed) are replaced, not recorded twice; another config's were refused
         dropped = run.drop_records()
         if dropped:
             log.warning("%s: starting from step 0: removing the %d records of this config's previous run",
