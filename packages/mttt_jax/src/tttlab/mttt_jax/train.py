@@ -488,7 +488,7 @@ def train(cfg, *, mesh=None, _kill_at_step: int | None = None) -> dict:
                 resuming = True
         finally:
             probe.close()
-    if c.get("resume", True) and not resuming and is_main:
+    if c.get("resume", True) and not resuming:  # every process: read-only, so all ranks refuse together
         # no checkpoint to resume (deleted to save space, say): a folder holding another config's records is
         # refused as its checkpoint would be, instead of training next to them (two configs' epochs in one
         # folder); resume=false starts over there, removing them
