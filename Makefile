@@ -61,17 +61,15 @@ PROFILE ?= full
 demo: $(VENV)/.installed
 	$(PY) -m tttlab.core.demo --out demo_out profile=$(PROFILE) $(ARGS)
 
-# TTTLAB_CORE_TESTS_PHASE (packages/core/tests/conftest.py): the core-only phase runs every core test and
-# fails one that looks for a module it lacks unless it is marked full_env; the full phase runs only those.
 test-core: $(CORE_VENV)/.installed
-	TTTLAB_EXPECT_CORE_ONLY=1 TTTLAB_CORE_TESTS_PHASE=core $(CORE_PY) -m pytest $(PYTEST_FLAGS) -m "not gpu and not repro" packages/core/tests tests
+	TTTLAB_EXPECT_CORE_ONLY=1 $(CORE_PY) -m pytest $(PYTEST_FLAGS) -m "not gpu and not repro" packages/core/tests tests
 
 test-jax: $(JAX_VENV)/.installed
 	TTTLAB_EXPECT_NO_TORCH=1 $(JAX_PY) -m pytest $(PYTEST_FLAGS) -m "not gpu and not repro" packages/mttt_jax/tests tests/test_install.py
 
 # mttt_jax's own tests run in the torch-free environment above (test-jax), not twice.
 test-full: $(VENV)/.installed
-	TTTLAB_CORE_TESTS_PHASE=full $(PY) -m pytest $(PYTEST_FLAGS) -m "not gpu and not repro" $(filter-out packages/mttt_jax/tests,$(wildcard packages/*/tests)) tests
+	$(PY) -m pytest $(PYTEST_FLAGS) -m "not gpu and not repro" $(filter-out packages/mttt_jax/tests,$(wildcard packages/*/tests)) tests
 
 test: test-core test-jax test-full
 

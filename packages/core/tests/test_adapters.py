@@ -13,8 +13,6 @@ import pytest
 from tttlab.core.data import ArrayDataset
 from tttlab.core.errors import InvalidInputError
 
-pytestmark = pytest.mark.full_env  # every test here needs torch or jax
-
 
 def images(n=4, c=3):
     return np.random.default_rng(0).integers(0, 256, size=(n, 8, 10, c), dtype=np.uint8)

@@ -3,7 +3,6 @@ is bfloat16 on the CPU, so the CPU-only test passed, but float16 without a GradS
 
 import pytest
 
-pytestmark = pytest.mark.full_env  # make test's full phase runs it (the core-only one has no torch)
 torch = pytest.importorskip("torch")
 
 

@@ -202,7 +202,6 @@ def test_two_sources_of_one_length_do_not_share_cached_domains(source, tmp_path)
         _one_domain(first, tmp_path, source_id=3)
 
 
-@pytest.mark.full_env
 def test_tfds_split_slices_do_not_share_cached_domains(tmp_path):
     """The case users hit: ``test[:10]`` and ``test[10:20]`` of one TFDS dataset, one cache_dir."""
     pytest.importorskip("tensorflow_datasets")

@@ -14,7 +14,6 @@ def test_user_error_is_one_line_and_exit_status_2(capsys):
     assert capsys.readouterr().err == "tttlab-x: error: ConfigError: lr=-1: expected >= 0\n"
 
 
-@pytest.mark.full_env
 def test_user_error_goes_into_torchruns_error_file(tmp_path, monkeypatch, capsys):
     """Under torchrun the worker's error file carries the same line, and torch elastic's failure summary (its
     "Root Cause" block) prints it instead of "To enable traceback see ..."."""
@@ -105,7 +104,6 @@ def test_run_directory_overrides_that_can_be_created_pass(tmp_path):
     check_dir_overrides("tttlab-x", [f"name={tmp_path / 'f'}"])  # not a directory key
 
 
-@pytest.mark.full_env
 def test_a_bad_compile_override_stops_before_hydra_and_good_ones_pass(capsys):
     """``compile=fast`` is the one-line ConfigError (exit 2) before Hydra makes the run directory; the values
     core's ``compile_kwargs`` accepts, as Hydra parses them (``TRUE`` is a bool, quotes are dropped), pass."""
@@ -1102,7 +1100,6 @@ def test_a_plain_interpolation_of_hydras_node_is_one_line(sweep_package, capsys,
         _ = job.out_dir
 
 
-@pytest.mark.full_env
 def test_a_sweep_into_one_folder_passes_when_asked_to_append(sweep_package, monkeypatch, capsys):
     """``-m seed=0,1`` into one run directory is refused (the later job would resume from, overwrite or be
     refused by the earlier's run), except under ``TTTLAB_APPEND_TO_OTHER_CONFIG=1``, which asks for two

@@ -92,7 +92,6 @@ def first(env):
     return result, calls(env)[n0:]
 
 
-@pytest.mark.full_env
 def test_every_method_yields_records_and_failures_are_reported(first):
     result, made = first
     assert sorted(c["method"] for c in made) == sorted(FAKE)
@@ -116,7 +115,6 @@ def test_every_method_yields_records_and_failures_are_reported(first):
     assert "pip install -c constraints.txt -e packages/notapkg" in report
 
 
-@pytest.mark.full_env
 def test_files_agree_with_the_records(first):
     result, _ = first
     out = result.out_dir
@@ -155,7 +153,6 @@ def test_files_agree_with_the_records(first):
     assert "tttlab-compare" in report.split("## Command")[1]
 
 
-@pytest.mark.full_env
 def test_resumed_run_recomputes_nothing(env, first, no_plots):
     result, _ = first
     n0 = len(calls(env))
@@ -175,7 +172,6 @@ def test_resumed_run_recomputes_nothing(env, first, no_plots):
     pd.testing.assert_frame_equal(old, result.results.reset_index(drop=True))
 
 
-@pytest.mark.full_env
 def test_changed_method_code_is_recomputed(env, monkeypatch, no_plots):
     out = env["tmp"] / "code"
     cfg = base_config(out, methods=["fake.alpha"], overrides={})
@@ -227,7 +223,6 @@ def test_code_fingerprint_follows_code_and_config_files(tmp_path, monkeypatch):
     assert fp() != now and len(fp()) == 16
 
 
-@pytest.mark.full_env
 def test_several_seeds_give_mean_and_spread(env, no_plots):
     out = env["tmp"] / "seeds"
     cfg = base_config(out, methods=["fake.alpha"], seeds=[0, 1, 2], overrides={})
@@ -245,7 +240,6 @@ def test_several_seeds_give_mean_and_spread(env, no_plots):
     assert sorted(result.results["seed"].unique()) == [0, 1, 2]
 
 
-@pytest.mark.full_env
 def test_continual_and_mixed_settings(env, no_plots):
     out = env["tmp"] / "settings"
     cfg = base_config(
@@ -315,7 +309,6 @@ def test_the_next_task_starts_when_one_ends_not_at_a_polling_tick(monkeypatch):
     assert seconds < 2.0, f"20 instant tasks took {seconds:.1f} s (0.2 s ticks: >= 4 s)"
 
 
-@pytest.mark.full_env
 def test_timeout_is_a_failure(env):
     cfg = base_config(env["tmp"] / "timeout", methods=["fake.alpha"], timeout_s=0.5,
                       overrides={"fake.alpha": {"fake": {"sleep": 30}}})  # fmt: skip
@@ -325,7 +318,6 @@ def test_timeout_is_a_failure(env):
     assert result.text == "no results"
 
 
-@pytest.mark.full_env
 def test_config_errors_and_method_names(env, tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'seeds'"):
         cmp.load_config(["seds=[1]"])
@@ -401,7 +393,6 @@ def test_config_errors_and_method_names(env, tmp_path):
     assert not (tmp_path / "typo_base").exists()
 
 
-@pytest.mark.full_env
 def test_an_out_dir_that_cannot_be_made_is_a_config_error(tmp_path, monkeypatch, capsys):
     """An empty ``out_dir`` / ``cache_dir`` (an unset ``$VAR``) wrote everything into the working directory,
     and one that cannot be created (no permission) ended in a PermissionError traceback."""
@@ -429,7 +420,6 @@ def test_an_out_dir_that_cannot_be_made_is_a_config_error(tmp_path, monkeypatch,
     assert "'out_dir'=" in capsys.readouterr().err
 
 
-@pytest.mark.full_env
 def test_plain_table_without_rich(first, monkeypatch):
     result, _ = first
     monkeypatch.setitem(__import__("sys").modules, "rich", None)
@@ -441,7 +431,6 @@ def test_plain_table_without_rich(first, monkeypatch):
     assert not math.isnan(result.table["mean"].iloc[0])
 
 
-@pytest.mark.full_env
 def test_compare_imports_no_framework():
     import subprocess
 
@@ -603,7 +592,6 @@ def test_cost_column_keeps_three_significant_digits(s, text):
     assert cmp._fmt_cost(s) == text
 
 
-@pytest.mark.full_env
 def test_nothing_installed_says_so_once(env, tmp_path):
     lines = []
     result = cmp.compare(base_config(tmp_path, methods=["notapkg.method"]), echo=lines.append)
@@ -612,7 +600,6 @@ def test_nothing_installed_says_so_once(env, tmp_path):
     assert not any("method(s) x" in line for line in lines), lines
 
 
-@pytest.mark.full_env
 def test_trained_models_are_cached_per_package_and_code_version(env, tmp_path):
     c = cmp.load_config([f"out_dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}", "methods=fake.*"])
     spec = registry.get_method("fake.alpha")
@@ -679,7 +666,6 @@ def _write_part(part: Path, recs, mtime: float) -> None:
     os.utime(part / "records.jsonl", (mtime, mtime))
 
 
-@pytest.mark.full_env
 def test_collect_newest_part_wins_only_wanted_domains_and_derived_cost(env, tmp_path):
     spec = registry.get_method("fake.alpha")
     root = tmp_path / "task"
@@ -731,7 +717,6 @@ def test_method_overrides_match_globs_and_merge_deeply():
 # null for it or key i.i.d. runs differently, and every test above still passed)
 
 
-@pytest.mark.full_env
 def test_dirichlet_delta_reaches_the_evaluate_and_iid_configs_are_unchanged(env, tmp_path):
     """Set: the evaluate's ``benchmark`` mapping carries it (and the run folder key differs); null: the
     mapping and the run key are exactly those of comparisons from before the option (no null entry: old
@@ -761,7 +746,6 @@ def test_dirichlet_delta_reaches_the_evaluate_and_iid_configs_are_unchanged(env,
     assert "setting reset_each_shift, profile" in cmp._bench_title(c)
 
 
-@pytest.mark.full_env
 def test_stream_order_reaches_the_evaluate_and_default_configs_are_unchanged(env, tmp_path):
     """``stream_order=mariodoebler``: the evaluate's ``benchmark`` mapping carries it, the run folder key
     differs, the severities keep their given order (the stream's); the default leaves the mapping, the key
@@ -794,7 +778,6 @@ def test_stream_order_reaches_the_evaluate_and_default_configs_are_unchanged(env
         cmp.load_config([*args, "stream_order=upstream"])
 
 
-@pytest.mark.full_env
 def test_mariodoebler_reset_each_shift_resumes_whole_corruptions(env, tmp_path, monkeypatch):
     """Its severities of one corruption share one adaptation (no reset between them): a missing domain is
     computed again with the rest of its corruption, in the given severity order; the default order resumes
@@ -826,7 +809,6 @@ def test_equivalent_command_reproduces_the_label_correlated_comparison(tmp_path,
     assert "dirichlet_delta" not in cmp.equivalent_command(iid)
 
 
-@pytest.mark.full_env
 def test_label_correlated_comparison_end_to_end(env, no_plots):
     """``dirichlet_delta=0`` through a whole comparison: the evaluate gets it, the report says so (0 too:
     sorted by class is label-correlated); the i.i.d. comparison is another run whose evaluate gets no key."""
@@ -843,7 +825,6 @@ def test_label_correlated_comparison_end_to_end(env, no_plots):
     assert "label-correlated" not in iid.report.read_text()
 
 
-@pytest.mark.full_env
 def test_a_bad_method_name_or_seed_leaves_no_out_dir(env, tmp_path, capsys):
     """A mistyped method name (or a negative seed) is exit status 2 with one line naming it, before
     anything is made: no out_dir with an empty cache/ behind (the walkthrough found one), and a negative
@@ -862,7 +843,6 @@ def test_a_bad_method_name_or_seed_leaves_no_out_dir(env, tmp_path, capsys):
     assert capsys.readouterr().out == ""
 
 
-@pytest.mark.full_env
 def test_a_configuration_error_is_the_one_line_every_command_prints(env, tmp_path, capsys):
     """tttlab-compare reports bad input as every other tttlab command does (tttlab.core.cli.user_errors,
     the core README): ``<prog>: error: <TTTLabError type>: <message>``, exit status 2.  It printed
@@ -878,7 +858,6 @@ def test_a_configuration_error_is_the_one_line_every_command_prints(env, tmp_pat
     assert not out.exists()
 
 
-@pytest.mark.full_env
 def test_a_long_error_of_a_failed_run_is_cut_at_a_word_and_marked(env, tmp_path, no_plots):
     """The failed-run line (printed, and in report.md's summary) holds the last stderr line of the evaluate; a
     long one was cut at 200 characters mid-word (a list of known keys ended in "dirichlet_del"), which read as
@@ -897,7 +876,6 @@ def test_a_long_error_of_a_failed_run_is_cut_at_a_word_and_marked(env, tmp_path,
     assert f"RuntimeError: {words}" in task.stderr_tail
 
 
-@pytest.mark.full_env
 def test_a_device_of_the_other_framework_is_refused_before_any_run(env, tmp_path, capsys):
     """device=tpu (JAX's) with a torch method, or device=mps (torch's) with a JAX method: exit status 2 with
     one line naming the methods, before out_dir is made (each run would have failed on its own); numpy
@@ -948,7 +926,6 @@ def test_prepare_benchmark_corrupts_the_severities_a_gradual_stream_visits(tmp_p
     assert [p.name for p in other.glob("benchmark/*/*.npy")] == ["gaussian_noise-5.npy"]
 
 
-@pytest.mark.full_env
 def test_report_says_what_a_gradual_stream_visited(env, no_plots):
     """The report of a 'gradual' comparison said 'Accuracy per corruption at severity 5, ... setting gradual'
     and nothing else, though the stream ran each corruption through severities 1..5..1; it now says so."""
@@ -963,7 +940,6 @@ def test_report_says_what_a_gradual_stream_visited(env, no_plots):
     assert cmp._gradual_note({"setting": ["continual"], "severities": [5]}) == ""
 
 
-@pytest.mark.full_env
 def test_a_device_the_machine_lacks_is_one_error_before_any_run(env, tmp_path, capsys, monkeypatch):
     """``device=cuda`` on a machine without CUDA failed once per method, each evaluate raising its own
     ConfigError after compare had started them all.  It is now exit status 2 with one line naming the device,

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.full_env  # make test's full phase runs it (the core-only one has no torch)
 pytest.importorskip("torch")
 
 CODE = """

@@ -69,7 +69,6 @@ def mean_abs_change(images, corrupted) -> float:
 
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("severity", C.SEVERITIES)
-@pytest.mark.full_env
 def test_imagenet_constants_match_reference(name, severity, photos224):
     """Mean |corrupted - clean| agrees with imagecorruptions-imaug (ImageNet constants) within 10%.
 

@@ -323,7 +323,6 @@ def liquid_levels(n=3, h=60, w=50, sigma=2.0):
     return (liquid * 255).astype(np.uint8)
 
 
-@pytest.mark.full_env
 def test_water_texture_matches_opencv():
     """Canny, chamfer distance, equalizeHist and the whole water texture against OpenCV's C code
     (the reference's dependency; IPP off: IPP builds compute the distances in float)."""

@@ -305,7 +305,6 @@ def test_imagenet_a_r_class_indices_are_the_official_masks(tmp_path):
         assert list(ds.class_indices) == list(official)
 
 
-@pytest.mark.full_env
 def test_resize_center_crop_is_torchvision_resize_centercrop():
     """Long side int(256 * long / short), crop offset int(round(d / 2)): e.g. 500x353 resizes to 362x256
     (not 363), and a 343 px wide image is cropped from x = 60 (59.5 rounds half to even), not 59."""
@@ -327,7 +326,6 @@ def test_resize_center_crop_is_torchvision_resize_centercrop():
             assert np.array_equal(np.asarray(t(img)), np.asarray(tv(img))), (w, h)
 
 
-@pytest.mark.full_env
 def test_resize_center_crop_bicubic_is_torchvision_resize_bicubic_centercrop():
     """``interpolation="bicubic"``: Pillow's bicubic resize at the same sizes and crop box (MAE-based code
     evaluates with ``Resize(256, interpolation=BICUBIC)`` + ``CenterCrop(224)``); other names are refused."""
@@ -387,7 +385,6 @@ def test_imagenet_v2_numeric_order(tmp_path):
     assert ds.take([0])[0].shape == (1, 224, 224, 3)
 
 
-@pytest.mark.full_env
 def test_tfds_roundtrip_without_tensorflow(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     splits = {"train": 5, "validation": 3}
@@ -435,7 +432,6 @@ def test_tfds_a_dataset_missing_from_data_dir_says_what_was_expected(tmp_path):
     assert "imagenet2012/<version>/ with dataset_info.json" in msg
 
 
-@pytest.mark.full_env
 def test_tfds_reads_tfds_split_slices(tmp_path):
     """``as_data_source`` reads TFDS's split syntax (a slice, a percentage, a sum of splits); the reader
     used to refuse every split that was not a bare name."""

@@ -1,7 +1,6 @@
 """The demo's corruption grid: every label inside the picture."""
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from tttlab.core.demo import corruption_grid
@@ -17,7 +16,6 @@ def test_corruption_grid_labels_are_not_cut(tmp_path):
         assert edge.min() > 200, "something is drawn on (and so cut at) the edge of the picture"
 
 
-@pytest.mark.full_env
 def test_a_mistyped_method_is_exit_2_before_anything_is_written(tmp_path, capsys):
     """``tttlab-core-demo 'methods=[...]'`` checks the names as tttlab-compare does: an unknown one is a
     one-line error and exit status 2, with no out_dir (it used to render the grid, skip the name, write an

@@ -29,7 +29,6 @@ def demo_spec():
     registry.unregister("demo.noop")
 
 
-@pytest.mark.full_env
 def test_register_list_get(demo_spec):
     assert demo_spec.framework == "torch"  # alias normalised
     assert registry.get_method("demo.noop") is demo_spec
@@ -55,7 +54,6 @@ def test_spec_validation():
         registry.register({"name": "x", "package": "x", "framework": "jax", "evaluate": "a:b", "lr": "1"})
 
 
-@pytest.mark.full_env
 def test_missing_package_message():
     msg = registry.missing_package_message("pilimit")
     assert "tttlab-pilimit" in msg and "pip install -c constraints.txt -e packages/pilimit" in msg
@@ -80,7 +78,6 @@ LIST = textwrap.dedent("""
 """)
 
 
-@pytest.mark.full_env
 def test_listing_in_subprocess_imports_no_framework(tmp_path):
     # an installed subpackage whose __init__ imports its "framework": listing must not run it
     site = tmp_path / "site"
@@ -99,7 +96,6 @@ def test_listing_in_subprocess_imports_no_framework(tmp_path):
     assert imported == ""  # neither torch nor jax, nor the fake package's __init__
 
 
-@pytest.mark.full_env
 def test_broken_entry_point_is_skipped_with_a_warning(tmp_path):
     site = tmp_path / "site"
     dist = site / "brokenpkg-0.1.dist-info"

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from tttlab.core import records as R
 from tttlab.core._io import _host_tag, remove_stale_temps
@@ -62,7 +61,6 @@ def test_benchmark_cache_folder_is_cleaned_when_a_domain_is_generated(tmp_path):
     assert npy.exists() and not stale.exists()
 
 
-@pytest.mark.full_env
 def test_compare_cleans_its_out_dir(tmp_path, monkeypatch):
     from tttlab.core import compare as cmp
     from tttlab.core import registry
