@@ -400,7 +400,8 @@ def test_rundir_start_over_removes_every_configs_records_and_names_them(tmp_path
             w.write(value=1.0)
     with open(rd.records_path, "ab") as f:
         f.write(b'{"method": "m", "config_hash": "b", "val')  # a writer killed mid-line
-    (tmp_path / "records-rank1.jsonl").write_text(json.dumps({"config_hash": "a"}) + "\n")
+    rank1 = {"method": "m", "metric": "loss", "value": 2.0, "config_hash": "a"}
+    (tmp_path / "records-rank1.jsonl").write_text(json.dumps(rank1) + "\n")
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "records.jsonl").write_text(json.dumps({"config_hash": "e"}) + "\n")
     with caplog.at_level("WARNING", logger="tttlab.core.records"):
@@ -422,6 +423,40 @@ def test_rundir_start_over_removes_every_configs_records_and_names_them(tmp_path
     assert "set train.resume=false to start over there (it removes the records of every config in the " in (
         str(e.value)
     ) and f"or delete {tmp_path}" in str(e.value)
+
+
+def test_start_over_removes_tttlab_records_only_and_refuses_another_tools_file(tmp_path, caplog):
+    """``RunDir.start_over`` emptied every ``records*.jsonl`` whatever it held: a training run with
+    ``train.resume=false`` (or torch_ttt with no checkpoint, its default) given ``out_dir=.`` or a folder of
+    another tool wiped that tool's ``records.jsonl`` (JSON lines of its own, or text), counting the lines as
+    'torn'.  A complete line that is not a tttlab record is a RunDirConflictError naming the file and line,
+    and no file of the folder is changed (the check comes before any is emptied); a torn last line, a
+    subfolder and a folder named like a records file are no obstacle."""
+    ours = {"method": "m", "metric": "loss", "value": 1.0, "config_hash": "a"}
+    contents = {
+        "records-rank1.jsonl": (json.dumps(ours) + "\n").encode(),  # sorted first: emptied first, before
+        "records.jsonl": b'{"epoch": 1, "loss": 0.3}\n{"epoch": 2, "loss": 0.2}\n',
+        "records_notes.jsonl": b"free text\n",
+    }
+    for name, data in contents.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "records-old.jsonl").mkdir()  # not a file: left alone
+    rd = R.RunDir(tmp_path, {"lr": 0.1})
+    with caplog.at_level("WARNING", logger="tttlab.core.records"):
+        with pytest.raises(R.RunDirConflictError) as e:
+            rd.start_over("train.resume=false")
+    assert f"{tmp_path / 'records.jsonl'}:1 is not a tttlab record" in str(e.value), str(e.value)
+    assert "starting over (train.resume=false)" in str(e.value) and "another out_dir" in str(e.value)
+    assert {n: (tmp_path / n).read_bytes() for n in contents} == contents, "nothing removed"
+    assert "removing" not in caplog.text
+    (tmp_path / "records.jsonl").unlink()
+    with pytest.raises(R.RunDirConflictError, match="records_notes.jsonl:1 is not a tttlab record"):
+        rd.start_over("train.resume=false")
+    (tmp_path / "records_notes.jsonl").unlink()
+    with open(tmp_path / "records-rank1.jsonl", "ab") as f:
+        f.write(b'{"epoch": 3, "lo')  # a torn last line goes, whatever it held
+    assert rd.start_over("train.resume=false") == {"a": 1, None: 1}
+    assert (tmp_path / "records-rank1.jsonl").read_bytes() == b""
 
 
 def test_rundir_drop_records_replaces_only_its_configs_records_atomically(tmp_path, monkeypatch):
