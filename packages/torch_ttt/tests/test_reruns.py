@@ -127,6 +127,24 @@ def test_evaluate_names_the_training_keys_it_was_given(override, needle):
     assert needle in str(info.value)
 
 
+def test_a_folder_of_an_evaluate_without_a_checkpoint_is_refused_not_a_key_error(tmp_path):
+    """train.py given the out_dir of a torch_ttt evaluate (its config.yaml has no train section, its records
+    are the evaluation's) ended in KeyError 'train' from the no-checkpoint check; it is refused as another
+    config's folder is (before any data is read), and the folder is left as it was."""
+    from tttlab.core.errors import RunDirConflictError
+    from tttlab.core.records import RunDir
+
+    # an evaluate's config, in part (E.eval_config's first call takes seconds)
+    evaluate = {"seed": 0, "engine": {"name": "tent"}, "train_run": None, "benchmark": {"name": "mnist_c"}}
+    folder = RunDir(tmp_path / "ev", evaluate)
+    with folder.writer(method="torch_ttt.tent", metric="accuracy") as w:
+        w.write(value=0.5, corruption="fog", severity=5)
+    before = {p.name: p.read_bytes() for p in folder.path.iterdir()}
+    with pytest.raises(RunDirConflictError, match="train.resume=false"):
+        run(folder.path)
+    assert {p.name: p.read_bytes() for p in folder.path.iterdir()} == before
+
+
 def test_without_a_checkpoint_another_training_configs_records_are_refused_not_deleted(tmp_path, caplog):
     """A finished run's checkpoint deleted, a rerun with another train.lr started over unasked and deleted
     the earlier run's records; a folder with a checkpoint of that config is refused (e2e walkthrough)."""

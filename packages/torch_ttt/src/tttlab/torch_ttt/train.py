@@ -667,7 +667,7 @@ def run(
         # records is refused as its checkpoint would be, instead of starting over and deleting those records
         # unasked; train.resume=false still starts over there
         check_run_dir(
-            c["out_dir"], c, identity=_training_part, resumable_keys=RESUMABLE_KEYS, append_env=False,
+            c["out_dir"], c, identity=_folder_training_part, resumable_keys=RESUMABLE_KEYS, append_env=False,
             start_over="train.resume=false",
         )  # fmt: skip
     d: DataConfig | dict = c["data"]
@@ -767,6 +767,16 @@ def _training_part(c: dict[str, Any]) -> dict[str, Any]:
             # twice per batch): the weights trained before have another key
             part["ittt_notebook_statistics"] = "pre_features_once"
     return part
+
+
+def _folder_training_part(c: dict[str, Any]) -> Any:
+    """:func:`_training_part` of a run folder's ``config.yaml``, or the whole config where it has no training
+    part (an evaluate's folder, another tool's ``config.yaml``): then another config, refused with the keys
+    that differ, not a ``KeyError``."""
+    try:
+        return _training_part(c)
+    except (KeyError, TypeError, AttributeError):
+        return c
 
 
 def _training_diff(ck: dict[str, Any], c: dict[str, Any]) -> str:
