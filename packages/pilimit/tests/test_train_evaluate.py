@@ -130,6 +130,35 @@ def test_a_folder_with_another_configs_records_but_no_checkpoint_is_refused(tmp_
     assert {h for m, s, h in got} == {new} and len(got) == 6, got
 
 
+def test_a_start_over_killed_before_its_first_checkpoint_does_not_resume_the_previous_run(
+    tmp_path, monkeypatch
+):
+    """train.resume=false removed the folder's records (core RunDir.start_over) but left the previous run's
+    checkpoints/last.ckpt until the new run's first checkpoint: killed in between, the same run resumed
+    (train.resume is a resumable key) loaded the finished previous run and recorded nothing, a folder with
+    no records that reads as done.  The checkpoint goes first now: the resumed run trains from step 0 and
+    records the same epochs, with the same values, as the previous run."""
+    import tttlab.pilimit.train as T
+
+    small = [*SMOKE, "data.num_examples=32", "train.num_test=16", f"out_dir={tmp_path}"]
+    run(train_config("smoke", small))
+    finished = [(r["metric"], r["step"], r["value"]) for r in _records(tmp_path)]
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*a, **k):
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(T._Run, "save", killed)  # killed before the new run's first checkpoint
+        with pytest.raises(Killed):
+            run(train_config("smoke", [*small, "train.resume=false"]))
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists(), "the previous run's checkpoint"
+    run(train_config("smoke", small))
+    assert [(r["metric"], r["step"], r["value"]) for r in _records(tmp_path)] == finished
+
+
 def _recorded_config(overrides):
     """The config a training run writes to its config.yaml (and hashes its records with)."""
     c = train_config("smoke", overrides)
