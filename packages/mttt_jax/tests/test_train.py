@@ -131,7 +131,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, trained_run):
         assert len(json.loads((tmp_path / "killed" / "stats.json").read_text())["step"]) == 1
 
     resumed = {}
-    changed = ["keep_checkpoints=3", "input.workers=1", "max_steps=100"]
+    changed = ["keep_checkpoints=3", "input.workers=2", "max_steps=100"]  # the smoke experiment has 1 worker
     check_resumable_keys_rerun_the_same_run(
         tmp_path / "killed",
         killed,
