@@ -525,9 +525,9 @@ class _Run:
         epochs were taken as this run's.  ``train.resume=false`` asks to start over: not refused, and the
         folder's records of every config are removed (core ``RunDir.start_over``, one warning naming them):
         they stayed under their own ``config_hash`` beside the new run's, two runs in one folder.  The
-        previous run's checkpoints go first (``last``, ``best_val``), so that a start over killed before its
-        first checkpoint is not resumed from them.  An evaluate writes to ``<out_dir>/eval``, a folder of its
-        own, which stays."""
+        previous run's checkpoints go first (``last``; ``best_val`` where this run writes one), so that a
+        start over killed before its first checkpoint is not resumed from them.  An evaluate writes to
+        ``<out_dir>/eval``, a folder of its own, which stays."""
         if self._refusal is not None:
             raise self._refusal
         if self._ck is None and self.c["train"]["resume"]:
@@ -536,8 +536,12 @@ class _Run:
                           start_over="train.resume=false")  # fmt: skip
         if not self.c["train"]["resume"]:
             # the previous run's checkpoints before its records: a start over killed before its first
-            # checkpoint was resumed from them, with the records gone (a folder without records, read as done)
-            old = [RunDir.checkpoint_path_in(self.c["out_dir"], n) for n in (CHECKPOINT, BEST_CHECKPOINT)]
+            # checkpoint was resumed from them, with the records gone (a folder without records, read as done).
+            # Only the files this run writes (best_val: MAML with eval.checkpoint=best_val)
+            names = (
+                (CHECKPOINT, BEST_CHECKPOINT) if self.c["eval"]["checkpoint"] == "best_val" else (CHECKPOINT,)
+            )
+            old = [RunDir.checkpoint_path_in(self.c["out_dir"], n) for n in names]
             if any(f.is_file() for f in old):
                 log.warning("%s: starting over (train.resume=false): removing the previous run's %s",
                             self.c["out_dir"], ", ".join(f.name for f in old if f.is_file()))  # fmt: skip
