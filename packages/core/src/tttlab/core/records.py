@@ -509,31 +509,27 @@ def retag_records(path, old_hash: str | None, new_hash: str | None) -> int:
     return changed
 
 
-def _records_by_hash(path: Path, why: str) -> dict[str | None, int]:
-    """``{config_hash: count}`` of the lines of the records file ``path`` (for :meth:`RunDir.start_over`);
-    a torn last line counts without a hash unless it parses.  :class:`RunDirConflictError` when a complete
-    line is not a record of :data:`SCHEMA`: the file is not tttlab's, and is not to be emptied."""
-    lines = path.read_bytes().split(b"\n")
-    counts: dict[str | None, int] = {}
-    for i, raw in enumerate(lines, start=1):
-        if not raw.strip():
+def _check_records_files(files: Iterable[Path], why: str) -> None:
+    """Before :meth:`RunDir.start_over` empties ``files``: :class:`RunDirConflictError` naming the first
+    complete line that is not a record of :data:`SCHEMA` (a file of another tool, in a folder given as
+    ``out_dir`` such as ``.``), so that a start over removes tttlab records only, and nothing when it refuses.
+    A torn last line (the text after the last newline: a writer killed mid-record) is no obstacle; what is not
+    a file (a folder named like one) is left alone."""
+    for path in files:
+        if not path.is_file():
             continue
-        complete = i < len(lines)  # the torn line is the text after the last newline
-        try:
-            record = json.loads(raw.decode("utf-8"))
-            if complete:
-                validate_record(record)
-        except (UnicodeDecodeError, json.JSONDecodeError, InvalidInputError) as exc:
-            if complete:
+        lines = path.read_bytes().split(b"\n")
+        for i, raw in enumerate(lines[:-1], start=1):
+            if not raw.strip():
+                continue
+            try:
+                validate_record(json.loads(raw.decode("utf-8")))
+            except (UnicodeDecodeError, json.JSONDecodeError, InvalidInputError) as exc:
                 raise RunDirConflictError(
                     f"{path}:{i} is not a tttlab record ({str(exc)[:200]}); starting over ({why}) removes "
                     f"the records of a run folder and nothing else: move {path.name} out of {path.parent}, "
                     "or give this run another out_dir"
                 ) from None
-            record = None
-        key = record.get("config_hash") if isinstance(record, dict) else None
-        counts[key] = counts.get(key, 0) + 1
-    return counts
 
 
 def _has_records(path: Path) -> bool:
@@ -814,20 +810,22 @@ class RunDir:
         ``"resume=false"``); return ``{config_hash: count}``.  A run without ranks empties every
         ``records*.jsonl`` of the folder, a distributed rank 0 its own ``records.jsonl`` only.  Only for a
         folder whose records are all the training run's: an evaluation kept in a subfolder (``<run>/eval``)
-        is not touched.
-
-        Only tttlab records go: a file whose complete lines are not all records of :data:`SCHEMA` (a file of
-        another tool in a folder given as ``out_dir``, e.g. ``.``) is :class:`RunDirConflictError` naming it,
-        and then nothing is removed.  A torn last line (a writer killed mid-record) goes, counted without a
-        hash unless it parses."""
+        is not touched."""
         files = sorted(self.path.glob("records*.jsonl")) if self.rank is None else [self.records_path]
-        found = [
-            (path, _records_by_hash(path, why)) for path in files if path.is_file() and path.stat().st_size
-        ]
+        _check_records_files(files, why)  # only tttlab records go: another tool's file is refused first
         counts: dict[str | None, int] = {}
-        for path, by_hash in found:  # every file checked above, before any is emptied
-            for key, n in by_hash.items():
-                counts[key] = counts.get(key, 0) + n
+        for path in files:
+            if not path.is_file() or path.stat().st_size == 0:
+                continue
+            for raw in path.read_bytes().split(b"\n"):
+                if not raw.strip():
+                    continue
+                try:  # a torn last line goes too, counted without a hash
+                    record = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    record = None
+                key = record.get("config_hash") if isinstance(record, dict) else None
+                counts[key] = counts.get(key, 0) + 1
             atomic_write_bytes(path, b"")
         if counts:
             parts = ", ".join(
