@@ -523,18 +523,28 @@ class _Run:
         A run that resumes no checkpoint (none there) in a folder holding another training config's records
         is refused (``RunDirConflictError`` naming the keys), as a checkpoint of another config is: their
         epochs were taken as this run's.  ``train.resume=false`` asks to start over: not refused, and the
-        folder's records of every config are removed (core ``RunDir.start_over``, one warning naming them):
-        they stayed under their own ``config_hash`` beside the new run's, two runs in one folder.  An
-        evaluate writes to ``<out_dir>/eval``, a folder of its own, which stays."""
+        folder's checkpoint and records of every config are removed (core ``RunDir(start_over=...)``, one
+        warning naming them and the replaced config's keys): the records stayed under their own
+        ``config_hash`` beside the new run's, two runs in one folder, and the checkpoint until the first new
+        one replaced it.  An evaluate writes to ``<out_dir>/eval``, a folder of its own, which stays."""
         if self._refusal is not None:
             raise self._refusal
         if self._ck is None and self.c["train"]["resume"]:
             check_run_dir(self.c["out_dir"], self._recorded, identity=_training_identity,
                           resumable_keys=RESUMABLE_KEYS, append_env=False,
                           start_over="train.resume=false")  # fmt: skip
-        self.out = RunDir(self.c["out_dir"], self._recorded, resumable_keys=RESUMABLE_KEYS)
-        if not self.c["train"]["resume"]:
-            self.out.start_over("train.resume=false")
+        if self.c["train"]["resume"]:
+            self.out = RunDir(self.c["out_dir"], self._recorded, resumable_keys=RESUMABLE_KEYS)
+        else:
+            removed = []
+            # the checkpoint stayed until the first new one replaced it: a kill before that resumed it
+            if self.ckpt_path.exists():
+                self.ckpt_path.unlink()
+                removed.append(
+                    f"the previous run's checkpoint {self.ckpt_path.relative_to(self.c['out_dir'])}"
+                )
+            self.out = RunDir(self.c["out_dir"], self._recorded, resumable_keys=RESUMABLE_KEYS,
+                              start_over="train.resume=false", removed=removed)  # fmt: skip
         self.ckpt_path = self.out.checkpoint_path(CHECKPOINT)
         return self.out
 
