@@ -388,6 +388,45 @@ def test_drop_records_removes_one_config_and_a_torn_tail(tmp_path):
     assert R.drop_records(path, "zzz") == 0 and R.drop_records(tmp_path / "none.jsonl", "a") == 0
 
 
+def test_rundir_start_over_says_what_it_removes_and_replaces_in_one_warning(tmp_path, caplog):
+    """``RunDir(start_over=why, removed=...)``: a training run that starts over in a folder of another
+    config warned twice, core's UserWarning 'created with a different config ... overwriting it' (with a
+    stray source line) and the start over's own line.  Now one line: what the command removed, the records
+    by hash, and the replaced config's hash with the keys that differ (resumable keys aside); nothing where
+    nothing went, and no config part for a config that differs in resumable keys only."""
+    import warnings
+
+    old = {"lr": 0.1, "every": 1}
+    rd = R.RunDir(tmp_path, old)
+    with rd.writer(method="m", metric="loss") as w:
+        w.write(value=1.0, step=1)
+        w.write(value=0.5, step=2)
+    h_old, h_new = R.config_hash(old), R.config_hash({"lr": 0.2, "every": 5})
+    with warnings.catch_warnings(), caplog.at_level("WARNING", logger="tttlab.core.records"):
+        warnings.simplefilter("error")  # no UserWarning beside it
+        new = R.RunDir(tmp_path, {"lr": 0.2, "every": 5}, resumable_keys=("every",), start_over="x=false",
+                       removed=["its checkpoint checkpoints/last.ckpt"])  # fmt: skip
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path}: starting over (x=false): removing its checkpoint checkpoints/last.ckpt and the 2 "
+        f"records in the folder (2 of config_hash {h_old}), and replacing the folder's config.yaml (hash "
+        f"{h_old}) with this run's (hash {h_new}), which differs in lr: 0.1 -> 0.2"
+    ]
+    assert R.read_jsonl(new.records_path) == [] and new.config_hash == h_new
+    caplog.clear()
+    with warnings.catch_warnings(), caplog.at_level("WARNING", logger="tttlab.core.records"):
+        warnings.simplefilter("error")
+        same = R.RunDir(tmp_path, {"lr": 0.2, "every": 1}, resumable_keys=("every",), start_over="x=false")
+    assert caplog.records == [], "nothing removed, the same run's config: nothing said"
+    with same.writer(method="m", metric="loss") as w:
+        w.write(value=1.0, step=1)
+    with caplog.at_level("WARNING", logger="tttlab.core.records"):
+        R.RunDir(tmp_path, {"lr": 0.2, "every": 2}, resumable_keys=("every",), start_over="x=false")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path}: starting over (x=false): removing the 1 record in the folder (1 of config_hash "
+        f"{R.config_hash({'lr': 0.2, 'every': 2})})"  # re-tagged first: the same run
+    ]
+
+
 def test_rundir_start_over_removes_every_configs_records_and_names_them(tmp_path, caplog):
     """``RunDir.start_over``: a training run's explicit start over (torch_ttt/pilimit ``train.resume=false``,
     mttt_jax ``resume=false``) leaves a clean folder: the records of every config (pilimit kept another
@@ -457,6 +496,18 @@ def test_start_over_removes_tttlab_records_only_and_refuses_another_tools_file(t
         f.write(b'{"epoch": 3, "lo')  # a torn last line goes, whatever it held
     assert rd.start_over("train.resume=false") == {"a": 1, None: 1}
     assert (tmp_path / "records-rank1.jsonl").read_bytes() == b""
+
+
+def test_rundir_start_over_refuses_another_tools_file_before_writing_anything(tmp_path):
+    """``RunDir(start_over=...)`` (how every training command starts over) checks the folder's records files
+    before it writes its ``config.yaml`` / ``env.json``: a folder of another tool given as ``out_dir`` is
+    refused as it was, not left with our files in it (they were written first, then the refusal came)."""
+    (tmp_path / "records.jsonl").write_bytes(b'{"epoch": 1, "loss": 0.3}\n')
+    (tmp_path / "config.yaml").write_text("theirs: 1\n")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(R.RunDirConflictError, match="records.jsonl:1 is not a tttlab record"):
+        R.RunDir(tmp_path, {"lr": 0.1}, start_over="train.resume=false")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_rundir_drop_records_replaces_only_its_configs_records_atomically(tmp_path, monkeypatch):

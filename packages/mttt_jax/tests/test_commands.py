@@ -195,12 +195,28 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, trained_run, ca
     assert again == first
     # resume=false (and max_steps) change no number: the same run, its records re-tagged; starting over, it
     # replaces them instead of appending a second copy (epoch 1 was recorded twice under one config_hash)
+    import warnings
+
     import yaml
 
     from tttlab.core.records import config_hash, read_jsonl
 
-    with caplog.at_level("WARNING"):
+    def start_overs():  # each start over says in one warning what it removed (core RunDir(start_over=...)):
+        # it warned once for the checkpoints, once for the records, and core's UserWarning 'different config
+        # ... overwriting it' came with them for another config's folder
+        return [r.getMessage() for r in caplog.records if "resume=false" in r.getMessage()]
+
+    run_dir = tmp_path / "run"
+    hash_before = config_hash(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    with warnings.catch_warnings(), caplog.at_level("WARNING"):
+        warnings.filterwarnings("error", message=".*different config.*")
         T.train(compose([*TINY, *SHARED_RUN, out, "resume=false", "max_steps=2"]))
+    hash_after = config_hash(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    assert start_overs() == [
+        f"{run_dir}: starting over (resume=false): removing the previous run's 2 checkpoints (steps 3, 4) in "
+        f"checkpoints/ and the 8 records in the folder (8 of config_hash {hash_after})"  # re-tagged: same run
+    ], caplog.text
+    assert hash_before != hash_after
     # a max_steps stop says so (it ended quietly, and the command printed epoch 1's number as "final")
     assert "stopped at step 2 of 4 (max_steps=2)" in caplog.text, caplog.text
     assert T._result_label(1, 2).startswith("val/prec@1 after epoch 1 of 2") and T._result_label(2, 2) == (
@@ -214,18 +230,24 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, trained_run, ca
         config_hash(yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()))
     }
     caplog.clear()
-    with caplog.at_level("WARNING"):
+    with warnings.catch_warnings(), caplog.at_level("WARNING"):
+        warnings.filterwarnings("error", message=".*different config.*")
         fresh = T.train(
             compose([*TINY, *SHARED_RUN, out, "inner.TTT.inner_itr=1", "resume=false", "total_epochs=1"])
         )
+    t1_hash = config_hash(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    assert start_overs() == [
+        f"{run_dir}: starting over (resume=false): removing the previous run's checkpoint (step 2) in "
+        f"checkpoints/ and the 4 records in the folder (4 of config_hash {hash_after}), and replacing the "
+        f"folder's config.yaml (hash {hash_after}) with this run's (hash {t1_hash}), which differs in "
+        "inner.TTT.inner_itr: 2 -> 1; total_epochs: 2 -> 1"
+    ], caplog.text
     assert len(fresh["val/inner_loss"][0][0]) == 2, "T=1 reports 2 inner losses per layer"
     assert fresh["step"] == [2], "started over (the T=2 run's checkpoints removed)"
     # starting over removes the records of every config in the folder, with one warning naming them (the
     # T=2 run's 4 records stayed next to T=1's under their own hash: two runs' epochs in one folder)
     records = read_jsonl(tmp_path / "run" / "records.jsonl")
-    t1_hash = config_hash(yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()))
     assert {r["config_hash"] for r in records} == {t1_hash} and len(records) == 4, records
-    assert "starting over (resume=false): removing the 4 records" in caplog.text, caplog.text
     # without a checkpoint (deleted by hand), another config's records are refused by default, as with one
     # (it trained next to them with a 'different config' warning), nothing written; the message names ways out
     from tttlab.core.errors import RunDirConflictError

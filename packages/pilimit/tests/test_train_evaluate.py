@@ -6,6 +6,7 @@ import copy
 import functools
 import json
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from tttlab.pilimit import InfMLP
 from tttlab.pilimit.data import data_root, imagenet32, omniglot_classes
 from tttlab.pilimit.maml import Episode, adapted_logits, sample_episode
 from tttlab.pilimit.specs import SPECS
-from tttlab.pilimit.train import load_checkpoint, run, train_config
+from tttlab.pilimit.train import _Run, load_checkpoint, run, train_config
 
 SMOKE = ["logging.progress=false", "threads=1", "data.num_examples=128", "train.num_test=64"]
 
@@ -120,14 +121,28 @@ def test_a_folder_with_another_configs_records_but_no_checkpoint_is_refused(tmp_
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
     restart = [*small, "optim.lr=0.5", "train.resume=false"]
     old, new = (config_hash(_recorded_config(o)) for o in (small, restart))
-    with pytest.warns(UserWarning, match="different config"), caplog.at_level("WARNING"):
+    # one warning says what the start over removed and which keys the replaced config differs in (core's
+    # UserWarning 'different config ... overwriting it' came beside it)
+    with warnings.catch_warnings(), caplog.at_level("WARNING"):
+        warnings.filterwarnings("error", message=".*different config.*")
         run(train_config("smoke", restart))
-    assert (
-        f"starting over (train.resume=false): removing the 6 records in the folder (6 of config_hash {old})"
-        in (caplog.text)
-    ), caplog.text
+    assert [r.getMessage() for r in caplog.records if "starting over" in r.getMessage()] == [
+        f"{tmp_path}: starting over (train.resume=false): removing the 6 records in the folder (6 of "
+        f"config_hash {old}), and replacing the folder's config.yaml (hash {old}) with this run's (hash "
+        f"{new}), which differs in optim.lr: 1.0 -> 0.5"
+    ], caplog.text
     got = [(r["metric"], r["step"], r["config_hash"]) for r in _records(tmp_path)]
     assert {h for m, s, h in got} == {new} and len(got) == 6, got
+    # the checkpoint goes too, and is named (it stayed until the first new checkpoint replaced it: a kill
+    # before that resumed it next to a folder emptied of its records); opening the run does it, no training
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _Run(train_config("smoke", restart)).open()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path}: starting over (train.resume=false): removing the previous run's checkpoint "
+        f"checkpoints/last.ckpt and the 6 records in the folder (6 of config_hash {new})"
+    ], caplog.text
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
 def test_a_start_over_killed_before_its_first_checkpoint_does_not_resume_the_previous_run(

@@ -4,11 +4,14 @@ number of an earlier run may be reported as this run's."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tttlab.core.errors import CheckpointError, ConfigError
-from tttlab.core.records import read_jsonl, read_stats
+from tttlab.core.records import config_hash, read_jsonl, read_stats
 from tttlab.torch_ttt import evaluate as E
 from tttlab.torch_ttt import train as T
 
@@ -156,16 +159,32 @@ def test_without_a_checkpoint_another_training_configs_records_are_refused_not_d
     with pytest.raises(RunDirConflictError, match=r"train\.lr: 0\.01 -> 0\.02.*train\.resume=false"):
         run(out, "train.lr=0.02")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
-    # another eval section (same weights) and train.resume=false are not refused
-    run(out, "eval.noise_std=1.0")
-    before = read_jsonl(out / "records.jsonl")
-    counts = {h: sum(r["config_hash"] == h for r in before) for h in {r["config_hash"] for r in before}}
-    with caplog.at_level("WARNING"):
-        run(out, "train.lr=0.02", "train.resume=false")
-    # one warning (core RunDir.start_over, shared with pilimit and mttt_jax) names what went, by hash
-    named = ", ".join(f"{n} of config_hash {h}" for h, n in sorted(counts.items()))
-    assert (
-        f"starting over (train.resume=false): removing the {len(before)} records in the folder ({named})"
-    ) in caplog.text, caplog.text
+
+    # another eval section (same weights) and train.resume=false are not refused; each start over says in
+    # one warning (core RunDir(start_over=...), shared with pilimit, mttt_jax and ttt_mae) what it removed
+    # (the checkpoint where there is one, a line of its own before) and the replaced config's keys, where
+    # core's UserWarning 'different config ... overwriting it' came beside them
+    def start_over_warnings(*overrides):
+        before = read_jsonl(out / "records.jsonl")
+        old_hash = config_hash(OmegaConf.to_container(OmegaConf.load(out / "config.yaml")))
+        caplog.clear()
+        with warnings.catch_warnings(), caplog.at_level("WARNING"):
+            warnings.filterwarnings("error", message=".*different config.*")
+            run(out, *overrides)
+        counts = {h: sum(r["config_hash"] == h for r in before) for h in {r["config_hash"] for r in before}}
+        named = ", ".join(f"{n} of config_hash {h}" for h, n in sorted(counts.items()))
+        said = [r.getMessage() for r in caplog.records if "starting over" in r.getMessage()]
+        return said, f"the {len(before)} records in the folder ({named}), and replacing the folder's " + (
+            f"config.yaml (hash {old_hash}) with this run's (hash "
+            f"{config_hash(OmegaConf.to_container(OmegaConf.load(out / 'config.yaml')))}), which differs in "
+        )
+
+    said, records = start_over_warnings("eval.noise_std=1.0")
+    assert said == [f"{out}: starting over (no checkpoint): removing {records}eval.noise_std: 2.0 -> 1.0"]
+    said, records = start_over_warnings("train.lr=0.02", "train.resume=false")
+    assert said == [
+        f"{out}: starting over (train.resume=false): removing the previous run's checkpoint "
+        f"checkpoints/last.ckpt and {records}eval.noise_std: 1.0 -> 2.0; train.lr: 0.01 -> 0.02"
+    ], caplog.text
     assert {r["extra"].get("train_engine") for r in read_jsonl(out / "records.jsonl")} == {"ttt"}
     assert len({r["config_hash"] for r in read_jsonl(out / "records.jsonl")}) == 1

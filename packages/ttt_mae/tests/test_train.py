@@ -567,13 +567,16 @@ def test_a_run_of_another_training_config_does_not_resume_the_folders_checkpoint
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_folder_with_another_configs_records_but_no_checkpoint_is_refused(tmp_path, pretrained):
+def test_a_folder_with_another_configs_records_but_no_checkpoint_is_refused(tmp_path, pretrained, caplog):
     """A run folder holding another training config's records but no checkpoints/last.ckpt: the new run's
     epochs were matched by step alone, so a blr=5e-2 run there trained and recorded nothing (its epochs
     'already recorded'), kept the other run's stats.json and wrote its checkpoint.pth under the new
     config.yaml.  Refused now (RunDirConflictError naming the keys, the folder untouched), as a checkpoint
-    of another training config is; and only records of the run's own config_hash count as done."""
+    of another training config is; and only records of the run's own config_hash count as done.
+    ``start_over=true`` starts over there (as the other packages' ``resume=false``)."""
     import shutil
+
+    from omegaconf import OmegaConf
 
     from tttlab.core.errors import RunDirConflictError
     from tttlab.core.records import config_hash, read_jsonl
@@ -597,6 +600,26 @@ def test_a_folder_with_another_configs_records_but_no_checkpoint_is_refused(tmp_
         (0, new),
         (1, new),
     ]
+    # start_over=true starts over there instead (the refusal names it; before, only another out_dir or
+    # deleting the folder did): the checkpoints, stats.json and the records of every config go and the config
+    # is replaced, with one warning naming them and the differing keys; start_over itself is no part of the
+    # run's config.  Stopped after its first step (nothing written since), the folder shows what went
+    assert "set start_over=true to start over there" in str(err.value)
+    restart = pre_cfg(run, blr=5e-2, seed=5)
+    assert "start_over" not in restart and pre_cfg(run, blr=5e-2, seed=5, start_over=True)["start_over"]
+    with warnings.catch_warnings(), caplog.at_level("WARNING"):
+        warnings.filterwarnings("error", message=".*different config.*")
+        T.run({**restart, "start_over": True}, "pretrain", stop_after_steps=1)
+    by_hash = ", ".join(f"2 of config_hash {h}" for h in sorted((old, new)))
+    assert [r.getMessage() for r in caplog.records if "starting over" in r.getMessage()] == [
+        f"{run}: starting over (start_over=true): removing the previous run's checkpoints/last.ckpt, "
+        f"checkpoint.pth, stats.json and the 4 records in the folder ({by_hash}), and replacing the folder's "
+        f"config.yaml (hash {new}) with this run's (hash {config_hash(restart)}), which differs in blr: 0.01 "
+        "-> 0.05; num_threads: 2 -> 1; seed: 0 -> 5"
+    ], caplog.text
+    assert sorted(str(p) for p in _files(run)) == ["config.yaml", "env.json", "records.jsonl"]
+    assert read_jsonl(run / "records.jsonl") == []
+    assert config_hash(OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))) == config_hash(restart)
 
 
 def test_a_probe_of_another_config_does_not_resume_the_folders_checkpoint(tmp_path, pretrained):

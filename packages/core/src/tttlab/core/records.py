@@ -478,6 +478,11 @@ def _same_run(
     return config_hash(same(old)) == config_hash(same(new))
 
 
+def _and(items: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return " and ".join(items) if len(items) < 3 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def _neutral_keys(display_keys: Iterable[str], resumable_keys: Iterable[str]) -> tuple[str, ...]:
     """The keys left out when a folder's config is compared with a run's: the display keys and the
     command's resumable keys (neither changes a recorded number)."""
@@ -643,6 +648,14 @@ class RunDir:
     (the device, the thread count: float rounding) are not among them: the records of the two parts of
     such a run keep their own hashes.
 
+    ``start_over`` (default ``None``): this run starts over in the folder, for the reason given (the
+    command's setting, e.g. ``"train.resume=false"``, or ``"no checkpoint"``): a folder config of another
+    config is replaced without the ``"warn"`` policy's warning and with neither ``"error"``'s refusal nor
+    ``"append"``'s kept copy, and :meth:`start_over` empties the records files; one warning says what went,
+    the differing keys of the replaced config among it.  ``removed``: what the command itself removed for
+    that start over (e.g. ``"the previous run's checkpoint checkpoints/last.ckpt"``), named in the same
+    warning (a start over that removes nothing and replaces no other config says nothing).
+
     Re-tagging rewrites a records file (temp file + rename).  A run without ranks (``rank=None``) re-tags
     every ``records*.jsonl`` of the folder; a distributed rank 0 (``rank=0``) its own ``records.jsonl`` only,
     never another rank's ``records-rank<r>.jsonl``, which that rank may be opening to append to (its lines
@@ -659,6 +672,8 @@ class RunDir:
         identity: Callable[[dict[str, Any]], Any] | None = None,
         display_keys: Iterable[str] = DISPLAY_KEYS,
         resumable_keys: Iterable[str] = (),
+        start_over: str | None = None,
+        removed: Iterable[str] = (),
     ):
         if not isinstance(path, (str, os.PathLike)):
             raise InvalidInputError(f"a run directory must be a path, got {path!r}")
@@ -676,6 +691,10 @@ class RunDir:
         self.identity = identity
         self.display_keys = tuple(display_keys)
         self.resumable_keys = tuple(resumable_keys)
+        self._starting_over = start_over is not None
+        #: with ``start_over``: the folder's config that this run's replaced, as ``(hash, differing keys)``
+        #: (``("unreadable: ...", None)`` for a config.yaml that could not be read)
+        self._replaced: tuple[str, list[str] | None] | None = None
         if self.path.exists() and not self.path.is_dir():
             raise InvalidInputError(f"run directory {self.path} exists and is not a directory")
         self.checkpoints = self.checkpoints_in(self.path)
@@ -688,6 +707,8 @@ class RunDir:
             ) from exc
         for folder in (self.path, self.checkpoints):  # temp files of writes killed in an earlier run
             remove_stale_temps(folder)
+        if start_over is not None:  # another tool's records file: refused before this run writes anything
+            _check_records_files(self._own_records_files(), start_over)
         self._config_hash = config_hash(config) if config is not None else None
         if self.is_main:
             if config is not None:
@@ -697,6 +718,8 @@ class RunDir:
             if not self.env_path.exists():
                 atomic_write_json(self.env_path, environment())
         self.records_path.touch(exist_ok=True)
+        if start_over is not None:
+            self.start_over(start_over, removed)
 
     # paths ------------------------------------------------------------------------------------------------
     @property
@@ -757,7 +780,16 @@ class RunDir:
                     files = self.path.glob("records*.jsonl") if self.rank is None else [self.records_path]
                     for records in sorted(files):
                         retag_records(records, previous, config_hash(plain))
-            if differs and (self.other_config == "warn" or old_config is None):
+            if differs and self._starting_over:  # said by start_over's one warning, with the keys
+                from .config import config_diff
+
+                self._replaced = (
+                    previous,
+                    config_diff(without_keys(old_config, neutral), without_keys(dict(plain), neutral))
+                    if old_config is not None
+                    else None,
+                )
+            elif differs and (self.other_config == "warn" or old_config is None):
                 warnings.warn(
                     f"{old}: the run directory was created with a different config (hash {previous}, now "
                     f"{config_hash(plain)}); overwriting it",
@@ -803,15 +835,22 @@ class RunDir:
         """
         return drop_records(self.records_path, self.config_hash)
 
-    def start_over(self, why: str) -> dict[str | None, int]:
+    def _own_records_files(self) -> list[Path]:
+        """The records files a start over empties: every ``records*.jsonl`` of the folder for a run without
+        ranks, a distributed rank 0's own ``records.jsonl`` only."""
+        return sorted(self.path.glob("records*.jsonl")) if self.rank is None else [self.records_path]
+
+    def start_over(self, why: str, removed: Iterable[str] = ()) -> dict[str | None, int]:
         """Remove every record of the folder's records files, of whatever ``config_hash`` (a training run
         that starts over: a clean folder, not two configs' epochs read as one run's), atomically; log one
         warning naming how many records of which hashes went (``why``: what asked for it, e.g.
-        ``"resume=false"``); return ``{config_hash: count}``.  A run without ranks empties every
-        ``records*.jsonl`` of the folder, a distributed rank 0 its own ``records.jsonl`` only.  Only for a
-        folder whose records are all the training run's: an evaluation kept in a subfolder (``<run>/eval``)
-        is not touched."""
-        files = sorted(self.path.glob("records*.jsonl")) if self.rank is None else [self.records_path]
+        ``"resume=false"``), with ``removed`` (what the command removed itself, e.g. its checkpoint) and, for
+        a ``RunDir(start_over=...)`` that replaced another config's ``config.yaml``, that config's hash and
+        differing keys; nothing when nothing went; return ``{config_hash: count}``.  A run without ranks
+        empties every ``records*.jsonl`` of the folder, a distributed rank 0 its own ``records.jsonl`` only.
+        Only for a folder whose records are all the training run's: an evaluation kept in a subfolder
+        (``<run>/eval``) is not touched."""
+        files = self._own_records_files()
         _check_records_files(files, why)  # only tttlab records go: another tool's file is refused first
         counts: dict[str | None, int] = {}
         for path in files:
@@ -827,15 +866,28 @@ class RunDir:
                 key = record.get("config_hash") if isinstance(record, dict) else None
                 counts[key] = counts.get(key, 0) + 1
             atomic_write_bytes(path, b"")
+        gone = [str(r) for r in removed]
         if counts:
-            parts = ", ".join(
+            by_hash = ", ".join(
                 f"{n} of config_hash {h}" if h is not None else f"{n} without a config_hash"
                 for h, n in sorted(counts.items(), key=lambda kv: (kv[0] is None, str(kv[0])))
             )
-            logging.getLogger(__name__).warning(
-                "%s: starting over (%s): removing the %d records in the folder (%s)",
-                self.path, why, sum(counts.values()), parts,
-            )  # fmt: skip
+            total = sum(counts.values())
+            gone.append(f"the {total} record{'s' if total != 1 else ''} in the folder ({by_hash})")
+        said = f"removing {_and(gone)}" if gone else ""
+        replaced, self._replaced = self._replaced, None
+        if replaced is not None:
+            previous, diff = replaced
+            if diff is None:  # an unreadable config.yaml: ``previous`` says why
+                old, keys = f"({previous})", ""
+            else:
+                shown = "; ".join(diff[:8]) + (f"; ... ({len(diff) - 8} more)" if len(diff) > 8 else "")
+                old, keys = f"(hash {previous})", f", which differs in {shown or 'its hash'}"
+            said += (", and " if said else "") + (
+                f"replacing the folder's config.yaml {old} with this run's (hash {self.config_hash}){keys}"
+            )
+        if said:
+            logging.getLogger(__name__).warning("%s: starting over (%s): %s", self.path, why, said)
         return counts
 
     # stats --------------------------------------------------------------------------------------------------

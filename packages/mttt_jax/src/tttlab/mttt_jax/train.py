@@ -346,6 +346,26 @@ def check_resume_config(mngr, step: int, c: dict) -> None:
         )
 
 
+def _remove_checkpoints(ckpt_dir: Path, keep: int) -> list[str]:
+    """Delete the checkpoints of a previous run in ``ckpt_dir`` (a run that starts over: its steps would
+    collide with the new ones, orbax refuses to overwrite a step, and evaluate would pick a stale newer
+    checkpoint); return what went, for the start over's warning (``[]``: nothing)."""
+    if not ckpt_dir.is_dir():
+        return []
+    mngr = checkpoint_manager(ckpt_dir, keep)
+    try:
+        steps = sorted(mngr.all_steps())
+        for old_step in steps:
+            mngr.delete(old_step)
+    finally:
+        mngr.close()
+    if not steps:
+        return []
+    which = f"checkpoint (step {steps[0]})" if len(steps) == 1 else f"{len(steps)} checkpoints (steps "
+    which += "" if len(steps) == 1 else ", ".join(map(str, steps)) + ")"
+    return [f"the previous run's {which} in {ckpt_dir.name}/"]
+
+
 def another_run_dir(c: dict) -> str:
     """The override for a run directory other than ``c``'s that does not exist yet, for the message of a
     refused resume: ``name=<name>_2`` (``_3``, ...) when ``out_dir`` is config.yaml's
@@ -519,11 +539,17 @@ def train(cfg, *, mesh=None, _kill_at_step: int | None = None) -> dict:
     total_steps = steps_per_epoch * int(c["total_epochs"])
     model = model_from_config(c)  # a bad model=... is refused before the run directory exists
     # the run directory only once the data opened: a wrong tfds_path leaves no half-made run behind
+    starting_over = not c.get("resume", True) and is_main
+    removed = _remove_checkpoints(ckpt_dir, c.get("keep_checkpoints", 2)) if starting_over else []
     run = RunDir(
         c["out_dir"],
         c if is_main else None,
         rank=None if is_main else jax.process_index(),
         resumable_keys=RESUMABLE_KEYS,
+        # start over: a clean folder, the checkpoints (above) and the records of every config removed, one
+        # warning (evaluate writes to <out_dir>/eval, a folder of its own, which stays)
+        start_over="resume=false" if starting_over else None,
+        removed=removed,
     )
 
     seed = int(c.get("seed", 0))
@@ -540,18 +566,7 @@ def train(cfg, *, mesh=None, _kill_at_step: int | None = None) -> dict:
     stats, step = _empty_stats(), 0
     acc = {"loss": 0.0, "inner": None, "count": 0, "time": 0.0}
     latest = mngr.latest_step() if c.get("resume", True) else None
-    if not c.get("resume", True) and mngr.all_steps() and is_main:
-        # start over: the old steps would collide with the new ones (orbax refuses to overwrite a step)
-        # and evaluate would pick a stale newer checkpoint
-        log.warning("resume=false: removing the %d checkpoints of the previous run in %s",
-                    len(mngr.all_steps()), run.checkpoints)  # fmt: skip
-        for old_step in mngr.all_steps():
-            mngr.delete(old_step)
-    if not c.get("resume", True) and is_main:
-        # start over: a clean folder, the records of every config in it removed (evaluate writes to
-        # <out_dir>/eval, a folder of its own, which stays)
-        run.start_over("resume=false")
-    elif latest is None and is_main:
+    if latest is None and is_main and not starting_over:
         # from step 0 without a checkpoint: this config's records in the folder (the same run's, re-tagged
         # when only RESUMABLE_KEYS changed) are replaced, not recorded twice; another config's were refused
         dropped = run.drop_records()

@@ -523,33 +523,35 @@ class _Run:
         A run that resumes no checkpoint (none there) in a folder holding another training config's records
         is refused (``RunDirConflictError`` naming the keys), as a checkpoint of another config is: their
         epochs were taken as this run's.  ``train.resume=false`` asks to start over: not refused, and the
-        folder's records of every config are removed (core ``RunDir.start_over``, one warning naming them):
-        they stayed under their own ``config_hash`` beside the new run's, two runs in one folder.  The
-        previous run's checkpoints go first (``last``; ``best_val`` where this run writes one), so that a
-        start over killed before its first checkpoint is not resumed from them.  An evaluate writes to
-        ``<out_dir>/eval``, a folder of its own, which stays."""
+        folder's checkpoints and records of every config are removed (core ``RunDir(start_over=...)``, one
+        warning naming them and the replaced config's keys): the records stayed under their own
+        ``config_hash`` beside the new run's, two runs in one folder.  The previous run's checkpoints go first
+        (``last``; ``best_val`` where this run writes one), so that a start over killed before its first
+        checkpoint is not resumed from them.  An evaluate writes to ``<out_dir>/eval``, a folder of its own,
+        which stays."""
         if self._refusal is not None:
             raise self._refusal
         if self._ck is None and self.c["train"]["resume"]:
             check_run_dir(self.c["out_dir"], self._recorded, identity=_training_identity,
                           resumable_keys=RESUMABLE_KEYS, append_env=False,
                           start_over="train.resume=false")  # fmt: skip
-        if not self.c["train"]["resume"]:
+        if self.c["train"]["resume"]:
+            self.out = RunDir(self.c["out_dir"], self._recorded, resumable_keys=RESUMABLE_KEYS)
+        else:
             # the previous run's checkpoints before its records: a start over killed before its first
             # checkpoint was resumed from them, with the records gone (a folder without records, read as done).
             # Only the files this run writes (best_val: MAML with eval.checkpoint=best_val)
             names = (
                 (CHECKPOINT, BEST_CHECKPOINT) if self.c["eval"]["checkpoint"] == "best_val" else (CHECKPOINT,)
             )
-            old = [RunDir.checkpoint_path_in(self.c["out_dir"], n) for n in names]
-            if any(f.is_file() for f in old):
-                log.warning("%s: starting over (train.resume=false): removing the previous run's %s",
-                            self.c["out_dir"], ", ".join(f.name for f in old if f.is_file()))  # fmt: skip
-            for f in old:
-                f.unlink(missing_ok=True)
-        self.out = RunDir(self.c["out_dir"], self._recorded, resumable_keys=RESUMABLE_KEYS)
-        if not self.c["train"]["resume"]:
-            self.out.start_over("train.resume=false")
+            removed = []
+            for name in names:
+                old = RunDir.checkpoint_path_in(self.c["out_dir"], name)
+                if old.is_file():
+                    old.unlink()
+                    removed.append(f"the previous run's checkpoint checkpoints/{old.name}")
+            self.out = RunDir(self.c["out_dir"], self._recorded, resumable_keys=RESUMABLE_KEYS,
+                              start_over="train.resume=false", removed=removed)  # fmt: skip
         self.ckpt_path = self.out.checkpoint_path(CHECKPOINT)
         return self.out
 

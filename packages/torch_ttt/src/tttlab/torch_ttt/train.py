@@ -673,9 +673,7 @@ def run(
     d: DataConfig | dict = c["data"]
     x, y = load_mnist(d.get("split") or "train", d.get("num_examples"))
     model, engine, opt = build_model_and_engine(c, x[:2].to(device), device)
-    out = RunDir(c["out_dir"], c, resumable_keys=RESUMABLE_KEYS)
-    if ck is None:
-        _start_over(out, ckpt_path, "no checkpoint" if c["train"]["resume"] else "train.resume=false")
+    out = _open_run_dir(c, ckpt_path, start_over=ck is None)
     state = {"epoch": 0, "batch": 0, "step": 0, "correct": 0, "seen": 0, "task_loss": 0.0, "ssl_loss": 0.0}
     history: dict[str, list] = {}
     if ck is not None:
@@ -798,15 +796,21 @@ def _training_diff(ck: dict[str, Any], c: dict[str, Any]) -> str:
     return f" ({', '.join(diff[:8])}{', ...' if len(diff) > 8 else ''})" if diff else ""
 
 
-def _start_over(out: RunDir, ckpt_path: Path, why: str) -> None:
-    """A run that does not resume (no checkpoint, or ``train.resume=false``) replaces what an earlier run
-    left in its directory: its checkpoint and its records, of every config (core ``RunDir.start_over``; a
-    separate evaluate writes to a folder of its own).  They were kept, and the new run then skipped every
-    evaluation "already in records.jsonl", reporting the old run's numbers in its stats.json."""
-    if ckpt_path.exists():
-        log.warning("%s: starting over (%s): removing the previous run's checkpoint", out.path, why)
-    ckpt_path.unlink(missing_ok=True)
-    out.start_over(why)
+def _open_run_dir(c: dict[str, Any], ckpt_path: Path, start_over: bool) -> RunDir:
+    """The run directory; a run that does not resume (``start_over``: no checkpoint, or
+    ``train.resume=false``) replaces what an earlier run left there: its checkpoint and its records, of every
+    config, and another config's ``config.yaml`` (core ``RunDir(start_over=...)``: one warning naming what
+    went, nothing when nothing did; a separate evaluate writes to a folder of its own).  They were kept, and
+    the new run then skipped every evaluation "already in records.jsonl", reporting the old run's numbers in
+    its stats.json."""
+    if not start_over:
+        return RunDir(c["out_dir"], c, resumable_keys=RESUMABLE_KEYS)
+    removed = []
+    if ckpt_path.exists():  # only with train.resume=false: a run that resumes has no checkpoint here
+        ckpt_path.unlink()
+        removed.append(f"the previous run's checkpoint {ckpt_path.relative_to(c['out_dir'])}")
+    why = "no checkpoint" if c["train"]["resume"] else "train.resume=false"
+    return RunDir(c["out_dir"], c, resumable_keys=RESUMABLE_KEYS, start_over=why, removed=removed)
 
 
 def _eval_hash(c: dict[str, Any]) -> str:

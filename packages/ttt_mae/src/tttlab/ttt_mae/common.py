@@ -77,6 +77,10 @@ class PretrainConfig(RunConfig, ModelConfig):
     weight_decay: float = 0.05
     aug: AugConfig = field(default_factory=AugConfig)
     save_ckpt_freq: int = 1  # epochs between checkpoints
+    # true: start over in out_dir (its checkpoints, stats and the records of every config removed) instead of
+    # resuming or refusing it; an action, no part of the run's config or hashes (compose leaves it out when
+    # false, train.run drops it)
+    start_over: bool = False
 
 
 @dataclass
@@ -171,6 +175,8 @@ def compose(entry: str, experiment: str | None = None, cfg=None, overrides: list
     c = to_dict(validate(OmegaConf.to_container(merged, resolve=True), schema))
     if "compile" in c:  # typed Any in the schema (false | true | a torch.compile mode): core's rule here
         c["compile"] = check_compile(c["compile"])
+    if c.get("start_over") is False:  # an action, not part of the run: the config (and its hash) as before
+        del c["start_over"]
     return c
 
 

@@ -309,8 +309,9 @@ def trained_model(profile: str, cache_dir: str | os.PathLike, seed: int, device:
     pre = compose("pretrain", f"{exp}_pretrain", {"seed": seed, "device": device})
     # amp / compile of the evaluate config apply to the adaptation, not to this model (always trained fp32
     # eager, so fp32 and bf16 evaluations share it); ``compile`` (always false here) stays out of the key so
-    # the caches made before pretrain had that key stay valid
-    drop = ("out_dir", "logging", "device", "experiment_name", "compile")
+    # the caches made before pretrain had that key stay valid; so does ``start_over`` (an action: train.run
+    # drops it)
+    drop = ("out_dir", "logging", "device", "experiment_name", "compile", "start_over")
     key = config_hash({k: v for k, v in pre.items() if k not in drop})
     root = Path(cache_dir) / f"{pre['model']}-{key}"
     pre["out_dir"], pre["logging"]["progress"] = str(root / "pretrain"), progress

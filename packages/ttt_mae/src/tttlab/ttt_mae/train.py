@@ -53,12 +53,17 @@ Resuming: ``checkpoints/last.ckpt`` is resumed only by a run of the same command
 :data:`PLACEMENT_KEYS`, i.e. ``out_dir``, ``save_ckpt_freq``, ``device``, ``num_threads``, ...) on as many
 processes, and a probe only while its ``finetune`` file still holds the encoder it froze; otherwise a
 ``CheckpointError`` names the differing keys (or the changed file) before anything is written (use another
-``out_dir``, or delete the folder to train there from the start).  A folder without that checkpoint but
-with the records of another training config is refused the same way (``RunDirConflictError``): its
-epochs were taken as done.  Only records of the run's own config (``config_hash``) count as done.  A
-run whose config differs from the folder's only in display keys or :data:`RESUMABLE_KEYS` (which change
-no number) is the same run: its records are re-tagged with the new hash, without a warning; one that
-differs in :data:`PLACEMENT_KEYS` resumes with a warning, and the records of each part keep their hash.
+``out_dir``, or ``start_over=true``).  A folder without that checkpoint but with the records of another
+training config is refused the same way (``RunDirConflictError``): its epochs were taken as done.
+``start_over=true`` starts over in the folder instead: its checkpoints (``checkpoints/last.ckpt``,
+``checkpoint.pth``), ``stats.json`` and the records of every config are removed, another config's
+``config.yaml`` replaced, with one warning naming what went (core ``RunDir(start_over=...)``, as the other
+packages' ``resume=false``); the key is an action, no part of the run's config (left out of
+``config.yaml``, the checkpoints and every hash).  Only records of the run's own config (``config_hash``)
+count as done.  A run whose config differs from the folder's only in display keys or
+:data:`RESUMABLE_KEYS` (which change no number) is the same run: its records are re-tagged with the new
+hash, without a warning; one that differs in :data:`PLACEMENT_KEYS` resumes with a warning, and the records
+of each part keep their hash.
 """
 
 from __future__ import annotations
@@ -240,6 +245,12 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
     ``stop_after_steps``: return after that many optimizer steps without saving (simulates a kill)."""
     if kind not in ("pretrain", "probe"):
         raise ConfigError(f"kind={kind!r}")
+    # an action, not a property of the run: out of config.yaml, the checkpoints and every hash, so runs and
+    # caches made before the key existed keep theirs
+    start_over = c.get("start_over", False)
+    if not isinstance(start_over, bool):
+        raise ConfigError(f"start_over={start_over!r}; expected true or false")
+    c = {k: v for k, v in c.items() if k != "start_over"}
     check_mask_ratio(c["mask_ratio"])
     if not float(c["lr"] if c["lr"] is not None else c["blr"]) > 0:  # also NaN
         which = (
@@ -281,7 +292,7 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
     # mixing two configs' epochs in one model and one folder)
     ckpt_path = RunDir.checkpoint_path_in(out, "last")
     ck = None
-    if ckpt_path.exists():
+    if ckpt_path.exists() and not start_over:  # start_over: removed unread (it may be another config's)
         ck = read_checkpoint(ckpt_path, "resume checkpoint")  # tensors and plain containers only
         check_resumable(ck, c, kind, dist.world_size, ckpt_path)
         if kind == "probe":  # the same finetune path, but another file there (e.g. pretrained again)
@@ -292,13 +303,18 @@ def run(c: dict[str, Any], kind: str, stop_after_steps: int | None = None) -> Pa
                 raise CheckpointError(
                     f"{ckpt_path} was written by a probe of another encoder than finetune={c['finetune']} "
                     f"holds now ({len(changed)} of its {len(frozen)} frozen tensors differ, e.g. {changed[0]}): "
-                    f"the file changed since; use another out_dir, or delete {out} to probe it from the start"
+                    "the file changed since; use another out_dir, or start_over=true to probe it there from the "
+                    "start"
                 )
-    if ck is None:  # no checkpoint to resume: a folder holding another training config's records is refused
-        # too (their epochs were taken as done, its stats.json kept); records of this config (a kill between
-        # an epoch's record and its checkpoint) are this run's
-        check_run_dir(out, c, identity=training_identity, resumable_keys=RESUMABLE_KEYS, append_env=False)
-    rd = RunDir(out, c, rank=dist.rank if dist.world_size > 1 else None, resumable_keys=RESUMABLE_KEYS)
+    if ck is None and not start_over:  # no checkpoint to resume: a folder holding another training config's
+        # records is refused too (their epochs were taken as done, its stats.json kept); records of this
+        # config (a kill between an epoch's record and its checkpoint) are this run's
+        check_run_dir(out, c, identity=training_identity, resumable_keys=RESUMABLE_KEYS, append_env=False,
+                      start_over="start_over=true")  # fmt: skip
+    starting_over = start_over and dist.rank == 0  # rank 0 writes the folder's files; the others read none
+    rd = RunDir(out, c, rank=dist.rank if dist.world_size > 1 else None, resumable_keys=RESUMABLE_KEYS,
+                start_over="start_over=true" if starting_over else None,
+                removed=_remove_previous_run(out) if starting_over else ())  # fmt: skip
     opt, base_lr = make_optimizer(c, model, kind, dist.world_size)
     start_epoch, history = 0, []
     ckpt_path = rd.checkpoint_path("last")
@@ -430,7 +446,7 @@ def check_resumable(ck: Any, c: dict[str, Any], kind: str, world_size: int, path
     if not isinstance(old, dict) or not all(k in ck for k in ("model", "optimizer", "epoch")):
         raise CheckpointError(
             f"{path}: not a tttlab-ttt-mae {kind} checkpoint (expected keys config, model, optimizer, "
-            f"epoch); use another out_dir, or delete {path.parent.parent} to train there from the start"
+            "epoch); use another out_dir, or start_over=true to train there from the start"
         )
     diff = config_diff(training_identity(old), training_identity(c))
     if ck.get("kind", kind) != kind:
@@ -441,9 +457,21 @@ def check_resumable(ck: Any, c: dict[str, Any], kind: str, world_size: int, path
         shown = "; ".join(diff[:8]) + (f"; ... ({len(diff) - 8} more)" if len(diff) > 8 else "")
         raise CheckpointError(
             f"{path} was written by a run with another training config ({shown}); resuming it would mix "
-            f"the two configs in one model: use another out_dir, or delete {path.parent.parent} to train "
-            "this config there from the start"
+            "the two configs in one model: use another out_dir, or start_over=true to train this config there "
+            "from the start"
         )
+
+
+def _remove_previous_run(out: Path) -> list[str]:
+    """Delete what a previous pretrain/probe run left in ``out`` besides records and config (a run that
+    starts over: its checkpoints, which a later run would resume or evaluate would take as trained, and
+    ``stats.json``, whose epochs a new run would skip); return their names for the start over's warning."""
+    gone = []
+    for path in (RunDir.checkpoint_path_in(out, "last"), out / FINAL, out / "stats.json"):
+        if path.is_file():
+            path.unlink()
+            gone.append(path.relative_to(out).as_posix())
+    return [f"the previous run's {gone[0]}", *gone[1:]] if gone else []
 
 
 def _recorded(rd: RunDir, metric: str, step: int) -> bool:
