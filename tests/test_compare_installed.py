@@ -121,58 +121,71 @@ def test_second_run_recomputes_nothing(demo):
     pd.testing.assert_frame_equal(before, after)
 
 
-def test_label_correlated_stream_changes_batch_statistics_only(demo):
+#: Methods whose prediction for an image depends on that image only (torch_ttt's unadapted source model,
+#: TTT-MAE, TPT, MTTT, the pi-nets): the order of the stream and which images share a batch change nothing.
+PER_IMAGE = ("torch_ttt.source", "ttt_mae.ttt", "memo_tpt.tpt", "mttt_jax.mttt_mlp", "pilimit.inf_pinet")
+#: Test-batch normalisation: a batch of one class has other statistics than an i.i.d. batch.
+BATCH_STATISTICS = ("torch_ttt.bn",)
+
+
+@pytest.fixture(scope="module")
+def reordered(demo):
+    """One comparison that sends both stream keys through every installed subpackage's evaluate (one method per
+    subpackage, those the demo ran): ``dirichlet_delta=0`` (each domain sorted by class) and
+    ``stream_order=mariodoebler``.  Both tests below read it (a comparison per key ran 4-5 more evaluate
+    subprocesses, 8-20 s each on 2 cores: imports, the embedded MNIST, the evaluate): at one severity in
+    ``reset_each_shift`` the mariodoebler order is the default stream batch for batch (core's
+    test_with_one_severity_mariodoebler_gives_the_default_stream_except_gradual_revisits), and a per-image
+    method's accuracies do not depend on the order at all.  Returns the i.i.d. default's results (resumed from
+    the demo's records: another test may have written another comparison's results.csv since), the reordered
+    comparison's results, its report and its tasks."""
+    out, _, _, _ = demo
+    ran = [m for m in (*BATCH_STATISTICS, *PER_IMAGE) if m in set(pd.read_csv(out / "results.csv")["method"])]
+    assert ran, "the demo ran none of the chosen methods"
+    base = {"methods": ran, "out_dir": str(out), "profile": "smoke", "progress": False, "jobs": 2}
+    cmp.compare(base, echo=lambda *a: None)
+    before = pd.read_csv(out / "results.csv")
+    result = cmp.compare({**base, "dirichlet_delta": 0, "stream_order": "mariodoebler"}, echo=lambda *a: None)
+    return before, pd.read_csv(out / "results.csv"), (out / "report.md").read_text(), result.tasks
+
+
+def accuracies(results, name):
+    return results[results["method"] == name].set_index(["corruption", "severity"])["accuracy"].sort_index()
+
+
+def test_label_correlated_stream_changes_batch_statistics_only(reordered):
     """``dirichlet_delta=0`` (each domain sorted by class) through every installed subpackage's evaluate:
     methods that treat each image on its own (torch_ttt's unadapted source model, TTT-MAE, TPT, MTTT, the
     pi-nets; one per subpackage) give exactly the accuracies of the i.i.d. stream on the same images;
     test-batch normalisation (torch_ttt.bn, where the demo set has it) does not."""
-    out, _, _, _ = demo
-    before = pd.read_csv(out / "results.csv")
-    # test-batch normalisation, the unadapted source model, and one per-image method per other subpackage
-    chosen = ["torch_ttt.bn", "torch_ttt.source", "ttt_mae.ttt", "memo_tpt.tpt", "mttt_jax.mttt_mlp",
-              "pilimit.inf_pinet"]  # fmt: skip
-    ran = [m for m in chosen if m in set(before["method"])]
-    assert ran, "the demo ran none of the chosen methods"
-    result = cmp.compare({"methods": ran, "out_dir": str(out), "profile": "smoke", "progress": False, "jobs": 2,
-                          "dirichlet_delta": 0}, echo=lambda *a: None)  # fmt: skip
-    assert {t.status for t in result.tasks} == {"ok"}, [
-        (t.spec.name, t.status, t.message) for t in result.tasks
+    before, after, report, tasks = reordered
+    assert {t.status for t in tasks} == {"ok"}, [
+        (t.spec.name, t.status, t.error, t.stderr_tail) for t in tasks
     ]
-    assert "label-correlated (dirichlet_delta=0)" in (out / "report.md").read_text()
-    after = pd.read_csv(out / "results.csv")
-    for name in ran:
-        iid = before[before["method"] == name].set_index(["corruption", "severity"])["accuracy"]
-        sorted_ = after[after["method"] == name].set_index(["corruption", "severity"])["accuracy"]
-        if name == "torch_ttt.bn":
-            assert not iid.equals(sorted_), (
+    assert "label-correlated (dirichlet_delta=0)" in report
+    for t in tasks:
+        name = t.spec.name
+        if name in BATCH_STATISTICS:
+            assert not accuracies(before, name).equals(accuracies(after, name)), (
                 "test-batch statistics of one-class batches change the predictions"
             )
-        else:
-            pd.testing.assert_series_equal(iid.sort_index(), sorted_.sort_index(), obj=name)
+        else:  # PER_IMAGE
+            pd.testing.assert_series_equal(accuracies(before, name), accuracies(after, name), obj=name)
 
 
-def test_mariodoebler_stream_order_reaches_every_evaluate(demo):
+def test_mariodoebler_stream_order_reaches_every_evaluate(reordered):
     """``stream_order=mariodoebler`` through every installed subpackage's evaluate (each config takes the
     key; one method per subpackage): at one severity in ``reset_each_shift`` that order's stream is the
-    default one, batch for batch and reset for reset, so each gives exactly the default run's accuracies (in
-    its own run folder)."""
-    out, _, _, _ = demo
-    # one adapting method per subpackage: the key reaches each subpackage's evaluate config
-    adapting = ["torch_ttt.tent", "ttt_mae.ttt", "memo_tpt.tpt", "mttt_jax.mttt_mlp", "pilimit.inf_pinet"]
-    ran = [m for m in adapting if m in set(pd.read_csv(out / "results.csv")["method"])]
-    assert ran, "the demo ran none of the adapting methods"
-    base = {"methods": ran, "out_dir": str(out), "profile": "smoke", "progress": False, "jobs": 2}
-    # the default order's results (resumed from the demo's records; another test may have written
-    # results.csv of another comparison since)
-    cmp.compare(base, echo=lambda *a: None)
-    before = pd.read_csv(out / "results.csv")
-    result = cmp.compare({**base, "stream_order": "mariodoebler"}, echo=lambda *a: None)
-    assert {t.status for t in result.tasks} == {"ok"}, [
-        (t.spec.name, t.status, t.message) for t in result.tasks
+    default one, batch for batch and reset for reset, so each per-image method gives exactly the default
+    run's accuracies (in its own run folder), also on the label-sorted stream it shares with the test above
+    (torch_ttt.bn takes the key too; its accuracies move with the label-sorted batches, checked there)."""
+    before, after, report, tasks = reordered
+    assert {t.status for t in tasks} == {"ok"}, [
+        (t.spec.name, t.status, t.error, t.stderr_tail) for t in tasks
     ]
-    assert "stream_order mariodoebler" in (out / "report.md").read_text()
-    after = pd.read_csv(out / "results.csv")
-    for name in ran:
-        default = before[before["method"] == name].set_index(["corruption", "severity"])["accuracy"]
-        theirs = after[after["method"] == name].set_index(["corruption", "severity"])["accuracy"]
-        pd.testing.assert_series_equal(default.sort_index(), theirs.sort_index(), obj=name)
+    assert {t.spec.package for t in tasks} == {s.package for s in SPECS}, "every subpackage's evaluate"
+    assert "stream_order mariodoebler" in report
+    for t in tasks:
+        if t.spec.name in PER_IMAGE:
+            pd.testing.assert_series_equal(accuracies(before, t.spec.name), accuracies(after, t.spec.name),
+                                           obj=t.spec.name)  # fmt: skip
