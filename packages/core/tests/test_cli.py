@@ -760,6 +760,100 @@ def test_a_user_error_under_a_hydra_config_without_a_run_directory_is_one_line(m
     )
 
 
+#: what the first test of the pair below saw before its command ran, for the second to compare
+_BEFORE_A_LEAKING_COMMAND: dict = {}
+
+
+def test_a_hydra_command_run_in_process_leaves_hydras_state_behind(monkeypatch, capsys):
+    """First of a pair (the next test checks what is left after this one; pytest runs a file's tests in order,
+    and pytest-xdist's --dist loadfile keeps a file on one worker).  A command run in the tests' process
+    leaves Hydra's process-wide state behind: a run directory only Hydra resolves, and cannot
+    (``hydra.run.dir=${oc.env:<unset>}``, which the pre-checks leave to Hydra), leaves the job's HydraConfig
+    (without a run directory: Hydra sets it before resolving the folder and puts the old one back only after),
+    and ``hydra.verbose=true`` the root logger at DEBUG.  A later test's ``user_errors`` then took itself to
+    be inside a Hydra task: CI once failed so (pilimit's and torch_ttt's one-line error tests)."""
+    pytest.importorskip("hydra")
+    import logging
+
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from tttlab.core.cli import check_hydra_command
+
+    root = logging.getLogger()
+    _BEFORE_A_LEAKING_COMMAND.update(
+        hydra_config=HydraConfig.instance().cfg, root=(root.level, root.handlers[:])
+    )
+    monkeypatch.delenv("TTTLAB_TEST_UNSET", raising=False)
+    ran = []
+
+    @hydra.main(config_path="pkg://tttlab.core.conf", config_name="compare", version_base=None)
+    def _main(cfg):
+        ran.append(cfg)
+
+    # Hydra's logging configured in pytest's process closes the capture's streams (its dictConfig closes every
+    # handler): its hydra.verbose alone sets the root logger's level
+    argv = ["hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.verbose=true"]
+    monkeypatch.setattr("sys.argv", ["tttlab-x", *argv, "hydra.run.dir=${oc.env:TTTLAB_TEST_UNSET}"])
+    check_hydra_command("tttlab-x", "tttlab.core.conf", "compare", compile_key=False)
+    with pytest.raises(Exception, match="TTTLAB_TEST_UNSET"):
+        _main()
+    capsys.readouterr()
+    assert ran == []
+    assert HydraConfig.initialized() and OmegaConf.is_missing(HydraConfig.get().runtime, "output_dir")
+    assert root.level == logging.DEBUG != _BEFORE_A_LEAKING_COMMAND["root"][0]
+
+
+def test_the_next_test_finds_hydras_state_as_it_was():
+    """Second of the pair: the package conftest's autouse fixture (core.testing.hydra_state_kept) put back
+    the HydraConfig and the root logger's handlers and level the first test's command changed."""
+    if not _BEFORE_A_LEAKING_COMMAND:
+        pytest.skip("runs after test_a_hydra_command_run_in_process_leaves_hydras_state_behind")
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    root = logging.getLogger()
+    assert HydraConfig.instance().cfg is _BEFORE_A_LEAKING_COMMAND["hydra_config"]
+    assert not GlobalHydra.instance().is_initialized()
+    assert (root.level, root.handlers) == _BEFORE_A_LEAKING_COMMAND["root"]
+
+
+def test_hydra_state_kept_puts_back_hydras_config_its_global_app_and_the_loggers():
+    """What :func:`tttlab.core.testing.hydra_state_kept` puts back: HydraConfig, a GlobalHydra left initialised,
+    the root's and existing loggers' level, handlers, propagate and disabled (``tttlab``'s too, made on entry
+    if new: apply_log_level sets it); a logger made inside keeps what it was given."""
+    pytest.importorskip("hydra")
+    import logging
+
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from tttlab.core.testing import hydra_state_kept
+
+    root, tttlab, hydra_log = logging.getLogger(), logging.getLogger("tttlab"), logging.getLogger("hydra")
+    before = [(lg.level, lg.handlers[:], lg.propagate, lg.disabled) for lg in (root, tttlab, hydra_log)]
+    config, handler = HydraConfig.instance().cfg, logging.NullHandler()
+    with hydra_state_kept():
+        initialize_config_module("tttlab.core.conf", version_base=None).__enter__()  # never left
+        HydraConfig.instance().set_config(compose("compare", return_hydra_config=True))
+        root.setLevel(logging.DEBUG)
+        root.handlers[:] = [handler]
+        tttlab.setLevel(logging.DEBUG)
+        hydra_log.propagate, hydra_log.disabled = False, True
+        made_inside = logging.getLogger("tttlab_test_made_inside")
+        made_inside.setLevel(logging.ERROR)
+        assert GlobalHydra.instance().is_initialized() and HydraConfig.initialized()
+        assert tttlab.isEnabledFor(logging.DEBUG)
+    assert not GlobalHydra.instance().is_initialized() and HydraConfig.instance().cfg is config
+    assert [(lg.level, lg.handlers, lg.propagate, lg.disabled) for lg in (root, tttlab, hydra_log)] == before
+    assert not tttlab.isEnabledFor(logging.DEBUG)  # logging's cache of the levels enabled was emptied
+    assert made_inside.level == logging.ERROR
+
+
 HYDRA_ARGVS = [
     ["--cfg", "job"], ["-cjob"], ["--cfg=hydra", "-p", "x"], ["-pfoo", "seed=1"], ["-mp", "x"], ["-mr"],
     ["-mcjob"], ["--multi", "a=1,2"], ["--config-n", "other"], ["-cn=other"], ["-cn", "other"], ["-cdx"],
