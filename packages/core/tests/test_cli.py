@@ -715,7 +715,7 @@ def test_hydra_info_pages_print_each_line_once(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdout", sys.stdout)
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", root.handlers[:])  # Hydra's stdout handler goes with it
-    monkeypatch.setattr(root, "level", root.level)
+    # (the root's level, DEBUG under --info, is put back by the conftest, with setLevel: see the next test)
     console = logging.StreamHandler(sys.stderr)  # what the commands' logging.basicConfig adds
     console.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
     root.addHandler(console)
@@ -732,6 +732,45 @@ def test_hydra_info_pages_print_each_line_once(monkeypatch, capsys):
     assert out.count("Config search path") == 1 and "pkg://tttlab.core.conf" in out, out
     assert (err, ran) == ("", [])
     assert console not in root.handlers
+
+
+def test_a_hydra_run_after_hydras_info_page_leaves_no_hydra_config(tmp_path, monkeypatch, capsys):
+    """The leak CI met.  Hydra's ``--info`` puts the root logger at DEBUG, and Hydra's own logger, asked
+    then, caches that DEBUG passes; the test above put the root's level back by assignment
+    (``monkeypatch.setattr(root, "level", ...)``), which leaves that cache, so every later Hydra run in the
+    process took Hydra's debug path (``_print_debug_info``), whose search-path page sets a HydraConfig without
+    a run directory and keeps it: after core's test_cli, pilimit's test_commands_print_one_error_line found
+    one (reproduced with the two files in one process).  hydra_state_kept, around every test, puts the
+    level back with setLevel, which empties the cache."""
+    pytest.importorskip("hydra")
+    import logging
+
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from tttlab.core.testing import hydra_state_kept
+
+    ran = []
+
+    @hydra.main(config_path="pkg://tttlab.core.conf", config_name="compare", version_base=None)
+    def _main(cfg):
+        ran.append(cfg)
+
+    root, hydras_log = logging.getLogger(), logging.getLogger("hydra._internal.hydra")
+    before = HydraConfig.instance().cfg
+    with hydra_state_kept():
+        level = root.level
+        monkeypatch.setattr("sys.argv", ["tttlab-x", "--info", "searchpath"])
+        _main()
+        assert hydras_log.isEnabledFor(logging.DEBUG)
+        root.level = level  # what the monkeypatch above did
+    capsys.readouterr()
+    assert HydraConfig.instance().cfg is before and root.level == level
+    monkeypatch.setattr("sys.argv", ["tttlab-x", "hydra/job_logging=none", "hydra/hydra_logging=none",
+                                     f"hydra.run.dir={tmp_path}"])  # fmt: skip
+    _main()
+    assert len(ran) == 1 and not hydras_log.isEnabledFor(logging.DEBUG)
+    assert HydraConfig.instance().cfg is before
 
 
 def test_a_user_error_under_a_hydra_config_without_a_run_directory_is_one_line(monkeypatch, capsys):
@@ -786,6 +825,7 @@ def test_a_hydra_command_run_in_process_leaves_hydras_state_behind(monkeypatch, 
         hydra_config=HydraConfig.instance().cfg, root=(root.level, root.handlers[:])
     )
     monkeypatch.delenv("TTTLAB_TEST_UNSET", raising=False)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # Hydra raises its exception (else, by its traceback, exit 1)
     ran = []
 
     @hydra.main(config_path="pkg://tttlab.core.conf", config_name="compare", version_base=None)
@@ -918,8 +958,7 @@ def hydra_app(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.stdout", sys.stdout)
     monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)
     root = logging.getLogger()
-    monkeypatch.setattr(root, "handlers", root.handlers[:])
-    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(root, "handlers", root.handlers[:])  # and its level: the conftest, with setLevel
     ran = []
 
     @hydra.main(config_path="pkg://tttlab.core.conf", config_name="compare", version_base=None)

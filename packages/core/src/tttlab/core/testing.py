@@ -268,7 +268,8 @@ def hydra_state_kept():
       :func:`tttlab.core.cli.apply_log_level` set the levels of the root and of named loggers.
 
     The loggers that exist on entry (``tttlab`` is made first) get their level, handlers, ``propagate`` and
-    ``disabled`` back; a logger made inside keeps what it was given (libraries set up theirs on import)."""
+    ``disabled`` back, and logging's cached answers of which levels each logger passes are emptied; a logger
+    made inside keeps what it was given (libraries set up theirs on import)."""
     import logging
 
     try:
@@ -295,10 +296,14 @@ def hydra_state_kept():
                 GlobalHydra.instance().clear()
         for name, lg in loggers.items():
             level, handlers, lg.propagate, lg.disabled = saved[name]
-            if lg.level != level:
-                lg.setLevel(level)  # also empties logging's per-logger caches of the levels enabled
+            lg.level = level
             if lg.handlers != handlers:
                 lg.handlers[:] = handlers
+        # setLevel empties every logger's cache of isEnabledFor answers, which a level put back by assignment
+        # (monkeypatch.setattr(root, "level", ...)) leaves stale: Hydra's logger, asked while --info had the
+        # root at DEBUG, went on answering DEBUG, and every later Hydra run in the process printed its debug
+        # pages, which set a HydraConfig without a run directory and keep it
+        loggers[""].setLevel(saved[""][0])
 
 
 def run_into_a_closed_pipe(*args: str, timeout: float = 300):
