@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from tttlab.core.testing import hydra_state_kept
+
 ROOT = Path(__file__).resolve().parents[1]
 CORE_ONLY = os.environ.get("TTTLAB_EXPECT_CORE_ONLY") == "1"
 NO_TORCH = os.environ.get("TTTLAB_EXPECT_NO_TORCH") == "1"
@@ -67,12 +69,15 @@ def test_the_environment_exposes_the_declared_commands():
 
 
 def run_command(name: str, args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
-    """The console script ``name`` in this process, as ``name *args`` typed in ``cwd``: (exit status, output)."""
+    """The console script ``name`` in this process, as ``name *args`` typed in ``cwd``: (exit status, output).
+    Hydra's process-wide state (its HydraConfig, the root logger's handlers and levels) is put back after, as
+    the package tests' conftests do after each test: the next test file on this worker may be a package's."""
     main = installed_commands()[name].load()
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", [name, *args])
     try:
-        code = main()  # a console script exits with its main's return value
+        with hydra_state_kept():
+            code = main()  # a console script exits with its main's return value
     except SystemExit as exc:
         code = exc.code
     out = capsys.readouterr()

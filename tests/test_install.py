@@ -112,12 +112,18 @@ def test_every_hydra_command_checks_its_command_line_first():
 
 
 @pytest.mark.skipif(CORE_ONLY or NO_TORCH, reason="runs tttlab-torch-ttt-train (full environment)")
-def test_a_command_given_a_file_as_out_dir_says_so_in_one_line(tmp_path):
+def test_a_command_given_a_file_as_out_dir_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """In process (the check runs before Hydra starts; Hydra's state is put back after all the same)."""
+    from tttlab.core.testing import hydra_state_kept
+    from tttlab.torch_ttt import train
+
     (tmp_path / "f").write_text("x")
-    res = subprocess.run([sys.executable, "-m", "tttlab.torch_ttt.train", f"out_dir={tmp_path / 'f'}"],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert res.stderr.strip().splitlines() == [
+    monkeypatch.setattr(sys, "argv", ["tttlab-torch-ttt-train", f"out_dir={tmp_path / 'f'}"])
+    with pytest.raises(SystemExit) as exit_info, hydra_state_kept():
+        train.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err[-2000:]
+    assert err.strip().splitlines() == [
         f"tttlab-torch-ttt-train: error: InvalidInputError: out_dir={tmp_path / 'f'}: the path is a file; "
         "expected a directory (or a path that does not exist yet)"
     ]

@@ -3,6 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tttlab.core.testing import hydra_state_kept
+
 
 @pytest.fixture(scope="session")
 def photos224() -> np.ndarray:
@@ -31,3 +33,11 @@ def digits28() -> np.ndarray:
         x[i, r0 : r0 + 3, c0 : c0 + 10, 0] = 230
         x[i, r0 + 12 : r0 + 15, c0 : c0 + 12, 0] = 200
     return x
+
+
+@pytest.fixture(autouse=True)
+def _hydra_state_kept():
+    """Every test leaves Hydra's and logging's process-wide state as it found it: a command run in this process
+    leaves its HydraConfig, log handlers and levels behind (:func:`tttlab.core.testing.hydra_state_kept`)."""
+    with hydra_state_kept():
+        yield

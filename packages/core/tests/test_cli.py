@@ -715,7 +715,7 @@ def test_hydra_info_pages_print_each_line_once(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdout", sys.stdout)
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", root.handlers[:])  # Hydra's stdout handler goes with it
-    monkeypatch.setattr(root, "level", root.level)
+    # (the root's level, DEBUG under --info, is put back by the conftest, with setLevel: see the next test)
     console = logging.StreamHandler(sys.stderr)  # what the commands' logging.basicConfig adds
     console.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
     root.addHandler(console)
@@ -732,6 +732,45 @@ def test_hydra_info_pages_print_each_line_once(monkeypatch, capsys):
     assert out.count("Config search path") == 1 and "pkg://tttlab.core.conf" in out, out
     assert (err, ran) == ("", [])
     assert console not in root.handlers
+
+
+def test_a_hydra_run_after_hydras_info_page_leaves_no_hydra_config(tmp_path, monkeypatch, capsys):
+    """The leak CI met.  Hydra's ``--info`` puts the root logger at DEBUG, and Hydra's own logger, asked
+    then, caches that DEBUG passes; the test above put the root's level back by assignment
+    (``monkeypatch.setattr(root, "level", ...)``), which leaves that cache, so every later Hydra run in the
+    process took Hydra's debug path (``_print_debug_info``), whose search-path page sets a HydraConfig without
+    a run directory and keeps it: after core's test_cli, pilimit's test_commands_print_one_error_line found
+    one (reproduced with the two files in one process).  hydra_state_kept, around every test, puts the
+    level back with setLevel, which empties the cache."""
+    pytest.importorskip("hydra")
+    import logging
+
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from tttlab.core.testing import hydra_state_kept
+
+    ran = []
+
+    @hydra.main(config_path="pkg://tttlab.core.conf", config_name="compare", version_base=None)
+    def _main(cfg):
+        ran.append(cfg)
+
+    root, hydras_log = logging.getLogger(), logging.getLogger("hydra._internal.hydra")
+    before = HydraConfig.instance().cfg
+    with hydra_state_kept():
+        level = root.level
+        monkeypatch.setattr("sys.argv", ["tttlab-x", "--info", "searchpath"])
+        _main()
+        assert hydras_log.isEnabledFor(logging.DEBUG)
+        root.level = level  # what the monkeypatch above did
+    capsys.readouterr()
+    assert HydraConfig.instance().cfg is before and root.level == level
+    monkeypatch.setattr("sys.argv", ["tttlab-x", "hydra/job_logging=none", "hydra/hydra_logging=none",
+                                     f"hydra.run.dir={tmp_path}"])  # fmt: skip
+    _main()
+    assert len(ran) == 1 and not hydras_log.isEnabledFor(logging.DEBUG)
+    assert HydraConfig.instance().cfg is before
 
 
 def test_a_user_error_under_a_hydra_config_without_a_run_directory_is_one_line(monkeypatch, capsys):
@@ -758,6 +797,101 @@ def test_a_user_error_under_a_hydra_config_without_a_run_directory_is_one_line(m
     assert (
         capsys.readouterr().err.strip() == "tttlab-x: error: ConfigError: lr=-1: expected a positive number"
     )
+
+
+#: what the first test of the pair below saw before its command ran, for the second to compare
+_BEFORE_A_LEAKING_COMMAND: dict = {}
+
+
+def test_a_hydra_command_run_in_process_leaves_hydras_state_behind(monkeypatch, capsys):
+    """First of a pair (the next test checks what is left after this one; pytest runs a file's tests in order,
+    and pytest-xdist's --dist loadfile keeps a file on one worker).  A command run in the tests' process
+    leaves Hydra's process-wide state behind: a run directory only Hydra resolves, and cannot
+    (``hydra.run.dir=${oc.env:<unset>}``, which the pre-checks leave to Hydra), leaves the job's HydraConfig
+    (without a run directory: Hydra sets it before resolving the folder and puts the old one back only after),
+    and ``hydra.verbose=true`` the root logger at DEBUG.  A later test's ``user_errors`` then took itself to
+    be inside a Hydra task: CI once failed so (pilimit's and torch_ttt's one-line error tests)."""
+    pytest.importorskip("hydra")
+    import logging
+
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from tttlab.core.cli import check_hydra_command
+
+    root = logging.getLogger()
+    _BEFORE_A_LEAKING_COMMAND.update(
+        hydra_config=HydraConfig.instance().cfg, root=(root.level, root.handlers[:])
+    )
+    monkeypatch.delenv("TTTLAB_TEST_UNSET", raising=False)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # Hydra raises its exception (else, by its traceback, exit 1)
+    ran = []
+
+    @hydra.main(config_path="pkg://tttlab.core.conf", config_name="compare", version_base=None)
+    def _main(cfg):
+        ran.append(cfg)
+
+    # Hydra's logging configured in pytest's process closes the capture's streams (its dictConfig closes every
+    # handler): its hydra.verbose alone sets the root logger's level
+    argv = ["hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.verbose=true"]
+    monkeypatch.setattr("sys.argv", ["tttlab-x", *argv, "hydra.run.dir=${oc.env:TTTLAB_TEST_UNSET}"])
+    check_hydra_command("tttlab-x", "tttlab.core.conf", "compare", compile_key=False)
+    with pytest.raises(Exception, match="TTTLAB_TEST_UNSET"):
+        _main()
+    capsys.readouterr()
+    assert ran == []
+    assert HydraConfig.initialized() and OmegaConf.is_missing(HydraConfig.get().runtime, "output_dir")
+    assert root.level == logging.DEBUG != _BEFORE_A_LEAKING_COMMAND["root"][0]
+
+
+def test_the_next_test_finds_hydras_state_as_it_was():
+    """Second of the pair: the package conftest's autouse fixture (core.testing.hydra_state_kept) put back
+    the HydraConfig and the root logger's handlers and level the first test's command changed."""
+    if not _BEFORE_A_LEAKING_COMMAND:
+        pytest.skip("runs after test_a_hydra_command_run_in_process_leaves_hydras_state_behind")
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    root = logging.getLogger()
+    assert HydraConfig.instance().cfg is _BEFORE_A_LEAKING_COMMAND["hydra_config"]
+    assert not GlobalHydra.instance().is_initialized()
+    assert (root.level, root.handlers) == _BEFORE_A_LEAKING_COMMAND["root"]
+
+
+def test_hydra_state_kept_puts_back_hydras_config_its_global_app_and_the_loggers():
+    """What :func:`tttlab.core.testing.hydra_state_kept` puts back: HydraConfig, a GlobalHydra left initialised,
+    the root's and existing loggers' level, handlers, propagate and disabled (``tttlab``'s too, made on entry
+    if new: apply_log_level sets it); a logger made inside keeps what it was given."""
+    pytest.importorskip("hydra")
+    import logging
+
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from tttlab.core.testing import hydra_state_kept
+
+    root, tttlab, hydra_log = logging.getLogger(), logging.getLogger("tttlab"), logging.getLogger("hydra")
+    before = [(lg.level, lg.handlers[:], lg.propagate, lg.disabled) for lg in (root, tttlab, hydra_log)]
+    config, handler = HydraConfig.instance().cfg, logging.NullHandler()
+    with hydra_state_kept():
+        initialize_config_module("tttlab.core.conf", version_base=None).__enter__()  # never left
+        HydraConfig.instance().set_config(compose("compare", return_hydra_config=True))
+        root.setLevel(logging.DEBUG)
+        root.handlers[:] = [handler]
+        tttlab.setLevel(logging.DEBUG)
+        hydra_log.propagate, hydra_log.disabled = False, True
+        made_inside = logging.getLogger("tttlab_test_made_inside")
+        made_inside.setLevel(logging.ERROR)
+        assert GlobalHydra.instance().is_initialized() and HydraConfig.initialized()
+        assert tttlab.isEnabledFor(logging.DEBUG)
+    assert not GlobalHydra.instance().is_initialized() and HydraConfig.instance().cfg is config
+    assert [(lg.level, lg.handlers, lg.propagate, lg.disabled) for lg in (root, tttlab, hydra_log)] == before
+    assert not tttlab.isEnabledFor(logging.DEBUG)  # logging's cache of the levels enabled was emptied
+    assert made_inside.level == logging.ERROR
 
 
 HYDRA_ARGVS = [
@@ -824,8 +958,7 @@ def hydra_app(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.stdout", sys.stdout)
     monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)
     root = logging.getLogger()
-    monkeypatch.setattr(root, "handlers", root.handlers[:])
-    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(root, "handlers", root.handlers[:])  # and its level: the conftest, with setLevel
     ran = []
 
     @hydra.main(config_path="pkg://tttlab.core.conf", config_name="compare", version_base=None)

@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from tttlab.core.testing import hydra_state_kept
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # tiny models: one thread is faster, and immune to oversubscription on shared cores
 torch.set_num_threads(1)
@@ -48,3 +50,11 @@ def bn_net():
 @pytest.fixture
 def image():
     return np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+
+
+@pytest.fixture(autouse=True)
+def _hydra_state_kept():
+    """Every test leaves Hydra's and logging's process-wide state as it found it: a command run in this process
+    leaves its HydraConfig, log handlers and levels behind (:func:`tttlab.core.testing.hydra_state_kept`)."""
+    with hydra_state_kept():
+        yield

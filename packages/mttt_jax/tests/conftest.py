@@ -25,6 +25,8 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 import pytest  # noqa: E402
 
+from tttlab.core.testing import hydra_state_kept  # noqa: E402
+
 #: the shared training run: TINY (test_train.py) at batch 8, 2 epochs of 2 steps, T=2 SGD inner loop, an
 #: in-epoch checkpoint at step 3.  Trained once per session and only read (tests that resume or refuse copy it
 #: first): it is the uninterrupted reference of the kill/resume test and the model of the evaluate/plot/resume
@@ -43,3 +45,11 @@ def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("shared_run")
     stats = T.train(compose([*TINY, *SHARED_RUN, f"out_dir={out}"]))
     return out, stats
+
+
+@pytest.fixture(autouse=True)
+def _hydra_state_kept():
+    """Every test leaves Hydra's and logging's process-wide state as it found it: a command run in this process
+    leaves its HydraConfig, log handlers and levels behind (:func:`tttlab.core.testing.hydra_state_kept`)."""
+    with hydra_state_kept():
+        yield

@@ -1,9 +1,12 @@
 """Tests run with one intra-op thread: the ops here are tiny, and on a busy shared CPU torch's thread pool
-makes them up to 100x slower.  ``omniglot_root``: a generated Omniglot folder for the MAML runs."""
+makes them up to 100x slower.  ``omniglot_root``: a generated Omniglot folder for the MAML runs.  Hydra's
+process-wide state is put back after each test."""
 
 import numpy as np
 import pytest
 import torch
+
+from tttlab.core.testing import hydra_state_kept
 
 torch.set_num_threads(1)
 
@@ -28,3 +31,11 @@ def write_omniglot(root, n_chars=6, n_imgs=3):
 def omniglot_root(tmp_path):
     """A generated Omniglot folder (:func:`write_omniglot`, 6 characters of 3 images per split)."""
     return write_omniglot(tmp_path / "omniglot")
+
+
+@pytest.fixture(autouse=True)
+def _hydra_state_kept():
+    """Every test leaves Hydra's and logging's process-wide state as it found it: a command run in this process
+    leaves its HydraConfig, log handlers and levels behind (:func:`tttlab.core.testing.hydra_state_kept`)."""
+    with hydra_state_kept():
+        yield

@@ -7,6 +7,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*batching rule.*")
 
+from tttlab.core.testing import hydra_state_kept  # noqa: E402
 from tttlab.ttt_mae.model import build_model  # noqa: E402
 from tttlab.ttt_mae.ttt import TTTSettings  # noqa: E402
 from tttlab.ttt_mae.views import Normalizer  # noqa: E402
@@ -57,3 +58,11 @@ def images():
 def smoke_cache(tmp_path_factory):
     """A model cache shared by the tests that run the evaluate contract (the smoke model trains once)."""
     return str(tmp_path_factory.mktemp("ttt_mae_models"))
+
+
+@pytest.fixture(autouse=True)
+def _hydra_state_kept():
+    """Every test leaves Hydra's and logging's process-wide state as it found it: a command run in this process
+    leaves its HydraConfig, log handlers and levels behind (:func:`tttlab.core.testing.hydra_state_kept`)."""
+    with hydra_state_kept():
+        yield

@@ -251,6 +251,61 @@ def record_torch_compile(monkeypatch) -> CompileRecorder:
     return recorder
 
 
+@contextlib.contextmanager
+def hydra_state_kept():
+    """Put back on exit the process-wide state that a Hydra command run in this process leaves behind, so
+    that the next command (or test) in the process starts as in a fresh one.  Every package's tests use it
+    around each test (an autouse fixture in their conftest).  What Hydra leaves:
+
+    - its ``HydraConfig``: the ``--help``/``--cfg``/``--info`` pages set one without a run directory and
+      keep it, and a run sets the job's before it resolves ``hydra.run.dir`` and puts the previous one back
+      only once that has resolved (an unresolvable ``hydra.run.dir=${oc.env:UNSET}`` keeps the job's).
+      :func:`tttlab.core.cli.user_errors` and :func:`tttlab.core.cli.apply_log_level` read it, as if inside
+      a Hydra task;
+    - ``GlobalHydra`` initialised, where an exception ends a composition between its set-up and clean-up;
+    - logging: Hydra's ``hydra_logging``/``job_logging`` replace the root logger's handlers (a console one on
+      the standard output of that moment) and its level, and ``hydra.verbose`` and
+      :func:`tttlab.core.cli.apply_log_level` set the levels of the root and of named loggers.
+
+    The loggers that exist on entry (``tttlab`` is made first) get their level, handlers, ``propagate`` and
+    ``disabled`` back, and logging's cached answers of which levels each logger passes are emptied; a logger
+    made inside keeps what it was given (libraries set up theirs on import)."""
+    import logging
+
+    try:
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.core.hydra_config import HydraConfig
+    except ImportError:  # a core dependency, but removable: no Hydra state to keep
+        GlobalHydra = HydraConfig = None  # noqa: N806
+    logging.getLogger("tttlab")  # apply_log_level and hydra.verbose=tttlab set its level
+    loggers = {"": logging.getLogger()}
+    loggers.update(
+        (name, lg)
+        for name, lg in list(logging.Logger.manager.loggerDict.items())
+        if isinstance(lg, logging.Logger)
+    )
+    saved = {name: (lg.level, lg.handlers[:], lg.propagate, lg.disabled) for name, lg in loggers.items()}
+    hydra_config = HydraConfig.instance().cfg if HydraConfig is not None else None
+    hydra_initialized = GlobalHydra is not None and GlobalHydra.instance().is_initialized()
+    try:
+        yield
+    finally:
+        if HydraConfig is not None:
+            HydraConfig.instance().cfg = hydra_config
+            if not hydra_initialized:
+                GlobalHydra.instance().clear()
+        for name, lg in loggers.items():
+            level, handlers, lg.propagate, lg.disabled = saved[name]
+            lg.level = level
+            if lg.handlers != handlers:
+                lg.handlers[:] = handlers
+        # setLevel empties every logger's cache of isEnabledFor answers, which a level put back by assignment
+        # (monkeypatch.setattr(root, "level", ...)) leaves stale: Hydra's logger, asked while --info had the
+        # root at DEBUG, went on answering DEBUG, and every later Hydra run in the process printed its debug
+        # pages, which set a HydraConfig without a run directory and keep it
+        loggers[""].setLevel(saved[""][0])
+
+
 def run_into_a_closed_pipe(*args: str, timeout: float = 300):
     """Run ``python *args`` (this interpreter, ``HF_HUB_OFFLINE=1``) with its standard output a pipe whose
     reader is gone before the first write, what ``... | head -3`` becomes once head has its lines; returns the
