@@ -895,7 +895,8 @@ def _check_run_dir_resolves(prog: str, cfg, sweep: str = "", job_num: int | None
     the folder ``None/eval``) or the string ``None`` (``run_dir=None``: Hydra's null is ``null``, ``None`` is
     a string; the error names the key given so, not a null key next to it).  Hydra resolves that directory
     before the task runs, so these would otherwise end in its traceback (or make a folder named ``None``).
-    Any other failure to resolve is left to Hydra.  ``sweep``: the message's start (which job of a
+    A resolver that fails otherwise (``${oc.env:NAME}`` with ``NAME`` unset) stops it too, with the resolver's
+    message; a resolver not registered yet is left to Hydra.  ``sweep``: the message's start (which job of a
     ``--multirun`` sweep; ``job_num``: its number, which Hydra's launcher gives the job, ``${hydra:job.num}``).
     The directory is resolved with Hydra's config set, as Hydra does (``${hydra:...}`` reads it).  Returns the directory when the config makes it from its own keys (``${out_dir}``:
     where the job writes, in a sweep too), else ``None``."""
@@ -908,6 +909,7 @@ def _check_run_dir_resolves(prog: str, cfg, sweep: str = "", job_num: int | None
         InterpolationToMissingValueError,
         MissingMandatoryValue,
         OmegaConfBaseException,
+        UnsupportedInterpolationType,
     )
 
     from .errors import ConfigError
@@ -949,6 +951,12 @@ def _check_run_dir_resolves(prog: str, cfg, sweep: str = "", job_num: int | None
             exc = seen
         elif null:  # Hydra types the directory as a string: ${out_dir} with out_dir=null fails to validate
             exc = ConfigError(f"{null[0]}=null, but {where}: give {null[0]}=<value>")
+        elif not isinstance(err, UnsupportedInterpolationType):  # (a resolver not registered yet: Hydra's)
+            # a resolver's own failure, e.g. ${oc.env:NAME} with NAME unset: its message, not Hydra's traceback
+            why = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+            exc = ConfigError(
+                f"the command's run directory (hydra.run.dir: {raw}) cannot be resolved: {why}; give values that resolve"
+            )
     else:
         folder = f"would be the folder {str(resolved)!r}"
         if "None" in re.split(r"[/\\]", str(resolved)):
