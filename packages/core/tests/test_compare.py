@@ -340,6 +340,17 @@ def test_config_errors_and_method_names(env, tmp_path):
     for argv in (["--jobs"], ["--jobs", "--progress"], ["--out-dir", "profile=quick"]):
         with pytest.raises(ConfigError, match=rf"^{argv[0]} needs a value: {argv[0]} VALUE or \w+=VALUE"):
             cmp.load_config(argv)
+    # a mistyped --list / --help / key is an unknown option with a did-you-mean (was "--lst needs a value")
+    for argv, close in (
+        (["--lst"], "--list"),
+        (["--hlep"], "--help"),
+        (["--seds"], "--seeds"),
+        (["--jbos"], "--jobs"),
+    ):
+        with pytest.raises(
+            ConfigError, match=rf"^unknown option {argv[0]} \(did you mean {close}\?\): .* out_dir,"
+        ):
+            cmp.load_config(argv)
     # a Hydra command's -m (a sweep): was "bad override in ['-m', 'seeds=1,2']: LexerNoViableAltException: -m"
     with pytest.raises(
         ConfigError, match=r"^-m: tttlab-compare takes key=value .* no Hydra option; .*'seeds=\[0,1,2\]'"

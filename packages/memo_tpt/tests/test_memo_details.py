@@ -243,3 +243,29 @@ def test_memo_predicts_the_clean_view_under_the_bn_prior(bn_net, image):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert memo.prior == pytest.approx(16 / 17)
     assert not torch.allclose(out, bn_net(x), atol=1e-4), "eval-mode BatchNorm gives other logits"
+
+
+def test_the_tiny_clip_is_logged_as_trained_or_cached_not_as_a_random_initialisation(tmp_path, caplog):
+    """The proxy commands logged 'CLIP tiny-mnist: random initialisation (no pretrained file given)' before
+    training the tiny CLIP, and again before loading it from the cache (with nothing saying it was loaded)."""
+    import logging
+
+    from tttlab.memo_tpt import tiny_clip
+    from tttlab.memo_tpt.models import build_clip
+
+    p = tiny_clip.PROFILES["smoke"]
+
+    def build():
+        return build_clip("tiny-mnist", config=tiny_clip.clip_config(p))
+
+    with caplog.at_level(logging.INFO, logger="tttlab.memo_tpt"):
+        trained, path = tiny_clip._cached(
+            "tiny_clip", p, 0, tmp_path, lambda *a, **k: build().eval(), build, False
+        )
+        cached, again = tiny_clip._cached("tiny_clip", p, 0, tmp_path, None, build, False)
+    assert again == path and path.is_file()
+    for a, b in zip(trained.state_dict().values(), cached.state_dict().values()):
+        assert torch.equal(a, b)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "random initialisation" in m], messages
+    assert messages[-1] == f"tiny_clip from the cache: {path}"

@@ -141,6 +141,7 @@ class CompareConfig:
 
 
 _BOOL_KEYS = {f.name for f in dataclasses.fields(CompareConfig) if f.type in (bool, "bool")}
+_KEYS = {f.name for f in dataclasses.fields(CompareConfig)}
 
 
 def _split_argv(argv: Sequence[str]) -> list[str]:
@@ -163,6 +164,12 @@ def _split_argv(argv: Sequence[str]) -> list[str]:
                 i += 1
             elif key in _BOOL_KEYS:
                 out.append(f"{key}=true")
+            elif key not in _KEYS:  # a mistyped --list / --help: was "--lst needs a value"
+                options = ["list", "help", *sorted(_KEYS)]
+                close = difflib.get_close_matches(key, options, n=1)
+                hint = f" (did you mean --{close[0].replace('_', '-')}?)" if close else ""
+                raise ConfigError(f"unknown option {a}{hint}: tttlab-compare takes --list, --help and key=value "
+                                  f"(or --key value) with the keys {', '.join(sorted(_KEYS))}")  # fmt: skip
             else:
                 raise ConfigError(f"{a} needs a value: {a} VALUE or {key}=VALUE (only a true/false key such as "
                                   f"--progress may stand alone)")  # fmt: skip

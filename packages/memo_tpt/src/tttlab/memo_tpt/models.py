@@ -216,7 +216,7 @@ def build_clip(arch: str, pretrained=None, config: dict | None = None, device="c
         load_state_dict(model, pretrained, arch)
         log.info("CLIP %s: weights from %s%s", arch, pretrained,
                  " (TorchScript archive: OpenAI's format, built with QuickGELU)" if openai else "")  # fmt: skip
-    else:
+    elif config is None:  # a custom CLIP (the tiny proxy) gets its weights from its trainer or cache
         log.info("CLIP %s: random initialisation (no pretrained file given)", arch)
     if not hasattr(model, "token_embedding"):
         raise UnknownNameError(

@@ -247,6 +247,7 @@ def _cached(kind: str, p: dict[str, Any], seed: int, cache_dir, train, build, pr
         except CheckpointError as exc:  # a truncated or corrupt cache file: name it and the cure
             raise CheckpointError(f"{exc}; delete it and the model is trained again") from None
         model.load_state_dict(state)
+        log.info("%s from the cache: %s", kind, path)
         return model.eval(), path
     t0 = time.perf_counter()
     model = train(p, seed, progress, amp=amp, compile=compile)
