@@ -152,6 +152,16 @@ def experiment_names() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def training_experiment_names() -> list[str]:
+    """The experiments of :func:`experiment_names` that this command composes (sorted): those whose YAML sets
+    only keys of :class:`TrainConfig`.  The others (``paper_tent_cifar10c``, ``photos_mobilenet_v2``, ...) are
+    the evaluate command's; as an evaluation's ``train_experiment`` they ended in an OmegaConf traceback."""
+    from dataclasses import fields
+
+    keys = {f.name for f in fields(TrainConfig)}
+    return [n for n in experiment_names() if set(conf_yaml(f"experiment/{n}.yaml")) <= keys]
+
+
 #: The override that empties ``train.engine_kwargs`` (:func:`clears_train_engine_kwargs`).
 CLEAR_TRAIN_ENGINE_KWARGS = "train.engine_kwargs={}"
 
