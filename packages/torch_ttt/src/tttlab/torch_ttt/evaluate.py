@@ -84,6 +84,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -1245,6 +1246,9 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     register_configs()
+    with T.user_errors("tttlab-torch-ttt-evaluate"):
+        args = [a for a in sys.argv[1:] if not a.startswith("-")]
+        T.check_model_overrides("tttlab-torch-ttt-evaluate", args, evaluate=True)
 
     @hydra.main(config_path="conf", config_name="evaluate", version_base=None)
     def _main(cfg) -> None:
