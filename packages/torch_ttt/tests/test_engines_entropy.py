@@ -521,6 +521,23 @@ def test_predict_before_update_returns_the_adaptation_forward_without_a_second_p
     assert engine._adapt_outputs is None  # a later batch never sees this batch's logits
 
 
+def test_predict_before_update_takes_only_true_or_false():
+    """``+engine.kwargs.predict_before_update=maybe`` (a string from the command line) was kept as given and
+    read as true: the evaluation ran with the official codes' prediction and recorded 'maybe'.  Every engine
+    with the option refuses a non-bool at construction (a ConfigError naming it), and on a later assignment."""
+    from tttlab.core.errors import ConfigError
+
+    for name in sorted(PREDICT_BEFORE_UPDATE):
+        for bad in ("maybe", "false", 1, None):
+            with pytest.raises(ConfigError, match=r"^predict_before_update=.*: expected True or False$"):
+                get_engine(name)(bn_model(), predict_before_update=bad)
+        engine = get_engine(name)(bn_model(), predict_before_update=True)
+        assert engine.predict_before_update is True
+        with pytest.raises(ConfigError, match="predict_before_update='no'"):
+            engine.predict_before_update = "no"
+        assert engine.predict_before_update is True
+
+
 @pytest.mark.parametrize("name", sorted(PREDICT_BEFORE_UPDATE))
 def test_predict_before_update_with_several_steps_returns_the_last_steps_forward_as_the_official_code(name):
     """With ``num_steps=2`` the official TENT/EATA/DeYO loop (``for _ in range(steps): outputs =

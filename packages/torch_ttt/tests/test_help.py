@@ -83,3 +83,34 @@ def test_train_refuses_the_evaluate_commands_engine_keys_with_the_training_ones(
     assert err.startswith(f"tttlab-torch-ttt-train: error: ConfigError: {arg}: ") and err.count("\n") == 1
     assert err.rstrip().endswith(expected)
     train.check_no_evaluate_engine_keys(["train.engine=tent", "+experiment=smoke", "train.engine_kwargs={}"])
+
+
+MODEL_NAMES = "['mnist_bn', 'mobilenet_v2', 'tutorial_net', 'wrn28_10']"
+
+
+@pytest.mark.parametrize(
+    ("command", "arg", "expected"),
+    [
+        ("train", "model=resnet", f"model is a section; expected model.name=resnet (one of {MODEL_NAMES})"),
+        (
+            "evaluate",
+            "model=mnist_bn",
+            "tttlab-torch-ttt-evaluate has no 'model' key; the model is train_run's, the one train_experiment "
+            "trains (one of ['mnist_bn', 'mnist_tutorial', 'smoke']), or a pretrained one: "
+            f"model_checkpoint.name=<one of {MODEL_NAMES}>",
+        ),
+    ],
+)
+def test_a_model_override_names_the_key_that_chooses_the_model(monkeypatch, capsys, command, arg, expected):
+    """``tttlab-torch-ttt-train model=resnet`` got Hydra's "str is not a subclass of ModelConfig" (the key is
+    model.name), and ``tttlab-torch-ttt-evaluate model=mnist_bn`` Hydra's "To append to your config use
+    +model=mnist_bn", which is refused next (evaluate has no model key): one line each now, exit 2, before
+    Hydra starts."""
+    import importlib
+
+    module = importlib.import_module(f"tttlab.torch_ttt.{command}")
+    monkeypatch.setattr(sys, "argv", [f"tttlab-torch-ttt-{command}", arg])
+    with pytest.raises(SystemExit) as exc:
+        module.main()
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"tttlab-torch-ttt-{command}: error: ConfigError: {arg}: {expected}\n"

@@ -120,11 +120,18 @@ def test_ctrl_c_is_one_line_and_status_130_and_the_run_resumes(tmp_path, monkeyp
 @pytest.mark.parametrize(
     "override, needle",
     [("train_engine=foo", "train_engine='foo'; expected auto or one of ['source'"),
-     ("train_experiment=mnsit_bn", "train_experiment='mnsit_bn'; expected one of ['mnist_bn', 'mnist_tutorial'")],
+     ("train_experiment=mnsit_bn", "train_experiment='mnsit_bn' (did you mean 'mnist_bn'?); expected one of "
+                                   "['mnist_bn', 'mnist_tutorial', 'smoke']"),
+     ("train_experiment=photos_mobilenet_v2", "train_experiment='photos_mobilenet_v2' is an experiment of "
+      "tttlab-torch-ttt-evaluate (+experiment=...), not a training one; expected one of ['mnist_bn', "
+      "'mnist_tutorial', 'smoke']")],
 )  # fmt: skip
 def test_evaluate_names_the_training_keys_it_was_given(override, needle):
     # train_engine=foo was accepted until the model was about to be trained, then reported as
-    # train.engine='foo' (a key the user had not written); a misspelt experiment did not list the others
+    # train.engine='foo' (a key the user had not written); a misspelt experiment did not list the others.
+    # The list held evaluate's experiments too (paper_tent_cifar10c, photos_mobilenet_v2, ...), and
+    # train_experiment=photos_mobilenet_v2 passed the check and ended in OmegaConf's InterpolationKeyError
+    # traceback ('engine.name' not found) when the training config was composed
     with pytest.raises(ConfigError) as info:
         E.eval_config({"engine": "tent"}, [override])
     assert needle in str(info.value)

@@ -75,6 +75,30 @@ def test_bad_input_is_a_one_line_error_not_a_traceback(tmp_path, monkeypatch, ca
     assert f"tttlab-ttt-mae-ttt: error: {expected}" in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize(
+    ("entry", "override"), [("ttt", "start_over=true"), ("baseline", "+start_over=true")]
+)
+def test_start_over_on_a_test_time_command_says_it_is_pretrain_and_probes(
+    tmp_path, monkeypatch, capsys, entry, override
+):
+    """``start_over=true`` (the README's flag list names it) given to ttt / baseline: Hydra answered "To append
+    to your config use +start_over=true", and that was refused next as an unknown key.  Now one line says
+    whose key it is and that another out_dir starts a test-time run afresh; nothing runs."""
+    from tttlab.ttt_mae.cli import hydra_main
+
+    monkeypatch.setattr(sys, "argv", [f"tttlab-ttt-mae-{entry}", "+experiment=smoke_ttt", f"out_dir={tmp_path}/run",
+                                      override, *NO_HYDRA_LOGGING])  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        hydra_main(entry)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        f"tttlab-ttt-mae-{entry}: error: ConfigError: {override}: tttlab-ttt-mae-{entry} has no start_over (a "
+        "key of pretrain and probe, which keep a checkpoint); a test-time run resumes the images already "
+        "recorded in its out_dir, so give another out_dir to run from the start\n"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_ttt_output_into_a_closed_pipe_ends_quietly(tmp_path):
     """``tttlab-ttt-mae-ttt``'s result table into a closed pipe (``execute`` is faked) ended in Hydra's error report
     with a BrokenPipeError and exit status 1: it was printed outside user_errors."""

@@ -32,6 +32,22 @@ def test_ttt_lr_is_blr_times_copies_over_256():
     assert E.settings_of({**c, "lr": 0.3}).lr == pytest.approx(0.3)
 
 
+def test_a_misspelt_optimizer_type_is_named_before_the_batched_paths_sgd_rule():
+    """``optimizer_type=sgdd`` with ``mnist_ttt``'s group_size=8 was refused as 'the batched path runs SGD only;
+    set group_size=1 for adam / adam_w', advice that fixes nothing (then the typo is refused): the unknown
+    value comes first, with the three accepted ones; a real adam with groups keeps the SGD-only message."""
+    from tttlab.core.errors import ConfigError
+
+    c = compose("ttt", "mnist_ttt")
+    assert int(c["group_size"]) > 1
+    for typo in ("sgdd", "adamw"):
+        with pytest.raises(ConfigError) as exc:
+            E.settings_of({**c, "optimizer_type": typo})
+        assert str(exc.value) == f"optimizer_type={typo!r}; expected one of ('sgd', 'adam', 'adam_w')"
+    with pytest.raises(ConfigError, match=r"optimizer_type='adam' with group_size=8.*set group_size=1"):
+        E.settings_of({**c, "optimizer_type": "adam"})
+
+
 @pytest.mark.parametrize("opt", ["adam", "adam_w"])
 def test_adam_paths_equal_upstream_style_reference(tiny, norm, settings, images, opt):
     """``optimizer_type`` adam / adam_w (betas 0.9, 0.95 as upstream) of the fast loop equal the reference."""

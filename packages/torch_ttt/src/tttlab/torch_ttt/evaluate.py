@@ -84,6 +84,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -317,9 +318,15 @@ def eval_config(
         raise ConfigError(
             f"train_engine={c['train_engine']!r}; expected auto or one of {EngineRegistry.names()}"
         )
-    experiments = T.experiment_names()
+    experiments = T.training_experiment_names()  # not evaluate's own (photos_mobilenet_v2, ...): no training
     if c["train_experiment"] not in experiments:
-        raise ConfigError(f"train_experiment={c['train_experiment']!r}; expected one of {experiments}")
+        import difflib
+
+        given = c["train_experiment"]
+        close = difflib.get_close_matches(str(given), experiments, n=1)
+        why = (" is an experiment of tttlab-torch-ttt-evaluate (+experiment=...), not a training one"
+               if given in T.experiment_names() else f" (did you mean {close[0]!r}?)" if close else "")  # fmt: skip
+        raise ConfigError(f"train_experiment={given!r}{why}; expected one of {experiments}")
     check_none_strings(c)
     check_model_checkpoint(c)
     return c
@@ -1239,6 +1246,9 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     register_configs()
+    with T.user_errors("tttlab-torch-ttt-evaluate"):
+        args = [a for a in sys.argv[1:] if not a.startswith("-")]
+        T.check_model_overrides("tttlab-torch-ttt-evaluate", args, evaluate=True)
 
     @hydra.main(config_path="conf", config_name="evaluate", version_base=None)
     def _main(cfg) -> None:

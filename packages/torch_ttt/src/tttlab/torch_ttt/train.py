@@ -152,6 +152,16 @@ def experiment_names() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def training_experiment_names() -> list[str]:
+    """The experiments of :func:`experiment_names` that this command composes (sorted): those whose YAML sets
+    only keys of :class:`TrainConfig`.  The others (``paper_tent_cifar10c``, ``photos_mobilenet_v2``, ...) are
+    the evaluate command's; as an evaluation's ``train_experiment`` they ended in an OmegaConf traceback."""
+    from dataclasses import fields
+
+    keys = {f.name for f in fields(TrainConfig)}
+    return [n for n in experiment_names() if set(conf_yaml(f"experiment/{n}.yaml")) <= keys]
+
+
 #: The override that empties ``train.engine_kwargs`` (:func:`clears_train_engine_kwargs`).
 CLEAR_TRAIN_ENGINE_KWARGS = "train.engine_kwargs={}"
 
@@ -895,12 +905,34 @@ def check_no_evaluate_engine_keys(argv: list[str]) -> None:
         )
 
 
+def check_model_overrides(prog: str, argv: list[str], *, evaluate: bool = False) -> None:
+    """``model=resnet``: training's ``model`` is a section (``model.name=<name>``), and Hydra said only "str is
+    not a subclass of ModelConfig"; the evaluate command has no ``model`` key at all (Hydra: "To append to
+    your config use +model=...", refused next): its model is ``train_run``'s, the one ``train_experiment``
+    trains, or ``model_checkpoint.name``'s.  A ``ConfigError`` naming the override and the way."""
+    for arg in argv:
+        key, _, value = arg.lstrip("+~").partition("=")
+        key = key.strip()
+        if evaluate and (key == "model" or key.startswith("model.")):
+            raise ConfigError(
+                f"{arg}: {prog} has no 'model' key; the model is train_run's, the one train_experiment trains "
+                f"(one of {training_experiment_names()}), or a pretrained one: model_checkpoint.name=<one of "
+                f"{sorted(MODELS)}>"
+            )
+        if not evaluate and key == "model" and not value.strip().startswith("{"):
+            raise ConfigError(
+                f"{arg}: model is a section; expected model.name={value} (one of {sorted(MODELS)})"
+            )
+
+
 def main() -> None:
     import hydra
 
     register_configs()
     with user_errors("tttlab-torch-ttt-train"):
-        check_no_evaluate_engine_keys([a for a in sys.argv[1:] if not a.startswith("-")])
+        args = [a for a in sys.argv[1:] if not a.startswith("-")]
+        check_no_evaluate_engine_keys(args)
+        check_model_overrides("tttlab-torch-ttt-train", args)
 
     @hydra.main(config_path="conf", config_name="config", version_base=None)
     def _main(cfg) -> None:

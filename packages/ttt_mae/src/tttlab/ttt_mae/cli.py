@@ -30,6 +30,28 @@ def execute(entry: str, cfg) -> str:
     return str(run_benchmark(c, "ttt_mae.ttt" if entry == "ttt" else "ttt_mae.baseline"))
 
 
+def check_no_start_over(entry: str, argv: list[str] | None = None) -> None:
+    """``start_over=true`` (or ``+start_over=true``) on ``ttt`` / ``baseline``: that key is pretrain/probe's, which
+    keep a checkpoint to start over from.  Hydra's answer, "To append to your config use +start_over=true",
+    led to a second refusal (the schema has no such key); a test-time run resumes the images its folder
+    already records and refuses another config's records, so the way to a fresh run is another ``out_dir``.
+    One ``ConfigError`` line saying so, exit status 2, before Hydra runs."""
+    import sys
+
+    from tttlab.core.cli import refuse
+    from tttlab.core.errors import ConfigError
+
+    if entry not in ("ttt", "baseline"):
+        return
+    for arg in sys.argv[1:] if argv is None else argv:
+        if arg.lstrip("+~").partition("=")[0].strip() == "start_over":
+            refuse(f"tttlab-ttt-mae-{entry}", ConfigError(
+                f"{arg}: tttlab-ttt-mae-{entry} has no start_over (a key of pretrain and probe, which keep a "
+                "checkpoint); a test-time run resumes the images already recorded in its out_dir, so give "
+                "another out_dir to run from the start"
+            ))  # fmt: skip
+
+
 def hydra_main(entry: str) -> None:
     import hydra
 
@@ -47,6 +69,7 @@ def hydra_main(entry: str) -> None:
                     print("\n".join(domain_table(path)))
                 print(path)
 
+    check_no_start_over(entry)
     check_hydra_command(f"tttlab-ttt-mae-{entry}", "tttlab.ttt_mae.conf", entry)
     try:
         _main()

@@ -67,7 +67,7 @@ from .common import (
     to_dict,
 )  # fmt: skip
 from .model import build_model
-from .ttt import BatchedTTT, TTTAdapter, TTTSettings, image_generator
+from .ttt import OPTIMIZERS, BatchedTTT, TTTAdapter, TTTSettings, image_generator
 from .views import Normalizer, resize_center_crop, to_unit
 
 log = logging.getLogger("tttlab.ttt_mae.evaluate")
@@ -96,6 +96,8 @@ def settings_of(c: dict[str, Any]) -> TTTSettings:
         )
     check_amp_compile(c)
     compiled = compile_kwargs(c["compile"])  # torch.compile's arguments: None (eager), {} or {"mode": ...}
+    if c["optimizer_type"] not in OPTIMIZERS:  # a typo first, not the batched path's SGD-only advice
+        raise ConfigError(f"optimizer_type={c['optimizer_type']!r}; expected one of {OPTIMIZERS}")
     if int(c["group_size"]) > 1 and int(c["steps_per_example"]) > 0 and c["optimizer_type"] != "sgd":
         raise ConfigError(
             f"optimizer_type={c['optimizer_type']!r} with group_size={c['group_size']}: the batched path "

@@ -499,8 +499,19 @@ class PredictBeforeUpdate:
     step, the model before any update), with no second forward.  The engine calls :meth:`_keep_outputs`
     with those logits in its ``adapt_loss``; they are dropped when the batch is done, also when it fails."""
 
-    predict_before_update: bool = False
+    _predict_before_update: bool = False
     _adapt_outputs: torch.Tensor | None = None
+
+    @property
+    def predict_before_update(self) -> bool:
+        return self._predict_before_update
+
+    @predict_before_update.setter
+    def predict_before_update(self, value: bool) -> None:
+        # a string from a config ('maybe', 'false') was kept as it was and read as true
+        if not isinstance(value, bool):
+            raise ConfigError(f"predict_before_update={value!r}: expected True or False")
+        self._predict_before_update = value
 
     def _keep_outputs(self, outputs: torch.Tensor) -> None:
         self._adapt_outputs = outputs.detach()  # each step replaces the previous step's logits
