@@ -91,6 +91,46 @@ MODEL_NAMES = "['mnist_bn', 'mobilenet_v2', 'tutorial_net', 'wrn28_10']"
 @pytest.mark.parametrize(
     ("command", "arg", "expected"),
     [
+        (
+            "train",
+            "train.lrr=0.1",
+            "unknown config key 'train.lrr'; did you mean 'train.lr'? (known keys in "
+            "'train': engine, engine_kwargs, ssl_weight, epochs, lr, optimizer, shuffle, checkpoint_every, resume, "
+            "stop_after_steps)",
+        ),
+        (
+            "train",
+            "foo=1",
+            "unknown config key 'foo' (known keys: seed, out_dir, device, data, benchmark, "
+            "logging, experiment_name, amp, compile, model, train, eval)",
+        ),
+        # a free-form node (an engine's kwargs): Hydra's '+' is the remedy there, and its message stays
+        (
+            "evaluate",
+            "engine.kwargs.foo=1",
+            "Could not override 'engine.kwargs.foo'. To append to your config "
+            "use +engine.kwargs.foo=1 (Key 'foo' is not in struct)",
+        ),
+    ],
+)
+def test_an_unknown_key_is_named_with_the_nodes_keys_not_hydras_plus_remedy(monkeypatch, capsys, command, arg,
+                                                                          expected):  # fmt: skip
+    """A key a schema node lacks got Hydra's "Could not override 'train.lrr'. To append to your config use
+    +train.lrr=0.1", whose '+' form the command's validation refuses next: now core's check says it is
+    unknown, with a close key and the node's keys."""
+    import importlib
+
+    module = importlib.import_module(f"tttlab.torch_ttt.{command}")
+    monkeypatch.setattr(sys, "argv", [f"tttlab-torch-ttt-{command}", arg])
+    with pytest.raises(SystemExit) as exc:
+        module.main()
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"tttlab-torch-ttt-{command}: error: ConfigError: {expected}\n"
+
+
+@pytest.mark.parametrize(
+    ("command", "arg", "expected"),
+    [
         ("train", "model=resnet", f"model is a section; expected model.name=resnet (one of {MODEL_NAMES})"),
         (
             "evaluate",

@@ -757,7 +757,9 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
                 def composes(rest):
                     return compose(config_name=config_name, overrides=rest)
 
-                other = _other_commands_option(first, job, composes, conf)
+                other = _other_commands_option(first, job, composes, conf) or _unknown_key(
+                    first, why, job, composes
+                )
                 hint = _closest_key(first, job, composes) or _plus_hint(first, job)
                 exc = ConfigError(
                     sweep + (other or first + (f" ({why})" if why and why not in first else "") + hint)
@@ -1062,6 +1064,36 @@ def _other_commands_option(message: str, args: list[str], compose, conf: str) ->
         f"{given[-1]}: {group}/{name}.yaml sets {key}, which this command's config ({schema}) does not have: it "
         f"is another command's {group}{others}"
     )
+
+
+def _unknown_key(message: str, why: str, args: list[str], compose) -> str:
+    """For Hydra's "Could not override 'a.foo'. To append to your config use +a.foo=1 (Key 'foo' not in
+    'ASection')": a key the node's schema (a dataclass) lacks, which the command's validation refuses in the
+    ``+a.foo=1`` form too, so Hydra's remedy only led to a second refusal; the message that says so instead:
+    ``"unknown config key 'a.foo'; did you mean 'a.bar'? (known keys in 'a': ...)"``.  ``""`` for a free-form
+    node (an engine's kwargs: "is not in struct", where ``+`` is the remedy), or where the rest of the command
+    line does not compose (another bad override: Hydra's message)."""
+    import re
+
+    from omegaconf import DictConfig, OmegaConf
+
+    found = re.search(r"Could not override '([^']+)'\. To append to your config use \+", message)
+    if not found or not re.search(r"Key '[^']+' not in '\w+'", why or message):
+        return ""
+    key = found.group(1)
+    rest = [a for a in args if a.lstrip("+~").partition("=")[0] != key]
+    try:
+        cfg = compose(rest)
+    except Exception:  # noqa: BLE001 - another bad override too: Hydra's message
+        return ""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if not isinstance(node, DictConfig):
+        return ""
+    known = [str(k) for k in node.keys() if str(k) != "hydra"]
+    hint = _closest_key(message, args, compose)  # "; did you mean 'a.bar'?", as config.validate says it
+    where = f" in {parent!r}" if parent else ""
+    return f"unknown config key {key!r}{hint} (known keys{where}: {', '.join(known)})"
 
 
 def _plus_hint(message: str, args: list[str]) -> str:
