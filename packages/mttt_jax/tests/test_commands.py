@@ -118,13 +118,25 @@ def test_user_error_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys, n
         ("dtype=float64x", "dtype='float64x'; expected one of"),
         ("seed=-1", "seed=-1; expected an integer >= 0"),
         ("wd_mults=[['(',1.0]]", "wd_mults pattern '(' is not a regular expression"),
+        # a key the config lacks, added with Hydra's '+' (its own advice for 'inner.TTT.inner_iter=4'): trained
+        # with the default T=1 and no word; optax's keys stay free (scale_by_adam's own keyword arguments)
+        (
+            "+inner.TTT.inner_iter=4",
+            "unknown config key 'inner.TTT.inner_iter'; did you mean 'inner.TTT.inner_itr'? (known keys in "
+            "'inner.TTT': inner_encoder, inner_itr, inner_lr, train_init, ",
+        ),
+        ("+foo=1", "unknown config key 'foo' (known keys: experiment_name, name, out_dir, "),
+        (
+            "+optax.b2=0.95 +input.augment.rand=1",
+            "unknown config key 'input.augment.rand'; did you mean 'input.augment.randaug'? (known keys in",
+        ),
     ],
 )
 def test_bad_values_are_one_line_errors_before_any_work(tmp_path, monkeypatch, capsys, no_log_setup, override,
                                                         message):  # fmt: skip
     out = tmp_path / "r"
-    monkeypatch.setattr(sys, "argv", ["tttlab-mttt-train", "experiment=smoke", f"out_dir={out}", override,
-                                      *NO_HYDRA_LOGGING])  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["tttlab-mttt-train", "experiment=smoke", f"out_dir={out}",
+                                      *override.split(), *NO_HYDRA_LOGGING])  # fmt: skip
     with pytest.raises(SystemExit) as exc:
         T.main()
     err = capsys.readouterr().err

@@ -29,6 +29,7 @@ import math
 import re
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -477,6 +478,43 @@ def check_values(c: dict) -> None:
             )
 
 
+#: nodes of the base config whose keys are free: ``optax`` holds ``optax.scale_by_adam``'s keyword arguments
+#: (upstream's ``config.optax``), which that function checks itself
+FREE_NODES = ("optax",)
+
+
+def check_known_keys(c: Mapping) -> None:
+    """Refuse a key the base config (``conf/config.yaml``, which every experiment only overrides) does not
+    have: the config is plain YAML, so Hydra's ``+key=value`` added any key, and a misspelt
+    ``+inner.TTT.inner_iter=4`` trained T=1 with no word (Hydra's own message for ``inner_iter=4`` advises
+    the ``+``).  One :class:`MTTTConfigError` naming the key, a close key and the keys of its node."""
+    import difflib
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.to_container(
+        OmegaConf.load(files("tttlab.mttt_jax.conf") / "config.yaml"), resolve=False
+    )
+    base.pop("defaults", None)
+    base.pop("hydra", None)
+
+    def walk(given: Mapping, known: Mapping, prefix: str) -> None:
+        for key, value in given.items():
+            path = f"{prefix}{key}"
+            if key not in known:
+                close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
+                hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+                where = f" in {prefix[:-1]!r}" if prefix else ""
+                raise MTTTConfigError(
+                    f"unknown config key {path!r}{hint} (known keys{where}: {', '.join(map(str, known))})"
+                )
+            if isinstance(value, Mapping) and isinstance(known[key], Mapping) and path not in FREE_NODES:
+                walk(value, known[key], path + ".")
+
+    walk({k: v for k, v in c.items() if k != "hydra"}, base, "")
+
+
 #: compute dtypes (``dtype=``); parameters stay float32
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -717,6 +755,7 @@ def main() -> None:
     @hydra.main(config_path="conf", config_name="config", version_base=None)
     def _main(cfg) -> None:
         with user_errors("tttlab-mttt-train"):
+            check_known_keys(to_dict(cfg))
             stats = train(cfg)
             if stats["val/prec@1"]:  # inside user_errors: `| head` ends it quietly, not in Hydra's report
                 print(
@@ -733,6 +772,7 @@ if __name__ == "__main__":
 
 __all__ = [
     "train",
+    "check_known_keys",
     "check_resume_config",
     "training_config",
     "make_optimizer",
