@@ -91,33 +91,32 @@ MODEL_NAMES = "['mnist_bn', 'mobilenet_v2', 'tutorial_net', 'wrn28_10']"
 @pytest.mark.parametrize(
     ("command", "arg", "expected"),
     [
-        (
-            "train",
-            "train.lrr=0.1",
-            "unknown config key 'train.lrr'; did you mean 'train.lr'? (known keys in "
-            "'train': engine, engine_kwargs, ssl_weight, epochs, lr, optimizer, shuffle, checkpoint_every, resume, "
-            "stop_after_steps)",
-        ),
-        (
-            "train",
-            "foo=1",
-            "unknown config key 'foo' (known keys: seed, out_dir, device, data, benchmark, "
-            "logging, experiment_name, amp, compile, model, train, eval)",
-        ),
-        # a free-form node (an engine's kwargs): Hydra's '+' is the remedy there, and its message stays
+        ("train", "model=resnet", f"model=resnet: model is a section; expected model.name=resnet (one of "
+         f"{MODEL_NAMES})"),
         (
             "evaluate",
-            "engine.kwargs.foo=1",
-            "Could not override 'engine.kwargs.foo'. To append to your config "
-            "use +engine.kwargs.foo=1 (Key 'foo' is not in struct)",
+            "model=mnist_bn",
+            "model=mnist_bn: tttlab-torch-ttt-evaluate has no 'model' key; the model is train_run's, the one "
+            "train_experiment trains (one of ['mnist_bn', 'mnist_tutorial', 'smoke']), or a pretrained one: "
+            f"model_checkpoint.name=<one of {MODEL_NAMES}>",
         ),
+        ("train", "train.lrr=0.1", "unknown config key 'train.lrr'; did you mean 'train.lr'? (known keys in "
+         "'train': engine, engine_kwargs, ssl_weight, epochs, lr, optimizer, shuffle, checkpoint_every, resume, "
+         "stop_after_steps)"),
+        ("train", "foo=1", "unknown config key 'foo' (known keys: seed, out_dir, device, data, benchmark, "
+         "logging, experiment_name, amp, compile, model, train, eval)"),
+        # a free-form node (an engine's kwargs): Hydra's '+' is the remedy there, and its message stays
+        ("evaluate", "engine.kwargs.foo=1", "Could not override 'engine.kwargs.foo'. To append to your config "
+         "use +engine.kwargs.foo=1 (Key 'foo' is not in struct)"),
     ],
-)
-def test_an_unknown_key_is_named_with_the_nodes_keys_not_hydras_plus_remedy(monkeypatch, capsys, command, arg,
-                                                                          expected):  # fmt: skip
-    """A key a schema node lacks got Hydra's "Could not override 'train.lrr'. To append to your config use
-    +train.lrr=0.1", whose '+' form the command's validation refuses next: now core's check says it is
-    unknown, with a close key and the node's keys."""
+)  # fmt: skip
+def test_a_key_the_command_lacks_names_the_key_to_use(monkeypatch, capsys, command, arg, expected):
+    """``tttlab-torch-ttt-train model=resnet`` got Hydra's "str is not a subclass of ModelConfig" (the key is
+    model.name), and ``tttlab-torch-ttt-evaluate model=mnist_bn`` Hydra's "To append to your config use
+    +model=mnist_bn", which is refused next (evaluate has no model key).  Likewise any key a schema node
+    lacks (``train.lrr=0.1``: "use +train.lrr=0.1", refused next by the command's validation): now core's
+    check names it unknown, with a close key and the node's keys.  One line each, exit 2, before Hydra
+    starts."""
     import importlib
 
     module = importlib.import_module(f"tttlab.torch_ttt.{command}")
@@ -126,31 +125,3 @@ def test_an_unknown_key_is_named_with_the_nodes_keys_not_hydras_plus_remedy(monk
         module.main()
     assert exc.value.code == 2
     assert capsys.readouterr().err == f"tttlab-torch-ttt-{command}: error: ConfigError: {expected}\n"
-
-
-@pytest.mark.parametrize(
-    ("command", "arg", "expected"),
-    [
-        ("train", "model=resnet", f"model is a section; expected model.name=resnet (one of {MODEL_NAMES})"),
-        (
-            "evaluate",
-            "model=mnist_bn",
-            "tttlab-torch-ttt-evaluate has no 'model' key; the model is train_run's, the one train_experiment "
-            "trains (one of ['mnist_bn', 'mnist_tutorial', 'smoke']), or a pretrained one: "
-            f"model_checkpoint.name=<one of {MODEL_NAMES}>",
-        ),
-    ],
-)
-def test_a_model_override_names_the_key_that_chooses_the_model(monkeypatch, capsys, command, arg, expected):
-    """``tttlab-torch-ttt-train model=resnet`` got Hydra's "str is not a subclass of ModelConfig" (the key is
-    model.name), and ``tttlab-torch-ttt-evaluate model=mnist_bn`` Hydra's "To append to your config use
-    +model=mnist_bn", which is refused next (evaluate has no model key): one line each now, exit 2, before
-    Hydra starts."""
-    import importlib
-
-    module = importlib.import_module(f"tttlab.torch_ttt.{command}")
-    monkeypatch.setattr(sys, "argv", [f"tttlab-torch-ttt-{command}", arg])
-    with pytest.raises(SystemExit) as exc:
-        module.main()
-    assert exc.value.code == 2
-    assert capsys.readouterr().err == f"tttlab-torch-ttt-{command}: error: ConfigError: {arg}: {expected}\n"
