@@ -478,6 +478,11 @@ def _same_run(
     return config_hash(same(old)) == config_hash(same(new))
 
 
+def _shown_diff(diff: Sequence[str]) -> str:
+    """The first 8 of ``config_diff``'s ``key: old -> new`` lines, joined, with how many more there are."""
+    return "; ".join(diff[:8]) + (f"; ... ({len(diff) - 8} more)" if len(diff) > 8 else "")
+
+
 def _and(items: Sequence[str]) -> str:
     """``a``, ``a and b``, ``a, b and c``."""
     return " and ".join(items) if len(items) < 3 else ", ".join(items[:-1]) + " and " + items[-1]
@@ -556,7 +561,7 @@ def _conflict_message(
     from .config import config_diff
 
     diff = config_diff(without_keys(old, neutral), without_keys(new, neutral))  # the keys that count only
-    shown = "; ".join(diff[:8]) + (f"; ... ({len(diff) - 8} more)" if len(diff) > 8 else "")
+    shown = _shown_diff(diff)
 
     def named(cfg: dict[str, Any]) -> str:
         return f"hash {config_hash(cfg)}" + (f", method {cfg['method']!r}" if cfg.get("method") else "")
@@ -881,7 +886,7 @@ class RunDir:
             if diff is None:  # an unreadable config.yaml: ``previous`` says why
                 old, keys = f"({previous})", ""
             else:
-                shown = "; ".join(diff[:8]) + (f"; ... ({len(diff) - 8} more)" if len(diff) > 8 else "")
+                shown = _shown_diff(diff)
                 old, keys = f"(hash {previous})", f", which differs in {shown or 'its hash'}"
             said += (", and " if said else "") + (
                 f"replacing the folder's config.yaml {old} with this run's (hash {self.config_hash}){keys}"
