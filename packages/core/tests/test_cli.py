@@ -1,4 +1,6 @@
+import contextlib
 import importlib.util
+import sys
 
 import pytest
 
@@ -899,6 +901,29 @@ def test_hydra_state_kept_puts_back_hydras_config_its_global_app_and_the_loggers
     assert [(lg.level, lg.handlers, lg.propagate, lg.disabled) for lg in (root, tttlab, hydra_log)] == before
     assert not tttlab.isEnabledFor(logging.DEBUG)  # logging's cache of the levels enabled was emptied
     assert made_inside.level == logging.ERROR
+
+
+def test_absl_handler_made_during_a_test_does_not_close_pytests_capture_in_a_later_one():
+    """CI failed with 763 errors: absl's handler, made when a test imported ``absl.logging`` (stream: that
+    test's ``sys.stderr``, pytest's capture file), closed that file when a later test with ``capsys`` ran
+    Hydra, whose logging set-up (``dictConfig``) shuts every handler down; every later test of the worker
+    failed "I/O operation on closed file".  Here the capture file is a StringIO given to the handler inside
+    ``hydra_state_kept`` (as an import in a test would), and the later test's set-up is ``dictConfig`` under
+    another ``sys.stderr``."""
+    absl_logging = pytest.importorskip("absl.logging")
+    import io
+    import logging.config
+
+    from tttlab.core.testing import hydra_state_kept
+
+    handler = absl_logging.get_absl_handler().python_handler
+    captured = io.StringIO()
+    with hydra_state_kept():  # the earlier test
+        handler.stream = captured
+    with hydra_state_kept(), contextlib.redirect_stderr(io.StringIO()):  # the later one, capsys's stderr
+        logging.config.dictConfig({"version": 1, "disable_existing_loggers": False})
+    assert not captured.closed
+    assert handler.stream is sys.__stderr__
 
 
 HYDRA_ARGVS = [

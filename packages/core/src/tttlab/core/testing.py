@@ -269,7 +269,15 @@ def hydra_state_kept():
 
     The loggers that exist on entry (``tttlab`` is made first) get their level, handlers, ``propagate`` and
     ``disabled`` back, and logging's cached answers of which levels each logger passes are emptied; a logger
-    made inside keeps what it was given (libraries set up theirs on import)."""
+    made inside keeps what it was given (libraries set up theirs on import).
+
+    And absl's handler (:func:`_absl_handler_off_captured_streams`), on entry and on exit: made when
+    ``absl.logging`` is first imported (tensorflow-datasets, orbax), it writes to the ``sys.stderr`` of that
+    moment, which inside a test is pytest's capture file, and closes that stream when any later
+    ``logging.config.dictConfig`` (Hydra's logging set-up, in every Hydra run) shuts down all handlers, unless
+    it is the ``sys.stderr`` of *that* moment: in a later test with ``capsys`` it is not, and pytest's capture
+    of the whole worker was closed (CI: every later test of the worker "ValueError: I/O operation on closed
+    file", 763 errors)."""
     import logging
 
     try:
@@ -287,9 +295,11 @@ def hydra_state_kept():
     saved = {name: (lg.level, lg.handlers[:], lg.propagate, lg.disabled) for name, lg in loggers.items()}
     hydra_config = HydraConfig.instance().cfg if HydraConfig is not None else None
     hydra_initialized = GlobalHydra is not None and GlobalHydra.instance().is_initialized()
+    _absl_handler_off_captured_streams()
     try:
         yield
     finally:
+        _absl_handler_off_captured_streams()
         if HydraConfig is not None:
             HydraConfig.instance().cfg = hydra_config
             if not hydra_initialized:
@@ -304,6 +314,21 @@ def hydra_state_kept():
         # root at DEBUG, went on answering DEBUG, and every later Hydra run in the process printed its debug
         # pages, which set a HydraConfig without a run directory and keep it
         loggers[""].setLevel(saved[""][0])
+
+
+def _absl_handler_off_captured_streams() -> None:
+    """Point absl's Python log handler, where ``absl.logging`` is imported, at the interpreter's own standard
+    error (``sys.__stderr__``), which its ``close`` never closes (see :func:`hydra_state_kept`).  Not on the
+    root logger unless ``absl.app`` installed it, so no log line changes place; assigned, not ``setStream``,
+    which would flush a stream already closed."""
+    import sys
+
+    absl_logging = sys.modules.get("absl.logging")
+    if absl_logging is None or sys.__stderr__ is None:
+        return
+    handler = absl_logging.get_absl_handler().python_handler
+    if handler.stream is not sys.__stderr__:
+        handler.stream = sys.__stderr__
 
 
 def run_into_a_closed_pipe(*args: str, timeout: float = 300):
