@@ -1,5 +1,7 @@
 import contextlib
 import importlib.util
+import os
+import re
 import sys
 
 import pytest
@@ -95,6 +97,25 @@ def test_a_run_directory_that_cannot_be_made_stops_before_hydra(tmp_path, capsys
     check_dir_overrides("tttlab-x", [f"out_dir={tmp_path / 'locked'}", "--cfg", "job"])
     check_dir_overrides("tttlab-x", [f"out_dir={tmp_path / 'new' / 'run'}"])
     assert [p.name for p in tmp_path.iterdir()] == ["locked"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_run_directory_where_no_folder_can_be_made_stops_before_hydra(tmp_path, capsys, monkeypatch):
+    """``out_dir=/proc/x`` as root (access() says root may write /proc, but mkdir there fails) ended in
+    Hydra's FileNotFoundError traceback from its mkdir, exit status 1; now the one-line error naming the
+    folder, exit status 2.  A folder where one can be made passes, and the probe leaves nothing there."""
+    monkeypatch.setattr(os, "access", lambda p, mode: True)  # root's answer, whoever runs the tests
+    with pytest.raises(SystemExit) as exc:
+        check_dir_overrides("tttlab-x", ["seed=1", "out_dir=/proc/tttlab-x/run"])
+    assert exc.value.code == 2
+    assert re.fullmatch(
+        r"tttlab-x: error: InvalidInputError: out_dir=/proc/tttlab-x/run: no folder can be made in /proc \(.+\), "
+        r"so /proc/tttlab-x cannot be made; expected a directory this command can write\n",
+        capsys.readouterr().err,
+    )
+    check_dir_overrides("tttlab-x", [f"out_dir={tmp_path / 'new' / 'run'}"])
+    check_dir_overrides("tttlab-x", ["out_dir=/proc/tttlab-x", "--cfg", "job"])  # Hydra's page: no folder
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_run_directory_overrides_that_can_be_created_pass(tmp_path):
@@ -1004,6 +1025,48 @@ def hydra_app(tmp_path, monkeypatch):
         return ran
 
     return run
+
+
+#: core's compare config (plain YAML)'s top-level keys, as the unknown-key line lists them
+COMPARE_KEYS = (
+    "methods, benchmark, root, setting, dirichlet_delta, stream_order, corruptions, severities, seeds, profile, "
+    "num_examples, batch_size, jobs, threads, out_dir, cache_dir, device, timeout_s, progress, python, overrides, "
+    "baselines, profiles"
+)
+
+
+@pytest.mark.parametrize(
+    "arg, free_keys, line",
+    [
+        # a closed config (the command refuses the key after '+'): unknown, with the key meant and the node's
+        ("sed=1", [], f"unknown config key 'sed'; did you mean 'seeds'? (known keys: {COMPARE_KEYS})"),
+        # a bare leaf name: the one key anywhere with that last component
+        ("pilimit=x", [], f"unknown config key 'pilimit'; did you mean 'baselines.pilimit'? (known keys: "
+         f"{COMPARE_KEYS})"),
+        # the free keys: below a pattern, and a key the command takes that its YAML leaves out, keep Hydra's
+        # '+' (without a did-you-mean for a right key: python2 is no misspelt python); a key close to one is
+        # named so
+        ("overrides.foo=1", ["overrides.*", "python2"], "Could not override 'overrides.foo'. To append to your "
+         "config use +overrides.foo=1 (Key 'foo' is not in struct)"),
+        ("python2=1", ["overrides.*", "python2"], "Could not override 'python2'. To append to your config use "
+         "+python2=1 (Key 'python2' is not in struct)"),
+        ("pythn2=1", ["overrides.*", "python2"], "unknown config key 'pythn2'; did you mean 'python2'? (known "
+         f"keys: {COMPARE_KEYS}, python2)"),
+    ],
+)  # fmt: skip
+def test_a_command_says_which_keys_are_free_and_gets_unknown_keys_named(capsys, arg, free_keys, line):
+    """mttt_jax's and memo_tpt's configs are plain YAML, where Hydra calls every key free ("To append to
+    your config use +foo=1"), and their commands refuse '+foo=1' next with their own check: the advice led
+    to a second refusal.  ``free_keys`` tells core which keys '+' may add; any other key the config lacks is
+    one line naming it, with the key meant (the bare leaf ``pilimit``: ``baselines.pilimit``).  Without
+    ``free_keys``, Hydra's rule (a plain node is free) and its message stay:
+    test_hydra_options_that_hydra_refuses_after_reading_them_are_one_line."""
+    pytest.importorskip("hydra")
+    from tttlab.core.cli import check_config_overrides
+
+    with pytest.raises(SystemExit) as exc:
+        check_config_overrides("tttlab-x", "tttlab.core.conf", "compare", [arg], free_keys=free_keys)
+    assert (exc.value.code, capsys.readouterr().err) == (2, f"tttlab-x: error: ConfigError: {line}\n")
 
 
 @pytest.mark.parametrize(

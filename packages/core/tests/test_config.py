@@ -12,6 +12,7 @@ from tttlab.core.config import (
     BenchmarkConfig,
     LoggingConfig,
     RunConfig,
+    closest_key,
     defaults,
     register_configs,
     to_structured,
@@ -40,6 +41,31 @@ def test_unknown_keys_with_suggestion():
         validate({"include_clena": True}, BenchmarkConfig)
     with pytest.raises(ConfigError, match="'zzz'.*known keys: seed, out_dir"):
         validate({"zzz": 1})
+
+
+def test_a_bare_leaf_name_or_its_typo_finds_the_one_key_with_that_last_component():
+    """``progress=false`` is ``logging.progress``: the did-you-mean looked only next to the key, where there
+    is none.  Now, failing a close key there, the one key anywhere whose last component is the key's (or
+    close to it); none when two fit (``name``: data's and benchmark's)."""
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'progress'; did you mean 'logging.progress'\?"
+    ):
+        validate({"progress": False})
+    tree = {"seed": 0, "train": {"lr": 1, "engine": "x"}, "engine": {"name": "t", "optimization": {"lr": 2}},
+            "logging": {"progress": True}, "data": {"name": "a"}}  # fmt: skip
+    cases = {
+        "train.lrr": "train.lr",  # next to it, first
+        "engin.name": "engine.name",  # a misspelt node on the way, the rest there
+        "progress": "logging.progress",  # a bare leaf name
+        "progres": "logging.progress",  # its typo
+        "train.progress": "logging.progress",  # under another node
+        "lrr": None,  # two lr: the user chooses
+        "name": None,
+        "engin.foo": None,
+        "zzz": None,
+    }
+    assert {key: closest_key(tree, key) for key in cases} == cases
+    assert closest_key(OmegaConf.create({"a": {"b": "${seed}"}, "seed": "???"}), "b") == "a.b"  # unresolved
 
 
 def test_wrong_types_and_values():

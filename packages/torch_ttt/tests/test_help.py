@@ -88,6 +88,14 @@ def test_train_refuses_the_evaluate_commands_engine_keys_with_the_training_ones(
 MODEL_NAMES = "['mnist_bn', 'mobilenet_v2', 'tutorial_net', 'wrn28_10']"
 
 
+#: the top-level keys of tttlab-torch-ttt-evaluate's config, as the unknown-key line lists them
+EVAL_KEYS = (
+    "seed, out_dir, device, data, benchmark, logging, experiment_name, amp, compile, stream, train_run, "
+    "train_experiment, train_overrides, train_engine, cache_dir, engine, noisy, calibration, model_checkpoint, "
+    "engine_defaults"
+)
+
+
 @pytest.mark.parametrize(
     ("command", "arg", "expected"),
     [
@@ -105,6 +113,14 @@ MODEL_NAMES = "['mnist_bn', 'mobilenet_v2', 'tutorial_net', 'wrn28_10']"
          "stop_after_steps)"),
         ("train", "foo=1", "unknown config key 'foo' (known keys: seed, out_dir, device, data, benchmark, "
          "logging, experiment_name, amp, compile, model, train, eval)"),
+        # a bare leaf name (the key is logging.progress), a misspelt node on the way: the key meant
+        ("evaluate", "progress=false", "unknown config key 'progress'; did you mean 'logging.progress'? (known "
+         f"keys: {EVAL_KEYS})"),
+        ("evaluate", "engin.name=bn", f"unknown config key 'engin.name'; did you mean 'engine.name'? (known keys: "
+         f"{EVAL_KEYS})"),
+        # a list key given a scalar: Hydra's "int is not a ListConfig, list or tuple"
+        ("evaluate", "benchmark.severities=7", "benchmark.severities=7: benchmark.severities is a list (now [5]); "
+         "give a list, e.g. benchmark.severities=[7]"),
         # a free-form node (an engine's kwargs): Hydra's '+' is the remedy there, and its message stays
         ("evaluate", "engine.kwargs.foo=1", "Could not override 'engine.kwargs.foo'. To append to your config "
          "use +engine.kwargs.foo=1 (Key 'foo' is not in struct)"),

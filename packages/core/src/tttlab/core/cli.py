@@ -540,7 +540,8 @@ _NEW_DIRS: set = set()
 
 def check_dir_overrides(prog: str, argv: list[str] | None = None, keys: tuple[str, ...] = DIR_KEYS) -> None:
     """Stop a Hydra command whose ``out_dir=`` (or ``run_dir=``) override is, or lies below, an existing file,
-    or would be made in (or is) a folder the user cannot write.
+    or would be made in (or is) a folder the user cannot write or make a folder in (no permission, a
+    read-only file system; ``/proc/x`` as root: access() says writable, mkdir fails).
 
     Hydra creates the run directory before the task function runs, so that mistake would otherwise end in
     a ``FileExistsError`` / ``NotADirectoryError`` / ``PermissionError`` traceback from Hydra.  Call it just before the
@@ -575,12 +576,17 @@ def check_dir_overrides(prog: str, argv: list[str] | None = None, keys: tuple[st
                     ))  # fmt: skip
                 # a folder that cannot be made or written (no permission, a read-only file system) ended
                 # in a PermissionError / OSError traceback from Hydra's mkdir or its log file.  Asked of the
-                # folder that exists, without writing anything: torchrun's ranks check the same path at once
+                # folder that exists; torchrun's ranks check the same path at once
                 problem = None
                 if runs and not os.access(p, os.W_OK | os.X_OK):
                     problem = f"{p} is not writable" + (
                         f", so {top_missing} cannot be made" if top_missing else ""
                     )
+                elif runs:
+                    # a folder that access() calls writable where no folder can be made (/proc, /sys: root
+                    # may write there, but mkdir fails): one folder of this process's own name made and
+                    # removed at once (unique, so the ranks of torchrun asking at once never meet)
+                    problem = _cannot_make_folder_in(p, top_missing)
                 if problem:
                     refuse(
                         prog,
@@ -589,6 +595,23 @@ def check_dir_overrides(prog: str, argv: list[str] | None = None, keys: tuple[st
                         ),
                     )
                 break
+
+
+def _cannot_make_folder_in(folder, top_missing) -> str | None:
+    """Why no folder can be made in the existing ``folder`` (the reason, naming ``top_missing``, the first
+    folder Hydra would make there, when there is one), or ``None`` when one can: a hidden folder of a unique
+    name is made there and removed at once."""
+    import os
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".tttlab-probe-", dir=folder))
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        return f"no folder can be made in {folder} ({reason})" + (
+            f", so {top_missing} cannot be made" if top_missing else ""
+        )
+    return None
 
 
 def check_compile_override(prog: str, argv: list[str] | None = None, key: str = "compile") -> None:
@@ -687,7 +710,9 @@ def check_group_overrides(prog: str, conf: str, argv: list[str] | None = None) -
         refuse(prog, exc)
 
 
-def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[str] | None = None) -> None:
+def check_config_overrides(
+    prog: str, conf: str, config_name: str, argv: list[str] | None = None, free_keys=None
+) -> None:
     """Compose the command's config (``config_name`` of the package ``conf``) with the command line's
     overrides, as its ``@hydra.main`` is about to: an override Hydra cannot apply (a misspelt key, a value
     of the wrong type for a typed key, a malformed value) stops the command with the usual one-line
@@ -701,6 +726,10 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
     job, ``--config-name`` picks the config; for Hydra's pages (``--cfg``, ``--info``, ``--help``, which make no
     run directory) only the overrides are checked; another config folder (``--config-path``,
     ``--config-dir``), ``--shell-completion`` and a command line Hydra's parser refuses are left to Hydra.
+    A key the config lacks is named as unknown, with a did-you-mean, where Hydra's remedy ("To append to
+    your config use +key=value") would only lead to the command's own refusal (:func:`_unknown_key`; which
+    keys are free: ``free_keys``, as :func:`check_hydra_command` says), a list key given a scalar as one line
+    with the list to give (:func:`_list_expected`).
     :func:`check_hydra_command` calls it after :func:`check_group_overrides`; the package's structured configs
     must be registered by then."""
     from .errors import ConfigError
@@ -757,10 +786,12 @@ def check_config_overrides(prog: str, conf: str, config_name: str, argv: list[st
                 def composes(rest):
                     return compose(config_name=config_name, overrides=rest)
 
-                other = _other_commands_option(first, job, composes, conf) or _unknown_key(
-                    first, why, job, composes
+                other = (
+                    _other_commands_option(first, job, composes, conf)
+                    or _unknown_key(first, why, job, composes, free_keys)
+                    or _list_expected(first, why, job, composes)
                 )
-                hint = _closest_key(first, job, composes) or _plus_hint(first, job)
+                hint = _closest_key(first, job, composes, free_keys) or _plus_hint(first, job)
                 exc = ConfigError(
                     sweep + (other or first + (f" ({why})" if why and why not in first else "") + hint)
                 )
@@ -1002,9 +1033,10 @@ def _shared_run_dir(prog: str, where: str, first: list[str], job: list[str], cfg
     refuse(prog, exc)
 
 
-def _closest_key(message: str, args: list[str], compose) -> str:
+def _closest_key(message: str, args: list[str], compose, free_keys=()) -> str:
     """``"; did you mean 'a.b'?"`` for Hydra's "Could not override 'a.c'" when the config composed without
-    that override has a key like it next to it; ``""`` otherwise."""
+    that override has a key like it next to it; ``""`` otherwise, and for a key ``free_keys`` names as one
+    the command takes (memo_tpt's ensemble ``steps``: not a misspelt ``temps``)."""
     import difflib
     import re
 
@@ -1014,6 +1046,8 @@ def _closest_key(message: str, args: list[str], compose) -> str:
     if not found or "No match in the defaults list" in message:  # a group to add: Hydra's remedy says it all
         return ""
     key = found.group(1)
+    if key in (free_keys or ()):
+        return ""
     rest = [a for a in args if a.lstrip("+~").partition("=")[0] != key]
     try:
         cfg = compose(rest)
@@ -1066,34 +1100,91 @@ def _other_commands_option(message: str, args: list[str], compose, conf: str) ->
     )
 
 
-def _unknown_key(message: str, why: str, args: list[str], compose) -> str:
-    """For Hydra's "Could not override 'a.foo'. To append to your config use +a.foo=1 (Key 'foo' not in
-    'ASection')": a key the node's schema (a dataclass) lacks, which the command's validation refuses in the
-    ``+a.foo=1`` form too, so Hydra's remedy only led to a second refusal; the message that says so instead:
-    ``"unknown config key 'a.foo'; did you mean 'a.bar'? (known keys in 'a': ...)"``.  ``""`` for a free-form
-    node (an engine's kwargs: "is not in struct", where ``+`` is the remedy), or where the rest of the command
-    line does not compose (another bad override: Hydra's message)."""
+def _is_free(key: str, free_keys) -> bool:
+    """Whether the dotted ``key`` is one of ``free_keys`` (fnmatch patterns: ``"seed"``, ``"optax.*"``) or
+    lies below one of them."""
+    import fnmatch
+
+    parts = key.split(".")
+    return any(
+        fnmatch.fnmatchcase(".".join(parts[:n]), p) for p in free_keys for n in range(1, len(parts) + 1)
+    )
+
+
+def _unknown_key(message: str, why: str, args: list[str], compose, free_keys=None) -> str:
+    """For Hydra's "Could not override 'a.foo'. To append to your config use +a.foo=1": a key the command's
+    config lacks, which the command's validation refuses in the ``+a.foo=1`` form too, so Hydra's remedy
+    only led to a second refusal; the message that says so instead: ``"unknown config key 'a.foo'; did you
+    mean 'a.bar'? (known keys in 'a': ...)"`` (:func:`tttlab.core.config.closest_key`: a close key next to it,
+    or the one key anywhere with that last component, ``progress`` -> ``logging.progress``).  Which keys are
+    closed: with ``free_keys=None``, those a schema node (a dataclass) lacks (Hydra's "Key 'foo' not in
+    'ASection'"), while a free-form node (an engine's kwargs: "is not in struct") keeps Hydra's message, where
+    ``+`` is the remedy; with ``free_keys`` (fnmatch patterns), every key of the config except those and the
+    keys below them (:func:`check_hydra_command`).  ``""`` where Hydra's message stays, or where the rest of
+    the command line does not compose (another bad override: Hydra's message)."""
     import re
 
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import OmegaConf
+
+    from .config import closest_key
 
     found = re.search(r"Could not override '([^']+)'\. To append to your config use \+", message)
-    if not found or not re.search(r"Key '[^']+' not in '\w+'", why or message):
+    if not found:
         return ""
     key = found.group(1)
+    if free_keys is None and not re.search(r"Key '[^']+' not in '\w+'", why or message):
+        return ""
+    if free_keys is not None and _is_free(key, free_keys):
+        return ""
     rest = [a for a in args if a.lstrip("+~").partition("=")[0] != key]
     try:
-        cfg = compose(rest)
+        cfg = OmegaConf.to_container(compose(rest), resolve=False)
     except Exception:  # noqa: BLE001 - another bad override too: Hydra's message
         return ""
-    parent, _, leaf = key.rpartition(".")
-    node = OmegaConf.select(cfg, parent) if parent else cfg
-    if not isinstance(node, DictConfig):
+    cfg.pop("hydra", None)
+    for pattern in free_keys or ():  # a key the command takes that '+' adds (no wildcard): a known key
+        head, _, name = pattern.rpartition(".")
+        target = cfg
+        for part in head.split(".") if head else ():
+            target = target.get(part) if isinstance(target, dict) else None
+        if isinstance(target, dict) and not any(c in pattern for c in "*?["):
+            target.setdefault(name, None)
+    # the node the key goes into: the deepest one the config has (engin.name: the top, which lacks 'engin')
+    parts, node, depth = key.split("."), cfg, 0
+    while depth < len(parts) - 1 and isinstance(node.get(parts[depth]), dict):
+        node, depth = node[parts[depth]], depth + 1
+    if parts[depth] in node:  # a value where the key wants a node (seed.x=1): Hydra's message
         return ""
-    known = [str(k) for k in node.keys() if str(k) != "hydra"]
-    hint = _closest_key(message, args, compose)  # "; did you mean 'a.bar'?", as config.validate says it
+    close = closest_key(cfg, key)
+    hint = f"; did you mean {close!r}?" if close else ""
+    parent = ".".join(parts[:depth])
     where = f" in {parent!r}" if parent else ""
-    return f"unknown config key {key!r}{hint} (known keys{where}: {', '.join(known)})"
+    return f"unknown config key {key!r}{hint} (known keys{where}: {', '.join(map(str, node))})"
+
+
+def _list_expected(message: str, why: str, args: list[str], compose) -> str:
+    """For Hydra's "Error merging override benchmark.severities=7 (Invalid value assigned: int is not a
+    ListConfig, list or tuple.)" (or "Cannot merge DictConfig with ListConfig", for a mapping): the key holds
+    a list, and the line says so with its value now and the list to give, ``benchmark.severities=[7]``;
+    ``""`` for any other message."""
+    import re
+
+    from omegaconf import ListConfig, OmegaConf
+
+    found = re.match(r"Error merging override (\S+?)=(.*)$", message)
+    if not found or not re.search(
+        r"is not a ListConfig|Cannot merge DictConfig with ListConfig", why or message
+    ):
+        return ""
+    key, value = found.group(1).lstrip("+~"), found.group(2)
+    now = ""
+    try:
+        current = OmegaConf.select(compose([a for a in args if a.lstrip("+~").partition("=")[0] != key]), key)
+        if isinstance(current, ListConfig):
+            now = f" (now [{','.join(map(str, OmegaConf.to_container(current, resolve=False)))}])"
+    except Exception:  # noqa: BLE001 - another bad override too: the line without the value now
+        pass
+    return f"{key}={value}: {key} is a list{now}; give a list, e.g. {key}=[{value}]"
 
 
 def _plus_hint(message: str, args: list[str]) -> str:
@@ -1112,7 +1203,9 @@ def _plus_hint(message: str, args: list[str]) -> str:
     return f"; the command's defaults list has its {found.group(1)} already: give {given[0][1:]} (without the '+')"
 
 
-def check_hydra_command(prog: str, conf: str, config_name: str, *, compile_key: bool = True) -> None:
+def check_hydra_command(
+    prog: str, conf: str, config_name: str, *, compile_key: bool = True, free_keys=None
+) -> None:
     """Every check a Hydra command makes of its command line before its ``@hydra.main`` function runs,
     in order: Hydra options that Hydra would refuse with a traceback (:func:`check_hydra_flags`), a bad
     ``compile=`` value (``compile_key``: the config has that key), a config-group override naming no YAML,
@@ -1122,7 +1215,16 @@ def check_hydra_command(prog: str, conf: str, config_name: str, *, compile_key: 
     the package's config package (``"tttlab.<pkg>.conf"``), ``config_name`` the ``@hydra.main`` one.  It
     also makes a closed standard output (Hydra's ``--help`` into ``| head``) end the command quietly
     (:func:`quiet_closed_stdout`), and so does Hydra's ``--cfg``/``--info`` output (:func:`quiet_hydra_output`);
-    the ``--info`` pages print each line once (:func:`hydra_pages_log_once`)."""
+    the ``--info`` pages print each line once (:func:`hydra_pages_log_once`).
+
+    ``free_keys`` says where Hydra's own remedy for a key the config lacks ("To append to your config use
+    +key=value") is right.  ``None`` (a config of dataclass schemas): Hydra's rule, a schema node is closed,
+    a node of plain YAML or a ``dict`` field free.  A sequence of fnmatch patterns (a config of plain YAML
+    whose command checks its keys itself, as mttt_jax's and memo_tpt's): every key the config lacks is
+    unknown (one line with a did-you-mean and the node's keys, instead of the '+' that the command would
+    refuse next) except the keys these patterns name and the keys below them: ``("optax.*",)`` (any
+    keyword argument of the optimizer), ``("include_original",)`` (a key the command takes that its YAML
+    leaves out)."""
     quiet_closed_stdout()
     quiet_hydra_output()
     hydra_pages_log_once()
@@ -1130,7 +1232,7 @@ def check_hydra_command(prog: str, conf: str, config_name: str, *, compile_key: 
     if compile_key:
         check_compile_override(prog)
     check_group_overrides(prog, conf)
-    check_config_overrides(prog, conf, config_name)
+    check_config_overrides(prog, conf, config_name, free_keys=free_keys)
     check_dir_overrides(prog)
 
 

@@ -102,6 +102,61 @@ def _known_keys(schema: type, path: list[str]) -> list[str]:
     return [f.name for f in fields(cls)] if isinstance(cls, type) and is_dataclass(cls) else []
 
 
+def _key_paths(tree, prefix: str = ""):
+    """Every dotted key of the nested mapping ``tree`` (its nodes' and its values'), depth first; keys inside
+    lists are not among them (a dotted override cannot name them)."""
+    from collections.abc import Mapping
+
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        yield path
+        if isinstance(v, Mapping):
+            yield from _key_paths(v, path + ".")
+
+
+def closest_key(tree, key: str) -> str | None:
+    """The dotted key of the nested mapping ``tree`` (plain dicts, or an OmegaConf config) that a user most
+    likely meant by ``key``, which ``tree`` lacks, for a "did you mean" hint; ``None`` when none is likely.
+    In this order: a close name in the node where ``key`` goes (``train.lrr`` -> ``train.lr``), or a
+    misspelt node on the way when the rest of the key is there (``engin.name`` -> ``engine.name``); then,
+    anywhere in ``tree``, the one key whose last component is ``key``'s (a bare leaf name: ``progress`` ->
+    ``logging.progress``), then the one whose last component is close to it (``progres`` ->
+    ``logging.progress``).  None where two keys fit equally (the user has to choose)."""
+    from collections.abc import Mapping
+
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(tree):  # unresolved: an interpolation or ??? is a value like any other
+            tree = OmegaConf.to_container(tree, resolve=False)
+    except ImportError:  # pragma: no cover - OmegaConf comes with hydra-core, a core dependency
+        pass
+    parts = str(key).split(".")
+    node, depth = tree, 0
+    while depth < len(parts) - 1 and isinstance(node.get(parts[depth]), Mapping):
+        node, depth = node[parts[depth]], depth + 1
+    paths = list(_key_paths(tree))
+    for name in difflib.get_close_matches(parts[depth], [str(k) for k in node], n=1, cutoff=0.6):
+        fixed = ".".join([*parts[:depth], name, *parts[depth + 1 :]])
+        if fixed in paths:
+            return fixed
+    leaf = parts[-1]
+    last = {}  # last component -> the paths that end with it
+    for path in paths:
+        last.setdefault(path.rpartition(".")[2], []).append(path)
+    for names in (
+        [leaf] if leaf in last else [],
+        difflib.get_close_matches(leaf, list(last), n=2, cutoff=0.8),
+    ):
+        if names:
+            found = last[names[0]]
+            close_too = len(names) > 1 and difflib.SequenceMatcher(None, leaf, names[1]).ratio() == (
+                difflib.SequenceMatcher(None, leaf, names[0]).ratio()
+            )
+            return found[0] if len(found) == 1 and not close_too else None
+    return None
+
+
 def _full_key(exc) -> str:
     full = getattr(exc, "full_key", None) or getattr(exc, "key", None)
     return str(full) if full is not None else ""
@@ -134,8 +189,8 @@ def validate(cfg, schema=RunConfig):
         full = _full_key(exc)
         parts = full.split(".") if full else [str(getattr(exc, "key", "?"))]
         known = _known_keys(cls, parts[:-1])
-        close = difflib.get_close_matches(parts[-1], known, n=1, cutoff=0.6)
-        hint = f"; did you mean {'.'.join([*parts[:-1], close[0]])!r}?" if close else ""
+        close = closest_key(OmegaConf.to_container(base, resolve=False), ".".join(parts))
+        hint = f"; did you mean {close!r}?" if close else ""
         where = f" in {'.'.join(parts[:-1])!r}" if len(parts) > 1 else ""
         raise ConfigError(
             f"unknown config key {full!r}{hint} (known keys{where}: {', '.join(known)})"
@@ -210,7 +265,7 @@ def register_configs(schemas: dict[str, type] | None = None, prefix: str = "tttl
 
 __all__ = [
     "BenchmarkConfig", "DataConfig", "LoggingConfig", "OVERRIDE_FORMS", "RunConfig", "SCHEMAS",
-    "apply_overrides", "defaults", "register_configs", "to_structured", "validate",
+    "apply_overrides", "closest_key", "defaults", "register_configs", "to_structured", "validate",
 ]  # fmt: skip
 
 
