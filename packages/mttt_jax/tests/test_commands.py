@@ -126,6 +126,8 @@ def test_user_error_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys, n
             "'inner.TTT': inner_encoder, inner_itr, inner_lr, train_init, ",
         ),
         ("+foo=1", "unknown config key 'foo' (known keys: experiment_name, name, out_dir, "),
+        # a bare leaf name: the key meant is logging.progress (it was no did-you-mean)
+        ("+progress=false", "unknown config key 'progress'; did you mean 'logging.progress'? (known keys: "),
         (
             "+optax.b2=0.95 +input.augment.rand=1",
             "unknown config key 'input.augment.rand'; did you mean 'input.augment.randaug'? (known keys in",
@@ -142,6 +144,43 @@ def test_bad_values_are_one_line_errors_before_any_work(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert exc.value.code == 2 and f"tttlab-mttt-train: error: MTTTConfigError: {message}" in err, err
     assert not (out / "records.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "command, arg, line",
+    [
+        # plain YAML: Hydra said "Key 'foo' is not in struct ... use +foo=1", which check_known_keys refused next
+        ("tttlab-mttt-train", "foo=1", "unknown config key 'foo' (known keys: experiment_name, name, out_dir, "),
+        ("tttlab-mttt-train", "progress=false", "unknown config key 'progress'; did you mean 'logging.progress'? "
+         "(known keys: experiment_name, "),
+        ("tttlab-mttt-evaluate", "logging.level=DEBUG", "unknown config key 'logging.level' (known keys in "
+         "'logging': progress)"),
+        # optax's keys (scale_by_adam's arguments) and evaluate's keys evaluate.yaml leaves out: '+' adds them
+        ("tttlab-mttt-train", "optax.b2=0.95", "Could not override 'optax.b2'. To append to your config use "
+         "+optax.b2=0.95 (Key 'b2' is not in struct)"),
+        ("tttlab-mttt-evaluate", "seed=1", "Could not override 'seed'. To append to your config use +seed=1 (Key "
+         "'seed' is not in struct)"),
+    ],
+)  # fmt: skip
+def test_a_key_the_config_lacks_is_named_before_hydra_unless_plus_adds_it(monkeypatch, capsys, no_log_setup,
+                                                                          command, arg, line):  # fmt: skip
+    """The configs are plain YAML, so Hydra called any missing key free and advised '+foo=1', which the
+    command then refused (check_known_keys, evaluate's run): now core names the key as unknown, with the key
+    meant, before Hydra starts; where '+' is right (optax's keyword arguments, +seed=1 of evaluate) Hydra's
+    advice stays."""
+    from tttlab.mttt_jax import evaluate as E
+
+    main = T.main if command.endswith("train") else E.main
+    monkeypatch.setattr(sys, "argv", [command, arg, "run_dir=runs/none" if "evaluate" in command else "seed=0",
+                                      *NO_HYDRA_LOGGING])  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        main()
+    err = capsys.readouterr().err
+    assert (
+        exc.value.code == 2
+        and err.startswith(f"{command}: error: ConfigError: {line}")
+        and err.count("\n") == 1
+    )
 
 
 def test_plot_inner_epochs_are_numbered_as_in_the_log(monkeypatch, capsys):
