@@ -47,8 +47,18 @@ def test_checkpoint_for_wrong_architecture(tmp_path):
     torch.save(build_clip("tiny", config=other).state_dict(), tmp_path / "clip.pt")
     with pytest.raises(CheckpointError, match="shape"):
         build_clip("tiny", config=TINY_CLIP, pretrained=tmp_path / "clip.pt")
-    with pytest.raises(CheckpointError, match="does not exist"):
+    # it said "checkpoint /ckpt/X.pt does not exist" for pretrained=: the key and what it holds now
+    with pytest.raises(CheckpointError, match=re.escape(
+        f"pretrained={tmp_path / 'missing.pt'}: the pretrained weights file does not exist; expected a local "
+        "weights file of the architecture 'tiny'"
+    )):  # fmt: skip
         build_clip("tiny", config=TINY_CLIP, pretrained=tmp_path / "missing.pt")
+    from tttlab.memo_tpt.models import load_state_dict
+
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"checkpoint={tmp_path}: the checkpoint is a directory")
+    ):
+        load_state_dict(torch.nn.Linear(1, 1), tmp_path, "resnet18")
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pt is not a readable PyTorch checkpoint"):
         build_classifier("resnet18", checkpoint=tmp_path / "junk.pt")
@@ -336,6 +346,8 @@ def test_tpt_run_on_imagenet_a_fixture_uses_200_classes(tmp_path, monkeypatch):
             "unknown config key 'lrr' for method='tpt' (did you mean 'lr'?)",
         ),
         ("ensemble", ["+experiment=smoke"], "no offline proxy of method='ensemble'"),
+        # named only once the test sets were read, with no did-you-mean
+        ("tpt", ["method=mem"], "method='mem' (did you mean 'memo'?); expected one of tpt, memo, ensemble"),
         ("tpt", ["+experiment=smoke", "device=gpu0"], "device='gpu0': expected cpu, cuda, cuda:N or auto"),
         ("tpt", ["+experiment=smoke", "seed=-1"], "seed=-1; expected an integer >= 0"),
         # the paper path: torch optimizer ValueErrors, a ZeroDivisionError, a string selection
@@ -576,6 +588,36 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err, err
     assert "tttlab-memo-tpt-tpt: error: DatasetNotFoundError:" in err and "nothing" in err, err
+
+
+@pytest.mark.parametrize(
+    "command, arg, line",
+    [
+        # plain YAML: Hydra said "Key 'foo' is not in struct ... use +foo=1", which _check_known_keys refused next
+        ("memo", "include_orignal=true", "unknown config key 'include_orignal'; did you mean 'include_original'? "
+         "(known keys: datasets_root, "),
+        ("tpt", "foo=1", "unknown config key 'foo' (known keys: datasets_root, "),
+        # keys the command takes that its YAML leaves out: '+' adds them (an ensemble's steps is MEMO's, no
+        # misspelt temps)
+        ("memo", "include_original=true", "Could not override 'include_original'. To append to your config use "
+         "+include_original=true (Key 'include_original' is not in struct)\n"),
+        ("ensemble", "steps=2", "Could not override 'steps'. To append to your config use +steps=2 (Key 'steps' is "
+         "not in struct)\n"),
+    ],
+)  # fmt: skip
+def test_a_key_the_config_lacks_is_named_before_hydra_unless_plus_adds_it(monkeypatch, capsys, command, arg,
+                                                                          line):  # fmt: skip
+    import logging
+    import sys
+
+    from tttlab.memo_tpt import main
+
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: None)
+    monkeypatch.setattr(sys, "argv", [f"tttlab-memo-tpt-{command}", arg, *NO_HYDRA_LOGGING])
+    with pytest.raises(SystemExit) as e:
+        main._main(command)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"tttlab-memo-tpt-{command}: error: ConfigError: {line}"), err
 
 
 def test_photos_without_scikit_image_names_the_install(monkeypatch):

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,15 @@ def test_bad_config(tmp_path):
         run(method="memo_tpt.tpt", tpt={"nviews": 3})
     with pytest.raises(ConfigError, match="method"):
         run(method="memo_tpt.nope")
+    # no did-you-mean: a method's name misspelt, or given without its package, a key given without its node
+    for method, meant in (("memo_tpt.mem", "memo_tpt.memo"), ("memo", "memo_tpt.memo"),
+                          ("memo_tpt.clip", "memo_tpt.clip_zeroshot")):  # fmt: skip
+        with pytest.raises(
+            ConfigError, match=re.escape(f"method={method!r} (did you mean {meant!r}?); expected")
+        ):
+            run(method=method)
+    with pytest.raises(ConfigError, match=re.escape("'severities' (did you mean 'benchmark.severities'?)")):
+        run(method="memo_tpt.memo", severities=[1])
     # bad-input audit: bool('maybe') was True; a cache_dir that is a file was a FileExistsError
     (tmp_path / "a_file").write_text("x")
     for key, value in (("progress", "maybe"), ("cache_dir", str(tmp_path / "a_file"))):

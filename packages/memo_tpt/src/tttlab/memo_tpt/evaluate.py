@@ -112,11 +112,33 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+def _did_you_mean(value, choices) -> str:
+    """``" (did you mean 'memo_tpt.memo'?)"`` for a ``value`` whose name (without a package: ``mem``,
+    ``memo_tpt.mem``) is one of ``choices``' names, close to one, or the start of only one
+    (``clip``: ``memo_tpt.clip_zeroshot``), else ``""``.  The names alone: the shared ``memo_tpt.`` made any
+    two methods look alike."""
+    import difflib
+
+    names = {str(c).rpartition(".")[2]: c for c in choices}
+    name = str(value).rpartition(".")[2]
+    starts = [n for n in names if name and n.startswith(name)]
+    close = (
+        ([name] if name in names else [])
+        or difflib.get_close_matches(name, list(names), n=1)
+        or (starts if len(starts) == 1 else [])
+    )
+    return f" (did you mean {names[close[0]]!r}?)" if close else ""
+
+
 def _merge(base: dict, user: Mapping, path: str = "") -> dict:
     out = copy.deepcopy(base)
     for k, v in user.items():
         if k not in base:
-            raise ConfigError(f"unknown config key {path + k!r}; expected one of {sorted(base)}")
+            from tttlab.core.config import closest_key
+
+            close = closest_key(DEFAULTS, f"{path}{k}")  # a key next to it, or the one anywhere: severities
+            hint = f" (did you mean {close!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {path + k!r}{hint}; expected one of {sorted(base)}")
         if isinstance(base[k], dict) and isinstance(v, Mapping):
             out[k] = _merge(base[k], v, f"{path}{k}.")
         else:
@@ -146,10 +168,11 @@ def default_out_dir(method: str, profile: str) -> str:
 
 def eval_config(cfg: Mapping | None = None, **overrides) -> dict[str, Any]:
     c = _merge(DEFAULTS, {**_plain(cfg), **overrides})
-    if c["method"] not in METHODS:
-        raise ConfigError(f"method={c['method']!r}; expected one of {', '.join(METHODS)}")
-    if c["profile"] not in PROFILES:
-        raise ConfigError(f"profile={c['profile']!r}; expected one of {', '.join(PROFILES)}")
+    for key, choices in (("method", METHODS), ("profile", PROFILES)):
+        if c[key] not in choices:
+            raise ConfigError(
+                f"{key}={c[key]!r}{_did_you_mean(c[key], choices)}; expected one of {', '.join(choices)}"
+            )
     if c["out_dir"] is None:
         c["out_dir"] = default_out_dir(c["method"], c["profile"])
     b = c["benchmark"]

@@ -71,22 +71,35 @@ PROXY_KEYS = ("method", "ensemble")  # and tts=0 (zero-shot CLIP)
 OPTIONAL_KEYS = {"memo": {"include_original": False}, "ensemble": {"include_original": False}}
 
 
+#: the methods of the paper commands (``method`` of conf/<command>.yaml)
+PAPER_METHODS = ("tpt", "memo", "ensemble")
+
+
+def known_keys(method: str) -> set[str]:
+    """The keys a paper command of ``method`` takes: conf/common.yaml, conf/<method>.yaml and
+    :data:`OPTIONAL_KEYS`; an ensemble's members also read the memo/tpt keys from the top level (``build``
+    merges them under each member's own)."""
+    from tttlab.core.config import package_yaml
+
+    known = set(package_yaml("tttlab.memo_tpt.conf", "common.yaml")) | set(OPTIONAL_KEYS.get(method, {}))
+    for name in {"ensemble": ("ensemble", "memo", "tpt")}.get(method, (method,)):
+        known |= set(package_yaml("tttlab.memo_tpt.conf", f"{name}.yaml"))
+    return known - {"defaults", "hydra"}
+
+
 def _check_known_keys(c: dict[str, Any]) -> None:
     """Hydra's ``+`` adds any key, and these configs are plain YAML: a misspelt ``+include_orignal=true`` (or
     ``+include_original=true`` on TPT, which has no such option) ran without it.  The keys a command takes:
-    conf/common.yaml, conf/<method>.yaml and OPTIONAL_KEYS; an ensemble's members also read the memo/tpt
-    keys from the top level (``build`` merges them under each member's own)."""
+    :func:`known_keys`.  A ``method`` of none of the commands (``method=mem``) is refused here too, with a
+    did-you-mean, before any test set or model is read."""
     import difflib
 
-    from tttlab.core.config import package_yaml
-
     method = c.get("method")
-    files = {"ensemble": ("ensemble", "memo", "tpt")}.get(method, (method,))
-    if method not in ("tpt", "memo", "ensemble"):
-        return  # build() names the bad method
-    known = set(package_yaml("tttlab.memo_tpt.conf", "common.yaml")) | set(OPTIONAL_KEYS.get(method, {}))
-    for name in files:
-        known |= set(package_yaml("tttlab.memo_tpt.conf", f"{name}.yaml"))
+    if method not in PAPER_METHODS:
+        close = difflib.get_close_matches(str(method), PAPER_METHODS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"method={method!r}{hint}; expected one of {', '.join(PAPER_METHODS)}")
+    known = known_keys(method)
     for key in sorted(set(c) - known):
         close = difflib.get_close_matches(key, sorted(known), n=1)
         raise ConfigError(
@@ -373,7 +386,11 @@ def _main(config_name: str) -> None:
             path = run_paper(cfg)
             print(path)  # inside user_errors: `| head` ends it quietly, not in Hydra's error report
 
-    check_hydra_command(f"tttlab-memo-tpt-{config_name}", "tttlab.memo_tpt.conf", config_name)
+    # the config is plain YAML and the command checks its keys itself (_check_known_keys): a key it lacks is
+    # core's one line with a did-you-mean, not Hydra's '+key=value' (refused next); the keys it takes that
+    # conf/<method>.yaml leaves out (+include_original=true) keep Hydra's '+'
+    check_hydra_command(f"tttlab-memo-tpt-{config_name}", "tttlab.memo_tpt.conf", config_name,
+                        free_keys=sorted(known_keys(config_name)))  # fmt: skip
     entry()
 
 

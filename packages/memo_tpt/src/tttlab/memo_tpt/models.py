@@ -86,19 +86,30 @@ def _quiet_open_clip():
         root.removeFilter(keep)
 
 
-def load_state_dict(model: nn.Module, path, arch: str) -> nn.Module:
+#: what each key that names a weights file holds, for the messages (``pretrained=``: TPT's CLIP weights)
+WEIGHTS_KEYS = {"checkpoint": "checkpoint", "pretrained": "pretrained weights file"}
+
+
+def load_state_dict(model: nn.Module, path, arch: str, key: str = "checkpoint") -> nn.Module:
     """Load a local ``.pth``/``.pt``/``.bin``/``.safetensors`` file (a state dict, or a dict holding one
     under ``state_dict``/``model``/``model_state``, or a TorchScript archive such as OpenAI's CLIP files,
     whose state dict is used) into ``model``; a file for another architecture raises
-    :class:`CheckpointError` naming the mismatching keys/shapes."""
+    :class:`CheckpointError` naming the mismatching keys/shapes.  ``key``: the config key (and argument)
+    that gave ``path`` (``checkpoint``, ``pretrained``), which the messages name, with what it holds
+    (:data:`WEIGHTS_KEYS`)."""
     path = Path(path)
+    what = WEIGHTS_KEYS.get(key, key)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; expected a local weights file for {arch}")
+        state = "is a directory" if path.is_dir() else "does not exist"
+        raise CheckpointError(
+            f"{key}={path}: the {what} {state}; expected a local weights file of the architecture {arch!r} "
+            "(never downloaded)"
+        )
     if is_torchscript(path):  # OpenAI's CLIP files (RN50.pt, ViT-B-16.pt, ...): a scripted model
         try:
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
         except Exception as exc:  # noqa: BLE001 - a truncated or corrupt archive is the user's bad input
-            raise unreadable_checkpoint(path, exc) from None
+            raise unreadable_checkpoint(path, exc, what) from None
         state = {k: v for k, v in state.items() if k not in TORCHSCRIPT_EXTRA_KEYS}
     elif path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -107,12 +118,12 @@ def load_state_dict(model: nn.Module, path, arch: str) -> nn.Module:
             state = load_file(str(path))
         except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file is the user's bad input
             raise CheckpointError(
-                f"checkpoint {path} is not a readable safetensors file ({type(exc).__name__}: "
+                f"{what} {path} is not a readable safetensors file ({type(exc).__name__}: "
                 f"{' '.join(str(exc).split())[:160]}); expected a complete .safetensors file"
             ) from None
     else:  # missing, HTML page, random bytes, truncated, pickled code: CheckpointErrors naming the path
-        state = read_torch_file(path, option=None)
-    state = state_dict_from(state, f"checkpoint {path}")  # core: containers, module. prefixes, tensors only
+        state = read_torch_file(path, option=None, what=what)
+    state = state_dict_from(state, f"{what} {path}")  # core: containers, module. prefixes, tensors only
     state = check_state_dict(model, state, str(path), f"architecture {arch!r}")
     model.load_state_dict(state)
     return model
@@ -213,7 +224,7 @@ def build_clip(arch: str, pretrained=None, config: dict | None = None, device="c
         with _quiet_open_clip():
             model = open_clip.create_model(name, pretrained=None, device="cpu", force_quick_gelu=openai)
     if pretrained:
-        load_state_dict(model, pretrained, arch)
+        load_state_dict(model, pretrained, arch, key="pretrained")
         log.info("CLIP %s: weights from %s%s", arch, pretrained,
                  " (TorchScript archive: OpenAI's format, built with QuickGELU)" if openai else "")  # fmt: skip
     elif config is None:  # a custom CLIP (the tiny proxy) gets its weights from its trainer or cache
