@@ -639,10 +639,18 @@ def test_compare_contract_keys_map_onto_the_config():
     with pytest.raises(ConfigError, match="progress='maybe'"):  # bool('maybe') was True
         E.eval_config({"progress": "maybe"})
     # the engine's optimisation settings are checked with the config, before any model is trained
-    with pytest.raises(ConfigError, match="unknown optimization parameter 'num_stepz'"):
+    with pytest.raises(ConfigError, match=re.escape(
+        "unknown optimization parameter 'engine.optimization.num_stepz' (did you mean "
+        "'engine.optimization.num_steps'?)"
+    )):  # fmt: skip
         E.eval_config({"engine": "tent"}, ["engine.optimization.num_stepz=3"])
-    with pytest.raises(ConfigError, match="lr must be a number >= 0, got -1"):
+    with pytest.raises(ConfigError, match="^engine.optimization.lr must be a number >= 0, got -1$"):
         E.eval_config({"engine": {"name": "eata", "optimization": {"lr": -1}}})
+    # the command line's engine.optimization.lr=abc was "lr must be ...": which lr, of which node?
+    with pytest.raises(ConfigError, match="^engine.optimization.lr must be a number >= 0, got 'abc'$"):
+        E.eval_config({"engine": "tent"}, ["engine.optimization.lr=abc"])
+    with pytest.raises(ConfigError, match=r"^engine.optimization.reset='x' is not a reset policy"):
+        E.eval_config({"engine": "tent"}, ["engine.optimization.reset=x"])
     # Nesterov momentum (the official ActMAD step) needs SGD: refused with TENT's Adam before any training
     assert E.eval_config({"engine": {"name": "eata", "optimization": {"nesterov": True}}})
     with pytest.raises(ConfigError, match="nesterov=True needs optimizer_name='sgd'"):

@@ -310,7 +310,9 @@ def eval_config(
             raise ConfigError(f"{key}={value!r}: expected {expected}")
     # unknown keys and bad values of engine.optimization fail now, not after training the model
     given = {k: v for k, v in (c["engine"]["optimization"] or {}).items() if v is not None}
-    settings = OptimizationParameters(given, defaults=get_engine(c["engine"]["name"]).optimization_defaults)
+    settings = OptimizationParameters(
+        given, defaults=get_engine(c["engine"]["name"]).optimization_defaults, where="engine.optimization."
+    )
     build_optimizer([torch.zeros(1, requires_grad=True)], settings)  # combinations (nesterov needs sgd)
     # so do misspelt engine arguments (they failed only once the model was trained: minutes)
     T.check_engine_kwargs(c["engine"]["name"], c["engine"]["kwargs"])

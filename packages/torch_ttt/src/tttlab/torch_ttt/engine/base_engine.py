@@ -97,11 +97,20 @@ class OptimizationParameters(dict):
 
     Keeps upstream's dict interface (``engine.optimization_parameters["num_steps"] = 1``) while turning a
     typo (``"num_step"``) or a bad value into a ``ConfigError`` instead of a silently ignored setting.
-    Upstream's ``copy_model`` flag is accepted and translated to ``reset``.
+    Upstream's ``copy_model`` flag is accepted and translated to ``reset``.  ``where``: what the messages put
+    before a key, the config node the values came from (``"engine.optimization."``: the evaluate command's
+    ``engine.optimization.lr=abc`` is named so, not as a bare ``lr``).
     """
 
-    def __init__(self, values: Mapping[str, Any] | None = None, defaults: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        values: Mapping[str, Any] | None = None,
+        defaults: Mapping[str, Any] | None = None,
+        *,
+        where: str = "",
+    ):
         super().__init__()
+        self._where = where
         for key, value in {**DEFAULT_OPTIMIZATION, **(defaults or {})}.items():
             super().__setitem__(key, value)
         if values is not None and not isinstance(values, Mapping):
@@ -112,40 +121,48 @@ class OptimizationParameters(dict):
             self[key] = value
 
     def __setitem__(self, key: str, value: Any) -> None:
+        name = f"{getattr(self, '_where', '')}{key}"  # the key as the messages name it
         if key == "copy_model":  # upstream name; its default is the string "True"
             if isinstance(value, str) and value.strip().lower() in ("true", "false"):
                 value = value.strip().lower() == "true"  # upstream would read "False" as true (non-empty)
             if not isinstance(value, bool):
                 raise ConfigError(
-                    f"copy_model={value!r}: expected True or False (also the strings 'True'/'False', as "
+                    f"{name}={value!r}: expected True or False (also the strings 'True'/'False', as "
                     "torch-ttt); or use reset='per_batch' | 'per_domain' | 'never'"
                 )
             key, value = "reset", Reset.parse(value)
         if key not in DEFAULT_OPTIMIZATION:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), list(DEFAULT_OPTIMIZATION), n=1)
+            hint = f" (did you mean {getattr(self, '_where', '') + close[0]!r}?)" if close else ""
             raise ConfigError(
-                f"unknown optimization parameter {key!r}; expected one of {sorted(DEFAULT_OPTIMIZATION)}"
+                f"unknown optimization parameter {name!r}{hint}; expected one of {sorted(DEFAULT_OPTIMIZATION)}"
             )
         if key == "num_steps" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ConfigError(f"num_steps must be an integer >= 0, got {value!r}")
+            raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
         if key in ("lr", "momentum", "weight_decay") and (
             isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf
         ):  # NaN fails the comparison too
-            raise ConfigError(f"{key} must be a number >= 0, got {value!r}")
+            raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
         if key == "nesterov" and not isinstance(value, bool):
-            raise ConfigError(f"nesterov must be True or False, got {value!r}")
+            raise ConfigError(f"{name} must be True or False, got {value!r}")
         if key == "betas" and (
             isinstance(value, (str, bytes))
             or not isinstance(value, Sequence)
             or len(value) != 2
             or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1 for b in value)
         ):
-            raise ConfigError(f"betas must be two numbers in [0, 1), got {value!r}")
+            raise ConfigError(f"{name} must be two numbers in [0, 1), got {value!r}")
         if key == "optimizer_name" and str(value).lower() not in OPTIMIZERS:
-            raise ConfigError(f"optimizer_name={value!r}; expected one of {OPTIMIZERS}")
+            raise ConfigError(f"{name}={value!r}; expected one of {OPTIMIZERS}")
         if key == "optimizer_name":
             value = str(value).lower()
         if key == "reset":
-            value = Reset.parse(value)
+            try:
+                value = Reset.parse(value)
+            except ConfigError as exc:  # "reset='x' is not a reset policy", named as the config names it
+                raise ConfigError(f"{getattr(self, '_where', '')}{exc}") from None
         super().__setitem__(key, value)
 
     def update(self, other=(), **kwargs) -> None:  # route through __setitem__
