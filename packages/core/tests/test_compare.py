@@ -356,6 +356,11 @@ def test_config_errors_and_method_names(env, tmp_path):
         ConfigError, match=r"^-m: tttlab-compare takes key=value .* no Hydra option; .*'seeds=\[0,1,2\]'"
     ):
         cmp.load_config(["-m", "seeds=1,2"])
+    # an override Hydra refuses is named alone (was "bad override in [<every override>]: invalid literal for
+    # int() with base 10: 'x'"), a list key indexed by a name with how a list is given
+    with pytest.raises(ConfigError, match=r"^bad override seeds\.x=1: seeds is a list \(now \[0\]\), not a "):
+        cmp.load_config(["profile=quick", "seeds.x=1"])
+    assert cmp.load_config(["seeds.0=4"])["seeds"] == [4]
     assert c["num_examples"] == c["profiles"]["quick"]["num_examples"] and len(c["corruptions"]) == 15
     specs, missing = cmp.resolve_methods(["fake.alpha", "fake.b*", "alpha"])
     assert [s.name for s in specs] == ["fake.alpha", "fake.beta"] and missing == []

@@ -198,6 +198,32 @@ def _store_groups_hidden(keys):
         repo.update(hidden)
 
 
+def _bad_override(overrides: list[str], exc: Exception, compose) -> str:
+    """The message for overrides Hydra refused together: the first one it refuses alone, named with Hydra's
+    reason (``seeds.x=1: ... invalid literal for int()`` said "bad override in [<every override>]"), and for
+    a list key indexed by a name, how a list is given."""
+    first = None
+    for o in overrides:
+        try:
+            compose("compare", overrides=[o])
+        except Exception as alone:  # noqa: BLE001
+            first, exc = o, alone
+            break
+    reason = str(exc).splitlines()[0]
+    if first is None:
+        return f"bad override in {overrides}: {reason}"
+    key = first.split("=", 1)[0].lstrip("+~")
+    head, _, rest = key.partition(".")
+    if rest and not rest.split(".")[0].isdigit():
+        default = compose("compare", overrides=[]).get(head)
+        if isinstance(default, Sequence) and not isinstance(default, str):
+            return (
+                f"bad override {first}: {head} is a list (now {list(default)}), not a mapping; give the "
+                f"whole list, e.g. {head}=[1,2], or one item by its index, e.g. {head}.0=1"
+            )
+    return f"bad override {first}: {reason}"
+
+
 def load_config(overrides: Sequence[str] = (), values: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``conf/compare.yaml`` + Hydra ``overrides`` (``key=value``) + ``values``, validated; a plain dict."""
     values = dict(values or {})
@@ -215,13 +241,19 @@ def load_config(overrides: Sequence[str] = (), values: Mapping[str, Any] | None 
     ]
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
+    known = [o for o in overrides if not _unknown_key(o)]
     try:
         with (
             _store_groups_hidden(o.split("=", 1)[0].lstrip("+~").split(".", 1)[0] for o in overrides),
             initialize_config_module(config_module="tttlab.core.conf", version_base=None),
         ):
-            cfg = compose("compare", overrides=[o for o in overrides if not _unknown_key(o)])
-    except Exception as exc:  # noqa: BLE001 - Hydra's override errors have many types
+            try:
+                cfg = compose("compare", overrides=known)
+            except Exception as exc:  # noqa: BLE001 - Hydra's override errors have many types
+                raise ConfigError(_bad_override(known, exc, compose)) from None
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"bad override in {list(overrides)}: {str(exc).splitlines()[0]}") from None
     unknown = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if _unknown_key(o)}
     data = OmegaConf.to_container(cfg, resolve=True)
