@@ -348,6 +348,14 @@ def test_tpt_run_on_imagenet_a_fixture_uses_200_classes(tmp_path, monkeypatch):
         ("ensemble", ["+experiment=smoke"], "no offline proxy of method='ensemble'"),
         # named only once the test sets were read, with no did-you-mean
         ("tpt", ["method=mem"], "method='mem' (did you mean 'memo'?); expected one of tpt, memo, ensemble"),
+        # another paper command's method: was "unknown config key 'align_steps' for method='memo'"
+        (
+            "tpt",
+            ["method=memo"],
+            "method='memo' on the config of method 'tpt' (its key 'align_steps'): each "
+            "paper command runs its own method; run tttlab-memo-tpt-memo for memo",
+        ),
+        ("ensemble", ["method=tpt"], "run tttlab-memo-tpt-tpt for tpt"),
         ("tpt", ["+experiment=smoke", "device=gpu0"], "device='gpu0': expected cpu, cuda, cuda:N or auto"),
         ("tpt", ["+experiment=smoke", "seed=-1"], "seed=-1; expected an integer >= 0"),
         # the paper path: torch optimizer ValueErrors, a ZeroDivisionError, a string selection

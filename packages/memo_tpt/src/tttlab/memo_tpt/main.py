@@ -94,13 +94,28 @@ def _check_known_keys(c: dict[str, Any]) -> None:
     did-you-mean, before any test set or model is read."""
     import difflib
 
+    from tttlab.core.config import package_yaml
+
     method = c.get("method")
     if method not in PAPER_METHODS:
         close = difflib.get_close_matches(str(method), PAPER_METHODS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"method={method!r}{hint}; expected one of {', '.join(PAPER_METHODS)}")
     known = known_keys(method)
-    for key in sorted(set(c) - known):
+    unknown = sorted(set(c) - known)
+    # `tttlab-memo-tpt-tpt method=memo`: every key of conf/tpt.yaml is there, so the config is tpt's
+    owner = [
+        m
+        for m in PAPER_METHODS
+        if m != method
+        and set(package_yaml("tttlab.memo_tpt.conf", f"{m}.yaml")) - {"defaults", "hydra"} <= set(c)
+    ]
+    if unknown and owner:
+        raise ConfigError(
+            f"method={method!r} on the config of method {owner[0]!r} (its key {unknown[0]!r}): each paper "
+            f"command runs its own method; run tttlab-memo-tpt-{method} for {method}"
+        )
+    for key in unknown:
         close = difflib.get_close_matches(key, sorted(known), n=1)
         raise ConfigError(
             f"unknown config key {key!r} for method={method!r}"
