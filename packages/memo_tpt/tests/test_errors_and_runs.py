@@ -356,6 +356,11 @@ def test_tpt_run_on_imagenet_a_fixture_uses_200_classes(tmp_path, monkeypatch):
             "paper command runs its own method; run tttlab-memo-tpt-memo for memo",
         ),
         ("ensemble", ["method=tpt"], "run tttlab-memo-tpt-tpt for tpt"),
+        (
+            "tpt",
+            ["method=ensemble"],
+            "method='ensemble' on the config of method 'tpt' (without ensemble's key ",
+        ),
         ("tpt", ["+experiment=smoke", "device=gpu0"], "device='gpu0': expected cpu, cuda, cuda:N or auto"),
         ("tpt", ["+experiment=smoke", "seed=-1"], "seed=-1; expected an integer >= 0"),
         # the paper path: torch optimizer ValueErrors, a ZeroDivisionError, a string selection

@@ -103,17 +103,19 @@ def _check_known_keys(c: dict[str, Any]) -> None:
         raise ConfigError(f"method={method!r}{hint}; expected one of {', '.join(PAPER_METHODS)}")
     known = known_keys(method)
     unknown = sorted(set(c) - known)
-    # `tttlab-memo-tpt-tpt method=memo`: every key of conf/tpt.yaml is there, so the config is tpt's
-    owner = [
-        m
-        for m in PAPER_METHODS
-        if m != method
-        and set(package_yaml("tttlab.memo_tpt.conf", f"{m}.yaml")) - {"defaults", "hydra"} <= set(c)
-    ]
-    if unknown and owner:
+
+    # `tttlab-memo-tpt-tpt method=memo`: every key of conf/tpt.yaml is there (and a key memo lacks, or one of
+    # conf/memo.yaml missing: `tttlab-memo-tpt-tpt method=ensemble` has no `models`), so the config is tpt's
+    def shipped(m):
+        return set(package_yaml("tttlab.memo_tpt.conf", f"{m}.yaml")) - {"defaults", "hydra"}
+
+    owner = [m for m in PAPER_METHODS if m != method and shipped(m) <= set(c)]
+    missing = sorted(shipped(method) - set(c))
+    if owner and (unknown or missing):
+        why = f"its key {unknown[0]!r}" if unknown else f"without {method}'s key {missing[0]!r}"
         raise ConfigError(
-            f"method={method!r} on the config of method {owner[0]!r} (its key {unknown[0]!r}): each paper "
-            f"command runs its own method; run tttlab-memo-tpt-{method} for {method}"
+            f"method={method!r} on the config of method {owner[0]!r} ({why}): each paper command runs its own "
+            f"method; run tttlab-memo-tpt-{method} for {method}"
         )
     for key in unknown:
         close = difflib.get_close_matches(key, sorted(known), n=1)
