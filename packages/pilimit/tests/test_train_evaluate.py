@@ -130,6 +130,7 @@ def test_a_folder_with_another_configs_records_but_no_checkpoint_is_refused(tmp_
         f"{tmp_path}: starting over (train.resume=false): removing the 6 records in the folder (6 of "
         f"config_hash {old}), and replacing the folder's config.yaml (hash {old}) with this run's (hash "
         f"{new}), which differs in optim.lr: 1.0 -> 0.5"
+        "; train.resume=false starts over on every run: leave it out of the next command to resume"
     ], caplog.text
     got = [(r["metric"], r["step"], r["config_hash"]) for r in _records(tmp_path)]
     assert {h for m, s, h in got} == {new} and len(got) == 6, got
@@ -141,6 +142,7 @@ def test_a_folder_with_another_configs_records_but_no_checkpoint_is_refused(tmp_
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path}: starting over (train.resume=false): removing the previous run's checkpoint "
         f"checkpoints/last.ckpt and the 6 records in the folder (6 of config_hash {new})"
+        "; train.resume=false starts over on every run: leave it out of the next command to resume"
     ], caplog.text
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
