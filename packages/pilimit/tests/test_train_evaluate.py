@@ -609,32 +609,3 @@ def test_display_keys_rerun_the_same_run(tmp_path, command):
         check_display_keys_rerun_the_same_run(
             out, lambda: evaluate(cfg), lambda: evaluate({**cfg, "progress": True})
         )
-
-
-def test_resumable_keys_rerun_the_same_run(tmp_path):
-    """``train.checkpoint_every``, ``train.resume``, ``experiment_name`` (and ``train.stop_after_steps``,
-    which the first run stops at) change no number: a run killed in its second epoch and started again with
-    them changed is the same run.  Before, it warned 'created with a different config' and left its first
-    epoch's records under the old config_hash beside the new config.yaml.  Its records equal an
-    uninterrupted run's."""
-    from tttlab.core.testing import check_resumable_keys_rerun_the_same_run
-
-    small = [*SMOKE, "data.num_examples=32", "train.num_test=16", "train.checkpoint_every=1"]
-    ref = run(train_config("smoke", [*small, f"out_dir={tmp_path / 'reference'}"]))
-    out = tmp_path / "run"
-    killed = [*small, f"out_dir={out}", "train.stop_after_steps=3"]  # 2 steps an epoch: in the second
-    changed = [
-        *small,
-        f"out_dir={out}",
-        "train.checkpoint_every=5",
-        "train.resume=true",
-        "experiment_name=moved",
-    ]
-    records = check_resumable_keys_rerun_the_same_run(
-        out,
-        lambda: run(train_config("smoke", killed)),
-        lambda: run(train_config("smoke", changed)),
-        reference=_records(ref),
-        timing_metrics=(),
-    )
-    assert [r["step"] for r in records if r["metric"] == "test_accuracy"] == [1, 2]
