@@ -64,8 +64,9 @@ demo: $(VENV)/.installed
 test-core: $(CORE_VENV)/.installed
 	TTTLAB_EXPECT_CORE_ONLY=1 $(CORE_PY) -m pytest $(PYTEST_FLAGS) -m "not gpu and not repro" packages/core/tests tests
 
+# tests/test_resumable_keys.py here too: its mttt_jax case runs in this environment (XLA cache of mttt_jax's tests).
 test-jax: $(JAX_VENV)/.installed
-	TTTLAB_EXPECT_NO_TORCH=1 $(JAX_PY) -m pytest $(PYTEST_FLAGS) -m "not gpu and not repro" packages/mttt_jax/tests tests/test_install.py
+	TTTLAB_EXPECT_NO_TORCH=1 $(JAX_PY) -m pytest $(PYTEST_FLAGS) -m "not gpu and not repro" packages/mttt_jax/tests tests/test_install.py tests/test_resumable_keys.py
 
 # mttt_jax's own tests run in the torch-free environment above (test-jax), not twice.
 test-full: $(VENV)/.installed

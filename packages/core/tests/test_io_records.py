@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -149,7 +150,23 @@ def test_git_sha_outside_a_repository(tmp_path):
     assert R.git_sha(tmp_path) is None
 
 
-def test_schema_errors(tmp_path):
+@contextlib.contextmanager
+def _config_replaced(caplog, match: str = "differs from the folder's config.yaml"):
+    """The block replaces a run folder's config.yaml with another config's: one logged warning of
+    ``tttlab.core.records`` matching ``match``, and no Python warning (it was a UserWarning that printed a
+    stray source line)."""
+    import re
+    import warnings
+
+    caplog.clear()
+    with warnings.catch_warnings(), caplog.at_level("WARNING", logger="tttlab.core.records"):
+        warnings.simplefilter("error")
+        yield
+    said = [r.getMessage() for r in caplog.records if r.name == "tttlab.core.records"]
+    assert len(said) == 1 and re.search(match, said[0]), said
+
+
+def test_schema_errors(tmp_path, caplog):
     w = R.RecordWriter(tmp_path / "r.jsonl")
     with pytest.raises(InvalidInputError, match="acuracy"):
         w.write(method="m", metric="accuracy", value=1.0, acuracy=1)
@@ -186,7 +203,7 @@ def test_schema_errors(tmp_path):
     (bad / "config.yaml").write_text("a: [1, 2\n  b: {")
     with pytest.raises(InvalidInputError, match=r"corrupt/config.yaml is not a readable YAML config"):
         R.RunDir(bad).config_hash  # noqa: B018
-    with pytest.warns(UserWarning, match="not a readable YAML config.*overwriting"):
+    with _config_replaced(caplog, "corrupt/config.yaml is not a readable YAML config.*replacing it"):
         rd = R.RunDir(bad, {"x": 1})
     assert rd.config_hash == R.config_hash({"x": 1}) == R.RunDir(bad).config_hash
 
@@ -410,6 +427,7 @@ def test_rundir_start_over_says_what_it_removes_and_replaces_in_one_warning(tmp_
         f"{tmp_path}: starting over (x=false): removing its checkpoint checkpoints/last.ckpt and the 2 "
         f"records in the folder (2 of config_hash {h_old}), and replacing the folder's config.yaml (hash "
         f"{h_old}) with this run's (hash {h_new}), which differs in lr: 0.1 -> 0.2"
+        "; x=false starts over on every run: leave it out of the next command to resume"
     ]
     assert R.read_jsonl(new.records_path) == [] and new.config_hash == h_new
     caplog.clear()
@@ -424,6 +442,7 @@ def test_rundir_start_over_says_what_it_removes_and_replaces_in_one_warning(tmp_
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path}: starting over (x=false): removing the 1 record in the folder (1 of config_hash "
         f"{R.config_hash({'lr': 0.2, 'every': 2})})"  # re-tagged first: the same run
+        "; x=false starts over on every run: leave it out of the next command to resume"
     ]
 
 
@@ -510,7 +529,7 @@ def test_rundir_start_over_refuses_another_tools_file_before_writing_anything(tm
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
-def test_rundir_drop_records_replaces_only_its_configs_records_atomically(tmp_path, monkeypatch):
+def test_rundir_drop_records_replaces_only_its_configs_records_atomically(tmp_path, caplog, monkeypatch):
     """``RunDir.drop_records()``: what an evaluate run again (e.g. after a kill) calls before it writes."""
     cfg = {"method": "m", "seed": 0}
     rd = R.RunDir(tmp_path, cfg)
@@ -540,7 +559,7 @@ def test_rundir_drop_records_replaces_only_its_configs_records_atomically(tmp_pa
     assert rd.records_path.read_bytes().endswith(b"\n"), "the torn tail went too"
     assert again.drop_records() == 0 and R.read_jsonl(rd.records_path) == kept
     # another config in the same folder drops its own records only
-    with pytest.warns(UserWarning, match="different config"):
+    with _config_replaced(caplog):
         other = R.RunDir(tmp_path, {"method": "m", "seed": 1})
     assert other.drop_records() == 0 and R.read_jsonl(rd.records_path) == kept
 
@@ -576,7 +595,7 @@ def _evaluated(path, cfg, **kw) -> R.RunDir:
     return rd
 
 
-def test_an_evaluation_into_a_folder_with_another_configs_records_is_an_error(tmp_path, monkeypatch):
+def test_an_evaluation_into_a_folder_with_another_configs_records_is_an_error(tmp_path, caplog, monkeypatch):
     """``other_config="error"`` (the evaluates): the error names the folder, both hashes and methods and the
     differing keys, and leaves the folder as it was; the same config resumes; the default still warns."""
     monkeypatch.delenv(R.APPEND_ENV, raising=False)
@@ -617,7 +636,7 @@ def test_an_evaluation_into_a_folder_with_another_configs_records_is_an_error(tm
     with pytest.raises(R.RunDirConflictError, match="device: 'cuda' -> 'mps'"):
         R.RunDir(keyed, {**first, "device": "mps"}, other_config="error")
     # the default (training runs, which check their own config) replaces it with a warning, as before
-    with pytest.warns(UserWarning, match="different config"):
+    with _config_replaced(caplog):
         R.RunDir(tmp_path, second)
     with pytest.raises(InvalidInputError, match="other_config='keep'"):
         R.RunDir(tmp_path / "x", first, other_config="keep")
@@ -682,7 +701,7 @@ def test_a_config_that_differs_only_in_display_keys_is_the_same_run(tmp_path, mo
     assert R.without_keys({"a": 1, "b": {"c": 2, "d": 3}}, ["b.c", "x.y", "z"]) == {"a": 1, "b": {"d": 3}}
 
 
-def test_a_config_that_differs_only_in_resumable_keys_is_the_same_run(tmp_path, monkeypatch):
+def test_a_config_that_differs_only_in_resumable_keys_is_the_same_run(tmp_path, caplog, monkeypatch):
     """A training run resumed with only ``train.checkpoint_every`` changed warned 'created with a different
     config' and left its records under the old hash beside the new config.yaml.  A command's
     ``resumable_keys`` are left out as display keys are: no warning, the records re-tagged; any other key
@@ -702,7 +721,7 @@ def test_a_config_that_differs_only_in_resumable_keys_is_the_same_run(tmp_path, 
     assert rd.config_hash == R.config_hash(changed) != R.config_hash(first), "config_hash keeps every key"
     assert list(R.load_records(tmp_path)["config_hash"]) == [R.config_hash(changed)]
     # without them (the default): another config, as before
-    with pytest.warns(UserWarning, match="different config"):
+    with _config_replaced(caplog):
         R.RunDir(tmp_path, first)
     assert list(R.load_records(tmp_path)["config_hash"]) == [R.config_hash(changed)], "not re-tagged"
     other = {**changed, "train": {"checkpoint_every": 7, "lr": 0.2}}
@@ -714,6 +733,73 @@ def test_a_config_that_differs_only_in_resumable_keys_is_the_same_run(tmp_path, 
     with pytest.raises(R.RunDirConflictError, match=f"or delete {tmp_path} to start this config there") as e:
         R.check_run_dir(tmp_path, other, resumable_keys=keys, append_env=False)
     assert R.APPEND_ENV not in str(e.value)
+
+
+def _configs_of_records(path) -> dict[str, str]:
+    """``{config_hash: file}`` of the configs a run folder holds (``config.yaml`` and ``config-<hash>.yaml``)."""
+    return {R.config_hash(R._load_yaml_config(f)): f.name for f in sorted(path.glob("config*.yaml"))}
+
+
+def test_a_rerun_with_other_keys_keeps_the_earlier_config_beside_its_records(tmp_path, caplog):
+    """A training run resumed with a key changed that is neither a training key nor a resumable one (torch_ttt
+    ``eval.noise_std``: the trained model is kept, the evaluations computed anew under the new hash) printed
+    core's UserWarning 'created with a different config ... overwriting it' with a stray source line, and the
+    earlier records kept a ``config_hash`` that no ``config.yaml`` of the folder matched any more.  Now the
+    earlier config is kept as ``config-<hash>.yaml`` beside its records (every record's hash names a config
+    file of the folder), and one logged warning names both hashes, the keys that count and what was kept;
+    a folder with no record of the earlier config keeps no copy and says so."""
+    keys = ("out_dir",)
+    first = {"method": "pkg.ttt", "seed": 0, "out_dir": "a", "logging": {"progress": False},
+             "eval": {"noise_std": 2.0, "steps": [0, 1]}}  # fmt: skip
+    second = {
+        **first,
+        "out_dir": "b",
+        "logging": {"progress": True},
+        "eval": {"noise_std": 1.0, "steps": [0, 1]},
+    }
+    h1, h2 = R.config_hash(first), R.config_hash(second)
+    rd = R.RunDir(tmp_path, first, resumable_keys=keys)
+    with rd.writer(method="pkg.ttt", metric="accuracy") as w:
+        w.write(value=0.5, step=0)
+        w.write(value=0.6, step=1)
+    with _config_replaced(caplog):
+        rd = R.RunDir(tmp_path, second, resumable_keys=keys)
+    assert caplog.records[0].getMessage() == (
+        f"{tmp_path}: this run's config (hash {h2}) differs from the folder's config.yaml (hash {h1}) in "
+        "eval.noise_std: 2.0 -> 1.0; config.yaml now holds this run's; the folder's 2 records of the earlier "
+        f"config keep its config_hash, and that config is kept as config-{h1}.yaml"
+    ), "the display and resumable keys (logging.progress, out_dir) are not named"
+    assert _configs_of_records(tmp_path) == {h2: "config.yaml", h1: f"config-{h1}.yaml"}
+    with rd.writer(method="pkg.ttt", metric="accuracy") as w:
+        w.write(value=0.7, step=0)
+    df = R.load_records(tmp_path)
+    assert list(df["config_hash"]) == [h1, h1, h2], "no record is re-tagged or removed"
+    # back to the first config: the second's record keeps its config too; every record names a config file
+    with _config_replaced(
+        caplog,
+        f"1 record of the earlier config keeps its config_hash, and that config is kept as config-{h2}.yaml",
+    ):
+        R.RunDir(tmp_path, first, resumable_keys=keys)
+    assert set(R.load_records(tmp_path)["config_hash"]) <= set(_configs_of_records(tmp_path))
+    assert R._load_yaml_config(tmp_path / f"config-{h2}.yaml") == second
+    # a start over removes the kept configs with their records (and says so, with how to resume next time)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tttlab.core.records"):
+        R.RunDir(tmp_path, first, resumable_keys=keys, start_over="train.resume=false")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path}: starting over (train.resume=false): removing the 3 records in the folder (2 of config_hash "
+        f"{h1}, 1 of config_hash {h2}), config-{h1}.yaml and config-{h2}.yaml; train.resume=false starts over "
+        "on every run: leave it out of the next command to resume"
+    ]
+    assert sorted(p.name for p in tmp_path.glob("config*.yaml")) == ["config.yaml"]
+    # a folder without a record of the earlier config keeps no copy of it
+    empty = tmp_path / "empty"
+    R.RunDir(empty, first)
+    with _config_replaced(
+        caplog, r"config.yaml now holds this run's \(no record was written under the earlier one\)$"
+    ):
+        R.RunDir(empty, second)
+    assert sorted(p.name for p in empty.glob("config*.yaml")) == ["config.yaml"]
 
 
 def test_a_distributed_rank_0_retags_its_own_records_file_only(tmp_path):

@@ -266,6 +266,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, trained_run, ca
     assert start_overs() == [
         f"{run_dir}: starting over (resume=false): removing the previous run's 2 checkpoints (steps 3, 4) in "
         f"checkpoints/ and the 8 records in the folder (8 of config_hash {hash_after})"  # re-tagged: same run
+        "; resume=false starts over on every run: leave it out of the next command to resume"
     ], caplog.text
     assert hash_before != hash_after
     # a max_steps stop says so (it ended quietly, and the command printed epoch 1's number as "final")
@@ -292,6 +293,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, trained_run, ca
         f"checkpoints/ and the 4 records in the folder (4 of config_hash {hash_after}), and replacing the "
         f"folder's config.yaml (hash {hash_after}) with this run's (hash {t1_hash}), which differs in "
         "inner.TTT.inner_itr: 2 -> 1; total_epochs: 2 -> 1"
+        "; resume=false starts over on every run: leave it out of the next command to resume"
     ], caplog.text
     assert len(fresh["val/inner_loss"][0][0]) == 2, "T=1 reports 2 inner losses per layer"
     assert fresh["step"] == [2], "started over (the T=2 run's checkpoints removed)"

@@ -130,6 +130,7 @@ def test_a_folder_with_another_configs_records_but_no_checkpoint_is_refused(tmp_
         f"{tmp_path}: starting over (train.resume=false): removing the 6 records in the folder (6 of "
         f"config_hash {old}), and replacing the folder's config.yaml (hash {old}) with this run's (hash "
         f"{new}), which differs in optim.lr: 1.0 -> 0.5"
+        "; train.resume=false starts over on every run: leave it out of the next command to resume"
     ], caplog.text
     got = [(r["metric"], r["step"], r["config_hash"]) for r in _records(tmp_path)]
     assert {h for m, s, h in got} == {new} and len(got) == 6, got
@@ -141,6 +142,7 @@ def test_a_folder_with_another_configs_records_but_no_checkpoint_is_refused(tmp_
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path}: starting over (train.resume=false): removing the previous run's checkpoint "
         f"checkpoints/last.ckpt and the 6 records in the folder (6 of config_hash {new})"
+        "; train.resume=false starts over on every run: leave it out of the next command to resume"
     ], caplog.text
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
@@ -607,32 +609,3 @@ def test_display_keys_rerun_the_same_run(tmp_path, command):
         check_display_keys_rerun_the_same_run(
             out, lambda: evaluate(cfg), lambda: evaluate({**cfg, "progress": True})
         )
-
-
-def test_resumable_keys_rerun_the_same_run(tmp_path):
-    """``train.checkpoint_every``, ``train.resume``, ``experiment_name`` (and ``train.stop_after_steps``,
-    which the first run stops at) change no number: a run killed in its second epoch and started again with
-    them changed is the same run.  Before, it warned 'created with a different config' and left its first
-    epoch's records under the old config_hash beside the new config.yaml.  Its records equal an
-    uninterrupted run's."""
-    from tttlab.core.testing import check_resumable_keys_rerun_the_same_run
-
-    small = [*SMOKE, "data.num_examples=32", "train.num_test=16", "train.checkpoint_every=1"]
-    ref = run(train_config("smoke", [*small, f"out_dir={tmp_path / 'reference'}"]))
-    out = tmp_path / "run"
-    killed = [*small, f"out_dir={out}", "train.stop_after_steps=3"]  # 2 steps an epoch: in the second
-    changed = [
-        *small,
-        f"out_dir={out}",
-        "train.checkpoint_every=5",
-        "train.resume=true",
-        "experiment_name=moved",
-    ]
-    records = check_resumable_keys_rerun_the_same_run(
-        out,
-        lambda: run(train_config("smoke", killed)),
-        lambda: run(train_config("smoke", changed)),
-        reference=_records(ref),
-        timing_metrics=(),
-    )
-    assert [r["step"] for r in records if r["metric"] == "test_accuracy"] == [1, 2]

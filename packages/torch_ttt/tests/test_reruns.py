@@ -51,9 +51,25 @@ def test_resume_false_replaces_the_previous_runs_records(tmp_path):
     assert read_stats(out)["eval"] == read_stats(fresh)["eval"]
 
 
-def test_another_eval_config_does_not_reuse_the_evaluations(tmp_path):
+def test_another_eval_config_does_not_reuse_the_evaluations(tmp_path, caplog):
+    """The same weights, another ``eval`` section: its evaluations are computed anew, next to the earlier
+    ones under their own ``config_hash``.  Every record names a config file of the folder: the earlier config
+    is kept as ``config-<hash>.yaml``, said in one logged warning (it was core's UserWarning 'different
+    config ... overwriting it', and the earlier records named a hash no file of the folder had)."""
     out = run(tmp_path / "r")
-    run(out, "eval.noise_std=1.0")
+    first = config_hash(OmegaConf.to_container(OmegaConf.load(out / "config.yaml")))
+    with warnings.catch_warnings(), caplog.at_level("WARNING"):
+        warnings.simplefilter("error", UserWarning)
+        run(out, "eval.noise_std=1.0")
+    second = config_hash(T.train_config("smoke", [f"out_dir={out}", *SMALL, "eval.noise_std=1.0"]))
+    assert [r.getMessage() for r in caplog.records if r.name == "tttlab.core.records"] == [
+        f"{out}: this run's config (hash {second}) "
+        f"differs from the folder's config.yaml (hash {first}) in eval.noise_std: 2.0 -> 1.0; config.yaml now "
+        f"holds this run's; the folder's 5 records of the earlier config keep its config_hash, and that config "
+        f"is kept as config-{first}.yaml"
+    ], caplog.text
+    configs = {config_hash(OmegaConf.to_container(OmegaConf.load(f))) for f in out.glob("config*.yaml")}
+    assert {r["config_hash"] for r in read_jsonl(out / "records.jsonl")} == configs == {first, second}
     fresh = run(tmp_path / "fresh", "eval.noise_std=1.0")
     assert read_stats(out)["eval"] == read_stats(fresh)["eval"]
     assert len(read_jsonl(out / "records.jsonl")) == 9, "both configs' evaluations, one training record"
@@ -192,6 +208,7 @@ def test_without_a_checkpoint_another_training_configs_records_are_refused_not_d
     assert said == [
         f"{out}: starting over (train.resume=false): removing the previous run's checkpoint "
         f"checkpoints/last.ckpt and {records}eval.noise_std: 1.0 -> 2.0; train.lr: 0.01 -> 0.02"
+        "; train.resume=false starts over on every run: leave it out of the next command to resume"
     ], caplog.text
     assert {r["extra"].get("train_engine") for r in read_jsonl(out / "records.jsonl")} == {"ttt"}
     assert len({r["config_hash"] for r in read_jsonl(out / "records.jsonl")}) == 1

@@ -1503,26 +1503,3 @@ def test_display_keys_rerun_the_same_run(smoke_run, tmp_path, command):
             lambda: E.run(hydra_compose("evaluate", [*overrides, *shown])),
         )
         assert [r["metric"] for r in records] == ["accuracy", "s_per_image"]
-
-
-def test_resumable_keys_rerun_the_same_run(smoke_run, tmp_path):
-    """``train.checkpoint_every``, ``train.stop_after_steps``, ``experiment_name``, ``eval.enabled`` change no
-    number: a run killed after step 6 and started again with them changed is the same run, and so is the
-    finished run started again with another ``train.checkpoint_every``.  Before, each warned 'created with a
-    different config' and left the records under the old config_hash.  Its records equal the uninterrupted
-    smoke run's."""
-    from tttlab.core.testing import check_resumable_keys_rerun_the_same_run
-
-    out = tmp_path / "run"
-    changed = smoke_config(out, "train.checkpoint_every=3", "experiment_name=moved", "eval.enabled=true")
-    reference = read_jsonl(smoke_run / "records.jsonl")
-    # eval.enabled=false in the first run: true is the default, so only then does the second run change it
-    # (the first stops before its evaluation either way)
-    first = smoke_config(out, "train.stop_after_steps=6", "eval.enabled=false")
-    check_resumable_keys_rerun_the_same_run(
-        out, lambda: T.run(first), lambda: T.run(changed), reference=reference
-    )
-    records = check_resumable_keys_rerun_the_same_run(
-        out, lambda: None, lambda: T.run(smoke_config(out, "train.checkpoint_every=5")), reference=reference
-    )
-    assert len(records) == 5

@@ -590,10 +590,20 @@ def test_a_folder_with_another_configs_records_but_no_checkpoint_is_refused(tmp_
     assert f"or delete {run}" in str(err.value) and "TTTLAB_APPEND" not in str(err.value)
     assert _files(run) == before
     # the same training config on 2 threads (which a checkpoint resumes across, but which changes float
-    # sums): not refused; its epochs are computed and recorded under its own hash beside the earlier ones
-    with pytest.warns(UserWarning, match="different config"):
-        T.run(pre_cfg(run, num_threads=2), "pretrain")
+    # sums): not refused; its epochs are computed and recorded under its own hash beside the earlier ones,
+    # whose config is kept beside them as config-<hash>.yaml (core's UserWarning 'different config ...
+    # overwriting it' left them with a hash no config of the folder had), said in one logged warning
     old, new = config_hash(pre_cfg(pretrained)), config_hash(pre_cfg(run, num_threads=2))
+    with warnings.catch_warnings(), caplog.at_level("WARNING"):
+        warnings.simplefilter("error", UserWarning)
+        T.run(pre_cfg(run, num_threads=2), "pretrain")
+    assert [r.getMessage() for r in caplog.records if "config.yaml now holds" in r.getMessage()] == [
+        f"{run}: this run's config (hash {new}) differs from the folder's config.yaml (hash {old}) in "
+        "num_threads: 1 -> 2; config.yaml now holds this run's; the folder's 2 records of the earlier config "
+        f"keep its config_hash, and that config is kept as config-{old}.yaml"
+    ], caplog.text
+    assert config_hash(OmegaConf.to_container(OmegaConf.load(run / f"config-{old}.yaml"))) == old
+    caplog.clear()
     assert [(r["step"], r["config_hash"]) for r in read_jsonl(run / "records.jsonl")] == [
         (0, old),
         (1, old),
@@ -613,9 +623,10 @@ def test_a_folder_with_another_configs_records_but_no_checkpoint_is_refused(tmp_
     by_hash = ", ".join(f"2 of config_hash {h}" for h in sorted((old, new)))
     assert [r.getMessage() for r in caplog.records if "starting over" in r.getMessage()] == [
         f"{run}: starting over (start_over=true): removing the previous run's checkpoints/last.ckpt, "
-        f"checkpoint.pth, stats.json and the 4 records in the folder ({by_hash}), and replacing the folder's "
-        f"config.yaml (hash {new}) with this run's (hash {config_hash(restart)}), which differs in blr: 0.01 "
-        "-> 0.05; num_threads: 2 -> 1; seed: 0 -> 5"
+        f"checkpoint.pth, stats.json, the 4 records in the folder ({by_hash}) and config-{old}.yaml, and "
+        f"replacing the folder's config.yaml (hash {new}) with this run's (hash {config_hash(restart)}), which "
+        "differs in blr: 0.01 -> 0.05; num_threads: 2 -> 1; seed: 0 -> 5; start_over=true starts over on every "
+        "run: leave it out of the next command to resume"
     ], caplog.text
     assert sorted(str(p) for p in _files(run)) == ["config.yaml", "env.json", "records.jsonl"]
     assert read_jsonl(run / "records.jsonl") == []

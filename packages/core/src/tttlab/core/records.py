@@ -33,6 +33,9 @@ a run shows (:data:`DISPLAY_KEYS`: the progress bar, the log level) are no part 
 only in them is the same run, and the folder's records are re-tagged with the new config's hash.  A command
 names its own keys of that kind, which change no number it records either (how often a training run
 checkpoints, where it stops, where its folder is), with ``resumable_keys=``: they are treated the same way.
+A training run resumed with another key changed (torch_ttt's ``eval.noise_std``: the same weights, new
+evaluations) replaces ``config.yaml`` and keeps the earlier config as ``config-<hash>.yaml`` beside the records
+written under it, with one logged warning; a start over removes those kept configs with their records.
 """
 
 from __future__ import annotations
@@ -542,6 +545,21 @@ def _check_records_files(files: Iterable[Path], why: str) -> None:
                 ) from None
 
 
+def _record_hashes(path: Path) -> list[str | None]:
+    """The ``config_hash`` of each complete record line of the JSONL file ``path`` (none for a folder)."""
+    if not path.is_file():
+        return []
+    out = []
+    for raw in path.read_bytes().split(b"\n")[:-1]:
+        try:
+            record = json.loads(raw.decode("utf-8")) if raw.strip() else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(record, dict):
+            out.append(record.get("config_hash"))
+    return out
+
+
 def _has_records(path: Path) -> bool:
     return any(f.stat().st_size > 0 for f in Path(path).glob("records*.jsonl"))
 
@@ -635,8 +653,11 @@ class RunDir:
     a run that writes neither (an evaluation) has neither, instead of an empty file and folder.
 
     ``other_config``: what to do when the folder's ``config.yaml`` holds another config (another hash).
-    ``"warn"`` (default): replace it with a warning; for a training run that resumes with changed
-    non-training keys, after its own check of the training part.  ``"error"``: if the folder also holds
+    ``"warn"`` (default): replace it, for a training run that resumes with changed non-training keys (after its
+    own check of the training part), and keep the earlier config as ``config-<hash>.yaml`` where records of it
+    are in the folder (they keep its ``config_hash``, so every record stays traceable to a config file), with
+    one logged warning naming both hashes, the differing keys and what was kept (it was a ``UserWarning``
+    "different config ... overwriting it", and the earlier records named a hash no file of the folder had).  ``"error"``: if the folder also holds
     records, raise :class:`~tttlab.core.errors.RunDirConflictError` naming the folder, both hashes and the
     differing keys (the evaluates: two configs' records in one folder would read as one run's); a folder
     without records is taken over.  ``"append"``: keep the earlier config as ``config-<hash>.yaml`` beside
@@ -656,8 +677,10 @@ class RunDir:
     ``start_over`` (default ``None``): this run starts over in the folder, for the reason given (the
     command's setting, e.g. ``"train.resume=false"``, or ``"no checkpoint"``): a folder config of another
     config is replaced without the ``"warn"`` policy's warning and with neither ``"error"``'s refusal nor
-    ``"append"``'s kept copy, and :meth:`start_over` empties the records files; one warning says what went,
-    the differing keys of the replaced config among it.  ``removed``: what the command itself removed for
+    ``"append"``'s kept copy, and :meth:`start_over` empties the records files (and removes the
+    ``config-<hash>.yaml`` kept for them); one warning says what went, the differing keys of the replaced
+    config among it, and, for a ``start_over`` that is a setting (``"train.resume=false"``), that the setting
+    starts over on every run it is given to (a command rerun from the shell's history would start over again).  ``removed``: what the command itself removed for
     that start over (e.g. ``"the previous run's checkpoint checkpoints/last.ckpt"``), named in the same
     warning (a start over that removes nothing and replaces no other config says nothing).
 
@@ -795,11 +818,7 @@ class RunDir:
                     else None,
                 )
             elif differs and (self.other_config == "warn" or old_config is None):
-                warnings.warn(
-                    f"{old}: the run directory was created with a different config (hash {previous}, now "
-                    f"{config_hash(plain)}); overwriting it",
-                    stacklevel=2,
-                )
+                self._replace_other_config(old_config, previous, dict(plain), neutral)
             elif differs and _has_records(self.path):
                 if self.other_config == "error":
                     raise RunDirConflictError(
@@ -810,6 +829,41 @@ class RunDir:
                     atomic_write_text(kept, old.read_text(encoding="utf-8"))
         atomic_write_text(self.config_path, OmegaConf.to_yaml(OmegaConf.create(plain)))
         self._config_hash = config_hash(plain)
+
+    def _replace_other_config(
+        self, old_config: dict[str, Any] | None, previous: str, new: dict[str, Any], neutral: Sequence[str]
+    ) -> None:
+        """The ``"warn"`` policy (and an unreadable ``config.yaml`` under any policy): this run's config is
+        about to replace the folder's, which differs in keys that count.  Records written under the folder's
+        config keep its ``config_hash``, so that config is kept beside them as ``config-<hash>.yaml`` (as
+        ``"append"`` keeps it; nothing when no record names it); one logged warning names both hashes, the
+        differing keys and what was kept."""
+        from .config import config_diff
+
+        log = logging.getLogger(__name__)
+        new_hash = config_hash(new)
+        if old_config is None:  # ``previous`` says why it could not be read; no hash to keep it under
+            why = previous.removeprefix("unreadable: ").split("; remove it")[0]
+            log.warning("%s; replacing it with this run's config (hash %s)", why, new_hash)
+            return
+        shown = _shown_diff(config_diff(without_keys(old_config, neutral), without_keys(new, neutral)))
+        files = self.path.glob("records*.jsonl") if self.rank is None else [self.records_path]
+        count = sum(h == previous for f in sorted(files) for h in _record_hashes(f))
+        head = (
+            f"{self.path}: this run's config (hash {new_hash}) differs from the folder's config.yaml (hash "
+            f"{previous}) in {shown or 'its hash'}; config.yaml now holds this run's"
+        )
+        if not count:
+            log.warning("%s (no record was written under the earlier one)", head)
+            return
+        kept = self.path / f"config-{previous}.yaml"
+        if not kept.exists():
+            atomic_write_text(kept, self.config_path.read_text(encoding="utf-8"))
+        log.warning(
+            "%s; the folder's %d record%s of the earlier config keep%s its config_hash, and that config is kept "
+            "as %s",
+            head, count, "s" if count != 1 else "", "s" if count == 1 else "", kept.name,
+        )  # fmt: skip
 
     @property
     def config_hash(self) -> str | None:
@@ -851,7 +905,9 @@ class RunDir:
         warning naming how many records of which hashes went (``why``: what asked for it, e.g.
         ``"resume=false"``), with ``removed`` (what the command removed itself, e.g. its checkpoint) and, for
         a ``RunDir(start_over=...)`` that replaced another config's ``config.yaml``, that config's hash and
-        differing keys; nothing when nothing went; return ``{config_hash: count}``.  A run without ranks
+        differing keys, and the ``config-<hash>.yaml`` files no record names any more (kept by an earlier
+        rerun for its records), which go too; a ``why`` that is a setting (it has a ``=``) adds that it starts
+        over on every run it is given to; nothing when nothing went; return ``{config_hash: count}``.  A run without ranks
         empties every ``records*.jsonl`` of the folder, a distributed rank 0 its own ``records.jsonl`` only.
         Only for a folder whose records are all the training run's: an evaluation kept in a subfolder
         (``<run>/eval``) is not touched."""
@@ -879,6 +935,12 @@ class RunDir:
             )
             total = sum(counts.values())
             gone.append(f"the {total} record{'s' if total != 1 else ''} in the folder ({by_hash})")
+        # the earlier configs kept beside their records (config-<hash>.yaml) go with the last of those records
+        left = {h for f in self.path.glob("records*.jsonl") for h in _record_hashes(f)}
+        for kept in sorted(self.path.glob("config-*.yaml")):
+            if kept.is_file() and kept.stem.removeprefix("config-") not in left:
+                kept.unlink()
+                gone.append(kept.name)
         said = f"removing {_and(gone)}" if gone else ""
         replaced, self._replaced = self._replaced, None
         if replaced is not None:
@@ -891,6 +953,10 @@ class RunDir:
             said += (", and " if said else "") + (
                 f"replacing the folder's config.yaml {old} with this run's (hash {self.config_hash}){keys}"
             )
+        if (
+            said and "=" in why
+        ):  # a setting of the command: a rerun from the shell's history starts over again
+            said += f"; {why} starts over on every run: leave it out of the next command to resume"
         if said:
             logging.getLogger(__name__).warning("%s: starting over (%s): %s", self.path, why, said)
         return counts
