@@ -947,6 +947,75 @@ def test_absl_handler_made_during_a_test_does_not_close_pytests_capture_in_a_lat
     assert handler.stream is sys.__stderr__
 
 
+def test_a_log_handler_made_on_a_tests_stderr_does_not_turn_later_lines_into_logging_errors():
+    """A library's ``logging.StreamHandler()`` made inside a test (huggingface_hub's, when a memo_tpt command
+    loads open_clip) writes to that test's ``sys.stderr``, which ``capsys`` closes when the test ends; every
+    later line of that library, in any later test, was a "--- Logging error --- ValueError: I/O operation on
+    closed file" report in that test's stderr instead of the line.  Shuffled orders of the test files could
+    put such a test before one that checks its stderr.  After ``hydra_state_kept`` the handler writes to
+    the interpreter's standard error and a later line is no error."""
+    import io
+    import logging
+
+    from tttlab.core.testing import hydra_state_kept
+
+    captured = io.StringIO()  # the earlier test's capsys
+    with hydra_state_kept():
+        with contextlib.redirect_stderr(captured):
+            library = logging.getLogger("tttlab_test_library_made_inside")
+            handler = logging.StreamHandler()  # on this test's sys.stderr, as the library's own set-up
+            library.addHandler(handler)
+        captured.close()  # capsys ends before the autouse fixture does
+    try:
+        later = io.StringIO()
+        with hydra_state_kept(), contextlib.redirect_stderr(later):
+            library.warning("a line of the library")
+        assert "Logging error" not in later.getvalue()
+        assert handler.stream is sys.__stderr__
+    finally:
+        library.removeHandler(handler)
+
+
+def test_torch_threads_a_command_sets_are_put_back():
+    """``threads``/``num_threads`` (pilimit, memo_tpt, ttt_mae) make a command call ``torch.set_num_threads``,
+    which lasts for the process: a test ending on a run with ``num_threads=2`` (ttt_mae's config tests run one,
+    put back by that test's next run) would leave every later test of its worker on two threads (slower on
+    the 2-core machine where the conftests chose one, and other float sums than the references its module
+    fixtures computed on one thread)."""
+    torch = pytest.importorskip("torch")
+
+    from tttlab.core.testing import hydra_state_kept
+
+    before = torch.get_num_threads()
+    try:
+        with hydra_state_kept():
+            torch.set_num_threads(before + 1)  # what a command's threads=<n> does
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_excepthook_and_stdout_guard_of_a_command_are_put_back(monkeypatch):
+    """Every command installs :func:`tttlab.core.cli.quiet_closed_stdout`'s ``sys.excepthook`` and, for a
+    Hydra page (``--cfg job``), :func:`tttlab.core.cli.quiet_hydra_output` wraps ``sys.stdout``; both stayed
+    for the rest of the process (pytest puts its own capture back, but under ``-s`` the next test's stdout was
+    the guard).  After ``hydra_state_kept`` both are the ones the test started with."""
+    import io
+
+    from tttlab.core import cli
+    from tttlab.core.testing import hydra_state_kept
+
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        with hydra_state_kept():
+            cli.quiet_closed_stdout()
+            cli.quiet_hydra_output(["--cfg", "job"])
+            assert isinstance(sys.stdout, cli._ClosedStdoutGuard) and sys.excepthook is not sys.__excepthook__
+        assert sys.stdout is out
+    assert sys.excepthook is sys.__excepthook__
+
+
 HYDRA_ARGVS = [
     ["--cfg", "job"], ["-cjob"], ["--cfg=hydra", "-p", "x"], ["-pfoo", "seed=1"], ["-mp", "x"], ["-mr"],
     ["-mcjob"], ["--multi", "a=1,2"], ["--config-n", "other"], ["-cn=other"], ["-cn", "other"], ["-cdx"],
@@ -1195,7 +1264,9 @@ def test_another_commands_experiment_is_named_so(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_a_user_error_in_a_sweeps_first_job_leaves_no_sweep_folder(tmp_path, monkeypatch, capsys):
+def test_a_user_error_in_a_sweeps_first_job_leaves_no_sweep_folder(
+    tmp_path, monkeypatch, fresh_package, capsys
+):
     """``tttlab-mttt-evaluate -m run_dir=a,b`` (no such run): the first job's one-line error, but Hydra's
     ``multirun/<date>/<time>/multirun.yaml`` stayed behind; now nothing does.  A later job's error keeps the
     sweep folder (an earlier job's is in it)."""
@@ -1203,6 +1274,7 @@ def test_a_user_error_in_a_sweeps_first_job_leaves_no_sweep_folder(tmp_path, mon
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
+    fresh_package("fakepkg_sweep")
     conf = tmp_path / "pkg" / "fakepkg_sweep" / "conf"  # a one-key config: Hydra composes it 5 times a sweep
     conf.mkdir(parents=True)
     (conf.parent / "__init__.py").write_text("")
@@ -1232,8 +1304,31 @@ def test_a_user_error_in_a_sweeps_first_job_leaves_no_sweep_folder(tmp_path, mon
     assert ran == ["quick", "quick", "smoke"]
 
 
+def _forget_package(name: str) -> None:
+    for module in [m for m in sys.modules if m.split(".")[0] == name]:
+        del sys.modules[module]
+
+
 @pytest.fixture
-def sweep_package(tmp_path, monkeypatch):
+def fresh_package():
+    """``fresh_package(name)``: the test makes a package ``name`` in its own ``tmp_path``; an earlier test's
+    (another folder) is forgotten now and this test's when it ends.  Monkeypatch only puts back the modules
+    that existed on entry, so a test's ``fakepkg_sweep`` stayed imported and Hydra looked for the next test's
+    config in the old folder: test_a_user_error_in_a_sweeps_first_job_leaves_no_sweep_folder failed ("Cannot
+    find primary config 'app'") when it ran after a ``sweep_package`` test (a shuffled order)."""
+    names = []
+
+    def fresh(name: str) -> None:
+        names.append(name)
+        _forget_package(name)
+
+    yield fresh
+    for name in names:
+        _forget_package(name)
+
+
+@pytest.fixture
+def sweep_package(tmp_path, monkeypatch, fresh_package):
     """A package ``fakepkg_sweep.conf`` with a config ``run`` (run directory ``${out_dir}``, an ``engine``
     group of two options, a ``compile`` key) and a user's config folder ``user_conf`` with a third engine."""
     conf = tmp_path / "fakepkg_sweep" / "conf"
@@ -1248,10 +1343,7 @@ def sweep_package(tmp_path, monkeypatch):
     )
     (tmp_path / "user_conf" / "engine").mkdir(parents=True)
     (tmp_path / "user_conf" / "engine" / "mine.yaml").write_text("name: mine\n")
-    import sys
-
-    for name in [m for m in sys.modules if m.split(".")[0] == "fakepkg_sweep"]:  # an earlier test's folder
-        monkeypatch.delitem(sys.modules, name)
+    fresh_package("fakepkg_sweep")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TTTLAB_APPEND_TO_OTHER_CONFIG", raising=False)

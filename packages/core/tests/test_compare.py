@@ -409,9 +409,10 @@ def test_config_errors_and_method_names(env, tmp_path):
     assert not (tmp_path / "typo_base").exists()
 
 
-def test_an_out_dir_that_cannot_be_made_is_a_config_error(tmp_path, monkeypatch, capsys):
+def test_an_out_dir_that_cannot_be_made_is_a_config_error(env, tmp_path, monkeypatch, capsys):
     """An empty ``out_dir`` / ``cache_dir`` (an unset ``$VAR``) wrote everything into the working directory,
-    and one that cannot be created (no permission) ended in a PermissionError traceback."""
+    and one that cannot be created (no permission) ended in a PermissionError traceback.  ``env``: fake.alpha
+    is registered (without it, run alone or first in a shuffled order, the method was unknown)."""
     for key in ("out_dir", "cache_dir"):
         with pytest.raises(ConfigError, match=f"'{key}' is empty"):
             cmp.load_config([f"out_dir={tmp_path / 'out'}", f"{key}="])

@@ -277,8 +277,27 @@ def hydra_state_kept():
     ``logging.config.dictConfig`` (Hydra's logging set-up, in every Hydra run) shuts down all handlers, unless
     it is the ``sys.stderr`` of *that* moment: in a later test with ``capsys`` it is not, and pytest's capture
     of the whole worker was closed (CI: every later test of the worker "ValueError: I/O operation on closed
-    file", 763 errors)."""
+    file", 763 errors).
+
+    And, on exit, what the commands themselves change for the rest of the process (the leak hunt of session
+    21, shuffled test orders):
+
+    - torch's number of intra-op threads: a command's ``threads``/``num_threads`` key sets it
+      (``torch.set_num_threads``) for the process.  Latent so far: ttt_mae's ``num_threads=2`` case is put back
+      to one only by the same test's next run (smoke_pretrain says ``num_threads: 1``), so a failure between
+      the two, or a test ending on such a run, would leave the rest of its worker on two threads: slower on the
+      2-core machine (the conftests chose one) and other float sums than the references module fixtures
+      computed on one;
+    - ``sys.excepthook`` (:func:`tttlab.core.cli.quiet_closed_stdout`, which every command installs) and a
+      ``sys.stdout`` that :func:`tttlab.core.cli.quiet_hydra_output` wrapped (pytest puts its own capture back
+      by itself; under ``-s`` the guard stayed);
+    - a library's log handler made inside a test on that test's ``sys.stderr`` (huggingface_hub's, on its first
+      logger, when open_clip loads; any ``logging.StreamHandler()``): with ``capsys`` that stream is closed when
+      the test ends, and every later line of that library printed "--- Logging error --- ValueError: I/O
+      operation on closed file" into the stderr a later test checks, instead of the line
+      (:func:`_log_handlers_off_closed_streams`)."""
     import logging
+    import sys
 
     try:
         from hydra.core.global_hydra import GlobalHydra
@@ -295,11 +314,20 @@ def hydra_state_kept():
     saved = {name: (lg.level, lg.handlers[:], lg.propagate, lg.disabled) for name, lg in loggers.items()}
     hydra_config = HydraConfig.instance().cfg if HydraConfig is not None else None
     hydra_initialized = GlobalHydra is not None and GlobalHydra.instance().is_initialized()
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    excepthook, stdout = sys.excepthook, sys.stdout
     _absl_handler_off_captured_streams()
     try:
         yield
     finally:
         _absl_handler_off_captured_streams()
+        _log_handlers_off_closed_streams()
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        sys.excepthook = excepthook
+        if sys.stdout is not stdout and type(sys.stdout).__name__ == "_ClosedStdoutGuard":
+            sys.stdout = stdout
         if HydraConfig is not None:
             HydraConfig.instance().cfg = hydra_config
             if not hydra_initialized:
@@ -329,6 +357,28 @@ def _absl_handler_off_captured_streams() -> None:
     handler = absl_logging.get_absl_handler().python_handler
     if handler.stream is not sys.__stderr__:
         handler.stream = sys.__stderr__
+
+
+def _log_handlers_off_closed_streams() -> None:
+    """Point every stream handler (``logging.StreamHandler``, log files aside) whose stream is closed at the
+    interpreter's standard error, ``sys.__stderr__`` (under pytest, its capture of file descriptor 2): a
+    library's handler made inside a test writes to that test's ``sys.stderr``, closed when ``capsys`` ends,
+    and would turn every later line of the library into a "Logging error" report (see
+    :func:`hydra_state_kept`).  A closed stream takes no line, so nothing that worked changes place."""
+    import logging
+    import sys
+
+    if sys.__stderr__ is None:
+        return
+    for ref in logging._handlerList[:]:  # weak references to every handler alive
+        handler = ref()
+        stream = getattr(handler, "stream", None)
+        if (
+            getattr(stream, "closed", False) is True
+            and isinstance(handler, logging.StreamHandler)
+            and not isinstance(handler, logging.FileHandler)
+        ):
+            handler.stream = sys.__stderr__
 
 
 def run_into_a_closed_pipe(*args: str, timeout: float = 300):
