@@ -1050,7 +1050,10 @@ COMPARE_KEYS = (
          "config use +overrides.foo=1 (Key 'foo' is not in struct)"),
         ("python2=1", ["overrides.*", "python2"], "Could not override 'python2'. To append to your config use "
          "+python2=1 (Key 'python2' is not in struct)"),
-        ("pythn2=1", ["overrides.*", "python2"], "unknown config key 'pythn2'; did you mean 'python2'? (known "
+        # ... with its '+' where only '+' gives it (python2=1 is Hydra's refusal above)
+        ("pythn2=1", ["overrides.*", "python2"], "unknown config key 'pythn2'; did you mean '+python2'? (known "
+         f"keys: {COMPARE_KEYS}, python2)"),
+        ("progres=1", ["overrides.*", "python2"], "unknown config key 'progres'; did you mean 'progress'? (known "
          f"keys: {COMPARE_KEYS}, python2)"),
     ],
 )  # fmt: skip

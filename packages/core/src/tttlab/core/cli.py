@@ -1142,13 +1142,15 @@ def _unknown_key(message: str, why: str, args: list[str], compose, free_keys=Non
     except Exception:  # noqa: BLE001 - another bad override too: Hydra's message
         return ""
     cfg.pop("hydra", None)
+    added = set()  # the keys only '+' gives: a did-you-mean names them with their '+'
     for pattern in free_keys or ():  # a key the command takes that '+' adds (no wildcard): a known key
         head, _, name = pattern.rpartition(".")
         target = cfg
         for part in head.split(".") if head else ():
             target = target.get(part) if isinstance(target, dict) else None
-        if isinstance(target, dict) and not any(c in pattern for c in "*?["):
-            target.setdefault(name, None)
+        if isinstance(target, dict) and not any(c in pattern for c in "*?[") and name not in target:
+            target[name] = None
+            added.add(pattern)
     # the node the key goes into: the deepest one the config has (engin.name: the top, which lacks 'engin')
     parts, node, depth = key.split("."), cfg, 0
     while depth < len(parts) - 1 and isinstance(node.get(parts[depth]), dict):
@@ -1156,7 +1158,8 @@ def _unknown_key(message: str, why: str, args: list[str], compose, free_keys=Non
     if parts[depth] in node:  # a value where the key wants a node (seed.x=1): Hydra's message
         return ""
     close = closest_key(cfg, key)
-    hint = f"; did you mean {close!r}?" if close else ""
+    # '+include_original=true', not 'include_original=true', which Hydra refuses ("To append ... use +")
+    hint = f"; did you mean {('+' if close in added else '') + close!r}?" if close else ""
     parent = ".".join(parts[:depth])
     where = f" in {parent!r}" if parent else ""
     return f"unknown config key {key!r}{hint} (known keys{where}: {', '.join(map(str, node))})"
