@@ -1073,6 +1073,27 @@ def test_a_command_says_which_keys_are_free_and_gets_unknown_keys_named(capsys, 
 
 
 @pytest.mark.parametrize(
+    "arg, line",
+    [
+        # a list key given a mapping: the list to give
+        ("severities={a:1}", "severities={a:1}: severities is a list (now [5]); give a list, e.g. "
+         "severities=[{a:1}]"),
+        # a mapping given a list: Hydra's "Cannot merge DictConfig with ListConfig" too, but no list key (the
+        # line said 'overrides is a list; give a list, e.g. overrides=[[1]]')
+        ("overrides=[1]", "Error merging override overrides=[1] (Cannot merge DictConfig with ListConfig)"),
+        ("baselines=[a]", "Error merging override baselines=[a] (Cannot merge DictConfig with ListConfig)"),
+    ],
+)  # fmt: skip
+def test_only_a_list_key_is_named_a_list(capsys, arg, line):
+    pytest.importorskip("hydra")
+    from tttlab.core.cli import check_config_overrides
+
+    with pytest.raises(SystemExit) as exc:
+        check_config_overrides("tttlab-x", "tttlab.core.conf", "compare", [arg])
+    assert (exc.value.code, capsys.readouterr().err) == (2, f"tttlab-x: error: ConfigError: {line}\n")
+
+
+@pytest.mark.parametrize(
     "args, line",
     [(["--cfg", "job", "-m"], "--multirun and --cfg job together: Hydra does one of them per command; give "
       "--multirun alone (runs the sweep) or --cfg job alone (prints the job's config)"),

@@ -1167,9 +1167,10 @@ def _unknown_key(message: str, why: str, args: list[str], compose, free_keys=Non
 
 def _list_expected(message: str, why: str, args: list[str], compose) -> str:
     """For Hydra's "Error merging override benchmark.severities=7 (Invalid value assigned: int is not a
-    ListConfig, list or tuple.)" (or "Cannot merge DictConfig with ListConfig", for a mapping): the key holds
-    a list, and the line says so with its value now and the list to give, ``benchmark.severities=[7]``;
-    ``""`` for any other message."""
+    ListConfig, list or tuple.)" (or "Cannot merge DictConfig with ListConfig", for a mapping given to a list
+    key): the key holds a list, and the line says so with its value now and the list to give,
+    ``benchmark.severities=[7]``; ``""`` for any other message, and for a mapping key given a list
+    (``engine.kwargs=[1,2]``: Hydra says "Cannot merge DictConfig with ListConfig" there too)."""
     import re
 
     from omegaconf import ListConfig, OmegaConf
@@ -1180,13 +1181,17 @@ def _list_expected(message: str, why: str, args: list[str], compose) -> str:
     ):
         return ""
     key, value = found.group(1).lstrip("+~"), found.group(2)
-    now = ""
+    now, current = "", None
     try:
         current = OmegaConf.select(compose([a for a in args if a.lstrip("+~").partition("=")[0] != key]), key)
         if isinstance(current, ListConfig):
             now = f" (now [{','.join(map(str, OmegaConf.to_container(current, resolve=False)))}])"
     except Exception:  # noqa: BLE001 - another bad override too: the line without the value now
         pass
+    # "Cannot merge DictConfig with ListConfig" is also a mapping given a list (engine.kwargs=[1,2]): no list
+    # key, Hydra's message stays
+    if not isinstance(current, ListConfig) and "is not a ListConfig" not in (why or message):
+        return ""
     return f"{key}={value}: {key} is a list{now}; give a list, e.g. {key}=[{value}]"
 
 
