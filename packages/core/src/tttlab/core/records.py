@@ -829,6 +829,9 @@ class RunDir:
                     atomic_write_text(kept, old.read_text(encoding="utf-8"))
         atomic_write_text(self.config_path, OmegaConf.to_yaml(OmegaConf.create(plain)))
         self._config_hash = config_hash(plain)
+        # a rerun back at a config kept beside its records (A, B, then A again): config.yaml holds it now, and a
+        # second copy as config-<hash>.yaml would read as another config's
+        (self.path / f"config-{self._config_hash}.yaml").unlink(missing_ok=True)
 
     def _replace_other_config(
         self, old_config: dict[str, Any] | None, previous: str, new: dict[str, Any], neutral: Sequence[str]
