@@ -794,6 +794,11 @@ def test_a_rerun_with_other_keys_keeps_the_earlier_config_beside_its_records(tmp
         "it out of the next command to resume"
     ]
     assert sorted(p.name for p in tmp_path.glob("config*.yaml")) == ["config.yaml"]
+    # only kept configs go: a file of the user's named like one stays (a start over removed any config-*.yaml)
+    (tmp_path / "config-mine.yaml").write_text("a: 1\n")
+    R.RunDir(tmp_path, first, resumable_keys=keys, start_over="train.resume=false")
+    assert (tmp_path / "config-mine.yaml").read_text() == "a: 1\n"
+    (tmp_path / "config-mine.yaml").unlink()
     # a folder without a record of the earlier config keeps no copy of it
     empty = tmp_path / "empty"
     R.RunDir(empty, first)

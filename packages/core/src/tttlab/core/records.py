@@ -49,6 +49,7 @@ import logging
 import math
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -941,8 +942,10 @@ class RunDir:
         # the earlier configs kept beside their records (config-<hash>.yaml) go with the last of those records
         left = {h for f in self.path.glob("records*.jsonl") for h in _record_hashes(f)}
         for kept in sorted(self.path.glob("config-*.yaml")):
-            if kept.is_file() and kept.stem.removeprefix("config-") not in left:
-                kept.unlink()
+            # a kept config's name only (config-<12 hex digits>.yaml): a config-mine.yaml of the user's stays
+            hash_ = kept.stem.removeprefix("config-")
+            if kept.is_file() and re.fullmatch(r"[0-9a-f]{12}", hash_) and hash_ not in left:
+                kept.unlink(missing_ok=True)  # missing: another process of the same start over removed it
                 gone.append(kept.name)
         said = f"removing {_and(gone)}" if gone else ""
         replaced, self._replaced = self._replaced, None
