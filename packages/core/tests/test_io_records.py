@@ -799,6 +799,14 @@ def test_a_rerun_with_other_keys_keeps_the_earlier_config_beside_its_records(tmp
     R.RunDir(tmp_path, first, resumable_keys=keys, start_over="train.resume=false")
     assert (tmp_path / "config-mine.yaml").read_text() == "a: 1\n"
     (tmp_path / "config-mine.yaml").unlink()
+    # a distributed rank 0 keeps it for another rank's records of it too (it looked in its own file only)
+    ranks = tmp_path / "ranks"
+    R.RunDir(ranks, first, rank=0)
+    with R.RunDir(ranks, first, rank=1).writer(method="pkg.ttt", metric="accuracy") as w:
+        w.write(value=0.5, step=0)
+    with _config_replaced(caplog, "the folder's 1 record of the earlier config keeps its config_hash"):
+        R.RunDir(ranks, second, rank=0)
+    assert _configs_of_records(ranks) == {h2: "config.yaml", h1: f"config-{h1}.yaml"}
     # a folder without a record of the earlier config keeps no copy of it
     empty = tmp_path / "empty"
     R.RunDir(empty, first)

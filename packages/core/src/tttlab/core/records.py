@@ -851,8 +851,11 @@ class RunDir:
             log.warning("%s; replacing it with this run's config (hash %s)", why, new_hash)
             return
         shown = _shown_diff(config_diff(without_keys(old_config, neutral), without_keys(new, neutral)))
-        files = self.path.glob("records*.jsonl") if self.rank is None else [self.records_path]
-        count = sum(h == previous for f in sorted(files) for h in _record_hashes(f))
+        # every rank's file, read only (a distributed rank 0 re-tags its own file only, but another rank's records
+        # of the earlier config need its config file as much; a line being appended is not read whole)
+        count = sum(
+            h == previous for f in sorted(self.path.glob("records*.jsonl")) for h in _record_hashes(f)
+        )
         head = (
             f"{self.path}: this run's config (hash {new_hash}) differs from the folder's config.yaml (hash "
             f"{previous}) in {shown or 'its hash'}; config.yaml now holds this run's"
