@@ -117,6 +117,14 @@ def test_a_run_directory_where_no_folder_can_be_made_stops_before_hydra(tmp_path
     check_dir_overrides("tttlab-x", ["out_dir=/proc/tttlab-x", "--cfg", "job"])  # Hydra's page: no folder
     assert list(tmp_path.iterdir()) == []
 
+    # a folder made that cannot be removed (an append-only folder: chattr +a) is no refusal: Hydra's mkdir works
+    # there (it said 'no folder can be made in ... (Operation not permitted)')
+    def no_rmdir(path, *a, **kw):
+        raise PermissionError(1, "Operation not permitted", path)
+
+    monkeypatch.setattr(os, "rmdir", no_rmdir)
+    check_dir_overrides("tttlab-x", [f"out_dir={tmp_path / 'append_only' / 'run'}"])
+
 
 def test_run_directory_overrides_that_can_be_created_pass(tmp_path):
     (tmp_path / "d").mkdir()

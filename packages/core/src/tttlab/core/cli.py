@@ -600,17 +600,21 @@ def check_dir_overrides(prog: str, argv: list[str] | None = None, keys: tuple[st
 def _cannot_make_folder_in(folder, top_missing) -> str | None:
     """Why no folder can be made in the existing ``folder`` (the reason, naming ``top_missing``, the first
     folder Hydra would make there, when there is one), or ``None`` when one can: a hidden folder of a unique
-    name is made there and removed at once."""
+    name is made there and removed at once (a folder made but not removable, as in an append-only folder
+    where Hydra's mkdir works too, is no reason to stop)."""
+    import contextlib
     import os
     import tempfile
 
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".tttlab-probe-", dir=folder))
+        probe = tempfile.mkdtemp(prefix=".tttlab-probe-", dir=folder)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         return f"no folder can be made in {folder} ({reason})" + (
             f", so {top_missing} cannot be made" if top_missing else ""
         )
+    with contextlib.suppress(OSError):
+        os.rmdir(probe)
     return None
 
 
