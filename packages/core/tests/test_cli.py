@@ -117,6 +117,14 @@ def test_a_run_directory_where_no_folder_can_be_made_stops_before_hydra(tmp_path
     check_dir_overrides("tttlab-x", ["out_dir=/proc/tttlab-x", "--cfg", "job"])  # Hydra's page: no folder
     assert list(tmp_path.iterdir()) == []
 
+    # a folder made that cannot be removed (an append-only folder: chattr +a) is no refusal: Hydra's mkdir works
+    # there (it said 'no folder can be made in ... (Operation not permitted)')
+    def no_rmdir(path, *a, **kw):
+        raise PermissionError(1, "Operation not permitted", path)
+
+    monkeypatch.setattr(os, "rmdir", no_rmdir)
+    check_dir_overrides("tttlab-x", [f"out_dir={tmp_path / 'append_only' / 'run'}"])
+
 
 def test_run_directory_overrides_that_can_be_created_pass(tmp_path):
     (tmp_path / "d").mkdir()
@@ -1119,7 +1127,10 @@ COMPARE_KEYS = (
          "config use +overrides.foo=1 (Key 'foo' is not in struct)"),
         ("python2=1", ["overrides.*", "python2"], "Could not override 'python2'. To append to your config use "
          "+python2=1 (Key 'python2' is not in struct)"),
-        ("pythn2=1", ["overrides.*", "python2"], "unknown config key 'pythn2'; did you mean 'python2'? (known "
+        # ... with its '+' where only '+' gives it (python2=1 is Hydra's refusal above)
+        ("pythn2=1", ["overrides.*", "python2"], "unknown config key 'pythn2'; did you mean '+python2'? (known "
+         f"keys: {COMPARE_KEYS}, python2)"),
+        ("progres=1", ["overrides.*", "python2"], "unknown config key 'progres'; did you mean 'progress'? (known "
          f"keys: {COMPARE_KEYS}, python2)"),
     ],
 )  # fmt: skip
@@ -1135,6 +1146,27 @@ def test_a_command_says_which_keys_are_free_and_gets_unknown_keys_named(capsys, 
 
     with pytest.raises(SystemExit) as exc:
         check_config_overrides("tttlab-x", "tttlab.core.conf", "compare", [arg], free_keys=free_keys)
+    assert (exc.value.code, capsys.readouterr().err) == (2, f"tttlab-x: error: ConfigError: {line}\n")
+
+
+@pytest.mark.parametrize(
+    "arg, line",
+    [
+        # a list key given a mapping: the list to give
+        ("severities={a:1}", "severities={a:1}: severities is a list (now [5]); give a list, e.g. "
+         "severities=[{a:1}]"),
+        # a mapping given a list: Hydra's "Cannot merge DictConfig with ListConfig" too, but no list key (the
+        # line said 'overrides is a list; give a list, e.g. overrides=[[1]]')
+        ("overrides=[1]", "Error merging override overrides=[1] (Cannot merge DictConfig with ListConfig)"),
+        ("baselines=[a]", "Error merging override baselines=[a] (Cannot merge DictConfig with ListConfig)"),
+    ],
+)  # fmt: skip
+def test_only_a_list_key_is_named_a_list(capsys, arg, line):
+    pytest.importorskip("hydra")
+    from tttlab.core.cli import check_config_overrides
+
+    with pytest.raises(SystemExit) as exc:
+        check_config_overrides("tttlab-x", "tttlab.core.conf", "compare", [arg])
     assert (exc.value.code, capsys.readouterr().err) == (2, f"tttlab-x: error: ConfigError: {line}\n")
 
 

@@ -361,6 +361,10 @@ def test_config_errors_and_method_names(env, tmp_path):
     with pytest.raises(ConfigError, match=r"^bad override seeds\.x=1: seeds is a list \(now \[0\]\), not a "):
         cmp.load_config(["profile=quick", "seeds.x=1"])
     assert cmp.load_config(["seeds.0=4"])["seeds"] == [4]
+    # ... after the overrides before it: seeds.2=3 indexes the list seeds=[0,1,2] gave (it was named the bad one)
+    with pytest.raises(ConfigError, match=r"^bad override methods\.x=a: methods is a list \(now \["):
+        cmp.load_config(["seeds=[0,1,2]", "seeds.2=3", "methods.x=a"])
+    assert cmp.load_config(["seeds=[0,1,2]", "seeds.2=3"])["seeds"] == [0, 1, 3]
     assert c["num_examples"] == c["profiles"]["quick"]["num_examples"] and len(c["corruptions"]) == 15
     specs, missing = cmp.resolve_methods(["fake.alpha", "fake.b*", "alpha"])
     assert [s.name for s in specs] == ["fake.alpha", "fake.beta"] and missing == []

@@ -782,16 +782,31 @@ def test_a_rerun_with_other_keys_keeps_the_earlier_config_beside_its_records(tmp
         R.RunDir(tmp_path, first, resumable_keys=keys)
     assert set(R.load_records(tmp_path)["config_hash"]) <= set(_configs_of_records(tmp_path))
     assert R._load_yaml_config(tmp_path / f"config-{h2}.yaml") == second
+    # ... and config.yaml holds the first config again: its kept copy goes (one file per config)
+    assert sorted(p.name for p in tmp_path.glob("config*.yaml")) == [f"config-{h2}.yaml", "config.yaml"]
     # a start over removes the kept configs with their records (and says so, with how to resume next time)
     caplog.clear()
     with caplog.at_level("WARNING", logger="tttlab.core.records"):
         R.RunDir(tmp_path, first, resumable_keys=keys, start_over="train.resume=false")
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path}: starting over (train.resume=false): removing the 3 records in the folder (2 of config_hash "
-        f"{h1}, 1 of config_hash {h2}), config-{h1}.yaml and config-{h2}.yaml; train.resume=false starts over "
-        "on every run: leave it out of the next command to resume"
+        f"{h1}, 1 of config_hash {h2}) and config-{h2}.yaml; train.resume=false starts over on every run: leave "
+        "it out of the next command to resume"
     ]
     assert sorted(p.name for p in tmp_path.glob("config*.yaml")) == ["config.yaml"]
+    # only kept configs go: a file of the user's named like one stays (a start over removed any config-*.yaml)
+    (tmp_path / "config-mine.yaml").write_text("a: 1\n")
+    R.RunDir(tmp_path, first, resumable_keys=keys, start_over="train.resume=false")
+    assert (tmp_path / "config-mine.yaml").read_text() == "a: 1\n"
+    (tmp_path / "config-mine.yaml").unlink()
+    # a distributed rank 0 keeps it for another rank's records of it too (it looked in its own file only)
+    ranks = tmp_path / "ranks"
+    R.RunDir(ranks, first, rank=0)
+    with R.RunDir(ranks, first, rank=1).writer(method="pkg.ttt", metric="accuracy") as w:
+        w.write(value=0.5, step=0)
+    with _config_replaced(caplog, "the folder's 1 record of the earlier config keeps its config_hash"):
+        R.RunDir(ranks, second, rank=0)
+    assert _configs_of_records(ranks) == {h2: "config.yaml", h1: f"config-{h1}.yaml"}
     # a folder without a record of the earlier config keeps no copy of it
     empty = tmp_path / "empty"
     R.RunDir(empty, first)

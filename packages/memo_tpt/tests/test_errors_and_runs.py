@@ -607,7 +607,8 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     "command, arg, line",
     [
         # plain YAML: Hydra said "Key 'foo' is not in struct ... use +foo=1", which _check_known_keys refused next
-        ("memo", "include_orignal=true", "unknown config key 'include_orignal'; did you mean 'include_original'? "
+        # ... the key meant with the '+' it needs (include_original=true is Hydra's refusal below)
+        ("memo", "include_orignal=true", "unknown config key 'include_orignal'; did you mean '+include_original'? "
          "(known keys: datasets_root, "),
         ("tpt", "foo=1", "unknown config key 'foo' (known keys: datasets_root, "),
         # keys the command takes that its YAML leaves out: '+' adds them (an ensemble's steps is MEMO's, no

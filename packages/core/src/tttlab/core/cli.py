@@ -600,17 +600,21 @@ def check_dir_overrides(prog: str, argv: list[str] | None = None, keys: tuple[st
 def _cannot_make_folder_in(folder, top_missing) -> str | None:
     """Why no folder can be made in the existing ``folder`` (the reason, naming ``top_missing``, the first
     folder Hydra would make there, when there is one), or ``None`` when one can: a hidden folder of a unique
-    name is made there and removed at once."""
+    name is made there and removed at once (a folder made but not removable, as in an append-only folder
+    where Hydra's mkdir works too, is no reason to stop)."""
+    import contextlib
     import os
     import tempfile
 
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".tttlab-probe-", dir=folder))
+        probe = tempfile.mkdtemp(prefix=".tttlab-probe-", dir=folder)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         return f"no folder can be made in {folder} ({reason})" + (
             f", so {top_missing} cannot be made" if top_missing else ""
         )
+    with contextlib.suppress(OSError):
+        os.rmdir(probe)
     return None
 
 
@@ -1142,13 +1146,15 @@ def _unknown_key(message: str, why: str, args: list[str], compose, free_keys=Non
     except Exception:  # noqa: BLE001 - another bad override too: Hydra's message
         return ""
     cfg.pop("hydra", None)
+    added = set()  # the keys only '+' gives: a did-you-mean names them with their '+'
     for pattern in free_keys or ():  # a key the command takes that '+' adds (no wildcard): a known key
         head, _, name = pattern.rpartition(".")
         target = cfg
         for part in head.split(".") if head else ():
             target = target.get(part) if isinstance(target, dict) else None
-        if isinstance(target, dict) and not any(c in pattern for c in "*?["):
-            target.setdefault(name, None)
+        if isinstance(target, dict) and not any(c in pattern for c in "*?[") and name not in target:
+            target[name] = None
+            added.add(pattern)
     # the node the key goes into: the deepest one the config has (engin.name: the top, which lacks 'engin')
     parts, node, depth = key.split("."), cfg, 0
     while depth < len(parts) - 1 and isinstance(node.get(parts[depth]), dict):
@@ -1156,7 +1162,8 @@ def _unknown_key(message: str, why: str, args: list[str], compose, free_keys=Non
     if parts[depth] in node:  # a value where the key wants a node (seed.x=1): Hydra's message
         return ""
     close = closest_key(cfg, key)
-    hint = f"; did you mean {close!r}?" if close else ""
+    # '+include_original=true', not 'include_original=true', which Hydra refuses ("To append ... use +")
+    hint = f"; did you mean {('+' if close in added else '') + close!r}?" if close else ""
     parent = ".".join(parts[:depth])
     where = f" in {parent!r}" if parent else ""
     return f"unknown config key {key!r}{hint} (known keys{where}: {', '.join(map(str, node))})"
@@ -1164,9 +1171,10 @@ def _unknown_key(message: str, why: str, args: list[str], compose, free_keys=Non
 
 def _list_expected(message: str, why: str, args: list[str], compose) -> str:
     """For Hydra's "Error merging override benchmark.severities=7 (Invalid value assigned: int is not a
-    ListConfig, list or tuple.)" (or "Cannot merge DictConfig with ListConfig", for a mapping): the key holds
-    a list, and the line says so with its value now and the list to give, ``benchmark.severities=[7]``;
-    ``""`` for any other message."""
+    ListConfig, list or tuple.)" (or "Cannot merge DictConfig with ListConfig", for a mapping given to a list
+    key): the key holds a list, and the line says so with its value now and the list to give,
+    ``benchmark.severities=[7]``; ``""`` for any other message, and for a mapping key given a list
+    (``engine.kwargs=[1,2]``: Hydra says "Cannot merge DictConfig with ListConfig" there too)."""
     import re
 
     from omegaconf import ListConfig, OmegaConf
@@ -1177,13 +1185,17 @@ def _list_expected(message: str, why: str, args: list[str], compose) -> str:
     ):
         return ""
     key, value = found.group(1).lstrip("+~"), found.group(2)
-    now = ""
+    now, current = "", None
     try:
         current = OmegaConf.select(compose([a for a in args if a.lstrip("+~").partition("=")[0] != key]), key)
         if isinstance(current, ListConfig):
             now = f" (now [{','.join(map(str, OmegaConf.to_container(current, resolve=False)))}])"
     except Exception:  # noqa: BLE001 - another bad override too: the line without the value now
         pass
+    # "Cannot merge DictConfig with ListConfig" is also a mapping given a list (engine.kwargs=[1,2]): no list
+    # key, Hydra's message stays
+    if not isinstance(current, ListConfig) and "is not a ListConfig" not in (why or message):
+        return ""
     return f"{key}={value}: {key} is a list{now}; give a list, e.g. {key}=[{value}]"
 
 

@@ -199,15 +199,16 @@ def _store_groups_hidden(keys):
 
 
 def _bad_override(overrides: list[str], exc: Exception, compose) -> str:
-    """The message for overrides Hydra refused together: the first one it refuses alone, named with Hydra's
-    reason (``seeds.x=1: ... invalid literal for int()`` said "bad override in [<every override>]"), and for
-    a list key indexed by a name, how a list is given."""
-    first = None
-    for o in overrides:
+    """The message for overrides Hydra refused together: the first one it refuses after those before it
+    (``seeds=[0,1,2] seeds.2=3`` is right: the list has an item 2 by then), named with Hydra's reason
+    (``seeds.x=1: ... invalid literal for int()`` said "bad override in [<every override>]"), and for a list
+    key indexed by a name, how a list is given."""
+    first, before = None, []
+    for i, o in enumerate(overrides):  # with the overrides before it: seeds=[0,1,2] seeds.2=3 is no mistake
         try:
-            compose("compare", overrides=[o])
-        except Exception as alone:  # noqa: BLE001
-            first, exc = o, alone
+            compose("compare", overrides=overrides[: i + 1])
+        except Exception as refused:  # noqa: BLE001
+            first, exc, before = o, refused, overrides[:i]
             break
     reason = str(exc).splitlines()[0]
     if first is None:
@@ -215,7 +216,7 @@ def _bad_override(overrides: list[str], exc: Exception, compose) -> str:
     key = first.split("=", 1)[0].lstrip("+~")
     head, _, rest = key.partition(".")
     if rest and not rest.split(".")[0].isdigit():
-        default = compose("compare", overrides=[]).get(head)
+        default = compose("compare", overrides=before).get(head)
         if isinstance(default, Sequence) and not isinstance(default, str):
             return (
                 f"bad override {first}: {head} is a list (now {list(default)}), not a mapping; give the "

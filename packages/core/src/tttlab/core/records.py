@@ -49,6 +49,7 @@ import logging
 import math
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -829,6 +830,9 @@ class RunDir:
                     atomic_write_text(kept, old.read_text(encoding="utf-8"))
         atomic_write_text(self.config_path, OmegaConf.to_yaml(OmegaConf.create(plain)))
         self._config_hash = config_hash(plain)
+        # a rerun back at a config kept beside its records (A, B, then A again): config.yaml holds it now, and a
+        # second copy as config-<hash>.yaml would read as another config's
+        (self.path / f"config-{self._config_hash}.yaml").unlink(missing_ok=True)
 
     def _replace_other_config(
         self, old_config: dict[str, Any] | None, previous: str, new: dict[str, Any], neutral: Sequence[str]
@@ -847,8 +851,11 @@ class RunDir:
             log.warning("%s; replacing it with this run's config (hash %s)", why, new_hash)
             return
         shown = _shown_diff(config_diff(without_keys(old_config, neutral), without_keys(new, neutral)))
-        files = self.path.glob("records*.jsonl") if self.rank is None else [self.records_path]
-        count = sum(h == previous for f in sorted(files) for h in _record_hashes(f))
+        # every rank's file, read only (a distributed rank 0 re-tags its own file only, but another rank's records
+        # of the earlier config need its config file as much; a line being appended is not read whole)
+        count = sum(
+            h == previous for f in sorted(self.path.glob("records*.jsonl")) for h in _record_hashes(f)
+        )
         head = (
             f"{self.path}: this run's config (hash {new_hash}) differs from the folder's config.yaml (hash "
             f"{previous}) in {shown or 'its hash'}; config.yaml now holds this run's"
@@ -938,8 +945,10 @@ class RunDir:
         # the earlier configs kept beside their records (config-<hash>.yaml) go with the last of those records
         left = {h for f in self.path.glob("records*.jsonl") for h in _record_hashes(f)}
         for kept in sorted(self.path.glob("config-*.yaml")):
-            if kept.is_file() and kept.stem.removeprefix("config-") not in left:
-                kept.unlink()
+            # a kept config's name only (config-<12 hex digits>.yaml): a config-mine.yaml of the user's stays
+            hash_ = kept.stem.removeprefix("config-")
+            if kept.is_file() and re.fullmatch(r"[0-9a-f]{12}", hash_) and hash_ not in left:
+                kept.unlink(missing_ok=True)  # missing: another process of the same start over removed it
                 gone.append(kept.name)
         said = f"removing {_and(gone)}" if gone else ""
         replaced, self._replaced = self._replaced, None
