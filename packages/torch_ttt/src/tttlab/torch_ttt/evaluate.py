@@ -124,7 +124,7 @@ RESET_FOR_SETTING = {
 STREAMS = ("benchmark", "noisy")
 
 #: ``profile=`` of the compare contract (``tools/compare.py``): defaults that the caller's own keys override.
-#: smoke: seconds (CI); quick: ``make demo profile=quick``; full: ``make demo`` (the mnist_bn model trained
+#: smoke: seconds (CI); quick: ``make demo PROFILE=quick``; full: ``make demo`` (the mnist_bn model trained
 #: one epoch on all 50,000 training images).  The trained model is cached in ``cache_dir`` either way.
 #: Each profile has its own default run folder, ``runs/torch_ttt/eval/<experiment_name>-<profile>`` (see
 #: :func:`default_out_dir`; an ``out_dir`` of the caller's, e.g. compare's, wins).
