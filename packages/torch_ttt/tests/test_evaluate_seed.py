@@ -23,15 +23,12 @@ def test_each_evaluation_seed_trains_its_own_cached_model(monkeypatch):
     monkeypatch.setattr(T, "run", lambda tc: trained.append(tc))
     experiment_seed = T.train_config("mnist_bn", [])["seed"]
     assert experiment_seed == 7
-    paths = {}
-    for seed in (0, 1, 2):
-        c = E.eval_config({"engine": "tent"}, [f"seed={seed}", "cache_dir=/nonexistent-cache"])
-        paths[seed] = E.training_run(c, _OneRank())
+    c = E.eval_config({"engine": "tent"}, ["cache_dir=/nonexistent-cache"])
+    paths = {seed: E.training_run({**c, "seed": seed}, _OneRank()) for seed in (0, 1, 2)}
     assert [tc["seed"] for tc in trained] == [7, 8, 9]
     assert len(set(paths.values())) == 3
     # seed 0: the experiment's own config, so the models cached before this change are reused
     plain = T.train_config("mnist_bn", ["train.engine=ttt", "eval.enabled=false", "device=cpu"])
     assert paths[0].name.endswith(config_hash(T._training_part(plain)))
     # an explicit training seed is taken as given, whatever the evaluation's seed
-    c = E.eval_config({"engine": "tent", "train_overrides": ["seed=3"]}, ["seed=2"])
-    assert E.cached_training_config(c)[0]["seed"] == 3
+    assert E.cached_training_config({**c, "seed": 2, "train_overrides": ["seed=3"]})[0]["seed"] == 3
