@@ -127,3 +127,25 @@ def test_a_command_given_a_file_as_out_dir_says_so_in_one_line(tmp_path, monkeyp
         f"tttlab-torch-ttt-train: error: InvalidInputError: out_dir={tmp_path / 'f'}: the path is a file; "
         "expected a directory (or a path that does not exist yet)"
     ]
+
+
+def test_make_demo_is_written_with_the_makefiles_variables():
+    """``make demo profile=quick`` sets a make variable nobody reads (the demo then runs profile full) and
+    ``make demo quick`` asks make for a target ``quick``: every mention of the demo command in the docs, the
+    configs and the code gives the profile as ``PROFILE=<name>`` (or ``ARGS=...``), as the Makefile reads."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^PROFILE \?= full$", makefile, flags=re.M)
+    assert "profile=$(PROFILE)" in makefile and "$(ARGS)" in makefile
+    files = [ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / "Makefile"]
+    for ext in ("md", "py", "yaml", "sh"):
+        files += [p for p in (ROOT / "packages").rglob(f"*.{ext}")]
+        files += [p for p in (ROOT / "benchmarks").rglob(f"*.{ext}")]
+        files += [p for p in (ROOT / "tools").rglob(f"*.{ext}")]
+    wrong = re.compile(r"make demo\s+(?:[a-z][A-Za-z0-9_]*=|(?:smoke|quick|full|default)\b)")
+    offenders = [
+        f"{p.relative_to(ROOT)}:{i}: {line.strip()}"
+        for p in files
+        for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+        if wrong.search(line)
+    ]
+    assert offenders == []

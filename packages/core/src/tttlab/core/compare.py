@@ -1252,6 +1252,27 @@ def highlights(table, c: dict[str, Any]) -> list[str]:
             d, r, cr, base = top
             lines.append(f"Largest gain on one corruption: {_row_label(r, several)} on {cr}, "
                          f"{_fmt(base[cr])}% -> {_fmt(r[cr])}% ({_fmt(d, sign=True)}{fewer_images(r)}).")  # fmt: skip
+    lines += _missing_baselines(table, c)
+    return lines
+
+
+def _missing_baselines(table, c: dict[str, Any]) -> list[str]:
+    """Why a row's gain column is empty when its subpackage's baseline was not among the methods (e.g.
+    ``'methods=[torch_ttt.tent,torch_ttt.bn]'``): one sentence per subpackage naming the method to add."""
+    baselines = c.get("baselines") or {}
+    chosen = [str(m) for m in (c.get("methods") or [])]
+    run = set(table["method"])
+    lines = []
+    for package, rows in table.groupby("package", sort=True):
+        base = baselines.get(package)
+        if not base or base in run:
+            continue
+        names = ", ".join(sorted(dict.fromkeys(rows["method"])))
+        if any(fnmatch.fnmatchcase(base, m) for m in chosen):  # chosen, but it failed or has no records
+            why = "has no results (see its run)"
+        else:
+            why = "was not among the methods (add it)"
+        lines.append(f"No gain column for {names}: their baseline {base} {why}.")
     return lines
 
 

@@ -7,7 +7,8 @@
 
 The model comes from ``train_run`` (a ``tttlab-torch-ttt-train`` run directory) or, when that is null,
 from a run of ``train_experiment`` trained on first use and cached under ``cache_dir`` (keyed by the hash
-of its training config).  Engines with a jointly trained auxiliary head (``ttt``, ``ttt_pp``, ``ittt``,
+of its training config; its seed is the experiment's plus the evaluation's ``seed``: one model per seed).
+Engines with a jointly trained auxiliary head (``ttt``, ``ttt_pp``, ``ittt``,
 ``masked_ttt``) get a model trained with that engine, and with the evaluation's ``engine.kwargs`` when it
 has any (``conf/engine/ittt.yaml``: ``feedback: softmax``; ``engine.kwargs={}`` on the command line empties
 them, :func:`clears_engine_kwargs`) other than those that do not change its training (the engine's
@@ -124,7 +125,7 @@ RESET_FOR_SETTING = {
 STREAMS = ("benchmark", "noisy")
 
 #: ``profile=`` of the compare contract (``tools/compare.py``): defaults that the caller's own keys override.
-#: smoke: seconds (CI); quick: ``make demo profile=quick``; full: ``make demo`` (the mnist_bn model trained
+#: smoke: seconds (CI); quick: ``make demo PROFILE=quick``; full: ``make demo`` (the mnist_bn model trained
 #: one epoch on all 50,000 training images).  The trained model is cached in ``cache_dir`` either way.
 #: Each profile has its own default run folder, ``runs/torch_ttt/eval/<experiment_name>-<profile>`` (see
 #: :func:`default_out_dir`; an ``out_dir`` of the caller's, e.g. compare's, wins).
@@ -492,7 +493,9 @@ def reset_policy(c: dict[str, Any]) -> Reset:
 
 
 def cached_training_config(c: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """``(training config, train engine)`` of the model ``train_experiment`` trains for this evaluation."""
+    """``(training config, train engine)`` of the model ``train_experiment`` trains for this evaluation.
+    Its ``seed`` is the experiment's plus the evaluation's ``seed`` (unless ``train_overrides`` sets one), so
+    that ``tttlab-compare 'seeds=[0,1,2]'`` averages over models as well as benchmark draws."""
     engine = c["engine"]["name"]
     train_engine = c["train_engine"]
     if train_engine == "auto":
@@ -500,6 +503,10 @@ def cached_training_config(c: dict[str, Any]) -> tuple[dict[str, Any], str]:
     overrides = [f"train.engine={train_engine}", "eval.enabled=false", f"device={c['device']}",
                  *c["train_overrides"]]  # fmt: skip
     tc = T.train_config(c["train_experiment"], overrides)
+    if not any(str(o).lstrip("+~").startswith("seed=") for o in c["train_overrides"]):
+        # one model per evaluation seed, as the other subpackages train theirs: seed k trains with the
+        # experiment's seed + k, so seed 0 keeps the experiment's own model (mnist_bn: the tutorial's 7)
+        tc["seed"] = int(tc["seed"]) + int(c["seed"])
     given = c["engine"]["kwargs"] or {}
     # with the training's own kwargs under them: IT3's training=notebook may come from train_overrides
     inert = get_engine(engine).training_inert_kwargs({**(tc["train"]["engine_kwargs"] or {}), **given})
