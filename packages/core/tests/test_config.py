@@ -59,6 +59,7 @@ def test_a_bare_leaf_name_or_its_typo_finds_the_one_key_with_that_last_component
         "progress": "logging.progress",  # a bare leaf name
         "progres": "logging.progress",  # its typo
         "train.progress": "logging.progress",  # under another node
+        "optimization.lr": "engine.optimization.lr",  # without its first node (two lr anywhere)
         "lrr": None,  # two lr: the user chooses
         "name": None,
         "engin.foo": None,

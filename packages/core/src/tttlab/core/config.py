@@ -119,7 +119,8 @@ def closest_key(tree, key: str) -> str | None:
     likely meant by ``key``, which ``tree`` lacks, for a "did you mean" hint; ``None`` when none is likely.
     In this order: a close name in the node where ``key`` goes (``train.lrr`` -> ``train.lr``), or a
     misspelt node on the way when the rest of the key is there (``engin.name`` -> ``engine.name``); then,
-    anywhere in ``tree``, the one key whose last component is ``key``'s (a bare leaf name: ``progress`` ->
+    anywhere in ``tree``, the one key that ends with the dotted ``key`` (``optimization.lr`` ->
+    ``engine.optimization.lr``), the one key whose last component is ``key``'s (a bare leaf name: ``progress`` ->
     ``logging.progress``), then the one whose last component is close to it (``progres`` ->
     ``logging.progress``).  None where two keys fit equally (the user has to choose)."""
     from collections.abc import Mapping
@@ -140,6 +141,10 @@ def closest_key(tree, key: str) -> str | None:
         fixed = ".".join([*parts[:depth], name, *parts[depth + 1 :]])
         if fixed in paths:
             return fixed
+    if len(parts) > 1:  # a key given without its first nodes: optimization.lr -> engine.optimization.lr
+        ends = [path for path in paths if path.endswith("." + key)]
+        if len(ends) == 1:
+            return ends[0]
     leaf = parts[-1]
     last = {}  # last component -> the paths that end with it
     for path in paths:
