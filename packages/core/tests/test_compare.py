@@ -9,6 +9,7 @@ that a method of a subpackage that is not installed gives its install command.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -316,6 +317,23 @@ def test_timeout_is_a_failure(env):
     (t,) = result.tasks
     assert t.status == "failed" and "timed out" in t.error and t.seconds < 20
     assert result.text == "no results"
+
+
+def test_a_key_under_a_node_the_config_lacks_lists_the_top_level_keys():
+    """compare hands validate() a key it cannot place as one dotted key ('optimization.lr', an evaluate's
+    key given to compare): the line listed the keys of the node 'optimization', which has none ("known keys
+    in 'optimization': ", nothing after it).  Now the deepest node the schema has: the top, or the node on
+    the way."""
+    from tttlab.core.config import RunConfig, validate
+
+    top = ", ".join(f.name for f in dataclasses.fields(cmp.CompareConfig))
+    with pytest.raises(ConfigError) as info:
+        cmp.load_config(["optimization.lr=1"])
+    assert str(info.value) == f"unknown config key 'optimization.lr' (known keys: {top})"
+    with pytest.raises(ConfigError) as info:
+        validate({"logging.foo.bar": 1}, RunConfig)  # below logging, which the schema has: its keys
+    line = "unknown config key 'logging.foo.bar' (known keys in 'logging': progress, level)"
+    assert str(info.value) == line
 
 
 def test_config_errors_and_method_names(env, tmp_path):

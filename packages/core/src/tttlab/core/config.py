@@ -193,10 +193,15 @@ def validate(cfg, schema=RunConfig):
     except ConfigKeyError as exc:
         full = _full_key(exc)
         parts = full.split(".") if full else [str(getattr(exc, "key", "?"))]
-        known = _known_keys(cls, parts[:-1])
+        # the keys of the deepest node of the schema on the key's way: a node the schema lacks has none to
+        # list (compare passes 'foo.bar=1' as the one key 'foo.bar': "known keys in 'foo': " listed nothing)
+        depth = len(parts) - 1
+        while depth and not _known_keys(cls, parts[:depth]):
+            depth -= 1
+        known = _known_keys(cls, parts[:depth])
         close = closest_key(OmegaConf.to_container(base, resolve=False), ".".join(parts))
         hint = f"; did you mean {close!r}?" if close else ""
-        where = f" in {'.'.join(parts[:-1])!r}" if len(parts) > 1 else ""
+        where = f" in {'.'.join(parts[:depth])!r}" if depth else ""
         raise ConfigError(
             f"unknown config key {full!r}{hint} (known keys{where}: {', '.join(known)})"
         ) from None
