@@ -336,6 +336,26 @@ def test_a_key_under_a_node_the_config_lacks_lists_the_top_level_keys():
     assert str(info.value) == line
 
 
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        # a mapping key given a list: it said "bad override ++overrides=[1]: Error merging override
+        # ++overrides=[1]" (the '++' compare adds, and no reason)
+        (["overrides=[1]"], "bad override overrides=[1]: Error merging override overrides=[1] (Cannot merge "
+         "DictConfig with ListConfig)"),
+        # words the shell split: it said "bad override seeds=[0,: no viable alternative at input '[0,'"
+        (["seeds=[0,", "1]"], "'seeds=[0, 1]': a space inside a value; quote the override (\"seeds=[0, 1]\") or "
+         "drop the space"),
+        (["seeds=", "1"], "'seeds= 1': a space after '='; give seeds=1 (one word, or quoted)"),
+    ],
+)  # fmt: skip
+def test_a_refused_override_is_named_as_the_command_line_gave_it(argv, line):
+    """tttlab-compare's own refusals say what the Hydra commands say (core README, ``errors, cli``)."""
+    with pytest.raises(ConfigError) as info:
+        cmp.load_config(argv)
+    assert str(info.value) == line
+
+
 def test_config_errors_and_method_names(env, tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'seeds'"):
         cmp.load_config(["seds=[1]"])

@@ -198,11 +198,16 @@ def _store_groups_hidden(keys):
         repo.update(hidden)
 
 
-def _bad_override(overrides: list[str], exc: Exception, compose) -> str:
+def _bad_override(
+    overrides: list[str], exc: Exception, compose, given: Mapping[str, str] | None = None
+) -> str:
     """The message for overrides Hydra refused together: the first one it refuses after those before it
-    (``seeds=[0,1,2] seeds.2=3`` is right: the list has an item 2 by then), named with Hydra's reason
-    (``seeds.x=1: ... invalid literal for int()`` said "bad override in [<every override>]"), and for a list
-    key indexed by a name, how a list is given."""
+    (``seeds=[0,1,2] seeds.2=3`` is right: the list has an item 2 by then), named with Hydra's reason and its
+    cause (``seeds.x=1: ... invalid literal for int()`` said "bad override in [<every override>]";
+    ``overrides=[1]``: "Cannot merge DictConfig with ListConfig"), and for a list key indexed by a name, how a
+    list is given.  ``given``: the command line's form of an override that :func:`load_config` rewrote (the
+    ``++`` of a mapping key), which the message names instead (it said "bad override ++overrides=[1]")."""
+    given = given or {}
     first, before = None, []
     for i, o in enumerate(overrides):  # with the overrides before it: seeds=[0,1,2] seeds.2=3 is no mistake
         try:
@@ -211,18 +216,25 @@ def _bad_override(overrides: list[str], exc: Exception, compose) -> str:
             first, exc, before = o, refused, overrides[:i]
             break
     reason = str(exc).splitlines()[0]
+    cause = exc.__cause__
+    why = " ".join(str(cause).splitlines()[0].split()) if cause is not None and str(cause).strip() else ""
+    if why and why not in reason:
+        reason += f" ({why})"
+    for ours, theirs in given.items():  # the overrides as the user wrote them
+        reason = reason.replace(ours, theirs)
     if first is None:
-        return f"bad override in {overrides}: {reason}"
+        return f"bad override in {[given.get(o, o) for o in overrides]}: {reason}"
+    first_given = given.get(first, first)
     key = first.split("=", 1)[0].lstrip("+~")
     head, _, rest = key.partition(".")
     if rest and not rest.split(".")[0].isdigit():
         default = compose("compare", overrides=before).get(head)
         if isinstance(default, Sequence) and not isinstance(default, str):
             return (
-                f"bad override {first}: {head} is a list (now {list(default)}), not a mapping; give the "
+                f"bad override {first_given}: {head} is a list (now {list(default)}), not a mapping; give the "
                 f"whole list, e.g. {head}=[1,2], or one item by its index, e.g. {head}.0=1"
             )
-    return f"bad override {first}: {reason}"
+    return f"bad override {first_given}: {reason}"
 
 
 def load_config(overrides: Sequence[str] = (), values: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -235,11 +247,20 @@ def load_config(overrides: Sequence[str] = (), values: Mapping[str, Any] | None 
     from .config import validate
 
     overrides = _split_argv(overrides)
+    # a word that is no override: the shell split 'seeds=[0, 1]' unquoted (Hydra's lexer said "bad override
+    # seeds=[0,: no viable alternative at input '[0,'"), a space after '=', 'profile quick': core's line
+    from .cli import _not_an_override
+
+    not_one = _not_an_override(overrides, overrides)
+    if not_one:
+        raise ConfigError(not_one)
     # the mapping-valued keys take new entries without Hydra's `+` (the composed config is in struct mode)
-    overrides = [
-        f"++{o}" if o.split(".", 1)[0].split("=", 1)[0] in _MAPPING_KEYS and o[:1] not in "+~" else o
+    given = {
+        f"++{o}": o
         for o in overrides
-    ]
+        if o.split(".", 1)[0].split("=", 1)[0] in _MAPPING_KEYS and o[:1] not in "+~"
+    }
+    overrides = [f"++{o}" if f"++{o}" in given else o for o in overrides]
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     known = [o for o in overrides if not _unknown_key(o)]
@@ -251,7 +272,7 @@ def load_config(overrides: Sequence[str] = (), values: Mapping[str, Any] | None 
             try:
                 cfg = compose("compare", overrides=known)
             except Exception as exc:  # noqa: BLE001 - Hydra's override errors have many types
-                raise ConfigError(_bad_override(known, exc, compose)) from None
+                raise ConfigError(_bad_override(known, exc, compose, given)) from None
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001
