@@ -124,6 +124,13 @@ EVAL_KEYS = (
         # a free-form node (an engine's kwargs): Hydra's '+' is the remedy there, and its message stays
         ("evaluate", "engine.kwargs.foo=1", "Could not override 'engine.kwargs.foo'. To append to your config "
          "use +engine.kwargs.foo=1 (Key 'foo' is not in struct)"),
+        # an optimization parameter: misspelt, a did-you-mean (was Hydra's '+', then OptimizationParameters'
+        # refusal); one the engine YAML leaves out keeps Hydra's '+'
+        ("evaluate", "engine.optimization.num_stepz=2", "unknown config key 'engine.optimization.num_stepz'; did "
+         "you mean 'engine.optimization.num_steps'? (known keys in 'engine.optimization': num_steps, lr, "
+         "optimizer_name, reset, momentum, nesterov, weight_decay, betas, copy_model)"),
+        ("evaluate", "engine.optimization.momentum=0.5", "Could not override 'engine.optimization.momentum'. To "
+         "append to your config use +engine.optimization.momentum=0.5 (Key 'momentum' is not in struct)"),
     ],
 )  # fmt: skip
 def test_a_key_the_command_lacks_names_the_key_to_use(monkeypatch, capsys, command, arg, expected):

@@ -111,7 +111,7 @@ from tttlab.core.torch import Dist, init_distributed  # noqa: F401  (re-exported
 
 from . import train as T
 from .checkpoints import build_reference, pretrained_state
-from .engine.base_engine import OptimizationParameters, Reset, build_optimizer
+from .engine.base_engine import DEFAULT_OPTIMIZATION, OptimizationParameters, Reset, build_optimizer
 from .engine_registry import EngineRegistry, get_engine
 from .models import MODELS, ModelInfo, model_info
 from .precision import check_amp, check_compile, compile_kwargs
@@ -145,6 +145,18 @@ def default_out_dir(profile: str | None, experiment_name: str = "${experiment_na
     e.g. ``tent-mnist_c-reset_each_shift-quick``.  One folder for all was shared by the profiles: their
     records went into one file and config.yaml was overwritten with a warning."""
     return f"runs/torch_ttt/eval/{experiment_name}" + (f"-{profile}" if profile else "")
+
+
+#: the keys of the evaluate config a command line may add with Hydra's '+' (core's check_hydra_command): an
+#: engine's and a checkpoint's keyword arguments, the presets, and the optimization parameters the engine YAMLs
+#: leave out (``+engine.optimization.momentum=0.5``); any other key the config lacks is named with a did-you-mean
+#: (``engine.optimization.num_stepz=2`` got Hydra's '+' advice, then OptimizationParameters' refusal)
+FREE_KEYS = (
+    "engine.kwargs",
+    "model_checkpoint.kwargs",
+    "engine_defaults",
+    *(f"engine.optimization.{k}" for k in (*DEFAULT_OPTIMIZATION, "copy_model")),
+)
 
 
 @dataclass
@@ -1275,7 +1287,7 @@ def main() -> None:
                 print("\n".join(summary_lines(Path(path))))
                 print(path)
 
-    check_hydra_command("tttlab-torch-ttt-evaluate", "tttlab.torch_ttt.conf", "evaluate")
+    check_hydra_command("tttlab-torch-ttt-evaluate", "tttlab.torch_ttt.conf", "evaluate", free_keys=FREE_KEYS)
     try:
         _main()
     finally:
