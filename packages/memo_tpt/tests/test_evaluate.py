@@ -59,8 +59,16 @@ def test_bad_config(tmp_path):
             ConfigError, match=re.escape(f"method={method!r} (did you mean {meant!r}?); expected")
         ):
             run(method=method)
-    with pytest.raises(ConfigError, match=re.escape("'severities' (did you mean 'benchmark.severities'?)")):
+    with pytest.raises(
+        ConfigError, match=re.escape("'severities' (did you mean 'benchmark.severities'?) (known keys: ")
+    ):
         run(method="memo_tpt.memo", severities=[1])
+    # the node's keys as the other commands list them (was a Python list: "expected one of ['amp', ...]")
+    with pytest.raises(
+        ConfigError,
+        match=r"'benchmark\.severitys' \(did you mean 'benchmark\.severities'\?\) \(known keys in 'benchmark': name, ",
+    ):
+        run(method="memo_tpt.memo", benchmark={"severitys": [1]})
     # bad-input audit: bool('maybe') was True; a cache_dir that is a file was a FileExistsError
     (tmp_path / "a_file").write_text("x")
     for key, value in (("progress", "maybe"), ("cache_dir", str(tmp_path / "a_file"))):

@@ -138,7 +138,8 @@ def _merge(base: dict, user: Mapping, path: str = "") -> dict:
 
             close = closest_key(DEFAULTS, f"{path}{k}")  # a key next to it, or the one anywhere: severities
             hint = f" (did you mean {close!r}?)" if close else ""
-            raise ConfigError(f"unknown config key {path + k!r}{hint}; expected one of {sorted(base)}")
+            where = f" in {path[:-1]!r}" if path else ""
+            raise ConfigError(f"unknown config key {path + k!r}{hint} (known keys{where}: {', '.join(base)})")
         if isinstance(base[k], dict) and isinstance(v, Mapping):
             out[k] = _merge(base[k], v, f"{path}{k}.")
         else:
