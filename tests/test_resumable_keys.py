@@ -36,7 +36,6 @@ import importlib.util
 import os
 import re
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -46,17 +45,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_TORCH = os.environ.get("TTTLAB_EXPECT_NO_TORCH") == "1"
-# mttt_jax's case, run alone: the XLA settings of mttt_jax's tests/conftest.py (see there) and its cache
+# mttt_jax's case, run alone: the XLA settings and cache of mttt_jax's tests (its conftest's)
 if NO_TORCH and "jax" not in sys.modules:
-    os.environ.setdefault(
-        "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "tttlab_mttt_jax_test_xla_cache")
-    )
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-    if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (
-            f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-        )
+    from tttlab.core.testing import fast_xla_compiles_for_tests
+
+    fast_xla_compiles_for_tests()
 
 #: keys whose effect on the numbers a tiny CPU run may not show: never resumable
 NEVER_RESUMABLE = {"seed", "device", "threads", "num_threads", "amp", "compile", "jit", "distributed"}

@@ -12,20 +12,11 @@ compares runs made under the same flags or uses tolerances.
 cache entries by the flags, so the two levels never share an entry.  Set before JAX creates its
 backend; subprocesses inherit both."""
 
-import os
-import tempfile
+from tttlab.core.testing import fast_xla_compiles_for_tests, hydra_state_kept
 
-_CACHE = os.path.join(tempfile.gettempdir(), "tttlab_mttt_jax_test_xla_cache")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-
+fast_xla_compiles_for_tests()
 
 import pytest  # noqa: E402
-
-from tttlab.core.testing import hydra_state_kept  # noqa: E402
 
 #: the shared training run: TINY (test_train.py) at batch 8, 2 epochs of 2 steps, T=2 SGD inner loop, an
 #: in-epoch checkpoint at step 3.  Trained once per session and only read (tests that resume or refuse copy it

@@ -240,6 +240,26 @@ class CompileRecorder(list):
         self.calls = 0
 
 
+def fast_xla_compiles_for_tests() -> None:
+    """Set, before JAX makes its backend, what JAX tests share (mttt_jax's conftest and the mttt_jax case of
+    ``tests/test_resumable_keys.py``): one persistent XLA compilation cache in the temporary folder for every
+    program, however small or quick to compile, and XLA:CPU's backend optimisation level 0 unless
+    ``XLA_FLAGS`` already sets a level (the tests' models are tiny, so compiling dominates their time; see
+    mttt_jax's ``tests/conftest.py`` for the measured gain and the last-bit differences it brings).  Only
+    environment variables (subprocesses inherit them): no JAX import here."""
+    import os
+    import tempfile
+
+    cache = os.path.join(tempfile.gettempdir(), "tttlab_mttt_jax_test_xla_cache")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (
+            f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+        )
+
+
 def record_torch_compile(monkeypatch) -> CompileRecorder:
     """Replace ``torch.compile`` (pytest's ``monkeypatch``) by a :class:`CompileRecorder` and return it:
     what a config's ``compile`` value reaches, without compiling anything."""
