@@ -36,6 +36,11 @@ checkpoints, where it stops, where its folder is), with ``resumable_keys=``: the
 A training run resumed with another key changed (torch_ttt's ``eval.noise_std``: the same weights, new
 evaluations) replaces ``config.yaml`` and keeps the earlier config as ``config-<hash>.yaml`` beside the records
 written under it, with one logged warning; a start over removes those kept configs with their records.
+
+Every record names a config file of its folder (``config.yaml`` or ``config-<hash>.yaml``) at every moment, a
+killed run's folder included: :class:`RunDir` writes a config file before a record is re-tagged to it, and
+replaces ``config.yaml`` or removes a kept copy only once no record needs it; the same command run again ends
+with the folder an uninterrupted run leaves (``packages/core/tests/test_records_kill.py`` kills it at each file operation).
 """
 
 from __future__ import annotations
@@ -561,6 +566,25 @@ def _record_hashes(path: Path) -> list[str | None]:
     return out
 
 
+def _names(files: Iterable[Path], hash_: str) -> int:
+    """How many records (complete lines) of the JSONL ``files`` name the ``config_hash`` ``hash_``; read only, and
+    only the lines that hold the hash are parsed (a folder of per-image records that names another is skimmed)."""
+    needle, count = hash_.encode(), 0
+    for path in files:
+        data = path.read_bytes() if path.is_file() else b""
+        if needle not in data:
+            continue
+        for raw in data.split(b"\n")[:-1]:
+            if needle not in raw:
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            count += isinstance(record, dict) and record.get("config_hash") == hash_
+    return count
+
+
 def _has_records(path: Path) -> bool:
     return any(f.stat().st_size > 0 for f in Path(path).glob("records*.jsonl"))
 
@@ -665,7 +689,10 @@ class RunDir:
     the records it wrote (each record names its ``config_hash``) and write the new one; the environment
     variable ``TTTLAB_APPEND_TO_OTHER_CONFIG=1`` turns ``"error"`` into this (:func:`check_run_dir` runs
     the same check before anything is computed).  ``identity``: the part of a
-    config that must match (default: all of it), e.g. without the device a run may resume on.
+    config that must match (default: all of it), e.g. without the device a run may resume on; a config that
+    differs from the folder's only outside it replaces ``config.yaml`` silently, and the folder's records keep
+    their ``config_hash`` (the number-changing key differs), so the earlier config is kept as
+    ``config-<hash>.yaml`` beside them (it was not: their hash named no file of the folder).
     ``display_keys`` (default :data:`DISPLAY_KEYS`): keys that are never part of it (they change only what
     is shown); a config that differs from the folder's only in them replaces it silently, and the records of
     the folder's config are re-tagged with this one's hash (:func:`retag_records`): the same run.
@@ -688,7 +715,14 @@ class RunDir:
     Re-tagging rewrites a records file (temp file + rename).  A run without ranks (``rank=None``) re-tags
     every ``records*.jsonl`` of the folder; a distributed rank 0 (``rank=0``) its own ``records.jsonl`` only,
     never another rank's ``records-rank<r>.jsonl``, which that rank may be opening to append to (its lines
-    would go to the replaced file and be lost).  Ranks r > 0 do not read or write the config.
+    would go to the replaced file and be lost); where another rank's file holds records of the earlier config,
+    rank 0 keeps that config as ``config-<hash>.yaml`` beside them.  Ranks r > 0 do not read or write the config.
+
+    A process killed between any two file operations of all this leaves every record beside a config file of its
+    hash: re-tagging writes this config as ``config-<hash>.yaml`` first (removed once ``config.yaml`` holds it), a
+    start over keeps the replaced config as ``config-<hash>.yaml`` until its records are gone (removed with them,
+    unnamed in the warning), and the kept copies of ``"warn"`` / ``"append"`` come before ``config.yaml`` changes.
+    The same command run again repairs the rest (temp files, a copy left over).
     """
 
     def __init__(
@@ -724,6 +758,10 @@ class RunDir:
         #: with ``start_over``: the folder's config that this run's replaced, as ``(hash, differing keys)``
         #: (``("unreadable: ...", None)`` for a config.yaml that could not be read)
         self._replaced: tuple[str, list[str] | None] | None = None
+        #: with ``start_over``: the ``config-<hash>.yaml`` this run kept of the replaced config for the records the
+        #: start over is about to remove (so that a kill in between leaves them beside their config); it goes with
+        #: them, unnamed in the warning (the folder did not hold it before)
+        self._kept_until_start_over: str | None = None
         if self.path.exists() and not self.path.is_dir():
             raise InvalidInputError(f"run directory {self.path} exists and is not a directory")
         self.checkpoints = self.checkpoints_in(self.path)
@@ -796,6 +834,12 @@ class RunDir:
             raise InvalidInputError(f"a run config must be a mapping, got {type(plain).__name__}")
         old = self.config_path
         neutral = _neutral_keys(self.display_keys, self.resumable_keys)
+        new_hash, text = config_hash(plain), OmegaConf.to_yaml(OmegaConf.create(plain))
+        # The order of the writes below keeps every record beside a config file of its hash when the process is
+        # killed between any two of them: a config file is written before a record names it, config.yaml is
+        # replaced only once no record needs the config it held (or that config is kept as config-<hash>.yaml),
+        # and a kept copy goes only after config.yaml holds its config (or after its last record).  A rerun of the
+        # same command then ends where an uninterrupted one does.
         if old.exists() and old.read_text(encoding="utf-8", errors="replace").strip() not in ("", "{}"):
             try:
                 old_config = _load_yaml_config(old)
@@ -803,12 +847,21 @@ class RunDir:
                 differs = not _same_run(old_config, dict(plain), self.identity, neutral)
             except InvalidInputError as exc:  # about to be replaced anyway: say so, do not stop the run
                 old_config, previous, differs = None, f"unreadable: {exc}", True
-            if old_config is not None and previous != config_hash(plain) and not differs:
+            if old_config is not None and previous != new_hash and not differs:
+                # every rank's file, read only (a line being appended is not read whole)
+                named = [f for f in sorted(self.path.glob("records*.jsonl")) if _names([f], previous)]
+                retag: list[Path] = []
                 if _same_run(old_config, dict(plain), None, neutral):  # shown (or resumable) otherwise only
                     # a distributed rank 0 re-tags its own file only (another rank may be appending to its own)
-                    files = self.path.glob("records*.jsonl") if self.rank is None else [self.records_path]
-                    for records in sorted(files):
-                        retag_records(records, previous, config_hash(plain))
+                    retag = [f for f in named if self.rank is None or f == self.records_path]
+                if retag:  # this config's file before the first record names it (it goes with the copy below)
+                    self._keep(new_hash, text)
+                    for records in retag:
+                        retag_records(records, previous, new_hash)
+                if any(f not in retag for f in named):
+                    # records that keep the earlier hash (another rank's, or a change the identity leaves out:
+                    # the same run, under two hashes) keep its config beside them
+                    self._keep(previous, old.read_text(encoding="utf-8"))
             if differs and self._starting_over:  # said by start_over's one warning, with the keys
                 from .config import config_diff
 
@@ -818,6 +871,12 @@ class RunDir:
                     if old_config is not None
                     else None,
                 )
+                kept = self.path / f"config-{previous}.yaml"
+                count = _names(self.path.glob("records*.jsonl"), previous) if old_config is not None else 0
+                if count and not kept.exists():
+                    # until start_over has emptied the records files: a kill in between leaves them their config
+                    self._keep(previous, old.read_text(encoding="utf-8"))
+                    self._kept_until_start_over = kept.name
             elif differs and (self.other_config == "warn" or old_config is None):
                 self._replace_other_config(old_config, previous, dict(plain), neutral)
             elif differs and _has_records(self.path):
@@ -825,14 +884,21 @@ class RunDir:
                     raise RunDirConflictError(
                         _conflict_message(self.path, old_config, dict(plain), True, neutral)
                     )
-                kept = self.path / f"config-{previous}.yaml"  # append: the earlier records keep their config
-                if not kept.exists():
-                    atomic_write_text(kept, old.read_text(encoding="utf-8"))
-        atomic_write_text(self.config_path, OmegaConf.to_yaml(OmegaConf.create(plain)))
-        self._config_hash = config_hash(plain)
-        # a rerun back at a config kept beside its records (A, B, then A again): config.yaml holds it now, and a
-        # second copy as config-<hash>.yaml would read as another config's
+                # append: the earlier records keep their config
+                self._keep(previous, old.read_text(encoding="utf-8"))
+        atomic_write_text(self.config_path, text)
+        self._config_hash = new_hash
+        # a rerun back at a config kept beside its records (A, B, then A again), or the copy made for re-tagging:
+        # config.yaml holds it now, and a second copy as config-<hash>.yaml would read as another config's
         (self.path / f"config-{self._config_hash}.yaml").unlink(missing_ok=True)
+
+    def _keep(self, hash_: str, text: str) -> Path:
+        """``config-<hash_>.yaml`` holding ``text`` (a config of that hash), written atomically unless the folder
+        has it."""
+        kept = self.path / f"config-{hash_}.yaml"
+        if not kept.exists():
+            atomic_write_text(kept, text)
+        return kept
 
     def _replace_other_config(
         self, old_config: dict[str, Any] | None, previous: str, new: dict[str, Any], neutral: Sequence[str]
@@ -853,9 +919,7 @@ class RunDir:
         shown = _shown_diff(config_diff(without_keys(old_config, neutral), without_keys(new, neutral)))
         # every rank's file, read only (a distributed rank 0 re-tags its own file only, but another rank's records
         # of the earlier config need its config file as much; a line being appended is not read whole)
-        count = sum(
-            h == previous for f in sorted(self.path.glob("records*.jsonl")) for h in _record_hashes(f)
-        )
+        count = _names(sorted(self.path.glob("records*.jsonl")), previous)
         head = (
             f"{self.path}: this run's config (hash {new_hash}) differs from the folder's config.yaml (hash "
             f"{previous}) in {shown or 'its hash'}; config.yaml now holds this run's"
@@ -863,9 +927,7 @@ class RunDir:
         if not count:
             log.warning("%s (no record was written under the earlier one)", head)
             return
-        kept = self.path / f"config-{previous}.yaml"
-        if not kept.exists():
-            atomic_write_text(kept, self.config_path.read_text(encoding="utf-8"))
+        kept = self._keep(previous, self.config_path.read_text(encoding="utf-8"))
         log.warning(
             "%s; the folder's %d record%s of the earlier config keep%s its config_hash, and that config is kept "
             "as %s",
@@ -944,12 +1006,14 @@ class RunDir:
             gone.append(f"the {total} record{'s' if total != 1 else ''} in the folder ({by_hash})")
         # the earlier configs kept beside their records (config-<hash>.yaml) go with the last of those records
         left = {h for f in self.path.glob("records*.jsonl") for h in _record_hashes(f)}
+        ours, self._kept_until_start_over = self._kept_until_start_over, None
         for kept in sorted(self.path.glob("config-*.yaml")):
             # a kept config's name only (config-<12 hex digits>.yaml): a config-mine.yaml of the user's stays
             hash_ = kept.stem.removeprefix("config-")
             if kept.is_file() and re.fullmatch(r"[0-9a-f]{12}", hash_) and hash_ not in left:
                 kept.unlink(missing_ok=True)  # missing: another process of the same start over removed it
-                gone.append(kept.name)
+                if kept.name != ours:  # kept by this run for the records it removed: not the folder's before
+                    gone.append(kept.name)
         said = f"removing {_and(gone)}" if gone else ""
         replaced, self._replaced = self._replaced, None
         if replaced is not None:
