@@ -71,6 +71,27 @@ def test_a_run_directory_override_that_is_a_file_stops_before_hydra(tmp_path, ca
     )
 
 
+def test_a_folder_the_command_reads_that_is_a_file_says_it_must_be_an_existing_run(tmp_path, capsys):
+    """``inputs``: a key naming the run a command reads (mttt_jax evaluate's ``run_dir``) is refused with what
+    it must be, not with an output folder's "(or a path that does not exist yet)", which ``out_dir`` keeps."""
+    (tmp_path / "f").write_text("x")
+    inputs = {"run_dir": "the out_dir of a training run"}
+    for arg, where in (("run_dir={f}/a", "lies below the file {f}"), ("run_dir={f}", "is a file"),
+                       ("out_dir={f}", "is a file")):  # fmt: skip
+        arg, where = arg.format(f=tmp_path / "f"), where.format(f=tmp_path / "f")
+        with pytest.raises(SystemExit):
+            check_dir_overrides("tttlab-x", ["seed=1", arg], inputs=inputs)
+        expected = (
+            "expected a directory (or a path that does not exist yet)"
+            if arg.startswith("out_dir")
+            else "expected an existing run folder (the out_dir of a training run)"
+        )
+        assert (
+            capsys.readouterr().err
+            == f"tttlab-x: error: InvalidInputError: {arg}: the path {where}; {expected}\n"
+        )
+
+
 def test_a_run_directory_that_cannot_be_made_stops_before_hydra(tmp_path, capsys, monkeypatch):
     """``out_dir=`` in or below a folder the user cannot write (no permission, a read-only file system)
     ended in a PermissionError traceback from Hydra's mkdir, exit status 1; now the one-line error naming

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from .errors import TTTLabError
 
@@ -538,7 +538,12 @@ DIR_KEYS = ("out_dir", "run_dir", "hydra.run.dir")
 _NEW_DIRS: set = set()
 
 
-def check_dir_overrides(prog: str, argv: list[str] | None = None, keys: tuple[str, ...] = DIR_KEYS) -> None:
+def check_dir_overrides(
+    prog: str,
+    argv: list[str] | None = None,
+    keys: tuple[str, ...] = DIR_KEYS,
+    inputs: Mapping[str, str] | None = None,
+) -> None:
     """Stop a Hydra command whose ``out_dir=`` (or ``run_dir=``) override is, or lies below, an existing file,
     or would be made in (or is) a folder the user cannot write or make a folder in (no permission, a
     read-only file system; ``/proc/x`` as root: access() says writable, mkdir fails).
@@ -548,6 +553,10 @@ def check_dir_overrides(prog: str, argv: list[str] | None = None, keys: tuple[st
     ``@hydra.main`` function; it prints the usual one-line error and exits with status 2.  It also notes the
     folders of each such path that do not exist yet, so that :func:`user_errors` removes those Hydra made
     (when empty) for a run directory outside the working directory, and none that was there before.
+
+    ``inputs``: the keys among ``keys`` that name a folder the command reads, which must exist (mttt_jax
+    evaluate's ``run_dir``), each with what it is (``"the out_dir of a tttlab-mttt-train run"``): a file
+    there is refused with that, not with an output folder's "(or a path that does not exist yet)".
     """
     import os
     from pathlib import Path
@@ -570,10 +579,12 @@ def check_dir_overrides(prog: str, argv: list[str] | None = None, keys: tuple[st
             else:
                 if not p.is_dir():
                     where = "is a file" if p == path else f"lies below the file {p}"
-                    refuse(prog, InvalidInputError(
-                        f"{key}={value}: the path {where}; expected a directory (or a path that does not "
-                        "exist yet)"
-                    ))  # fmt: skip
+                    expected = (
+                        f"expected an existing run folder ({inputs[key]})"
+                        if inputs and key in inputs
+                        else "expected a directory (or a path that does not exist yet)"
+                    )
+                    refuse(prog, InvalidInputError(f"{key}={value}: the path {where}; {expected}"))
                 # a folder that cannot be made or written (no permission, a read-only file system) ended
                 # in a PermissionError / OSError traceback from Hydra's mkdir or its log file.  Asked of the
                 # folder that exists; torchrun's ranks check the same path at once
@@ -1216,7 +1227,7 @@ def _plus_hint(message: str, args: list[str]) -> str:
 
 
 def check_hydra_command(
-    prog: str, conf: str, config_name: str, *, compile_key: bool = True, free_keys=None
+    prog: str, conf: str, config_name: str, *, compile_key: bool = True, free_keys=None, input_dirs=None
 ) -> None:
     """Every check a Hydra command makes of its command line before its ``@hydra.main`` function runs,
     in order: Hydra options that Hydra would refuse with a traceback (:func:`check_hydra_flags`), a bad
@@ -1236,7 +1247,8 @@ def check_hydra_command(
     unknown (one line with a did-you-mean and the node's keys, instead of the '+' that the command would
     refuse next) except the keys these patterns name and the keys below them: ``("optax.*",)`` (any
     keyword argument of the optimizer), ``("include_original",)`` (a key the command takes that its YAML
-    leaves out)."""
+    leaves out).  ``input_dirs``: ``{key: what it is}`` for the folder keys the command reads, which must
+    exist (:func:`check_dir_overrides`'s ``inputs``)."""
     quiet_closed_stdout()
     quiet_hydra_output()
     hydra_pages_log_once()
@@ -1245,7 +1257,7 @@ def check_hydra_command(
         check_compile_override(prog)
     check_group_overrides(prog, conf)
     check_config_overrides(prog, conf, config_name, free_keys=free_keys)
-    check_dir_overrides(prog)
+    check_dir_overrides(prog, inputs=input_dirs)
 
 
 __all__ = [
