@@ -1221,6 +1221,11 @@ def test_only_a_list_key_is_named_a_list(capsys, arg, line):
       "(key=value); give Hydra's options before it, or drop '--'"),
      (["seeds=[0,", "1]"], "'seeds=[0, 1]': a space inside a value; quote the override (\"seeds=[0, 1]\") or drop "
       "the space"),
+     # a '~' that zsh/sh left unexpanded after '=': Hydra's lexer said "LexerNoViableAltException: out_dir=~/runs"
+     (["out_dir=~/runs"], "'out_dir=~/runs': the shell left '~' unexpanded (zsh and sh expand it only at the "
+      "start of a word); give out_dir=$HOME/runs or the full path"),
+     (["out_dir=~ann/runs"], "'out_dir=~ann/runs': the shell left '~' unexpanded (zsh and sh expand it only at the "
+      "start of a word); give the full path"),
      # a value attached to -cn: argparse reads -c nother (--cfg), Hydra's usage said "invalid choice: 'nother'"
      (["-cnother"], "-cnother: Hydra's parser reads it as -c nother (--cfg, one letter); give -cn other or "
       "--config-name=other"),

@@ -127,8 +127,8 @@ def test_the_overrides_that_mean_something_still_work():
 
 
 def test_a_subpackage_or_a_space_separated_list_as_a_method_says_what_to_write(fake_methods):
-    """``methods=fakemsg`` (a subpackage) said "did you mean 'fakemsg.alpha'"; ``'methods=[a b]'`` (one name
-    with a space) did-you-meant its first half."""
+    """``methods=fakemsg`` (a subpackage) said "did you mean 'fakemsg.alpha'"; ``'methods=[a b]'`` and a quoted
+    list (one name holding a list) did-you-meant its first name."""
     with pytest.raises(UnknownNameError) as info:
         cmp.resolve_methods(["fakemsg"], strict=True)
     assert str(info.value) == (
@@ -138,10 +138,27 @@ def test_a_subpackage_or_a_space_separated_list_as_a_method_says_what_to_write(f
     with pytest.raises(UnknownNameError) as info:
         cmp.resolve_methods(cmp.load_config(["methods=[fakemsg.alpha fakemsg.beta]"])["methods"], strict=True)
     assert str(info.value) == (
-        "unknown method 'fakemsg.alpha fakemsg.beta': a name has no spaces; separate the methods by commas, "
-        "e.g. 'methods=[fakemsg.alpha,fakemsg.beta]'"
+        "unknown method 'fakemsg.alpha fakemsg.beta': one name holding a list; give the methods as a list, names "
+        "separated by commas, the whole argument quoted for the shell: 'methods=[fakemsg.alpha,fakemsg.beta]'"
     )
+    # Hydra's quotes make one string of a list ('methods="[a,b]"', 'methods="a,b"')
+    for given in ('methods="[fakemsg.alpha,fakemsg.beta]"', 'methods="fakemsg.alpha,fakemsg.beta"'):
+        with pytest.raises(UnknownNameError, match=r": 'methods=\[fakemsg.alpha,fakemsg.beta\]'$"):
+            cmp.resolve_methods(cmp.load_config([given])["methods"], strict=True)
     assert [s.name for s in cmp.resolve_methods(["fakemsg.*"], strict=True)[0]] == [
         "fakemsg.alpha",
         "fakemsg.beta",
     ]
+
+
+def test_a_home_folder_is_the_users_home(monkeypatch, tmp_path):
+    """``out_dir=~/runs`` unexpanded (zsh, sh) was Hydra's "LexerNoViableAltException: out_dir=~/runs"; quoted
+    for Hydra (``out_dir="~/runs"``) compare made a folder named '~' in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _refused(["out_dir=~/runs"]) == (
+        "'out_dir=~/runs': the shell left '~' unexpanded (zsh and sh expand it only at the start of a word); give "
+        "out_dir=$HOME/runs or the full path"
+    )
+    c = cmp.load_config(['out_dir="~/runs"', 'cache_dir="~/cache"'])
+    assert (c["out_dir"], c["cache_dir"]) == (str(tmp_path / "runs"), str(tmp_path / "cache"))
+    assert cmp.load_config(['out_dir="~/runs"'])["cache_dir"] == str(tmp_path / "runs" / "cache")

@@ -308,6 +308,16 @@ def _not_an_override(argv: list[str], overrides: list[str]) -> str:
     ``1``), ``+experiment smoke``, ``seeds=[0, 1]`` unquoted, an option after ``--`` (``-- --cfg job``: it was
     "give --cfg=job"); ``""`` when there is none."""
     for word in overrides:
+        key, _, value = word.partition("=")
+        if value.startswith("~") and not key.startswith("~"):
+            # out_dir=~/runs: zsh and sh leave a '~' after '=' unexpanded (bash expands it), and Hydra's lexer
+            # refused it with "LexerNoViableAltException: out_dir=~/runs"
+            rest = value[1:]
+            instead = f"{key}=$HOME{rest} or the full path" if rest[:1] in ("", "/") else "the full path"
+            return (
+                f"'{word}': the shell left '~' unexpanded (zsh and sh expand it only at the start of a word); give "
+                f"{instead}"
+            )
         if "=" in word or word.startswith("~"):
             continue
         if word.startswith("-"):  # an option after '--', which makes every later word an override

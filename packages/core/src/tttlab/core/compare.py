@@ -457,6 +457,10 @@ def check_config(c: dict[str, Any]) -> dict[str, Any]:
         hint = f" (did you mean {names[close[0]]!r}?)" if close else ""
         raise ConfigError(f"config key 'profile'={c['profile']!r}{hint}: expected one of {sorted(profiles)}")
     prof = dict(profiles[c["profile"]])
+    for key in ("out_dir", "cache_dir", "root", "python"):
+        # a '~' Hydra took quoted ('out_dir="~/runs"'): the user's home, not a folder named '~' in the working one
+        if isinstance(c.get(key), str) and c[key].startswith("~"):
+            c[key] = os.path.expanduser(c[key])
     c["methods"] = [str(m) for m in _as_list(c["methods"], "methods")]
     if not c["methods"]:
         raise ConfigError(
@@ -644,9 +648,12 @@ def resolve_methods(patterns: Sequence[str], strict: bool = False):
         if of_package:  # methods=torch_ttt: it said "did you mean 'torch_ttt.bn'"
             msg = (f"{pattern!r} is a subpackage, not a method: {pattern}.* runs all its methods "
                    f"({', '.join(of_package)}), or name one")  # fmt: skip
-        elif any(ch.isspace() for ch in pattern.strip()):  # 'methods=[a b]': one name with a space in it
-            msg = (f"unknown method {pattern!r}: a name has no spaces; separate the methods by commas, e.g. "
-                   f"'methods=[{','.join(pattern.split())}]'")  # fmt: skip
+        elif re.search(r"[\s,]", pattern.strip()) or re.fullmatch(r"\[[^]]*\]", pattern.strip()):
+            # one string holding a list: 'methods=[a b]', methods="a,b" or methods="[a]" (Hydra's quotes make a
+            # string); it did-you-meant the first name
+            names = ",".join(n for n in re.split(r"[\s,\[\]'\"]+", pattern) if n)
+            msg = (f"unknown method {pattern!r}: one name holding a list; give the methods as a list, names "
+                   f"separated by commas, the whole argument quoted for the shell: 'methods=[{names}]'")  # fmt: skip
         else:
             try:
                 registry.get_method(pattern)  # raises with a did-you-mean and the installed methods
