@@ -107,6 +107,9 @@ def test_a_method_override_names_the_method_a_short_name_stands_for(fake_methods
          "continual, mixed, gradual"),
         # was "expected a value or a list of values" (it is a value)
         ("seeds=1.5", "config key 'seeds'=1.5: expected a list of integers >= 0"),
+        # was "'list': an override is key=value (or ~key, to delete one)"
+        ("list", "'list': an option has two dashes: give --list"),
+        ("help", "'help': an option has two dashes: give --help"),
         # every method failed in turn with FileNotFoundError
         ("python=/nonexistent/python3", "config key 'python'='/nonexistent/python3': no such executable; "
          "expected a Python interpreter that has the methods' subpackages (null: this one)"),

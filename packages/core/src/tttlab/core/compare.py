@@ -251,6 +251,9 @@ def load_config(overrides: Sequence[str] = (), values: Mapping[str, Any] | None 
     # seeds=[0,: no viable alternative at input '[0,'"), a space after '=', 'profile quick': core's line
     from .cli import _not_an_override
 
+    for word in overrides:  # 'tttlab-compare list': it said "'list': an override is key=value"
+        if word.lower() in ("list", "help"):
+            raise ConfigError(f"'{word}': an option has two dashes: give --{word.lower()}")
     not_one = _not_an_override(overrides, overrides)
     if not_one:
         raise ConfigError(not_one)
