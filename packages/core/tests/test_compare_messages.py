@@ -107,6 +107,9 @@ def test_a_method_override_names_the_method_a_short_name_stands_for(fake_methods
          "continual, mixed, gradual"),
         # was "expected a value or a list of values" (it is a value)
         ("seeds=1.5", "config key 'seeds'=1.5: expected a list of integers >= 0"),
+        # refused only when the method ran ('must be a mapping'), taken when it was not chosen
+        ("overrides={torch_ttt.tent:3}", "config key 'overrides.torch_ttt.tent'=3: expected a mapping of its "
+         "evaluate keys, e.g. 'overrides={torch_ttt.tent:{KEY:3}}'"),
         # was "'list': an override is key=value (or ~key, to delete one)"
         ("list", "'list': an option has two dashes: give --list"),
         ("help", "'help': an option has two dashes: give --help"),

@@ -585,6 +585,13 @@ def check_config(c: dict[str, Any]) -> dict[str, Any]:
     for key in ("overrides", "baselines"):
         if c.get(key) is not None and not isinstance(c[key], Mapping):
             raise ConfigError(f"config key {key!r}={c[key]!r}: expected a mapping")
+    # (planning checked this only for a chosen method)
+    for pattern, extra in (c.get("overrides") or {}).items():
+        if not isinstance(extra, Mapping):
+            raise ConfigError(
+                f"config key 'overrides.{pattern}'={extra!r}: expected a mapping of its evaluate keys, e.g. "
+                f"'overrides={{{pattern}:{{KEY:{extra}}}}}'"
+            )
     for package, name in (c.get("baselines") or {}).items():
         if not isinstance(name, str) or not name.startswith(f"{package}."):
             raise ConfigError(
