@@ -339,6 +339,19 @@ def _not_an_override(argv: list[str], overrides: list[str]) -> str:
     return ""
 
 
+def dotlist_hydra_prefix(args: list[str]) -> str:
+    """The message for the first ``key=value`` word written with Hydra's ``+`` / ``++`` / ``~`` for a command
+    that reads a plain dotlist (no Hydra app: pilimit's and memo_tpt's evaluate), else ``""``: such a command
+    took ``+logging.level=DEBUG`` as the key ``+logging`` ("unknown config key '+logging'")."""
+    for word in args:
+        if word[:1] == "+" and "=" in word:
+            return f"{word}: this command is no Hydra app and takes no '+': give {word.lstrip('+')}"
+        if word[:1] == "~":
+            key = word[1:].split("=", 1)[0]
+            return f"{word}: this command is no Hydra app and deletes no key: leave {key} out for its default"
+    return ""
+
+
 def check_hydra_flags(
     prog: str, argv: list[str] | None = None, conf: str | None = None, config_name: str | None = None
 ) -> None:
@@ -1281,6 +1294,7 @@ __all__ = [
     "check_hydra_command",
     "check_hydra_flags",
     "domain_table",
+    "dotlist_hydra_prefix",
     "hydra_pages_log_once",
     "quiet_closed_stdout",
     "quiet_hydra_output",

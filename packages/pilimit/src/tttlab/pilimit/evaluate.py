@@ -287,9 +287,11 @@ def main() -> None:
         print(__doc__)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from tttlab.core.cli import domain_table
+    from tttlab.core.cli import domain_table, dotlist_hydra_prefix
 
     with T.user_errors("tttlab-pilimit-evaluate"):
+        if dotlist_hydra_prefix(sys.argv[1:]):  # +logging.level=DEBUG: "unknown evaluate keys ['+logging']"
+            raise ConfigError(dotlist_hydra_prefix(sys.argv[1:]))
         words = [a for a in sys.argv[1:] if "=" not in a]  # -m, --cfg job: a Hydra command's options
         if words:
             raise ConfigError(
