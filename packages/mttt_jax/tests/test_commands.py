@@ -638,3 +638,5 @@ def test_a_log_level_given_with_a_plus_is_refused_as_without_it(tmp_path, monkey
         assert list((tmp_path / "cwd").iterdir()) == []
     with pytest.raises(ConfigError, match=r"^unknown config key 'logging.level'"):
         E.run({"run_dir": str(tmp_path / "run"), "logging": {"progress": False, "level": "DEBUG"}})
+    with pytest.raises(ConfigError, match=r"^logging=3; expected a mapping"):  # was a TypeError
+        E.run({"run_dir": str(tmp_path / "run"), "logging": 3})

@@ -345,9 +345,8 @@ def main() -> None:
     with user_errors("tttlab-memo-tpt-evaluate"):
         from tttlab.core.cli import dotlist_hydra_prefix
 
-        if dotlist_hydra_prefix(
-            args
-        ):  # +logging.level=DEBUG: "unknown config key '+logging' (did you mean ...)"
+        # +logging.level=DEBUG: it said "unknown config key '+logging' (did you mean 'logging'?)"
+        if dotlist_hydra_prefix(args):
             raise ConfigError(dotlist_hydra_prefix(args))
         bad = [a for a in args if "=" not in a]
         if bad:

@@ -246,6 +246,8 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
         raise ConfigError(f"unknown evaluate keys {unknown}; expected some of {sorted(EVALUATE_KEYS)}")
     # +logging.level=DEBUG passed Hydra (the '+' adds a key) and was ignored: no mttt_jax command has a log
     # level (tttlab-mttt-train refuses it too), so the same line as without the '+'
+    if not isinstance(c.get("logging") or {}, Mapping):
+        raise ConfigError(f"logging={c['logging']!r}; expected a mapping with the key progress")
     for key in c.get("logging") or {}:
         if key != "progress":
             raise ConfigError(f"unknown config key 'logging.{key}' (known keys in 'logging': progress)")
