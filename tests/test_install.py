@@ -129,6 +129,20 @@ def test_a_command_given_a_file_as_out_dir_says_so_in_one_line(tmp_path, monkeyp
     ]
 
 
+def test_what_the_compare_tool_says_make_demo_runs_is_what_the_makefile_runs():
+    """tools/compare.py said "``make demo`` runs it"; make demo runs ``python -m tttlab.core.demo`` (the
+    corruption grid, then the same comparison).  Every "make demo runs X" in the tool's docstring names the
+    module of the Makefile's demo recipe."""
+    import ast
+
+    recipe = re.search(r"^demo:.*\n\t(.+)$", (ROOT / "Makefile").read_text(), flags=re.M).group(1)
+    module = re.search(r"-m ([\w.]+)", recipe).group(1)
+    assert module == "tttlab.core.demo"
+    doc = " ".join(ast.get_docstring(ast.parse((ROOT / "tools" / "compare.py").read_text())).split())
+    said = re.findall(r"``make demo`` runs (``[^`]+``|\S+)", doc)
+    assert said == [f"``python -m {module}``"], said
+
+
 def test_make_demo_is_written_with_the_makefiles_variables():
     """``make demo profile=quick`` sets a make variable nobody reads (the demo then runs profile full) and
     ``make demo quick`` asks make for a target ``quick``: every mention of the demo command in the docs, the

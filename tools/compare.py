@@ -7,7 +7,8 @@
     python tools/compare.py --list                            # installed methods (and what is missing)
     python tools/compare.py --help                            # every option (conf/compare.yaml)
 
-The same tool is installed as the console script ``tttlab-compare``; ``make demo`` runs it.
+The same tool is installed as the console script ``tttlab-compare``.  ``make demo`` runs
+``python -m tttlab.core.demo``, which draws the corruption grid and then runs this same comparison.
 """
 
 import sys

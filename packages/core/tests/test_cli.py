@@ -71,6 +71,27 @@ def test_a_run_directory_override_that_is_a_file_stops_before_hydra(tmp_path, ca
     )
 
 
+def test_a_folder_the_command_reads_that_is_a_file_says_it_must_be_an_existing_run(tmp_path, capsys):
+    """``inputs``: a key naming the run a command reads (mttt_jax evaluate's ``run_dir``) is refused with what
+    it must be, not with an output folder's "(or a path that does not exist yet)", which ``out_dir`` keeps."""
+    (tmp_path / "f").write_text("x")
+    inputs = {"run_dir": "the out_dir of a training run"}
+    for arg, where in (("run_dir={f}/a", "lies below the file {f}"), ("run_dir={f}", "is a file"),
+                       ("out_dir={f}", "is a file")):  # fmt: skip
+        arg, where = arg.format(f=tmp_path / "f"), where.format(f=tmp_path / "f")
+        with pytest.raises(SystemExit):
+            check_dir_overrides("tttlab-x", ["seed=1", arg], inputs=inputs)
+        expected = (
+            "expected a directory (or a path that does not exist yet)"
+            if arg.startswith("out_dir")
+            else "expected an existing run folder (the out_dir of a training run)"
+        )
+        assert (
+            capsys.readouterr().err
+            == f"tttlab-x: error: InvalidInputError: {arg}: the path {where}; {expected}\n"
+        )
+
+
 def test_a_run_directory_that_cannot_be_made_stops_before_hydra(tmp_path, capsys, monkeypatch):
     """``out_dir=`` in or below a folder the user cannot write (no permission, a read-only file system)
     ended in a PermissionError traceback from Hydra's mkdir, exit status 1; now the one-line error naming
@@ -1200,6 +1221,11 @@ def test_only_a_list_key_is_named_a_list(capsys, arg, line):
       "(key=value); give Hydra's options before it, or drop '--'"),
      (["seeds=[0,", "1]"], "'seeds=[0, 1]': a space inside a value; quote the override (\"seeds=[0, 1]\") or drop "
       "the space"),
+     # a '~' that zsh/sh left unexpanded after '=': Hydra's lexer said "LexerNoViableAltException: out_dir=~/runs"
+     (["out_dir=~/runs"], "'out_dir=~/runs': the shell left '~' unexpanded (zsh and sh expand it only at the "
+      "start of a word); give out_dir=$HOME/runs or the full path"),
+     (["out_dir=~ann/runs"], "'out_dir=~ann/runs': the shell left '~' unexpanded (zsh and sh expand it only at the "
+      "start of a word); give the full path"),
      # a value attached to -cn: argparse reads -c nother (--cfg), Hydra's usage said "invalid choice: 'nother'"
      (["-cnother"], "-cnother: Hydra's parser reads it as -c nother (--cfg, one letter); give -cn other or "
       "--config-name=other"),

@@ -909,7 +909,7 @@ def test_a_configuration_error_is_the_one_line_every_command_prints(env, tmp_pat
     out = tmp_path / "out"
     assert cmp.main(["profile=quik", f"out_dir={out}"]) == 2
     assert capsys.readouterr().err == (
-        "tttlab-compare: error: ConfigError: config key 'profile'='quik': expected one of "
+        "tttlab-compare: error: ConfigError: config key 'profile'='quik' (did you mean 'quick'?): expected one of "
         "['full', 'quick', 'smoke']\n"
     )
     assert cmp.main(["methods=[fake.alpah]", f"out_dir={out}"], prog="tools/compare.py") == 2

@@ -542,6 +542,27 @@ def test_load_dispatcher(tmp_path):
         assert len(data.load("digits", split="val")) == 300
 
 
+def test_digits_missing_scikit_learn_names_the_install_command_as_the_others_do(monkeypatch):
+    """The command runs from the repository root (its path and constraints.txt are relative): every other
+    MissingDependencyError says so (errors.install_command); digits()'s lacked it."""
+    from tttlab.core.data import embedded
+    from tttlab.core.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # makes `import sklearn.datasets` fail
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    embedded._digits_arrays.cache_clear()
+    try:
+        with pytest.raises(MissingDependencyError) as info:
+            data.digits("val")
+    finally:
+        monkeypatch.undo()
+        embedded._digits_arrays.cache_clear()
+    assert str(info.value) == (
+        "digits() needs scikit-learn: pip install -c constraints.txt -e 'packages/core[datasets]'  (from the tttlab "
+        "repository root)"
+    )
+
+
 class _Call:
     """Unpickling this calls ``fn(*args)`` (pickled as a reference to ``fn``'s global)."""
 

@@ -86,7 +86,13 @@ def test_cli_help_errors_and_summary(cache, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["tttlab-memo-tpt-evaluate", "--help"])
     main()
     assert "usage: tttlab-memo-tpt-evaluate" in capsys.readouterr().out
-    for bad, expected in (("profile=huge", "ConfigError: profile='huge'"), ("fog", "arguments ['fog']")):
+    for bad, expected in (
+        ("profile=huge", "ConfigError: profile='huge'"),
+        ("fog", "arguments ['fog']"),
+        # Hydra's '+': "unknown config key '+logging' (did you mean 'logging'?)"
+        ("+logging.level=DEBUG", "ConfigError: +logging.level=DEBUG: this command is no Hydra app and takes no "
+         "'+': give logging.level=DEBUG\n"),
+    ):  # fmt: skip
         monkeypatch.setattr(sys, "argv", ["tttlab-memo-tpt-evaluate", bad])
         with pytest.raises(SystemExit) as e:
             main()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tttlab.core.errors import InvalidInputError, TTTLabError
+from tttlab.core.errors import ConfigError, InvalidInputError, TTTLabError
 from tttlab.core.testing import run_faked_command_into_a_closed_pipe, run_into_a_closed_pipe
 from tttlab.mttt_jax import train as T
 from tttlab.mttt_jax.cli import translate_upstream_args, user_errors
@@ -585,3 +585,58 @@ def test_display_keys_rerun_the_same_run(tmp_path, trained_run, command):
             lambda: E.run({**quiet, "progress": True, "logging": {"progress": True}}),
         )
         assert {r["corruption"] for r in records if r["metric"] == "accuracy"} == {"fog", "mean"}
+
+
+def test_a_run_dir_that_is_or_lies_below_a_file_says_evaluate_reads_an_existing_run(
+    tmp_path, monkeypatch, capsys, no_log_setup
+):
+    """run_dir is the trained run evaluate reads: a file there ended "expected a directory (or a path that does
+    not exist yet)", an output folder's wording (core's, which out_dir keeps)."""
+    from tttlab.mttt_jax import evaluate as E
+
+    (tmp_path / "f").write_text("x")
+    monkeypatch.setattr(E, "run", lambda cfg: pytest.fail("evaluate ran"))
+    for arg, where in ((f"run_dir={tmp_path / 'f' / 'run'}", f"lies below the file {tmp_path / 'f'}"),
+                       (f"run_dir={tmp_path / 'f'}", "is a file")):  # fmt: skip
+        monkeypatch.setattr(sys, "argv", ["tttlab-mttt-evaluate", arg, *NO_HYDRA_LOGGING])
+        with pytest.raises(SystemExit) as exc:
+            E.main()
+        assert exc.value.code == 2
+        assert capsys.readouterr().err == (
+            f"tttlab-mttt-evaluate: error: InvalidInputError: {arg}: the path {where}; expected an existing run "
+            "folder (the out_dir of a tttlab-mttt-train run, e.g. runs/mttt/smoke)\n"
+        )
+    # out_dir, which evaluate writes, keeps the output folder's wording
+    monkeypatch.setattr(
+        sys, "argv", ["tttlab-mttt-evaluate", "run_dir=r", f"out_dir={tmp_path / 'f'}", *NO_HYDRA_LOGGING]
+    )
+    with pytest.raises(SystemExit):
+        E.main()
+    assert capsys.readouterr().err.endswith(
+        "is a file; expected a directory (or a path that does not exist yet)\n"
+    )
+
+
+def test_a_log_level_given_with_a_plus_is_refused_as_without_it(tmp_path, monkeypatch, capsys, no_log_setup):
+    """No mttt_jax command has a log level (tttlab-mttt-train refuses logging.level as unknown); evaluate
+    refused ``logging.level=DEBUG`` but ran with ``+logging.level=DEBUG``, ignoring it.  Both are one line now,
+    before any model is read."""
+    from tttlab.mttt_jax import evaluate as E
+
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    for arg in ("+logging.level=DEBUG", "logging.level=DEBUG"):
+        monkeypatch.setattr(sys, "argv", ["tttlab-mttt-evaluate", f"run_dir={tmp_path / 'run'}", arg,
+                                          *NO_HYDRA_LOGGING])  # fmt: skip
+        with pytest.raises(SystemExit) as exc:
+            E.main()
+        assert exc.value.code == 2
+        assert capsys.readouterr().err == (
+            "tttlab-mttt-evaluate: error: ConfigError: unknown config key 'logging.level' (known keys in "
+            "'logging': progress)\n"
+        )
+        assert list((tmp_path / "cwd").iterdir()) == []
+    with pytest.raises(ConfigError, match=r"^unknown config key 'logging.level'"):
+        E.run({"run_dir": str(tmp_path / "run"), "logging": {"progress": False, "level": "DEBUG"}})
+    with pytest.raises(ConfigError, match=r"^logging=3; expected a mapping"):  # was a TypeError
+        E.run({"run_dir": str(tmp_path / "run"), "logging": 3})

@@ -119,6 +119,19 @@ def test_commands_print_one_error_line(monkeypatch, capsys):
         "tttlab-pilimit-evaluate: error: ConfigError: arguments ['-m', '--cfg', 'job']: expected key=value, no "
         "options (this command is no Hydra app: one evaluation per command; see tttlab-pilimit-evaluate --help)\n",
     )
+    # Hydra's '+' / '~': '+logging.level=DEBUG' was "unknown evaluate keys ['+logging']"
+    for arg, line in (
+        ("+logging.level=DEBUG", "+logging.level=DEBUG: this command is no Hydra app and takes no '+': give "
+         "logging.level=DEBUG"),
+        ("~seed", "~seed: this command is no Hydra app and deletes no key: leave seed out for its default"),
+    ):  # fmt: skip
+        monkeypatch.setattr(sys, "argv", ["tttlab-pilimit-evaluate", arg])
+        with pytest.raises(SystemExit) as exc:
+            E.main()
+        assert (exc.value.code, capsys.readouterr().err) == (
+            2,
+            f"tttlab-pilimit-evaluate: error: ConfigError: {line}\n",
+        )
 
     def bad(cfg):
         raise InvalidInputError("r=0: expected an integer >= 1")

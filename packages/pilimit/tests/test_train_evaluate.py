@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 import pickle
 import warnings
 
@@ -607,5 +608,27 @@ def test_display_keys_rerun_the_same_run(tmp_path, command):
             "benchmark": {"name": "mnist_c", "corruptions": ["fog"], "severities": [5], "num_examples": 8},
         }  # fmt: skip
         check_display_keys_rerun_the_same_run(
-            out, lambda: evaluate(cfg), lambda: evaluate({**cfg, "progress": True})
+            out,
+            lambda: evaluate(cfg),
+            lambda: evaluate({**cfg, "progress": True, "logging": {"level": "WARNING"}}),
         )
+        # the level took effect (evaluate had no logging.level, train has): tttlab's INFO lines are off
+        assert not logging.getLogger("tttlab.pilimit.evaluate").isEnabledFor(logging.INFO)
+
+
+def test_evaluate_takes_trains_log_level_and_names_a_bad_one():
+    """``logging.level`` as tttlab-pilimit-train's (it was "unknown evaluate keys ['logging']"); a bad key or
+    value is named before anything runs."""
+    from tttlab.pilimit.evaluate import _config
+
+    assert _config({"logging": {"level": "DEBUG"}}, {})["logging"] == {"level": "DEBUG"}
+    assert "logging" not in _config({}, {}), "absent: the config (and its hash) as before"
+    for node, line in (
+        ({"level": "LOUD"}, "config key 'logging.level'='LOUD': expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+        ({"levl": "DEBUG"}, "unknown config key 'logging.levl' (known keys in 'logging': level)"),
+        ({"progress": False}, "unknown config key 'logging.progress' (evaluate's progress bar is the top-level key "
+         "progress) (known keys in 'logging': level)"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError) as info:
+            _config({"logging": node}, {})
+        assert str(info.value) == line

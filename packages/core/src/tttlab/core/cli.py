@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from .errors import TTTLabError
 
@@ -308,6 +308,16 @@ def _not_an_override(argv: list[str], overrides: list[str]) -> str:
     ``1``), ``+experiment smoke``, ``seeds=[0, 1]`` unquoted, an option after ``--`` (``-- --cfg job``: it was
     "give --cfg=job"); ``""`` when there is none."""
     for word in overrides:
+        key, _, value = word.partition("=")
+        if value.startswith("~") and not key.startswith("~"):
+            # out_dir=~/runs: zsh and sh leave a '~' after '=' unexpanded (bash expands it), and Hydra's lexer
+            # refused it with "LexerNoViableAltException: out_dir=~/runs"
+            rest = value[1:]
+            instead = f"{key}=$HOME{rest} or the full path" if rest[:1] in ("", "/") else "the full path"
+            return (
+                f"'{word}': the shell left '~' unexpanded (zsh and sh expand it only at the start of a word); give "
+                f"{instead}"
+            )
         if "=" in word or word.startswith("~"):
             continue
         if word.startswith("-"):  # an option after '--', which makes every later word an override
@@ -326,6 +336,19 @@ def _not_an_override(argv: list[str], overrides: list[str]) -> str:
         if after and "=" not in after and not after.startswith("-"):
             return f"'{word} {after}': an override is key=value; give {word}={after}"
         return f"'{word}': an override is key=value (or ~key, to delete one)"
+    return ""
+
+
+def dotlist_hydra_prefix(args: list[str]) -> str:
+    """The message for the first ``key=value`` word written with Hydra's ``+`` / ``++`` / ``~`` for a command
+    that reads a plain dotlist (no Hydra app: pilimit's and memo_tpt's evaluate), else ``""``: such a command
+    took ``+logging.level=DEBUG`` as the key ``+logging`` ("unknown config key '+logging'")."""
+    for word in args:
+        if word[:1] == "+" and "=" in word:
+            return f"{word}: this command is no Hydra app and takes no '+': give {word.lstrip('+')}"
+        if word[:1] == "~":
+            key = word[1:].split("=", 1)[0]
+            return f"{word}: this command is no Hydra app and deletes no key: leave {key} out for its default"
     return ""
 
 
@@ -538,7 +561,12 @@ DIR_KEYS = ("out_dir", "run_dir", "hydra.run.dir")
 _NEW_DIRS: set = set()
 
 
-def check_dir_overrides(prog: str, argv: list[str] | None = None, keys: tuple[str, ...] = DIR_KEYS) -> None:
+def check_dir_overrides(
+    prog: str,
+    argv: list[str] | None = None,
+    keys: tuple[str, ...] = DIR_KEYS,
+    inputs: Mapping[str, str] | None = None,
+) -> None:
     """Stop a Hydra command whose ``out_dir=`` (or ``run_dir=``) override is, or lies below, an existing file,
     or would be made in (or is) a folder the user cannot write or make a folder in (no permission, a
     read-only file system; ``/proc/x`` as root: access() says writable, mkdir fails).
@@ -548,6 +576,10 @@ def check_dir_overrides(prog: str, argv: list[str] | None = None, keys: tuple[st
     ``@hydra.main`` function; it prints the usual one-line error and exits with status 2.  It also notes the
     folders of each such path that do not exist yet, so that :func:`user_errors` removes those Hydra made
     (when empty) for a run directory outside the working directory, and none that was there before.
+
+    ``inputs``: the keys among ``keys`` that name a folder the command reads, which must exist (mttt_jax
+    evaluate's ``run_dir``), each with what it is (``"the out_dir of a tttlab-mttt-train run"``): a file
+    there is refused with that, not with an output folder's "(or a path that does not exist yet)".
     """
     import os
     from pathlib import Path
@@ -570,10 +602,12 @@ def check_dir_overrides(prog: str, argv: list[str] | None = None, keys: tuple[st
             else:
                 if not p.is_dir():
                     where = "is a file" if p == path else f"lies below the file {p}"
-                    refuse(prog, InvalidInputError(
-                        f"{key}={value}: the path {where}; expected a directory (or a path that does not "
-                        "exist yet)"
-                    ))  # fmt: skip
+                    expected = (
+                        f"expected an existing run folder ({inputs[key]})"
+                        if inputs and key in inputs
+                        else "expected a directory (or a path that does not exist yet)"
+                    )
+                    refuse(prog, InvalidInputError(f"{key}={value}: the path {where}; {expected}"))
                 # a folder that cannot be made or written (no permission, a read-only file system) ended
                 # in a PermissionError / OSError traceback from Hydra's mkdir or its log file.  Asked of the
                 # folder that exists; torchrun's ranks check the same path at once
@@ -1216,7 +1250,7 @@ def _plus_hint(message: str, args: list[str]) -> str:
 
 
 def check_hydra_command(
-    prog: str, conf: str, config_name: str, *, compile_key: bool = True, free_keys=None
+    prog: str, conf: str, config_name: str, *, compile_key: bool = True, free_keys=None, input_dirs=None
 ) -> None:
     """Every check a Hydra command makes of its command line before its ``@hydra.main`` function runs,
     in order: Hydra options that Hydra would refuse with a traceback (:func:`check_hydra_flags`), a bad
@@ -1236,7 +1270,8 @@ def check_hydra_command(
     unknown (one line with a did-you-mean and the node's keys, instead of the '+' that the command would
     refuse next) except the keys these patterns name and the keys below them: ``("optax.*",)`` (any
     keyword argument of the optimizer), ``("include_original",)`` (a key the command takes that its YAML
-    leaves out)."""
+    leaves out).  ``input_dirs``: ``{key: what it is}`` for the folder keys the command reads, which must
+    exist (:func:`check_dir_overrides`'s ``inputs``)."""
     quiet_closed_stdout()
     quiet_hydra_output()
     hydra_pages_log_once()
@@ -1245,7 +1280,7 @@ def check_hydra_command(
         check_compile_override(prog)
     check_group_overrides(prog, conf)
     check_config_overrides(prog, conf, config_name, free_keys=free_keys)
-    check_dir_overrides(prog)
+    check_dir_overrides(prog, inputs=input_dirs)
 
 
 __all__ = [
@@ -1259,6 +1294,7 @@ __all__ = [
     "check_hydra_command",
     "check_hydra_flags",
     "domain_table",
+    "dotlist_hydra_prefix",
     "hydra_pages_log_once",
     "quiet_closed_stdout",
     "quiet_hydra_output",

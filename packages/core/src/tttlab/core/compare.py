@@ -251,9 +251,16 @@ def load_config(overrides: Sequence[str] = (), values: Mapping[str, Any] | None 
     # seeds=[0,: no viable alternative at input '[0,'"), a space after '=', 'profile quick': core's line
     from .cli import _not_an_override
 
+    for word in overrides:  # 'tttlab-compare list': it said "'list': an override is key=value"
+        if word.lower() in ("list", "help"):
+            raise ConfigError(f"'{word}': an option has two dashes: give --{word.lower()}")
     not_one = _not_an_override(overrides, overrides)
     if not_one:
         raise ConfigError(not_one)
+    for o in overrides:  # before Hydra: what it would accept with a result the user did not mean
+        problem = _deleted_required_key(o) or _dotted_method_override(o) or _comma_list(o)
+        if problem:
+            raise ConfigError(problem)
     # the mapping-valued keys take new entries without Hydra's `+` (the composed config is in struct mode)
     given = {
         f"++{o}": o
@@ -290,6 +297,120 @@ def load_config(overrides: Sequence[str] = (), values: Mapping[str, Any] | None 
 
 _MAPPING_KEYS = ("overrides", "baselines", "profiles")
 
+#: The keys every comparison needs, and what each holds: ``~seeds`` (Hydra's deletion) gave the schema's
+#: default silently ([0]), ``~profiles`` an empty profile table ("'profile'='full': expected one of []").
+#: Deleting one of the others means null (the profile's value) or, for ``overrides``/``baselines``, none.
+_REQUIRED_KEYS = {
+    "methods": "method names or globs, e.g. 'methods=[torch_ttt.*]'",
+    "benchmark": "a benchmark name, e.g. benchmark=mnist_c",
+    "setting": "a setting or a list of them, e.g. setting=reset_each_shift",
+    "stream_order": "tttlab or mariodoebler",
+    "severities": "severities in 1..5, e.g. 'severities=[5]'",
+    "seeds": "a list of integers >= 0, e.g. 'seeds=[0,1,2]'",
+    "profile": "smoke, quick or full",
+    "jobs": "a positive integer",
+    "out_dir": "a directory",
+    "device": "cpu, cuda, cuda:N or auto",
+    "progress": "true or false",
+    "profiles": "the profile table of conf/compare.yaml",
+}
+
+#: The keys of a row of the profile table (``profiles.<name>``).
+_PROFILE_KEYS = ("corruptions", "num_examples", "batch_size", "timeout_s", "overrides")
+
+
+def _deleted_required_key(override: str) -> str | None:
+    """The message for ``~key`` (``~key=value``) of a key every comparison needs, or of a key whose default
+    is null (Hydra said "Could not delete from config. 'root' does not exist."), else ``None`` (``~overrides``,
+    ``~baselines``: none; a key below a top-level one)."""
+    key = override.split("=", 1)[0]
+    name = key[1:]
+    if not key.startswith("~") or name in ("overrides", "baselines") or name not in _KEYS:
+        return None
+    if name not in _REQUIRED_KEYS:
+        return f"{override}: compare's keys cannot be deleted; give {name}=null for its default (or leave it out)"
+    return (
+        f"{override}: config key {name!r} cannot be deleted, every comparison needs it ({_REQUIRED_KEYS[name]}); "
+        f"give {name}=VALUE, or leave it out for conf/compare.yaml's value"
+    )
+
+
+def _hydra_literal(value: Any) -> str:
+    """``value`` as a Hydra override writes it: ``{engine:{optimization:{num_steps:2}}}``."""
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{_hydra_literal(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _dotted_method_override(override: str) -> str | None:
+    """The message for ``overrides.torch_ttt.tent.<key>=<value>`` (or under ``profiles.<p>.overrides``),
+    else ``None``.  Hydra splits a key at every dot, so the method's name became two nested keys
+    (``overrides.torch_ttt.tent=3`` is ``{torch_ttt: {tent: 3}}``), and a glob is no key it can read: no
+    method is ever named so.  The line says the form that works, with the method and keys the user wrote
+    (it was "'overrides.torch_ttt' matches no method; did you mean 'torch_ttt.bn'?")."""
+    key, sep, value = override.partition("=")
+    parts = key.lstrip("+~").split(".")
+    if parts[0] == "overrides":
+        where, rest = "overrides", parts[1:]
+    elif parts[0] == "profiles" and len(parts) > 3 and parts[2] == "overrides":
+        where, rest = f"profiles.{parts[1]}.overrides", parts[3:]
+    else:
+        return None
+    if not rest:
+        return None
+    from . import registry
+
+    packages = set(registry.KNOWN_PACKAGES)
+    if rest[0] not in packages:  # a package of another project's methods
+        packages |= {s.package for s in installed_methods()[0]}
+    cut = 2 if rest[0] in packages and len(rest) > 1 else 1
+    method, keys = ".".join(rest[:cut]), rest[cut:]
+    if cut == 1:  # a short name (overrides.tent.<key>): the method it names, when one does
+        names = [s.name for s in installed_methods()[0] if s.name.endswith(f".{method}")]
+        method = names[0] if len(names) == 1 else method
+    head = f"{override}: Hydra splits a key at its dots, so no method is named here"
+    if key.startswith("~"):
+        return f"{head}; give {where} whole without that method, e.g. '{where}={{}}'"
+    if not sep:
+        return None
+    if keys:
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        return (
+            f"{head}; give a method's evaluate keys as one mapping under its name or glob, quoted: "
+            f"'{where}={{{method}:{_hydra_literal(nested)}}}'"
+        )
+    return (
+        f"{head}; give a method's evaluate keys as one mapping under its name or glob, quoted: "
+        f"'{where}={{{method}:{{KEY:{value}}}}}' with KEY one of its evaluate keys, nested keys as mappings "
+        "(e.g. 'overrides={torch_ttt.tent:{engine:{optimization:{num_steps:3}}}}')"
+    )
+
+
+def _comma_list(override: str) -> str | None:
+    """The message for ``key=a,b`` (no brackets), else ``None``: Hydra reads it as a sweep, which compare
+    does not run ("Ambiguous value for argument"); compare takes a list in brackets."""
+    key, sep, value = override.partition("=")
+    value, name = value.strip(), key.lstrip("+")
+    if (
+        not sep
+        or key.startswith("~")
+        or "," not in value
+        or value[:1] in "[{'\""
+        or "(" in value
+        or "${" in value
+    ):
+        return None
+    head = f"{override}: a comma list without brackets is a Hydra sweep, which compare does not run"
+    if name in _LIST_KEYS:
+        return f"{head}; give a list in brackets, quoted: '{name}=[{value}]'"
+    return f"{head}; {name} takes one value"
+
+
+#: The keys that take a list (or one value).
+_LIST_KEYS = ("methods", "setting", "corruptions", "severities", "seeds")
+
 
 def _unknown_key(override: str) -> bool:
     key = override.split("=", 1)[0].lstrip("+~")
@@ -300,11 +421,12 @@ def _unknown_key(override: str) -> bool:
 def _as_list(value, name: str) -> list:
     if value is None:
         return []
-    if isinstance(value, (str, int)) and not isinstance(value, bool):
-        return [value]
     if isinstance(value, (list, tuple)):
         return list(value)
-    raise ConfigError(f"config key {name!r}={value!r}: expected a value or a list of values")
+    if isinstance(value, Mapping):
+        raise ConfigError(f"config key {name!r}={value!r}: expected a value or a list of values")
+    # one value (seeds=1.5: the caller's check names what it expects; it said "expected a value")
+    return [value]
 
 
 def check_config(c: dict[str, Any]) -> dict[str, Any]:
@@ -313,9 +435,35 @@ def check_config(c: dict[str, Any]) -> dict[str, Any]:
     from .benchmark import BENCHMARKS, SETTINGS, UNLABELLED_BENCHMARKS
 
     profiles = c.get("profiles") or {}
+    if not isinstance(profiles, Mapping):
+        raise ConfigError(f"config key 'profiles'={profiles!r}: expected the profile table, a mapping of profile "
+                          "names to their rows (conf/compare.yaml)")  # fmt: skip
+    # profiles.quick=3 was taken (a TypeError once chosen), a misspelt key of a row ignored
+    for name, row in profiles.items():
+        if not isinstance(row, Mapping):
+            raise ConfigError(
+                f"config key 'profiles.{name}'={row!r}: expected a row of the profile table, a mapping with the "
+                f"keys {', '.join(_PROFILE_KEYS)} (e.g. profiles.{name}.num_examples=100)"
+            )
+        for key in row:
+            if key not in _PROFILE_KEYS:
+                close = difflib.get_close_matches(str(key), _PROFILE_KEYS, n=1)
+                hint = f" (did you mean 'profiles.{name}.{close[0]}'?)" if close else ""
+                raise ConfigError(f"unknown config key 'profiles.{name}.{key}'{hint} (known keys in "
+                                  f"'profiles.{name}': {', '.join(_PROFILE_KEYS)})")  # fmt: skip
+        if row.get("overrides") is not None and not isinstance(row["overrides"], Mapping):
+            raise ConfigError(f"config key 'profiles.{name}.overrides'={row['overrides']!r}: expected a mapping "
+                              "of method globs to evaluate keys")  # fmt: skip
     if c["profile"] not in profiles:
-        raise ConfigError(f"config key 'profile'={c['profile']!r}: expected one of {sorted(profiles)}")
+        names = {str(n).lower(): str(n) for n in profiles}
+        close = difflib.get_close_matches(str(c["profile"]).lower(), list(names), n=1)
+        hint = f" (did you mean {names[close[0]]!r}?)" if close else ""
+        raise ConfigError(f"config key 'profile'={c['profile']!r}{hint}: expected one of {sorted(profiles)}")
     prof = dict(profiles[c["profile"]])
+    for key in ("out_dir", "cache_dir", "root", "python"):
+        # a '~' Hydra took quoted ('out_dir="~/runs"'): the user's home, not a folder named '~' in the working one
+        if isinstance(c.get(key), str) and c[key].startswith("~"):
+            c[key] = os.path.expanduser(c[key])
     c["methods"] = [str(m) for m in _as_list(c["methods"], "methods")]
     if not c["methods"]:
         raise ConfigError(
@@ -331,7 +479,10 @@ def check_config(c: dict[str, Any]) -> dict[str, Any]:
             "index), so the methods' accuracies would be meaningless; its agreement protocol runs with "
             "tttlab-torch-ttt-evaluate +experiment=photos_mobilenet_v2"
         )
-    c["setting"] = [str(s) for s in _as_list(c["setting"], "setting")]
+    # each setting once (setting=[continual,continual] ran the same task twice, into one folder)
+    c["setting"] = list(dict.fromkeys(str(s) for s in _as_list(c["setting"], "setting")))
+    if not c["setting"]:  # setting=null or []: no task at all, and a report of "no results"
+        raise ConfigError(f"config key 'setting' is empty: name at least one of {', '.join(SETTINGS)}")
     for s in c["setting"]:
         if s not in SETTINGS:
             raise ConfigError(f"config key 'setting' has {s!r}: expected one of {', '.join(SETTINGS)}")
@@ -423,9 +574,24 @@ def check_config(c: dict[str, Any]) -> dict[str, Any]:
                 if not p.is_dir():
                     raise ConfigError(f"config key {key!r}={c[key]!r}: {p} is a file; expected a directory")
                 break
+    if c.get("python"):  # a missing interpreter failed every method in turn, each with FileNotFoundError
+        import shutil
+
+        python = str(c["python"])
+        found = shutil.which(python) if os.sep not in python else python
+        if not found or not Path(found).is_file() or not os.access(found, os.X_OK):
+            raise ConfigError(f"config key 'python'={python!r}: no such executable; expected a Python interpreter "
+                              "that has the methods' subpackages (null: this one)")  # fmt: skip
     for key in ("overrides", "baselines"):
         if c.get(key) is not None and not isinstance(c[key], Mapping):
             raise ConfigError(f"config key {key!r}={c[key]!r}: expected a mapping")
+    # (planning checked this only for a chosen method)
+    for pattern, extra in (c.get("overrides") or {}).items():
+        if not isinstance(extra, Mapping):
+            raise ConfigError(
+                f"config key 'overrides.{pattern}'={extra!r}: expected a mapping of its evaluate keys, e.g. "
+                f"'overrides={{{pattern}:{{KEY:{extra}}}}}'"
+            )
     for package, name in (c.get("baselines") or {}).items():
         if not isinstance(name, str) or not name.startswith(f"{package}."):
             raise ConfigError(
@@ -488,11 +654,22 @@ def resolve_methods(patterns: Sequence[str], strict: bool = False):
                 Unavailable(pattern, "not installed", registry.missing_package_message(package))
             )
             continue
-        try:
-            registry.get_method(pattern)  # raises with a did-you-mean and the installed methods
-            msg = f"no installed method matches {pattern!r}"
-        except UnknownNameError as exc:
-            msg = str(exc)
+        of_package = sorted(s.name for s in installed if s.package == pattern)
+        if of_package:  # methods=torch_ttt: it said "did you mean 'torch_ttt.bn'"
+            msg = (f"{pattern!r} is a subpackage, not a method: {pattern}.* runs all its methods "
+                   f"({', '.join(of_package)}), or name one")  # fmt: skip
+        elif re.search(r"[\s,]", pattern.strip()) or re.fullmatch(r"\[[^]]*\]", pattern.strip()):
+            # one string holding a list: 'methods=[a b]', methods="a,b" or methods="[a]" (Hydra's quotes make a
+            # string); it did-you-meant the first name
+            names = ",".join(n for n in re.split(r"[\s,\[\]'\"]+", pattern) if n)
+            msg = (f"unknown method {pattern!r}: one name holding a list; give the methods as a list, names "
+                   f"separated by commas, the whole argument quoted for the shell: 'methods=[{names}]'")  # fmt: skip
+        else:
+            try:
+                registry.get_method(pattern)  # raises with a did-you-mean and the installed methods
+                msg = f"no installed method matches {pattern!r}"
+            except UnknownNameError as exc:
+                msg = str(exc)
         if strict:
             raise UnknownNameError(msg)
         unavailable.append(Unavailable(pattern, "unknown", msg))
@@ -1611,7 +1788,9 @@ def compare(config: Mapping[str, Any] | None = None, *, overrides: Sequence[str]
     )
     for pattern in c.get("overrides") or {}:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in known):
-            close = difflib.get_close_matches(pattern, known, n=1)
+            # a method's short name ('overrides={tent:{...}}'), which `methods` takes, first
+            short = [n for n in known if n.endswith(f".{pattern}")]
+            close = short[:1] or difflib.get_close_matches(pattern, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
                 f"config key 'overrides.{pattern}' matches no method{hint} (its keys would be ignored; methods: "

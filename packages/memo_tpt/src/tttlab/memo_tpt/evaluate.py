@@ -343,6 +343,11 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     with user_errors("tttlab-memo-tpt-evaluate"):
+        from tttlab.core.cli import dotlist_hydra_prefix
+
+        # +logging.level=DEBUG: it said "unknown config key '+logging' (did you mean 'logging'?)"
+        if dotlist_hydra_prefix(args):
+            raise ConfigError(dotlist_hydra_prefix(args))
         bad = [a for a in args if "=" not in a]
         if bad:
             raise ConfigError(f"arguments {bad}: expected key=value (see tttlab-memo-tpt-evaluate --help)")

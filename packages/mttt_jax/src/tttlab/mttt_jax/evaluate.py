@@ -244,6 +244,13 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     unknown = sorted(set(c) - EVALUATE_KEYS)
     if unknown:
         raise ConfigError(f"unknown evaluate keys {unknown}; expected some of {sorted(EVALUATE_KEYS)}")
+    # +logging.level=DEBUG passed Hydra (the '+' adds a key) and was ignored: no mttt_jax command has a log
+    # level (tttlab-mttt-train refuses it too), so the same line as without the '+'
+    if not isinstance(c.get("logging") or {}, Mapping):
+        raise ConfigError(f"logging={c['logging']!r}; expected a mapping with the key progress")
+    for key in c.get("logging") or {}:
+        if key != "progress":
+            raise ConfigError(f"unknown config key 'logging.{key}' (known keys in 'logging': progress)")
     seed = c.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ConfigError(f"seed={seed!r}; expected an integer >= 0")
@@ -512,6 +519,7 @@ def main() -> None:
         "evaluate",
         compile_key=False,
         free_keys=sorted(EVALUATE_KEYS - {"benchmark", "logging"}),
+        input_dirs={"run_dir": "the out_dir of a tttlab-mttt-train run, e.g. runs/mttt/smoke"},
     )
     _main()
 

@@ -3,7 +3,8 @@
     tttlab-pilimit-evaluate method=pilimit.inf_pinet profile=quick     # -> runs/pilimit/eval/inf_pinet-quick
     tttlab-pilimit-evaluate train_run=runs/pilimit/mnist/finite1024-seed0   # your own run -> <run>/eval
     keys: method, profile (smoke|quick|full), train_run, out_dir, cache_dir, seed, device, threads, progress,
-          amp (none|bf16), compile (false|true|a torch.compile mode),
+          logging.level (DEBUG|INFO|WARNING|ERROR|CRITICAL, as tttlab-pilimit-train's), amp (none|bf16),
+          compile (false|true|a torch.compile mode),
           benchmark.{name,corruptions,severities,setting,num_examples,batch_size}, train_overrides
     python -c "from tttlab.pilimit.evaluate import run; print(run({'method': 'pilimit.mup'}))"
 
@@ -62,7 +63,7 @@ PROFILES = {
 #: images per domain when the caller does not say (keeps ``full`` under 90 s on 2 cores)
 DEFAULT_NUM_EXAMPLES = {"smoke": 64, "quick": 200, "full": 500}
 KNOWN = {"method", "out_dir", "benchmark", "profile", "cache_dir", "seed", "device", "progress", "train_run",
-         "train_overrides", "threads", "batch_size", "amp", "compile"}  # fmt: skip
+         "train_overrides", "threads", "batch_size", "amp", "compile", "logging"}  # fmt: skip
 
 
 def default_out_dir(method: str, profile: str) -> str:
@@ -109,6 +110,7 @@ def _config(cfg: Mapping | None, overrides: dict) -> dict[str, Any]:
         raise ConfigError(f"threads={c['threads']!r}; expected null or an integer >= 1")
     if not isinstance(c["progress"], bool):
         raise ConfigError(f"progress={c['progress']!r}; expected true or false")
+    _check_logging(c.get("logging"))
     c.setdefault("amp", "none")
     c.setdefault("compile", False)
     c["amp"], c["compile"] = precision.check(c["amp"], c["compile"])
@@ -130,6 +132,26 @@ def _config(cfg: Mapping | None, overrides: dict) -> dict[str, Any]:
         b["num_examples"] = None
     c["benchmark"] = b
     return c
+
+
+def _check_logging(node) -> None:
+    """``logging.level`` as tttlab-pilimit-train takes it (evaluate's only ``logging`` key: its progress bar is
+    the top-level ``progress``); absent: INFO.  A ConfigError naming a bad key or value."""
+    from tttlab.core.config import LOG_LEVELS
+
+    if node is None:
+        return
+    if not isinstance(node, Mapping):
+        raise ConfigError(
+            f"logging={node!r}; expected a mapping with the key level, e.g. logging.level=DEBUG"
+        )
+    for key in node:
+        if key != "level":
+            hint = " (evaluate's progress bar is the top-level key progress)" if key == "progress" else ""
+            raise ConfigError(f"unknown config key 'logging.{key}'{hint} (known keys in 'logging': level)")
+    level = node.get("level")
+    if not isinstance(level, str) or level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"config key 'logging.level'={level!r}: expected one of {', '.join(LOG_LEVELS)}")
 
 
 def _run_kind(run_dir) -> str | None:
@@ -194,6 +216,10 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     from tttlab.core.benchmark import from_config
 
     c = _config(cfg, overrides)
+    if c.get("logging"):  # as tttlab-pilimit-train's logging.level (a display key: the same run)
+        from tttlab.core.cli import apply_log_level
+
+        apply_log_level(c["logging"]["level"])
     device = T.resolve_device(str(c["device"]))
     bench = from_config(c["benchmark"])  # every benchmark key (a missing root) checked before any training
     if not c.get("train_run"):
@@ -261,9 +287,11 @@ def main() -> None:
         print(__doc__)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from tttlab.core.cli import domain_table
+    from tttlab.core.cli import domain_table, dotlist_hydra_prefix
 
     with T.user_errors("tttlab-pilimit-evaluate"):
+        if dotlist_hydra_prefix(sys.argv[1:]):  # +logging.level=DEBUG: "unknown evaluate keys ['+logging']"
+            raise ConfigError(dotlist_hydra_prefix(sys.argv[1:]))
         words = [a for a in sys.argv[1:] if "=" not in a]  # -m, --cfg job: a Hydra command's options
         if words:
             raise ConfigError(

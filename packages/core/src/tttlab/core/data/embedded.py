@@ -80,8 +80,11 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ModuleNotFoundError as exc:
+        from ..errors import install_command
+
+        # the command as every other MissingDependencyError gives it (it lacked "from the repository root")
         raise MissingDependencyError(
-            "digits() needs scikit-learn: pip install -c constraints.txt -e 'packages/core[datasets]'"
+            f"digits() needs scikit-learn: {install_command('tttlab-core', 'datasets')}"
         ) from exc
     from PIL import Image
 
