@@ -9,7 +9,6 @@ recomputes nothing.  Skipped where no subpackage is installed (the core-only env
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 
 import pandas as pd
@@ -40,26 +39,30 @@ METHODS = "methods=[" + ",".join(s.name for s in SPECS) + "]"
 
 pytestmark = pytest.mark.skipif(not SPECS, reason="no subpackage with a method of the demo set is installed")
 
-# The JAX evaluate subprocesses of this module share the persistent XLA compilation cache of MTTT's tests
-# (the folder packages/mttt_jax/tests/conftest.py sets): the second comparison (the label-correlated stream)
-# loads the ``predict`` program the first one compiled, and a run after ``make test-jax`` of the same JAX
-# loads MTTT's training programs too (~25 s of XLA compiles on 2 cores; JAX keys each entry by the program,
-# the JAX/XLA version, the flags and the device, so a hit is the same executable).  Set for this module
-# only (a top-level tests/conftest.py clashed with mttt_jax's tests/conftest.py in one pytest session).
-XLA_CACHE_ENV = {
-    "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "tttlab_mttt_jax_test_xla_cache"),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-}
+# The JAX evaluate subprocesses of this module run under the XLA settings of MTTT's tests (core's
+# testing.fast_xla_compiles_for_tests, environment variables only): their persistent compilation cache (the
+# second comparison, the label-correlated stream, loads the ``predict`` program the first one compiled; JAX
+# keys each entry by the program, the JAX/XLA version, the flags and the device, so a hit is the same
+# executable) and XLA:CPU's backend optimisation level 0 (the smoke model's cold compiles, most of MTTT's
+# time here; no check of this module depends on the last bits of its accuracies: every comparison of two
+# runs is of runs under the same flags).  Set for this module only, and put back after it (a top-level
+# tests/conftest.py clashed with mttt_jax's tests/conftest.py in one pytest session).
+XLA_ENV_KEYS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "XLA_FLAGS")  # fmt: skip
 
 
 @pytest.fixture(scope="module", autouse=True)
-def shared_xla_cache():
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in XLA_CACHE_ENV.items():
-            if key not in os.environ:
-                mp.setenv(key, value)
-        yield
+def fast_xla_compiles():
+    from tttlab.core.testing import fast_xla_compiles_for_tests
+
+    before = {key: os.environ.get(key) for key in XLA_ENV_KEYS}
+    fast_xla_compiles_for_tests()
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +113,23 @@ def test_files_agree_with_the_records(demo):
         assert (out / f"{name}.png").exists() and (out / f"{name}.svg").exists()
 
 
-def test_second_run_recomputes_nothing(demo):
+@pytest.fixture(scope="module")
+def second_run(demo):
+    """The demo's methods compared again in its folder: ``(results.csv before, after, the tasks)``.  Both
+    test_second_run_recomputes_nothing and ``reordered`` (its i.i.d. default: another test may write
+    another comparison's results.csv later) read it; it was a comparison each (their task start-ups and
+    figures, ~3-6 s on 2 cores)."""
     out, _, _, _ = demo
     before = pd.read_csv(out / "results.csv")
     ran = list(before["method"].unique())  # (the ones that failed would run again)
-    result = cmp.compare({"methods": ran, "out_dir": str(out), "profile": "smoke", "progress": False},
+    result = cmp.compare({"methods": ran, "out_dir": str(out), "profile": "smoke", "progress": False, "jobs": 2},
                          echo=lambda *a: None)  # fmt: skip
-    assert {t.status for t in result.tasks} == {"resumed"}
-    after = pd.read_csv(out / "results.csv")
+    return before, pd.read_csv(out / "results.csv"), result.tasks
+
+
+def test_second_run_recomputes_nothing(second_run):
+    before, after, tasks = second_run
+    assert {t.status for t in tasks} == {"resumed"}
     pd.testing.assert_frame_equal(before, after)
 
 
@@ -129,7 +141,7 @@ BATCH_STATISTICS = ("torch_ttt.bn",)
 
 
 @pytest.fixture(scope="module")
-def reordered(demo):
+def reordered(demo, second_run):
     """One comparison that sends both stream keys through every installed subpackage's evaluate (one method per
     subpackage, those the demo ran): ``dirichlet_delta=0`` (each domain sorted by class) and
     ``stream_order=mariodoebler``.  Both tests below read it (a comparison per key ran 4-5 more evaluate
@@ -140,11 +152,10 @@ def reordered(demo):
     the demo's records: another test may have written another comparison's results.csv since), the reordered
     comparison's results, its report and its tasks."""
     out, _, _, _ = demo
-    ran = [m for m in (*BATCH_STATISTICS, *PER_IMAGE) if m in set(pd.read_csv(out / "results.csv")["method"])]
+    before = second_run[1]
+    ran = [m for m in (*BATCH_STATISTICS, *PER_IMAGE) if m in set(before["method"])]
     assert ran, "the demo ran none of the chosen methods"
     base = {"methods": ran, "out_dir": str(out), "profile": "smoke", "progress": False, "jobs": 2}
-    cmp.compare(base, echo=lambda *a: None)
-    before = pd.read_csv(out / "results.csv")
     result = cmp.compare({**base, "dirichlet_delta": 0, "stream_order": "mariodoebler"}, echo=lambda *a: None)
     return before, pd.read_csv(out / "results.csv"), (out / "report.md").read_text(), result.tasks
 

@@ -16,6 +16,10 @@ day it is added.  Per command, on a tiny config:
    initialisation, and its end, e.g. an evaluation);
 3. the base config in that folder: the same run, which computes nothing new.
 
+A command with several tasks whose config nodes only one of them reads (pilimit: classify, transfer, MAML)
+runs this on a tiny config of each (``Command.tasks``): flipped in a run that never reads it, a key changes
+nothing, right or wrong.
+
 The records of 2+3 must equal the reference's in every number (``VOLATILE_RECORD_FIELDS`` and timings aside),
 the folder must hold one config and one ``config_hash`` (no ``config-<hash>.yaml`` kept for another config),
 and no run may log that it replaced another config.  A key whose base value has no obvious other value (a
@@ -70,6 +74,10 @@ class Command:
     timing_metrics: tuple[str, ...] = ()
     #: run in the torch-free environment only (make test-jax), as the package's own tests
     torch_free_only: bool = False
+    #: the command's other tasks, whose config nodes its base config's run never reads (pilimit's ``maml.*``):
+    #: ``name: out_dir -> a tiny config of that task``.  Flipped in the base run, a key under such a node
+    #: changes nothing, right or wrong: each task runs the contract on its own config (and resume code) too.
+    tasks: dict[str, Callable[[Path], dict]] = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -94,6 +102,26 @@ def _pilimit_config(out: Path) -> dict:
 
     small = ["logging.progress=false", "threads=1", "data.num_examples=32", "train.num_test=16"]
     return T.train_config("smoke", [*small, f"out_dir={out}"])
+
+
+def _pilimit_task(task: str) -> Callable[[Path], dict]:
+    """A tiny run of pilimit's ``maml`` (MNIST digits, best-validation checkpoint: it reads ``maml.*`` and
+    ``eval.*``) or ``transfer`` task (MNIST to MNIST: it reads ``transfer.*``), which the classify smoke run
+    never reads."""
+
+    def config(out: Path) -> dict:
+        from tttlab.pilimit import train as T
+
+        small = ["logging.progress=false", "threads=1", "model.r=8", f"out_dir={out}"]
+        if task == "maml":
+            maml = ["maml.num_batches=2", "maml.num_test_batches=2", "maml.meta_batch_size=2", "maml.num_ways=3",
+                    "train.epochs=3", "eval.checkpoint=best_val", "eval.val_fraction=0.5"]  # fmt: skip
+            return T.train_config("maml_mnist", [*small, *maml])
+        transfer = ["data.num_examples=32", "train.num_test=16", "train.task=transfer", "transfer.dataset=mnist",
+                    "transfer.num_train=24", "transfer.num_test=16"]  # fmt: skip
+        return T.train_config("smoke", [*small, *transfer])
+
+    return config
 
 
 def _pilimit_run(c: dict) -> None:
@@ -163,8 +191,10 @@ COMMANDS = {
     ),
     "pilimit.train": Command(
         "tttlab.pilimit.train", "tttlab.pilimit", "torch", _pilimit_config, _pilimit_run,
-        flips={"train.stop_after_steps": 3, "train.checkpoint_every": 1},
+        # transfer.ridge (1e-4) halved moves no prediction of the tiny transfer run; 1.0 does
+        flips={"train.stop_after_steps": 3, "train.checkpoint_every": 1, "transfer.ridge": 1.0},
         per_run=("train.stop_after_steps", "train.resume"),
+        tasks={"maml": _pilimit_task("maml"), "transfer": _pilimit_task("transfer")},
     ),
     "mttt_jax.train": Command(
         "tttlab.mttt_jax.train", "tttlab.mttt_jax", "jax", _mttt_config, _mttt_run,
@@ -274,8 +304,14 @@ def test_every_module_with_resumable_keys_has_a_command_here():
     )
 
 
-@pytest.mark.parametrize("name", sorted(COMMANDS))
-def test_resumable_keys_change_no_number(name, tmp_path, caplog, monkeypatch):
+CASES = [(name, None) for name in sorted(COMMANDS)] + [
+    (name, task) for name in sorted(COMMANDS) for task in sorted(COMMANDS[name].tasks)
+]
+
+
+@pytest.mark.parametrize("name, task", CASES, ids=[n if t is None else f"{n}:{t}" for n, t in CASES])
+def test_resumable_keys_change_no_number(name, task, tmp_path, caplog, monkeypatch):
+    """The contract on the command's tiny base config, or (``task``) on a tiny run of another of its tasks."""
     cmd = COMMANDS[name]
     missing = [m for m in (cmd.package, cmd.framework) if importlib.util.find_spec(m) is None]
     if missing:
@@ -292,9 +328,10 @@ def test_resumable_keys_change_no_number(name, tmp_path, caplog, monkeypatch):
     documented = {k for attr in NUMBER_CHANGING_LISTS for k in getattr(module, attr, ())}
     bad = sorted(k for k in keys if k in documented or k.rsplit(".", 1)[-1] in NEVER_RESUMABLE)
     assert not bad, f"{cmd.module}.RESUMABLE_KEYS names keys that change numbers: {bad}"
+    config = cmd.config if task is None else cmd.tasks[task]
 
     reference = tmp_path / "reference"
-    base = cmd.config(reference)
+    base = config(reference)
     cmd.run(base)
     out = tmp_path / "run"
     first, changes = flipped(cmd, base, keys, out)

@@ -340,3 +340,27 @@ def test_apply_overrides_without_hydra_names_the_install_command(monkeypatch):
     ):
         apply_overrides({"a": 1}, ["a=2"])
     assert OmegaConf.to_container(apply_overrides({"a": 1}, [])) == {"a": 1}  # no override: no parser needed
+
+
+def test_package_yaml_parses_each_file_once_and_hands_out_copies(monkeypatch):
+    """The commands compose from the same shipped YAML files over and over (torch_ttt's ``eval_config`` reads
+    two per call, ~15 ms of parsing each): a file is parsed once per distinct text, and every call returns its
+    own copy, so a caller that changes what it got changes no later call's result."""
+    from tttlab.core import config as C
+
+    parsed = []
+    create = OmegaConf.create
+
+    def counting(obj=None, *args, **kwargs):
+        if isinstance(obj, str):
+            parsed.append(obj)
+        return create(obj, *args, **kwargs)
+
+    monkeypatch.setattr(OmegaConf, "create", counting)
+    first = C.package_yaml("tttlab.core.conf", "compare.yaml")
+    want = C.package_yaml("tttlab.core.conf", "compare.yaml")
+    # (none when an earlier test of this process read the file)
+    assert len(parsed) <= 1 and first == want and "defaults" not in first and "hydra" not in first
+    first["profiles"]["smoke"]["num_examples"] = -1
+    first.clear()
+    assert C.package_yaml("tttlab.core.conf", "compare.yaml") == want and len(parsed) <= 1
