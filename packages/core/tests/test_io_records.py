@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -143,6 +144,35 @@ def test_run_dir_layout_and_records_roundtrip(tmp_path, monkeypatch):
     stats = run2.read_stats()
     assert stats["train/loss"] == [2.0, 1.5]
     assert stats["val/inner_loss"][0][1][1] == float("inf") and stats["val/inner_loss"][1][1] == [2.0, 1.5]
+
+
+def test_env_json_records_the_installed_versions_without_reading_every_distribution(monkeypatch):
+    """env.json's ``packages``: every tttlab distribution and listed third-party one that is installed, with
+    importlib.metadata's version, found by name: walking all installed distributions cost 0.1-0.8 s per run
+    directory (and a tttlab package missing from the name list would go unrecorded)."""
+    from importlib import metadata
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    names = {
+        re.search(r'^name = "(.+)"', p.read_text(), re.M)[1] for p in root.glob("packages/*/pyproject.toml")
+    }
+    assert set(R.TTTLAB_DISTRIBUTIONS) == names
+    expected = {}
+    for dist in metadata.distributions():  # the walk the old code did, for the tttlab names
+        # open_clip_torch is listed as open-clip-torch
+        name = re.sub(r"[-_.]+", "-", dist.metadata.get("Name") or "").lower()
+        if name.startswith("tttlab-") or name in R._VERSIONED:
+            expected[name] = dist.version
+
+    def no_walk():
+        raise AssertionError("package_versions walked every installed distribution")
+
+    monkeypatch.setattr(metadata, "distributions", no_walk)
+    assert R.package_versions() == dict(sorted(expected.items()))
+    assert "tttlab-core" in expected and "numpy" in expected
+    env = R.environment()
+    assert env["packages"] == R.package_versions() and list(env["packages"]) == sorted(env["packages"])
 
 
 def test_git_sha_outside_a_repository(tmp_path):

