@@ -148,45 +148,28 @@ def test_setup_logging_level_applies_under_hydra_handlers():
         pkg.setLevel(saved[2])
 
 
-def test_the_console_scripts_module_loads_no_timm_and_the_package_names_load_on_use(monkeypatch):
+def test_the_console_scripts_module_loads_no_timm_and_the_package_names_load_on_use():
     """``tttlab.ttt_mae.cli`` (every console script's ``--help`` and its Hydra checks) imports no timm: the
     package's names (``build_model``, ``TTTAdapter``, ...) load their module on first use.  timm imports
     torchvision and torch._dynamo, ~2-3 s of each command's start-up, before a model is ever built."""
     import importlib
-    import importlib.abc
 
-    class NoTimm(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "timm" or name.startswith("timm."):
-                raise ImportError(f"{name} imported while loading tttlab.ttt_mae.cli")
+    from tttlab.core.testing import imported_afresh
 
-    import tttlab
-
-    saved = dict(sys.modules)  # the modules imported fresh below are dropped again afterwards
-    monkeypatch.setattr(tttlab, "ttt_mae", sys.modules["tttlab.ttt_mae"])  # the namespace's attribute too
-    try:
-        for name in [m for m in sys.modules if m == "timm" or m.startswith(("timm.", "tttlab.ttt_mae"))]:
-            del sys.modules[name]
-        sys.meta_path.insert(0, NoTimm())
-        try:
-            cli = importlib.import_module("tttlab.ttt_mae.cli")
-            for script in ("pretrain", "probe", "ttt_main", "baseline"):
-                assert callable(importlib.import_module(f"tttlab.ttt_mae.{script}").main)
-            assert callable(cli.hydra_main) and "timm" not in sys.modules
-            package = sys.modules["tttlab.ttt_mae"]
-            with pytest.raises(ImportError, match="timm imported"):
-                package.build_model  # noqa: B018 - the lazy name loads tttlab.ttt_mae.model, which needs timm
-        finally:
-            sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, NoTimm)]
+    with imported_afresh(["tttlab.ttt_mae"], blocked=["timm"]):
+        cli = importlib.import_module("tttlab.ttt_mae.cli")
+        for script in ("pretrain", "probe", "ttt_main", "baseline"):
+            assert callable(importlib.import_module(f"tttlab.ttt_mae.{script}").main)
+        assert callable(cli.hydra_main)
+        with pytest.raises(ImportError, match="timm"):
+            sys.modules["tttlab.ttt_mae"].build_model  # noqa: B018 - loads tttlab.ttt_mae.model: timm
+    with imported_afresh(["tttlab.ttt_mae"]):
+        package = importlib.import_module("tttlab.ttt_mae")
         from tttlab.ttt_mae import ARCHS, TTTAdapter, build_model
 
         model = importlib.import_module("tttlab.ttt_mae.model")
         ttt = importlib.import_module("tttlab.ttt_mae.ttt")
         assert (build_model, ARCHS, TTTAdapter) == (model.build_model, model.ARCHS, ttt.TTTAdapter)
         assert all(getattr(package, name) is not None for name in package.__all__)
-    finally:
-        for name in [m for m in sys.modules if m not in saved]:
-            del sys.modules[name]
-        sys.modules.update(saved)
-    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
-        package.nothing  # noqa: B018
+        with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+            package.nothing  # noqa: B018
