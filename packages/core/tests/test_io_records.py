@@ -311,6 +311,37 @@ def test_killed_writer_leaves_complete_lines(tmp_path):
         R.load_records(path)
 
 
+def test_recorded_keys_are_done_keys_of_load_records_without_pandas(tmp_path):
+    """``recorded_keys`` (pilimit's resume: no pandas import before the first step) gives what
+    ``done_keys(load_records(...))`` gives: rank files and nested folders, filters, None / NaN / integers."""
+    from tttlab.core.testing import imported_afresh
+
+    for rank, chash in ((0, "a"), (1, "b"), (2, "a")):
+        with R.RecordWriter(tmp_path / ("records.jsonl" if rank == 0 else f"records-rank{rank}.jsonl")) as w:
+            for step in (None, 1, 2):
+                for metric, value in (("accuracy", 0.5), ("loss", float("nan"))):
+                    w.write(method="m", metric=metric, value=value, step=step, config_hash=chash,
+                            corruption=None if step is None else "fog", severity=step)  # fmt: skip
+    (tmp_path / "sub").mkdir()
+    with R.RecordWriter(tmp_path / "sub" / "records.jsonl") as w:
+        w.write(method="n", metric="accuracy", value=1.0, step=7, config_hash="a")
+    cases = [
+        (["metric", "step"], {"config_hash": "a"}), (["metric", "step"], {}), (["corruption", "severity"], {}),
+        (["value", "method"], {"metric": "loss"}), (["step"], {"config_hash": "nothing"}),
+    ]  # fmt: skip
+    for sources in ([tmp_path], [tmp_path / "sub"], [tmp_path / "records-rank1.jsonl", tmp_path / "sub"]):
+        for keys, filters in cases:
+            expected = R.done_keys(R.load_records(*sources), keys, **filters)
+            assert R.recorded_keys(*sources, keys=keys, **filters) == expected, (sources, keys, filters)
+    assert R.recorded_keys(tmp_path, keys=["metric", "step"], config_hash="b") == {
+        ("accuracy", None), ("accuracy", 1), ("accuracy", 2), ("loss", None), ("loss", 1), ("loss", 2)
+    }  # fmt: skip
+    with pytest.raises(InvalidInputError, match="no column 'stepz'"):
+        R.recorded_keys(tmp_path, keys=["stepz"])
+    with imported_afresh([], blocked=["pandas"]):
+        assert R.recorded_keys(tmp_path, keys=["step"], config_hash="b") == {(None,), (1,), (2,)}
+
+
 def test_rank_files_merge_and_resume_keys(tmp_path):
     for rank in (0, 1, 2):
         run = R.RunDir(tmp_path, config={"seed": 0}, rank=rank)
