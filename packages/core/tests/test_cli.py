@@ -1620,7 +1620,10 @@ def test_imported_afresh_blocks_what_it_is_told_and_puts_every_module_back():
 
     names_before = set(sys.modules)
     with imported_afresh(["tttlab.core.errors"], blocked=["json"]):
+        from tttlab.core import errors as from_the_package  # not the old module left on tttlab.core
+
         fresh = importlib.import_module("tttlab.core.errors")
+        assert fresh is from_the_package and tttlab.core.errors is fresh
         assert fresh is not errors_before and fresh.ConfigError is not errors_before.ConfigError
         with pytest.raises(ImportError, match="json"):
             importlib.import_module("json")

@@ -544,6 +544,9 @@ def imported_afresh(packages: Sequence[str], blocked: Sequence[str] = ()):
     try:
         for name in [m for m in sys.modules if ours(m, packages) or ours(m, blocked)]:
             del sys.modules[name]
+        for parent, attr in parents:  # else ``from . import x`` would find the old module on its package
+            with contextlib.suppress(AttributeError):
+                delattr(sys.modules[parent], attr)
         for name in blocked:
             sys.modules[name] = None  # type: ignore[assignment]  # the import system's "not importable"
         yield
