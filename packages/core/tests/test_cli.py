@@ -1632,3 +1632,28 @@ def test_a_sweeps_jobs_compose_as_hydra_composes_them_with_the_groups_merged_onc
         and impl.ConfigLoaderImpl._compose_config_from_defaults_list.__name__
         == ("_compose_config_from_defaults_list")
     )
+
+
+def test_imported_afresh_blocks_what_it_is_told_and_puts_every_module_back():
+    """``testing.imported_afresh``, which the packages' start-up tests use: a fresh module object inside, the
+    blocked module unimportable, and afterwards the old modules and package attributes, nothing new left."""
+    import importlib
+    import json as json_before
+
+    import tttlab.core
+    import tttlab.core.errors as errors_before
+    from tttlab.core.testing import imported_afresh
+
+    names_before = set(sys.modules)
+    with imported_afresh(["tttlab.core.errors"], blocked=["json"]):
+        from tttlab.core import errors as from_the_package  # not the old module left on tttlab.core
+
+        fresh = importlib.import_module("tttlab.core.errors")
+        assert fresh is from_the_package and tttlab.core.errors is fresh
+        assert fresh is not errors_before and fresh.ConfigError is not errors_before.ConfigError
+        with pytest.raises(ImportError, match="json"):
+            importlib.import_module("json")
+        importlib.import_module("colorsys")  # new here unless imported before: dropped again
+    assert sys.modules["tttlab.core.errors"] is errors_before and tttlab.core.errors is errors_before
+    assert sys.modules["json"] is json_before
+    assert set(sys.modules) == names_before

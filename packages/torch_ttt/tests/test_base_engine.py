@@ -105,6 +105,32 @@ def test_nesterov_sgd_the_official_actmad_step():
         get_engine("tent")(bn_model(), {"nesterov": True}).eval()(x)  # Adam
 
 
+def test_the_evaluate_config_check_refuses_bad_optimizer_settings_without_building_an_optimizer(monkeypatch):
+    """``eval_config`` refuses a bad combination (nesterov with Adam, or without momentum) and a bad value
+    with the messages the engine gives, before any model or data, and builds no optimizer for the check:
+    torch's first optimizer of a process imports torch._dynamo (~2 s of every evaluate's start-up)."""
+    from tttlab.torch_ttt import evaluate as E
+
+    def no_optimizer(*args, **kwargs):
+        raise AssertionError("the config check built an optimizer")
+
+    for cls in ("Adam", "AdamW", "SGD"):
+        monkeypatch.setattr(torch.optim, cls, no_optimizer)
+    ok = E.eval_config({"engine": "tent"}, ["engine.optimization.optimizer_name=sgd",
+                                            "engine.optimization.momentum=0.9", "engine.optimization.nesterov=true"])  # fmt: skip
+    assert ok["engine"]["optimization"]["nesterov"] is True
+    for overrides, needle in (
+        (["engine.optimization.nesterov=true"], "nesterov=True needs optimizer_name='sgd' and momentum > 0, "
+                                                "got optimizer_name='adam'"),
+        (["engine.optimization.optimizer_name=sgd", "engine.optimization.momentum=0",
+          "engine.optimization.nesterov=true"], "got optimizer_name='sgd', momentum=0"),
+        (["engine.optimization.lr=-1"], "engine.optimization.lr must be a number >= 0, got -1"),
+        (["engine.optimization.optimizer_name=lbfgs"], "engine.optimization.optimizer_name='lbfgs'; expected one"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            E.eval_config({"engine": "tent"}, overrides)
+
+
 def test_tent_uses_test_batch_statistics_and_restores_exactly():
     m = bn_model()
     before = state(m)

@@ -147,3 +147,30 @@ def test_setup_logging_level_applies_under_hydra_handlers():
             root.addHandler(h)
         root.setLevel(saved[0])
         pkg.setLevel(saved[2])
+
+
+def test_the_console_scripts_module_loads_no_timm_and_the_package_names_load_on_use():
+    """``tttlab.ttt_mae.cli`` (every console script's ``--help`` and its Hydra checks) imports no timm: the
+    package's names (``build_model``, ``TTTAdapter``, ...) load their module on first use.  timm imports
+    torchvision and torch._dynamo, ~2-3 s of each command's start-up, before a model is ever built."""
+    import importlib
+
+    from tttlab.core.testing import imported_afresh
+
+    with imported_afresh(["tttlab.ttt_mae"], blocked=["timm"]):
+        cli = importlib.import_module("tttlab.ttt_mae.cli")
+        for script in ("pretrain", "probe", "ttt_main", "baseline"):
+            assert callable(importlib.import_module(f"tttlab.ttt_mae.{script}").main)
+        assert callable(cli.hydra_main)
+        with pytest.raises(ImportError, match="timm"):
+            sys.modules["tttlab.ttt_mae"].build_model  # noqa: B018 - loads tttlab.ttt_mae.model: timm
+    with imported_afresh(["tttlab.ttt_mae"]):
+        package = importlib.import_module("tttlab.ttt_mae")
+        from tttlab.ttt_mae import ARCHS, TTTAdapter, build_model
+
+        model = importlib.import_module("tttlab.ttt_mae.model")
+        ttt = importlib.import_module("tttlab.ttt_mae.ttt")
+        assert (build_model, ARCHS, TTTAdapter) == (model.build_model, model.ARCHS, ttt.TTTAdapter)
+        assert all(getattr(package, name) is not None for name in package.__all__)
+        with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+            package.nothing  # noqa: B018

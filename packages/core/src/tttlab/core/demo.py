@@ -27,8 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import corruptions as C
-
 
 def corruption_grid(
     image: np.ndarray, title: str, out: Path, seed: int = 0, family: str | None = None
@@ -39,6 +37,7 @@ def corruption_grid(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from . import corruptions as C  # here: scipy's import is no part of --help
     from ._io import atomic_write_bytes
 
     rows, cols = len(C.ALL), 1 + len(C.SEVERITIES)

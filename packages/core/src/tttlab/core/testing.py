@@ -520,3 +520,43 @@ def _check_rerun_is_the_same_run(run_dir, run_first, run_again, what, *, timing_
     shown_hash = (record_hash or config_hash)(_load_yaml_config(path / "config.yaml"))
     assert {r["config_hash"] for r in again} == {shown_hash}, "one folder, one config_hash: the config's"
     return again
+
+
+@contextlib.contextmanager
+def imported_afresh(packages: Sequence[str], blocked: Sequence[str] = ()):
+    """Inside the block, ``packages`` (names; their submodules too) import anew, with the ``blocked`` modules
+    unimportable (``import torch`` raises ImportError): a test that a command's module needs no torch or
+    timm at import (its ``--help`` start-up) without a subprocess, in a process that imported them long ago.
+
+    Afterwards ``sys.modules`` is what it was (the modules imported inside are dropped, the old ones back)
+    and so are the attributes that the fresh imports set on the packages above them."""
+    import sys
+
+    def ours(name: str, roots: Sequence[str]) -> bool:
+        return any(name == r or name.startswith(r + ".") for r in roots)
+
+    saved = dict(sys.modules)
+    parents = {}  # (parent module, attribute) -> the old value, for each dropped module with a kept parent
+    for name in [m for m in sys.modules if ours(m, packages)]:
+        parent, _, attr = name.rpartition(".")
+        if parent in sys.modules and not ours(parent, packages):
+            parents[(parent, attr)] = getattr(sys.modules[parent], attr, None)
+    try:
+        for name in [m for m in sys.modules if ours(m, packages) or ours(m, blocked)]:
+            del sys.modules[name]
+        for parent, attr in parents:  # else ``from . import x`` would find the old module on its package
+            with contextlib.suppress(AttributeError):
+                delattr(sys.modules[parent], attr)
+        for name in blocked:
+            sys.modules[name] = None  # type: ignore[assignment]  # the import system's "not importable"
+        yield
+    finally:
+        for name in [m for m in sys.modules if m not in saved]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+        for (parent, attr), value in parents.items():
+            if value is None:
+                with contextlib.suppress(AttributeError):
+                    delattr(sys.modules[parent], attr)
+            else:
+                setattr(sys.modules[parent], attr, value)

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from tttlab.core._io import atomic_write_json
 from tttlab.core.cli import check_hydra_command, user_errors
@@ -252,6 +251,8 @@ def evaluate_dataset(
 
     ``dataset`` (the test set, read from ``datasets_root`` when None) and ``built`` (``build``'s adapter and
     model name for it, built when None) let the caller check them before it makes the run directory."""
+    import torch  # here, not at the top: the commands' --help and config checks need no torch (~1.5 s)
+
     from ._progress import progress_bar
 
     ds = D.load_test_set(name, c["datasets_root"]) if dataset is None else dataset
@@ -361,7 +362,7 @@ def run_paper(cfg) -> Path:
         print(summary(path))
         return path
     _check_adapter_options(c)
-    from .evaluate import resolve_device
+    from tttlab.core.torch import resolve_device
 
     device = resolve_device(c["device"])
     names = D.subsets_for(c["data_to_test"])

@@ -44,7 +44,7 @@ from tttlab.core._io import atomic_path
 from tttlab.core.cli import apply_log_level, check_hydra_command, user_errors
 from tttlab.core.config import RunConfig, config_diff, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError
-from tttlab.core.records import RunDir, check_run_dir, config_hash, done_keys, load_records
+from tttlab.core.records import RunDir, check_run_dir, config_hash, recorded_keys
 from tttlab.core.torch import read_torch_file, resolve_device
 
 from . import precision
@@ -560,7 +560,8 @@ class _Run:
         resumed run does not write again (another config's records there are not this run's)."""
         if self.out is None:
             raise RuntimeError("_Run.open() first")
-        return done_keys(load_records(self.out.path), ["metric", "step"], config_hash=self.out.config_hash)
+        # not done_keys(load_records(...)): no pandas import (0.5-1 s) before the first step
+        return recorded_keys(self.out.path, keys=["metric", "step"], config_hash=self.out.config_hash)
 
     def try_resume(self, net, opt, sched) -> dict[str, Any] | None:
         if self.out is None:

@@ -111,7 +111,7 @@ from tttlab.core.torch import Dist, init_distributed  # noqa: F401  (re-exported
 
 from . import train as T
 from .checkpoints import build_reference, pretrained_state
-from .engine.base_engine import DEFAULT_OPTIMIZATION, OptimizationParameters, Reset, build_optimizer
+from .engine.base_engine import DEFAULT_OPTIMIZATION, OptimizationParameters, Reset, check_optimizer_settings
 from .engine_registry import EngineRegistry, get_engine
 from .models import MODELS, ModelInfo, model_info
 from .precision import check_amp, check_compile, compile_kwargs
@@ -326,7 +326,8 @@ def eval_config(
     settings = OptimizationParameters(
         given, defaults=get_engine(c["engine"]["name"]).optimization_defaults, where="engine.optimization."
     )
-    build_optimizer([torch.zeros(1, requires_grad=True)], settings)  # combinations (nesterov needs sgd)
+    # combinations (nesterov needs sgd); no optimizer is built (its first one imports torch._dynamo: ~2 s)
+    check_optimizer_settings(settings)
     # so do misspelt engine arguments (they failed only once the model was trained: minutes)
     T.check_engine_kwargs(c["engine"]["name"], c["engine"]["kwargs"])
     if c["train_engine"] != "auto" and c["train_engine"] not in EngineRegistry.names():

@@ -175,16 +175,24 @@ class OptimizationParameters(dict):
         return self[key]
 
 
-def build_optimizer(params: list[torch.Tensor], settings: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """Adam / SGD (momentum, optionally Nesterov's: the official ActMAD step and the official TENT code's
-    SGD option) / AdamW over ``params`` with the engine's settings (foreach kernels)."""
-    name, lr, wd = settings["optimizer_name"], float(settings["lr"]), float(settings["weight_decay"])
-    nesterov = bool(settings.get("nesterov", False))
-    if nesterov and (name != "sgd" or float(settings["momentum"]) <= 0):
+def check_optimizer_settings(settings: Mapping[str, Any]) -> None:
+    """The combinations :func:`build_optimizer` refuses (each value alone is checked by
+    :class:`OptimizationParameters`), without building an optimizer: torch's first optimizer of a process
+    imports ``torch._dynamo`` (~2 s), which a config check need not pay."""
+    name = settings["optimizer_name"]
+    if bool(settings.get("nesterov", False)) and (name != "sgd" or float(settings["momentum"]) <= 0):
         raise ConfigError(
             f"nesterov=True needs optimizer_name='sgd' and momentum > 0, got optimizer_name={name!r}, "
             f"momentum={settings['momentum']!r}"
         )
+
+
+def build_optimizer(params: list[torch.Tensor], settings: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """Adam / SGD (momentum, optionally Nesterov's: the official ActMAD step and the official TENT code's
+    SGD option) / AdamW over ``params`` with the engine's settings (foreach kernels)."""
+    check_optimizer_settings(settings)
+    name, lr, wd = settings["optimizer_name"], float(settings["lr"]), float(settings["weight_decay"])
+    nesterov = bool(settings.get("nesterov", False))
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=tuple(settings["betas"]), weight_decay=wd, foreach=True)
     if name == "adamw":
