@@ -174,3 +174,27 @@ def test_the_console_scripts_module_loads_no_timm_and_the_package_names_load_on_
         assert all(getattr(package, name) is not None for name in package.__all__)
         with pytest.raises(AttributeError, match="no attribute 'nothing'"):
             package.nothing  # noqa: B018
+
+
+def test_the_package_names_star_import_and_dir_lists_each_once():
+    """``from tttlab.ttt_mae import *`` gives every name of ``__all__`` (each its module's object), and
+    ``dir(tttlab.ttt_mae)`` lists each name once, before and after the names load (a loaded name is a module
+    global too: it was listed twice), as the package's eager imports did."""
+    import importlib
+
+    from tttlab.core.testing import imported_afresh
+
+    with imported_afresh(["tttlab.ttt_mae"]):
+        package = importlib.import_module("tttlab.ttt_mae")
+        before = dir(package)
+        assert len(before) == len(set(before)) and set(package.__all__) <= set(before)
+        namespace: dict = {}
+        exec("from tttlab.ttt_mae import *", namespace)  # noqa: S102 - the star import itself
+        assert sorted(k for k in namespace if k != "__builtins__") == sorted(package.__all__)
+        model = importlib.import_module("tttlab.ttt_mae.model")
+        ttt = importlib.import_module("tttlab.ttt_mae.ttt")
+        for name in package.__all__:
+            assert namespace[name] is getattr(model if hasattr(model, name) else ttt, name), name
+        after = dir(package)
+        assert after == sorted(set(after)), [n for n in set(after) if after.count(n) > 1]
+        assert set(before) | {"model", "ttt"} <= set(after)
