@@ -198,3 +198,34 @@ def test_the_package_names_star_import_and_dir_lists_each_once():
         after = dir(package)
         assert after == sorted(set(after)), [n for n in set(after) if after.count(n) > 1]
         assert set(before) | {"model", "ttt"} <= set(after)
+
+
+@pytest.mark.parametrize("entry", ["pretrain", "ttt_main"])
+def test_a_run_without_timm_is_one_line_naming_the_install_command(tmp_path, monkeypatch, capsys, entry):
+    """timm missing (a broken install: the package's names load it on first use, so ``--help`` runs without it):
+    a run stops with one line naming the install command, exit status 2, before it writes anything.  It was
+    Hydra's error report of the model's import (exit status 1); before the names were lazy, every command's
+    import failed with Python's traceback."""
+    import importlib
+    import logging
+
+    from tttlab.core.testing import imported_afresh
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    experiment = "smoke_pretrain" if entry == "pretrain" else "smoke_ttt"
+    prog = "tttlab-ttt-mae-" + ("pretrain" if entry == "pretrain" else "ttt")
+    monkeypatch.setattr(sys, "argv", [prog, f"+experiment={experiment}", f"out_dir={tmp_path / 'run'}",
+                                      *NO_HYDRA_LOGGING])  # fmt: skip
+    with imported_afresh(["tttlab.ttt_mae"], blocked=["timm"]):
+        main = importlib.import_module(f"tttlab.ttt_mae.{entry}").main
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err[-2000:]
+    assert err.strip() == (
+        f"{prog}: error: MissingDependencyError: the MAE model needs timm, which is not installed; install it "
+        "with: pip install -c constraints.txt -e packages/ttt_mae  (from the tttlab repository root)"
+    ), err[-2000:]
+    assert not list((tmp_path / "run").rglob("*")), "nothing written"
