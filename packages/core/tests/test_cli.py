@@ -1657,3 +1657,34 @@ def test_imported_afresh_blocks_what_it_is_told_and_puts_every_module_back():
     assert sys.modules["tttlab.core.errors"] is errors_before and tttlab.core.errors is errors_before
     assert sys.modules["json"] is json_before
     assert set(sys.modules) == names_before
+
+
+def test_imported_afresh_keeps_a_new_outside_module_and_leaves_no_dropped_one_on_its_package(
+    tmp_path, monkeypatch
+):
+    """With nothing blocked, a module outside ``packages`` imported for the first time inside the block stays
+    imported (dropped, the next import ran it again: torchvision or torch._dynamo, first imported inside,
+    cannot be imported twice in a process); a module of ``packages`` imported for the first time inside is
+    dropped and not left on its kept package (it was: ``pkg.sub`` named a module ``sys.modules`` lacked)."""
+    import importlib
+
+    from tttlab.core.testing import imported_afresh
+
+    (tmp_path / "afresh_pkg").mkdir()
+    (tmp_path / "afresh_pkg" / "__init__.py").write_text("")
+    (tmp_path / "afresh_pkg" / "sub.py").write_text("import afresh_outside\n")
+    (tmp_path / "afresh_outside.py").write_text("RUNS = []\nRUNS.append(1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("afresh_pkg", "afresh_pkg.sub", "afresh_outside"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    package = importlib.import_module("afresh_pkg")
+    with imported_afresh(["afresh_pkg.sub"]):
+        sub = importlib.import_module("afresh_pkg.sub")
+        outside = sys.modules["afresh_outside"]
+        assert package.sub is sub
+    assert "afresh_pkg.sub" not in sys.modules and not hasattr(package, "sub")
+    assert sys.modules["afresh_outside"] is outside
+    assert importlib.import_module("afresh_outside").RUNS == [1], "run once"
+    with imported_afresh(["afresh_pkg.sub"], blocked=["json"]):  # blocked: what the block imported goes
+        importlib.import_module("afresh_pkg.sub")
+    assert "afresh_pkg.sub" not in sys.modules and not hasattr(package, "sub")

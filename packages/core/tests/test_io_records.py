@@ -342,6 +342,52 @@ def test_recorded_keys_are_done_keys_of_load_records_without_pandas(tmp_path):
         assert R.recorded_keys(tmp_path, keys=["step"], config_hash="b") == {(None,), (1,), (2,)}
 
 
+def test_recorded_keys_filters_as_load_records_filters(tmp_path):
+    """``recorded_keys``' filters are :func:`load_records`' (so that it is ``done_keys(load_records(...,
+    **filters), keys)``): None keeps the records missing the field (NaN too), a list, tuple or set those whose
+    field is in it, each column's missing value as pandas' ``isin`` treats it.  It compared with ``==`` only:
+    ``corruption=None`` (the clean records) and ``step=[1, 2]`` kept what load_records' filters do not."""
+    with R.RecordWriter(tmp_path / "records.jsonl") as w:
+        w.write(
+            method="m", metric="accuracy", value=1, config_hash="a"
+        )  # clean: no corruption, step, severity
+        w.write(
+            method="m",
+            metric="loss",
+            value=float("nan"),
+            step=2,
+            corruption="fog",
+            severity=3,
+            config_hash="a",
+        )
+        w.write(method="m", metric="error", value=2.5, step=3, corruption="fog", severity=3, wall_time_s=1.0)
+    nan = float("nan")
+    values = [
+        None,
+        nan,
+        "fog",
+        "a",
+        2,
+        3,
+        2.5,
+        [None],
+        [nan],
+        [None, "fog"],
+        [None, 3],
+        (3,),
+        {"a"},
+        [1.0],
+        [],
+    ]
+    for column in ("corruption", "step", "severity", "value", "wall_time_s", "config_hash"):
+        for value in values:
+            expected = R.done_keys(R.load_records(tmp_path, **{column: value}), ["metric"])
+            got = R.recorded_keys(tmp_path, keys=["metric"], **{column: value})
+            assert got == expected, (column, value, got, expected)
+    assert R.recorded_keys(tmp_path, keys=["metric"], corruption=None) == {("accuracy",)}
+    assert R.recorded_keys(tmp_path, keys=["metric"], step=[2, 3]) == {("loss",), ("error",)}
+
+
 def test_rank_files_merge_and_resume_keys(tmp_path):
     for rank in (0, 1, 2):
         run = R.RunDir(tmp_path, config={"seed": 0}, rank=rank)

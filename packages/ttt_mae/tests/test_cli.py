@@ -174,3 +174,58 @@ def test_the_console_scripts_module_loads_no_timm_and_the_package_names_load_on_
         assert all(getattr(package, name) is not None for name in package.__all__)
         with pytest.raises(AttributeError, match="no attribute 'nothing'"):
             package.nothing  # noqa: B018
+
+
+def test_the_package_names_star_import_and_dir_lists_each_once():
+    """``from tttlab.ttt_mae import *`` gives every name of ``__all__`` (each its module's object), and
+    ``dir(tttlab.ttt_mae)`` lists each name once, before and after the names load (a loaded name is a module
+    global too: it was listed twice), as the package's eager imports did."""
+    import importlib
+
+    from tttlab.core.testing import imported_afresh
+
+    with imported_afresh(["tttlab.ttt_mae"]):
+        package = importlib.import_module("tttlab.ttt_mae")
+        before = dir(package)
+        assert len(before) == len(set(before)) and set(package.__all__) <= set(before)
+        namespace: dict = {}
+        exec("from tttlab.ttt_mae import *", namespace)  # noqa: S102 - the star import itself
+        assert sorted(k for k in namespace if k != "__builtins__") == sorted(package.__all__)
+        model = importlib.import_module("tttlab.ttt_mae.model")
+        ttt = importlib.import_module("tttlab.ttt_mae.ttt")
+        for name in package.__all__:
+            assert namespace[name] is getattr(model if hasattr(model, name) else ttt, name), name
+        after = dir(package)
+        assert after == sorted(set(after)), [n for n in set(after) if after.count(n) > 1]
+        assert set(before) | {"model", "ttt"} <= set(after)
+
+
+@pytest.mark.parametrize("entry", ["pretrain", "ttt_main"])
+def test_a_run_without_timm_is_one_line_naming_the_install_command(tmp_path, monkeypatch, capsys, entry):
+    """timm missing (a broken install: the package's names load it on first use, so ``--help`` runs without it):
+    a run stops with one line naming the install command, exit status 2, before it writes anything.  It was
+    Hydra's error report of the model's import (exit status 1); before the names were lazy, every command's
+    import failed with Python's traceback."""
+    import importlib
+    import logging
+
+    from tttlab.core.testing import imported_afresh
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    experiment = "smoke_pretrain" if entry == "pretrain" else "smoke_ttt"
+    prog = "tttlab-ttt-mae-" + ("pretrain" if entry == "pretrain" else "ttt")
+    monkeypatch.setattr(sys, "argv", [prog, f"+experiment={experiment}", f"out_dir={tmp_path / 'run'}",
+                                      *NO_HYDRA_LOGGING])  # fmt: skip
+    with imported_afresh(["tttlab.ttt_mae"], blocked=["timm"]):
+        main = importlib.import_module(f"tttlab.ttt_mae.{entry}").main
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err[-2000:]
+    assert err.strip() == (
+        f"{prog}: error: MissingDependencyError: the MAE model needs timm, which is not installed; install it "
+        "with: pip install -c constraints.txt -e packages/ttt_mae  (from the tttlab repository root)"
+    ), err[-2000:]
+    assert not list((tmp_path / "run").rglob("*")), "nothing written"

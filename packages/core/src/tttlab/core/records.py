@@ -1265,9 +1265,11 @@ def done_keys(df, keys: Iterable[str], **filters) -> set[tuple]:
 
 
 def recorded_keys(*sources, keys: Iterable[str], **filters) -> set[tuple]:
-    """``done_keys(load_records(*sources), keys, **filters)`` without pandas (whose import is ~0.5-1 s of a
+    """``done_keys(load_records(*sources, **filters), keys)`` without pandas (whose import is ~0.5-1 s of a
     command's start-up when all it wants is what a resumed run can skip): the distinct ``keys`` tuples of
-    the records whose fields equal ``filters``, missing values and NaN as None."""
+    the records that ``filters`` keep, missing values and NaN as None.  A filter is one of
+    :func:`load_records`: a field equal to the value, in it (a list, tuple or set), or missing (None; NaN
+    too).  (``done_keys``' own filters compare with ``==`` only: None there keeps nothing.)"""
     keys = list(keys)
     for key in [*keys, *filters]:
         if key not in SCHEMA:
@@ -1276,11 +1278,22 @@ def recorded_keys(*sources, keys: Iterable[str], **filters) -> set[tuple]:
     def plain(v):
         return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
+    def kept(key, value, wanted) -> bool:
+        if isinstance(wanted, (list, tuple, set)):
+            if plain(value) is None:  # as load_records' isin on each column's dtype
+                if key in _INT_COLUMNS:  # Int64's NA: in no list
+                    return False
+                if key in _FLOAT_COLUMNS:  # float64's NaN: in a list holding NaN, not None
+                    return any(isinstance(w, float) and math.isnan(w) for w in wanted)
+                return any(plain(w) is None for w in wanted)  # object's None: in a list holding None or NaN
+            return value in wanted
+        return plain(value) is None if wanted is None else value == wanted
+
     out = set()
     for source in _sources(sources):
         for f in _jsonl_files(source):
             for r in read_jsonl(f):
-                if all(r[k] == v for k, v in filters.items()):
+                if all(kept(k, r[k], v) for k, v in filters.items()):
                     out.add(tuple(plain(r[k]) for k in keys))
     return out
 

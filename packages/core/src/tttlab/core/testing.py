@@ -528,8 +528,13 @@ def imported_afresh(packages: Sequence[str], blocked: Sequence[str] = ()):
     unimportable (``import torch`` raises ImportError): a test that a command's module needs no torch or
     timm at import (its ``--help`` start-up) without a subprocess, in a process that imported them long ago.
 
-    Afterwards ``sys.modules`` is what it was (the modules imported inside are dropped, the old ones back)
-    and so are the attributes that the fresh imports set on the packages above them."""
+    Afterwards the old modules of ``packages`` are back, and so are the attributes that the fresh imports set
+    on the packages above them (a module of ``packages`` imported for the first time inside is dropped, and
+    taken off its package).  A module outside ``packages`` imported for the first time inside stays when
+    nothing is blocked: dropping it would have the next import run it a second time, which some cannot
+    survive (torchvision's and ``torch._dynamo``'s operator registrations raise "Only a single
+    TORCH_LIBRARY can be used to register the namespace"); with ``blocked`` modules it is dropped, as it may
+    have seen them missing, so that ``sys.modules`` is what it was."""
     import sys
 
     def ours(name: str, roots: Sequence[str]) -> bool:
@@ -551,9 +556,17 @@ def imported_afresh(packages: Sequence[str], blocked: Sequence[str] = ()):
             sys.modules[name] = None  # type: ignore[assignment]  # the import system's "not importable"
         yield
     finally:
-        for name in [m for m in sys.modules if m not in saved]:
+        dropped = {
+            m: sys.modules[m] for m in list(sys.modules) if m not in saved and (blocked or ours(m, packages))
+        }
+        for name in dropped:
             del sys.modules[name]
         sys.modules.update(saved)
+        for name, module in dropped.items():  # not left on a kept package (``import`` would not find it)
+            parent, _, attr = name.rpartition(".")
+            if saved.get(parent) is not None and getattr(saved[parent], attr, None) is module:
+                with contextlib.suppress(AttributeError):
+                    delattr(saved[parent], attr)
         for (parent, attr), value in parents.items():
             if value is None:
                 with contextlib.suppress(AttributeError):

@@ -34,4 +34,5 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
+    # a set: a name loaded once is in globals() too (it was listed twice)
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -21,6 +21,7 @@ def execute(entry: str, cfg) -> str:
     schema = SCHEMAS[f"tttlab_ttt_mae_{'ttt' if entry == 'baseline' else entry}"]
     c = to_dict(validate(to_dict(cfg), schema))
     setup_logging(c["logging"]["level"])
+    _check_timm()
     if entry in ("pretrain", "probe"):
         from . import train
 
@@ -28,6 +29,22 @@ def execute(entry: str, cfg) -> str:
     from .evaluate import run_benchmark
 
     return str(run_benchmark(c, "ttt_mae.ttt" if entry == "ttt" else "ttt_mae.baseline"))
+
+
+def _check_timm() -> None:
+    """The model needs timm, which the package's names load on first use (``--help`` and Hydra's checks need
+    none): without it, one line naming the install command, before any work (a missing timm stopped every
+    command at its import before; left to the model's import it was Hydra's traceback, exit status 1)."""
+    from tttlab.core.errors import MissingDependencyError, install_command
+
+    try:
+        from . import model  # noqa: F401 - imports timm
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "timm":
+            raise
+        raise MissingDependencyError(
+            f"the MAE model needs timm, which is not installed; install it with: {install_command('tttlab-ttt-mae')}"
+        ) from exc
 
 
 def check_no_start_over(entry: str, argv: list[str] | None = None) -> None:
