@@ -308,16 +308,9 @@ def _not_an_override(argv: list[str], overrides: list[str]) -> str:
     ``1``), ``+experiment smoke``, ``seeds=[0, 1]`` unquoted, an option after ``--`` (``-- --cfg job``: it was
     "give --cfg=job"); ``""`` when there is none."""
     for word in overrides:
-        key, _, value = word.partition("=")
-        if value.startswith("~") and not key.startswith("~"):
-            # out_dir=~/runs: zsh and sh leave a '~' after '=' unexpanded (bash expands it), and Hydra's lexer
-            # refused it with "LexerNoViableAltException: out_dir=~/runs"
-            rest = value[1:]
-            instead = f"{key}=$HOME{rest} or the full path" if rest[:1] in ("", "/") else "the full path"
-            return (
-                f"'{word}': the shell left '~' unexpanded (zsh and sh expand it only at the start of a word); give "
-                f"{instead}"
-            )
+        # out_dir=~/runs: Hydra's lexer refused it with "LexerNoViableAltException: out_dir=~/runs"
+        if _unexpanded_home(word):
+            return _unexpanded_home(word)
         if "=" in word or word.startswith("~"):
             continue
         if word.startswith("-"):  # an option after '--', which makes every later word an override
@@ -339,11 +332,28 @@ def _not_an_override(argv: list[str], overrides: list[str]) -> str:
     return ""
 
 
+def _unexpanded_home(word: str) -> str:
+    """The message for ``key=~...`` (zsh and sh leave a '~' after '=' unexpanded; bash expands it), else ``""``."""
+    key, _, value = word.partition("=")
+    if not value.startswith("~") or key.startswith("~"):
+        return ""
+    rest = value[1:]
+    instead = f"{key}=$HOME{rest} or the full path" if rest[:1] in ("", "/") else "the full path"
+    return (
+        f"'{word}': the shell left '~' unexpanded (zsh and sh expand it only at the start of a word); give "
+        f"{instead}"
+    )
+
+
 def dotlist_hydra_prefix(args: list[str]) -> str:
     """The message for the first ``key=value`` word written with Hydra's ``+`` / ``++`` / ``~`` for a command
     that reads a plain dotlist (no Hydra app: pilimit's and memo_tpt's evaluate), else ``""``: such a command
-    took ``+logging.level=DEBUG`` as the key ``+logging`` ("unknown config key '+logging'")."""
+    took ``+logging.level=DEBUG`` as the key ``+logging`` ("unknown config key '+logging'").  Also the line of
+    the Hydra commands for a '~' the shell left after '=' (``out_dir=~/runs``: the command made a folder named
+    '~', and ``train_run=~`` read as null); a quoted one is for :func:`expand_quoted_home`."""
     for word in args:
+        if _unexpanded_home(word):
+            return _unexpanded_home(word)
         if word[:1] == "+" and "=" in word:
             return f"{word}: this command is no Hydra app and takes no '+': give {word.lstrip('+')}"
         if word[:1] == "~":
