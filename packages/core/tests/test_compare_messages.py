@@ -115,6 +115,10 @@ def test_a_method_override_names_the_method_a_short_name_stands_for(fake_methods
          "'methods=[torch_ttt.tent,torch_ttt.bn]'"),
         ("profile=quick,full", "profile=quick,full: a comma list without brackets is a Hydra sweep, which "
          "compare does not run; profile takes one value"),
+        # a profile row's list key: it said "profiles.quick.corruptions takes one value"
+        ("profiles.quick.corruptions=fog,snow", "profiles.quick.corruptions=fog,snow: a comma list without brackets "
+         "is a Hydra sweep, which compare does not run; give a list in brackets, quoted: "
+         "'profiles.quick.corruptions=[fog,snow]'"),
         # ran no task at all ("no results")
         ("setting=null", "config key 'setting' is empty: name at least one of episodic, reset_each_shift, "
          "continual, mixed, gradual"),

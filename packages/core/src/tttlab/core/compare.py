@@ -409,7 +409,7 @@ def _comma_list(override: str) -> str | None:
     ):
         return None
     head = f"{override}: a comma list without brackets is a Hydra sweep, which compare does not run"
-    if name in _LIST_KEYS:
+    if name.rpartition(".")[2] in _LIST_KEYS:  # a profile row's corruptions too
         return f"{head}; give a list in brackets, quoted: '{name}=[{value}]'"
     return f"{head}; {name} takes one value"
 
