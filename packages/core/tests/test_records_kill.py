@@ -237,7 +237,7 @@ def test_a_retag_parses_each_record_once(tmp_path, monkeypatch):
     records whose config changed in a resumable key is re-tagged with one ``json.loads`` per record (finding
     which files name the earlier hash stops at the first record that does; it parsed them all, then the re-tag
     again: 1.6x the time on 50,000 records)."""
-    n = 300
+    n = 100
     _run(tmp_path, A, n)
     _run(tmp_path, None, n, rank=1)  # a second records file, re-tagged too
     real, calls = R.json.loads, []
