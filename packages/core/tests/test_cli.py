@@ -1688,3 +1688,30 @@ def test_imported_afresh_keeps_a_new_outside_module_and_leaves_no_dropped_one_on
     with imported_afresh(["afresh_pkg.sub"], blocked=["json"]):  # blocked: what the block imported goes
         importlib.import_module("afresh_pkg.sub")
     assert "afresh_pkg.sub" not in sys.modules and not hasattr(package, "sub")
+
+
+def test_a_quoted_home_folder_of_a_hydra_command_is_the_users_home(tmp_path, monkeypatch):
+    """``out_dir="~/runs"`` (quoted for Hydra, which keeps the '~'): every Hydra command made a folder named '~'
+    in the working directory, while check_dir_overrides checked the home's; tttlab-compare expands it.  Now
+    every command's folder keys are the home's, in the argv Hydra reads; other keys, a deletion, an unknown
+    user and an unquoted '~' (refused with $HOME) stay as given."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tttlab.core.cli import check_hydra_command, expand_quoted_home
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    given = ['out_dir="~/runs"', "cache_dir='~'", "python='~/bin/python'", 'device="~/x"',
+             'hydra.run.dir="~nosuchuser12/r"']  # fmt: skip
+    monkeypatch.setattr("sys.argv", ["tttlab-x", *given])
+    check_hydra_command("tttlab-x", "tttlab.core.conf", "compare", compile_key=False)  # a ~user of no user:
+    # no RuntimeError from Path.expanduser (Hydra makes that folder as given)
+    assert sys.argv[1:] == [f'out_dir="{tmp_path}/runs"', f"cache_dir='{tmp_path}'",
+                            f"python='{tmp_path}/bin/python'", *given[3:]]  # fmt: skip
+    assert expand_quoted_home(["~out_dir='~/r'", "+a.b.data_root='~/d'", "out_dir=~/r"]) == [
+        "~out_dir='~/r'", f"+a.b.data_root='{tmp_path}/d'", "out_dir=~/r"]  # fmt: skip
+    GlobalHydra.instance().clear()
+    with initialize_config_module("tttlab.core.conf", version_base=None):
+        cfg = compose("compare", sys.argv[1:3])
+    GlobalHydra.instance().clear()
+    assert (cfg.out_dir, cfg.cache_dir) == (str(tmp_path / "runs"), str(tmp_path))

@@ -57,6 +57,19 @@ def test_a_method_override_given_with_dots_says_how_per_method_overrides_are_giv
     assert cmp.load_config(["overrides={*:{progress:false}}"])["overrides"] == {"*": {"progress": False}}
 
 
+def test_a_method_override_given_whole_after_a_dotted_name_is_put_under_the_method_as_it_is():
+    """``overrides.torch_ttt.tent={engine:{...}}``: the value is already the method's keys; the line said to give
+    ``{torch_ttt.tent:{KEY:{engine:{...}}}}``, which compare takes with a key 'KEY' that the method refuses."""
+    given = "{engine:{optimization:{num_steps:3}}}"
+    line = _refused([f"overrides.torch_ttt.tent={given}"])
+    assert line.endswith(f": 'overrides={{torch_ttt.tent:{given}}}'"), line
+    remedy = line.rsplit(": ", 1)[1].strip("'")
+    c = cmp.load_config([remedy])
+    assert cmp._method_overrides(c, "torch_ttt.tent") == {"engine": {"optimization": {"num_steps": 3}}}
+    line = _refused(["profiles.quick.overrides.torch_ttt.memo={benchmark:{num_examples:8}}"])
+    assert line.endswith(": 'profiles.quick.overrides={torch_ttt.memo:{benchmark:{num_examples:8}}}'"), line
+
+
 def test_a_method_override_names_the_method_a_short_name_stands_for(fake_methods):
     """``overrides.alpha.<key>``: the method 'alpha' stands for (as ``methods=[alpha]`` takes it)."""
     line = _refused(["+overrides.alpha.fake.sleep=1"])
@@ -102,6 +115,10 @@ def test_a_method_override_names_the_method_a_short_name_stands_for(fake_methods
          "'methods=[torch_ttt.tent,torch_ttt.bn]'"),
         ("profile=quick,full", "profile=quick,full: a comma list without brackets is a Hydra sweep, which "
          "compare does not run; profile takes one value"),
+        # a profile row's list key: it said "profiles.quick.corruptions takes one value"
+        ("profiles.quick.corruptions=fog,snow", "profiles.quick.corruptions=fog,snow: a comma list without brackets "
+         "is a Hydra sweep, which compare does not run; give a list in brackets, quoted: "
+         "'profiles.quick.corruptions=[fog,snow]'"),
         # ran no task at all ("no results")
         ("setting=null", "config key 'setting' is empty: name at least one of episodic, reset_each_shift, "
          "continual, mixed, gradual"),
@@ -130,6 +147,8 @@ def test_the_overrides_that_mean_something_still_work():
     assert c["overrides"] == {} and c["baselines"] == {}
     assert c["setting"] == ["continual", "episodic"]
     assert sorted(c["profiles"]) == ["full", "smoke"]
+    # a comma escaped for Hydra is part of one value (it was refused as a sweep: "out_dir takes one value")
+    assert cmp.load_config(["out_dir=runs/a\\,b"])["out_dir"] == "runs/a,b"
 
 
 def test_a_subpackage_or_a_space_separated_list_as_a_method_says_what_to_write(fake_methods):

@@ -92,12 +92,28 @@ def test_cli_help_errors_and_summary(cache, tmp_path, monkeypatch, capsys):
         # Hydra's '+': "unknown config key '+logging' (did you mean 'logging'?)"
         ("+logging.level=DEBUG", "ConfigError: +logging.level=DEBUG: this command is no Hydra app and takes no "
          "'+': give logging.level=DEBUG\n"),
+        # a '~' that zsh/sh left made a folder named '~': the Hydra commands' line
+        ("out_dir=~/runs", "ConfigError: 'out_dir=~/runs': the shell left '~' unexpanded (zsh and sh expand it only "
+         "at the start of a word); give out_dir=$HOME/runs or the full path\n"),
     ):  # fmt: skip
         monkeypatch.setattr(sys, "argv", ["tttlab-memo-tpt-evaluate", bad])
         with pytest.raises(SystemExit) as e:
             main()
         err = capsys.readouterr().err
         assert e.value.code == 2 and "tttlab-memo-tpt-evaluate: error: " in err and expected in err, err
+    # quoted for Hydra ('out_dir="~/runs"'), as tttlab-compare and the Hydra commands take it: the home's
+    from tttlab.memo_tpt import evaluate as memo_evaluate
+
+    def folders(cfg):  # what run() is given, said as a refusal
+        raise ConfigError(f"got {cfg['out_dir']}")
+
+    with monkeypatch.context() as m:
+        m.setenv("HOME", "/home/tester")
+        m.setattr(memo_evaluate, "run", folders)
+        m.setattr(sys, "argv", ["tttlab-memo-tpt-evaluate", 'out_dir="~/runs"'])
+        with pytest.raises(SystemExit):
+            main()
+    assert capsys.readouterr().err.endswith("ConfigError: got /home/tester/runs\n")
     monkeypatch.setattr(sys, "argv", ["tttlab-memo-tpt-evaluate", "method=memo_tpt.memo", "profile=smoke",
                                       f"out_dir={tmp_path}", f"cache_dir={cache}", "progress=false",
                                       "benchmark.corruptions=[fog,contrast]", "benchmark.num_examples=2"])  # fmt: skip

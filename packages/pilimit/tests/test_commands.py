@@ -124,6 +124,9 @@ def test_commands_print_one_error_line(monkeypatch, capsys):
         ("+logging.level=DEBUG", "+logging.level=DEBUG: this command is no Hydra app and takes no '+': give "
          "logging.level=DEBUG"),
         ("~seed", "~seed: this command is no Hydra app and deletes no key: leave seed out for its default"),
+        # a '~' that zsh/sh left: it made a folder named '~' ('train_run=~' was null), as the Hydra commands say
+        ("out_dir=~/runs", "'out_dir=~/runs': the shell left '~' unexpanded (zsh and sh expand it only at the "
+         "start of a word); give out_dir=$HOME/runs or the full path"),
     ):  # fmt: skip
         monkeypatch.setattr(sys, "argv", ["tttlab-pilimit-evaluate", arg])
         with pytest.raises(SystemExit) as exc:
@@ -132,6 +135,17 @@ def test_commands_print_one_error_line(monkeypatch, capsys):
             2,
             f"tttlab-pilimit-evaluate: error: ConfigError: {line}\n",
         )
+
+    def folders(cfg):  # what run() is given, said as a refusal
+        raise InvalidInputError(f"got {cfg['out_dir']} {cfg['cache_dir']}")
+
+    # quoted for Hydra, as tttlab-compare and the Hydra commands take it: the home's (it made a folder named '~')
+    monkeypatch.setenv("HOME", "/home/tester")
+    monkeypatch.setattr(E, "run", folders)
+    monkeypatch.setattr(sys, "argv", ["tttlab-pilimit-evaluate", 'out_dir="~/runs"', "cache_dir='~'"])
+    with pytest.raises(SystemExit):
+        E.main()
+    assert capsys.readouterr().err.endswith("InvalidInputError: got /home/tester/runs /home/tester\n")
 
     def bad(cfg):
         raise InvalidInputError("r=0: expected an integer >= 1")

@@ -607,6 +607,9 @@ def test_display_keys_rerun_the_same_run(tmp_path, command):
             "progress": False,
             "benchmark": {"name": "mnist_c", "corruptions": ["fog"], "severities": [5], "num_examples": 8},
         }  # fmt: skip
+        # the command's root level (its basicConfig(level=INFO)); the conftest puts the level back. Without it
+        # the root's WARNING made the check below pass whether logging.level took effect or not
+        logging.getLogger().setLevel(logging.INFO)
         check_display_keys_rerun_the_same_run(
             out,
             lambda: evaluate(cfg),

@@ -308,16 +308,9 @@ def _not_an_override(argv: list[str], overrides: list[str]) -> str:
     ``1``), ``+experiment smoke``, ``seeds=[0, 1]`` unquoted, an option after ``--`` (``-- --cfg job``: it was
     "give --cfg=job"); ``""`` when there is none."""
     for word in overrides:
-        key, _, value = word.partition("=")
-        if value.startswith("~") and not key.startswith("~"):
-            # out_dir=~/runs: zsh and sh leave a '~' after '=' unexpanded (bash expands it), and Hydra's lexer
-            # refused it with "LexerNoViableAltException: out_dir=~/runs"
-            rest = value[1:]
-            instead = f"{key}=$HOME{rest} or the full path" if rest[:1] in ("", "/") else "the full path"
-            return (
-                f"'{word}': the shell left '~' unexpanded (zsh and sh expand it only at the start of a word); give "
-                f"{instead}"
-            )
+        # out_dir=~/runs: Hydra's lexer refused it with "LexerNoViableAltException: out_dir=~/runs"
+        if _unexpanded_home(word):
+            return _unexpanded_home(word)
         if "=" in word or word.startswith("~"):
             continue
         if word.startswith("-"):  # an option after '--', which makes every later word an override
@@ -339,11 +332,28 @@ def _not_an_override(argv: list[str], overrides: list[str]) -> str:
     return ""
 
 
+def _unexpanded_home(word: str) -> str:
+    """The message for ``key=~...`` (zsh and sh leave a '~' after '=' unexpanded; bash expands it), else ``""``."""
+    key, _, value = word.partition("=")
+    if not value.startswith("~") or key.startswith("~"):
+        return ""
+    rest = value[1:]
+    instead = f"{key}=$HOME{rest} or the full path" if rest[:1] in ("", "/") else "the full path"
+    return (
+        f"'{word}': the shell left '~' unexpanded (zsh and sh expand it only at the start of a word); give "
+        f"{instead}"
+    )
+
+
 def dotlist_hydra_prefix(args: list[str]) -> str:
     """The message for the first ``key=value`` word written with Hydra's ``+`` / ``++`` / ``~`` for a command
     that reads a plain dotlist (no Hydra app: pilimit's and memo_tpt's evaluate), else ``""``: such a command
-    took ``+logging.level=DEBUG`` as the key ``+logging`` ("unknown config key '+logging'")."""
+    took ``+logging.level=DEBUG`` as the key ``+logging`` ("unknown config key '+logging'").  Also the line of
+    the Hydra commands for a '~' the shell left after '=' (``out_dir=~/runs``: the command made a folder named
+    '~', and ``train_run=~`` read as null); a quoted one is for :func:`expand_quoted_home`."""
     for word in args:
+        if _unexpanded_home(word):
+            return _unexpanded_home(word)
         if word[:1] == "+" and "=" in word:
             return f"{word}: this command is no Hydra app and takes no '+': give {word.lstrip('+')}"
         if word[:1] == "~":
@@ -593,7 +603,8 @@ def check_dir_overrides(
         key, sep, value = arg.lstrip("+~").partition("=")
         if not sep or key not in keys or value.strip() in ("", "null", "None") or "${" in value:
             continue
-        path = Path(value.strip().strip("'\"")).expanduser()
+        # os.path's: a '~user' of no user stays (Path.expanduser raised RuntimeError), as Hydra will make it
+        path = Path(os.path.expanduser(value.strip().strip("'\"")))
         top_missing = None  # the first folder Hydra would make
         for p in (path, *path.absolute().parents):
             if not p.exists():
@@ -1249,6 +1260,38 @@ def _plus_hint(message: str, args: list[str]) -> str:
     return f"; the command's defaults list has its {found.group(1)} already: give {given[0][1:]} (without the '+')"
 
 
+def _is_path_key(key: str) -> bool:
+    """A key whose value is a folder or file: ``out_dir``, ``run_dir``, ``hydra.run.dir``, ``cache_dir``,
+    ``benchmark.root``, ``datasets_root``, ``tfds_path``, ``train_run``, ``python`` (compare's keys too)."""
+    leaf = key.lstrip("+").rpartition(".")[2]
+    return leaf in ("dir", "root", "path", "train_run", "python") or leaf.endswith(("_dir", "_root", "_path"))
+
+
+def expand_quoted_home(args: list[str]) -> list[str]:
+    """``args`` with each folder key's value quoted for Hydra that starts with ``~`` (``out_dir="~/runs"``,
+    ``'~user/x'``) given as the home folder it names, in the same quotes, as tttlab-compare takes it: Hydra
+    keeps the quoted ``~`` as it is, and the command made a folder named '~' in the working directory (an
+    unquoted ``~`` the shell left is refused by :func:`_not_an_override`, saying ``$HOME``).  A ``~user`` of
+    no user, or a home holding a quote or a backslash, stays as given."""
+    import os
+    import re
+
+    out = []
+    for word in args:
+        key, sep, value = word.partition("=")
+        quoted = (
+            re.fullmatch(r"(['\"])(~[^'\"\\]*)\1", value.strip())
+            if sep and key[:1] != "~" and _is_path_key(key)
+            else None
+        )
+        if quoted:
+            home = os.path.expanduser(quoted.group(2))
+            if home != quoted.group(2) and not re.search(r"['\"\\]", home):
+                word = f"{key}={quoted.group(1)}{home}{quoted.group(1)}"
+        out.append(word)
+    return out
+
+
 def check_hydra_command(
     prog: str, conf: str, config_name: str, *, compile_key: bool = True, free_keys=None, input_dirs=None
 ) -> None:
@@ -1271,7 +1314,9 @@ def check_hydra_command(
     refuse next) except the keys these patterns name and the keys below them: ``("optax.*",)`` (any
     keyword argument of the optimizer), ``("include_original",)`` (a key the command takes that its YAML
     leaves out).  ``input_dirs``: ``{key: what it is}`` for the folder keys the command reads, which must
-    exist (:func:`check_dir_overrides`'s ``inputs``)."""
+    exist (:func:`check_dir_overrides`'s ``inputs``).  A folder key's value quoted for Hydra with a leading ``~``
+    is first given as the home folder it names (:func:`expand_quoted_home`, in ``sys.argv``)."""
+    sys.argv[1:] = expand_quoted_home(sys.argv[1:])
     quiet_closed_stdout()
     quiet_hydra_output()
     hydra_pages_log_once()
@@ -1295,6 +1340,7 @@ __all__ = [
     "check_hydra_flags",
     "domain_table",
     "dotlist_hydra_prefix",
+    "expand_quoted_home",
     "hydra_pages_log_once",
     "quiet_closed_stdout",
     "quiet_hydra_output",

@@ -381,6 +381,11 @@ def _dotted_method_override(override: str) -> str | None:
             f"{head}; give a method's evaluate keys as one mapping under its name or glob, quoted: "
             f"'{where}={{{method}:{_hydra_literal(nested)}}}'"
         )
+    if value.strip().startswith("{"):  # the method's keys, given whole: they go under its name as they are
+        return (
+            f"{head}; give a method's evaluate keys as one mapping under its name or glob, quoted: "
+            f"'{where}={{{method}:{value.strip()}}}'"
+        )
     return (
         f"{head}; give a method's evaluate keys as one mapping under its name or glob, quoted: "
         f"'{where}={{{method}:{{KEY:{value}}}}}' with KEY one of its evaluate keys, nested keys as mappings "
@@ -400,10 +405,11 @@ def _comma_list(override: str) -> str | None:
         or value[:1] in "[{'\""
         or "(" in value
         or "${" in value
+        or "," not in value.replace("\\,", "")  # an escaped comma ('out_dir=runs/a\\,b') is part of one value
     ):
         return None
     head = f"{override}: a comma list without brackets is a Hydra sweep, which compare does not run"
-    if name in _LIST_KEYS:
+    if name.rpartition(".")[2] in _LIST_KEYS:  # a profile row's corruptions too
         return f"{head}; give a list in brackets, quoted: '{name}=[{value}]'"
     return f"{head}; {name} takes one value"
 

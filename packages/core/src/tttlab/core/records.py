@@ -584,9 +584,11 @@ def _record_hashes(path: Path) -> list[str | None]:
     return out
 
 
-def _names(files: Iterable[Path], hash_: str) -> int:
+def _names(files: Iterable[Path], hash_: str, first: bool = False) -> int:
     """How many records (complete lines) of the JSONL ``files`` name the ``config_hash`` ``hash_``; read only, and
-    only the lines that hold the hash are parsed (a folder of per-image records that names another is skimmed)."""
+    only the lines that hold the hash are parsed (a folder of per-image records that names another is skimmed).
+    ``first``: 1 at the first such record, else 0 (whether any does: a re-tag, which parses every line next,
+    is not preceded by a second full parse)."""
     needle, count = hash_.encode(), 0
     for path in files:
         data = path.read_bytes() if path.is_file() else b""
@@ -600,6 +602,8 @@ def _names(files: Iterable[Path], hash_: str) -> int:
             except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
             count += isinstance(record, dict) and record.get("config_hash") == hash_
+            if first and count:
+                return 1
     return count
 
 
@@ -867,7 +871,9 @@ class RunDir:
                 old_config, previous, differs = None, f"unreadable: {exc}", True
             if old_config is not None and previous != new_hash and not differs:
                 # every rank's file, read only (a line being appended is not read whole)
-                named = [f for f in sorted(self.path.glob("records*.jsonl")) if _names([f], previous)]
+                named = [
+                    f for f in sorted(self.path.glob("records*.jsonl")) if _names([f], previous, first=True)
+                ]
                 retag: list[Path] = []
                 if _same_run(old_config, dict(plain), None, neutral):  # shown (or resumable) otherwise only
                     # a distributed rank 0 re-tags its own file only (another rank may be appending to its own)
@@ -890,7 +896,11 @@ class RunDir:
                     else None,
                 )
                 kept = self.path / f"config-{previous}.yaml"
-                count = _names(self.path.glob("records*.jsonl"), previous) if old_config is not None else 0
+                count = (
+                    _names(self.path.glob("records*.jsonl"), previous, first=True)
+                    if old_config is not None
+                    else 0
+                )
                 if count and not kept.exists():
                     # until start_over has emptied the records files: a kill in between leaves them their config
                     self._keep(previous, old.read_text(encoding="utf-8"))

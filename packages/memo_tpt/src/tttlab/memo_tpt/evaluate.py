@@ -352,7 +352,7 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     with user_errors("tttlab-memo-tpt-evaluate"):
-        from tttlab.core.cli import dotlist_hydra_prefix
+        from tttlab.core.cli import dotlist_hydra_prefix, expand_quoted_home
 
         # +logging.level=DEBUG: it said "unknown config key '+logging' (did you mean 'logging'?)"
         if dotlist_hydra_prefix(args):
@@ -360,7 +360,8 @@ def main() -> None:
         bad = [a for a in args if "=" not in a]
         if bad:
             raise ConfigError(f"arguments {bad}: expected key=value (see tttlab-memo-tpt-evaluate --help)")
-        path = run(OmegaConf.to_container(OmegaConf.from_dotlist(args), resolve=True))
+        # out_dir="~/runs" (quoted): the home's, as the Hydra commands take it (it made a folder named '~')
+        path = run(OmegaConf.to_container(OmegaConf.from_dotlist(expand_quoted_home(args)), resolve=True))
     print(summary(path))
     print(path)
 

@@ -287,7 +287,7 @@ def main() -> None:
         print(__doc__)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from tttlab.core.cli import domain_table, dotlist_hydra_prefix
+    from tttlab.core.cli import domain_table, dotlist_hydra_prefix, expand_quoted_home
 
     with T.user_errors("tttlab-pilimit-evaluate"):
         if dotlist_hydra_prefix(sys.argv[1:]):  # +logging.level=DEBUG: "unknown evaluate keys ['+logging']"
@@ -298,7 +298,9 @@ def main() -> None:
                 f"arguments {words}: expected key=value, no options (this command is no Hydra app: one evaluation "
                 "per command; see tttlab-pilimit-evaluate --help)"
             )
-        path = run(OmegaConf.to_container(OmegaConf.from_dotlist(sys.argv[1:]), resolve=True))
+        # out_dir="~/runs" (quoted): the home's, as the Hydra commands take it (it made a folder named '~')
+        args = expand_quoted_home(sys.argv[1:])
+        path = run(OmegaConf.to_container(OmegaConf.from_dotlist(args), resolve=True))
     print("\n".join(domain_table(path)))  # the result as a table, not only the mean in a log line
     print(path)
 
