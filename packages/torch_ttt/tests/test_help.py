@@ -148,3 +148,41 @@ def test_a_key_the_command_lacks_names_the_key_to_use(monkeypatch, capsys, comma
         module.main()
     assert exc.value.code == 2
     assert capsys.readouterr().err == f"tttlab-torch-ttt-{command}: error: ConfigError: {expected}\n"
+
+
+def test_train_help_and_config_check_import_no_torch(monkeypatch, capsys):
+    """``tttlab-torch-ttt-train --help`` and ``--cfg job`` run with torch unimportable: ``train`` imported
+    torch, the models, engines and precision helpers at its top, and the package's ``__init__`` the engines'
+    base module (1.3-2.5 s of each start-up); they load where a run uses them.  The package's names and the
+    module's old names (``T.build_model``) still resolve, to the objects of their modules."""
+    import importlib
+
+    from tttlab.core.testing import imported_afresh
+
+    with imported_afresh(["tttlab.torch_ttt", "tttlab.core.torch"], blocked=["torch"]):
+        main = importlib.import_module("tttlab.torch_ttt.train").main
+        monkeypatch.setattr(sys, "argv", ["tttlab-torch-ttt-train", "--help"])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        assert exit_info.value.code == 0
+        argv = [
+            "--cfg",
+            "job",
+            "+experiment=smoke",
+            "seed=7",
+            "hydra/job_logging=none",
+            "hydra/hydra_logging=none",
+        ]
+        monkeypatch.setattr(sys, "argv", ["tttlab-torch-ttt-train", *argv])
+        main()
+        with pytest.raises(ImportError, match="torch"):
+            importlib.import_module("tttlab.torch_ttt").get_engine("tent")  # an engine's module: torch
+    out = capsys.readouterr().out
+    assert "tttlab-torch-ttt-train is powered by Hydra" in out and "\nseed: 7\n" in out, out[-2000:]
+    import tttlab.torch_ttt as package
+    from tttlab.torch_ttt import train as T
+    from tttlab.torch_ttt.engine import base_engine
+    from tttlab.torch_ttt.models import build_model
+
+    assert T.build_model is build_model and package.BaseEngine is base_engine.BaseEngine
+    assert sorted(set(dir(package))) == dir(package) and set(package.__all__) <= set(dir(package))

@@ -1,5 +1,6 @@
 """The Hydra entry point as a user runs it (``python -m``, a closed pipe), on the cached smoke model."""
 
+import contextlib
 import sys
 
 import pytest
@@ -174,6 +175,30 @@ def test_the_console_scripts_module_loads_no_timm_and_the_package_names_load_on_
         assert all(getattr(package, name) is not None for name in package.__all__)
         with pytest.raises(AttributeError, match="no attribute 'nothing'"):
             package.nothing  # noqa: B018
+
+
+@pytest.mark.parametrize("entry", ["pretrain", "ttt_main"])  # all four share cli.hydra_main
+def test_help_and_the_config_check_import_no_torch(entry, monkeypatch, capsys):
+    """Every console script's ``--help`` and ``--cfg job`` (Hydra's checks, the composed config) run with torch
+    unimportable: ``cli`` and ``common`` imported it at their top (1.3-2.5 s of each start-up), and core's torch
+    helpers that ``common`` re-exports now load on first use."""
+    import importlib
+
+    from tttlab.core.errors import MissingDependencyError
+    from tttlab.core.testing import imported_afresh
+
+    conf = {"pretrain": "pretrain", "ttt_main": "ttt"}[entry]
+    with imported_afresh(["tttlab.ttt_mae", "tttlab.core.torch"], blocked=["torch"]):
+        main = importlib.import_module(f"tttlab.ttt_mae.{entry}").main
+        for argv in (["--help"], ["--cfg", "job", "seed=7", *NO_HYDRA_LOGGING]):
+            monkeypatch.setattr(sys, "argv", [f"tttlab-ttt-mae-{conf}", *argv])
+            with pytest.raises(SystemExit) if argv == ["--help"] else contextlib.nullcontext():
+                main()
+        assert "tttlab.core.torch" not in sys.modules
+        with pytest.raises(MissingDependencyError, match="'torch' is required"):
+            sys.modules["tttlab.ttt_mae.common"].resolve_device  # noqa: B018 - core's helpers: torch
+    out = capsys.readouterr().out
+    assert f"{conf} is powered by Hydra" in out and "\nseed: 7\n" in out, out[-2000:]
 
 
 def test_the_package_names_star_import_and_dir_lists_each_once():

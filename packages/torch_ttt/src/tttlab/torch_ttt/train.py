@@ -35,6 +35,7 @@ pass); the embedded MNIST has 50,000 training images (torchvision's has 60,000).
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import math
@@ -43,24 +44,38 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from tttlab.core._io import atomic_path
 from tttlab.core.cli import apply_log_level, check_hydra_command, user_errors
 from tttlab.core.config import DataConfig, RunConfig, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError, TTTLabError
 from tttlab.core.records import RunDir, check_run_dir, config_hash, read_jsonl
-from tttlab.core.torch import read_torch_file, resolve_device
 
-from .engine.base_engine import OPTIMIZERS, BaseEngine
 from .engine_registry import EngineRegistry, get_engine
-from .models import MODELS, build_model, model_info
-from .precision import check_amp, check_compile, compile_kwargs
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .engine.base_engine import BaseEngine
+
+#: names imported where they are used, as they import torch (1.3-2.5 s), which ``--help`` and Hydra's checks
+#: (``--cfg job``) do not need; still attributes of this module (``T.build_model``), loaded on first use
+_TORCH_NAMES = {
+    "OPTIMIZERS": ".engine.base_engine", "BaseEngine": ".engine.base_engine", "MODELS": ".models",
+    "build_model": ".models", "model_info": ".models", "check_amp": ".precision", "check_compile": ".precision",
+    "compile_kwargs": ".precision", "read_torch_file": "tttlab.core.torch", "resolve_device": "tttlab.core.torch",
+}  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _TORCH_NAMES:
+        return getattr(importlib.import_module(_TORCH_NAMES[name], __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 log = logging.getLogger("tttlab.torch_ttt.train")
 
@@ -340,12 +355,16 @@ def train_config(
 
 def normalise(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, 28, 28, 1) -> float (N, 1, 28, 28), ``(x / 255 - 0.1307) / 0.3081`` as the tutorial."""
+    import torch
+
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
     return (x - MNIST_MEAN) / MNIST_STD
 
 
 def load_mnist(split: str, num_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``num_examples`` images of an embedded MNIST split, normalised, and their labels."""
+    import torch
+
     from tttlab.core import data
 
     ds = data.mnist(split)
@@ -356,6 +375,8 @@ def load_mnist(split: str, num_examples: int | None = None) -> tuple[torch.Tenso
 
 def noisy(x: torch.Tensor, std: float, seed: int) -> torch.Tensor:
     """The tutorial's corruption ``x + std * N(0, 1)`` (after normalisation), from its own generator."""
+    import torch
+
     return x + std * torch.randn(x.shape, generator=torch.Generator().manual_seed(int(seed)))
 
 
@@ -373,6 +394,8 @@ def build_engine(
     example_input: torch.Tensor | None = None,
 ) -> BaseEngine:
     """Engine ``name`` around ``model`` with the layers the model registry names (unless ``kwargs`` do)."""
+    from .models import model_info
+
     cls = get_engine(name)
     info = model_info(model_name)
     kwargs = dict(kwargs or {})
@@ -403,6 +426,8 @@ def registry_engine_kwargs(name: str, model_name: str) -> dict[str, Any]:
     """The engine arguments :func:`build_engine` takes from the model registry when the given kwargs do not
     set them: ActMAD's ``features_layer_names``, the ``features_layer_name`` of the engines that take one
     (``model_info(model_name)``); ``{}`` for the other engines."""
+    from .models import model_info
+
     cls, info = get_engine(name), model_info(model_name)
     if name == "actmad":
         return {"features_layer_names": list(info.actmad_layers)}
@@ -427,6 +452,11 @@ def _construct(cls, name, model, info, kwargs, optimization, example_input) -> B
 
 def build_model_and_engine(cfg: dict[str, Any], example_input: torch.Tensor, device: torch.device):
     """Model (seeded init), its training engine with the head built now, and the optimizer over both."""
+    import torch
+
+    from .models import build_model
+    from .precision import compile_kwargs
+
     torch.manual_seed(int(cfg["seed"]))
     model = build_model(cfg["model"]["name"]).to(device)
     t = cfg["train"]
@@ -450,11 +480,15 @@ def build_model_and_engine(cfg: dict[str, Any], example_input: torch.Tensor, dev
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """``torch.save`` to a temporary file next to ``path``, fsync, rename: never a half-written file."""
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    from tttlab.core.torch import read_torch_file
+
     try:  # a truncated or foreign file: core's safe reader names the path and torch's diagnosis
         ck = read_torch_file(path, option=None, what="tttlab-torch-ttt checkpoint")
     except CheckpointError as exc:
@@ -498,6 +532,9 @@ def train_epoch(
     ``state`` holds ``epoch``, ``batch``, ``step`` and the running sums; ``on_checkpoint()`` is called every
     ``checkpoint_every`` steps.  Returns False when ``stop_after_steps`` ended the process early.
     """
+    import torch
+    import torch.nn.functional as F
+
     t, bs = cfg["train"], int(cfg["data"]["batch_size"])
     n = len(x)
     if t["shuffle"]:
@@ -534,15 +571,16 @@ def train_epoch(
     return True
 
 
-@torch.no_grad()
 def accuracy(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device, amp: str = "none"
 ) -> float:
+    import torch
+
     from .precision import autocast
 
     model.eval()
     correct = 0
-    with autocast(torch.device(device).type, amp):
+    with torch.no_grad(), autocast(torch.device(device).type, amp):  # no_grad: was its decorator
         for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
             correct += int((model(xb.to(device)).argmax(1) == yb.to(device)).sum())
     return correct / max(len(y), 1)
@@ -589,6 +627,10 @@ def compilable_engines() -> list[str]:
 
 def _validate(cfg) -> dict[str, Any]:
     from tttlab.core.config import validate
+
+    from .engine.base_engine import OPTIMIZERS
+    from .models import MODELS, model_info
+    from .precision import check_amp, check_compile
 
     c = to_dict(validate(to_dict(cfg), TrainConfig))
     if c["train"]["engine"] not in EngineRegistry.names():
@@ -654,6 +696,10 @@ def run(
     ``train.engine_kwargs={}`` in ``command_line``, the Hydra overrides ``cfg`` was composed from): no
     engine arguments from the YAML, only those ``command_line`` sets (``+train.engine_kwargs.<key>=...``,
     before or after the ``{}``; :func:`cleared_mapping`)."""
+    import torch
+
+    from tttlab.core.torch import resolve_device
+
     c = {**to_dict(cfg), **overrides}
     if clear_engine_kwargs or clears_train_engine_kwargs(command_line):
         train = c.get("train") or {}
@@ -905,6 +951,12 @@ def check_no_evaluate_engine_keys(argv: list[str]) -> None:
         )
 
 
+def _model_names() -> list[str]:
+    from .models import MODELS  # imports torch: only for a refusal (--help and a good command line need none)
+
+    return sorted(MODELS)
+
+
 def check_model_overrides(prog: str, argv: list[str], *, evaluate: bool = False) -> None:
     """``model=resnet``: training's ``model`` is a section (``model.name=<name>``), and Hydra said only "str is
     not a subclass of ModelConfig"; the evaluate command has no ``model`` key at all (Hydra: "To append to
@@ -917,11 +969,11 @@ def check_model_overrides(prog: str, argv: list[str], *, evaluate: bool = False)
             raise ConfigError(
                 f"{arg}: {prog} has no 'model' key; the model is train_run's, the one train_experiment trains "
                 f"(one of {training_experiment_names()}), or a pretrained one: model_checkpoint.name=<one of "
-                f"{sorted(MODELS)}>"
+                f"{_model_names()}>"
             )
         if not evaluate and key == "model" and not value.strip().startswith("{"):
             raise ConfigError(
-                f"{arg}: model is a section; expected model.name={value} (one of {sorted(MODELS)})"
+                f"{arg}: model is a section; expected model.name={value} (one of {_model_names()})"
             )
 
 

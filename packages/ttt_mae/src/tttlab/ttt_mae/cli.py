@@ -6,11 +6,11 @@ without a traceback; any other exception keeps Hydra's report (``HYDRA_FULL_ERRO
 
 from __future__ import annotations
 
-import torch
+import sys
 
 from tttlab.core.cli import check_hydra_command, user_errors
 
-from .common import init_distributed, register_configs, setup_logging, to_dict
+from .common import register_configs, setup_logging, to_dict
 
 
 def execute(entry: str, cfg) -> str:
@@ -79,6 +79,8 @@ def hydra_main(entry: str) -> None:
         with user_errors(f"tttlab-ttt-mae-{entry}"):  # the user's bad input: one line, not Hydra's traceback
             path = execute(entry, cfg)
             # inside user_errors: `| head` ends it quietly, not in Hydra's error report
+            from tttlab.core.torch import init_distributed
+
             if init_distributed().rank == 0:
                 if entry in ("ttt", "baseline"):  # the result as a table (it was only in the log lines)
                     from tttlab.core.cli import domain_table
@@ -90,6 +92,7 @@ def hydra_main(entry: str) -> None:
     check_hydra_command(f"tttlab-ttt-mae-{entry}", "tttlab.ttt_mae.conf", entry)
     try:
         _main()
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+    finally:  # a run imports torch; --help and Hydra's checks do not, and start no process group
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -16,22 +16,27 @@ import logging
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tttlab.core.config import RunConfig, package_yaml, to_plain
 from tttlab.core.errors import ConfigError
-from tttlab.core.torch import (  # noqa: F401  (re-exported)
-    AMP_MODES,
-    COMPILE_MODES,
-    Dist,
-    check_amp,
-    check_compile,
-    compile_kwargs,
-    init_distributed,
-    resolve_device,
-)
+
+if TYPE_CHECKING:
+    import torch
+
+#: core's torch helpers, re-exported for ``train`` / ``evaluate``: loaded on first use (``tttlab.core.torch``
+#: imports torch, 1.3-2.5 s, which ``--help`` and Hydra's checks do not need)
+_CORE_TORCH = ("AMP_MODES", "COMPILE_MODES", "Dist", "check_amp", "check_compile", "compile_kwargs",
+               "init_distributed", "resolve_device")  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _CORE_TORCH:
+        from tttlab.core import torch as core_torch
+
+        return getattr(core_torch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 log = logging.getLogger("tttlab.ttt_mae")
 
@@ -173,6 +178,8 @@ def compose(entry: str, experiment: str | None = None, cfg=None, overrides: list
     parts.append(to_dict(cfg))
     merged = apply_overrides(OmegaConf.merge(*[OmegaConf.create(p) for p in parts]), overrides, schema)
     c = to_dict(validate(OmegaConf.to_container(merged, resolve=True), schema))
+    from tttlab.core.torch import check_compile
+
     if "compile" in c:  # typed Any in the schema (false | true | a torch.compile mode): core's rule here
         c["compile"] = check_compile(c["compile"])
     if c.get("start_over") is False:  # an action, not part of the run: the config (and its hash) as before
@@ -198,6 +205,8 @@ def check_amp_compile(c: dict[str, Any]) -> None:
     """``amp`` one of core's ``AMP_MODES`` and ``compile`` false, true or one of core's ``COMPILE_MODES``
     (both normalised in place), else a ConfigError naming the key (:func:`tttlab.core.torch.check_amp` /
     :func:`~tttlab.core.torch.check_compile`, the rules of every torch subpackage)."""
+    from tttlab.core.torch import check_amp, check_compile
+
     c["amp"] = check_amp(c.get("amp"))
     c["compile"] = check_compile(c.get("compile"))
 
@@ -258,6 +267,8 @@ def set_threads(c: dict[str, Any], device: torch.device) -> None:
     """``num_threads`` on CPU (tiny models on a few busy cores run far faster on one thread)."""
     n = c.get("num_threads")
     if n is not None and device.type == "cpu":
+        import torch
+
         torch.set_num_threads(max(int(n), 1))
 
 
