@@ -253,6 +253,11 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     from .precision import autocast, resolve_amp
 
     c = eval_config(cfg, **overrides)
+    # the CLIP methods: without open_clip, one line naming the install command before any model or data
+    if c["method"] != "memo_tpt.memo":
+        from .models import require_open_clip
+
+        require_open_clip()
     if c["threads"]:
         torch.set_num_threads(int(c["threads"]))
     device = resolve_device(c["device"])
