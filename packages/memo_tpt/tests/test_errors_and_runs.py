@@ -696,6 +696,32 @@ def test_memo_needs_no_open_clip(monkeypatch):
             main._check_adapter_options({"method": "tpt"})
 
 
+def test_evaluate_summary_without_pandas_is_one_line(tmp_path, monkeypatch, capsys):
+    """``tttlab-memo-tpt-evaluate`` reads its records back for the table outside its error handling: without
+    pandas (a broken install) core's MissingDependencyError was a traceback, exit status 1, after the run."""
+    import logging
+    import sys
+
+    from tttlab.core.records import RecordWriter
+    from tttlab.memo_tpt import evaluate
+
+    path = tmp_path / "records.jsonl"
+    with RecordWriter(path, {"method": "memo_tpt.memo", "package": "memo_tpt", "framework": "torch"}) as w:
+        w.write(metric="accuracy", value=0.5, corruption="fog", severity=5, n=4)
+    monkeypatch.setattr(evaluate, "run", lambda cfg: path)  # the run done; its summary left
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: None)
+    monkeypatch.setattr(sys, "argv", ["tttlab-memo-tpt-evaluate", "method=memo_tpt.memo"])
+    monkeypatch.setitem(sys.modules, "pandas", None)  # the import system's "not installed"
+    with pytest.raises(SystemExit) as e:
+        evaluate.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip() == (
+        "tttlab-memo-tpt-evaluate: error: MissingDependencyError: reading run records needs pandas, a dependency "
+        "of tttlab-core, which is not installed; install it with: pip install -c constraints.txt -e packages/core"
+        "  (from the tttlab repository root)"
+    ), err[-2000:]
+
+
 def test_photos_without_scikit_image_names_the_install(monkeypatch):
     """``python -m tttlab.memo_tpt.photos`` without scikit-image was a bare ModuleNotFoundError."""
     import sys

@@ -367,8 +367,9 @@ def main() -> None:
             raise ConfigError(f"arguments {bad}: expected key=value (see tttlab-memo-tpt-evaluate --help)")
         # out_dir="~/runs" (quoted): the home's, as the Hydra commands take it (it made a folder named '~')
         path = run(OmegaConf.to_container(OmegaConf.from_dotlist(expand_quoted_home(args)), resolve=True))
-    print(summary(path))
-    print(path)
+        # inside user_errors: reading the records back (pandas missing: a MissingDependencyError) is one line
+        print(summary(path))
+        print(path)
 
 
 if __name__ == "__main__":
