@@ -696,6 +696,23 @@ def test_memo_needs_no_open_clip(monkeypatch):
             main._check_adapter_options({"method": "tpt"})
 
 
+@pytest.mark.parametrize("arch", ["timm:resnext50_32x4d", "resnet5"])
+def test_a_timm_classifier_without_timm_names_the_install(monkeypatch, arch):
+    """timm missing: a classifier that is no torchvision model (``timm:<name>``, or a misspelt torchvision name,
+    looked up in timm next) is a MissingDependencyError naming the install command (it was
+    ModuleNotFoundError: Hydra's traceback on tttlab-memo-tpt-memo); torchvision's models need no timm."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # the import system's "not installed"
+    with pytest.raises(MissingDependencyError) as info:
+        build_classifier(arch)
+    assert str(info.value) == (
+        f"arch {arch!r} is no torchvision model, and timm (for timm's models) is not installed; install it with: "
+        "pip install -c constraints.txt -e packages/memo_tpt  (from the tttlab repository root)"
+    )
+    assert build_classifier("resnet18", num_classes=3).fc.out_features == 3
+
+
 def test_evaluate_summary_without_pandas_is_one_line(tmp_path, monkeypatch, capsys):
     """``tttlab-memo-tpt-evaluate`` reads its records back for the table outside its error handling: without
     pandas (a broken install) core's MissingDependencyError was a traceback, exit status 1, after the run."""

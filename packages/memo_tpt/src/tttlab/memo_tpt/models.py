@@ -41,6 +41,24 @@ def _unknown(kind: str, name: str, known: list[str]) -> UnknownNameError:
     return UnknownNameError(f"unknown {kind} {name!r}{hint} Known: {shown}")
 
 
+def require_timm(arch: str):
+    """The ``timm`` module for ``arch`` (a name that is no torchvision model), or, when timm is not installed, a
+    :class:`~tttlab.core.errors.MissingDependencyError` naming the install command (it was Python's or Hydra's
+    traceback, also for a misspelt torchvision name)."""
+    from tttlab.core.errors import MissingDependencyError, install_command
+
+    try:
+        import timm
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "timm":
+            raise  # timm is there but lacks one of its own dependencies: its own message
+        raise MissingDependencyError(
+            f"arch {arch!r} is no torchvision model, and timm (for timm's models) is not installed; install it "
+            f"with: {install_command('tttlab-memo-tpt')}"
+        ) from exc
+    return timm
+
+
 def classifier_names() -> list[str]:
     """``torchvision:<name>`` for torchvision's classification models and ``timm:<name>`` for timm's."""
     import timm
@@ -142,8 +160,7 @@ def build_classifier(arch: str, checkpoint=None, num_classes: int | None = None)
             raise _unknown("torchvision architecture", name, names)
         model = torchvision.models.get_model(name, weights=None, **kwargs)
     elif lib == "timm":
-        import timm
-
+        timm = require_timm(arch)
         names = timm.list_models()
         if name not in names:
             raise _unknown("architecture (torchvision or timm)", arch, classifier_names())
