@@ -311,6 +311,25 @@ def test_killed_writer_leaves_complete_lines(tmp_path):
         R.load_records(path)
 
 
+def test_load_records_without_pandas_names_the_install_command(tmp_path, monkeypatch):
+    """pandas missing (a broken one-package install): reading records is a MissingDependencyError naming the
+    install command, which the commands print as one line with exit status 2 (ttt_mae's resume check and
+    memo_tpt's summary printed Python's or Hydra's traceback: "No module named 'pandas'")."""
+    from tttlab.core.errors import MissingDependencyError
+
+    path = tmp_path / "records.jsonl"
+    with R.RecordWriter(path, {"method": "m", "package": "p", "framework": "torch"}) as w:
+        w.write(metric="accuracy", value=0.5)
+    monkeypatch.setitem(sys.modules, "pandas", None)  # the import system's "not installed"
+    with pytest.raises(MissingDependencyError) as info:
+        R.load_records(path)
+    assert str(info.value) == (
+        "reading run records needs pandas, a dependency of tttlab-core, which is not installed; install it with: "
+        "pip install -c constraints.txt -e packages/core  (from the tttlab repository root)"
+    )
+    assert R.recorded_keys(path, keys=["metric"]) == {("accuracy",)}  # the resume read needs none
+
+
 def test_recorded_keys_are_done_keys_of_load_records_without_pandas(tmp_path):
     """``recorded_keys`` (pilimit's resume: no pandas import before the first step) gives what
     ``done_keys(load_records(...))`` gives: rank files and nested folders, filters, None / NaN / integers."""

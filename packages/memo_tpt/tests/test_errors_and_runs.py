@@ -11,6 +11,7 @@ from tttlab.core.errors import (
     ConfigError,
     DatasetLayoutError,
     DatasetNotFoundError,
+    MissingDependencyError,
     TTTLabError,
     UnknownNameError,
 )
@@ -632,6 +633,110 @@ def test_a_key_the_config_lacks_is_named_before_hydra_unless_plus_adds_it(monkey
         main._main(command)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"tttlab-memo-tpt-{command}: error: ConfigError: {line}"), err
+
+
+OPEN_CLIP_LINE = (
+    "error: MissingDependencyError: CLIP (TPT, the view-ensemble, zero-shot CLIP) needs open_clip (the "
+    "open-clip-torch wheel), which is not installed; install it with: pip install -c constraints.txt -e "
+    "packages/memo_tpt  (from the tttlab repository root)"
+)
+
+
+@pytest.mark.parametrize(
+    "prog, module, function, args",
+    [
+        ("tttlab-memo-tpt-tpt", "main", "tpt_main", ["+experiment=smoke", *NO_HYDRA_LOGGING]),  # the proxy
+        ("tttlab-memo-tpt-tpt", "main", "tpt_main", ["datasets_root=nothing", *NO_HYDRA_LOGGING]),  # paper run
+        ("tttlab-memo-tpt-ensemble", "main", "ensemble_main", ["datasets_root=nothing", *NO_HYDRA_LOGGING]),
+        ("tttlab-memo-tpt-evaluate", "evaluate", "main", ["method=memo_tpt.clip_zeroshot", "profile=smoke"]),
+        ("tttlab-memo-tpt-train-tiny-clip", "tiny_clip", "main", ["--profile", "smoke"]),
+    ],
+)  # fmt: skip
+def test_a_clip_command_without_open_clip_is_one_line_naming_the_install(tmp_path, monkeypatch, capsys, prog,
+                                                                         module, function, args):  # fmt: skip
+    """open_clip missing (a one-package install where it failed or was removed): every command that runs
+    CLIP stops with one line naming the install command, exit status 2, before it reads a test set or trains a
+    model, and writes nothing.  It was Hydra's traceback of the model's import (exit status 1; tpt's proxy
+    after making its run folder), and the dataset error first on a paper run; evaluate and train-tiny-clip
+    printed Python's traceback."""
+    import importlib
+    import logging
+    import sys
+
+    from tttlab.core.testing import imported_afresh
+
+    # what the commands import on their way, loaded outside the block (a module imported for the first time
+    # inside it is dropped after it: numpy.fft's extension cannot be loaded a second time)
+    for name in ("tttlab.core.benchmark", "tttlab.core.records", "tttlab.core.torch", "tttlab.memo_tpt.main",
+                 "tttlab.memo_tpt.evaluate", "tttlab.memo_tpt.tiny_clip"):  # fmt: skip
+        importlib.import_module(name)
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: None)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [prog, *args])
+    with imported_afresh(["tttlab.memo_tpt"], blocked=["open_clip"]):
+        with pytest.raises(SystemExit) as e:
+            getattr(importlib.import_module(f"tttlab.memo_tpt.{module}"), function)()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip() == f"{prog}: {OPEN_CLIP_LINE}", err[-2000:]
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "nothing written"
+
+
+def test_memo_needs_no_open_clip(monkeypatch):
+    """MEMO's config check passes without open_clip (only CLIP's methods ask for it)."""
+    from tttlab.core.testing import imported_afresh
+
+    with imported_afresh(["tttlab.memo_tpt"], blocked=["open_clip"]):
+        from tttlab.core.config import package_yaml
+        from tttlab.memo_tpt import main
+
+        conf = "tttlab.memo_tpt.conf"
+        memo = {**package_yaml(conf, "common.yaml"), **package_yaml(conf, "memo.yaml")}
+        main._check_adapter_options(memo)
+        with pytest.raises(MissingDependencyError, match="needs open_clip"):
+            main._check_adapter_options({"method": "tpt"})
+
+
+@pytest.mark.parametrize("arch", ["timm:resnext50_32x4d", "resnet5"])
+def test_a_timm_classifier_without_timm_names_the_install(monkeypatch, arch):
+    """timm missing: a classifier that is no torchvision model (``timm:<name>``, or a misspelt torchvision name,
+    looked up in timm next) is a MissingDependencyError naming the install command (it was
+    ModuleNotFoundError: Hydra's traceback on tttlab-memo-tpt-memo); torchvision's models need no timm."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # the import system's "not installed"
+    with pytest.raises(MissingDependencyError) as info:
+        build_classifier(arch)
+    assert str(info.value) == (
+        f"arch {arch!r} is no torchvision model, and timm (for timm's models) is not installed; install it with: "
+        "pip install -c constraints.txt -e packages/memo_tpt  (from the tttlab repository root)"
+    )
+    assert build_classifier("resnet18", num_classes=3).fc.out_features == 3
+
+
+def test_evaluate_summary_without_pandas_is_one_line(tmp_path, monkeypatch, capsys):
+    """``tttlab-memo-tpt-evaluate`` reads its records back for the table outside its error handling: without
+    pandas (a broken install) core's MissingDependencyError was a traceback, exit status 1, after the run."""
+    import logging
+    import sys
+
+    from tttlab.core.records import RecordWriter
+    from tttlab.memo_tpt import evaluate
+
+    path = tmp_path / "records.jsonl"
+    with RecordWriter(path, {"method": "memo_tpt.memo", "package": "memo_tpt", "framework": "torch"}) as w:
+        w.write(metric="accuracy", value=0.5, corruption="fog", severity=5, n=4)
+    monkeypatch.setattr(evaluate, "run", lambda cfg: path)  # the run done; its summary left
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: None)
+    monkeypatch.setattr(sys, "argv", ["tttlab-memo-tpt-evaluate", "method=memo_tpt.memo"])
+    monkeypatch.setitem(sys.modules, "pandas", None)  # the import system's "not installed"
+    with pytest.raises(SystemExit) as e:
+        evaluate.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip() == (
+        "tttlab-memo-tpt-evaluate: error: MissingDependencyError: reading run records needs pandas, a dependency "
+        "of tttlab-core, which is not installed; install it with: pip install -c constraints.txt -e packages/core"
+        "  (from the tttlab repository root)"
+    ), err[-2000:]
 
 
 def test_photos_without_scikit_image_names_the_install(monkeypatch):

@@ -254,3 +254,26 @@ def test_a_run_without_timm_is_one_line_naming_the_install_command(tmp_path, mon
         "with: pip install -c constraints.txt -e packages/ttt_mae  (from the tttlab repository root)"
     ), err[-2000:]
     assert not list((tmp_path / "run").rglob("*")), "nothing written"
+
+
+def test_the_model_without_timm_names_the_install_command():
+    """timm missing: importing the model (``tttlab.ttt_mae.evaluate``, which ``tttlab-compare`` runs for
+    ``ttt_mae.*``; the package's names) is a MissingDependencyError naming the install command.  It was
+    "ModuleNotFoundError: No module named 'timm'" (compare's failed-run line), only the console scripts
+    named the command."""
+    import importlib
+
+    from tttlab.core.errors import MissingDependencyError
+    from tttlab.core.testing import imported_afresh
+
+    importlib.import_module("tttlab.ttt_mae.evaluate")  # its other imports load outside the block
+    line = (
+        "the MAE model needs timm, which is not installed; install it with: pip install -c constraints.txt -e "
+        "packages/ttt_mae  (from the tttlab repository root)"
+    )
+    with imported_afresh(["tttlab.ttt_mae"], blocked=["timm"]):
+        with pytest.raises(MissingDependencyError) as info:
+            importlib.import_module("tttlab.ttt_mae.evaluate")
+        assert str(info.value) == line
+        with pytest.raises(MissingDependencyError, match="install it with: pip install"):
+            sys.modules["tttlab.ttt_mae"].build_model  # noqa: B018 - loads tttlab.ttt_mae.model: timm

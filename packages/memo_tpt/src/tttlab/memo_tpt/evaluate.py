@@ -253,6 +253,11 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
     from .precision import autocast, resolve_amp
 
     c = eval_config(cfg, **overrides)
+    # the CLIP methods: without open_clip, one line naming the install command before any model or data
+    if c["method"] != "memo_tpt.memo":
+        from .models import require_open_clip
+
+        require_open_clip()
     if c["threads"]:
         torch.set_num_threads(int(c["threads"]))
     device = resolve_device(c["device"])
@@ -362,8 +367,9 @@ def main() -> None:
             raise ConfigError(f"arguments {bad}: expected key=value (see tttlab-memo-tpt-evaluate --help)")
         # out_dir="~/runs" (quoted): the home's, as the Hydra commands take it (it made a folder named '~')
         path = run(OmegaConf.to_container(OmegaConf.from_dotlist(expand_quoted_home(args)), resolve=True))
-    print(summary(path))
-    print(path)
+        # inside user_errors: reading the records back (pandas missing: a MissingDependencyError) is one line
+        print(summary(path))
+        print(path)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,10 @@ def _check_adapter_options(c: dict[str, Any]) -> None:
         members = [(m.get("type"), {**c, **m}) for m in c.get("models") or []]
     else:
         members = [(c["method"], c)]
+    if any(kind == "tpt" for kind, _ in members):  # no open_clip: one line naming the install command, now
+        from .models import require_open_clip
+
+        require_open_clip()
     for i, (kind, m) in enumerate(members):
         if kind not in ("tpt", "memo"):
             continue  # build() names a bad method or member type

@@ -41,6 +41,24 @@ def _unknown(kind: str, name: str, known: list[str]) -> UnknownNameError:
     return UnknownNameError(f"unknown {kind} {name!r}{hint} Known: {shown}")
 
 
+def require_timm(arch: str):
+    """The ``timm`` module for ``arch`` (a name that is no torchvision model), or, when timm is not installed, a
+    :class:`~tttlab.core.errors.MissingDependencyError` naming the install command (it was Python's or Hydra's
+    traceback, also for a misspelt torchvision name)."""
+    from tttlab.core.errors import MissingDependencyError, install_command
+
+    try:
+        import timm
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "timm":
+            raise  # timm is there but lacks one of its own dependencies: its own message
+        raise MissingDependencyError(
+            f"arch {arch!r} is no torchvision model, and timm (for timm's models) is not installed; install it "
+            f"with: {install_command('tttlab-memo-tpt')}"
+        ) from exc
+    return timm
+
+
 def classifier_names() -> list[str]:
     """``torchvision:<name>`` for torchvision's classification models and ``timm:<name>`` for timm's."""
     import timm
@@ -142,8 +160,7 @@ def build_classifier(arch: str, checkpoint=None, num_classes: int | None = None)
             raise _unknown("torchvision architecture", name, names)
         model = torchvision.models.get_model(name, weights=None, **kwargs)
     elif lib == "timm":
-        import timm
-
+        timm = require_timm(arch)
         names = timm.list_models()
         if name not in names:
             raise _unknown("architecture (torchvision or timm)", arch, classifier_names())
@@ -194,8 +211,27 @@ def mobilenet_v2_weights() -> Path:
 # CLIP
 
 
+def require_open_clip():
+    """The ``open_clip`` module (CLIP: TPT, its view-ensemble, zero-shot CLIP, the tiny proxy CLIP), or, when
+    it is not installed, a :class:`~tttlab.core.errors.MissingDependencyError` naming the install command
+    (the commands call it before any test set or model is read: one line, exit status 2; a missing open_clip
+    was Hydra's traceback at the model's import).  MEMO needs none."""
+    from tttlab.core.errors import MissingDependencyError, install_command
+
+    try:
+        import open_clip
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "open_clip":
+            raise  # open_clip is there but lacks one of its own dependencies: its own message
+        raise MissingDependencyError(
+            "CLIP (TPT, the view-ensemble, zero-shot CLIP) needs open_clip (the open-clip-torch wheel), which is "
+            f"not installed; install it with: {install_command('tttlab-memo-tpt')}"
+        ) from exc
+    return open_clip
+
+
 def clip_names() -> list[str]:
-    import open_clip
+    open_clip = require_open_clip()
 
     return list(open_clip.list_models())
 
@@ -208,7 +244,7 @@ def build_clip(arch: str, pretrained=None, config: dict | None = None, device="c
     ``pretrained`` may be OpenAI's own TorchScript file (``RN50.pt``, ``ViT-B-16.pt`` of the CLIP repo, what
     TPT used): the model is then built with QuickGELU as OpenAI trained it.  A plain state dict of OpenAI's
     weights needs the ``-quickgelu`` name (``arch=ViT-B-16-quickgelu``)."""
-    import open_clip
+    open_clip = require_open_clip()
 
     # OpenAI's own files are TorchScript archives of models trained with QuickGELU: build the architecture
     # with it (open_clip's plain "ViT-B-16"/"RN50" use nn.GELU, which silently lowers accuracy)

@@ -292,6 +292,9 @@ def main() -> None:
     from tttlab.core.cli import user_errors
 
     with user_errors("tttlab-memo-tpt-train-tiny-clip"):  # e.g. --compile fast: one line, no traceback
+        from .models import require_open_clip
+
+        require_open_clip()  # before the first model is trained
         print(load_or_train_clip(args.profile, args.cache_dir, args.seed, **kw)[1])
         print(load_or_train_cnn(args.profile, args.cache_dir, args.seed, **kw)[1])
 

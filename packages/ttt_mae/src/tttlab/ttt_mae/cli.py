@@ -34,17 +34,9 @@ def execute(entry: str, cfg) -> str:
 def _check_timm() -> None:
     """The model needs timm, which the package's names load on first use (``--help`` and Hydra's checks need
     none): without it, one line naming the install command, before any work (a missing timm stopped every
-    command at its import before; left to the model's import it was Hydra's traceback, exit status 1)."""
-    from tttlab.core.errors import MissingDependencyError, install_command
-
-    try:
-        from . import model  # noqa: F401 - imports timm
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").partition(".")[0] != "timm":
-            raise
-        raise MissingDependencyError(
-            f"the MAE model needs timm, which is not installed; install it with: {install_command('tttlab-ttt-mae')}"
-        ) from exc
+    command at its import before; left to the model's import inside the run it was Hydra's traceback, exit
+    status 1).  ``model`` raises the :class:`~tttlab.core.errors.MissingDependencyError` itself."""
+    from . import model  # noqa: F401 - imports timm
 
 
 def check_no_start_over(entry: str, argv: list[str] | None = None) -> None:
