@@ -121,3 +121,50 @@ def test_missing_dependency_names_the_checkout_install_command():
     msg = str(err.value)
     assert "'tttlab_no_such_module'" in msg
     assert "pip install -c constraints.txt -e 'packages/memo_tpt[photos]'" in msg
+
+
+def test_require_names_only_the_module_it_was_asked_for_as_missing(tmp_path, monkeypatch):
+    """``require(module, reason=...)``: the message starts with the reason; a module that is installed but lacks
+    one of its own dependencies is that dependency's ``ModuleNotFoundError`` (installing ``module`` again would
+    not help), never a MissingDependencyError about ``module``."""
+    from tttlab.core.errors import MissingDependencyError, require
+
+    with pytest.raises(MissingDependencyError) as err:
+        require(
+            "tttlab_no_such_module.sub",
+            reason="the thing needs tttlab_no_such_module, which is not installed",
+        )
+    assert str(err.value) == (
+        "the thing needs tttlab_no_such_module, which is not installed; install it with: pip install -c "
+        "constraints.txt -e packages/core  (from the tttlab repository root)"
+    )
+    (tmp_path / "tttlab_half_installed.py").write_text("import tttlab_its_missing_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError) as err:
+        require("tttlab_half_installed", reason="never said")
+    assert not isinstance(err.value, MissingDependencyError)
+    assert err.value.name == "tttlab_its_missing_dependency"
+
+
+def test_lazy_exports_load_a_name_on_first_use_and_list_each_once(tmp_path, monkeypatch):
+    """``lazy.lazy_exports``: the package's names import their submodule on first use (not before), are kept in
+    the package's globals, ``dir()`` lists each once, loaded or not, and an unknown name is an AttributeError."""
+    import importlib
+
+    pkg = tmp_path / "tttlab_lazy_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "from tttlab.core.lazy import lazy_exports\n"
+        "__getattr__, __dir__ = lazy_exports(globals(), {'thing': 'sub', 'other': 'sub'})\n"
+    )
+    (pkg / "sub.py").write_text("thing = object()\nother = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("tttlab_lazy_pkg", "tttlab_lazy_pkg.sub"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    package = importlib.import_module("tttlab_lazy_pkg")
+    assert "tttlab_lazy_pkg.sub" not in sys.modules
+    assert dir(package).count("thing") == 1
+    assert package.thing is sys.modules["tttlab_lazy_pkg.sub"].thing
+    assert "thing" in vars(package) and dir(package).count("thing") == 1 and "other" in dir(package)
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        _ = package.nothing

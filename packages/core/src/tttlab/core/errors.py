@@ -54,17 +54,21 @@ class MissingDependencyError(TTTLabError, ImportError):
     """An optional dependency is not installed; the message gives the install command."""
 
 
-def require(module: str, extra: str, package: str = "tttlab-core"):
-    """Import ``module`` or raise :class:`MissingDependencyError` naming the install command."""
+def require(module: str, extra: str | None = None, package: str = "tttlab-core", reason: str | None = None):
+    """Import ``module`` or raise :class:`MissingDependencyError` naming the install command.
+
+    ``reason``: the message's start (``"the MAE model needs timm, which is not installed"``; default: the
+    module's name is required).  Only a missing ``module`` (its top-level package) is this error: a module that is
+    there but lacks one of its own dependencies raises its own ``ModuleNotFoundError``, which names that one."""
     import importlib
 
     try:
         return importlib.import_module(module)
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise MissingDependencyError(
-            f"{module!r} is required for this feature but is not installed; install it with: "
-            f"{install_command(package, extra)}"
-        ) from exc
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != module.partition(".")[0]:
+            raise
+        head = reason or f"{module!r} is required for this feature but is not installed"
+        raise MissingDependencyError(f"{head}; install it with: {install_command(package, extra)}") from exc
 
 
 def install_command(package: str = "tttlab-core", extra: str | None = None) -> str:

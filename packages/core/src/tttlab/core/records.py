@@ -1134,18 +1134,13 @@ def _sources(sources) -> list:
 def records_frame(rows: list[dict[str, Any]], extra_columns: Iterable[str] = ()):
     """A DataFrame with the schema's columns and dtypes (nullable ``Int64`` for integer fields).  Without pandas
     (a broken install: tttlab-core requires it), a MissingDependencyError naming the install command."""
-    try:
-        import pandas as pd
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").partition(".")[0] != "pandas":
-            raise
-        from .errors import MissingDependencyError, install_command
+    from .errors import require
 
-        # the commands print one line, exit status 2 (it was Python's or Hydra's traceback)
-        raise MissingDependencyError(
-            f"reading run records needs pandas, a dependency of tttlab-core, which is not installed; install it "
-            f"with: {install_command('tttlab-core')}"
-        ) from exc
+    # the commands print one line, exit status 2 (it was Python's or Hydra's traceback)
+    pd = require(
+        "pandas",
+        reason="reading run records needs pandas, a dependency of tttlab-core, which is not installed",
+    )
 
     columns = list(COLUMNS) + [c for c in extra_columns if c not in SCHEMA]
     df = pd.DataFrame(rows, columns=columns)

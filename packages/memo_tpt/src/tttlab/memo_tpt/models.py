@@ -45,18 +45,11 @@ def require_timm(arch: str):
     """The ``timm`` module for ``arch`` (a name that is no torchvision model), or, when timm is not installed, a
     :class:`~tttlab.core.errors.MissingDependencyError` naming the install command (it was Python's or Hydra's
     traceback, also for a misspelt torchvision name)."""
-    from tttlab.core.errors import MissingDependencyError, install_command
+    from tttlab.core.errors import require
 
-    try:
-        import timm
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").partition(".")[0] != "timm":
-            raise  # timm is there but lacks one of its own dependencies: its own message
-        raise MissingDependencyError(
-            f"arch {arch!r} is no torchvision model, and timm (for timm's models) is not installed; install it "
-            f"with: {install_command('tttlab-memo-tpt')}"
-        ) from exc
-    return timm
+    return require("timm", package="tttlab-memo-tpt", reason=(
+        f"arch {arch!r} is no torchvision model, and timm (for timm's models) is not installed"
+    ))  # fmt: skip
 
 
 def classifier_names() -> list[str]:
@@ -216,17 +209,12 @@ def require_open_clip():
     it is not installed, a :class:`~tttlab.core.errors.MissingDependencyError` naming the install command
     (the commands call it before any test set or model is read: one line, exit status 2; a missing open_clip
     was Hydra's traceback at the model's import).  MEMO needs none."""
-    from tttlab.core.errors import MissingDependencyError, install_command
+    from tttlab.core.errors import require
 
-    try:
-        import open_clip
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").partition(".")[0] != "open_clip":
-            raise  # open_clip is there but lacks one of its own dependencies: its own message
-        raise MissingDependencyError(
-            "CLIP (TPT, the view-ensemble, zero-shot CLIP) needs open_clip (the open-clip-torch wheel), which is "
-            f"not installed; install it with: {install_command('tttlab-memo-tpt')}"
-        ) from exc
+    open_clip = require("open_clip", package="tttlab-memo-tpt", reason=(
+        "CLIP (TPT, the view-ensemble, zero-shot CLIP) needs open_clip (the open-clip-torch wheel), which is not "
+        "installed"
+    ))  # fmt: skip
     return open_clip
 
 

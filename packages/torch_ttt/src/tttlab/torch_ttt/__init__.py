@@ -12,7 +12,7 @@ module: ``--help``, Hydra's checks) does not import torch (1.3-2.5 s) through th
 
 from __future__ import annotations
 
-import importlib
+from tttlab.core.lazy import lazy_exports
 
 #: name -> the submodule that defines it
 _EXPORTS = {
@@ -24,13 +24,4 @@ _EXPORTS = {
 __all__ = ["BaseEngine", "ENGINE_MODULES", "EngineRegistry", "OptimizationParameters", "Reset", "get_engine"]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

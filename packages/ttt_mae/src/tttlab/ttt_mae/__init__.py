@@ -11,7 +11,7 @@ model is built.
 
 from __future__ import annotations
 
-import importlib
+from tttlab.core.lazy import lazy_exports
 
 #: name -> the submodule that defines it
 _EXPORTS = {
@@ -25,14 +25,4 @@ __all__ = [
 ]  # fmt: skip
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    # a set: a name loaded once is in globals() too (it was listed twice)
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

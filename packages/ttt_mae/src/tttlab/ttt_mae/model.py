@@ -40,19 +40,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tttlab.core.errors import ConfigError, InvalidInputError, MissingDependencyError, install_command
+from tttlab.core.errors import ConfigError, InvalidInputError, require
 
-try:
-    from timm.layers import PatchEmbed
-    from timm.models.vision_transformer import Block
-except ModuleNotFoundError as _exc:
-    if (_exc.name or "").partition(".")[0] != "timm":
-        raise  # timm is there but lacks one of its own dependencies: its own message
-    # every user of the model (the console scripts, evaluate's runs under tttlab-compare, the package's names)
-    # gets the install command; a compare run failed with "ModuleNotFoundError: No module named 'timm'"
-    raise MissingDependencyError(
-        f"the MAE model needs timm, which is not installed; install it with: {install_command('tttlab-ttt-mae')}"
-    ) from _exc
+# every user of the model (the console scripts, evaluate's runs under tttlab-compare, the package's names) gets
+# the install command; a compare run failed with "ModuleNotFoundError: No module named 'timm'"
+require("timm", package="tttlab-ttt-mae", reason="the MAE model needs timm, which is not installed")
+from timm.layers import PatchEmbed  # noqa: E402
+from timm.models.vision_transformer import Block  # noqa: E402
 
 HEAD_TYPES = ("linear", "vit_head")
 
