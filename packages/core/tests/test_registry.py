@@ -147,15 +147,15 @@ def test_require_names_only_the_module_it_was_asked_for_as_missing(tmp_path, mon
 
 
 def test_lazy_exports_load_a_name_on_first_use_and_list_each_once(tmp_path, monkeypatch):
-    """``lazy.lazy_exports``: the package's names import their submodule on first use (not before), are kept in
-    the package's globals, ``dir()`` lists each once, loaded or not, and an unknown name is an AttributeError."""
+    """``lazy.lazy_exports``: the package's names import their module (relative to the package, or absolute) on
+    first use (not before), are kept in the package's globals, ``dir()`` lists each once, loaded or not, and an unknown name is an AttributeError."""
     import importlib
 
     pkg = tmp_path / "tttlab_lazy_pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text(
         "from tttlab.core.lazy import lazy_exports\n"
-        "__getattr__, __dir__ = lazy_exports(globals(), {'thing': 'sub', 'other': 'sub'})\n"
+        "__getattr__, __dir__ = lazy_exports(globals(), {'thing': '.sub', 'other': '.sub', 'dumps': 'json'})\n"
     )
     (pkg / "sub.py").write_text("thing = object()\nother = 2\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -166,5 +166,8 @@ def test_lazy_exports_load_a_name_on_first_use_and_list_each_once(tmp_path, monk
     assert dir(package).count("thing") == 1
     assert package.thing is sys.modules["tttlab_lazy_pkg.sub"].thing
     assert "thing" in vars(package) and dir(package).count("thing") == 1 and "other" in dir(package)
+    import json
+
+    assert package.dumps is json.dumps  # an absolute module name: a re-export
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         _ = package.nothing

@@ -16,9 +16,9 @@ from tttlab.core.lazy import lazy_exports
 
 #: name -> the submodule that defines it
 _EXPORTS = {
-    "BaseEngine": "engine.base_engine", "OptimizationParameters": "engine.base_engine",
-    "Reset": "engine.base_engine", "ENGINE_MODULES": "engine_registry", "EngineRegistry": "engine_registry",
-    "get_engine": "engine_registry",
+    "BaseEngine": ".engine.base_engine", "OptimizationParameters": ".engine.base_engine",
+    "Reset": ".engine.base_engine", "ENGINE_MODULES": ".engine_registry", "EngineRegistry": ".engine_registry",
+    "get_engine": ".engine_registry",
 }  # fmt: skip
 
 __all__ = ["BaseEngine", "ENGINE_MODULES", "EngineRegistry", "OptimizationParameters", "Reset", "get_engine"]

@@ -35,7 +35,6 @@ pass); the embedded MNIST has 50,000 training images (torchvision's has 60,000).
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 import math
@@ -52,6 +51,7 @@ from tttlab.core._io import atomic_path
 from tttlab.core.cli import apply_log_level, check_hydra_command, user_errors
 from tttlab.core.config import DataConfig, RunConfig, package_yaml, to_plain
 from tttlab.core.errors import CheckpointError, ConfigError, TTTLabError
+from tttlab.core.lazy import lazy_exports
 from tttlab.core.records import RunDir, check_run_dir, config_hash, read_jsonl
 
 from .engine_registry import EngineRegistry, get_engine
@@ -70,11 +70,7 @@ _TORCH_NAMES = {
     "compile_kwargs": ".precision", "read_torch_file": "tttlab.core.torch", "resolve_device": "tttlab.core.torch",
 }  # fmt: skip
 
-
-def __getattr__(name: str):
-    if name in _TORCH_NAMES:
-        return getattr(importlib.import_module(_TORCH_NAMES[name], __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(globals(), _TORCH_NAMES)
 
 
 log = logging.getLogger("tttlab.torch_ttt.train")

@@ -15,8 +15,8 @@ from tttlab.core.lazy import lazy_exports
 
 #: name -> the submodule that defines it
 _EXPORTS = {
-    "ARCHS": "model", "MAEConfig": "model", "MaskedAutoencoderViT": "model", "build_model": "model",
-    "model_config": "model", "BatchedTTT": "ttt", "TTTAdapter": "ttt", "TTTSettings": "ttt",
+    "ARCHS": ".model", "MAEConfig": ".model", "MaskedAutoencoderViT": ".model", "build_model": ".model",
+    "model_config": ".model", "BatchedTTT": ".ttt", "TTTAdapter": ".ttt", "TTTSettings": ".ttt",
 }  # fmt: skip
 
 __all__ = [

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from tttlab.core.config import RunConfig, package_yaml, to_plain
 from tttlab.core.errors import ConfigError
+from tttlab.core.lazy import lazy_exports
 
 if TYPE_CHECKING:
     import torch
@@ -28,14 +29,7 @@ if TYPE_CHECKING:
 #: imports torch, 1.3-2.5 s, which ``--help`` and Hydra's checks do not need)
 _CORE_TORCH = ("AMP_MODES", "COMPILE_MODES", "Dist", "check_amp", "check_compile", "compile_kwargs",
                "init_distributed", "resolve_device")  # fmt: skip
-
-
-def __getattr__(name: str):
-    if name in _CORE_TORCH:
-        from tttlab.core import torch as core_torch
-
-        return getattr(core_torch, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(globals(), dict.fromkeys(_CORE_TORCH, "tttlab.core.torch"))
 
 
 log = logging.getLogger("tttlab.ttt_mae")
