@@ -362,6 +362,24 @@ def dotlist_hydra_prefix(args: list[str]) -> str:
     return ""
 
 
+def dotlist_config(args: list[str], not_key_value: str) -> dict:
+    """The plain config of a command that reads ``key=value`` words (no Hydra app: pilimit's and memo_tpt's
+    evaluate), parsed as OmegaConf's dotlist with its interpolations resolved.  A ConfigError for a word written
+    with Hydra's ``+`` / ``++`` / ``~`` or a '~' the shell left after '=' (:func:`dotlist_hydra_prefix`), then for
+    words without '=' (``arguments [...]: <not_key_value>``); a folder's '~' quoted for Hydra is the home folder
+    (:func:`expand_quoted_home`), as the Hydra commands take it (it made a folder named '~')."""
+    from omegaconf import OmegaConf
+
+    from .errors import ConfigError
+
+    if dotlist_hydra_prefix(args):
+        raise ConfigError(dotlist_hydra_prefix(args))
+    words = [a for a in args if "=" not in a]
+    if words:
+        raise ConfigError(f"arguments {words}: {not_key_value}")
+    return OmegaConf.to_container(OmegaConf.from_dotlist(expand_quoted_home(args)), resolve=True)
+
+
 def check_hydra_flags(
     prog: str, argv: list[str] | None = None, conf: str | None = None, config_name: str | None = None
 ) -> None:
@@ -1339,6 +1357,7 @@ __all__ = [
     "check_hydra_command",
     "check_hydra_flags",
     "domain_table",
+    "dotlist_config",
     "dotlist_hydra_prefix",
     "expand_quoted_home",
     "hydra_pages_log_once",

@@ -346,8 +346,6 @@ def summary(path: Path) -> str:
 def main() -> None:
     import sys
 
-    from omegaconf import OmegaConf
-
     from tttlab.core.cli import quiet_closed_stdout, user_errors
 
     quiet_closed_stdout()  # `--help | head`: no BrokenPipeError traceback
@@ -357,16 +355,10 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     with user_errors("tttlab-memo-tpt-evaluate"):
-        from tttlab.core.cli import dotlist_hydra_prefix, expand_quoted_home
+        from tttlab.core.cli import dotlist_config
 
-        # +logging.level=DEBUG: it said "unknown config key '+logging' (did you mean 'logging'?)"
-        if dotlist_hydra_prefix(args):
-            raise ConfigError(dotlist_hydra_prefix(args))
-        bad = [a for a in args if "=" not in a]
-        if bad:
-            raise ConfigError(f"arguments {bad}: expected key=value (see tttlab-memo-tpt-evaluate --help)")
-        # out_dir="~/runs" (quoted): the home's, as the Hydra commands take it (it made a folder named '~')
-        path = run(OmegaConf.to_container(OmegaConf.from_dotlist(expand_quoted_home(args)), resolve=True))
+        # +logging.level=DEBUG said "unknown config key '+logging' (did you mean 'logging'?)"
+        path = run(dotlist_config(args, "expected key=value (see tttlab-memo-tpt-evaluate --help)"))
         # inside user_errors: reading the records back (pandas missing: a MissingDependencyError) is one line
         print(summary(path))
         print(path)

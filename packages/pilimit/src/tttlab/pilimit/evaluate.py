@@ -278,8 +278,6 @@ def run(cfg: Mapping | None = None, **overrides) -> Path:
 def main() -> None:
     import sys
 
-    from omegaconf import OmegaConf
-
     from tttlab.core.cli import quiet_closed_stdout
 
     quiet_closed_stdout()  # `--help | head`: no BrokenPipeError traceback
@@ -287,20 +285,14 @@ def main() -> None:
         print(__doc__)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from tttlab.core.cli import domain_table, dotlist_hydra_prefix, expand_quoted_home
+    from tttlab.core.cli import domain_table, dotlist_config
 
     with T.user_errors("tttlab-pilimit-evaluate"):
-        if dotlist_hydra_prefix(sys.argv[1:]):  # +logging.level=DEBUG: "unknown evaluate keys ['+logging']"
-            raise ConfigError(dotlist_hydra_prefix(sys.argv[1:]))
-        words = [a for a in sys.argv[1:] if "=" not in a]  # -m, --cfg job: a Hydra command's options
-        if words:
-            raise ConfigError(
-                f"arguments {words}: expected key=value, no options (this command is no Hydra app: one evaluation "
-                "per command; see tttlab-pilimit-evaluate --help)"
-            )
-        # out_dir="~/runs" (quoted): the home's, as the Hydra commands take it (it made a folder named '~')
-        args = expand_quoted_home(sys.argv[1:])
-        path = run(OmegaConf.to_container(OmegaConf.from_dotlist(args), resolve=True))
+        # +logging.level=DEBUG said "unknown evaluate keys ['+logging']"; -m, --cfg job: a Hydra command's options
+        path = run(dotlist_config(sys.argv[1:], (
+            "expected key=value, no options (this command is no Hydra app: one evaluation per command; see "
+            "tttlab-pilimit-evaluate --help)"
+        )))  # fmt: skip
     print("\n".join(domain_table(path)))  # the result as a table, not only the mean in a log line
     print(path)
 
